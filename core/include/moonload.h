@@ -1,0 +1,207 @@
+/* moonload.h: the one public header of libmoonload.
+ *
+ * The core knows nothing of Lua. Everything between the two FFI marker lines is plain C that
+ * LuaJIT's ffi.cdef accepts (no preprocessor, no macros); `make` copies it into
+ * lua/moonload/cdef.lua. Keep it that way: add enums and functions inside the region, helpers
+ * that need the preprocessor outside it.
+ *
+ * Conventions: fallible functions return ml_status (0 = OK) and write results through out
+ * parameters; on failure the message is in ml_last_error(). *_retain / *_release accept NULL and
+ * never touch the error buffer. Dimensions are 0-based here (the Lua layer maps 1-based and
+ * negative dims). Strides and offsets count elements, sizes count bytes.
+ */
+#ifndef MOONLOAD_H
+#define MOONLOAD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#if defined(ML_BUILDING)
+#define ML_API __attribute__((visibility("default")))
+#else
+#define ML_API
+#endif
+
+#define ML_MAX_DIMS 8
+#define ML_ABI_VERSION 1
+
+/* ML_FFI_BEGIN */
+enum { ML_ABI = 1, ML_MAXDIMS = 8 };
+
+typedef int ml_status;
+enum { ML_OK = 0, ML_EINVAL = 1, ML_ENOMEM = 2, ML_EIO = 3, ML_EUNSUPPORTED = 4, ML_EFORMAT = 5 };
+
+typedef enum {
+  ML_FLOAT32 = 0, ML_FLOAT16 = 1, ML_BFLOAT16 = 2, ML_FLOAT64 = 3,
+  ML_INT64 = 4, ML_INT32 = 5, ML_INT16 = 6, ML_INT8 = 7, ML_UINT8 = 8, ML_BOOL = 9,
+  ML_DTYPE_COUNT = 10
+} ml_dtype;
+
+typedef enum { ML_DEVICE_CPU = 0, ML_DEVICE_META = 1, ML_DEVICE_CUDA = 2 } ml_device_type;
+
+/* A device is a value: type plus index (index is 0 for cpu and meta). */
+typedef struct { int32_t type; int32_t index; } ml_device;
+
+typedef struct ml_storage ml_storage;
+typedef struct ml_tensor ml_tensor;
+typedef struct ml_mapping ml_mapping;
+
+/* --- errors and library ------------------------------------------------------------------ */
+ML_API const char *ml_last_error(void);
+ML_API int ml_abi_version(void);
+ML_API void ml_set_num_threads(int n);
+ML_API int ml_get_num_threads(void);
+
+/* --- dtypes ------------------------------------------------------------------------------- */
+ML_API size_t ml_dtype_size(ml_dtype dt);
+ML_API const char *ml_dtype_name(ml_dtype dt);               /* "float32", ... */
+ML_API ml_status ml_dtype_parse(const char *name, ml_dtype *out);
+ML_API bool ml_dtype_is_floating(ml_dtype dt);
+ML_API ml_dtype ml_dtype_promote(ml_dtype a, ml_dtype b);      /* PyTorch's promotion rules */
+/* Converts n contiguous elements between any two dtypes (f16/bf16 round to nearest even). */
+ML_API void ml_convert(const void *src, ml_dtype src_dt, void *dst, ml_dtype dst_dt, int64_t n);
+
+/* --- devices ------------------------------------------------------------------------------ */
+ML_API ml_status ml_device_parse(const char *name, ml_device *out);  /* "cpu" "meta" "cuda" "cuda:N" */
+ML_API void ml_device_name(ml_device dev, char *buf, size_t n);
+ML_API bool ml_device_equal(ml_device a, ml_device b);
+/* Bytes this library holds on the device now and the most it has held since the last reset. */
+ML_API ml_status ml_device_memory(ml_device dev, int64_t *in_use, int64_t *peak);
+ML_API ml_status ml_device_reset_peak(ml_device dev);
+ML_API int ml_cuda_device_count(void);                 /* 0 when no driver or no GPU */
+
+/* --- storages ----------------------------------------------------------------------------- */
+/* Fresh bytes on a device (cpu: 64-byte aligned, uninitialised; meta: no bytes at all). */
+ML_API ml_status ml_storage_new(ml_device dev, size_t nbytes, ml_storage **out);
+/* Pinned (page-locked) host memory when a CUDA driver is present, plain host memory otherwise. */
+ML_API ml_status ml_storage_new_pinned(size_t nbytes, ml_storage **out);
+/* Borrowed view of [offset, offset+nbytes) of a mapping; keeps the mapping alive. */
+ML_API ml_status ml_storage_from_mapping(ml_mapping *map, size_t offset, size_t nbytes, ml_storage **out);
+ML_API void ml_storage_retain(ml_storage *s);
+ML_API void ml_storage_release(ml_storage *s);
+ML_API void *ml_storage_data(const ml_storage *s);            /* NULL for meta */
+ML_API size_t ml_storage_nbytes(const ml_storage *s);
+ML_API ml_device ml_storage_device(const ml_storage *s);
+ML_API bool ml_storage_is_borrowed(const ml_storage *s);       /* bytes belong to a file mapping */
+
+/* --- file mappings (read-only, whole file) ------------------------------------------------ */
+ML_API ml_status ml_mapping_open(const char *path, ml_mapping **out);
+ML_API void ml_mapping_retain(ml_mapping *m);
+ML_API void ml_mapping_release(ml_mapping *m);
+ML_API const uint8_t *ml_mapping_data(const ml_mapping *m);
+ML_API size_t ml_mapping_size(const ml_mapping *m);
+ML_API const char *ml_mapping_path(const ml_mapping *m);
+/* Checks the file still has its mapped size (a truncated file would SIGBUS on access). */
+ML_API ml_status ml_mapping_check(const ml_mapping *m);
+/* Page-cache hints over a byte range: 0 = WILLNEED (prefetch), 1 = DONTNEED (drop resident pages). */
+ML_API ml_status ml_mapping_advise(const ml_mapping *m, size_t offset, size_t nbytes, int advice);
+
+/* --- tensors: creation and fields --------------------------------------------------------- */
+ML_API ml_status ml_tensor_empty(ml_dtype dt, int ndim, const int64_t *shape, ml_device dev, ml_tensor **out);
+/* strides NULL = contiguous; offset counts elements of dt. Checks the view fits the storage. */
+ML_API ml_status ml_tensor_from_storage(ml_storage *s, int64_t offset, ml_dtype dt, int ndim,
+                                        const int64_t *shape, const int64_t *strides, ml_tensor **out);
+ML_API void ml_tensor_retain(ml_tensor *t);
+ML_API void ml_tensor_release(ml_tensor *t);
+ML_API int ml_tensor_ndim(const ml_tensor *t);
+ML_API const int64_t *ml_tensor_shape(const ml_tensor *t);
+ML_API const int64_t *ml_tensor_strides(const ml_tensor *t);
+ML_API int64_t ml_tensor_offset(const ml_tensor *t);
+ML_API ml_dtype ml_tensor_dtype(const ml_tensor *t);
+ML_API ml_device ml_tensor_device(const ml_tensor *t);
+ML_API int64_t ml_tensor_numel(const ml_tensor *t);
+ML_API ml_storage *ml_tensor_storage(const ml_tensor *t);     /* borrowed */
+ML_API void *ml_tensor_data(const ml_tensor *t);             /* first element; NULL for meta */
+ML_API bool ml_tensor_is_contiguous(const ml_tensor *t);
+
+/* --- tensors: views (share storage) ------------------------------------------------------- */
+ML_API ml_status ml_tensor_view(const ml_tensor *t, int ndim, const int64_t *shape, ml_tensor **out);
+ML_API ml_status ml_tensor_reshape(const ml_tensor *t, int ndim, const int64_t *shape, ml_tensor **out); /* view if possible, else copy */
+ML_API ml_status ml_tensor_transpose(const ml_tensor *t, int d0, int d1, ml_tensor **out);
+ML_API ml_status ml_tensor_permute(const ml_tensor *t, const int *dims, ml_tensor **out);
+ML_API ml_status ml_tensor_narrow(const ml_tensor *t, int dim, int64_t start, int64_t length, ml_tensor **out);
+ML_API ml_status ml_tensor_select(const ml_tensor *t, int dim, int64_t index, ml_tensor **out);
+ML_API ml_status ml_tensor_unsqueeze(const ml_tensor *t, int dim, ml_tensor **out);
+ML_API ml_status ml_tensor_squeeze(const ml_tensor *t, int dim, ml_tensor **out);   /* dim -1: all size-1 dims */
+ML_API ml_status ml_tensor_expand(const ml_tensor *t, int ndim, const int64_t *shape, ml_tensor **out); /* -1 keeps a size */
+ML_API ml_status ml_tensor_as_strided(const ml_tensor *t, int ndim, const int64_t *shape,
+                                      const int64_t *strides, int64_t offset, ml_tensor **out);
+/* Reinterprets the bytes as another dtype of the same element size (bfloat16 <-> int16). */
+ML_API ml_status ml_tensor_view_dtype(const ml_tensor *t, ml_dtype dt, ml_tensor **out);
+
+/* --- tensors: copies and conversion ------------------------------------------------------- */
+ML_API ml_status ml_tensor_contiguous(const ml_tensor *t, ml_tensor **out);  /* retains t when already contiguous */
+ML_API ml_status ml_tensor_clone(const ml_tensor *t, ml_tensor **out);
+ML_API ml_status ml_tensor_to(const ml_tensor *t, ml_device dev, ml_dtype dt, ml_tensor **out); /* retains t when nothing changes */
+/* dst <- src with broadcasting of src to dst's shape and dtype conversion; any devices. */
+ML_API ml_status ml_tensor_copy_(ml_tensor *dst, const ml_tensor *src);
+ML_API ml_status ml_tensor_fill_(ml_tensor *t, double value);
+/* Contiguous element values as doubles / int64s (for tolist, item, printing). n = numel. */
+ML_API ml_status ml_tensor_read_f64(const ml_tensor *t, double *out, int64_t n);
+ML_API ml_status ml_tensor_read_i64(const ml_tensor *t, int64_t *out, int64_t n);
+/* Fills a tensor from n doubles in row-major order (for ml.tensor{...}). */
+ML_API ml_status ml_tensor_write_f64(ml_tensor *t, const double *src, int64_t n);
+
+/* --- ops (all allocate a fresh output) ---------------------------------------------------- */
+typedef enum {
+  ML_OP_NEG = 0, ML_OP_ABS, ML_OP_SQRT, ML_OP_RSQRT, ML_OP_EXP, ML_OP_LOG, ML_OP_TANH,
+  ML_OP_SIGMOID, ML_OP_RELU, ML_OP_GELU, ML_OP_GELU_TANH, ML_OP_SILU, ML_OP_SIN, ML_OP_COS,
+  ML_OP_RECIPROCAL, ML_OP_LOGICAL_NOT, ML_OP_UNARY_COUNT
+} ml_unary_op;
+
+typedef enum {
+  ML_OP_ADD = 0, ML_OP_SUB, ML_OP_MUL, ML_OP_DIV, ML_OP_POW, ML_OP_MAXIMUM, ML_OP_MINIMUM,
+  ML_OP_EQ, ML_OP_NE, ML_OP_LT, ML_OP_LE, ML_OP_GT, ML_OP_GE, ML_OP_LOGICAL_AND, ML_OP_LOGICAL_OR,
+  ML_OP_BINARY_COUNT
+} ml_binary_op;
+
+typedef enum { ML_REDUCE_SUM = 0, ML_REDUCE_MEAN, ML_REDUCE_MAX, ML_REDUCE_MIN, ML_REDUCE_PROD,
+               ML_REDUCE_ARGMAX, ML_REDUCE_ARGMIN, ML_REDUCE_COUNT } ml_reduce_op;
+
+ML_API ml_status ml_unary(ml_unary_op op, const ml_tensor *x, ml_tensor **out);
+/* Broadcasting a (op) b, PyTorch type promotion; comparisons give bool. */
+ML_API ml_status ml_binary(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
+/* a (op) s, or s (op) a when scalar_first. A Lua number does not promote a float tensor's dtype;
+   an integer tensor with a non-integral s (or DIV) becomes float32. */
+ML_API ml_status ml_binary_scalar(ml_binary_op op, const ml_tensor *a, double s, bool scalar_first, ml_tensor **out);
+/* Reduces over ndims dims (ndims 0 = all dims). ARGMAX/ARGMIN need exactly one dim or all. */
+ML_API ml_status ml_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims, bool keepdim, ml_tensor **out);
+/* Values and int64 indices of max (or min) along dim. */
+ML_API ml_status ml_max_dim(const ml_tensor *x, int dim, bool keepdim, bool is_min, ml_tensor **values, ml_tensor **indices);
+ML_API ml_status ml_topk(const ml_tensor *x, int64_t k, int dim, bool largest, ml_tensor **values, ml_tensor **indices);
+ML_API ml_status ml_softmax(const ml_tensor *x, int dim, bool log, ml_tensor **out);
+ML_API ml_status ml_cumsum(const ml_tensor *x, int dim, ml_tensor **out);
+/* torch.matmul semantics: 1-D, 2-D, batched with broadcasting of batch dims. */
+ML_API ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
+/* x (..., in) @ w(out, in)^T + b(out); b may be NULL. */
+ML_API ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor **out);
+/* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */
+ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out);
+/* Normalises over the last nnorm dims; w and b may be NULL. */
+ML_API ml_status ml_layer_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps, ml_tensor **out);
+ML_API ml_status ml_rms_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, double eps, ml_tensor **out);
+/* q (..., L, E), k (..., S, E), v (..., S, Ev); mask bool (true = keep) or float (added), broadcast
+   to (..., L, S); scale <= 0 means 1/sqrt(E). is_causal uses the top-left aligned lower triangle. */
+ML_API ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
+                         bool is_causal, double scale, ml_tensor **out);
+ML_API ml_status ml_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
+ML_API ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value, ml_tensor **out);
+/* Lower (upper=false) or upper triangle of the last two dims, diagonal offset k. */
+ML_API ml_status ml_triangle(const ml_tensor *x, int64_t k, bool upper, ml_tensor **out);
+ML_API ml_status ml_cat(int n, ml_tensor *const *tensors, int dim, ml_tensor **out);
+ML_API ml_status ml_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor **out);
+/* Selects rows along dim by a 1-D integer index tensor. */
+ML_API ml_status ml_index_select(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor **out);
+ML_API ml_status ml_equal(const ml_tensor *a, const ml_tensor *b, bool *out);
+ML_API ml_status ml_allclose(const ml_tensor *a, const ml_tensor *b, double rtol, double atol, bool equal_nan, bool *out);
+ML_API ml_status ml_arange(double start, double end, double step, ml_dtype dt, ml_tensor **out);
+/* Random numbers from the library's generator (seeded by ml_manual_seed); fills t in place. */
+ML_API void ml_manual_seed(uint64_t seed);
+ML_API ml_status ml_uniform_(ml_tensor *t, double low, double high);
+ML_API ml_status ml_normal_(ml_tensor *t, double mean, double std);
+/* Draws one 0-based index from each row of non-negative weights (..., n) -> int64 (...). */
+ML_API ml_status ml_multinomial(const ml_tensor *probs, ml_tensor **out);
+/* ML_FFI_END */
+
+#endif /* MOONLOAD_H */

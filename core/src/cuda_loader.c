@@ -1,0 +1,53 @@
+/* cuda_loader.c: opens libmoonload_cuda.so on first use of a cuda device, so the same
+   libmoonload.so runs everything on the CPU where no CUDA driver or GPU exists. */
+#include "internal.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static pthread_once_t load_once = PTHREAD_ONCE_INIT;
+static const ml_cuda_api *loaded;
+static char load_error[768];
+
+static void load_backend(void) {
+  /* Next to libmoonload.so first (installed rock, build tree), then the loader's search path. */
+  Dl_info info;
+  char path[1024];
+  void *h = NULL;
+  const char *env = getenv("MOONLOAD_CUDA_LIB");
+  if (env && *env) h = dlopen(env, RTLD_NOW | RTLD_LOCAL);
+  if (!h && dladdr((void *)load_backend, &info) && info.dli_fname) {
+    const char *slash = strrchr(info.dli_fname, '/');
+    if (slash) {
+      snprintf(path, sizeof path, "%.*s/libmoonload_cuda.so", (int)(slash - info.dli_fname), info.dli_fname);
+      h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    }
+  }
+  if (!h) h = dlopen("libmoonload_cuda.so", RTLD_NOW | RTLD_LOCAL);
+  if (!h) {
+    const char *e = dlerror();
+    snprintf(load_error, sizeof load_error,
+             "CUDA is not available: libmoonload_cuda.so could not be loaded (%s); build with nvcc "
+             "present (make CUDA=1) and run on a machine with an NVIDIA driver", e ? e : "not found");
+    return;
+  }
+  const ml_cuda_api *(*get)(char *err, size_t n) = (const ml_cuda_api *(*)(char *, size_t))dlsym(h, "ml_cuda_backend");
+  if (!get) {
+    snprintf(load_error, sizeof load_error, "CUDA is not available: libmoonload_cuda.so has no ml_cuda_backend");
+    return;
+  }
+  loaded = get(load_error, sizeof load_error);
+}
+
+const ml_cuda_api *ml_cuda(void) {
+  pthread_once(&load_once, load_backend);
+  if (!loaded) ml_fail(ML_EUNSUPPORTED, "%s", load_error);
+  return loaded;
+}
+
+int ml_cuda_device_count(void) {
+  const ml_cuda_api *cu = ml_cuda();
+  return cu ? cu->device_count() : 0;
+}

@@ -1,0 +1,84 @@
+/* mmap.c: read-only whole-file mappings. Tensors borrow their bytes through storages that keep
+   the mapping alive, so a checkpoint's pages come in on first use and are never copied. */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+ml_status ml_mapping_open(const char *path, ml_mapping **out) {
+  if (!path) return ml_fail(ML_EINVAL, "ml_mapping_open: path is missing");
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ml_fail(ML_EIO, "cannot open %s: %s", path, strerror(errno));
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int e = errno; close(fd);
+    return ml_fail(ML_EIO, "cannot stat %s: %s", path, strerror(e));
+  }
+  if (!S_ISREG(st.st_mode)) { close(fd); return ml_fail(ML_EIO, "%s is not a regular file", path); }
+  size_t size = (size_t)st.st_size;
+  uint8_t *data = NULL;
+  if (size > 0) {
+    data = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (data == MAP_FAILED) {
+      int e = errno; close(fd);
+      return ml_fail(ML_EIO, "cannot map %s (%zu bytes): %s", path, size, strerror(e));
+    }
+  }
+  ml_mapping *m = calloc(1, sizeof *m);
+  char *p = strdup(path);
+  if (!m || !p) {
+    free(m); free(p);
+    if (data) munmap(data, size);
+    close(fd);
+    return ml_fail(ML_ENOMEM, "ml_mapping_open: out of memory");
+  }
+  atomic_init(&m->refcount, 1);
+  m->fd = fd;
+  m->data = data;
+  m->size = size;
+  m->path = p;
+  *out = m;
+  return ML_OK;
+}
+
+void ml_mapping_retain(ml_mapping *m) { if (m) atomic_fetch_add(&m->refcount, 1); }
+
+void ml_mapping_release(ml_mapping *m) {
+  if (!m || atomic_fetch_sub(&m->refcount, 1) != 1) return;
+  if (m->data) munmap(m->data, m->size);
+  close(m->fd);
+  free(m->path);
+  free(m);
+}
+
+const uint8_t *ml_mapping_data(const ml_mapping *m) { return m ? m->data : NULL; }
+size_t ml_mapping_size(const ml_mapping *m) { return m ? m->size : 0; }
+const char *ml_mapping_path(const ml_mapping *m) { return m ? m->path : ""; }
+
+ml_status ml_mapping_check(const ml_mapping *m) {
+  struct stat st;
+  if (fstat(m->fd, &st) != 0) return ml_fail(ML_EIO, "cannot stat %s: %s", m->path, strerror(errno));
+  if ((size_t)st.st_size < m->size)
+    return ml_fail(ML_EIO, "%s shrank from %zu to %lld bytes while mapped", m->path, m->size,
+                   (long long)st.st_size);
+  return ML_OK;
+}
+
+ml_status ml_mapping_advise(const ml_mapping *m, size_t offset, size_t nbytes, int advice) {
+  if (!m || offset > m->size || nbytes > m->size - offset)
+    return ml_fail(ML_EINVAL, "ml_mapping_advise: range outside the mapping");
+  if (nbytes == 0) return ML_OK;
+  long page = sysconf(_SC_PAGESIZE);
+  size_t start = offset & ~((size_t)page - 1);
+  size_t len = nbytes + (offset - start);
+  int adv = advice == 0 ? MADV_WILLNEED : MADV_DONTNEED;
+  if (madvise(m->data + start, len, adv) != 0)
+    return ml_fail(ML_EIO, "madvise on %s failed: %s", m->path, strerror(errno));
+  if (advice == 1) posix_fadvise(m->fd, (off_t)start, (off_t)len, POSIX_FADV_DONTNEED);
+  else posix_fadvise(m->fd, (off_t)start, (off_t)len, POSIX_FADV_WILLNEED);
+  return ML_OK;
+}

@@ -1,0 +1,68 @@
+--- The FFI seam: the only file that calls ffi.cdef, ffi.load or ffi.metatype.
+-- Finds libmoonload (MOONLOAD_LIB, then package.cpath, then the build tree next to this file),
+-- checks its ABI version, and returns the library namespace with a few helpers.
+local ffi = require("ffi")
+
+ffi.cdef(require("moonload.cdef"))
+
+local function this_dir()
+   local src = debug.getinfo(1, "S").source
+   return src:sub(1, 1) == "@" and src:sub(2):match("^(.*)/[^/]*$") or "."
+end
+
+local function find_library()
+   local tried = {}
+   local env = os.getenv("MOONLOAD_LIB")
+   if env and env ~= "" then
+      local ok, lib = pcall(ffi.load, env)
+      if ok then return lib end
+      tried[#tried + 1] = env .. " (MOONLOAD_LIB: " .. tostring(lib) .. ")"
+   end
+   local found = package.searchpath("libmoonload", package.cpath)
+   if found then
+      local ok, lib = pcall(ffi.load, found)
+      if ok then return lib end
+      tried[#tried + 1] = found .. " (" .. tostring(lib) .. ")"
+   else
+      tried[#tried + 1] = "libmoonload in package.cpath (" .. package.cpath .. ")"
+   end
+   local candidates = {
+      this_dir() .. "/../../build/libmoonload.so",     -- source tree: lua/moonload/ -> build/
+      this_dir() .. "/../../lib/libmoonload.so",       -- LuaRocks tree
+   }
+   for _, path in ipairs(candidates) do
+      local f = io.open(path, "rb")
+      if f then
+         f:close()
+         local ok, lib = pcall(ffi.load, path)
+         if ok then return lib end
+         tried[#tried + 1] = path .. " (" .. tostring(lib) .. ")"
+      else
+         tried[#tried + 1] = path
+      end
+   end
+   error("moonload: cannot find libmoonload.so; looked in:\n  " .. table.concat(tried, "\n  ")
+      .. "\nRun `make` in the moonload source tree, or set MOONLOAD_LIB to the library's path.", 0)
+end
+
+local lib = find_library()
+if lib.ml_abi_version() ~= lib.ML_ABI then
+   error(string.format("moonload: libmoonload ABI version %d does not match the Lua side's %d (rebuild with make)",
+      lib.ml_abi_version(), lib.ML_ABI), 0)
+end
+
+local M = { lib = lib, ffi = ffi }
+
+--- Raises the library's last error as a Lua error at the caller's caller (the user's line).
+function M.raise(level)
+   error(ffi.string(lib.ml_last_error()), (level or 2) + 1)
+end
+
+--- Checks a status: raises the library error message when it is not ML_OK.
+function M.check(status, level)
+   if status ~= 0 then error(ffi.string(lib.ml_last_error()), (level or 2) + 1) end
+end
+
+M.metatype = ffi.metatype
+
+return M
