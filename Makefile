@@ -26,6 +26,7 @@ LIB      = $(BUILD)/libmoonload.so
 
 .PHONY: all deps test test-asan test-cuda bench demo install clean fuzz
 
+.DEFAULT_GOAL := all
 include core/src/cuda/cuda.mk
 
 all: $(LIB) $(CDEF) $(if $(and $(filter 1,$(CUDA)),$(CUDA_SRC)),$(BUILD)/libmoonload_cuda.so)
