@@ -1,0 +1,79 @@
+--- moonload: big-model inference for LuaJIT. `local ml = require("moonload")`.
+-- Tensor constructors and math live here directly; submodules (ml.nn, ml.hooks, ml.utils,
+-- ml.safetensors, ml.models) load on first use, and the big-model functions of
+-- moonload.big_modeling (init_empty_weights, dispatch_model, ...) are reachable as ml.<name>.
+local C = require("moonload.C")
+local Tensor = require("moonload.tensor")
+
+local ffi, lib = C.ffi, C.lib
+
+local ml = {}
+
+ml.Tensor = Tensor
+ml.is_tensor = Tensor.is_tensor
+ml.tensor, ml.empty, ml.zeros, ml.ones, ml.full = Tensor.tensor, Tensor.empty, Tensor.zeros, Tensor.ones, Tensor.full
+ml.arange, ml.rand, ml.randn = Tensor.arange, Tensor.rand, Tensor.randn
+ml.cat, ml.stack, ml.where = Tensor.cat, Tensor.stack, Tensor.where
+
+-- Every tensor method is also a function: ml.add(a, b), ml.softmax(x, -1), ml.matmul(a, b).
+for name, fn in pairs(Tensor.methods) do
+   if ml[name] == nil then ml[name] = fn end
+end
+
+--- Seeds the generator behind rand/randn, sampling and module initialisation.
+function ml.manual_seed(n)
+   lib.ml_manual_seed(n)
+end
+
+function ml.set_num_threads(n) lib.ml_set_num_threads(n) end
+function ml.get_num_threads() return lib.ml_get_num_threads() end
+
+--- Bytes moonload holds on a device now and at most since the last reset: in_use, peak.
+function ml.memory_allocated(device)
+   local d = Tensor.parse_device("memory_allocated", device or "cpu")
+   local in_use, peak = ffi.new("int64_t[1]"), ffi.new("int64_t[1]")
+   C.check(lib.ml_device_memory(d, in_use, peak))
+   return tonumber(in_use[0]), tonumber(peak[0])
+end
+
+function ml.reset_peak_memory(device)
+   C.check(lib.ml_device_reset_peak(Tensor.parse_device("reset_peak_memory", device or "cpu")))
+end
+
+function ml.cuda_device_count() return lib.ml_cuda_device_count() end
+
+-- Submodules, loaded lazily so `require("moonload")` stays cheap and free of cycles.
+local submodules = {
+   nn = "moonload.nn", hooks = "moonload.hooks", utils = "moonload.utils",
+   safetensors = "moonload.safetensors", models = "moonload.models",
+}
+-- Names exported at the top level from other modules, as Accelerate does.
+local reexports = {
+   init_empty_weights = "moonload.big_modeling", init_on_device = "moonload.big_modeling",
+   cpu_offload = "moonload.big_modeling", cpu_offload_with_hook = "moonload.big_modeling",
+   disk_offload = "moonload.big_modeling", dispatch_model = "moonload.big_modeling",
+   load_checkpoint_and_dispatch = "moonload.big_modeling",
+   infer_auto_device_map = "moonload.utils",
+}
+
+setmetatable(ml, {
+   __index = function(t, k)
+      local mod = submodules[k]
+      if mod then
+         local v = require(mod)
+         rawset(t, k, v)
+         return v
+      end
+      mod = reexports[k]
+      if mod then
+         local v = require(mod)[k]
+         rawset(t, k, v)
+         return v
+      end
+      return nil
+   end,
+})
+
+ml.__version = "0.1.0"
+
+return ml
