@@ -652,11 +652,6 @@ Tensor.__unm = function(a)
    check(lib.ml_unary(lib.ML_OP_NEG, a._c, out1))
    return wrap(out1[0])
 end
-Tensor.__len = function(t)
-   local c = t._c
-   if lib.ml_tensor_ndim(c) == 0 then error("len() of a 0-d tensor", 2) end
-   return tonumber(lib.ml_tensor_shape(c)[0])
-end
 
 -- --- reductions ---------------------------------------------------------------------------
 
