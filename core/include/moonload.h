@@ -204,4 +204,37 @@ ML_API ml_status ml_normal_(ml_tensor *t, double mean, double std);
 ML_API ml_status ml_multinomial(const ml_tensor *probs, ml_tensor **out);
 /* ML_FFI_END */
 
+/* ML_FFI_BEGIN hookrt */
+/* The hook runtime (hookrt.c): materializes a module's weights on its execution device before
+ * forward and releases them after, shares copies of tied weights, learns the order groups run in
+ * and prefetches the next group's mapped pages on a worker thread. */
+typedef struct ml_hookrt ml_hookrt;
+typedef struct {
+  int64_t materialize_calls, releases;
+  int64_t bytes_viewed;      /* handed out as they are (zero copy) */
+  int64_t bytes_copied;      /* copied to the device or converted, once per shared tensor */
+  int64_t tied_hits;         /* materializations served by a copy another group already made */
+  int64_t bytes_dropped;     /* mapped bytes advised out of the process after release */
+  int64_t prefetch_jobs, prefetch_bytes, prefetch_pages;
+  int64_t shared_copies;     /* copies alive now */
+} ml_hookrt_stats;
+ML_API ml_status ml_hookrt_new(ml_hookrt **out);
+ML_API void ml_hookrt_release(ml_hookrt *rt);
+/* prefetch: 0 off, 1 on; drop: 0 keep pages, 1 MADV_DONTNEED (RSS), 2 also evict from the page
+   cache. -1 keeps the current value. Defaults: prefetch 1, drop 1. */
+ML_API ml_status ml_hookrt_configure(ml_hookrt *rt, int prefetch, int drop);
+/* Blocks until the prefetch worker has nothing queued. */
+ML_API ml_status ml_hookrt_wait(ml_hookrt *rt);
+ML_API ml_status ml_hookrt_group_new(ml_hookrt *rt, ml_device exec_device, int *out);
+/* Adds a source tensor (retained) that materializes as dtype dt on the group's device. */
+ML_API ml_status ml_hookrt_group_add(ml_hookrt *rt, int group, ml_tensor *src, ml_dtype dt);
+ML_API ml_status ml_hookrt_group_free(ml_hookrt *rt, int group);
+ML_API int ml_hookrt_group_size(const ml_hookrt *rt, int group);      /* -1: no such group */
+ML_API int ml_hookrt_next(const ml_hookrt *rt, int group);            /* learned successor or -1 */
+/* outs[i] (new references) = the group's tensors on its device, in the order they were added. */
+ML_API ml_status ml_hookrt_materialize(ml_hookrt *rt, int group, ml_tensor **outs, int n);
+ML_API ml_status ml_hookrt_release_group(ml_hookrt *rt, int group);
+ML_API void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out);
+/* ML_FFI_END hookrt */
+
 #endif /* MOONLOAD_H */

@@ -1,0 +1,506 @@
+/* hookrt.c: the hook runtime, the weight movement behind AlignDevicesHook.
+ *
+ * A hook registers its module's tensors as one "group": for each tensor the source it is read
+ * from (a view into a checkpoint or offload-folder mapping, or a CPU state-dict tensor) and the
+ * dtype the module wants. Before forward the group is materialized on its execution device:
+ * a source already on that device with that dtype is handed out as it is (a zero-copy view into
+ * the mapping for disk weights on a cpu device); anything else is copied through ml_tensor_to,
+ * once per (source, dtype, device) even when several groups share it (tied weights). After
+ * forward the group is released: the runtime drops its references and advises the kernel that
+ * the group's mapped pages may leave the process (MADV_DONTNEED: RSS stays bounded when the
+ * model is larger than RAM; the page cache keeps them unless the drop level asks for
+ * POSIX_FADV_DONTNEED too).
+ *
+ * The runtime learns the order groups are materialized in (each group remembers the group that
+ * came right after it last time). When a group is materialized, a worker thread starts reading
+ * the mapped pages of the group expected next (posix_fadvise WILLNEED, then touching each page)
+ * while the caller computes. Jobs carry their own mapping references, so the worker never
+ * looks at group state. C never calls Lua; the Lua side drives everything through these calls.
+ */
+#include "internal.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+// --- state ----------------------------------------------------------------------------------
+
+typedef struct {
+  ml_tensor *src;             /* owned reference */
+  ml_dtype dt;                /* dtype the module wants */
+  ml_mapping *map;            /* borrowed through src's storage; NULL when not file-backed */
+  size_t map_off, map_len;    /* bytes of src inside the mapping */
+} hr_slot;
+
+typedef struct {
+  bool used;                  /* slot of the groups array is taken */
+  bool active;                /* materialized and not yet released */
+  ml_device dev;
+  hr_slot *slots;
+  int nslots, cap;
+  ml_tensor **live;           /* owned references to what materialize handed out, nslots long */
+  int next;                   /* learned successor group, -1 when unknown */
+} hr_group;
+
+typedef struct {
+  const void *data;           /* key: source bytes, dtypes, device, geometry */
+  ml_dtype src_dt, dt;
+  ml_device dev;
+  int ndim;
+  int64_t shape[ML_MAX_DIMS], strides[ML_MAX_DIMS];
+  ml_tensor *t;               /* owned */
+  int users;                  /* active groups holding it */
+} hr_tie;
+
+typedef struct { ml_mapping *map; size_t off, len; } hr_range;
+
+typedef struct hr_job {
+  hr_range *ranges;           /* mapping references owned by the job */
+  int n;
+  struct hr_job *next;
+} hr_job;
+
+struct ml_hookrt {
+  hr_group *groups;
+  int ngroups, gcap;
+  hr_tie *ties;
+  int nties, tcap;
+  int last;                   /* group materialized most recently, -1 at start */
+  int prefetch;               /* 0 off, 1 on */
+  int drop;                   /* 0 keep pages, 1 MADV_DONTNEED, 2 + POSIX_FADV_DONTNEED */
+  pthread_mutex_t mu;
+  pthread_cond_t cv, idle;
+  pthread_t worker;
+  bool worker_started, stop;
+  hr_job *head, *tail;
+  int pending;                /* jobs queued or running */
+  atomic_llong materialize_calls, bytes_viewed, bytes_copied, tied_hits, releases, bytes_dropped,
+               prefetch_jobs, prefetch_bytes, prefetch_pages;
+};
+
+static long page_size(void) {
+  static long ps;
+  if (!ps) ps = sysconf(_SC_PAGESIZE);
+  return ps;
+}
+
+// --- worker ---------------------------------------------------------------------------------
+
+static void job_free(hr_job *j) {
+  for (int i = 0; i < j->n; i++) ml_mapping_release(j->ranges[i].map);
+  free(j->ranges);
+  free(j);
+}
+
+/* Reads every page of the range so it is resident when the module runs. Checks the stop flag
+   every megabyte so closing the runtime never waits for a whole layer. */
+static void prefetch_range(ml_hookrt *rt, const hr_range *r) {
+  long ps = page_size();
+  size_t start = r->off & ~((size_t)ps - 1), end = r->off + r->len;
+  posix_fadvise(r->map->fd, (off_t)start, (off_t)(end - start), POSIX_FADV_WILLNEED);
+  volatile const uint8_t *p = r->map->data;
+  uint8_t sink = 0;
+  long long pages = 0;
+  for (size_t off = start; off < end; off += (size_t)ps) {
+    sink ^= p[off];
+    pages++;
+    if ((pages & 255) == 0) {
+      pthread_mutex_lock(&rt->mu);
+      bool stop = rt->stop;
+      pthread_mutex_unlock(&rt->mu);
+      if (stop) break;
+    }
+  }
+  (void)sink;
+  atomic_fetch_add(&rt->prefetch_pages, pages);
+  atomic_fetch_add(&rt->prefetch_bytes, (long long)r->len);
+}
+
+static void *worker_main(void *arg) {
+  ml_hookrt *rt = arg;
+  pthread_mutex_lock(&rt->mu);
+  for (;;) {
+    while (!rt->head && !rt->stop) pthread_cond_wait(&rt->cv, &rt->mu);
+    if (rt->stop) break;
+    hr_job *j = rt->head;
+    rt->head = j->next;
+    if (!rt->head) rt->tail = NULL;
+    pthread_mutex_unlock(&rt->mu);
+    for (int i = 0; i < j->n; i++) prefetch_range(rt, &j->ranges[i]);
+    atomic_fetch_add(&rt->prefetch_jobs, 1);
+    job_free(j);
+    pthread_mutex_lock(&rt->mu);
+    if (--rt->pending == 0) pthread_cond_broadcast(&rt->idle);
+  }
+  /* drain what is left without reading it */
+  while (rt->head) {
+    hr_job *j = rt->head;
+    rt->head = j->next;
+    job_free(j);
+    rt->pending--;
+  }
+  rt->tail = NULL;
+  pthread_cond_broadcast(&rt->idle);
+  pthread_mutex_unlock(&rt->mu);
+  return NULL;
+}
+
+/* Queues the mapped ranges of group g for the worker. Failures to queue are not errors: a
+   prefetch is a hint, the forward pass reads the pages itself when they are not resident. */
+static void enqueue_prefetch(ml_hookrt *rt, int g) {
+  hr_group *gr = &rt->groups[g];
+  int n = 0;
+  for (int i = 0; i < gr->nslots; i++) n += gr->slots[i].map != NULL;
+  if (n == 0) return;
+  hr_job *j = calloc(1, sizeof *j);
+  if (!j) return;
+  j->ranges = calloc((size_t)n, sizeof *j->ranges);
+  if (!j->ranges) { free(j); return; }
+  for (int i = 0; i < gr->nslots; i++) {
+    hr_slot *s = &gr->slots[i];
+    if (!s->map) continue;
+    ml_mapping_retain(s->map);
+    j->ranges[j->n++] = (hr_range){s->map, s->map_off, s->map_len};
+  }
+  pthread_mutex_lock(&rt->mu);
+  if (!rt->worker_started) {
+    if (pthread_create(&rt->worker, NULL, worker_main, rt) != 0) {
+      pthread_mutex_unlock(&rt->mu);
+      job_free(j);
+      return;
+    }
+    rt->worker_started = true;
+  }
+  if (rt->tail) rt->tail->next = j; else rt->head = j;
+  rt->tail = j;
+  rt->pending++;
+  pthread_cond_signal(&rt->cv);
+  pthread_mutex_unlock(&rt->mu);
+}
+
+// --- lifetime -------------------------------------------------------------------------------
+
+ml_status ml_hookrt_new(ml_hookrt **out) {
+  ml_hookrt *rt = calloc(1, sizeof *rt);
+  if (!rt) return ml_fail(ML_ENOMEM, "ml_hookrt_new: out of memory");
+  rt->last = -1;
+  rt->prefetch = 1;
+  rt->drop = 1;
+  pthread_mutex_init(&rt->mu, NULL);
+  pthread_cond_init(&rt->cv, NULL);
+  pthread_cond_init(&rt->idle, NULL);
+  *out = rt;
+  return ML_OK;
+}
+
+static void group_clear(ml_hookrt *rt, hr_group *gr);
+
+void ml_hookrt_release(ml_hookrt *rt) {
+  if (!rt) return;
+  pthread_mutex_lock(&rt->mu);
+  rt->stop = true;
+  pthread_cond_broadcast(&rt->cv);
+  pthread_mutex_unlock(&rt->mu);
+  if (rt->worker_started) pthread_join(rt->worker, NULL);
+  for (int g = 0; g < rt->ngroups; g++) if (rt->groups[g].used) group_clear(rt, &rt->groups[g]);
+  for (int i = 0; i < rt->nties; i++) ml_tensor_release(rt->ties[i].t);
+  free(rt->ties);
+  free(rt->groups);
+  pthread_cond_destroy(&rt->idle);
+  pthread_cond_destroy(&rt->cv);
+  pthread_mutex_destroy(&rt->mu);
+  free(rt);
+}
+
+ml_status ml_hookrt_configure(ml_hookrt *rt, int prefetch, int drop) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_configure: runtime is NULL");
+  if (prefetch < -1 || prefetch > 1)
+    return ml_fail(ML_EINVAL, "ml_hookrt_configure: prefetch must be 0 or 1 (-1 keeps it), got %d", prefetch);
+  if (drop < -1 || drop > 2)
+    return ml_fail(ML_EINVAL, "ml_hookrt_configure: drop must be 0, 1 or 2 (-1 keeps it), got %d", drop);
+  if (prefetch >= 0) rt->prefetch = prefetch;
+  if (drop >= 0) rt->drop = drop;
+  return ML_OK;
+}
+
+ml_status ml_hookrt_wait(ml_hookrt *rt) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_wait: runtime is NULL");
+  pthread_mutex_lock(&rt->mu);
+  while (rt->pending > 0 && !rt->stop) pthread_cond_wait(&rt->idle, &rt->mu);
+  pthread_mutex_unlock(&rt->mu);
+  return ML_OK;
+}
+
+// --- groups ---------------------------------------------------------------------------------
+
+static ml_status check_group(const char *fn, const ml_hookrt *rt, int g) {
+  if (!rt) return ml_fail(ML_EINVAL, "%s: runtime is NULL", fn);
+  if (g < 0 || g >= rt->ngroups || !rt->groups[g].used)
+    return ml_fail(ML_EINVAL, "%s: no group %d in this runtime", fn, g);
+  return ML_OK;
+}
+
+ml_status ml_hookrt_group_new(ml_hookrt *rt, ml_device dev, int *out) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_group_new: runtime is NULL");
+  if (dev.type != ML_DEVICE_CPU && dev.type != ML_DEVICE_CUDA && dev.type != ML_DEVICE_META)
+    return ml_fail(ML_EINVAL, "ml_hookrt_group_new: unknown execution device %s", ml_device_str(dev));
+  int g = -1;
+  for (int i = 0; i < rt->ngroups; i++) if (!rt->groups[i].used) { g = i; break; }
+  if (g < 0) {
+    if (rt->ngroups == rt->gcap) {
+      int cap = rt->gcap ? rt->gcap * 2 : 16;
+      hr_group *p = realloc(rt->groups, (size_t)cap * sizeof *p);
+      if (!p) return ml_fail(ML_ENOMEM, "ml_hookrt_group_new: out of memory");
+      rt->groups = p;
+      rt->gcap = cap;
+    }
+    g = rt->ngroups++;
+  }
+  hr_group *gr = &rt->groups[g];
+  memset(gr, 0, sizeof *gr);
+  gr->used = true;
+  gr->dev = dev;
+  gr->next = -1;
+  *out = g;
+  return ML_OK;
+}
+
+/* Where src's bytes sit in a file mapping, when they do. */
+static void locate_in_mapping(const ml_tensor *src, hr_slot *s) {
+  ml_storage *st = src->storage;
+  s->map = NULL;
+  if (!st->mapping || !st->data) return;
+  size_t es = ml_dtype_size(src->dtype);
+  int64_t lo = 0, hi = 0;   /* element extent relative to offset */
+  for (int d = 0; d < src->ndim; d++) {
+    if (src->shape[d] == 0) return;
+    int64_t span = (src->shape[d] - 1) * src->strides[d];
+    if (span < 0) lo += span; else hi += span;
+  }
+  size_t base = (size_t)((const uint8_t *)st->data - st->mapping->data);
+  s->map = st->mapping;
+  s->map_off = base + (size_t)(src->offset + lo) * es;
+  s->map_len = (size_t)(hi - lo + 1) * es;
+}
+
+ml_status ml_hookrt_group_add(ml_hookrt *rt, int g, ml_tensor *src, ml_dtype dt) {
+  ML_TRY(check_group("ml_hookrt_group_add", rt, g));
+  hr_group *gr = &rt->groups[g];
+  if (!src) return ml_fail(ML_EINVAL, "ml_hookrt_group_add: tensor is NULL");
+  if ((unsigned)dt >= ML_DTYPE_COUNT) return ml_fail(ML_EINVAL, "ml_hookrt_group_add: invalid dtype %d", (int)dt);
+  if (src->storage->device.type == ML_DEVICE_META)
+    return ml_fail(ML_EINVAL, "ml_hookrt_group_add: source tensor %s is on meta: it has no data to materialize",
+                   ml_shape_str(src->ndim, src->shape, (char[ML_SHAPE_BUF]){0}, ML_SHAPE_BUF));
+  if (gr->active) return ml_fail(ML_EINVAL, "ml_hookrt_group_add: group %d is materialized; release it first", g);
+  if (gr->nslots == gr->cap) {
+    int cap = gr->cap ? gr->cap * 2 : 4;
+    hr_slot *p = realloc(gr->slots, (size_t)cap * sizeof *p);
+    if (!p) return ml_fail(ML_ENOMEM, "ml_hookrt_group_add: out of memory");
+    gr->slots = p;
+    ml_tensor **l = realloc(gr->live, (size_t)cap * sizeof *l);
+    if (!l) return ml_fail(ML_ENOMEM, "ml_hookrt_group_add: out of memory");
+    gr->live = l;
+    gr->cap = cap;
+  }
+  hr_slot *s = &gr->slots[gr->nslots];
+  ml_tensor_retain(src);
+  s->src = src;
+  s->dt = dt;
+  locate_in_mapping(src, s);
+  gr->live[gr->nslots] = NULL;
+  gr->nslots++;
+  return ML_OK;
+}
+
+int ml_hookrt_group_size(const ml_hookrt *rt, int g) {
+  if (!rt || g < 0 || g >= rt->ngroups || !rt->groups[g].used) return -1;
+  return rt->groups[g].nslots;
+}
+
+int ml_hookrt_next(const ml_hookrt *rt, int g) {
+  if (!rt || g < 0 || g >= rt->ngroups || !rt->groups[g].used) return -1;
+  return rt->groups[g].next;
+}
+
+// --- tied sharing -----------------------------------------------------------------------------
+
+static bool tie_matches(const hr_tie *e, const ml_tensor *src, ml_dtype dt, ml_device dev) {
+  if (e->data != ml_tensor_data(src) || e->src_dt != src->dtype || e->dt != dt ||
+      !ml_device_equal(e->dev, dev) || e->ndim != src->ndim) return false;
+  for (int d = 0; d < src->ndim; d++)
+    if (e->shape[d] != src->shape[d] || e->strides[d] != src->strides[d]) return false;
+  return true;
+}
+
+/* A copy of src on dev as dt, shared with every active group that asks for the same bytes. */
+static ml_status tie_acquire(ml_hookrt *rt, const ml_tensor *src, ml_dtype dt, ml_device dev, ml_tensor **out) {
+  for (int i = 0; i < rt->nties; i++) {
+    hr_tie *e = &rt->ties[i];
+    if (tie_matches(e, src, dt, dev)) {
+      e->users++;
+      ml_tensor_retain(e->t);
+      *out = e->t;
+      atomic_fetch_add(&rt->tied_hits, 1);
+      return ML_OK;
+    }
+  }
+  if (rt->nties == rt->tcap) {
+    int cap = rt->tcap ? rt->tcap * 2 : 16;
+    hr_tie *p = realloc(rt->ties, (size_t)cap * sizeof *p);
+    if (!p) return ml_fail(ML_ENOMEM, "ml_hookrt_materialize: out of memory");
+    rt->ties = p;
+    rt->tcap = cap;
+  }
+  ml_tensor *t;
+  ML_TRY(ml_tensor_to(src, dev, dt, &t));
+  hr_tie *e = &rt->ties[rt->nties++];
+  memset(e, 0, sizeof *e);
+  e->data = ml_tensor_data(src);
+  e->src_dt = src->dtype;
+  e->dt = dt;
+  e->dev = dev;
+  e->ndim = src->ndim;
+  memcpy(e->shape, src->shape, sizeof e->shape);
+  memcpy(e->strides, src->strides, sizeof e->strides);
+  e->t = t;
+  e->users = 1;
+  atomic_fetch_add(&rt->bytes_copied, (long long)((size_t)ml_tensor_numel(t) * ml_dtype_size(dt)));
+  ml_tensor_retain(t);
+  *out = t;
+  return ML_OK;
+}
+
+static void tie_drop(ml_hookrt *rt, const ml_tensor *t) {
+  for (int i = 0; i < rt->nties; i++) {
+    if (rt->ties[i].t != t) continue;
+    if (--rt->ties[i].users == 0) {
+      ml_tensor_release(rt->ties[i].t);
+      rt->ties[i] = rt->ties[--rt->nties];
+    }
+    return;
+  }
+}
+
+// --- materialize / release ------------------------------------------------------------------
+
+static void group_unmaterialize(ml_hookrt *rt, hr_group *gr) {
+  for (int i = 0; i < gr->nslots; i++) {
+    ml_tensor *t = gr->live[i];
+    if (!t) continue;
+    if (t != gr->slots[i].src) tie_drop(rt, t);
+    ml_tensor_release(t);
+    gr->live[i] = NULL;
+  }
+  gr->active = false;
+}
+
+ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
+  ML_TRY(check_group("ml_hookrt_materialize", rt, g));
+  hr_group *gr = &rt->groups[g];
+  if (n != gr->nslots)
+    return ml_fail(ML_EINVAL, "ml_hookrt_materialize: group %d has %d tensors, caller expects %d", g, gr->nslots, n);
+  if (gr->active) group_unmaterialize(rt, gr);   /* materialized twice: the new call wins */
+  for (int i = 0; i < n; i++) outs[i] = NULL;
+  for (int i = 0; i < n; i++) {
+    hr_slot *s = &gr->slots[i];
+    ml_tensor *t;
+    if (ml_device_equal(s->src->storage->device, gr->dev) && s->src->dtype == s->dt) {
+      ml_tensor_retain(s->src);                 /* zero copy: the source is already what is needed */
+      t = s->src;
+      atomic_fetch_add(&rt->bytes_viewed, (long long)((size_t)ml_tensor_numel(t) * ml_dtype_size(t->dtype)));
+    } else if (gr->dev.type == ML_DEVICE_META) {
+      ml_status st = ml_tensor_empty(s->dt, s->src->ndim, s->src->shape, gr->dev, &t);
+      if (st) goto fail;
+    } else {
+      ml_status st = tie_acquire(rt, s->src, s->dt, gr->dev, &t);
+      if (st) {
+      fail:
+        group_unmaterialize(rt, gr);
+        for (int k = 0; k < i; k++) { ml_tensor_release(outs[k]); outs[k] = NULL; }
+        return st;
+      }
+    }
+    gr->live[i] = t;
+    ml_tensor_retain(t);
+    outs[i] = t;
+  }
+  gr->active = true;
+  atomic_fetch_add(&rt->materialize_calls, 1);
+  /* learn the order, then read ahead what is expected next */
+  if (rt->last >= 0 && rt->last != g && rt->last < rt->ngroups && rt->groups[rt->last].used)
+    rt->groups[rt->last].next = g;
+  rt->last = g;
+  if (rt->prefetch && gr->next >= 0 && rt->groups[gr->next].used && !rt->groups[gr->next].active)
+    enqueue_prefetch(rt, gr->next);
+  return ML_OK;
+}
+
+/* True when another active group reads bytes of map overlapping [off, off+len). */
+static bool range_in_use(const ml_hookrt *rt, int skip, const ml_mapping *map, size_t off, size_t len) {
+  for (int g = 0; g < rt->ngroups; g++) {
+    const hr_group *o = &rt->groups[g];
+    if (g == skip || !o->used || !o->active) continue;
+    for (int i = 0; i < o->nslots; i++) {
+      const hr_slot *s = &o->slots[i];
+      if (s->map == map && s->map_off < off + len && off < s->map_off + s->map_len) return true;
+    }
+  }
+  return false;
+}
+
+ml_status ml_hookrt_release_group(ml_hookrt *rt, int g) {
+  ML_TRY(check_group("ml_hookrt_release_group", rt, g));
+  hr_group *gr = &rt->groups[g];
+  if (!gr->active) return ML_OK;
+  group_unmaterialize(rt, gr);
+  atomic_fetch_add(&rt->releases, 1);
+  if (rt->drop == 0) return ML_OK;
+  long ps = page_size();
+  for (int i = 0; i < gr->nslots; i++) {
+    hr_slot *s = &gr->slots[i];
+    if (!s->map || range_in_use(rt, g, s->map, s->map_off, s->map_len)) continue;
+    /* only whole pages inside the tensor: a neighbour's partial page stays */
+    size_t start = (s->map_off + (size_t)ps - 1) & ~((size_t)ps - 1);
+    size_t end = (s->map_off + s->map_len) & ~((size_t)ps - 1);
+    if (end <= start) continue;
+    madvise(s->map->data + start, end - start, MADV_DONTNEED);
+    if (rt->drop == 2) posix_fadvise(s->map->fd, (off_t)start, (off_t)(end - start), POSIX_FADV_DONTNEED);
+    atomic_fetch_add(&rt->bytes_dropped, (long long)(end - start));
+  }
+  return ML_OK;
+}
+
+static void group_clear(ml_hookrt *rt, hr_group *gr) {
+  group_unmaterialize(rt, gr);
+  for (int i = 0; i < gr->nslots; i++) ml_tensor_release(gr->slots[i].src);
+  free(gr->slots);
+  free(gr->live);
+  memset(gr, 0, sizeof *gr);
+}
+
+ml_status ml_hookrt_group_free(ml_hookrt *rt, int g) {
+  ML_TRY(check_group("ml_hookrt_group_free", rt, g));
+  group_clear(rt, &rt->groups[g]);
+  for (int i = 0; i < rt->ngroups; i++) if (rt->groups[i].next == g) rt->groups[i].next = -1;
+  if (rt->last == g) rt->last = -1;
+  return ML_OK;
+}
+
+void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out) {
+  memset(out, 0, sizeof *out);
+  if (!rt) return;
+  out->materialize_calls = atomic_load(&rt->materialize_calls);
+  out->releases = atomic_load(&rt->releases);
+  out->bytes_viewed = atomic_load(&rt->bytes_viewed);
+  out->bytes_copied = atomic_load(&rt->bytes_copied);
+  out->tied_hits = atomic_load(&rt->tied_hits);
+  out->bytes_dropped = atomic_load(&rt->bytes_dropped);
+  out->prefetch_jobs = atomic_load(&rt->prefetch_jobs);
+  out->prefetch_bytes = atomic_load(&rt->prefetch_bytes);
+  out->prefetch_pages = atomic_load(&rt->prefetch_pages);
+  int n = 0;
+  for (int i = 0; i < rt->nties; i++) n += rt->ties[i].users > 0;
+  out->shared_copies = n;
+}
