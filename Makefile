@@ -50,10 +50,10 @@ deps:
 	@sh tools/deps.sh
 
 test: deps all
-	$(BUSTED) --exclude-tags=cuda,slow
+	$(BUSTED) $(BUSTED_ARGS) --exclude-tags=cuda,slow
 
 test-cuda: all
-	$(BUSTED) --tags=cuda
+	$(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 # The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it.
 test-asan: deps
@@ -61,7 +61,7 @@ test-asan: deps
 	  LDFLAGS="-fsanitize=address,undefined" build-asan/libmoonload.so $(CDEF)
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  MOONLOAD_LIB=build-asan/libmoonload.so $(BUSTED) --exclude-tags=cuda,slow,noasan
+	  MOONLOAD_LIB=build-asan/libmoonload.so $(BUSTED) $(BUSTED_ARGS) --exclude-tags=cuda,slow,noasan
 
 bench: deps all
 	@sh bench/run.sh
