@@ -33,7 +33,7 @@ static void load_backend(void) {
              "present (make CUDA=1) and run on a machine with an NVIDIA driver", e ? e : "not found");
     return;
   }
-  const ml_cuda_api *(*get)(char *err, size_t n) = (const ml_cuda_api *(*)(char *, size_t))dlsym(h, "ml_cuda_backend");
+  ml_cuda_backend_fn get = (ml_cuda_backend_fn)dlsym(h, "ml_cuda_backend");
   if (!get) {
     snprintf(load_error, sizeof load_error, "CUDA is not available: libmoonload_cuda.so has no ml_cuda_backend");
     return;

@@ -11,8 +11,9 @@
 
 // --- errors -------------------------------------------------------------------------------
 
-/* Formats the thread-local message and returns status (so callers write `return ml_fail(...)`). */
-ml_status ml_fail(ml_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* ml_fail(status, fmt, ...) (declared in cuda_api.h, exported for the CUDA library) formats the
+   thread-local message and returns status, so callers write `return ml_fail(...)`. */
+#include "cuda_api.h"
 /* Propagate a failed status unchanged (the message is already set). */
 #define ML_TRY(expr) do { ml_status ml_try_s_ = (expr); if (ml_try_s_ != ML_OK) return ml_try_s_; } while (0)
 
@@ -173,22 +174,8 @@ void ml_aligned_free(void *p);
 
 // --- backends -----------------------------------------------------------------------------
 
-/* The CUDA side lives in libmoonload_cuda.so, opened on first use of a cuda device. This is the
- * table it fills in; NULL entries mean "not on this device" (callers fail with a clear error). */
-typedef struct ml_cuda_api {
-  int (*device_count)(void);
-  ml_status (*alloc)(int device, size_t nbytes, void **out);
-  void (*free)(int device, void *p, size_t nbytes);
-  ml_status (*alloc_pinned)(size_t nbytes, void **out);
-  void (*free_pinned)(void *p);
-  /* kind: 0 host->device, 1 device->host, 2 device->device; synchronous on the device's stream */
-  ml_status (*memcpy)(int device, void *dst, const void *src, size_t nbytes, int kind);
-  ml_status (*mem_info)(int device, size_t *free_bytes, size_t *total_bytes);
-  /* Ops on cuda tensors; same contract as the public ml_* function of the same name. */
-  ml_status (*unary)(ml_unary_op, const ml_tensor *, ml_tensor *);
-  ml_status (*binary)(ml_binary_op, const ml_tensor *, const ml_tensor *, ml_tensor *);
-  ml_status (*copy_strided)(ml_tensor *dst, const ml_tensor *src);   /* same device, any dtypes */
-} ml_cuda_api;
+/* The CUDA side lives in libmoonload_cuda.so, opened on first use of a cuda device; cuda_api.h
+ * is the table it fills in. NULL entries mean "not on this device" (callers fail clearly). */
 /* The loaded CUDA backend, or NULL with the error set (no library, no driver, no GPU). */
 const ml_cuda_api *ml_cuda(void);
 

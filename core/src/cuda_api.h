@@ -1,0 +1,64 @@
+/* cuda_api.h: the table that libmoonload_cuda.so fills in and libmoonload.so calls through.
+ * Included by C (internal.h) and by CUDA C++ (the .cu files under core/src/cuda), so it uses only the public
+ * header. Contract of the op entries: the public ml_* function has already validated its inputs
+ * (shapes, dtypes, same cuda device) and allocated the output on that device; the entry only
+ * computes. Outputs are contiguous; inputs may be strided. */
+#ifndef ML_CUDA_API_H
+#define ML_CUDA_API_H
+
+#include "moonload.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ML_CUDA_API_VERSION 2
+
+typedef struct ml_cuda_api {
+  int version;
+  int (*device_count)(void);
+  ml_status (*alloc)(int device, size_t nbytes, void **out);            /* caching allocator */
+  void (*free)(int device, void *p, size_t nbytes);
+  ml_status (*alloc_pinned)(size_t nbytes, void **out);
+  void (*free_pinned)(void *p);
+  /* kind: 0 host->device, 1 device->host, 2 device->device; ordered on the device's compute
+     stream and complete on return */
+  ml_status (*memcpy)(int device, void *dst, const void *src, size_t nbytes, int kind);
+  ml_status (*mem_info)(int device, size_t *free_bytes, size_t *total_bytes);
+  /* Elementwise over strided inputs broadcast to out's shape; out dtype as allocated. */
+  ml_status (*unary)(ml_unary_op op, const ml_tensor *x, ml_tensor *out);
+  ml_status (*binary)(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
+  ml_status (*copy_strided)(ml_tensor *dst, const ml_tensor *src);      /* same device, any dtypes */
+  ml_status (*binary_scalar)(ml_binary_op op, const ml_tensor *a, double s, bool scalar_first, ml_tensor *out);
+  ml_status (*fill)(ml_tensor *t, double value);
+  /* dims: ndims sorted 0-based reduced dims (ndims 0 = all); out holds the kept dims in order. */
+  ml_status (*reduce)(ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims, ml_tensor *out);
+  ml_status (*softmax)(const ml_tensor *x, int dim, bool log, ml_tensor *out);
+  ml_status (*matmul)(const ml_tensor *a, const ml_tensor *b, ml_tensor *out);   /* shapes checked */
+  ml_status (*linear)(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor *out);
+  ml_status (*embedding)(const ml_tensor *ids, const ml_tensor *weight, ml_tensor *out);
+  ml_status (*layer_norm)(const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps, ml_tensor *out);
+  ml_status (*rms_norm)(const ml_tensor *x, int nnorm, const ml_tensor *w, double eps, ml_tensor *out);
+  ml_status (*sdpa)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
+                    bool is_causal, double scale, ml_tensor *out);
+  ml_status (*where)(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
+  /* Streams for weight movement: an asynchronous copy on the device's copy stream, then an event
+     the compute stream waits on before the next kernel that reads dst. */
+  ml_status (*memcpy_async)(int device, void *dst, const void *src, size_t nbytes, int kind, void **event_out);
+  ml_status (*stream_wait)(int device, void *event);   /* compute stream waits; event is freed */
+  ml_status (*synchronize)(int device);
+} ml_cuda_api;
+
+/* What libmoonload_cuda.so exports: fills err on failure and returns NULL. */
+typedef const ml_cuda_api *(*ml_cuda_backend_fn)(char *err, size_t n);
+
+/* Formats the thread-local message behind ml_last_error() and returns status. Exported from
+   libmoonload.so (not part of the public API) so the CUDA library reports errors the same way. */
+__attribute__((visibility("default"))) ml_status ml_fail(ml_status status, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ML_CUDA_API_H */
