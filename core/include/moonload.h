@@ -204,6 +204,54 @@ ML_API ml_status ml_normal_(ml_tensor *t, double mean, double std);
 ML_API ml_status ml_multinomial(const ml_tensor *probs, ml_tensor **out);
 /* ML_FFI_END */
 
+/* ML_FFI_BEGIN safetensors */
+/* --- safetensors files (safetensors.c) ------------------------------------------------------
+ * A handle is a validated header over a read-only mapping of the file. Tensors are listed sorted
+ * by name (byte order); index i below is that order. Tensors handed out keep the mapping alive
+ * on their own, so releasing the handle never invalidates them. */
+typedef struct ml_safetensors ml_safetensors;
+
+/* One header entry, as a value record; strings and shape are borrowed from the handle. */
+typedef struct {
+  const char *name;
+  const char *st_dtype;      /* the file's dtype name: "F32", "BF16", "U16", "F8_E4M3", ... */
+  int32_t dtype;             /* the moonload ml_dtype, or -1 when moonload has no such dtype */
+  int32_t ndim;
+  const int64_t *shape;
+  uint64_t begin, end;       /* data_offsets: relative to the data section, end exclusive */
+  uint64_t file_offset;      /* absolute byte offset of begin in the file */
+} ml_safetensors_info;
+
+/* Maps and validates path (every check of the format; the message names file and tensor). */
+ML_API ml_status ml_safetensors_open(const char *path, ml_safetensors **out);
+/* Same checks over a copy of size bytes; label names the bytes in messages (fuzzing, tests). */
+ML_API ml_status ml_safetensors_open_memory(const uint8_t *data, size_t size, const char *label,
+                                            ml_safetensors **out);
+ML_API void ml_safetensors_retain(ml_safetensors *h);
+ML_API void ml_safetensors_release(ml_safetensors *h);
+ML_API const char *ml_safetensors_path(const ml_safetensors *h);
+ML_API int64_t ml_safetensors_count(const ml_safetensors *h);
+ML_API ml_status ml_safetensors_info_at(const ml_safetensors *h, int64_t i, ml_safetensors_info *out);
+/* Index of the tensor called name; ML_EINVAL with "no tensor named ..." when there is none. */
+ML_API ml_status ml_safetensors_find(const ml_safetensors *h, const char *name, int64_t *index);
+/* -1 when the header has no __metadata__, else its number of entries (in file order). */
+ML_API int64_t ml_safetensors_metadata_count(const ml_safetensors *h);
+ML_API const char *ml_safetensors_metadata_key(const ml_safetensors *h, int64_t i);
+ML_API const char *ml_safetensors_metadata_value(const ml_safetensors *h, int64_t i);
+/* Tensor i on dev. cpu: a zero-copy view of the mapping when its file offset is aligned to the
+ * element size (ml_storage_is_borrowed is then true), a copy otherwise; meta: shape only; cuda:
+ * a copy. Rechecks the file size first, so a file truncated since open fails cleanly. */
+ML_API ml_status ml_safetensors_tensor(ml_safetensors *h, int64_t i, ml_device dev, ml_tensor **out);
+/* Writes n tensors (any device but meta; non-contiguous ones are written contiguous) and nmeta
+ * string pairs in the reference layout, to a temporary file in path's directory that is fsync'd
+ * and renamed over path: on failure path is untouched and no temporary file is left. */
+ML_API ml_status ml_safetensors_save(const char *path, int64_t n, const char *const *names,
+                                     ml_tensor *const *tensors, int64_t nmeta,
+                                     const char *const *meta_keys, const char *const *meta_values);
+/* For tests of the failure path: saves fail once they have written nbytes (-1 = never). */
+ML_API void ml_safetensors_debug_fail_after(int64_t nbytes);
+/* ML_FFI_END safetensors */
+
 /* ML_FFI_BEGIN hookrt */
 /* The hook runtime (hookrt.c): materializes a module's weights on its execution device before
  * forward and releases them after, shares copies of tied weights, learns the order groups run in
