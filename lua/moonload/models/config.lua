@@ -1,0 +1,118 @@
+--- Reading and validating Hugging Face config.json files for ml.models.
+-- A config is given as a path (a config.json file or the folder holding one) or as a Lua table.
+-- Each model declares a schema (key -> kind, default); a missing key or a value of the wrong
+-- kind is an error naming the key and the file ("config table" for a table).
+local cjson = require("cjson")
+
+local M = {}
+
+local function read_file(path)
+   local f, err = io.open(path, "rb")
+   if not f then return nil, err end
+   local s = f:read("*a")
+   f:close()
+   return s
+end
+
+local function is_dir(path)
+   local f = io.open(path .. "/config.json", "rb")
+   if f then f:close() return true end
+   return false
+end
+
+--- JSON null (cjson.null) becomes nil, recursively, so an explicit null reads as absent.
+local function strip_nulls(v)
+   if v == cjson.null then return nil end
+   if type(v) == "table" then
+      local out = {}
+      for k, x in pairs(v) do out[k] = strip_nulls(x) end
+      return out
+   end
+   return v
+end
+
+--- Loads a config: `source` is a table, a path to a JSON file, or a folder with config.json.
+-- Returns the raw table (JSON nulls removed) and a description of where it came from.
+function M.read(source, who)
+   who = who or "models"
+   if type(source) == "table" then
+      return strip_nulls(source), "config table"
+   end
+   if type(source) ~= "string" then
+      error(string.format("%s: config must be a path to config.json or a table, got %s", who, type(source)), 3)
+   end
+   local path = source
+   if not path:match("%.json$") and is_dir(path) then path = path .. "/config.json" end
+   local text, err = read_file(path)
+   if not text then
+      error(string.format("%s: cannot read config %s (%s)", who, path, tostring(err)), 3)
+   end
+   local ok, t = pcall(cjson.decode, text)
+   if not ok then
+      error(string.format("%s: %s is not valid JSON (%s)", who, path, tostring(t)), 3)
+   end
+   if type(t) ~= "table" then
+      error(string.format("%s: %s does not hold a JSON object", who, path), 3)
+   end
+   return strip_nulls(t), path
+end
+
+local KIND_NAMES = {
+   int = "a positive integer", int0 = "a non-negative integer", number = "a number",
+   posnum = "a positive number", bool = "a boolean", string = "a string", table = "an object",
+}
+
+local function kind_ok(kind, v)
+   if kind == "int" then return type(v) == "number" and v == math.floor(v) and v > 0 end
+   if kind == "int0" then return type(v) == "number" and v == math.floor(v) and v >= 0 end
+   if kind == "number" then return type(v) == "number" end
+   if kind == "posnum" then return type(v) == "number" and v > 0 end
+   if kind == "bool" then return type(v) == "boolean" end
+   if kind == "string" then return type(v) == "string" end
+   if kind == "table" then return type(v) == "table" end
+   error("config: unknown kind " .. tostring(kind))
+end
+
+local function describe(v)
+   if type(v) == "string" then return string.format("string %q", v) end
+   if type(v) == "table" then return "an object" end
+   return string.format("%s %s", type(v), tostring(v))
+end
+
+--- Validates `raw` against `schema`, a list of {key, kind, default} (default nil = required;
+-- a function default is called with the config built so far). Returns a fresh table with
+-- every schema key set; keys outside the schema are copied as they are.
+function M.validate(raw, schema, src, who, level)
+   level = (level or 1) + 1
+   local cfg = {}
+   for k, v in pairs(raw) do cfg[k] = v end
+   for _, entry in ipairs(schema) do
+      local key, kind, default = entry[1], entry[2], entry[3]
+      local v = raw[key]
+      if v == nil then
+         if default == nil then
+            error(string.format('%s: config key "%s" is missing in %s', who, key, src), level)
+         end
+         if type(default) == "function" then v = default(cfg) else v = default end
+      elseif not kind_ok(kind, v) then
+         error(string.format('%s: config key "%s" in %s must be %s, got %s',
+            who, key, src, KIND_NAMES[kind], describe(v)), level)
+      end
+      cfg[key] = v
+   end
+   cfg._source = src
+   return cfg
+end
+
+--- Reads and validates in one go (used by the model constructors).
+function M.load(source, schema, who)
+   local raw, src = M.read(source, who)
+   return M.validate(raw, schema, src, who, 3)
+end
+
+--- Raises an error about a config value that has the right kind but is not usable.
+function M.fail(cfg, who, fmt, ...)
+   error(string.format("%s: %s in %s", who, string.format(fmt, ...), cfg._source or "config"), 3)
+end
+
+return M
