@@ -721,12 +721,12 @@ static ml_status write_all(int fd, const void *p, size_t n, long long *written, 
     long long limit = atomic_load(&fail_after);
     if (limit >= 0 && *written + (long long)chunk > limit) {
       if (*written < limit) chunk = (size_t)(limit - *written);
-      else return ml_fail(ML_EIO, "safetensors: cannot write %s: %s (simulated)", path, strerror(ENOSPC));
+      else return ml_fail(ML_EIO, "save_file: cannot write %s: %s (simulated)", path, strerror(ENOSPC));
     }
     ssize_t w = write(fd, c, chunk);
     if (w < 0) {
       if (errno == EINTR) continue;
-      return ml_fail(ML_EIO, "safetensors: cannot write %s: %s", path, strerror(errno));
+      return ml_fail(ML_EIO, "save_file: cannot write %s: %s", path, strerror(errno));
     }
     c += w; n -= (size_t)w; *written += w;
   }
