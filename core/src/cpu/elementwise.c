@@ -1,0 +1,541 @@
+/* elementwise.c: unary and binary math with broadcasting and PyTorch type promotion, tensor-scalar
+   ops, where, masked_fill and tril/triu on the CPU.
+ *
+ * Every op runs the same engine: the output and its operands are walked row by row with ml_iter
+ * (broadcast operands get stride 0), each row is cut into blocks of ML_BLOCK elements, each block
+ * is loaded into a compute buffer (float for float32/float16/bfloat16, double for float64, int64
+ * for integers and bool), computed, and stored into the output's dtype. Contiguous float32 data
+ * is used in place, with no copy. The (row, block) pairs are split across threads; each pair is
+ * independent, so results do not depend on the thread count. */
+#include "kernels.h"
+
+#include <stdlib.h>
+
+// --- type promotion -------------------------------------------------------------------------
+
+static int dtype_category(ml_dtype dt) { return dt == ML_BOOL ? 0 : ml_dtype_is_floating(dt) ? 2 : 1; }
+
+/* PyTorch's result_type for two tensors: a 0-d tensor only decides the dtype when it is of a
+   higher category (bool < integer < float) than the dimensioned one. */
+static ml_dtype promote_tensors(const ml_tensor *a, const ml_tensor *b) {
+  bool za = a->ndim == 0, zb = b->ndim == 0;
+  if (za == zb) return ml_dtype_promote(a->dtype, b->dtype);
+  const ml_tensor *dim = za ? b : a, *zero = za ? a : b;
+  if (dtype_category(zero->dtype) > dtype_category(dim->dtype)) {
+    /* the 0-d operand's category wins; integers keep their size rules via promote */
+    return dtype_category(zero->dtype) == 2 ? zero->dtype : ml_dtype_promote(dim->dtype, zero->dtype);
+  }
+  return dim->dtype;
+}
+
+/* A 0-d float64 tensor over caller stack memory, for scalars (never escapes the call). */
+typedef struct { ml_storage s; ml_tensor t; double v; } scalar_tensor;
+
+static const ml_tensor *scalar_init(scalar_tensor *st, double v) {
+  static const ml_storage_backend borrowed = {"scalar", NULL};
+  memset(st, 0, sizeof *st);
+  st->v = v;
+  atomic_init(&st->s.refcount, 1);
+  st->s.device = ml_cpu();
+  st->s.data = &st->v;
+  st->s.nbytes = sizeof st->v;
+  st->s.backend = &borrowed;
+  atomic_init(&st->t.refcount, 1);
+  st->t.dtype = ML_FLOAT64;
+  st->t.ndim = 0;
+  st->t.storage = &st->s;
+  return &st->t;
+}
+
+// --- compute kernels -------------------------------------------------------------------------
+
+static inline float sigmoid_f(float x) {
+  if (x >= 0) return 1.0f / (1.0f + expf(-x));
+  float e = expf(x);
+  return e / (1.0f + e);
+}
+
+static inline double sigmoid_d(double x) {
+  if (x >= 0) return 1.0 / (1.0 + exp(-x));
+  double e = exp(x);
+  return e / (1.0 + e);
+}
+
+#define ML_SQRT_2_OVER_PI 0.7978845608028654
+
+static void unary_f32(ml_unary_op op, const float *x, float *y, int64_t n) {
+  switch (op) {
+  case ML_OP_NEG: for (int64_t i = 0; i < n; i++) y[i] = -x[i]; break;
+  case ML_OP_ABS: for (int64_t i = 0; i < n; i++) y[i] = fabsf(x[i]); break;
+  case ML_OP_SQRT: for (int64_t i = 0; i < n; i++) y[i] = sqrtf(x[i]); break;
+  case ML_OP_RSQRT: for (int64_t i = 0; i < n; i++) y[i] = 1.0f / sqrtf(x[i]); break;
+  case ML_OP_EXP: for (int64_t i = 0; i < n; i++) y[i] = expf(x[i]); break;
+  case ML_OP_LOG: for (int64_t i = 0; i < n; i++) y[i] = logf(x[i]); break;
+  case ML_OP_TANH: for (int64_t i = 0; i < n; i++) y[i] = tanhf(x[i]); break;
+  case ML_OP_SIGMOID: for (int64_t i = 0; i < n; i++) y[i] = sigmoid_f(x[i]); break;
+  case ML_OP_RELU: for (int64_t i = 0; i < n; i++) y[i] = x[i] < 0 ? 0.0f : x[i]; break;
+  case ML_OP_GELU:
+    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+    break;
+  case ML_OP_GELU_TANH:
+    for (int64_t i = 0; i < n; i++) {
+      float v = x[i];
+      y[i] = 0.5f * v * (1.0f + tanhf((float)ML_SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
+    }
+    break;
+  case ML_OP_SILU: for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i])); break;
+  case ML_OP_SIN: for (int64_t i = 0; i < n; i++) y[i] = sinf(x[i]); break;
+  case ML_OP_COS: for (int64_t i = 0; i < n; i++) y[i] = cosf(x[i]); break;
+  case ML_OP_RECIPROCAL: for (int64_t i = 0; i < n; i++) y[i] = 1.0f / x[i]; break;
+  case ML_OP_LOGICAL_NOT: for (int64_t i = 0; i < n; i++) y[i] = x[i] == 0; break;
+  default: break;
+  }
+}
+
+static void unary_f64(ml_unary_op op, const double *x, double *y, int64_t n) {
+  switch (op) {
+  case ML_OP_NEG: for (int64_t i = 0; i < n; i++) y[i] = -x[i]; break;
+  case ML_OP_ABS: for (int64_t i = 0; i < n; i++) y[i] = fabs(x[i]); break;
+  case ML_OP_SQRT: for (int64_t i = 0; i < n; i++) y[i] = sqrt(x[i]); break;
+  case ML_OP_RSQRT: for (int64_t i = 0; i < n; i++) y[i] = 1.0 / sqrt(x[i]); break;
+  case ML_OP_EXP: for (int64_t i = 0; i < n; i++) y[i] = exp(x[i]); break;
+  case ML_OP_LOG: for (int64_t i = 0; i < n; i++) y[i] = log(x[i]); break;
+  case ML_OP_TANH: for (int64_t i = 0; i < n; i++) y[i] = tanh(x[i]); break;
+  case ML_OP_SIGMOID: for (int64_t i = 0; i < n; i++) y[i] = sigmoid_d(x[i]); break;
+  case ML_OP_RELU: for (int64_t i = 0; i < n; i++) y[i] = x[i] < 0 ? 0.0 : x[i]; break;
+  case ML_OP_GELU: for (int64_t i = 0; i < n; i++) y[i] = 0.5 * x[i] * (1.0 + erf(x[i] * M_SQRT1_2)); break;
+  case ML_OP_GELU_TANH:
+    for (int64_t i = 0; i < n; i++) {
+      double v = x[i];
+      y[i] = 0.5 * v * (1.0 + tanh(ML_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)));
+    }
+    break;
+  case ML_OP_SILU: for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0 + exp(-x[i])); break;
+  case ML_OP_SIN: for (int64_t i = 0; i < n; i++) y[i] = sin(x[i]); break;
+  case ML_OP_COS: for (int64_t i = 0; i < n; i++) y[i] = cos(x[i]); break;
+  case ML_OP_RECIPROCAL: for (int64_t i = 0; i < n; i++) y[i] = 1.0 / x[i]; break;
+  case ML_OP_LOGICAL_NOT: for (int64_t i = 0; i < n; i++) y[i] = x[i] == 0; break;
+  default: break;
+  }
+}
+
+/* Integer unary ops (the others promote integers to float32 before reaching here). Wrapping
+   arithmetic through uint64_t, as two's complement hardware (and PyTorch) does. */
+static void unary_i64(ml_unary_op op, const int64_t *x, int64_t *y, int64_t n) {
+  switch (op) {
+  case ML_OP_NEG: for (int64_t i = 0; i < n; i++) y[i] = (int64_t)(0u - (uint64_t)x[i]); break;
+  case ML_OP_ABS: for (int64_t i = 0; i < n; i++) y[i] = x[i] < 0 ? (int64_t)(0u - (uint64_t)x[i]) : x[i]; break;
+  case ML_OP_RELU: for (int64_t i = 0; i < n; i++) y[i] = x[i] < 0 ? 0 : x[i]; break;
+  case ML_OP_LOGICAL_NOT: for (int64_t i = 0; i < n; i++) y[i] = x[i] == 0; break;
+  default: break;
+  }
+}
+
+#define BINARY_FLOAT_BODY(T, POW, NANV)                                                    \
+  switch (op) {                                                                            \
+  case ML_OP_ADD: for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i]; break;               \
+  case ML_OP_SUB: for (int64_t i = 0; i < n; i++) y[i] = a[i] - b[i]; break;               \
+  case ML_OP_MUL: for (int64_t i = 0; i < n; i++) y[i] = a[i] * b[i]; break;               \
+  case ML_OP_DIV: for (int64_t i = 0; i < n; i++) y[i] = a[i] / b[i]; break;               \
+  case ML_OP_POW: for (int64_t i = 0; i < n; i++) y[i] = POW(a[i], b[i]); break;           \
+  case ML_OP_MAXIMUM:                                                                      \
+    for (int64_t i = 0; i < n; i++)                                                        \
+      y[i] = (a[i] != a[i] || b[i] != b[i]) ? NANV : a[i] > b[i] ? a[i] : b[i];            \
+    break;                                                                                 \
+  case ML_OP_MINIMUM:                                                                      \
+    for (int64_t i = 0; i < n; i++)                                                        \
+      y[i] = (a[i] != a[i] || b[i] != b[i]) ? NANV : a[i] < b[i] ? a[i] : b[i];            \
+    break;                                                                                 \
+  case ML_OP_EQ: for (int64_t i = 0; i < n; i++) y[i] = a[i] == b[i]; break;               \
+  case ML_OP_NE: for (int64_t i = 0; i < n; i++) y[i] = a[i] != b[i]; break;               \
+  case ML_OP_LT: for (int64_t i = 0; i < n; i++) y[i] = a[i] < b[i]; break;                \
+  case ML_OP_LE: for (int64_t i = 0; i < n; i++) y[i] = a[i] <= b[i]; break;               \
+  case ML_OP_GT: for (int64_t i = 0; i < n; i++) y[i] = a[i] > b[i]; break;                \
+  case ML_OP_GE: for (int64_t i = 0; i < n; i++) y[i] = a[i] >= b[i]; break;               \
+  case ML_OP_LOGICAL_AND: for (int64_t i = 0; i < n; i++) y[i] = a[i] != 0 && b[i] != 0; break; \
+  case ML_OP_LOGICAL_OR: for (int64_t i = 0; i < n; i++) y[i] = a[i] != 0 || b[i] != 0; break;  \
+  default: break;                                                                          \
+  }
+
+static void binary_f32(ml_binary_op op, const float *a, const float *b, float *y, int64_t n) {
+  BINARY_FLOAT_BODY(float, powf, NAN)
+}
+
+static void binary_f64(ml_binary_op op, const double *a, const double *b, double *y, int64_t n) {
+  BINARY_FLOAT_BODY(double, pow, (double)NAN)
+}
+
+/* Integer power by squaring; negative exponents give 1/base truncated (1, -1 or 0), as PyTorch. */
+static int64_t powi(int64_t base, int64_t e) {
+  if (e < 0) {
+    if (base == 1) return 1;
+    if (base == -1) return (e & 1) ? -1 : 1;
+    return 0;
+  }
+  uint64_t r = 1, b = (uint64_t)base;
+  while (e) {
+    if (e & 1) r *= b;
+    b *= b;
+    e >>= 1;
+  }
+  return (int64_t)r;
+}
+
+static void binary_i64(ml_binary_op op, const int64_t *a, const int64_t *b, int64_t *y, int64_t n) {
+  switch (op) {
+  case ML_OP_ADD: for (int64_t i = 0; i < n; i++) y[i] = (int64_t)((uint64_t)a[i] + (uint64_t)b[i]); break;
+  case ML_OP_SUB: for (int64_t i = 0; i < n; i++) y[i] = (int64_t)((uint64_t)a[i] - (uint64_t)b[i]); break;
+  case ML_OP_MUL: for (int64_t i = 0; i < n; i++) y[i] = (int64_t)((uint64_t)a[i] * (uint64_t)b[i]); break;
+  case ML_OP_POW: for (int64_t i = 0; i < n; i++) y[i] = powi(a[i], b[i]); break;
+  case ML_OP_MAXIMUM: for (int64_t i = 0; i < n; i++) y[i] = a[i] > b[i] ? a[i] : b[i]; break;
+  case ML_OP_MINIMUM: for (int64_t i = 0; i < n; i++) y[i] = a[i] < b[i] ? a[i] : b[i]; break;
+  case ML_OP_EQ: for (int64_t i = 0; i < n; i++) y[i] = a[i] == b[i]; break;
+  case ML_OP_NE: for (int64_t i = 0; i < n; i++) y[i] = a[i] != b[i]; break;
+  case ML_OP_LT: for (int64_t i = 0; i < n; i++) y[i] = a[i] < b[i]; break;
+  case ML_OP_LE: for (int64_t i = 0; i < n; i++) y[i] = a[i] <= b[i]; break;
+  case ML_OP_GT: for (int64_t i = 0; i < n; i++) y[i] = a[i] > b[i]; break;
+  case ML_OP_GE: for (int64_t i = 0; i < n; i++) y[i] = a[i] >= b[i]; break;
+  case ML_OP_LOGICAL_AND: for (int64_t i = 0; i < n; i++) y[i] = a[i] != 0 && b[i] != 0; break;
+  case ML_OP_LOGICAL_OR: for (int64_t i = 0; i < n; i++) y[i] = a[i] != 0 || b[i] != 0; break;
+  default: break;   /* DIV never runs in int64: integer division gives float32 */
+  }
+}
+
+// --- the engine ------------------------------------------------------------------------------
+
+typedef enum { EW_UNARY, EW_BINARY, EW_WHERE } ew_kind;
+
+/* Operand 0 is the output; for EW_WHERE operand 1 is the condition, 2 and 3 the values. */
+typedef struct {
+  ew_kind kind;
+  int op;
+  ml_calc calc;
+  int nops;
+  uint8_t *data[4];
+  ml_dtype dt[4];
+  int ndim;
+  int64_t shape[ML_MAX_DIMS];
+  int64_t strides[4][ML_MAX_DIMS];
+  int64_t nblk;                       /* blocks per inner row */
+} ew_job;
+
+static void ew_block(const ew_job *j, const int64_t *off, const int64_t *st, int64_t n) {
+  union { float f[ML_BLOCK]; double d[ML_BLOCK]; int64_t i[ML_BLOCK]; } ya, yb, yo;
+  void *p[4];
+  for (int o = 0; o < j->nops; o++) p[o] = ml_byte_at(j->data[o], j->dt[o], off[o]);
+  if (j->kind == EW_WHERE) {
+    const uint8_t *c = p[1];
+    int64_t cs = st[1];
+    switch (j->calc) {
+    case ML_CALC_F32: {
+      const float *a = ml_load_f32(p[2], j->dt[2], st[2], n, ya.f), *b = ml_load_f32(p[3], j->dt[3], st[3], n, yb.f);
+      for (int64_t i = 0; i < n; i++) yo.f[i] = c[i * cs] ? a[i] : b[i];
+      ml_store_f32(yo.f, p[0], j->dt[0], st[0], n);
+      break;
+    }
+    case ML_CALC_F64: {
+      const double *a = ml_load_f64_row(p[2], j->dt[2], st[2], n, ya.d), *b = ml_load_f64_row(p[3], j->dt[3], st[3], n, yb.d);
+      for (int64_t i = 0; i < n; i++) yo.d[i] = c[i * cs] ? a[i] : b[i];
+      ml_store_f64_row(yo.d, p[0], j->dt[0], st[0], n);
+      break;
+    }
+    default: {
+      const int64_t *a = ml_load_i64(p[2], j->dt[2], st[2], n, ya.i), *b = ml_load_i64(p[3], j->dt[3], st[3], n, yb.i);
+      for (int64_t i = 0; i < n; i++) yo.i[i] = c[i * cs] ? a[i] : b[i];
+      ml_store_i64(yo.i, p[0], j->dt[0], st[0], n);
+      break;
+    }
+    }
+    return;
+  }
+  /* Write straight into the output when it is contiguous data of the compute type. */
+  bool direct_f32 = j->dt[0] == ML_FLOAT32 && st[0] == 1 && j->calc == ML_CALC_F32;
+  bool direct_f64 = j->dt[0] == ML_FLOAT64 && st[0] == 1 && j->calc == ML_CALC_F64;
+  bool direct_i64 = j->dt[0] == ML_INT64 && st[0] == 1 && j->calc == ML_CALC_I64;
+  switch (j->calc) {
+  case ML_CALC_F32: {
+    float *y = direct_f32 ? p[0] : yo.f;
+    const float *a = ml_load_f32(p[1], j->dt[1], st[1], n, ya.f);
+    if (j->kind == EW_UNARY) unary_f32(j->op, a, y, n);
+    else binary_f32(j->op, a, ml_load_f32(p[2], j->dt[2], st[2], n, yb.f), y, n);
+    if (!direct_f32) ml_store_f32(y, p[0], j->dt[0], st[0], n);
+    break;
+  }
+  case ML_CALC_F64: {
+    double *y = direct_f64 ? p[0] : yo.d;
+    const double *a = ml_load_f64_row(p[1], j->dt[1], st[1], n, ya.d);
+    if (j->kind == EW_UNARY) unary_f64(j->op, a, y, n);
+    else binary_f64(j->op, a, ml_load_f64_row(p[2], j->dt[2], st[2], n, yb.d), y, n);
+    if (!direct_f64) ml_store_f64_row(y, p[0], j->dt[0], st[0], n);
+    break;
+  }
+  default: {
+    int64_t *y = direct_i64 ? p[0] : yo.i;
+    const int64_t *a = ml_load_i64(p[1], j->dt[1], st[1], n, ya.i);
+    if (j->kind == EW_UNARY) unary_i64(j->op, a, y, n);
+    else binary_i64(j->op, a, ml_load_i64(p[2], j->dt[2], st[2], n, yb.i), y, n);
+    if (!direct_i64) ml_store_i64(y, p[0], j->dt[0], st[0], n);
+    break;
+  }
+  }
+}
+
+/* Work units [begin, end): unit u is block u % nblk of row u / nblk. */
+static void ew_units(void *ctx, int64_t begin, int64_t end) {
+  const ew_job *j = ctx;
+  const int64_t *strides[4] = {j->strides[0], j->strides[1], j->strides[2], j->strides[3]};
+  ml_iter it;
+  ml_iter_init(&it, j->ndim, j->shape, j->nops, strides);
+  int64_t row = begin / j->nblk;
+  ml_iter_seek(&it, row);
+  if (!ml_iter_next(&it)) return;
+  for (int64_t u = begin; u < end; u++) {
+    int64_t r = u / j->nblk, blk = u % j->nblk;
+    while (row < r) { ml_iter_next(&it); row++; }
+    int64_t start = blk * ML_BLOCK, n = it.inner - start < ML_BLOCK ? it.inner - start : ML_BLOCK;
+    int64_t off[4];
+    for (int o = 0; o < j->nops; o++) off[o] = it.off[o] + start * it.inner_stride[o];
+    ew_block(j, off, it.inner_stride, n);
+  }
+}
+
+/* Runs job j (data, dtypes, shape and strides filled in) over its output. */
+static void ew_run(ew_job *j, int64_t cost) {
+  int64_t numel = ml_shape_numel(j->ndim, j->shape);
+  if (numel == 0) return;
+  const int64_t *strides[4] = {j->strides[0], j->strides[1], j->strides[2], j->strides[3]};
+  ml_iter probe;
+  ml_iter_init(&probe, j->ndim, j->shape, j->nops, strides);
+  j->nblk = (probe.inner + ML_BLOCK - 1) / ML_BLOCK;
+  int64_t units = probe.rows_left * j->nblk;
+  int64_t per_unit = (probe.inner < ML_BLOCK ? probe.inner : ML_BLOCK) * cost;
+  ml_parallel_for(units, per_unit, ew_units, j);
+}
+
+static int64_t unary_cost(ml_unary_op op) {
+  switch (op) {
+  case ML_OP_NEG: case ML_OP_ABS: case ML_OP_RELU: case ML_OP_LOGICAL_NOT: return 1;
+  default: return 8;
+  }
+}
+
+// --- unary -----------------------------------------------------------------------------------
+
+static const char *const unary_names[ML_OP_UNARY_COUNT] = {
+  "neg", "abs", "sqrt", "rsqrt", "exp", "log", "tanh", "sigmoid", "relu", "gelu", "gelu_tanh", "silu",
+  "sin", "cos", "reciprocal", "logical_not",
+};
+
+static const char *const binary_names[ML_OP_BINARY_COUNT] = {
+  "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+  "logical_and", "logical_or",
+};
+
+static bool is_comparison(ml_binary_op op) {
+  return op == ML_OP_EQ || op == ML_OP_NE || op == ML_OP_LT || op == ML_OP_LE || op == ML_OP_GT || op == ML_OP_GE ||
+         op == ML_OP_LOGICAL_AND || op == ML_OP_LOGICAL_OR;
+}
+
+ml_status ml_unary(ml_unary_op op, const ml_tensor *x, ml_tensor **out) {
+  if ((unsigned)op >= ML_OP_UNARY_COUNT) return ml_fail(ML_EINVAL, "unary: invalid op %d", (int)op);
+  const char *fn = unary_names[op];
+  if (!x) return ml_fail(ML_EINVAL, "%s: tensor argument 1 is NULL", fn);
+  if (x->storage->device.type == ML_DEVICE_CUDA) {
+    const ml_cuda_api *cu = ml_cuda();
+    if (cu && cu->unary && op != ML_OP_LOGICAL_NOT && ml_dtype_is_floating(x->dtype)) {
+      ml_tensor *o;
+      ML_TRY(ml_tensor_empty(x->dtype, x->ndim, x->shape, x->storage->device, &o));
+      ml_status st = cu->unary(op, x, o);
+      if (st) { ml_tensor_release(o); return st; }
+      *out = o;
+      return ML_OK;
+    }
+  }
+  ML_TRY(ml_cpu_gate(fn, 1, &x));
+  ml_dtype xdt = x->dtype, odt;
+  ml_calc calc;
+  if (op == ML_OP_LOGICAL_NOT) { odt = ML_BOOL; calc = ml_calc_of(xdt); }
+  else if (ml_dtype_is_floating(xdt)) { odt = xdt; calc = ml_calc_of(xdt); }
+  else if (op == ML_OP_NEG && xdt == ML_BOOL)
+    return ml_fail(ML_EINVAL, "neg: negation of a bool tensor is not supported (use logical_not)");
+  else if (op == ML_OP_NEG || op == ML_OP_ABS || op == ML_OP_RELU) { odt = xdt; calc = ML_CALC_I64; }
+  else { odt = ML_FLOAT32; calc = ML_CALC_F32; }   /* sqrt, exp, sigmoid... of integers: float32 */
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(odt, x->ndim, x->shape, ml_cpu(), &o));
+  ew_job j = {.kind = EW_UNARY, .op = op, .calc = calc, .nops = 2, .ndim = x->ndim};
+  j.data[0] = ml_tensor_data(o); j.dt[0] = odt;
+  j.data[1] = ml_tensor_data(x); j.dt[1] = xdt;
+  memcpy(j.shape, x->shape, sizeof j.shape);
+  memcpy(j.strides[0], o->strides, sizeof j.strides[0]);
+  memcpy(j.strides[1], x->strides, sizeof j.strides[1]);
+  ew_run(&j, unary_cost(op));
+  *out = o;
+  return ML_OK;
+}
+
+// --- binary ----------------------------------------------------------------------------------
+
+/* The core of ml_binary / ml_binary_scalar once the dtypes are decided. */
+static ml_status binary_run(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_dtype odt, ml_calc calc,
+                            ml_tensor **out) {
+  const char *fn = binary_names[op];
+  int nd;
+  int64_t shape[ML_MAX_DIMS];
+  ML_TRY(ml_broadcast_shape(fn, a->ndim, a->shape, b->ndim, b->shape, &nd, shape));
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(odt, nd, shape, ml_cpu(), &o));
+  ew_job j = {.kind = EW_BINARY, .op = op, .calc = calc, .nops = 3, .ndim = nd};
+  j.data[0] = ml_tensor_data(o); j.dt[0] = odt;
+  j.data[1] = ml_tensor_data(a); j.dt[1] = a->dtype;
+  j.data[2] = ml_tensor_data(b); j.dt[2] = b->dtype;
+  memcpy(j.shape, shape, sizeof j.shape);
+  memcpy(j.strides[0], o->strides, sizeof j.strides[0]);
+  ml_broadcast_strides(a, nd, shape, j.strides[1]);
+  ml_broadcast_strides(b, nd, shape, j.strides[2]);
+  ew_run(&j, op == ML_OP_POW ? 8 : 1);
+  *out = o;
+  return ML_OK;
+}
+
+/* Output dtype and compute class of a binary op whose operands promote to p. */
+static ml_status binary_types(ml_binary_op op, ml_dtype p, ml_dtype *odt, ml_calc *calc) {
+  if (is_comparison(op)) { *odt = ML_BOOL; *calc = ml_calc_of(p); return ML_OK; }
+  if (op == ML_OP_DIV && !ml_dtype_is_floating(p)) { *odt = ML_FLOAT32; *calc = ML_CALC_F32; return ML_OK; }
+  if (op == ML_OP_SUB && p == ML_BOOL)
+    return ml_fail(ML_EINVAL, "sub: subtraction of two bool tensors is not supported (use logical_xor or ne)");
+  *odt = p;
+  *calc = ml_calc_of(p);
+  return ML_OK;
+}
+
+ml_status ml_binary(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
+  if ((unsigned)op >= ML_OP_BINARY_COUNT) return ml_fail(ML_EINVAL, "binary: invalid op %d", (int)op);
+  const char *fn = binary_names[op];
+  const ml_tensor *ts[2] = {a, b};
+  if (a && b && a->storage->device.type == ML_DEVICE_CUDA && ml_device_equal(a->storage->device, b->storage->device)) {
+    const ml_cuda_api *cu = ml_cuda();
+    ml_dtype p = promote_tensors(a, b), odt;
+    ml_calc calc;
+    if (cu && cu->binary && ml_dtype_is_floating(p)) {
+      ML_TRY(binary_types(op, p, &odt, &calc));
+      int nd;
+      int64_t shape[ML_MAX_DIMS];
+      ML_TRY(ml_broadcast_shape(fn, a->ndim, a->shape, b->ndim, b->shape, &nd, shape));
+      ml_tensor *o;
+      ML_TRY(ml_tensor_empty(odt, nd, shape, a->storage->device, &o));
+      ml_status st = cu->binary(op, a, b, o);
+      if (st) { ml_tensor_release(o); return st; }
+      *out = o;
+      return ML_OK;
+    }
+  }
+  ML_TRY(ml_cpu_gate(fn, 2, ts));
+  ml_dtype odt;
+  ml_calc calc;
+  ML_TRY(binary_types(op, promote_tensors(a, b), &odt, &calc));
+  return binary_run(op, a, b, odt, calc, out);
+}
+
+ml_status ml_binary_scalar(ml_binary_op op, const ml_tensor *a, double s, bool scalar_first, ml_tensor **out) {
+  if ((unsigned)op >= ML_OP_BINARY_COUNT) return ml_fail(ML_EINVAL, "binary: invalid op %d", (int)op);
+  const char *fn = binary_names[op];
+  ML_TRY(ml_cpu_gate(fn, 1, &a));
+  bool integral = isfinite(s) && s == floor(s);
+  ml_dtype adt = a->dtype, odt;
+  ml_calc calc;
+  if (ml_dtype_is_floating(adt)) { odt = adt; calc = ml_calc_of(adt); }
+  else if (!integral || op == ML_OP_DIV) { odt = ML_FLOAT32; calc = ML_CALC_F32; }
+  else {
+    odt = adt == ML_BOOL ? ML_INT64 : adt;   /* bool tensor with an integer: int64, as PyTorch */
+    calc = ML_CALC_I64;
+    if (op == ML_OP_POW && !scalar_first && s < 0)
+      return ml_fail(ML_EINVAL, "pow: integers to negative integer powers are not allowed (%s tensor to the power %g)",
+                     ml_dtype_name(adt), s);
+  }
+  if (is_comparison(op)) odt = ML_BOOL;
+  scalar_tensor st;
+  const ml_tensor *sc = scalar_init(&st, s);
+  return scalar_first ? binary_run(op, sc, a, odt, calc, out) : binary_run(op, a, sc, odt, calc, out);
+}
+
+// --- where and masked_fill ---------------------------------------------------------------------
+
+static ml_status where_run(const char *fn, const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_dtype odt,
+                           int nd, const int64_t *shape, ml_tensor **out) {
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(odt, nd, shape, ml_cpu(), &o));
+  ew_job j = {.kind = EW_WHERE, .calc = ml_calc_of(odt), .nops = 4, .ndim = nd};
+  const ml_tensor *ops[4] = {o, cond, a, b};
+  for (int k = 0; k < 4; k++) {
+    j.data[k] = ml_tensor_data(ops[k]);
+    j.dt[k] = ops[k]->dtype;
+    ml_broadcast_strides(ops[k], nd, shape, j.strides[k]);
+  }
+  memcpy(j.shape, shape, (size_t)nd * sizeof *shape);
+  ew_run(&j, 1);
+  *out = o;
+  return ML_OK;
+}
+
+ml_status ml_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
+  const ml_tensor *ts[3] = {cond, a, b};
+  ML_TRY(ml_cpu_gate("where", 3, ts));
+  if (cond->dtype != ML_BOOL)
+    return ml_fail(ML_EINVAL, "where: condition must be a bool tensor, got %s", ml_dtype_name(cond->dtype));
+  int nd, nd2;
+  int64_t s1[ML_MAX_DIMS], s2[ML_MAX_DIMS];
+  ML_TRY(ml_broadcast_shape("where", a->ndim, a->shape, b->ndim, b->shape, &nd, s1));
+  ML_TRY(ml_broadcast_shape("where", cond->ndim, cond->shape, nd, s1, &nd2, s2));
+  return where_run("where", cond, a, b, promote_tensors(a, b), nd2, s2, out);
+}
+
+ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value, ml_tensor **out) {
+  const ml_tensor *ts[2] = {x, mask};
+  ML_TRY(ml_cpu_gate("masked_fill", 2, ts));
+  if (mask->dtype != ML_BOOL)
+    return ml_fail(ML_EINVAL, "masked_fill: mask must be a bool tensor, got %s", ml_dtype_name(mask->dtype));
+  int nd;
+  int64_t shape[ML_MAX_DIMS];
+  ML_TRY(ml_broadcast_shape("masked_fill", x->ndim, x->shape, mask->ndim, mask->shape, &nd, shape));
+  /* The value is cast to x's dtype first (an int tensor filled with 1.7 gets 1, as PyTorch). */
+  double v = value;
+  if (!ml_dtype_is_floating(x->dtype)) {
+    int64_t iv;
+    ml_load_i64(&value, ML_FLOAT64, 1, 1, &iv);
+    v = x->dtype == ML_BOOL ? (double)(iv != 0 || value != 0) : (double)iv;
+  }
+  scalar_tensor st;
+  const ml_tensor *sc = scalar_init(&st, v);
+  return where_run("masked_fill", mask, sc, x, x->dtype, nd, shape, out);
+}
+
+// --- tril / triu -------------------------------------------------------------------------------
+
+ml_status ml_triangle(const ml_tensor *x, int64_t k, bool upper, ml_tensor **out) {
+  const char *fn = upper ? "triu" : "tril";
+  ML_TRY(ml_cpu_gate(fn, 1, &x));
+  if (x->ndim < 2)
+    return ml_fail(ML_EINVAL, "%s: input must have at least 2 dimensions, got a %d-d tensor", fn, x->ndim);
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, x->shape, ml_cpu(), &o));
+  ml_status st = ml_tensor_copy_(o, x);
+  if (st) { ml_tensor_release(o); return st; }
+  int64_t rows = x->shape[x->ndim - 2], cols = x->shape[x->ndim - 1];
+  int64_t mats = rows > 0 && cols > 0 ? ml_tensor_numel(x) / (rows * cols) : 0;
+  size_t es = ml_dtype_size(x->dtype);
+  uint8_t *base = ml_tensor_data(o);
+  for (int64_t m = 0; m < mats; m++) {
+    for (int64_t i = 0; i < rows; i++) {
+      uint8_t *row = base + (size_t)((m * rows + i) * cols) * es;
+      /* zero columns [lo, hi): above the diagonal i + k for tril, below it for triu */
+      int64_t lo, hi;
+      if (upper) { lo = 0; hi = i + k; }
+      else { lo = i + k + 1; hi = cols; }
+      if (lo < 0) lo = 0;
+      if (hi > cols) hi = cols;
+      if (lo < hi) memset(row + (size_t)lo * es, 0, (size_t)(hi - lo) * es);
+    }
+  }
+  *out = o;
+  return ML_OK;
+}

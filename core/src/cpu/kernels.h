@@ -1,0 +1,49 @@
+/* kernels.h: private helpers shared by the CPU kernels in core/src/cpu/ (elementwise, reduce,
+   index, random): the device gate every op goes through, row seeking for parallel iteration, and
+   block loaders/storers that move strided rows of any dtype into compute buffers and back. */
+#ifndef ML_CPU_KERNELS_H
+#define ML_CPU_KERNELS_H
+
+#include "internal.h"
+
+/* Elements per compute block: a row is processed in pieces of this size so that float16/bfloat16
+   operands are converted a few KB at a time, never whole tensors up front. */
+#define ML_BLOCK 1024
+
+/* The class of arithmetic an op runs in, from its (promoted) dtype. */
+typedef enum { ML_CALC_F32 = 0, ML_CALC_F64, ML_CALC_I64 } ml_calc;
+
+static inline ml_calc ml_calc_of(ml_dtype dt) {
+  if (dt == ML_FLOAT64) return ML_CALC_F64;
+  return ml_dtype_is_floating(dt) ? ML_CALC_F32 : ML_CALC_I64;
+}
+
+/* The one place that decides where an op runs. Checks every tensor is on the same device and
+   that the device has data (not meta); fails with ML_EUNSUPPORTED for cuda tensors, which have
+   no kernel for this op yet (the CUDA backend plugs in at the callers of this helper). */
+ml_status ml_cpu_gate(const char *fn, int n, const ml_tensor *const *ts);
+
+/* Positions a freshly initialised iterator so that its next ml_iter_next returns row `row`
+   (0-based). Lets threads start in the middle of an iteration. */
+void ml_iter_seek(ml_iter *it, int64_t row);
+
+/* n elements of dtype dt at p with element stride s -> contiguous compute buffer. Returns the
+   buffer to read from: p itself when it already is contiguous data of the compute type. */
+const float *ml_load_f32(const void *p, ml_dtype dt, int64_t s, int64_t n, float *buf);
+const double *ml_load_f64_row(const void *p, ml_dtype dt, int64_t s, int64_t n, double *buf);
+const int64_t *ml_load_i64(const void *p, ml_dtype dt, int64_t s, int64_t n, int64_t *buf);
+
+/* Contiguous compute buffer -> n elements of dtype dt at p with element stride s. */
+void ml_store_f32(const float *buf, void *p, ml_dtype dt, int64_t s, int64_t n);
+void ml_store_f64_row(const double *buf, void *p, ml_dtype dt, int64_t s, int64_t n);
+void ml_store_i64(const int64_t *buf, void *p, ml_dtype dt, int64_t s, int64_t n);
+
+/* Same-dtype strided copy of a whole (ndim, shape, strides) block into contiguous dst. */
+void ml_copy_block(void *dst, const void *src, size_t esize, int ndim, const int64_t *shape,
+                   const int64_t *strides);
+
+static inline uint8_t *ml_byte_at(const void *base, ml_dtype dt, int64_t off) {
+  return (uint8_t *)base + off * (int64_t)ml_dtype_size(dt);
+}
+
+#endif /* ML_CPU_KERNELS_H */

@@ -1,0 +1,422 @@
+/* reduce.c: reductions on the CPU (sum mean max min prod argmax argmin over dims or all, max/min
+   with indices along a dim, topk, cumsum) and the whole-tensor comparisons equal and allclose.
+ *
+ * Float reductions accumulate in double, so long float32 sums match PyTorch to ~1e-7 relative;
+ * integer and bool sums and products are exact in int64 (wrapping on overflow, as PyTorch).
+ * Each output element is reduced by one thread, in index order, so results do not depend on the
+ * thread count. */
+#include "kernels.h"
+
+#include <stdlib.h>
+
+static const char *const reduce_names[ML_REDUCE_COUNT] = {"sum", "mean", "max", "min", "prod", "argmax", "argmin"};
+
+// --- plan: which dims are kept and which reduced ---------------------------------------------
+
+typedef struct {
+  const ml_tensor *x;
+  int nkeep, nred;
+  int64_t keep_shape[ML_MAX_DIMS], keep_strides[ML_MAX_DIMS];
+  int64_t red_shape[ML_MAX_DIMS], red_strides[ML_MAX_DIMS];
+  int64_t nout, nred_elems;
+} reduce_plan;
+
+/* Marks the reduced dims (ndims 0 = all) in red[], rejecting repeats; fills the plan and the
+   output shape (with keepdim ones in place of reduced dims). */
+static ml_status plan_dims(const char *fn, const ml_tensor *x, int ndims, const int *dims, bool keepdim,
+                           reduce_plan *p, int *ond, int64_t *oshape) {
+  bool red[ML_MAX_DIMS] = {0};
+  if (ndims < 0 || ndims > ML_MAX_DIMS) return ml_fail(ML_EINVAL, "%s: invalid number of dims %d", fn, ndims);
+  if (ndims == 0) for (int d = 0; d < x->ndim; d++) red[d] = true;
+  for (int i = 0; i < ndims; i++) {
+    int d = 0;
+    ML_TRY(ml_norm_dim(fn, dims[i], x->ndim, &d));
+    if (x->ndim == 0) continue;       /* dim 0 / -1 of a 0-d tensor reduces nothing */
+    if (red[d]) return ml_fail(ML_EINVAL, "%s: dim %d appears multiple times in the list of dims", fn, d);
+    red[d] = true;
+  }
+  memset(p, 0, sizeof *p);
+  p->x = x;
+  *ond = 0;
+  for (int d = 0; d < x->ndim; d++) {
+    if (red[d]) {
+      p->red_shape[p->nred] = x->shape[d];
+      p->red_strides[p->nred++] = x->strides[d];
+      if (keepdim) oshape[(*ond)++] = 1;
+    } else {
+      p->keep_shape[p->nkeep] = x->shape[d];
+      p->keep_strides[p->nkeep++] = x->strides[d];
+      oshape[(*ond)++] = x->shape[d];
+    }
+  }
+  p->nout = ml_shape_numel(p->nkeep, p->keep_shape);
+  p->nred_elems = ml_shape_numel(p->nred, p->red_shape);
+  return ML_OK;
+}
+
+/* Element offset in x of output element o (row-major over the kept dims). */
+static int64_t plan_base(const reduce_plan *p, int64_t o) {
+  int64_t off = 0;
+  for (int d = p->nkeep - 1; d >= 0; d--) {
+    off += (o % p->keep_shape[d]) * p->keep_strides[d];
+    o /= p->keep_shape[d];
+  }
+  return off;
+}
+
+// --- the reduction kernel --------------------------------------------------------------------
+
+typedef struct {
+  const reduce_plan *p;
+  ml_reduce_op op;
+  bool int_calc;
+  uint8_t *vals;          /* output values (NULL for argmax/argmin) */
+  ml_dtype vdt;
+  int64_t *idx;           /* output indices (NULL when not wanted) */
+} reduce_job;
+
+static inline bool better(double v, double best, bool is_max) {
+  if (best != best) return false;                  /* a NaN already won: it propagates */
+  if (v != v) return true;
+  return is_max ? v > best : v < best;
+}
+
+static void reduce_outputs(void *ctx, int64_t begin, int64_t end) {
+  const reduce_job *j = ctx;
+  const reduce_plan *p = j->p;
+  const ml_tensor *x = p->x;
+  const uint8_t *xd = ml_tensor_data(x);
+  ml_reduce_op op = j->op;
+  bool is_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
+  bool extreme = op == ML_REDUCE_MAX || op == ML_REDUCE_MIN || op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN;
+  union { double d[ML_BLOCK]; int64_t i[ML_BLOCK]; } buf;
+  const int64_t *rs[1] = {p->red_strides};
+  for (int64_t o = begin; o < end; o++) {
+    const uint8_t *base = ml_byte_at(xd, x->dtype, plan_base(p, o));
+    ml_iter it;
+    ml_iter_init(&it, p->nred, p->red_shape, 1, rs);
+    double dacc = op == ML_REDUCE_PROD ? 1.0 : 0.0;
+    int64_t iacc = op == ML_REDUCE_PROD ? 1 : 0, pos = 0, best_pos = 0;
+    bool first = true;
+    while (ml_iter_next(&it)) {
+      for (int64_t s = 0; s < it.inner; s += ML_BLOCK) {
+        int64_t n = it.inner - s < ML_BLOCK ? it.inner - s : ML_BLOCK;
+        const uint8_t *src = ml_byte_at(base, x->dtype, it.off[0] + s * it.inner_stride[0]);
+        if (j->int_calc) {
+          const int64_t *v = ml_load_i64(src, x->dtype, it.inner_stride[0], n, buf.i);
+          if (op == ML_REDUCE_SUM) for (int64_t i = 0; i < n; i++) iacc = (int64_t)((uint64_t)iacc + (uint64_t)v[i]);
+          else if (op == ML_REDUCE_PROD) for (int64_t i = 0; i < n; i++) iacc = (int64_t)((uint64_t)iacc * (uint64_t)v[i]);
+          else {
+            for (int64_t i = 0; i < n; i++)
+              if (first || (is_max ? v[i] > iacc : v[i] < iacc)) { iacc = v[i]; best_pos = pos + i; first = false; }
+          }
+        } else {
+          const double *v = ml_load_f64_row(src, x->dtype, it.inner_stride[0], n, buf.d);
+          if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) {
+            double s0 = 0, s1 = 0;   /* two chains: fewer dependent adds, same double accuracy */
+            int64_t i = 0;
+            for (; i + 1 < n; i += 2) { s0 += v[i]; s1 += v[i + 1]; }
+            if (i < n) s0 += v[i];
+            dacc += s0 + s1;
+          } else if (op == ML_REDUCE_PROD) for (int64_t i = 0; i < n; i++) dacc *= v[i];
+          else {
+            for (int64_t i = 0; i < n; i++)
+              if (first || better(v[i], dacc, is_max)) { dacc = v[i]; best_pos = pos + i; first = false; }
+          }
+        }
+        pos += n;
+      }
+    }
+    (void)extreme;
+    if (op == ML_REDUCE_MEAN) dacc /= (double)p->nred_elems;   /* 0 elements: 0/0 = NaN, as PyTorch */
+    if (j->vals) {
+      if (j->int_calc) ml_store_i64(&iacc, ml_byte_at(j->vals, j->vdt, o), j->vdt, 1, 1);
+      else ml_store_f64(j->vals, j->vdt, o, dacc);
+    }
+    if (j->idx) j->idx[o] = best_pos;
+  }
+}
+
+/* Runs a reduction into fresh tensors; vals and/or idx may be NULL when not wanted. */
+static ml_status reduce_run(const char *fn, ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims,
+                            bool keepdim, ml_tensor **vals, ml_tensor **idx) {
+  reduce_plan p;
+  int ond = 0;
+  int64_t oshape[ML_MAX_DIMS];
+  ML_TRY(plan_dims(fn, x, ndims, dims, keepdim, &p, &ond, oshape));
+  bool arg = op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN;
+  bool extreme = arg || op == ML_REDUCE_MAX || op == ML_REDUCE_MIN;
+  if (extreme && p.nred_elems == 0) {
+    char b[ML_SHAPE_BUF];
+    return ml_fail(ML_EINVAL, "%s: cannot reduce over zero elements (input shape %s has no identity for %s)", fn,
+                   ml_shape_str(x->ndim, x->shape, b, sizeof b), fn);
+  }
+  ml_dtype xdt = x->dtype, vdt = xdt;
+  bool floating = ml_dtype_is_floating(xdt);
+  if (op == ML_REDUCE_MEAN && !floating)
+    return ml_fail(ML_EINVAL, "mean: input dtype must be floating point, got %s (convert it first)", ml_dtype_name(xdt));
+  if ((op == ML_REDUCE_SUM || op == ML_REDUCE_PROD) && !floating) vdt = ML_INT64;
+  ml_tensor *v = NULL, *ix = NULL;
+  ml_status st;
+  if (vals && (st = ml_tensor_empty(vdt, ond, oshape, ml_cpu(), &v))) return st;
+  if (idx && (st = ml_tensor_empty(ML_INT64, ond, oshape, ml_cpu(), &ix))) { ml_tensor_release(v); return st; }
+  reduce_job j = {&p, op, !floating, v ? ml_tensor_data(v) : NULL, vdt, ix ? ml_tensor_data(ix) : NULL};
+  ml_parallel_for(p.nout, p.nred_elems + 16, reduce_outputs, &j);
+  if (vals) *vals = v;
+  if (idx) *idx = ix;
+  return ML_OK;
+}
+
+ml_status ml_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims, bool keepdim, ml_tensor **out) {
+  if ((unsigned)op >= ML_REDUCE_COUNT) return ml_fail(ML_EINVAL, "reduce: invalid op %d", (int)op);
+  const char *fn = reduce_names[op];
+  ML_TRY(ml_cpu_gate(fn, 1, &x));
+  if ((op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN) && ndims > 1)
+    return ml_fail(ML_EINVAL, "%s: expects one dim or all dims, got %d dims", fn, ndims);
+  if (op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN) {
+    if (ndims == 0 && keepdim) {
+      /* argmax over all dims with keepdim: the flat index, shaped like x with every size 1 */
+      ml_tensor *flat, *r;
+      int64_t n = ml_tensor_numel(x);
+      ML_TRY(ml_tensor_reshape(x, 1, &n, &flat));
+      int d0 = 0;
+      ml_status st = reduce_run(fn, op, flat, 1, &d0, false, NULL, &r);
+      ml_tensor_release(flat);
+      if (st) return st;
+      int64_t ones[ML_MAX_DIMS];
+      for (int d = 0; d < x->ndim; d++) ones[d] = 1;
+      st = ml_tensor_view(r, x->ndim, ones, out);
+      ml_tensor_release(r);
+      return st;
+    }
+    return reduce_run(fn, op, x, ndims, dims, keepdim, NULL, out);
+  }
+  return reduce_run(fn, op, x, ndims, dims, keepdim, out, NULL);
+}
+
+ml_status ml_max_dim(const ml_tensor *x, int dim, bool keepdim, bool is_min, ml_tensor **values, ml_tensor **indices) {
+  const char *fn = is_min ? "min" : "max";
+  ML_TRY(ml_cpu_gate(fn, 1, &x));
+  return reduce_run(fn, is_min ? ML_REDUCE_MIN : ML_REDUCE_MAX, x, 1, &dim, keepdim, values, indices);
+}
+
+// --- lines along one dim (topk, cumsum) --------------------------------------------------------
+
+/* Offsets of line l (all dims but d, row-major) in a tensor with the given shape/strides. */
+static int64_t line_offset(int ndim, const int64_t *shape, const int64_t *strides, int d, int64_t l) {
+  int64_t off = 0;
+  for (int k = ndim - 1; k >= 0; k--) {
+    if (k == d) continue;
+    off += (l % shape[k]) * strides[k];
+    l /= shape[k];
+  }
+  return off;
+}
+
+// --- topk ----------------------------------------------------------------------------------------
+
+typedef struct { long double key; int64_t idx; } topk_item;
+
+/* NaN ranks above everything (as PyTorch's topk); ties keep the lower index first. */
+static int topk_cmp_desc(const void *pa, const void *pb) {
+  const topk_item *a = pa, *b = pb;
+  bool na = a->key != a->key, nb = b->key != b->key;
+  if (na != nb) return na ? -1 : 1;
+  if (!na && a->key != b->key) return a->key > b->key ? -1 : 1;
+  return a->idx < b->idx ? -1 : a->idx > b->idx;
+}
+
+static int topk_cmp_asc(const void *pa, const void *pb) {
+  const topk_item *a = pa, *b = pb;
+  bool na = a->key != a->key, nb = b->key != b->key;
+  if (na != nb) return na ? 1 : -1;
+  if (!na && a->key != b->key) return a->key < b->key ? -1 : 1;
+  return a->idx < b->idx ? -1 : a->idx > b->idx;
+}
+
+typedef struct {
+  const ml_tensor *x;
+  int d;
+  int64_t k;
+  bool largest;
+  ml_tensor *v, *ix;
+  bool oom;
+} topk_job;
+
+static void topk_lines(void *ctx, int64_t begin, int64_t end) {
+  topk_job *j = ctx;
+  const ml_tensor *x = j->x;
+  int64_t n = x->ndim ? x->shape[j->d] : 1, xs = x->ndim ? x->strides[j->d] : 0;
+  int64_t vs = x->ndim ? j->v->strides[j->d] : 0;
+  size_t es = ml_dtype_size(x->dtype);
+  bool integer = !ml_dtype_is_floating(x->dtype);
+  topk_item *items = malloc((size_t)(n > 0 ? n : 1) * sizeof *items);
+  if (!items) { j->oom = true; return; }
+  const uint8_t *xd = ml_tensor_data(x);
+  uint8_t *vd = ml_tensor_data(j->v);
+  int64_t *id = ml_tensor_data(j->ix);
+  for (int64_t l = begin; l < end; l++) {
+    int64_t xo = line_offset(x->ndim, x->shape, x->strides, j->d, l);
+    int64_t oo = line_offset(x->ndim, j->v->shape, j->v->strides, j->d, l);
+    for (int64_t i = 0; i < n; i++) {
+      const uint8_t *e = xd + (size_t)(xo + i * xs) * es;
+      int64_t iv;
+      if (integer) { ml_load_i64(e, x->dtype, 1, 1, &iv); items[i].key = (long double)iv; }
+      else items[i].key = ml_load_f64(e, x->dtype, 0);
+      items[i].idx = i;
+    }
+    qsort(items, (size_t)n, sizeof *items, j->largest ? topk_cmp_desc : topk_cmp_asc);
+    for (int64_t i = 0; i < j->k; i++) {
+      /* copy the element's bytes: exact for every dtype */
+      memcpy(vd + (size_t)(oo + i * vs) * es, xd + (size_t)(xo + items[i].idx * xs) * es, es);
+      id[oo + i * vs] = items[i].idx;
+    }
+  }
+  free(items);
+}
+
+ml_status ml_topk(const ml_tensor *x, int64_t k, int dim, bool largest, ml_tensor **values, ml_tensor **indices) {
+  ML_TRY(ml_cpu_gate("topk", 1, &x));
+  int d = 0;
+  ML_TRY(ml_norm_dim("topk", dim, x->ndim, &d));
+  int64_t n = x->ndim ? x->shape[d] : 1;
+  if (k < 0 || k > n)
+    return ml_fail(ML_EINVAL, "topk: k = %lld is out of range for dimension %d of size %lld", (long long)k, d,
+                   (long long)n);
+  int64_t oshape[ML_MAX_DIMS];
+  memcpy(oshape, x->shape, sizeof oshape);
+  if (x->ndim) oshape[d] = k;
+  ml_tensor *v, *ix;
+  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, oshape, ml_cpu(), &v));
+  ml_status st = ml_tensor_empty(ML_INT64, x->ndim, oshape, ml_cpu(), &ix);
+  if (st) { ml_tensor_release(v); return st; }
+  int64_t lines = n > 0 ? ml_tensor_numel(x) / n : 0;
+  topk_job j = {x, d, k, largest, v, ix, false};
+  if (k > 0) ml_parallel_for(lines, n * 8, topk_lines, &j);
+  if (j.oom) {
+    ml_tensor_release(v);
+    ml_tensor_release(ix);
+    return ml_fail(ML_ENOMEM, "topk: out of memory for a line of %lld elements", (long long)n);
+  }
+  *values = v;
+  *indices = ix;
+  return ML_OK;
+}
+
+// --- cumsum --------------------------------------------------------------------------------------
+
+typedef struct { const ml_tensor *x; int d; ml_tensor *o; } cumsum_job;
+
+static void cumsum_lines(void *ctx, int64_t begin, int64_t end) {
+  const cumsum_job *j = ctx;
+  const ml_tensor *x = j->x, *o = j->o;
+  int64_t n = x->ndim ? x->shape[j->d] : 1, xs = x->ndim ? x->strides[j->d] : 0, os = x->ndim ? o->strides[j->d] : 0;
+  bool integer = !ml_dtype_is_floating(x->dtype);
+  const uint8_t *xd = ml_tensor_data(x);
+  uint8_t *od = ml_tensor_data(o);
+  union { double d[ML_BLOCK]; int64_t i[ML_BLOCK]; } buf;
+  for (int64_t l = begin; l < end; l++) {
+    int64_t xo = line_offset(x->ndim, x->shape, x->strides, j->d, l);
+    int64_t oo = line_offset(x->ndim, o->shape, o->strides, j->d, l);
+    double dacc = 0;
+    int64_t iacc = 0;
+    for (int64_t s = 0; s < n; s += ML_BLOCK) {
+      int64_t m = n - s < ML_BLOCK ? n - s : ML_BLOCK;
+      const uint8_t *src = ml_byte_at(xd, x->dtype, xo + s * xs);
+      uint8_t *dst = ml_byte_at(od, o->dtype, oo + s * os);
+      if (integer) {
+        const int64_t *v = ml_load_i64(src, x->dtype, xs, m, buf.i);
+        int64_t *w = (int64_t *)dst;     /* int64 output */
+        for (int64_t i = 0; i < m; i++) { iacc = (int64_t)((uint64_t)iacc + (uint64_t)v[i]); w[i * os] = iacc; }
+      } else {
+        const double *v = ml_load_f64_row(src, x->dtype, xs, m, buf.d);
+        double w[ML_BLOCK];
+        for (int64_t i = 0; i < m; i++) { dacc += v[i]; w[i] = dacc; }
+        ml_store_f64_row(w, dst, o->dtype, os, m);
+      }
+    }
+  }
+}
+
+ml_status ml_cumsum(const ml_tensor *x, int dim, ml_tensor **out) {
+  ML_TRY(ml_cpu_gate("cumsum", 1, &x));
+  int d = 0;
+  ML_TRY(ml_norm_dim("cumsum", dim, x->ndim, &d));
+  ml_dtype odt = ml_dtype_is_floating(x->dtype) ? x->dtype : ML_INT64;
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(odt, x->ndim, x->shape, ml_cpu(), &o));
+  int64_t n = x->ndim ? x->shape[d] : 1;
+  int64_t lines = n > 0 ? ml_tensor_numel(x) / n : 0;
+  cumsum_job j = {x, d, o};
+  ml_parallel_for(lines, n, cumsum_lines, &j);
+  *out = o;
+  return ML_OK;
+}
+
+// --- equal and allclose --------------------------------------------------------------------------
+
+ml_status ml_equal(const ml_tensor *a, const ml_tensor *b, bool *out) {
+  const ml_tensor *ts[2] = {a, b};
+  ML_TRY(ml_cpu_gate("equal", 2, ts));
+  *out = false;
+  if (a->ndim != b->ndim || memcmp(a->shape, b->shape, (size_t)a->ndim * sizeof *a->shape) != 0) return ML_OK;
+  bool integer = !ml_dtype_is_floating(a->dtype) && !ml_dtype_is_floating(b->dtype);
+  const int64_t *st[2] = {a->strides, b->strides};
+  ml_iter it;
+  ml_iter_init(&it, a->ndim, a->shape, 2, st);
+  const uint8_t *ad = ml_tensor_data(a), *bd = ml_tensor_data(b);
+  union { double d[ML_BLOCK]; int64_t i[ML_BLOCK]; } ba, bb;
+  while (ml_iter_next(&it)) {
+    for (int64_t s = 0; s < it.inner; s += ML_BLOCK) {
+      int64_t n = it.inner - s < ML_BLOCK ? it.inner - s : ML_BLOCK;
+      const uint8_t *pa = ml_byte_at(ad, a->dtype, it.off[0] + s * it.inner_stride[0]);
+      const uint8_t *pb = ml_byte_at(bd, b->dtype, it.off[1] + s * it.inner_stride[1]);
+      if (integer) {
+        const int64_t *va = ml_load_i64(pa, a->dtype, it.inner_stride[0], n, ba.i);
+        const int64_t *vb = ml_load_i64(pb, b->dtype, it.inner_stride[1], n, bb.i);
+        for (int64_t i = 0; i < n; i++) if (va[i] != vb[i]) return ML_OK;
+      } else {
+        const double *va = ml_load_f64_row(pa, a->dtype, it.inner_stride[0], n, ba.d);
+        const double *vb = ml_load_f64_row(pb, b->dtype, it.inner_stride[1], n, bb.d);
+        for (int64_t i = 0; i < n; i++) if (!(va[i] == vb[i])) return ML_OK;
+      }
+    }
+  }
+  *out = true;
+  return ML_OK;
+}
+
+ml_status ml_allclose(const ml_tensor *a, const ml_tensor *b, double rtol, double atol, bool equal_nan, bool *out) {
+  const ml_tensor *ts[2] = {a, b};
+  ML_TRY(ml_cpu_gate("allclose", 2, ts));
+  if (!(rtol >= 0) || !(atol >= 0))
+    return ml_fail(ML_EINVAL, "allclose: rtol (%g) and atol (%g) must be non-negative", rtol, atol);
+  int nd;
+  int64_t shape[ML_MAX_DIMS], sa[ML_MAX_DIMS], sb[ML_MAX_DIMS];
+  ML_TRY(ml_broadcast_shape("allclose", a->ndim, a->shape, b->ndim, b->shape, &nd, shape));
+  ml_broadcast_strides(a, nd, shape, sa);
+  ml_broadcast_strides(b, nd, shape, sb);
+  *out = false;
+  const int64_t *st[2] = {sa, sb};
+  ml_iter it;
+  ml_iter_init(&it, nd, shape, 2, st);
+  const uint8_t *ad = ml_tensor_data(a), *bd = ml_tensor_data(b);
+  double ba[ML_BLOCK], bb[ML_BLOCK];
+  while (ml_iter_next(&it)) {
+    for (int64_t s = 0; s < it.inner; s += ML_BLOCK) {
+      int64_t n = it.inner - s < ML_BLOCK ? it.inner - s : ML_BLOCK;
+      const double *va = ml_load_f64_row(ml_byte_at(ad, a->dtype, it.off[0] + s * it.inner_stride[0]), a->dtype,
+                                         it.inner_stride[0], n, ba);
+      const double *vb = ml_load_f64_row(ml_byte_at(bd, b->dtype, it.off[1] + s * it.inner_stride[1]), b->dtype,
+                                         it.inner_stride[1], n, bb);
+      for (int64_t i = 0; i < n; i++) {
+        double x = va[i], y = vb[i];
+        if (x == y) continue;                                  /* also equal infinities */
+        if (x != x || y != y) { if (equal_nan && x != x && y != y) continue; return ML_OK; }
+        if (!(fabs(x - y) <= atol + rtol * fabs(y))) return ML_OK;
+      }
+    }
+  }
+  *out = true;
+  return ML_OK;
+}
