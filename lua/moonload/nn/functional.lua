@@ -1,0 +1,167 @@
+--- ml.nn.functional (alias F): the stateless layer functions, in PyTorch's argument order.
+-- Optional positional arguments may be nil; PyTorch's keyword-only ones go in a trailing table.
+--    F.linear(x, w[, b])                       x (..., in) @ w(out, in)^T + b
+--    F.embedding(ids, weight)                  ids hold 0-based rows
+--    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
+--    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
+--    F.scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale}])
+--    F.softmax(x, dim) F.log_softmax(x, dim) F.gelu(x[, approximate]) F.silu F.relu F.tanh
+--    F.sigmoid F.dropout(x[, p = 0.5[, training = false]]) F.normalize(x[, p = 2[, dim = 2[, eps]]])
+local C = require("moonload.C")
+local Tensor = require("moonload.tensor")
+
+local ffi, lib = C.ffi, C.lib
+local is_tensor, wrap = Tensor.is_tensor, Tensor.wrap
+
+local F = {}
+
+local out = ffi.new("ml_tensor*[1]")
+
+local function check(status)
+   if status ~= 0 then error(ffi.string(lib.ml_last_error()), 3) end
+end
+
+local function need_tensor(fn, what, x, level)
+   if not is_tensor(x) then
+      error(string.format("%s: %s must be a tensor, got %s", fn, what, type(x)), (level or 2) + 1)
+   end
+end
+
+local function opt_tensor(fn, what, x)
+   if x == nil or x == false then return nil end
+   need_tensor(fn, what, x, 3)
+   return x._c
+end
+
+--- linear(x, w[, b]): x (..., in), w (out, in), b (out).
+function F.linear(x, w, b)
+   need_tensor("linear", "input", x)
+   need_tensor("linear", "weight", w)
+   check(lib.ml_linear(x._c, w._c, opt_tensor("linear", "bias", b), out))
+   return wrap(out[0])
+end
+
+--- embedding(ids, weight): rows of weight (n, d) picked by 0-based integer ids.
+function F.embedding(ids, weight)
+   need_tensor("embedding", "input", ids)
+   need_tensor("embedding", "weight", weight)
+   check(lib.ml_embedding(ids._c, weight._c, out))
+   return wrap(out[0])
+end
+
+-- The number of trailing dims normalized_shape covers, after checking it matches x.
+local function norm_dims(fn, x, normalized_shape)
+   local ns = normalized_shape
+   if type(ns) == "number" then ns = { ns } end
+   if type(ns) ~= "table" or #ns == 0 then
+      error(string.format("%s: normalized_shape must be a number or a non-empty list of sizes, got %s", fn,
+         type(normalized_shape)), 3)
+   end
+   local shape = x.shape
+   local nd, nn = #shape, #ns
+   local ok = nn <= nd
+   if ok then
+      for i = 1, nn do
+         if shape[nd - nn + i] ~= ns[i] then ok = false end
+      end
+   end
+   if not ok then
+      error(string.format("%s: normalized_shape [%s] does not match the last dims of the input of shape [%s]",
+         fn, table.concat(ns, ", "), table.concat(shape, ", ")), 3)
+   end
+   return nn
+end
+
+--- layer_norm(x, normalized_shape[, weight, bias, eps = 1e-5])
+function F.layer_norm(x, normalized_shape, w, b, eps)
+   need_tensor("layer_norm", "input", x)
+   local nn = norm_dims("layer_norm", x, normalized_shape)
+   check(lib.ml_layer_norm(x._c, nn, opt_tensor("layer_norm", "weight", w), opt_tensor("layer_norm", "bias", b),
+      eps or 1e-5, out))
+   return wrap(out[0])
+end
+
+local machine_eps = { float32 = 1.1920928955078125e-07, float16 = 0.0009765625, bfloat16 = 0.0078125,
+                      float64 = 2.220446049250313e-16 }
+
+--- rms_norm(x, normalized_shape[, weight, eps]) (eps nil: the dtype's machine epsilon, as PyTorch).
+function F.rms_norm(x, normalized_shape, w, eps)
+   need_tensor("rms_norm", "input", x)
+   local nn = norm_dims("rms_norm", x, normalized_shape)
+   check(lib.ml_rms_norm(x._c, nn, opt_tensor("rms_norm", "weight", w), eps or machine_eps[x.dtype] or 1.1920928955078125e-07, out))
+   return wrap(out[0])
+end
+
+--- scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale}]); q (..., L, E),
+-- k (..., S, E), v (..., S, Ev). A bool mask keeps true positions; a float mask is added.
+-- PyTorch's positional form (q, k, v, attn_mask, dropout_p, is_causal, scale) works too.
+function F.scaled_dot_product_attention(q, k, v, opts, dropout_p, is_causal, scale)
+   need_tensor("scaled_dot_product_attention", "query", q)
+   need_tensor("scaled_dot_product_attention", "key", k)
+   need_tensor("scaled_dot_product_attention", "value", v)
+   local mask
+   if is_tensor(opts) or opts == nil or opts == false then
+      mask = opts or nil
+   elseif type(opts) == "table" then
+      mask, is_causal, scale, dropout_p = opts.attn_mask, opts.is_causal, opts.scale, opts.dropout_p
+   else
+      error("scaled_dot_product_attention: the fourth argument must be an options table or a mask tensor, got "
+         .. type(opts), 2)
+   end
+   if dropout_p ~= nil and dropout_p ~= 0 then
+      error("scaled_dot_product_attention: dropout_p is not supported (inference only), got " .. tostring(dropout_p), 2)
+   end
+   if scale ~= nil and (type(scale) ~= "number" or scale <= 0) then
+      error("scaled_dot_product_attention: scale must be a positive number, got " .. tostring(scale), 2)
+   end
+   if mask ~= nil and is_causal then
+      error("scaled_dot_product_attention: give attn_mask or is_causal, not both", 2)
+   end
+   check(lib.ml_sdpa(q._c, k._c, v._c, opt_tensor("scaled_dot_product_attention", "attn_mask", mask),
+      is_causal and true or false, scale or 0, out))
+   return wrap(out[0])
+end
+F.sdpa = F.scaled_dot_product_attention
+
+function F.softmax(x, dim) need_tensor("softmax", "input", x); return x:softmax(dim) end
+function F.log_softmax(x, dim) need_tensor("log_softmax", "input", x); return x:log_softmax(dim) end
+
+--- gelu(x[, approximate = "none" | "tanh"]) (or {approximate = ...}).
+function F.gelu(x, approximate) need_tensor("gelu", "input", x); return x:gelu(approximate) end
+function F.silu(x) need_tensor("silu", "input", x); return x:silu() end
+function F.relu(x) need_tensor("relu", "input", x); return x:relu() end
+function F.tanh(x) need_tensor("tanh", "input", x); return x:tanh() end
+function F.sigmoid(x) need_tensor("sigmoid", "input", x); return x:sigmoid() end
+
+--- dropout(x[, p = 0.5[, training = false]]): identity unless training (inference library, so
+-- the default differs from PyTorch's training=True: pass true to drop).
+function F.dropout(x, p, training)
+   need_tensor("dropout", "input", x)
+   if type(p) == "table" then p, training = p.p, p.training end
+   p = p or 0.5
+   if type(p) ~= "number" or p < 0 or p > 1 then
+      error("dropout: dropout probability has to be between 0 and 1, but got " .. tostring(p), 2)
+   end
+   if not training or p == 0 then return x end
+   if p == 1 then return x * 0 end
+   local keep = Tensor.rand(x.shape, { device = x.device }):ge(p)
+   return x * keep:to(x.dtype) * (1 / (1 - p))
+end
+
+--- normalize(x[, p = 2[, dim = 2[, eps = 1e-12]]]): x / max(||x||_p over dim, eps).
+function F.normalize(x, p, dim, eps)
+   need_tensor("normalize", "input", x)
+   if type(p) == "table" then p, dim, eps = p.p, p.dim, p.eps end
+   p, dim, eps = p or 2, dim or 2, eps or 1e-12
+   local norm
+   if p == 2 then
+      norm = (x * x):sum(dim, true):sqrt()
+   elseif p == 1 then
+      norm = x:abs():sum(dim, true)
+   else
+      norm = x:abs():pow(p):sum(dim, true):pow(1 / p)
+   end
+   return x / norm:clamp(eps)
+end
+
+return F
