@@ -1,0 +1,382 @@
+--- The big-model API (accelerate.big_modeling): meta initialisation, CPU and disk offload,
+-- dispatch by device map and checkpoint loading with dispatch. Reached as ml.<name>.
+--
+-- Differences from Accelerate, on purpose (reference section 7):
+--  * parameters are created directly on meta (Q2), never allocated on the CPU first;
+--  * dispatch_model's main device is the first non-cpu/disk device in map order (Q3); a plain
+--    Lua table has no order, so its keys are taken in the model's module order;
+--  * the single-device path always moves the model (Q4); removing hooks removes every move
+--    guard (Q5);
+--  * load_checkpoint_and_dispatch does not spill the CPU part of the state dict to a temporary
+--    folder by default when the map has "disk" (offload_state_dict defaults to false): CPU
+--    weights loaded from safetensors are views into the file mapping, so there is no RAM to save
+--    and the spill would only add a full write and read. Passing offload_state_dict = true
+--    still does it.
+local hooks = require("moonload.hooks")
+local init_context = require("moonload.nn.init_context")
+local log = require("moonload.utils.log")
+
+local M = {}
+
+local utils_mod
+local function utils()
+   utils_mod = utils_mod or require("moonload.utils")
+   return utils_mod
+end
+
+local function callable(f)
+   if type(f) == "function" then return true end
+   local mt = type(f) == "table" and getmetatable(f)
+   return mt and mt.__call ~= nil or false
+end
+
+-- --- meta initialisation -------------------------------------------------------------------------
+
+local TRUTHY = { y = true, yes = true, t = true, ["true"] = true, on = true, ["1"] = true }
+local FALSY = { n = true, no = true, f = true, ["false"] = true, off = true, ["0"] = true }
+
+-- include_buffers default from MOONLOAD_INIT_INCLUDE_BUFFERS, else ACCELERATE_INIT_INCLUDE_BUFFERS.
+local function env_include_buffers(fn)
+   for _, name in ipairs({ "MOONLOAD_INIT_INCLUDE_BUFFERS", "ACCELERATE_INIT_INCLUDE_BUFFERS" }) do
+      local v = os.getenv(name)
+      if v ~= nil then
+         local l = v:lower()
+         if TRUTHY[l] then return true end
+         if FALSY[l] then return false end
+         error(string.format("%s: invalid truth value %q in %s (use 1/0, true/false, yes/no, on/off)", fn, v, name), 3)
+      end
+   end
+   return false
+end
+
+--- init_on_device(device, fn[, {include_buffers}]): runs fn with new parameters (and buffers
+-- with include_buffers) created directly on device; returns fn's results.
+function M.init_on_device(device, fn, opts)
+   if type(device) == "number" then device = "cuda:" .. device end
+   if type(device) ~= "string" then
+      error("init_on_device: device must be a device string or an integer, got " .. type(device), 2)
+   end
+   if not callable(fn) then
+      error("init_on_device: a function to run is expected as the second argument, got " .. type(fn), 2)
+   end
+   opts = opts or {}
+   local include_buffers = opts.include_buffers
+   if include_buffers == nil then include_buffers = env_include_buffers("init_on_device") end
+   return init_context.with_devices(device, include_buffers and device or nil, fn)
+end
+
+--- init_empty_weights([{include_buffers}, ]fn): runs fn with parameters created on meta (no
+-- memory at all); returns fn's results (the model).
+function M.init_empty_weights(a, b)
+   local opts, fn
+   if callable(a) then fn, opts = a, b or {} else opts, fn = a or {}, b end
+   if type(opts) ~= "table" then
+      error("init_empty_weights: options must be a table like {include_buffers = true}, got " .. type(opts), 2)
+   end
+   if not callable(fn) then
+      error("init_empty_weights: a function building the model is expected, got " .. type(fn), 2)
+   end
+   local include_buffers = opts.include_buffers
+   if include_buffers == nil then include_buffers = env_include_buffers("init_empty_weights") end
+   return init_context.with_devices("meta", include_buffers and "meta" or nil, fn)
+end
+
+-- --- helpers ----------------------------------------------------------------------------------
+
+local function first_param_device(model)
+   for _, p in model:named_parameters() do return p.device end
+   return "cpu"
+end
+
+local function is_dir(path)
+   local f = io.open(path .. "/.", "r")
+   if f then f:close(); return true end
+   return false
+end
+
+local function file_exists(path)
+   local f = io.open(path, "rb")
+   if f then f:close(); return true end
+   return false
+end
+
+local function has_index(dir)
+   return dir ~= nil and is_dir(dir) and file_exists(dir .. "/index.json")
+end
+
+-- A device-map value as a canonical string; errors name the key and the value.
+local function map_device(fn, key, v)
+   if type(v) == "number" and v >= 0 and v % 1 == 0 then return "cuda:" .. v end
+   if v == "cpu" or v == "disk" or v == "meta" then return v end
+   if type(v) == "string" then
+      if v == "cuda" then return "cuda:0" end
+      if v:match("^cuda:%d+$") then return v end
+   end
+   error(string.format('%s: unknown device %s for "%s" in device_map (use an integer, "cuda:N", "cpu" or "disk")',
+      fn, type(v) == "string" and ('"' .. v .. '"') or tostring(v), key), 3)
+end
+
+-- Keys of a device map in order: an ordered map's own order, else the model's module and
+-- tensor order (unknown names last, sorted).
+local function ordered_keys(model, device_map)
+   local mt = getmetatable(device_map)
+   if mt ~= nil then
+      local ok, keys = pcall(function() return device_map:keys() end)
+      if ok and type(keys) == "table" then return keys end
+   end
+   local rank, n = {}, 0
+   for name in model:named_modules() do
+      n = n + 1
+      if rank[name] == nil then rank[name] = n end
+   end
+   for name in model:named_parameters("", true, false) do
+      n = n + 1
+      if rank[name] == nil then rank[name] = n end
+   end
+   for name in model:named_buffers() do
+      n = n + 1
+      if rank[name] == nil then rank[name] = n end
+   end
+   local keys = {}
+   for k in pairs(device_map) do keys[#keys + 1] = k end
+   table.sort(keys, function(a, b)
+      local ra, rb = rank[a] or math.huge, rank[b] or math.huge
+      if ra ~= rb then return ra < rb end
+      return a < b
+   end)
+   return keys
+end
+
+-- A plain copy of a device map (ordered maps become plain tables), devices as given.
+local function plain_map(model, device_map)
+   local out = {}
+   for _, k in ipairs(ordered_keys(model, device_map)) do out[k] = device_map[k] end
+   return out
+end
+
+-- --- offload ------------------------------------------------------------------------------------
+
+--- cpu_offload(model, {execution_device, offload_buffers, state_dict, preload_module_classes}):
+-- every parameter stays in a CPU state dict and is put on the execution device only for the
+-- forward of the module that owns it.
+function M.cpu_offload(model, opts)
+   opts = opts or {}
+   local exec = hooks.norm_device(opts.execution_device) or first_param_device(model)
+   local state_dict = opts.state_dict
+   if state_dict == nil then
+      state_dict = {}
+      for name, t in pairs(model:state_dict()) do state_dict[name] = t:to("cpu") end
+   end
+   hooks.add_hook_to_module(model, hooks.AlignDevicesHook({ io_same_device = true }), true)
+   hooks.attach_align_device_hook(model, {
+      execution_device = exec, offload = true, offload_buffers = opts.offload_buffers,
+      weights_map = state_dict, preload_module_classes = opts.preload_module_classes })
+   return model
+end
+
+--- cpu_offload_with_hook(model, {execution_device, prev_module_hook}) -> model, hook: the whole
+-- model moves to the execution device at its forward and stays until hook:offload() or the
+-- forward of the next model chained through prev_module_hook.
+function M.cpu_offload_with_hook(model, opts)
+   opts = opts or {}
+   local hook = hooks.CpuOffload({ execution_device = opts.execution_device, prev_module_hook = opts.prev_module_hook })
+   hooks.add_hook_to_module(model, hook, true)
+   return model, hooks.UserCpuOffloadHook(model, hook)
+end
+
+--- disk_offload(model, offload_dir, {execution_device, offload_buffers, preload_module_classes}):
+-- writes the state dict as an offload folder (unless offload_dir already holds an index.json)
+-- and reads each module's weights from it (mapped, zero-copy on a cpu device) at its forward.
+function M.disk_offload(model, offload_dir, opts)
+   opts = opts or {}
+   if type(offload_dir) ~= "string" then
+      error("disk_offload: offload_dir must be a folder path, got " .. type(offload_dir), 2)
+   end
+   local u = utils()
+   if not has_index(offload_dir) then u.offload_state_dict(offload_dir, model:state_dict()) end
+   local exec = hooks.norm_device(opts.execution_device) or first_param_device(model)
+   local weights_map = u.OffloadedWeightsLoader({ save_folder = offload_dir })
+   hooks.add_hook_to_module(model, hooks.AlignDevicesHook({ io_same_device = true }), true)
+   hooks.attach_align_device_hook(model, {
+      execution_device = exec, offload = true, offload_buffers = opts.offload_buffers,
+      weights_map = weights_map, preload_module_classes = opts.preload_module_classes })
+   return model
+end
+
+-- --- dispatch -----------------------------------------------------------------------------------
+
+local function install_move_guard(model)
+   local orig_to, orig_cuda = model.to, model.cuda
+   local function has_meta()
+      for _, p in model:named_parameters() do
+         if p:is_meta() then return true end
+      end
+      return false
+   end
+   local function guard(fn, orig, moves)
+      return function(self, ...)
+         if moves(...) then
+            log.warn("You shouldn't move a model that is dispatched using moonload hooks.")
+            if has_meta() then
+               error(fn .. ": You can't move a model that has some modules offloaded to cpu or disk.", 2)
+            end
+         end
+         return orig(self, ...)
+      end
+   end
+   local dtypes = require("moonload.dtypes").by_name
+   model.to = guard("to", orig_to, function(a, b)
+      if require("moonload.tensor").is_tensor(a) then return true end
+      return a ~= nil and not (type(a) == "string" and dtypes[a])
+   end)
+   if orig_cuda then model.cuda = guard("cuda", orig_cuda, function() return true end) end
+   model._ml_move_guard = true
+end
+
+--- dispatch_model(model, device_map, {main_device, state_dict, offload_dir, offload_index,
+-- offload_buffers, skip_keys, preload_module_classes, force_hooks}): places the model by the
+-- map. One device (not disk) without force_hooks: a plain move. Otherwise hooks: modules on
+-- the main device hold their weights, "cpu" (unless cpu is the main device) and "disk" modules
+-- are offloaded and materialized at their forward.
+function M.dispatch_model(model, device_map, opts)
+   opts = opts or {}
+   if type(device_map) ~= "table" then
+      error("dispatch_model: device_map must be a table of module name -> device, got " .. type(device_map), 2)
+   end
+   local u = utils()
+   local keys = ordered_keys(model, device_map)
+   local dmap = {}
+   for _, k in ipairs(keys) do dmap[k] = map_device("dispatch_model", k, device_map[k]) end
+   u.check_device_map(model, device_map)
+
+   local devices, seen = {}, {}
+   for _, k in ipairs(keys) do
+      local d = dmap[k]
+      if not seen[d] then seen[d] = true; devices[#devices + 1] = d end
+   end
+   local use_hooks = #devices > 1 or seen.disk or opts.force_hooks
+   if use_hooks then
+      local main_device = hooks.norm_device(opts.main_device)
+      if main_device == nil then
+         for _, d in ipairs(devices) do
+            if d ~= "cpu" and d ~= "disk" then main_device = d; break end
+         end
+         main_device = main_device or "cpu"
+      end
+      local state_dict = opts.state_dict
+      local cpu_modules, disk_modules = {}, {}
+      for _, k in ipairs(keys) do
+         if dmap[k] == "cpu" then cpu_modules[#cpu_modules + 1] = k end
+         if dmap[k] == "disk" then disk_modules[#disk_modules + 1] = k end
+      end
+      local full_sd
+      if main_device ~= "cpu" and state_dict == nil and #cpu_modules > 0 then
+         full_sd = model:state_dict()
+         state_dict = u.extract_submodules_state_dict(full_sd, cpu_modules)
+      end
+      local offload_dir, offload_index = opts.offload_dir, opts.offload_index
+      if #disk_modules > 0 then
+         if offload_dir == nil and offload_index == nil then
+            error("dispatch_model: We need an `offload_dir` to dispatch this model according to this `device_map`, the following submodules need to be offloaded: "
+               .. table.concat(disk_modules, ", ") .. ".", 2)
+         end
+         if offload_index == nil and not has_index(offload_dir) then
+            full_sd = full_sd or model:state_dict()
+            local disk_sd = u.extract_submodules_state_dict(full_sd, disk_modules)
+            for name, t in pairs(disk_sd) do
+               if t:is_meta() then
+                  error(string.format('dispatch_model: "%s" is mapped to disk but has no data (on meta) and %s holds no index.json to read it from',
+                     name, tostring(offload_dir)), 2)
+               end
+            end
+            u.offload_state_dict(offload_dir, disk_sd)
+         end
+      end
+      local execution_device, offload = {}, {}
+      local offloaded_devices = main_device == "cpu" and { disk = true } or { cpu = true, disk = true }
+      for _, k in ipairs(keys) do
+         local d = dmap[k]
+         execution_device[k] = (d == "cpu" or d == "disk") and main_device or d
+         offload[k] = offloaded_devices[d] or false
+      end
+      execution_device[""] = main_device
+      local save_folder = #disk_modules > 0 and offload_dir or nil
+      local weights_map
+      if state_dict ~= nil or save_folder ~= nil or offload_index ~= nil then
+         weights_map = u.OffloadedWeightsLoader({
+            state_dict = state_dict, save_folder = save_folder, index = offload_index,
+            device = offload_index ~= nil and main_device or nil })
+      end
+      local tied_params = u.find_tied_parameters(model)
+      local tied_params_map = {}
+      for _, group in ipairs(tied_params) do
+         for _, name in ipairs(group) do
+            local ok, p = pcall(model.get_parameter, model, name)
+            if ok and p ~= nil and not p:is_meta() then tied_params_map[p:data_ptr()] = {} end
+         end
+      end
+      hooks.attach_align_device_hook_on_blocks(model, {
+         execution_device = execution_device, offload = offload, offload_buffers = opts.offload_buffers,
+         weights_map = weights_map, skip_keys = opts.skip_keys,
+         preload_module_classes = opts.preload_module_classes, tied_params_map = tied_params_map })
+      local off = {}
+      for _, d in ipairs({ "cpu", "disk" }) do
+         if seen[d] and offloaded_devices[d] then off[#off + 1] = d end
+      end
+      if #off > 0 then
+         log.warn("Some parameters are on the meta device because they were offloaded to the "
+            .. table.concat(off, " and ") .. ".")
+      end
+      u.retie_parameters(model, tied_params)
+      install_move_guard(model)
+   else
+      local device = devices[1]
+      if device ~= nil and device ~= "meta" then model:to(device) end
+   end
+   model.hf_device_map = plain_map(model, device_map)
+   return model
+end
+
+local DEVICE_MAP_STRINGS = { auto = true, balanced = true, balanced_low_0 = true, sequential = true }
+
+--- load_checkpoint_and_dispatch(model, checkpoint, {device_map, max_memory,
+-- no_split_module_classes, offload_folder, offload_buffers, dtype, offload_state_dict,
+-- skip_keys, preload_module_classes, force_hooks, strict}): loads a checkpoint (a .safetensors
+-- file, a sharded index .json or a folder) into the model by the device map ("auto",
+-- "balanced", "balanced_low_0", "sequential" or a table), then dispatches it.
+function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
+   opts = opts or {}
+   local u = utils()
+   local device_map = opts.device_map
+   if type(device_map) == "string" and not DEVICE_MAP_STRINGS[device_map] then
+      error("load_checkpoint_and_dispatch: If passing a string for `device_map`, please choose 'auto', 'balanced', 'balanced_low_0' or 'sequential' (got \""
+         .. device_map .. "\").", 2)
+   end
+   if device_map ~= nil and type(device_map) ~= "string" and type(device_map) ~= "table" then
+      error("load_checkpoint_and_dispatch: device_map must be a string or a table, got " .. type(device_map), 2)
+   end
+   if type(device_map) == "string" then
+      local max_memory = opts.max_memory
+      if device_map ~= "sequential" then
+         max_memory = u.get_balanced_memory(model, {
+            max_memory = max_memory, no_split_module_classes = opts.no_split_module_classes,
+            dtype = opts.dtype, low_zero = device_map == "balanced_low_0" })
+      end
+      device_map = u.infer_auto_device_map(model, {
+         max_memory = max_memory, no_split_module_classes = opts.no_split_module_classes,
+         dtype = opts.dtype, offload_buffers = opts.offload_buffers })
+   end
+   local offload_state_dict = opts.offload_state_dict
+   if offload_state_dict == nil then offload_state_dict = false end
+   u.load_checkpoint_in_model(model, checkpoint, {
+      device_map = device_map, offload_folder = opts.offload_folder, dtype = opts.dtype,
+      offload_state_dict = offload_state_dict, offload_buffers = opts.offload_buffers,
+      strict = opts.strict })
+   if device_map == nil then return model end
+   return M.dispatch_model(model, device_map, {
+      offload_dir = opts.offload_folder, offload_buffers = opts.offload_buffers,
+      skip_keys = opts.skip_keys, preload_module_classes = opts.preload_module_classes,
+      force_hooks = opts.force_hooks })
+end
+
+return M

@@ -1,0 +1,721 @@
+--- ml.hooks: Accelerate's model hooks (accelerate.hooks) in Lua.
+--
+-- A hook wraps a module's forward: add_hook_to_module keeps the original in module._old_forward,
+-- stores the hook in module._hf_hook and installs an instance-level `forward` that runs
+--   hook:pre_forward(module, ...) -> old forward -> hook:post_forward(module, outputs...)
+-- reading module._hf_hook at call time (so flipping a hook field after attaching takes effect).
+-- Lua has no kwargs: pre_forward gets and returns the positional arguments, and a trailing plain
+-- table argument plays the kwargs role for skip_keys. post_forward gets every return value.
+--
+-- AlignDevicesHook moves weights through the C hook runtime (core/src/hookrt.c): an offloading
+-- hook registers its tensors' sources (from its weights map) as a group, materializes them on
+-- the execution device before forward (a zero-copy view into the mapping for disk weights used
+-- on the CPU) and releases them after, tied weights materialized once; the runtime learns the
+-- order modules run in and prefetches the next module's mapped pages on a worker thread.
+local C = require("moonload.C")
+local Tensor = require("moonload.tensor")
+local log = require("moonload.utils.log")
+local class = require("moonload.class")
+
+local ffi, lib = C.ffi, C.lib
+local unpack, select = unpack, select
+
+local M = {}
+
+-- The tensor and offload utilities hooks need, from their own files (moonload.utils loads
+-- planning code hooks never use).
+local utils_mod
+local function utils()
+   if utils_mod then return utils_mod end
+   local modeling, offload = require("moonload.utils.modeling"), require("moonload.utils.offload")
+   utils_mod = {
+      named_module_tensors = modeling.named_module_tensors,
+      set_module_tensor_to_device = modeling.set_module_tensor_to_device,
+      get_non_persistent_buffers = modeling.get_non_persistent_buffers,
+      PrefixedDataset = offload.PrefixedDataset,
+   }
+   return utils_mod
+end
+
+-- --- devices ----------------------------------------------------------------------------------
+
+--- Normalises a device value: integer N -> "cuda:N", "cuda" -> "cuda:0", strings as they are.
+local function norm_device(d)
+   if d == nil then return nil end
+   if type(d) == "number" then return "cuda:" .. d end
+   if d == "cuda" then return "cuda:0" end
+   return d
+end
+M.norm_device = norm_device
+
+local function is_plain_table(v)
+   return type(v) == "table" and getmetatable(v) == nil
+end
+
+local function has_to(v)
+   if type(v) ~= "table" then return false end
+   local ok, f = pcall(function() return v.to end)
+   return ok and type(f) == "function"
+end
+
+--- send_to_device(x, device[, skip_keys]): tensors (and objects with a :to method) go to the
+-- device; plain tables are rebuilt with their values sent (keys listed in skip_keys are kept as
+-- they are, at any depth); anything else is returned as is. A table whose values are all
+-- already in place is returned itself (so caches the model mutates in place keep their identity).
+-- device nil: a no-op.
+local function send_to_device(x, device, skip_keys)
+   if device == nil then return x end
+   if Tensor.is_tensor(x) then return x:to(device) end
+   if type(x) ~= "table" then return x end
+   if not is_plain_table(x) then
+      if has_to(x) and not x.__name then return x:to(device) end
+      return x
+   end
+   if type(skip_keys) == "string" then skip_keys = { skip_keys } end
+   local skip
+   if skip_keys then
+      skip = {}
+      for _, k in ipairs(skip_keys) do skip[k] = true end
+   end
+   local copy
+   for k, v in pairs(x) do
+      if not (skip and skip[k]) then
+         local nv = send_to_device(v, device, skip_keys)
+         if nv ~= v then
+            if not copy then
+               copy = {}
+               for k2, v2 in pairs(x) do copy[k2] = v2 end
+            end
+            copy[k] = nv
+         end
+      end
+   end
+   return copy or x
+end
+M.send_to_device = function(x, device, skip_keys) return send_to_device(x, norm_device(device), skip_keys) end
+
+--- find_device(data): the device of the first tensor found depth-first (list part first).
+local function find_device(x)
+   if Tensor.is_tensor(x) then return x.device end
+   if not is_plain_table(x) then return nil end
+   local n = #x
+   for i = 1, n do
+      local d = find_device(x[i])
+      if d then return d end
+   end
+   for k, v in pairs(x) do
+      if not (type(k) == "number" and k >= 1 and k <= n and k % 1 == 0) then
+         local d = find_device(v)
+         if d then return d end
+      end
+   end
+   return nil
+end
+M.find_device = find_device
+
+-- --- classes ------------------------------------------------------------------------------------
+
+--- ModelHook: the base class. Subclass with ModelHook:extend("Name") and override any of
+-- init_hook(module) -> module, pre_forward(module, ...) -> ..., post_forward(module, ...) -> ...,
+-- detach_hook(module) -> module. Field no_grad (false) is kept for compatibility.
+local ModelHook = class.new("ModelHook")
+ModelHook.__tostring = function(self)
+   if self.__repr then return self:__repr() end
+   return getmetatable(self).__name .. "()"
+end
+ModelHook.no_grad = false
+function ModelHook:init_hook(module) return module end
+function ModelHook:pre_forward(module, ...) return ... end
+function ModelHook:post_forward(module, ...) return ... end
+function ModelHook:detach_hook(module) return module end
+function ModelHook.is_hook(x)
+   return class.is_a(x, ModelHook)
+end
+M.ModelHook = ModelHook
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+--- SequentialHook(h1, h2, ...): runs every hook in order at each event (post_forward in the
+-- same order, as Accelerate does). Its own no_grad is what the wrapper reads.
+local SequentialHook = ModelHook:extend("SequentialHook")
+function SequentialHook:__init(...)
+   self.hooks = { ... }
+end
+function SequentialHook:init_hook(module)
+   for _, h in ipairs(self.hooks) do module = h:init_hook(module) end
+   return module
+end
+function SequentialHook:pre_forward(module, ...)
+   local args = pack(...)
+   for _, h in ipairs(self.hooks) do args = pack(h:pre_forward(module, unpack(args, 1, args.n))) end
+   return unpack(args, 1, args.n)
+end
+function SequentialHook:post_forward(module, ...)
+   local out = pack(...)
+   for _, h in ipairs(self.hooks) do out = pack(h:post_forward(module, unpack(out, 1, out.n))) end
+   return unpack(out, 1, out.n)
+end
+function SequentialHook:detach_hook(module)
+   for _, h in ipairs(self.hooks) do module = h:detach_hook(module) end
+   return module
+end
+function SequentialHook:__repr()
+   local parts = {}
+   for i, h in ipairs(self.hooks) do parts[i] = tostring(h) end
+   return "SequentialHook(" .. table.concat(parts, ", ") .. ")"
+end
+M.SequentialHook = SequentialHook
+
+-- --- attaching and removing ----------------------------------------------------------------------
+
+local function call_old(module, ...)
+   return module._old_forward(module, ...)
+end
+
+local function run_post(hook, module, ...)
+   return hook:post_forward(module, ...)
+end
+
+--- add_hook_to_module(module, hook[, append]): attaches hook (replacing the current one, whose
+-- detach_hook is not called), or with append chains it after the current one in a
+-- SequentialHook (the old hook is detached and initialised again, as in Accelerate).
+function M.add_hook_to_module(module, hook, append)
+   if not ModelHook.is_hook(hook) then
+      error("add_hook_to_module: hook must be a ModelHook (made with ModelHook:extend), got " .. type(hook), 2)
+   end
+   if append and module._hf_hook ~= nil then
+      local old = module._hf_hook
+      M.remove_hook_from_module(module)
+      hook = SequentialHook(old, hook)
+   end
+   if module._hf_hook == nil or module._old_forward == nil then
+      module._old_forward = module.forward
+   end
+   module = hook:init_hook(module)
+   module._hf_hook = hook
+   local target = module
+   module.forward = function(_, ...)
+      local h = target._hf_hook
+      return run_post(h, target, call_old(target, h:pre_forward(target, ...)))
+   end
+   return module
+end
+
+--- remove_hook_from_module(module[, recurse]): detaches the hook (detach_hook runs), restores the
+-- original forward, clears _hf_hook / _old_forward and removes dispatch_model's move guard.
+function M.remove_hook_from_module(module, recurse)
+   local hook = module._hf_hook
+   if hook ~= nil then
+      hook:detach_hook(module)
+      module._hf_hook = nil
+   end
+   local old = module._old_forward
+   if old ~= nil then
+      module.forward = nil
+      if module.forward ~= old then module.forward = old end
+      module._old_forward = nil
+   end
+   if module._ml_move_guard then
+      module.to = nil
+      module.cuda = nil
+      module._ml_move_guard = nil
+   end
+   if recurse then
+      for _, child in module:named_children() do M.remove_hook_from_module(child, true) end
+   end
+   return module
+end
+
+--- remove_hook_from_submodules(module): removes the hooks of module and all its descendants.
+function M.remove_hook_from_submodules(module)
+   M.remove_hook_from_module(module)
+   for _, child in module:named_children() do M.remove_hook_from_submodules(child) end
+end
+
+-- --- module tensors -------------------------------------------------------------------------------
+
+local function list_tensors(module, include_buffers, recurse, remove_non_persistent)
+   local res = {}
+   for name, t in utils().named_module_tensors(module, {
+      include_buffers = include_buffers, recurse = recurse,
+      remove_non_persistent = remove_non_persistent }) do
+      res[#res + 1] = { name, t }
+   end
+   return res
+end
+
+-- The module owning a dotted tensor name and the tensor's own name.
+local function owner_of(module, name)
+   local prefix, leaf = name:match("^(.*)%.([^.]+)$")
+   if not prefix then return module, name end
+   return module:get_submodule(prefix), leaf
+end
+
+local function get_tensor(module, name)
+   local owner, leaf = owner_of(module, name)
+   return owner[leaf]
+end
+
+local function put_tensor(module, name, t)
+   local owner, leaf = owner_of(module, name)
+   owner[leaf] = t
+end
+
+local function non_persistent_buffers(module, recurse)
+   return utils().get_non_persistent_buffers(module, { recurse = recurse, fqns = true })
+end
+
+-- Weights-map access: a plain table, or an object (PrefixedDataset, OffloadedWeightsLoader) that
+-- may offer :get(key) and indexing.
+local function wm_get(wm, key)
+   if wm == nil then return nil end
+   if type(wm) == "table" and getmetatable(wm) ~= nil then
+      local ok, getter = pcall(function() return wm.get end)
+      if ok and type(getter) == "function" then
+         local ok2, v = pcall(getter, wm, key)
+         if ok2 then return v end
+         return nil
+      end
+   end
+   local ok, v = pcall(function() return wm[key] end)
+   if ok then return v end
+   return nil
+end
+
+local function wm_index(wm, key)
+   local v = wm[key]
+   if v == nil then v = wm_get(wm, key) end
+   return v
+end
+
+-- --- the runtime ------------------------------------------------------------------------------------
+
+local runtime_ptr
+local function env_flag(name, default)
+   local v = os.getenv(name)
+   if v == nil or v == "" then return default end
+   v = v:lower()
+   if v == "0" or v == "false" or v == "off" or v == "no" then return false end
+   return true
+end
+
+--- The process-wide hook runtime (created on first use). MOONLOAD_PREFETCH=0 turns prefetch off,
+-- MOONLOAD_DROP_PAGES=0|1|2 sets the page-drop level after release.
+function M.runtime()
+   if runtime_ptr then return runtime_ptr end
+   local p = ffi.new("ml_hookrt*[1]")
+   C.check(lib.ml_hookrt_new(p))
+   runtime_ptr = ffi.gc(p[0], lib.ml_hookrt_release)
+   local drop = tonumber(os.getenv("MOONLOAD_DROP_PAGES") or "") or -1
+   C.check(lib.ml_hookrt_configure(runtime_ptr, env_flag("MOONLOAD_PREFETCH", true) and 1 or 0, drop))
+   return runtime_ptr
+end
+
+--- set_prefetch(on): turns the prefetch worker on or off; returns the previous setting.
+local prefetch_on = nil
+function M.set_prefetch(on)
+   local rt = M.runtime()
+   local prev = prefetch_on
+   if prev == nil then prev = env_flag("MOONLOAD_PREFETCH", true) end
+   C.check(lib.ml_hookrt_configure(rt, on and 1 or 0, -1))
+   prefetch_on = not not on
+   return prev
+end
+
+--- set_drop_pages(level): 0 keeps released pages, 1 drops them from the process (default),
+-- 2 also evicts them from the page cache.
+function M.set_drop_pages(level)
+   C.check(lib.ml_hookrt_configure(M.runtime(), -1, level))
+end
+
+--- Runtime counters: materialize_calls, releases, bytes_viewed, bytes_copied, tied_hits,
+-- bytes_dropped, prefetch_jobs, prefetch_bytes, prefetch_pages, shared_copies.
+function M.runtime_stats()
+   local s = ffi.new("ml_hookrt_stats")
+   lib.ml_hookrt_get_stats(M.runtime(), s)
+   local r = {}
+   for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
+      "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies" }) do
+      r[k] = tonumber(s[k])
+   end
+   return r
+end
+
+--- Waits until the prefetch worker is idle.
+function M.wait_prefetch()
+   C.check(lib.ml_hookrt_wait(M.runtime()))
+end
+
+-- --- AlignDevicesHook -----------------------------------------------------------------------------
+
+local AlignDevicesHook = ModelHook:extend("AlignDevicesHook")
+
+--- AlignDevicesHook({execution_device, offload, io_same_device, weights_map, offload_buffers,
+-- place_submodules, skip_keys, tied_params_map})
+function AlignDevicesHook:__init(opts)
+   opts = opts or {}
+   self.execution_device = norm_device(opts.execution_device)
+   self.offload = opts.offload or false
+   self.io_same_device = opts.io_same_device or false
+   self.weights_map = opts.weights_map
+   self.offload_buffers = opts.offload_buffers or false
+   self.place_submodules = opts.place_submodules or false
+   self.skip_keys = opts.skip_keys
+   self.tied_params_map = opts.tied_params_map
+   self.input_device = nil
+   self.tied_params_names = {}
+end
+
+function AlignDevicesHook:__repr()
+   local sk = self.skip_keys
+   if type(sk) == "table" then sk = "{" .. table.concat(sk, ", ") .. "}" end
+   return string.format("AlignDevicesHook(execution_device=%s, offload=%s, io_same_device=%s, offload_buffers=%s, place_submodules=%s, skip_keys=%s)",
+      tostring(self.execution_device), tostring(self.offload), tostring(self.io_same_device),
+      tostring(self.offload_buffers), tostring(self.place_submodules), tostring(sk))
+end
+
+function AlignDevicesHook:init_hook(module)
+   if self.execution_device == "meta" then self.tied_params_map = nil end
+   local u = utils()
+   if not self.offload and self.execution_device ~= nil then
+      for _, e in ipairs(list_tensors(module, true, self.place_submodules, false)) do
+         u.set_module_tensor_to_device(module, e[1], self.execution_device, { tied_params_map = self.tied_params_map })
+      end
+   elseif self.offload then
+      self.original_devices = {}
+      for _, e in ipairs(list_tensors(module, true, self.place_submodules, false)) do
+         self.original_devices[#self.original_devices + 1] = { e[1], e[2].device }
+      end
+      if self.weights_map == nil then
+         local wm = {}
+         for _, e in ipairs(list_tensors(module, self.offload_buffers, self.place_submodules, false)) do
+            wm[e[1]] = e[2]:to("cpu")
+         end
+         self.weights_map = wm
+      end
+      -- The offloaded tensors become fresh meta tensors private to this hook: ties to modules
+      -- that keep real weights are not disturbed (dispatch_model reties afterwards).
+      self.slots = {}
+      for _, e in ipairs(list_tensors(module, self.offload_buffers, self.place_submodules, true)) do
+         local name, t = e[1], e[2]
+         if self.tied_params_map ~= nil and not t:is_meta() and self.tied_params_map[t:data_ptr()] ~= nil then
+            self.tied_params_names[name] = true
+         end
+         local meta = Tensor.empty(t.shape, { dtype = t.dtype, device = "meta" })
+         put_tensor(module, name, meta)
+         self.slots[#self.slots + 1] = { name = name, meta_c = meta._c, dtype = t.dtype }
+      end
+      if self.execution_device ~= nil then
+         if not self.offload_buffers then
+            for name, b in module:named_buffers("", self.place_submodules) do
+               if not b:is_meta() then put_tensor(module, name, b:to(self.execution_device)) end
+            end
+         else
+            local np = non_persistent_buffers(module, self.place_submodules)
+            for name, b in module:named_buffers("", self.place_submodules) do
+               if np[name] and not b:is_meta() then put_tensor(module, name, b:to(self.execution_device)) end
+            end
+         end
+      end
+   end
+   return module
+end
+
+-- Registers the hook's tensors with the runtime, resolving each from the weights map once.
+function AlignDevicesHook:_group()
+   if self._gid then return self._gid end
+   local rt = M.runtime()
+   local dev = Tensor.parse_device("AlignDevicesHook", self.execution_device or "cpu")
+   local gid = ffi.new("int[1]")
+   C.check(lib.ml_hookrt_group_new(rt, dev, gid))
+   local g = gid[0]
+   local ok, err = pcall(function()
+      for _, s in ipairs(self.slots) do
+         local v = wm_index(self.weights_map, s.name)
+         if not Tensor.is_tensor(v) then
+            error(string.format("AlignDevicesHook: the weights map has no tensor for %q (got %s)", s.name, type(v)), 0)
+         end
+         s.src = v
+         C.check(lib.ml_hookrt_group_add(rt, g, v._c, Tensor.parse_dtype("AlignDevicesHook", s.dtype)))
+      end
+   end)
+   if not ok then
+      lib.ml_hookrt_group_free(rt, g)
+      error(err, 0)
+   end
+   self._gid = g
+   self._outs = ffi.new("ml_tensor*[?]", math.max(#self.slots, 1))
+   return g
+end
+
+function AlignDevicesHook:pre_forward(module, ...)
+   if self.io_same_device then self.input_device = find_device({ ... }) end
+   if self.offload and #self.slots > 0 then
+      local g = self:_group()
+      local n = #self.slots
+      local outs = self._outs
+      C.check(lib.ml_hookrt_materialize(M.runtime(), g, outs, n))
+      local dev_name = self.execution_device or "cpu"
+      for i = 1, n do
+         local s = self.slots[i]
+         local c = outs[i - 1]
+         local cur = get_tensor(module, s.name)
+         if Tensor.is_tensor(cur) and cur:is_meta() then
+            rawset(cur, "_c", ffi.gc(c, lib.ml_tensor_release))
+            s.obj = cur
+         elseif Tensor.is_tensor(cur) and cur.device == dev_name then
+            -- retied to a live tensor elsewhere (dispatch_model's retie): it is already in place
+            lib.ml_tensor_release(c)
+            s.obj = nil
+         else
+            local t = Tensor.wrap(c)
+            put_tensor(module, s.name, t)
+            s.obj = t
+         end
+      end
+   end
+   local dev = self.execution_device
+   if dev == nil then return ... end
+   local n = select("#", ...)
+   if n == 0 then return end
+   local args = { ... }
+   local last = args[n]
+   for i = 1, n do
+      if i == n and is_plain_table(last) then
+         args[i] = send_to_device(last, dev, self.skip_keys)
+      else
+         args[i] = send_to_device(args[i], dev)
+      end
+   end
+   return unpack(args, 1, n)
+end
+
+function AlignDevicesHook:post_forward(module, ...)
+   if self.offload and self._gid then
+      for _, s in ipairs(self.slots) do
+         if s.obj ~= nil then rawset(s.obj, "_c", s.meta_c) end
+         s.obj = nil
+      end
+      C.check(lib.ml_hookrt_release_group(M.runtime(), self._gid))
+   end
+   if self.io_same_device and self.input_device ~= nil then
+      local dev, sk = self.input_device, self.skip_keys
+      local n = select("#", ...)
+      if n <= 1 then return send_to_device((...), dev, sk) end
+      local out = { ... }
+      for i = 1, n do out[i] = send_to_device(out[i], dev, sk) end
+      return unpack(out, 1, n)
+   end
+   return ...
+end
+
+function AlignDevicesHook:detach_hook(module)
+   if self.offload then
+      local u = utils()
+      for _, e in ipairs(self.original_devices or {}) do
+         local name, dev = e[1], e[2]
+         if dev ~= "meta" then
+            local v = wm_get(self.weights_map, name)
+            local cur = get_tensor(module, name)
+            if v ~= nil then
+               u.set_module_tensor_to_device(module, name, dev, { value = v })
+            elseif cur ~= nil and not cur:is_meta() then
+               u.set_module_tensor_to_device(module, name, dev)
+            end
+         end
+      end
+      if self._gid then
+         lib.ml_hookrt_group_free(M.runtime(), self._gid)
+         self._gid = nil
+      end
+   end
+   return module
+end
+M.AlignDevicesHook = AlignDevicesHook
+
+-- --- attach helpers ---------------------------------------------------------------------------------
+
+local function in_list(list, x)
+   if not list then return false end
+   for _, v in ipairs(list) do if v == x then return true end end
+   return false
+end
+
+local function has_state(module)
+   local sd = module:state_dict({ keep_vars = true })
+   return next(sd) ~= nil
+end
+
+--- attach_execution_device_hook(module, execution_device, {skip_keys, preload_module_classes,
+-- tied_params_map}): an input-moving AlignDevicesHook on every module (recursively) that has no
+-- hook and a non-empty state dict; stops below preload classes.
+function M.attach_execution_device_hook(module, execution_device, opts)
+   opts = opts or {}
+   if module._hf_hook == nil and has_state(module) then
+      M.add_hook_to_module(module, AlignDevicesHook({
+         execution_device = execution_device, skip_keys = opts.skip_keys,
+         tied_params_map = opts.tied_params_map }))
+   end
+   if in_list(opts.preload_module_classes, module.__name) then return end
+   for _, child in module:named_children() do
+      M.attach_execution_device_hook(child, execution_device, opts)
+   end
+end
+
+local function prefixed(weights_map, prefix)
+   if weights_map == nil then return nil end
+   return utils().PrefixedDataset(weights_map, prefix)
+end
+
+local function has_direct_tensors(module)
+   for _ in utils().named_module_tensors(module) do return true end
+   return false
+end
+
+--- attach_align_device_hook(module, {execution_device, offload, weights_map, offload_buffers,
+-- module_name, skip_keys, preload_module_classes, tied_params_map}): an AlignDevicesHook
+-- (appended) on every module with direct tensors, recursively; a preload-class module with
+-- offload loads all its descendants' weights itself and its children get no hook.
+function M.attach_align_device_hook(module, opts)
+   opts = opts or {}
+   local module_name = opts.module_name or ""
+   local full_offload = (opts.offload and opts.preload_module_classes
+      and in_list(opts.preload_module_classes, module.__name)) or false
+   if has_direct_tensors(module) or full_offload then
+      local wm = prefixed(opts.weights_map, module_name ~= "" and (module_name .. ".") or "")
+      M.add_hook_to_module(module, AlignDevicesHook({
+         execution_device = opts.execution_device, offload = opts.offload, weights_map = wm,
+         offload_buffers = opts.offload_buffers, place_submodules = full_offload,
+         skip_keys = opts.skip_keys, tied_params_map = opts.tied_params_map }), true)
+   end
+   if full_offload then return end
+   for name, child in module:named_children() do
+      local o = {}
+      for k, v in pairs(opts) do o[k] = v end
+      o.module_name = module_name ~= "" and (module_name .. "." .. name) or name
+      M.attach_align_device_hook(child, o)
+   end
+end
+
+--- attach_align_device_hook_on_blocks(module, {execution_device, offload, weights_map,
+-- offload_buffers, module_name, skip_keys, preload_module_classes, tied_params_map}):
+-- execution_device and offload may be single values or tables keyed by module name (§2.8).
+function M.attach_align_device_hook_on_blocks(module, opts)
+   opts = opts or {}
+   local exec, offload = opts.execution_device, opts.offload or false
+   local module_name = opts.module_name or ""
+   if type(exec) ~= "table" and type(offload) ~= "table" then
+      if not offload then
+         M.add_hook_to_module(module, AlignDevicesHook({
+            execution_device = exec, io_same_device = true, skip_keys = opts.skip_keys,
+            place_submodules = true, tied_params_map = opts.tied_params_map }))
+      else
+         M.attach_align_device_hook(module, {
+            execution_device = exec, offload = true, weights_map = opts.weights_map,
+            offload_buffers = opts.offload_buffers, module_name = module_name,
+            skip_keys = opts.skip_keys, tied_params_map = opts.tied_params_map })
+      end
+      return
+   end
+   if type(exec) ~= "table" then
+      local e = {}
+      for k in pairs(offload) do e[k] = exec end
+      exec = e
+   end
+   if type(offload) ~= "table" then
+      local o = {}
+      for k in pairs(exec) do o[k] = offload end
+      offload = o
+   end
+   if exec[module_name] ~= nil and offload[module_name] ~= nil and not offload[module_name] then
+      M.add_hook_to_module(module, AlignDevicesHook({
+         execution_device = exec[module_name], offload_buffers = opts.offload_buffers,
+         io_same_device = module_name == "", place_submodules = true, skip_keys = opts.skip_keys,
+         tied_params_map = opts.tied_params_map }))
+      M.attach_execution_device_hook(module, exec[module_name], {
+         skip_keys = opts.skip_keys, tied_params_map = opts.tied_params_map })
+   elseif exec[module_name] ~= nil and offload[module_name] then
+      M.attach_align_device_hook(module, {
+         execution_device = exec[module_name], offload = true, weights_map = opts.weights_map,
+         offload_buffers = opts.offload_buffers, module_name = module_name,
+         skip_keys = opts.skip_keys, preload_module_classes = opts.preload_module_classes,
+         tied_params_map = opts.tied_params_map })
+      if module._hf_hook == nil then
+         M.add_hook_to_module(module, AlignDevicesHook({
+            execution_device = exec[module_name], io_same_device = module_name == "",
+            skip_keys = opts.skip_keys, tied_params_map = opts.tied_params_map }))
+      end
+      M.attach_execution_device_hook(module, exec[module_name], {
+         preload_module_classes = opts.preload_module_classes, skip_keys = opts.skip_keys,
+         tied_params_map = opts.tied_params_map })
+   elseif module_name == "" then
+      M.add_hook_to_module(module, AlignDevicesHook({
+         execution_device = exec[""], io_same_device = true, skip_keys = opts.skip_keys,
+         tied_params_map = opts.tied_params_map }))
+   end
+   for name, child in module:named_children() do
+      local o = {}
+      for k, v in pairs(opts) do o[k] = v end
+      o.execution_device, o.offload = exec, offload
+      o.module_name = module_name ~= "" and (module_name .. "." .. name) or name
+      M.attach_align_device_hook_on_blocks(child, o)
+   end
+end
+
+-- --- CpuOffload -------------------------------------------------------------------------------------
+
+local function first_param(module)
+   for _, p in module:named_parameters() do return p end
+   return nil
+end
+
+local function default_device()
+   if lib.ml_cuda_device_count() > 0 then return "cuda:0" end
+   return "cpu"
+end
+
+local UserCpuOffloadHook = class.new("UserCpuOffloadHook")
+
+--- UserCpuOffloadHook(model, hook): :offload() puts the model back on the CPU, :remove() detaches.
+function UserCpuOffloadHook:__init(model, hook)
+   self.model = model
+   self.hook = hook
+end
+function UserCpuOffloadHook:offload() self.hook:init_hook(self.model) end
+function UserCpuOffloadHook:remove() M.remove_hook_from_module(self.model) end
+M.UserCpuOffloadHook = UserCpuOffloadHook
+
+--- CpuOffload({execution_device, prev_module_hook}): keeps the whole model on the CPU until its
+-- forward, moves it to the execution device there and leaves it there; a previous model's
+-- UserCpuOffloadHook is offloaded first.
+local CpuOffload = ModelHook:extend("CpuOffload")
+function CpuOffload:__init(opts)
+   opts = opts or {}
+   self.execution_device = norm_device(opts.execution_device) or default_device()
+   self.prev_module_hook = opts.prev_module_hook
+end
+function CpuOffload:__repr()
+   return string.format("CpuOffload(execution_device=%s)", tostring(self.execution_device))
+end
+function CpuOffload:init_hook(module)
+   return module:to("cpu")
+end
+function CpuOffload:pre_forward(module, ...)
+   local prev = self.prev_module_hook
+   if prev ~= nil and class.is_a(prev, UserCpuOffloadHook) then
+      local p = first_param(prev.model)
+      if p ~= nil and p.device ~= "cpu" then prev:offload() end
+   end
+   local p = first_param(module)
+   if p ~= nil and p.device == self.execution_device then return ... end
+   module:to(self.execution_device)
+   local n = select("#", ...)
+   local args = { ... }
+   for i = 1, n do args[i] = send_to_device(args[i], self.execution_device) end
+   return unpack(args, 1, n)
+end
+M.CpuOffload = CpuOffload
+
+M.warn = log.warn
+
+return M
