@@ -1,0 +1,181 @@
+-- GEMM kernels (core/src/cpu/matmul.c): ml.matmul and linear against PyTorch fixtures
+-- (tests/fixtures/gen_ops_nn.py -> ops_nn_matmul.json), plus error messages and the panelled
+-- float16 path. linear goes through C.lib until ml.nn.functional exists.
+local ml = require("moonload")
+local C = require("moonload.C")
+local Tensor = require("moonload.tensor")
+local cjson = require("cjson")
+
+local ffi, lib = C.ffi, C.lib
+
+local function load_fixture(name)
+   local f = assert(io.open("tests/fixtures/" .. name, "rb"))
+   local s = f:read("*a")
+   f:close()
+   return cjson.decode(s)
+end
+
+local fx = load_fixture("ops_nn_matmul.json")
+
+-- A tensor from a fixture record: base values, then view ops (0-based dims in the fixture).
+local function build(rec)
+   local t = ml.empty(rec.shape, { dtype = rec.dtype })
+   local n = #rec.data
+   if n > 0 then
+      local buf = ffi.new("double[?]", n)
+      for i = 1, n do buf[i - 1] = rec.data[i] end
+      C.check(lib.ml_tensor_write_f64(t._c, buf, n))
+   end
+   for _, op in ipairs(rec.view or {}) do
+      if op[1] == "transpose" then t = t:transpose(op[2] + 1, op[3] + 1)
+      elseif op[1] == "narrow" then t = t:narrow(op[2] + 1, op[3] + 1, op[4])
+      elseif op[1] == "expand" then t = t:expand(op[2])
+      elseif op[1] == "permute" then
+         local dims = {}
+         for i, d in ipairs(op[2]) do dims[i] = d + 1 end
+         t = t:permute(dims)
+      else error("unknown view op " .. tostring(op[1])) end
+   end
+   return t
+end
+
+local function values(t)
+   local n = t:numel()
+   local buf = ffi.new("double[?]", math.max(n, 1))
+   C.check(lib.ml_tensor_read_f64(t._c, buf, n))
+   local out = {}
+   for i = 1, n do out[i] = buf[i - 1] end
+   return out
+end
+
+local TOL = { float32 = { 1e-5, 1e-4 }, float64 = { 1e-10, 1e-10 }, float16 = { 2e-3, 2e-3 },
+              bfloat16 = { 2e-2, 1e-2 }, int64 = { 0, 0 } }
+
+-- Same shape, dtype and values within the dtype's tolerance (NaN matches NaN).
+local function assert_matches(expected, got, what)
+   assert.are.same(expected.shape, got.shape, what .. ": shape")
+   assert.are.equal(expected.dtype, got.dtype, what .. ": dtype")
+   local ev, gv = expected.data, values(got)
+   local atol, rtol = TOL[expected.dtype][1], TOL[expected.dtype][2]
+   assert.are.equal(#ev, #gv, what .. ": element count")
+   for i = 1, #ev do
+      local e, g = ev[i], gv[i]
+      local ok = (e ~= e and g ~= g) or e == g or math.abs(e - g) <= atol + rtol * math.abs(e)
+      if not ok then
+         error(string.format("%s: element %d is %.9g, expected %.9g", what, i, g, e), 2)
+      end
+   end
+end
+
+local function errmsg(fn)
+   local ok, err = pcall(fn)
+   assert.is_false(ok, "expected an error")
+   return (tostring(err):gsub("^[^:]*:%d+: ", ""))
+end
+
+local out1 = ffi.new("ml_tensor*[1]")
+
+local function linear(x, w, b)
+   C.check(lib.ml_linear(x._c, w._c, b and b._c or nil, out1))
+   return Tensor.wrap(out1[0])
+end
+
+describe("matmul", function()
+   for _, case in ipairs(fx.matmul) do
+      it("matches PyTorch: " .. case.name, function()
+         local a, b = build(case.a), build(case.b)
+         local before_a = values(a)
+         assert_matches(case.expected, ml.matmul(a, b), case.name)
+         assert.are.same(before_a, values(a))           -- inputs untouched
+      end)
+   end
+
+   it("is also a tensor method", function()
+      local a = ml.tensor({ { 1, 2 }, { 3, 4 } })
+      assert.are.same({ { 7, 10 }, { 15, 22 } }, a:matmul(a):tolist())
+   end)
+
+   it("converts float16 operands panel by panel and agrees with the float32 path", function()
+      -- K = 64: panels of 2^20 / 64 = 16384 columns, so N = 40000 takes three panels.
+      local K, N = 64, 40000
+      local function filled(shape, n, f)
+         local t, buf = ml.empty(shape), ffi.new("double[?]", n)
+         for i = 0, n - 1 do buf[i] = f(i) end
+         C.check(lib.ml_tensor_write_f64(t._c, buf, n))
+         return t
+      end
+      local a32 = filled({ 1, K }, K, function(i) return i / 16 end)
+      local b32 = filled({ K, N }, K * N, function(i) return i % 7 - 3 end)
+      local want = values(ml.matmul(a32, b32))
+      local got = ml.matmul(a32:half(), b32:half())
+      assert.are.equal("float16", got.dtype)
+      local gv = values(got)
+      for _, i in ipairs({ 1, 2, 16384, 16385, 32768, 32769, 40000 }) do
+         assert.is_true(math.abs(gv[i] - want[i]) <= 1e-3 * math.abs(want[i]) + 1e-3,
+            string.format("column %d: %g vs %g", i, gv[i], want[i]))
+      end
+      -- the transposed float16 layout takes the same path through row panels
+      local gt = values(ml.matmul(a32:half(), b32:t():contiguous():half():t()))
+      for _, i in ipairs({ 1, 16385, 40000 }) do assert.is_true(math.abs(gt[i] - want[i]) <= 1e-3 * math.abs(want[i]) + 1e-3) end
+   end)
+
+   it("uses both batch layouts on many small batched products", function()
+      -- 64 batches of 8x8: the threaded path; compared with a per-batch loop of 2-D products.
+      local a, b = ml.randn(64, 8, 8), ml.randn(64, 8, 8)
+      local got = values(ml.matmul(a, b))
+      for bi = 1, 64, 21 do
+         local want = values(ml.matmul(a:select(1, bi), b:select(1, bi)))
+         for i = 1, 64 do
+            assert.is_true(math.abs(got[(bi - 1) * 64 + i] - want[i]) < 1e-5)
+         end
+      end
+   end)
+
+   it("rejects mismatched inner dims naming both shapes", function()
+      assert.are.equal("matmul: shapes [3, 4] and [5, 6] cannot be multiplied (4 != 5)",
+         errmsg(function() return ml.matmul(ml.zeros(3, 4), ml.zeros(5, 6)) end))
+      assert.are.equal("matmul: shapes [4] and [3] cannot be multiplied (4 != 3)",
+         errmsg(function() return ml.matmul(ml.zeros(4), ml.zeros(3)) end))
+   end)
+
+   it("rejects batch dims that do not broadcast", function()
+      assert.are.equal("matmul: the batch dims of shapes [2, 3, 4] and [3, 4, 5] cannot be broadcast",
+         errmsg(function() return ml.matmul(ml.zeros(2, 3, 4), ml.zeros(3, 4, 5)) end))
+   end)
+
+   it("rejects 0-d operands, bool tensors and meta tensors", function()
+      assert.are.equal("matmul: both arguments need at least 1 dimension, got shapes [] and [3]",
+         errmsg(function() return ml.matmul(ml.tensor(2), ml.zeros(3)) end))
+      assert.are.equal("matmul: bool tensors cannot be multiplied (got bool and bool)",
+         errmsg(function() return ml.matmul(ml.tensor({ true }), ml.tensor({ false })) end))
+      assert.are.equal("matmul: the second argument is on the meta device and has no data",
+         errmsg(function() return ml.matmul(ml.zeros(2, 2), ml.empty(2, 2, { device = "meta" })) end))
+   end)
+end)
+
+describe("linear", function()
+   for _, case in ipairs(fx.linear) do
+      it("matches PyTorch: " .. case.name, function()
+         local x, w = build(case.x), build(case.w)
+         local b = case.b and build(case.b) or nil
+         assert_matches(case.expected, linear(x, w, b), case.name)
+      end)
+   end
+
+   it("rejects an input that does not match the weight", function()
+      assert.are.equal("linear: input of shape [2, 4] does not match weight of shape [5, 3] (in_features 3)",
+         errmsg(function() return linear(ml.zeros(2, 4), ml.zeros(5, 3)) end))
+   end)
+
+   it("rejects a bias of the wrong size and a weight that is not 2-D", function()
+      assert.are.equal("linear: bias of shape [4] does not match out_features 5",
+         errmsg(function() return linear(ml.zeros(2, 3), ml.zeros(5, 3), ml.zeros(4)) end))
+      assert.are.equal("linear: weight must be 2-D (out_features, in_features), got shape [3]",
+         errmsg(function() return linear(ml.zeros(2, 3), ml.zeros(3)) end))
+   end)
+
+   it("names a meta weight", function()
+      assert.are.equal("linear: the weight is on the meta device and has no data",
+         errmsg(function() return linear(ml.zeros(2, 3), ml.empty(4, 3, { device = "meta" })) end))
+   end)
+end)
