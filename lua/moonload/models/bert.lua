@@ -1,0 +1,281 @@
+--- BERT (transformers' BertModel) with Hugging Face parameter names:
+-- embeddings.{word_embeddings, position_embeddings, token_type_embeddings, LayerNorm},
+-- encoder.layer.N.{attention.{self.{query,key,value}, output.{dense, LayerNorm}},
+-- intermediate.dense, output.{dense, LayerNorm}}, pooler.dense (optional).
+-- Plus sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2:
+-- mean pooling over the attention mask, then L2 normalisation.
+--
+--    local bert = require("moonload.models.bert")
+--    local model = ml.models.from_pretrained(dir)                  -- a BertModel
+--    local out = model(ids, {attention_mask = mask})               -- {last_hidden_state, pooler_output}
+--    local emb = model:sentence_embedding(ids, {attention_mask = mask})   -- (B, hidden), unit rows
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local config = require("moonload.models.config")
+local common = require("moonload.models.common")
+
+local M = {}
+local WHO = "models.bert"
+
+M.schema = {
+   { "vocab_size", "int" },
+   { "hidden_size", "int" },
+   { "num_hidden_layers", "int" },
+   { "num_attention_heads", "int" },
+   { "intermediate_size", "int" },
+   { "max_position_embeddings", "int", 512 },
+   { "type_vocab_size", "int", 2 },
+   { "layer_norm_eps", "posnum", 1e-12 },
+   { "hidden_act", "string", "gelu" },
+   { "position_embedding_type", "string", "absolute" },
+   { "add_pooling_layer", "bool", true },
+}
+
+--- Reads and checks a BERT config (path, folder or table).
+function M.config(source)
+   local cfg = config.load(source, M.schema, WHO)
+   if cfg.hidden_size % cfg.num_attention_heads ~= 0 then
+      config.fail(cfg, WHO, "hidden_size %d is not divisible by num_attention_heads %d",
+         cfg.hidden_size, cfg.num_attention_heads)
+   end
+   if cfg.position_embedding_type ~= "absolute" then
+      config.fail(cfg, WHO, 'position_embedding_type "%s" is not supported (only "absolute")',
+         cfg.position_embedding_type)
+   end
+   common.activation(cfg.hidden_act, WHO, cfg._source)
+   return cfg
+end
+
+-- --- embeddings -----------------------------------------------------------------------------
+
+local BertEmbeddings = nn.Module:extend("BertEmbeddings")
+M.BertEmbeddings = BertEmbeddings
+
+function BertEmbeddings:__init(cfg)
+   nn.Module.__init(self)
+   self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+   self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+   self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+   self.LayerNorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
+   self.dropout = nn.Dropout(0)
+end
+
+--- ids (B, T), token_type_ids (B, T) -> (B, T, hidden)
+function BertEmbeddings:forward(ids, token_type_ids)
+   local L = ids:size(2)
+   local pos = T.arange(0, L)
+   local x = self.word_embeddings(ids) + self.token_type_embeddings(token_type_ids)
+      + self.position_embeddings(pos)
+   return self.LayerNorm(x)
+end
+
+-- --- encoder --------------------------------------------------------------------------------
+
+local BertSelfAttention = nn.Module:extend("BertSelfAttention")
+M.BertSelfAttention = BertSelfAttention
+
+function BertSelfAttention:__init(cfg)
+   nn.Module.__init(self)
+   local Hd = cfg.hidden_size
+   self.query = nn.Linear(Hd, Hd)
+   self.key = nn.Linear(Hd, Hd)
+   self.value = nn.Linear(Hd, Hd)
+   self.dropout = nn.Dropout(0)
+   rawset(self, "n_head", cfg.num_attention_heads)
+   rawset(self, "head_dim", Hd / cfg.num_attention_heads)
+end
+
+--- x (B, T, hidden); mask bool (B, 1, 1, T) or nil -> context (B, T, hidden)
+function BertSelfAttention:forward(x, mask)
+   local B, L, Hd = x:size(1), x:size(2), x:size(3)
+   local H, D = self.n_head, self.head_dim
+   local q = self.query(x):view(B, L, H, D):transpose(2, 3)
+   local k = self.key(x):view(B, L, H, D):transpose(2, 3)
+   local v = self.value(x):view(B, L, H, D):transpose(2, 3)
+   local y = common.attention(q, k, v, mask, false, 1 / math.sqrt(D))
+   return y:transpose(2, 3):reshape(B, L, Hd)
+end
+
+local BertSelfOutput = nn.Module:extend("BertSelfOutput")
+M.BertSelfOutput = BertSelfOutput
+
+function BertSelfOutput:__init(cfg)
+   nn.Module.__init(self)
+   self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+   self.LayerNorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
+   self.dropout = nn.Dropout(0)
+end
+
+function BertSelfOutput:forward(h, input)
+   return self.LayerNorm(self.dense(h) + input)
+end
+
+local BertAttention = nn.Module:extend("BertAttention")
+M.BertAttention = BertAttention
+
+function BertAttention:__init(cfg)
+   nn.Module.__init(self)
+   self.self = BertSelfAttention(cfg)
+   self.output = BertSelfOutput(cfg)
+end
+
+function BertAttention:forward(x, mask)
+   return self.output(self.self(x, mask), x)
+end
+
+local BertIntermediate = nn.Module:extend("BertIntermediate")
+M.BertIntermediate = BertIntermediate
+
+function BertIntermediate:__init(cfg)
+   nn.Module.__init(self)
+   self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+   rawset(self, "act", common.activation(cfg.hidden_act, WHO, cfg._source))
+end
+
+function BertIntermediate:forward(x)
+   return self.act(self.dense(x))
+end
+
+local BertOutput = nn.Module:extend("BertOutput")
+M.BertOutput = BertOutput
+
+function BertOutput:__init(cfg)
+   nn.Module.__init(self)
+   self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+   self.LayerNorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
+   self.dropout = nn.Dropout(0)
+end
+
+function BertOutput:forward(h, input)
+   return self.LayerNorm(self.dense(h) + input)
+end
+
+local BertLayer = nn.Module:extend("BertLayer")
+M.BertLayer = BertLayer
+
+function BertLayer:__init(cfg)
+   nn.Module.__init(self)
+   self.attention = BertAttention(cfg)
+   self.intermediate = BertIntermediate(cfg)
+   self.output = BertOutput(cfg)
+end
+
+function BertLayer:forward(x, mask)
+   local a = self.attention(x, mask)
+   return self.output(self.intermediate(a), a)
+end
+
+local BertEncoder = nn.Module:extend("BertEncoder")
+M.BertEncoder = BertEncoder
+
+function BertEncoder:__init(cfg)
+   nn.Module.__init(self)
+   local layers = {}
+   for i = 1, cfg.num_hidden_layers do layers[i] = BertLayer(cfg) end
+   self.layer = nn.ModuleList(layers)
+   rawset(self, "n_layer", cfg.num_hidden_layers)
+end
+
+function BertEncoder:forward(x, mask)
+   for i = 1, self.n_layer do x = self.layer[i](x, mask) end
+   return x
+end
+
+local BertPooler = nn.Module:extend("BertPooler")
+M.BertPooler = BertPooler
+
+function BertPooler:__init(cfg)
+   nn.Module.__init(self)
+   self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+   self.activation = nn.Tanh()
+end
+
+--- The first token's hidden state through dense + tanh: (B, T, hidden) -> (B, hidden).
+function BertPooler:forward(h)
+   return self.activation(self.dense(h:select(2, 1)))
+end
+
+-- --- model ----------------------------------------------------------------------------------
+
+local BertModel = nn.Module:extend("BertModel")
+M.BertModel = BertModel
+
+BertModel.base_model_prefix = "bert"
+BertModel.tied_weights = {}
+BertModel.ignore_unexpected = { "^embeddings%.position_ids$", "^embeddings%.token_type_ids$",
+   "^pooler%." }
+BertModel.no_split_modules = { "BertLayer" }
+
+--- BertModel(config[, {add_pooling_layer = true}]): config is a path, a folder or a table.
+-- A checkpoint without pooler weights (as sentence-transformers saves some) loads into a
+-- model built with add_pooling_layer = false; from_pretrained decides this from the checkpoint.
+function BertModel:__init(cfg, opts)
+   nn.Module.__init(self)
+   cfg = M.config(cfg)
+   local pool = cfg.add_pooling_layer
+   if opts and opts.add_pooling_layer ~= nil then pool = opts.add_pooling_layer end
+   self.embeddings = BertEmbeddings(cfg)
+   self.encoder = BertEncoder(cfg)
+   if pool then self.pooler = BertPooler(cfg) end
+   rawset(self, "config", cfg)
+end
+
+--- forward(input_ids[, {attention_mask, token_type_ids}]) ->
+-- {last_hidden_state = (B, T, hidden), pooler_output = (B, hidden) or nil}.
+-- input_ids and the masks: int64 tensors (B, T) or Lua lists; ids are 0-based.
+function BertModel:forward(input_ids, opts)
+   opts = opts or {}
+   local who = WHO .. ".forward"
+   local ids = common.ids_tensor(input_ids, who)
+   common.check_vocab(ids, self.config.vocab_size, who)
+   local B, L = ids:size(1), ids:size(2)
+   if L > self.config.max_position_embeddings then
+      error(string.format("%s: sequence of %d tokens exceeds max_position_embeddings %d",
+         who, L, self.config.max_position_embeddings), 2)
+   end
+   local tt = opts.token_type_ids
+   if tt == nil then
+      tt = T.zeros({ B, L }, { dtype = "int64" })
+   else
+      tt = common.ids_tensor(tt, who)
+      common.check_vocab(tt, self.config.type_vocab_size, who .. " (token_type_ids)")
+   end
+   local mask
+   if opts.attention_mask ~= nil then
+      mask = common.mask_tensor(opts.attention_mask, B, L, who):view(B, 1, 1, L)
+   end
+   local h = self.encoder(self.embeddings(ids, tt), mask)
+   local pooled = self.pooler and self.pooler(h) or nil
+   return { last_hidden_state = h, pooler_output = pooled }
+end
+
+--- Mean of the hidden states over the positions where the mask is 1: (B, T, H), (B, T) -> (B, H).
+function M.mean_pooling(hidden, attention_mask)
+   local B, L = hidden:size(1), hidden:size(2)
+   if attention_mask == nil then return hidden:mean(2) end
+   local m = common.mask_tensor(attention_mask, B, L, "mean_pooling"):to(hidden.dtype):unsqueeze(3)
+   local summed = (hidden * m):sum(2)                       -- (B, H)
+   local counts = m:sum(2):clamp(1e-9)                       -- (B, 1)
+   return summed / counts
+end
+
+--- Rows scaled to unit L2 norm (norms clamped at 1e-12 as torch.nn.functional.normalize does).
+function M.normalize(x)
+   local norm = (x * x):sum(-1, true):sqrt():clamp(1e-12)
+   return x / norm
+end
+
+--- Sentence embeddings as sentence-transformers' all-MiniLM-L6-v2 pipeline computes them:
+-- BERT, mean pooling over attention_mask, L2 normalisation (normalize = false skips it).
+function BertModel:sentence_embedding(input_ids, opts)
+   opts = opts or {}
+   local out = self:forward(input_ids, { attention_mask = opts.attention_mask,
+      token_type_ids = opts.token_type_ids })
+   local emb = M.mean_pooling(out.last_hidden_state, opts.attention_mask)
+   if opts.normalize == false then return emb end
+   return M.normalize(emb)
+end
+
+function M.from_config(cfg, opts) return BertModel(cfg, opts) end
+
+return M

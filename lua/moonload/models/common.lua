@@ -1,0 +1,196 @@
+--- Pieces shared by the ml.models architectures: activations by Hugging Face name, attention
+-- through the C kernel, token-id conversion, and the key-value cache.
+local C = require("moonload.C")
+local T = require("moonload.tensor")
+
+local lib, ffi = C.lib, C.ffi
+local M = {}
+
+-- --- activations (transformers' ACT2FN names) ----------------------------------------------
+
+local ACT = {
+   gelu = function(x) return x:gelu() end,
+   gelu_new = function(x) return x:gelu("tanh") end,
+   gelu_pytorch_tanh = function(x) return x:gelu("tanh") end,
+   gelu_fast = function(x) return x:gelu("tanh") end,
+   relu = function(x) return x:relu() end,
+   silu = function(x) return x:silu() end,
+   swish = function(x) return x:silu() end,
+   tanh = function(x) return x:tanh() end,
+}
+
+--- The activation function for a Hugging Face `hidden_act` / `activation_function` name.
+function M.activation(name, who, src)
+   local f = ACT[name]
+   if not f then
+      local known = {}
+      for k in pairs(ACT) do known[#known + 1] = k end
+      table.sort(known)
+      error(string.format('%s: activation "%s" in %s is not supported (supported: %s)',
+         who, tostring(name), src or "config", table.concat(known, ", ")), 3)
+   end
+   return f
+end
+
+-- --- attention ------------------------------------------------------------------------------
+
+local out1 = ffi.new("ml_tensor*[1]")
+
+--- softmax(q k^T * scale [+ mask]) v through the C kernel. q (..., L, E), k (..., S, E),
+-- v (..., S, Ev); mask bool (true = attend) broadcast to (..., L, S), or nil.
+function M.attention(q, k, v, mask, is_causal, scale)
+   C.check(lib.ml_sdpa(q._c, k._c, v._c, mask and mask._c or nil, is_causal and true or false,
+      scale or 0, out1), 2)
+   return T.wrap(out1[0])
+end
+
+--- Causal attention of L new queries at positions past..past+L-1 over S = past + L keys.
+-- Prefill (past 0) uses the kernel's causal flag; a single new token sees every key;
+-- otherwise an explicit bottom-right aligned lower-triangle mask.
+function M.causal_attention(q, k, v, past, scale)
+   local L = q:size(-2)
+   if L == 1 then return M.attention(q, k, v, nil, false, scale) end
+   if past == 0 then return M.attention(q, k, v, nil, true, scale) end
+   local S = k:size(-2)
+   local mask = T.ones({ L, S }, { dtype = "bool" }):tril(S - L)
+   return M.attention(q, k, v, mask, false, scale)
+end
+
+--- Grouped-query attention: q (B, H, L, D) against k, v (B, Hkv, S, D) with H = Hkv * n_rep.
+-- The key/value heads are broadcast (expand, no copy) over their query groups.
+function M.gqa_attention(q, k, v, past, scale)
+   local B, H, L, D = q:size(1), q:size(2), q:size(3), q:size(4)
+   local Hkv, S = k:size(2), k:size(3)
+   if Hkv == H then return M.causal_attention(q, k, v, past, scale) end
+   local rep = H / Hkv
+   local kx = k:unsqueeze(3):expand(B, Hkv, rep, S, D):reshape(B, H, S, D)
+   local vx = v:unsqueeze(3):expand(B, Hkv, rep, S, v:size(4)):reshape(B, H, S, v:size(4))
+   return M.causal_attention(q, kx, vx, past, scale)
+end
+
+-- --- token ids ------------------------------------------------------------------------------
+
+--- Token ids as an int64 tensor (B, T). Accepts a flat Lua list (batch 1), a list of equal-length
+-- lists, or an integer tensor of 1 or 2 dims. Returns the tensor and how the input was shaped
+-- ("flat", "nested" or "tensor") so results can come back in the same form.
+function M.ids_tensor(ids, who)
+   if T.is_tensor(ids) then
+      local dt = ids.dtype
+      if not (dt == "int64" or dt == "int32" or dt == "int16" or dt == "int8" or dt == "uint8") then
+         error(string.format("%s: input_ids must be an integer tensor, got %s", who, dt), 3)
+      end
+      local nd = ids:dim()
+      if nd == 1 then ids = ids:unsqueeze(1)
+      elseif nd ~= 2 then
+         error(string.format("%s: input_ids must have 1 or 2 dimensions (batch, sequence), got %d", who, nd), 3)
+      end
+      if dt ~= "int64" then ids = ids:to("int64") end
+      return ids, "tensor"
+   end
+   if type(ids) ~= "table" or #ids == 0 then
+      error(string.format("%s: input_ids must be a non-empty Lua list of 0-based token ids or an int64 tensor", who), 3)
+   end
+   local form = type(ids[1]) == "table" and "nested" or "flat"
+   local rows = form == "nested" and ids or { ids }
+   local n = #rows[1]
+   if n == 0 then error(string.format("%s: input_ids has an empty sequence", who), 3) end
+   for b = 1, #rows do
+      local row = rows[b]
+      if type(row) ~= "table" or #row ~= n then
+         error(string.format("%s: input_ids rows must all have %d tokens (row %d differs)", who, n, b), 3)
+      end
+      for i = 1, n do
+         local v = row[i]
+         if type(v) ~= "number" or v ~= math.floor(v) or v < 0 then
+            error(string.format("%s: input_ids[%d][%d] = %s is not a non-negative integer token id",
+               who, b, i, tostring(v)), 3)
+         end
+      end
+   end
+   return T.tensor(rows, { dtype = "int64" }), form
+end
+
+--- Checks every id is below the vocabulary size (the embedding kernel would reject it too,
+-- but with a less helpful message).
+function M.check_vocab(ids, vocab, who)
+   local mx = ids:max():item()
+   local mn = ids:min():item()
+   if mx >= vocab or mn < 0 then
+      error(string.format("%s: token id %d is out of range for vocab_size %d (ids are 0-based)",
+         who, mx >= vocab and mx or mn, vocab), 3)
+   end
+end
+
+--- A 0/1 attention mask (Lua lists or a tensor) of shape (B, T) as a bool tensor.
+function M.mask_tensor(mask, B, L, who)
+   if not T.is_tensor(mask) then
+      if type(mask) ~= "table" then
+         error(string.format("%s: attention_mask must be a tensor or a Lua list", who), 3)
+      end
+      if type(mask[1]) ~= "table" then mask = { mask } end
+      mask = T.tensor(mask, { dtype = "int64" })
+   end
+   if mask:dim() == 1 then mask = mask:unsqueeze(1) end
+   local s = mask.shape
+   if #s ~= 2 or s[1] ~= B or s[2] ~= L then
+      error(string.format("%s: attention_mask has shape [%s], expected [%d, %d]",
+         who, table.concat(s, ", "), B, L), 3)
+   end
+   if mask.dtype ~= "bool" then mask = mask:ne(0) end
+   return mask
+end
+
+-- --- key-value cache ------------------------------------------------------------------------
+
+local Cache = {}
+Cache.__index = Cache
+Cache.__name = "KVCache"
+
+--- A cache for n_layers layers. Keys and values live in buffers (B, H, capacity, D) that grow
+-- by doubling; `capacity` (optional) sizes them up front so decoding never copies the past.
+function M.new_cache(n_layers, capacity)
+   return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, k = {}, v = {} }, Cache)
+end
+
+local function grow(buf, used, cap)
+   local s = buf.shape
+   s[3] = cap
+   local nb = T.empty(s, { dtype = buf.dtype, device = buf.device })
+   if used > 0 then nb:narrow(3, 1, used):copy_(buf:narrow(3, 1, used)) end
+   return nb
+end
+
+--- Appends this step's k, v (B, H, L, D) for layer i (1-based) at position `length` and returns
+-- views of all cached keys and values (B, H, length + L, D).
+function Cache:update(i, k, v)
+   local past, L = self.length, k:size(3)
+   local need = past + L
+   local kb, vb = self.k[i], self.v[i]
+   if kb == nil then
+      local cap = math.max(self.capacity, need)
+      local sk, sv = k.shape, v.shape
+      sk[3], sv[3] = cap, cap
+      kb = T.empty(sk, { dtype = k.dtype, device = k.device })
+      vb = T.empty(sv, { dtype = v.dtype, device = v.device })
+   elseif kb:size(3) < need then
+      local cap = math.max(need, 2 * kb:size(3))
+      kb, vb = grow(kb, past, cap), grow(vb, past, cap)
+   end
+   self.k[i], self.v[i] = kb, vb
+   kb:narrow(3, past + 1, L):copy_(k)
+   vb:narrow(3, past + 1, L):copy_(v)
+   return kb:narrow(3, 1, need), vb:narrow(3, 1, need)
+end
+
+--- Called by the model once all layers have seen a step of L tokens.
+function Cache:advance(L)
+   self.length = self.length + L
+end
+
+function Cache:__tostring()
+   return string.format("KVCache(layers=%d, length=%d)", self.n_layers, self.length)
+end
+
+M.Cache = Cache
+
+return M

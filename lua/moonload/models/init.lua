@@ -1,0 +1,295 @@
+--- ml.models: GPT-2, Llama and BERT with Hugging Face names, and from_pretrained.
+--
+--    local models = require("moonload.models")
+--    local model = models.from_pretrained("path/to/dir")     -- config.json + safetensors
+--    local ids = model:generate({464, 2068}, {max_new_tokens = 20})
+--
+-- from_pretrained(dir[, opts]) reads config.json (model_type picks the class), builds the model
+-- and loads model.safetensors or the shards listed in model.safetensors.index.json. Checkpoint
+-- keys are mapped onto the model's names the way transformers does: a missing or extra base
+-- prefix ("transformer.", "model.", "bert."), tied weights stored once, buffers old checkpoints
+-- carry that the model no longer saves (GPT-2's attn.bias, BERT's position_ids).
+local config = require("moonload.models.config")
+local cjson = require("cjson")
+
+local M = {}
+
+local ARCH = {
+   gpt2 = { module = "moonload.models.gpt2", class = "GPT2LMHeadModel" },
+   llama = { module = "moonload.models.llama", class = "LlamaForCausalLM" },
+   bert = { module = "moonload.models.bert", class = "BertModel" },
+}
+
+-- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation.
+setmetatable(M, { __index = function(t, k)
+   local path = ({ gpt2 = "moonload.models.gpt2", llama = "moonload.models.llama",
+      bert = "moonload.models.bert", config = "moonload.models.config",
+      generation = "moonload.models.generation", common = "moonload.models.common" })[k]
+   if path then
+      local mod = require(path)
+      rawset(t, k, mod)
+      return mod
+   end
+   return nil
+end })
+
+local function file_exists(path)
+   local f = io.open(path, "rb")
+   if f then f:close() return true end
+   return false
+end
+
+local function read_json(path, who)
+   local f, err = io.open(path, "rb")
+   if not f then error(string.format("%s: cannot read %s (%s)", who, path, tostring(err)), 3) end
+   local text = f:read("*a")
+   f:close()
+   local ok, t = pcall(cjson.decode, text)
+   if not ok or type(t) ~= "table" then
+      error(string.format("%s: %s is not a valid JSON object (%s)", who, path, tostring(t)), 3)
+   end
+   return t
+end
+
+--- The model class for a config's model_type ("gpt2", "llama", "bert").
+function M.class_for(model_type, src)
+   local a = ARCH[model_type]
+   if not a then
+      local known = {}
+      for k in pairs(ARCH) do known[#known + 1] = k end
+      table.sort(known)
+      error(string.format('models: model_type "%s" in %s is not supported (supported: %s)',
+         tostring(model_type), src, table.concat(known, ", ")), 3)
+   end
+   return require(a.module)[a.class]
+end
+
+--- Finds the checkpoint in a folder: returns {kind = "single", path} or
+-- {kind = "sharded", index = path, weight_map = {name -> file path}, files = {ordered paths}}.
+function M.find_checkpoint(dir, who)
+   who = who or "from_pretrained"
+   local single = dir .. "/model.safetensors"
+   local index = dir .. "/model.safetensors.index.json"
+   if file_exists(index) then
+      local t = read_json(index, who)
+      local wm = t.weight_map
+      if type(wm) ~= "table" then
+         error(string.format('%s: %s has no "weight_map" object', who, index), 2)
+      end
+      local map, files, seen = {}, {}, {}
+      local names = {}
+      for name in pairs(wm) do names[#names + 1] = name end
+      table.sort(names)
+      for _, name in ipairs(names) do
+         local file = wm[name]
+         if type(file) ~= "string" or file:find("/", 1, true) or file:find("..", 1, true) then
+            error(string.format('%s: %s maps "%s" to %s, expected a file name in the same folder',
+               who, index, name, tostring(file)), 2)
+         end
+         local path = dir .. "/" .. file
+         map[name] = path
+         if not seen[path] then
+            if not file_exists(path) then
+               error(string.format("%s: shard %s listed in %s does not exist", who, path, index), 2)
+            end
+            seen[path] = true
+            files[#files + 1] = path
+         end
+      end
+      return { kind = "sharded", index = index, weight_map = map, files = files }
+   end
+   if file_exists(single) then return { kind = "single", path = single } end
+   error(string.format("%s: no model.safetensors or model.safetensors.index.json in %s", who, dir), 2)
+end
+
+--- Reads every tensor of a checkpoint (zero-copy views where ml.safetensors allows):
+-- returns name -> tensor.
+function M.read_checkpoint(ckpt)
+   local st = require("moonload.safetensors")
+   if ckpt.kind == "single" then return st.load_file(ckpt.path) end
+   local sd = {}
+   for _, path in ipairs(ckpt.files) do
+      local part = st.load_file(path)
+      for name, t in pairs(part) do
+         if ckpt.weight_map[name] == path then sd[name] = t end
+      end
+   end
+   for name, path in pairs(ckpt.weight_map) do
+      if sd[name] == nil then
+         error(string.format('from_pretrained: tensor "%s" listed in %s is not in shard %s',
+            name, ckpt.index, path), 2)
+      end
+   end
+   return sd
+end
+
+local function matches_any(name, patterns)
+   for _, p in ipairs(patterns or {}) do
+      if name:find(p) then return true end
+   end
+   return false
+end
+
+--- Maps checkpoint names onto the model's: adds or strips the class's base_model_prefix, fills
+-- tied weights stored once, drops keys the class ignores (only when the model lacks them).
+-- Returns the new table (the tensors themselves are shared, not copied).
+function M.remap_state_dict(model, sd)
+   local cls = getmetatable(model)
+   local expected = {}
+   for name in pairs(model:state_dict()) do expected[name] = true end
+   local p = model.base_model_prefix and (model.base_model_prefix .. ".") or nil
+   local out = {}
+   for name, t in pairs(sd) do
+      local n = name
+      if p and not expected[n] then
+         if expected[p .. n] then
+            n = p .. n                                   -- "h.0.ln_1.weight" for GPT-2
+         elseif n:sub(1, #p) == p and expected[n:sub(#p + 1)] then
+            n = n:sub(#p + 1)                            -- "bert.embeddings..." for BertModel
+         end
+      end
+      out[n] = t
+   end
+   for name in pairs(out) do
+      if not expected[name] and matches_any(name, model.ignore_unexpected) then out[name] = nil end
+   end
+   if model.config and model.config.tie_word_embeddings ~= false then
+      for dst, src in pairs(model.tied_weights or {}) do
+         if expected[dst] and expected[src] then
+            if out[dst] == nil and out[src] ~= nil then out[dst] = out[src] end
+            if out[src] == nil and out[dst] ~= nil then out[src] = out[dst] end
+         end
+      end
+   end
+   return out, cls
+end
+
+local function join(list)
+   local q = {}
+   for i, s in ipairs(list) do q[i] = '"' .. s .. '"' end
+   return table.concat(q, ", ")
+end
+
+--- Loads a checkpoint state dict into a model built by this module (shapes checked, strict by
+-- default). Returns missing, unexpected (lists of names).
+function M.load_into(model, sd, opts)
+   opts = opts or {}
+   local who = opts.who or "load_checkpoint"
+   local strict = opts.strict ~= false
+   sd = M.remap_state_dict(model, sd)
+   local params = model:state_dict()
+   local wrong = {}
+   local names = {}
+   for name in pairs(sd) do names[#names + 1] = name end
+   table.sort(names)
+   for _, name in ipairs(names) do
+      local have = params[name]
+      if have then
+         local a, b = have.shape, sd[name].shape
+         local same = #a == #b
+         if same then for i = 1, #a do if a[i] ~= b[i] then same = false break end end end
+         if not same then
+            wrong[#wrong + 1] = string.format('"%s" (checkpoint [%s], model [%s])', name,
+               table.concat(b, ", "), table.concat(a, ", "))
+         end
+      end
+   end
+   if #wrong > 0 then
+      error(who .. ": checkpoint tensors of the wrong shape: " .. table.concat(wrong, ", "), 3)
+   end
+   local ok, missing, unexpected = pcall(model.load_state_dict, model, sd, { strict = false })
+   if not ok then error(who .. ": " .. tostring(missing), 3) end
+   missing, unexpected = missing or {}, unexpected or {}
+   if strict and (#missing > 0 or #unexpected > 0) then
+      local parts = {}
+      if #missing > 0 then parts[#parts + 1] = "missing keys " .. join(missing) end
+      if #unexpected > 0 then parts[#parts + 1] = "unexpected keys " .. join(unexpected) end
+      error(who .. ": checkpoint does not match the model: " .. table.concat(parts, "; "), 3)
+   end
+   if model.tie_weights then model:tie_weights() end
+   return missing, unexpected
+end
+
+--- load_checkpoint(model, checkpoint[, {strict = true}]): loads a .safetensors file, a sharded
+-- index .json, or a folder holding either into a model of this module, with the same name
+-- mapping as from_pretrained. Returns missing, unexpected.
+function M.load_checkpoint(model, checkpoint, opts)
+   if type(checkpoint) ~= "string" then
+      error("load_checkpoint: expected a checkpoint path, got " .. type(checkpoint), 2)
+   end
+   local ckpt
+   if checkpoint:match("%.json$") then
+      local dir = checkpoint:match("^(.*)/[^/]*$") or "."
+      local t = read_json(checkpoint, "load_checkpoint")
+      if type(t.weight_map) ~= "table" then
+         error(string.format('load_checkpoint: %s has no "weight_map" object', checkpoint), 2)
+      end
+      local map, files, seen = {}, {}, {}
+      for name, file in pairs(t.weight_map) do
+         local path = dir .. "/" .. tostring(file)
+         map[name] = path
+         if not seen[path] then seen[path] = true; files[#files + 1] = path end
+      end
+      table.sort(files)
+      ckpt = { kind = "sharded", index = checkpoint, weight_map = map, files = files }
+   elseif checkpoint:match("%.safetensors$") then
+      ckpt = { kind = "single", path = checkpoint }
+   else
+      ckpt = M.find_checkpoint(checkpoint, "load_checkpoint")
+   end
+   return M.load_into(model, M.read_checkpoint(ckpt), opts)
+end
+
+--- Builds the model a config describes (random weights).
+function M.from_config(cfg, opts)
+   local raw, src = config.read(cfg, "models")
+   local cls = M.class_for(raw.model_type, src)
+   return cls(cfg, opts)
+end
+
+--- from_pretrained(dir[, {dtype, strict = true, device_map, max_memory, offload_folder, ...}])
+-- dir holds config.json and model.safetensors or model.safetensors.index.json + shards.
+-- With device_map, the model is built empty and placed by ml.load_checkpoint_and_dispatch.
+function M.from_pretrained(dir, opts)
+   opts = opts or {}
+   if type(dir) ~= "string" then
+      error("from_pretrained: expected a folder path, got " .. type(dir), 2)
+   end
+   dir = dir:gsub("/+$", "")
+   local cfg_path = dir .. "/config.json"
+   if not file_exists(cfg_path) then
+      error(string.format("from_pretrained: no config.json in %s", dir), 2)
+   end
+   local raw, src = config.read(cfg_path, "from_pretrained")
+   if raw.model_type == nil then
+      error(string.format('from_pretrained: config key "model_type" is missing in %s', src), 2)
+   end
+   local cls = M.class_for(raw.model_type, src)
+   local ckpt = M.find_checkpoint(dir)
+
+   if opts.device_map ~= nil then
+      -- Big-model path: empty skeleton, then placement + loading by the dispatcher.
+      local big = require("moonload.big_modeling")
+      local model = big.init_empty_weights(function() return cls(cfg_path) end)
+      local dispatch_opts = {}
+      for k, v in pairs(opts) do dispatch_opts[k] = v end
+      dispatch_opts.no_split_module_classes = opts.no_split_module_classes or cls.no_split_modules
+      local target = ckpt.kind == "single" and ckpt.path or ckpt.index
+      return big.load_checkpoint_and_dispatch(model, target, dispatch_opts)
+   end
+
+   local sd = M.read_checkpoint(ckpt)
+   local build_opts
+   if raw.model_type == "bert" then
+      -- sentence-transformers checkpoints may come without the pooler: build to match.
+      local has_pooler = false
+      for name in pairs(sd) do if name:find("pooler%.") then has_pooler = true break end end
+      build_opts = { add_pooling_layer = has_pooler }
+   end
+   local model = cls(cfg_path, build_opts)
+   M.load_into(model, sd, { strict = opts.strict, who = "from_pretrained" })
+   if opts.dtype then model:to(opts.dtype) end
+   return model
+end
+
+return M

@@ -1,0 +1,241 @@
+--- Llama (transformers' LlamaForCausalLM) with Hugging Face parameter names:
+-- model.{embed_tokens, layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
+-- post_attention_layernorm, mlp.{gate,up,down}_proj}, norm}, lm_head.
+-- RMSNorm, rotary position embeddings (rope_theta; inv_freq is a non-persistent buffer as in
+-- transformers), grouped-query attention, SwiGLU MLP, tied or untied head.
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local config = require("moonload.models.config")
+local common = require("moonload.models.common")
+local generation = require("moonload.models.generation")
+
+local M = {}
+local WHO = "models.llama"
+
+M.schema = {
+   { "vocab_size", "int" },
+   { "hidden_size", "int" },
+   { "intermediate_size", "int" },
+   { "num_hidden_layers", "int" },
+   { "num_attention_heads", "int" },
+   { "num_key_value_heads", "int", function(c) return c.num_attention_heads end },
+   { "head_dim", "int", function(c) return math.floor(c.hidden_size / c.num_attention_heads) end },
+   { "max_position_embeddings", "int", 2048 },
+   { "rms_norm_eps", "posnum", 1e-6 },
+   { "hidden_act", "string", "silu" },
+   { "attention_bias", "bool", false },
+   { "mlp_bias", "bool", false },
+   { "tie_word_embeddings", "bool", false },
+   { "rope_parameters", "table", function() return {} end },
+   { "rope_scaling", "table", function() return {} end },
+}
+
+--- Reads and checks a Llama config (path, folder or table). rope_theta comes from
+-- rope_parameters.rope_theta (transformers >= 5) or the top-level rope_theta (older files).
+function M.config(source)
+   local cfg = config.load(source, M.schema, WHO)
+   local rp = cfg.rope_parameters
+   local theta = rp.rope_theta
+   local where = "rope_parameters.rope_theta"
+   if theta == nil then theta, where = cfg.rope_theta, "rope_theta" end
+   if theta == nil then theta = 10000 end
+   if type(theta) ~= "number" or theta <= 0 then
+      error(string.format('%s: config key "%s" in %s must be a positive number, got %s',
+         WHO, where, cfg._source, tostring(theta)), 2)
+   end
+   cfg.rope_theta = theta
+   local rope_type = rp.rope_type or rp.type or cfg.rope_scaling.rope_type or cfg.rope_scaling.type or "default"
+   if rope_type ~= "default" then
+      config.fail(cfg, WHO, 'rope type "%s" is not supported (only "default")', tostring(rope_type))
+   end
+   if cfg.num_attention_heads % cfg.num_key_value_heads ~= 0 then
+      config.fail(cfg, WHO, "num_attention_heads %d is not a multiple of num_key_value_heads %d",
+         cfg.num_attention_heads, cfg.num_key_value_heads)
+   end
+   if cfg.head_dim % 2 ~= 0 then
+      config.fail(cfg, WHO, "head_dim %d must be even for rotary embeddings", cfg.head_dim)
+   end
+   common.activation(cfg.hidden_act, WHO, cfg._source)
+   return cfg
+end
+
+-- --- rotary embeddings ----------------------------------------------------------------------
+
+local LlamaRotaryEmbedding = nn.Module:extend("LlamaRotaryEmbedding")
+M.LlamaRotaryEmbedding = LlamaRotaryEmbedding
+
+function LlamaRotaryEmbedding:__init(cfg)
+   nn.Module.__init(self)
+   local dim = cfg.head_dim
+   -- inv_freq[i] = 1 / theta^(2i/dim), computed in float32 as transformers does.
+   local exps = T.arange(0, dim, 2, { dtype = "float32" }) / dim
+   local inv_freq = (T.full({ dim / 2 }, cfg.rope_theta, { dtype = "float32" }):pow(exps)):reciprocal()
+   self:register_buffer("inv_freq", inv_freq, false)
+end
+
+--- cos, sin (T, D) for positions start .. start+T-1 (float32).
+function LlamaRotaryEmbedding:forward(start, L)
+   local pos = T.arange(start, start + L, { dtype = "float32" }):unsqueeze(2)  -- (T, 1)
+   local freqs = pos * self.inv_freq:float():unsqueeze(1)                  -- (T, D/2)
+   local emb = T.cat({ freqs, freqs }, 2)                                   -- (T, D)
+   return emb:cos(), emb:sin()
+end
+
+local function rotate_half(x)
+   local half = x:size(-1) / 2
+   local x1 = x:narrow(-1, 1, half)
+   local x2 = x:narrow(-1, half + 1, half)
+   return T.cat({ -x2, x1 }, -1)
+end
+
+local function apply_rotary(x, cos, sin)
+   return x * cos + rotate_half(x) * sin
+end
+
+-- --- attention, MLP, layer ------------------------------------------------------------------
+
+local LlamaAttention = nn.Module:extend("LlamaAttention")
+M.LlamaAttention = LlamaAttention
+
+function LlamaAttention:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+   local bias = cfg.attention_bias
+   self.q_proj = nn.Linear(cfg.hidden_size, H * D, { bias = bias })
+   self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
+   self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
+   self.o_proj = nn.Linear(H * D, cfg.hidden_size, { bias = bias })
+   rawset(self, "n_head", H)
+   rawset(self, "n_kv_head", Hkv)
+   rawset(self, "head_dim", D)
+   rawset(self, "scale", 1 / math.sqrt(D))
+   rawset(self, "layer_idx", layer_idx)
+end
+
+--- x (B, T, hidden); cos, sin (T, D); cache optional.
+function LlamaAttention:forward(x, cos, sin, cache)
+   local B, L = x:size(1), x:size(2)
+   local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+   local q = self.q_proj(x):view(B, L, H, D):transpose(2, 3)      -- (B, H, T, D)
+   local k = self.k_proj(x):view(B, L, Hkv, D):transpose(2, 3)    -- (B, Hkv, T, D)
+   local v = self.v_proj(x):view(B, L, Hkv, D):transpose(2, 3)
+   q = apply_rotary(q, cos, sin)
+   k = apply_rotary(k, cos, sin)
+   local past = 0
+   if cache then
+      past = cache.length
+      k, v = cache:update(self.layer_idx, k, v)
+   end
+   local y = common.gqa_attention(q, k, v, past, self.scale)     -- (B, H, T, D)
+   y = y:transpose(2, 3):reshape(B, L, H * D)
+   return self.o_proj(y)
+end
+
+local LlamaMLP = nn.Module:extend("LlamaMLP")
+M.LlamaMLP = LlamaMLP
+
+function LlamaMLP:__init(cfg)
+   nn.Module.__init(self)
+   local bias = cfg.mlp_bias
+   self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = bias })
+   self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = bias })
+   self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, { bias = bias })
+   rawset(self, "act", common.activation(cfg.hidden_act, WHO, cfg._source))
+end
+
+function LlamaMLP:forward(x)
+   return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+end
+
+local LlamaDecoderLayer = nn.Module:extend("LlamaDecoderLayer")
+M.LlamaDecoderLayer = LlamaDecoderLayer
+
+function LlamaDecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.self_attn = LlamaAttention(cfg, layer_idx)
+   self.mlp = LlamaMLP(cfg)
+   self.input_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function LlamaDecoderLayer:forward(x, cos, sin, cache)
+   x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+   return x + self.mlp(self.post_attention_layernorm(x))
+end
+
+-- --- models ---------------------------------------------------------------------------------
+
+local LlamaModel = nn.Module:extend("LlamaModel")
+M.LlamaModel = LlamaModel
+
+function LlamaModel:__init(cfg)
+   nn.Module.__init(self)
+   if type(cfg) ~= "table" or cfg._source == nil then cfg = M.config(cfg) end
+   self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+   local layers = {}
+   for i = 1, cfg.num_hidden_layers do layers[i] = LlamaDecoderLayer(cfg, i) end
+   self.layers = nn.ModuleList(layers)
+   self.norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.rotary_emb = LlamaRotaryEmbedding(cfg)
+   rawset(self, "config", cfg)
+end
+
+--- input_ids (B, T) int64; cache optional. Returns the final hidden states (B, T, hidden).
+function LlamaModel:forward(input_ids, cache)
+   local cfg = self.config
+   local L = input_ids:size(2)
+   local past = cache and cache.length or 0
+   local x = self.embed_tokens(input_ids)
+   local cos, sin = self.rotary_emb(past, L)
+   if cos.dtype ~= x.dtype then cos, sin = cos:to(x.dtype), sin:to(x.dtype) end
+   if cos.device ~= x.device then cos, sin = cos:to(x.device), sin:to(x.device) end
+   for i = 1, cfg.num_hidden_layers do x = self.layers[i](x, cos, sin, cache) end
+   if cache then cache:advance(L) end
+   return self.norm(x)
+end
+
+local LlamaForCausalLM = nn.Module:extend("LlamaForCausalLM")
+M.LlamaForCausalLM = LlamaForCausalLM
+
+LlamaForCausalLM.base_model_prefix = "model"
+LlamaForCausalLM.tied_weights = { ["lm_head.weight"] = "model.embed_tokens.weight" }
+LlamaForCausalLM.ignore_unexpected = { "rotary_emb%.inv_freq$" }
+LlamaForCausalLM.no_split_modules = { "LlamaDecoderLayer" }
+
+--- LlamaForCausalLM(config): config is a config.json path, a folder holding one, or a table.
+function LlamaForCausalLM:__init(cfg)
+   nn.Module.__init(self)
+   cfg = M.config(cfg)
+   self.model = LlamaModel(cfg)
+   self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
+   rawset(self, "config", cfg)
+   self:tie_weights()
+end
+
+function LlamaForCausalLM:tie_weights()
+   if self.config.tie_word_embeddings then
+      self.lm_head.weight = self.model.embed_tokens.weight
+   end
+end
+
+--- forward(input_ids[, {cache = c}]) -> logits (B, T, vocab).
+function LlamaForCausalLM:forward(input_ids, opts)
+   local ids = common.ids_tensor(input_ids, WHO .. ".forward")
+   common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
+   local h = self.model(ids, opts and opts.cache)
+   return self.lm_head(h)
+end
+
+function LlamaForCausalLM:new_cache(capacity)
+   return common.new_cache(self.config.num_hidden_layers, capacity)
+end
+
+function LlamaForCausalLM:max_length()
+   return nil  -- rotary embeddings have no hard limit
+end
+
+LlamaForCausalLM.generate = generation.generate
+
+function M.from_config(cfg) return LlamaForCausalLM(cfg) end
+
+return M

