@@ -77,3 +77,18 @@ install: all
 
 clean:
 	rm -rf build build-asan $(CDEF)
+
+# --- fuzz: libFuzzer over the safetensors validator (owned by the safetensors work) ---------
+# `make fuzz` builds build/fuzz/safetensors_fuzz with clang's libFuzzer + ASan + UBSan and runs
+# FUZZ_RUNS inputs (fuzz/run.sh); any crash, leak or sanitizer report fails the target.
+FUZZ_CC   ?= $(shell command -v clang-14 2>/dev/null || command -v clang 2>/dev/null)
+FUZZ_RUNS ?= 1000000
+
+build/fuzz/safetensors_fuzz: fuzz/safetensors_fuzz.c $(CORE_SRC) core/include/moonload.h core/src/internal.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -std=c11 -D_GNU_SOURCE -fopenmp $(ARCH) -Icore/include -Icore/src \
+	  -o $@ fuzz/safetensors_fuzz.c $(CORE_SRC) $(ML_LDLIBS)
+
+fuzz: build/fuzz/safetensors_fuzz
+	sh fuzz/run.sh $(FUZZ_RUNS)
