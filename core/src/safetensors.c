@@ -434,7 +434,7 @@ static const char *entry_shape_str(const ml_safetensors *h, const st_entry *e, c
 
 static ml_status check_layout(ml_safetensors *h) {
   const char *L = h->label;
-  qsort(h->entries, (size_t)h->count, sizeof *h->entries, cmp_name);
+  if (h->count > 1) qsort(h->entries, (size_t)h->count, sizeof *h->entries, cmp_name);
   for (int64_t i = 1; i < h->count; i++)
     if (strcmp(h->entries[i - 1].name, h->entries[i].name) == 0)
       return ml_fail(ML_EFORMAT, "safetensors: %s: duplicate tensor name \"%s\"", L, h->entries[i].name);
@@ -443,7 +443,7 @@ static ml_status check_layout(ml_safetensors *h) {
   if (!order) return ml_fail(ML_ENOMEM, "safetensors: %s: out of memory", L);
   for (int64_t i = 0; i < h->count; i++) order[i] = i;
   sort_base = h->entries;
-  qsort(order, (size_t)h->count, sizeof *order, cmp_offsets);
+  if (h->count > 1) qsort(order, (size_t)h->count, sizeof *order, cmp_offsets);
 
   uint64_t data_size = h->size - h->data_start;
   uint64_t cursor = 0;
