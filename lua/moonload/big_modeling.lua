@@ -17,6 +17,7 @@ local init_context = require("moonload.nn.init_context")
 local log = require("moonload.utils.log")
 
 local M = {}
+local aliased
 
 local utils_mod
 local function utils()
@@ -205,6 +206,58 @@ end
 
 -- --- dispatch -----------------------------------------------------------------------------------
 
+-- A weights map where a tied name missing from `inner` is read under another name of its group
+-- (checkpoints and offload folders hold a tied tensor once).
+local Aliased = { __name = "AliasedWeights" }
+-- Values are memoized by the key they were found under, so every name of a tied group gets
+-- the same tensor (one mapping of an offloaded file, not one per module).
+function Aliased.getitem(self, key)
+   local inner, memo = self.inner, self.memo
+   local v = memo[key]
+   if v ~= nil then return v end
+   v = inner[key]
+   if v ~= nil then memo[key] = v; return v end
+   local others = self.aliases[key]
+   if others then
+      for _, k in ipairs(others) do
+         v = memo[k]
+         if v == nil then
+            v = inner[k]
+            if v ~= nil then memo[k] = v end
+         end
+         if v ~= nil then return v end
+      end
+   end
+   return nil
+end
+function Aliased.get(self, key, default)
+   local v = Aliased.getitem(self, key)
+   if v == nil then return default end
+   return v
+end
+Aliased.__index = function(self, key)
+   local m = Aliased[key]
+   if m ~= nil then return m end
+   return Aliased.getitem(self, key)
+end
+Aliased.__tostring = function(self) return "AliasedWeights(" .. tostring(self.inner) .. ")" end
+
+function Aliased.keys(self)
+   return require("moonload.utils.offload").dataset_keys(self.inner)
+end
+
+aliased = function(inner, tied_params)
+   local aliases = {}
+   for _, group in ipairs(tied_params) do
+      for _, name in ipairs(group) do
+         local others = {}
+         for _, o in ipairs(group) do if o ~= name then others[#others + 1] = o end end
+         aliases[name] = others
+      end
+   end
+   return setmetatable({ inner = inner, aliases = aliases, memo = {} }, Aliased)
+end
+
 local function install_move_guard(model)
    local orig_to, orig_cuda = model.to, model.cuda
    local function has_meta()
@@ -289,6 +342,15 @@ function M.dispatch_model(model, device_map, opts)
                      name, tostring(offload_dir)), 2)
                end
             end
+            -- a tied tensor is written once; the other names read it through the alias map
+            for _, group in ipairs(u.find_tied_parameters(model)) do
+               local kept = false
+               for _, name in ipairs(group) do
+                  if disk_sd[name] ~= nil then
+                     if kept then disk_sd[name] = nil else kept = true end
+                  end
+               end
+            end
             u.offload_state_dict(offload_dir, disk_sd)
          end
       end
@@ -308,13 +370,14 @@ function M.dispatch_model(model, device_map, opts)
             device = offload_index ~= nil and main_device or nil })
       end
       local tied_params = u.find_tied_parameters(model)
-      local tied_params_map = {}
+      local tied_params_map = { [hooks.TIED_META] = {} }
       for _, group in ipairs(tied_params) do
          for _, name in ipairs(group) do
             local ok, p = pcall(model.get_parameter, model, name)
             if ok and p ~= nil and not p:is_meta() then tied_params_map[p:data_ptr()] = {} end
          end
       end
+      if weights_map ~= nil and #tied_params > 0 then weights_map = aliased(weights_map, tied_params) end
       hooks.attach_align_device_hook_on_blocks(model, {
          execution_device = execution_device, offload = offload, offload_buffers = opts.offload_buffers,
          weights_map = weights_map, skip_keys = opts.skip_keys,

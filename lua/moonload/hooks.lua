@@ -348,6 +348,10 @@ end
 
 -- --- AlignDevicesHook -----------------------------------------------------------------------------
 
+--- A private key of a tied_params_map (dispatch_model sets it): original tensor object -> the meta
+-- object offloading hooks put in its place, shared by every module the original was tied into.
+M.TIED_META = setmetatable({}, { __tostring = function() return "<tied meta objects>" end })
+
 local AlignDevicesHook = ModelHook:extend("AlignDevicesHook")
 
 --- AlignDevicesHook({execution_device, offload, io_same_device, weights_map, offload_buffers,
@@ -401,7 +405,13 @@ function AlignDevicesHook:init_hook(module)
          if self.tied_params_map ~= nil and not t:is_meta() and self.tied_params_map[t:data_ptr()] ~= nil then
             self.tied_params_names[name] = true
          end
-         local meta = Tensor.empty(t.shape, { dtype = t.dtype, device = "meta" })
+         -- one meta object per original object, so weights tied by identity stay tied
+         local share = self.tied_params_map and self.tied_params_map[M.TIED_META]
+         local meta = share and share[t]
+         if meta == nil then
+            meta = Tensor.empty(t.shape, { dtype = t.dtype, device = "meta" })
+            if share then share[t] = meta end
+         end
          put_tensor(module, name, meta)
          self.slots[#self.slots + 1] = { name = name, meta_c = meta._c, dtype = t.dtype }
       end

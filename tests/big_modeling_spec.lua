@@ -1,0 +1,368 @@
+-- big_modeling: meta init, cpu/disk offload, dispatch_model and load_checkpoint_and_dispatch.
+-- Every offloaded or dispatched model must give exactly the plain model's output.
+local ml = require("moonload")
+local nn = require("moonload.nn")
+local hooks = require("moonload.hooks")
+local log = require("moonload.utils.log")
+
+local tmp_dirs = {}
+local function tmpdir()
+   local p = os.tmpname()
+   os.remove(p)
+   assert(os.execute("mkdir -p " .. p) == 0)
+   tmp_dirs[#tmp_dirs + 1] = p
+   return p
+end
+
+teardown(function()
+   for _, d in ipairs(tmp_dirs) do os.execute("rm -rf '" .. d .. "'") end
+end)
+
+local function exists(path)
+   local f = io.open(path, "rb")
+   if f then f:close(); return true end
+   return false
+end
+
+-- Captures warnings while fn runs.
+local function warnings_of(fn)
+   local got = {}
+   local prev = log.set_warning_handler(function(msg, level)
+      if level == "warning" then got[#got + 1] = msg end
+   end)
+   local ok, err = pcall(fn)
+   log.set_warning_handler(prev)
+   if not ok then error(err, 0) end
+   return got
+end
+
+local function quiet(fn) return warnings_of(fn) end
+
+local Net = nn.Module:extend("Net")
+function Net:__init()
+   self.linear1 = nn.Linear(3, 4)
+   self.batchnorm = nn.BatchNorm1d(4)
+   self.linear2 = nn.Linear(4, 5)
+end
+function Net:forward(x) return self.linear2(self.batchnorm(self.linear1(x))) end
+
+-- linear2 ties its weight to linear1's (both 4x4).
+local Tied = nn.Module:extend("Tied")
+function Tied:__init()
+   self.linear1 = nn.Linear(4, 4)
+   self.linear2 = nn.Linear(4, 4)
+   self.linear2.weight = self.linear1.weight
+end
+function Tied:forward(x) return self.linear2(self.linear1(x)) end
+
+local function net(seed)
+   ml.manual_seed(seed or 1)
+   local m = Net()
+   -- give the batchnorm statistics real values so buffers matter
+   m.batchnorm.running_mean:copy_(ml.tensor({ 0.5, -0.25, 1, 2 }))
+   m.batchnorm.running_var:copy_(ml.tensor({ 1.5, 0.5, 2, 0.25 }))
+   return m
+end
+
+local function input()
+   ml.manual_seed(42)
+   return ml.randn(2, 3)
+end
+
+describe("big_modeling", function()
+   describe("init_empty_weights", function()
+      it("creates parameters on meta and keeps buffers on the cpu by default", function()
+         local before = ml.memory_allocated("cpu")
+         local m = ml.init_empty_weights(function() return nn.Linear(1000, 1000) end)
+         assert.is_true(m.weight:is_meta())
+         assert.is_true(m.bias:is_meta())
+         assert.are.equal(before, ml.memory_allocated("cpu"))
+         local bn = ml.init_empty_weights(function() return nn.BatchNorm1d(4) end)
+         assert.is_true(bn.weight:is_meta())
+         assert.are.equal("cpu", bn.running_mean.device)
+      end)
+
+      it("puts buffers on meta with include_buffers, and returns every result of fn", function()
+         local bn, extra = ml.init_empty_weights({ include_buffers = true }, function() return nn.BatchNorm1d(4), 7 end)
+         assert.is_true(bn.running_mean:is_meta())
+         assert.are.equal(7, extra)
+      end)
+
+      it("restores the default afterwards, also after an error", function()
+         assert.has_error(function() ml.init_empty_weights(function() error("boom", 0) end) end, "boom")
+         local m = nn.Linear(2, 2)
+         assert.are.equal("cpu", m.weight.device)
+      end)
+
+      it("init_on_device places parameters on the given device", function()
+         local m = ml.init_on_device("cpu", function() return nn.Linear(2, 3) end)
+         assert.are.equal("cpu", m.weight.device)
+         local bn = ml.init_on_device("meta", function() return nn.BatchNorm1d(2) end, { include_buffers = true })
+         assert.is_true(bn.running_var:is_meta())
+      end)
+
+      it("rejects a missing function", function()
+         assert.has_error(function() ml.init_empty_weights({}) end,
+            "init_empty_weights: a function building the model is expected, got nil")
+      end)
+
+      it("builds the seed's 1000 x Linear(10000, 10000) quickly in little memory (#slow-ish)", function()
+         local luajit = os.getenv("LUAJIT") or "luajit"
+         local p = io.popen(luajit .. " examples/seed.lua --json 2>&1")
+         local out = p:read("*a")
+         p:close()
+         local json = require("cjson").decode(out:match("(%b{})%s*$"))
+         assert.are.equal(100010000000, json.parameters)
+         assert.is_true(json.build_seconds < 1.0, "build took " .. json.build_seconds .. " s")
+         assert.is_true(json.peak_rss_mb < 50, "peak RSS " .. json.peak_rss_mb .. " MB")
+      end)
+   end)
+
+   describe("cpu_offload", function()
+      it("gives the plain model's output exactly, with parameters on meta between forwards", function()
+         local m, x = net(), input()
+         local expected = m(x)
+         ml.cpu_offload(m, { execution_device = "cpu" })
+         assert.is_true(m.linear1.weight:is_meta())
+         assert.are.equal("cpu", m.batchnorm.running_mean.device)
+         assert.is_true(ml.equal(m(x), expected))
+         assert.is_true(ml.equal(m(x), expected))
+         assert.is_true(m.linear2.weight:is_meta())
+      end)
+
+      it("offloads buffers too with offload_buffers", function()
+         local m, x = net(), input()
+         local expected = m(x)
+         ml.cpu_offload(m, { execution_device = "cpu", offload_buffers = true })
+         assert.is_true(m.batchnorm.running_mean:is_meta())
+         assert.is_true(ml.equal(m(x), expected))
+      end)
+
+      it("is undone by remove_hook_from_submodules", function()
+         local m, x = net(), input()
+         local expected = m(x)
+         ml.cpu_offload(m, { execution_device = "cpu" })
+         hooks.remove_hook_from_submodules(m)
+         assert.are.equal("cpu", m.linear1.weight.device)
+         assert.is_true(ml.equal(m(x), expected))
+      end)
+   end)
+
+   describe("disk_offload", function()
+      it("writes an offload folder and reads weights from it zero-copy", function()
+         local m, x = net(), input()
+         local expected = m(x)
+         local dir = tmpdir() .. "/off"
+         ml.disk_offload(m, dir, { execution_device = "cpu" })
+         assert.is_true(exists(dir .. "/index.json"))
+         assert.is_true(exists(dir .. "/linear1.weight.dat"))
+         local before = hooks.runtime_stats()
+         assert.is_true(ml.equal(m(x), expected))
+         local after = hooks.runtime_stats()
+         assert.is_true(after.bytes_viewed - before.bytes_viewed >= (12 + 4 + 20 + 5) * 4)
+         assert.are.equal(before.bytes_copied, after.bytes_copied)
+      end)
+
+      it("reuses a folder that already has an index.json", function()
+         local m, x = net(), input()
+         local expected = m(x)
+         local dir = tmpdir()
+         ml.utils.offload_state_dict(dir, m:state_dict())
+         local m2 = ml.init_empty_weights(function() return Net() end)
+         m2.batchnorm.running_mean:copy_(m.batchnorm.running_mean)
+         m2.batchnorm.running_var:copy_(m.batchnorm.running_var)
+         ml.disk_offload(m2, dir, { execution_device = "cpu" })
+         assert.is_true(ml.equal(m2(x), expected))
+      end)
+   end)
+
+   describe("dispatch_model", function()
+      it("runs a cpu + disk map with the plain output and records hf_device_map", function()
+         local m, x = net(), input()
+         local expected = m(x)
+         local dir = tmpdir()
+         local map = { linear1 = "cpu", batchnorm = "cpu", linear2 = "disk" }
+         local w = warnings_of(function() ml.dispatch_model(m, map, { offload_dir = dir }) end)
+         assert.are.same({ "Some parameters are on the meta device because they were offloaded to the disk." }, w)
+         assert.are.same(map, m.hf_device_map)
+         -- main device cpu: cpu modules keep real weights, disk ones are offloaded
+         assert.are.equal("cpu", m.linear1.weight.device)
+         assert.is_true(m.linear2.weight:is_meta())
+         assert.is_true(exists(dir .. "/linear2.weight.dat"))
+         assert.is_false(exists(dir .. "/linear1.weight.dat"))
+         assert.is_true(ml.equal(m(x), expected))
+         assert.is_true(m._hf_hook.io_same_device)
+      end)
+
+      it("moves a single-device model without hooks, and force_hooks hooks it", function()
+         local m = net()
+         ml.dispatch_model(m, { [""] = "cpu" })
+         assert.is_nil(m._hf_hook)
+         assert.are.same({ [""] = "cpu" }, m.hf_device_map)
+         local m2, x = net(), input()
+         local expected = m2(x)
+         ml.dispatch_model(m2, { [""] = "cpu" }, { force_hooks = true })
+         assert.is_not_nil(m2._hf_hook)
+         assert.is_true(ml.equal(m2(x), expected))
+      end)
+
+      it("refuses to move a partly offloaded model, and removing hooks lifts the guard", function()
+         local m = net()
+         quiet(function() ml.dispatch_model(m, { linear1 = "cpu", batchnorm = "cpu", linear2 = "disk" }, { offload_dir = tmpdir() }) end)
+         local w = warnings_of(function()
+            assert.has_error(function() m:to("cpu") end,
+               "to: You can't move a model that has some modules offloaded to cpu or disk.")
+         end)
+         assert.are.same({ "You shouldn't move a model that is dispatched using moonload hooks." }, w)
+         -- a dtype-only conversion is not a move
+         assert.are.same({}, warnings_of(function() m:to("float32") end))
+         hooks.remove_hook_from_submodules(m)
+         assert.is_nil(rawget(m, "to"))
+         assert.are.equal("cpu", m.linear2.weight.device)   -- detach restored the disk weights
+      end)
+
+      it("needs an offload_dir for disk modules", function()
+         assert.has_error(function() ml.dispatch_model(net(), { linear1 = "cpu", batchnorm = "disk", linear2 = "disk" }) end,
+            "dispatch_model: We need an `offload_dir` to dispatch this model according to this `device_map`, the following submodules need to be offloaded: batchnorm, linear2.")
+      end)
+
+      it("rejects unknown devices and uncovered modules", function()
+         assert.has_error(function() ml.dispatch_model(net(), { linear1 = "gpu0", batchnorm = "cpu", linear2 = "cpu" }) end,
+            'dispatch_model: unknown device "gpu0" for "linear1" in device_map (use an integer, "cuda:N", "cpu" or "disk")')
+         assert.has_error(function() ml.dispatch_model(net(), { linear1 = "cpu", linear2 = "disk" }, { offload_dir = tmpdir() }) end,
+            "check_device_map: The device_map provided does not give any device for the following parameters: batchnorm.weight, batchnorm.bias, batchnorm.running_mean, batchnorm.running_var, batchnorm.num_batches_tracked")
+      end)
+
+      it("keeps tied weights tied and never materializes them twice", function()
+         ml.manual_seed(3)
+         local m = Tied()
+         local x = ml.randn(2, 4)
+         local expected = m(x)
+         local dir = tmpdir()
+         local ptrs = {}
+         for _, name in ipairs({ "linear1", "linear2" }) do
+            local mod = m[name]
+            local old = mod.forward
+            mod.forward = function(self, ...)
+               ptrs[#ptrs + 1] = self.weight:data_ptr()
+               return old(self, ...)
+            end
+         end
+         quiet(function() ml.dispatch_model(m, { linear1 = "disk", linear2 = "disk" }, { offload_dir = dir }) end)
+         assert.are.equal(m.linear1.weight, m.linear2.weight)        -- still one object
+         assert.is_true(m.linear1.weight:is_meta())
+         assert.is_false(exists(dir .. "/linear2.weight.dat"))        -- written once
+         assert.is_true(ml.equal(m(x), expected))
+         assert.are.equal(2, #ptrs)
+         assert.are_not.equal(0, ptrs[1])
+         assert.are.equal(ptrs[1], ptrs[2])                            -- the same bytes both times
+      end)
+
+      it("reties a tie between a cpu module and a disk module to the cpu weight", function()
+         ml.manual_seed(4)
+         local m = Tied()
+         local x = ml.randn(2, 4)
+         local expected = m(x)
+         quiet(function() ml.dispatch_model(m, { linear1 = "cpu", linear2 = "disk" }, { offload_dir = tmpdir() }) end)
+         assert.are.equal(m.linear1.weight, m.linear2.weight)
+         assert.are.equal("cpu", m.linear1.weight.device)
+         assert.is_true(ml.equal(m(x), expected))
+         assert.are.equal("cpu", m.linear1.weight.device)             -- not sent to meta by linear2
+      end)
+
+      it("gives identical outputs with prefetch on and off", function()
+         local outs = {}
+         for _, on in ipairs({ true, false }) do
+            local prev = hooks.set_prefetch(on)
+            local m, x = net(), input()
+            quiet(function() ml.dispatch_model(m, { linear1 = "disk", batchnorm = "disk", linear2 = "disk" }, { offload_dir = tmpdir() }) end)
+            local a = m(x)
+            local b = m(x)
+            hooks.wait_prefetch()
+            assert.is_true(ml.equal(a, b))
+            outs[#outs + 1] = a
+            hooks.set_prefetch(prev)
+         end
+         assert.is_true(ml.equal(outs[1], outs[2]))
+      end)
+   end)
+
+   describe("load_checkpoint_and_dispatch", function()
+      local function checkpoint()
+         local m = net(9)
+         m.batchnorm.running_mean:copy_(ml.tensor({ 7, 7, 7, 7 }))
+         local dir = tmpdir()
+         local path = dir .. "/model.safetensors"
+         ml.safetensors.save_file(m:state_dict(), path)
+         return m, path, dir
+      end
+
+      it("loads into an empty model with an explicit cpu + disk map", function()
+         local ref, path, dir = checkpoint()
+         local x = input()
+         local expected = ref(x)
+         local m = ml.init_empty_weights(function() return Net() end)
+         quiet(function()
+            ml.load_checkpoint_and_dispatch(m, path, {
+               device_map = { linear1 = "cpu", batchnorm = "disk", linear2 = "disk" },
+               offload_folder = dir .. "/offload" })
+         end)
+         assert.is_true(ml.equal(m(x), expected))
+         -- the disk-mapped buffer kept its checkpoint value (Accelerate drops it, Q8)
+         hooks.remove_hook_from_submodules(m)
+         assert.are.same({ 7, 7, 7, 7 }, m.batchnorm.running_mean:tolist())
+      end)
+
+      it("plans with device_map = \"auto\" and a max_memory that forces disk", function()
+         local ref, path, dir = checkpoint()
+         local x = input()
+         local expected = ref(x)
+         local m = ml.init_empty_weights(function() return Net() end)
+         quiet(function()
+            ml.load_checkpoint_and_dispatch(m, path, {
+               device_map = "auto", max_memory = { cpu = 100 }, offload_folder = dir .. "/off2" })
+         end)
+         local disk = 0
+         for _, d in pairs(m.hf_device_map) do if d == "disk" then disk = disk + 1 end end
+         assert.is_true(disk > 0)
+         assert.is_true(ml.equal(m(x), expected))
+      end)
+
+      it("rejects an unknown device_map string", function()
+         local _, path = checkpoint()
+         assert.has_error(function() ml.load_checkpoint_and_dispatch(Net(), path, { device_map = "fastest" }) end,
+            "load_checkpoint_and_dispatch: If passing a string for `device_map`, please choose 'auto', 'balanced', 'balanced_low_0' or 'sequential' (got \"fastest\").")
+      end)
+
+      it("needs an offload folder when the map has disk", function()
+         local _, path = checkpoint()
+         local m = ml.init_empty_weights(function() return Net() end)
+         local ok, err = pcall(ml.load_checkpoint_and_dispatch, m, path,
+            { device_map = { linear1 = "cpu", batchnorm = "cpu", linear2 = "disk" } })
+         assert.is_false(ok)
+         assert.is_truthy(tostring(err):find("please pass along an `offload_folder`", 1, true))
+      end)
+
+      it("loads the tiny GPT-2 with blocks on disk and matches the plain model exactly", function()
+         local dir = "tests/fixtures/models/gpt2_tiny"
+         local plain = ml.models.from_pretrained(dir)
+         local ids = ml.tensor({ { 46, 20, 75, 21, 3 } }, { dtype = "int64" })
+         local expected = plain(ids)
+         if type(expected) == "table" and not ml.is_tensor(expected) then expected = expected.logits or expected[1] end
+         local off = tmpdir()
+         local model
+         quiet(function()
+            model = ml.models.from_pretrained(dir, {
+               device_map = { ["transformer.wte"] = "cpu", ["transformer.wpe"] = "cpu",
+                  ["transformer.h.0"] = "disk", ["transformer.h.1"] = "cpu",
+                  ["transformer.ln_f"] = "disk", lm_head = "cpu" },
+               offload_folder = off })
+         end)
+         local got = model(ids)
+         if type(got) == "table" and not ml.is_tensor(got) then got = got.logits or got[1] end
+         assert.is_true(ml.equal(got, expected))
+         -- lm_head stays tied to the embedding
+         assert.are.equal(model.transformer.wte.weight, model.lm_head.weight)
+      end)
+   end)
+end)
