@@ -692,7 +692,9 @@ function M.load_checkpoint_in_model(model, checkpoint, opts)
       error(string.format("%s: the checkpoint at %s does not match %s (strict): %s", fn, checkpoint, cls, table.concat(parts, "; ")), 2)
    end
    if device_map ~= nil then
-      for name in pairs(expected) do
+      local names = {}
+      for name in pairs(expected) do names[#names + 1] = name end
+      for _, name in ipairs(sorted(names)) do
          if seen[name] and lookup_device(name, device_map) == nil then
             error(string.format("%s: %s doesn't have any device set.", fn, name), 2)
          end
