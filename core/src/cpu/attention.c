@@ -1,0 +1,216 @@
+/* attention.c: scaled dot-product attention on the cpu, PyTorch semantics. Per (batch..., head)
+   and block of query rows: scores = scale * q @ k^T (one GEMM), the mask and causal triangle
+   applied while the fused softmax runs over each row, then out = p @ v (one GEMM). Work items
+   (batch-head x query block) are spread over threads with BLAS single-threaded inside, so the
+   two thread pools never nest. Rows where every key is masked give zeros, as PyTorch's
+   scaled_dot_product_attention does (its plain softmax would give NaN). Grouped-query attention:
+   when q has Hq heads (dim -3) and k, v have Hk dividing Hq, query head h reads key head
+   h / (Hq / Hk), like PyTorch's enable_gqa=True. */
+#include "cpu/gemm.h"
+#include "cpu/rows.h"
+
+#include <stdlib.h>
+
+typedef struct {
+  int nbd;                                   /* batch dims of the output */
+  int64_t bshape[ML_MAX_DIMS];
+  int64_t qs[ML_MAX_DIMS], ks[ML_MAX_DIMS], vs[ML_MAX_DIMS], ms[ML_MAX_DIMS + 2];
+  int64_t group;                             /* query heads per key head (1: none) */
+  const ml_tensor *q, *k, *v, *mask;
+  int64_t L, S, E, Ev, Lb, nchunks;
+  double scale;
+  bool causal;
+  ml_dtype ct;
+  uint8_t *out;
+  atomic_int status;
+} sdpa_job;
+
+/* Adds the mask row (bool: false -> -inf; float: added) to n scores. */
+static void apply_mask_row(float *y, int64_t n, const ml_tensor *mask, const uint8_t *mp, int64_t s) {
+  if (mask->dtype == ML_BOOL) {
+    for (int64_t i = 0; i < n; i++) if (!mp[i * s]) y[i] = -INFINITY;
+  } else if (mask->dtype == ML_FLOAT32 && s == 1) {
+    const float *m = (const float *)mp;
+    for (int64_t i = 0; i < n; i++) y[i] += m[i];
+  } else {
+    for (int64_t i = 0; i < n; i++) y[i] += (float)ml_load_f64(mp, mask->dtype, i * s);
+  }
+}
+
+static void apply_mask_row_f64(double *y, int64_t n, const ml_tensor *mask, const uint8_t *mp, int64_t s) {
+  for (int64_t i = 0; i < n; i++) {
+    if (mask->dtype == ML_BOOL) { if (!mp[i * s]) y[i] = -INFINITY; }
+    else y[i] += ml_load_f64(mp, mask->dtype, i * s);
+  }
+}
+
+static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
+  sdpa_job *j = ctx;
+  size_t ce = ml_dtype_size(j->ct), oe = ml_dtype_size(j->q->dtype);
+  size_t ie = ml_dtype_size(j->q->dtype);
+  uint8_t *scores = ml_aligned_alloc((size_t)(j->Lb * j->S) * ce);
+  if (!scores && j->Lb * j->S > 0) { atomic_store(&j->status, ML_ENOMEM); return; }
+  const ml_tensor *q = j->q, *k = j->k, *v = j->v, *mask = j->mask;
+  int nq = q->ndim, nk = k->ndim, nv = v->ndim;
+  for (int64_t it = begin; it < end; it++) {
+    int64_t bh = it / j->nchunks, l0 = (it % j->nchunks) * j->Lb;
+    int64_t lw = j->L - l0 < j->Lb ? j->L - l0 : j->Lb;
+    int64_t qo = 0, ko = 0, vo = 0, mo = 0, r = bh;
+    for (int d = j->nbd - 1; d >= 0; d--) {
+      int64_t i = r % j->bshape[d], kv = d == j->nbd - 1 ? i / j->group : i;
+      r /= j->bshape[d];
+      qo += i * j->qs[d];
+      ko += kv * j->ks[d];
+      vo += kv * j->vs[d];
+      mo += i * j->ms[d];
+    }
+    /* scores (lw, S) = scale * q[l0:l0+lw] (lw, E) @ k^T (E, S) */
+    ml_mref A = {(const uint8_t *)ml_tensor_data(q) + (qo + l0 * q->strides[nq - 2]) * (int64_t)ie, q->dtype,
+                 q->strides[nq - 2], q->strides[nq - 1]};
+    ml_mref B = {(const uint8_t *)ml_tensor_data(k) + ko * (int64_t)ie, k->dtype, k->strides[nk - 1],
+                 k->strides[nk - 2]};
+    ml_status st = ml_gemm("sdpa", lw, j->S, j->E, j->scale, A, B, NULL, j->ct, scores, j->ct, j->S);
+    if (st) { atomic_store(&j->status, st); break; }
+    for (int64_t row = 0; row < lw; row++) {
+      int64_t l = l0 + row, n = j->S;
+      uint8_t *y = scores + row * j->S * (int64_t)ce;
+      if (j->causal && n > l + 1) {         /* keys after the query: probability 0 */
+        memset(y + (l + 1) * (int64_t)ce, 0, (size_t)(n - l - 1) * ce);
+        n = l + 1;
+      }
+      if (mask) {
+        const uint8_t *mp = (const uint8_t *)ml_tensor_data(mask) +
+                            (mo + l * j->ms[j->nbd]) * (int64_t)ml_dtype_size(mask->dtype);
+        if (j->ct == ML_FLOAT64) apply_mask_row_f64((double *)y, n, mask, mp, j->ms[j->nbd + 1]);
+        else apply_mask_row((float *)y, n, mask, mp, j->ms[j->nbd + 1]);
+      }
+      if (j->ct == ML_FLOAT64) ml_softmax_row_f64((double *)y, n, false, true);
+      else ml_softmax_row_f32((float *)y, n, false, true);
+    }
+    /* out[l0:l0+lw] (lw, Ev) = p (lw, S) @ v (S, Ev) */
+    ml_mref P = {scores, j->ct, j->S, 1};
+    ml_mref V = {(const uint8_t *)ml_tensor_data(v) + vo * (int64_t)ie, v->dtype, v->strides[nv - 2],
+                 v->strides[nv - 1]};
+    st = ml_gemm("sdpa", lw, j->Ev, j->S, 1.0, P, V, NULL, j->ct,
+                 j->out + ((bh * j->L + l0) * j->Ev) * (int64_t)oe, q->dtype, j->Ev);
+    if (st) { atomic_store(&j->status, st); break; }
+  }
+  ml_aligned_free(scores);
+}
+
+ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
+                  bool is_causal, double scale, ml_tensor **out) {
+  ML_TRY(ml_check_cpu_op("sdpa", q, "query"));
+  ML_TRY(ml_check_cpu_op("sdpa", k, "key"));
+  ML_TRY(ml_check_cpu_op("sdpa", v, "value"));
+  if (mask) ML_TRY(ml_check_cpu_op("sdpa", mask, "attn_mask"));
+  char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF], c[ML_SHAPE_BUF];
+  if (q->ndim < 2 || k->ndim < 2 || v->ndim < 2)
+    return ml_fail(ML_EINVAL, "sdpa: query, key and value need at least 2 dims, got shapes %s, %s and %s",
+                   ml_shape_str(q->ndim, q->shape, a, sizeof a), ml_shape_str(k->ndim, k->shape, b, sizeof b),
+                   ml_shape_str(v->ndim, v->shape, c, sizeof c));
+  if (q->dtype != k->dtype || q->dtype != v->dtype)
+    return ml_fail(ML_EINVAL, "sdpa: query, key and value must have the same dtype, got %s, %s and %s",
+                   ml_dtype_name(q->dtype), ml_dtype_name(k->dtype), ml_dtype_name(v->dtype));
+  if (!ml_dtype_is_floating(q->dtype))
+    return ml_fail(ML_EINVAL, "sdpa: expected floating-point query, key and value, got %s", ml_dtype_name(q->dtype));
+  int nq = q->ndim, nk = k->ndim, nv = v->ndim;
+  sdpa_job j = {.q = q, .k = k, .v = v, .mask = mask, .causal = is_causal, .group = 1};
+  j.L = q->shape[nq - 2]; j.E = q->shape[nq - 1];
+  j.S = k->shape[nk - 2]; j.Ev = v->shape[nv - 1];
+  if (k->shape[nk - 1] != j.E)
+    return ml_fail(ML_EINVAL, "sdpa: query of shape %s and key of shape %s have different embedding sizes (%lld != %lld)",
+                   ml_shape_str(nq, q->shape, a, sizeof a), ml_shape_str(nk, k->shape, b, sizeof b),
+                   (long long)j.E, (long long)k->shape[nk - 1]);
+  if (v->shape[nv - 2] != j.S)
+    return ml_fail(ML_EINVAL, "sdpa: key of shape %s and value of shape %s have different sequence lengths (%lld != %lld)",
+                   ml_shape_str(nk, k->shape, a, sizeof a), ml_shape_str(nv, v->shape, b, sizeof b),
+                   (long long)j.S, (long long)v->shape[nv - 2]);
+  if (mask && is_causal)
+    return ml_fail(ML_EINVAL, "sdpa: attn_mask and is_causal cannot both be set");
+  if (mask && mask->dtype != ML_BOOL && !ml_dtype_is_floating(mask->dtype))
+    return ml_fail(ML_EINVAL, "sdpa: attn_mask must be bool or floating point, got %s", ml_dtype_name(mask->dtype));
+
+  /* Batch dims: q's, k's and v's broadcast, with k/v heads (dim -3) grouped under q's. */
+  int64_t kb[ML_MAX_DIMS], vb[ML_MAX_DIMS], t[ML_MAX_DIMS];
+  int nqb = nq - 2, nkb = nk - 2, nvb = nv - 2, nt = 0;
+  memcpy(kb, k->shape, sizeof kb);
+  memcpy(vb, v->shape, sizeof vb);
+  if (nqb >= 1 && nkb >= 1 && nvb >= 1) {
+    int64_t hq = q->shape[nqb - 1], hk = kb[nkb - 1];
+    if (hk > 1 && hk != hq && hq % hk == 0 && vb[nvb - 1] == hk) {
+      j.group = hq / hk;
+      kb[nkb - 1] = hq;
+      vb[nvb - 1] = hq;
+    }
+  }
+  ML_TRY(ml_broadcast_shape("sdpa", nqb, q->shape, nkb, kb, &nt, t));
+  ML_TRY(ml_broadcast_shape("sdpa", nt, t, nvb, vb, &j.nbd, j.bshape));
+  for (int i = 0; i < j.nbd; i++) {
+    int iq = i - (j.nbd - nqb), ik = i - (j.nbd - nkb), iv = i - (j.nbd - nvb);
+    bool last = i == j.nbd - 1 && j.group > 1;
+    j.qs[i] = iq >= 0 && q->shape[iq] == j.bshape[i] ? q->strides[iq] : 0;
+    j.ks[i] = ik >= 0 && (k->shape[ik] == j.bshape[i] || last) ? k->strides[ik] : 0;
+    j.vs[i] = iv >= 0 && (v->shape[iv] == j.bshape[i] || last) ? v->strides[iv] : 0;
+  }
+  int64_t target[ML_MAX_DIMS + 2];
+  memcpy(target, j.bshape, (size_t)j.nbd * sizeof *target);
+  target[j.nbd] = j.L;
+  target[j.nbd + 1] = j.S;
+  if (j.nbd + 2 > ML_MAX_DIMS)
+    return ml_fail(ML_EINVAL, "sdpa: %d batch dims are too many (at most %d)", j.nbd, ML_MAX_DIMS - 2);
+  if (mask) {
+    int64_t ms[ML_MAX_DIMS];
+    int nm;
+    ml_status st = ml_broadcast_shape("sdpa", mask->ndim, mask->shape, j.nbd + 2, target, &nm, ms);
+    if (st || nm != j.nbd + 2 || memcmp(ms, target, (size_t)nm * sizeof *ms) != 0)
+      return ml_fail(ML_EINVAL, "sdpa: attn_mask of shape %s cannot be broadcast to the scores' shape %s",
+                     ml_shape_str(mask->ndim, mask->shape, a, sizeof a), ml_shape_str(j.nbd + 2, target, b, sizeof b));
+    ml_broadcast_strides(mask, j.nbd + 2, target, j.ms);
+  }
+  j.scale = scale > 0 ? scale : 1.0 / sqrt((double)j.E);
+  j.ct = q->dtype == ML_FLOAT64 ? ML_FLOAT64 : ML_FLOAT32;
+
+  int64_t oshape[ML_MAX_DIMS];
+  memcpy(oshape, j.bshape, (size_t)j.nbd * sizeof *oshape);
+  oshape[j.nbd] = j.L;
+  oshape[j.nbd + 1] = j.Ev;
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(q->dtype, j.nbd + 2, oshape, ml_cpu(), &o));
+  j.out = ml_tensor_data(o);
+  int64_t nbh = ml_shape_numel(j.nbd, j.bshape);
+  if (ml_tensor_numel(o) == 0) { *out = o; return ML_OK; }
+
+  /* Query blocks keep the scores buffer near 1 MiB, and give every thread work when there are
+     fewer batch-heads than threads. */
+  int nthreads = ml_get_num_threads();
+  int64_t S1 = j.S > 0 ? j.S : 1;
+  j.Lb = (1 << 18) / S1;
+  j.Lb = j.Lb < 1 ? 1 : j.Lb > j.L ? j.L : j.Lb;
+  j.nchunks = (j.L + j.Lb - 1) / j.Lb;
+  if (nbh * j.nchunks < 2 * nthreads && j.L > 1) {
+    int64_t want = (2 * nthreads + nbh - 1) / nbh;
+    if (want > j.nchunks) {
+      j.Lb = (j.L + want - 1) / want;
+      j.nchunks = (j.L + j.Lb - 1) / j.Lb;
+    }
+  }
+  int64_t items = nbh * j.nchunks, cost = j.Lb * S1 * (j.E + j.Ev + 8);
+  atomic_init(&j.status, ML_OK);
+  ml_status st = ML_OK;
+  if (items >= 2 && nthreads > 1 && items * cost >= (1 << 16)) {
+    int saved = ml_blas_threads_get();
+    ml_blas_threads_set(1);
+    ml_parallel_for(items, cost, sdpa_items, &j);
+    ml_blas_threads_set(saved);
+    if ((st = atomic_load(&j.status)))
+      st = ml_fail(st, "sdpa: out of memory for the scores of %lld x %lld", (long long)j.Lb, (long long)j.S);
+  } else {
+    sdpa_items(&j, 0, items);
+    if ((st = atomic_load(&j.status)) == ML_ENOMEM)
+      st = ml_fail(st, "sdpa: out of memory for the scores of %lld x %lld", (long long)j.Lb, (long long)j.S);
+  }
+  if (st) { ml_tensor_release(o); return st; }
+  *out = o;
+  return ML_OK;
+}

@@ -1,0 +1,221 @@
+-- Neural-network kernels (core/src/cpu/nn.c, attention.c): softmax / log_softmax, layer_norm,
+-- rms_norm, embedding and scaled dot-product attention against PyTorch fixtures
+-- (tests/fixtures/gen_ops_nn.py -> ops_nn.json), plus error messages. The ops without a tensor
+-- method yet (norms, embedding, attention) go through C.lib until ml.nn.functional exists.
+local ml = require("moonload")
+local C = require("moonload.C")
+local Tensor = require("moonload.tensor")
+local cjson = require("cjson")
+
+local ffi, lib = C.ffi, C.lib
+
+local function load_fixture(name)
+   local f = assert(io.open("tests/fixtures/" .. name, "rb"))
+   local s = f:read("*a")
+   f:close()
+   return cjson.decode(s)
+end
+
+local fx = load_fixture("ops_nn.json")
+
+-- A tensor from a fixture record: base values, then view ops (0-based dims in the fixture).
+local function build(rec)
+   local t = ml.empty(rec.shape, { dtype = rec.dtype })
+   local n = #rec.data
+   if n > 0 then
+      local buf = ffi.new("double[?]", n)
+      for i = 1, n do buf[i - 1] = rec.data[i] end
+      C.check(lib.ml_tensor_write_f64(t._c, buf, n))
+   end
+   for _, op in ipairs(rec.view or {}) do
+      if op[1] == "transpose" then t = t:transpose(op[2] + 1, op[3] + 1)
+      elseif op[1] == "narrow" then t = t:narrow(op[2] + 1, op[3] + 1, op[4])
+      elseif op[1] == "expand" then t = t:expand(op[2])
+      elseif op[1] == "permute" then
+         local dims = {}
+         for i, d in ipairs(op[2]) do dims[i] = d + 1 end
+         t = t:permute(dims)
+      else error("unknown view op " .. tostring(op[1])) end
+   end
+   return t
+end
+
+local function values(t)
+   local n = t:numel()
+   local buf = ffi.new("double[?]", math.max(n, 1))
+   C.check(lib.ml_tensor_read_f64(t._c, buf, n))
+   local out = {}
+   for i = 1, n do out[i] = buf[i - 1] end
+   return out
+end
+
+local TOL = { float32 = { 1e-5, 1e-4 }, float64 = { 1e-10, 1e-10 }, float16 = { 2e-3, 2e-3 },
+              bfloat16 = { 2e-2, 1e-2 }, int64 = { 0, 0 } }
+
+-- Same shape, dtype and values within the dtype's tolerance (NaN matches NaN).
+local function assert_matches(expected, got, what)
+   assert.are.same(expected.shape, got.shape, what .. ": shape")
+   assert.are.equal(expected.dtype, got.dtype, what .. ": dtype")
+   local ev, gv = expected.data, values(got)
+   local atol, rtol = TOL[expected.dtype][1], TOL[expected.dtype][2]
+   assert.are.equal(#ev, #gv, what .. ": element count")
+   for i = 1, #ev do
+      local e, g = ev[i], gv[i]
+      local ok = (e ~= e and g ~= g) or e == g or math.abs(e - g) <= atol + rtol * math.abs(e)
+      if not ok then
+         error(string.format("%s: element %d is %.9g, expected %.9g", what, i, g, e), 2)
+      end
+   end
+end
+
+local function errmsg(fn)
+   local ok, err = pcall(fn)
+   assert.is_false(ok, "expected an error")
+   return (tostring(err):gsub("^[^:]*:%d+: ", ""))
+end
+
+local out1 = ffi.new("ml_tensor*[1]")
+
+local function linear(x, w, b)
+   C.check(lib.ml_linear(x._c, w._c, b and b._c or nil, out1))
+   return Tensor.wrap(out1[0])
+end
+
+
+local function layer_norm(x, nnorm, w, b, eps)
+   C.check(lib.ml_layer_norm(x._c, nnorm, w and w._c or nil, b and b._c or nil, eps or 1e-5, out1))
+   return Tensor.wrap(out1[0])
+end
+
+local function rms_norm(x, nnorm, w, eps)
+   C.check(lib.ml_rms_norm(x._c, nnorm, w and w._c or nil, eps or 1e-6, out1))
+   return Tensor.wrap(out1[0])
+end
+
+local function embedding(ids, w)
+   C.check(lib.ml_embedding(ids._c, w._c, out1))
+   return Tensor.wrap(out1[0])
+end
+
+local function sdpa(q, k, v, opts)
+   opts = opts or {}
+   C.check(lib.ml_sdpa(q._c, k._c, v._c, opts.attn_mask and opts.attn_mask._c or nil, opts.is_causal or false,
+      opts.scale or 0, out1))
+   return Tensor.wrap(out1[0])
+end
+
+describe("softmax", function()
+   for _, case in ipairs(fx.softmax) do
+      it("matches PyTorch: " .. case.name, function()
+         local x = build(case.x)
+         local dim = case.dim < 0 and case.dim or case.dim + 1
+         local got = case.log and x:log_softmax(dim) or x:softmax(dim)
+         assert_matches(case.expected, got, case.name)
+      end)
+   end
+
+   it("sums to one over rows of 4096 (the vectorised exp)", function()
+      local x = ml.randn(3, 4096) * 20
+      local s = values(x:softmax(-1):sum(-1))
+      for i = 1, 3 do assert.is_true(math.abs(s[i] - 1) < 1e-4) end
+   end)
+
+   it("rejects integer input and a bad dim", function()
+      assert.are.equal("softmax: expected a floating-point input, got int64",
+         errmsg(function() return ml.tensor({ 1, 2 }, { dtype = "int64" }):softmax(-1) end))
+      assert.are.equal("log_softmax: input is on the meta device and has no data",
+         errmsg(function() return ml.empty(2, 3, { device = "meta" }):log_softmax(-1) end))
+   end)
+end)
+
+describe("layer_norm and rms_norm", function()
+   for _, case in ipairs(fx.norm) do
+      it("matches PyTorch: " .. case.name, function()
+         local x = build(case.x)
+         local w = case.w and build(case.w) or nil
+         local b = case.b and build(case.b) or nil
+         local got = case.rms and rms_norm(x, case.nnorm, w, case.eps) or layer_norm(x, case.nnorm, w, b, case.eps)
+         assert_matches(case.expected, got, case.name)
+      end)
+   end
+
+   it("rejects a weight that is not the normalized shape", function()
+      assert.are.equal("layer_norm: weight of shape [3] does not match the normalized shape [4]",
+         errmsg(function() return layer_norm(ml.zeros(2, 4), 1, ml.ones(3)) end))
+      assert.are.equal("rms_norm: weight of shape [4] does not match the normalized shape [3, 4]",
+         errmsg(function() return rms_norm(ml.zeros(2, 3, 4), 2, ml.ones(4)) end))
+   end)
+
+   it("rejects more normalized dims than the input has", function()
+      assert.are.equal("layer_norm: cannot normalise over the last 3 dims of a tensor of shape [2, 4]",
+         errmsg(function() return layer_norm(ml.zeros(2, 4), 3) end))
+   end)
+end)
+
+describe("embedding", function()
+   for _, case in ipairs(fx.embedding) do
+      it("matches PyTorch: " .. case.name, function()
+         assert_matches(case.expected, embedding(build(case.ids), build(case.w)), case.name)
+      end)
+   end
+
+   it("rejects an out-of-range id naming it and the table size", function()
+      local ids = ml.tensor({ 0, 5, 2 }, { dtype = "int64" })
+      assert.are.equal("embedding: id 5 is out of range for a table of 5 rows (ids are 0-based)",
+         errmsg(function() return embedding(ids, ml.zeros(5, 2)) end))
+      assert.are.equal("embedding: id -1 is out of range for a table of 5 rows (ids are 0-based)",
+         errmsg(function() return embedding(ml.tensor({ -1 }, { dtype = "int32" }), ml.zeros(5, 2)) end))
+   end)
+
+   it("rejects float ids and a table that is not 2-D", function()
+      assert.are.equal("embedding: ids must be an integer tensor, got float32",
+         errmsg(function() return embedding(ml.tensor({ 1 }), ml.zeros(5, 2)) end))
+      assert.are.equal("embedding: weight must be 2-D (num_embeddings, embedding_dim), got shape [5]",
+         errmsg(function() return embedding(ml.tensor({ 1 }, { dtype = "int64" }), ml.zeros(5)) end))
+   end)
+end)
+
+describe("scaled dot-product attention", function()
+   for _, case in ipairs(fx.sdpa) do
+      it("matches PyTorch: " .. case.name, function()
+         local q, k, v = build(case.q), build(case.k), build(case.v)
+         local mask = case.mask and build(case.mask) or nil
+         local got = sdpa(q, k, v, { attn_mask = mask, is_causal = case.is_causal, scale = case.scale })
+         assert_matches(case.expected, got, case.name)
+      end)
+   end
+
+   it("agrees with softmax(q k^T / sqrt(E)) v on a threaded, blocked problem", function()
+      -- 1 batch-head x L = 300 queries: split in query blocks across threads.
+      local q, k, v = ml.randn(1, 1, 300, 16), ml.randn(1, 1, 70, 16), ml.randn(1, 1, 70, 8)
+      local got = values(sdpa(q, k, v, { is_causal = true }))
+      local scores = ml.matmul(q, k:transpose(-2, -1)) * (1 / 4)
+      local keep = ml.ones(300, 70, { dtype = "bool" }):tril()
+      local want = values(ml.matmul(scores:masked_fill(keep:logical_not(), -math.huge):softmax(-1), v))
+      for i = 1, #want, 97 do assert.is_true(math.abs(got[i] - want[i]) < 1e-4, i) end
+   end)
+
+   it("rejects mismatched embedding sizes and sequence lengths", function()
+      assert.are.equal("sdpa: query of shape [1, 3, 8] and key of shape [1, 4, 6] have different embedding sizes (8 != 6)",
+         errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 6), ml.zeros(1, 4, 6)) end))
+      assert.are.equal("sdpa: key of shape [1, 4, 8] and value of shape [1, 5, 8] have different sequence lengths (4 != 5)",
+         errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(1, 5, 8)) end))
+   end)
+
+   it("rejects a mask that does not broadcast, and a mask with is_causal", function()
+      assert.are.equal("sdpa: attn_mask of shape [3, 3] cannot be broadcast to the scores' shape [1, 3, 4]",
+         errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(1, 4, 8),
+            { attn_mask = ml.zeros(3, 3) }) end))
+      assert.are.equal("sdpa: attn_mask and is_causal cannot both be set",
+         errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(1, 4, 8),
+            { attn_mask = ml.zeros(3, 4), is_causal = true }) end))
+   end)
+
+   it("rejects mixed dtypes and integer masks", function()
+      assert.are.equal("sdpa: query, key and value must have the same dtype, got float32, float16 and float32",
+         errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8):half(), ml.zeros(1, 4, 8)) end))
+      assert.are.equal("sdpa: attn_mask must be bool or floating point, got int64",
+         errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(1, 4, 8),
+            { attn_mask = ml.zeros(3, 4, { dtype = "int64" }) }) end))
+   end)
+end)
