@@ -118,6 +118,24 @@ describe("utils.device_map", function()
          if n <= 3 then assert.are.equal(1, #warnings) end
       end)
 
+      it("asks the CUDA seam for each GPU's free memory, skipping failing ones", function()
+         local count, free = dm.cuda_device_count, dm.gpu_free_memory
+         dm.cuda_device_count = function() return 3 end
+         dm.gpu_free_memory = function(i) if i == 1 then return nil end return (i + 1) * 1000 end
+         local ok, mm, keys, _, infos = pcall(models.capture, function() return utils.get_max_memory() end)
+         dm.cuda_device_count, dm.gpu_free_memory = count, free
+         assert.is_true(ok, tostring(mm))
+         assert.are.same({ 0, 2, "cpu" }, keys)
+         assert.are.equal(1000, mm[0])
+         assert.are.equal(3000, mm[2])
+         assert.is_nil(mm[1])
+         assert.are.same({ "Device 1 seems unavailable, Proceeding to check subsequent devices." }, infos)
+      end)
+
+      it("is the same function as ml.infer_auto_device_map", function()
+         assert.are.equal(utils.infer_auto_device_map, require("moonload").infer_auto_device_map)
+      end)
+
       it("gives the available RAM as cpu when nothing is passed", function()
          local mm, keys = utils.get_max_memory()
          assert.is_true(mm.cpu > 0)

@@ -60,10 +60,12 @@ function M.gpu_free_memory(i)
    return tonumber(free[0])
 end
 
-local function device_count()
+--- Number of visible GPUs (the library's ml_cuda_device_count; replaceable like gpu_free_memory).
+function M.cuda_device_count()
    local ok, n = pcall(function() return C.lib.ml_cuda_device_count() end)
    return ok and tonumber(n) or 0
 end
+local function device_count() return M.cuda_device_count() end
 
 local function is_gpu_key(k) return type(k) == "number" end
 
