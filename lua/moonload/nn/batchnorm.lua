@@ -1,5 +1,5 @@
---- nn.BatchNorm1d(num_features[, {eps = 1e-5, momentum = 0.1, affine = true,
--- track_running_stats = true}]) over (N, C) or (N, C, L) inputs.
+--- nn.BatchNorm1d(num_features[, {eps = 1e-5, momentum = 0.1, affine = true, bias = true,
+-- track_running_stats = true}]) (momentum = false means PyTorch's None: a cumulative average) over (N, C) or (N, C, L) inputs.
 -- Buffers running_mean (0), running_var (1), num_batches_tracked (int64 0); weight 1, bias 0.
 -- In eval mode (the default) it normalises with the running statistics. In training mode it
 -- uses the batch statistics and updates the running ones as PyTorch does (unbiased variance,
@@ -22,9 +22,13 @@ function BatchNorm1d:__init(num_features, opts)
    self.track_running_stats = opts.track_running_stats ~= false
    if self.affine then
       self.weight = Module.new_parameter({ num_features }, opts)
-      self.bias = Module.new_parameter({ num_features }, opts)
       init.ones_(self.weight)
-      init.zeros_(self.bias)
+      if opts.bias ~= false then
+         self.bias = Module.new_parameter({ num_features }, opts)
+         init.zeros_(self.bias)
+      else
+         self:register_parameter("bias", nil)
+      end
    else
       self:register_parameter("weight", nil)
       self:register_parameter("bias", nil)
@@ -80,8 +84,9 @@ end
 
 function BatchNorm1d:extra_repr()
    local mom = self.momentum == nil and "None" or Module.py_float(self.momentum)
-   return string.format("%d, eps=%s, momentum=%s, affine=%s, track_running_stats=%s", self.num_features,
-      Module.py_float(self.eps), mom, Module.py_repr(self.affine), Module.py_repr(self.track_running_stats))
+   return string.format("%d, eps=%s, momentum=%s, affine=%s, bias=%s, track_running_stats=%s", self.num_features,
+      Module.py_float(self.eps), mom, Module.py_repr(self.affine), Module.py_repr(self.bias ~= nil),
+      Module.py_repr(self.track_running_stats))
 end
 
 return BatchNorm1d

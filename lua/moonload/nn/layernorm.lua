@@ -51,8 +51,8 @@ function LayerNorm:forward(x)
 end
 
 function LayerNorm:extra_repr()
-   return string.format("%s, eps=%s, elementwise_affine=%s", Module.py_repr(self.normalized_shape),
-      Module.py_float(self.eps), Module.py_repr(self.elementwise_affine))
+   return string.format("%s, eps=%s, elementwise_affine=%s, bias=%s", Module.py_repr(self.normalized_shape),
+      Module.py_float(self.eps), Module.py_repr(self.elementwise_affine), Module.py_repr(self.bias ~= nil))
 end
 
 return LayerNorm

@@ -650,8 +650,8 @@ function Module:to(a, b)
       dt = dtypes.canonical(b)
       if not dt then error(string.format("to: unknown dtype %s (expected one of %s)", tostring(b), dtypes.list), 2) end
    end
-   if dev ~= nil then
-      Tensor.parse_device("to", dev)
+   if dev ~= nil and not pcall(Tensor.parse_device, "to", dev) then
+      error(string.format('to: "%s" is neither a device ("cpu", "meta", "cuda:N") nor a dtype (%s)', dev, dtypes.list), 2)
    end
    local list = distinct_tensors(self)
    if dev ~= nil and dev ~= "meta" then

@@ -25,7 +25,8 @@ function RMSNorm:forward(x)
 end
 
 function RMSNorm:extra_repr()
-   return string.format("%s, eps=%s", Module.py_repr(self.normalized_shape), Module.py_float(self.eps))
+   return string.format("%s, eps=%s, elementwise_affine=%s", Module.py_repr(self.normalized_shape),
+      Module.py_float(self.eps), Module.py_repr(self.elementwise_affine))
 end
 
 return RMSNorm
