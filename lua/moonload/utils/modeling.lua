@@ -146,6 +146,17 @@ local function same_shape(a, b)
    return true
 end
 
+-- Shape equality on the C side (no Lua lists: hooks call this per tensor per forward).
+local lib = require("moonload.C").lib
+local function same_shape_t(a, b)
+   local ac, bc = a._c, b._c
+   local n = lib.ml_tensor_ndim(ac)
+   if n ~= lib.ml_tensor_ndim(bc) then return false end
+   local sa, sb = lib.ml_tensor_shape(ac), lib.ml_tensor_shape(bc)
+   for i = 0, n - 1 do if sa[i] ~= sb[i] then return false end end
+   return true
+end
+
 local INTEGER = { int64 = true, int32 = true, int16 = true, int8 = true, uint8 = true, bool = true }
 
 -- --- set_module_tensor_to_device ------------------------------------------------------------
@@ -156,6 +167,9 @@ local function describe_module(m, path)
    return string.format('%s "%s"', cls, path)
 end
 
+-- dotted name -> its parts (names are few and reused every forward)
+local split_cache = {}
+
 --- set_module_tensor_to_device(module, tensor_name, device, {value, dtype, fp16_statistics,
 -- tied_params_map, non_blocking, clear_cache}). Puts the named parameter or buffer (dotted name)
 -- on device, optionally with a new value. A value keeps the old tensor's dtype unless dtype is
@@ -165,24 +179,24 @@ function M.set_module_tensor_to_device(module, tensor_name, device, opts)
    local fn = "set_module_tensor_to_device"
    local value, dtype, tied
    if opts ~= nil then value, dtype, tied = opts.value, opts.dtype, opts.tied_params_map end
-   local name = tensor_name
-   if name:find(".", 1, true) then
-      local path = ""
-      local start = 1
-      while true do
-         local dot = name:find(".", start, true)
-         if not dot then break end
-         local part = name:sub(start, dot - 1)
-         local sub = module[part]
-         if not M.is_module(sub) then
-            error(string.format('%s: %s has no attribute %s (in "%s").', fn, describe_module(module, path), part, tensor_name), 2)
-         end
-         module = sub
-         path = path == "" and part or (path .. "." .. part)
-         start = dot + 1
-      end
-      name = name:sub(start)
+   local parts = split_cache[tensor_name]
+   if parts == nil then
+      parts = {}
+      for part in tensor_name:gmatch("[^.]+") do parts[#parts + 1] = part end
+      if #parts == 0 then parts[1] = tensor_name end
+      split_cache[tensor_name] = parts
    end
+   local n = #parts
+   for i = 1, n - 1 do
+      local part = parts[i]
+      local sub = module[part]
+      if not M.is_module(sub) then
+         error(string.format('%s: %s has no attribute %s (in "%s").', fn,
+            describe_module(module, table.concat(parts, ".", 1, i - 1)), part, tensor_name), 2)
+      end
+      module = sub
+   end
+   local name = parts[n]
    local kind = tensor_kind(module, name)
    if kind == nil then
       error(string.format('%s: %s does not have a parameter or a buffer named %s (in "%s").', fn,
@@ -221,10 +235,9 @@ function M.set_module_tensor_to_device(module, tensor_name, device, opts)
          end
       end
       if old ~= nil then
-         local vs, os_ = value.shape, old.shape
-         if not same_shape(vs, os_) then
+         if not same_shape_t(value, old) then
             error(string.format('%s: Trying to set a tensor of shape %s in "%s" (which has shape %s), this looks incorrect.',
-               fn, shape_str(vs), tensor_name, shape_str(os_)), 2)
+               fn, shape_str(value.shape), tensor_name, shape_str(old.shape)), 2)
          end
       end
       if dtype == nil then
@@ -269,7 +282,7 @@ end
 
 --- find_tied_parameters(model) -> list of sorted name groups sharing one tensor object.
 function M.find_tied_parameters(model)
-   local canonical_order, canonical_of = {}, {}
+   local canonical_order = {}
    local by_tensor = {}
    for name, p in model:named_parameters("", true, true) do
       by_tensor[p] = name
@@ -293,7 +306,7 @@ function M.find_tied_parameters(model)
          groups[#groups + 1] = group
       end
    end
-   return groups, canonical_of
+   return groups
 end
 
 local function resolve(model, dotted)
