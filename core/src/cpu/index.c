@@ -37,9 +37,8 @@ ml_status ml_cat(int n, ml_tensor *const *tensors, int dim, ml_tensor **out) {
     for (int k = 0; k < r->ndim; k++) {
       if (k != d && t->shape[k] != r->shape[k]) {
         char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF];
-        return ml_fail(ML_EINVAL, "cat: sizes must match except in dimension %d: tensor %d has shape %s, tensor %d has shape %s "
-                       "(dimension %d: %lld vs %lld)", d, ref + 1, ml_shape_str(r->ndim, r->shape, a, sizeof a), i + 1,
-                       ml_shape_str(t->ndim, t->shape, b, sizeof b), k, (long long)r->shape[k], (long long)t->shape[k]);
+        return ml_fail(ML_EINVAL, "cat: sizes must match except in the cat dimension: tensor %d has shape %s, tensor %d has shape %s",
+                       ref + 1, ml_shape_str(r->ndim, r->shape, a, sizeof a), i + 1, ml_shape_str(t->ndim, t->shape, b, sizeof b));
       }
     }
     shape[d] += t->shape[d];
@@ -100,8 +99,8 @@ ml_status ml_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tens
     ishape[k] = index->ndim ? index->shape[k] : 1; istr[k] = index->ndim ? index->strides[k] : 0;
     if (k != d && ishape[k] > xshape[k]) {
       char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF];
-      return ml_fail(ML_EINVAL, "gather: index shape %s is larger than input shape %s in dimension %d",
-                     ml_shape_str(index->ndim, index->shape, a, sizeof a), ml_shape_str(x->ndim, x->shape, b, sizeof b), k);
+      return ml_fail(ML_EINVAL, "gather: index shape %s is larger than input shape %s outside the gather dimension",
+                     ml_shape_str(index->ndim, index->shape, a, sizeof a), ml_shape_str(x->ndim, x->shape, b, sizeof b));
     }
   }
   ml_tensor *o;
@@ -125,9 +124,11 @@ ml_status ml_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tens
       for (int64_t i = 0; i < n; i++) {
         int64_t v = iv[i] < 0 ? iv[i] + size : iv[i];
         if (v < 0 || v >= size) {
+          char b[ML_SHAPE_BUF];
+          ml_fail(ML_EINVAL, "gather: index %lld is out of range for a dimension of size %lld (input shape %s)",
+                  (long long)iv[i], (long long)size, ml_shape_str(x->ndim, x->shape, b, sizeof b));
           ml_tensor_release(o);
-          return ml_fail(ML_EINVAL, "gather: index %lld is out of range for dimension %d of size %lld", (long long)iv[i], d,
-                         (long long)size);
+          return ML_EINVAL;
         }
         copy_elem(od + (size_t)(it.off[0] + (s + i) * it.inner_stride[0]) * es,
                   xd + (size_t)(it.off[2] + (s + i) * it.inner_stride[2] + v * xstr[d]) * es, es);
@@ -160,9 +161,11 @@ ml_status ml_index_select(const ml_tensor *x, int dim, const ml_tensor *index, m
   for (int64_t i = 0; i < m; i++) {
     int64_t v = iv[i] < 0 ? iv[i] + size : iv[i];
     if (v < 0 || v >= size) {
+      char b[ML_SHAPE_BUF];
+      ml_fail(ML_EINVAL, "index_select: index %lld is out of range for a dimension of size %lld (input shape %s)",
+              (long long)iv[i], (long long)size, ml_shape_str(x->ndim, x->shape, b, sizeof b));
       ml_aligned_free(iv);
-      return ml_fail(ML_EINVAL, "index_select: index %lld is out of range for dimension %d of size %lld", (long long)iv[i], d,
-                     (long long)size);
+      return ML_EINVAL;
     }
     iv[i] = v;
   }

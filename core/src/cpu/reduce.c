@@ -32,7 +32,11 @@ static ml_status plan_dims(const char *fn, const ml_tensor *x, int ndims, const 
     int d = 0;
     ML_TRY(ml_norm_dim(fn, dims[i], x->ndim, &d));
     if (x->ndim == 0) continue;       /* dim 0 / -1 of a 0-d tensor reduces nothing */
-    if (red[d]) return ml_fail(ML_EINVAL, "%s: dim %d appears multiple times in the list of dims", fn, d);
+    if (red[d]) {
+      char b[ML_SHAPE_BUF];
+      return ml_fail(ML_EINVAL, "%s: the same dim appears twice in the list of dims (input shape %s)", fn,
+                     ml_shape_str(x->ndim, x->shape, b, sizeof b));
+    }
     red[d] = true;
   }
   memset(p, 0, sizeof *p);
@@ -280,9 +284,11 @@ ml_status ml_topk(const ml_tensor *x, int64_t k, int dim, bool largest, ml_tenso
   int d = 0;
   ML_TRY(ml_norm_dim("topk", dim, x->ndim, &d));
   int64_t n = x->ndim ? x->shape[d] : 1;
-  if (k < 0 || k > n)
-    return ml_fail(ML_EINVAL, "topk: k = %lld is out of range for dimension %d of size %lld", (long long)k, d,
-                   (long long)n);
+  if (k < 0 || k > n) {
+    char b[ML_SHAPE_BUF];
+    return ml_fail(ML_EINVAL, "topk: k = %lld is out of range for a dimension of size %lld (input shape %s)",
+                   (long long)k, (long long)n, ml_shape_str(x->ndim, x->shape, b, sizeof b));
+  }
   int64_t oshape[ML_MAX_DIMS];
   memcpy(oshape, x->shape, sizeof oshape);
   if (x->ndim) oshape[d] = k;
@@ -413,6 +419,7 @@ ml_status ml_allclose(const ml_tensor *a, const ml_tensor *b, double rtol, doubl
         double x = va[i], y = vb[i];
         if (x == y) continue;                                  /* also equal infinities */
         if (x != x || y != y) { if (equal_nan && x != x && y != y) continue; return ML_OK; }
+        if (isinf(x) || isinf(y)) return ML_OK;                /* unequal infinities are never close */
         if (!(fabs(x - y) <= atol + rtol * fabs(y))) return ML_OK;
       }
     }

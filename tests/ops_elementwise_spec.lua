@@ -1,0 +1,97 @@
+--- Elementwise CPU kernels (core/src/cpu/elementwise.c) through the Lua API: values against PyTorch
+-- fixtures (tests/fixtures/gen_ops_elementwise.py -> ops_elementwise.json), error messages, meta
+-- inputs, and results that do not depend on the thread count.
+local ml = require("moonload")
+local H = require("ops_helpers")
+
+describe("elementwise ops", function()
+   H.define("ops_elementwise.json", describe, it)
+
+   describe("errors", function()
+      local a, b = ml.tensor({ { 1, 2, 3 }, { 4, 5, 6 } }), ml.tensor({ 1, 2, 3, 4 })
+
+      it("names the op and both shapes when broadcasting fails", function()
+         assert.are.equal("add: shapes [2, 3] and [4] cannot be broadcast (dimension 1: 3 vs 4)",
+            H.errmsg(function() return a + b end))
+         assert.are.equal("maximum: shapes [2, 3] and [4] cannot be broadcast (dimension 1: 3 vs 4)",
+            H.errmsg(function() return a:maximum(b) end))
+         -- nothing was written into the inputs
+         assert.are.same({ { 1, 2, 3 }, { 4, 5, 6 } }, a:tolist())
+      end)
+
+      it("rejects bool subtraction and negation like PyTorch", function()
+         local m = ml.tensor({ true, false })
+         assert.are.equal("sub: subtraction of two bool tensors is not supported (use logical_xor or ne)",
+            H.errmsg(function() return m - m end))
+         assert.are.equal("neg: negation of a bool tensor is not supported (use logical_not)",
+            H.errmsg(function() return -m end))
+      end)
+
+      it("rejects integer tensors to negative integer powers", function()
+         local x = ml.tensor({ 1, 2 }, { dtype = "int64" })
+         assert.are.equal("pow: integers to negative integer powers are not allowed (int64 tensor to the power -1)",
+            H.errmsg(function() return x ^ -1 end))
+         assert.are.same({ 1, 0.25 }, (x:float() ^ -2):tolist())
+      end)
+
+      it("wants a bool condition in where and a bool mask in masked_fill", function()
+         assert.are.equal("where: condition must be a bool tensor, got float32",
+            H.errmsg(function() return ml.where(a, a, a) end))
+         assert.are.equal("masked_fill: mask must be a bool tensor, got int64",
+            H.errmsg(function() return a:masked_fill(ml.tensor({ 1, 0, 1 }, { dtype = "int64" }), 0) end))
+         assert.are.equal("where: shapes [2] and [2, 3] cannot be broadcast (dimension 1: 2 vs 3)",
+            H.errmsg(function() return ml.where(ml.tensor({ true, false }), a, a) end))
+      end)
+
+      it("needs 2 dimensions for tril and triu", function()
+         assert.are.equal("tril: input must have at least 2 dimensions, got a 1-d tensor",
+            H.errmsg(function() return b:tril() end))
+         assert.are.equal("triu: input must have at least 2 dimensions, got a 0-d tensor",
+            H.errmsg(function() return ml.tensor(1):triu() end))
+      end)
+
+      it("refuses meta tensors (no data) and mixed devices", function()
+         local m = ml.zeros({ 2, 3 }, { device = "meta" })
+         assert.are.equal("exp: tensor is on the meta device and has no data", H.errmsg(function() return m:exp() end))
+         assert.are.equal("gelu: tensor is on the meta device and has no data", H.errmsg(function() return m:gelu() end))
+         assert.are.equal("add: expected tensors on the same device, got cpu and meta",
+            H.errmsg(function() return a + m end))
+         assert.are.equal("mul: tensor is on the meta device and has no data", H.errmsg(function() return m * 2 end))
+         assert.are.equal("where: expected tensors on the same device, got meta and cpu",
+            H.errmsg(function() return ml.where(ml.zeros({ 2, 3 }, { dtype = "bool", device = "meta" }), a, a) end))
+      end)
+   end)
+
+   describe("large tensors (threads and blocks)", function()
+      after_each(function() ml.set_num_threads(0) end)
+
+      -- 600 x 500 values in [-15, 15), exactly representable
+      local function big()
+         return (ml.arange(0, 300000):float() * 1e-4 - 15):reshape(600, 500)
+      end
+
+      it("gives bitwise the same results with 1 and 2 threads", function()
+         local x, y = big(), big():t():contiguous():t()      -- y: same values, transposed storage
+         local row = ml.arange(0, 500):float() * 0.01
+         ml.set_num_threads(1)
+         local g1, s1, m1, h1 = x:gelu(), x:sigmoid(), y * row, x:half():silu()
+         ml.set_num_threads(2)
+         local g2, s2, m2, h2 = x:gelu(), x:sigmoid(), y * row, x:half():silu()
+         assert.is_true(g1:equal(g2))
+         assert.is_true(s1:equal(s2))
+         assert.is_true(m1:equal(m2))
+         assert.is_true(h1:equal(h2))
+      end)
+
+      it("computes every block of a long row like a short one", function()
+         local x = big():reshape(300000)
+         local g = x:gelu()
+         for _, start in ipairs({ 1, 1020, 131000, 299001 }) do
+            local piece = x:narrow(1, start, 1000):clone()        -- small: one thread, few blocks
+            assert.is_true(g:narrow(1, start, 1000):equal(piece:gelu()))
+         end
+         local st = big():t()                                     -- strided view through every block
+         assert.is_true(st:exp():equal(st:contiguous():exp()))
+      end)
+   end)
+end)

@@ -1,0 +1,137 @@
+--- Shared by ops_elementwise_spec, ops_reduce_spec and ops_index_spec: loads the PyTorch fixtures
+-- written by tests/fixtures/gen_ops_elementwise.py, builds their inputs through the Lua API, runs
+-- each case's call and compares every output (dtype, shape, values) with PyTorch's.
+local cjson = require("cjson")
+local assert = require("luassert")
+local ml = require("moonload")
+
+local M = {}
+
+local HERE = debug.getinfo(1, "S").source:sub(2):match("^(.*)/[^/]*$") or "."
+
+function M.load(name)
+   local f = assert(io.open(HERE .. "/fixtures/" .. name, "rb"))
+   local doc = cjson.decode(f:read("*a"))
+   f:close()
+   return doc
+end
+
+local SPECIAL = { nan = 0 / 0, inf = math.huge, ["-inf"] = -math.huge }
+
+local function value(v)
+   if type(v) == "string" then return assert(SPECIAL[v], "bad fixture value " .. v) end
+   return v
+end
+
+local function numel(shape)
+   local n = 1
+   for i = 1, #shape do n = n * shape[i] end
+   return n
+end
+
+--- The tensor an input spec describes: base data, then its view steps.
+function M.build(spec)
+   local t
+   local n = numel(spec.shape)
+   if n == 0 then
+      t = ml.zeros(spec.shape, { dtype = spec.dtype })
+   elseif #spec.shape == 0 then
+      t = ml.tensor(value(spec.data[1]), { dtype = spec.dtype })
+   else
+      local flat = {}
+      for i = 1, #spec.data do flat[i] = value(spec.data[i]) end
+      t = ml.tensor(flat, { dtype = spec.dtype }):reshape(spec.shape)
+   end
+   for _, v in ipairs(spec.views or {}) do
+      if v[1] == "transpose" then t = t:transpose(v[2], v[3])
+      elseif v[1] == "narrow" then t = t:narrow(v[2], v[3], v[4])
+      elseif v[1] == "expand" then t = t:expand(v[2])
+      else error("unknown view step " .. tostring(v[1])) end
+   end
+   return t
+end
+
+--- Flat row-major values of t as numbers (bools as 0/1).
+function M.flat(t)
+   local n = t:numel()
+   if n == 0 then return {} end
+   local list = t:dim() == 0 and { t:item() } or t:reshape(n):tolist()
+   for i = 1, #list do
+      if list[i] == true then list[i] = 1 elseif list[i] == false then list[i] = 0 end
+   end
+   return list
+end
+
+-- atol, rtol per dtype: one unit in the last place for the half types.
+local TOL = {
+   float32 = { 1e-6, 1e-5 }, float64 = { 1e-12, 1e-12 }, float16 = { 1e-3, 1e-3 }, bfloat16 = { 8e-3, 8e-3 },
+}
+
+--- Asserts t matches an encoded expected tensor; tol = {rtol, atol} overrides the dtype's.
+function M.check(t, expected, what, tol)
+   assert(ml.is_tensor(t), what .. ": expected a tensor result, got " .. type(t))
+   assert.are.equal(expected.dtype, t.dtype, what .. ": dtype")
+   assert.are.same(expected.shape, t.shape, what .. ": shape")
+   local got = M.flat(t)
+   assert.are.equal(#expected.data, #got, what .. ": element count")
+   local d = TOL[expected.dtype] or { 0, 0 }
+   local atol, rtol = d[1], d[2]
+   if tol then atol, rtol = tol.atol or atol, tol.rtol or rtol end
+   for i = 1, #got do
+      local e, g = value(expected.data[i]), got[i]
+      local ok = (e ~= e and g ~= g) or e == g or math.abs(e - g) <= atol + rtol * math.abs(e)
+      if not ok then error(string.format("%s: element %d is %.9g, expected %.9g", what, i, g, e), 2) end
+   end
+end
+
+--- Runs a fixture case through the Lua API; returns the results as a list.
+function M.run(case)
+   local inputs = {}
+   for i, spec in ipairs(case.inputs) do inputs[i] = M.build(spec) end
+   local function arg(a)
+      if type(a) == "table" then
+         if a.t then return inputs[a.t] end
+         if a[1] ~= nil and type(a[1]) == "table" and a[1].t then
+            local list = {}
+            for i = 1, #a do list[i] = inputs[a[i].t] end
+            return list
+         end
+         return a
+      end
+      if type(a) == "string" and SPECIAL[a] == nil then return a end   -- e.g. gelu's "tanh"
+      return value(a)
+   end
+   local args = {}
+   for i = 1, #case.args do args[i] = arg(case.args[i]) end
+   local fn = case.call:match("^ml%.(.*)$")
+   if fn then return { ml[fn](unpack(args, 1, #case.args)) } end
+   local x = inputs[1]
+   return { x[case.call](x, unpack(args, 1, #case.args)) }
+end
+
+--- Defines one `it` per fixture case of a file (cases with `special` are left to the spec);
+-- describe and it are the spec's (busted gives them to spec files only).
+function M.define(file, describe, it)
+   local doc = M.load(file)
+   describe("matches PyTorch " .. doc.meta.torch .. " (" .. file .. ")", function()
+      for _, case in ipairs(doc.cases) do
+         if not case.special then
+            it(case.name, function()
+               local results = M.run(case)
+               assert.are.equal(#case.out, #results, case.name .. ": number of results")
+               for k = 1, #case.out do M.check(results[k], case.out[k], case.name, case.tol) end
+            end)
+         end
+      end
+   end)
+   return doc
+end
+
+--- The message of the error fn raises, without the "file:line: " prefix.
+function M.errmsg(fn)
+   local ok, err = pcall(fn)
+   assert.is_false(ok, "expected an error")
+   return (tostring(err):gsub("^[^:]*:%d+: ", ""))
+end
+
+return M
