@@ -83,6 +83,21 @@ function HalfModel:__init()
 end
 M.HalfModel = HalfModel
 
+local Decoder = nn.Module:extend("Decoder")
+function Decoder:__init()
+   self.proj = nn.Linear(4, 8, { bias = false })
+   self.extra = nn.Linear(4, 16)
+end
+M.Decoder = Decoder
+
+local TiedSplit = nn.Module:extend("TiedSplit")
+function TiedSplit:__init()
+   self.emb = nn.Embedding(8, 4)
+   self.dec = Decoder()
+   self.dec.proj.weight = self.emb.weight
+end
+M.TiedSplit = TiedSplit
+
 --- nn.Sequential(l, l): one Linear registered twice.
 function M.SequentialTwice()
    local lin = nn.Linear(2, 2)
