@@ -207,6 +207,26 @@ describe("utils.modeling", function()
          assert.are.equal(7, utils.align_module_device(lin, function() return 7 end))
       end)
 
+      it("onloads an offloaded module for the call and gathers an offloaded model's state dict", function()
+         local m = models.ModelForTest()
+         local ref = {}
+         for k, v in pairs(m:state_dict()) do ref[k] = v:clone() end
+         ml.cpu_offload(m)
+         assert.is_true(utils.has_offloaded_params(m.linear1))
+         assert.is_false(utils.has_offloaded_params(m))
+         assert.are.equal("meta", m.linear1.weight.device)
+         local inside = utils.align_module_device(m.linear1, function() return m.linear1.weight.device end)
+         assert.are.equal("cpu", inside)
+         assert.are.equal("meta", m.linear1.weight.device)
+         local sd = utils.get_state_dict_offloaded_model(m)
+         local n = 0
+         for k, v in pairs(ref) do
+            n = n + 1
+            assert.is_true(ml.equal(sd[k], v), k)
+         end
+         assert.are.equal(9, n)
+      end)
+
       it("gets a CPU state dict of a plain model", function()
          local m = models.ModelForTest()
          local sd = utils.get_state_dict_offloaded_model(m)
@@ -366,6 +386,12 @@ describe("utils.modeling", function()
          local ok, err = pcall(utils.load_checkpoint_in_model, m, CKPT .. "model.safetensors", { strict = true })
          assert.is_false(ok)
          assert.is_truthy(err:find("missing keys: head.bias, head.weight, linear0.bias, linear0.weight", 1, true))
+      end)
+
+      it("refuses offload_8bit_bnb (no bitsandbytes in moonload)", function()
+         assert.has_error(function()
+            utils.load_checkpoint_in_model(empty_model(), CKPT .. "model.safetensors", { offload_8bit_bnb = true })
+         end, "load_checkpoint_in_model: offload_8bit_bnb is not supported (moonload has no bitsandbytes int8 weights)")
       end)
 
       it("requires a device for every tensor of the map", function()

@@ -638,7 +638,11 @@ function M.load_checkpoint_in_model(model, checkpoint, opts)
          error(string.format("%s: unknown dtype %s", fn, opts.dtype), 2)
       end
    end
+   -- Only honoured with dtype float16, matched by substring, as in Accelerate (Q9 mirrored).
    local keep_fp32 = opts.keep_in_fp32_modules
+   if opts.offload_8bit_bnb then
+      error(fn .. ": offload_8bit_bnb is not supported (moonload has no bitsandbytes int8 weights)", 2)
+   end
    local offload_buffers = opts.offload_buffers == true
 
    local tied_params = M.find_tied_parameters(model)
