@@ -1,0 +1,270 @@
+// backend.cu: libmoonload_cuda.so's entry point and device plumbing: per-device streams and
+// cuBLAS handles, a caching allocator (freed blocks are kept per size and reused, so weights
+// released after a layer's forward are re-used by the next layer without cudaFree/cudaMalloc),
+// pinned host memory, synchronous and asynchronous copies with events.
+#include "common.cuh"
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+// --- devices ------------------------------------------------------------------------------
+
+static DeviceState g_states[ML_CUDA_MAX_DEVICES];
+static std::mutex g_state_mutex;
+static int g_device_count = -1;
+
+static int device_count(void) {
+  if (g_device_count < 0) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+    g_device_count = n > ML_CUDA_MAX_DEVICES ? ML_CUDA_MAX_DEVICES : n;
+  }
+  return g_device_count;
+}
+
+ml_status ml_cuda_device_state(int device, DeviceState **out) {
+  if (device < 0 || device >= device_count())
+    return ml_fail(ML_EINVAL, "device cuda:%d does not exist (%d CUDA devices)", device, device_count());
+  CUDA_TRY(cudaSetDevice(device));
+  DeviceState *s = &g_states[device];
+  if (!s->ready) {
+    std::lock_guard<std::mutex> lock(g_state_mutex);
+    if (!s->ready) {
+      CUDA_TRY(cudaStreamCreateWithFlags(&s->compute, cudaStreamNonBlocking));
+      CUDA_TRY(cudaStreamCreateWithFlags(&s->copy, cudaStreamNonBlocking));
+      CUBLAS_TRY(cublasCreate(&s->blas));
+      CUBLAS_TRY(cublasSetStream(s->blas, s->compute));
+      // Float32 GEMMs stay exact float32 unless the user opts into TF32.
+      const char *tf32 = getenv("MOONLOAD_ALLOW_TF32");
+      CUBLAS_TRY(cublasSetMathMode(s->blas, tf32 && tf32[0] == '1' ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+      s->ready = true;
+    }
+  }
+  *out = s;
+  return ML_OK;
+}
+
+// --- caching allocator -------------------------------------------------------------------
+
+// Sizes are rounded so blocks of nearby sizes are interchangeable: 512 B granules below 1 MiB,
+// 2 MiB granules above (weights of one shape always land in the same bucket).
+static size_t round_size(size_t n) {
+  if (n == 0) n = 1;
+  if (n < (1u << 20)) return (n + 511) & ~(size_t)511;
+  return (n + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1);
+}
+
+struct DevicePool {
+  std::mutex mutex;
+  std::unordered_map<size_t, std::vector<void *>> free_blocks;   // rounded size -> cached blocks
+  size_t cached_bytes = 0;
+};
+static DevicePool g_pools[ML_CUDA_MAX_DEVICES];
+
+static void release_cached(int device) {
+  DevicePool &pool = g_pools[device];
+  for (auto &kv : pool.free_blocks)
+    for (void *p : kv.second) cudaFree(p);
+  pool.free_blocks.clear();
+  pool.cached_bytes = 0;
+}
+
+static ml_status pool_alloc(int device, size_t nbytes, void **out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  size_t size = round_size(nbytes);
+  DevicePool &pool = g_pools[device];
+  {
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    auto it = pool.free_blocks.find(size);
+    if (it != pool.free_blocks.end() && !it->second.empty()) {
+      *out = it->second.back();
+      it->second.pop_back();
+      pool.cached_bytes -= size;
+      return ML_OK;
+    }
+  }
+  void *p = NULL;
+  cudaError_t e = cudaMalloc(&p, size);
+  if (e == cudaErrorMemoryAllocation) {
+    // Give the cache back to the driver and try once more before reporting.
+    cudaGetLastError();
+    cudaStreamSynchronize(st->compute);
+    {
+      std::lock_guard<std::mutex> lock(pool.mutex);
+      release_cached(device);
+    }
+    e = cudaMalloc(&p, size);
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    return ml_fail(ML_ENOMEM, "cuda:%d: out of memory allocating %zu bytes (%zu of %zu bytes free): %s", device,
+                   size, free_b, total_b, cudaGetErrorString(e));
+  }
+  *out = p;
+  return ML_OK;
+}
+
+static void pool_free(int device, void *p, size_t nbytes) {
+  if (!p || device < 0 || device >= ML_CUDA_MAX_DEVICES) return;
+  // Kernels reading p may still be queued on the compute stream; reuse is ordered on that same
+  // stream, so caching the block without a sync is safe.
+  DevicePool &pool = g_pools[device];
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  size_t size = round_size(nbytes);
+  pool.free_blocks[size].push_back(p);
+  pool.cached_bytes += size;
+}
+
+ml_status ml_cuda_scratch(int device, size_t nbytes, void **out) { return pool_alloc(device, nbytes, out); }
+void ml_cuda_scratch_free(int device, void *p, size_t nbytes) { pool_free(device, p, nbytes); }
+
+static ml_status alloc_pinned(size_t nbytes, void **out) {
+  CUDA_TRY(cudaHostAlloc(out, nbytes ? nbytes : 1, cudaHostAllocPortable));
+  return ML_OK;
+}
+
+static void free_pinned(void *p) { if (p) cudaFreeHost(p); }
+
+// --- copies --------------------------------------------------------------------------------
+
+static cudaMemcpyKind kind_of(int kind) {
+  return kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
+}
+
+static ml_status copy_sync(int device, void *dst, const void *src, size_t nbytes, int kind) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  if (nbytes == 0) return ML_OK;
+  CUDA_TRY(cudaMemcpyAsync(dst, src, nbytes, kind_of(kind), st->compute));
+  CUDA_TRY(cudaStreamSynchronize(st->compute));
+  return ML_OK;
+}
+
+static ml_status copy_async(int device, void *dst, const void *src, size_t nbytes, int kind, void **event_out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  cudaEvent_t ev;
+  CUDA_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  if (nbytes) CUDA_TRY(cudaMemcpyAsync(dst, src, nbytes, kind_of(kind), st->copy));
+  CUDA_TRY(cudaEventRecord(ev, st->copy));
+  *event_out = (void *)ev;
+  return ML_OK;
+}
+
+static ml_status stream_wait(int device, void *event) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  cudaEvent_t ev = (cudaEvent_t)event;
+  CUDA_TRY(cudaStreamWaitEvent(st->compute, ev, 0));
+  CUDA_TRY(cudaEventDestroy(ev));
+  return ML_OK;
+}
+
+static ml_status synchronize(int device) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  CUDA_TRY(cudaStreamSynchronize(st->compute));
+  CUDA_TRY(cudaStreamSynchronize(st->copy));
+  return ML_OK;
+}
+
+static ml_status mem_info(int device, size_t *free_bytes, size_t *total_bytes) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  CUDA_TRY(cudaMemGetInfo(free_bytes, total_bytes));
+  // Blocks cached by the allocator are free as far as moonload's planner is concerned.
+  std::lock_guard<std::mutex> lock(g_pools[device].mutex);
+  *free_bytes += g_pools[device].cached_bytes;
+  return ML_OK;
+}
+
+// --- descriptors ---------------------------------------------------------------------------
+
+TensorDesc ml_cuda_desc(const ml_tensor *t) {
+  TensorDesc d;
+  d.data = ml_tensor_data(t);
+  d.dtype = (int)ml_tensor_dtype(t);
+  d.ndim = ml_tensor_ndim(t);
+  const int64_t *sh = ml_tensor_shape(t), *st = ml_tensor_strides(t);
+  for (int i = 0; i < d.ndim; i++) { d.shape[i] = sh[i]; d.strides[i] = st[i]; }
+  return d;
+}
+
+TensorDesc ml_cuda_desc_broadcast(const ml_tensor *t, int ndim, const int64_t *shape) {
+  TensorDesc d;
+  d.data = ml_tensor_data(t);
+  d.dtype = (int)ml_tensor_dtype(t);
+  d.ndim = ndim;
+  int tn = ml_tensor_ndim(t), lead = ndim - tn;
+  const int64_t *sh = ml_tensor_shape(t), *st = ml_tensor_strides(t);
+  for (int i = 0; i < ndim; i++) {
+    int j = i - lead;
+    d.shape[i] = shape[i];
+    d.strides[i] = (j < 0 || (sh[j] == 1 && shape[i] != 1)) ? 0 : st[j];
+  }
+  return d;
+}
+
+int ml_cuda_device_of(const ml_tensor *t) { return ml_tensor_device(t).index; }
+
+bool ml_cuda_is_contiguous(const TensorDesc &d) {
+  int64_t expect = 1;
+  for (int i = d.ndim - 1; i >= 0; i--) {
+    if (d.shape[i] == 1) continue;
+    if (d.strides[i] != expect) return false;
+    expect *= d.shape[i];
+  }
+  return true;
+}
+
+int64_t ml_cuda_numel(const TensorDesc &d) {
+  int64_t n = 1;
+  for (int i = 0; i < d.ndim; i++) n *= d.shape[i];
+  return n;
+}
+
+// --- the table -------------------------------------------------------------------------------
+
+static ml_cuda_api g_api;
+
+extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_backend(char *err, size_t n) {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    snprintf(err, n, "CUDA is not available: %s (no NVIDIA driver or GPU on this machine?)", cudaGetErrorString(e));
+    return NULL;
+  }
+  g_api.version = ML_CUDA_API_VERSION;
+  g_api.device_count = device_count;
+  g_api.alloc = pool_alloc;
+  g_api.free = pool_free;
+  g_api.alloc_pinned = alloc_pinned;
+  g_api.free_pinned = free_pinned;
+  g_api.memcpy = copy_sync;
+  g_api.mem_info = mem_info;
+  g_api.unary = ml_cuda_unary;
+  g_api.binary = ml_cuda_binary;
+  g_api.copy_strided = ml_cuda_copy_strided;
+  g_api.binary_scalar = ml_cuda_binary_scalar;
+  g_api.fill = ml_cuda_fill;
+  g_api.reduce = ml_cuda_reduce;
+  g_api.softmax = ml_cuda_softmax;
+  g_api.matmul = ml_cuda_matmul;
+  g_api.linear = ml_cuda_linear;
+  g_api.embedding = ml_cuda_embedding;
+  g_api.layer_norm = ml_cuda_layer_norm;
+  g_api.rms_norm = ml_cuda_rms_norm;
+  g_api.sdpa = ml_cuda_sdpa;
+  g_api.where = ml_cuda_where;
+  g_api.memcpy_async = copy_async;
+  g_api.stream_wait = stream_wait;
+  g_api.synchronize = synchronize;
+  return &g_api;
+}

@@ -1,0 +1,316 @@
+// blas.cu: matmul, linear and scaled dot-product attention on CUDA through cuBLAS.
+// Row-major moonload matrices are handed to column-major cuBLAS as their transposes
+// (C = A B  <=>  C^T = B^T A^T), so no operand is copied when its last or second-to-last
+// stride is 1; other layouts and mixed dtypes go through one contiguous scratch copy.
+// float32 runs without TF32 unless MOONLOAD_ALLOW_TF32=1; float16/bfloat16 accumulate in float32.
+#include "common.cuh"
+
+#include <climits>
+#include <math.h>
+
+static cudaDataType_t cuda_type(int dtype) {
+  switch (dtype) {
+  case ML_FLOAT16: return CUDA_R_16F;
+  case ML_BFLOAT16: return CUDA_R_16BF;
+  case ML_FLOAT64: return CUDA_R_64F;
+  default: return CUDA_R_32F;
+  }
+}
+
+static cublasComputeType_t compute_type(int dtype) {
+  return dtype == ML_FLOAT64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+}
+
+// A scratch tensor: `t` owns a reference released by the caller.
+static ml_status scratch_copy(const ml_tensor *src, int ndim, const int64_t *shape, ml_dtype dt, ml_tensor **out) {
+  ml_tensor *t;
+  ML_TRY(ml_tensor_empty(dt, ndim, shape, ml_tensor_device(src), &t));
+  ml_status s = ml_cuda_copy_strided(t, src);
+  if (s) { ml_tensor_release(t); return s; }
+  *out = t;
+  return ML_OK;
+}
+
+// One GEMM operand as cuBLAS sees it: a batch of matrices with a leading dimension, a batch
+// stride, and whether the stored layout is the transpose of the logical row-major matrix.
+struct Operand {
+  const void *data;
+  int dtype;
+  bool transposed;      // stored column-major (logical row-major matrix has stride 1 down rows)
+  int64_t ld, batch_stride;
+  ml_tensor *scratch;   // owned copy, or NULL
+};
+
+// Fits t (viewed at batch shape + (rows, cols)) to one strided batch; copies when it cannot.
+static ml_status make_operand(const ml_tensor *t, int nb, const int64_t *batch, int64_t rows, int64_t cols, int dtype,
+                              Operand *op) {
+  int64_t full[ML_MAX_DIMS + 2];
+  for (int i = 0; i < nb; i++) full[i] = batch[i];
+  full[nb] = rows; full[nb + 1] = cols;
+  op->scratch = NULL;
+  TensorDesc d = ml_cuda_desc_broadcast(t, nb + 2, full);
+  int64_t sr = d.strides[nb], sc = d.strides[nb + 1];
+  bool ok = d.dtype == dtype;
+  if (ok) {
+    if (sc == 1 || cols == 1) { op->transposed = false; op->ld = rows == 1 ? (cols > 0 ? cols : 1) : sr; }
+    else if (sr == 1 || rows == 1) { op->transposed = true; op->ld = cols == 1 ? (rows > 0 ? rows : 1) : sc; }
+    else ok = false;
+    if (ok && op->ld < (op->transposed ? rows : cols)) ok = false;
+  }
+  // The batch must be one stride: all batch dims zero-strided, or laid out as one run.
+  int64_t bstride = 0;
+  if (ok) {
+    int64_t expect = -1;
+    bool all_zero = true;
+    for (int i = nb - 1; i >= 0; i--) {
+      if (batch[i] == 1) continue;
+      if (d.strides[i] != 0) all_zero = false;
+    }
+    if (!all_zero) {
+      for (int i = nb - 1; i >= 0; i--) {
+        if (batch[i] == 1) continue;
+        if (expect < 0) { bstride = d.strides[i]; expect = d.strides[i] * batch[i]; }
+        else if (d.strides[i] != expect) { ok = false; break; }
+        else expect *= batch[i];
+      }
+    }
+  }
+  if (!ok) {
+    ML_TRY(scratch_copy(t, nb + 2, full, (ml_dtype)dtype, &op->scratch));
+    op->data = ml_tensor_data(op->scratch);
+    op->transposed = false;
+    op->ld = cols > 0 ? cols : 1;
+    op->batch_stride = rows * cols;
+    op->dtype = dtype;
+    return ML_OK;
+  }
+  op->data = d.data;
+  op->dtype = dtype;
+  op->batch_stride = bstride;
+  return ML_OK;
+}
+
+// out (batch, M, N) contiguous row-major = A (batch, M, K) @ B (batch, K, N), alpha/beta scaled.
+static ml_status gemm_batched(DeviceState *st, const Operand &A, const Operand &B, void *out, int out_dtype,
+                              int64_t batch, int64_t M, int64_t N, int64_t K, double alpha, double beta) {
+  if (M > INT_MAX || N > INT_MAX || K > INT_MAX || batch > INT_MAX)
+    return ml_fail(ML_EINVAL, "matmul: dimensions too large for cuBLAS (M=%lld N=%lld K=%lld)", (long long)M,
+                   (long long)N, (long long)K);
+  float af = (float)alpha, bf = (float)beta;
+  const void *pa = out_dtype == ML_FLOAT64 ? (const void *)&alpha : (const void *)&af;
+  const void *pb = out_dtype == ML_FLOAT64 ? (const void *)&beta : (const void *)&bf;
+  // Column-major: C^T (N x M) = op(B^T) (N x K) * op(A^T) (K x M).
+  cublasOperation_t opb = B.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasOperation_t opa = A.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+  CUBLAS_TRY(cublasGemmStridedBatchedEx(st->blas, opb, opa, (int)N, (int)M, (int)K, pa,
+                                        B.data, cuda_type(B.dtype), (int)B.ld, B.batch_stride,
+                                        A.data, cuda_type(A.dtype), (int)A.ld, A.batch_stride, pb,
+                                        out, cuda_type(out_dtype), (int)N, M * N, (int)batch,
+                                        compute_type(out_dtype), CUBLAS_GEMM_DEFAULT));
+  return ML_OK;
+}
+
+static void release_operand(Operand &op) { ml_tensor_release(op.scratch); op.scratch = NULL; }
+
+// --- matmul --------------------------------------------------------------------------------
+
+ml_status ml_cuda_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
+  int dt = ml_tensor_dtype(out);
+  if (!(dt == ML_FLOAT32 || dt == ML_FLOAT16 || dt == ML_BFLOAT16 || dt == ML_FLOAT64))
+    return ml_fail(ML_EUNSUPPORTED, "matmul: %s is not supported on CUDA (use a floating dtype)",
+                   ml_dtype_name((ml_dtype)dt));
+  int na = ml_tensor_ndim(a), nb = ml_tensor_ndim(b);
+  const int64_t *sa = ml_tensor_shape(a), *sb = ml_tensor_shape(b);
+  int64_t M = na >= 2 ? sa[na - 2] : 1, K = sa[na - 1], N = nb >= 2 ? sb[nb - 1] : 1;
+  // Batch shape = out's leading dims (the public function has broadcast and checked them).
+  int no = ml_tensor_ndim(out);
+  const int64_t *so = ml_tensor_shape(out);
+  int nbatch = no - (na >= 2 ? 1 : 0) - (nb >= 2 ? 1 : 0);
+  int64_t batch = 1;
+  for (int i = 0; i < nbatch; i++) batch *= so[i];
+  if (batch * M * N == 0) return ML_OK;
+  if (K == 0) return ml_cuda_fill(out, 0);
+  // 1-D operands: a (K) is a row (1, K); b (K) is a column (K, 1).
+  ml_tensor *av = (ml_tensor *)a, *bv = (ml_tensor *)b;
+  bool own_a = false, own_b = false;
+  if (na == 1) { ML_TRY(ml_tensor_unsqueeze(a, 0, &av)); own_a = true; }
+  if (nb == 1) {
+    ml_status s = ml_tensor_unsqueeze(b, 1, &bv);
+    if (s) { if (own_a) ml_tensor_release(av); return s; }
+    own_b = true;
+  }
+  Operand A = {0}, B = {0};
+  ml_status s = make_operand(av, nbatch, so, M, K, dt, &A);
+  if (!s) s = make_operand(bv, nbatch, so, K, N, dt, &B);
+  if (!s) s = gemm_batched(st, A, B, ml_tensor_data(out), dt, batch, M, N, K, 1.0, 0.0);
+  release_operand(A);
+  release_operand(B);
+  if (own_a) ml_tensor_release(av);
+  if (own_b) ml_tensor_release(bv);
+  return s;
+}
+
+// --- linear --------------------------------------------------------------------------------
+
+ml_status ml_cuda_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
+  int dt = ml_tensor_dtype(out);
+  if (!(dt == ML_FLOAT32 || dt == ML_FLOAT16 || dt == ML_BFLOAT16 || dt == ML_FLOAT64))
+    return ml_fail(ML_EUNSUPPORTED, "linear: %s is not supported on CUDA (use a floating dtype)",
+                   ml_dtype_name((ml_dtype)dt));
+  const int64_t *sw = ml_tensor_shape(w);
+  int64_t N = sw[0], K = sw[1];
+  int64_t M = ml_tensor_numel(out) / (N > 0 ? N : 1);
+  if (M * N == 0) return ML_OK;
+  // x as an (M, K) matrix: contiguous rows, else one scratch copy.
+  ml_tensor *xm = NULL;
+  int64_t shape2[2] = {M, K};
+  ml_status s = ml_tensor_is_contiguous(x) ? ml_tensor_view(x, 2, shape2, &xm) : ML_EINVAL;
+  if (s) ML_TRY(ml_tensor_reshape(x, 2, shape2, &xm));
+  Operand X = {0}, W = {0};
+  s = make_operand(xm, 0, NULL, M, K, dt, &X);
+  // W^T (K, N) as a logical matrix: the transpose view of w (N, K).
+  ml_tensor *wt = NULL;
+  if (!s) s = ml_tensor_transpose(w, 0, 1, &wt);
+  if (!s) s = make_operand(wt, 0, NULL, K, N, dt, &W);
+  double beta = 0.0;
+  if (!s && b) { s = ml_cuda_copy_strided(out, b); beta = 1.0; }   // bias rows, accumulated into
+  if (!s) s = K == 0 ? (b ? ML_OK : ml_cuda_fill(out, 0))
+                     : gemm_batched(st, X, W, ml_tensor_data(out), dt, 1, M, N, K, 1.0, beta);
+  release_operand(X);
+  release_operand(W);
+  ml_tensor_release(wt);
+  ml_tensor_release(xm);
+  return s;
+}
+
+// --- attention -----------------------------------------------------------------------------
+
+// scores (B, L, S) float32 in place -> probabilities; mask broadcast over the same (B, L, S).
+__global__ void attn_softmax_kernel(float *scores, int64_t rows, int64_t L, int64_t S, TensorDesc mask, int mask_kind,
+                                    bool causal) {
+  __shared__ float sh[32];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    float *r = scores + row * S;
+    int64_t l = row % L;
+    float m = -INFINITY;
+    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) {
+      float v = r[j];
+      if (causal && j > l) v = -INFINITY;
+      if (mask_kind == 1 && load_as<int>(mask.data, mask.dtype, desc_offset(mask, row * S + j)) == 0) v = -INFINITY;
+      if (mask_kind == 2) v += load_as<float>(mask.data, mask.dtype, desc_offset(mask, row * S + j));
+      r[j] = v;
+      m = fmaxf(m, v);
+    }
+    // block max
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float mm = -INFINITY;
+      for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) mm = fmaxf(mm, sh[w]);
+      sh[0] = mm;
+    }
+    __syncthreads();
+    m = sh[0];
+    __syncthreads();
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) { float e = __expf(r[j] - m); r[j] = e; s += e; }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float ss = 0.f;
+      for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) ss += sh[w];
+      sh[0] = ss;
+    }
+    __syncthreads();
+    s = sh[0];
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] /= s;   // all -inf rows give NaN, as PyTorch
+  }
+}
+
+ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
+                       bool is_causal, double scale, ml_tensor *out) {
+  int dev = ml_cuda_device_of(out);
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(dev, &st));
+  int nq = ml_tensor_ndim(q);
+  const int64_t *sq = ml_tensor_shape(q), *sk = ml_tensor_shape(k), *sv = ml_tensor_shape(v);
+  int64_t L = sq[nq - 2], E = sq[nq - 1], S = sk[ml_tensor_ndim(k) - 2], Ev = sv[ml_tensor_ndim(v) - 1];
+  // Batch shape = out's leading dims; k and v broadcast to it.
+  int no = ml_tensor_ndim(out);
+  const int64_t *so = ml_tensor_shape(out);
+  int nbatch = no - 2;
+  int64_t B = 1;
+  for (int i = 0; i < nbatch; i++) B *= so[i];
+  if (B * L * Ev == 0) return ML_OK;
+  if (scale <= 0) scale = 1.0 / sqrt((double)E);
+  int dt = ml_tensor_dtype(out);
+  int cdt = dt == ML_FLOAT64 ? ML_FLOAT64 : dt;   // q@k^T in the input dtype, scores in float32
+  int64_t sshape[3] = {B, L, S};
+  ml_tensor *scores = NULL, *probs_cast = NULL;
+  Operand Q = {0}, Kt = {0}, P = {0}, V = {0};
+  ml_tensor *kt = NULL;
+  ml_status s = ml_tensor_empty(ML_FLOAT32, 3, sshape, ml_tensor_device(out), &scores);
+  if (!s) s = make_operand(q, nbatch, so, L, E, cdt == ML_FLOAT64 ? ML_FLOAT32 : cdt, &Q);
+  if (!s) s = ml_tensor_transpose(k, -2, -1, &kt);
+  if (!s) s = make_operand(kt, nbatch, so, E, S, Q.dtype, &Kt);
+  if (!s) {
+    // Scores in float32 whatever the inputs: softmax wants the range.
+    float a = (float)scale, z = 0.f;
+    cublasOperation_t opb = Kt.transposed ? CUBLAS_OP_T : CUBLAS_OP_N, opa = Q.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasStatus_t cs = cublasGemmStridedBatchedEx(
+        st->blas, opb, opa, (int)S, (int)L, (int)E, &a, Kt.data, cuda_type(Kt.dtype), (int)Kt.ld, Kt.batch_stride,
+        Q.data, cuda_type(Q.dtype), (int)Q.ld, Q.batch_stride, &z, ml_tensor_data(scores), CUDA_R_32F, (int)S, L * S,
+        (int)B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (cs != CUBLAS_STATUS_SUCCESS) s = ml_fail(ML_EIO, "scaled_dot_product_attention: cuBLAS status %d", (int)cs);
+  }
+  if (!s) {
+    int64_t full[ML_MAX_DIMS + 2];
+    for (int i = 0; i < nbatch; i++) full[i] = so[i];
+    full[nbatch] = L; full[nbatch + 1] = S;
+    TensorDesc md = mask ? ml_cuda_desc_broadcast(mask, nbatch + 2, full) : ml_cuda_desc(scores);
+    int kind = !mask ? 0 : ml_tensor_dtype(mask) == ML_BOOL ? 1 : 2;
+    int64_t rows = B * L;
+    attn_softmax_kernel<<<(unsigned)(rows < 65535 * 16 ? rows : 65535 * 16), 256, 0, st->compute>>>(
+        (float *)ml_tensor_data(scores), rows, L, S, md, kind, is_causal);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) s = ml_fail(ML_EIO, "scaled_dot_product_attention: %s", cudaGetErrorString(e));
+  }
+  // out = P @ V, in V's dtype (P converted once when V is not float32).
+  if (!s) {
+    int vdt = dt == ML_FLOAT64 ? ML_FLOAT32 : dt;
+    const ml_tensor *pt = scores;
+    if (vdt != ML_FLOAT32) { s = scratch_copy(scores, 3, sshape, (ml_dtype)vdt, &probs_cast); pt = probs_cast; }
+    if (!s) {
+      P.data = ml_tensor_data(pt); P.dtype = vdt; P.transposed = false; P.ld = S; P.batch_stride = L * S;
+      s = make_operand(v, nbatch, so, S, Ev, vdt, &V);
+    }
+    if (!s) {
+      if (dt == ML_FLOAT64) {
+        ml_tensor *tmp;
+        int64_t oshape[3] = {B, L, Ev};
+        s = ml_tensor_empty(ML_FLOAT32, 3, oshape, ml_tensor_device(out), &tmp);
+        if (!s) s = gemm_batched(st, P, V, ml_tensor_data(tmp), ML_FLOAT32, B, L, Ev, S, 1.0, 0.0);
+        if (!s) {
+          ml_tensor *tv;
+          s = ml_tensor_view(tmp, no, so, &tv);
+          if (!s) { s = ml_cuda_copy_strided(out, tv); ml_tensor_release(tv); }
+        }
+        ml_tensor_release(tmp);
+      } else {
+        s = gemm_batched(st, P, V, ml_tensor_data(out), dt, B, L, Ev, S, 1.0, 0.0);
+      }
+    }
+  }
+  release_operand(Q); release_operand(Kt); release_operand(V);
+  ml_tensor_release(kt);
+  ml_tensor_release(scores);
+  ml_tensor_release(probs_cast);
+  return s;
+}

@@ -1,0 +1,136 @@
+// common.cuh: shared pieces of the CUDA backend: checked calls, per-device state (compute and
+// copy streams, cuBLAS handle), tensor descriptors passed to kernels by value, and dtype
+// load/store between any moonload dtype and the compute types (float, double).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cublas_v2.h>
+#include <stdint.h>
+
+#include "cuda_api.h"
+
+#define ML_CUDA_MAX_DEVICES 16
+
+// A failed CUDA call becomes an ml_fail naming the call, file and line.
+#define CUDA_TRY(call)                                                                        \
+  do {                                                                                        \
+    cudaError_t e_ = (call);                                                                  \
+    if (e_ != cudaSuccess)                                                                    \
+      return ml_fail(e_ == cudaErrorMemoryAllocation ? ML_ENOMEM : ML_EIO, "%s failed: %s (%s:%d)", \
+                     #call, cudaGetErrorString(e_), __FILE__, __LINE__);                       \
+  } while (0)
+
+#define CUBLAS_TRY(call)                                                                      \
+  do {                                                                                        \
+    cublasStatus_t s_ = (call);                                                               \
+    if (s_ != CUBLAS_STATUS_SUCCESS)                                                          \
+      return ml_fail(ML_EIO, "%s failed: cuBLAS status %d (%s:%d)", #call, (int)s_, __FILE__, __LINE__); \
+  } while (0)
+
+#define ML_TRY(expr) do { ml_status ml_try_s_ = (expr); if (ml_try_s_ != ML_OK) return ml_try_s_; } while (0)
+
+// Status of the last kernel launch on this thread.
+#define LAUNCH_CHECK() CUDA_TRY(cudaGetLastError())
+
+struct DeviceState {
+  bool ready;
+  cudaStream_t compute;   // every kernel and synchronous copy runs here, in order
+  cudaStream_t copy;      // weight prefetch (host->device) overlapping compute
+  cublasHandle_t blas;
+};
+
+// Sets the current device and returns its state, creating streams and the cuBLAS handle once.
+ml_status ml_cuda_device_state(int device, DeviceState **out);
+
+// A tensor as kernels see it: data pointer of the first element, dtype, shape, element strides.
+struct TensorDesc {
+  void *data;
+  int dtype;
+  int ndim;
+  int64_t shape[ML_MAX_DIMS];
+  int64_t strides[ML_MAX_DIMS];
+};
+
+TensorDesc ml_cuda_desc(const ml_tensor *t);
+// The same tensor viewed at shape (ndim, shape) with broadcast (zero) strides where it is 1.
+TensorDesc ml_cuda_desc_broadcast(const ml_tensor *t, int ndim, const int64_t *shape);
+int ml_cuda_device_of(const ml_tensor *t);
+bool ml_cuda_is_contiguous(const TensorDesc &d);
+int64_t ml_cuda_numel(const TensorDesc &d);
+
+// Element offset of linear (row-major) index i of the shape in d, using d's strides.
+__device__ __forceinline__ int64_t desc_offset(const TensorDesc &d, int64_t i) {
+  int64_t off = 0;
+  for (int k = d.ndim - 1; k >= 0; k--) {
+    int64_t n = d.shape[k];
+    off += (i % n) * d.strides[k];
+    i /= n;
+  }
+  return off;
+}
+
+template <typename T>
+__device__ __forceinline__ T load_as(const void *p, int dtype, int64_t i) {
+  switch (dtype) {
+  case ML_FLOAT32: return (T)((const float *)p)[i];
+  case ML_FLOAT16: return (T)__half2float(((const __half *)p)[i]);
+  case ML_BFLOAT16: return (T)__bfloat162float(((const __nv_bfloat16 *)p)[i]);
+  case ML_FLOAT64: return (T)((const double *)p)[i];
+  case ML_INT64: return (T)((const long long *)p)[i];
+  case ML_INT32: return (T)((const int *)p)[i];
+  case ML_INT16: return (T)((const short *)p)[i];
+  case ML_INT8: return (T)((const signed char *)p)[i];
+  case ML_UINT8: return (T)((const unsigned char *)p)[i];
+  case ML_BOOL: return (T)(((const unsigned char *)p)[i] != 0);
+  default: return (T)0;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_as(void *p, int dtype, int64_t i, T v) {
+  switch (dtype) {
+  case ML_FLOAT32: ((float *)p)[i] = (float)v; break;
+  case ML_FLOAT16: ((__half *)p)[i] = __float2half_rn((float)v); break;
+  case ML_BFLOAT16: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn((float)v); break;
+  case ML_FLOAT64: ((double *)p)[i] = (double)v; break;
+  case ML_INT64: ((long long *)p)[i] = (v != v) ? 0 : (long long)v; break;
+  case ML_INT32: ((int *)p)[i] = (v != v) ? 0 : (int)(long long)v; break;
+  case ML_INT16: ((short *)p)[i] = (v != v) ? 0 : (short)(long long)v; break;
+  case ML_INT8: ((signed char *)p)[i] = (v != v) ? 0 : (signed char)(long long)v; break;
+  case ML_UINT8: ((unsigned char *)p)[i] = (v != v) ? 0 : (unsigned char)(long long)v; break;
+  case ML_BOOL: ((unsigned char *)p)[i] = v != (T)0; break;
+  default: break;
+  }
+}
+
+// Launch geometry for n independent elements.
+static inline unsigned ml_cuda_blocks(int64_t n, int threads) {
+  int64_t b = (n + threads - 1) / threads;
+  if (b > 65535LL * 32) b = 65535LL * 32;   // grid-stride loops cover the rest
+  return (unsigned)(b > 0 ? b : 1);
+}
+
+// Whether an op on these dtypes computes in double (float64 or 64-bit integers involved).
+static inline bool ml_cuda_wide(int dtype) { return dtype == ML_FLOAT64 || dtype == ML_INT64; }
+
+// Entry points of the other .cu files, collected into the table by backend.cu.
+ml_status ml_cuda_unary(ml_unary_op op, const ml_tensor *x, ml_tensor *out);
+ml_status ml_cuda_binary(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
+ml_status ml_cuda_binary_scalar(ml_binary_op op, const ml_tensor *a, double s, bool scalar_first, ml_tensor *out);
+ml_status ml_cuda_copy_strided(ml_tensor *dst, const ml_tensor *src);
+ml_status ml_cuda_fill(ml_tensor *t, double value);
+ml_status ml_cuda_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
+ml_status ml_cuda_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims, ml_tensor *out);
+ml_status ml_cuda_softmax(const ml_tensor *x, int dim, bool log, ml_tensor *out);
+ml_status ml_cuda_layer_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps, ml_tensor *out);
+ml_status ml_cuda_rms_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, double eps, ml_tensor *out);
+ml_status ml_cuda_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor *out);
+ml_status ml_cuda_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
+ml_status ml_cuda_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor *out);
+ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
+                       bool is_causal, double scale, ml_tensor *out);
+// Scratch memory for one op on a device, from the caching allocator; freed with scratch_free.
+ml_status ml_cuda_scratch(int device, size_t nbytes, void **out);
+void ml_cuda_scratch_free(int device, void *p, size_t nbytes);

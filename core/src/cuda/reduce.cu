@@ -1,0 +1,279 @@
+// reduce.cu: reductions, softmax, layer/RMS norms and embedding lookup on CUDA. Each output row
+// is one thread block: a block-wide reduction in shared memory over a strided row.
+#include "common.cuh"
+
+#include <climits>
+#include <float.h>
+#include <math.h>
+
+static const int kBlock = 256;
+
+// --- block reductions ----------------------------------------------------------------------
+
+template <typename T>
+__device__ T block_sum(T v, T *shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  int nwarps = (blockDim.x + 31) >> 5;
+  v = threadIdx.x < nwarps ? shared[threadIdx.x] : (T)0;
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (threadIdx.x == 0) shared[0] = v;
+  __syncthreads();
+  T r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+__device__ float block_max(float v, float *shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  int nwarps = (blockDim.x + 31) >> 5;
+  v = threadIdx.x < nwarps ? shared[threadIdx.x] : -INFINITY;
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
+  if (threadIdx.x == 0) shared[0] = v;
+  __syncthreads();
+  float r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+// --- general reduction ---------------------------------------------------------------------
+
+// kept: x's kept dims (shape/strides), red: x's reduced dims. One block per output element.
+__global__ void reduce_kernel(int op, TensorDesc kept, TensorDesc red, TensorDesc o, int64_t nout, int64_t r) {
+  __shared__ double sh_v[32];
+  __shared__ long long sh_i[32];
+  for (int64_t out = blockIdx.x; out < nout; out += gridDim.x) {
+    int64_t base = desc_offset(kept, out);
+    bool is_arg = op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN;
+    bool want_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
+    double acc = op == ML_REDUCE_PROD ? 1.0 : (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) ? 0.0
+               : want_max ? -INFINITY : INFINITY;
+    long long idx = -1;
+    for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
+      double v = load_as<double>(red.data, red.dtype, base + desc_offset(red, j));
+      if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) acc += v;
+      else if (op == ML_REDUCE_PROD) acc *= v;
+      else {
+        // NaN wins (as in PyTorch); ties keep the first index.
+        bool better = idx < 0 || (v != v && acc == acc) || (acc == acc && (want_max ? v > acc : v < acc));
+        if (better) { acc = v; idx = j; }
+      }
+    }
+    if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) {
+      acc = block_sum<double>(acc, sh_v);
+      if (op == ML_REDUCE_MEAN) acc /= (double)r;
+    } else if (op == ML_REDUCE_PROD) {
+      // Products are rare; combine through shared memory serially.
+      sh_v[threadIdx.x & 31] = 1.0;
+      __syncthreads();
+      for (int t = 0; t < blockDim.x; t++) {
+        if (threadIdx.x == t) sh_v[0] *= acc;
+        __syncthreads();
+      }
+      acc = sh_v[0];
+      __syncthreads();
+    } else {
+      // Serial combine of (value, index) pairs in thread order keeps "first index on ties".
+      __shared__ double all_v[kBlock];
+      __shared__ long long all_i[kBlock];
+      all_v[threadIdx.x] = acc;
+      all_i[threadIdx.x] = idx;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        double bv = 0; long long bi = -1;
+        for (int t = 0; t < blockDim.x; t++) {
+          if (all_i[t] < 0) continue;
+          double v = all_v[t];
+          bool better = bi < 0 || (v != v && bv == bv) || (bv == bv && (want_max ? v > bv : v < bv)) ||
+                        (bv == bv && v == bv && all_i[t] < bi);
+          if (better) { bv = v; bi = all_i[t]; }
+        }
+        sh_v[0] = bv; sh_i[0] = bi;
+      }
+      __syncthreads();
+      acc = sh_v[0]; idx = sh_i[0];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      if (is_arg) ((long long *)o.data)[out] = idx < 0 ? 0 : idx;
+      else store_as<double>(o.data, o.dtype, out, acc);
+    }
+  }
+}
+
+ml_status ml_cuda_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(x), &st));
+  TensorDesc xd = ml_cuda_desc(x), od = ml_cuda_desc(out);
+  TensorDesc kept = xd, red = xd;
+  kept.ndim = 0; red.ndim = 0;
+  bool reduced[ML_MAX_DIMS] = {false};
+  if (ndims == 0) for (int i = 0; i < xd.ndim; i++) reduced[i] = true;
+  for (int i = 0; i < ndims; i++) reduced[dims[i]] = true;
+  for (int i = 0; i < xd.ndim; i++) {
+    TensorDesc &d = reduced[i] ? red : kept;
+    d.shape[d.ndim] = xd.shape[i];
+    d.strides[d.ndim] = xd.strides[i];
+    d.ndim++;
+  }
+  int64_t nout = ml_cuda_numel(kept), r = ml_cuda_numel(red);
+  if (nout == 0) return ML_OK;
+  unsigned grid = (unsigned)(nout < 65535 * 16 ? nout : 65535 * 16);
+  reduce_kernel<<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
+
+// --- rows: softmax and norms ---------------------------------------------------------------
+
+// Splits x into rows: `outer` walks the row starts, `inner` the elements of one row.
+static void split_rows(const TensorDesc &x, int first_inner, int last_inner, TensorDesc *outer, TensorDesc *inner) {
+  *outer = x; *inner = x;
+  outer->ndim = 0; inner->ndim = 0;
+  for (int i = 0; i < x.ndim; i++) {
+    TensorDesc *d = (i >= first_inner && i <= last_inner) ? inner : outer;
+    d->shape[d->ndim] = x.shape[i];
+    d->strides[d->ndim] = x.strides[i];
+    d->ndim++;
+  }
+}
+
+__global__ void softmax_kernel(TensorDesc xo, TensorDesc xi, TensorDesc oo, TensorDesc oi, int64_t rows, int64_t n,
+                               bool log_out) {
+  __shared__ float sh[32];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    int64_t xb = desc_offset(xo, row), ob = desc_offset(oo, row);
+    float m = -INFINITY;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      m = fmaxf(m, load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)));
+    m = block_max(m, sh);
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      s += __expf(load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - m);
+    s = block_sum<float>(s, sh);
+    float ls = logf(s);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      float v = load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - m;
+      store_as<float>(oi.data, oi.dtype, ob + desc_offset(oi, j), log_out ? v - ls : __expf(v) / s);
+    }
+  }
+}
+
+static unsigned row_grid(int64_t rows) { return (unsigned)(rows < 65535 * 16 ? (rows > 0 ? rows : 1) : 65535 * 16); }
+
+ml_status ml_cuda_softmax(const ml_tensor *x, int dim, bool log, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(x), &st));
+  TensorDesc xd = ml_cuda_desc(x), od = ml_cuda_desc(out);
+  if (xd.ndim == 0) { xd.ndim = 1; xd.shape[0] = 1; xd.strides[0] = 1; od = xd; od.data = ml_tensor_data(out); od.dtype = ml_tensor_dtype(out); }
+  TensorDesc xo, xi, oo, oi;
+  split_rows(xd, dim, dim, &xo, &xi);
+  split_rows(od, dim, dim, &oo, &oi);
+  int64_t rows = ml_cuda_numel(xo), n = ml_cuda_numel(xi);
+  if (rows == 0 || n == 0) return ML_OK;
+  softmax_kernel<<<row_grid(rows), kBlock, 0, st->compute>>>(xo, xi, oo, oi, rows, n, log);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
+
+// mode 0: layer norm (mean and variance), 1: RMS norm (mean of squares).
+__global__ void norm_kernel(int mode, TensorDesc xo, TensorDesc xi, TensorDesc oo, TensorDesc oi, TensorDesc w,
+                            bool has_w, TensorDesc b, bool has_b, int64_t rows, int64_t n, float eps) {
+  __shared__ float sh[32];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    int64_t xb = desc_offset(xo, row), ob = desc_offset(oo, row);
+    float mean = 0.f;
+    if (mode == 0) {
+      float s = 0.f;
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j));
+      mean = block_sum<float>(s, sh) / (float)n;
+    }
+    float q = 0.f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      float v = load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - mean;
+      q += v * v;
+    }
+    float inv = rsqrtf(block_sum<float>(q, sh) / (float)n + eps);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      float v = (load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - mean) * inv;
+      if (has_w) v *= load_as<float>(w.data, w.dtype, desc_offset(w, j));
+      if (has_b) v += load_as<float>(b.data, b.dtype, desc_offset(b, j));
+      store_as<float>(oi.data, oi.dtype, ob + desc_offset(oi, j), v);
+    }
+  }
+}
+
+static ml_status norm(int mode, const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps,
+                      ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(x), &st));
+  TensorDesc xd = ml_cuda_desc(x), od = ml_cuda_desc(out);
+  TensorDesc xo, xi, oo, oi;
+  split_rows(xd, xd.ndim - nnorm, xd.ndim - 1, &xo, &xi);
+  split_rows(od, od.ndim - nnorm, od.ndim - 1, &oo, &oi);
+  int64_t rows = ml_cuda_numel(xo), n = ml_cuda_numel(xi);
+  if (rows == 0 || n == 0) return ML_OK;
+  TensorDesc wd = w ? ml_cuda_desc(w) : xi, bd = b ? ml_cuda_desc(b) : xi;
+  norm_kernel<<<row_grid(rows), kBlock, 0, st->compute>>>(mode, xo, xi, oo, oi, wd, w != NULL, bd, b != NULL, rows, n,
+                                                          (float)eps);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
+
+ml_status ml_cuda_layer_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps,
+                             ml_tensor *out) {
+  return norm(0, x, nnorm, w, b, eps, out);
+}
+
+ml_status ml_cuda_rms_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, double eps, ml_tensor *out) {
+  return norm(1, x, nnorm, w, NULL, eps, out);
+}
+
+// --- embedding -----------------------------------------------------------------------------
+
+// out (numel(ids), d) contiguous; a bad id is reported through *bad (first one wins).
+__global__ void embedding_kernel(TensorDesc ids, TensorDesc w, TensorDesc o, int64_t count, int64_t d, int64_t rows,
+                                 long long *bad) {
+  for (int64_t p = blockIdx.x; p < count; p += gridDim.x) {
+    long long id = load_as<long long>(ids.data, ids.dtype, desc_offset(ids, p));
+    if (id < 0 || id >= rows) {
+      if (threadIdx.x == 0) atomicCAS((unsigned long long *)bad, (unsigned long long)LLONG_MIN, (unsigned long long)id);
+      continue;
+    }
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      float v = load_as<float>(w.data, w.dtype, id * w.strides[0] + j * w.strides[1]);
+      store_as<float>(o.data, o.dtype, p * d + j, v);
+    }
+  }
+}
+
+ml_status ml_cuda_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor *out) {
+  int dev = ml_cuda_device_of(weight);
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(dev, &st));
+  TensorDesc idd = ml_cuda_desc(ids), wd = ml_cuda_desc(weight), od = ml_cuda_desc(out);
+  int64_t count = ml_cuda_numel(idd), d = wd.shape[1], rows = wd.shape[0];
+  if (count == 0) return ML_OK;
+  void *flag;
+  ML_TRY(ml_cuda_scratch(dev, sizeof(long long), &flag));
+  long long init = LLONG_MIN, bad = LLONG_MIN;
+  cudaError_t e = cudaMemcpyAsync(flag, &init, sizeof init, cudaMemcpyHostToDevice, st->compute);
+  if (e == cudaSuccess) {
+    embedding_kernel<<<row_grid(count), 128, 0, st->compute>>>(idd, wd, od, count, d, rows, (long long *)flag);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) e = cudaMemcpyAsync(&bad, flag, sizeof bad, cudaMemcpyDeviceToHost, st->compute);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st->compute);
+  ml_cuda_scratch_free(dev, flag, sizeof(long long));
+  if (e != cudaSuccess) return ml_fail(ML_EIO, "embedding: CUDA error: %s", cudaGetErrorString(e));
+  if (bad != LLONG_MIN)
+    return ml_fail(ML_EINVAL, "embedding: index %lld is out of range for a table of %lld rows", bad, (long long)rows);
+  return ML_OK;
+}
