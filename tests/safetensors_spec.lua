@@ -218,6 +218,17 @@ describe("safetensors", function()
          f:close()
       end)
 
+      it("takes page-cache hints per tensor, and the data survives dropping its pages", function()
+         local f = st.safe_open(FIX .. "reference.safetensors")
+         local t = f:get_tensor("i64.big")
+         f:advise("i64.big", "willneed")
+         f:advise("i64.big", "dontneed")
+         assert.same(expected.tensors["i64.big"].values, values(t))
+         assert.has_error(function() f:advise("i64.big", "later") end,
+            'advise: expected "willneed" or "dontneed", got later')
+         f:close()
+      end)
+
       it("gives meta tensors without data on the meta device", function()
          local all = st.load_file(FIX .. "reference.safetensors", { device = "meta" })
          assert.equal("meta", all["f32.matrix"].device)

@@ -242,6 +242,9 @@ ML_API const char *ml_safetensors_metadata_value(const ml_safetensors *h, int64_
  * element size (ml_storage_is_borrowed is then true), a copy otherwise; meta: shape only; cuda:
  * a copy. Rechecks the file size first, so a file truncated since open fails cleanly. */
 ML_API ml_status ml_safetensors_tensor(ml_safetensors *h, int64_t i, ml_device dev, ml_tensor **out);
+/* Page-cache hint for tensor i's bytes: 0 = WILLNEED (prefetch), 1 = DONTNEED (drop resident
+ * pages, e.g. after copying them to a GPU). No-op for an in-memory handle. */
+ML_API ml_status ml_safetensors_advise(const ml_safetensors *h, int64_t i, int advice);
 /* Writes n tensors (any device but meta; non-contiguous ones are written contiguous) and nmeta
  * string pairs in the reference layout, to a temporary file in path's directory that is fsync'd
  * and renamed over path: on failure path is untouched and no temporary file is left. */

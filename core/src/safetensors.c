@@ -660,6 +660,15 @@ ml_status ml_safetensors_tensor(ml_safetensors *h, int64_t i, ml_device dev, ml_
   return st;
 }
 
+ml_status ml_safetensors_advise(const ml_safetensors *h, int64_t i, int advice) {
+  ml_safetensors_info info;
+  ML_TRY(ml_safetensors_info_at(h, i, &info));
+  if (advice != 0 && advice != 1)
+    return ml_fail(ML_EINVAL, "ml_safetensors_advise: advice %d is neither 0 (willneed) nor 1 (dontneed)", advice);
+  if (!h->map) return ML_OK;
+  return ml_mapping_advise(h->map, (size_t)info.file_offset, (size_t)(info.end - info.begin), advice);
+}
+
 // --- writer ---------------------------------------------------------------------------------
 
 static _Atomic long long fail_after = -1;

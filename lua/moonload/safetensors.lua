@@ -117,6 +117,18 @@ function SafeOpen:tensor_info(name)
    }
 end
 
+--- Page-cache hint for one tensor's bytes: "willneed" starts reading them in the background,
+--- "dontneed" drops them from memory (tensors viewing them stay valid and fault them back in).
+function SafeOpen:advise(name, what)
+   local h = live(self, "advise")
+   local i = index_of(self, h, "advise", name)
+   local advice = ({ willneed = 0, dontneed = 1 })[what]
+   if not advice then
+      error(string.format("advise: expected \"willneed\" or \"dontneed\", got %s", tostring(what)), 2)
+   end
+   if lib.ml_safetensors_advise(h, i, advice) ~= 0 then c_error(2) end
+end
+
 --- Releases the mapping held by the handle (tensors already returned stay valid). Safe twice.
 function SafeOpen:close()
    local h = self._h
