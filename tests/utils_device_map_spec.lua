@@ -197,6 +197,17 @@ describe("utils.device_map", function()
       end)
    end)
 
+   describe("device_map_keys", function()
+      it("orders a hand-written map by module order", function()
+         local map = { head = "cpu", ["sub.linear2"] = 0, linear0 = 0, ["sub.batchnorm.weight"] = 1, ["sub.batchnorm"] = 1,
+                       ["sub.linear1"] = 0, zzz = "disk", [""] = 0 }
+         assert.are.same({ "", "linear0", "sub.linear1", "sub.batchnorm", "sub.batchnorm.weight", "sub.linear2", "head", "zzz" },
+            utils.device_map_keys(map, models.NestedModel()))
+         assert.are.same({ "scale", "a", "b", "mask" },
+            utils.device_map_keys({ mask = 0, b = 0, a = 0, scale = 0 }, models.WithParam()))
+      end)
+   end)
+
    describe("check_device_map", function()
       for _, case in ipairs(fixture.check_device_map) do
          it("matches accelerate: " .. case.label, function()

@@ -595,6 +595,29 @@ function M.infer_auto_device_map(model, opts)
    return device_map, keys
 end
 
+--- device_map_keys(device_map, model) -> the map's keys in module order (a module before what
+-- it holds), for maps written by hand. Within a module: direct parameters, children, direct buffers (the
+-- planner's order). Keys naming nothing in the model come last, sorted.
+function M.device_map_keys(device_map, model)
+   local keys, seen = {}, {}
+   local function visit(name)
+      if device_map[name] ~= nil and not seen[name] then seen[name] = true; keys[#keys + 1] = name end
+   end
+   local function walk(m, prefix)
+      visit(prefix)
+      local dot = prefix == "" and "" or (prefix .. ".")
+      for _, e in ipairs(modeling.direct_params(m)) do visit(dot .. e[1]) end
+      for _, e in ipairs(children_list(m)) do walk(e[2], dot .. e[1]) end
+      for _, e in ipairs(modeling.direct_buffers(m)) do visit(dot .. e[1]) end
+   end
+   walk(model, "")
+   local rest = {}
+   for k in pairs(device_map) do if not seen[k] then rest[#rest + 1] = tostring(k) end end
+   table.sort(rest)
+   for _, k in ipairs(rest) do keys[#keys + 1] = k end
+   return keys
+end
+
 -- --- check_device_map ------------------------------------------------------------------------------
 
 --- Names of model's state_dict in PyTorch's order (module by module: parameters, then

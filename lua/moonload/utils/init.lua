@@ -16,7 +16,7 @@ for _, name in ipairs({ "convert_file_size_to_int", "dtype_byte_size", "compute_
    M[name] = sizes[name]
 end
 for _, name in ipairs({ "get_max_memory", "get_balanced_memory", "infer_auto_device_map", "clean_device_map",
-                        "check_device_map", "fallback_allocate" }) do
+                        "check_device_map", "fallback_allocate", "device_map_keys" }) do
    M[name] = device_map[name]
 end
 for _, name in ipairs({ "named_module_tensors", "get_non_persistent_buffers", "set_module_tensor_to_device",
