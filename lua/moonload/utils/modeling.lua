@@ -517,15 +517,17 @@ local function dirname(path)
    return path:match("^(.*)/[^/]*$") or "."
 end
 
+-- The working directory, asked of the shell once (PWD may be stale when a parent process set
+-- the cwd without updating it, and LuaJIT itself cannot change directory).
+local cwd_cache
 local function abspath(path)
    if path:sub(1, 1) == "/" then return path end
-   local pwd = os.getenv("PWD")
-   if pwd == nil then
+   if cwd_cache == nil then
       local p = io.popen("pwd")
-      pwd = p:read("*l")
-      p:close()
+      cwd_cache = p and p:read("*l") or os.getenv("PWD") or "."
+      if p then p:close() end
    end
-   return pwd .. "/" .. path:gsub("^%./", "")
+   return cwd_cache .. "/" .. path:gsub("^%./", "")
 end
 M.abspath = abspath
 
