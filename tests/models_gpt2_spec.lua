@@ -104,6 +104,35 @@ describe("models.gpt2", function()
       end)
    end)
 
+   describe("from_pretrained options", function()
+      it("dtype converts every weight, keeps the tie, and stays close to float32", function()
+         local m = models.from_pretrained(DIR, { dtype = "bfloat16" })
+         for name, p in m:named_parameters() do
+            assert.are.equal("bfloat16", p.dtype, name)
+         end
+         assert.are.equal(m.transformer.wte.weight, m.lm_head.weight)
+         local logits = m(exp.input_ids)
+         assert.are.equal("bfloat16", logits.dtype)
+         assert.is_true(H.max_abs_diff(logits:float(), exp.logits) < 0.25)
+      end)
+
+      it("loads zero-copy into an empty (meta) skeleton by default", function()
+         local lib = require("moonload.C").lib
+         for name, p in model:named_parameters() do
+            assert.are.equal("cpu", p.device, name)
+            -- the bytes belong to the mapped checkpoint file, not to a copy
+            assert.is_true(lib.ml_storage_is_borrowed(lib.ml_tensor_storage(p._c)), name)
+         end
+         local m = gpt2.GPT2LMHeadModel(DIR)   -- built normally: own, initialised memory
+         assert.is_false(lib.ml_storage_is_borrowed(lib.ml_tensor_storage(m.transformer.wte.weight._c)))
+      end)
+
+      it("strict = false builds an initialised model and loads what the checkpoint has", function()
+         local m = models.from_pretrained(DIR, { strict = false })
+         assert.is_true(H.max_abs_diff(m(exp.input_ids), exp.logits) < TOL)
+      end)
+   end)
+
    describe("KV cache", function()
       it("gives the same logits token by token as one full forward", function()
          local ids = exp.input_ids[1]

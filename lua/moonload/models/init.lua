@@ -286,7 +286,18 @@ function M.from_pretrained(dir, opts)
       for name in pairs(sd) do if name:find("pooler%.") then has_pooler = true break end end
       build_opts = { add_pooling_layer = has_pooler }
    end
-   local model = cls(cfg_path, build_opts)
+   local model
+   if opts.strict == false then
+      -- Weights the checkpoint lacks keep their initialisation.
+      model = cls(cfg_path, build_opts)
+   else
+      -- Every weight comes from the checkpoint: build without allocating or initialising
+      -- parameters (meta), and let load_state_dict put the checkpoint tensors in their place
+      -- (zero-copy views of the mapped file where dtype and alignment allow).
+      model = require("moonload.big_modeling").init_empty_weights(function()
+         return cls(cfg_path, build_opts)
+      end)
+   end
    M.load_into(model, sd, { strict = opts.strict, who = "from_pretrained" })
    if opts.dtype then model:to(opts.dtype) end
    return model
