@@ -322,6 +322,18 @@ describe("nn containers", function()
       assert.equal("Tanh", l:get_submodule("0").__name)
    end)
 
+   it("ModuleList has no forward of its own", function()
+      assert.has_error(function() nn.ModuleList({ nn.ReLU() })(ml.ones(1)) end,
+         'Module [ModuleList] is missing the required "forward" function')
+   end)
+
+   it("an empty child slot prints as None and is skipped by iterators", function()
+      local s = nn.Sequential(nn.ReLU())
+      s:add_module("gone", nil)
+      assert.equal("Sequential(\n  (0): ReLU()\n  (gone): None\n)", tostring(s))
+      assert.same({ "0" }, names(s:named_children()))
+   end)
+
    it("ModuleList rejects non-modules", function()
       assert.has_error(function() nn.ModuleList({ nn.ReLU(), 3 }) end,
          "ModuleList: element 2 is number, expected an nn.Module")
@@ -425,6 +437,25 @@ describe("nn.Module state_dict / load_state_dict", function()
       assert.equal("cpu", w.device)
       assert.equal("float32", w.dtype)
       assert.same({ { 1, 2 }, { 3, 4 } }, w:tolist())
+   end)
+
+   it("refuses to copy meta values into real tensors", function()
+      local m = nn.Linear(2, 2)
+      local w = m.weight:clone()
+      assert.has_error(function()
+         m:load_state_dict({ weight = ml.empty({ 2, 2 }, { device = "meta" }), bias = ml.zeros(2) })
+      end, "load_state_dict: error(s) in loading state_dict for Linear:\n" ..
+         '\t"weight" in the state dict is on the meta device (it has no data to copy)')
+      assert.is_true(m.weight:equal(w))
+   end)
+
+   it("assign = true replaces tensors by the given values in place", function()
+      local m = nn.Linear(2, 1)
+      local w = m.weight
+      local value = ml.tensor({ { 5, 6 } })
+      m:load_state_dict({ weight = value, bias = ml.zeros(1) }, { assign = true })
+      assert.is_true(rawequal(w, m.weight))
+      assert.equal(value:data_ptr(), w:data_ptr())
    end)
 
    it("rejects a non-table state dict", function()
