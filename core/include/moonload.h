@@ -26,6 +26,10 @@
 #define ML_MAX_DIMS 8
 #define ML_ABI_VERSION 1
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* ML_FFI_BEGIN */
 enum { ML_ABI = 1, ML_MAXDIMS = 8 };
 
@@ -287,5 +291,9 @@ ML_API ml_status ml_hookrt_materialize(ml_hookrt *rt, int group, ml_tensor **out
 ML_API ml_status ml_hookrt_release_group(ml_hookrt *rt, int group);
 ML_API void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out);
 /* ML_FFI_END hookrt */
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* MOONLOAD_H */

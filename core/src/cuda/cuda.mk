@@ -13,4 +13,4 @@ $(BUILD)/cuda/%.o: core/src/cuda/%.cu $(CUDA_DEPS)
 
 # Linked against libmoonload.so for ml_tensor_* and ml_fail; found beside it at run time ($ORIGIN).
 $(BUILD)/libmoonload_cuda.so: $(CUDA_OBJ) | $(LIB)
-	$(NVCC) -shared -o $@ $^ -L$(BUILD) -lmoonload -lcublas -lcudart -Xlinker -rpath -Xlinker '$$ORIGIN'
+	$(NVCC) -shared -o $@ $^ -L$(BUILD) -lmoonload -lcublas -lcudart -Xlinker --no-undefined -Xlinker -rpath -Xlinker '$$ORIGIN'
