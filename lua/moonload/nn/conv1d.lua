@@ -2,6 +2,7 @@
 -- (transformers.pytorch_utils.Conv1D): weight (nx, nf), bias (nf), y = x @ W + b.
 -- Initialisation as transformers': W ~ N(0, 0.02), b = 0.
 local Module = require("moonload.nn.module")
+local F = require("moonload.nn.functional")
 local init = require("moonload.nn.weight_init")
 
 local Conv1D = Module:extend("Conv1D")
@@ -26,11 +27,8 @@ function Conv1D:forward(x)
    if n == 0 or shape[n] ~= self.nx then
       error(string.format("Conv1D: input of shape [%s] does not end in nx = %d", table.concat(shape, ", "), self.nx), 2)
    end
-   local rows = 1
-   for i = 1, n - 1 do rows = rows * shape[i] end
-   local y = x:reshape(rows, self.nx):matmul(self.weight) + self.bias
-   shape[n] = self.nf
-   return y:view(shape)
+   -- One GEMM reading the (nx, nf) weight transposed, bias folded in: no copy of W, no extra add.
+   return F.linear(x, self.weight:t(), self.bias)
 end
 
 -- transformers prints Conv1D(nf=..., nx=...).
