@@ -1,0 +1,37 @@
+-- ml.models.from_pretrained with a device_map: the empty skeleton placed and loaded by
+-- ml.load_checkpoint_and_dispatch (CPU and disk here), logits and generation unchanged.
+local ml = require("moonload")
+local models = require("moonload.models")
+local log = require("moonload.utils.log")
+local H = require("models_helpers")
+
+describe("models.from_pretrained with device_map", function()
+   local warnings, prev
+   before_each(function()
+      warnings = {}
+      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
+   end)
+   after_each(function() log.set_warning_handler(prev) end)
+
+   for _, name in ipairs({ "gpt2_tiny", "llama_tiny_untied" }) do
+      it(name .. ": split over CPU and disk under a CPU budget, same logits and greedy ids", function()
+         local exp = H.expected(name)
+         local dir = H.tmpdir()
+         local model = models.from_pretrained(H.FIX .. "/" .. name,
+            { device_map = "auto", max_memory = { cpu = 70000 }, offload_folder = dir })
+         local places = {}
+         for _, dev in pairs(model.hf_device_map) do places[tostring(dev)] = true end
+         assert.is_true(places.cpu and places.disk, "expected a CPU + disk split")
+         assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
+         assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens }))
+         H.rmdir(dir)
+      end)
+   end
+
+   it("reads a sharded checkpoint through its index", function()
+      local exp = H.expected("gpt2_tiny")
+      local model = models.from_pretrained(H.FIX .. "/gpt2_tiny_sharded", { device_map = "auto" })
+      assert.are.equal("cpu", model.hf_device_map[""])
+      assert.is_true(H.max_abs_diff(model(exp.input_ids), exp.logits) < 1e-4)
+   end)
+end)
