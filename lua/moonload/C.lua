@@ -3,7 +3,11 @@
 -- checks its ABI version, and returns the library namespace with a few helpers.
 local ffi = require("ffi")
 
-ffi.cdef(require("moonload.cdef"))
+-- The C declarations exist once per process: a second cdef would be an error, and test runners
+-- that insulate files reload this module.
+if not pcall(ffi.typeof, "ml_tensor") then
+   ffi.cdef(require("moonload.cdef"))
+end
 
 local function this_dir()
    local src = debug.getinfo(1, "S").source

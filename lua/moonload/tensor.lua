@@ -468,7 +468,13 @@ function methods.permute(t, ...)
    if #dims ~= n then
       error(string.format("permute: %d dims given for a %d-d tensor", #dims, n), 2)
    end
-   for i = 1, n do int_buf[i - 1] = cdim("permute", dims[i], n) end
+   local seen = {}
+   for i = 1, n do
+      local d = cdim("permute", dims[i], n)
+      if seen[d] then error(string.format("permute: dimension %d is repeated", d + 1), 2) end
+      seen[d] = true
+      int_buf[i - 1] = d
+   end
    check(lib.ml_tensor_permute(t._c, int_buf, out1))
    return wrap(out1[0])
 end
