@@ -81,6 +81,12 @@ describe("models.gpt2", function()
          assert.are.same(exp.greedy_ids[1], out)
       end)
 
+      it("computes only the last positions' logits with logits_to_keep", function()
+         local logits = model(exp.input_ids, { logits_to_keep = 2 })
+         assert.are.same({ 2, 2, 100 }, logits.shape)
+         assert.is_true(H.max_abs_diff(logits:select(1, 1), { exp.logits[1][7], exp.logits[1][8] }) < TOL)
+      end)
+
       it("loads the sharded checkpoint (model.safetensors.index.json) to the same logits", function()
          local m = models.from_pretrained(H.FIX .. "/gpt2_tiny_sharded")
          local logits = m(ml.tensor(exp.input_ids, { dtype = "int64" }))

@@ -269,7 +269,7 @@ end
 -- BERT, mean pooling over attention_mask, L2 normalisation (normalize = false skips it).
 function BertModel:sentence_embedding(input_ids, opts)
    opts = opts or {}
-   local out = self:forward(input_ids, { attention_mask = opts.attention_mask,
+   local out = self(input_ids, { attention_mask = opts.attention_mask,
       token_type_ids = opts.token_type_ids })
    local emb = M.mean_pooling(out.last_hidden_state, opts.attention_mask)
    if opts.normalize == false then return emb end

@@ -4,8 +4,8 @@
 -- from softmax(logits / temperature), restricted to the top_k most likely tokens when top_k is
 -- set, reproducibly for a given seed.
 --
--- A model plugs in by providing forward(ids, {cache = c}) -> logits (B, T, vocab) (which
--- advances the cache), new_cache(capacity), max_length() and config.vocab_size.
+-- A model plugs in by providing forward(ids, {cache = c, logits_to_keep = n}) -> logits
+-- (B, T or n, vocab) (which advances the cache), new_cache(capacity), max_length() and config.vocab_size.
 local T = require("moonload.tensor")
 local C = require("moonload.C")
 local common = require("moonload.models.common")
@@ -91,7 +91,7 @@ function M.generate(model, input_ids, opts)
    out:narrow(2, 1, L):copy_(ids)
    local eos = opts.eos_token_id
    local done = eos and T.zeros({ B, 1 }, { dtype = "bool" }) or nil
-   local logits = model:forward(ids, { cache = cache })       -- (B, L, vocab)
+   local logits = model:forward(ids, { cache = cache, logits_to_keep = 1 })   -- (B, 1, vocab)
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)

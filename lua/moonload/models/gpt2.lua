@@ -172,12 +172,15 @@ function GPT2LMHeadModel:tie_weights()
    end
 end
 
---- forward(input_ids[, {cache = c}]) -> logits (B, T, vocab).
+--- forward(input_ids[, {cache = c, logits_to_keep = n}]) -> logits (B, T, vocab), or (B, n, vocab)
+-- for the last n positions only when logits_to_keep is set (generate asks for 1).
 -- input_ids: int64 tensor (B, T) or (T), or Lua lists of 0-based token ids.
 function GPT2LMHeadModel:forward(input_ids, opts)
    local ids = common.ids_tensor(input_ids, WHO .. ".forward")
    common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
    local h = self.transformer(ids, opts and opts.cache)
+   local keep = opts and opts.logits_to_keep
+   if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
    return self.lm_head(h)
 end
 
