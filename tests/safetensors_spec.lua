@@ -351,7 +351,11 @@ describe("safetensors", function()
       it("shapes and offsets that are not non-negative integers", function()
          rejects(craft('{"a":' .. entry("F32", { -2 }, 0, 8) .. '}', zeros(8)), 'tensor "a": shape holds a negative number')
          rejects(craft('{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', zeros(8)),
-            'tensor "a": shape must be a list of non-negative integers (found 2....)')
+            'tensor "a": shape must be a list of non-negative integers (found "2.")')
+         rejects(craft('{"a":{"dtype":"F32","shape":[02],"data_offsets":[0,8]}}', zeros(8)),
+            'tensor "a": shape must be a list of non-negative integers (found "02")')
+         rejects(craft('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8e0]}}', zeros(8)),
+            'tensor "a": data_offsets must be a list of non-negative integers (found "8e")')
          rejects(craft('{"a":{"dtype":"F32","shape":2,"data_offsets":[0,8]}}', zeros(8)),
             'tensor "a": shape must be a list of non-negative integers')
          rejects(craft('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8,9]}}', zeros(8)),
@@ -480,6 +484,16 @@ describe("safetensors", function()
          local path = tmp_path("same")
          st.save_file(st.load_file(FIX .. "reference.safetensors"), path, { format = "pt" })
          assert.equal(read_all(FIX .. "reference.safetensors"), read_all(path))
+      end)
+
+      it("writes an empty __metadata__ for an empty table and none for nil, like the reference", function()
+         local p1, p2 = tmp_path("m"), tmp_path("m")
+         st.save_file({ x = ml.zeros(1) }, p1, {})
+         st.save_file({ x = ml.zeros(1) }, p2)
+         assert.equal('{"__metadata__":{},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            read_all(p1):sub(9, 80))
+         assert.same({}, st.safe_open(p1):metadata())
+         assert.is_nil(st.safe_open(p2):metadata())
       end)
 
       it("writes non-contiguous tensors contiguous", function()

@@ -250,8 +250,9 @@ ML_API ml_status ml_safetensors_tensor(ml_safetensors *h, int64_t i, ml_device d
  * pages, e.g. after copying them to a GPU). No-op for an in-memory handle. */
 ML_API ml_status ml_safetensors_advise(const ml_safetensors *h, int64_t i, int advice);
 /* Writes n tensors (any device but meta; non-contiguous ones are written contiguous) and nmeta
- * string pairs in the reference layout, to a temporary file in path's directory that is fsync'd
- * and renamed over path: on failure path is untouched and no temporary file is left. */
+ * string pairs (nmeta -1: no __metadata__ at all; 0: an empty one) in the reference layout, to
+ * a temporary file in path's directory that is fsync'd and renamed over path: on failure path
+ * is untouched and no temporary file is left. */
 ML_API ml_status ml_safetensors_save(const char *path, int64_t n, const char *const *names,
                                      ml_tensor *const *tensors, int64_t nmeta,
                                      const char *const *meta_keys, const char *const *meta_values);

@@ -258,7 +258,7 @@ static ml_status juint(jcur *j, uint64_t *out, const char *tensor, const char *f
     }
   if (j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E' || (*j->p >= '0' && *j->p <= '9')))
     return ml_fail(ML_EFORMAT, "safetensors: %s: tensor \"%s\": %s must be a list of non-negative integers "
-                   "(found %.*s...)", j->h->label, tensor, field, (int)(j->p - s + 1), (const char *)s);
+                   "(found \"%.*s\")", j->h->label, tensor, field, (int)(j->p - s + 1), (const char *)s);
   if (over)
     return ml_fail(ML_EFORMAT, "safetensors: %s: tensor \"%s\": %s value %.*s does not fit in 63 bits",
                    j->h->label, tensor, field, (int)(j->p - s > 40 ? 40 : j->p - s), (const char *)s);
@@ -755,7 +755,7 @@ static ml_status build_header(sbuf *b, const save_item *items, int64_t n, int64_
                               const char *const *mk, const char *const *mv) {
   sb_puts(b, "{");
   bool first = true;
-  if (nmeta > 0) {
+  if (nmeta >= 0) {
     sb_puts(b, "\"__metadata__\":{");
     for (int64_t i = 0; i < nmeta; i++) {
       if (i) sb_puts(b, ",");
@@ -829,7 +829,7 @@ static void fsync_dir(const char *path) {
 ml_status ml_safetensors_save(const char *path, int64_t n, const char *const *names, ml_tensor *const *tensors,
                               int64_t nmeta, const char *const *meta_keys, const char *const *meta_values) {
   if (!path || !*path) return ml_fail(ML_EINVAL, "save_file: path is missing");
-  if (n < 0 || nmeta < 0 || (n && (!names || !tensors)) || (nmeta && (!meta_keys || !meta_values)))
+  if (n < 0 || nmeta < -1 || (n && (!names || !tensors)) || (nmeta > 0 && (!meta_keys || !meta_values)))
     return ml_fail(ML_EINVAL, "save_file: invalid arguments");
   for (int64_t i = 0; i < nmeta; i++) {
     if (!meta_keys[i] || !meta_values[i]) return ml_fail(ML_EINVAL, "save_file: metadata entry %lld is NULL", (long long)i);

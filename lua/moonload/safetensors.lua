@@ -217,7 +217,7 @@ function M.save_file(tensors, path, metadata)
       ck[i - 1] = k
       cv[i - 1] = metadata[k]
    end
-   local st = lib.ml_safetensors_save(path, n, cnames, ctensors, #mkeys, ck, cv)
+   local st = lib.ml_safetensors_save(path, n, cnames, ctensors, metadata and #mkeys or -1, ck, cv)
    if st ~= 0 then c_error(2) end
 end
 
