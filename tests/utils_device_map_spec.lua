@@ -87,6 +87,46 @@ describe("utils.device_map", function()
       end)
    end)
 
+   describe("on transformers' GPT-2 (tiny config) vs ml.models.gpt2", function()
+      local g = fixture.gpt2
+      local ml = require("moonload")
+      local model = ml.init_empty_weights(function() return ml.models.gpt2.GPT2LMHeadModel(g.config) end)
+
+      -- HF's GPT2MLP has a parameterless `act` child that the Lua model does not register: its
+      -- zero-size entries are the only difference the structures allow, so they are left out.
+      local function without_act(map)
+         local out = {}
+         for k, v in pairs(map) do if not k:match("%.act$") then out[k] = v end end
+         return out
+      end
+
+      it("has the same size and ties", function()
+         assert.are.equal(g.total_size, utils.compute_module_sizes(model)[""])
+         assert.are.same(g.tied, utils.find_tied_parameters(model))
+      end)
+
+      for i, case in ipairs(g.maps) do
+         it("gives accelerate's map " .. i, function()
+            local map, _, warnings = models.capture(function()
+               return utils.infer_auto_device_map(model, { max_memory = table_of(case.max_memory),
+                                                           no_split_module_classes = case.no_split })
+            end)
+            assert.are.same(without_act(table_of(case.device_map)), without_act(map))
+            assert.are.same(case.warnings, without_availability(warnings))
+         end)
+      end
+
+      it("gives accelerate's balanced budgets", function()
+         for _, case in ipairs(g.balanced) do
+            local mm = models.capture(function()
+               return utils.get_balanced_memory(model, { max_memory = { [0] = 1e6, [1] = 1e6, [2] = 1e6, cpu = 1e7 },
+                  no_split_module_classes = { "GPT2Block" }, low_zero = case.low_zero })
+            end)
+            assert.are.same(table_of(case.result), mm)
+         end
+      end)
+   end)
+
    describe("get_max_memory", function()
       it("normalises and orders like accelerate", function()
          for _, case in ipairs(fixture.max_memory) do
