@@ -62,6 +62,25 @@ describe("elementwise ops", function()
       end)
    end)
 
+   describe("float16 blocks", function()
+      it("load every float16 bit pattern exactly (NaNs stay NaN)", function()
+         local bits = ml.arange(0, 65536):to("int32"):to("int16")   -- wraps through all 16-bit patterns
+         local h = bits:view_dtype("float16")
+         local same = (h * 1):view_dtype("int16"):eq(bits)
+         local nan = h:ne(h)
+         assert.are.equal(65536 - 2046, same:logical_and(nan:logical_not()):sum():item())
+         assert.are.equal(2046, (h * 1):ne(h * 1):sum():item())
+      end)
+
+      it("round results to nearest even like the scalar converter", function()
+         local a = ml.arange(0, 200000):float() * 1.2345e-4 - 12
+         local b = ml.arange(0, 200000):float() * -3.3e-5 + 2
+         local direct = a:half() + b:half()                                  -- computed in float32, stored as float16
+         local via = (a:half():float() + b:half():float()):half()            -- copy_'s scalar rounding
+         assert.is_true(direct:equal(via))
+      end)
+   end)
+
    describe("large tensors (threads and blocks)", function()
       after_each(function() ml.set_num_threads(0) end)
 

@@ -141,6 +141,63 @@ static void reduce_outputs(void *ctx, int64_t begin, int64_t end) {
   }
 }
 
+/* Column mode, for reductions whose kept dims include x's contiguous last dim (a sum over the
+   rows of a matrix, over the batch...): instead of walking each output's strided column, every
+   reduced position adds a contiguous run of up to ML_BLOCK neighbouring outputs at once. Unit u
+   is chunk u % nchunk of group u / nchunk, a group being the K outputs along the last kept dim.
+   Each output still accumulates its elements in the same order, whichever thread runs it. */
+static void reduce_columns(void *ctx, int64_t begin, int64_t end) {
+  const reduce_job *j = ctx;
+  const reduce_plan *p = j->p;
+  const ml_tensor *x = p->x;
+  const uint8_t *xd = ml_tensor_data(x);
+  ml_reduce_op op = j->op;
+  bool is_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
+  bool sum = op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN, prod = op == ML_REDUCE_PROD;
+  int64_t K = p->keep_shape[p->nkeep - 1], ks = p->keep_strides[p->nkeep - 1];
+  int64_t nchunk = (K + ML_BLOCK - 1) / ML_BLOCK;
+  union { double d[ML_BLOCK]; int64_t i[ML_BLOCK]; } buf, acc;
+  int64_t best[ML_BLOCK];
+  const int64_t *rs[1] = {p->red_strides};
+  for (int64_t u = begin; u < end; u++) {
+    int64_t g = u / nchunk, c0 = (u % nchunk) * ML_BLOCK, n = K - c0 < ML_BLOCK ? K - c0 : ML_BLOCK;
+    int64_t o0 = g * K + c0;                          /* first output of this unit */
+    const uint8_t *base = ml_byte_at(xd, x->dtype, plan_base(p, o0));
+    for (int64_t i = 0; i < n; i++) { acc.d[i] = prod ? 1.0 : 0.0; best[i] = 0; }
+    if (j->int_calc) for (int64_t i = 0; i < n; i++) acc.i[i] = prod ? 1 : 0;
+    ml_iter it;
+    ml_iter_init(&it, p->nred, p->red_shape, 1, rs);
+    int64_t pos = 0;
+    while (ml_iter_next(&it)) {
+      for (int64_t r = 0; r < it.inner; r++, pos++) {
+        const uint8_t *src = ml_byte_at(base, x->dtype, it.off[0] + r * it.inner_stride[0]);
+        if (j->int_calc) {
+          const int64_t *v = ml_load_i64(src, x->dtype, ks, n, buf.i);
+          if (sum) for (int64_t i = 0; i < n; i++) acc.i[i] = (int64_t)((uint64_t)acc.i[i] + (uint64_t)v[i]);
+          else if (prod) for (int64_t i = 0; i < n; i++) acc.i[i] = (int64_t)((uint64_t)acc.i[i] * (uint64_t)v[i]);
+          else
+            for (int64_t i = 0; i < n; i++)
+              if (pos == 0 || (is_max ? v[i] > acc.i[i] : v[i] < acc.i[i])) { acc.i[i] = v[i]; best[i] = pos; }
+        } else {
+          const double *v = ml_load_f64_row(src, x->dtype, ks, n, buf.d);
+          if (sum) for (int64_t i = 0; i < n; i++) acc.d[i] += v[i];
+          else if (prod) for (int64_t i = 0; i < n; i++) acc.d[i] *= v[i];
+          else
+            for (int64_t i = 0; i < n; i++)
+              if (pos == 0 || better(v[i], acc.d[i], is_max)) { acc.d[i] = v[i]; best[i] = pos; }
+        }
+      }
+    }
+    for (int64_t i = 0; i < n; i++) {
+      if (j->vals) {
+        if (j->int_calc) ml_store_i64(&acc.i[i], ml_byte_at(j->vals, j->vdt, o0 + i), j->vdt, 1, 1);
+        else ml_store_f64(j->vals, j->vdt, o0 + i, op == ML_REDUCE_MEAN ? acc.d[i] / (double)p->nred_elems : acc.d[i]);
+      }
+      if (j->idx) j->idx[o0 + i] = best[i];
+    }
+  }
+}
+
 /* Runs a reduction into fresh tensors; vals and/or idx may be NULL when not wanted. */
 static ml_status reduce_run(const char *fn, ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims,
                             bool keepdim, ml_tensor **vals, ml_tensor **idx) {
@@ -165,7 +222,15 @@ static ml_status reduce_run(const char *fn, ml_reduce_op op, const ml_tensor *x,
   if (vals && (st = ml_tensor_empty(vdt, ond, oshape, ml_cpu(), &v))) return st;
   if (idx && (st = ml_tensor_empty(ML_INT64, ond, oshape, ml_cpu(), &ix))) { ml_tensor_release(v); return st; }
   reduce_job j = {&p, op, !floating, v ? ml_tensor_data(v) : NULL, vdt, ix ? ml_tensor_data(ix) : NULL};
-  ml_parallel_for(p.nout, p.nred_elems + 16, reduce_outputs, &j);
+  /* Column mode when the outputs are contiguous in x and the reduced elements are not. */
+  bool columns = p.nkeep > 0 && p.nred > 0 && p.keep_strides[p.nkeep - 1] == 1 && p.keep_shape[p.nkeep - 1] > 1;
+  for (int k = 0; columns && k < p.nred; k++) columns = p.red_strides[k] != 1 || p.red_shape[k] == 1;
+  if (columns && p.nout > 0) {
+    int64_t K = p.keep_shape[p.nkeep - 1], nchunk = (K + ML_BLOCK - 1) / ML_BLOCK;
+    ml_parallel_for(p.nout / K * nchunk, p.nred_elems * (K < ML_BLOCK ? K : ML_BLOCK) + 16, reduce_columns, &j);
+  } else {
+    ml_parallel_for(p.nout, p.nred_elems + 16, reduce_outputs, &j);
+  }
   if (vals) *vals = v;
   if (idx) *idx = ix;
   return ML_OK;
