@@ -54,9 +54,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     kept++;
   }
   if (kept > 0) {
-    int64_t nm = ml_safetensors_metadata_count(h);
-    if (nm < 0) nm = 0;
-    const char **mk = calloc((size_t)nm + 1, sizeof *mk), **mv = calloc((size_t)nm + 1, sizeof *mv);
+    int64_t nm = ml_safetensors_metadata_count(h);            /* -1: no __metadata__ */
+    size_t slots = (size_t)(nm > 0 ? nm : 0) + 1;
+    const char **mk = calloc(slots, sizeof *mk), **mv = calloc(slots, sizeof *mv);
     for (int64_t i = 0; i < nm; i++) { mk[i] = ml_safetensors_metadata_key(h, i); mv[i] = ml_safetensors_metadata_value(h, i); }
     if (ml_safetensors_save(scratch, kept, names, ts, nm, mk, mv) != ML_OK) abort();
     ml_safetensors *back = NULL;
@@ -64,7 +64,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       fprintf(stderr, "rewritten file does not reopen: %s\n", ml_last_error());
       abort();
     }
-    if (ml_safetensors_count(back) != kept) abort();
+    if (ml_safetensors_count(back) != kept || ml_safetensors_metadata_count(back) != nm) abort();
     ml_safetensors_release(back);
     free(mk); free(mv);
   }
