@@ -87,6 +87,33 @@ describe("utils.device_map", function()
       end)
    end)
 
+   describe("fallback_allocate", function()
+      for i, case in ipairs(fixture.fallback_allocate) do
+         it("matches accelerate " .. i .. " (" .. case.model .. ", " .. tostring(case.limit) .. ")", function()
+            local model = models.make(case.model)
+            local sizes = utils.compute_module_sizes(model)
+            local modules = {}
+            for name, p in model:named_parameters("", false) do modules[#modules + 1] = { name, p } end
+            for name, c in model:named_children() do modules[#modules + 1] = { name, c } end
+            for name, b in model:named_buffers("", false) do modules[#modules + 1] = { name, b } end
+            local opts = { no_split_module_classes = case.no_split, tied_parameters = utils.find_tied_parameters(model) }
+            if not isnull(case.error) then
+               -- accelerate raises IndexError here; moonload names the tied parameter
+               assert.has_error(function() utils.fallback_allocate(modules, sizes, case.limit, opts) end,
+                  "fallback_allocate: tied parameter emb.weight is not inside any module left to place")
+               return
+            end
+            local name, _, remaining = utils.fallback_allocate(modules, sizes, case.limit, opts)
+            local expected = case.name
+            if isnull(expected) then expected = nil end
+            assert.are.equal(expected, name)
+            local names = {}
+            for j, e in ipairs(remaining) do names[j] = e[1] end
+            assert.are.same(case.remaining, names)
+         end)
+      end
+   end)
+
    describe("on transformers' GPT-2 (tiny config) vs ml.models.gpt2", function()
       local g = fixture.gpt2
       local ml = require("moonload")
@@ -228,6 +255,13 @@ describe("utils.device_map", function()
             assert.are.same(table_of(case.output), out)
             assert.are.equal(#case.output, #out_keys)
          end
+      end)
+
+      it("takes Accelerate's module_name in an options table", function()
+         local map = utils.clean_device_map({ ["a.x"] = 0, ["a.y"] = 0, ["b.x"] = 1, ["b.y"] = 1 }, { module_name = "a" })
+         assert.are.same({ a = 0, ["b.x"] = 1, ["b.y"] = 1 }, map)
+         local _, keys = utils.clean_device_map({ ["a.x"] = 0, ["a.y"] = 0, c = 1 }, { keys = { "c", "a.x", "a.y" } })
+         assert.are.same({ "c", "a" }, keys)
       end)
 
       it("puts a merged entry where its first member was", function()

@@ -282,14 +282,27 @@ local function clean(map, keys, module_name)
    return keys
 end
 
---- clean_device_map(device_map[, keys][, module_name]) -> device_map, keys: groups the entries
--- of a module that all go to one device into one entry (in place). `keys` gives the order
--- (default: sorted names).
-function M.clean_device_map(device_map, keys, module_name)
+--- clean_device_map(device_map[, {module_name = "", keys}]) -> device_map, keys: groups the
+-- entries of a module that all go to one device into one entry (in place). `keys` gives the
+-- order (default: sorted names); a plain list of keys is also accepted as the second argument.
+function M.clean_device_map(device_map, opts, module_name)
+   local keys
+   if type(opts) == "table" and opts[1] ~= nil then
+      keys = opts
+   elseif type(opts) == "table" then
+      keys, module_name = opts.keys, opts.module_name or module_name
+   end
+   if type(device_map) ~= "table" then
+      error("clean_device_map: device_map must be a table (name -> device), got " .. type(device_map), 2)
+   end
    if keys == nil then
       keys = {}
       for k in pairs(device_map) do keys[#keys + 1] = k end
       table.sort(keys)
+   else
+      local copy = {}
+      for i, k in ipairs(keys) do copy[i] = k end
+      keys = copy
    end
    keys = clean(device_map, keys, module_name or "")
    return device_map, keys
@@ -367,11 +380,15 @@ local function only_modules(list)
    return out
 end
 
---- fallback_allocate(modules, module_sizes, size_limit, no_split_module_classes, tied_parameters)
--- -> name, module, remaining: the first module (splitting parents) that fits size_limit.
-function M.fallback_allocate(modules, module_sizes, size_limit, no_split_module_classes, tied_parameters)
+local function fallback_allocate(modules, module_sizes, size_limit, no_split_module_classes, tied_parameters)
+   if type(size_limit) == "string" then
+      local ok, v = pcall(sizes.parse_size, size_limit, "fallback_allocate")
+      size_limit = ok and v or nil
+   end
    if type(size_limit) ~= "number" or size_limit < 0 then return nil, nil, modules end
-   local no_split = sizes.class_set(no_split_module_classes)
+   -- a list of class names or a set (name -> true)
+   local no_split = no_split_module_classes or {}
+   if no_split[1] ~= nil then no_split = sizes.class_set(no_split) end
    tied_parameters = tied_parameters or {}
    local search = slice(modules, 1)
    local found_name, found
@@ -405,6 +422,17 @@ function M.fallback_allocate(modules, module_sizes, size_limit, no_split_module_
    local idx = index_of(modules, found_name)
    local entry = table.remove(modules, idx)
    return entry[1], entry[2], modules
+end
+
+--- fallback_allocate(modules, module_sizes, size_limit[, {no_split_module_classes,
+-- tied_parameters}]) -> name, module, remaining: the first module (parents split as needed)
+-- whose size with ties fits size_limit (bytes or a size string); nil, nil, modules when none.
+function M.fallback_allocate(modules, module_sizes, size_limit, opts, tied_parameters)
+   local no_split, tied = opts, tied_parameters
+   if type(opts) == "table" and opts[1] == nil and (opts.no_split_module_classes or opts.tied_parameters) then
+      no_split, tied = opts.no_split_module_classes, opts.tied_parameters
+   end
+   return fallback_allocate(modules, module_sizes, size_limit, normalize_no_split(no_split), tied)
 end
 
 --- infer_auto_device_map(model, {max_memory, no_split_module_classes, dtype, special_dtypes,
@@ -545,7 +573,7 @@ function M.infer_auto_device_map(model, opts)
 
       if not continue and used[device] == 0 and opts.fallback_allocation and device ~= "disk" then
          local limit = max_memory[device] - math.max(max_layer_size, with_ties)
-         local fname, fmodule, remaining = M.fallback_allocate(modules_to_treat, module_sizes, limit - used[device],
+         local fname, fmodule, remaining = fallback_allocate(modules_to_treat, module_sizes, limit - used[device],
             no_split, tied_parameters)
          if fmodule ~= nil then
             modules_to_treat = concat({ { fname, fmodule }, { name, module } }, remaining)
