@@ -167,6 +167,16 @@ local function describe_module(m, path)
    return string.format('%s "%s"', cls, path)
 end
 
+-- Stores t in module's slot `name` of the given kind (a parameter-flagged tensor assigned to a
+-- buffer name would otherwise be re-registered as a parameter).
+local function assign(module, kind, name, t)
+   if kind == "buffer" and rawget(t, "_is_param") then
+      rawget(module, "_buffers"):set(name, t)
+   else
+      module[name] = t
+   end
+end
+
 -- dotted name -> its parts (names are few and reused every forward)
 local split_cache = {}
 
@@ -179,6 +189,9 @@ function M.set_module_tensor_to_device(module, tensor_name, device, opts)
    local fn = "set_module_tensor_to_device"
    local value, dtype, tied
    if opts ~= nil then value, dtype, tied = opts.value, opts.dtype, opts.tied_params_map end
+   if type(tensor_name) ~= "string" then
+      error(string.format("%s: tensor_name must be a string, got %s", fn, type(tensor_name)), 2)
+   end
    local parts = split_cache[tensor_name]
    if parts == nil then
       parts = {}
@@ -211,11 +224,11 @@ function M.set_module_tensor_to_device(module, tensor_name, device, opts)
    if tied ~= nil then
       if value ~= nil then
          local e = tied[value:data_ptr()]
-         if e ~= nil and e[device] ~= nil then module[name] = e[device]; return end
+         if e ~= nil and e[device] ~= nil then assign(module, kind, name, e[device]); return end
       end
       if old ~= nil then
          local e = tied[old:data_ptr()]
-         if e ~= nil and e[device] ~= nil then module[name] = e[device]; return end
+         if e ~= nil and e[device] ~= nil then assign(module, kind, name, e[device]); return end
       end
    end
 
@@ -259,13 +272,7 @@ function M.set_module_tensor_to_device(module, tensor_name, device, opts)
    if kind == "parameter" and rawget(new, "_is_param") == nil and new ~= old then
       rawset(new, "_is_param", true)
    end
-   if new ~= old then
-      if kind == "buffer" and rawget(new, "_is_param") then
-         rawget(module, "_buffers"):set(name, new)   -- a parameter-flagged value must stay a buffer here
-      else
-         module[name] = new
-      end
-   end
+   if new ~= old then assign(module, kind, name, new) end
 
    if tied ~= nil then
       local e = old ~= nil and tied[old:data_ptr()] or nil
