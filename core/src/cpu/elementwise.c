@@ -366,22 +366,25 @@ static bool is_comparison(ml_binary_op op) {
          op == ML_OP_LOGICAL_AND || op == ML_OP_LOGICAL_OR;
 }
 
+/* Returns from the calling op: allocates its output `o` (dt, nd, shape) on the device of the
+   input t and runs `call` (a CUDA table entry writing o); entry NULL means no kernel for this op.
+   The table's contract: inputs already validated here, output allocated contiguous here. */
+#define ML_CUDA_RUN(fn, t, entry, dt, nd, shape, call, out)                          \
+  do {                                                                               \
+    if (!(entry)) return ml_no_cuda_kernel(fn, t);                                   \
+    ml_tensor *o;                                                                    \
+    ML_TRY(ml_tensor_empty(dt, nd, shape, (t)->storage->device, &o));                \
+    ml_status st_ = (call);                                                          \
+    if (st_) { ml_tensor_release(o); return st_; }                                   \
+    *(out) = o;                                                                      \
+    return ML_OK;                                                                    \
+  } while (0)
+
 ml_status ml_unary(ml_unary_op op, const ml_tensor *x, ml_tensor **out) {
   if ((unsigned)op >= ML_OP_UNARY_COUNT) return ml_fail(ML_EINVAL, "unary: invalid op %d", (int)op);
   const char *fn = unary_names[op];
-  if (!x) return ml_fail(ML_EINVAL, "%s: tensor argument 1 is NULL", fn);
-  if (x->storage->device.type == ML_DEVICE_CUDA) {
-    const ml_cuda_api *cu = ml_cuda();
-    if (cu && cu->unary && op != ML_OP_LOGICAL_NOT && ml_dtype_is_floating(x->dtype)) {
-      ml_tensor *o;
-      ML_TRY(ml_tensor_empty(x->dtype, x->ndim, x->shape, x->storage->device, &o));
-      ml_status st = cu->unary(op, x, o);
-      if (st) { ml_tensor_release(o); return st; }
-      *out = o;
-      return ML_OK;
-    }
-  }
-  ML_TRY(ml_cpu_gate(fn, 1, &x));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, 1, &x, &cu));
   ml_dtype xdt = x->dtype, odt;
   ml_calc calc;
   if (op == ML_OP_LOGICAL_NOT) { odt = ML_BOOL; calc = ml_calc_of(xdt); }
@@ -390,6 +393,9 @@ ml_status ml_unary(ml_unary_op op, const ml_tensor *x, ml_tensor **out) {
     return ml_fail(ML_EINVAL, "neg: negation of a bool tensor is not supported (use logical_not)");
   else if (op == ML_OP_NEG || op == ML_OP_ABS || op == ML_OP_RELU) { odt = xdt; calc = ML_CALC_I64; }
   else { odt = ML_FLOAT32; calc = ML_CALC_F32; }   /* sqrt, exp, sigmoid... of integers: float32 */
+  if (cu) {
+    ML_CUDA_RUN(fn, x, cu->unary, odt, x->ndim, x->shape, cu->unary(op, x, o), out);
+  }
   ml_tensor *o;
   ML_TRY(ml_tensor_empty(odt, x->ndim, x->shape, ml_cpu(), &o));
   ew_job j = {.kind = EW_UNARY, .op = op, .calc = calc, .nops = 2, .ndim = x->ndim};
@@ -405,20 +411,16 @@ ml_status ml_unary(ml_unary_op op, const ml_tensor *x, ml_tensor **out) {
 
 // --- binary ----------------------------------------------------------------------------------
 
-/* The core of ml_binary / ml_binary_scalar once the dtypes are decided. */
+/* The core of ml_binary / ml_binary_scalar once the dtypes are decided (cpu). */
 static ml_status binary_run(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_dtype odt, ml_calc calc,
-                            ml_tensor **out) {
-  const char *fn = binary_names[op];
-  int nd;
-  int64_t shape[ML_MAX_DIMS];
-  ML_TRY(ml_broadcast_shape(fn, a->ndim, a->shape, b->ndim, b->shape, &nd, shape));
+                            int nd, const int64_t *shape, ml_tensor **out) {
   ml_tensor *o;
   ML_TRY(ml_tensor_empty(odt, nd, shape, ml_cpu(), &o));
   ew_job j = {.kind = EW_BINARY, .op = op, .calc = calc, .nops = 3, .ndim = nd};
   j.data[0] = ml_tensor_data(o); j.dt[0] = odt;
   j.data[1] = ml_tensor_data(a); j.dt[1] = a->dtype;
   j.data[2] = ml_tensor_data(b); j.dt[2] = b->dtype;
-  memcpy(j.shape, shape, sizeof j.shape);
+  memcpy(j.shape, shape, (size_t)nd * sizeof *shape);
   memcpy(j.strides[0], o->strides, sizeof j.strides[0]);
   ml_broadcast_strides(a, nd, shape, j.strides[1]);
   ml_broadcast_strides(b, nd, shape, j.strides[2]);
@@ -442,34 +444,25 @@ ml_status ml_binary(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_
   if ((unsigned)op >= ML_OP_BINARY_COUNT) return ml_fail(ML_EINVAL, "binary: invalid op %d", (int)op);
   const char *fn = binary_names[op];
   const ml_tensor *ts[2] = {a, b};
-  if (a && b && a->storage->device.type == ML_DEVICE_CUDA && ml_device_equal(a->storage->device, b->storage->device)) {
-    const ml_cuda_api *cu = ml_cuda();
-    ml_dtype p = promote_tensors(a, b), odt;
-    ml_calc calc;
-    if (cu && cu->binary && ml_dtype_is_floating(p)) {
-      ML_TRY(binary_types(op, p, &odt, &calc));
-      int nd;
-      int64_t shape[ML_MAX_DIMS];
-      ML_TRY(ml_broadcast_shape(fn, a->ndim, a->shape, b->ndim, b->shape, &nd, shape));
-      ml_tensor *o;
-      ML_TRY(ml_tensor_empty(odt, nd, shape, a->storage->device, &o));
-      ml_status st = cu->binary(op, a, b, o);
-      if (st) { ml_tensor_release(o); return st; }
-      *out = o;
-      return ML_OK;
-    }
-  }
-  ML_TRY(ml_cpu_gate(fn, 2, ts));
-  ml_dtype odt;
-  ml_calc calc;
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, 2, ts, &cu));
+  ml_dtype odt = ML_FLOAT32;
+  ml_calc calc = ML_CALC_F32;
   ML_TRY(binary_types(op, promote_tensors(a, b), &odt, &calc));
-  return binary_run(op, a, b, odt, calc, out);
+  int nd;
+  int64_t shape[ML_MAX_DIMS];
+  ML_TRY(ml_broadcast_shape(fn, a->ndim, a->shape, b->ndim, b->shape, &nd, shape));
+  if (cu) {
+    ML_CUDA_RUN(fn, a, cu->binary, odt, nd, shape, cu->binary(op, a, b, o), out);
+  }
+  return binary_run(op, a, b, odt, calc, nd, shape, out);
 }
 
 ml_status ml_binary_scalar(ml_binary_op op, const ml_tensor *a, double s, bool scalar_first, ml_tensor **out) {
   if ((unsigned)op >= ML_OP_BINARY_COUNT) return ml_fail(ML_EINVAL, "binary: invalid op %d", (int)op);
   const char *fn = binary_names[op];
-  ML_TRY(ml_cpu_gate(fn, 1, &a));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, 1, &a, &cu));
   bool integral = isfinite(s) && s == floor(s);
   ml_dtype adt = a->dtype, odt;
   ml_calc calc;
@@ -483,15 +476,19 @@ ml_status ml_binary_scalar(ml_binary_op op, const ml_tensor *a, double s, bool s
                      ml_dtype_name(adt), s);
   }
   if (is_comparison(op)) odt = ML_BOOL;
+  if (cu) {
+    ML_CUDA_RUN(fn, a, cu->binary_scalar, odt, a->ndim, a->shape, cu->binary_scalar(op, a, s, scalar_first, o), out);
+  }
   scalar_tensor st;
   const ml_tensor *sc = scalar_init(&st, s);
-  return scalar_first ? binary_run(op, sc, a, odt, calc, out) : binary_run(op, a, sc, odt, calc, out);
+  return scalar_first ? binary_run(op, sc, a, odt, calc, a->ndim, a->shape, out)
+                      : binary_run(op, a, sc, odt, calc, a->ndim, a->shape, out);
 }
 
 // --- where and masked_fill ---------------------------------------------------------------------
 
-static ml_status where_run(const char *fn, const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_dtype odt,
-                           int nd, const int64_t *shape, ml_tensor **out) {
+static ml_status where_run(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_dtype odt, int nd,
+                           const int64_t *shape, ml_tensor **out) {
   ml_tensor *o;
   ML_TRY(ml_tensor_empty(odt, nd, shape, ml_cpu(), &o));
   ew_job j = {.kind = EW_WHERE, .calc = ml_calc_of(odt), .nops = 4, .ndim = nd};
@@ -509,19 +506,25 @@ static ml_status where_run(const char *fn, const ml_tensor *cond, const ml_tenso
 
 ml_status ml_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
   const ml_tensor *ts[3] = {cond, a, b};
-  ML_TRY(ml_cpu_gate("where", 3, ts));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device("where", 3, ts, &cu));
   if (cond->dtype != ML_BOOL)
     return ml_fail(ML_EINVAL, "where: condition must be a bool tensor, got %s", ml_dtype_name(cond->dtype));
   int nd, nd2;
   int64_t s1[ML_MAX_DIMS], s2[ML_MAX_DIMS];
   ML_TRY(ml_broadcast_shape("where", a->ndim, a->shape, b->ndim, b->shape, &nd, s1));
   ML_TRY(ml_broadcast_shape("where", cond->ndim, cond->shape, nd, s1, &nd2, s2));
-  return where_run("where", cond, a, b, promote_tensors(a, b), nd2, s2, out);
+  ml_dtype odt = promote_tensors(a, b);
+  if (cu) {
+    ML_CUDA_RUN("where", a, cu->where, odt, nd2, s2, cu->where(cond, a, b, o), out);
+  }
+  return where_run(cond, a, b, odt, nd2, s2, out);
 }
 
 ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value, ml_tensor **out) {
   const ml_tensor *ts[2] = {x, mask};
-  ML_TRY(ml_cpu_gate("masked_fill", 2, ts));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device("masked_fill", 2, ts, &cu));
   if (mask->dtype != ML_BOOL)
     return ml_fail(ML_EINVAL, "masked_fill: mask must be a bool tensor, got %s", ml_dtype_name(mask->dtype));
   int nd;
@@ -534,9 +537,19 @@ ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value
     ml_load_i64(&value, ML_FLOAT64, 1, 1, &iv);
     v = x->dtype == ML_BOOL ? (double)(iv != 0 || value != 0) : (double)iv;
   }
+  if (cu) {
+    /* where(mask, value, x) with the value as a 0-d tensor of x's dtype on the device */
+    if (!cu->where || !cu->fill) return ml_no_cuda_kernel("masked_fill", x);
+    ml_tensor *sc;
+    ML_TRY(ml_tensor_empty(x->dtype, 0, NULL, x->storage->device, &sc));
+    ml_status st = cu->fill(sc, v);
+    if (!st) st = ml_where(mask, sc, x, out);
+    ml_tensor_release(sc);
+    return st;
+  }
   scalar_tensor st;
   const ml_tensor *sc = scalar_init(&st, v);
-  return where_run("masked_fill", mask, sc, x, x->dtype, nd, shape, out);
+  return where_run(mask, sc, x, x->dtype, nd, shape, out);
 }
 
 // --- tril / triu -------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ static bool cat_skippable(const ml_tensor *t) { return t->ndim == 1 && t->shape[
 ml_status ml_cat(int n, ml_tensor *const *tensors, int dim, ml_tensor **out) {
   if (n <= 0) return ml_fail(ML_EINVAL, "cat: expected a non-empty list of tensors");
   if (!tensors) return ml_fail(ML_EINVAL, "cat: tensor list is NULL");
-  ML_TRY(ml_cpu_gate("cat", n, (const ml_tensor *const *)tensors));
+  /* any one device: the parts are placed with ml_tensor_copy_, which has a CUDA path */
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device("cat", n, (const ml_tensor *const *)tensors, &cu));
   int ref = -1;
   ml_dtype dt = tensors[0]->dtype;
   for (int i = 0; i < n; i++) {
@@ -44,7 +46,7 @@ ml_status ml_cat(int n, ml_tensor *const *tensors, int dim, ml_tensor **out) {
     shape[d] += t->shape[d];
   }
   ml_tensor *o;
-  ML_TRY(ml_tensor_empty(dt, r->ndim, shape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(dt, r->ndim, shape, r->storage->device, &o));
   int64_t at = 0;
   for (int i = 0; i < n; i++) {
     const ml_tensor *t = tensors[i];

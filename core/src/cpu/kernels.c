@@ -20,15 +20,29 @@ __attribute__((constructor)) static void ml_pin_library(void) {
 
 // --- device gate ----------------------------------------------------------------------------
 
-ml_status ml_cpu_gate(const char *fn, int n, const ml_tensor *const *ts) {
+ml_status ml_op_device(const char *fn, int n, const ml_tensor *const *ts, const ml_cuda_api **cu) {
+  *cu = NULL;
   for (int i = 0; i < n; i++) {
     if (!ts[i]) return ml_fail(ML_EINVAL, "%s: tensor argument %d is NULL", fn, i + 1);
     if (i > 0) ML_TRY(ml_check_same_device(fn, ts[0], ts[i]));
   }
   for (int i = 0; i < n; i++) ML_TRY(ml_check_not_meta(fn, ts[i]));
-  if (n > 0 && ts[0]->storage->device.type != ML_DEVICE_CPU)
-    return ml_fail(ML_EUNSUPPORTED, "%s: no CUDA kernel for tensors on %s yet (move them to cpu first)", fn,
-                   ml_device_str(ts[0]->storage->device));
+  if (n > 0 && ts[0]->storage->device.type == ML_DEVICE_CUDA) {
+    *cu = ml_cuda();
+    if (!*cu) return ML_EUNSUPPORTED;          /* the loader's message says why */
+  }
+  return ML_OK;
+}
+
+ml_status ml_no_cuda_kernel(const char *fn, const ml_tensor *t) {
+  return ml_fail(ML_EUNSUPPORTED, "%s: no CUDA kernel for tensors on %s yet (move them to cpu first)", fn,
+                 ml_device_str(t->storage->device));
+}
+
+ml_status ml_cpu_gate(const char *fn, int n, const ml_tensor *const *ts) {
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, n, ts, &cu));
+  if (cu) return ml_no_cuda_kernel(fn, ts[0]);
   return ML_OK;
 }
 

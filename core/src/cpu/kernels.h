@@ -19,9 +19,13 @@ static inline ml_calc ml_calc_of(ml_dtype dt) {
 }
 
 /* The one place that decides where an op runs. Checks every tensor is on the same device and
-   that the device has data (not meta); fails with ML_EUNSUPPORTED for cuda tensors, which have
-   no kernel for this op yet (the CUDA backend plugs in at the callers of this helper). */
+   that the device has data (not meta). For cpu tensors *cu is NULL; for cuda tensors it is the
+   loaded CUDA backend's table (whose op entries may still be NULL: see ml_no_cuda_kernel). */
+ml_status ml_op_device(const char *fn, int n, const ml_tensor *const *ts, const ml_cuda_api **cu);
+/* For ops with no CUDA kernel: ml_op_device, then ML_EUNSUPPORTED naming the op for cuda. */
 ml_status ml_cpu_gate(const char *fn, int n, const ml_tensor *const *ts);
+/* The error for an op on a device that has no kernel for it. */
+ml_status ml_no_cuda_kernel(const char *fn, const ml_tensor *t);
 
 /* Positions a freshly initialised iterator so that its next ml_iter_next returns row `row`
    (0-based). Lets threads start in the middle of an iteration. */

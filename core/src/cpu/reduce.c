@@ -16,6 +16,7 @@ static const char *const reduce_names[ML_REDUCE_COUNT] = {"sum", "mean", "max", 
 typedef struct {
   const ml_tensor *x;
   int nkeep, nred;
+  int red_dims[ML_MAX_DIMS];            /* 0-based reduced dims of x, ascending */
   int64_t keep_shape[ML_MAX_DIMS], keep_strides[ML_MAX_DIMS];
   int64_t red_shape[ML_MAX_DIMS], red_strides[ML_MAX_DIMS];
   int64_t nout, nred_elems;
@@ -44,6 +45,7 @@ static ml_status plan_dims(const char *fn, const ml_tensor *x, int ndims, const 
   *ond = 0;
   for (int d = 0; d < x->ndim; d++) {
     if (red[d]) {
+      p->red_dims[p->nred] = d;
       p->red_shape[p->nred] = x->shape[d];
       p->red_strides[p->nred++] = x->strides[d];
       if (keepdim) oshape[(*ond)++] = 1;
@@ -200,7 +202,7 @@ static void reduce_columns(void *ctx, int64_t begin, int64_t end) {
 
 /* Runs a reduction into fresh tensors; vals and/or idx may be NULL when not wanted. */
 static ml_status reduce_run(const char *fn, ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims,
-                            bool keepdim, ml_tensor **vals, ml_tensor **idx) {
+                            bool keepdim, const ml_cuda_api *cu, ml_tensor **vals, ml_tensor **idx) {
   reduce_plan p;
   int ond = 0;
   int64_t oshape[ML_MAX_DIMS];
@@ -219,8 +221,20 @@ static ml_status reduce_run(const char *fn, ml_reduce_op op, const ml_tensor *x,
   if ((op == ML_REDUCE_SUM || op == ML_REDUCE_PROD) && !floating) vdt = ML_INT64;
   ml_tensor *v = NULL, *ix = NULL;
   ml_status st;
-  if (vals && (st = ml_tensor_empty(vdt, ond, oshape, ml_cpu(), &v))) return st;
-  if (idx && (st = ml_tensor_empty(ML_INT64, ond, oshape, ml_cpu(), &ix))) { ml_tensor_release(v); return st; }
+  ml_device dev = x->storage->device;
+  if (cu && !cu->reduce) return ml_no_cuda_kernel(fn, x);
+  if (vals && (st = ml_tensor_empty(vdt, ond, oshape, dev, &v))) return st;
+  if (idx && (st = ml_tensor_empty(ML_INT64, ond, oshape, dev, &ix))) { ml_tensor_release(v); return st; }
+  if (cu) {
+    /* the table wants the reduced dims sorted (0 = all); out holds the kept dims in order */
+    ml_reduce_op arg_op = op == ML_REDUCE_MIN || op == ML_REDUCE_ARGMIN ? ML_REDUCE_ARGMIN : ML_REDUCE_ARGMAX;
+    st = v ? cu->reduce(op, x, p.nred, p.red_dims, v) : ML_OK;
+    if (!st && ix) st = cu->reduce(arg_op, x, p.nred, p.red_dims, ix);
+    if (st) { ml_tensor_release(v); ml_tensor_release(ix); return st; }
+    if (vals) *vals = v;
+    if (idx) *idx = ix;
+    return ML_OK;
+  }
   reduce_job j = {&p, op, !floating, v ? ml_tensor_data(v) : NULL, vdt, ix ? ml_tensor_data(ix) : NULL};
   /* Column mode when the outputs are contiguous in x and the reduced elements are not. */
   bool columns = p.nkeep > 0 && p.nred > 0 && p.keep_strides[p.nkeep - 1] == 1 && p.keep_shape[p.nkeep - 1] > 1;
@@ -239,17 +253,18 @@ static ml_status reduce_run(const char *fn, ml_reduce_op op, const ml_tensor *x,
 ml_status ml_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const int *dims, bool keepdim, ml_tensor **out) {
   if ((unsigned)op >= ML_REDUCE_COUNT) return ml_fail(ML_EINVAL, "reduce: invalid op %d", (int)op);
   const char *fn = reduce_names[op];
-  ML_TRY(ml_cpu_gate(fn, 1, &x));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, 1, &x, &cu));
   if ((op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN) && ndims > 1)
     return ml_fail(ML_EINVAL, "%s: expects one dim or all dims, got %d dims", fn, ndims);
   if (op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN) {
-    if (ndims == 0 && keepdim) {
+    if (ndims == 0 && keepdim && !cu) {
       /* argmax over all dims with keepdim: the flat index, shaped like x with every size 1 */
       ml_tensor *flat, *r;
       int64_t n = ml_tensor_numel(x);
       ML_TRY(ml_tensor_reshape(x, 1, &n, &flat));
       int d0 = 0;
-      ml_status st = reduce_run(fn, op, flat, 1, &d0, false, NULL, &r);
+      ml_status st = reduce_run(fn, op, flat, 1, &d0, false, NULL, NULL, &r);
       ml_tensor_release(flat);
       if (st) return st;
       int64_t ones[ML_MAX_DIMS];
@@ -258,15 +273,16 @@ ml_status ml_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const int *d
       ml_tensor_release(r);
       return st;
     }
-    return reduce_run(fn, op, x, ndims, dims, keepdim, NULL, out);
+    return reduce_run(fn, op, x, ndims, dims, keepdim, cu, NULL, out);
   }
-  return reduce_run(fn, op, x, ndims, dims, keepdim, out, NULL);
+  return reduce_run(fn, op, x, ndims, dims, keepdim, cu, out, NULL);
 }
 
 ml_status ml_max_dim(const ml_tensor *x, int dim, bool keepdim, bool is_min, ml_tensor **values, ml_tensor **indices) {
   const char *fn = is_min ? "min" : "max";
-  ML_TRY(ml_cpu_gate(fn, 1, &x));
-  return reduce_run(fn, is_min ? ML_REDUCE_MIN : ML_REDUCE_MAX, x, 1, &dim, keepdim, values, indices);
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, 1, &x, &cu));
+  return reduce_run(fn, is_min ? ML_REDUCE_MIN : ML_REDUCE_MAX, x, 1, &dim, keepdim, cu, values, indices);
 }
 
 // --- lines along one dim (topk, cumsum) --------------------------------------------------------
