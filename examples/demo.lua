@@ -11,6 +11,7 @@
 --  3. Prints the device map, the bytes per device, a short greedy generation and the timings.
 --
 --    luajit examples/demo.lua [--cpu-budget 350MB] [--tokens 8]
+--    luajit examples/demo.lua --write-only      # only make sure the checkpoint exists (benchmarks)
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ml = require("moonload")
 local hooks = require("moonload.hooks")
@@ -24,13 +25,14 @@ local function now()
    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 
-local opts = { budget = "350MB", tokens = 8 }
+local opts = { budget = "350MB", tokens = 8, write_only = false }
 do
    local i = 1
    while arg[i] do
       if arg[i] == "--cpu-budget" then opts.budget = arg[i + 1]; i = i + 2
       elseif arg[i] == "--tokens" then opts.tokens = tonumber(arg[i + 1]); i = i + 2
-      else error("demo: unknown argument " .. arg[i] .. " (use --cpu-budget SIZE, --tokens N)", 0) end
+      elseif arg[i] == "--write-only" then opts.write_only = true; i = i + 1
+      else error("demo: unknown argument " .. arg[i] .. " (use --cpu-budget SIZE, --tokens N, --write-only)", 0) end
    end
 end
 
@@ -98,6 +100,11 @@ if not exists(index_path) or not exists(DIR .. "/config.json") then
    collectgarbage()
    collectgarbage()
    print(string.format("  %d shards, %s, written in %.2f s", #shards, mb(total), now() - t0))
+end
+
+if opts.write_only then
+   print(DIR)
+   os.exit(0)
 end
 
 -- --- 2. empty model, plan, load and dispatch -----------------------------------------------------------

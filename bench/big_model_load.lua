@@ -1,0 +1,75 @@
+--- Issue 4, benchmark 2: load_checkpoint_and_dispatch(device_map = "auto") of a ~500 MB
+-- GPT-2-small-shaped checkpoint (5 safetensors shards + index, written once by
+-- `luajit examples/demo.lua --write-only` into .bench/) to CPU: moonload vs accelerate on the same
+-- files in the same run, warm page cache, median of BENCH_REPEATS (default 3) after one warm-up.
+-- Goal: at most 0.2x accelerate's time (moonload's CPU weights are views into the mapping).
+-- Also reported: the first forward (1x16 tokens) after loading, where moonload's mapped pages
+-- are touched for the first time. Prints one JSON object.
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local ml = require("moonload")
+local cjson = require("cjson")
+local ffi = require("ffi")
+
+pcall(ffi.cdef, "typedef struct { long tv_sec; long tv_nsec; } bml_timespec; int clock_gettime(int, bml_timespec *);")
+local ts = ffi.new("bml_timespec")
+local function now()
+   ffi.C.clock_gettime(1, ts)
+   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+local luajit = os.getenv("LUAJIT") or "luajit"
+local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
+local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
+
+local p = io.popen(luajit .. " examples/demo.lua --write-only")
+local dir = p:read("*a"):match("([^\n]+)%s*$")
+p:close()
+local index = dir .. "/model.safetensors.index.json"
+
+local function median(xs)
+   table.sort(xs)
+   local n = #xs
+   if n % 2 == 1 then return xs[(n + 1) / 2] end
+   return (xs[n / 2] + xs[n / 2 + 1]) / 2
+end
+
+local times, first_forward = {}, {}
+local ids = ml.tensor({ { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 } }, { dtype = "int64" })
+for r = 0, repeats do
+   local model = ml.init_empty_weights(function() return ml.models.gpt2.GPT2LMHeadModel(dir .. "/config.json") end)
+   local t0 = now()
+   ml.load_checkpoint_and_dispatch(model, index, { device_map = "auto", no_split_module_classes = { "GPT2Block" } })
+   local dt = now() - t0
+   t0 = now()
+   model(ids)
+   local df = now() - t0
+   if r > 0 then times[#times + 1] = dt; first_forward[#first_forward + 1] = df end
+   model = nil
+   collectgarbage()
+   collectgarbage()
+end
+
+local result = {
+   bench = "big_model_load", checkpoint = dir, repeats = repeats,
+   moonload = { load_seconds = median(times), runs = times, first_forward_16_tokens_seconds = median(first_forward) },
+   goal = { time_ratio = 0.2 },
+}
+local f = io.open(python, "rb")
+if f then
+   f:close()
+   local pp = io.popen(string.format("%s bench/big_model_peer.py load --ckpt %s --repeats %d 2>/dev/null", python, dir, repeats))
+   local out = pp:read("*a")
+   pp:close()
+   local obj = out:match("(%b{})%s*$")
+   if obj then
+      local peer = cjson.decode(obj)
+      result.accelerate = { load_seconds = peer.load_seconds, runs = peer.runs, version = peer.accelerate, torch = peer.torch }
+      result.time_ratio = result.moonload.load_seconds / peer.load_seconds
+      result.meets_goal = result.time_ratio <= 0.2
+   else
+      result.peer_error = out
+   end
+else
+   result.peer_error = "no Python at " .. python .. " (set BENCH_PYTHON)"
+end
+print(cjson.encode(result))

@@ -1,0 +1,182 @@
+--- Issue 4, benchmark 3: forward on 1x128 tokens of the GPT-2-small-shaped checkpoint with half
+-- of the blocks (h.6 .. h.11) on "disk", as a ratio to the same model fully in RAM:
+--   warm:    the disk blocks' bytes are in the page cache            (goal <= 1.05x)
+--   evicted: before every forward the disk blocks' byte ranges are dropped from the page cache
+--            with posix_fadvise(DONTNEED)        (goal <= 1.2x of max(disk read time, compute))
+-- moonload reads disk blocks in place from the checkpoint's safetensors files (zero-copy views,
+-- next layer prefetched on a worker thread, pages dropped after each layer); accelerate
+-- (bench/big_model_peer.py offload) writes them to an offload folder of .dat files and copies
+-- them in at each forward. Both measured in the same run. Prints one JSON object.
+-- Environment: BENCH_PYTHON (default /opt/ref/bin/python), BENCH_REPEATS (default 3).
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local ml = require("moonload")
+local hooks = require("moonload.hooks")
+local cjson = require("cjson")
+local ffi = require("ffi")
+
+pcall(ffi.cdef, [[
+typedef struct { long tv_sec; long tv_nsec; } bmo_timespec;
+int clock_gettime(int, bmo_timespec *);
+int open(const char *path, int flags, ...);
+int close(int fd);
+int posix_fadvise(int fd, long offset, long len, int advice);
+long pread(int fd, void *buf, size_t count, long offset);
+]])
+local ts = ffi.new("bmo_timespec")
+local function now()
+   ffi.C.clock_gettime(1, ts)
+   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+local luajit = os.getenv("LUAJIT") or "luajit"
+local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
+local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
+
+local p = io.popen(luajit .. " examples/demo.lua --write-only")
+local dir = p:read("*a"):match("([^\n]+)%s*$")
+p:close()
+local index = dir .. "/model.safetensors.index.json"
+
+local function median(xs)
+   table.sort(xs)
+   local n = #xs
+   if n % 2 == 1 then return xs[(n + 1) / 2] end
+   return (xs[n / 2] + xs[n / 2 + 1]) / 2
+end
+
+local tokens = {}
+for i = 1, 128 do tokens[i] = (i * 37) % 50257 end
+local ids = ml.tensor({ tokens }, { dtype = "int64" })
+
+local function build()
+   return ml.init_empty_weights(function() return ml.models.gpt2.GPT2LMHeadModel(dir .. "/config.json") end)
+end
+
+local function timed(model, prepare)
+   model(ids)                                  -- warm-up (and order learning for prefetch)
+   local ts_ = {}
+   for _ = 1, repeats do
+      if prepare then prepare() end
+      local t0 = now()
+      model(ids)
+      ts_[#ts_ + 1] = now() - t0
+   end
+   return median(ts_)
+end
+
+-- The disk blocks' byte ranges in the shard files.
+local weight_map = cjson.decode(assert(io.open(index)):read("*a")).weight_map
+local ranges, disk_bytes = {}, 0
+do
+   local by_file = {}
+   for name, file in pairs(weight_map) do
+      local i = tonumber(name:match("^transformer%.h%.(%d+)%."))
+      if i and i >= 6 then
+         by_file[file] = by_file[file] or {}
+         table.insert(by_file[file], name)
+      end
+   end
+   for file, names in pairs(by_file) do
+      local h = ml.safetensors.safe_open(dir .. "/" .. file)
+      for _, name in ipairs(names) do
+         local info = h:tensor_info(name)
+         ranges[#ranges + 1] = { path = dir .. "/" .. file, offset = info.file_offset, nbytes = info.nbytes }
+         disk_bytes = disk_bytes + info.nbytes
+      end
+      h:close()
+   end
+   table.sort(ranges, function(a, b)
+      if a.path ~= b.path then return a.path < b.path end
+      return a.offset < b.offset
+   end)
+end
+
+local function evict()
+   hooks.wait_prefetch()
+   for _, r in ipairs(ranges) do
+      local fd = ffi.C.open(r.path, 0)
+      ffi.C.posix_fadvise(fd, r.offset, r.nbytes, 4)        -- POSIX_FADV_DONTNEED
+      ffi.C.close(fd)
+   end
+end
+
+local function cold_read_seconds()
+   evict()
+   local buf = ffi.new("uint8_t[?]", 16777216)
+   local t0 = now()
+   for _, r in ipairs(ranges) do
+      local fd = ffi.C.open(r.path, 0)
+      local off, left = r.offset, r.nbytes
+      while left > 0 do
+         local n = ffi.C.pread(fd, buf, math.min(left, 16777216), off)
+         if n <= 0 then break end
+         off, left = off + n, left - tonumber(n)
+      end
+      ffi.C.close(fd)
+   end
+   return now() - t0
+end
+
+-- 1. fully in RAM (CPU weights are views into the page cache, touched by the warm-up)
+local model = build()
+ml.load_checkpoint_and_dispatch(model, index, { device_map = { [""] = "cpu" } })
+local t_ram = timed(model)
+-- free it for real (JIT traces keep constants alive until flushed): its mapped pages would keep
+-- the shared page-cache pages from being evicted below
+model = nil
+jit.flush()
+collectgarbage(); collectgarbage()
+
+-- 2. blocks 6..11 on disk
+local device_map = { ["transformer.wte"] = "cpu", ["transformer.wpe"] = "cpu", ["transformer.drop"] = "cpu",
+   ["transformer.ln_f"] = "cpu", lm_head = "cpu" }
+for i = 0, 11 do device_map["transformer.h." .. i] = i < 6 and "cpu" or "disk" end
+local folder = os.tmpname()
+os.remove(folder)
+model = build()
+local prev = ml.utils.set_warning_handler(function() end)
+ml.load_checkpoint_and_dispatch(model, index, { device_map = device_map, offload_folder = folder })
+ml.utils.set_warning_handler(prev)
+local t_warm = timed(model)
+local t_cold = timed(model, evict)
+local prefetch_off_cold
+do
+   local was = hooks.set_prefetch(false)
+   prefetch_off_cold = timed(model, evict)
+   hooks.set_prefetch(was)
+end
+local t_read = cold_read_seconds()
+model = nil
+collectgarbage(); collectgarbage()
+os.execute("rm -rf '" .. folder .. "'")
+
+local result = {
+   bench = "big_model_offload", checkpoint = dir, repeats = repeats, tokens = 128,
+   moonload = {
+      forward_ram_seconds = t_ram, forward_half_disk_warm_seconds = t_warm,
+      forward_half_disk_evicted_seconds = t_cold, forward_half_disk_evicted_no_prefetch_seconds = prefetch_off_cold,
+      disk_bytes = disk_bytes, disk_read_seconds = t_read,
+      ratio_warm = t_warm / t_ram, ratio_evicted = t_cold / math.max(t_read, t_ram),
+      threads = ml.get_num_threads(),
+   },
+   goal = { ratio_warm = 1.05, ratio_evicted = 1.2 },
+}
+local f = io.open(python, "rb")
+if f then
+   f:close()
+   local pp = io.popen(string.format("%s bench/big_model_peer.py offload --ckpt %s --repeats %d --threads %d 2>/dev/null",
+      python, dir, repeats, ml.get_num_threads()))
+   local out = pp:read("*a")
+   pp:close()
+   local obj = out:match("(%b{})%s*$")
+   if obj then
+      local peer = cjson.decode(obj)
+      result.accelerate = peer
+   else
+      result.peer_error = out
+   end
+else
+   result.peer_error = "no Python at " .. python .. " (set BENCH_PYTHON)"
+end
+result.meets_goal = result.moonload.ratio_warm <= 1.05 and result.moonload.ratio_evicted <= 1.2
+print(cjson.encode(result))
