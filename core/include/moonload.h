@@ -74,6 +74,10 @@ ML_API bool ml_device_equal(ml_device a, ml_device b);
 ML_API ml_status ml_device_memory(ml_device dev, int64_t *in_use, int64_t *peak);
 ML_API ml_status ml_device_reset_peak(ml_device dev);
 ML_API int ml_cuda_device_count(void);                 /* 0 when no driver or no GPU */
+/* Free and total bytes of a GPU as the planner sees them (the caching allocator's idle blocks count as free). */
+ML_API ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes);
+/* Waits for all queued work on a GPU (timing, benchmarks). */
+ML_API ml_status ml_cuda_synchronize(int device);
 
 /* --- storages ----------------------------------------------------------------------------- */
 /* Fresh bytes on a device (cpu: 64-byte aligned, uninitialised; meta: no bytes at all). */

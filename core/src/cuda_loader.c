@@ -51,3 +51,21 @@ int ml_cuda_device_count(void) {
   const ml_cuda_api *cu = ml_cuda();
   return cu ? cu->device_count() : 0;
 }
+
+ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes) {
+  const ml_cuda_api *cu = ml_cuda();
+  if (!cu) return ML_EUNSUPPORTED;
+  if (device < 0 || device >= cu->device_count())
+    return ml_fail(ML_EINVAL, "cuda:%d does not exist (%d CUDA devices)", device, cu->device_count());
+  size_t f = 0, t = 0;
+  ML_TRY(cu->mem_info(device, &f, &t));
+  *free_bytes = (int64_t)f;
+  *total_bytes = (int64_t)t;
+  return ML_OK;
+}
+
+ml_status ml_cuda_synchronize(int device) {
+  const ml_cuda_api *cu = ml_cuda();
+  if (!cu) return ML_EUNSUPPORTED;
+  return cu->synchronize(device);
+}
