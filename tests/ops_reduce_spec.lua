@@ -33,6 +33,27 @@ describe("reductions", function()
       end)
    end)
 
+   describe("topk over long rows", function()
+      it("selects like a full sort (ties by lower index, NaN first when largest)", function()
+         ml.manual_seed(0)
+         for _, n in ipairs({ 100, 1000, 50257 }) do
+            local x = (ml.rand(3, n) * 8):to("int32"):float()        -- many ties
+            x = ml.where(ml.rand(3, n):lt(0.01), 0 / 0, x)            -- and some NaNs
+            for _, k in ipairs({ 1, 5, 50 }) do
+               for _, largest in ipairs({ true, false }) do
+                  local v, i = x:topk(k, -1, largest)
+                  local fv, fi = x:topk(n, -1, largest)                -- k = n sorts the whole row
+                  assert.is_true(i:equal(fi:narrow(2, 1, k)), n .. " " .. k)
+                  assert.is_true(v:allclose(fv:narrow(2, 1, k), { equal_nan = true }))
+               end
+            end
+         end
+         local v, i = ml.tensor({ 1, 0 / 0, 3, 3, 2 }):topk(2)
+         assert.are.same({ 1, 2 }, i:tolist())
+         assert.are.equal(3, v:tolist()[2])
+      end)
+   end)
+
    describe("equal and allclose", function()
       local a = ml.tensor({ { 1, 2 }, { 3, 4 } })
 

@@ -63,6 +63,7 @@ typedef struct {
   double a, b;            /* low/high or mean/std */
   uint64_t seed, base;    /* key and first counter block */
   bool wide;              /* float64: 2 words per uniform */
+  bool contiguous;
   ml_tensor *t;
   int64_t strides[ML_MAX_DIMS];
 } fill_job;
@@ -99,6 +100,7 @@ static void fill_range(void *ctx, int64_t begin, int64_t end) {
   for (int64_t s = begin; s < end; s += ML_BLOCK) {
     int64_t n = end - s < ML_BLOCK ? end - s : ML_BLOCK;
     fill_values(j, s, n, buf);
+    if (j->contiguous) { ml_store_f64_row(buf, ml_byte_at(td, t->dtype, s), t->dtype, 1, n); continue; }
     for (int64_t k = 0; k < n; k++) {
       int64_t off = 0, r = s + k;
       for (int d = t->ndim - 1; d >= 0; d--) { off += (r % t->shape[d]) * j->strides[d]; r /= t->shape[d]; }
@@ -118,8 +120,9 @@ static ml_status fill(const char *fn, ml_tensor *t, fill_kind kind, double a, do
   const ml_tensor *ct = t;
   ML_TRY(ml_cpu_gate(fn, 1, &ct));
   int64_t n = ml_tensor_numel(t);
-  fill_job j = {kind, a, b, 0, 0, t->dtype == ML_FLOAT64 && kind == FILL_UNIFORM, t, {0}};
+  fill_job j = {kind, a, b, 0, 0, t->dtype == ML_FLOAT64 && kind == FILL_UNIFORM, false, t, {0}};
   memcpy(j.strides, t->strides, sizeof j.strides);
+  j.contiguous = ml_tensor_is_contiguous(t);
   uint64_t per_block = j.wide || kind == FILL_NORMAL ? 2 : 4;
   j.base = rng_reserve(((uint64_t)n + per_block - 1) / per_block, &j.seed);
   ml_parallel_for(n, 16, fill_range, &j);

@@ -319,6 +319,35 @@ static int topk_cmp_asc(const void *pa, const void *pb) {
   return a->idx < b->idx ? -1 : a->idx > b->idx;
 }
 
+/* Moves the k items that rank first under cmp to items[0..k), in rank order. Small k (the usual
+   top-k sampling over a vocabulary) keeps a heap of the k best seen so far: O(n log k). */
+static void select_top(topk_item *items, int64_t n, int64_t k, int (*cmp)(const void *, const void *)) {
+  if (k <= 0) return;
+  if (k * 8 >= n) { qsort(items, (size_t)n, sizeof *items, cmp); return; }
+  /* max-heap under cmp (root = the worst of the kept k) over items[0..k) */
+  for (int64_t i = 1; i < k; i++) {
+    for (int64_t c = i; c > 0;) {
+      int64_t p = (c - 1) / 2;
+      if (cmp(&items[p], &items[c]) >= 0) break;
+      topk_item t = items[p]; items[p] = items[c]; items[c] = t;
+      c = p;
+    }
+  }
+  for (int64_t i = k; i < n; i++) {
+    if (cmp(&items[i], &items[0]) >= 0) continue;   /* not better than the worst kept */
+    items[0] = items[i];
+    for (int64_t p = 0;;) {
+      int64_t l = 2 * p + 1, r = l + 1, w = p;
+      if (l < k && cmp(&items[l], &items[w]) > 0) w = l;
+      if (r < k && cmp(&items[r], &items[w]) > 0) w = r;
+      if (w == p) break;
+      topk_item t = items[p]; items[p] = items[w]; items[w] = t;
+      p = w;
+    }
+  }
+  qsort(items, (size_t)k, sizeof *items, cmp);
+}
+
 typedef struct {
   const ml_tensor *x;
   int d;
@@ -350,7 +379,7 @@ static void topk_lines(void *ctx, int64_t begin, int64_t end) {
       else items[i].key = ml_load_f64(e, x->dtype, 0);
       items[i].idx = i;
     }
-    qsort(items, (size_t)n, sizeof *items, j->largest ? topk_cmp_desc : topk_cmp_asc);
+    select_top(items, n, j->k, j->largest ? topk_cmp_desc : topk_cmp_asc);
     for (int64_t i = 0; i < j->k; i++) {
       /* copy the element's bytes: exact for every dtype */
       memcpy(vd + (size_t)(oo + i * vs) * es, xd + (size_t)(xo + items[i].idx * xs) * es, es);
