@@ -366,3 +366,101 @@ describe("big_modeling", function()
       end)
    end)
 end)
+
+-- Conformance with accelerate itself: tests/fixtures/gen_big_modeling.py ran the same scenarios
+-- with PyPI accelerate on the same weights and recorded the device maps, the hook on every
+-- module, where every tensor is after dispatch and the outputs.
+describe("big_modeling conformance with accelerate", function()
+   local cjson = require("cjson")
+   local FIX = "tests/fixtures/big_modeling/"
+   local expected = cjson.decode(assert(io.open(FIX .. "expected.json")):read("*a"))
+   local x = ml.tensor(expected.input)
+
+   local function fresh()
+      local m = Net()
+      m:load_state_dict(ml.safetensors.load_file(FIX .. "model.safetensors"))
+      return m
+   end
+
+   local function describe_hook(h)
+      if h == nil then return cjson.null end
+      if h.__name == "SequentialHook" then
+         local list = {}
+         for i, sub in ipairs(h.hooks) do list[i] = describe_hook(sub) end
+         return { type = "SequentialHook", hooks = list }
+      end
+      if h.__name == "AlignDevicesHook" then
+         return { type = "AlignDevicesHook",
+                  execution_device = h.execution_device == nil and cjson.null or h.execution_device,
+                  offload = h.offload == true, io_same_device = h.io_same_device == true,
+                  offload_buffers = h.offload_buffers == true, place_submodules = h.place_submodules == true }
+      end
+      return { type = h.__name }
+   end
+
+   local function snapshot(m)
+      local hooks_of, devices = {}, {}
+      for name, mod in m:named_modules() do hooks_of[name] = describe_hook(rawget(mod, "_hf_hook")) end
+      for name, t in m:named_parameters() do devices[name] = t.device end
+      for name, t in m:named_buffers() do devices[name] = t.device end
+      return hooks_of, devices
+   end
+
+   local plain = fresh()(x)
+
+   local scenarios = {
+      cpu_offload = function() local m = fresh(); ml.cpu_offload(m, { execution_device = "cpu" }); return m end,
+      disk_offload = function() local m = fresh(); ml.disk_offload(m, tmpdir() .. "/d", { execution_device = "cpu" }); return m end,
+      dispatch_cpu_disk = function()
+         local m = fresh()
+         ml.dispatch_model(m, { linear1 = "cpu", batchnorm = "cpu", linear2 = "disk" }, { offload_dir = tmpdir() })
+         return m
+      end,
+      dispatch_force_hooks = function() local m = fresh(); ml.dispatch_model(m, { [""] = "cpu" }, { force_hooks = true }); return m end,
+      load_explicit_offload_buffers = function()
+         local m = ml.init_empty_weights(function() return Net() end)
+         ml.load_checkpoint_and_dispatch(m, FIX .. "model.safetensors", {
+            device_map = { linear1 = "cpu", batchnorm = "disk", linear2 = "disk" },
+            offload_folder = tmpdir(), offload_buffers = true })
+         return m
+      end,
+   }
+   for _, name in ipairs({ "load_auto_200", "load_auto_300", "load_sequential_180" }) do
+      scenarios[name] = function()
+         local s = expected.scenarios[name]
+         local m = ml.init_empty_weights(function() return Net() end)
+         ml.load_checkpoint_and_dispatch(m, FIX .. "model.safetensors", {
+            device_map = s.device_map_arg, max_memory = s.max_memory, offload_folder = tmpdir() })
+         return m
+      end
+   end
+
+   local names = {}
+   for name in pairs(scenarios) do names[#names + 1] = name end
+   table.sort(names)
+   for _, name in ipairs(names) do
+      it(name .. ": same hooks, tensor placement, device map and output as accelerate", function()
+         local want = expected.scenarios[name]
+         assert.is_not_nil(want, name)
+         local m
+         quiet(function() m = scenarios[name]() end)
+         local hooks_of, devices = snapshot(m)
+         assert.are.same(want.hooks, hooks_of)
+         assert.are.same(want.devices, devices)
+         if want.hf_device_map then assert.are.same(want.hf_device_map, m.hf_device_map) end
+         local out = m(x)
+         assert.is_true(ml.equal(out, plain))                                  -- exactly our plain output
+         if want.accelerate_matches_plain then
+            assert.is_true(ml.allclose(out, ml.tensor(want.output), 1e-5, 1e-6))  -- and torch's, within rounding
+         else
+            -- accelerate lost the disk-mapped batchnorm statistics (Q8); moonload keeps them
+            assert.are.equal("disk", want.hf_device_map.batchnorm)
+            assert.is_false(ml.allclose(out, ml.tensor(want.output), 1e-5, 1e-6))
+         end
+      end)
+   end
+
+   it("the plain model matches torch", function()
+      assert.is_true(ml.allclose(plain, ml.tensor(expected.plain_output), 1e-5, 1e-6))
+   end)
+end)
