@@ -4,7 +4,7 @@
 Measures, on a file the Lua side wrote: (1) safetensors.torch.load_file, median seconds over
 --repeats (page cache warm); (2) the same plus one pass over every tensor (sum), which is what a
 first forward pass pays; (3) load_file plus the sum right after the file's pages were dropped
-from the page cache (posix_fadvise DONTNEED), once. Prints one JSON object.
+from the page cache (posix_fadvise DONTNEED), once, before anything maps the file. Prints one JSON object.
 
 Usage: python bench/safetensors_load.py --path FILE [--repeats R] [--threads N]
 """
@@ -36,6 +36,14 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
+    drop_cache(a.path)                                    # cold first: nothing maps the file yet
+    t0 = time.perf_counter()
+    ts = load_file(a.path)
+    s = 0.0
+    for t in ts.values():
+        s += float(t.sum())
+    cold = time.perf_counter() - t0
+    del ts
     load_file(a.path)                                     # warm the page cache
     loads, touched = [], []
     for _ in range(a.repeats):
@@ -51,14 +59,6 @@ def main():
             s += float(t.sum())
         touched.append(time.perf_counter() - t0)
         del ts
-    drop_cache(a.path)
-    t0 = time.perf_counter()
-    ts = load_file(a.path)
-    s = 0.0
-    for t in ts.values():
-        s += float(t.sum())
-    cold = time.perf_counter() - t0
-    del ts
     print(json.dumps({
         "load_s": statistics.median(loads), "load_and_sum_s": statistics.median(touched),
         "cold_load_and_sum_s": cold, "threads": a.threads,
