@@ -102,6 +102,21 @@ describe("elementwise ops", function()
          assert.is_true(h1:equal(h2))
       end)
 
+      it("gives the same values over transposed inputs (tiled walk) as over contiguous ones", function()
+         for _, shape in ipairs({ { 600, 500 }, { 3, 70, 50 }, { 130, 33 }, { 5, 7, 97, 41 } }) do
+            local n = 1
+            for _, d in ipairs(shape) do n = n * d end
+            local base = (ml.arange(0, n):float() * 1e-3 - 7):reshape(shape)
+            local tv = base:transpose(-1, -2)                       -- strided view
+            local tc = tv:contiguous()
+            local other = ml.arange(0, tc:size(-1)):float() * 0.5    -- broadcast along rows
+            assert.is_true((tv * other):equal(tc * other))
+            assert.is_true((tv + tc):equal(tc + tc))
+            assert.is_true(tv:gelu():equal(tc:gelu()))
+            assert.is_true(ml.where(tv:gt(0), tv, other):equal(ml.where(tc:gt(0), tc, other)))
+         end
+      end)
+
       it("computes every block of a long row like a short one", function()
          local x = big():reshape(300000)
          local g = x:gelu()

@@ -93,7 +93,7 @@ static void sqrt_f32(const float *x, float *y, int64_t n, bool recip) {
   for (; i < n; i++) y[i] = recip ? 1.0f / sqrtf(x[i]) : sqrtf(x[i]);
 }
 
-static void unary_f32(ml_unary_op op, const float *x, float *y, int64_t n) {
+static void unary_f32_run(ml_unary_op op, const float *x, float *y, int64_t n) {
   switch (op) {
   case ML_OP_NEG: for (int64_t i = 0; i < n; i++) y[i] = -x[i]; break;
   case ML_OP_ABS: for (int64_t i = 0; i < n; i++) y[i] = fabsf(x[i]); break;
@@ -119,6 +119,20 @@ static void unary_f32(ml_unary_op op, const float *x, float *y, int64_t n) {
   case ML_OP_RECIPROCAL: for (int64_t i = 0; i < n; i++) y[i] = 1.0f / x[i]; break;
   case ML_OP_LOGICAL_NOT: for (int64_t i = 0; i < n; i++) y[i] = x[i] == 0; break;
   default: break;
+  }
+}
+
+/* Rows are cut into blocks at different places for different layouts; the vector and scalar
+   libm functions may differ in the last bit. Running the tail through the vector loop too (padded
+   to 8) makes every element's value independent of where the blocks fall. */
+static void unary_f32(ml_unary_op op, const float *x, float *y, int64_t n) {
+  int64_t m = n - n % 8;
+  unary_f32_run(op, x, y, m);
+  if (m < n) {
+    float tx[8] = {0}, ty[8];
+    memcpy(tx, x + m, (size_t)(n - m) * sizeof *tx);
+    unary_f32_run(op, tx, ty, 8);
+    memcpy(y + m, ty, (size_t)(n - m) * sizeof *ty);
   }
 }
 
@@ -246,7 +260,8 @@ typedef struct {
   int ndim;
   int64_t shape[ML_MAX_DIMS];
   int64_t strides[4][ML_MAX_DIMS];
-  int64_t nblk;                       /* blocks per inner row */
+  int64_t nblk;                       /* column blocks per inner row */
+  int64_t tile_rows;                  /* rows per work unit: 1, or ML_TILE in tiled mode */
 } ew_job;
 
 static void ew_block(const ew_job *j, const int64_t *off, const int64_t *st, int64_t n) {
@@ -310,22 +325,37 @@ static void ew_block(const ew_job *j, const int64_t *off, const int64_t *st, int
   }
 }
 
-/* Work units [begin, end): unit u is block u % nblk of row u / nblk. */
+/* Work units [begin, end). Row mode (tile_rows 1): unit u is block u % nblk (ML_BLOCK elements)
+   of row u / nblk. Tiled mode, for operands that walk a row with a large stride (a transposed
+   input): unit u is a tile of tile_rows consecutive rows by one block of ML_TILE columns, so the
+   strided operand reads neighbouring elements of the same cache lines and pages within a tile. */
+#define ML_TILE 64
+
 static void ew_units(void *ctx, int64_t begin, int64_t end) {
   const ew_job *j = ctx;
   const int64_t *strides[4] = {j->strides[0], j->strides[1], j->strides[2], j->strides[3]};
+  int64_t bw = j->tile_rows > 1 ? ML_TILE : ML_BLOCK;
   ml_iter it;
   ml_iter_init(&it, j->ndim, j->shape, j->nops, strides);
-  int64_t row = begin / j->nblk;
+  int64_t total = it.rows_left, row = (begin / j->nblk) * j->tile_rows;
   ml_iter_seek(&it, row);
   if (!ml_iter_next(&it)) return;
   for (int64_t u = begin; u < end; u++) {
-    int64_t r = u / j->nblk, blk = u % j->nblk;
-    while (row < r) { ml_iter_next(&it); row++; }
-    int64_t start = blk * ML_BLOCK, n = it.inner - start < ML_BLOCK ? it.inner - start : ML_BLOCK;
-    int64_t off[4];
-    for (int o = 0; o < j->nops; o++) off[o] = it.off[o] + start * it.inner_stride[o];
-    ew_block(j, off, it.inner_stride, n);
+    int64_t r0 = (u / j->nblk) * j->tile_rows, blk = u % j->nblk;
+    int64_t r1 = r0 + j->tile_rows < total ? r0 + j->tile_rows : total;
+    if (row != r0) {                      /* tiles revisit their rows: reposition */
+      ml_iter_init(&it, j->ndim, j->shape, j->nops, strides);
+      ml_iter_seek(&it, r0);
+      ml_iter_next(&it);
+      row = r0;
+    }
+    int64_t start = blk * bw, n = it.inner - start < bw ? it.inner - start : bw;
+    for (int64_t r = r0; r < r1; r++) {
+      if (r > row) { ml_iter_next(&it); row = r; }
+      int64_t off[4];
+      for (int o = 0; o < j->nops; o++) off[o] = it.off[o] + start * it.inner_stride[o];
+      ew_block(j, off, it.inner_stride, n);
+    }
   }
 }
 
@@ -336,10 +366,17 @@ static void ew_run(ew_job *j, int64_t cost) {
   const int64_t *strides[4] = {j->strides[0], j->strides[1], j->strides[2], j->strides[3]};
   ml_iter probe;
   ml_iter_init(&probe, j->ndim, j->shape, j->nops, strides);
-  j->nblk = (probe.inner + ML_BLOCK - 1) / ML_BLOCK;
-  int64_t units = probe.rows_left * j->nblk;
-  int64_t per_unit = (probe.inner < ML_BLOCK ? probe.inner : ML_BLOCK) * cost;
-  ml_parallel_for(units, per_unit, ew_units, j);
+  bool strided = false;
+  for (int o = 0; o < j->nops; o++) {
+    int64_t st = probe.inner_stride[o];
+    if (st > 16 || st < -16) strided = true;
+  }
+  j->tile_rows = strided && probe.ndim >= 2 && probe.inner > ML_TILE / 2 && probe.rows_left > 1 ? ML_TILE : 1;
+  int64_t bw = j->tile_rows > 1 ? ML_TILE : ML_BLOCK;
+  j->nblk = (probe.inner + bw - 1) / bw;
+  int64_t groups = (probe.rows_left + j->tile_rows - 1) / j->tile_rows;
+  int64_t per_unit = (probe.inner < bw ? probe.inner : bw) * j->tile_rows * cost;
+  ml_parallel_for(groups * j->nblk, per_unit, ew_units, j);
 }
 
 static int64_t unary_cost(ml_unary_op op) {
