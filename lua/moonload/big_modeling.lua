@@ -335,7 +335,12 @@ function M.dispatch_model(model, device_map, opts)
          end
          if offload_index == nil and not has_index(offload_dir) then
             full_sd = full_sd or model:state_dict()
-            local disk_sd = u.extract_submodules_state_dict(full_sd, disk_modules)
+            local disk_sd
+            if dmap[""] == "disk" then
+               disk_sd = full_sd        -- the whole model on disk (Accelerate writes nothing here, Q17)
+            else
+               disk_sd = u.extract_submodules_state_dict(full_sd, disk_modules)
+            end
             for name, t in pairs(disk_sd) do
                if t:is_meta() then
                   error(string.format('dispatch_model: "%s" is mapped to disk but has no data (on meta) and %s holds no index.json to read it from',
