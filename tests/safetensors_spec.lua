@@ -506,6 +506,21 @@ describe("safetensors", function()
          assert.same({ 1, 4, 2, 5, 3, 6 }, values(back))
       end)
 
+      it("writes views with an offset and expanded views as their own data", function()
+         local base = ml.tensor({ { 1, 2, 3 }, { 4, 5, 6 }, { 7, 8, 9 } }, { dtype = "int32" })
+         local path = tmp_path("views")
+         st.save_file({ row = base:select(1, 2), col = base:select(2, 3), ex = ml.tensor({ 5 }):expand(2, 3) }, path)
+         local back = st.load_file(path)
+         assert.same({ 4, 5, 6 }, values(back.row))
+         assert.same({ 3, 6, 9 }, values(back.col))
+         assert.same({ 2, 3 }, back.ex.shape)
+         assert.same({ 5, 5, 5, 5, 5, 5 }, values(back.ex))
+         local f = st.safe_open(path)
+         assert.equal(12, f:tensor_info("row").nbytes)     -- 3 int32, not the whole base
+         assert.equal(24, f:tensor_info("ex").nbytes)      -- 6 float32, not 1
+         f:close()
+      end)
+
       it("writes files PyPI safetensors loads (when /opt/ref/bin/python is there)", function()
          local py = "/opt/ref/bin/python"
          local fh = io.open(py, "rb")
