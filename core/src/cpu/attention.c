@@ -84,8 +84,8 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
         if (j->ct == ML_FLOAT64) apply_mask_row_f64((double *)y, n, mask, mp, j->ms[j->nbd + 1]);
         else apply_mask_row((float *)y, n, mask, mp, j->ms[j->nbd + 1]);
       }
-      if (j->ct == ML_FLOAT64) ml_softmax_row_f64((double *)y, n, false, true);
-      else ml_softmax_row_f32((float *)y, n, false, true);
+      if (j->ct == ML_FLOAT64) ml_softmax_row_f64((double *)y, (double *)y, n, false, true);
+      else ml_softmax_row_f32((float *)y, (float *)y, n, false, true);
     }
     /* out[l0:l0+lw] (lw, Ev) = p (lw, S) @ v (S, Ev) */
     ml_mref P = {scores, j->ct, j->S, 1};

@@ -2,6 +2,12 @@
    layer_norm and rms_norm over the last nnorm dims, and embedding lookups. Rows are spread over
    threads with ml_parallel_for; each row is computed in float32 (float64 for float64 tensors) in
    place in the output, or in a per-thread buffer when it needs a dtype conversion or a gather. */
+/* The row loops below select between computed values (exp's clamps, masked lanes); GCC only
+   if-converts, and so vectorises, them when FP exceptions are not treated as side effects.
+   moonload never reads the FP exception flags. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "cpu/gemm.h"
 #include "cpu/rows.h"
 
@@ -59,49 +65,41 @@ static ml_status check_floating(const char *fn, const ml_tensor *t, const char *
 
 // --- softmax -----------------------------------------------------------------------------------
 
-/* Max, exp-and-sum and scale passes over a row that sits in L1; eight lanes so they vectorise. */
-void ml_softmax_row_f32(float *y, int64_t n, bool log, bool zero_masked) {
+/* Max, exp-and-sum and scale passes; the row sits in L1 after the first. omp simd lets the
+   max/sum reductions vectorise without -ffast-math. */
+void ml_softmax_row_f32(const float *x, float *y, int64_t n, bool log, bool zero_masked) {
   if (n <= 0) return;
-  float mx[8], acc[8];
-  for (int k = 0; k < 8; k++) { mx[k] = -INFINITY; acc[k] = 0.0f; }
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; k++) mx[k] = y[i + k] > mx[k] ? y[i + k] : mx[k];
-  for (; i < n; i++) mx[0] = y[i] > mx[0] ? y[i] : mx[0];
-  float m = mx[0];
-  for (int k = 1; k < 8; k++) m = mx[k] > m ? mx[k] : m;
+  float m = -INFINITY, s = 0.0f;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
   if (m == -INFINITY && zero_masked) { memset(y, 0, (size_t)n * sizeof *y); return; }
   if (log) {
-    for (i = 0; i + 8 <= n; i += 8)
-      for (int k = 0; k < 8; k++) acc[k] += ml_expf_fast(y[i + k] - m);
-    for (; i < n; i++) acc[0] += ml_expf_fast(y[i] - m);
-    float s = 0.0f;
-    for (int k = 0; k < 8; k++) s += acc[k];
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += ml_expf_fast(x[i] - m);
     float shift = m + logf(s);
-    for (i = 0; i < n; i++) y[i] -= shift;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] - shift;
     return;
   }
-  for (i = 0; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; k++) { float e = ml_expf_fast(y[i + k] - m); y[i + k] = e; acc[k] += e; }
-  for (; i < n; i++) { float e = ml_expf_fast(y[i] - m); y[i] = e; acc[0] += e; }
-  float s = 0.0f;
-  for (int k = 0; k < 8; k++) s += acc[k];
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; i++) { float e = ml_expf_fast(x[i] - m); y[i] = e; s += e; }
   float inv = 1.0f / s;
-  for (i = 0; i < n; i++) y[i] *= inv;
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) y[i] *= inv;
 }
 
-void ml_softmax_row_f64(double *y, int64_t n, bool take_log, bool zero_masked) {
+void ml_softmax_row_f64(const double *x, double *y, int64_t n, bool take_log, bool zero_masked) {
   if (n <= 0) return;
   double m = -INFINITY, s = 0.0;
-  for (int64_t i = 0; i < n; i++) m = y[i] > m ? y[i] : m;
+  for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
   if (m == -INFINITY && zero_masked) { memset(y, 0, (size_t)n * sizeof *y); return; }
   if (take_log) {
-    for (int64_t i = 0; i < n; i++) s += exp(y[i] - m);
+    for (int64_t i = 0; i < n; i++) s += exp(x[i] - m);
     double shift = m + log(s);
-    for (int64_t i = 0; i < n; i++) y[i] -= shift;
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] - shift;
     return;
   }
-  for (int64_t i = 0; i < n; i++) { y[i] = exp(y[i] - m); s += y[i]; }
+  for (int64_t i = 0; i < n; i++) { y[i] = exp(x[i] - m); s += y[i]; }
   for (int64_t i = 0; i < n; i++) y[i] /= s;
 }
 
@@ -115,22 +113,28 @@ typedef struct {
   atomic_int status;
 } softmax_job;
 
+/* Rows read straight from the input and written straight into the output when both are unit
+   stride in the compute dtype; otherwise through a per-thread row buffer. */
 static void softmax_rows(void *ctx, int64_t begin, int64_t end) {
   softmax_job *j = ctx;
-  size_t es = ml_dtype_size(j->dt), ce = ml_dtype_size(j->ct);
-  bool in_place = j->dt == j->ct && j->ostride == 1;   /* compute in the output row itself */
+  size_t es = ml_dtype_size(j->dt);
+  bool direct_in = j->dt == j->ct && j->xstride == 1, direct_out = j->dt == j->ct && j->ostride == 1;
   uint8_t *buf = NULL;
-  if (!in_place && !(buf = malloc((size_t)j->n * ce))) { atomic_store(&j->status, ML_ENOMEM); return; }
+  if (!(direct_in && direct_out) && !(buf = malloc((size_t)j->n * ml_dtype_size(j->ct)))) {
+    atomic_store(&j->status, ML_ENOMEM);
+    return;
+  }
   for (int64_t r = begin; r < end; r++) {
     int64_t xo, oo;
     row_offsets(&j->rm, r, &xo, &oo);
     const uint8_t *xp = j->x + xo * (int64_t)es;
     uint8_t *op = j->o + oo * (int64_t)es;
-    void *y = in_place ? (void *)op : buf;
-    ml_row_load(y, j->ct, xp, j->dt, j->n, j->xstride);
-    if (j->ct == ML_FLOAT64) ml_softmax_row_f64(y, j->n, j->log, false);
-    else ml_softmax_row_f32(y, j->n, j->log, false);
-    if (!in_place) ml_row_store(buf, j->ct, op, j->dt, j->n, j->ostride);
+    const void *src = xp;
+    void *dst = direct_out ? (void *)op : buf;
+    if (!direct_in) { ml_row_load(buf, j->ct, xp, j->dt, j->n, j->xstride); src = buf; }
+    if (j->ct == ML_FLOAT64) ml_softmax_row_f64(src, dst, j->n, j->log, false);
+    else ml_softmax_row_f32(src, dst, j->n, j->log, false);
+    if (!direct_out) ml_row_store(buf, j->ct, op, j->dt, j->n, j->ostride);
   }
   free(buf);
 }
@@ -171,29 +175,32 @@ ml_status ml_softmax(const ml_tensor *x, int dim, bool log, ml_tensor **out) {
 
 // --- layer_norm / rms_norm ---------------------------------------------------------------------
 
-/* One row of n values, normalised in place: layer norm (centre, scale by 1/std) or RMS norm (scale
-   by 1/rms), then the optional weight and bias. Sums over eight lanes. */
-#define ML_DEFINE_NORM_ROW(T, SFX, SQRT)                                                        \
-  static void norm_row_##SFX(T *y, int64_t n, const T *w, const T *b, double eps, bool rms) {    \
-    T acc[8] = {0}, mean = 0;                                                                     \
-    int64_t i = 0;                                                                                \
-    if (!rms) {                                                                                   \
-      for (; i + 8 <= n; i += 8)                                                                  \
-        for (int k = 0; k < 8; k++) acc[k] += y[i + k];                                           \
-      for (; i < n; i++) acc[0] += y[i];                                                          \
-      for (int k = 0; k < 8; k++) { mean += acc[k]; acc[k] = 0; }                                 \
-      mean /= (T)n;                                                                               \
-    }                                                                                             \
-    for (i = 0; i + 8 <= n; i += 8)                                                               \
-      for (int k = 0; k < 8; k++) { T c = y[i + k] - mean; acc[k] += c * c; }                     \
-    for (; i < n; i++) { T c = y[i] - mean; acc[0] += c * c; }                                    \
-    T var = 0;                                                                                    \
-    for (int k = 0; k < 8; k++) var += acc[k];                                                    \
-    T inv = (T)1 / SQRT(var / (T)n + (T)eps);                                                     \
-    if (w && b) for (i = 0; i < n; i++) y[i] = (y[i] - mean) * inv * w[i] + b[i];                \
-    else if (w) for (i = 0; i < n; i++) y[i] = (y[i] - mean) * inv * w[i];                       \
-    else if (b) for (i = 0; i < n; i++) y[i] = (y[i] - mean) * inv + b[i];                       \
-    else for (i = 0; i < n; i++) y[i] = (y[i] - mean) * inv;                                      \
+/* One row of n values x normalised into y (which may be x): layer norm (centre, scale by 1/std)
+   or RMS norm (scale by 1/rms), then the optional weight and bias. Two-pass mean and variance. */
+#define ML_DEFINE_NORM_ROW(T, SFX, SQRT)                                                                \
+  static void norm_row_##SFX(const T *x, T *y, int64_t n, const T *w, const T *b, double eps, bool rms) { \
+    T mean = 0, var = 0;                                                                                  \
+    if (!rms) {                                                                                           \
+      _Pragma("omp simd reduction(+ : mean)")                                                            \
+      for (int64_t i = 0; i < n; i++) mean += x[i];                                                       \
+      mean /= (T)n;                                                                                       \
+    }                                                                                                     \
+    _Pragma("omp simd reduction(+ : var)")                                                               \
+    for (int64_t i = 0; i < n; i++) { T c = x[i] - mean; var += c * c; }                                  \
+    T inv = (T)1 / SQRT(var / (T)n + (T)eps);                                                             \
+    if (w && b) {                                                                                         \
+      _Pragma("omp simd")                                                                                 \
+      for (int64_t i = 0; i < n; i++) y[i] = (x[i] - mean) * inv * w[i] + b[i];                          \
+    } else if (w) {                                                                                       \
+      _Pragma("omp simd")                                                                                 \
+      for (int64_t i = 0; i < n; i++) y[i] = (x[i] - mean) * inv * w[i];                                 \
+    } else if (b) {                                                                                       \
+      _Pragma("omp simd")                                                                                 \
+      for (int64_t i = 0; i < n; i++) y[i] = (x[i] - mean) * inv + b[i];                                 \
+    } else {                                                                                              \
+      _Pragma("omp simd")                                                                                 \
+      for (int64_t i = 0; i < n; i++) y[i] = (x[i] - mean) * inv;                                        \
+    }                                                                                                     \
   }
 ML_DEFINE_NORM_ROW(float, f32, sqrtf)
 ML_DEFINE_NORM_ROW(double, f64, sqrt)
@@ -212,19 +219,25 @@ typedef struct {
 
 static void norm_rows(void *ctx, int64_t begin, int64_t end) {
   norm_job *j = ctx;
-  size_t es = ml_dtype_size(j->dt), ce = ml_dtype_size(j->ct);
-  bool in_place = j->dt == j->ct;   /* the output row is contiguous */
+  size_t es = ml_dtype_size(j->dt);
+  bool same = j->dt == j->ct;   /* the output row is contiguous: written in place when same */
+  bool direct_in = same && j->xstride == 1;
   uint8_t *buf = NULL;
-  if (!in_place && !(buf = malloc((size_t)j->n * ce))) { atomic_store(&j->status, ML_ENOMEM); return; }
+  if (!direct_in && !(buf = malloc((size_t)j->n * ml_dtype_size(j->ct)))) {
+    atomic_store(&j->status, ML_ENOMEM);
+    return;
+  }
   for (int64_t r = begin; r < end; r++) {
     int64_t xo, oo;
     row_offsets(&j->rm, r, &xo, &oo);
+    const uint8_t *xp = j->x + xo * (int64_t)es;
     uint8_t *op = j->o + oo * (int64_t)es;
-    void *y = in_place ? (void *)op : buf;
-    ml_row_load(y, j->ct, j->x + xo * (int64_t)es, j->dt, j->n, j->xstride);
-    if (j->ct == ML_FLOAT64) norm_row_f64(y, j->n, j->w, j->b, j->eps, j->rms);
-    else norm_row_f32(y, j->n, j->w, j->b, j->eps, j->rms);
-    if (!in_place) ml_convert(buf, j->ct, op, j->dt, j->n);
+    const void *src = xp;
+    if (!direct_in) { ml_row_load(buf, j->ct, xp, j->dt, j->n, j->xstride); src = buf; }
+    void *dst = same ? (void *)op : buf;
+    if (j->ct == ML_FLOAT64) norm_row_f64(src, dst, j->n, j->w, j->b, j->eps, j->rms);
+    else norm_row_f32(src, dst, j->n, j->w, j->b, j->eps, j->rms);
+    if (!same) ml_convert(buf, j->ct, op, j->dt, j->n);
   }
   free(buf);
 }

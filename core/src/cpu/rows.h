@@ -30,9 +30,9 @@ static inline float ml_expf_fast(float x) {
 void ml_row_load(void *dst, ml_dtype dt, const void *src, ml_dtype sdt, int64_t n, int64_t s);
 void ml_row_store(const void *src, ml_dtype dt, void *dst, ml_dtype ddt, int64_t n, int64_t s);
 
-/* Softmax (or log-softmax) of n contiguous floats, in place. A row whose maximum is -inf (every
-   entry masked) becomes all zeros when zero_masked, else NaN as in PyTorch's softmax. */
-void ml_softmax_row_f32(float *y, int64_t n, bool log, bool zero_masked);
-void ml_softmax_row_f64(double *y, int64_t n, bool log, bool zero_masked);
+/* Softmax (or log-softmax) of n contiguous values x into y (y may be x). A row whose maximum is
+   -inf (every entry masked) becomes all zeros when zero_masked, else NaN as in PyTorch's softmax. */
+void ml_softmax_row_f32(const float *x, float *y, int64_t n, bool log, bool zero_masked);
+void ml_softmax_row_f64(const double *x, double *y, int64_t n, bool log, bool zero_masked);
 
 #endif /* ML_CPU_ROWS_H */

@@ -1,0 +1,89 @@
+--- Helpers shared by the benchmarks in bench/: a wall clock, best-of-n timing and JSON lines.
+local ffi = require("ffi")
+
+ffi.cdef [[
+typedef struct { long tv_sec; long tv_nsec; } ml_bench_timespec;
+int clock_gettime(int clk, ml_bench_timespec *ts);
+void *memcpy(void *dst, const void *src, size_t n);
+]]
+
+local M = {}
+local ts = ffi.new("ml_bench_timespec")
+
+--- Seconds on the monotonic clock (wall time: threads do not add up as in os.clock).
+function M.now()
+   ffi.C.clock_gettime(1, ts)
+   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+--- Best wall time of fn over reps runs, after one warm-up run.
+function M.best(reps, fn)
+   fn()
+   local best = math.huge
+   for _ = 1, reps do
+      local t0 = M.now()
+      fn()
+      local dt = M.now() - t0
+      if dt < best then best = dt end
+   end
+   return best
+end
+
+local function encode(v)
+   if type(v) == "number" then
+      if v ~= v or v == math.huge or v == -math.huge then return "null" end
+      if v % 1 == 0 and math.abs(v) < 2 ^ 53 then return string.format("%d", v) end
+      return string.format("%.4g", v)
+   elseif type(v) == "boolean" then return tostring(v)
+   else return string.format("%q", tostring(v)) end
+end
+
+--- Prints one JSON line from a flat table; keys in the order given by `order`.
+function M.emit(order, rec)
+   local parts = {}
+   for _, k in ipairs(order) do
+      if rec[k] ~= nil then parts[#parts + 1] = string.format("%q:%s", k, encode(rec[k])) end
+   end
+   io.write("{", table.concat(parts, ","), "}\n")
+   io.flush()
+end
+
+--- The directory holding the compiled C peers (set by bench/run.sh).
+M.bin = os.getenv("MOONLOAD_BENCH_BIN") or "build/bench"
+
+-- Output allocation. Every op allocates its output; a big fresh block comes from mmap and each
+-- of its pages faults on first write (about 0.4 ms per MiB here), which C peers writing into a
+-- reused buffer never pay. "fresh" measures moonload as it is; "recycled" reruns the same script
+-- with glibc told to keep freed blocks (no mmap, no trimming) and the previous output collected
+-- before each timed run, so the figure is the kernel itself: what a caching allocator would give.
+M.alloc = os.getenv("MOONLOAD_BENCH_RECYCLED") == "1" and "recycled" or "fresh"
+local RECYCLE_ENV = "GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 "
+   .. "MOONLOAD_BENCH_RECYCLED=1"
+
+--- In fresh mode, runs this benchmark script again in recycled mode (its JSON lines follow).
+function M.rerun_recycled()
+   if M.alloc ~= "fresh" or os.getenv("MOONLOAD_BENCH_NO_RECYCLED") then return end
+   io.flush()
+   local script = arg and arg[0]
+   local exe = arg and arg[-1] or "luajit"
+   os.execute(string.format("%s %s %s", RECYCLE_ENV, exe, script))
+end
+
+--- Best wall time of fn over reps runs after one warm-up; the previous result is collected
+-- (untimed) before each run so its memory can be reused or returned.
+function M.best_collect(reps, fn)
+   local r = fn()
+   local best = math.huge
+   for _ = 1, reps do
+      r = nil
+      collectgarbage()
+      collectgarbage()
+      local t0 = M.now()
+      r = fn()
+      local dt = M.now() - t0
+      if dt < best then best = dt end
+   end
+   return best
+end
+
+return M
