@@ -525,3 +525,24 @@ describe("big_modeling beyond accelerate", function()
       assert.is_true(growth[2] > 24 * 1024, "growth without dropping " .. growth[2] .. " kB")
    end)
 end)
+
+describe("big_modeling with dtype", function()
+   it("converts disk weights at each forward instead of keeping converted copies", function()
+      local ref, x = net(11), input()
+      local expected = ref:double()(x:double())
+      local dir = tmpdir()
+      ml.safetensors.save_file(net(11):state_dict(), dir .. "/model.safetensors")
+      local m = ml.init_empty_weights(function() return Net() end)
+      quiet(function()
+         ml.load_checkpoint_and_dispatch(m, dir .. "/model.safetensors", {
+            device_map = { linear1 = "cpu", batchnorm = "cpu", linear2 = "disk" },
+            offload_folder = dir .. "/off", dtype = "float64" })
+      end)
+      assert.are.equal("float64", m.linear2.weight.dtype)
+      local before = hooks.runtime_stats()
+      assert.is_true(ml.allclose(m(x:double()), expected, 1e-12, 1e-12))
+      local after = hooks.runtime_stats()
+      assert.are.equal((20 + 5) * 8, after.bytes_copied - before.bytes_copied)   -- linear2, as float64
+      assert.are.equal(0, after.shared_copies)                                    -- released after forward
+   end)
+end)

@@ -17,7 +17,7 @@ local init_context = require("moonload.nn.init_context")
 local log = require("moonload.utils.log")
 
 local M = {}
-local aliased
+local dispatch_weights
 
 local utils_mod
 local function utils()
@@ -206,23 +206,49 @@ end
 
 -- --- dispatch -----------------------------------------------------------------------------------
 
--- A weights map where a tied name missing from `inner` is read under another name of its group
--- (checkpoints and offload folders hold a tied tensor once).
-local Aliased = { __name = "AliasedWeights" }
--- Values are memoized by the key they were found under, so every name of a tied group gets
--- the same tensor (one mapping of an offloaded file, not one per module).
-function Aliased.getitem(self, key)
-   local inner, memo = self.inner, self.memo
+-- The weights map dispatch_model hands to its hooks, over an OffloadedWeightsLoader:
+--  * a tied name missing from the loader is read under another name of its group (checkpoints
+--    and offload folders hold a tied tensor once);
+--  * an index entry pointing into a safetensors file is read raw (a zero-copy view, no dtype
+--    cast): the hook runtime converts to the module's dtype at each forward and lets the copy go
+--    after, where the loader would cast once and keep a converted copy of every disk weight;
+--  * values are memoized by the key they were found under, so every name of a tied group gets
+--    the same tensor (one mapping, not one per module).
+local DispatchWeights = { __name = "DispatchWeights" }
+
+local function raw_lookup(self, key)
+   local off = require("moonload.utils.offload")
+   local inner = self.inner
+   if getmetatable(inner) == off.OffloadedWeightsLoader_class then
+      local st = inner[off.PRIVATE]
+      local sd = st.state_dict
+      local v = sd and sd[key]
+      if v ~= nil then return v end
+      local info = st.index and st.index[key]
+      if info ~= nil and info.safetensors_file ~= nil and st.device == nil then
+         local h = self.handles[info.safetensors_file]
+         if h == nil then
+            h = require("moonload.safetensors").safe_open(info.safetensors_file)
+            self.handles[info.safetensors_file] = h
+         end
+         return h:get_tensor(info.weight_name or key)
+      end
+   end
+   return inner[key]
+end
+
+function DispatchWeights.getitem(self, key)
+   local memo = self.memo
    local v = memo[key]
    if v ~= nil then return v end
-   v = inner[key]
+   v = raw_lookup(self, key)
    if v ~= nil then memo[key] = v; return v end
    local others = self.aliases[key]
    if others then
       for _, k in ipairs(others) do
          v = memo[k]
          if v == nil then
-            v = inner[k]
+            v = raw_lookup(self, k)
             if v ~= nil then memo[k] = v end
          end
          if v ~= nil then return v end
@@ -230,23 +256,22 @@ function Aliased.getitem(self, key)
    end
    return nil
 end
-function Aliased.get(self, key, default)
-   local v = Aliased.getitem(self, key)
+function DispatchWeights.get(self, key, default)
+   local v = DispatchWeights.getitem(self, key)
    if v == nil then return default end
    return v
 end
-Aliased.__index = function(self, key)
-   local m = Aliased[key]
-   if m ~= nil then return m end
-   return Aliased.getitem(self, key)
-end
-Aliased.__tostring = function(self) return "AliasedWeights(" .. tostring(self.inner) .. ")" end
-
-function Aliased.keys(self)
+function DispatchWeights.keys(self)
    return require("moonload.utils.offload").dataset_keys(self.inner)
 end
+DispatchWeights.__index = function(self, key)
+   local m = DispatchWeights[key]
+   if m ~= nil then return m end
+   return DispatchWeights.getitem(self, key)
+end
+DispatchWeights.__tostring = function(self) return "DispatchWeights(" .. tostring(self.inner) .. ")" end
 
-aliased = function(inner, tied_params)
+dispatch_weights = function(inner, tied_params)
    local aliases = {}
    for _, group in ipairs(tied_params) do
       for _, name in ipairs(group) do
@@ -255,7 +280,7 @@ aliased = function(inner, tied_params)
          aliases[name] = others
       end
    end
-   return setmetatable({ inner = inner, aliases = aliases, memo = {} }, Aliased)
+   return setmetatable({ inner = inner, aliases = aliases, memo = {}, handles = {} }, DispatchWeights)
 end
 
 local function install_move_guard(model)
@@ -382,7 +407,7 @@ function M.dispatch_model(model, device_map, opts)
             if ok and p ~= nil and not p:is_meta() then tied_params_map[p:data_ptr()] = {} end
          end
       end
-      if weights_map ~= nil and #tied_params > 0 then weights_map = aliased(weights_map, tied_params) end
+      if weights_map ~= nil then weights_map = dispatch_weights(weights_map, tied_params) end
       hooks.attach_align_device_hook_on_blocks(model, {
          execution_device = execution_device, offload = offload, offload_buffers = opts.offload_buffers,
          weights_map = weights_map, skip_keys = opts.skip_keys,
