@@ -10,6 +10,7 @@ local ffi, lib = C.ffi, C.lib
 local function new_rt()
    local p = ffi.new("ml_hookrt*[1]")
    C.check(lib.ml_hookrt_new(p))
+   C.check(lib.ml_hookrt_set_prefetch_min(p[0], 0))   -- the groups below are small
    return ffi.gc(p[0], lib.ml_hookrt_release)
 end
 
@@ -210,6 +211,23 @@ describe("hookrt", function()
          assert.are.equal(3, s.prefetch_jobs)
          assert.are.equal(3 * 64 * 64 * 4, s.prefetch_bytes)
          assert.is_true(s.prefetch_pages >= 12)
+      end)
+
+      it("skips groups below the prefetch threshold", function()
+         local rt = new_rt()
+         C.check(lib.ml_hookrt_set_prefetch_min(rt, 64 * 64 * 4 + 1))
+         local view = mapped_floats(3 * 4096)
+         local gs = three_groups(rt, view)
+         for _ = 1, 2 do
+            for i = 1, 3 do
+               materialize(rt, gs[i], 1)
+               C.check(lib.ml_hookrt_release_group(rt, gs[i]))
+            end
+         end
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.are.equal(0, stats(rt).prefetch_jobs)
+         assert.has_error(function() C.check(lib.ml_hookrt_set_prefetch_min(rt, -1)) end,
+            "ml_hookrt_set_prefetch_min: bytes must be >= 0, got -1")
       end)
 
       it("gives the same values with prefetch on and off", function()

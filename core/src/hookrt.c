@@ -70,6 +70,7 @@ struct ml_hookrt {
   int last;                   /* group materialized most recently, -1 at start */
   int prefetch;               /* 0 off, 1 on */
   int drop;                   /* 0 keep pages, 1 MADV_DONTNEED, 2 + POSIX_FADV_DONTNEED */
+  size_t prefetch_min;        /* groups with fewer mapped bytes are not worth a worker wake-up */
   pthread_mutex_t mu;
   pthread_cond_t cv, idle;
   pthread_t worker;
@@ -152,8 +153,10 @@ static void *worker_main(void *arg) {
 static void enqueue_prefetch(ml_hookrt *rt, int g) {
   hr_group *gr = &rt->groups[g];
   int n = 0;
-  for (int i = 0; i < gr->nslots; i++) n += gr->slots[i].map != NULL;
-  if (n == 0) return;
+  size_t bytes = 0;
+  for (int i = 0; i < gr->nslots; i++)
+    if (gr->slots[i].map) { n++; bytes += gr->slots[i].map_len; }
+  if (n == 0 || bytes < rt->prefetch_min) return;
   hr_job *j = calloc(1, sizeof *j);
   if (!j) return;
   j->ranges = calloc((size_t)n, sizeof *j->ranges);
@@ -188,6 +191,7 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
   rt->last = -1;
   rt->prefetch = 1;
   rt->drop = 1;
+  rt->prefetch_min = 64 * 1024;
   pthread_mutex_init(&rt->mu, NULL);
   pthread_cond_init(&rt->cv, NULL);
   pthread_cond_init(&rt->idle, NULL);
@@ -222,6 +226,13 @@ ml_status ml_hookrt_configure(ml_hookrt *rt, int prefetch, int drop) {
     return ml_fail(ML_EINVAL, "ml_hookrt_configure: drop must be 0, 1 or 2 (-1 keeps it), got %d", drop);
   if (prefetch >= 0) rt->prefetch = prefetch;
   if (drop >= 0) rt->drop = drop;
+  return ML_OK;
+}
+
+ml_status ml_hookrt_set_prefetch_min(ml_hookrt *rt, int64_t bytes) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_set_prefetch_min: runtime is NULL");
+  if (bytes < 0) return ml_fail(ML_EINVAL, "ml_hookrt_set_prefetch_min: bytes must be >= 0, got %lld", (long long)bytes);
+  rt->prefetch_min = (size_t)bytes;
   return ML_OK;
 }
 

@@ -413,7 +413,8 @@ function AlignDevicesHook:init_hook(module)
             if share then share[t] = meta end
          end
          put_tensor(module, name, meta)
-         self.slots[#self.slots + 1] = { name = name, meta_c = meta._c, dtype = t.dtype }
+         local owner, leaf = owner_of(module, name)
+         self.slots[#self.slots + 1] = { name = name, owner = owner, leaf = leaf, meta_c = meta._c, dtype = t.dtype }
       end
       if self.execution_device ~= nil then
          if not self.offload_buffers then
@@ -469,7 +470,8 @@ function AlignDevicesHook:pre_forward(module, ...)
       for i = 1, n do
          local s = self.slots[i]
          local c = outs[i - 1]
-         local cur = get_tensor(module, s.name)
+         local owner, leaf = s.owner, s.leaf
+         local cur = owner[leaf]
          if Tensor.is_tensor(cur) and cur:is_meta() then
             rawset(cur, "_c", ffi.gc(c, lib.ml_tensor_release))
             s.obj = cur
@@ -479,7 +481,7 @@ function AlignDevicesHook:pre_forward(module, ...)
             s.obj = nil
          else
             local t = Tensor.wrap(c)
-            put_tensor(module, s.name, t)
+            owner[leaf] = t
             s.obj = t
          end
       end
