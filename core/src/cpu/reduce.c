@@ -28,6 +28,7 @@ static ml_status plan_dims(const char *fn, const ml_tensor *x, int ndims, const 
                            reduce_plan *p, int *ond, int64_t *oshape) {
   bool red[ML_MAX_DIMS] = {0};
   if (ndims < 0 || ndims > ML_MAX_DIMS) return ml_fail(ML_EINVAL, "%s: invalid number of dims %d", fn, ndims);
+  if (ndims > 0 && !dims) return ml_fail(ML_EINVAL, "%s: %d dims given but the dim list is NULL", fn, ndims);
   if (ndims == 0) for (int d = 0; d < x->ndim; d++) red[d] = true;
   for (int i = 0; i < ndims; i++) {
     int d = 0;
@@ -87,60 +88,127 @@ static inline bool better(double v, double best, bool is_max) {
   return is_max ? v > best : v < best;
 }
 
+/* Running state of one output's reduction. */
+typedef struct { double d; int64_t i, best; bool first; } reduce_acc;
+
+static void acc_init(reduce_acc *a, ml_reduce_op op) {
+  a->d = op == ML_REDUCE_PROD ? 1.0 : 0.0;
+  a->i = op == ML_REDUCE_PROD ? 1 : 0;
+  a->best = 0;
+  a->first = true;
+}
+
+/* Folds n elements (dtype of x, stride st from src), at positions pos.. of the reduction, into a. */
+static void acc_span(const reduce_job *j, reduce_acc *a, const uint8_t *src, int64_t st, int64_t n, int64_t pos) {
+  union { double d[ML_BLOCK]; int64_t i[ML_BLOCK]; } buf;
+  ml_dtype dt = j->p->x->dtype;
+  ml_reduce_op op = j->op;
+  bool is_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
+  for (int64_t s = 0; s < n; s += ML_BLOCK) {
+    int64_t m = n - s < ML_BLOCK ? n - s : ML_BLOCK, p0 = pos + s;
+    const uint8_t *b = ml_byte_at(src, dt, s * st);
+    if (j->int_calc) {
+      const int64_t *v = ml_load_i64(b, dt, st, m, buf.i);
+      int64_t acc = a->i;
+      if (op == ML_REDUCE_SUM) for (int64_t i = 0; i < m; i++) acc = (int64_t)((uint64_t)acc + (uint64_t)v[i]);
+      else if (op == ML_REDUCE_PROD) for (int64_t i = 0; i < m; i++) acc = (int64_t)((uint64_t)acc * (uint64_t)v[i]);
+      else
+        for (int64_t i = 0; i < m; i++)
+          if (a->first || (is_max ? v[i] > acc : v[i] < acc)) { acc = v[i]; a->best = p0 + i; a->first = false; }
+      a->i = acc;
+    } else {
+      const double *v = ml_load_f64_row(b, dt, st, m, buf.d);
+      if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) {
+        double s0 = 0, s1 = 0;   /* two chains: fewer dependent adds, same double accuracy */
+        int64_t i = 0;
+        for (; i + 1 < m; i += 2) { s0 += v[i]; s1 += v[i + 1]; }
+        if (i < m) s0 += v[i];
+        a->d += s0 + s1;
+      } else if (op == ML_REDUCE_PROD) for (int64_t i = 0; i < m; i++) a->d *= v[i];
+      else
+        for (int64_t i = 0; i < m; i++)
+          if (a->first || better(v[i], a->d, is_max)) { a->d = v[i]; a->best = p0 + i; a->first = false; }
+    }
+  }
+}
+
+/* Folds a later partial b into a (partials combine in position order, so ties keep the first). */
+static void acc_merge(const reduce_job *j, reduce_acc *a, const reduce_acc *b) {
+  ml_reduce_op op = j->op;
+  bool is_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
+  if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) { a->d += b->d; a->i = (int64_t)((uint64_t)a->i + (uint64_t)b->i); }
+  else if (op == ML_REDUCE_PROD) { a->d *= b->d; a->i = (int64_t)((uint64_t)a->i * (uint64_t)b->i); }
+  else if (!b->first) {
+    bool take = a->first || (j->int_calc ? (is_max ? b->i > a->i : b->i < a->i) : better(b->d, a->d, is_max));
+    if (take) *a = *b;
+  }
+}
+
+static void acc_store(const reduce_job *j, reduce_acc *a, int64_t o) {
+  if (j->op == ML_REDUCE_MEAN) a->d /= (double)j->p->nred_elems;   /* 0 elements: 0/0 = NaN, as PyTorch */
+  if (j->vals) {
+    if (j->int_calc) ml_store_i64(&a->i, ml_byte_at(j->vals, j->vdt, o), j->vdt, 1, 1);
+    else ml_store_f64(j->vals, j->vdt, o, a->d);
+  }
+  if (j->idx) j->idx[o] = a->best;
+}
+
+/* Row mode: each output walks its own reduced elements. */
 static void reduce_outputs(void *ctx, int64_t begin, int64_t end) {
   const reduce_job *j = ctx;
   const reduce_plan *p = j->p;
   const ml_tensor *x = p->x;
   const uint8_t *xd = ml_tensor_data(x);
-  ml_reduce_op op = j->op;
-  bool is_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
-  bool extreme = op == ML_REDUCE_MAX || op == ML_REDUCE_MIN || op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN;
-  union { double d[ML_BLOCK]; int64_t i[ML_BLOCK]; } buf;
   const int64_t *rs[1] = {p->red_strides};
   for (int64_t o = begin; o < end; o++) {
     const uint8_t *base = ml_byte_at(xd, x->dtype, plan_base(p, o));
     ml_iter it;
     ml_iter_init(&it, p->nred, p->red_shape, 1, rs);
-    double dacc = op == ML_REDUCE_PROD ? 1.0 : 0.0;
-    int64_t iacc = op == ML_REDUCE_PROD ? 1 : 0, pos = 0, best_pos = 0;
-    bool first = true;
+    reduce_acc a;
+    acc_init(&a, j->op);
+    int64_t pos = 0;
     while (ml_iter_next(&it)) {
-      for (int64_t s = 0; s < it.inner; s += ML_BLOCK) {
-        int64_t n = it.inner - s < ML_BLOCK ? it.inner - s : ML_BLOCK;
-        const uint8_t *src = ml_byte_at(base, x->dtype, it.off[0] + s * it.inner_stride[0]);
-        if (j->int_calc) {
-          const int64_t *v = ml_load_i64(src, x->dtype, it.inner_stride[0], n, buf.i);
-          if (op == ML_REDUCE_SUM) for (int64_t i = 0; i < n; i++) iacc = (int64_t)((uint64_t)iacc + (uint64_t)v[i]);
-          else if (op == ML_REDUCE_PROD) for (int64_t i = 0; i < n; i++) iacc = (int64_t)((uint64_t)iacc * (uint64_t)v[i]);
-          else {
-            for (int64_t i = 0; i < n; i++)
-              if (first || (is_max ? v[i] > iacc : v[i] < iacc)) { iacc = v[i]; best_pos = pos + i; first = false; }
-          }
-        } else {
-          const double *v = ml_load_f64_row(src, x->dtype, it.inner_stride[0], n, buf.d);
-          if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) {
-            double s0 = 0, s1 = 0;   /* two chains: fewer dependent adds, same double accuracy */
-            int64_t i = 0;
-            for (; i + 1 < n; i += 2) { s0 += v[i]; s1 += v[i + 1]; }
-            if (i < n) s0 += v[i];
-            dacc += s0 + s1;
-          } else if (op == ML_REDUCE_PROD) for (int64_t i = 0; i < n; i++) dacc *= v[i];
-          else {
-            for (int64_t i = 0; i < n; i++)
-              if (first || better(v[i], dacc, is_max)) { dacc = v[i]; best_pos = pos + i; first = false; }
-          }
-        }
-        pos += n;
-      }
+      acc_span(j, &a, ml_byte_at(base, x->dtype, it.off[0]), it.inner_stride[0], it.inner, pos);
+      pos += it.inner;
     }
-    (void)extreme;
-    if (op == ML_REDUCE_MEAN) dacc /= (double)p->nred_elems;   /* 0 elements: 0/0 = NaN, as PyTorch */
-    if (j->vals) {
-      if (j->int_calc) ml_store_i64(&iacc, ml_byte_at(j->vals, j->vdt, o), j->vdt, 1, 1);
-      else ml_store_f64(j->vals, j->vdt, o, dacc);
-    }
-    if (j->idx) j->idx[o] = best_pos;
+    acc_store(j, &a, o);
   }
+}
+
+/* One output over one long strided run (a whole contiguous tensor): fixed chunks reduced in
+   parallel, then merged in order. The chunking does not depend on the thread count. */
+#define ML_REDUCE_CHUNK 65536
+
+typedef struct { const reduce_job *j; const uint8_t *src; int64_t st, n; reduce_acc *parts; } chunk_job;
+
+static void reduce_chunks(void *ctx, int64_t begin, int64_t end) {
+  const chunk_job *c = ctx;
+  for (int64_t k = begin; k < end; k++) {
+    int64_t s = k * ML_REDUCE_CHUNK, m = c->n - s < ML_REDUCE_CHUNK ? c->n - s : ML_REDUCE_CHUNK;
+    acc_init(&c->parts[k], c->j->op);
+    acc_span(c->j, &c->parts[k], ml_byte_at(c->src, c->j->p->x->dtype, s * c->st), c->st, m, s);
+  }
+}
+
+/* True when it ran (false: not one long run, or no memory for the partials: use row mode). */
+static bool reduce_single_run(const reduce_job *j) {
+  const reduce_plan *p = j->p;
+  if (p->nout != 1 || p->nred_elems < 4 * ML_REDUCE_CHUNK) return false;
+  const int64_t *rs[1] = {p->red_strides};
+  ml_iter it;
+  ml_iter_init(&it, p->nred, p->red_shape, 1, rs);
+  if (it.rows_left != 1) return false;
+  int64_t nchunks = (it.inner + ML_REDUCE_CHUNK - 1) / ML_REDUCE_CHUNK;
+  reduce_acc *parts = malloc((size_t)nchunks * sizeof *parts);
+  if (!parts) return false;
+  const uint8_t *src = ml_byte_at(ml_tensor_data(p->x), p->x->dtype, plan_base(p, 0));
+  chunk_job c = {j, src, it.inner_stride[0], it.inner, parts};
+  ml_parallel_for(nchunks, ML_REDUCE_CHUNK, reduce_chunks, &c);
+  reduce_acc a = parts[0];
+  for (int64_t k = 1; k < nchunks; k++) acc_merge(j, &a, &parts[k]);
+  free(parts);
+  acc_store(j, &a, 0);
+  return true;
 }
 
 /* Column mode, for reductions whose kept dims include x's contiguous last dim (a sum over the
@@ -242,7 +310,7 @@ static ml_status reduce_run(const char *fn, ml_reduce_op op, const ml_tensor *x,
   if (columns && p.nout > 0) {
     int64_t K = p.keep_shape[p.nkeep - 1], nchunk = (K + ML_BLOCK - 1) / ML_BLOCK;
     ml_parallel_for(p.nout / K * nchunk, p.nred_elems * (K < ML_BLOCK ? K : ML_BLOCK) + 16, reduce_columns, &j);
-  } else {
+  } else if (!reduce_single_run(&j)) {
     ml_parallel_for(p.nout, p.nred_elems + 16, reduce_outputs, &j);
   }
   if (vals) *vals = v;
