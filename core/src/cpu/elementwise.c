@@ -398,7 +398,7 @@ static const char *const binary_names[ML_OP_BINARY_COUNT] = {
   "logical_and", "logical_or",
 };
 
-static bool is_comparison(ml_binary_op op) {
+static bool gives_bool(ml_binary_op op) {
   return op == ML_OP_EQ || op == ML_OP_NE || op == ML_OP_LT || op == ML_OP_LE || op == ML_OP_GT || op == ML_OP_GE ||
          op == ML_OP_LOGICAL_AND || op == ML_OP_LOGICAL_OR;
 }
@@ -468,7 +468,7 @@ static ml_status binary_run(ml_binary_op op, const ml_tensor *a, const ml_tensor
 
 /* Output dtype and compute class of a binary op whose operands promote to p. */
 static ml_status binary_types(ml_binary_op op, ml_dtype p, ml_dtype *odt, ml_calc *calc) {
-  if (is_comparison(op)) { *odt = ML_BOOL; *calc = ml_calc_of(p); return ML_OK; }
+  if (gives_bool(op)) { *odt = ML_BOOL; *calc = ml_calc_of(p); return ML_OK; }
   if (op == ML_OP_DIV && !ml_dtype_is_floating(p)) { *odt = ML_FLOAT32; *calc = ML_CALC_F32; return ML_OK; }
   if (op == ML_OP_SUB && p == ML_BOOL)
     return ml_fail(ML_EINVAL, "sub: subtraction of two bool tensors is not supported (use logical_xor or ne)");
@@ -512,7 +512,7 @@ ml_status ml_binary_scalar(ml_binary_op op, const ml_tensor *a, double s, bool s
       return ml_fail(ML_EINVAL, "pow: integers to negative integer powers are not allowed (%s tensor to the power %g)",
                      ml_dtype_name(adt), s);
   }
-  if (is_comparison(op)) odt = ML_BOOL;
+  if (gives_bool(op)) odt = ML_BOOL;
   if (cu) {
     ML_CUDA_RUN(fn, a, cu->binary_scalar, odt, a->ndim, a->shape, cu->binary_scalar(op, a, s, scalar_first, o), out);
   }
