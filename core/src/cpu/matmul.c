@@ -77,6 +77,38 @@ static void pack_matrix(void *buf, ml_dtype ct, ml_mref m, int64_t R, int64_t Cc
 
 static void blas_gemm(ml_dtype ct, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t M, int64_t N, int64_t K,
                       double alpha, const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
+                      void *c, int64_t ldc);
+
+/* y = alpha * op(A) x + beta * y, A row-major (rows, cols, lda). */
+static void blas_gemv(ml_dtype ct, CBLAS_TRANSPOSE t, int64_t rows, int64_t cols, double alpha, const void *a,
+                      int64_t lda, const void *x, int64_t incx, double beta, void *y, int64_t incy) {
+  if (ct == ML_FLOAT64)
+    cblas_dgemv(CblasRowMajor, t, (int)rows, (int)cols, alpha, a, (int)lda, x, (int)incx, beta, y, (int)incy);
+  else
+    cblas_sgemv(CblasRowMajor, t, (int)rows, (int)cols, (float)alpha, a, (int)lda, x, (int)incx, (float)beta, y,
+                (int)incy);
+}
+
+/* One panel C (M, w) [ldc] = alpha * A @ B (+ C when beta = 1). A single row or column goes to
+   gemv: OpenBLAS's gemm packs the whole of B even for M = 1 (several times slower at decode). */
+static void blas_product(ml_dtype ct, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t M, int64_t w, int64_t K,
+                         double alpha, const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
+                         void *c, int64_t ldc) {
+  if (M == 1) {          /* c (w) = B^T a: a's elements are unit stride (NoTrans) or lda apart */
+    int64_t inca = ta == CblasNoTrans ? 1 : lda;
+    if (tb == CblasNoTrans) blas_gemv(ct, CblasTrans, K, w, alpha, b, ldb, a, inca, beta, c, 1);
+    else blas_gemv(ct, CblasNoTrans, w, K, alpha, b, ldb, a, inca, beta, c, 1);
+  } else if (w == 1) {   /* c (M) = A b, written down a column of stride ldc */
+    int64_t incb = tb == CblasNoTrans ? ldb : 1;
+    if (ta == CblasNoTrans) blas_gemv(ct, CblasNoTrans, M, K, alpha, a, lda, b, incb, beta, c, ldc);
+    else blas_gemv(ct, CblasTrans, K, M, alpha, a, lda, b, incb, beta, c, ldc);
+  } else {
+    blas_gemm(ct, ta, tb, M, w, K, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+static void blas_gemm(ml_dtype ct, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t M, int64_t N, int64_t K,
+                      double alpha, const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
                       void *c, int64_t ldc) {
   if (ct == ML_FLOAT64)
     cblas_dgemm(CblasRowMajor, ta, tb, (int)M, (int)N, (int)K, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
@@ -128,10 +160,11 @@ ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha,
     if (bias) {
       for (int64_t i = 0; i < M; i++) memcpy(cp + i * ldcc * (int64_t)ce, (const uint8_t *)bias + n0 * (int64_t)ce, (size_t)w * ce);
       beta = 1.0;
-    } else if (K == 0) {
+    } else if (K == 0 || M == 1 || w == 1) {
+      /* zeros for K = 0; for gemv, whose beta = 0 may scale (NaN) garbage instead of storing 0 */
       for (int64_t i = 0; i < M; i++) memset(cp + i * ldcc * (int64_t)ce, 0, (size_t)w * ce);
     }
-    if (K > 0) blas_gemm(ct, ta, tb, M, w, K, alpha, ap, lda, bp, ldb, beta, cp, ldcc);
+    if (K > 0) blas_product(ct, ta, tb, M, w, K, alpha, ap, lda, bp, ldb, beta, cp, ldcc);
     if (cbuf)
       for (int64_t i = 0; i < M; i++)
         ml_convert(cbuf + i * w * (int64_t)ce, ct, (uint8_t *)C + (i * ldc + n0) * (int64_t)oe, cdt, w);
