@@ -117,6 +117,44 @@ describe("elementwise ops", function()
          end
       end)
 
+      it("gives the same values for random shapes, permutations and narrowings", function()
+         -- a small deterministic generator, so failures reproduce
+         local state = 12345
+         local function rnd(n)
+            state = (state * 1103515245 + 12345) % 2147483648
+            return state % n + 1
+         end
+         for case = 1, 60 do
+            local nd, shape, n = rnd(4), {}, 1
+            for d = 1, nd do
+               shape[d] = rnd(d == 1 and 90 or 40)
+               n = n * shape[d]
+            end
+            local dt = ({ "float32", "float16", "int32", "float64" })[rnd(4)]
+            local base = ((ml.arange(0, n):float() * 0.37):sin() * 50):to(dt):reshape(shape)
+            local perm = {}
+            for d = 1, nd do perm[d] = d end
+            for d = nd, 2, -1 do local k = rnd(d); perm[d], perm[k] = perm[k], perm[d] end
+            local v = base:permute(perm)
+            local d = rnd(nd)
+            if v:size(d) > 2 then v = v:narrow(d, 2, v:size(d) - 1) end
+            local c = v:contiguous()
+            local what = string.format("case %d: %s %s perm %s", case, dt, table.concat(v.shape, "x"),
+               table.concat(perm, ","))
+            local row = ml.arange(0, v:size(-1)):to(dt)
+            assert.is_true((v + row):equal(c + row), what .. " add")
+            assert.is_true((v * v):equal(c * c), what .. " mul")
+            assert.is_true(v:sigmoid():equal(c:sigmoid()), what .. " sigmoid")
+            assert.is_true(ml.where(v:gt(0), v, row):equal(ml.where(c:gt(0), c, row)), what .. " where")
+            local rd = rnd(nd)
+            assert.is_true(v:sum(rd):allclose(c:sum(rd), 1e-5, 1e-3), what .. " sum")
+            local mv, mi = v:max(rd)
+            local cv, ci = c:max(rd)
+            assert.is_true(mv:equal(cv) and mi:equal(ci), what .. " max")
+            assert.is_true(v:cumsum(rd):allclose(c:cumsum(rd), 1e-5, 1e-3), what .. " cumsum")
+         end
+      end)
+
       it("computes every block of a long row like a short one", function()
          local x = big():reshape(300000)
          local g = x:gelu()
