@@ -363,6 +363,25 @@ static void ew_units(void *ctx, int64_t begin, int64_t end) {
 static void ew_run(ew_job *j, int64_t cost) {
   int64_t numel = ml_shape_numel(j->ndim, j->shape);
   if (numel == 0) return;
+  if (numel <= ML_BLOCK) {
+    /* Small op (the per-token path): one block when every operand is laid out like the
+       contiguous output or is a single broadcast value; no iterator at all. */
+    int64_t off[4] = {0, 0, 0, 0}, st[4];
+    bool flat = true;
+    for (int o = 0; o < j->nops && flat; o++) {
+      bool same = true, zero = true;
+      int64_t expect = 1;
+      for (int d = j->ndim - 1; d >= 0; d--) {
+        if (j->shape[d] == 1) continue;
+        if (j->strides[o][d] != expect) same = false;
+        if (j->strides[o][d] != 0) zero = false;
+        expect *= j->shape[d];
+      }
+      st[o] = same ? 1 : 0;
+      flat = same || zero;
+    }
+    if (flat) { ew_block(j, off, st, numel); return; }
+  }
   const int64_t *strides[4] = {j->strides[0], j->strides[1], j->strides[2], j->strides[3]};
   ml_iter probe;
   ml_iter_init(&probe, j->ndim, j->shape, j->nops, strides);
