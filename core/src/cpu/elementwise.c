@@ -5,8 +5,10 @@
  * (broadcast operands get stride 0), each row is cut into blocks of ML_BLOCK elements, each block
  * is loaded into a compute buffer (float for float32/float16/bfloat16, double for float64, int64
  * for integers and bool), computed, and stored into the output's dtype. Contiguous float32 data
- * is used in place, with no copy. The (row, block) pairs are split across threads; each pair is
- * independent, so results do not depend on the thread count. */
+ * is used in place, with no copy. Work units (a block of a row, or a tile of rows when an operand
+ * is transposed) are split across threads; each unit is independent and computes the same values
+ * wherever it runs, so results do not depend on the thread count. Small flat ops skip the
+ * iterator. Ops on cuda tensors go to the CUDA backend's table when it has the entry. */
 #include "kernels.h"
 
 #include <stdlib.h>

@@ -3,8 +3,10 @@
  *
  * Float reductions accumulate in double, so long float32 sums match PyTorch to ~1e-7 relative;
  * integer and bool sums and products are exact in int64 (wrapping on overflow, as PyTorch).
- * Each output element is reduced by one thread, in index order, so results do not depend on the
- * thread count. */
+ * Three walks: row mode (each output reduces its own elements), column mode (outputs contiguous
+ * in x, reduced elements strided: neighbouring outputs accumulate together) and chunked mode (one
+ * output over a long run: fixed chunks merged in order). None depends on the thread count. Ties
+ * in max/min/argmax/argmin keep the first index; NaN propagates and wins. */
 #include "kernels.h"
 
 #include <stdlib.h>
