@@ -181,7 +181,10 @@ static ml_status host_contiguous(const char *fn, const ml_tensor *t, ml_dtype dt
 ml_status ml_tensor_read_f64(const ml_tensor *t, double *out, int64_t n) {
   ml_tensor *h;
   ML_TRY(host_contiguous("read_f64", t, ML_FLOAT64, n, &h));
-  memcpy(out, ml_tensor_data(h), (size_t)n * sizeof *out);
+  /* One canonical NaN: LuaJIT boxes values in NaN space, and a NaN with other payload bits
+     (bfloat16 0xFFFF widened, say) would read back as a different Lua value. */
+  const double *src = ml_tensor_data(h);
+  for (int64_t i = 0; i < n; i++) out[i] = src[i] != src[i] ? NAN : src[i];
   ml_tensor_release(h);
   return ML_OK;
 }
