@@ -10,7 +10,7 @@ local ffi, lib = C.ffi, C.lib
 local function new_rt()
    local p = ffi.new("ml_hookrt*[1]")
    C.check(lib.ml_hookrt_new(p))
-   C.check(lib.ml_hookrt_set_prefetch_min(p[0], 0))   -- the groups below are small
+   C.check(lib.ml_hookrt_set_prefetch_window(p[0], 0, 0))   -- small groups, one group ahead
    return ffi.gc(p[0], lib.ml_hookrt_release)
 end
 
@@ -213,9 +213,30 @@ describe("hookrt", function()
          assert.is_true(s.prefetch_pages >= 12)
       end)
 
+      it("reads ahead several groups within the lookahead window", function()
+         local rt = new_rt()
+         C.check(lib.ml_hookrt_set_prefetch_window(rt, -1, 2 * 64 * 64 * 4))
+         local view = mapped_floats(4 * 4096)
+         local gs = {}
+         for i = 1, 4 do
+            gs[i] = new_group(rt)
+            add(rt, gs[i], view((i - 1) * 4096, { 64, 64 }))
+         end
+         for i = 1, 4 do materialize(rt, gs[i], 1); C.check(lib.ml_hookrt_release_group(rt, gs[i])) end
+         -- pass two, first group only: g2 and g3 fit the window, g4 does not
+         materialize(rt, gs[1], 1)
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.are.equal(2, stats(rt).prefetch_jobs)
+         C.check(lib.ml_hookrt_release_group(rt, gs[1]))
+         -- g2 is already queued: materializing it queues only g4
+         materialize(rt, gs[2], 1)
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.are.equal(3, stats(rt).prefetch_jobs)
+      end)
+
       it("skips groups below the prefetch threshold", function()
          local rt = new_rt()
-         C.check(lib.ml_hookrt_set_prefetch_min(rt, 64 * 64 * 4 + 1))
+         C.check(lib.ml_hookrt_set_prefetch_window(rt, 64 * 64 * 4 + 1, -1))
          local view = mapped_floats(3 * 4096)
          local gs = three_groups(rt, view)
          for _ = 1, 2 do
@@ -226,8 +247,8 @@ describe("hookrt", function()
          end
          C.check(lib.ml_hookrt_wait(rt))
          assert.are.equal(0, stats(rt).prefetch_jobs)
-         assert.has_error(function() C.check(lib.ml_hookrt_set_prefetch_min(rt, -1)) end,
-            "ml_hookrt_set_prefetch_min: bytes must be >= 0, got -1")
+         assert.has_error(function() C.check(lib.ml_hookrt_set_prefetch_window(rt, -2, 0)) end,
+            "ml_hookrt_set_prefetch_window: sizes must be >= 0 (-1 keeps one), got -2 and 0")
       end)
 
       it("gives the same values with prefetch on and off", function()

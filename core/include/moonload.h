@@ -283,8 +283,10 @@ ML_API void ml_hookrt_release(ml_hookrt *rt);
 /* prefetch: 0 off, 1 on; drop: 0 keep pages, 1 MADV_DONTNEED (RSS), 2 also evict from the page
    cache. -1 keeps the current value. Defaults: prefetch 1, drop 1. */
 ML_API ml_status ml_hookrt_configure(ml_hookrt *rt, int prefetch, int drop);
-/* Groups with fewer mapped bytes than this are not prefetched (default 64 KiB). */
-ML_API ml_status ml_hookrt_set_prefetch_min(ml_hookrt *rt, int64_t bytes);
+/* Prefetch reads ahead along the learned order: the next group, then on while the mapped bytes
+   read ahead stay within lookahead_bytes (default 32 MiB); groups with fewer mapped bytes than
+   min_bytes (default 64 KiB) are not worth a worker wake-up. -1 keeps a value. */
+ML_API ml_status ml_hookrt_set_prefetch_window(ml_hookrt *rt, int64_t min_bytes, int64_t lookahead_bytes);
 /* Blocks until the prefetch worker has nothing queued. */
 ML_API ml_status ml_hookrt_wait(ml_hookrt *rt);
 ML_API ml_status ml_hookrt_group_new(ml_hookrt *rt, ml_device exec_device, int *out);

@@ -42,6 +42,7 @@ typedef struct {
   int nslots, cap;
   ml_tensor **live;           /* owned references to what materialize handed out, nslots long */
   int next;                   /* learned successor group, -1 when unknown */
+  bool queued;                /* prefetch queued since it was last materialized */
 } hr_group;
 
 typedef struct {
@@ -71,6 +72,7 @@ struct ml_hookrt {
   int prefetch;               /* 0 off, 1 on */
   int drop;                   /* 0 keep pages, 1 MADV_DONTNEED, 2 + POSIX_FADV_DONTNEED */
   size_t prefetch_min;        /* groups with fewer mapped bytes are not worth a worker wake-up */
+  size_t lookahead;           /* mapped bytes read ahead along the learned order */
   pthread_mutex_t mu;
   pthread_cond_t cv, idle;
   pthread_t worker;
@@ -148,14 +150,20 @@ static void *worker_main(void *arg) {
   return NULL;
 }
 
+static size_t mapped_bytes(const hr_group *gr, int *n) {
+  size_t bytes = 0;
+  *n = 0;
+  for (int i = 0; i < gr->nslots; i++)
+    if (gr->slots[i].map) { (*n)++; bytes += gr->slots[i].map_len; }
+  return bytes;
+}
+
 /* Queues the mapped ranges of group g for the worker. Failures to queue are not errors: a
    prefetch is a hint, the forward pass reads the pages itself when they are not resident. */
 static void enqueue_prefetch(ml_hookrt *rt, int g) {
   hr_group *gr = &rt->groups[g];
-  int n = 0;
-  size_t bytes = 0;
-  for (int i = 0; i < gr->nslots; i++)
-    if (gr->slots[i].map) { n++; bytes += gr->slots[i].map_len; }
+  int n;
+  size_t bytes = mapped_bytes(gr, &n);
   if (n == 0 || bytes < rt->prefetch_min) return;
   hr_job *j = calloc(1, sizeof *j);
   if (!j) return;
@@ -179,6 +187,7 @@ static void enqueue_prefetch(ml_hookrt *rt, int g) {
   if (rt->tail) rt->tail->next = j; else rt->head = j;
   rt->tail = j;
   rt->pending++;
+  gr->queued = true;
   pthread_cond_signal(&rt->cv);
   pthread_mutex_unlock(&rt->mu);
 }
@@ -192,6 +201,7 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
   rt->prefetch = 1;
   rt->drop = 1;
   rt->prefetch_min = 64 * 1024;
+  rt->lookahead = 32 * 1024 * 1024;
   pthread_mutex_init(&rt->mu, NULL);
   pthread_cond_init(&rt->cv, NULL);
   pthread_cond_init(&rt->idle, NULL);
@@ -229,10 +239,13 @@ ml_status ml_hookrt_configure(ml_hookrt *rt, int prefetch, int drop) {
   return ML_OK;
 }
 
-ml_status ml_hookrt_set_prefetch_min(ml_hookrt *rt, int64_t bytes) {
-  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_set_prefetch_min: runtime is NULL");
-  if (bytes < 0) return ml_fail(ML_EINVAL, "ml_hookrt_set_prefetch_min: bytes must be >= 0, got %lld", (long long)bytes);
-  rt->prefetch_min = (size_t)bytes;
+ml_status ml_hookrt_set_prefetch_window(ml_hookrt *rt, int64_t min_bytes, int64_t lookahead_bytes) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_set_prefetch_window: runtime is NULL");
+  if (min_bytes < -1 || lookahead_bytes < -1)
+    return ml_fail(ML_EINVAL, "ml_hookrt_set_prefetch_window: sizes must be >= 0 (-1 keeps one), got %lld and %lld",
+                   (long long)min_bytes, (long long)lookahead_bytes);
+  if (min_bytes >= 0) rt->prefetch_min = (size_t)min_bytes;
+  if (lookahead_bytes >= 0) rt->lookahead = (size_t)lookahead_bytes;
   return ML_OK;
 }
 
@@ -443,8 +456,23 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   if (rt->last >= 0 && rt->last != g && rt->last < rt->ngroups && rt->groups[rt->last].used)
     rt->groups[rt->last].next = g;
   rt->last = g;
-  if (rt->prefetch && gr->next >= 0 && rt->groups[gr->next].used && !rt->groups[gr->next].active)
-    enqueue_prefetch(rt, gr->next);
+  gr->queued = false;
+  if (rt->prefetch) {
+    /* read ahead along the learned order: at least the next group, then on until the
+       lookahead window is covered (a layer's small norms must not starve its big matrices) */
+    size_t ahead = 0;
+    int h = gr->next;
+    for (int steps = 0; h >= 0 && h != g && steps < rt->ngroups; steps++) {
+      hr_group *o = &rt->groups[h];
+      if (!o->used) break;
+      int n;
+      size_t b = mapped_bytes(o, &n);
+      if (steps > 0 && ahead + b > rt->lookahead) break;
+      if (!o->active && !o->queued) enqueue_prefetch(rt, h);
+      ahead += b;
+      h = o->next;
+    }
+  }
   return ML_OK;
 }
 
