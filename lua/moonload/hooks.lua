@@ -308,6 +308,8 @@ function M.runtime()
    runtime_ptr = ffi.gc(p[0], lib.ml_hookrt_release)
    local drop = tonumber(os.getenv("MOONLOAD_DROP_PAGES") or "") or -1
    C.check(lib.ml_hookrt_configure(runtime_ptr, env_flag("MOONLOAD_PREFETCH", true) and 1 or 0, drop))
+   local lookahead = tonumber(os.getenv("MOONLOAD_PREFETCH_LOOKAHEAD") or "")
+   if lookahead then C.check(lib.ml_hookrt_set_prefetch_window(runtime_ptr, -1, lookahead)) end
    return runtime_ptr
 end
 
@@ -326,6 +328,13 @@ end
 -- 2 also evicts them from the page cache.
 function M.set_drop_pages(level)
    C.check(lib.ml_hookrt_configure(M.runtime(), -1, level))
+end
+
+--- set_prefetch_window(min_bytes, lookahead_bytes): prefetch reads ahead along the learned
+-- order while the mapped bytes ahead stay within lookahead_bytes (default 32 MiB, also
+-- MOONLOAD_PREFETCH_LOOKAHEAD); groups smaller than min_bytes (64 KiB) are skipped. nil keeps one.
+function M.set_prefetch_window(min_bytes, lookahead_bytes)
+   C.check(lib.ml_hookrt_set_prefetch_window(M.runtime(), min_bytes or -1, lookahead_bytes or -1))
 end
 
 --- Runtime counters: materialize_calls, releases, bytes_viewed, bytes_copied, tied_hits,
