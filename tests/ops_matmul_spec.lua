@@ -131,6 +131,35 @@ describe("matmul", function()
       end
    end)
 
+   -- Products big enough to be split across threads (column blocks, or row blocks for a single
+   -- column), checked element by element against sums computed here in Lua.
+   local function check_sampled(a, b, c, step)
+      local M, K, N = a:size(1), a:size(2), b:size(2)
+      local av, bv, cv = values(a), values(b), values(c)
+      for idx = 1, M * N, step do
+         local i, j = math.floor((idx - 1) / N), (idx - 1) % N
+         local sum = 0
+         for k = 0, K - 1 do sum = sum + av[i * K + k + 1] * bv[k * N + j + 1] end
+         assert.is_true(math.abs(cv[idx] - sum) <= 1e-4 * (1 + math.abs(sum)),
+            string.format("C[%d, %d] = %g, expected %g", i + 1, j + 1, cv[idx], sum))
+      end
+   end
+
+   it("splits a large product over column blocks", function()
+      local a, b = ml.randn(200, 96), ml.randn(96, 300)
+      check_sampled(a, b, ml.matmul(a, b), 397)
+   end)
+
+   it("splits a single-column product over row blocks", function()
+      local a, b = ml.randn(5000, 64), ml.randn(64, 1)
+      check_sampled(a, b, ml.matmul(a, b), 71)
+   end)
+
+   it("splits a single-row product (gemv) over column blocks", function()
+      local a, b = ml.randn(1, 256), ml.randn(256, 4000)
+      check_sampled(a, b, ml.matmul(a, b), 53)
+   end)
+
    it("rejects mismatched inner dims naming both shapes", function()
       assert.are.equal("matmul: shapes [3, 4] and [5, 6] cannot be multiplied (4 != 5)",
          errmsg(function() return ml.matmul(ml.zeros(3, 4), ml.zeros(5, 6)) end))

@@ -1,8 +1,7 @@
 /* attention.c: scaled dot-product attention on the cpu, PyTorch semantics. Per (batch..., head)
    and block of query rows: scores = scale * q @ k^T (one GEMM), the mask and causal triangle
    applied while the fused softmax runs over each row, then out = p @ v (one GEMM). Work items
-   (batch-head x query block) are spread over threads with BLAS single-threaded inside, so the
-   two thread pools never nest. Rows where every key is masked give zeros, as PyTorch's
+   (batch-head x query block) are spread over threads; the GEMMs inside run inline (one pool). Rows where every key is masked give zeros, as PyTorch's
    scaled_dot_product_attention does (its plain softmax would give NaN). Grouped-query attention:
    when q has Hq heads (dim -3) and k, v have Hk dividing Hq, query head h reads key head
    h / (Hq / Hk), like PyTorch's enable_gqa=True. */
@@ -199,10 +198,7 @@ ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, co
   atomic_init(&j.status, ML_OK);
   ml_status st = ML_OK;
   if (items >= 2 && nthreads > 1 && items * cost >= (1 << 16)) {
-    int saved = ml_blas_threads_get();
-    ml_blas_threads_set(1);
     ml_parallel_for(items, cost, sdpa_items, &j);
-    ml_blas_threads_set(saved);
     if ((st = atomic_load(&j.status)))
       st = ml_fail(st, "sdpa: out of memory for the scores of %lld x %lld", (long long)j.Lb, (long long)j.S);
   } else {

@@ -16,6 +16,8 @@ typedef struct {
  * accepts go to cblas_?gemm as they are (transposed ones as CblasTrans); others are converted
  * panel by panel into ct scratch. bias, when not NULL, holds N values in ct. C has rows of ldc
  * elements in cdt (unit column stride); results in another dtype are converted row by row.
+ * OpenBLAS runs single-threaded; the product is split over ml_parallel_for's threads (inline
+ * when called from inside a parallel region). A single row or column goes to gemv.
  * fn names the caller in errors (dimensions past BLAS's int, out of memory). */
 ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                   const void *bias, ml_dtype ct, void *C, ml_dtype cdt, int64_t ldc);
@@ -27,10 +29,5 @@ ml_status ml_check_cpu_op(const char *fn, const ml_tensor *t, const char *what);
 /* Whether dims [0, nd) of a strided shape fold into one dim: *rows elements of stride *rs (dims of
    size 1 are ignored; *rs is 0 when every dim has size 1). */
 bool ml_fold_dims(int nd, const int64_t *shape, const int64_t *strides, int64_t *rows, int64_t *rs);
-
-/* OpenBLAS's own thread count, for callers that run GEMMs inside ml_parallel_for: they set it
- * to 1 around the parallel region (one level of threads, never nested) and restore it after. */
-int ml_blas_threads_get(void);
-void ml_blas_threads_set(int n);
 
 #endif /* ML_CPU_GEMM_H */

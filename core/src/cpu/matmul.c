@@ -13,8 +13,17 @@
 /* Converted operand panels hold about this many elements (4 MiB of float32). */
 #define ML_GEMM_PANEL (1 << 20)
 
-int ml_blas_threads_get(void) { return openblas_get_num_threads(); }
-void ml_blas_threads_set(int n) { openblas_set_num_threads(n > 0 ? n : 1); }
+/* One thread pool: OpenBLAS runs single-threaded and ml_gemm splits products across
+   ml_parallel_for's OpenMP threads itself. Two pools on the same cores (OpenBLAS's pthreads and
+   OpenMP) busy-wait against each other between calls: GPT-2 decode ran 3.5x slower that way. */
+static atomic_int blas_single;
+
+static void blas_single_threaded(void) {
+  if (!atomic_load_explicit(&blas_single, memory_order_relaxed)) {
+    openblas_set_num_threads(1);
+    atomic_store(&blas_single, 1);
+  }
+}
 
 ml_status ml_check_cpu_op(const char *fn, const ml_tensor *t, const char *what) {
   ml_device d = t->storage->device;
@@ -117,11 +126,52 @@ static void blas_gemm(ml_dtype ct, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64
                 (float)beta, c, (int)ldc);
 }
 
+/* A product split across threads: blocks of ML_SPLIT columns of C (or rows, for a single column). */
+#define ML_SPLIT 64
+typedef struct {
+  ml_dtype ct;
+  CBLAS_TRANSPOSE ta, tb;
+  int64_t M, w, K, lda, ldb, ldc;
+  double alpha, beta;
+  const uint8_t *a, *b;
+  uint8_t *c;
+  bool by_rows;
+} product_job;
+
+static void product_blocks(void *ctx, int64_t begin, int64_t end) {
+  product_job *j = ctx;
+  int64_t ce = (int64_t)ml_dtype_size(j->ct);
+  if (j->by_rows) {
+    int64_t m0 = begin * ML_SPLIT, m1 = end * ML_SPLIT < j->M ? end * ML_SPLIT : j->M;
+    const uint8_t *a = j->a + (j->ta == CblasNoTrans ? m0 * j->lda : m0) * ce;
+    blas_product(j->ct, j->ta, j->tb, m1 - m0, j->w, j->K, j->alpha, a, j->lda, j->b, j->ldb, j->beta,
+                 j->c + m0 * j->ldc * ce, j->ldc);
+  } else {
+    int64_t n0 = begin * ML_SPLIT, n1 = end * ML_SPLIT < j->w ? end * ML_SPLIT : j->w;
+    const uint8_t *b = j->b + (j->tb == CblasNoTrans ? n0 : n0 * j->ldb) * ce;
+    blas_product(j->ct, j->ta, j->tb, j->M, n1 - n0, j->K, j->alpha, j->a, j->lda, b, j->ldb, j->beta,
+                 j->c + n0 * ce, j->ldc);
+  }
+}
+
+/* blas_product over the library's threads: columns split in blocks (rows when there is one
+   column); inline when small or already inside a parallel region. */
+static void parallel_product(ml_dtype ct, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t M, int64_t w, int64_t K,
+                             double alpha, const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
+                             void *c, int64_t ldc) {
+  product_job j = {ct, ta, tb, M, w, K, lda, ldb, ldc, alpha, beta, a, b, c, false};
+  j.by_rows = w < 2 * ML_SPLIT && M > w;
+  int64_t span = j.by_rows ? M : w, blocks = (span + ML_SPLIT - 1) / ML_SPLIT;
+  int64_t cost = (j.by_rows ? w : M) * K * ML_SPLIT / 4 + 1;   /* multiply-adds per block / 4 */
+  ml_parallel_for(blocks, cost, product_blocks, &j);
+}
+
 // --- the GEMM --------------------------------------------------------------------------------
 
 ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                   const void *bias, ml_dtype ct, void *C, ml_dtype cdt, int64_t ldc) {
   if (M <= 0 || N <= 0) return ML_OK;
+  blas_single_threaded();
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX || ldc > INT_MAX)
     return ml_fail(ML_EINVAL, "%s: a %lld x %lld x %lld product is too large for BLAS", fn, (long long)M,
                    (long long)N, (long long)K);
@@ -164,7 +214,7 @@ ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha,
       /* zeros for K = 0; for gemv, whose beta = 0 may scale (NaN) garbage instead of storing 0 */
       for (int64_t i = 0; i < M; i++) memset(cp + i * ldcc * (int64_t)ce, 0, (size_t)w * ce);
     }
-    if (K > 0) blas_product(ct, ta, tb, M, w, K, alpha, ap, lda, bp, ldb, beta, cp, ldcc);
+    if (K > 0) parallel_product(ct, ta, tb, M, w, K, alpha, ap, lda, bp, ldb, beta, cp, ldcc);
     if (cbuf)
       for (int64_t i = 0; i < M; i++)
         ml_convert(cbuf + i * w * (int64_t)ce, ct, (uint8_t *)C + (i * ldc + n0) * (int64_t)oe, cdt, w);
@@ -291,13 +341,10 @@ ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
       j.bs[i] = ib >= 0 && b->shape[ib] == j.bshape[i] ? b->strides[ib] : 0;
     }
     atomic_init(&j.status, ML_OK);
-    /* Many small products: one thread per batch slice, BLAS single-threaded inside. Sizes are
+    /* Many small products: threads over the batch (each product then runs inline). Sizes are
        small there, so the only failure a worker can meet is running out of memory. */
     if (nbatch >= 2 && M * N * K < (1 << 21) && ml_get_num_threads() > 1) {
-      int saved = ml_blas_threads_get();
-      ml_blas_threads_set(1);
       ml_parallel_for(nbatch, M * N * (K + 1), matmul_batches, &j);
-      ml_blas_threads_set(saved);
       if ((st = atomic_load(&j.status)))
         st = ml_fail(st, "matmul: out of memory for the conversion buffers of %s @ %s",
                      ml_shape_str(na, a->shape, sa, sizeof sa), ml_shape_str(nb, b->shape, sb, sizeof sb));
