@@ -17,7 +17,8 @@ BUILD   ?= build
 
 ML_CFLAGS  = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden -fopenmp $(ARCH) \
              -Wall -Wextra -Wno-unused-parameter -Icore/include -Icore/src
-ML_LDLIBS  = -lopenblas -lm -ldl -lpthread -fopenmp
+# nodelete: the OpenMP runtime's worker threads outlive a dlclose at interpreter exit.
+ML_LDLIBS  = -lopenblas -lm -ldl -lpthread -fopenmp -Wl,-z,nodelete
 
 CORE_SRC = $(wildcard core/src/*.c core/src/cpu/*.c)
 CORE_OBJ = $(patsubst core/src/%.c,$(BUILD)/obj/%.o,$(CORE_SRC))

@@ -270,6 +270,24 @@ describe("memory accounting", function()
    end)
 end)
 
+describe("cpu block cache", function()
+   it("reuses a freed large block for the next tensor of that size, and empties on request", function()
+      ml.empty_cache()
+      local x = ml.empty({ 512, 1024 })          -- 2 MiB
+      local addr = x:data_ptr()
+      x = nil
+      collectgarbage(); collectgarbage()
+      assert.are.equal(2 * 1024 * 1024, ml.cpu_cached_bytes())
+      local y = ml.empty({ 1024, 512 })
+      assert.are.equal(addr, y:data_ptr())
+      assert.are.equal(0, ml.cpu_cached_bytes())
+      y = nil
+      collectgarbage(); collectgarbage()
+      ml.empty_cache()
+      assert.are.equal(0, ml.cpu_cached_bytes())
+   end)
+end)
+
 describe("printing", function()
    it("prints like PyTorch with the dtype", function()
       assert.are.equal("tensor([[1., 2.],\n        [3., 4.]], dtype=float32)",

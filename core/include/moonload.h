@@ -73,6 +73,9 @@ ML_API bool ml_device_equal(ml_device a, ml_device b);
 /* Bytes this library holds on the device now and the most it has held since the last reset. */
 ML_API ml_status ml_device_memory(ml_device dev, int64_t *in_use, int64_t *peak);
 ML_API ml_status ml_device_reset_peak(ml_device dev);
+/* Freed large CPU blocks kept for reuse (not counted as in use), and giving them back to the OS. */
+ML_API int64_t ml_cpu_cached_bytes(void);
+ML_API void ml_cpu_empty_cache(void);
 ML_API int ml_cuda_device_count(void);                 /* 0 when no driver or no GPU */
 /* Free and total bytes of a GPU as the planner sees them (the caching allocator's idle blocks count as free). */
 ML_API ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes);

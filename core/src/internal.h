@@ -171,6 +171,9 @@ void ml_parallel_for(int64_t n, int64_t cost_per_item, ml_parallel_fn fn, void *
 
 void *ml_aligned_alloc(size_t nbytes);    /* 64-byte aligned; NULL on failure; nbytes 0 ok */
 void ml_aligned_free(void *p);
+/* CPU storage bytes through the block cache (cpu_cache.c); free needs the size allocated. */
+void *ml_cpu_alloc(size_t nbytes);
+void ml_cpu_free(void *p, size_t nbytes);
 
 // --- backends -----------------------------------------------------------------------------
 

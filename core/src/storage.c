@@ -13,7 +13,7 @@ void *ml_aligned_alloc(size_t nbytes) {
 
 void ml_aligned_free(void *p) { free(p); }
 
-static void free_cpu(ml_storage *s) { ml_aligned_free(s->data); }
+static void free_cpu(ml_storage *s) { ml_cpu_free(s->data, s->nbytes); }
 static void free_pinned(ml_storage *s) {
   const ml_cuda_api *cu = ml_cuda();
   if (cu) cu->free_pinned(s->data);
@@ -47,9 +47,9 @@ ml_status ml_storage_new(ml_device dev, size_t nbytes, ml_storage **out) {
   case ML_DEVICE_META:
     return storage_alloc_header(dev, nbytes, &backend_meta, out);
   case ML_DEVICE_CPU: {
-    void *p = ml_aligned_alloc(nbytes);
+    void *p = ml_cpu_alloc(nbytes);
     if (!p) return ml_fail(ML_ENOMEM, "ml_storage_new: cannot allocate %zu bytes on cpu", nbytes);
-    if (storage_alloc_header(dev, nbytes, &backend_cpu, &s) != ML_OK) { ml_aligned_free(p); return ML_ENOMEM; }
+    if (storage_alloc_header(dev, nbytes, &backend_cpu, &s) != ML_OK) { ml_cpu_free(p, nbytes); return ML_ENOMEM; }
     s->data = p;
     break;
   }

@@ -42,6 +42,12 @@ end
 
 function ml.cuda_device_count() return lib.ml_cuda_device_count() end
 
+--- Bytes of freed large CPU blocks kept for reuse by the next tensors of the same size.
+function ml.cpu_cached_bytes() return tonumber(lib.ml_cpu_cached_bytes()) end
+
+--- Gives the cached CPU blocks back to the operating system.
+function ml.empty_cache() lib.ml_cpu_empty_cache() end
+
 -- Submodules, loaded lazily so `require("moonload")` stays cheap and free of cycles.
 local submodules = {
    nn = "moonload.nn", hooks = "moonload.hooks", utils = "moonload.utils",
