@@ -7,7 +7,7 @@
 -- next layer prefetched on a worker thread, pages dropped after each layer); accelerate
 -- (bench/big_model_peer.py offload) writes them to an offload folder of .dat files and copies
 -- them in at each forward. Both measured in the same run. Prints one JSON object.
--- Environment: BENCH_PYTHON (default /opt/ref/bin/python), BENCH_REPEATS (default 3).
+-- Environment: BENCH_PYTHON (default /opt/ref/bin/python), BENCH_REPEATS (default 5).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ml = require("moonload")
 local hooks = require("moonload.hooks")
@@ -30,7 +30,7 @@ end
 
 local luajit = os.getenv("LUAJIT") or "luajit"
 local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
-local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
+local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 5
 
 local p = io.popen(luajit .. " examples/demo.lua --write-only")
 local dir = p:read("*a"):match("([^\n]+)%s*$")
@@ -50,18 +50,6 @@ local ids = ml.tensor({ tokens }, { dtype = "int64" })
 
 local function build()
    return ml.init_empty_weights(function() return ml.models.gpt2.GPT2LMHeadModel(dir .. "/config.json") end)
-end
-
-local function timed(model, prepare)
-   model(ids)                                  -- warm-up (and order learning for prefetch)
-   local ts_ = {}
-   for _ = 1, repeats do
-      if prepare then prepare() end
-      local t0 = now()
-      model(ids)
-      ts_[#ts_ + 1] = now() - t0
-   end
-   return median(ts_)
 end
 
 -- The disk blocks' byte ranges in the shard files.
@@ -117,34 +105,50 @@ local function cold_read_seconds()
    return now() - t0
 end
 
--- 1. fully in RAM (CPU weights are views into the page cache, touched by the warm-up)
-local model = build()
-ml.load_checkpoint_and_dispatch(model, index, { device_map = { [""] = "cpu" } })
-local t_ram = timed(model)
--- free it for real (JIT traces keep constants alive until flushed): its mapped pages would keep
--- the shared page-cache pages from being evicted below
-model = nil
-jit.flush()
-collectgarbage(); collectgarbage()
-
--- 2. blocks 6..11 on disk
+-- Both models live together so their forwards can be interleaved (the machine's load changes
+-- slowly; alternating runs see the same conditions). CPU weights of both are views into the
+-- page cache, touched by the warm-up.
 local device_map = { ["transformer.wte"] = "cpu", ["transformer.wpe"] = "cpu", ["transformer.drop"] = "cpu",
    ["transformer.ln_f"] = "cpu", lm_head = "cpu" }
 for i = 0, 11 do device_map["transformer.h." .. i] = i < 6 and "cpu" or "disk" end
 local folder = os.tmpname()
 os.remove(folder)
-model = build()
+local ram = build()
+ml.load_checkpoint_and_dispatch(ram, index, { device_map = { [""] = "cpu" } })
+local model = build()
 local prev = ml.utils.set_warning_handler(function() end)
 ml.load_checkpoint_and_dispatch(model, index, { device_map = device_map, offload_folder = folder })
 ml.utils.set_warning_handler(prev)
-local t_warm = timed(model)
-local t_cold = timed(model, evict)
-local prefetch_off_cold
-do
-   local was = hooks.set_prefetch(false)
-   prefetch_off_cold = timed(model, evict)
-   hooks.set_prefetch(was)
+
+local function once(m, prepare)
+   if prepare then prepare() end
+   local t0 = now()
+   m(ids)
+   return now() - t0
 end
+
+ram(ids); model(ids)                                 -- warm-up (and order learning for prefetch)
+local r_ram, r_warm = {}, {}
+for _ = 1, repeats do
+   r_ram[#r_ram + 1] = once(ram)
+   r_warm[#r_warm + 1] = once(model)
+end
+local t_ram, t_warm = median(r_ram), median(r_warm)
+-- free the RAM model for real (JIT traces keep constants alive until flushed): its mapped pages
+-- would keep the shared page-cache pages from being evicted below
+ram = nil
+jit.flush()
+collectgarbage(); collectgarbage()
+
+local r_cold, r_cold_off = {}, {}
+for _ = 1, repeats do
+   hooks.set_prefetch(true)
+   r_cold[#r_cold + 1] = once(model, evict)
+   hooks.set_prefetch(false)
+   r_cold_off[#r_cold_off + 1] = once(model, evict)
+end
+hooks.set_prefetch(true)
+local t_cold, prefetch_off_cold = median(r_cold), median(r_cold_off)
 local t_read = cold_read_seconds()
 model = nil
 collectgarbage(); collectgarbage()
@@ -153,7 +157,7 @@ os.execute("rm -rf '" .. folder .. "'")
 local result = {
    bench = "big_model_offload", checkpoint = dir, repeats = repeats, tokens = 128,
    moonload = {
-      forward_ram_seconds = t_ram, forward_half_disk_warm_seconds = t_warm,
+      forward_ram_seconds = t_ram, forward_half_disk_warm_seconds = t_warm, runs_ram = r_ram, runs_warm = r_warm,
       forward_half_disk_evicted_seconds = t_cold, forward_half_disk_evicted_no_prefetch_seconds = prefetch_off_cold,
       disk_bytes = disk_bytes, disk_read_seconds = t_read,
       ratio_warm = t_warm / t_ram, ratio_evicted = t_cold / math.max(t_read, t_ram),
