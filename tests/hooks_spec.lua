@@ -272,6 +272,19 @@ describe("hooks", function()
          local _ = Spy
       end)
 
+      it("recovers from a forward that raised: the next forward offloads again", function()
+         local m = Lin(3, 4)
+         local x = input()
+         local expected = m(x)
+         hooks.add_hook_to_module(m, hooks.AlignDevicesHook({ execution_device = "cpu", offload = true }))
+         local old = m._old_forward
+         m._old_forward = function() error("boom", 0) end
+         assert.has_error(function() m(x) end, "boom")
+         m._old_forward = old
+         assert.is_true(close(m(x), expected))
+         assert.is_true(m.weight:is_meta())
+      end)
+
       it("restores the original weights on detach when offloading", function()
          local m = Lin(3, 4)
          local x = input()

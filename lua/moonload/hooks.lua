@@ -481,7 +481,8 @@ function AlignDevicesHook:pre_forward(module, ...)
          local c = outs[i - 1]
          local owner, leaf = s.owner, s.leaf
          local cur = owner[leaf]
-         if Tensor.is_tensor(cur) and cur:is_meta() then
+         if Tensor.is_tensor(cur) and (cur == s.obj or cur:is_meta()) then
+            -- ours (still materialized when the last forward raised before post_forward)
             rawset(cur, "_c", ffi.gc(c, lib.ml_tensor_release))
             s.obj = cur
          elseif Tensor.is_tensor(cur) and cur.device == dev_name then
