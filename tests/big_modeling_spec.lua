@@ -194,6 +194,26 @@ describe("big_modeling", function()
          assert.is_true(m._hf_hook.io_same_device)
       end)
 
+      it("reads disk modules through an offload_index pointing into a safetensors file", function()
+         local ref, x = net(5), input()
+         local expected = ref(x)
+         local dir = tmpdir()
+         local path = dir .. "/model.safetensors"
+         ml.safetensors.save_file(ref:state_dict(), path)
+         local index = {
+            ["linear2.weight"] = { safetensors_file = path, weight_name = "linear2.weight", dtype = "float32" },
+            ["linear2.bias"] = { safetensors_file = path, weight_name = "linear2.bias", dtype = "float32" },
+         }
+         local m = net(5)
+         -- linear2 has no data of its own: only the index can provide it
+         m.linear2.weight = ml.empty({ 5, 4 }, { device = "meta" })
+         m.linear2.bias = ml.empty({ 5 }, { device = "meta" })
+         quiet(function()
+            ml.dispatch_model(m, { linear1 = "cpu", batchnorm = "cpu", linear2 = "disk" }, { offload_index = index })
+         end)
+         assert.is_true(ml.equal(m(x), expected))
+      end)
+
       it("moves a single-device model without hooks, and force_hooks hooks it", function()
          local m = net()
          ml.dispatch_model(m, { [""] = "cpu" })
