@@ -1,9 +1,8 @@
 -- GEMM kernels (core/src/cpu/matmul.c): ml.matmul and linear against PyTorch fixtures
 -- (tests/fixtures/gen_ops_nn.py -> ops_nn_matmul.json), plus error messages and the panelled
--- float16 path. linear goes through C.lib until ml.nn.functional exists.
+-- float16 path; through ml.matmul and ml.nn.functional.linear.
 local ml = require("moonload")
 local C = require("moonload.C")
-local Tensor = require("moonload.tensor")
 local cjson = require("cjson")
 
 local ffi, lib = C.ffi, C.lib
@@ -73,12 +72,9 @@ local function errmsg(fn)
    return (tostring(err):gsub("^[^:]*:%d+: ", ""))
 end
 
-local out1 = ffi.new("ml_tensor*[1]")
+local F = ml.nn.functional
 
-local function linear(x, w, b)
-   C.check(lib.ml_linear(x._c, w._c, b and b._c or nil, out1))
-   return Tensor.wrap(out1[0])
-end
+local function linear(x, w, b) return F.linear(x, w, b) end
 
 describe("matmul", function()
    for _, case in ipairs(fx.matmul) do
