@@ -106,7 +106,7 @@ describe("big_modeling", function()
             "init_empty_weights: a function building the model is expected, got nil")
       end)
 
-      it("builds the seed's 1000 x Linear(10000, 10000) quickly in little memory (#slow-ish)", function()
+      it("builds the seed's 1000 x Linear(10000, 10000) quickly in little memory", function()
          local luajit = os.getenv("LUAJIT") or "luajit"
          local p = io.popen(luajit .. " examples/seed.lua --json 2>&1")
          local out = p:read("*a")
