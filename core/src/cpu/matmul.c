@@ -45,7 +45,7 @@ static void pack_lines(void *dst, ml_dtype ct, const void *src, ml_dtype sdt, in
   for (int64_t l = 0; l < nlines; l++) {
     const uint8_t *s = (const uint8_t *)src + l * ls * (int64_t)se;
     uint8_t *d = (uint8_t *)dst + l * len * (int64_t)ce;
-    if (es == 1) { ml_convert(s, sdt, d, ct, len); continue; }
+    if (es == 1) { ml_convert_fast(s, sdt, d, ct, len); continue; }
     for (int64_t b = 0; b < len; b += 256) {
       int64_t m = len - b < 256 ? len - b : 256;
       const uint8_t *sp = s + b * es * (int64_t)se;
@@ -55,7 +55,7 @@ static void pack_lines(void *dst, ml_dtype ct, const void *src, ml_dtype sdt, in
       case 4: for (int64_t i = 0; i < m; i++) ((uint32_t *)stage)[i] = ((const uint32_t *)sp)[i * es]; break;
       default: for (int64_t i = 0; i < m; i++) ((uint64_t *)stage)[i] = ((const uint64_t *)sp)[i * es]; break;
       }
-      ml_convert(stage, sdt, d + b * (int64_t)ce, ct, m);
+      ml_convert_fast(stage, sdt, d + b * (int64_t)ce, ct, m);
     }
   }
 }
@@ -168,6 +168,61 @@ static void parallel_product(ml_dtype ct, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb
 
 // --- the GEMM --------------------------------------------------------------------------------
 
+/* The panels of one product: columns [p*nb, p*nb + w) of C, each converted (B, and C when its
+   dtype is not ct) through this thread's scratch. */
+typedef struct {
+  ml_dtype ct, cdt;
+  int64_t M, N, K, nb, lda, ldc, ldb;
+  double alpha;
+  CBLAS_TRANSPOSE ta, tb;
+  const void *ap;
+  ml_mref B;
+  bool bdirect;
+  const void *bias;
+  uint8_t *C;
+  atomic_int status;
+} panel_job;
+
+static void gemm_panels(void *ctx, int64_t begin, int64_t end) {
+  panel_job *j = ctx;
+  size_t ce = ml_dtype_size(j->ct), oe = ml_dtype_size(j->cdt);
+  int64_t M = j->M, K = j->K, nb = j->nb;
+  uint8_t *bbuf = NULL, *cbuf = NULL;
+  if ((!j->bdirect && !(bbuf = ml_aligned_alloc((size_t)(nb * K) * ce))) ||
+      (j->cdt != j->ct && !(cbuf = ml_aligned_alloc((size_t)(M * nb) * ce)))) {
+    atomic_store(&j->status, ML_ENOMEM);
+    goto done;
+  }
+  for (int64_t p = begin; p < end; p++) {
+    int64_t n0 = p * nb, w = j->N - n0 < nb ? j->N - n0 : nb, ldb = j->ldb;
+    CBLAS_TRANSPOSE tb = j->tb;
+    const void *bp = (const uint8_t *)j->B.p + n0 * j->B.cs * (int64_t)ml_dtype_size(j->B.dt);
+    if (!j->bdirect) {
+      ml_mref panel = {bp, j->B.dt, j->B.rs, j->B.cs};
+      pack_matrix(bbuf, j->ct, panel, K, w, &tb, &ldb);
+      bp = bbuf;
+    }
+    uint8_t *cp = cbuf ? cbuf : j->C + n0 * (int64_t)oe;
+    int64_t ldcc = cbuf ? w : j->ldc;
+    double beta = 0.0;
+    if (j->bias) {
+      for (int64_t i = 0; i < M; i++)
+        memcpy(cp + i * ldcc * (int64_t)ce, (const uint8_t *)j->bias + n0 * (int64_t)ce, (size_t)w * ce);
+      beta = 1.0;
+    } else if (K == 0 || M == 1 || w == 1) {
+      /* zeros for K = 0; for gemv, whose beta = 0 may scale (NaN) garbage instead of storing 0 */
+      for (int64_t i = 0; i < M; i++) memset(cp + i * ldcc * (int64_t)ce, 0, (size_t)w * ce);
+    }
+    if (K > 0) parallel_product(j->ct, j->ta, tb, M, w, K, j->alpha, j->ap, j->lda, bp, ldb, beta, cp, ldcc);
+    if (cbuf)
+      for (int64_t i = 0; i < M; i++)
+        ml_convert_fast(cbuf + i * w * (int64_t)ce, j->ct, j->C + (i * j->ldc + n0) * (int64_t)oe, j->cdt, w);
+  }
+done:
+  ml_aligned_free(bbuf);
+  ml_aligned_free(cbuf);
+}
+
 ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                   const void *bias, ml_dtype ct, void *C, ml_dtype cdt, int64_t ldc) {
   if (M <= 0 || N <= 0) return ML_OK;
@@ -175,59 +230,36 @@ ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha,
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX || ldc > INT_MAX)
     return ml_fail(ML_EINVAL, "%s: a %lld x %lld x %lld product is too large for BLAS", fn, (long long)M,
                    (long long)N, (long long)K);
-  size_t ce = ml_dtype_size(ct), oe = ml_dtype_size(cdt);
-  uint8_t *abuf = NULL, *bbuf = NULL, *cbuf = NULL;
-  ml_status st = ML_OK;
-
-  CBLAS_TRANSPOSE ta = CblasNoTrans, tb = CblasNoTrans;
-  int64_t lda = 1, ldb = 1;
-  const void *ap = A.p;
-  if (K > 0 && !(A.dt == ct && blas_layout(M, K, A.rs, A.cs, &ta, &lda))) {
-    if (!(abuf = ml_aligned_alloc((size_t)(M * K) * ce))) goto nomem;
-    pack_matrix(abuf, ct, A, M, K, &ta, &lda);
-    ap = abuf;
+  size_t ce = ml_dtype_size(ct);
+  uint8_t *abuf = NULL;
+  panel_job j = {.ct = ct, .cdt = cdt, .M = M, .N = N, .K = K, .ldc = ldc, .lda = 1, .ldb = 1, .alpha = alpha,
+                 .ta = CblasNoTrans, .tb = CblasNoTrans, .ap = A.p, .B = B, .bias = bias, .C = C};
+  if (K > 0 && !(A.dt == ct && blas_layout(M, K, A.rs, A.cs, &j.ta, &j.lda))) {
+    if (!(abuf = ml_aligned_alloc((size_t)(M * K) * ce)))
+      return ml_fail(ML_ENOMEM, "%s: out of memory for the conversion buffers of a %lld x %lld x %lld product",
+                     fn, (long long)M, (long long)N, (long long)K);
+    pack_matrix(abuf, ct, A, M, K, &j.ta, &j.lda);
+    j.ap = abuf;
   }
-  bool bdirect = K == 0 || (B.dt == ct && blas_layout(K, N, B.rs, B.cs, &tb, &ldb));
-  int64_t nb = N;
-  if (!bdirect) {
-    nb = ML_GEMM_PANEL / K;
+  j.bdirect = K == 0 || (B.dt == ct && blas_layout(K, N, B.rs, B.cs, &j.tb, &j.ldb));
+  j.nb = N;
+  int64_t npanels = 1;
+  if (!j.bdirect || cdt != ct) {
+    /* Panels of about ML_GEMM_PANEL elements, and at least one per thread: the conversions then
+       run on every thread too (each product inside a panel runs inline). */
+    int64_t nb = ML_GEMM_PANEL / (K > 0 ? K : 1), nt = ml_get_num_threads(), per = (N + nt - 1) / nt;
+    nb = nb > per ? per : nb;
     nb = nb < 16 ? 16 : nb > N ? N : nb;
-    if (!(bbuf = ml_aligned_alloc((size_t)(nb * K) * ce))) goto nomem;
+    j.nb = nb;
+    npanels = (N + nb - 1) / nb;
   }
-  if (cdt != ct && !(cbuf = ml_aligned_alloc((size_t)(M * nb) * ce))) goto nomem;
-
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    int64_t w = N - n0 < nb ? N - n0 : nb;
-    const void *bp = (const uint8_t *)B.p + n0 * B.cs * (int64_t)ml_dtype_size(B.dt);
-    if (!bdirect) {
-      ml_mref panel = {bp, B.dt, B.rs, B.cs};
-      pack_matrix(bbuf, ct, panel, K, w, &tb, &ldb);
-      bp = bbuf;
-    }
-    uint8_t *cp = cbuf ? cbuf : (uint8_t *)C + n0 * (int64_t)oe;
-    int64_t ldcc = cbuf ? w : ldc;
-    double beta = 0.0;
-    if (bias) {
-      for (int64_t i = 0; i < M; i++) memcpy(cp + i * ldcc * (int64_t)ce, (const uint8_t *)bias + n0 * (int64_t)ce, (size_t)w * ce);
-      beta = 1.0;
-    } else if (K == 0 || M == 1 || w == 1) {
-      /* zeros for K = 0; for gemv, whose beta = 0 may scale (NaN) garbage instead of storing 0 */
-      for (int64_t i = 0; i < M; i++) memset(cp + i * ldcc * (int64_t)ce, 0, (size_t)w * ce);
-    }
-    if (K > 0) parallel_product(ct, ta, tb, M, w, K, alpha, ap, lda, bp, ldb, beta, cp, ldcc);
-    if (cbuf)
-      for (int64_t i = 0; i < M; i++)
-        ml_convert(cbuf + i * w * (int64_t)ce, ct, (uint8_t *)C + (i * ldc + n0) * (int64_t)oe, cdt, w);
-  }
-  goto done;
-nomem:
-  st = ml_fail(ML_ENOMEM, "%s: out of memory for the conversion buffers of a %lld x %lld x %lld product", fn,
-               (long long)M, (long long)N, (long long)K);
-done:
+  atomic_init(&j.status, ML_OK);
+  ml_parallel_for(npanels, M * j.nb * K / 4 + j.nb * K + 1, gemm_panels, &j);
   ml_aligned_free(abuf);
-  ml_aligned_free(bbuf);
-  ml_aligned_free(cbuf);
-  return st;
+  if (atomic_load(&j.status))
+    return ml_fail(ML_ENOMEM, "%s: out of memory for the conversion buffers of a %lld x %lld x %lld product", fn,
+                   (long long)M, (long long)N, (long long)K);
+  return ML_OK;
 }
 
 // --- helpers for matmul / linear --------------------------------------------------------------
