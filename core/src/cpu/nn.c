@@ -16,7 +16,7 @@
 // --- row movement ------------------------------------------------------------------------------
 
 void ml_row_load(void *dst, ml_dtype dt, const void *src, ml_dtype sdt, int64_t n, int64_t s) {
-  if (s == 1) { ml_convert(src, sdt, dst, dt, n); return; }
+  if (s == 1) { ml_convert_fast(src, sdt, dst, dt, n); return; }
   size_t de = ml_dtype_size(dt), se = ml_dtype_size(sdt);
   uint8_t stage[256 * 8];
   for (int64_t b = 0; b < n; b += 256) {
@@ -28,7 +28,7 @@ void ml_row_load(void *dst, ml_dtype dt, const void *src, ml_dtype sdt, int64_t 
 }
 
 void ml_row_store(const void *src, ml_dtype dt, void *dst, ml_dtype ddt, int64_t n, int64_t s) {
-  if (s == 1) { ml_convert(src, dt, dst, ddt, n); return; }
+  if (s == 1) { ml_convert_fast(src, dt, dst, ddt, n); return; }
   size_t se = ml_dtype_size(dt), de = ml_dtype_size(ddt);
   uint8_t stage[256 * 8];
   for (int64_t b = 0; b < n; b += 256) {
@@ -237,7 +237,7 @@ static void norm_rows(void *ctx, int64_t begin, int64_t end) {
     void *dst = same ? (void *)op : buf;
     if (j->ct == ML_FLOAT64) norm_row_f64(src, dst, j->n, j->w, j->b, j->eps, j->rms);
     else norm_row_f32(src, dst, j->n, j->w, j->b, j->eps, j->rms);
-    if (!same) ml_convert(buf, j->ct, op, j->dt, j->n);
+    if (!same) ml_convert_fast(buf, j->ct, op, j->dt, j->n);
   }
   free(buf);
 }
