@@ -28,6 +28,23 @@ describe("models.from_pretrained with device_map", function()
       end)
    end
 
+   it("maps a checkpoint without the transformer. prefix before placing it", function()
+      local exp = H.expected("gpt2_tiny")
+      local src = H.tmpdir()
+      H.copy(H.FIX .. "/gpt2_tiny/config.json", src .. "/config.json")
+      H.copy(H.FIX .. "/gpt2_tiny/noprefix.safetensors", src .. "/model.safetensors")
+      local off = H.tmpdir()
+      local model = models.from_pretrained(src, { device_map = "auto", max_memory = { cpu = 70000 },
+         offload_folder = off })
+      local places = {}
+      for _, dev in pairs(model.hf_device_map) do places[tostring(dev)] = true end
+      assert.is_true(places.cpu and places.disk, "expected a CPU + disk split")
+      assert.are.equal(model.transformer.wte.weight, model.lm_head.weight)
+      assert.is_true(H.max_abs_diff(model(exp.input_ids), exp.logits) < 1e-4)
+      H.rmdir(src)
+      H.rmdir(off)
+   end)
+
    it("reads a sharded checkpoint through its index", function()
       local exp = H.expected("gpt2_tiny")
       local model = models.from_pretrained(H.FIX .. "/gpt2_tiny_sharded", { device_map = "auto" })

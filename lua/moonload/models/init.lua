@@ -123,6 +123,20 @@ function M.read_checkpoint(ckpt)
    return sd
 end
 
+--- The tensor names a checkpoint holds (sorted), read from the header or the index only.
+function M.checkpoint_names(ckpt)
+   local names = {}
+   if ckpt.kind == "sharded" then
+      for name in pairs(ckpt.weight_map) do names[#names + 1] = name end
+   else
+      local f = require("moonload.safetensors").safe_open(ckpt.path)
+      for _, name in ipairs(f:keys()) do names[#names + 1] = name end
+      f:close()
+   end
+   table.sort(names)
+   return names
+end
+
 local function matches_any(name, patterns)
    for _, p in ipairs(patterns or {}) do
       if name:find(p) then return true end
@@ -162,6 +176,18 @@ function M.remap_state_dict(model, sd)
       end
    end
    return out, cls
+end
+
+--- True when some checkpoint name has to be renamed or dropped to fit the model (a missing or
+-- extra base prefix, a legacy buffer); tied weights stored once need no remapping.
+function M.needs_remap(model, names)
+   local fake = {}
+   for _, n in ipairs(names) do fake[n] = n end
+   local mapped = M.remap_state_dict(model, fake)
+   for _, n in ipairs(names) do
+      if mapped[n] ~= n then return true end     -- renamed or dropped
+   end
+   return false
 end
 
 local function join(list)
@@ -267,36 +293,59 @@ function M.from_pretrained(dir, opts)
    local cls = M.class_for(raw.model_type, src)
    local ckpt = M.find_checkpoint(dir)
 
-   if opts.device_map ~= nil then
-      -- Big-model path: empty skeleton, then placement + loading by the dispatcher.
-      local big = require("moonload.big_modeling")
-      local model = big.init_empty_weights(function() return cls(cfg_path) end)
-      local dispatch_opts = {}
-      for k, v in pairs(opts) do dispatch_opts[k] = v end
-      dispatch_opts.no_split_module_classes = opts.no_split_module_classes or cls.no_split_modules
-      local target = ckpt.kind == "single" and ckpt.path or ckpt.index
-      return big.load_checkpoint_and_dispatch(model, target, dispatch_opts)
-   end
-
-   local sd = M.read_checkpoint(ckpt)
+   local names = M.checkpoint_names(ckpt)
    local build_opts
    if raw.model_type == "bert" then
       -- sentence-transformers checkpoints may come without the pooler: build to match.
       local has_pooler = false
-      for name in pairs(sd) do if name:find("pooler%.") then has_pooler = true break end end
+      for _, name in ipairs(names) do if name:find("^pooler%.") or name:find("%.pooler%.") then has_pooler = true break end end
       build_opts = { add_pooling_layer = has_pooler }
    end
+   local function build() return cls(cfg_path, build_opts) end
+
+   if opts.device_map ~= nil then
+      -- Big-model path: empty skeleton, then placement + loading by the dispatcher.
+      local big = require("moonload.big_modeling")
+      local model = big.init_empty_weights(build)
+      local no_split = opts.no_split_module_classes or cls.no_split_modules
+      if not M.needs_remap(model, names) then
+         local dispatch_opts = {}
+         for k, v in pairs(opts) do dispatch_opts[k] = v end
+         dispatch_opts.no_split_module_classes = no_split
+         local target = ckpt.kind == "single" and ckpt.path or ckpt.index
+         return big.load_checkpoint_and_dispatch(model, target, dispatch_opts)
+      end
+      -- The checkpoint's names differ from the model's (no base prefix, legacy buffers):
+      -- map them, load zero-copy views of the mapped files on the CPU, then place the model.
+      M.load_into(model, M.read_checkpoint(ckpt), { strict = opts.strict, who = "from_pretrained" })
+      if opts.dtype then model:to(opts.dtype) end
+      local u = require("moonload.utils")
+      local device_map = opts.device_map
+      if type(device_map) == "string" then
+         local max_memory = opts.max_memory
+         if device_map ~= "sequential" then
+            max_memory = u.get_balanced_memory(model, { max_memory = max_memory,
+               no_split_module_classes = no_split, dtype = opts.dtype,
+               low_zero = device_map == "balanced_low_0" })
+         end
+         device_map = u.infer_auto_device_map(model, { max_memory = max_memory,
+            no_split_module_classes = no_split, dtype = opts.dtype, offload_buffers = opts.offload_buffers })
+      end
+      return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
+         offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
+         preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })
+   end
+
+   local sd = M.read_checkpoint(ckpt)
    local model
    if opts.strict == false then
       -- Weights the checkpoint lacks keep their initialisation.
-      model = cls(cfg_path, build_opts)
+      model = build()
    else
       -- Every weight comes from the checkpoint: build without allocating or initialising
       -- parameters (meta), and let load_state_dict put the checkpoint tensors in their place
       -- (zero-copy views of the mapped file where dtype and alignment allow).
-      model = require("moonload.big_modeling").init_empty_weights(function()
-         return cls(cfg_path, build_opts)
-      end)
+      model = require("moonload.big_modeling").init_empty_weights(build)
    end
    M.load_into(model, sd, { strict = opts.strict, who = "from_pretrained" })
    if opts.dtype then model:to(opts.dtype) end
