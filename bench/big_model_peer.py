@@ -91,35 +91,34 @@ def offload(a):
     index = os.path.join(a.ckpt, "model.safetensors.index.json")
     ids = torch.tensor([[(i * 37) % 50257 for i in range(1, 129)]])
 
-    def timed(model, prepare=None):
-        ts = []
+    def once(model, prepare=None):
+        if prepare:
+            prepare()
         with torch.no_grad():
-            model(ids)                          # warm-up
-            for _ in range(a.repeats):
-                if prepare:
-                    prepare()
-                t0 = time.perf_counter()
-                model(ids)
-                ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    model = empty_model(a.ckpt)
-    load_checkpoint_and_dispatch(model, index, device_map={"": "cpu"})
-    t_ram = timed(model)
-    del model
+            t0 = time.perf_counter()
+            model(ids)
+            return time.perf_counter() - t0
 
     folder = tempfile.mkdtemp(prefix="accel-offload-")
     try:
+        ram = empty_model(a.ckpt)
+        load_checkpoint_and_dispatch(ram, index, device_map={"": "cpu"})
         dm = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
               "transformer.ln_f": "cpu", "lm_head": "cpu"}
         for i in range(12):
             dm[f"transformer.h.{i}"] = "cpu" if i < 6 else "disk"
         model = empty_model(a.ckpt)
         load_checkpoint_and_dispatch(model, index, device_map=dm, offload_folder=folder)
-        t_warm = timed(model)
         files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".dat")]
         disk_bytes = sum(os.path.getsize(f) for f in files)
-        t_cold = timed(model, prepare=lambda: evict(files))
+        once(ram), once(model)                  # warm-up
+        # interleaved, so that every variant sees the same machine load
+        r_ram, r_warm, r_cold = [], [], []
+        for _ in range(a.repeats):
+            r_ram.append(once(ram))
+            r_warm.append(once(model))
+            r_cold.append(once(model, prepare=lambda: evict(files)))
+        t_ram, t_warm, t_cold = (statistics.median(r) for r in (r_ram, r_warm, r_cold))
         # cold read rate of the same files
         evict(files)
         t0 = time.perf_counter()
@@ -132,7 +131,8 @@ def offload(a):
         shutil.rmtree(folder, ignore_errors=True)
     return {"forward_ram_seconds": t_ram, "forward_half_disk_warm_seconds": t_warm,
             "forward_half_disk_evicted_seconds": t_cold, "disk_bytes": disk_bytes,
-            "disk_read_seconds": t_read, "ratio_warm": t_warm / t_ram,
+            "disk_read_seconds": t_read, "ratio_warm": t_warm / t_ram, "runs_ram": r_ram, "runs_warm": r_warm,
+            "runs_evicted": r_cold,
             "ratio_evicted": t_cold / max(t_read, t_ram), "threads": torch.get_num_threads()}
 
 
