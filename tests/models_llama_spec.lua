@@ -101,6 +101,23 @@ describe("models.llama", function()
       end)
    end)
 
+   for _, variant in ipairs({ "llama_tiny_llama3", "llama_tiny_linear" }) do
+      describe("scaled rotary embeddings (" .. variant .. ")", function()
+         local exp = H.expected(variant)
+         local model = llama.LlamaForCausalLM(H.FIX .. "/" .. variant)
+         models.load_checkpoint(model, H.FIX .. "/llama_tiny_tied/model.safetensors")
+
+         it("computes transformers' inv_freq", function()
+            assert.is_true(H.max_abs_diff(model:get_buffer("model.rotary_emb.inv_freq"), exp.inv_freq) < 1e-9)
+         end)
+
+         it("gives the same logits and greedy ids as transformers", function()
+            assert.is_true(H.max_abs_diff(model(exp.input_ids), exp.logits) < TOL)
+            assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens }))
+         end)
+      end)
+   end
+
    describe("config", function()
       it("accepts the older top-level rope_theta and defaults num_key_value_heads", function()
          local c = tiny({ rope_theta = 1000 })
@@ -117,11 +134,25 @@ describe("models.llama", function()
             "models.llama: num_attention_heads 4 is not a multiple of num_key_value_heads 3 in config table")
          assert.has_error(function()
             llama.LlamaForCausalLM(tiny({ rope_parameters = { rope_type = "yarn", rope_theta = 1e4 } }))
-         end, 'models.llama: rope type "yarn" is not supported (only "default") in config table')
+         end, 'models.llama: rope type "yarn" is not supported (supported: default, linear, llama3) in config table')
          assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_size = false })) end,
             'models.llama: config key "hidden_size" in config table must be a positive integer, got boolean false')
          assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_act = "swiglu" })) end,
             'models.llama: activation "swiglu" in config table is not supported (supported: gelu, gelu_fast, gelu_new, gelu_pytorch_tanh, relu, silu, swish, tanh)')
+      end)
+
+      it("reads the older rope_scaling form and names missing rope keys", function()
+         local c = tiny({ rope_theta = 500000, rope_scaling = { rope_type = "llama3", factor = 8,
+            low_freq_factor = 1, high_freq_factor = 4, original_max_position_embeddings = 8192 } })
+         local m = llama.LlamaForCausalLM(c)
+         assert.are.equal("llama3", m.config.rope.rope_type)
+         assert.are.equal(500000, m.config.rope.rope_theta)
+         assert.has_error(function()
+            llama.LlamaForCausalLM(tiny({ rope_parameters = { rope_type = "llama3", rope_theta = 1e4, factor = 8 } }))
+         end, 'models.llama: config key "rope_parameters.low_freq_factor" is missing in config table (needed by rope type "llama3")')
+         assert.has_error(function()
+            llama.LlamaForCausalLM(tiny({ rope_scaling = { type = "linear", factor = "2" } }))
+         end, 'models.llama: config key "rope_scaling.factor" in config table must be a positive number, got string "2"')
       end)
 
       it("names the missing key and the file", function()

@@ -30,24 +30,44 @@ M.schema = {
    { "rope_scaling", "table", function() return {} end },
 }
 
---- Reads and checks a Llama config (path, folder or table). rope_theta comes from
--- rope_parameters.rope_theta (transformers >= 5) or the top-level rope_theta (older files).
+local ROPE_KEYS = {
+   linear = { "factor" },
+   llama3 = { "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings" },
+}
+
+--- Reads and checks a Llama config (path, folder or table). The rotary parameters come from
+-- rope_parameters (transformers >= 5) or from rope_theta + rope_scaling (older files), and end
+-- up in cfg.rope = {rope_type, rope_theta, factor, ...}; rope types: default, linear, llama3.
 function M.config(source)
    local cfg = config.load(source, M.schema, WHO)
-   local rp = cfg.rope_parameters
-   local theta = rp.rope_theta
-   local where = "rope_parameters.rope_theta"
-   if theta == nil then theta, where = cfg.rope_theta, "rope_theta" end
-   if theta == nil then theta = 10000 end
-   if type(theta) ~= "number" or theta <= 0 then
-      error(string.format('%s: config key "%s" in %s must be a positive number, got %s',
-         WHO, where, cfg._source, tostring(theta)), 2)
+   local rope, where = {}, {}
+   for k, v in pairs(cfg.rope_scaling) do rope[k], where[k] = v, "rope_scaling." .. k end
+   if cfg.rope_theta ~= nil then rope.rope_theta, where.rope_theta = cfg.rope_theta, "rope_theta" end
+   for k, v in pairs(cfg.rope_parameters) do rope[k], where[k] = v, "rope_parameters." .. k end
+   rope.rope_type = rope.rope_type or rope.type or "default"
+   if rope.rope_theta == nil then rope.rope_theta, where.rope_theta = 10000, "rope_theta" end
+   if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) then
+      config.fail(cfg, WHO, 'rope type "%s" is not supported (supported: default, linear, llama3)',
+         tostring(rope.rope_type))
    end
-   cfg.rope_theta = theta
-   local rope_type = rp.rope_type or rp.type or cfg.rope_scaling.rope_type or cfg.rope_scaling.type or "default"
-   if rope_type ~= "default" then
-      config.fail(cfg, WHO, 'rope type "%s" is not supported (only "default")', tostring(rope_type))
+   local needed = { "rope_theta" }
+   for _, k in ipairs(ROPE_KEYS[rope.rope_type] or {}) do needed[#needed + 1] = k end
+   for _, k in ipairs(needed) do
+      local v = rope[k]
+      if v == nil then
+         error(string.format('%s: config key "rope_parameters.%s" is missing in %s (needed by rope type "%s")',
+            WHO, k, cfg._source, rope.rope_type), 2)
+      end
+      if type(v) ~= "number" or v <= 0 then
+         error(string.format('%s: config key "%s" in %s must be a positive number, got %s',
+            WHO, where[k], cfg._source, type(v) == "string" and string.format("string %q", v) or tostring(v)), 2)
+      end
    end
+   if rope.rope_type == "llama3" and rope.high_freq_factor == rope.low_freq_factor then
+      config.fail(cfg, WHO, "rope high_freq_factor and low_freq_factor must differ")
+   end
+   cfg.rope = rope
+   cfg.rope_theta = rope.rope_theta
    if cfg.num_attention_heads % cfg.num_key_value_heads ~= 0 then
       config.fail(cfg, WHO, "num_attention_heads %d is not a multiple of num_key_value_heads %d",
          cfg.num_attention_heads, cfg.num_key_value_heads)
@@ -61,6 +81,30 @@ end
 
 -- --- rotary embeddings ----------------------------------------------------------------------
 
+--- Llama 3.1's frequency bands: wavelengths shorter than original_max / high_freq_factor are
+-- kept, longer than original_max / low_freq_factor divided by factor, smoothed in between.
+-- Computed per element in float32 steps as transformers does (dim/2 values, once).
+function M.llama3_inv_freq(inv_freq, rope)
+   local ffi = require("ffi")
+   local f32 = ffi.new("float[1]")
+   local function r32(x) f32[0] = x; return f32[0] end
+   local factor, lo, hi = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+   local old = rope.original_max_position_embeddings
+   local low_wavelen, high_wavelen = old / lo, old / hi
+   local vals = inv_freq:tolist()
+   for i, f in ipairs(vals) do
+      local wavelen = r32(r32(2 * math.pi) / f)
+      local v = f
+      if wavelen > low_wavelen then v = r32(f / factor) end
+      if not (wavelen < high_wavelen) and not (wavelen > low_wavelen) then
+         local smooth = r32(r32(r32(old / wavelen) - lo) / (hi - lo))
+         v = r32(r32(r32(1 - smooth) * v / factor) + r32(smooth * v))
+      end
+      vals[i] = v
+   end
+   return T.tensor(vals, { dtype = "float32" })
+end
+
 local LlamaRotaryEmbedding = nn.Module:extend("LlamaRotaryEmbedding")
 M.LlamaRotaryEmbedding = LlamaRotaryEmbedding
 
@@ -70,6 +114,12 @@ function LlamaRotaryEmbedding:__init(cfg)
    -- inv_freq[i] = 1 / theta^(2i/dim), computed in float32 as transformers does.
    local exps = T.arange(0, dim, 2, { dtype = "float32" }) / dim
    local inv_freq = (T.full({ dim / 2 }, cfg.rope_theta, { dtype = "float32" }):pow(exps)):reciprocal()
+   local rope = cfg.rope or { rope_type = "default" }
+   if rope.rope_type == "linear" then
+      inv_freq = inv_freq / rope.factor
+   elseif rope.rope_type == "llama3" then
+      inv_freq = M.llama3_inv_freq(inv_freq, rope)
+   end
    self:register_buffer("inv_freq", inv_freq, false)
 end
 
