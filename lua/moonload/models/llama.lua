@@ -1,8 +1,9 @@
 --- Llama (transformers' LlamaForCausalLM) with Hugging Face parameter names:
 -- model.{embed_tokens, layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
 -- post_attention_layernorm, mlp.{gate,up,down}_proj}, norm}, lm_head.
--- RMSNorm, rotary position embeddings (rope_theta; inv_freq is a non-persistent buffer as in
--- transformers), grouped-query attention, SwiGLU MLP, tied or untied head.
+-- RMSNorm, rotary position embeddings (rope_theta, linear or llama3 scaling; inv_freq is a
+-- non-persistent buffer as in transformers), grouped-query attention, SwiGLU MLP, tied or
+-- untied head.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
