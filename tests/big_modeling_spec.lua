@@ -566,3 +566,31 @@ describe("big_modeling with dtype", function()
       assert.are.equal(0, after.shared_copies)                                    -- released after forward
    end)
 end)
+
+describe("big_modeling ties under cpu_offload and disk_offload", function()
+   for _, how in ipairs({ "cpu_offload", "disk_offload" }) do
+      it(how .. " keeps a tie as one object and materializes it once", function()
+         ml.manual_seed(6)
+         local m = Tied()
+         local x = ml.randn(2, 4)
+         local expected = m(x)
+         local dir = tmpdir()
+         if how == "cpu_offload" then ml.cpu_offload(m, { execution_device = "cpu" })
+         else ml.disk_offload(m, dir, { execution_device = "cpu" }) end
+         assert.are.equal(m.linear1.weight, m.linear2.weight)
+         assert.is_true(m.linear1.weight:is_meta())
+         if how == "disk_offload" then assert.is_false(exists(dir .. "/linear2.weight.dat")) end
+         local ptrs = {}
+         for _, name in ipairs({ "linear1", "linear2" }) do
+            local mod = m[name]
+            local old = mod._old_forward
+            mod._old_forward = function(self, ...)
+               ptrs[#ptrs + 1] = self.weight:data_ptr()
+               return old(self, ...)
+            end
+         end
+         assert.is_true(ml.equal(m(x), expected))
+         assert.are.equal(ptrs[1], ptrs[2])
+      end)
+   end
+end)

@@ -19,6 +19,19 @@ local log = require("moonload.utils.log")
 local M = {}
 local dispatch_weights
 
+-- A tied tensor is written once: the other names of its group are removed from sd (the hooks'
+-- weights map reads them under the kept name).
+local function drop_tied_duplicates(sd, tied_params)
+   for _, group in ipairs(tied_params) do
+      local kept = false
+      for _, name in ipairs(group) do
+         if sd[name] ~= nil then
+            if kept then sd[name] = nil else kept = true end
+         end
+      end
+   end
+end
+
 local utils_mod
 local function utils()
    utils_mod = utils_mod or require("moonload.utils")
@@ -171,7 +184,8 @@ function M.cpu_offload(model, opts)
    hooks.add_hook_to_module(model, hooks.AlignDevicesHook({ io_same_device = true }), true)
    hooks.attach_align_device_hook(model, {
       execution_device = exec, offload = true, offload_buffers = opts.offload_buffers,
-      weights_map = state_dict, preload_module_classes = opts.preload_module_classes })
+      weights_map = state_dict, preload_module_classes = opts.preload_module_classes,
+      tied_params_map = { [hooks.TIED_META] = {} } })     -- tied modules keep one meta object
    return model
 end
 
@@ -194,13 +208,19 @@ function M.disk_offload(model, offload_dir, opts)
       error("disk_offload: offload_dir must be a folder path, got " .. type(offload_dir), 2)
    end
    local u = utils()
-   if not has_index(offload_dir) then u.offload_state_dict(offload_dir, model:state_dict()) end
+   local tied_params = u.find_tied_parameters(model)
+   if not has_index(offload_dir) then
+      local sd = model:state_dict()
+      drop_tied_duplicates(sd, tied_params)
+      u.offload_state_dict(offload_dir, sd)
+   end
    local exec = hooks.norm_device(opts.execution_device) or first_param_device(model)
-   local weights_map = u.OffloadedWeightsLoader({ save_folder = offload_dir })
+   local weights_map = dispatch_weights(u.OffloadedWeightsLoader({ save_folder = offload_dir }), tied_params)
    hooks.add_hook_to_module(model, hooks.AlignDevicesHook({ io_same_device = true }), true)
    hooks.attach_align_device_hook(model, {
       execution_device = exec, offload = true, offload_buffers = opts.offload_buffers,
-      weights_map = weights_map, preload_module_classes = opts.preload_module_classes })
+      weights_map = weights_map, preload_module_classes = opts.preload_module_classes,
+      tied_params_map = { [hooks.TIED_META] = {} } })
    return model
 end
 
@@ -372,15 +392,7 @@ function M.dispatch_model(model, device_map, opts)
                      name, tostring(offload_dir)), 2)
                end
             end
-            -- a tied tensor is written once; the other names read it through the alias map
-            for _, group in ipairs(u.find_tied_parameters(model)) do
-               local kept = false
-               for _, name in ipairs(group) do
-                  if disk_sd[name] ~= nil then
-                     if kept then disk_sd[name] = nil else kept = true end
-                  end
-               end
-            end
+            drop_tied_duplicates(disk_sd, u.find_tied_parameters(model))
             u.offload_state_dict(offload_dir, disk_sd)
          end
       end
