@@ -161,6 +161,20 @@ describe("models.gpt2", function()
          end
       end)
 
+      it("generate runs the prompt once, then one new token per step", function()
+         local m = models.from_pretrained(DIR)
+         local wte = m.transformer.wte
+         local lengths = {}
+         local class_forward = getmetatable(wte).forward
+         wte.forward = function(self, ids)
+            lengths[#lengths + 1] = ids:size(2)
+            return class_forward(self, ids)
+         end
+         local out = m:generate(exp.input_ids[1], { max_new_tokens = 5 })
+         assert.are.same({ 8, 1, 1, 1, 1 }, lengths)
+         assert.are.same({ unpack(exp.greedy_ids[1], 1, 13) }, out)
+      end)
+
       it("handles several new tokens after a cached prefix (bottom-right causal mask)", function()
          local ids = exp.input_ids[2]
          local full = model(ids)
