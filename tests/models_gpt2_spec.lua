@@ -118,6 +118,29 @@ describe("models.gpt2", function()
       end)
    end)
 
+   describe("left-padded batches (attention_mask)", function()
+      local pad = H.read_json(DIR .. "/padded.json")
+
+      it("gives transformers' logits at the real positions", function()
+         local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+         -- row 1 has 3 padding positions (their outputs are unused and not compared)
+         assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 4, 3),
+            { pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
+         assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
+      end)
+
+      it("generates transformers' greedy ids for prompts of different lengths", function()
+         local out = model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+            max_new_tokens = pad.max_new_tokens })
+         assert.are.same(pad.greedy_ids, out)
+      end)
+
+      it("rejects a mask of the wrong shape", function()
+         assert.has_error(function() model:generate(pad.input_ids, { attention_mask = { { 1, 1 } } }) end,
+            "generate: attention_mask has shape [1, 2], expected [2, 6]")
+      end)
+   end)
+
    describe("from_pretrained options", function()
       it("dtype converts every weight, keeps the tie, and stays close to float32", function()
          local m = models.from_pretrained(DIR, { dtype = "bfloat16" })
@@ -238,7 +261,7 @@ describe("models.gpt2", function()
          assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
             "generate: temperature must be a number >= 0, got -0.5")
          assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
-            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, seed, eos_token_id)')
+            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, seed, eos_token_id, attention_mask)')
          assert.has_error(function() model:generate({ { 1, 2 }, { 3 } }) end,
             "generate: input_ids rows must all have 2 tokens (row 2 differs)")
       end)

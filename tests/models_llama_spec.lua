@@ -95,6 +95,17 @@ describe("models.llama", function()
          assert.is_true(H.max_abs_diff(c, full:narrow(2, 7, 1):tolist()) < 1e-5)
       end)
 
+      it("generates transformers' greedy ids for a left-padded batch", function()
+         local pad = H.read_json(H.FIX .. "/llama_tiny_untied/padded.json")
+         local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+         assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
+         assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
+            { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
+         local out = model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+            max_new_tokens = pad.max_new_tokens })
+         assert.are.same(pad.greedy_ids, out)
+      end)
+
       it("samples reproducibly with a seed", function()
          local o = { max_new_tokens = 6, temperature = 0.7, top_k = 5, seed = 11 }
          assert.are.same(model:generate({ 1, 2 }, o), model:generate({ 1, 2 }, o))

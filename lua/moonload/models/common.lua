@@ -44,11 +44,26 @@ function M.attention(q, k, v, mask, is_causal, scale)
    return T.wrap(out1[0])
 end
 
+--- The attention mask for L new queries over S = past + L keys when some keys are padding:
+-- pad (B, S) bool, true = real token. Returns (B, 1, L, S) bool: causal and not padding; each
+-- query also sees itself, so a padding query never has an empty row (its output is unused,
+-- but NaN there would reach real rows through 0 * NaN in the next layer's attention).
+function M.padded_causal_mask(pad, L, S)
+   local B = pad:size(1)
+   local causal = T.ones({ L, S }, { dtype = "bool" }):tril(S - L)
+   local diagonal = causal:triu(S - L)
+   return causal:logical_and(pad:view(B, 1, 1, S)):logical_or(diagonal)
+end
+
 --- Causal attention of L new queries at positions past..past+L-1 over S = past + L keys.
 -- Prefill (past 0) uses the kernel's causal flag; a single new token sees every key;
--- otherwise an explicit bottom-right aligned lower-triangle mask.
-function M.causal_attention(q, k, v, past, scale)
+-- otherwise an explicit bottom-right aligned lower-triangle mask. pad (B, S) bool (optional)
+-- hides padding keys.
+function M.causal_attention(q, k, v, past, scale, pad)
    local L = q:size(-2)
+   if pad then
+      return M.attention(q, k, v, M.padded_causal_mask(pad, L, k:size(-2)), false, scale)
+   end
    if L == 1 then return M.attention(q, k, v, nil, false, scale) end
    if past == 0 then return M.attention(q, k, v, nil, true, scale) end
    local S = k:size(-2)
@@ -58,14 +73,14 @@ end
 
 --- Grouped-query attention: q (B, H, L, D) against k, v (B, Hkv, S, D) with H = Hkv * n_rep.
 -- The key/value heads are broadcast (expand, no copy) over their query groups.
-function M.gqa_attention(q, k, v, past, scale)
+function M.gqa_attention(q, k, v, past, scale, pad)
    local B, H, L, D = q:size(1), q:size(2), q:size(3), q:size(4)
    local Hkv, S = k:size(2), k:size(3)
-   if Hkv == H then return M.causal_attention(q, k, v, past, scale) end
+   if Hkv == H then return M.causal_attention(q, k, v, past, scale, pad) end
    local rep = H / Hkv
    local kx = k:unsqueeze(3):expand(B, Hkv, rep, S, D):reshape(B, H, S, D)
    local vx = v:unsqueeze(3):expand(B, Hkv, rep, S, v:size(4)):reshape(B, H, S, v:size(4))
-   return M.causal_attention(q, kx, vx, past, scale)
+   return M.causal_attention(q, kx, vx, past, scale, pad)
 end
 
 -- --- token ids ------------------------------------------------------------------------------
@@ -138,6 +153,34 @@ function M.mask_tensor(mask, B, L, who)
    end
    if mask.dtype ~= "bool" then mask = mask:ne(0) end
    return mask
+end
+
+--- Reads the causal-model forward options shared by GPT-2 and Llama: the padding mask
+-- (B, past + L) as bool or nil, and position ids (B, L) int64 or nil (= past .. past+L-1).
+function M.causal_inputs(ids, opts, past, who)
+   local B, L = ids:size(1), ids:size(2)
+   local pad, pos
+   if opts.attention_mask ~= nil then
+      pad = M.mask_tensor(opts.attention_mask, B, past + L, who)
+   end
+   if opts.position_ids ~= nil then
+      pos = M.ids_tensor(opts.position_ids, who .. " (position_ids)")
+      local s = pos.shape
+      if s[2] ~= L or (s[1] ~= B and s[1] ~= 1) then
+         error(string.format("%s: position_ids has shape [%s], expected [%d, %d]", who,
+            table.concat(s, ", "), B, L), 3)
+      end
+   end
+   return pad, pos
+end
+
+--- Position ids as generate derives them from a padding mask (B, S): the count of real tokens
+-- before each position (padding positions get 1, as transformers does), last L columns.
+function M.positions_from_mask(mask, L)
+   local m = mask:to("int64")
+   local pos = m:cumsum(2) - 1
+   pos = pos:masked_fill(m:eq(0), 1)
+   return pos:narrow(2, pos:size(2) - L + 1, L)
 end
 
 -- --- key-value cache ------------------------------------------------------------------------

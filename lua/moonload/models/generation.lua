@@ -34,8 +34,8 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if k ~= "max_new_tokens" and k ~= "temperature" and k ~= "top_k" and k ~= "seed"
-         and k ~= "eos_token_id" and k ~= "do_sample" then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, seed, eos_token_id)',
+         and k ~= "eos_token_id" and k ~= "do_sample" and k ~= "attention_mask" then
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, seed, eos_token_id, attention_mask)',
             WHO, tostring(k)), 3)
       end
    end
@@ -66,9 +66,12 @@ local function shape_output(seq, form)
    return rows
 end
 
---- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, seed, eos_token_id}])
+--- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, seed, eos_token_id,
+-- attention_mask}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
--- tensor (B, T) / (T). Returns the prompt followed by the generated ids, in the input's form.
+-- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
+-- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
+-- the input's form.
 function M.generate(model, input_ids, opts)
    opts = check_opts(opts)
    local ids, form = common.ids_tensor(input_ids, WHO)
@@ -91,7 +94,23 @@ function M.generate(model, input_ids, opts)
    out:narrow(2, 1, L):copy_(ids)
    local eos = opts.eos_token_id
    local done = eos and T.zeros({ B, 1 }, { dtype = "bool" }) or nil
-   local logits = model:forward(ids, { cache = cache, logits_to_keep = 1 })   -- (B, 1, vocab)
+   -- A padding mask (left padding for prompts of different lengths): generated tokens are
+   -- real; positions count the real tokens before each one, as transformers' generate does.
+   local mask
+   if opts.attention_mask ~= nil then
+      mask = T.ones({ B, L + max_new }, { dtype = "int64" })
+      mask:narrow(2, 1, L):copy_(common.mask_tensor(opts.attention_mask, B, L, WHO))
+   end
+   local function step_opts(len, new)
+      local o = { cache = cache, logits_to_keep = 1 }
+      if mask then
+         local m = mask:narrow(2, 1, len)
+         o.attention_mask = m
+         o.position_ids = common.positions_from_mask(m, new)
+      end
+      return o
+   end
+   local logits = model:forward(ids, step_opts(L, L))          -- (B, 1, vocab)
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
@@ -103,7 +122,7 @@ function M.generate(model, input_ids, opts)
          done = done:logical_or(tok:eq(eos))
          if done:sum():item() == B then break end
       end
-      if step < max_new then logits = model:forward(tok, { cache = cache }) end
+      if step < max_new then logits = model:forward(tok, step_opts(L + step, 1)) end
    end
    local seq = out:narrow(2, 1, L + n)
    if form ~= "tensor" then return shape_output(seq, form) end

@@ -60,8 +60,9 @@ function GPT2Attention:__init(cfg, layer_idx)
    rawset(self, "scale", scale)
 end
 
---- x (B, T, C); cache: a models.common cache or nil. Returns (B, T, C).
-function GPT2Attention:forward(x, cache)
+--- x (B, T, C); cache: a models.common cache or nil; pad (B, past + T) bool or nil.
+-- Returns (B, T, C).
+function GPT2Attention:forward(x, cache, pad)
    local B, L, C = x:size(1), x:size(2), x:size(3)
    local H, D = self.n_head, self.head_dim
    local qkv = self.c_attn(x)                                  -- (B, T, 3C)
@@ -74,7 +75,7 @@ function GPT2Attention:forward(x, cache)
       past = cache.length
       k, v = cache:update(self.layer_idx, k, v)
    end
-   local y = common.causal_attention(q, k, v, past, self.scale) -- (B, H, T, D)
+   local y = common.causal_attention(q, k, v, past, self.scale, pad) -- (B, H, T, D)
    y = y:transpose(2, 3):reshape(B, L, C)
    return self.c_proj(y)
 end
@@ -107,8 +108,8 @@ function GPT2Block:__init(cfg, layer_idx)
    self.mlp = GPT2MLP(cfg)
 end
 
-function GPT2Block:forward(x, cache)
-   x = x + self.attn(self.ln_1(x), cache)
+function GPT2Block:forward(x, cache, pad)
+   x = x + self.attn(self.ln_1(x), cache, pad)
    return x + self.mlp(self.ln_2(x))
 end
 
@@ -130,8 +131,9 @@ function GPT2Model:__init(cfg)
    rawset(self, "config", cfg)
 end
 
---- input_ids (B, T) int64; cache optional. Returns the final hidden states (B, T, C).
-function GPT2Model:forward(input_ids, cache)
+--- input_ids (B, T) int64; cache optional; pad (B, past + T) bool or nil; pos (B, T) int64
+-- or nil (positions past .. past+T-1). Returns the final hidden states (B, T, C).
+function GPT2Model:forward(input_ids, cache, pad, pos)
    local cfg = self.config
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
@@ -139,10 +141,10 @@ function GPT2Model:forward(input_ids, cache)
       error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds n_positions %d",
          WHO, past + L, past, L, cfg.n_positions), 3)
    end
-   local pos = T.arange(past, past + L)
+   pos = pos or T.arange(past, past + L)
    local x = self.wte(input_ids) + self.wpe(pos)
    local n = cfg.n_layer
-   for i = 1, n do x = self.h[i](x, cache) end
+   for i = 1, n do x = self.h[i](x, cache, pad) end
    if cache then cache:advance(L) end
    return self.ln_f(x)
 end
@@ -172,14 +174,19 @@ function GPT2LMHeadModel:tie_weights()
    end
 end
 
---- forward(input_ids[, {cache = c, logits_to_keep = n}]) -> logits (B, T, vocab), or (B, n, vocab)
--- for the last n positions only when logits_to_keep is set (generate asks for 1).
+--- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep}]) -> logits (B, T, vocab),
+-- or (B, n, vocab) for the last n positions only when logits_to_keep = n (generate asks for 1).
+-- attention_mask (B, past + T), 1 = token, 0 = padding; position_ids (B, T) default to
+-- past .. past+T-1 (generate derives them from the mask, as transformers does).
 -- input_ids: int64 tensor (B, T) or (T), or Lua lists of 0-based token ids.
 function GPT2LMHeadModel:forward(input_ids, opts)
    local ids = common.ids_tensor(input_ids, WHO .. ".forward")
    common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
-   local h = self.transformer(ids, opts and opts.cache)
-   local keep = opts and opts.logits_to_keep
+   opts = opts or {}
+   local cache = opts.cache
+   local pad, pos = common.causal_inputs(ids, opts, cache and cache.length or 0, WHO .. ".forward")
+   local h = self.transformer(ids, cache, pad, pos)
+   local keep = opts.logits_to_keep
    if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
    return self.lm_head(h)
 end

@@ -124,11 +124,11 @@ function LlamaRotaryEmbedding:__init(cfg)
    self:register_buffer("inv_freq", inv_freq, false)
 end
 
---- cos, sin (T, D) for positions start .. start+T-1 (float32).
-function LlamaRotaryEmbedding:forward(start, L)
-   local pos = T.arange(start, start + L, { dtype = "float32" }):unsqueeze(2)  -- (T, 1)
-   local freqs = pos * self.inv_freq:float():unsqueeze(1)                  -- (T, D/2)
-   local emb = T.cat({ freqs, freqs }, 2)                                   -- (T, D)
+--- cos, sin (float32) for positions: (T) or (B, T) -> (T, D) or (B, T, D).
+function LlamaRotaryEmbedding:forward(positions)
+   local pos = positions:float():unsqueeze(-1)                             -- (..., T, 1)
+   local freqs = pos * self.inv_freq:float()                                -- (..., T, D/2)
+   local emb = T.cat({ freqs, freqs }, -1)                                  -- (..., T, D)
    return emb:cos(), emb:sin()
 end
 
@@ -163,8 +163,8 @@ function LlamaAttention:__init(cfg, layer_idx)
    rawset(self, "layer_idx", layer_idx)
 end
 
---- x (B, T, hidden); cos, sin (T, D); cache optional.
-function LlamaAttention:forward(x, cos, sin, cache)
+--- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
+function LlamaAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
    local q = self.q_proj(x):view(B, L, H, D):transpose(2, 3)      -- (B, H, T, D)
@@ -177,7 +177,7 @@ function LlamaAttention:forward(x, cos, sin, cache)
       past = cache.length
       k, v = cache:update(self.layer_idx, k, v)
    end
-   local y = common.gqa_attention(q, k, v, past, self.scale)     -- (B, H, T, D)
+   local y = common.gqa_attention(q, k, v, past, self.scale, pad) -- (B, H, T, D)
    y = y:transpose(2, 3):reshape(B, L, H * D)
    return self.o_proj(y)
 end
@@ -209,8 +209,8 @@ function LlamaDecoderLayer:__init(cfg, layer_idx)
    self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
 
-function LlamaDecoderLayer:forward(x, cos, sin, cache)
-   x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+function LlamaDecoderLayer:forward(x, cos, sin, cache, pad)
+   x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pad)
    return x + self.mlp(self.post_attention_layernorm(x))
 end
 
@@ -231,16 +231,18 @@ function LlamaModel:__init(cfg)
    rawset(self, "config", cfg)
 end
 
---- input_ids (B, T) int64; cache optional. Returns the final hidden states (B, T, hidden).
-function LlamaModel:forward(input_ids, cache)
+--- input_ids (B, T) int64; cache optional; pad (B, past + T) bool or nil; pos (B, T) int64
+-- or nil (positions past .. past+T-1). Returns the final hidden states (B, T, hidden).
+function LlamaModel:forward(input_ids, cache, pad, pos)
    local cfg = self.config
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    local x = self.embed_tokens(input_ids)
-   local cos, sin = self.rotary_emb(past, L)
+   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L))
+   if cos:dim() == 3 then cos, sin = cos:unsqueeze(2), sin:unsqueeze(2) end  -- (B, 1, T, D)
    if cos.dtype ~= x.dtype then cos, sin = cos:to(x.dtype), sin:to(x.dtype) end
    if cos.device ~= x.device then cos, sin = cos:to(x.device), sin:to(x.device) end
-   for i = 1, cfg.num_hidden_layers do x = self.layers[i](x, cos, sin, cache) end
+   for i = 1, cfg.num_hidden_layers do x = self.layers[i](x, cos, sin, cache, pad) end
    if cache then cache:advance(L) end
    return self.norm(x)
 end
@@ -269,13 +271,18 @@ function LlamaForCausalLM:tie_weights()
    end
 end
 
---- forward(input_ids[, {cache = c, logits_to_keep = n}]) -> logits (B, T, vocab), or (B, n, vocab)
--- for the last n positions only when logits_to_keep is set (generate asks for 1).
+--- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep}]) -> logits (B, T, vocab),
+-- or (B, n, vocab) for the last n positions only when logits_to_keep = n (generate asks for 1).
+-- attention_mask (B, past + T), 1 = token, 0 = padding; position_ids (B, T) default to
+-- past .. past+T-1 (generate derives them from the mask, as transformers does).
 function LlamaForCausalLM:forward(input_ids, opts)
    local ids = common.ids_tensor(input_ids, WHO .. ".forward")
    common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
-   local h = self.model(ids, opts and opts.cache)
-   local keep = opts and opts.logits_to_keep
+   opts = opts or {}
+   local cache = opts.cache
+   local pad, pos = common.causal_inputs(ids, opts, cache and cache.length or 0, WHO .. ".forward")
+   local h = self.model(ids, cache, pad, pos)
+   local keep = opts.logits_to_keep
    if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
    return self.lm_head(h)
 end
