@@ -51,24 +51,6 @@ end
 --- The directory holding the compiled C peers (set by bench/run.sh).
 M.bin = os.getenv("MOONLOAD_BENCH_BIN") or "build/bench"
 
--- Output allocation. Every op allocates its output; a big fresh block comes from mmap and each
--- of its pages faults on first write (about 0.4 ms per MiB here), which C peers writing into a
--- reused buffer never pay. "fresh" measures moonload as it is; "recycled" reruns the same script
--- with glibc told to keep freed blocks (no mmap, no trimming) and the previous output collected
--- before each timed run, so the figure is the kernel itself: what a caching allocator would give.
-M.alloc = os.getenv("MOONLOAD_BENCH_RECYCLED") == "1" and "recycled" or "fresh"
-local RECYCLE_ENV = "GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 "
-   .. "MOONLOAD_BENCH_RECYCLED=1"
-
---- In fresh mode, runs this benchmark script again in recycled mode (its JSON lines follow).
-function M.rerun_recycled()
-   if M.alloc ~= "fresh" or os.getenv("MOONLOAD_BENCH_NO_RECYCLED") then return end
-   io.flush()
-   local script = arg and arg[0]
-   local exe = arg and arg[-1] or "luajit"
-   os.execute(string.format("%s %s %s", RECYCLE_ENV, exe, script))
-end
-
 --- Best wall time of fn over reps runs after one warm-up; the previous result is collected
 -- (untimed) before each run so its memory can be reused or returned.
 function M.best_collect(reps, fn)
