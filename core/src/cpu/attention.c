@@ -99,6 +99,7 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
 
 ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                   bool is_causal, double scale, ml_tensor **out) {
+  ml_blas_init();
   ML_TRY(ml_check_cpu_op("sdpa", q, "query"));
   ML_TRY(ml_check_cpu_op("sdpa", k, "key"));
   ML_TRY(ml_check_cpu_op("sdpa", v, "value"));

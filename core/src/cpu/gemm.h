@@ -55,6 +55,10 @@ ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha,
    what names the operand in the message ("the input", "the weight"). */
 ml_status ml_check_cpu_op(const char *fn, const ml_tensor *t, const char *what);
 
+/* Makes OpenBLAS single-threaded (once); ml_gemm calls it, and ops that run GEMMs on worker
+   threads call it first from the calling thread. */
+void ml_blas_init(void);
+
 /* Whether dims [0, nd) of a strided shape fold into one dim: *rows elements of stride *rs (dims of
    size 1 are ignored; *rs is 0 when every dim has size 1). */
 bool ml_fold_dims(int nd, const int64_t *shape, const int64_t *strides, int64_t *rows, int64_t *rs);

@@ -18,7 +18,7 @@
    OpenMP) busy-wait against each other between calls: GPT-2 decode ran 3.5x slower that way. */
 static atomic_int blas_single;
 
-static void blas_single_threaded(void) {
+void ml_blas_init(void) {
   if (!atomic_load_explicit(&blas_single, memory_order_relaxed)) {
     openblas_set_num_threads(1);
     atomic_store(&blas_single, 1);
@@ -226,7 +226,7 @@ done:
 ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                   const void *bias, ml_dtype ct, void *C, ml_dtype cdt, int64_t ldc) {
   if (M <= 0 || N <= 0) return ML_OK;
-  blas_single_threaded();
+  ml_blas_init();
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX || ldc > INT_MAX)
     return ml_fail(ML_EINVAL, "%s: a %lld x %lld x %lld product is too large for BLAS", fn, (long long)M,
                    (long long)N, (long long)K);
@@ -317,6 +317,7 @@ static void matmul_batches(void *ctx, int64_t begin, int64_t end) {
 }
 
 ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
+  ml_blas_init();
   ML_TRY(ml_check_cpu_op("matmul", a, "the first argument"));
   ML_TRY(ml_check_cpu_op("matmul", b, "the second argument"));
   char sa[ML_SHAPE_BUF], sb[ML_SHAPE_BUF];
