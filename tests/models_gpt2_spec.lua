@@ -307,6 +307,41 @@ describe("models.gpt2", function()
          assert.are.equal("transformer.h.1.attn.c_attn.bias", unexpected[1])
       end)
 
+      it("leaves the model untouched when a strict load fails", function()
+         local m = gpt2.GPT2LMHeadModel({ vocab_size = 100, n_positions = 64, n_embd = 32, n_layer = 3, n_head = 4 })
+         local before = m.transformer.h[1].ln_1.weight:clone()
+         local wte_before = m.transformer.wte.weight:clone()
+         assert.has_error(function() models.load_checkpoint(m, DIR .. "/model.safetensors") end)
+         assert.is_true(m.transformer.h[1].ln_1.weight:equal(before))
+         assert.is_true(m.transformer.wte.weight:equal(wte_before))
+      end)
+
+      it("rejects a bad sharded index: no weight_map, a shard outside the folder, a missing shard", function()
+         local dir = H.tmpdir()
+         H.copy(DIR .. "/config.json", dir .. "/config.json")
+         local index = dir .. "/model.safetensors.index.json"
+         H.write(index, '{"metadata": {}}')
+         assert.has_error(function() models.from_pretrained(dir) end,
+            'from_pretrained: ' .. index .. ' has no "weight_map" object')
+         H.write(index, '{"weight_map": {"transformer.wte.weight": "../model.safetensors"}}')
+         assert.has_error(function() models.from_pretrained(dir) end,
+            'from_pretrained: ' .. index .. ' maps "transformer.wte.weight" to ../model.safetensors, expected a file name in the same folder')
+         H.write(index, '{"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}')
+         assert.has_error(function() models.from_pretrained(dir) end,
+            "from_pretrained: shard " .. dir .. "/model-00001-of-00002.safetensors listed in " .. index .. " does not exist")
+         H.rmdir(dir)
+      end)
+
+      it("rejects an index that names a tensor its shard does not hold", function()
+         local dir = H.tmpdir()
+         H.copy(DIR .. "/config.json", dir .. "/config.json")
+         H.copy(DIR .. "/model.safetensors", dir .. "/shard.safetensors")
+         H.write(dir .. "/model.safetensors.index.json", '{"weight_map": {"transformer.wte.weight": "shard.safetensors", "lm_head.weight": "shard.safetensors"}}')
+         assert.has_error(function() models.from_pretrained(dir) end,
+            'from_pretrained: tensor "lm_head.weight" listed in ' .. dir .. '/model.safetensors.index.json is not in shard ' .. dir .. '/shard.safetensors')
+         H.rmdir(dir)
+      end)
+
       it("reports a folder without a checkpoint", function()
          local dir = H.tmpdir()
          H.copy(DIR .. "/config.json", dir .. "/config.json")

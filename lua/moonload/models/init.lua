@@ -64,41 +64,43 @@ function M.class_for(model_type, src)
    return require(a.module)[a.class]
 end
 
---- Finds the checkpoint in a folder: returns {kind = "single", path} or
--- {kind = "sharded", index = path, weight_map = {name -> file path}, files = {ordered paths}}.
+--- Reads a sharded checkpoint's index: {kind = "sharded", index = path, weight_map = {name ->
+-- shard path}, files = {shard paths, sorted}}. Shards must sit in the index's folder and exist.
+local function parse_index(index, who)
+   local dir = index:match("^(.*)/[^/]*$") or "."
+   local t = read_json(index, who)
+   local wm = t.weight_map
+   if type(wm) ~= "table" then
+      error(string.format('%s: %s has no "weight_map" object', who, index), 3)
+   end
+   local map, files, seen = {}, {}, {}
+   for name, file in pairs(wm) do
+      if type(file) ~= "string" or file:find("/", 1, true) or file:find("..", 1, true) then
+         error(string.format('%s: %s maps "%s" to %s, expected a file name in the same folder',
+            who, index, tostring(name), tostring(file)), 3)
+      end
+      local path = dir .. "/" .. file
+      map[name] = path
+      if not seen[path] then
+         if not file_exists(path) then
+            error(string.format("%s: shard %s listed in %s does not exist", who, path, index), 3)
+         end
+         seen[path] = true
+         files[#files + 1] = path
+      end
+   end
+   table.sort(files)
+   return { kind = "sharded", index = index, weight_map = map, files = files }
+end
+
+--- Finds the checkpoint in a folder: returns {kind = "single", path} or the parsed index of a
+-- sharded one (model.safetensors is looked for first, as transformers does).
 function M.find_checkpoint(dir, who)
    who = who or "from_pretrained"
    local single = dir .. "/model.safetensors"
-   local index = dir .. "/model.safetensors.index.json"
-   if file_exists(index) then
-      local t = read_json(index, who)
-      local wm = t.weight_map
-      if type(wm) ~= "table" then
-         error(string.format('%s: %s has no "weight_map" object', who, index), 2)
-      end
-      local map, files, seen = {}, {}, {}
-      local names = {}
-      for name in pairs(wm) do names[#names + 1] = name end
-      table.sort(names)
-      for _, name in ipairs(names) do
-         local file = wm[name]
-         if type(file) ~= "string" or file:find("/", 1, true) or file:find("..", 1, true) then
-            error(string.format('%s: %s maps "%s" to %s, expected a file name in the same folder',
-               who, index, name, tostring(file)), 2)
-         end
-         local path = dir .. "/" .. file
-         map[name] = path
-         if not seen[path] then
-            if not file_exists(path) then
-               error(string.format("%s: shard %s listed in %s does not exist", who, path, index), 2)
-            end
-            seen[path] = true
-            files[#files + 1] = path
-         end
-      end
-      return { kind = "sharded", index = index, weight_map = map, files = files }
-   end
    if file_exists(single) then return { kind = "single", path = single } end
+   local index = dir .. "/model.safetensors.index.json"
+   if file_exists(index) then return parse_index(index, who) end
    error(string.format("%s: no model.safetensors or model.safetensors.index.json in %s", who, dir), 2)
 end
 
@@ -150,7 +152,7 @@ end
 function M.remap_state_dict(model, sd)
    local cls = getmetatable(model)
    local expected = {}
-   for name in pairs(model:state_dict()) do expected[name] = true end
+   for name in pairs(model:state_dict({ keep_vars = true })) do expected[name] = true end
    local p = model.base_model_prefix and (model.base_model_prefix .. ".") or nil
    local out = {}
    for name, t in pairs(sd) do
@@ -203,7 +205,7 @@ function M.load_into(model, sd, opts)
    local who = opts.who or "load_checkpoint"
    local strict = opts.strict ~= false
    sd = M.remap_state_dict(model, sd)
-   local params = model:state_dict()
+   local params, keys = model:state_dict({ keep_vars = true })
    local wrong = {}
    local names = {}
    for name in pairs(sd) do names[#names + 1] = name end
@@ -223,17 +225,26 @@ function M.load_into(model, sd, opts)
    if #wrong > 0 then
       error(who .. ": checkpoint tensors of the wrong shape: " .. table.concat(wrong, ", "), 3)
    end
+   -- Checked before anything is written: a failed strict load leaves the model as it was.
+   if strict then
+      local missing, unexpected = {}, {}
+      for _, k in ipairs(keys) do
+         if sd[k] == nil then missing[#missing + 1] = k end
+      end
+      for _, name in ipairs(names) do
+         if params[name] == nil then unexpected[#unexpected + 1] = name end
+      end
+      if #missing > 0 or #unexpected > 0 then
+         local parts = {}
+         if #missing > 0 then parts[#parts + 1] = "missing keys " .. join(missing) end
+         if #unexpected > 0 then parts[#parts + 1] = "unexpected keys " .. join(unexpected) end
+         error(who .. ": checkpoint does not match the model: " .. table.concat(parts, "; "), 3)
+      end
+   end
    local ok, missing, unexpected = pcall(model.load_state_dict, model, sd, { strict = false })
    if not ok then error(who .. ": " .. tostring(missing), 3) end
-   missing, unexpected = missing or {}, unexpected or {}
-   if strict and (#missing > 0 or #unexpected > 0) then
-      local parts = {}
-      if #missing > 0 then parts[#parts + 1] = "missing keys " .. join(missing) end
-      if #unexpected > 0 then parts[#parts + 1] = "unexpected keys " .. join(unexpected) end
-      error(who .. ": checkpoint does not match the model: " .. table.concat(parts, "; "), 3)
-   end
    if model.tie_weights then model:tie_weights() end
-   return missing, unexpected
+   return missing or {}, unexpected or {}
 end
 
 --- load_checkpoint(model, checkpoint[, {strict = true}]): loads a .safetensors file, a sharded
@@ -245,19 +256,7 @@ function M.load_checkpoint(model, checkpoint, opts)
    end
    local ckpt
    if checkpoint:match("%.json$") then
-      local dir = checkpoint:match("^(.*)/[^/]*$") or "."
-      local t = read_json(checkpoint, "load_checkpoint")
-      if type(t.weight_map) ~= "table" then
-         error(string.format('load_checkpoint: %s has no "weight_map" object', checkpoint), 2)
-      end
-      local map, files, seen = {}, {}, {}
-      for name, file in pairs(t.weight_map) do
-         local path = dir .. "/" .. tostring(file)
-         map[name] = path
-         if not seen[path] then seen[path] = true; files[#files + 1] = path end
-      end
-      table.sort(files)
-      ckpt = { kind = "sharded", index = checkpoint, weight_map = map, files = files }
+      ckpt = parse_index(checkpoint, "load_checkpoint")
    elseif checkpoint:match("%.safetensors$") then
       ckpt = { kind = "single", path = checkpoint }
    else
