@@ -63,7 +63,7 @@ end
 --- ids (B, T), token_type_ids (B, T) -> (B, T, hidden)
 function BertEmbeddings:forward(ids, token_type_ids)
    local L = ids:size(2)
-   local pos = T.arange(0, L)
+   local pos = T.arange(0, L, { device = ids.device })
    local x = self.word_embeddings(ids) + self.token_type_embeddings(token_type_ids)
       + self.position_embeddings(pos)
    return self.LayerNorm(x)
@@ -235,7 +235,7 @@ function BertModel:forward(input_ids, opts)
    end
    local tt = opts.token_type_ids
    if tt == nil then
-      tt = T.zeros({ B, L }, { dtype = "int64" })
+      tt = T.zeros({ B, L }, { dtype = "int64", device = ids.device })
    else
       tt = common.ids_tensor(tt, who)
       common.check_vocab(tt, self.config.type_vocab_size, who .. " (token_type_ids)")

@@ -50,7 +50,7 @@ end
 -- but NaN there would reach real rows through 0 * NaN in the next layer's attention).
 function M.padded_causal_mask(pad, L, S)
    local B = pad:size(1)
-   local causal = T.ones({ L, S }, { dtype = "bool" }):tril(S - L)
+   local causal = T.ones({ L, S }, { dtype = "bool", device = pad.device }):tril(S - L)
    local diagonal = causal:triu(S - L)
    return causal:logical_and(pad:view(B, 1, 1, S)):logical_or(diagonal)
 end
@@ -67,7 +67,7 @@ function M.causal_attention(q, k, v, past, scale, pad)
    if L == 1 then return M.attention(q, k, v, nil, false, scale) end
    if past == 0 then return M.attention(q, k, v, nil, true, scale) end
    local S = k:size(-2)
-   local mask = T.ones({ L, S }, { dtype = "bool" }):tril(S - L)
+   local mask = T.ones({ L, S }, { dtype = "bool", device = q.device }):tril(S - L)
    return M.attention(q, k, v, mask, false, scale)
 end
 
@@ -84,6 +84,14 @@ function M.gqa_attention(q, k, v, past, scale, pad)
 end
 
 -- --- token ids ------------------------------------------------------------------------------
+
+--- Moves ids made from Lua lists (CPU) to the device of the embedding weight, when it has one
+-- (a model moved with :to("cuda:0")); under hooks the weight is on meta and hooks move inputs.
+function M.to_weight_device(ids, weight)
+   local dev = weight.device
+   if dev ~= "meta" and dev ~= ids.device then return ids:to(dev) end
+   return ids
+end
 
 --- Token ids as an int64 tensor (B, T). Accepts a flat Lua list (batch 1), a list of equal-length
 -- lists, or an integer tensor of 1 or 2 dims. Returns the tensor and how the input was shaped
@@ -162,6 +170,7 @@ function M.causal_inputs(ids, opts, past, who)
    local pad, pos
    if opts.attention_mask ~= nil then
       pad = M.mask_tensor(opts.attention_mask, B, past + L, who)
+      if pad.device ~= ids.device then pad = pad:to(ids.device) end
    end
    if opts.position_ids ~= nil then
       pos = M.ids_tensor(opts.position_ids, who .. " (position_ids)")
@@ -170,6 +179,7 @@ function M.causal_inputs(ids, opts, past, who)
          error(string.format("%s: position_ids has shape [%s], expected [%d, %d]", who,
             table.concat(s, ", "), B, L), 3)
       end
+      if pos.device ~= ids.device then pos = pos:to(ids.device) end
    end
    return pad, pos
 end

@@ -4,7 +4,7 @@
 -- from softmax(logits / temperature), restricted to the top_k most likely tokens when top_k is
 -- set, reproducibly for a given seed.
 --
--- A model plugs in by providing forward(ids, {cache = c, logits_to_keep = n}) -> logits
+-- A model plugs in by being callable as model(ids, {cache = c, logits_to_keep = n}) -> logits
 -- (B, T or n, vocab) (which advances the cache), new_cache(capacity), max_length() and config.vocab_size.
 local T = require("moonload.tensor")
 local C = require("moonload.C")
@@ -90,15 +90,16 @@ function M.generate(model, input_ids, opts)
    if max_new == 0 then return shape_output(ids, form) end
 
    local cache = model:new_cache(L + max_new)
-   local out = T.empty({ B, L + max_new }, { dtype = "int64" })
+   local dev = ids.device
+   local out = T.empty({ B, L + max_new }, { dtype = "int64", device = dev })
    out:narrow(2, 1, L):copy_(ids)
    local eos = opts.eos_token_id
-   local done = eos and T.zeros({ B, 1 }, { dtype = "bool" }) or nil
+   local done
    -- A padding mask (left padding for prompts of different lengths): generated tokens are
    -- real; positions count the real tokens before each one, as transformers' generate does.
    local mask
    if opts.attention_mask ~= nil then
-      mask = T.ones({ B, L + max_new }, { dtype = "int64" })
+      mask = T.ones({ B, L + max_new }, { dtype = "int64", device = dev })
       mask:narrow(2, 1, L):copy_(common.mask_tensor(opts.attention_mask, B, L, WHO))
    end
    local function step_opts(len, new)
@@ -110,11 +111,12 @@ function M.generate(model, input_ids, opts)
       end
       return o
    end
-   local logits = model:forward(ids, step_opts(L, L))          -- (B, 1, vocab)
+   local logits = model(ids, step_opts(L, L))                  -- (B, 1, vocab)
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
       local tok = next_tokens(last, temperature, opts.top_k)  -- (B, 1) int64
+      if eos and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
       if done then tok = T.where(done, eos, tok) end
       out:narrow(2, L + step, 1):copy_(tok)
       n = step
@@ -122,7 +124,7 @@ function M.generate(model, input_ids, opts)
          done = done:logical_or(tok:eq(eos))
          if done:sum():item() == B then break end
       end
-      if step < max_new then logits = model:forward(tok, step_opts(L + step, 1)) end
+      if step < max_new then logits = model(tok, step_opts(L + step, 1)) end
    end
    local seq = out:narrow(2, 1, L + n)
    if form ~= "tensor" then return shape_output(seq, form) end

@@ -141,7 +141,7 @@ function GPT2Model:forward(input_ids, cache, pad, pos)
       error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds n_positions %d",
          WHO, past + L, past, L, cfg.n_positions), 3)
    end
-   pos = pos or T.arange(past, past + L)
+   pos = pos or T.arange(past, past + L, { device = input_ids.device })
    local x = self.wte(input_ids) + self.wpe(pos)
    local n = cfg.n_layer
    for i = 1, n do x = self.h[i](x, cache, pad) end
@@ -182,6 +182,7 @@ end
 function GPT2LMHeadModel:forward(input_ids, opts)
    local ids = common.ids_tensor(input_ids, WHO .. ".forward")
    common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
+   ids = common.to_weight_device(ids, self.transformer.wte.weight)
    opts = opts or {}
    local cache = opts.cache
    local pad, pos = common.causal_inputs(ids, opts, cache and cache.length or 0, WHO .. ".forward")

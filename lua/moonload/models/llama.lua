@@ -238,7 +238,7 @@ function LlamaModel:forward(input_ids, cache, pad, pos)
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    local x = self.embed_tokens(input_ids)
-   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L))
+   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
    if cos:dim() == 3 then cos, sin = cos:unsqueeze(2), sin:unsqueeze(2) end  -- (B, 1, T, D)
    if cos.dtype ~= x.dtype then cos, sin = cos:to(x.dtype), sin:to(x.dtype) end
    if cos.device ~= x.device then cos, sin = cos:to(x.device), sin:to(x.device) end
@@ -278,6 +278,7 @@ end
 function LlamaForCausalLM:forward(input_ids, opts)
    local ids = common.ids_tensor(input_ids, WHO .. ".forward")
    common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
+   ids = common.to_weight_device(ids, self.model.embed_tokens.weight)
    opts = opts or {}
    local cache = opts.cache
    local pad, pos = common.causal_inputs(ids, opts, cache and cache.length or 0, WHO .. ".forward")
