@@ -5,7 +5,8 @@
 -- set, reproducibly for a given seed.
 --
 -- A model plugs in by being callable as model(ids, {cache = c, logits_to_keep = n}) -> logits
--- (B, T or n, vocab) (which advances the cache), new_cache(capacity), max_length() and config.vocab_size.
+-- (B, T or n, vocab) (advancing the cache), and by providing new_cache(capacity), max_length()
+-- and config.vocab_size.
 local T = require("moonload.tensor")
 local C = require("moonload.C")
 local common = require("moonload.models.common")

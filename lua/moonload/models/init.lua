@@ -297,7 +297,9 @@ function M.from_pretrained(dir, opts)
    if raw.model_type == "bert" then
       -- sentence-transformers checkpoints may come without the pooler: build to match.
       local has_pooler = false
-      for _, name in ipairs(names) do if name:find("^pooler%.") or name:find("%.pooler%.") then has_pooler = true break end end
+      for _, name in ipairs(names) do
+         if name:find("^pooler%.") or name:find("%.pooler%.") then has_pooler = true break end
+      end
       build_opts = { add_pooling_layer = has_pooler }
    end
    local function build() return cls(cfg_path, build_opts) end
