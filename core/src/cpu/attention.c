@@ -97,13 +97,35 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
   ml_aligned_free(scores);
 }
 
+/* t (..., H, S, E) -> (..., H * group, S, E), head h of the result being t's head h / group
+   (a copy on t's device: an expanded view cannot fold the two head dims into one). */
+static ml_status repeat_heads(const ml_tensor *t, int64_t group, ml_tensor **out) {
+  int nd = t->ndim;
+  if (nd + 1 > ML_MAX_DIMS)
+    return ml_fail(ML_EINVAL, "sdpa: cannot repeat the key/value heads of a %d-d tensor", nd);
+  int64_t ex[ML_MAX_DIMS], flat[ML_MAX_DIMS];
+  for (int i = 0, o = 0; i < nd; i++) {
+    ex[o++] = t->shape[i];
+    if (i == nd - 3) ex[o++] = group;
+    flat[i] = i == nd - 3 ? t->shape[i] * group : t->shape[i];
+  }
+  ml_tensor *u, *e;
+  ML_TRY(ml_tensor_unsqueeze(t, nd - 2, &u));
+  ml_status st = ml_tensor_expand(u, nd + 1, ex, &e);
+  ml_tensor_release(u);
+  if (st) return st;
+  st = ml_tensor_reshape(e, nd, flat, out);
+  ml_tensor_release(e);
+  return st;
+}
+
 ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                   bool is_causal, double scale, ml_tensor **out) {
   ml_blas_init();
-  ML_TRY(ml_check_cpu_op("sdpa", q, "query"));
-  ML_TRY(ml_check_cpu_op("sdpa", k, "key"));
-  ML_TRY(ml_check_cpu_op("sdpa", v, "value"));
-  if (mask) ML_TRY(ml_check_cpu_op("sdpa", mask, "attn_mask"));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("sdpa", 4, (const ml_tensor *[]){q, k, v, mask},
+                     (const char *[]){"query", "key", "value", "attn_mask"}, &cu));
+  if (cu && !cu->sdpa) return ml_no_cuda_entry("sdpa", q);
   char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF], c[ML_SHAPE_BUF];
   if (q->ndim < 2 || k->ndim < 2 || v->ndim < 2)
     return ml_fail(ML_EINVAL, "sdpa: query, key and value need at least 2 dims, got shapes %s, %s and %s",
@@ -176,7 +198,22 @@ ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, co
   oshape[j.nbd] = j.L;
   oshape[j.nbd + 1] = j.Ev;
   ml_tensor *o;
-  ML_TRY(ml_tensor_empty(q->dtype, j.nbd + 2, oshape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(q->dtype, j.nbd + 2, oshape, q->storage->device, &o));
+  if (cu) {
+    /* The CUDA entry broadcasts batch dims only: grouped key/value heads are repeated first. */
+    ml_tensor *kx = NULL, *vx = NULL;
+    ml_status st = ML_OK;
+    if (j.group > 1) {
+      st = repeat_heads(k, j.group, &kx);
+      if (!st) st = repeat_heads(v, j.group, &vx);
+    }
+    if (!st) st = cu->sdpa(q, kx ? kx : k, vx ? vx : v, mask, is_causal, j.scale, o);
+    ml_tensor_release(kx);
+    ml_tensor_release(vx);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   j.out = ml_tensor_data(o);
   int64_t nbh = ml_shape_numel(j.nbd, j.bshape);
   if (ml_tensor_numel(o) == 0) { *out = o; return ML_OK; }

@@ -51,9 +51,14 @@ typedef struct {
 ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                   const void *bias, ml_dtype ct, void *C, ml_dtype cdt, int64_t ldc);
 
-/* Fails unless t is on the cpu: meta (no data) is ML_EINVAL, cuda is ML_EUNSUPPORTED for now.
-   what names the operand in the message ("the input", "the weight"). */
-ml_status ml_check_cpu_op(const char *fn, const ml_tensor *t, const char *what);
+/* Where an op runs. Checks that every tensor (NULL ones are skipped) has data (not meta) and
+   that all share one device, naming them by what[i] in messages; *cu is the loaded CUDA
+   backend's table when they are on cuda (the caller checks its entry: ml_no_cuda_entry), NULL on
+   the cpu. The op then validates as on the cpu, allocates its output on the device and calls the
+   entry, which only computes (core/src/cuda_api.h). */
+ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const char *const *what,
+                      const ml_cuda_api **cu);
+ml_status ml_no_cuda_entry(const char *fn, const ml_tensor *t);
 
 /* Makes OpenBLAS single-threaded (once); ml_gemm calls it, and ops that run GEMMs on worker
    threads call it first from the calling thread. */

@@ -25,14 +25,31 @@ void ml_blas_init(void) {
   }
 }
 
-ml_status ml_check_cpu_op(const char *fn, const ml_tensor *t, const char *what) {
-  ml_device d = t->storage->device;
-  if (d.type == ML_DEVICE_META)
-    return ml_fail(ML_EINVAL, "%s: %s is on the meta device and has no data", fn, what);
-  if (d.type != ML_DEVICE_CPU)
-    return ml_fail(ML_EUNSUPPORTED, "%s: %s is on %s; this op runs on the cpu only for now", fn, what,
-                   ml_device_str(d));
+ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const char *const *what,
+                      const ml_cuda_api **cu) {
+  *cu = NULL;
+  const ml_tensor *first = NULL;
+  int fi = 0;
+  for (int i = 0; i < n; i++) {
+    if (!ts[i]) continue;
+    if (ts[i]->storage->device.type == ML_DEVICE_META)
+      return ml_fail(ML_EINVAL, "%s: %s is on the meta device and has no data", fn, what[i]);
+    if (!first) { first = ts[i]; fi = i; continue; }
+    if (!ml_device_equal(first->storage->device, ts[i]->storage->device))
+      return ml_fail(ML_EINVAL, "%s: %s is on %s but %s is on %s", fn, what[fi], ml_device_str(first->storage->device),
+                     what[i], ml_device_str(ts[i]->storage->device));
+  }
+  if (first && first->storage->device.type == ML_DEVICE_CUDA) {
+    if (!(*cu = ml_cuda())) return ML_EUNSUPPORTED;   /* the loader's message says why */
+  } else if (first && first->storage->device.type != ML_DEVICE_CPU) {
+    return ml_fail(ML_EUNSUPPORTED, "%s: tensors on %s are not supported", fn, ml_device_str(first->storage->device));
+  }
   return ML_OK;
+}
+
+ml_status ml_no_cuda_entry(const char *fn, const ml_tensor *t) {
+  return ml_fail(ML_EUNSUPPORTED, "%s: the CUDA backend has no kernel for this op (tensors on %s; move them to cpu)",
+                 fn, ml_device_str(t->storage->device));
 }
 
 // --- packing ---------------------------------------------------------------------------------
@@ -318,8 +335,10 @@ static void matmul_batches(void *ctx, int64_t begin, int64_t end) {
 
 ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
   ml_blas_init();
-  ML_TRY(ml_check_cpu_op("matmul", a, "the first argument"));
-  ML_TRY(ml_check_cpu_op("matmul", b, "the second argument"));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("matmul", 2, (const ml_tensor *[]){a, b},
+                     (const char *[]){"the first argument", "the second argument"}, &cu));
+  if (cu && !cu->matmul) return ml_no_cuda_entry("matmul", a);
   char sa[ML_SHAPE_BUF], sb[ML_SHAPE_BUF];
   if (a->ndim == 0 || b->ndim == 0)
     return ml_fail(ML_EINVAL, "matmul: both arguments need at least 1 dimension, got shapes %s and %s",
@@ -349,7 +368,13 @@ ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
   if (na >= 2) oshape[nd++] = M;
   if (nb >= 2) oshape[nd++] = N;
   ml_tensor *o;
-  ML_TRY(ml_tensor_empty(pt, nd, oshape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(pt, nd, oshape, a->storage->device, &o));
+  if (cu) {
+    ml_status st = cu->matmul(a, b, o);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
 
   j.A = (ml_mref){ml_tensor_data(a), a->dtype, na >= 2 ? a->strides[na - 2] : 0, a->strides[na - 1]};
   j.B = nb >= 2 ? (ml_mref){ml_tensor_data(b), b->dtype, b->strides[nb - 2], b->strides[nb - 1]}
@@ -394,9 +419,10 @@ ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
 // --- linear ------------------------------------------------------------------------------------
 
 ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor **out) {
-  ML_TRY(ml_check_cpu_op("linear", x, "the input"));
-  ML_TRY(ml_check_cpu_op("linear", w, "the weight"));
-  if (b) ML_TRY(ml_check_cpu_op("linear", b, "the bias"));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("linear", 3, (const ml_tensor *[]){x, w, b}, (const char *[]){"the input", "the weight", "the bias"},
+                     &cu));
+  if (cu && !cu->linear) return ml_no_cuda_entry("linear", x);
   char sx[ML_SHAPE_BUF], sw[ML_SHAPE_BUF];
   if (w->ndim != 2)
     return ml_fail(ML_EINVAL, "linear: weight must be 2-D (out_features, in_features), got shape %s",
@@ -418,7 +444,13 @@ ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, 
   memcpy(oshape, x->shape, sizeof oshape);
   oshape[x->ndim - 1] = N;
   ml_tensor *o, *xc = NULL;
-  ML_TRY(ml_tensor_empty(pt, x->ndim, oshape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(pt, x->ndim, oshape, x->storage->device, &o));
+  if (cu) {
+    ml_status st = cu->linear(x, w, b, o);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
 
   int64_t rows = 0, rs = 0;
   const ml_tensor *xs = x;

@@ -141,12 +141,20 @@ static void softmax_rows(void *ctx, int64_t begin, int64_t end) {
 
 ml_status ml_softmax(const ml_tensor *x, int dim, bool log, ml_tensor **out) {
   const char *fn = log ? "log_softmax" : "softmax";
-  ML_TRY(ml_check_cpu_op(fn, x, "input"));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route(fn, 1, &x, (const char *[]){"input"}, &cu));
+  if (cu && !cu->softmax) return ml_no_cuda_entry(fn, x);
   ML_TRY(check_floating(fn, x, "input"));
   int d = 0;
   ML_TRY(ml_norm_dim(fn, dim, x->ndim, &d));
   ml_tensor *o;
-  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, x->shape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, x->shape, x->storage->device, &o));
+  if (cu) {
+    ml_status st = cu->softmax(x, d, log, o);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   int64_t numel = ml_tensor_numel(x);
   if (numel == 0) { *out = o; return ML_OK; }
 
@@ -242,17 +250,19 @@ static void norm_rows(void *ctx, int64_t begin, int64_t end) {
   free(buf);
 }
 
-/* A weight/bias of the normalized shape as a contiguous tensor in ct (retains t when it is one). */
-static ml_status norm_param(const char *fn, const char *what, const ml_tensor *t, const ml_tensor *x, int nnorm,
-                            ml_dtype ct, ml_tensor **out) {
-  ML_TRY(ml_check_cpu_op(fn, t, what));
+/* A weight/bias must have the normalized shape and a floating dtype. */
+static ml_status check_norm_param(const char *fn, const char *what, const ml_tensor *t, const ml_tensor *x, int nnorm) {
   const int64_t *ns = x->shape + x->ndim - nnorm;
   if (t->ndim != nnorm || memcmp(t->shape, ns, (size_t)nnorm * sizeof *ns) != 0) {
     char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF];
     return ml_fail(ML_EINVAL, "%s: %s of shape %s does not match the normalized shape %s", fn, what,
                    ml_shape_str(t->ndim, t->shape, a, sizeof a), ml_shape_str(nnorm, ns, b, sizeof b));
   }
-  ML_TRY(check_floating(fn, t, what));
+  return check_floating(fn, t, what);
+}
+
+/* A weight/bias as a contiguous tensor in ct (retains t when it is one). */
+static ml_status norm_param(const ml_tensor *t, ml_dtype ct, ml_tensor **out) {
   ml_tensor *c;
   ML_TRY(ml_tensor_to(t, ml_cpu(), ct, &c));
   ml_status st = ml_tensor_contiguous(c, out);
@@ -262,7 +272,9 @@ static ml_status norm_param(const char *fn, const char *what, const ml_tensor *t
 
 static ml_status norm(const char *fn, const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b,
                       double eps, bool rms, ml_tensor **out) {
-  ML_TRY(ml_check_cpu_op(fn, x, "input"));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route(fn, 3, (const ml_tensor *[]){x, w, b}, (const char *[]){"input", "weight", "bias"}, &cu));
+  if (cu && !(rms ? (void *)cu->rms_norm : (void *)cu->layer_norm)) return ml_no_cuda_entry(fn, x);
   ML_TRY(check_floating(fn, x, "input"));
   if (nnorm < 1 || nnorm > x->ndim) {
     char a[ML_SHAPE_BUF];
@@ -273,9 +285,15 @@ static ml_status norm(const char *fn, const ml_tensor *x, int nnorm, const ml_te
   j.ct = x->dtype == ML_FLOAT64 ? ML_FLOAT64 : ML_FLOAT32;
   ml_tensor *wc = NULL, *bc = NULL, *xc = NULL, *o = NULL;
   ml_status st = ML_OK;
-  if (w && (st = norm_param(fn, "weight", w, x, nnorm, j.ct, &wc))) goto done;
-  if (b && (st = norm_param(fn, "bias", b, x, nnorm, j.ct, &bc))) goto done;
-  if ((st = ml_tensor_empty(x->dtype, x->ndim, x->shape, ml_cpu(), &o))) goto done;
+  if (w) ML_TRY(check_norm_param(fn, "weight", w, x, nnorm));
+  if (b) ML_TRY(check_norm_param(fn, "bias", b, x, nnorm));
+  if ((st = ml_tensor_empty(x->dtype, x->ndim, x->shape, x->storage->device, &o))) goto done;
+  if (cu) {
+    st = rms ? cu->rms_norm(x, nnorm, w, eps, o) : cu->layer_norm(x, nnorm, w, b, eps, o);
+    goto done;
+  }
+  if (w && (st = norm_param(w, j.ct, &wc))) goto done;
+  if (b && (st = norm_param(b, j.ct, &bc))) goto done;
   int64_t numel = ml_tensor_numel(x);
   if (numel == 0) goto done;
 
@@ -343,8 +361,9 @@ static void embed_rows(void *ctx, int64_t begin, int64_t end) {
 }
 
 ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out) {
-  ML_TRY(ml_check_cpu_op("embedding", ids, "ids"));
-  ML_TRY(ml_check_cpu_op("embedding", weight, "weight"));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("embedding", 2, (const ml_tensor *[]){ids, weight}, (const char *[]){"ids", "weight"}, &cu));
+  if (cu && !cu->embedding) return ml_no_cuda_entry("embedding", ids);
   if (ml_dtype_is_floating(ids->dtype) || ids->dtype == ML_BOOL)
     return ml_fail(ML_EINVAL, "embedding: ids must be an integer tensor, got %s", ml_dtype_name(ids->dtype));
   if (weight->ndim != 2) {
@@ -355,10 +374,21 @@ ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor 
   if (ids->ndim + 1 > ML_MAX_DIMS)
     return ml_fail(ML_EINVAL, "embedding: ids with %d dims give more than %d output dims", ids->ndim, ML_MAX_DIMS);
   int64_t n = ml_tensor_numel(ids), rows = weight->shape[0];
+  int64_t oshape[ML_MAX_DIMS];
+  memcpy(oshape, ids->shape, (size_t)ids->ndim * sizeof *oshape);
+  oshape[ids->ndim] = weight->shape[1];
+  ml_tensor *o;
+  ml_status st;
+  if (cu) {   /* the kernel checks the ids on the device */
+    ML_TRY(ml_tensor_empty(weight->dtype, ids->ndim + 1, oshape, weight->storage->device, &o));
+    if ((st = cu->embedding(ids, weight, o))) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   ml_tensor *idc;
   ML_TRY(ml_tensor_to(ids, ml_cpu(), ML_INT64, &idc));
   ml_tensor *idcc;
-  ml_status st = ml_tensor_contiguous(idc, &idcc);
+  st = ml_tensor_contiguous(idc, &idcc);
   ml_tensor_release(idc);
   if (st) return st;
   const int64_t *idv = ml_tensor_data(idcc);
@@ -369,10 +399,6 @@ ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor 
       return ml_fail(ML_EINVAL, "embedding: id %lld is out of range for a table of %lld rows (ids are 0-based)",
                      (long long)bad, (long long)rows);
     }
-  int64_t oshape[ML_MAX_DIMS];
-  memcpy(oshape, ids->shape, (size_t)ids->ndim * sizeof *oshape);
-  oshape[ids->ndim] = weight->shape[1];
-  ml_tensor *o;
   if ((st = ml_tensor_empty(weight->dtype, ids->ndim + 1, oshape, ml_cpu(), &o))) { ml_tensor_release(idcc); return st; }
   embed_job j = {idv, ml_tensor_data(weight), ml_tensor_data(o), ml_dtype_size(weight->dtype), weight->shape[1],
                  weight->strides[0], weight->strides[1]};
