@@ -129,11 +129,11 @@ M.BertIntermediate = BertIntermediate
 function BertIntermediate:__init(cfg)
    nn.Module.__init(self)
    self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-   rawset(self, "act", common.activation(cfg.hidden_act, WHO, cfg._source))
+   self.intermediate_act_fn = common.activation_module(cfg.hidden_act, WHO, cfg._source)
 end
 
 function BertIntermediate:forward(x)
-   return self.act(self.dense(x))
+   return self.intermediate_act_fn(self.dense(x))
 end
 
 local BertOutput = nn.Module:extend("BertOutput")

@@ -19,6 +19,26 @@ local ACT = {
    tanh = function(x) return x:tanh() end,
 }
 
+-- The same activations as parameterless modules, so models register them under Hugging Face's
+-- child names (GPT2MLP.act, LlamaMLP.act_fn, BertIntermediate.intermediate_act_fn) and
+-- named_modules/device maps list the same keys as transformers.
+local ACT_MODULE = {
+   gelu = function(nn) return nn.GELU() end,
+   gelu_new = function(nn) return nn.GELU({ approximate = "tanh" }) end,
+   gelu_pytorch_tanh = function(nn) return nn.GELU({ approximate = "tanh" }) end,
+   gelu_fast = function(nn) return nn.GELU({ approximate = "tanh" }) end,
+   relu = function(nn) return nn.ReLU() end,
+   silu = function(nn) return nn.SiLU() end,
+   swish = function(nn) return nn.SiLU() end,
+   tanh = function(nn) return nn.Tanh() end,
+}
+
+--- The activation as an nn module (validated like M.activation).
+function M.activation_module(name, who, src)
+   M.activation(name, who, src)
+   return ACT_MODULE[name](require("moonload.nn"))
+end
+
 --- The activation function for a Hugging Face `hidden_act` / `activation_function` name.
 function M.activation(name, who, src)
    local f = ACT[name]

@@ -89,8 +89,8 @@ function GPT2MLP:__init(cfg)
    nn.Module.__init(self)
    self.c_fc = nn.Conv1D(cfg.n_inner, cfg.n_embd)
    self.c_proj = nn.Conv1D(cfg.n_embd, cfg.n_inner)
+   self.act = common.activation_module(cfg.activation_function, WHO, cfg._source)
    self.dropout = nn.Dropout(0)
-   rawset(self, "act", common.activation(cfg.activation_function, WHO, cfg._source))
 end
 
 function GPT2MLP:forward(x)

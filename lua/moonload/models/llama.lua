@@ -191,11 +191,11 @@ function LlamaMLP:__init(cfg)
    self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = bias })
    self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = bias })
    self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, { bias = bias })
-   rawset(self, "act", common.activation(cfg.hidden_act, WHO, cfg._source))
+   self.act_fn = common.activation_module(cfg.hidden_act, WHO, cfg._source)
 end
 
 function LlamaMLP:forward(x)
-   return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+   return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 end
 
 local LlamaDecoderLayer = nn.Module:extend("LlamaDecoderLayer")
