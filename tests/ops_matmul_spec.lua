@@ -16,8 +16,9 @@ end
 
 local fx = load_fixture("ops_nn_matmul.json")
 
--- A tensor from a fixture record: base values, then view ops (0-based dims in the fixture).
-local function build(rec)
+-- A tensor from a fixture record: base values (moved to device when given), then view ops
+-- (0-based dims in the fixture).
+local function build(rec, device)
    local t = ml.empty(rec.shape, { dtype = rec.dtype })
    local n = #rec.data
    if n > 0 then
@@ -25,6 +26,7 @@ local function build(rec)
       for i = 1, n do buf[i - 1] = rec.data[i] end
       C.check(lib.ml_tensor_write_f64(t._c, buf, n))
    end
+   if device then t = t:to(device) end
    for _, op in ipairs(rec.view or {}) do
       if op[1] == "transpose" then t = t:transpose(op[2] + 1, op[3] + 1)
       elseif op[1] == "narrow" then t = t:narrow(op[2] + 1, op[3] + 1, op[4])
@@ -203,4 +205,33 @@ describe("linear", function()
       assert.are.equal("linear: the weight is on the meta device and has no data",
          errmsg(function() return linear(ml.zeros(2, 3), ml.empty(4, 3, { device = "meta" })) end))
    end)
+end)
+
+-- The same fixtures through the CUDA backend (make test-cuda; needs a GPU): base tensors moved to
+-- cuda:0 before the view ops (so strided operands stay strided), results brought back and
+-- compared with looser tolerances for the reduced-precision dtypes.
+describe("matmul and linear on cuda #cuda", function()
+   local CUDA_TOL = { float32 = { 1e-4, 1e-3 }, float64 = { 1e-9, 1e-9 }, float16 = { 1e-2, 1e-2 },
+                      bfloat16 = { 5e-2, 2e-2 } }
+      local function check(expected, got, what)
+      assert.are.equal("cuda:0", got.device, what .. ": device")
+      local saved = TOL[expected.dtype]
+      TOL[expected.dtype] = CUDA_TOL[expected.dtype] or saved
+      local ok, err = pcall(assert_matches, expected, got:cpu(), what)
+      TOL[expected.dtype] = saved
+      if not ok then error(err, 0) end
+   end
+   for _, case in ipairs(fx.matmul) do
+      if case.expected.dtype ~= "int64" then
+         it("matches PyTorch: " .. case.name, function()
+            check(case.expected, ml.matmul(build(case.a, "cuda:0"), build(case.b, "cuda:0")), case.name)
+         end)
+      end
+   end
+   for _, case in ipairs(fx.linear) do
+      it("linear matches PyTorch: " .. case.name, function()
+         local b = case.b and build(case.b, "cuda:0") or nil
+         check(case.expected, linear(build(case.x, "cuda:0"), build(case.w, "cuda:0"), b), case.name)
+      end)
+   end
 end)

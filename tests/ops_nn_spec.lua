@@ -17,8 +17,9 @@ end
 
 local fx = load_fixture("ops_nn.json")
 
--- A tensor from a fixture record: base values, then view ops (0-based dims in the fixture).
-local function build(rec)
+-- A tensor from a fixture record: base values (moved to device when given), then view ops
+-- (0-based dims in the fixture).
+local function build(rec, device)
    local t = ml.empty(rec.shape, { dtype = rec.dtype })
    local n = #rec.data
    if n > 0 then
@@ -26,6 +27,7 @@ local function build(rec)
       for i = 1, n do buf[i - 1] = rec.data[i] end
       C.check(lib.ml_tensor_write_f64(t._c, buf, n))
    end
+   if device then t = t:to(device) end
    for _, op in ipairs(rec.view or {}) do
       if op[1] == "transpose" then t = t:transpose(op[2] + 1, op[3] + 1)
       elseif op[1] == "narrow" then t = t:narrow(op[2] + 1, op[3] + 1, op[4])
@@ -214,4 +216,51 @@ describe("scaled dot-product attention", function()
          errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(1, 4, 8),
             { attn_mask = ml.zeros(3, 4, { dtype = "int64" }) }) end))
    end)
+end)
+
+-- The same fixtures through the CUDA backend (make test-cuda; needs a GPU). Attention rows with
+-- every key masked are left out: the CPU kernel gives zeros as PyTorch's sdpa does; the CUDA
+-- kernel documents NaN.
+describe("nn kernels on cuda #cuda", function()
+   local CUDA_TOL = { float32 = { 1e-4, 1e-3 }, float64 = { 1e-9, 1e-9 }, float16 = { 1e-2, 1e-2 },
+                      bfloat16 = { 5e-2, 2e-2 } }
+      local function check(expected, got, what)
+      assert.are.equal("cuda:0", got.device, what .. ": device")
+      local saved = TOL[expected.dtype]
+      TOL[expected.dtype] = CUDA_TOL[expected.dtype] or saved
+      local ok, err = pcall(assert_matches, expected, got:cpu(), what)
+      TOL[expected.dtype] = saved
+      if not ok then error(err, 0) end
+   end
+   for _, case in ipairs(fx.softmax) do
+      it("softmax matches PyTorch: " .. case.name, function()
+         local x = build(case.x, "cuda:0")
+         local dim = case.dim < 0 and case.dim or case.dim + 1
+         check(case.expected, case.log and x:log_softmax(dim) or x:softmax(dim), case.name)
+      end)
+   end
+   for _, case in ipairs(fx.norm) do
+      it("norm matches PyTorch: " .. case.name, function()
+         local x = build(case.x, "cuda:0")
+         local w = case.w and build(case.w, "cuda:0") or nil
+         local b = case.b and build(case.b, "cuda:0") or nil
+         local got = case.rms and rms_norm(x, case.nnorm, w, case.eps) or layer_norm(x, case.nnorm, w, b, case.eps)
+         check(case.expected, got, case.name)
+      end)
+   end
+   for _, case in ipairs(fx.embedding) do
+      it("embedding matches PyTorch: " .. case.name, function()
+         check(case.expected, embedding(build(case.ids, "cuda:0"), build(case.w, "cuda:0")), case.name)
+      end)
+   end
+   for _, case in ipairs(fx.sdpa) do
+      if not case.name:find("fully masked", 1, true) then
+         it("sdpa matches PyTorch: " .. case.name, function()
+            local mask = case.mask and build(case.mask, "cuda:0") or nil
+            local got = sdpa(build(case.q, "cuda:0"), build(case.k, "cuda:0"), build(case.v, "cuda:0"),
+               { attn_mask = mask, is_causal = case.is_causal, scale = case.scale })
+            check(case.expected, got, case.name)
+         end)
+      end
+   end
 end)
