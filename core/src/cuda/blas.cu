@@ -217,6 +217,10 @@ __global__ void attn_softmax_kernel(float *scores, int64_t rows, int64_t L, int6
     __syncthreads();
     m = sh[0];
     __syncthreads();
+    if (m == -INFINITY) {   // every key masked: zeros, as PyTorch's scaled_dot_product_attention
+      for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] = 0.f;
+      continue;
+    }
     float s = 0.f;
     for (int64_t j = threadIdx.x; j < S; j += blockDim.x) { float e = __expf(r[j] - m); r[j] = e; s += e; }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
@@ -230,7 +234,7 @@ __global__ void attn_softmax_kernel(float *scores, int64_t rows, int64_t L, int6
     __syncthreads();
     s = sh[0];
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] /= s;   // all -inf rows give NaN, as PyTorch
+    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] /= s;
   }
 }
 
