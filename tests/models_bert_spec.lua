@@ -26,8 +26,7 @@ describe("models.bert", function()
       local model = models.from_pretrained(H.FIX .. "/bert_tiny")
 
       it("uses transformers' parameter names", function()
-         local names = {}
-         for name in model:named_parameters() do names[#names + 1] = name end
+         local names = H.param_names(model)
          assert.are.same({
             "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
             "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight",

@@ -21,8 +21,7 @@ describe("models.gpt2", function()
 
    describe("structure", function()
       it("uses transformers' parameter names, in registration order", function()
-         local names = {}
-         for name in model:named_parameters() do names[#names + 1] = name end
+         local names = H.param_names(model)
          assert.are.equal("transformer.wte.weight", names[1])
          assert.are.equal("transformer.wpe.weight", names[2])
          assert.are.equal("transformer.h.0.ln_1.weight", names[3])

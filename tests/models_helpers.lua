@@ -1,38 +1,22 @@
 -- Shared helpers for the models_*_spec files: fixtures and float comparisons.
-local cjson = require("cjson")
+local N = require("nn_helpers")
 
 local H = {}
 
 H.FIX = "tests/fixtures/models"
 
-function H.read_json(path)
-   local f = assert(io.open(path, "rb"))
-   local t = cjson.decode(f:read("*a"))
-   f:close()
-   return t
-end
+H.read_json = N.read_json
+H.max_abs_diff = N.max_abs_diff
 
 function H.expected(name)
    return H.read_json(H.FIX .. "/" .. name .. "/expected.json")
 end
 
---- Largest absolute difference between a tensor and nested Lua lists of the same shape.
-function H.max_abs_diff(t, ref)
-   local got = t:tolist()
-   local worst = 0
-   local function walk(a, b, path)
-      if type(b) == "table" then
-         assert(type(a) == "table" and #a == #b,
-            string.format("shape mismatch at %s: %s vs %d", path, type(a) == "table" and #a or type(a), #b))
-         for i = 1, #b do walk(a[i], b[i], path .. "[" .. i .. "]") end
-      else
-         local d = math.abs(a - b)
-         if d ~= d then d = math.huge end
-         if d > worst then worst = d end
-      end
-   end
-   walk(got, ref, "")
-   return worst
+--- The names of model's parameters, in registration order.
+function H.param_names(model)
+   local names = {}
+   for name in model:named_parameters() do names[#names + 1] = name end
+   return names
 end
 
 function H.tmpdir()

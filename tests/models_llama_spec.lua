@@ -20,8 +20,7 @@ describe("models.llama", function()
       local model = models.from_pretrained(H.FIX .. "/llama_tiny_tied")
 
       it("uses transformers' parameter names and grouped-query projection shapes", function()
-         local names = {}
-         for name in model:named_parameters() do names[#names + 1] = name end
+         local names = H.param_names(model)
          assert.are.same({
             "model.embed_tokens.weight",
             "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",

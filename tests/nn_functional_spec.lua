@@ -2,30 +2,9 @@
 -- argument checking.
 local ml = require("moonload")
 local F = ml.nn.functional
-local cjson = require("cjson")
+local N = require("nn_helpers")
 
-local function fixture()
-   local f = assert(io.open("tests/fixtures/nn.json", "rb"))
-   local d = cjson.decode(f:read("*a"))
-   f:close()
-   return d
-end
-
-local function max_abs_diff(t, ref)
-   local worst = 0
-   local function walk(a, b)
-      if type(b) == "table" then
-         assert(type(a) == "table" and #a == #b, "shape mismatch")
-         for i = 1, #b do walk(a[i], b[i]) end
-      else
-         local d = math.abs(a - b)
-         if d ~= d then d = math.huge end
-         if d > worst then worst = d end
-      end
-   end
-   walk(t:tolist(), ref)
-   return worst
-end
+local fixture, max_abs_diff = N.fixture, N.max_abs_diff
 
 local FX = fixture().functional
 local T = function(x, dt) return ml.tensor(x, dt and { dtype = dt } or nil) end

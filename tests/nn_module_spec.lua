@@ -3,14 +3,9 @@
 local ml = require("moonload")
 local nn = ml.nn
 local class = require("moonload.class")
-local cjson = require("cjson")
+local N = require("nn_helpers")
 
-local function fixture()
-   local f = assert(io.open("tests/fixtures/nn.json", "rb"))
-   local d = cjson.decode(f:read("*a"))
-   f:close()
-   return d
-end
+local fixture = N.fixture
 
 local function names(iter_fn)
    local out = {}

@@ -1,9 +1,13 @@
---- Shared by ops_elementwise_spec, ops_reduce_spec and ops_index_spec: loads the PyTorch fixtures
--- written by tests/fixtures/gen_ops_elementwise.py, builds their inputs through the Lua API, runs
--- each case's call and compares every output (dtype, shape, values) with PyTorch's.
+--- Shared by the ops_*_spec files: loads the PyTorch fixtures written by
+-- tests/fixtures/gen_ops_elementwise.py, builds their inputs through the Lua API, runs each case's
+-- call and compares every output (dtype, shape, values) with PyTorch's; and the same for the
+-- records of tests/fixtures/gen_ops_nn.py (ops_nn_spec, ops_matmul_spec).
 local cjson = require("cjson")
 local assert = require("luassert")
 local ml = require("moonload")
+local C = require("moonload.C")
+
+local ffi, lib = C.ffi, C.lib
 
 local M = {}
 
@@ -125,6 +129,76 @@ function M.define(file, describe, it)
       end
    end)
    return doc
+end
+
+-- --- gen_ops_nn.py fixtures (ops_nn_spec, ops_matmul_spec): a record is { shape, dtype, data,
+-- view }, values set and read back through the C core as float64, view ops with 0-based dims.
+
+--- The tensor a fixture record describes: base values (moved to device when given), then its
+-- view ops.
+function M.nn_build(rec, device)
+   local t = ml.empty(rec.shape, { dtype = rec.dtype })
+   local n = #rec.data
+   if n > 0 then
+      local buf = ffi.new("double[?]", n)
+      for i = 1, n do buf[i - 1] = rec.data[i] end
+      C.check(lib.ml_tensor_write_f64(t._c, buf, n))
+   end
+   if device then t = t:to(device) end
+   for _, op in ipairs(rec.view or {}) do
+      if op[1] == "transpose" then t = t:transpose(op[2] + 1, op[3] + 1)
+      elseif op[1] == "narrow" then t = t:narrow(op[2] + 1, op[3] + 1, op[4])
+      elseif op[1] == "expand" then t = t:expand(op[2])
+      elseif op[1] == "permute" then
+         local dims = {}
+         for i, d in ipairs(op[2]) do dims[i] = d + 1 end
+         t = t:permute(dims)
+      else error("unknown view op " .. tostring(op[1])) end
+   end
+   return t
+end
+
+--- Flat row-major values of a cpu tensor, read through the core as float64.
+function M.values(t)
+   local n = t:numel()
+   local buf = ffi.new("double[?]", math.max(n, 1))
+   C.check(lib.ml_tensor_read_f64(t._c, buf, n))
+   local out = {}
+   for i = 1, n do out[i] = buf[i - 1] end
+   return out
+end
+
+-- atol, rtol per dtype; the CUDA kernels get looser ones for the reduced-precision dtypes.
+local NN_TOL = { float32 = { 1e-5, 1e-4 }, float64 = { 1e-10, 1e-10 }, float16 = { 2e-3, 2e-3 },
+                 bfloat16 = { 2e-2, 1e-2 }, int64 = { 0, 0 } }
+local NN_CUDA_TOL = { float32 = { 1e-4, 1e-3 }, float64 = { 1e-9, 1e-9 }, float16 = { 1e-2, 1e-2 },
+                      bfloat16 = { 5e-2, 2e-2 }, int64 = NN_TOL.int64 }
+
+local function matches(expected, got, what, tol)
+   assert.are.same(expected.shape, got.shape, what .. ": shape")
+   assert.are.equal(expected.dtype, got.dtype, what .. ": dtype")
+   local ev, gv = expected.data, M.values(got)
+   local atol, rtol = tol[expected.dtype][1], tol[expected.dtype][2]
+   assert.are.equal(#ev, #gv, what .. ": element count")
+   for i = 1, #ev do
+      local e, g = ev[i], gv[i]
+      local ok = (e ~= e and g ~= g) or e == g or math.abs(e - g) <= atol + rtol * math.abs(e)
+      if not ok then
+         error(string.format("%s: element %d is %.9g, expected %.9g", what, i, g, e), 3)
+      end
+   end
+end
+
+--- Asserts a cpu tensor has a record's shape, dtype and values within the dtype's tolerance
+-- (NaN matches NaN).
+function M.assert_matches(expected, got, what)
+   matches(expected, got, what, NN_TOL)
+end
+
+--- The same for a result of a CUDA kernel: on cuda:0, compared on the cpu with the CUDA tolerances.
+function M.assert_matches_cuda(expected, got, what)
+   assert.are.equal("cuda:0", got.device, what .. ": device")
+   matches(expected, got:cpu(), what, NN_CUDA_TOL)
 end
 
 --- The message of the error fn raises, without the "file:line: " prefix.

@@ -4,80 +4,15 @@
 -- and ml.nn.functional (C.lib directly only where F checks the input before the kernel does).
 local ml = require("moonload")
 local C = require("moonload.C")
-local cjson = require("cjson")
+local H = require("ops_helpers")
 
 local ffi, lib = C.ffi, C.lib
 
-local function load_fixture(name)
-   local f = assert(io.open("tests/fixtures/" .. name, "rb"))
-   local s = f:read("*a")
-   f:close()
-   return cjson.decode(s)
-end
+local build, values, assert_matches, errmsg = H.nn_build, H.values, H.assert_matches, H.errmsg
 
-local fx = load_fixture("ops_nn.json")
-
--- A tensor from a fixture record: base values (moved to device when given), then view ops
--- (0-based dims in the fixture).
-local function build(rec, device)
-   local t = ml.empty(rec.shape, { dtype = rec.dtype })
-   local n = #rec.data
-   if n > 0 then
-      local buf = ffi.new("double[?]", n)
-      for i = 1, n do buf[i - 1] = rec.data[i] end
-      C.check(lib.ml_tensor_write_f64(t._c, buf, n))
-   end
-   if device then t = t:to(device) end
-   for _, op in ipairs(rec.view or {}) do
-      if op[1] == "transpose" then t = t:transpose(op[2] + 1, op[3] + 1)
-      elseif op[1] == "narrow" then t = t:narrow(op[2] + 1, op[3] + 1, op[4])
-      elseif op[1] == "expand" then t = t:expand(op[2])
-      elseif op[1] == "permute" then
-         local dims = {}
-         for i, d in ipairs(op[2]) do dims[i] = d + 1 end
-         t = t:permute(dims)
-      else error("unknown view op " .. tostring(op[1])) end
-   end
-   return t
-end
-
-local function values(t)
-   local n = t:numel()
-   local buf = ffi.new("double[?]", math.max(n, 1))
-   C.check(lib.ml_tensor_read_f64(t._c, buf, n))
-   local out = {}
-   for i = 1, n do out[i] = buf[i - 1] end
-   return out
-end
-
-local TOL = { float32 = { 1e-5, 1e-4 }, float64 = { 1e-10, 1e-10 }, float16 = { 2e-3, 2e-3 },
-              bfloat16 = { 2e-2, 1e-2 }, int64 = { 0, 0 } }
-
--- Same shape, dtype and values within the dtype's tolerance (NaN matches NaN).
-local function assert_matches(expected, got, what)
-   assert.are.same(expected.shape, got.shape, what .. ": shape")
-   assert.are.equal(expected.dtype, got.dtype, what .. ": dtype")
-   local ev, gv = expected.data, values(got)
-   local atol, rtol = TOL[expected.dtype][1], TOL[expected.dtype][2]
-   assert.are.equal(#ev, #gv, what .. ": element count")
-   for i = 1, #ev do
-      local e, g = ev[i], gv[i]
-      local ok = (e ~= e and g ~= g) or e == g or math.abs(e - g) <= atol + rtol * math.abs(e)
-      if not ok then
-         error(string.format("%s: element %d is %.9g, expected %.9g", what, i, g, e), 2)
-      end
-   end
-end
-
-local function errmsg(fn)
-   local ok, err = pcall(fn)
-   assert.is_false(ok, "expected an error")
-   return (tostring(err):gsub("^[^:]*:%d+: ", ""))
-end
+local fx = H.load("ops_nn.json")
 
 local out1 = ffi.new("ml_tensor*[1]")
-
-
 
 local F = ml.nn.functional
 
@@ -222,16 +157,7 @@ end)
 -- every key masked are left out: the CPU kernel gives zeros as PyTorch's sdpa does; the CUDA
 -- kernel documents NaN.
 describe("nn kernels on cuda #cuda", function()
-   local CUDA_TOL = { float32 = { 1e-4, 1e-3 }, float64 = { 1e-9, 1e-9 }, float16 = { 1e-2, 1e-2 },
-                      bfloat16 = { 5e-2, 2e-2 } }
-      local function check(expected, got, what)
-      assert.are.equal("cuda:0", got.device, what .. ": device")
-      local saved = TOL[expected.dtype]
-      TOL[expected.dtype] = CUDA_TOL[expected.dtype] or saved
-      local ok, err = pcall(assert_matches, expected, got:cpu(), what)
-      TOL[expected.dtype] = saved
-      if not ok then error(err, 0) end
-   end
+   local check = H.assert_matches_cuda
    for _, case in ipairs(fx.softmax) do
       it("softmax matches PyTorch: " .. case.name, function()
          local x = build(case.x, "cuda:0")

@@ -92,10 +92,7 @@ describe("utils.device_map", function()
          it("matches accelerate " .. i .. " (" .. case.model .. ", " .. tostring(case.limit) .. ")", function()
             local model = models.make(case.model)
             local sizes = utils.compute_module_sizes(model)
-            local modules = {}
-            for name, p in model:named_parameters("", false) do modules[#modules + 1] = { name, p } end
-            for name, c in model:named_children() do modules[#modules + 1] = { name, c } end
-            for name, b in model:named_buffers("", false) do modules[#modules + 1] = { name, b } end
+            local modules = models.top_level(model)
             local opts = { no_split_module_classes = case.no_split, tied_parameters = utils.find_tied_parameters(model) }
             if not isnull(case.error) then
                -- accelerate raises IndexError here; moonload names the tied parameter

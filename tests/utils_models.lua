@@ -110,6 +110,16 @@ function M.make(name)
    return cls()
 end
 
+--- The model's direct parameters, children and buffers as { name, object } pairs, in that order:
+-- the list accelerate's get_max_layer_size and fallback_allocate start from.
+function M.top_level(model)
+   local modules = {}
+   for name, p in model:named_parameters("", false) do modules[#modules + 1] = { name, p } end
+   for name, c in model:named_children() do modules[#modules + 1] = { name, c } end
+   for name, b in model:named_buffers("", false) do modules[#modules + 1] = { name, b } end
+   return modules
+end
+
 --- Collects warnings and info messages sent through ml.utils while fn runs.
 function M.capture(fn)
    local log = require("moonload.utils.log")

@@ -80,10 +80,7 @@ describe("utils.sizes", function()
          for _, case in ipairs(fixture.max_layer) do
             local model = models.make(case.model)
             local sizes = utils.compute_module_sizes(model)
-            local modules = {}
-            for name, p in model:named_parameters("", false) do modules[#modules + 1] = { name, p } end
-            for name, c in model:named_children() do modules[#modules + 1] = { name, c } end
-            for name, b in model:named_buffers("", false) do modules[#modules + 1] = { name, b } end
+            local modules = models.top_level(model)
             local size, names = utils.get_max_layer_size(modules, sizes, case.no_split)
             assert.are.equal(case.size, size, case.model)
             assert.are.same(case.names, names, case.model)
