@@ -213,6 +213,19 @@ ML_API ml_status ml_uniform_(ml_tensor *t, double low, double high);
 ML_API ml_status ml_normal_(ml_tensor *t, double mean, double std);
 /* Draws one 0-based index from each row of non-negative weights (..., n) -> int64 (...). */
 ML_API ml_status ml_multinomial(const ml_tensor *probs, ml_tensor **out);
+/* --- weight streaming (upload.c) ---------------------------------------------------------- */
+/* Copies host tensors to a device on a worker thread through pinned, double-buffered staging
+   on the device's copy stream, overlapping the compute stream. A cpu destination works too
+   (plain memcpy on the worker). */
+typedef struct ml_uploader ml_uploader;
+ML_API ml_status ml_uploader_new(ml_uploader **out);
+ML_API void ml_uploader_release(ml_uploader *u);      /* finishes queued uploads first */
+/* Queues dst <- src (both contiguous, same dtype and shape; src in host memory). */
+ML_API ml_status ml_uploader_submit(ml_uploader *u, ml_tensor *dst, ml_tensor *src, int *ticket);
+/* Kernels queued after this call see the upload complete (cuda); the host waits only until the
+   copies are queued. For a cpu destination: returns when the bytes are there. */
+ML_API ml_status ml_uploader_wait(ml_uploader *u, int ticket);
+ML_API void ml_uploader_stats(ml_uploader *u, int64_t *bytes, int64_t *jobs);
 /* ML_FFI_END */
 
 /* ML_FFI_BEGIN safetensors */

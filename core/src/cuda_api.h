@@ -42,10 +42,13 @@ typedef struct ml_cuda_api {
   ml_status (*sdpa)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                     bool is_causal, double scale, ml_tensor *out);
   ml_status (*where)(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
-  /* Streams for weight movement: an asynchronous copy on the device's copy stream, then an event
-     the compute stream waits on before the next kernel that reads dst. */
-  ml_status (*memcpy_async)(int device, void *dst, const void *src, size_t nbytes, int kind, void **event_out);
-  ml_status (*stream_wait)(int device, void *event);   /* compute stream waits; event is freed */
+  /* Streams for weight movement (upload.c): copies on the device's copy stream, events to order
+     the two streams and to let the host reuse a pinned staging buffer. */
+  ml_status (*copy_async)(int device, void *dst, const void *src, size_t nbytes, int kind);
+  ml_status (*event_record)(int device, bool on_copy_stream, void **event_out);
+  ml_status (*event_wait)(int device, bool on_copy_stream, void *event);  /* that stream waits */
+  ml_status (*event_sync)(void *event);                                   /* the host waits */
+  void (*event_free)(void *event);
   ml_status (*synchronize)(int device);
 } ml_cuda_api;
 

@@ -147,25 +147,40 @@ static ml_status copy_sync(int device, void *dst, const void *src, size_t nbytes
   return ML_OK;
 }
 
-static ml_status copy_async(int device, void *dst, const void *src, size_t nbytes, int kind, void **event_out) {
+static ml_status copy_async(int device, void *dst, const void *src, size_t nbytes, int kind) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  if (nbytes) CUDA_TRY(cudaMemcpyAsync(dst, src, nbytes, kind_of(kind), st->copy));
+  return ML_OK;
+}
+
+static ml_status event_record(int device, bool on_copy_stream, void **event_out) {
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(device, &st));
   cudaEvent_t ev;
   CUDA_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-  if (nbytes) CUDA_TRY(cudaMemcpyAsync(dst, src, nbytes, kind_of(kind), st->copy));
-  CUDA_TRY(cudaEventRecord(ev, st->copy));
+  cudaError_t e = cudaEventRecord(ev, on_copy_stream ? st->copy : st->compute);
+  if (e != cudaSuccess) {
+    cudaEventDestroy(ev);
+    return ml_fail(ML_EIO, "cudaEventRecord failed: %s", cudaGetErrorString(e));
+  }
   *event_out = (void *)ev;
   return ML_OK;
 }
 
-static ml_status stream_wait(int device, void *event) {
+static ml_status event_wait(int device, bool on_copy_stream, void *event) {
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(device, &st));
-  cudaEvent_t ev = (cudaEvent_t)event;
-  CUDA_TRY(cudaStreamWaitEvent(st->compute, ev, 0));
-  CUDA_TRY(cudaEventDestroy(ev));
+  CUDA_TRY(cudaStreamWaitEvent(on_copy_stream ? st->copy : st->compute, (cudaEvent_t)event, 0));
   return ML_OK;
 }
+
+static ml_status event_sync(void *event) {
+  CUDA_TRY(cudaEventSynchronize((cudaEvent_t)event));
+  return ML_OK;
+}
+
+static void event_free(void *event) { if (event) cudaEventDestroy((cudaEvent_t)event); }
 
 static ml_status synchronize(int device) {
   DeviceState *st;
@@ -263,8 +278,11 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.rms_norm = ml_cuda_rms_norm;
   g_api.sdpa = ml_cuda_sdpa;
   g_api.where = ml_cuda_where;
-  g_api.memcpy_async = copy_async;
-  g_api.stream_wait = stream_wait;
+  g_api.copy_async = copy_async;
+  g_api.event_record = event_record;
+  g_api.event_wait = event_wait;
+  g_api.event_sync = event_sync;
+  g_api.event_free = event_free;
   g_api.synchronize = synchronize;
   return &g_api;
 }
