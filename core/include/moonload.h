@@ -293,6 +293,8 @@ typedef struct {
   int64_t bytes_dropped;     /* mapped bytes advised out of the process after release */
   int64_t prefetch_jobs, prefetch_bytes, prefetch_pages;
   int64_t shared_copies;     /* copies alive now */
+  int64_t bytes_streamed;    /* of bytes_copied, streamed ahead on the copy stream (cuda groups) */
+  int64_t streams_dropped;   /* uploads made ahead but not used (the order changed) */
 } ml_hookrt_stats;
 ML_API ml_status ml_hookrt_new(ml_hookrt **out);
 ML_API void ml_hookrt_release(ml_hookrt *rt);

@@ -16,6 +16,13 @@
  * the mapped pages of the group expected next (posix_fadvise WILLNEED, then touching each page)
  * while the caller computes. Jobs carry their own mapping references, so the worker never
  * looks at group state. C never calls Lua; the Lua side drives everything through these calls.
+ *
+ * On a cuda execution device the next group's host-resident weights are also streamed ahead:
+ * right after group g is materialized, each weight of the group expected next gets a device
+ * buffer and an upload (upload.c: pinned double-buffered staging on the copy stream). When that
+ * group is materialized, the compute stream waits on the upload's event instead of the host
+ * copying synchronously. Only one group is streamed ahead, so device memory holds the resident
+ * weights plus about two modules; uploads for a group that did not come next are dropped.
  */
 #include "internal.h"
 
@@ -57,6 +64,16 @@ typedef struct {
 
 typedef struct { ml_mapping *map; size_t off, len; } hr_range;
 
+typedef struct {
+  const void *data;           /* key: source bytes, dtype, element count, device */
+  ml_dtype src_dt;
+  int64_t numel;
+  ml_device dev;
+  ml_tensor *t;               /* owned: the device buffer being filled, source dtype */
+  int ticket;                 /* the uploader's */
+  int group;                  /* the group it was streamed for */
+} hr_stage;
+
 typedef struct hr_job {
   hr_range *ranges;           /* mapping references owned by the job */
   int n;
@@ -79,6 +96,10 @@ struct ml_hookrt {
   bool worker_started, stop;
   hr_job *head, *tail;
   int pending;                /* jobs queued or running */
+  ml_uploader *uploader;      /* cuda streaming, created on first use */
+  hr_stage *stages;
+  int nstages, scap;
+  atomic_llong bytes_streamed, streams_dropped;
   atomic_llong materialize_calls, bytes_viewed, bytes_copied, tied_hits, releases, bytes_dropped,
                prefetch_jobs, prefetch_bytes, prefetch_pages;
 };
@@ -210,6 +231,7 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
 }
 
 static void group_clear(ml_hookrt *rt, hr_group *gr);
+static void stage_drop_others(ml_hookrt *rt, int keep);
 
 void ml_hookrt_release(ml_hookrt *rt) {
   if (!rt) return;
@@ -218,6 +240,9 @@ void ml_hookrt_release(ml_hookrt *rt) {
   pthread_cond_broadcast(&rt->cv);
   pthread_mutex_unlock(&rt->mu);
   if (rt->worker_started) pthread_join(rt->worker, NULL);
+  stage_drop_others(rt, -1);
+  free(rt->stages);
+  ml_uploader_release(rt->uploader);
   for (int g = 0; g < rt->ngroups; g++) if (rt->groups[g].used) group_clear(rt, &rt->groups[g]);
   for (int i = 0; i < rt->nties; i++) ml_tensor_release(rt->ties[i].t);
   free(rt->ties);
@@ -348,6 +373,71 @@ int ml_hookrt_next(const ml_hookrt *rt, int g) {
   return rt->groups[g].next;
 }
 
+// --- streaming ahead (cuda) -------------------------------------------------------------------
+
+static int stage_find(const ml_hookrt *rt, const ml_tensor *src, ml_device dev) {
+  for (int i = 0; i < rt->nstages; i++) {
+    const hr_stage *e = &rt->stages[i];
+    if (e->data == ml_tensor_data(src) && e->src_dt == src->dtype && e->numel == ml_tensor_numel(src) &&
+        ml_device_equal(e->dev, dev))
+      return i;
+  }
+  return -1;
+}
+
+/* Hands over the device buffer of stage i (a new reference) once the compute stream is ordered
+   after its upload, and forgets the stage. */
+static ml_status stage_take(ml_hookrt *rt, int i, ml_tensor **out) {
+  hr_stage e = rt->stages[i];
+  rt->stages[i] = rt->stages[--rt->nstages];
+  ml_status st = ml_uploader_wait(rt->uploader, e.ticket);
+  if (st) { ml_tensor_release(e.t); return st; }
+  atomic_fetch_add(&rt->bytes_streamed, (long long)((size_t)e.numel * ml_dtype_size(e.src_dt)));
+  *out = e.t;
+  return ML_OK;
+}
+
+/* Drops uploads made for any group but keep (the order changed, or the group was skipped). Each
+   is waited for first: its device memory goes back to the allocator only when no copy writes it. */
+static void stage_drop_others(ml_hookrt *rt, int keep) {
+  for (int i = rt->nstages - 1; i >= 0; i--) {
+    if (rt->stages[i].group == keep) continue;
+    ml_tensor *t;
+    if (stage_take(rt, i, &t) == ML_OK) ml_tensor_release(t);
+    atomic_fetch_add(&rt->streams_dropped, 1);
+  }
+}
+
+/* Starts uploading group h's host-resident weights to its cuda device. A hint: whatever cannot be
+   streamed (no memory, strided source) is copied at materialize time instead. */
+static void stage_group(ml_hookrt *rt, int h) {
+  hr_group *gr = &rt->groups[h];
+  if (!rt->uploader && ml_uploader_new(&rt->uploader) != ML_OK) return;
+  for (int i = 0; i < gr->nslots; i++) {
+    ml_tensor *src = gr->slots[i].src;
+    if (src->storage->device.type != ML_DEVICE_CPU || !ml_tensor_is_contiguous(src) ||
+        ml_tensor_numel(src) == 0 || stage_find(rt, src, gr->dev) >= 0)
+      continue;
+    bool tied_live = false;   /* already on the device for an active group: nothing to stream */
+    for (int k = 0; k < rt->nties && !tied_live; k++)
+      tied_live = rt->ties[k].data == ml_tensor_data(src) && ml_device_equal(rt->ties[k].dev, gr->dev);
+    if (tied_live) continue;
+    if (rt->nstages == rt->scap) {
+      int cap = rt->scap ? rt->scap * 2 : 16;
+      hr_stage *p = realloc(rt->stages, (size_t)cap * sizeof *p);
+      if (!p) return;
+      rt->stages = p;
+      rt->scap = cap;
+    }
+    ml_tensor *t;
+    if (ml_tensor_empty(src->dtype, src->ndim, src->shape, gr->dev, &t) != ML_OK) return;
+    int ticket;
+    if (ml_uploader_submit(rt->uploader, t, src, &ticket) != ML_OK) { ml_tensor_release(t); return; }
+    rt->stages[rt->nstages++] = (hr_stage){ml_tensor_data(src), src->dtype, ml_tensor_numel(src), gr->dev, t,
+                                           ticket, h};
+  }
+}
+
 // --- tied sharing -----------------------------------------------------------------------------
 
 static bool tie_matches(const hr_tie *e, const ml_tensor *src, ml_dtype dt, ml_device dev) {
@@ -378,7 +468,19 @@ static ml_status tie_acquire(ml_hookrt *rt, const ml_tensor *src, ml_dtype dt, m
     rt->tcap = cap;
   }
   ml_tensor *t;
-  ML_TRY(ml_tensor_to(src, dev, dt, &t));
+  int si = dev.type == ML_DEVICE_CUDA ? stage_find(rt, src, dev) : -1;
+  if (si >= 0) {              /* streamed ahead: the device buffer is (being) filled */
+    ml_tensor *up;
+    ML_TRY(stage_take(rt, si, &up));
+    if (up->dtype == dt) t = up;
+    else {
+      ml_status st = ml_tensor_to(up, dev, dt, &t);   /* converted on the device */
+      ml_tensor_release(up);
+      ML_TRY(st);
+    }
+  } else {
+    ML_TRY(ml_tensor_to(src, dev, dt, &t));
+  }
   hr_tie *e = &rt->ties[rt->nties++];
   memset(e, 0, sizeof *e);
   e->data = ml_tensor_data(src);
@@ -457,6 +559,13 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
     rt->groups[rt->last].next = g;
   rt->last = g;
   gr->queued = false;
+  if (gr->dev.type == ML_DEVICE_CUDA && (rt->nstages > 0 || rt->prefetch)) {
+    int h = gr->next;
+    bool stream = rt->prefetch && h >= 0 && h != g && rt->groups[h].used && !rt->groups[h].active &&
+                  ml_device_equal(rt->groups[h].dev, gr->dev);
+    stage_drop_others(rt, stream ? h : -1);
+    if (stream) stage_group(rt, h);
+  }
   if (rt->prefetch) {
     /* read ahead along the learned order: at least the next group, then on until the
        lookahead window is covered (a layer's small norms must not starve its big matrices) */
@@ -542,4 +651,6 @@ void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out) {
   int n = 0;
   for (int i = 0; i < rt->nties; i++) n += rt->ties[i].users > 0;
   out->shared_copies = n;
+  out->bytes_streamed = atomic_load(&rt->bytes_streamed);
+  out->streams_dropped = atomic_load(&rt->streams_dropped);
 }

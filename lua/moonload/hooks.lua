@@ -338,13 +338,15 @@ function M.set_prefetch_window(min_bytes, lookahead_bytes)
 end
 
 --- Runtime counters: materialize_calls, releases, bytes_viewed, bytes_copied, tied_hits,
--- bytes_dropped, prefetch_jobs, prefetch_bytes, prefetch_pages, shared_copies.
+-- bytes_dropped, prefetch_jobs, prefetch_bytes, prefetch_pages, shared_copies, bytes_streamed,
+-- streams_dropped.
 function M.runtime_stats()
    local s = ffi.new("ml_hookrt_stats")
    lib.ml_hookrt_get_stats(M.runtime(), s)
    local r = {}
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
-      "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies" }) do
+      "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies",
+      "bytes_streamed", "streams_dropped" }) do
       r[k] = tonumber(s[k])
    end
    return r
