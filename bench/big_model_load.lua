@@ -5,33 +5,17 @@
 -- Goal: at most 0.2x accelerate's time (moonload's CPU weights are views into the mapping).
 -- Also reported: the first forward (1x16 tokens) after loading, where moonload's mapped pages
 -- are touched for the first time. Prints one JSON object.
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local cjson = require("cjson")
-local ffi = require("ffi")
+local B = require("benchutil")
 
-pcall(ffi.cdef, "typedef struct { long tv_sec; long tv_nsec; } bml_timespec; int clock_gettime(int, bml_timespec *);")
-local ts = ffi.new("bml_timespec")
-local function now()
-   ffi.C.clock_gettime(1, ts)
-   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
+local now, median = B.now, B.median
 
-local luajit = os.getenv("LUAJIT") or "luajit"
 local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
 
-local p = io.popen(luajit .. " examples/demo.lua --write-only")
-local dir = p:read("*a"):match("([^\n]+)%s*$")
-p:close()
-local index = dir .. "/model.safetensors.index.json"
-
-local function median(xs)
-   table.sort(xs)
-   local n = #xs
-   if n % 2 == 1 then return xs[(n + 1) / 2] end
-   return (xs[n / 2] + xs[n / 2 + 1]) / 2
-end
+local dir, index = B.demo_checkpoint()
 
 local times, first_forward = {}, {}
 local ids = ml.tensor({ { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 } }, { dtype = "int64" })
@@ -57,12 +41,8 @@ local result = {
 local f = io.open(python, "rb")
 if f then
    f:close()
-   local pp = io.popen(string.format("%s bench/big_model_peer.py load --ckpt %s --repeats %d 2>/dev/null", python, dir, repeats))
-   local out = pp:read("*a")
-   pp:close()
-   local obj = out:match("(%b{})%s*$")
-   if obj then
-      local peer = cjson.decode(obj)
+   local peer, out = B.run_json(string.format("%s bench/big_model_peer.py load --ckpt %s --repeats %d", python, dir, repeats))
+   if peer then
       result.accelerate = { load_seconds = peer.load_seconds, runs = peer.runs, version = peer.accelerate, torch = peer.torch }
       result.time_ratio = result.moonload.load_seconds / peer.load_seconds
       result.meets_goal = result.time_ratio <= 0.2

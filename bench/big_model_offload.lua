@@ -8,41 +8,26 @@
 -- (bench/big_model_peer.py offload) writes them to an offload folder of .dat files and copies
 -- them in at each forward. Both measured in the same run. Prints one JSON object.
 -- Environment: BENCH_PYTHON (default /opt/ref/bin/python), BENCH_REPEATS (default 5).
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local hooks = require("moonload.hooks")
 local cjson = require("cjson")
 local ffi = require("ffi")
+local B = require("benchutil")
+
+local now, median = B.now, B.median
 
 pcall(ffi.cdef, [[
-typedef struct { long tv_sec; long tv_nsec; } bmo_timespec;
-int clock_gettime(int, bmo_timespec *);
 int open(const char *path, int flags, ...);
 int close(int fd);
 int posix_fadvise(int fd, long offset, long len, int advice);
 long pread(int fd, void *buf, size_t count, long offset);
 ]])
-local ts = ffi.new("bmo_timespec")
-local function now()
-   ffi.C.clock_gettime(1, ts)
-   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
 
-local luajit = os.getenv("LUAJIT") or "luajit"
 local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 5
 
-local p = io.popen(luajit .. " examples/demo.lua --write-only")
-local dir = p:read("*a"):match("([^\n]+)%s*$")
-p:close()
-local index = dir .. "/model.safetensors.index.json"
-
-local function median(xs)
-   table.sort(xs)
-   local n = #xs
-   if n % 2 == 1 then return xs[(n + 1) / 2] end
-   return (xs[n / 2] + xs[n / 2 + 1]) / 2
-end
+local dir, index = B.demo_checkpoint()
 
 local tokens = {}
 for i = 1, 128 do tokens[i] = (i * 37) % 50257 end
@@ -168,13 +153,9 @@ local result = {
 local f = io.open(python, "rb")
 if f then
    f:close()
-   local pp = io.popen(string.format("%s bench/big_model_peer.py offload --ckpt %s --repeats %d --threads %d 2>/dev/null",
+   local peer, out = B.run_json(string.format("%s bench/big_model_peer.py offload --ckpt %s --repeats %d --threads %d",
       python, dir, repeats, ml.get_num_threads()))
-   local out = pp:read("*a")
-   pp:close()
-   local obj = out:match("(%b{})%s*$")
-   if obj then
-      local peer = cjson.decode(obj)
+   if peer then
       result.accelerate = peer
    else
       result.peer_error = out

@@ -3,29 +3,15 @@
 -- process) vs accelerate.init_empty_weights (bench/big_model_peer.py seed, fresh Python process).
 -- Goals: at most 0.5x the time and 0.25x the peak RSS. Prints one JSON object.
 -- Environment: BENCH_PYTHON (default /opt/ref/bin/python), BENCH_REPEATS (default 3).
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local cjson = require("cjson")
+local B = require("benchutil")
 
 local luajit = os.getenv("LUAJIT") or "luajit"
 local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
 
-local function run_json(cmd)
-   local p = io.popen(cmd .. " 2>/dev/null")
-   local out = p:read("*a")
-   p:close()
-   local obj = out:match("(%b{})%s*$")
-   if not obj then return nil, out end
-   return cjson.decode(obj)
-end
-
-local function median(xs)
-   table.sort(xs)
-   local n = #xs
-   if n == 0 then return nil end
-   if n % 2 == 1 then return xs[(n + 1) / 2] end
-   return (xs[n / 2] + xs[n / 2 + 1]) / 2
-end
+local run_json, median = B.run_json, B.median
 
 local function collect(cmd)
    local t, rss, last = {}, {}, nil

@@ -4,40 +4,20 @@
 -- through BENCH_PYTHON, default /opt/ref/bin/python; skipped with a note when absent).
 -- Prints one JSON object. Run from the repository root: luajit bench/gpt2_forward.lua
 -- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (10), BENCH_LAYERS (12).
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
 local gpt2 = require("moonload.models.gpt2")
 local cjson = require("cjson")
+local B = require("benchutil")
 
-local function nproc()
-   local p = io.popen("nproc 2>/dev/null")
-   local n = p and tonumber(p:read("*l")) or nil
-   if p then p:close() end
-   return n or 1
-end
+local now, median = B.now, B.median
 
-local threads = tonumber(os.getenv("BENCH_THREADS") or "") or nproc()
+local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 10
 local layers = tonumber(os.getenv("BENCH_LAYERS") or "") or 12
 local SEQ, PROMPT, NEW = 128, 16, 64
 C.lib.ml_set_num_threads(threads)
-
--- Wall clock (CLOCK_MONOTONIC); os.clock would count CPU time of every thread.
-local ffi = require("ffi")
-ffi.cdef("typedef struct { long tv_sec; long tv_nsec; } bench_timespec; int clock_gettime(int, bench_timespec *);")
-local ts = ffi.new("bench_timespec")
-local function now()
-   ffi.C.clock_gettime(1, ts)
-   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
-
-local function median(xs)
-   table.sort(xs)
-   local n = #xs
-   if n % 2 == 1 then return xs[(n + 1) / 2] end
-   return (xs[n / 2] + xs[n / 2 + 1]) / 2
-end
 
 ml.manual_seed(0)
 local t_build = now()

@@ -9,40 +9,22 @@
 -- dropped from the page cache (once, first thing in each process: disk reads).
 -- Prints one JSON object. Run from the repository root: luajit bench/safetensors_load.lua
 -- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (5), BENCH_MB (500), BENCH_DIR.
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local st = require("moonload.safetensors")
 local C = require("moonload.C")
 local cjson = require("cjson")
 local ffi = require("ffi")
+local B = require("benchutil")
 
-local function nproc()
-   local p = io.popen("nproc 2>/dev/null")
-   local n = p and tonumber(p:read("*l")) or nil
-   if p then p:close() end
-   return n or 1
-end
+local now, median = B.now, B.median
 
-local threads = tonumber(os.getenv("BENCH_THREADS") or "") or nproc()
+local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 5
 local mb = tonumber(os.getenv("BENCH_MB") or "") or 500
 local dir = os.getenv("BENCH_DIR") or "/tmp"
 local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
 C.lib.ml_set_num_threads(threads)
-
-ffi.cdef("typedef struct { long tv_sec; long tv_nsec; } stbench_timespec; int clock_gettime(int, stbench_timespec *);")
-local ts = ffi.new("stbench_timespec")
-local function now()
-   ffi.C.clock_gettime(1, ts)
-   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
-
-local function median(xs)
-   table.sort(xs)
-   local n = #xs
-   if n % 2 == 1 then return xs[(n + 1) / 2] end
-   return (xs[n / 2] + xs[n / 2 + 1]) / 2
-end
 
 -- --- the file --------------------------------------------------------------------------------
 -- 24 layers x (4 d*d + 2 x 4d*d matrices) of float32 at d = 512 is 24 * 12 * 1 MiB = 288 MiB;

@@ -1,4 +1,6 @@
---- Helpers shared by the benchmarks in bench/: a wall clock, best-of-n timing and JSON lines.
+--- Helpers shared by the benchmarks in bench/: a wall clock, best-of-n timing and medians, JSON
+-- lines, the thread count, the peers' JSON output and the demo checkpoint.
+-- bench/run.sh puts bench/lib on LUA_PATH; a benchmark run on its own adds it to package.path.
 local ffi = require("ffi")
 
 ffi.cdef [[
@@ -66,6 +68,44 @@ function M.best_collect(reps, fn)
       if dt < best then best = dt end
    end
    return best
+end
+
+--- The median of a list of numbers (sorts the list in place); nil for an empty list.
+function M.median(xs)
+   table.sort(xs)
+   local n = #xs
+   if n == 0 then return nil end
+   if n % 2 == 1 then return xs[(n + 1) / 2] end
+   return (xs[n / 2] + xs[n / 2 + 1]) / 2
+end
+
+--- The number of online CPUs (nproc), 1 when that cannot be read.
+function M.nproc()
+   local p = io.popen("nproc 2>/dev/null")
+   local n = p and tonumber(p:read("*l")) or nil
+   if p then p:close() end
+   return n or 1
+end
+
+--- Runs a peer command (stderr dropped) and decodes the last JSON object it prints;
+-- nil and the whole output when it printed none.
+function M.run_json(cmd)
+   local p = io.popen(cmd .. " 2>/dev/null")
+   local out = p:read("*a")
+   p:close()
+   local obj = out:match("(%b{})%s*$")
+   if not obj then return nil, out end
+   return require("cjson").decode(obj)
+end
+
+--- Makes sure the demo's GPT-2-small-shaped checkpoint exists (`examples/demo.lua --write-only`,
+-- run with $LUAJIT); returns its folder and the path of its model.safetensors.index.json.
+function M.demo_checkpoint()
+   local luajit = os.getenv("LUAJIT") or "luajit"
+   local p = io.popen(luajit .. " examples/demo.lua --write-only")
+   local dir = p:read("*a"):match("([^\n]+)%s*$")
+   p:close()
+   return dir, dir .. "/model.safetensors.index.json"
 end
 
 return M
