@@ -96,19 +96,24 @@ function BertSelfAttention:forward(x, mask)
    return y:transpose(2, 3):reshape(B, L, Hd)
 end
 
-local BertSelfOutput = nn.Module:extend("BertSelfOutput")
+-- BertSelfOutput and BertOutput (two classes in transformers too): dense from the config's
+-- in_key size to hidden_size, then LayerNorm of that plus the sublayer's input.
+local function residual_output(name, in_key)
+   local cls = nn.Module:extend(name)
+   function cls:__init(cfg)
+      nn.Module.__init(self)
+      self.dense = nn.Linear(cfg[in_key], cfg.hidden_size)
+      self.LayerNorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
+      self.dropout = nn.Dropout(0)
+   end
+   function cls:forward(h, input)
+      return self.LayerNorm(self.dense(h) + input)
+   end
+   return cls
+end
+
+local BertSelfOutput = residual_output("BertSelfOutput", "hidden_size")
 M.BertSelfOutput = BertSelfOutput
-
-function BertSelfOutput:__init(cfg)
-   nn.Module.__init(self)
-   self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-   self.LayerNorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
-   self.dropout = nn.Dropout(0)
-end
-
-function BertSelfOutput:forward(h, input)
-   return self.LayerNorm(self.dense(h) + input)
-end
 
 local BertAttention = nn.Module:extend("BertAttention")
 M.BertAttention = BertAttention
@@ -136,19 +141,8 @@ function BertIntermediate:forward(x)
    return self.intermediate_act_fn(self.dense(x))
 end
 
-local BertOutput = nn.Module:extend("BertOutput")
+local BertOutput = residual_output("BertOutput", "intermediate_size")
 M.BertOutput = BertOutput
-
-function BertOutput:__init(cfg)
-   nn.Module.__init(self)
-   self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-   self.LayerNorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
-   self.dropout = nn.Dropout(0)
-end
-
-function BertOutput:forward(h, input)
-   return self.LayerNorm(self.dense(h) + input)
-end
 
 local BertLayer = nn.Module:extend("BertLayer")
 M.BertLayer = BertLayer

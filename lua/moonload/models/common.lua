@@ -213,6 +213,28 @@ function M.positions_from_mask(mask, L)
    return pos:narrow(2, pos:size(2) - L + 1, L)
 end
 
+-- --- causal language-model heads -----------------------------------------------------------
+
+--- The forward method of a causal LM head (GPT2LMHeadModel, LlamaForCausalLM): base is the
+-- field holding the base model, embed the base model's token-embedding field. The method:
+-- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep}]) -> logits
+-- (B, T, vocab), or (B, n, vocab) for the last n positions only when logits_to_keep = n.
+function M.causal_lm_forward(who, base, embed)
+   return function(self, input_ids, opts)
+      local ids = M.ids_tensor(input_ids, who)
+      M.check_vocab(ids, self.config.vocab_size, who)
+      local model = self[base]
+      ids = M.to_weight_device(ids, model[embed].weight)
+      opts = opts or {}
+      local cache = opts.cache
+      local pad, pos = M.causal_inputs(ids, opts, cache and cache.length or 0, who)
+      local h = model(ids, cache, pad, pos)
+      local keep = opts.logits_to_keep
+      if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
+      return self.lm_head(h)
+   end
+end
+
 -- --- key-value cache ------------------------------------------------------------------------
 
 --- A fresh key-value cache for n_layers layers (see models/kv_cache.lua).

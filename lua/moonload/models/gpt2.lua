@@ -179,18 +179,7 @@ end
 -- attention_mask (B, past + T), 1 = token, 0 = padding; position_ids (B, T) default to
 -- past .. past+T-1 (generate derives them from the mask, as transformers does).
 -- input_ids: int64 tensor (B, T) or (T), or Lua lists of 0-based token ids.
-function GPT2LMHeadModel:forward(input_ids, opts)
-   local ids = common.ids_tensor(input_ids, WHO .. ".forward")
-   common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
-   ids = common.to_weight_device(ids, self.transformer.wte.weight)
-   opts = opts or {}
-   local cache = opts.cache
-   local pad, pos = common.causal_inputs(ids, opts, cache and cache.length or 0, WHO .. ".forward")
-   local h = self.transformer(ids, cache, pad, pos)
-   local keep = opts.logits_to_keep
-   if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
-   return self.lm_head(h)
-end
+GPT2LMHeadModel.forward = common.causal_lm_forward(WHO .. ".forward", "transformer", "wte")
 
 --- A fresh key-value cache for this model (generate makes its own).
 function GPT2LMHeadModel:new_cache(capacity)

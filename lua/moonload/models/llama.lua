@@ -275,18 +275,7 @@ end
 -- or (B, n, vocab) for the last n positions only when logits_to_keep = n (generate asks for 1).
 -- attention_mask (B, past + T), 1 = token, 0 = padding; position_ids (B, T) default to
 -- past .. past+T-1 (generate derives them from the mask, as transformers does).
-function LlamaForCausalLM:forward(input_ids, opts)
-   local ids = common.ids_tensor(input_ids, WHO .. ".forward")
-   common.check_vocab(ids, self.config.vocab_size, WHO .. ".forward")
-   ids = common.to_weight_device(ids, self.model.embed_tokens.weight)
-   opts = opts or {}
-   local cache = opts.cache
-   local pad, pos = common.causal_inputs(ids, opts, cache and cache.length or 0, WHO .. ".forward")
-   local h = self.model(ids, cache, pad, pos)
-   local keep = opts.logits_to_keep
-   if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
-   return self.lm_head(h)
-end
+LlamaForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
 
 function LlamaForCausalLM:new_cache(capacity)
    return common.new_cache(self.config.num_hidden_layers, capacity)
