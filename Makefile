@@ -25,7 +25,7 @@ CORE_OBJ = $(patsubst core/src/%.c,$(BUILD)/obj/%.o,$(CORE_SRC))
 CDEF     = lua/moonload/cdef.lua
 LIB      = $(BUILD)/libmoonload.so
 
-.PHONY: all deps test test-asan test-cuda bench demo install clean fuzz
+.PHONY: all deps test test-asan test-cuda bench bench-cuda demo install clean fuzz
 
 .DEFAULT_GOAL := all
 include core/src/cuda/cuda.mk
@@ -66,6 +66,10 @@ test-asan: deps
 
 bench: deps all
 	@sh bench/run.sh
+
+# GPU benchmarks (bench/cuda/): the device's ceilings and a streamed ~8 GB Llama; need a GPU.
+bench-cuda: all
+	@for f in bench/cuda/*.lua; do LUA_PATH="lua/?.lua;lua/?/init.lua;bench/lib/?.lua;;" $(LUAJIT) $$f; done
 
 demo: deps all
 	$(LUAJIT) examples/demo.lua

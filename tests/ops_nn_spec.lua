@@ -153,9 +153,8 @@ describe("scaled dot-product attention", function()
    end)
 end)
 
--- The same fixtures through the CUDA backend (make test-cuda; needs a GPU). Attention rows with
--- every key masked are left out: the CPU kernel gives zeros as PyTorch's sdpa does; the CUDA
--- kernel documents NaN.
+-- The same fixtures through the CUDA backend (make test-cuda; needs a GPU), fully masked
+-- attention rows included (zeros on both backends, as PyTorch's sdpa).
 describe("nn kernels on cuda #cuda", function()
    local check = H.assert_matches_cuda
    for _, case in ipairs(fx.softmax) do

@@ -1,0 +1,57 @@
+--- This GPU's ceilings, measured through moonload (run on a machine with a GPU; see
+-- tests/cuda/device_check.sh): cuBLAS bf16 GEMM 8192^3 in TFLOP/s, a device-to-device copy,
+-- and host-to-device copies, pageable (t:to("cuda:0")) and through the weight uploader's pinned
+-- double-buffered staging. One JSON line per figure.
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
+local ml = require("moonload")
+local C = require("moonload.C")
+local B = require("benchutil")
+local ffi, lib = C.ffi, C.lib
+
+if ml.cuda_device_count() == 0 then
+   B.emit({ "bench", "skipped" }, { bench = "cuda_ceilings", skipped = "no CUDA device" })
+   return
+end
+local DEV = "cuda:0"
+local function sync() C.check(lib.ml_cuda_synchronize(0)) end
+local function timed(reps, fn)
+   return B.best(reps, function() fn(); sync() end)
+end
+
+-- bf16 GEMM on random data (never zeros: they run faster than real data).
+ml.manual_seed(0)
+local n = 8192
+local a = ml.rand({ n, n }, { dtype = "bfloat16" }):to(DEV)
+local b = ml.rand({ n, n }, { dtype = "bfloat16" }):to(DEV)
+local c
+local t = timed(5, function() c = a:matmul(b) end)
+B.emit({ "bench", "n", "seconds", "tflops" }, { bench = "cuda_gemm_bf16", n = n, seconds = t, tflops = 2 * n ^ 3 / t / 1e12 })
+a, b, c = nil, nil, nil
+collectgarbage()
+
+-- device-to-device copy, bytes read + written
+local elems = 1024 * 1024 * 1024          -- 4 GiB of float32
+local x = ml.empty({ elems }, { device = DEV }):fill_(1.5)
+local y = ml.empty({ elems }, { device = DEV })
+t = timed(5, function() y:copy_(x) end)
+B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_copy_d2d", bytes = 8 * elems, seconds = t, gbps = 8 * elems / t / 1e9 })
+x, y = nil, nil
+collectgarbage()
+
+-- host-to-device: pageable through the synchronous path, and through the uploader
+local host = ml.rand({ 256 * 1024 * 1024 })      -- 1 GiB
+local bytes = host:nbytes()
+t = timed(3, function() local d = host:to(DEV) end)
+B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_pageable", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })
+
+local up = ffi.new("ml_uploader*[1]")
+C.check(lib.ml_uploader_new(up))
+local uploader = ffi.gc(up[0], lib.ml_uploader_release)
+local dst = ml.empty(host.shape, { device = DEV })
+local ticket = ffi.new("int[1]")
+t = timed(3, function()
+   C.check(lib.ml_uploader_submit(uploader, dst._c, host._c, ticket))
+   C.check(lib.ml_uploader_wait(uploader, ticket[0]))
+end)
+assert(dst:cpu():equal(host), "uploaded bytes differ")
+B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_uploader_pinned", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })

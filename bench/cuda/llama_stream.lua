@@ -1,0 +1,87 @@
+--- A Llama-shaped model of about 8 GB in bfloat16 with every weight in CPU RAM, streamed to the
+-- GPU layer by layer (cpu_offload with execution_device cuda:0): time per forward of 1x512
+-- tokens against the floor bytes / measured host-to-device bandwidth, and next to accelerate's
+-- cpu_offload on the same machine (bench/cuda/llama_stream_peer.py, same shapes, same run).
+-- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3).
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
+local ml = require("moonload")
+local C = require("moonload.C")
+local B = require("benchutil")
+local hooks = require("moonload.hooks")
+local utils = require("moonload.utils")
+
+if ml.cuda_device_count() == 0 then
+   B.emit({ "bench", "skipped" }, { bench = "cuda_llama_stream", skipped = "no CUDA device" })
+   return
+end
+
+local layers = tonumber(os.getenv("BENCH_LAYERS") or "") or 16
+local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
+local cfg = {
+   model_type = "llama", vocab_size = 32000, hidden_size = 4096, intermediate_size = 14336,
+   num_hidden_layers = layers, num_attention_heads = 32, num_key_value_heads = 8,
+   max_position_embeddings = 4096, rms_norm_eps = 1e-5, rope_theta = 500000.0,
+   tie_word_embeddings = false, hidden_act = "silu",
+}
+
+-- Skeleton on meta, then random bf16 weights in CPU RAM (never zeros).
+ml.manual_seed(0)
+local t_build = B.now()
+local model = ml.init_empty_weights(function() return ml.models.llama.LlamaForCausalLM(cfg) end)
+local weight_bytes = 0
+for name, p in model:named_parameters() do
+   local w = ml.rand(p.shape, { dtype = "bfloat16" }) * 0.02 - 0.01
+   utils.set_module_tensor_to_device(model, name, "cpu", { value = w, dtype = "bfloat16" })
+   weight_bytes = weight_bytes + w:nbytes()
+end
+t_build = B.now() - t_build
+
+ml.cpu_offload(model, { execution_device = "cuda:0" })
+local ids = {}
+for i = 1, 512 do ids[i] = (i * 7919) % cfg.vocab_size end
+local input = ml.tensor({ ids }, { dtype = "int64" })
+local function forward()
+   local logits = model(input, { logits_to_keep = 1 })
+   C.check(C.lib.ml_cuda_synchronize(0))
+   return logits
+end
+
+-- Host-to-device bandwidth through the same staging path, for the floor.
+local probe = ml.rand({ 256 * 1024 * 1024 }, { dtype = "bfloat16" })
+local ffi, lib = C.ffi, C.lib
+local up = ffi.new("ml_uploader*[1]")
+C.check(lib.ml_uploader_new(up))
+local uploader = ffi.gc(up[0], lib.ml_uploader_release)
+local dst = ml.empty(probe.shape, { dtype = "bfloat16", device = "cuda:0" })
+local ticket = ffi.new("int[1]")
+local t_h2d = B.best(3, function()
+   C.check(lib.ml_uploader_submit(uploader, dst._c, probe._c, ticket))
+   C.check(lib.ml_uploader_wait(uploader, ticket[0]))
+   C.check(lib.ml_cuda_synchronize(0))
+end)
+local h2d = probe:nbytes() / t_h2d
+probe, dst = nil, nil
+
+local results = {}
+for _, prefetch in ipairs({ true, false }) do
+   hooks.set_prefetch(prefetch)
+   forward()                                  -- learns the order
+   results[prefetch] = B.best(repeats, forward)
+end
+hooks.set_prefetch(true)
+local floor = weight_bytes / h2d
+
+local peer = {}
+local python = os.getenv("BENCH_PYTHON") or "python3"
+local ok, res, raw = pcall(B.run_json, string.format("%s bench/cuda/llama_stream_peer.py %d %d", python, layers, repeats))
+if ok and res then peer = res end
+local peer_error = not ok and tostring(res) or (raw or ""):sub(-200)
+
+B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
+         "ratio_to_floor", "accelerate_s", "ratio_to_accelerate", "peer_note" }, {
+   bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
+   h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = results[true], forward_no_prefetch_s = results[false],
+   ratio_to_floor = results[true] / floor, accelerate_s = peer.forward_s,
+   ratio_to_accelerate = peer.forward_s and results[true] / peer.forward_s or nil,
+   peer_note = peer.forward_s and nil or ("accelerate peer unavailable: " .. peer_error),
+})

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU check, for a lent GPU machine (see the device tool): sets up the carried Lua runtime,
+# makes sure libmoonload_cuda.so loads there (rebuilding it with that machine's nvcc if the one
+# built here does not), runs the #cuda specs and the GPU benchmarks, and prints a short table.
+# Sized for well under 8 minutes. Prepare on the development machine:
+#   make CUDA=1 && ../shared/tools/pack-lua-runtime.sh .device/runtime
+# then run with carry = [".device", "build", "lua/moonload/cdef.lua"]:
+#   bash tests/cuda/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+RUNTIME=${RUNTIME:-.device/runtime}
+OUT=${OUT:-/tmp/moonload-device-check}
+mkdir -p "$OUT"
+# shellcheck disable=SC1091
+source "$RUNTIME/env.sh"
+
+# cuBLAS/cudart 13 from the CUDA toolkit or from the nvidia-* Python wheels, wherever they are.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13*/lib64 \
+         $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, s, "lib") for p in nvidia.__path__ for s in os.listdir(p)))' 2>/dev/null); do
+  [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+
+probe='local ml = require("moonload"); io.write(ml.cuda_device_count())'
+count=$(luajit -e "package.path='lua/?.lua;lua/?/init.lua;'..package.path; $probe" 2>"$OUT/probe.err")
+if [ "${count:-0}" = "0" ] && command -v nvcc >/dev/null; then
+  echo "== libmoonload_cuda.so did not load ($(head -c 300 "$OUT/probe.err")); rebuilding it here"
+  rm -rf build/cuda build/libmoonload_cuda.so
+  make CUDA=1 NVCC="$(command -v nvcc)" build/libmoonload_cuda.so > "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
+  count=$(luajit -e "package.path='lua/?.lua;lua/?/init.lua;'..package.path; $probe" 2>>"$OUT/probe.err")
+fi
+echo "== CUDA devices seen by moonload: ${count:-0}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+
+echo "== #cuda specs"
+timeout 240 busted --tags=cuda -o TAP > "$OUT/cuda_specs.tap" 2>&1
+passed=$(grep -c '^ok ' "$OUT/cuda_specs.tap"); failed=$(grep -c '^not ok ' "$OUT/cuda_specs.tap")
+grep -A4 '^not ok ' "$OUT/cuda_specs.tap" | head -60
+
+echo "== GPU benchmarks"
+export LUA_PATH="lua/?.lua;lua/?/init.lua;bench/lib/?.lua;;"
+timeout 120 luajit bench/cuda/ceilings.lua > "$OUT/ceilings.jsonl" 2>"$OUT/ceilings.err"; cat "$OUT/ceilings.jsonl"
+BENCH_PYTHON=${BENCH_PYTHON:-python3} timeout 300 luajit bench/cuda/llama_stream.lua > "$OUT/llama.jsonl" 2>"$OUT/llama.err"
+cat "$OUT/llama.jsonl"; tail -5 "$OUT/llama.err"
+
+echo
+echo "| check | result |"
+echo "|---|---|"
+echo "| cuda specs | $passed passed, $failed failed |"
+luajit -e '
+local cjson = require("cjson")
+for _, f in ipairs({ arg[1] .. "/ceilings.jsonl", arg[1] .. "/llama.jsonl" }) do
+   local h = io.open(f)
+   if h then
+      for line in h:lines() do
+         local ok, r = pcall(cjson.decode, line)
+         if ok then
+            local v = r.tflops and string.format("%.1f TFLOP/s", r.tflops) or r.gbps and string.format("%.1f GB/s", r.gbps)
+               or r.forward_s and string.format("%.3f s per forward; floor %.3f s (%.2fx); accelerate %s",
+                  r.forward_s, r.floor_s or 0, r.ratio_to_floor or 0, r.accelerate_s and string.format("%.3f s", r.accelerate_s) or "n/a")
+               or r.skipped or "?"
+            print(string.format("| %s | %s |", r.bench, v))
+         end
+      end
+      h:close()
+   end
+end' "$OUT"
+echo "$passed passed, $failed failed"

@@ -1,0 +1,176 @@
+-- The CUDA backend against the CPU on fresh random inputs, and models dispatched over
+-- cuda:0 + cpu + disk against the plain CPU model. Tagged #cuda: `make test-cuda` on a machine
+-- with a GPU (tests/cuda/device_check.sh on the lent GPU machine); `make test` leaves it out.
+local ml = require("moonload")
+local hooks = require("moonload.hooks")
+
+local DEV = "cuda:0"
+
+local function max_rel_err(got, want)
+   local g, w = got:cpu():float():tolist(), want:cpu():float():tolist()
+   local worst = 0
+   local function walk(a, b)
+      if type(a) == "table" then
+         for i = 1, #a do walk(a[i], b[i]) end
+      else
+         local d = math.abs(a - b) / math.max(1, math.abs(b))
+         if d ~= d then d = math.huge end
+         if d > worst then worst = d end
+      end
+   end
+   walk(g, w)
+   return worst
+end
+
+local function assert_close(got, want, tol, what)
+   assert.are.same(want.shape, got.shape, what .. ": shape")
+   local err = max_rel_err(got, want)
+   assert.is_true(err <= tol, string.format("%s: relative error %.3g > %.3g", what, err, tol))
+end
+
+describe("cuda backend #cuda", function()
+   it("has a device and accounts its memory", function()
+      assert.is_true(ml.cuda_device_count() > 0)
+      local before = ml.memory_allocated(DEV)
+      local x = ml.empty({ 1024, 1024 }, { device = DEV })
+      assert.are.equal(before + 4 * 1024 * 1024, (ml.memory_allocated(DEV)))
+      assert.are.equal(DEV, x.device)
+      x = nil
+      collectgarbage(); collectgarbage()
+      assert.are.equal(before, (ml.memory_allocated(DEV)))
+   end)
+
+   it("round-trips every dtype through the device", function()
+      ml.manual_seed(1)
+      for _, dt in ipairs({ "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool" }) do
+         local x = (ml.randn(37, 5) * 20):to(dt)
+         assert.is_true(x:to(DEV):cpu():equal(x), dt)
+      end
+   end)
+
+   it("copies strided and broadcast views on the device", function()
+      local x = ml.randn(6, 7)
+      local d = x:to(DEV)
+      assert.is_true(d:t():contiguous():cpu():equal(x:t():contiguous()))
+      assert.is_true(d:narrow(2, 2, 3):contiguous():cpu():equal(x:narrow(2, 2, 3):contiguous()))
+      assert.is_true(d:select(1, 1):unsqueeze(1):expand(4, 7):contiguous():cpu():equal(x[1]:unsqueeze(1):expand(4, 7):contiguous()))
+   end)
+
+   local unary = { "neg", "abs", "sqrt", "rsqrt", "exp", "log", "tanh", "sigmoid", "relu", "gelu", "silu", "sin", "cos" }
+   for _, op in ipairs(unary) do
+      it("unary " .. op .. " matches the CPU (float32 and bfloat16)", function()
+         ml.manual_seed(2)
+         local x = ml.rand(33, 65) * 4 + 0.1
+         assert_close(x:to(DEV)[op](x:to(DEV)), x[op](x), 1e-5, op)
+         local xb = x:bfloat16()
+         assert_close(xb:to(DEV)[op](xb:to(DEV)), xb[op](xb), 1e-2, op .. " bf16")
+      end)
+   end
+
+   for _, op in ipairs({ "add", "sub", "mul", "div", "maximum", "minimum", "pow" }) do
+      it("binary " .. op .. " broadcasts like the CPU", function()
+         ml.manual_seed(3)
+         local a, b = ml.rand(4, 1, 9) + 0.5, ml.rand(5, 1) + 0.5
+         assert_close(a:to(DEV)[op](a:to(DEV), b:to(DEV)), a[op](a, b), 1e-5, op)
+         assert_close(a:to(DEV)[op](a:to(DEV), 1.5), a[op](a, 1.5), 1e-5, op .. " scalar")
+      end)
+   end
+
+   it("compares into bool tensors", function()
+      local a, b = ml.randn(50), ml.randn(50)
+      assert.is_true(a:to(DEV):lt(b:to(DEV)):cpu():equal(a:lt(b)))
+   end)
+
+   for _, op in ipairs({ "sum", "mean", "max", "min", "argmax", "argmin" }) do
+      it("reduction " .. op .. " over a dim and over all matches the CPU", function()
+         ml.manual_seed(4)
+         local x = ml.randn(7, 300, 5)
+         local d = x:to(DEV)
+         assert_close(d[op](d, 2), x[op](x, 2), 1e-5, op .. " dim 2")
+         assert_close(d[op](d), x[op](x), 1e-5, op .. " all")
+      end)
+   end
+
+   it("softmax, layer_norm and rms_norm match the CPU", function()
+      ml.manual_seed(5)
+      local F = ml.nn.functional
+      local x, w, b = ml.randn(3, 17, 64), ml.randn(64), ml.randn(64)
+      local d = x:to(DEV)
+      assert_close(d:softmax(-1), x:softmax(-1), 1e-5, "softmax")
+      assert_close(d:softmax(2), x:softmax(2), 1e-5, "softmax dim 2")
+      assert_close(F.layer_norm(d, { 64 }, w:to(DEV), b:to(DEV), 1e-5), F.layer_norm(x, { 64 }, w, b, 1e-5), 1e-4, "layer_norm")
+      assert_close(F.rms_norm(d, { 64 }, w:to(DEV), 1e-6), F.rms_norm(x, { 64 }, w, 1e-6), 1e-4, "rms_norm")
+   end)
+
+   it("matmul, linear and attention match the CPU in float32 and bfloat16", function()
+      ml.manual_seed(6)
+      local F = ml.nn.functional
+      local a, b = ml.randn(2, 3, 40, 64), ml.randn(64, 48)
+      assert_close(a:to(DEV):matmul(b:to(DEV)), a:matmul(b), 1e-4, "matmul")
+      assert_close(a:to(DEV):matmul(b:to(DEV):t():contiguous():t()), a:matmul(b), 1e-4, "matmul transposed")
+      local w, bias = ml.randn(96, 64), ml.randn(96)
+      assert_close(F.linear(a:to(DEV), w:to(DEV), bias:to(DEV)), F.linear(a, w, bias), 1e-4, "linear")
+      local ab, wb = a:bfloat16(), w:bfloat16()
+      assert_close(F.linear(ab:to(DEV), wb:to(DEV)), F.linear(ab, wb), 2e-2, "linear bf16")
+      local q, k, v = ml.randn(1, 4, 9, 16), ml.randn(1, 4, 12, 16), ml.randn(1, 4, 12, 16)
+      assert_close(F.scaled_dot_product_attention(q:to(DEV), k:to(DEV), v:to(DEV), { is_causal = true }),
+         F.scaled_dot_product_attention(q, k, v, { is_causal = true }), 1e-4, "sdpa causal")
+   end)
+
+   it("embeds 0-based ids and names an out-of-range id", function()
+      local F = ml.nn.functional
+      local w = ml.randn(10, 8)
+      local ids = ml.tensor({ { 0, 9, 3 } }, { dtype = "int64" })
+      assert_close(F.embedding(ids:to(DEV), w:to(DEV)), F.embedding(ids, w), 0, "embedding")
+      local ok, err = pcall(F.embedding, ml.tensor({ 10 }, { dtype = "int64" }):to(DEV), w:to(DEV))
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("10", 1, true))
+   end)
+end)
+
+describe("models on cuda #cuda", function()
+   local ids = ml.tensor({ { 5, 17, 42, 3, 8, 1 } }, { dtype = "int64" })
+
+   local function cpu_logits(dir)
+      return ml.models.from_pretrained(dir)(ids)
+   end
+
+   it("the tiny GPT-2 moved whole to cuda:0 gives the CPU logits", function()
+      local dir = "tests/fixtures/models/gpt2_tiny"
+      local want = cpu_logits(dir)
+      local model = ml.models.from_pretrained(dir):to(DEV)
+      assert_close(model(ids:to(DEV)), want, 1e-4, "gpt2 on cuda")
+   end)
+
+   local function split_map(prefix, n_layer, head)
+      local map = {}
+      for i = 0, n_layer - 1 do map[prefix .. i] = i % 2 == 0 and "cpu" or "disk" end
+      for k, v in pairs(head) do map[k] = v end
+      return map
+   end
+
+   local cases = {
+      { dir = "tests/fixtures/models/gpt2_tiny", prefix = "transformer.h.", n = 2,
+        head = { ["transformer.wte"] = 0, ["transformer.wpe"] = 0, ["transformer.drop"] = 0, ["transformer.ln_f"] = 0, lm_head = 0 } },
+      { dir = "tests/fixtures/models/llama_tiny_untied", prefix = "model.layers.", n = 2,
+        head = { ["model.embed_tokens"] = 0, ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = "cpu" } },
+   }
+   for _, case in ipairs(cases) do
+      for _, prefetch in ipairs({ true, false }) do
+         it(string.format("%s over cuda:0 + cpu + disk (prefetch %s) equals the CPU model", case.dir, tostring(prefetch)), function()
+            local want = cpu_logits(case.dir)
+            hooks.set_prefetch(prefetch)
+            local folder = os.tmpname()
+            os.remove(folder)
+            local model = ml.models.from_pretrained(case.dir, {
+               device_map = split_map(case.prefix, case.n, case.head), offload_folder = folder })
+            local got = model(ids)
+            got = model(ids)          -- the second forward uses the learned order (streamed ahead)
+            hooks.set_prefetch(true)
+            os.execute("rm -rf '" .. folder .. "'")
+            assert_close(got, want, 1e-4, case.dir)
+            if prefetch then assert.is_true(hooks.runtime_stats().bytes_streamed > 0) end
+         end)
+      end
+   end
+end)
