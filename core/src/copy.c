@@ -156,6 +156,11 @@ ml_status ml_tensor_to(const ml_tensor *t, ml_device dev, ml_dtype dt, ml_tensor
 
 ml_status ml_tensor_fill_(ml_tensor *t, double value) {
   if (t->storage->device.type == ML_DEVICE_META) return ML_OK;
+  if (t->storage->device.type == ML_DEVICE_CUDA) {
+    const ml_cuda_api *cu = ml_cuda();
+    if (!cu) return ML_EUNSUPPORTED;
+    return cu->fill(t, value);
+  }
   ml_tensor *one;
   ML_TRY(ml_tensor_empty(t->dtype, 0, NULL, ml_cpu(), &one));
   ml_store_f64(ml_tensor_data(one), t->dtype, 0, value);

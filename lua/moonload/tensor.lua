@@ -159,15 +159,13 @@ end
 function Tensor.rand(...)
    local shape, opts = shape_args("rand", ...)
    local t = make("rand", opts, shape)
-   check(lib.ml_uniform_(t._c, 0, 1), 2)
-   return t
+   return methods.uniform_(t, 0, 1)
 end
 
 function Tensor.randn(...)
    local shape, opts = shape_args("randn", ...)
    local t = make("randn", opts, shape)
-   check(lib.ml_normal_(t._c, 0, 1), 2)
-   return t
+   return methods.normal_(t, 0, 1)
 end
 
 --- arange(stop) / arange(start, stop[, step])[, opts]; dtype int64 when all are integers.
@@ -781,6 +779,40 @@ function methods.multinomial(t)
 end
 
 function methods.where(cond, a, b) return Tensor.where(cond, a, b) end
+
+-- Ops with no CUDA kernel yet run on host copies of cuda operands; results go back to the
+-- operand's device. Correct everywhere, and rare on hot paths (sampling, masks, tests).
+local function host_fallback(name, moves_result)
+   local op = methods[name]
+   methods[name] = function(t, ...)
+      if lib.ml_tensor_device(t._c).type ~= lib.ML_DEVICE_CUDA then return op(t, ...) end
+      local dev = properties.device(t)
+      local args = { ... }
+      for i = 1, select("#", ...) do
+         if is_tensor(args[i]) then args[i] = methods.cpu(args[i]) end
+      end
+      local r1, r2 = op(methods.cpu(t), unpack(args, 1, select("#", ...)))
+      if not moves_result then return r1, r2 end
+      return is_tensor(r1) and methods.to(r1, dev) or r1, is_tensor(r2) and methods.to(r2, dev) or r2
+   end
+end
+for _, name in ipairs({ "tril", "triu", "gather", "index_select", "topk", "cumsum", "multinomial" }) do
+   host_fallback(name, true)
+end
+host_fallback("equal", false)
+host_fallback("allclose", false)
+
+-- In-place random fills of a cuda tensor draw on the host (the same stream of numbers as on the
+-- cpu for a given seed) and copy in.
+for _, name in ipairs({ "uniform_", "normal_" }) do
+   local op = methods[name]
+   methods[name] = function(t, a, b)
+      if lib.ml_tensor_device(t._c).type ~= lib.ML_DEVICE_CUDA then return op(t, a, b) end
+      local host = Tensor.empty(properties.shape(t), { dtype = properties.dtype(t) })
+      op(host, a, b)
+      return methods.copy_(t, host)
+   end
+end
 
 -- --- functions over several tensors ----------------------------------------------------------
 
