@@ -12,7 +12,7 @@ local B = require("benchutil")
 
 local now, median = B.now, B.median
 
-local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
+local python = B.python
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
 
 local dir, index = B.demo_checkpoint()
@@ -38,9 +38,7 @@ local result = {
    moonload = { load_seconds = median(times), runs = times, first_forward_16_tokens_seconds = median(first_forward) },
    goal = { time_ratio = 0.2 },
 }
-local f = io.open(python, "rb")
-if f then
-   f:close()
+if B.have_python() then
    local peer, out = B.run_json(string.format("%s bench/big_model_peer.py load --ckpt %s --repeats %d", python, dir, repeats))
    if peer then
       result.accelerate = { load_seconds = peer.load_seconds, runs = peer.runs, version = peer.accelerate, torch = peer.torch }

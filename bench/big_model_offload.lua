@@ -24,7 +24,7 @@ int posix_fadvise(int fd, long offset, long len, int advice);
 long pread(int fd, void *buf, size_t count, long offset);
 ]])
 
-local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
+local python = B.python
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 5
 
 local dir, index = B.demo_checkpoint()
@@ -150,9 +150,7 @@ local result = {
    },
    goal = { ratio_warm = 1.05, ratio_evicted = 1.2 },
 }
-local f = io.open(python, "rb")
-if f then
-   f:close()
+if B.have_python() then
    local peer, out = B.run_json(string.format("%s bench/big_model_peer.py offload --ckpt %s --repeats %d --threads %d",
       python, dir, repeats, ml.get_num_threads()))
    if peer then

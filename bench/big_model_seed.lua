@@ -8,7 +8,7 @@ local cjson = require("cjson")
 local B = require("benchutil")
 
 local luajit = os.getenv("LUAJIT") or "luajit"
-local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
+local python = B.python
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
 
 local run_json, median = B.run_json, B.median
@@ -31,9 +31,7 @@ local result = {
                 rss_before_build_mb = ours.rss_before_build_mb, parameters = ours.parameters },
    goal = { time_ratio = 0.5, rss_ratio = 0.25 },
 }
-local f = io.open(python, "rb")
-if f then
-   f:close()
+if B.have_python() then
    local peer, err = collect(python .. " bench/big_model_peer.py seed")
    if peer then
       result.accelerate = { build_seconds = peer.build_seconds, peak_rss_mb = peer.peak_rss_mb,

@@ -65,10 +65,8 @@ local result = {
    decode_tokens_per_s = NEW / decode_s,
 }
 
-local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
-local f = io.open(python, "rb")
-if f then
-   f:close()
+local python = B.python
+if B.have_python() then
    local cmd = string.format("%s bench/gpt2_forward.py --threads %d --repeats %d --layers %d 2>/dev/null",
       python, threads, repeats, layers)
    local p = io.popen(cmd)

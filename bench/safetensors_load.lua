@@ -23,7 +23,7 @@ local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 5
 local mb = tonumber(os.getenv("BENCH_MB") or "") or 500
 local dir = os.getenv("BENCH_DIR") or "/tmp"
-local python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
+local python = B.python
 C.lib.ml_set_num_threads(threads)
 
 -- --- the file --------------------------------------------------------------------------------
@@ -103,9 +103,7 @@ local result = {
 }
 
 -- --- PyPI safetensors peer -----------------------------------------------------------------
-local pf = io.open(python, "rb")
-if pf then
-   pf:close()
+if B.have_python() then
    local p = io.popen(string.format("%s bench/safetensors_load.py --path '%s' --repeats %d --threads %d 2>&1",
       python, path, repeats, threads))
    local out = p:read("*a")

@@ -87,6 +87,17 @@ function M.nproc()
    return n or 1
 end
 
+--- The Python that runs the peers: $BENCH_PYTHON, default /opt/ref/bin/python.
+M.python = os.getenv("BENCH_PYTHON") or "/opt/ref/bin/python"
+
+--- Whether that Python is there (a benchmark without it reports only its own side).
+function M.have_python()
+   local f = io.open(M.python, "rb")
+   if not f then return false end
+   f:close()
+   return true
+end
+
 --- Runs a peer command (stderr dropped) and decodes the last JSON object it prints;
 -- nil and the whole output when it printed none.
 function M.run_json(cmd)
