@@ -12,7 +12,6 @@ local B = require("benchutil")
 
 local now, median = B.now, B.median
 
-local python = B.python
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
 
 local dir, index = B.demo_checkpoint()
@@ -38,16 +37,12 @@ local result = {
    moonload = { load_seconds = median(times), runs = times, first_forward_16_tokens_seconds = median(first_forward) },
    goal = { time_ratio = 0.2 },
 }
-if B.have_python() then
-   local peer, out = B.run_json(string.format("%s bench/big_model_peer.py load --ckpt %s --repeats %d", python, dir, repeats))
-   if peer then
-      result.accelerate = { load_seconds = peer.load_seconds, runs = peer.runs, version = peer.accelerate, torch = peer.torch }
-      result.time_ratio = result.moonload.load_seconds / peer.load_seconds
-      result.meets_goal = result.time_ratio <= 0.2
-   else
-      result.peer_error = out
-   end
+local peer, err = B.run_peer(string.format("bench/big_model_peer.py load --ckpt %s --repeats %d", dir, repeats))
+if peer then
+   result.accelerate = { load_seconds = peer.load_seconds, runs = peer.runs, version = peer.accelerate, torch = peer.torch }
+   result.time_ratio = result.moonload.load_seconds / peer.load_seconds
+   result.meets_goal = result.time_ratio <= 0.2
 else
-   result.peer_error = "no Python at " .. python .. " (set BENCH_PYTHON)"
+   result.peer_error = err
 end
 print(cjson.encode(result))

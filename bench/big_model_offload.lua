@@ -24,7 +24,6 @@ int posix_fadvise(int fd, long offset, long len, int advice);
 long pread(int fd, void *buf, size_t count, long offset);
 ]])
 
-local python = B.python
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 5
 
 local dir, index = B.demo_checkpoint()
@@ -150,16 +149,12 @@ local result = {
    },
    goal = { ratio_warm = 1.05, ratio_evicted = 1.2 },
 }
-if B.have_python() then
-   local peer, out = B.run_json(string.format("%s bench/big_model_peer.py offload --ckpt %s --repeats %d --threads %d",
-      python, dir, repeats, ml.get_num_threads()))
-   if peer then
-      result.accelerate = peer
-   else
-      result.peer_error = out
-   end
+local peer, err = B.run_peer(string.format("bench/big_model_peer.py offload --ckpt %s --repeats %d --threads %d",
+   dir, repeats, ml.get_num_threads()))
+if peer then
+   result.accelerate = peer
 else
-   result.peer_error = "no Python at " .. python .. " (set BENCH_PYTHON)"
+   result.peer_error = err
 end
 result.meets_goal = result.moonload.ratio_warm <= 1.05 and result.moonload.ratio_evicted <= 1.2
 print(cjson.encode(result))

@@ -109,6 +109,12 @@ function M.run_json(cmd)
    return require("cjson").decode(obj)
 end
 
+--- Runs `$BENCH_PYTHON args` as run_json does; nil and a note when there is no such Python.
+function M.run_peer(args)
+   if not M.have_python() then return nil, "no Python at " .. M.python .. " (set BENCH_PYTHON)" end
+   return M.run_json(M.python .. " " .. args)
+end
+
 --- Makes sure the demo's GPT-2-small-shaped checkpoint exists (`examples/demo.lua --write-only`,
 -- run with $LUAJIT); returns its folder and the path of its model.safetensors.index.json.
 function M.demo_checkpoint()
