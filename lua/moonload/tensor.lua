@@ -142,31 +142,25 @@ function Tensor.full(shape, value, opts)
    return t
 end
 
-function Tensor.zeros(...)
-   local shape, opts = shape_args("zeros", ...)
-   local t = make("zeros", opts, shape)
-   check(lib.ml_tensor_fill_(t._c, 0), 2)
-   return t
+--- A constructor taking a shape (list or varargs) and options, then filling the new tensor.
+local function filled_constructor(fn, fill)
+   return function(...)
+      local shape, opts = shape_args(fn, ...)
+      return fill(make(fn, opts, shape))
+   end
 end
 
-function Tensor.ones(...)
-   local shape, opts = shape_args("ones", ...)
-   local t = make("ones", opts, shape)
-   check(lib.ml_tensor_fill_(t._c, 1), 2)
-   return t
+local function fill_with(v)
+   return function(t)
+      check(lib.ml_tensor_fill_(t._c, v), 4)
+      return t
+   end
 end
 
-function Tensor.rand(...)
-   local shape, opts = shape_args("rand", ...)
-   local t = make("rand", opts, shape)
-   return methods.uniform_(t, 0, 1)
-end
-
-function Tensor.randn(...)
-   local shape, opts = shape_args("randn", ...)
-   local t = make("randn", opts, shape)
-   return methods.normal_(t, 0, 1)
-end
+Tensor.zeros = filled_constructor("zeros", fill_with(0))
+Tensor.ones = filled_constructor("ones", fill_with(1))
+Tensor.rand = filled_constructor("rand", function(t) return methods.uniform_(t, 0, 1) end)
+Tensor.randn = filled_constructor("randn", function(t) return methods.normal_(t, 0, 1) end)
 
 --- arange(stop) / arange(start, stop[, step])[, opts]; dtype int64 when all are integers.
 function Tensor.arange(a, b, c, d)
