@@ -47,9 +47,10 @@ echo
 echo "| check | result |"
 echo "|---|---|"
 echo "| cuda specs | $passed passed, $failed failed |"
-luajit -e '
+OUT="$OUT" luajit -e '
 local cjson = require("cjson")
-for _, f in ipairs({ arg[1] .. "/ceilings.jsonl", arg[1] .. "/llama.jsonl" }) do
+local out = os.getenv("OUT")
+for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
    local h = io.open(f)
    if h then
       for line in h:lines() do
@@ -64,5 +65,5 @@ for _, f in ipairs({ arg[1] .. "/ceilings.jsonl", arg[1] .. "/llama.jsonl" }) do
       end
       h:close()
    end
-end' "$OUT"
+end'
 echo "$passed passed, $failed failed"
