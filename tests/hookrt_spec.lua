@@ -279,6 +279,7 @@ describe("hookrt", function()
 
       it("drops whole pages of released mapped tensors and keeps pages in use by another group", function()
          local rt = new_rt()
+         C.check(lib.ml_hookrt_configure(rt, -1, 1))
          local view = mapped_floats(2 * 4096)
          local g1, g2 = new_group(rt), new_group(rt)
          local w = view(0, { 4096 })
@@ -294,6 +295,21 @@ describe("hookrt", function()
          -- dropped pages come back from the file on the next read
          local out = materialize(rt, g2, 2)
          assert.are.equal(4096 + 5, out[2]:tolist()[6])
+      end)
+
+      it("auto keeps pages while the mapped weights are under the threshold, drops them above", function()
+         local rt = new_rt()                    -- auto is the default
+         local view = mapped_floats(2 * 4096)
+         local g = new_group(rt)
+         add(rt, g, view(0, { 2 * 4096 }))     -- 32 KiB mapped in all
+         C.check(lib.ml_hookrt_set_auto_drop(rt, 32 * 1024))
+         materialize(rt, g, 1)
+         C.check(lib.ml_hookrt_release_group(rt, g))
+         assert.are.equal(0, stats(rt).bytes_dropped)
+         C.check(lib.ml_hookrt_set_auto_drop(rt, 32 * 1024 - 1))
+         materialize(rt, g, 1)
+         C.check(lib.ml_hookrt_release_group(rt, g))
+         assert.are.equal(2 * 4096 * 4, stats(rt).bytes_dropped)
       end)
 
       it("keeps pages with drop level 0", function()

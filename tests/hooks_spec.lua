@@ -406,8 +406,10 @@ describe("hooks runtime settings", function()
    it("validates the prefetch window and drop level", function()
       assert.has_error(function() hooks.set_prefetch_window(-5) end,
          "ml_hookrt_set_prefetch_window: sizes must be >= 0 (-1 keeps one), got -5 and -1")
-      assert.has_error(function() hooks.set_drop_pages(3) end,
-         "ml_hookrt_configure: drop must be 0, 1 or 2 (-1 keeps it), got 3")
+      assert.has_error(function() hooks.set_drop_pages(4) end,
+         "ml_hookrt_configure: drop must be 0, 1, 2 or 3 (auto) (-1 keeps it), got 4")
+      assert.has_error(function() hooks.set_drop_pages("auto", -1) end,
+         "ml_hookrt_set_auto_drop: threshold must be >= 0, got -1")
       hooks.set_prefetch_window(nil, 32 * 1024 * 1024)
       local prev = hooks.set_prefetch(false)
       assert.is_false(hooks.set_prefetch(prev))

@@ -299,8 +299,10 @@ typedef struct {
 ML_API ml_status ml_hookrt_new(ml_hookrt **out);
 ML_API void ml_hookrt_release(ml_hookrt *rt);
 /* prefetch: 0 off, 1 on; drop: 0 keep pages, 1 MADV_DONTNEED (RSS), 2 also evict from the page
-   cache. -1 keeps the current value. Defaults: prefetch 1, drop 1. */
+   cache, 3 auto (1 once the groups' mapped bytes exceed a threshold, else 0). -1 keeps the
+   current value. Defaults: prefetch 1, drop 3 with the threshold at half the physical memory. */
 ML_API ml_status ml_hookrt_configure(ml_hookrt *rt, int prefetch, int drop);
+ML_API ml_status ml_hookrt_set_auto_drop(ml_hookrt *rt, int64_t above_bytes);
 /* Prefetch reads ahead along the learned order: the next group, then on while the mapped bytes
    read ahead stay within lookahead_bytes (default 32 MiB); groups with fewer mapped bytes than
    min_bytes (default 64 KiB) are not worth a worker wake-up. -1 keeps a value. */

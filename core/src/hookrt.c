@@ -87,7 +87,9 @@ struct ml_hookrt {
   int nties, tcap;
   int last;                   /* group materialized most recently, -1 at start */
   int prefetch;               /* 0 off, 1 on */
-  int drop;                   /* 0 keep pages, 1 MADV_DONTNEED, 2 + POSIX_FADV_DONTNEED */
+  int drop;                   /* 0 keep pages, 1 MADV_DONTNEED, 2 + POSIX_FADV_DONTNEED, 3 auto */
+  size_t mapped_total;        /* mapped bytes of all groups' sources */
+  size_t auto_drop_above;     /* auto: drop (as level 1) once mapped_total exceeds this */
   size_t prefetch_min;        /* groups with fewer mapped bytes are not worth a worker wake-up */
   size_t lookahead;           /* mapped bytes read ahead along the learned order */
   pthread_mutex_t mu;
@@ -220,7 +222,12 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
   if (!rt) return ml_fail(ML_ENOMEM, "ml_hookrt_new: out of memory");
   rt->last = -1;
   rt->prefetch = 1;
-  rt->drop = 1;
+  /* auto: a model whose file-backed weights fit comfortably in RAM keeps them mapped (a warm
+     forward from disk then costs what one from RAM does); above half the physical memory,
+     released pages leave the process so RSS stays bounded. */
+  rt->drop = 3;
+  long pages = sysconf(_SC_PHYS_PAGES);
+  rt->auto_drop_above = pages > 0 ? (size_t)pages * (size_t)page_size() / 2 : (size_t)1 << 30;
   rt->prefetch_min = 64 * 1024;
   rt->lookahead = 32 * 1024 * 1024;
   pthread_mutex_init(&rt->mu, NULL);
@@ -257,8 +264,8 @@ ml_status ml_hookrt_configure(ml_hookrt *rt, int prefetch, int drop) {
   if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_configure: runtime is NULL");
   if (prefetch < -1 || prefetch > 1)
     return ml_fail(ML_EINVAL, "ml_hookrt_configure: prefetch must be 0 or 1 (-1 keeps it), got %d", prefetch);
-  if (drop < -1 || drop > 2)
-    return ml_fail(ML_EINVAL, "ml_hookrt_configure: drop must be 0, 1 or 2 (-1 keeps it), got %d", drop);
+  if (drop < -1 || drop > 3)
+    return ml_fail(ML_EINVAL, "ml_hookrt_configure: drop must be 0, 1, 2 or 3 (auto) (-1 keeps it), got %d", drop);
   if (prefetch >= 0) rt->prefetch = prefetch;
   if (drop >= 0) rt->drop = drop;
   return ML_OK;
@@ -271,6 +278,14 @@ ml_status ml_hookrt_set_prefetch_window(ml_hookrt *rt, int64_t min_bytes, int64_
                    (long long)min_bytes, (long long)lookahead_bytes);
   if (min_bytes >= 0) rt->prefetch_min = (size_t)min_bytes;
   if (lookahead_bytes >= 0) rt->lookahead = (size_t)lookahead_bytes;
+  return ML_OK;
+}
+
+ml_status ml_hookrt_set_auto_drop(ml_hookrt *rt, int64_t above_bytes) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_set_auto_drop: runtime is NULL");
+  if (above_bytes < 0)
+    return ml_fail(ML_EINVAL, "ml_hookrt_set_auto_drop: threshold must be >= 0, got %lld", (long long)above_bytes);
+  rt->auto_drop_above = (size_t)above_bytes;
   return ML_OK;
 }
 
@@ -358,6 +373,7 @@ ml_status ml_hookrt_group_add(ml_hookrt *rt, int g, ml_tensor *src, ml_dtype dt)
   s->src = src;
   s->dt = dt;
   locate_in_mapping(src, s);
+  if (s->map) rt->mapped_total += s->map_len;
   gr->live[gr->nslots] = NULL;
   gr->nslots++;
   return ML_OK;
@@ -604,7 +620,7 @@ ml_status ml_hookrt_release_group(ml_hookrt *rt, int g) {
   if (!gr->active) return ML_OK;
   group_unmaterialize(rt, gr);
   atomic_fetch_add(&rt->releases, 1);
-  if (rt->drop == 0) return ML_OK;
+  if (rt->drop == 0 || (rt->drop == 3 && rt->mapped_total <= rt->auto_drop_above)) return ML_OK;
   long ps = page_size();
   for (int i = 0; i < gr->nslots; i++) {
     hr_slot *s = &gr->slots[i];
@@ -622,7 +638,10 @@ ml_status ml_hookrt_release_group(ml_hookrt *rt, int g) {
 
 static void group_clear(ml_hookrt *rt, hr_group *gr) {
   group_unmaterialize(rt, gr);
-  for (int i = 0; i < gr->nslots; i++) ml_tensor_release(gr->slots[i].src);
+  for (int i = 0; i < gr->nslots; i++) {
+    if (gr->slots[i].map) rt->mapped_total -= gr->slots[i].map_len;
+    ml_tensor_release(gr->slots[i].src);
+  }
   free(gr->slots);
   free(gr->live);
   memset(gr, 0, sizeof *gr);

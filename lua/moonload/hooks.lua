@@ -300,13 +300,14 @@ local function env_flag(name, default)
 end
 
 --- The process-wide hook runtime (created on first use). MOONLOAD_PREFETCH=0 turns prefetch off,
--- MOONLOAD_DROP_PAGES=0|1|2 sets the page-drop level after release.
+-- MOONLOAD_DROP_PAGES=0|1|2|auto sets the page-drop level after release (see set_drop_pages).
 function M.runtime()
    if runtime_ptr then return runtime_ptr end
    local p = ffi.new("ml_hookrt*[1]")
    C.check(lib.ml_hookrt_new(p))
    runtime_ptr = ffi.gc(p[0], lib.ml_hookrt_release)
-   local drop = tonumber(os.getenv("MOONLOAD_DROP_PAGES") or "") or -1
+   local drop_env = os.getenv("MOONLOAD_DROP_PAGES")
+   local drop = drop_env == "auto" and 3 or tonumber(drop_env or "") or -1
    C.check(lib.ml_hookrt_configure(runtime_ptr, env_flag("MOONLOAD_PREFETCH", true) and 1 or 0, drop))
    local lookahead = tonumber(os.getenv("MOONLOAD_PREFETCH_LOOKAHEAD") or "")
    if lookahead then C.check(lib.ml_hookrt_set_prefetch_window(runtime_ptr, -1, lookahead)) end
@@ -324,10 +325,15 @@ function M.set_prefetch(on)
    return prev
 end
 
---- set_drop_pages(level): 0 keeps released pages, 1 drops them from the process (default),
--- 2 also evicts them from the page cache.
-function M.set_drop_pages(level)
+--- set_drop_pages(level[, auto_above_bytes]): 0 keeps released pages mapped, 1 drops them from
+-- the process, 2 also evicts them from the page cache, "auto" (the default; also 3) drops them
+-- only once the offloaded weights mapped by all hooks exceed auto_above_bytes (default: half the
+-- physical memory), so models that fit in RAM keep their disk weights mapped between forwards.
+-- Environment: MOONLOAD_DROP_PAGES=0|1|2|auto.
+function M.set_drop_pages(level, auto_above_bytes)
+   if level == "auto" then level = 3 end
    C.check(lib.ml_hookrt_configure(M.runtime(), -1, level))
+   if auto_above_bytes then C.check(lib.ml_hookrt_set_auto_drop(M.runtime(), auto_above_bytes)) end
 end
 
 --- set_prefetch_window(min_bytes, lookahead_bytes): prefetch reads ahead along the learned
