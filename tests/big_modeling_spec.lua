@@ -236,8 +236,12 @@ describe("big_modeling", function()
                "to: You can't move a model that has some modules offloaded to cpu or disk.")
          end)
          assert.are.same({ "You shouldn't move a model that is dispatched using moonload hooks." }, w)
-         -- a dtype-only conversion is not a move
-         assert.are.same({}, warnings_of(function() m:to("float32") end))
+         -- a dtype-only conversion does not warn, but is refused all the same (as Accelerate)
+         assert.are.same({}, warnings_of(function()
+            assert.has_error(function() m:to("float16") end,
+               "to: You can't move a model that has some modules offloaded to cpu or disk.")
+         end))
+         assert.are.equal("float32", m.linear1.weight.dtype)
          hooks.remove_hook_from_submodules(m)
          assert.is_nil(rawget(m, "to"))
          assert.are.equal("cpu", m.linear2.weight.device)   -- detach restored the disk weights

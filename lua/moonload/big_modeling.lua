@@ -311,13 +311,15 @@ local function install_move_guard(model)
       end
       return false
    end
+   -- As Accelerate: warn when a device is given (a dtype-only `to` does not warn), and refuse
+   -- any conversion while offloaded weights sit on meta (their real values live in the hooks).
    local function guard(fn, orig, moves)
       return function(self, ...)
          if moves(...) then
             log.warn("You shouldn't move a model that is dispatched using moonload hooks.")
-            if has_meta() then
-               error(fn .. ": You can't move a model that has some modules offloaded to cpu or disk.", 2)
-            end
+         end
+         if has_meta() then
+            error(fn .. ": You can't move a model that has some modules offloaded to cpu or disk.", 2)
          end
          return orig(self, ...)
       end
