@@ -125,7 +125,7 @@ ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, co
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("sdpa", 4, (const ml_tensor *[]){q, k, v, mask},
                      (const char *[]){"query", "key", "value", "attn_mask"}, &cu));
-  if (cu && !cu->sdpa) return ml_no_cuda_entry("sdpa", q);
+  if (cu && !cu->sdpa) return ml_no_cuda_kernel("sdpa", q);
   char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF], c[ML_SHAPE_BUF];
   if (q->ndim < 2 || k->ndim < 2 || v->ndim < 2)
     return ml_fail(ML_EINVAL, "sdpa: query, key and value need at least 2 dims, got shapes %s, %s and %s",

@@ -3,6 +3,7 @@
 #define ML_CPU_GEMM_H
 
 #include "internal.h"
+#include "cpu/kernels.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -50,15 +51,6 @@ typedef struct {
  * fn names the caller in errors (dimensions past BLAS's int, out of memory). */
 ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                   const void *bias, ml_dtype ct, void *C, ml_dtype cdt, int64_t ldc);
-
-/* Where an op runs. Checks that every tensor (NULL ones are skipped) has data (not meta) and
-   that all share one device, naming them by what[i] in messages; *cu is the loaded CUDA
-   backend's table when they are on cuda (the caller checks its entry: ml_no_cuda_entry), NULL on
-   the cpu. The op then validates as on the cpu, allocates its output on the device and calls the
-   entry, which only computes (core/src/cuda_api.h). */
-ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const char *const *what,
-                      const ml_cuda_api **cu);
-ml_status ml_no_cuda_entry(const char *fn, const ml_tensor *t);
 
 /* Makes OpenBLAS single-threaded (once); ml_gemm calls it, and ops that run GEMMs on worker
    threads call it first from the calling thread. */

@@ -20,18 +20,44 @@ __attribute__((constructor)) static void ml_pin_library(void) {
 
 // --- device gate ----------------------------------------------------------------------------
 
-ml_status ml_op_device(const char *fn, int n, const ml_tensor *const *ts, const ml_cuda_api **cu) {
+/* Checks operands and picks the backend. With `what` (operand names), NULL operands are optional
+   and messages name the operand ("linear: the weight is on the meta device ..."); without it,
+   every operand is required and is named by position. */
+ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const char *const *what,
+                      const ml_cuda_api **cu) {
   *cu = NULL;
-  for (int i = 0; i < n; i++) {
-    if (!ts[i]) return ml_fail(ML_EINVAL, "%s: tensor argument %d is NULL", fn, i + 1);
-    if (i > 0) ML_TRY(ml_check_same_device(fn, ts[0], ts[i]));
+  /* Named operands report a meta operand before a device mismatch (cpu + meta is "the weight is
+     on the meta device"); positional ones the mismatch first. Specs pin both. */
+  if (what) {
+    for (int i = 0; i < n; i++)
+      if (ts[i] && ts[i]->storage->device.type == ML_DEVICE_META)
+        return ml_fail(ML_EINVAL, "%s: %s is on the meta device and has no data", fn, what[i]);
   }
-  for (int i = 0; i < n; i++) ML_TRY(ml_check_not_meta(fn, ts[i]));
-  if (n > 0 && ts[0]->storage->device.type == ML_DEVICE_CUDA) {
-    *cu = ml_cuda();
-    if (!*cu) return ML_EUNSUPPORTED;          /* the loader's message says why */
+  const ml_tensor *first = NULL;
+  int fi = 0;
+  for (int i = 0; i < n; i++) {
+    if (!ts[i]) {
+      if (what) continue;
+      return ml_fail(ML_EINVAL, "%s: tensor argument %d is NULL", fn, i + 1);
+    }
+    if (!first) { first = ts[i]; fi = i; continue; }
+    if (ml_device_equal(first->storage->device, ts[i]->storage->device)) continue;
+    if (!what) return ml_check_same_device(fn, first, ts[i]);
+    return ml_fail(ML_EINVAL, "%s: %s is on %s but %s is on %s", fn, what[fi], ml_device_str(first->storage->device),
+                   what[i], ml_device_str(ts[i]->storage->device));
+  }
+  if (!what)
+    for (int i = 0; i < n; i++) ML_TRY(ml_check_not_meta(fn, ts[i]));
+  if (first && first->storage->device.type == ML_DEVICE_CUDA) {
+    if (!(*cu = ml_cuda())) return ML_EUNSUPPORTED;   /* the loader's message says why */
+  } else if (first && first->storage->device.type != ML_DEVICE_CPU) {
+    return ml_fail(ML_EUNSUPPORTED, "%s: tensors on %s are not supported", fn, ml_device_str(first->storage->device));
   }
   return ML_OK;
+}
+
+ml_status ml_op_device(const char *fn, int n, const ml_tensor *const *ts, const ml_cuda_api **cu) {
+  return ml_op_route(fn, n, ts, NULL, cu);
 }
 
 ml_status ml_no_cuda_kernel(const char *fn, const ml_tensor *t) {

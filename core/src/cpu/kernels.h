@@ -22,6 +22,9 @@ static inline ml_calc ml_calc_of(ml_dtype dt) {
    that the device has data (not meta). For cpu tensors *cu is NULL; for cuda tensors it is the
    loaded CUDA backend's table (whose op entries may still be NULL: see ml_no_cuda_kernel). */
 ml_status ml_op_device(const char *fn, int n, const ml_tensor *const *ts, const ml_cuda_api **cu);
+/* The same with operand names for the messages (what[i] names ts[i]; NULL operands are optional). */
+ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const char *const *what,
+                      const ml_cuda_api **cu);
 /* For ops with no CUDA kernel: ml_op_device, then ML_EUNSUPPORTED naming the op for cuda. */
 ml_status ml_cpu_gate(const char *fn, int n, const ml_tensor *const *ts);
 /* The error for an op on a device that has no kernel for it. */

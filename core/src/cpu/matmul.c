@@ -25,33 +25,6 @@ void ml_blas_init(void) {
   }
 }
 
-ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const char *const *what,
-                      const ml_cuda_api **cu) {
-  *cu = NULL;
-  const ml_tensor *first = NULL;
-  int fi = 0;
-  for (int i = 0; i < n; i++) {
-    if (!ts[i]) continue;
-    if (ts[i]->storage->device.type == ML_DEVICE_META)
-      return ml_fail(ML_EINVAL, "%s: %s is on the meta device and has no data", fn, what[i]);
-    if (!first) { first = ts[i]; fi = i; continue; }
-    if (!ml_device_equal(first->storage->device, ts[i]->storage->device))
-      return ml_fail(ML_EINVAL, "%s: %s is on %s but %s is on %s", fn, what[fi], ml_device_str(first->storage->device),
-                     what[i], ml_device_str(ts[i]->storage->device));
-  }
-  if (first && first->storage->device.type == ML_DEVICE_CUDA) {
-    if (!(*cu = ml_cuda())) return ML_EUNSUPPORTED;   /* the loader's message says why */
-  } else if (first && first->storage->device.type != ML_DEVICE_CPU) {
-    return ml_fail(ML_EUNSUPPORTED, "%s: tensors on %s are not supported", fn, ml_device_str(first->storage->device));
-  }
-  return ML_OK;
-}
-
-ml_status ml_no_cuda_entry(const char *fn, const ml_tensor *t) {
-  return ml_fail(ML_EUNSUPPORTED, "%s: the CUDA backend has no kernel for this op (tensors on %s; move them to cpu)",
-                 fn, ml_device_str(t->storage->device));
-}
-
 // --- packing ---------------------------------------------------------------------------------
 
 /* dst (nlines, len), contiguous in ct <- line l, element e of src at src + l*ls + e*es elements. */
@@ -338,7 +311,7 @@ ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("matmul", 2, (const ml_tensor *[]){a, b},
                      (const char *[]){"the first argument", "the second argument"}, &cu));
-  if (cu && !cu->matmul) return ml_no_cuda_entry("matmul", a);
+  if (cu && !cu->matmul) return ml_no_cuda_kernel("matmul", a);
   char sa[ML_SHAPE_BUF], sb[ML_SHAPE_BUF];
   if (a->ndim == 0 || b->ndim == 0)
     return ml_fail(ML_EINVAL, "matmul: both arguments need at least 1 dimension, got shapes %s and %s",
@@ -422,7 +395,7 @@ ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, 
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("linear", 3, (const ml_tensor *[]){x, w, b}, (const char *[]){"the input", "the weight", "the bias"},
                      &cu));
-  if (cu && !cu->linear) return ml_no_cuda_entry("linear", x);
+  if (cu && !cu->linear) return ml_no_cuda_kernel("linear", x);
   char sx[ML_SHAPE_BUF], sw[ML_SHAPE_BUF];
   if (w->ndim != 2)
     return ml_fail(ML_EINVAL, "linear: weight must be 2-D (out_features, in_features), got shape %s",

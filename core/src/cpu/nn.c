@@ -143,7 +143,7 @@ ml_status ml_softmax(const ml_tensor *x, int dim, bool log, ml_tensor **out) {
   const char *fn = log ? "log_softmax" : "softmax";
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route(fn, 1, &x, (const char *[]){"input"}, &cu));
-  if (cu && !cu->softmax) return ml_no_cuda_entry(fn, x);
+  if (cu && !cu->softmax) return ml_no_cuda_kernel(fn, x);
   ML_TRY(check_floating(fn, x, "input"));
   int d = 0;
   ML_TRY(ml_norm_dim(fn, dim, x->ndim, &d));
@@ -274,7 +274,7 @@ static ml_status norm(const char *fn, const ml_tensor *x, int nnorm, const ml_te
                       double eps, bool rms, ml_tensor **out) {
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route(fn, 3, (const ml_tensor *[]){x, w, b}, (const char *[]){"input", "weight", "bias"}, &cu));
-  if (cu && !(rms ? (void *)cu->rms_norm : (void *)cu->layer_norm)) return ml_no_cuda_entry(fn, x);
+  if (cu && !(rms ? (void *)cu->rms_norm : (void *)cu->layer_norm)) return ml_no_cuda_kernel(fn, x);
   ML_TRY(check_floating(fn, x, "input"));
   if (nnorm < 1 || nnorm > x->ndim) {
     char a[ML_SHAPE_BUF];
@@ -363,7 +363,7 @@ static void embed_rows(void *ctx, int64_t begin, int64_t end) {
 ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out) {
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("embedding", 2, (const ml_tensor *[]){ids, weight}, (const char *[]){"ids", "weight"}, &cu));
-  if (cu && !cu->embedding) return ml_no_cuda_entry("embedding", ids);
+  if (cu && !cu->embedding) return ml_no_cuda_kernel("embedding", ids);
   if (ml_dtype_is_floating(ids->dtype) || ids->dtype == ML_BOOL)
     return ml_fail(ML_EINVAL, "embedding: ids must be an integer tensor, got %s", ml_dtype_name(ids->dtype));
   if (weight->ndim != 2) {
