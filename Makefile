@@ -25,10 +25,11 @@ CORE_OBJ = $(patsubst core/src/%.c,$(BUILD)/obj/%.o,$(CORE_SRC))
 CDEF     = lua/moonload/cdef.lua
 LIB      = $(BUILD)/libmoonload.so
 
-.PHONY: all deps test test-asan test-cuda bench bench-cuda demo install clean fuzz
+.PHONY: all deps test test-asan test-cuda test-cuda-sim bench bench-cuda demo install clean fuzz
 
 .DEFAULT_GOAL := all
 include core/src/cuda/cuda.mk
+include tests/cudasim/cudasim.mk
 
 all: $(LIB) $(CDEF) $(if $(and $(filter 1,$(CUDA)),$(CUDA_SRC)),$(BUILD)/libmoonload_cuda.so)
 
@@ -55,6 +56,13 @@ test: deps all
 
 test-cuda: all
 	$(BUSTED) $(BUSTED_ARGS) --tags=cuda
+
+# The #cuda specs on the CPU emulator of CUDA (tests/cudasim): stream work is delayed at random
+# and every copy held back 2 ms, so work not ordered after a copy runs before it and fails.
+test-cuda-sim: deps $(LIB) $(CDEF) $(SIM_DIR)/libmoonload_cuda.so $(SIM_DIR)/test/selftest
+	$(SIM_DIR)/test/selftest
+	MOONLOAD_CUDA_LIB=$(SIM_DIR)/libmoonload_cuda.so MOONLOAD_CUDASIM_JITTER_US=$${MOONLOAD_CUDASIM_JITTER_US:-200} \
+	  MOONLOAD_CUDASIM_COPY_DELAY_US=$${MOONLOAD_CUDASIM_COPY_DELAY_US:-2000} $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 # The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it.
 test-asan: deps
