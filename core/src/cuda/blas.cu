@@ -189,45 +189,47 @@ ml_status ml_cuda_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor
 
 // --- attention -----------------------------------------------------------------------------
 
-// scores (B, L, S) float32 in place -> probabilities; mask broadcast over the same (B, L, S).
-__global__ void attn_softmax_kernel(float *scores, int64_t rows, int64_t L, int64_t S, TensorDesc mask, int mask_kind,
+// scores (B, L, S) in place -> probabilities, in T (float; double for float64 inputs); mask
+// broadcast over the same (B, L, S).
+template <typename T>
+__global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t L, int64_t S, TensorDesc mask, int mask_kind,
                                     bool causal) {
-  __shared__ float sh[32];
+  __shared__ T sh[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    float *r = scores + row * S;
+    T *r = scores + row * S;
     int64_t l = row % L;
-    float m = -INFINITY;
+    T m = -INFINITY;
     for (int64_t j = threadIdx.x; j < S; j += blockDim.x) {
-      float v = r[j];
+      T v = r[j];
       if (causal && j > l) v = -INFINITY;
       if (mask_kind == 1 && load_as<int>(mask.data, mask.dtype, desc_offset(mask, row * S + j)) == 0) v = -INFINITY;
-      if (mask_kind == 2) v += load_as<float>(mask.data, mask.dtype, desc_offset(mask, row * S + j));
+      if (mask_kind == 2) v += load_as<T>(mask.data, mask.dtype, desc_offset(mask, row * S + j));
       r[j] = v;
-      m = fmaxf(m, v);
+      m = max_of(m, v);
     }
     // block max
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffffu, m, o));
+    for (int o = 16; o > 0; o >>= 1) m = max_of(m, __shfl_down_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
     __syncthreads();
     if (threadIdx.x == 0) {
-      float mm = -INFINITY;
-      for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) mm = fmaxf(mm, sh[w]);
+      T mm = -INFINITY;
+      for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) mm = max_of(mm, sh[w]);
       sh[0] = mm;
     }
     __syncthreads();
     m = sh[0];
     __syncthreads();
     if (m == -INFINITY) {   // every key masked: zeros, as PyTorch's scaled_dot_product_attention
-      for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] = 0.f;
+      for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] = 0;
       continue;
     }
-    float s = 0.f;
-    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) { float e = __expf(r[j] - m); r[j] = e; s += e; }
+    T s = 0;
+    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) { T e = exp_of(r[j] - m); r[j] = e; s += e; }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = s;
     __syncthreads();
     if (threadIdx.x == 0) {
-      float ss = 0.f;
+      T ss = 0;
       for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) ss += sh[w];
       sh[0] = ss;
     }
@@ -255,23 +257,26 @@ ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *
   if (B * L * Ev == 0) return ML_OK;
   if (scale <= 0) scale = 1.0 / sqrt((double)E);
   int dt = ml_tensor_dtype(out);
-  int cdt = dt == ML_FLOAT64 ? ML_FLOAT64 : dt;   // q@k^T in the input dtype, scores in float32
+  // Scores (B, L, S) in float32 whatever the inputs (softmax wants the range), float64 for float64.
+  bool wide = dt == ML_FLOAT64;
+  int sdt = wide ? ML_FLOAT64 : ML_FLOAT32;
   int64_t sshape[3] = {B, L, S};
   ml_tensor *scores = NULL, *probs_cast = NULL;
   Operand Q = {0}, Kt = {0}, P = {0}, V = {0};
   ml_tensor *kt = NULL;
-  ml_status s = ml_tensor_empty(ML_FLOAT32, 3, sshape, ml_tensor_device(out), &scores);
-  if (!s) s = make_operand(q, nbatch, so, L, E, cdt == ML_FLOAT64 ? ML_FLOAT32 : cdt, &Q);
+  ml_status s = ml_tensor_empty((ml_dtype)sdt, 3, sshape, ml_tensor_device(out), &scores);
+  if (!s) s = make_operand(q, nbatch, so, L, E, dt, &Q);
   if (!s) s = ml_tensor_transpose(k, -2, -1, &kt);
-  if (!s) s = make_operand(kt, nbatch, so, E, S, Q.dtype, &Kt);
+  if (!s) s = make_operand(kt, nbatch, so, E, S, dt, &Kt);
   if (!s) {
-    // Scores in float32 whatever the inputs: softmax wants the range.
-    float a = (float)scale, z = 0.f;
+    double ad = scale, zd = 0;
+    float af = (float)scale, zf = 0.f;
     cublasOperation_t opb = Kt.transposed ? CUBLAS_OP_T : CUBLAS_OP_N, opa = Q.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasStatus_t cs = cublasGemmStridedBatchedEx(
-        st->blas, opb, opa, (int)S, (int)L, (int)E, &a, Kt.data, cuda_type(Kt.dtype), (int)Kt.ld, Kt.batch_stride,
-        Q.data, cuda_type(Q.dtype), (int)Q.ld, Q.batch_stride, &z, ml_tensor_data(scores), CUDA_R_32F, (int)S, L * S,
-        (int)B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        st->blas, opb, opa, (int)S, (int)L, (int)E, wide ? (const void *)&ad : (const void *)&af, Kt.data,
+        cuda_type(Kt.dtype), (int)Kt.ld, Kt.batch_stride, Q.data, cuda_type(Q.dtype), (int)Q.ld, Q.batch_stride,
+        wide ? (const void *)&zd : (const void *)&zf, ml_tensor_data(scores), cuda_type(sdt), (int)S, L * S, (int)B,
+        compute_type(sdt), CUBLAS_GEMM_DEFAULT);
     if (cs != CUBLAS_STATUS_SUCCESS) s = ml_fail(ML_EIO, "scaled_dot_product_attention: cuBLAS status %d", (int)cs);
   }
   if (!s) {
@@ -281,36 +286,25 @@ ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *
     TensorDesc md = mask ? ml_cuda_desc_broadcast(mask, nbatch + 2, full) : ml_cuda_desc(scores);
     int kind = !mask ? 0 : ml_tensor_dtype(mask) == ML_BOOL ? 1 : 2;
     int64_t rows = B * L;
-    attn_softmax_kernel<<<(unsigned)(rows < 65535 * 16 ? rows : 65535 * 16), 256, 0, st->compute>>>(
-        (float *)ml_tensor_data(scores), rows, L, S, md, kind, is_causal);
+    unsigned grid = (unsigned)(rows < 65535 * 16 ? rows : 65535 * 16);
+    if (wide)
+      attn_softmax_kernel<double><<<grid, 256, 0, st->compute>>>((double *)ml_tensor_data(scores), rows, L, S, md, kind,
+                                                                 is_causal);
+    else
+      attn_softmax_kernel<float><<<grid, 256, 0, st->compute>>>((float *)ml_tensor_data(scores), rows, L, S, md, kind,
+                                                                is_causal);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) s = ml_fail(ML_EIO, "scaled_dot_product_attention: %s", cudaGetErrorString(e));
   }
-  // out = P @ V, in V's dtype (P converted once when V is not float32).
+  // out = P @ V in out's dtype (P converted once for float16/bfloat16).
   if (!s) {
-    int vdt = dt == ML_FLOAT64 ? ML_FLOAT32 : dt;
     const ml_tensor *pt = scores;
-    if (vdt != ML_FLOAT32) { s = scratch_copy(scores, 3, sshape, (ml_dtype)vdt, &probs_cast); pt = probs_cast; }
+    if (dt != sdt) { s = scratch_copy(scores, 3, sshape, (ml_dtype)dt, &probs_cast); pt = probs_cast; }
     if (!s) {
-      P.data = ml_tensor_data(pt); P.dtype = vdt; P.transposed = false; P.ld = S; P.batch_stride = L * S;
-      s = make_operand(v, nbatch, so, S, Ev, vdt, &V);
+      P.data = ml_tensor_data(pt); P.dtype = dt; P.transposed = false; P.ld = S; P.batch_stride = L * S;
+      s = make_operand(v, nbatch, so, S, Ev, dt, &V);
     }
-    if (!s) {
-      if (dt == ML_FLOAT64) {
-        ml_tensor *tmp;
-        int64_t oshape[3] = {B, L, Ev};
-        s = ml_tensor_empty(ML_FLOAT32, 3, oshape, ml_tensor_device(out), &tmp);
-        if (!s) s = gemm_batched(st, P, V, ml_tensor_data(tmp), ML_FLOAT32, B, L, Ev, S, 1.0, 0.0);
-        if (!s) {
-          ml_tensor *tv;
-          s = ml_tensor_view(tmp, no, so, &tv);
-          if (!s) { s = ml_cuda_copy_strided(out, tv); ml_tensor_release(tv); }
-        }
-        ml_tensor_release(tmp);
-      } else {
-        s = gemm_batched(st, P, V, ml_tensor_data(out), dt, B, L, Ev, S, 1.0, 0.0);
-      }
-    }
+    if (!s) s = gemm_batched(st, P, V, ml_tensor_data(out), dt, B, L, Ev, S, 1.0, 0.0);
   }
   release_operand(Q); release_operand(Kt); release_operand(V);
   ml_tensor_release(kt);

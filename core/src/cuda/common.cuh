@@ -105,6 +105,12 @@ __device__ __forceinline__ void store_as(void *p, int dtype, int64_t i, T v) {
   }
 }
 
+// Overloads for kernels templated on their compute type (float, or double for float64).
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float exp_of(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_of(double x) { return exp(x); }
+
 // Launch geometry for n independent elements.
 static inline unsigned ml_cuda_blocks(int64_t n, int threads) {
   int64_t b = (n + threads - 1) / threads;

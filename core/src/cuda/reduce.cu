@@ -27,18 +27,19 @@ __device__ T block_sum(T v, T *shared) {
   return r;
 }
 
-__device__ float block_max(float v, float *shared) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
+template <typename T>
+__device__ T block_max(T v, T *shared) {
+  for (int o = 16; o > 0; o >>= 1) v = max_of(v, __shfl_down_sync(0xffffffffu, v, o));
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   int nwarps = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nwarps ? shared[threadIdx.x] : -INFINITY;
+  v = threadIdx.x < nwarps ? shared[threadIdx.x] : (T)-INFINITY;
   if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = max_of(v, __shfl_down_sync(0xffffffffu, v, o));
   if (threadIdx.x == 0) shared[0] = v;
   __syncthreads();
-  float r = shared[0];
+  T r = shared[0];
   __syncthreads();
   return r;
 }
@@ -145,23 +146,25 @@ static void split_rows(const TensorDesc &x, int first_inner, int last_inner, Ten
   }
 }
 
+// Rows in C: float, or double when float64 is involved (as on the CPU).
+template <typename C>
 __global__ void softmax_kernel(TensorDesc xo, TensorDesc xi, TensorDesc oo, TensorDesc oi, int64_t rows, int64_t n,
                                bool log_out) {
-  __shared__ float sh[32];
+  __shared__ C sh[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     int64_t xb = desc_offset(xo, row), ob = desc_offset(oo, row);
-    float m = -INFINITY;
+    C m = -INFINITY;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-      m = fmaxf(m, load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)));
-    m = block_max(m, sh);
-    float s = 0.f;
+      m = max_of(m, load_as<C>(xi.data, xi.dtype, xb + desc_offset(xi, j)));
+    m = block_max<C>(m, sh);
+    C s = 0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-      s += __expf(load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - m);
-    s = block_sum<float>(s, sh);
-    float ls = logf(s);
+      s += exp_of(load_as<C>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - m);
+    s = block_sum<C>(s, sh);
+    C ls = log(s);
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      float v = load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - m;
-      store_as<float>(oi.data, oi.dtype, ob + desc_offset(oi, j), log_out ? v - ls : __expf(v) / s);
+      C v = load_as<C>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - m;
+      store_as<C>(oi.data, oi.dtype, ob + desc_offset(oi, j), log_out ? v - ls : exp_of(v) / s);
     }
   }
 }
@@ -178,34 +181,38 @@ ml_status ml_cuda_softmax(const ml_tensor *x, int dim, bool log, ml_tensor *out)
   split_rows(od, dim, dim, &oo, &oi);
   int64_t rows = ml_cuda_numel(xo), n = ml_cuda_numel(xi);
   if (rows == 0 || n == 0) return ML_OK;
-  softmax_kernel<<<row_grid(rows), kBlock, 0, st->compute>>>(xo, xi, oo, oi, rows, n, log);
+  if (ml_cuda_wide(xd.dtype) || ml_cuda_wide(od.dtype))
+    softmax_kernel<double><<<row_grid(rows), kBlock, 0, st->compute>>>(xo, xi, oo, oi, rows, n, log);
+  else
+    softmax_kernel<float><<<row_grid(rows), kBlock, 0, st->compute>>>(xo, xi, oo, oi, rows, n, log);
   LAUNCH_CHECK();
   return ML_OK;
 }
 
-// mode 0: layer norm (mean and variance), 1: RMS norm (mean of squares).
+// mode 0: layer norm (mean and variance), 1: RMS norm (mean of squares); in C as softmax.
+template <typename C>
 __global__ void norm_kernel(int mode, TensorDesc xo, TensorDesc xi, TensorDesc oo, TensorDesc oi, TensorDesc w,
-                            bool has_w, TensorDesc b, bool has_b, int64_t rows, int64_t n, float eps) {
-  __shared__ float sh[32];
+                            bool has_w, TensorDesc b, bool has_b, int64_t rows, int64_t n, C eps) {
+  __shared__ C sh[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     int64_t xb = desc_offset(xo, row), ob = desc_offset(oo, row);
-    float mean = 0.f;
+    C mean = 0;
     if (mode == 0) {
-      float s = 0.f;
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j));
-      mean = block_sum<float>(s, sh) / (float)n;
+      C s = 0;
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += load_as<C>(xi.data, xi.dtype, xb + desc_offset(xi, j));
+      mean = block_sum<C>(s, sh) / (C)n;
     }
-    float q = 0.f;
+    C q = 0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      float v = load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - mean;
+      C v = load_as<C>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - mean;
       q += v * v;
     }
-    float inv = rsqrtf(block_sum<float>(q, sh) / (float)n + eps);
+    C inv = (C)1 / sqrt(block_sum<C>(q, sh) / (C)n + eps);
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      float v = (load_as<float>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - mean) * inv;
-      if (has_w) v *= load_as<float>(w.data, w.dtype, desc_offset(w, j));
-      if (has_b) v += load_as<float>(b.data, b.dtype, desc_offset(b, j));
-      store_as<float>(oi.data, oi.dtype, ob + desc_offset(oi, j), v);
+      C v = (load_as<C>(xi.data, xi.dtype, xb + desc_offset(xi, j)) - mean) * inv;
+      if (has_w) v *= load_as<C>(w.data, w.dtype, desc_offset(w, j));
+      if (has_b) v += load_as<C>(b.data, b.dtype, desc_offset(b, j));
+      store_as<C>(oi.data, oi.dtype, ob + desc_offset(oi, j), v);
     }
   }
 }
@@ -221,8 +228,12 @@ static ml_status norm(int mode, const ml_tensor *x, int nnorm, const ml_tensor *
   int64_t rows = ml_cuda_numel(xo), n = ml_cuda_numel(xi);
   if (rows == 0 || n == 0) return ML_OK;
   TensorDesc wd = w ? ml_cuda_desc(w) : xi, bd = b ? ml_cuda_desc(b) : xi;
-  norm_kernel<<<row_grid(rows), kBlock, 0, st->compute>>>(mode, xo, xi, oo, oi, wd, w != NULL, bd, b != NULL, rows, n,
-                                                          (float)eps);
+  if (ml_cuda_wide(xd.dtype) || ml_cuda_wide(od.dtype))
+    norm_kernel<double><<<row_grid(rows), kBlock, 0, st->compute>>>(mode, xo, xi, oo, oi, wd, w != NULL, bd, b != NULL,
+                                                                    rows, n, eps);
+  else
+    norm_kernel<float><<<row_grid(rows), kBlock, 0, st->compute>>>(mode, xo, xi, oo, oi, wd, w != NULL, bd, b != NULL,
+                                                                   rows, n, (float)eps);
   LAUNCH_CHECK();
   return ML_OK;
 }
