@@ -167,3 +167,7 @@ describe("elementwise ops", function()
       end)
    end)
 end)
+
+describe("elementwise ops", function()
+   H.define_cuda("ops_elementwise.json", describe, it)
+end)

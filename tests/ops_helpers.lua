@@ -33,8 +33,9 @@ local function numel(shape)
    return n
 end
 
---- The tensor an input spec describes: base data, then its view steps.
-function M.build(spec)
+--- The tensor an input spec describes: base data (moved to device when given), then its view
+-- steps (taken on that device, so kernels see the strided layout).
+function M.build(spec, device)
    local t
    local n = numel(spec.shape)
    if n == 0 then
@@ -46,6 +47,7 @@ function M.build(spec)
       for i = 1, #spec.data do flat[i] = value(spec.data[i]) end
       t = ml.tensor(flat, { dtype = spec.dtype }):reshape(spec.shape)
    end
+   if device then t = t:to(device) end
    for _, v in ipairs(spec.views or {}) do
       if v[1] == "transpose" then t = t:transpose(v[2], v[3])
       elseif v[1] == "narrow" then t = t:narrow(v[2], v[3], v[4])
@@ -88,10 +90,11 @@ function M.check(t, expected, what, tol)
    end
 end
 
---- Runs a fixture case through the Lua API; returns the results as a list.
-function M.run(case)
+--- Runs a fixture case through the Lua API, its inputs on device (default cpu); returns the
+-- results as a list.
+function M.run(case, device)
    local inputs = {}
-   for i, spec in ipairs(case.inputs) do inputs[i] = M.build(spec) end
+   for i, spec in ipairs(case.inputs) do inputs[i] = M.build(spec, device) end
    local function arg(a)
       if type(a) == "table" then
          if a.t then return inputs[a.t] end
@@ -129,6 +132,35 @@ function M.define(file, describe, it)
       end
    end)
    return doc
+end
+
+-- The CUDA kernels use the device's float intrinsics: a few units in the last place.
+local CUDA_TOL = {
+   float32 = { 1e-5, 1e-4 }, float64 = { 1e-12, 1e-11 }, float16 = { 2e-3, 2e-3 }, bfloat16 = { 1.6e-2, 1.6e-2 },
+}
+
+--- The same cases with their inputs on cuda:0 (make test-cuda, make test-cuda-sim): results stay
+-- on the device and match PyTorch's within the CUDA tolerances. The spec tags the describe #cuda.
+function M.define_cuda(file, describe, it)
+   local doc = M.load(file)
+   describe("on cuda:0 matches PyTorch " .. doc.meta.torch .. " (" .. file .. ") #cuda", function()
+      for _, case in ipairs(doc.cases) do
+         if not case.special and #case.inputs > 0 then
+            it(case.name, function()
+               local results = M.run(case, "cuda:0")
+               assert.are.equal(#case.out, #results, case.name .. ": number of results")
+               for k = 1, #case.out do
+                  assert.are.equal("cuda:0", results[k].device, case.name .. ": result device")
+                  local d = CUDA_TOL[case.out[k].dtype]
+                  local tol = d and { atol = d[1], rtol = d[2] } or nil
+                  if case.tol then tol = { atol = math.max(case.tol.atol or 0, tol and tol.atol or 0),
+                                           rtol = math.max(case.tol.rtol or 0, tol and tol.rtol or 0) } end
+                  M.check(results[k]:cpu(), case.out[k], case.name, tol)
+               end
+            end)
+         end
+      end
+   end)
 end
 
 -- --- gen_ops_nn.py fixtures (ops_nn_spec, ops_matmul_spec): a record is { shape, dtype, data,

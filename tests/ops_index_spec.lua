@@ -69,3 +69,7 @@ describe("indexing", function()
       end)
    end)
 end)
+
+describe("indexing", function()
+   H.define_cuda("ops_elementwise_index.json", describe, it)
+end)

@@ -155,3 +155,7 @@ describe("reductions", function()
       end)
    end)
 end)
+
+describe("reductions", function()
+   H.define_cuda("ops_elementwise_reduce.json", describe, it)
+end)

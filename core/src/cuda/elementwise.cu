@@ -1,10 +1,12 @@
 // elementwise.cu: unary, binary (with a scalar too), where, fill and strided copies on CUDA.
 // One grid-stride kernel per family; operands are strided descriptors broadcast to the output's
-// shape, loaded into the compute type (float, or double when float64/int64 is involved) and
-// stored in the output's dtype. A contiguous fast path skips the index arithmetic.
+// shape, loaded into the compute type and stored in the output's dtype: long long when every
+// operand is an integer or bool (wrapping like the CPU), else double when float64 or int64 is
+// involved, else float. A contiguous fast path skips the index arithmetic.
 #include "common.cuh"
 
 #include <math.h>
+#include <type_traits>
 
 static const int kThreads = 256;
 
@@ -12,40 +14,78 @@ static const int kThreads = 256;
 
 template <typename C>
 __device__ __forceinline__ C apply_unary(int op, C x) {
-  switch (op) {
-  case ML_OP_NEG: return -x;
-  case ML_OP_ABS: return x < (C)0 ? -x : x;
-  case ML_OP_SQRT: return sqrt(x);
-  case ML_OP_RSQRT: return (C)1 / sqrt(x);
-  case ML_OP_EXP: return exp(x);
-  case ML_OP_LOG: return log(x);
-  case ML_OP_TANH: return tanh(x);
-  case ML_OP_SIGMOID: return x >= (C)0 ? (C)1 / ((C)1 + exp(-x)) : exp(x) / ((C)1 + exp(x));
-  case ML_OP_RELU: return x > (C)0 ? x : (C)0;
-  case ML_OP_GELU: return (C)0.5 * x * ((C)1 + erf(x * (C)0.70710678118654752440));
-  case ML_OP_GELU_TANH: {
-    C inner = (C)0.79788456080286535588 * (x + (C)0.044715 * x * x * x);
-    return (C)0.5 * x * ((C)1 + tanh(inner));
+  if constexpr (std::is_integral<C>::value) {
+    switch (op) {   // the ops whose result stays an integer; the others give floating outputs
+    case ML_OP_NEG: return (C)(0ULL - (unsigned long long)x);
+    case ML_OP_ABS: return x < 0 ? (C)(0ULL - (unsigned long long)x) : x;
+    case ML_OP_RELU: return x > 0 ? x : 0;
+    case ML_OP_LOGICAL_NOT: return x == 0;
+    default: return x;
+    }
+  } else {
+    switch (op) {
+    case ML_OP_NEG: return -x;
+    case ML_OP_ABS: return x < (C)0 ? -x : x;
+    case ML_OP_SQRT: return sqrt(x);
+    case ML_OP_RSQRT: return (C)1 / sqrt(x);
+    case ML_OP_EXP: return exp(x);
+    case ML_OP_LOG: return log(x);
+    case ML_OP_TANH: return tanh(x);
+    case ML_OP_SIGMOID: return x >= (C)0 ? (C)1 / ((C)1 + exp(-x)) : exp(x) / ((C)1 + exp(x));
+    case ML_OP_RELU: return (x > (C)0 || x != x) ? x : (C)0;   // NaN stays NaN, as in PyTorch
+    case ML_OP_GELU: return (C)0.5 * x * ((C)1 + erf(x * (C)0.70710678118654752440));
+    case ML_OP_GELU_TANH: {
+      C inner = (C)0.79788456080286535588 * (x + (C)0.044715 * x * x * x);
+      return (C)0.5 * x * ((C)1 + tanh(inner));
+    }
+    case ML_OP_SILU: return x >= (C)0 ? x / ((C)1 + exp(-x)) : x * exp(x) / ((C)1 + exp(x));
+    case ML_OP_SIN: return sin(x);
+    case ML_OP_COS: return cos(x);
+    case ML_OP_RECIPROCAL: return (C)1 / x;
+    case ML_OP_LOGICAL_NOT: return x == (C)0 ? (C)1 : (C)0;
+    default: return x;
+    }
   }
-  case ML_OP_SILU: return x >= (C)0 ? x / ((C)1 + exp(-x)) : x * exp(x) / ((C)1 + exp(x));
-  case ML_OP_SIN: return sin(x);
-  case ML_OP_COS: return cos(x);
-  case ML_OP_RECIPROCAL: return (C)1 / x;
-  case ML_OP_LOGICAL_NOT: return x == (C)0 ? (C)1 : (C)0;
-  default: return x;
+}
+
+// Integer power by squaring, wrapping; negative exponents as the CPU (only 1 and -1 survive).
+__device__ __forceinline__ long long pow_int(long long base, long long e) {
+  if (e < 0) return base == 1 ? 1 : base == -1 ? ((e & 1) ? -1 : 1) : 0;
+  unsigned long long r = 1, b = (unsigned long long)base;
+  while (e) {
+    if (e & 1) r *= b;
+    b *= b;
+    e >>= 1;
   }
+  return (long long)r;
 }
 
 template <typename C>
 __device__ __forceinline__ C apply_binary(int op, C x, C y) {
+  if constexpr (std::is_integral<C>::value) {
+    typedef unsigned long long U;   // wrapping arithmetic, as on the CPU
+    switch (op) {
+    case ML_OP_ADD: return (C)((U)x + (U)y);
+    case ML_OP_SUB: return (C)((U)x - (U)y);
+    case ML_OP_MUL: return (C)((U)x * (U)y);
+    case ML_OP_POW: return pow_int(x, y);
+    case ML_OP_MAXIMUM: return x > y ? x : y;
+    case ML_OP_MINIMUM: return x < y ? x : y;
+    default: break;   // comparisons and logic below; DIV never runs on integers (it gives float32)
+    }
+  } else {
+    switch (op) {
+    case ML_OP_ADD: return x + y;
+    case ML_OP_SUB: return x - y;
+    case ML_OP_MUL: return x * y;
+    case ML_OP_DIV: return x / y;
+    case ML_OP_POW: return pow(x, y);
+    case ML_OP_MAXIMUM: return (x != x || y != y) ? x + y : (x > y ? x : y);   // NaN propagates
+    case ML_OP_MINIMUM: return (x != x || y != y) ? x + y : (x < y ? x : y);
+    default: break;
+    }
+  }
   switch (op) {
-  case ML_OP_ADD: return x + y;
-  case ML_OP_SUB: return x - y;
-  case ML_OP_MUL: return x * y;
-  case ML_OP_DIV: return x / y;
-  case ML_OP_POW: return pow(x, y);
-  case ML_OP_MAXIMUM: return (x != x || y != y) ? x + y : (x > y ? x : y);   // NaN propagates
-  case ML_OP_MINIMUM: return (x != x || y != y) ? x + y : (x < y ? x : y);
   case ML_OP_EQ: return x == y;
   case ML_OP_NE: return x != y;
   case ML_OP_LT: return x < y;
@@ -102,12 +142,6 @@ __global__ void copy_kernel(TensorDesc d, TensorDesc s, int64_t n) {
     store_as<C>(d.data, d.dtype, desc_offset(d, i), load_as<C>(s.data, s.dtype, desc_offset(s, i)));
 }
 
-// Same dtype, 64-bit integers: copied bit for bit so values beyond 2^53 survive.
-__global__ void copy_i64_kernel(TensorDesc d, TensorDesc s, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    ((long long *)d.data)[desc_offset(d, i)] = ((const long long *)s.data)[desc_offset(s, i)];
-}
-
 template <typename C>
 __global__ void fill_kernel(TensorDesc d, C v, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
@@ -115,6 +149,27 @@ __global__ void fill_kernel(TensorDesc d, C v, int64_t n) {
 }
 
 // --- entry points --------------------------------------------------------------------------
+
+enum Compute { COMPUTE_F32, COMPUTE_F64, COMPUTE_I64 };
+
+static bool is_integral(int dt) {
+  return !(dt == ML_FLOAT32 || dt == ML_FLOAT64 || dt == ML_FLOAT16 || dt == ML_BFLOAT16);
+}
+
+// I64 when every dtype is an integer or bool, else F64 when float64 or int64 is among them.
+static Compute compute_of(int a, int b, int c) {
+  if (is_integral(a) && is_integral(b) && is_integral(c)) return COMPUTE_I64;
+  return ml_cuda_wide(a) || ml_cuda_wide(b) || ml_cuda_wide(c) ? COMPUTE_F64 : COMPUTE_F32;
+}
+
+// Launches KERNEL<compute type> over n elements on stream s.
+#define LAUNCH_COMPUTE(compute, KERNEL, ...)                                                      \
+  do {                                                                                          \
+    unsigned grid_ = ml_cuda_blocks(n, kThreads);                                               \
+    if ((compute) == COMPUTE_I64) KERNEL<long long><<<grid_, kThreads, 0, s>>>(__VA_ARGS__);    \
+    else if ((compute) == COMPUTE_F64) KERNEL<double><<<grid_, kThreads, 0, s>>>(__VA_ARGS__);  \
+    else KERNEL<float><<<grid_, kThreads, 0, s>>>(__VA_ARGS__);                                 \
+  } while (0)
 
 static ml_status stream_of(const ml_tensor *t, cudaStream_t *s) {
   DeviceState *st;
@@ -130,10 +185,7 @@ ml_status ml_cuda_unary(ml_unary_op op, const ml_tensor *x, ml_tensor *out) {
   int64_t n = ml_cuda_numel(od);
   if (n == 0) return ML_OK;
   bool contig = ml_cuda_is_contiguous(xd);
-  if (ml_cuda_wide(xd.dtype) || ml_cuda_wide(od.dtype))
-    unary_kernel<double><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>((int)op, xd, od, n, contig);
-  else
-    unary_kernel<float><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>((int)op, xd, od, n, contig);
+  LAUNCH_COMPUTE(compute_of(xd.dtype, od.dtype, od.dtype), unary_kernel, (int)op, xd, od, n, contig);
   LAUNCH_CHECK();
   return ML_OK;
 }
@@ -146,10 +198,7 @@ ml_status ml_cuda_binary(ml_binary_op op, const ml_tensor *a, const ml_tensor *b
   if (n == 0) return ML_OK;
   TensorDesc ad = ml_cuda_desc_broadcast(a, od.ndim, od.shape), bd = ml_cuda_desc_broadcast(b, od.ndim, od.shape);
   bool contig = ml_cuda_is_contiguous(ad) && ml_cuda_is_contiguous(bd);
-  if (ml_cuda_wide(ad.dtype) || ml_cuda_wide(bd.dtype) || ml_cuda_wide(od.dtype))
-    binary_kernel<double><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>((int)op, ad, bd, od, n, contig);
-  else
-    binary_kernel<float><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>((int)op, ad, bd, od, n, contig);
+  LAUNCH_COMPUTE(compute_of(ad.dtype, bd.dtype, od.dtype), binary_kernel, (int)op, ad, bd, od, n, contig);
   LAUNCH_CHECK();
   return ML_OK;
 }
@@ -161,10 +210,10 @@ ml_status ml_cuda_binary_scalar(ml_binary_op op, const ml_tensor *a, double v, b
   int64_t n = ml_cuda_numel(od);
   if (n == 0) return ML_OK;
   bool contig = ml_cuda_is_contiguous(ad);
-  if (ml_cuda_wide(ad.dtype) || ml_cuda_wide(od.dtype))
-    binary_scalar_kernel<double><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>((int)op, ad, v, scalar_first, od, n, contig);
-  else
-    binary_scalar_kernel<float><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>((int)op, ad, (float)v, scalar_first, od, n, contig);
+  // An integer tensor meets a whole-number scalar in integers (x < 2.5 must not truncate 2.5).
+  bool whole = v == floor(v) && fabs(v) < 9.2e18;
+  Compute c = compute_of(ad.dtype, whole ? ML_INT64 : ML_FLOAT64, od.dtype);
+  LAUNCH_COMPUTE(c, binary_scalar_kernel, (int)op, ad, v, scalar_first, od, n, contig);
   LAUNCH_CHECK();
   return ML_OK;
 }
@@ -177,10 +226,7 @@ ml_status ml_cuda_where(const ml_tensor *cond, const ml_tensor *a, const ml_tens
   if (n == 0) return ML_OK;
   TensorDesc cd = ml_cuda_desc_broadcast(cond, od.ndim, od.shape);
   TensorDesc ad = ml_cuda_desc_broadcast(a, od.ndim, od.shape), bd = ml_cuda_desc_broadcast(b, od.ndim, od.shape);
-  if (ml_cuda_wide(od.dtype))
-    where_kernel<double><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>(cd, ad, bd, od, n);
-  else
-    where_kernel<float><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>(cd, ad, bd, od, n);
+  LAUNCH_COMPUTE(compute_of(ad.dtype, bd.dtype, od.dtype), where_kernel, cd, ad, bd, od, n);
   LAUNCH_CHECK();
   return ML_OK;
 }
@@ -197,12 +243,8 @@ ml_status ml_cuda_copy_strided(ml_tensor *dst, const ml_tensor *src) {
     CUDA_TRY(cudaMemcpyAsync(dd.data, sd.data, (size_t)n * es, cudaMemcpyDeviceToDevice, s));
     return ML_OK;
   }
-  if (sd.dtype == ML_INT64 && dd.dtype == ML_INT64)
-    copy_i64_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>(dd, sd, n);
-  else if (ml_cuda_wide(sd.dtype) || ml_cuda_wide(dd.dtype))
-    copy_kernel<double><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>(dd, sd, n);
-  else
-    copy_kernel<float><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>(dd, sd, n);
+  // Integers to integers go through long long, so every value (int64 beyond 2^53 too) survives.
+  LAUNCH_COMPUTE(compute_of(sd.dtype, dd.dtype, dd.dtype), copy_kernel, dd, sd, n);
   LAUNCH_CHECK();
   return ML_OK;
 }
@@ -213,8 +255,8 @@ ml_status ml_cuda_fill(ml_tensor *t, double value) {
   TensorDesc d = ml_cuda_desc(t);
   int64_t n = ml_cuda_numel(d);
   if (n == 0) return ML_OK;
-  if (ml_cuda_wide(d.dtype)) fill_kernel<double><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>(d, value, n);
-  else fill_kernel<float><<<ml_cuda_blocks(n, kThreads), kThreads, 0, s>>>(d, (float)value, n);
+  bool whole = value == floor(value) && fabs(value) < 9.2e18;   // 0.5 fills a bool tensor with true
+  LAUNCH_COMPUTE(compute_of(d.dtype, whole ? d.dtype : ML_FLOAT64, d.dtype), fill_kernel, d, value, n);
   LAUNCH_CHECK();
   return ML_OK;
 }
