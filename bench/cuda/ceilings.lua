@@ -1,7 +1,8 @@
 --- This GPU's ceilings, measured through moonload (run on a machine with a GPU; see
 -- tests/cuda/device_check.sh): cuBLAS bf16 GEMM 8192^3 in TFLOP/s, a device-to-device copy,
 -- and host-to-device copies, pageable (t:to("cuda:0")) and through the weight uploader's pinned
--- double-buffered staging. One JSON line per figure.
+-- double-buffered staging. One JSON line per figure. BENCH_SHAPE=tiny shrinks every size (a dry
+-- run on the CUDA emulator: the figures then mean nothing).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -13,6 +14,7 @@ if ml.cuda_device_count() == 0 then
    return
 end
 local DEV = "cuda:0"
+local tiny = os.getenv("BENCH_SHAPE") == "tiny"
 local function sync() C.check(lib.ml_cuda_synchronize(0)) end
 local function timed(reps, fn)
    return B.best(reps, function() fn(); sync() end)
@@ -20,7 +22,7 @@ end
 
 -- bf16 GEMM on random data (never zeros: they run faster than real data).
 ml.manual_seed(0)
-local n = 8192
+local n = tiny and 128 or 8192
 local a = ml.rand({ n, n }, { dtype = "bfloat16" }):to(DEV)
 local b = ml.rand({ n, n }, { dtype = "bfloat16" }):to(DEV)
 local c
@@ -30,7 +32,7 @@ a, b, c = nil, nil, nil
 collectgarbage()
 
 -- device-to-device copy, bytes read + written
-local elems = 1024 * 1024 * 1024          -- 4 GiB of float32
+local elems = tiny and 1024 * 1024 or 1024 * 1024 * 1024   -- 4 GiB of float32
 local x = ml.empty({ elems }, { device = DEV }):fill_(1.5)
 local y = ml.empty({ elems }, { device = DEV })
 t = timed(5, function() y:copy_(x) end)
@@ -39,7 +41,7 @@ x, y = nil, nil
 collectgarbage()
 
 -- host-to-device: pageable through the synchronous path, and through the uploader
-local host = ml.rand({ 256 * 1024 * 1024 })      -- 1 GiB
+local host = ml.rand({ tiny and 4 * 1024 * 1024 or 256 * 1024 * 1024 })   -- 1 GiB
 local bytes = host:nbytes()
 t = timed(3, function() local d = host:to(DEV) end)
 B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_pageable", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })

@@ -2,7 +2,8 @@
 -- GPU layer by layer (cpu_offload with execution_device cuda:0): time per forward of 1x512
 -- tokens against the floor bytes / measured host-to-device bandwidth, and next to accelerate's
 -- cpu_offload on the same machine (bench/cuda/llama_stream_peer.py, same shapes, same run).
--- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3).
+-- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3), BENCH_SHAPE=tiny (a
+-- dry run on the CUDA emulator: a toy Llama, figures meaningless).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -17,12 +18,17 @@ end
 
 local layers = tonumber(os.getenv("BENCH_LAYERS") or "") or 16
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
+local shape = os.getenv("BENCH_SHAPE") or "8gb"
 local cfg = {
    model_type = "llama", vocab_size = 32000, hidden_size = 4096, intermediate_size = 14336,
    num_hidden_layers = layers, num_attention_heads = 32, num_key_value_heads = 8,
    max_position_embeddings = 4096, rms_norm_eps = 1e-5, rope_theta = 500000.0,
    tie_word_embeddings = false, hidden_act = "silu",
 }
+if shape == "tiny" then
+   cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size = 256, 64, 128
+   cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2
+end
 
 -- Skeleton on meta, then random bf16 weights in CPU RAM (never zeros).
 ml.manual_seed(0)
@@ -47,7 +53,7 @@ local function forward()
 end
 
 -- Host-to-device bandwidth through the same staging path, for the floor.
-local probe = ml.rand({ 256 * 1024 * 1024 }, { dtype = "bfloat16" })
+local probe = ml.rand({ shape == "tiny" and 1024 * 1024 or 256 * 1024 * 1024 }, { dtype = "bfloat16" })
 local ffi, lib = C.ffi, C.lib
 local up = ffi.new("ml_uploader*[1]")
 C.check(lib.ml_uploader_new(up))
@@ -73,15 +79,17 @@ local floor = weight_bytes / h2d
 
 local peer = {}
 local python = os.getenv("BENCH_PYTHON") or "python3"
-local ok, res, raw = pcall(B.run_json, string.format("%s bench/cuda/llama_stream_peer.py %d %d", python, layers, repeats))
+local ok, res, raw = pcall(B.run_json, string.format("%s bench/cuda/llama_stream_peer.py %d %d %s", python, layers,
+   repeats, shape), true)
 if ok and res then peer = res end
-local peer_error = not ok and tostring(res) or (raw or ""):sub(-200)
+local peer_error = not ok and tostring(res) or ((raw or ""):gsub("%s+$", "")):sub(-200)
 
 B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
-         "ratio_to_floor", "accelerate_s", "ratio_to_accelerate", "peer_note" }, {
+         "ratio_to_floor", "accelerate_s", "ratio_to_accelerate", "peer_device", "peer_note" }, {
    bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
    h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = results[true], forward_no_prefetch_s = results[false],
    ratio_to_floor = results[true] / floor, accelerate_s = peer.forward_s,
    ratio_to_accelerate = peer.forward_s and results[true] / peer.forward_s or nil,
-   peer_note = peer.forward_s and nil or ("accelerate peer unavailable: " .. peer_error),
+   peer_note = not peer.forward_s and ("accelerate peer unavailable: " .. peer_error) or nil,
+   peer_device = peer.device,
 })

@@ -37,14 +37,14 @@ local function encode(v)
       if v % 1 == 0 and math.abs(v) < 2 ^ 53 then return string.format("%d", v) end
       return string.format("%.4g", v)
    elseif type(v) == "boolean" then return tostring(v)
-   else return string.format("%q", tostring(v)) end
+   else return require("cjson").encode(tostring(v)) end   -- %q would leave raw newlines
 end
 
 --- Prints one JSON line from a flat table; keys in the order given by `order`.
 function M.emit(order, rec)
    local parts = {}
    for _, k in ipairs(order) do
-      if rec[k] ~= nil then parts[#parts + 1] = string.format("%q:%s", k, encode(rec[k])) end
+      if rec[k] ~= nil then parts[#parts + 1] = encode(k) .. ":" .. encode(rec[k]) end
    end
    io.write("{", table.concat(parts, ","), "}\n")
    io.flush()
@@ -100,8 +100,9 @@ end
 
 --- Runs a peer command (stderr dropped) and decodes the last JSON object it prints;
 -- nil and the whole output when it printed none.
-function M.run_json(cmd)
-   local p = io.popen(cmd .. " 2>/dev/null")
+-- with_stderr: keep the command's stderr in the returned text (a failing peer's traceback).
+function M.run_json(cmd, with_stderr)
+   local p = io.popen(cmd .. (with_stderr and " 2>&1" or " 2>/dev/null"))
    local out = p:read("*a")
    p:close()
    local obj = out:match("(%b{})%s*$")

@@ -6,13 +6,20 @@
 #   make CUDA=1 && ../shared/tools/pack-lua-runtime.sh .device/runtime
 # then run with carry = [".device", "build", "lua/moonload/cdef.lua"]:
 #   bash tests/cuda/device_check.sh
+# A dry run of this script on the CUDA emulator, here, before spending device time:
+#   make test-cuda-sim && CUDASIM=1 bash tests/cuda/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RUNTIME=${RUNTIME:-.device/runtime}
 OUT=${OUT:-/tmp/moonload-device-check}
 mkdir -p "$OUT"
-# shellcheck disable=SC1091
-source "$RUNTIME/env.sh"
+if [ "${CUDASIM:-0}" = 1 ]; then
+  export MOONLOAD_CUDA_LIB=build/cudasim/libmoonload_cuda.so BENCH_SHAPE=tiny BENCH_LAYERS=2 BENCH_REPEATS=1
+  echo "== DRY RUN on the CUDA emulator: the benchmark figures below mean nothing"
+else
+  # shellcheck disable=SC1091
+  source "$RUNTIME/env.sh"
+fi
 
 # cuBLAS/cudart 13 from the CUDA toolkit or from the nvidia-* Python wheels, wherever they are.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13*/lib64 \

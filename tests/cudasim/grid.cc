@@ -1,13 +1,13 @@
 // grid.cc (cudasim): runs a kernel grid on the CPU. Blocks run one after another on the stream's
-// worker thread; inside a block every CUDA thread is a fiber (ucontext) that runs until it ends
+// worker thread; inside a block every CUDA thread is a fiber (fiber.h) that runs until it ends
 // or reaches a barrier: __syncthreads waits for every live thread of the block, a shuffle for
 // every live lane of its warp. The scheduler releases a barrier once all its threads are at it
 // and reports what a GPU would turn into a hang or garbage: divergent barriers, and shuffles
 // whose mask names lanes that exited or do not exist.
 #include "cudasim_internal.h"
+#include "fiber.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <vector>
 
@@ -20,7 +20,7 @@ namespace {
 enum class State { runnable, at_block_barrier, at_warp_barrier, done };
 
 struct Fiber {
-  ucontext_t uc;
+  FiberContext fc;
   ThreadCtx ctx;
   State state;
   int warp, lane;
@@ -33,7 +33,7 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<uint64_t> slots;   // 32 exchange slots per warp
   int nwarps;
-  ucontext_t sched;
+  FiberContext sched;
 };
 
 constexpr size_t kStackBytes = 256 << 10;
@@ -43,12 +43,14 @@ thread_local Fiber *tls_fiber;
 thread_local char *tls_stacks;       // kStackBytes per thread of the largest block so far
 thread_local size_t tls_nstacks;
 
-void fiber_entry() {
+void fiber_main(void *arg) {
+  Fiber *f = (Fiber *)arg;
   (*tls_block->body)();
-  tls_fiber->state = State::done;   // returning resumes uc_link: the scheduler
+  f->state = State::done;
+  fiber_switch(&f->fc, &tls_block->sched);   // never resumed
 }
 
-void yield_to_scheduler() { swapcontext(&tls_fiber->uc, &tls_block->sched); }
+void yield_to_scheduler() { fiber_switch(&tls_fiber->fc, &tls_block->sched); }
 
 char *stack_of(size_t i) {
   if (i >= tls_nstacks) {
@@ -103,18 +105,14 @@ void run_block(Block &b) {
   for (size_t i = 0; i < b.fibers.size(); i++) {
     Fiber &f = b.fibers[i];
     f.state = State::runnable;
-    getcontext(&f.uc);
-    f.uc.uc_stack.ss_sp = stack_of(i);
-    f.uc.uc_stack.ss_size = kStackBytes;
-    f.uc.uc_link = &b.sched;
-    makecontext(&f.uc, fiber_entry, 0);
+    fiber_make(&f.fc, stack_of(i), kStackBytes, fiber_main, &f);
   }
   for (;;) {
     for (Fiber &f : b.fibers) {
       if (f.state != State::runnable) continue;
       tls_fiber = &f;
       tls_ctx = &f.ctx;
-      swapcontext(&b.sched, &f.uc);
+      fiber_switch(&b.sched, &f.fc);
     }
     // Every thread has exited or waits at a barrier.
     bool released = false;
