@@ -62,7 +62,8 @@ test-cuda: all
 test-cuda-sim: deps $(LIB) $(CDEF) $(SIM_DIR)/libmoonload_cuda.so $(SIM_DIR)/test/selftest
 	$(SIM_DIR)/test/selftest
 	MOONLOAD_CUDA_LIB=$(SIM_DIR)/libmoonload_cuda.so MOONLOAD_CUDASIM_JITTER_US=$${MOONLOAD_CUDASIM_JITTER_US:-200} \
-	  MOONLOAD_CUDASIM_COPY_DELAY_US=$${MOONLOAD_CUDASIM_COPY_DELAY_US:-2000} $(BUSTED) $(BUSTED_ARGS) --tags=cuda
+	  MOONLOAD_CUDASIM_COPY_DELAY_US=$${MOONLOAD_CUDASIM_COPY_DELAY_US:-2000} \
+	  MOONLOAD_CUDASIM_MEM_MB=$${MOONLOAD_CUDASIM_MEM_MB:-1024} $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 # The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it.
 test-asan: deps

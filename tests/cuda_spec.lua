@@ -189,3 +189,103 @@ describe("models on cuda #cuda", function()
       end
    end
 end)
+
+describe("generation and encoders on cuda #cuda", function()
+   local prompt = { 5, 17, 42, 3 }
+   local batch, mask = { { 0, 0, 5, 17 }, { 7, 8, 9, 10 } }, { { 0, 0, 1, 1 }, { 1, 1, 1, 1 } }
+
+   for _, name in ipairs({ "gpt2_tiny", "llama_tiny_untied", "llama_tiny_tied" }) do
+      local dir = "tests/fixtures/models/" .. name
+      it(name .. " generates the CPU's tokens with a KV cache, alone and as a padded batch", function()
+         local cpu = ml.models.from_pretrained(dir)
+         local gpu = ml.models.from_pretrained(dir):to(DEV)
+         assert.are.same(cpu:generate(prompt, { max_new_tokens = 6 }), gpu:generate(prompt, { max_new_tokens = 6 }))
+         assert.are.same(cpu:generate(batch, { max_new_tokens = 4, attention_mask = mask }),
+            gpu:generate(batch, { max_new_tokens = 4, attention_mask = mask }))
+      end)
+
+      it(name .. " generates the CPU's tokens streamed to cuda:0 by cpu_offload", function()
+         local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 5 })
+         local model = ml.models.from_pretrained(dir)
+         ml.cpu_offload(model, { execution_device = DEV })
+         assert.are.same(want, model:generate(prompt, { max_new_tokens = 5 }))
+      end)
+   end
+
+   it("the tiny BERT gives the CPU's hidden states with a padding mask and token types", function()
+      local dir = "tests/fixtures/models/bert_tiny"
+      local ids = ml.tensor({ { 2, 7, 9, 4, 0 }, { 3, 3, 8, 1, 6 } }, { dtype = "int64" })
+      local am = ml.tensor({ { 1, 1, 1, 1, 0 }, { 1, 1, 1, 1, 1 } }, { dtype = "int64" })
+      local types = { { 0, 0, 1, 1, 1 }, { 0, 0, 0, 1, 1 } }
+      local want = ml.models.from_pretrained(dir)(ids, { attention_mask = am, token_type_ids = types })
+      local got = ml.models.from_pretrained(dir):to(DEV)(ids, { attention_mask = am, token_type_ids = types })
+      assert_close(got.last_hidden_state, want.last_hidden_state, 1e-4, "last_hidden_state")
+      assert_close(got.pooler_output, want.pooler_output, 1e-4, "pooler_output")
+   end)
+end)
+
+describe("device memory on cuda #cuda", function()
+   -- Largest weights of one hooked module, and the activations of a forward (the whole model on
+   -- the device: peak minus the weights).
+   local dir = "tests/fixtures/models/llama_tiny_untied"
+   local ids = ml.tensor({ { 5, 17, 42, 3, 8, 1 } }, { dtype = "int64" })
+   local function settle() collectgarbage(); collectgarbage() end
+
+   local function forward_peak(model, input)
+      model(input)
+      settle()
+      ml.reset_peak_memory(DEV)
+      local before = ml.memory_allocated(DEV)
+      model(input)
+      local _, peak = ml.memory_allocated(DEV)
+      return peak, before
+   end
+
+   it("streams CPU weights with the activations plus two modules on the device (one without prefetch)", function()
+      local full = ml.models.from_pretrained(dir):to(DEV)
+      local weights, biggest = 0, 0
+      for _, m in full:named_modules() do
+         local b = 0
+         for _, p in m:named_parameters({ recurse = false }) do b = b + p:nbytes() end
+         biggest = math.max(biggest, b)
+      end
+      for _, p in full:named_parameters() do weights = weights + p:nbytes() end
+      local peak_full, resident = forward_peak(full, ids:to(DEV))
+      local activations = peak_full - resident
+      full = nil
+      settle()
+      for _, prefetch in ipairs({ true, false }) do
+         hooks.set_prefetch(prefetch)
+         local model = ml.models.from_pretrained(dir)
+         ml.cpu_offload(model, { execution_device = DEV })
+         local base = ml.memory_allocated(DEV)
+         local peak = forward_peak(model, ids)
+         local modules = prefetch and 2 or 1
+         -- 1 KiB: the input ids the hook moves to the device count as activations here
+         assert.is_true(peak - base <= activations + modules * biggest + 1024,
+            string.format("prefetch %s: peak %d over %d + %d activations + %d x %d", tostring(prefetch), peak, base,
+               activations, modules, biggest))
+         assert.is_true(peak - base < activations + weights / 2)
+         model = nil
+         settle()
+      end
+      hooks.set_prefetch(true)
+   end)
+
+   it("collects dead device tensors once 64 MiB or a quarter of the free memory was allocated", function()
+      settle()
+      require("moonload.C").lib.ml_gc_done()                  -- the threshold from the free memory now
+      local free = ml.utils.get_max_memory()[0]
+      local limit = math.max(64 * 2 ^ 20, free / 4)
+      ml.reset_peak_memory(DEV)
+      local before = ml.memory_allocated(DEV)
+      local n = math.ceil(limit / 2 ^ 20) * 2 + 8
+      for _ = 1, n do
+         local t = ml.empty({ 262144 }, { device = DEV })   -- 1 MiB, dead at once
+         t = nil
+      end
+      local _, peak = ml.memory_allocated(DEV)
+      assert.is_true(peak - before <= limit + 2 ^ 21, string.format("peak %d over %d, limit %d", peak, before, limit))
+      assert.is_true(peak - before >= limit - 2 ^ 21)          -- nothing was collected long before that
+   end)
+end)

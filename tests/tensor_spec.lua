@@ -274,10 +274,29 @@ describe("memory accounting", function()
       collectgarbage(); collectgarbage()
       assert.are.equal(before, (ml.memory_allocated("cpu")))
    end)
+
+   it("collects dead tensors once 256 MiB, or as much as was live, was allocated since the last collection", function()
+      local lib = require("moonload.C").lib
+      collectgarbage(); collectgarbage()
+      lib.ml_gc_done()                                         -- the threshold from what is live now
+      local before = ml.memory_allocated("cpu")
+      local limit = math.max(256 * 2 ^ 20, before)
+      ml.reset_peak_memory("cpu")
+      for _ = 1, math.ceil(limit / 2 ^ 20) + 64 do
+         local t = ml.empty({ 262144 })                        -- 1 MiB, dead at once
+         t = nil
+      end
+      local _, peak = ml.memory_allocated("cpu")
+      assert.is_true(peak - before <= limit + 2 ^ 21, string.format("peak %d over %d, limit %d", peak, before, limit))
+      assert.is_true(peak - before >= limit)                  -- nothing was collected before that
+      collectgarbage(); collectgarbage()
+      ml.empty_cache()
+   end)
 end)
 
 describe("cpu block cache", function()
    it("reuses a freed large block for the next tensor of that size, and empties on request", function()
+      collectgarbage(); collectgarbage()
       ml.empty_cache()
       local x = ml.empty({ 512, 1024 })          -- 2 MiB
       local addr = x:data_ptr()

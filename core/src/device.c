@@ -1,4 +1,7 @@
-/* device.c: device names and per-device byte accounting (in use and peak). */
+/* device.c: device names, per-device byte accounting (in use and peak), and the garbage
+   pressure that tells the Lua binding when dead tensors are worth collecting: LuaJIT's
+   collector sees only the small wrappers, not the device memory behind them (Torch7 had
+   heap tracking for the same reason). */
 #include "internal.h"
 
 #include <stdio.h>
@@ -6,7 +9,16 @@
 
 #define ML_MAX_CUDA_DEVICES 16
 
-typedef struct { atomic_llong in_use, peak; } device_counter;
+typedef struct {
+  atomic_llong in_use, peak;
+  atomic_llong since_gc;      /* bytes allocated since the last ml_gc_done */
+  atomic_llong gc_threshold;  /* since_gc beyond this raises the flag; 0: the device's minimum */
+} device_counter;
+
+#define GC_MIN_CPU ((long long)256 << 20)
+#define GC_MIN_CUDA ((long long)64 << 20)
+
+static volatile int32_t gc_flag;
 
 static device_counter cpu_counter;
 static device_counter cuda_counters[ML_MAX_CUDA_DEVICES];
@@ -24,6 +36,30 @@ void ml_device_account(ml_device dev, int64_t delta) {
   long long now = atomic_fetch_add(&c->in_use, delta) + delta;
   long long peak = atomic_load(&c->peak);
   while (now > peak && !atomic_compare_exchange_weak(&c->peak, &peak, now)) {}
+  if (delta > 0) {
+    long long since = atomic_fetch_add(&c->since_gc, delta) + delta;
+    long long limit = atomic_load(&c->gc_threshold);
+    if (limit == 0) limit = dev.type == ML_DEVICE_CPU ? GC_MIN_CPU : GC_MIN_CUDA;
+    if (since > limit) gc_flag = 1;
+  }
+}
+
+volatile int32_t *ml_gc_flag(void) { return &gc_flag; }
+
+void ml_gc_done(void) {
+  gc_flag = 0;
+  long long live = atomic_load(&cpu_counter.in_use);
+  atomic_store(&cpu_counter.since_gc, 0);
+  atomic_store(&cpu_counter.gc_threshold, live > GC_MIN_CPU ? live : GC_MIN_CPU);
+  for (int i = 0; i < ML_MAX_CUDA_DEVICES; i++) {
+    device_counter *c = &cuda_counters[i];
+    if (atomic_load(&c->since_gc) == 0 && atomic_load(&c->in_use) == 0) continue;   /* never used */
+    atomic_store(&c->since_gc, 0);
+    int64_t free_b = 0, total_b = 0;
+    long long limit = GC_MIN_CUDA;
+    if (ml_cuda_mem_get_info(i, &free_b, &total_b) == ML_OK && free_b / 4 > limit) limit = free_b / 4;
+    atomic_store(&c->gc_threshold, limit);
+  }
 }
 
 ml_status ml_device_parse(const char *name, ml_device *out) {

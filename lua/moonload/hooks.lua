@@ -476,6 +476,16 @@ function AlignDevicesHook:_group()
    return g
 end
 
+-- Drops the slot's reference to its materialized tensor now, not at the next Lua collection:
+-- the device memory goes back to the allocator before the next module needs it.
+local function release_materialized(s)
+   local c = s.dev_c
+   if c == nil then return end
+   s.dev_c = nil
+   ffi.gc(c, nil)
+   lib.ml_tensor_release(c)
+end
+
 function AlignDevicesHook:pre_forward(module, ...)
    if self.io_same_device then self.input_device = find_device({ ... }) end
    if self.offload and #self.slots > 0 then
@@ -491,8 +501,9 @@ function AlignDevicesHook:pre_forward(module, ...)
          local cur = owner[leaf]
          if Tensor.is_tensor(cur) and (cur == s.obj or cur:is_meta()) then
             -- ours (still materialized when the last forward raised before post_forward)
+            release_materialized(s)
             rawset(cur, "_c", ffi.gc(c, lib.ml_tensor_release))
-            s.obj = cur
+            s.obj, s.dev_c = cur, c
          elseif Tensor.is_tensor(cur) and cur.device == dev_name then
             -- retied to a live tensor elsewhere (dispatch_model's retie): it is already in place
             lib.ml_tensor_release(c)
@@ -500,7 +511,7 @@ function AlignDevicesHook:pre_forward(module, ...)
          else
             local t = Tensor.wrap(c)
             owner[leaf] = t
-            s.obj = t
+            s.obj, s.dev_c = t, c
          end
       end
    end
@@ -524,6 +535,7 @@ function AlignDevicesHook:post_forward(module, ...)
    if self.offload and self._gid then
       for _, s in ipairs(self.slots) do
          if s.obj ~= nil then rawset(s.obj, "_c", s.meta_c) end
+         release_materialized(s)
          s.obj = nil
       end
       C.check(lib.ml_hookrt_release_group(M.runtime(), self._gid))

@@ -23,7 +23,15 @@ local stride_buf = ffi.new("int64_t[8]")
 local int_buf = ffi.new("int[8]")
 local bool_buf = ffi.new("bool[1]")
 
+-- Dead tensors hold memory LuaJIT's collector cannot see (it sees small wrappers): the core
+-- raises this flag once enough has been allocated since the last collection (ml_gc_flag).
+local gc_flag = lib.ml_gc_flag()
+
 local function wrap(p)
+   if gc_flag[0] ~= 0 then
+      collectgarbage()
+      lib.ml_gc_done()
+   end
    return setmetatable({ _c = ffi.gc(p, lib.ml_tensor_release) }, Tensor)
 end
 Tensor.wrap = wrap

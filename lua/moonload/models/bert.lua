@@ -222,6 +222,8 @@ function BertModel:forward(input_ids, opts)
    local who = WHO .. ".forward"
    local ids = common.ids_tensor(input_ids, who)
    common.check_vocab(ids, self.config.vocab_size, who)
+   -- Lists become CPU tensors: they go where the weights are (a model moved with :to("cuda:0")).
+   ids = common.to_weight_device(ids, self.embeddings.word_embeddings.weight)
    local B, L = ids:size(1), ids:size(2)
    if L > self.config.max_position_embeddings then
       error(string.format("%s: sequence of %d tokens exceeds max_position_embeddings %d",
@@ -233,10 +235,12 @@ function BertModel:forward(input_ids, opts)
    else
       tt = common.ids_tensor(tt, who)
       common.check_vocab(tt, self.config.type_vocab_size, who .. " (token_type_ids)")
+      if tt.device ~= ids.device then tt = tt:to(ids.device) end
    end
    local mask
    if opts.attention_mask ~= nil then
       mask = common.mask_tensor(opts.attention_mask, B, L, who):view(B, 1, 1, L)
+      if mask.device ~= ids.device then mask = mask:to(ids.device) end
    end
    local h = self.encoder(self.embeddings(ids, tt), mask)
    local pooled = self.pooler and self.pooler(h) or nil
