@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 2
+#define ML_CUDA_API_VERSION 3
 
 typedef struct ml_cuda_api {
   int version;
@@ -50,6 +50,12 @@ typedef struct ml_cuda_api {
   ml_status (*event_sync)(void *event);                                   /* the host waits */
   void (*event_free)(void *event);
   ml_status (*synchronize)(int device);
+  /* Indexing. gather and index_select set *bad_index to the first out-of-range index they met
+     (INT64_MIN: none), which the public function reports; dims are 0-based and validated. */
+  ml_status (*triangle)(const ml_tensor *x, int64_t k, bool upper, ml_tensor *out);
+  ml_status (*gather)(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index);
+  ml_status (*index_select)(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index);
+  ml_status (*cumsum)(const ml_tensor *x, int dim, ml_tensor *out);
 } ml_cuda_api;
 
 /* What libmoonload_cuda.so exports: fills err on failure and returns NULL. */

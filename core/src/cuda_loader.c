@@ -38,7 +38,15 @@ static void load_backend(void) {
     snprintf(load_error, sizeof load_error, "CUDA is not available: libmoonload_cuda.so has no ml_cuda_backend");
     return;
   }
-  loaded = get(load_error, sizeof load_error);
+  const ml_cuda_api *api = get(load_error, sizeof load_error);
+  if (api && api->version != ML_CUDA_API_VERSION) {
+    /* A table of another layout would be read past its end: refuse it. */
+    snprintf(load_error, sizeof load_error,
+             "CUDA is not available: libmoonload_cuda.so is from another build (backend API version %d, this "
+             "library expects %d); rebuild both with make CUDA=1", api->version, ML_CUDA_API_VERSION);
+    return;
+  }
+  loaded = api;
 }
 
 const ml_cuda_api *ml_cuda(void) {

@@ -782,8 +782,8 @@ end
 
 function methods.where(cond, a, b) return Tensor.where(cond, a, b) end
 
--- Ops with no CUDA kernel yet run on host copies of cuda operands; results go back to the
--- operand's device. Correct everywhere, and rare on hot paths (sampling, masks, tests).
+-- Ops with no CUDA kernel run on host copies of cuda operands; results go back to the operand's
+-- device. Correct everywhere, and off the hot paths: one sampling step per token, and tests.
 local function host_fallback(name, moves_result)
    local op = methods[name]
    methods[name] = function(t, ...)
@@ -798,7 +798,7 @@ local function host_fallback(name, moves_result)
       return is_tensor(r1) and methods.to(r1, dev) or r1, is_tensor(r2) and methods.to(r2, dev) or r2
    end
 end
-for _, name in ipairs({ "tril", "triu", "gather", "index_select", "topk", "cumsum", "multinomial" }) do
+for _, name in ipairs({ "topk", "multinomial" }) do
    host_fallback(name, true)
 end
 host_fallback("equal", false)

@@ -614,11 +614,18 @@ ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value
 
 ml_status ml_triangle(const ml_tensor *x, int64_t k, bool upper, ml_tensor **out) {
   const char *fn = upper ? "triu" : "tril";
-  ML_TRY(ml_cpu_gate(fn, 1, &x));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, 1, &x, &cu));
   if (x->ndim < 2)
     return ml_fail(ML_EINVAL, "%s: input must have at least 2 dimensions, got a %d-d tensor", fn, x->ndim);
   ml_tensor *o;
-  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, x->shape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, x->shape, x->storage->device, &o));
+  if (cu) {
+    ml_status st = cu->triangle(x, k, upper, o);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   ml_status st = ml_tensor_copy_(o, x);
   if (st) { ml_tensor_release(o); return st; }
   int64_t rows = x->shape[x->ndim - 2], cols = x->shape[x->ndim - 1];

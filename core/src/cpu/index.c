@@ -81,11 +81,19 @@ static inline void copy_elem(uint8_t *d, const uint8_t *s, size_t es) {
   }
 }
 
+/* The error for an index outside [-size, size) of input x. */
+static ml_status bad_index(const char *fn, int64_t index, int64_t size, const ml_tensor *x) {
+  char b[ML_SHAPE_BUF];
+  return ml_fail(ML_EINVAL, "%s: index %lld is out of range for a dimension of size %lld (input shape %s)", fn,
+                 (long long)index, (long long)size, ml_shape_str(x->ndim, x->shape, b, sizeof b));
+}
+
 // --- gather -------------------------------------------------------------------------------------
 
 ml_status ml_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor **out) {
   const ml_tensor *ts[2] = {x, index};
-  ML_TRY(ml_cpu_gate("gather", 2, ts));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device("gather", 2, ts, &cu));
   ML_TRY(check_index_dtype("gather", index));
   int d = 0;
   ML_TRY(ml_norm_dim("gather", dim, x->ndim, &d));
@@ -106,7 +114,15 @@ ml_status ml_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tens
     }
   }
   ml_tensor *o;
-  ML_TRY(ml_tensor_empty(x->dtype, index->ndim, index->shape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(x->dtype, index->ndim, index->shape, x->storage->device, &o));
+  if (cu) {
+    int64_t bad;
+    ml_status st = cu->gather(x, d, index, o, &bad);
+    if (!st && bad != INT64_MIN) st = bad_index("gather", bad, xshape[d], x);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   int64_t ostr[ML_MAX_DIMS], xwalk[ML_MAX_DIMS];
   ml_contiguous_strides(xnd, ishape, ostr);
   memcpy(xwalk, xstr, sizeof xwalk);
@@ -126,11 +142,8 @@ ml_status ml_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tens
       for (int64_t i = 0; i < n; i++) {
         int64_t v = iv[i] < 0 ? iv[i] + size : iv[i];
         if (v < 0 || v >= size) {
-          char b[ML_SHAPE_BUF];
-          ml_fail(ML_EINVAL, "gather: index %lld is out of range for a dimension of size %lld (input shape %s)",
-                  (long long)iv[i], (long long)size, ml_shape_str(x->ndim, x->shape, b, sizeof b));
           ml_tensor_release(o);
-          return ML_EINVAL;
+          return bad_index("gather", iv[i], size, x);
         }
         copy_elem(od + (size_t)(it.off[0] + (s + i) * it.inner_stride[0]) * es,
                   xd + (size_t)(it.off[2] + (s + i) * it.inner_stride[2] + v * xstr[d]) * es, es);
@@ -145,7 +158,8 @@ ml_status ml_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tens
 
 ml_status ml_index_select(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor **out) {
   const ml_tensor *ts[2] = {x, index};
-  ML_TRY(ml_cpu_gate("index_select", 2, ts));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device("index_select", 2, ts, &cu));
   ML_TRY(check_index_dtype("index_select", index));
   if (index->ndim > 1) {
     char a[ML_SHAPE_BUF];
@@ -154,6 +168,18 @@ ml_status ml_index_select(const ml_tensor *x, int dim, const ml_tensor *index, m
   int d = 0;
   ML_TRY(ml_norm_dim("index_select", dim, x->ndim, &d));
   int64_t m = ml_tensor_numel(index), size = x->ndim ? x->shape[d] : 1;
+  if (cu) {
+    int64_t oshape[ML_MAX_DIMS], bad;
+    memcpy(oshape, x->shape, sizeof oshape);
+    if (x->ndim) oshape[d] = m;
+    ml_tensor *o;
+    ML_TRY(ml_tensor_empty(x->dtype, x->ndim, oshape, x->storage->device, &o));
+    ml_status st = cu->index_select(x, d, index, o, &bad);
+    if (!st && bad != INT64_MIN) st = bad_index("index_select", bad, size, x);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   int64_t *iv = ml_aligned_alloc((size_t)(m > 0 ? m : 1) * sizeof *iv);
   if (!iv) return ml_fail(ML_ENOMEM, "index_select: out of memory for %lld indices", (long long)m);
   ml_load_i64(ml_tensor_data(index), index->dtype, index->ndim ? index->strides[0] : 0, m, iv);
@@ -163,11 +189,8 @@ ml_status ml_index_select(const ml_tensor *x, int dim, const ml_tensor *index, m
   for (int64_t i = 0; i < m; i++) {
     int64_t v = iv[i] < 0 ? iv[i] + size : iv[i];
     if (v < 0 || v >= size) {
-      char b[ML_SHAPE_BUF];
-      ml_fail(ML_EINVAL, "index_select: index %lld is out of range for a dimension of size %lld (input shape %s)",
-              (long long)iv[i], (long long)size, ml_shape_str(x->ndim, x->shape, b, sizeof b));
       ml_aligned_free(iv);
-      return ML_EINVAL;
+      return bad_index("index_select", iv[i], size, x);
     }
     iv[i] = v;
   }

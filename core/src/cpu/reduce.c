@@ -525,12 +525,19 @@ static void cumsum_lines(void *ctx, int64_t begin, int64_t end) {
 }
 
 ml_status ml_cumsum(const ml_tensor *x, int dim, ml_tensor **out) {
-  ML_TRY(ml_cpu_gate("cumsum", 1, &x));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device("cumsum", 1, &x, &cu));
   int d = 0;
   ML_TRY(ml_norm_dim("cumsum", dim, x->ndim, &d));
   ml_dtype odt = ml_dtype_is_floating(x->dtype) ? x->dtype : ML_INT64;
   ml_tensor *o;
-  ML_TRY(ml_tensor_empty(odt, x->ndim, x->shape, ml_cpu(), &o));
+  ML_TRY(ml_tensor_empty(odt, x->ndim, x->shape, x->storage->device, &o));
+  if (cu) {
+    ml_status st = cu->cumsum(x, d, o);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   int64_t n = x->ndim ? x->shape[d] : 1;
   int64_t lines = n > 0 ? ml_tensor_numel(x) / n : 0;
   cumsum_job j = {x, d, o};

@@ -284,5 +284,9 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.event_sync = event_sync;
   g_api.event_free = event_free;
   g_api.synchronize = synchronize;
+  g_api.triangle = ml_cuda_triangle;
+  g_api.gather = ml_cuda_gather;
+  g_api.index_select = ml_cuda_index_select;
+  g_api.cumsum = ml_cuda_cumsum;
   return &g_api;
 }

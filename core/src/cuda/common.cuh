@@ -137,6 +137,11 @@ ml_status ml_cuda_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor *out)
 ml_status ml_cuda_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor *out);
 ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                        bool is_causal, double scale, ml_tensor *out);
+ml_status ml_cuda_triangle(const ml_tensor *x, int64_t k, bool upper, ml_tensor *out);
+ml_status ml_cuda_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index);
+ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out,
+                               int64_t *bad_index);
+ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out);
 // Scratch memory for one op on a device, from the caching allocator; freed with scratch_free.
 ml_status ml_cuda_scratch(int device, size_t nbytes, void **out);
 void ml_cuda_scratch_free(int device, void *p, size_t nbytes);

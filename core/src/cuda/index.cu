@@ -1,0 +1,202 @@
+// index.cu: tril/triu, gather, index_select and cumsum on CUDA. The public functions (cpu/*.c)
+// validate shapes and dtypes and allocate the contiguous output; these entries only compute.
+// An out-of-range index cannot be checked before the kernel runs: the kernels record the first
+// bad value in a device flag that the entry reads back, and the public function reports it.
+#include "common.cuh"
+
+#include <climits>
+
+static const int kThreads = 256;
+
+// Copies one element of es bytes (same dtype on both sides).
+__device__ __forceinline__ void copy_elem(char *dst, const char *src, int es) {
+  switch (es) {
+  case 1: *dst = *src; break;
+  case 2: *(short *)dst = *(const short *)src; break;
+  case 4: *(int *)dst = *(const int *)src; break;
+  default: *(long long *)dst = *(const long long *)src; break;
+  }
+}
+
+__device__ __forceinline__ void zero_elem(char *dst, int es) {
+  switch (es) {
+  case 1: *dst = 0; break;
+  case 2: *(short *)dst = 0; break;
+  case 4: *(int *)dst = 0; break;
+  default: *(long long *)dst = 0; break;
+  }
+}
+
+// --- tril / triu ---------------------------------------------------------------------------
+
+// out (contiguous, x's shape) = x with the elements above (tril) or below (triu) diagonal k zeroed.
+__global__ void triangle_kernel(TensorDesc x, TensorDesc o, int64_t n, int64_t rows, int64_t cols, long long k,
+                                bool upper, int es) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t c = i % cols, r = i / cols % rows;
+    bool keep = upper ? c - r >= k : c - r <= k;
+    char *dst = (char *)o.data + i * es;
+    if (keep) copy_elem(dst, (const char *)x.data + desc_offset(x, i) * es, es);
+    else zero_elem(dst, es);
+  }
+}
+
+// --- gather / index_select -------------------------------------------------------------------
+
+// Records v as the first bad index (the flag starts at LLONG_MIN).
+__device__ __forceinline__ void flag_bad(long long *bad, long long v) {
+  atomicCAS((unsigned long long *)bad, (unsigned long long)LLONG_MIN, (unsigned long long)v);
+}
+
+// out[i] = x[..., index[i], ...] along d: index has out's shape; xw is x with stride 0 along d.
+__global__ void gather_kernel(TensorDesc xw, TensorDesc idx, TensorDesc o, int64_t n, int64_t size, int64_t dstride,
+                              int es, long long *bad) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    long long v = load_as<long long>(idx.data, idx.dtype, desc_offset(idx, i));
+    long long p = v < 0 ? v + size : v;
+    if (p < 0 || p >= size) { flag_bad(bad, v); continue; }
+    copy_elem((char *)o.data + i * es, (const char *)xw.data + (desc_offset(xw, i) + p * dstride) * es, es);
+  }
+}
+
+// out viewed as x's shape with m along d: out[.., i, ..] = x[.., index[i], ..].
+__global__ void index_select_kernel(TensorDesc x, TensorDesc idx, TensorDesc o, int64_t n, int d, int64_t size,
+                                    int es, long long *bad) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    // Walk out's shape (o.shape) and read x at the selected position along d.
+    int64_t rest = i, off = 0;
+    for (int k = o.ndim - 1; k >= 0; k--) {
+      int64_t c = rest % o.shape[k];
+      rest /= o.shape[k];
+      if (k == d) {
+        long long v = load_as<long long>(idx.data, idx.dtype, c * (idx.ndim ? idx.strides[0] : 0));
+        long long p = v < 0 ? v + size : v;
+        if (p < 0 || p >= size) { flag_bad(bad, v); off = -1; break; }
+        c = p;
+      }
+      off += c * x.strides[k];
+    }
+    if (off >= 0) copy_elem((char *)o.data + i * es, (const char *)x.data + off * es, es);
+  }
+}
+
+// Runs `launch` with a device flag for a bad index; *bad is LLONG_MIN when every index was good.
+template <typename Launch>
+static ml_status with_bad_flag(int dev, DeviceState *st, const char *fn, long long *bad, Launch launch) {
+  void *flag;
+  ML_TRY(ml_cuda_scratch(dev, sizeof(long long), &flag));
+  long long init = LLONG_MIN;
+  *bad = LLONG_MIN;
+  cudaError_t e = cudaMemcpyAsync(flag, &init, sizeof init, cudaMemcpyHostToDevice, st->compute);
+  if (e == cudaSuccess) {
+    launch((long long *)flag);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) e = cudaMemcpyAsync(bad, flag, sizeof *bad, cudaMemcpyDeviceToHost, st->compute);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st->compute);
+  ml_cuda_scratch_free(dev, flag, sizeof(long long));
+  if (e != cudaSuccess) return ml_fail(ML_EIO, "%s: CUDA error: %s", fn, cudaGetErrorString(e));
+  return ML_OK;
+}
+
+// --- cumsum --------------------------------------------------------------------------------
+
+// One thread per line along d (lines are independent); sums in double, or long long for
+// integer inputs (their output is int64), as on the CPU.
+template <typename C>
+__global__ void cumsum_kernel(TensorDesc lines, TensorDesc x, TensorDesc o, int64_t nlines, int64_t n, int64_t xs,
+                              int64_t os) {
+  for (int64_t l = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; l < nlines; l += (int64_t)gridDim.x * blockDim.x) {
+    int64_t xb = desc_offset(lines, l);
+    // o is contiguous with x's shape: its line starts where x's line index maps in o's layout.
+    int64_t ob = desc_offset(o, l);
+    C acc = 0;
+    for (int64_t j = 0; j < n; j++) {
+      acc += load_as<C>(x.data, x.dtype, xb + j * xs);
+      store_as<C>(o.data, o.dtype, ob + j * os, acc);
+    }
+  }
+}
+
+// --- entry points ----------------------------------------------------------------------------
+
+ml_status ml_cuda_triangle(const ml_tensor *x, int64_t k, bool upper, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
+  TensorDesc xd = ml_cuda_desc(x), od = ml_cuda_desc(out);
+  int64_t n = ml_cuda_numel(od), rows = xd.shape[xd.ndim - 2], cols = xd.shape[xd.ndim - 1];
+  if (n == 0) return ML_OK;
+  int es = (int)ml_dtype_size((ml_dtype)xd.dtype);
+  triangle_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(xd, od, n, rows, cols, (long long)k, upper,
+                                                                              es);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
+
+ml_status ml_cuda_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index) {
+  int dev = ml_cuda_device_of(out);
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(dev, &st));
+  TensorDesc od = ml_cuda_desc(out), id = ml_cuda_desc(index), xd = ml_cuda_desc(x);
+  *bad_index = INT64_MIN;
+  int64_t n = ml_cuda_numel(od);
+  if (n == 0) return ML_OK;
+  // 0-d tensors gather as 1-element vectors.
+  if (xd.ndim == 0) { xd.ndim = 1; xd.shape[0] = 1; xd.strides[0] = 0; }
+  if (id.ndim == 0) { id.ndim = 1; id.shape[0] = 1; id.strides[0] = 0; }
+  // x walked at index's shape, with stride 0 along dim (the index value picks the position).
+  TensorDesc xw = xd;
+  xw.ndim = id.ndim;
+  for (int k = 0; k < id.ndim; k++) { xw.shape[k] = id.shape[k]; xw.strides[k] = k == dim ? 0 : xd.strides[k]; }
+  int64_t size = xd.shape[dim], dstride = xd.strides[dim];
+  int es = (int)ml_dtype_size((ml_dtype)xd.dtype);
+  long long bad;
+  ML_TRY(with_bad_flag(dev, st, "gather", &bad, [&](long long *flag) {
+    gather_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(xw, id, od, n, size, dstride, es, flag);
+  }));
+  *bad_index = bad;
+  return ML_OK;
+}
+
+ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out,
+                               int64_t *bad_index) {
+  int dev = ml_cuda_device_of(out);
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(dev, &st));
+  TensorDesc od = ml_cuda_desc(out), id = ml_cuda_desc(index), xd = ml_cuda_desc(x);
+  *bad_index = INT64_MIN;
+  int64_t n = ml_cuda_numel(od);
+  if (n == 0) return ML_OK;
+  if (xd.ndim == 0) { xd.ndim = 1; xd.shape[0] = 1; xd.strides[0] = 0; od.ndim = 1; od.shape[0] = 1; od.strides[0] = 1; }
+  int64_t size = xd.shape[dim];
+  int es = (int)ml_dtype_size((ml_dtype)xd.dtype);
+  long long bad;
+  ML_TRY(with_bad_flag(dev, st, "index_select", &bad, [&](long long *flag) {
+    index_select_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(xd, id, od, n, dim, size, es, flag);
+  }));
+  *bad_index = bad;
+  return ML_OK;
+}
+
+ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
+  TensorDesc xd = ml_cuda_desc(x), od = ml_cuda_desc(out);
+  if (xd.ndim == 0) { xd.ndim = 1; xd.shape[0] = 1; xd.strides[0] = 1; od = xd; od.data = ml_tensor_data(out);
+                      od.dtype = ml_tensor_dtype(out); }
+  int64_t n = xd.shape[dim], total = ml_cuda_numel(xd);
+  if (n == 0 || total == 0) return ML_OK;
+  int64_t nlines = total / n;
+  // Line starts: x and out with dim taken out (size 1), walked over the other dims.
+  TensorDesc lines = xd, olines = od;
+  lines.shape[dim] = 1;
+  olines.shape[dim] = 1;
+  int64_t xs = xd.strides[dim], os = od.strides[dim];
+  unsigned grid = ml_cuda_blocks(nlines, kThreads);
+  if (ml_dtype_is_floating((ml_dtype)od.dtype))
+    cumsum_kernel<double><<<grid, kThreads, 0, st->compute>>>(lines, xd, olines, nlines, n, xs, os);
+  else
+    cumsum_kernel<long long><<<grid, kThreads, 0, st->compute>>>(lines, xd, olines, nlines, n, xs, os);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
