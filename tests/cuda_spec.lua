@@ -313,3 +313,18 @@ describe("device memory on cuda #cuda", function()
       assert.is_true(peak - before >= limit - 2 ^ 21)          -- nothing was collected long before that
    end)
 end)
+
+describe("rotary embedding on cuda #cuda", function()
+   it("matches the CPU kernel for float32 and bfloat16, strided x and broadcast cos/sin", function()
+      ml.manual_seed(12)
+      local F = ml.nn.functional
+      for _, dt in ipairs({ "float32", "bfloat16" }) do
+         local x = ml.randn(2, 5, 4, 16):to(dt):transpose(2, 3)
+         local ang = ml.randn(1, 1, 5, 16) * 3
+         local cos, sin = ang:cos():to(dt), ang:sin():to(dt)
+         local got = F.rotary_embedding(x:to(DEV), cos:to(DEV), sin:to(DEV))
+         assert.are.equal(DEV, got.device)
+         assert_close(got, F.rotary_embedding(x, cos, sin), dt == "float32" and 1e-6 or 1e-2, "rotary " .. dt)
+      end
+   end)
+end)

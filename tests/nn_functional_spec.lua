@@ -103,3 +103,42 @@ describe("nn.functional errors", function()
       assert.matches("%[2, 3%]", err)
    end)
 end)
+
+describe("F.rotary_embedding", function()
+   local F = ml.nn.functional
+
+   local function composed(x, cos, sin)
+      local h = x:size(-1) / 2
+      local rot = ml.cat({ -x:narrow(-1, h + 1, h), x:narrow(-1, 1, h) }, -1)
+      return x * cos + rot * sin
+   end
+
+   it("gives the composed ops' bits for every float dtype, strided x and broadcast cos/sin", function()
+      ml.manual_seed(11)
+      for _, dt in ipairs({ "float32", "bfloat16", "float16", "float64" }) do
+         local x = ml.randn(2, 5, 3, 8):to(dt):transpose(2, 3)          -- (B, H, T, D), strided
+         local ang = ml.randn(5, 8) * 3
+         for _, shape in ipairs({ { 5, 8 }, { 1, 1, 5, 8 } }) do
+            local cos, sin = ang:cos():to(dt):reshape(shape), ang:sin():to(dt):reshape(shape)
+            local got = F.rotary_embedding(x, cos, sin)
+            assert.are.equal(dt, got.dtype)
+            assert.is_true(got:equal(composed(x, cos, sin)), dt .. " " .. table.concat(shape, "x"))
+         end
+      end
+      local wide = ml.randn(3, 600)                                      -- halves longer than one chunk
+      local c, s = ml.randn(600):cos(), ml.randn(600):sin()
+      assert.is_true(F.rotary_embedding(wide, c, s):equal(composed(wide, c, s)))
+   end)
+
+   it("names what is wrong with its arguments", function()
+      local x = ml.zeros(2, 6)
+      assert.has_error(function() F.rotary_embedding(ml.zeros(2, 5), ml.zeros(5), ml.zeros(5)) end,
+         "rotary_embedding: the last dimension of x must be even (it is split in halves), x has shape [2, 5]")
+      assert.has_error(function() F.rotary_embedding(x, ml.zeros(6), ml.zeros(3, 6)) end,
+         "rotary_embedding: cos (shape [6]) and sin (shape [3, 6]) must have the same shape")
+      assert.has_error(function() F.rotary_embedding(x, ml.zeros(3, 6), ml.zeros(3, 6)) end,
+         "rotary_embedding: cos and sin (shape [3, 6]) must broadcast to the shape of x [2, 6]")
+      assert.has_error(function() F.rotary_embedding(x:long(), ml.zeros(6), ml.zeros(6)) end,
+         "rotary_embedding: x must be floating point, got int64")
+   end)
+end)

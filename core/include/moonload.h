@@ -202,6 +202,9 @@ ML_API ml_status ml_rms_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, 
    to (..., L, S); scale <= 0 means 1/sqrt(E). is_causal uses the top-left aligned lower triangle. */
 ML_API ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                          bool is_causal, double scale, ml_tensor **out);
+/* Rotary position embedding, rotate-half form (transformers' Llama): x * cos + rotate_half(x) * sin
+   with rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]); cos and sin broadcast to x's shape. */
+ML_API ml_status ml_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor **out);
 ML_API ml_status ml_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
 ML_API ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value, ml_tensor **out);
 /* Lower (upper=false) or upper triangle of the last two dims, diagonal offset k. */

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 3
+#define ML_CUDA_API_VERSION 4
 
 typedef struct ml_cuda_api {
   int version;
@@ -56,6 +56,8 @@ typedef struct ml_cuda_api {
   ml_status (*gather)(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index);
   ml_status (*index_select)(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index);
   ml_status (*cumsum)(const ml_tensor *x, int dim, ml_tensor *out);
+  /* cos and sin broadcast to x's shape (checked); out contiguous in the promoted dtype. */
+  ml_status (*rotary_embedding)(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor *out);
 } ml_cuda_api;
 
 /* What libmoonload_cuda.so exports: fills err on failure and returns NULL. */

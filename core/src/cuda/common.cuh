@@ -142,6 +142,7 @@ ml_status ml_cuda_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml
 ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out,
                                int64_t *bad_index);
 ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out);
+ml_status ml_cuda_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor *out);
 // Scratch memory for one op on a device, from the caching allocator; freed with scratch_free.
 ml_status ml_cuda_scratch(int device, size_t nbytes, void **out);
 void ml_cuda_scratch_free(int device, void *p, size_t nbytes);

@@ -132,16 +132,8 @@ function LlamaRotaryEmbedding:forward(positions)
    return emb:cos(), emb:sin()
 end
 
-local function rotate_half(x)
-   local half = x:size(-1) / 2
-   local x1 = x:narrow(-1, 1, half)
-   local x2 = x:narrow(-1, half + 1, half)
-   return T.cat({ -x2, x1 }, -1)
-end
-
-local function apply_rotary(x, cos, sin)
-   return x * cos + rotate_half(x) * sin
-end
+-- x * cos + rotate_half(x) * sin, in one kernel.
+local apply_rotary = nn.functional.rotary_embedding
 
 -- --- attention, MLP, layer ------------------------------------------------------------------
 

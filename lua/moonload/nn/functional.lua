@@ -123,6 +123,18 @@ function F.scaled_dot_product_attention(q, k, v, opts, dropout_p, is_causal, sca
 end
 F.sdpa = F.scaled_dot_product_attention
 
+--- rotary_embedding(x, cos, sin): rotary position embedding in the rotate-half form of
+-- transformers' Llama, x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) over the
+-- two halves of the last dim; cos and sin broadcast to x's shape. One kernel on cpu and cuda,
+-- the same values as the composed ops.
+function F.rotary_embedding(x, cos, sin)
+   need_tensor("rotary_embedding", "x", x)
+   need_tensor("rotary_embedding", "cos", cos)
+   need_tensor("rotary_embedding", "sin", sin)
+   check(lib.ml_rotary_embedding(x._c, cos._c, sin._c, out))
+   return wrap(out[0])
+end
+
 function F.softmax(x, dim) need_tensor("softmax", "input", x); return x:softmax(dim) end
 function F.log_softmax(x, dim) need_tensor("log_softmax", "input", x); return x:log_softmax(dim) end
 
