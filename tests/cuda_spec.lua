@@ -40,6 +40,18 @@ describe("cuda backend #cuda", function()
       assert.are.equal(before, (ml.memory_allocated(DEV)))
    end)
 
+   it("pins host memory: a page-locked copy that moves to the device and back", function()
+      local x = ml.randn(4, 5):t()
+      local p = x:pin_memory()
+      assert.is_true(p:is_pinned())
+      assert.is_false(x:is_pinned())
+      assert.is_true(p:equal(x))
+      assert.are.equal(p, p:pin_memory())
+      assert.is_true(p:to(DEV, { non_blocking = true }):cpu():equal(x))
+      assert.has_error(function() p:to(DEV):pin_memory() end,
+         "pin_memory: only cpu tensors can be pinned, this one is on cuda:0")
+   end)
+
    it("round-trips every dtype through the device", function()
       ml.manual_seed(1)
       for _, dt in ipairs({ "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool" }) do

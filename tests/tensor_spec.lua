@@ -259,6 +259,23 @@ describe("conversion", function()
    end)
 end)
 
+describe("pinned memory and copy options", function()
+   it("needs CUDA to pin, and accepts to()'s non_blocking and copy options", function()
+      local x = ml.tensor({ 1, 2, 3 })
+      assert.is_false(x:is_pinned())
+      if ml.cuda_device_count() == 0 then
+         local ok, err = pcall(function() return x:pin_memory() end)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find("pin_memory: CUDA is not available", 1, true))
+      end
+      assert.are.equal(x, x:to("cpu", { non_blocking = true }))
+      local y = x:to("cpu", { copy = true })
+      assert.are_not.equal(x, y)
+      assert.is_true(y:equal(x))
+      assert.are.equal("float64", x:to("float64", { non_blocking = true }).dtype)
+   end)
+end)
+
 describe("memory accounting", function()
    it("counts cpu bytes in use and the peak, and frees on collection", function()
       collectgarbage(); collectgarbage()

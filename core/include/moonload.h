@@ -101,6 +101,7 @@ ML_API void *ml_storage_data(const ml_storage *s);            /* NULL for meta *
 ML_API size_t ml_storage_nbytes(const ml_storage *s);
 ML_API ml_device ml_storage_device(const ml_storage *s);
 ML_API bool ml_storage_is_borrowed(const ml_storage *s);       /* bytes belong to a file mapping */
+ML_API bool ml_storage_is_pinned(const ml_storage *s);         /* page-locked host memory (CUDA) */
 
 /* --- file mappings (read-only, whole file) ------------------------------------------------ */
 ML_API ml_status ml_mapping_open(const char *path, ml_mapping **out);
@@ -148,6 +149,10 @@ ML_API ml_status ml_tensor_as_strided(const ml_tensor *t, int ndim, const int64_
 ML_API ml_status ml_tensor_view_dtype(const ml_tensor *t, ml_dtype dt, ml_tensor **out);
 
 /* --- tensors: copies and conversion ------------------------------------------------------- */
+/* A copy of cpu tensor t in page-locked (pinned) host memory, which the GPU reads directly
+   (t itself, retained, when already pinned); fails when CUDA is not available. */
+ML_API ml_status ml_tensor_pin_memory(const ml_tensor *t, ml_tensor **out);
+ML_API bool ml_tensor_is_pinned(const ml_tensor *t);
 ML_API ml_status ml_tensor_contiguous(const ml_tensor *t, ml_tensor **out);  /* retains t when already contiguous */
 ML_API ml_status ml_tensor_clone(const ml_tensor *t, ml_tensor **out);
 ML_API ml_status ml_tensor_to(const ml_tensor *t, ml_device dev, ml_dtype dt, ml_tensor **out); /* retains t when nothing changes */

@@ -2,6 +2,8 @@
    contiguous, clone, to, fill_, and bulk reads/writes for the Lua side (tolist, printing). */
 #include "internal.h"
 
+#include <stdio.h>
+
 #include <stdlib.h>
 
 // --- cpu strided copy ----------------------------------------------------------------------
@@ -127,6 +129,38 @@ ml_status ml_tensor_clone(const ml_tensor *t, ml_tensor **out) {
   ml_status st = ml_tensor_copy_(c, t);
   if (st) { ml_tensor_release(c); return st; }
   *out = c;
+  return ML_OK;
+}
+
+bool ml_tensor_is_pinned(const ml_tensor *t) { return t && ml_storage_is_pinned(t->storage); }
+
+ml_status ml_tensor_pin_memory(const ml_tensor *t, ml_tensor **out) {
+  if (!t) return ml_fail(ML_EINVAL, "pin_memory: tensor is NULL");
+  if (t->storage->device.type != ML_DEVICE_CPU)
+    return ml_fail(ML_EINVAL, "pin_memory: only cpu tensors can be pinned, this one is on %s",
+                   ml_device_str(t->storage->device));
+  if (ml_tensor_is_pinned(t)) {
+    ml_tensor_retain((ml_tensor *)t);
+    *out = (ml_tensor *)t;
+    return ML_OK;
+  }
+  const ml_cuda_api *cu = ml_cuda();
+  if (!cu) {
+    char why[512];   /* the loader's message lives in the buffer ml_fail writes */
+    snprintf(why, sizeof why, "%s", ml_last_error());
+    return ml_fail(ML_EUNSUPPORTED, "pin_memory: %s", why);
+  }
+  ml_storage *s;
+  ML_TRY(ml_storage_new_pinned((size_t)ml_tensor_numel(t) * ml_dtype_size(t->dtype), &s));
+  int64_t strides[ML_MAX_DIMS];
+  ml_contiguous_strides(t->ndim, t->shape, strides);
+  ml_tensor *o;
+  ml_status st = ml_tensor_wrap(s, 0, t->dtype, t->ndim, t->shape, strides, &o);
+  ml_storage_release(s);
+  if (st) return st;
+  st = ml_tensor_copy_(o, t);
+  if (st) { ml_tensor_release(o); return st; }
+  *out = o;
   return ML_OK;
 }
 

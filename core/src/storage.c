@@ -116,3 +116,4 @@ void *ml_storage_data(const ml_storage *s) { return s ? s->data : NULL; }
 size_t ml_storage_nbytes(const ml_storage *s) { return s ? s->nbytes : 0; }
 ml_device ml_storage_device(const ml_storage *s) { return s ? s->device : ml_meta(); }
 bool ml_storage_is_borrowed(const ml_storage *s) { return s && s->mapping != NULL; }
+bool ml_storage_is_pinned(const ml_storage *s) { return s && s->backend == &backend_pinned; }

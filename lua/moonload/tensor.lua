@@ -303,8 +303,12 @@ end
 
 -- --- conversion -----------------------------------------------------------------------------
 
---- t:to(device_or_dtype[, dtype]); returns t itself when nothing changes.
-function methods.to(t, a, b)
+--- t:to(device_or_dtype[, dtype][, {non_blocking, copy}]); returns t itself when nothing changes
+-- (unless copy = true). Copies are complete on return, so non_blocking is accepted and changes
+-- nothing.
+function methods.to(t, a, b, opts)
+   if type(b) == "table" and not is_tensor(b) then b, opts = nil, b end
+   if type(a) == "table" and not is_tensor(a) then a, opts = nil, a end
    if is_tensor(a) then a, b = a.device, a.dtype end
    local dev, dt
    if type(a) == "string" and dtype_of_name[a] then
@@ -318,9 +322,24 @@ function methods.to(t, a, b)
    dt = dt or lib.ml_tensor_dtype(c)
    check(lib.ml_tensor_to(c, dev, dt, out1))
    local p = out1[0]
+   if p == c then
+      lib.ml_tensor_release(p)
+      if opts and opts.copy then return methods.clone(t) end
+      return t
+   end
+   return wrap(p)
+end
+
+--- t:pin_memory(): a copy in page-locked host memory (t itself when already pinned); needs CUDA.
+function methods.pin_memory(t)
+   local c = t._c
+   check(lib.ml_tensor_pin_memory(c, out1))
+   local p = out1[0]
    if p == c then lib.ml_tensor_release(p); return t end
    return wrap(p)
 end
+
+function methods.is_pinned(t) return lib.ml_tensor_is_pinned(t._c) end
 
 function methods.float(t) return methods.to(t, "float32") end
 function methods.half(t) return methods.to(t, "float16") end
