@@ -58,12 +58,13 @@ test-cuda: all
 	$(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 # The #cuda specs on the CPU emulator of CUDA (tests/cudasim): stream work is delayed at random
-# and every copy held back 2 ms, so work not ordered after a copy runs before it and fails.
+# and every copy held back 2 ms, so work not ordered after a copy runs before it and fails; two
+# devices, so cross-device copies and split models run too.
 test-cuda-sim: deps $(LIB) $(CDEF) $(SIM_DIR)/libmoonload_cuda.so $(SIM_DIR)/test/selftest
 	$(SIM_DIR)/test/selftest
 	MOONLOAD_CUDA_LIB=$(SIM_DIR)/libmoonload_cuda.so MOONLOAD_CUDASIM_JITTER_US=$${MOONLOAD_CUDASIM_JITTER_US:-200} \
 	  MOONLOAD_CUDASIM_COPY_DELAY_US=$${MOONLOAD_CUDASIM_COPY_DELAY_US:-2000} \
-	  MOONLOAD_CUDASIM_MEM_MB=$${MOONLOAD_CUDASIM_MEM_MB:-1024} $(BUSTED) $(BUSTED_ARGS) --tags=cuda
+	  MOONLOAD_CUDASIM_MEM_MB=$${MOONLOAD_CUDASIM_MEM_MB:-1024} MOONLOAD_CUDASIM_DEVICES=$${MOONLOAD_CUDASIM_DEVICES:-2} $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 # The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it.
 test-asan: deps

@@ -340,3 +340,30 @@ describe("rotary embedding on cuda #cuda", function()
       end
    end)
 end)
+
+describe("two GPUs #cuda", function()
+   it("copies results of queued kernels across devices, and runs a model split over cuda:0, cuda:1, cpu and disk", function()
+      if ml.cuda_device_count() < 2 then pending("needs two CUDA devices (make test-cuda-sim emulates two)") return end
+      ml.manual_seed(13)
+      local x = ml.randn(64, 64)
+      local a = x:to("cuda:0")
+      for _ = 1, 5 do a = (a * 1.5):tanh() end            -- kernels still queued on cuda:0 ...
+      local b = a:to("cuda:1")                              -- ... when the copy is issued
+      local want = x
+      for _ = 1, 5 do want = (want * 1.5):tanh() end
+      assert.are.equal("cuda:1", b.device)
+      assert_close(b, want, 1e-5, "cross-device copy")
+
+      local dir = "tests/fixtures/models/llama_tiny_untied"
+      local prompt = { 5, 17, 42, 3 }
+      local expected = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 6 })
+      local folder = os.tmpname()
+      os.remove(folder)
+      local model = ml.models.from_pretrained(dir, { offload_folder = folder, device_map = {
+         ["model.embed_tokens"] = 0, ["model.rotary_emb"] = 0, ["model.layers.0"] = "disk", ["model.layers.1"] = 1,
+         ["model.norm"] = 1, lm_head = "cpu" } })
+      assert.are.equal("cuda:1", model.model.layers[2].self_attn.q_proj.weight.device)
+      assert.are.same(expected, model:generate(prompt, { max_new_tokens = 6 }))
+      os.execute("rm -rf '" .. folder .. "'")
+   end)
+end)

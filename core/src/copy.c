@@ -115,6 +115,14 @@ ml_status ml_tensor_copy_(ml_tensor *dst, const ml_tensor *src) {
   size_t nbytes = (size_t)ml_tensor_numel(dst) * ml_dtype_size(dst->dtype);
   int kind = sd.type == ML_DEVICE_CPU ? 0 : dd.type == ML_DEVICE_CPU ? 1 : 2;
   int dev = kind == 1 ? sd.index : dd.index;
+  if (kind == 2) {
+    /* The copy runs on the destination's stream: order it after the kernels still queued on the
+       source device (they may be producing the source). */
+    void *ev;
+    st = cu->event_record(sd.index, false, &ev);
+    if (!st) { st = cu->event_wait(dd.index, false, ev); cu->event_free(ev); }
+    if (st) goto done;
+  }
   st = cu->memcpy(dev, ml_tensor_data(landing), ml_tensor_data(staged), nbytes, kind);
   if (!st && landing != dst) st = ml_tensor_copy_(dst, landing);
 done:
