@@ -189,8 +189,9 @@ ml_status ml_index_select(const ml_tensor *x, int dim, const ml_tensor *index, m
   for (int64_t i = 0; i < m; i++) {
     int64_t v = iv[i] < 0 ? iv[i] + size : iv[i];
     if (v < 0 || v >= size) {
+      int64_t given = iv[i];
       ml_aligned_free(iv);
-      return bad_index("index_select", iv[i], size, x);
+      return bad_index("index_select", given, size, x);
     }
     iv[i] = v;
   }
