@@ -60,19 +60,25 @@ test-cuda: all
 # The #cuda specs on the CPU emulator of CUDA (tests/cudasim): stream work is delayed at random
 # and every copy held back 2 ms, so work not ordered after a copy runs before it and fails; two
 # devices, so cross-device copies and split models run too.
+CUDASIM_ENV = MOONLOAD_CUDASIM_JITTER_US=$${MOONLOAD_CUDASIM_JITTER_US:-200} \
+  MOONLOAD_CUDASIM_COPY_DELAY_US=$${MOONLOAD_CUDASIM_COPY_DELAY_US:-2000} \
+  MOONLOAD_CUDASIM_MEM_MB=$${MOONLOAD_CUDASIM_MEM_MB:-1024} MOONLOAD_CUDASIM_DEVICES=$${MOONLOAD_CUDASIM_DEVICES:-2}
+
 test-cuda-sim: deps $(LIB) $(CDEF) $(SIM_DIR)/libmoonload_cuda.so $(SIM_DIR)/test/selftest
 	$(SIM_DIR)/test/selftest
-	MOONLOAD_CUDA_LIB=$(SIM_DIR)/libmoonload_cuda.so MOONLOAD_CUDASIM_JITTER_US=$${MOONLOAD_CUDASIM_JITTER_US:-200} \
-	  MOONLOAD_CUDASIM_COPY_DELAY_US=$${MOONLOAD_CUDASIM_COPY_DELAY_US:-2000} \
-	  MOONLOAD_CUDASIM_MEM_MB=$${MOONLOAD_CUDASIM_MEM_MB:-1024} MOONLOAD_CUDASIM_DEVICES=$${MOONLOAD_CUDASIM_DEVICES:-2} $(BUSTED) $(BUSTED_ARGS) --tags=cuda
+	$(CUDASIM_ENV) MOONLOAD_CUDA_LIB=$(SIM_DIR)/libmoonload_cuda.so $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
-# The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it.
+# The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it, then
+# the #cuda specs on the CUDA emulator (linked to that core), for the host side of the GPU paths.
+ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  MOONLOAD_LIB=build-asan/libmoonload.so
+
 test-asan: deps
 	$(MAKE) BUILD=build-asan CUDA=0 CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer" \
-	  LDFLAGS="-fsanitize=address,undefined" build-asan/libmoonload.so $(CDEF)
-	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
-	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  MOONLOAD_LIB=build-asan/libmoonload.so $(BUSTED) $(BUSTED_ARGS) --exclude-tags=cuda,slow,noasan
+	  LDFLAGS="-fsanitize=address,undefined" build-asan/libmoonload.so build-asan/cudasim/libmoonload_cuda.so $(CDEF)
+	$(ASAN_ENV) $(BUSTED) $(BUSTED_ARGS) --exclude-tags=cuda,slow,noasan
+	$(ASAN_ENV) $(CUDASIM_ENV) MOONLOAD_CUDA_LIB=build-asan/cudasim/libmoonload_cuda.so $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 bench: deps all
 	@sh bench/run.sh
