@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cublas_v2.h>
 #include <stdint.h>
+#include <climits>
 
 #include "cuda_api.h"
 
@@ -111,6 +112,36 @@ __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b)
 __device__ __forceinline__ float exp_of(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
 
+// --- out-of-range indices (embedding, gather, index_select) ---------------------------------
+
+// Records v as the first bad index (the flag starts at LLONG_MIN).
+__device__ __forceinline__ void flag_bad(long long *bad, long long v) {
+  atomicCAS((unsigned long long *)bad, (unsigned long long)LLONG_MIN, (unsigned long long)v);
+}
+
+// Scratch memory for one op on a device, from the caching allocator; freed with scratch_free.
+ml_status ml_cuda_scratch(int device, size_t nbytes, void **out);
+void ml_cuda_scratch_free(int device, void *p, size_t nbytes);
+
+// Runs `launch` with a device flag for a bad index; *bad is LLONG_MIN when every index was good.
+template <typename Launch>
+inline ml_status with_bad_flag(int dev, DeviceState *st, const char *fn, long long *bad, Launch launch) {
+  void *flag;
+  ML_TRY(ml_cuda_scratch(dev, sizeof(long long), &flag));
+  long long init = LLONG_MIN;
+  *bad = LLONG_MIN;
+  cudaError_t e = cudaMemcpyAsync(flag, &init, sizeof init, cudaMemcpyHostToDevice, st->compute);
+  if (e == cudaSuccess) {
+    launch((long long *)flag);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) e = cudaMemcpyAsync(bad, flag, sizeof *bad, cudaMemcpyDeviceToHost, st->compute);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st->compute);
+  ml_cuda_scratch_free(dev, flag, sizeof(long long));
+  if (e != cudaSuccess) return ml_fail(ML_EIO, "%s: CUDA error: %s", fn, cudaGetErrorString(e));
+  return ML_OK;
+}
+
 // Launch geometry for n independent elements.
 static inline unsigned ml_cuda_blocks(int64_t n, int threads) {
   int64_t b = (n + threads - 1) / threads;
@@ -143,6 +174,4 @@ ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *ind
                                int64_t *bad_index);
 ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out);
 ml_status ml_cuda_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor *out);
-// Scratch memory for one op on a device, from the caching allocator; freed with scratch_free.
-ml_status ml_cuda_scratch(int device, size_t nbytes, void **out);
-void ml_cuda_scratch_free(int device, void *p, size_t nbytes);
+

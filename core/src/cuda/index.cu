@@ -43,11 +43,6 @@ __global__ void triangle_kernel(TensorDesc x, TensorDesc o, int64_t n, int64_t r
 
 // --- gather / index_select -------------------------------------------------------------------
 
-// Records v as the first bad index (the flag starts at LLONG_MIN).
-__device__ __forceinline__ void flag_bad(long long *bad, long long v) {
-  atomicCAS((unsigned long long *)bad, (unsigned long long)LLONG_MIN, (unsigned long long)v);
-}
-
 // out[i] = x[..., index[i], ...] along d: index has out's shape; xw is x with stride 0 along d.
 __global__ void gather_kernel(TensorDesc xw, TensorDesc idx, TensorDesc o, int64_t n, int64_t size, int64_t dstride,
                               int es, long long *bad) {
@@ -78,25 +73,6 @@ __global__ void index_select_kernel(TensorDesc x, TensorDesc idx, TensorDesc o, 
     }
     if (off >= 0) copy_elem((char *)o.data + i * es, (const char *)x.data + off * es, es);
   }
-}
-
-// Runs `launch` with a device flag for a bad index; *bad is LLONG_MIN when every index was good.
-template <typename Launch>
-static ml_status with_bad_flag(int dev, DeviceState *st, const char *fn, long long *bad, Launch launch) {
-  void *flag;
-  ML_TRY(ml_cuda_scratch(dev, sizeof(long long), &flag));
-  long long init = LLONG_MIN;
-  *bad = LLONG_MIN;
-  cudaError_t e = cudaMemcpyAsync(flag, &init, sizeof init, cudaMemcpyHostToDevice, st->compute);
-  if (e == cudaSuccess) {
-    launch((long long *)flag);
-    e = cudaGetLastError();
-  }
-  if (e == cudaSuccess) e = cudaMemcpyAsync(bad, flag, sizeof *bad, cudaMemcpyDeviceToHost, st->compute);
-  if (e == cudaSuccess) e = cudaStreamSynchronize(st->compute);
-  ml_cuda_scratch_free(dev, flag, sizeof(long long));
-  if (e != cudaSuccess) return ml_fail(ML_EIO, "%s: CUDA error: %s", fn, cudaGetErrorString(e));
-  return ML_OK;
 }
 
 // --- cumsum --------------------------------------------------------------------------------

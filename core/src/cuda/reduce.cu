@@ -255,7 +255,7 @@ __global__ void embedding_kernel(TensorDesc ids, TensorDesc w, TensorDesc o, int
   for (int64_t p = blockIdx.x; p < count; p += gridDim.x) {
     long long id = load_as<long long>(ids.data, ids.dtype, desc_offset(ids, p));
     if (id < 0 || id >= rows) {
-      if (threadIdx.x == 0) atomicCAS((unsigned long long *)bad, (unsigned long long)LLONG_MIN, (unsigned long long)id);
+      if (threadIdx.x == 0) flag_bad(bad, id);
       continue;
     }
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
@@ -272,18 +272,10 @@ ml_status ml_cuda_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_te
   TensorDesc idd = ml_cuda_desc(ids), wd = ml_cuda_desc(weight), od = ml_cuda_desc(out);
   int64_t count = ml_cuda_numel(idd), d = wd.shape[1], rows = wd.shape[0];
   if (count == 0) return ML_OK;
-  void *flag;
-  ML_TRY(ml_cuda_scratch(dev, sizeof(long long), &flag));
-  long long init = LLONG_MIN, bad = LLONG_MIN;
-  cudaError_t e = cudaMemcpyAsync(flag, &init, sizeof init, cudaMemcpyHostToDevice, st->compute);
-  if (e == cudaSuccess) {
-    embedding_kernel<<<row_grid(count), 128, 0, st->compute>>>(idd, wd, od, count, d, rows, (long long *)flag);
-    e = cudaGetLastError();
-  }
-  if (e == cudaSuccess) e = cudaMemcpyAsync(&bad, flag, sizeof bad, cudaMemcpyDeviceToHost, st->compute);
-  if (e == cudaSuccess) e = cudaStreamSynchronize(st->compute);
-  ml_cuda_scratch_free(dev, flag, sizeof(long long));
-  if (e != cudaSuccess) return ml_fail(ML_EIO, "embedding: CUDA error: %s", cudaGetErrorString(e));
+  long long bad;
+  ML_TRY(with_bad_flag(dev, st, "embedding", &bad, [&](long long *flag) {
+    embedding_kernel<<<row_grid(count), 128, 0, st->compute>>>(idd, wd, od, count, d, rows, flag);
+  }));
   if (bad != LLONG_MIN)
     return ml_fail(ML_EINVAL, "embedding: index %lld is out of range for a table of %lld rows", bad, (long long)rows);
   return ML_OK;
