@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 4
+#define ML_CUDA_API_VERSION 5
 
 typedef struct ml_cuda_api {
   int version;
@@ -58,6 +58,9 @@ typedef struct ml_cuda_api {
   ml_status (*cumsum)(const ml_tensor *x, int dim, ml_tensor *out);
   /* cos and sin broadcast to x's shape (checked); out contiguous in the promoted dtype. */
   ml_status (*rotary_embedding)(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor *out);
+  /* uniform_ (low a, high b) or normal_ (mean a, std b) in place, element i from the counter
+     block of philox.h that the CPU would use: seed and first block reserved by the caller. */
+  ml_status (*random_fill)(ml_tensor *t, bool normal, double a, double b, uint64_t seed, uint64_t base);
 } ml_cuda_api;
 
 /* What libmoonload_cuda.so exports: fills err on failure and returns NULL. */

@@ -823,18 +823,6 @@ end
 host_fallback("equal", false)
 host_fallback("allclose", false)
 
--- In-place random fills of a cuda tensor draw on the host (the same stream of numbers as on the
--- cpu for a given seed) and copy in.
-for _, name in ipairs({ "uniform_", "normal_" }) do
-   local op = methods[name]
-   methods[name] = function(t, a, b)
-      if lib.ml_tensor_device(t._c).type ~= lib.ML_DEVICE_CUDA then return op(t, a, b) end
-      local host = Tensor.empty(properties.shape(t), { dtype = properties.dtype(t) })
-      op(host, a, b)
-      return methods.copy_(t, host)
-   end
-end
-
 -- --- functions over several tensors ----------------------------------------------------------
 
 local function as_tensor_like(x, like)

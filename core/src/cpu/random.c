@@ -1,41 +1,18 @@
 /* random.c: the library's random number generator and the ops that draw from it (uniform_,
-   normal_, multinomial).
- *
- * The generator is Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
- * SC'11), a counter-based generator: block c of a draw is philox(key = seed, counter = offset + c),
- * a pure function. Each fill reserves a range of counters (atomically, so concurrent fills never
- * overlap) and element i of the fill always uses the same counter and word, whichever thread
- * computes it. Results depend only on the seed and the sequence of draws, never on threads. */
+   normal_, multinomial). The numbers come from philox.h (shared with the CUDA fills). Each fill
+   reserves a range of counter blocks (atomically, so concurrent fills never overlap) and
+   element i of the fill always uses the same counter and word, whichever thread or device
+   computes it. Results depend only on the seed and the sequence of draws, never on threads. */
 #include "kernels.h"
+#include "philox.h"
 
 #include <stdlib.h>
-
-#define PHILOX_M0 0xD2511F53u
-#define PHILOX_M1 0xCD9E8D57u
-#define PHILOX_W0 0x9E3779B9u
-#define PHILOX_W1 0xBB67AE85u
 
 /* The initial seed when ml_manual_seed was never called (PyTorch's default_rng_seed_val). */
 #define ML_DEFAULT_SEED 67280421310721ull
 
 static _Atomic uint64_t rng_seed = ML_DEFAULT_SEED;
 static _Atomic uint64_t rng_offset = 0;      /* next unused 128-bit counter block */
-
-typedef struct { uint32_t v[4]; } philox_block;
-
-static philox_block philox(uint64_t key, uint64_t counter) {
-  uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-  for (int r = 0; r < 10; r++) {
-    uint64_t p0 = (uint64_t)PHILOX_M0 * c0, p1 = (uint64_t)PHILOX_M1 * c2;
-    uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n1 = (uint32_t)p1;
-    uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1, n3 = (uint32_t)p0;
-    c0 = n0; c1 = n1; c2 = n2; c3 = n3;
-    k0 += PHILOX_W0; k1 += PHILOX_W1;
-  }
-  philox_block b = {{c0, c1, c2, c3}};
-  return b;
-}
 
 void ml_manual_seed(uint64_t seed) {
   atomic_store(&rng_seed, seed);
@@ -48,46 +25,28 @@ static uint64_t rng_reserve(uint64_t nblocks, uint64_t *seed) {
   return atomic_fetch_add(&rng_offset, nblocks);
 }
 
-/* Uniform in [0, 1) with 24 random bits (float32 precision) / 53 bits from two words. */
-static inline double u24(uint32_t w) { return (double)(w >> 8) * (1.0 / 16777216.0); }
-static inline double u53(uint32_t hi, uint32_t lo) {
-  return (double)(((uint64_t)hi << 21) ^ (lo >> 11)) * (1.0 / 9007199254740992.0);
-}
-
 // --- fills -------------------------------------------------------------------------------------
 
-typedef enum { FILL_UNIFORM, FILL_NORMAL } fill_kind;
-
 typedef struct {
-  fill_kind kind;
+  ml_fill_kind kind;
   double a, b;            /* low/high or mean/std */
   uint64_t seed, base;    /* key and first counter block */
-  bool wide;              /* float64: 2 words per uniform */
+  bool wide;              /* float64 uniforms: 2 words per draw */
   bool contiguous;
   ml_tensor *t;
   int64_t strides[ML_MAX_DIMS];
 } fill_job;
 
-/* Values of elements [first, first + n) of the fill. Uniform: a block of 4 words gives 4 float
-   draws (24 bits each) or 2 double draws (53 bits each). Normal: a block gives one Box-Muller
-   pair (u1 from 53 bits, u2 from 53 bits) -> 2 normals. */
+/* Values of elements [first, first + n) of the fill (philox.h says which words each one uses). */
 static void fill_values(const fill_job *j, int64_t first, int64_t n, double *out) {
-  int64_t per = j->kind == FILL_NORMAL || j->wide ? 2 : 4;
+  int64_t per = ml_fill_per_block(j->kind, j->wide);
   uint64_t cached = UINT64_MAX;
-  philox_block b = {{0, 0, 0, 0}};
+  ml_philox_block b = {{0, 0, 0, 0}};
   for (int64_t k = 0; k < n; k++) {
     int64_t i = first + k;
     uint64_t ctr = j->base + (uint64_t)(i / per);
-    if (ctr != cached) { b = philox(j->seed, ctr); cached = ctr; }
-    if (j->kind == FILL_UNIFORM) {
-      double u = j->wide ? u53(b.v[(i % 2) * 2], b.v[(i % 2) * 2 + 1]) : u24(b.v[i % 4]);
-      out[k] = j->a + (j->b - j->a) * u;
-    } else {
-      double u1 = 1.0 - u53(b.v[0], b.v[1]);          /* (0, 1]: the log stays finite */
-      double u2 = u53(b.v[2], b.v[3]);
-      double r = sqrt(-2.0 * log(u1)), th = 2.0 * M_PI * u2;
-      out[k] = j->a + j->b * ((i % 2) ? r * sin(th) : r * cos(th));
-    }
+    if (ctr != cached) { b = ml_philox(j->seed, ctr); cached = ctr; }
+    out[k] = ml_fill_value(&b, j->kind, j->a, j->b, j->wide, i);
   }
 }
 
@@ -109,29 +68,32 @@ static void fill_range(void *ctx, int64_t begin, int64_t end) {
   }
 }
 
-static ml_status fill(const char *fn, ml_tensor *t, fill_kind kind, double a, double b) {
+static ml_status fill(const char *fn, ml_tensor *t, ml_fill_kind kind, double a, double b) {
   if (!t) return ml_fail(ML_EINVAL, "%s: tensor is NULL", fn);
   if (t->storage->device.type == ML_DEVICE_META) return ML_OK;      /* no bytes to fill */
   if (!ml_dtype_is_floating(t->dtype))
     return ml_fail(ML_EINVAL, "%s: expected a floating point tensor, got %s", fn, ml_dtype_name(t->dtype));
-  if (kind == FILL_UNIFORM && !(a <= b))
+  if (kind == ML_FILL_UNIFORM && !(a <= b))
     return ml_fail(ML_EINVAL, "%s: expected low <= high, got low %g and high %g", fn, a, b);
-  if (kind == FILL_NORMAL && !(b >= 0)) return ml_fail(ML_EINVAL, "%s: expected std >= 0, got %g", fn, b);
+  if (kind == ML_FILL_NORMAL && !(b >= 0)) return ml_fail(ML_EINVAL, "%s: expected std >= 0, got %g", fn, b);
   const ml_tensor *ct = t;
-  ML_TRY(ml_cpu_gate(fn, 1, &ct));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device(fn, 1, &ct, &cu));
+  if (cu && !cu->random_fill) return ml_no_cuda_kernel(fn, t);
   int64_t n = ml_tensor_numel(t);
-  fill_job j = {kind, a, b, 0, 0, t->dtype == ML_FLOAT64 && kind == FILL_UNIFORM, false, t, {0}};
+  fill_job j = {kind, a, b, 0, 0, t->dtype == ML_FLOAT64 && kind == ML_FILL_UNIFORM, false, t, {0}};
   memcpy(j.strides, t->strides, sizeof j.strides);
   j.contiguous = ml_tensor_is_contiguous(t);
-  uint64_t per_block = j.wide || kind == FILL_NORMAL ? 2 : 4;
+  uint64_t per_block = (uint64_t)ml_fill_per_block(kind, j.wide);
   j.base = rng_reserve(((uint64_t)n + per_block - 1) / per_block, &j.seed);
+  if (cu) return cu->random_fill(t, kind == ML_FILL_NORMAL, a, b, j.seed, j.base);
   ml_parallel_for(n, 16, fill_range, &j);
   return ML_OK;
 }
 
-ml_status ml_uniform_(ml_tensor *t, double low, double high) { return fill("uniform_", t, FILL_UNIFORM, low, high); }
+ml_status ml_uniform_(ml_tensor *t, double low, double high) { return fill("uniform_", t, ML_FILL_UNIFORM, low, high); }
 
-ml_status ml_normal_(ml_tensor *t, double mean, double std) { return fill("normal_", t, FILL_NORMAL, mean, std); }
+ml_status ml_normal_(ml_tensor *t, double mean, double std) { return fill("normal_", t, ML_FILL_NORMAL, mean, std); }
 
 // --- multinomial --------------------------------------------------------------------------------
 
@@ -175,11 +137,11 @@ ml_status ml_multinomial(const ml_tensor *probs, ml_tensor **out) {
   int64_t *od = ml_tensor_data(o);
   uint64_t seed, base = rng_reserve((uint64_t)(rows + 1) / 2, &seed);
   for (int64_t r = 0; r < rows; r++) {
-    philox_block b = philox(seed, base + (uint64_t)(r / 2));
+    ml_philox_block b = ml_philox(seed, base + (uint64_t)(r / 2));
     int wi = (int)(r % 2) * 2;
     double total = 0;
     for (int64_t i = 0; i < n; i++) total += w[r * n + i];
-    double u = u53(b.v[wi], b.v[wi + 1]) * total, acc = 0;
+    double u = ml_u53(b.v[wi], b.v[wi + 1]) * total, acc = 0;
     int64_t pick = -1;
     for (int64_t i = 0; i < n; i++) {
       double v = w[r * n + i];

@@ -289,5 +289,6 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.index_select = ml_cuda_index_select;
   g_api.cumsum = ml_cuda_cumsum;
   g_api.rotary_embedding = ml_cuda_rotary_embedding;
+  g_api.random_fill = ml_cuda_random_fill;
   return &g_api;
 }

@@ -174,4 +174,5 @@ ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *ind
                                int64_t *bad_index);
 ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out);
 ml_status ml_cuda_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor *out);
+ml_status ml_cuda_random_fill(ml_tensor *t, bool normal, double a, double b, uint64_t seed, uint64_t base);
 

@@ -2,7 +2,7 @@
 # libmoonload.so runs on machines without a driver. One object per .cu for incremental builds.
 CUDA_SRC  = $(wildcard core/src/cuda/*.cu)
 CUDA_OBJ  = $(patsubst core/src/cuda/%.cu,$(BUILD)/cuda/%.o,$(CUDA_SRC))
-CUDA_DEPS = core/include/moonload.h core/src/cuda_api.h core/src/cuda/common.cuh
+CUDA_DEPS = core/include/moonload.h core/src/cuda_api.h core/src/cuda/common.cuh core/src/philox.h
 NVCC_FLAGS = -O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden -Icore/include -Icore/src \
              -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
              -gencode arch=compute_90,code=compute_90
