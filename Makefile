@@ -33,7 +33,7 @@ include tests/cudasim/cudasim.mk
 
 all: $(LIB) $(CDEF) $(if $(and $(filter 1,$(CUDA)),$(CUDA_SRC)),$(BUILD)/libmoonload_cuda.so)
 
-$(BUILD)/obj/%.o: core/src/%.c core/include/moonload.h core/src/internal.h core/src/philox.h $(wildcard core/src/cpu/*.h)
+$(BUILD)/obj/%.o: core/src/%.c core/include/moonload.h core/src/internal.h core/src/cuda_api.h core/src/philox.h $(wildcard core/src/cpu/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(ML_CFLAGS) -c $< -o $@
 

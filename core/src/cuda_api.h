@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 5
+#define ML_CUDA_API_VERSION 6
 
 typedef struct ml_cuda_api {
   int version;
@@ -61,6 +61,8 @@ typedef struct ml_cuda_api {
   /* uniform_ (low a, high b) or normal_ (mean a, std b) in place, element i from the counter
      block of philox.h that the CPU would use: seed and first block reserved by the caller. */
   ml_status (*random_fill)(ml_tensor *t, bool normal, double a, double b, uint64_t seed, uint64_t base);
+  /* k of dim's elements per line in the CPU's order; values and indices allocated (shape with k). */
+  ml_status (*topk)(const ml_tensor *x, int dim, int64_t k, bool largest, ml_tensor *values, ml_tensor *indices);
 } ml_cuda_api;
 
 /* What libmoonload_cuda.so exports: fills err on failure and returns NULL. */

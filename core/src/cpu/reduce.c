@@ -460,7 +460,8 @@ static void topk_lines(void *ctx, int64_t begin, int64_t end) {
 }
 
 ml_status ml_topk(const ml_tensor *x, int64_t k, int dim, bool largest, ml_tensor **values, ml_tensor **indices) {
-  ML_TRY(ml_cpu_gate("topk", 1, &x));
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_device("topk", 1, &x, &cu));
   int d = 0;
   ML_TRY(ml_norm_dim("topk", dim, x->ndim, &d));
   int64_t n = x->ndim ? x->shape[d] : 1;
@@ -473,9 +474,16 @@ ml_status ml_topk(const ml_tensor *x, int64_t k, int dim, bool largest, ml_tenso
   memcpy(oshape, x->shape, sizeof oshape);
   if (x->ndim) oshape[d] = k;
   ml_tensor *v, *ix;
-  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, oshape, ml_cpu(), &v));
-  ml_status st = ml_tensor_empty(ML_INT64, x->ndim, oshape, ml_cpu(), &ix);
+  ML_TRY(ml_tensor_empty(x->dtype, x->ndim, oshape, x->storage->device, &v));
+  ml_status st = ml_tensor_empty(ML_INT64, x->ndim, oshape, x->storage->device, &ix);
   if (st) { ml_tensor_release(v); return st; }
+  if (cu) {
+    st = cu->topk(x, d, k, largest, v, ix);
+    if (st) { ml_tensor_release(v); ml_tensor_release(ix); return st; }
+    *values = v;
+    *indices = ix;
+    return ML_OK;
+  }
   int64_t lines = n > 0 ? ml_tensor_numel(x) / n : 0;
   topk_job j = {x, d, k, largest, v, ix, false};
   if (k > 0) ml_parallel_for(lines, n * 8, topk_lines, &j);

@@ -290,5 +290,6 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.cumsum = ml_cuda_cumsum;
   g_api.rotary_embedding = ml_cuda_rotary_embedding;
   g_api.random_fill = ml_cuda_random_fill;
+  g_api.topk = ml_cuda_topk;
   return &g_api;
 }

@@ -106,6 +106,16 @@ __device__ __forceinline__ void store_as(void *p, int dtype, int64_t i, T v) {
   }
 }
 
+// Copies one element of es bytes (same dtype on both sides).
+__device__ __forceinline__ void copy_elem(char *dst, const char *src, int es) {
+  switch (es) {
+  case 1: *dst = *src; break;
+  case 2: *(short *)dst = *(const short *)src; break;
+  case 4: *(int *)dst = *(const int *)src; break;
+  default: *(long long *)dst = *(const long long *)src; break;
+  }
+}
+
 // Overloads for kernels templated on their compute type (float, or double for float64).
 __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
@@ -174,5 +184,6 @@ ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *ind
                                int64_t *bad_index);
 ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out);
 ml_status ml_cuda_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor *out);
+ml_status ml_cuda_topk(const ml_tensor *x, int dim, int64_t k, bool largest, ml_tensor *values, ml_tensor *indices);
 ml_status ml_cuda_random_fill(ml_tensor *t, bool normal, double a, double b, uint64_t seed, uint64_t base);
 

@@ -8,16 +8,6 @@
 
 static const int kThreads = 256;
 
-// Copies one element of es bytes (same dtype on both sides).
-__device__ __forceinline__ void copy_elem(char *dst, const char *src, int es) {
-  switch (es) {
-  case 1: *dst = *src; break;
-  case 2: *(short *)dst = *(const short *)src; break;
-  case 4: *(int *)dst = *(const int *)src; break;
-  default: *(long long *)dst = *(const long long *)src; break;
-  }
-}
-
 __device__ __forceinline__ void zero_elem(char *dst, int es) {
   switch (es) {
   case 1: *dst = 0; break;

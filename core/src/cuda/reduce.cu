@@ -280,3 +280,84 @@ ml_status ml_cuda_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_te
     return ml_fail(ML_EINVAL, "embedding: index %lld is out of range for a table of %lld rows", bad, (long long)rows);
   return ML_OK;
 }
+
+// --- topk ----------------------------------------------------------------------------------
+
+// The CPU's order (cpu/reduce.c): largest first with NaN ranked above everything, or smallest
+// first with NaN last; equal keys by index. A strict total order, so both devices pick the same.
+template <typename K>
+__device__ __forceinline__ bool ranks_before(K a, long long ia, K b, long long ib, bool largest) {
+  bool na = a != a, nb = b != b;
+  if (na != nb) return largest ? na : nb;
+  if (!na && a != b) return largest ? a > b : a < b;
+  return ia < ib;
+}
+
+// One block per line; pass r picks the element ranking first among those ranking after pick
+// r - 1 (O(k n / threads) per line: meant for top-k sampling). Keys in K: double for floating
+// dtypes (exact for all of them), long long for integers. Values are copied as bytes.
+template <typename K>
+__global__ void topk_kernel(TensorDesc lines, TensorDesc x, int64_t xs, TensorDesc vlines, int64_t vs,
+                            TensorDesc ilines, int64_t is, int64_t nlines, int64_t n, int64_t k, bool largest, int es) {
+  __shared__ K sk[kBlock];
+  __shared__ long long si[kBlock];
+  __shared__ K last_k;
+  __shared__ long long last_i;
+  int tid = threadIdx.x;
+  for (int64_t line = blockIdx.x; line < nlines; line += gridDim.x) {
+    int64_t xb = desc_offset(lines, line), vb = desc_offset(vlines, line), ib = desc_offset(ilines, line);
+    for (int64_t r = 0; r < k; r++) {
+      K best = 0;
+      long long bi = -1;
+      for (int64_t j = tid; j < n; j += blockDim.x) {
+        K v = load_as<K>(x.data, x.dtype, xb + j * xs);
+        if (r > 0 && !ranks_before<K>(last_k, last_i, v, j, largest)) continue;   // picked already
+        if (bi < 0 || ranks_before<K>(v, j, best, bi, largest)) { best = v; bi = j; }
+      }
+      sk[tid] = best;
+      si[tid] = bi;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (tid < s && si[tid + s] >= 0 &&
+            (si[tid] < 0 || ranks_before<K>(sk[tid + s], si[tid + s], sk[tid], si[tid], largest))) {
+          sk[tid] = sk[tid + s];
+          si[tid] = si[tid + s];
+        }
+        __syncthreads();
+      }
+      if (tid == 0) {
+        copy_elem((char *)vlines.data + (vb + r * vs) * es, (const char *)x.data + (xb + si[0] * xs) * es, es);
+        ((long long *)ilines.data)[ib + r * is] = si[0];
+        last_k = sk[0];
+        last_i = si[0];
+      }
+      __syncthreads();
+    }
+  }
+}
+
+ml_status ml_cuda_topk(const ml_tensor *x, int dim, int64_t k, bool largest, ml_tensor *values, ml_tensor *indices) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(x), &st));
+  TensorDesc xd = ml_cuda_desc(x), vd = ml_cuda_desc(values), id = ml_cuda_desc(indices);
+  if (xd.ndim == 0) {   // a 0-d tensor is one line of one element
+    xd.ndim = vd.ndim = id.ndim = 1;
+    xd.shape[0] = 1; xd.strides[0] = 1;
+    vd.shape[0] = id.shape[0] = k; vd.strides[0] = id.strides[0] = 1;
+  }
+  int64_t n = xd.shape[dim], total = ml_cuda_numel(xd);
+  if (k == 0 || n == 0 || total == 0) return ML_OK;
+  int64_t nlines = total / n, xs = xd.strides[dim], vs = vd.strides[dim], is = id.strides[dim];
+  // Line starts: each tensor with dim taken out (size 1), walked over the other dims.
+  TensorDesc lines = xd, vlines = vd, ilines = id;
+  lines.shape[dim] = vlines.shape[dim] = ilines.shape[dim] = 1;
+  int es = (int)ml_dtype_size((ml_dtype)xd.dtype);
+  if (ml_dtype_is_floating((ml_dtype)xd.dtype))
+    topk_kernel<double><<<row_grid(nlines), kBlock, 0, st->compute>>>(lines, xd, xs, vlines, vs, ilines, is, nlines, n, k,
+                                                                      largest, es);
+  else
+    topk_kernel<long long><<<row_grid(nlines), kBlock, 0, st->compute>>>(lines, xd, xs, vlines, vs, ilines, is, nlines,
+                                                                         n, k, largest, es);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
