@@ -52,6 +52,15 @@ describe("cuda backend #cuda", function()
          "pin_memory: only cpu tensors can be pinned, this one is on cuda:0")
    end)
 
+   it("names the device and the sizes when its memory runs out", function()
+      local ok, err = pcall(function() return ml.empty({ 2 ^ 40 }, { device = DEV }) end)   -- 4 TiB
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("cuda:0: out of memory allocating 4398046511104 bytes (", 1, true), tostring(err))
+      assert.truthy(tostring(err):find("bytes free)", 1, true))
+      local x = ml.ones(3, { device = DEV })                          -- the device still works
+      assert.are.same({ 1, 1, 1 }, x:cpu():tolist())
+   end)
+
    it("round-trips every dtype through the device", function()
       ml.manual_seed(1)
       for _, dt in ipairs({ "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool" }) do

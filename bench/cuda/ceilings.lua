@@ -1,7 +1,7 @@
 --- This GPU's ceilings, measured through moonload (run on a machine with a GPU; see
 -- tests/cuda/device_check.sh): cuBLAS bf16 GEMM 8192^3 in TFLOP/s, a device-to-device copy,
--- and host-to-device copies, pageable (t:to("cuda:0")) and through the weight uploader's pinned
--- double-buffered staging. One JSON line per figure. BENCH_SHAPE=tiny shrinks every size (a dry
+-- and host-to-device copies: pageable (t:to("cuda:0")), pinned (t:pin_memory():to("cuda:0")) and
+-- through the weight uploader's pinned double-buffered staging. One JSON line per figure. BENCH_SHAPE=tiny shrinks every size (a dry
 -- run on the CUDA emulator: the figures then mean nothing).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
@@ -45,6 +45,13 @@ local host = ml.rand({ tiny and 4 * 1024 * 1024 or 256 * 1024 * 1024 })   -- 1 G
 local bytes = host:nbytes()
 t = timed(3, function() local d = host:to(DEV) end)
 B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_pageable", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })
+
+-- from page-locked memory (t:pin_memory()): the DMA reads it directly, the link's ceiling
+local pinned = host:pin_memory()
+t = timed(3, function() local d = pinned:to(DEV) end)
+B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_pinned", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })
+pinned = nil
+collectgarbage()
 
 local up = ffi.new("ml_uploader*[1]")
 C.check(lib.ml_uploader_new(up))
