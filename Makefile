@@ -69,16 +69,20 @@ test-cuda-sim: deps $(LIB) $(CDEF) $(SIM_DIR)/libmoonload_cuda.so $(SIM_DIR)/tes
 	$(CUDASIM_ENV) MOONLOAD_CUDA_LIB=$(SIM_DIR)/libmoonload_cuda.so $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 # The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it, then
-# the #cuda specs on the CUDA emulator (linked to that core), for the host side of the GPU paths.
+# the #cuda specs on the CUDA emulator built the same way (the emulated kernels instrumented too)
+# with exact-size device allocations (MOONLOAD_CUDA_NO_CACHING), so any out-of-bounds access by
+# a kernel or by the host side of the GPU paths is reported at its source line.
 ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
   ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   MOONLOAD_LIB=build-asan/libmoonload.so
 
 test-asan: deps
 	$(MAKE) BUILD=build-asan CUDA=0 CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer" \
-	  LDFLAGS="-fsanitize=address,undefined" build-asan/libmoonload.so build-asan/cudasim/libmoonload_cuda.so $(CDEF)
+	  LDFLAGS="-fsanitize=address,undefined" SIM_SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer" \
+	  build-asan/libmoonload.so build-asan/cudasim/libmoonload_cuda.so $(CDEF)
 	$(ASAN_ENV) $(BUSTED) $(BUSTED_ARGS) --exclude-tags=cuda,slow,noasan
-	$(ASAN_ENV) $(CUDASIM_ENV) MOONLOAD_CUDA_LIB=build-asan/cudasim/libmoonload_cuda.so $(BUSTED) $(BUSTED_ARGS) --tags=cuda
+	$(ASAN_ENV) $(CUDASIM_ENV) MOONLOAD_CUDA_NO_CACHING=1 MOONLOAD_CUDA_LIB=build-asan/cudasim/libmoonload_cuda.so \
+	  $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 bench: deps all
 	@sh bench/run.sh

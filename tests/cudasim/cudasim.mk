@@ -5,7 +5,9 @@
 # on machines without a GPU. It says nothing about speed, and is no substitute for a GPU run.
 SIM_DIR      = $(BUILD)/cudasim
 SIM_CXX     ?= g++
-SIM_CXXFLAGS = -std=c++17 -O2 -g -fPIC -fvisibility=hidden -mf16c -Wall -Wno-unused-parameter \
+# SIM_SANITIZE: flags that instrument the emulated kernels too (make test-asan sets ASan/UBSan).
+SIM_SANITIZE ?=
+SIM_CXXFLAGS = $(SIM_SANITIZE) -std=c++17 -O2 -g -fPIC -fvisibility=hidden -mf16c -Wall -Wno-unused-parameter \
                -Wno-unused-variable -Wno-sign-compare -Itests/cudasim/include -Itests/cudasim -Icore/include -Icore/src -Icore/src/cuda
 SIM_HDRS     = $(wildcard tests/cudasim/*.h tests/cudasim/include/*.h) core/include/moonload.h core/src/cuda_api.h \
                core/src/cuda/common.cuh core/src/philox.h
@@ -24,7 +26,7 @@ $(SIM_DIR)/%.o: tests/cudasim/%.cc $(SIM_HDRS)
 	$(SIM_CXX) $(SIM_CXXFLAGS) -c $< -o $@
 
 $(SIM_DIR)/libmoonload_cuda.so: $(SIM_CU_OBJ) $(SIM_OWN_OBJ) | $(LIB)
-	$(SIM_CXX) -shared -o $@ $^ -L$(BUILD) -lmoonload -lpthread -Wl,--no-undefined -Wl,-rpath,'$$ORIGIN/..'
+	$(SIM_CXX) $(SIM_SANITIZE) -shared -o $@ $^ -L$(BUILD) -lmoonload -lpthread -Wl,--no-undefined -Wl,-rpath,'$$ORIGIN/..'
 
 # The emulator's own checks (tests/cudasim/selftest.cu), TAP output.
 $(SIM_DIR)/test/selftest.cc: tests/cudasim/selftest.cu tests/cudasim/launch.pl

@@ -73,9 +73,35 @@ static void release_cached(int device) {
   pool.cached_bytes = 0;
 }
 
+static ml_status out_of_memory(int device, size_t size, cudaError_t e) {
+  cudaGetLastError();
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  return ml_fail(ML_ENOMEM, "cuda:%d: out of memory allocating %zu bytes (%zu of %zu bytes free): %s", device, size,
+                 free_b, total_b, cudaGetErrorString(e));
+}
+
+// MOONLOAD_CUDA_NO_CACHING=1: exact sizes, freed at once (as PyTorch's
+// PYTORCH_NO_CUDA_MEMORY_CACHING), so memory checkers see every overrun; slow.
+static bool no_caching(void) {
+  static int v = -1;
+  if (v < 0) {
+    const char *e = getenv("MOONLOAD_CUDA_NO_CACHING");
+    v = e && e[0] == '1';
+  }
+  return v == 1;
+}
+
 static ml_status pool_alloc(int device, size_t nbytes, void **out) {
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(device, &st));
+  if (no_caching()) {
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, nbytes ? nbytes : 1);
+    if (e != cudaSuccess) return out_of_memory(device, nbytes, e);
+    *out = p;
+    return ML_OK;
+  }
   size_t size = round_size(nbytes);
   DevicePool &pool = g_pools[device];
   {
@@ -100,19 +126,18 @@ static ml_status pool_alloc(int device, size_t nbytes, void **out) {
     }
     e = cudaMalloc(&p, size);
   }
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    return ml_fail(ML_ENOMEM, "cuda:%d: out of memory allocating %zu bytes (%zu of %zu bytes free): %s", device,
-                   size, free_b, total_b, cudaGetErrorString(e));
-  }
+  if (e != cudaSuccess) return out_of_memory(device, size, e);
   *out = p;
   return ML_OK;
 }
 
 static void pool_free(int device, void *p, size_t nbytes) {
   if (!p || device < 0 || device >= ML_CUDA_MAX_DEVICES) return;
+  if (no_caching()) {
+    cudaSetDevice(device);
+    cudaFree(p);   // waits for the queued work that may still use p
+    return;
+  }
   // Kernels reading p may still be queued on the compute stream; reuse is ordered on that same
   // stream, so caching the block without a sync is safe.
   DevicePool &pool = g_pools[device];

@@ -126,6 +126,8 @@ ml_status ml_cuda_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const i
   }
   int64_t nout = ml_cuda_numel(kept), r = ml_cuda_numel(red);
   if (nout == 0) return ML_OK;
+  // Over nothing: the identity (sum 0, prod 1, mean NaN as 0/0); max/min/arg were refused before.
+  if (r == 0) return ml_cuda_fill(out, op == ML_REDUCE_PROD ? 1.0 : op == ML_REDUCE_MEAN ? NAN : 0.0);
   unsigned grid = (unsigned)(nout < 65535 * 16 ? nout : 65535 * 16);
   reduce_kernel<<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
   LAUNCH_CHECK();
