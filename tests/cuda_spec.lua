@@ -413,3 +413,48 @@ describe("two GPUs #cuda", function()
       os.execute("rm -rf '" .. folder .. "'")
    end)
 end)
+
+describe("weight uploads to cuda #cuda", function()
+   local C = require("moonload.C")
+   local ffi, lib = C.ffi, C.lib
+
+   it("streams pageable sources through staging and pinned ones directly, both complete at wait", function()
+      local out = ffi.new("ml_uploader*[1]")
+      C.check(lib.ml_uploader_new(out))
+      local u = ffi.gc(out[0], lib.ml_uploader_release)
+      ml.manual_seed(15)
+      local want, dsts, tickets = {}, {}, {}
+      for i = 1, 4 do
+         local src = ml.randn(i * 5000 + 3)                     -- odd sizes, over several chunks
+         want[i] = src
+         if i % 2 == 0 then src = src:pin_memory() end
+         dsts[i] = ml.empty(src.shape, { device = DEV })
+         local ticket = ffi.new("int[1]")
+         C.check(lib.ml_uploader_submit(u, dsts[i]._c, src._c, ticket))
+         tickets[i] = ticket[0]
+         src = nil                                              -- the uploader holds what it needs
+         collectgarbage()
+      end
+      for i = 4, 1, -1 do
+         C.check(lib.ml_uploader_wait(u, tickets[i]))
+         assert.is_true(dsts[i]:cpu():equal(want[i]), "upload " .. i)
+      end
+   end)
+
+   it("a model whose CPU weights are pinned streams them to cuda:0 and gives the CPU's logits", function()
+      local dir = "tests/fixtures/models/llama_tiny_untied"
+      local ids = ml.tensor({ { 5, 17, 42, 3, 8, 1 } }, { dtype = "int64" })
+      local want = ml.models.from_pretrained(dir)(ids)
+      local model = ml.models.from_pretrained(dir)
+      for name, p in model:named_parameters() do
+         ml.utils.set_module_tensor_to_device(model, name, "cpu", { value = p:pin_memory() })
+      end
+      assert.is_true(model.model.layers[1].mlp.up_proj.weight:is_pinned())
+      ml.cpu_offload(model, { execution_device = DEV })
+      local before = hooks.runtime_stats().bytes_streamed
+      model(ids)
+      local got = model(ids)
+      assert_close(got, want, 1e-4, "pinned weights")
+      assert.is_true(hooks.runtime_stats().bytes_streamed > before)
+   end)
+end)

@@ -2,6 +2,8 @@
 -- GPU layer by layer (cpu_offload with execution_device cuda:0): time per forward of 1x512
 -- tokens against the floor bytes / measured host-to-device bandwidth, and next to accelerate's
 -- cpu_offload on the same machine (bench/cuda/llama_stream_peer.py, same shapes, same run).
+-- Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
+-- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly.
 -- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3), BENCH_SHAPE=tiny (a
 -- dry run on the CUDA emulator: a toy Llama, figures meaningless).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
@@ -30,52 +32,73 @@ if shape == "tiny" then
    cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2
 end
 
--- Skeleton on meta, then random bf16 weights in CPU RAM (never zeros).
-ml.manual_seed(0)
-local t_build = B.now()
-local model = ml.init_empty_weights(function() return ml.models.llama.LlamaForCausalLM(cfg) end)
-local weight_bytes = 0
-for name, p in model:named_parameters() do
-   local w = ml.rand(p.shape, { dtype = "bfloat16" }) * 0.02 - 0.01
-   utils.set_module_tensor_to_device(model, name, "cpu", { value = w, dtype = "bfloat16" })
-   weight_bytes = weight_bytes + w:nbytes()
-end
-t_build = B.now() - t_build
-
-ml.cpu_offload(model, { execution_device = "cuda:0" })
 local ids = {}
 for i = 1, 512 do ids[i] = (i * 7919) % cfg.vocab_size end
 local input = ml.tensor({ ids }, { dtype = "int64" })
-local function forward()
-   local logits = model(input, { logits_to_keep = 1 })
-   C.check(C.lib.ml_cuda_synchronize(0))
-   return logits
-end
-
--- Host-to-device bandwidth through the same staging path, for the floor.
-local probe = ml.rand({ shape == "tiny" and 1024 * 1024 or 256 * 1024 * 1024 }, { dtype = "bfloat16" })
 local ffi, lib = C.ffi, C.lib
-local up = ffi.new("ml_uploader*[1]")
-C.check(lib.ml_uploader_new(up))
-local uploader = ffi.gc(up[0], lib.ml_uploader_release)
-local dst = ml.empty(probe.shape, { dtype = "bfloat16", device = "cuda:0" })
-local ticket = ffi.new("int[1]")
-local t_h2d = B.best(3, function()
-   C.check(lib.ml_uploader_submit(uploader, dst._c, probe._c, ticket))
-   C.check(lib.ml_uploader_wait(uploader, ticket[0]))
-   C.check(lib.ml_cuda_synchronize(0))
-end)
-local h2d = probe:nbytes() / t_h2d
-probe, dst = nil, nil
 
-local results = {}
-for _, prefetch in ipairs({ true, false }) do
-   hooks.set_prefetch(prefetch)
-   forward()                                  -- learns the order
-   results[prefetch] = B.best(repeats, forward)
+-- Skeleton on meta, then random bf16 weights in CPU RAM (never zeros), page-locked when pinned;
+-- cpu_offload executes on cuda:0, streaming every weight in for each forward.
+local function build(pinned)
+   ml.manual_seed(0)
+   local model = ml.init_empty_weights(function() return ml.models.llama.LlamaForCausalLM(cfg) end)
+   local bytes = 0
+   for name, p in model:named_parameters() do
+      local w = ml.rand(p.shape, { dtype = "bfloat16" }) * 0.02 - 0.01
+      if pinned then w = w:pin_memory() end
+      utils.set_module_tensor_to_device(model, name, "cpu", { value = w, dtype = "bfloat16" })
+      bytes = bytes + w:nbytes()
+   end
+   ml.cpu_offload(model, { execution_device = "cuda:0" })
+   return model, bytes
 end
-hooks.set_prefetch(true)
-local floor = weight_bytes / h2d
+
+-- Best time per forward with and without prefetch (each after one forward that learns the order).
+local function measure(model)
+   local function forward()
+      local logits = model(input, { logits_to_keep = 1 })
+      C.check(lib.ml_cuda_synchronize(0))
+      return logits
+   end
+   local r = {}
+   for _, prefetch in ipairs({ true, false }) do
+      hooks.set_prefetch(prefetch)
+      forward()
+      r[prefetch] = B.best(repeats, forward)
+   end
+   hooks.set_prefetch(true)
+   return r[true], r[false]
+end
+
+-- Host-to-device bandwidth of the uploader from a pageable or a pinned source: the floors.
+local function h2d_bandwidth(pinned)
+   local probe = ml.rand({ shape == "tiny" and 1024 * 1024 or 256 * 1024 * 1024 }, { dtype = "bfloat16" })
+   if pinned then probe = probe:pin_memory() end
+   local up = ffi.new("ml_uploader*[1]")
+   C.check(lib.ml_uploader_new(up))
+   local uploader = ffi.gc(up[0], lib.ml_uploader_release)
+   local dst = ml.empty(probe.shape, { dtype = "bfloat16", device = "cuda:0" })
+   local ticket = ffi.new("int[1]")
+   local t = B.best(3, function()
+      C.check(lib.ml_uploader_submit(uploader, dst._c, probe._c, ticket))
+      C.check(lib.ml_uploader_wait(uploader, ticket[0]))
+      C.check(lib.ml_cuda_synchronize(0))
+   end)
+   return probe:nbytes() / t
+end
+
+local h2d, h2d_pinned = h2d_bandwidth(false), h2d_bandwidth(true)
+local t_build = B.now()
+local model, weight_bytes = build(false)
+t_build = B.now() - t_build
+local forward_s, forward_no_prefetch_s = measure(model)
+model = nil
+collectgarbage(); collectgarbage()
+model = build(true)
+local pinned_s = measure(model)
+model = nil
+collectgarbage(); collectgarbage()
+local floor, floor_pinned = weight_bytes / h2d, weight_bytes / h2d_pinned
 
 local peer = {}
 local python = os.getenv("BENCH_PYTHON") or "python3"
@@ -85,11 +108,13 @@ if ok and res then peer = res end
 local peer_error = not ok and tostring(res) or ((raw or ""):gsub("%s+$", "")):sub(-200)
 
 B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
-         "ratio_to_floor", "accelerate_s", "ratio_to_accelerate", "peer_device", "peer_note" }, {
+         "ratio_to_floor", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "ratio_pinned_to_floor",
+         "accelerate_s", "ratio_to_accelerate", "peer_device", "peer_note" }, {
    bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
-   h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = results[true], forward_no_prefetch_s = results[false],
-   ratio_to_floor = results[true] / floor, accelerate_s = peer.forward_s,
-   ratio_to_accelerate = peer.forward_s and results[true] / peer.forward_s or nil,
+   h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = forward_no_prefetch_s,
+   ratio_to_floor = forward_s / floor, h2d_pinned_gbps = h2d_pinned / 1e9, floor_pinned_s = floor_pinned,
+   forward_pinned_s = pinned_s, ratio_pinned_to_floor = pinned_s / floor_pinned, accelerate_s = peer.forward_s,
+   ratio_to_accelerate = peer.forward_s and forward_s / peer.forward_s or nil,
    peer_note = not peer.forward_s and ("accelerate peer unavailable: " .. peer_error) or nil,
    peer_device = peer.device,
 })

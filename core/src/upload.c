@@ -10,6 +10,8 @@
  * layer that just ran, whose kernels may still be queued on the compute stream. Submit therefore
  * makes the copy stream wait for everything queued on the compute stream so far.
  *
+ * A pinned source (t:pin_memory()) skips the staging: one DMA straight from it.
+ *
  * A cpu destination takes the same path with plain memcpy and no streams: that is how the
  * scheduling (tickets, chunking, the worker) is tested on machines without a GPU.
  */
@@ -66,6 +68,14 @@ static ml_status run_job(ml_uploader *u, const upload_job *j, void **done_event)
   }
   const ml_cuda_api *cu = ml_cuda();
   if (!cu) return ML_EUNSUPPORTED;
+  if (ml_storage_is_pinned(j->src->storage)) {
+    /* Page-locked source (t:pin_memory()): the DMA reads it directly, no staging copy. The job's
+       reference to the source is dropped when this returns, so wait until the copy has read it;
+       this thread has nothing else to do meanwhile (the copy stream is serial anyway). */
+    ML_TRY(cu->copy_async(dev.index, dst, src, nbytes, 0));
+    ML_TRY(cu->event_record(dev.index, true, done_event));
+    return cu->event_sync(*done_event);
+  }
   for (int b = 0; b < 2; b++) {
     if (!u->pinned[b]) ML_TRY(cu->alloc_pinned(UPLOAD_CHUNK, &u->pinned[b]));
   }

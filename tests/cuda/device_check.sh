@@ -64,8 +64,9 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
          local ok, r = pcall(cjson.decode, line)
          if ok then
             local v = r.tflops and string.format("%.1f TFLOP/s", r.tflops) or r.gbps and string.format("%.1f GB/s", r.gbps)
-               or r.forward_s and string.format("%.3f s per forward; floor %.3f s (%.2fx); accelerate %s",
-                  r.forward_s, r.floor_s or 0, r.ratio_to_floor or 0, r.accelerate_s and string.format("%.3f s", r.accelerate_s) or "n/a")
+               or r.forward_s and string.format("%.3f s per forward; floor %.3f s (%.2fx); pinned weights %.3f s (%.2fx their floor); accelerate %s",
+                  r.forward_s, r.floor_s or 0, r.ratio_to_floor or 0, r.forward_pinned_s or 0, r.ratio_pinned_to_floor or 0,
+                  r.accelerate_s and string.format("%.3f s", r.accelerate_s) or "n/a")
                or r.skipped or "?"
             print(string.format("| %s | %s |", r.bench, v))
          end
