@@ -424,8 +424,9 @@ describe("weight uploads to cuda #cuda", function()
       local u = ffi.gc(out[0], lib.ml_uploader_release)
       ml.manual_seed(15)
       local want, dsts, tickets = {}, {}, {}
+      local sizes = { 5003, 10003, 10 * 2 ^ 20 + 7, 15003 }     -- odd sizes; the third spans 3 staging chunks
       for i = 1, 4 do
-         local src = ml.randn(i * 5000 + 3)                     -- odd sizes, over several chunks
+         local src = ml.randn(sizes[i])
          want[i] = src
          if i % 2 == 0 then src = src:pin_memory() end
          dsts[i] = ml.empty(src.shape, { device = DEV })
