@@ -221,11 +221,13 @@ end
 -- (B, T, vocab), or (B, n, vocab) for the last n positions only when logits_to_keep = n.
 function M.causal_lm_forward(who, base, embed)
    return function(self, input_ids, opts)
+      opts = opts or {}
       local ids = M.ids_tensor(input_ids, who)
-      M.check_vocab(ids, self.config.vocab_size, who)
+      -- generate's own steps feed back sampled tokens, in range by construction: skipping the
+      -- check spares two device-to-host syncs per token on a GPU
+      if not opts._ids_in_range then M.check_vocab(ids, self.config.vocab_size, who) end
       local model = self[base]
       ids = M.to_weight_device(ids, model[embed].weight)
-      opts = opts or {}
       local cache = opts.cache
       local pad, pos = M.causal_inputs(ids, opts, cache and cache.length or 0, who)
       local h = model(ids, cache, pad, pos)

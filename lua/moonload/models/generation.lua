@@ -104,7 +104,7 @@ function M.generate(model, input_ids, opts)
       mask:narrow(2, 1, L):copy_(common.mask_tensor(opts.attention_mask, B, L, WHO))
    end
    local function step_opts(len, new)
-      local o = { cache = cache, logits_to_keep = 1 }
+      local o = { cache = cache, logits_to_keep = 1, _ids_in_range = len > L }   -- sampled tokens
       if mask then
          local m = mask:narrow(2, 1, len)
          o.attention_mask = m
