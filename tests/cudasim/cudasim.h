@@ -17,6 +17,11 @@
 // Not emulated: timing, warp-level implicit synchronisation, memory consistency subtleties.
 // A violation prints "cudasim: ..." and aborts: on a GPU it would be an illegal address or a
 // hang, never a clean error.
+//
+// Settings (environment): MOONLOAD_CUDASIM_DEVICES (1), MOONLOAD_CUDASIM_MEM_MB per device
+// (4096), MOONLOAD_CUDASIM_JITTER_US (0: a random delay up to this before each stream operation),
+// MOONLOAD_CUDASIM_COPY_DELAY_US (0: every queued copy held back this long). `make test-cuda-sim`
+// uses 2 devices, 1024 MB, 200 us and 2000 us. The library is loaded through MOONLOAD_CUDA_LIB.
 #pragma once
 
 #include <math.h>
