@@ -99,49 +99,70 @@ ml_status ml_cuda_triangle(const ml_tensor *x, int64_t k, bool upper, ml_tensor 
   return ML_OK;
 }
 
-ml_status ml_cuda_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index) {
-  int dev = ml_cuda_device_of(out);
+// What gather and index_select share: the device, descriptors (a 0-d input as one element), the
+// output size, and the launch with the bad-index flag.
+struct IndexOp {
+  int dev;
   DeviceState *st;
-  ML_TRY(ml_cuda_device_state(dev, &st));
-  TensorDesc od = ml_cuda_desc(out), id = ml_cuda_desc(index), xd = ml_cuda_desc(x);
+  TensorDesc xd, id, od;
+  int64_t n;
+  int es;
+  int64_t *bad_index;
+
+  // Runs launch(flag) on the compute stream; the first out-of-range index goes to *bad_index.
+  template <typename Launch>
+  ml_status run(const char *fn, Launch launch) {
+    long long bad;
+    ML_TRY(with_bad_flag(dev, st, fn, &bad, launch));
+    *bad_index = bad;
+    return ML_OK;
+  }
+};
+
+static ml_status index_op_begin(const ml_tensor *x, const ml_tensor *index, ml_tensor *out, int64_t *bad_index,
+                                IndexOp *op) {
+  op->dev = ml_cuda_device_of(out);
+  ML_TRY(ml_cuda_device_state(op->dev, &op->st));
+  op->xd = ml_cuda_desc(x);
+  op->id = ml_cuda_desc(index);
+  op->od = ml_cuda_desc(out);
+  if (op->xd.ndim == 0) { op->xd.ndim = 1; op->xd.shape[0] = 1; op->xd.strides[0] = 0; }
+  op->n = ml_cuda_numel(op->od);
+  op->es = (int)ml_dtype_size((ml_dtype)op->xd.dtype);
+  op->bad_index = bad_index;
   *bad_index = INT64_MIN;
-  int64_t n = ml_cuda_numel(od);
-  if (n == 0) return ML_OK;
-  // 0-d tensors gather as 1-element vectors.
-  if (xd.ndim == 0) { xd.ndim = 1; xd.shape[0] = 1; xd.strides[0] = 0; }
+  return ML_OK;
+}
+
+ml_status ml_cuda_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index) {
+  IndexOp op;
+  ML_TRY(index_op_begin(x, index, out, bad_index, &op));
+  if (op.n == 0) return ML_OK;
+  TensorDesc id = op.id;
   if (id.ndim == 0) { id.ndim = 1; id.shape[0] = 1; id.strides[0] = 0; }
   // x walked at index's shape, with stride 0 along dim (the index value picks the position).
-  TensorDesc xw = xd;
+  TensorDesc xw = op.xd;
   xw.ndim = id.ndim;
-  for (int k = 0; k < id.ndim; k++) { xw.shape[k] = id.shape[k]; xw.strides[k] = k == dim ? 0 : xd.strides[k]; }
-  int64_t size = xd.shape[dim], dstride = xd.strides[dim];
-  int es = (int)ml_dtype_size((ml_dtype)xd.dtype);
-  long long bad;
-  ML_TRY(with_bad_flag(dev, st, "gather", &bad, [&](long long *flag) {
-    gather_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(xw, id, od, n, size, dstride, es, flag);
-  }));
-  *bad_index = bad;
-  return ML_OK;
+  for (int k = 0; k < id.ndim; k++) { xw.shape[k] = id.shape[k]; xw.strides[k] = k == dim ? 0 : op.xd.strides[k]; }
+  int64_t size = op.xd.shape[dim], dstride = op.xd.strides[dim];
+  return op.run("gather", [&](long long *flag) {
+    gather_kernel<<<ml_cuda_blocks(op.n, kThreads), kThreads, 0, op.st->compute>>>(xw, id, op.od, op.n, size, dstride,
+                                                                                   op.es, flag);
+  });
 }
 
 ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out,
                                int64_t *bad_index) {
-  int dev = ml_cuda_device_of(out);
-  DeviceState *st;
-  ML_TRY(ml_cuda_device_state(dev, &st));
-  TensorDesc od = ml_cuda_desc(out), id = ml_cuda_desc(index), xd = ml_cuda_desc(x);
-  *bad_index = INT64_MIN;
-  int64_t n = ml_cuda_numel(od);
-  if (n == 0) return ML_OK;
-  if (xd.ndim == 0) { xd.ndim = 1; xd.shape[0] = 1; xd.strides[0] = 0; od.ndim = 1; od.shape[0] = 1; od.strides[0] = 1; }
-  int64_t size = xd.shape[dim];
-  int es = (int)ml_dtype_size((ml_dtype)xd.dtype);
-  long long bad;
-  ML_TRY(with_bad_flag(dev, st, "index_select", &bad, [&](long long *flag) {
-    index_select_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(xd, id, od, n, dim, size, es, flag);
-  }));
-  *bad_index = bad;
-  return ML_OK;
+  IndexOp op;
+  ML_TRY(index_op_begin(x, index, out, bad_index, &op));
+  if (op.n == 0) return ML_OK;
+  TensorDesc od = op.od;
+  if (od.ndim == 0) { od.ndim = 1; od.shape[0] = 1; od.strides[0] = 1; }
+  int64_t size = op.xd.shape[dim];
+  return op.run("index_select", [&](long long *flag) {
+    index_select_kernel<<<ml_cuda_blocks(op.n, kThreads), kThreads, 0, op.st->compute>>>(op.xd, op.id, od, op.n, dim,
+                                                                                         size, op.es, flag);
+  });
 }
 
 ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out) {
