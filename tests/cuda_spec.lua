@@ -52,6 +52,35 @@ describe("cuda backend #cuda", function()
          "pin_memory: only cpu tensors can be pinned, this one is on cuda:0")
    end)
 
+   it("shows the allocator as torch.cuda does: allocated, peak, reserved, empty_cache, mem_get_info", function()
+      assert.is_true(ml.cuda.is_available())
+      collectgarbage(); collectgarbage()
+      ml.cuda.synchronize()
+      ml.cuda.empty_cache()
+      local base = ml.cuda.memory_allocated(DEV)
+      assert.are.equal(base, ml.cuda.memory_reserved(0))
+      ml.cuda.reset_peak_memory_stats(0)
+      local x = ml.empty({ 2 ^ 20 }, { device = DEV })                 -- 4 MiB
+      assert.are.equal(base + 4 * 2 ^ 20, ml.cuda.memory_allocated())
+      x = nil
+      collectgarbage(); collectgarbage()
+      assert.are.equal(base, ml.cuda.memory_allocated(0))
+      assert.are.equal(base + 4 * 2 ^ 20, ml.cuda.max_memory_allocated(0))
+      -- the block is kept for reuse, unless MOONLOAD_CUDA_NO_CACHING=1 (make test-asan) freed it
+      local caching = os.getenv("MOONLOAD_CUDA_NO_CACHING") ~= "1"
+      assert.are.equal(caching, ml.cuda.memory_reserved(0) >= base + 4 * 2 ^ 20)
+      local free_before = ml.cuda.mem_get_info(0)
+      ml.cuda.empty_cache(DEV)
+      assert.are.equal(base, ml.cuda.memory_reserved(0))
+      local free, total = ml.cuda.mem_get_info(0)
+      assert.are.equal(free_before, free)                              -- idle blocks counted as free either way
+      assert.is_true(total >= free)
+      local n = ml.cuda.device_count()
+      assert.has_error(function() ml.cuda.synchronize(n) end,
+         string.format("synchronize: cuda:%d does not exist (%d CUDA devices)", n, n))
+      assert.are.equal(DEV, ml.cuda(ml.ones(2)).device)
+   end)
+
    it("names the device and the sizes when its memory runs out", function()
       local ok, err = pcall(function() return ml.empty({ 2 ^ 40 }, { device = DEV }) end)   -- 4 TiB
       assert.is_false(ok)

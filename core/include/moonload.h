@@ -87,6 +87,10 @@ ML_API int ml_cuda_device_count(void);                 /* 0 when no driver or no
 ML_API ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes);
 /* Waits for all queued work on a GPU (timing, benchmarks). */
 ML_API ml_status ml_cuda_synchronize(int device);
+/* The caching allocator of a GPU: bytes held in idle blocks, and giving them back to the driver
+   (for other processes; moonload itself reuses them). */
+ML_API ml_status ml_cuda_cached_bytes(int device, int64_t *out);
+ML_API ml_status ml_cuda_empty_cache(int device);
 
 /* --- storages ----------------------------------------------------------------------------- */
 /* Fresh bytes on a device (cpu: 64-byte aligned, uninitialised; meta: no bytes at all). */

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 6
+#define ML_CUDA_API_VERSION 7
 
 typedef struct ml_cuda_api {
   int version;
@@ -63,6 +63,9 @@ typedef struct ml_cuda_api {
   ml_status (*random_fill)(ml_tensor *t, bool normal, double a, double b, uint64_t seed, uint64_t base);
   /* k of dim's elements per line in the CPU's order; values and indices allocated (shape with k). */
   ml_status (*topk)(const ml_tensor *x, int dim, int64_t k, bool largest, ml_tensor *values, ml_tensor *indices);
+  /* The caching allocator: idle bytes held, and handing them back to the driver. */
+  size_t (*cached_bytes)(int device);
+  ml_status (*empty_cache)(int device);
 } ml_cuda_api;
 
 /* What libmoonload_cuda.so exports: fills err on failure and returns NULL. */

@@ -72,8 +72,30 @@ ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_b
   return ML_OK;
 }
 
-ml_status ml_cuda_synchronize(int device) {
+/* The backend table after checking that the device exists (fn names the caller in errors). */
+static const ml_cuda_api *cuda_device(const char *fn, int device) {
   const ml_cuda_api *cu = ml_cuda();
+  if (!cu) return NULL;
+  if (device < 0 || device >= cu->device_count()) {
+    ml_fail(ML_EINVAL, "%s: cuda:%d does not exist (%d CUDA devices)", fn, device, cu->device_count());
+    return NULL;
+  }
+  return cu;
+}
+
+ml_status ml_cuda_synchronize(int device) {
+  const ml_cuda_api *cu = cuda_device("synchronize", device);
+  return cu ? cu->synchronize(device) : ML_EUNSUPPORTED;
+}
+
+ml_status ml_cuda_cached_bytes(int device, int64_t *out) {
+  const ml_cuda_api *cu = cuda_device("memory_reserved", device);
   if (!cu) return ML_EUNSUPPORTED;
-  return cu->synchronize(device);
+  *out = (int64_t)cu->cached_bytes(device);
+  return ML_OK;
+}
+
+ml_status ml_cuda_empty_cache(int device) {
+  const ml_cuda_api *cu = cuda_device("empty_cache", device);
+  return cu ? cu->empty_cache(device) : ML_EUNSUPPORTED;
 }

@@ -16,6 +16,9 @@ ml.arange, ml.rand, ml.randn = Tensor.arange, Tensor.rand, Tensor.randn
 ml.cat, ml.stack, ml.where = Tensor.cat, Tensor.stack, Tensor.where
 
 -- Every tensor method is also a function: ml.add(a, b), ml.softmax(x, -1), ml.matmul(a, b).
+-- ml.cuda is the module (torch.cuda); calling it still moves a tensor, as the method export would.
+ml.cuda = require("moonload.cuda")
+
 for name, fn in pairs(Tensor.methods) do
    if ml[name] == nil then ml[name] = fn end
 end

@@ -147,6 +147,20 @@ static void pool_free(int device, void *p, size_t nbytes) {
   pool.cached_bytes += size;
 }
 
+static size_t cached_bytes(int device) {
+  std::lock_guard<std::mutex> lock(g_pools[device].mutex);
+  return g_pools[device].cached_bytes;
+}
+
+// cudaFree waits for the device's queued work, so no kernel still uses a block given back.
+static ml_status empty_cache(int device) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(device, &st));
+  std::lock_guard<std::mutex> lock(g_pools[device].mutex);
+  release_cached(device);
+  return ML_OK;
+}
+
 ml_status ml_cuda_scratch(int device, size_t nbytes, void **out) { return pool_alloc(device, nbytes, out); }
 void ml_cuda_scratch_free(int device, void *p, size_t nbytes) { pool_free(device, p, nbytes); }
 
@@ -316,5 +330,7 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.rotary_embedding = ml_cuda_rotary_embedding;
   g_api.random_fill = ml_cuda_random_fill;
   g_api.topk = ml_cuda_topk;
+  g_api.cached_bytes = cached_bytes;
+  g_api.empty_cache = empty_cache;
   return &g_api;
 }

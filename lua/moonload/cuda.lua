@@ -1,0 +1,69 @@
+-- ml.cuda: the GPUs as torch.cuda shows them: availability, synchronisation, and the caching
+-- allocator's numbers. Devices are an index N (cuda:N) or a "cuda:N" string; default 0.
+local C = require("moonload.C")
+local Tensor = require("moonload.tensor")
+
+local ffi, lib, check = C.ffi, C.lib, C.check
+
+local M = {}
+
+local function index_of(fn, device)
+   if device == nil then return 0 end
+   if type(device) == "number" then return device end
+   local d = Tensor.parse_device(fn, device)
+   if d.type ~= lib.ML_DEVICE_CUDA then
+      error(string.format('%s: expected a cuda device, got "%s"', fn, tostring(device)), 3)
+   end
+   return d.index
+end
+
+--- True when a CUDA driver and at least one GPU are there (never raises).
+function M.is_available() return lib.ml_cuda_device_count() > 0 end
+
+function M.device_count() return lib.ml_cuda_device_count() end
+
+--- Waits until every queued kernel and copy on the device has finished.
+function M.synchronize(device)
+   check(lib.ml_cuda_synchronize(index_of("synchronize", device)), 2)
+end
+
+--- Gives the allocator's idle blocks back to the driver (for other processes).
+function M.empty_cache(device)
+   check(lib.ml_cuda_empty_cache(index_of("empty_cache", device)), 2)
+end
+
+local function memory(fn, device)
+   local i = index_of(fn, device)
+   local in_use, peak = ffi.new("int64_t[1]"), ffi.new("int64_t[1]")
+   check(lib.ml_device_memory(ffi.new("ml_device", lib.ML_DEVICE_CUDA, i), in_use, peak), 3)
+   return tonumber(in_use[0]), tonumber(peak[0]), i
+end
+
+--- Bytes held by tensors on the device now, and at most since the last reset.
+function M.memory_allocated(device) return (memory("memory_allocated", device)) end
+function M.max_memory_allocated(device)
+   local _, peak = memory("max_memory_allocated", device)
+   return peak
+end
+
+--- Bytes the allocator holds: in tensors plus idle blocks kept for reuse.
+function M.memory_reserved(device)
+   local in_use, _, i = memory("memory_reserved", device)
+   local cached = ffi.new("int64_t[1]")
+   check(lib.ml_cuda_cached_bytes(i, cached), 2)
+   return in_use + tonumber(cached[0])
+end
+
+function M.reset_peak_memory_stats(device)
+   check(lib.ml_device_reset_peak(ffi.new("ml_device", lib.ML_DEVICE_CUDA, index_of("reset_peak_memory_stats", device))), 2)
+end
+
+--- free, total bytes of the device (idle allocator blocks count as free).
+function M.mem_get_info(device)
+   local f, t = ffi.new("int64_t[1]"), ffi.new("int64_t[1]")
+   check(lib.ml_cuda_mem_get_info(index_of("mem_get_info", device), f, t), 2)
+   return tonumber(f[0]), tonumber(t[0])
+end
+
+-- ml.cuda(t[, i]) is t:cuda(i), like the other tensor methods exported on ml.
+return setmetatable(M, { __call = function(_, t, i) return t:cuda(i) end })

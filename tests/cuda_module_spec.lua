@@ -1,0 +1,25 @@
+-- ml.cuda (lua/moonload/cuda.lua) where no GPU is present: availability without errors, and
+-- clear errors for what needs a device. The GPU side is in cuda_spec.lua (#cuda).
+local ml = require("moonload")
+
+describe("ml.cuda without a GPU", function()
+   it("reports no device and names what is missing", function()
+      if ml.cuda.is_available() then pending("a GPU (or the emulator) is present") return end
+      assert.are.equal(0, ml.cuda.device_count())
+      local ok, err = pcall(ml.cuda.synchronize)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("CUDA is not available", 1, true))
+      ok, err = pcall(ml.cuda.mem_get_info, 0)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("CUDA is not available", 1, true))
+      ok, err = pcall(ml.cuda, ml.ones(2))                   -- called, ml.cuda moves a tensor (t:cuda())
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("CUDA is not available", 1, true))
+   end)
+
+   it("wants a cuda device where it takes one", function()
+      assert.has_error(function() ml.cuda.empty_cache("cpu") end, 'empty_cache: expected a cuda device, got "cpu"')
+      assert.has_error(function() ml.cuda.memory_allocated("meta") end,
+         'memory_allocated: expected a cuda device, got "meta"')
+   end)
+end)
