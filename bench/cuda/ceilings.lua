@@ -15,7 +15,7 @@ if ml.cuda_device_count() == 0 then
 end
 local DEV = "cuda:0"
 local tiny = os.getenv("BENCH_SHAPE") == "tiny"
-local function sync() C.check(lib.ml_cuda_synchronize(0)) end
+local function sync() ml.cuda.synchronize(0) end
 local function timed(reps, fn)
    return B.best(reps, function() fn(); sync() end)
 end

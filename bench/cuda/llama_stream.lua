@@ -57,7 +57,7 @@ end
 local function measure(model)
    local function forward()
       local logits = model(input, { logits_to_keep = 1 })
-      C.check(lib.ml_cuda_synchronize(0))
+      ml.cuda.synchronize(0)
       return logits
    end
    local r = {}
@@ -82,7 +82,7 @@ local function h2d_bandwidth(pinned)
    local t = B.best(3, function()
       C.check(lib.ml_uploader_submit(uploader, dst._c, probe._c, ticket))
       C.check(lib.ml_uploader_wait(uploader, ticket[0]))
-      C.check(lib.ml_cuda_synchronize(0))
+      ml.cuda.synchronize(0)
    end)
    return probe:nbytes() / t
 end
