@@ -96,10 +96,12 @@ if not exists(index_path) or not exists(DIR .. "/config.json") then
    f = assert(io.open(DIR .. "/config.json", "w"))
    f:write(cjson.encode(CONFIG))
    f:close()
-   model, sd = nil, nil
+   local nshards = #shards
+   model, sd, shards, cur = nil, nil, nil, nil   -- the random weights: freed before loading
    collectgarbage()
    collectgarbage()
-   print(string.format("  %d shards, %s, written in %.2f s", #shards, mb(total), now() - t0))
+   ml.empty_cache()   -- and not kept in the CPU block cache either (RSS)
+   print(string.format("  %d shards, %s, written in %.2f s", nshards, mb(total), now() - t0))
 end
 
 if opts.write_only then
