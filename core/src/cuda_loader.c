@@ -60,11 +60,19 @@ int ml_cuda_device_count(void) {
   return cu ? cu->device_count() : 0;
 }
 
-ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes) {
+/* The backend table, after checking that the device exists (fn names the caller in errors). */
+static ml_status cuda_device(const char *fn, int device, const ml_cuda_api **out) {
   const ml_cuda_api *cu = ml_cuda();
-  if (!cu) return ML_EUNSUPPORTED;
+  if (!cu) return ML_EUNSUPPORTED;   /* the loader's message says why */
   if (device < 0 || device >= cu->device_count())
-    return ml_fail(ML_EINVAL, "cuda:%d does not exist (%d CUDA devices)", device, cu->device_count());
+    return ml_fail(ML_EINVAL, "%s: cuda:%d does not exist (%d CUDA devices)", fn, device, cu->device_count());
+  *out = cu;
+  return ML_OK;
+}
+
+ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes) {
+  const ml_cuda_api *cu = NULL;
+  ML_TRY(cuda_device("mem_get_info", device, &cu));
   size_t f = 0, t = 0;
   ML_TRY(cu->mem_info(device, &f, &t));
   *free_bytes = (int64_t)f;
@@ -72,30 +80,21 @@ ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_b
   return ML_OK;
 }
 
-/* The backend table after checking that the device exists (fn names the caller in errors). */
-static const ml_cuda_api *cuda_device(const char *fn, int device) {
-  const ml_cuda_api *cu = ml_cuda();
-  if (!cu) return NULL;
-  if (device < 0 || device >= cu->device_count()) {
-    ml_fail(ML_EINVAL, "%s: cuda:%d does not exist (%d CUDA devices)", fn, device, cu->device_count());
-    return NULL;
-  }
-  return cu;
-}
-
 ml_status ml_cuda_synchronize(int device) {
-  const ml_cuda_api *cu = cuda_device("synchronize", device);
-  return cu ? cu->synchronize(device) : ML_EUNSUPPORTED;
+  const ml_cuda_api *cu = NULL;
+  ML_TRY(cuda_device("synchronize", device, &cu));
+  return cu->synchronize(device);
 }
 
 ml_status ml_cuda_cached_bytes(int device, int64_t *out) {
-  const ml_cuda_api *cu = cuda_device("memory_reserved", device);
-  if (!cu) return ML_EUNSUPPORTED;
+  const ml_cuda_api *cu = NULL;
+  ML_TRY(cuda_device("memory_reserved", device, &cu));
   *out = (int64_t)cu->cached_bytes(device);
   return ML_OK;
 }
 
 ml_status ml_cuda_empty_cache(int device) {
-  const ml_cuda_api *cu = cuda_device("empty_cache", device);
-  return cu ? cu->empty_cache(device) : ML_EUNSUPPORTED;
+  const ml_cuda_api *cu = NULL;
+  ML_TRY(cuda_device("empty_cache", device, &cu));
+  return cu->empty_cache(device);
 }
