@@ -303,6 +303,12 @@ end
 
 -- --- conversion -----------------------------------------------------------------------------
 
+-- Ops that may hand back their input (a new reference to t's own C tensor) return t itself.
+local function self_or_wrap(t, p)
+   if p == t._c then lib.ml_tensor_release(p); return t end
+   return wrap(p)
+end
+
 --- t:to(device_or_dtype[, dtype][, {non_blocking, copy}]); returns t itself when nothing changes
 -- (unless copy = true). Copies are complete on return, so non_blocking is accepted and changes
 -- nothing.
@@ -321,22 +327,15 @@ function methods.to(t, a, b, opts)
    dev = dev or lib.ml_tensor_device(c)
    dt = dt or lib.ml_tensor_dtype(c)
    check(lib.ml_tensor_to(c, dev, dt, out1))
-   local p = out1[0]
-   if p == c then
-      lib.ml_tensor_release(p)
-      if opts and opts.copy then return methods.clone(t) end
-      return t
-   end
-   return wrap(p)
+   local r = self_or_wrap(t, out1[0])
+   if r == t and opts and opts.copy then return methods.clone(t) end
+   return r
 end
 
 --- t:pin_memory(): a copy in page-locked host memory (t itself when already pinned); needs CUDA.
 function methods.pin_memory(t)
-   local c = t._c
-   check(lib.ml_tensor_pin_memory(c, out1))
-   local p = out1[0]
-   if p == c then lib.ml_tensor_release(p); return t end
-   return wrap(p)
+   check(lib.ml_tensor_pin_memory(t._c, out1))
+   return self_or_wrap(t, out1[0])
 end
 
 function methods.is_pinned(t) return lib.ml_tensor_is_pinned(t._c) end
@@ -353,11 +352,8 @@ function methods.cuda(t, i) return methods.to(t, "cuda:" .. (i or 0)) end
 function methods.type_as(t, other) return methods.to(t, other.dtype) end
 
 function methods.contiguous(t)
-   local c = t._c
-   check(lib.ml_tensor_contiguous(c, out1))
-   local p = out1[0]
-   if p == c then lib.ml_tensor_release(p); return t end
-   return wrap(p)
+   check(lib.ml_tensor_contiguous(t._c, out1))
+   return self_or_wrap(t, out1[0])
 end
 
 function methods.clone(t)
