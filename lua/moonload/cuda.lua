@@ -32,15 +32,16 @@ function M.empty_cache(device)
    check(lib.ml_cuda_empty_cache(index_of("empty_cache", device)), 2)
 end
 
+-- ml.memory_allocated / ml.reset_peak_memory count every device; these are their cuda views.
 local function memory(fn, device)
    local i = index_of(fn, device)
-   local in_use, peak = ffi.new("int64_t[1]"), ffi.new("int64_t[1]")
-   check(lib.ml_device_memory(ffi.new("ml_device", lib.ML_DEVICE_CUDA, i), in_use, peak), 3)
-   return tonumber(in_use[0]), tonumber(peak[0]), i
+   local in_use, peak = require("moonload").memory_allocated("cuda:" .. i)
+   return in_use, peak, i
 end
 
 --- Bytes held by tensors on the device now, and at most since the last reset.
 function M.memory_allocated(device) return (memory("memory_allocated", device)) end
+
 function M.max_memory_allocated(device)
    local _, peak = memory("max_memory_allocated", device)
    return peak
@@ -55,7 +56,7 @@ function M.memory_reserved(device)
 end
 
 function M.reset_peak_memory_stats(device)
-   check(lib.ml_device_reset_peak(ffi.new("ml_device", lib.ML_DEVICE_CUDA, index_of("reset_peak_memory_stats", device))), 2)
+   require("moonload").reset_peak_memory("cuda:" .. index_of("reset_peak_memory_stats", device))
 end
 
 --- free, total bytes of the device (idle allocator blocks count as free).
