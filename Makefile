@@ -25,7 +25,7 @@ CORE_OBJ = $(patsubst core/src/%.c,$(BUILD)/obj/%.o,$(CORE_SRC))
 CDEF     = lua/moonload/cdef.lua
 LIB      = $(BUILD)/libmoonload.so
 
-.PHONY: all deps test test-asan test-cuda test-cuda-sim bench bench-cuda demo install clean fuzz
+.PHONY: all deps test test-asan test-cuda test-cuda-sim bench bench-cuda device-prep demo install clean fuzz
 
 .DEFAULT_GOAL := all
 include core/src/cuda/cuda.mk
@@ -90,6 +90,21 @@ bench: deps all
 # GPU benchmarks (bench/cuda/): the device's ceilings and a streamed ~8 GB Llama; need a GPU.
 bench-cuda: all
 	@for f in bench/cuda/*.lua; do LUA_PATH="lua/?.lua;lua/?/init.lua;bench/lib/?.lua;;" $(LUAJIT) $$f; done
+
+# Everything a lent GPU machine needs, prepared here (tests/cuda/device_check.sh runs there): the
+# CUDA build, the packed Lua runtime in .device/runtime, and the paths to carry, whose total (with
+# the tracked tree) must stay under the device tool's 64 MiB. build/ as a whole is too big (the
+# emulator and fuzz builds), so only the two libraries travel.
+DEVICE_CARRY = .device build/libmoonload.so build/libmoonload_cuda.so $(CDEF)
+PACK_RUNTIME ?= ../shared/tools/pack-lua-runtime.sh
+
+device-prep: deps
+	$(MAKE) CUDA=1 all
+	@test -x .device/runtime/bin/luajit || bash $(PACK_RUNTIME) .device/runtime
+	@total=$$(( $$(git ls-files -z | xargs -0 cat | wc -c) + $$(du -sb $(DEVICE_CARRY) | awk '{s+=$$1} END {print s}') )); \
+	  echo "carry: [$$(printf '"%s", ' $(DEVICE_CARRY) | sed 's/, $$//')]"; \
+	  echo "command: bash tests/cuda/device_check.sh   ($$((total >> 20)) MiB of 64 travel)"; \
+	  test $$total -lt $$((64 << 20)) || { echo "device-prep: $$total bytes would travel, over 64 MiB"; exit 1; }
 
 demo: deps all
 	$(LUAJIT) examples/demo.lua

@@ -2,10 +2,11 @@
 # The GPU check, for a lent GPU machine (see the device tool): sets up the carried Lua runtime,
 # makes sure libmoonload_cuda.so loads there (rebuilding it with that machine's nvcc if the one
 # built here does not), runs the #cuda specs and the GPU benchmarks, and prints a short table.
-# Sized for well under 8 minutes. Prepare on the development machine:
-#   make CUDA=1 && ../shared/tools/pack-lua-runtime.sh .device/runtime
-# then run with carry = [".device", "build", "lua/moonload/cdef.lua"]:
+# Sized for well under 8 minutes. Prepare on the development machine with `make device-prep`
+# (CUDA build, packed runtime in .device/runtime, size check), then run with the carry it prints,
+#   [".device", "build/libmoonload.so", "build/libmoonload_cuda.so", "lua/moonload/cdef.lua"]:
 #   bash tests/cuda/device_check.sh
+# (not all of build/: with the emulator and fuzz builds it takes the tree over the 64 MiB limit).
 # A dry run of this script on the CUDA emulator, here, before spending device time:
 #   make test-cuda-sim && CUDASIM=1 bash tests/cuda/device_check.sh
 set -uo pipefail
