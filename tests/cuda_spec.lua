@@ -141,6 +141,21 @@ describe("cuda backend #cuda", function()
       end)
    end
 
+   it("reduces integers exactly in int64, wrapping as on the CPU", function()
+      -- 2^53 + 1 is not a double: built by integer addition, which is exact on both sides.
+      local x = ml.tensor({ { 2 ^ 53, 2 ^ 53 }, { 2 ^ 62, 2 ^ 62 } }, { dtype = "int64" })
+         + ml.tensor({ { 0, 1 }, { 3, 5 } }, { dtype = "int64" })
+      local d = x:to(DEV)
+      for _, op in ipairs({ "sum", "prod", "max", "min", "argmax", "argmin" }) do
+         assert.is_true(d[op](d, 2):cpu():equal(x[op](x, 2)), op .. " over a dim")
+         assert.is_true(d[op](d):cpu():equal(x[op](x)), op .. " over all")
+      end
+      assert.are.same({ 1, 1 }, d:argmax(2):cpu():tolist())
+      local flags = ml.tensor({ true, false, true, true })
+      assert.is_true(flags:to(DEV):sum():cpu():equal(flags:sum()))
+      assert.are.equal("int64", flags:to(DEV):sum().dtype)
+   end)
+
    it("softmax, layer_norm and rms_norm match the CPU", function()
       ml.manual_seed(5)
       local F = ml.nn.functional

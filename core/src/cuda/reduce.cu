@@ -10,16 +10,27 @@ static const int kBlock = 256;
 
 // --- block reductions ----------------------------------------------------------------------
 
+// Integer sums and products wrap on overflow, as PyTorch's int64 (unsigned arithmetic: no UB).
+__device__ __forceinline__ double add_wrap(double a, double b) { return a + b; }
+__device__ __forceinline__ float add_wrap(float a, float b) { return a + b; }
+__device__ __forceinline__ long long add_wrap(long long a, long long b) {
+  return (long long)((unsigned long long)a + (unsigned long long)b);
+}
+__device__ __forceinline__ double mul_wrap(double a, double b) { return a * b; }
+__device__ __forceinline__ long long mul_wrap(long long a, long long b) {
+  return (long long)((unsigned long long)a * (unsigned long long)b);
+}
+
 template <typename T>
 __device__ T block_sum(T v, T *shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = add_wrap(v, __shfl_down_sync(0xffffffffu, v, o));
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   int nwarps = (blockDim.x + 31) >> 5;
   v = threadIdx.x < nwarps ? shared[threadIdx.x] : (T)0;
   if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = add_wrap(v, __shfl_down_sync(0xffffffffu, v, o));
   if (threadIdx.x == 0) shared[0] = v;
   __syncthreads();
   T r = shared[0];
@@ -46,54 +57,60 @@ __device__ T block_max(T v, T *shared) {
 
 // --- general reduction ---------------------------------------------------------------------
 
+// Is v a better extreme than best? NaN wins (as in PyTorch); integers have none.
+template <typename T>
+__device__ __forceinline__ bool beats(T v, T best, bool want_max) {
+  if (best != best) return false;
+  if (v != v) return true;
+  return want_max ? v > best : v < best;
+}
+
 // kept: x's kept dims (shape/strides), red: x's reduced dims. One block per output element.
+// T is the accumulator: double for floating inputs, long long for integer and bool inputs, whose
+// sums, products and extremes are exact in int64 (as on the CPU).
+template <typename T>
 __global__ void reduce_kernel(int op, TensorDesc kept, TensorDesc red, TensorDesc o, int64_t nout, int64_t r) {
-  __shared__ double sh_v[32];
+  __shared__ T sh_v[32];
   __shared__ long long sh_i[32];
+  __shared__ T all_v[kBlock];
+  __shared__ long long all_i[kBlock];
+  bool is_arg = op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN;
+  bool want_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
+  bool additive = op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN;
   for (int64_t out = blockIdx.x; out < nout; out += gridDim.x) {
     int64_t base = desc_offset(kept, out);
-    bool is_arg = op == ML_REDUCE_ARGMAX || op == ML_REDUCE_ARGMIN;
-    bool want_max = op == ML_REDUCE_MAX || op == ML_REDUCE_ARGMAX;
-    double acc = op == ML_REDUCE_PROD ? 1.0 : (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) ? 0.0
-               : want_max ? -INFINITY : INFINITY;
+    T acc = op == ML_REDUCE_PROD ? (T)1 : (T)0;
     long long idx = -1;
     for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
-      double v = load_as<double>(red.data, red.dtype, base + desc_offset(red, j));
-      if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) acc += v;
-      else if (op == ML_REDUCE_PROD) acc *= v;
-      else {
-        // NaN wins (as in PyTorch); ties keep the first index.
-        bool better = idx < 0 || (v != v && acc == acc) || (acc == acc && (want_max ? v > acc : v < acc));
-        if (better) { acc = v; idx = j; }
-      }
+      T v = load_as<T>(red.data, red.dtype, base + desc_offset(red, j));
+      if (additive) acc = add_wrap(acc, v);
+      else if (op == ML_REDUCE_PROD) acc = mul_wrap(acc, v);
+      else if (idx < 0 || beats(v, acc, want_max)) { acc = v; idx = j; }   // ties keep the first index
     }
-    if (op == ML_REDUCE_SUM || op == ML_REDUCE_MEAN) {
-      acc = block_sum<double>(acc, sh_v);
-      if (op == ML_REDUCE_MEAN) acc /= (double)r;
+    if (additive) {
+      acc = block_sum<T>(acc, sh_v);
+      if (op == ML_REDUCE_MEAN) acc /= (T)r;
     } else if (op == ML_REDUCE_PROD) {
       // Products are rare; combine through shared memory serially.
-      sh_v[threadIdx.x & 31] = 1.0;
+      if (threadIdx.x == 0) sh_v[0] = (T)1;
       __syncthreads();
       for (int t = 0; t < blockDim.x; t++) {
-        if (threadIdx.x == t) sh_v[0] *= acc;
+        if (threadIdx.x == t) sh_v[0] = mul_wrap(sh_v[0], acc);
         __syncthreads();
       }
       acc = sh_v[0];
       __syncthreads();
     } else {
       // Serial combine of (value, index) pairs in thread order keeps "first index on ties".
-      __shared__ double all_v[kBlock];
-      __shared__ long long all_i[kBlock];
       all_v[threadIdx.x] = acc;
       all_i[threadIdx.x] = idx;
       __syncthreads();
       if (threadIdx.x == 0) {
-        double bv = 0; long long bi = -1;
+        T bv = 0; long long bi = -1;
         for (int t = 0; t < blockDim.x; t++) {
           if (all_i[t] < 0) continue;
-          double v = all_v[t];
-          bool better = bi < 0 || (v != v && bv == bv) || (bv == bv && (want_max ? v > bv : v < bv)) ||
-                        (bv == bv && v == bv && all_i[t] < bi);
+          T v = all_v[t];
+          bool better = bi < 0 || beats(v, bv, want_max) || (bv == bv && v == bv && all_i[t] < bi);
           if (better) { bv = v; bi = all_i[t]; }
         }
         sh_v[0] = bv; sh_i[0] = bi;
@@ -104,7 +121,7 @@ __global__ void reduce_kernel(int op, TensorDesc kept, TensorDesc red, TensorDes
     }
     if (threadIdx.x == 0) {
       if (is_arg) ((long long *)o.data)[out] = idx < 0 ? 0 : idx;
-      else store_as<double>(o.data, o.dtype, out, acc);
+      else store_as<T>(o.data, o.dtype, out, acc);
     }
   }
 }
@@ -129,7 +146,10 @@ ml_status ml_cuda_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const i
   // Over nothing: the identity (sum 0, prod 1, mean NaN as 0/0); max/min/arg were refused before.
   if (r == 0) return ml_cuda_fill(out, op == ML_REDUCE_PROD ? 1.0 : op == ML_REDUCE_MEAN ? NAN : 0.0);
   unsigned grid = (unsigned)(nout < 65535 * 16 ? nout : 65535 * 16);
-  reduce_kernel<<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
+  int xt = ml_tensor_dtype(x);
+  bool floating = xt == ML_FLOAT32 || xt == ML_FLOAT64 || xt == ML_FLOAT16 || xt == ML_BFLOAT16;
+  if (floating) reduce_kernel<double><<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
+  else reduce_kernel<long long><<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
   LAUNCH_CHECK();
   return ML_OK;
 }
