@@ -87,18 +87,24 @@ local function h2d_bandwidth(pinned)
    return probe:nbytes() / t
 end
 
-local h2d, h2d_pinned = h2d_bandwidth(false), h2d_bandwidth(true)
+local h2d = h2d_bandwidth(false)
+local pinned_probe_ok, h2d_pinned = pcall(h2d_bandwidth, true)
+if not pinned_probe_ok then h2d_pinned = nil end
 local t_build = B.now()
 local model, weight_bytes = build(false)
 t_build = B.now() - t_build
 local forward_s, forward_no_prefetch_s = measure(model)
 model = nil
 collectgarbage(); collectgarbage()
-model = build(true)
-local pinned_s = measure(model)
+-- Page-locking 8 GB can fail where the driver limits it (a sandboxed host): the pageable figures
+-- still count, so that failure becomes a note.
+local pinned_ok, pinned_s = false, "page-locking the probe failed: " .. tostring(h2d_pinned)
+if pinned_probe_ok then pinned_ok, pinned_s = pcall(function() return measure(build(true)) end) end
+local pinned_note = not pinned_ok and ("pinned run failed: " .. tostring(pinned_s)):sub(1, 300) or nil
+if not pinned_ok then pinned_s = nil end
 model = nil
 collectgarbage(); collectgarbage()
-local floor, floor_pinned = weight_bytes / h2d, weight_bytes / h2d_pinned
+local floor, floor_pinned = weight_bytes / h2d, h2d_pinned and weight_bytes / h2d_pinned
 
 local peer = {}
 local python = os.getenv("BENCH_PYTHON") or "python3"
@@ -109,11 +115,12 @@ local peer_error = not ok and tostring(res) or ((raw or ""):gsub("%s+$", "")):su
 
 B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
          "ratio_to_floor", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "ratio_pinned_to_floor",
-         "accelerate_s", "ratio_to_accelerate", "peer_device", "peer_note" }, {
+         "accelerate_s", "ratio_to_accelerate", "peer_device", "peer_note", "pinned_note" }, {
    bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
    h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = forward_no_prefetch_s,
-   ratio_to_floor = forward_s / floor, h2d_pinned_gbps = h2d_pinned / 1e9, floor_pinned_s = floor_pinned,
-   forward_pinned_s = pinned_s, ratio_pinned_to_floor = pinned_s / floor_pinned, accelerate_s = peer.forward_s,
+   ratio_to_floor = forward_s / floor, h2d_pinned_gbps = h2d_pinned and h2d_pinned / 1e9, floor_pinned_s = floor_pinned,
+   forward_pinned_s = pinned_s, ratio_pinned_to_floor = pinned_s and floor_pinned and pinned_s / floor_pinned, pinned_note = pinned_note,
+   accelerate_s = peer.forward_s,
    ratio_to_accelerate = peer.forward_s and forward_s / peer.forward_s or nil,
    peer_note = not peer.forward_s and ("accelerate peer unavailable: " .. peer_error) or nil,
    peer_device = peer.device,

@@ -69,6 +69,9 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
                   r.forward_s, r.floor_s or 0, r.ratio_to_floor or 0, r.forward_pinned_s or 0, r.ratio_pinned_to_floor or 0,
                   r.accelerate_s and string.format("%.3f s", r.accelerate_s) or "n/a")
                or r.skipped or "?"
+            local notes = {}
+            for _, k in ipairs({ "pinned_note", "peer_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
+            if #notes > 0 then v = v .. " (" .. table.concat(notes, "; ") .. ")" end
             print(string.format("| %s | %s |", r.bench, v))
          end
       end
