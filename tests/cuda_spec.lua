@@ -182,6 +182,44 @@ describe("cuda backend #cuda", function()
          F.scaled_dot_product_attention(q, k, v, { is_causal = true }), 1e-4, "sdpa causal")
    end)
 
+   it("runs attention over blocks of query rows when the scores would pass the scratch cap", function()
+      -- MOONLOAD_CUDA_ATTN_SCRATCH is read at each call: 2 KiB holds a few score rows here, so
+      -- the causal key skipping, the mask's row offsets and the output rows of every block count.
+      local ffi = require("ffi")
+      pcall(ffi.cdef, "int setenv(const char *, const char *, int); int unsetenv(const char *);")
+      local F = ml.nn.functional
+      ml.manual_seed(16)
+      local q, k, v = ml.randn(2, 4, 11, 16), ml.randn(2, 2, 11, 16), ml.randn(2, 2, 11, 8)
+      local long_k, long_v = ml.randn(2, 4, 13, 16), ml.randn(2, 4, 13, 8)
+      local bool_mask = ml.rand(11, 13):gt(0.3)
+      local add_mask = ml.randn(2, 1, 11, 13)
+      local cases = {
+         { "causal, grouped heads", q, k, v, { is_causal = true } },
+         { "causal, more keys than queries", q, long_k, long_v, { is_causal = true } },
+         { "bool mask", q, long_k, long_v, { attn_mask = bool_mask } },
+         { "additive mask", q, long_k, long_v, { attn_mask = add_mask } },
+      }
+      local want = {}
+      for i, c in ipairs(cases) do want[i] = F.scaled_dot_product_attention(c[2], c[3], c[4], c[5]) end
+      ffi.C.setenv("MOONLOAD_CUDA_ATTN_SCRATCH", "2048", 1)
+      local ok, err = pcall(function()
+         for i, c in ipairs(cases) do
+            local opts = { is_causal = c[5].is_causal, attn_mask = c[5].attn_mask and c[5].attn_mask:to(DEV) }
+            assert_close(F.scaled_dot_product_attention(c[2]:to(DEV), c[3]:to(DEV), c[4]:to(DEV), opts), want[i],
+               1e-4, c[1])
+            local b16 = F.scaled_dot_product_attention(c[2]:bfloat16():to(DEV), c[3]:bfloat16():to(DEV),
+               c[4]:bfloat16():to(DEV), opts)
+            assert_close(b16, F.scaled_dot_product_attention(c[2]:bfloat16(), c[3]:bfloat16(), c[4]:bfloat16(), c[5]),
+               2e-2, c[1] .. " bfloat16")
+            local f64 = F.scaled_dot_product_attention(c[2]:to("float64"):to(DEV), c[3]:to("float64"):to(DEV),
+               c[4]:to("float64"):to(DEV), opts)
+            assert_close(f64, want[i], 1e-5, c[1] .. " float64")
+         end
+      end)
+      ffi.C.unsetenv("MOONLOAD_CUDA_ATTN_SCRATCH")
+      assert(ok, err)
+   end)
+
    it("indexes on the device: tril, triu, cumsum, gather, index_select (with the CPU's errors)", function()
       ml.manual_seed(8)
       local x = ml.randn(3, 6, 7)

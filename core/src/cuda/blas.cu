@@ -90,10 +90,12 @@ static ml_status make_operand(const ml_tensor *t, int nb, const int64_t *batch, 
   return ML_OK;
 }
 
-// out (batch, M, N) contiguous row-major = A (batch, M, K) @ B (batch, K, N), alpha/beta scaled.
-static ml_status gemm_batched(DeviceState *st, const Operand &A, const Operand &B, void *out, int out_dtype,
-                              int64_t batch, int64_t M, int64_t N, int64_t K, double alpha, double beta) {
-  if (M > INT_MAX || N > INT_MAX || K > INT_MAX || batch > INT_MAX)
+// out (batch, M, N) row-major with leading dimension ldc and batch stride stride_c
+// = A (batch, M, K) @ B (batch, K, N), alpha/beta scaled.
+static ml_status gemm_batched_into(DeviceState *st, const Operand &A, const Operand &B, void *out, int out_dtype,
+                                   int64_t ldc, int64_t stride_c, int64_t batch, int64_t M, int64_t N, int64_t K,
+                                   double alpha, double beta) {
+  if (M > INT_MAX || N > INT_MAX || K > INT_MAX || batch > INT_MAX || ldc > INT_MAX)
     return ml_fail(ML_EINVAL, "matmul: dimensions too large for cuBLAS (M=%lld N=%lld K=%lld)", (long long)M,
                    (long long)N, (long long)K);
   float af = (float)alpha, bf = (float)beta;
@@ -105,9 +107,15 @@ static ml_status gemm_batched(DeviceState *st, const Operand &A, const Operand &
   CUBLAS_TRY(cublasGemmStridedBatchedEx(st->blas, opb, opa, (int)N, (int)M, (int)K, pa,
                                         B.data, cuda_type(B.dtype), (int)B.ld, B.batch_stride,
                                         A.data, cuda_type(A.dtype), (int)A.ld, A.batch_stride, pb,
-                                        out, cuda_type(out_dtype), (int)N, M * N, (int)batch,
+                                        out, cuda_type(out_dtype), (int)ldc, stride_c, (int)batch,
                                         compute_type(out_dtype), CUBLAS_GEMM_DEFAULT));
   return ML_OK;
+}
+
+// out (batch, M, N) contiguous.
+static ml_status gemm_batched(DeviceState *st, const Operand &A, const Operand &B, void *out, int out_dtype,
+                              int64_t batch, int64_t M, int64_t N, int64_t K, double alpha, double beta) {
+  return gemm_batched_into(st, A, B, out, out_dtype, N, M * N, batch, M, N, K, alpha, beta);
 }
 
 static void release_operand(Operand &op) { ml_tensor_release(op.scratch); op.scratch = NULL; }
@@ -189,21 +197,31 @@ ml_status ml_cuda_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor
 
 // --- attention -----------------------------------------------------------------------------
 
-// scores (B, L, S) in place -> probabilities, in T (float; double for float64 inputs); mask
-// broadcast over the same (B, L, S).
+// Attention runs over blocks of query rows so its scores buffer (batch x rows x keys, in float32)
+// stays within this many bytes: a long prompt does not need L x S scores at once (an 8k-token
+// prompt of 32 heads would want 8 GiB). MOONLOAD_CUDA_ATTN_SCRATCH (bytes) changes the cap.
+static int64_t attn_scratch_bytes(void) {
+  const char *e = getenv("MOONLOAD_CUDA_ATTN_SCRATCH");   // read per call: cheap next to a GEMM
+  long long v = e && *e ? atoll(e) : 0;
+  return v > 0 ? (int64_t)v : (int64_t)256 << 20;
+}
+
+// A block of `rows` = batch x lc score rows of S_eff keys (row-major, contiguous) becomes
+// probabilities in place, in T (float; double for float64 inputs). Query row l0 + (r % lc) of
+// batch r / lc; the mask is broadcast over the full (batch, L, S) and read at that row.
 template <typename T>
-__global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t L, int64_t S, TensorDesc mask, int mask_kind,
-                                    bool causal) {
+__global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t lc, int64_t l0, int64_t L, int64_t S_eff,
+                                    int64_t S, TensorDesc mask, int mask_kind, bool causal) {
   __shared__ T sh[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    T *r = scores + row * S;
-    int64_t l = row % L;
+    T *r = scores + row * S_eff;
+    int64_t l = l0 + row % lc, full_row = row / lc * L + l;
     T m = -INFINITY;
-    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) {
+    for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) {
       T v = r[j];
       if (causal && j > l) v = -INFINITY;
-      if (mask_kind == 1 && load_as<int>(mask.data, mask.dtype, desc_offset(mask, row * S + j)) == 0) v = -INFINITY;
-      if (mask_kind == 2) v += load_as<T>(mask.data, mask.dtype, desc_offset(mask, row * S + j));
+      if (mask_kind == 1 && load_as<int>(mask.data, mask.dtype, desc_offset(mask, full_row * S + j)) == 0) v = -INFINITY;
+      if (mask_kind == 2) v += load_as<T>(mask.data, mask.dtype, desc_offset(mask, full_row * S + j));
       r[j] = v;
       m = max_of(m, v);
     }
@@ -220,11 +238,11 @@ __global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t L, int64_t 
     m = sh[0];
     __syncthreads();
     if (m == -INFINITY) {   // every key masked: zeros, as PyTorch's scaled_dot_product_attention
-      for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] = 0;
+      for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) r[j] = 0;
       continue;
     }
     T s = 0;
-    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) { T e = exp_of(r[j] - m); r[j] = e; s += e; }
+    for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) { T e = exp_of(r[j] - m); r[j] = e; s += e; }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = s;
     __syncthreads();
@@ -236,8 +254,23 @@ __global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t L, int64_t 
     __syncthreads();
     s = sh[0];
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < S; j += blockDim.x) r[j] /= s;
+    for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) r[j] /= s;
   }
+}
+
+// The operand advanced to its logical row `row` (rows keep their leading dimension and batch stride).
+static Operand operand_from_row(const Operand &op, int64_t row) {
+  Operand o = op;
+  int64_t elems = op.transposed ? row : row * op.ld;
+  o.data = (const char *)op.data + elems * (int64_t)ml_dtype_size((ml_dtype)op.dtype);
+  o.scratch = NULL;
+  return o;
+}
+
+// A contiguous (d0, d1, d2) view over the start of buffer t's storage.
+static ml_status block_view(const ml_tensor *t, int64_t d0, int64_t d1, int64_t d2, ml_tensor **out) {
+  int64_t shape[3] = {d0, d1, d2}, strides[3] = {d1 * d2, d2, 1};
+  return ml_tensor_as_strided(t, 3, shape, strides, 0, out);
 }
 
 ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
@@ -255,60 +288,69 @@ ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *
   int64_t B = 1;
   for (int i = 0; i < nbatch; i++) B *= so[i];
   if (B * L * Ev == 0) return ML_OK;
+  if (S == 0) return ml_cuda_fill(out, 0.0);   // no keys: every row is fully masked
   if (scale <= 0) scale = 1.0 / sqrt((double)E);
   int dt = ml_tensor_dtype(out);
-  // Scores (B, L, S) in float32 whatever the inputs (softmax wants the range), float64 for float64.
+  // Scores in float32 whatever the inputs (softmax wants the range), float64 for float64.
   bool wide = dt == ML_FLOAT64;
   int sdt = wide ? ML_FLOAT64 : ML_FLOAT32;
-  int64_t sshape[3] = {B, L, S};
-  ml_tensor *scores = NULL, *probs_cast = NULL;
-  Operand Q = {0}, Kt = {0}, P = {0}, V = {0};
-  ml_tensor *kt = NULL;
+  int64_t Lc = attn_scratch_bytes() / (B * S * (int64_t)ml_dtype_size((ml_dtype)sdt));
+  Lc = Lc < 1 ? 1 : Lc > L ? L : Lc;
+  int64_t sshape[3] = {B, Lc, S};
+  ml_tensor *scores = NULL, *probs = NULL, *kt = NULL;
+  Operand Q = {0}, Kt = {0}, V = {0};
   ml_status s = ml_tensor_empty((ml_dtype)sdt, 3, sshape, ml_tensor_device(out), &scores);
+  if (!s && dt != sdt) s = ml_tensor_empty((ml_dtype)dt, 3, sshape, ml_tensor_device(out), &probs);
   if (!s) s = make_operand(q, nbatch, so, L, E, dt, &Q);
   if (!s) s = ml_tensor_transpose(k, -2, -1, &kt);
   if (!s) s = make_operand(kt, nbatch, so, E, S, dt, &Kt);
-  if (!s) {
-    double ad = scale, zd = 0;
-    float af = (float)scale, zf = 0.f;
-    cublasOperation_t opb = Kt.transposed ? CUBLAS_OP_T : CUBLAS_OP_N, opa = Q.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
-    cublasStatus_t cs = cublasGemmStridedBatchedEx(
-        st->blas, opb, opa, (int)S, (int)L, (int)E, wide ? (const void *)&ad : (const void *)&af, Kt.data,
-        cuda_type(Kt.dtype), (int)Kt.ld, Kt.batch_stride, Q.data, cuda_type(Q.dtype), (int)Q.ld, Q.batch_stride,
-        wide ? (const void *)&zd : (const void *)&zf, ml_tensor_data(scores), cuda_type(sdt), (int)S, L * S, (int)B,
-        compute_type(sdt), CUBLAS_GEMM_DEFAULT);
-    if (cs != CUBLAS_STATUS_SUCCESS) s = ml_fail(ML_EIO, "scaled_dot_product_attention: cuBLAS status %d", (int)cs);
-  }
+  if (!s) s = make_operand(v, nbatch, so, S, Ev, dt, &V);
+  // Without a mask the kernel gets the scores' own descriptor: a device pointer it never reads.
+  TensorDesc md = {0};
+  int kind = !mask ? 0 : ml_tensor_dtype(mask) == ML_BOOL ? 1 : 2;
   if (!s) {
     int64_t full[ML_MAX_DIMS + 2];
     for (int i = 0; i < nbatch; i++) full[i] = so[i];
     full[nbatch] = L; full[nbatch + 1] = S;
-    TensorDesc md = mask ? ml_cuda_desc_broadcast(mask, nbatch + 2, full) : ml_cuda_desc(scores);
-    int kind = !mask ? 0 : ml_tensor_dtype(mask) == ML_BOOL ? 1 : 2;
-    int64_t rows = B * L;
+    md = mask ? ml_cuda_desc_broadcast(mask, nbatch + 2, full) : ml_cuda_desc(scores);
+  }
+  for (int64_t l0 = 0; !s && l0 < L; l0 += Lc) {
+    int64_t lc = L - l0 < Lc ? L - l0 : Lc;
+    // Causal: key j > l is masked for every row of the block, so keys past its last row are skipped.
+    int64_t S_eff = is_causal && l0 + lc < S ? l0 + lc : S;
+    void *sc = ml_tensor_data(scores);
+    // scores (B, lc, S_eff) = scale * Q[l0:l0+lc] @ Kt[:, :S_eff]
+    s = gemm_batched(st, operand_from_row(Q, l0), Kt, sc, sdt, B, lc, S_eff, E, scale, 0.0);
+    if (s) break;
+    int64_t rows = B * lc;
     unsigned grid = (unsigned)(rows < 65535 * 16 ? rows : 65535 * 16);
     if (wide)
-      attn_softmax_kernel<double><<<grid, 256, 0, st->compute>>>((double *)ml_tensor_data(scores), rows, L, S, md, kind,
+      attn_softmax_kernel<double><<<grid, 256, 0, st->compute>>>((double *)sc, rows, lc, l0, L, S_eff, S, md, kind,
                                                                  is_causal);
     else
-      attn_softmax_kernel<float><<<grid, 256, 0, st->compute>>>((float *)ml_tensor_data(scores), rows, L, S, md, kind,
+      attn_softmax_kernel<float><<<grid, 256, 0, st->compute>>>((float *)sc, rows, lc, l0, L, S_eff, S, md, kind,
                                                                 is_causal);
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) s = ml_fail(ML_EIO, "scaled_dot_product_attention: %s", cudaGetErrorString(e));
-  }
-  // out = P @ V in out's dtype (P converted once for float16/bfloat16).
-  if (!s) {
-    const ml_tensor *pt = scores;
-    if (dt != sdt) { s = scratch_copy(scores, 3, sshape, (ml_dtype)dt, &probs_cast); pt = probs_cast; }
-    if (!s) {
-      P.data = ml_tensor_data(pt); P.dtype = dt; P.transposed = false; P.ld = S; P.batch_stride = L * S;
-      s = make_operand(v, nbatch, so, S, Ev, dt, &V);
+    if (e != cudaSuccess) { s = ml_fail(ML_EIO, "scaled_dot_product_attention: %s", cudaGetErrorString(e)); break; }
+    // out[:, l0:l0+lc] = P @ V[:S_eff], P converted to out's dtype first for float16/bfloat16.
+    Operand P = {0};
+    P.data = sc; P.dtype = sdt; P.ld = S_eff; P.batch_stride = lc * S_eff;
+    if (probs) {
+      ml_tensor *from = NULL, *to = NULL;
+      s = block_view(scores, B, lc, S_eff, &from);
+      if (!s) s = block_view(probs, B, lc, S_eff, &to);
+      if (!s) s = ml_cuda_copy_strided(to, from);
+      ml_tensor_release(from);
+      ml_tensor_release(to);
+      if (s) break;
+      P.data = ml_tensor_data(probs); P.dtype = dt;
     }
-    if (!s) s = gemm_batched(st, P, V, ml_tensor_data(out), dt, B, L, Ev, S, 1.0, 0.0);
+    char *o = (char *)ml_tensor_data(out) + l0 * Ev * (int64_t)ml_dtype_size((ml_dtype)dt);
+    s = gemm_batched_into(st, P, V, o, dt, Ev, L * Ev, B, lc, Ev, S_eff, 1.0, 0.0);
   }
   release_operand(Q); release_operand(Kt); release_operand(V);
   ml_tensor_release(kt);
   ml_tensor_release(scores);
-  ml_tensor_release(probs_cast);
+  ml_tensor_release(probs);
   return s;
 }
