@@ -1,8 +1,9 @@
 --- This GPU's ceilings, measured through moonload (run on a machine with a GPU; see
 -- tests/cuda/device_check.sh): cuBLAS bf16 GEMM 8192^3 in TFLOP/s, a device-to-device copy,
 -- and host-to-device copies: pageable (t:to("cuda:0")), pinned (t:pin_memory():to("cuda:0")) and
--- through the weight uploader's pinned double-buffered staging. One JSON line per figure. BENCH_SHAPE=tiny shrinks every size (a dry
--- run on the CUDA emulator: the figures then mean nothing).
+-- through the weight uploader's pinned double-buffered staging (default and 1, 2, 4, ... staging
+-- threads). One JSON line per figure. BENCH_SHAPE=tiny shrinks every size (a dry run on the CUDA
+-- emulator: the figures then mean nothing).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -53,14 +54,32 @@ B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_pinned", byt
 pinned = nil
 collectgarbage()
 
-local up = ffi.new("ml_uploader*[1]")
-C.check(lib.ml_uploader_new(up))
-local uploader = ffi.gc(up[0], lib.ml_uploader_release)
+-- Through the uploader's pinned double-buffered staging, from the same pageable memory, with
+-- 1, 2, 4, ... staging threads (MOONLOAD_UPLOAD_THREADS is read when an uploader is made): the
+-- thread count at which the link, not the host memcpy, becomes the limit.
+pcall(ffi.cdef, "int setenv(const char *, const char *, int); int unsetenv(const char *); long sysconf(int);")
+local cores = tonumber(ffi.C.sysconf(84))                    -- _SC_NPROCESSORS_ONLN
 local dst = ml.empty(host.shape, { device = DEV })
 local ticket = ffi.new("int[1]")
-t = timed(3, function()
-   C.check(lib.ml_uploader_submit(uploader, dst._c, host._c, ticket))
-   C.check(lib.ml_uploader_wait(uploader, ticket[0]))
-end)
+local function uploader_seconds(threads)
+   if threads then ffi.C.setenv("MOONLOAD_UPLOAD_THREADS", tostring(threads), 1) end
+   local up = ffi.new("ml_uploader*[1]")
+   C.check(lib.ml_uploader_new(up))
+   ffi.C.unsetenv("MOONLOAD_UPLOAD_THREADS")
+   local uploader = ffi.gc(up[0], lib.ml_uploader_release)
+   local secs = timed(3, function()
+      C.check(lib.ml_uploader_submit(uploader, dst._c, host._c, ticket))
+      C.check(lib.ml_uploader_wait(uploader, ticket[0]))
+   end)
+   return secs
+end
+t = uploader_seconds(nil)
 assert(dst:cpu():equal(host), "uploaded bytes differ")
-B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_uploader_pinned", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })
+B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_h2d_uploader_staged", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })
+local threads = 1
+while threads <= math.min(cores, 16) do
+   t = uploader_seconds(threads)
+   B.emit({ "bench", "bytes", "seconds", "gbps" },
+      { bench = "cuda_h2d_uploader_staged_" .. threads .. "_threads", bytes = bytes, seconds = t, gbps = bytes / t / 1e9 })
+   threads = threads * 2
+end

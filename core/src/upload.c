@@ -50,31 +50,28 @@ struct ml_uploader {
   void *pinned[2];             /* staging buffers (cuda only), allocated on first use */
   void *pinned_event[2];       /* copy that last read each buffer, or NULL */
   int pinned_device;
+  int staging_threads;         /* threads filling a staging buffer */
   atomic_llong bytes, jobs;
 };
 
 // --- the worker ---------------------------------------------------------------------------
 
 /* Threads that fill a staging buffer: one core's memcpy (~10-20 GB/s) is slower than a PCIe 5
-   link, so the copy into pinned memory is split. MOONLOAD_UPLOAD_THREADS, else min(4, cores / 2). */
+   link, so the copy into pinned memory is split. MOONLOAD_UPLOAD_THREADS when the uploader is
+   made, else min(4, cores / 2). */
 static int staging_threads(void) {
-  static int n = 0;
-  if (n == 0) {
-    const char *e = getenv("MOONLOAD_UPLOAD_THREADS");
-    int v = e && *e ? atoi(e) : 0;
-    if (v <= 0) {
-      long cores = sysconf(_SC_NPROCESSORS_ONLN);
-      v = cores >= 8 ? 4 : cores >= 4 ? 2 : 1;
-    }
-    n = v > 64 ? 64 : v;
+  const char *e = getenv("MOONLOAD_UPLOAD_THREADS");
+  int v = e && *e ? atoi(e) : 0;
+  if (v <= 0) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    v = cores >= 8 ? 4 : cores >= 4 ? 2 : 1;
   }
-  return n;
+  return v > 64 ? 64 : v;
 }
 
-/* memcpy of one staging chunk, in slices over the staging threads (this worker's own OpenMP
-   team, apart from the compute threads). */
-static void stage_copy(uint8_t *dst, const uint8_t *src, size_t len) {
-  int nt = staging_threads();
+/* memcpy of one staging chunk, in slices over nt threads (this worker's own OpenMP team, apart
+   from the compute threads). */
+static void stage_copy(uint8_t *dst, const uint8_t *src, size_t len, int nt) {
   if (nt <= 1 || len < ((size_t)1 << 20)) { memcpy(dst, src, len); return; }
   size_t slice = ((len + (size_t)nt - 1) / (size_t)nt + 63) & ~(size_t)63;
   #pragma omp parallel for num_threads(nt) schedule(static)
@@ -119,7 +116,7 @@ static ml_status run_job(ml_uploader *u, const upload_job *j, void **done_event)
       u->pinned_event[b] = NULL;
       if (st) return st;
     }
-    stage_copy(u->pinned[b], src + off, len);
+    stage_copy(u->pinned[b], src + off, len, u->staging_threads);
     ML_TRY(cu->copy_async(dev.index, dst + off, u->pinned[b], len, 0));
     ML_TRY(cu->event_record(dev.index, true, &u->pinned_event[b]));
   }
@@ -166,6 +163,7 @@ ml_status ml_uploader_new(ml_uploader **out) {
   pthread_mutex_init(&u->mu, NULL);
   pthread_cond_init(&u->cv, NULL);
   pthread_cond_init(&u->done, NULL);
+  u->staging_threads = staging_threads();
   *out = u;
   return ML_OK;
 }
