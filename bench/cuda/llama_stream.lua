@@ -87,24 +87,23 @@ local function h2d_bandwidth(pinned)
    return probe:nbytes() / t
 end
 
+-- Three JSON lines, each printed as soon as it is measured (a run cut short by the device
+-- check's timeout still reports what it finished): pageable weights, accelerate on the same
+-- shapes, pinned weights.
 local h2d = h2d_bandwidth(false)
-local pinned_probe_ok, h2d_pinned = pcall(h2d_bandwidth, true)
-if not pinned_probe_ok then h2d_pinned = nil end
 local t_build = B.now()
 local model, weight_bytes = build(false)
 t_build = B.now() - t_build
 local forward_s, forward_no_prefetch_s = measure(model)
 model = nil
 collectgarbage(); collectgarbage()
--- Page-locking 8 GB can fail where the driver limits it (a sandboxed host): the pageable figures
--- still count, so that failure becomes a note.
-local pinned_ok, pinned_s = false, "page-locking the probe failed: " .. tostring(h2d_pinned)
-if pinned_probe_ok then pinned_ok, pinned_s = pcall(function() return measure(build(true)) end) end
-local pinned_note = not pinned_ok and ("pinned run failed: " .. tostring(pinned_s)):sub(1, 300) or nil
-if not pinned_ok then pinned_s = nil end
-model = nil
-collectgarbage(); collectgarbage()
-local floor, floor_pinned = weight_bytes / h2d, h2d_pinned and weight_bytes / h2d_pinned
+local floor = weight_bytes / h2d
+B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
+         "ratio_to_floor" }, {
+   bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
+   h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = forward_no_prefetch_s,
+   ratio_to_floor = forward_s / floor,
+})
 
 local peer = {}
 local python = os.getenv("BENCH_PYTHON") or "python3"
@@ -112,16 +111,21 @@ local ok, res, raw = pcall(B.run_json, string.format("%s bench/cuda/llama_stream
    repeats, shape), true)
 if ok and res then peer = res end
 local peer_error = not ok and tostring(res) or ((raw or ""):gsub("%s+$", "")):sub(-200)
-
-B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
-         "ratio_to_floor", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "ratio_pinned_to_floor",
-         "accelerate_s", "ratio_to_accelerate", "peer_device", "peer_note", "pinned_note" }, {
-   bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
-   h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = forward_no_prefetch_s,
-   ratio_to_floor = forward_s / floor, h2d_pinned_gbps = h2d_pinned and h2d_pinned / 1e9, floor_pinned_s = floor_pinned,
-   forward_pinned_s = pinned_s, ratio_pinned_to_floor = pinned_s and floor_pinned and pinned_s / floor_pinned, pinned_note = pinned_note,
-   accelerate_s = peer.forward_s,
-   ratio_to_accelerate = peer.forward_s and forward_s / peer.forward_s or nil,
+B.emit({ "bench", "accelerate_s", "forward_s", "ratio_to_accelerate", "peer_device", "peer_note" }, {
+   bench = "cuda_llama_stream_accelerate", accelerate_s = peer.forward_s, forward_s = forward_s,
+   ratio_to_accelerate = peer.forward_s and forward_s / peer.forward_s or nil, peer_device = peer.device,
    peer_note = not peer.forward_s and ("accelerate peer unavailable: " .. peer_error) or nil,
-   peer_device = peer.device,
+})
+
+-- Page-locking 8 GB can fail where the driver limits it (a sandboxed host): that becomes a note.
+local pinned_ok, h2d_pinned = pcall(h2d_bandwidth, true)
+local pinned_s
+if pinned_ok then pinned_ok, pinned_s = pcall(function() return measure(build(true)) end) end
+collectgarbage(); collectgarbage()
+local floor_pinned = pinned_ok and weight_bytes / h2d_pinned or nil
+B.emit({ "bench", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "ratio_pinned_to_floor", "pinned_note" }, {
+   bench = "cuda_llama_stream_pinned", h2d_pinned_gbps = pinned_ok and h2d_pinned / 1e9 or nil,
+   floor_pinned_s = floor_pinned, forward_pinned_s = pinned_ok and pinned_s or nil,
+   ratio_pinned_to_floor = pinned_ok and pinned_s / floor_pinned or nil,
+   pinned_note = not pinned_ok and ("pinned run failed: " .. tostring(pinned_s or h2d_pinned)):sub(1, 300) or nil,
 })

@@ -65,9 +65,12 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
          local ok, r = pcall(cjson.decode, line)
          if ok then
             local v = r.tflops and string.format("%.1f TFLOP/s", r.tflops) or r.gbps and string.format("%.1f GB/s", r.gbps)
-               or r.forward_s and string.format("%.3f s per forward; floor %.3f s (%.2fx); pinned weights %.3f s (%.2fx their floor); accelerate %s",
-                  r.forward_s, r.floor_s or 0, r.ratio_to_floor or 0, r.forward_pinned_s or 0, r.ratio_pinned_to_floor or 0,
-                  r.accelerate_s and string.format("%.3f s", r.accelerate_s) or "n/a")
+               or r.ratio_to_floor and string.format("%.3f s per forward (no prefetch %.3f s); floor %.3f s at %.1f GB/s: %.2fx",
+                  r.forward_s, r.forward_no_prefetch_s, r.floor_s, r.h2d_gbps, r.ratio_to_floor)
+               or r.ratio_to_accelerate and string.format("accelerate %.3f s per forward: moonload takes %.2fx its time",
+                  r.accelerate_s, r.ratio_to_accelerate)
+               or r.ratio_pinned_to_floor and string.format("pinned weights %.3f s per forward; floor %.3f s at %.1f GB/s: %.2fx",
+                  r.forward_pinned_s, r.floor_pinned_s, r.h2d_pinned_gbps, r.ratio_pinned_to_floor)
                or r.skipped or "?"
             local notes = {}
             for _, k in ipairs({ "pinned_note", "peer_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
