@@ -225,35 +225,14 @@ __global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t lc, int64_t
       r[j] = v;
       m = max_of(m, v);
     }
-    // block max
-    for (int o = 16; o > 0; o >>= 1) m = max_of(m, __shfl_down_sync(0xffffffffu, m, o));
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      T mm = -INFINITY;
-      for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) mm = max_of(mm, sh[w]);
-      sh[0] = mm;
-    }
-    __syncthreads();
-    m = sh[0];
-    __syncthreads();
+    m = block_max<T>(m, sh);
     if (m == -INFINITY) {   // every key masked: zeros, as PyTorch's scaled_dot_product_attention
       for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) r[j] = 0;
       continue;
     }
     T s = 0;
     for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) { T e = exp_of(r[j] - m); r[j] = e; s += e; }
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      T ss = 0;
-      for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) ss += sh[w];
-      sh[0] = ss;
-    }
-    __syncthreads();
-    s = sh[0];
-    __syncthreads();
+    s = block_sum<T>(s, sh);
     for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) r[j] /= s;
   }
 }

@@ -122,6 +122,48 @@ __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b)
 __device__ __forceinline__ float exp_of(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
 
+// --- block reductions ----------------------------------------------------------------------
+
+// Integer sums and products wrap on overflow, as PyTorch's int64 (unsigned arithmetic: no UB).
+__device__ __forceinline__ double add_wrap(double a, double b) { return a + b; }
+__device__ __forceinline__ float add_wrap(float a, float b) { return a + b; }
+__device__ __forceinline__ long long add_wrap(long long a, long long b) {
+  return (long long)((unsigned long long)a + (unsigned long long)b);
+}
+__device__ __forceinline__ double mul_wrap(double a, double b) { return a * b; }
+__device__ __forceinline__ long long mul_wrap(long long a, long long b) {
+  return (long long)((unsigned long long)a * (unsigned long long)b);
+}
+
+// Combines v over the block (warp shuffles, then one value per warp through shared[32]) with
+// combine, whose identity fills the missing warps; every thread gets the result.
+template <typename T, typename Combine>
+__device__ T block_reduce(T v, T *shared, T identity, Combine combine) {
+  for (int o = 16; o > 0; o >>= 1) v = combine(v, __shfl_down_sync(0xffffffffu, v, o));
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  int nwarps = (blockDim.x + 31) >> 5;
+  v = threadIdx.x < nwarps ? shared[threadIdx.x] : identity;
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v = combine(v, __shfl_down_sync(0xffffffffu, v, o));
+  if (threadIdx.x == 0) shared[0] = v;
+  __syncthreads();
+  T r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+template <typename T>
+__device__ T block_sum(T v, T *shared) {
+  return block_reduce(v, shared, (T)0, [](T a, T b) { return add_wrap(a, b); });
+}
+
+template <typename T>
+__device__ T block_max(T v, T *shared) {
+  return block_reduce(v, shared, (T)-INFINITY, [](T a, T b) { return max_of(a, b); });
+}
+
 // --- out-of-range indices (embedding, gather, index_select) ---------------------------------
 
 // Records v as the first bad index (the flag starts at LLONG_MIN).

@@ -8,53 +8,6 @@
 
 static const int kBlock = 256;
 
-// --- block reductions ----------------------------------------------------------------------
-
-// Integer sums and products wrap on overflow, as PyTorch's int64 (unsigned arithmetic: no UB).
-__device__ __forceinline__ double add_wrap(double a, double b) { return a + b; }
-__device__ __forceinline__ float add_wrap(float a, float b) { return a + b; }
-__device__ __forceinline__ long long add_wrap(long long a, long long b) {
-  return (long long)((unsigned long long)a + (unsigned long long)b);
-}
-__device__ __forceinline__ double mul_wrap(double a, double b) { return a * b; }
-__device__ __forceinline__ long long mul_wrap(long long a, long long b) {
-  return (long long)((unsigned long long)a * (unsigned long long)b);
-}
-
-template <typename T>
-__device__ T block_sum(T v, T *shared) {
-  for (int o = 16; o > 0; o >>= 1) v = add_wrap(v, __shfl_down_sync(0xffffffffu, v, o));
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  int nwarps = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nwarps ? shared[threadIdx.x] : (T)0;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v = add_wrap(v, __shfl_down_sync(0xffffffffu, v, o));
-  if (threadIdx.x == 0) shared[0] = v;
-  __syncthreads();
-  T r = shared[0];
-  __syncthreads();
-  return r;
-}
-
-template <typename T>
-__device__ T block_max(T v, T *shared) {
-  for (int o = 16; o > 0; o >>= 1) v = max_of(v, __shfl_down_sync(0xffffffffu, v, o));
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  int nwarps = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < nwarps ? shared[threadIdx.x] : (T)-INFINITY;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v = max_of(v, __shfl_down_sync(0xffffffffu, v, o));
-  if (threadIdx.x == 0) shared[0] = v;
-  __syncthreads();
-  T r = shared[0];
-  __syncthreads();
-  return r;
-}
-
 // --- general reduction ---------------------------------------------------------------------
 
 // Is v a better extreme than best? NaN wins (as in PyTorch); integers have none.
