@@ -92,15 +92,10 @@ function M.causal_attention(q, k, v, past, scale, pad)
 end
 
 --- Grouped-query attention: q (B, H, L, D) against k, v (B, Hkv, S, D) with H = Hkv * n_rep.
--- The key/value heads are broadcast (expand, no copy) over their query groups.
+-- The kernel reads query head h from key/value head h / n_rep (PyTorch's enable_gqa), so the
+-- key/value heads are never repeated into copies.
 function M.gqa_attention(q, k, v, past, scale, pad)
-   local B, H, L, D = q:size(1), q:size(2), q:size(3), q:size(4)
-   local Hkv, S = k:size(2), k:size(3)
-   if Hkv == H then return M.causal_attention(q, k, v, past, scale, pad) end
-   local rep = H / Hkv
-   local kx = k:unsqueeze(3):expand(B, Hkv, rep, S, D):reshape(B, H, S, D)
-   local vx = v:unsqueeze(3):expand(B, Hkv, rep, S, v:size(4)):reshape(B, H, S, v:size(4))
-   return M.causal_attention(q, kx, vx, past, scale, pad)
+   return M.causal_attention(q, k, v, past, scale, pad)
 end
 
 -- --- token ids ------------------------------------------------------------------------------
