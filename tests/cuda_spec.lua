@@ -184,36 +184,42 @@ describe("cuda backend #cuda", function()
 
    it("runs attention over blocks of query rows when the scores would pass the scratch cap", function()
       -- MOONLOAD_CUDA_ATTN_SCRATCH is read at each call: 2 KiB holds a few score rows here, so
-      -- the causal key skipping, the mask's row offsets and the output rows of every block count.
+      -- the causal key skipping, the mask's row offsets and the output rows of every block count;
+      -- with grouped key/value heads the blocks also cross the stacked query heads.
       local ffi = require("ffi")
       pcall(ffi.cdef, "int setenv(const char *, const char *, int); int unsetenv(const char *);")
       local F = ml.nn.functional
       ml.manual_seed(16)
       local q, k, v = ml.randn(2, 4, 11, 16), ml.randn(2, 2, 11, 16), ml.randn(2, 2, 11, 8)
       local long_k, long_v = ml.randn(2, 4, 13, 16), ml.randn(2, 4, 13, 8)
-      local bool_mask = ml.rand(11, 13):gt(0.3)
-      local add_mask = ml.randn(2, 1, 11, 13)
+      local k2, v2 = long_k:narrow(2, 1, 2), long_v:narrow(2, 1, 2)
+      -- q as Llama makes it, (B, L, H, D) transposed to (B, H, L, D) on the device, where its heads
+      -- are not stacked in memory (moving a view to a device makes it contiguous, so it is
+      -- transposed after the move)
+      local q_blhd, q1_blhd = ml.randn(2, 11, 4, 16), ml.randn(2, 1, 4, 16)
       local cases = {
          { "causal, grouped heads", q, k, v, { is_causal = true } },
+         { "causal, grouped heads, transposed query", q_blhd, k, v, { is_causal = true }, true },
+         { "grouped heads, one query (decode)", q1_blhd, k2, v2, {}, true },
+         { "grouped heads, a mask per query head", q_blhd, k2, v2, { attn_mask = ml.randn(2, 4, 11, 13):gt(0) }, true },
          { "causal, more keys than queries", q, long_k, long_v, { is_causal = true } },
-         { "bool mask", q, long_k, long_v, { attn_mask = bool_mask } },
-         { "additive mask", q, long_k, long_v, { attn_mask = add_mask } },
+         { "bool mask", q, long_k, long_v, { attn_mask = ml.rand(11, 13):gt(0.3) } },
+         { "additive mask", q, long_k, long_v, { attn_mask = ml.randn(2, 1, 11, 13) } },
       }
+      local function run(c, dtype, device)
+         local function put(t) return t:to(dtype):to(device) end
+         local qq = c[6] and put(c[2]):transpose(2, 3) or put(c[2])
+         local mask = c[5].attn_mask and c[5].attn_mask:to(device)
+         return F.scaled_dot_product_attention(qq, put(c[3]), put(c[4]), { is_causal = c[5].is_causal, attn_mask = mask })
+      end
       local want = {}
-      for i, c in ipairs(cases) do want[i] = F.scaled_dot_product_attention(c[2], c[3], c[4], c[5]) end
+      for i, c in ipairs(cases) do want[i] = { run(c, "float32", "cpu"), run(c, "bfloat16", "cpu") } end
       ffi.C.setenv("MOONLOAD_CUDA_ATTN_SCRATCH", "2048", 1)
       local ok, err = pcall(function()
          for i, c in ipairs(cases) do
-            local opts = { is_causal = c[5].is_causal, attn_mask = c[5].attn_mask and c[5].attn_mask:to(DEV) }
-            assert_close(F.scaled_dot_product_attention(c[2]:to(DEV), c[3]:to(DEV), c[4]:to(DEV), opts), want[i],
-               1e-4, c[1])
-            local b16 = F.scaled_dot_product_attention(c[2]:bfloat16():to(DEV), c[3]:bfloat16():to(DEV),
-               c[4]:bfloat16():to(DEV), opts)
-            assert_close(b16, F.scaled_dot_product_attention(c[2]:bfloat16(), c[3]:bfloat16(), c[4]:bfloat16(), c[5]),
-               2e-2, c[1] .. " bfloat16")
-            local f64 = F.scaled_dot_product_attention(c[2]:to("float64"):to(DEV), c[3]:to("float64"):to(DEV),
-               c[4]:to("float64"):to(DEV), opts)
-            assert_close(f64, want[i], 1e-5, c[1] .. " float64")
+            assert_close(run(c, "float32", DEV), want[i][1], 1e-4, c[1])
+            assert_close(run(c, "bfloat16", DEV), want[i][2], 2e-2, c[1] .. " bfloat16")
+            assert_close(run(c, "float64", DEV), want[i][1], 1e-5, c[1] .. " float64")
          end
       end)
       ffi.C.unsetenv("MOONLOAD_CUDA_ATTN_SCRATCH")

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 7
+#define ML_CUDA_API_VERSION 8
 
 typedef struct ml_cuda_api {
   int version;
@@ -39,6 +39,7 @@ typedef struct ml_cuda_api {
   ml_status (*embedding)(const ml_tensor *ids, const ml_tensor *weight, ml_tensor *out);
   ml_status (*layer_norm)(const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps, ml_tensor *out);
   ml_status (*rms_norm)(const ml_tensor *x, int nnorm, const ml_tensor *w, double eps, ml_tensor *out);
+  /* k and v may have fewer heads (dim -3) than q, dividing them: grouped-query attention */
   ml_status (*sdpa)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                     bool is_causal, double scale, ml_tensor *out);
   ml_status (*where)(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);

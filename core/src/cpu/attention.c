@@ -99,26 +99,6 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
 
 /* t (..., H, S, E) -> (..., H * group, S, E), head h of the result being t's head h / group
    (a copy on t's device: an expanded view cannot fold the two head dims into one). */
-static ml_status repeat_heads(const ml_tensor *t, int64_t group, ml_tensor **out) {
-  int nd = t->ndim;
-  if (nd + 1 > ML_MAX_DIMS)
-    return ml_fail(ML_EINVAL, "sdpa: cannot repeat the key/value heads of a %d-d tensor", nd);
-  int64_t ex[ML_MAX_DIMS], flat[ML_MAX_DIMS];
-  for (int i = 0, o = 0; i < nd; i++) {
-    ex[o++] = t->shape[i];
-    if (i == nd - 3) ex[o++] = group;
-    flat[i] = i == nd - 3 ? t->shape[i] * group : t->shape[i];
-  }
-  ml_tensor *u, *e;
-  ML_TRY(ml_tensor_unsqueeze(t, nd - 2, &u));
-  ml_status st = ml_tensor_expand(u, nd + 1, ex, &e);
-  ml_tensor_release(u);
-  if (st) return st;
-  st = ml_tensor_reshape(e, nd, flat, out);
-  ml_tensor_release(e);
-  return st;
-}
-
 ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                   bool is_causal, double scale, ml_tensor **out) {
   ml_blas_init();
@@ -200,16 +180,7 @@ ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, co
   ml_tensor *o;
   ML_TRY(ml_tensor_empty(q->dtype, j.nbd + 2, oshape, q->storage->device, &o));
   if (cu) {
-    /* The CUDA entry broadcasts batch dims only: grouped key/value heads are repeated first. */
-    ml_tensor *kx = NULL, *vx = NULL;
-    ml_status st = ML_OK;
-    if (j.group > 1) {
-      st = repeat_heads(k, j.group, &kx);
-      if (!st) st = repeat_heads(v, j.group, &vx);
-    }
-    if (!st) st = cu->sdpa(q, kx ? kx : k, vx ? vx : v, mask, is_causal, j.scale, o);
-    ml_tensor_release(kx);
-    ml_tensor_release(vx);
+    ml_status st = cu->sdpa(q, k, v, mask, is_causal, j.scale, o);   /* grouped heads included */
     if (st) { ml_tensor_release(o); return st; }
     *out = o;
     return ML_OK;

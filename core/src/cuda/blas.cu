@@ -207,15 +207,17 @@ static int64_t attn_scratch_bytes(void) {
 }
 
 // A block of `rows` = batch x lc score rows of S_eff keys (row-major, contiguous) becomes
-// probabilities in place, in T (float; double for float64 inputs). Query row l0 + (r % lc) of
-// batch r / lc; the mask is broadcast over the full (batch, L, S) and read at that row.
+// probabilities in place, in T (float; double for float64 inputs). Rows r0.. of the R query rows
+// of each batch: query position (r0 + row % lc) % L (R = G x L when G query heads share one
+// key/value head, stacked). The mask is broadcast over the full (batch, heads, L, S), whose
+// flattened row is batch x R + that row.
 template <typename T>
-__global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t lc, int64_t l0, int64_t L, int64_t S_eff,
-                                    int64_t S, TensorDesc mask, int mask_kind, bool causal) {
+__global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t lc, int64_t r0, int64_t R, int64_t L,
+                                    int64_t S_eff, int64_t S, TensorDesc mask, int mask_kind, bool causal) {
   __shared__ T sh[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     T *r = scores + row * S_eff;
-    int64_t l = l0 + row % lc, full_row = row / lc * L + l;
+    int64_t stacked = r0 + row % lc, l = stacked % L, full_row = row / lc * R + stacked;
     T m = -INFINITY;
     for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) {
       T v = r[j];
@@ -252,15 +254,43 @@ static ml_status block_view(const ml_tensor *t, int64_t d0, int64_t d1, int64_t 
   return ml_tensor_as_strided(t, 3, shape, strides, 0, out);
 }
 
+// Grouped-query attention without repeating key/value heads: q (..., Hk*G, L, E) is seen as
+// (..., Hk, G*L, E), the G query heads of one key/value head stacked as rows (a view when head
+// stride = L x row stride, else a copy of q, far smaller than G copies of k and v at long S),
+// so each key/value head serves one GEMM. The output (..., Hq, L, Ev) is contiguous, hence the
+// same bytes as (..., Hk, G*L, Ev). Returns the view in *qv (owned) and the batch shape in bs.
+static ml_status stack_query_groups(const ml_tensor *q, int nbatch, const int64_t *so, int64_t G, int64_t L,
+                                    ml_tensor **qv, int64_t *bs) {
+  ml_tensor *qc = NULL;
+  int nq = ml_tensor_ndim(q);
+  const int64_t *sh = ml_tensor_shape(q), *stq = ml_tensor_strides(q);
+  if (!(L == 1 || stq[nq - 3] == L * stq[nq - 2])) {
+    ML_TRY(ml_tensor_contiguous(q, &qc));
+    q = qc;
+    stq = ml_tensor_strides(q);
+  }
+  int64_t shape[ML_MAX_DIMS], strides[ML_MAX_DIMS];
+  for (int i = 0; i < nq; i++) { shape[i] = sh[i]; strides[i] = stq[i]; }
+  shape[nq - 3] = sh[nq - 3] / G;
+  strides[nq - 3] = stq[nq - 3] * G;
+  shape[nq - 2] = G * L;
+  strides[nq - 2] = L == 1 ? stq[nq - 3] : stq[nq - 2];
+  ml_status s = ml_tensor_as_strided(q, nq, shape, strides, ml_tensor_offset(q), qv);
+  ml_tensor_release(qc);
+  for (int i = 0; i < nbatch; i++) bs[i] = so[i];
+  bs[nbatch - 1] = so[nbatch - 1] / G;
+  return s;
+}
+
 ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                        bool is_causal, double scale, ml_tensor *out) {
   int dev = ml_cuda_device_of(out);
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(dev, &st));
-  int nq = ml_tensor_ndim(q);
+  int nq = ml_tensor_ndim(q), nk = ml_tensor_ndim(k);
   const int64_t *sq = ml_tensor_shape(q), *sk = ml_tensor_shape(k), *sv = ml_tensor_shape(v);
-  int64_t L = sq[nq - 2], E = sq[nq - 1], S = sk[ml_tensor_ndim(k) - 2], Ev = sv[ml_tensor_ndim(v) - 1];
-  // Batch shape = out's leading dims; k and v broadcast to it.
+  int64_t L = sq[nq - 2], E = sq[nq - 1], S = sk[nk - 2], Ev = sv[ml_tensor_ndim(v) - 1];
+  // Batch shape = out's leading dims; k and v broadcast to it, or group its heads (dim -3).
   int no = ml_tensor_ndim(out);
   const int64_t *so = ml_tensor_shape(out);
   int nbatch = no - 2;
@@ -269,21 +299,28 @@ ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *
   if (B * L * Ev == 0) return ML_OK;
   if (S == 0) return ml_cuda_fill(out, 0.0);   // no keys: every row is fully masked
   if (scale <= 0) scale = 1.0 / sqrt((double)E);
+  int64_t hk = nk >= 3 ? sk[nk - 3] : 1, G = 1;
+  if (nbatch >= 1 && nq >= 3 && hk > 1 && hk != so[nbatch - 1] && so[nbatch - 1] % hk == 0) G = so[nbatch - 1] / hk;
+  int64_t bs[ML_MAX_DIMS];                 // the GEMMs' batch shape: out's, heads divided by G
+  ml_tensor *qv = NULL;
+  if (G > 1) ML_TRY(stack_query_groups(q, nbatch, so, G, L, &qv, bs));
+  else for (int i = 0; i < nbatch; i++) bs[i] = so[i];
+  int64_t Bg = B / G, R = G * L;           // GEMM batch count, and query rows per batch
   int dt = ml_tensor_dtype(out);
   // Scores in float32 whatever the inputs (softmax wants the range), float64 for float64.
   bool wide = dt == ML_FLOAT64;
   int sdt = wide ? ML_FLOAT64 : ML_FLOAT32;
-  int64_t Lc = attn_scratch_bytes() / (B * S * (int64_t)ml_dtype_size((ml_dtype)sdt));
-  Lc = Lc < 1 ? 1 : Lc > L ? L : Lc;
-  int64_t sshape[3] = {B, Lc, S};
+  int64_t Lc = attn_scratch_bytes() / (Bg * S * (int64_t)ml_dtype_size((ml_dtype)sdt));
+  Lc = Lc < 1 ? 1 : Lc > R ? R : Lc;
+  int64_t sshape[3] = {Bg, Lc, S};
   ml_tensor *scores = NULL, *probs = NULL, *kt = NULL;
   Operand Q = {0}, Kt = {0}, V = {0};
   ml_status s = ml_tensor_empty((ml_dtype)sdt, 3, sshape, ml_tensor_device(out), &scores);
   if (!s && dt != sdt) s = ml_tensor_empty((ml_dtype)dt, 3, sshape, ml_tensor_device(out), &probs);
-  if (!s) s = make_operand(q, nbatch, so, L, E, dt, &Q);
+  if (!s) s = make_operand(qv ? qv : q, nbatch, bs, R, E, dt, &Q);
   if (!s) s = ml_tensor_transpose(k, -2, -1, &kt);
-  if (!s) s = make_operand(kt, nbatch, so, E, S, dt, &Kt);
-  if (!s) s = make_operand(v, nbatch, so, S, Ev, dt, &V);
+  if (!s) s = make_operand(kt, nbatch, bs, E, S, dt, &Kt);
+  if (!s) s = make_operand(v, nbatch, bs, S, Ev, dt, &V);
   // Without a mask the kernel gets the scores' own descriptor: a device pointer it never reads.
   TensorDesc md = {0};
   int kind = !mask ? 0 : ml_tensor_dtype(mask) == ML_BOOL ? 1 : 2;
@@ -293,41 +330,44 @@ ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *
     full[nbatch] = L; full[nbatch + 1] = S;
     md = mask ? ml_cuda_desc_broadcast(mask, nbatch + 2, full) : ml_cuda_desc(scores);
   }
-  for (int64_t l0 = 0; !s && l0 < L; l0 += Lc) {
-    int64_t lc = L - l0 < Lc ? L - l0 : Lc;
-    // Causal: key j > l is masked for every row of the block, so keys past its last row are skipped.
-    int64_t S_eff = is_causal && l0 + lc < S ? l0 + lc : S;
+  for (int64_t r0 = 0; !s && r0 < R; r0 += Lc) {
+    int64_t lc = R - r0 < Lc ? R - r0 : Lc;
+    // Causal: key j > l is masked for every row of the block, so keys past its last row are
+    // skipped (all keys up to L when the block spans two stacked heads).
+    int64_t last_l = r0 / L == (r0 + lc - 1) / L ? (r0 + lc - 1) % L : L - 1;
+    int64_t S_eff = is_causal && last_l + 1 < S ? last_l + 1 : S;
     void *sc = ml_tensor_data(scores);
-    // scores (B, lc, S_eff) = scale * Q[l0:l0+lc] @ Kt[:, :S_eff]
-    s = gemm_batched(st, operand_from_row(Q, l0), Kt, sc, sdt, B, lc, S_eff, E, scale, 0.0);
+    // scores (Bg, lc, S_eff) = scale * Q[r0:r0+lc] @ Kt[:, :S_eff]
+    s = gemm_batched(st, operand_from_row(Q, r0), Kt, sc, sdt, Bg, lc, S_eff, E, scale, 0.0);
     if (s) break;
-    int64_t rows = B * lc;
+    int64_t rows = Bg * lc;
     unsigned grid = (unsigned)(rows < 65535 * 16 ? rows : 65535 * 16);
     if (wide)
-      attn_softmax_kernel<double><<<grid, 256, 0, st->compute>>>((double *)sc, rows, lc, l0, L, S_eff, S, md, kind,
+      attn_softmax_kernel<double><<<grid, 256, 0, st->compute>>>((double *)sc, rows, lc, r0, R, L, S_eff, S, md, kind,
                                                                  is_causal);
     else
-      attn_softmax_kernel<float><<<grid, 256, 0, st->compute>>>((float *)sc, rows, lc, l0, L, S_eff, S, md, kind,
+      attn_softmax_kernel<float><<<grid, 256, 0, st->compute>>>((float *)sc, rows, lc, r0, R, L, S_eff, S, md, kind,
                                                                 is_causal);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) { s = ml_fail(ML_EIO, "scaled_dot_product_attention: %s", cudaGetErrorString(e)); break; }
-    // out[:, l0:l0+lc] = P @ V[:S_eff], P converted to out's dtype first for float16/bfloat16.
+    // out rows r0..r0+lc = P @ V[:S_eff], P converted to out's dtype first for float16/bfloat16.
     Operand P = {0};
     P.data = sc; P.dtype = sdt; P.ld = S_eff; P.batch_stride = lc * S_eff;
     if (probs) {
       ml_tensor *from = NULL, *to = NULL;
-      s = block_view(scores, B, lc, S_eff, &from);
-      if (!s) s = block_view(probs, B, lc, S_eff, &to);
+      s = block_view(scores, Bg, lc, S_eff, &from);
+      if (!s) s = block_view(probs, Bg, lc, S_eff, &to);
       if (!s) s = ml_cuda_copy_strided(to, from);
       ml_tensor_release(from);
       ml_tensor_release(to);
       if (s) break;
       P.data = ml_tensor_data(probs); P.dtype = dt;
     }
-    char *o = (char *)ml_tensor_data(out) + l0 * Ev * (int64_t)ml_dtype_size((ml_dtype)dt);
-    s = gemm_batched_into(st, P, V, o, dt, Ev, L * Ev, B, lc, Ev, S_eff, 1.0, 0.0);
+    char *o = (char *)ml_tensor_data(out) + r0 * Ev * (int64_t)ml_dtype_size((ml_dtype)dt);
+    s = gemm_batched_into(st, P, V, o, dt, Ev, R * Ev, Bg, lc, Ev, S_eff, 1.0, 0.0);
   }
   release_operand(Q); release_operand(Kt); release_operand(V);
+  ml_tensor_release(qv);
   ml_tensor_release(kt);
   ml_tensor_release(scores);
   ml_tensor_release(probs);
