@@ -340,11 +340,14 @@ describe("models on cuda #cuda", function()
       { dir = "tests/fixtures/models/llama_tiny_untied", prefix = "model.layers.", n = 2,
         head = { ["model.embed_tokens"] = 0, ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = "cpu" } },
    }
+   -- prefetch with the default streaming window (the whole tiny model ahead), one module ahead, none
+   local modes = { { "streaming window", true, 64 * 2 ^ 20 }, { "one module ahead", true, 0 }, { "no prefetch", false, 0 } }
    for _, case in ipairs(cases) do
-      for _, prefetch in ipairs({ true, false }) do
-         it(string.format("%s over cuda:0 + cpu + disk (prefetch %s) equals the CPU model", case.dir, tostring(prefetch)), function()
+      for _, mode in ipairs(modes) do
+         it(string.format("%s over cuda:0 + cpu + disk (%s) equals the CPU model", case.dir, mode[1]), function()
             local want = cpu_logits(case.dir)
-            hooks.set_prefetch(prefetch)
+            hooks.set_prefetch(mode[2])
+            hooks.set_stream_window(mode[3])
             local folder = os.tmpname()
             os.remove(folder)
             local model = ml.models.from_pretrained(case.dir, {
@@ -352,9 +355,10 @@ describe("models on cuda #cuda", function()
             local got = model(ids)
             got = model(ids)          -- the second forward uses the learned order (streamed ahead)
             hooks.set_prefetch(true)
+            hooks.set_stream_window(64 * 2 ^ 20)
             os.execute("rm -rf '" .. folder .. "'")
             assert_close(got, want, 1e-4, case.dir)
-            if prefetch then assert.is_true(hooks.runtime_stats().bytes_streamed > 0) end
+            if mode[2] then assert.is_true(hooks.runtime_stats().bytes_streamed > 0) end
          end)
       end
    end
@@ -411,7 +415,7 @@ describe("device memory on cuda #cuda", function()
       return peak, before
    end
 
-   it("streams CPU weights with the activations plus two modules on the device (one without prefetch)", function()
+   it("streams CPU weights with the activations, the running module and the window on the device", function()
       local full = ml.models.from_pretrained(dir):to(DEV)
       local weights, biggest = 0, 0
       for _, m in full:named_modules() do
@@ -424,22 +428,45 @@ describe("device memory on cuda #cuda", function()
       local activations = peak_full - resident
       full = nil
       settle()
-      for _, prefetch in ipairs({ true, false }) do
-         hooks.set_prefetch(prefetch)
+      -- in flight: the next module, then more while they fit the window (so at most
+      -- max(window, biggest)); none without prefetch
+      local window = math.floor(weights / 4)
+      local modes = { { "window of a quarter of the weights", true, window, biggest + math.max(window, biggest) },
+                      { "one module ahead", true, 0, 2 * biggest }, { "no prefetch", false, 0, biggest } }
+      local peaks = {}
+      for _, mode in ipairs(modes) do
+         hooks.set_prefetch(mode[2])
+         hooks.set_stream_window(mode[3])
          local model = ml.models.from_pretrained(dir)
          ml.cpu_offload(model, { execution_device = DEV })
+         settle()
          local base = ml.memory_allocated(DEV)
          local peak = forward_peak(model, ids)
-         local modules = prefetch and 2 or 1
+         peaks[#peaks + 1] = peak - base
          -- 1 KiB: the input ids the hook moves to the device count as activations here
-         assert.is_true(peak - base <= activations + modules * biggest + 1024,
-            string.format("prefetch %s: peak %d over %d + %d activations + %d x %d", tostring(prefetch), peak, base,
-               activations, modules, biggest))
+         assert.is_true(peak - base <= activations + mode[4] + 1024,
+            string.format("%s: peak %d over %d + %d activations + %d", mode[1], peak, base, activations, mode[4]))
          assert.is_true(peak - base < activations + weights / 2)
          model = nil
          settle()
       end
       hooks.set_prefetch(true)
+      hooks.set_stream_window(64 * 2 ^ 20)
+      assert.is_true(peaks[1] > peaks[2] and peaks[2] > peaks[3], table.concat(peaks, " "))   -- the window is used
+   end)
+
+   it("gives back the uploads streamed ahead when the model is dropped without removing its hooks", function()
+      settle()
+      local base = ml.memory_allocated(DEV)
+      local model = ml.models.from_pretrained(dir)
+      ml.cpu_offload(model, { execution_device = DEV })
+      model(ids)
+      model(ids)                 -- the last module streams the first ones of the next forward ahead
+      assert.is_true(hooks.runtime_stats().streams_pending > 0)
+      model = nil
+      settle()
+      assert.are.equal(0, hooks.runtime_stats().streams_pending)
+      assert.are.equal(base, (ml.memory_allocated(DEV)))
    end)
 
    it("collects dead device tensors once 64 MiB or a quarter of the free memory was allocated", function()

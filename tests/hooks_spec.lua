@@ -413,5 +413,30 @@ describe("hooks runtime settings", function()
       hooks.set_prefetch_window(nil, 32 * 1024 * 1024)
       local prev = hooks.set_prefetch(false)
       assert.is_false(hooks.set_prefetch(prev))
+      assert.has_error(function() hooks.set_stream_window(-1) end, "set_stream_window: bytes must be >= 0, got -1")
+      hooks.set_stream_window(64 * 2 ^ 20)
+   end)
+
+   it("frees a hook's weight group when the hook is collected, without remove_hook_from_module", function()
+      local function settle() collectgarbage(); collectgarbage() end
+      settle()
+      local base = hooks.runtime_stats().groups
+      local m = ml.nn.Sequential(ml.nn.Linear(4, 3), ml.nn.ReLU(), ml.nn.Linear(3, 2))
+      ml.cpu_offload(m, { execution_device = "cpu" })
+      local x = ml.randn(2, 4)
+      m(x)
+      assert.is_true(hooks.runtime_stats().groups >= base + 2)   -- the two linears at least
+      m = nil
+      settle()
+      assert.are.equal(base, hooks.runtime_stats().groups)
+      -- removed hooks free theirs at once, and a later collection does not free them twice
+      m = ml.nn.Sequential(ml.nn.Linear(4, 3))
+      ml.cpu_offload(m, { execution_device = "cpu" })
+      m(x)
+      hooks.remove_hook_from_submodules(m)
+      assert.are.equal(base, hooks.runtime_stats().groups)
+      m = nil
+      settle()
+      assert.are.equal(base, hooks.runtime_stats().groups)
    end)
 end)

@@ -313,6 +313,8 @@ typedef struct {
   int64_t shared_copies;     /* copies alive now */
   int64_t bytes_streamed;    /* of bytes_copied, streamed ahead on the copy stream (cuda groups) */
   int64_t streams_dropped;   /* uploads made ahead but not used (the order changed) */
+  int64_t groups;            /* groups registered now (a hook's group is freed with the hook) */
+  int64_t streams_pending;   /* uploads made ahead and not yet taken or dropped */
 } ml_hookrt_stats;
 ML_API ml_status ml_hookrt_new(ml_hookrt **out);
 ML_API void ml_hookrt_release(ml_hookrt *rt);
@@ -325,6 +327,9 @@ ML_API ml_status ml_hookrt_set_auto_drop(ml_hookrt *rt, int64_t above_bytes);
    read ahead stay within lookahead_bytes (default 32 MiB); groups with fewer mapped bytes than
    min_bytes (default 64 KiB) are not worth a worker wake-up. -1 keeps a value. */
 ML_API ml_status ml_hookrt_set_prefetch_window(ml_hookrt *rt, int64_t min_bytes, int64_t lookahead_bytes);
+/* Streaming to a cuda device uploads ahead along the learned order: the next group, then on while
+   the host-resident bytes in flight stay within bytes (default 64 MiB; 0: one group ahead). */
+ML_API ml_status ml_hookrt_set_stream_window(ml_hookrt *rt, int64_t bytes);
 /* Blocks until the prefetch worker has nothing queued. */
 ML_API ml_status ml_hookrt_wait(ml_hookrt *rt);
 ML_API ml_status ml_hookrt_group_new(ml_hookrt *rt, ml_device exec_device, int *out);

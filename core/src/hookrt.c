@@ -92,6 +92,7 @@ struct ml_hookrt {
   size_t auto_drop_above;     /* auto: drop (as level 1) once mapped_total exceeds this */
   size_t prefetch_min;        /* groups with fewer mapped bytes are not worth a worker wake-up */
   size_t lookahead;           /* mapped bytes read ahead along the learned order */
+  size_t stream_ahead;        /* host bytes uploaded ahead to a cuda device, past the next group */
   pthread_mutex_t mu;
   pthread_cond_t cv, idle;
   pthread_t worker;
@@ -230,6 +231,7 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
   rt->auto_drop_above = pages > 0 ? (size_t)pages * (size_t)page_size() / 2 : (size_t)1 << 30;
   rt->prefetch_min = 64 * 1024;
   rt->lookahead = 32 * 1024 * 1024;
+  rt->stream_ahead = 64 * 1024 * 1024;
   pthread_mutex_init(&rt->mu, NULL);
   pthread_cond_init(&rt->cv, NULL);
   pthread_cond_init(&rt->idle, NULL);
@@ -238,7 +240,7 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
 }
 
 static void group_clear(ml_hookrt *rt, hr_group *gr);
-static void stage_drop_others(ml_hookrt *rt, int keep);
+static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep);
 
 void ml_hookrt_release(ml_hookrt *rt) {
   if (!rt) return;
@@ -247,7 +249,7 @@ void ml_hookrt_release(ml_hookrt *rt) {
   pthread_cond_broadcast(&rt->cv);
   pthread_mutex_unlock(&rt->mu);
   if (rt->worker_started) pthread_join(rt->worker, NULL);
-  stage_drop_others(rt, -1);
+  stage_drop_others(rt, NULL, 0);
   free(rt->stages);
   ml_uploader_release(rt->uploader);
   for (int g = 0; g < rt->ngroups; g++) if (rt->groups[g].used) group_clear(rt, &rt->groups[g]);
@@ -278,6 +280,13 @@ ml_status ml_hookrt_set_prefetch_window(ml_hookrt *rt, int64_t min_bytes, int64_
                    (long long)min_bytes, (long long)lookahead_bytes);
   if (min_bytes >= 0) rt->prefetch_min = (size_t)min_bytes;
   if (lookahead_bytes >= 0) rt->lookahead = (size_t)lookahead_bytes;
+  return ML_OK;
+}
+
+ml_status ml_hookrt_set_stream_window(ml_hookrt *rt, int64_t bytes) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_set_stream_window: runtime is NULL");
+  if (bytes < 0) return ml_fail(ML_EINVAL, "set_stream_window: bytes must be >= 0, got %lld", (long long)bytes);
+  rt->stream_ahead = (size_t)bytes;
   return ML_OK;
 }
 
@@ -413,15 +422,33 @@ static ml_status stage_take(ml_hookrt *rt, int i, ml_tensor **out) {
   return ML_OK;
 }
 
-/* Drops uploads made for any group but keep (the order changed, or the group was skipped). Each
-   is waited for first: its device memory goes back to the allocator only when no copy writes it. */
-static void stage_drop_others(ml_hookrt *rt, int keep) {
+/* Forgets stage i once its upload is done: its device memory goes back to the allocator only
+   when no copy writes it. */
+static void stage_drop(ml_hookrt *rt, int i) {
+  ml_tensor *t;
+  if (stage_take(rt, i, &t) == ML_OK) ml_tensor_release(t);
+  atomic_fetch_add(&rt->streams_dropped, 1);
+}
+
+/* Drops uploads made for any group outside keep[0..nkeep) (the order changed, or a group was
+   skipped). */
+static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep) {
   for (int i = rt->nstages - 1; i >= 0; i--) {
-    if (rt->stages[i].group == keep) continue;
-    ml_tensor *t;
-    if (stage_take(rt, i, &t) == ML_OK) ml_tensor_release(t);
-    atomic_fetch_add(&rt->streams_dropped, 1);
+    bool kept = false;
+    for (int k = 0; k < nkeep && !kept; k++) kept = rt->stages[i].group == keep[k];
+    if (!kept) stage_drop(rt, i);
   }
+}
+
+/* Bytes of group g's sources that live in host memory (what streaming would upload). */
+static size_t host_bytes(const hr_group *gr) {
+  size_t bytes = 0;
+  for (int i = 0; i < gr->nslots; i++) {
+    const ml_tensor *src = gr->slots[i].src;
+    if (src->storage->device.type == ML_DEVICE_CPU)
+      bytes += (size_t)ml_tensor_numel(src) * ml_dtype_size(src->dtype);
+  }
+  return bytes;
 }
 
 /* Starts uploading group h's host-resident weights to its cuda device. A hint: whatever cannot be
@@ -576,11 +603,24 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   rt->last = g;
   gr->queued = false;
   if (gr->dev.type == ML_DEVICE_CUDA && (rt->nstages > 0 || rt->prefetch)) {
-    int h = gr->next;
-    bool stream = rt->prefetch && h >= 0 && h != g && rt->groups[h].used && !rt->groups[h].active &&
-                  ml_device_equal(rt->groups[h].dev, gr->dev);
-    stage_drop_others(rt, stream ? h : -1);
-    if (stream) stage_group(rt, h);
+    /* stream ahead along the learned order: the next group, then on while the window holds
+       (after a layer's small norm the next big matrix is already on its way) */
+    enum { MAX_AHEAD = 64 };
+    int window[MAX_AHEAD], nwindow = 0;
+    size_t ahead = 0;
+    for (int h = gr->next; rt->prefetch && h >= 0 && h != g && nwindow < MAX_AHEAD; h = rt->groups[h].next) {
+      hr_group *o = &rt->groups[h];
+      if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
+      size_t b = host_bytes(o);
+      if (nwindow > 0 && ahead + b > rt->stream_ahead) break;
+      bool seen = false;                  /* a cycle in the learned order */
+      for (int k = 0; k < nwindow && !seen; k++) seen = window[k] == h;
+      if (seen) break;
+      window[nwindow++] = h;
+      ahead += b;
+    }
+    stage_drop_others(rt, window, nwindow);
+    for (int k = 0; k < nwindow; k++) stage_group(rt, window[k]);
   }
   if (rt->prefetch) {
     /* read ahead along the learned order: at least the next group, then on until the
@@ -649,6 +689,10 @@ static void group_clear(ml_hookrt *rt, hr_group *gr) {
 
 ml_status ml_hookrt_group_free(ml_hookrt *rt, int g) {
   ML_TRY(check_group("ml_hookrt_group_free", rt, g));
+  /* uploads streamed ahead for it go too: their key is its sources' host addresses, which a
+     later tensor may reuse once the sources are released */
+  for (int i = rt->nstages - 1; i >= 0; i--)
+    if (rt->stages[i].group == g) stage_drop(rt, i);
   group_clear(rt, &rt->groups[g]);
   for (int i = 0; i < rt->ngroups; i++) if (rt->groups[i].next == g) rt->groups[i].next = -1;
   if (rt->last == g) rt->last = -1;
@@ -672,4 +716,6 @@ void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out) {
   out->shared_copies = n;
   out->bytes_streamed = atomic_load(&rt->bytes_streamed);
   out->streams_dropped = atomic_load(&rt->streams_dropped);
+  for (int g = 0; g < rt->ngroups; g++) out->groups += rt->groups[g].used;
+  out->streams_pending = rt->nstages;
 }

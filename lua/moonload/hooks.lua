@@ -291,6 +291,7 @@ end
 -- --- the runtime ------------------------------------------------------------------------------------
 
 local runtime_ptr
+local runtime_closed = false
 local function env_flag(name, default)
    local v = os.getenv(name)
    if v == nil or v == "" then return default end
@@ -305,12 +306,17 @@ function M.runtime()
    if runtime_ptr then return runtime_ptr end
    local p = ffi.new("ml_hookrt*[1]")
    C.check(lib.ml_hookrt_new(p))
-   runtime_ptr = ffi.gc(p[0], lib.ml_hookrt_release)
+   runtime_ptr = ffi.gc(p[0], function(rt)
+      runtime_closed = true          -- groups collected after this (at exit) have nothing to free
+      lib.ml_hookrt_release(rt)
+   end)
    local drop_env = os.getenv("MOONLOAD_DROP_PAGES")
    local drop = drop_env == "auto" and 3 or tonumber(drop_env or "") or -1
    C.check(lib.ml_hookrt_configure(runtime_ptr, env_flag("MOONLOAD_PREFETCH", true) and 1 or 0, drop))
    local lookahead = tonumber(os.getenv("MOONLOAD_PREFETCH_LOOKAHEAD") or "")
    if lookahead then C.check(lib.ml_hookrt_set_prefetch_window(runtime_ptr, -1, lookahead)) end
+   local stream_ahead = tonumber(os.getenv("MOONLOAD_STREAM_AHEAD") or "")
+   if stream_ahead then C.check(lib.ml_hookrt_set_stream_window(runtime_ptr, stream_ahead)) end
    return runtime_ptr
 end
 
@@ -336,6 +342,14 @@ function M.set_drop_pages(level, auto_above_bytes)
    if auto_above_bytes then C.check(lib.ml_hookrt_set_auto_drop(M.runtime(), auto_above_bytes)) end
 end
 
+--- set_stream_window(bytes): with a cuda execution device, weights in host memory are uploaded
+-- ahead along the learned order: the next module's, then on while the bytes in flight stay
+-- within `bytes` (default 64 MiB, also MOONLOAD_STREAM_AHEAD; 0 = one module ahead). Device
+-- memory then holds the resident weights, the running module and at most max(window, one module).
+function M.set_stream_window(bytes)
+   C.check(lib.ml_hookrt_set_stream_window(M.runtime(), bytes))
+end
+
 --- set_prefetch_window(min_bytes, lookahead_bytes): prefetch reads ahead along the learned
 -- order while the mapped bytes ahead stay within lookahead_bytes (default 32 MiB, also
 -- MOONLOAD_PREFETCH_LOOKAHEAD); groups smaller than min_bytes (64 KiB) are skipped. nil keeps one.
@@ -345,14 +359,14 @@ end
 
 --- Runtime counters: materialize_calls, releases, bytes_viewed, bytes_copied, tied_hits,
 -- bytes_dropped, prefetch_jobs, prefetch_bytes, prefetch_pages, shared_copies, bytes_streamed,
--- streams_dropped.
+-- streams_dropped; and the current groups (one per offloading hook alive) and streams_pending.
 function M.runtime_stats()
    local s = ffi.new("ml_hookrt_stats")
    lib.ml_hookrt_get_stats(M.runtime(), s)
    local r = {}
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
       "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies",
-      "bytes_streamed", "streams_dropped" }) do
+      "bytes_streamed", "streams_dropped", "groups", "streams_pending" }) do
       r[k] = tonumber(s[k])
    end
    return r
@@ -449,6 +463,12 @@ function AlignDevicesHook:init_hook(module)
    return module
 end
 
+-- A hook's group lives as long as the hook: dropping a dispatched model without removing its
+-- hooks must still free its sources (host weights, mappings) and any uploads streamed ahead.
+local function free_group(gid)
+   if not runtime_closed and runtime_ptr then lib.ml_hookrt_group_free(runtime_ptr, gid[0]) end
+end
+
 -- Registers the hook's tensors with the runtime, resolving each from the weights map once.
 function AlignDevicesHook:_group()
    if self._gid then return self._gid end
@@ -472,6 +492,7 @@ function AlignDevicesHook:_group()
       error(err, 0)
    end
    self._gid = g
+   self._group_guard = ffi.gc(ffi.new("int[1]", g), free_group)
    self._outs = ffi.new("ml_tensor*[?]", math.max(#self.slots, 1))
    return g
 end
@@ -568,7 +589,8 @@ function AlignDevicesHook:detach_hook(module)
       end
       if self._gid then
          lib.ml_hookrt_group_free(M.runtime(), self._gid)
-         self._gid = nil
+         ffi.gc(self._group_guard, nil)
+         self._gid, self._group_guard = nil, nil
       end
    end
    return module
