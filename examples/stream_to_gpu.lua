@@ -1,6 +1,8 @@
 -- A Llama whose weights stay in CPU RAM and on disk, executed on cuda:0: the hook runtime streams
--- each module's weights to the GPU while the previous one computes and frees them after it ran.
--- Prints the device memory a forward needs next to the whole model's, and what was streamed.
+-- the coming modules' weights to the GPU (up to a 64 MiB window ahead, hooks.set_stream_window)
+-- while the current one computes, and frees each module's weights after it ran. Prints the device
+-- memory a forward needs next to the whole model's, and what was streamed. The tiny test
+-- checkpoint fits in one window; a small window here shows the bound at work.
 --
 --    luajit examples/stream_to_gpu.lua                -- the tiny test checkpoint
 --    luajit examples/stream_to_gpu.lua path/to/llama  -- any Llama folder (config.json + safetensors)
@@ -33,6 +35,8 @@ for _, p in model:named_parameters() do weight_bytes = weight_bytes + p:nbytes()
 
 local ids = { 1, 15, 42, 7, 3 }
 local input = ml.tensor({ ids }, { dtype = "int64" })
+-- a window of a quarter of the weights (the default, 64 MiB, would hold the whole tiny model)
+hooks.set_stream_window(math.min(64 * 2 ^ 20, math.floor(weight_bytes / 4)))
 model(input)                                 -- the first forward learns the order of the modules
 collectgarbage(); collectgarbage()
 ml.reset_peak_memory(DEV)
