@@ -59,8 +59,10 @@ test-cuda: all
 
 # The #cuda specs on the CPU emulator of CUDA (tests/cudasim): stream work is delayed at random
 # and every copy held back 2 ms, so work not ordered after a copy runs before it and fails; two
-# devices, so cross-device copies and split models run too.
-CUDASIM_ENV = MOONLOAD_CUDASIM_JITTER_US=$${MOONLOAD_CUDASIM_JITTER_US:-200} \
+# devices, so cross-device copies and split models run too; the threads of a block run in a
+# shuffled order between barriers (reverse order in test-asan), so a missing __syncthreads shows.
+CUDASIM_ENV = MOONLOAD_CUDASIM_THREAD_ORDER=$${MOONLOAD_CUDASIM_THREAD_ORDER:-random} \
+  MOONLOAD_CUDASIM_JITTER_US=$${MOONLOAD_CUDASIM_JITTER_US:-200} \
   MOONLOAD_CUDASIM_COPY_DELAY_US=$${MOONLOAD_CUDASIM_COPY_DELAY_US:-2000} \
   MOONLOAD_CUDASIM_MEM_MB=$${MOONLOAD_CUDASIM_MEM_MB:-1024} MOONLOAD_CUDASIM_DEVICES=$${MOONLOAD_CUDASIM_DEVICES:-2}
 
@@ -81,7 +83,8 @@ test-asan: deps
 	  LDFLAGS="-fsanitize=address,undefined" SIM_SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer" \
 	  build-asan/libmoonload.so build-asan/cudasim/libmoonload_cuda.so $(CDEF)
 	$(ASAN_ENV) $(BUSTED) $(BUSTED_ARGS) --exclude-tags=cuda,slow,noasan
-	$(ASAN_ENV) $(CUDASIM_ENV) MOONLOAD_CUDA_NO_CACHING=1 MOONLOAD_CUDA_LIB=build-asan/cudasim/libmoonload_cuda.so \
+	$(ASAN_ENV) $(CUDASIM_ENV) MOONLOAD_CUDASIM_THREAD_ORDER=reverse MOONLOAD_CUDA_NO_CACHING=1 \
+	  MOONLOAD_CUDA_LIB=build-asan/cudasim/libmoonload_cuda.so \
 	  $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 bench: deps all

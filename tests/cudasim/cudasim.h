@@ -5,6 +5,8 @@
 // - Kernels: every thread of a block is a fiber; __syncthreads and warp shuffles are barriers
 //   between fibers, so block reductions run exactly as written. A barrier some threads never
 //   reach, or a full-mask shuffle after lanes exited, is reported as the bug it would be.
+//   Between barriers the threads run in index order, reversed, or shuffled
+//   (MOONLOAD_CUDASIM_THREAD_ORDER), so a shared-memory handoff missing its barrier shows.
 //   Blocks run one after another; __shared__ variables are per-stream statics.
 // - Streams are worker threads that run their queue in order; events, cudaStreamWaitEvent and
 //   the pageable/pinned copy rules follow the CUDA documentation, so a missing wait between the
@@ -20,8 +22,9 @@
 //
 // Settings (environment): MOONLOAD_CUDASIM_DEVICES (1), MOONLOAD_CUDASIM_MEM_MB per device
 // (4096), MOONLOAD_CUDASIM_JITTER_US (0: a random delay up to this before each stream operation),
-// MOONLOAD_CUDASIM_COPY_DELAY_US (0: every queued copy held back this long). `make test-cuda-sim`
-// uses 2 devices, 1024 MB, 200 us and 2000 us. The library is loaded through MOONLOAD_CUDA_LIB.
+// MOONLOAD_CUDASIM_COPY_DELAY_US (0: every queued copy held back this long),
+// MOONLOAD_CUDASIM_THREAD_ORDER (forward | reverse | random). `make test-cuda-sim` uses 2 devices,
+// 1024 MB, 200 us, 2000 us and random. The library is loaded through MOONLOAD_CUDA_LIB.
 #pragma once
 
 #include <math.h>

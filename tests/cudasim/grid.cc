@@ -7,6 +7,8 @@
 #include "cudasim_internal.h"
 #include "fiber.h"
 
+#include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 
 #include <vector>
@@ -101,14 +103,44 @@ bool release_warp(Block &b, int w) {
   return true;
 }
 
+// The order runnable threads run in between two barriers (MOONLOAD_CUDASIM_THREAD_ORDER):
+// forward (thread 0 first), reverse, or random (a fixed-seed shuffle each time). A GPU promises
+// none, so a kernel that reads shared memory another thread writes without a barrier between
+// gives a different result in one of them.
+enum class Order { forward, reverse, random };
+
+Order thread_order() {   // read per block, so a test can change it between launches
+  const char *v = getenv("MOONLOAD_CUDASIM_THREAD_ORDER");
+  if (!v || !*v || !strcmp(v, "forward")) return Order::forward;
+  if (!strcmp(v, "reverse")) return Order::reverse;
+  if (!strcmp(v, "random")) return Order::random;
+  die("MOONLOAD_CUDASIM_THREAD_ORDER must be forward, reverse or random, got \"%s\"", v);
+}
+
+// Fills order with 0..n-1 in thread order o.
+void phase_order(std::vector<size_t> &order, size_t n, Order o) {
+  thread_local uint64_t rng = 0x9E3779B97F4A7C15ull;
+  order.resize(n);
+  for (size_t i = 0; i < n; i++) order[i] = o == Order::reverse ? n - 1 - i : i;
+  if (o == Order::random)
+    for (size_t i = n; i > 1; i--) {   // Fisher-Yates with xorshift64
+      rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+      std::swap(order[i - 1], order[rng % i]);
+    }
+}
+
 void run_block(Block &b) {
   for (size_t i = 0; i < b.fibers.size(); i++) {
     Fiber &f = b.fibers[i];
     f.state = State::runnable;
     fiber_make(&f.fc, stack_of(i), kStackBytes, fiber_main, &f);
   }
+  thread_local std::vector<size_t> order;
+  Order o = thread_order();
   for (;;) {
-    for (Fiber &f : b.fibers) {
+    phase_order(order, b.fibers.size(), o);
+    for (size_t i : order) {
+      Fiber &f = b.fibers[i];
       if (f.state != State::runnable) continue;
       tls_fiber = &f;
       tls_ctx = &f.ctx;

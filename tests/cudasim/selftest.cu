@@ -79,6 +79,17 @@ __global__ void exited_lanes_kernel(float *out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1);
 }
 
+// Thread 0 writes shared memory that the others read: with the barrier every thread reads 7,
+// without it the result depends on which threads run first.
+__global__ void shared_handoff_kernel(float *out, bool barrier) {
+  __shared__ float x;
+  if (threadIdx.x == 0) x = 0;
+  __syncthreads();
+  if (threadIdx.x == blockDim.x - 1) x = 7;
+  if (barrier) __syncthreads();
+  out[threadIdx.x] = x;
+}
+
 struct Desc {
   void *data;
   int dtype, ndim;
@@ -164,6 +175,26 @@ static bool cross_stream_read(bool wait) {
   return true;
 }
 
+// Sum of what the threads of shared_handoff_kernel read, run in the given thread order.
+static float shared_handoff(const char *order, bool barrier) {
+  const int n = 64;
+  setenv("MOONLOAD_CUDASIM_THREAD_ORDER", order, 1);
+  float *out = device_floats(n), back[n], sum = 0;
+  shared_handoff_kernel<<<1, n>>>(out, barrier);
+  cudaMemcpy(back, out, sizeof back, cudaMemcpyDeviceToHost);
+  unsetenv("MOONLOAD_CUDASIM_THREAD_ORDER");
+  for (int i = 0; i < n; i++) sum += back[i];
+  return sum;
+}
+
+static void check_thread_orders() {
+  bool same = true;
+  for (const char *o : {"forward", "reverse", "random"}) same = same && shared_handoff(o, true) == 64 * 7.0f;
+  report(same, "threads read what another wrote before a barrier, in every thread order");
+  report(shared_handoff("forward", false) != shared_handoff("reverse", false),
+         "a missing barrier gives different results in forward and reverse thread order");
+}
+
 static void check_copy_rules() {
   float *dev = device_floats(1), host = 1.0f, back = 0;
   cudaStream_t s;
@@ -228,6 +259,7 @@ int main() {
   expect_abort("a full-mask shuffle after lanes exited is caught", "has exited", launch_exited_lanes);
   expect_abort("a GEMM operand reaching past its allocation is caught", "past the end", gemm_past_the_end);
   check_block_sums();
+  check_thread_orders();
   report(cross_stream_read(true), "a kernel ordered after a pinned upload by an event sees the data");
   report(!cross_stream_read(false), "without the event wait the kernel runs before the upload (streams are async)");
   check_copy_rules();
