@@ -1,10 +1,11 @@
 --- Llama-shaped model with grouped-query attention (8 layers, d=1024, 16 query heads over 4
--- key/value heads, MLP 2816, vocab 32000), random float32 weights, CPU: (1) prefill of a
+-- key/value heads, MLP 2816, vocab 32000), random weights (float32, or BENCH_DTYPE), CPU: (1) prefill of a
 -- 1024-token prompt, (2) greedy decode of 32 tokens after it with the KV cache, where attention
 -- over the long context and the grouped heads matter. Next to PyTorch/transformers measured in
 -- the same run with the same thread count (bench/llama_decode.py through BENCH_PYTHON; skipped
 -- with a note when absent). Prints one JSON object. Run from the repository root.
--- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (3), BENCH_PROMPT (1024).
+-- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (3), BENCH_PROMPT (1024),
+-- BENCH_DTYPE (float32 | bfloat16).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -13,13 +14,14 @@ local B = require("benchutil")
 local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
 local PROMPT, NEW = tonumber(os.getenv("BENCH_PROMPT") or "") or 1024, 32
+local DTYPE = os.getenv("BENCH_DTYPE") or "float32"
 C.lib.ml_set_num_threads(threads)
 
 local cfg = { model_type = "llama", vocab_size = 32000, hidden_size = 1024, intermediate_size = 2816,
    num_hidden_layers = 8, num_attention_heads = 16, num_key_value_heads = 4, max_position_embeddings = 4096,
    rms_norm_eps = 1e-5, rope_theta = 10000.0, tie_word_embeddings = false, hidden_act = "silu" }
 ml.manual_seed(0)
-local model = ml.models.llama.LlamaForCausalLM(cfg)
+local model = ml.models.llama.LlamaForCausalLM(cfg):to(DTYPE)
 
 local prompt, seed = {}, 12345
 for i = 1, PROMPT do
@@ -38,12 +40,12 @@ end)
 local decode_s = math.max(total_s - prefill_s, 1e-9)
 
 local result = {
-   bench = "llama_decode", threads = threads, prompt = PROMPT, new_tokens = NEW,
+   bench = "llama_decode", threads = threads, dtype = DTYPE, prompt = PROMPT, new_tokens = NEW,
    prefill_s = prefill_s, generate_s = total_s, decode_tokens_per_s = (NEW - 1) / decode_s,
 }
 if B.have_python() then
-   local ok, peer = pcall(B.run_json, string.format("%s bench/llama_decode.py --threads %d --repeats %d --prompt %d --new %d",
-      B.python, threads, repeats, PROMPT, NEW))
+   local ok, peer = pcall(B.run_json, string.format("%s bench/llama_decode.py --threads %d --repeats %d --prompt %d --new %d --dtype %s",
+      B.python, threads, repeats, PROMPT, NEW, DTYPE))
    if ok and type(peer) == "table" then
       result.peer = peer
       result.prefill_ratio = prefill_s / peer.prefill_s                                -- < 1: moonload faster

@@ -1,13 +1,13 @@
 #!/opt/ref/bin/python
 """PyTorch/transformers peer for bench/llama_decode.lua: the same Llama shape with grouped-query
 attention (8 layers, d=1024, 16 query heads over 4 key/value heads, MLP 2816, vocab 32000),
-random float32 weights, CPU, transformers' default (sdpa) attention.
+random weights (float32 or --dtype), CPU, transformers' default (sdpa) attention.
 
 Measures (1) prefill of the prompt with only the last position's logits, best of R; (2) greedy
 generate of N new tokens after it with the KV cache, best of R; decode tokens/s from the
 difference, as the Lua side does. Prints one JSON object.
 
-Usage: python bench/llama_decode.py [--threads N] [--repeats R] [--prompt P] [--new N]
+Usage: python bench/llama_decode.py [--threads N] [--repeats R] [--prompt P] [--new N] [--dtype D]
 """
 import argparse
 import json
@@ -34,13 +34,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
                       rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).to(getattr(torch, a.dtype)).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, a.prompt))
     gen_kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, num_beams=1,
                   use_cache=True, pad_token_id=0, eos_token_id=None)
@@ -50,7 +51,7 @@ def main():
     decode = max(total - prefill, 1e-9)
     print(json.dumps({
         "peer": "torch", "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "prompt": a.prompt, "new_tokens": a.new,
+        "threads": torch.get_num_threads(), "dtype": a.dtype, "prompt": a.prompt, "new_tokens": a.new,
         "prefill_s": prefill, "generate_s": total, "decode_tokens_per_s": (a.new - 1) / decode,
     }))
 

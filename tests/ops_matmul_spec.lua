@@ -54,6 +54,31 @@ describe("matmul", function()
       for _, i in ipairs({ 1, 16385, 40000 }) do assert.is_true(math.abs(gt[i] - want[i]) <= 1e-3 * math.abs(want[i]) + 1e-3) end
    end)
 
+   it("computes few-row products with a float16/bfloat16 weight in registers, as the float32 path", function()
+      -- M <= 4 rows against a weight stored K-contiguous (linear) take cpu/half_gemv.c; 5 rows the
+      -- panels. K = 37 and 100 leave tails past the 16-wide steps, N = 130 spans three column blocks.
+      ml.manual_seed(19)
+      for _, dt in ipairs({ "bfloat16", "float16" }) do
+         local ulp = dt == "bfloat16" and 2 ^ -8 or 2 ^ -11
+         for _, K in ipairs({ 37, 100 }) do
+            local w, b = ml.randn(130, K):to(dt), ml.randn(130):to(dt)
+            for M = 1, 5 do
+               local x = ml.randn(K, M):to(dt):t()                       -- strided rows
+               local want = F.linear(x:float(), w:float(), b:float())
+               local got = F.linear(x, w, b)
+               assert.are.equal(dt, got.dtype)
+               local err = (got:float() - want):abs() - want:abs() * ulp
+               assert.is_true(err:max():item() <= 1e-4, string.format("%s K=%d M=%d: %g", dt, K, M, err:max():item()))
+            end
+         end
+         -- attention at decode: one query against the keys (scores = scale * q @ k^T)
+         local q, k, v = ml.randn(1, 2, 1, 64):to(dt), ml.randn(1, 2, 9, 64):to(dt), ml.randn(1, 2, 9, 64):to(dt)
+         local want = F.scaled_dot_product_attention(q:float(), k:float(), v:float())
+         local got = F.scaled_dot_product_attention(q, k, v):float()
+         assert.is_true(((got - want):abs() - want:abs() * 2 * ulp):max():item() <= 1e-3, dt .. " attention")
+      end
+   end)
+
    it("uses both batch layouts on many small batched products", function()
       -- 64 batches of 8x8: the threaded path; compared with a per-batch loop of 2-D products.
       local a, b = ml.randn(64, 8, 8), ml.randn(64, 8, 8)

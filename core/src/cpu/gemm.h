@@ -41,6 +41,12 @@ typedef struct {
   int64_t rs, cs;
 } ml_mref;
 
+/* Few-row products with a float16/bfloat16 B that is contiguous along K (cpu/half_gemv.c):
+   C (M x N, cdt, row stride ldc) = alpha * A @ B (+ bias, float32), computed in float32. */
+bool ml_half_gemv_applies(int64_t M, int64_t K, ml_dtype ct, ml_mref B);
+ml_status ml_half_gemv(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
+                       const float *bias, void *C, ml_dtype cdt, int64_t ldc);
+
 /* C (M, N) = alpha * A (M, K) @ B (K, N) [+ bias (N) broadcast over rows].
  * ct is the compute dtype (ML_FLOAT32 or ML_FLOAT64): operands already in ct with a layout BLAS
  * accepts go to cblas_?gemm as they are (transposed ones as CblasTrans); others are converted
