@@ -415,6 +415,9 @@ describe("hooks runtime settings", function()
       assert.is_false(hooks.set_prefetch(prev))
       assert.has_error(function() hooks.set_stream_window(-1) end, "set_stream_window: bytes must be >= 0, got -1")
       hooks.set_stream_window(64 * 2 ^ 20)
+      assert.has_error(function() hooks.set_compute_in_place(1.5) end,
+         "set_compute_in_place: tokens must be an integer >= 0, got 1.5")
+      assert.are.equal(0, hooks.set_compute_in_place(0))     -- off by default: Accelerate streams always
    end)
 
    it("frees a hook's weight group when the hook is collected, without remove_hook_from_module", function()

@@ -2,7 +2,8 @@
 -- GPU layer by layer (cpu_offload with execution_device cuda:0): time per forward of 1x512
 -- tokens against the floor bytes / measured host-to-device bandwidth, and next to accelerate's
 -- cpu_offload on the same machine (bench/cuda/llama_stream_peer.py, same shapes, same run).
--- Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
+-- Then decoding: weights streamed for each token, or the new tokens computed on the CPU in place
+-- (hooks.set_compute_in_place). Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
 -- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly.
 -- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3), BENCH_SHAPE=tiny (a
 -- dry run on the CUDA emulator: a toy Llama, figures meaningless).
@@ -101,8 +102,6 @@ local model, weight_bytes = build(false)
 t_build = B.now() - t_build
 local times = measure(model)
 local forward_s = times.window
-model = nil
-collectgarbage(); collectgarbage()
 local floor = weight_bytes / h2d
 B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
          "forward_one_ahead_s", "ratio_to_floor" }, {
@@ -110,6 +109,27 @@ B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "f
    h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = times.no_prefetch,
    forward_one_ahead_s = times.one_ahead, ratio_to_floor = forward_s / floor,
 })
+
+-- Decoding 8 tokens after a 16-token prompt: every weight streamed per token (Accelerate's way)
+-- against hooks.set_compute_in_place(8) (the prompt streams, each new token's modules run on
+-- the CPU where the weights are).
+local function decode_tokens_per_s(in_place_below)
+   local prev = hooks.set_compute_in_place(in_place_below)
+   local prompt, new = {}, 8
+   for i = 1, 16 do prompt[i] = ids[i] end
+   local short = ml.tensor({ prompt }, { dtype = "int64" })
+   local prefill = B.best(1, function() return model(short, { logits_to_keep = 1 }) end)
+   local total = B.best(1, function() return model:generate(prompt, { max_new_tokens = new }) end)
+   hooks.set_compute_in_place(prev)
+   return (new - 1) / math.max(total - prefill, 1e-9)
+end
+local stream_tps, in_place_tps = decode_tokens_per_s(0), decode_tokens_per_s(8)
+B.emit({ "bench", "streamed_tokens_per_s", "in_place_tokens_per_s", "speedup" }, {
+   bench = "cuda_llama_stream_decode", streamed_tokens_per_s = stream_tps, in_place_tokens_per_s = in_place_tps,
+   speedup = in_place_tps / stream_tps,
+})
+model = nil
+collectgarbage(); collectgarbage()
 
 local peer = {}
 local python = os.getenv("BENCH_PYTHON") or "python3"

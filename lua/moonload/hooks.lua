@@ -350,6 +350,25 @@ function M.set_stream_window(bytes)
    C.check(lib.ml_hookrt_set_stream_window(M.runtime(), bytes))
 end
 
+--- set_compute_in_place(tokens): with a cuda execution device, a hooked module whose weights are
+-- all in host memory (CPU RAM or a mapped file) runs on the CPU when its first input has fewer
+-- than `tokens` rows (numel / last dim: batch x sequence), instead of streaming its weights to
+-- the GPU; inputs go to the CPU and outputs come back to the execution device. Reading weights
+-- in place from RAM beats sending them over PCIe for a few tokens (decoding), while prefill
+-- streams (llama.cpp's policy). 0, the default, always streams, as Accelerate does. Only hooks
+-- on the module that holds the weights (not place_submodules ones) take this path. Also
+-- MOONLOAD_COMPUTE_IN_PLACE_BELOW. Returns the previous setting.
+local in_place_below = tonumber(os.getenv("MOONLOAD_COMPUTE_IN_PLACE_BELOW") or "") or 0
+local in_place_forwards = 0
+function M.set_compute_in_place(tokens)
+   if type(tokens) ~= "number" or tokens < 0 or tokens ~= math.floor(tokens) then
+      error("set_compute_in_place: tokens must be an integer >= 0, got " .. tostring(tokens), 2)
+   end
+   local prev = in_place_below
+   in_place_below = tokens
+   return prev
+end
+
 --- set_prefetch_window(min_bytes, lookahead_bytes): prefetch reads ahead along the learned
 -- order while the mapped bytes ahead stay within lookahead_bytes (default 32 MiB, also
 -- MOONLOAD_PREFETCH_LOOKAHEAD); groups smaller than min_bytes (64 KiB) are skipped. nil keeps one.
@@ -369,6 +388,7 @@ function M.runtime_stats()
       "bytes_streamed", "streams_dropped", "groups", "streams_pending" }) do
       r[k] = tonumber(s[k])
    end
+   r.in_place_forwards = in_place_forwards   -- modules run on the CPU by set_compute_in_place
    return r
 end
 
@@ -470,10 +490,12 @@ local function free_group(gid)
 end
 
 -- Registers the hook's tensors with the runtime, resolving each from the weights map once.
-function AlignDevicesHook:_group()
-   if self._gid then return self._gid end
+-- `on_cpu`: the second group, materialized on the CPU for set_compute_in_place.
+function AlignDevicesHook:_group(on_cpu)
+   local key = on_cpu and "_cpu_gid" or "_gid"
+   if self[key] then return self[key] end
    local rt = M.runtime()
-   local dev = Tensor.parse_device("AlignDevicesHook", self.execution_device or "cpu")
+   local dev = Tensor.parse_device("AlignDevicesHook", on_cpu and "cpu" or self.execution_device or "cpu")
    local gid = ffi.new("int[1]")
    C.check(lib.ml_hookrt_group_new(rt, dev, gid))
    local g = gid[0]
@@ -491,10 +513,28 @@ function AlignDevicesHook:_group()
       lib.ml_hookrt_group_free(rt, g)
       error(err, 0)
    end
-   self._gid = g
-   self._group_guard = ffi.gc(ffi.new("int[1]", g), free_group)
-   self._outs = ffi.new("ml_tensor*[?]", math.max(#self.slots, 1))
+   self[key] = g
+   self[key .. "_guard"] = ffi.gc(ffi.new("int[1]", g), free_group)
+   self._outs = self._outs or ffi.new("ml_tensor*[?]", math.max(#self.slots, 1))
    return g
+end
+
+-- Whether this call runs on the CPU (set_compute_in_place): few rows, every weight in host memory.
+function AlignDevicesHook:_runs_in_place(...)
+   if in_place_below <= 0 or self.place_submodules or #self.slots == 0 then return false end
+   local dev = self.execution_device
+   if type(dev) ~= "string" or dev:sub(1, 5) ~= "cuda:" then return false end
+   local x = ...
+   if not Tensor.is_tensor(x) or x:dim() == 0 or x:numel() / x:size(-1) >= in_place_below then return false end
+   if self._host_resident == nil then
+      local all = true
+      for _, s in ipairs(self.slots) do
+         local v = s.src or wm_index(self.weights_map, s.name)
+         all = all and Tensor.is_tensor(v) and v.device == "cpu"
+      end
+      self._host_resident = all
+   end
+   return self._host_resident
 end
 
 -- Drops the slot's reference to its materialized tensor now, not at the next Lua collection:
@@ -509,12 +549,18 @@ end
 
 function AlignDevicesHook:pre_forward(module, ...)
    if self.io_same_device then self.input_device = find_device({ ... }) end
+   local in_place = self.offload and self:_runs_in_place(...)
    if self.offload and #self.slots > 0 then
-      local g = self:_group()
+      local g = self:_group(in_place)
+      if self._active_gid and self._active_gid ~= g then
+         -- the last forward raised before post_forward, on the other device: let its copy go
+         C.check(lib.ml_hookrt_release_group(M.runtime(), self._active_gid))
+      end
+      self._active_gid = g
       local n = #self.slots
       local outs = self._outs
       C.check(lib.ml_hookrt_materialize(M.runtime(), g, outs, n))
-      local dev_name = self.execution_device or "cpu"
+      local dev_name = in_place and "cpu" or self.execution_device or "cpu"
       for i = 1, n do
          local s = self.slots[i]
          local c = outs[i - 1]
@@ -536,7 +582,9 @@ function AlignDevicesHook:pre_forward(module, ...)
          end
       end
    end
-   local dev = self.execution_device
+   self._in_place = in_place
+   if in_place then in_place_forwards = in_place_forwards + 1 end
+   local dev = in_place and "cpu" or self.execution_device
    if dev == nil then return ... end
    local n = select("#", ...)
    if n == 0 then return end
@@ -553,14 +601,26 @@ function AlignDevicesHook:pre_forward(module, ...)
 end
 
 function AlignDevicesHook:post_forward(module, ...)
-   if self.offload and self._gid then
+   if self.offload and self._active_gid then
       for _, s in ipairs(self.slots) do
          if s.obj ~= nil then rawset(s.obj, "_c", s.meta_c) end
          release_materialized(s)
          s.obj = nil
       end
-      C.check(lib.ml_hookrt_release_group(M.runtime(), self._gid))
+      C.check(lib.ml_hookrt_release_group(M.runtime(), self._active_gid))
+      self._active_gid = nil
    end
+   if self._in_place and not (self.io_same_device and self.input_device ~= nil) then
+      -- ran on the CPU in place of the execution device: the output goes where it would have been
+      self._in_place = false
+      local dev, sk = self.execution_device, self.skip_keys
+      local n = select("#", ...)
+      if n <= 1 then return send_to_device((...), dev, sk) end
+      local out = { ... }
+      for i = 1, n do out[i] = send_to_device(out[i], dev, sk) end
+      return unpack(out, 1, n)
+   end
+   self._in_place = false
    if self.io_same_device and self.input_device ~= nil then
       local dev, sk = self.input_device, self.skip_keys
       local n = select("#", ...)
@@ -587,10 +647,12 @@ function AlignDevicesHook:detach_hook(module)
             end
          end
       end
-      if self._gid then
-         lib.ml_hookrt_group_free(M.runtime(), self._gid)
-         ffi.gc(self._group_guard, nil)
-         self._gid, self._group_guard = nil, nil
+      for _, key in ipairs({ "_gid", "_cpu_gid" }) do
+         if self[key] then
+            lib.ml_hookrt_group_free(M.runtime(), self[key])
+            ffi.gc(self[key .. "_guard"], nil)
+            self[key], self[key .. "_guard"] = nil, nil
+         end
       end
    end
    return module

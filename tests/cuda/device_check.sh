@@ -72,6 +72,8 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
                   r.accelerate_s, r.ratio_to_accelerate)
                or r.ratio_pinned_to_floor and string.format("pinned weights %.3f s per forward; floor %.3f s at %.1f GB/s: %.2fx",
                   r.forward_pinned_s, r.floor_pinned_s, r.h2d_pinned_gbps, r.ratio_pinned_to_floor)
+               or r.in_place_tokens_per_s and string.format("decode %.2f tokens/s streamed, %.2f in place on the CPU (%.2fx)",
+                  r.streamed_tokens_per_s, r.in_place_tokens_per_s, r.speedup)
                or r.skipped or "?"
             local notes = {}
             for _, k in ipairs({ "pinned_note", "peer_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
