@@ -341,24 +341,34 @@ describe("models on cuda #cuda", function()
         head = { ["model.embed_tokens"] = 0, ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = "cpu" } },
    }
    -- prefetch with the default streaming window (the whole tiny model ahead), one module ahead, none
-   local modes = { { "streaming window", true, 64 * 2 ^ 20 }, { "one module ahead", true, 0 }, { "no prefetch", false, 0 } }
+   local modes = { { "streaming window", true, 64 * 2 ^ 20 }, { "one module ahead", true, 0 }, { "no prefetch", false, 0 },
+                   { "computed in place on the CPU", true, 64 * 2 ^ 20, 8 } }
    for _, case in ipairs(cases) do
       for _, mode in ipairs(modes) do
          it(string.format("%s over cuda:0 + cpu + disk (%s) equals the CPU model", case.dir, mode[1]), function()
             local want = cpu_logits(case.dir)
             hooks.set_prefetch(mode[2])
             hooks.set_stream_window(mode[3])
+            hooks.set_compute_in_place(mode[4] or 0)
             local folder = os.tmpname()
             os.remove(folder)
             local model = ml.models.from_pretrained(case.dir, {
                device_map = split_map(case.prefix, case.n, case.head), offload_folder = folder })
+            local before = hooks.runtime_stats()
             local got = model(ids)
             got = model(ids)          -- the second forward uses the learned order (streamed ahead)
+            local after = hooks.runtime_stats()
             hooks.set_prefetch(true)
             hooks.set_stream_window(64 * 2 ^ 20)
+            hooks.set_compute_in_place(0)
             os.execute("rm -rf '" .. folder .. "'")
             assert_close(got, want, 1e-4, case.dir)
-            if mode[2] then assert.is_true(hooks.runtime_stats().bytes_streamed > 0) end
+            if mode[4] then       -- 6 tokens < 8: the cpu and disk blocks ran where their weights are
+               assert.is_true(after.in_place_forwards > before.in_place_forwards)
+               assert.are.equal(before.bytes_copied, after.bytes_copied)
+            elseif mode[2] then
+               assert.is_true(after.bytes_streamed > before.bytes_streamed)
+            end
          end)
       end
    end
