@@ -79,6 +79,30 @@ describe("matmul", function()
       end
    end)
 
+   it("multiplies bfloat16 by bfloat16 as the float32 path does (AVX512-BF16 where the CPU has it)", function()
+      -- 5 to 13 rows cover the 6-row blocks and their tails, K = 37 an odd last element, N = 70
+      -- a panel of 32 columns cut short; a transposed input takes the widening path instead.
+      ml.manual_seed(20)
+      local ulp = 2 ^ -8
+      for _, K in ipairs({ 37, 100 }) do
+         local w, b = ml.randn(70, K):bfloat16(), ml.randn(70):bfloat16()
+         for _, M in ipairs({ 5, 6, 7, 12, 13 }) do
+            for _, x in ipairs({ ml.randn(M, K):bfloat16(), ml.randn(K, M):bfloat16():t() }) do
+               local want = F.linear(x:float(), w:float(), b:float())
+               local got = F.linear(x, w, b)
+               assert.are.equal("bfloat16", got.dtype)
+               local err = ((got:float() - want):abs() - want:abs() * ulp):max():item()
+               assert.is_true(err <= 1e-4, string.format("K=%d M=%d contiguous=%s: %g", K, M, tostring(x:is_contiguous()), err))
+            end
+         end
+      end
+      -- prefill attention: 7 queries, scores = scale * q @ k^T in bfloat16 operands
+      local q, k, v = ml.randn(1, 2, 7, 64):bfloat16(), ml.randn(1, 2, 7, 64):bfloat16(), ml.randn(1, 2, 7, 64):bfloat16()
+      local want = F.scaled_dot_product_attention(q:float(), k:float(), v:float(), { is_causal = true })
+      local got = F.scaled_dot_product_attention(q, k, v, { is_causal = true }):float()
+      assert.is_true(((got - want):abs() - want:abs() * 2 * ulp):max():item() <= 1e-3, "attention")
+   end)
+
    it("uses both batch layouts on many small batched products", function()
       -- 64 batches of 8x8: the threaded path; compared with a per-batch loop of 2-D products.
       local a, b = ml.randn(64, 8, 8), ml.randn(64, 8, 8)

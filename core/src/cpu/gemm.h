@@ -47,6 +47,13 @@ bool ml_half_gemv_applies(int64_t M, int64_t K, ml_dtype ct, ml_mref B);
 ml_status ml_half_gemv(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                        const float *bias, void *C, ml_dtype cdt, int64_t ldc);
 
+/* bfloat16 x bfloat16 products on AVX512-BF16 CPUs (cpu/bf16_gemm.c), same contract; A must be
+   contiguous along K. Available only where the CPU has the instruction. */
+bool ml_bf16_gemm_available(void);
+bool ml_bf16_gemm_applies(int64_t M, int64_t K, ml_dtype ct, ml_mref A, ml_mref B);
+ml_status ml_bf16_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
+                       const float *bias, void *C, ml_dtype cdt, int64_t ldc);
+
 /* C (M, N) = alpha * A (M, K) @ B (K, N) [+ bias (N) broadcast over rows].
  * ct is the compute dtype (ML_FLOAT32 or ML_FLOAT64): operands already in ct with a layout BLAS
  * accepts go to cblas_?gemm as they are (transposed ones as CblasTrans); others are converted
