@@ -600,6 +600,15 @@ function AlignDevicesHook:pre_forward(module, ...)
    return unpack(args, 1, n)
 end
 
+-- Each of a forward's results sent to dev.
+local function send_outputs(dev, skip_keys, ...)
+   local n = select("#", ...)
+   if n <= 1 then return send_to_device((...), dev, skip_keys) end
+   local out = { ... }
+   for i = 1, n do out[i] = send_to_device(out[i], dev, skip_keys) end
+   return unpack(out, 1, n)
+end
+
 function AlignDevicesHook:post_forward(module, ...)
    if self.offload and self._active_gid then
       for _, s in ipairs(self.slots) do
@@ -610,25 +619,11 @@ function AlignDevicesHook:post_forward(module, ...)
       C.check(lib.ml_hookrt_release_group(M.runtime(), self._active_gid))
       self._active_gid = nil
    end
-   if self._in_place and not (self.io_same_device and self.input_device ~= nil) then
-      -- ran on the CPU in place of the execution device: the output goes where it would have been
-      self._in_place = false
-      local dev, sk = self.execution_device, self.skip_keys
-      local n = select("#", ...)
-      if n <= 1 then return send_to_device((...), dev, sk) end
-      local out = { ... }
-      for i = 1, n do out[i] = send_to_device(out[i], dev, sk) end
-      return unpack(out, 1, n)
-   end
+   local in_place = self._in_place
    self._in_place = false
-   if self.io_same_device and self.input_device ~= nil then
-      local dev, sk = self.input_device, self.skip_keys
-      local n = select("#", ...)
-      if n <= 1 then return send_to_device((...), dev, sk) end
-      local out = { ... }
-      for i = 1, n do out[i] = send_to_device(out[i], dev, sk) end
-      return unpack(out, 1, n)
-   end
+   if self.io_same_device and self.input_device ~= nil then return send_outputs(self.input_device, self.skip_keys, ...) end
+   -- ran on the CPU in place of the execution device: the output goes where it would have been
+   if in_place then return send_outputs(self.execution_device, self.skip_keys, ...) end
    return ...
 end
 

@@ -64,6 +64,23 @@ static void pack_panel(uint32_t *dst, ml_mref B, int64_t K, int64_t n0, int64_t 
   }
 }
 
+/* Adds the full pairs of mr rows of A times the packed panel into c. Inlined into kernel twice:
+   with mr = MR constant (the row loop unrolled, all sums in registers) and for the tail rows. */
+ML_BF16_TARGET static inline __attribute__((always_inline)) void add_pairs(const uint32_t *const *arow, int mr,
+                                                                         int64_t full, const uint32_t *bp,
+                                                                         __m512 c[MR][2]) {
+  for (int64_t p = 0; p < full; p++) {
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + p * NR), b1 = (__m512bh)_mm512_loadu_si512(bp + p * NR + 16);
+    for (int r = 0; r < mr; r++) {
+      uint32_t pair;
+      memcpy(&pair, arow[r] + p, sizeof pair);
+      __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair);
+      c[r][0] = _mm512_dpbf16_ps(c[r][0], av, b0);
+      c[r][1] = _mm512_dpbf16_ps(c[r][1], av, b1);
+    }
+  }
+}
+
 /* mr (<= MR) rows of A times the packed panel -> acc rows of NR float32. */
 ML_BF16_TARGET static void kernel(const uint16_t *a, int64_t lda, int64_t mr, int64_t K, const uint32_t *bp,
                                   float acc[MR][NR]) {
@@ -72,29 +89,8 @@ ML_BF16_TARGET static void kernel(const uint16_t *a, int64_t lda, int64_t mr, in
   int64_t full = K / 2;
   const uint32_t *arow[MR];
   for (int r = 0; r < MR; r++) arow[r] = (const uint32_t *)(a + (r < mr ? r : 0) * lda);
-  if (mr == MR) {
-    for (int64_t p = 0; p < full; p++) {
-      __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + p * NR), b1 = (__m512bh)_mm512_loadu_si512(bp + p * NR + 16);
-      for (int r = 0; r < MR; r++) {
-        uint32_t pair;
-        memcpy(&pair, arow[r] + p, sizeof pair);
-        __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair);
-        c[r][0] = _mm512_dpbf16_ps(c[r][0], av, b0);
-        c[r][1] = _mm512_dpbf16_ps(c[r][1], av, b1);
-      }
-    }
-  } else {
-    for (int64_t p = 0; p < full; p++) {
-      __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + p * NR), b1 = (__m512bh)_mm512_loadu_si512(bp + p * NR + 16);
-      for (int r = 0; r < mr; r++) {
-        uint32_t pair;
-        memcpy(&pair, arow[r] + p, sizeof pair);
-        __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair);
-        c[r][0] = _mm512_dpbf16_ps(c[r][0], av, b0);
-        c[r][1] = _mm512_dpbf16_ps(c[r][1], av, b1);
-      }
-    }
-  }
+  if (mr == MR) add_pairs(arow, MR, full, bp, c);
+  else add_pairs(arow, (int)mr, full, bp, c);
   if (K % 2) {   /* the last element alone: its pair's other half is zero (never read past the row) */
     const uint32_t *brow = bp + full * NR;
     __m512bh b0 = (__m512bh)_mm512_loadu_si512(brow), b1 = (__m512bh)_mm512_loadu_si512(brow + 16);
