@@ -51,6 +51,15 @@ typedef struct {
 static void pack_panel(uint32_t *dst, ml_mref B, int64_t K, int64_t n0, int64_t w) {
   const uint16_t *b = B.p;
   int64_t Kp = (K + 1) / 2;
+  if (B.rs == 1 && K % 2 == 0 && w == NR) {
+    /* a linear layer's weight: each column is K contiguous values, i.e. Kp pairs as 32-bit words,
+       so packing is a transpose of words */
+    for (int64_t n = 0; n < NR; n++) {
+      const uint16_t *col = b + (n0 + n) * B.cs;
+      for (int64_t p = 0; p < Kp; p++) memcpy(dst + p * NR + n, col + 2 * p, sizeof(uint32_t));
+    }
+    return;
+  }
   for (int64_t p = 0; p < Kp; p++) {
     uint32_t *row = dst + p * NR;
     for (int64_t n = 0; n < NR; n++) {
