@@ -2,7 +2,8 @@
 -- the coming modules' weights to the GPU (up to a 64 MiB window ahead, hooks.set_stream_window)
 -- while the current one computes, and frees each module's weights after it ran. Prints the device
 -- memory a forward needs next to the whole model's, and what was streamed. The tiny test
--- checkpoint fits in one window; a small window here shows the bound at work.
+-- checkpoint fits in one window; a small window here shows the bound at work. Then it decodes
+-- twice: streaming every weight per token, and in place on the CPU (hooks.set_compute_in_place).
 --
 --    luajit examples/stream_to_gpu.lua                -- the tiny test checkpoint
 --    luajit examples/stream_to_gpu.lua path/to/llama  -- any Llama folder (config.json + safetensors)
@@ -50,5 +51,16 @@ print(string.format("device memory: %d bytes resident, a forward's peak %d bytes
    before, peak - before, weight_bytes))
 local s = hooks.runtime_stats()
 print(string.format("streamed ahead on the copy stream: %d bytes; uploads dropped: %d", s.bytes_streamed, s.streams_dropped))
-print("greedy continuation: " .. table.concat(model:generate(ids, { max_new_tokens = 8 }), " "))
+local streamed = model:generate(ids, { max_new_tokens = 8 })
+print("greedy continuation, every weight streamed per token: " .. table.concat(streamed, " "))
+-- llama.cpp's policy for decoding: a module whose weights are in host memory runs on the CPU
+-- when its input has fewer than 8 rows, so each new token reads the weights where they lie
+-- (the 5-token prompt still streams).
+hooks.set_compute_in_place(8)
+local before = hooks.runtime_stats()
+local in_place = model:generate(ids, { max_new_tokens = 8 })
+local after = hooks.runtime_stats()
+hooks.set_compute_in_place(0)
+print(string.format("the same, decoding in place on the CPU: %s (%d module calls ran on the CPU)",
+   table.concat(in_place, " "), after.in_place_forwards - before.in_place_forwards))
 os.execute("rm -rf '" .. folder .. "'")
