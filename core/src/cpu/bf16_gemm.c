@@ -27,7 +27,8 @@ bool ml_bf16_gemm_available(void) {
   static int have = -1;
   if (have < 0) {
     const char *off = getenv("MOONLOAD_NO_AVX512BF16");   /* to compare with the widening path */
-    have = !(off && *off && *off != '0') && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+    have = !(off && *off && *off != '0') && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
   }
   return have;
 #else
