@@ -356,8 +356,10 @@ end
 -- the GPU; inputs go to the CPU and outputs come back to the execution device. Reading weights
 -- in place from RAM beats sending them over PCIe for a few tokens (decoding), while prefill
 -- streams (llama.cpp's policy). 0, the default, always streams, as Accelerate does. Only hooks
--- on the module that holds the weights (not place_submodules ones) take this path. Also
--- MOONLOAD_COMPUTE_IN_PLACE_BELOW. Returns the previous setting.
+-- on the module that holds the weights (not place_submodules ones) take this path. An embedding's
+-- token ids (batch, sequence) count batch rows, so a lookup, which reads only a few rows of its
+-- table, runs in place for a prompt too. Also MOONLOAD_COMPUTE_IN_PLACE_BELOW. Returns the
+-- previous setting.
 local in_place_below = tonumber(os.getenv("MOONLOAD_COMPUTE_IN_PLACE_BELOW") or "") or 0
 local in_place_forwards = 0
 function M.set_compute_in_place(tokens)
