@@ -1,11 +1,12 @@
 --- Llama-shaped model with grouped-query attention (8 layers, d=1024, 16 query heads over 4
--- key/value heads, MLP 2816, vocab 32000), random weights (float32, or BENCH_DTYPE), CPU: (1) prefill of a
--- 1024-token prompt, (2) greedy decode of 32 tokens after it with the KV cache, where attention
--- over the long context and the grouped heads matter. Next to PyTorch/transformers measured in
--- the same run with the same thread count (bench/llama_decode.py through BENCH_PYTHON; skipped
--- with a note when absent). Prints one JSON object. Run from the repository root.
--- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (3), BENCH_PROMPT (1024),
--- BENCH_DTYPE (float32 | bfloat16).
+-- key/value heads, MLP 2816, vocab 32000), random weights, CPU: (1) prefill of a prompt (1024
+-- tokens in float32, 256 in bfloat16), (2) greedy decode of 32 tokens after it with the KV cache,
+-- where attention over the long context and the grouped heads matter. Next to
+-- PyTorch/transformers measured in the same run with the same thread count
+-- (bench/llama_decode.py through BENCH_PYTHON; skipped with a note when absent). One JSON object
+-- per dtype. Run from the repository root.
+-- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (3), BENCH_PROMPT (overrides
+-- both lengths), BENCH_DTYPE (float32 | bfloat16; default both).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -13,47 +14,53 @@ local B = require("benchutil")
 
 local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 3
-local PROMPT, NEW = tonumber(os.getenv("BENCH_PROMPT") or "") or 1024, 32
-local DTYPE = os.getenv("BENCH_DTYPE") or "float32"
+local NEW = 32
 C.lib.ml_set_num_threads(threads)
 
 local cfg = { model_type = "llama", vocab_size = 32000, hidden_size = 1024, intermediate_size = 2816,
    num_hidden_layers = 8, num_attention_heads = 16, num_key_value_heads = 4, max_position_embeddings = 4096,
    rms_norm_eps = 1e-5, rope_theta = 10000.0, tie_word_embeddings = false, hidden_act = "silu" }
-ml.manual_seed(0)
-local model = ml.models.llama.LlamaForCausalLM(cfg):to(DTYPE)
 
-local prompt, seed = {}, 12345
-for i = 1, PROMPT do
-   seed = (seed * 1103515245 + 12345) % 2147483648
-   prompt[i] = seed % cfg.vocab_size
-end
-local input = ml.tensor({ prompt }, { dtype = "int64" })
-
-local prefill_s = B.best(repeats, function() return model(input, { logits_to_keep = 1 }) end)
-local total_s = B.best(repeats, function()
-   local out = model:generate(prompt, { max_new_tokens = NEW })
-   assert(#out == PROMPT + NEW)
-   return out
-end)
--- decode time: generate's total less one prefill (generate runs the prompt once, then NEW - 1 steps)
-local decode_s = math.max(total_s - prefill_s, 1e-9)
-
-local result = {
-   bench = "llama_decode", threads = threads, dtype = DTYPE, prompt = PROMPT, new_tokens = NEW,
-   prefill_s = prefill_s, generate_s = total_s, decode_tokens_per_s = (NEW - 1) / decode_s,
-}
-if B.have_python() then
-   local ok, peer = pcall(B.run_json, string.format("%s bench/llama_decode.py --threads %d --repeats %d --prompt %d --new %d --dtype %s",
-      B.python, threads, repeats, PROMPT, NEW, DTYPE))
-   if ok and type(peer) == "table" then
-      result.peer = peer
-      result.prefill_ratio = prefill_s / peer.prefill_s                                -- < 1: moonload faster
-      result.decode_speedup = result.decode_tokens_per_s / peer.decode_tokens_per_s    -- > 1: moonload faster
-   else
-      result.peer_note = "peer failed: " .. tostring(peer)
+-- One dtype: prefill, then generate; prints its JSON object next to the peer's.
+local function run(dtype, prompt_len)
+   ml.manual_seed(0)
+   local model = ml.models.llama.LlamaForCausalLM(cfg):to(dtype)
+   local prompt, seed = {}, 12345
+   for i = 1, prompt_len do
+      seed = (seed * 1103515245 + 12345) % 2147483648
+      prompt[i] = seed % cfg.vocab_size
    end
-else
-   result.peer_note = "no Python peer at " .. B.python .. " (set BENCH_PYTHON)"
+   local input = ml.tensor({ prompt }, { dtype = "int64" })
+   local prefill_s = B.best(repeats, function() return model(input, { logits_to_keep = 1 }) end)
+   local total_s = B.best(repeats, function()
+      local out = model:generate(prompt, { max_new_tokens = NEW })
+      assert(#out == prompt_len + NEW)
+      return out
+   end)
+   -- decode time: generate's total less one prefill (generate runs the prompt once, then NEW - 1 steps)
+   local decode_s = math.max(total_s - prefill_s, 1e-9)
+   local result = {
+      bench = "llama_decode", threads = threads, dtype = dtype, prompt = prompt_len, new_tokens = NEW,
+      prefill_s = prefill_s, generate_s = total_s, decode_tokens_per_s = (NEW - 1) / decode_s,
+   }
+   if B.have_python() then
+      local ok, peer = pcall(B.run_json, string.format(
+         "%s bench/llama_decode.py --threads %d --repeats %d --prompt %d --new %d --dtype %s",
+         B.python, threads, repeats, prompt_len, NEW, dtype))
+      if ok and type(peer) == "table" then
+         result.peer = peer
+         result.prefill_ratio = prefill_s / peer.prefill_s                                -- < 1: moonload faster
+         result.decode_speedup = result.decode_tokens_per_s / peer.decode_tokens_per_s    -- > 1: moonload faster
+      else
+         result.peer_note = "peer failed: " .. tostring(peer)
+      end
+   else
+      result.peer_note = "no Python peer at " .. B.python .. " (set BENCH_PYTHON)"
+   end
+   print(require("cjson").encode(result))
 end
-print(require("cjson").encode(result))
+
+for _, dtype in ipairs(os.getenv("BENCH_DTYPE") and { os.getenv("BENCH_DTYPE") } or { "float32", "bfloat16" }) do
+   run(dtype, tonumber(os.getenv("BENCH_PROMPT") or "") or (dtype == "float32" and 1024 or 256))
+   collectgarbage(); collectgarbage()
+end
