@@ -24,13 +24,15 @@ enum { NR = 32, MR = 6 };
 
 bool ml_bf16_gemm_available(void) {
 #if ML_HAVE_BF16_GEMM
-  static int have = -1;
-  if (have < 0) {
+  static atomic_int have = -1;     /* attention's worker threads may ask first, together */
+  int h = atomic_load_explicit(&have, memory_order_relaxed);
+  if (h < 0) {
     const char *off = getenv("MOONLOAD_NO_AVX512BF16");   /* to compare with the widening path */
-    have = !(off && *off && *off != '0') && __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    h = !(off && *off && *off != '0') && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    atomic_store_explicit(&have, h, memory_order_relaxed);
   }
-  return have;
+  return h;
 #else
   return false;
 #endif
