@@ -79,6 +79,16 @@ describe("cuda backend #cuda", function()
       assert.has_error(function() ml.cuda.synchronize(n) end,
          string.format("synchronize: cuda:%d does not exist (%d CUDA devices)", n, n))
       assert.are.equal(DEV, ml.cuda(ml.ones(2)).device)
+      -- what the device is, as torch.cuda.get_device_properties / get_device_name / capability
+      local props = ml.cuda.get_device_properties(DEV)
+      assert.are.equal(props.name, ml.cuda.get_device_name())
+      assert.is_true(#props.name > 0)
+      assert.are.equal(total, props.total_memory)             -- the driver's total, as mem_get_info's
+      local major, minor = ml.cuda.get_device_capability(0)
+      assert.are.same({ props.major, props.minor }, { major, minor })
+      assert.is_true(major >= 8 and props.multi_processor_count >= 1, "sm_80 or newer is what the build targets")
+      assert.has_error(function() ml.cuda.get_device_name(n) end,
+         string.format("get_device_properties: cuda:%d does not exist (%d CUDA devices)", n, n))
    end)
 
    it("names the device and the sizes when its memory runs out", function()

@@ -85,6 +85,14 @@ ML_API void ml_cpu_empty_cache(void);
 ML_API int ml_cuda_device_count(void);                 /* 0 when no driver or no GPU */
 /* Free and total bytes of a GPU as the planner sees them (the caching allocator's idle blocks count as free). */
 ML_API ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes);
+/* What torch.cuda.get_device_properties reports. */
+typedef struct {
+  char name[256];
+  int64_t total_memory;
+  int major, minor;              /* compute capability */
+  int multi_processor_count;
+} ml_cuda_props;
+ML_API ml_status ml_cuda_get_device_properties(int device, ml_cuda_props *out);
 /* Waits for all queued work on a GPU (timing, benchmarks). */
 ML_API ml_status ml_cuda_synchronize(int device);
 /* The caching allocator of a GPU: bytes held in idle blocks, and giving them back to the driver

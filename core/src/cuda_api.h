@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 8
+#define ML_CUDA_API_VERSION 9
 
 typedef struct ml_cuda_api {
   int version;
@@ -25,6 +25,7 @@ typedef struct ml_cuda_api {
      stream and complete on return */
   ml_status (*memcpy)(int device, void *dst, const void *src, size_t nbytes, int kind);
   ml_status (*mem_info)(int device, size_t *free_bytes, size_t *total_bytes);
+  ml_status (*properties)(int device, ml_cuda_props *out);
   /* Elementwise over strided inputs broadcast to out's shape; out dtype as allocated. */
   ml_status (*unary)(ml_unary_op op, const ml_tensor *x, ml_tensor *out);
   ml_status (*binary)(ml_binary_op op, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);

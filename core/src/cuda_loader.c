@@ -80,6 +80,12 @@ ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_b
   return ML_OK;
 }
 
+ml_status ml_cuda_get_device_properties(int device, ml_cuda_props *out) {
+  const ml_cuda_api *cu = NULL;
+  ML_TRY(cuda_device("get_device_properties", device, &cu));
+  return cu->properties(device, out);
+}
+
 ml_status ml_cuda_synchronize(int device) {
   const ml_cuda_api *cu = NULL;
   ML_TRY(cuda_device("synchronize", device, &cu));

@@ -39,6 +39,10 @@ if [ "${count:-0}" = "0" ] && command -v nvcc >/dev/null; then
   count=$(luajit -e "package.path='lua/?.lua;lua/?/init.lua;'..package.path; $probe" 2>>"$OUT/probe.err")
 fi
 echo "== CUDA devices seen by moonload: ${count:-0}"
+[ "${count:-0}" != "0" ] && luajit -e "package.path='lua/?.lua;lua/?/init.lua;'..package.path
+  local p = require('moonload').cuda.get_device_properties(0)
+  print(string.format('== cuda:0 is %s, compute capability %d.%d, %d SMs, %.1f GiB', p.name, p.major, p.minor,
+    p.multi_processor_count, p.total_memory / 2^30))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 echo "== #cuda specs"

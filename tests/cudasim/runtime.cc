@@ -366,6 +366,17 @@ cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
   return cudaSuccess;
 }
 
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device) {
+  if (device < 0 || device >= device_total()) return record_error(cudaErrorInvalidDevice);
+  memset(prop, 0, sizeof *prop);
+  snprintf(prop->name, sizeof prop->name, "cudasim (CPU emulator of a GPU)");
+  prop->totalGlobalMem = device_budget();
+  prop->major = 9;
+  prop->minor = 0;
+  prop->multiProcessorCount = 1;
+  return cudaSuccess;
+}
+
 // --- streams and copies ----------------------------------------------------------------------
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {

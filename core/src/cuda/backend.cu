@@ -239,6 +239,18 @@ static ml_status mem_info(int device, size_t *free_bytes, size_t *total_bytes) {
   return ML_OK;
 }
 
+static ml_status properties(int device, ml_cuda_props *out) {
+  cudaDeviceProp p;
+  CUDA_TRY(cudaGetDeviceProperties(&p, device));
+  memset(out, 0, sizeof *out);
+  snprintf(out->name, sizeof out->name, "%s", p.name);
+  out->total_memory = (int64_t)p.totalGlobalMem;
+  out->major = p.major;
+  out->minor = p.minor;
+  out->multi_processor_count = p.multiProcessorCount;
+  return ML_OK;
+}
+
 // --- descriptors ---------------------------------------------------------------------------
 
 TensorDesc ml_cuda_desc(const ml_tensor *t) {
@@ -303,6 +315,7 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.free_pinned = free_pinned;
   g_api.memcpy = copy_sync;
   g_api.mem_info = mem_info;
+  g_api.properties = properties;
   g_api.unary = ml_cuda_unary;
   g_api.binary = ml_cuda_binary;
   g_api.copy_strided = ml_cuda_copy_strided;
