@@ -20,6 +20,14 @@ describe("ml.cuda without a GPU", function()
       assert.truthy(tostring(err):find("CUDA is not available", 1, true))
    end)
 
+   it("refuses cpu_offload's pin_memory with the reason", function()
+      if ml.cuda.is_available() then pending("a GPU (or the emulator) is present") return end
+      local m = ml.nn.Linear(3, 2)
+      local ok, err = pcall(ml.cpu_offload, m, { execution_device = "cpu", pin_memory = true })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("pin_memory: CUDA is not available", 1, true), tostring(err))
+   end)
+
    it("wants a cuda device where it takes one", function()
       assert.has_error(function() ml.cuda.empty_cache("cpu") end, 'empty_cache: expected a cuda device, got "cpu"')
       assert.has_error(function() ml.cuda.memory_allocated("meta") end,

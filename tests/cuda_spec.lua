@@ -405,6 +405,30 @@ describe("generation and encoders on cuda #cuda", function()
          assert.are.same(want, model:generate(prompt, { max_new_tokens = 5 }))
       end)
 
+      it(name .. " generates the CPU's tokens from pinned weights (cpu_offload with pin_memory)", function()
+         local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 5 })
+         local model = ml.models.from_pretrained(dir)
+         local sd = model:state_dict()
+         ml.cpu_offload(model, { execution_device = DEV, pin_memory = true })
+         -- the hook of a module holds a pinned copy, and tied weights share one copy
+         local seen = {}
+         for _, m in model:named_modules() do
+            local h = rawget(m, "_hf_hook")
+            for _, s in ipairs(h and h.slots or {}) do
+               local w = h.weights_map[s.name]
+               assert.is_true(w:is_pinned(), s.name)
+               seen[w:data_ptr()] = true
+            end
+         end
+         local distinct = {}
+         for _, t in pairs(sd) do distinct[t] = true end
+         local n_seen, n_distinct = 0, 0
+         for _ in pairs(seen) do n_seen = n_seen + 1 end
+         for _ in pairs(distinct) do n_distinct = n_distinct + 1 end
+         assert.are.equal(n_distinct, n_seen)
+         assert.are.same(want, model:generate(prompt, { max_new_tokens = 5 }))
+      end)
+
       it(name .. " decodes on the CPU in place and streams the prompt, with set_compute_in_place", function()
          local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 5 })
          local model = ml.models.from_pretrained(dir)

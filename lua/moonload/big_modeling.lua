@@ -170,9 +170,12 @@ end
 
 -- --- offload ------------------------------------------------------------------------------------
 
---- cpu_offload(model, {execution_device, offload_buffers, state_dict, preload_module_classes}):
--- every parameter stays in a CPU state dict and is put on the execution device only for the
--- forward of the module that owns it.
+--- cpu_offload(model, {execution_device, offload_buffers, state_dict, preload_module_classes,
+-- pin_memory}): every parameter stays in a CPU state dict and is put on the execution device
+-- only for the forward of the module that owns it. pin_memory = true (moonload's, as ZeRO-
+-- Inference does) first copies the state dict into page-locked memory, which the GPU's DMA reads
+-- directly: uploads skip the staging copy, at the cost of RAM that cannot be swapped (and of the
+-- zero-copy mapping when the weights came from a checkpoint).
 function M.cpu_offload(model, opts)
    opts = opts or {}
    local exec = hooks.norm_device(opts.execution_device) or first_param_device(model)
@@ -180,6 +183,14 @@ function M.cpu_offload(model, opts)
    if state_dict == nil then
       state_dict = {}
       for name, t in pairs(model:state_dict()) do state_dict[name] = t:to("cpu") end
+   end
+   if opts.pin_memory then
+      local pinned, sd = {}, {}                 -- one pinned copy per tensor object: ties stay tied
+      for name, t in pairs(state_dict) do
+         if pinned[t] == nil then pinned[t] = t:pin_memory() end
+         sd[name] = pinned[t]
+      end
+      state_dict = sd
    end
    hooks.add_hook_to_module(model, hooks.AlignDevicesHook({ io_same_device = true }), true)
    hooks.attach_align_device_hook(model, {
