@@ -38,19 +38,18 @@ for i = 1, 512 do ids[i] = (i * 7919) % cfg.vocab_size end
 local input = ml.tensor({ ids }, { dtype = "int64" })
 local ffi, lib = C.ffi, C.lib
 
--- Skeleton on meta, then random bf16 weights in CPU RAM (never zeros), page-locked when pinned;
--- cpu_offload executes on cuda:0, streaming every weight in for each forward.
+-- Skeleton on meta, then random bf16 weights in CPU RAM (never zeros); cpu_offload executes on
+-- cuda:0, streaming every weight in for each forward, page-locking them first when pinned.
 local function build(pinned)
    ml.manual_seed(0)
    local model = ml.init_empty_weights(function() return ml.models.llama.LlamaForCausalLM(cfg) end)
    local bytes = 0
    for name, p in model:named_parameters() do
       local w = ml.rand(p.shape, { dtype = "bfloat16" }) * 0.02 - 0.01
-      if pinned then w = w:pin_memory() end
       utils.set_module_tensor_to_device(model, name, "cpu", { value = w, dtype = "bfloat16" })
       bytes = bytes + w:nbytes()
    end
-   ml.cpu_offload(model, { execution_device = "cuda:0" })
+   ml.cpu_offload(model, { execution_device = "cuda:0", pin_memory = pinned })
    return model, bytes
 end
 
