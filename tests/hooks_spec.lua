@@ -414,6 +414,7 @@ describe("hooks runtime settings", function()
       local prev = hooks.set_prefetch(false)
       assert.is_false(hooks.set_prefetch(prev))
       assert.has_error(function() hooks.set_stream_window(-1) end, "set_stream_window: bytes must be >= 0, got -1")
+      assert.has_error(function() hooks.set_stream_window() end, "set_stream_window: bytes must be a number >= 0, got nil")
       hooks.set_stream_window(64 * 2 ^ 20)
       assert.has_error(function() hooks.set_compute_in_place(1.5) end,
          "set_compute_in_place: tokens must be an integer >= 0, got 1.5")

@@ -347,7 +347,10 @@ end
 -- within `bytes` (default 64 MiB, also MOONLOAD_STREAM_AHEAD; 0 = one module ahead). Device
 -- memory then holds the resident weights, the running module and at most max(window, one module).
 function M.set_stream_window(bytes)
-   C.check(lib.ml_hookrt_set_stream_window(M.runtime(), bytes))
+   if type(bytes) ~= "number" then
+      error("set_stream_window: bytes must be a number >= 0, got " .. type(bytes), 2)
+   end
+   C.check(lib.ml_hookrt_set_stream_window(M.runtime(), bytes), 2)
 end
 
 --- set_compute_in_place(tokens): with a cuda execution device, a hooked module whose weights are
