@@ -104,6 +104,8 @@ PACK_RUNTIME ?= ../shared/tools/pack-lua-runtime.sh
 device-prep: deps
 	$(MAKE) CUDA=1 all
 	@test -x .device/runtime/bin/luajit || bash $(PACK_RUNTIME) .device/runtime
+	@# libmoonload.so's OpenMP runtime: the packed runtime has OpenBLAS's libraries, not this one
+	@cp -L "$$($(CC) -print-file-name=libgomp.so.1)" .device/runtime/lib/
 	@total=$$(( $$(git ls-files -z | xargs -0 cat | wc -c) + $$(du -sb $(DEVICE_CARRY) | awk '{s+=$$1} END {print s}') )); \
 	  echo "carry: [$$(printf '"%s", ' $(DEVICE_CARRY) | sed 's/, $$//')]"; \
 	  echo "command: bash tests/cuda/device_check.sh   ($$((total >> 20)) MiB of 64 travel)"; \
