@@ -80,13 +80,13 @@ describe("matmul", function()
    end)
 
    it("multiplies bfloat16 by bfloat16 as the float32 path does (AVX512-BF16 where the CPU has it)", function()
-      -- 5 to 13 rows cover the 6-row blocks and their tails, K = 37 an odd last element, N = 70
+      -- 5 to 13 rows cover the 6-row tiles and their tails, K = 37 an odd last element, N = 70
       -- a panel of 32 columns cut short; a transposed input takes the widening path instead.
       ml.manual_seed(20)
       local ulp = 2 ^ -8
       for _, K in ipairs({ 37, 100 }) do
          local w, b = ml.randn(70, K):bfloat16(), ml.randn(70):bfloat16()
-         for _, M in ipairs({ 5, 6, 7, 12, 13 }) do
+         for _, M in ipairs({ 5, 6, 7, 12, 13, 200 }) do      -- 200: blocks of 96 rows, one cut short
             for _, x in ipairs({ ml.randn(M, K):bfloat16(), ml.randn(K, M):bfloat16():t() }) do
                local want = F.linear(x:float(), w:float(), b:float())
                local got = F.linear(x, w, b)

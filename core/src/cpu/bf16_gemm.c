@@ -118,18 +118,25 @@ ML_BF16_TARGET static void kernel(const uint16_t *a, int64_t lda, int64_t mr, in
   }
 }
 
+/* Tasks are (panel, block of MB rows) pairs, panel-major: a product with few columns and many
+   rows still spreads over the threads, and a thread packs a panel once for its run of blocks. */
+enum { MB = 16 * MR };
+
 static void bf16_panels(void *ctx, int64_t begin, int64_t end) {
   bf16_job *j = ctx;
-  int64_t Kp = (j->K + 1) / 2;
+  int64_t Kp = (j->K + 1) / 2, mblocks = (j->M + MB - 1) / MB, packed = -1;
   uint32_t *bp = ml_aligned_alloc((size_t)(Kp * NR) * sizeof *bp);
   if (!bp) { atomic_store(&j->status, ML_ENOMEM); return; }
   float acc[MR][NR];
   size_t oe = ml_dtype_size(j->cdt);
-  for (int64_t panel = begin; panel < end; panel++) {
+  for (int64_t task = begin; task < end; task++) {
+    int64_t panel = task / mblocks, m_begin = task % mblocks * MB;
+    int64_t m_end = j->M - m_begin < MB ? j->M : m_begin + MB;
     int64_t n0 = panel * NR, w = j->N - n0 < NR ? j->N - n0 : NR;
-    pack_panel(bp, j->B, j->K, n0, w);
-    for (int64_t m0 = 0; m0 < j->M; m0 += MR) {
-      int64_t mr = j->M - m0 < MR ? j->M - m0 : MR;
+    if (panel != packed) pack_panel(bp, j->B, j->K, n0, w);
+    packed = panel;
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += MR) {
+      int64_t mr = m_end - m0 < MR ? m_end - m0 : MR;
       kernel(j->a + m0 * j->lda, j->lda, mr, j->K, bp, acc);
       for (int64_t r = 0; r < mr; r++) {
         for (int64_t n = 0; n < w; n++)
@@ -153,7 +160,8 @@ ml_status ml_bf16_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double a
   bf16_job j = {.M = M, .N = N, .K = K, .lda = A.rs, .ldc = ldc, .alpha = alpha, .a = A.p, .B = B, .bias = bias,
                 .c = C, .cdt = cdt};
   atomic_init(&j.status, ML_OK);
-  ml_parallel_for((N + NR - 1) / NR, M * K * NR / 8 + K * NR, bf16_panels, &j);
+  int64_t mblocks = (M + MB - 1) / MB, rows = M < MB ? M : MB;
+  ml_parallel_for((N + NR - 1) / NR * mblocks, rows * K * NR / 8 + K * NR, bf16_panels, &j);
   if (atomic_load(&j.status))
     return ml_fail(ML_ENOMEM, "%s: out of memory for the packed panels of a %lld x %lld x %lld product", fn,
                    (long long)M, (long long)N, (long long)K);
