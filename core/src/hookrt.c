@@ -50,6 +50,7 @@ typedef struct {
   ml_tensor **live;           /* owned references to what materialize handed out, nslots long */
   int next;                   /* learned successor group, -1 when unknown */
   bool queued;                /* prefetch queued since it was last materialized */
+  size_t host_bytes;          /* bytes of the sources in host memory (what streaming uploads) */
 } hr_group;
 
 typedef struct {
@@ -383,6 +384,7 @@ ml_status ml_hookrt_group_add(ml_hookrt *rt, int g, ml_tensor *src, ml_dtype dt)
   s->dt = dt;
   locate_in_mapping(src, s);
   if (s->map) rt->mapped_total += s->map_len;
+  if (src->storage->device.type == ML_DEVICE_CPU) gr->host_bytes += (size_t)ml_tensor_numel(src) * ml_dtype_size(src->dtype);
   gr->live[gr->nslots] = NULL;
   gr->nslots++;
   return ML_OK;
@@ -438,17 +440,6 @@ static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep) {
     for (int k = 0; k < nkeep && !kept; k++) kept = rt->stages[i].group == keep[k];
     if (!kept) stage_drop(rt, i);
   }
-}
-
-/* Bytes of group g's sources that live in host memory (what streaming would upload). */
-static size_t host_bytes(const hr_group *gr) {
-  size_t bytes = 0;
-  for (int i = 0; i < gr->nslots; i++) {
-    const ml_tensor *src = gr->slots[i].src;
-    if (src->storage->device.type == ML_DEVICE_CPU)
-      bytes += (size_t)ml_tensor_numel(src) * ml_dtype_size(src->dtype);
-  }
-  return bytes;
 }
 
 /* Starts uploading group h's host-resident weights to its cuda device. A hint: whatever cannot be
@@ -611,7 +602,7 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
     for (int h = gr->next; rt->prefetch && h >= 0 && h != g && nwindow < MAX_AHEAD; h = rt->groups[h].next) {
       hr_group *o = &rt->groups[h];
       if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
-      size_t b = host_bytes(o);
+      size_t b = o->host_bytes;
       if (nwindow > 0 && ahead + b > rt->stream_ahead) break;
       bool seen = false;                  /* a cycle in the learned order */
       for (int k = 0; k < nwindow && !seen; k++) seen = window[k] == h;

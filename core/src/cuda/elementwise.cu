@@ -152,9 +152,7 @@ __global__ void fill_kernel(TensorDesc d, C v, int64_t n) {
 
 enum Compute { COMPUTE_F32, COMPUTE_F64, COMPUTE_I64 };
 
-static bool is_integral(int dt) {
-  return !(dt == ML_FLOAT32 || dt == ML_FLOAT64 || dt == ML_FLOAT16 || dt == ML_BFLOAT16);
-}
+static bool is_integral(int dt) { return !ml_dtype_is_floating((ml_dtype)dt); }
 
 // I64 when every dtype is an integer or bool, else F64 when float64 or int64 is among them.
 static Compute compute_of(int a, int b, int c) {

@@ -99,9 +99,7 @@ ml_status ml_cuda_reduce(ml_reduce_op op, const ml_tensor *x, int ndims, const i
   // Over nothing: the identity (sum 0, prod 1, mean NaN as 0/0); max/min/arg were refused before.
   if (r == 0) return ml_cuda_fill(out, op == ML_REDUCE_PROD ? 1.0 : op == ML_REDUCE_MEAN ? NAN : 0.0);
   unsigned grid = (unsigned)(nout < 65535 * 16 ? nout : 65535 * 16);
-  int xt = ml_tensor_dtype(x);
-  bool floating = xt == ML_FLOAT32 || xt == ML_FLOAT64 || xt == ML_FLOAT16 || xt == ML_BFLOAT16;
-  if (floating) reduce_kernel<double><<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
+  if (ml_dtype_is_floating((ml_dtype)ml_tensor_dtype(x))) reduce_kernel<double><<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
   else reduce_kernel<long long><<<grid, kBlock, 0, st->compute>>>((int)op, kept, red, od, nout, r);
   LAUNCH_CHECK();
   return ML_OK;
