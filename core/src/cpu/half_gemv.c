@@ -137,7 +137,9 @@ ml_status ml_half_gemv(const char *fn, int64_t M, int64_t N, int64_t K, double a
                          (long long)K);
   for (int64_t m = 0; m < M; m++) {
     const uint8_t *row = (const uint8_t *)A.p + m * A.rs * (int64_t)ae;
-    if (dots16)
+    if (dots16 && A.cs == 1)
+      memcpy(a + m * K * 2, row, (size_t)K * 2);
+    else if (dots16)
       for (int64_t k = 0; k < K; k++) memcpy(a + (m * K + k) * 2, row + k * A.cs * 2, 2);
     else
       ml_row_load(a + m * K * (int64_t)rowsize, ML_FLOAT32, row, A.dt, K, A.cs);
