@@ -32,5 +32,7 @@ describe("ml.cuda without a GPU", function()
       assert.has_error(function() ml.cuda.empty_cache("cpu") end, 'empty_cache: expected a cuda device, got "cpu"')
       assert.has_error(function() ml.cuda.memory_allocated("meta") end,
          'memory_allocated: expected a cuda device, got "meta"')
+      assert.has_error(function() ml.cuda.get_device_name("cpu") end,
+         'get_device_name: expected a cuda device, got "cpu"')
    end)
 end)

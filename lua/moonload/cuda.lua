@@ -66,21 +66,23 @@ function M.mem_get_info(device)
    return tonumber(f[0]), tonumber(t[0])
 end
 
---- get_device_properties([device]): {name, total_memory, major, minor, multi_processor_count},
--- as torch.cuda.get_device_properties.
-function M.get_device_properties(device)
+local function properties(fn, device)
    local p = ffi.new("ml_cuda_props")
-   check(lib.ml_cuda_get_device_properties(index_of("get_device_properties", device), p), 2)
+   check(lib.ml_cuda_get_device_properties(index_of(fn, device), p), 3)
    return { name = ffi.string(p.name), total_memory = tonumber(p.total_memory), major = p.major, minor = p.minor,
             multi_processor_count = p.multi_processor_count }
 end
 
+--- get_device_properties([device]): {name, total_memory, major, minor, multi_processor_count},
+-- as torch.cuda.get_device_properties.
+function M.get_device_properties(device) return properties("get_device_properties", device) end
+
 --- get_device_name([device]): the GPU's name ("NVIDIA H200").
-function M.get_device_name(device) return M.get_device_properties(device).name end
+function M.get_device_name(device) return properties("get_device_name", device).name end
 
 --- get_device_capability([device]): major, minor (torch returns them as a tuple).
 function M.get_device_capability(device)
-   local p = M.get_device_properties(device)
+   local p = properties("get_device_capability", device)
    return p.major, p.minor
 end
 
