@@ -555,6 +555,86 @@ describe("device memory on cuda #cuda", function()
       assert.is_true(peaks[1] > peaks[2] and peaks[2] > peaks[3], table.concat(peaks, " "))   -- the window is used
    end)
 
+   -- Fills cuda:0 until `left` bytes stay free, to 512 bytes: whole 2 MiB granules, then blocks
+   -- under 1 MiB, which the allocator rounds to 512 bytes.
+   local function fill_device(left)
+      ml.cuda.empty_cache(0)
+      local want = ml.cuda.mem_get_info(0) - left
+      local blocks = {}
+      while want >= 2 ^ 20 do
+         local n = want >= 2 ^ 21 and math.floor(want / 2 ^ 21) * 2 ^ 21 or 2 ^ 19
+         blocks[#blocks + 1] = ml.empty({ n }, { dtype = "uint8", device = DEV })
+         want = want - n
+      end
+      want = math.floor(want / 512) * 512
+      if want > 0 then blocks[#blocks + 1] = ml.empty({ want }, { dtype = "uint8", device = DEV }) end
+      return blocks
+   end
+
+   it("never runs out of memory for uploads streamed ahead: they are given back, and the window narrows", function()
+      -- Eight 64 KiB layers and 16 KiB activations: what streaming ahead takes is far above the
+      -- noise of the allocator's rounding and of garbage waiting for the collector.
+      ml.manual_seed(21)
+      local layers = {}
+      for i = 1, 8 do layers[i] = ml.nn.Linear(128, 128) end
+      local model = ml.nn.Sequential(layers)
+      local x = ml.randn(32, 128)
+      local want = model(x)
+      ml.cpu_offload(model, { execution_device = DEV })
+      -- Starting from nothing streamed ahead (a forward without prefetch drops it) and no
+      -- garbage, two forwards; returns whether they ran, and what they added to the driver's
+      -- used memory (the allocator keeps every block it used).
+      local function run(prefetch, left)
+         hooks.set_prefetch(false)
+         model(x)
+         settle()
+         local blocks = left and fill_device(left)
+         ml.cuda.empty_cache(0)
+         local free0 = ml.cuda.mem_get_info(0)
+         hooks.set_prefetch(prefetch)
+         hooks.set_stream_window(64 * 2 ^ 20)
+         local ok, got = pcall(model, x)
+         local ok2, again = pcall(model, x)
+         local used = free0 - ml.cuda.mem_get_info(0)
+         blocks = nil
+         settle()
+         if ok and ok2 then
+            assert_close(got, want, 1e-5, "forward")
+            assert_close(again, want, 1e-5, "second forward")
+         end
+         return ok and ok2, used, not ok2 and again or not ok and got or nil
+      end
+      local _, plain = run(false)
+      local _, streamed = run(true)                 -- the window holds all eight layers
+      assert.is_true(streamed > plain + 2 ^ 18, string.format("window %d, none %d", streamed, plain))
+      -- From half what the forward without streaming took to all the window: wherever it runs
+      -- without streaming (garbage waiting for the collector makes that vary), it must run with it.
+      local failures, fitted, reclaimed, narrowed = {}, 0, 0, true
+      local steps = 12
+      local ballast = fill_device(streamed + 2 ^ 22)   -- once: each level then adds a few MiB
+      for i = 0, steps do
+         local left = math.floor(plain / 2 + (streamed - plain / 2) * i / steps)
+         if run(false, left) then
+            fitted = fitted + 1
+            local before = hooks.runtime_stats()
+            local ok, _, err = run(true, left)
+            local after = hooks.runtime_stats()
+            if not ok then failures[#failures + 1] = left .. " bytes free: " .. tostring(err) end
+            if after.streams_reclaimed > before.streams_reclaimed then
+               reclaimed = reclaimed + 1
+               narrowed = narrowed and after.stream_window < 64 * 2 ^ 20
+            end
+         end
+      end
+      ballast = nil
+      hooks.set_prefetch(true)
+      hooks.set_stream_window(64 * 2 ^ 20)
+      assert.are.same({}, failures)
+      assert.is_true(fitted >= steps / 2, fitted .. " levels fit")
+      assert.is_true(reclaimed > 0, "no forward ran out of memory: the test does not reach the case")
+      assert.is_true(narrowed)
+   end)
+
    it("gives back the uploads streamed ahead when the model is dropped without removing its hooks", function()
       settle()
       local base = ml.memory_allocated(DEV)

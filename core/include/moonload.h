@@ -323,6 +323,9 @@ typedef struct {
   int64_t streams_dropped;   /* uploads made ahead but not used (the order changed) */
   int64_t groups;            /* groups registered now (a hook's group is freed with the hook) */
   int64_t streams_pending;   /* uploads made ahead and not yet taken or dropped */
+  int64_t streams_reclaimed; /* uploads made ahead, given back because the device ran out of memory */
+  int64_t stream_window;     /* bytes streamed ahead now: the window, narrowed after running out of
+                                memory (-1: stopped; set_stream_window starts over) */
 } ml_hookrt_stats;
 ML_API ml_status ml_hookrt_new(ml_hookrt **out);
 ML_API void ml_hookrt_release(ml_hookrt *rt);

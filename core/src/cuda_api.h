@@ -12,12 +12,15 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 9
+#define ML_CUDA_API_VERSION 10
 
 typedef struct ml_cuda_api {
   int version;
   int (*device_count)(void);
   ml_status (*alloc)(int device, size_t nbytes, void **out);            /* caching allocator */
+  /* Only what is free now (a cached block or the driver's free memory): no cache flush, no
+     reclaim, no message; for memory that is nice to have (uploads streamed ahead). */
+  ml_status (*alloc_if_free)(int device, size_t nbytes, void **out);
   void (*free)(int device, void *p, size_t nbytes);
   ml_status (*alloc_pinned)(size_t nbytes, void **out);
   void (*free_pinned)(void *p);
@@ -69,6 +72,11 @@ typedef struct ml_cuda_api {
   size_t (*cached_bytes)(int device);
   ml_status (*empty_cache)(int device);
 } ml_cuda_api;
+
+/* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this
+   before it reports the failure, and retries when it returns more than 0 bytes. Exported from
+   libmoonload.so, like ml_fail. */
+__attribute__((visibility("default"))) size_t ml_cuda_reclaim(int device);
 
 /* What libmoonload_cuda.so exports: fills err on failure and returns NULL. */
 typedef const ml_cuda_api *(*ml_cuda_backend_fn)(char *err, size_t n);

@@ -4,6 +4,7 @@
    heap tracking for the same reason). */
 #include "internal.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -60,6 +61,43 @@ void ml_gc_done(void) {
     if (ml_cuda_mem_get_info(i, &free_b, &total_b) == ML_OK && free_b / 4 > limit) limit = free_b / 4;
     atomic_store(&c->gc_threshold, limit);
   }
+}
+
+// --- memory given back on demand ---------------------------------------------------------
+
+typedef struct { ml_reclaim_fn fn; void *ctx; } reclaimer;
+static pthread_mutex_t reclaim_mu = PTHREAD_MUTEX_INITIALIZER;
+static reclaimer *reclaimers;
+static int nreclaimers, reclaim_cap;
+
+ml_status ml_reclaimer_add(ml_reclaim_fn fn, void *ctx) {
+  pthread_mutex_lock(&reclaim_mu);
+  if (nreclaimers == reclaim_cap) {
+    int cap = reclaim_cap ? reclaim_cap * 2 : 4;
+    reclaimer *p = realloc(reclaimers, (size_t)cap * sizeof *p);
+    if (!p) { pthread_mutex_unlock(&reclaim_mu); return ml_fail(ML_ENOMEM, "ml_reclaimer_add: out of memory"); }
+    reclaimers = p;
+    reclaim_cap = cap;
+  }
+  reclaimers[nreclaimers++] = (reclaimer){fn, ctx};
+  pthread_mutex_unlock(&reclaim_mu);
+  return ML_OK;
+}
+
+void ml_reclaimer_remove(ml_reclaim_fn fn, void *ctx) {
+  pthread_mutex_lock(&reclaim_mu);
+  for (int i = 0; i < nreclaimers; i++)
+    if (reclaimers[i].fn == fn && reclaimers[i].ctx == ctx) { reclaimers[i] = reclaimers[--nreclaimers]; break; }
+  pthread_mutex_unlock(&reclaim_mu);
+}
+
+/* Held across the calls, so an owner cannot be removed (and freed) while it gives memory back. */
+size_t ml_cuda_reclaim(int device) {
+  size_t freed = 0;
+  pthread_mutex_lock(&reclaim_mu);
+  for (int i = 0; i < nreclaimers; i++) freed += reclaimers[i].fn(reclaimers[i].ctx, device);
+  pthread_mutex_unlock(&reclaim_mu);
+  return freed;
 }
 
 ml_status ml_device_parse(const char *name, ml_device *out) {

@@ -94,6 +94,10 @@ struct ml_hookrt {
   size_t prefetch_min;        /* groups with fewer mapped bytes are not worth a worker wake-up */
   size_t lookahead;           /* mapped bytes read ahead along the learned order */
   size_t stream_ahead;        /* host bytes uploaded ahead to a cuda device, past the next group */
+  size_t stream_limit;        /* narrowed from SIZE_MAX each time a device ran out of memory */
+  bool stream_stopped;        /* out of memory with one group in flight: no streaming ahead */
+  bool has_owner;
+  pthread_t owner;            /* the thread that materializes (its stages are its own) */
   pthread_mutex_t mu;
   pthread_cond_t cv, idle;
   pthread_t worker;
@@ -103,7 +107,7 @@ struct ml_hookrt {
   ml_uploader *uploader;      /* cuda streaming, created on first use */
   hr_stage *stages;
   int nstages, scap;
-  atomic_llong bytes_streamed, streams_dropped;
+  atomic_llong bytes_streamed, streams_dropped, streams_reclaimed;
   atomic_llong materialize_calls, bytes_viewed, bytes_copied, tied_hits, releases, bytes_dropped,
                prefetch_jobs, prefetch_bytes, prefetch_pages;
 };
@@ -219,6 +223,9 @@ static void enqueue_prefetch(ml_hookrt *rt, int g) {
 
 // --- lifetime -------------------------------------------------------------------------------
 
+static size_t hookrt_reclaim(void *ctx, int cuda_device);
+static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep);
+
 ml_status ml_hookrt_new(ml_hookrt **out) {
   ml_hookrt *rt = calloc(1, sizeof *rt);
   if (!rt) return ml_fail(ML_ENOMEM, "ml_hookrt_new: out of memory");
@@ -233,6 +240,9 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
   rt->prefetch_min = 64 * 1024;
   rt->lookahead = 32 * 1024 * 1024;
   rt->stream_ahead = 64 * 1024 * 1024;
+  rt->stream_limit = SIZE_MAX;
+  ml_status st = ml_reclaimer_add(hookrt_reclaim, rt);
+  if (st) { free(rt); return st; }
   pthread_mutex_init(&rt->mu, NULL);
   pthread_cond_init(&rt->cv, NULL);
   pthread_cond_init(&rt->idle, NULL);
@@ -241,10 +251,10 @@ ml_status ml_hookrt_new(ml_hookrt **out) {
 }
 
 static void group_clear(ml_hookrt *rt, hr_group *gr);
-static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep);
 
 void ml_hookrt_release(ml_hookrt *rt) {
   if (!rt) return;
+  ml_reclaimer_remove(hookrt_reclaim, rt);
   pthread_mutex_lock(&rt->mu);
   rt->stop = true;
   pthread_cond_broadcast(&rt->cv);
@@ -288,6 +298,8 @@ ml_status ml_hookrt_set_stream_window(ml_hookrt *rt, int64_t bytes) {
   if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_set_stream_window: runtime is NULL");
   if (bytes < 0) return ml_fail(ML_EINVAL, "set_stream_window: bytes must be >= 0, got %lld", (long long)bytes);
   rt->stream_ahead = (size_t)bytes;
+  rt->stream_limit = SIZE_MAX;      /* a new window starts unnarrowed */
+  rt->stream_stopped = false;
   return ML_OK;
 }
 
@@ -442,8 +454,34 @@ static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep) {
   }
 }
 
+/* Called by the CUDA allocator when cuda:device is out of memory: gives back the uploads streamed
+   ahead to it and narrows the window, so the next forward does not run into the same wall: to
+   half of what was in flight, or, when that was a single group, to no streaming ahead at all.
+   Only on the thread that materializes (the stages are its own, and the runtime is not
+   thread-safe); stages never call here, as they allocate only free memory. */
+static size_t hookrt_reclaim(void *ctx, int cuda_device) {
+  ml_hookrt *rt = ctx;
+  if (!rt->has_owner || !pthread_equal(rt->owner, pthread_self())) return 0;
+  size_t freed = 0;
+  int group = -1;
+  bool several = false;
+  for (int i = rt->nstages - 1; i >= 0; i--) {
+    const hr_stage *e = &rt->stages[i];
+    if (e->dev.type != ML_DEVICE_CUDA || e->dev.index != cuda_device) continue;
+    several |= group >= 0 && e->group != group;
+    group = e->group;
+    freed += (size_t)e->numel * ml_dtype_size(e->src_dt);
+    stage_drop(rt, i);
+    atomic_fetch_add(&rt->streams_reclaimed, 1);
+  }
+  if (freed == 0) return 0;
+  if (several && freed / 2 < rt->stream_limit) rt->stream_limit = freed / 2;
+  if (!several) rt->stream_stopped = true;
+  return freed;
+}
+
 /* Starts uploading group h's host-resident weights to its cuda device. A hint: whatever cannot be
-   streamed (no memory, strided source) is copied at materialize time instead. */
+   streamed (no free memory now, strided source) is copied at materialize time instead. */
 static void stage_group(ml_hookrt *rt, int h) {
   hr_group *gr = &rt->groups[h];
   if (!rt->uploader && ml_uploader_new(&rt->uploader) != ML_OK) return;
@@ -464,7 +502,7 @@ static void stage_group(ml_hookrt *rt, int h) {
       rt->scap = cap;
     }
     ml_tensor *t;
-    if (ml_tensor_empty(src->dtype, src->ndim, src->shape, gr->dev, &t) != ML_OK) return;
+    if (ml_tensor_empty_if_free(src->dtype, src->ndim, src->shape, gr->dev, &t) != ML_OK) return;
     int ticket;
     if (ml_uploader_submit(rt->uploader, t, src, &ticket) != ML_OK) { ml_tensor_release(t); return; }
     rt->stages[rt->nstages++] = (hr_stage){ml_tensor_data(src), src->dtype, ml_tensor_numel(src), gr->dev, t,
@@ -592,18 +630,21 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   if (rt->last >= 0 && rt->last != g && rt->last < rt->ngroups && rt->groups[rt->last].used)
     rt->groups[rt->last].next = g;
   rt->last = g;
+  rt->owner = pthread_self();
+  rt->has_owner = true;
   gr->queued = false;
   if (gr->dev.type == ML_DEVICE_CUDA && (rt->nstages > 0 || rt->prefetch)) {
     /* stream ahead along the learned order: the next group, then on while the window holds
        (after a layer's small norm the next big matrix is already on its way) */
     enum { MAX_AHEAD = 64 };
     int window[MAX_AHEAD], nwindow = 0;
-    size_t ahead = 0;
-    for (int h = gr->next; rt->prefetch && h >= 0 && h != g && nwindow < MAX_AHEAD; h = rt->groups[h].next) {
+    size_t ahead = 0, limit = rt->stream_ahead < rt->stream_limit ? rt->stream_ahead : rt->stream_limit;
+    bool on = rt->prefetch && !rt->stream_stopped;
+    for (int h = gr->next; on && h >= 0 && h != g && nwindow < MAX_AHEAD; h = rt->groups[h].next) {
       hr_group *o = &rt->groups[h];
       if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
       size_t b = o->host_bytes;
-      if (nwindow > 0 && ahead + b > rt->stream_ahead) break;
+      if (nwindow > 0 && ahead + b > limit) break;
       bool seen = false;                  /* a cycle in the learned order */
       for (int k = 0; k < nwindow && !seen; k++) seen = window[k] == h;
       if (seen) break;
@@ -709,4 +750,7 @@ void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out) {
   out->streams_dropped = atomic_load(&rt->streams_dropped);
   for (int g = 0; g < rt->ngroups; g++) out->groups += rt->groups[g].used;
   out->streams_pending = rt->nstages;
+  out->streams_reclaimed = atomic_load(&rt->streams_reclaimed);
+  size_t window = rt->stream_ahead < rt->stream_limit ? rt->stream_ahead : rt->stream_limit;
+  out->stream_window = rt->stream_stopped ? -1 : (int64_t)window;
 }

@@ -26,6 +26,12 @@ const char *ml_device_str(ml_device dev);
 // --- devices and memory accounting --------------------------------------------------------
 
 void ml_device_account(ml_device dev, int64_t delta);   /* thread-safe; updates peak */
+/* Owners of device memory that can be given back on demand (the hook runtime's uploads streamed
+   ahead) register here; ml_cuda_reclaim (cuda_api.h) asks each of them, in turn, for memory on a
+   cuda device that is out of memory. fn returns the bytes it released. */
+typedef size_t (*ml_reclaim_fn)(void *ctx, int cuda_device);
+ml_status ml_reclaimer_add(ml_reclaim_fn fn, void *ctx);
+void ml_reclaimer_remove(ml_reclaim_fn fn, void *ctx);
 static inline ml_device ml_cpu(void) { ml_device d = {ML_DEVICE_CPU, 0}; return d; }
 static inline ml_device ml_meta(void) { ml_device d = {ML_DEVICE_META, 0}; return d; }
 
@@ -46,6 +52,10 @@ struct ml_storage {
   ml_mapping *mapping;                 /* owned reference when borrowed from a file mapping */
   bool accounted;                      /* counted in the device's bytes in use */
 };
+
+/* As ml_storage_new, but on a cuda device only from memory free now (alloc_if_free): for
+   allocations that may fail quietly rather than stall the device. */
+ml_status ml_storage_new_if_free(ml_device dev, size_t nbytes, ml_storage **out);
 
 struct ml_mapping {
   atomic_int refcount;
@@ -70,6 +80,8 @@ struct ml_tensor {
 /* New tensor header over s (retained), no checks; for internal callers that computed a valid view. */
 ml_status ml_tensor_wrap(ml_storage *s, int64_t offset, ml_dtype dt, int ndim, const int64_t *shape,
                          const int64_t *strides, ml_tensor **out);
+/* ml_tensor_empty through ml_storage_new_if_free. */
+ml_status ml_tensor_empty_if_free(ml_dtype dt, int ndim, const int64_t *shape, ml_device dev, ml_tensor **out);
 int64_t ml_shape_numel(int ndim, const int64_t *shape);
 void ml_contiguous_strides(int ndim, const int64_t *shape, int64_t *strides);
 /* Normalises a 0-based dim that may be negative (-1 = last); fails naming fn when out of range. */

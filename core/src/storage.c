@@ -41,7 +41,7 @@ static ml_status storage_alloc_header(ml_device dev, size_t nbytes, const ml_sto
   return ML_OK;
 }
 
-ml_status ml_storage_new(ml_device dev, size_t nbytes, ml_storage **out) {
+static ml_status storage_new(ml_device dev, size_t nbytes, bool if_free, ml_storage **out) {
   ml_storage *s = NULL;
   switch (dev.type) {
   case ML_DEVICE_META:
@@ -60,7 +60,7 @@ ml_status ml_storage_new(ml_device dev, size_t nbytes, ml_storage **out) {
       return ml_fail(ML_EINVAL, "ml_storage_new: device cuda:%d does not exist (%d CUDA devices)",
                      dev.index, cu->device_count());
     void *p;
-    ML_TRY(cu->alloc(dev.index, nbytes, &p));
+    ML_TRY((if_free ? cu->alloc_if_free : cu->alloc)(dev.index, nbytes, &p));
     if (storage_alloc_header(dev, nbytes, &backend_cuda, &s) != ML_OK) { cu->free(dev.index, p, nbytes); return ML_ENOMEM; }
     s->data = p;
     break;
@@ -72,6 +72,14 @@ ml_status ml_storage_new(ml_device dev, size_t nbytes, ml_storage **out) {
   ml_device_account(dev, (int64_t)nbytes);
   *out = s;
   return ML_OK;
+}
+
+ml_status ml_storage_new(ml_device dev, size_t nbytes, ml_storage **out) {
+  return storage_new(dev, nbytes, false, out);
+}
+
+ml_status ml_storage_new_if_free(ml_device dev, size_t nbytes, ml_storage **out) {
+  return storage_new(dev, nbytes, true, out);
 }
 
 ml_status ml_storage_new_pinned(size_t nbytes, ml_storage **out) {

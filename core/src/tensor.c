@@ -62,14 +62,24 @@ ml_status ml_tensor_wrap(ml_storage *s, int64_t offset, ml_dtype dt, int ndim, c
   return ML_OK;
 }
 
-ml_status ml_tensor_empty(ml_dtype dt, int ndim, const int64_t *shape, ml_device dev, ml_tensor **out) {
+static ml_status tensor_empty(ml_dtype dt, int ndim, const int64_t *shape, ml_device dev, bool if_free,
+                              ml_tensor **out) {
   int64_t n;
   ML_TRY(check_shape("empty", ndim, shape, dt, &n));
   ml_storage *s;
-  ML_TRY(ml_storage_new(dev, (size_t)n * ml_dtype_size(dt), &s));
+  size_t nbytes = (size_t)n * ml_dtype_size(dt);
+  ML_TRY(if_free ? ml_storage_new_if_free(dev, nbytes, &s) : ml_storage_new(dev, nbytes, &s));
   ml_status st = ml_tensor_wrap(s, 0, dt, ndim, shape, NULL, out);
   ml_storage_release(s);
   return st;
+}
+
+ml_status ml_tensor_empty(ml_dtype dt, int ndim, const int64_t *shape, ml_device dev, ml_tensor **out) {
+  return tensor_empty(dt, ndim, shape, dev, false, out);
+}
+
+ml_status ml_tensor_empty_if_free(ml_dtype dt, int ndim, const int64_t *shape, ml_device dev, ml_tensor **out) {
+  return tensor_empty(dt, ndim, shape, dev, true, out);
 }
 
 ml_status ml_tensor_from_storage(ml_storage *s, int64_t offset, ml_dtype dt, int ndim,

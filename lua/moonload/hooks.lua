@@ -346,6 +346,9 @@ end
 -- ahead along the learned order: the next module's, then on while the bytes in flight stay
 -- within `bytes` (default 64 MiB, also MOONLOAD_STREAM_AHEAD; 0 = one module ahead). Device
 -- memory then holds the resident weights, the running module and at most max(window, one module).
+-- Uploads ahead only take memory that is free at the time, and when the running module needs
+-- more than is left the device gives them back: the window then narrows to half of what was in
+-- flight, or stops when that was one module. Calling this starts over from `bytes`.
 function M.set_stream_window(bytes)
    if type(bytes) ~= "number" then
       error("set_stream_window: bytes must be a number >= 0, got " .. type(bytes), 2)
@@ -383,14 +386,16 @@ end
 
 --- Runtime counters: materialize_calls, releases, bytes_viewed, bytes_copied, tied_hits,
 -- bytes_dropped, prefetch_jobs, prefetch_bytes, prefetch_pages, shared_copies, bytes_streamed,
--- streams_dropped; and the current groups (one per offloading hook alive) and streams_pending.
+-- streams_dropped, streams_reclaimed (uploads given back because the device ran out of memory);
+-- and the current groups (one per offloading hook alive), streams_pending and stream_window (the
+-- bytes streamed ahead now: narrowed after running out of memory, -1 when stopped).
 function M.runtime_stats()
    local s = ffi.new("ml_hookrt_stats")
    lib.ml_hookrt_get_stats(M.runtime(), s)
    local r = {}
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
       "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies",
-      "bytes_streamed", "streams_dropped", "groups", "streams_pending" }) do
+      "bytes_streamed", "streams_dropped", "groups", "streams_pending", "streams_reclaimed", "stream_window" }) do
       r[k] = tonumber(s[k])
    end
    r.in_place_forwards = in_place_forwards   -- modules run on the CPU by set_compute_in_place

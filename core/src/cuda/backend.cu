@@ -74,7 +74,6 @@ static void release_cached(int device) {
 }
 
 static ml_status out_of_memory(int device, size_t size, cudaError_t e) {
-  cudaGetLastError();
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
   return ml_fail(ML_ENOMEM, "cuda:%d: out of memory allocating %zu bytes (%zu of %zu bytes free): %s", device, size,
@@ -92,19 +91,32 @@ static bool no_caching(void) {
   return v == 1;
 }
 
-static ml_status pool_alloc(int device, size_t nbytes, void **out) {
+// cudaMalloc, and when the driver is out of memory: hand the cache back to it, then ask the core
+// for memory it can give back (the uploads the hook runtime streamed ahead), trying once more
+// after each. A caller that can do without (may_wait false) only gets what is free now, so it
+// never stalls the device or empties the cache.
+static cudaError_t device_malloc(int device, DeviceState *st, size_t size, bool may_wait, void **p) {
+  cudaError_t e = cudaMalloc(p, size);
+  for (int attempt = 0; may_wait && e == cudaErrorMemoryAllocation && attempt < 2; attempt++) {
+    cudaGetLastError();
+    if (attempt == 1 && ml_cuda_reclaim(device) == 0) break;
+    cudaStreamSynchronize(st->compute);
+    {
+      std::lock_guard<std::mutex> lock(g_pools[device].mutex);
+      release_cached(device);
+    }
+    e = cudaMalloc(p, size);
+  }
+  if (e != cudaSuccess) cudaGetLastError();
+  return e;
+}
+
+static ml_status pool_alloc_impl(int device, size_t nbytes, bool may_wait, void **out) {
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(device, &st));
-  if (no_caching()) {
-    void *p = NULL;
-    cudaError_t e = cudaMalloc(&p, nbytes ? nbytes : 1);
-    if (e != cudaSuccess) return out_of_memory(device, nbytes, e);
-    *out = p;
-    return ML_OK;
-  }
-  size_t size = round_size(nbytes);
-  DevicePool &pool = g_pools[device];
-  {
+  size_t size = no_caching() ? (nbytes ? nbytes : 1) : round_size(nbytes);
+  if (!no_caching()) {
+    DevicePool &pool = g_pools[device];
     std::lock_guard<std::mutex> lock(pool.mutex);
     auto it = pool.free_blocks.find(size);
     if (it != pool.free_blocks.end() && !it->second.empty()) {
@@ -115,20 +127,15 @@ static ml_status pool_alloc(int device, size_t nbytes, void **out) {
     }
   }
   void *p = NULL;
-  cudaError_t e = cudaMalloc(&p, size);
-  if (e == cudaErrorMemoryAllocation) {
-    // Give the cache back to the driver and try once more before reporting.
-    cudaGetLastError();
-    cudaStreamSynchronize(st->compute);
-    {
-      std::lock_guard<std::mutex> lock(pool.mutex);
-      release_cached(device);
-    }
-    e = cudaMalloc(&p, size);
-  }
-  if (e != cudaSuccess) return out_of_memory(device, size, e);
+  cudaError_t e = device_malloc(device, st, size, may_wait, &p);
+  if (e != cudaSuccess) return may_wait ? out_of_memory(device, size, e) : ML_ENOMEM;
   *out = p;
   return ML_OK;
+}
+
+static ml_status pool_alloc(int device, size_t nbytes, void **out) { return pool_alloc_impl(device, nbytes, true, out); }
+static ml_status pool_alloc_if_free(int device, size_t nbytes, void **out) {
+  return pool_alloc_impl(device, nbytes, false, out);
 }
 
 static void pool_free(int device, void *p, size_t nbytes) {
@@ -310,6 +317,7 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.version = ML_CUDA_API_VERSION;
   g_api.device_count = device_count;
   g_api.alloc = pool_alloc;
+  g_api.alloc_if_free = pool_alloc_if_free;
   g_api.free = pool_free;
   g_api.alloc_pinned = alloc_pinned;
   g_api.free_pinned = free_pinned;
