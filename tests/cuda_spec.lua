@@ -635,6 +635,27 @@ describe("device memory on cuda #cuda", function()
       assert.is_true(narrowed)
    end)
 
+   it("collects dead tensors and tries again when the device runs out of memory", function()
+      settle()
+      local x = ml.ones({ 2 ^ 18 }, { device = DEV })                -- 1 MiB
+      local blocks = fill_device(8 * 2 ^ 20)
+      -- The collector is stopped and 32 MiB stays under the pressure threshold (64 MiB), so only
+      -- running out of memory can collect the results that died
+      collectgarbage("stop")
+      local ok, err = pcall(function()
+         for _ = 1, 32 do
+            local y = x * 2
+            y = nil
+         end
+         return (x + 1):sum():item()
+      end)
+      collectgarbage("restart")
+      blocks = nil
+      settle()
+      assert(ok, err)
+      assert.are.equal(2 * 2 ^ 18, err)
+   end)
+
    it("gives back the uploads streamed ahead when the model is dropped without removing its hooks", function()
       settle()
       local base = ml.memory_allocated(DEV)

@@ -24,4 +24,22 @@ describe("ffi seam", function()
       assert.has_error(function() C.check(C.lib.ml_device_parse("gpu0", d), 0) end,
          'unknown device "gpu0" (expected "cpu", "meta", "cuda" or "cuda:N")')
    end)
+
+   it("wraps the functions that return a status, and retries them after a collection when memory runs out", function()
+      assert.are.equal("function", type(C.lib.ml_tensor_empty))        -- returns ml_status
+      assert.are.equal("cdata", type(C.lib.ml_tensor_ndim))            -- returns int: as loaded
+      assert.are.equal(C.raw_lib.ML_ENOMEM, C.lib.ML_ENOMEM)
+      -- a garbage sentinel: collected only by a full collection, with the collector stopped
+      local collected = false
+      local sentinel = newproxy(true)
+      getmetatable(sentinel).__gc = function() collected = true end
+      sentinel = nil
+      collectgarbage("stop")
+      local shape, out = C.ffi.new("int64_t[1]", 2 ^ 52), C.ffi.new("ml_tensor*[1]")   -- 4 PiB
+      local st = C.lib.ml_tensor_empty(C.lib.ML_FLOAT32, 1, shape, C.ffi.new("ml_device"), out)
+      collectgarbage("restart")
+      assert.are.equal(C.lib.ML_ENOMEM, st)
+      assert.is_true(collected)
+      assert.matches("cannot allocate", C.ffi.string(C.lib.ml_last_error()))
+   end)
 end)

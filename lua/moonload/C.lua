@@ -55,7 +55,37 @@ if lib.ml_abi_version() ~= lib.ML_ABI then
       lib.ml_abi_version(), lib.ML_ABI), 0)
 end
 
-local M = { lib = lib, ffi = ffi }
+-- Every function that returns an ml_status is called through a retry. When one fails for lack
+-- of memory, dead tensors that LuaJIT's collector has not reached yet may hold what it needs
+-- (PyTorch frees them at once by refcount; a binding over a tracing collector cannot), so a full
+-- collection runs and the call is made once more. Such a function leaves nothing behind when it
+-- fails (outputs are made last, inputs untouched), so the second call starts clean.
+local ML_ENOMEM = lib.ML_ENOMEM
+local returns_status = {}
+for name in require("moonload.cdef"):gmatch("\nml_status%s+([%w_]+)%s*%(") do returns_status[name] = true end
+
+local function retried_on_oom(f)
+   return function(...)
+      local status = f(...)
+      if status == ML_ENOMEM then
+         collectgarbage()
+         collectgarbage()
+         status = f(...)
+      end
+      return status
+   end
+end
+
+-- The library namespace as the rest of the binding sees it: constants and functions as ffi.load
+-- gives them, ml_status functions wrapped, each looked up once.
+local api = setmetatable({}, { __index = function(t, name)
+   local v = lib[name]
+   if returns_status[name] then v = retried_on_oom(v) end
+   rawset(t, name, v)
+   return v
+end })
+
+local M = { lib = api, raw_lib = lib, ffi = ffi }
 
 --- Raises the library's last error as a Lua error at the caller's caller (the user's line).
 function M.raise(level)
