@@ -516,6 +516,46 @@ describe("big_modeling beyond accelerate", function()
       assert.is_true(ml.equal(m(x), expected))
    end)
 
+   it("drops disk weights' pages after each forward once they pass what max_memory.cpu leaves", function()
+      local Stack = nn.Module:extend("Stack")
+      function Stack:__init()
+         local layers = {}
+         for i = 1, 4 do layers[i] = nn.Linear(256, 256) end
+         self.layers = nn.ModuleList(layers)
+      end
+      function Stack:forward(x)
+         for i = 1, #self.layers do x = self.layers[i](x) end
+         return x
+      end
+      ml.manual_seed(6)
+      local dir = tmpdir()
+      ml.safetensors.save_file(Stack():state_dict(), dir .. "/model.safetensors")
+      local x = ml.randn(1, 256)
+      local map = { ["layers.0"] = "cpu", ["layers.1"] = "cpu", ["layers.2"] = "disk", ["layers.3"] = "disk" }
+      local function dropped(max_memory)
+         local m = ml.init_empty_weights(function() return Stack() end)
+         quiet(function()
+            ml.load_checkpoint_and_dispatch(m, dir .. "/model.safetensors", {
+               device_map = map, max_memory = max_memory, offload_folder = tmpdir() })
+         end)
+         collectgarbage()                 -- the models before this one and their hooks' groups
+         collectgarbage()
+         local before = hooks.runtime_stats().bytes_dropped
+         m(x)
+         return hooks.runtime_stats().bytes_dropped - before
+      end
+      local half_ram = tonumber(assert(io.open("/proc/meminfo")):read("*a"):match("MemTotal:%s*(%d+)")) * 512
+      hooks.set_drop_pages("auto", half_ram)
+      local kept = dropped(nil)                              -- 0.5 MB on disk: far under half the RAM
+      local cpu_bytes = 2 * (256 * 256 + 256) * 4
+      local roomy = dropped({ cpu = cpu_bytes + 2 ^ 20 })    -- the budget leaves 1 MiB: they fit
+      local tight = dropped({ cpu = cpu_bytes + 2 ^ 16 })    -- it leaves 64 KiB: they do not
+      hooks.set_drop_pages("auto", half_ram)
+      assert.are.equal(0, kept)
+      assert.are.equal(0, roomy)
+      assert.is_true(tight >= 256 * 256 * 4, "dropped " .. tight)
+   end)
+
    it("keeps RSS bounded: disk layers' pages leave the process after their forward", function()
       local Deep = nn.Module:extend("Deep")
       function Deep:__init()

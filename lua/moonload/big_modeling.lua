@@ -457,6 +457,27 @@ end
 
 local DEVICE_MAP_STRINGS = { auto = true, balanced = true, balanced_low_0 = true, sequential = true }
 
+-- Disk weights are read in place from the checkpoint's mapping, so their pages count in the
+-- process's memory while they stay mapped. A CPU budget in max_memory bounds that too: once the
+-- mapped weights the hooks hold pass what the budget leaves, released pages leave the process
+-- after each forward (the hooks' auto drop level). With a GPU main device the "cpu" modules are
+-- offloaded through the hooks as well (counted among those mapped bytes); with the CPU as main
+-- device they stay in the model, beside the budget's remainder.
+function M._bound_mapped_disk_weights(model, device_map, max_memory, dtype)
+   if type(device_map) ~= "table" or type(max_memory) ~= "table" or max_memory.cpu == nil then return end
+   local u = utils()
+   local sizes = u.compute_module_sizes(model, { dtype = dtype })
+   local on_disk, on_gpu, cpu_bytes = false, false, 0
+   for name, dev in pairs(device_map) do
+      if dev == "disk" then on_disk = true
+      elseif dev == "cpu" then cpu_bytes = cpu_bytes + sizes[name]
+      else on_gpu = true end
+   end
+   if not on_disk then return end
+   local budget = u.convert_file_size_to_int(max_memory.cpu)
+   hooks.set_auto_drop_above(math.max(0, on_gpu and budget or budget - cpu_bytes))
+end
+
 --- load_checkpoint_and_dispatch(model, checkpoint, {device_map, max_memory,
 -- no_split_module_classes, offload_folder, offload_buffers, dtype, offload_state_dict,
 -- skip_keys, preload_module_classes, force_hooks, strict}): loads a checkpoint (a .safetensors
@@ -491,6 +512,7 @@ function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
       offload_state_dict = offload_state_dict, offload_buffers = opts.offload_buffers,
       strict = opts.strict })
    if device_map == nil then return model end
+   M._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype)
    return M.dispatch_model(model, device_map, {
       offload_dir = opts.offload_folder, offload_buffers = opts.offload_buffers,
       skip_keys = opts.skip_keys, preload_module_classes = opts.preload_module_classes,

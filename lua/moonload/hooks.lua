@@ -342,6 +342,15 @@ function M.set_drop_pages(level, auto_above_bytes)
    if auto_above_bytes then C.check(lib.ml_hookrt_set_auto_drop(M.runtime(), auto_above_bytes)) end
 end
 
+--- set_auto_drop_above(bytes): the threshold of the "auto" drop level alone (see set_drop_pages),
+-- leaving the level as it is. load_checkpoint_and_dispatch sets it from max_memory["cpu"].
+function M.set_auto_drop_above(bytes)
+   if type(bytes) ~= "number" then
+      error("set_auto_drop_above: bytes must be a number >= 0, got " .. type(bytes), 2)
+   end
+   C.check(lib.ml_hookrt_set_auto_drop(M.runtime(), bytes), 2)
+end
+
 --- set_stream_window(bytes): with a cuda execution device, weights in host memory are uploaded
 -- ahead along the learned order: the next module's, then on while the bytes in flight stay
 -- within `bytes` (default 64 MiB, also MOONLOAD_STREAM_AHEAD; 0 = one module ahead). Device

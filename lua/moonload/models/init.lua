@@ -332,6 +332,7 @@ function M.from_pretrained(dir, opts)
          device_map = u.infer_auto_device_map(model, { max_memory = max_memory,
             no_split_module_classes = no_split, dtype = opts.dtype, offload_buffers = opts.offload_buffers })
       end
+      big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype)
       return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
          offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
          preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })
