@@ -343,7 +343,8 @@ function M.set_drop_pages(level, auto_above_bytes)
 end
 
 --- set_auto_drop_above(bytes): the threshold of the "auto" drop level alone (see set_drop_pages),
--- leaving the level as it is. load_checkpoint_and_dispatch sets it from max_memory["cpu"].
+-- leaving the level as it is. load_checkpoint_and_dispatch and from_pretrained set it from
+-- max_memory.cpu when the map has disk entries (one threshold for the process: the latest wins).
 function M.set_auto_drop_above(bytes)
    if type(bytes) ~= "number" then
       error("set_auto_drop_above: bytes must be a number >= 0, got " .. type(bytes), 2)
