@@ -234,6 +234,32 @@ describe("hookrt", function()
          assert.are.equal(3, stats(rt).prefetch_jobs)
       end)
 
+      it("reads the first groups ahead again when a forward begins, their pages may have left since", function()
+         local rt = new_rt()
+         local view = mapped_floats(3 * 4096)
+         local gs = three_groups(rt, view)
+         C.check(lib.ml_hookrt_forward_begins(rt))         -- nothing learned yet: nothing to read
+         assert.are.equal(0, stats(rt).prefetch_jobs)
+         for _ = 1, 2 do
+            for i = 1, 3 do
+               materialize(rt, gs[i], 1)
+               C.check(lib.ml_hookrt_release_group(rt, gs[i]))
+            end
+         end
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.are.equal(3, stats(rt).prefetch_jobs)        -- g3 read g1 ahead at the end of pass two
+         C.check(lib.ml_hookrt_forward_begins(rt))         -- g1 again, and only g1 (the window)
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.are.equal(4, stats(rt).prefetch_jobs)
+         C.check(lib.ml_hookrt_set_prefetch_window(rt, -1, 2 * 64 * 64 * 4))
+         C.check(lib.ml_hookrt_configure(rt, 0, -1))
+         C.check(lib.ml_hookrt_forward_begins(rt))         -- prefetch off: nothing
+         C.check(lib.ml_hookrt_configure(rt, 1, -1))
+         C.check(lib.ml_hookrt_forward_begins(rt))         -- a window of two groups: g1 and g2
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.are.equal(6, stats(rt).prefetch_jobs)
+      end)
+
       it("skips groups below the prefetch threshold", function()
          local rt = new_rt()
          C.check(lib.ml_hookrt_set_prefetch_window(rt, 64 * 64 * 4 + 1, -1))

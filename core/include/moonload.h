@@ -343,6 +343,10 @@ ML_API ml_status ml_hookrt_set_prefetch_window(ml_hookrt *rt, int64_t min_bytes,
 ML_API ml_status ml_hookrt_set_stream_window(ml_hookrt *rt, int64_t bytes);
 /* Blocks until the prefetch worker has nothing queued. */
 ML_API ml_status ml_hookrt_wait(ml_hookrt *rt);
+/* A forward starts (the model's outermost hook runs): reads ahead the groups the learned order
+   expects first, also those read ahead at the end of the last forward whose pages may have left
+   the page cache since. */
+ML_API ml_status ml_hookrt_forward_begins(ml_hookrt *rt);
 ML_API ml_status ml_hookrt_group_new(ml_hookrt *rt, ml_device exec_device, int *out);
 /* Adds a source tensor (retained) that materializes as dtype dt on the group's device. */
 ML_API ml_status ml_hookrt_group_add(ml_hookrt *rt, int group, ml_tensor *src, ml_dtype dt);

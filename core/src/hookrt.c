@@ -78,6 +78,7 @@ typedef struct {
 typedef struct hr_job {
   hr_range *ranges;           /* mapping references owned by the job */
   int n;
+  int group;                  /* the group whose pages it reads */
   struct hr_job *next;
 } hr_job;
 
@@ -196,6 +197,7 @@ static void enqueue_prefetch(ml_hookrt *rt, int g) {
   if (n == 0 || bytes < rt->prefetch_min) return;
   hr_job *j = calloc(1, sizeof *j);
   if (!j) return;
+  j->group = g;
   j->ranges = calloc((size_t)n, sizeof *j->ranges);
   if (!j->ranges) { free(j); return; }
   for (int i = 0; i < gr->nslots; i++) {
@@ -594,6 +596,8 @@ static void group_unmaterialize(ml_hookrt *rt, hr_group *gr) {
   gr->active = false;
 }
 
+static void read_ahead(ml_hookrt *rt, int h, int stop, bool again);
+
 ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   ML_TRY(check_group("ml_hookrt_materialize", rt, g));
   hr_group *gr = &rt->groups[g];
@@ -654,23 +658,42 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
     stage_drop_others(rt, window, nwindow);
     for (int k = 0; k < nwindow; k++) stage_group(rt, window[k]);
   }
-  if (rt->prefetch) {
-    /* read ahead along the learned order: at least the next group, then on until the
-       lookahead window is covered (a layer's small norms must not starve its big matrices) */
-    size_t ahead = 0;
-    int h = gr->next;
-    for (int steps = 0; h >= 0 && h != g && steps < rt->ngroups; steps++) {
-      hr_group *o = &rt->groups[h];
-      if (!o->used) break;
-      int n;
-      size_t b = mapped_bytes(o, &n);
-      if (steps > 0 && ahead + b > rt->lookahead) break;
-      if (!o->active && !o->queued) enqueue_prefetch(rt, h);
-      ahead += b;
-      h = o->next;
-    }
-  }
+  if (rt->prefetch) read_ahead(rt, gr->next, g, false);
   return ML_OK;
+}
+
+ml_status ml_hookrt_forward_begins(ml_hookrt *rt) {
+  if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_forward_begins: runtime is NULL");
+  if (rt->prefetch && rt->last >= 0 && rt->last < rt->ngroups && rt->groups[rt->last].used)
+    read_ahead(rt, rt->groups[rt->last].next, rt->last, true);
+  return ML_OK;
+}
+
+/* True while the worker has a job for group g queued (not yet started). */
+static bool job_queued(ml_hookrt *rt, int g) {
+  pthread_mutex_lock(&rt->mu);
+  bool found = false;
+  for (hr_job *j = rt->head; j && !found; j = j->next) found = j->group == g;
+  pthread_mutex_unlock(&rt->mu);
+  return found;
+}
+
+/* Reads ahead along the learned order from group h (up to, not including, group stop): at least
+   h, then on until the lookahead window is covered (a layer's small norms must not starve its big
+   matrices). again: also the groups read ahead since they last ran, unless their job has not
+   started yet (their pages may have left the page cache since). */
+static void read_ahead(ml_hookrt *rt, int h, int stop, bool again) {
+  size_t ahead = 0;
+  for (int steps = 0; h >= 0 && h != stop && steps < rt->ngroups; steps++) {
+    hr_group *o = &rt->groups[h];
+    if (!o->used) break;
+    int n;
+    size_t b = mapped_bytes(o, &n);
+    if (steps > 0 && ahead + b > rt->lookahead) break;
+    if (!o->active && (!o->queued || (again && !job_queued(rt, h)))) enqueue_prefetch(rt, h);
+    ahead += b;
+    h = o->next;
+  }
 }
 
 /* True when another active group reads bytes of map overlapping [off, off+len). */

@@ -568,7 +568,11 @@ local function release_materialized(s)
 end
 
 function AlignDevicesHook:pre_forward(module, ...)
-   if self.io_same_device then self.input_device = find_device({ ... }) end
+   if self.io_same_device then
+      -- the model's outermost hook: a forward starts, read its first offloaded weights ahead
+      self.input_device = find_device({ ... })
+      C.check(lib.ml_hookrt_forward_begins(M.runtime()))
+   end
    local in_place = self.offload and self:_runs_in_place(...)
    if self.offload and #self.slots > 0 then
       local g = self:_group(in_place)
