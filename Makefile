@@ -73,9 +73,10 @@ test-cuda-sim: deps $(LIB) $(CDEF) $(SIM_DIR)/libmoonload_cuda.so $(SIM_DIR)/tes
 # The core rebuilt with AddressSanitizer + UBSan into build-asan/, the suite run against it, then
 # the #cuda specs on the CUDA emulator built the same way (the emulated kernels instrumented too)
 # with exact-size device allocations (MOONLOAD_CUDA_NO_CACHING), so any out-of-bounds access by
-# a kernel or by the host side of the GPU paths is reported at its source line.
+# a kernel or by the host side of the GPU paths is reported at its source line. An allocation
+# too large to satisfy returns NULL, as without ASan (specs check that out-of-memory is reported).
 ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
-  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   MOONLOAD_LIB=build-asan/libmoonload.so
 
 test-asan: deps

@@ -765,6 +765,30 @@ describe("weight uploads to cuda #cuda", function()
       end
    end)
 
+   it("keeps a pinned source the caller dropped until its DMA is done, then lets it go", function()
+      local out = ffi.new("ml_uploader*[1]")
+      C.check(lib.ml_uploader_new(out))
+      local u = out[0]
+      collectgarbage(); collectgarbage()
+      local base = ml.memory_allocated("cpu")
+      local want = ml.randn(3 * 2 ^ 20)                              -- 12 MiB
+      local dsts, tickets = {}, {}
+      for i = 1, 3 do
+         local src = want:pin_memory()
+         dsts[i] = ml.empty(src.shape, { device = DEV })
+         local ticket = ffi.new("int[1]")
+         C.check(lib.ml_uploader_submit(u, dsts[i]._c, src._c, ticket))
+         tickets[i] = ticket[0]
+         src = nil
+         collectgarbage()
+      end
+      for i = 1, 3 do C.check(lib.ml_uploader_wait(u, tickets[i])) end
+      for i = 1, 3 do assert.is_true(dsts[i]:cpu():equal(want), "upload " .. i) end
+      lib.ml_uploader_release(u)          -- waits for the DMAs still reading and frees their sources
+      collectgarbage(); collectgarbage()
+      assert.are.equal(base + want:nbytes(), ml.memory_allocated("cpu"))
+   end)
+
    it("a model whose CPU weights are pinned streams them to cuda:0 and gives the CPU's logits", function()
       local dir = "tests/fixtures/models/llama_tiny_untied"
       local ids = ml.tensor({ { 5, 17, 42, 3, 8, 1 } }, { dtype = "int64" })

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 10
+#define ML_CUDA_API_VERSION 11
 
 typedef struct ml_cuda_api {
   int version;
@@ -71,6 +71,8 @@ typedef struct ml_cuda_api {
   /* The caching allocator: idle bytes held, and handing them back to the driver. */
   size_t (*cached_bytes)(int device);
   ml_status (*empty_cache)(int device);
+  /* Whether the work before the event's record is done, without waiting. */
+  ml_status (*event_query)(void *event, bool *done);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

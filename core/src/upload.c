@@ -10,7 +10,9 @@
  * layer that just ran, whose kernels may still be queued on the compute stream. Submit therefore
  * makes the copy stream wait for everything queued on the compute stream so far.
  *
- * A pinned source (t:pin_memory()) skips the staging: one DMA straight from it.
+ * A pinned source (t:pin_memory()) skips the staging: one DMA straight from it. The worker does
+ * not wait for that DMA; it keeps a reference to the source until an event says the DMA is done
+ * (checked before each later job, and waited for when the uploader is released).
  *
  * A cpu destination takes the same path with plain memcpy and no streams: that is how the
  * scheduling (tickets, chunking, the worker) is tested on machines without a GPU.
@@ -33,6 +35,11 @@ typedef struct {
   char error[256];
 } upload_ticket;
 
+typedef struct {
+  ml_tensor *src;              /* owned: a pinned source a DMA may still read */
+  void *event;                 /* recorded after that DMA */
+} retired_source;
+
 typedef struct upload_job {
   int ticket;
   ml_tensor *dst, *src;        /* owned references, both contiguous with the same bytes */
@@ -51,6 +58,8 @@ struct ml_uploader {
   void *pinned_event[2];       /* copy that last read each buffer, or NULL */
   int pinned_device;
   int staging_threads;         /* threads filling a staging buffer */
+  retired_source *retired;     /* the worker's alone (and release's, after the join) */
+  int nretired, rcap;
   atomic_llong bytes, jobs;
 };
 
@@ -81,13 +90,46 @@ static void stage_copy(uint8_t *dst, const uint8_t *src, size_t len, int nt) {
   }
 }
 
-/* Copies job j chunk by chunk; on cuda returns the event recorded after the last chunk. */
-static ml_status run_job(ml_uploader *u, const upload_job *j, void **done_event) {
+/* Lets go of the pinned sources whose DMA is done; with wait, of all of them once it is. */
+static void reap_retired(ml_uploader *u, bool wait) {
+  const ml_cuda_api *cu = ml_cuda();
+  int kept = 0;
+  for (int i = 0; i < u->nretired; i++) {
+    retired_source r = u->retired[i];
+    bool done = false;
+    if (cu && (wait ? cu->event_sync(r.event) == ML_OK : cu->event_query(r.event, &done) == ML_OK && done))
+      done = true;
+    else if (wait || !cu)
+      done = true;             /* the device failed: nothing will read the source any more */
+    if (!done) { u->retired[kept++] = r; continue; }
+    if (cu) cu->event_free(r.event);
+    ml_tensor_release(r.src);
+  }
+  u->nretired = kept;
+}
+
+/* Keeps src (a reference handed over) until event completes; false if it cannot be kept. */
+static bool retire_source(ml_uploader *u, ml_tensor *src, void *event) {
+  if (u->nretired == u->rcap) {
+    int cap = u->rcap ? u->rcap * 2 : 16;
+    retired_source *p = realloc(u->retired, (size_t)cap * sizeof *p);
+    if (!p) return false;
+    u->retired = p;
+    u->rcap = cap;
+  }
+  u->retired[u->nretired++] = (retired_source){src, event};
+  return true;
+}
+
+/* Copies job j chunk by chunk; on cuda returns the event recorded after the last chunk, and for a
+   pinned source src_event, recorded after the DMA that reads it (the source must live until then). */
+static ml_status run_job(ml_uploader *u, const upload_job *j, void **done_event, void **src_event) {
   size_t nbytes = (size_t)ml_tensor_numel(j->src) * ml_dtype_size(j->src->dtype);
   const uint8_t *src = ml_tensor_data(j->src);
   uint8_t *dst = ml_tensor_data(j->dst);
   ml_device dev = j->dst->storage->device;
   *done_event = NULL;
+  *src_event = NULL;
   if (dev.type == ML_DEVICE_CPU) {
     for (size_t off = 0; off < nbytes; off += UPLOAD_CHUNK)
       memcpy(dst + off, src + off, nbytes - off < UPLOAD_CHUNK ? nbytes - off : UPLOAD_CHUNK);
@@ -96,12 +138,17 @@ static ml_status run_job(ml_uploader *u, const upload_job *j, void **done_event)
   const ml_cuda_api *cu = ml_cuda();
   if (!cu) return ML_EUNSUPPORTED;
   if (ml_storage_is_pinned(j->src->storage)) {
-    /* Page-locked source (t:pin_memory()): the DMA reads it directly, no staging copy. The job's
-       reference to the source is dropped when this returns, so wait until the copy has read it;
-       this thread has nothing else to do meanwhile (the copy stream is serial anyway). */
+    /* Page-locked source (t:pin_memory()): the DMA reads it directly, no staging copy, and the
+       worker goes on to the next job while it runs (the source is retired, not released). */
     ML_TRY(cu->copy_async(dev.index, dst, src, nbytes, 0));
     ML_TRY(cu->event_record(dev.index, true, done_event));
-    return cu->event_sync(*done_event);
+    ml_status st = cu->event_record(dev.index, true, src_event);
+    if (st) {
+      cu->event_sync(*done_event);
+      cu->event_free(*done_event);
+      *done_event = NULL;
+    }
+    return st;
   }
   for (int b = 0; b < 2; b++) {
     if (!u->pinned[b]) ML_TRY(cu->alloc_pinned(UPLOAD_CHUNK, &u->pinned[b]));
@@ -133,8 +180,14 @@ static void *worker_main(void *arg) {
     u->head = j->next;
     if (!u->head) u->tail = NULL;
     pthread_mutex_unlock(&u->mu);
-    void *ev = NULL;
-    ml_status st = run_job(u, j, &ev);
+    reap_retired(u, false);
+    long long nbytes = (long long)((size_t)ml_tensor_numel(j->src) * ml_dtype_size(j->src->dtype));
+    void *ev = NULL, *src_ev = NULL;
+    ml_status st = run_job(u, j, &ev, &src_ev);
+    if (src_ev) {
+      if (retire_source(u, j->src, src_ev)) j->src = NULL;   /* the reference moved */
+      else { ml_cuda()->event_sync(src_ev); ml_cuda()->event_free(src_ev); }
+    }
     pthread_mutex_lock(&u->mu);
     upload_ticket *t = &u->tickets[j->ticket];
     if (st) {
@@ -143,7 +196,7 @@ static void *worker_main(void *arg) {
     } else {
       t->state = TICKET_ISSUED;
       t->done_event = ev;
-      atomic_fetch_add(&u->bytes, (long long)((size_t)ml_tensor_numel(j->src) * ml_dtype_size(j->src->dtype)));
+      atomic_fetch_add(&u->bytes, nbytes);
       atomic_fetch_add(&u->jobs, 1);
     }
     pthread_cond_broadcast(&u->done);
@@ -175,6 +228,8 @@ void ml_uploader_release(ml_uploader *u) {
   pthread_cond_broadcast(&u->cv);
   pthread_mutex_unlock(&u->mu);
   if (u->worker_started) pthread_join(u->worker, NULL);
+  reap_retired(u, true);
+  free(u->retired);
   const ml_cuda_api *cu = NULL;
   for (int i = 0; i < u->nticket; i++)
     if (u->tickets[i].done_event && (cu || (cu = ml_cuda()))) {

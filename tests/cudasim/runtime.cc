@@ -248,6 +248,12 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   return cudaSuccess;
 }
 
+cudaError_t cudaEventQuery(cudaEvent_t e) {
+  if (!e) return record_error(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::mutex> lock(e->st->mu);
+  return e->st->completed >= e->st->recorded ? cudaSuccess : record_error(cudaErrorNotReady);
+}
+
 // Pending records and waits keep the state alive, as CUDA defers the release.
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
   if (!e) return record_error(cudaErrorInvalidResourceHandle);
@@ -295,6 +301,7 @@ const char *cudaGetErrorName(cudaError_t e) {
   case cudaErrorNoDevice: return "cudaErrorNoDevice";
   case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
   case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+  case cudaErrorNotReady: return "cudaErrorNotReady";
   }
   return "cudaErrorUnknown";
 }
@@ -308,6 +315,7 @@ const char *cudaGetErrorString(cudaError_t e) {
   case cudaErrorNoDevice: return "no CUDA-capable device is detected";
   case cudaErrorInvalidDevice: return "invalid device ordinal";
   case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+  case cudaErrorNotReady: return "device not ready";
   }
   return "unknown error";
 }

@@ -226,6 +226,19 @@ static ml_status event_sync(void *event) {
   return ML_OK;
 }
 
+// Not ready is no error, but CUDA records it as the last one: cleared, or the next launch check
+// would report it.
+static ml_status event_query(void *event, bool *done) {
+  cudaError_t e = cudaEventQuery((cudaEvent_t)event);
+  *done = e == cudaSuccess;
+  if (e == cudaErrorNotReady) {
+    cudaGetLastError();
+    return ML_OK;
+  }
+  if (e != cudaSuccess) return ml_fail(ML_EIO, "cudaEventQuery failed: %s", cudaGetErrorString(e));
+  return ML_OK;
+}
+
 static void event_free(void *event) { if (event) cudaEventDestroy((cudaEvent_t)event); }
 
 static ml_status synchronize(int device) {
@@ -343,6 +356,7 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.event_wait = event_wait;
   g_api.event_sync = event_sync;
   g_api.event_free = event_free;
+  g_api.event_query = event_query;
   g_api.synchronize = synchronize;
   g_api.triangle = ml_cuda_triangle;
   g_api.gather = ml_cuda_gather;
