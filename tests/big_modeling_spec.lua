@@ -64,6 +64,21 @@ local function net(seed)
    return m
 end
 
+-- A module class of n Linear(width, width) layers applied in turn.
+local function linear_stack(n, width)
+   local Stack = nn.Module:extend("LinearStack")
+   function Stack:__init()
+      local layers = {}
+      for i = 1, n do layers[i] = nn.Linear(width, width) end
+      self.layers = nn.ModuleList(layers)
+   end
+   function Stack:forward(x)
+      for i = 1, #self.layers do x = self.layers[i](x) end
+      return x
+   end
+   return Stack
+end
+
 local function input()
    ml.manual_seed(42)
    return ml.randn(2, 3)
@@ -517,16 +532,7 @@ describe("big_modeling beyond accelerate", function()
    end)
 
    it("drops disk weights' pages after each forward once they pass what max_memory.cpu leaves", function()
-      local Stack = nn.Module:extend("Stack")
-      function Stack:__init()
-         local layers = {}
-         for i = 1, 4 do layers[i] = nn.Linear(256, 256) end
-         self.layers = nn.ModuleList(layers)
-      end
-      function Stack:forward(x)
-         for i = 1, #self.layers do x = self.layers[i](x) end
-         return x
-      end
+      local Stack = linear_stack(4, 256)
       ml.manual_seed(6)
       local dir = tmpdir()
       ml.safetensors.save_file(Stack():state_dict(), dir .. "/model.safetensors")
@@ -557,16 +563,7 @@ describe("big_modeling beyond accelerate", function()
    end)
 
    it("keeps RSS bounded: disk layers' pages leave the process after their forward", function()
-      local Deep = nn.Module:extend("Deep")
-      function Deep:__init()
-         local layers = {}
-         for i = 1, 8 do layers[i] = nn.Linear(1024, 1024) end
-         self.layers = nn.ModuleList(layers)
-      end
-      function Deep:forward(x)
-         for i = 1, #self.layers do x = self.layers[i](x) end
-         return x
-      end
+      local Deep = linear_stack(8, 1024)
       local function rss_kb()
          local s = assert(io.open("/proc/self/status")):read("*a")
          return tonumber(s:match("VmRSS:%s*(%d+)"))

@@ -181,14 +181,21 @@ describe("hookrt", function()
          return gs
       end
 
+      -- Materializes and releases each group in turn, `passes` times (forwards of a model).
+      local function run_passes(rt, gs, passes)
+         for _ = 1, passes do
+            for _, g in ipairs(gs) do
+               materialize(rt, g, 1)
+               C.check(lib.ml_hookrt_release_group(rt, g))
+            end
+         end
+      end
+
       it("learns each group's successor on the first pass", function()
          local rt = new_rt()
          local view = mapped_floats(3 * 4096)
          local gs = three_groups(rt, view)
-         for i = 1, 3 do
-            materialize(rt, gs[i], 1)
-            C.check(lib.ml_hookrt_release_group(rt, gs[i]))
-         end
+         run_passes(rt, gs, 1)
          assert.are.equal(gs[2], lib.ml_hookrt_next(rt, gs[1]))
          assert.are.equal(gs[3], lib.ml_hookrt_next(rt, gs[2]))
          assert.are.equal(-1, lib.ml_hookrt_next(rt, gs[3]))
@@ -199,12 +206,7 @@ describe("hookrt", function()
          local rt = new_rt()
          local view = mapped_floats(3 * 4096)
          local gs = three_groups(rt, view)
-         for _ = 1, 2 do
-            for i = 1, 3 do
-               materialize(rt, gs[i], 1)
-               C.check(lib.ml_hookrt_release_group(rt, gs[i]))
-            end
-         end
+         run_passes(rt, gs, 2)
          C.check(lib.ml_hookrt_wait(rt))
          local s = stats(rt)
          -- pass two: g1 prefetches g2, g2 prefetches g3, g3 prefetches g1 (learned wrap-around)
@@ -240,12 +242,7 @@ describe("hookrt", function()
          local gs = three_groups(rt, view)
          C.check(lib.ml_hookrt_forward_begins(rt))         -- nothing learned yet: nothing to read
          assert.are.equal(0, stats(rt).prefetch_jobs)
-         for _ = 1, 2 do
-            for i = 1, 3 do
-               materialize(rt, gs[i], 1)
-               C.check(lib.ml_hookrt_release_group(rt, gs[i]))
-            end
-         end
+         run_passes(rt, gs, 2)
          C.check(lib.ml_hookrt_wait(rt))
          assert.are.equal(3, stats(rt).prefetch_jobs)        -- g3 read g1 ahead at the end of pass two
          C.check(lib.ml_hookrt_forward_begins(rt))         -- g1 again, and only g1 (the window)
@@ -265,12 +262,7 @@ describe("hookrt", function()
          C.check(lib.ml_hookrt_set_prefetch_window(rt, 64 * 64 * 4 + 1, -1))
          local view = mapped_floats(3 * 4096)
          local gs = three_groups(rt, view)
-         for _ = 1, 2 do
-            for i = 1, 3 do
-               materialize(rt, gs[i], 1)
-               C.check(lib.ml_hookrt_release_group(rt, gs[i]))
-            end
-         end
+         run_passes(rt, gs, 2)
          C.check(lib.ml_hookrt_wait(rt))
          assert.are.equal(0, stats(rt).prefetch_jobs)
          assert.has_error(function() C.check(lib.ml_hookrt_set_prefetch_window(rt, -2, 0)) end,

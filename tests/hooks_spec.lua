@@ -415,6 +415,10 @@ describe("hooks runtime settings", function()
       assert.is_false(hooks.set_prefetch(prev))
       assert.has_error(function() hooks.set_stream_window(-1) end, "set_stream_window: bytes must be >= 0, got -1")
       assert.has_error(function() hooks.set_stream_window() end, "set_stream_window: bytes must be a number >= 0, got nil")
+      assert.has_error(function() hooks.set_auto_drop_above("1GB") end,
+         "set_auto_drop_above: bytes must be a number >= 0, got string")
+      assert.has_error(function() hooks.set_auto_drop_above(-1) end,
+         "ml_hookrt_set_auto_drop: threshold must be >= 0, got -1")
       hooks.set_stream_window(64 * 2 ^ 20)
       assert.has_error(function() hooks.set_compute_in_place(1.5) end,
          "set_compute_in_place: tokens must be an integer >= 0, got 1.5")

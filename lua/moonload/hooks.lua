@@ -342,14 +342,18 @@ function M.set_drop_pages(level, auto_above_bytes)
    if auto_above_bytes then C.check(lib.ml_hookrt_set_auto_drop(M.runtime(), auto_above_bytes)) end
 end
 
+-- Calls setter(runtime, bytes) for fn, with a Lua type check first (the C side checks >= 0);
+-- errors point at fn's caller.
+local function set_runtime_bytes(fn, setter, bytes)
+   if type(bytes) ~= "number" then error(fn .. ": bytes must be a number >= 0, got " .. type(bytes), 3) end
+   C.check(setter(M.runtime(), bytes), 3)
+end
+
 --- set_auto_drop_above(bytes): the threshold of the "auto" drop level alone (see set_drop_pages),
 -- leaving the level as it is. load_checkpoint_and_dispatch and from_pretrained set it from
 -- max_memory.cpu when the map has disk entries (one threshold for the process: the latest wins).
 function M.set_auto_drop_above(bytes)
-   if type(bytes) ~= "number" then
-      error("set_auto_drop_above: bytes must be a number >= 0, got " .. type(bytes), 2)
-   end
-   C.check(lib.ml_hookrt_set_auto_drop(M.runtime(), bytes), 2)
+   set_runtime_bytes("set_auto_drop_above", lib.ml_hookrt_set_auto_drop, bytes)
 end
 
 --- set_stream_window(bytes): with a cuda execution device, weights in host memory are uploaded
@@ -360,10 +364,7 @@ end
 -- more than is left the device gives them back: the window then narrows to half of what was in
 -- flight, or stops when that was one module. Calling this starts over from `bytes`.
 function M.set_stream_window(bytes)
-   if type(bytes) ~= "number" then
-      error("set_stream_window: bytes must be a number >= 0, got " .. type(bytes), 2)
-   end
-   C.check(lib.ml_hookrt_set_stream_window(M.runtime(), bytes), 2)
+   set_runtime_bytes("set_stream_window", lib.ml_hookrt_set_stream_window, bytes)
 end
 
 --- set_compute_in_place(tokens): with a cuda execution device, a hooked module whose weights are
