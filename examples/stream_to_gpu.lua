@@ -50,7 +50,8 @@ print(string.format("forward on %s: %.3f s CPU time, logits [%s] back on %s", DE
 print(string.format("device memory: %d bytes resident, a forward's peak %d bytes more; all the weights are %d bytes",
    before, peak - before, weight_bytes))
 local s = hooks.runtime_stats()
-print(string.format("streamed ahead on the copy stream: %d bytes; uploads dropped: %d", s.bytes_streamed, s.streams_dropped))
+print(string.format("streamed ahead on the copy stream: %d bytes; uploads dropped: %d, given back for memory: %d " ..
+   "(window now %d bytes)", s.bytes_streamed, s.streams_dropped, s.streams_reclaimed, s.stream_window))
 local streamed = model:generate(ids, { max_new_tokens = 8 })
 print("greedy continuation, every weight streamed per token: " .. table.concat(streamed, " "))
 -- llama.cpp's policy for decoding: a module whose weights are in host memory runs on the CPU
