@@ -571,7 +571,7 @@ describe("device memory on cuda #cuda", function()
       return blocks
    end
 
-   it("never runs out of memory for uploads streamed ahead: they are given back, and the window narrows", function()
+   it("never runs out of memory for uploads streamed ahead: they are given back, the window narrows, then widens", function()
       -- Eight 64 KiB layers and 16 KiB activations: what streaming ahead takes is far above the
       -- noise of the allocator's rounding and of garbage waiting for the collector.
       ml.manual_seed(21)
@@ -610,6 +610,7 @@ describe("device memory on cuda #cuda", function()
       -- From half what the forward without streaming took to all the window: wherever it runs
       -- without streaming (garbage waiting for the collector makes that vary), it must run with it.
       local failures, fitted, reclaimed, narrowed = {}, 0, 0, true
+      local tightest, tightest_window = nil, math.huge   -- the level that narrowed the window most
       local steps = 12
       local ballast = fill_device(streamed + 2 ^ 22)   -- once: each level then adds a few MiB
       for i = 0, steps do
@@ -623,8 +624,33 @@ describe("device memory on cuda #cuda", function()
             if after.streams_reclaimed > before.streams_reclaimed then
                reclaimed = reclaimed + 1
                narrowed = narrowed and after.stream_window < 64 * 2 ^ 20
+               if after.stream_window < tightest_window then tightest, tightest_window = left, after.stream_window end
             end
          end
+      end
+      -- Once memory is back, forwards that give nothing back widen the window again (from
+      -- stopped: one module ahead after a forward, then 1 MiB, doubling up to the 64 MiB set).
+      local recovered
+      if tightest then
+         hooks.set_prefetch(false)
+         model(x)
+         settle()
+         local blocks = fill_device(tightest)
+         hooks.set_prefetch(true)
+         hooks.set_stream_window(64 * 2 ^ 20)
+         model(x)
+         model(x)
+         blocks = nil
+         ballast = nil
+         settle()
+         local windows = { hooks.runtime_stats().stream_window }
+         for _ = 1, 12 do
+            model(x)
+            windows[#windows + 1] = hooks.runtime_stats().stream_window
+         end
+         recovered = table.concat(windows, " ")
+         assert.are.equal(64 * 2 ^ 20, windows[#windows], recovered)
+         assert.is_true(windows[1] < 64 * 2 ^ 20, recovered)
       end
       ballast = nil
       hooks.set_prefetch(true)

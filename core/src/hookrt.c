@@ -97,6 +97,9 @@ struct ml_hookrt {
   size_t stream_ahead;        /* host bytes uploaded ahead to a cuda device, past the next group */
   size_t stream_limit;        /* narrowed from SIZE_MAX each time a device ran out of memory */
   bool stream_stopped;        /* out of memory with one group in flight: no streaming ahead */
+  bool reclaimed;             /* since the last forward began */
+  int calm_forwards;          /* forwards begun since streaming stopped */
+  int stop_backoff;           /* calm forwards before a stopped stream tries one group again */
   bool has_owner;
   pthread_t owner;            /* the thread that materializes (its stages are its own) */
   pthread_mutex_t mu;
@@ -302,6 +305,7 @@ ml_status ml_hookrt_set_stream_window(ml_hookrt *rt, int64_t bytes) {
   rt->stream_ahead = (size_t)bytes;
   rt->stream_limit = SIZE_MAX;      /* a new window starts unnarrowed */
   rt->stream_stopped = false;
+  rt->stop_backoff = 0;
   return ML_OK;
 }
 
@@ -477,8 +481,13 @@ static size_t hookrt_reclaim(void *ctx, int cuda_device) {
     atomic_fetch_add(&rt->streams_reclaimed, 1);
   }
   if (freed == 0) return 0;
+  rt->reclaimed = true;
   if (several && freed / 2 < rt->stream_limit) rt->stream_limit = freed / 2;
-  if (!several) rt->stream_stopped = true;
+  if (!several) {
+    rt->stream_stopped = true;
+    rt->calm_forwards = 0;
+    rt->stop_backoff = rt->stop_backoff ? 2 * rt->stop_backoff : 1;
+  }
   return freed;
 }
 
@@ -662,8 +671,27 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   return ML_OK;
 }
 
+/* At the start of a forward: if the last one ran without giving uploads back, a narrowed window
+   doubles back toward the one set (from 1 MiB at least), and a stopped stream tries one group
+   ahead again once as many forwards went by as it failed before, doubled each time. */
+static void widen_stream_window(ml_hookrt *rt) {
+  bool calm = !rt->reclaimed;
+  rt->reclaimed = false;
+  if (!calm) return;
+  if (rt->stream_stopped) {
+    if (++rt->calm_forwards >= rt->stop_backoff) {
+      rt->stream_stopped = false;
+      rt->stream_limit = 0;            /* one group ahead */
+    }
+  } else if (rt->stream_limit != SIZE_MAX) {
+    size_t wider = rt->stream_limit < ((size_t)1 << 20) ? (size_t)1 << 20 : 2 * rt->stream_limit;
+    rt->stream_limit = wider >= rt->stream_ahead ? SIZE_MAX : wider;
+  }
+}
+
 ml_status ml_hookrt_forward_begins(ml_hookrt *rt) {
   if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_forward_begins: runtime is NULL");
+  widen_stream_window(rt);
   if (rt->prefetch && rt->last >= 0 && rt->last < rt->ngroups && rt->groups[rt->last].used)
     read_ahead(rt, rt->groups[rt->last].next, rt->last, true);
   return ML_OK;

@@ -362,7 +362,9 @@ end
 -- memory then holds the resident weights, the running module and at most max(window, one module).
 -- Uploads ahead only take memory that is free at the time, and when the running module needs
 -- more than is left the device gives them back: the window then narrows to half of what was in
--- flight, or stops when that was one module. Calling this starts over from `bytes`.
+-- flight, or stops when that was one module. Each forward that gives nothing back widens it
+-- again (doubling from 1 MiB; a stopped one retries one module ahead after a backoff that doubles
+-- with each failure). Calling this starts over from `bytes`.
 function M.set_stream_window(bytes)
    set_runtime_bytes("set_stream_window", lib.ml_hookrt_set_stream_window, bytes)
 end
