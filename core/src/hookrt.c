@@ -100,7 +100,7 @@ struct ml_hookrt {
   bool reclaimed;             /* since the last forward began */
   int calm_forwards;          /* forwards begun since streaming stopped */
   int stop_backoff;           /* calm forwards before a stopped stream tries one group again */
-  bool has_owner;
+  atomic_bool has_owner;      /* owner is set (once, before this) */
   pthread_t owner;            /* the thread that materializes (its stages are its own) */
   pthread_mutex_t mu;
   pthread_cond_t cv, idle;
@@ -467,7 +467,7 @@ static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep) {
    thread-safe); stages never call here, as they allocate only free memory. */
 static size_t hookrt_reclaim(void *ctx, int cuda_device) {
   ml_hookrt *rt = ctx;
-  if (!rt->has_owner || !pthread_equal(rt->owner, pthread_self())) return 0;
+  if (!atomic_load(&rt->has_owner) || !pthread_equal(rt->owner, pthread_self())) return 0;
   size_t freed = 0;
   int group = -1;
   bool several = false;
@@ -643,8 +643,10 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   if (rt->last >= 0 && rt->last != g && rt->last < rt->ngroups && rt->groups[rt->last].used)
     rt->groups[rt->last].next = g;
   rt->last = g;
-  rt->owner = pthread_self();
-  rt->has_owner = true;
+  if (!atomic_load(&rt->has_owner)) {   /* the first thread to run a forward owns the runtime */
+    rt->owner = pthread_self();
+    atomic_store(&rt->has_owner, true);
+  }
   gr->queued = false;
   if (gr->dev.type == ML_DEVICE_CUDA && (rt->nstages > 0 || rt->prefetch)) {
     /* stream ahead along the learned order: the next group, then on while the window holds

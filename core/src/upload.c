@@ -96,11 +96,9 @@ static void reap_retired(ml_uploader *u, bool wait) {
   int kept = 0;
   for (int i = 0; i < u->nretired; i++) {
     retired_source r = u->retired[i];
-    bool done = false;
-    if (cu && (wait ? cu->event_sync(r.event) == ML_OK : cu->event_query(r.event, &done) == ML_OK && done))
-      done = true;
-    else if (wait || !cu)
-      done = true;             /* the device failed: nothing will read the source any more */
+    bool done = true;
+    if (cu && wait) cu->event_sync(r.event);   /* after an error too, no DMA reads the source any more */
+    else if (cu && cu->event_query(r.event, &done) != ML_OK) done = false;   /* left to the release */
     if (!done) { u->retired[kept++] = r; continue; }
     if (cu) cu->event_free(r.event);
     ml_tensor_release(r.src);

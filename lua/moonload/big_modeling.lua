@@ -471,7 +471,7 @@ function M._bound_mapped_disk_weights(model, device_map, max_memory, dtype)
    for name, dev in pairs(device_map) do
       if dev == "disk" then on_disk = true
       elseif dev == "cpu" then cpu_bytes = cpu_bytes + sizes[name]
-      else on_gpu = true end
+      elseif dev ~= "meta" then on_gpu = true end
    end
    if not on_disk then return end
    local budget = u.convert_file_size_to_int(max_memory.cpu)
