@@ -93,6 +93,24 @@ describe("cuda backend #cuda", function()
          string.format("get_device_properties: cuda:%d does not exist (%d CUDA devices)", n, n))
    end)
 
+   it("keeps few idle blocks while a tensor grows a little each step, as a KV cache does", function()
+      collectgarbage(); collectgarbage()
+      ml.cuda.empty_cache(0)
+      local t
+      for step = 1, 300 do                                -- 2 KiB more each step, up to 600 KiB
+         t = ml.empty({ 512 * step }, { device = DEV })
+         collectgarbage()                                 -- the last step's block goes back to the cache
+      end
+      local final = t:nbytes()
+      local idle = ml.cuda.memory_reserved(0) - ml.cuda.memory_allocated(0)
+      -- size classes eight to a power of two: one idle block per class passed, about 23 times the
+      -- last size (14.4 MB); with a block for each size passed it was 150 times (91.9 MB)
+      assert.is_true(idle < 32 * final, string.format("%d idle bytes for a %d-byte tensor", idle, final))
+      t = nil
+      collectgarbage()
+      ml.cuda.empty_cache(0)
+   end)
+
    it("names the device and the sizes when its memory runs out", function()
       local ok, err = pcall(function() return ml.empty({ 2 ^ 40 }, { device = DEV }) end)   -- 4 TiB
       assert.is_false(ok)

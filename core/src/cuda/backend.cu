@@ -50,12 +50,18 @@ ml_status ml_cuda_device_state(int device, DeviceState **out) {
 
 // --- caching allocator -------------------------------------------------------------------
 
-// Sizes are rounded so blocks of nearby sizes are interchangeable: 512 B granules below 1 MiB,
-// 2 MiB granules above (weights of one shape always land in the same bucket).
+// Sizes are rounded to classes so that blocks of nearby sizes are interchangeable: 2 MiB granules
+// from 1 MiB up (the driver's own page), below that eight classes per power of two (at most 1/8
+// more than asked), and 512 B granules under 4 KiB. A tensor that grows a little each step (a
+// KV cache) then reuses the block it had for several steps, instead of leaving a block of every
+// size it passed through in the cache; weights of one shape always land in the same class.
 static size_t round_size(size_t n) {
   if (n == 0) n = 1;
-  if (n < (1u << 20)) return (n + 511) & ~(size_t)511;
-  return (n + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1);
+  if (n >= ((size_t)1 << 20)) return (n + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1);
+  if (n <= 4096) return (n + 511) & ~(size_t)511;
+  size_t p = (size_t)1 << (63 - __builtin_clzll((unsigned long long)(n - 1)));   // p < n <= 2p
+  size_t step = p / 8;
+  return (n + step - 1) / step * step;
 }
 
 struct DevicePool {
