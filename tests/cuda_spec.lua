@@ -93,7 +93,7 @@ describe("cuda backend #cuda", function()
          string.format("get_device_properties: cuda:%d does not exist (%d CUDA devices)", n, n))
    end)
 
-   it("keeps few idle blocks while a tensor grows a little each step, as a KV cache does", function()
+   it("keeps few idle blocks while a tensor grows a little each step, as a cache built with cat does", function()
       collectgarbage(); collectgarbage()
       ml.cuda.empty_cache(0)
       local t

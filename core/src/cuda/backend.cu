@@ -53,7 +53,7 @@ ml_status ml_cuda_device_state(int device, DeviceState **out) {
 // Sizes are rounded to classes so that blocks of nearby sizes are interchangeable: 2 MiB granules
 // from 1 MiB up (the driver's own page), below that eight classes per power of two (at most 1/8
 // more than asked), and 512 B granules under 4 KiB. A tensor that grows a little each step (a
-// KV cache) then reuses the block it had for several steps, instead of leaving a block of every
+// cache built with cat) then reuses the block it had for several steps, instead of leaving a block of every
 // size it passed through in the cache; weights of one shape always land in the same class.
 static size_t round_size(size_t n) {
   if (n == 0) n = 1;
