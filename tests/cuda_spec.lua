@@ -813,7 +813,7 @@ describe("weight uploads to cuda #cuda", function()
       end
    end)
 
-   it("keeps a pinned source the caller dropped until its DMA is done, then lets it go", function()
+   it("keeps a pinned source the caller dropped until its DMA is done, then lets it go, idle or not", function()
       local out = ffi.new("ml_uploader*[1]")
       C.check(lib.ml_uploader_new(out))
       local u = out[0]
@@ -832,7 +832,12 @@ describe("weight uploads to cuda #cuda", function()
       end
       for i = 1, 3 do C.check(lib.ml_uploader_wait(u, tickets[i])) end
       for i = 1, 3 do assert.is_true(dsts[i]:cpu():equal(want), "upload " .. i) end
-      lib.ml_uploader_release(u)          -- waits for the DMAs still reading and frees their sources
+      -- the idle worker lets them go once their DMA is done, with no upload after them
+      ml.cuda.synchronize(0)
+      local t0 = os.time()
+      while ml.memory_allocated("cpu") > base + want:nbytes() and os.time() - t0 < 5 do collectgarbage() end
+      assert.are.equal(base + want:nbytes(), ml.memory_allocated("cpu"))
+      lib.ml_uploader_release(u)
       collectgarbage(); collectgarbage()
       assert.are.equal(base + want:nbytes(), ml.memory_allocated("cpu"))
    end)

@@ -12,7 +12,8 @@
  *
  * A pinned source (t:pin_memory()) skips the staging: one DMA straight from it. The worker does
  * not wait for that DMA; it keeps a reference to the source until an event says the DMA is done
- * (checked before each later job, and waited for when the uploader is released).
+ * (checked before each later job and every millisecond while idle, and waited for when the
+ * uploader is released).
  *
  * A cpu destination takes the same path with plain memcpy and no streams: that is how the
  * scheduling (tickets, chunking, the worker) is tested on machines without a GPU.
@@ -22,6 +23,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #define UPLOAD_CHUNK ((size_t)16 << 20)   /* two of these are pinned per uploader */
@@ -168,11 +170,29 @@ static ml_status run_job(ml_uploader *u, const upload_job *j, void **done_event,
   return cu->event_record(dev.index, true, done_event);
 }
 
+/* Waits (u->mu held) for a job or the stop flag. While pinned sources are retired it wakes every
+   millisecond to let go of those whose DMA is done, so a dropped model's pinned weights do not
+   wait for the next upload. */
+static void wait_for_work(ml_uploader *u) {
+  while (!u->head && !u->stop) {
+    if (u->nretired == 0) { pthread_cond_wait(&u->cv, &u->mu); continue; }
+    pthread_mutex_unlock(&u->mu);
+    reap_retired(u, false);
+    pthread_mutex_lock(&u->mu);
+    if (u->nretired == 0 || u->head || u->stop) continue;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 1000000;
+    if (ts.tv_nsec >= 1000000000) { ts.tv_sec++; ts.tv_nsec -= 1000000000; }
+    pthread_cond_timedwait(&u->cv, &u->mu, &ts);
+  }
+}
+
 static void *worker_main(void *arg) {
   ml_uploader *u = arg;
   pthread_mutex_lock(&u->mu);
   for (;;) {
-    while (!u->head && !u->stop) pthread_cond_wait(&u->cv, &u->mu);
+    wait_for_work(u);
     if (!u->head && u->stop) break;
     upload_job *j = u->head;
     u->head = j->next;
