@@ -491,6 +491,13 @@ static size_t hookrt_reclaim(void *ctx, int cuda_device) {
   return freed;
 }
 
+/* The host bytes streamed ahead now, past the next group: the window set, as narrowed after running
+   out of memory; -1 when streaming ahead stopped. */
+static int64_t stream_window(const ml_hookrt *rt) {
+  if (rt->stream_stopped) return -1;
+  return (int64_t)(rt->stream_ahead < rt->stream_limit ? rt->stream_ahead : rt->stream_limit);
+}
+
 /* Starts uploading group h's host-resident weights to its cuda device. A hint: whatever cannot be
    streamed (no free memory now, strided source) is copied at materialize time instead. */
 static void stage_group(ml_hookrt *rt, int h) {
@@ -653,13 +660,13 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
        (after a layer's small norm the next big matrix is already on its way) */
     enum { MAX_AHEAD = 64 };
     int window[MAX_AHEAD], nwindow = 0;
-    size_t ahead = 0, limit = rt->stream_ahead < rt->stream_limit ? rt->stream_ahead : rt->stream_limit;
-    bool on = rt->prefetch && !rt->stream_stopped;
-    for (int h = gr->next; on && h >= 0 && h != g && nwindow < MAX_AHEAD; h = rt->groups[h].next) {
+    int64_t limit = stream_window(rt);
+    size_t ahead = 0;
+    for (int h = gr->next; rt->prefetch && limit >= 0 && h >= 0 && h != g && nwindow < MAX_AHEAD; h = rt->groups[h].next) {
       hr_group *o = &rt->groups[h];
       if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
       size_t b = o->host_bytes;
-      if (nwindow > 0 && ahead + b > limit) break;
+      if (nwindow > 0 && ahead + b > (size_t)limit) break;
       bool seen = false;                  /* a cycle in the learned order */
       for (int k = 0; k < nwindow && !seen; k++) seen = window[k] == h;
       if (seen) break;
@@ -804,6 +811,5 @@ void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out) {
   for (int g = 0; g < rt->ngroups; g++) out->groups += rt->groups[g].used;
   out->streams_pending = rt->nstages;
   out->streams_reclaimed = atomic_load(&rt->streams_reclaimed);
-  size_t window = rt->stream_ahead < rt->stream_limit ? rt->stream_ahead : rt->stream_limit;
-  out->stream_window = rt->stream_stopped ? -1 : (int64_t)window;
+  out->stream_window = stream_window(rt);
 }

@@ -331,6 +331,13 @@ function M.set_prefetch(on)
    return prev
 end
 
+-- Calls setter(runtime, bytes) for fn, with a Lua type check first (the C side checks >= 0);
+-- errors point at fn's caller.
+local function set_runtime_bytes(fn, setter, bytes)
+   if type(bytes) ~= "number" then error(fn .. ": bytes must be a number >= 0, got " .. type(bytes), 3) end
+   C.check(setter(M.runtime(), bytes), 3)
+end
+
 --- set_drop_pages(level[, auto_above_bytes]): 0 keeps released pages mapped, 1 drops them from
 -- the process, 2 also evicts them from the page cache, "auto" (the default; also 3) drops them
 -- only once the offloaded weights mapped by all hooks exceed auto_above_bytes (default: half the
@@ -339,14 +346,7 @@ end
 function M.set_drop_pages(level, auto_above_bytes)
    if level == "auto" then level = 3 end
    C.check(lib.ml_hookrt_configure(M.runtime(), -1, level))
-   if auto_above_bytes then C.check(lib.ml_hookrt_set_auto_drop(M.runtime(), auto_above_bytes)) end
-end
-
--- Calls setter(runtime, bytes) for fn, with a Lua type check first (the C side checks >= 0);
--- errors point at fn's caller.
-local function set_runtime_bytes(fn, setter, bytes)
-   if type(bytes) ~= "number" then error(fn .. ": bytes must be a number >= 0, got " .. type(bytes), 3) end
-   C.check(setter(M.runtime(), bytes), 3)
+   if auto_above_bytes then set_runtime_bytes("set_drop_pages", lib.ml_hookrt_set_auto_drop, auto_above_bytes) end
 end
 
 --- set_auto_drop_above(bytes): the threshold of the "auto" drop level alone (see set_drop_pages),
