@@ -29,4 +29,7 @@ build = {
       LIBDIR = "$(LIBDIR)",
       LUADIR = "$(LUADIR)",
    },
+   install = {
+      bin = { moonload = "bin/moonload" },   -- the REPL / script runner
+   },
 }
