@@ -2,7 +2,11 @@
 -- of the blocks (h.6 .. h.11) on "disk", as a ratio to the same model fully in RAM:
 --   warm:    the disk blocks' bytes are in the page cache            (goal <= 1.05x)
 --   evicted: before every forward the disk blocks' byte ranges are dropped from the page cache
---            with posix_fadvise(DONTNEED)        (goal <= 1.2x of max(disk read time, compute))
+--            with posix_fadvise(DONTNEED)        (goal <= 1.2x of max(disk read time, compute));
+--            moonload's own mapping of them is unmapped first (MADV_DONTNEED), or the pages its
+--            prefetch read ahead for the next forward would stay cached; mincore then counts what
+--            is left cached (evicted_resident_bytes: one 2 MiB folio at most, the one shared with
+--            the last RAM block, which its mapping keeps)
 -- moonload reads disk blocks in place from the checkpoint's safetensors files (zero-copy views,
 -- next layer prefetched on a worker thread; released pages stay mapped in the warm case (the
 -- hooks' auto drop level: the model fits in RAM) and are dropped after each layer in the evicted
@@ -24,6 +28,8 @@ int open(const char *path, int flags, ...);
 int close(int fd);
 int posix_fadvise(int fd, long offset, long len, int advice);
 long pread(int fd, void *buf, size_t count, long offset);
+int madvise(void *addr, size_t len, int advice);
+int mincore(void *addr, size_t len, unsigned char *vec);
 ]])
 
 local repeats = tonumber(os.getenv("BENCH_REPEATS") or "") or 5
@@ -65,11 +71,60 @@ do
    end)
 end
 
+-- The pages holding each disk weight's bytes in the model's own mapping (the views its hooks read
+-- from), collected after the warm-up.
+local PAGE = 4096
+local views = {}
+local function collect_views(model)
+   for _, m in model:named_modules() do
+      local h = rawget(m, "_hf_hook")
+      for _, slot in ipairs(h and h.slots or {}) do
+         local t = slot.src or h.weights_map[slot.name]   -- the tensor the hook runtime reads
+         local p, n = t:data_ptr(), t:nbytes()
+         local a, b = math.floor(p / PAGE) * PAGE, math.ceil((p + n) / PAGE) * PAGE
+         if b > a then views[#views + 1] = { a, b - a } end
+      end
+   end
+   assert(#views > 0, "no disk weights found behind the model's hooks")
+end
+
+-- Bytes of the views still in the page cache.
+local function resident_bytes()
+   local total = 0
+   for _, v in ipairs(views) do
+      local pages = v[2] / PAGE
+      local vec = ffi.new("unsigned char[?]", pages)
+      assert(ffi.C.mincore(ffi.cast("void *", v[1]), v[2], vec) == 0, "mincore failed")
+      for i = 0, pages - 1 do if bit.band(vec[i], 1) == 1 then total = total + PAGE end end
+   end
+   return total
+end
+
+-- The disk blocks' span in each file, widened to 2 MiB: the page cache holds file data in large
+-- folios that can straddle two tensors, and fadvise(DONTNEED) drops only folios wholly inside the
+-- range it is given (one call per tensor would leave the shared ones cached).
+local spans = {}
+do
+   local by_path = {}
+   for _, r in ipairs(ranges) do
+      local sp = by_path[r.path]
+      if not sp then
+         sp = { path = r.path, lo = r.offset, hi = r.offset + r.nbytes }
+         by_path[r.path] = sp
+         spans[#spans + 1] = sp
+      end
+      sp.lo, sp.hi = math.min(sp.lo, r.offset), math.max(sp.hi, r.offset + r.nbytes)
+   end
+   local FOLIO = 2 ^ 21
+   for _, sp in ipairs(spans) do sp.lo, sp.hi = math.floor(sp.lo / FOLIO) * FOLIO, math.ceil(sp.hi / FOLIO) * FOLIO end
+end
+
 local function evict()
    hooks.wait_prefetch()
-   for _, r in ipairs(ranges) do
-      local fd = ffi.C.open(r.path, 0)
-      ffi.C.posix_fadvise(fd, r.offset, r.nbytes, 4)        -- POSIX_FADV_DONTNEED
+   for _, v in ipairs(views) do ffi.C.madvise(ffi.cast("void *", v[1]), v[2], 4) end   -- MADV_DONTNEED
+   for _, sp in ipairs(spans) do
+      local fd = ffi.C.open(sp.path, 0)
+      ffi.C.posix_fadvise(fd, sp.lo, sp.hi - sp.lo, 4)        -- POSIX_FADV_DONTNEED
       ffi.C.close(fd)
    end
 end
@@ -114,6 +169,7 @@ local function once(m, prepare)
 end
 
 ram(ids); model(ids)                                 -- warm-up (and order learning for prefetch)
+collect_views(model)
 local r_ram, r_warm = {}, {}
 for _ = 1, repeats do
    r_ram[#r_ram + 1] = once(ram)
@@ -130,12 +186,17 @@ collectgarbage(); collectgarbage()
 -- pages (level 1); set it explicitly, since this checkpoint is small enough for auto to keep them
 -- mapped, and mapped pages cannot be evicted from the page cache.
 local r_cold, r_cold_off = {}, {}
+local left_resident = 0
+local function evict_checked()
+   evict()
+   left_resident = math.max(left_resident, resident_bytes())
+end
 hooks.set_drop_pages(1)
 for _ = 1, repeats do
    hooks.set_prefetch(true)
-   r_cold[#r_cold + 1] = once(model, evict)
+   r_cold[#r_cold + 1] = once(model, evict_checked)
    hooks.set_prefetch(false)
-   r_cold_off[#r_cold_off + 1] = once(model, evict)
+   r_cold_off[#r_cold_off + 1] = once(model, evict_checked)
 end
 hooks.set_prefetch(true)
 local t_cold, prefetch_off_cold = median(r_cold), median(r_cold_off)
@@ -149,7 +210,7 @@ local result = {
    moonload = {
       forward_ram_seconds = t_ram, forward_half_disk_warm_seconds = t_warm, runs_ram = r_ram, runs_warm = r_warm,
       forward_half_disk_evicted_seconds = t_cold, forward_half_disk_evicted_no_prefetch_seconds = prefetch_off_cold,
-      disk_bytes = disk_bytes, disk_read_seconds = t_read,
+      disk_bytes = disk_bytes, disk_read_seconds = t_read, evicted_resident_bytes = left_resident,
       ratio_warm = t_warm / t_ram, ratio_evicted = t_cold / math.max(t_read, t_ram),
       threads = ml.get_num_threads(),
    },
