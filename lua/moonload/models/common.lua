@@ -75,18 +75,28 @@ function M.padded_causal_mask(pad, L, S)
    return causal:logical_and(pad:view(B, 1, 1, S)):logical_or(diagonal)
 end
 
+--- The sliding-window band for L new queries over S keys (queries at the last L positions):
+-- a query sees itself and the window - 1 keys before it (transformers' sliding_window_overlay,
+-- kv > q - window). (L, S) bool.
+function M.window_band(L, S, window, device)
+   return T.ones({ L, S }, { dtype = "bool", device = device }):tril(S - L):triu(S - L - window + 1)
+end
+
 --- Causal attention of L new queries at positions past..past+L-1 over S = past + L keys.
 -- Prefill (past 0) uses the kernel's causal flag; a single new token sees every key;
 -- otherwise an explicit bottom-right aligned lower-triangle mask. pad (B, S) bool (optional)
--- hides padding keys.
-function M.causal_attention(q, k, v, past, scale, pad)
-   local L = q:size(-2)
+-- hides padding keys; window (optional, Mistral and Qwen2's sliding attention) hides keys more
+-- than window - 1 positions before their query.
+function M.causal_attention(q, k, v, past, scale, pad, window)
+   local L, S = q:size(-2), k:size(-2)
+   local band = window and S > window and M.window_band(L, S, window, q.device) or nil
    if pad then
-      return M.attention(q, k, v, M.padded_causal_mask(pad, L, k:size(-2)), false, scale)
+      local mask = M.padded_causal_mask(pad, L, S)
+      return M.attention(q, k, v, band and mask:logical_and(band) or mask, false, scale)
    end
+   if band then return M.attention(q, k, v, band, false, scale) end
    if L == 1 then return M.attention(q, k, v, nil, false, scale) end
    if past == 0 then return M.attention(q, k, v, nil, true, scale) end
-   local S = k:size(-2)
    local mask = T.ones({ L, S }, { dtype = "bool", device = q.device }):tril(S - L)
    return M.attention(q, k, v, mask, false, scale)
 end
@@ -94,8 +104,8 @@ end
 --- Grouped-query attention: q (B, H, L, D) against k, v (B, Hkv, S, D) with H = Hkv * n_rep.
 -- The kernel reads query head h from key/value head h / n_rep (PyTorch's enable_gqa), so the
 -- key/value heads are never repeated into copies.
-function M.gqa_attention(q, k, v, past, scale, pad)
-   return M.causal_attention(q, k, v, past, scale, pad)
+function M.gqa_attention(q, k, v, past, scale, pad, window)
+   return M.causal_attention(q, k, v, past, scale, pad, window)
 end
 
 -- --- token ids ------------------------------------------------------------------------------

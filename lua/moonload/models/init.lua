@@ -1,4 +1,5 @@
---- ml.models: GPT-2, Llama and BERT with Hugging Face names, and from_pretrained.
+--- ml.models: GPT-2, Llama (and Mistral, Qwen2) and BERT with Hugging Face names, and
+-- from_pretrained.
 --
 --    local models = require("moonload.models")
 --    local model = models.from_pretrained("path/to/dir")     -- config.json + safetensors
@@ -17,12 +18,16 @@ local M = {}
 local ARCH = {
    gpt2 = { module = "moonload.models.gpt2", class = "GPT2LMHeadModel" },
    llama = { module = "moonload.models.llama", class = "LlamaForCausalLM" },
+   mistral = { module = "moonload.models.llama", class = "MistralForCausalLM" },
+   qwen2 = { module = "moonload.models.llama", class = "Qwen2ForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
--- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation.
+-- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation; .mistral and .qwen2
+-- are .llama (MistralForCausalLM and Qwen2ForCausalLM live there).
 setmetatable(M, { __index = function(t, k)
    local path = ({ gpt2 = "moonload.models.gpt2", llama = "moonload.models.llama",
+      mistral = "moonload.models.llama", qwen2 = "moonload.models.llama",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", common = "moonload.models.common" })[k]
    if path then
@@ -51,7 +56,7 @@ local function read_json(path, who)
    return t
 end
 
---- The model class for a config's model_type ("gpt2", "llama", "bert").
+--- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "bert").
 function M.class_for(model_type, src)
    local a = ARCH[model_type]
    if not a then

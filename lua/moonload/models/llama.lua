@@ -4,6 +4,10 @@
 -- RMSNorm, rotary position embeddings (rope_theta, linear or llama3 scaling; inv_freq is a
 -- non-persistent buffer as in transformers), grouped-query attention, SwiGLU MLP, tied or
 -- untied head.
+-- Mistral and Qwen2 are the same network (transformers builds them from Llama's code), so they
+-- live here too, as subclasses named as transformers names them (MistralForCausalLM,
+-- Qwen2DecoderLayer, ...): Mistral attends through a sliding window, Qwen2 has biases on q, k and
+-- v and may slide on its upper layers.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
@@ -12,6 +16,13 @@ local generation = require("moonload.models.generation")
 
 local M = {}
 local WHO = "models.llama"
+
+-- model_type -> the name errors give and the prefix of the class names.
+local FAMILIES = {
+   llama = { who = "models.llama", prefix = "Llama" },
+   mistral = { who = "models.mistral", prefix = "Mistral" },
+   qwen2 = { who = "models.qwen2", prefix = "Qwen2" },
+}
 
 M.schema = {
    { "vocab_size", "int" },
@@ -36,10 +47,51 @@ local ROPE_KEYS = {
    llama3 = { "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings" },
 }
 
---- Reads and checks a Llama config (path, folder or table). The rotary parameters come from
--- rope_parameters (transformers >= 5) or from rope_theta + rope_scaling (older files), and end
--- up in cfg.rope = {rope_type, rope_theta, factor, ...}; rope types: default, linear, llama3.
-function M.config(source)
+-- A sliding window size from the config: nil (none) or a positive integer.
+local function window_size(cfg, who)
+   local w = cfg.sliding_window
+   if w ~= nil and (type(w) ~= "number" or w ~= math.floor(w) or w <= 0) then
+      error(string.format('%s: config key "sliding_window" in %s must be a positive integer or null, got %s',
+         who, cfg._source, type(w) == "string" and string.format("string %q", w) or tostring(w)), 3)
+   end
+   return w
+end
+
+-- Qwen2's layers that slide: layer_types when the file has it, else those from max_window_layers
+-- on, as transformers' Qwen2Config derives it; none unless use_sliding_window.
+local function qwen2_windows(cfg, who)
+   local use = cfg.use_sliding_window
+   if use ~= nil and type(use) ~= "boolean" then
+      config.fail(cfg, who, 'config key "use_sliding_window" must be a boolean, got %s', tostring(use))
+   end
+   local w = use and window_size(cfg, who) or nil
+   local windows, types = {}, cfg.layer_types
+   if types ~= nil and (type(types) ~= "table" or #types ~= cfg.num_hidden_layers) then
+      config.fail(cfg, who, 'config key "layer_types" must list %d layer types', cfg.num_hidden_layers)
+   end
+   local first = cfg.max_window_layers == nil and 28 or cfg.max_window_layers
+   if types == nil and (type(first) ~= "number" or first < 0 or first ~= math.floor(first)) then
+      config.fail(cfg, who, 'config key "max_window_layers" must be a non-negative integer, got %s', tostring(first))
+   end
+   for i = 1, cfg.num_hidden_layers do
+      local kind = types and types[i] or (i - 1 >= first and "sliding_attention" or "full_attention")
+      if kind ~= "full_attention" and kind ~= "sliding_attention" then
+         config.fail(cfg, who, 'layer_types[%d] is "%s" (supported: full_attention, sliding_attention)', i, tostring(kind))
+      end
+      windows[i] = kind == "sliding_attention" and w or false
+   end
+   return windows
+end
+
+--- Reads and checks a Llama config (path, folder or table); family "mistral" or "qwen2" reads
+-- theirs (default "llama"). The rotary parameters come from rope_parameters (transformers >= 5)
+-- or from rope_theta + rope_scaling (older files), and end up in cfg.rope = {rope_type,
+-- rope_theta, factor, ...}; rope types: default, linear, llama3. The family's differences end up
+-- in cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias and cfg.layer_windows (per layer: a sliding window
+-- size, or false).
+function M.config(source, family)
+   family = family or "llama"
+   local WHO = assert(FAMILIES[family], "unknown Llama family").who
    local cfg = config.load(source, M.schema, WHO)
    local rope, where = {}, {}
    for k, v in pairs(cfg.rope_scaling) do rope[k], where[k] = v, "rope_scaling." .. k end
@@ -77,6 +129,19 @@ function M.config(source)
       config.fail(cfg, WHO, "head_dim %d must be even for rotary embeddings", cfg.head_dim)
    end
    common.activation(cfg.hidden_act, WHO, cfg._source)
+   cfg.layer_windows = {}
+   if family == "llama" then
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "mistral" then
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
+      local w = window_size(cfg, WHO)
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
+   else
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = true, false, false
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+   end
+   cfg.family = family
    return cfg
 end
 
@@ -143,16 +208,20 @@ M.LlamaAttention = LlamaAttention
 function LlamaAttention:__init(cfg, layer_idx)
    nn.Module.__init(self)
    local H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-   local bias = cfg.attention_bias
+   local bias = cfg.qkv_bias
+   if bias == nil then bias = cfg.attention_bias end
+   local o_bias = cfg.o_bias
+   if o_bias == nil then o_bias = cfg.attention_bias end
    self.q_proj = nn.Linear(cfg.hidden_size, H * D, { bias = bias })
    self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
    self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
-   self.o_proj = nn.Linear(H * D, cfg.hidden_size, { bias = bias })
+   self.o_proj = nn.Linear(H * D, cfg.hidden_size, { bias = o_bias })
    rawset(self, "n_head", H)
    rawset(self, "n_kv_head", Hkv)
    rawset(self, "head_dim", D)
    rawset(self, "scale", 1 / math.sqrt(D))
    rawset(self, "layer_idx", layer_idx)
+   rawset(self, "window", cfg.layer_windows and cfg.layer_windows[layer_idx] or nil)   -- false: none
 end
 
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
@@ -169,7 +238,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
       past = cache.length
       k, v = cache:update(self.layer_idx, k, v)
    end
-   local y = common.gqa_attention(q, k, v, past, self.scale, pad) -- (B, H, T, D)
+   local y = common.gqa_attention(q, k, v, past, self.scale, pad, self.window or nil) -- (B, H, T, D)
    y = y:transpose(2, 3):reshape(B, L, H * D)
    return self.o_proj(y)
 end
@@ -193,10 +262,12 @@ end
 local LlamaDecoderLayer = nn.Module:extend("LlamaDecoderLayer")
 M.LlamaDecoderLayer = LlamaDecoderLayer
 
+LlamaDecoderLayer.Attention, LlamaDecoderLayer.MLP = LlamaAttention, LlamaMLP   -- a family's own
+
 function LlamaDecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
-   self.self_attn = LlamaAttention(cfg, layer_idx)
-   self.mlp = LlamaMLP(cfg)
+   self.self_attn = self.Attention(cfg, layer_idx)
+   self.mlp = self.MLP(cfg)
    self.input_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
@@ -211,15 +282,17 @@ end
 local LlamaModel = nn.Module:extend("LlamaModel")
 M.LlamaModel = LlamaModel
 
+LlamaModel.family, LlamaModel.Layer, LlamaModel.Rotary = "llama", LlamaDecoderLayer, LlamaRotaryEmbedding
+
 function LlamaModel:__init(cfg)
    nn.Module.__init(self)
-   if type(cfg) ~= "table" or cfg._source == nil then cfg = M.config(cfg) end
+   if type(cfg) ~= "table" or cfg._source == nil then cfg = M.config(cfg, self.family) end
    self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
    local layers = {}
-   for i = 1, cfg.num_hidden_layers do layers[i] = LlamaDecoderLayer(cfg, i) end
+   for i = 1, cfg.num_hidden_layers do layers[i] = self.Layer(cfg, i) end
    self.layers = nn.ModuleList(layers)
    self.norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
-   self.rotary_emb = LlamaRotaryEmbedding(cfg)
+   self.rotary_emb = self.Rotary(cfg)
    rawset(self, "config", cfg)
 end
 
@@ -246,12 +319,13 @@ LlamaForCausalLM.base_model_prefix = "model"
 LlamaForCausalLM.tied_weights = { ["lm_head.weight"] = "model.embed_tokens.weight" }
 LlamaForCausalLM.ignore_unexpected = { "rotary_emb%.inv_freq$" }
 LlamaForCausalLM.no_split_modules = { "LlamaDecoderLayer" }
+LlamaForCausalLM.family, LlamaForCausalLM.Model = "llama", LlamaModel
 
 --- LlamaForCausalLM(config): config is a config.json path, a folder holding one, or a table.
 function LlamaForCausalLM:__init(cfg)
    nn.Module.__init(self)
-   cfg = M.config(cfg)
-   self.model = LlamaModel(cfg)
+   cfg = M.config(cfg, self.family)
+   self.model = self.Model(cfg)
    self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
    rawset(self, "config", cfg)
    self:tie_weights()
@@ -280,5 +354,29 @@ end
 LlamaForCausalLM.generate = generation.generate
 
 function M.from_config(cfg) return LlamaForCausalLM(cfg) end
+
+-- --- Mistral and Qwen2 ------------------------------------------------------------------------
+
+-- The family's classes: Llama's, renamed (no_split_module_classes and printed trees use the names
+-- transformers gives them) and reading the family's config.
+local function family_classes(family)
+   local f = FAMILIES[family]
+   local p = f.prefix
+   local Attention = LlamaAttention:extend(p .. "Attention")
+   local MLP = LlamaMLP:extend(p .. "MLP")
+   local Layer = LlamaDecoderLayer:extend(p .. "DecoderLayer")
+   Layer.Attention, Layer.MLP = Attention, MLP
+   local Rotary = LlamaRotaryEmbedding:extend(p .. "RotaryEmbedding")
+   local Model = LlamaModel:extend(p .. "Model")
+   Model.family, Model.Layer, Model.Rotary = family, Layer, Rotary
+   local LM = LlamaForCausalLM:extend(p .. "ForCausalLM")
+   LM.family, LM.Model = family, Model
+   LM.no_split_modules = { p .. "DecoderLayer" }
+   LM.forward = common.causal_lm_forward(f.who .. ".forward", "model", "embed_tokens")
+   M[p .. "Attention"], M[p .. "MLP"], M[p .. "DecoderLayer"] = Attention, MLP, Layer
+   M[p .. "RotaryEmbedding"], M[p .. "Model"], M[p .. "ForCausalLM"] = Rotary, Model, LM
+end
+family_classes("mistral")
+family_classes("qwen2")
 
 return M

@@ -1,0 +1,127 @@
+-- ml.models Mistral and Qwen2 (Llama's network with sliding-window attention, and q/k/v biases
+-- for Qwen2): names, configs, logits and greedy generation against transformers
+-- (tests/fixtures/gen_models.py mistral qwen2). The fixtures' prompts and generations run past
+-- the window, so keys it hides matter in prefill, in decode with the cache and with padding.
+local ml = require("moonload")
+local models = require("moonload.models")
+local llama = require("moonload.models.llama")
+local H = require("models_helpers")
+
+local TOL = 1e-4
+
+local function tiny(over)
+   local c = { vocab_size = 50, hidden_size = 16, intermediate_size = 32, num_hidden_layers = 2,
+      num_attention_heads = 4, num_key_value_heads = 2 }
+   for k, v in pairs(over or {}) do c[k] = v end
+   return c
+end
+
+-- Logits of the last two positions decoded one by one with the cache, next to a full forward.
+local function assert_cache_decodes(model, ids)
+   local n = #ids
+   local full = model(ids)
+   local cache = model:new_cache()
+   local prefix = {}
+   for i = 1, n - 2 do prefix[i] = ids[i] end
+   model(prefix, { cache = cache })
+   local a = model({ ids[n - 1] }, { cache = cache })
+   local b = model({ ids[n] }, { cache = cache })
+   assert.is_true(H.max_abs_diff(a, full:narrow(2, n - 1, 1):tolist()) < 1e-5)
+   assert.is_true(H.max_abs_diff(b, full:narrow(2, n, 1):tolist()) < 1e-5)
+end
+
+describe("models.mistral (tests/fixtures/models/mistral_tiny: sliding window 4)", function()
+   local exp = H.expected("mistral_tiny")
+   local model = models.from_pretrained(H.FIX .. "/mistral_tiny")
+
+   it("builds MistralForCausalLM with Llama's parameter names and no biases", function()
+      assert.are.equal("MistralForCausalLM", model.__name)
+      assert.are.equal("MistralDecoderLayer", model.model.layers[1].__name)
+      assert.are.same({ "MistralDecoderLayer" }, model.no_split_modules)
+      assert.are.same({ 4, 4 }, model.config.layer_windows)
+      for name in model:named_parameters() do assert.is_nil(name:find("bias"), name) end
+      assert.are.equal(ml.models.mistral.MistralForCausalLM, llama.MistralForCausalLM)
+   end)
+
+   it("gives the same logits as transformers (batch of 2, past the window)", function()
+      local logits = model(ml.tensor(exp.input_ids, { dtype = "int64" }))
+      assert.are.same({ 2, 9, 100 }, logits.shape)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) < TOL)
+   end)
+
+   it("generates transformers' greedy ids", function()
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+   end)
+
+   it("decodes with the cache to the same logits as a full forward", function()
+      assert_cache_decodes(model, exp.input_ids[1])
+   end)
+
+   it("generates transformers' greedy ids for a left-padded batch", function()
+      local pad = H.read_json(H.FIX .. "/mistral_tiny/padded.json")
+      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
+      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 6),
+         { unpack(pad.logits[1], 3, 8) }) < TOL)
+      local out = model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens })
+      assert.are.same(pad.greedy_ids, out)
+   end)
+
+   it("reads sliding_window null as full attention and names a bad one", function()
+      local m = llama.MistralForCausalLM(tiny({ sliding_window = nil }))
+      assert.are.same({ false, false }, m.config.layer_windows)
+      assert.has_error(function() llama.MistralForCausalLM(tiny({ sliding_window = "4" })) end,
+         'models.mistral: config key "sliding_window" in config table must be a positive integer or null, got string "4"')
+      assert.has_error(function() llama.MistralForCausalLM(tiny({ sliding_window = 0 })) end,
+         'models.mistral: config key "sliding_window" in config table must be a positive integer or null, got 0')
+   end)
+end)
+
+describe("models.qwen2 (tests/fixtures/models/qwen2_tiny: biases, window 3 on layer 2)", function()
+   local exp = H.expected("qwen2_tiny")
+   local model = models.from_pretrained(H.FIX .. "/qwen2_tiny")
+
+   it("builds Qwen2ForCausalLM with biases on q, k and v only, and a tied head", function()
+      assert.are.equal("Qwen2ForCausalLM", model.__name)
+      assert.are.equal("Qwen2DecoderLayer", model.model.layers[2].__name)
+      local attn = model.model.layers[1].self_attn
+      assert.are.same({ 32 }, attn.q_proj.bias.shape)
+      assert.are.same({ 16 }, attn.k_proj.bias.shape)
+      assert.are.same({ 16 }, attn.v_proj.bias.shape)
+      assert.is_nil(attn.o_proj.bias)
+      assert.is_nil(model.model.layers[1].mlp.up_proj.bias)
+      assert.are.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+      assert.are.same({ false, 3 }, model.config.layer_windows)
+      assert.are.equal(1000000, model.config.rope_theta)
+   end)
+
+   it("gives the same logits and greedy ids as transformers", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens }))
+   end)
+
+   it("decodes with the cache to the same logits as a full forward", function()
+      assert_cache_decodes(model, exp.input_ids[1])
+   end)
+
+   it("slides only with use_sliding_window, on the layers layer_types or max_window_layers name", function()
+      assert.are.same({ false, false }, llama.Qwen2ForCausalLM(tiny({ sliding_window = 8 })).config.layer_windows)
+      local m = llama.Qwen2ForCausalLM(tiny({ use_sliding_window = true, sliding_window = 8, max_window_layers = 1 }))
+      assert.are.same({ false, 8 }, m.config.layer_windows)
+      m = llama.Qwen2ForCausalLM(tiny({ use_sliding_window = true, sliding_window = 8,
+         layer_types = { "sliding_attention", "full_attention" } }))
+      assert.are.same({ 8, false }, m.config.layer_windows)
+      assert.are.same({ false, false }, llama.Qwen2ForCausalLM(tiny({ use_sliding_window = true,
+         sliding_window = 8 })).config.layer_windows)   -- max_window_layers defaults to 28
+   end)
+
+   it("names bad layer_types", function()
+      assert.has_error(function()
+         llama.Qwen2ForCausalLM(tiny({ use_sliding_window = true, sliding_window = 8, layer_types = { "full_attention" } }))
+      end, 'models.qwen2: config key "layer_types" must list 2 layer types in config table')
+      assert.has_error(function()
+         llama.Qwen2ForCausalLM(tiny({ layer_types = { "full_attention", "chunked_attention" } }))
+      end, 'models.qwen2: layer_types[2] is "chunked_attention" (supported: full_attention, sliding_attention) in config table')
+   end)
+end)
