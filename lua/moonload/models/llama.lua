@@ -4,10 +4,11 @@
 -- RMSNorm, rotary position embeddings (rope_theta, linear or llama3 scaling; inv_freq is a
 -- non-persistent buffer as in transformers), grouped-query attention, SwiGLU MLP, tied or
 -- untied head.
--- Mistral and Qwen2 are the same network (transformers builds them from Llama's code), so they
--- live here too, as subclasses named as transformers names them (MistralForCausalLM,
+-- Mistral, Qwen2 and Qwen3 are the same network (transformers builds them from Llama's code), so
+-- they live here too, as subclasses named as transformers names them (MistralForCausalLM,
 -- Qwen2DecoderLayer, ...): Mistral attends through a sliding window, Qwen2 has biases on q, k and
--- v and may slide on its upper layers.
+-- v and may slide on its upper layers, Qwen3 normalizes each query and key head (q_norm, k_norm)
+-- and may slide like Qwen2.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
@@ -22,6 +23,7 @@ local FAMILIES = {
    llama = { who = "models.llama", prefix = "Llama" },
    mistral = { who = "models.mistral", prefix = "Mistral" },
    qwen2 = { who = "models.qwen2", prefix = "Qwen2" },
+   qwen3 = { who = "models.qwen3", prefix = "Qwen3", head_dim = 128 },
 }
 
 M.schema = {
@@ -57,7 +59,7 @@ local function window_size(cfg, who)
    return w
 end
 
--- Qwen2's layers that slide: layer_types when the file has it, else those from max_window_layers
+-- Qwen2's and Qwen3's layers that slide: layer_types when the file has it, else those from max_window_layers
 -- on, as transformers' Qwen2Config derives it; none unless use_sliding_window.
 local function qwen2_windows(cfg, who)
    local use = cfg.use_sliding_window
@@ -91,8 +93,14 @@ end
 -- size, or false).
 function M.config(source, family)
    family = family or "llama"
-   local WHO = assert(FAMILIES[family], "unknown Llama family").who
-   local cfg = config.load(source, M.schema, WHO)
+   local fam = assert(FAMILIES[family], "unknown Llama family")
+   local WHO = fam.who
+   local schema = M.schema
+   if fam.head_dim then      -- a family whose head_dim does not default to hidden_size / heads
+      schema = {}
+      for i, e in ipairs(M.schema) do schema[i] = e[1] == "head_dim" and { "head_dim", "int", fam.head_dim } or e end
+   end
+   local cfg = config.load(source, schema, WHO)
    local rope, where = {}, {}
    for k, v in pairs(cfg.rope_scaling) do rope[k], where[k] = v, "rope_scaling." .. k end
    if cfg.rope_theta ~= nil then rope.rope_theta, where.rope_theta = cfg.rope_theta, "rope_theta" end
@@ -137,9 +145,13 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
-   else
+   elseif family == "qwen2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = true, false, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
+   else
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+      cfg.qk_norm = true
    end
    cfg.family = family
    return cfg
@@ -216,6 +228,10 @@ function LlamaAttention:__init(cfg, layer_idx)
    self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
    self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
    self.o_proj = nn.Linear(H * D, cfg.hidden_size, { bias = o_bias })
+   if cfg.qk_norm then       -- Qwen3: RMSNorm over each head's dims, before the rotary embedding
+      self.q_norm = nn.RMSNorm(D, { eps = cfg.rms_norm_eps })
+      self.k_norm = nn.RMSNorm(D, { eps = cfg.rms_norm_eps })
+   end
    rawset(self, "n_head", H)
    rawset(self, "n_kv_head", Hkv)
    rawset(self, "head_dim", D)
@@ -228,8 +244,10 @@ end
 function LlamaAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-   local q = self.q_proj(x):view(B, L, H, D):transpose(2, 3)      -- (B, H, T, D)
-   local k = self.k_proj(x):view(B, L, Hkv, D):transpose(2, 3)    -- (B, Hkv, T, D)
+   local q = self.q_proj(x):view(B, L, H, D)
+   local k = self.k_proj(x):view(B, L, Hkv, D)
+   if self.q_norm then q, k = self.q_norm(q), self.k_norm(k) end
+   q, k = q:transpose(2, 3), k:transpose(2, 3)                      -- (B, H, T, D), (B, Hkv, T, D)
    local v = self.v_proj(x):view(B, L, Hkv, D):transpose(2, 3)
    q = apply_rotary(q, cos, sin)
    k = apply_rotary(k, cos, sin)
@@ -378,5 +396,6 @@ local function family_classes(family)
 end
 family_classes("mistral")
 family_classes("qwen2")
+family_classes("qwen3")
 
 return M

@@ -1,7 +1,8 @@
--- ml.models Mistral and Qwen2 (Llama's network with sliding-window attention, and q/k/v biases
--- for Qwen2): names, configs, logits and greedy generation against transformers
--- (tests/fixtures/gen_models.py mistral qwen2). The fixtures' prompts and generations run past
--- the window, so keys it hides matter in prefill, in decode with the cache and with padding.
+-- ml.models Mistral, Qwen2 and Qwen3 (Llama's network with sliding-window attention, q/k/v biases
+-- for Qwen2, per-head q/k norms for Qwen3): names, configs, logits and greedy generation against
+-- transformers (tests/fixtures/gen_models.py mistral qwen2 qwen3). The fixtures' prompts and
+-- generations run past the window, so keys it hides matter in prefill, in decode with the cache
+-- and with padding.
 local ml = require("moonload")
 local models = require("moonload.models")
 local llama = require("moonload.models.llama")
@@ -123,5 +124,39 @@ describe("models.qwen2 (tests/fixtures/models/qwen2_tiny: biases, window 3 on la
       assert.has_error(function()
          llama.Qwen2ForCausalLM(tiny({ layer_types = { "full_attention", "chunked_attention" } }))
       end, 'models.qwen2: layer_types[2] is "chunked_attention" (supported: full_attention, sliding_attention) in config table')
+   end)
+end)
+
+describe("models.qwen3 (tests/fixtures/models/qwen3_tiny: q/k head norms, head_dim 16, window 3 on layer 2)", function()
+   local exp = H.expected("qwen3_tiny")
+   local model = models.from_pretrained(H.FIX .. "/qwen3_tiny")
+
+   it("builds Qwen3ForCausalLM with q_norm and k_norm over head_dim, after the projections", function()
+      assert.are.equal("Qwen3ForCausalLM", model.__name)
+      assert.are.same({
+         "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+         "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+         "model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight",
+      }, { unpack(H.param_names(model), 2, 7) })
+      local attn = model.model.layers[1].self_attn
+      assert.are.same({ 64, 32 }, attn.q_proj.weight.shape)      -- 4 heads of 16 over hidden 32
+      assert.are.same({ 16 }, attn.q_norm.weight.shape)
+      assert.are_not.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+      assert.are.same({ false, 3 }, model.config.layer_windows)
+   end)
+
+   it("gives the same logits and greedy ids as transformers (batch of 2)", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+   end)
+
+   it("decodes with the cache to the same logits as a full forward", function()
+      assert_cache_decodes(model, exp.input_ids[2])
+   end)
+
+   it("defaults head_dim to 128 as transformers' Qwen3Config does, and honours attention_bias", function()
+      local m = llama.Qwen3ForCausalLM(tiny({ attention_bias = true }))
+      assert.are.same({ 512, 16 }, m.model.layers[1].self_attn.q_proj.weight.shape)
+      assert.are.same({ 16 }, m.model.layers[1].self_attn.o_proj.bias.shape)
    end)
 end)
