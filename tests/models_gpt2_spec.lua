@@ -239,6 +239,78 @@ describe("models.gpt2", function()
          assert.is_true(#s <= #exp.input_ids[1] + 3)
          assert.are.equal(eos, s[#s])
       end)
+
+      it("stops at any id of an eos_token_id list, padding finished rows with the first", function()
+         local n = #exp.input_ids[1]
+         local g = model:generate(exp.input_ids, { max_new_tokens = 12 })
+         local first, second = g[1][n + 2], g[2][n + 4]
+         local s = model:generate(exp.input_ids, { max_new_tokens = 12, eos_token_id = { 99, first, second } })
+         local stop1, stop2
+         for i = n + 1, #s[1] do if not stop1 and (s[1][i] == first or s[1][i] == second) then stop1 = i end end
+         for i = n + 1, #s[2] do if not stop2 and (s[2][i] == first or s[2][i] == second) then stop2 = i end end
+         assert.is_truthy(stop1 and stop2)
+         assert.are.equal(math.max(stop1, stop2), #s[1])              -- stopped once both rows had
+         local early = stop1 < stop2 and s[1] or s[2]
+         for i = math.min(stop1, stop2) + 1, #early do assert.are.equal(99, early[i]) end
+      end)
+
+      -- The nucleus as transformers' TopPLogitsWarper computes it: sorted ascending, a token is
+      -- dropped while the cumulative probability up to it is <= 1 - top_p.
+      local function nucleus_set(logits, temperature, top_p)
+         local order = {}
+         for i = 1, #logits do order[i] = i end
+         table.sort(order, function(a, b) return logits[a] < logits[b] end)
+         local mx, z = -math.huge, 0
+         for _, v in ipairs(logits) do mx = math.max(mx, v / temperature) end
+         for _, v in ipairs(logits) do z = z + math.exp(v / temperature - mx) end
+         local keep, cum = {}, 0
+         for rank, i in ipairs(order) do
+            cum = cum + math.exp(logits[i] / temperature - mx) / z
+            if cum > 1 - top_p or rank == #order then keep[i - 1] = true end   -- 0-based ids
+         end
+         return keep
+      end
+
+      it("top_p draws only from the nucleus of most likely tokens (transformers' TopPLogitsWarper)", function()
+         local prompt = exp.input_ids[1]
+         local logits = model(prompt):select(2, -1):select(1, 1):tolist()
+         local keep = nucleus_set(logits, 1.5, 0.6)
+         local size = 0
+         for _ in pairs(keep) do size = size + 1 end
+         assert.is_true(size >= 2 and size < 100, "the test needs a nucleus of a few tokens, got " .. size)
+         local drawn, distinct = {}, 0
+         for seed = 1, 40 do
+            local tok = model:generate(prompt, { max_new_tokens = 1, temperature = 1.5, top_p = 0.6, seed = seed })[#prompt + 1]
+            assert.is_true(keep[tok] == true, "drew token " .. tok .. " outside the nucleus")
+            if not drawn[tok] then drawn[tok] = true; distinct = distinct + 1 end
+         end
+         assert.is_true(distinct >= 2)
+         -- a flat distribution (high temperature): the nucleus is wider than the first 64 tokens
+         -- looked at, so the search widens to the whole vocabulary
+         keep = nucleus_set(logits, 50, 0.9)
+         size = 0
+         for _ in pairs(keep) do size = size + 1 end
+         assert.is_true(size > 64 and size < 100, "expected a nucleus of 65-99 tokens, got " .. size)
+         local order = {}
+         for i = 1, #logits do order[i] = i - 1 end
+         table.sort(order, function(a, b) return logits[a + 1] > logits[b + 1] end)
+         local rank = {}
+         for r, id in ipairs(order) do rank[id] = r end
+         local beyond = 0             -- draws past the 64 most likely: (64/90)^40 ~ 1e-6 to see none
+         for seed = 1, 40 do
+            local tok = model:generate(prompt, { max_new_tokens = 1, temperature = 50, top_p = 0.9, seed = seed })[#prompt + 1]
+            assert.is_true(keep[tok] == true, "drew token " .. tok .. " outside the nucleus")
+            if rank[tok] > 64 then beyond = beyond + 1 end
+         end
+         assert.is_true(beyond > 0)
+         -- with top_k too, the nucleus is taken within the top k (transformers' order)
+         local g = model:generate(prompt, { max_new_tokens = 6 })
+         assert.are.same(g, model:generate(prompt, { max_new_tokens = 6, temperature = 2, top_p = 1e-6, seed = 5 }))
+         assert.are.same(model:generate(prompt, { max_new_tokens = 6, temperature = 2, seed = 5 }),
+            model:generate(prompt, { max_new_tokens = 6, temperature = 2, top_p = 1, seed = 5 }))
+         local s = model:generate(prompt, { max_new_tokens = 6, temperature = 2, top_k = 3, top_p = 0.999, seed = 5 })
+         assert.are.same(s, model:generate(prompt, { max_new_tokens = 6, temperature = 2, top_k = 3, seed = 5 }))
+      end)
    end)
 
    describe("bad input", function()
@@ -260,7 +332,13 @@ describe("models.gpt2", function()
          assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
             "generate: temperature must be a number >= 0, got -0.5")
          assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
-            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, seed, eos_token_id, attention_mask)')
+            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask)')
+         assert.has_error(function() model:generate({ 1 }, { top_p = 0 }) end, "generate: top_p must be a number in (0, 1], got 0")
+         assert.has_error(function() model:generate({ 1 }, { top_p = 1.5 }) end, "generate: top_p must be a number in (0, 1], got 1.5")
+         assert.has_error(function() model:generate({ 1 }, { eos_token_id = { 2, -1 } }) end,
+            "generate: eos_token_id[2] must be an integer >= 0, got -1")
+         assert.has_error(function() model:generate({ 1 }, { eos_token_id = {} }) end,
+            "generate: eos_token_id must be an integer or a non-empty list of integers")
          assert.has_error(function() model:generate({ { 1, 2 }, { 3 } }) end,
             "generate: input_ids rows must all have 2 tokens (row 2 differs)")
       end)

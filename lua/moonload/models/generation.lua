@@ -2,7 +2,8 @@
 -- Incremental decoding with a key-value cache: the prompt runs once (prefill), then each step
 -- feeds only the newly chosen token. Greedy when temperature is 0 or absent; otherwise samples
 -- from softmax(logits / temperature), restricted to the top_k most likely tokens when top_k is
--- set, reproducibly for a given seed.
+-- set and then to the nucleus of probability top_p when top_p is set (transformers' order),
+-- reproducibly for a given seed.
 --
 -- A model plugs in by being callable as model(ids, {cache = c, logits_to_keep = n}) -> logits
 -- (B, T or n, vocab) (advancing the cache), and by providing new_cache(capacity), max_length()
@@ -28,34 +29,81 @@ local function check_opts(opts)
    int_opt("max_new_tokens", 0)
    int_opt("top_k", 1)
    int_opt("seed", 0)
-   int_opt("eos_token_id", 0)
+   local eos = opts.eos_token_id
+   if type(eos) == "table" then
+      if #eos == 0 then error(WHO .. ": eos_token_id must be an integer or a non-empty list of integers", 3) end
+      for i, v in ipairs(eos) do
+         if type(v) ~= "number" or v ~= math.floor(v) or v < 0 then
+            error(string.format("%s: eos_token_id[%d] must be an integer >= 0, got %s", WHO, i, tostring(v)), 3)
+         end
+      end
+   else
+      int_opt("eos_token_id", 0)
+   end
    local temp = opts.temperature
    if temp ~= nil and (type(temp) ~= "number" or temp < 0 or temp ~= temp) then
       error(string.format("%s: temperature must be a number >= 0, got %s", WHO, tostring(temp)), 3)
    end
+   local top_p = opts.top_p
+   if top_p ~= nil and (type(top_p) ~= "number" or not (top_p > 0 and top_p <= 1)) then
+      error(string.format("%s: top_p must be a number in (0, 1], got %s", WHO, tostring(top_p)), 3)
+   end
    for k in pairs(opts) do
-      if k ~= "max_new_tokens" and k ~= "temperature" and k ~= "top_k" and k ~= "seed"
+      if k ~= "max_new_tokens" and k ~= "temperature" and k ~= "top_k" and k ~= "top_p" and k ~= "seed"
          and k ~= "eos_token_id" and k ~= "do_sample" and k ~= "attention_mask" then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, seed, eos_token_id, attention_mask)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask)',
             WHO, tostring(k)), 3)
       end
    end
    return opts
 end
 
+--- Sorted probabilities (B, n) with the tokens outside the nucleus at 0: a token stays while the
+-- probability of the tokens ranked above it is below top_p (so the top one always does), as
+-- transformers' TopPLogitsWarper keeps the smallest set reaching top_p.
+local function nucleus(probs, top_p)
+   local above = probs:cumsum(2) - probs
+   return probs:masked_fill(above:ge(top_p), 0)
+end
+
 --- Picks the next token of each row from the last-position logits (B, vocab) -> int64 (B, 1).
-local function next_tokens(logits, temperature, top_k)
+local function next_tokens(logits, temperature, top_k, top_p)
    if temperature == nil or temperature == 0 then
       return logits:argmax(2, true)
    end
    local scaled = logits / temperature
-   if top_k and top_k < scaled:size(2) then
+   local V = scaled:size(2)
+   if top_p and top_p >= 1 then top_p = nil end
+   if top_k and top_k < V then
       local vals, idx = scaled:topk(top_k, 2)              -- (B, k) sorted, idx 0-based
       local probs = vals:softmax(2)
+      if top_p then probs = nucleus(probs, top_p) end
       local pick = probs:multinomial()                     -- (B) 0-based positions in the top k
       return idx:gather(2, pick:unsqueeze(2))              -- (B, 1) token ids
    end
+   if top_p then
+      -- The nucleus lies within the k most likely tokens once their probability reaches top_p:
+      -- k grows from 64 until it does, as sorting a whole vocabulary each token costs more than
+      -- the step itself.
+      local probs = scaled:softmax(2)
+      local k = math.min(64, V)
+      while true do
+         local p, idx = probs:topk(k, 2)
+         if k == V or p:sum(2):min():item() >= top_p then
+            return idx:gather(2, nucleus(p, top_p):multinomial():unsqueeze(2))
+         end
+         k = math.min(V, k * 4)
+      end
+   end
    return scaled:softmax(2):multinomial():unsqueeze(2)
+end
+
+--- Whether each token (B, 1) is an end of sequence: eos is an id or a list of ids.
+local function is_eos(tok, eos)
+   if type(eos) ~= "table" then return tok:eq(eos) end
+   local hit = tok:eq(eos[1])
+   for i = 2, #eos do hit = hit:logical_or(tok:eq(eos[i])) end
+   return hit
 end
 
 --- Returns the ids in the form they came in: a flat list for a flat list (batch 1), nested
@@ -67,12 +115,13 @@ local function shape_output(seq, form)
    return rows
 end
 
---- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, seed, eos_token_id,
--- attention_mask}])
+--- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, top_p, seed,
+-- eos_token_id, attention_mask}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
--- the input's form.
+-- the input's form. eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced
+-- one is finished and continues with the (first) eos id; generation stops when every row is.
 function M.generate(model, input_ids, opts)
    opts = check_opts(opts)
    local ids, form = common.ids_tensor(input_ids, WHO)
@@ -116,13 +165,13 @@ function M.generate(model, input_ids, opts)
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
-      local tok = next_tokens(last, temperature, opts.top_k)  -- (B, 1) int64
+      local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
       if eos and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
-      if done then tok = T.where(done, eos, tok) end
+      if done then tok = T.where(done, type(eos) == "table" and eos[1] or eos, tok) end
       out:narrow(2, L + step, 1):copy_(tok)
       n = step
       if done then
-         done = done:logical_or(tok:eq(eos))
+         done = done:logical_or(is_eos(tok, eos))
          if done:sum():item() == B then break end
       end
       if step < max_new then logits = model(tok, step_opts(L + step, 1)) end
