@@ -1,6 +1,6 @@
 --- moonload: big-model inference for LuaJIT. `local ml = require("moonload")`.
 -- Tensor constructors and math live here directly; submodules (ml.nn, ml.hooks, ml.utils,
--- ml.safetensors, ml.models) load on first use, and the big-model functions of
+-- ml.safetensors, ml.models, ml.tokenizers) load on first use, and the big-model functions of
 -- moonload.big_modeling (init_empty_weights, dispatch_model, ...) are reachable as ml.<name>.
 local C = require("moonload.C")
 local Tensor = require("moonload.tensor")
@@ -54,7 +54,7 @@ function ml.empty_cache() lib.ml_cpu_empty_cache() end
 -- Submodules, loaded lazily so `require("moonload")` stays cheap and free of cycles.
 local submodules = {
    nn = "moonload.nn", hooks = "moonload.hooks", utils = "moonload.utils",
-   safetensors = "moonload.safetensors", models = "moonload.models",
+   safetensors = "moonload.safetensors", models = "moonload.models", tokenizers = "moonload.tokenizers",
 }
 -- Names exported at the top level from other modules, as Accelerate does.
 local reexports = {

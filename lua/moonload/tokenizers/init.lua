@@ -1,0 +1,235 @@
+--- ml.tokenizers: Hugging Face tokenizer.json files in Lua, so text goes in and out of the models
+-- without Python.
+--
+--    local tok = ml.tokenizers.from_pretrained("path/to/model")   -- reads tokenizer.json
+--    local ids = tok:encode("Hello world")          -- 0-based ids, with BOS/[CLS] as configured
+--    print(tok:decode(model:generate(ids, {max_new_tokens = 20})))
+--
+-- The pipeline is tokenizers': added (special) tokens are split out of the text first, the rest
+-- goes through the normalizer, the pre-tokenizer and the model (BPE or WordPiece), and
+-- add_special_tokens applies the post-processor. Supported: byte-level BPE (GPT-2, Llama 3,
+-- Qwen2/3), SentencePiece-style BPE with byte fallback (Llama 2, Mistral), WordPiece (BERT); a
+-- component outside these is an error that names it. Ids match tokenizers' own
+-- (tests/fixtures/gen_tokenizers.py).
+local cjson = require("cjson")
+local class = require("moonload.class")
+local normalizers = require("moonload.tokenizers.normalizers")
+local pre_tokenizers = require("moonload.tokenizers.pre_tokenizers")
+local models = require("moonload.tokenizers.models")
+local processors = require("moonload.tokenizers.processors")
+local decoders = require("moonload.tokenizers.decoders")
+local U = require("moonload.tokenizers.unicode")
+
+local M = {}
+
+local Tokenizer = class("Tokenizer")
+M.Tokenizer = Tokenizer
+
+-- JSON null reads as absent (cjson gives a sentinel), recursively through objects and lists.
+local function strip_nulls(v)
+   if type(v) ~= "table" then return v end
+   for k, x in pairs(v) do
+      if x == cjson.null then v[k] = nil else strip_nulls(x) end
+   end
+   return v
+end
+
+local function is_word_char(cp)
+   return cp ~= nil and (U.is_letter(cp) or U.is_number(cp) or cp == 95)
+end
+
+--- Tokenizer(spec[, source]): spec is a decoded tokenizer.json table; source names it in errors.
+function Tokenizer:__init(spec, source)
+   local who = "tokenizer " .. (source or "(table)")
+   rawset(self, "source", source)
+   self.normalize = normalizers.build(spec.normalizer, who)
+   self.pre_tokenize = pre_tokenizers.build(spec.pre_tokenizer, who)
+   self.model = models.build(spec.model, who)
+   self.post_process = processors.build(spec.post_processor, who)
+   self.decode_chain = decoders.build(spec.decoder, who)
+   -- ids <-> tokens: the model's vocabulary, then the added tokens (which may extend it)
+   local to_token, n = {}, 0
+   for token, id in pairs(self.model.vocab) do
+      if type(id) ~= "number" then error(string.format("%s: vocabulary entry %q has id %s", who, token, tostring(id)), 0) end
+      to_token[id] = token
+   end
+   local added, by_first = {}, {}
+   for _, a in ipairs(spec.added_tokens or {}) do
+      if type(a.content) ~= "string" or a.content == "" or type(a.id) ~= "number" then
+         error(who .. ": an added token needs a content string and an id", 0)
+      end
+      local entry = { content = a.content, id = a.id, special = a.special == true, lstrip = a.lstrip == true,
+         rstrip = a.rstrip == true, single_word = a.single_word == true }
+      added[a.content] = entry
+      to_token[a.id] = a.content
+      local b = a.content:byte(1)
+      by_first[b] = by_first[b] or {}
+      table.insert(by_first[b], entry)
+   end
+   for _, list in pairs(by_first) do table.sort(list, function(x, y) return #x.content > #y.content end) end
+   for _ in pairs(to_token) do n = n + 1 end
+   self.added, self.added_by_first, self.to_token = added, by_first, to_token
+   self.vocab_size = n
+   local padding = type(spec.padding) == "table" and spec.padding or {}
+   self.pad_id = type(padding.pad_id) == "number" and padding.pad_id or 0
+end
+
+-- The text split around added tokens (leftmost, then longest): a list of {text = s, first =
+-- bool} and {added = entry}.
+function Tokenizer:_split_added(text)
+   local out, pos, i, len = {}, 1, 1, #text
+   local by_first = self.added_by_first
+   local function plain(a, b)
+      if b >= a then out[#out + 1] = { text = text:sub(a, b), first = a == 1 } end
+   end
+   while i <= len do
+      local hit
+      for _, e in ipairs(by_first[text:byte(i)] or {}) do
+         if text:sub(i, i + #e.content - 1) == e.content then
+            local ok = true
+            if e.single_word then
+               local before = i > 1 and U.codepoints(text:sub(1, i - 1)) or {}
+               local after = U.codepoints(text:sub(i + #e.content))
+               ok = not is_word_char(before[#before]) and not is_word_char(after[1])
+            end
+            if ok then hit = e break end
+         end
+      end
+      if hit then
+         local a, b = i, i + #hit.content - 1
+         if hit.lstrip then while a > pos and text:sub(a - 1, a - 1):match("%s") do a = a - 1 end end
+         if hit.rstrip then while b < len and text:sub(b + 1, b + 1):match("%s") do b = b + 1 end end
+         plain(pos, a - 1)
+         out[#out + 1] = { added = hit }
+         pos, i = b + 1, b + 1
+      else
+         i = i + 1
+      end
+   end
+   plain(pos, len)
+   return out
+end
+
+local function check_text(text, who)
+   if type(text) ~= "string" then error(string.format("%s: text must be a string, got %s", who, type(text)), 3) end
+   U.codepoints(text, who)
+end
+
+--- The token strings of text (no special tokens added; added tokens in the text stay whole).
+function Tokenizer:tokenize(text)
+   check_text(text, "tokenize")
+   local tokens = {}
+   for _, seg in ipairs(self:_split_added(text)) do
+      if seg.added then
+         tokens[#tokens + 1] = seg.added.content
+      else
+         local normalized = self.normalize(seg.text)
+         for _, piece in ipairs(self.pre_tokenize({ normalized }, { first = seg.first })) do
+            for _, t in ipairs(self.model.tokenize(piece)) do tokens[#tokens + 1] = t end
+         end
+      end
+   end
+   return tokens
+end
+
+--- encode(text[, {add_special_tokens = true}]) -> list of 0-based token ids.
+function Tokenizer:encode(text, opts)
+   check_text(text, "encode")
+   opts = opts or {}
+   local vocab, added = self.model.vocab, self.added
+   local ids = {}
+   for _, t in ipairs(self:tokenize(text)) do
+      local e = added[t]
+      local id = e and e.id or vocab[t]
+      if id == nil then error(string.format("encode: token %q is not in the vocabulary of %s", t, self.source or "the tokenizer"), 2) end
+      ids[#ids + 1] = id
+   end
+   if opts.add_special_tokens ~= false then ids = self.post_process(ids) end
+   return ids
+end
+
+--- encode_batch(texts[, {add_special_tokens = true, padding_side = "right", pad_id}]) -> ids,
+-- attention_mask: the texts encoded and padded to the longest (with the file's pad id, else 0),
+-- as lists of lists; the mask has 1 for real tokens. padding_side "left" suits generation.
+function Tokenizer:encode_batch(texts, opts)
+   opts = opts or {}
+   if type(texts) ~= "table" or #texts == 0 then error("encode_batch: texts must be a non-empty list of strings", 2) end
+   local side = opts.padding_side or "right"
+   if side ~= "right" and side ~= "left" then
+      error(string.format('encode_batch: padding_side must be "right" or "left", got %s', tostring(side)), 2)
+   end
+   local pad = opts.pad_id or self.pad_id
+   local rows, longest = {}, 0
+   for i, t in ipairs(texts) do
+      rows[i] = self:encode(t, opts)
+      longest = math.max(longest, #rows[i])
+   end
+   local ids, mask = {}, {}
+   for i, r in ipairs(rows) do
+      local row, m, fill = {}, {}, longest - #r
+      for k = 1, longest do
+         local real = side == "right" and k <= #r or side == "left" and k > fill
+         row[k] = real and r[side == "right" and k or k - fill] or pad
+         m[k] = real and 1 or 0
+      end
+      ids[i], mask[i] = row, m
+   end
+   return ids, mask
+end
+
+--- decode(ids[, {skip_special_tokens = false}]) -> text. ids: a list or a 1-D integer tensor.
+function Tokenizer:decode(ids, opts)
+   opts = opts or {}
+   if type(ids) == "table" and ids.tolist then ids = ids:tolist() end
+   if type(ids) ~= "table" then error("decode: ids must be a list of token ids or a tensor, got " .. type(ids), 2) end
+   local tokens = {}
+   for i, id in ipairs(ids) do
+      local t = self.to_token[id]
+      if t == nil then error(string.format("decode: id %s at position %d is not in the vocabulary (size %d)", tostring(id), i, self.vocab_size), 2) end
+      local e = self.added[t]
+      if not (opts.skip_special_tokens and e and e.special and e.id == id) then tokens[#tokens + 1] = t end
+   end
+   return table.concat(self.decode_chain(tokens))
+end
+
+--- The id of a token string (nil when unknown), and the token of an id.
+function Tokenizer:token_to_id(token)
+   local e = self.added[token]
+   if e then return e.id end
+   return self.model.vocab[token]
+end
+
+function Tokenizer:id_to_token(id) return self.to_token[id] end
+
+function Tokenizer:get_vocab_size() return self.vocab_size end
+
+--- A tokenizer from a tokenizer.json file.
+function M.from_file(path)
+   if type(path) ~= "string" then error("tokenizers.from_file: path must be a string, got " .. type(path), 2) end
+   local f, err = io.open(path, "rb")
+   if not f then error(string.format("tokenizers.from_file: cannot read %s (%s)", path, tostring(err)), 2) end
+   local text = f:read("*a")
+   f:close()
+   local ok, spec = pcall(cjson.decode, text)
+   if not ok or type(spec) ~= "table" then
+      error(string.format("tokenizers.from_file: %s is not a JSON object (%s)", path, tostring(spec)), 2)
+   end
+   local built, t = pcall(Tokenizer, strip_nulls(spec), path)
+   if not built then error(t, 2) end
+   return t
+end
+
+--- A tokenizer from a model folder's tokenizer.json.
+function M.from_pretrained(dir)
+   if type(dir) ~= "string" then error("tokenizers.from_pretrained: expected a folder path, got " .. type(dir), 2) end
+   local path = dir:gsub("/+$", "") .. "/tokenizer.json"
+   local f = io.open(path, "rb")
+   if not f then
+      error(string.format("tokenizers.from_pretrained: no tokenizer.json in %s (only tokenizer.json files are read, "
+         .. "not tokenizer.model or vocab.txt)", dir), 2)
+   end
+   f:close()
+   return M.from_file(path)
+end
+
+return M

@@ -1,0 +1,195 @@
+--- Tokenizer models of tokenizer.json: BPE (byte-level as in GPT-2, Llama 3 and Qwen, or
+-- SentencePiece-style with byte fallback as in Llama 2 and Mistral) and WordPiece (BERT).
+-- M.build returns {tokenize = function(piece) -> list of token strings, vocab = token -> id,
+-- unk = the unknown token or nil}.
+local U = require("moonload.tokenizers.unicode")
+
+local M = {}
+
+local function utf8_chars(s)
+   local out, i, n = {}, 1, #s
+   while i <= n do
+      local c = s:byte(i)
+      local len = c < 0x80 and 1 or c < 0xE0 and 2 or c < 0xF0 and 3 or 4
+      out[#out + 1] = s:sub(i, i + len - 1)
+      i = i + len
+   end
+   return out
+end
+
+-- --- BPE --------------------------------------------------------------------------------------
+
+-- A binary min-heap of candidate merges ordered by rank, then position (the leftmost first).
+local function heap_push(h, rank, pos, left, right)
+   local e = { rank, pos, left, right }
+   local i = #h + 1
+   h[i] = e
+   while i > 1 do
+      local p = math.floor(i / 2)
+      local a = h[p]
+      if a[1] < rank or (a[1] == rank and a[2] < pos) then break end
+      h[p], h[i] = e, a
+      i = p
+   end
+end
+
+local function heap_pop(h)
+   local top, last = h[1], h[#h]
+   h[#h] = nil
+   local n = #h
+   if n > 0 then
+      h[1] = last
+      local i = 1
+      while true do
+         local l, r, m = 2 * i, 2 * i + 1, i
+         local function less(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end
+         if l <= n and less(h[l], h[m]) then m = l end
+         if r <= n and less(h[r], h[m]) then m = r end
+         if m == i then break end
+         h[i], h[m] = h[m], h[i]
+         i = m
+      end
+   end
+   return top
+end
+
+local function build_bpe(j, who)
+   if j.continuing_subword_prefix or j.end_of_word_suffix then
+      error(who .. ": BPE with continuing_subword_prefix or end_of_word_suffix is not supported", 0)
+   end
+   local vocab = j.vocab or {}
+   local ranks = {}
+   for rank, m in ipairs(j.merges or {}) do
+      local a, b
+      if type(m) == "table" then a, b = m[1], m[2]
+      else a, b = m:match("^(%S+) (%S+)$") end
+      if not a or not b then
+         error(string.format("%s: BPE merge %d is malformed: %s", who, rank, type(m) == "table" and "a list" or tostring(m)), 0)
+      end
+      if vocab[a .. b] == nil then
+         error(string.format("%s: BPE merge %d (%q + %q) makes a token missing from the vocabulary", who, rank, a, b), 0)
+      end
+      ranks[a .. "\0" .. b] = ranks[a .. "\0" .. b] or rank
+   end
+   local unk = j.unk_token
+   local byte_fallback, fuse_unk, ignore_merges = j.byte_fallback == true, j.fuse_unk == true, j.ignore_merges == true
+   local byte_tokens = {}
+   if byte_fallback then
+      for b = 0, 255 do byte_tokens[b] = string.format("<0x%02X>", b) end
+   end
+   local cache, cached = {}, 0
+
+   local function tokenize(piece)
+      local hit = cache[piece]
+      if hit then return hit end
+      if ignore_merges and vocab[piece] ~= nil then return { piece } end
+      -- the symbols: one per character, or its bytes (byte fallback), or the unknown token
+      local sym, is_unk = {}, {}
+      for _, ch in ipairs(utf8_chars(piece)) do
+         if vocab[ch] ~= nil then
+            sym[#sym + 1] = ch
+         else
+            local bytes = byte_fallback and {} or nil
+            if bytes then
+               for k = 1, #ch do
+                  local t = byte_tokens[ch:byte(k)]
+                  if vocab[t] == nil then bytes = nil break end
+                  bytes[k] = t
+               end
+            end
+            if bytes then
+               for _, t in ipairs(bytes) do sym[#sym + 1] = t end
+            elseif unk ~= nil then
+               if not (fuse_unk and is_unk[#sym]) then
+                  sym[#sym + 1] = unk
+                  is_unk[#sym] = true
+               end
+            end
+         end
+      end
+      -- merges, lowest rank first (leftmost among equals), over a linked list of symbols
+      local n = #sym
+      local nxt, prv, alive = {}, {}, {}
+      for i = 1, n do nxt[i], prv[i], alive[i] = i + 1, i - 1, true end
+      nxt[n] = nil
+      local heap = {}
+      for i = 1, n - 1 do
+         local r = not is_unk[i] and not is_unk[i + 1] and ranks[sym[i] .. "\0" .. sym[i + 1]]
+         if r then heap_push(heap, r, i, sym[i], sym[i + 1]) end
+      end
+      while #heap > 0 do
+         local e = heap_pop(heap)
+         local i = e[2]
+         local k = nxt[i]
+         if alive[i] and k and sym[i] == e[3] and sym[k] == e[4] then
+            sym[i] = sym[i] .. sym[k]
+            alive[k] = false
+            nxt[i] = nxt[k]
+            if nxt[k] then prv[nxt[k]] = i end
+            local p, q = prv[i], nxt[i]
+            if p and p >= 1 and not is_unk[p] then
+               local r = ranks[sym[p] .. "\0" .. sym[i]]
+               if r then heap_push(heap, r, p, sym[p], sym[i]) end
+            end
+            if q and not is_unk[q] then
+               local r = ranks[sym[i] .. "\0" .. sym[q]]
+               if r then heap_push(heap, r, i, sym[i], sym[q]) end
+            end
+         end
+      end
+      local out, i = {}, n > 0 and 1 or nil
+      while i do
+         out[#out + 1] = sym[i]
+         i = nxt[i]
+      end
+      if cached < 10000 then cache[piece] = out; cached = cached + 1 end
+      return out
+   end
+   return { tokenize = tokenize, vocab = vocab, unk = unk }
+end
+
+-- --- WordPiece ----------------------------------------------------------------------------------
+
+local function build_wordpiece(j, who)
+   local vocab = j.vocab or {}
+   local unk = j.unk_token or "[UNK]"
+   local prefix = j.continuing_subword_prefix or "##"
+   local max_chars = j.max_input_chars_per_word or 100
+   if vocab[unk] == nil then
+      error(string.format("%s: the WordPiece unk_token %q is not in the vocabulary", who, unk), 0)
+   end
+   local cache, cached = {}, 0
+   local function tokenize(word)
+      local hit = cache[word]
+      if hit then return hit end
+      local cps, n = U.codepoints(word)
+      if n > max_chars then return { unk } end
+      local out, start = {}, 1
+      while start <= n do
+         local stop, found = n, nil
+         while stop >= start do
+            local sub = U.encode(cps, start, stop)
+            if start > 1 then sub = prefix .. sub end
+            if vocab[sub] ~= nil then found = sub break end
+            stop = stop - 1
+         end
+         if not found then out = { unk } break end
+         out[#out + 1] = found
+         start = stop + 1
+      end
+      if cached < 10000 then cache[word] = out; cached = cached + 1 end
+      return out
+   end
+   return { tokenize = tokenize, vocab = vocab, unk = unk }
+end
+
+--- The model of a tokenizer.json object.
+function M.build(j, who)
+   if type(j) ~= "table" then error(who .. ": tokenizer.json has no model", 0) end
+   local kind = j.type or (j.merges and "BPE") or nil
+   if kind == "BPE" then return build_bpe(j, who) end
+   if kind == "WordPiece" then return build_wordpiece(j, who) end
+   error(string.format("%s: tokenizer model %q is not supported (supported: BPE, WordPiece)", who, tostring(kind)), 0)
+end
+
+return M

@@ -1,0 +1,120 @@
+--- Normalizers of tokenizer.json: text -> text before pre-tokenization. M.build turns a JSON
+-- object into a function(text) -> text.
+local U = require("moonload.tokenizers.unicode")
+
+local M = {}
+
+-- CJK ideographs BERT surrounds with spaces (tokenizers' is_chinese_char).
+local function is_chinese(cp)
+   return (cp >= 0x4E00 and cp <= 0x9FFF) or (cp >= 0x3400 and cp <= 0x4DBF) or (cp >= 0x20000 and cp <= 0x2A6DF)
+      or (cp >= 0x2A700 and cp <= 0x2B73F) or (cp >= 0x2B740 and cp <= 0x2B81F) or (cp >= 0x2B920 and cp <= 0x2CEAF)
+      or (cp >= 0xF900 and cp <= 0xFAFF) or (cp >= 0x2F800 and cp <= 0x2FA1F)
+end
+
+local function lowercase(text)
+   local cps, n = U.codepoints(text)
+   local out = {}
+   for i = 1, n do out[i] = U.lower(cps[i]) end
+   return table.concat(out)
+end
+
+local function strip_accents(text)
+   local cps, n = U.codepoints(text)
+   local out = {}
+   for i = 1, n do out[i] = U.strip_accents(cps[i]) or U.char(cps[i]) end
+   return table.concat(out)
+end
+
+local BUILDERS = {}
+
+-- BERT: drop control characters and U+FFFD, whitespace to spaces, spaces around CJK ideographs,
+-- then accents stripped (NFD without nonspacing marks) and lowercase; strip_accents null follows
+-- lowercase, as in tokenizers.
+function BUILDERS.BertNormalizer(j)
+   local clean = j.clean_text ~= false
+   local chinese = j.handle_chinese_chars ~= false
+   local lower = j.lowercase ~= false
+   local strip = j.strip_accents
+   if strip == nil then strip = lower end
+   return function(text)
+      local cps, n = U.codepoints(text)
+      local out = {}
+      for i = 1, n do
+         local cp = cps[i]
+         if clean and (cp == 0 or cp == 0xFFFD or U.is_control(cp)) then
+            -- dropped
+         elseif clean and U.is_whitespace(cp) then
+            out[#out + 1] = " "
+         elseif chinese and is_chinese(cp) then
+            out[#out + 1] = " " .. U.char(cp) .. " "
+         else
+            out[#out + 1] = U.char(cp)
+         end
+      end
+      text = table.concat(out)
+      if strip then text = strip_accents(text) end
+      if lower then text = lowercase(text) end
+      return text
+   end
+end
+
+function BUILDERS.Lowercase() return lowercase end
+function BUILDERS.StripAccents() return strip_accents end
+
+function BUILDERS.NFC()
+   return function(text)
+      local cps, n = U.codepoints(text)
+      local composed, m = U.compose(cps, n)
+      return U.encode(composed, 1, m)
+   end
+end
+
+function BUILDERS.Prepend(j)
+   local p = j.prepend or ""
+   return function(text) return text == "" and text or p .. text end
+end
+
+function BUILDERS.Replace(j, who)
+   local pat = j.pattern or {}
+   if not pat.String then error(who .. ": only String patterns are supported in a Replace normalizer", 0) end
+   local from, to = pat.String, j.content or ""
+   local escaped = from:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")
+   local repl = to:gsub("%%", "%%%%")
+   return function(text) return (text:gsub(escaped, repl)) end
+end
+
+function BUILDERS.Strip(j)
+   local left, right = j.strip_left ~= false, j.strip_right ~= false
+   return function(text)
+      local cps, n = U.codepoints(text)
+      local a, b = 1, n
+      if left then while a <= b and U.is_whitespace(cps[a]) do a = a + 1 end end
+      if right then while b >= a and U.is_whitespace(cps[b]) do b = b - 1 end end
+      return U.encode(cps, a, b)
+   end
+end
+
+function BUILDERS.Sequence(j, who)
+   local steps = {}
+   for i, sub in ipairs(j.normalizers or {}) do steps[i] = M.build(sub, who) end
+   return function(text)
+      for _, step in ipairs(steps) do text = step(text) end
+      return text
+   end
+end
+
+--- The normalizer of a tokenizer.json object (nil: none).
+function M.build(j, who)
+   if j == nil then return function(text) return text end end
+   local b = BUILDERS[j.type]
+   if not b then
+      local names = {}
+      for k in pairs(BUILDERS) do names[#names + 1] = k end
+      table.sort(names)
+      error(string.format("%s: normalizer %q is not supported (supported: %s)", who, tostring(j.type),
+         table.concat(names, ", ")), 0)
+   end
+   return b(j, who)
+end
+
+return M

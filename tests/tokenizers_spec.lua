@@ -1,0 +1,118 @@
+-- ml.tokenizers against Hugging Face tokenizers (tests/fixtures/gen_tokenizers.py): small
+-- tokenizers trained in the layouts of GPT-2, Llama 3, Qwen2, Llama 2 and BERT, and the real
+-- all-MiniLM-L6-v2 one; ids with and without special tokens, tokens, and decoding with and
+-- without the special tokens, for texts with contractions, digits, whitespace runs, newlines,
+-- accents, CJK, Hangul, emoji and special tokens inside the text.
+local ml = require("moonload")
+local tokenizers = require("moonload.tokenizers")
+local N = require("nn_helpers")
+
+local FIX = "tests/fixtures/tokenizers"
+local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "bert_wordpiece", "minilm_wordpiece" }
+
+local function tmpfile(text)
+   local p = os.tmpname()
+   local f = assert(io.open(p, "wb"))
+   f:write(text)
+   f:close()
+   return p
+end
+
+describe("tokenizers", function()
+   for _, name in ipairs(NAMES) do
+      describe(name, function()
+         local exp = N.read_json(FIX .. "/" .. name .. "/expected.json")
+         local tok = tokenizers.from_pretrained(FIX .. "/" .. name)
+
+         it("has tokenizers' vocabulary size", function()
+            assert.are.equal(exp.vocab_size, tok:get_vocab_size())
+         end)
+
+         for i, c in ipairs(exp.cases) do
+            it(string.format("encodes and decodes case %d (%q) as tokenizers does", i, c.text:sub(1, 30)), function()
+               assert.are.same(c.pre_tokens, tok.pre_tokenize({ c.text }, { first = true }))
+               assert.are.same(c.tokens_no_special, tok:tokenize(c.text))
+               assert.are.same(c.ids_no_special, tok:encode(c.text, { add_special_tokens = false }))
+               assert.are.same(c.ids, tok:encode(c.text))
+               assert.are.equal(c.decoded, tok:decode(c.ids))
+               assert.are.equal(c.decoded_skip_special, tok:decode(c.ids, { skip_special_tokens = true }))
+            end)
+         end
+
+         it("maps tokens and ids both ways", function()
+            for _, t in ipairs(exp.cases[3].tokens_no_special) do
+               assert.are.equal(t, tok:id_to_token(tok:token_to_id(t)))
+            end
+            assert.is_nil(tok:token_to_id("no such token \1"))
+         end)
+      end)
+   end
+
+   it("gives sentence-transformers' input ids for all-MiniLM-L6-v2, alone and as a padded batch", function()
+      local exp = N.read_json("tests/fixtures/models/minilm/expected.json")
+      local tok = tokenizers.from_pretrained(FIX .. "/minilm_wordpiece")
+      for i, s in ipairs(exp.sentences) do
+         local want = {}
+         for k, id in ipairs(exp.input_ids[i]) do
+            if exp.attention_mask[i][k] == 1 then want[#want + 1] = id end
+         end
+         assert.are.same(want, tok:encode(s))
+      end
+      local ids, mask = tok:encode_batch(exp.sentences)
+      assert.are.same(exp.input_ids, ids)
+      assert.are.same(exp.attention_mask, mask)
+   end)
+
+   it("pads a batch on the left for generation", function()
+      local tok = tokenizers.from_pretrained(FIX .. "/llama3_bpe")
+      local a, b = tok:encode("Hello world"), tok:encode("Hello world, and the quick brown fox jumps over it")
+      local ids, mask = tok:encode_batch({ "Hello world", "Hello world, and the quick brown fox jumps over it" },
+         { padding_side = "left", pad_id = 2 })
+      local fill = #b - #a
+      assert.is_true(fill > 0)
+      for k = 1, fill do assert.are.equal(2, ids[1][k]); assert.are.equal(0, mask[1][k]) end
+      assert.are.same(a, { unpack(ids[1], fill + 1) })
+      assert.are.same(b, ids[2])
+      for k = 1, #b do assert.are.equal(1, mask[2][k]) end
+      assert.has_error(function() tok:encode_batch({ "a" }, { padding_side = "middle" }) end,
+         'encode_batch: padding_side must be "right" or "left", got middle')
+   end)
+
+   it("decodes a tensor of ids", function()
+      local tok = tokenizers.from_pretrained(FIX .. "/gpt2_bpe")
+      local ids = tok:encode("The quick brown fox")
+      assert.are.equal("The quick brown fox", tok:decode(ml.tensor(ids, { dtype = "int64" })))
+   end)
+
+   describe("bad input", function()
+      local tok = tokenizers.from_pretrained(FIX .. "/llama3_bpe")
+
+      it("names malformed UTF-8 and ids outside the vocabulary", function()
+         assert.has_error(function() tok:encode("ok \255 no") end, "encode: text is not valid UTF-8 (byte 4)")
+         assert.has_error(function() tok:encode(42) end, "encode: text must be a string, got number")
+         assert.has_error(function() tok:decode({ 1, 5000 }) end,
+            "decode: id 5000 at position 2 is not in the vocabulary (size 800)")
+      end)
+
+      it("names a missing file and components it does not support", function()
+         assert.has_error(function() tokenizers.from_pretrained("/nonexistent") end,
+            "tokenizers.from_pretrained: no tokenizer.json in /nonexistent (only tokenizer.json files are read, not tokenizer.model or vocab.txt)")
+         local p = tmpfile('{"model": {"type": "Unigram", "vocab": []}}')
+         assert.has_error(function() tokenizers.from_file(p) end,
+            'tokenizer ' .. p .. ': tokenizer model "Unigram" is not supported (supported: BPE, WordPiece)')
+         os.remove(p)
+         p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": '
+            .. '{"type": "Split", "pattern": {"Regex": "\\\\w+"}, "behavior": "Isolated", "invert": false}}')
+         assert.has_error(function() tokenizers.from_file(p) end,
+            'tokenizer ' .. p .. ': the Split pre-tokenizer\'s regex "\\\\w+" is not supported (supported: the GPT-2, Llama 3 and Qwen2 patterns)')
+         os.remove(p)
+         p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}')
+         assert.has_error(function() tokenizers.from_file(p) end,
+            'tokenizer ' .. p .. ': BPE merge 1 ("a" + "b") makes a token missing from the vocabulary')
+         os.remove(p)
+         p = tmpfile("not json")
+         assert.has_error(function() tokenizers.from_file(p) end)
+         os.remove(p)
+      end)
+   end)
+end)
