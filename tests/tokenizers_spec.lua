@@ -8,7 +8,7 @@ local tokenizers = require("moonload.tokenizers")
 local N = require("nn_helpers")
 
 local FIX = "tests/fixtures/tokenizers"
-local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "bert_wordpiece", "minilm_wordpiece" }
+local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece" }
 
 local function tmpfile(text)
    local p = os.tmpname()

@@ -276,6 +276,7 @@ function BUILDERS.Metaspace(j)
    return function(pieces, ctx)
       local out = {}
       for k, p in ipairs(pieces) do
+         if p == "" then goto continue end
          p = p:gsub(" ", rep)
          if (scheme == "always" or (scheme == "first" and ctx.first and k == 1)) and p:sub(1, #rep) ~= rep then
             p = rep .. p
@@ -286,6 +287,7 @@ function BUILDERS.Metaspace(j)
          else
             out[#out + 1] = p
          end
+         ::continue::
       end
       return out
    end
