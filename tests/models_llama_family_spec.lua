@@ -1,8 +1,9 @@
--- ml.models Mistral, Qwen2 and Qwen3 (Llama's network with sliding-window attention, q/k/v biases
--- for Qwen2, per-head q/k norms for Qwen3): names, configs, logits and greedy generation against
--- transformers (tests/fixtures/gen_models.py mistral qwen2 qwen3). The fixtures' prompts and
--- generations run past the window, so keys it hides matter in prefill, in decode with the cache
--- and with padding.
+-- ml.models Mistral, Qwen2, Qwen3 and Phi-3 (Llama's network with sliding-window attention, q/k/v
+-- biases for Qwen2, per-head q/k norms for Qwen3, fused projections and partial rotary embeddings
+-- for Phi-3): names, configs, logits and greedy generation against transformers
+-- (tests/fixtures/gen_models.py mistral qwen2 qwen3 phi3). The fixtures' prompts and generations
+-- run past the window, so keys it hides matter in prefill, in decode with the cache and with
+-- padding.
 local ml = require("moonload")
 local models = require("moonload.models")
 local llama = require("moonload.models.llama")
@@ -158,5 +159,52 @@ describe("models.qwen3 (tests/fixtures/models/qwen3_tiny: q/k head norms, head_d
       local m = llama.Qwen3ForCausalLM(tiny({ attention_bias = true }))
       assert.are.same({ 512, 16 }, m.model.layers[1].self_attn.q_proj.weight.shape)
       assert.are.same({ 16 }, m.model.layers[1].self_attn.o_proj.bias.shape)
+   end)
+end)
+
+describe("models.phi3 (tests/fixtures/models/phi3_tiny: fused projections, window 5; phi3_tiny_partial: 3/4 rotary)", function()
+   local exp = H.expected("phi3_tiny")
+   local model = models.from_pretrained(H.FIX .. "/phi3_tiny")
+
+   it("builds Phi3ForCausalLM with qkv_proj and gate_up_proj in transformers' order", function()
+      assert.are.equal("Phi3ForCausalLM", model.__name)
+      assert.are.same({
+         "model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.qkv_proj.weight",
+         "model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+      }, { unpack(H.param_names(model), 2, 5) })
+      assert.are.same({ 64, 32 }, model.model.layers[1].self_attn.qkv_proj.weight.shape)   -- (4 + 2 * 2) heads of 8
+      assert.are.same({ 128, 32 }, model.model.layers[1].mlp.gate_up_proj.weight.shape)
+      assert.are.same({ 5, 5 }, model.config.layer_windows)
+      assert.are.same({ "Phi3DecoderLayer" }, model.no_split_modules)
+   end)
+
+   it("gives the same logits and greedy ids as transformers (batch of 2, past the window)", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+   end)
+
+   it("decodes with the cache to the same logits as a full forward", function()
+      assert_cache_decodes(model, exp.input_ids[1])
+   end)
+
+   it("rotates only partial_rotary_factor of each head (Phi-4-mini's 0.75)", function()
+      local pexp = H.expected("phi3_tiny_partial")
+      local m = models.from_pretrained(H.FIX .. "/phi3_tiny_partial")
+      assert.are.equal(12, m.config.rotary_dim)                      -- of head_dim 16
+      assert.are.same({ 6 }, m:get_buffer("model.rotary_emb.inv_freq").shape)
+      assert.are.equal(m.model.embed_tokens.weight, m.lm_head.weight)
+      assert.is_true(H.max_abs_diff(m(pexp.input_ids), pexp.logits) < TOL)
+      assert.are.same(pexp.greedy_ids[1], m:generate(pexp.input_ids[1], { max_new_tokens = pexp.max_new_tokens }))
+      assert_cache_decodes(m, pexp.input_ids[1])
+   end)
+
+   it("names an unusable partial_rotary_factor and LongRoPE (not supported)", function()
+      assert.has_error(function() llama.Phi3ForCausalLM(tiny({ partial_rotary_factor = 1.5 })) end,
+         "models.phi3: partial_rotary_factor must be a number in (0, 1], got 1.5 in config table")
+      assert.has_error(function() llama.Phi3ForCausalLM(tiny({ partial_rotary_factor = 0.3 })) end,
+         "models.phi3: the rotary dims of a head (1 of head_dim 4) must be even in config table")
+      assert.has_error(function()
+         llama.Phi3ForCausalLM(tiny({ rope_scaling = { type = "longrope", short_factor = { 1 }, long_factor = { 1 } } }))
+      end, 'models.phi3: rope type "longrope" is not supported (supported: default, linear, llama3) in config table')
    end)
 end)

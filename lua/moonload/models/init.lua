@@ -1,4 +1,4 @@
---- ml.models: GPT-2, Llama (and Mistral, Qwen2, Qwen3) and BERT with Hugging Face names, and
+--- ml.models: GPT-2, Llama (and Mistral, Qwen2, Qwen3, Phi-3) and BERT with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -21,14 +21,16 @@ local ARCH = {
    mistral = { module = "moonload.models.llama", class = "MistralForCausalLM" },
    qwen2 = { module = "moonload.models.llama", class = "Qwen2ForCausalLM" },
    qwen3 = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },
+   phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
--- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation; .mistral, .qwen2 and
--- .qwen3 are .llama (MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM live there).
+-- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation; .mistral, .qwen2,
+-- .qwen3 and .phi3 are .llama (MistralForCausalLM, Qwen2ForCausalLM, ... live there).
 setmetatable(M, { __index = function(t, k)
    local path = ({ gpt2 = "moonload.models.gpt2", llama = "moonload.models.llama",
       mistral = "moonload.models.llama", qwen2 = "moonload.models.llama", qwen3 = "moonload.models.llama",
+      phi3 = "moonload.models.llama",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", common = "moonload.models.common" })[k]
    if path then
@@ -57,7 +59,7 @@ local function read_json(path, who)
    return t
 end
 
---- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert").
+--- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "bert").
 function M.class_for(model_type, src)
    local a = ARCH[model_type]
    if not a then

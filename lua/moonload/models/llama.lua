@@ -4,11 +4,12 @@
 -- RMSNorm, rotary position embeddings (rope_theta, linear or llama3 scaling; inv_freq is a
 -- non-persistent buffer as in transformers), grouped-query attention, SwiGLU MLP, tied or
 -- untied head.
--- Mistral, Qwen2 and Qwen3 are the same network (transformers builds them from Llama's code), so
--- they live here too, as subclasses named as transformers names them (MistralForCausalLM,
--- Qwen2DecoderLayer, ...): Mistral attends through a sliding window, Qwen2 has biases on q, k and
--- v and may slide on its upper layers, Qwen3 normalizes each query and key head (q_norm, k_norm)
--- and may slide like Qwen2.
+-- Mistral, Qwen2, Qwen3 and Phi-3 are the same network (transformers builds them from Llama's
+-- code), so they live here too, as subclasses named as transformers names them
+-- (MistralForCausalLM, Qwen2DecoderLayer, ...): Mistral attends through a sliding window, Qwen2
+-- has biases on q, k and v and may slide on its upper layers, Qwen3 normalizes each query and key
+-- head (q_norm, k_norm) and may slide like Qwen2, Phi-3 (also Phi-4) keeps q, k, v in one
+-- qkv_proj and gate, up in one gate_up_proj and may rotate only part of each head.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
@@ -24,6 +25,7 @@ local FAMILIES = {
    mistral = { who = "models.mistral", prefix = "Mistral" },
    qwen2 = { who = "models.qwen2", prefix = "Qwen2" },
    qwen3 = { who = "models.qwen3", prefix = "Qwen3", head_dim = 128 },
+   phi3 = { who = "models.phi3", prefix = "Phi3" },
 }
 
 M.schema = {
@@ -133,15 +135,22 @@ function M.config(source, family)
       config.fail(cfg, WHO, "num_attention_heads %d is not a multiple of num_key_value_heads %d",
          cfg.num_attention_heads, cfg.num_key_value_heads)
    end
-   if cfg.head_dim % 2 ~= 0 then
-      config.fail(cfg, WHO, "head_dim %d must be even for rotary embeddings", cfg.head_dim)
+   -- partial_rotary_factor (Phi-3/4, in rope_parameters or at the top level): only the first
+   -- rotary_dim dims of each head rotate
+   local factor = rope.partial_rotary_factor or cfg.partial_rotary_factor or 1
+   if type(factor) ~= "number" or factor <= 0 or factor > 1 then
+      config.fail(cfg, WHO, "partial_rotary_factor must be a number in (0, 1], got %s", tostring(factor))
+   end
+   cfg.rotary_dim = math.floor(cfg.head_dim * factor)
+   if cfg.rotary_dim % 2 ~= 0 then
+      config.fail(cfg, WHO, "the rotary dims of a head (%d of head_dim %d) must be even", cfg.rotary_dim, cfg.head_dim)
    end
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
    if family == "llama" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-   elseif family == "mistral" then
+   elseif family == "mistral" or family == "phi3" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
@@ -188,7 +197,7 @@ M.LlamaRotaryEmbedding = LlamaRotaryEmbedding
 
 function LlamaRotaryEmbedding:__init(cfg)
    nn.Module.__init(self)
-   local dim = cfg.head_dim
+   local dim = cfg.rotary_dim or cfg.head_dim
    -- inv_freq[i] = 1 / theta^(2i/dim), computed in float32 as transformers does.
    local exps = T.arange(0, dim, 2, { dtype = "float32" }) / dim
    local inv_freq = (T.full({ dim / 2 }, cfg.rope_theta, { dtype = "float32" }):pow(exps)):reciprocal()
@@ -209,8 +218,14 @@ function LlamaRotaryEmbedding:forward(positions)
    return emb:cos(), emb:sin()
 end
 
--- x * cos + rotate_half(x) * sin, in one kernel.
-local apply_rotary = nn.functional.rotary_embedding
+-- x * cos + rotate_half(x) * sin, in one kernel; with fewer rotary dims than the head has
+-- (cos narrower than x), the rest of the head passes through, as Phi-3's apply_rotary_pos_emb.
+local rotary_kernel = nn.functional.rotary_embedding
+local function apply_rotary(x, cos, sin)
+   local rd, d = cos:size(-1), x:size(-1)
+   if rd == d then return rotary_kernel(x, cos, sin) end
+   return T.cat({ rotary_kernel(x:narrow(-1, 1, rd), cos, sin), x:narrow(-1, rd + 1, d - rd) }, -1)
+end
 
 -- --- attention, MLP, layer ------------------------------------------------------------------
 
@@ -232,8 +247,14 @@ function LlamaAttention:__init(cfg, layer_idx)
       self.q_norm = nn.RMSNorm(D, { eps = cfg.rms_norm_eps })
       self.k_norm = nn.RMSNorm(D, { eps = cfg.rms_norm_eps })
    end
-   rawset(self, "n_head", H)
-   rawset(self, "n_kv_head", Hkv)
+   M.attention_geometry(self, cfg, layer_idx)
+end
+
+--- The plain fields an attention module reads in forward (heads, scale, cache slot, window).
+function M.attention_geometry(self, cfg, layer_idx)
+   local D = cfg.head_dim
+   rawset(self, "n_head", cfg.num_attention_heads)
+   rawset(self, "n_kv_head", cfg.num_key_value_heads)
    rawset(self, "head_dim", D)
    rawset(self, "scale", 1 / math.sqrt(D))
    rawset(self, "layer_idx", layer_idx)
@@ -241,14 +262,18 @@ function LlamaAttention:__init(cfg, layer_idx)
 end
 
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
+--- q (B, T, H, D), k and v (B, T, Hkv, D) from x (B, T, hidden).
+function LlamaAttention:project(x, B, L)
+   local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+   return self.q_proj(x):view(B, L, H, D), self.k_proj(x):view(B, L, Hkv, D), self.v_proj(x):view(B, L, Hkv, D)
+end
+
 function LlamaAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
-   local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-   local q = self.q_proj(x):view(B, L, H, D)
-   local k = self.k_proj(x):view(B, L, Hkv, D)
+   local H, D = self.n_head, self.head_dim
+   local q, k, v = self:project(x, B, L)
    if self.q_norm then q, k = self.q_norm(q), self.k_norm(k) end
-   q, k = q:transpose(2, 3), k:transpose(2, 3)                      -- (B, H, T, D), (B, Hkv, T, D)
-   local v = self.v_proj(x):view(B, L, Hkv, D):transpose(2, 3)
+   q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
    q = apply_rotary(q, cos, sin)
    k = apply_rotary(k, cos, sin)
    local past = 0
@@ -397,5 +422,38 @@ end
 family_classes("mistral")
 family_classes("qwen2")
 family_classes("qwen3")
+family_classes("phi3")
+
+-- Phi-3's fused projections, under its own parameter names: self_attn.{o_proj, qkv_proj} (q, k,
+-- v side by side in that order) and mlp.{gate_up_proj (gate, then up), down_proj}.
+local Phi3Attention, Phi3MLP = M.Phi3Attention, M.Phi3MLP
+
+function Phi3Attention:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+   self.o_proj = nn.Linear(H * D, cfg.hidden_size, { bias = false })
+   self.qkv_proj = nn.Linear(cfg.hidden_size, (H + 2 * Hkv) * D, { bias = false })
+   M.attention_geometry(self, cfg, layer_idx)
+end
+
+function Phi3Attention:project(x, B, L)
+   local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+   local qkv = self.qkv_proj(x)
+   return qkv:narrow(3, 1, H * D):reshape(B, L, H, D), qkv:narrow(3, H * D + 1, Hkv * D):reshape(B, L, Hkv, D),
+      qkv:narrow(3, (H + Hkv) * D + 1, Hkv * D):reshape(B, L, Hkv, D)
+end
+
+function Phi3MLP:__init(cfg)
+   nn.Module.__init(self)
+   self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, { bias = false })
+   self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, { bias = false })
+   self.act_fn = common.activation_module(cfg.hidden_act, FAMILIES.phi3.who, cfg._source)
+   rawset(self, "intermediate", cfg.intermediate_size)
+end
+
+function Phi3MLP:forward(x)
+   local gate_up, I = self.gate_up_proj(x), self.intermediate
+   return self.down_proj(self.act_fn(gate_up:narrow(-1, 1, I)) * gate_up:narrow(-1, I + 1, I))
+end
 
 return M
