@@ -198,13 +198,39 @@ describe("models.phi3 (tests/fixtures/models/phi3_tiny: fused projections, windo
       assert_cache_decodes(m, pexp.input_ids[1])
    end)
 
-   it("names an unusable partial_rotary_factor and LongRoPE (not supported)", function()
+   it("names an unusable partial_rotary_factor and rope types it does not support", function()
       assert.has_error(function() llama.Phi3ForCausalLM(tiny({ partial_rotary_factor = 1.5 })) end,
          "models.phi3: partial_rotary_factor must be a number in (0, 1], got 1.5 in config table")
       assert.has_error(function() llama.Phi3ForCausalLM(tiny({ partial_rotary_factor = 0.3 })) end,
          "models.phi3: the rotary dims of a head (1 of head_dim 4) must be even in config table")
       assert.has_error(function()
-         llama.Phi3ForCausalLM(tiny({ rope_scaling = { type = "longrope", short_factor = { 1 }, long_factor = { 1 } } }))
-      end, 'models.phi3: rope type "longrope" is not supported (supported: default, linear, llama3) in config table')
+         llama.Phi3ForCausalLM(tiny({ rope_scaling = { type = "yarn", factor = 4 } }))
+      end, 'models.phi3: rope type "yarn" is not supported (supported: default, linear, llama3, longrope) in config table')
+   end)
+end)
+
+describe("models.phi3 with LongRoPE (tests/fixtures/models/phi3_tiny_longrope: original length 8)", function()
+   local exp = H.expected("phi3_tiny_longrope")
+   local model = models.from_pretrained(H.FIX .. "/phi3_tiny_longrope")
+
+   it("gives transformers' logits past the original length (long factors, scaled cos/sin)", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+   end)
+
+   it("switches from the short to the long factors while generating, as transformers does", function()
+      local c = H.read_json(H.FIX .. "/phi3_tiny_longrope/crossing.json")
+      assert.is_true(#c.input_ids[1] <= 8 and #c.input_ids[1] + c.max_new_tokens > 8)
+      assert.are.same(c.greedy_ids[1], model:generate(c.input_ids[1], { max_new_tokens = c.max_new_tokens }))
+   end)
+
+   it("names short or long factors of the wrong length", function()
+      assert.has_error(function()
+         llama.Phi3ForCausalLM(tiny({ original_max_position_embeddings = 8,
+            rope_scaling = { type = "longrope", short_factor = { 1 }, long_factor = { 1, 2 } } }))
+      end, "models.phi3: longrope short_factor must list 2 positive numbers (one per rotary frequency) in config table")
+      assert.has_error(function()
+         llama.Phi3ForCausalLM(tiny({ rope_scaling = { type = "longrope", short_factor = { 1, 1 }, long_factor = { 1, 2 } } }))
+      end, 'models.phi3: config key "rope_parameters.original_max_position_embeddings" is missing in config table (needed by rope type "longrope")')
    end)
 end)

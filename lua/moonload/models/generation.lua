@@ -7,7 +7,8 @@
 --
 -- A model plugs in by being callable as model(ids, {cache = c, logits_to_keep = n}) -> logits
 -- (B, T or n, vocab) (advancing the cache), and by providing new_cache(capacity), max_length()
--- and config.vocab_size.
+-- and config.vocab_size; optionally recompute_cache_at() -> a sequence length at which the cache
+-- is thrown away and the whole sequence runs again (LongRoPE switching factors).
 local T = require("moonload.tensor")
 local C = require("moonload.C")
 local common = require("moonload.models.common")
@@ -140,6 +141,8 @@ function M.generate(model, input_ids, opts)
    if max_new == 0 then return shape_output(ids, form) end
 
    local cache = model:new_cache(L + max_new)
+   -- sequence length at which the cache must be rebuilt (LongRoPE), when the model has one
+   local restart = model.recompute_cache_at and model:recompute_cache_at() or nil
    local dev = ids.device
    local out = T.empty({ B, L + max_new }, { dtype = "int64", device = dev })
    out:narrow(2, 1, L):copy_(ids)
@@ -174,7 +177,16 @@ function M.generate(model, input_ids, opts)
          done = done:logical_or(is_eos(tok, eos))
          if done:sum():item() == B then break end
       end
-      if step < max_new then logits = model(tok, step_opts(L + step, 1)) end
+      if step < max_new then
+         if restart and L < restart and L + step == restart then
+            -- the positions just crossed into the model's long rotary factors: the cache holds keys
+            -- rotated with the short ones, so the whole sequence runs again (transformers' Phi-3)
+            cache = model:new_cache(L + max_new)
+            logits = model(out:narrow(2, 1, L + step), step_opts(L + step, L + step))
+         else
+            logits = model(tok, step_opts(L + step, 1))
+         end
+      end
    end
    local seq = out:narrow(2, 1, L + n)
    if form ~= "tensor" then return shape_output(seq, form) end

@@ -49,6 +49,7 @@ M.schema = {
 local ROPE_KEYS = {
    linear = { "factor" },
    llama3 = { "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings" },
+   longrope = { "original_max_position_embeddings" },
 }
 
 -- A sliding window size from the config: nil (none) or a positive integer.
@@ -110,8 +111,12 @@ function M.config(source, family)
    rope.rope_type = rope.rope_type or rope.type or "default"
    if rope.rope_theta == nil then rope.rope_theta, where.rope_theta = 10000, "rope_theta" end
    if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) then
-      config.fail(cfg, WHO, 'rope type "%s" is not supported (supported: default, linear, llama3)',
+      config.fail(cfg, WHO, 'rope type "%s" is not supported (supported: default, linear, llama3, longrope)',
          tostring(rope.rope_type))
+   end
+   if rope.rope_type == "longrope" and rope.original_max_position_embeddings == nil then
+      rope.original_max_position_embeddings = cfg.original_max_position_embeddings   -- Phi-3 keeps it at the top
+      where.original_max_position_embeddings = "original_max_position_embeddings"
    end
    local needed = { "rope_theta" }
    for _, k in ipairs(ROPE_KEYS[rope.rope_type] or {}) do needed[#needed + 1] = k end
@@ -144,6 +149,16 @@ function M.config(source, family)
    cfg.rotary_dim = math.floor(cfg.head_dim * factor)
    if cfg.rotary_dim % 2 ~= 0 then
       config.fail(cfg, WHO, "the rotary dims of a head (%d of head_dim %d) must be even", cfg.rotary_dim, cfg.head_dim)
+   end
+   if rope.rope_type == "longrope" then
+      for _, k in ipairs({ "short_factor", "long_factor" }) do
+         local f = rope[k]
+         local ok = type(f) == "table" and #f == cfg.rotary_dim / 2
+         for _, x in ipairs(ok and f or {}) do ok = ok and type(x) == "number" and x > 0 end
+         if not ok then
+            config.fail(cfg, WHO, "longrope %s must list %d positive numbers (one per rotary frequency)", k, cfg.rotary_dim / 2)
+         end
+      end
    end
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
@@ -206,15 +221,33 @@ function LlamaRotaryEmbedding:__init(cfg)
       inv_freq = inv_freq / rope.factor
    elseif rope.rope_type == "llama3" then
       inv_freq = M.llama3_inv_freq(inv_freq, rope)
+   elseif rope.rope_type == "longrope" then
+      -- LongRoPE: per-frequency factors, short ones up to the pretraining length and long ones past
+      -- it (picked per forward by the highest position, as transformers does), and cos/sin scaled
+      -- by sqrt(1 + ln(factor) / ln(original length)), factor = max / original positions.
+      local original = rope.original_max_position_embeddings
+      local long = inv_freq / T.tensor(rope.long_factor, { dtype = "float32" })
+      inv_freq = inv_freq / T.tensor(rope.short_factor, { dtype = "float32" })
+      self:register_buffer("long_inv_freq", long, false)
+      local factor = rope.factor or cfg.max_position_embeddings / original
+      local scale = rope.attention_factor
+      if scale == nil then scale = factor <= 1 and 1 or math.sqrt(1 + math.log(factor) / math.log(original)) end
+      rawset(self, "original_max", original)
+      rawset(self, "attention_scaling", scale)
    end
    self:register_buffer("inv_freq", inv_freq, false)
 end
 
 --- cos, sin (float32) for positions: (T) or (B, T) -> (T, D) or (B, T, D).
 function LlamaRotaryEmbedding:forward(positions)
+   local inv_freq = self.inv_freq
+   if self.original_max and positions:max():item() + 1 > self.original_max then inv_freq = self.long_inv_freq end
    local pos = positions:float():unsqueeze(-1)                             -- (..., T, 1)
-   local freqs = pos * self.inv_freq:float()                                -- (..., T, D/2)
+   local freqs = pos * inv_freq:float()                                     -- (..., T, D/2)
    local emb = T.cat({ freqs, freqs }, -1)                                  -- (..., T, D)
+   if self.attention_scaling and self.attention_scaling ~= 1 then
+      return emb:cos() * self.attention_scaling, emb:sin() * self.attention_scaling
+   end
    return emb:cos(), emb:sin()
 end
 
@@ -392,6 +425,14 @@ end
 
 function LlamaForCausalLM:max_length()
    return nil  -- rotary embeddings have no hard limit
+end
+
+--- With LongRoPE, the length at which generate rebuilds its cache: one past the original context,
+-- where the rotary factors switch from short to long (transformers' Phi-3 does the same).
+function LlamaForCausalLM:recompute_cache_at()
+   local rope = self.config.rope
+   if rope and rope.rope_type == "longrope" then return rope.original_max_position_embeddings + 1 end
+   return nil
 end
 
 LlamaForCausalLM.generate = generation.generate
