@@ -82,23 +82,30 @@ function M.window_band(L, S, window, device)
    return T.ones({ L, S }, { dtype = "bool", device = device }):tril(S - L):triu(S - L - window + 1)
 end
 
---- Causal attention of L new queries at positions past..past+L-1 over S = past + L keys.
--- Prefill (past 0) uses the kernel's causal flag; a single new token sees every key;
--- otherwise an explicit bottom-right aligned lower-triangle mask. pad (B, S) bool (optional)
--- hides padding keys; window (optional, Mistral and Qwen2's sliding attention) hides keys more
--- than window - 1 positions before their query.
-function M.causal_attention(q, k, v, past, scale, pad, window)
-   local L, S = q:size(-2), k:size(-2)
-   local band = window and S > window and M.window_band(L, S, window, q.device) or nil
+--- The boolean mask (true = attend) of causal attention for L new queries at the last L of S
+-- positions, hiding padding keys (pad (B, S) bool) and keys more than window - 1 positions
+-- before their query: (L, S) or (B, 1, L, S); nil when every query may see every key.
+function M.attention_mask(L, S, pad, window, device)
+   local band = window and S > window and M.window_band(L, S, window, device) or nil
    if pad then
       local mask = M.padded_causal_mask(pad, L, S)
-      return M.attention(q, k, v, band and mask:logical_and(band) or mask, false, scale)
+      return band and mask:logical_and(band) or mask
    end
-   if band then return M.attention(q, k, v, band, false, scale) end
-   if L == 1 then return M.attention(q, k, v, nil, false, scale) end
-   if past == 0 then return M.attention(q, k, v, nil, true, scale) end
-   local mask = T.ones({ L, S }, { dtype = "bool", device = q.device }):tril(S - L)
-   return M.attention(q, k, v, mask, false, scale)
+   if band then return band end
+   if L == 1 then return nil end
+   return T.ones({ L, S }, { dtype = "bool", device = device }):tril(S - L)
+end
+
+--- Causal attention of L new queries at positions past..past+L-1 over S = past + L keys.
+-- Prefill (past 0) uses the kernel's causal flag; otherwise the mask above. pad (B, S) bool
+-- (optional) hides padding keys; window (optional, Mistral and Qwen2's sliding attention) hides
+-- keys more than window - 1 positions before their query.
+function M.causal_attention(q, k, v, past, scale, pad, window)
+   local L, S = q:size(-2), k:size(-2)
+   if past == 0 and L > 1 and not pad and not (window and S > window) then
+      return M.attention(q, k, v, nil, true, scale)
+   end
+   return M.attention(q, k, v, M.attention_mask(L, S, pad, window, q.device), false, scale)
 end
 
 --- Grouped-query attention: q (B, H, L, D) against k, v (B, Hkv, S, D) with H = Hkv * n_rep.

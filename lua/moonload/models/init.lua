@@ -1,4 +1,4 @@
---- ml.models: GPT-2, Llama (and Mistral, Qwen2, Qwen3, Phi-3) and BERT with Hugging Face names, and
+--- ml.models: GPT-2, Llama (and Mistral, Qwen2, Qwen3, Phi-3, Gemma 2) and BERT with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -22,6 +22,7 @@ local ARCH = {
    qwen2 = { module = "moonload.models.llama", class = "Qwen2ForCausalLM" },
    qwen3 = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },
    phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
+   gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -30,7 +31,7 @@ local ARCH = {
 setmetatable(M, { __index = function(t, k)
    local path = ({ gpt2 = "moonload.models.gpt2", llama = "moonload.models.llama",
       mistral = "moonload.models.llama", qwen2 = "moonload.models.llama", qwen3 = "moonload.models.llama",
-      phi3 = "moonload.models.llama",
+      phi3 = "moonload.models.llama", gemma2 = "moonload.models.gemma", gemma = "moonload.models.gemma",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", common = "moonload.models.common" })[k]
    if path then
@@ -59,7 +60,7 @@ local function read_json(path, who)
    return t
 end
 
---- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "bert").
+--- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "bert").
 function M.class_for(model_type, src)
    local a = ARCH[model_type]
    if not a then

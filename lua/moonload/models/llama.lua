@@ -24,8 +24,10 @@ local FAMILIES = {
    llama = { who = "models.llama", prefix = "Llama" },
    mistral = { who = "models.mistral", prefix = "Mistral" },
    qwen2 = { who = "models.qwen2", prefix = "Qwen2" },
-   qwen3 = { who = "models.qwen3", prefix = "Qwen3", head_dim = 128 },
+   qwen3 = { who = "models.qwen3", prefix = "Qwen3", defaults = { head_dim = 128 } },
    phi3 = { who = "models.phi3", prefix = "Phi3" },
+   gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
+              defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
 }
 
 M.schema = {
@@ -99,11 +101,16 @@ function M.config(source, family)
    local fam = assert(FAMILIES[family], "unknown Llama family")
    local WHO = fam.who
    local schema = M.schema
-   if fam.head_dim then      -- a family whose head_dim does not default to hidden_size / heads
+   if fam.defaults then      -- a family whose configs default differently (transformers' own classes)
       schema = {}
-      for i, e in ipairs(M.schema) do schema[i] = e[1] == "head_dim" and { "head_dim", "int", fam.head_dim } or e end
+      for i, e in ipairs(M.schema) do
+         local d = fam.defaults[e[1]]
+         schema[i] = d ~= nil and { e[1], e[2], d } or e
+      end
    end
-   local cfg = config.load(source, schema, WHO)
+   local raw, src = config.read(source, WHO)
+   if family == "gemma2" and raw.hidden_activation ~= nil then raw.hidden_act = raw.hidden_activation end
+   local cfg = config.validate(raw, schema, src, WHO, 2)
    local rope, where = {}, {}
    for k, v in pairs(cfg.rope_scaling) do rope[k], where[k] = v, "rope_scaling." .. k end
    if cfg.rope_theta ~= nil then rope.rope_theta, where.rope_theta = cfg.rope_theta, "rope_theta" end
@@ -171,6 +178,17 @@ function M.config(source, family)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
    elseif family == "qwen2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = true, false, false
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+   elseif family == "gemma2" then
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      -- every other layer slides (the first does) unless layer_types says otherwise
+      local w = window_size(cfg, WHO)
+      cfg.use_sliding_window = w ~= nil
+      cfg.max_window_layers = 0
+      if cfg.layer_types == nil then
+         cfg.layer_types = {}
+         for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 2 == 1 and "sliding_attention" or "full_attention" end
+      end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
    else
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
@@ -314,9 +332,14 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
       past = cache.length
       k, v = cache:update(self.layer_idx, k, v)
    end
-   local y = common.gqa_attention(q, k, v, past, self.scale, pad, self.window or nil) -- (B, H, T, D)
+   local y = self:attend(q, k, v, past, pad)                        -- (B, H, T, D)
    y = y:transpose(2, 3):reshape(B, L, H * D)
    return self.o_proj(y)
+end
+
+--- softmax(q k^T * scale + causal/window/padding mask) v; Gemma 2 caps the scores first.
+function LlamaAttention:attend(q, k, v, past, pad)
+   return common.gqa_attention(q, k, v, past, self.scale, pad, self.window or nil)
 end
 
 local LlamaMLP = nn.Module:extend("LlamaMLP")
@@ -359,6 +382,7 @@ local LlamaModel = nn.Module:extend("LlamaModel")
 M.LlamaModel = LlamaModel
 
 LlamaModel.family, LlamaModel.Layer, LlamaModel.Rotary = "llama", LlamaDecoderLayer, LlamaRotaryEmbedding
+LlamaModel.Norm = nn.RMSNorm
 
 function LlamaModel:__init(cfg)
    nn.Module.__init(self)
@@ -367,7 +391,7 @@ function LlamaModel:__init(cfg)
    local layers = {}
    for i = 1, cfg.num_hidden_layers do layers[i] = self.Layer(cfg, i) end
    self.layers = nn.ModuleList(layers)
-   self.norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.norm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    self.rotary_emb = self.Rotary(cfg)
    rawset(self, "config", cfg)
 end
@@ -379,6 +403,7 @@ function LlamaModel:forward(input_ids, cache, pad, pos)
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    local x = self.embed_tokens(input_ids)
+   if self.embed_scale then x = x * self:embed_scale() end       -- Gemma: sqrt(hidden_size)
    local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
    if cos:dim() == 3 then cos, sin = cos:unsqueeze(2), sin:unsqueeze(2) end  -- (B, 1, T, D)
    if cos.dtype ~= x.dtype then cos, sin = cos:to(x.dtype), sin:to(x.dtype) end

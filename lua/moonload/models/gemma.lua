@@ -1,0 +1,147 @@
+--- Gemma 2 (transformers' Gemma2ForCausalLM) with Hugging Face parameter names. Llama's network
+-- (models/llama.lua reads the config: rotary embeddings, grouped-query attention, windows) with
+-- Gemma's changes: RMSNorms that scale by (1 + weight) in float32, four of them per layer (before
+-- and after attention and MLP), token embeddings scaled by sqrt(hidden_size), attention scaled by
+-- query_pre_attn_scalar^-0.5 and its scores soft-capped (cap * tanh(s / cap)), a sliding window
+-- on every other layer, a GELU-tanh MLP, and logits soft-capped too.
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local common = require("moonload.models.common")
+local llama = require("moonload.models.llama")
+
+local M = {}
+local WHO = "models.gemma2"
+local F = nn.functional
+
+-- A positive number or nil (JSON null) for an optional config key.
+local function optional_positive(cfg, key)
+   local v = cfg[key]
+   if v ~= nil and (type(v) ~= "number" or v <= 0) then
+      error(string.format('%s: config key "%s" in %s must be a positive number or null, got %s',
+         WHO, key, cfg._source, tostring(v)), 3)
+   end
+   return v
+end
+
+--- Reads and checks a Gemma 2 config (path, folder or table).
+function M.config(source)
+   local cfg = llama.config(source, "gemma2")
+   cfg.query_pre_attn_scalar = optional_positive(cfg, "query_pre_attn_scalar") or 256
+   cfg.attn_logit_softcapping = optional_positive(cfg, "attn_logit_softcapping")
+   cfg.final_logit_softcapping = optional_positive(cfg, "final_logit_softcapping")
+   return cfg
+end
+
+-- --- layers -----------------------------------------------------------------------------------
+
+local Gemma2RMSNorm = nn.Module:extend("Gemma2RMSNorm")
+M.Gemma2RMSNorm = Gemma2RMSNorm
+
+--- x / rms(x) * (1 + weight), in float32 and cast back (the weight starts at zero).
+function Gemma2RMSNorm:__init(dim, opts)
+   nn.Module.__init(self)
+   self.weight = nn.Parameter(T.zeros({ dim }))
+   rawset(self, "dim", dim)
+   rawset(self, "eps", opts and opts.eps or 1e-6)
+end
+
+function Gemma2RMSNorm:forward(x)
+   local y = F.rms_norm(x:float(), { self.dim }, self.weight:float() + 1, self.eps)
+   return y.dtype == x.dtype and y or y:to(x.dtype)
+end
+
+local Gemma2Attention = llama.LlamaAttention:extend("Gemma2Attention")
+M.Gemma2Attention = Gemma2Attention
+
+function Gemma2Attention:__init(cfg, layer_idx)
+   llama.LlamaAttention.__init(self, cfg, layer_idx)
+   rawset(self, "scale", cfg.query_pre_attn_scalar ^ -0.5)
+   rawset(self, "softcap", cfg.attn_logit_softcapping)
+end
+
+--- With a soft cap the scores are formed explicitly (the fused kernel has no cap): q k^T * scale,
+-- cap * tanh(. / cap), the causal/window/padding mask, softmax in float32, then v.
+function Gemma2Attention:attend(q, k, v, past, pad)
+   local cap = self.softcap
+   if not cap then return llama.LlamaAttention.attend(self, q, k, v, past, pad) end
+   local B, H, L, D = q:size(1), q:size(2), q:size(3), q:size(4)
+   local Hkv, S = k:size(2), k:size(3)
+   if Hkv ~= H then                                              -- each key/value head serves H / Hkv
+      k = k:unsqueeze(3):expand(B, Hkv, H / Hkv, S, D):reshape(B, H, S, D)
+      v = v:unsqueeze(3):expand(B, Hkv, H / Hkv, S, D):reshape(B, H, S, D)
+   end
+   local scores = q:matmul(k:transpose(3, 4)) * self.scale        -- (B, H, L, S)
+   scores = (scores / cap):tanh() * cap
+   local mask = common.attention_mask(L, S, pad, self.window or nil, q.device)
+   if mask then scores = scores:masked_fill(mask:logical_not(), -math.huge) end
+   local probs = scores:float():softmax(-1)
+   if probs.dtype ~= v.dtype then probs = probs:to(v.dtype) end
+   return probs:matmul(v)
+end
+
+local Gemma2MLP = llama.LlamaMLP:extend("Gemma2MLP")
+M.Gemma2MLP = Gemma2MLP
+
+local Gemma2DecoderLayer = nn.Module:extend("Gemma2DecoderLayer")
+M.Gemma2DecoderLayer = Gemma2DecoderLayer
+
+function Gemma2DecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.self_attn = Gemma2Attention(cfg, layer_idx)
+   self.mlp = Gemma2MLP(cfg)
+   local o = { eps = cfg.rms_norm_eps }
+   self.input_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
+   self.post_attention_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
+   self.pre_feedforward_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
+   self.post_feedforward_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
+end
+
+function Gemma2DecoderLayer:forward(x, cos, sin, cache, pad)
+   x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pad))
+   return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+end
+
+-- --- models -------------------------------------------------------------------------------------
+
+local Gemma2RotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Gemma2RotaryEmbedding")
+M.Gemma2RotaryEmbedding = Gemma2RotaryEmbedding
+
+local Gemma2Model = llama.LlamaModel:extend("Gemma2Model")
+M.Gemma2Model = Gemma2Model
+Gemma2Model.family, Gemma2Model.Layer, Gemma2Model.Rotary, Gemma2Model.Norm =
+   "gemma2", Gemma2DecoderLayer, Gemma2RotaryEmbedding, Gemma2RMSNorm
+
+--- sqrt(hidden_size) rounded to the embedding's dtype, as transformers multiplies by it.
+function Gemma2Model:embed_scale()
+   local w = self.embed_tokens.weight
+   local s = math.sqrt(self.config.hidden_size)
+   if w.dtype == "float32" or w.dtype == "float64" or w.dtype == "meta" then return s end
+   return T.tensor({ s }):to(w.dtype):float():item()
+end
+
+local Gemma2ForCausalLM = llama.LlamaForCausalLM:extend("Gemma2ForCausalLM")
+M.Gemma2ForCausalLM = Gemma2ForCausalLM
+Gemma2ForCausalLM.family, Gemma2ForCausalLM.Model = "gemma2", Gemma2Model
+Gemma2ForCausalLM.no_split_modules = { "Gemma2DecoderLayer" }
+
+--- Gemma2ForCausalLM(config): config is a config.json path, a folder holding one, or a table.
+function Gemma2ForCausalLM:__init(cfg)
+   nn.Module.__init(self)
+   cfg = M.config(cfg)
+   self.model = Gemma2Model(cfg)
+   self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
+   rawset(self, "config", cfg)
+   self:tie_weights()
+end
+
+local lm_forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
+
+--- As LlamaForCausalLM's forward, with the logits soft-capped (final_logit_softcapping).
+function Gemma2ForCausalLM:forward(input_ids, opts)
+   local logits = lm_forward(self, input_ids, opts)
+   local cap = self.config.final_logit_softcapping
+   if cap then logits = (logits / cap):tanh() * cap end
+   return logits
+end
+
+return M
