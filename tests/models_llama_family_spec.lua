@@ -286,3 +286,38 @@ describe("models.gemma2 (tests/fixtures/models/gemma2_tiny: soft caps 3 and 8, w
          'models.gemma2: config key "attn_logit_softcapping" in config table must be a positive number or null, got -1')
    end)
 end)
+
+describe("models.gemma3 (tests/fixtures/models/gemma3_tiny: head norms, local and global rotary bases)", function()
+   local gemma = require("moonload.models.gemma")
+   local exp = H.expected("gemma3_tiny")
+   local model = models.from_pretrained(H.FIX .. "/gemma3_tiny")
+
+   it("builds Gemma3ForCausalLM with q_norm and k_norm, sliding on all but every third layer", function()
+      assert.are.equal("Gemma3ForCausalLM", model.__name)
+      assert.are.equal("Gemma3TextModel", model.model.__name)
+      assert.are.equal("Gemma3RMSNorm", model.model.layers[1].self_attn.q_norm.__name)
+      assert.are.same({ 3, 3, false }, model.config.layer_windows)
+      assert.are.equal(10000, model.config.rope_local.rope_theta)
+      assert.are.equal("linear", model.config.rope.rope_type)
+      -- sliding layers rotate with base 10000, full ones with 1e6 / 8 (linear scaling)
+      local rot = model.model.rotary_emb
+      assert.is_true(math.abs(rot.local_inv_freq:tolist()[2] - 10000 ^ (-2 / 16)) < 1e-6)
+      assert.is_true(math.abs(rot.inv_freq:tolist()[2] - 1e6 ^ (-2 / 16) / 8) < 1e-7)
+   end)
+
+   it("gives the same logits and greedy ids as transformers (batch of 2, past the window)", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+   end)
+
+   it("decodes with the cache to the same logits as a full forward", function()
+      assert_cache_decodes(model, exp.input_ids[1])
+   end)
+
+   it("derives layer types from sliding_window_pattern and refuses bidirectional attention", function()
+      local m = gemma.Gemma3ForCausalLM(tiny({ num_hidden_layers = 6, sliding_window = 8 }))
+      assert.are.same({ 8, 8, 8, 8, 8, false }, m.config.layer_windows)
+      assert.has_error(function() gemma.Gemma3ForCausalLM(tiny({ use_bidirectional_attention = true })) end,
+         "models.gemma2: use_bidirectional_attention (EmbeddingGemma) is not supported, in config table")
+   end)
+end)

@@ -1,9 +1,12 @@
---- Gemma 2 (transformers' Gemma2ForCausalLM) with Hugging Face parameter names. Llama's network
--- (models/llama.lua reads the config: rotary embeddings, grouped-query attention, windows) with
--- Gemma's changes: RMSNorms that scale by (1 + weight) in float32, four of them per layer (before
--- and after attention and MLP), token embeddings scaled by sqrt(hidden_size), attention scaled by
--- query_pre_attn_scalar^-0.5 and its scores soft-capped (cap * tanh(s / cap)), a sliding window
--- on every other layer, a GELU-tanh MLP, and logits soft-capped too.
+--- Gemma 2 and Gemma 3 text (transformers' Gemma2ForCausalLM, Gemma3ForCausalLM) with Hugging Face
+-- parameter names. Llama's network (models/llama.lua reads the config: rotary embeddings,
+-- grouped-query attention, windows) with Gemma's changes: RMSNorms that scale by (1 + weight) in
+-- float32, four of them per layer (before and after attention and MLP), token embeddings scaled
+-- by sqrt(hidden_size), attention scaled by query_pre_attn_scalar^-0.5 and its scores
+-- soft-capped (cap * tanh(s / cap)), a sliding window on every other layer, a GELU-tanh MLP, and
+-- logits soft-capped too. Gemma 3 drops the caps (unless its config sets them), normalizes each
+-- query and key head, slides on all but every sixth layer, and rotates its sliding layers with a
+-- base of their own (rope_local_base_freq).
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local common = require("moonload.models.common")
@@ -23,9 +26,12 @@ local function optional_positive(cfg, key)
    return v
 end
 
---- Reads and checks a Gemma 2 config (path, folder or table).
-function M.config(source)
-   local cfg = llama.config(source, "gemma2")
+--- Reads and checks a Gemma 2 config (path, folder or table); family "gemma3_text" a Gemma 3 one.
+function M.config(source, family)
+   local cfg = llama.config(source, family or "gemma2")
+   if cfg.use_bidirectional_attention == true then
+      error(string.format("%s: use_bidirectional_attention (EmbeddingGemma) is not supported, in %s", WHO, cfg._source), 2)
+   end
    cfg.query_pre_attn_scalar = optional_positive(cfg, "query_pre_attn_scalar") or 256
    cfg.attn_logit_softcapping = optional_positive(cfg, "attn_logit_softcapping")
    cfg.final_logit_softcapping = optional_positive(cfg, "final_logit_softcapping")
@@ -85,15 +91,17 @@ M.Gemma2MLP = Gemma2MLP
 local Gemma2DecoderLayer = nn.Module:extend("Gemma2DecoderLayer")
 M.Gemma2DecoderLayer = Gemma2DecoderLayer
 
+Gemma2DecoderLayer.Attention, Gemma2DecoderLayer.MLP, Gemma2DecoderLayer.Norm = Gemma2Attention, Gemma2MLP, Gemma2RMSNorm
+
 function Gemma2DecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
-   self.self_attn = Gemma2Attention(cfg, layer_idx)
-   self.mlp = Gemma2MLP(cfg)
+   self.self_attn = self.Attention(cfg, layer_idx)
+   self.mlp = self.MLP(cfg)
    local o = { eps = cfg.rms_norm_eps }
-   self.input_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
-   self.post_attention_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
-   self.pre_feedforward_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
-   self.post_feedforward_layernorm = Gemma2RMSNorm(cfg.hidden_size, o)
+   self.input_layernorm = self.Norm(cfg.hidden_size, o)
+   self.post_attention_layernorm = self.Norm(cfg.hidden_size, o)
+   self.pre_feedforward_layernorm = self.Norm(cfg.hidden_size, o)
+   self.post_feedforward_layernorm = self.Norm(cfg.hidden_size, o)
 end
 
 function Gemma2DecoderLayer:forward(x, cos, sin, cache, pad)
@@ -127,8 +135,8 @@ Gemma2ForCausalLM.no_split_modules = { "Gemma2DecoderLayer" }
 --- Gemma2ForCausalLM(config): config is a config.json path, a folder holding one, or a table.
 function Gemma2ForCausalLM:__init(cfg)
    nn.Module.__init(self)
-   cfg = M.config(cfg)
-   self.model = Gemma2Model(cfg)
+   cfg = M.config(cfg, self.family)
+   self.model = self.Model(cfg)
    self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
    rawset(self, "config", cfg)
    self:tie_weights()
@@ -143,5 +151,57 @@ function Gemma2ForCausalLM:forward(input_ids, opts)
    if cap then logits = (logits / cap):tanh() * cap end
    return logits
 end
+
+-- --- Gemma 3 text ---------------------------------------------------------------------------------
+
+local Gemma3RMSNorm = Gemma2RMSNorm:extend("Gemma3RMSNorm")
+M.Gemma3RMSNorm = Gemma3RMSNorm
+
+local Gemma3Attention = Gemma2Attention:extend("Gemma3Attention")
+M.Gemma3Attention = Gemma3Attention
+
+--- Gemma 2's attention with (1 + w) norms of each query and key head, after the projections.
+function Gemma3Attention:__init(cfg, layer_idx)
+   Gemma2Attention.__init(self, cfg, layer_idx)
+   self.q_norm = Gemma3RMSNorm(cfg.head_dim, { eps = cfg.rms_norm_eps })
+   self.k_norm = Gemma3RMSNorm(cfg.head_dim, { eps = cfg.rms_norm_eps })
+end
+
+local Gemma3MLP = Gemma2MLP:extend("Gemma3MLP")
+M.Gemma3MLP = Gemma3MLP
+
+local Gemma3DecoderLayer = Gemma2DecoderLayer:extend("Gemma3DecoderLayer")
+M.Gemma3DecoderLayer = Gemma3DecoderLayer
+Gemma3DecoderLayer.Attention, Gemma3DecoderLayer.MLP, Gemma3DecoderLayer.Norm = Gemma3Attention, Gemma3MLP, Gemma3RMSNorm
+
+local Gemma3RotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Gemma3RotaryEmbedding")
+M.Gemma3RotaryEmbedding = Gemma3RotaryEmbedding
+
+--- The full layers' frequencies (rope_theta and its scaling, as Llama's) and the sliding layers'
+-- own (local_inv_freq, from rope_local_base_freq).
+function Gemma3RotaryEmbedding:__init(cfg)
+   llama.LlamaRotaryEmbedding.__init(self, cfg)
+   local lcfg = setmetatable({ rope = cfg.rope_local, rope_theta = cfg.rope_local.rope_theta }, { __index = cfg })
+   self:register_buffer("local_inv_freq", llama.LlamaRotaryEmbedding(lcfg).inv_freq, false)
+end
+
+local Gemma3TextModel = Gemma2Model:extend("Gemma3TextModel")
+M.Gemma3TextModel = Gemma3TextModel
+Gemma3TextModel.family, Gemma3TextModel.Layer, Gemma3TextModel.Rotary, Gemma3TextModel.Norm =
+   "gemma3_text", Gemma3DecoderLayer, Gemma3RotaryEmbedding, Gemma3RMSNorm
+
+function Gemma3TextModel:layer_rotary(positions, x)
+   local cos, sin = self.rotary_emb(positions)
+   local lcos, lsin = self.rotary_emb(positions, self.rotary_emb.local_inv_freq)
+   local full, sliding = { llama.rotary_for(cos, sin, x) }, { llama.rotary_for(lcos, lsin, x) }
+   local per_layer = {}
+   for i, w in ipairs(self.config.layer_windows) do per_layer[i] = w and sliding or full end
+   return per_layer
+end
+
+local Gemma3ForCausalLM = Gemma2ForCausalLM:extend("Gemma3ForCausalLM")
+M.Gemma3ForCausalLM = Gemma3ForCausalLM
+Gemma3ForCausalLM.family, Gemma3ForCausalLM.Model = "gemma3_text", Gemma3TextModel
+Gemma3ForCausalLM.no_split_modules = { "Gemma3DecoderLayer" }
 
 return M

@@ -1,4 +1,4 @@
---- ml.models: GPT-2, Llama (and Mistral, Qwen2, Qwen3, Phi-3, Gemma 2) and BERT with Hugging Face names, and
+--- ml.models: GPT-2, Llama (and Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3) and BERT with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -23,6 +23,7 @@ local ARCH = {
    qwen3 = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },
    phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
+   gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -60,7 +61,7 @@ local function read_json(path, who)
    return t
 end
 
---- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "bert").
+--- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "bert").
 function M.class_for(model_type, src)
    local a = ARCH[model_type]
    if not a then

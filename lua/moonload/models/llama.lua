@@ -28,6 +28,9 @@ local FAMILIES = {
    phi3 = { who = "models.phi3", prefix = "Phi3" },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
+   gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
+                   defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh",
+                                rope_theta = 1000000 } },
 }
 
 M.schema = {
@@ -90,6 +93,42 @@ local function qwen2_windows(cfg, who)
    return windows
 end
 
+-- One rotary configuration from (table, where-prefix) sources, later ones winning (nested
+-- tables, Gemma 3's per-layer-type parameters, are not keys of it), with the keys its rope type
+-- needs checked: {rope_type, rope_theta, factor, ...}.
+local function rope_from(cfg, WHO, sources, default_theta)
+   local rope, where = {}, {}
+   for _, src in ipairs(sources) do
+      for k, v in pairs(src[1]) do
+         if type(v) ~= "table" or k == "short_factor" or k == "long_factor" then rope[k], where[k] = v, src[2] .. k end
+      end
+   end
+   rope.rope_type = rope.rope_type or rope.type or "default"
+   if rope.rope_theta == nil then rope.rope_theta, where.rope_theta = default_theta, "rope_theta" end
+   if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) then
+      error(string.format('%s: rope type "%s" is not supported (supported: default, linear, llama3, longrope) in %s',
+         WHO, tostring(rope.rope_type), cfg._source), 3)
+   end
+   if rope.rope_type == "longrope" and rope.original_max_position_embeddings == nil then
+      rope.original_max_position_embeddings = cfg.original_max_position_embeddings   -- Phi-3 keeps it at the top
+      where.original_max_position_embeddings = "original_max_position_embeddings"
+   end
+   local needed = { "rope_theta" }
+   for _, k in ipairs(ROPE_KEYS[rope.rope_type] or {}) do needed[#needed + 1] = k end
+   for _, k in ipairs(needed) do
+      local v = rope[k]
+      if v == nil then
+         error(string.format('%s: config key "rope_parameters.%s" is missing in %s (needed by rope type "%s")',
+            WHO, k, cfg._source, rope.rope_type), 3)
+      end
+      if type(v) ~= "number" or v <= 0 then
+         error(string.format('%s: config key "%s" in %s must be a positive number, got %s',
+            WHO, where[k], cfg._source, type(v) == "string" and string.format("string %q", v) or tostring(v)), 3)
+      end
+   end
+   return rope
+end
+
 --- Reads and checks a Llama config (path, folder or table); family "mistral" or "qwen2" reads
 -- theirs (default "llama"). The rotary parameters come from rope_parameters (transformers >= 5)
 -- or from rope_theta + rope_scaling (older files), and end up in cfg.rope = {rope_type,
@@ -109,34 +148,18 @@ function M.config(source, family)
       end
    end
    local raw, src = config.read(source, WHO)
-   if family == "gemma2" and raw.hidden_activation ~= nil then raw.hidden_act = raw.hidden_activation end
+   if (family == "gemma2" or family == "gemma3_text") and raw.hidden_activation ~= nil then
+      raw.hidden_act = raw.hidden_activation
+   end
    local cfg = config.validate(raw, schema, src, WHO, 2)
-   local rope, where = {}, {}
-   for k, v in pairs(cfg.rope_scaling) do rope[k], where[k] = v, "rope_scaling." .. k end
-   if cfg.rope_theta ~= nil then rope.rope_theta, where.rope_theta = cfg.rope_theta, "rope_theta" end
-   for k, v in pairs(cfg.rope_parameters) do rope[k], where[k] = v, "rope_parameters." .. k end
-   rope.rope_type = rope.rope_type or rope.type or "default"
-   if rope.rope_theta == nil then rope.rope_theta, where.rope_theta = 10000, "rope_theta" end
-   if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) then
-      config.fail(cfg, WHO, 'rope type "%s" is not supported (supported: default, linear, llama3, longrope)',
-         tostring(rope.rope_type))
-   end
-   if rope.rope_type == "longrope" and rope.original_max_position_embeddings == nil then
-      rope.original_max_position_embeddings = cfg.original_max_position_embeddings   -- Phi-3 keeps it at the top
-      where.original_max_position_embeddings = "original_max_position_embeddings"
-   end
-   local needed = { "rope_theta" }
-   for _, k in ipairs(ROPE_KEYS[rope.rope_type] or {}) do needed[#needed + 1] = k end
-   for _, k in ipairs(needed) do
-      local v = rope[k]
-      if v == nil then
-         error(string.format('%s: config key "rope_parameters.%s" is missing in %s (needed by rope type "%s")',
-            WHO, k, cfg._source, rope.rope_type), 2)
-      end
-      if type(v) ~= "number" or v <= 0 then
-         error(string.format('%s: config key "%s" in %s must be a positive number, got %s',
-            WHO, where[k], cfg._source, type(v) == "string" and string.format("string %q", v) or tostring(v)), 2)
-      end
+   local rp = cfg.rope_parameters
+   local rope = rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
+      { rp, "rope_parameters." }, { type(rp.full_attention) == "table" and rp.full_attention or {},
+      "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000)
+   if family == "gemma3_text" then     -- its sliding layers rotate with their own base
+      cfg.rope_local = rope_from(cfg, WHO, { { { rope_theta = cfg.rope_local_base_freq }, "" },
+         { type(rp.sliding_attention) == "table" and rp.sliding_attention or {}, "rope_parameters.sliding_attention." } },
+         10000)
    end
    if rope.rope_type == "llama3" and rope.high_freq_factor == rope.low_freq_factor then
       config.fail(cfg, WHO, "rope high_freq_factor and low_freq_factor must differ")
@@ -179,17 +202,23 @@ function M.config(source, family)
    elseif family == "qwen2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = true, false, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-   elseif family == "gemma2" then
+   elseif family == "gemma2" or family == "gemma3_text" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
-      -- every other layer slides (the first does) unless layer_types says otherwise
+      -- Gemma 2: every other layer slides (the first does); Gemma 3: all but every
+      -- sliding_window_pattern-th; layer_types, when the file has it, says which
       local w = window_size(cfg, WHO)
       cfg.use_sliding_window = w ~= nil
       cfg.max_window_layers = 0
       if cfg.layer_types == nil then
+         local every = family == "gemma2" and 2 or cfg.sliding_window_pattern or 6
          cfg.layer_types = {}
-         for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 2 == 1 and "sliding_attention" or "full_attention" end
+         for i = 1, cfg.num_hidden_layers do
+            local slides = family == "gemma2" and i % 2 == 1 or family ~= "gemma2" and i % every ~= 0
+            cfg.layer_types[i] = slides and "sliding_attention" or "full_attention"
+         end
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
+      if family == "gemma3_text" then cfg.qk_norm = true end
    else
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
@@ -256,9 +285,10 @@ function LlamaRotaryEmbedding:__init(cfg)
    self:register_buffer("inv_freq", inv_freq, false)
 end
 
---- cos, sin (float32) for positions: (T) or (B, T) -> (T, D) or (B, T, D).
-function LlamaRotaryEmbedding:forward(positions)
-   local inv_freq = self.inv_freq
+--- cos, sin (float32) for positions: (T) or (B, T) -> (T, D) or (B, T, D); inv_freq: other
+-- frequencies than the buffer's (Gemma 3's sliding layers).
+function LlamaRotaryEmbedding:forward(positions, inv_freq)
+   inv_freq = inv_freq or self.inv_freq
    if self.original_max and positions:max():item() + 1 > self.original_max then inv_freq = self.long_inv_freq end
    local pos = positions:float():unsqueeze(-1)                             -- (..., T, 1)
    local freqs = pos * inv_freq:float()                                     -- (..., T, D/2)
@@ -404,13 +434,29 @@ function LlamaModel:forward(input_ids, cache, pad, pos)
    local past = cache and cache.length or 0
    local x = self.embed_tokens(input_ids)
    if self.embed_scale then x = x * self:embed_scale() end       -- Gemma: sqrt(hidden_size)
-   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
+   local rope = self:layer_rotary(pos or T.arange(past, past + L, { device = input_ids.device }), x)
+   for i = 1, cfg.num_hidden_layers do
+      local r = rope[i] or rope[1]
+      x = self.layers[i](x, r[1], r[2], cache, pad)
+   end
+   if cache then cache:advance(L) end
+   return self.norm(x)
+end
+
+--- cos and sin as x's dtype and device, (T, D) or (B, 1, T, D) for positions (T) or (B, T).
+function M.rotary_for(cos, sin, x)
    if cos:dim() == 3 then cos, sin = cos:unsqueeze(2), sin:unsqueeze(2) end  -- (B, 1, T, D)
    if cos.dtype ~= x.dtype then cos, sin = cos:to(x.dtype), sin:to(x.dtype) end
    if cos.device ~= x.device then cos, sin = cos:to(x.device), sin:to(x.device) end
-   for i = 1, cfg.num_hidden_layers do x = self.layers[i](x, cos, sin, cache, pad) end
-   if cache then cache:advance(L) end
-   return self.norm(x)
+   return cos, sin
+end
+
+--- The rotary cos and sin each layer uses: {[1] = {cos, sin}} shared by all layers here;
+-- Gemma 3 gives its sliding layers their own.
+function LlamaModel:layer_rotary(positions, x)
+   local cos, sin = self.rotary_emb(positions)
+   cos, sin = M.rotary_for(cos, sin, x)
+   return { { cos, sin } }
 end
 
 local LlamaForCausalLM = nn.Module:extend("LlamaForCausalLM")
