@@ -219,7 +219,63 @@ function M.from_file(path)
    return t
 end
 
---- A tokenizer from a model folder's tokenizer.json.
+--- apply_chat_template(messages[, {add_generation_prompt = false, tokenize = true, chat_template,
+-- ...}]) -> ids, or the text with tokenize = false. messages: a list of {role = ..., content = ...};
+-- the template is the folder's (tokenizer_config.json's chat_template, read by from_pretrained)
+-- unless chat_template gives one; it sees messages, add_generation_prompt, bos_token, eos_token and
+-- any other option (tools, documents, ...), as in transformers. The text is encoded without adding
+-- special tokens again (the template writes them).
+function Tokenizer:apply_chat_template(messages, opts)
+   opts = opts or {}
+   if type(messages) ~= "table" then error("apply_chat_template: messages must be a list of {role, content} tables", 2) end
+   local source = opts.chat_template or self.chat_template
+   if source == nil then
+      error(string.format("apply_chat_template: %s has no chat template (tokenizer_config.json's chat_template); "
+         .. "pass one as the chat_template option", self.source or "this tokenizer"), 2)
+   end
+   local compiled = self._templates and self._templates[source]
+   if not compiled then
+      compiled = require("moonload.tokenizers.jinja").compile(source)
+      rawset(self, "_templates", self._templates or {})
+      self._templates[source] = compiled
+   end
+   local vars = { messages = messages, add_generation_prompt = opts.add_generation_prompt == true }
+   for k, v in pairs(self.special_token_strings or {}) do vars[k] = v end
+   for k, v in pairs(opts) do
+      if k ~= "tokenize" and k ~= "chat_template" and k ~= "add_generation_prompt" then vars[k] = v end
+   end
+   local text = compiled(vars)
+   if opts.tokenize == false then return text end
+   return self:encode(text, { add_special_tokens = false })
+end
+
+-- tokenizer_config.json's chat template (a string, or a list of named ones: "default") and the
+-- special token strings templates print (bos_token, eos_token, ...).
+local function read_tokenizer_config(tok, dir)
+   local f = io.open(dir .. "/tokenizer_config.json", "rb")
+   if not f then return end
+   local ok, cfg = pcall(cjson.decode, f:read("*a"))
+   f:close()
+   if not ok or type(cfg) ~= "table" then
+      error(string.format("tokenizers.from_pretrained: %s/tokenizer_config.json is not a JSON object", dir), 3)
+   end
+   local tmpl = cfg.chat_template
+   if type(tmpl) == "table" then
+      for _, t in ipairs(tmpl) do if t.name == "default" then tmpl = t.template break end end
+      if type(tmpl) == "table" then tmpl = tmpl[1] and tmpl[1].template end
+   end
+   if type(tmpl) == "string" then rawset(tok, "chat_template", tmpl) end
+   local specials = {}
+   for _, k in ipairs({ "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token" }) do
+      local v = cfg[k]
+      if type(v) == "table" then v = v.content end
+      if type(v) == "string" then specials[k] = v end
+   end
+   rawset(tok, "special_token_strings", specials)
+end
+
+--- A tokenizer from a model folder's tokenizer.json (and its tokenizer_config.json's chat template
+-- and special token strings, when there is one).
 function M.from_pretrained(dir)
    if type(dir) ~= "string" then error("tokenizers.from_pretrained: expected a folder path, got " .. type(dir), 2) end
    local path = dir:gsub("/+$", "") .. "/tokenizer.json"
@@ -229,7 +285,9 @@ function M.from_pretrained(dir)
          .. "not tokenizer.model or vocab.txt)", dir), 2)
    end
    f:close()
-   return M.from_file(path)
+   local tok = M.from_file(path)
+   read_tokenizer_config(tok, dir:gsub("/+$", ""))
+   return tok
 end
 
 return M
