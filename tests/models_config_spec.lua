@@ -3,13 +3,7 @@ local config = require("moonload.models.config")
 
 local FIX = "tests/fixtures/models"
 
-local function tmpfile(text)
-   local path = os.tmpname()
-   local f = assert(io.open(path, "wb"))
-   f:write(text)
-   f:close()
-   return path
-end
+local tmpfile = require("models_helpers").tmpfile
 
 local SCHEMA = {
    { "n_embd", "int" },

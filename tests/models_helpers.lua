@@ -32,6 +32,13 @@ function H.write(path, text)
    f:close()
 end
 
+--- A fresh temporary file holding text; returns its path.
+function H.tmpfile(text)
+   local p = os.tmpname()
+   H.write(p, text)
+   return p
+end
+
 function H.copy(src, dst)
    local a = assert(io.open(src, "rb"))
    local data = a:read("*a")

@@ -32,6 +32,18 @@ local function assert_cache_decodes(model, ids)
    assert.is_true(H.max_abs_diff(b, full:narrow(2, n, 1):tolist()) < 1e-5)
 end
 
+-- The checks every family gets: transformers' logits and greedy ids for the fixture's prompts,
+-- and decoding with the cache equal to a full forward.
+local function it_matches_transformers(model, exp, what)
+   it("gives the same logits and greedy ids as transformers (" .. what .. ")", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+   end)
+   it("decodes with the cache to the same logits as a full forward", function()
+      assert_cache_decodes(model, exp.input_ids[#exp.input_ids])
+   end)
+end
+
 describe("models.mistral (tests/fixtures/models/mistral_tiny: sliding window 4)", function()
    local exp = H.expected("mistral_tiny")
    local model = models.from_pretrained(H.FIX .. "/mistral_tiny")
@@ -45,19 +57,7 @@ describe("models.mistral (tests/fixtures/models/mistral_tiny: sliding window 4)"
       assert.are.equal(ml.models.mistral.MistralForCausalLM, llama.MistralForCausalLM)
    end)
 
-   it("gives the same logits as transformers (batch of 2, past the window)", function()
-      local logits = model(ml.tensor(exp.input_ids, { dtype = "int64" }))
-      assert.are.same({ 2, 9, 100 }, logits.shape)
-      assert.is_true(H.max_abs_diff(logits, exp.logits) < TOL)
-   end)
-
-   it("generates transformers' greedy ids", function()
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
-   end)
-
-   it("decodes with the cache to the same logits as a full forward", function()
-      assert_cache_decodes(model, exp.input_ids[1])
-   end)
+   it_matches_transformers(model, exp, "batch of 2, past the window")
 
    it("generates transformers' greedy ids for a left-padded batch", function()
       local pad = H.read_json(H.FIX .. "/mistral_tiny/padded.json")
@@ -98,14 +98,7 @@ describe("models.qwen2 (tests/fixtures/models/qwen2_tiny: biases, window 3 on la
       assert.are.equal(1000000, model.config.rope_theta)
    end)
 
-   it("gives the same logits and greedy ids as transformers", function()
-      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens }))
-   end)
-
-   it("decodes with the cache to the same logits as a full forward", function()
-      assert_cache_decodes(model, exp.input_ids[1])
-   end)
+   it_matches_transformers(model, exp, "one prompt")
 
    it("slides only with use_sliding_window, on the layers layer_types or max_window_layers name", function()
       assert.are.same({ false, false }, llama.Qwen2ForCausalLM(tiny({ sliding_window = 8 })).config.layer_windows)
@@ -146,14 +139,7 @@ describe("models.qwen3 (tests/fixtures/models/qwen3_tiny: q/k head norms, head_d
       assert.are.same({ false, 3 }, model.config.layer_windows)
    end)
 
-   it("gives the same logits and greedy ids as transformers (batch of 2)", function()
-      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
-   end)
-
-   it("decodes with the cache to the same logits as a full forward", function()
-      assert_cache_decodes(model, exp.input_ids[2])
-   end)
+   it_matches_transformers(model, exp, "batch of 2")
 
    it("defaults head_dim to 128 as transformers' Qwen3Config does, and honours attention_bias", function()
       local m = llama.Qwen3ForCausalLM(tiny({ attention_bias = true }))
@@ -178,14 +164,7 @@ describe("models.phi3 (tests/fixtures/models/phi3_tiny: fused projections, windo
       assert.are.same({ "Phi3DecoderLayer" }, model.no_split_modules)
    end)
 
-   it("gives the same logits and greedy ids as transformers (batch of 2, past the window)", function()
-      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
-   end)
-
-   it("decodes with the cache to the same logits as a full forward", function()
-      assert_cache_decodes(model, exp.input_ids[1])
-   end)
+   it_matches_transformers(model, exp, "batch of 2, past the window")
 
    it("rotates only partial_rotary_factor of each head (Phi-4-mini's 0.75)", function()
       local pexp = H.expected("phi3_tiny_partial")
@@ -256,14 +235,7 @@ describe("models.gemma2 (tests/fixtures/models/gemma2_tiny: soft caps 3 and 8, w
       assert.is_true(H.max_abs_diff(n(ml.tensor({ { 1, -1, 1, -1 } })), { { 1, -1, 1, -1 } }) < 1e-5)
    end)
 
-   it("gives the same logits and greedy ids as transformers (batch of 2, past the window)", function()
-      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
-   end)
-
-   it("decodes with the cache to the same logits as a full forward", function()
-      assert_cache_decodes(model, exp.input_ids[2])
-   end)
+   it_matches_transformers(model, exp, "batch of 2, past the window")
 
    it("generates transformers' greedy ids for a left-padded batch", function()
       local pad = H.read_json(H.FIX .. "/gemma2_tiny/padded.json")
@@ -305,14 +277,7 @@ describe("models.gemma3 (tests/fixtures/models/gemma3_tiny: head norms, local an
       assert.is_true(math.abs(rot.inv_freq:tolist()[2] - 1e6 ^ (-2 / 16) / 8) < 1e-7)
    end)
 
-   it("gives the same logits and greedy ids as transformers (batch of 2, past the window)", function()
-      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
-   end)
-
-   it("decodes with the cache to the same logits as a full forward", function()
-      assert_cache_decodes(model, exp.input_ids[1])
-   end)
+   it_matches_transformers(model, exp, "batch of 2, past the window")
 
    it("derives layer types from sliding_window_pattern and refuses bidirectional attention", function()
       local m = gemma.Gemma3ForCausalLM(tiny({ num_hidden_layers = 6, sliding_window = 8 }))

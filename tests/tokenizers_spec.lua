@@ -10,13 +10,7 @@ local N = require("nn_helpers")
 local FIX = "tests/fixtures/tokenizers"
 local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece" }
 
-local function tmpfile(text)
-   local p = os.tmpname()
-   local f = assert(io.open(p, "wb"))
-   f:write(text)
-   f:close()
-   return p
-end
+local tmpfile = require("models_helpers").tmpfile
 
 describe("tokenizers", function()
    for _, name in ipairs(NAMES) do

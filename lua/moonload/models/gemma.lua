@@ -132,14 +132,8 @@ M.Gemma2ForCausalLM = Gemma2ForCausalLM
 Gemma2ForCausalLM.family, Gemma2ForCausalLM.Model = "gemma2", Gemma2Model
 Gemma2ForCausalLM.no_split_modules = { "Gemma2DecoderLayer" }
 
---- Gemma2ForCausalLM(config): config is a config.json path, a folder holding one, or a table.
-function Gemma2ForCausalLM:__init(cfg)
-   nn.Module.__init(self)
-   cfg = M.config(cfg, self.family)
-   self.model = self.Model(cfg)
-   self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
-   rawset(self, "config", cfg)
-   self:tie_weights()
+function Gemma2ForCausalLM:read_config(source)
+   return M.config(source, self.family)
 end
 
 local lm_forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")

@@ -471,11 +471,16 @@ LlamaForCausalLM.family, LlamaForCausalLM.Model = "llama", LlamaModel
 --- LlamaForCausalLM(config): config is a config.json path, a folder holding one, or a table.
 function LlamaForCausalLM:__init(cfg)
    nn.Module.__init(self)
-   cfg = M.config(cfg, self.family)
+   cfg = self:read_config(cfg)
    self.model = self.Model(cfg)
    self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
    rawset(self, "config", cfg)
    self:tie_weights()
+end
+
+--- The checked config of this class's family (a subclass with more keys reads its own).
+function LlamaForCausalLM:read_config(source)
+   return M.config(source, self.family)
 end
 
 function LlamaForCausalLM:tie_weights()

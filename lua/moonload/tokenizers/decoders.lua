@@ -1,5 +1,6 @@
 --- Decoders of tokenizer.json: token strings back to text. M.build returns a function(tokens)
 -- -> tokens (a decode chain step, as in tokenizers); the tokenizer joins the last result.
+local components = require("moonload.tokenizers.components")
 local U = require("moonload.tokenizers.unicode")
 local P = require("moonload.tokenizers.pre_tokenizers")
 
@@ -144,16 +145,7 @@ end
 
 --- The decoder of a tokenizer.json object (nil: tokens joined with spaces, as tokenizers does).
 function M.build(j, who)
-   if j == nil then return function(tokens) return { table.concat(tokens, " ") } end end
-   local b = BUILDERS[j.type]
-   if not b then
-      local names = {}
-      for k in pairs(BUILDERS) do names[#names + 1] = k end
-      table.sort(names)
-      error(string.format("%s: decoder %q is not supported (supported: %s)", who, tostring(j.type),
-         table.concat(names, ", ")), 0)
-   end
-   return b(j, who)
+   return components.build(BUILDERS, "decoder", j, who, function(tokens) return { table.concat(tokens, " ") } end)
 end
 
 return M

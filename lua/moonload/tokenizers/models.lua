@@ -3,6 +3,7 @@
 -- M.build returns {tokenize = function(piece) -> list of token strings, vocab = token -> id,
 -- unk = the unknown token or nil}.
 local U = require("moonload.tokenizers.unicode")
+local components = require("moonload.tokenizers.components")
 
 local M = {}
 
@@ -77,10 +78,10 @@ local function build_bpe(j, who)
    if byte_fallback then
       for b = 0, 255 do byte_tokens[b] = string.format("<0x%02X>", b) end
    end
-   local cache, cached = {}, 0
+   local cached, remember = components.memo(10000)
 
    local function tokenize(piece)
-      local hit = cache[piece]
+      local hit = cached(piece)
       if hit then return hit end
       if ignore_merges and vocab[piece] ~= nil then return { piece } end
       -- the symbols: one per character, or its bytes (byte fallback), or the unknown token
@@ -142,8 +143,7 @@ local function build_bpe(j, who)
          out[#out + 1] = sym[i]
          i = nxt[i]
       end
-      if cached < 10000 then cache[piece] = out; cached = cached + 1 end
-      return out
+      return remember(piece, out)
    end
    return { tokenize = tokenize, vocab = vocab, unk = unk }
 end
@@ -158,9 +158,9 @@ local function build_wordpiece(j, who)
    if vocab[unk] == nil then
       error(string.format("%s: the WordPiece unk_token %q is not in the vocabulary", who, unk), 0)
    end
-   local cache, cached = {}, 0
+   local cached, remember = components.memo(10000)
    local function tokenize(word)
-      local hit = cache[word]
+      local hit = cached(word)
       if hit then return hit end
       local cps, n = U.codepoints(word)
       if n > max_chars then return { unk } end
@@ -177,8 +177,7 @@ local function build_wordpiece(j, who)
          out[#out + 1] = found
          start = stop + 1
       end
-      if cached < 10000 then cache[word] = out; cached = cached + 1 end
-      return out
+      return remember(word, out)
    end
    return { tokenize = tokenize, vocab = vocab, unk = unk }
 end

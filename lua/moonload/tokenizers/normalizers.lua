@@ -1,5 +1,6 @@
 --- Normalizers of tokenizer.json: text -> text before pre-tokenization. M.build turns a JSON
 -- object into a function(text) -> text.
+local components = require("moonload.tokenizers.components")
 local U = require("moonload.tokenizers.unicode")
 
 local M = {}
@@ -105,16 +106,7 @@ end
 
 --- The normalizer of a tokenizer.json object (nil: none).
 function M.build(j, who)
-   if j == nil then return function(text) return text end end
-   local b = BUILDERS[j.type]
-   if not b then
-      local names = {}
-      for k in pairs(BUILDERS) do names[#names + 1] = k end
-      table.sort(names)
-      error(string.format("%s: normalizer %q is not supported (supported: %s)", who, tostring(j.type),
-         table.concat(names, ", ")), 0)
-   end
-   return b(j, who)
+   return components.build(BUILDERS, "normalizer", j, who, function(text) return text end)
 end
 
 return M

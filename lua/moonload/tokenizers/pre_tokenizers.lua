@@ -6,6 +6,7 @@
 -- The split regexes of byte-level BPE tokenizers (GPT-2's, Llama 3's, Qwen2's) are matched by
 -- hand-written scanners that follow Oniguruma's leftmost-alternative semantics for exactly those
 -- patterns; another regex is an error naming it.
+local components = require("moonload.tokenizers.components")
 local U = require("moonload.tokenizers.unicode")
 
 local M = {}
@@ -304,16 +305,7 @@ end
 
 --- The pre-tokenizer of a tokenizer.json object (nil: the whole text is one piece).
 function M.build(j, who)
-   if j == nil then return function(pieces) return pieces end end
-   local b = BUILDERS[j.type]
-   if not b then
-      local names = {}
-      for k in pairs(BUILDERS) do names[#names + 1] = k end
-      table.sort(names)
-      error(string.format("%s: pre-tokenizer %q is not supported (supported: %s)", who, tostring(j.type),
-         table.concat(names, ", ")), 0)
-   end
-   return b(j, who)
+   return components.build(BUILDERS, "pre-tokenizer", j, who, function(pieces) return pieces end)
 end
 
 M.split_pieces, M.regex_spans = split_pieces, regex_spans

@@ -1,5 +1,6 @@
 --- Post-processors of tokenizer.json: the special tokens added around an encoded text (BOS,
 -- [CLS] ... [SEP]) when encode's add_special_tokens is on. M.build returns function(ids) -> ids.
+local components = require("moonload.tokenizers.components")
 local M = {}
 
 local BUILDERS = {}
@@ -61,16 +62,7 @@ end
 
 --- The post-processor of a tokenizer.json object (nil: none).
 function M.build(j, who)
-   if j == nil then return function(ids) return ids end end
-   local b = BUILDERS[j.type]
-   if not b then
-      local names = {}
-      for k in pairs(BUILDERS) do names[#names + 1] = k end
-      table.sort(names)
-      error(string.format("%s: post-processor %q is not supported (supported: %s)", who, tostring(j.type),
-         table.concat(names, ", ")), 0)
-   end
-   return b(j, who)
+   return components.build(BUILDERS, "post-processor", j, who, function(ids) return ids end)
 end
 
 return M
