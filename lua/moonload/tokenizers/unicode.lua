@@ -63,24 +63,38 @@ function M.encode(cps, i, j)
    return table.concat(parts)
 end
 
---- A UTF-8 string from raw bytes where malformed sequences become U+FFFD, one per bad byte
--- (Rust's String::from_utf8_lossy, which tokenizers' byte-level decoders use).
+--- A UTF-8 string from raw bytes where each maximal malformed subsequence becomes one U+FFFD
+-- (Rust's String::from_utf8_lossy, which tokenizers' byte-level decoder uses; the Unicode
+-- standard's "maximal subpart" practice).
 function M.lossy(s)
-   local ok = pcall(M.codepoints, s)
-   if ok then return s end
+   if pcall(M.codepoints, s) then return s end
    local out, i, len, byte = {}, 1, #s, string.byte
    while i <= len do
       local c = byte(s, i)
-      local extra = c < 0x80 and 0 or (c >= 0xC2 and c < 0xE0) and 1 or (c >= 0xE0 and c < 0xF0) and 2
-         or (c >= 0xF0 and c < 0xF5) and 3 or -1
-      local good = extra >= 0 and i + extra <= len
-      if good and extra > 0 then good = pcall(M.codepoints, s:sub(i, i + extra)) end
-      if good then
-         out[#out + 1] = s:sub(i, i + extra)
-         i = i + extra + 1
-      else
+      local need, lo, hi = 0, 0x80, 0xBF
+      if c >= 0xC2 and c <= 0xDF then need = 1
+      elseif c == 0xE0 then need, lo = 2, 0xA0
+      elseif c == 0xED then need, hi = 2, 0x9F
+      elseif c >= 0xE1 and c <= 0xEF then need = 2
+      elseif c == 0xF0 then need, lo = 3, 0x90
+      elseif c == 0xF4 then need, hi = 3, 0x8F
+      elseif c >= 0xF1 and c <= 0xF3 then need = 3
+      elseif c >= 0x80 then need = -1 end                       -- not a lead byte
+      if need == 0 then
+         out[#out + 1] = string.char(c)
+         i = i + 1
+      elseif need < 0 then
          out[#out + 1] = "\239\191\189"
          i = i + 1
+      else
+         local j, ok = i + 1, true
+         for k = 1, need do
+            local b = byte(s, j)
+            local a, z = k == 1 and lo or 0x80, k == 1 and hi or 0xBF
+            if b and b >= a and b <= z then j = j + 1 else ok = false break end
+         end
+         out[#out + 1] = ok and s:sub(i, j - 1) or "\239\191\189"
+         i = j
       end
    end
    return table.concat(out)
