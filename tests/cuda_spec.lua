@@ -478,11 +478,11 @@ describe("generation and encoders on cuda #cuda", function()
       end)
    end
 
-   it("samples the CPU's tokens for a seed with top_p and top_k (nucleus search on the device)", function()
+   it("samples the CPU's tokens for a seed with top_p, top_k and a repetition penalty (on the device)", function()
       local dir = "tests/fixtures/models/gpt2_tiny"
       local cpu = ml.models.from_pretrained(dir)
       local gpu = ml.models.from_pretrained(dir):to(DEV)
-      for _, o in ipairs({ { temperature = 0.8, top_p = 0.7, seed = 3 }, { temperature = 40, top_p = 0.9, seed = 4 },
+      for _, o in ipairs({ { temperature = 0.8, top_p = 0.7, seed = 3, repetition_penalty = 1.3 }, { temperature = 40, top_p = 0.9, seed = 4 },
                            { temperature = 1.2, top_k = 20, top_p = 0.8, seed = 5 } }) do
          o.max_new_tokens = 6
          assert.are.same(cpu:generate(prompt, o), gpu:generate(prompt, o))

@@ -232,6 +232,15 @@ describe("models.gpt2", function()
          assert.is_true(distinct >= 2)
       end)
 
+      it("applies a repetition penalty as transformers does (greedy, above and below 1)", function()
+         local pen = H.read_json(H.FIX .. "/gpt2_tiny/penalty.json")
+         for _, c in ipairs(pen.cases) do
+            assert.are.same(c.greedy_ids, model:generate(pen.input_ids, { max_new_tokens = pen.max_new_tokens,
+               repetition_penalty = c.repetition_penalty }))
+         end
+         assert.are_not.same(pen.cases[1].greedy_ids, model:generate(pen.input_ids, { max_new_tokens = pen.max_new_tokens }))
+      end)
+
       it("stops at eos_token_id", function()
          local g = model:generate(exp.input_ids[1], { max_new_tokens = 12 })
          local eos = g[#exp.input_ids[1] + 3]
@@ -332,7 +341,9 @@ describe("models.gpt2", function()
          assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
             "generate: temperature must be a number >= 0, got -0.5")
          assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
-            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask)')
+            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty)')
+         assert.has_error(function() model:generate({ 1 }, { repetition_penalty = 0 }) end,
+            "generate: repetition_penalty must be a number > 0, got 0")
          assert.has_error(function() model:generate({ 1 }, { top_p = 0 }) end, "generate: top_p must be a number in (0, 1], got 0")
          assert.has_error(function() model:generate({ 1 }, { top_p = 1.5 }) end, "generate: top_p must be a number in (0, 1], got 1.5")
          assert.has_error(function() model:generate({ 1 }, { eos_token_id = { 2, -1 } }) end,

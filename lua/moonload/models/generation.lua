@@ -49,10 +49,15 @@ local function check_opts(opts)
    if top_p ~= nil and (type(top_p) ~= "number" or not (top_p > 0 and top_p <= 1)) then
       error(string.format("%s: top_p must be a number in (0, 1], got %s", WHO, tostring(top_p)), 3)
    end
+   local penalty = opts.repetition_penalty
+   if penalty ~= nil and (type(penalty) ~= "number" or not (penalty > 0)) then
+      error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
+   end
+   local known = { max_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
+      eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true }
    for k in pairs(opts) do
-      if k ~= "max_new_tokens" and k ~= "temperature" and k ~= "top_k" and k ~= "top_p" and k ~= "seed"
-         and k ~= "eos_token_id" and k ~= "do_sample" and k ~= "attention_mask" then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask)',
+      if not known[k] then
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty)',
             WHO, tostring(k)), 3)
       end
    end
@@ -99,6 +104,25 @@ local function next_tokens(logits, temperature, top_k, top_p)
    return scaled:softmax(2):multinomial():unsqueeze(2)
 end
 
+--- The tokens each row has seen, as a (B, vocab) bool mask, from the prompt ids (B, L).
+local function seen_mask(ids, vocab)
+   local rows = {}
+   for b, row in ipairs(ids:tolist()) do
+      local r = {}
+      for v = 1, vocab do r[v] = false end
+      for _, id in ipairs(row) do r[id + 1] = true end
+      rows[b] = r
+   end
+   return T.tensor(rows, { dtype = "bool" })
+end
+
+--- transformers' RepetitionPenaltyLogitsProcessor: the logits of tokens already seen are divided
+-- by the penalty where positive and multiplied by it where negative.
+local function penalize(logits, seen, penalty)
+   local scaled = T.where(logits:lt(0), logits * penalty, logits / penalty)
+   return T.where(seen, scaled, logits)
+end
+
 --- Whether each token (B, 1) is an end of sequence: eos is an id or a list of ids.
 local function is_eos(tok, eos)
    if type(eos) ~= "table" then return tok:eq(eos) end
@@ -121,7 +145,8 @@ end
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
--- the input's form. eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced
+-- the input's form. repetition_penalty (as transformers: > 1 discourages tokens already in the
+-- sequence, prompt included) applies before sampling or the greedy pick. eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced
 -- one is finished and continues with the (first) eos id; generation stops when every row is.
 function M.generate(model, input_ids, opts)
    opts = check_opts(opts)
@@ -165,14 +190,25 @@ function M.generate(model, input_ids, opts)
       return o
    end
    local logits = model(ids, step_opts(L, L))                  -- (B, 1, vocab)
+   local penalty = opts.repetition_penalty
+   if penalty == 1 then penalty = nil end
+   local seen, vocab_ids                                       -- on the logits' device, made once
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
+      if penalty then
+         if not seen then
+            seen = seen_mask(ids, vocab):to(last.device)
+            vocab_ids = T.arange(vocab, { device = last.device }):view(1, vocab)
+         end
+         last = penalize(last, seen, penalty)
+      end
       local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
       if eos and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
       if done then tok = T.where(done, type(eos) == "table" and eos[1] or eos, tok) end
       out:narrow(2, L + step, 1):copy_(tok)
       n = step
+      if penalty then seen = seen:logical_or(vocab_ids:eq(tok:to(vocab_ids.device))) end
       if done then
          done = done:logical_or(is_eos(tok, eos))
          if done:sum():item() == B then break end
