@@ -286,3 +286,47 @@ describe("models.gemma3 (tests/fixtures/models/gemma3_tiny: head norms, local an
          "models.gemma2: use_bidirectional_attention (EmbeddingGemma) is not supported, in config table")
    end)
 end)
+
+describe("models.qwen3_moe (tests/fixtures/models/qwen3_moe_tiny: 6 experts, top 2, dense middle layer)", function()
+   local moe = require("moonload.models.moe")
+   local exp = H.expected("qwen3_moe_tiny")
+   local model = models.from_pretrained(H.FIX .. "/qwen3_moe_tiny")
+
+   it("builds sparse blocks under transformers' names, a dense MLP where mlp_only_layers says", function()
+      assert.are.equal("Qwen3MoeForCausalLM", model.__name)
+      local names = {}
+      for name in model:named_parameters() do names[name] = true end
+      assert.is_true(names["model.layers.0.mlp.experts.5.down_proj.weight"])
+      assert.is_true(names["model.layers.0.mlp.gate.weight"])
+      assert.is_true(names["model.layers.1.mlp.gate_proj.weight"])
+      assert.is_nil(names["model.layers.1.mlp.gate.weight"])
+      assert.are.equal("Qwen3MoeSparseMoeBlock", model.model.layers[3].mlp.__name)
+      assert.are.same({ 16, 32 }, model.model.layers[1].mlp.experts[1].gate_proj.weight.shape)
+      assert.is_true(model.config.norm_topk_prob)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+
+   it("runs only the experts the router picked: top 2 per token", function()
+      local calls = {}
+      for l = 1, 3, 2 do
+         for e = 1, 6 do
+            local ex = model.model.layers[l].mlp.experts[e]
+            local f = ex.forward
+            ex.forward = function(self, x) calls[#calls + 1] = x:size(1); return f(self, x) end
+         end
+      end
+      model({ 1, 7, 9 })                              -- 3 tokens: at most 6 distinct experts a layer
+      local rows = 0
+      for _, n in ipairs(calls) do rows = rows + n end
+      assert.are.equal(2 * 3 * 2, rows)               -- each of 3 tokens in 2 experts, in 2 sparse layers
+      calls = {}
+      model({ 5 })
+      assert.are.equal(4, #calls)                     -- one token: exactly its 2 experts in each layer
+   end)
+
+   it("names an impossible expert count", function()
+      assert.has_error(function() moe.Qwen3MoeForCausalLM(tiny({ num_experts = 2, num_experts_per_tok = 3 })) end,
+         "models.qwen3_moe: num_experts_per_tok 3 is more than num_experts 2 in config table")
+   end)
+end)

@@ -26,6 +26,7 @@ local FAMILIES = {
    qwen2 = { who = "models.qwen2", prefix = "Qwen2" },
    qwen3 = { who = "models.qwen3", prefix = "Qwen3", defaults = { head_dim = 128 } },
    phi3 = { who = "models.phi3", prefix = "Phi3" },
+   qwen3_moe = { who = "models.qwen3_moe", prefix = "Qwen3Moe", defaults = { head_dim = 128 } },   -- models/moe.lua
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
@@ -219,7 +220,7 @@ function M.config(source, family)
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       if family == "gemma3_text" then cfg.qk_norm = true end
-   else
+   else                                        -- qwen3, qwen3_moe
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       cfg.qk_norm = true
@@ -396,7 +397,7 @@ LlamaDecoderLayer.Attention, LlamaDecoderLayer.MLP = LlamaAttention, LlamaMLP   
 function LlamaDecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
    self.self_attn = self.Attention(cfg, layer_idx)
-   self.mlp = self.MLP(cfg)
+   self.mlp = self.MLP(cfg, layer_idx)        -- the layer index: a MoE family picks dense or sparse by it
    self.input_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end

@@ -1,0 +1,139 @@
+--- Qwen3-MoE (transformers' Qwen3MoeForCausalLM, as Qwen3-30B-A3B) with Hugging Face parameter
+-- names: Qwen3's attention (models/llama.lua), and in place of the MLP a sparse block of experts,
+-- mlp.experts.E.{gate_proj, up_proj, down_proj} behind a router mlp.gate: each token goes to the
+-- num_experts_per_tok experts its softmax router scores highest, weighted by those scores
+-- (renormalized to sum to 1 with norm_topk_prob); layers in mlp_only_layers, or off the
+-- decoder_sparse_step, keep a dense MLP.
+--
+-- Only the experts some token chose run, so under offload hooks only their weights are read: a
+-- model whose experts live on disk reads per token about num_experts_per_tok / num_experts of
+-- them.
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local common = require("moonload.models.common")
+local config = require("moonload.models.config")
+local llama = require("moonload.models.llama")
+
+local M = {}
+local WHO = "models.qwen3_moe"
+
+--- Reads and checks a Qwen3-MoE config (path, folder or table).
+function M.config(source)
+   local cfg = llama.config(source, "qwen3_moe")
+   local experts = cfg.num_experts or cfg.num_local_experts            -- transformers 5 writes the latter
+   local function int(v, name, min)
+      if type(v) ~= "number" or v ~= math.floor(v) or v < min then
+         config.fail(cfg, WHO, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
+      end
+      return v
+   end
+   cfg.num_experts = int(experts, "num_experts", 0)
+   cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
+   cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or 768, "moe_intermediate_size", 1)
+   cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
+   if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then
+      config.fail(cfg, WHO, "num_experts_per_tok %d is more than num_experts %d", cfg.num_experts_per_tok, cfg.num_experts)
+   end
+   cfg.norm_topk_prob = cfg.norm_topk_prob == true
+   local dense = {}
+   for _, i in ipairs(type(cfg.mlp_only_layers) == "table" and cfg.mlp_only_layers or {}) do dense[i] = true end
+   cfg.sparse_layers = {}
+   for i = 1, cfg.num_hidden_layers do              -- transformers counts layers from 0
+      cfg.sparse_layers[i] = not dense[i - 1] and cfg.num_experts > 0 and i % cfg.decoder_sparse_step == 0
+   end
+   return cfg
+end
+
+-- --- the sparse block ------------------------------------------------------------------------------
+
+local Qwen3MoeMLP = llama.LlamaMLP:extend("Qwen3MoeMLP")
+M.Qwen3MoeMLP = Qwen3MoeMLP
+
+--- Qwen3MoeMLP(cfg[, intermediate_size]): an expert (moe_intermediate_size) or a dense MLP.
+function Qwen3MoeMLP:__init(cfg, intermediate)
+   local c = setmetatable({ intermediate_size = intermediate or cfg.intermediate_size, mlp_bias = false }, { __index = cfg })
+   llama.LlamaMLP.__init(self, c)
+end
+
+local Qwen3MoeSparseMoeBlock = nn.Module:extend("Qwen3MoeSparseMoeBlock")
+M.Qwen3MoeSparseMoeBlock = Qwen3MoeSparseMoeBlock
+
+function Qwen3MoeSparseMoeBlock:__init(cfg)
+   nn.Module.__init(self)
+   local experts = {}
+   for e = 1, cfg.num_experts do experts[e] = Qwen3MoeMLP(cfg, cfg.moe_intermediate_size) end
+   self.experts = nn.ModuleList(experts)
+   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   rawset(self, "top_k", cfg.num_experts_per_tok)
+   rawset(self, "norm_topk_prob", cfg.norm_topk_prob)
+end
+
+--- x (B, T, hidden). The router picks each token's experts on the host (one small copy); each
+-- chosen expert runs once on the rows routed to it; the weighted outputs are gathered back per
+-- token and summed over its experts.
+function Qwen3MoeSparseMoeBlock:forward(x)
+   local B, L, H = x:size(1), x:size(2), x:size(3)
+   local N, k = B * L, self.top_k
+   local flat = x:reshape(N, H)
+   local probs = self.gate(flat):float():softmax(-1)                        -- (N, E), float32
+   local top_w, top_i = probs:topk(k, 2)                                    -- (N, k), 0-based experts
+   if self.norm_topk_prob then top_w = top_w / top_w:sum(2, true) end
+   top_w = top_w:to(x.dtype):reshape(N * k)
+   -- tokens per expert, in (token, slot) order
+   local rows, slots = {}, {}
+   for n, row in ipairs(top_i:tolist()) do
+      for s, e in ipairs(row) do
+         rows[e] = rows[e] or {}
+         slots[e] = slots[e] or {}
+         table.insert(rows[e], n - 1)
+         table.insert(slots[e], (n - 1) * k + s - 1)
+      end
+   end
+   local outputs, where = {}, {}
+   local at = 0
+   for e = 0, self.gate.weight:size(1) - 1 do
+      if rows[e] then
+         local idx = T.tensor(rows[e], { dtype = "int64", device = x.device })
+         local w = top_w:index_select(1, T.tensor(slots[e], { dtype = "int64", device = x.device }))
+         outputs[#outputs + 1] = self.experts[e + 1](flat:index_select(1, idx)) * w:unsqueeze(2)
+         for j, slot in ipairs(slots[e]) do where[slot + 1] = at + j - 1 end
+         at = at + #rows[e]
+      end
+   end
+   local all = #outputs == 1 and outputs[1] or T.cat(outputs, 1)              -- (N * k, H) by expert
+   local order = T.tensor(where, { dtype = "int64", device = x.device })     -- (token, slot) -> row of all
+   return all:index_select(1, order):view(N, k, H):sum(2):view(B, L, H)
+end
+
+-- --- layers and models ------------------------------------------------------------------------------
+
+local Qwen3MoeAttention = llama.LlamaAttention:extend("Qwen3MoeAttention")
+M.Qwen3MoeAttention = Qwen3MoeAttention
+
+local Qwen3MoeDecoderLayer = llama.LlamaDecoderLayer:extend("Qwen3MoeDecoderLayer")
+M.Qwen3MoeDecoderLayer = Qwen3MoeDecoderLayer
+Qwen3MoeDecoderLayer.Attention = Qwen3MoeAttention
+
+--- A sparse block where cfg.sparse_layers says so, else a dense MLP.
+function Qwen3MoeDecoderLayer.MLP(cfg, layer_idx)
+   return cfg.sparse_layers[layer_idx] and Qwen3MoeSparseMoeBlock(cfg) or Qwen3MoeMLP(cfg)
+end
+
+local Qwen3MoeRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Qwen3MoeRotaryEmbedding")
+M.Qwen3MoeRotaryEmbedding = Qwen3MoeRotaryEmbedding
+
+local Qwen3MoeModel = llama.LlamaModel:extend("Qwen3MoeModel")
+M.Qwen3MoeModel = Qwen3MoeModel
+Qwen3MoeModel.family, Qwen3MoeModel.Layer, Qwen3MoeModel.Rotary = "qwen3_moe", Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
+
+local Qwen3MoeForCausalLM = llama.LlamaForCausalLM:extend("Qwen3MoeForCausalLM")
+M.Qwen3MoeForCausalLM = Qwen3MoeForCausalLM
+Qwen3MoeForCausalLM.family, Qwen3MoeForCausalLM.Model = "qwen3_moe", Qwen3MoeModel
+Qwen3MoeForCausalLM.no_split_modules = { "Qwen3MoeDecoderLayer" }
+Qwen3MoeForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
+
+function Qwen3MoeForCausalLM:read_config(source)
+   return M.config(source)
+end
+
+return M
