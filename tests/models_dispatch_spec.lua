@@ -14,7 +14,8 @@ describe("models.from_pretrained with device_map", function()
    after_each(function() log.set_warning_handler(prev) end)
 
    for _, name in ipairs({ "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny", "qwen3_tiny", "phi3_tiny",
-                           "gemma2_tiny", "gemma3_tiny", "qwen3_moe_tiny" }) do
+                           "gemma2_tiny", "gemma3_tiny", "qwen3_moe_tiny",
+                           "mixtral_tiny" }) do
       it(name .. ": split over CPU and disk under a CPU budget, same logits and greedy ids", function()
          local exp = H.expected(name)
          local dir = H.tmpdir()

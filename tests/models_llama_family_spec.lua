@@ -330,3 +330,22 @@ describe("models.qwen3_moe (tests/fixtures/models/qwen3_moe_tiny: 6 experts, top
          "models.qwen3_moe: num_experts_per_tok 3 is more than num_experts 2 in config table")
    end)
 end)
+
+describe("models.mixtral (tests/fixtures/models/mixtral_tiny: 4 experts w1/w2/w3, top 2)", function()
+   local exp = H.expected("mixtral_tiny")
+   local model = models.from_pretrained(H.FIX .. "/mixtral_tiny")
+
+   it("builds block_sparse_moe with gate and experts under transformers' names", function()
+      assert.are.equal("MixtralForCausalLM", model.__name)
+      local names = {}
+      for name in model:named_parameters() do names[#names + 1] = name end
+      local first = {}
+      for _, n in ipairs(names) do if n:find("layers%.0%.block_sparse_moe") then first[#first + 1] = n end end
+      assert.are.equal("model.layers.0.block_sparse_moe.gate.weight", first[1])
+      assert.are.equal("model.layers.0.block_sparse_moe.experts.0.w1.weight", first[2])
+      assert.are.equal(13, #first)                        -- the gate and 4 experts of 3
+      assert.are.same({ "MixtralDecoderLayer" }, model.no_split_modules)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+end)

@@ -1,4 +1,4 @@
---- ml.models: GPT-2, Llama (and Mistral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2 and 3) and BERT with Hugging Face names, and
+--- ml.models: GPT-2, Llama (and Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2 and 3) and BERT with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -25,6 +25,7 @@ local ARCH = {
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
    qwen3_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
+   mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -34,7 +35,7 @@ setmetatable(M, { __index = function(t, k)
    local path = ({ gpt2 = "moonload.models.gpt2", llama = "moonload.models.llama",
       mistral = "moonload.models.llama", qwen2 = "moonload.models.llama", qwen3 = "moonload.models.llama",
       phi3 = "moonload.models.llama", gemma2 = "moonload.models.gemma", gemma = "moonload.models.gemma",
-      qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe",
+      qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", common = "moonload.models.common" })[k]
    if path then
@@ -63,8 +64,8 @@ local function read_json(path, who)
    return t
 end
 
---- The model class for a config's model_type ("gpt2", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text",
--- "bert").
+--- The model class for a config's model_type ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2",
+-- "gemma3_text", "bert").
 function M.class_for(model_type, src)
    local a = ARCH[model_type]
    if not a then

@@ -27,6 +27,7 @@ local FAMILIES = {
    qwen3 = { who = "models.qwen3", prefix = "Qwen3", defaults = { head_dim = 128 } },
    phi3 = { who = "models.phi3", prefix = "Phi3" },
    qwen3_moe = { who = "models.qwen3_moe", prefix = "Qwen3Moe", defaults = { head_dim = 128 } },   -- models/moe.lua
+   mixtral = { who = "models.mixtral", prefix = "Mixtral", defaults = { rope_theta = 1000000 } },  -- models/moe.lua
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
@@ -196,7 +197,7 @@ function M.config(source, family)
    if family == "llama" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-   elseif family == "mistral" or family == "phi3" then
+   elseif family == "mistral" or family == "phi3" or family == "mixtral" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
@@ -393,18 +394,19 @@ local LlamaDecoderLayer = nn.Module:extend("LlamaDecoderLayer")
 M.LlamaDecoderLayer = LlamaDecoderLayer
 
 LlamaDecoderLayer.Attention, LlamaDecoderLayer.MLP = LlamaAttention, LlamaMLP   -- a family's own
+LlamaDecoderLayer.mlp_name = "mlp"                -- Mixtral: block_sparse_moe
 
 function LlamaDecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
    self.self_attn = self.Attention(cfg, layer_idx)
-   self.mlp = self.MLP(cfg, layer_idx)        -- the layer index: a MoE family picks dense or sparse by it
+   self[self.mlp_name] = self.MLP(cfg, layer_idx)   -- the layer index: a MoE family picks dense or sparse by it
    self.input_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
 
 function LlamaDecoderLayer:forward(x, cos, sin, cache, pad)
    x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pad)
-   return x + self.mlp(self.post_attention_layernorm(x))
+   return x + self[self.mlp_name](self.post_attention_layernorm(x))
 end
 
 -- --- models ---------------------------------------------------------------------------------

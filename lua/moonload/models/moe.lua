@@ -1,9 +1,10 @@
---- Qwen3-MoE (transformers' Qwen3MoeForCausalLM, as Qwen3-30B-A3B) with Hugging Face parameter
--- names: Qwen3's attention (models/llama.lua), and in place of the MLP a sparse block of experts,
--- mlp.experts.E.{gate_proj, up_proj, down_proj} behind a router mlp.gate: each token goes to the
--- num_experts_per_tok experts its softmax router scores highest, weighted by those scores
--- (renormalized to sum to 1 with norm_topk_prob); layers in mlp_only_layers, or off the
--- decoder_sparse_step, keep a dense MLP.
+--- Mixture-of-experts models with Hugging Face parameter names: Qwen3-MoE (Qwen3MoeForCausalLM,
+-- as Qwen3-30B-A3B: Qwen3's attention, mlp.experts.E.{gate_proj, up_proj, down_proj} behind a
+-- router mlp.gate; layers in mlp_only_layers, or off the decoder_sparse_step, keep a dense MLP)
+-- and Mixtral (MixtralForCausalLM: Mistral's attention, block_sparse_moe.experts.E.{w1, w2, w3}
+-- behind block_sparse_moe.gate). Each token goes to the num_experts_per_tok experts its softmax
+-- router scores highest, weighted by those scores (renormalized to sum to 1: always for Mixtral,
+-- with norm_topk_prob for Qwen3-MoE).
 --
 -- Only the experts some token chose run, so under offload hooks only their weights are read: a
 -- model whose experts live on disk reads per token about num_experts_per_tok / num_experts of
@@ -17,9 +18,11 @@ local llama = require("moonload.models.llama")
 local M = {}
 local WHO = "models.qwen3_moe"
 
---- Reads and checks a Qwen3-MoE config (path, folder or table).
-function M.config(source)
-   local cfg = llama.config(source, "qwen3_moe")
+--- Reads and checks a Qwen3-MoE config (path, folder or table); family "mixtral" a Mixtral one.
+function M.config(source, family)
+   family = family or "qwen3_moe"
+   local WHO = "models." .. family
+   local cfg = llama.config(source, family)
    local experts = cfg.num_experts or cfg.num_local_experts            -- transformers 5 writes the latter
    local function int(v, name, min)
       if type(v) ~= "number" or v ~= math.floor(v) or v < min then
@@ -29,12 +32,13 @@ function M.config(source)
    end
    cfg.num_experts = int(experts, "num_experts", 0)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
-   cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or 768, "moe_intermediate_size", 1)
+   cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (family == "mixtral" and cfg.intermediate_size) or 768,
+      "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
    if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then
       config.fail(cfg, WHO, "num_experts_per_tok %d is more than num_experts %d", cfg.num_experts_per_tok, cfg.num_experts)
    end
-   cfg.norm_topk_prob = cfg.norm_topk_prob == true
+   cfg.norm_topk_prob = family == "mixtral" or cfg.norm_topk_prob == true
    local dense = {}
    for _, i in ipairs(type(cfg.mlp_only_layers) == "table" and cfg.mlp_only_layers or {}) do dense[i] = true end
    cfg.sparse_layers = {}
@@ -55,15 +59,18 @@ function Qwen3MoeMLP:__init(cfg, intermediate)
    llama.LlamaMLP.__init(self, c)
 end
 
-local Qwen3MoeSparseMoeBlock = nn.Module:extend("Qwen3MoeSparseMoeBlock")
-M.Qwen3MoeSparseMoeBlock = Qwen3MoeSparseMoeBlock
+-- The sparse block both families share; a family's block registers its gate and experts (in
+-- transformers' order) and sets top_k and norm_topk_prob.
+local SparseMoeBlock = nn.Module:extend("SparseMoeBlock")
+M.SparseMoeBlock = SparseMoeBlock
 
-function Qwen3MoeSparseMoeBlock:__init(cfg)
-   nn.Module.__init(self)
+local function experts_of(cfg, Expert)
    local experts = {}
-   for e = 1, cfg.num_experts do experts[e] = Qwen3MoeMLP(cfg, cfg.moe_intermediate_size) end
-   self.experts = nn.ModuleList(experts)
-   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   for e = 1, cfg.num_experts do experts[e] = Expert(cfg, cfg.moe_intermediate_size) end
+   return nn.ModuleList(experts)
+end
+
+function SparseMoeBlock:routing(cfg)
    rawset(self, "top_k", cfg.num_experts_per_tok)
    rawset(self, "norm_topk_prob", cfg.norm_topk_prob)
 end
@@ -71,7 +78,7 @@ end
 --- x (B, T, hidden). The router picks each token's experts on the host (one small copy); each
 -- chosen expert runs once on the rows routed to it; the weighted outputs are gathered back per
 -- token and summed over its experts.
-function Qwen3MoeSparseMoeBlock:forward(x)
+function SparseMoeBlock:forward(x)
    local B, L, H = x:size(1), x:size(2), x:size(3)
    local N, k = B * L, self.top_k
    local flat = x:reshape(N, H)
@@ -105,6 +112,42 @@ function Qwen3MoeSparseMoeBlock:forward(x)
    return all:index_select(1, order):view(N, k, H):sum(2):view(B, L, H)
 end
 
+local Qwen3MoeSparseMoeBlock = SparseMoeBlock:extend("Qwen3MoeSparseMoeBlock")
+M.Qwen3MoeSparseMoeBlock = Qwen3MoeSparseMoeBlock
+
+function Qwen3MoeSparseMoeBlock:__init(cfg)
+   nn.Module.__init(self)
+   self.experts = experts_of(cfg, Qwen3MoeMLP)
+   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   self:routing(cfg)
+end
+
+-- Mixtral's expert: w2(act(w1 x) * w3 x).
+local MixtralBlockSparseTop2MLP = nn.Module:extend("MixtralBlockSparseTop2MLP")
+M.MixtralBlockSparseTop2MLP = MixtralBlockSparseTop2MLP
+
+function MixtralBlockSparseTop2MLP:__init(cfg, intermediate)
+   nn.Module.__init(self)
+   self.w1 = nn.Linear(cfg.hidden_size, intermediate, { bias = false })
+   self.w2 = nn.Linear(intermediate, cfg.hidden_size, { bias = false })
+   self.w3 = nn.Linear(cfg.hidden_size, intermediate, { bias = false })
+   self.act_fn = common.activation_module(cfg.hidden_act, "models.mixtral", cfg._source)
+end
+
+function MixtralBlockSparseTop2MLP:forward(x)
+   return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+end
+
+local MixtralSparseMoeBlock = SparseMoeBlock:extend("MixtralSparseMoeBlock")
+M.MixtralSparseMoeBlock = MixtralSparseMoeBlock
+
+function MixtralSparseMoeBlock:__init(cfg)
+   nn.Module.__init(self)
+   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   self.experts = experts_of(cfg, MixtralBlockSparseTop2MLP)
+   self:routing(cfg)
+end
+
 -- --- layers and models ------------------------------------------------------------------------------
 
 local Qwen3MoeAttention = llama.LlamaAttention:extend("Qwen3MoeAttention")
@@ -133,7 +176,28 @@ Qwen3MoeForCausalLM.no_split_modules = { "Qwen3MoeDecoderLayer" }
 Qwen3MoeForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
 
 function Qwen3MoeForCausalLM:read_config(source)
-   return M.config(source)
+   return M.config(source, self.family)
 end
+
+local MixtralAttention = llama.LlamaAttention:extend("MixtralAttention")
+M.MixtralAttention = MixtralAttention
+
+local MixtralDecoderLayer = llama.LlamaDecoderLayer:extend("MixtralDecoderLayer")
+M.MixtralDecoderLayer = MixtralDecoderLayer
+MixtralDecoderLayer.Attention, MixtralDecoderLayer.MLP = MixtralAttention, MixtralSparseMoeBlock
+MixtralDecoderLayer.mlp_name = "block_sparse_moe"
+
+local MixtralRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("MixtralRotaryEmbedding")
+M.MixtralRotaryEmbedding = MixtralRotaryEmbedding
+
+local MixtralModel = llama.LlamaModel:extend("MixtralModel")
+M.MixtralModel = MixtralModel
+MixtralModel.family, MixtralModel.Layer, MixtralModel.Rotary = "mixtral", MixtralDecoderLayer, MixtralRotaryEmbedding
+
+local MixtralForCausalLM = Qwen3MoeForCausalLM:extend("MixtralForCausalLM")
+M.MixtralForCausalLM = MixtralForCausalLM
+MixtralForCausalLM.family, MixtralForCausalLM.Model = "mixtral", MixtralModel
+MixtralForCausalLM.no_split_modules = { "MixtralDecoderLayer" }
+MixtralForCausalLM.forward = common.causal_lm_forward("models.mixtral.forward", "model", "embed_tokens")
 
 return M
