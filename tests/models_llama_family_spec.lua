@@ -121,6 +121,24 @@ describe("models.qwen2 (tests/fixtures/models/qwen2_tiny: biases, window 3 on la
    end)
 end)
 
+describe("models.qwen2 with YaRN (tests/fixtures/models/qwen2_tiny_yarn: factor 4 over 16 positions)", function()
+   local exp = H.expected("qwen2_tiny_yarn")
+   local model = models.from_pretrained(H.FIX .. "/qwen2_tiny_yarn")
+
+   it("computes transformers' frequencies and cos/sin scale", function()
+      assert.is_true(H.max_abs_diff(model:get_buffer("model.rotary_emb.inv_freq"), exp.inv_freq) < 1e-9)
+      assert.is_true(math.abs(model.model.rotary_emb.attention_scaling - exp.attention_scaling) < 1e-12)
+   end)
+
+   it_matches_transformers(model, exp, "18 tokens, past the original 16")
+
+   it("names a bad YaRN parameter", function()
+      assert.has_error(function()
+         llama.Qwen2ForCausalLM(tiny({ rope_scaling = { type = "yarn", factor = 4, beta_fast = -1 } }))
+      end, 'models.qwen2: config key "rope_scaling.beta_fast" in config table must be a positive number, got -1')
+   end)
+end)
+
 describe("models.qwen3 (tests/fixtures/models/qwen3_tiny: q/k head norms, head_dim 16, window 3 on layer 2)", function()
    local exp = H.expected("qwen3_tiny")
    local model = models.from_pretrained(H.FIX .. "/qwen3_tiny")
@@ -183,8 +201,8 @@ describe("models.phi3 (tests/fixtures/models/phi3_tiny: fused projections, windo
       assert.has_error(function() llama.Phi3ForCausalLM(tiny({ partial_rotary_factor = 0.3 })) end,
          "models.phi3: the rotary dims of a head (1 of head_dim 4) must be even in config table")
       assert.has_error(function()
-         llama.Phi3ForCausalLM(tiny({ rope_scaling = { type = "yarn", factor = 4 } }))
-      end, 'models.phi3: rope type "yarn" is not supported (supported: default, linear, llama3, longrope) in config table')
+         llama.Phi3ForCausalLM(tiny({ rope_scaling = { type = "dynamic", factor = 4 } }))
+      end, 'models.phi3: rope type "dynamic" is not supported (supported: default, linear, llama3, longrope, yarn) in config table')
    end)
 end)
 

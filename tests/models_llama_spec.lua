@@ -143,8 +143,8 @@ describe("models.llama", function()
          assert.has_error(function() llama.LlamaForCausalLM(tiny({ num_key_value_heads = 3 })) end,
             "models.llama: num_attention_heads 4 is not a multiple of num_key_value_heads 3 in config table")
          assert.has_error(function()
-            llama.LlamaForCausalLM(tiny({ rope_parameters = { rope_type = "yarn", rope_theta = 1e4 } }))
-         end, 'models.llama: rope type "yarn" is not supported (supported: default, linear, llama3, longrope) in config table')
+            llama.LlamaForCausalLM(tiny({ rope_parameters = { rope_type = "dynamic", rope_theta = 1e4 } }))
+         end, 'models.llama: rope type "dynamic" is not supported (supported: default, linear, llama3, longrope, yarn) in config table')
          assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_size = false })) end,
             'models.llama: config key "hidden_size" in config table must be a positive integer, got boolean false')
          assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_act = "swiglu" })) end,

@@ -57,6 +57,7 @@ local ROPE_KEYS = {
    linear = { "factor" },
    llama3 = { "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings" },
    longrope = { "original_max_position_embeddings" },
+   yarn = { "original_max_position_embeddings" },
 }
 
 -- A sliding window size from the config: nil (none) or a positive integer.
@@ -108,12 +109,24 @@ local function rope_from(cfg, WHO, sources, default_theta)
    rope.rope_type = rope.rope_type or rope.type or "default"
    if rope.rope_theta == nil then rope.rope_theta, where.rope_theta = default_theta, "rope_theta" end
    if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) then
-      error(string.format('%s: rope type "%s" is not supported (supported: default, linear, llama3, longrope) in %s',
+      error(string.format('%s: rope type "%s" is not supported (supported: default, linear, llama3, longrope, yarn) in %s',
          WHO, tostring(rope.rope_type), cfg._source), 3)
    end
-   if rope.rope_type == "longrope" and rope.original_max_position_embeddings == nil then
+   if (rope.rope_type == "longrope" or rope.rope_type == "yarn") and rope.original_max_position_embeddings == nil then
       rope.original_max_position_embeddings = cfg.original_max_position_embeddings   -- Phi-3 keeps it at the top
       where.original_max_position_embeddings = "original_max_position_embeddings"
+   end
+   if rope.rope_type == "yarn" and rope.original_max_position_embeddings == nil then
+      rope.original_max_position_embeddings = cfg.max_position_embeddings            -- transformers' default
+   end
+   if rope.rope_type == "yarn" then
+      for _, k in ipairs({ "factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim" }) do
+         local v = rope[k]
+         if v ~= nil and (type(v) ~= "number" or v <= 0) then
+            error(string.format('%s: config key "%s" in %s must be a positive number, got %s', WHO, where[k] or k,
+               cfg._source, tostring(v)), 3)
+         end
+      end
    end
    local needed = { "rope_theta" }
    for _, k in ipairs(ROPE_KEYS[rope.rope_type] or {}) do needed[#needed + 1] = k end
@@ -256,6 +269,46 @@ function M.llama3_inv_freq(inv_freq, rope)
    return T.tensor(vals, { dtype = "float32" })
 end
 
+-- YaRN's scale factor: the one given, else max / original positions.
+local function yarn_factor(cfg, rope)
+   return rope.factor or cfg.max_position_embeddings / rope.original_max_position_embeddings
+end
+
+--- YaRN's cos/sin scale: attention_factor, else 0.1 * mscale * ln(factor) + 1 (a ratio of two such
+-- with mscale and mscale_all_dim), as transformers computes it.
+function M.yarn_attention_factor(cfg, rope)
+   if rope.attention_factor then return rope.attention_factor end
+   local factor = yarn_factor(cfg, rope)
+   local function get_mscale(scale, m) if scale <= 1 then return 1 end return 0.1 * (m or 1) * math.log(scale) + 1 end
+   if rope.mscale and rope.mscale_all_dim then
+      return get_mscale(factor, rope.mscale) / get_mscale(factor, rope.mscale_all_dim)
+   end
+   return get_mscale(factor)
+end
+
+--- YaRN (NTK-by-parts) frequencies: each one blends the original (extrapolated) and the
+-- factor-scaled (interpolated) frequency by a linear ramp over the dims whose wavelengths fall
+-- between beta_fast and beta_slow rotations in the original context; float32 steps as in
+-- transformers. exps: arange(0, dim, 2) / dim in float32.
+function M.yarn_inv_freq(cfg, rope, dim, exps)
+   local base, factor = rope.rope_theta, yarn_factor(cfg, rope)
+   local original = rope.original_max_position_embeddings
+   local beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+   local function correction_dim(rotations)
+      return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+   end
+   local low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+   if rope.truncate ~= false then low, high = math.floor(low), math.ceil(high) end
+   low, high = math.max(low, 0), math.min(high, dim - 1)
+   if low == high then high = high + 0.001 end
+   local pos_freqs = T.full({ dim / 2 }, base, { dtype = "float32" }):pow(exps)
+   local extrapolation = pos_freqs:reciprocal()
+   local interpolation = (pos_freqs * factor):reciprocal()
+   local ramp = ((T.arange(0, dim / 2, { dtype = "float32" }) - low) / (high - low)):clamp(0, 1)
+   local keep = 1 - ramp                                          -- share of the original frequency
+   return interpolation * (1 - keep) + extrapolation * keep
+end
+
 local LlamaRotaryEmbedding = nn.Module:extend("LlamaRotaryEmbedding")
 M.LlamaRotaryEmbedding = LlamaRotaryEmbedding
 
@@ -270,6 +323,9 @@ function LlamaRotaryEmbedding:__init(cfg)
       inv_freq = inv_freq / rope.factor
    elseif rope.rope_type == "llama3" then
       inv_freq = M.llama3_inv_freq(inv_freq, rope)
+   elseif rope.rope_type == "yarn" then
+      inv_freq = M.yarn_inv_freq(cfg, rope, dim, exps)
+      rawset(self, "attention_scaling", M.yarn_attention_factor(cfg, rope))
    elseif rope.rope_type == "longrope" then
       -- LongRoPE: per-frequency factors, short ones up to the pretraining length and long ones past
       -- it (picked per forward by the highest position, as transformers does), and cos/sin scaled
