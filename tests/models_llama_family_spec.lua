@@ -367,3 +367,22 @@ describe("models.mixtral (tests/fixtures/models/mixtral_tiny: 4 experts w1/w2/w3
 
    it_matches_transformers(model, exp, "batch of 2")
 end)
+
+describe("models.gemma3 multimodal checkpoint (tests/fixtures/models/gemma3_multimodal_tiny: its language model)", function()
+   local exp = H.expected("gemma3_multimodal_tiny")
+   local model = models.from_pretrained(H.FIX .. "/gemma3_multimodal_tiny")
+
+   it("reads text_config and language_model.model.*, and leaves the vision tower out", function()
+      assert.are.equal("Gemma3ForCausalLM", model.__name)
+      assert.truthy(model.config._source:find("(text_config)", 1, true))
+      for name in model:named_parameters() do
+         assert.is_nil(name:find("vision") or name:find("projector"), name)
+      end
+      assert.are.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+   end)
+
+   it("gives the multimodal model's logits and greedy ids on text", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+   end)
+end)

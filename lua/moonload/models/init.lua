@@ -24,6 +24,7 @@ local ARCH = {
    phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
+   gemma3 = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },   -- its language model
    qwen3_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
@@ -160,8 +161,10 @@ local function matches_any(name, patterns)
    return false
 end
 
---- Maps checkpoint names onto the model's: adds or strips the class's base_model_prefix, fills
--- tied weights stored once, drops keys the class ignores (only when the model lacks them).
+--- Maps checkpoint names onto the model's: applies the class's checkpoint_renames ({pattern,
+-- replacement} pairs, e.g. a multimodal checkpoint's language_model.model.), adds or strips its
+-- base_model_prefix, fills tied weights stored once, drops keys the class ignores (only when the
+-- model lacks them).
 -- Returns the new table (the tensors themselves are shared, not copied).
 function M.remap_state_dict(model, sd)
    local cls = getmetatable(model)
@@ -171,6 +174,9 @@ function M.remap_state_dict(model, sd)
    local out = {}
    for name, t in pairs(sd) do
       local n = name
+      for _, r in ipairs(model.checkpoint_renames or {}) do
+         if not expected[n] then n = n:gsub(r[1], r[2], 1) end
+      end
       if p and not expected[n] then
          if expected[p .. n] then
             n = p .. n                                   -- "h.0.ln_1.weight" for GPT-2
