@@ -307,14 +307,15 @@ function Parser:postfix(e)
       if self:accept("op", ".") then
          e = { "getattr", e, self:expect("name").v }
       elseif self:accept("op", "[") then
-         local a, b, is_slice
+         local a, b, step, is_slice
          if not self:is("op", ":") then a = self:expr() end
          if self:accept("op", ":") then
             is_slice = true
-            if not self:is("op", "]") then b = self:expr() end
+            if not self:is("op", "]") and not self:is("op", ":") then b = self:expr() end
+            if self:accept("op", ":") and not self:is("op", "]") then step = self:expr() end
          end
          self:expect("op", "]")
-         e = is_slice and { "slice", e, a, b } or { "getitem", e, a }
+         e = is_slice and { "slice", e, a, b, step } or { "getitem", e, a }
       elseif self:is("op", "(") then
          e = { "call", e, self:call_args() }
       else
@@ -698,26 +699,41 @@ function eval(e, scope)
       local obj, key = eval(e[2], scope), eval(e[3], scope)
       if obj == UNDEF then fail("[%s] of an undefined value", repr(key)) end
       if type(key) == "number" and (is_list(obj) or type(obj) == "string") then
-         if type(obj) == "string" then
-            local i = key < 0 and #obj + key + 1 or key + 1
-            return obj:sub(i, i)
+         if type(obj) == "string" then                        -- a character, as Python indexes
+            local chars = FILTERS.list(obj)
+            return chars[key < 0 and #chars + key + 1 or key + 1] or UNDEF
          end
          local v = index_of(obj, key, "[]")
          return v == nil and UNDEF or v
       end
       return getattr(obj, key)
    end
-   if k == "slice" then
+   if k == "slice" then                          -- Python's obj[a:b:step], 0-based, ends excluded
       local obj = eval(e[2], scope)
-      local n = type(obj) == "string" and #obj or #obj
-      local a = e[3] and eval(e[3], scope) or 0
-      local b = e[4] and eval(e[4], scope) or n
-      if a < 0 then a = math.max(0, n + a) end
-      if b < 0 then b = math.max(0, n + b) end
-      b = math.min(b, n)
-      if type(obj) == "string" then return obj:sub(a + 1, b) end
-      local out = {}
-      for i = a + 1, b do out[#out + 1] = obj[i] end
+      local chars = type(obj) == "string" and FILTERS.list(obj) or obj
+      local n = #chars
+      local step = e[5] and eval(e[5], scope) or 1
+      if step == 0 then fail("slice step cannot be zero") end
+      local a, b
+      if step > 0 then
+         a = e[3] and eval(e[3], scope) or 0
+         b = e[4] and eval(e[4], scope) or n
+         if a < 0 then a = math.max(0, n + a) end
+         if b < 0 then b = math.max(0, n + b) end
+         a, b = math.min(a, n), math.min(b, n)
+      else
+         a = e[3] and eval(e[3], scope) or n - 1
+         b = e[4] and eval(e[4], scope) or -n - 1          -- past the start
+         if a < 0 then a = n + a end
+         if e[4] and b < 0 then b = n + b end
+         a = math.min(a, n - 1)
+      end
+      local out, i = {}, a
+      while (step > 0 and i < b) or (step < 0 and i > b and i >= 0) do
+         out[#out + 1] = chars[i + 1]
+         i = i + step
+      end
+      if type(obj) == "string" then return table.concat(out) end
       return out
    end
    if k == "call" then
