@@ -386,3 +386,35 @@ describe("models.gemma3 multimodal checkpoint (tests/fixtures/models/gemma3_mult
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
    end)
 end)
+
+describe("models.gpt_neox (tests/fixtures/models/gpt_neox_tiny: per-head q/k/v, a quarter rotated)", function()
+   local neox = require("moonload.models.gpt_neox")
+   local exp = H.expected("gpt_neox_tiny")
+   local model = models.from_pretrained(H.FIX .. "/gpt_neox_tiny")
+
+   it("builds GPTNeoXForCausalLM under the hub's names, embed_out included", function()
+      assert.are.equal("GPTNeoXForCausalLM", model.__name)
+      local names = H.param_names(model)
+      assert.are.equal("gpt_neox.embed_in.weight", names[1])
+      assert.are.equal("embed_out.weight", names[#names])
+      assert.are.equal(2, model.config.rotary_dim)                 -- 0.25 of head_dim 8
+      assert.is_true(model.config.use_parallel_residual)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2, parallel residual")
+
+   describe("with the sequential residual", function()
+      it_matches_transformers(models.from_pretrained(H.FIX .. "/gpt_neox_tiny_sequential"),
+         H.expected("gpt_neox_tiny_sequential"), "batch of 2")
+   end)
+
+   it("reads the older rotary_pct and rotary_emb_base, and names a bad one", function()
+      local m = neox.GPTNeoXForCausalLM({ vocab_size = 50, hidden_size = 32, num_hidden_layers = 1,
+         num_attention_heads = 2, rotary_pct = 0.5, rotary_emb_base = 500 })
+      assert.are.equal(8, m.config.rotary_dim)
+      assert.are.equal(500, m.config.rope_theta)
+      assert.has_error(function()
+         neox.GPTNeoXForCausalLM({ vocab_size = 50, hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 3 })
+      end, "models.gpt_neox: hidden_size 32 is not a multiple of num_attention_heads 3 in config table")
+   end)
+end)

@@ -228,10 +228,12 @@ end
 -- --- causal language-model heads -----------------------------------------------------------
 
 --- The forward method of a causal LM head (GPT2LMHeadModel, LlamaForCausalLM): base is the
--- field holding the base model, embed the base model's token-embedding field. The method:
+-- field holding the base model, embed the base model's token-embedding field, head the output
+-- projection's (default lm_head; GPT-NeoX's is embed_out). The method:
 -- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep}]) -> logits
 -- (B, T, vocab), or (B, n, vocab) for the last n positions only when logits_to_keep = n.
-function M.causal_lm_forward(who, base, embed)
+function M.causal_lm_forward(who, base, embed, head)
+   head = head or "lm_head"
    return function(self, input_ids, opts)
       opts = opts or {}
       local ids = M.ids_tensor(input_ids, who)
@@ -245,7 +247,7 @@ function M.causal_lm_forward(who, base, embed)
       local h = model(ids, cache, pad, pos)
       local keep = opts.logits_to_keep
       if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
-      return self.lm_head(h)
+      return self[head](h)
    end
 end
 

@@ -1,4 +1,5 @@
---- ml.models: GPT-2, Llama (and Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2 and 3) and BERT with Hugging Face names, and
+--- ml.models: GPT-2, GPT-NeoX, Llama (and Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2
+-- and 3) and BERT with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -27,6 +28,7 @@ local ARCH = {
    gemma3 = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },   -- its language model
    qwen3_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
+   gpt_neox = { module = "moonload.models.gpt_neox", class = "GPTNeoXForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -37,6 +39,7 @@ setmetatable(M, { __index = function(t, k)
       mistral = "moonload.models.llama", qwen2 = "moonload.models.llama", qwen3 = "moonload.models.llama",
       phi3 = "moonload.models.llama", gemma2 = "moonload.models.gemma", gemma = "moonload.models.gemma",
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
+      gpt_neox = "moonload.models.gpt_neox",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", common = "moonload.models.common" })[k]
    if path then

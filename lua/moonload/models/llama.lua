@@ -99,7 +99,7 @@ end
 -- One rotary configuration from (table, where-prefix) sources, later ones winning (nested
 -- tables, Gemma 3's per-layer-type parameters, are not keys of it), with the keys its rope type
 -- needs checked: {rope_type, rope_theta, factor, ...}.
-local function rope_from(cfg, WHO, sources, default_theta)
+function M.rope_from(cfg, WHO, sources, default_theta)
    local rope, where = {}, {}
    for _, src in ipairs(sources) do
       for k, v in pairs(src[1]) do
@@ -168,11 +168,11 @@ function M.config(source, family)
    end
    local cfg = config.validate(raw, schema, src, WHO, 2)
    local rp = cfg.rope_parameters
-   local rope = rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
+   local rope = M.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
       { rp, "rope_parameters." }, { type(rp.full_attention) == "table" and rp.full_attention or {},
       "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000)
    if family == "gemma3_text" then     -- its sliding layers rotate with their own base
-      cfg.rope_local = rope_from(cfg, WHO, { { { rope_theta = cfg.rope_local_base_freq }, "" },
+      cfg.rope_local = M.rope_from(cfg, WHO, { { { rope_theta = cfg.rope_local_base_freq }, "" },
          { type(rp.sliding_attention) == "table" and rp.sliding_attention or {}, "rope_parameters.sliding_attention." } },
          10000)
    end
@@ -360,11 +360,12 @@ end
 -- x * cos + rotate_half(x) * sin, in one kernel; with fewer rotary dims than the head has
 -- (cos narrower than x), the rest of the head passes through, as Phi-3's apply_rotary_pos_emb.
 local rotary_kernel = nn.functional.rotary_embedding
-local function apply_rotary(x, cos, sin)
+local function apply_rotary(x, cos, sin)   -- (also M.apply_rotary, for GPT-NeoX)
    local rd, d = cos:size(-1), x:size(-1)
    if rd == d then return rotary_kernel(x, cos, sin) end
    return T.cat({ rotary_kernel(x:narrow(-1, 1, rd), cos, sin), x:narrow(-1, rd + 1, d - rd) }, -1)
 end
+M.apply_rotary = apply_rotary
 
 -- --- attention, MLP, layer ------------------------------------------------------------------
 

@@ -1,0 +1,170 @@
+--- GPT-NeoX (transformers' GPTNeoXForCausalLM: Pythia, GPT-NeoX-20B) with Hugging Face parameter
+-- names: gpt_neox.{embed_in, layers.N.{input_layernorm, post_attention_layernorm,
+-- attention.{query_key_value, dense}, mlp.{dense_h_to_4h, dense_4h_to_h}}, final_layer_norm},
+-- embed_out. Each head's q, k and v sit side by side in query_key_value; rotary embeddings turn
+-- the first partial_rotary_factor (rotary_pct) of each head; LayerNorms have biases; with
+-- use_parallel_residual (the default) attention and MLP both read the layer's input:
+-- x + attn(ln1(x)) + mlp(ln2(x)).
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local config = require("moonload.models.config")
+local common = require("moonload.models.common")
+local generation = require("moonload.models.generation")
+local llama = require("moonload.models.llama")
+
+local M = {}
+local WHO = "models.gpt_neox"
+
+M.schema = {
+   { "vocab_size", "int" },
+   { "hidden_size", "int" },
+   { "num_hidden_layers", "int" },
+   { "num_attention_heads", "int" },
+   { "intermediate_size", "int", function(c) return 4 * c.hidden_size end },
+   { "max_position_embeddings", "int", 2048 },
+   { "layer_norm_eps", "posnum", 1e-5 },
+   { "hidden_act", "string", "gelu" },
+   { "use_parallel_residual", "bool", true },
+   { "attention_bias", "bool", true },
+   { "tie_word_embeddings", "bool", false },
+   { "rope_parameters", "table", function() return {} end },
+   { "rope_scaling", "table", function() return {} end },
+}
+
+--- Reads and checks a GPT-NeoX config (path, folder or table). The rotary fraction and base come
+-- from rope_parameters (transformers 5) or rotary_pct and rotary_emb_base (older files).
+function M.config(source)
+   local cfg = config.load(source, M.schema, WHO)
+   if cfg.hidden_size % cfg.num_attention_heads ~= 0 then
+      config.fail(cfg, WHO, "hidden_size %d is not a multiple of num_attention_heads %d", cfg.hidden_size,
+         cfg.num_attention_heads)
+   end
+   cfg.head_dim = cfg.hidden_size / cfg.num_attention_heads
+   cfg.num_key_value_heads = cfg.num_attention_heads
+   local rp = cfg.rope_parameters
+   cfg.rope = llama.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." },
+      { { rope_theta = cfg.rotary_emb_base }, "" }, { rp, "rope_parameters." } }, 10000)
+   cfg.rope_theta = cfg.rope.rope_theta
+   local factor = rp.partial_rotary_factor or cfg.rotary_pct or 0.25
+   if type(factor) ~= "number" or factor <= 0 or factor > 1 then
+      config.fail(cfg, WHO, "partial_rotary_factor (rotary_pct) must be a number in (0, 1], got %s", tostring(factor))
+   end
+   cfg.rotary_dim = math.floor(cfg.head_dim * factor)
+   if cfg.rotary_dim % 2 ~= 0 then
+      config.fail(cfg, WHO, "the rotary dims of a head (%d of %d) must be even", cfg.rotary_dim, cfg.head_dim)
+   end
+   common.activation(cfg.hidden_act, WHO, cfg._source)
+   return cfg
+end
+
+local GPTNeoXAttention = nn.Module:extend("GPTNeoXAttention")
+M.GPTNeoXAttention = GPTNeoXAttention
+
+function GPTNeoXAttention:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, { bias = cfg.attention_bias })
+   self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, { bias = cfg.attention_bias })
+   rawset(self, "n_head", cfg.num_attention_heads)
+   rawset(self, "head_dim", cfg.head_dim)
+   rawset(self, "scale", 1 / math.sqrt(cfg.head_dim))
+   rawset(self, "layer_idx", layer_idx)
+end
+
+function GPTNeoXAttention:forward(x, cos, sin, cache, pad)
+   local B, L = x:size(1), x:size(2)
+   local H, D = self.n_head, self.head_dim
+   local qkv = self.query_key_value(x):view(B, L, H, 3 * D):transpose(2, 3)      -- (B, H, T, 3D)
+   local q, k, v = qkv:narrow(4, 1, D), qkv:narrow(4, D + 1, D), qkv:narrow(4, 2 * D + 1, D)
+   q, k = llama.apply_rotary(q, cos, sin), llama.apply_rotary(k, cos, sin)
+   local past = 0
+   if cache then
+      past = cache.length
+      k, v = cache:update(self.layer_idx, k, v:contiguous())
+   end
+   local y = common.causal_attention(q, k, v, past, self.scale, pad)              -- (B, H, T, D)
+   return self.dense(y:transpose(2, 3):reshape(B, L, H * D))
+end
+
+local GPTNeoXMLP = nn.Module:extend("GPTNeoXMLP")
+M.GPTNeoXMLP = GPTNeoXMLP
+
+function GPTNeoXMLP:__init(cfg)
+   nn.Module.__init(self)
+   self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+   self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+   self.act = common.activation_module(cfg.hidden_act, WHO, cfg._source)
+end
+
+function GPTNeoXMLP:forward(x) return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x))) end
+
+local GPTNeoXLayer = nn.Module:extend("GPTNeoXLayer")
+M.GPTNeoXLayer = GPTNeoXLayer
+
+function GPTNeoXLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.input_layernorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
+   self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
+   self.attention = GPTNeoXAttention(cfg, layer_idx)
+   self.mlp = GPTNeoXMLP(cfg)
+   rawset(self, "parallel", cfg.use_parallel_residual)
+end
+
+function GPTNeoXLayer:forward(x, cos, sin, cache, pad)
+   local a = self.attention(self.input_layernorm(x), cos, sin, cache, pad)
+   if self.parallel then return x + a + self.mlp(self.post_attention_layernorm(x)) end
+   local h = x + a
+   return h + self.mlp(self.post_attention_layernorm(h))
+end
+
+local GPTNeoXRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("GPTNeoXRotaryEmbedding")
+M.GPTNeoXRotaryEmbedding = GPTNeoXRotaryEmbedding
+
+local GPTNeoXModel = nn.Module:extend("GPTNeoXModel")
+M.GPTNeoXModel = GPTNeoXModel
+
+function GPTNeoXModel:__init(cfg)
+   nn.Module.__init(self)
+   self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+   local layers = {}
+   for i = 1, cfg.num_hidden_layers do layers[i] = GPTNeoXLayer(cfg, i) end
+   self.layers = nn.ModuleList(layers)
+   self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
+   self.rotary_emb = GPTNeoXRotaryEmbedding(cfg)
+   rawset(self, "config", cfg)
+end
+
+--- Llama's forward (positions, rotary tables, cache) over these layers.
+function GPTNeoXModel:forward(input_ids, cache, pad, pos)
+   local L = input_ids:size(2)
+   local past = cache and cache.length or 0
+   local x = self.embed_in(input_ids)
+   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
+   cos, sin = llama.rotary_for(cos, sin, x)
+   for i = 1, self.config.num_hidden_layers do x = self.layers[i](x, cos, sin, cache, pad) end
+   if cache then cache:advance(L) end
+   return self.final_layer_norm(x)
+end
+
+local GPTNeoXForCausalLM = nn.Module:extend("GPTNeoXForCausalLM")
+M.GPTNeoXForCausalLM = GPTNeoXForCausalLM
+GPTNeoXForCausalLM.base_model_prefix = "gpt_neox"
+GPTNeoXForCausalLM.tied_weights = { ["embed_out.weight"] = "gpt_neox.embed_in.weight" }
+GPTNeoXForCausalLM.ignore_unexpected = { "rotary_emb%.inv_freq$", "attention%.bias$", "attention%.masked_bias$" }
+GPTNeoXForCausalLM.no_split_modules = { "GPTNeoXLayer" }
+
+function GPTNeoXForCausalLM:__init(cfg)
+   nn.Module.__init(self)
+   cfg = M.config(cfg)
+   self.gpt_neox = GPTNeoXModel(cfg)
+   self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
+   rawset(self, "config", cfg)
+   if cfg.tie_word_embeddings then self.embed_out.weight = self.gpt_neox.embed_in.weight end
+end
+
+GPTNeoXForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "gpt_neox", "embed_in", "embed_out")
+
+function GPTNeoXForCausalLM:new_cache(capacity) return common.new_cache(self.config.num_hidden_layers, capacity) end
+function GPTNeoXForCausalLM:max_length() return nil end
+GPTNeoXForCausalLM.generate = generation.generate
+
+return M
