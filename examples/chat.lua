@@ -26,9 +26,21 @@ local prompt = tokenizer:apply_chat_template(messages, { add_generation_prompt =
 print(string.format("%s: %d layers; prompt of %d tokens:\n%s", model.__name, model.config.num_hidden_layers,
    #prompt, tokenizer:decode(prompt)))
 
--- Greedy, stopping at the end-of-turn token when the vocabulary has one.
+-- Greedy, stopping at the end-of-turn token when the vocabulary has one, printed as it comes:
+-- the answer so far is decoded after each token and its new end written out, held back while it
+-- ends in an incomplete character (U+FFFD).
 local eos = tokenizer:token_to_id("<|eot_id|>") or tokenizer:token_to_id("<|im_end|>")
    or tokenizer:token_to_id("<end_of_turn>") or tokenizer:token_to_id("</s>")
-local out = model:generate(prompt, { max_new_tokens = 16, eos_token_id = eos })
-local answer = { unpack(out, #prompt + 1) }
-print("answer: " .. tokenizer:decode(answer, { skip_special_tokens = true }))
+local answer, printed = {}, ""
+io.write("answer: ")
+model:generate(prompt, { max_new_tokens = 16, eos_token_id = eos, on_token = function(ids)
+   answer[#answer + 1] = ids[1]
+   local text = tokenizer:decode(answer, { skip_special_tokens = true })
+   if text:sub(-3) ~= "\239\191\189" then
+      io.write(text:sub(#printed + 1))
+      io.flush()
+      printed = text
+   end
+end })
+local text = tokenizer:decode(answer, { skip_special_tokens = true })
+print(text:sub(#printed + 1))

@@ -241,6 +241,21 @@ describe("models.gpt2", function()
          assert.are_not.same(pen.cases[1].greedy_ids, model:generate(pen.input_ids, { max_new_tokens = pen.max_new_tokens }))
       end)
 
+      it("streams each step's ids to on_token, and stops when it returns false", function()
+         local full = model:generate(exp.input_ids, { max_new_tokens = 6 })
+         local seen = {}
+         local out = model:generate(exp.input_ids, { max_new_tokens = 6, on_token = function(ids, step)
+            seen[step] = ids
+         end })
+         assert.are.same(full, out)
+         for step = 1, 6 do
+            assert.are.same({ full[1][#exp.input_ids[1] + step], full[2][#exp.input_ids[2] + step] }, seen[step])
+         end
+         local short = model:generate(exp.input_ids[1], { max_new_tokens = 6, on_token = function(_, step) return step < 3 end })
+         assert.are.equal(#exp.input_ids[1] + 3, #short)
+         assert.has_error(function() model:generate({ 1 }, { on_token = 5 }) end, "generate: on_token must be a function, got number")
+      end)
+
       it("stops at eos_token_id", function()
          local g = model:generate(exp.input_ids[1], { max_new_tokens = 12 })
          local eos = g[#exp.input_ids[1] + 3]
@@ -341,7 +356,7 @@ describe("models.gpt2", function()
          assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
             "generate: temperature must be a number >= 0, got -0.5")
          assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
-            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty)')
+            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token)')
          assert.has_error(function() model:generate({ 1 }, { repetition_penalty = 0 }) end,
             "generate: repetition_penalty must be a number > 0, got 0")
          assert.has_error(function() model:generate({ 1 }, { top_p = 0 }) end, "generate: top_p must be a number in (0, 1], got 0")

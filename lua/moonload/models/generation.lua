@@ -54,10 +54,13 @@ local function check_opts(opts)
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
    end
    local known = { max_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
-      eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true }
+      eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true }
+   if opts.on_token ~= nil and type(opts.on_token) ~= "function" then
+      error(string.format("%s: on_token must be a function, got %s", WHO, type(opts.on_token)), 3)
+   end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token)',
             WHO, tostring(k)), 3)
       end
    end
@@ -146,7 +149,8 @@ end
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
 -- the input's form. repetition_penalty (as transformers: > 1 discourages tokens already in the
--- sequence, prompt included) applies before sampling or the greedy pick. eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced
+-- sequence, prompt included) applies before sampling or the greedy pick. on_token(ids, step) is
+-- called with each step's new id per row (a list); returning false ends generation there. eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced
 -- one is finished and continues with the (first) eos id; generation stops when every row is.
 function M.generate(model, input_ids, opts)
    opts = check_opts(opts)
@@ -208,6 +212,9 @@ function M.generate(model, input_ids, opts)
       if done then tok = T.where(done, type(eos) == "table" and eos[1] or eos, tok) end
       out:narrow(2, L + step, 1):copy_(tok)
       n = step
+      -- streaming: the new id of each row as it comes (a REPL prints them through a tokenizer);
+      -- returning false stops here
+      if opts.on_token and opts.on_token(tok:view(B):tolist(), step) == false then break end
       if penalty then seen = seen:logical_or(vocab_ids:eq(tok:to(vocab_ids.device))) end
       if done then
          done = done:logical_or(is_eos(tok, eos))
