@@ -62,6 +62,45 @@ describe("models.bert", function()
          assert.is_true(math.abs(norms[1] - 1) < 1e-5 and math.abs(norms[2] - 1) < 1e-5)
       end)
 
+      it("pools as sentence-transformers' other modes (cls, max, mean_sqrt_len) and leaves rows unnormalized when asked", function()
+         local mask = exp.attention_mask
+         local o = { attention_mask = mask, token_type_ids = exp.token_type_ids, normalize = false }
+         local h = exp.last_hidden_state                      -- transformers' hidden states
+         local cls = model:sentence_embedding(exp.input_ids, setmetatable({ pooling = "cls" }, { __index = o })):tolist()
+         local mx = model:sentence_embedding(exp.input_ids, setmetatable({ pooling = "max" }, { __index = o })):tolist()
+         local sq = model:sentence_embedding(exp.input_ids, setmetatable({ pooling = "mean_sqrt_len" }, { __index = o })):tolist()
+         for b = 1, 2 do
+            local n = 0
+            for t = 1, #mask[b] do n = n + mask[b][t] end
+            for d = 1, 32 do
+               assert.is_true(math.abs(cls[b][d] - h[b][1][d]) < TOL)
+               local best, sum = -math.huge, 0
+               for t = 1, #mask[b] do
+                  if mask[b][t] == 1 then best = math.max(best, h[b][t][d]); sum = sum + h[b][t][d] end
+               end
+               assert.is_true(math.abs(mx[b][d] - best) < TOL)
+               assert.is_true(math.abs(sq[b][d] - sum / math.sqrt(n)) < TOL)
+            end
+         end
+         assert.has_error(function() model:sentence_embedding({ 1 }, { pooling = "median" }) end,
+            'sentence_embedding: pooling must be "mean", "cls", "max" or "mean_sqrt_len", got median')
+      end)
+
+      it("reads the pooling mode and normalization from a sentence-transformers folder", function()
+         local dir = H.tmpdir()
+         for _, f in ipairs({ "config.json", "model.safetensors" }) do H.copy(H.FIX .. "/bert_tiny/" .. f, dir .. "/" .. f) end
+         os.execute("mkdir -p " .. dir .. "/1_Pooling")
+         H.write(dir .. "/1_Pooling/config.json", '{"word_embedding_dimension": 32, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
+         H.write(dir .. "/modules.json", '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},'
+            .. '{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]')
+         local m = models.from_pretrained(dir)
+         assert.are.equal("cls", m.pooling)
+         assert.is_false(m.normalize_embeddings)                  -- no Normalize module listed
+         local emb = m:sentence_embedding(exp.input_ids, { attention_mask = exp.attention_mask, token_type_ids = exp.token_type_ids })
+         assert.is_true(H.max_abs_diff(emb:select(2, 1), { exp.last_hidden_state[1][1][1], exp.last_hidden_state[2][1][1] }) < TOL)
+         H.rmdir(dir)
+      end)
+
       it("rejects a mask of the wrong shape and out-of-range token types", function()
          assert.has_error(function() model({ 1, 2, 3 }, { attention_mask = { 1, 1 } }) end,
             "models.bert.forward: attention_mask has shape [1, 2], expected [1, 3]")

@@ -263,15 +263,67 @@ function M.normalize(x)
    return x / norm
 end
 
---- Sentence embeddings as sentence-transformers' all-MiniLM-L6-v2 pipeline computes them:
--- BERT, mean pooling over attention_mask, L2 normalisation (normalize = false skips it).
+--- The pooled rows of hidden (B, T, H) over the real tokens of attention_mask (B, T), as
+-- sentence-transformers' Pooling modes: "mean", "cls" (the first token), "max", "mean_sqrt_len"
+-- (the sum over the square root of the count).
+function M.pool(hidden, attention_mask, mode)
+   if mode == "mean" then return M.mean_pooling(hidden, attention_mask) end
+   if mode == "cls" then return hidden:select(2, 1) end
+   local B, L = hidden:size(1), hidden:size(2)
+   local m = attention_mask and common.mask_tensor(attention_mask, B, L, "pool"):to(hidden.dtype):unsqueeze(3)
+      or T.ones({ B, L, 1 }, { dtype = hidden.dtype, device = hidden.device })
+   if mode == "max" then
+      return hidden:masked_fill(m:eq(0), -math.huge):max(2)
+   end
+   if mode == "mean_sqrt_len" then
+      return (hidden * m):sum(2) / m:sum(2):clamp(1e-9):sqrt()
+   end
+   error(string.format('sentence_embedding: pooling must be "mean", "cls", "max" or "mean_sqrt_len", got %s',
+      tostring(mode)), 3)
+end
+
+--- Sentence embeddings as sentence-transformers computes them: BERT, pooling over
+-- attention_mask, L2 normalisation. pooling and normalize default to what the model folder's
+-- 1_Pooling/config.json and modules.json say (from_pretrained reads them), else mean pooling
+-- and normalized rows, as all-MiniLM-L6-v2.
 function BertModel:sentence_embedding(input_ids, opts)
    opts = opts or {}
    local out = self(input_ids, { attention_mask = opts.attention_mask,
       token_type_ids = opts.token_type_ids })
-   local emb = M.mean_pooling(out.last_hidden_state, opts.attention_mask)
-   if opts.normalize == false then return emb end
+   local emb = M.pool(out.last_hidden_state, opts.attention_mask, opts.pooling or self.pooling or "mean")
+   local normalize = opts.normalize
+   if normalize == nil then normalize = self.normalize_embeddings ~= false end
+   if not normalize then return emb end
    return M.normalize(emb)
+end
+
+-- sentence-transformers' own files in a model folder: the pooling mode (1_Pooling/config.json)
+-- and whether a Normalize module follows (modules.json). Sets model.pooling and
+-- model.normalize_embeddings when the files are there.
+function M.read_sentence_transformers(model, dir)
+   local cjson = require("cjson")
+   local function read(path)
+      local f = io.open(path, "rb")
+      if not f then return nil end
+      local ok, t = pcall(cjson.decode, f:read("*a"))
+      f:close()
+      return ok and type(t) == "table" and t or nil
+   end
+   local modules = read(dir .. "/modules.json")
+   local pooling_dir, normalize = "1_Pooling", false
+   for _, m in ipairs(type(modules) == "table" and modules or {}) do
+      if type(m) == "table" and type(m.type) == "string" then
+         if m.type:find("Pooling$") and type(m.path) == "string" then pooling_dir = m.path end
+         if m.type:find("Normalize$") then normalize = true end
+      end
+   end
+   local pc = read(dir .. "/" .. pooling_dir .. "/config.json")
+   if pc then
+      local mode = pc.pooling_mode_cls_token and "cls" or pc.pooling_mode_max_tokens and "max"
+         or pc.pooling_mode_mean_sqrt_len_tokens and "mean_sqrt_len" or "mean"
+      rawset(model, "pooling", mode)
+   end
+   if modules then rawset(model, "normalize_embeddings", normalize) end
 end
 
 function M.from_config(cfg, opts) return BertModel(cfg, opts) end

@@ -325,7 +325,13 @@ function M.from_pretrained(dir, opts)
       end
       build_opts = { add_pooling_layer = has_pooler }
    end
-   local function build() return cls(cfg_path, build_opts) end
+   local function build()
+      local model = cls(cfg_path, build_opts)
+      if raw.model_type == "bert" then          -- sentence-transformers' pooling and normalization
+         require("moonload.models.bert").read_sentence_transformers(model, dir)
+      end
+      return model
+   end
 
    if opts.device_map ~= nil then
       -- Big-model path: empty skeleton, then placement + loading by the dispatcher.
