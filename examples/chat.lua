@@ -1,7 +1,7 @@
 --- A chat turn with an instruct model: the folder's tokenizer.json and chat template
 -- (tokenizer_config.json) turn messages into ids, the model generates, the tokenizer decodes.
 --
---    luajit examples/chat.lua [path/to/model] ["your message"]
+--    luajit examples/chat.lua [path/to/model] ["your message"] [max new tokens]
 --
 -- Any folder from_pretrained reads works (Llama, Qwen2/3, Mistral, Phi-3/4, Gemma 2/3, ...,
 -- e.g. Qwen/Qwen2.5-0.5B-Instruct from the Hugging Face hub). Without one it runs the test
@@ -14,6 +14,7 @@ local ml = require("moonload")
 
 local dir = arg[1] or "tests/fixtures/models/chat_tiny"
 local question = arg[2] or "The quick brown fox jumps over the lazy dog. It's 12:45!"
+local max_new = tonumber(arg[3] or "") or (arg[1] and 256 or 16)
 
 local model = ml.models.from_pretrained(dir)
 local tokenizer = ml.tokenizers.from_pretrained(dir)
@@ -33,7 +34,7 @@ local eos = tokenizer:token_to_id("<|eot_id|>") or tokenizer:token_to_id("<|im_e
    or tokenizer:token_to_id("<end_of_turn>") or tokenizer:token_to_id("</s>")
 local answer, printed = {}, ""
 io.write("answer: ")
-model:generate(prompt, { max_new_tokens = 16, eos_token_id = eos, on_token = function(ids)
+model:generate(prompt, { max_new_tokens = max_new, eos_token_id = eos, on_token = function(ids)
    answer[#answer + 1] = ids[1]
    local text = tokenizer:decode(answer, { skip_special_tokens = true })
    if text:sub(-3) ~= "\239\191\189" then
