@@ -72,6 +72,15 @@ describe("tokenizers", function()
          'encode_batch: padding_side must be "right" or "left", got middle')
    end)
 
+   it("truncates on the right to max_length, special tokens included, as transformers does", function()
+      local tok = tokenizers.from_pretrained(FIX .. "/minilm_wordpiece")
+      assert.are.same({ 101, 1037, 1037, 1037, 102 }, tok:encode(("a "):rep(10), { truncation = true, max_length = 5 }))
+      assert.are.same({ 1037, 1037 }, tok:encode(("a "):rep(10), { truncation = true, max_length = 2, add_special_tokens = false }))
+      assert.are.equal(12, #tok:encode(("a "):rep(10), { max_length = 5 }))       -- no truncation asked
+      assert.has_error(function() tok:encode("a", { truncation = true, max_length = 1 }) end,
+         "encode: max_length 1 leaves no room beside the 2 special tokens")
+   end)
+
    it("decodes a tensor of ids", function()
       local tok = tokenizers.from_pretrained(FIX .. "/gpt2_bpe")
       local ids = tok:encode("The quick brown fox")

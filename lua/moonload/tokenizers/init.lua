@@ -132,10 +132,16 @@ function Tokenizer:tokenize(text)
    return tokens
 end
 
---- encode(text[, {add_special_tokens = true}]) -> list of 0-based token ids.
+--- encode(text[, {add_special_tokens = true, truncation = false, max_length}]) -> list of 0-based
+-- token ids. With truncation, the text's tokens are cut on the right so that the whole, special
+-- tokens included, fits max_length (transformers' default truncation).
 function Tokenizer:encode(text, opts)
    check_text(text, "encode")
    opts = opts or {}
+   local max_length = opts.truncation and opts.max_length
+   if max_length ~= nil and max_length ~= false and (type(max_length) ~= "number" or max_length < 0 or max_length % 1 ~= 0) then
+      error("encode: max_length must be a non-negative integer, got " .. tostring(max_length), 2)
+   end
    local vocab, added = self.model.vocab, self.added
    local ids = {}
    for _, t in ipairs(self:tokenize(text)) do
@@ -144,7 +150,16 @@ function Tokenizer:encode(text, opts)
       if id == nil then error(string.format("encode: token %q is not in the vocabulary of %s", t, self.source or "the tokenizer"), 2) end
       ids[#ids + 1] = id
    end
-   if opts.add_special_tokens ~= false then ids = self.post_process(ids) end
+   local special = opts.add_special_tokens ~= false
+   if max_length then
+      local room = max_length - (special and #self.post_process({}) or 0)
+      if room < 0 then
+         error(string.format("encode: max_length %d leaves no room beside the %d special tokens", max_length,
+            #self.post_process({})), 2)
+      end
+      for i = #ids, room + 1, -1 do ids[i] = nil end
+   end
+   if special then ids = self.post_process(ids) end
    return ids
 end
 
