@@ -215,6 +215,34 @@ describe("hookrt", function()
          assert.is_true(s.prefetch_pages >= 12)
       end)
 
+      it("does not read ahead through a successor that changed until it comes twice in a row (experts)", function()
+         local rt = new_rt()
+         local view = mapped_floats(3 * 4096)
+         local gs = three_groups(rt, view)
+         local function step(a, b)
+            materialize(rt, gs[a], 1); C.check(lib.ml_hookrt_release_group(rt, gs[a]))
+            materialize(rt, gs[b], 1); C.check(lib.ml_hookrt_release_group(rt, gs[b]))
+            C.check(lib.ml_hookrt_wait(rt))
+            return stats(rt).prefetch_jobs
+         end
+         step(1, 2)                                          -- learns g1 -> g2 (and g2 -> g1)
+         local before = step(1, 2)                           -- g1 reads g2 ahead
+         local after = step(1, 3)                            -- g1 read g2 ahead, but g3 came: g1 -> g3 unsure
+         assert.is_true(after > before)
+         assert.are.equal(gs[3], lib.ml_hookrt_next(rt, gs[1]))
+         local unsure = stats(rt).prefetch_jobs
+         materialize(rt, gs[1], 1)                           -- an unsure link: nothing read ahead
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.are.equal(unsure, stats(rt).prefetch_jobs)
+         C.check(lib.ml_hookrt_release_group(rt, gs[1]))
+         materialize(rt, gs[3], 1); C.check(lib.ml_hookrt_release_group(rt, gs[3]))   -- g3 again: sure
+         local sure = stats(rt).prefetch_jobs
+         materialize(rt, gs[1], 1)                           -- now g1 reads g3 ahead
+         C.check(lib.ml_hookrt_wait(rt))
+         assert.is_true(stats(rt).prefetch_jobs > sure)
+         C.check(lib.ml_hookrt_release_group(rt, gs[1]))
+      end)
+
       it("reads ahead several groups within the lookahead window", function()
          local rt = new_rt()
          C.check(lib.ml_hookrt_set_prefetch_window(rt, -1, 2 * 64 * 64 * 4))

@@ -12,7 +12,9 @@
  * POSIX_FADV_DONTNEED too).
  *
  * The runtime learns the order groups are materialized in (each group remembers the group that
- * came right after it last time). When a group is materialized, a worker thread starts reading
+ * came right after it last time, and whether that successor ever changed since it was last seen
+ * again: a mixture-of-experts block picks different experts each token, and reading ahead the
+ * ones chosen last time would mostly read weights nobody uses. Read-ahead stops at such a link). When a group is materialized, a worker thread starts reading
  * the mapped pages of the group expected next (posix_fadvise WILLNEED, then touching each page)
  * while the caller computes. Jobs carry their own mapping references, so the worker never
  * looks at group state. C never calls Lua; the Lua side drives everything through these calls.
@@ -49,6 +51,7 @@ typedef struct {
   int nslots, cap;
   ml_tensor **live;           /* owned references to what materialize handed out, nslots long */
   int next;                   /* learned successor group, -1 when unknown */
+  bool next_unsure;           /* the successor changed and has not come twice in a row since */
   bool queued;                /* prefetch queued since it was last materialized */
   size_t host_bytes;          /* bytes of the sources in host memory (what streaming uploads) */
 } hr_group;
@@ -647,8 +650,14 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   gr->active = true;
   atomic_fetch_add(&rt->materialize_calls, 1);
   /* learn the order, then read ahead what is expected next */
-  if (rt->last >= 0 && rt->last != g && rt->last < rt->ngroups && rt->groups[rt->last].used)
-    rt->groups[rt->last].next = g;
+  if (rt->last >= 0 && rt->last != g && rt->last < rt->ngroups && rt->groups[rt->last].used) {
+    hr_group *prev = &rt->groups[rt->last];
+    if (prev->next == g) prev->next_unsure = false;        /* seen again: follow it */
+    else {
+      prev->next_unsure = prev->next >= 0;                 /* a different successor than before */
+      prev->next = g;
+    }
+  }
   rt->last = g;
   if (!atomic_load(&rt->has_owner)) {   /* the first thread to run a forward owns the runtime */
     rt->owner = pthread_self();
@@ -662,7 +671,8 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
     int window[MAX_AHEAD], nwindow = 0;
     int64_t limit = stream_window(rt);
     size_t ahead = 0;
-    for (int h = gr->next; rt->prefetch && limit >= 0 && h >= 0 && h != g && nwindow < MAX_AHEAD; h = rt->groups[h].next) {
+    for (int h = gr->next_unsure ? -1 : gr->next; rt->prefetch && limit >= 0 && h >= 0 && h != g && nwindow < MAX_AHEAD;
+         h = rt->groups[h].next_unsure ? -1 : rt->groups[h].next) {
       hr_group *o = &rt->groups[h];
       if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
       size_t b = o->host_bytes;
@@ -676,7 +686,7 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
     stage_drop_others(rt, window, nwindow);
     for (int k = 0; k < nwindow; k++) stage_group(rt, window[k]);
   }
-  if (rt->prefetch) read_ahead(rt, gr->next, g, false);
+  if (rt->prefetch && !gr->next_unsure) read_ahead(rt, gr->next, g, false);
   return ML_OK;
 }
 
@@ -701,7 +711,8 @@ static void widen_stream_window(ml_hookrt *rt) {
 ml_status ml_hookrt_forward_begins(ml_hookrt *rt) {
   if (!rt) return ml_fail(ML_EINVAL, "ml_hookrt_forward_begins: runtime is NULL");
   widen_stream_window(rt);
-  if (rt->prefetch && rt->last >= 0 && rt->last < rt->ngroups && rt->groups[rt->last].used)
+  if (rt->prefetch && rt->last >= 0 && rt->last < rt->ngroups && rt->groups[rt->last].used &&
+      !rt->groups[rt->last].next_unsure)
     read_ahead(rt, rt->groups[rt->last].next, rt->last, true);
   return ML_OK;
 }
@@ -729,7 +740,7 @@ static void read_ahead(ml_hookrt *rt, int h, int stop, bool again) {
     if (steps > 0 && ahead + b > rt->lookahead) break;
     if (!o->active && (!o->queued || (again && !job_queued(rt, h)))) enqueue_prefetch(rt, h);
     ahead += b;
-    h = o->next;
+    h = o->next_unsure ? -1 : o->next;
   }
 }
 
@@ -786,7 +797,8 @@ ml_status ml_hookrt_group_free(ml_hookrt *rt, int g) {
   for (int i = rt->nstages - 1; i >= 0; i--)
     if (rt->stages[i].group == g) stage_drop(rt, i);
   group_clear(rt, &rt->groups[g]);
-  for (int i = 0; i < rt->ngroups; i++) if (rt->groups[i].next == g) rt->groups[i].next = -1;
+  for (int i = 0; i < rt->ngroups; i++)
+    if (rt->groups[i].next == g) { rt->groups[i].next = -1; rt->groups[i].next_unsure = false; }
   if (rt->last == g) rt->last = -1;
   return ML_OK;
 }
