@@ -418,3 +418,21 @@ describe("models.gpt_neox (tests/fixtures/models/gpt_neox_tiny: per-head q/k/v, 
       end, "models.gpt_neox: hidden_size 32 is not a multiple of num_attention_heads 3 in config table")
    end)
 end)
+
+describe("models.qwen2_moe (tests/fixtures/models/qwen2_moe_tiny: 6 experts top 2 and a gated shared expert)", function()
+   local exp = H.expected("qwen2_moe_tiny")
+   local model = models.from_pretrained(H.FIX .. "/qwen2_moe_tiny")
+
+   it("builds the shared expert and its gate beside the routed experts, a dense last layer", function()
+      assert.are.equal("Qwen2MoeForCausalLM", model.__name)
+      local mlp = model.model.layers[1].mlp
+      assert.are.equal("Qwen2MoeSparseMoeBlock", mlp.__name)
+      assert.are.same({ 24, 32 }, mlp.shared_expert.gate_proj.weight.shape)
+      assert.are.same({ 1, 32 }, mlp.shared_expert_gate.weight.shape)
+      assert.are.equal("Qwen2MoeMLP", model.model.layers[3].mlp.__name)
+      assert.are.same({ 32 }, model.model.layers[1].self_attn.q_proj.bias.shape)   -- Qwen2's biases
+      assert.is_false(model.config.norm_topk_prob)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+end)

@@ -28,6 +28,7 @@ local FAMILIES = {
    phi3 = { who = "models.phi3", prefix = "Phi3" },
    qwen3_moe = { who = "models.qwen3_moe", prefix = "Qwen3Moe", defaults = { head_dim = 128 } },   -- models/moe.lua
    mixtral = { who = "models.mixtral", prefix = "Mixtral", defaults = { rope_theta = 1000000 } },  -- models/moe.lua
+   qwen2_moe = { who = "models.qwen2_moe", prefix = "Qwen2Moe" },                                  -- models/moe.lua
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
@@ -214,7 +215,7 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
-   elseif family == "qwen2" then
+   elseif family == "qwen2" or family == "qwen2_moe" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = true, false, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
    elseif family == "gemma2" or family == "gemma3_text" then

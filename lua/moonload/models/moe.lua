@@ -1,8 +1,9 @@
 --- Mixture-of-experts models with Hugging Face parameter names: Qwen3-MoE (Qwen3MoeForCausalLM,
 -- as Qwen3-30B-A3B: Qwen3's attention, mlp.experts.E.{gate_proj, up_proj, down_proj} behind a
 -- router mlp.gate; layers in mlp_only_layers, or off the decoder_sparse_step, keep a dense MLP)
--- and Mixtral (MixtralForCausalLM: Mistral's attention, block_sparse_moe.experts.E.{w1, w2, w3}
--- behind block_sparse_moe.gate). Each token goes to the num_experts_per_tok experts its softmax
+-- Qwen2-MoE (Qwen2MoeForCausalLM: Qwen2's attention, the same experts plus a shared expert every
+-- token goes through, weighted by a sigmoid gate) and Mixtral (MixtralForCausalLM: Mistral's
+-- attention, block_sparse_moe.experts.E.{w1, w2, w3} behind block_sparse_moe.gate). Each token goes to the num_experts_per_tok experts its softmax
 -- router scores highest, weighted by those scores (renormalized to sum to 1: always for Mixtral,
 -- with norm_topk_prob for Qwen3-MoE).
 --
@@ -35,6 +36,9 @@ function M.config(source, family)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (family == "mixtral" and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
+   if family == "qwen2_moe" then
+      cfg.shared_expert_intermediate_size = int(cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size", 1)
+   end
    if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then
       config.fail(cfg, WHO, "num_experts_per_tok %d is more than num_experts %d", cfg.num_experts_per_tok, cfg.num_experts)
    end
@@ -122,6 +126,26 @@ function Qwen3MoeSparseMoeBlock:__init(cfg)
    self:routing(cfg)
 end
 
+local Qwen2MoeMLP = Qwen3MoeMLP:extend("Qwen2MoeMLP")
+M.Qwen2MoeMLP = Qwen2MoeMLP
+
+local Qwen2MoeSparseMoeBlock = SparseMoeBlock:extend("Qwen2MoeSparseMoeBlock")
+M.Qwen2MoeSparseMoeBlock = Qwen2MoeSparseMoeBlock
+
+function Qwen2MoeSparseMoeBlock:__init(cfg)
+   nn.Module.__init(self)
+   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   self.experts = experts_of(cfg, Qwen2MoeMLP)
+   self.shared_expert = Qwen2MoeMLP(cfg, cfg.shared_expert_intermediate_size)
+   self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, { bias = false })
+   self:routing(cfg)
+end
+
+--- The routed experts' sum plus the shared expert, scaled per token by sigmoid(shared_expert_gate).
+function Qwen2MoeSparseMoeBlock:forward(x)
+   return SparseMoeBlock.forward(self, x) + self.shared_expert_gate(x):sigmoid() * self.shared_expert(x)
+end
+
 -- Mixtral's expert: w2(act(w1 x) * w3 x).
 local MixtralBlockSparseTop2MLP = nn.Module:extend("MixtralBlockSparseTop2MLP")
 M.MixtralBlockSparseTop2MLP = MixtralBlockSparseTop2MLP
@@ -178,6 +202,30 @@ Qwen3MoeForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model
 function Qwen3MoeForCausalLM:read_config(source)
    return M.config(source, self.family)
 end
+
+local Qwen2MoeAttention = llama.LlamaAttention:extend("Qwen2MoeAttention")
+M.Qwen2MoeAttention = Qwen2MoeAttention
+
+local Qwen2MoeDecoderLayer = llama.LlamaDecoderLayer:extend("Qwen2MoeDecoderLayer")
+M.Qwen2MoeDecoderLayer = Qwen2MoeDecoderLayer
+Qwen2MoeDecoderLayer.Attention = Qwen2MoeAttention
+
+function Qwen2MoeDecoderLayer.MLP(cfg, layer_idx)
+   return cfg.sparse_layers[layer_idx] and Qwen2MoeSparseMoeBlock(cfg) or Qwen2MoeMLP(cfg)
+end
+
+local Qwen2MoeRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Qwen2MoeRotaryEmbedding")
+M.Qwen2MoeRotaryEmbedding = Qwen2MoeRotaryEmbedding
+
+local Qwen2MoeModel = llama.LlamaModel:extend("Qwen2MoeModel")
+M.Qwen2MoeModel = Qwen2MoeModel
+Qwen2MoeModel.family, Qwen2MoeModel.Layer, Qwen2MoeModel.Rotary = "qwen2_moe", Qwen2MoeDecoderLayer, Qwen2MoeRotaryEmbedding
+
+local Qwen2MoeForCausalLM = Qwen3MoeForCausalLM:extend("Qwen2MoeForCausalLM")
+M.Qwen2MoeForCausalLM = Qwen2MoeForCausalLM
+Qwen2MoeForCausalLM.family, Qwen2MoeForCausalLM.Model = "qwen2_moe", Qwen2MoeModel
+Qwen2MoeForCausalLM.no_split_modules = { "Qwen2MoeDecoderLayer" }
+Qwen2MoeForCausalLM.forward = common.causal_lm_forward("models.qwen2_moe.forward", "model", "embed_tokens")
 
 local MixtralAttention = llama.LlamaAttention:extend("MixtralAttention")
 M.MixtralAttention = MixtralAttention
