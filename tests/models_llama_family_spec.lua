@@ -436,3 +436,22 @@ describe("models.qwen2_moe (tests/fixtures/models/qwen2_moe_tiny: 6 experts top 
 
    it_matches_transformers(model, exp, "batch of 2")
 end)
+
+describe("models.starcoder2 (tests/fixtures/models/starcoder2_tiny: LayerNorms, biases, c_fc/c_proj, window 5)", function()
+   local exp = H.expected("starcoder2_tiny")
+   local model = models.from_pretrained(H.FIX .. "/starcoder2_tiny")
+
+   it("builds Starcoder2ForCausalLM with LayerNorms, biased projections and a tied head", function()
+      assert.are.equal("Starcoder2ForCausalLM", model.__name)
+      local layer = model.model.layers[1]
+      assert.are.equal("LayerNorm", layer.input_layernorm.__name)
+      assert.are.same({ 32 }, layer.input_layernorm.bias.shape)
+      assert.are.same({ 32 }, layer.self_attn.o_proj.bias.shape)
+      assert.are.same({ 64, 32 }, layer.mlp.c_fc.weight.shape)
+      assert.are.equal("LayerNorm", model.model.norm.__name)
+      assert.are.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+      assert.are.same({ 5, 5 }, model.config.layer_windows)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2, past the window")
+end)

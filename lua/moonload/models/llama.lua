@@ -29,6 +29,8 @@ local FAMILIES = {
    qwen3_moe = { who = "models.qwen3_moe", prefix = "Qwen3Moe", defaults = { head_dim = 128 } },   -- models/moe.lua
    mixtral = { who = "models.mixtral", prefix = "Mixtral", defaults = { rope_theta = 1000000 } },  -- models/moe.lua
    qwen2_moe = { who = "models.qwen2_moe", prefix = "Qwen2Moe" },                                  -- models/moe.lua
+   starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
+                  defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
@@ -167,6 +169,9 @@ function M.config(source, family)
    if (family == "gemma2" or family == "gemma3_text") and raw.hidden_activation ~= nil then
       raw.hidden_act = raw.hidden_activation
    end
+   if family == "starcoder2" and raw.norm_epsilon ~= nil and raw.rms_norm_eps == nil then
+      raw.rms_norm_eps = raw.norm_epsilon                     -- its LayerNorms' eps, under Llama's key
+   end
    local cfg = config.validate(raw, schema, src, WHO, 2)
    local rp = cfg.rope_parameters
    local rope = M.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
@@ -211,6 +216,11 @@ function M.config(source, family)
    if family == "llama" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "starcoder2" then
+      local bias = cfg.use_bias ~= false
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
+      local w = window_size(cfg, WHO)
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
    elseif family == "mistral" or family == "phi3" or family == "mixtral" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       local w = window_size(cfg, WHO)
@@ -453,13 +463,14 @@ M.LlamaDecoderLayer = LlamaDecoderLayer
 
 LlamaDecoderLayer.Attention, LlamaDecoderLayer.MLP = LlamaAttention, LlamaMLP   -- a family's own
 LlamaDecoderLayer.mlp_name = "mlp"                -- Mixtral: block_sparse_moe
+LlamaDecoderLayer.Norm = nn.RMSNorm                -- StarCoder2: LayerNorm
 
 function LlamaDecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
    self.self_attn = self.Attention(cfg, layer_idx)
    self[self.mlp_name] = self.MLP(cfg, layer_idx)   -- the layer index: a MoE family picks dense or sparse by it
-   self.input_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
-   self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.input_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.post_attention_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
 
 function LlamaDecoderLayer:forward(x, cos, sin, cache, pad)
@@ -601,6 +612,21 @@ family_classes("mistral")
 family_classes("qwen2")
 family_classes("qwen3")
 family_classes("phi3")
+family_classes("starcoder2")
+
+-- StarCoder2: LayerNorms (with biases) in place of RMSNorms, and a c_fc / c_proj MLP.
+local Starcoder2MLP = M.Starcoder2MLP
+
+function Starcoder2MLP:__init(cfg)
+   nn.Module.__init(self)
+   self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = cfg.mlp_bias })
+   self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, { bias = cfg.mlp_bias })
+   self.act = common.activation_module(cfg.hidden_act, FAMILIES.starcoder2.who, cfg._source)
+end
+
+function Starcoder2MLP:forward(x) return self.c_proj(self.act(self.c_fc(x))) end
+
+M.Starcoder2DecoderLayer.Norm, M.Starcoder2Model.Norm = nn.LayerNorm, nn.LayerNorm
 
 -- Phi-3's fused projections, under its own parameter names: self_attn.{o_proj, qkv_proj} (q, k,
 -- v side by side in that order) and mlp.{gate_up_proj (gate, then up), down_proj}.
