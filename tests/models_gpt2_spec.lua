@@ -380,7 +380,7 @@ describe("models.gpt2", function()
             'models.gpt2: config key "n_layer" in ' .. dir .. '/config.json must be a positive integer, got string "2"')
          H.write(dir .. "/config.json", '{"model_type": "gpt3"}')
          assert.has_error(function() models.from_pretrained(dir) end,
-            'models: model_type "gpt3" in ' .. dir .. '/config.json is not supported (supported: bert, gemma2, gemma3, gemma3_text, gpt2, gpt_neox, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, starcoder2)')
+            'models: model_type "gpt3" in ' .. dir .. '/config.json is not supported (supported: bert, gemma2, gemma3, gemma3_text, gpt2, gpt_neox, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, starcoder2)')
          H.rmdir(dir)
       end)
 

@@ -455,3 +455,19 @@ describe("models.starcoder2 (tests/fixtures/models/starcoder2_tiny: LayerNorms, 
 
    it_matches_transformers(model, exp, "batch of 2, past the window")
 end)
+
+describe("models.olmo2 (tests/fixtures/models/olmo2_tiny: norms after attention and MLP, whole-projection q/k norms)", function()
+   local exp = H.expected("olmo2_tiny")
+   local model = models.from_pretrained(H.FIX .. "/olmo2_tiny")
+
+   it("builds Olmo2ForCausalLM without input norms, with q_norm over all query heads", function()
+      assert.are.equal("Olmo2ForCausalLM", model.__name)
+      local layer = model.model.layers[1]
+      assert.is_nil(layer.input_layernorm)
+      assert.are.same({ 32 }, layer.self_attn.q_norm.weight.shape)          -- 4 heads of 8
+      assert.are.same({ 16 }, layer.self_attn.k_norm.weight.shape)          -- 2 key/value heads of 8
+      assert.are.same({ 32 }, layer.post_feedforward_layernorm.weight.shape)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+end)

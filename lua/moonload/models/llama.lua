@@ -29,6 +29,7 @@ local FAMILIES = {
    qwen3_moe = { who = "models.qwen3_moe", prefix = "Qwen3Moe", defaults = { head_dim = 128 } },   -- models/moe.lua
    mixtral = { who = "models.mixtral", prefix = "Mixtral", defaults = { rope_theta = 1000000 } },  -- models/moe.lua
    qwen2_moe = { who = "models.qwen2_moe", prefix = "Qwen2Moe" },                                  -- models/moe.lua
+   olmo2 = { who = "models.olmo2", prefix = "Olmo2" },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
@@ -215,6 +216,9 @@ function M.config(source, family)
    cfg.layer_windows = {}
    if family == "llama" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "olmo2" then
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "starcoder2" then
       local bias = cfg.use_bias ~= false
@@ -423,7 +427,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, D = self.n_head, self.head_dim
    local q, k, v = self:project(x, B, L)
-   if self.q_norm then q, k = self.q_norm(q), self.k_norm(k) end
+   if self.q_norm and not self.qk_norm_in_project then q, k = self.q_norm(q), self.k_norm(k) end
    q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
    q = apply_rotary(q, cos, sin)
    k = apply_rotary(k, cos, sin)
@@ -613,6 +617,37 @@ family_classes("qwen2")
 family_classes("qwen3")
 family_classes("phi3")
 family_classes("starcoder2")
+family_classes("olmo2")
+
+-- OLMo 2: RMSNorms over the whole query and key projections (before the heads are split), and
+-- norms after attention and MLP instead of before.
+local Olmo2Attention, Olmo2DecoderLayer = M.Olmo2Attention, M.Olmo2DecoderLayer
+
+function Olmo2Attention:__init(cfg, layer_idx)
+   LlamaAttention.__init(self, cfg, layer_idx)
+   self.q_norm = nn.RMSNorm(cfg.num_attention_heads * cfg.head_dim, { eps = cfg.rms_norm_eps })
+   self.k_norm = nn.RMSNorm(cfg.num_key_value_heads * cfg.head_dim, { eps = cfg.rms_norm_eps })
+   rawset(self, "qk_norm_in_project", true)
+end
+
+function Olmo2Attention:project(x, B, L)
+   local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+   return self.q_norm(self.q_proj(x)):view(B, L, H, D), self.k_norm(self.k_proj(x)):view(B, L, Hkv, D),
+      self.v_proj(x):view(B, L, Hkv, D)
+end
+
+function Olmo2DecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.self_attn = self.Attention(cfg, layer_idx)
+   self.mlp = self.MLP(cfg, layer_idx)
+   self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.post_feedforward_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function Olmo2DecoderLayer:forward(x, cos, sin, cache, pad)
+   x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, cache, pad))
+   return x + self.post_feedforward_layernorm(self.mlp(x))
+end
 
 -- StarCoder2: LayerNorms (with biases) in place of RMSNorms, and a c_fc / c_proj MLP.
 local Starcoder2MLP = M.Starcoder2MLP
