@@ -17,7 +17,6 @@ local config = require("moonload.models.config")
 local llama = require("moonload.models.llama")
 
 local M = {}
-local WHO = "models.qwen3_moe"
 
 --- Reads and checks a Qwen3-MoE config (path, folder or table); family "mixtral" a Mixtral one.
 function M.config(source, family)
@@ -174,78 +173,30 @@ end
 
 -- --- layers and models ------------------------------------------------------------------------------
 
-local Qwen3MoeAttention = llama.LlamaAttention:extend("Qwen3MoeAttention")
-M.Qwen3MoeAttention = Qwen3MoeAttention
-
-local Qwen3MoeDecoderLayer = llama.LlamaDecoderLayer:extend("Qwen3MoeDecoderLayer")
-M.Qwen3MoeDecoderLayer = Qwen3MoeDecoderLayer
-Qwen3MoeDecoderLayer.Attention = Qwen3MoeAttention
-
---- A sparse block where cfg.sparse_layers says so, else a dense MLP.
-function Qwen3MoeDecoderLayer.MLP(cfg, layer_idx)
-   return cfg.sparse_layers[layer_idx] and Qwen3MoeSparseMoeBlock(cfg) or Qwen3MoeMLP(cfg)
+-- The classes of a MoE family, named as transformers names them (no_split_module_classes and the
+-- printed tree use them): Llama's attention and layout, with the family's sparse block where
+-- cfg.sparse_layers says so and its dense MLP elsewhere, under the attribute mlp_name.
+local function moe_family(family, prefix, Sparse, Dense, mlp_name)
+   local Attention = llama.LlamaAttention:extend(prefix .. "Attention")
+   local Layer = llama.LlamaDecoderLayer:extend(prefix .. "DecoderLayer")
+   Layer.Attention, Layer.mlp_name = Attention, mlp_name or "mlp"
+   function Layer.MLP(cfg, layer_idx)
+      return cfg.sparse_layers[layer_idx] and Sparse(cfg) or Dense(cfg)
+   end
+   local Rotary = llama.LlamaRotaryEmbedding:extend(prefix .. "RotaryEmbedding")
+   local Model = llama.LlamaModel:extend(prefix .. "Model")
+   Model.family, Model.Layer, Model.Rotary = family, Layer, Rotary
+   local LM = llama.LlamaForCausalLM:extend(prefix .. "ForCausalLM")
+   LM.family, LM.Model = family, Model
+   LM.no_split_modules = { prefix .. "DecoderLayer" }
+   LM.forward = common.causal_lm_forward("models." .. family .. ".forward", "model", "embed_tokens")
+   function LM:read_config(source) return M.config(source, self.family) end
+   M[prefix .. "Attention"], M[prefix .. "DecoderLayer"], M[prefix .. "RotaryEmbedding"] = Attention, Layer, Rotary
+   M[prefix .. "Model"], M[prefix .. "ForCausalLM"] = Model, LM
 end
 
-local Qwen3MoeRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Qwen3MoeRotaryEmbedding")
-M.Qwen3MoeRotaryEmbedding = Qwen3MoeRotaryEmbedding
-
-local Qwen3MoeModel = llama.LlamaModel:extend("Qwen3MoeModel")
-M.Qwen3MoeModel = Qwen3MoeModel
-Qwen3MoeModel.family, Qwen3MoeModel.Layer, Qwen3MoeModel.Rotary = "qwen3_moe", Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
-
-local Qwen3MoeForCausalLM = llama.LlamaForCausalLM:extend("Qwen3MoeForCausalLM")
-M.Qwen3MoeForCausalLM = Qwen3MoeForCausalLM
-Qwen3MoeForCausalLM.family, Qwen3MoeForCausalLM.Model = "qwen3_moe", Qwen3MoeModel
-Qwen3MoeForCausalLM.no_split_modules = { "Qwen3MoeDecoderLayer" }
-Qwen3MoeForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
-
-function Qwen3MoeForCausalLM:read_config(source)
-   return M.config(source, self.family)
-end
-
-local Qwen2MoeAttention = llama.LlamaAttention:extend("Qwen2MoeAttention")
-M.Qwen2MoeAttention = Qwen2MoeAttention
-
-local Qwen2MoeDecoderLayer = llama.LlamaDecoderLayer:extend("Qwen2MoeDecoderLayer")
-M.Qwen2MoeDecoderLayer = Qwen2MoeDecoderLayer
-Qwen2MoeDecoderLayer.Attention = Qwen2MoeAttention
-
-function Qwen2MoeDecoderLayer.MLP(cfg, layer_idx)
-   return cfg.sparse_layers[layer_idx] and Qwen2MoeSparseMoeBlock(cfg) or Qwen2MoeMLP(cfg)
-end
-
-local Qwen2MoeRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Qwen2MoeRotaryEmbedding")
-M.Qwen2MoeRotaryEmbedding = Qwen2MoeRotaryEmbedding
-
-local Qwen2MoeModel = llama.LlamaModel:extend("Qwen2MoeModel")
-M.Qwen2MoeModel = Qwen2MoeModel
-Qwen2MoeModel.family, Qwen2MoeModel.Layer, Qwen2MoeModel.Rotary = "qwen2_moe", Qwen2MoeDecoderLayer, Qwen2MoeRotaryEmbedding
-
-local Qwen2MoeForCausalLM = Qwen3MoeForCausalLM:extend("Qwen2MoeForCausalLM")
-M.Qwen2MoeForCausalLM = Qwen2MoeForCausalLM
-Qwen2MoeForCausalLM.family, Qwen2MoeForCausalLM.Model = "qwen2_moe", Qwen2MoeModel
-Qwen2MoeForCausalLM.no_split_modules = { "Qwen2MoeDecoderLayer" }
-Qwen2MoeForCausalLM.forward = common.causal_lm_forward("models.qwen2_moe.forward", "model", "embed_tokens")
-
-local MixtralAttention = llama.LlamaAttention:extend("MixtralAttention")
-M.MixtralAttention = MixtralAttention
-
-local MixtralDecoderLayer = llama.LlamaDecoderLayer:extend("MixtralDecoderLayer")
-M.MixtralDecoderLayer = MixtralDecoderLayer
-MixtralDecoderLayer.Attention, MixtralDecoderLayer.MLP = MixtralAttention, MixtralSparseMoeBlock
-MixtralDecoderLayer.mlp_name = "block_sparse_moe"
-
-local MixtralRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("MixtralRotaryEmbedding")
-M.MixtralRotaryEmbedding = MixtralRotaryEmbedding
-
-local MixtralModel = llama.LlamaModel:extend("MixtralModel")
-M.MixtralModel = MixtralModel
-MixtralModel.family, MixtralModel.Layer, MixtralModel.Rotary = "mixtral", MixtralDecoderLayer, MixtralRotaryEmbedding
-
-local MixtralForCausalLM = Qwen3MoeForCausalLM:extend("MixtralForCausalLM")
-M.MixtralForCausalLM = MixtralForCausalLM
-MixtralForCausalLM.family, MixtralForCausalLM.Model = "mixtral", MixtralModel
-MixtralForCausalLM.no_split_modules = { "MixtralDecoderLayer" }
-MixtralForCausalLM.forward = common.causal_lm_forward("models.mixtral.forward", "model", "embed_tokens")
+moe_family("qwen3_moe", "Qwen3Moe", Qwen3MoeSparseMoeBlock, Qwen3MoeMLP)
+moe_family("qwen2_moe", "Qwen2Moe", Qwen2MoeSparseMoeBlock, Qwen2MoeMLP)
+moe_family("mixtral", "Mixtral", MixtralSparseMoeBlock, MixtralSparseMoeBlock, "block_sparse_moe")   -- all sparse
 
 return M
