@@ -471,3 +471,20 @@ describe("models.olmo2 (tests/fixtures/models/olmo2_tiny: norms after attention 
 
    it_matches_transformers(model, exp, "batch of 2")
 end)
+
+describe("models.phi (tests/fixtures/models/phi_tiny: parallel attention and MLP, 0.4 rotary, q/k LayerNorms)", function()
+   local exp = H.expected("phi_tiny")
+   local model = models.from_pretrained(H.FIX .. "/phi_tiny")
+
+   it("builds PhiForCausalLM under the hub's names: dense, fc1/fc2, final_layernorm, a biased head", function()
+      assert.are.equal("PhiForCausalLM", model.__name)
+      local attn = model.model.layers[1].self_attn
+      assert.are.same({ 40 }, attn.dense.bias.shape)
+      assert.are.same({ 10 }, attn.q_layernorm.weight.shape)
+      assert.are.equal(4, model.config.rotary_dim)               -- 0.4 of head_dim 10
+      assert.are.same({ 100 }, model.lm_head.bias.shape)
+      assert.are.equal("LayerNorm", model.model.final_layernorm.__name)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+end)

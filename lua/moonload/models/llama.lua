@@ -417,6 +417,8 @@ function M.attention_geometry(self, cfg, layer_idx)
 end
 
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
+LlamaAttention.out_name = "o_proj"                 -- the output projection's attribute (Phi: dense)
+
 --- q (B, T, H, D), k and v (B, T, Hkv, D) from x (B, T, hidden).
 function LlamaAttention:project(x, B, L)
    local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -438,7 +440,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    end
    local y = self:attend(q, k, v, past, pad)                        -- (B, H, T, D)
    y = y:transpose(2, 3):reshape(B, L, H * D)
-   return self.o_proj(y)
+   return self[self.out_name](y)
 end
 
 --- softmax(q k^T * scale + causal/window/padding mask) v; Gemma 2 caps the scores first.
@@ -488,7 +490,7 @@ local LlamaModel = nn.Module:extend("LlamaModel")
 M.LlamaModel = LlamaModel
 
 LlamaModel.family, LlamaModel.Layer, LlamaModel.Rotary = "llama", LlamaDecoderLayer, LlamaRotaryEmbedding
-LlamaModel.Norm = nn.RMSNorm
+LlamaModel.Norm, LlamaModel.norm_name = nn.RMSNorm, "norm"   -- the final norm (Phi: final_layernorm)
 
 function LlamaModel:__init(cfg)
    nn.Module.__init(self)
@@ -516,7 +518,7 @@ function LlamaModel:forward(input_ids, cache, pad, pos)
       x = self.layers[i](x, r[1], r[2], cache, pad)
    end
    if cache then cache:advance(L) end
-   return self.norm(x)
+   return self[self.norm_name](x)
 end
 
 --- cos and sin as x's dtype and device, (T, D) or (B, 1, T, D) for positions (T) or (B, T).
