@@ -45,14 +45,7 @@ function M.config(source)
    cfg.rope = llama.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." },
       { { rope_theta = cfg.rotary_emb_base }, "" }, { rp, "rope_parameters." } }, 10000)
    cfg.rope_theta = cfg.rope.rope_theta
-   local factor = rp.partial_rotary_factor or cfg.rotary_pct or 0.25
-   if type(factor) ~= "number" or factor <= 0 or factor > 1 then
-      config.fail(cfg, WHO, "partial_rotary_factor (rotary_pct) must be a number in (0, 1], got %s", tostring(factor))
-   end
-   cfg.rotary_dim = math.floor(cfg.head_dim * factor)
-   if cfg.rotary_dim % 2 ~= 0 then
-      config.fail(cfg, WHO, "the rotary dims of a head (%d of %d) must be even", cfg.rotary_dim, cfg.head_dim)
-   end
+   llama.set_rotary_dim(cfg, WHO, rp.partial_rotary_factor or cfg.rotary_pct or 0.25)
    common.activation(cfg.hidden_act, WHO, cfg._source)
    return cfg
 end

@@ -148,6 +148,18 @@ function M.rope_from(cfg, WHO, sources, default_theta)
    return rope
 end
 
+--- cfg.rotary_dim from the fraction of each head the rotary embedding turns (the rest passes
+-- through, as in Phi and GPT-NeoX), checked: a number in (0, 1] that leaves an even count.
+function M.set_rotary_dim(cfg, WHO, factor)
+   if type(factor) ~= "number" or factor <= 0 or factor > 1 then
+      config.fail(cfg, WHO, "partial_rotary_factor must be a number in (0, 1], got %s", tostring(factor))
+   end
+   cfg.rotary_dim = math.floor(cfg.head_dim * factor)
+   if cfg.rotary_dim % 2 ~= 0 then
+      config.fail(cfg, WHO, "the rotary dims of a head (%d of head_dim %d) must be even", cfg.rotary_dim, cfg.head_dim)
+   end
+end
+
 --- Reads and checks a Llama config (path, folder or table); family "mistral" or "qwen2" reads
 -- theirs (default "llama"). The rotary parameters come from rope_parameters (transformers >= 5)
 -- or from rope_theta + rope_scaling (older files), and end up in cfg.rope = {rope_type,
@@ -192,16 +204,8 @@ function M.config(source, family)
       config.fail(cfg, WHO, "num_attention_heads %d is not a multiple of num_key_value_heads %d",
          cfg.num_attention_heads, cfg.num_key_value_heads)
    end
-   -- partial_rotary_factor (Phi-3/4, in rope_parameters or at the top level): only the first
-   -- rotary_dim dims of each head rotate
-   local factor = rope.partial_rotary_factor or cfg.partial_rotary_factor or 1
-   if type(factor) ~= "number" or factor <= 0 or factor > 1 then
-      config.fail(cfg, WHO, "partial_rotary_factor must be a number in (0, 1], got %s", tostring(factor))
-   end
-   cfg.rotary_dim = math.floor(cfg.head_dim * factor)
-   if cfg.rotary_dim % 2 ~= 0 then
-      config.fail(cfg, WHO, "the rotary dims of a head (%d of head_dim %d) must be even", cfg.rotary_dim, cfg.head_dim)
-   end
+   -- partial_rotary_factor (Phi-3/4, in rope_parameters or at the top level)
+   M.set_rotary_dim(cfg, WHO, rope.partial_rotary_factor or cfg.partial_rotary_factor or 1)
    if rope.rope_type == "longrope" then
       for _, k in ipairs({ "short_factor", "long_factor" }) do
          local f = rope[k]
