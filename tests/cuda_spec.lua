@@ -759,6 +759,59 @@ describe("device memory on cuda #cuda", function()
    end)
 end)
 
+describe("memory planned with reserve_for on cuda #cuda", function()
+   local log = require("moonload.utils.log")
+   local prev
+   before_each(function() prev = log.set_warning_handler(function() end) end)
+   after_each(function()
+      log.set_warning_handler(prev)
+      ml.set_gc_cap(DEV, 0)
+   end)
+
+   it("a gc cap collects dead device tensors once that much was allocated", function()
+      collectgarbage()
+      local cap = 8 * 2 ^ 20
+      ml.set_gc_cap(DEV, cap)
+      ml.reset_peak_memory(DEV)
+      local before = ml.memory_allocated(DEV)
+      collectgarbage("stop")                      -- only the cap's pressure flag collects
+      local ok, err = pcall(function()
+         for _ = 1, 40 do
+            local t = ml.empty({ 262144 }, { device = DEV })   -- 1 MiB, dead at once
+            t = nil
+         end
+      end)
+      collectgarbage("restart")
+      assert(ok, err)
+      local _, peak = ml.memory_allocated(DEV)
+      assert.is_true(peak - before <= cap + 2 ^ 21, string.format("peak %d over %d", peak, before))
+   end)
+
+   it("the tiny Llama over cuda:0 + cpu with its cache budgeted: the CPU's tokens, inside the GPU budget", function()
+      local dir = "tests/fixtures/models/llama_tiny_untied"
+      local reserve = { batch_size = 2, max_length = 48, prompt_length = 16 }
+      local skeleton = ml.init_empty_weights(function() return ml.models.from_config(dir .. "/config.json") end)
+      local runtime, workspace = ml.utils.runtime_memory_sizes(skeleton, reserve)
+      local weights = ml.utils.compute_module_sizes(skeleton)[""]
+      -- the workspace, half the weights and every cache: some layers must run from the CPU
+      local budget = workspace.gpu + math.floor(weights / 2)
+      for _, b in pairs(runtime) do budget = budget + b end
+      collectgarbage()
+      local base = ml.memory_allocated(DEV)
+      ml.reset_peak_memory(DEV)
+      local model = ml.models.from_pretrained(dir, { device_map = "auto", reserve_for = reserve,
+         max_memory = { [0] = budget, cpu = "1GB" } })
+      local places = {}
+      for _, d in pairs(model.hf_device_map) do places[tostring(d)] = true end
+      assert.is_true(places["0"] and places.cpu, "expected a cuda:0 + cpu split")
+      local ids = { { 5, 17, 42, 3, 8, 1, 9, 12, 4, 7, 30, 2, 6, 11, 13, 14 }, { 3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3 } }
+      local got = model:generate(ids, { max_new_tokens = 32 })
+      local _, peak = ml.memory_allocated(DEV)
+      assert.is_true(peak - base <= budget, string.format("cuda:0 held %d of a %d budget", peak - base, budget))
+      assert.are.same(ml.models.from_pretrained(dir):generate(ids, { max_new_tokens = 32 }), got)
+   end)
+end)
+
 describe("rotary embedding on cuda #cuda", function()
    it("matches the CPU kernel for float32 and bfloat16, strided x and broadcast cos/sin", function()
       ml.manual_seed(12)

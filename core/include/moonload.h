@@ -79,9 +79,13 @@ ML_API ml_status ml_device_reset_peak(ml_device dev);
    The binding reads it after each new tensor, collects its garbage, and calls ml_gc_done. */
 ML_API volatile int32_t *ml_gc_flag(void);
 ML_API void ml_gc_done(void);
+/* Caps a device's threshold above at `bytes` (0: no cap), so dead tensors never hold more than
+   that beside the live ones: what a memory budget leaves for garbage. Gives the previous cap. */
+ML_API ml_status ml_gc_set_cap(ml_device dev, int64_t bytes, int64_t *previous);
 /* Freed large CPU blocks kept for reuse (not counted as in use), and giving them back to the OS. */
 ML_API int64_t ml_cpu_cached_bytes(void);
 ML_API void ml_cpu_empty_cache(void);
+ML_API int64_t ml_cpu_cache_limit(void);               /* the most the cache keeps (MOONLOAD_CPU_CACHE_MB) */
 ML_API int ml_cuda_device_count(void);                 /* 0 when no driver or no GPU */
 /* Free and total bytes of a GPU as the planner sees them (the caching allocator's idle blocks count as free). */
 ML_API ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes);

@@ -79,6 +79,13 @@ int64_t ml_cpu_cached_bytes(void) {
   return n;
 }
 
+int64_t ml_cpu_cache_limit(void) {
+  pthread_mutex_lock(&cache_mutex);
+  int64_t n = (int64_t)limit();
+  pthread_mutex_unlock(&cache_mutex);
+  return n;
+}
+
 void ml_cpu_empty_cache(void) {
   pthread_mutex_lock(&cache_mutex);
   for (int i = 0; i < cache_count; i++) ml_aligned_free(cache[i].ptr);

@@ -14,6 +14,7 @@ typedef struct {
   atomic_llong in_use, peak;
   atomic_llong since_gc;      /* bytes allocated since the last ml_gc_done */
   atomic_llong gc_threshold;  /* since_gc beyond this raises the flag; 0: the device's minimum */
+  atomic_llong gc_cap;        /* ml_gc_set_cap: the most garbage allowed before a collection; 0: none */
 } device_counter;
 
 #define GC_MIN_CPU ((long long)256 << 20)
@@ -41,11 +42,26 @@ void ml_device_account(ml_device dev, int64_t delta) {
     long long since = atomic_fetch_add(&c->since_gc, delta) + delta;
     long long limit = atomic_load(&c->gc_threshold);
     if (limit == 0) limit = dev.type == ML_DEVICE_CPU ? GC_MIN_CPU : GC_MIN_CUDA;
+    long long cap = atomic_load(&c->gc_cap);
+    if (cap > 0 && cap < limit) limit = cap;
     if (since > limit) gc_flag = 1;
   }
 }
 
 volatile int32_t *ml_gc_flag(void) { return &gc_flag; }
+
+ml_status ml_gc_set_cap(ml_device dev, int64_t bytes, int64_t *previous) {
+  device_counter *c = counter_for(dev);
+  if (!c) {
+    char name[32];
+    ml_device_name(dev, name, sizeof name);
+    return ml_fail(ML_EINVAL, "set_gc_cap: device \"%s\" holds no memory of its own", name);
+  }
+  if (bytes < 0) return ml_fail(ML_EINVAL, "set_gc_cap: bytes must be >= 0, got %lld", (long long)bytes);
+  long long old = atomic_exchange(&c->gc_cap, bytes);
+  if (previous) *previous = old;
+  return ML_OK;
+}
 
 void ml_gc_done(void) {
   gc_flag = 0;

@@ -463,7 +463,8 @@ local DEVICE_MAP_STRINGS = { auto = true, balanced = true, balanced_low_0 = true
 -- after each forward (the hooks' auto drop level). With a GPU main device the "cpu" modules are
 -- offloaded through the hooks as well (counted among those mapped bytes); with the CPU as main
 -- device they stay in the model, beside the budget's remainder.
-function M._bound_mapped_disk_weights(model, device_map, max_memory, dtype)
+-- cpu_reserved: what a reserve_for plan kept of the CPU budget for the run (cache, activations).
+function M._bound_mapped_disk_weights(model, device_map, max_memory, dtype, cpu_reserved)
    if type(device_map) ~= "table" or type(max_memory) ~= "table" or max_memory.cpu == nil then return end
    local u = utils()
    local sizes = u.compute_module_sizes(model, { dtype = dtype })
@@ -475,8 +476,78 @@ function M._bound_mapped_disk_weights(model, device_map, max_memory, dtype)
    end
    if not on_disk then return end
    local budget = u.convert_file_size_to_int(max_memory.cpu)
-   hooks.set_auto_drop_above(math.max(0, on_gpu and budget or budget - cpu_bytes))
+   hooks.set_auto_drop_above(math.max(0, on_gpu and budget or budget - cpu_bytes - (cpu_reserved or 0)))
 end
+
+--- reserve_for is for a planned map: an error (at `level`) with a table or no device_map.
+function M._check_reserve_for_map(opts, who, level)
+   if opts.reserve_for ~= nil and type(opts.device_map) ~= "string" then
+      error(who .. ': reserve_for plans a device map, so device_map must be "auto", "balanced", "balanced_low_0" or "sequential"', level)
+   end
+end
+
+--- The device map the options ask for: a table as given, or a string ("auto", "balanced",
+-- "balanced_low_0", "sequential") planned by infer_auto_device_map. With reserve_for =
+-- {batch_size, max_length, prompt_length} the plan also budgets the key-value cache and the
+-- activations of generating that much (utils/runtime_memory.lua). Returns the map and, for a
+-- reserve_for plan, {reserve_for, garbage, cpu = bytes reserved on the CPU}.
+function M._plan_device_map(model, opts, who)
+   local device_map = opts.device_map
+   if type(device_map) == "string" and not DEVICE_MAP_STRINGS[device_map] then
+      error(who .. ": If passing a string for `device_map`, please choose 'auto', 'balanced', 'balanced_low_0' or 'sequential' (got \""
+         .. device_map .. "\").", 3)
+   end
+   if device_map ~= nil and type(device_map) ~= "string" and type(device_map) ~= "table" then
+      error(who .. ": device_map must be a string or a table, got " .. type(device_map), 3)
+   end
+   M._check_reserve_for_map(opts, who, 4)
+   if type(device_map) ~= "string" then return device_map end
+   local u = utils()
+   local plan = { max_memory = opts.max_memory, no_split_module_classes = opts.no_split_module_classes,
+                  dtype = opts.dtype, offload_buffers = opts.offload_buffers }
+   local reserved
+   if opts.reserve_for ~= nil then
+      local rm = require("moonload.utils.runtime_memory")
+      local r = rm.check_reserve_for(opts.reserve_for)
+      r.dtype = r.dtype or opts.dtype
+      local garbage
+      plan.runtime_sizes, plan.workspace_size, garbage = rm.runtime_memory_sizes(model, r)
+      reserved = { reserve_for = r, garbage = garbage, runtime_sizes = plan.runtime_sizes,
+                   workspace_size = plan.workspace_size }
+   end
+   if device_map ~= "sequential" then
+      plan.max_memory = u.get_balanced_memory(model, {
+         max_memory = opts.max_memory, no_split_module_classes = opts.no_split_module_classes,
+         dtype = opts.dtype, low_zero = device_map == "balanced_low_0",
+         runtime_sizes = plan.runtime_sizes, workspace_size = plan.workspace_size })
+   end
+   return u.infer_auto_device_map(model, plan), reserved
+end
+
+-- After dispatching a reserve_for plan: each device that computes collects its garbage once
+-- it holds the plan's share (ml.set_gc_cap), and the model remembers what it was planned for
+-- (generate warns beyond it). Returns the bytes the plan reserved on the CPU.
+local function apply_reserve(model, device_map, reserved)
+   if not reserved then return 0 end
+   local ml = require("moonload")
+   local gpus = {}
+   for _, dev in pairs(device_map) do
+      if type(dev) == "number" then gpus["cuda:" .. dev] = true
+      elseif type(dev) == "string" and dev:match("^cuda:%d+$") then gpus[dev] = true end
+   end
+   local cpu_reserved = 0
+   if next(gpus) then
+      for dev in pairs(gpus) do ml.set_gc_cap(dev, reserved.garbage) end
+   else
+      ml.set_gc_cap("cpu", reserved.garbage)
+      cpu_reserved = reserved.workspace_size.cpu
+      for _, bytes in pairs(reserved.runtime_sizes) do cpu_reserved = cpu_reserved + bytes end
+   end
+   local r = reserved.reserve_for
+   rawset(model, "reserved_for", { batch_size = r.batch_size, max_length = r.max_length, prompt_length = r.prompt_length })
+   return cpu_reserved
+end
+M._apply_reserve = apply_reserve
 
 --- load_checkpoint_and_dispatch(model, checkpoint, {device_map, max_memory,
 -- no_split_module_classes, offload_folder, offload_buffers, dtype, offload_state_dict,
@@ -486,25 +557,7 @@ end
 function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
    opts = opts or {}
    local u = utils()
-   local device_map = opts.device_map
-   if type(device_map) == "string" and not DEVICE_MAP_STRINGS[device_map] then
-      error("load_checkpoint_and_dispatch: If passing a string for `device_map`, please choose 'auto', 'balanced', 'balanced_low_0' or 'sequential' (got \""
-         .. device_map .. "\").", 2)
-   end
-   if device_map ~= nil and type(device_map) ~= "string" and type(device_map) ~= "table" then
-      error("load_checkpoint_and_dispatch: device_map must be a string or a table, got " .. type(device_map), 2)
-   end
-   if type(device_map) == "string" then
-      local max_memory = opts.max_memory
-      if device_map ~= "sequential" then
-         max_memory = u.get_balanced_memory(model, {
-            max_memory = max_memory, no_split_module_classes = opts.no_split_module_classes,
-            dtype = opts.dtype, low_zero = device_map == "balanced_low_0" })
-      end
-      device_map = u.infer_auto_device_map(model, {
-         max_memory = max_memory, no_split_module_classes = opts.no_split_module_classes,
-         dtype = opts.dtype, offload_buffers = opts.offload_buffers })
-   end
+   local device_map, reserved = M._plan_device_map(model, opts, "load_checkpoint_and_dispatch")
    local offload_state_dict = opts.offload_state_dict
    if offload_state_dict == nil then offload_state_dict = false end
    u.load_checkpoint_in_model(model, checkpoint, {
@@ -512,7 +565,8 @@ function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
       offload_state_dict = offload_state_dict, offload_buffers = opts.offload_buffers,
       strict = opts.strict })
    if device_map == nil then return model end
-   M._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype)
+   local cpu_reserved = apply_reserve(model, device_map, reserved)
+   M._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
    return M.dispatch_model(model, device_map, {
       offload_dir = opts.offload_folder, offload_buffers = opts.offload_buffers,
       skip_keys = opts.skip_keys, preload_module_classes = opts.preload_module_classes,

@@ -43,10 +43,27 @@ function ml.reset_peak_memory(device)
    C.check(lib.ml_device_reset_peak(Tensor.parse_device("reset_peak_memory", device or "cpu")))
 end
 
+--- set_gc_cap(device, bytes) -> previous: dead tensors never hold more than `bytes` on the
+-- device before moonload runs a full collection (0 restores the default rule: cpu 256 MiB or the
+-- live bytes, cuda 64 MiB or a quarter of the free memory). A device map planned with reserve_for
+-- sets it to the garbage share of the memory it reserved.
+local cap_prev = ffi.new("int64_t[1]")
+function ml.set_gc_cap(device, bytes)
+   local d = Tensor.parse_device("set_gc_cap", device)
+   if type(bytes) ~= "number" or bytes < 0 or bytes ~= math.floor(bytes) then
+      error("set_gc_cap: bytes must be an integer >= 0, got " .. tostring(bytes), 2)
+   end
+   C.check(lib.ml_gc_set_cap(d, bytes, cap_prev))
+   return tonumber(cap_prev[0])
+end
+
 function ml.cuda_device_count() return lib.ml_cuda_device_count() end
 
 --- Bytes of freed large CPU blocks kept for reuse by the next tensors of the same size.
 function ml.cpu_cached_bytes() return tonumber(lib.ml_cpu_cached_bytes()) end
+
+--- The most bytes that cache keeps (MOONLOAD_CPU_CACHE_MB, default 256 MiB).
+function ml.cpu_cache_limit() return tonumber(lib.ml_cpu_cache_limit()) end
 
 --- Gives the cached CPU blocks back to the operating system.
 function ml.empty_cache() lib.ml_cpu_empty_cache() end

@@ -12,6 +12,7 @@
 local T = require("moonload.tensor")
 local C = require("moonload.C")
 local common = require("moonload.models.common")
+local log = require("moonload.utils.log")
 
 local M = {}
 local WHO = "generate"
@@ -163,6 +164,12 @@ function M.generate(model, input_ids, opts)
    if limit and L + max_new > limit then
       error(string.format("%s: prompt of %d tokens + max_new_tokens %d exceeds the model's %d positions",
          WHO, L, max_new, limit), 2)
+   end
+   -- A device map planned with reserve_for budgeted this much cache and activation memory.
+   local planned = rawget(model, "reserved_for")
+   if planned and (B > planned.batch_size or L + max_new > planned.max_length or L > planned.prompt_length) then
+      log.warn(string.format("%s: batch %d, prompt %d + max_new_tokens %d is more than the device map reserved memory for (reserve_for = {batch_size = %d, max_length = %d, prompt_length = %d}); a device may run out of memory",
+         WHO, B, L, max_new, planned.batch_size, planned.max_length, planned.prompt_length))
    end
    local temperature = opts.temperature
    if opts.do_sample == false then temperature = 0 end

@@ -43,6 +43,9 @@ end
 -- --- attention ------------------------------------------------------------------------------
 
 local GPT2Attention = nn.Module:extend("GPT2Attention")
+
+--- Key/value heads and head size per cached token, and no score tensor (see LlamaAttention).
+function GPT2Attention:kv_cache_heads() return self.n_head, self.head_dim, self.n_head, false end
 M.GPT2Attention = GPT2Attention
 
 function GPT2Attention:__init(cfg, layer_idx)

@@ -51,6 +51,9 @@ function M.config(source)
 end
 
 local GPTNeoXAttention = nn.Module:extend("GPTNeoXAttention")
+
+--- Key/value heads and head size per cached token, and no score tensor (see LlamaAttention).
+function GPTNeoXAttention:kv_cache_heads() return self.n_head, self.head_dim, self.n_head, false end
 M.GPTNeoXAttention = GPTNeoXAttention
 
 function GPTNeoXAttention:__init(cfg, layer_idx)

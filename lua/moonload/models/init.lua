@@ -338,6 +338,7 @@ function M.from_pretrained(dir, opts)
       return model
    end
 
+   require("moonload.big_modeling")._check_reserve_for_map(opts, "from_pretrained", 3)
    if opts.device_map ~= nil then
       -- Big-model path: empty skeleton, then placement + loading by the dispatcher.
       local big = require("moonload.big_modeling")
@@ -354,19 +355,10 @@ function M.from_pretrained(dir, opts)
       -- map them, load zero-copy views of the mapped files on the CPU, then place the model.
       M.load_into(model, M.read_checkpoint(ckpt), { strict = opts.strict, who = "from_pretrained" })
       if opts.dtype then model:to(opts.dtype) end
-      local u = require("moonload.utils")
-      local device_map = opts.device_map
-      if type(device_map) == "string" then
-         local max_memory = opts.max_memory
-         if device_map ~= "sequential" then
-            max_memory = u.get_balanced_memory(model, { max_memory = max_memory,
-               no_split_module_classes = no_split, dtype = opts.dtype,
-               low_zero = device_map == "balanced_low_0" })
-         end
-         device_map = u.infer_auto_device_map(model, { max_memory = max_memory,
-            no_split_module_classes = no_split, dtype = opts.dtype, offload_buffers = opts.offload_buffers })
-      end
-      big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype)
+      local plan_opts = setmetatable({ no_split_module_classes = no_split }, { __index = opts })
+      local device_map, reserved = big._plan_device_map(model, plan_opts, "from_pretrained")
+      local cpu_reserved = big._apply_reserve(model, device_map, reserved)
+      big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
       return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
          offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
          preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })

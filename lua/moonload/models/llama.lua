@@ -391,6 +391,13 @@ M.apply_rotary = apply_rotary
 local LlamaAttention = nn.Module:extend("LlamaAttention")
 M.LlamaAttention = LlamaAttention
 
+--- What this layer keeps per cached token and computes per query, for memory planning
+-- (utils/runtime_memory.lua): key/value heads, head size, query heads, and whether the scores
+-- are formed as a tensor (Gemma 2's soft cap) rather than inside the fused kernel.
+function LlamaAttention:kv_cache_heads()
+   return self.n_kv_head, self.head_dim, self.n_head, self.softcap ~= nil
+end
+
 function LlamaAttention:__init(cfg, layer_idx)
    nn.Module.__init(self)
    local H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

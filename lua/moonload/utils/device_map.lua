@@ -157,8 +157,51 @@ local function get_module_leaves(keys)
    return leaves
 end
 
+-- --- memory beside the weights (runtime_sizes, workspace_size) ------------------------------
+
+-- runtime_sizes: module name -> bytes the module holds on its execution device while the model
+-- runs (a layer's key-value cache). Checked, and listed for the placement loop.
+local function runtime_entries(runtime_sizes, fn)
+   if runtime_sizes == nil then return {} end
+   if type(runtime_sizes) ~= "table" then
+      error(string.format("%s: runtime_sizes must be a table (module name -> bytes), got %s", fn, type(runtime_sizes)), 3)
+   end
+   local list = {}
+   for name, bytes in pairs(runtime_sizes) do
+      if type(name) ~= "string" or type(bytes) ~= "number" or bytes < 0 then
+         error(string.format("%s: runtime_sizes[%s] = %s is not a byte count >= 0 for a module name", fn,
+            tostring(name), tostring(bytes)), 3)
+      end
+      if bytes > 0 then list[#list + 1] = { name = name, bytes = bytes } end
+   end
+   table.sort(list, function(a, b) return a.name < b.name end)
+   return list
+end
+
+-- workspace_size: bytes kept free on each device that computes, a number or {cpu = , gpu = }.
+local function workspace_for(workspace_size, fn)
+   if workspace_size == nil then return { cpu = 0, gpu = 0 } end
+   if type(workspace_size) == "number" and workspace_size >= 0 then
+      return { cpu = workspace_size, gpu = workspace_size }
+   end
+   if type(workspace_size) == "table" then
+      local out = { cpu = 0, gpu = 0 }
+      for k, v in pairs(workspace_size) do
+         if (k ~= "cpu" and k ~= "gpu") or type(v) ~= "number" or v < 0 then
+            error(string.format('%s: workspace_size[%s] = %s: expected keys "cpu" and "gpu" with byte counts >= 0', fn,
+               tostring(k), tostring(v)), 3)
+         end
+         out[k] = v
+      end
+      return out
+   end
+   error(string.format("%s: workspace_size must be a byte count or {cpu = bytes, gpu = bytes}, got %s", fn,
+      tostring(workspace_size)), 3)
+end
+
 --- get_balanced_memory(model, {max_memory, no_split_module_classes, dtype, special_dtypes,
--- low_zero}) -> max_memory, keys: budgets that spread the model evenly over the GPUs.
+-- low_zero, runtime_sizes, workspace_size}) -> max_memory, keys: budgets that spread the model
+-- (and the memory it needs while it runs) evenly over the GPUs.
 function M.get_balanced_memory(model, opts)
    opts = opts or {}
    local fn = "get_balanced_memory"
@@ -184,7 +227,12 @@ function M.get_balanced_memory(model, opts)
       end
    end
    local module_sizes, keys = sizes.compute_module_sizes(model, { dtype = opts.dtype, special_dtypes = opts.special_dtypes })
-   local per_gpu = math.floor(module_sizes[""] / (low_zero and (num_devices - 1) or num_devices))
+   -- memory beside the weights (infer_auto_device_map's runtime_sizes, workspace_size) is
+   -- shared out with them
+   local runtime_total = 0
+   for _, e in ipairs(runtime_entries(opts.runtime_sizes, fn)) do runtime_total = runtime_total + e.bytes end
+   local per_gpu = math.floor((module_sizes[""] + runtime_total) / (low_zero and (num_devices - 1) or num_devices))
+      + workspace_for(opts.workspace_size, fn).gpu
 
    local no_split = normalize_no_split(opts.no_split_module_classes)
    local buffer = 0
@@ -435,11 +483,41 @@ function M.fallback_allocate(modules, module_sizes, size_limit, opts, tied_param
    return fallback_allocate(modules, module_sizes, size_limit, normalize_no_split(no_split), tied)
 end
 
+-- The runtime entries a module placed under `name` takes along: its own, those of modules inside
+-- it, and those of a module it is part of (split into its children, the first part placed carries it).
+local function related(a, b) return a == b or starts_with(a, b .. ".") or starts_with(b, a .. ".") end
+local function runtime_of(name, entries, charged)
+   local bytes, list = 0, {}
+   for _, e in ipairs(entries) do
+      if not charged[e.name] and related(name, e.name) then
+         bytes = bytes + e.bytes
+         list[#list + 1] = e.name
+      end
+   end
+   return bytes, list
+end
+
+-- Subtracts `bytes` from a device's budget, naming what it is for when the budget cannot hold it.
+local function reserve(max_memory, device, bytes, what, fn)
+   if bytes <= 0 then return end
+   if max_memory[device] < bytes then
+      error(string.format("%s: max_memory for %s (%s bytes) cannot hold the %s (%s bytes)", fn, dev_str(device),
+         num(max_memory[device]), what, num(bytes)), 3)
+   end
+   max_memory[device] = max_memory[device] - bytes
+end
+
 --- infer_auto_device_map(model, {max_memory, no_split_module_classes, dtype, special_dtypes,
--- verbose, clean_result = true, offload_buffers, fallback_allocation}) -> device_map, keys.
+-- verbose, clean_result = true, offload_buffers, fallback_allocation, runtime_sizes,
+-- workspace_size}) -> device_map, keys.
 -- Fills GPUs in order, then "cpu", then "disk", keeping room on the main devices for the
 -- largest remaining layer (Accelerate's algorithm, quirks included). verbose = true prints the
 -- steps like Accelerate; verbose = function(line) receives them instead.
+-- Beyond Accelerate, memory the model needs while it runs: runtime_sizes (module name -> bytes,
+-- e.g. each layer's key-value cache) counts on the module's execution device, which is its own
+-- GPU, or the main device (first GPU, else the CPU) for a module offloaded to "cpu" or "disk";
+-- workspace_size (bytes, or {cpu = , gpu = }) stays free on each GPU, and on the CPU when no GPU
+-- computes. ml.utils.runtime_memory_sizes computes both for a causal language model.
 function M.infer_auto_device_map(model, opts)
    opts = opts or {}
    local fn = "infer_auto_device_map"
@@ -456,6 +534,8 @@ function M.infer_auto_device_map(model, opts)
       say = print
    end
    local dtype, special = opts.dtype, opts.special_dtypes
+   local runtime = runtime_entries(opts.runtime_sizes, fn)
+   local workspace = workspace_for(opts.workspace_size, fn)
 
    local has_disk = false
    for _, d in ipairs(devices) do if d == "disk" then has_disk = true end end
@@ -468,132 +548,180 @@ function M.infer_auto_device_map(model, opts)
    local module_sizes = sizes.compute_module_sizes(model, { dtype = dtype, special_dtypes = special })
    local tied_parameters = modeling.find_tied_parameters(model)
 
-   local modules_to_treat = concat(modeling.direct_params(model), children_list(model), modeling.direct_buffers(model))
-
-   local device_map, keys = {}, {}
-   local function assign(name, device)
-      if device_map[name] == nil then keys[#keys + 1] = name end
-      device_map[name] = device
+   -- The workspace, and with the CPU as the only computing device, every module's runtime
+   -- memory (whatever its placement, it runs there), come off the budgets first.
+   for _, d in ipairs(gpus) do reserve(max_memory, d, workspace.gpu, "workspace_size", fn) end
+   if #gpus == 0 then
+      local total = 0
+      for _, e in ipairs(runtime) do total = total + e.bytes end
+      if max_memory.cpu ~= nil then
+         reserve(max_memory, "cpu", workspace.cpu, "workspace_size", fn)
+         reserve(max_memory, "cpu", total, "runtime_sizes (memory the modules need while they run)", fn)
+      end
+      runtime = {}
    end
-   local current = 1
-   local used = {}
-   for _, d in ipairs(devices) do used[d] = 0 end
-   local buffer_sizes = {}
-   local minimum, minimum_keys = {}, {}
 
-   local max_layer_size, max_layer_names = sizes.get_max_layer_size(modules_to_treat, module_sizes, no_split)
-
-   while #modules_to_treat > 0 do
-      local entry = table.remove(modules_to_treat, 1)
-      local name, module = entry[1], entry[2]
-      if say then say("\nTreating module " .. name .. ".") end
-      local kept = {}
-      for _, n in ipairs(max_layer_names) do
-         if n ~= name and not starts_with(n, name .. ".") then kept[#kept + 1] = n end
+   -- One pass of Accelerate's placement, with main_reserve bytes kept on the main GPU for the
+   -- runtime memory of the modules that end up offloaded. Returns the map, its keys and that
+   -- memory as this pass placed it.
+   local function place(say)
+      local device_map, keys = {}, {}
+      local function assign(name, device)
+         if device_map[name] == nil then keys[#keys + 1] = name end
+         device_map[name] = device
       end
-      max_layer_names = kept
-      if #max_layer_names == 0 then
-         max_layer_size, max_layer_names = sizes.get_max_layer_size(only_modules(modules_to_treat), module_sizes, no_split)
-      end
-      local module_size = module_sizes[name]
-      local groups, tied_params = tied_groups_for(name, tied_parameters)
-      if say and #groups > 0 then say("  Found the relevant tied param groups " .. pylist(groups)) end
-      if say and #tied_params > 0 then say("  So those parameters need to be taken into account " .. pylist(tied_params)) end
+      local modules_to_treat = concat(modeling.direct_params(model), children_list(model), modeling.direct_buffers(model))
+      local current = 1
+      local used = {}
+      for _, d in ipairs(devices) do used[d] = 0 end
+      local buffer_sizes = {}
+      local minimum, minimum_keys = {}, {}
+      local charged, offloaded_runtime = {}, 0
 
-      local device = devices[current]
-      local current_max = device ~= "disk" and max_memory[device] or nil
-      local reserved = 0
-      if main[device] then
-         current_max = current_max - max_layer_size
-         reserved = max_layer_size
-      end
-      local with_ties, tied_names, tied_modules = size_with_ties(tied_params, module_size, module_sizes, modules_to_treat, fn)
+      local max_layer_size, max_layer_names = sizes.get_max_layer_size(modules_to_treat, module_sizes, no_split)
 
-      local placed = false
-      if current_max == nil or used[device] + with_ties <= current_max then
-         if say then
-            local out = "Putting " .. name
-            if #tied_names > 0 then out = out .. " and " .. pylist(tied_names) else out = out .. " (size=" .. num(module_size) .. ")" end
-            if current_max ~= nil then out = out .. " (available=" .. num(current_max - used[device]) .. ")" end
-            say(out .. " on " .. dev_str(device) .. ".")
+      while #modules_to_treat > 0 do
+         local entry = table.remove(modules_to_treat, 1)
+         local name, module = entry[1], entry[2]
+         if say then say("\nTreating module " .. name .. ".") end
+         local kept = {}
+         for _, n in ipairs(max_layer_names) do
+            if n ~= name and not starts_with(n, name .. ".") then kept[#kept + 1] = n end
          end
-         used[device] = used[device] + with_ties
-         assign(name, device)
+         max_layer_names = kept
+         if #max_layer_names == 0 then
+            max_layer_size, max_layer_names = sizes.get_max_layer_size(only_modules(modules_to_treat), module_sizes, no_split)
+         end
+         local module_size = module_sizes[name]
+         local groups, tied_params = tied_groups_for(name, tied_parameters)
+         if say and #groups > 0 then say("  Found the relevant tied param groups " .. pylist(groups)) end
+         if say and #tied_params > 0 then say("  So those parameters need to be taken into account " .. pylist(tied_params)) end
+
+         local device = devices[current]
+         local on_gpu = device ~= "cpu" and device ~= "disk"
+         local current_max = device ~= "disk" and max_memory[device] or nil
+         local reserved = 0
+         if main[device] then
+            current_max = current_max - max_layer_size
+            reserved = max_layer_size
+         end
+         local with_ties, tied_names, tied_modules = size_with_ties(tied_params, module_size, module_sizes, modules_to_treat, fn)
+         -- what the module needs on this device while it runs (on a GPU only: offloaded modules
+         -- run on the main GPU, whose reserve holds theirs)
+         local run_bytes, run_names = runtime_of(name, runtime, charged)
          for _, tn in ipairs(tied_names) do
-            for i, e in ipairs(modules_to_treat) do
-               if e[1] == tn then table.remove(modules_to_treat, i); break end
-            end
-            assign(tn, device)
+            local b, l = runtime_of(tn, runtime, charged)
+            run_bytes = run_bytes + b
+            for _, n in ipairs(l) do run_names[#run_names + 1] = n end
          end
-         if not offload_buffers and is_module(module) then
-            buffer_sizes[device] = (buffer_sizes[device] or 0)
-               + sizes.compute_module_total_buffer_size(module, { dtype = dtype, special_dtypes = special })
-         end
-         placed = true
-      end
+         local run_here = on_gpu and run_bytes or 0
 
-      local continue = placed
-      if not continue and #tied_params > 0 and used[device] + module_size <= current_max then
-         if say then
-            say(string.format("Not enough space on %s to put %s and %s (space available %s, needed size %s).",
-               dev_str(device), name, pylist(tied_names), num(current_max - used[device]), num(with_ties)))
+         local placed = false
+         if current_max == nil or used[device] + with_ties + run_here <= current_max then
+            if say then
+               local out = "Putting " .. name
+               if #tied_names > 0 then out = out .. " and " .. pylist(tied_names) else out = out .. " (size=" .. num(module_size) .. ")" end
+               if run_here > 0 then out = out .. " (runtime=" .. num(run_here) .. ")" end
+               if current_max ~= nil then out = out .. " (available=" .. num(current_max - used[device]) .. ")" end
+               say(out .. " on " .. dev_str(device) .. ".")
+            end
+            used[device] = used[device] + with_ties + run_here
+            if not on_gpu then offloaded_runtime = offloaded_runtime + run_bytes end
+            for _, n in ipairs(run_names) do charged[n] = true end
+            assign(name, device)
+            for _, tn in ipairs(tied_names) do
+               for i, e in ipairs(modules_to_treat) do
+                  if e[1] == tn then table.remove(modules_to_treat, i); break end
+               end
+               assign(tn, device)
+            end
+            if not offload_buffers and is_module(module) then
+               buffer_sizes[device] = (buffer_sizes[device] or 0)
+                  + sizes.compute_module_total_buffer_size(module, { dtype = dtype, special_dtypes = special })
+            end
+            placed = true
          end
-         for i, tn in ipairs(tied_names) do
-            local tm = tied_modules[i]
-            local tchildren = children_list(tm)
-            if #tchildren > 0 and not no_split[class_name(tm)] then
-               if say then say("Splitting " .. tn .. ".") end
-               local idx
-               for j, e in ipairs(modules_to_treat) do if e[1] == tn then idx = j; break end end
-               modules_to_treat = concat({ { name, module } }, slice(modules_to_treat, 1, idx - 1),
-                  split_entries(tn, tm), slice(modules_to_treat, idx + 1))
+
+         local continue = placed
+         if not continue and #tied_params > 0 and used[device] + module_size + run_here <= current_max then
+            if say then
+               say(string.format("Not enough space on %s to put %s and %s (space available %s, needed size %s).",
+                  dev_str(device), name, pylist(tied_names), num(current_max - used[device]), num(with_ties + run_here)))
+            end
+            for i, tn in ipairs(tied_names) do
+               local tm = tied_modules[i]
+               local tchildren = children_list(tm)
+               if #tchildren > 0 and not no_split[class_name(tm)] then
+                  if say then say("Splitting " .. tn .. ".") end
+                  local idx
+                  for j, e in ipairs(modules_to_treat) do if e[1] == tn then idx = j; break end end
+                  modules_to_treat = concat({ { name, module } }, slice(modules_to_treat, 1, idx - 1),
+                     split_entries(tn, tm), slice(modules_to_treat, idx + 1))
+                  max_layer_size, max_layer_names = sizes.get_max_layer_size(only_modules(modules_to_treat), module_sizes, no_split)
+                  continue = true
+                  break
+               end
+            end
+            if not continue and say then say("None of the tied module can be split, going to the next device.") end
+         end
+
+         if not continue and used[device] + module_size + run_here >= current_max then
+            local mchildren = children_list(module)
+            if say then
+               say(string.format("Not enough space on %s to put %s (space available %s, module size %s).",
+                  dev_str(device), name, num(current_max - used[device]), num(module_size + run_here)))
+            end
+            if #mchildren == 0 or no_split[class_name(module)] then
+               if say then say("This module cannot be split, going to the next device.") end
+            else
+               if say then say("Splitting " .. name .. ".") end
+               modules_to_treat = concat(split_entries(name, module), modules_to_treat)
                max_layer_size, max_layer_names = sizes.get_max_layer_size(only_modules(modules_to_treat), module_sizes, no_split)
                continue = true
-               break
             end
          end
-         if not continue and say then say("None of the tied module can be split, going to the next device.") end
-      end
 
-      if not continue and used[device] + module_size >= current_max then
-         local mchildren = children_list(module)
-         if say then
-            say(string.format("Not enough space on %s to put %s (space available %s, module size %s).",
-               dev_str(device), name, num(current_max - used[device]), num(module_size)))
+         if not continue and used[device] == 0 and opts.fallback_allocation and device ~= "disk" then
+            local limit = max_memory[device] - math.max(max_layer_size, with_ties)
+            local fname, fmodule, remaining = fallback_allocate(modules_to_treat, module_sizes, limit - used[device],
+               no_split, tied_parameters)
+            if fmodule ~= nil then
+               modules_to_treat = concat({ { fname, fmodule }, { name, module } }, remaining)
+               continue = true
+            end
          end
-         if #mchildren == 0 or no_split[class_name(module)] then
-            if say then say("This module cannot be split, going to the next device.") end
-         else
-            if say then say("Splitting " .. name .. ".") end
-            modules_to_treat = concat(split_entries(name, module), modules_to_treat)
-            max_layer_size, max_layer_names = sizes.get_max_layer_size(only_modules(modules_to_treat), module_sizes, no_split)
-            continue = true
-         end
-      end
 
-      if not continue and used[device] == 0 and opts.fallback_allocation and device ~= "disk" then
-         local limit = max_memory[device] - math.max(max_layer_size, with_ties)
-         local fname, fmodule, remaining = fallback_allocate(modules_to_treat, module_sizes, limit - used[device],
-            no_split, tied_parameters)
-         if fmodule ~= nil then
-            modules_to_treat = concat({ { fname, fmodule }, { name, module } }, remaining)
-            continue = true
+         if not continue then
+            if used[device] == 0 then
+               if minimum[device] == nil then minimum_keys[#minimum_keys + 1] = device end
+               minimum[device] = with_ties + run_here + reserved
+            end
+            used[device] = used[device] + reserved
+            current = current + 1
+            table.insert(modules_to_treat, 1, { name, module })
+            if current > #devices then
+               error(string.format("%s: ran out of devices while placing %s", fn, name), 3)
+            end
          end
       end
+      return device_map, keys, offloaded_runtime, used, buffer_sizes, minimum, minimum_keys
+   end
 
-      if not continue then
-         if used[device] == 0 then
-            if minimum[device] == nil then minimum_keys[#minimum_keys + 1] = device end
-            minimum[device] = with_ties + reserved
-         end
-         used[device] = used[device] + reserved
-         current = current + 1
-         table.insert(modules_to_treat, 1, { name, module })
-         if current > #devices then
-            error(string.format("%s: ran out of devices while placing %s", fn, name), 2)
-         end
+   -- The main GPU keeps room for the runtime memory of the offloaded modules. Which modules are
+   -- offloaded depends on that room, so passes run until the room holds what the pass offloaded
+   -- (the room only grows, so the offloaded set only grows: this ends).
+   local device_map, keys, offloaded_runtime, used, buffer_sizes, minimum, minimum_keys
+   if #gpus > 0 and #runtime > 0 then
+      local budget, room = max_memory[gpus[1]], 0
+      while true do
+         device_map, keys, offloaded_runtime = place(nil)
+         if offloaded_runtime <= room then break end
+         room = offloaded_runtime
+         max_memory[gpus[1]] = budget
+         reserve(max_memory, gpus[1], room, "runtime memory of the offloaded modules (runtime_sizes)", fn)
       end
    end
+   device_map, keys, offloaded_runtime, used, buffer_sizes, minimum, minimum_keys = place(say)
 
    if clean_result then
       keys = clean(device_map, keys, "")

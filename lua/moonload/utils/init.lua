@@ -1,11 +1,13 @@
 --- ml.utils: Accelerate's utilities in Lua (API.md "Utilities"). A facade over
--- utils/log.lua (warning channel), utils/sizes.lua, utils/device_map.lua, utils/modeling.lua
--- and utils/offload.lua; every name is also reachable from its own module.
+-- utils/log.lua (warning channel), utils/sizes.lua, utils/device_map.lua, utils/modeling.lua,
+-- utils/offload.lua and utils/runtime_memory.lua (beyond Accelerate: the memory a model needs
+-- while it runs); every name is also reachable from its own module.
 local log = require("moonload.utils.log")
 local sizes = require("moonload.utils.sizes")
 local device_map = require("moonload.utils.device_map")
 local modeling = require("moonload.utils.modeling")
 local offload = require("moonload.utils.offload")
+local runtime_memory = require("moonload.utils.runtime_memory")
 
 local M = {}
 
@@ -28,6 +30,9 @@ end
 for _, name in ipairs({ "offload_weight", "load_offloaded_weight", "offload_state_dict", "save_offload_index",
                         "OffloadedWeightsLoader", "PrefixedDataset", "extract_submodules_state_dict" }) do
    M[name] = offload[name]
+end
+for _, name in ipairs({ "runtime_memory_sizes", "kv_cache_sizes", "activation_size" }) do
+   M[name] = runtime_memory[name]
 end
 
 return M

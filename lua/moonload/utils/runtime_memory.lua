@@ -1,0 +1,159 @@
+--- The memory a model needs while it runs, beside its weights: every attention layer's key-value
+-- cache, and the activations of one forward. Accelerate's planner counts weights only, so a long
+-- context or a batch runs out of memory on a device the map filled to its budget; llama.cpp's
+-- --fit sizes the context with the layers. infer_auto_device_map takes what this computes as
+-- runtime_sizes (a cache follows its layer's execution device) and workspace_size (kept free on
+-- each device that computes).
+--
+-- The cache is exact (generate allocates prompt + new tokens once, per layer, in the
+-- activation dtype). The activations are an estimate from the layer widths, on the high side;
+-- tests/utils_runtime_memory_spec.lua checks it against the measured peak of every model family.
+local sizes = require("moonload.utils.sizes")
+
+local M = {}
+local WHO = "reserve_for"
+
+local function check_count(v, key, default)
+   if v == nil then return default end
+   if type(v) ~= "number" or v < 1 or v ~= math.floor(v) then
+      error(string.format("%s: %s must be an integer >= 1, got %s", WHO, key, tostring(v)), 4)
+   end
+   return v
+end
+
+--- Reads {batch_size = 1, max_length, prompt_length = max_length, dtype}: the batch and total
+-- tokens (prompt + generated) generate will run with; the longest prompt, run in one forward.
+function M.check_reserve_for(r)
+   if type(r) ~= "table" then
+      error(string.format("%s must be a table {batch_size, max_length, prompt_length}, got %s", WHO, type(r)), 3)
+   end
+   for k in pairs(r) do
+      if k ~= "batch_size" and k ~= "max_length" and k ~= "prompt_length" and k ~= "dtype" then
+         error(string.format('%s: unknown key "%s" (expected batch_size, max_length, prompt_length, dtype)', WHO, tostring(k)), 3)
+      end
+   end
+   if r.max_length == nil then error(WHO .. ": max_length is required (prompt + generated tokens)", 3) end
+   local out = { batch_size = check_count(r.batch_size, "batch_size", 1), max_length = check_count(r.max_length, "max_length") }
+   out.prompt_length = check_count(r.prompt_length, "prompt_length", out.max_length)
+   if out.prompt_length > out.max_length then
+      error(string.format("%s: prompt_length %d exceeds max_length %d", WHO, out.prompt_length, out.max_length), 3)
+   end
+   out.dtype = r.dtype
+   return out
+end
+
+local function out_in(m)                 -- Linear (out_features) or GPT-2's Conv1D (nf)
+   return m.out_features or m.nf, m.in_features or m.nx
+end
+
+local function first_param_dtype(m)
+   for _, p in m:named_parameters() do return p.dtype end
+   return "float32"
+end
+
+-- Per-token width of what a block's MLP part holds at once: its widest projection (the
+-- intermediate, or a fused gate_up); for a sparse MoE block, top_k experts' widths, the router's
+-- scores and any shared expert, since every token runs k experts.
+local function mlp_width(m, skip)
+   if m == skip then return 0 end
+   if m.top_k and m.experts then
+      local w = m.top_k * mlp_width(m.experts[1])
+      for name, child in m:named_children() do
+         if name ~= "experts" then w = w + mlp_width(child) end
+      end
+      return w
+   end
+   local widest = out_in(m) or 0
+   for _, child in m:named_children() do widest = math.max(widest, mlp_width(child, skip)) end
+   return widest
+end
+
+-- The decoder layers that cache keys and values: {name, layer, attention} in module order.
+local function attention_layers(model)
+   local found, parent_of = {}, {}
+   for name, m in model:named_modules() do
+      for cname, child in m:named_children() do
+         parent_of[child] = { name == "" and cname or (name .. "." .. cname), m, name }
+      end
+      if type(m.kv_cache_heads) == "function" then
+         local p = parent_of[m]
+         found[#found + 1] = { name = name, layer = p and p[2] or m, attention = m }
+      end
+   end
+   return found
+end
+
+local function vocab_size(model)
+   local cfg = rawget(model, "config")
+   return cfg and (cfg.vocab_size or (cfg.text_config and cfg.text_config.vocab_size)) or 0
+end
+
+--- kv_cache_sizes(model, reserve_for) -> {[attention module name] = bytes}: what generate's
+-- cache holds per layer for batch_size sequences of max_length tokens.
+function M.kv_cache_sizes(model, reserve_for)
+   local r = M.check_reserve_for(reserve_for)
+   local out = {}
+   for _, e in ipairs(attention_layers(model)) do
+      local kv_heads, head_dim = e.attention:kv_cache_heads()
+      local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
+      out[e.name] = 2 * r.batch_size * r.max_length * kv_heads * head_dim * el
+   end
+   return out
+end
+
+-- Bytes a layer holds at once for L queries over S keys in a batch of B (see activation_size).
+local function layer_bytes(e, B, L, S, dtype)
+   local kv_heads, head_dim, q_heads, forms_scores = e.attention:kv_cache_heads()
+   local el = sizes.dtype_byte_size(dtype or first_param_dtype(e.attention))
+   local H = 0
+   for _, m in e.attention:named_modules() do
+      local _, i = out_in(m)
+      if i and i > H then H = i end
+   end
+   local attn = q_heads * head_dim + 2 * kv_heads * head_dim
+   local per_token = 4 * H + 2 * attn + 4 * mlp_width(e.layer, e.attention)
+   local bytes = B * L * per_token * el + 3 * B * L * S                      -- bool masks (B, 1, L, S)
+   if forms_scores then                     -- float32 scores, keys and values per query head
+      bytes = bytes + 4 * B * q_heads * L * S * 4 + 4 * B * q_heads * S * head_dim * el
+   end
+   return bytes, H
+end
+
+--- activation_size(model, reserve_for) -> bytes: the most one forward holds live at once, in
+-- the prefill (batch_size x prompt_length tokens) or a decoding step (one token over max_length
+-- keys). In a layer: the residual and normed hidden states, q/k/v and the attention output, four
+-- MLP-wide tensors, the masks, and the score tensors of attention that forms them; after the
+-- layers: the last position's logits with sampling's float32 copies. Beside them, generate's
+-- padding mask and positions.
+function M.activation_size(model, reserve_for)
+   local r = M.check_reserve_for(reserve_for)
+   local B, P, S = r.batch_size, r.prompt_length, r.max_length
+   local peak, hidden = 0, 0
+   for _, e in ipairs(attention_layers(model)) do
+      local prefill, H = layer_bytes(e, B, P, P, r.dtype)
+      peak = math.max(peak, prefill, (layer_bytes(e, B, 1, S, r.dtype)))
+      hidden = math.max(hidden, H)
+   end
+   -- generate's own: the padding mask and the positions derived from it, int64 (B, max_length)
+   local steps = 5 * 8 * B * S
+   return math.max(peak, 2 * B * P * hidden * 4 + B * vocab_size(model) * 16) + steps
+end
+
+-- The least garbage allowed between collections on a device a plan reserved memory on.
+local MIN_GARBAGE = 16 * 1024 * 1024
+
+--- runtime_memory_sizes(model, reserve_for) -> runtime_sizes, workspace_size, garbage: what
+-- infer_auto_device_map needs to keep a causal language model's run inside its budgets.
+-- runtime_sizes: each attention layer's key-value cache. workspace_size {cpu = , gpu = }: the
+-- activations, the dead tensors allowed between two collections (`garbage` bytes: as much as
+-- the activations, at least 16 MiB; the dispatcher caps each computing device's collection
+-- threshold at it with ml.set_gc_cap), and on the CPU the freed blocks its cache keeps for reuse.
+function M.runtime_memory_sizes(model, reserve_for)
+   local runtime = M.kv_cache_sizes(model, reserve_for)
+   local act = M.activation_size(model, reserve_for)
+   local garbage = math.max(MIN_GARBAGE, act)
+   local cpu_cache = require("moonload").cpu_cache_limit()
+   return runtime, { cpu = act + garbage + cpu_cache, gpu = act + garbage }, garbage
+end
+
+return M

@@ -1,0 +1,297 @@
+-- Memory beside the weights: the key-value cache and activations a causal model needs while it
+-- generates (utils/runtime_memory.lua), and infer_auto_device_map / from_pretrained budgeting
+-- them (runtime_sizes, workspace_size, reserve_for).
+local ml = require("moonload")
+local models = require("moonload.models")
+local u = require("moonload.utils")
+local rm = require("moonload.utils.runtime_memory")
+local big = require("moonload.big_modeling")
+local log = require("moonload.utils.log")
+local nn = require("moonload.nn")
+local H = require("models_helpers")
+
+local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny", "qwen3_tiny", "phi3_tiny",
+                   "gemma2_tiny", "gemma3_tiny", "gemma3_multimodal_tiny", "qwen3_moe_tiny", "mixtral_tiny",
+                   "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny", "phi_tiny" }
+
+local function vocab(model) return model.config.vocab_size or model.config.text_config.vocab_size end
+
+-- B prompts of P tokens, row b left-padded by b - 1 positions.
+local function prompts(model, B, P)
+   local ids, mask = {}, {}
+   for b = 1, B do
+      ids[b], mask[b] = {}, {}
+      for t = 1, P do
+         ids[b][t] = (b * 7 + t * 3) % vocab(model)
+         mask[b][t] = t >= b and 1 or 0
+      end
+   end
+   return ids, mask
+end
+
+local function sum(t)
+   local s = 0
+   for _, v in pairs(t) do s = s + v end
+   return s
+end
+
+describe("utils.runtime_memory", function()
+   local warnings, prev
+   before_each(function()
+      warnings = {}
+      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
+   end)
+   after_each(function()
+      log.set_warning_handler(prev)
+      ml.set_gc_cap("cpu", 0)
+   end)
+
+   describe("kv_cache_sizes", function()
+      for _, name in ipairs(FAMILIES) do
+         it(name .. ": equals what generate's cache allocates, layer by layer", function()
+            local model = models.from_pretrained(H.FIX .. "/" .. name)
+            local B, P, max_length = 2, 5, 13
+            local sizes = rm.kv_cache_sizes(model, { batch_size = B, max_length = max_length })
+            local names = {}
+            for n in pairs(sizes) do names[#names + 1] = n end
+            local cache = model:new_cache(max_length)
+            model(prompts(model, B, P), { cache = cache })
+            assert.are.equal(cache.n_layers, #names)
+            local i = 0
+            for n, m in model:named_modules() do                     -- module order = layer order
+               if sizes[n] then
+                  i = i + 1
+                  assert.are.equal(cache.k[i]:nbytes() + cache.v[i]:nbytes(), sizes[n], n)
+                  assert.is_true(type(m.kv_cache_heads) == "function")
+               end
+            end
+            assert.are.equal(#names, i)
+         end)
+      end
+   end)
+
+   describe("activation_size", function()
+      -- Measured in a fresh process (tests/runtime_memory_probe.lua): it collects garbage at
+      -- every new tensor so that the peak holds live tensors only, which the suite's large Lua
+      -- heap would make slow.
+      local luajit = os.getenv("LUAJIT") or "luajit"
+      local p = io.popen(luajit .. " tests/runtime_memory_probe.lua " .. table.concat(FAMILIES, " ") .. " 2>&1")
+      local out = p:read("*a")
+      p:close()
+      local results = {}
+      for line in out:gmatch("[^\n]+") do
+         local ok, r = pcall(require("cjson").decode, line)
+         if ok and type(r) == "table" then results[r.name] = r end
+      end
+
+      for _, name in ipairs(FAMILIES) do
+         it(name .. ": bounds the measured peak from above, within 3x", function()
+            local r = results[name]
+            assert.is_table(r, "probe output: " .. out)
+            for _, case in ipairs({ "generate", "prefill", "decode" }) do
+               local m = r[case]
+               local label = string.format("%s %s: estimate %d, measured %d", name, case, m.estimate, m.measured)
+               assert.is_true(m.measured > 0 and m.estimate >= m.measured, label)
+               -- one decoding step of a tiny model is outweighed by generate's masks and the logits
+               if case ~= "decode" then assert.is_true(m.estimate <= 3 * m.measured, label) end
+            end
+         end)
+      end
+   end)
+
+   describe("reserve_for", function()
+      local model = models.from_config(H.FIX .. "/llama_tiny_untied/config.json")
+      it("names what is wrong", function()
+         local cases = {
+            { {}, "max_length is required" },
+            { { max_length = 0 }, "max_length must be an integer >= 1, got 0" },
+            { { max_length = 8, batch_size = 1.5 }, "batch_size must be an integer >= 1, got 1.5" },
+            { { max_length = 8, prompt_length = 9 }, "prompt_length 9 exceeds max_length 8" },
+            { { max_length = 8, context = 4 }, 'unknown key "context"' },
+         }
+         for _, c in ipairs(cases) do
+            local ok, err = pcall(u.runtime_memory_sizes, model, c[1])
+            assert.is_false(ok)
+            assert.truthy(tostring(err):find(c[2], 1, true), tostring(err))
+         end
+         local ok, err = pcall(u.kv_cache_sizes, model, 4096)
+         assert.is_false(ok)
+         assert.truthy(err:find("reserve_for must be a table", 1, true), err)
+      end)
+
+      it("scales the cache with batch, length and dtype", function()
+         local one = sum(u.kv_cache_sizes(model, { max_length = 10 }))
+         assert.are.equal(3 * 7 * one, sum(u.kv_cache_sizes(model, { batch_size = 3, max_length = 70 })))
+         assert.are.equal(one / 2, sum(u.kv_cache_sizes(model, { max_length = 10, dtype = "bfloat16" })))
+      end)
+
+      it("gives workspaces with the garbage share and, on the CPU, the block cache", function()
+         local r = { batch_size = 2, max_length = 64 }
+         local runtime, workspace, garbage = u.runtime_memory_sizes(model, r)
+         local act = u.activation_size(model, r)
+         assert.are.same(u.kv_cache_sizes(model, r), runtime)
+         assert.are.equal(math.max(16 * 1024 * 1024, act), garbage)
+         assert.are.equal(act + garbage, workspace.gpu)
+         assert.are.equal(act + garbage + ml.cpu_cache_limit(), workspace.cpu)
+      end)
+   end)
+end)
+
+-- A model of four equal blocks (1000 float32 each, 4000 bytes) for checking placement by hand.
+-- Accelerate's planner keeps room on a main device for the largest layer still to place (4000
+-- until the last block, then nothing).
+local Block = nn.Module:extend("Block")
+function Block:__init() nn.Module.__init(self); self.w = nn.Parameter(ml.zeros(1000)) end
+local Net = nn.Module:extend("Net")
+function Net:__init()
+   nn.Module.__init(self)
+   for i = 0, 3 do self:add_module("b" .. i, Block()) end
+end
+
+describe("infer_auto_device_map with runtime memory", function()
+   local net = Net()
+   local no_split = { "Block" }
+   local function runtime(bytes)
+      local t = {}
+      for i = 0, 3 do t["b" .. i] = bytes end
+      return t
+   end
+   local function map_of(opts)
+      opts.no_split_module_classes = no_split
+      local map = u.infer_auto_device_map(net, opts)
+      local out = {}
+      for i = 0, 3 do out[i + 1] = map["b" .. i] or map[""] end
+      return out
+   end
+   local warnings, prev
+   before_each(function()
+      warnings = {}
+      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
+   end)
+   after_each(function() log.set_warning_handler(prev) end)
+
+   it("on the CPU alone, takes every cache and the workspace off the CPU budget", function()
+      -- Accelerate's map: 15000 - 4000 kept = 11000 holds two blocks
+      assert.are.same({ "cpu", "cpu", "disk", "disk" }, map_of({ max_memory = { cpu = 15000 } }))
+      -- whatever their placement, the blocks run on the CPU: 4 x 1000 off the budget
+      assert.are.same({ "cpu", "disk", "disk", "disk" },
+         map_of({ max_memory = { cpu = 15000 }, runtime_sizes = runtime(1000) }))
+      assert.are.same({ "disk", "disk", "disk", "disk" },
+         map_of({ max_memory = { cpu = 15000 }, runtime_sizes = runtime(1000), workspace_size = { cpu = 3500 } }))
+      local ok, err = pcall(u.infer_auto_device_map, net,
+         { max_memory = { cpu = 15000 }, runtime_sizes = runtime(5000), no_split_module_classes = no_split })
+      assert.is_false(ok)
+      assert.truthy(err:find("max_memory for cpu (15000 bytes) cannot hold the runtime_sizes", 1, true), err)
+   end)
+
+   it("charges a GPU's own layers there and the offloaded layers' caches to the main GPU", function()
+      -- Accelerate's map: all four fit (the last block needs no room kept beside it)
+      assert.are.same({ 0, 0, 0, 0 }, map_of({ max_memory = { [0] = 19000, cpu = 1e9 } }))
+      -- each block needs 1000 more where it runs; offloaded blocks run on 0, which keeps room
+      -- for their caches: two blocks with theirs (10000), 2000 for the others', 4000 for a layer
+      assert.are.same({ 0, 0, "cpu", "cpu" },
+         map_of({ max_memory = { [0] = 19000, cpu = 1e9 }, runtime_sizes = runtime(1000) }))
+      -- a second GPU runs its own blocks, caches there: 0 keeps nothing for them
+      assert.are.same({ 0, 0, 1, 1 },
+         map_of({ max_memory = { [0] = 14000, [1] = 20000, cpu = 1e9 }, runtime_sizes = runtime(1000) }))
+      -- the workspace comes off every GPU: 15000 left holds one block, its cache and three others'
+      assert.are.same({ 0, "cpu", "cpu", "cpu" },
+         map_of({ max_memory = { [0] = 19000, cpu = 1e9 }, runtime_sizes = runtime(1000), workspace_size = { gpu = 4000 } }))
+   end)
+
+   it("shares the runtime memory out in balanced budgets", function()
+      local plain = u.get_balanced_memory(net, { max_memory = { [0] = 1e9, [1] = 1e9, cpu = 1e9 }, no_split_module_classes = no_split })
+      local with = u.get_balanced_memory(net, { max_memory = { [0] = 1e9, [1] = 1e9, cpu = 1e9 }, no_split_module_classes = no_split,
+         runtime_sizes = runtime(1000), workspace_size = 500 })
+      assert.are.equal(plain[0] + 2000 + 500, with[0])
+   end)
+
+   it("rejects malformed runtime_sizes and workspace_size", function()
+      local cases = {
+         { { runtime_sizes = 5 }, "runtime_sizes must be a table" },
+         { { runtime_sizes = { b0 = -1 } }, "runtime_sizes[b0] = -1 is not a byte count" },
+         { { workspace_size = "1GB" }, "workspace_size must be a byte count" },
+         { { workspace_size = { disk = 5 } }, 'workspace_size[disk] = 5: expected keys "cpu" and "gpu"' },
+      }
+      for _, c in ipairs(cases) do
+         c[1].max_memory = { cpu = 15000 }
+         local ok, err = pcall(u.infer_auto_device_map, net, c[1])
+         assert.is_false(ok)
+         assert.truthy(err:find(c[2], 1, true), err)
+      end
+   end)
+end)
+
+describe("from_pretrained with reserve_for", function()
+   local warnings, prev
+   before_each(function()
+      warnings = {}
+      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
+   end)
+   after_each(function()
+      log.set_warning_handler(prev)
+      ml.set_gc_cap("cpu", 0)
+   end)
+
+   local name = "llama_tiny_untied"
+   local reserve = { batch_size = 2, max_length = 40, prompt_length = 20 }
+
+   it("keeps the cache and activations inside the CPU budget, moving layers to disk for them", function()
+      local exp = H.expected(name)
+      local dir = H.tmpdir()
+      local skeleton = big.init_empty_weights(function() return models.from_config(H.FIX .. "/" .. name .. "/config.json") end)
+      local runtime, workspace = u.runtime_memory_sizes(skeleton, reserve)
+      local reserved = sum(runtime) + workspace.cpu
+      local weights_budget = 70000                            -- what models_dispatch_spec gives the weights
+      local plain = models.from_pretrained(H.FIX .. "/" .. name,
+         { device_map = "auto", max_memory = { cpu = reserved + weights_budget }, offload_folder = dir })
+      assert.is_nil(rawget(plain, "reserved_for"))
+      local model = models.from_pretrained(H.FIX .. "/" .. name, { device_map = "auto", reserve_for = reserve,
+         max_memory = { cpu = reserved + weights_budget }, offload_folder = dir })
+      -- the same split as the weights alone get from weights_budget
+      local alone = models.from_pretrained(H.FIX .. "/" .. name,
+         { device_map = "auto", max_memory = { cpu = weights_budget }, offload_folder = dir })
+      assert.are.same(alone.hf_device_map, model.hf_device_map)
+      assert.are_not.same(plain.hf_device_map, model.hf_device_map)
+      assert.are.same({ batch_size = 2, max_length = 40, prompt_length = 20 }, model.reserved_for)
+      -- the dispatcher capped the garbage at the plan's share
+      local _, _, garbage = u.runtime_memory_sizes(skeleton, reserve)
+      assert.are.equal(garbage, ml.set_gc_cap("cpu", garbage))
+
+      -- a generation of the reserved size allocates no more than the plan kept (the block cache
+      -- is not counted as allocated)
+      local ids, mask = prompts(model, 2, 20)
+      collectgarbage()
+      local base = ml.memory_allocated("cpu")
+      ml.reset_peak_memory("cpu")
+      local out = model:generate(ids, { max_new_tokens = 20, attention_mask = mask })
+      local _, peak = ml.memory_allocated("cpu")
+      assert.is_true(peak - base <= reserved - ml.cpu_cache_limit(),
+         string.format("allocated %d of %d", peak - base, reserved - ml.cpu_cache_limit()))
+      assert.are.same(alone:generate(ids, { max_new_tokens = 20, attention_mask = mask }), out)
+      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens }))
+      local function reserve_warnings()
+         local n = 0
+         for _, w in ipairs(warnings) do if w:find("reserve_for", 1, true) then n = n + 1 end end
+         return n
+      end
+      assert.are.equal(0, reserve_warnings())
+
+      -- beyond the reserved size: a warning that says so
+      model:generate(ids[1], { max_new_tokens = 30 })
+      assert.are.equal(1, reserve_warnings())
+      assert.truthy(warnings[#warnings]:find("more than the device map reserved memory for (reserve_for = {batch_size = 2, max_length = 40, prompt_length = 20})", 1, true), warnings[1])
+      H.rmdir(dir)
+   end)
+
+   it("says when the budget cannot hold what it reserves, or the map is not planned", function()
+      local ok, err = pcall(models.from_pretrained, H.FIX .. "/" .. name,
+         { device_map = "auto", reserve_for = reserve, max_memory = { cpu = 1000000 } })
+      assert.is_false(ok)
+      assert.truthy(err:find("max_memory for cpu (1000000 bytes) cannot hold the workspace_size", 1, true), err)
+      ok, err = pcall(models.from_pretrained, H.FIX .. "/" .. name,
+         { device_map = { [""] = "cpu" }, reserve_for = reserve })
+      assert.is_false(ok)
+      assert.truthy(err:find('from_pretrained: reserve_for plans a device map, so device_map must be "auto"', 1, true), err)
+   end)
+end)
