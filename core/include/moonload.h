@@ -86,6 +86,7 @@ ML_API ml_status ml_gc_set_cap(ml_device dev, int64_t bytes, int64_t *previous);
 ML_API int64_t ml_cpu_cached_bytes(void);
 ML_API void ml_cpu_empty_cache(void);
 ML_API int64_t ml_cpu_cache_limit(void);               /* the most the cache keeps (MOONLOAD_CPU_CACHE_MB) */
+ML_API int64_t ml_cpu_cache_set_limit(int64_t bytes);  /* sets it (0: no cache), drops the excess; gives the previous */
 ML_API int ml_cuda_device_count(void);                 /* 0 when no driver or no GPU */
 /* Free and total bytes of a GPU as the planner sees them (the caching allocator's idle blocks count as free). */
 ML_API ml_status ml_cuda_mem_get_info(int device, int64_t *free_bytes, int64_t *total_bytes);

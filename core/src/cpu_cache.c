@@ -86,6 +86,19 @@ int64_t ml_cpu_cache_limit(void) {
   return n;
 }
 
+int64_t ml_cpu_cache_set_limit(int64_t bytes) {
+  pthread_mutex_lock(&cache_mutex);
+  int64_t previous = (int64_t)limit();
+  cache_limit = bytes > 0 ? (size_t)bytes : 0;
+  while (cache_count > 0 && cache_bytes > cache_limit) {     /* oldest first, as when full */
+    ml_aligned_free(cache[0].ptr);
+    cache_bytes -= cache[0].size;
+    memmove(cache, cache + 1, (size_t)(--cache_count) * sizeof cache[0]);
+  }
+  pthread_mutex_unlock(&cache_mutex);
+  return previous;
+}
+
 void ml_cpu_empty_cache(void) {
   pthread_mutex_lock(&cache_mutex);
   for (int i = 0; i < cache_count; i++) ml_aligned_free(cache[i].ptr);

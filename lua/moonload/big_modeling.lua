@@ -468,15 +468,22 @@ function M._bound_mapped_disk_weights(model, device_map, max_memory, dtype, cpu_
    if type(device_map) ~= "table" or type(max_memory) ~= "table" or max_memory.cpu == nil then return end
    local u = utils()
    local sizes = u.compute_module_sizes(model, { dtype = dtype })
-   local on_disk, on_gpu, cpu_bytes = false, false, 0
+   local on_disk, on_gpu, cpu_bytes, largest_disk = false, false, 0, 0
    for name, dev in pairs(device_map) do
-      if dev == "disk" then on_disk = true
+      if dev == "disk" then
+         on_disk = true
+         largest_disk = math.max(largest_disk, sizes[name] or 0)
       elseif dev == "cpu" then cpu_bytes = cpu_bytes + sizes[name]
       elseif dev ~= "meta" then on_gpu = true end
    end
    if not on_disk then return end
    local budget = u.convert_file_size_to_int(max_memory.cpu)
-   hooks.set_auto_drop_above(math.max(0, on_gpu and budget or budget - cpu_bytes - (cpu_reserved or 0)))
+   if on_gpu then return hooks.set_auto_drop_above(budget) end
+   -- With a reserve_for plan the budget is a promise. Pages are dropped as a module is released,
+   -- so beside what stays mapped comes the module running (the largest on disk, mapped whole);
+   -- the pages prefetch reads ahead are in the plan's workspace.
+   local ahead = cpu_reserved and cpu_reserved > 0 and largest_disk or 0
+   hooks.set_auto_drop_above(math.max(0, budget - cpu_bytes - (cpu_reserved or 0) - ahead))
 end
 
 --- reserve_for is for a planned map: an error (at `level`) with a table or no device_map.
@@ -525,7 +532,8 @@ function M._plan_device_map(model, opts, who)
 end
 
 -- After dispatching a reserve_for plan: each device that computes collects its garbage once
--- it holds the plan's share (ml.set_gc_cap), and the model remembers what it was planned for
+-- it holds the plan's share (ml.set_gc_cap; on the CPU its block cache keeps as much at most),
+-- and the model remembers what it was planned for
 -- (generate warns beyond it). Returns the bytes the plan reserved on the CPU.
 local function apply_reserve(model, device_map, reserved)
    if not reserved then return 0 end
@@ -540,6 +548,7 @@ local function apply_reserve(model, device_map, reserved)
       for dev in pairs(gpus) do ml.set_gc_cap(dev, reserved.garbage) end
    else
       ml.set_gc_cap("cpu", reserved.garbage)
+      ml.set_cpu_cache_limit(reserved.garbage)
       cpu_reserved = reserved.workspace_size.cpu
       for _, bytes in pairs(reserved.runtime_sizes) do cpu_reserved = cpu_reserved + bytes end
    end

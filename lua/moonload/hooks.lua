@@ -302,6 +302,7 @@ end
 
 --- The process-wide hook runtime (created on first use). MOONLOAD_PREFETCH=0 turns prefetch off,
 -- MOONLOAD_DROP_PAGES=0|1|2|auto sets the page-drop level after release (see set_drop_pages).
+local prefetch_lookahead = 32 * 1024 * 1024        -- the core's default (hookrt.c)
 function M.runtime()
    if runtime_ptr then return runtime_ptr end
    local p = ffi.new("ml_hookrt*[1]")
@@ -314,7 +315,10 @@ function M.runtime()
    local drop = drop_env == "auto" and 3 or tonumber(drop_env or "") or -1
    C.check(lib.ml_hookrt_configure(runtime_ptr, env_flag("MOONLOAD_PREFETCH", true) and 1 or 0, drop))
    local lookahead = tonumber(os.getenv("MOONLOAD_PREFETCH_LOOKAHEAD") or "")
-   if lookahead then C.check(lib.ml_hookrt_set_prefetch_window(runtime_ptr, -1, lookahead)) end
+   if lookahead then
+      C.check(lib.ml_hookrt_set_prefetch_window(runtime_ptr, -1, lookahead))
+      prefetch_lookahead = lookahead
+   end
    local stream_ahead = tonumber(os.getenv("MOONLOAD_STREAM_AHEAD") or "")
    if stream_ahead then C.check(lib.ml_hookrt_set_stream_window(runtime_ptr, stream_ahead)) end
    return runtime_ptr
@@ -395,6 +399,14 @@ end
 -- MOONLOAD_PREFETCH_LOOKAHEAD); groups smaller than min_bytes (64 KiB) are skipped. nil keeps one.
 function M.set_prefetch_window(min_bytes, lookahead_bytes)
    C.check(lib.ml_hookrt_set_prefetch_window(M.runtime(), min_bytes or -1, lookahead_bytes or -1))
+   if lookahead_bytes then prefetch_lookahead = lookahead_bytes end
+end
+
+--- The bytes prefetch may map ahead now (set_prefetch_window's lookahead_bytes): memory budgets
+-- keep room for them.
+function M.prefetch_lookahead()
+   M.runtime()
+   return prefetch_lookahead
 end
 
 --- Runtime counters: materialize_calls, releases, bytes_viewed, bytes_copied, tied_hits,

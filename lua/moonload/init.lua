@@ -65,6 +65,15 @@ function ml.cpu_cached_bytes() return tonumber(lib.ml_cpu_cached_bytes()) end
 --- The most bytes that cache keeps (MOONLOAD_CPU_CACHE_MB, default 256 MiB).
 function ml.cpu_cache_limit() return tonumber(lib.ml_cpu_cache_limit()) end
 
+--- Sets that limit (0 turns the cache off), giving back what is cached beyond it; returns the
+-- previous limit. A device map planned with reserve_for sets it to the plan's garbage share.
+function ml.set_cpu_cache_limit(bytes)
+   if type(bytes) ~= "number" or bytes < 0 or bytes ~= math.floor(bytes) then
+      error("set_cpu_cache_limit: bytes must be an integer >= 0, got " .. tostring(bytes), 2)
+   end
+   return tonumber(lib.ml_cpu_cache_set_limit(bytes))
+end
+
 --- Gives the cached CPU blocks back to the operating system.
 function ml.empty_cache() lib.ml_cpu_empty_cache() end
 

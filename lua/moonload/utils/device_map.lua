@@ -557,6 +557,13 @@ function M.infer_auto_device_map(model, opts)
       if max_memory.cpu ~= nil then
          reserve(max_memory, "cpu", workspace.cpu, "workspace_size", fn)
          reserve(max_memory, "cpu", total, "runtime_sizes (memory the modules need while they run)", fn)
+         -- what is left must at least run the largest layer from disk (mapped whole meanwhile)
+         local largest = sizes.get_max_layer_size(concat(modeling.direct_params(model), children_list(model),
+            modeling.direct_buffers(model)), module_sizes, no_split)
+         if (workspace.cpu > 0 or total > 0) and max_memory.cpu < largest then
+            error(string.format("%s: max_memory for cpu leaves %s bytes beside the memory reserved for the run (%s bytes), less than the largest layer (%s bytes) needs while it runs",
+               fn, num(max_memory.cpu), num(workspace.cpu + total), num(largest)), 2)
+         end
       end
       runtime = {}
    end

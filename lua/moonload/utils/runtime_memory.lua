@@ -141,19 +141,24 @@ end
 
 -- The least garbage allowed between collections on a device a plan reserved memory on.
 local MIN_GARBAGE = 16 * 1024 * 1024
+-- What the process itself holds in RAM beside tensors: the Lua heap, OpenBLAS's per-thread
+-- buffers, thread stacks, kernel scratch (about 16 MiB measured with a Llama-shaped model).
+local PROCESS_OVERHEAD = 32 * 1024 * 1024
 
 --- runtime_memory_sizes(model, reserve_for) -> runtime_sizes, workspace_size, garbage: what
 -- infer_auto_device_map needs to keep a causal language model's run inside its budgets.
 -- runtime_sizes: each attention layer's key-value cache. workspace_size {cpu = , gpu = }: the
--- activations, the dead tensors allowed between two collections (`garbage` bytes: as much as
--- the activations, at least 16 MiB; the dispatcher caps each computing device's collection
--- threshold at it with ml.set_gc_cap), and on the CPU the freed blocks its cache keeps for reuse.
+-- activations and the dead tensors allowed between two collections (`garbage` bytes: a quarter
+-- of the activations, at least 16 MiB; the dispatcher caps each computing device's collection
+-- threshold at it with ml.set_gc_cap), and on the CPU as much again for the freed blocks its
+-- cache keeps for reuse (the dispatcher sets that limit too), the pages the hook runtime's prefetch
+-- maps ahead of the layer running (hooks.prefetch_lookahead), and 32 MiB for the process itself.
 function M.runtime_memory_sizes(model, reserve_for)
    local runtime = M.kv_cache_sizes(model, reserve_for)
    local act = M.activation_size(model, reserve_for)
-   local garbage = math.max(MIN_GARBAGE, act)
-   local cpu_cache = require("moonload").cpu_cache_limit()
-   return runtime, { cpu = act + garbage + cpu_cache, gpu = act + garbage }, garbage
+   local garbage = math.max(MIN_GARBAGE, math.ceil(act / 4))
+   local ahead = require("moonload.hooks").prefetch_lookahead()
+   return runtime, { cpu = act + 2 * garbage + ahead + PROCESS_OVERHEAD, gpu = act + garbage }, garbage
 end
 
 return M

@@ -1,0 +1,96 @@
+--- A batch that fits only when the device map counts its key-value cache: a Llama-shaped model
+-- (16 layers, hidden 512, about 340 MB in float32, made once by bench/fit_context_peer.py), 32
+-- prompts of 16 tokens, 240 greedy tokens each, under an 800 MB CPU budget. The cache alone takes
+-- 537 MB. Accelerate's planner counts weights only, so it keeps every layer in RAM and the run
+-- goes past the budget; moonload's reserve_for plan sends layers to disk to make room.
+-- Reported for each, in the same run: the bytes the map put per device, the peak resident memory
+-- from just before loading (VmHWM after /proc/self/clear_refs; mapped checkpoint pages count),
+-- its ratio to the budget, seconds, and whether row 0's tokens equal transformers'. moonload runs
+-- twice, each in its own process: with Accelerate's plan (no reserve_for) and with reserve_for.
+-- Environment: BENCH_PYTHON (default /opt/ref/bin/python), BENCH_THREADS (default: all cores).
+package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
+local ml = require("moonload")
+local cjson = require("cjson")
+local B = require("benchutil")
+
+local dir = ".bench/fit-context-llama"
+local BUDGET, BATCH, PROMPT, NEW = "800MB", 32, 16, 240
+local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
+
+local function kib(field)
+   local f = assert(io.open("/proc/self/status"))
+   local text = f:read("*a")
+   f:close()
+   return tonumber(text:match(field .. ":%s*(%d+)"))
+end
+
+-- The same prompts as the peer's (MINSTD: exact in doubles).
+local function prompts(vocab)
+   local seed, rows = 1, {}
+   for b = 1, BATCH do
+      rows[b] = {}
+      for t = 1, PROMPT do
+         seed = seed * 48271 % 2147483647
+         rows[b][t] = seed % vocab
+      end
+   end
+   return rows
+end
+
+-- One variant in this process: "plan" (Accelerate's) or "reserve" (reserve_for).
+local function run(variant)
+   ml.set_num_threads(threads)
+   local folder = os.tmpname()
+   os.remove(folder)
+   local f = assert(io.open("/proc/self/clear_refs", "w"))
+   f:write("5")                                                 -- VmHWM starts again from VmRSS
+   f:close()
+   local base = kib("VmRSS")
+   local opts = { device_map = "auto", max_memory = { cpu = BUDGET }, offload_folder = folder }
+   if variant == "reserve" then opts.reserve_for = { batch_size = BATCH, max_length = PROMPT + NEW, prompt_length = PROMPT } end
+   local model = ml.models.from_pretrained(dir, opts)
+   local sizes = ml.utils.compute_module_sizes(model)
+   local per_device = {}
+   for name, dev in pairs(model.hf_device_map) do
+      per_device[tostring(dev)] = (per_device[tostring(dev)] or 0) + sizes[name]
+   end
+   local t0 = B.now()
+   local out = model:generate(prompts(model.config.vocab_size), { max_new_tokens = NEW })
+   local seconds = B.now() - t0
+   local peak = kib("VmHWM")
+   os.execute("rm -rf '" .. folder .. "'")
+   print(cjson.encode({ bytes_per_device = per_device, seconds = seconds, peak_rss_mb = (peak - base) / 1024,
+      generated = { unpack(out[1], PROMPT + 1) } }))
+end
+
+if arg[1] == "--variant" then return run(arg[2]) end
+
+local made, err = B.run_peer("bench/fit_context_peer.py make --dir " .. dir)
+if not made then
+   print(cjson.encode({ bench = "fit_context", skipped = "cannot make the checkpoint: " .. tostring(err) }))
+   return
+end
+local budget_mb = ml.utils.convert_file_size_to_int(BUDGET) / 2 ^ 20
+local luajit = os.getenv("LUAJIT") or "luajit"
+local result = { bench = "fit_context", budget = BUDGET, batch = BATCH, prompt = PROMPT, new_tokens = NEW, threads = threads }
+for _, variant in ipairs({ "plan", "reserve" }) do
+   local r, rerr = B.run_json(luajit .. " bench/fit_context.lua --variant " .. variant, true)
+   if not r then error("moonload " .. variant .. " failed: " .. tostring(rerr)) end
+   r.peak_over_budget = r.peak_rss_mb / budget_mb
+   result[variant == "plan" and "moonload_accelerate_plan" or "moonload_reserve_for"] = r
+end
+local peer, perr = B.run_peer(string.format("bench/fit_context_peer.py generate --dir %s --max-memory %s --batch %d --prompt %d --new %d --threads %d",
+   dir, BUDGET, BATCH, PROMPT, NEW, threads))
+if peer then
+   peer.peak_over_budget = peer.peak_rss_mb / budget_mb
+   result.accelerate = peer
+   for _, k in ipairs({ "moonload_accelerate_plan", "moonload_reserve_for" }) do
+      result[k].same_tokens = cjson.encode(peer.generated) == cjson.encode(result[k].generated)
+   end
+else
+   result.peer_error = perr
+end
+for _, k in ipairs({ "moonload_accelerate_plan", "moonload_reserve_for", "accelerate" }) do
+   if result[k] then result[k].generated = nil end
+end
+print(cjson.encode(result))
