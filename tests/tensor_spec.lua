@@ -292,12 +292,15 @@ describe("memory accounting", function()
       assert.are.equal(before, (ml.memory_allocated("cpu")))
    end)
 
-   it("collects dead tensors once 256 MiB, or as much as was live, was allocated since the last collection", function()
+   -- limit(before): the threshold for `before` bytes live; cap: an ml.set_gc_cap to apply.
+   local function collects_at(label, limit_of, cap)
+      it(label, function()
       local lib = require("moonload.C").lib
       collectgarbage(); collectgarbage()
       lib.ml_gc_done()                                         -- the threshold from what is live now
+      if cap then ml.set_gc_cap("cpu", cap) end
       local before = ml.memory_allocated("cpu")
-      local limit = math.max(256 * 2 ^ 20, before)
+      local limit = limit_of(before)
       ml.reset_peak_memory("cpu")
       for _ = 1, math.ceil(limit / 2 ^ 20) + 64 do
          local t = ml.empty({ 262144 })                        -- 1 MiB, dead at once
@@ -306,9 +309,14 @@ describe("memory accounting", function()
       local _, peak = ml.memory_allocated("cpu")
       assert.is_true(peak - before <= limit + 2 ^ 21, string.format("peak %d over %d, limit %d", peak, before, limit))
       assert.is_true(peak - before >= limit)                  -- nothing was collected before that
+      ml.set_gc_cap("cpu", 0)
       collectgarbage(); collectgarbage()
       ml.empty_cache()
-   end)
+      end)
+   end
+   collects_at("collects dead tensors once 64 MiB, or a quarter of what was live, was allocated since the last collection",
+      function(live) return math.max(64 * 2 ^ 20, math.floor(live / 4)) end)
+   collects_at("collects them after the gc cap instead when that is lower", function() return 8 * 2 ^ 20 end, 8 * 2 ^ 20)
 end)
 
 describe("cpu block cache", function()

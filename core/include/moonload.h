@@ -74,8 +74,9 @@ ML_API bool ml_device_equal(ml_device a, ml_device b);
 ML_API ml_status ml_device_memory(ml_device dev, int64_t *in_use, int64_t *peak);
 ML_API ml_status ml_device_reset_peak(ml_device dev);
 /* Garbage-collection pressure for the binding: the flag turns non-zero once the bytes allocated
-   on a device since the last ml_gc_done pass that device's threshold (cpu: the larger of 256 MiB
-   and the bytes live then; cuda: the larger of 64 MiB and a quarter of its free memory then).
+   on a device since the last ml_gc_done pass that device's threshold (cpu: the larger of 64 MiB
+   and a quarter of the bytes live then; cuda: the larger of 64 MiB and a quarter of its free
+   memory then).
    The binding reads it after each new tensor, collects its garbage, and calls ml_gc_done. */
 ML_API volatile int32_t *ml_gc_flag(void);
 ML_API void ml_gc_done(void);

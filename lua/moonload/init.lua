@@ -44,8 +44,8 @@ function ml.reset_peak_memory(device)
 end
 
 --- set_gc_cap(device, bytes) -> previous: dead tensors never hold more than `bytes` on the
--- device before moonload runs a full collection (0 restores the default rule: cpu 256 MiB or the
--- live bytes, cuda 64 MiB or a quarter of the free memory). A device map planned with reserve_for
+-- device before moonload runs a full collection (0 restores the default rule: cpu 64 MiB or a
+-- quarter of the live bytes, cuda 64 MiB or a quarter of the free memory). A device map planned with reserve_for
 -- sets it to the garbage share of the memory it reserved.
 local cap_prev = ffi.new("int64_t[1]")
 function ml.set_gc_cap(device, bytes)
