@@ -531,22 +531,21 @@ function M._plan_device_map(model, opts, who)
    return u.infer_auto_device_map(model, plan), reserved
 end
 
--- After dispatching a reserve_for plan: each device that computes collects its garbage once
--- it holds the plan's share (ml.set_gc_cap; on the CPU its block cache keeps as much at most),
--- and the model remembers what it was planned for
+-- After dispatching a reserve_for plan that computes on the CPU: it collects its garbage once it
+-- holds the plan's share (ml.set_gc_cap) and its block cache keeps as much at most; the model
+-- remembers what it was planned for
 -- (generate warns beyond it). Returns the bytes the plan reserved on the CPU.
 local function apply_reserve(model, device_map, reserved)
    if not reserved then return 0 end
    local ml = require("moonload")
-   local gpus = {}
+   local on_gpu = false
    for _, dev in pairs(device_map) do
-      if type(dev) == "number" then gpus["cuda:" .. dev] = true
-      elseif type(dev) == "string" and dev:match("^cuda:%d+$") then gpus[dev] = true end
+      if type(dev) == "number" or (type(dev) == "string" and dev:match("^cuda:%d+$")) then on_gpu = true end
    end
+   -- A GPU keeps its default threshold: an allocation that fails there collects and tries again,
+   -- and capping it would run a full collection every few layers of a prefill.
    local cpu_reserved = 0
-   if next(gpus) then
-      for dev in pairs(gpus) do ml.set_gc_cap(dev, reserved.garbage) end
-   else
+   if not on_gpu then
       ml.set_gc_cap("cpu", reserved.garbage)
       ml.set_cpu_cache_limit(reserved.garbage)
       cpu_reserved = reserved.workspace_size.cpu

@@ -149,8 +149,9 @@ local PROCESS_OVERHEAD = 32 * 1024 * 1024
 -- infer_auto_device_map needs to keep a causal language model's run inside its budgets.
 -- runtime_sizes: each attention layer's key-value cache. workspace_size {cpu = , gpu = }: the
 -- activations and the dead tensors allowed between two collections (`garbage` bytes: a quarter
--- of the activations, at least 16 MiB; the dispatcher caps each computing device's collection
--- threshold at it with ml.set_gc_cap), and on the CPU as much again for the freed blocks its
+-- of the activations, at least 16 MiB; on the CPU the dispatcher caps the collection threshold at
+-- it with ml.set_gc_cap, while a GPU collects when an allocation fails and keeps it as a margin),
+-- and on the CPU as much again for the freed blocks its
 -- cache keeps for reuse (the dispatcher sets that limit too), the pages the hook runtime's prefetch
 -- maps ahead of the layer running (hooks.prefetch_lookahead), and 32 MiB for the process itself.
 function M.runtime_memory_sizes(model, reserve_for)
