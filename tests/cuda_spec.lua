@@ -6,6 +6,20 @@ local hooks = require("moonload.hooks")
 
 local DEV = "cuda:0"
 
+-- Allocates n tensors of 1 MiB on DEV, each dead at once, with LuaJIT's own collector stopped:
+-- only the core's pressure flag collects them.
+local function allocate_dead_mib(n)
+   collectgarbage("stop")
+   local ok, err = pcall(function()
+      for _ = 1, n do
+         local t = ml.empty({ 262144 }, { device = DEV })
+         t = nil
+      end
+   end)
+   collectgarbage("restart")
+   assert(ok, err)
+end
+
 local function max_rel_err(got, want)
    local g, w = got:cpu():float():tolist(), want:cpu():float():tolist()
    local worst = 0
@@ -742,17 +756,9 @@ describe("device memory on cuda #cuda", function()
       ml.reset_peak_memory(DEV)
       local before = ml.memory_allocated(DEV)
       local n = math.ceil(limit / 2 ^ 20) * 2 + 8
-      -- LuaJIT's own collector is stopped, so only the pressure flag collects (on a GPU with
-      -- 140 GB the limit is 35 GB, and the wrappers' garbage alone could trigger a cycle first)
-      collectgarbage("stop")
-      local ok, err = pcall(function()
-         for _ = 1, n do
-            local t = ml.empty({ 262144 }, { device = DEV })   -- 1 MiB, dead at once
-            t = nil
-         end
-      end)
-      collectgarbage("restart")
-      assert(ok, err)
+      -- (on a GPU with 140 GB the limit is 35 GB, and the wrappers' garbage alone could trigger
+      -- a cycle of LuaJIT's own collector first)
+      allocate_dead_mib(n)
       local _, peak = ml.memory_allocated(DEV)
       assert.is_true(peak - before <= limit + 2 ^ 21, string.format("peak %d over %d, limit %d", peak, before, limit))
       assert.is_true(peak - before >= limit - 2 ^ 21)          -- nothing was collected long before that
@@ -774,15 +780,7 @@ describe("memory planned with reserve_for on cuda #cuda", function()
       ml.set_gc_cap(DEV, cap)
       ml.reset_peak_memory(DEV)
       local before = ml.memory_allocated(DEV)
-      collectgarbage("stop")                      -- only the cap's pressure flag collects
-      local ok, err = pcall(function()
-         for _ = 1, 40 do
-            local t = ml.empty({ 262144 }, { device = DEV })   -- 1 MiB, dead at once
-            t = nil
-         end
-      end)
-      collectgarbage("restart")
-      assert(ok, err)
+      allocate_dead_mib(40)
       local _, peak = ml.memory_allocated(DEV)
       assert.is_true(peak - before <= cap + 2 ^ 21, string.format("peak %d over %d", peak, before))
    end)

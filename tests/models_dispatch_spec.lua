@@ -2,16 +2,10 @@
 -- ml.load_checkpoint_and_dispatch (CPU and disk here), logits and generation unchanged.
 local ml = require("moonload")
 local models = require("moonload.models")
-local log = require("moonload.utils.log")
 local H = require("models_helpers")
 
 describe("models.from_pretrained with device_map", function()
-   local warnings, prev
-   before_each(function()
-      warnings = {}
-      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
-   end)
-   after_each(function() log.set_warning_handler(prev) end)
+   H.collect_warnings()                       -- kept quiet
 
    -- The CPU budget leaves room for the largest layer (Accelerate reserves it for offloading) and a
    -- few modules beside it; Qwen2-MoE's layers, with their shared experts, need more.

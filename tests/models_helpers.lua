@@ -50,4 +50,33 @@ function H.rmdir(p)
    os.execute("rm -rf '" .. p .. "'")
 end
 
+--- B prompts of P token ids within model's vocabulary, row b left-padded by b - 1 positions:
+-- the ids and the 0/1 attention mask, as Lua lists.
+function H.padded_prompts(model, B, P)
+   local vocab = model.config.vocab_size or model.config.text_config.vocab_size
+   local ids, mask = {}, {}
+   for b = 1, B do
+      ids[b], mask[b] = {}, {}
+      for t = 1, P do
+         ids[b][t] = (b * 7 + t * 3) % vocab
+         mask[b][t] = t >= b and 1 or 0
+      end
+   end
+   return ids, mask
+end
+
+--- Called inside a describe: the returned list collects the warnings moonload gives during each
+-- test (emptied before it); the previous handler comes back after it.
+function H.collect_warnings()
+   local log = require("moonload.utils.log")
+   local list, prev = {}, nil
+   local spec = getfenv(2)                   -- busted's before_each/after_each live in the spec's environment
+   spec.before_each(function()
+      for i = #list, 1, -1 do list[i] = nil end
+      prev = log.set_warning_handler(function(msg) list[#list + 1] = msg end)
+   end)
+   spec.after_each(function() log.set_warning_handler(prev) end)
+   return list
+end
+
 return H

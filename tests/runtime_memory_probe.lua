@@ -15,19 +15,7 @@ local function sum(t)
    return s
 end
 
--- B prompts of P tokens, row b left-padded by b - 1 positions.
-local function prompts(model, B, P)
-   local vocab = model.config.vocab_size or model.config.text_config.vocab_size
-   local ids, mask = {}, {}
-   for b = 1, B do
-      ids[b], mask[b] = {}, {}
-      for t = 1, P do
-         ids[b][t] = (b * 7 + t * 3) % vocab
-         mask[b][t] = t >= b and 1 or 0
-      end
-   end
-   return ids, mask
-end
+local prompts = require("models_helpers").padded_prompts
 
 local function peak_of(fn)
    collectgarbage()

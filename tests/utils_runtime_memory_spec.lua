@@ -6,7 +6,6 @@ local models = require("moonload.models")
 local u = require("moonload.utils")
 local rm = require("moonload.utils.runtime_memory")
 local big = require("moonload.big_modeling")
-local log = require("moonload.utils.log")
 local nn = require("moonload.nn")
 local H = require("models_helpers")
 
@@ -14,20 +13,7 @@ local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny
                    "gemma2_tiny", "gemma3_tiny", "gemma3_multimodal_tiny", "qwen3_moe_tiny", "mixtral_tiny",
                    "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny", "phi_tiny" }
 
-local function vocab(model) return model.config.vocab_size or model.config.text_config.vocab_size end
-
--- B prompts of P tokens, row b left-padded by b - 1 positions.
-local function prompts(model, B, P)
-   local ids, mask = {}, {}
-   for b = 1, B do
-      ids[b], mask[b] = {}, {}
-      for t = 1, P do
-         ids[b][t] = (b * 7 + t * 3) % vocab(model)
-         mask[b][t] = t >= b and 1 or 0
-      end
-   end
-   return ids, mask
-end
+local prompts = H.padded_prompts
 
 local function sum(t)
    local s = 0
@@ -36,15 +22,8 @@ local function sum(t)
 end
 
 describe("utils.runtime_memory", function()
-   local warnings, prev
-   before_each(function()
-      warnings = {}
-      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
-   end)
-   after_each(function()
-      log.set_warning_handler(prev)
-      ml.set_gc_cap("cpu", 0)
-   end)
+   H.collect_warnings()
+   after_each(function() ml.set_gc_cap("cpu", 0) end)
 
    describe("kv_cache_sizes", function()
       for _, name in ipairs(FAMILIES) do
@@ -164,12 +143,7 @@ describe("infer_auto_device_map with runtime memory", function()
       for i = 0, 3 do out[i + 1] = map["b" .. i] or map[""] end
       return out
    end
-   local warnings, prev
-   before_each(function()
-      warnings = {}
-      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
-   end)
-   after_each(function() log.set_warning_handler(prev) end)
+   H.collect_warnings()
 
    it("on the CPU alone, takes every cache and the workspace off the CPU budget", function()
       -- Accelerate's map: 15000 - 4000 kept = 11000 holds two blocks
@@ -229,14 +203,9 @@ describe("infer_auto_device_map with runtime memory", function()
 end)
 
 describe("from_pretrained with reserve_for", function()
-   local warnings, prev
-   before_each(function()
-      warnings = {}
-      prev = log.set_warning_handler(function(msg) warnings[#warnings + 1] = msg end)
-   end)
+   local warnings = H.collect_warnings()
    local default_cache = ml.cpu_cache_limit()
    after_each(function()
-      log.set_warning_handler(prev)
       ml.set_gc_cap("cpu", 0)
       ml.set_cpu_cache_limit(default_cache)
    end)
