@@ -300,8 +300,37 @@ function M.from_config(cfg, opts)
    return cls(cfg, opts)
 end
 
---- from_pretrained(dir[, {dtype, strict = true, device_map, max_memory, offload_folder, ...}])
+local FLOAT_DTYPES = { float32 = true, float16 = true, bfloat16 = true, float64 = true }
+
+--- transformers' dtype = "auto" (its default since v5): the config's dtype (or torch_dtype, or
+-- its text_config's), else the dtype of the checkpoint's first floating tensor; float32 when
+-- the checkpoint has none.
+function M.auto_dtype(raw, ckpt, src)
+   local text = type(raw.text_config) == "table" and raw.text_config or {}
+   local d = raw.dtype or raw.torch_dtype or text.dtype or text.torch_dtype
+   if d ~= nil then
+      if not FLOAT_DTYPES[d] then
+         error(string.format('from_pretrained: dtype "%s" in %s is not a floating dtype (float32, float16, bfloat16, float64)',
+            tostring(d), src), 3)
+      end
+      return d
+   end
+   local st = require("moonload.safetensors")
+   local f = st.safe_open(ckpt.kind == "single" and ckpt.path or ckpt.files[1])
+   local found = "float32"
+   for _, name in ipairs(f:keys()) do
+      local dt = f:get_tensor(name).dtype
+      if FLOAT_DTYPES[dt] then found = dt; break end
+   end
+   f:close()
+   return found
+end
+
+--- from_pretrained(dir[, {dtype = "auto", strict = true, device_map, max_memory, offload_folder,
+-- reserve_for, ...}])
 -- dir holds config.json and model.safetensors or model.safetensors.index.json + shards.
+-- dtype "auto" (or nil) takes the checkpoint's own (see auto_dtype), so a bfloat16 checkpoint
+-- stays bfloat16 and its CPU weights stay views of the file; a dtype name converts.
 -- With device_map, the model is built empty and placed by ml.load_checkpoint_and_dispatch.
 function M.from_pretrained(dir, opts)
    opts = opts or {}
@@ -319,6 +348,12 @@ function M.from_pretrained(dir, opts)
    end
    local cls = M.class_for(raw.model_type, src)
    local ckpt = M.find_checkpoint(dir)
+   if opts.dtype == nil or opts.dtype == "auto" then
+      local resolved = {}
+      for k, v in pairs(opts) do resolved[k] = v end
+      resolved.dtype = M.auto_dtype(raw, ckpt, src)
+      opts = resolved
+   end
 
    local names = M.checkpoint_names(ckpt)
    local build_opts
@@ -342,7 +377,7 @@ function M.from_pretrained(dir, opts)
    if opts.device_map ~= nil then
       -- Big-model path: empty skeleton, then placement + loading by the dispatcher.
       local big = require("moonload.big_modeling")
-      local model = big.init_empty_weights(build)
+      local model = big.init_empty_weights(build):to(opts.dtype)      -- meta: only the dtype changes
       local no_split = opts.no_split_module_classes or cls.no_split_modules
       if not M.needs_remap(model, names) then
          local dispatch_opts = {}
@@ -354,7 +389,7 @@ function M.from_pretrained(dir, opts)
       -- The checkpoint's names differ from the model's (no base prefix, legacy buffers):
       -- map them, load zero-copy views of the mapped files on the CPU, then place the model.
       M.load_into(model, M.read_checkpoint(ckpt), { strict = opts.strict, who = "from_pretrained" })
-      if opts.dtype then model:to(opts.dtype) end
+      model:to(opts.dtype)
       local plan_opts = setmetatable({ no_split_module_classes = no_split }, { __index = opts })
       local device_map, reserved = big._plan_device_map(model, plan_opts, "from_pretrained")
       local cpu_reserved = big._apply_reserve(model, device_map, reserved)
@@ -373,10 +408,10 @@ function M.from_pretrained(dir, opts)
       -- Every weight comes from the checkpoint: build without allocating or initialising
       -- parameters (meta), and let load_state_dict put the checkpoint tensors in their place
       -- (zero-copy views of the mapped file where dtype and alignment allow).
-      model = require("moonload.big_modeling").init_empty_weights(build)
+      model = require("moonload.big_modeling").init_empty_weights(build):to(opts.dtype)
    end
    M.load_into(model, sd, { strict = opts.strict, who = "from_pretrained" })
-   if opts.dtype then model:to(opts.dtype) end
+   model:to(opts.dtype)
    return model
 end
 

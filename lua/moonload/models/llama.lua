@@ -330,6 +330,8 @@ end
 
 local LlamaRotaryEmbedding = nn.Module:extend("LlamaRotaryEmbedding")
 M.LlamaRotaryEmbedding = LlamaRotaryEmbedding
+-- bfloat16 frequencies would turn position 1000 by several degrees off
+LlamaRotaryEmbedding.keep_float32_buffers = { inv_freq = true, long_inv_freq = true, local_inv_freq = true }
 
 function LlamaRotaryEmbedding:__init(cfg)
    nn.Module.__init(self)

@@ -618,14 +618,17 @@ end
 -- --- conversion and mode --------------------------------------------------------------------
 
 -- Every distinct parameter and buffer tensor object under m, with a name for messages.
+-- {name, tensor, stays float32} for each distinct parameter and buffer; a class lists the buffers
+-- a dtype conversion leaves in float32 in its keep_float32_buffers field.
 local function distinct_tensors(m)
    local out, seen = {}, {}
    for _, e in ipairs(m:named_modules_list()) do
+      local keep = e[2].keep_float32_buffers
       for _, reg in ipairs({ "_parameters", "_buffers" }) do
          for name, t in od_methods.items(e[2][reg]) do
             if not seen[t] then
                seen[t] = true
-               out[#out + 1] = { join(e[1], name), t }
+               out[#out + 1] = { join(e[1], name), t, reg == "_buffers" and keep ~= nil and keep[name] == true }
             end
          end
       end
@@ -634,7 +637,9 @@ local function distinct_tensors(m)
 end
 
 --- m:to(device_or_dtype[, dtype]): converts every parameter and buffer in place (the same tensor
--- objects take the new data, so ties survive). A dtype applies to floating-point tensors only.
+-- objects take the new data, so ties survive). A dtype applies to floating-point tensors only,
+-- and not to the buffers a class keeps in float32 (keep_float32_buffers: rotary frequencies,
+-- which transformers builds in float32 whatever the model's dtype).
 function Module:to(a, b)
    local dev, dt
    if type(a) == "table" and not is_tensor(a) then a, b = a.device, a.dtype end
@@ -665,7 +670,7 @@ function Module:to(a, b)
    for _, e in ipairs(list) do
       local t = e[2]
       local tdt = dt
-      if tdt and not dtypes.floating[t.dtype] then tdt = nil end
+      if tdt and (not dtypes.floating[t.dtype] or e[3]) then tdt = nil end
       if dev ~= nil or tdt ~= nil then
          local n = t:to(dev, tdt)
          if n ~= t then t:set_(n) end
