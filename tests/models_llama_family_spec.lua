@@ -28,8 +28,9 @@ local function assert_cache_decodes(model, ids)
    model(prefix, { cache = cache })
    local a = model({ ids[n - 1] }, { cache = cache })
    local b = model({ ids[n] }, { cache = cache })
-   assert.is_true(H.max_abs_diff(a, full:narrow(2, n - 1, 1):tolist()) < 1e-5)
-   assert.is_true(H.max_abs_diff(b, full:narrow(2, n, 1):tolist()) < 1e-5)
+   -- float32 sums in another order: a decoding step's products have other shapes
+   assert.is_true(H.max_abs_diff(a, full:narrow(2, n - 1, 1):tolist()) < 2e-5)
+   assert.is_true(H.max_abs_diff(b, full:narrow(2, n, 1):tolist()) < 2e-5)
 end
 
 -- The checks every family gets: transformers' logits and greedy ids for the fixture's prompts,
@@ -262,6 +263,22 @@ describe("models.gemma2 (tests/fixtures/models/gemma2_tiny: soft caps 3 and 8, w
       assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 6), { unpack(pad.logits[1], 3, 8) }) < TOL)
       assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
          max_new_tokens = pad.max_new_tokens }))
+   end)
+
+   it("forms the soft-capped scores a block of query rows at a time, with the same results", function()
+      local pad = H.read_json(H.FIX .. "/gemma2_tiny/padded.json")
+      local whole = model(exp.input_ids)
+      local whole_padded = model(pad.input_ids, { attention_mask = pad.attention_mask })
+      local block = gemma.Gemma2Attention.query_block
+      gemma.Gemma2Attention.query_block = 3                    -- 9 and 8 query rows: blocks of 3, 3, 3 / 3, 3, 2
+      local ok, err = pcall(function()
+         assert.is_true(H.max_abs_diff(model(exp.input_ids), whole:tolist()) < 1e-5)
+         local padded = model(pad.input_ids, { attention_mask = pad.attention_mask })
+         assert.is_true(H.max_abs_diff(padded:select(1, 2), whole_padded:select(1, 2):tolist()) < 1e-5)
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+      end)
+      gemma.Gemma2Attention.query_block = block
+      assert(ok, err)
    end)
 
    it("runs in bfloat16 about as close to float32 as PyTorch's bfloat16 is", function()

@@ -66,24 +66,42 @@ function Gemma2Attention:__init(cfg, layer_idx)
    rawset(self, "softcap", cfg.attn_logit_softcapping)
 end
 
+-- Query rows whose soft-capped scores are formed at once: a long prompt holds
+-- B x heads x query_block x keys scores, not the whole square.
+Gemma2Attention.query_block = 256
+
 --- With a soft cap the scores are formed explicitly (the fused kernel has no cap): q k^T * scale,
--- cap * tanh(. / cap), the causal/window/padding mask, softmax in float32, then v.
+-- cap * tanh(. / cap), the causal/window/padding mask, softmax in float32, then v. The query
+-- heads that share a key/value head are stacked as rows of one product, so keys and values are
+-- never repeated per head; the queries go query_block rows at a time.
 function Gemma2Attention:attend(q, k, v, past, pad)
    local cap = self.softcap
    if not cap then return llama.LlamaAttention.attend(self, q, k, v, past, pad) end
    local B, H, L, D = q:size(1), q:size(2), q:size(3), q:size(4)
    local Hkv, S = k:size(2), k:size(3)
-   if Hkv ~= H then                                              -- each key/value head serves H / Hkv
-      k = k:unsqueeze(3):expand(B, Hkv, H / Hkv, S, D):reshape(B, H, S, D)
-      v = v:unsqueeze(3):expand(B, Hkv, H / Hkv, S, D):reshape(B, H, S, D)
+   local rep = H / Hkv
+   local mask = common.attention_mask(L, S, pad, self.window or nil, q.device)  -- (L, S), (B, 1, L, S) or nil
+   local kt = k:transpose(3, 4)                                               -- (B, Hkv, D, S)
+   local outs = {}
+   for first = 1, L, self.query_block do
+      local n = math.min(self.query_block, L - first + 1)
+      local rows = q:narrow(3, first, n):reshape(B, Hkv, rep * n, D)         -- head-major rows
+      local scores = rows:matmul(kt) * self.scale                            -- (B, Hkv, rep * n, S)
+      scores = (scores / cap):tanh() * cap
+      if mask then
+         local m = mask:narrow(-2, first, n)
+         if m:dim() == 2 then
+            m = m:unsqueeze(1):expand(rep, n, S):reshape(rep * n, S)
+         else
+            m = m:unsqueeze(2):expand(B, 1, rep, n, S):reshape(B, 1, rep * n, S)
+         end
+         scores = scores:masked_fill(m:logical_not(), -math.huge)
+      end
+      local probs = scores:float():softmax(-1)
+      if probs.dtype ~= v.dtype then probs = probs:to(v.dtype) end
+      outs[#outs + 1] = probs:matmul(v):view(B, H, n, D)
    end
-   local scores = q:matmul(k:transpose(3, 4)) * self.scale        -- (B, H, L, S)
-   scores = (scores / cap):tanh() * cap
-   local mask = common.attention_mask(L, S, pad, self.window or nil, q.device)
-   if mask then scores = scores:masked_fill(mask:logical_not(), -math.huge) end
-   local probs = scores:float():softmax(-1)
-   if probs.dtype ~= v.dtype then probs = probs:to(v.dtype) end
-   return probs:matmul(v)
+   return #outs == 1 and outs[1] or T.cat(outs, 3)
 end
 
 local Gemma2MLP = llama.LlamaMLP:extend("Gemma2MLP")

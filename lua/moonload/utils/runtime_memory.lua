@@ -113,8 +113,9 @@ local function layer_bytes(e, B, L, S, dtype)
    local attn = q_heads * head_dim + 2 * kv_heads * head_dim
    local per_token = 4 * H + 2 * attn + 4 * mlp_width(e.layer, e.attention)
    local bytes = B * L * per_token * el + 3 * B * L * S                      -- bool masks (B, 1, L, S)
-   if forms_scores then                     -- float32 scores, keys and values per query head
-      bytes = bytes + 4 * B * q_heads * L * S * 4 + 4 * B * q_heads * S * head_dim * el
+   if forms_scores then                     -- float32 scores, a block of query rows at a time
+      local rows = math.min(L, e.attention.query_block or L)
+      bytes = bytes + 4 * B * q_heads * rows * S * 4
    end
    return bytes, H
 end
