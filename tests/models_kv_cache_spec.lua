@@ -32,4 +32,30 @@ describe("models.kv_cache", function()
       assert.is_true(k:narrow(3, 3, 3):equal(b))
       assert.are.equal(5, c.length)
    end)
+
+   -- keys tagged with their position: row p of a step holds the value p
+   local function step(c, from, n)
+      local k = ml.arange(from, from + n, { dtype = "float32" }):view(1, 1, n, 1)
+      local kk, vv = c:update(1, k, k * 10, 3)
+      c:advance(n)
+      return kk, vv
+   end
+
+   it("keeps a sliding layer's last window - 1 keys and this step's, in a bounded buffer", function()
+      local c = KVCache.new(1, 100)
+      local k = step(c, 0, 5)                                  -- a 5-token prompt: every key
+      assert.are.same({ 0, 1, 2, 3, 4 }, k:view(5):tolist())
+      assert.are.equal(5 + 2 * 3, c.k[1]:size(3))               -- not 100
+      for p = 5, 40 do
+         k = step(c, p, 1)
+         assert.are.same({ p - 2, p - 1, p }, k:view(3):tolist())
+      end
+      assert.are.equal(11, c.k[1]:size(3))
+      -- a chunk of 4 after that: its first query sees 2 keys back
+      local kk, vv = step(c, 41, 4)
+      assert.are.same({ 39, 40, 41, 42, 43, 44 }, kk:view(6):tolist())
+      assert.are.same({ 390, 400, 410, 420, 430, 440 }, vv:view(6):tolist())
+      assert.are.equal(11, KVCache.layer_capacity(100, 5, 3))
+      assert.are.equal(100, KVCache.layer_capacity(100, 5, nil))
+   end)
 end)

@@ -29,22 +29,26 @@ describe("utils.runtime_memory", function()
       for _, name in ipairs(FAMILIES) do
          it(name .. ": equals what generate's cache allocates, layer by layer", function()
             local model = models.from_pretrained(H.FIX .. "/" .. name)
-            local B, P, max_length = 2, 5, 13
-            local sizes = rm.kv_cache_sizes(model, { batch_size = B, max_length = max_length })
+            local B, P, max_length = 2, 5, 40
+            local sizes = rm.kv_cache_sizes(model, { batch_size = B, max_length = max_length, prompt_length = P })
             local names = {}
             for n in pairs(sizes) do names[#names + 1] = n end
             local cache = model:new_cache(max_length)
             model(prompts(model, B, P), { cache = cache })
             assert.are.equal(cache.n_layers, #names)
-            local i = 0
+            local i, sliding = 0, 0
             for n, m in model:named_modules() do                     -- module order = layer order
                if sizes[n] then
                   i = i + 1
                   assert.are.equal(cache.k[i]:nbytes() + cache.v[i]:nbytes(), sizes[n], n)
-                  assert.is_true(type(m.kv_cache_heads) == "function")
+                  if m.window then sliding = sliding + 1 end
                end
             end
             assert.are.equal(#names, i)
+            -- the sliding layers (windows of 3 to 5 tokens in the fixtures) keep 5 + 2 windows, not 40
+            local windows = { mistral_tiny = 2, qwen2_tiny = 1, qwen3_tiny = 1, phi3_tiny = 2, gemma2_tiny = 2,
+                              gemma3_tiny = 2, gemma3_multimodal_tiny = 2, starcoder2_tiny = 2 }
+            assert.are.equal(windows[name] or 0, sliding)
          end)
       end
    end)

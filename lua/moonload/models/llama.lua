@@ -449,7 +449,10 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    local past = 0
    if cache then
       past = cache.length
-      k, v = cache:update(self.layer_idx, k, v)
+      k, v = cache:update(self.layer_idx, k, v, self.window or nil)
+      -- a sliding layer's cache gives the last keys only: the padding mask follows
+      local S = k:size(3)
+      if pad and S < past + L then pad = pad:narrow(2, past + L - S + 1, S) end
    end
    local y = self:attend(q, k, v, past, pad)                        -- (B, H, T, D)
    y = y:transpose(2, 3):reshape(B, L, H * D)

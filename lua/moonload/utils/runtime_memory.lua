@@ -89,14 +89,17 @@ local function vocab_size(model)
 end
 
 --- kv_cache_sizes(model, reserve_for) -> {[attention module name] = bytes}: what generate's
--- cache holds per layer for batch_size sequences of max_length tokens.
+-- cache holds per layer for batch_size sequences of max_length tokens, prompt_length of them in
+-- the first forward (a sliding-window layer keeps at most that + 2 windows: models/kv_cache.lua).
 function M.kv_cache_sizes(model, reserve_for)
    local r = M.check_reserve_for(reserve_for)
+   local capacity = require("moonload.models.kv_cache").layer_capacity
    local out = {}
    for _, e in ipairs(attention_layers(model)) do
       local kv_heads, head_dim = e.attention:kv_cache_heads()
       local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
-      out[e.name] = 2 * r.batch_size * r.max_length * kv_heads * head_dim * el
+      local tokens = capacity(r.max_length, r.prompt_length, e.attention.window or nil)
+      out[e.name] = 2 * r.batch_size * tokens * kv_heads * head_dim * el
    end
    return out
 end
