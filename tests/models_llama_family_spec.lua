@@ -505,3 +505,25 @@ describe("models.phi (tests/fixtures/models/phi_tiny: parallel attention and MLP
 
    it_matches_transformers(model, exp, "batch of 2")
 end)
+
+describe("sliding-window caches over generations many windows long", function()
+   for _, name in ipairs({ "mistral_tiny", "qwen2_tiny", "phi3_tiny", "gemma2_tiny", "gemma3_tiny", "starcoder2_tiny" }) do
+      it(name .. ": cached greedy ids equal full forwards', and padded rows their own", function()
+         local model = models.from_pretrained(H.FIX .. "/" .. name)
+         local prompt, new = { 3, 17, 5, 9, 11, 2 }, 30
+         local seq = { unpack(prompt) }
+         for _ = 1, new do                                       -- no cache: the whole sequence each step
+            local _, best = model({ seq }):select(2, -1):max(-1)
+            seq[#seq + 1] = best:item()
+         end
+         assert.are.same(seq, model:generate(prompt, { max_new_tokens = new }))
+         local ids, mask = H.padded_prompts(model, 3, 7)          -- rows 2 and 3 left-padded
+         local out = model:generate(ids, { max_new_tokens = new, attention_mask = mask })
+         for b = 1, 3 do
+            local real = {}
+            for t = 1, 7 do if mask[b][t] == 1 then real[#real + 1] = ids[b][t] end end
+            assert.are.same({ unpack(model:generate(real, { max_new_tokens = new }), #real + 1) }, { unpack(out[b], 8) })
+         end
+      end)
+   end
+end)
