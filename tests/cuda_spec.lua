@@ -418,6 +418,38 @@ describe("models on cuda #cuda", function()
    end
 end)
 
+describe("block schedule on cuda #cuda", function()
+   it("streams each cpu and disk layer to cuda:0 once for all blocks, with the CPU model's logits and tokens", function()
+      local dir = "tests/fixtures/models/llama_tiny_untied"
+      local plain = ml.models.from_pretrained(dir)
+      local rows = {}
+      for b = 1, 5 do
+         rows[b] = {}
+         for t = 1, 11 do rows[b][t] = (b * 13 + t * 7) % plain.config.vocab_size end
+      end
+      local ids = ml.tensor(rows, { dtype = "int64" })
+      local folder = os.tmpname()
+      os.remove(folder)
+      local model = ml.models.from_pretrained(dir, { offload_folder = folder, device_map = {
+         ["model.embed_tokens"] = 0, ["model.layers.0"] = "cpu", ["model.layers.1"] = "disk",
+         ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = 0 } })
+      model(ids)                                   -- learns the order
+      local function calls(opts)
+         local before = hooks.runtime_stats().materialize_calls
+         local out = model(ids, opts)
+         return out, hooks.runtime_stats().materialize_calls - before
+      end
+      local whole, n = calls()
+      local blocked, n_blocked = calls({ micro_batch_size = 2, prefill_chunk_size = 4 })
+      assert.are.equal(n, n_blocked)
+      assert_close(blocked, plain(ids), 1e-4, "blocked over cuda:0 + cpu + disk")
+      assert_close(whole, blocked, 1e-4, "blocked against whole")
+      assert.are.same(plain:generate(rows, { max_new_tokens = 5 }),
+         model:generate(rows, { max_new_tokens = 5, micro_batch_size = 2, prefill_chunk_size = 3 }))
+      os.execute("rm -rf '" .. folder .. "'")
+   end)
+end)
+
 describe("generation and encoders on cuda #cuda", function()
    local prompt = { 5, 17, 42, 3 }
    local batch, mask = { { 0, 0, 5, 17 }, { 7, 8, 9, 10 } }, { { 0, 0, 1, 1 }, { 1, 1, 1, 1 } }

@@ -117,7 +117,9 @@ M.find_device = find_device
 
 --- ModelHook: the base class. Subclass with ModelHook:extend("Name") and override any of
 -- init_hook(module) -> module, pre_forward(module, ...) -> ..., post_forward(module, ...) -> ...,
--- detach_hook(module) -> module. Field no_grad (false) is kept for compatibility.
+-- detach_hook(module) -> module, and hold_begin() / hold_end(), called around hooks.hold (a hook
+-- that moves weights keeps them in place between the calls in a hold). Field no_grad (false) is
+-- kept for compatibility.
 local ModelHook = class.new("ModelHook")
 ModelHook.__tostring = function(self)
    if self.__repr then return self:__repr() end
@@ -128,6 +130,8 @@ function ModelHook:init_hook(module) return module end
 function ModelHook:pre_forward(module, ...) return ... end
 function ModelHook:post_forward(module, ...) return ... end
 function ModelHook:detach_hook(module) return module end
+function ModelHook:hold_begin() end
+function ModelHook:hold_end() end
 function ModelHook.is_hook(x)
    return class.is_a(x, ModelHook)
 end
@@ -158,6 +162,12 @@ end
 function SequentialHook:detach_hook(module)
    for _, h in ipairs(self.hooks) do module = h:detach_hook(module) end
    return module
+end
+function SequentialHook:hold_begin()
+   for _, h in ipairs(self.hooks) do h:hold_begin() end
+end
+function SequentialHook:hold_end()
+   for _, h in ipairs(self.hooks) do h:hold_end() end
 end
 function SequentialHook:__repr()
    local parts = {}
@@ -427,6 +437,25 @@ function M.runtime_stats()
    return r
 end
 
+--- hold(module, fn, ...) -> fn(...): the hooks of module and its submodules keep the weights
+-- they move onto their devices from a module's first forward inside fn until fn returns (or
+-- raises). A block schedule calls a layer once per block of rows and tokens: the layer's weights
+-- are loaded (streamed, read from disk) once for all of them.
+function M.hold(module, fn, ...)
+   local held = {}
+   for _, m in ipairs(module:modules_list()) do
+      local h = rawget(m, "_hf_hook")
+      if h ~= nil then
+         h:hold_begin()
+         held[#held + 1] = h
+      end
+   end
+   local res = pack(pcall(fn, ...))
+   for i = #held, 1, -1 do held[i]:hold_end() end
+   if not res[1] then error(res[2], 0) end
+   return unpack(res, 2, res.n)
+end
+
 --- Waits until the prefetch worker is idle.
 function M.wait_prefetch()
    C.check(lib.ml_hookrt_wait(M.runtime()))
@@ -588,8 +617,14 @@ function AlignDevicesHook:pre_forward(module, ...)
       self.input_device = find_device({ ... })
       C.check(lib.ml_hookrt_forward_begins(M.runtime()))
    end
-   local in_place = self.offload and self:_runs_in_place(...)
-   if self.offload and #self.slots > 0 then
+   local in_place
+   if self._held_out then
+      -- inside hooks.hold, after the first call: the weights are still where that call put them
+      in_place = self._in_place
+   else
+      in_place = self.offload and self:_runs_in_place(...)
+   end
+   if self.offload and #self.slots > 0 and not self._held_out then
       local g = self:_group(in_place)
       if self._active_gid and self._active_gid ~= g then
          -- the last forward raised before post_forward, on the other device: let its copy go
@@ -648,22 +683,42 @@ local function send_outputs(dev, skip_keys, ...)
    return unpack(out, 1, n)
 end
 
-function AlignDevicesHook:post_forward(module, ...)
-   if self.offload and self._active_gid then
-      for _, s in ipairs(self.slots) do
-         if s.obj ~= nil then rawset(s.obj, "_c", s.meta_c) end
-         release_materialized(s)
-         s.obj = nil
-      end
-      C.check(lib.ml_hookrt_release_group(M.runtime(), self._active_gid))
-      self._active_gid = nil
+-- Puts the materialized weights back to meta and lets the runtime release the group.
+function AlignDevicesHook:_release()
+   for _, s in ipairs(self.slots) do
+      if s.obj ~= nil then rawset(s.obj, "_c", s.meta_c) end
+      release_materialized(s)
+      s.obj = nil
    end
+   C.check(lib.ml_hookrt_release_group(M.runtime(), self._active_gid))
+   self._active_gid = nil
+end
+
+function AlignDevicesHook:post_forward(module, ...)
    local in_place = self._in_place
-   self._in_place = false
+   if (self._holds or 0) > 0 then
+      self._held_out = self._active_gid ~= nil       -- released by hold_end
+   else
+      if self.offload and self._active_gid then self:_release() end
+      self._in_place = false
+   end
    if self.io_same_device and self.input_device ~= nil then return send_outputs(self.input_device, self.skip_keys, ...) end
    -- ran on the CPU in place of the execution device: the output goes where it would have been
    if in_place then return send_outputs(self.execution_device, self.skip_keys, ...) end
    return ...
+end
+
+-- hooks.hold: from the first forward on, the weights stay materialized until the hold ends.
+function AlignDevicesHook:hold_begin()
+   self._holds = (self._holds or 0) + 1
+end
+
+function AlignDevicesHook:hold_end()
+   self._holds = self._holds - 1
+   if self._holds > 0 then return end
+   self._held_out = nil
+   self._in_place = false
+   if self.offload and self._active_gid then self:_release() end
 end
 
 function AlignDevicesHook:detach_hook(module)

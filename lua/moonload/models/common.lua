@@ -230,8 +230,10 @@ end
 --- The forward method of a causal LM head (GPT2LMHeadModel, LlamaForCausalLM): base is the
 -- field holding the base model, embed the base model's token-embedding field, head the output
 -- projection's (default lm_head; GPT-NeoX's is embed_out). The method:
--- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep}]) -> logits
--- (B, T, vocab), or (B, n, vocab) for the last n positions only when logits_to_keep = n.
+-- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep, micro_batch_size,
+-- prefill_chunk_size}]) -> logits (B, T, vocab), or (B, n, vocab) for the last n positions only
+-- when logits_to_keep = n. micro_batch_size and prefill_chunk_size run the layers in a block
+-- schedule (models/block_schedule.lua).
 function M.causal_lm_forward(who, base, embed, head)
    head = head or "lm_head"
    return function(self, input_ids, opts)
@@ -244,7 +246,12 @@ function M.causal_lm_forward(who, base, embed, head)
       ids = M.to_weight_device(ids, model[embed].weight)
       local cache = opts.cache
       local pad, pos = M.causal_inputs(ids, opts, cache and cache.length or 0, who)
-      local h = model(ids, cache, pad, pos)
+      local blocks
+      if opts.micro_batch_size or opts.prefill_chunk_size then
+         require("moonload.models.block_schedule").check(opts, who)
+         blocks = { micro_batch_size = opts.micro_batch_size, prefill_chunk_size = opts.prefill_chunk_size }
+      end
+      local h = model(ids, cache, pad, pos, blocks)
       local keep = opts.logits_to_keep
       if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
       return self[head](h)

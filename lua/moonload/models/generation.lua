@@ -55,13 +55,15 @@ local function check_opts(opts)
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
    end
    local known = { max_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
-      eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true }
+      eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
+      micro_batch_size = true, prefill_chunk_size = true }
+   require("moonload.models.block_schedule").check(opts, WHO, 4)
    if opts.on_token ~= nil and type(opts.on_token) ~= "function" then
       error(string.format("%s: on_token must be a function, got %s", WHO, type(opts.on_token)), 3)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size)',
             WHO, tostring(k)), 3)
       end
    end
@@ -145,14 +147,18 @@ local function shape_output(seq, form)
 end
 
 --- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, top_p, seed,
--- eos_token_id, attention_mask}])
+-- eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
 -- the input's form. repetition_penalty (as transformers: > 1 discourages tokens already in the
 -- sequence, prompt included) applies before sampling or the greedy pick. on_token(ids, step) is
--- called with each step's new id per row (a list); returning false ends generation there. eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced
--- one is finished and continues with the (first) eos id; generation stops when every row is.
+-- called with each step's new id per row (a list); returning false ends generation there.
+-- eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced one is finished and
+-- continues with the (first) eos id; generation stops when every row is. micro_batch_size and
+-- prefill_chunk_size run each forward in a block schedule (models/block_schedule.lua): each layer
+-- takes that many rows and prompt tokens at a time, its weights loaded once for all of them; a
+-- model planned with reserve_for uses the sizes given there unless these are set.
 function M.generate(model, input_ids, opts)
    opts = check_opts(opts)
    local ids, form = common.ids_tensor(input_ids, WHO)
@@ -170,6 +176,12 @@ function M.generate(model, input_ids, opts)
    if planned and (B > planned.batch_size or L + max_new > planned.max_length or L > planned.prompt_length) then
       log.warn(string.format("%s: batch %d, prompt %d + max_new_tokens %d is more than the device map reserved memory for (reserve_for = {batch_size = %d, max_length = %d, prompt_length = %d}); a device may run out of memory",
          WHO, B, L, max_new, planned.batch_size, planned.max_length, planned.prompt_length))
+   end
+   -- the block schedule asked for, else the one the plan budgeted activations for
+   local micro_batch, prefill_chunk = opts.micro_batch_size, opts.prefill_chunk_size
+   if planned then
+      micro_batch = micro_batch or planned.micro_batch_size
+      prefill_chunk = prefill_chunk or planned.prefill_chunk_size
    end
    local temperature = opts.temperature
    if opts.do_sample == false then temperature = 0 end
@@ -192,7 +204,8 @@ function M.generate(model, input_ids, opts)
       mask:narrow(2, 1, L):copy_(common.mask_tensor(opts.attention_mask, B, L, WHO))
    end
    local function step_opts(len, new)
-      local o = { cache = cache, logits_to_keep = 1, _ids_in_range = len > L }   -- sampled tokens
+      local o = { cache = cache, logits_to_keep = 1, _ids_in_range = len > L,      -- sampled tokens
+         micro_batch_size = micro_batch, prefill_chunk_size = prefill_chunk }
       if mask then
          local m = mask:narrow(2, 1, len)
          o.attention_mask = m

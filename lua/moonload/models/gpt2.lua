@@ -10,6 +10,7 @@ local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
+local block_schedule = require("moonload.models.block_schedule")
 local generation = require("moonload.models.generation")
 
 local M = {}
@@ -135,8 +136,9 @@ function GPT2Model:__init(cfg)
 end
 
 --- input_ids (B, T) int64; cache optional; pad (B, past + T) bool or nil; pos (B, T) int64
--- or nil (positions past .. past+T-1). Returns the final hidden states (B, T, C).
-function GPT2Model:forward(input_ids, cache, pad, pos)
+-- or nil (positions past .. past+T-1); blocks {micro_batch_size, prefill_chunk_size} or nil (see
+-- models/block_schedule.lua). Returns the final hidden states (B, T, C).
+function GPT2Model:forward(input_ids, cache, pad, pos, blocks)
    local cfg = self.config
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
@@ -147,7 +149,8 @@ function GPT2Model:forward(input_ids, cache, pad, pos)
    pos = pos or T.arange(past, past + L, { device = input_ids.device })
    local x = self.wte(input_ids) + self.wpe(pos)
    local n = cfg.n_layer
-   for i = 1, n do x = self.h[i](x, cache, pad) end
+   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
+   for i = 1, n do x = block_schedule.call(schedule, i, self.h[i], x, cache, pad) end
    if cache then cache:advance(L) end
    return self.ln_f(x)
 end

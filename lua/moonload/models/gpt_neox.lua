@@ -9,6 +9,7 @@ local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
+local block_schedule = require("moonload.models.block_schedule")
 local generation = require("moonload.models.generation")
 local llama = require("moonload.models.llama")
 
@@ -130,13 +131,15 @@ function GPTNeoXModel:__init(cfg)
 end
 
 --- Llama's forward (positions, rotary tables, cache) over these layers.
-function GPTNeoXModel:forward(input_ids, cache, pad, pos)
+function GPTNeoXModel:forward(input_ids, cache, pad, pos, blocks)
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    local x = self.embed_in(input_ids)
    local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
    cos, sin = llama.rotary_for(cos, sin, x)
-   for i = 1, self.config.num_hidden_layers do x = self.layers[i](x, cos, sin, cache, pad) end
+   local n = self.config.num_hidden_layers
+   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
+   for i = 1, n do x = block_schedule.call(schedule, i, self.layers[i], x, cache, pad, cos, sin) end
    if cache then cache:advance(L) end
    return self.final_layer_norm(x)
 end

@@ -44,9 +44,13 @@ end
 
 --- Appends this step's k, v (B, H, L, D) for layer i (1-based) after the `length` tokens cached
 -- and returns views of the keys and values its queries may see (B, H, S, D): all length + L,
--- or with a window, the last min(length + L, window - 1 + L).
-function Cache:update(i, k, v, window)
-   local past, L = self.length, k:size(3)
+-- or with a window, the last min(length + L, window - 1 + L). block (from Cache:block): k and v
+-- are rows first_row .. of a batch of block.batch rows and come block.offset tokens after
+-- `length`; the views returned are of those rows.
+function Cache:update(i, k, v, window, block)
+   local offset, row, rows = 0, 1, k:size(1)
+   if block then offset, row, rows = block.offset, block.first_row, block.batch end
+   local past, L = self.length + offset, k:size(3)
    local need = past + L
    local keep_from = window and math.max(0, past - window + 1) or 0   -- oldest position still seen
    local kb, vb = self.k[i], self.v[i]
@@ -54,10 +58,11 @@ function Cache:update(i, k, v, window)
    if kb == nil then
       local cap = Cache.layer_capacity(math.max(self.capacity, need), need, window)
       local sk, sv = k.shape, v.shape
-      sk[3], sv[3] = cap, cap
+      sk[1], sv[1], sk[3], sv[3] = rows, rows, cap, cap
       kb = T.empty(sk, { dtype = k.dtype, device = k.device })
       vb = T.empty(sv, { dtype = v.dtype, device = v.device })
    elseif past - start + L > kb:size(3) then
+      -- (all rows at once: the first block of a step makes room for the others)
       if keep_from > start then                                        -- drop what no query sees
          slide(kb, keep_from - start + 1, past - keep_from)
          slide(vb, keep_from - start + 1, past - keep_from)
@@ -72,10 +77,33 @@ function Cache:update(i, k, v, window)
    end
    self.k[i], self.v[i], self.start[i] = kb, vb, start
    local used = past - start
-   kb:narrow(3, used + 1, L):copy_(k)
-   vb:narrow(3, used + 1, L):copy_(v)
+   local kr, vr = kb, vb
+   if block then kr, vr = kb:narrow(1, row, k:size(1)), vb:narrow(1, row, k:size(1)) end
+   kr:narrow(3, used + 1, L):copy_(k)
+   vr:narrow(3, used + 1, L):copy_(v)
    local first = keep_from - start + 1
-   return kb:narrow(3, first, need - keep_from), vb:narrow(3, first, need - keep_from)
+   return kr:narrow(3, first, need - keep_from), vr:narrow(3, first, need - keep_from)
+end
+
+-- A view of the cache for one block of a block schedule (models/block_schedule.lua): a layer's
+-- attention sees `length` (the tokens before the block) and update, as with the whole cache.
+local Block = {}
+Block.__index = Block
+
+function Block:update(i, k, v, window)
+   return self.cache:update(i, k, v, window, self)
+end
+
+--- block(first_row, batch, offset) -> the cache as seen by rows first_row.. (1-based) of a batch
+-- of `batch` rows for tokens starting `offset` after those cached.
+function Cache:block(first_row, batch, offset)
+   return setmetatable({ cache = self, first_row = first_row, batch = batch, offset = offset,
+      length = self.length + offset }, Block)
+end
+
+--- Frees layer i's buffers (a forward's own cache, once the layer is done).
+function Cache:drop_layer(i)
+   self.k[i], self.v[i], self.start[i] = nil, nil, nil
 end
 
 --- Called by the model once all layers have seen a step of L tokens.

@@ -14,6 +14,7 @@ local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
+local block_schedule = require("moonload.models.block_schedule")
 local generation = require("moonload.models.generation")
 
 local M = {}
@@ -521,17 +522,20 @@ function LlamaModel:__init(cfg)
 end
 
 --- input_ids (B, T) int64; cache optional; pad (B, past + T) bool or nil; pos (B, T) int64
--- or nil (positions past .. past+T-1). Returns the final hidden states (B, T, hidden).
-function LlamaModel:forward(input_ids, cache, pad, pos)
+-- or nil (positions past .. past+T-1); blocks {micro_batch_size, prefill_chunk_size} or nil (see
+-- models/block_schedule.lua). Returns the final hidden states (B, T, hidden).
+function LlamaModel:forward(input_ids, cache, pad, pos, blocks)
    local cfg = self.config
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    local x = self.embed_tokens(input_ids)
    if self.embed_scale then x = x * self:embed_scale() end       -- Gemma: sqrt(hidden_size)
    local rope = self:layer_rotary(pos or T.arange(past, past + L, { device = input_ids.device }), x)
-   for i = 1, cfg.num_hidden_layers do
+   local n = cfg.num_hidden_layers
+   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
+   for i = 1, n do
       local r = rope[i] or rope[1]
-      x = self.layers[i](x, r[1], r[2], cache, pad)
+      x = block_schedule.call(schedule, i, self.layers[i], x, cache, pad, r[1], r[2])
    end
    if cache then cache:advance(L) end
    return self[self.norm_name](x)

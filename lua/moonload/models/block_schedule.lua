@@ -1,0 +1,88 @@
+--- A block schedule for the decoder layers of a causal language model (FlexGen's, for many
+-- sequences sharing one weight stream): the batch is cut into blocks of micro_batch_size rows and
+-- the prompt into chunks of prefill_chunk_size tokens, and each layer runs every block before the
+-- next layer starts. A layer's weights are loaded once per forward (hooks.hold keeps offloaded
+-- ones in place between blocks), while the activations held at once are those of one block:
+-- a batch of 64 long prompts runs with the weight traffic of one forward and the activation
+-- memory of a few sequences. Chunks of one row run in order, their keys and values going into the
+-- cache first (a forward without a cache gets one of its own, freed layer by layer).
+-- Results equal the unblocked forward up to the order of float sums.
+local T = require("moonload.tensor")
+local hooks = require("moonload.hooks")
+
+local M = {}
+
+--- check(opts, who[, level]): errors (at level, default 3: the caller's caller) unless
+-- opts.micro_batch_size and opts.prefill_chunk_size are nil or integers >= 1.
+function M.check(opts, who, level)
+   for _, name in ipairs({ "micro_batch_size", "prefill_chunk_size" }) do
+      local v = opts[name]
+      if v ~= nil and (type(v) ~= "number" or v ~= math.floor(v) or v < 1) then
+         error(string.format("%s: %s must be an integer >= 1, got %s", who, name, tostring(v)), level or 3)
+      end
+   end
+end
+
+--- plan(opts, x, cache, n_layers, who) -> a schedule for the hidden states x (B, L, hidden), or
+-- nil when one block covers them. opts: {micro_batch_size, prefill_chunk_size} (either may be
+-- nil: whole batch, whole sequence).
+function M.plan(opts, x, cache, n_layers, who)
+   M.check(opts, who, 4)
+   local rows, tokens = opts.micro_batch_size, opts.prefill_chunk_size
+   local B, L = x:size(1), x:size(2)
+   rows, tokens = math.min(rows or B, B), math.min(tokens or L, L)
+   if rows == B and tokens == L then return nil end
+   local own = false
+   if cache == nil and tokens < L then
+      cache = require("moonload.models.kv_cache").new(n_layers, L)
+      own = true
+   end
+   return { rows = rows, tokens = tokens, cache = cache, own_cache = own }
+end
+
+-- Rows r .. r + nr - 1 and tokens t .. t + nt - 1 (1-based) of a rotary table: (L, D) shared by
+-- the rows or (B, 1, L, D).
+local function rotary_block(t, r, nr, tok, nt)
+   if t == nil then return nil end
+   if t:dim() == 4 then return t:narrow(1, r, nr):narrow(3, tok, nt) end
+   return t:narrow(1, tok, nt)
+end
+
+--- call(schedule, i, layer, x, cache, pad[, cos, sin]) -> layer i's output (B, L, hidden): the
+-- layer called as layer(x, [cos, sin,] cache, pad) on x whole (schedule nil) or block by block.
+-- pad (B, past + L) bool or nil; cos, sin (L, D) or (B, 1, L, D), or nil for a layer without them.
+function M.call(s, i, layer, x, cache, pad, cos, sin)
+   local rope = cos ~= nil
+   if s == nil then
+      if rope then return layer(x, cos, sin, cache, pad) end
+      return layer(x, cache, pad)
+   end
+   cache = s.cache
+   local B, L = x:size(1), x:size(2)
+   local past = cache and cache.length or 0
+   local out
+   hooks.hold(layer, function()
+      for tok = 1, L, s.tokens do
+         local nt = math.min(s.tokens, L - tok + 1)
+         for r = 1, B, s.rows do
+            local nr = math.min(s.rows, B - r + 1)
+            local xb = x:narrow(1, r, nr):narrow(2, tok, nt):contiguous()
+            local cb = cache and cache:block(r, B, tok - 1)
+            local pb = pad and pad:narrow(1, r, nr):narrow(2, 1, past + tok - 1 + nt)
+            local y
+            if rope then
+               y = layer(xb, rotary_block(cos, r, nr, tok, nt), rotary_block(sin, r, nr, tok, nt), cb, pb)
+            else
+               y = layer(xb, cb, pb)
+            end
+            -- (the layer's device: a hook may have moved the block)
+            out = out or T.empty({ B, L, y:size(3) }, { dtype = y.dtype, device = y.device })
+            out:narrow(1, r, nr):narrow(2, tok, nt):copy_(y)
+         end
+      end
+   end)
+   if s.own_cache then cache:drop_layer(i) end
+   return out
+end
+
+return M
