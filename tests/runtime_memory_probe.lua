@@ -1,5 +1,5 @@
 -- Measures what a forward holds live, for utils_runtime_memory_spec.lua: for each fixture model
--- named on the command line, one JSON line {name, generate, prefill, decode}, each
+-- named on the command line, one JSON line {name, generate, prefill, decode, blocked}, each
 -- {estimate = activation_size's bytes, measured = the allocator's peak minus the cache}.
 -- Garbage is collected at every new tensor (a gc cap of 1 byte), so the peak counts live
 -- tensors and at most the one that died last. Run from the repository root.
@@ -46,5 +46,12 @@ for _, name in ipairs(arg) do
    -- then one token over all of it (the cache is there already)
    measured = peak_of(function() model({ { 1 } }, { cache = cache, logits_to_keep = 1 }) end)
    out.decode = { estimate = rm.activation_size(model, { max_length = P + 1, prompt_length = 1 }), measured = measured }
+   -- generate in a block schedule: 2 rows and 16 tokens at a time
+   r = { batch_size = 4, max_length = 44, prompt_length = 40, micro_batch_size = 2, prefill_chunk_size = 16 }
+   ids, mask = prompts(model, 4, 40)
+   measured = peak_of(function()
+      model:generate(ids, { max_new_tokens = 4, attention_mask = mask, micro_batch_size = 2, prefill_chunk_size = 16 })
+   end)
+   out.blocked = { estimate = rm.activation_size(model, r), measured = measured - sum(rm.kv_cache_sizes(model, r)) }
    print(cjson.encode(out))
 end

@@ -68,15 +68,17 @@ describe("utils.runtime_memory", function()
       end
 
       for _, name in ipairs(FAMILIES) do
-         it(name .. ": bounds the measured peak from above, within 3x", function()
+         it(name .. ": bounds the measured peak from above, within 3x (3.5x in blocks)", function()
             local r = results[name]
             assert.is_table(r, "probe output: " .. out)
-            for _, case in ipairs({ "generate", "prefill", "decode" }) do
+            for _, case in ipairs({ "generate", "prefill", "decode", "blocked" }) do
                local m = r[case]
                local label = string.format("%s %s: estimate %d, measured %d", name, case, m.estimate, m.measured)
                assert.is_true(m.measured > 0 and m.estimate >= m.measured, label)
                -- one decoding step of a tiny model is outweighed by generate's masks and the logits
-               if case ~= "decode" then assert.is_true(m.estimate <= 3 * m.measured, label) end
+               -- (Gemma 2's score tensors, counted 4 times for a block's rows over all keys, weigh
+               -- most in a tiny model)
+               if case ~= "decode" then assert.is_true(m.estimate <= (case == "blocked" and 3.5 or 3) * m.measured, label) end
             end
          end)
       end
@@ -91,6 +93,8 @@ describe("utils.runtime_memory", function()
             { { max_length = 8, batch_size = 1.5 }, "batch_size must be an integer >= 1, got 1.5" },
             { { max_length = 8, prompt_length = 9 }, "prompt_length 9 exceeds max_length 8" },
             { { max_length = 8, context = 4 }, 'unknown key "context"' },
+            { { max_length = 8, micro_batch_size = 0 }, "micro_batch_size must be an integer >= 1, got 0" },
+            { { max_length = 8, prefill_chunk_size = "4" }, "prefill_chunk_size must be an integer >= 1, got 4" },
          }
          for _, c in ipairs(cases) do
             local ok, err = pcall(u.runtime_memory_sizes, model, c[1])
@@ -106,6 +110,19 @@ describe("utils.runtime_memory", function()
          local one = sum(u.kv_cache_sizes(model, { max_length = 10 }))
          assert.are.equal(3 * 7 * one, sum(u.kv_cache_sizes(model, { batch_size = 3, max_length = 70 })))
          assert.are.equal(one / 2, sum(u.kv_cache_sizes(model, { max_length = 10, dtype = "bfloat16" })))
+      end)
+
+      it("counts a block schedule's activations as one block's beside the layer's input and output", function()
+         local whole = { batch_size = 8, max_length = 300, prompt_length = 256 }
+         local blocked = { batch_size = 8, max_length = 300, prompt_length = 256, micro_batch_size = 2, prefill_chunk_size = 64 }
+         assert.are.same(u.kv_cache_sizes(model, whole), u.kv_cache_sizes(model, blocked))
+         local a, b = u.activation_size(model, whole), u.activation_size(model, blocked)
+         assert.is_true(b < a / 3, string.format("blocked %d, whole %d", b, a))
+         -- the hidden states of the whole batch (in and out of a layer) are in it
+         assert.is_true(b > 2 * 8 * 256 * 32 * 4)
+         -- blocks as large as the batch and prompt are no blocks
+         assert.are.equal(a, u.activation_size(model, { batch_size = 8, max_length = 300, prompt_length = 256,
+            micro_batch_size = 8, prefill_chunk_size = 999 }))
       end)
 
       it("gives workspaces with the garbage share and, on the CPU, the block cache and prefetch", function()
@@ -264,6 +281,33 @@ describe("from_pretrained with reserve_for", function()
       assert.are.equal(1, reserve_warnings())
       assert.truthy(warnings[#warnings]:find("more than the device map reserved memory for (reserve_for = {batch_size = 2, max_length = 40, prompt_length = 20})", 1, true), warnings[1])
       H.rmdir(dir)
+   end)
+
+   it("runs generate in the block schedule it planned for, unless told otherwise", function()
+      local schedule = require("moonload.models.block_schedule")
+      local dir = H.tmpdir()
+      local blocked = { batch_size = 4, max_length = 40, prompt_length = 20, micro_batch_size = 2, prefill_chunk_size = 8 }
+      local model = models.from_pretrained(H.FIX .. "/" .. name, { device_map = "auto", reserve_for = blocked,
+         offload_folder = dir })
+      assert.are.same(blocked, model.reserved_for)
+      local seen = {}
+      local plan = schedule.plan
+      schedule.plan = function(opts, ...)
+         seen[#seen + 1] = { opts.micro_batch_size, opts.prefill_chunk_size }
+         return plan(opts, ...)
+      end
+      local ids, mask = prompts(model, 4, 20)
+      local ok, err = pcall(function()
+         local want = models.from_pretrained(H.FIX .. "/" .. name):generate(ids, { max_new_tokens = 3, attention_mask = mask })
+         assert.are.same({}, seen)
+         assert.are.same(want, model:generate(ids, { max_new_tokens = 3, attention_mask = mask }))
+         assert.are.same({ { 2, 8 }, { 2, 8 }, { 2, 8 } }, seen)
+         model:generate(ids, { max_new_tokens = 1, attention_mask = mask, micro_batch_size = 4 })
+         assert.are.same({ 4, 8 }, seen[4])
+      end)
+      schedule.plan = plan
+      H.rmdir(dir)
+      assert(ok, err)
    end)
 
    it("says when the budget cannot hold what it reserves, or the map is not planned", function()

@@ -552,7 +552,8 @@ local function apply_reserve(model, device_map, reserved)
       for _, bytes in pairs(reserved.runtime_sizes) do cpu_reserved = cpu_reserved + bytes end
    end
    local r = reserved.reserve_for
-   rawset(model, "reserved_for", { batch_size = r.batch_size, max_length = r.max_length, prompt_length = r.prompt_length })
+   rawset(model, "reserved_for", { batch_size = r.batch_size, max_length = r.max_length, prompt_length = r.prompt_length,
+      micro_batch_size = r.micro_batch_size, prefill_chunk_size = r.prefill_chunk_size })
    return cpu_reserved
 end
 M._apply_reserve = apply_reserve

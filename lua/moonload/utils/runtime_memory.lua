@@ -21,15 +21,20 @@ local function check_count(v, key, default)
    return v
 end
 
---- Reads {batch_size = 1, max_length, prompt_length = max_length, dtype}: the batch and total
--- tokens (prompt + generated) generate will run with; the longest prompt, run in one forward.
+local KEYS = { batch_size = true, max_length = true, prompt_length = true, dtype = true,
+   micro_batch_size = true, prefill_chunk_size = true }
+
+--- Reads {batch_size = 1, max_length, prompt_length = max_length, dtype, micro_batch_size,
+-- prefill_chunk_size}: the batch and total tokens (prompt + generated) generate will run with;
+-- the longest prompt, run in one forward; the block schedule it runs with (whole batch and
+-- prompt when absent: models/block_schedule.lua).
 function M.check_reserve_for(r)
    if type(r) ~= "table" then
       error(string.format("%s must be a table {batch_size, max_length, prompt_length}, got %s", WHO, type(r)), 3)
    end
    for k in pairs(r) do
-      if k ~= "batch_size" and k ~= "max_length" and k ~= "prompt_length" and k ~= "dtype" then
-         error(string.format('%s: unknown key "%s" (expected batch_size, max_length, prompt_length, dtype)', WHO, tostring(k)), 3)
+      if not KEYS[k] then
+         error(string.format('%s: unknown key "%s" (expected batch_size, max_length, prompt_length, dtype, micro_batch_size, prefill_chunk_size)', WHO, tostring(k)), 3)
       end
    end
    if r.max_length == nil then error(WHO .. ": max_length is required (prompt + generated tokens)", 3) end
@@ -39,6 +44,8 @@ function M.check_reserve_for(r)
       error(string.format("%s: prompt_length %d exceeds max_length %d", WHO, out.prompt_length, out.max_length), 3)
    end
    out.dtype = r.dtype
+   out.micro_batch_size = check_count(r.micro_batch_size, "micro_batch_size")
+   out.prefill_chunk_size = check_count(r.prefill_chunk_size, "prefill_chunk_size")
    return out
 end
 
@@ -128,14 +135,22 @@ end
 -- keys). In a layer: the residual and normed hidden states, q/k/v and the attention output, four
 -- MLP-wide tensors, the masks, and the score tensors of attention that forms them; after the
 -- layers: the last position's logits with sampling's float32 copies. Beside them, generate's
--- padding mask and positions.
+-- padding mask and positions. With a block schedule, a layer's tensors are those of one block
+-- (micro_batch_size rows, prefill_chunk_size tokens) beside the layer's whole input and output.
 function M.activation_size(model, reserve_for)
    local r = M.check_reserve_for(reserve_for)
    local B, P, S = r.batch_size, r.prompt_length, r.max_length
+   local rows, chunk = math.min(r.micro_batch_size or B, B), math.min(r.prefill_chunk_size or P, P)
+   local blocked = rows < B or chunk < P
    local peak, hidden = 0, 0
    for _, e in ipairs(attention_layers(model)) do
-      local prefill, H = layer_bytes(e, B, P, P, r.dtype)
-      peak = math.max(peak, prefill, (layer_bytes(e, B, 1, S, r.dtype)))
+      local prefill, H = layer_bytes(e, rows, chunk, P, r.dtype)
+      local decode = layer_bytes(e, rows, 1, S, r.dtype)
+      if blocked then
+         local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
+         prefill, decode = prefill + 2 * B * P * H * el, decode + 2 * B * H * el
+      end
+      peak = math.max(peak, prefill, decode)
       hidden = math.max(hidden, H)
    end
    -- generate's own: the padding mask and the positions derived from it, int64 (B, max_length)
