@@ -66,6 +66,16 @@ describe("models block schedule", function()
       end)
    end
 
+   it("runs decoding steps (one token per row) and blocks as large as the batch whole", function()
+      local schedule = require("moonload.models.block_schedule")
+      assert.is_nil(schedule.plan({ micro_batch_size = 2 }, ml.zeros(5, 1, 8), nil, 2, "t"))
+      assert.is_nil(schedule.plan({ micro_batch_size = 5, prefill_chunk_size = 9 }, ml.zeros(5, 9, 8), nil, 2, "t"))
+      local s = schedule.plan({ micro_batch_size = 2 }, ml.zeros(5, 2, 8), nil, 2, "t")
+      assert.are.same({ 2, 2, false }, { s.rows, s.tokens, s.own_cache })
+      s = schedule.plan({ prefill_chunk_size = 4 }, ml.zeros(5, 9, 8), nil, 2, "t")
+      assert.are.same({ 5, 4, true }, { s.rows, s.tokens, s.own_cache })
+   end)
+
    it("rejects sizes that are not positive integers, naming the option", function()
       local model = ml.models.from_pretrained(FIX .. "llama_tiny_untied")
       local ids = prompts(model.config.vocab_size, 2, 3)

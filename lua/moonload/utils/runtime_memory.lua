@@ -135,8 +135,9 @@ end
 -- keys). In a layer: the residual and normed hidden states, q/k/v and the attention output, four
 -- MLP-wide tensors, the masks, and the score tensors of attention that forms them; after the
 -- layers: the last position's logits with sampling's float32 copies. Beside them, generate's
--- padding mask and positions. With a block schedule, a layer's tensors are those of one block
--- (micro_batch_size rows, prefill_chunk_size tokens) beside the layer's whole input and output.
+-- padding mask and positions. With a block schedule, a prefill layer's tensors are those of one
+-- block (micro_batch_size rows, prefill_chunk_size tokens) beside the layer's whole input and
+-- output; decoding steps run the whole batch (models/block_schedule.lua).
 function M.activation_size(model, reserve_for)
    local r = M.check_reserve_for(reserve_for)
    local B, P, S = r.batch_size, r.prompt_length, r.max_length
@@ -145,10 +146,10 @@ function M.activation_size(model, reserve_for)
    local peak, hidden = 0, 0
    for _, e in ipairs(attention_layers(model)) do
       local prefill, H = layer_bytes(e, rows, chunk, P, r.dtype)
-      local decode = layer_bytes(e, rows, 1, S, r.dtype)
+      local decode = layer_bytes(e, B, 1, S, r.dtype)             -- decoding steps run whole
       if blocked then
          local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
-         prefill, decode = prefill + 2 * B * P * H * el, decode + 2 * B * H * el
+         prefill = prefill + 2 * B * P * H * el
       end
       peak = math.max(peak, prefill, decode)
       hidden = math.max(hidden, H)
