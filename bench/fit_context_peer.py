@@ -10,7 +10,9 @@
                        of --prompt tokens, then --new greedy tokens with the cache. Reports the
                        map's bytes per device, seconds, the generated ids of row 0, and the peak
                        resident memory of the process from just before loading (VmHWM after
-                       /proc/self/clear_refs)
+                       /proc/self/clear_refs). With --micro-batch N, the prompts go N at a time,
+                       one generate call after the other (bench/block_schedule.lua), and the
+                       last row's ids are reported too
 
 Each prints one JSON object with the library versions.
 """
@@ -76,15 +78,23 @@ def generate(args):
         n = sum(p.numel() * p.element_size() for p in mod.parameters())
         sizes[str(dev)] = sizes.get(str(dev), 0) + n
     ids = torch.tensor(prompts(args.batch, args.prompt, model.config.vocab_size))
+    step = args.micro_batch or args.batch
     t0 = time.perf_counter()
+    parts = []
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, do_sample=False,
-                             num_beams=1, eos_token_id=None, pad_token_id=0)
+        for first in range(0, args.batch, step):
+            part = ids[first:first + step]
+            parts.append(model.generate(part, attention_mask=torch.ones_like(part), max_new_tokens=args.new,
+                                        do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0))
     seconds = time.perf_counter() - t0
+    out = torch.cat(parts)
     peak = kib("VmHWM")
     shutil.rmtree(folder, ignore_errors=True)
     r = {"peer": "accelerate", "bytes_per_device": sizes, "seconds": seconds,
          "peak_rss_mb": (peak - base) / 1024.0, "generated": out[0, ids.shape[1]:].tolist(), "threads": args.threads}
+    if args.micro_batch:
+        r["micro_batch"] = args.micro_batch
+        r["generated_last"] = out[-1, ids.shape[1]:].tolist()
     r.update(versions())
     return r
 
@@ -98,6 +108,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=240)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--micro-batch", type=int, default=None)
     args = ap.parse_args()
     print(json.dumps({"make": make, "generate": generate}[args.what](args)))
 
