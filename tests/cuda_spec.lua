@@ -450,6 +450,53 @@ describe("block schedule on cuda #cuda", function()
    end)
 end)
 
+describe("key-value cache on the CPU #cuda", function()
+   local dir = "tests/fixtures/models/llama_tiny_untied"
+
+   it("keeps the cache in host memory and attends there, with the CPU model's logits and tokens", function()
+      local plain = ml.models.from_pretrained(dir)
+      local model = ml.models.from_pretrained(dir):to(DEV)
+      local ids = ml.tensor({ { 5, 17, 42, 3 }, { 7, 8, 9, 10 } }, { dtype = "int64" })
+      local cache = model:new_cache(8, "cpu")
+      local logits = model(ids:to(DEV), { cache = cache })
+      assert.are.equal(DEV, logits.device)
+      assert.are.equal("cpu", cache.k[1].device)
+      assert_close(logits, plain(ids), 1e-4, "prefill with the cache on the CPU")
+      local step = ml.tensor({ { 1 }, { 2 } }, { dtype = "int64" })
+      local want = plain(ml.cat({ ids, step }, 2)):narrow(2, 5, 1)
+      assert_close(model(step:to(DEV), { cache = cache }), want, 1e-4, "a step over the CPU cache")
+      local batch, mask = { { 0, 0, 5, 17 }, { 7, 8, 9, 10 } }, { { 0, 0, 1, 1 }, { 1, 1, 1, 1 } }
+      assert.are.same(plain:generate(batch, { max_new_tokens = 6, attention_mask = mask }),
+         model:generate(batch, { max_new_tokens = 6, attention_mask = mask, kv_cache_device = "cpu" }))
+   end)
+
+   -- each attention implementation: GPT-2's, GPT-NeoX's, Gemma 2's soft-capped scores, a sliding window
+   for _, name in ipairs({ "gpt2_tiny", "gpt_neox_tiny", "gemma2_tiny", "mistral_tiny" }) do
+      it(name .. " generates the CPU's tokens on cuda:0 with the cache on the CPU", function()
+         local fixture = "tests/fixtures/models/" .. name
+         local batch, mask = { { 0, 0, 5, 17, 9, 4 }, { 7, 8, 9, 10, 11, 12 } }, { { 0, 0, 1, 1, 1, 1 }, { 1, 1, 1, 1, 1, 1 } }
+         local want = ml.models.from_pretrained(fixture):generate(batch, { max_new_tokens = 8, attention_mask = mask })
+         local model = ml.models.from_pretrained(fixture):to(DEV)
+         assert.are.same(want, model:generate(batch, { max_new_tokens = 8, attention_mask = mask, kv_cache_device = "cpu" }))
+      end)
+   end
+
+   it("plans with reserve_for's kv_cache_device and generates with the cache there", function()
+      local plain = ml.models.from_pretrained(dir)
+      local model = ml.models.from_pretrained(dir, { device_map = "auto", max_memory = { [0] = "200MB", cpu = "1GB" },
+         reserve_for = { batch_size = 2, max_length = 16, kv_cache_device = "cpu" } })
+      assert.are.same({ [""] = 0 }, model.hf_device_map)
+      local devices = {}
+      local new_cache = model.new_cache
+      rawset(model, "new_cache", function(self, capacity, device)
+         devices[#devices + 1] = device
+         return new_cache(self, capacity, device)
+      end)
+      assert.are.same(plain:generate({ 5, 17, 42 }, { max_new_tokens = 5 }), model:generate({ 5, 17, 42 }, { max_new_tokens = 5 }))
+      assert.are.same({ "cpu" }, devices)
+   end)
+end)
+
 describe("generation and encoders on cuda #cuda", function()
    local prompt = { 5, 17, 42, 3 }
    local batch, mask = { { 0, 0, 5, 17 }, { 7, 8, 9, 10 } }, { { 0, 0, 1, 1 }, { 1, 1, 1, 1 } }

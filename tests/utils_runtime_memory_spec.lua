@@ -292,6 +292,37 @@ describe("from_pretrained with reserve_for", function()
       H.rmdir(dir)
    end)
 
+   it("counts the cache on the CPU with kv_cache_device = \"cpu\", leaving the GPU to the layers", function()
+      local skeleton = big.init_empty_weights(function() return models.from_config(H.FIX .. "/" .. name .. "/config.json") end)
+      local r = { batch_size = 64, max_length = 64 }
+      local runtime, workspace = u.runtime_memory_sizes(skeleton, r)
+      local cache = sum(runtime)
+      local weights = u.compute_module_sizes(skeleton)[""]
+      -- room on GPU 0 for the weights and the workspace, and half the cache
+      local max_memory = { [0] = weights + workspace.gpu + cache / 2, cpu = 4 * cache }
+      local function plan(reserve)
+         local map, reserved = big._plan_device_map(skeleton, { device_map = "sequential", max_memory = max_memory,
+            reserve_for = reserve }, "test")
+         return map, reserved
+      end
+      -- the caches follow their layers: the GPU cannot hold them, nor those of layers moved off it
+      local ok, err = pcall(plan, r)
+      assert.is_false(ok)
+      assert.truthy(err:find("cannot hold the runtime memory of the offloaded modules", 1, true), err)
+      local on_cpu, reserved = plan({ batch_size = 64, max_length = 64, kv_cache_device = "cpu" })
+      assert.are.same({ [""] = 0 }, on_cpu)
+      assert.are.same({ device = "cpu", bytes = cache }, reserved.cache_elsewhere)
+      assert.are.equal("cpu", reserved.reserve_for.kv_cache_device)
+      -- the cache must fit the CPU's budget
+      max_memory.cpu = cache - 1
+      ok, err = pcall(plan, { batch_size = 64, max_length = 64, kv_cache_device = "cpu" })
+      assert.is_false(ok)
+      assert.truthy(err:find("test: reserve_for: the key-value cache (" .. cache .. " bytes) does not fit in max_memory for cpu", 1, true), err)
+      ok, err = pcall(plan, { max_length = 64, kv_cache_device = "disk" })
+      assert.is_false(ok)
+      assert.truthy(err:find('kv_cache_device must be "cpu" or a GPU ("cuda:N" or N), got disk', 1, true), err)
+   end)
+
    it("runs generate in the block schedule it planned for, unless told otherwise", function()
       local schedule = require("moonload.models.block_schedule")
       local dir = H.tmpdir()

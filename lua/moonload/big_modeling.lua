@@ -521,6 +521,7 @@ function M._plan_device_map(model, opts, who)
       plan.runtime_sizes, plan.workspace_size, garbage = rm.runtime_memory_sizes(model, r)
       reserved = { reserve_for = r, garbage = garbage, runtime_sizes = plan.runtime_sizes,
                    workspace_size = plan.workspace_size }
+      if r.kv_cache_device then M._cache_on_device(plan, reserved, r.kv_cache_device, u, who) end
    end
    if device_map ~= "sequential" then
       plan.max_memory = u.get_balanced_memory(model, {
@@ -529,6 +530,28 @@ function M._plan_device_map(model, opts, who)
          runtime_sizes = plan.runtime_sizes, workspace_size = plan.workspace_size })
    end
    return u.infer_auto_device_map(model, plan), reserved
+end
+
+-- reserve_for's kv_cache_device: the caches come off that device's budget (the planner then places
+-- the layers in what is left) instead of following their layers. With no GPU in the budgets the
+-- CPU runs everything and the caches are there already: nothing changes.
+function M._cache_on_device(plan, reserved, device, u, who)
+   local max_memory = u.get_max_memory(plan.max_memory, who)
+   local gpus = false
+   for k in pairs(max_memory) do if type(k) == "number" then gpus = true end end
+   if not gpus and device == "cpu" then return end
+   local key = device == "cpu" and "cpu" or tonumber(device:match("^cuda:(%d+)$"))
+   local total = 0
+   for _, bytes in pairs(plan.runtime_sizes) do total = total + bytes end
+   if max_memory[key] ~= nil then
+      if max_memory[key] < total then
+         error(string.format("%s: reserve_for: the key-value cache (%.0f bytes) does not fit in max_memory for %s (%.0f bytes)",
+            who, total, device, max_memory[key]), 4)
+      end
+      max_memory[key] = max_memory[key] - total
+   end
+   plan.max_memory, plan.runtime_sizes = max_memory, nil
+   reserved.cache_elsewhere = { device = device, bytes = total }
 end
 
 -- After dispatching a reserve_for plan that computes on the CPU: it collects its garbage once it
@@ -550,10 +573,12 @@ local function apply_reserve(model, device_map, reserved)
       ml.set_cpu_cache_limit(reserved.garbage)
       cpu_reserved = reserved.workspace_size.cpu
       for _, bytes in pairs(reserved.runtime_sizes) do cpu_reserved = cpu_reserved + bytes end
+   elseif reserved.cache_elsewhere and reserved.cache_elsewhere.device == "cpu" then
+      cpu_reserved = reserved.cache_elsewhere.bytes
    end
    local r = reserved.reserve_for
    rawset(model, "reserved_for", { batch_size = r.batch_size, max_length = r.max_length, prompt_length = r.prompt_length,
-      micro_batch_size = r.micro_batch_size, prefill_chunk_size = r.prefill_chunk_size })
+      micro_batch_size = r.micro_batch_size, prefill_chunk_size = r.prefill_chunk_size, kv_cache_device = r.kv_cache_device })
    return cpu_reserved
 end
 M._apply_reserve = apply_reserve

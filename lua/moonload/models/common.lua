@@ -260,9 +260,18 @@ end
 
 -- --- key-value cache ------------------------------------------------------------------------
 
---- A fresh key-value cache for n_layers layers (see models/kv_cache.lua).
-function M.new_cache(n_layers, capacity)
-   return require("moonload.models.kv_cache").new(n_layers, capacity)
+--- A fresh key-value cache for n_layers layers, kept on device when given (see
+-- models/kv_cache.lua).
+function M.new_cache(n_layers, capacity, device)
+   return require("moonload.models.kv_cache").new(n_layers, capacity, device)
+end
+
+--- Where the key-value cache lives on another device than the queries (kv_cache_device),
+-- attention runs there: returns q and pad moved to the keys' device and the device the result
+-- goes back to (nil when nothing moved).
+function M.queries_to_keys(q, k, pad)
+   if q.device == k.device then return q, pad, nil end
+   return q:to(k.device), pad and pad:to(k.device), q.device
 end
 
 return M

@@ -13,6 +13,7 @@ local T = require("moonload.tensor")
 local C = require("moonload.C")
 local common = require("moonload.models.common")
 local log = require("moonload.utils.log")
+local hooks = require("moonload.hooks")
 
 local M = {}
 local WHO = "generate"
@@ -56,14 +57,23 @@ local function check_opts(opts)
    end
    local known = { max_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
-      micro_batch_size = true, prefill_chunk_size = true }
+      micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
+   local d = hooks.norm_device(opts.kv_cache_device)
+   if d ~= nil then
+      T.parse_device(WHO .. ": kv_cache_device", d)
+      local n = tonumber(d:match("^cuda:(%d+)$"))
+      local count = n and C.lib.ml_cuda_device_count()
+      if n and n >= count then
+         error(string.format("%s: kv_cache_device %s does not exist (%d CUDA devices here)", WHO, d, count), 4)
+      end
+   end
    if opts.on_token ~= nil and type(opts.on_token) ~= "function" then
       error(string.format("%s: on_token must be a function, got %s", WHO, type(opts.on_token)), 3)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device)',
             WHO, tostring(k)), 3)
       end
    end
@@ -147,7 +157,8 @@ local function shape_output(seq, form)
 end
 
 --- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, top_p, seed,
--- eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size}])
+-- eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
+-- kv_cache_device}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
@@ -159,6 +170,8 @@ end
 -- prefill_chunk_size run each forward in a block schedule (models/block_schedule.lua): each layer
 -- takes that many rows and prompt tokens at a time, its weights loaded once for all of them; a
 -- model planned with reserve_for uses the sizes given there unless these are set.
+-- kv_cache_device ("cpu") keeps the key-value cache there whatever device runs the layers, and
+-- runs attention there (llama.cpp's -nkvo: a context longer than the GPU holds).
 function M.generate(model, input_ids, opts)
    opts = check_opts(opts)
    local ids, form = common.ids_tensor(input_ids, WHO)
@@ -178,17 +191,20 @@ function M.generate(model, input_ids, opts)
          WHO, B, L, max_new, planned.batch_size, planned.max_length, planned.prompt_length))
    end
    -- the block schedule asked for, else the one the plan budgeted activations for
+   -- (and the device the plan kept the key-value cache on)
    local micro_batch, prefill_chunk = opts.micro_batch_size, opts.prefill_chunk_size
+   local kv_device = hooks.norm_device(opts.kv_cache_device)
    if planned then
       micro_batch = micro_batch or planned.micro_batch_size
       prefill_chunk = prefill_chunk or planned.prefill_chunk_size
+      kv_device = kv_device or planned.kv_cache_device
    end
    local temperature = opts.temperature
    if opts.do_sample == false then temperature = 0 end
    if opts.seed ~= nil then C.lib.ml_manual_seed(opts.seed) end
    if max_new == 0 then return shape_output(ids, form) end
 
-   local cache = model:new_cache(L + max_new)
+   local cache = model:new_cache(L + max_new, kv_device)
    -- sequence length at which the cache must be rebuilt (LongRoPE), when the model has one
    local restart = model.recompute_cache_at and model:recompute_cache_at() or nil
    local dev = ids.device
@@ -244,7 +260,7 @@ function M.generate(model, input_ids, opts)
          if restart and L < restart and L + step == restart then
             -- the positions just crossed into the model's long rotary factors: the cache holds keys
             -- rotated with the short ones, so the whole sequence runs again (transformers' Phi-3)
-            cache = model:new_cache(L + max_new)
+            cache = model:new_cache(L + max_new, kv_device)
             logits = model(out:narrow(2, 1, L + step), step_opts(L + step, L + step))
          else
             logits = model(tok, step_opts(L + step, 1))

@@ -79,7 +79,9 @@ function GPT2Attention:forward(x, cache, pad)
       past = cache.length
       k, v = cache:update(self.layer_idx, k, v)
    end
-   local y = common.causal_attention(q, k, v, past, self.scale, pad) -- (B, H, T, D)
+   local qa, pa, back = common.queries_to_keys(q, k, pad)
+   local y = common.causal_attention(qa, k, v, past, self.scale, pa) -- (B, H, T, D)
+   if back then y = y:to(back) end
    y = y:transpose(2, 3):reshape(B, L, C)
    return self.c_proj(y)
 end
@@ -188,8 +190,8 @@ end
 GPT2LMHeadModel.forward = common.causal_lm_forward(WHO .. ".forward", "transformer", "wte")
 
 --- A fresh key-value cache for this model (generate makes its own).
-function GPT2LMHeadModel:new_cache(capacity)
-   return common.new_cache(self.config.n_layer, capacity)
+function GPT2LMHeadModel:new_cache(capacity, device)
+   return common.new_cache(self.config.n_layer, capacity, device)
 end
 
 --- Longest sequence the model accepts.

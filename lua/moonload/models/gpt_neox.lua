@@ -78,7 +78,9 @@ function GPTNeoXAttention:forward(x, cos, sin, cache, pad)
       past = cache.length
       k, v = cache:update(self.layer_idx, k, v:contiguous())
    end
-   local y = common.causal_attention(q, k, v, past, self.scale, pad)              -- (B, H, T, D)
+   local qa, pa, back = common.queries_to_keys(q, k, pad)
+   local y = common.causal_attention(qa, k, v, past, self.scale, pa)             -- (B, H, T, D)
+   if back then y = y:to(back) end
    return self.dense(y:transpose(2, 3):reshape(B, L, H * D))
 end
 
@@ -162,7 +164,9 @@ end
 
 GPTNeoXForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "gpt_neox", "embed_in", "embed_out")
 
-function GPTNeoXForCausalLM:new_cache(capacity) return common.new_cache(self.config.num_hidden_layers, capacity) end
+function GPTNeoXForCausalLM:new_cache(capacity, device)
+   return common.new_cache(self.config.num_hidden_layers, capacity, device)
+end
 function GPTNeoXForCausalLM:max_length() return nil end
 GPTNeoXForCausalLM.generate = generation.generate
 

@@ -16,10 +16,13 @@ local Cache = {}
 Cache.__index = Cache
 Cache.__name = "KVCache"
 
---- new(n_layers[, capacity]) -> an empty cache (length 0).
-function Cache.new(n_layers, capacity)
+--- new(n_layers[, capacity[, device]]) -> an empty cache (length 0). With a device, the keys and
+-- values are kept there whatever device computes them (llama.cpp's -nkvo: a long context's cache
+-- in host memory while the layers run on a GPU), and attention runs there (models/common.lua).
+function Cache.new(n_layers, capacity, device)
    -- start[i]: the position of the key in slot 1 of layer i's buffers
-   return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, k = {}, v = {}, start = {} }, Cache)
+   return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, device = device,
+      k = {}, v = {}, start = {} }, Cache)
 end
 
 local function grow(buf, used, cap)
@@ -50,6 +53,7 @@ end
 function Cache:update(i, k, v, window, block)
    local offset, row, rows = 0, 1, k:size(1)
    if block then offset, row, rows = block.offset, block.first_row, block.batch end
+   if self.device and k.device ~= self.device then k, v = k:to(self.device), v:to(self.device) end
    local past, L = self.length + offset, k:size(3)
    local need = past + L
    local keep_from = window and math.max(0, past - window + 1) or 0   -- oldest position still seen

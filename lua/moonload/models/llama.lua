@@ -455,7 +455,9 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
       local S = k:size(3)
       if pad and S < past + L then pad = pad:narrow(2, past + L - S + 1, S) end
    end
-   local y = self:attend(q, k, v, past, pad)                        -- (B, H, T, D)
+   local qa, pa, back = common.queries_to_keys(q, k, pad)
+   local y = self:attend(qa, k, v, past, pa)                       -- (B, H, T, D)
+   if back then y = y:to(back) end
    y = y:transpose(2, 3):reshape(B, L, H * D)
    return self[self.out_name](y)
 end
@@ -593,8 +595,8 @@ end
 -- past .. past+T-1 (generate derives them from the mask, as transformers does).
 LlamaForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
 
-function LlamaForCausalLM:new_cache(capacity)
-   return common.new_cache(self.config.num_hidden_layers, capacity)
+function LlamaForCausalLM:new_cache(capacity, device)
+   return common.new_cache(self.config.num_hidden_layers, capacity, device)
 end
 
 function LlamaForCausalLM:max_length()

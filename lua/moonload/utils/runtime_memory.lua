@@ -22,19 +22,20 @@ local function check_count(v, key, default)
 end
 
 local KEYS = { batch_size = true, max_length = true, prompt_length = true, dtype = true,
-   micro_batch_size = true, prefill_chunk_size = true }
+   micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true }
 
 --- Reads {batch_size = 1, max_length, prompt_length = max_length, dtype, micro_batch_size,
--- prefill_chunk_size}: the batch and total tokens (prompt + generated) generate will run with;
--- the longest prompt, run in one forward; the block schedule it runs with (whole batch and
--- prompt when absent: models/block_schedule.lua).
+-- prefill_chunk_size, kv_cache_device}: the batch and total tokens (prompt + generated) generate
+-- will run with; the longest prompt, run in one forward; the block schedule it runs with (whole
+-- batch and prompt when absent: models/block_schedule.lua); the device holding the key-value
+-- cache whatever device runs a layer (absent: the layer's), normalized to "cpu" or "cuda:N".
 function M.check_reserve_for(r)
    if type(r) ~= "table" then
       error(string.format("%s must be a table {batch_size, max_length, prompt_length}, got %s", WHO, type(r)), 3)
    end
    for k in pairs(r) do
       if not KEYS[k] then
-         error(string.format('%s: unknown key "%s" (expected batch_size, max_length, prompt_length, dtype, micro_batch_size, prefill_chunk_size)', WHO, tostring(k)), 3)
+         error(string.format('%s: unknown key "%s" (expected batch_size, max_length, prompt_length, dtype, micro_batch_size, prefill_chunk_size, kv_cache_device)', WHO, tostring(k)), 3)
       end
    end
    if r.max_length == nil then error(WHO .. ": max_length is required (prompt + generated tokens)", 3) end
@@ -46,6 +47,13 @@ function M.check_reserve_for(r)
    out.dtype = r.dtype
    out.micro_batch_size = check_count(r.micro_batch_size, "micro_batch_size")
    out.prefill_chunk_size = check_count(r.prefill_chunk_size, "prefill_chunk_size")
+   if r.kv_cache_device ~= nil then
+      local d = require("moonload.hooks").norm_device(r.kv_cache_device)
+      if type(d) ~= "string" or not (d == "cpu" or d:match("^cuda:%d+$")) then
+         error(string.format('%s: kv_cache_device must be "cpu" or a GPU ("cuda:N" or N), got %s', WHO, tostring(r.kv_cache_device)), 3)
+      end
+      out.kv_cache_device = d
+   end
    return out
 end
 
