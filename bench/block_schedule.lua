@@ -25,47 +25,24 @@ local dir = ".bench/fit-context-llama"
 local BUDGET, BATCH, PROMPT, NEW, MICRO = "200MB", 32, 256, 16, 8
 local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 
-local function proc_field(file, field)
-   local f = assert(io.open(file))
-   local text = f:read("*a")
-   f:close()
-   return tonumber(text:match(field .. ":%s*(%d+)"))
-end
-
--- The same prompts as the peer's (MINSTD: exact in doubles).
-local function prompts(vocab)
-   local seed, rows = 1, {}
-   for b = 1, BATCH do
-      rows[b] = {}
-      for t = 1, PROMPT do
-         seed = seed * 48271 % 2147483647
-         rows[b][t] = seed % vocab
-      end
-   end
-   return rows
-end
-
 -- One variant in this process: "micro_batches", "block_schedule" or "whole_batch".
 local function run(variant)
    ml.set_num_threads(threads)
    ml.set_gc_cap("cpu", 16 * 2 ^ 20)
    local folder = os.tmpname()
    os.remove(folder)
-   local f = assert(io.open("/proc/self/clear_refs", "w"))
-   f:write("5")                                                 -- VmHWM starts again from VmRSS
-   f:close()
-   local base = proc_field("/proc/self/status", "VmRSS")
+   local base = B.reset_peak_rss()
    local model = ml.models.from_pretrained(dir, { device_map = "auto", max_memory = { cpu = BUDGET }, offload_folder = folder })
    local on_disk = 0
    local sizes = ml.utils.compute_module_sizes(model)
    for name, dev in pairs(model.hf_device_map) do
       if dev == "disk" then on_disk = on_disk + sizes[name] end
    end
-   local rows = prompts(model.config.vocab_size)
+   local rows = B.minstd_prompts(BATCH, PROMPT, model.config.vocab_size)
    collectgarbage()
    local held = ml.memory_allocated("cpu")
    ml.reset_peak_memory("cpu")
-   local read0 = proc_field("/proc/self/io", "read_bytes")
+   local read0 = B.proc_field("/proc/self/io", "read_bytes")
    local t0 = B.now()
    local out = {}
    if variant == "micro_batches" then
@@ -77,13 +54,13 @@ local function run(variant)
       out = model:generate(rows, { max_new_tokens = NEW, micro_batch_size = variant == "block_schedule" and MICRO or nil })
    end
    local seconds = B.now() - t0
-   local read = proc_field("/proc/self/io", "read_bytes") - read0
+   local read = B.proc_field("/proc/self/io", "read_bytes") - read0
    local rows_at_once = variant == "micro_batches" and MICRO or BATCH
    local cache = 0
    for _, bytes in pairs(ml.utils.kv_cache_sizes(model, { batch_size = rows_at_once, max_length = PROMPT + NEW })) do
       cache = cache + bytes
    end
-   local peak = proc_field("/proc/self/status", "VmHWM")
+   local peak = B.proc_field("/proc/self/status", "VmHWM")
    local _, peak_allocated = ml.memory_allocated("cpu")
    os.execute("rm -rf '" .. folder .. "'")
    print(cjson.encode({ seconds = seconds, disk_read_mb = read / 2 ^ 20, disk_weights_mb = on_disk / 2 ^ 20,

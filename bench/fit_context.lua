@@ -17,35 +17,12 @@ local dir = ".bench/fit-context-llama"
 local BUDGET, BATCH, PROMPT, NEW = "800MB", 32, 16, 240
 local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 
-local function kib(field)
-   local f = assert(io.open("/proc/self/status"))
-   local text = f:read("*a")
-   f:close()
-   return tonumber(text:match(field .. ":%s*(%d+)"))
-end
-
--- The same prompts as the peer's (MINSTD: exact in doubles).
-local function prompts(vocab)
-   local seed, rows = 1, {}
-   for b = 1, BATCH do
-      rows[b] = {}
-      for t = 1, PROMPT do
-         seed = seed * 48271 % 2147483647
-         rows[b][t] = seed % vocab
-      end
-   end
-   return rows
-end
-
 -- One variant in this process: "plan" (Accelerate's) or "reserve" (reserve_for).
 local function run(variant)
    ml.set_num_threads(threads)
    local folder = os.tmpname()
    os.remove(folder)
-   local f = assert(io.open("/proc/self/clear_refs", "w"))
-   f:write("5")                                                 -- VmHWM starts again from VmRSS
-   f:close()
-   local base = kib("VmRSS")
+   local base = B.reset_peak_rss()
    local opts = { device_map = "auto", max_memory = { cpu = BUDGET }, offload_folder = folder }
    if variant == "reserve" then opts.reserve_for = { batch_size = BATCH, max_length = PROMPT + NEW, prompt_length = PROMPT } end
    local model = ml.models.from_pretrained(dir, opts)
@@ -55,9 +32,9 @@ local function run(variant)
       per_device[tostring(dev)] = (per_device[tostring(dev)] or 0) + sizes[name]
    end
    local t0 = B.now()
-   local out = model:generate(prompts(model.config.vocab_size), { max_new_tokens = NEW })
+   local out = model:generate(B.minstd_prompts(BATCH, PROMPT, model.config.vocab_size), { max_new_tokens = NEW })
    local seconds = B.now() - t0
-   local peak = kib("VmHWM")
+   local peak = B.proc_field("/proc/self/status", "VmHWM")
    os.execute("rm -rf '" .. folder .. "'")
    print(cjson.encode({ bytes_per_device = per_device, seconds = seconds, peak_rss_mb = (peak - base) / 1024,
       generated = { unpack(out[1], PROMPT + 1) } }))

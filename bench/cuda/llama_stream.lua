@@ -3,7 +3,7 @@
 -- tokens against the floor bytes / measured host-to-device bandwidth, and next to accelerate's
 -- cpu_offload on the same machine (bench/cuda/llama_stream_peer.py, same shapes, same run).
 -- Then decoding: weights streamed for each token, or the new tokens computed on the CPU in place
--- (hooks.set_compute_in_place). Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
+-- (hooks.set_compute_in_place); and 8 prompts in a block schedule against one forward each. Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
 -- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly.
 -- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3), BENCH_SHAPE=tiny (a
 -- dry run on the CUDA emulator: a toy Llama, figures meaningless).
@@ -126,6 +126,25 @@ local stream_tps, in_place_tps = decode_tokens_per_s(0), decode_tokens_per_s(8)
 B.emit({ "bench", "streamed_tokens_per_s", "in_place_tokens_per_s", "speedup" }, {
    bench = "cuda_llama_stream_decode", streamed_tokens_per_s = stream_tps, in_place_tokens_per_s = in_place_tps,
    speedup = in_place_tps / stream_tps,
+})
+
+-- 8 prompts of 512 tokens: one forward each (every weight streamed 8 times: 8 x forward_s), the
+-- block schedule with one row per block (streamed once), and the 8 rows in one forward.
+local rows = {}
+for b = 1, 8 do rows[b] = ids end
+local batch = ml.tensor(rows, { dtype = "int64" })
+local function timed(opts)
+   return B.best(1, function()
+      local logits = model(batch, opts)
+      ml.cuda.synchronize(0)
+      return logits
+   end)
+end
+local blocked_s = timed({ logits_to_keep = 1, micro_batch_size = 1 })
+local whole_s = timed({ logits_to_keep = 1 })
+B.emit({ "bench", "one_by_one_s", "blocked_s", "whole_s", "blocked_speedup" }, {
+   bench = "cuda_llama_block_schedule", one_by_one_s = 8 * forward_s, blocked_s = blocked_s, whole_s = whole_s,
+   blocked_speedup = 8 * forward_s / blocked_s,
 })
 model = nil
 collectgarbage(); collectgarbage()

@@ -1,5 +1,6 @@
 --- Helpers shared by the benchmarks in bench/: a wall clock, best-of-n timing and medians, JSON
--- lines, the thread count, the peers' JSON output and the demo checkpoint.
+-- lines, the thread count, the peers' JSON output, /proc figures, MINSTD prompts and the demo
+-- checkpoint.
 -- bench/run.sh puts bench/lib on LUA_PATH; a benchmark run on its own adds it to package.path.
 local ffi = require("ffi")
 
@@ -96,6 +97,36 @@ function M.have_python()
    if not f then return false end
    f:close()
    return true
+end
+
+--- A number field of a /proc file ("/proc/self/status" VmHWM in KiB, "/proc/self/io" read_bytes).
+function M.proc_field(file, field)
+   local f = assert(io.open(file))
+   local text = f:read("*a")
+   f:close()
+   return tonumber(text:match(field .. ":%s*(%d+)"))
+end
+
+--- Makes VmHWM start again from VmRSS (peak resident memory from now on); returns VmRSS in KiB.
+function M.reset_peak_rss()
+   local f = assert(io.open("/proc/self/clear_refs", "w"))
+   f:write("5")
+   f:close()
+   return M.proc_field("/proc/self/status", "VmRSS")
+end
+
+--- batch prompts of length token ids below vocab from MINSTD (exact in doubles), the same as the
+-- peers' (bench/fit_context_peer.py).
+function M.minstd_prompts(batch, length, vocab)
+   local seed, rows = 1, {}
+   for b = 1, batch do
+      rows[b] = {}
+      for t = 1, length do
+         seed = seed * 48271 % 2147483647
+         rows[b][t] = seed % vocab
+      end
+   end
+   return rows
 end
 
 --- Runs a peer command (stderr dropped) and decodes the last JSON object it prints;

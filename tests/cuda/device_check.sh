@@ -78,6 +78,8 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
                   r.forward_pinned_s, r.floor_pinned_s, r.h2d_pinned_gbps, r.ratio_pinned_to_floor)
                or r.in_place_tokens_per_s and string.format("decode %.2f tokens/s streamed, %.2f in place on the CPU (%.2fx)",
                   r.streamed_tokens_per_s, r.in_place_tokens_per_s, r.speedup)
+               or r.blocked_s and string.format("8 prompts of 512: %.3f s one forward each, %.3f s in a block schedule (%.2fx), %.3f s as one batch",
+                  r.one_by_one_s, r.blocked_s, r.blocked_speedup, r.whole_s)
                or r.skipped or "?"
             local notes = {}
             for _, k in ipairs({ "pinned_note", "peer_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
