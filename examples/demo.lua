@@ -102,6 +102,12 @@ if not exists(index_path) or not exists(DIR .. "/config.json") then
    collectgarbage()
    ml.empty_cache()   -- and not kept in the CPU block cache either (RSS)
    print(string.format("  %d shards, %s, written in %.2f s", nshards, mb(total), now() - t0))
+   -- the peak reported at the end is the run's, not the writing's: VmHWM starts again from VmRSS
+   local f_refs = io.open("/proc/self/clear_refs", "w")
+   if f_refs then
+      f_refs:write("5")
+      f_refs:close()
+   end
 end
 
 if opts.write_only then
