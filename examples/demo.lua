@@ -199,5 +199,5 @@ print(string.format("  forward, %d tokens          %8.3f s   (logits [%s])", #pr
 print(string.format("  generate %d tokens          %8.3f s   (%.2f tokens/s)", opts.tokens, t_gen, opts.tokens / t_gen))
 print(string.format("hook runtime: %d materializations, %s viewed zero-copy, %s copied, %d prefetch jobs (%s read ahead)",
    s.materialize_calls, mb(s.bytes_viewed), mb(s.bytes_copied), s.prefetch_jobs, mb(s.prefetch_bytes)))
-print(string.format("process RSS now %.0f MB, peak %.0f MB", rss, hwm))
+print(string.format("process RSS now %.0f MB, peak %.0f MB from loading on", rss, hwm))
 for _, w in ipairs(warnings) do print("(warning while dispatching: " .. w .. ")") end
