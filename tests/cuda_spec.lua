@@ -450,6 +450,28 @@ describe("block schedule on cuda #cuda", function()
    end)
 end)
 
+describe("device_overrides on cuda #cuda", function()
+   it("runs a MoE model with its experts in RAM and the rest on cuda:0 (llama.cpp's -ot exps=CPU)", function()
+      local dir = "tests/fixtures/models/qwen3_moe_tiny"
+      local plain = ml.models.from_pretrained(dir)
+      local model = ml.models.from_pretrained(dir, { device_map = "auto", max_memory = { [0] = "200MB", cpu = "1GB" },
+         device_overrides = { ["%.experts$"] = "cpu" } })
+      for name, d in pairs(model.hf_device_map) do
+         assert.are.equal(name:find("%.experts$") and "cpu" or 0, d, name)
+      end
+      local prompt = { 5, 17, 42, 3 }
+      local want = plain:generate(prompt, { max_new_tokens = 6 })
+      assert.are.same(want, model:generate(prompt, { max_new_tokens = 6 }))
+      -- decoding with the experts computed where they lie
+      local before = hooks.runtime_stats().in_place_forwards
+      local prev = hooks.set_compute_in_place(8)
+      local got = model:generate(prompt, { max_new_tokens = 6 })
+      hooks.set_compute_in_place(prev)
+      assert.are.same(want, got)
+      assert.is_true(hooks.runtime_stats().in_place_forwards > before)
+   end)
+end)
+
 describe("key-value cache on the CPU #cuda", function()
    local dir = "tests/fixtures/models/llama_tiny_untied"
 

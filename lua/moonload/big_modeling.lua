@@ -511,7 +511,7 @@ function M._plan_device_map(model, opts, who)
    if type(device_map) ~= "string" then return device_map end
    local u = utils()
    local plan = { max_memory = opts.max_memory, no_split_module_classes = opts.no_split_module_classes,
-                  dtype = opts.dtype, offload_buffers = opts.offload_buffers }
+                  dtype = opts.dtype, offload_buffers = opts.offload_buffers, device_overrides = opts.device_overrides }
    local reserved
    if opts.reserve_for ~= nil then
       local rm = require("moonload.utils.runtime_memory")

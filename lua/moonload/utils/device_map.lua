@@ -509,7 +509,7 @@ end
 
 --- infer_auto_device_map(model, {max_memory, no_split_module_classes, dtype, special_dtypes,
 -- verbose, clean_result = true, offload_buffers, fallback_allocation, runtime_sizes,
--- workspace_size}) -> device_map, keys.
+-- workspace_size, device_overrides}) -> device_map, keys.
 -- Fills GPUs in order, then "cpu", then "disk", keeping room on the main devices for the
 -- largest remaining layer (Accelerate's algorithm, quirks included). verbose = true prints the
 -- steps like Accelerate; verbose = function(line) receives them instead.
@@ -518,10 +518,16 @@ end
 -- GPU, or the main device (first GPU, else the CPU) for a module offloaded to "cpu" or "disk";
 -- workspace_size (bytes, or {cpu = , gpu = }) stays free on each GPU, and on the CPU when no GPU
 -- computes. ml.utils.runtime_memory_sizes computes both for a causal language model.
+-- device_overrides {[pattern] = device} pins the modules whose names match a Lua pattern to a
+-- device and places the rest around them (utils/device_overrides.lua).
 function M.infer_auto_device_map(model, opts)
    opts = opts or {}
    local fn = "infer_auto_device_map"
    if not is_module(model) then error(fn .. ": model must be an nn.Module", 2) end
+   if opts.device_overrides ~= nil then
+      return require("moonload.utils.device_overrides").plan(model, opts, M.infer_auto_device_map, M.get_max_memory,
+         reserve, fn)
+   end
    local max_memory, devices = M.get_max_memory(opts.max_memory, fn)
    local no_split_list = normalize_no_split(opts.no_split_module_classes)
    local no_split = sizes.class_set(no_split_list)
