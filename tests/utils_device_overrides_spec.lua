@@ -85,6 +85,9 @@ describe("device_overrides", function()
       end
       assert.has_error(function() u.infer_auto_device_map(m, { device_overrides = "experts" }) end,
          "infer_auto_device_map: device_overrides must be a table {[pattern] = device}, got string")
+      local ok, err = pcall(ml.models.from_pretrained, DIR, { device_map = { [""] = "cpu" }, device_overrides = { experts = "cpu" } })
+      assert.is_false(ok)
+      assert.truthy(err:find('from_pretrained: device_overrides plans a device map, so device_map must be "auto"', 1, true), err)
    end)
 
    it("dispatches from_pretrained's plan: experts on disk, the rest in RAM, the plain model's tokens", function()

@@ -486,10 +486,13 @@ function M._bound_mapped_disk_weights(model, device_map, max_memory, dtype, cpu_
    hooks.set_auto_drop_above(math.max(0, budget - cpu_bytes - (cpu_reserved or 0) - ahead))
 end
 
---- reserve_for is for a planned map: an error (at `level`) with a table or no device_map.
+--- reserve_for and device_overrides are for a planned map: an error (at `level`) with a table
+-- or no device_map.
 function M._check_reserve_for_map(opts, who, level)
-   if opts.reserve_for ~= nil and type(opts.device_map) ~= "string" then
-      error(who .. ': reserve_for plans a device map, so device_map must be "auto", "balanced", "balanced_low_0" or "sequential"', level)
+   for _, key in ipairs({ "reserve_for", "device_overrides" }) do
+      if opts[key] ~= nil and type(opts.device_map) ~= "string" then
+         error(who .. ": " .. key .. ' plans a device map, so device_map must be "auto", "balanced", "balanced_low_0" or "sequential"', level)
+      end
    end
 end
 
