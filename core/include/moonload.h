@@ -216,6 +216,13 @@ ML_API ml_status ml_cumsum(const ml_tensor *x, int dim, ml_tensor **out);
 ML_API ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
 /* x (..., in) @ w(out, in)^T + b(out); b may be NULL. */
 ML_API ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor **out);
+/* int8 weights on the cpu (cpu/q8.c): w (out, in) floating -> q int8 (out, in) and float32 scales
+   (out, in / 32), one per block of 32 along in (max |w| / 127, values rounded to nearest); in must
+   be a multiple of 32. */
+ML_API ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales);
+/* x (..., in) @ (q * scales)^T + b(out), computed in float32; out has x's dtype (float64: float32). */
+ML_API ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                              ml_tensor **out);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */
 ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out);
 /* Normalises over the last nnorm dims; w and b may be NULL. */

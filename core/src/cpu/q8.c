@@ -1,0 +1,293 @@
+/* q8.c: int8 weights for linear layers, with a float32 scale per block of 32 values along
+   in_features (the layout of llama.cpp's Q8_0, scales kept in float32). ml_quantize_q8 makes them
+   from a float weight (scale = max |w| / 127 over the block, values rounded to nearest);
+   ml_q8_linear multiplies. Decoding (at most 4 rows) reads each weight byte once and widens it in
+   registers: a quarter of float32's bytes, half of bfloat16's. More rows widen panels of output
+   columns into float32 (bfloat16 for a bfloat16 input on an AVX512-BF16 CPU) and go through the
+   GEMM. */
+#include "cpu/gemm.h"
+#include "cpu/rows.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define ML_Q8_SIMD 1
+#endif
+
+enum { Q8_BLOCK = 32, Q8_MAX_ROWS = 4, Q8_COLS = 64, Q8_PANEL = 256 };
+
+// --- quantize -------------------------------------------------------------------------------------
+
+typedef struct {
+  const uint8_t *w;
+  ml_dtype wdt;
+  int64_t K, rs, cs;           /* w row n, element k at w + (n*rs + k*cs) elements */
+  int8_t *q;
+  float *scales;
+} quant_job;
+
+static void quant_rows(void *ctx, int64_t begin, int64_t end) {
+  const quant_job *j = ctx;
+  size_t we = ml_dtype_size(j->wdt);
+  float row[Q8_BLOCK];
+  int64_t nb = j->K / Q8_BLOCK;
+  for (int64_t n = begin; n < end; n++) {
+    for (int64_t b = 0; b < nb; b++) {
+      ml_row_load(row, ML_FLOAT32, j->w + (n * j->rs + b * Q8_BLOCK * j->cs) * (int64_t)we, j->wdt, Q8_BLOCK, j->cs);
+      float amax = 0;
+      for (int i = 0; i < Q8_BLOCK; i++) amax = fmaxf(amax, fabsf(row[i]));
+      float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      int8_t *q = j->q + n * j->K + b * Q8_BLOCK;
+      for (int i = 0; i < Q8_BLOCK; i++) q[i] = (int8_t)lrintf(row[i] * inv);
+      j->scales[n * nb + b] = scale;
+    }
+  }
+}
+
+ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) {
+  char sw[ML_SHAPE_BUF];
+  if (w->storage->device.type != ML_DEVICE_CPU)
+    return ml_fail(ML_EUNSUPPORTED, "quantize_q8: the weight must be on the cpu (int8 weights run there)");
+  if (w->ndim != 2 || !ml_dtype_is_floating(w->dtype))
+    return ml_fail(ML_EINVAL, "quantize_q8: expected a 2-D floating weight (out_features, in_features), got %s %s",
+                   ml_dtype_name(w->dtype), ml_shape_str(w->ndim, w->shape, sw, sizeof sw));
+  int64_t N = w->shape[0], K = w->shape[1];
+  if (K % Q8_BLOCK != 0)
+    return ml_fail(ML_EINVAL, "quantize_q8: in_features %lld is not a multiple of %d (the block size)", (long long)K,
+                   Q8_BLOCK);
+  int64_t sshape[2] = {N, K / Q8_BLOCK};
+  ML_TRY(ml_tensor_empty(ML_INT8, 2, w->shape, w->storage->device, q));
+  ml_status st = ml_tensor_empty(ML_FLOAT32, 2, sshape, w->storage->device, scales);
+  if (st) { ml_tensor_release(*q); *q = NULL; return st; }
+  quant_job j = {ml_tensor_data(w), w->dtype, K, w->strides[0], w->strides[1], ml_tensor_data(*q), ml_tensor_data(*scales)};
+  ml_parallel_for(N, K * 4, quant_rows, &j);
+  return ML_OK;
+}
+
+// --- few rows: weights widened in registers ------------------------------------------------------
+
+typedef struct {
+  int64_t M, N, K;
+  const float *a;              /* M x K float32, contiguous */
+  const int8_t *q;             /* N x K */
+  const float *scales;         /* N x K/32 */
+  const float *bias;           /* N, or NULL */
+  uint8_t *c;                  /* M x N in cdt, row stride ldc */
+  ml_dtype cdt;
+  int64_t ldc;
+} q8_job;
+
+/* out[m] = sum_k a[m][k] * w[k] for the M rows, w = column n dequantized block by block. */
+static void q8_column_dots(const q8_job *j, int64_t n, float *out) {
+  int64_t K = j->K, M = j->M, nb = K / Q8_BLOCK;
+  const int8_t *col = j->q + n * K;
+  const float *sc = j->scales + n * nb;
+#if ML_Q8_SIMD
+  __m256 acc[Q8_MAX_ROWS];
+  for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const int8_t *p = col + b * Q8_BLOCK;
+    __m256 w[4];
+    for (int i = 0; i < 4; i++)
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * i))));
+    __m256 s = _mm256_set1_ps(sc[b]);
+    for (int64_t m = 0; m < M; m++) {
+      const float *a = j->a + m * K + b * Q8_BLOCK;
+      __m256 d = _mm256_mul_ps(_mm256_loadu_ps(a), w[0]);
+      d = _mm256_fmadd_ps(_mm256_loadu_ps(a + 8), w[1], d);
+      d = _mm256_fmadd_ps(_mm256_loadu_ps(a + 16), w[2], d);
+      d = _mm256_fmadd_ps(_mm256_loadu_ps(a + 24), w[3], d);
+      acc[m] = _mm256_fmadd_ps(d, s, acc[m]);
+    }
+  }
+  for (int64_t m = 0; m < M; m++) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    out[m] = _mm_cvtss_f32(v);
+  }
+#else
+  for (int64_t m = 0; m < M; m++) {
+    float acc = 0;
+    for (int64_t b = 0; b < nb; b++) {
+      float d = 0;
+      for (int i = 0; i < Q8_BLOCK; i++) d += j->a[m * K + b * Q8_BLOCK + i] * (float)col[b * Q8_BLOCK + i];
+      acc += d * sc[b];
+    }
+    out[m] = acc;
+  }
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The same dots 16 lanes wide on AVX-512 CPUs: a block is two widenings and two FMAs a row. */
+__attribute__((target("avx512f")))
+static void q8_column_dots_512(const q8_job *j, int64_t n, float *out) {
+  int64_t K = j->K, M = j->M, nb = K / Q8_BLOCK;
+  const int8_t *col = j->q + n * K;
+  const float *sc = j->scales + n * nb;
+  __m512 acc[Q8_MAX_ROWS];
+  for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    const int8_t *p = col + b * Q8_BLOCK;
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    __m512 s = _mm512_set1_ps(sc[b]);
+    for (int64_t m = 0; m < M; m++) {
+      const float *a = j->a + m * K + b * Q8_BLOCK;
+      __m512 d = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), w1, _mm512_mul_ps(_mm512_loadu_ps(a), w0));
+      acc[m] = _mm512_fmadd_ps(d, s, acc[m]);
+    }
+  }
+  for (int64_t m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+#define ML_HAVE_Q8_512 1
+
+static bool have_avx512(void) {
+  static int have = -1;        /* (racing first callers all store the same answer) */
+  if (have < 0) have = __builtin_cpu_supports("avx512f");
+  return have;
+}
+#endif
+
+static void q8_columns(void *ctx, int64_t begin, int64_t end) {
+  const q8_job *j = ctx;
+  float acc[Q8_MAX_ROWS][Q8_COLS], dots[Q8_MAX_ROWS];
+  size_t oe = ml_dtype_size(j->cdt);
+  for (int64_t blk = begin; blk < end; blk++) {
+    int64_t n0 = blk * Q8_COLS, w = j->N - n0 < Q8_COLS ? j->N - n0 : Q8_COLS;
+    for (int64_t i = 0; i < w; i++) {
+#if ML_HAVE_Q8_512
+      if (have_avx512()) q8_column_dots_512(j, n0 + i, dots);
+      else
+#endif
+      q8_column_dots(j, n0 + i, dots);
+      float add = j->bias ? j->bias[n0 + i] : 0.0f;
+      for (int64_t m = 0; m < j->M; m++) acc[m][i] = dots[m] + add;
+    }
+    for (int64_t m = 0; m < j->M; m++)
+      ml_convert_fast(acc[m], ML_FLOAT32, j->c + (m * j->ldc + n0) * (int64_t)oe, j->cdt, w);
+  }
+}
+
+// --- more rows: panels widened to float32, then the GEMM ------------------------------------------
+
+typedef struct {
+  const int8_t *q;
+  const float *scales;
+  int64_t K, n0;
+  void *panel;                 /* width x K, float32 or bfloat16 */
+  bool bf16;
+} widen_job;
+
+static void widen_columns(void *ctx, int64_t begin, int64_t end) {
+  const widen_job *j = ctx;
+  int64_t nb = j->K / Q8_BLOCK;
+  float row[Q8_BLOCK];
+  for (int64_t i = begin; i < end; i++) {
+    const int8_t *col = j->q + (j->n0 + i) * j->K;
+    const float *sc = j->scales + (j->n0 + i) * nb;
+    for (int64_t b = 0; b < nb; b++) {
+      float *dst = j->bf16 ? row : (float *)j->panel + i * j->K + b * Q8_BLOCK;
+      for (int k = 0; k < Q8_BLOCK; k++) dst[k] = (float)col[b * Q8_BLOCK + k] * sc[b];
+      if (j->bf16) ml_convert_fast(row, ML_FLOAT32, (uint16_t *)j->panel + i * j->K + b * Q8_BLOCK, ML_BFLOAT16, Q8_BLOCK);
+    }
+  }
+}
+
+ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                       ml_tensor **out) {
+  char sx[ML_SHAPE_BUF], sq[ML_SHAPE_BUF];
+  const ml_tensor *all[] = {x, q, scales, b};
+  for (int i = 0; i < 4; i++)
+    if (all[i] && all[i]->storage->device.type != ML_DEVICE_CPU)
+      return ml_fail(ML_EUNSUPPORTED, "q8_linear: int8 weights run on the cpu; the %s is on another device",
+                     (const char *[]){"input", "weight", "scales", "bias"}[i]);
+  if (q->ndim != 2 || q->dtype != ML_INT8 || !ml_tensor_is_contiguous(q))
+    return ml_fail(ML_EINVAL, "q8_linear: the weight must be a contiguous 2-D int8 tensor, got %s %s",
+                   ml_dtype_name(q->dtype), ml_shape_str(q->ndim, q->shape, sq, sizeof sq));
+  int64_t N = q->shape[0], K = q->shape[1];
+  if (K % Q8_BLOCK != 0 || scales->dtype != ML_FLOAT32 || scales->ndim != 2 || scales->shape[0] != N ||
+      scales->shape[1] != K / Q8_BLOCK || !ml_tensor_is_contiguous(scales))
+    return ml_fail(ML_EINVAL, "q8_linear: scales of shape %s do not go with an int8 weight of shape %s (float32 [%lld, %lld])",
+                   ml_shape_str(scales->ndim, scales->shape, sx, sizeof sx), ml_shape_str(2, q->shape, sq, sizeof sq),
+                   (long long)N, (long long)(K / Q8_BLOCK));
+  if (x->ndim == 0 || x->shape[x->ndim - 1] != K || !ml_dtype_is_floating(x->dtype))
+    return ml_fail(ML_EINVAL, "q8_linear: input %s %s does not match weight of shape %s (in_features %lld)",
+                   ml_dtype_name(x->dtype), ml_shape_str(x->ndim, x->shape, sx, sizeof sx),
+                   ml_shape_str(2, q->shape, sq, sizeof sq), (long long)K);
+  if (b && (b->ndim != 1 || b->shape[0] != N))
+    return ml_fail(ML_EINVAL, "q8_linear: bias of shape %s does not match out_features %lld",
+                   ml_shape_str(b->ndim, b->shape, sx, sizeof sx), (long long)N);
+
+  ml_dtype cdt = x->dtype == ML_FLOAT64 ? ML_FLOAT32 : x->dtype;
+  int64_t oshape[ML_MAX_DIMS];
+  memcpy(oshape, x->shape, sizeof oshape);
+  oshape[x->ndim - 1] = N;
+  ml_tensor *o, *xc = NULL;
+  ML_TRY(ml_tensor_empty(cdt, x->ndim, oshape, x->storage->device, &o));
+  int64_t rows = 0, rs = 0;
+  const ml_tensor *xs = x;
+  if (!ml_fold_dims(x->ndim - 1, x->shape, x->strides, &rows, &rs)) {
+    ml_status st = ml_tensor_contiguous(x, &xc);
+    if (st) { ml_tensor_release(o); return st; }
+    xs = xc;
+    ml_fold_dims(xs->ndim - 1, xs->shape, xs->strides, &rows, &rs);
+  }
+  ml_status st = ML_OK;
+  float *bias = NULL, *a = NULL;
+  void *panel = NULL;
+  if (rows == 0) goto done;
+  if (b) {
+    if (!(bias = malloc((size_t)N * sizeof(float)))) {
+      st = ml_fail(ML_ENOMEM, "q8_linear: out of memory for a bias of %lld values", (long long)N);
+      goto done;
+    }
+    ml_row_load(bias, ML_FLOAT32, ml_tensor_data(b), b->dtype, N, b->strides[0]);
+  }
+  size_t xe = ml_dtype_size(xs->dtype);
+  if (rows <= Q8_MAX_ROWS) {
+    if (!(a = malloc((size_t)(rows * K) * sizeof(float)))) {
+      st = ml_fail(ML_ENOMEM, "q8_linear: out of memory for a %lld x %lld copy of the input", (long long)rows, (long long)K);
+      goto done;
+    }
+    for (int64_t m = 0; m < rows; m++)
+      ml_row_load(a + m * K, ML_FLOAT32, (const uint8_t *)ml_tensor_data(xs) + m * rs * (int64_t)xe, xs->dtype, K,
+                  xs->strides[xs->ndim - 1]);
+    q8_job j = {rows, N, K, a, ml_tensor_data(q), ml_tensor_data(scales), bias, ml_tensor_data(o), cdt, N};
+    ml_parallel_for((N + Q8_COLS - 1) / Q8_COLS, Q8_COLS * rows * K / 4 + 1, q8_columns, &j);
+    goto done;
+  }
+  /* a bfloat16 input on a CPU that multiplies bfloat16 pairs: the panels are widened to bfloat16
+     (a second rounding of each weight, below its int8 step) for that GEMM, as a bfloat16 layer's */
+  int64_t width = N < Q8_PANEL ? N : Q8_PANEL;
+  ml_mref A = {ml_tensor_data(xs), xs->dtype, rs, xs->strides[xs->ndim - 1]};
+  bool bf16 = ml_bf16_gemm_applies(rows, K, ML_FLOAT32, A, (ml_mref){NULL, ML_BFLOAT16, 1, K});
+  size_t pe = bf16 ? sizeof(uint16_t) : sizeof(float);
+  if (!(panel = ml_aligned_alloc((size_t)(width * K) * pe))) {
+    st = ml_fail(ML_ENOMEM, "q8_linear: out of memory for a %lld x %lld panel", (long long)width, (long long)K);
+    goto done;
+  }
+  size_t oe = ml_dtype_size(cdt);
+  for (int64_t n0 = 0; n0 < N && !st; n0 += width) {
+    int64_t w = N - n0 < width ? N - n0 : width;
+    widen_job wj = {ml_tensor_data(q), ml_tensor_data(scales), K, n0, panel, bf16};
+    ml_parallel_for(w, K, widen_columns, &wj);
+    ml_mref B = {panel, bf16 ? ML_BFLOAT16 : ML_FLOAT32, 1, K};   /* (K, w): column i is panel row i */
+    st = ml_gemm("q8_linear", rows, w, K, 1.0, A, B, bias ? bias + n0 : NULL, ML_FLOAT32,
+                 (uint8_t *)ml_tensor_data(o) + n0 * (int64_t)oe, cdt, N);
+  }
+done:
+  free(bias);
+  free(a);
+  ml_aligned_free(panel);
+  ml_tensor_release(xc);
+  if (st) { ml_tensor_release(o); return st; }
+  *out = o;
+  return ML_OK;
+}

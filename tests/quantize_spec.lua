@@ -1,0 +1,148 @@
+-- int8 weights (core/src/cpu/q8.c, nn.QuantizedLinear, ml.quantize): the kernels against float
+-- products with the dequantized weights, the rounding bound, whole models against their float
+-- selves, and what is left in floats and why.
+local ml = require("moonload")
+local F = ml.nn.F
+local H = require("models_helpers")
+
+-- The float weight the int8 values and scales stand for.
+local function dequantize(q, scales)
+   local N, K = q:size(1), q:size(2)
+   return (q:to("float32"):view(N, K / 32, 32) * scales:view(N, K / 32, 1)):view(N, K)
+end
+
+local function rel(a, b) return ((a - b):abs():max() / b:abs():max()):item() end
+
+describe("int8 linear layers", function()
+   it("rounds each weight to within half its block's scale, the scale being max |w| / 127", function()
+      ml.manual_seed(1)
+      local w = ml.randn(7, 96)
+      w[{ 3, 5 }] = 0
+      local q, s = F.quantize_q8(w)
+      assert.are.equal("int8", q.dtype)
+      assert.are.same({ 7, 3 }, s.shape)
+      local err = (dequantize(q, s) - w):abs():view(7, 3, 32):max(3)
+      assert.are.equal(21, err:le(s / 2 + 1e-7):sum():item())
+      assert.is_true(ml.equal(s, w:abs():view(7, 3, 32):max(3) / 127))
+      assert.are.equal(127, q:abs():max():item())
+      -- a block of zeros: scale 0, values 0
+      local z, zs = F.quantize_q8(ml.zeros(1, 32))
+      assert.are.equal(0, zs:item())
+      assert.are.equal(0, z:abs():max():item())
+   end)
+
+   it("multiplies as float32 with the dequantized weight, decoding rows and GEMM rows alike", function()
+      ml.manual_seed(2)
+      -- 1-4 rows widen in registers, more go through float32 panels of 256 columns
+      for _, c in ipairs({ { 1, 32, 1 }, { 3, 96, 7 }, { 4, 64, 70 }, { 5, 64, 300 }, { 17, 96, 513 } }) do
+         local M, K, N = c[1], c[2], c[3]
+         local w, x, b = ml.randn(N, K), ml.randn(2, M, K), ml.randn(N)
+         local q, s = F.quantize_q8(w)
+         local want = F.linear(x, dequantize(q, s), b)
+         local got = F.q8_linear(x, q, s, b)
+         assert.are.same(want.shape, got.shape)
+         assert.is_true(rel(got, want) < 1e-5, table.concat(c, "x"))
+         assert.is_true(rel(F.q8_linear(x, q, s), F.linear(x, dequantize(q, s))) < 1e-5)
+         -- bfloat16 inputs give bfloat16 outputs
+         local gb = F.q8_linear(x:to("bfloat16"), q, s, b)
+         assert.are.equal("bfloat16", gb.dtype)
+         assert.is_true(rel(gb:to("float32"), want) < 0.03)
+         -- a strided input
+         local xt = ml.randn(K, M):t()
+         assert.is_true(rel(F.q8_linear(xt, q, s), F.linear(xt, dequantize(q, s))) < 1e-5)
+      end
+   end)
+
+   it("names what does not fit", function()
+      local q, s = F.quantize_q8(ml.randn(4, 64))
+      local cases = {
+         { function() F.quantize_q8(ml.randn(4, 40)) end, "quantize_q8: in_features 40 is not a multiple of 32" },
+         { function() F.quantize_q8(ml.ones(4, 32, { dtype = "int64" })) end, "quantize_q8: expected a 2-D floating weight" },
+         { function() F.q8_linear(ml.randn(2, 32), q, s) end, "q8_linear: input float32 [2, 32] does not match weight of shape [4, 64]" },
+         { function() F.q8_linear(ml.randn(2, 64), q, ml.ones(4, 3)) end, "q8_linear: scales of shape [4, 3] do not go with an int8 weight of shape [4, 64]" },
+         { function() F.q8_linear(ml.randn(2, 64), q:to("float32"), s) end, "q8_linear: the weight must be a contiguous 2-D int8 tensor" },
+         { function() F.q8_linear(ml.randn(2, 64), q, s, ml.ones(5)) end, "q8_linear: bias of shape [5] does not match out_features 4" },
+         { function() ml.nn.QuantizedLinear(40, 4) end, "QuantizedLinear: in_features must be a positive multiple of 32, got 40" },
+      }
+      for _, c in ipairs(cases) do
+         local ok, err = pcall(c[1])
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(c[2], 1, true), tostring(err))
+      end
+   end)
+
+   it("makes a QuantizedLinear from a Linear and from GPT-2's Conv1D", function()
+      ml.manual_seed(3)
+      local x = ml.randn(3, 64)
+      local lin = ml.nn.Linear(64, 10)
+      local ql = ml.nn.QuantizedLinear.from_float(lin)
+      assert.is_true(rel(ql(x), lin(x)) < 0.02)
+      assert.are.equal(lin.bias, ql.bias)
+      assert.are.equal("QuantizedLinear(in_features=64, out_features=10, bias=True, int8 in blocks of 32)", tostring(ql))
+      local sd = ql:state_dict()
+      assert.are.equal("int8", sd.weight.dtype)
+      assert.are.same({ 10, 2 }, sd.weight_scale.shape)
+      local conv = ml.nn.Conv1D(10, 64)
+      local qc = ml.nn.QuantizedLinear.from_float(conv)
+      assert.are.same({ 10, 64 }, qc.weight.shape)
+      assert.is_true(rel(qc(x), conv(x)) < 0.02)
+   end)
+end)
+
+describe("ml.quantize", function()
+   H.collect_warnings()         -- (dispatching with disk offload warns of weights on meta)
+   it("turns a model's linear layers into int8 ones, close to the float model", function()
+      local model = ml.models.from_pretrained("tests/fixtures/models/llama_tiny_untied")
+      local P, mask = H.padded_prompts(model, 3, 10)
+      local ids = ml.tensor(P, { dtype = "int64" })
+      local want = model(ids, { attention_mask = mask })
+      local _, report = ml.quantize(model)
+      assert.are.equal(15, #report.quantized)       -- 7 per layer and the head
+      assert.are.same({}, report.skipped)
+      assert.are.equal(86528, report.bytes_before)
+      assert.are.equal(86528 / 4 + 86528 / 32, report.bytes_after)
+      assert.are.equal("QuantizedLinear", model.model.layers[1].mlp.down_proj.__name)
+      local got = model(ids, { attention_mask = mask })
+      -- each weight moves by at most half a scale (1/254 of its block's largest); through two
+      -- layers of a tiny random model that is a few percent of the largest logit
+      assert.is_true(rel(got, want) < 0.1)
+      local agree = got:argmax(3):eq(want:argmax(3)):sum():item()
+      assert.is_true(agree >= 27, agree .. " of 30 top tokens agree")
+      -- generation runs on the int8 layers
+      assert.are.equal(13, #model:generate({ 5, 17, 42 }, { max_new_tokens = 10 }))
+      -- in bfloat16 the scales stay float32, the int8 weights int8
+      model:to("bfloat16")
+      assert.are.equal("float32", model.model.layers[1].mlp.down_proj.weight_scale.dtype)
+      assert.are.equal("int8", model.model.layers[1].mlp.down_proj.weight.dtype)
+      assert.is_true(rel(model(ids, { attention_mask = mask }):to("float32"), want) < 0.15)
+   end)
+
+   it("leaves tied, skipped, offloaded and odd-sized layers in floats, saying why", function()
+      local tied = ml.models.from_pretrained("tests/fixtures/models/gpt2_tiny")
+      local _, report = ml.quantize(tied, { skip = { "%.c_proj$" } })
+      assert.are.equal("tied to transformer.wte.weight", report.skipped.lm_head)
+      assert.are.equal('matches skip pattern "%.c_proj$"', report.skipped["transformer.h.0.attn.c_proj"])
+      assert.are.equal("Conv1D", tied.transformer.h[1].mlp.c_proj.__name)
+      assert.are.equal("QuantizedLinear", tied.transformer.h[1].mlp.c_fc.__name)
+      local phi = ml.models.from_pretrained("tests/fixtures/models/phi_tiny")
+      _, report = ml.quantize(phi)
+      assert.are.equal("in_features 40 is not a multiple of 32", report.skipped.lm_head)
+      local dir = H.tmpdir()
+      local offloaded = ml.models.from_pretrained("tests/fixtures/models/llama_tiny_untied", {
+         device_map = { ["model.embed_tokens"] = "cpu", ["model.layers.0"] = "disk", ["model.layers.1"] = "cpu",
+            ["model.norm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" }, offload_folder = dir })
+      _, report = ml.quantize(offloaded)
+      assert.are.equal("offloaded (its weight is on meta)", report.skipped["model.layers.0.self_attn.q_proj"])
+      assert.are.equal("QuantizedLinear", offloaded.model.layers[2].self_attn.q_proj.__name)
+      H.rmdir(dir)
+      assert.has_error(function() ml.quantize(phi, { bits = 4 }) end, 'quantize: unknown option "bits" (expected skip)')
+   end)
+
+   it("is from_pretrained's quantize = \"int8\"", function()
+      local model = ml.models.from_pretrained("tests/fixtures/models/qwen3_tiny", { quantize = "int8" })
+      assert.are.equal("QuantizedLinear", model.model.layers[1].self_attn.q_proj.__name)
+      local ok, err = pcall(ml.models.from_pretrained, "tests/fixtures/models/qwen3_tiny", { quantize = "int4" })
+      assert.is_false(ok)
+      assert.truthy(err:find('from_pretrained: quantize must be "int8", got int4', 1, true), err)
+   end)
+end)
