@@ -73,4 +73,8 @@ void ml_blas_init(void);
    size 1 are ignored; *rs is 0 when every dim has size 1). */
 bool ml_fold_dims(int nd, const int64_t *shape, const int64_t *strides, int64_t *rows, int64_t *rs);
 
+/* x (..., K) as *rows rows of stride *rs: x itself in *xs when its leading dims fold, else a
+   contiguous copy, also in *xc for the caller to release (NULL otherwise). */
+ml_status ml_fold_rows(const ml_tensor *x, const ml_tensor **xs, ml_tensor **xc, int64_t *rows, int64_t *rs);
+
 #endif /* ML_CPU_GEMM_H */

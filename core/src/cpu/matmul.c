@@ -393,6 +393,16 @@ ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out) {
 
 // --- linear ------------------------------------------------------------------------------------
 
+ml_status ml_fold_rows(const ml_tensor *x, const ml_tensor **xs, ml_tensor **xc, int64_t *rows, int64_t *rs) {
+  *xs = x;
+  *xc = NULL;
+  if (ml_fold_dims(x->ndim - 1, x->shape, x->strides, rows, rs)) return ML_OK;
+  ML_TRY(ml_tensor_contiguous(x, xc));
+  *xs = *xc;
+  ml_fold_dims(x->ndim - 1, (*xc)->shape, (*xc)->strides, rows, rs);
+  return ML_OK;
+}
+
 ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor **out) {
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("linear", 3, (const ml_tensor *[]){x, w, b}, (const char *[]){"the input", "the weight", "the bias"},
@@ -428,13 +438,9 @@ ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, 
   }
 
   int64_t rows = 0, rs = 0;
-  const ml_tensor *xs = x;
-  if (!ml_fold_dims(x->ndim - 1, x->shape, x->strides, &rows, &rs)) {
-    ml_status st = ml_tensor_contiguous(x, &xc);
-    if (st) { ml_tensor_release(o); return st; }
-    xs = xc;
-    ml_fold_dims(xs->ndim - 1, xs->shape, xs->strides, &rows, &rs);
-  }
+  const ml_tensor *xs;
+  ml_status fst = ml_fold_rows(x, &xs, &xc, &rows, &rs);
+  if (fst) { ml_tensor_release(o); return fst; }
   void *bias = NULL;
   ml_status st = ML_OK;
   if (b && rows > 0) {

@@ -232,14 +232,9 @@ ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *
   ml_tensor *o, *xc = NULL;
   ML_TRY(ml_tensor_empty(cdt, x->ndim, oshape, x->storage->device, &o));
   int64_t rows = 0, rs = 0;
-  const ml_tensor *xs = x;
-  if (!ml_fold_dims(x->ndim - 1, x->shape, x->strides, &rows, &rs)) {
-    ml_status st = ml_tensor_contiguous(x, &xc);
-    if (st) { ml_tensor_release(o); return st; }
-    xs = xc;
-    ml_fold_dims(xs->ndim - 1, xs->shape, xs->strides, &rows, &rs);
-  }
-  ml_status st = ML_OK;
+  const ml_tensor *xs;
+  ml_status st = ml_fold_rows(x, &xs, &xc, &rows, &rs);
+  if (st) { ml_tensor_release(o); return st; }
   float *bias = NULL, *a = NULL;
   void *panel = NULL;
   if (rows == 0) goto done;
