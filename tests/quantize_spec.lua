@@ -138,6 +138,31 @@ describe("ml.quantize", function()
       assert.has_error(function() ml.quantize(phi, { bits = 4 }) end, 'quantize: unknown option "bits" (expected skip)')
    end)
 
+   it("plans a device map with int8 sizes, so what fits in RAM as int8 stays there", function()
+      local fixture = "tests/fixtures/models/llama_tiny_untied"
+      local plain = ml.models.from_pretrained(fixture)
+      local dir = H.tmpdir()
+      -- the model is 99984 bytes in float32; its 15 linear layers 86528, as int8 24336
+      local floats = ml.models.from_pretrained(fixture, { device_map = "auto", max_memory = { cpu = 80000 }, offload_folder = dir })
+      local int8 = ml.models.from_pretrained(fixture, { device_map = "auto", max_memory = { cpu = 80000 }, offload_folder = dir,
+         quantize = "int8" })
+      local on_disk = 0
+      for _, d in pairs(floats.hf_device_map) do if d == "disk" then on_disk = on_disk + 1 end end
+      assert.is_true(on_disk > 0)
+      for name, d in pairs(int8.hf_device_map) do assert.are.equal("cpu", d, name) end
+      local n = 0
+      for _, m in ipairs(int8:modules_list()) do if m.__name == "QuantizedLinear" then n = n + 1 end end
+      assert.are.equal(15, n)
+      local ids = ml.tensor({ { 5, 17, 42, 3 } }, { dtype = "int64" })
+      assert.is_true(rel(int8(ids), plain(ids)) < 0.1)
+      -- the scales come off the CPU budget first
+      local ok, err = pcall(ml.models.from_pretrained, fixture, { device_map = "auto", max_memory = { cpu = 1000 },
+         offload_folder = dir, quantize = "int8" })
+      assert.is_false(ok)
+      assert.truthy(err:find("max_memory for cpu (1000 bytes) cannot hold the int8 scales (2704 bytes)", 1, true), err)
+      H.rmdir(dir)
+   end)
+
    it("is from_pretrained's quantize = \"int8\"", function()
       local model = ml.models.from_pretrained("tests/fixtures/models/qwen3_tiny", { quantize = "int8" })
       assert.are.equal("QuantizedLinear", model.model.layers[1].self_attn.q_proj.__name)

@@ -526,9 +526,12 @@ function M._plan_device_map(model, opts, who)
                    workspace_size = plan.workspace_size }
       if r.kv_cache_device then M._cache_on_device(plan, reserved, r.kv_cache_device, u, who) end
    end
+   if opts.quantize ~= nil then M._plan_int8(model, plan, opts, u, who) end
    if device_map ~= "sequential" then
+      -- (from the budgets as adjusted above: a cache kept elsewhere, int8 scales)
       plan.max_memory = u.get_balanced_memory(model, {
-         max_memory = opts.max_memory, no_split_module_classes = opts.no_split_module_classes,
+         max_memory = plan.max_memory, no_split_module_classes = opts.no_split_module_classes,
+         special_dtypes = plan.special_dtypes,
          dtype = opts.dtype, low_zero = device_map == "balanced_low_0",
          runtime_sizes = plan.runtime_sizes, workspace_size = plan.workspace_size })
    end
@@ -555,6 +558,35 @@ function M._cache_on_device(plan, reserved, device, u, who)
    end
    plan.max_memory, plan.runtime_sizes = max_memory, nil
    reserved.cache_elsewhere = { device = device, bytes = total }
+end
+
+-- quantize = "int8" (ml.quantize after dispatching) on budgets without a GPU: the linear layers it
+-- will quantize count one byte a weight, and their float32 scales come off the CPU budget first
+-- (all of them: a layer that ends up on disk stays in floats, so this errs on the safe side).
+-- With a GPU in the budgets the plan counts float sizes: layers placed there stay in floats.
+function M._plan_int8(model, plan, opts, u, who)
+   if opts.quantize ~= "int8" then
+      error(string.format('%s: quantize must be "int8", got %s', who, tostring(opts.quantize)), 4)
+   end
+   local max_memory = u.get_max_memory(plan.max_memory, who)
+   for k in pairs(max_memory) do if type(k) == "number" then return end end
+   local quantize = require("moonload.quantize")
+   local special, scales = {}, 0
+   for k, v in pairs(opts.special_dtypes or {}) do special[k] = v end
+   for _, c in ipairs(quantize.candidates(model)) do
+      if not c[3] then
+         special[c[1] .. ".weight"] = "int8"
+         scales = scales + quantize.scale_bytes(c[2])
+      end
+   end
+   if max_memory.cpu ~= nil then
+      if max_memory.cpu < scales then
+         error(string.format("%s: max_memory for cpu (%.0f bytes) cannot hold the int8 scales (%.0f bytes)", who,
+            max_memory.cpu, scales), 4)
+      end
+      max_memory.cpu = max_memory.cpu - scales
+   end
+   plan.max_memory, plan.special_dtypes = max_memory, special
 end
 
 -- After dispatching a reserve_for plan that computes on the CPU: it collects its garbage once it
@@ -588,9 +620,11 @@ M._apply_reserve = apply_reserve
 
 --- load_checkpoint_and_dispatch(model, checkpoint, {device_map, max_memory,
 -- no_split_module_classes, offload_folder, offload_buffers, dtype, offload_state_dict,
--- skip_keys, preload_module_classes, force_hooks, strict}): loads a checkpoint (a .safetensors
--- file, a sharded index .json or a folder) into the model by the device map ("auto",
--- "balanced", "balanced_low_0", "sequential" or a table), then dispatches it.
+-- skip_keys, preload_module_classes, force_hooks, strict, reserve_for, device_overrides,
+-- quantize}): loads a checkpoint (a .safetensors file, a sharded index .json or a folder) into
+-- the model by the device map ("auto", "balanced", "balanced_low_0", "sequential" or a table),
+-- then dispatches it. quantize = "int8" plans with int8 sizes (see _plan_int8) and quantizes the
+-- linear layers in CPU memory after dispatching (ml.quantize).
 function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
    opts = opts or {}
    local u = utils()
@@ -601,13 +635,25 @@ function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
       device_map = device_map, offload_folder = opts.offload_folder, dtype = opts.dtype,
       offload_state_dict = offload_state_dict, offload_buffers = opts.offload_buffers,
       strict = opts.strict })
-   if device_map == nil then return model end
+   if device_map == nil then return M._quantize_after(model, opts) end
    local cpu_reserved = apply_reserve(model, device_map, reserved)
    M._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
-   return M.dispatch_model(model, device_map, {
+   return M._quantize_after(model, opts, M.dispatch_model(model, device_map, {
       offload_dir = opts.offload_folder, offload_buffers = opts.offload_buffers,
       skip_keys = opts.skip_keys, preload_module_classes = opts.preload_module_classes,
-      force_hooks = opts.force_hooks })
+      force_hooks = opts.force_hooks }))
+end
+
+--- With quantize = "int8": the linear layers now in CPU memory become int8 (ml.quantize); the
+-- model comes back (dispatched, when given).
+function M._quantize_after(model, opts, dispatched)
+   model = dispatched or model
+   if opts.quantize == nil then return model end
+   if opts.quantize ~= "int8" then
+      error(string.format('quantize must be "int8", got %s', tostring(opts.quantize)), 3)
+   end
+   require("moonload.quantize").quantize(model)
+   return model
 end
 
 return M

@@ -17,23 +17,25 @@ local function is_linear(m)
    return (name == "Linear" or name == "Conv1D") and m.weight ~= nil
 end
 
-function M.quantize(model, opts)
-   opts = opts or {}
-   if type(model) ~= "table" or type(model.named_modules_list) ~= "function" then
-      error(WHO .. ": model must be an nn.Module, got " .. type(model), 2)
-   end
-   if type(opts) ~= "table" then error(WHO .. ": options must be a table {skip}, got " .. type(opts), 2) end
-   for k in pairs(opts) do
-      if k ~= "skip" then error(string.format('%s: unknown option "%s" (expected skip)', WHO, tostring(k)), 2) end
-   end
-   local skip = opts.skip or {}
+-- The skip option: a pattern or a list of them, each a valid Lua pattern.
+local function check_skip(skip, level)
+   skip = skip or {}
    if type(skip) == "string" then skip = { skip } end
    for _, p in ipairs(skip) do
       local ok, err = pcall(string.find, "", p)
       if type(p) ~= "string" or not ok then
-         error(string.format("%s: skip patterns must be Lua patterns, got %s", WHO, tostring(err or p)), 2)
+         error(string.format("%s: skip patterns must be Lua patterns, got %s", WHO, tostring(err or p)), level)
       end
    end
+   return skip
+end
+
+--- candidates(model[, skip]) -> {{name, module, reason}, ...}: every linear layer in module
+-- order, reason nil when nothing but its placement could keep it in floats (skipped by name,
+-- tied to another module's weight, in_features not a multiple of 32). Works on a meta skeleton:
+-- the planner sizes a quantized model with it.
+function M.candidates(model, skip)
+   skip = check_skip(skip, 3)
    -- tensors held by more than one module (tied weights): left in floats
    local owners = {}
    for _, e in ipairs(model:named_modules_list("", false)) do
@@ -43,7 +45,7 @@ function M.quantize(model, opts)
          owners[p] = list
       end
    end
-   local report = { quantized = {}, skipped = {}, bytes_before = 0, bytes_after = 0 }
+   local out = {}
    for _, e in ipairs(model:named_modules_list()) do
       local name, m = e[1], e[2]
       if name ~= "" and is_linear(m) then
@@ -51,33 +53,56 @@ function M.quantize(model, opts)
          local in_features = m.nf and m.nx or m.in_features
          local reason
          for _, p in ipairs(skip) do
-            local ok, found = pcall(string.find, name, p)
-            if ok and found then reason = string.format("matches skip pattern %q", p) end
+            if name:find(p) then reason = string.format("matches skip pattern %q", p) end
          end
-         local tied = owners[w] and #owners[w] > 1
-         if reason then
-         elseif w:is_meta() then
-            reason = "offloaded (its weight is on meta)"
-         elseif w.device ~= "cpu" then
-            reason = "on " .. w.device .. " (int8 weights run on the CPU)"
-         elseif tied then
+         if not reason and owners[w] and #owners[w] > 1 then
             local others = {}
             for _, n in ipairs(owners[w]) do if n ~= name .. ".weight" then others[#others + 1] = n end end
             reason = "tied to " .. table.concat(others, ", ")
-         elseif in_features % QuantizedLinear.BLOCK ~= 0 then
+         elseif not reason and in_features % QuantizedLinear.BLOCK ~= 0 then
             reason = string.format("in_features %d is not a multiple of %d", in_features, QuantizedLinear.BLOCK)
          end
-         if reason then
-            report.skipped[name] = reason
-         else
-            local q = QuantizedLinear.from_float(m)
-            local parent, leaf = name:match("^(.*)%.([^.]+)$")
-            local owner = parent and model:get_submodule(parent) or model
-            rawget(owner, "_modules"):set(leaf or name, q)
-            report.quantized[#report.quantized + 1] = name
-            report.bytes_before = report.bytes_before + w:nbytes()
-            report.bytes_after = report.bytes_after + q.weight:nbytes() + q.weight_scale:nbytes()
-         end
+         out[#out + 1] = { name, m, reason }
+      end
+   end
+   return out
+end
+
+--- Bytes of the float32 scales of a quantized linear layer m.
+function M.scale_bytes(m)
+   local out_features, in_features = m.out_features or m.nf, m.in_features or m.nx
+   return out_features * in_features / QuantizedLinear.BLOCK * 4
+end
+
+function M.quantize(model, opts)
+   opts = opts or {}
+   if type(model) ~= "table" or type(model.named_modules_list) ~= "function" then
+      error(WHO .. ": model must be an nn.Module, got " .. type(model), 2)
+   end
+   if type(opts) ~= "table" then error(WHO .. ": options must be a table {skip}, got " .. type(opts), 2) end
+   for k in pairs(opts) do
+      if k ~= "skip" then error(string.format('%s: unknown option "%s" (expected skip)', WHO, tostring(k)), 2) end
+   end
+   local report = { quantized = {}, skipped = {}, bytes_before = 0, bytes_after = 0 }
+   for _, c in ipairs(M.candidates(model, opts.skip)) do
+      local name, m, reason = c[1], c[2], c[3]
+      local w = m.weight
+      if reason then
+      elseif w:is_meta() then
+         reason = "offloaded (its weight is on meta)"
+      elseif w.device ~= "cpu" then
+         reason = "on " .. w.device .. " (int8 weights run on the CPU)"
+      end
+      if reason then
+         report.skipped[name] = reason
+      else
+         local q = QuantizedLinear.from_float(m)
+         local parent, leaf = name:match("^(.*)%.([^.]+)$")
+         local owner = parent and model:get_submodule(parent) or model
+         rawget(owner, "_modules"):set(leaf or name, q)
+         report.quantized[#report.quantized + 1] = name
+         report.bytes_before = report.bytes_before + w:nbytes()
+         report.bytes_after = report.bytes_after + q.weight:nbytes() + q.weight_scale:nbytes()
       end
    end
    return model, report

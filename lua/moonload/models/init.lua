@@ -333,28 +333,33 @@ end
 -- stays bfloat16 and its CPU weights stay views of the file; a dtype name converts.
 -- With device_map, the model is built empty and placed by ml.load_checkpoint_and_dispatch.
 -- quantize = "int8" then turns the linear layers held in CPU memory into int8 ones (ml.quantize).
+local load
+
 function M.from_pretrained(dir, opts)
    opts = opts or {}
    if type(dir) ~= "string" then
       error("from_pretrained: expected a folder path, got " .. type(dir), 2)
    end
-   if opts.quantize ~= nil then
-      if opts.quantize ~= "int8" then
-         error(string.format('from_pretrained: quantize must be "int8", got %s', tostring(opts.quantize)), 2)
-      end
-      -- load as asked, then the linear layers in CPU memory become int8 (moonload/quantize.lua)
-      local plain = {}
-      for k, v in pairs(opts) do plain[k] = v end
-      plain.quantize = nil
-      local model = M.from_pretrained(dir, plain)
-      local _, report = require("moonload.quantize").quantize(model)
-      local skipped = 0
-      for _ in pairs(report.skipped) do skipped = skipped + 1 end
-      require("moonload.utils.log").info(string.format(
-         "from_pretrained: %d linear layers in int8 (%.1f MB of weights instead of %.1f), %d left as they were (ml.quantize's report says why)",
-         #report.quantized, report.bytes_after / 1e6, report.bytes_before / 1e6, skipped))
-      return model
+   if opts.quantize ~= nil and opts.quantize ~= "int8" then
+      error(string.format('from_pretrained: quantize must be "int8", got %s', tostring(opts.quantize)), 2)
    end
+   -- (a tail call: load's errors point at the caller, as from_pretrained's own)
+   if not opts.quantize then return load(dir, opts) end
+   -- the linear layers in CPU memory become int8 (moonload/quantize.lua; a device map planned
+   -- for it has done so already)
+   local model = load(dir, opts)
+   local _, report = require("moonload.quantize").quantize(model)
+   local n, floats = 0, 0
+   for _, m in ipairs(model:modules_list()) do
+      if m.__name == "QuantizedLinear" then n = n + 1 end
+   end
+   for _ in pairs(report.skipped) do floats = floats + 1 end
+   require("moonload.utils.log").info(string.format(
+      "from_pretrained: %d linear layers in int8, %d left in floats (ml.quantize's report says why)", n, floats))
+   return model
+end
+
+function load(dir, opts)
    dir = dir:gsub("/+$", "")
    local cfg_path = dir .. "/config.json"
    if not file_exists(cfg_path) then
