@@ -132,10 +132,11 @@ describe("ml.quantize", function()
          device_map = { ["model.embed_tokens"] = "cpu", ["model.layers.0"] = "disk", ["model.layers.1"] = "cpu",
             ["model.norm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" }, offload_folder = dir })
       _, report = ml.quantize(offloaded)
-      assert.are.equal("offloaded (its weight is on meta)", report.skipped["model.layers.0.self_attn.q_proj"])
+      assert.are.equal("offloaded (its weight is on meta; give offload_folder to quantize it there)",
+         report.skipped["model.layers.0.self_attn.q_proj"])
       assert.are.equal("QuantizedLinear", offloaded.model.layers[2].self_attn.q_proj.__name)
       H.rmdir(dir)
-      assert.has_error(function() ml.quantize(phi, { bits = 4 }) end, 'quantize: unknown option "bits" (expected skip)')
+      assert.has_error(function() ml.quantize(phi, { bits = 4 }) end, 'quantize: unknown option "bits" (expected skip, offload_folder)')
    end)
 
    it("plans a device map with int8 sizes, so what fits in RAM as int8 stays there", function()
@@ -160,6 +161,30 @@ describe("ml.quantize", function()
          offload_folder = dir, quantize = "int8" })
       assert.is_false(ok)
       assert.truthy(err:find("max_memory for cpu (1000 bytes) cannot hold the int8 scales (2704 bytes)", 1, true), err)
+      H.rmdir(dir)
+   end)
+
+   it("writes the int8 weights of disk-offloaded layers to the offload folder and reads them from there", function()
+      local fixture = "tests/fixtures/models/llama_tiny_untied"
+      local plain = ml.models.from_pretrained(fixture)
+      local dir = H.tmpdir()
+      local model = ml.models.from_pretrained(fixture, { offload_folder = dir, quantize = "int8", device_map = {
+         ["model.embed_tokens"] = "cpu", ["model.layers.0"] = "disk", ["model.layers.1"] = "cpu",
+         ["model.norm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" } })
+      local down = model.model.layers[1].mlp.down_proj
+      assert.are.equal("QuantizedLinear", down.__name)
+      assert.is_true(down.weight:is_meta())                  -- materialized by its hook at each forward
+      local f = ml.safetensors.load_file(dir .. "/model.layers.0.mlp.down_proj.q8.safetensors")
+      assert.are.equal("int8", f.weight.dtype)
+      assert.are.same({ 32, 2 }, f.weight_scale.shape)
+      local ids = ml.tensor({ { 5, 17, 42, 3 } }, { dtype = "int64" })
+      local before = require("moonload.hooks").runtime_stats()
+      local logits = model(ids)
+      local after = require("moonload.hooks").runtime_stats()
+      assert.is_true(rel(logits, plain(ids)) < 0.1)
+      -- the disk layer hands out its 9216 int8 weights, their 1152 bytes of scales and its two
+      -- float32 norms: 10624 bytes, where float32 weights were 37120
+      assert.are.equal(9216 + 1152 + 2 * 32 * 4, after.bytes_viewed - before.bytes_viewed)
       H.rmdir(dir)
    end)
 

@@ -652,7 +652,7 @@ function M._quantize_after(model, opts, dispatched)
    if opts.quantize ~= "int8" then
       error(string.format('quantize must be "int8", got %s', tostring(opts.quantize)), 3)
    end
-   require("moonload.quantize").quantize(model)
+   require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder })
    return model
 end
 

@@ -1,13 +1,19 @@
---- ml.quantize(model[, {skip = {pattern, ...}}]) -> model, report: every linear layer (nn.Linear,
--- GPT-2's Conv1D) whose weight is in CPU memory becomes an nn.QuantizedLinear (int8, a float32
--- scale per block of 32 along in_features; core/src/cpu/q8.c), in place. Decoding is bound by
--- the weight bytes it reads, and these are a quarter of float32's, half of bfloat16's.
+--- ml.quantize(model[, {skip = {pattern, ...}, offload_folder}]) -> model, report: every linear
+-- layer (nn.Linear, GPT-2's Conv1D) whose weight is in CPU memory becomes an nn.QuantizedLinear
+-- (int8, a float32 scale per block of 32 along in_features; core/src/cpu/q8.c), in place.
+-- Decoding is bound by the weight bytes it reads, and these are a quarter of float32's, half of
+-- bfloat16's. With offload_folder, a layer offloaded to disk by its own hook (execution on the
+-- CPU) is quantized too: its int8 weights are written to <offload_folder>/<name>.q8.safetensors
+-- and its hook reads them from there (mapped), so each forward reads fewer bytes from disk.
 -- Left as they are, each with its reason in report.skipped[name]: layers whose name matches a
--- skip pattern (Lua patterns, string.find), whose weight is offloaded (on meta) or on a GPU
--- (int8 weights run on the CPU), tied to another module's (GPT-2's and tied Llamas' lm_head: the
--- embedding reads it as floats), or whose in_features is not a multiple of 32.
+-- skip pattern (Lua patterns, string.find), that are offloaded otherwise (no folder, a block's
+-- hook, execution on a GPU) or on a GPU (int8 weights run on the CPU), tied to another
+-- module's weight (GPT-2's and tied Llamas' lm_head: the embedding reads it as floats), or whose
+-- in_features is not a multiple of 32.
 -- report.quantized lists the names changed; report.bytes_before and bytes_after their weights.
 local QuantizedLinear = require("moonload.nn.quantized_linear")
+local F = require("moonload.nn.functional")
+local Tensor = require("moonload.tensor")
 
 local M = {}
 local WHO = "quantize"
@@ -74,6 +80,44 @@ function M.scale_bytes(m)
    return out_features * in_features / QuantizedLinear.BLOCK * 4
 end
 
+-- A weights map's tensor for key (a plain table, or an object with :get as PrefixedDataset).
+local function map_get(wm, key)
+   local ok, v = pcall(function()
+      if getmetatable(wm) ~= nil and type(wm.get) == "function" then return wm:get(key) end
+      return wm[key]
+   end)
+   return ok and v or nil
+end
+
+-- An offloaded linear layer m (weights on meta behind its own AlignDevicesHook) as a
+-- QuantizedLinear whose int8 weights live in folder; nil and the reason when it cannot be.
+local function quantize_offloaded(name, m, folder)
+   local hooks = require("moonload.hooks")
+   local hook = rawget(m, "_hf_hook")
+   if folder == nil then return nil, "offloaded (its weight is on meta; give offload_folder to quantize it there)" end
+   if hook == nil or not require("moonload.class").is_a(hook, hooks.AlignDevicesHook) or not hook.offload
+      or hook.weights_map == nil then
+      return nil, "offloaded with its block (no offloading hook of its own)"
+   end
+   local dev = hook.execution_device or "cpu"
+   if dev ~= "cpu" then return nil, "offloaded to run on " .. dev .. " (int8 weights run on the CPU)" end
+   local w = map_get(hook.weights_map, "weight")
+   if not Tensor.is_tensor(w) then return nil, "offloaded, and its hook's weights map has no weight" end
+   if m.nf then w = w:t() end                                                   -- Conv1D: (nx, nf)
+   local q, scales = F.quantize_q8(w)
+   require("moonload.utils.offload").mkdir_p(folder, WHO)
+   local path = folder .. "/" .. name .. ".q8.safetensors"
+   require("moonload.safetensors").save_file({ weight = q, weight_scale = scales }, path)
+   local mapped = require("moonload.safetensors").load_file(path)
+   local ql = require("moonload.big_modeling").init_empty_weights(function()
+      return QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil })
+   end)
+   local wm = { weight = mapped.weight, weight_scale = mapped.weight_scale }
+   if m.bias ~= nil then wm.bias = map_get(hook.weights_map, "bias") end
+   hooks.add_hook_to_module(ql, hooks.AlignDevicesHook({ execution_device = dev, offload = true, weights_map = wm }))
+   return ql, nil, q:nbytes() + scales:nbytes(), w:nbytes()
+end
+
 function M.quantize(model, opts)
    opts = opts or {}
    if type(model) ~= "table" or type(model.named_modules_list) ~= "function" then
@@ -81,28 +125,34 @@ function M.quantize(model, opts)
    end
    if type(opts) ~= "table" then error(WHO .. ": options must be a table {skip}, got " .. type(opts), 2) end
    for k in pairs(opts) do
-      if k ~= "skip" then error(string.format('%s: unknown option "%s" (expected skip)', WHO, tostring(k)), 2) end
+      if k ~= "skip" and k ~= "offload_folder" then
+         error(string.format('%s: unknown option "%s" (expected skip, offload_folder)', WHO, tostring(k)), 2)
+      end
+   end
+   if opts.offload_folder ~= nil and type(opts.offload_folder) ~= "string" then
+      error(WHO .. ": offload_folder must be a folder path, got " .. type(opts.offload_folder), 2)
    end
    local report = { quantized = {}, skipped = {}, bytes_before = 0, bytes_after = 0 }
    for _, c in ipairs(M.candidates(model, opts.skip)) do
       local name, m, reason = c[1], c[2], c[3]
       local w = m.weight
+      local q, after, before
       if reason then
       elseif w:is_meta() then
-         reason = "offloaded (its weight is on meta)"
+         q, reason, after, before = quantize_offloaded(name, m, opts.offload_folder)
       elseif w.device ~= "cpu" then
          reason = "on " .. w.device .. " (int8 weights run on the CPU)"
       end
       if reason then
          report.skipped[name] = reason
       else
-         local q = QuantizedLinear.from_float(m)
+         q = q or QuantizedLinear.from_float(m)
          local parent, leaf = name:match("^(.*)%.([^.]+)$")
          local owner = parent and model:get_submodule(parent) or model
          rawget(owner, "_modules"):set(leaf or name, q)
          report.quantized[#report.quantized + 1] = name
-         report.bytes_before = report.bytes_before + w:nbytes()
-         report.bytes_after = report.bytes_after + q.weight:nbytes() + q.weight_scale:nbytes()
+         report.bytes_before = report.bytes_before + (before or w:nbytes())
+         report.bytes_after = report.bytes_after + (after or (q.weight:nbytes() + q.weight_scale:nbytes()))
       end
    end
    return model, report

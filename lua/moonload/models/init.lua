@@ -348,7 +348,7 @@ function M.from_pretrained(dir, opts)
    -- the linear layers in CPU memory become int8 (moonload/quantize.lua; a device map planned
    -- for it has done so already)
    local model = load(dir, opts)
-   local _, report = require("moonload.quantize").quantize(model)
+   local _, report = require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder })
    local n, floats = 0, 0
    for _, m in ipairs(model:modules_list()) do
       if m.__name == "QuantizedLinear" then n = n + 1 end

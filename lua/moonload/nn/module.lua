@@ -618,8 +618,9 @@ end
 -- --- conversion and mode --------------------------------------------------------------------
 
 -- Every distinct parameter and buffer tensor object under m, with a name for messages.
--- {name, tensor, stays float32} for each distinct parameter and buffer; a class lists the buffers
--- a dtype conversion leaves in float32 in its keep_float32_buffers field.
+-- {name, tensor, stays float32} for each distinct parameter and buffer; a class lists the tensors
+-- (buffers, or parameters such as int8 layers' scales) a dtype conversion leaves in float32 in its
+-- keep_float32_buffers field.
 local function distinct_tensors(m)
    local out, seen = {}, {}
    for _, e in ipairs(m:named_modules_list()) do
@@ -628,7 +629,7 @@ local function distinct_tensors(m)
          for name, t in od_methods.items(e[2][reg]) do
             if not seen[t] then
                seen[t] = true
-               out[#out + 1] = { join(e[1], name), t, reg == "_buffers" and keep ~= nil and keep[name] == true }
+               out[#out + 1] = { join(e[1], name), t, keep ~= nil and keep[name] == true }
             end
          end
       end

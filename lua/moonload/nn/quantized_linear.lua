@@ -1,8 +1,9 @@
 --- nn.QuantizedLinear: a linear layer whose weight is int8 with a float32 scale per block of 32
 -- values along in_features (llama.cpp's Q8_0 layout; core/src/cpu/q8.c), on the CPU:
 -- y = x (q * scale)^T + b, computed in float32. Decoding reads a quarter of float32's weight
--- bytes and half of bfloat16's. Buffers: weight (int8, out x in), weight_scale (float32,
--- out x in / 32); the bias stays as it was. Made from a float layer with from_float (nn.Linear, or
+-- bytes and half of bfloat16's. Parameters (so that device maps and offloading treat them as
+-- weights): weight (int8, out x in), weight_scale (float32, out x in / 32); the bias stays as it
+-- was. Made from a float layer with from_float (nn.Linear, or
 -- GPT-2's Conv1D, whose weight is stored transposed), or for a whole model by ml.quantize.
 local Module = require("moonload.nn.module")
 local F = require("moonload.nn.functional")
@@ -21,8 +22,12 @@ function QuantizedLinear:__init(in_features, out_features, opts)
          QuantizedLinear.BLOCK, tostring(in_features)), 3)
    end
    self.in_features, self.out_features = in_features, out_features
-   self:register_buffer("weight", Module.new_buffer({ out_features, in_features }, 0, { dtype = "int8" }))
-   self:register_buffer("weight_scale", Module.new_buffer({ out_features, in_features / QuantizedLinear.BLOCK }, 1))
+   self.weight = Module.new_parameter({ out_features, in_features }, { dtype = "int8" })
+   self.weight_scale = Module.new_parameter({ out_features, in_features / QuantizedLinear.BLOCK })
+   if not self.weight:is_meta() then
+      self.weight:fill_(0)
+      self.weight_scale:fill_(1)
+   end
    if opts.bias == nil or opts.bias then
       self.bias = Module.new_parameter({ out_features }, {})
    else
