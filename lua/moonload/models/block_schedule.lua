@@ -7,8 +7,8 @@
 -- memory of a few sequences. Chunks of one row run in order, their keys and values going into the
 -- cache first (a forward without a cache gets one of its own, freed layer by layer).
 -- A forward of one token per row (a decoding step) runs whole: it holds little, and on the CPU
--- each block would cost one more pass over the weights in RAM (52 ms a step for 4 blocks of 8
--- rows of a 340 MB model instead of 85).
+-- each block would cost one more pass over the weights in RAM (85 ms a step for 4 blocks of 8
+-- rows of a 340 MB model instead of 52).
 -- Results equal the unblocked forward up to the order of float sums.
 local T = require("moonload.tensor")
 local hooks = require("moonload.hooks")
