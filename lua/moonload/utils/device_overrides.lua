@@ -154,7 +154,7 @@ function M.apply(model, device_map, keys, pinned)
          local current = cover
          while current ~= name do
             local module = current == "" and model or model:get_submodule(current)
-            local parts = split_names(current == "" and "" or current, module)
+            local parts = split_names(current, module)
             if current == "" then
                for i, n in ipairs(parts) do parts[i] = n:sub(2) end     -- ".x" -> "x"
             end
