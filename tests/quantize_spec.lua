@@ -188,6 +188,39 @@ describe("ml.quantize", function()
       H.rmdir(dir)
    end)
 
+   it("uses an int8 file of the offload folder again while its checkpoint is the same", function()
+      local fixture = H.tmpdir()
+      for _, f in ipairs({ "config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors",
+                           "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors" }) do
+         H.copy("tests/fixtures/models/llama_tiny_untied/" .. f, fixture .. "/" .. f)
+      end
+      local folder = H.tmpdir()
+      local map = { ["model.embed_tokens"] = "cpu", ["model.layers.0"] = "disk", ["model.layers.1"] = "cpu",
+         ["model.norm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" }
+      local function load()
+         local model = ml.models.from_pretrained(fixture, { device_map = map, offload_folder = folder })
+         local _, report = ml.quantize(model, { offload_folder = folder })
+         return model, report
+      end
+      local first, r1 = load()
+      assert.are.equal(0, #r1.reused)
+      local file = folder .. "/model.layers.0.mlp.up_proj.q8.safetensors"
+      local meta = ml.safetensors.safe_open(file):metadata()
+      assert.truthy(meta.source:find("model-0000", 1, true), meta.source)
+      local second, r2 = load()
+      assert.are.equal(7, #r2.reused)               -- the disk layer's linear layers, read as written
+      local ids = ml.tensor({ { 5, 17, 42, 3 } }, { dtype = "int64" })
+      assert.is_true(ml.equal(first(ids), second(ids)))
+      -- a checkpoint written again (its modification time moves): quantized again
+      for i = 1, 3 do
+         os.execute(string.format("sleep 0.01; touch '%s/model-%05d-of-00003.safetensors'", fixture, i))
+      end
+      local _, r3 = load()
+      assert.are.equal(0, #r3.reused)
+      H.rmdir(fixture)
+      H.rmdir(folder)
+   end)
+
    it("is from_pretrained's quantize = \"int8\"", function()
       local model = ml.models.from_pretrained("tests/fixtures/models/qwen3_tiny", { quantize = "int8" })
       assert.are.equal("QuantizedLinear", model.model.layers[1].self_attn.q_proj.__name)

@@ -128,6 +128,11 @@ ML_API void ml_mapping_release(ml_mapping *m);
 ML_API const uint8_t *ml_mapping_data(const ml_mapping *m);
 ML_API size_t ml_mapping_size(const ml_mapping *m);
 ML_API const char *ml_mapping_path(const ml_mapping *m);
+/* Where a tensor's data comes from when it is a view of a mapped file (a checkpoint loaded
+   zero-copy): the file's path, the byte offset of its first element, and the file's size and
+   modification time (ns) now. ML_EINVAL when its storage is not a file mapping. */
+ML_API ml_status ml_tensor_file_source(const ml_tensor *t, const char **path, uint64_t *offset, uint64_t *file_size,
+                                       int64_t *mtime_ns);
 /* Checks the file still has its mapped size (a truncated file would SIGBUS on access). */
 ML_API ml_status ml_mapping_check(const ml_mapping *m);
 /* Page-cache hints over a byte range: 0 = WILLNEED (prefetch), 1 = DONTNEED (drop resident pages). */

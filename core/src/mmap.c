@@ -59,6 +59,20 @@ const uint8_t *ml_mapping_data(const ml_mapping *m) { return m ? m->data : NULL;
 size_t ml_mapping_size(const ml_mapping *m) { return m ? m->size : 0; }
 const char *ml_mapping_path(const ml_mapping *m) { return m ? m->path : ""; }
 
+ml_status ml_tensor_file_source(const ml_tensor *t, const char **path, uint64_t *offset, uint64_t *file_size,
+                                int64_t *mtime_ns) {
+  const ml_storage *s = t->storage;
+  if (!s->mapping) return ml_fail(ML_EINVAL, "tensor_file_source: the tensor is not a view of a mapped file");
+  struct stat st;
+  if (fstat(s->mapping->fd, &st) != 0)
+    return ml_fail(ML_EIO, "cannot stat %s: %s", s->mapping->path, strerror(errno));
+  *path = s->mapping->path;
+  *offset = (uint64_t)((const uint8_t *)s->data - s->mapping->data) + (uint64_t)t->offset * ml_dtype_size(t->dtype);
+  *file_size = (uint64_t)st.st_size;
+  *mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+  return ML_OK;
+}
+
 ml_status ml_mapping_check(const ml_mapping *m) {
   struct stat st;
   if (fstat(m->fd, &st) != 0) return ml_fail(ML_EIO, "cannot stat %s: %s", m->path, strerror(errno));

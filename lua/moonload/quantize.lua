@@ -10,7 +10,9 @@
 -- hook, execution on a GPU) or on a GPU (int8 weights run on the CPU), tied to another
 -- module's weight (GPT-2's and tied Llamas' lm_head: the embedding reads it as floats), or whose
 -- in_features is not a multiple of 32.
--- report.quantized lists the names changed; report.bytes_before and bytes_after their weights.
+-- report.quantized lists the names changed (report.reused those whose int8 file in the folder
+-- was made from the same checkpoint bytes and used as it was); report.bytes_before and
+-- bytes_after their weights.
 local QuantizedLinear = require("moonload.nn.quantized_linear")
 local F = require("moonload.nn.functional")
 local Tensor = require("moonload.tensor")
@@ -89,8 +91,37 @@ local function map_get(wm, key)
    return ok and v or nil
 end
 
+-- What an int8 file in the offload folder was made from: the float weight's file, offset, size
+-- and modification time (a checkpoint replaced in place does not match), dtype and shape; nil
+-- when the weight is not a view of a mapped file (then the file is always written again).
+local FORMAT = "moonload q8 v1: int8, a float32 scale per 32 along in_features"
+local function source_of(w, transposed)
+   local C = require("moonload.C")
+   local ffi = C.ffi
+   local path, off = ffi.new("const char*[1]"), ffi.new("uint64_t[1]")
+   local size, mtime = ffi.new("uint64_t[1]"), ffi.new("int64_t[1]")
+   if C.lib.ml_tensor_file_source(w._c, path, off, size, mtime) ~= 0 then return nil end
+   local function int(v) return (tostring(v):gsub("U?LL$", "")) end
+   return string.format("%s; %s at byte %s of %s (%s bytes, modified %s ns); %s [%s]%s", FORMAT, w.dtype, int(off[0]),
+      ffi.string(path[0]), int(size[0]), int(mtime[0]), w.dtype, table.concat(w.shape, ", "), transposed and ", transposed" or "")
+end
+
+-- The int8 weights and scales in path when it was made from source, else nil.
+local function reusable(path, source)
+   if source == nil then return nil end
+   local st = require("moonload.safetensors")
+   local ok, f = pcall(st.safe_open, path)
+   if not ok then return nil end
+   local meta = f:metadata()
+   f:close()
+   if not meta or meta.source ~= source then return nil end
+   local ok2, tensors = pcall(st.load_file, path)
+   return ok2 and tensors or nil
+end
+
 -- An offloaded linear layer m (weights on meta behind its own AlignDevicesHook) as a
--- QuantizedLinear whose int8 weights live in folder; nil and the reason when it cannot be.
+-- QuantizedLinear whose int8 weights live in folder (written once: a file made from the same
+-- source is used as it is); nil and the reason when it cannot be.
 local function quantize_offloaded(name, m, folder)
    local hooks = require("moonload.hooks")
    local hook = rawget(m, "_hf_hook")
@@ -103,19 +134,25 @@ local function quantize_offloaded(name, m, folder)
    if dev ~= "cpu" then return nil, "offloaded to run on " .. dev .. " (int8 weights run on the CPU)" end
    local w = map_get(hook.weights_map, "weight")
    if not Tensor.is_tensor(w) then return nil, "offloaded, and its hook's weights map has no weight" end
+   local source = source_of(w, m.nf ~= nil)
    if m.nf then w = w:t() end                                                   -- Conv1D: (nx, nf)
-   local q, scales = F.quantize_q8(w)
-   require("moonload.utils.offload").mkdir_p(folder, WHO)
    local path = folder .. "/" .. name .. ".q8.safetensors"
-   require("moonload.safetensors").save_file({ weight = q, weight_scale = scales }, path)
-   local mapped = require("moonload.safetensors").load_file(path)
+   local mapped = reusable(path, source)
+   local reused = mapped ~= nil
+   if not mapped then
+      local q, scales = F.quantize_q8(w)
+      require("moonload.utils.offload").mkdir_p(folder, WHO)
+      require("moonload.safetensors").save_file({ weight = q, weight_scale = scales }, path,
+         source and { source = source } or nil)
+      mapped = require("moonload.safetensors").load_file(path)
+   end
    local ql = require("moonload.big_modeling").init_empty_weights(function()
       return QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil })
    end)
    local wm = { weight = mapped.weight, weight_scale = mapped.weight_scale }
    if m.bias ~= nil then wm.bias = map_get(hook.weights_map, "bias") end
    hooks.add_hook_to_module(ql, hooks.AlignDevicesHook({ execution_device = dev, offload = true, weights_map = wm }))
-   return ql, nil, q:nbytes() + scales:nbytes(), w:nbytes()
+   return ql, nil, mapped.weight:nbytes() + mapped.weight_scale:nbytes(), w:nbytes(), reused
 end
 
 function M.quantize(model, opts)
@@ -132,14 +169,14 @@ function M.quantize(model, opts)
    if opts.offload_folder ~= nil and type(opts.offload_folder) ~= "string" then
       error(WHO .. ": offload_folder must be a folder path, got " .. type(opts.offload_folder), 2)
    end
-   local report = { quantized = {}, skipped = {}, bytes_before = 0, bytes_after = 0 }
+   local report = { quantized = {}, skipped = {}, reused = {}, bytes_before = 0, bytes_after = 0 }
    for _, c in ipairs(M.candidates(model, opts.skip)) do
       local name, m, reason = c[1], c[2], c[3]
       local w = m.weight
-      local q, after, before
+      local q, after, before, reused
       if reason then
       elseif w:is_meta() then
-         q, reason, after, before = quantize_offloaded(name, m, opts.offload_folder)
+         q, reason, after, before, reused = quantize_offloaded(name, m, opts.offload_folder)
       elseif w.device ~= "cpu" then
          reason = "on " .. w.device .. " (int8 weights run on the CPU)"
       end
@@ -151,6 +188,7 @@ function M.quantize(model, opts)
          local owner = parent and model:get_submodule(parent) or model
          rawget(owner, "_modules"):set(leaf or name, q)
          report.quantized[#report.quantized + 1] = name
+         if reused then report.reused[#report.reused + 1] = name end
          report.bytes_before = report.bytes_before + (before or w:nbytes())
          report.bytes_after = report.bytes_after + (after or (q.weight:nbytes() + q.weight_scale:nbytes()))
       end
