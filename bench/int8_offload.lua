@@ -52,20 +52,6 @@ if not made then
    print(cjson.encode({ bench = "int8_offload", skipped = "cannot make the checkpoint: " .. tostring(err) }))
    return
 end
-local luajit = os.getenv("LUAJIT") or "luajit"
-local result = { bench = "int8_offload", prompt = PROMPT, new_tokens = NEW, runs = {} }
-for _, budget in ipairs(BUDGETS) do
-   local row = { budget = budget }
-   for _, variant in ipairs({ "float32", "int8" }) do
-      local r, rerr = B.run_json(string.format("MOONLOAD_DROP_PAGES=2 %s bench/int8_offload.lua --variant %s %s", luajit,
-         variant, budget), true)
-      if not r then error("moonload " .. variant .. " " .. budget .. " failed: " .. tostring(rerr)) end
-      row[variant] = r
-   end
-   row.same_tokens = cjson.encode(row.float32.generated) == cjson.encode(row.int8.generated)
-   row.time_ratio = row.int8.seconds / row.float32.seconds
-   row.read_ratio = row.int8.disk_read_mb / math.max(row.float32.disk_read_mb, 1e-9)
-   row.float32.generated, row.int8.generated = nil, nil
-   result.runs[#result.runs + 1] = row
-end
+local result = { bench = "int8_offload", prompt = PROMPT, new_tokens = NEW,
+   runs = B.compare_cold("bench/int8_offload.lua", "float32", "int8", BUDGETS) }
 print(cjson.encode(result))

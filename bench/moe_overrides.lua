@@ -46,20 +46,6 @@ if not made then
    print(cjson.encode({ bench = "moe_overrides", skipped = "cannot make the checkpoint: " .. tostring(err) }))
    return
 end
-local luajit = os.getenv("LUAJIT") or "luajit"
-local result = { bench = "moe_overrides", runs = {} }
-for _, budget in ipairs(BUDGETS) do
-   local row = { budget = budget }
-   for _, variant in ipairs({ "plan", "overrides" }) do
-      local r, rerr = B.run_json(string.format("MOONLOAD_DROP_PAGES=2 %s bench/moe_overrides.lua --variant %s %s",
-         luajit, variant, budget), true)
-      if not r then error("moonload " .. variant .. " " .. budget .. " failed: " .. tostring(rerr)) end
-      row[variant] = r
-   end
-   row.same_tokens = cjson.encode(row.plan.generated) == cjson.encode(row.overrides.generated)
-   row.time_ratio = row.overrides.seconds / row.plan.seconds
-   row.read_ratio = row.overrides.disk_read_mb / math.max(row.plan.disk_read_mb, 1e-9)
-   row.plan.generated, row.overrides.generated = nil, nil
-   result.runs[#result.runs + 1] = row
-end
+local result = { bench = "moe_overrides",
+   runs = B.compare_cold("bench/moe_overrides.lua", "plan", "overrides", BUDGETS) }
 print(cjson.encode(result))

@@ -129,6 +129,32 @@ function M.minstd_prompts(batch, length, vocab)
    return rows
 end
 
+--- compare_cold(script, base, other, budgets) -> rows: for each CPU budget, `script --variant V
+-- BUDGET` run for both variants in processes of their own, with released pages evicted from the
+-- page cache (MOONLOAD_DROP_PAGES=2); each prints a JSON object with seconds, disk_read_mb and
+-- generated. A row holds both objects (less generated), same_tokens, and other's time_ratio and
+-- read_ratio against base.
+function M.compare_cold(script, base, other, budgets)
+   local cjson = require("cjson")
+   local luajit = os.getenv("LUAJIT") or "luajit"
+   local rows = {}
+   for _, budget in ipairs(budgets) do
+      local row = { budget = budget }
+      for _, variant in ipairs({ base, other }) do
+         local r, err = M.run_json(string.format("MOONLOAD_DROP_PAGES=2 %s %s --variant %s %s", luajit, script, variant,
+            budget), true)
+         if not r then error(string.format("%s %s %s failed: %s", script, variant, budget, tostring(err))) end
+         row[variant] = r
+      end
+      row.same_tokens = cjson.encode(row[base].generated) == cjson.encode(row[other].generated)
+      row.time_ratio = row[other].seconds / row[base].seconds
+      row.read_ratio = row[other].disk_read_mb / math.max(row[base].disk_read_mb, 1e-9)
+      row[base].generated, row[other].generated = nil, nil
+      rows[#rows + 1] = row
+   end
+   return rows
+end
+
 --- Runs a peer command (stderr dropped) and decodes the last JSON object it prints;
 -- nil and the whole output when it printed none.
 -- with_stderr: keep the command's stderr in the returned text (a failing peer's traceback).
