@@ -510,6 +510,7 @@ function M._plan_device_map(model, opts, who)
    if device_map ~= nil and type(device_map) ~= "string" and type(device_map) ~= "table" then
       error(who .. ": device_map must be a string or a table, got " .. type(device_map), 3)
    end
+   require("moonload.quantize").check_option(opts.quantize, who, 3)
    M._check_reserve_for_map(opts, who, 4)
    if type(device_map) ~= "string" then return device_map end
    local u = utils()
@@ -538,14 +539,20 @@ function M._plan_device_map(model, opts, who)
    return u.infer_auto_device_map(model, plan), reserved
 end
 
+-- Whether budgets (get_max_memory's, GPUs keyed by index) include a GPU.
+local function has_gpu(max_memory)
+   for k in pairs(max_memory) do
+      if type(k) == "number" then return true end
+   end
+   return false
+end
+
 -- reserve_for's kv_cache_device: the caches come off that device's budget (the planner then places
 -- the layers in what is left) instead of following their layers. With no GPU in the budgets the
 -- CPU runs everything and the caches are there already: nothing changes.
 function M._cache_on_device(plan, reserved, device, u, who)
    local max_memory = u.get_max_memory(plan.max_memory, who)
-   local gpus = false
-   for k in pairs(max_memory) do if type(k) == "number" then gpus = true end end
-   if not gpus and device == "cpu" then return end
+   if not has_gpu(max_memory) and device == "cpu" then return end
    local key = device == "cpu" and "cpu" or tonumber(device:match("^cuda:(%d+)$"))
    local total = 0
    for _, bytes in pairs(plan.runtime_sizes) do total = total + bytes end
@@ -565,11 +572,8 @@ end
 -- (all of them: a layer that ends up on disk stays in floats, so this errs on the safe side).
 -- With a GPU in the budgets the plan counts float sizes: layers placed there stay in floats.
 function M._plan_int8(model, plan, opts, u, who)
-   if opts.quantize ~= "int8" then
-      error(string.format('%s: quantize must be "int8", got %s', who, tostring(opts.quantize)), 4)
-   end
    local max_memory = u.get_max_memory(plan.max_memory, who)
-   for k in pairs(max_memory) do if type(k) == "number" then return end end
+   if has_gpu(max_memory) then return end
    local quantize = require("moonload.quantize")
    local special, scales = {}, 0
    for k, v in pairs(opts.special_dtypes or {}) do special[k] = v end
@@ -648,10 +652,7 @@ end
 -- model comes back (dispatched, when given).
 function M._quantize_after(model, opts, dispatched)
    model = dispatched or model
-   if opts.quantize == nil then return model end
-   if opts.quantize ~= "int8" then
-      error(string.format('quantize must be "int8", got %s', tostring(opts.quantize)), 3)
-   end
+   if opts.quantize == nil then return model end                 -- (checked by _plan_device_map)
    require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder })
    return model
 end

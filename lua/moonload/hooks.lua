@@ -292,6 +292,8 @@ local function wm_get(wm, key)
    return nil
 end
 
+M.weights_map_get = wm_get
+
 local function wm_index(wm, key)
    local v = wm[key]
    if v == nil then v = wm_get(wm, key) end

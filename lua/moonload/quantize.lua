@@ -76,19 +76,18 @@ function M.candidates(model, skip)
    return out
 end
 
+--- check_option(value, who, level): from_pretrained's and load_checkpoint_and_dispatch's
+-- quantize is nil or "int8".
+function M.check_option(value, who, level)
+   if value ~= nil and value ~= "int8" then
+      error(string.format('%s: quantize must be "int8", got %s', who, tostring(value)), level + 1)
+   end
+end
+
 --- Bytes of the float32 scales of a quantized linear layer m.
 function M.scale_bytes(m)
    local out_features, in_features = m.out_features or m.nf, m.in_features or m.nx
    return out_features * in_features / QuantizedLinear.BLOCK * 4
-end
-
--- A weights map's tensor for key (a plain table, or an object with :get as PrefixedDataset).
-local function map_get(wm, key)
-   local ok, v = pcall(function()
-      if getmetatable(wm) ~= nil and type(wm.get) == "function" then return wm:get(key) end
-      return wm[key]
-   end)
-   return ok and v or nil
 end
 
 -- What an int8 file in the offload folder was made from: the float weight's file, offset, size
@@ -102,8 +101,9 @@ local function source_of(w, transposed)
    local size, mtime = ffi.new("uint64_t[1]"), ffi.new("int64_t[1]")
    if C.lib.ml_tensor_file_source(w._c, path, off, size, mtime) ~= 0 then return nil end
    local function int(v) return (tostring(v):gsub("U?LL$", "")) end
-   return string.format("%s; %s at byte %s of %s (%s bytes, modified %s ns); %s [%s]%s", FORMAT, w.dtype, int(off[0]),
-      ffi.string(path[0]), int(size[0]), int(mtime[0]), w.dtype, table.concat(w.shape, ", "), transposed and ", transposed" or "")
+   return string.format("%s; %s [%s]%s at byte %s of %s (%s bytes, modified %s ns)", FORMAT, w.dtype,
+      table.concat(w.shape, ", "), transposed and " transposed" or "", int(off[0]), ffi.string(path[0]), int(size[0]),
+      int(mtime[0]))
 end
 
 -- The int8 weights and scales in path when it was made from source, else nil.
@@ -132,7 +132,7 @@ local function quantize_offloaded(name, m, folder)
    end
    local dev = hook.execution_device or "cpu"
    if dev ~= "cpu" then return nil, "offloaded to run on " .. dev .. " (int8 weights run on the CPU)" end
-   local w = map_get(hook.weights_map, "weight")
+   local w = hooks.weights_map_get(hook.weights_map, "weight")
    if not Tensor.is_tensor(w) then return nil, "offloaded, and its hook's weights map has no weight" end
    local source = source_of(w, m.nf ~= nil)
    if m.nf then w = w:t() end                                                   -- Conv1D: (nx, nf)
@@ -150,7 +150,7 @@ local function quantize_offloaded(name, m, folder)
       return QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil })
    end)
    local wm = { weight = mapped.weight, weight_scale = mapped.weight_scale }
-   if m.bias ~= nil then wm.bias = map_get(hook.weights_map, "bias") end
+   if m.bias ~= nil then wm.bias = hooks.weights_map_get(hook.weights_map, "bias") end
    hooks.add_hook_to_module(ql, hooks.AlignDevicesHook({ execution_device = dev, offload = true, weights_map = wm }))
    return ql, nil, mapped.weight:nbytes() + mapped.weight_scale:nbytes(), w:nbytes(), reused
 end

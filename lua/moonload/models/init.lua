@@ -340,9 +340,7 @@ function M.from_pretrained(dir, opts)
    if type(dir) ~= "string" then
       error("from_pretrained: expected a folder path, got " .. type(dir), 2)
    end
-   if opts.quantize ~= nil and opts.quantize ~= "int8" then
-      error(string.format('from_pretrained: quantize must be "int8", got %s', tostring(opts.quantize)), 2)
-   end
+   require("moonload.quantize").check_option(opts.quantize, "from_pretrained", 2)
    -- (a tail call: load's errors point at the caller, as from_pretrained's own)
    if not opts.quantize then return load(dir, opts) end
    -- the linear layers in CPU memory become int8 (moonload/quantize.lua; a device map planned
