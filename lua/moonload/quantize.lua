@@ -25,14 +25,14 @@ local function is_linear(m)
    return (name == "Linear" or name == "Conv1D") and m.weight ~= nil
 end
 
--- The skip option: a pattern or a list of them, each a valid Lua pattern.
+-- The skip option: a pattern or a list of them (checked as they are matched: Lua reports a
+-- malformed pattern only when matching reaches the fault).
 local function check_skip(skip, level)
    skip = skip or {}
    if type(skip) == "string" then skip = { skip } end
    for _, p in ipairs(skip) do
-      local ok, err = pcall(string.find, "", p)
-      if type(p) ~= "string" or not ok then
-         error(string.format("%s: skip patterns must be Lua patterns, got %s", WHO, tostring(err or p)), level)
+      if type(p) ~= "string" then
+         error(string.format("%s: skip patterns must be Lua patterns (strings), got %s", WHO, type(p)), level)
       end
    end
    return skip
@@ -61,7 +61,9 @@ function M.candidates(model, skip)
          local in_features = m.nf and m.nx or m.in_features
          local reason
          for _, p in ipairs(skip) do
-            if name:find(p) then reason = string.format("matches skip pattern %q", p) end
+            local ok, found = pcall(string.find, name, p)
+            if not ok then error(string.format("%s: skip pattern %q: %s", WHO, p, tostring(found)), 3) end
+            if found then reason = string.format("matches skip pattern %q", p) end
          end
          if not reason and owners[w] and #owners[w] > 1 then
             local others = {}
