@@ -221,7 +221,7 @@ ML_API ml_status ml_cumsum(const ml_tensor *x, int dim, ml_tensor **out);
 ML_API ml_status ml_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
 /* x (..., in) @ w(out, in)^T + b(out); b may be NULL. */
 ML_API ml_status ml_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor **out);
-/* int8 weights on the cpu (cpu/q8.c): w (out, in) floating -> q int8 (out, in) and float32 scales
+/* int8 weights (cpu/q8.c, cuda/q8.cu): w (out, in) floating -> q int8 (out, in) and float32 scales
    (out, in / 32), one per block of 32 along in (max |w| / 127, values rounded to nearest); in must
    be a multiple of 32. */
 ML_API ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales);

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 11
+#define ML_CUDA_API_VERSION 12
 
 typedef struct ml_cuda_api {
   int version;
@@ -73,6 +73,10 @@ typedef struct ml_cuda_api {
   ml_status (*empty_cache)(int device);
   /* Whether the work before the event's record is done, without waiting. */
   ml_status (*event_query)(void *event, bool *done);
+  /* int8 weights (cpu/q8.c's layout): w 2-D floating, any strides; q and scales allocated. */
+  ml_status (*quantize_q8)(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
+  ml_status (*q8_linear)(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                         ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

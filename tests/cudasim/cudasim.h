@@ -48,6 +48,7 @@
 #define __launch_bounds__(...)
 
 struct uint3 { unsigned x, y, z; };
+struct alignas(16) int4 { int x, y, z, w; };   // (16-byte vector loads)
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}

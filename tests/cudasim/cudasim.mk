@@ -8,7 +8,7 @@ SIM_CXX     ?= g++
 # SIM_SANITIZE: flags that instrument the emulated kernels too (make test-asan sets ASan/UBSan).
 SIM_SANITIZE ?=
 SIM_CXXFLAGS = $(SIM_SANITIZE) -std=c++17 -O2 -g -fPIC -fvisibility=hidden -mf16c -Wall -Wno-unused-parameter \
-               -Wno-unused-variable -Wno-sign-compare -Itests/cudasim/include -Itests/cudasim -Icore/include -Icore/src -Icore/src/cuda
+               -Wno-unused-variable -Wno-sign-compare -Wno-unknown-pragmas -Itests/cudasim/include -Itests/cudasim -Icore/include -Icore/src -Icore/src/cuda
 SIM_HDRS     = $(wildcard tests/cudasim/*.h tests/cudasim/include/*.h) core/include/moonload.h core/src/cuda_api.h \
                core/src/cuda/common.cuh core/src/philox.h
 SIM_OWN_OBJ  = $(patsubst tests/cudasim/%.cc,$(SIM_DIR)/%.o,$(wildcard tests/cudasim/*.cc))

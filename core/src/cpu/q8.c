@@ -4,7 +4,7 @@
    ml_q8_linear multiplies. Decoding (at most 4 rows) reads each weight byte once and widens it in
    registers: a quarter of float32's bytes, half of bfloat16's. More rows widen panels of output
    columns into float32 (bfloat16 for a bfloat16 input on an AVX512-BF16 CPU) and go through the
-   GEMM. */
+   GEMM. Tensors on a GPU go to the CUDA backend (cuda/q8.cu), which keeps this layout. */
 #include "cpu/gemm.h"
 #include "cpu/rows.h"
 
@@ -51,8 +51,9 @@ static void quant_rows(void *ctx, int64_t begin, int64_t end) {
 
 ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) {
   char sw[ML_SHAPE_BUF];
-  if (w->storage->device.type != ML_DEVICE_CPU)
-    return ml_fail(ML_EUNSUPPORTED, "quantize_q8: the weight must be on the cpu (int8 weights run there)");
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("quantize_q8", 1, (const ml_tensor *[]){w}, (const char *[]){"the weight"}, &cu));
+  if (cu && !cu->quantize_q8) return ml_no_cuda_kernel("quantize_q8", w);
   if (w->ndim != 2 || !ml_dtype_is_floating(w->dtype))
     return ml_fail(ML_EINVAL, "quantize_q8: expected a 2-D floating weight (out_features, in_features), got %s %s",
                    ml_dtype_name(w->dtype), ml_shape_str(w->ndim, w->shape, sw, sizeof sw));
@@ -63,7 +64,14 @@ ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) 
   int64_t sshape[2] = {N, K / Q8_BLOCK};
   ML_TRY(ml_tensor_empty(ML_INT8, 2, w->shape, w->storage->device, q));
   ml_status st = ml_tensor_empty(ML_FLOAT32, 2, sshape, w->storage->device, scales);
-  if (st) { ml_tensor_release(*q); *q = NULL; return st; }
+  if (!st && cu) st = cu->quantize_q8(w, *q, *scales);
+  if (st) {
+    ml_tensor_release(*q);
+    ml_tensor_release(*scales);
+    *q = *scales = NULL;
+    return st;
+  }
+  if (cu) return ML_OK;
   quant_job j = {ml_tensor_data(w), w->dtype, K, w->strides[0], w->strides[1], ml_tensor_data(*q), ml_tensor_data(*scales)};
   ml_parallel_for(N, K * 4, quant_rows, &j);
   return ML_OK;
@@ -203,11 +211,10 @@ static void widen_columns(void *ctx, int64_t begin, int64_t end) {
 ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                        ml_tensor **out) {
   char sx[ML_SHAPE_BUF], sq[ML_SHAPE_BUF];
-  const ml_tensor *all[] = {x, q, scales, b};
-  for (int i = 0; i < 4; i++)
-    if (all[i] && all[i]->storage->device.type != ML_DEVICE_CPU)
-      return ml_fail(ML_EUNSUPPORTED, "q8_linear: int8 weights run on the cpu; the %s is on another device",
-                     (const char *[]){"input", "weight", "scales", "bias"}[i]);
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("q8_linear", 4, (const ml_tensor *[]){x, q, scales, b},
+                     (const char *[]){"the input", "the weight", "the scales", "the bias"}, &cu));
+  if (cu && !cu->q8_linear) return ml_no_cuda_kernel("q8_linear", x);
   if (q->ndim != 2 || q->dtype != ML_INT8 || !ml_tensor_is_contiguous(q))
     return ml_fail(ML_EINVAL, "q8_linear: the weight must be a contiguous 2-D int8 tensor, got %s %s",
                    ml_dtype_name(q->dtype), ml_shape_str(q->ndim, q->shape, sq, sizeof sq));
@@ -231,6 +238,12 @@ ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *
   oshape[x->ndim - 1] = N;
   ml_tensor *o, *xc = NULL;
   ML_TRY(ml_tensor_empty(cdt, x->ndim, oshape, x->storage->device, &o));
+  if (cu) {
+    ml_status cst = cu->q8_linear(x, q, scales, b, o);
+    if (cst) { ml_tensor_release(o); return cst; }
+    *out = o;
+    return ML_OK;
+  }
   int64_t rows = 0, rs = 0;
   const ml_tensor *xs;
   ml_status st = ml_fold_rows(x, &xs, &xc, &rows, &rs);
