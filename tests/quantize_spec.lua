@@ -132,7 +132,7 @@ describe("ml.quantize", function()
          device_map = { ["model.embed_tokens"] = "cpu", ["model.layers.0"] = "disk", ["model.layers.1"] = "cpu",
             ["model.norm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" }, offload_folder = dir })
       _, report = ml.quantize(offloaded)
-      assert.are.equal("offloaded (its weight is on meta; give offload_folder to quantize it there)",
+      assert.are.equal("offloaded to disk (give offload_folder to write its int8 weights there)",
          report.skipped["model.layers.0.self_attn.q_proj"])
       assert.are.equal("QuantizedLinear", offloaded.model.layers[2].self_attn.q_proj.__name)
       H.rmdir(dir)
@@ -161,11 +161,13 @@ describe("ml.quantize", function()
       assert.are.equal(15, n)
       local ids = ml.tensor({ { 5, 17, 42, 3 } }, { dtype = "int64" })
       assert.is_true(rel(int8(ids), plain(ids)) < 0.1)
-      -- the scales come off the CPU budget first
-      local ok, err = pcall(ml.models.from_pretrained, fixture, { device_map = "auto", max_memory = { cpu = 1000 },
-         offload_folder = dir, quantize = "int8" })
-      assert.is_false(ok)
-      assert.truthy(err:find("max_memory for cpu (1000 bytes) cannot hold the int8 scales (2704 bytes)", 1, true), err)
+      -- a layer is planned at its int8 weights and their scales ("q8": 36 bytes per 32), which is
+      -- what the quantized layer holds
+      local skeleton = ml.init_empty_weights(function() return ml.models.from_config(fixture .. "/config.json") end)
+      local planned = ml.utils.compute_module_sizes(skeleton, { special_dtypes = {
+         ["model.layers.0.mlp.down_proj.weight"] = "q8" } })["model.layers.0.mlp.down_proj"]
+      assert.are.equal(ml.utils.compute_module_sizes(int8)["model.layers.0.mlp.down_proj"], planned)
+      assert.are.equal(1.125, ml.utils.dtype_byte_size("q8"))
       H.rmdir(dir)
    end)
 
@@ -295,6 +297,89 @@ describe("int8 weights on cuda #cuda", function()
       ok, err = pcall(F.q8_linear, ml.randn(2, 64):to(DEV), q:to(DEV), s)
       assert.is_false(ok)
       assert.truthy(err:find("q8_linear: the input is on cuda:0 but the scales is on cpu", 1, true), err)
+   end)
+
+   local fixture = "tests/fixtures/models/llama_tiny_untied"
+   local ids = ml.tensor({ { 5, 17, 42, 3, 8, 1 } }, { dtype = "int64" })
+   local hooks = require("moonload.hooks")
+   local function settle() collectgarbage(); collectgarbage() end
+
+   it("loads int8 over cuda:0 + cpu + disk: quantized on the CPU before moving, the rest streamed as int8", function()
+      local cpu_model = ml.models.from_pretrained(fixture, { quantize = "int8" })
+      local want = cpu_model(ids)
+      local want_tokens = cpu_model:generate({ 5, 17, 42 }, { max_new_tokens = 6 })
+      local folder = H.tmpdir()
+      settle()
+      ml.reset_peak_memory(DEV)
+      local base = ml.memory_allocated(DEV)
+      local model = ml.models.from_pretrained(fixture, { quantize = "int8", offload_folder = folder, device_map = {
+         ["model.embed_tokens"] = 0, ["model.layers.0"] = 0, ["model.layers.1"] = "cpu", ["model.norm"] = 0,
+         ["model.rotary_emb"] = 0, lm_head = "disk" } })
+      local _, peak = ml.memory_allocated(DEV)
+      -- on cuda:0: the embedding (8192 bytes), the norms, layer 0's 7 linear layers in int8 (10368
+      -- bytes with their scales); their float32 weights (36864 bytes) were never there
+      local on_gpu = model.model.layers[1].self_attn.q_proj
+      assert.are.equal("QuantizedLinear", on_gpu.__name)
+      assert.are.equal(DEV, on_gpu.weight.device)
+      assert.is_true(peak - base < 8192 + 36864, "peak " .. (peak - base))
+      -- layer 1 is streamed from int8 weights in CPU memory, lm_head from the offload folder
+      local streamed = model.model.layers[2].mlp.up_proj
+      assert.are.equal("QuantizedLinear", streamed.__name)
+      local wm = hooks.weights_map_get(rawget(streamed, "_hf_hook").weights_map, "weight")
+      assert.are.equal("int8", wm.dtype)
+      assert.are.equal("cpu", wm.device)
+      assert.are.equal("QuantizedLinear", model.lm_head.__name)
+      assert.truthy(io.open(folder .. "/lm_head.q8.safetensors"))
+      local before = hooks.runtime_stats()
+      local got = model(ids)
+      local after = hooks.runtime_stats()
+      assert.is_true(rel(got:cpu(), want) < 1e-4)
+      -- moved per forward: layer 1's int8 weights, scales and norms (9216 + 1152 + 256), lm_head's
+      -- (3200 + 400): 14224 bytes, where float32 weights were 37120 + 12800
+      assert.are.equal(9216 + 1152 + 256 + 3200 + 400, (after.bytes_copied + after.bytes_viewed)
+         - (before.bytes_copied + before.bytes_viewed))
+      assert.are.same(want_tokens, model:generate({ 5, 17, 42 }, { max_new_tokens = 6 }))
+      H.rmdir(folder)
+   end)
+
+   it("plans int8 sizes on a GPU budget, so more of the model fits there", function()
+      local function on_gpu(opts)
+         local folder = H.tmpdir()
+         opts.offload_folder, opts.device_map, opts.max_memory = folder, "auto", { [0] = 40000, cpu = 10 ^ 9 }
+         local model = ml.models.from_pretrained(fixture, opts)
+         local n = 0
+         for _, d in pairs(model.hf_device_map) do if d == 0 then n = n + 1 end end
+         H.rmdir(folder)
+         return n, model
+      end
+      local floats = on_gpu({})
+      local n, int8 = on_gpu({ quantize = "int8" })
+      assert.is_true(n > floats, n .. " entries on cuda:0 in int8, " .. floats .. " in floats")
+      assert.is_true(rel(int8(ids):cpu(), ml.models.from_pretrained(fixture, { quantize = "int8" })(ids)) < 1e-4)
+   end)
+
+   it("quantizes a model on the device in place, and one streamed by cpu_offload into CPU memory", function()
+      local want = ml.models.from_pretrained(fixture, { quantize = "int8" })(ids)
+      local resident = ml.models.from_pretrained(fixture):to(DEV)
+      local _, report = ml.quantize(resident)
+      assert.are.equal(15, #report.quantized)
+      assert.are.equal(DEV, resident.lm_head.weight.device)
+      assert.is_true(rel(resident(ids:to(DEV)):cpu(), want) < 1e-4)
+      local streamed = ml.models.from_pretrained(fixture)
+      ml.cpu_offload(streamed, { execution_device = DEV })
+      local function moved()
+         local before = hooks.runtime_stats()
+         local out = streamed(ids)
+         local after = hooks.runtime_stats()
+         return out, (after.bytes_copied + after.bytes_viewed) - (before.bytes_copied + before.bytes_viewed)
+      end
+      local _, float_bytes = moved()
+      _, report = ml.quantize(streamed)
+      assert.are.equal(15, #report.quantized)
+      local got, int8_bytes = moved()
+      assert.is_true(rel(got:cpu(), want) < 1e-4)
+      -- the linear layers move 21632 int8 bytes and 2704 of scales instead of 86528
+      assert.are.equal(float_bytes - 86528 + 21632 + 2704, int8_bytes)
    end)
 
    it("moves a QuantizedLinear to the device with its module", function()

@@ -527,7 +527,7 @@ function M._plan_device_map(model, opts, who)
                    workspace_size = plan.workspace_size }
       if r.kv_cache_device then M._cache_on_device(plan, reserved, r.kv_cache_device, u, who) end
    end
-   if opts.quantize ~= nil then M._plan_int8(model, plan, opts, u, who) end
+   if opts.quantize ~= nil then M._plan_int8(model, plan, opts) end
    if device_map ~= "sequential" then
       -- (from the budgets as adjusted above: a cache kept elsewhere, int8 scales)
       plan.max_memory = u.get_balanced_memory(model, {
@@ -567,30 +567,17 @@ function M._cache_on_device(plan, reserved, device, u, who)
    reserved.cache_elsewhere = { device = device, bytes = total }
 end
 
--- quantize = "int8" (ml.quantize after dispatching) on budgets without a GPU: the linear layers it
--- will quantize count one byte a weight, and their float32 scales come off the CPU budget first
--- (all of them: a layer that ends up on disk stays in floats, so this errs on the safe side).
--- With a GPU in the budgets the plan counts float sizes: layers placed there stay in floats.
-function M._plan_int8(model, plan, opts, u, who)
-   local max_memory = u.get_max_memory(plan.max_memory, who)
-   if has_gpu(max_memory) then return end
+-- quantize = "int8": the linear layers ml.quantize will turn into int8 count as such wherever the
+-- planner puts them, their float32 scales with them (sizes.lua's "q8", 36 bytes per 32 weights):
+-- load_checkpoint_and_dispatch quantizes layers bound for a GPU in CPU memory, before they move.
+function M._plan_int8(model, plan, opts)
    local quantize = require("moonload.quantize")
-   local special, scales = {}, 0
+   local special = {}
    for k, v in pairs(opts.special_dtypes or {}) do special[k] = v end
    for _, c in ipairs(quantize.candidates(model)) do
-      if not c[3] then
-         special[c[1] .. ".weight"] = "int8"
-         scales = scales + quantize.scale_bytes(c[2])
-      end
+      if not c[3] then special[c[1] .. ".weight"] = "q8" end
    end
-   if max_memory.cpu ~= nil then
-      if max_memory.cpu < scales then
-         error(string.format("%s: max_memory for cpu (%.0f bytes) cannot hold the int8 scales (%.0f bytes)", who,
-            max_memory.cpu, scales), 4)
-      end
-      max_memory.cpu = max_memory.cpu - scales
-   end
-   plan.max_memory, plan.special_dtypes = max_memory, special
+   plan.special_dtypes = special
 end
 
 -- After dispatching a reserve_for plan that computes on the CPU: it collects its garbage once it
@@ -627,8 +614,9 @@ M._apply_reserve = apply_reserve
 -- skip_keys, preload_module_classes, force_hooks, strict, reserve_for, device_overrides,
 -- quantize}): loads a checkpoint (a .safetensors file, a sharded index .json or a folder) into
 -- the model by the device map ("auto", "balanced", "balanced_low_0", "sequential" or a table),
--- then dispatches it. quantize = "int8" plans with int8 sizes (see _plan_int8) and quantizes the
--- linear layers in CPU memory after dispatching (ml.quantize).
+-- then dispatches it. quantize = "int8" plans with int8 sizes (see _plan_int8), quantizes the
+-- linear layers in memory before dispatching (those bound for a GPU loaded to the CPU for it) and
+-- the offloaded ones after (ml.quantize).
 function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
    opts = opts or {}
    local u = utils()
@@ -636,10 +624,12 @@ function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
    local offload_state_dict = opts.offload_state_dict
    if offload_state_dict == nil then offload_state_dict = false end
    u.load_checkpoint_in_model(model, checkpoint, {
-      device_map = device_map, offload_folder = opts.offload_folder, dtype = opts.dtype,
+      device_map = M._load_map(device_map, opts.quantize), offload_folder = opts.offload_folder, dtype = opts.dtype,
       offload_state_dict = offload_state_dict, offload_buffers = opts.offload_buffers,
       strict = opts.strict })
    if device_map == nil then return M._quantize_after(model, opts) end
+   -- layers in memory become int8 here, on the CPU, so those bound for a GPU move there as int8
+   if opts.quantize ~= nil then require("moonload.quantize").quantize(model) end
    local cpu_reserved = apply_reserve(model, device_map, reserved)
    M._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
    return M._quantize_after(model, opts, M.dispatch_model(model, device_map, {
@@ -648,8 +638,20 @@ function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
       force_hooks = opts.force_hooks }))
 end
 
---- With quantize = "int8": the linear layers now in CPU memory become int8 (ml.quantize); the
--- model comes back (dispatched, when given).
+-- The map load_checkpoint_in_model loads by: with quantize, what is bound for a GPU is loaded to
+-- the CPU (views of the checkpoint where the dtype agrees), quantized there, and moved by
+-- dispatch_model: the GPU never holds the float weights.
+function M._load_map(device_map, quantize)
+   if quantize == nil or type(device_map) ~= "table" then return device_map end
+   local load_map = {}
+   for name, dev in pairs(device_map) do
+      load_map[name] = (dev == "cpu" or dev == "disk" or dev == "meta") and dev or "cpu"
+   end
+   return load_map
+end
+
+--- With quantize = "int8": the linear layers not quantized yet (offloaded ones, whose hooks now
+-- hold their weights) become int8 (ml.quantize); the model comes back (dispatched, when given).
 function M._quantize_after(model, opts, dispatched)
    model = dispatched or model
    if opts.quantize == nil then return model end                 -- (checked by _plan_device_map)

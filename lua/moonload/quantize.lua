@@ -1,15 +1,18 @@
 --- ml.quantize(model[, {skip = {pattern, ...}, offload_folder}]) -> model, report: every linear
--- layer (nn.Linear, GPT-2's Conv1D) whose weight is in CPU memory becomes an nn.QuantizedLinear
--- (int8, a float32 scale per block of 32 along in_features; core/src/cpu/q8.c), in place.
--- Decoding is bound by the weight bytes it reads, and these are a quarter of float32's, half of
--- bfloat16's. With offload_folder, a layer offloaded to disk by its own hook (execution on the
--- CPU) is quantized too: its int8 weights are written to <offload_folder>/<name>.q8.safetensors
--- and its hook reads them from there (mapped), so each forward reads fewer bytes from disk.
+-- layer (nn.Linear, GPT-2's Conv1D) becomes an nn.QuantizedLinear (int8, a float32 scale per
+-- block of 32 along in_features; core/src/cpu/q8.c, core/src/cuda/q8.cu), in place. Decoding is
+-- bound by the weight bytes it reads, and these are a quarter of float32's, half of bfloat16's.
+-- Where the weights are:
+--  * in memory (CPU or GPU): quantized there;
+--  * offloaded by the layer's own hook (dispatch_model, cpu_offload, disk_offload), for any
+--    execution device: quantized into CPU memory when they were kept there (mapped to "cpu" in
+--    the model's hf_device_map), into <offload_folder>/<name>.q8.safetensors when they were on
+--    disk (or, with no device map to say, whenever offload_folder is given); the hook then
+--    reads the int8 weights, so each forward moves fewer bytes from disk or over PCIe.
 -- Left as they are, each with its reason in report.skipped[name]: layers whose name matches a
--- skip pattern (Lua patterns, string.find), that are offloaded otherwise (no folder, a block's
--- hook, execution on a GPU) or on a GPU (int8 weights run on the CPU), tied to another
--- module's weight (GPT-2's and tied Llamas' lm_head: the embedding reads it as floats), or whose
--- in_features is not a multiple of 32.
+-- skip pattern (Lua patterns, string.find), offloaded to disk with no offload_folder, offloaded
+-- with their block (no hook of their own), tied to another module's weight (GPT-2's and tied
+-- Llamas' lm_head: the embedding reads it as floats), or whose in_features is not a multiple of 32.
 -- report.quantized lists the names changed (report.reused those whose int8 file in the folder
 -- was made from the same checkpoint bytes and used as it was); report.bytes_before and
 -- bytes_after their weights.
@@ -121,40 +124,67 @@ local function reusable(path, source)
    return ok2 and tensors or nil
 end
 
+-- Where an offloaded layer's float weights were kept: "cpu" or "disk" by the model's device map
+-- (the longest mapped prefix of its name), else by whether an offload folder was given.
+local function offloaded_to(model, name, folder)
+   local map = rawget(model, "hf_device_map")
+   local best, where = -1, nil
+   for key, dev in pairs(type(map) == "table" and map or {}) do
+      if (key == "" or name == key or name:sub(1, #key + 1) == key .. ".") and #key > best then
+         best, where = #key, dev
+      end
+   end
+   if where == "cpu" or where == "disk" then return where end
+   return folder and "disk" or "cpu"
+end
+
+-- The int8 file in folder for layer name, made from the float weight w (reused when it was made
+-- from the same source): its mapped tensors and whether it was reused.
+local function int8_file(folder, name, w, source)
+   local path = folder .. "/" .. name .. ".q8.safetensors"
+   local mapped = reusable(path, source)
+   if mapped then return mapped, true end
+   local q, scales = F.quantize_q8(w)
+   require("moonload.utils.offload").mkdir_p(folder, WHO)
+   require("moonload.safetensors").save_file({ weight = q, weight_scale = scales }, path,
+      source and { source = source } or nil)
+   return require("moonload.safetensors").load_file(path), false
+end
+
 -- An offloaded linear layer m (weights on meta behind its own AlignDevicesHook) as a
--- QuantizedLinear whose int8 weights live in folder (written once: a file made from the same
--- source is used as it is); nil and the reason when it cannot be.
-local function quantize_offloaded(name, m, folder)
+-- QuantizedLinear offloaded the same way, its int8 weights in CPU memory or in folder (see
+-- offloaded_to); nil and the reason when it cannot be.
+local function quantize_offloaded(model, name, m, folder)
    local hooks = require("moonload.hooks")
    local hook = rawget(m, "_hf_hook")
-   if folder == nil then return nil, "offloaded (its weight is on meta; give offload_folder to quantize it there)" end
    if hook == nil or not require("moonload.class").is_a(hook, hooks.AlignDevicesHook) or not hook.offload
       or hook.weights_map == nil then
       return nil, "offloaded with its block (no offloading hook of its own)"
    end
-   local dev = hook.execution_device or "cpu"
-   if dev ~= "cpu" then return nil, "offloaded to run on " .. dev .. " (int8 weights run on the CPU)" end
+   local where = offloaded_to(model, name, folder)
+   if where == "disk" and folder == nil then
+      return nil, "offloaded to disk (give offload_folder to write its int8 weights there)"
+   end
    local w = hooks.weights_map_get(hook.weights_map, "weight")
    if not Tensor.is_tensor(w) then return nil, "offloaded, and its hook's weights map has no weight" end
    local source = source_of(w, m.nf ~= nil)
    if m.nf then w = w:t() end                                                   -- Conv1D: (nx, nf)
-   local path = folder .. "/" .. name .. ".q8.safetensors"
-   local mapped = reusable(path, source)
-   local reused = mapped ~= nil
-   if not mapped then
+   local int8, reused
+   if where == "disk" then
+      int8, reused = int8_file(folder, name, w, source)
+   else
       local q, scales = F.quantize_q8(w)
-      require("moonload.utils.offload").mkdir_p(folder, WHO)
-      require("moonload.safetensors").save_file({ weight = q, weight_scale = scales }, path,
-         source and { source = source } or nil)
-      mapped = require("moonload.safetensors").load_file(path)
+      if w:is_pinned() then q, scales = q:pin_memory(), scales:pin_memory() end     -- (cpu_offload's pin_memory)
+      int8 = { weight = q, weight_scale = scales }
    end
    local ql = require("moonload.big_modeling").init_empty_weights(function()
       return QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil })
    end)
-   local wm = { weight = mapped.weight, weight_scale = mapped.weight_scale }
+   local wm = { weight = int8.weight, weight_scale = int8.weight_scale }
    if m.bias ~= nil then wm.bias = hooks.weights_map_get(hook.weights_map, "bias") end
-   hooks.add_hook_to_module(ql, hooks.AlignDevicesHook({ execution_device = dev, offload = true, weights_map = wm }))
-   return ql, nil, mapped.weight:nbytes() + mapped.weight_scale:nbytes(), w:nbytes(), reused
+   hooks.add_hook_to_module(ql, hooks.AlignDevicesHook({ execution_device = hook.execution_device, offload = true,
+      weights_map = wm, io_same_device = hook.io_same_device, skip_keys = hook.skip_keys }))
+   return ql, nil, int8.weight:nbytes() + int8.weight_scale:nbytes(), w:nbytes(), reused
 end
 
 function M.quantize(model, opts)
@@ -176,11 +206,8 @@ function M.quantize(model, opts)
       local name, m, reason = c[1], c[2], c[3]
       local w = m.weight
       local q, after, before, reused
-      if reason then
-      elseif w:is_meta() then
-         q, reason, after, before, reused = quantize_offloaded(name, m, opts.offload_folder)
-      elseif w.device ~= "cpu" then
-         reason = "on " .. w.device .. " (int8 weights run on the CPU)"
+      if not reason and w:is_meta() then
+         q, reason, after, before, reused = quantize_offloaded(model, name, m, opts.offload_folder)
       end
       if reason then
          report.skipped[name] = reason

@@ -332,7 +332,8 @@ end
 -- dtype "auto" (or nil) takes the checkpoint's own (see auto_dtype), so a bfloat16 checkpoint
 -- stays bfloat16 and its CPU weights stay views of the file; a dtype name converts.
 -- With device_map, the model is built empty and placed by ml.load_checkpoint_and_dispatch.
--- quantize = "int8" then turns the linear layers held in CPU memory into int8 ones (ml.quantize).
+-- quantize = "int8" then turns the linear layers into int8 ones (ml.quantize; with a device map,
+-- load_checkpoint_and_dispatch plans and loads for it).
 local load
 
 function M.from_pretrained(dir, opts)
@@ -343,8 +344,8 @@ function M.from_pretrained(dir, opts)
    require("moonload.quantize").check_option(opts.quantize, "from_pretrained", 2)
    -- (a tail call: load's errors point at the caller, as from_pretrained's own)
    if not opts.quantize then return load(dir, opts) end
-   -- the linear layers in CPU memory become int8 (moonload/quantize.lua; a device map planned
-   -- for it has done so already)
+   -- the linear layers become int8 (moonload/quantize.lua; with a device map,
+   -- load_checkpoint_and_dispatch has done so already)
    local model = load(dir, opts)
    local _, report = require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder })
    local n, floats = 0, 0

@@ -1,7 +1,7 @@
 --- ml.nn.functional (alias F): the stateless layer functions, in PyTorch's argument order.
 -- Optional positional arguments may be nil; PyTorch's keyword-only ones go in a trailing table.
 --    F.linear(x, w[, b])                       x (..., in) @ w(out, in)^T + b
---    F.quantize_q8(w) -> q, scales             int8 weights, a scale per block of 32 (CPU)
+--    F.quantize_q8(w) -> q, scales             int8 weights, a scale per block of 32
 --    F.q8_linear(x, q, scales[, b])            x @ (q * scales)^T + b
 --    F.embedding(ids, weight)                  ids hold 0-based rows
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
@@ -43,9 +43,9 @@ function F.linear(x, w, b)
    return wrap(out[0])
 end
 
---- quantize_q8(w) -> q, scales: a floating weight (out, in) on the CPU as int8 values (out, in)
+--- quantize_q8(w) -> q, scales: a floating weight (out, in) as int8 values (out, in), on its device
 -- and a float32 scale per block of 32 along in (out, in / 32): max |w| / 127 over the block, values
--- rounded to nearest (core/src/cpu/q8.c). in must be a multiple of 32.
+-- rounded to nearest (core/src/cpu/q8.c; a GPU gives the same bytes). in must be a multiple of 32.
 local out2 = ffi.new("ml_tensor*[1]")
 function F.quantize_q8(w)
    need_tensor("quantize_q8", "weight", w)
@@ -54,7 +54,7 @@ function F.quantize_q8(w)
 end
 
 --- q8_linear(x, q, scales[, b]): x (..., in) @ (q * scales)^T + b, computed in float32, in x's
--- dtype; the int8 weight and scales of quantize_q8, on the CPU.
+-- dtype; the int8 weight and scales of quantize_q8, all on one device.
 function F.q8_linear(x, q, scales, b)
    need_tensor("q8_linear", "input", x)
    need_tensor("q8_linear", "weight", q)

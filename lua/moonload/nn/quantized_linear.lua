@@ -1,6 +1,6 @@
 --- nn.QuantizedLinear: a linear layer whose weight is int8 with a float32 scale per block of 32
--- values along in_features (llama.cpp's Q8_0 layout; core/src/cpu/q8.c), on the CPU:
--- y = x (q * scale)^T + b, computed in float32. Decoding reads a quarter of float32's weight
+-- values along in_features (llama.cpp's Q8_0 layout; core/src/cpu/q8.c, core/src/cuda/q8.cu), on
+-- the CPU or a GPU: y = x (q * scale)^T + b, computed in float32. Decoding reads a quarter of float32's weight
 -- bytes and half of bfloat16's. Parameters (so that device maps and offloading treat them as
 -- weights): weight (int8, out x in), weight_scale (float32, out x in / 32); the bias stays as it
 -- was. Made from a float layer with from_float (nn.Linear, or
@@ -36,7 +36,7 @@ function QuantizedLinear:__init(in_features, out_features, opts)
 end
 
 --- from_float(m) -> a QuantizedLinear computing what the Linear or Conv1D m computes, up to the
--- rounding of its weights (at most half a scale each). m's weight must be on the CPU.
+-- rounding of its weights (at most half a scale each), on the device of m's weight.
 function QuantizedLinear.from_float(m)
    local w = m.weight
    local out_features, in_features = m.out_features, m.in_features
