@@ -4,7 +4,9 @@
 -- cpu_offload on the same machine (bench/cuda/llama_stream_peer.py, same shapes, same run).
 -- Then decoding: weights streamed for each token, or the new tokens computed on the CPU in place
 -- (hooks.set_compute_in_place); and 8 prompts in a block schedule against one forward each. Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
--- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly.
+-- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly. Last,
+-- int8: the model quantized in RAM and streamed, and the whole model resident on the GPU decoding
+-- in bfloat16 and in int8.
 -- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3), BENCH_SHAPE=tiny (a
 -- dry run on the CUDA emulator: a toy Llama, figures meaningless).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
@@ -172,4 +174,52 @@ B.emit({ "bench", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "rati
    floor_pinned_s = floor_pinned, forward_pinned_s = pinned_ok and pinned_s or nil,
    ratio_pinned_to_floor = pinned_ok and pinned_s / floor_pinned or nil,
    pinned_note = not pinned_ok and ("pinned run failed: " .. tostring(pinned_s or h2d_pinned)):sub(1, 300) or nil,
+})
+
+-- The same model quantized to int8 in CPU RAM (ml.quantize: the hooks then stream int8 weights
+-- and their float32 scales, 1.125 bytes a weight where bfloat16 takes 2): time per forward
+-- against bfloat16's and against its own floor.
+local int8_ok, int8_s, int8_bytes = pcall(function()
+   local m = build(false)
+   local _, report = ml.quantize(m)
+   local bytes = weight_bytes - report.bytes_before + report.bytes_after
+   return measure(m, true).window, bytes
+end)
+collectgarbage(); collectgarbage()
+B.emit({ "bench", "int8_forward_s", "int8_bytes", "int8_floor_s", "int8_speedup", "int8_note" }, {
+   bench = "cuda_llama_stream_int8", int8_forward_s = int8_ok and int8_s or nil, int8_bytes = int8_ok and int8_bytes or nil,
+   int8_floor_s = int8_ok and int8_bytes / h2d or nil, int8_speedup = int8_ok and forward_s / int8_s or nil,
+   int8_note = not int8_ok and ("int8 run failed: " .. tostring(int8_s)):sub(1, 300) or nil,
+})
+
+-- The whole model resident on cuda:0, decoding 16 tokens after a 16-token prompt: bfloat16
+-- weights (cuBLAS) against the same model quantized on the device (cuda/q8.cu's int8 kernel,
+-- which reads 1.125 bytes a weight where bfloat16 reads 2).
+local resident_ok, resident = pcall(function()
+   ml.manual_seed(0)
+   local m = ml.init_empty_weights(function() return ml.models.llama.LlamaForCausalLM(cfg) end)
+   for name, p in m:named_parameters() do
+      local w = ml.rand(p.shape, { dtype = "bfloat16", device = "cuda:0" }) * 0.02 - 0.01
+      utils.set_module_tensor_to_device(m, name, "cuda:0", { value = w, dtype = "bfloat16" })
+   end
+   m:to("cuda:0")                                        -- (the buffers: rotary frequencies)
+   local prompt = {}
+   for i = 1, 16 do prompt[i] = ids[i] end
+   local function tokens_per_s()
+      local short = ml.tensor({ prompt }, { dtype = "int64", device = "cuda:0" })
+      local prefill = B.best(2, function() m(short, { logits_to_keep = 1 }); ml.cuda.synchronize(0) end)
+      local total = B.best(2, function() m:generate(short, { max_new_tokens = 16 }); ml.cuda.synchronize(0) end)
+      return 15 / math.max(total - prefill, 1e-9)
+   end
+   local r = { bf16 = tokens_per_s() }
+   ml.quantize(m)
+   r.int8 = tokens_per_s()
+   return r
+end)
+collectgarbage(); collectgarbage()
+B.emit({ "bench", "bf16_tokens_per_s", "int8_tokens_per_s", "int8_decode_speedup", "resident_note" }, {
+   bench = "cuda_llama_resident_decode", bf16_tokens_per_s = resident_ok and resident.bf16 or nil,
+   int8_tokens_per_s = resident_ok and resident.int8 or nil,
+   int8_decode_speedup = resident_ok and resident.int8 / resident.bf16 or nil,
+   resident_note = not resident_ok and ("resident run failed: " .. tostring(resident)):sub(1, 300) or nil,
 })

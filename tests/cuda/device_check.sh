@@ -2,7 +2,7 @@
 # The GPU check, for a lent GPU machine (see the device tool): sets up the carried Lua runtime,
 # makes sure libmoonload_cuda.so loads there (rebuilding it with that machine's nvcc if the one
 # built here does not), runs the #cuda specs and the GPU benchmarks, and prints a short table.
-# At most 7.5 minutes (its timeouts: specs 150 s, ceilings 60 s, Llama 240 s). Prepare on the
+# At most 8 minutes (its timeouts: specs 150 s, ceilings 60 s, Llama 270 s). Prepare on the
 # development machine with `make device-prep` (CUDA build, packed runtime in .device/runtime,
 # size check), then run with the carry it prints,
 #   [".device", "build/libmoonload.so", "build/libmoonload_cuda.so", "lua/moonload/cdef.lua"]:
@@ -53,7 +53,7 @@ grep -A4 '^not ok ' "$OUT/cuda_specs.tap" | head -60
 echo "== GPU benchmarks"
 export LUA_PATH="lua/?.lua;lua/?/init.lua;bench/lib/?.lua;;"
 timeout 60 luajit bench/cuda/ceilings.lua > "$OUT/ceilings.jsonl" 2>"$OUT/ceilings.err"; cat "$OUT/ceilings.jsonl"
-BENCH_PYTHON=${BENCH_PYTHON:-python3} timeout 240 luajit bench/cuda/llama_stream.lua > "$OUT/llama.jsonl" 2>"$OUT/llama.err"
+BENCH_PYTHON=${BENCH_PYTHON:-python3} timeout 270 luajit bench/cuda/llama_stream.lua > "$OUT/llama.jsonl" 2>"$OUT/llama.err"
 cat "$OUT/llama.jsonl"; tail -5 "$OUT/llama.err"
 
 echo
@@ -80,9 +80,13 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
                   r.streamed_tokens_per_s, r.in_place_tokens_per_s, r.speedup)
                or r.blocked_s and string.format("8 prompts of 512: %.3f s one forward each, %.3f s in a block schedule (%.2fx), %.3f s as one batch",
                   r.one_by_one_s, r.blocked_s, r.blocked_speedup, r.whole_s)
+               or r.int8_forward_s and string.format("int8 weights streamed: %.3f s per forward (%.2fx bfloat16's); floor %.3f s",
+                  r.int8_forward_s, r.int8_speedup, r.int8_floor_s)
+               or r.int8_decode_speedup and string.format("resident decode: %.1f tokens/s bfloat16, %.1f int8 (%.2fx)",
+                  r.bf16_tokens_per_s, r.int8_tokens_per_s, r.int8_decode_speedup)
                or r.skipped or "?"
             local notes = {}
-            for _, k in ipairs({ "pinned_note", "peer_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
+            for _, k in ipairs({ "pinned_note", "peer_note", "int8_note", "resident_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
             if #notes > 0 then v = v .. " (" .. table.concat(notes, "; ") .. ")" end
             print(string.format("| %s | %s |", r.bench, v))
          end
