@@ -342,6 +342,20 @@ describe("int8 weights on cuda #cuda", function()
       H.rmdir(folder)
    end)
 
+   it("quantizes before moving to the GPU also when the checkpoint's names are mapped (Gemma 3 multimodal)", function()
+      local dir = "tests/fixtures/models/gemma3_multimodal_tiny"
+      local want = ml.models.from_pretrained(dir, { quantize = "int8" })(ids)
+      local floats = 0
+      for _, p in ml.models.from_pretrained(dir):named_parameters() do floats = floats + p:nbytes() end
+      settle()
+      ml.reset_peak_memory(DEV)
+      local base = ml.memory_allocated(DEV)
+      local model = ml.models.from_pretrained(dir, { quantize = "int8", device_map = "auto", max_memory = { [0] = 10 ^ 8 } })
+      local _, peak = ml.memory_allocated(DEV)
+      assert.is_true(peak - base < floats / 2, string.format("peak %d of %d float bytes", peak - base, floats))
+      assert.is_true(rel(model(ids):cpu(), want) < 1e-4)
+   end)
+
    it("plans int8 sizes on a GPU budget, so more of the model fits there", function()
       local function on_gpu(opts)
          local folder = H.tmpdir()

@@ -416,6 +416,8 @@ function load(dir, opts)
       local device_map, reserved = big._plan_device_map(model, plan_opts, "from_pretrained")
       local cpu_reserved = big._apply_reserve(model, device_map, reserved)
       big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
+      -- (int8 here, on the CPU, so that layers bound for a GPU move there as int8)
+      if opts.quantize ~= nil then require("moonload.quantize").quantize(model) end
       return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
          offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
          preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })
