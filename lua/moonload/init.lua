@@ -88,7 +88,7 @@ local reexports = {
    cpu_offload = "moonload.big_modeling", cpu_offload_with_hook = "moonload.big_modeling",
    disk_offload = "moonload.big_modeling", dispatch_model = "moonload.big_modeling",
    load_checkpoint_and_dispatch = "moonload.big_modeling",
-   infer_auto_device_map = "moonload.utils", quantize = "moonload.quantize",
+   infer_auto_device_map = "moonload.utils", quantize = "moonload.quantize", save_model = "moonload.save",
 }
 
 setmetatable(ml, {

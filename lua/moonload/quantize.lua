@@ -187,6 +187,49 @@ local function quantize_offloaded(model, name, m, folder)
    return ql, nil, int8.weight:nbytes() + int8.weight_scale:nbytes(), w:nbytes(), reused
 end
 
+-- --- int8 checkpoints (ml.save_model, from_pretrained) --------------------------------------
+
+M.QUANT_METHOD = "moonload_q8"
+
+--- config_for(model) -> the quantization_config of a model with int8 layers (nil without):
+-- {quant_method = "moonload_q8", bits = 8, block_size = 32, modules = {names, in module order}}.
+function M.config_for(model)
+   local names = {}
+   for _, e in ipairs(model:named_modules_list()) do
+      if e[2].__name == "QuantizedLinear" then names[#names + 1] = e[1] end
+   end
+   if #names == 0 then return nil end
+   return { quant_method = M.QUANT_METHOD, bits = 8, block_size = QuantizedLinear.BLOCK, modules = names }
+end
+
+--- apply_config(model, qc, src, who): a model built from a config with quantization_config qc gets
+-- its listed linear layers as QuantizedLinear ones (on meta inside init_empty_weights), so the
+-- checkpoint's int8 weights and scales load into them. Other quantization methods are an error.
+function M.apply_config(model, qc, src, who)
+   if qc == nil then return model end
+   local method = type(qc) == "table" and qc.quant_method or nil
+   if method ~= M.QUANT_METHOD then
+      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 checkpoints ("%s") and quantizes float ones itself (quantize = "int8")',
+         who, src, tostring(method), M.QUANT_METHOD), 0)
+   end
+   if qc.block_size ~= QuantizedLinear.BLOCK or qc.bits ~= 8 or type(qc.modules) ~= "table" then
+      error(string.format("%s: quantization_config in %s must have bits 8, block_size %d and a list of modules",
+         who, src, QuantizedLinear.BLOCK), 0)
+   end
+   for _, name in ipairs(qc.modules) do
+      local ok, m = pcall(model.get_submodule, model, name)
+      if not ok or type(m) ~= "table" or not is_linear(m) then
+         error(string.format('%s: quantization_config in %s lists "%s", which is not a linear layer of the model',
+            who, src, tostring(name)), 0)
+      end
+      local parent, leaf = name:match("^(.*)%.([^.]+)$")
+      local owner = parent and model:get_submodule(parent) or model
+      local ql = QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil })
+      rawget(owner, "_modules"):set(leaf or name, ql)
+   end
+   return model
+end
+
 function M.quantize(model, opts)
    opts = opts or {}
    if type(model) ~= "table" or type(model.named_modules_list) ~= "function" then

@@ -101,6 +101,7 @@ function M.validate(raw, schema, src, who, level)
       cfg[key] = v
    end
    cfg._source = src
+   cfg._raw = raw               -- (as read: what ml.save_model writes back)
    return cfg
 end
 

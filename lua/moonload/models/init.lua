@@ -392,7 +392,8 @@ function load(dir, opts)
       if raw.model_type == "bert" then          -- sentence-transformers' pooling and normalization
          require("moonload.models.bert").read_sentence_transformers(model, dir)
       end
-      return model
+      -- an int8 checkpoint (ml.save_model): its linear layers are built as int8 ones
+      return require("moonload.quantize").apply_config(model, raw.quantization_config, src, "from_pretrained")
    end
 
    require("moonload.big_modeling")._check_reserve_for_map(opts, "from_pretrained", 3)

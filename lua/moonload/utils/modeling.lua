@@ -510,15 +510,7 @@ function M.load_state_dict(checkpoint_file, opts)
    return sd, keys
 end
 
-local function list_dir(path)
-   local p = io.popen("ls -1A " .. offload.shell_quote(path) .. " 2>/dev/null")
-   local out = {}
-   if p then
-      for line in p:lines() do out[#out + 1] = line end
-      p:close()
-   end
-   return out
-end
+local list_dir = offload.list_dir
 
 local function dirname(path)
    return path:match("^(.*)/[^/]*$") or "."

@@ -56,6 +56,17 @@ local function mkdir_p(path, fn)
 end
 M.mkdir_p = mkdir_p
 
+--- list_dir(path) -> the names in a folder (hidden ones too); {} when it cannot be read.
+function M.list_dir(path)
+   local p = io.popen("ls -1A " .. M.shell_quote(path) .. " 2>/dev/null")
+   local out = {}
+   if p then
+      for line in p:lines() do out[#out + 1] = line end
+      p:close()
+   end
+   return out
+end
+
 -- Writes `chunks` (strings or {ptr, n} byte ranges) to path through path.tmp + rename.
 local CHUNK = 64 * 1024 * 1024
 local function write_atomic(path, fn, writer)

@@ -1,0 +1,209 @@
+--- ml.save_model(model, dir[, {max_shard_size = "10GB"}]) -> the files written: a model as a
+-- Hugging Face folder that ml.models.from_pretrained (and transformers, for float models) loads:
+-- config.json (the model's config, its dtype, and quantization_config when it has int8 layers),
+-- and model.safetensors, or shards model-00001-of-0000N.safetensors with
+-- model.safetensors.index.json (Accelerate's save_model, whose default shard size this keeps).
+-- The weights are taken from wherever they are, one shard at a time: CPU tensors as they are
+-- (views of a mapped checkpoint included), GPU ones copied to the CPU, offloaded ones read from
+-- their hooks' weights maps (a disk weight is a view of its file), in the dtype the model
+-- computes with. A tensor tied to another (GPT-2's lm_head) is saved once, under its first name.
+-- Every file is written under a temporary name and renamed into place once all are written;
+-- files of an earlier save in dir that the new one does not have (other shards) are removed last.
+local Tensor = require("moonload.tensor")
+
+local M = {}
+local WHO = "save_model"
+
+-- JSON with sorted keys and two-space indents (as transformers writes config.json): saving the
+-- same model twice gives the same bytes. Arrays of scalars stay on one line.
+local function encode_json(v, indent)
+   local cjson = require("cjson")
+   if type(v) ~= "table" then return cjson.encode(v) end
+   indent = indent or ""
+   local inner, parts = indent .. "  ", {}
+   local n = #v
+   local count = 0
+   for _ in pairs(v) do count = count + 1 end
+   if n > 0 and n == count then
+      local flat = true
+      for i = 1, n do
+         parts[i] = encode_json(v[i], inner)
+         if type(v[i]) == "table" then flat = false end
+      end
+      if flat then return "[" .. table.concat(parts, ", ") .. "]" end
+      return "[\n" .. inner .. table.concat(parts, ",\n" .. inner) .. "\n" .. indent .. "]"
+   end
+   if count == 0 then return "{}" end
+   local keys = {}
+   for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+   table.sort(keys)
+   for i, k in ipairs(keys) do
+      local x = v[k]
+      if x == nil then x = v[tonumber(k)] end
+      parts[i] = cjson.encode(k) .. ": " .. encode_json(x, inner)
+   end
+   return "{\n" .. inner .. table.concat(parts, ",\n" .. inner) .. "\n" .. indent .. "}"
+end
+
+local function tmp_name(path) return string.format("%s.tmp-%d", path, math.random(1, 2 ^ 30)) end
+
+-- Writes text to path through a temporary name.
+local function write_text(path, text)
+   local tmp = tmp_name(path)
+   local f, err = io.open(tmp, "wb")
+   if not f then error(string.format("%s: cannot write %s (%s)", WHO, path, tostring(err)), 0) end
+   local ok, werr = f:write(text)
+   f:close()
+   if not ok then os.remove(tmp); error(string.format("%s: cannot write %s (%s)", WHO, path, tostring(werr)), 0) end
+   return tmp
+end
+
+-- The value to save for state-dict entry key (tensor t of module m, named leaf there): t on the
+-- CPU, or for a meta tensor what the module's hook would put there.
+local function value_of(key, t, m, leaf)
+   if not t:is_meta() then return t.device == "cpu" and t or t:to("cpu") end
+   local hooks = require("moonload.hooks")
+   local hook = rawget(m, "_hf_hook")
+   if hook ~= nil and hook.weights_map ~= nil then
+      local v = hooks.weights_map_get(hook.weights_map, leaf)
+      if Tensor.is_tensor(v) and not v:is_meta() then
+         if v.dtype ~= t.dtype then v = v:to(t.dtype) end                 -- (the raw checkpoint dtype)
+         return v.device == "cpu" and v or v:to("cpu")
+      end
+   end
+   local utils = require("moonload.utils")
+   if utils.has_offloaded_params(m) then                                   -- (a block's own hook)
+      local v = utils.align_module_device(m, { execution_device = "cpu" }, function()
+         local now = m[leaf]
+         return Tensor.is_tensor(now) and not now:is_meta() and now:clone() or nil
+      end)
+      if v then return v end
+   end
+   error(string.format('%s: "%s" is on the meta device and no hook holds its weights', WHO, key), 0)
+end
+
+-- The dtype the model computes with: that of its first floating parameter other than int8 scales.
+local FLOATING = { float32 = true, float16 = true, bfloat16 = true, float64 = true }
+local function model_dtype(model)
+   for name, p in model:named_parameters() do
+      if FLOATING[p.dtype] and not name:find("weight_scale$") then return p.dtype end
+   end
+   return nil
+end
+
+-- The config to write: the model's as read (model.config._raw), with its dtype and its int8 layers.
+local function config_of(model)
+   local cfg = rawget(model, "config") or model.config
+   local raw = type(cfg) == "table" and cfg._raw or nil
+   if type(raw) ~= "table" then
+      error(WHO .. ": the model has no config read from a config.json or table (build it with ml.models)", 0)
+   end
+   local out = {}
+   for k, v in pairs(raw) do out[k] = v end
+   local dtype = model_dtype(model)
+   if dtype then out.dtype, out.torch_dtype = dtype, dtype end
+   out.quantization_config = require("moonload.quantize").config_for(model)
+   return out
+end
+
+local function check_args(model, dir, opts)
+   if type(model) ~= "table" or type(model.state_dict) ~= "function" then
+      error(WHO .. ": model must be an nn.Module, got " .. type(model), 3)
+   end
+   if type(dir) ~= "string" or dir == "" then error(WHO .. ": dir must be a folder path, got " .. type(dir), 3) end
+   if type(opts) ~= "table" then error(WHO .. ": options must be a table {max_shard_size}, got " .. type(opts), 3) end
+   for k in pairs(opts) do
+      if k ~= "max_shard_size" then
+         error(string.format('%s: unknown option "%s" (expected max_shard_size)', WHO, tostring(k)), 3)
+      end
+   end
+end
+
+-- Groups the entries (in state-dict order) into shards of at most max bytes (a larger tensor
+-- alone), as transformers' and Accelerate's sharding does.
+local function plan_shards(entries, max)
+   local shards, current, size = {}, {}, 0
+   for _, e in ipairs(entries) do
+      if size + e.bytes > max and #current > 0 then
+         shards[#shards + 1] = current
+         current, size = {}, 0
+      end
+      current[#current + 1] = e
+      size = size + e.bytes
+   end
+   if #current > 0 or #shards == 0 then shards[#shards + 1] = current end
+   return shards
+end
+
+local function is_weights_file(name)
+   return name == "model.safetensors" or name == "model.safetensors.index.json"
+      or name:match("^model%-%d+%-of%-%d+%.safetensors$") ~= nil
+end
+
+function M.save_model(model, dir, opts)
+   opts = opts or {}
+   check_args(model, dir, opts)
+   local max = require("moonload.utils.sizes").parse_size(opts.max_shard_size or "10GB", WHO)
+   dir = dir:gsub("/+$", "")
+   local config = config_of(model)
+   local sd, keys = model:state_dict({ keep_vars = true })
+   local entries, seen, total = {}, {}, 0
+   for _, key in ipairs(keys) do
+      local t = sd[key]
+      if not seen[t] then                                 -- tied: the first name keeps it
+         seen[t] = true
+         local path, leaf = key:match("^(.*)%.([^.]+)$")
+         local bytes = t:numel() * t:element_size()
+         entries[#entries + 1] = { key = key, tensor = t, module = path and model:get_submodule(path) or model,
+                                   leaf = leaf or key, bytes = bytes }
+         total = total + bytes
+      end
+   end
+   local shards = plan_shards(entries, max)
+   require("moonload.utils.offload").mkdir_p(dir, WHO)
+
+   local written, pending = {}, {}                        -- final names; {tmp, final} to rename
+   local ok, err = pcall(function()
+      local weight_map = {}
+      for i, shard in ipairs(shards) do
+         local name = #shards == 1 and "model.safetensors"
+            or string.format("model-%05d-of-%05d.safetensors", i, #shards)
+         local tensors = {}
+         for _, e in ipairs(shard) do
+            tensors[e.key] = value_of(e.key, e.tensor, e.module, e.leaf)
+            weight_map[e.key] = name
+         end
+         local tmp = tmp_name(dir .. "/" .. name)
+         pending[#pending + 1] = { tmp, dir .. "/" .. name }
+         require("moonload.safetensors").save_file(tensors, tmp, { format = "pt" })
+         tensors = nil
+         collectgarbage()                                 -- (a shard's CPU copies of GPU weights)
+         written[#written + 1] = name
+      end
+      if #shards > 1 then
+         local index = encode_json({ metadata = { total_size = total }, weight_map = weight_map }) .. "\n"
+         pending[#pending + 1] = { write_text(dir .. "/model.safetensors.index.json", index),
+                                   dir .. "/model.safetensors.index.json" }
+         written[#written + 1] = "model.safetensors.index.json"
+      end
+      pending[#pending + 1] = { write_text(dir .. "/config.json", encode_json(config) .. "\n"), dir .. "/config.json" }
+      written[#written + 1] = "config.json"
+   end)
+   if not ok then
+      for _, p in ipairs(pending) do os.remove(p[1]) end
+      error(tostring(err), 2)
+   end
+   for _, p in ipairs(pending) do
+      local rok, rerr = os.rename(p[1], p[2])
+      if not rok then error(string.format("%s: cannot rename %s to %s (%s)", WHO, p[1], p[2], tostring(rerr)), 2) end
+   end
+   -- an earlier save's weights files that this one does not have
+   local keep = {}
+   for _, name in ipairs(written) do keep[name] = true end
+   for _, name in ipairs(require("moonload.utils.offload").list_dir(dir)) do
+      if is_weights_file(name) and not keep[name] then os.remove(dir .. "/" .. name) end
+   end
+   return written
+end
+
+return M
