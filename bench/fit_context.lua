@@ -6,7 +6,10 @@
 -- Reported for each, in the same run: the bytes the map put per device, the peak resident memory
 -- from just before loading (VmHWM after /proc/self/clear_refs; mapped checkpoint pages count),
 -- its ratio to the budget, seconds, and whether row 0's tokens equal transformers'. moonload runs
--- twice, each in its own process: with Accelerate's plan (no reserve_for) and with reserve_for.
+-- three times, each in its own process: with Accelerate's plan (no reserve_for), with
+-- reserve_for, and with reserve_for and an int8 key-value cache (kv_cache_dtype = "int8", 151 MB
+-- instead of 537: more layers stay in RAM; reported with how many of row 0's tokens agree with the
+-- float cache's).
 -- Environment: BENCH_PYTHON (default /opt/ref/bin/python), BENCH_THREADS (default: all cores).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
@@ -17,14 +20,15 @@ local dir = ".bench/fit-context-llama"
 local BUDGET, BATCH, PROMPT, NEW = "800MB", 32, 16, 240
 local threads = tonumber(os.getenv("BENCH_THREADS") or "") or B.nproc()
 
--- One variant in this process: "plan" (Accelerate's) or "reserve" (reserve_for).
+-- One variant in this process: "plan" (Accelerate's), "reserve" (reserve_for) or "reserve_int8".
 local function run(variant)
    ml.set_num_threads(threads)
    local folder = os.tmpname()
    os.remove(folder)
    local base = B.reset_peak_rss()
    local opts = { device_map = "auto", max_memory = { cpu = BUDGET }, offload_folder = folder }
-   if variant == "reserve" then opts.reserve_for = { batch_size = BATCH, max_length = PROMPT + NEW, prompt_length = PROMPT } end
+   if variant ~= "plan" then opts.reserve_for = { batch_size = BATCH, max_length = PROMPT + NEW, prompt_length = PROMPT } end
+   if variant == "reserve_int8" then opts.reserve_for.kv_cache_dtype = "int8" end
    local model = ml.models.from_pretrained(dir, opts)
    local sizes = ml.utils.compute_module_sizes(model)
    local per_device = {}
@@ -50,24 +54,28 @@ end
 local budget_mb = ml.utils.convert_file_size_to_int(BUDGET) / 2 ^ 20
 local luajit = os.getenv("LUAJIT") or "luajit"
 local result = { bench = "fit_context", budget = BUDGET, batch = BATCH, prompt = PROMPT, new_tokens = NEW, threads = threads }
-for _, variant in ipairs({ "plan", "reserve" }) do
+local KEYS = { plan = "moonload_accelerate_plan", reserve = "moonload_reserve_for", reserve_int8 = "moonload_int8_cache" }
+for _, variant in ipairs({ "plan", "reserve", "reserve_int8" }) do
    local r, rerr = B.run_json(luajit .. " bench/fit_context.lua --variant " .. variant, true)
    if not r then error("moonload " .. variant .. " failed: " .. tostring(rerr)) end
    r.peak_over_budget = r.peak_rss_mb / budget_mb
-   result[variant == "plan" and "moonload_accelerate_plan" or "moonload_reserve_for"] = r
+   result[KEYS[variant]] = r
 end
+local agree, float_ids = 0, result.moonload_reserve_for.generated
+for i, id in ipairs(result.moonload_int8_cache.generated) do if float_ids[i] == id then agree = agree + 1 end end
+result.moonload_int8_cache.tokens_agreeing_with_float_cache = agree
 local peer, perr = B.run_peer(string.format("bench/fit_context_peer.py generate --dir %s --max-memory %s --batch %d --prompt %d --new %d --threads %d",
    dir, BUDGET, BATCH, PROMPT, NEW, threads))
 if peer then
    peer.peak_over_budget = peer.peak_rss_mb / budget_mb
    result.accelerate = peer
-   for _, k in ipairs({ "moonload_accelerate_plan", "moonload_reserve_for" }) do
+   for _, k in ipairs({ "moonload_accelerate_plan", "moonload_reserve_for", "moonload_int8_cache" }) do
       result[k].same_tokens = cjson.encode(peer.generated) == cjson.encode(result[k].generated)
    end
 else
    result.peer_error = perr
 end
-for _, k in ipairs({ "moonload_accelerate_plan", "moonload_reserve_for", "accelerate" }) do
+for _, k in ipairs({ "moonload_accelerate_plan", "moonload_reserve_for", "moonload_int8_cache", "accelerate" }) do
    if result[k] then result[k].generated = nil end
 end
 print(cjson.encode(result))

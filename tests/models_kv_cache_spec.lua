@@ -102,3 +102,176 @@ describe("generate with kv_cache_device", function()
       assert.truthy(err:find("generate: kv_cache_device cuda:7 does not exist", 1, true), err)
    end)
 end)
+
+describe("int8 key-value cache", function()
+   local F = ml.nn.F
+
+   it("stores int8 and a scale per block of the head dim, and hands out what was stored", function()
+      ml.manual_seed(7)
+      local c = KVCache.new(1, 8, nil, "int8")
+      local k1, v1 = ml.randn(2, 3, 5, 64), ml.randn(2, 3, 5, 64)
+      local k8, v8 = c:update(1, k1, v1)
+      c:advance(5)
+      assert.are.equal("int8", c.k[1].dtype)
+      assert.are.same({ 2, 3, 8, 2 }, c.ks[1].shape)                     -- 64 = 2 blocks of 32
+      -- int8 views of the slots seen, carrying their scales; floats on request
+      assert.are.equal("int8", k8.dtype)
+      assert.are.same({ 2, 3, 5, 64 }, k8.shape)
+      local k, v = KVCache.floats(k8, "float32"), KVCache.floats(v8, "float32")
+      assert.are.equal("float32", k.dtype)
+      assert.are.equal(k1, KVCache.floats(k1, "float32"))
+      -- each value within half its block's scale, the scale being the block's max |x| / 127
+      local err = (k - k1):abs():view(2, 3, 5, 2, 32):max(5)
+      local half = k1:abs():view(2, 3, 5, 2, 32):max(5) / 254
+      assert.are.equal(2 * 3 * 5 * 2, err:le(half + 1e-7):sum():item())
+      assert.is_true(ml.equal(v, F.dequantize_q8(c.v[1]:narrow(3, 1, 5), c.vs[1]:narrow(3, 1, 5))))
+      -- a step appended: the first 5 come back as they were
+      local k2 = ml.randn(2, 3, 1, 64)
+      local kk = KVCache.floats((c:update(1, k2, k2)), "float32")
+      assert.is_true(ml.equal(kk:narrow(3, 1, 5), k))
+      assert.are.equal(2 * (2 * 3 * 8 * 64) + 2 * (2 * 3 * 8 * 2 * 4), c:nbytes())
+      assert.are.equal("KVCache(layers=1, length=5, dtype=int8)", tostring(c))
+      -- blocks of the largest width up to 32 dividing the head dim
+      assert.are.same({ 32, 8, 20, 1 }, { KVCache.q8_block(128), KVCache.q8_block(8), KVCache.q8_block(80), KVCache.q8_block(37) })
+      assert.are.equal(1.125, KVCache.value_bytes("int8", 128, 2))
+      assert.are.equal(2, KVCache.value_bytes(nil, 128, 2))
+   end)
+
+   it("slides a window and grows with its scales", function()
+      local c = KVCache.new(1, 100, nil, "int8")
+      local function step(from, n)
+         local k = ml.arange(from, from + n, { dtype = "float32" }):view(1, 1, n, 1) + 1
+         local kk = c:update(1, k, k * 10, 3)
+         c:advance(n)
+         return KVCache.floats(kk, "float32")
+      end
+      step(0, 5)
+      local k
+      for p = 5, 40 do k = step(p, 1) end
+      for i, x in ipairs(k:view(3):tolist()) do assert.is_true(math.abs(x - (38 + i)) < 1e-4, tostring(x)) end
+      assert.are.equal(11, c.k[1]:size(3))
+      assert.are.equal(11, c.ks[1]:size(3))
+      local g = KVCache.new(1, 2, nil, "int8")
+      local a, b = ml.randn(1, 1, 2, 32), ml.randn(1, 1, 3, 32)
+      local ka = KVCache.floats((g:update(1, a, a)), "float32")
+      g:advance(2)
+      local kb = KVCache.floats((g:update(1, b, b)), "float32")
+      assert.is_true(ml.equal(kb:narrow(3, 1, 2), ka))
+   end)
+
+   -- int8 keys and values (B, Hk, S, D) as a cache hands them out
+   local function q8_views(x, block)
+      local D = x:size(4)
+      local q = ml.empty(x.shape, { dtype = "int8", device = x.device })
+      local sshape = x.shape
+      sshape[4] = D / block
+      local s = ml.empty(sshape, { device = x.device })
+      F.quantize_q8_into(x, q, s)
+      rawset(q, "_q8_scales", s)
+      return q
+   end
+
+   it("attends over int8 keys and values as over their dequantized floats", function()
+      local common = require("moonload.models.common")
+      ml.manual_seed(9)
+      -- head dims in blocks of 32, 8 and 20 (no SIMD), grouped heads, masks, causal, bfloat16
+      for _, c in ipairs({ { 64, 32, 1 }, { 16, 8, 4 }, { 40, 20, 3 }, { 64, 32, 20 }, { 64, 32, 40 } }) do
+         local D, block, L = c[1], c[2], c[3]
+         local q, k, v = ml.randn(2, 4, L, D), ml.randn(2, 2, 9, D), ml.randn(2, 2, 9, D)
+         local k8, v8 = q8_views(k, block), q8_views(v, block)
+         local kf, vf = KVCache.floats(k8, "float32"), KVCache.floats(v8, "float32")
+         local pad = ml.ones({ 2, 9 }, { dtype = "bool" })
+         pad[{ 1, 1 }] = false
+         local mask = common.padded_causal_mask(pad, L, 9)
+         for _, m in ipairs({ { nil, false }, { mask, false }, { nil, L > 1 } }) do
+            local want = common.attention(q, kf, vf, m[1], m[2], 0.3)
+            local got = common.attention(q, k8, v8, m[1], m[2], 0.3)
+            assert.is_true(((got - want):abs():max()):item() < 1e-5, table.concat(c, " "))
+         end
+         local gb = common.attention(q:to("bfloat16"), k8, v8, mask, false, 0.3)
+         assert.are.equal("bfloat16", gb.dtype)
+         local want = common.attention(q, kf, vf, mask, false, 0.3)
+         assert.is_true(((gb:to("float32") - want):abs():max()):item() < 0.03)
+      end
+      local ok, err = pcall(function()
+         local C = require("moonload.C")
+         local k8 = q8_views(ml.randn(1, 1, 4, 32), 32)
+         C.check(C.lib.ml_sdpa_q8(ml.randn(1, 1, 1, 32)._c, k8._c, ml.ones(1, 1, 4, 3)._c, k8._c,
+            rawget(k8, "_q8_scales")._c, nil, false, 0, C.ffi.new("ml_tensor*[1]")))
+      end)
+      assert.is_false(ok)
+      assert.truthy(err:find("sdpa_q8: key int8 [1, 1, 4, 32] with scales float32 [1, 1, 4, 3]", 1, true), err)
+   end)
+
+   local families = { "llama_tiny_untied", "gpt2_tiny", "gpt_neox_tiny", "phi_tiny", "mistral_tiny", "gemma2_tiny",
+                      "qwen3_moe_tiny" }
+   for _, name in ipairs(families) do
+      it(name .. " decodes with an int8 cache close to its float cache", function()
+         local model = ml.models.from_pretrained("tests/fixtures/models/" .. name)
+         local function steps(dtype)
+            local cache = model:new_cache(16, nil, dtype)
+            local out = { model(ml.tensor({ { 5, 17, 42, 3, 8 } }, { dtype = "int64" }), { cache = cache }) }
+            for _, t in ipairs({ 7, 11, 2, 9 }) do
+               out[#out + 1] = model(ml.tensor({ { t } }, { dtype = "int64" }), { cache = cache })
+            end
+            return out, cache
+         end
+         local want, float_cache = steps(nil)
+         local got, int8_cache = steps("int8")
+         -- (the prompt too attends to what the cache stored)
+         for i = 1, #want do
+            local r = ((got[i] - want[i]):abs():max() / want[i]:abs():max()):item()
+            -- a value moves by at most 1/254 of its block's largest; through two layers of a tiny
+            -- random model that is 0.2-6% of the largest logit (a MoE router may pick another expert)
+            assert.is_true(r > 0 and r < 0.1, string.format("step %d: %.4f", i, r))
+         end
+         assert.is_true(int8_cache:nbytes() < float_cache:nbytes() / 2)
+      end)
+   end
+
+   it("gives the same tokens in a block schedule, and names what it cannot hold", function()
+      local model = ml.models.from_pretrained("tests/fixtures/models/llama_tiny_untied")
+      local prompts = { { 5, 17, 42, 3 }, { 9, 8, 7, 6 } }
+      local want = model:generate(prompts, { max_new_tokens = 5, kv_cache_dtype = "int8" })
+      assert.are.same(want, model:generate(prompts, { max_new_tokens = 5, kv_cache_dtype = "int8", micro_batch_size = 1,
+         prefill_chunk_size = 2 }))
+      local ok, err = pcall(model.generate, model, { 1, 2 }, { kv_cache_dtype = "int4" })
+      assert.is_false(ok)
+      assert.truthy(err:find('generate: kv_cache_dtype must be "int8" (or nil: the computing dtype), got int4', 1, true), err)
+      model:to("float64")
+      ok, err = pcall(model.generate, model, { 1, 2 }, { kv_cache_dtype = "int8" })
+      assert.is_false(ok)
+      assert.truthy(err:find("KVCache: an int8 cache holds float32, float16 or bfloat16 keys and values, got float64", 1, true), err)
+   end)
+end)
+
+describe("int8 key-value cache on cuda #cuda", function()
+   local F = ml.nn.F
+   local DEV = "cuda:0"
+
+   it("quantizes into strided slots on the device to the CPU's bytes, and dequantizes to its values", function()
+      ml.manual_seed(8)
+      local x = ml.randn(2, 3, 5, 40)
+      for _, dt in ipairs({ "float32", "bfloat16" }) do
+         local q, s = ml.zeros({ 2, 3, 9, 40 }, { dtype = "int8" }), ml.zeros(2, 3, 9, 2)
+         local qd, sd = q:to(DEV), s:to(DEV)
+         F.quantize_q8_into(x:to(dt), q:narrow(3, 3, 5), s:narrow(3, 3, 5))
+         F.quantize_q8_into(x:to(dt):to(DEV), qd:narrow(3, 3, 5), sd:narrow(3, 3, 5))
+         assert.is_true(ml.equal(qd:cpu(), q), dt)
+         assert.is_true(ml.equal(sd:cpu(), s), dt)
+         local want = F.dequantize_q8(q:narrow(3, 3, 5), s:narrow(3, 3, 5), dt)
+         local got = F.dequantize_q8(qd:narrow(3, 3, 5), sd:narrow(3, 3, 5), dt)
+         assert.are.equal(DEV, got.device)
+         assert.is_true(ml.equal(got:cpu(), want), dt)
+      end
+   end)
+
+   it("generates the CPU's tokens with the int8 cache on the GPU, and in host memory", function()
+      local dir = "tests/fixtures/models/mistral_tiny"
+      local prompts = { { 5, 17, 42, 3 }, { 9, 8, 7, 6 } }
+      local want = ml.models.from_pretrained(dir):generate(prompts, { max_new_tokens = 6, kv_cache_dtype = "int8" })
+      local model = ml.models.from_pretrained(dir):to(DEV)
+      assert.are.same(want, model:generate(prompts, { max_new_tokens = 6, kv_cache_dtype = "int8" }))
+      assert.are.same(want, model:generate(prompts, { max_new_tokens = 6, kv_cache_dtype = "int8", kv_cache_device = "cpu" }))
+   end)
+end)

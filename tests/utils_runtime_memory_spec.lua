@@ -45,6 +45,18 @@ describe("utils.runtime_memory", function()
                end
             end
             assert.are.equal(#names, i)
+            -- an int8 cache: int8 values and their float32 scales, as allocated
+            local int8 = rm.kv_cache_sizes(model, { batch_size = B, max_length = max_length, prompt_length = P,
+               kv_cache_dtype = "int8" })
+            local c8 = model:new_cache(max_length, nil, "int8")
+            model(prompts(model, B, P), { cache = c8 })
+            i = 0
+            for n in model:named_modules() do
+               if sizes[n] then
+                  i = i + 1
+                  assert.are.equal(c8.k[i]:nbytes() + c8.v[i]:nbytes() + c8.ks[i]:nbytes() + c8.vs[i]:nbytes(), int8[n], n)
+               end
+            end
             -- the sliding layers (windows of 3 to 5 tokens in the fixtures) keep 5 + 2 windows, not 40
             local windows = { mistral_tiny = 2, qwen2_tiny = 1, qwen3_tiny = 1, phi3_tiny = 2, gemma2_tiny = 2,
                               gemma3_tiny = 2, gemma3_multimodal_tiny = 2, starcoder2_tiny = 2 }
@@ -104,6 +116,7 @@ describe("utils.runtime_memory", function()
             { { max_length = 8, context = 4 }, 'unknown key "context"' },
             { { max_length = 8, micro_batch_size = 0 }, "micro_batch_size must be an integer >= 1, got 0" },
             { { max_length = 8, prefill_chunk_size = "4" }, "prefill_chunk_size must be an integer >= 1, got 4" },
+            { { max_length = 8, kv_cache_dtype = "int4" }, 'kv_cache_dtype must be "int8" (or absent: the computing dtype), got int4' },
          }
          for _, c in ipairs(cases) do
             local ok, err = pcall(u.runtime_memory_sizes, model, c[1])
@@ -117,6 +130,12 @@ describe("utils.runtime_memory", function()
 
       it("scales the cache with batch, length and dtype", function()
          local one = sum(u.kv_cache_sizes(model, { max_length = 10 }))
+         -- int8: head dim 8, one scale per 8 values (1.5 bytes a value where float32 takes 4)
+         assert.are.equal(one * 1.5 / 4, sum(u.kv_cache_sizes(model, { max_length = 10, kv_cache_dtype = "int8" })))
+         -- its workspace also holds a layer's keys and values dequantized for attention
+         local _, w = u.runtime_memory_sizes(model, { max_length = 10 })
+         local _, w8 = u.runtime_memory_sizes(model, { max_length = 10, kv_cache_dtype = "int8" })
+         assert.is_true(w8.gpu > w.gpu)
          assert.are.equal(3 * 7 * one, sum(u.kv_cache_sizes(model, { batch_size = 3, max_length = 70 })))
          assert.are.equal(one / 2, sum(u.kv_cache_sizes(model, { max_length = 10, dtype = "bfloat16" })))
       end)
@@ -321,6 +340,24 @@ describe("from_pretrained with reserve_for", function()
       ok, err = pcall(plan, { max_length = 64, kv_cache_device = "disk" })
       assert.is_false(ok)
       assert.truthy(err:find('kv_cache_device must be "cpu" or a GPU ("cuda:N" or N), got disk', 1, true), err)
+   end)
+
+   it("plans an int8 cache and generates with it", function()
+      local dir = H.tmpdir()
+      local r = { batch_size = 2, max_length = 40, prompt_length = 10, kv_cache_dtype = "int8" }
+      local model = models.from_pretrained(H.FIX .. "/" .. name, { device_map = "auto", reserve_for = r,
+         offload_folder = dir })
+      assert.are.equal("int8", model.reserved_for.kv_cache_dtype)
+      local made = {}
+      local new_cache = model.new_cache
+      model.new_cache = function(self, cap, dev, dtype)
+         made[#made + 1] = dtype
+         return new_cache(self, cap, dev, dtype)
+      end
+      local ids, mask = prompts(model, 2, 10)
+      model:generate(ids, { max_new_tokens = 3, attention_mask = mask })
+      assert.are.same({ "int8" }, made)
+      H.rmdir(dir)
    end)
 
    it("runs generate in the block schedule it planned for, unless told otherwise", function()

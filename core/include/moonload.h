@@ -228,6 +228,12 @@ ML_API ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **s
 /* x (..., in) @ (q * scales)^T + b(out), computed in float32; out has x's dtype (float64: float32). */
 ML_API ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                               ml_tensor **out);
+/* int8 rows of any tensor (the key-value cache): x (..., D) floating into q (..., D) int8 and
+   scales (..., D / block) float32, views allowed (a cache's slots), a scale per block of the last
+   dim as above; dequantize_q8 gives them back as a new contiguous tensor of dtype (float32,
+   float16, bfloat16). */
+ML_API ml_status ml_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);
+ML_API ml_status ml_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */
 ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out);
 /* Normalises over the last nnorm dims; w and b may be NULL. */
@@ -237,6 +243,13 @@ ML_API ml_status ml_rms_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, 
    to (..., L, S); scale <= 0 means 1/sqrt(E). is_causal uses the top-left aligned lower triangle. */
 ML_API ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                          bool is_causal, double scale, ml_tensor **out);
+/* ml_sdpa over int8 keys and values (an int8 key-value cache): k (..., S, E) and v (..., S, Ev)
+   int8 with a contiguous last dim, their float32 scales (..., S, E / block) and (..., S, Ev /
+   block); the same result as ml_sdpa over the dequantized k and v, reading the int8 bytes (on a
+   GPU, dequantized into scratch first). q float32, float16 or bfloat16. */
+ML_API ml_status ml_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
+                            const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
+                            ml_tensor **out);
 /* Rotary position embedding, rotate-half form (transformers' Llama): x * cos + rotate_half(x) * sin
    with rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]); cos and sin broadcast to x's shape. */
 ML_API ml_status ml_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor **out);

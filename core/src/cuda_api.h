@@ -77,6 +77,9 @@ typedef struct ml_cuda_api {
   ml_status (*quantize_q8)(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
   ml_status (*q8_linear)(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                          ml_tensor *out);
+  /* int8 rows (the key-value cache): shapes checked, any strides; out contiguous, allocated. */
+  ml_status (*quantize_q8_into)(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);
+  ml_status (*dequantize_q8)(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

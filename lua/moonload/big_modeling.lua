@@ -604,7 +604,8 @@ local function apply_reserve(model, device_map, reserved)
    end
    local r = reserved.reserve_for
    rawset(model, "reserved_for", { batch_size = r.batch_size, max_length = r.max_length, prompt_length = r.prompt_length,
-      micro_batch_size = r.micro_batch_size, prefill_chunk_size = r.prefill_chunk_size, kv_cache_device = r.kv_cache_device })
+      micro_batch_size = r.micro_batch_size, prefill_chunk_size = r.prefill_chunk_size, kv_cache_device = r.kv_cache_device,
+      kv_cache_dtype = r.kv_cache_dtype })
    return cpu_reserved
 end
 M._apply_reserve = apply_reserve

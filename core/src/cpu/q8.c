@@ -4,7 +4,9 @@
    ml_q8_linear multiplies. Decoding (at most 4 rows) reads each weight byte once and widens it in
    registers: a quarter of float32's bytes, half of bfloat16's. More rows widen panels of output
    columns into float32 (bfloat16 for a bfloat16 input on an AVX512-BF16 CPU) and go through the
-   GEMM. Tensors on a GPU go to the CUDA backend (cuda/q8.cu), which keeps this layout. */
+   GEMM. ml_quantize_q8_into and ml_dequantize_q8 round rows of any tensor the same way, in blocks
+   of any width along the last dim, into strided slots (the int8 key-value cache). Tensors on a
+   GPU go to the CUDA backend (cuda/q8.cu), which keeps these layouts. */
 #include "cpu/gemm.h"
 #include "cpu/rows.h"
 
@@ -295,6 +297,129 @@ done:
   free(a);
   ml_aligned_free(panel);
   ml_tensor_release(xc);
+  if (st) { ml_tensor_release(o); return st; }
+  *out = o;
+  return ML_OK;
+}
+
+// --- rows of any tensor, blocks of any width (the key-value cache) --------------------------------
+
+/* Element offset of outer row r (the dims before the last) in t. */
+static int64_t outer_row_offset(const ml_tensor *t, int64_t r) {
+  int64_t off = 0;
+  for (int d = t->ndim - 2; d >= 0; d--) {
+    int64_t n = t->shape[d];
+    off += (r % n) * t->strides[d];
+    r /= n;
+  }
+  return off;
+}
+
+typedef struct {
+  const ml_tensor *x, *q, *scales;
+  ml_tensor *out;              /* dequantize: contiguous */
+  int64_t D, block;
+} rows_job;
+
+static void quantize_rows_of(void *ctx, int64_t begin, int64_t end) {
+  const rows_job *j = ctx;
+  int64_t D = j->D, b = j->block, nb = D / b;
+  float row[ML_BLOCK];
+  size_t xe = ml_dtype_size(j->x->dtype);
+  int8_t *qd = ml_tensor_data(j->q);
+  float *sd = ml_tensor_data(j->scales);
+  int64_t xs = j->x->strides[j->x->ndim - 1], qs = j->q->strides[j->q->ndim - 1];
+  int64_t ss = j->scales->strides[j->scales->ndim - 1];
+  for (int64_t r = begin; r < end; r++) {
+    const uint8_t *xr = (const uint8_t *)ml_tensor_data(j->x) + outer_row_offset(j->x, r) * (int64_t)xe;
+    int8_t *qr = qd + outer_row_offset(j->q, r);
+    float *sr = sd + outer_row_offset(j->scales, r);
+    for (int64_t k = 0; k < nb; k++) {
+      ml_row_load(row, ML_FLOAT32, xr + k * b * xs * (int64_t)xe, j->x->dtype, b, xs);
+      float amax = 0;
+      for (int64_t i = 0; i < b; i++) amax = fmaxf(amax, fabsf(row[i]));
+      float inv = amax > 0 ? 127.0f / amax : 0.0f;       /* the weights' rounding (quant_rows) */
+      for (int64_t i = 0; i < b; i++) qr[(k * b + i) * qs] = (int8_t)lrintf(row[i] * inv);
+      sr[k * ss] = amax / 127.0f;
+    }
+  }
+}
+
+static void dequantize_rows_of(void *ctx, int64_t begin, int64_t end) {
+  const rows_job *j = ctx;
+  int64_t D = j->D, b = j->block;
+  float row[ML_BLOCK];
+  const int8_t *qd = ml_tensor_data(j->q);
+  const float *sd = ml_tensor_data(j->scales);
+  int64_t qs = j->q->strides[j->q->ndim - 1], ss = j->scales->strides[j->scales->ndim - 1];
+  size_t oe = ml_dtype_size(j->out->dtype);
+  for (int64_t r = begin; r < end; r++) {
+    const int8_t *qr = qd + outer_row_offset(j->q, r);
+    const float *sr = sd + outer_row_offset(j->scales, r);
+    for (int64_t k0 = 0; k0 < D; k0 += ML_BLOCK) {
+      int64_t n = D - k0 < ML_BLOCK ? D - k0 : ML_BLOCK;
+      for (int64_t i = 0; i < n; i++) row[i] = (float)qr[(k0 + i) * qs] * sr[(k0 + i) / b * ss];
+      ml_convert_fast(row, ML_FLOAT32, (uint8_t *)ml_tensor_data(j->out) + (r * D + k0) * (int64_t)oe, j->out->dtype, n);
+    }
+  }
+}
+
+/* The shapes quantize_q8_into and dequantize_q8 share: q (..., D) int8, scales (..., D / block)
+   float32 with the same leading dims; sets *block. */
+static ml_status check_rows(const char *fn, const ml_tensor *q, const ml_tensor *scales, int64_t *block) {
+  char sq[ML_SHAPE_BUF], ss[ML_SHAPE_BUF];
+  bool ok = q->dtype == ML_INT8 && scales->dtype == ML_FLOAT32 && q->ndim >= 1 && q->ndim == scales->ndim;
+  for (int d = 0; ok && d < q->ndim - 1; d++) ok = q->shape[d] == scales->shape[d];
+  int64_t D = ok ? q->shape[q->ndim - 1] : 0, nb = ok ? scales->shape[q->ndim - 1] : 0;
+  ok = ok && nb > 0 && D % nb == 0 && D / nb <= ML_BLOCK;
+  if (!ok)
+    return ml_fail(ML_EINVAL, "%s: int8 values %s %s and float32 scales %s %s do not go together (scales (..., D / block), "
+                   "a block of at most %d dividing D)", fn, ml_dtype_name(q->dtype), ml_shape_str(q->ndim, q->shape, sq, sizeof sq),
+                   ml_dtype_name(scales->dtype), ml_shape_str(scales->ndim, scales->shape, ss, sizeof ss), ML_BLOCK);
+  *block = D / nb;
+  return ML_OK;
+}
+
+ml_status ml_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales) {
+  char sx[ML_SHAPE_BUF], sq[ML_SHAPE_BUF];
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("quantize_q8_into", 3, (const ml_tensor *[]){x, q, scales},
+                     (const char *[]){"the input", "the int8 values", "the scales"}, &cu));
+  if (cu && !cu->quantize_q8_into) return ml_no_cuda_kernel("quantize_q8_into", x);
+  int64_t block;
+  ML_TRY(check_rows("quantize_q8_into", q, scales, &block));
+  bool same = x->ndim == q->ndim && ml_dtype_is_floating(x->dtype);
+  for (int d = 0; same && d < x->ndim; d++) same = x->shape[d] == q->shape[d];
+  if (!same)
+    return ml_fail(ML_EINVAL, "quantize_q8_into: input %s %s does not fit int8 values of shape %s (a floating tensor of that shape)",
+                   ml_dtype_name(x->dtype), ml_shape_str(x->ndim, x->shape, sx, sizeof sx),
+                   ml_shape_str(q->ndim, q->shape, sq, sizeof sq));
+  if (cu) return cu->quantize_q8_into(x, q, scales);
+  int64_t D = x->shape[x->ndim - 1], rows = D ? ml_tensor_numel(x) / D : 0;
+  rows_job j = {x, q, scales, NULL, D, block};
+  ml_parallel_for(rows, D * 4, quantize_rows_of, &j);
+  return ML_OK;
+}
+
+ml_status ml_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out) {
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("dequantize_q8", 2, (const ml_tensor *[]){q, scales},
+                     (const char *[]){"the int8 values", "the scales"}, &cu));
+  if (cu && !cu->dequantize_q8) return ml_no_cuda_kernel("dequantize_q8", q);
+  if (!(dtype == ML_FLOAT32 || dtype == ML_FLOAT16 || dtype == ML_BFLOAT16))
+    return ml_fail(ML_EINVAL, "dequantize_q8: the output dtype must be float32, float16 or bfloat16, got %s",
+                   ml_dtype_name(dtype));
+  int64_t block;
+  ML_TRY(check_rows("dequantize_q8", q, scales, &block));
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(dtype, q->ndim, q->shape, q->storage->device, &o));
+  ml_status st = ML_OK;
+  if (cu) st = cu->dequantize_q8(q, scales, o);
+  else {
+    int64_t D = q->shape[q->ndim - 1], rows = D ? ml_tensor_numel(q) / D : 0;
+    rows_job j = {NULL, q, scales, o, D, block};
+    ml_parallel_for(rows, D * 2, dequantize_rows_of, &j);
+  }
   if (st) { ml_tensor_release(o); return st; }
   *out = o;
   return ML_OK;

@@ -230,5 +230,7 @@ ml_status ml_cuda_topk(const ml_tensor *x, int dim, int64_t k, bool largest, ml_
 ml_status ml_cuda_quantize_q8(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
 ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                             ml_tensor *out);
+ml_status ml_cuda_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);
+ml_status ml_cuda_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
 ml_status ml_cuda_random_fill(ml_tensor *t, bool normal, double a, double b, uint64_t seed, uint64_t base);
 

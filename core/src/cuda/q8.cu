@@ -4,7 +4,8 @@
 // per output column in 16-byte loads, so a step moves a quarter of float32's bytes and half of
 // bfloat16's; more rows widen the weight to the output dtype once and go through cuBLAS (linear),
 // where the GEMM and not the weight bytes bounds the time. That widened copy is scratch for the
-// one call.
+// one call. quantize_q8_into and dequantize_q8 do the same rounding for rows of any tensor, into
+// strided slots (the int8 key-value cache).
 #include "common.cuh"
 
 #include <math.h>
@@ -152,5 +153,53 @@ ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_ten
   cudaError_t e = cudaGetLastError();
   ml_tensor_release(xm);
   if (e != cudaSuccess) return ml_fail(ML_EIO, "q8_linear: CUDA error: %s", cudaGetErrorString(e));
+  return ML_OK;
+}
+
+// --- rows of any tensor, blocks of any width (the key-value cache) --------------------------------
+
+// A thread per block of `block` values of x (strided, any floating dtype) into q and scales.
+__global__ void quantize_into_kernel(TensorDesc x, TensorDesc q, TensorDesc s, int64_t nblocks, int64_t block) {
+  for (int64_t blk = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; blk < nblocks;
+       blk += (int64_t)gridDim.x * blockDim.x) {
+    int64_t first = blk * block;            // linear index of its first value in x's shape
+    float amax = 0.0f;
+    for (int64_t i = 0; i < block; i++) amax = fmaxf(amax, fabsf(load_as<float>(x.data, x.dtype, desc_offset(x, first + i))));
+    float inv = amax > 0 ? 127.0f / amax : 0.0f;     // the CPU's operations, so the same bytes
+    for (int64_t i = 0; i < block; i++) {
+      float v = load_as<float>(x.data, x.dtype, desc_offset(x, first + i));
+      ((signed char *)q.data)[desc_offset(q, first + i)] = (signed char)(int)rintf(v * inv);
+    }
+    ((float *)s.data)[desc_offset(s, blk)] = amax / 127.0f;
+  }
+}
+
+ml_status ml_cuda_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(q), &st));
+  TensorDesc xd = ml_cuda_desc(x), qd = ml_cuda_desc(q), sd = ml_cuda_desc(scales);
+  int64_t nblocks = ml_cuda_numel(sd), block = nblocks ? ml_cuda_numel(qd) / nblocks : 0;
+  if (nblocks == 0) return ML_OK;
+  quantize_into_kernel<<<ml_cuda_blocks(nblocks, kThreads), kThreads, 0, st->compute>>>(xd, qd, sd, nblocks, block);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
+
+__global__ void dequantize_rows_kernel(TensorDesc q, TensorDesc s, void *out, int odt, int64_t n, int64_t block) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = (float)((const signed char *)q.data)[desc_offset(q, i)] * ((const float *)s.data)[desc_offset(s, i / block)];
+    store_as<float>(out, odt, i, v);
+  }
+}
+
+ml_status ml_cuda_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
+  TensorDesc qd = ml_cuda_desc(q), sd = ml_cuda_desc(scales);
+  int64_t n = ml_cuda_numel(qd), nblocks = ml_cuda_numel(sd);
+  if (n == 0) return ML_OK;
+  dequantize_rows_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(qd, sd, ml_tensor_data(out),
+                                                                                     ml_tensor_dtype(out), n, n / nblocks);
+  LAUNCH_CHECK();
   return ML_OK;
 }

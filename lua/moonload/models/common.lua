@@ -56,9 +56,24 @@ end
 
 local out1 = ffi.new("ml_tensor*[1]")
 
+-- Query rows up to which attention reads an int8 cache's bytes directly (decoding, short
+-- chunks); a longer input dequantizes the layer's keys and values once and runs the GEMMs.
+M.Q8_DIRECT_ROWS = 32
+
 --- softmax(q k^T * scale [+ mask]) v through the C kernel. q (..., L, E), k (..., S, E),
--- v (..., S, Ev); mask bool (true = attend) broadcast to (..., L, S), or nil.
+-- v (..., S, Ev) (or an int8 cache's views: models/kv_cache.lua); mask bool (true = attend)
+-- broadcast to (..., L, S), or nil.
 function M.attention(q, k, v, mask, is_causal, scale)
+   local ks = rawget(k, "_q8_scales")
+   if ks and q:size(-2) <= M.Q8_DIRECT_ROWS then
+      C.check(lib.ml_sdpa_q8(q._c, k._c, ks._c, v._c, rawget(v, "_q8_scales")._c, mask and mask._c or nil,
+         is_causal and true or false, scale or 0, out1), 2)
+      return T.wrap(out1[0])
+   end
+   if ks then
+      local floats = require("moonload.models.kv_cache").floats
+      k, v = floats(k, q.dtype), floats(v, q.dtype)
+   end
    C.check(lib.ml_sdpa(q._c, k._c, v._c, mask and mask._c or nil, is_causal and true or false,
       scale or 0, out1), 2)
    return T.wrap(out1[0])
@@ -260,10 +275,10 @@ end
 
 -- --- key-value cache ------------------------------------------------------------------------
 
---- A fresh key-value cache for n_layers layers, kept on device when given (see
--- models/kv_cache.lua).
-function M.new_cache(n_layers, capacity, device)
-   return require("moonload.models.kv_cache").new(n_layers, capacity, device)
+--- A fresh key-value cache for n_layers layers, kept on device when given, stored as dtype
+-- ("int8", or nil: as computed) (see models/kv_cache.lua).
+function M.new_cache(n_layers, capacity, device, dtype)
+   return require("moonload.models.kv_cache").new(n_layers, capacity, device, dtype)
 end
 
 --- Where the key-value cache lives on another device than the queries (kv_cache_device),

@@ -77,6 +77,8 @@ Gemma2Attention.query_block = 256
 function Gemma2Attention:attend(q, k, v, past, pad)
    local cap = self.softcap
    if not cap then return llama.LlamaAttention.attend(self, q, k, v, past, pad) end
+   local floats = require("moonload.models.kv_cache").floats                -- (an int8 cache's views)
+   k, v = floats(k, q.dtype), floats(v, q.dtype)
    local B, H, L, D = q:size(1), q:size(2), q:size(3), q:size(4)
    local Hkv, S = k:size(2), k:size(3)
    local rep = H / Hkv

@@ -57,8 +57,12 @@ local function check_opts(opts)
    end
    local known = { max_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
-      micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true }
+      micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
+   if opts.kv_cache_dtype ~= nil and not require("moonload.models.kv_cache").DTYPES[opts.kv_cache_dtype] then
+      error(string.format('%s: kv_cache_dtype must be "int8" (or nil: the computing dtype), got %s', WHO,
+         tostring(opts.kv_cache_dtype)), 4)
+   end
    local d = hooks.norm_device(opts.kv_cache_device)
    if d ~= nil then
       T.parse_device(WHO .. ": kv_cache_device", d)
@@ -73,7 +77,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)',
             WHO, tostring(k)), 3)
       end
    end
@@ -158,7 +162,7 @@ end
 
 --- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, top_p, seed,
 -- eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
--- kv_cache_device}])
+-- kv_cache_device, kv_cache_dtype}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
@@ -172,6 +176,8 @@ end
 -- model planned with reserve_for uses the sizes given there unless these are set.
 -- kv_cache_device ("cpu") keeps the key-value cache there whatever device runs the layers, and
 -- runs attention there (llama.cpp's -nkvo: a context longer than the GPU holds).
+-- kv_cache_dtype = "int8" stores the cache as int8 with a scale per block of the head dim
+-- (models/kv_cache.lua): 1.125 bytes a value, for contexts that do not fit in floats.
 function M.generate(model, input_ids, opts)
    opts = check_opts(opts)
    local ids, form = common.ids_tensor(input_ids, WHO)
@@ -193,18 +199,19 @@ function M.generate(model, input_ids, opts)
    -- the block schedule asked for, else the one the plan budgeted activations for
    -- (and the device the plan kept the key-value cache on)
    local micro_batch, prefill_chunk = opts.micro_batch_size, opts.prefill_chunk_size
-   local kv_device = hooks.norm_device(opts.kv_cache_device)
+   local kv_device, kv_dtype = hooks.norm_device(opts.kv_cache_device), opts.kv_cache_dtype
    if planned then
       micro_batch = micro_batch or planned.micro_batch_size
       prefill_chunk = prefill_chunk or planned.prefill_chunk_size
       kv_device = kv_device or planned.kv_cache_device
+      kv_dtype = kv_dtype or planned.kv_cache_dtype
    end
    local temperature = opts.temperature
    if opts.do_sample == false then temperature = 0 end
    if opts.seed ~= nil then C.lib.ml_manual_seed(opts.seed) end
    if max_new == 0 then return shape_output(ids, form) end
 
-   local cache = model:new_cache(L + max_new, kv_device)
+   local cache = model:new_cache(L + max_new, kv_device, kv_dtype)
    -- sequence length at which the cache must be rebuilt (LongRoPE), when the model has one
    local restart = model.recompute_cache_at and model:recompute_cache_at() or nil
    local dev = ids.device
@@ -260,7 +267,7 @@ function M.generate(model, input_ids, opts)
          if restart and L < restart and L + step == restart then
             -- the positions just crossed into the model's long rotary factors: the cache holds keys
             -- rotated with the short ones, so the whole sequence runs again (transformers' Phi-3)
-            cache = model:new_cache(L + max_new, kv_device)
+            cache = model:new_cache(L + max_new, kv_device, kv_dtype)
             logits = model(out:narrow(2, 1, L + step), step_opts(L + step, L + step))
          else
             logits = model(tok, step_opts(L + step, 1))

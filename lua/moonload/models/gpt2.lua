@@ -190,8 +190,8 @@ end
 GPT2LMHeadModel.forward = common.causal_lm_forward(WHO .. ".forward", "transformer", "wte")
 
 --- A fresh key-value cache for this model (generate makes its own).
-function GPT2LMHeadModel:new_cache(capacity, device)
-   return common.new_cache(self.config.n_layer, capacity, device)
+function GPT2LMHeadModel:new_cache(capacity, device, dtype)
+   return common.new_cache(self.config.n_layer, capacity, device, dtype)
 end
 
 --- Longest sequence the model accepts.

@@ -164,8 +164,8 @@ end
 
 GPTNeoXForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "gpt_neox", "embed_in", "embed_out")
 
-function GPTNeoXForCausalLM:new_cache(capacity, device)
-   return common.new_cache(self.config.num_hidden_layers, capacity, device)
+function GPTNeoXForCausalLM:new_cache(capacity, device, dtype)
+   return common.new_cache(self.config.num_hidden_layers, capacity, device, dtype)
 end
 function GPTNeoXForCausalLM:max_length() return nil end
 GPTNeoXForCausalLM.generate = generation.generate

@@ -10,19 +10,44 @@
 -- when full, the last w - 1 keys move to the front (keys are stored rotated, so their slots need
 -- not follow their positions). A 32k-token generation with Mistral's 4096 window holds 8k + the
 -- prompt per layer; Gemma 3's sliding layers (512) far less.
+--
+-- With dtype "int8" (llama.cpp's -ctk/-ctv q8_0, FlexGen's compressed cache) keys and values are
+-- stored as int8 with a float32 scale per block of up to 32 values along the head dim (1.125
+-- bytes a value where bfloat16 takes 2 and float32 4); update hands out int8 views carrying their
+-- scales, and attention reads the int8 bytes (ml_sdpa_q8) for a few query rows (decoding), or
+-- dequantizes one layer's keys and values into floats for a longer input (Cache.floats).
 local T = require("moonload.tensor")
 
 local Cache = {}
 Cache.__index = Cache
 Cache.__name = "KVCache"
 
---- new(n_layers[, capacity[, device]]) -> an empty cache (length 0). With a device, the keys and
--- values are kept there whatever device computes them (llama.cpp's -nkvo: a long context's cache
--- in host memory while the layers run on a GPU), and attention runs there (models/common.lua).
-function Cache.new(n_layers, capacity, device)
-   -- start[i]: the position of the key in slot 1 of layer i's buffers
-   return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, device = device,
-      k = {}, v = {}, start = {} }, Cache)
+Cache.DTYPES = { int8 = true }
+
+--- new(n_layers[, capacity[, device[, dtype]]]) -> an empty cache (length 0). With a device, the
+-- keys and values are kept there whatever device computes them (llama.cpp's -nkvo: a long
+-- context's cache in host memory while the layers run on a GPU), and attention runs there
+-- (models/common.lua). dtype "int8" stores them quantized (nil: as computed).
+function Cache.new(n_layers, capacity, device, dtype)
+   if dtype ~= nil and not Cache.DTYPES[dtype] then
+      error(string.format('KVCache: dtype must be "int8" or nil (the computing dtype), got %s', tostring(dtype)), 2)
+   end
+   -- start[i]: the position of the key in slot 1 of layer i's buffers; ks, vs: int8 scales
+   return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, device = device, dtype = dtype,
+      k = {}, v = {}, ks = {}, vs = {}, start = {} }, Cache)
+end
+
+--- The values per scale of an int8 cache for head dim D: the largest width up to 32 dividing D.
+function Cache.q8_block(D)
+   for b = math.min(32, D), 1, -1 do
+      if D % b == 0 then return b end
+   end
+end
+
+--- Bytes one cached value takes: int8 and its share of a scale, or the computing dtype's size el.
+function Cache.value_bytes(dtype, head_dim, el)
+   if dtype == "int8" then return 1 + 4 / Cache.q8_block(head_dim) end
+   return el
 end
 
 local function grow(buf, used, cap)
@@ -57,36 +82,67 @@ function Cache:update(i, k, v, window, block)
    local past, L = self.length + offset, k:size(3)
    local need = past + L
    local keep_from = window and math.max(0, past - window + 1) or 0   -- oldest position still seen
-   local kb, vb = self.k[i], self.v[i]
+   -- the buffers: keys and values, and with int8 their scales
+   local bufs = { self.k[i], self.v[i], self.ks[i], self.vs[i] }
    local start = self.start[i] or 0
-   if kb == nil then
+   if bufs[1] == nil then
       local cap = Cache.layer_capacity(math.max(self.capacity, need), need, window)
-      local sk, sv = k.shape, v.shape
-      sk[1], sv[1], sk[3], sv[3] = rows, rows, cap, cap
-      kb = T.empty(sk, { dtype = k.dtype, device = k.device })
-      vb = T.empty(sv, { dtype = v.dtype, device = v.device })
-   elseif past - start + L > kb:size(3) then
+      for j, x in ipairs({ k, v }) do
+         local s = x.shape
+         s[1], s[3] = rows, cap
+         if self.dtype == "int8" then
+            bufs[j] = T.empty(s, { dtype = "int8", device = x.device })
+            s[4] = s[4] / Cache.q8_block(s[4])
+            bufs[j + 2] = T.empty(s, { dtype = "float32", device = x.device })
+         else
+            bufs[j] = T.empty(s, { dtype = x.dtype, device = x.device })
+         end
+      end
+   elseif past - start + L > bufs[1]:size(3) then
       -- (all rows at once: the first block of a step makes room for the others)
       if keep_from > start then                                        -- drop what no query sees
-         slide(kb, keep_from - start + 1, past - keep_from)
-         slide(vb, keep_from - start + 1, past - keep_from)
+         for _, b in ipairs(bufs) do slide(b, keep_from - start + 1, past - keep_from) end
          start = keep_from
       end
       local used = past - start
-      if used + L > kb:size(3) then
-         local cap = math.max(used + L, 2 * kb:size(3))
+      if used + L > bufs[1]:size(3) then
+         local cap = math.max(used + L, 2 * bufs[1]:size(3))
          if window then cap = used + L + 2 * window end
-         kb, vb = grow(kb, used, cap), grow(vb, used, cap)
+         for j, b in ipairs(bufs) do bufs[j] = grow(b, used, cap) end
       end
    end
-   self.k[i], self.v[i], self.start[i] = kb, vb, start
+   self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i] = bufs[1], bufs[2], bufs[3], bufs[4], start
    local used = past - start
-   local kr, vr = kb, vb
-   if block then kr, vr = kb:narrow(1, row, k:size(1)), vb:narrow(1, row, k:size(1)) end
-   kr:narrow(3, used + 1, L):copy_(k)
-   vr:narrow(3, used + 1, L):copy_(v)
    local first = keep_from - start + 1
-   return kr:narrow(3, first, need - keep_from), vr:narrow(3, first, need - keep_from)
+   local seen = {}
+   for j, b in ipairs(bufs) do
+      if block then b = b:narrow(1, row, k:size(1)) end
+      bufs[j] = b
+      seen[j] = b:narrow(3, first, need - keep_from)
+   end
+   if self.dtype ~= "int8" then
+      bufs[1]:narrow(3, used + 1, L):copy_(k)
+      bufs[2]:narrow(3, used + 1, L):copy_(v)
+      return seen[1], seen[2]
+   end
+   local F = require("moonload.nn.functional")
+   for j, x in ipairs({ k, v }) do
+      if not (x.dtype == "float32" or x.dtype == "bfloat16" or x.dtype == "float16") then
+         error(string.format("KVCache: an int8 cache holds float32, float16 or bfloat16 keys and values, got %s", x.dtype), 3)
+      end
+      F.quantize_q8_into(x, bufs[j]:narrow(3, used + 1, L), bufs[j + 2]:narrow(3, used + 1, L))
+   end
+   -- int8 views carrying their scales: attention reads them as they are (models/common.lua)
+   rawset(seen[1], "_q8_scales", seen[3])
+   rawset(seen[2], "_q8_scales", seen[4])
+   return seen[1], seen[2]
+end
+
+--- Keys or values update returned as floats of dtype: t itself, or an int8 cache's dequantized.
+function Cache.floats(t, dtype)
+   local scales = rawget(t, "_q8_scales")
+   if scales == nil then return t end
+   return require("moonload.nn.functional").dequantize_q8(t, scales, dtype)
 end
 
 -- A view of the cache for one block of a block schedule (models/block_schedule.lua): a layer's
@@ -107,7 +163,16 @@ end
 
 --- Frees layer i's buffers (a forward's own cache, once the layer is done).
 function Cache:drop_layer(i)
-   self.k[i], self.v[i], self.start[i] = nil, nil, nil
+   self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i] = nil, nil, nil, nil, nil
+end
+
+--- Bytes the cache's buffers hold now (keys, values and int8 scales, every layer).
+function Cache:nbytes()
+   local n = 0
+   for _, list in ipairs({ self.k, self.v, self.ks, self.vs }) do
+      for _, b in pairs(list) do n = n + b:nbytes() end
+   end
+   return n
 end
 
 --- Called by the model once all layers have seen a step of L tokens.
@@ -116,7 +181,8 @@ function Cache:advance(L)
 end
 
 function Cache:__tostring()
-   return string.format("KVCache(layers=%d, length=%d)", self.n_layers, self.length)
+   return string.format("KVCache(layers=%d, length=%d%s)", self.n_layers, self.length,
+      self.dtype and (", dtype=" .. self.dtype) or "")
 end
 
 return Cache

@@ -595,8 +595,8 @@ end
 -- past .. past+T-1 (generate derives them from the mask, as transformers does).
 LlamaForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
 
-function LlamaForCausalLM:new_cache(capacity, device)
-   return common.new_cache(self.config.num_hidden_layers, capacity, device)
+function LlamaForCausalLM:new_cache(capacity, device, dtype)
+   return common.new_cache(self.config.num_hidden_layers, capacity, device, dtype)
 end
 
 function LlamaForCausalLM:max_length()

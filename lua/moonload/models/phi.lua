@@ -135,8 +135,8 @@ function PhiForCausalLM:__init(cfg)
 end
 
 PhiForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
-function PhiForCausalLM:new_cache(capacity, device)
-   return common.new_cache(self.config.num_hidden_layers, capacity, device)
+function PhiForCausalLM:new_cache(capacity, device, dtype)
+   return common.new_cache(self.config.num_hidden_layers, capacity, device, dtype)
 end
 function PhiForCausalLM:max_length() return nil end
 PhiForCausalLM.generate = generation.generate

@@ -3,6 +3,8 @@
 --    F.linear(x, w[, b])                       x (..., in) @ w(out, in)^T + b
 --    F.quantize_q8(w) -> q, scales             int8 weights, a scale per block of 32
 --    F.q8_linear(x, q, scales[, b])            x @ (q * scales)^T + b
+--    F.quantize_q8_into(x, q, scales)          int8 rows into views (the key-value cache)
+--    F.dequantize_q8(q, scales[, dtype])       q * scales, a new tensor
 --    F.embedding(ids, weight)                  ids hold 0-based rows
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
@@ -60,6 +62,30 @@ function F.q8_linear(x, q, scales, b)
    need_tensor("q8_linear", "weight", q)
    need_tensor("q8_linear", "scales", scales)
    check(lib.ml_q8_linear(x._c, q._c, scales._c, opt_tensor("q8_linear", "bias", b), out))
+   return wrap(out[0])
+end
+
+--- quantize_q8_into(x, q, scales): x (..., D) as int8 values into q (..., D) and float32 scales
+-- into scales (..., D / block), each a view (a key-value cache's slots): a scale per block of the
+-- last dim, rounded as quantize_q8 rounds.
+function F.quantize_q8_into(x, q, scales)
+   need_tensor("quantize_q8_into", "input", x)
+   need_tensor("quantize_q8_into", "int8 values", q)
+   need_tensor("quantize_q8_into", "scales", scales)
+   check(lib.ml_quantize_q8_into(x._c, q._c, scales._c))
+end
+
+--- dequantize_q8(q, scales[, dtype = "float32"]) -> q * scales (a scale per block of the last dim)
+-- as a new contiguous tensor of dtype (float32, float16, bfloat16), on their device.
+function F.dequantize_q8(q, scales, dtype)
+   need_tensor("dequantize_q8", "int8 values", q)
+   need_tensor("dequantize_q8", "scales", scales)
+   local dt = require("moonload.dtypes")
+   local code = dt.by_name[dtype or "float32"]
+   if code == nil then
+      error(string.format('dequantize_q8: unknown dtype "%s" (one of %s)', tostring(dtype), dt.list), 2)
+   end
+   check(lib.ml_dequantize_q8(q._c, scales._c, code, out))
    return wrap(out[0])
 end
 

@@ -22,20 +22,21 @@ local function check_count(v, key, default)
 end
 
 local KEYS = { batch_size = true, max_length = true, prompt_length = true, dtype = true,
-   micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true }
+   micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
 
 --- Reads {batch_size = 1, max_length, prompt_length = max_length, dtype, micro_batch_size,
--- prefill_chunk_size, kv_cache_device}: the batch and total tokens (prompt + generated) generate
--- will run with; the longest prompt, run in one forward; the block schedule it runs with (whole
--- batch and prompt when absent: models/block_schedule.lua); the device holding the key-value
--- cache whatever device runs a layer (absent: the layer's), normalized to "cpu" or "cuda:N".
+-- prefill_chunk_size, kv_cache_device, kv_cache_dtype}: the batch and total tokens (prompt +
+-- generated) generate will run with; the longest prompt, run in one forward; the block schedule
+-- it runs with (whole batch and prompt when absent: models/block_schedule.lua); the device
+-- holding the key-value cache whatever device runs a layer (absent: the layer's), normalized to
+-- "cpu" or "cuda:N"; the cache's storage ("int8", absent: the computing dtype).
 function M.check_reserve_for(r)
    if type(r) ~= "table" then
       error(string.format("%s must be a table {batch_size, max_length, prompt_length}, got %s", WHO, type(r)), 3)
    end
    for k in pairs(r) do
       if not KEYS[k] then
-         error(string.format('%s: unknown key "%s" (expected batch_size, max_length, prompt_length, dtype, micro_batch_size, prefill_chunk_size, kv_cache_device)', WHO, tostring(k)), 3)
+         error(string.format('%s: unknown key "%s" (expected batch_size, max_length, prompt_length, dtype, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)', WHO, tostring(k)), 3)
       end
    end
    if r.max_length == nil then error(WHO .. ": max_length is required (prompt + generated tokens)", 3) end
@@ -54,6 +55,11 @@ function M.check_reserve_for(r)
       end
       out.kv_cache_device = d
    end
+   if r.kv_cache_dtype ~= nil and not require("moonload.models.kv_cache").DTYPES[r.kv_cache_dtype] then
+      error(string.format('%s: kv_cache_dtype must be "int8" (or absent: the computing dtype), got %s', WHO,
+         tostring(r.kv_cache_dtype)), 3)
+   end
+   out.kv_cache_dtype = r.kv_cache_dtype
    return out
 end
 
@@ -113,14 +119,16 @@ function M.kv_cache_sizes(model, reserve_for)
    for _, e in ipairs(attention_layers(model)) do
       local kv_heads, head_dim = e.attention:kv_cache_heads()
       local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
+      el = require("moonload.models.kv_cache").value_bytes(r.kv_cache_dtype, head_dim, el)
       local tokens = capacity(r.max_length, r.prompt_length, e.attention.window or nil)
       out[e.name] = 2 * r.batch_size * tokens * kv_heads * head_dim * el
    end
    return out
 end
 
--- Bytes a layer holds at once for L queries over S keys in a batch of B (see activation_size).
-local function layer_bytes(e, B, L, S, dtype)
+-- Bytes a layer holds at once for L queries over S keys in a batch of B (see activation_size);
+-- an int8 cache adds the keys and values it dequantizes for the layer's attention.
+local function layer_bytes(e, B, L, S, dtype, kv_dtype)
    local kv_heads, head_dim, q_heads, forms_scores = e.attention:kv_cache_heads()
    local el = sizes.dtype_byte_size(dtype or first_param_dtype(e.attention))
    local H = 0
@@ -131,6 +139,7 @@ local function layer_bytes(e, B, L, S, dtype)
    local attn = q_heads * head_dim + 2 * kv_heads * head_dim
    local per_token = 4 * H + 2 * attn + 4 * mlp_width(e.layer, e.attention)
    local bytes = B * L * per_token * el + 3 * B * L * S                      -- bool masks (B, 1, L, S)
+   if kv_dtype == "int8" then bytes = bytes + 2 * B * S * kv_heads * head_dim * el end
    if forms_scores then                     -- float32 scores, a block of query rows at a time
       local rows = math.min(L, e.attention.query_block or L)
       bytes = bytes + 4 * B * q_heads * rows * S * 4
@@ -153,8 +162,8 @@ function M.activation_size(model, reserve_for)
    local blocked = rows < B or chunk < P
    local peak, hidden = 0, 0
    for _, e in ipairs(attention_layers(model)) do
-      local prefill, H = layer_bytes(e, rows, chunk, P, r.dtype)
-      local decode = layer_bytes(e, B, 1, S, r.dtype)             -- decoding steps run whole
+      local prefill, H = layer_bytes(e, rows, chunk, P, r.dtype, r.kv_cache_dtype)
+      local decode = layer_bytes(e, B, 1, S, r.dtype, r.kv_cache_dtype)   -- decoding steps run whole
       if blocked then
          local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
          prefill = prefill + 2 * B * P * H * el
