@@ -132,9 +132,12 @@ describe("utils.runtime_memory", function()
          local one = sum(u.kv_cache_sizes(model, { max_length = 10 }))
          -- int8: head dim 8, one scale per 8 values (1.5 bytes a value where float32 takes 4)
          assert.are.equal(one * 1.5 / 4, sum(u.kv_cache_sizes(model, { max_length = 10, kv_cache_dtype = "int8" })))
-         -- its workspace also holds a layer's keys and values dequantized for attention
+         -- decoding reads the int8 bytes; a prompt over 32 tokens dequantizes a layer's keys and values
          local _, w = u.runtime_memory_sizes(model, { max_length = 10 })
          local _, w8 = u.runtime_memory_sizes(model, { max_length = 10, kv_cache_dtype = "int8" })
+         assert.are.same(w, w8)
+         _, w = u.runtime_memory_sizes(model, { max_length = 100, prompt_length = 64 })
+         _, w8 = u.runtime_memory_sizes(model, { max_length = 100, prompt_length = 64, kv_cache_dtype = "int8" })
          assert.is_true(w8.gpu > w.gpu)
          assert.are.equal(3 * 7 * one, sum(u.kv_cache_sizes(model, { batch_size = 3, max_length = 70 })))
          assert.are.equal(one / 2, sum(u.kv_cache_sizes(model, { max_length = 10, dtype = "bfloat16" })))

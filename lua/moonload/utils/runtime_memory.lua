@@ -127,7 +127,7 @@ function M.kv_cache_sizes(model, reserve_for)
 end
 
 -- Bytes a layer holds at once for L queries over S keys in a batch of B (see activation_size);
--- an int8 cache adds the keys and values it dequantizes for the layer's attention.
+-- an int8 cache adds the keys and values it dequantizes for a long input's attention.
 local function layer_bytes(e, B, L, S, dtype, kv_dtype)
    local kv_heads, head_dim, q_heads, forms_scores = e.attention:kv_cache_heads()
    local el = sizes.dtype_byte_size(dtype or first_param_dtype(e.attention))
@@ -139,7 +139,9 @@ local function layer_bytes(e, B, L, S, dtype, kv_dtype)
    local attn = q_heads * head_dim + 2 * kv_heads * head_dim
    local per_token = 4 * H + 2 * attn + 4 * mlp_width(e.layer, e.attention)
    local bytes = B * L * per_token * el + 3 * B * L * S                      -- bool masks (B, 1, L, S)
-   if kv_dtype == "int8" then bytes = bytes + 2 * B * S * kv_heads * head_dim * el end
+   if kv_dtype == "int8" and L > require("moonload.models.common").Q8_DIRECT_ROWS then
+      bytes = bytes + 2 * B * S * kv_heads * head_dim * el          -- (dequantized for the GEMMs)
+   end
    if forms_scores then                     -- float32 scores, a block of query rows at a time
       local rows = math.min(L, e.attention.query_block or L)
       bytes = bytes + 4 * B * q_heads * rows * S * 4
