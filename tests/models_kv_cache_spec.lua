@@ -266,6 +266,40 @@ describe("int8 key-value cache on cuda #cuda", function()
       end
    end)
 
+   it("attends over int8 keys and values on the device as the CPU does", function()
+      local common = require("moonload.models.common")
+      ml.manual_seed(10)
+      local function views(x, block)
+         local q = ml.empty(x.shape, { dtype = "int8", device = x.device })
+         local sshape = x.shape
+         sshape[4] = x:size(4) / block
+         local s = ml.empty(sshape, { device = x.device })
+         F.quantize_q8_into(x, q, s)
+         rawset(q, "_q8_scales", s)
+         return q
+      end
+      -- head dims in blocks of 32 and 20, grouped heads, a padding mask, causal rows, bfloat16
+      for _, c in ipairs({ { 64, 32, 1 }, { 40, 20, 3 }, { 64, 32, 20 } }) do
+         local D, block, L = c[1], c[2], c[3]
+         local q, k, v = ml.randn(2, 4, L, D), ml.randn(2, 2, 9, D), ml.randn(2, 2, 9, D)
+         local pad = ml.ones({ 2, 9 }, { dtype = "bool" })
+         pad[{ 1, 1 }] = false
+         local mask = common.padded_causal_mask(pad, L, 9)
+         local kc, vc = views(k, block), views(v, block)
+         local kd, vd = views(k:to(DEV), block), views(v:to(DEV), block)
+         for _, m in ipairs({ { nil, false }, { mask, false }, { nil, L > 1 } }) do
+            local want = common.attention(q, kc, vc, m[1], m[2], 0.3)
+            local got = common.attention(q:to(DEV), kd, vd, m[1] and m[1]:to(DEV), m[2], 0.3)
+            assert.are.equal(DEV, got.device)
+            assert.is_true(((got:cpu() - want):abs():max()):item() < 1e-5, table.concat(c, " "))
+         end
+         local gb = common.attention(q:to(DEV):to("bfloat16"), kd, vd, mask:to(DEV), false, 0.3)
+         assert.are.equal("bfloat16", gb.dtype)
+         local want = common.attention(q, kc, vc, mask, false, 0.3)
+         assert.is_true(((gb:cpu():to("float32") - want):abs():max()):item() < 0.03)
+      end
+   end)
+
    it("generates the CPU's tokens with the int8 cache on the GPU, and in host memory", function()
       local dir = "tests/fixtures/models/mistral_tiny"
       local prompts = { { 5, 17, 42, 3 }, { 9, 8, 7, 6 } }

@@ -246,7 +246,8 @@ ML_API ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor
 /* ml_sdpa over int8 keys and values (an int8 key-value cache): k (..., S, E) and v (..., S, Ev)
    int8 with a contiguous last dim, their float32 scales (..., S, E / block) and (..., S, Ev /
    block); the same result as ml_sdpa over the dequantized k and v, reading the int8 bytes (on a
-   GPU, dequantized into scratch first). q float32, float16 or bfloat16. */
+   GPU, a block per query row; a head dim over 512 is dequantized into scratch first). q float32,
+   float16 or bfloat16. */
 ML_API ml_status ml_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
                             const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
                             ml_tensor **out);

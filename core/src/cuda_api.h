@@ -13,6 +13,7 @@ extern "C" {
 #endif
 
 #define ML_CUDA_API_VERSION 12
+#define ML_CUDA_Q8_ATTN_MAX_E 512
 
 typedef struct ml_cuda_api {
   int version;
@@ -80,6 +81,10 @@ typedef struct ml_cuda_api {
   /* int8 rows (the key-value cache): shapes checked, any strides; out contiguous, allocated. */
   ml_status (*quantize_q8_into)(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);
   ml_status (*dequantize_q8)(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
+  /* Attention over int8 keys and values (ml_sdpa_q8), checked as sdpa's, head dim E at most
+     ML_CUDA_Q8_ATTN_MAX_E (the caller dequantizes beyond); out allocated. */
+  ml_status (*sdpa_q8)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
+                       const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

@@ -328,8 +328,14 @@ static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k
   oshape[j.nbd + 1] = j.Ev;
   ml_tensor *o;
   ML_TRY(ml_tensor_empty(q->dtype, j.nbd + 2, oshape, q->storage->device, &o));
+  if (cu && ksc && cu->sdpa_q8 && j.E <= ML_CUDA_Q8_ATTN_MAX_E) {
+    ml_status st = cu->sdpa_q8(q, k, ksc, v, vsc, mask, is_causal, j.scale, o);
+    if (st) { ml_tensor_release(o); return st; }
+    *out = o;
+    return ML_OK;
+  }
   if (cu) {
-    /* int8 keys and values are dequantized into scratch on the GPU first (no fused kernel yet) */
+    /* int8 keys and values with a wider head: dequantized into scratch on the GPU first */
     ml_tensor *kf = NULL, *vf = NULL;
     ml_status st = ML_OK;
     if (ksc) {

@@ -203,3 +203,142 @@ ml_status ml_cuda_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_
   LAUNCH_CHECK();
   return ML_OK;
 }
+
+// --- attention over int8 keys and values (decoding with an int8 cache) ----------------------------
+
+// Where each batch-head (out's leading dims flattened) finds its rows: element offsets of q, k,
+// v, their scales and out, with grouped key/value heads (dim -3) read by query head / group.
+struct Q8Attn {
+  int nbd;
+  int64_t bshape[ML_MAX_DIMS];
+  int64_t qs[ML_MAX_DIMS], ks[ML_MAX_DIMS], vs[ML_MAX_DIMS], kss[ML_MAX_DIMS], vss[ML_MAX_DIMS];
+  int64_t q_row, q_col, k_row, v_row, ks_row, ks_col, vs_row, vs_col;   // strides of the last two dims
+  int64_t group, L, S, E, Ev, kblock, vblock;
+};
+
+// One block per query row: scores over the S keys (a warp per key, lanes along E) into the row's
+// scratch, the softmax there, then each thread sums its output columns over the keys. Rows r0..
+// of the R = batch-heads x L rows.
+__global__ void sdpa_q8_kernel(Q8Attn a, const void *q, int qdt, const signed char *k, const float *ks,
+                               const signed char *v, const float *vs, TensorDesc mask, int mask_kind, bool causal,
+                               float scale, float *scores, void *out, int odt, int64_t r0, int64_t rows) {
+  __shared__ float qrow[ML_CUDA_Q8_ATTN_MAX_E];
+  __shared__ float red[32];
+  for (int64_t row = r0 + blockIdx.x; row < r0 + rows; row += gridDim.x) {
+    int64_t bh = row / a.L, l = row % a.L, r = bh;
+    int64_t qo = 0, ko = 0, vo = 0, kso = 0, vso = 0;
+    for (int d = a.nbd - 1; d >= 0; d--) {
+      int64_t i = r % a.bshape[d], kv = d == a.nbd - 1 ? i / a.group : i;
+      r /= a.bshape[d];
+      qo += i * a.qs[d];
+      ko += kv * a.ks[d];
+      vo += kv * a.vs[d];
+      kso += kv * a.kss[d];
+      vso += kv * a.vss[d];
+    }
+    for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x)
+      qrow[e] = load_as<float>(q, qdt, qo + l * a.q_row + e * a.q_col);
+    __syncthreads();
+    float *y = scores + (row - r0) * a.S;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int64_t s = warp; s < a.S; s += nwarps) {
+      const signed char *kr = k + ko + s * a.k_row;
+      const float *kr_s = ks + kso + s * a.ks_row;
+      float d = 0.0f;
+      for (int64_t e = lane; e < a.E; e += 32) d += qrow[e] * (float)kr[e] * kr_s[e / a.kblock * a.ks_col];
+      for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, o);
+      if (lane == 0) {
+        float val = d * scale;
+        if (causal && s > l) val = -INFINITY;
+        int64_t mo = (bh * a.L + l) * a.S + s;
+        if (mask_kind == 1 && load_as<int>(mask.data, mask.dtype, desc_offset(mask, mo)) == 0) val = -INFINITY;
+        if (mask_kind == 2) val += load_as<float>(mask.data, mask.dtype, desc_offset(mask, mo));
+        y[s] = val;
+      }
+    }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) m = fmaxf(m, y[s]);
+    m = block_max<float>(m, red);
+    float sum = 0.0f;
+    if (m != -INFINITY)
+      for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) { float p = __expf(y[s] - m); y[s] = p; sum += p; }
+    sum = block_sum<float>(sum, red);
+    __syncthreads();                        // (every y[s] written before any thread reads them all)
+    // every key masked: zeros, as PyTorch's scaled_dot_product_attention
+    float inv = m == -INFINITY ? 0.0f : 1.0f / sum;
+    for (int64_t e = threadIdx.x; e < a.Ev; e += blockDim.x) {
+      float acc = 0.0f;
+      if (inv != 0.0f)
+        for (int64_t s = 0; s < a.S; s++) {
+          float p = y[s];
+          if (p != 0.0f) acc += p * (float)v[vo + s * a.v_row + e] * vs[vso + s * a.vs_row + e / a.vblock * a.vs_col];
+        }
+      store_as<float>(out, odt, row * a.Ev + e, acc * inv);
+    }
+    __syncthreads();                        // (qrow and y are reused by the block's next row)
+  }
+}
+
+ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
+                          const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
+                          ml_tensor *out) {
+  int dev = ml_cuda_device_of(out);
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(dev, &st));
+  int nq = ml_tensor_ndim(q), nk = ml_tensor_ndim(k), nv = ml_tensor_ndim(v), no = ml_tensor_ndim(out);
+  const int64_t *sq = ml_tensor_shape(q), *sk = ml_tensor_shape(k), *sv = ml_tensor_shape(v), *so = ml_tensor_shape(out);
+  const int64_t *tq = ml_tensor_strides(q), *tk = ml_tensor_strides(k), *tv = ml_tensor_strides(v);
+  const int64_t *tks = ml_tensor_strides(k_scales), *tvs = ml_tensor_strides(v_scales);
+  Q8Attn a = {};
+  a.nbd = no - 2;
+  a.L = sq[nq - 2]; a.E = sq[nq - 1]; a.S = sk[nk - 2]; a.Ev = sv[nv - 1];
+  a.kblock = a.E / ml_tensor_shape(k_scales)[nk - 1];
+  a.vblock = a.Ev / ml_tensor_shape(v_scales)[nv - 1];
+  a.q_row = tq[nq - 2]; a.q_col = tq[nq - 1]; a.k_row = tk[nk - 2]; a.v_row = tv[nv - 2];
+  a.ks_row = tks[nk - 2]; a.ks_col = tks[nk - 1]; a.vs_row = tvs[nv - 2]; a.vs_col = tvs[nv - 1];
+  int64_t hk = nk >= 3 ? sk[nk - 3] : 1;
+  a.group = a.nbd >= 1 && nq >= 3 && hk > 1 && hk != so[a.nbd - 1] && so[a.nbd - 1] % hk == 0 ? so[a.nbd - 1] / hk : 1;
+  int64_t BH = 1;
+  for (int i = 0; i < a.nbd; i++) {
+    a.bshape[i] = so[i];
+    BH *= so[i];
+    int iq = i - (a.nbd - (nq - 2)), ik = i - (a.nbd - (nk - 2)), iv = i - (a.nbd - (nv - 2));
+    bool last = i == a.nbd - 1 && a.group > 1;
+    a.qs[i] = iq >= 0 && sq[iq] == so[i] ? tq[iq] : 0;
+    a.ks[i] = ik >= 0 && (sk[ik] == so[i] || last) ? tk[ik] : 0;
+    a.vs[i] = iv >= 0 && (sv[iv] == so[i] || last) ? tv[iv] : 0;
+    a.kss[i] = a.ks[i] ? tks[ik] : 0;
+    a.vss[i] = a.vs[i] ? tvs[iv] : 0;
+  }
+  int64_t R = BH * a.L;
+  if (R * a.Ev == 0) return ML_OK;
+  if (a.S == 0) return ml_cuda_fill(out, 0.0);
+  // Scores of a chunk of rows in float32 scratch, at most the attention cap (blas.cu) at a time.
+  int64_t cap = ((int64_t)256 << 20) / (a.S * 4);
+  int64_t chunk = cap < 1 ? 1 : cap > R ? R : cap;
+  void *scr;
+  ML_TRY(ml_cuda_scratch(dev, (size_t)(chunk * a.S) * sizeof(float), &scr));
+  TensorDesc md = ml_cuda_desc(k_scales);      // (a real tensor even without a mask: mask_kind says)
+  int kind = !mask ? 0 : ml_tensor_dtype(mask) == ML_BOOL ? 1 : 2;
+  if (mask) {
+    int64_t full[ML_MAX_DIMS + 2];
+    for (int i = 0; i < a.nbd; i++) full[i] = so[i];
+    full[a.nbd] = a.L; full[a.nbd + 1] = a.S;
+    md = ml_cuda_desc_broadcast(mask, a.nbd + 2, full);
+  }
+  cudaError_t e = cudaSuccess;
+  for (int64_t r0 = 0; r0 < R && e == cudaSuccess; r0 += chunk) {
+    int64_t rows = R - r0 < chunk ? R - r0 : chunk;
+    unsigned grid = (unsigned)(rows < 65535 * 16 ? rows : 65535 * 16);
+    sdpa_q8_kernel<<<grid, kThreads, 0, st->compute>>>(
+        a, ml_tensor_data(q), ml_tensor_dtype(q), (const signed char *)ml_tensor_data(k),
+        (const float *)ml_tensor_data(k_scales), (const signed char *)ml_tensor_data(v),
+        (const float *)ml_tensor_data(v_scales), md, kind, is_causal, (float)scale, (float *)scr, ml_tensor_data(out),
+        ml_tensor_dtype(out), r0, rows);
+    e = cudaGetLastError();
+  }
+  ml_cuda_scratch_free(dev, scr, (size_t)(chunk * a.S) * sizeof(float));
+  if (e != cudaSuccess) return ml_fail(ML_EIO, "sdpa_q8: CUDA error: %s", cudaGetErrorString(e));
+  return ML_OK;
+}
