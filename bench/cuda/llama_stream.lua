@@ -205,21 +205,26 @@ local resident_ok, resident = pcall(function()
    m:to("cuda:0")                                        -- (the buffers: rotary frequencies)
    local prompt = {}
    for i = 1, 16 do prompt[i] = ids[i] end
-   local function tokens_per_s()
+   local function tokens_per_s(kv_dtype)
       local short = ml.tensor({ prompt }, { dtype = "int64", device = "cuda:0" })
       local prefill = B.best(2, function() m(short, { logits_to_keep = 1 }); ml.cuda.synchronize(0) end)
-      local total = B.best(2, function() m:generate(short, { max_new_tokens = 16 }); ml.cuda.synchronize(0) end)
+      local total = B.best(2, function()
+         m:generate(short, { max_new_tokens = 16, kv_cache_dtype = kv_dtype })
+         ml.cuda.synchronize(0)
+      end)
       return 15 / math.max(total - prefill, 1e-9)
    end
    local r = { bf16 = tokens_per_s() }
    ml.quantize(m)
    r.int8 = tokens_per_s()
+   r.int8_kv = tokens_per_s("int8")                      -- (and the int8 key-value cache)
    return r
 end)
 collectgarbage(); collectgarbage()
-B.emit({ "bench", "bf16_tokens_per_s", "int8_tokens_per_s", "int8_decode_speedup", "resident_note" }, {
+B.emit({ "bench", "bf16_tokens_per_s", "int8_tokens_per_s", "int8_kv_tokens_per_s", "int8_decode_speedup",
+         "resident_note" }, {
    bench = "cuda_llama_resident_decode", bf16_tokens_per_s = resident_ok and resident.bf16 or nil,
-   int8_tokens_per_s = resident_ok and resident.int8 or nil,
+   int8_tokens_per_s = resident_ok and resident.int8 or nil, int8_kv_tokens_per_s = resident_ok and resident.int8_kv or nil,
    int8_decode_speedup = resident_ok and resident.int8 / resident.bf16 or nil,
    resident_note = not resident_ok and ("resident run failed: " .. tostring(resident)):sub(1, 300) or nil,
 })

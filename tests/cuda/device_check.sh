@@ -82,8 +82,8 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
                   r.one_by_one_s, r.blocked_s, r.blocked_speedup, r.whole_s)
                or r.int8_forward_s and string.format("int8 weights streamed: %.3f s per forward (%.2fx bfloat16's); floor %.3f s",
                   r.int8_forward_s, r.int8_speedup, r.int8_floor_s)
-               or r.int8_decode_speedup and string.format("resident decode: %.1f tokens/s bfloat16, %.1f int8 (%.2fx)",
-                  r.bf16_tokens_per_s, r.int8_tokens_per_s, r.int8_decode_speedup)
+               or r.int8_decode_speedup and string.format("resident decode: %.1f tokens/s bfloat16, %.1f int8 (%.2fx), %.1f with the int8 cache too",
+                  r.bf16_tokens_per_s, r.int8_tokens_per_s, r.int8_decode_speedup, r.int8_kv_tokens_per_s)
                or r.skipped or "?"
             local notes = {}
             for _, k in ipairs({ "pinned_note", "peer_note", "int8_note", "resident_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
