@@ -89,12 +89,6 @@ function M.check_option(value, who, level)
    end
 end
 
---- Bytes of the float32 scales of a quantized linear layer m.
-function M.scale_bytes(m)
-   local out_features, in_features = m.out_features or m.nf, m.in_features or m.nx
-   return out_features * in_features / QuantizedLinear.BLOCK * 4
-end
-
 -- What an int8 file in the offload folder was made from: the float weight's file, offset, size
 -- and modification time (a checkpoint replaced in place does not match), dtype and shape; nil
 -- when the weight is not a view of a mapped file (then the file is always written again).
