@@ -135,6 +135,18 @@ describe("int8 key-value cache", function()
       assert.are.same({ 32, 8, 20, 1 }, { KVCache.q8_block(128), KVCache.q8_block(8), KVCache.q8_block(80), KVCache.q8_block(37) })
       assert.are.equal(1.125, KVCache.value_bytes("int8", 128, 2))
       assert.are.equal(2, KVCache.value_bytes(nil, 128, 2))
+      -- what does not fit is named
+      local q8, sc = ml.empty({ 2, 64 }, { dtype = "int8" }), ml.empty(2, 2)
+      for _, c in ipairs({
+         { function() F.dequantize_q8(q8, sc, "int32") end, "dequantize_q8: the output dtype must be float32, float16 or bfloat16, got int32" },
+         { function() F.dequantize_q8(q8, ml.empty(2, 3)) end, "dequantize_q8: int8 values int8 [2, 64] and float32 scales float32 [2, 3] do not go together" },
+         { function() F.quantize_q8_into(ml.randn(2, 32), q8, sc) end, "quantize_q8_into: input float32 [2, 32] does not fit int8 values of shape [2, 64]" },
+         { function() KVCache.new(1, 4, nil, "int4") end, 'KVCache: dtype must be "int8" or nil (the computing dtype), got int4' },
+      }) do
+         local ok, err = pcall(c[1])
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(c[2], 1, true), tostring(err))
+      end
    end)
 
    it("slides a window and grows with its scales", function()
