@@ -25,6 +25,19 @@ enum { Q8_BLOCK = 32, Q8_MAX_ROWS = 4, Q8_COLS = 64, Q8_PANEL = 256 };
 
 // --- quantize -------------------------------------------------------------------------------------
 
+/* One block of b values: its scale (max |x| / 127) and the values rounded to nearest; the GPU
+   kernels (cuda/q8.cu) do the same float operations, so both give the same bytes. */
+static inline float quantize_block(const float *x, int64_t b, int8_t *q, int64_t qs) {
+  float amax = 0;
+  for (int64_t i = 0; i < b; i++) amax = fmaxf(amax, fabsf(x[i]));
+  float inv = amax > 0 ? 127.0f / amax : 0.0f;
+  if (qs == 1)
+    for (int64_t i = 0; i < b; i++) q[i] = (int8_t)rintf(x[i] * inv);   /* (rintf: half to even, vectorized) */
+  else
+    for (int64_t i = 0; i < b; i++) q[i * qs] = (int8_t)rintf(x[i] * inv);
+  return amax / 127.0f;
+}
+
 typedef struct {
   const uint8_t *w;
   ml_dtype wdt;
@@ -41,12 +54,7 @@ static void quant_rows(void *ctx, int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; n++) {
     for (int64_t b = 0; b < nb; b++) {
       ml_row_load(row, ML_FLOAT32, j->w + (n * j->rs + b * Q8_BLOCK * j->cs) * (int64_t)we, j->wdt, Q8_BLOCK, j->cs);
-      float amax = 0;
-      for (int i = 0; i < Q8_BLOCK; i++) amax = fmaxf(amax, fabsf(row[i]));
-      float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-      int8_t *q = j->q + n * j->K + b * Q8_BLOCK;
-      for (int i = 0; i < Q8_BLOCK; i++) q[i] = (int8_t)lrintf(row[i] * inv);
-      j->scales[n * nb + b] = scale;
+      j->scales[n * nb + b] = quantize_block(row, Q8_BLOCK, j->q + n * j->K + b * Q8_BLOCK, 1);
     }
   }
 }
@@ -323,24 +331,22 @@ typedef struct {
 
 static void quantize_rows_of(void *ctx, int64_t begin, int64_t end) {
   const rows_job *j = ctx;
-  int64_t D = j->D, b = j->block, nb = D / b;
+  int64_t D = j->D, b = j->block;
   float row[ML_BLOCK];
   size_t xe = ml_dtype_size(j->x->dtype);
   int8_t *qd = ml_tensor_data(j->q);
   float *sd = ml_tensor_data(j->scales);
   int64_t xs = j->x->strides[j->x->ndim - 1], qs = j->q->strides[j->q->ndim - 1];
   int64_t ss = j->scales->strides[j->scales->ndim - 1];
+  int64_t per = ML_BLOCK / b * b;                         /* whole blocks a row buffer holds */
   for (int64_t r = begin; r < end; r++) {
     const uint8_t *xr = (const uint8_t *)ml_tensor_data(j->x) + outer_row_offset(j->x, r) * (int64_t)xe;
     int8_t *qr = qd + outer_row_offset(j->q, r);
     float *sr = sd + outer_row_offset(j->scales, r);
-    for (int64_t k = 0; k < nb; k++) {
-      ml_row_load(row, ML_FLOAT32, xr + k * b * xs * (int64_t)xe, j->x->dtype, b, xs);
-      float amax = 0;
-      for (int64_t i = 0; i < b; i++) amax = fmaxf(amax, fabsf(row[i]));
-      float inv = amax > 0 ? 127.0f / amax : 0.0f;       /* the weights' rounding (quant_rows) */
-      for (int64_t i = 0; i < b; i++) qr[(k * b + i) * qs] = (int8_t)lrintf(row[i] * inv);
-      sr[k * ss] = amax / 127.0f;
+    for (int64_t k0 = 0; k0 < D; k0 += per) {
+      int64_t n = D - k0 < per ? D - k0 : per;
+      ml_row_load(row, ML_FLOAT32, xr + k0 * xs * (int64_t)xe, j->x->dtype, n, xs);
+      for (int64_t i = 0; i < n; i += b) sr[(k0 + i) / b * ss] = quantize_block(row + i, b, qr + (k0 + i) * qs, qs);
     }
   }
 }
@@ -353,13 +359,22 @@ static void dequantize_rows_of(void *ctx, int64_t begin, int64_t end) {
   const float *sd = ml_tensor_data(j->scales);
   int64_t qs = j->q->strides[j->q->ndim - 1], ss = j->scales->strides[j->scales->ndim - 1];
   size_t oe = ml_dtype_size(j->out->dtype);
+  int64_t per = ML_BLOCK / b * b;
   for (int64_t r = begin; r < end; r++) {
     const int8_t *qr = qd + outer_row_offset(j->q, r);
     const float *sr = sd + outer_row_offset(j->scales, r);
-    for (int64_t k0 = 0; k0 < D; k0 += ML_BLOCK) {
-      int64_t n = D - k0 < ML_BLOCK ? D - k0 : ML_BLOCK;
-      for (int64_t i = 0; i < n; i++) row[i] = (float)qr[(k0 + i) * qs] * sr[(k0 + i) / b * ss];
-      ml_convert_fast(row, ML_FLOAT32, (uint8_t *)ml_tensor_data(j->out) + (r * D + k0) * (int64_t)oe, j->out->dtype, n);
+    for (int64_t k0 = 0; k0 < D; k0 += per) {
+      int64_t n = D - k0 < per ? D - k0 : per;
+      /* straight into a float32 output, else through the row buffer */
+      float *dst = j->out->dtype == ML_FLOAT32 ? (float *)ml_tensor_data(j->out) + r * D + k0 : row;
+      for (int64_t i = 0; i < n; i += b) {
+        float sc = sr[(k0 + i) / b * ss];
+        const int8_t *src = qr + (k0 + i) * qs;
+        if (qs == 1) for (int64_t t = 0; t < b; t++) dst[i + t] = (float)src[t] * sc;
+        else for (int64_t t = 0; t < b; t++) dst[i + t] = (float)src[t * qs] * sc;
+      }
+      if (dst == row)
+        ml_convert_fast(row, ML_FLOAT32, (uint8_t *)ml_tensor_data(j->out) + (r * D + k0) * (int64_t)oe, j->out->dtype, n);
     }
   }
 }
