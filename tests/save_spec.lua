@@ -125,6 +125,20 @@ describe("ml.save_model", function()
       H.rmdir(folder)
    end)
 
+   it("finds a weight offloaded with its block (preload_module_classes)", function()
+      local folder = H.tmpdir()
+      local model = ml.models.from_pretrained(fixture, { offload_folder = folder, preload_module_classes = { "LlamaDecoderLayer" },
+         device_map = { ["model.embed_tokens"] = "cpu", ["model.layers.0"] = "disk", ["model.layers.1"] = "cpu",
+            ["model.norm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" } })
+      assert.is_nil(rawget(model.model.layers[1].mlp.up_proj, "_hf_hook"))       -- the block's hook holds it
+      assert.is_true(model.model.layers[1].mlp.up_proj.weight:is_meta())
+      local out = H.tmpdir()
+      ml.save_model(model, out)
+      assert.is_true(ml.equal(ml.models.from_pretrained(out)(ids), ml.models.from_pretrained(fixture)(ids)))
+      H.rmdir(out)
+      H.rmdir(folder)
+   end)
+
    it("replaces an earlier save whole, and a failed save leaves it as it was", function()
       local model = ml.models.from_pretrained(fixture)
       local out = H.tmpdir()

@@ -58,26 +58,28 @@ local function write_text(path, text)
    return tmp
 end
 
--- The value to save for state-dict entry key (tensor t of module m, named leaf there): t on the
--- CPU, or for a meta tensor what the module's hook would put there.
-local function value_of(key, t, m, leaf)
+-- The value to save for state-dict entry key (tensor t): t on the CPU, or for a meta tensor what
+-- the offloading hook of its module or of the nearest block above it holds (a block hook of
+-- preload_module_classes keys its weights map by the name inside the block).
+local function value_of(model, key, t)
    if not t:is_meta() then return t.device == "cpu" and t or t:to("cpu") end
    local hooks = require("moonload.hooks")
-   local hook = rawget(m, "_hf_hook")
-   if hook ~= nil and hook.weights_map ~= nil then
-      local v = hooks.weights_map_get(hook.weights_map, leaf)
-      if Tensor.is_tensor(v) and not v:is_meta() then
-         if v.dtype ~= t.dtype then v = v:to(t.dtype) end                 -- (the raw checkpoint dtype)
-         return v.device == "cpu" and v or v:to("cpu")
+   local path = key
+   while true do
+      local owner = path:match("^(.*)%.[^.]+$")
+      local m = owner and model:get_submodule(owner) or (path ~= "" and model or nil)
+      if m == nil then break end
+      local hook = rawget(m, "_hf_hook")
+      if hook ~= nil and hook.weights_map ~= nil then
+         local rel = owner and key:sub(#owner + 2) or key
+         local v = hooks.weights_map_get(hook.weights_map, rel)
+         if Tensor.is_tensor(v) and not v:is_meta() then
+            if v.dtype ~= t.dtype then v = v:to(t.dtype) end                 -- (the raw checkpoint dtype)
+            return v.device == "cpu" and v or v:to("cpu")
+         end
       end
-   end
-   local utils = require("moonload.utils")
-   if utils.has_offloaded_params(m) then                                   -- (a block's own hook)
-      local v = utils.align_module_device(m, { execution_device = "cpu" }, function()
-         local now = m[leaf]
-         return Tensor.is_tensor(now) and not now:is_meta() and now:clone() or nil
-      end)
-      if v then return v end
+      if not owner then break end
+      path = owner
    end
    error(string.format('%s: "%s" is on the meta device and no hook holds its weights', WHO, key), 0)
 end
@@ -152,10 +154,8 @@ function M.save_model(model, dir, opts)
       local t = sd[key]
       if not seen[t] then                                 -- tied: the first name keeps it
          seen[t] = true
-         local path, leaf = key:match("^(.*)%.([^.]+)$")
          local bytes = t:numel() * t:element_size()
-         entries[#entries + 1] = { key = key, tensor = t, module = path and model:get_submodule(path) or model,
-                                   leaf = leaf or key, bytes = bytes }
+         entries[#entries + 1] = { key = key, tensor = t, bytes = bytes }
          total = total + bytes
       end
    end
@@ -170,7 +170,7 @@ function M.save_model(model, dir, opts)
             or string.format("model-%05d-of-%05d.safetensors", i, #shards)
          local tensors = {}
          for _, e in ipairs(shard) do
-            tensors[e.key] = value_of(e.key, e.tensor, e.module, e.leaf)
+            tensors[e.key] = value_of(model, e.key, e.tensor)
             weight_map[e.key] = name
          end
          local tmp = tmp_name(dir .. "/" .. name)
