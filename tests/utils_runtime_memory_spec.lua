@@ -130,6 +130,9 @@ describe("utils.runtime_memory", function()
 
       it("scales the cache with batch, length and dtype", function()
          local one = sum(u.kv_cache_sizes(model, { max_length = 10 }))
+         -- int8 weights leave the activations, and so the cache, in the model's dtype
+         local int8 = ml.quantize(models.from_pretrained(H.FIX .. "/llama_tiny_untied"))
+         assert.are.equal(one, sum(u.kv_cache_sizes(int8, { max_length = 10 })))
          -- int8: head dim 8, one scale per 8 values (1.5 bytes a value where float32 takes 4)
          assert.are.equal(one * 1.5 / 4, sum(u.kv_cache_sizes(model, { max_length = 10, kv_cache_dtype = "int8" })))
          -- decoding reads the int8 bytes; a prompt over 32 tokens dequantizes a layer's keys and values

@@ -181,6 +181,17 @@ local function quantize_offloaded(model, name, m, folder)
    return ql, nil, int8.weight:nbytes() + int8.weight_scale:nbytes(), w:nbytes(), reused
 end
 
+local FLOATING = { float32 = true, float16 = true, bfloat16 = true, float64 = true }
+
+--- compute_dtype(module) -> the dtype a module computes in: its first floating parameter that is
+-- not an int8 layer's float32 scales (nil when it has none).
+function M.compute_dtype(module)
+   for name, p in module:named_parameters() do
+      if FLOATING[p.dtype] and not name:find("weight_scale$") then return p.dtype end
+   end
+   return nil
+end
+
 -- --- int8 checkpoints (ml.save_model, from_pretrained) --------------------------------------
 
 M.QUANT_METHOD = "moonload_q8"

@@ -84,15 +84,6 @@ local function value_of(model, key, t)
    error(string.format('%s: "%s" is on the meta device and no hook holds its weights', WHO, key), 0)
 end
 
--- The dtype the model computes with: that of its first floating parameter other than int8 scales.
-local FLOATING = { float32 = true, float16 = true, bfloat16 = true, float64 = true }
-local function model_dtype(model)
-   for name, p in model:named_parameters() do
-      if FLOATING[p.dtype] and not name:find("weight_scale$") then return p.dtype end
-   end
-   return nil
-end
-
 -- The config to write: the model's as read (model.config._raw), with its dtype and its int8 layers.
 local function config_of(model)
    local cfg = rawget(model, "config") or model.config
@@ -102,7 +93,7 @@ local function config_of(model)
    end
    local out = {}
    for k, v in pairs(raw) do out[k] = v end
-   local dtype = model_dtype(model)
+   local dtype = require("moonload.quantize").compute_dtype(model)
    if dtype then out.dtype, out.torch_dtype = dtype, dtype end
    out.quantization_config = require("moonload.quantize").config_for(model)
    return out

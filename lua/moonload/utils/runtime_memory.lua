@@ -67,9 +67,9 @@ local function out_in(m)                 -- Linear (out_features) or GPT-2's Con
    return m.out_features or m.nf, m.in_features or m.nx
 end
 
+-- The dtype m's activations (and so its cache) have: its compute dtype (int8 layers aside).
 local function first_param_dtype(m)
-   for _, p in m:named_parameters() do return p.dtype end
-   return "float32"
+   return require("moonload.quantize").compute_dtype(m) or "float32"
 end
 
 -- Per-token width of what a block's MLP part holds at once: its widest projection (the
