@@ -192,6 +192,19 @@ describe("ml.save_model", function()
    end)
 end)
 
+describe("examples/int8.lua", function()
+   it("quantizes, saves, loads back with the same logits and generates with both caches", function()
+      local p = assert(io.popen("luajit examples/int8.lua " .. fixture .. " 2>&1"))
+      local out = p:read("*a")
+      p:close()
+      assert.truthy(out:find("same logits: true", 1, true), out)
+      local toks = {}
+      for ids in out:gmatch("tokens/s%) %-> ([%d ]+)") do toks[#toks + 1] = ids end
+      assert.are.equal(2, #toks, out)
+      assert.are.equal(toks[1], toks[2])
+   end)
+end)
+
 describe("ml.save_model on cuda #cuda", function()
    it("copies GPU weights to the CPU one shard at a time", function()
       local model = ml.models.from_pretrained(fixture, { quantize = "int8", device_map = { ["model.embed_tokens"] = 0,
