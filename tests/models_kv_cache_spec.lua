@@ -103,6 +103,17 @@ describe("generate with kv_cache_device", function()
    end)
 end)
 
+-- int8 keys and values (B, Hk, S, D) as an int8 cache hands them out: int8 views carrying their scales
+local function q8_views(x, block)
+   local q = ml.empty(x.shape, { dtype = "int8", device = x.device })
+   local sshape = x.shape
+   sshape[4] = x:size(4) / block
+   local s = ml.empty(sshape, { device = x.device })
+   ml.nn.F.quantize_q8_into(x, q, s)
+   rawset(q, "_q8_scales", s)
+   return q
+end
+
 describe("int8 key-value cache", function()
    local F = ml.nn.F
 
@@ -170,18 +181,6 @@ describe("int8 key-value cache", function()
       local kb = KVCache.floats((g:update(1, b, b)), "float32")
       assert.is_true(ml.equal(kb:narrow(3, 1, 2), ka))
    end)
-
-   -- int8 keys and values (B, Hk, S, D) as a cache hands them out
-   local function q8_views(x, block)
-      local D = x:size(4)
-      local q = ml.empty(x.shape, { dtype = "int8", device = x.device })
-      local sshape = x.shape
-      sshape[4] = D / block
-      local s = ml.empty(sshape, { device = x.device })
-      F.quantize_q8_into(x, q, s)
-      rawset(q, "_q8_scales", s)
-      return q
-   end
 
    it("attends over int8 keys and values as over their dequantized floats", function()
       local common = require("moonload.models.common")
@@ -281,15 +280,6 @@ describe("int8 key-value cache on cuda #cuda", function()
    it("attends over int8 keys and values on the device as the CPU does", function()
       local common = require("moonload.models.common")
       ml.manual_seed(10)
-      local function views(x, block)
-         local q = ml.empty(x.shape, { dtype = "int8", device = x.device })
-         local sshape = x.shape
-         sshape[4] = x:size(4) / block
-         local s = ml.empty(sshape, { device = x.device })
-         F.quantize_q8_into(x, q, s)
-         rawset(q, "_q8_scales", s)
-         return q
-      end
       -- head dims in blocks of 32 and 20, grouped heads, a padding mask, causal rows, bfloat16
       for _, c in ipairs({ { 64, 32, 1 }, { 40, 20, 3 }, { 64, 32, 20 } }) do
          local D, block, L = c[1], c[2], c[3]
@@ -297,8 +287,8 @@ describe("int8 key-value cache on cuda #cuda", function()
          local pad = ml.ones({ 2, 9 }, { dtype = "bool" })
          pad[{ 1, 1 }] = false
          local mask = common.padded_causal_mask(pad, L, 9)
-         local kc, vc = views(k, block), views(v, block)
-         local kd, vd = views(k:to(DEV), block), views(v:to(DEV), block)
+         local kc, vc = q8_views(k, block), q8_views(v, block)
+         local kd, vd = q8_views(k:to(DEV), block), q8_views(v:to(DEV), block)
          for _, m in ipairs({ { nil, false }, { mask, false }, { nil, L > 1 } }) do
             local want = common.attention(q, kc, vc, m[1], m[2], 0.3)
             local got = common.attention(q:to(DEV), kd, vd, m[1] and m[1]:to(DEV), m[2], 0.3)
