@@ -74,8 +74,7 @@ typedef struct ml_cuda_api {
   ml_status (*empty_cache)(int device);
   /* Whether the work before the event's record is done, without waiting. */
   ml_status (*event_query)(void *event, bool *done);
-  /* int8 weights (cpu/q8.c's layout): w 2-D floating, any strides; q and scales allocated. */
-  ml_status (*quantize_q8)(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
+  /* int8 weights (cpu/q8.c's layout); quantize_q8 goes through quantize_q8_into below. */
   ml_status (*q8_linear)(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                          ml_tensor *out);
   /* int8 rows (the key-value cache): shapes checked, any strides; out contiguous, allocated. */

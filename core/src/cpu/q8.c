@@ -38,32 +38,10 @@ static inline float quantize_block(const float *x, int64_t b, int8_t *q, int64_t
   return amax / 127.0f;
 }
 
-typedef struct {
-  const uint8_t *w;
-  ml_dtype wdt;
-  int64_t K, rs, cs;           /* w row n, element k at w + (n*rs + k*cs) elements */
-  int8_t *q;
-  float *scales;
-} quant_job;
-
-static void quant_rows(void *ctx, int64_t begin, int64_t end) {
-  const quant_job *j = ctx;
-  size_t we = ml_dtype_size(j->wdt);
-  float row[Q8_BLOCK];
-  int64_t nb = j->K / Q8_BLOCK;
-  for (int64_t n = begin; n < end; n++) {
-    for (int64_t b = 0; b < nb; b++) {
-      ml_row_load(row, ML_FLOAT32, j->w + (n * j->rs + b * Q8_BLOCK * j->cs) * (int64_t)we, j->wdt, Q8_BLOCK, j->cs);
-      j->scales[n * nb + b] = quantize_block(row, Q8_BLOCK, j->q + n * j->K + b * Q8_BLOCK, 1);
-    }
-  }
-}
-
 ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) {
   char sw[ML_SHAPE_BUF];
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("quantize_q8", 1, (const ml_tensor *[]){w}, (const char *[]){"the weight"}, &cu));
-  if (cu && !cu->quantize_q8) return ml_no_cuda_kernel("quantize_q8", w);
   if (w->ndim != 2 || !ml_dtype_is_floating(w->dtype))
     return ml_fail(ML_EINVAL, "quantize_q8: expected a 2-D floating weight (out_features, in_features), got %s %s",
                    ml_dtype_name(w->dtype), ml_shape_str(w->ndim, w->shape, sw, sizeof sw));
@@ -74,17 +52,13 @@ ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) 
   int64_t sshape[2] = {N, K / Q8_BLOCK};
   ML_TRY(ml_tensor_empty(ML_INT8, 2, w->shape, w->storage->device, q));
   ml_status st = ml_tensor_empty(ML_FLOAT32, 2, sshape, w->storage->device, scales);
-  if (!st && cu) st = cu->quantize_q8(w, *q, *scales);
+  if (!st) st = ml_quantize_q8_into(w, *q, *scales);     /* rows of blocks of 32: the same rounding */
   if (st) {
     ml_tensor_release(*q);
     ml_tensor_release(*scales);
     *q = *scales = NULL;
-    return st;
   }
-  if (cu) return ML_OK;
-  quant_job j = {ml_tensor_data(w), w->dtype, K, w->strides[0], w->strides[1], ml_tensor_data(*q), ml_tensor_data(*scales)};
-  ml_parallel_for(N, K * 4, quant_rows, &j);
-  return ML_OK;
+  return st;
 }
 
 // --- few rows: weights widened in registers ------------------------------------------------------

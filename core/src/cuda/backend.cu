@@ -371,7 +371,6 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.rotary_embedding = ml_cuda_rotary_embedding;
   g_api.random_fill = ml_cuda_random_fill;
   g_api.topk = ml_cuda_topk;
-  g_api.quantize_q8 = ml_cuda_quantize_q8;
   g_api.q8_linear = ml_cuda_q8_linear;
   g_api.quantize_q8_into = ml_cuda_quantize_q8_into;
   g_api.dequantize_q8 = ml_cuda_dequantize_q8;

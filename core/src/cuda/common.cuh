@@ -227,7 +227,6 @@ ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *ind
 ml_status ml_cuda_cumsum(const ml_tensor *x, int dim, ml_tensor *out);
 ml_status ml_cuda_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor *out);
 ml_status ml_cuda_topk(const ml_tensor *x, int dim, int64_t k, bool largest, ml_tensor *values, ml_tensor *indices);
-ml_status ml_cuda_quantize_q8(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
 ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                             ml_tensor *out);
 ml_status ml_cuda_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);

@@ -1,11 +1,10 @@
-// q8.cu: int8 weights on CUDA, in the layout of cpu/q8.c (int8 (out, in), a float32 scale per
-// block of 32 along in). quantize_q8 gives the CPU's bytes exactly (the same float operations,
-// one warp a block). q8_linear: up to kGemvRows rows (decoding) read each weight byte once, a warp
-// per output column in 16-byte loads, so a step moves a quarter of float32's bytes and half of
-// bfloat16's; more rows widen the weight to the output dtype once and go through cuBLAS (linear),
-// where the GEMM and not the weight bytes bounds the time. That widened copy is scratch for the
-// one call. quantize_q8_into and dequantize_q8 do the same rounding for rows of any tensor, into
-// strided slots (the int8 key-value cache).
+// q8.cu: int8 weights and the int8 key-value cache on CUDA, in the layout of cpu/q8.c (int8
+// values, a float32 scale per block along the last dim). Quantizing (rows of any tensor, blocks of
+// any width) gives the CPU's bytes exactly: the same float operations, a warp a block.
+// q8_linear: up to kGemvRows rows (decoding) read each weight byte once, a warp per output column
+// in 16-byte loads, so a step moves a quarter of float32's bytes and half of bfloat16's; more rows
+// widen the weight to the output dtype once (scratch for the call) and go through cuBLAS, where
+// the GEMM and not the weight bytes bounds the time. sdpa_q8 attends over int8 keys and values.
 #include "common.cuh"
 
 #include <math.h>
@@ -13,35 +12,6 @@
 static const int kBlock = 32;       // values per scale (QuantizedLinear.BLOCK)
 static const int kThreads = 256;    // 8 warps: 8 quantization blocks, or 8 output columns
 static const int kGemvRows = 8;
-
-// --- quantize: a warp per block of 32 ----------------------------------------------------------
-
-__global__ void quantize_kernel(TensorDesc w, signed char *q, float *scales, int64_t nblocks, int64_t nb) {
-  int lane = threadIdx.x & 31;
-  int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
-  for (int64_t blk = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5); blk < nblocks; blk += warps) {
-    int64_t n = blk / nb, k = blk % nb * kBlock + lane;
-    float v = load_as<float>(w.data, w.dtype, n * w.strides[0] + k * w.strides[1]);
-    float amax = fabsf(v);
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float inv = amax > 0 ? 127.0f / amax : 0.0f;     // the CPU's operations, so the same bytes
-    q[n * w.shape[1] + k] = (signed char)(int)rintf(v * inv);
-    if (lane == 0) scales[blk] = amax / 127.0f;
-  }
-}
-
-ml_status ml_cuda_quantize_q8(const ml_tensor *w, ml_tensor *q, ml_tensor *scales) {
-  DeviceState *st;
-  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(q), &st));
-  TensorDesc wd = ml_cuda_desc(w);
-  int64_t nb = wd.shape[1] / kBlock, nblocks = wd.shape[0] * nb;
-  if (nblocks == 0) return ML_OK;
-  unsigned grid = ml_cuda_blocks(nblocks, kThreads / 32);
-  quantize_kernel<<<grid, kThreads, 0, st->compute>>>(wd, (signed char *)ml_tensor_data(q),
-                                                      (float *)ml_tensor_data(scales), nblocks, nb);
-  LAUNCH_CHECK();
-  return ML_OK;
-}
 
 // --- few rows: a warp per output column -----------------------------------------------------------
 
@@ -100,13 +70,6 @@ __global__ void q8_gemv_kernel(const void *x, int xdt, const signed char *q, con
   }
 }
 
-// --- more rows: the weight widened once, then cuBLAS ------------------------------------------------
-
-__global__ void dequantize_kernel(const signed char *q, const float *scales, void *w, int wdt, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    store_as<float>(w, wdt, i, (float)q[i] * scales[i / kBlock]);
-}
-
 ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                             ml_tensor *out) {
   DeviceState *st;
@@ -120,13 +83,11 @@ ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_ten
   const signed char *qd = (const signed char *)ml_tensor_data(q);
   const float *sd = (const float *)ml_tensor_data(scales);
   if (M > kGemvRows) {
+    // the weight widened once to the output dtype (dequantize_q8 below), then cuBLAS
     ml_tensor *w;
     ML_TRY(ml_tensor_empty((ml_dtype)odt, 2, sq, ml_tensor_device(q), &w));
-    int64_t n = N * K;
-    if (n > 0) dequantize_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(qd, sd, ml_tensor_data(w), odt, n);
-    cudaError_t e = cudaGetLastError();
-    ml_status s = e == cudaSuccess ? ml_cuda_linear(x, w, b, out)
-                                   : ml_fail(ML_EIO, "q8_linear: CUDA error: %s", cudaGetErrorString(e));
+    ml_status s = ml_cuda_dequantize_q8(q, scales, w);
+    if (!s) s = ml_cuda_linear(x, w, b, out);
     ml_tensor_release(w);      // (the caching allocator reuses it once the stream is past the GEMM)
     return s;
   }
@@ -158,19 +119,23 @@ ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_ten
 
 // --- rows of any tensor, blocks of any width (the key-value cache) --------------------------------
 
-// A thread per block of `block` values of x (strided, any floating dtype) into q and scales.
-__global__ void quantize_into_kernel(TensorDesc x, TensorDesc q, TensorDesc s, int64_t nblocks, int64_t block) {
-  for (int64_t blk = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; blk < nblocks;
-       blk += (int64_t)gridDim.x * blockDim.x) {
+// A warp per block of `block` values of x (strided, any floating dtype) into q and scales: the
+// lanes take every 32nd value, and the block's largest |x| comes through the shuffles.
+__global__ void quantize_kernel(TensorDesc x, TensorDesc q, TensorDesc s, int64_t nblocks, int64_t block) {
+  int lane = threadIdx.x & 31;
+  int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t blk = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5); blk < nblocks; blk += warps) {
     int64_t first = blk * block;            // linear index of its first value in x's shape
     float amax = 0.0f;
-    for (int64_t i = 0; i < block; i++) amax = fmaxf(amax, fabsf(load_as<float>(x.data, x.dtype, desc_offset(x, first + i))));
+    for (int64_t i = lane; i < block; i += 32)
+      amax = fmaxf(amax, fabsf(load_as<float>(x.data, x.dtype, desc_offset(x, first + i))));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     float inv = amax > 0 ? 127.0f / amax : 0.0f;     // the CPU's operations, so the same bytes
-    for (int64_t i = 0; i < block; i++) {
+    for (int64_t i = lane; i < block; i += 32) {
       float v = load_as<float>(x.data, x.dtype, desc_offset(x, first + i));
       ((signed char *)q.data)[desc_offset(q, first + i)] = (signed char)(int)rintf(v * inv);
     }
-    ((float *)s.data)[desc_offset(s, blk)] = amax / 127.0f;
+    if (lane == 0) ((float *)s.data)[desc_offset(s, blk)] = amax / 127.0f;
   }
 }
 
@@ -180,14 +145,20 @@ ml_status ml_cuda_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *
   TensorDesc xd = ml_cuda_desc(x), qd = ml_cuda_desc(q), sd = ml_cuda_desc(scales);
   int64_t nblocks = ml_cuda_numel(sd), block = nblocks ? ml_cuda_numel(qd) / nblocks : 0;
   if (nblocks == 0) return ML_OK;
-  quantize_into_kernel<<<ml_cuda_blocks(nblocks, kThreads), kThreads, 0, st->compute>>>(xd, qd, sd, nblocks, block);
+  quantize_kernel<<<ml_cuda_blocks(nblocks, kThreads / 32), kThreads, 0, st->compute>>>(xd, qd, sd, nblocks, block);
   LAUNCH_CHECK();
   return ML_OK;
 }
 
-__global__ void dequantize_rows_kernel(TensorDesc q, TensorDesc s, void *out, int odt, int64_t n, int64_t block) {
+// Element i of q times its block's scale, into out (contiguous) as odt; contiguous q and scales
+// (a weight) skip the strided addressing.
+__global__ void dequantize_kernel(TensorDesc q, TensorDesc s, bool contiguous, void *out, int odt, int64_t n,
+                                  int64_t block) {
+  const signed char *qd = (const signed char *)q.data;
+  const float *sd = (const float *)s.data;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float v = (float)((const signed char *)q.data)[desc_offset(q, i)] * ((const float *)s.data)[desc_offset(s, i / block)];
+    float v = contiguous ? (float)qd[i] * sd[i / block]
+                         : (float)qd[desc_offset(q, i)] * sd[desc_offset(s, i / block)];
     store_as<float>(out, odt, i, v);
   }
 }
@@ -198,8 +169,9 @@ ml_status ml_cuda_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_
   TensorDesc qd = ml_cuda_desc(q), sd = ml_cuda_desc(scales);
   int64_t n = ml_cuda_numel(qd), nblocks = ml_cuda_numel(sd);
   if (n == 0) return ML_OK;
-  dequantize_rows_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(qd, sd, ml_tensor_data(out),
-                                                                                     ml_tensor_dtype(out), n, n / nblocks);
+  bool contiguous = ml_cuda_is_contiguous(qd) && ml_cuda_is_contiguous(sd);
+  dequantize_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(qd, sd, contiguous, ml_tensor_data(out),
+                                                                               ml_tensor_dtype(out), n, n / nblocks);
   LAUNCH_CHECK();
   return ML_OK;
 }
