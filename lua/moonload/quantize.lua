@@ -23,6 +23,13 @@ local Tensor = require("moonload.tensor")
 local M = {}
 local WHO = "quantize"
 
+-- Puts module m where model's submodule name was (same place in its parent's order).
+local function replace_module(model, name, m)
+   local parent, leaf = name:match("^(.*)%.([^.]+)$")
+   local owner = parent and model:get_submodule(parent) or model
+   rawget(owner, "_modules"):set(leaf or name, m)
+end
+
 local function is_linear(m)
    local name = m.__name
    return (name == "Linear" or name == "Conv1D") and m.weight ~= nil
@@ -227,10 +234,7 @@ function M.apply_config(model, qc, src, who)
          error(string.format('%s: quantization_config in %s lists "%s", which is not a linear layer of the model',
             who, src, tostring(name)), 0)
       end
-      local parent, leaf = name:match("^(.*)%.([^.]+)$")
-      local owner = parent and model:get_submodule(parent) or model
-      local ql = QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil })
-      rawget(owner, "_modules"):set(leaf or name, ql)
+      replace_module(model, name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil }))
    end
    return model
 end
@@ -261,9 +265,7 @@ function M.quantize(model, opts)
          report.skipped[name] = reason
       else
          q = q or QuantizedLinear.from_float(m)
-         local parent, leaf = name:match("^(.*)%.([^.]+)$")
-         local owner = parent and model:get_submodule(parent) or model
-         rawget(owner, "_modules"):set(leaf or name, q)
+         replace_module(model, name, q)
          report.quantized[#report.quantized + 1] = name
          if reused then report.reused[#report.reused + 1] = name end
          report.bytes_before = report.bytes_before + (before or w:nbytes())
