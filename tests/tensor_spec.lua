@@ -150,6 +150,27 @@ describe("views", function()
          errmsg(function() return base:narrow(2, 4, 3) end))
    end)
 
+   it("indexes with Torch7's tables: positions select, {first, last} ranges keep the dim, views to read and write", function()
+      -- base is 3 x 4 holding 0..11
+      assert.are.same({ 5, 6 }, base[{ 2, { 2, 3 } }]:tolist())
+      assert.are.same({ { 3 }, { 7 }, { 11 } }, base[{ {}, { -1 } }]:tolist())
+      assert.are.same({ { 8, 9, 10, 11 } }, base[{ { 3 } }]:tolist())
+      assert.are.equal(6, base[{ 2, 3 }]:item())
+      local x = ml.zeros(3, 4)
+      x[{ 2, 1 }] = 5
+      x[{ 3, { 2, -1 } }] = 7
+      x[{ { 1, 2 }, { 4 } }] = ml.tensor({ { 1 }, { 2 } })
+      assert.are.same({ { 0, 0, 0, 1 }, { 5, 0, 0, 2 }, { 0, 7, 7, 7 } }, x:tolist())
+      local m = ml.ones({ 2, 2 }, { dtype = "bool" })
+      m[{ 1, 1 }] = false
+      assert.are.same({ { false, true }, { true, true } }, m:tolist())
+      assert.are.equal("index: 3 indices for a tensor of 2 dims", errmsg(function() return base[{ 1, 2, 3 }] end))
+      assert.are.equal("index: range {0, 2} is out of range for dimension 1 of size 3 (positions are 1-based, inclusive)",
+         errmsg(function() return base[{ { 0, 2 } }] end))
+      assert.are.equal("index: entry 2 must be a position or a {first, last} range, got string",
+         errmsg(function() x[{ 1, "a" }] = 0 end))
+   end)
+
    it("unsqueeze, squeeze, expand and flatten", function()
       local x = ml.ones(3)
       assert.are.same({ 1, 3 }, x:unsqueeze(1).shape)

@@ -249,19 +249,54 @@ function properties.device(t) return device_name(lib.ml_tensor_device(t._c)) end
 
 function properties.ndim(t) return lib.ml_tensor_ndim(t._c) end
 
+-- t[{i, {a, b}, {}}], Torch7's indexing, as a view: per dim from the first, a number selects
+-- (the dim goes), {a, b} keeps positions a..b (1-based, inclusive, negative from the end), {a}
+-- position a alone, {} the whole dim; dims not listed stay whole.
+local function index_view(t, spec)
+   local n = lib.ml_tensor_ndim(t._c)
+   if #spec > n then
+      error(string.format("index: %d indices for a tensor of %d dims", #spec, n), 3)
+   end
+   local v, dim = t, 1
+   for i = 1, #spec do
+      local s = spec[i]
+      if type(s) == "number" then
+         v = methods.select(v, dim, s)
+      elseif type(s) == "table" then
+         local size = tonumber(lib.ml_tensor_shape(v._c)[dim - 1])
+         local a, b = s[1] or 1, s[2] or s[1] or size
+         if type(a) ~= "number" or type(b) ~= "number" then
+            error(string.format("index: range %d must hold positions, got %s and %s", i, type(a), type(b)), 3)
+         end
+         if a < 0 then a = a + size + 1 end
+         if b < 0 then b = b + size + 1 end
+         if a < 1 or b > size or a > b + 1 then
+            error(string.format("index: range {%s, %s} is out of range for dimension %d of size %d (positions are 1-based, inclusive)",
+               tostring(s[1]), tostring(s[2] or s[1]), i, size), 3)
+         end
+         v = methods.narrow(v, dim, a, b - a + 1)
+         dim = dim + 1
+      else
+         error(string.format("index: entry %d must be a position or a {first, last} range, got %s", i, type(s)), 3)
+      end
+   end
+   return v
+end
+
 Tensor.__index = function(t, k)
    local m = methods[k]
    if m then return m end
    local p = properties[k]
    if p then return p(t) end
    if type(k) == "number" then return methods.select(t, 1, k) end
+   if type(k) == "table" then return index_view(t, k) end
    return nil
 end
 
 Tensor.__newindex = function(t, k, v)
-   if type(k) == "number" then
-      local row = methods.select(t, 1, k)
-      if is_tensor(v) then methods.copy_(row, v) else methods.fill_(row, v) end
+   if type(k) == "number" or type(k) == "table" then
+      local view = type(k) == "number" and methods.select(t, 1, k) or index_view(t, k)
+      if is_tensor(v) then methods.copy_(view, v) else methods.fill_(view, v) end
       return
    end
    rawset(t, k, v)
