@@ -1,14 +1,14 @@
 --- Llama-shaped model with grouped-query attention (8 layers, d=1024, 16 query heads over 4
 -- key/value heads, MLP 2816, vocab 32000), random weights, CPU: (1) prefill of a prompt (1024
--- tokens in float32, 256 in bfloat16 and int8), (2) greedy decode of 32 tokens after it with the KV cache,
+-- tokens in float32, 256 in bfloat16, int8 and int4), (2) greedy decode of 32 tokens after it with the KV cache,
 -- where attention over the long context and the grouped heads matter. Next to
 -- PyTorch/transformers measured in the same run with the same thread count
 -- (bench/llama_decode.py through BENCH_PYTHON; skipped with a note when absent). One JSON object
 -- per dtype. Run from the repository root.
 -- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (3), BENCH_PROMPT (overrides
--- both lengths), BENCH_DTYPE (float32 | bfloat16 | int8; default all three). int8: ml.quantize over
--- the bfloat16 model (int8 weights, bfloat16 activations), next to PyTorch's dynamic int8
--- quantization of the float32 model.
+-- both lengths), BENCH_DTYPE (float32 | bfloat16 | int8 | int4; default all four). int8 and int4:
+-- ml.quantize over the bfloat16 model (int8 or int4 weights, bfloat16 activations), both next to
+-- PyTorch's dynamic int8 quantization of the float32 model (PyTorch has no int4 CPU path of its own).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -27,8 +27,8 @@ local cfg = { model_type = "llama", vocab_size = 32000, hidden_size = 1024, inte
 local function run(dtype, prompt_len)
    ml.manual_seed(0)
    local model = ml.models.llama.LlamaForCausalLM(cfg)
-   -- int8: a bfloat16 model (as hub checkpoints are) with its linear layers quantized
-   if dtype == "int8" then ml.quantize(model:to("bfloat16")) else model:to(dtype) end
+   -- int8, int4: a bfloat16 model (as hub checkpoints are) with its linear layers quantized
+   if dtype == "int8" or dtype == "int4" then ml.quantize(model:to("bfloat16"), { dtype = dtype }) else model:to(dtype) end
    local prompt, seed = {}, 12345
    for i = 1, prompt_len do
       seed = (seed * 1103515245 + 12345) % 2147483648
@@ -50,7 +50,7 @@ local function run(dtype, prompt_len)
    if B.have_python() then
       local ok, peer = pcall(B.run_json, string.format(
          "%s bench/llama_decode.py --threads %d --repeats %d --prompt %d --new %d --dtype %s",
-         B.python, threads, repeats, prompt_len, NEW, dtype))
+         B.python, threads, repeats, prompt_len, NEW, dtype == "int4" and "int8" or dtype))
       if ok and type(peer) == "table" then
          result.peer = peer
          result.prefill_ratio = prefill_s / peer.prefill_s                                -- < 1: moonload faster
@@ -64,7 +64,7 @@ local function run(dtype, prompt_len)
    print(require("cjson").encode(result))
 end
 
-for _, dtype in ipairs(os.getenv("BENCH_DTYPE") and { os.getenv("BENCH_DTYPE") } or { "float32", "bfloat16", "int8" }) do
+for _, dtype in ipairs(os.getenv("BENCH_DTYPE") and { os.getenv("BENCH_DTYPE") } or { "float32", "bfloat16", "int8", "int4" }) do
    run(dtype, tonumber(os.getenv("BENCH_PROMPT") or "") or (dtype == "float32" and 1024 or 256))
    collectgarbage(); collectgarbage()
 end

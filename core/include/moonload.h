@@ -234,6 +234,16 @@ ML_API ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_t
    float16, bfloat16). */
 ML_API ml_status ml_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);
 ML_API ml_status ml_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out);
+/* int4 weights (cpu/q8.c, cuda/q8.cu), half of int8's bytes: w (out, in) floating -> q uint8
+   (out, in / 2) and float32 scales (out, in / 32). llama.cpp's Q4_0 layout: in each block of 32,
+   byte j holds value j in its low nibble and value j + 16 in its high one, each stored as
+   round(w / scale) + 8 in 0..15; the scale is the block's largest-magnitude value / -8 (the
+   positive one when both signs reach it), so that value is exact. ml_q4_linear and
+   ml_dequantize_q4 read them as ml_q8_linear and ml_dequantize_q8 read int8. */
+ML_API ml_status ml_quantize_q4(const ml_tensor *w, ml_tensor **q, ml_tensor **scales);
+ML_API ml_status ml_q4_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                              ml_tensor **out);
+ML_API ml_status ml_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */
 ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out);
 /* Normalises over the last nnorm dims; w and b may be NULL. */

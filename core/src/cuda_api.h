@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 12
+#define ML_CUDA_API_VERSION 13
 #define ML_CUDA_Q8_ATTN_MAX_E 512
 
 typedef struct ml_cuda_api {
@@ -84,6 +84,12 @@ typedef struct ml_cuda_api {
      ML_CUDA_Q8_ATTN_MAX_E (the caller dequantizes beyond); out allocated. */
   ml_status (*sdpa_q8)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
                        const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale, ml_tensor *out);
+  /* int4 weights (cpu/q8.c's Q4_0 layout): q and scales allocated by the caller (contiguous,
+     (out, in / 2) uint8 and (out, in / 32) float32); the CPU's bytes exactly. */
+  ml_status (*quantize_q4)(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
+  ml_status (*q4_linear)(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                         ml_tensor *out);
+  ml_status (*dequantize_q4)(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

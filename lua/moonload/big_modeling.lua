@@ -567,15 +567,17 @@ function M._cache_on_device(plan, reserved, device, u, who)
    reserved.cache_elsewhere = { device = device, bytes = total }
 end
 
--- quantize = "int8": the linear layers ml.quantize will turn into int8 count as such wherever the
--- planner puts them, their float32 scales with them (sizes.lua's "q8", 36 bytes per 32 weights):
--- load_checkpoint_and_dispatch quantizes layers bound for a GPU in CPU memory, before they move.
+-- quantize = "int8" or "int4": the linear layers ml.quantize will turn into int8 (int4) count as
+-- such wherever the planner puts them, their float32 scales with them (sizes.lua's "q8", 36 bytes
+-- per 32 weights; "q4", 20): load_checkpoint_and_dispatch quantizes layers bound for a GPU in CPU
+-- memory, before they move.
 function M._plan_int8(model, plan, opts)
    local quantize = require("moonload.quantize")
    local special = {}
    for k, v in pairs(opts.special_dtypes or {}) do special[k] = v end
+   local planned = opts.quantize == "int4" and "q4" or "q8"
    for _, c in ipairs(quantize.candidates(model)) do
-      if not c[3] then special[c[1] .. ".weight"] = "q8" end
+      if not c[3] then special[c[1] .. ".weight"] = planned end
    end
    plan.special_dtypes = special
 end
@@ -615,7 +617,7 @@ M._apply_reserve = apply_reserve
 -- skip_keys, preload_module_classes, force_hooks, strict, reserve_for, device_overrides,
 -- quantize}): loads a checkpoint (a .safetensors file, a sharded index .json or a folder) into
 -- the model by the device map ("auto", "balanced", "balanced_low_0", "sequential" or a table),
--- then dispatches it. quantize = "int8" plans with int8 sizes (see _plan_int8), quantizes the
+-- then dispatches it. quantize = "int8" ("int4") plans with its sizes (see _plan_int8), quantizes the
 -- linear layers in memory before dispatching (those bound for a GPU loaded to the CPU for it) and
 -- the offloaded ones after (ml.quantize).
 function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
@@ -629,8 +631,8 @@ function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
       offload_state_dict = offload_state_dict, offload_buffers = opts.offload_buffers,
       strict = opts.strict })
    if device_map == nil then return M._quantize_after(model, opts) end
-   -- layers in memory become int8 here, on the CPU, so those bound for a GPU move there as int8
-   if opts.quantize ~= nil then require("moonload.quantize").quantize(model) end
+   -- layers in memory become int8 (int4) here, on the CPU, so those bound for a GPU move there so
+   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
    local cpu_reserved = apply_reserve(model, device_map, reserved)
    M._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
    return M._quantize_after(model, opts, M.dispatch_model(model, device_map, {
@@ -651,12 +653,13 @@ function M._load_map(device_map, quantize)
    return load_map
 end
 
---- With quantize = "int8": the linear layers not quantized yet (offloaded ones, whose hooks now
--- hold their weights) become int8 (ml.quantize); the model comes back (dispatched, when given).
+--- With quantize = "int8" or "int4": the linear layers not quantized yet (offloaded ones, whose
+-- hooks now hold their weights) become quantized (ml.quantize); the model comes back (dispatched,
+-- when given).
 function M._quantize_after(model, opts, dispatched)
    model = dispatched or model
    if opts.quantize == nil then return model end                 -- (checked by _plan_device_map)
-   require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder })
+   require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder, dtype = opts.quantize })
    return model
 end
 

@@ -1,12 +1,13 @@
---- ml.quantize(model[, {skip = {pattern, ...}, offload_folder}]) -> model, report: every linear
--- layer (nn.Linear, GPT-2's Conv1D) becomes an nn.QuantizedLinear (int8, a float32 scale per
--- block of 32 along in_features; core/src/cpu/q8.c, core/src/cuda/q8.cu), in place. Decoding is
--- bound by the weight bytes it reads, and these are a quarter of float32's, half of bfloat16's.
+--- ml.quantize(model[, {dtype = "int8", skip = {pattern, ...}, offload_folder}]) -> model, report:
+-- every linear layer (nn.Linear, GPT-2's Conv1D) becomes an nn.QuantizedLinear (int8, or int4 with
+-- dtype = "int4"; a float32 scale per block of 32 along in_features; core/src/cpu/q8.c,
+-- core/src/cuda/q8.cu), in place. Decoding is bound by the weight bytes it reads, and these are a
+-- quarter of float32's with int8, an eighth with int4 (scales aside).
 -- Where the weights are:
 --  * in memory (CPU or GPU): quantized there;
 --  * offloaded by the layer's own hook (dispatch_model, cpu_offload, disk_offload), for any
 --    execution device: quantized into CPU memory when they were kept there (mapped to "cpu" in
---    the model's hf_device_map), into <offload_folder>/<name>.q8.safetensors when they were on
+--    the model's hf_device_map), into <offload_folder>/<name>.q8.safetensors (.q4.) when they were on
 --    disk (or, with no device map to say, whenever offload_folder is given); the hook then
 --    reads the int8 weights, so each forward moves fewer bytes from disk or over PCIe.
 -- Left as they are, each with its reason in report.skipped[name]: layers whose name matches a
@@ -17,7 +18,6 @@
 -- was made from the same checkpoint bytes and used as it was); report.bytes_before and
 -- bytes_after their weights.
 local QuantizedLinear = require("moonload.nn.quantized_linear")
-local F = require("moonload.nn.functional")
 local Tensor = require("moonload.tensor")
 
 local M = {}
@@ -88,26 +88,32 @@ function M.candidates(model, skip)
    return out
 end
 
+-- The weight widths by option name.
+local BITS = { int8 = 8, int4 = 4 }
+
 --- check_option(value, who, level): from_pretrained's and load_checkpoint_and_dispatch's
--- quantize is nil or "int8".
+-- quantize is nil, "int8" or "int4".
 function M.check_option(value, who, level)
-   if value ~= nil and value ~= "int8" then
-      error(string.format('%s: quantize must be "int8", got %s', who, tostring(value)), level + 1)
+   if value ~= nil and not BITS[value] then
+      error(string.format('%s: quantize must be "int8" or "int4", got %s', who, tostring(value)), level + 1)
    end
 end
 
 -- What an int8 file in the offload folder was made from: the float weight's file, offset, size
 -- and modification time (a checkpoint replaced in place does not match), dtype and shape; nil
 -- when the weight is not a view of a mapped file (then the file is always written again).
-local FORMAT = "moonload q8 v1: int8, a float32 scale per 32 along in_features"
-local function source_of(w, transposed)
+local FORMAT = {
+   [8] = "moonload q8 v1: int8, a float32 scale per 32 along in_features",
+   [4] = "moonload q4 v1: int4 two a byte (Q4_0 order), a float32 scale per 32 along in_features",
+}
+local function source_of(w, transposed, bits)
    local C = require("moonload.C")
    local ffi = C.ffi
    local path, off = ffi.new("const char*[1]"), ffi.new("uint64_t[1]")
    local size, mtime = ffi.new("uint64_t[1]"), ffi.new("int64_t[1]")
    if C.lib.ml_tensor_file_source(w._c, path, off, size, mtime) ~= 0 then return nil end
    local function int(v) return (tostring(v):gsub("U?LL$", "")) end
-   return string.format("%s; %s [%s]%s at byte %s of %s (%s bytes, modified %s ns)", FORMAT, w.dtype,
+   return string.format("%s; %s [%s]%s at byte %s of %s (%s bytes, modified %s ns)", FORMAT[bits], w.dtype,
       table.concat(w.shape, ", "), transposed and " transposed" or "", int(off[0]), ffi.string(path[0]), int(size[0]),
       int(mtime[0]))
 end
@@ -139,13 +145,13 @@ local function offloaded_to(model, name, folder)
    return folder and "disk" or "cpu"
 end
 
--- The int8 file in folder for layer name, made from the float weight w (reused when it was made
--- from the same source): its mapped tensors and whether it was reused.
-local function int8_file(folder, name, w, source)
-   local path = folder .. "/" .. name .. ".q8.safetensors"
+-- The int8 (int4) file in folder for layer name, made from the float weight w (reused when it was
+-- made from the same source): its mapped tensors and whether it was reused.
+local function quantized_file(folder, name, w, source, bits)
+   local path = string.format("%s/%s.q%d.safetensors", folder, name, bits)
    local mapped = reusable(path, source)
    if mapped then return mapped, true end
-   local q, scales = F.quantize_q8(w)
+   local q, scales = QuantizedLinear.quantize_weight(w, bits)
    require("moonload.utils.offload").mkdir_p(folder, WHO)
    require("moonload.safetensors").save_file({ weight = q, weight_scale = scales }, path,
       source and { source = source } or nil)
@@ -153,9 +159,9 @@ local function int8_file(folder, name, w, source)
 end
 
 -- An offloaded linear layer m (weights on meta behind its own AlignDevicesHook) as a
--- QuantizedLinear offloaded the same way, its int8 weights in CPU memory or in folder (see
+-- QuantizedLinear offloaded the same way, its quantized weights in CPU memory or in folder (see
 -- offloaded_to); nil and the reason when it cannot be.
-local function quantize_offloaded(model, name, m, folder)
+local function quantize_offloaded(model, name, m, folder, bits)
    local hooks = require("moonload.hooks")
    local hook = rawget(m, "_hf_hook")
    if hook == nil or not require("moonload.class").is_a(hook, hooks.AlignDevicesHook) or not hook.offload
@@ -164,22 +170,22 @@ local function quantize_offloaded(model, name, m, folder)
    end
    local where = offloaded_to(model, name, folder)
    if where == "disk" and folder == nil then
-      return nil, "offloaded to disk (give offload_folder to write its int8 weights there)"
+      return nil, "offloaded to disk (give offload_folder to write its quantized weights there)"
    end
    local w = hooks.weights_map_get(hook.weights_map, "weight")
    if not Tensor.is_tensor(w) then return nil, "offloaded, and its hook's weights map has no weight" end
-   local source = source_of(w, m.nf ~= nil)
+   local source = source_of(w, m.nf ~= nil, bits)
    if m.nf then w = w:t() end                                                   -- Conv1D: (nx, nf)
    local int8, reused
    if where == "disk" then
-      int8, reused = int8_file(folder, name, w, source)
+      int8, reused = quantized_file(folder, name, w, source, bits)
    else
-      local q, scales = F.quantize_q8(w)
+      local q, scales = QuantizedLinear.quantize_weight(w, bits)
       if w:is_pinned() then q, scales = q:pin_memory(), scales:pin_memory() end     -- (cpu_offload's pin_memory)
       int8 = { weight = q, weight_scale = scales }
    end
    local ql = require("moonload.big_modeling").init_empty_weights(function()
-      return QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil })
+      return QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil, bits = bits })
    end)
    local wm = { weight = int8.weight, weight_scale = int8.weight_scale }
    if m.bias ~= nil then wm.bias = hooks.weights_map_get(hook.weights_map, "bias") end
@@ -201,17 +207,34 @@ end
 
 -- --- int8 checkpoints (ml.save_model, from_pretrained) --------------------------------------
 
-M.QUANT_METHOD = "moonload_q8"
+-- quant_method by the width of most layers (int8 checkpoints keep the name they always had).
+local METHOD = { [8] = "moonload_q8", [4] = "moonload_q4" }
+local METHOD_BITS = { moonload_q8 = 8, moonload_q4 = 4 }
 
---- config_for(model) -> the quantization_config of a model with int8 layers (nil without):
--- {quant_method = "moonload_q8", bits = 8, block_size = 32, modules = {names, in module order}}.
+--- config_for(model) -> the quantization_config of a model with quantized layers (nil without):
+-- {quant_method = "moonload_q8" or "moonload_q4", bits = 8 or 4, block_size = 32, modules = {names,
+-- in module order}}; bits is the width of most layers, and a model that mixes widths lists the
+-- others in bits_per_module = {name = bits}.
 function M.config_for(model)
-   local names = {}
+   local names, widths, count = {}, {}, { [8] = 0, [4] = 0 }
    for _, e in ipairs(model:named_modules_list()) do
-      if e[2].__name == "QuantizedLinear" then names[#names + 1] = e[1] end
+      if e[2].__name == "QuantizedLinear" then
+         names[#names + 1] = e[1]
+         widths[e[1]] = e[2].bits or 8
+         count[widths[e[1]]] = count[widths[e[1]]] + 1
+      end
    end
    if #names == 0 then return nil end
-   return { quant_method = M.QUANT_METHOD, bits = 8, block_size = QuantizedLinear.BLOCK, modules = names }
+   local bits = count[4] > count[8] and 4 or 8
+   local others
+   for _, name in ipairs(names) do
+      if widths[name] ~= bits then
+         others = others or {}
+         others[name] = widths[name]
+      end
+   end
+   return { quant_method = METHOD[bits], bits = bits, block_size = QuantizedLinear.BLOCK, modules = names,
+            bits_per_module = others }
 end
 
 --- apply_config(model, qc, src, who): a model built from a config with quantization_config qc gets
@@ -220,13 +243,15 @@ end
 function M.apply_config(model, qc, src, who)
    if qc == nil then return model end
    local method = type(qc) == "table" and qc.quant_method or nil
-   if method ~= M.QUANT_METHOD then
-      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 checkpoints ("%s") and quantizes float ones itself (quantize = "int8")',
-         who, src, tostring(method), M.QUANT_METHOD), 0)
+   if not METHOD_BITS[method] then
+      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4") and quantizes float ones itself (quantize = "int8" or "int4")',
+         who, src, tostring(method)), 0)
    end
-   if qc.block_size ~= QuantizedLinear.BLOCK or qc.bits ~= 8 or type(qc.modules) ~= "table" then
-      error(string.format("%s: quantization_config in %s must have bits 8, block_size %d and a list of modules",
-         who, src, QuantizedLinear.BLOCK), 0)
+   local per_module = qc.bits_per_module
+   if qc.block_size ~= QuantizedLinear.BLOCK or qc.bits ~= METHOD_BITS[method] or type(qc.modules) ~= "table"
+      or (per_module ~= nil and type(per_module) ~= "table") then
+      error(string.format("%s: quantization_config in %s must have bits %d, block_size %d and a list of modules",
+         who, src, METHOD_BITS[method], QuantizedLinear.BLOCK), 0)
    end
    for _, name in ipairs(qc.modules) do
       local ok, m = pcall(model.get_submodule, model, name)
@@ -234,7 +259,13 @@ function M.apply_config(model, qc, src, who)
          error(string.format('%s: quantization_config in %s lists "%s", which is not a linear layer of the model',
             who, src, tostring(name)), 0)
       end
-      replace_module(model, name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil }))
+      local bits = per_module and per_module[name] or qc.bits
+      if bits ~= 8 and bits ~= 4 then
+         error(string.format('%s: quantization_config in %s gives "%s" %s bits (8 or 4)', who, src, name,
+            tostring(bits)), 0)
+      end
+      replace_module(model, name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf,
+         { bias = m.bias ~= nil, bits = bits }))
    end
    return model
 end
@@ -244,11 +275,15 @@ function M.quantize(model, opts)
    if type(model) ~= "table" or type(model.named_modules_list) ~= "function" then
       error(WHO .. ": model must be an nn.Module, got " .. type(model), 2)
    end
-   if type(opts) ~= "table" then error(WHO .. ": options must be a table {skip}, got " .. type(opts), 2) end
+   if type(opts) ~= "table" then error(WHO .. ": options must be a table {dtype, skip, offload_folder}, got " .. type(opts), 2) end
    for k in pairs(opts) do
-      if k ~= "skip" and k ~= "offload_folder" then
-         error(string.format('%s: unknown option "%s" (expected skip, offload_folder)', WHO, tostring(k)), 2)
+      if k ~= "skip" and k ~= "offload_folder" and k ~= "dtype" then
+         error(string.format('%s: unknown option "%s" (expected dtype, skip, offload_folder)', WHO, tostring(k)), 2)
       end
+   end
+   local bits = BITS[opts.dtype or "int8"]
+   if not bits then
+      error(string.format('%s: dtype must be "int8" or "int4", got %s', WHO, tostring(opts.dtype)), 2)
    end
    if opts.offload_folder ~= nil and type(opts.offload_folder) ~= "string" then
       error(WHO .. ": offload_folder must be a folder path, got " .. type(opts.offload_folder), 2)
@@ -259,12 +294,12 @@ function M.quantize(model, opts)
       local w = m.weight
       local q, after, before, reused
       if not reason and w:is_meta() then
-         q, reason, after, before, reused = quantize_offloaded(model, name, m, opts.offload_folder)
+         q, reason, after, before, reused = quantize_offloaded(model, name, m, opts.offload_folder, bits)
       end
       if reason then
          report.skipped[name] = reason
       else
-         q = q or QuantizedLinear.from_float(m)
+         q = q or QuantizedLinear.from_float(m, bits)
          replace_module(model, name, q)
          report.quantized[#report.quantized + 1] = name
          if reused then report.reused[#report.reused + 1] = name end

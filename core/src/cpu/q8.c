@@ -5,8 +5,10 @@
    registers: a quarter of float32's bytes, half of bfloat16's. More rows widen panels of output
    columns into float32 (bfloat16 for a bfloat16 input on an AVX512-BF16 CPU) and go through the
    GEMM. ml_quantize_q8_into and ml_dequantize_q8 round rows of any tensor the same way, in blocks
-   of any width along the last dim, into strided slots (the int8 key-value cache). Tensors on a
-   GPU go to the CUDA backend (cuda/q8.cu), which keeps these layouts. */
+   of any width along the last dim, into strided slots (the int8 key-value cache). int4 weights
+   (ml_quantize_q4, ml_q4_linear, ml_dequantize_q4; llama.cpp's Q4_0 layout, see moonload.h) go
+   through the same column and panel code with 16 bytes a block instead of 32. Tensors on a GPU
+   go to the CUDA backend (cuda/q8.cu), which keeps these layouts. */
 #include "cpu/gemm.h"
 #include "cpu/rows.h"
 
@@ -61,32 +63,129 @@ ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) 
   return st;
 }
 
+/* One int4 block of 32 values into 16 bytes: the scale makes the largest-magnitude value -8
+   (Q4_0's trick: one more level than a symmetric -7..7), the others round to nearest and clamp
+   to -8..7. cuda/q8.cu does the same float operations. */
+static inline float quantize_block_q4(const float *x, uint8_t *q) {
+  float amax = 0, vmax = -INFINITY;
+  for (int i = 0; i < Q8_BLOCK; i++) {
+    amax = fmaxf(amax, fabsf(x[i]));
+    vmax = fmaxf(vmax, x[i]);
+  }
+  float d = (vmax == amax ? amax : -amax) / -8.0f;
+  float inv = d != 0 ? 1.0f / d : 0.0f;
+  for (int j = 0; j < Q8_BLOCK / 2; j++) {
+    float lo = fminf(fmaxf(rintf(x[j] * inv), -8.0f), 7.0f), hi = fminf(fmaxf(rintf(x[j + 16] * inv), -8.0f), 7.0f);
+    q[j] = (uint8_t)((int)lo + 8) | (uint8_t)(((int)hi + 8) << 4);
+  }
+  return d;
+}
+
+typedef struct {
+  const ml_tensor *w;
+  uint8_t *q;
+  float *scales;
+  int64_t K;
+} q4_quantize_job;
+
+static void quantize_q4_rows(void *ctx, int64_t begin, int64_t end) {
+  const q4_quantize_job *j = ctx;
+  float row[ML_BLOCK];
+  size_t we = ml_dtype_size(j->w->dtype);
+  int64_t K = j->K, nb = K / Q8_BLOCK;
+  for (int64_t n = begin; n < end; n++) {
+    const uint8_t *wr = (const uint8_t *)ml_tensor_data(j->w) + n * j->w->strides[0] * (int64_t)we;
+    for (int64_t k0 = 0; k0 < K; k0 += ML_BLOCK) {
+      int64_t len = K - k0 < ML_BLOCK ? K - k0 : ML_BLOCK;
+      ml_row_load(row, ML_FLOAT32, wr + k0 * j->w->strides[1] * (int64_t)we, j->w->dtype, len, j->w->strides[1]);
+      for (int64_t i = 0; i < len; i += Q8_BLOCK)
+        j->scales[n * nb + (k0 + i) / Q8_BLOCK] = quantize_block_q4(row + i, j->q + (n * K + k0 + i) / 2);
+    }
+  }
+}
+
+ml_status ml_quantize_q4(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) {
+  char sw[ML_SHAPE_BUF];
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("quantize_q4", 1, (const ml_tensor *[]){w}, (const char *[]){"the weight"}, &cu));
+  if (cu && !cu->quantize_q4) return ml_no_cuda_kernel("quantize_q4", w);
+  if (w->ndim != 2 || !ml_dtype_is_floating(w->dtype))
+    return ml_fail(ML_EINVAL, "quantize_q4: expected a 2-D floating weight (out_features, in_features), got %s %s",
+                   ml_dtype_name(w->dtype), ml_shape_str(w->ndim, w->shape, sw, sizeof sw));
+  int64_t N = w->shape[0], K = w->shape[1];
+  if (K % Q8_BLOCK != 0)
+    return ml_fail(ML_EINVAL, "quantize_q4: in_features %lld is not a multiple of %d (the block size)", (long long)K,
+                   Q8_BLOCK);
+  int64_t qshape[2] = {N, K / 2}, sshape[2] = {N, K / Q8_BLOCK};
+  ML_TRY(ml_tensor_empty(ML_UINT8, 2, qshape, w->storage->device, q));
+  ml_status st = ml_tensor_empty(ML_FLOAT32, 2, sshape, w->storage->device, scales);
+  if (st) {
+    ml_tensor_release(*q);
+    *q = NULL;
+    return st;
+  }
+  if (cu) st = cu->quantize_q4(w, *q, *scales);
+  else {
+    q4_quantize_job j = {w, ml_tensor_data(*q), ml_tensor_data(*scales), K};
+    ml_parallel_for(N, K * 4, quantize_q4_rows, &j);
+  }
+  if (st) {
+    ml_tensor_release(*q);
+    ml_tensor_release(*scales);
+    *q = *scales = NULL;
+  }
+  return st;
+}
+
 // --- few rows: weights widened in registers ------------------------------------------------------
 
 typedef struct {
   int64_t M, N, K;
   const float *a;              /* M x K float32, contiguous */
-  const int8_t *q;             /* N x K */
+  const uint8_t *q;            /* N x K int8, or N x K/2 packed int4 (bits 4) */
   const float *scales;         /* N x K/32 */
   const float *bias;           /* N, or NULL */
   uint8_t *c;                  /* M x N in cdt, row stride ldc */
   ml_dtype cdt;
   int64_t ldc;
+  int bits;                    /* 8 or 4 */
 } q8_job;
+
+/* Value i (0..31) of a block of bits-wide weights at p, as stored (int4: nibble - 8). */
+static inline int block_value(const uint8_t *p, int bits, int i) {
+  if (bits == 8) return (int8_t)p[i];
+  return i < 16 ? (p[i] & 15) - 8 : (p[i - 16] >> 4) - 8;
+}
+
+#if ML_Q8_SIMD
+/* A block's 32 weights as four vectors of 8 floats (values 0-7, 8-15, 16-23, 24-31). */
+static inline void block_load_256(const uint8_t *p, int bits, __m256 w[4]) {
+  if (bits == 8) {
+    for (int i = 0; i < 4; i++)
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * i))));
+    return;
+  }
+  __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+  __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);                       /* values 0-15 */
+  __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);    /* values 16-31 */
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+}
+#endif
 
 /* out[m] = sum_k a[m][k] * w[k] for the M rows, w = column n dequantized block by block. */
 static void q8_column_dots(const q8_job *j, int64_t n, float *out) {
-  int64_t K = j->K, M = j->M, nb = K / Q8_BLOCK;
-  const int8_t *col = j->q + n * K;
+  int64_t K = j->K, M = j->M, nb = K / Q8_BLOCK, bb = Q8_BLOCK * j->bits / 8;   /* bytes a block */
+  const uint8_t *col = j->q + n * nb * bb;
   const float *sc = j->scales + n * nb;
 #if ML_Q8_SIMD
   __m256 acc[Q8_MAX_ROWS];
   for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const int8_t *p = col + b * Q8_BLOCK;
     __m256 w[4];
-    for (int i = 0; i < 4; i++)
-      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * i))));
+    block_load_256(col + b * bb, j->bits, w);
     __m256 s = _mm256_set1_ps(sc[b]);
     for (int64_t m = 0; m < M; m++) {
       const float *a = j->a + m * K + b * Q8_BLOCK;
@@ -108,7 +207,7 @@ static void q8_column_dots(const q8_job *j, int64_t n, float *out) {
     float acc = 0;
     for (int64_t b = 0; b < nb; b++) {
       float d = 0;
-      for (int i = 0; i < Q8_BLOCK; i++) d += j->a[m * K + b * Q8_BLOCK + i] * (float)col[b * Q8_BLOCK + i];
+      for (int i = 0; i < Q8_BLOCK; i++) d += j->a[m * K + b * Q8_BLOCK + i] * (float)block_value(col + b * bb, j->bits, i);
       acc += d * sc[b];
     }
     out[m] = acc;
@@ -120,15 +219,24 @@ static void q8_column_dots(const q8_job *j, int64_t n, float *out) {
 /* The same dots 16 lanes wide on AVX-512 CPUs: a block is two widenings and two FMAs a row. */
 __attribute__((target("avx512f")))
 static void q8_column_dots_512(const q8_job *j, int64_t n, float *out) {
-  int64_t K = j->K, M = j->M, nb = K / Q8_BLOCK;
-  const int8_t *col = j->q + n * K;
+  int64_t K = j->K, M = j->M, nb = K / Q8_BLOCK, bb = Q8_BLOCK * j->bits / 8;
+  const uint8_t *col = j->q + n * nb * bb;
   const float *sc = j->scales + n * nb;
   __m512 acc[Q8_MAX_ROWS];
   for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const int8_t *p = col + b * Q8_BLOCK;
-    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    const uint8_t *p = col + b * bb;
+    __m128i v0, v1;
+    if (j->bits == 8) {
+      v0 = _mm_loadu_si128((const __m128i *)p);
+      v1 = _mm_loadu_si128((const __m128i *)(p + 16));
+    } else {                   /* int4: low nibbles are values 0-15, high ones 16-31 */
+      __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+      v0 = _mm_sub_epi8(_mm_and_si128(v, mask), eight);
+      v1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);
+    }
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0));
+    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1));
     __m512 s = _mm512_set1_ps(sc[b]);
     for (int64_t m = 0; m < M; m++) {
       const float *a = j->a + m * K + b * Q8_BLOCK;
@@ -170,50 +278,63 @@ static void q8_columns(void *ctx, int64_t begin, int64_t end) {
 // --- more rows: panels widened to float32, then the GEMM ------------------------------------------
 
 typedef struct {
-  const int8_t *q;
+  const uint8_t *q;
   const float *scales;
   int64_t K, n0;
   void *panel;                 /* width x K, float32 or bfloat16 */
   bool bf16;
+  int bits;
 } widen_job;
 
 static void widen_columns(void *ctx, int64_t begin, int64_t end) {
   const widen_job *j = ctx;
-  int64_t nb = j->K / Q8_BLOCK;
+  int64_t nb = j->K / Q8_BLOCK, bb = Q8_BLOCK * j->bits / 8;
   float row[Q8_BLOCK];
   for (int64_t i = begin; i < end; i++) {
-    const int8_t *col = j->q + (j->n0 + i) * j->K;
+    const uint8_t *col = j->q + (j->n0 + i) * nb * bb;
     const float *sc = j->scales + (j->n0 + i) * nb;
     for (int64_t b = 0; b < nb; b++) {
       float *dst = j->bf16 ? row : (float *)j->panel + i * j->K + b * Q8_BLOCK;
-      for (int k = 0; k < Q8_BLOCK; k++) dst[k] = (float)col[b * Q8_BLOCK + k] * sc[b];
+      const uint8_t *p = col + b * bb;
+      if (j->bits == 8)
+        for (int k = 0; k < Q8_BLOCK; k++) dst[k] = (float)(int8_t)p[k] * sc[b];
+      else
+        for (int k = 0; k < Q8_BLOCK / 2; k++) {
+          dst[k] = (float)((p[k] & 15) - 8) * sc[b];
+          dst[k + 16] = (float)((p[k] >> 4) - 8) * sc[b];
+        }
       if (j->bf16) ml_convert_fast(row, ML_FLOAT32, (uint16_t *)j->panel + i * j->K + b * Q8_BLOCK, ML_BFLOAT16, Q8_BLOCK);
     }
   }
 }
 
-ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
-                       ml_tensor **out) {
+/* ml_q8_linear and ml_q4_linear: bits 8 (int8 weight, N x K) or 4 (uint8, N x K/2, two values a byte). */
+static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, const ml_tensor *q,
+                                  const ml_tensor *scales, const ml_tensor *b, ml_tensor **out) {
   char sx[ML_SHAPE_BUF], sq[ML_SHAPE_BUF];
   const ml_cuda_api *cu;
-  ML_TRY(ml_op_route("q8_linear", 4, (const ml_tensor *[]){x, q, scales, b},
+  ML_TRY(ml_op_route(fn, 4, (const ml_tensor *[]){x, q, scales, b},
                      (const char *[]){"the input", "the weight", "the scales", "the bias"}, &cu));
-  if (cu && !cu->q8_linear) return ml_no_cuda_kernel("q8_linear", x);
-  if (q->ndim != 2 || q->dtype != ML_INT8 || !ml_tensor_is_contiguous(q))
-    return ml_fail(ML_EINVAL, "q8_linear: the weight must be a contiguous 2-D int8 tensor, got %s %s",
-                   ml_dtype_name(q->dtype), ml_shape_str(q->ndim, q->shape, sq, sizeof sq));
-  int64_t N = q->shape[0], K = q->shape[1];
+  ml_status (*gpu)(const ml_tensor *, const ml_tensor *, const ml_tensor *, const ml_tensor *, ml_tensor *) =
+      cu ? (bits == 8 ? cu->q8_linear : cu->q4_linear) : NULL;
+  if (cu && !gpu) return ml_no_cuda_kernel(fn, x);
+  ml_dtype qdt = bits == 8 ? ML_INT8 : ML_UINT8;
+  if (q->ndim != 2 || q->dtype != qdt || !ml_tensor_is_contiguous(q))
+    return ml_fail(ML_EINVAL, "%s: the weight must be a contiguous 2-D %s tensor%s, got %s %s", fn, ml_dtype_name(qdt),
+                   bits == 8 ? "" : " (two int4 values a byte)", ml_dtype_name(q->dtype),
+                   ml_shape_str(q->ndim, q->shape, sq, sizeof sq));
+  int64_t N = q->shape[0], K = q->shape[1] * 8 / bits;
   if (K % Q8_BLOCK != 0 || scales->dtype != ML_FLOAT32 || scales->ndim != 2 || scales->shape[0] != N ||
       scales->shape[1] != K / Q8_BLOCK || !ml_tensor_is_contiguous(scales))
-    return ml_fail(ML_EINVAL, "q8_linear: scales of shape %s do not go with an int8 weight of shape %s (float32 [%lld, %lld])",
-                   ml_shape_str(scales->ndim, scales->shape, sx, sizeof sx), ml_shape_str(2, q->shape, sq, sizeof sq),
+    return ml_fail(ML_EINVAL, "%s: scales of shape %s do not go with an int%d weight of shape %s (float32 [%lld, %lld])", fn,
+                   ml_shape_str(scales->ndim, scales->shape, sx, sizeof sx), bits, ml_shape_str(2, q->shape, sq, sizeof sq),
                    (long long)N, (long long)(K / Q8_BLOCK));
   if (x->ndim == 0 || x->shape[x->ndim - 1] != K || !ml_dtype_is_floating(x->dtype))
-    return ml_fail(ML_EINVAL, "q8_linear: input %s %s does not match weight of shape %s (in_features %lld)",
+    return ml_fail(ML_EINVAL, "%s: input %s %s does not match weight of shape %s (in_features %lld)", fn,
                    ml_dtype_name(x->dtype), ml_shape_str(x->ndim, x->shape, sx, sizeof sx),
                    ml_shape_str(2, q->shape, sq, sizeof sq), (long long)K);
   if (b && (b->ndim != 1 || b->shape[0] != N))
-    return ml_fail(ML_EINVAL, "q8_linear: bias of shape %s does not match out_features %lld",
+    return ml_fail(ML_EINVAL, "%s: bias of shape %s does not match out_features %lld", fn,
                    ml_shape_str(b->ndim, b->shape, sx, sizeof sx), (long long)N);
 
   ml_dtype cdt = x->dtype == ML_FLOAT64 ? ML_FLOAT32 : x->dtype;
@@ -223,7 +344,7 @@ ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *
   ml_tensor *o, *xc = NULL;
   ML_TRY(ml_tensor_empty(cdt, x->ndim, oshape, x->storage->device, &o));
   if (cu) {
-    ml_status cst = cu->q8_linear(x, q, scales, b, o);
+    ml_status cst = gpu(x, q, scales, b, o);
     if (cst) { ml_tensor_release(o); return cst; }
     *out = o;
     return ML_OK;
@@ -237,7 +358,7 @@ ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *
   if (rows == 0) goto done;
   if (b) {
     if (!(bias = malloc((size_t)N * sizeof(float)))) {
-      st = ml_fail(ML_ENOMEM, "q8_linear: out of memory for a bias of %lld values", (long long)N);
+      st = ml_fail(ML_ENOMEM, "%s: out of memory for a bias of %lld values", fn, (long long)N);
       goto done;
     }
     ml_row_load(bias, ML_FLOAT32, ml_tensor_data(b), b->dtype, N, b->strides[0]);
@@ -245,13 +366,13 @@ ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *
   size_t xe = ml_dtype_size(xs->dtype);
   if (rows <= Q8_MAX_ROWS) {
     if (!(a = malloc((size_t)(rows * K) * sizeof(float)))) {
-      st = ml_fail(ML_ENOMEM, "q8_linear: out of memory for a %lld x %lld copy of the input", (long long)rows, (long long)K);
+      st = ml_fail(ML_ENOMEM, "%s: out of memory for a %lld x %lld copy of the input", fn, (long long)rows, (long long)K);
       goto done;
     }
     for (int64_t m = 0; m < rows; m++)
       ml_row_load(a + m * K, ML_FLOAT32, (const uint8_t *)ml_tensor_data(xs) + m * rs * (int64_t)xe, xs->dtype, K,
                   xs->strides[xs->ndim - 1]);
-    q8_job j = {rows, N, K, a, ml_tensor_data(q), ml_tensor_data(scales), bias, ml_tensor_data(o), cdt, N};
+    q8_job j = {rows, N, K, a, ml_tensor_data(q), ml_tensor_data(scales), bias, ml_tensor_data(o), cdt, N, bits};
     ml_parallel_for((N + Q8_COLS - 1) / Q8_COLS, Q8_COLS * rows * K / 4 + 1, q8_columns, &j);
     goto done;
   }
@@ -262,16 +383,16 @@ ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *
   bool bf16 = ml_bf16_gemm_applies(rows, K, ML_FLOAT32, A, (ml_mref){NULL, ML_BFLOAT16, 1, K});
   size_t pe = bf16 ? sizeof(uint16_t) : sizeof(float);
   if (!(panel = ml_aligned_alloc((size_t)(width * K) * pe))) {
-    st = ml_fail(ML_ENOMEM, "q8_linear: out of memory for a %lld x %lld panel", (long long)width, (long long)K);
+    st = ml_fail(ML_ENOMEM, "%s: out of memory for a %lld x %lld panel", fn, (long long)width, (long long)K);
     goto done;
   }
   size_t oe = ml_dtype_size(cdt);
   for (int64_t n0 = 0; n0 < N && !st; n0 += width) {
     int64_t w = N - n0 < width ? N - n0 : width;
-    widen_job wj = {ml_tensor_data(q), ml_tensor_data(scales), K, n0, panel, bf16};
+    widen_job wj = {ml_tensor_data(q), ml_tensor_data(scales), K, n0, panel, bf16, bits};
     ml_parallel_for(w, K, widen_columns, &wj);
     ml_mref B = {panel, bf16 ? ML_BFLOAT16 : ML_FLOAT32, 1, K};   /* (K, w): column i is panel row i */
-    st = ml_gemm("q8_linear", rows, w, K, 1.0, A, B, bias ? bias + n0 : NULL, ML_FLOAT32,
+    st = ml_gemm(fn, rows, w, K, 1.0, A, B, bias ? bias + n0 : NULL, ML_FLOAT32,
                  (uint8_t *)ml_tensor_data(o) + n0 * (int64_t)oe, cdt, N);
   }
 done:
@@ -279,6 +400,57 @@ done:
   free(a);
   ml_aligned_free(panel);
   ml_tensor_release(xc);
+  if (st) { ml_tensor_release(o); return st; }
+  *out = o;
+  return ML_OK;
+}
+
+ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                       ml_tensor **out) {
+  return quantized_linear("q8_linear", 8, x, q, scales, b, out);
+}
+
+ml_status ml_q4_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                       ml_tensor **out) {
+  return quantized_linear("q4_linear", 4, x, q, scales, b, out);
+}
+
+/* int4 weights back to floats: the panels' widening, into a new (N, K) tensor of dtype. */
+ml_status ml_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out) {
+  char sq[ML_SHAPE_BUF], ss[ML_SHAPE_BUF];
+  const ml_cuda_api *cu;
+  ML_TRY(ml_op_route("dequantize_q4", 2, (const ml_tensor *[]){q, scales},
+                     (const char *[]){"the int4 values", "the scales"}, &cu));
+  if (cu && !cu->dequantize_q4) return ml_no_cuda_kernel("dequantize_q4", q);
+  if (!(dtype == ML_FLOAT32 || dtype == ML_FLOAT16 || dtype == ML_BFLOAT16))
+    return ml_fail(ML_EINVAL, "dequantize_q4: the output dtype must be float32, float16 or bfloat16, got %s",
+                   ml_dtype_name(dtype));
+  bool ok = q->dtype == ML_UINT8 && q->ndim == 2 && ml_tensor_is_contiguous(q) && scales->dtype == ML_FLOAT32 &&
+            scales->ndim == 2 && ml_tensor_is_contiguous(scales) && scales->shape[0] == q->shape[0] &&
+            q->shape[1] * 2 == scales->shape[1] * Q8_BLOCK;
+  if (!ok)
+    return ml_fail(ML_EINVAL, "dequantize_q4: int4 values %s %s and scales %s %s do not go together (contiguous uint8 "
+                   "(out, in / 2) and float32 (out, in / %d))", ml_dtype_name(q->dtype),
+                   ml_shape_str(q->ndim, q->shape, sq, sizeof sq), ml_dtype_name(scales->dtype),
+                   ml_shape_str(scales->ndim, scales->shape, ss, sizeof ss), Q8_BLOCK);
+  int64_t N = q->shape[0], K = q->shape[1] * 2, shape[2] = {N, K};
+  ml_tensor *o;
+  ML_TRY(ml_tensor_empty(dtype, 2, shape, q->storage->device, &o));
+  ml_status st = ML_OK;
+  if (cu) st = cu->dequantize_q4(q, scales, o);
+  else if (dtype == ML_FLOAT32) {
+    widen_job wj = {ml_tensor_data(q), ml_tensor_data(scales), K, 0, ml_tensor_data(o), false, 4};
+    ml_parallel_for(N, K, widen_columns, &wj);
+  } else {
+    float *tmp = ml_aligned_alloc((size_t)(N * K) * sizeof(float));
+    if (!tmp) st = ml_fail(ML_ENOMEM, "dequantize_q4: out of memory for %lld x %lld floats", (long long)N, (long long)K);
+    else {
+      widen_job wj = {ml_tensor_data(q), ml_tensor_data(scales), K, 0, tmp, false, 4};
+      ml_parallel_for(N, K, widen_columns, &wj);
+      ml_convert_fast(tmp, ML_FLOAT32, ml_tensor_data(o), dtype, N * K);
+      ml_aligned_free(tmp);
+    }
+  }
   if (st) { ml_tensor_release(o); return st; }
   *out = o;
   return ML_OK;

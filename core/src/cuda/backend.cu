@@ -375,6 +375,9 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.quantize_q8_into = ml_cuda_quantize_q8_into;
   g_api.dequantize_q8 = ml_cuda_dequantize_q8;
   g_api.sdpa_q8 = ml_cuda_sdpa_q8;
+  g_api.quantize_q4 = ml_cuda_quantize_q4;
+  g_api.q4_linear = ml_cuda_q4_linear;
+  g_api.dequantize_q4 = ml_cuda_dequantize_q4;
   g_api.cached_bytes = cached_bytes;
   g_api.empty_cache = empty_cache;
   return &g_api;

@@ -231,6 +231,10 @@ ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_ten
                             ml_tensor *out);
 ml_status ml_cuda_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);
 ml_status ml_cuda_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
+ml_status ml_cuda_q4_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                            ml_tensor *out);
+ml_status ml_cuda_quantize_q4(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
+ml_status ml_cuda_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
 ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
                           const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
                           ml_tensor *out);

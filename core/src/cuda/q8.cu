@@ -5,6 +5,8 @@
 // in 16-byte loads, so a step moves a quarter of float32's bytes and half of bfloat16's; more rows
 // widen the weight to the output dtype once (scratch for the call) and go through cuBLAS, where
 // the GEMM and not the weight bytes bounds the time. sdpa_q8 attends over int8 keys and values.
+// int4 weights (Q4_0's layout, moonload.h) go through the same kernels: quantize_q4 gives the
+// CPU's bytes, q4_linear's lanes take a whole 16-byte block each.
 #include "common.cuh"
 
 #include <math.h>
@@ -15,36 +17,48 @@ static const int kGemvRows = 8;
 
 // --- few rows: a warp per output column -----------------------------------------------------------
 
-// Sixteen weight bytes from p (16-aligned when Aligned: one vector load).
-template <bool Aligned>
-__device__ __forceinline__ void load16(const signed char *p, float *w) {
+// Sixteen weight bytes from p (16-aligned when Aligned: one vector load) as floats: 16 int8
+// values, or 32 int4 ones (byte j holds value j low and value j + 16 high, stored + 8).
+template <int Bits, bool Aligned>
+__device__ __forceinline__ void load16(const unsigned char *p, float *w) {
+  unsigned char b[16];
   if (Aligned) {
     int4 v = *(const int4 *)p;
     int words[4] = {v.x, v.y, v.z, v.w};
     for (int j = 0; j < 4; j++)
-      for (int i = 0; i < 4; i++) w[4 * j + i] = (float)(signed char)(words[j] >> (8 * i));
+      for (int i = 0; i < 4; i++) b[4 * j + i] = (unsigned char)(words[j] >> (8 * i));
   } else {
-    for (int i = 0; i < 16; i++) w[i] = (float)p[i];
+    for (int i = 0; i < 16; i++) b[i] = p[i];
+  }
+  for (int i = 0; i < 16; i++) {
+    if (Bits == 8) {
+      w[i] = (float)(signed char)b[i];
+    } else {
+      w[i] = (float)((b[i] & 15) - 8);
+      w[i + 16] = (float)((b[i] >> 4) - 8);
+    }
   }
 }
 
-// out[m][n] = sum_k x[m][k] q[n][k] scales[n][k/32] + bias[n] for M <= kGemvRows rows of x
-// (contiguous, M x K). Each lane takes 16 consecutive bytes (half a block) of a 512-byte stretch
-// of the column: a warp has 512 bytes in flight per step, which the memory bound needs.
-template <bool Aligned>
-__global__ void q8_gemv_kernel(const void *x, int xdt, const signed char *q, const float *scales, TensorDesc bias,
-                               bool has_bias, void *out, int odt, int M, int64_t N, int64_t K) {
+// out[m][n] = sum_k x[m][k] w[n][k] scales[n][k/32] + bias[n] for M <= kGemvRows rows of x
+// (contiguous, M x K). Each lane takes 16 consecutive bytes (half an int8 block, a whole int4
+// one) of a 512-byte stretch of the column: a warp has 512 bytes in flight per step, which the
+// memory bound needs.
+template <int Bits, bool Aligned>
+__global__ void q_gemv_kernel(const void *x, int xdt, const unsigned char *q, const float *scales, TensorDesc bias,
+                              bool has_bias, void *out, int odt, int M, int64_t N, int64_t K) {
+  const int V = 16 * 8 / Bits;          // values a lane's 16 bytes hold
   int lane = threadIdx.x & 31;
   int64_t n = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= N) return;
-  const signed char *col = q + n * K;
+  const unsigned char *col = q + n * (K * Bits / 8);
   const float *sc = scales + n * (K / kBlock);
   float acc[kGemvRows];
 #pragma unroll
   for (int m = 0; m < kGemvRows; m++) acc[m] = 0.0f;
-  for (int64_t k = 16 * lane; k < K; k += 512) {      // (K is a multiple of 32: a chunk is in or out)
-    float w[16];
-    load16<Aligned>(col + k, w);
+  for (int64_t k = V * lane; k < K; k += 32 * V) {      // (K is a multiple of 32: a chunk is in or out)
+    float w[V];
+    load16<Bits, Aligned>(col + k * Bits / 8, w);
     float s = sc[k / kBlock];
 #pragma unroll
     for (int m = 0; m < kGemvRows; m++) {
@@ -52,7 +66,7 @@ __global__ void q8_gemv_kernel(const void *x, int xdt, const signed char *q, con
         int64_t i = m * K + k;
         float d = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 16; j++) d += load_as<float>(x, xdt, i + j) * w[j];
+        for (int j = 0; j < V; j++) d += load_as<float>(x, xdt, i + j) * w[j];
         acc[m] += d * s;
       }
     }
@@ -70,23 +84,34 @@ __global__ void q8_gemv_kernel(const void *x, int xdt, const signed char *q, con
   }
 }
 
-ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
-                            ml_tensor *out) {
+template <int Bits>
+static void launch_gemv(bool aligned, unsigned grid, cudaStream_t s, const void *x, int xdt, const unsigned char *q,
+                        const float *sd, TensorDesc bd, bool has_bias, void *out, int odt, int M, int64_t N, int64_t K) {
+  if (aligned)
+    q_gemv_kernel<Bits, true><<<grid, kThreads, 0, s>>>(x, xdt, q, sd, bd, has_bias, out, odt, M, N, K);
+  else
+    q_gemv_kernel<Bits, false><<<grid, kThreads, 0, s>>>(x, xdt, q, sd, bd, has_bias, out, odt, M, N, K);
+}
+
+// q8_linear and q4_linear: the gemv above for few rows, else the weight widened once to the
+// output dtype (dequantize_q8 / dequantize_q4 below) and cuBLAS.
+static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, const ml_tensor *q,
+                                  const ml_tensor *scales, const ml_tensor *b, ml_tensor *out) {
   DeviceState *st;
   int dev = ml_cuda_device_of(out);
   ML_TRY(ml_cuda_device_state(dev, &st));
   const int64_t *sq = ml_tensor_shape(q);
-  int64_t N = sq[0], K = sq[1];
+  int64_t N = sq[0], K = sq[1] * 8 / bits;
   int64_t M = ml_tensor_numel(out) / (N > 0 ? N : 1);
   if (M * N == 0) return ML_OK;
   int odt = ml_tensor_dtype(out);
-  const signed char *qd = (const signed char *)ml_tensor_data(q);
+  const unsigned char *qd = (const unsigned char *)ml_tensor_data(q);
   const float *sd = (const float *)ml_tensor_data(scales);
   if (M > kGemvRows) {
-    // the weight widened once to the output dtype (dequantize_q8 below), then cuBLAS
     ml_tensor *w;
-    ML_TRY(ml_tensor_empty((ml_dtype)odt, 2, sq, ml_tensor_device(q), &w));
-    ml_status s = ml_cuda_dequantize_q8(q, scales, w);
+    int64_t wshape[2] = {N, K};
+    ML_TRY(ml_tensor_empty((ml_dtype)odt, 2, wshape, ml_tensor_device(q), &w));
+    ml_status s = bits == 8 ? ml_cuda_dequantize_q8(q, scales, w) : ml_cuda_dequantize_q4(q, scales, w);
     if (!s) s = ml_cuda_linear(x, w, b, out);
     ml_tensor_release(w);      // (the caching allocator reuses it once the stream is past the GEMM)
     return s;
@@ -105,15 +130,83 @@ ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_ten
   TensorDesc bd = ml_cuda_desc(b ? b : scales);   // (a real tensor even without a bias: has_bias says)
   unsigned grid = (unsigned)((N + kThreads / 32 - 1) / (kThreads / 32));
   bool aligned = ((uintptr_t)qd & 15) == 0;
-  if (aligned)
-    q8_gemv_kernel<true><<<grid, kThreads, 0, st->compute>>>(ml_tensor_data(xm), ml_tensor_dtype(xm), qd, sd, bd, b != NULL,
-                                                              ml_tensor_data(out), odt, (int)M, N, K);
+  if (bits == 8)
+    launch_gemv<8>(aligned, grid, st->compute, ml_tensor_data(xm), ml_tensor_dtype(xm), qd, sd, bd, b != NULL,
+                   ml_tensor_data(out), odt, (int)M, N, K);
   else
-    q8_gemv_kernel<false><<<grid, kThreads, 0, st->compute>>>(ml_tensor_data(xm), ml_tensor_dtype(xm), qd, sd, bd, b != NULL,
-                                                               ml_tensor_data(out), odt, (int)M, N, K);
+    launch_gemv<4>(aligned, grid, st->compute, ml_tensor_data(xm), ml_tensor_dtype(xm), qd, sd, bd, b != NULL,
+                   ml_tensor_data(out), odt, (int)M, N, K);
   cudaError_t e = cudaGetLastError();
   ml_tensor_release(xm);
-  if (e != cudaSuccess) return ml_fail(ML_EIO, "q8_linear: CUDA error: %s", cudaGetErrorString(e));
+  if (e != cudaSuccess) return ml_fail(ML_EIO, "%s: CUDA error: %s", fn, cudaGetErrorString(e));
+  return ML_OK;
+}
+
+ml_status ml_cuda_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                            ml_tensor *out) {
+  return quantized_linear("q8_linear", 8, x, q, scales, b, out);
+}
+
+ml_status ml_cuda_q4_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
+                            ml_tensor *out) {
+  return quantized_linear("q4_linear", 4, x, q, scales, b, out);
+}
+
+// --- int4 weights: quantizing and widening --------------------------------------------------------
+
+// A warp per block of 32 values of w (N x K, any strides, any floating dtype): lane i holds value
+// i; the block's largest |w| and largest w come through the shuffles; lanes 0-15 write a byte
+// each (their value low, lane i + 16's high). The CPU's operations (cpu/q8.c), so its bytes.
+__global__ void quantize_q4_kernel(TensorDesc w, unsigned char *q, float *scales, int64_t nblocks) {
+  int lane = threadIdx.x & 31;
+  int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  for (int64_t blk = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5); blk < nblocks; blk += warps) {
+    float v = load_as<float>(w.data, w.dtype, desc_offset(w, blk * kBlock + lane));
+    float amax = fabsf(v), vmax = v;
+    for (int o = 16; o > 0; o >>= 1) {
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      vmax = fmaxf(vmax, __shfl_xor_sync(0xffffffffu, vmax, o));
+    }
+    float d = (vmax == amax ? amax : -amax) / -8.0f;
+    float inv = d != 0 ? 1.0f / d : 0.0f;
+    int nib = (int)fminf(fmaxf(rintf(v * inv), -8.0f), 7.0f) + 8;
+    int hi = __shfl_down_sync(0xffffffffu, nib, 16);
+    if (lane < 16) q[blk * (kBlock / 2) + lane] = (unsigned char)(nib | (hi << 4));
+    if (lane == 0) scales[blk] = d;
+  }
+}
+
+ml_status ml_cuda_quantize_q4(const ml_tensor *w, ml_tensor *q, ml_tensor *scales) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(q), &st));
+  int64_t nblocks = ml_tensor_numel(scales);
+  if (nblocks == 0) return ML_OK;
+  quantize_q4_kernel<<<ml_cuda_blocks(nblocks, kThreads / 32), kThreads, 0, st->compute>>>(
+      ml_cuda_desc(w), (unsigned char *)ml_tensor_data(q), (float *)ml_tensor_data(scales), nblocks);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
+
+// Element i of the (N, K) weight from contiguous int4 values and scales, into out as odt.
+__global__ void dequantize_q4_kernel(const unsigned char *q, const float *s, void *out, int odt, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t blk = i / kBlock;
+    int j = (int)(i % kBlock);
+    unsigned char b = q[blk * (kBlock / 2) + (j & 15)];
+    int nib = j < 16 ? b & 15 : b >> 4;
+    store_as<float>(out, odt, i, (float)(nib - 8) * s[blk]);
+  }
+}
+
+ml_status ml_cuda_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
+  int64_t n = ml_tensor_numel(out);
+  if (n == 0) return ML_OK;
+  dequantize_q4_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(
+      (const unsigned char *)ml_tensor_data(q), (const float *)ml_tensor_data(scales), ml_tensor_data(out),
+      ml_tensor_dtype(out), n);
+  LAUNCH_CHECK();
   return ML_OK;
 }
 

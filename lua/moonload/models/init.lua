@@ -332,8 +332,8 @@ end
 -- dtype "auto" (or nil) takes the checkpoint's own (see auto_dtype), so a bfloat16 checkpoint
 -- stays bfloat16 and its CPU weights stay views of the file; a dtype name converts.
 -- With device_map, the model is built empty and placed by ml.load_checkpoint_and_dispatch.
--- quantize = "int8" then turns the linear layers into int8 ones (ml.quantize; with a device map,
--- load_checkpoint_and_dispatch plans and loads for it).
+-- quantize = "int8" (or "int4") then turns the linear layers into int8 (int4) ones (ml.quantize;
+-- with a device map, load_checkpoint_and_dispatch plans and loads for it).
 local load
 
 function M.from_pretrained(dir, opts)
@@ -344,17 +344,19 @@ function M.from_pretrained(dir, opts)
    require("moonload.quantize").check_option(opts.quantize, "from_pretrained", 2)
    -- (a tail call: load's errors point at the caller, as from_pretrained's own)
    if not opts.quantize then return load(dir, opts) end
-   -- the linear layers become int8 (moonload/quantize.lua; with a device map,
+   -- the linear layers become int8 or int4 (moonload/quantize.lua; with a device map,
    -- load_checkpoint_and_dispatch has done so already)
    local model = load(dir, opts)
-   local _, report = require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder })
+   local _, report = require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder,
+      dtype = opts.quantize })
    local n, floats = 0, 0
    for _, m in ipairs(model:modules_list()) do
       if m.__name == "QuantizedLinear" then n = n + 1 end
    end
    for _ in pairs(report.skipped) do floats = floats + 1 end
    require("moonload.utils.log").info(string.format(
-      "from_pretrained: %d linear layers in int8, %d left in floats (ml.quantize's report says why)", n, floats))
+      "from_pretrained: %d linear layers quantized (%s), %d left in floats (ml.quantize's report says why)", n,
+      opts.quantize, floats))
    return model
 end
 
@@ -392,7 +394,7 @@ function load(dir, opts)
       if raw.model_type == "bert" then          -- sentence-transformers' pooling and normalization
          require("moonload.models.bert").read_sentence_transformers(model, dir)
       end
-      -- an int8 checkpoint (ml.save_model): its linear layers are built as int8 ones
+      -- an int8 or int4 checkpoint (ml.save_model): its linear layers are built as such
       return require("moonload.quantize").apply_config(model, raw.quantization_config, src, "from_pretrained")
    end
 
@@ -417,8 +419,8 @@ function load(dir, opts)
       local device_map, reserved = big._plan_device_map(model, plan_opts, "from_pretrained")
       local cpu_reserved = big._apply_reserve(model, device_map, reserved)
       big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
-      -- (int8 here, on the CPU, so that layers bound for a GPU move there as int8)
-      if opts.quantize ~= nil then require("moonload.quantize").quantize(model) end
+      -- (quantized here, on the CPU, so that layers bound for a GPU move there quantized)
+      if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
       return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
          offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
          preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })

@@ -5,6 +5,7 @@
 --    F.q8_linear(x, q, scales[, b])            x @ (q * scales)^T + b
 --    F.quantize_q8_into(x, q, scales)          int8 rows into views (the key-value cache)
 --    F.dequantize_q8(q, scales[, dtype])       q * scales, a new tensor
+--    F.quantize_q4(w), F.q4_linear(...), F.dequantize_q4(...)   int4 weights, two a byte
 --    F.embedding(ids, weight)                  ids hold 0-based rows
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
@@ -45,6 +46,16 @@ function F.linear(x, w, b)
    return wrap(out[0])
 end
 
+-- The C code of an output dtype name (float32 when nil).
+local function dtype_code(fn, dtype)
+   local dt = require("moonload.dtypes")
+   local code = dt.by_name[dtype or "float32"]
+   if code == nil then
+      error(string.format('%s: unknown dtype "%s" (one of %s)', fn, tostring(dtype), dt.list), 3)
+   end
+   return code
+end
+
 --- quantize_q8(w) -> q, scales: a floating weight (out, in) as int8 values (out, in), on its device
 -- and a float32 scale per block of 32 along in (out, in / 32): max |w| / 127 over the block, values
 -- rounded to nearest (core/src/cpu/q8.c; a GPU gives the same bytes). in must be a multiple of 32.
@@ -80,12 +91,36 @@ end
 function F.dequantize_q8(q, scales, dtype)
    need_tensor("dequantize_q8", "int8 values", q)
    need_tensor("dequantize_q8", "scales", scales)
-   local dt = require("moonload.dtypes")
-   local code = dt.by_name[dtype or "float32"]
-   if code == nil then
-      error(string.format('dequantize_q8: unknown dtype "%s" (one of %s)', tostring(dtype), dt.list), 2)
-   end
-   check(lib.ml_dequantize_q8(q._c, scales._c, code, out))
+   check(lib.ml_dequantize_q8(q._c, scales._c, dtype_code("dequantize_q8", dtype), out))
+   return wrap(out[0])
+end
+
+--- quantize_q4(w) -> q, scales: a floating weight (out, in) as int4 values, two a byte (uint8
+-- (out, in / 2), llama.cpp's Q4_0 layout: see moonload.h), and a float32 scale per block of 32
+-- (out, in / 32) that makes the block's largest-magnitude value -8; on its device (a GPU gives
+-- the CPU's bytes). in must be a multiple of 32.
+function F.quantize_q4(w)
+   need_tensor("quantize_q4", "weight", w)
+   check(lib.ml_quantize_q4(w._c, out, out2))
+   return wrap(out[0]), wrap(out2[0])
+end
+
+--- q4_linear(x, q, scales[, b]): x (..., in) @ (q * scales)^T + b with quantize_q4's weight,
+-- computed in float32, in x's dtype.
+function F.q4_linear(x, q, scales, b)
+   need_tensor("q4_linear", "input", x)
+   need_tensor("q4_linear", "weight", q)
+   need_tensor("q4_linear", "scales", scales)
+   check(lib.ml_q4_linear(x._c, q._c, scales._c, opt_tensor("q4_linear", "bias", b), out))
+   return wrap(out[0])
+end
+
+--- dequantize_q4(q, scales[, dtype = "float32"]) -> the (out, in) weight quantize_q4's values
+-- stand for, as a new tensor of dtype (float32, float16, bfloat16).
+function F.dequantize_q4(q, scales, dtype)
+   need_tensor("dequantize_q4", "int4 values", q)
+   need_tensor("dequantize_q4", "scales", scales)
+   check(lib.ml_dequantize_q4(q._c, scales._c, dtype_code("dequantize_q4", dtype), out))
    return wrap(out[0])
 end
 

@@ -1,10 +1,11 @@
---- nn.QuantizedLinear: a linear layer whose weight is int8 with a float32 scale per block of 32
--- values along in_features (llama.cpp's Q8_0 layout; core/src/cpu/q8.c, core/src/cuda/q8.cu), on
--- the CPU or a GPU: y = x (q * scale)^T + b, computed in float32. Decoding reads a quarter of float32's weight
--- bytes and half of bfloat16's. Parameters (so that device maps and offloading treat them as
--- weights): weight (int8, out x in), weight_scale (float32, out x in / 32); the bias stays as it
--- was. Made from a float layer with from_float (nn.Linear, or
--- GPT-2's Conv1D, whose weight is stored transposed), or for a whole model by ml.quantize.
+--- nn.QuantizedLinear: a linear layer whose weight is int8 or int4 with a float32 scale per
+-- block of 32 values along in_features (llama.cpp's Q8_0 and Q4_0 layouts; core/src/cpu/q8.c,
+-- core/src/cuda/q8.cu), on the CPU or a GPU: y = x (q * scale)^T + b, computed in float32.
+-- Decoding reads a quarter (int8) or an eighth (int4) of float32's weight bytes. Parameters (so
+-- that device maps and offloading treat them as weights): weight (int8 (out, in), or uint8
+-- (out, in / 2) holding two int4 values a byte), weight_scale (float32, out x in / 32); the bias
+-- stays as it was. Made from a float layer with from_float (nn.Linear, or GPT-2's Conv1D, whose
+-- weight is stored transposed), or for a whole model by ml.quantize.
 local Module = require("moonload.nn.module")
 local F = require("moonload.nn.functional")
 
@@ -14,18 +15,34 @@ QuantizedLinear.BLOCK = 32
 -- model:to("bfloat16") converts the activations' dtype, not the scales (the kernel reads float32)
 QuantizedLinear.keep_float32_buffers = { weight_scale = true }
 
---- QuantizedLinear(in_features, out_features[, {bias = true}]): zero weights, unit scales.
+-- What each width of weights is made and multiplied with, and its storage.
+local KERNELS = {
+   [8] = { quantize = F.quantize_q8, linear = F.q8_linear, dtype = "int8", per_byte = 1 },
+   [4] = { quantize = F.quantize_q4, linear = F.q4_linear, dtype = "uint8", per_byte = 2 },
+}
+
+local function check_bits(bits, level)
+   if not KERNELS[bits] then
+      error(string.format("QuantizedLinear: bits must be 8 or 4, got %s", tostring(bits)), level + 1)
+   end
+end
+
+--- QuantizedLinear(in_features, out_features[, {bias = true, bits = 8}]): zero weights, unit scales.
 function QuantizedLinear:__init(in_features, out_features, opts)
    opts = opts or {}
    if type(in_features) ~= "number" or in_features % QuantizedLinear.BLOCK ~= 0 or in_features <= 0 then
       error(string.format("QuantizedLinear: in_features must be a positive multiple of %d, got %s",
          QuantizedLinear.BLOCK, tostring(in_features)), 3)
    end
-   self.in_features, self.out_features = in_features, out_features
-   self.weight = Module.new_parameter({ out_features, in_features }, { dtype = "int8" })
+   local bits = opts.bits or 8
+   check_bits(bits, 3)
+   local k = KERNELS[bits]
+   self.in_features, self.out_features, self.bits = in_features, out_features, bits
+   -- (int4 zeros are the nibble 8: fill_(0x88) below)
+   self.weight = Module.new_parameter({ out_features, in_features / k.per_byte }, { dtype = k.dtype })
    self.weight_scale = Module.new_parameter({ out_features, in_features / QuantizedLinear.BLOCK })
    if not self.weight:is_meta() then
-      self.weight:fill_(0)
+      self.weight:fill_(bits == 8 and 0 or 0x88)
       self.weight_scale:fill_(1)
    end
    if opts.bias == nil or opts.bias then
@@ -35,26 +52,35 @@ function QuantizedLinear:__init(in_features, out_features, opts)
    end
 end
 
---- from_float(m) -> a QuantizedLinear computing what the Linear or Conv1D m computes, up to the
--- rounding of its weights (at most half a scale each), on the device of m's weight.
-function QuantizedLinear.from_float(m)
+--- from_float(m[, bits = 8]) -> a QuantizedLinear computing what the Linear or Conv1D m
+-- computes, up to the rounding of its weights (int8: at most half a scale each; int4: half a
+-- scale, a whole one for a value clamped at 7), on the device of m's weight.
+function QuantizedLinear.from_float(m, bits)
+   bits = bits or 8
+   check_bits(bits, 2)
    local w = m.weight
    local out_features, in_features = m.out_features, m.in_features
    if m.nf then w, out_features, in_features = w:t(), m.nf, m.nx end             -- Conv1D: (nx, nf)
-   local q, scales = F.quantize_q8(w)
-   local ql = QuantizedLinear(in_features, out_features, { bias = false })
+   local q, scales = KERNELS[bits].quantize(w)
+   local ql = QuantizedLinear(in_features, out_features, { bias = false, bits = bits })
    ql.weight, ql.weight_scale = q, scales
    if m.bias ~= nil then ql.bias = m.bias end
    return ql
 end
 
+--- quantize_weight(w, bits) -> q, scales: a float (out, in) weight in the layout of a bits-wide layer.
+function QuantizedLinear.quantize_weight(w, bits)
+   check_bits(bits, 2)
+   return KERNELS[bits].quantize(w)
+end
+
 function QuantizedLinear:forward(x)
-   return F.q8_linear(x, self.weight, self.weight_scale, self.bias)
+   return KERNELS[self.bits or 8].linear(x, self.weight, self.weight_scale, self.bias)
 end
 
 function QuantizedLinear:extra_repr()
-   return string.format("in_features=%d, out_features=%d, bias=%s, int8 in blocks of %d", self.in_features,
-      self.out_features, Module.py_repr(self.bias ~= nil), QuantizedLinear.BLOCK)
+   return string.format("in_features=%d, out_features=%d, bias=%s, int%d in blocks of %d", self.in_features,
+      self.out_features, Module.py_repr(self.bias ~= nil), self.bits or 8, QuantizedLinear.BLOCK)
 end
 
 return QuantizedLinear

@@ -72,9 +72,9 @@ local BYTE_SIZES = {
    uint16 = 2, uint32 = 4, uint64 = 8, complex64 = 8, complex128 = 16,
    float8_e4m3fn = 1, float8_e5m2 = 1, float8_e4m3fnuz = 1, float8_e5m2fnuz = 1, float8_e8m0fnu = 1,
    int4 = 1 / 2, int2 = 1 / 4, fp8 = 1,
-   -- moonload's int8 weights with their float32 scale per 32 values (nn.QuantizedLinear): what a
-   -- float weight will take once quantized, for planning (special_dtypes)
-   q8 = 1 + 4 / 32,
+   -- moonload's int8 and int4 weights with their float32 scale per 32 values (nn.QuantizedLinear):
+   -- what a float weight will take once quantized, for planning (special_dtypes)
+   q8 = 1 + 4 / 32, q4 = 1 / 2 + 4 / 32,
 }
 
 -- "float16" or "torch.float16" -> "float16"; nil stays nil.
