@@ -193,15 +193,16 @@ describe("ml.save_model", function()
 end)
 
 describe("examples/int8.lua", function()
-   it("quantizes, saves, loads back with the same logits and generates with both caches", function()
+   it("quantizes, saves, loads back with the same logits, generates with both caches, and runs int4", function()
       local p = assert(io.popen("luajit examples/int8.lua " .. fixture .. " 2>&1"))
       local out = p:read("*a")
       p:close()
       assert.truthy(out:find("same logits: true", 1, true), out)
       local toks = {}
       for ids in out:gmatch("tokens/s%) %-> ([%d ]+)") do toks[#toks + 1] = ids end
-      assert.are.equal(2, #toks, out)
+      assert.are.equal(3, #toks, out)                  -- the float cache, the int8 cache, int4 weights
       assert.are.equal(toks[1], toks[2])
+      assert.truthy(out:find('quantize = "int4": [%d.]+ s; linear weights [%d.]+ MB; top token as the float model\'s at int8 %d+, int4 %d+ of 12 positions'), out)
    end)
 end)
 
