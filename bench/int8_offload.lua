@@ -1,13 +1,14 @@
---- int8 weights for a model larger than its RAM budget: the Llama-shaped checkpoint of
+--- int8 and int4 weights for a model larger than its RAM budget: the Llama-shaped checkpoint of
 -- bench/fit_context.lua (16 layers, hidden 512, about 340 MB in float32) under CPU budgets of 100
 -- and 150 MB (device_map = "auto"), with the released pages evicted from the page cache
--- (MOONLOAD_DROP_PAGES=2) as for a model larger than RAM. Two runs a budget, each in its own
+-- (MOONLOAD_DROP_PAGES=2) as for a model larger than RAM. Three runs a budget, each in its own
 -- process:
 --   float32  the planner's map, disk layers read from the checkpoint;
 --   int8     quantize = "int8": the plan counts int8 sizes, the layers in RAM are quantized and
 --            the disk layers' int8 weights are written to the offload folder once, then read
---            from there.
--- Reported: the bytes each map keeps in RAM and on disk, seconds to load (int8: quantizing
+--            from there;
+--   int4     the same with quantize = "int4".
+-- Reported: the bytes each map keeps in RAM and on disk, seconds to load (int8, int4: quantizing
 -- included), and for 8 greedy tokens after a 16-token prompt: seconds and bytes read from disk.
 -- No peer: transformers' 8-bit loading (bitsandbytes) needs a GPU.
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
@@ -18,12 +19,12 @@ local B = require("benchutil")
 local dir = ".bench/fit-context-llama"
 local BUDGETS, PROMPT, NEW = { "100MB", "150MB" }, 16, 8
 
--- One run in this process: "float32" or "int8" under budget.
+-- One run in this process: "float32", "int8" or "int4" under budget.
 local function run(variant, budget)
    local folder = os.tmpname()
    os.remove(folder)
    local opts = { device_map = "auto", max_memory = { cpu = budget }, offload_folder = folder }
-   if variant == "int8" then opts.quantize = "int8" end
+   if variant ~= "float32" then opts.quantize = variant end
    local t0 = B.now()
    local model = ml.models.from_pretrained(dir, opts)
    local load_s = B.now() - t0
@@ -53,5 +54,5 @@ if not made then
    return
 end
 local result = { bench = "int8_offload", prompt = PROMPT, new_tokens = NEW,
-   runs = B.compare_cold("bench/int8_offload.lua", "float32", "int8", BUDGETS) }
+   runs = B.compare_cold("bench/int8_offload.lua", "float32", { "int8", "int4" }, BUDGETS) }
 print(cjson.encode(result))

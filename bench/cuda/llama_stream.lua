@@ -5,8 +5,8 @@
 -- Then decoding: weights streamed for each token, or the new tokens computed on the CPU in place
 -- (hooks.set_compute_in_place); and 8 prompts in a block schedule against one forward each. Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
 -- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly. Last,
--- int8: the model quantized in RAM and streamed, and the whole model resident on the GPU decoding
--- in bfloat16 and in int8.
+-- int8 and int4: the model quantized in RAM and streamed, and the whole model resident on the GPU
+-- decoding in bfloat16, int8 and int4.
 -- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3), BENCH_SHAPE=tiny (a
 -- dry run on the CUDA emulator: a toy Llama, figures meaningless).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
@@ -176,33 +176,38 @@ B.emit({ "bench", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "rati
    pinned_note = not pinned_ok and ("pinned run failed: " .. tostring(pinned_s or h2d_pinned)):sub(1, 300) or nil,
 })
 
--- The same model quantized to int8 in CPU RAM (ml.quantize: the hooks then stream int8 weights
--- and their float32 scales, 1.125 bytes a weight where bfloat16 takes 2): time per forward
--- against bfloat16's and against its own floor.
-local int8_ok, int8_s, int8_bytes = pcall(function()
-   local m = build(false)
-   local _, report = ml.quantize(m)
-   local bytes = weight_bytes - report.bytes_before + report.bytes_after
-   return measure(m, true).window, bytes
-end)
-collectgarbage(); collectgarbage()
-B.emit({ "bench", "int8_forward_s", "int8_bytes", "int8_floor_s", "int8_speedup", "int8_note" }, {
-   bench = "cuda_llama_stream_int8", int8_forward_s = int8_ok and int8_s or nil, int8_bytes = int8_ok and int8_bytes or nil,
-   int8_floor_s = int8_ok and int8_bytes / h2d or nil, int8_speedup = int8_ok and forward_s / int8_s or nil,
-   int8_note = not int8_ok and ("int8 run failed: " .. tostring(int8_s)):sub(1, 300) or nil,
-})
+-- The same model quantized in CPU RAM (ml.quantize: the hooks then stream the quantized weights
+-- and their float32 scales, 1.125 bytes a weight for int8 and 0.625 for int4 where bfloat16 takes
+-- 2): time per forward against bfloat16's and against its own floor. int4 runs last of all.
+local function stream_quantized(dtype)
+   local ok, seconds, bytes = pcall(function()
+      local m = build(false)
+      local _, report = ml.quantize(m, { dtype = dtype })
+      return measure(m, true).window, weight_bytes - report.bytes_before + report.bytes_after
+   end)
+   collectgarbage(); collectgarbage()
+   B.emit({ "bench", "quantized_forward_s", "quantized_bytes", "quantized_floor_s", "quantized_speedup", "quantized_note" }, {
+      bench = "cuda_llama_stream_" .. dtype, quantized_forward_s = ok and seconds or nil, quantized_bytes = ok and bytes or nil,
+      quantized_floor_s = ok and bytes / h2d or nil, quantized_speedup = ok and forward_s / seconds or nil,
+      quantized_note = not ok and (dtype .. " run failed: " .. tostring(seconds)):sub(1, 300) or nil,
+   })
+end
+stream_quantized("int8")
 
 -- The whole model resident on cuda:0, decoding 16 tokens after a 16-token prompt: bfloat16
--- weights (cuBLAS) against the same model quantized on the device (cuda/q8.cu's int8 kernel,
--- which reads 1.125 bytes a weight where bfloat16 reads 2).
-local resident_ok, resident = pcall(function()
+-- weights (cuBLAS) against the same model quantized on the device (cuda/q8.cu's kernels, which
+-- read 1.125 bytes a weight for int8 and 0.625 for int4 where bfloat16 reads 2).
+local function resident_model()
    ml.manual_seed(0)
    local m = ml.init_empty_weights(function() return ml.models.llama.LlamaForCausalLM(cfg) end)
    for name, p in m:named_parameters() do
       local w = ml.rand(p.shape, { dtype = "bfloat16", device = "cuda:0" }) * 0.02 - 0.01
       utils.set_module_tensor_to_device(m, name, "cuda:0", { value = w, dtype = "bfloat16" })
    end
-   m:to("cuda:0")                                        -- (the buffers: rotary frequencies)
+   return m:to("cuda:0")                                 -- (the buffers: rotary frequencies)
+end
+local resident_ok, resident = pcall(function()
+   local m = resident_model()
    local prompt = {}
    for i = 1, 16 do prompt[i] = ids[i] end
    local function tokens_per_s(kv_dtype)
@@ -218,13 +223,21 @@ local resident_ok, resident = pcall(function()
    ml.quantize(m)
    r.int8 = tokens_per_s()
    r.int8_kv = tokens_per_s("int8")                      -- (and the int8 key-value cache)
+   m = nil
+   collectgarbage(); collectgarbage()
+   m = resident_model()
+   ml.quantize(m, { dtype = "int4" })
+   r.int4 = tokens_per_s()
    return r
 end)
 collectgarbage(); collectgarbage()
 B.emit({ "bench", "bf16_tokens_per_s", "int8_tokens_per_s", "int8_kv_tokens_per_s", "int8_decode_speedup",
-         "resident_note" }, {
+         "int4_tokens_per_s", "resident_note" }, {
    bench = "cuda_llama_resident_decode", bf16_tokens_per_s = resident_ok and resident.bf16 or nil,
    int8_tokens_per_s = resident_ok and resident.int8 or nil, int8_kv_tokens_per_s = resident_ok and resident.int8_kv or nil,
    int8_decode_speedup = resident_ok and resident.int8 / resident.bf16 or nil,
+   int4_tokens_per_s = resident_ok and resident.int4 or nil,
    resident_note = not resident_ok and ("resident run failed: " .. tostring(resident)):sub(1, 300) or nil,
 })
+
+stream_quantized("int4")

@@ -129,27 +129,32 @@ function M.minstd_prompts(batch, length, vocab)
    return rows
 end
 
---- compare_cold(script, base, other, budgets) -> rows: for each CPU budget, `script --variant V
--- BUDGET` run for both variants in processes of their own, with released pages evicted from the
--- page cache (MOONLOAD_DROP_PAGES=2); each prints a JSON object with seconds, disk_read_mb and
--- generated. A row holds both objects (less generated), same_tokens, and other's time_ratio and
--- read_ratio against base.
-function M.compare_cold(script, base, other, budgets)
+--- compare_cold(script, base, others, budgets) -> rows: for each CPU budget, `script --variant V
+-- BUDGET` run for base and each of others (a variant or a list) in processes of their own, with
+-- released pages evicted from the page cache (MOONLOAD_DROP_PAGES=2); each prints a JSON object
+-- with seconds, disk_read_mb and generated. A row holds the objects (less generated), each other
+-- one with same_tokens, time_ratio and read_ratio against base.
+function M.compare_cold(script, base, others, budgets)
    local cjson = require("cjson")
    local luajit = os.getenv("LUAJIT") or "luajit"
+   if type(others) == "string" then others = { others } end
    local rows = {}
    for _, budget in ipairs(budgets) do
       local row = { budget = budget }
-      for _, variant in ipairs({ base, other }) do
+      for _, variant in ipairs({ base, unpack(others) }) do
          local r, err = M.run_json(string.format("MOONLOAD_DROP_PAGES=2 %s %s --variant %s %s", luajit, script, variant,
             budget), true)
          if not r then error(string.format("%s %s %s failed: %s", script, variant, budget, tostring(err))) end
          row[variant] = r
       end
-      row.same_tokens = cjson.encode(row[base].generated) == cjson.encode(row[other].generated)
-      row.time_ratio = row[other].seconds / row[base].seconds
-      row.read_ratio = row[other].disk_read_mb / math.max(row[base].disk_read_mb, 1e-9)
-      row[base].generated, row[other].generated = nil, nil
+      for _, variant in ipairs(others) do
+         local r = row[variant]
+         r.same_tokens = cjson.encode(r.generated) == cjson.encode(row[base].generated)
+         r.time_ratio = r.seconds / row[base].seconds
+         r.read_ratio = r.disk_read_mb / math.max(row[base].disk_read_mb, 1e-9)
+         r.generated = nil
+      end
+      row[base].generated = nil
       rows[#rows + 1] = row
    end
    return rows

@@ -80,13 +80,13 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
                   r.streamed_tokens_per_s, r.in_place_tokens_per_s, r.speedup)
                or r.blocked_s and string.format("8 prompts of 512: %.3f s one forward each, %.3f s in a block schedule (%.2fx), %.3f s as one batch",
                   r.one_by_one_s, r.blocked_s, r.blocked_speedup, r.whole_s)
-               or r.int8_forward_s and string.format("int8 weights streamed: %.3f s per forward (%.2fx bfloat16's); floor %.3f s",
-                  r.int8_forward_s, r.int8_speedup, r.int8_floor_s)
-               or r.int8_decode_speedup and string.format("resident decode: %.1f tokens/s bfloat16, %.1f int8 (%.2fx), %.1f with the int8 cache too",
-                  r.bf16_tokens_per_s, r.int8_tokens_per_s, r.int8_decode_speedup, r.int8_kv_tokens_per_s)
+               or r.quantized_forward_s and string.format("%s weights streamed: %.3f s per forward (%.2fx the speed of bfloat16); floor %.3f s",
+                  r.bench:match("_(int%d)$") or "quantized", r.quantized_forward_s, r.quantized_speedup, r.quantized_floor_s)
+               or r.int8_decode_speedup and string.format("resident decode: %.1f tokens/s bfloat16, %.1f int8 (%.2fx), %.1f with the int8 cache too, %.1f int4",
+                  r.bf16_tokens_per_s, r.int8_tokens_per_s, r.int8_decode_speedup, r.int8_kv_tokens_per_s, r.int4_tokens_per_s or 0)
                or r.skipped or "?"
             local notes = {}
-            for _, k in ipairs({ "pinned_note", "peer_note", "int8_note", "resident_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
+            for _, k in ipairs({ "pinned_note", "peer_note", "quantized_note", "resident_note" }) do if r[k] then notes[#notes + 1] = r[k] end end
             if #notes > 0 then v = v .. " (" .. table.concat(notes, "; ") .. ")" end
             print(string.format("| %s | %s |", r.bench, v))
          end
