@@ -27,19 +27,13 @@ local prompt = tokenizer:apply_chat_template(messages, { add_generation_prompt =
 print(string.format("%s: %d layers; prompt of %d tokens:\n%s", model.__name, model.config.num_hidden_layers,
    #prompt, tokenizer:decode(prompt)))
 
--- Greedy, stopping at the end-of-turn token when the vocabulary has one, printed as it comes:
--- the answer so far is decoded after each token and its new end written out, held back while it
--- ends in an incomplete character (U+FFFD).
-local eos
-local gc = io.open(dir .. "/generation_config.json", "rb")                 -- transformers' own choice
-if gc then
-   local ok, cfg = pcall(require("cjson").decode, gc:read("*a"))
-   gc:close()
-   if ok and type(cfg) == "table" and (type(cfg.eos_token_id) == "number" or type(cfg.eos_token_id) == "table") then
-      eos = cfg.eos_token_id
-   end
-end
-eos = eos or tokenizer:token_to_id("<|eot_id|>") or tokenizer:token_to_id("<|im_end|>")
+-- Greedy, stopping at the model's end-of-sequence ids (generate takes them from
+-- generation_config.json, else config.json, as transformers does), or at the vocabulary's
+-- end-of-turn token when neither names one; printed as it comes: the answer so far is decoded
+-- after each token and its new end written out, held back while it ends in an incomplete
+-- character (U+FFFD).
+local eos = ml.models.generation_config.of(model).eos_token_id
+   or tokenizer:token_to_id("<|eot_id|>") or tokenizer:token_to_id("<|im_end|>")
    or tokenizer:token_to_id("<end_of_turn>") or tokenizer:token_to_id("<|end|>") or tokenizer:token_to_id("</s>")
 local answer, printed = {}, ""
 io.write("answer: ")

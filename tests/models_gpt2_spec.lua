@@ -77,14 +77,14 @@ describe("models.gpt2", function()
 
       it("generates greedily token for token (batch of 2, tensor in, tensor out)", function()
          local out = model:generate(ml.tensor(exp.input_ids, { dtype = "int64" }),
-            { max_new_tokens = exp.max_new_tokens })
+            { max_new_tokens = exp.max_new_tokens, eos_token_id = false })
          assert.is_true(ml.is_tensor(out))
          assert.are.equal("int64", out.dtype)
          assert.are.same(exp.greedy_ids, out:tolist())
       end)
 
       it("generates greedily from a flat Lua list and returns a flat list", function()
-         local out = model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens, temperature = 0 })
+         local out = model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens, eos_token_id = false, temperature = 0 })
          assert.are.same(exp.greedy_ids[1], out)
       end)
 
@@ -130,7 +130,7 @@ describe("models.gpt2", function()
 
       it("generates transformers' greedy ids for prompts of different lengths", function()
          local out = model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
-            max_new_tokens = pad.max_new_tokens })
+            max_new_tokens = pad.max_new_tokens, eos_token_id = false })
          assert.are.same(pad.greedy_ids, out)
       end)
 
@@ -356,7 +356,7 @@ describe("models.gpt2", function()
          assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
             "generate: temperature must be a number >= 0, got -0.5")
          assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
-            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)')
+            'generate: unknown option "max_tokens" (expected max_new_tokens, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)')
          assert.has_error(function() model:generate({ 1 }, { repetition_penalty = 0 }) end,
             "generate: repetition_penalty must be a number > 0, got 0")
          assert.has_error(function() model:generate({ 1 }, { top_p = 0 }) end, "generate: top_p must be a number in (0, 1], got 0")

@@ -38,7 +38,7 @@ end
 local function it_matches_transformers(model, exp, what)
    it("gives the same logits and greedy ids as transformers (" .. what .. ")", function()
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
    end)
    it("decodes with the cache to the same logits as a full forward", function()
       assert_cache_decodes(model, exp.input_ids[#exp.input_ids])
@@ -67,7 +67,7 @@ describe("models.mistral (tests/fixtures/models/mistral_tiny: sliding window 4)"
       assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 6),
          { unpack(pad.logits[1], 3, 8) }) < TOL)
       local out = model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
-         max_new_tokens = pad.max_new_tokens })
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false })
       assert.are.same(pad.greedy_ids, out)
    end)
 
@@ -192,7 +192,7 @@ describe("models.phi3 (tests/fixtures/models/phi3_tiny: fused projections, windo
       assert.are.same({ 6 }, m:get_buffer("model.rotary_emb.inv_freq").shape)
       assert.are.equal(m.model.embed_tokens.weight, m.lm_head.weight)
       assert.is_true(H.max_abs_diff(m(pexp.input_ids), pexp.logits) < TOL)
-      assert.are.same(pexp.greedy_ids[1], m:generate(pexp.input_ids[1], { max_new_tokens = pexp.max_new_tokens }))
+      assert.are.same(pexp.greedy_ids[1], m:generate(pexp.input_ids[1], { max_new_tokens = pexp.max_new_tokens, eos_token_id = false }))
       assert_cache_decodes(m, pexp.input_ids[1])
    end)
 
@@ -213,13 +213,13 @@ describe("models.phi3 with LongRoPE (tests/fixtures/models/phi3_tiny_longrope: o
 
    it("gives transformers' logits past the original length (long factors, scaled cos/sin)", function()
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
    end)
 
    it("switches from the short to the long factors while generating, as transformers does", function()
       local c = H.read_json(H.FIX .. "/phi3_tiny_longrope/crossing.json")
       assert.is_true(#c.input_ids[1] <= 8 and #c.input_ids[1] + c.max_new_tokens > 8)
-      assert.are.same(c.greedy_ids[1], model:generate(c.input_ids[1], { max_new_tokens = c.max_new_tokens }))
+      assert.are.same(c.greedy_ids[1], model:generate(c.input_ids[1], { max_new_tokens = c.max_new_tokens, eos_token_id = false }))
    end)
 
    it("names short or long factors of the wrong length", function()
@@ -262,7 +262,7 @@ describe("models.gemma2 (tests/fixtures/models/gemma2_tiny: soft caps 3 and 8, w
       assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
       assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 6), { unpack(pad.logits[1], 3, 8) }) < TOL)
       assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
-         max_new_tokens = pad.max_new_tokens }))
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
    end)
 
    it("forms the soft-capped scores a block of query rows at a time, with the same results", function()
@@ -275,7 +275,7 @@ describe("models.gemma2 (tests/fixtures/models/gemma2_tiny: soft caps 3 and 8, w
          assert.is_true(H.max_abs_diff(model(exp.input_ids), whole:tolist()) < 1e-5)
          local padded = model(pad.input_ids, { attention_mask = pad.attention_mask })
          assert.is_true(H.max_abs_diff(padded:select(1, 2), whole_padded:select(1, 2):tolist()) < 1e-5)
-         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
       end)
       gemma.Gemma2Attention.query_block = block
       assert(ok, err)
@@ -400,7 +400,7 @@ describe("models.gemma3 multimodal checkpoint (tests/fixtures/models/gemma3_mult
 
    it("gives the multimodal model's logits and greedy ids on text", function()
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens }))
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
    end)
 end)
 
@@ -516,13 +516,14 @@ describe("sliding-window caches over generations many windows long", function()
             local _, best = model({ seq }):select(2, -1):max(-1)
             seq[#seq + 1] = best:item()
          end
-         assert.are.same(seq, model:generate(prompt, { max_new_tokens = new }))
+         assert.are.same(seq, model:generate(prompt, { max_new_tokens = new, eos_token_id = false }))
          local ids, mask = H.padded_prompts(model, 3, 7)          -- rows 2 and 3 left-padded
-         local out = model:generate(ids, { max_new_tokens = new, attention_mask = mask })
+         local out = model:generate(ids, { max_new_tokens = new, attention_mask = mask, eos_token_id = false })
          for b = 1, 3 do
             local real = {}
             for t = 1, 7 do if mask[b][t] == 1 then real[#real + 1] = ids[b][t] end end
-            assert.are.same({ unpack(model:generate(real, { max_new_tokens = new }), #real + 1) }, { unpack(out[b], 8) })
+            assert.are.same({ unpack(model:generate(real, { max_new_tokens = new, eos_token_id = false }), #real + 1) },
+               { unpack(out[b], 8) })
          end
       end)
    end

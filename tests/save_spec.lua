@@ -37,7 +37,7 @@ describe("ml.save_model", function()
                              "tests/fixtures/models/phi3_tiny" }) do
          local model = ml.models.from_pretrained(dir)
          local out = H.tmpdir()
-         assert.are.same({ "model.safetensors", "config.json" }, ml.save_model(model, out))
+         assert.are.same({ "model.safetensors", "config.json", "generation_config.json" }, ml.save_model(model, out))
          assert.is_true(ml.equal(ml.models.from_pretrained(out)(ids), model(ids)), dir)
          local f = ml.safetensors.safe_open(out .. "/model.safetensors")
          assert.are.equal("pt", f:metadata().format)
@@ -60,7 +60,7 @@ describe("ml.save_model", function()
       local written = ml.save_model(model, out, { max_shard_size = "30KB" })
       assert.are.same({ "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
                         "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors",
-                        "model.safetensors.index.json", "config.json" }, written)
+                        "model.safetensors.index.json", "config.json", "generation_config.json" }, written)
       local index = read_json(out .. "/model.safetensors.index.json")
       local total = 0
       for _, p in pairs(model:state_dict()) do total = total + p:nbytes() end
@@ -144,14 +144,14 @@ describe("ml.save_model", function()
       local out = H.tmpdir()
       ml.save_model(model, out, { max_shard_size = "30KB" })
       ml.save_model(model, out)
-      assert.are.same({ "config.json", "model.safetensors" }, files_in(out))
+      assert.are.same({ "config.json", "generation_config.json", "model.safetensors" }, files_in(out))
       -- a skeleton's weights are nowhere: nothing is written, nothing is left half-written
       local skeleton = ml.init_empty_weights(function() return ml.models.from_config(fixture .. "/config.json") end)
       local ok, err = pcall(ml.save_model, skeleton, out, { max_shard_size = "30KB" })
       assert.is_false(ok)
       assert.truthy(err:find('save_model: "model.embed_tokens.weight" is on the meta device and no hook holds its weights',
          1, true), err)
-      assert.are.same({ "config.json", "model.safetensors" }, files_in(out))
+      assert.are.same({ "config.json", "generation_config.json", "model.safetensors" }, files_in(out))
       assert.is_true(ml.equal(ml.models.from_pretrained(out)(ids), model(ids)))
       H.rmdir(out)
    end)

@@ -1,7 +1,7 @@
 --- ml.save_model(model, dir[, {max_shard_size = "10GB"}]) -> the files written: a model as a
 -- Hugging Face folder that ml.models.from_pretrained (and transformers, for float models) loads:
--- config.json (the model's config, its dtype, and quantization_config when it has int8 layers),
--- and model.safetensors, or shards model-00001-of-0000N.safetensors with
+-- config.json (the model's config, its dtype, and quantization_config when it has quantized
+-- layers), generation_config.json for a causal model, and model.safetensors, or shards model-00001-of-0000N.safetensors with
 -- model.safetensors.index.json (Accelerate's save_model, whose default shard size this keeps).
 -- The weights are taken from wherever they are, one shard at a time: CPU tensors as they are
 -- (views of a mapped checkpoint included), GPU ones copied to the CPU, offloaded ones read from
@@ -179,6 +179,14 @@ function M.save_model(model, dir, opts)
       end
       pending[#pending + 1] = { write_text(dir .. "/config.json", encode_json(config) .. "\n"), dir .. "/config.json" }
       written[#written + 1] = "config.json"
+      -- a causal model's generation defaults (as read, else config.json's token ids), as
+      -- transformers' save_pretrained writes them
+      local gc = type(model.generate) == "function" and require("moonload.models.generation_config").of(model) or nil
+      if gc and next(gc) ~= nil then
+         pending[#pending + 1] = { write_text(dir .. "/generation_config.json", encode_json(gc) .. "\n"),
+                                   dir .. "/generation_config.json" }
+         written[#written + 1] = "generation_config.json"
+      end
    end)
    if not ok then
       for _, p in ipairs(pending) do os.remove(p[1]) end

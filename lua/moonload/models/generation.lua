@@ -32,8 +32,11 @@ local function check_opts(opts)
    int_opt("max_new_tokens", 0)
    int_opt("top_k", 1)
    int_opt("seed", 0)
+   int_opt("pad_token_id", 0)
    local eos = opts.eos_token_id
-   if type(eos) == "table" then
+   if eos == false then
+      -- (none: not even the model's generation config's)
+   elseif type(eos) == "table" then
       if #eos == 0 then error(WHO .. ": eos_token_id must be an integer or a non-empty list of integers", 3) end
       for i, v in ipairs(eos) do
          if type(v) ~= "number" or v ~= math.floor(v) or v < 0 then
@@ -56,7 +59,7 @@ local function check_opts(opts)
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
    end
    local known = { max_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
-      eos_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
+      eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
    if opts.kv_cache_dtype ~= nil and not require("moonload.models.kv_cache").DTYPES[opts.kv_cache_dtype] then
@@ -77,7 +80,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)',
             WHO, tostring(k)), 3)
       end
    end
@@ -160,8 +163,8 @@ local function shape_output(seq, form)
    return rows
 end
 
---- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, top_p, seed,
--- eos_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
+--- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, top_p, seed, do_sample,
+-- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
 -- kv_cache_device, kv_cache_dtype}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
@@ -170,7 +173,11 @@ end
 -- sequence, prompt included) applies before sampling or the greedy pick. on_token(ids, step) is
 -- called with each step's new id per row (a list); returning false ends generation there.
 -- eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced one is finished and
--- continues with the (first) eos id; generation stops when every row is. micro_batch_size and
+-- continues with pad_token_id (else the first eos id); generation stops when every row is.
+-- Options left out come from the model's generation config (models/generation_config.lua:
+-- generation_config.json, else config.json's token ids), as in transformers: the model's eos ids
+-- end generation unless eos_token_id = false, and its do_sample, temperature, top_k and top_p
+-- apply when the call sets neither temperature nor do_sample. micro_batch_size and
 -- prefill_chunk_size run each forward in a block schedule (models/block_schedule.lua): each layer
 -- takes that many rows and prompt tokens at a time, its weights loaded once for all of them; a
 -- model planned with reserve_for uses the sizes given there unless these are set.
@@ -179,7 +186,7 @@ end
 -- kv_cache_dtype = "int8" stores the cache as int8 with a scale per block of the head dim
 -- (models/kv_cache.lua): 1.125 bytes a value, for contexts that do not fit in floats.
 function M.generate(model, input_ids, opts)
-   opts = check_opts(opts)
+   opts = check_opts(require("moonload.models.generation_config").defaults(model, check_opts(opts)))
    local ids, form = common.ids_tensor(input_ids, WHO)
    local vocab = model.config.vocab_size
    common.check_vocab(ids, vocab, WHO)
@@ -252,7 +259,7 @@ function M.generate(model, input_ids, opts)
       end
       local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
       if eos and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
-      if done then tok = T.where(done, type(eos) == "table" and eos[1] or eos, tok) end
+      if done then tok = T.where(done, opts.pad_token_id or (type(eos) == "table" and eos[1] or eos), tok) end
       out:narrow(2, L + step, 1):copy_(tok)
       n = step
       -- streaming: the new id of each row as it comes (a REPL prints them through a tokenizer);

@@ -46,7 +46,8 @@ setmetatable(M, { __index = function(t, k)
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi",
       bert = "moonload.models.bert", config = "moonload.models.config",
-      generation = "moonload.models.generation", common = "moonload.models.common" })[k]
+      generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
+      common = "moonload.models.common" })[k]
    if path then
       local mod = require(path)
       rawset(t, k, mod)
@@ -394,6 +395,8 @@ function load(dir, opts)
       if raw.model_type == "bert" then          -- sentence-transformers' pooling and normalization
          require("moonload.models.bert").read_sentence_transformers(model, dir)
       end
+      -- generate's defaults, when the folder has them (else config.json's token ids)
+      rawset(model, "generation_config", require("moonload.models.generation_config").read(dir, "from_pretrained"))
       -- an int8 or int4 checkpoint (ml.save_model): its linear layers are built as such
       return require("moonload.quantize").apply_config(model, raw.quantization_config, src, "from_pretrained")
    end

@@ -1,0 +1,80 @@
+--- A causal model's generation defaults, as transformers' GenerationConfig keeps them: read from
+-- the checkpoint folder's generation_config.json by from_pretrained (model.generation_config),
+-- else taken from config.json's bos/eos/pad token ids (GenerationConfig.from_model_config).
+-- generate fills the options a call leaves out from it (see defaults): so a model stops at its
+-- end-of-sequence ids (Llama 3's list, Qwen's <|im_end|>) and samples when its file says
+-- do_sample, as transformers' generate does.
+local cjson = require("cjson")
+
+local M = {}
+
+local TOKEN_KEYS = { "bos_token_id", "eos_token_id", "pad_token_id" }
+-- What transformers' GenerationConfig defaults to for keys its file leaves out (the file stores
+-- only the values that differ).
+local SAMPLING_DEFAULTS = { temperature = 1.0, top_k = 50, top_p = 1.0 }
+
+--- read(dir, who) -> the table in dir/generation_config.json, or nil when there is none. A file
+-- that is not a JSON object is an error naming it.
+function M.read(dir, who)
+   local path = dir .. "/generation_config.json"
+   local f = io.open(path, "rb")
+   if not f then return nil end
+   local text = f:read("*a")
+   f:close()
+   local ok, t = pcall(cjson.decode, text)
+   if not ok or type(t) ~= "table" then
+      error(string.format("%s: %s is not a valid JSON object (%s)", who, path, tostring(t)), 0)
+   end
+   for k, v in pairs(t) do
+      if v == cjson.null then t[k] = nil end
+   end
+   return t
+end
+
+--- from_model_config(raw) -> {bos_token_id, eos_token_id, pad_token_id} of a config.json table
+-- (a multimodal config's text_config when the top level has none).
+function M.from_model_config(raw)
+   local out = {}
+   for _, k in ipairs(TOKEN_KEYS) do
+      local v = raw[k]
+      if (v == nil or v == cjson.null) and type(raw.text_config) == "table" then v = raw.text_config[k] end
+      if v ~= cjson.null then out[k] = v end
+   end
+   return out
+end
+
+--- of(model) -> the model's generation config: model.generation_config when from_pretrained
+-- read one, else the token ids of its config.
+function M.of(model)
+   local gc = rawget(model, "generation_config")
+   if gc then return gc end
+   local cfg = model.config
+   local raw = type(cfg) == "table" and (cfg._raw or cfg) or {}
+   return M.from_model_config(raw)
+end
+
+--- defaults(model, opts) -> opts with what the call left out taken from the model's generation
+-- config: eos_token_id (false: none), pad_token_id, max_new_tokens, repetition_penalty; and when
+-- sampling is on without a temperature (do_sample = true, from the call or else the config), the
+-- config's temperature, top_k and top_p (transformers' defaults 1.0, 50 and 1.0 for those it
+-- leaves out).
+function M.defaults(model, opts)
+   local gc = M.of(model)
+   local out = {}
+   for k, v in pairs(opts) do out[k] = v end
+   if out.eos_token_id == nil then out.eos_token_id = gc.eos_token_id end
+   if out.eos_token_id == false then out.eos_token_id = nil end
+   if out.pad_token_id == nil then out.pad_token_id = gc.pad_token_id end
+   if out.max_new_tokens == nil then out.max_new_tokens = gc.max_new_tokens end
+   if out.repetition_penalty == nil then out.repetition_penalty = gc.repetition_penalty end
+   local sample = out.do_sample
+   if sample == nil then sample = gc.do_sample end
+   if out.temperature == nil and sample == true then
+      for k, v in pairs(SAMPLING_DEFAULTS) do
+         if out[k] == nil then out[k] = gc[k] == nil and v or gc[k] end
+      end
+   end
+   return out
+end
+
+return M

@@ -1,0 +1,115 @@
+-- generate's defaults from the model's generation config (models/generation_config.lua), as
+-- transformers' generate takes them: generation_config.json, else config.json's token ids. The
+-- expected tokens come from the same model run with explicit options (and from a plain greedy
+-- loop), so each default is checked against what it stands for.
+local ml = require("moonload")
+local H = require("models_helpers")
+local cjson = require("cjson")
+
+local FIXTURE = H.FIX .. "/llama_tiny_untied"
+local PROMPT = { 3, 17, 5, 9 }
+
+-- A copy of the fixture folder with generation_config.json holding gc (none when gc is nil).
+local function folder_with(gc)
+   local dir = H.tmpdir()
+   for _, f in ipairs({ "config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors",
+                        "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors" }) do
+      H.copy(FIXTURE .. "/" .. f, dir .. "/" .. f)
+   end
+   if gc then
+      local f = io.open(dir .. "/generation_config.json", "wb")
+      f:write(type(gc) == "string" and gc or cjson.encode(gc))
+      f:close()
+   end
+   return dir
+end
+
+describe("generation config", function()
+   -- greedy ids of the fixture with no end-of-sequence id at all
+   local plain = ml.models.from_pretrained(FIXTURE)
+   local free = plain:generate(PROMPT, { max_new_tokens = 12, eos_token_id = false })
+
+   it("stops at the eos ids of generation_config.json and pads finished rows with its pad id", function()
+      -- the 3rd and 5th new tokens as the model's end-of-sequence ids (a list, as Llama 3's)
+      local eos = { free[#PROMPT + 5], free[#PROMPT + 3] }
+      local dir = folder_with({ eos_token_id = eos, pad_token_id = 99 })
+      local model = ml.models.from_pretrained(dir)
+      assert.are.same(eos, model.generation_config.eos_token_id)
+      local got = model:generate(PROMPT, { max_new_tokens = 12 })
+      assert.are.same({ unpack(free, 1, #PROMPT + 3) }, got)
+      -- the call's own eos_token_id wins; false turns the model's off
+      assert.are.same(free, model:generate(PROMPT, { max_new_tokens = 12, eos_token_id = false }))
+      assert.are.same({ unpack(free, 1, #PROMPT + 5) }, model:generate(PROMPT, { max_new_tokens = 12, eos_token_id = eos[1] }))
+      -- a batch: the row that ends first continues with pad_token_id until the other ends
+      local other = { 8, 1, 4, 4 }
+      local other_free = plain:generate(other, { max_new_tokens = 12, eos_token_id = false })
+      local rows = model:generate({ PROMPT, other }, { max_new_tokens = 12 })
+      local n = #rows[1] - #PROMPT
+      local function ends_at(seq)
+         for i = #PROMPT + 1, #seq do
+            if seq[i] == eos[1] or seq[i] == eos[2] then return i end
+         end
+         return #seq
+      end
+      assert.are.equal(math.max(ends_at(free), ends_at(other_free)) - #PROMPT, math.min(n, 12))
+      for i = ends_at(free) + 1, #rows[1] do assert.are.equal(99, rows[1][i]) end
+      H.rmdir(dir)
+   end)
+
+   it("takes config.json's eos_token_id when the folder has no generation_config.json", function()
+      local dir = folder_with(nil)
+      local model = ml.models.from_pretrained(dir)
+      assert.is_nil(rawget(model, "generation_config"))
+      assert.are.same({ bos_token_id = 1, eos_token_id = 2, pad_token_id = 0 },
+         require("moonload.models.generation_config").of(model))
+      local got = model:generate(PROMPT, { max_new_tokens = 12 })
+      local stop = #free
+      for i = #PROMPT + 1, #free do if free[i] == 2 then stop = i break end end
+      assert.are.same({ unpack(free, 1, stop) }, got)
+      H.rmdir(dir)
+   end)
+
+   it("samples as its do_sample, temperature, top_k and top_p say, unless the call chooses", function()
+      local dir = folder_with({ do_sample = true, temperature = 0.7, top_p = 0.9, max_new_tokens = 6 })
+      local model = ml.models.from_pretrained(dir)
+      -- what the file says is what the same options given by the call do (top_k: transformers'
+      -- default 50, larger than this vocabulary of 100 so the nucleus decides)
+      local explicit = model:generate(PROMPT, { seed = 7, temperature = 0.7, top_k = 50, top_p = 0.9, max_new_tokens = 6,
+         eos_token_id = false })
+      assert.are.same(explicit, model:generate(PROMPT, { seed = 7, eos_token_id = false }))
+      assert.are.equal(#PROMPT + 6, #explicit)                       -- the file's max_new_tokens
+      local differs = false
+      for seed = 1, 5 do
+         local s = model:generate(PROMPT, { seed = seed, eos_token_id = false })
+         for i = 1, #s do if s[i] ~= free[i] then differs = true end end
+      end
+      assert.is_true(differs, "sampling never left the greedy path in 5 seeds")
+      -- do_sample = false, or a temperature of 0, from the call: greedy
+      assert.are.same({ unpack(free, 1, #PROMPT + 6) }, model:generate(PROMPT, { do_sample = false, eos_token_id = false }))
+      assert.are.same({ unpack(free, 1, #PROMPT + 6) }, model:generate(PROMPT, { temperature = 0, eos_token_id = false }))
+      H.rmdir(dir)
+   end)
+
+   it("is saved by save_model and read back", function()
+      local dir = folder_with({ eos_token_id = { 5, 7 }, do_sample = true, temperature = 0.6 })
+      local out = H.tmpdir()
+      ml.save_model(ml.models.from_pretrained(dir), out)
+      local back = ml.models.from_pretrained(out)
+      assert.are.same({ eos_token_id = { 5, 7 }, do_sample = true, temperature = 0.6 }, back.generation_config)
+      H.rmdir(out)
+      H.rmdir(dir)
+   end)
+
+   it("names a generation_config.json that is not JSON, and bad values it holds", function()
+      local dir = folder_with("{ not json")
+      local ok, err = pcall(ml.models.from_pretrained, dir)
+      assert.is_false(ok)
+      assert.truthy(err:find("from_pretrained: " .. dir .. "/generation_config.json is not a valid JSON object", 1, true), err)
+      H.rmdir(dir)
+      dir = folder_with({ eos_token_id = "end" })
+      ok, err = pcall(function() return ml.models.from_pretrained(dir):generate(PROMPT) end)
+      assert.is_false(ok)
+      assert.truthy(err:find("generate: eos_token_id must be an integer >= 0, got end", 1, true), err)
+      H.rmdir(dir)
+   end)
+end)
