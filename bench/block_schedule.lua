@@ -47,11 +47,11 @@ local function run(variant)
    local out = {}
    if variant == "micro_batches" then
       for first = 1, BATCH, MICRO do
-         local part = model:generate({ unpack(rows, first, first + MICRO - 1) }, { max_new_tokens = NEW })
+         local part = model:generate({ unpack(rows, first, first + MICRO - 1) }, { max_new_tokens = NEW, eos_token_id = false })
          for i, row in ipairs(part) do out[first + i - 1] = row end
       end
    else
-      out = model:generate(rows, { max_new_tokens = NEW, micro_batch_size = variant == "block_schedule" and MICRO or nil })
+      out = model:generate(rows, { max_new_tokens = NEW, eos_token_id = false, micro_batch_size = variant == "block_schedule" and MICRO or nil })
    end
    local seconds = B.now() - t0
    local read = B.proc_field("/proc/self/io", "read_bytes") - read0

@@ -36,7 +36,7 @@ local function run(variant)
       per_device[tostring(dev)] = (per_device[tostring(dev)] or 0) + sizes[name]
    end
    local t0 = B.now()
-   local out = model:generate(B.minstd_prompts(BATCH, PROMPT, model.config.vocab_size), { max_new_tokens = NEW })
+   local out = model:generate(B.minstd_prompts(BATCH, PROMPT, model.config.vocab_size), { max_new_tokens = NEW, eos_token_id = false })
    local seconds = B.now() - t0
    local peak = B.proc_field("/proc/self/status", "VmHWM")
    os.execute("rm -rf '" .. folder .. "'")

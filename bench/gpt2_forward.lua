@@ -46,12 +46,12 @@ local forward_s = median(times)
 
 local prompt = {}
 for i = 1, PROMPT do prompt[i] = ids[i] end
-model:generate(prompt, { max_new_tokens = 4 })
+model:generate(prompt, { max_new_tokens = 4, eos_token_id = false })
 local dts = {}
 for r = 1, 3 do
    collectgarbage()
    local t0 = now()
-   local out = model:generate(prompt, { max_new_tokens = NEW })
+   local out = model:generate(prompt, { max_new_tokens = NEW, eos_token_id = false })
    dts[r] = now() - t0
    assert(#out == PROMPT + NEW)
 end

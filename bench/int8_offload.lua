@@ -35,10 +35,10 @@ local function run(variant, budget)
       if d == "disk" then on_disk = on_disk + sizes[name] else in_ram = in_ram + sizes[name] end
    end
    local prompt = B.minstd_prompts(1, PROMPT, model.config.vocab_size)[1]
-   model:generate(prompt, { max_new_tokens = 2 })                  -- learns the order
+   model:generate(prompt, { max_new_tokens = 2, eos_token_id = false })                  -- learns the order
    local read0 = B.proc_field("/proc/self/io", "read_bytes")
    t0 = B.now()
-   local out = model:generate(prompt, { max_new_tokens = NEW })
+   local out = model:generate(prompt, { max_new_tokens = NEW, eos_token_id = false })
    local seconds = B.now() - t0
    local read = B.proc_field("/proc/self/io", "read_bytes") - read0
    os.execute("rm -rf '" .. folder .. "'")

@@ -37,7 +37,7 @@ local function run(dtype, prompt_len)
    local input = ml.tensor({ prompt }, { dtype = "int64" })
    local prefill_s = B.best(repeats, function() return model(input, { logits_to_keep = 1 }) end)
    local total_s = B.best(repeats, function()
-      local out = model:generate(prompt, { max_new_tokens = NEW })
+      local out = model:generate(prompt, { max_new_tokens = NEW, eos_token_id = false })
       assert(#out == prompt_len + NEW)
       return out
    end)

@@ -37,7 +37,7 @@ local s0, s1
 for r = 0, repeats do
    if r == 1 then s0 = hooks.runtime_stats() end
    local t0 = B.now()
-   out = model:generate(PROMPT, { max_new_tokens = 16 })
+   out = model:generate(PROMPT, { max_new_tokens = 16, eos_token_id = false })
    if r > 0 then times[#times + 1] = (B.now() - t0) / 16 end
 end
 s1 = hooks.runtime_stats()

@@ -28,10 +28,10 @@ local function run(variant, budget)
    for name, d in pairs(model.hf_device_map) do
       if d ~= "disk" then in_ram = in_ram + sizes[name] end
    end
-   model:generate(PROMPT, { max_new_tokens = 2 })                 -- learns the order
+   model:generate(PROMPT, { max_new_tokens = 2, eos_token_id = false })                 -- learns the order
    local read0 = B.proc_field("/proc/self/io", "read_bytes")
    local t0 = B.now()
-   local out = model:generate(PROMPT, { max_new_tokens = 16 })
+   local out = model:generate(PROMPT, { max_new_tokens = 16, eos_token_id = false })
    local seconds = B.now() - t0
    local read = B.proc_field("/proc/self/io", "read_bytes") - read0
    os.execute("rm -rf '" .. folder .. "'")
