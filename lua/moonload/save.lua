@@ -84,6 +84,47 @@ local function value_of(model, key, t)
    error(string.format('%s: "%s" is on the meta device and no hook holds its weights', WHO, key), 0)
 end
 
+-- The model's LoRA-wrapped layers (nn.LoraLinear), by the state-dict prefix of each ("name.").
+-- Their float base weights are saved with the adapter merged in, under the layer's own names,
+-- so the folder is the adapted model (peft's merge_and_unload, then save_pretrained); an
+-- adapter over quantized weights cannot be merged and is an error.
+local function lora_layers(model)
+   local out = {}
+   for _, e in ipairs(model:named_modules_list()) do
+      if e[2].__name == "LoraLinear" then
+         local base = e[2].base_layer
+         if base.__name ~= "Linear" and base.__name ~= "Conv1D" then
+            error(string.format('%s: "%s" has a LoRA adapter over %s weights, which cannot be merged into them; save the model without the adapter and keep its folder',
+               WHO, e[1], base.__name), 0)
+         end
+         out[e[1] .. "."] = e[2]
+      end
+   end
+   return out
+end
+
+-- For state-dict key: the name to save it under and the LoRA layer to merge into it (nil, nil:
+-- an adapter weight, not saved on its own).
+local function saved_name(loras, key)
+   for prefix, m in pairs(loras) do
+      if key:sub(1, #prefix) == prefix then
+         local rest = key:sub(#prefix + 1)
+         if rest:find("^lora_[AB]%.") then return nil, nil end
+         local inner = rest:match("^base_layer%.(.*)$")
+         if inner then return prefix .. inner, inner == "weight" and m or nil end
+      end
+   end
+   return key, nil
+end
+
+-- W + (B A) * scaling for a LoRA layer's base weight (on the CPU, in W's dtype).
+local function merged(m, w)
+   local A, B = m.lora_A.weight:to("cpu"):to("float32"), m.lora_B.weight:to("cpu"):to("float32")
+   local delta = (B * m.scaling):matmul(A)
+   if m.base_layer.nf then delta = delta:t() end                      -- Conv1D stores (in, out)
+   return (w:to("float32") + delta):to(w.dtype)
+end
+
 -- The config to write: the model's as read (model.config._raw), with its dtype and its int8 layers.
 local function config_of(model)
    local cfg = rawget(model, "config") or model.config
@@ -140,13 +181,15 @@ function M.save_model(model, dir, opts)
    dir = dir:gsub("/+$", "")
    local config = config_of(model)
    local sd, keys = model:state_dict({ keep_vars = true })
+   local loras = lora_layers(model)
    local entries, seen, total = {}, {}, 0
    for _, key in ipairs(keys) do
       local t = sd[key]
-      if not seen[t] then                                 -- tied: the first name keeps it
+      local name, lora = saved_name(loras, key)
+      if name and not seen[t] then                        -- tied: the first name keeps it
          seen[t] = true
          local bytes = t:numel() * t:element_size()
-         entries[#entries + 1] = { key = key, tensor = t, bytes = bytes }
+         entries[#entries + 1] = { key = name, source = key, tensor = t, bytes = bytes, lora = lora }
          total = total + bytes
       end
    end
@@ -161,7 +204,8 @@ function M.save_model(model, dir, opts)
             or string.format("model-%05d-of-%05d.safetensors", i, #shards)
          local tensors = {}
          for _, e in ipairs(shard) do
-            tensors[e.key] = value_of(model, e.key, e.tensor)
+            local v = value_of(model, e.source, e.tensor)
+            tensors[e.key] = e.lora and merged(e.lora, v) or v
             weight_map[e.key] = name
          end
          local tmp = tmp_name(dir .. "/" .. name)

@@ -47,6 +47,7 @@ setmetatable(M, { __index = function(t, k)
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
+      adapter = "moonload.models.adapter",
       common = "moonload.models.common" })[k]
    if path then
       local mod = require(path)
@@ -55,6 +56,11 @@ setmetatable(M, { __index = function(t, k)
    end
    return nil
 end })
+
+--- load_adapter(model, dir[, {merge}]): a peft LoRA adapter on a loaded model (models/adapter.lua).
+function M.load_adapter(model, dir, opts)
+   return require("moonload.models.adapter").load_adapter(model, dir, opts)
+end
 
 local function file_exists(path)
    local f = io.open(path, "rb")
@@ -170,18 +176,14 @@ local function matches_any(name, patterns)
    return false
 end
 
---- Maps checkpoint names onto the model's: applies the class's checkpoint_renames ({pattern,
--- replacement} pairs, e.g. a multimodal checkpoint's language_model.model.), adds or strips its
--- base_model_prefix, fills tied weights stored once, drops keys the class ignores (only when the
--- model lacks them).
--- Returns the new table (the tensors themselves are shared, not copied).
-function M.remap_state_dict(model, sd)
-   local cls = getmetatable(model)
+--- name_mapper(model) -> map(name), expected: map takes a checkpoint tensor name to the model's
+-- (the class's checkpoint_renames, then its base_model_prefix added or stripped, as
+-- remap_state_dict does); expected is the set of the model's own names.
+function M.name_mapper(model)
    local expected = {}
    for name in pairs(model:state_dict({ keep_vars = true })) do expected[name] = true end
    local p = model.base_model_prefix and (model.base_model_prefix .. ".") or nil
-   local out = {}
-   for name, t in pairs(sd) do
+   return function(name)
       local n = name
       for _, r in ipairs(model.checkpoint_renames or {}) do
          if not expected[n] then n = n:gsub(r[1], r[2], 1) end
@@ -193,8 +195,20 @@ function M.remap_state_dict(model, sd)
             n = n:sub(#p + 1)                            -- "bert.embeddings..." for BertModel
          end
       end
-      out[n] = t
-   end
+      return n
+   end, expected
+end
+
+--- Maps checkpoint names onto the model's: applies the class's checkpoint_renames ({pattern,
+-- replacement} pairs, e.g. a multimodal checkpoint's language_model.model.), adds or strips its
+-- base_model_prefix, fills tied weights stored once, drops keys the class ignores (only when the
+-- model lacks them).
+-- Returns the new table (the tensors themselves are shared, not copied).
+function M.remap_state_dict(model, sd)
+   local cls = getmetatable(model)
+   local map_name, expected = M.name_mapper(model)
+   local out = {}
+   for name, t in pairs(sd) do out[map_name(name)] = t end
    for name in pairs(out) do
       if not expected[name] and matches_any(name, model.ignore_unexpected) then out[name] = nil end
    end
@@ -328,13 +342,15 @@ function M.auto_dtype(raw, ckpt, src)
 end
 
 --- from_pretrained(dir[, {dtype = "auto", strict = true, device_map, max_memory, offload_folder,
--- reserve_for, device_overrides, quantize, ...}])
+-- reserve_for, device_overrides, quantize, adapter, merge_adapter, ...}])
 -- dir holds config.json and model.safetensors or model.safetensors.index.json + shards.
 -- dtype "auto" (or nil) takes the checkpoint's own (see auto_dtype), so a bfloat16 checkpoint
 -- stays bfloat16 and its CPU weights stay views of the file; a dtype name converts.
 -- With device_map, the model is built empty and placed by ml.load_checkpoint_and_dispatch.
 -- quantize = "int8" (or "int4") then turns the linear layers into int8 (int4) ones (ml.quantize;
--- with a device map, load_checkpoint_and_dispatch plans and loads for it).
+-- with a device map, load_checkpoint_and_dispatch plans and loads for it). adapter (a folder)
+-- puts a peft LoRA adapter on the loaded model (load_adapter; merged into float layers with
+-- merge_adapter = true).
 local load
 
 function M.from_pretrained(dir, opts)
@@ -343,11 +359,21 @@ function M.from_pretrained(dir, opts)
       error("from_pretrained: expected a folder path, got " .. type(dir), 2)
    end
    require("moonload.quantize").check_option(opts.quantize, "from_pretrained", 2)
+   if opts.adapter ~= nil and type(opts.adapter) ~= "string" then
+      error("from_pretrained: adapter must be the folder of a peft LoRA adapter, got " .. type(opts.adapter), 2)
+   end
    -- (a tail call: load's errors point at the caller, as from_pretrained's own)
-   if not opts.quantize then return load(dir, opts) end
-   -- the linear layers become int8 or int4 (moonload/quantize.lua; with a device map,
-   -- load_checkpoint_and_dispatch has done so already)
+   if not opts.quantize and not opts.adapter then return load(dir, opts) end
    local model = load(dir, opts)
+   if opts.quantize then M._quantize_loaded(model, opts) end
+   -- a LoRA adapter beside the (quantized) layers, or merged into float ones
+   if opts.adapter then M.load_adapter(model, opts.adapter, { merge = opts.merge_adapter }) end
+   return model
+end
+
+-- from_pretrained's quantize: the linear layers become int8 or int4 (moonload/quantize.lua; with
+-- a device map, load_checkpoint_and_dispatch has done so already); a log line counts them.
+function M._quantize_loaded(model, opts)
    local _, report = require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder,
       dtype = opts.quantize })
    local n, floats = 0, 0
@@ -358,7 +384,6 @@ function M.from_pretrained(dir, opts)
    require("moonload.utils.log").info(string.format(
       "from_pretrained: %d linear layers quantized (%s), %d left in floats (ml.quantize's report says why)", n,
       opts.quantize, floats))
-   return model
 end
 
 function load(dir, opts)

@@ -1,0 +1,60 @@
+--- nn.LoraLinear: a linear layer with a LoRA adapter beside it, as peft's LoraLayer computes it:
+-- y = base_layer(x) + lora_B(lora_A(x)) * scaling. base_layer is any linear layer (nn.Linear,
+-- GPT-2's Conv1D, nn.QuantizedLinear: a float adapter over int8 or int4 weights is QLoRA's
+-- inference), left as it was, hooks included, so it may be offloaded or streamed; lora_A (r x in)
+-- and lora_B (out x r) are small and stay where they were put. When x arrives on another device
+-- or dtype (a layer computed in place on the CPU, a bfloat16 model), the adapter's weights are
+-- copied there once and kept.
+local Module = require("moonload.nn.module")
+local F = require("moonload.nn.functional")
+
+local LoraLinear = Module:extend("LoraLinear")
+-- lora_A and lora_B: a weight each, so that the names are peft's (lora_A.weight, lora_B.weight)
+local LoraWeight = Module:extend("LoraWeight")
+
+function LoraWeight:__init(w)
+   self:register_parameter("weight", w)
+end
+
+function LoraWeight:extra_repr()
+   return string.format("%d x %d", self.weight:size(1), self.weight:size(2))
+end
+
+--- LoraLinear(base_layer, lora_A, lora_B, scaling): lora_A (r, in) and lora_B (out, r) tensors.
+function LoraLinear:__init(base_layer, lora_A, lora_B, scaling)
+   self.base_layer = base_layer
+   self.in_features = base_layer.in_features or base_layer.nx
+   self.out_features = base_layer.out_features or base_layer.nf
+   self.r, self.scaling = lora_A:size(1), scaling
+   self.lora_A, self.lora_B = LoraWeight(lora_A), LoraWeight(lora_B)
+   rawset(self, "_copies", {})
+end
+
+-- The adapter's weights on device in dtype, lora_B scaled: made once per place and kept while the
+-- parameters are the same tensors.
+function LoraLinear:_weights_for(device, dtype)
+   local A, B = self.lora_A.weight, self.lora_B.weight
+   local key = device .. " " .. dtype
+   local c = rawget(self, "_copies")[key]
+   if not c or c.A_src ~= A or c.B_src ~= B then
+      c = { A_src = A, B_src = B, A = A:to(device):to(dtype), B = (B:to(device):to("float32") * self.scaling):to(dtype) }
+      rawget(self, "_copies")[key] = c
+   end
+   return c.A, c.B
+end
+
+function LoraLinear:forward(x)
+   local y = self.base_layer(x)
+   local A, B = self:_weights_for(x.device, x.dtype)
+   local delta = F.linear(F.linear(x, A), B)
+   if delta.device ~= y.device then delta = delta:to(y.device) end
+   if delta.dtype ~= y.dtype then delta = delta:to(y.dtype) end
+   return y + delta
+end
+
+function LoraLinear:extra_repr()
+   return string.format("in_features=%d, out_features=%d, r=%d, scaling=%s", self.in_features, self.out_features,
+      self.r, tostring(self.scaling))
+end
+
+return LoraLinear
