@@ -244,6 +244,11 @@ ML_API ml_status ml_quantize_q4(const ml_tensor *w, ml_tensor **q, ml_tensor **s
 ML_API ml_status ml_q4_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                               ml_tensor **out);
 ML_API ml_status ml_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out);
+/* llama.cpp's GGUF blocks (cpu/ggml_blocks.c): rows x cols values of ggml type 8 (Q8_0) or 2 (Q4_0)
+   at src (src_bytes, the whole tensor) -> the int8 (Q8_0) or packed int4 (Q4_0) layouts above on
+   the CPU, scales widened from float16 to float32: the same values. cols a multiple of 32. */
+ML_API ml_status ml_unpack_ggml_blocks(const void *src, size_t src_bytes, int ggml_type, int64_t rows, int64_t cols,
+                                       ml_tensor **q, ml_tensor **scales);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */
 ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out);
 /* Normalises over the last nnorm dims; w and b may be NULL. */

@@ -80,7 +80,7 @@ function ml.empty_cache() lib.ml_cpu_empty_cache() end
 -- Submodules, loaded lazily so `require("moonload")` stays cheap and free of cycles.
 local submodules = {
    nn = "moonload.nn", hooks = "moonload.hooks", utils = "moonload.utils",
-   safetensors = "moonload.safetensors", models = "moonload.models", tokenizers = "moonload.tokenizers",
+   safetensors = "moonload.safetensors", gguf = "moonload.gguf", models = "moonload.models", tokenizers = "moonload.tokenizers",
 }
 -- Names exported at the top level from other modules, as Accelerate does.
 local reexports = {

@@ -57,6 +57,27 @@ setmetatable(M, { __index = function(t, k)
    return nil
 end })
 
+--- _place_loaded(model, opts, no_split, who): a model loaded in CPU memory (views of mapped files)
+-- placed by opts.device_map: planned (max_memory, reserve_for, ...), its disk weights' pages
+-- bounded, quantized on the CPU when opts.quantize asks (so that layers bound for a GPU move there
+-- quantized), then dispatched.
+function M._place_loaded(model, opts, no_split, who)
+   local big = require("moonload.big_modeling")
+   local plan_opts = setmetatable({ no_split_module_classes = no_split }, { __index = opts })
+   local device_map, reserved = big._plan_device_map(model, plan_opts, who)
+   local cpu_reserved = big._apply_reserve(model, device_map, reserved)
+   big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
+   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
+   return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
+      offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
+      preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })
+end
+
+--- from_gguf(path[, opts]): a causal model from a llama.cpp GGUF file (models/gguf_model.lua).
+function M.from_gguf(path, opts)
+   return require("moonload.models.gguf_model").from_gguf(path, opts)
+end
+
 --- load_adapter(model, dir[, {merge}]): a peft LoRA adapter on a loaded model (models/adapter.lua).
 function M.load_adapter(model, dir, opts)
    return require("moonload.models.adapter").load_adapter(model, dir, opts)
@@ -443,15 +464,7 @@ function load(dir, opts)
       -- map them, load zero-copy views of the mapped files on the CPU, then place the model.
       M.load_into(model, M.read_checkpoint(ckpt), { strict = opts.strict, who = "from_pretrained" })
       model:to(opts.dtype)
-      local plan_opts = setmetatable({ no_split_module_classes = no_split }, { __index = opts })
-      local device_map, reserved = big._plan_device_map(model, plan_opts, "from_pretrained")
-      local cpu_reserved = big._apply_reserve(model, device_map, reserved)
-      big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
-      -- (quantized here, on the CPU, so that layers bound for a GPU move there quantized)
-      if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
-      return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
-         offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
-         preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })
+      return M._place_loaded(model, opts, no_split, "from_pretrained")
    end
 
    local sd = M.read_checkpoint(ckpt)

@@ -1,0 +1,174 @@
+--- ml.models.from_gguf(path[, {dtype = "float32", device_map, max_memory, offload_folder,
+-- reserve_for, quantize, ...}]) -> a causal model from one of llama.cpp's GGUF files.
+--
+-- The architectures "llama" (Llama, Mistral and the others llama.cpp converts as llama), "qwen2"
+-- and "qwen3" become LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM, their config built
+-- from the file's metadata (llama.cpp's keys) and their tensors renamed from llama.cpp's
+-- (blk.N.attn_q.weight -> model.layers.N.self_attn.q_proj.weight, ...). Tensors are read as
+-- they are stored:
+--  * Q8_0 and Q4_0 linear weights become nn.QuantizedLinear layers, int8 and int4: the file's
+--    values, their float16 scales widened to float32 (cpu/ggml_blocks.c), so nothing is
+--    re-rounded; a quantized embedding is widened to floats;
+--  * F32, F16 and BF16 tensors are views of the mapped file (then converted to dtype, which is
+--    float32 unless given, as transformers' GGUF loading does);
+--  * Llama's q and k rows, which llama.cpp's converter permutes for its rotary pairs, are put back
+--    in Hugging Face's order; Llama 3's rope scaling (a rope_freqs tensor) divides the rotary
+--    frequencies as llama.cpp does.
+-- Other ggml types (the K-quants, I-quants, Q4_1, Q5_x) and other architectures are errors that
+-- name them. The file's tokenizer is not read: use the model's tokenizer.json (ml.tokenizers).
+-- With device_map, the loaded model is placed as from_pretrained's (planned, offloaded, streamed).
+local gguf = require("moonload.gguf")
+
+local M = {}
+local WHO = "from_gguf"
+
+local CLASSES = {
+   llama = { model_type = "llama", class = "LlamaForCausalLM", permute = true },
+   qwen2 = { model_type = "qwen2", class = "Qwen2ForCausalLM" },
+   qwen3 = { model_type = "qwen3", class = "Qwen3ForCausalLM" },
+}
+
+-- llama.cpp's tensor names -> transformers'
+local GLOBAL = { ["token_embd"] = "model.embed_tokens", ["output_norm"] = "model.norm", ["output"] = "lm_head" }
+local BLOCK = {
+   attn_norm = "input_layernorm", attn_q = "self_attn.q_proj", attn_k = "self_attn.k_proj",
+   attn_v = "self_attn.v_proj", attn_output = "self_attn.o_proj", ffn_norm = "post_attention_layernorm",
+   ffn_gate = "mlp.gate_proj", ffn_up = "mlp.up_proj", ffn_down = "mlp.down_proj",
+   attn_q_norm = "self_attn.q_norm", attn_k_norm = "self_attn.k_norm",
+}
+
+local function fail(path, fmt, ...) error(string.format("%s: %s: " .. fmt, WHO, path, ...), 0) end
+
+--- hf_name(name) -> the transformers name of a llama.cpp tensor name, or nil.
+function M.hf_name(name)
+   local base, kind = name:match("^([%w_]+)%.(%a+)$")
+   if base and GLOBAL[base] then return GLOBAL[base] .. "." .. kind end
+   local n, part, k = name:match("^blk%.(%d+)%.([%w_]+)%.(%a+)$")
+   if n and BLOCK[part] then return string.format("model.layers.%s.%s.%s", n, BLOCK[part], k) end
+   return nil
+end
+
+-- The transformers config of the file's metadata.
+local function config_of(f, arch)
+   local md = f.metadata
+   local function key(k, required)
+      local v = md[arch .. "." .. k]
+      if v == nil and required then fail(f.path, 'metadata "%s.%s" is missing', arch, k) end
+      return v
+   end
+   local heads = key("attention.head_count", true)
+   local hidden = key("embedding_length", true)
+   local vocab = key("vocab_size") or (type(md["tokenizer.ggml.tokens"]) == "table" and #md["tokenizer.ggml.tokens"])
+   if not vocab then
+      local e = f.by_name["token_embd.weight"]
+      vocab = e and e.shape[1]
+   end
+   local cfg = {
+      model_type = CLASSES[arch].model_type, architectures = { CLASSES[arch].class },
+      vocab_size = vocab, hidden_size = hidden, intermediate_size = key("feed_forward_length", true),
+      num_hidden_layers = key("block_count", true), num_attention_heads = heads,
+      num_key_value_heads = key("attention.head_count_kv") or heads,
+      max_position_embeddings = key("context_length") or 2048,
+      rms_norm_eps = key("attention.layer_norm_rms_epsilon") or 1e-6,
+      rope_theta = key("rope.freq_base") or 10000.0,
+      head_dim = key("attention.key_length") or hidden / heads,
+      hidden_act = "silu", tie_word_embeddings = f.by_name["output.weight"] == nil,
+      attention_bias = f.by_name["blk.0.attn_q.bias"] ~= nil,
+      bos_token_id = md["tokenizer.ggml.bos_token_id"], eos_token_id = md["tokenizer.ggml.eos_token_id"],
+      pad_token_id = md["tokenizer.ggml.padding_token_id"],
+   }
+   local scaling = key("rope.scaling.type")
+   if scaling == "linear" then
+      cfg.rope_scaling = { rope_type = "linear", factor = key("rope.scaling.factor", true) }
+   elseif scaling ~= nil and scaling ~= "none" then
+      fail(f.path, 'rope scaling "%s" is not read (linear, and Llama 3\'s rope_freqs, are)', tostring(scaling))
+   end
+   local swa = key("attention.sliding_window")
+   if swa then cfg.sliding_window = swa end
+   return cfg
+end
+
+-- Rows of a q or k weight (or bias) from llama.cpp's rotary pairs back to transformers' halves:
+-- within each head, row (i, s) of llama.cpp's (pairs) is row (s, i) of transformers'.
+local function unpermute(t, n_head)
+   local rows = t:size(1)
+   local half = rows / n_head / 2
+   local idx = {}
+   for h = 0, n_head - 1 do
+      for s = 0, 1 do
+         for i = 0, half - 1 do idx[#idx + 1] = h * 2 * half + i * 2 + s end
+      end
+   end
+   return t:index_select(1, require("moonload.tensor").tensor(idx, { dtype = "int64" })):contiguous()
+end
+
+function M.from_gguf(path, opts)
+   opts = opts or {}
+   if type(path) ~= "string" then error(WHO .. ": expected a .gguf file path, got " .. type(path), 2) end
+   if type(opts) ~= "table" then error(WHO .. ": options must be a table, got " .. type(opts), 2) end
+   local f = gguf.open(path)
+   local arch = f.metadata["general.architecture"]
+   if not CLASSES[arch] then
+      fail(path, 'architecture "%s" is not read (llama, qwen2 and qwen3 are)', tostring(arch))
+   end
+   local models = require("moonload.models")
+   local cfg = config_of(f, arch)
+   local QuantizedLinear = require("moonload.nn.quantized_linear")
+   local big = require("moonload.big_modeling")
+   -- the weights, by transformers' names, and which linear layers are stored quantized
+   local sd, quantized, rope_freqs = {}, {}, nil
+   for _, t in ipairs(f.tensors) do
+      local name = M.hf_name(t.name)
+      if t.name == "rope_freqs.weight" then
+         rope_freqs = f:tensor(t.name):float()
+      elseif not name then
+         fail(path, 'tensor "%s" has no place in a %s model', t.name, CLASSES[arch].class)
+      else
+         local heads = name:find("self_attn%.q_proj") and cfg.num_attention_heads
+            or name:find("self_attn%.k_proj") and cfg.num_key_value_heads or nil
+         local permuted = CLASSES[arch].permute and heads and name:find("_proj%.") ~= nil
+         local q, scales, bits = nil, nil, nil
+         if #t.shape == 2 and name ~= "model.embed_tokens.weight" then q, scales, bits = f:quantized(t.name) end
+         if q then
+            if permuted then q, scales = unpermute(q, heads), unpermute(scales, heads) end
+            local module = name:gsub("%.weight$", "")
+            quantized[module] = bits
+            sd[module .. ".weight"], sd[module .. ".weight_scale"] = q, scales
+         else
+            local ok, v = pcall(f.tensor, f, t.name)
+            if not ok then fail(path, "%s", tostring(v):gsub("^gguf: ", "")) end
+            sd[name] = permuted and unpermute(v, heads) or v
+         end
+      end
+   end
+   local model = big.init_empty_weights(function()
+      local m = models.from_config(cfg)
+      for module, bits in pairs(quantized) do
+         local lin = m:get_submodule(module)
+         local parent, leaf = module:match("^(.*)%.([^.]+)$")
+         rawget(parent and m:get_submodule(parent) or m, "_modules"):set(leaf or module,
+            QuantizedLinear(lin.in_features, lin.out_features, { bias = lin.bias ~= nil, bits = bits }))
+      end
+      return m
+   end)
+   models.load_into(model, sd, { strict = opts.strict, who = WHO })
+   local dtype = opts.dtype or "float32"
+   model:to(dtype)
+   if rope_freqs then
+      -- llama.cpp divides each rotary frequency's angle by its factor (Llama 3's rope scaling)
+      local rot = model.model.rotary_emb
+      if rope_freqs:numel() ~= rot.inv_freq:numel() then
+         fail(path, "rope_freqs has %d factors for %d rotary frequencies", rope_freqs:numel(), rot.inv_freq:numel())
+      end
+      rot.inv_freq = rot.inv_freq / rope_freqs
+   end
+   rawset(model, "generation_config", require("moonload.models.generation_config").from_model_config(cfg))
+   if opts.device_map ~= nil then
+      local resolved = setmetatable({ dtype = dtype }, { __index = opts })
+      return models._place_loaded(model, resolved, opts.no_split_module_classes or model.no_split_modules, WHO)
+   end
+   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
+   return model
+end
+
+return M

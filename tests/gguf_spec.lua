@@ -1,0 +1,186 @@
+-- llama.cpp's GGUF files (ml.gguf, models/gguf_model.lua, cpu/ggml_blocks.c) against gguf-py
+-- and transformers (tests/fixtures/gen_gguf.py): the bytes of a block read by hand, the logits of
+-- Hugging Face models holding the files' dequantized weights, and GGUF files written here, byte
+-- by byte, for each error.
+local ml = require("moonload")
+local H = require("models_helpers")
+local bit = require("bit")
+
+local DIR = "tests/fixtures/gguf/"
+local expected = H.read_json(DIR .. "expected.json")
+
+-- IEEE half precision bits -> number.
+local function half(lo, hi)
+   local h = lo + hi * 256
+   local sign = bit.band(h, 0x8000) ~= 0 and -1 or 1
+   local e, m = bit.band(bit.rshift(h, 10), 0x1f), bit.band(h, 0x3ff)
+   if e == 0 then return sign * m * 2 ^ -24 end
+   return sign * (1 + m / 1024) * 2 ^ (e - 15)
+end
+
+-- A GGUF file (version 3) from metadata {{key, type, value}} and tensors {{name, dims (GGUF order),
+-- ggml type, bytes}}, for the error cases.
+local function write_gguf(path, kvs, tensors, version)
+   local function u32(v) return string.char(v % 256, math.floor(v / 256) % 256, math.floor(v / 65536) % 256, math.floor(v / 16777216) % 256) end
+   local function u64(v) return u32(v % 4294967296) .. u32(math.floor(v / 4294967296)) end
+   local function str(s) return u64(#s) .. s end
+   local parts = { "GGUF", u32(version or 3), u64(#tensors), u64(#kvs) }
+   for _, kv in ipairs(kvs) do
+      parts[#parts + 1] = str(kv[1])
+      if kv[2] == "str" then parts[#parts + 1] = u32(8) .. str(kv[3]) else parts[#parts + 1] = u32(4) .. u32(kv[3]) end
+   end
+   local offset = 0
+   for _, t in ipairs(tensors) do
+      parts[#parts + 1] = str(t[1]) .. u32(#t[2])
+      for _, d in ipairs(t[2]) do parts[#parts + 1] = u64(d) end
+      parts[#parts + 1] = u32(t[3]) .. u64(offset)
+      offset = offset + math.ceil(#t[4] / 32) * 32
+   end
+   local head = table.concat(parts)
+   local out = { head, string.rep("\0", math.ceil(#head / 32) * 32 - #head) }
+   for _, t in ipairs(tensors) do out[#out + 1] = t[4] .. string.rep("\0", math.ceil(#t[4] / 32) * 32 - #t[4]) end
+   local f = assert(io.open(path, "wb"))
+   f:write(table.concat(out))
+   f:close()
+end
+
+describe("gguf files", function()
+   H.collect_warnings()         -- (dispatching with disk offload warns of weights on meta)
+
+   it("reads metadata, tensor shapes in PyTorch's order, float views and Q8_0 / Q4_0 blocks as they are", function()
+      local f = ml.gguf.open(DIR .. "llama_mixed.gguf")
+      assert.are.equal(3, f.version)
+      assert.are.equal("llama", f.metadata["general.architecture"])
+      assert.are.equal(4, f.metadata["llama.attention.head_count"])
+      local t = f.by_name["blk.0.ffn_down.weight"]
+      assert.are.same({ 32, 64 }, t.shape)
+      assert.are.equal("F32", t.type_name)
+      local down = f:tensor("blk.0.ffn_down.weight")
+      assert.are.equal("float32", down.dtype)
+      local C = require("moonload.C")
+      local src = C.ffi.new("const char*[1]")
+      assert.are.equal(0, C.lib.ml_tensor_file_source(down._c, src, C.ffi.new("uint64_t[1]"), C.ffi.new("uint64_t[1]"),
+         C.ffi.new("int64_t[1]")))                                    -- a view of the mapped file
+      assert.truthy(C.ffi.string(src[0]):find("llama_mixed.gguf", 1, true))
+      assert.are.equal("float16", f:tensor("blk.0.attn_v.weight").dtype)
+      assert.are.equal("bfloat16", f:tensor("blk.0.attn_output.weight").dtype)
+      -- the first Q8_0 and Q4_0 blocks, read from the file by hand
+      local file = assert(io.open(DIR .. "llama_mixed.gguf", "rb"))
+      local function block(name, n)
+         file:seek("set", f.by_name[name].offset)
+         return { file:read(n):byte(1, n) }
+      end
+      local b8 = block("blk.0.attn_k.weight", 34)
+      local q8, s8, bits8 = f:quantized("blk.0.attn_k.weight")
+      assert.are.equal(8, bits8)
+      assert.are.equal(half(b8[1], b8[2]), s8:tolist()[1][1])
+      local row = q8:tolist()[1]
+      for j = 1, 32 do assert.are.equal(b8[2 + j] >= 128 and b8[2 + j] - 256 or b8[2 + j], row[j]) end
+      local b4 = block("blk.0.attn_q.weight", 18)
+      local q4, s4, bits4 = f:quantized("blk.0.attn_q.weight")
+      assert.are.equal(4, bits4)
+      assert.are.equal(half(b4[1], b4[2]), s4:tolist()[1][1])
+      assert.are.same({ unpack(b4, 3, 18) }, { unpack(q4:tolist()[1], 1, 16) })
+      file:close()
+      -- a Q8_0 tensor as floats: its values times their scales
+      local w = f:tensor("token_embd.weight")
+      assert.are.same({ 100, 32 }, w.shape)
+      local eq, es = f:quantized("token_embd.weight")
+      assert.is_true(ml.equal(w, ml.nn.F.dequantize_q8(eq, es)))
+      assert.is_nil(f:quantized("blk.0.attn_v.weight"))
+   end)
+
+   for _, name in ipairs({ "llama_mixed.gguf", "llama3_tied.gguf" }) do
+      it(name .. ": gives the logits transformers computes with the file's weights", function()
+         local exp = expected[name]
+         local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+         local model = ml.models.from_gguf(DIR .. name)
+         assert.is_true(H.max_abs_diff(model(ids), exp.logits) < 1e-4)
+         local bits = {}
+         for _, m in ipairs(model:modules_list()) do
+            if m.__name == "QuantizedLinear" then bits[m.bits] = (bits[m.bits] or 0) + 1 end
+         end
+         assert.are.same(name == "llama_mixed.gguf" and { [8] = 5, [4] = 4 } or { [8] = 8, [4] = 6 }, bits)
+         assert.are.equal(name == "llama3_tied.gguf", model.config.tie_word_embeddings)
+         assert.are.equal(2, model.generation_config.eos_token_id)
+         assert.are.equal(13, #model:generate({ 1, 7, 9 }, { max_new_tokens = 10, eos_token_id = false }))
+      end)
+   end
+
+   it("places a GGUF model by a device map, and converts its floats to the dtype asked", function()
+      local exp = expected["llama_mixed.gguf"]
+      local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+      local dir = H.tmpdir()
+      local model = ml.models.from_gguf(DIR .. "llama_mixed.gguf", { offload_folder = dir, device_map = {
+         ["model.embed_tokens"] = "cpu", ["model.layers.0"] = "cpu", ["model.layers.1"] = "disk",
+         ["model.norm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" } })
+      assert.is_true(model.model.layers[2].mlp.up_proj.weight:is_meta())
+      assert.is_true(H.max_abs_diff(model(ids), exp.logits) < 1e-4)
+      H.rmdir(dir)
+      local bf = ml.models.from_gguf(DIR .. "llama_mixed.gguf", { dtype = "bfloat16" })
+      assert.are.equal("bfloat16", bf.model.layers[1].self_attn.v_proj.weight.dtype)
+      assert.are.equal("float32", bf.model.layers[1].self_attn.q_proj.weight_scale.dtype)
+      assert.is_true(((bf(ids):float() - ml.tensor(exp.logits)):abs():max() / ml.tensor(exp.logits):abs():max()):item() < 0.05)
+   end)
+
+   it("names what is malformed or not read", function()
+      local dir = H.tmpdir()
+      local path = dir .. "/x.gguf"
+      local arch = { "general.architecture", "str", "llama" }
+      local meta = { arch, { "llama.embedding_length", "u32", 32 }, { "llama.block_count", "u32", 1 },
+                     { "llama.feed_forward_length", "u32", 64 }, { "llama.attention.head_count", "u32", 4 } }
+      local f32 = string.rep("\0", 32 * 4)
+      local cases = {
+         { function() write_gguf(path, meta, {}, 1); ml.gguf.open(path) end, "version 1 (2 and 3 are read)" },
+         { function()
+              write_gguf(path, meta, { { "token_embd.weight", { 32, 4 }, 0, string.rep("\0", 512) } })
+              local fh = io.open(path, "rb"); local all = fh:read("*a"); fh:close()
+              fh = io.open(path, "wb"); fh:write(all:sub(1, #all - 100)); fh:close()
+              ml.gguf.open(path)
+           end, "token_embd.weight (512 bytes at" },
+         { function()
+              local fh = io.open(path, "wb"); fh:write("GGUF\3\0\0\0\1\0"); fh:close()
+              ml.gguf.open(path)
+           end, "it ends inside the tensor count" },
+         { function() ml.gguf.open("tests/fixtures/models/gpt2_tiny/model.safetensors") end, "does not start with GGUF" },
+         { function()
+              write_gguf(path, { { "general.architecture", "str", "gpt2" } }, {})
+              ml.models.from_gguf(path)
+           end, 'architecture "gpt2" is not read (llama, qwen2 and qwen3 are)' },
+         { function()
+              write_gguf(path, { arch }, {})
+              ml.models.from_gguf(path)
+           end, 'metadata "llama.attention.head_count" is missing' },
+         { function()
+              write_gguf(path, meta, { { "blk.0.attn_q.weight", { 32, 32 }, 3, string.rep("\0", 32 * 20) } })
+              ml.models.from_gguf(path)
+           end, "blk.0.attn_q.weight in " .. path .. " is Q4_1; moonload reads F32, F16, BF16, Q8_0 and Q4_0" },
+         { function()
+              write_gguf(path, meta, { { "blk.0.mystery.weight", { 32 }, 0, f32 } })
+              ml.models.from_gguf(path)
+           end, 'tensor "blk.0.mystery.weight" has no place in a LlamaForCausalLM model' },
+         { function()
+              write_gguf(path, meta, { { "blk.0.attn_q.weight", { 48, 32 }, 12, string.rep("\0", 144) } })
+              ml.gguf.open(path)
+           end, "blk.0.attn_q.weight: 48 values a row are not whole Q4_K blocks of 256" },
+      }
+      for _, c in ipairs(cases) do
+         local ok, err = pcall(c[1])
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(c[2], 1, true), tostring(err))
+      end
+      H.rmdir(dir)
+   end)
+end)
+
+describe("gguf files on cuda #cuda", function()
+   H.collect_warnings()
+   it("puts a GGUF model's int8 and int4 layers on the GPU and gives the CPU's logits", function()
+      local exp = expected["llama3_tied.gguf"]
+      local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+      local model = ml.models.from_gguf(DIR .. "llama3_tied.gguf", { device_map = { ["model.embed_tokens"] = 0,
+         ["model.layers.0"] = 0, ["model.layers.1"] = "cpu", ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = 0 } })
+      assert.are.equal("cuda:0", model.model.layers[1].mlp.up_proj.weight.device)
+      assert.is_true(H.max_abs_diff(model(ids:to("cuda:0")):to("cpu"), exp.logits) < 1e-4)
+   end)
+end)
