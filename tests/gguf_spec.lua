@@ -173,6 +173,41 @@ describe("gguf files", function()
    end)
 end)
 
+describe("gguf tokenizers", function()
+   for _, name in ipairs({ "gpt2_bpe", "llama3_bpe", "qwen2_bpe" }) do
+      it(name .. ": gives tokenizers' ids and text from the vocabulary a GGUF file carries", function()
+         local exp = H.read_json("tests/fixtures/tokenizers/" .. name .. "/expected.json")
+         local tok = ml.tokenizers.from_gguf(DIR .. "tok_" .. name .. ".gguf")
+         for _, c in ipairs(exp.cases) do
+            assert.are.same(c.ids, tok:encode(c.text), c.text)
+            assert.are.same(c.ids_no_special, tok:encode(c.text, { add_special_tokens = false }), c.text)
+            assert.are.equal(c.decoded, tok:decode(c.ids))
+            assert.are.equal(c.decoded_skip_special, tok:decode(c.ids, { skip_special_tokens = true }))
+         end
+      end)
+   end
+
+   it("keeps the file's chat template and special token strings", function()
+      local tok = ml.tokenizers.from_gguf(ml.gguf.open(DIR .. "tok_llama3_bpe.gguf"))
+      assert.are.equal("<|eot_id|>user: hi", tok:apply_chat_template({ { role = "user", content = "hi" } }, { tokenize = false }))
+      assert.are.equal("<|begin_of_text|>", tok.special_token_strings.bos_token)
+   end)
+
+   it("names the vocabularies it does not read", function()
+      local dir = H.tmpdir()
+      local path = dir .. "/t.gguf"
+      write_gguf(path, { { "tokenizer.ggml.model", "str", "llama" } }, {})
+      local ok, err = pcall(ml.tokenizers.from_gguf, path)
+      assert.is_false(ok)
+      assert.truthy(err:find('has tokenizer.ggml.model "llama"; byte-level BPE ("gpt2") vocabularies are read', 1, true), err)
+      write_gguf(path, { { "tokenizer.ggml.model", "str", "gpt2" }, { "tokenizer.ggml.pre", "str", "falcon" } }, {})
+      ok, err = pcall(ml.tokenizers.from_gguf, path)
+      assert.is_false(ok)
+      assert.truthy(err:find('has tokenizer.ggml.pre "falcon"; moonload knows gpt-2, llama-bpe, llama3, qwen2', 1, true), err)
+      H.rmdir(dir)
+   end)
+end)
+
 describe("gguf files on cuda #cuda", function()
    H.collect_warnings()
    it("puts a GGUF model's int8 and int4 layers on the GPU and gives the CPU's logits", function()

@@ -305,4 +305,10 @@ function M.from_pretrained(dir)
    return tok
 end
 
+--- from_gguf(path or ml.gguf file): the byte-level BPE tokenizer a GGUF file carries
+-- (tokenizers/gguf.lua).
+function M.from_gguf(file)
+   return require("moonload.tokenizers.gguf").from_gguf(file)
+end
+
 return M
