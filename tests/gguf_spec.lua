@@ -107,6 +107,27 @@ describe("gguf files", function()
       end)
    end
 
+   it("reads Q4_1, Q5_0, Q5_1 and the K-quants as gguf-py widens them, quantized again to int8 by default", function()
+      local exp = expected["llama_kquants.gguf"]
+      local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+      local ref = ml.tensor(exp.logits)
+      local function rel(a) return ((a - ref):abs():max() / ref:abs():max()):item() end
+      local float = ml.models.from_gguf(DIR .. "llama_kquants.gguf", { requantize = "float" })
+      assert.are.equal("Linear", float.model.layers[1].self_attn.q_proj.__name)
+      assert.is_true(rel(float(ids)) < 1e-5)
+      local int8 = ml.models.from_gguf(DIR .. "llama_kquants.gguf")
+      for _, name in ipairs({ "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj" }) do
+         assert.are.equal(8, int8.model.layers[1]:get_submodule(name).bits, name)
+      end
+      assert.are.equal(8, int8.lm_head.bits)
+      assert.is_true(rel(int8(ids)) < 0.02)
+      local int4 = ml.models.from_gguf(DIR .. "llama_kquants.gguf", { requantize = "int4" })
+      assert.are.equal(4, int4.model.layers[1].mlp.up_proj.bits)
+      assert.has_error(function() ml.models.from_gguf(DIR .. "llama_kquants.gguf", { requantize = "q4_k" }) end,
+         'from_gguf: requantize must be "int8", "int4" or "float", got q4_k')
+   end)
+
    it("places a GGUF model by a device map, and converts its floats to the dtype asked", function()
       local exp = expected["llama_mixed.gguf"]
       local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
@@ -152,9 +173,9 @@ describe("gguf files", function()
               ml.models.from_gguf(path)
            end, 'metadata "llama.attention.head_count" is missing' },
          { function()
-              write_gguf(path, meta, { { "blk.0.attn_q.weight", { 32, 32 }, 3, string.rep("\0", 32 * 20) } })
+              write_gguf(path, meta, { { "blk.0.attn_q.weight", { 256, 32 }, 10, string.rep("\0", 32 * 84) } })
               ml.models.from_gguf(path)
-           end, "blk.0.attn_q.weight in " .. path .. " is Q4_1; moonload reads F32, F16, BF16, Q8_0 and Q4_0" },
+           end, "blk.0.attn_q.weight in " .. path .. " is Q2_K; moonload reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K" },
          { function()
               write_gguf(path, meta, { { "blk.0.mystery.weight", { 32 }, 0, f32 } })
               ml.models.from_gguf(path)

@@ -30,6 +30,9 @@ M.TYPES = {
 local VIEWED = { [0] = "float32", [1] = "float16", [30] = "bfloat16", [24] = "int8", [25] = "int16", [26] = "int32",
                  [27] = "int64", [28] = "float64" }
 local UNPACKED = { [8] = "int8", [2] = "int4" }      -- Q8_0, Q4_0 -> cpu/ggml_blocks.c
+-- widened to float32 (cpu/ggml_blocks.c): Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
+local WIDENED = { [3] = true, [6] = true, [7] = true, [12] = true, [13] = true, [14] = true }
+M.READ = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K"
 
 -- A bounds-checked reader over the mapped bytes.
 local Reader = {}
@@ -148,7 +151,7 @@ function File:_info(name, who)
 end
 
 --- f:tensor(name) -> a float (or integer) tensor: F32, F16, BF16 (and I8 ... F64) as views of the
--- mapped file; Q8_0 and Q4_0 as their values widened to float32. Other types are an error.
+-- mapped file; the block types moonload reads (M.READ) widened to float32. Others are an error.
 function File:tensor(name)
    local t = self:_info(name, "gguf")
    local dtype = VIEWED[t.type]
@@ -170,12 +173,24 @@ function File:tensor(name)
       local w = UNPACKED[t.type] == "int8" and F.dequantize_q8(q, scales) or F.dequantize_q4(q, scales)
       return #t.shape == 2 and w or w:view(t.shape)
    end
-   error(string.format("gguf: %s in %s is %s; moonload reads F32, F16, BF16, Q8_0 and Q4_0", name, self.path,
-      t.type_name), 2)
+   if WIDENED[t.type] then
+      local rows = 1
+      for i = 1, #t.shape - 1 do rows = rows * t.shape[i] end
+      local out = ffi.new("ml_tensor*[1]")
+      C.check(lib.ml_dequantize_ggml(self._base + t.offset, t.nbytes, t.type, rows, t.shape[#t.shape], out), 2)
+      local w = Tensor.wrap(out[0])
+      return #t.shape == 2 and w or w:view(t.shape)
+   end
+   error(string.format("gguf: %s in %s is %s; moonload reads %s", name, self.path, t.type_name, M.READ), 2)
 end
 
 --- f:quantized(name) -> q, scales, bits: a Q8_0 or Q4_0 tensor (rows, cols) in moonload's int8 or
 -- int4 layout (nn.QuantizedLinear's weight and weight_scale); nil for other types.
+--- f:is_block_quantized(name): stored in blocks that f:tensor widens (Q4_1, Q5_x, K-quants).
+function File:is_block_quantized(name)
+   return WIDENED[self:_info(name, "gguf").type] == true
+end
+
 function File:quantized(name)
    local t = self:_info(name, "gguf")
    if not UNPACKED[t.type] then return nil end

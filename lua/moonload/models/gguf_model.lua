@@ -1,5 +1,5 @@
---- ml.models.from_gguf(path[, {dtype = "float32", device_map, max_memory, offload_folder,
--- reserve_for, quantize, ...}]) -> a causal model from one of llama.cpp's GGUF files.
+--- ml.models.from_gguf(path[, {dtype = "float32", requantize = "int8", device_map, max_memory,
+-- offload_folder, reserve_for, quantize, ...}]) -> a causal model from one of llama.cpp's GGUF files.
 --
 -- The architectures "llama" (Llama, Mistral and the others llama.cpp converts as llama), "qwen2"
 -- and "qwen3" become LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM, their config built
@@ -9,13 +9,17 @@
 --  * Q8_0 and Q4_0 linear weights become nn.QuantizedLinear layers, int8 and int4: the file's
 --    values, their float16 scales widened to float32 (cpu/ggml_blocks.c), so nothing is
 --    re-rounded; a quantized embedding is widened to floats;
+--  * Q4_1, Q5_0, Q5_1 and the K-quants Q4_K, Q5_K, Q6_K (the Q4_K_M, Q5_K_M, Q6_K files) are
+--    widened to float32 and quantized again as requantize says: "int8" (the default: a scale per 32
+--    bounds each value's change by 1/254 of its block's largest, below these formats' own steps),
+--    "int4" (smaller, adds Q4_0's rounding) or "float" (kept in dtype);
 --  * F32, F16 and BF16 tensors are views of the mapped file (then converted to dtype, which is
 --    float32 unless given, as transformers' GGUF loading does);
 --  * Llama's q and k rows, which llama.cpp's converter permutes for its rotary pairs, are put back
 --    in Hugging Face's order; Llama 3's rope scaling (a rope_freqs tensor) divides the rotary
 --    frequencies as llama.cpp does.
--- Other ggml types (the K-quants, I-quants, Q4_1, Q5_x) and other architectures are errors that
--- name them. The file's tokenizer is not read: use the model's tokenizer.json (ml.tokenizers).
+-- Other ggml types (Q2_K, Q3_K, the I-quants, ...) and other architectures are errors that name
+-- them. The file's tokenizer is not read: use the model's tokenizer.json (ml.tokenizers).
 -- With device_map, the loaded model is placed as from_pretrained's (planned, offloaded, streamed).
 local gguf = require("moonload.gguf")
 
@@ -106,6 +110,10 @@ function M.from_gguf(path, opts)
    opts = opts or {}
    if type(path) ~= "string" then error(WHO .. ": expected a .gguf file path, got " .. type(path), 2) end
    if type(opts) ~= "table" then error(WHO .. ": options must be a table, got " .. type(opts), 2) end
+   local requantize = opts.requantize or "int8"
+   if requantize ~= "int8" and requantize ~= "int4" and requantize ~= "float" then
+      error(string.format('%s: requantize must be "int8", "int4" or "float", got %s', WHO, tostring(requantize)), 2)
+   end
    local f = gguf.open(path)
    local arch = f.metadata["general.architecture"]
    if not CLASSES[arch] then
@@ -117,6 +125,7 @@ function M.from_gguf(path, opts)
    local big = require("moonload.big_modeling")
    -- the weights, by transformers' names, and which linear layers are stored quantized
    local sd, quantized, rope_freqs = {}, {}, nil
+   local widened = {}                       -- linear layers whose blocks were widened to floats
    for _, t in ipairs(f.tensors) do
       local name = M.hf_name(t.name)
       if t.name == "rope_freqs.weight" then
@@ -136,8 +145,11 @@ function M.from_gguf(path, opts)
             sd[module .. ".weight"], sd[module .. ".weight_scale"] = q, scales
          else
             local ok, v = pcall(f.tensor, f, t.name)
-            if not ok then fail(path, "%s", tostring(v):gsub("^gguf: ", "")) end
+            if not ok then fail(path, "%s", (tostring(v):gsub("^gguf: ", ""))) end
             sd[name] = permuted and unpermute(v, heads) or v
+            if #t.shape == 2 and name ~= "model.embed_tokens.weight" and f:is_block_quantized(t.name) then
+               widened[#widened + 1] = (name:gsub("%.weight$", ""))
+            end
          end
       end
    end
@@ -161,6 +173,15 @@ function M.from_gguf(path, opts)
          fail(path, "rope_freqs has %d factors for %d rotary frequencies", rope_freqs:numel(), rot.inv_freq:numel())
       end
       rot.inv_freq = rot.inv_freq / rope_freqs
+   end
+   if requantize ~= "float" then
+      -- the widened block types, quantized again (in memory, before any dispatch)
+      local bits = requantize == "int8" and 8 or 4
+      for _, module in ipairs(widened) do
+         local parent, leaf = module:match("^(.*)%.([^.]+)$")
+         rawget(parent and model:get_submodule(parent) or model, "_modules"):set(leaf or module,
+            QuantizedLinear.from_float(model:get_submodule(module), bits))
+      end
    end
    rawset(model, "generation_config", require("moonload.models.generation_config").from_model_config(cfg))
    if opts.device_map ~= nil then
