@@ -208,6 +208,21 @@ describe("gguf tokenizers", function()
       end)
    end
 
+   it("llama2_spm: rebuilds a SentencePiece vocabulary's merges from its scores, as transformers does", function()
+      local exp = H.read_json("tests/fixtures/tokenizers/llama2_spm/expected.json")
+      local tok = ml.tokenizers.from_gguf(DIR .. "tok_llama2_spm.gguf")
+      for _, c in ipairs(exp.cases) do
+         assert.are.same(c.ids, tok:encode(c.text), c.text)
+         assert.are.same(c.ids_no_special, tok:encode(c.text, { add_special_tokens = false }), c.text)
+         assert.are.equal(c.decoded, tok:decode(c.ids))
+         -- (the fixture's tokenizer.json lists its byte tokens as special, which skipping drops;
+         -- a GGUF file's byte tokens are ordinary ones, as in Llama 2's own tokenizer.json)
+         local has_bytes = false
+         for _, id in ipairs(c.ids) do if id >= 3 and id <= 258 then has_bytes = true end end
+         if not has_bytes then assert.are.equal(c.decoded_skip_special, tok:decode(c.ids, { skip_special_tokens = true })) end
+      end
+   end)
+
    it("keeps the file's chat template and special token strings", function()
       local tok = ml.tokenizers.from_gguf(ml.gguf.open(DIR .. "tok_llama3_bpe.gguf"))
       assert.are.equal("<|eot_id|>user: hi", tok:apply_chat_template({ { role = "user", content = "hi" } }, { tokenize = false }))
@@ -217,10 +232,14 @@ describe("gguf tokenizers", function()
    it("names the vocabularies it does not read", function()
       local dir = H.tmpdir()
       local path = dir .. "/t.gguf"
-      write_gguf(path, { { "tokenizer.ggml.model", "str", "llama" } }, {})
+      write_gguf(path, { { "tokenizer.ggml.model", "str", "bert" } }, {})
       local ok, err = pcall(ml.tokenizers.from_gguf, path)
       assert.is_false(ok)
-      assert.truthy(err:find('has tokenizer.ggml.model "llama"; byte-level BPE ("gpt2") vocabularies are read', 1, true), err)
+      assert.truthy(err:find('has tokenizer.ggml.model "bert"; byte-level BPE ("gpt2") and SentencePiece ("llama") vocabularies are read', 1, true), err)
+      write_gguf(path, { { "tokenizer.ggml.model", "str", "llama" } }, {})
+      ok, err = pcall(ml.tokenizers.from_gguf, path)
+      assert.is_false(ok)
+      assert.truthy(err:find("has no tokenizer.ggml.tokens and tokenizer.ggml.scores lists", 1, true), err)
       write_gguf(path, { { "tokenizer.ggml.model", "str", "gpt2" }, { "tokenizer.ggml.pre", "str", "falcon" } }, {})
       ok, err = pcall(ml.tokenizers.from_gguf, path)
       assert.is_false(ok)

@@ -1,5 +1,6 @@
---- ml.tokenizers.from_gguf(path or an ml.gguf file) -> the tokenizer a GGUF file carries, for its
--- byte-level BPE vocabularies (tokenizer.ggml.model "gpt2": GPT-2, Llama 3, Qwen2/2.5/3, ...).
+--- ml.tokenizers.from_gguf(path or an ml.gguf file) -> the tokenizer a GGUF file carries: byte-level
+-- BPE vocabularies (tokenizer.ggml.model "gpt2": GPT-2, Llama 3, Qwen2/2.5/3, ...) and SentencePiece
+-- ones ("llama": Llama 2, Mistral; see spm_spec).
 --
 -- llama.cpp's converter stores the vocabulary by id, each token's type (3 control, 4 user
 -- defined: these are tokenizers' added tokens, split out of the text first), the merges, and
@@ -7,8 +8,7 @@
 -- is rebuilt here as the tokenizer.json those models ship (the same regex, ByteLevel, Llama 3's
 -- ignore_merges, Qwen2's NFC), so the ids are tokenizers' own. add_bos_token adds the BOS id in
 -- front; the chat template (tokenizer.chat_template) is kept for apply_chat_template.
--- SentencePiece vocabularies ("llama": Llama 2, Mistral), other models and pre-tokenizers not
--- listed here are errors that name them.
+-- Other models and pre-tokenizers not listed here are errors that name them.
 local M = {}
 local WHO = "tokenizers.from_gguf"
 
@@ -37,12 +37,87 @@ local function names(t)
    return table.concat(out, ", ")
 end
 
+local SPACE = "\226\150\129"            -- U+2581, SentencePiece's space
+
+-- UTF-8 character boundaries of s: the byte offsets where each character starts, and #s + 1.
+local function char_starts(s)
+   local out = {}
+   for i = 1, #s do
+      local b = s:byte(i)
+      if b < 0x80 or b >= 0xC0 then out[#out + 1] = i end
+   end
+   out[#out + 1] = #s + 1
+   return out
+end
+
+-- tokenizers' SentencePieceExtractor: the merges a SentencePiece vocabulary implies. Every way a
+-- token splits into two tokens is a merge, ranked by the merged token's score (higher first),
+-- ties in vocabulary order, and within a token by the ids of its two halves.
+local function merges_from_scores(tokens, scores, ids)
+   local all = {}
+   for i, tok in ipairs(tokens) do
+      local local_merges = {}
+      local starts = char_starts(tok)
+      for c = 2, #starts - 1 do
+         local l, r = tok:sub(1, starts[c] - 1), tok:sub(starts[c])
+         if ids[l] and ids[r] then local_merges[#local_merges + 1] = { l, r } end
+      end
+      table.sort(local_merges, function(a, b)
+         if ids[a[1]] ~= ids[b[1]] then return ids[a[1]] < ids[b[1]] end
+         return ids[a[2]] < ids[b[2]]
+      end)
+      for _, m in ipairs(local_merges) do all[#all + 1] = { m[1], m[2], scores[i] or 0, #all } end
+   end
+   table.sort(all, function(a, b)            -- (stable: the position breaks ties)
+      if a[3] ~= b[3] then return a[3] > b[3] end
+      return a[4] < b[4]
+   end)
+   local out = {}
+   for i, m in ipairs(all) do out[i] = { m[1], m[2] } end        -- (pairs: pieces may hold spaces)
+   return out
+end
+
+-- A SentencePiece vocabulary (tokenizer.ggml.model "llama": Llama 2, Mistral) as the
+-- tokenizer.json transformers makes of it: BPE with byte fallback over the merges its scores
+-- imply, U+2581 for spaces (and in front, with add_space_prefix).
+local function spm_spec(f)
+   local md = f.metadata
+   local tokens, scores, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.scores"], md["tokenizer.ggml.token_type"] or {}
+   if type(tokens) ~= "table" or type(scores) ~= "table" then
+      error(string.format("%s: %s has no tokenizer.ggml.tokens and tokenizer.ggml.scores lists", WHO, f.path), 0)
+   end
+   local vocab, added = {}, {}
+   for i, tok in ipairs(tokens) do
+      vocab[tok] = i - 1
+      local kind = types[i] or 1
+      if kind == 2 or kind == 3 or kind == 4 then
+         added[#added + 1] = { id = i - 1, content = tok, special = kind ~= 4, normalized = false, single_word = false,
+                               lstrip = false, rstrip = false }
+      end
+   end
+   local prefix = md["tokenizer.ggml.add_space_prefix"] ~= false
+   local space = { type = "Replace", pattern = { String = " " }, content = SPACE }
+   local unk = md["tokenizer.ggml.unknown_token_id"]
+   local decoders = { { type = "Replace", pattern = { String = SPACE }, content = " " }, { type = "ByteFallback" },
+                      { type = "Fuse" } }
+   if prefix then decoders[#decoders + 1] = { type = "Strip", content = " ", start = 1, stop = 0 } end
+   return {
+      normalizer = prefix and { type = "Sequence", normalizers = { { type = "Prepend", prepend = SPACE }, space } }
+         or space,
+      model = { type = "BPE", vocab = vocab, merges = merges_from_scores(tokens, scores, vocab), byte_fallback = true,
+                fuse_unk = true, unk_token = unk and tokens[unk + 1] or nil },
+      decoder = { type = "Sequence", decoders = decoders },
+      added_tokens = added,
+   }
+end
+
 --- spec(f) -> the tokenizer.json table equivalent to GGUF file f's tokenizer.
 function M.spec(f)
    local md = f.metadata
    local model = md["tokenizer.ggml.model"]
+   if model == "llama" then return M.with_bos(spm_spec(f), md) end
    if model ~= "gpt2" then
-      error(string.format('%s: %s has tokenizer.ggml.model "%s"; byte-level BPE ("gpt2") vocabularies are read',
+      error(string.format('%s: %s has tokenizer.ggml.model "%s"; byte-level BPE ("gpt2") and SentencePiece ("llama") vocabularies are read',
          WHO, f.path, tostring(model)), 0)
    end
    local pre_name = md["tokenizer.ggml.pre"] or "gpt-2"
@@ -72,7 +147,13 @@ function M.spec(f)
       decoder = { type = "ByteLevel", add_prefix_space = true, trim_offsets = true, use_regex = true },
       added_tokens = added,
    }
-   local bos = md["tokenizer.ggml.bos_token_id"]
+   return M.with_bos(spec, md)
+end
+
+--- with_bos(spec, metadata): spec with a post-processor that puts the BOS id in front when the
+-- file says add_bos_token.
+function M.with_bos(spec, md)
+   local bos, tokens = md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.tokens"]
    if md["tokenizer.ggml.add_bos_token"] == true and bos and tokens[bos + 1] then
       local b = tokens[bos + 1]
       spec.post_processor = { type = "TemplateProcessing",
