@@ -21,13 +21,7 @@ import time
 import numpy as np
 import torch
 
-
-def kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+from fit_context_peer import kib  # (/proc/self/status fields in KiB)
 
 
 BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",

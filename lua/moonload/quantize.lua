@@ -23,13 +23,6 @@ local Tensor = require("moonload.tensor")
 local M = {}
 local WHO = "quantize"
 
--- Puts module m where model's submodule name was (same place in its parent's order).
-local function replace_module(model, name, m)
-   local parent, leaf = name:match("^(.*)%.([^.]+)$")
-   local owner = parent and model:get_submodule(parent) or model
-   rawget(owner, "_modules"):set(leaf or name, m)
-end
-
 local function is_linear(m)
    local name = m.__name
    return (name == "Linear" or name == "Conv1D") and m.weight ~= nil
@@ -264,7 +257,7 @@ function M.apply_config(model, qc, src, who)
          error(string.format('%s: quantization_config in %s gives "%s" %s bits (8 or 4)', who, src, name,
             tostring(bits)), 0)
       end
-      replace_module(model, name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf,
+      model:set_submodule(name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf,
          { bias = m.bias ~= nil, bits = bits }))
    end
    return model
@@ -300,7 +293,7 @@ function M.quantize(model, opts)
          report.skipped[name] = reason
       else
          q = q or QuantizedLinear.from_float(m, bits)
-         replace_module(model, name, q)
+         model:set_submodule(name, q)
          report.quantized[#report.quantized + 1] = name
          if reused then report.reused[#report.reused + 1] = name end
          report.bytes_before = report.bytes_before + (before or w:nbytes())

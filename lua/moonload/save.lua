@@ -14,36 +14,7 @@ local Tensor = require("moonload.tensor")
 local M = {}
 local WHO = "save_model"
 
--- JSON with sorted keys and two-space indents (as transformers writes config.json): saving the
--- same model twice gives the same bytes. Arrays of scalars stay on one line.
-local function encode_json(v, indent)
-   local cjson = require("cjson")
-   if type(v) ~= "table" then return cjson.encode(v) end
-   indent = indent or ""
-   local inner, parts = indent .. "  ", {}
-   local n = #v
-   local count = 0
-   for _ in pairs(v) do count = count + 1 end
-   if n > 0 and n == count then
-      local flat = true
-      for i = 1, n do
-         parts[i] = encode_json(v[i], inner)
-         if type(v[i]) == "table" then flat = false end
-      end
-      if flat then return "[" .. table.concat(parts, ", ") .. "]" end
-      return "[\n" .. inner .. table.concat(parts, ",\n" .. inner) .. "\n" .. indent .. "]"
-   end
-   if count == 0 then return "{}" end
-   local keys = {}
-   for k in pairs(v) do keys[#keys + 1] = tostring(k) end
-   table.sort(keys)
-   for i, k in ipairs(keys) do
-      local x = v[k]
-      if x == nil then x = v[tonumber(k)] end
-      parts[i] = cjson.encode(k) .. ": " .. encode_json(x, inner)
-   end
-   return "{\n" .. inner .. table.concat(parts, ",\n" .. inner) .. "\n" .. indent .. "}"
-end
+local encode_json = require("moonload.utils.json").encode
 
 local function tmp_name(path) return string.format("%s.tmp-%d", path, math.random(1, 2 ^ 30)) end
 

@@ -17,7 +17,6 @@
 -- What peft can save that this does not read (DoRA, LoRA on embeddings, trained biases, target
 -- parameters) is an error that names it, as are weights for modules the model does not have or
 -- shapes that do not fit.
-local cjson = require("cjson")
 local LoraLinear = require("moonload.nn.lora_linear")
 
 local M = {}
@@ -29,13 +28,10 @@ local function fail(fmt, ...) error(WHO .. ": " .. string.format(fmt, ...), 0) e
 -- adapter_config.json, checked for what this loader computes.
 local function read_config(dir)
    local path = dir .. "/adapter_config.json"
-   local f = io.open(path, "rb")
-   if not f then fail("no adapter_config.json in %s", dir) end
-   local text = f:read("*a")
-   f:close()
-   local ok, cfg = pcall(cjson.decode, text)
-   if not ok or type(cfg) ~= "table" then fail("%s is not a valid JSON object (%s)", path, tostring(cfg)) end
-   for k, v in pairs(cfg) do if v == cjson.null then cfg[k] = nil end end
+   local json = require("moonload.utils.json")
+   local cfg = json.read(path, WHO, true)
+   if not cfg then fail("no adapter_config.json in %s", dir) end
+   json.without_nulls(cfg)
    if cfg.peft_type ~= "LORA" then
       fail('%s has peft_type "%s"; only LoRA adapters ("LORA") are read', path, tostring(cfg.peft_type))
    end
@@ -121,12 +117,6 @@ local function compute_device(model, name, m)
    local w = m.weight
    if w ~= nil and not w:is_meta() then return w.device end
    return "cpu"
-end
-
-local function replace_module(model, name, m)
-   local parent, leaf = name:match("^(.*)%.([^.]+)$")
-   local owner = parent and model:get_submodule(parent) or model
-   rawget(owner, "_modules"):set(leaf or name, m)
 end
 
 -- The number of modules holding each parameter tensor (tied weights: more than one).
@@ -276,7 +266,7 @@ function M.load_adapter(model, dir, opts)
          if opts.merge then report.kept[p.name] = why end
          local dev = compute_device(model, p.name, p.m)
          local layer_dtype = quantize.compute_dtype(p.m) or dtype
-         replace_module(model, p.name, LoraLinear(p.m, p.A:to(dev):to(layer_dtype), p.B:to(dev):to(layer_dtype), p.scaling))
+         model:set_submodule(p.name, LoraLinear(p.m, p.A:to(dev):to(layer_dtype), p.B:to(dev):to(layer_dtype), p.scaling))
          report.adapted[#report.adapted + 1] = p.name
       end
    end

@@ -16,19 +16,9 @@ local SAMPLING_DEFAULTS = { temperature = 1.0, top_k = 50, top_p = 1.0 }
 --- read(dir, who) -> the table in dir/generation_config.json, or nil when there is none. A file
 -- that is not a JSON object is an error naming it.
 function M.read(dir, who)
-   local path = dir .. "/generation_config.json"
-   local f = io.open(path, "rb")
-   if not f then return nil end
-   local text = f:read("*a")
-   f:close()
-   local ok, t = pcall(cjson.decode, text)
-   if not ok or type(t) ~= "table" then
-      error(string.format("%s: %s is not a valid JSON object (%s)", who, path, tostring(t)), 0)
-   end
-   for k, v in pairs(t) do
-      if v == cjson.null then t[k] = nil end
-   end
-   return t
+   local json = require("moonload.utils.json")
+   local t = json.read(dir .. "/generation_config.json", who, true)
+   return t and json.without_nulls(t)
 end
 
 --- from_model_config(raw) -> {bos_token_id, eos_token_id, pad_token_id} of a config.json table

@@ -157,9 +157,7 @@ function M.from_gguf(path, opts)
       local m = models.from_config(cfg)
       for module, bits in pairs(quantized) do
          local lin = m:get_submodule(module)
-         local parent, leaf = module:match("^(.*)%.([^.]+)$")
-         rawget(parent and m:get_submodule(parent) or m, "_modules"):set(leaf or module,
-            QuantizedLinear(lin.in_features, lin.out_features, { bias = lin.bias ~= nil, bits = bits }))
+         m:set_submodule(module, QuantizedLinear(lin.in_features, lin.out_features, { bias = lin.bias ~= nil, bits = bits }))
       end
       return m
    end)
@@ -178,9 +176,7 @@ function M.from_gguf(path, opts)
       -- the widened block types, quantized again (in memory, before any dispatch)
       local bits = requantize == "int8" and 8 or 4
       for _, module in ipairs(widened) do
-         local parent, leaf = module:match("^(.*)%.([^.]+)$")
-         rawget(parent and model:get_submodule(parent) or model, "_modules"):set(leaf or module,
-            QuantizedLinear.from_float(model:get_submodule(module), bits))
+         model:set_submodule(module, QuantizedLinear.from_float(model:get_submodule(module), bits))
       end
    end
    rawset(model, "generation_config", require("moonload.models.generation_config").from_model_config(cfg))

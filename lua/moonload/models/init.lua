@@ -12,7 +12,6 @@
 -- prefix ("transformer.", "model.", "bert."), tied weights stored once, buffers old checkpoints
 -- carry that the model no longer saves (GPT-2's attn.bias, BERT's position_ids).
 local config = require("moonload.models.config")
-local cjson = require("cjson")
 
 local M = {}
 
@@ -89,17 +88,7 @@ local function file_exists(path)
    return false
 end
 
-local function read_json(path, who)
-   local f, err = io.open(path, "rb")
-   if not f then error(string.format("%s: cannot read %s (%s)", who, path, tostring(err)), 3) end
-   local text = f:read("*a")
-   f:close()
-   local ok, t = pcall(cjson.decode, text)
-   if not ok or type(t) ~= "table" then
-      error(string.format("%s: %s is not a valid JSON object (%s)", who, path, tostring(t)), 3)
-   end
-   return t
-end
+local read_json = require("moonload.utils.json").read
 
 --- The model class for a config's model_type ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2",
 -- "gemma3_text", "bert").

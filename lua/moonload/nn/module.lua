@@ -470,6 +470,18 @@ function Module:get_submodule(target)
    return walk_modules("get_submodule", self, parts, #parts, target)
 end
 
+--- set_submodule(target, module): puts module where the submodule at dotted path target is, in
+-- the same place of its parent's order (torch.nn.Module.set_submodule); the parent must exist.
+function Module:set_submodule(target, module)
+   if type(target) ~= "string" or target == "" then
+      error("set_submodule: target should be a non-empty string, got " .. tostring(target), 2)
+   end
+   if not is_module(module) then error("set_submodule: expected an nn.Module, got " .. type_name(module), 2) end
+   local parts = split_path(target)
+   local parent = walk_modules("set_submodule", self, parts, #parts - 1, target)
+   set_child(parent, parts[#parts], module)
+end
+
 local function get_tensor(fn, what, registry, self, target)
    if type(target) ~= "string" then
       error(fn .. ": target should be a string, got " .. type(target), 3)

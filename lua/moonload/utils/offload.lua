@@ -148,17 +148,7 @@ function M.encode_index(index, order)
    return "{\n" .. table.concat(parts, ",\n") .. "\n}"
 end
 
-local function read_json(path, fn)
-   local f, err = io.open(path, "rb")
-   if not f then error(string.format("%s: cannot read %s: %s", fn, path, tostring(err)), 3) end
-   local text = f:read("*a")
-   f:close()
-   local ok, value = pcall(cjson.decode, text)
-   if not ok or type(value) ~= "table" then
-      error(string.format("%s: %s is not valid JSON: %s", fn, path, tostring(value)), 3)
-   end
-   return value
-end
+local read_json = require("moonload.utils.json").read
 M.read_json = read_json
 
 -- --- writing ----------------------------------------------------------------------------------
