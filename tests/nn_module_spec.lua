@@ -290,6 +290,19 @@ describe("nn.Module introspection (PyTorch reference)", function()
       assert.has_error(function() m:get_buffer("bn.nope") end,
          'get_buffer: BatchNorm1d has no attribute "nope" (looking up "bn.nope")')
    end)
+
+   it("set_submodule puts a module where a dotted name was, in the same place of its parent's order", function()
+      local model = nn.Sequential(nn.Linear(4, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 2)))
+      local before = model:named_modules_list()
+      local tanh = nn.Tanh()
+      model:set_submodule("1.0", tanh)
+      assert.equal(tanh, model:get_submodule("1.0"))
+      local after = model:named_modules_list()
+      for i = 1, #before do assert.equal(before[i][1], after[i][1]) end
+      assert.has_error(function() model:set_submodule("7.0", tanh) end,
+         'set_submodule: Sequential has no attribute "7" (looking up "7.0")')
+      assert.has_error(function() model:set_submodule("0", 3) end, "set_submodule: expected an nn.Module, got number")
+   end)
 end)
 
 describe("nn containers", function()
