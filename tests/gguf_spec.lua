@@ -90,19 +90,26 @@ describe("gguf files", function()
       assert.is_nil(f:quantized("blk.0.attn_v.weight"))
    end)
 
-   for _, name in ipairs({ "llama_mixed.gguf", "llama3_tied.gguf" }) do
+   -- file: its class, int8 / int4 layers, whether the head is tied, eos id
+   for name, want in pairs({
+      ["llama_mixed.gguf"] = { "LlamaForCausalLM", { [8] = 5, [4] = 4 }, false, 2 },
+      ["llama3_tied.gguf"] = { "LlamaForCausalLM", { [8] = 8, [4] = 6 }, true, 2 },
+      ["qwen2_mixed.gguf"] = { "Qwen2ForCausalLM", { [8] = 8, [4] = 6 }, true, nil },
+      ["qwen3_mixed.gguf"] = { "Qwen3ForCausalLM", { [8] = 7, [4] = 8 }, false, nil },
+   }) do
       it(name .. ": gives the logits transformers computes with the file's weights", function()
          local exp = expected[name]
          local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
          local model = ml.models.from_gguf(DIR .. name)
+         assert.are.equal(want[1], model.__name)
          assert.is_true(H.max_abs_diff(model(ids), exp.logits) < 1e-4)
          local bits = {}
          for _, m in ipairs(model:modules_list()) do
             if m.__name == "QuantizedLinear" then bits[m.bits] = (bits[m.bits] or 0) + 1 end
          end
-         assert.are.same(name == "llama_mixed.gguf" and { [8] = 5, [4] = 4 } or { [8] = 8, [4] = 6 }, bits)
-         assert.are.equal(name == "llama3_tied.gguf", model.config.tie_word_embeddings)
-         assert.are.equal(2, model.generation_config.eos_token_id)
+         assert.are.same(want[2], bits)
+         assert.are.equal(want[3], model.config.tie_word_embeddings)
+         assert.are.equal(want[4], model.generation_config.eos_token_id)
          assert.are.equal(13, #model:generate({ 1, 7, 9 }, { max_new_tokens = 10, eos_token_id = false }))
       end)
    end
