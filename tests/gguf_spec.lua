@@ -44,6 +44,8 @@ local function write_gguf(path, kvs, tensors, version)
    f:close()
 end
 
+local function f_type(file, tensor) return ml.gguf.open(DIR .. file).by_name[tensor].type_name end
+
 describe("gguf files", function()
    H.collect_warnings()         -- (dispatching with disk offload warns of weights on meta)
 
@@ -93,7 +95,7 @@ describe("gguf files", function()
    -- file: its class, int8 / int4 layers, whether the head is tied, eos id
    for name, want in pairs({
       ["llama_mixed.gguf"] = { "LlamaForCausalLM", { [8] = 5, [4] = 4 }, false, 2 },
-      ["llama3_tied.gguf"] = { "LlamaForCausalLM", { [8] = 8, [4] = 6 }, true, 2 },
+      ["llama3_tied.gguf"] = { "LlamaForCausalLM", { [8] = 8, [4] = 7 }, true, 2 },      -- (+ the tied head)
       ["qwen2_mixed.gguf"] = { "Qwen2ForCausalLM", { [8] = 8, [4] = 6 }, true, nil },
       ["qwen3_mixed.gguf"] = { "Qwen3ForCausalLM", { [8] = 7, [4] = 8 }, false, nil },
    }) do
@@ -108,6 +110,14 @@ describe("gguf files", function()
             if m.__name == "QuantizedLinear" then bits[m.bits] = (bits[m.bits] or 0) + 1 end
          end
          assert.are.same(want[2], bits)
+         -- a Q8_0 / Q4_0 embedding stays quantized, and a tied head reads its very tensors
+         local embed = model.model.embed_tokens
+         local quantized_embed = f_type(name, "token_embd.weight") == "Q8_0" or f_type(name, "token_embd.weight") == "Q4_0"
+         assert.are.equal(quantized_embed and "QuantizedEmbedding" or "Embedding", embed.__name)
+         if quantized_embed and want[3] then
+            assert.is_true(rawequal(embed.weight, model.lm_head.weight))
+            assert.is_true(rawequal(embed.weight_scale, model.lm_head.weight_scale))
+         end
          assert.are.equal(want[3], model.config.tie_word_embeddings)
          assert.are.equal(want[4], model.generation_config.eos_token_id)
          assert.are.equal(13, #model:generate({ 1, 7, 9 }, { max_new_tokens = 10, eos_token_id = false }))

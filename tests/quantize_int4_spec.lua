@@ -133,6 +133,30 @@ describe("int4 linear layers", function()
    end)
 end)
 
+describe("quantized embeddings", function()
+   it("look up int8 and int4 rows widened to the model's dtype, the rows of the float table rounded", function()
+      ml.manual_seed(15)
+      local e = ml.nn.Embedding(50, 64)
+      local ids = ml.tensor({ { 3, 0, 49 }, { 7, 7, 1 } }, { dtype = "int64" })
+      for _, bits in ipairs({ 8, 4 }) do
+         local q = ml.nn.QuantizedEmbedding.from_float(e, bits)
+         local table_ = bits == 8 and F.dequantize_q8(q.weight, q.weight_scale) or unpack_q4(q.weight, q.weight_scale)
+         local got = q(ids)
+         assert.are.same({ 2, 3, 64 }, got.shape)
+         assert.is_true(ml.equal(got, F.embedding(ids, table_)))
+         assert.is_true(rel(got, e(ids)) < (bits == 8 and 0.01 or 0.2))
+         q:to("bfloat16")
+         assert.are.equal("bfloat16", q(ids).dtype)
+         assert.are.equal("float32", q.weight_scale.dtype)
+      end
+      assert.has_error(function() ml.nn.QuantizedEmbedding(10, 40) end,
+         "QuantizedEmbedding: embedding_dim must be a positive multiple of 32, got 40")
+      local ok, err = pcall(ml.nn.QuantizedEmbedding.from_float(e, 4), ml.tensor({ 50 }, { dtype = "int64" }))
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("50", 1, true), tostring(err))
+   end)
+end)
+
 -- A float model whose linear weights are those the int4 model's bytes stand for.
 local function float_twin(quantized)
    local twin = ml.models.from_pretrained(fixture)

@@ -8,7 +8,8 @@
 -- they are stored:
 --  * Q8_0 and Q4_0 linear weights become nn.QuantizedLinear layers, int8 and int4: the file's
 --    values, their float16 scales widened to float32 (cpu/ggml_blocks.c), so nothing is
---    re-rounded; a quantized embedding is widened to floats;
+--    re-rounded; a Q8_0 or Q4_0 embedding becomes an nn.QuantizedEmbedding (rows widened as they
+--    are looked up), and a tied head reads the same int8 / int4 tensors;
 --  * Q4_1, Q5_0, Q5_1 and the K-quants Q4_K, Q5_K, Q6_K (the Q4_K_M, Q5_K_M, Q6_K files) are
 --    widened to float32 and quantized again as requantize says: "int8" (the default: a scale per 32
 --    bounds each value's change by 1/254 of its block's largest, below these formats' own steps),
@@ -122,10 +123,12 @@ function M.from_gguf(path, opts)
    local models = require("moonload.models")
    local cfg = config_of(f, arch)
    local QuantizedLinear = require("moonload.nn.quantized_linear")
+   local QuantizedEmbedding = require("moonload.nn.quantized_embedding")
    local big = require("moonload.big_modeling")
    -- the weights, by transformers' names, and which linear layers are stored quantized
    local sd, quantized, rope_freqs = {}, {}, nil
    local widened = {}                       -- linear layers whose blocks were widened to floats
+   local embed_bits                         -- a Q8_0 / Q4_0 embedding: 8 or 4
    for _, t in ipairs(f.tensors) do
       local name = M.hf_name(t.name)
       if t.name == "rope_freqs.weight" then
@@ -137,8 +140,11 @@ function M.from_gguf(path, opts)
             or name:find("self_attn%.k_proj") and cfg.num_key_value_heads or nil
          local permuted = CLASSES[arch].permute and heads and name:find("_proj%.") ~= nil
          local q, scales, bits = nil, nil, nil
-         if #t.shape == 2 and name ~= "model.embed_tokens.weight" then q, scales, bits = f:quantized(t.name) end
-         if q then
+         if #t.shape == 2 then q, scales, bits = f:quantized(t.name) end
+         if q and name == "model.embed_tokens.weight" then
+            embed_bits = bits
+            sd[name], sd["model.embed_tokens.weight_scale"] = q, scales
+         elseif q then
             if permuted then q, scales = unpermute(q, heads), unpermute(scales, heads) end
             local module = name:gsub("%.weight$", "")
             quantized[module] = bits
@@ -153,8 +159,17 @@ function M.from_gguf(path, opts)
          end
       end
    end
+   if embed_bits and cfg.tie_word_embeddings then
+      -- the head reads the embedding's int8 / int4 tensors (one copy, as llama.cpp reads them)
+      quantized["lm_head"] = embed_bits
+      sd["lm_head.weight"], sd["lm_head.weight_scale"] = sd["model.embed_tokens.weight"], sd["model.embed_tokens.weight_scale"]
+   end
    local model = big.init_empty_weights(function()
       local m = models.from_config(cfg)
+      if embed_bits then
+         local e = m.model.embed_tokens
+         m:set_submodule("model.embed_tokens", QuantizedEmbedding(e.num_embeddings, e.embedding_dim, { bits = embed_bits }))
+      end
       for module, bits in pairs(quantized) do
          local lin = m:get_submodule(module)
          m:set_submodule(module, QuantizedLinear(lin.in_features, lin.out_features, { bias = lin.bias ~= nil, bits = bits }))
@@ -162,6 +177,10 @@ function M.from_gguf(path, opts)
       return m
    end)
    models.load_into(model, sd, { strict = opts.strict, who = WHO })
+   if quantized["lm_head"] and embed_bits and cfg.tie_word_embeddings then       -- one copy, tied
+      local e = model.model.embed_tokens
+      model.lm_head.weight, model.lm_head.weight_scale = e.weight, e.weight_scale
+   end
    local dtype = opts.dtype or "float32"
    model:to(dtype)
    if rope_freqs then

@@ -1,5 +1,6 @@
 --- ml.nn: modules and layers (API.md "Modules"). `local nn = require("moonload").nn`.
---    nn.Module, nn.Parameter, nn.Linear, nn.Conv1D, nn.QuantizedLinear, nn.LoraLinear, nn.Embedding, nn.LayerNorm, nn.RMSNorm,
+--    nn.Module, nn.Parameter, nn.Linear, nn.Conv1D, nn.QuantizedLinear, nn.LoraLinear, nn.Embedding,
+--    nn.QuantizedEmbedding, nn.LayerNorm, nn.RMSNorm,
 --    nn.BatchNorm1d, nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
 --    nn.Softmax, nn.Sequential, nn.ModuleList, nn.functional (= nn.F), nn.init,
 --    nn.init_context (the meta-initialisation seam used by init_empty_weights).
@@ -18,6 +19,7 @@ nn.Linear = require("moonload.nn.linear")
 nn.Conv1D = require("moonload.nn.conv1d")
 nn.QuantizedLinear = require("moonload.nn.quantized_linear")
 nn.LoraLinear = require("moonload.nn.lora_linear")
+nn.QuantizedEmbedding = require("moonload.nn.quantized_embedding")
 nn.Embedding = require("moonload.nn.embedding")
 nn.LayerNorm = require("moonload.nn.layernorm")
 nn.RMSNorm = require("moonload.nn.rmsnorm")
