@@ -240,6 +240,14 @@ describe("gguf tokenizers", function()
       end
    end)
 
+   it("loads through from_pretrained too when the path is a .gguf file", function()
+      local exp = expected["llama_mixed.gguf"]
+      local model = ml.models.from_pretrained(DIR .. "llama_mixed.gguf")
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
+      local tok = ml.tokenizers.from_pretrained(DIR .. "tok_gpt2_bpe.gguf")
+      assert.are.same(ml.tokenizers.from_gguf(DIR .. "tok_gpt2_bpe.gguf"):encode("Hello world"), tok:encode("Hello world"))
+   end)
+
    it("keeps the file's chat template and special token strings", function()
       local tok = ml.tokenizers.from_gguf(ml.gguf.open(DIR .. "tok_llama3_bpe.gguf"))
       assert.are.equal("<|eot_id|>user: hi", tok:apply_chat_template({ { role = "user", content = "hi" } }, { tokenize = false }))

@@ -368,6 +368,8 @@ function M.from_pretrained(dir, opts)
    if type(dir) ~= "string" then
       error("from_pretrained: expected a folder path, got " .. type(dir), 2)
    end
+   -- a llama.cpp file (transformers' gguf_file): from_gguf
+   if dir:lower():match("%.gguf$") then return M.from_gguf(dir, opts) end
    require("moonload.quantize").check_option(opts.quantize, "from_pretrained", 2)
    if opts.adapter ~= nil and type(opts.adapter) ~= "string" then
       error("from_pretrained: adapter must be the folder of a peft LoRA adapter, got " .. type(opts.adapter), 2)

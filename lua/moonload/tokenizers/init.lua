@@ -293,6 +293,7 @@ end
 -- and special token strings, when there is one).
 function M.from_pretrained(dir)
    if type(dir) ~= "string" then error("tokenizers.from_pretrained: expected a folder path, got " .. type(dir), 2) end
+   if dir:lower():match("%.gguf$") then return M.from_gguf(dir) end       -- (the tokenizer a GGUF file carries)
    local path = dir:gsub("/+$", "") .. "/tokenizer.json"
    local f = io.open(path, "rb")
    if not f then
