@@ -155,6 +155,44 @@ describe("quantized embeddings", function()
       assert.is_false(ok)
       assert.truthy(tostring(err):find("50", 1, true), tostring(err))
    end)
+
+   it("ml.quantize {embeddings = true} quantizes the table once and ties the head to it; saved and loaded back", function()
+      local tied = H.FIX .. "/llama_tiny_tied"
+      local ids = ml.tensor({ { 1, 7, 9, 33, 51, 2, 80 } }, { dtype = "int64" })
+      -- the embedding alone (linear layers skipped): a float model holding the rounded table
+      -- computes the same
+      local m = ml.models.from_pretrained(tied)
+      local _, report = ml.quantize(m, { embeddings = true, skip = { "proj" } })
+      assert.are.same({ "model.embed_tokens", "lm_head" }, report.quantized)
+      assert.are.equal("QuantizedEmbedding", m.model.embed_tokens.__name)
+      assert.is_true(rawequal(m.lm_head.weight, m.model.embed_tokens.weight))
+      assert.are.equal(100 * 32 + 100 * 4, report.bytes_after)          -- the head adds no bytes
+      local twin = ml.models.from_pretrained(tied)
+      local table_ = F.dequantize_q8(m.model.embed_tokens.weight, m.model.embed_tokens.weight_scale)
+      twin.model.embed_tokens.weight, twin.lm_head.weight = table_, table_
+      assert.is_true(rel(m(ids), twin(ids)) < 1e-5)
+      -- the whole model in int4, saved and loaded back (the head's tensors are written once)
+      local q = ml.models.from_pretrained(tied, { quantize = "int4", quantize_embeddings = true })
+      assert.are.equal("uint8", q.model.embed_tokens.weight.dtype)
+      local out = H.tmpdir()
+      ml.save_model(q, out)
+      local back = ml.models.from_pretrained(out)
+      assert.are.equal("QuantizedEmbedding", back.model.embed_tokens.__name)
+      assert.are.equal("QuantizedLinear", back.lm_head.__name)
+      assert.is_true(ml.equal(back(ids), q(ids)))
+      H.rmdir(out)
+      -- without embeddings the tie keeps both in floats, as before
+      local _, plain = ml.quantize(ml.models.from_pretrained(tied))
+      assert.are.equal("tied to model.embed_tokens.weight", plain.skipped.lm_head)
+      -- planned with the table's quantized size: a budget the float table does not fit
+      local dir = H.tmpdir()
+      local placed = ml.models.from_pretrained(tied, { device_map = "auto", max_memory = { cpu = 22000 },
+         offload_folder = dir, quantize = "int4", quantize_embeddings = true })
+      for name, d in pairs(placed.hf_device_map) do assert.are.equal("cpu", d, name) end
+      H.rmdir(dir)
+      assert.has_error(function() ml.models.from_pretrained(tied, { quantize_embeddings = true }) end,
+         "from_pretrained: quantize_embeddings must be a boolean, with quantize set, got true")
+   end)
 end)
 
 -- A float model whose linear weights are those the int4 model's bytes stand for.

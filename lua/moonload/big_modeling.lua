@@ -510,7 +510,7 @@ function M._plan_device_map(model, opts, who)
    if device_map ~= nil and type(device_map) ~= "string" and type(device_map) ~= "table" then
       error(who .. ": device_map must be a string or a table, got " .. type(device_map), 3)
    end
-   require("moonload.quantize").check_option(opts.quantize, who, 3)
+   require("moonload.quantize").check_option(opts.quantize, who, 3, opts.quantize_embeddings)
    M._check_reserve_for_map(opts, who, 4)
    if type(device_map) ~= "string" then return device_map end
    local u = utils()
@@ -576,7 +576,7 @@ function M._plan_int8(model, plan, opts)
    local special = {}
    for k, v in pairs(opts.special_dtypes or {}) do special[k] = v end
    local planned = opts.quantize == "int4" and "q4" or "q8"
-   for _, c in ipairs(quantize.candidates(model)) do
+   for _, c in ipairs(quantize.candidates(model, nil, opts.quantize_embeddings)) do
       if not c[3] then special[c[1] .. ".weight"] = planned end
    end
    plan.special_dtypes = special
@@ -632,7 +632,7 @@ function M.load_checkpoint_and_dispatch(model, checkpoint, opts)
       strict = opts.strict })
    if device_map == nil then return M._quantize_after(model, opts) end
    -- layers in memory become int8 (int4) here, on the CPU, so those bound for a GPU move there so
-   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
+   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize, embeddings = opts.quantize_embeddings }) end
    local cpu_reserved = apply_reserve(model, device_map, reserved)
    M._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
    return M._quantize_after(model, opts, M.dispatch_model(model, device_map, {
@@ -659,7 +659,8 @@ end
 function M._quantize_after(model, opts, dispatched)
    model = dispatched or model
    if opts.quantize == nil then return model end                 -- (checked by _plan_device_map)
-   require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder, dtype = opts.quantize })
+   require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder, dtype = opts.quantize,
+      embeddings = opts.quantize_embeddings })
    return model
 end
 

@@ -1,8 +1,11 @@
---- ml.quantize(model[, {dtype = "int8", skip = {pattern, ...}, offload_folder}]) -> model, report:
+--- ml.quantize(model[, {dtype = "int8", skip = {pattern, ...}, offload_folder, embeddings}]) -> model, report:
 -- every linear layer (nn.Linear, GPT-2's Conv1D) becomes an nn.QuantizedLinear (int8, or int4 with
 -- dtype = "int4"; a float32 scale per block of 32 along in_features; core/src/cpu/q8.c,
 -- core/src/cuda/q8.cu), in place. Decoding is bound by the weight bytes it reads, and these are a
--- quarter of float32's with int8, an eighth with int4 (scales aside).
+-- quarter of float32's with int8, an eighth with int4 (scales aside). With embeddings = true, the
+-- nn.Embedding tables in memory become nn.QuantizedEmbedding too (rows widened as looked up), and
+-- a head tied to one reads its quantized tensors (llama.cpp's way; off by default, as in
+-- transformers' quantizers).
 -- Where the weights are:
 --  * in memory (CPU or GPU): quantized there;
 --  * offloaded by the layer's own hook (dispatch_model, cpu_offload, disk_offload), for any
@@ -18,6 +21,7 @@
 -- was made from the same checkpoint bytes and used as it was); report.bytes_before and
 -- bytes_after their weights.
 local QuantizedLinear = require("moonload.nn.quantized_linear")
+local QuantizedEmbedding = require("moonload.nn.quantized_embedding")
 local Tensor = require("moonload.tensor")
 
 local M = {}
@@ -41,11 +45,23 @@ local function check_skip(skip, level)
    return skip
 end
 
---- candidates(model[, skip]) -> {{name, module, reason}, ...}: every linear layer in module
--- order, reason nil when nothing but its placement could keep it in floats (skipped by name,
--- tied to another module's weight, in_features not a multiple of 32). Works on a meta skeleton:
--- the planner sizes a quantized model with it.
-function M.candidates(model, skip)
+-- The reason skip keeps layer name in floats, or nil.
+local function skip_reason(name, skip)
+   for _, p in ipairs(skip) do
+      local ok, found = pcall(string.find, name, p)
+      if not ok then error(string.format("%s: skip pattern %q: %s", WHO, p, tostring(found)), 4) end
+      if found then return string.format("matches skip pattern %q", p) end
+   end
+   return nil
+end
+
+--- candidates(model[, skip[, embeddings]]) -> {{name, module, reason, tied_to}, ...}: every linear
+-- layer in module order (and with embeddings, every nn.Embedding first), reason nil when nothing
+-- but its placement could keep it in floats (skipped by name, tied to another module's weight,
+-- in_features not a multiple of 32). With embeddings, a linear layer tied to a candidate
+-- embedding has no reason but tied_to, that embedding's name: it will share its quantized
+-- tensors. Works on a meta skeleton: the planner sizes a quantized model with it.
+function M.candidates(model, skip, embeddings)
    skip = check_skip(skip, 3)
    -- tensors held by more than one module (tied weights): left in floats
    local owners = {}
@@ -56,26 +72,37 @@ function M.candidates(model, skip)
          owners[p] = list
       end
    end
-   local out = {}
+   local out, embedding_of = {}, {}              -- embedding_of: float weight -> candidate embedding's name
+   if embeddings then
+      for _, e in ipairs(model:named_modules_list()) do
+         local name, m = e[1], e[2]
+         if name ~= "" and m.__name == "Embedding" and m.weight ~= nil then
+            local reason = skip_reason(name, skip)
+            if not reason and m.embedding_dim % QuantizedLinear.BLOCK ~= 0 then
+               reason = string.format("embedding_dim %d is not a multiple of %d", m.embedding_dim, QuantizedLinear.BLOCK)
+            end
+            if not reason then embedding_of[m.weight] = name end
+            out[#out + 1] = { name, m, reason }
+         end
+      end
+   end
    for _, e in ipairs(model:named_modules_list()) do
       local name, m = e[1], e[2]
       if name ~= "" and is_linear(m) then
          local w = m.weight
          local in_features = m.nf and m.nx or m.in_features
-         local reason
-         for _, p in ipairs(skip) do
-            local ok, found = pcall(string.find, name, p)
-            if not ok then error(string.format("%s: skip pattern %q: %s", WHO, p, tostring(found)), 3) end
-            if found then reason = string.format("matches skip pattern %q", p) end
-         end
+         local reason, tied_to = skip_reason(name, skip), nil
          if not reason and owners[w] and #owners[w] > 1 then
-            local others = {}
-            for _, n in ipairs(owners[w]) do if n ~= name .. ".weight" then others[#others + 1] = n end end
-            reason = "tied to " .. table.concat(others, ", ")
+            tied_to = not m.nf and embedding_of[w] or nil
+            if not tied_to then
+               local others = {}
+               for _, n in ipairs(owners[w]) do if n ~= name .. ".weight" then others[#others + 1] = n end end
+               reason = "tied to " .. table.concat(others, ", ")
+            end
          elseif not reason and in_features % QuantizedLinear.BLOCK ~= 0 then
             reason = string.format("in_features %d is not a multiple of %d", in_features, QuantizedLinear.BLOCK)
          end
-         out[#out + 1] = { name, m, reason }
+         out[#out + 1] = { name, m, reason, tied_to }
       end
    end
    return out
@@ -84,11 +111,15 @@ end
 -- The weight widths by option name.
 local BITS = { int8 = 8, int4 = 4 }
 
---- check_option(value, who, level): from_pretrained's and load_checkpoint_and_dispatch's
--- quantize is nil, "int8" or "int4".
-function M.check_option(value, who, level)
+--- check_option(value, who, level[, embeddings]): from_pretrained's and load_checkpoint_and_dispatch's
+-- quantize is nil, "int8" or "int4"; quantize_embeddings nil or a boolean, and only with quantize.
+function M.check_option(value, who, level, embeddings)
    if value ~= nil and not BITS[value] then
       error(string.format('%s: quantize must be "int8" or "int4", got %s', who, tostring(value)), level + 1)
+   end
+   if embeddings ~= nil and (type(embeddings) ~= "boolean" or (embeddings and value == nil)) then
+      error(string.format("%s: quantize_embeddings must be a boolean, with quantize set, got %s", who,
+         tostring(embeddings)), level + 1)
    end
 end
 
@@ -211,7 +242,7 @@ local METHOD_BITS = { moonload_q8 = 8, moonload_q4 = 4 }
 function M.config_for(model)
    local names, widths, count = {}, {}, { [8] = 0, [4] = 0 }
    for _, e in ipairs(model:named_modules_list()) do
-      if e[2].__name == "QuantizedLinear" then
+      if e[2].__name == "QuantizedLinear" or e[2].__name == "QuantizedEmbedding" then
          names[#names + 1] = e[1]
          widths[e[1]] = e[2].bits or 8
          count[widths[e[1]]] = count[widths[e[1]]] + 1
@@ -248,8 +279,8 @@ function M.apply_config(model, qc, src, who)
    end
    for _, name in ipairs(qc.modules) do
       local ok, m = pcall(model.get_submodule, model, name)
-      if not ok or type(m) ~= "table" or not is_linear(m) then
-         error(string.format('%s: quantization_config in %s lists "%s", which is not a linear layer of the model',
+      if not ok or type(m) ~= "table" or not (is_linear(m) or m.__name == "Embedding") then
+         error(string.format('%s: quantization_config in %s lists "%s", which is not a linear layer or an embedding of the model',
             who, src, tostring(name)), 0)
       end
       local bits = per_module and per_module[name] or qc.bits
@@ -257,8 +288,12 @@ function M.apply_config(model, qc, src, who)
          error(string.format('%s: quantization_config in %s gives "%s" %s bits (8 or 4)', who, src, name,
             tostring(bits)), 0)
       end
-      model:set_submodule(name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf,
-         { bias = m.bias ~= nil, bits = bits }))
+      if m.__name == "Embedding" then
+         model:set_submodule(name, QuantizedEmbedding(m.num_embeddings, m.embedding_dim, { bits = bits }))
+      else
+         model:set_submodule(name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf,
+            { bias = m.bias ~= nil, bits = bits }))
+      end
    end
    return model
 end
@@ -270,8 +305,8 @@ function M.quantize(model, opts)
    end
    if type(opts) ~= "table" then error(WHO .. ": options must be a table {dtype, skip, offload_folder}, got " .. type(opts), 2) end
    for k in pairs(opts) do
-      if k ~= "skip" and k ~= "offload_folder" and k ~= "dtype" then
-         error(string.format('%s: unknown option "%s" (expected dtype, skip, offload_folder)', WHO, tostring(k)), 2)
+      if k ~= "skip" and k ~= "offload_folder" and k ~= "dtype" and k ~= "embeddings" then
+         error(string.format('%s: unknown option "%s" (expected dtype, skip, offload_folder, embeddings)', WHO, tostring(k)), 2)
       end
    end
    local bits = BITS[opts.dtype or "int8"]
@@ -282,11 +317,32 @@ function M.quantize(model, opts)
       error(WHO .. ": offload_folder must be a folder path, got " .. type(opts.offload_folder), 2)
    end
    local report = { quantized = {}, skipped = {}, reused = {}, bytes_before = 0, bytes_after = 0 }
-   for _, c in ipairs(M.candidates(model, opts.skip)) do
-      local name, m, reason = c[1], c[2], c[3]
+   local quantized_embedding = {}               -- name -> the QuantizedEmbedding made here
+   for _, c in ipairs(M.candidates(model, opts.skip, opts.embeddings)) do
+      local name, m, reason, tied_to = c[1], c[2], c[3], c[4]
       local w = m.weight
       local q, after, before, reused
-      if not reason and w:is_meta() then
+      if not reason and m.__name == "Embedding" then
+         if w:is_meta() then
+            reason = "offloaded (embeddings are quantized in memory only)"
+         else
+            q = QuantizedEmbedding.from_float(m, bits)
+            quantized_embedding[name] = q
+         end
+      elseif not reason and tied_to then
+         -- the head tied to a quantized embedding reads its int8 / int4 tensors: no bytes of its own
+         local e = quantized_embedding[tied_to]
+         if not e then
+            reason = "tied to " .. tied_to .. ", which stays in floats"
+         else
+            q = require("moonload.big_modeling").init_empty_weights(function()
+               return QuantizedLinear(m.in_features, m.out_features, { bias = m.bias ~= nil, bits = bits })
+            end)
+            q.weight, q.weight_scale = e.weight, e.weight_scale
+            if m.bias ~= nil then q.bias = m.bias end
+            before, after = 0, 0
+         end
+      elseif not reason and w:is_meta() then
          q, reason, after, before, reused = quantize_offloaded(model, name, m, opts.offload_folder, bits)
       end
       if reason then

@@ -203,7 +203,7 @@ function M.from_gguf(path, opts)
       local resolved = setmetatable({ dtype = dtype }, { __index = opts })
       return models._place_loaded(model, resolved, opts.no_split_module_classes or model.no_split_modules, WHO)
    end
-   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
+   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize, embeddings = opts.quantize_embeddings }) end
    return model
 end
 

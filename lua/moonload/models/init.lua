@@ -66,7 +66,7 @@ function M._place_loaded(model, opts, no_split, who)
    local device_map, reserved = big._plan_device_map(model, plan_opts, who)
    local cpu_reserved = big._apply_reserve(model, device_map, reserved)
    big._bound_mapped_disk_weights(model, device_map, opts.max_memory, opts.dtype, cpu_reserved)
-   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize }) end
+   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize, embeddings = opts.quantize_embeddings }) end
    return big.dispatch_model(model, device_map, { offload_dir = opts.offload_folder,
       offload_buffers = opts.offload_buffers, skip_keys = opts.skip_keys,
       preload_module_classes = opts.preload_module_classes, force_hooks = opts.force_hooks })
@@ -224,9 +224,13 @@ function M.remap_state_dict(model, sd)
    end
    if model.config and model.config.tie_word_embeddings ~= false then
       for dst, src in pairs(model.tied_weights or {}) do
-         if expected[dst] and expected[src] then
-            if out[dst] == nil and out[src] ~= nil then out[dst] = out[src] end
-            if out[src] == nil and out[dst] ~= nil then out[src] = out[dst] end
+         -- (and a quantized tie's scales: a head reading a quantized embedding's tensors)
+         for _, suffix in ipairs({ "", "_scale" }) do
+            local d, s = dst .. suffix, src .. suffix
+            if expected[d] and expected[s] then
+               if out[d] == nil and out[s] ~= nil then out[d] = out[s] end
+               if out[s] == nil and out[d] ~= nil then out[s] = out[d] end
+            end
          end
       end
    end
@@ -370,7 +374,7 @@ function M.from_pretrained(dir, opts)
    end
    -- a llama.cpp file (transformers' gguf_file): from_gguf
    if dir:lower():match("%.gguf$") then return M.from_gguf(dir, opts) end
-   require("moonload.quantize").check_option(opts.quantize, "from_pretrained", 2)
+   require("moonload.quantize").check_option(opts.quantize, "from_pretrained", 2, opts.quantize_embeddings)
    if opts.adapter ~= nil and type(opts.adapter) ~= "string" then
       error("from_pretrained: adapter must be the folder of a peft LoRA adapter, got " .. type(opts.adapter), 2)
    end
@@ -387,7 +391,7 @@ end
 -- a device map, load_checkpoint_and_dispatch has done so already); a log line counts them.
 function M._quantize_loaded(model, opts)
    local _, report = require("moonload.quantize").quantize(model, { offload_folder = opts.offload_folder,
-      dtype = opts.quantize })
+      dtype = opts.quantize, embeddings = opts.quantize_embeddings })
    local n, floats = 0, 0
    for _, m in ipairs(model:modules_list()) do
       if m.__name == "QuantizedLinear" then n = n + 1 end
