@@ -4,7 +4,8 @@
 --    luajit examples/chat.lua [path/to/model] ["your message"] [max new tokens]
 --
 -- Any folder from_pretrained reads works (Llama, Qwen2/3, Mistral, Phi-3/4, Gemma 2/3, ...,
--- e.g. Qwen/Qwen2.5-0.5B-Instruct from the Hugging Face hub). Without one it runs the test
+-- e.g. Qwen/Qwen2.5-0.5B-Instruct from the Hugging Face hub), and so does one of llama.cpp's GGUF
+-- files (Llama, Qwen2/3: model, tokenizer and chat template in one file). Without one it runs the test
 -- folder tests/fixtures/models/chat_tiny: a tiny Llama with random weights over a small trained
 -- tokenizer, so the words it answers with are noise, but every step is the real one (and equals
 -- transformers', see tests/models_chat_spec.lua). Big models: add a device_map and max_memory to

@@ -98,6 +98,7 @@ describe("gguf files", function()
       ["llama3_tied.gguf"] = { "LlamaForCausalLM", { [8] = 8, [4] = 7 }, true, 2 },      -- (+ the tied head)
       ["qwen2_mixed.gguf"] = { "Qwen2ForCausalLM", { [8] = 8, [4] = 6 }, true, nil },
       ["qwen3_mixed.gguf"] = { "Qwen3ForCausalLM", { [8] = 7, [4] = 8 }, false, nil },
+      ["chat_tiny.gguf"] = { "LlamaForCausalLM", {}, true, 2 },
    }) do
       it(name .. ": gives the logits transformers computes with the file's weights", function()
          local exp = expected[name]
@@ -246,6 +247,15 @@ describe("gguf tokenizers", function()
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
       local tok = ml.tokenizers.from_pretrained(DIR .. "tok_gpt2_bpe.gguf")
       assert.are.same(ml.tokenizers.from_gguf(DIR .. "tok_gpt2_bpe.gguf"):encode("Hello world"), tok:encode("Hello world"))
+   end)
+
+   it("runs examples/chat.lua on a GGUF chat model as on its folder (model, tokenizer, template, eos)", function()
+      local exp = H.expected("chat_tiny")
+      local p = assert(io.popen("luajit examples/chat.lua " .. DIR .. "chat_tiny.gguf "
+         .. "\"The quick brown fox jumps over the lazy dog. It's 12:45!\" 16 2>&1"))
+      local out = p:read("*a")
+      p:close()
+      assert.truthy(out:find("answer: " .. exp.text, 1, true), out)
    end)
 
    it("keeps the file's chat template and special token strings", function()
