@@ -95,6 +95,17 @@ describe("LoRA adapters (peft)", function()
       H.rmdir(dir)
    end)
 
+   it("runs under cpu_offload put on after it, and in bfloat16", function()
+      local exp = expected("llama_lora")
+      local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+      local model = ml.models.from_pretrained(base_of(exp), { adapter = LORA .. "llama_lora" })
+      ml.cpu_offload(model, { execution_device = "cpu" })
+      assert.is_true(model.model.layers[1].self_attn.q_proj.lora_A.weight:is_meta())     -- brought by its hook
+      assert.is_true(H.max_abs_diff(model(ids), exp.logits) < TOL)
+      local bf = ml.models.from_pretrained(base_of(exp), { adapter = LORA .. "llama_lora" }):to("bfloat16")
+      assert.is_true(rel(bf(ids):to("float32"), ml.tensor(exp.logits)) < 0.06)     -- (the base alone: 0.026)
+   end)
+
    it("is saved by save_model merged into the weights, as a plain checkpoint", function()
       for _, name in ipairs({ "llama_lora", "gpt2_lora" }) do
          local exp = expected(name)

@@ -2,18 +2,36 @@
 -- y = base_layer(x) + lora_B(lora_A(x)) * scaling. base_layer is any linear layer (nn.Linear,
 -- GPT-2's Conv1D, nn.QuantizedLinear: a float adapter over int8 or int4 weights is QLoRA's
 -- inference), left as it was, hooks included, so it may be offloaded or streamed; lora_A (r x in)
--- and lora_B (out x r) are small and stay where they were put. When x arrives on another device
--- or dtype (a layer computed in place on the CPU, a bfloat16 model), the adapter's weights are
--- copied there once and kept.
+-- and lora_B (out x r) are small and stay where they were put (or where an offloading hook brings
+-- them). When x arrives on another device or dtype (a layer computed in place on the CPU, a
+-- bfloat16 model), the adapter's weights are copied there once and kept.
 local Module = require("moonload.nn.module")
 local F = require("moonload.nn.functional")
 
 local LoraLinear = Module:extend("LoraLinear")
--- lora_A and lora_B: a weight each, so that the names are peft's (lora_A.weight, lora_B.weight)
+-- lora_A and lora_B: a weight each, so that the names are peft's (lora_A.weight, lora_B.weight),
+-- and modules of their own, so that offloading hooks (cpu_offload after load_adapter) bring their
+-- weights as they bring any layer's.
 local LoraWeight = Module:extend("LoraWeight")
 
 function LoraWeight:__init(w)
    self:register_parameter("weight", w)
+   rawset(self, "_copy", nil)
+end
+
+-- x @ weight^T, the weight copied once to x's device and dtype when they differ (a layer
+-- computed in place on the CPU, a bfloat16 model) and kept while the parameter is the same tensor.
+function LoraWeight:forward(x)
+   local w = self.weight
+   if w.device ~= x.device or w.dtype ~= x.dtype then
+      local c = rawget(self, "_copy")
+      if not (c and c.src == w and c.w.device == x.device and c.w.dtype == x.dtype) then
+         c = { src = w, w = w:to(x.device):to(x.dtype) }
+         rawset(self, "_copy", c)
+      end
+      w = c.w
+   end
+   return F.linear(x, w)
 end
 
 function LoraWeight:extra_repr()
@@ -27,26 +45,11 @@ function LoraLinear:__init(base_layer, lora_A, lora_B, scaling)
    self.out_features = base_layer.out_features or base_layer.nf
    self.r, self.scaling = lora_A:size(1), scaling
    self.lora_A, self.lora_B = LoraWeight(lora_A), LoraWeight(lora_B)
-   rawset(self, "_copies", {})
-end
-
--- The adapter's weights on device in dtype, lora_B scaled: made once per place and kept while the
--- parameters are the same tensors.
-function LoraLinear:_weights_for(device, dtype)
-   local A, B = self.lora_A.weight, self.lora_B.weight
-   local key = device .. " " .. dtype
-   local c = rawget(self, "_copies")[key]
-   if not c or c.A_src ~= A or c.B_src ~= B then
-      c = { A_src = A, B_src = B, A = A:to(device):to(dtype), B = (B:to(device):to("float32") * self.scaling):to(dtype) }
-      rawget(self, "_copies")[key] = c
-   end
-   return c.A, c.B
 end
 
 function LoraLinear:forward(x)
    local y = self.base_layer(x)
-   local A, B = self:_weights_for(x.device, x.dtype)
-   local delta = F.linear(F.linear(x, A), B)
+   local delta = self.lora_B(self.lora_A(x)) * self.scaling
    if delta.device ~= y.device then delta = delta:to(y.device) end
    if delta.dtype ~= y.dtype then delta = delta:to(y.dtype) end
    return y + delta
