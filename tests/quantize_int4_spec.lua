@@ -181,6 +181,18 @@ describe("quantized embeddings", function()
       assert.are.equal("QuantizedLinear", back.lm_head.__name)
       assert.is_true(ml.equal(back(ids), q(ids)))
       H.rmdir(out)
+      -- a table and its tied head offloaded to disk: the int4 table goes to the offload folder once,
+      -- and both hooks hand out its tensors
+      local folder = H.tmpdir()
+      local on_disk = ml.models.from_pretrained(tied, { quantize = "int4", quantize_embeddings = true, offload_folder = folder,
+         device_map = { ["model.embed_tokens"] = "disk", ["model.layers"] = "cpu", ["model.norm"] = "cpu",
+            ["model.rotary_emb"] = "cpu", lm_head = "disk" } })
+      assert.are.equal("QuantizedEmbedding", on_disk.model.embed_tokens.__name)
+      assert.are.equal("QuantizedLinear", on_disk.lm_head.__name)
+      assert.truthy(io.open(folder .. "/model.embed_tokens.q4.safetensors"))
+      assert.is_nil(io.open(folder .. "/lm_head.q4.safetensors"))
+      assert.is_true(ml.equal(on_disk(ids), q(ids)))
+      H.rmdir(folder)
       -- without embeddings the tie keeps both in floats, as before
       local _, plain = ml.quantize(ml.models.from_pretrained(tied))
       assert.are.equal("tied to model.embed_tokens.weight", plain.skipped.lm_head)

@@ -209,13 +209,47 @@ local function quantize_offloaded(model, name, m, folder, bits)
       int8 = { weight = q, weight_scale = scales }
    end
    local ql = require("moonload.big_modeling").init_empty_weights(function()
+      if m.__name == "Embedding" then return QuantizedEmbedding(m.num_embeddings, m.embedding_dim, { bits = bits }) end
       return QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf, { bias = m.bias ~= nil, bits = bits })
    end)
+   if m.__name == "Embedding" then ql.output_dtype = Tensor.zeros({ 0 }, { dtype = w.dtype }) end
    local wm = { weight = int8.weight, weight_scale = int8.weight_scale }
    if m.bias ~= nil then wm.bias = hooks.weights_map_get(hook.weights_map, "bias") end
    hooks.add_hook_to_module(ql, hooks.AlignDevicesHook({ execution_device = hook.execution_device, offload = true,
       weights_map = wm, io_same_device = hook.io_same_device, skip_keys = hook.skip_keys }))
    return ql, nil, int8.weight:nbytes() + int8.weight_scale:nbytes(), w:nbytes(), reused
+end
+
+-- The QuantizedLinear head m becomes when tied to the quantized embedding e: e's int8 / int4
+-- tensors, in memory, or through a hook of the head's own over the same tensors when e is
+-- offloaded (its hook holds them); nil and the reason when it cannot be.
+local function tied_head(m, e, bits)
+   local hooks = require("moonload.hooks")
+   local q = require("moonload.big_modeling").init_empty_weights(function()
+      return QuantizedLinear(m.in_features, m.out_features, { bias = m.bias ~= nil, bits = bits })
+   end)
+   if not e.weight:is_meta() then
+      q.weight, q.weight_scale = e.weight, e.weight_scale
+      if m.bias ~= nil then q.bias = m.bias end
+      return q
+   end
+   local ehook = rawget(e, "_hf_hook")
+   local wq, ws = hooks.weights_map_get(ehook.weights_map, "weight"), hooks.weights_map_get(ehook.weights_map, "weight_scale")
+   if not m.weight:is_meta() then
+      q.weight, q.weight_scale = wq:to(m.weight.device), ws:to(m.weight.device)
+      if m.bias ~= nil then q.bias = m.bias end
+      return q
+   end
+   local hook = rawget(m, "_hf_hook")
+   if hook == nil or not require("moonload.class").is_a(hook, hooks.AlignDevicesHook) or not hook.offload
+      or hook.weights_map == nil then
+      return nil, "offloaded with its block (no offloading hook of its own)"
+   end
+   local wm = { weight = wq, weight_scale = ws }
+   if m.bias ~= nil then wm.bias = hooks.weights_map_get(hook.weights_map, "bias") end
+   hooks.add_hook_to_module(q, hooks.AlignDevicesHook({ execution_device = hook.execution_device, offload = true,
+      weights_map = wm, io_same_device = hook.io_same_device, skip_keys = hook.skip_keys }))
+   return q
 end
 
 local FLOATING = { float32 = true, float16 = true, bfloat16 = true, float64 = true }
@@ -324,22 +358,18 @@ function M.quantize(model, opts)
       local q, after, before, reused
       if not reason and m.__name == "Embedding" then
          if w:is_meta() then
-            reason = "offloaded (embeddings are quantized in memory only)"
+            q, reason, after, before, reused = quantize_offloaded(model, name, m, opts.offload_folder, bits)
          else
             q = QuantizedEmbedding.from_float(m, bits)
-            quantized_embedding[name] = q
          end
+         quantized_embedding[name] = q
       elseif not reason and tied_to then
          -- the head tied to a quantized embedding reads its int8 / int4 tensors: no bytes of its own
          local e = quantized_embedding[tied_to]
          if not e then
             reason = "tied to " .. tied_to .. ", which stays in floats"
          else
-            q = require("moonload.big_modeling").init_empty_weights(function()
-               return QuantizedLinear(m.in_features, m.out_features, { bias = m.bias ~= nil, bits = bits })
-            end)
-            q.weight, q.weight_scale = e.weight, e.weight_scale
-            if m.bias ~= nil then q.bias = m.bias end
+            q, reason = tied_head(m, e, bits)
             before, after = 0, 0
          end
       elseif not reason and w:is_meta() then
