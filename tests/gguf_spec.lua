@@ -258,6 +258,26 @@ describe("gguf tokenizers", function()
       assert.truthy(out:find("answer: " .. exp.text, 1, true), out)
    end)
 
+   it("converts a GGUF chat model into a Hugging Face folder (save_model + tokenizer save_pretrained)", function()
+      local exp = H.expected("chat_tiny")
+      local out = H.tmpdir()
+      ml.save_model(ml.models.from_gguf(DIR .. "chat_tiny.gguf"), out)
+      ml.tokenizers.from_gguf(DIR .. "chat_tiny.gguf"):save_pretrained(out)
+      local p = assert(io.popen("luajit examples/chat.lua " .. out .. " "
+         .. "\"The quick brown fox jumps over the lazy dog. It's 12:45!\" 16 2>&1"))
+      local text = p:read("*a")
+      p:close()
+      assert.truthy(text:find("answer: " .. exp.text, 1, true), text)
+      -- a SentencePiece vocabulary survives the round trip too (merges of pieces with spaces)
+      local spm = ml.tokenizers.from_gguf(DIR .. "tok_llama2_spm.gguf")
+      spm:save_pretrained(out .. "/spm")
+      local back = ml.tokenizers.from_pretrained(out .. "/spm")
+      for _, c in ipairs(H.read_json("tests/fixtures/tokenizers/llama2_spm/expected.json").cases) do
+         assert.are.same(c.ids, back:encode(c.text), c.text)
+      end
+      H.rmdir(out)
+   end)
+
    it("keeps the file's chat template and special token strings", function()
       local tok = ml.tokenizers.from_gguf(ml.gguf.open(DIR .. "tok_llama3_bpe.gguf"))
       assert.are.equal("<|eot_id|>user: hi", tok:apply_chat_template({ { role = "user", content = "hi" } }, { tokenize = false }))

@@ -42,6 +42,7 @@ end
 function Tokenizer:__init(spec, source)
    local who = "tokenizer " .. (source or "(table)")
    rawset(self, "source", source)
+   rawset(self, "spec", spec)                  -- (what save_pretrained writes back)
    self.normalize = normalizers.build(spec.normalizer, who)
    self.pre_tokenize = pre_tokenizers.build(spec.pre_tokenizer, who)
    self.model = models.build(spec.model, who)
@@ -262,6 +263,35 @@ function Tokenizer:apply_chat_template(messages, opts)
    local text = compiled(vars)
    if opts.tokenize == false then return text end
    return self:encode(text, { add_special_tokens = false })
+end
+
+--- tok:save_pretrained(dir): tokenizer.json (the pipeline this tokenizer was built from, as
+-- tokenizers writes it) and tokenizer_config.json (the chat template and the special token
+-- strings) in dir, each under a temporary name first. With ml.save_model, a model loaded from a
+-- GGUF file becomes a Hugging Face folder that from_pretrained (and transformers, for a float
+-- model) reads.
+function Tokenizer:save_pretrained(dir)
+   local json = require("moonload.utils.json")
+   local offload = require("moonload.utils.offload")
+   if type(dir) ~= "string" or dir == "" then error("save_pretrained: dir must be a folder path, got " .. type(dir), 2) end
+   local spec = rawget(self, "spec")
+   dir = dir:gsub("/+$", "")
+   offload.mkdir_p(dir, "save_pretrained")
+   local function value(v) return v == nil and cjson.null or v end
+   local added = spec.added_tokens
+   local out = {
+      version = "1.0", truncation = cjson.null, padding = cjson.null,
+      added_tokens = (added == nil or next(added) == nil) and json.EMPTY_LIST or added,
+      normalizer = value(spec.normalizer), pre_tokenizer = value(spec.pre_tokenizer), model = spec.model,
+      post_processor = value(spec.post_processor), decoder = value(spec.decoder),
+   }
+   local config = { tokenizer_class = "PreTrainedTokenizerFast", clean_up_tokenization_spaces = false,
+                    chat_template = rawget(self, "chat_template") }
+   for k, v in pairs(rawget(self, "special_token_strings") or {}) do config[k] = v end
+   for name, t in pairs({ ["tokenizer.json"] = out, ["tokenizer_config.json"] = config }) do
+      local text = json.encode(t) .. "\n"
+      offload.write_atomic(dir .. "/" .. name, "save_pretrained", function(f) assert(f:write(text)) end)
+   end
 end
 
 -- tokenizer_config.json's chat template (a string, or a list of named ones: "default") and the

@@ -30,7 +30,11 @@ end
 
 --- encode(v) -> JSON text with sorted keys and two-space indents (as transformers writes
 -- config.json): the same table gives the same bytes. Arrays of scalars stay on one line.
+-- An empty list that encodes as [] (an empty Lua table encodes as {}).
+M.EMPTY_LIST = setmetatable({}, { __newindex = function() error("json.EMPTY_LIST is read-only", 2) end })
+
 function M.encode(v, indent)
+   if v == M.EMPTY_LIST then return "[]" end
    if type(v) ~= "table" then return cjson.encode(v) end
    indent = indent or ""
    local inner, parts = indent .. "  ", {}
