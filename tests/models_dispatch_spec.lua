@@ -46,6 +46,18 @@ describe("models.from_pretrained with device_map", function()
       H.rmdir(off)
    end)
 
+   it("dispatches a tie split by a custom map, either way round (embedding on disk, head in memory)", function()
+      local exp = H.expected("llama_tiny_tied")
+      for _, places in ipairs({ { "disk", "cpu" }, { "cpu", "disk" } }) do
+         local off = H.tmpdir()
+         local model = models.from_pretrained(H.FIX .. "/llama_tiny_tied", { offload_folder = off, device_map = {
+            ["model.embed_tokens"] = places[1], ["model.layers"] = "cpu", ["model.norm"] = "cpu",
+            ["model.rotary_emb"] = "cpu", lm_head = places[2] } })
+         assert.is_true(H.max_abs_diff(model(exp.input_ids), exp.logits) < 1e-4, table.concat(places, " + "))
+         H.rmdir(off)
+      end
+   end)
+
    it("reads a sharded checkpoint through its index", function()
       local exp = H.expected("gpt2_tiny")
       local model = models.from_pretrained(H.FIX .. "/gpt2_tiny_sharded", { device_map = "auto" })

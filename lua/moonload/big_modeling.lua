@@ -17,7 +17,7 @@ local init_context = require("moonload.nn.init_context")
 local log = require("moonload.utils.log")
 
 local M = {}
-local dispatch_weights
+local dispatch_weights, hold_tied_in_memory
 
 -- A tied tensor is written once: the other names of its group are removed from sd (the hooks'
 -- weights map reads them under the kept name).
@@ -344,6 +344,33 @@ local function install_move_guard(model)
    model._ml_move_guard = true
 end
 
+-- A tied group split between an offloaded module and one that holds its weights (a custom map
+-- putting the embedding on disk and the head on the CPU): the tensor is on meta, having gone with
+-- the offloaded side, so each holding module gets its own copy, read from the dispatch's weights
+-- map (which finds a tied name under any name of its group). Without this, its hook had no value
+-- to place. Modules are looked up by the longest mapped prefix of the tensor's name.
+function hold_tied_in_memory(model, tied_params, keys, dmap, offload, weights_map)
+   local function module_key(name)
+      local best
+      for _, k in ipairs(keys) do
+         if (k == "" or name == k or name:sub(1, #k + 1) == k .. ".") and (not best or #k > #best) then best = k end
+      end
+      return best
+   end
+   for _, group in ipairs(tied_params) do
+      for _, name in ipairs(group) do
+         local k = module_key(name)
+         local ok, p = pcall(model.get_parameter, model, name)
+         if k and not offload[k] and dmap[k] ~= "disk" and ok and p ~= nil and p:is_meta() and weights_map ~= nil then
+            local v = hooks.weights_map_get(weights_map, name)
+            if require("moonload.tensor").is_tensor(v) and not v:is_meta() then
+               utils().set_module_tensor_to_device(model, name, dmap[k], { value = v })
+            end
+         end
+      end
+   end
+end
+
 --- dispatch_model(model, device_map, {main_device, state_dict, offload_dir, offload_index,
 -- offload_buffers, skip_keys, preload_module_classes, force_hooks}): places the model by the
 -- map. One device (not disk) without force_hooks: a plain move. Otherwise hooks: modules on
@@ -433,6 +460,7 @@ function M.dispatch_model(model, device_map, opts)
          end
       end
       if weights_map ~= nil then weights_map = dispatch_weights(weights_map, tied_params) end
+      hold_tied_in_memory(model, tied_params, keys, dmap, offload, weights_map)
       hooks.attach_align_device_hook_on_blocks(model, {
          execution_device = execution_device, offload = offload, offload_buffers = opts.offload_buffers,
          weights_map = weights_map, skip_keys = opts.skip_keys,
