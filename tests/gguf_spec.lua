@@ -125,7 +125,7 @@ describe("gguf files", function()
       end)
    end
 
-   it("reads Q4_1, Q5_0, Q5_1 and the K-quants as gguf-py widens them, quantized again to int8 by default", function()
+   it("reads Q4_1, Q5_0, Q5_1 and the K-quants Q2_K to Q6_K as gguf-py widens them, quantized again to int8 by default", function()
       local exp = expected["llama_kquants.gguf"]
       local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
       local ref = ml.tensor(exp.logits)
@@ -191,9 +191,9 @@ describe("gguf files", function()
               ml.models.from_gguf(path)
            end, 'metadata "llama.attention.head_count" is missing' },
          { function()
-              write_gguf(path, meta, { { "blk.0.attn_q.weight", { 256, 32 }, 10, string.rep("\0", 32 * 84) } })
+              write_gguf(path, meta, { { "blk.0.attn_q.weight", { 256, 32 }, 16, string.rep("\0", 32 * 66) } })
               ml.models.from_gguf(path)
-           end, "blk.0.attn_q.weight in " .. path .. " is Q2_K; moonload reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K" },
+           end, "blk.0.attn_q.weight in " .. path .. " is IQ2_XXS; moonload reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to Q6_K" },
          { function()
               write_gguf(path, meta, { { "blk.0.mystery.weight", { 32 }, 0, f32 } })
               ml.models.from_gguf(path)

@@ -30,9 +30,9 @@ M.TYPES = {
 local VIEWED = { [0] = "float32", [1] = "float16", [30] = "bfloat16", [24] = "int8", [25] = "int16", [26] = "int32",
                  [27] = "int64", [28] = "float64" }
 local UNPACKED = { [8] = "int8", [2] = "int4" }      -- Q8_0, Q4_0 -> cpu/ggml_blocks.c
--- widened to float32 (cpu/ggml_blocks.c): Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
-local WIDENED = { [3] = true, [6] = true, [7] = true, [12] = true, [13] = true, [14] = true }
-M.READ = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K"
+-- widened to float32 (cpu/ggml_blocks.c): Q4_1, Q5_0, Q5_1, Q2_K ... Q6_K
+local WIDENED = { [3] = true, [6] = true, [7] = true, [10] = true, [11] = true, [12] = true, [13] = true, [14] = true }
+M.READ = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to Q6_K"
 
 -- A bounds-checked reader over the mapped bytes.
 local Reader = {}

@@ -3,7 +3,7 @@
    Q4_0: 16 bytes, value j in the low nibble of byte j and value j + 16 in its high one, stored
    + 8), already moonload's values, so unpacking copies them out of the blocks and widens the
    scales to float32, exactly. The other block types moonload reads (Q4_1, Q5_0, Q5_1 and the
-   K-quants Q4_K, Q5_K, Q6_K, whose super-blocks of 256 carry 6- or 8-bit sub-block scales) are
+   K-quants Q2_K to Q6_K, whose super-blocks of 256 carry 4- to 8-bit sub-block scales) are
    widened to float32 by ml_dequantize_ggml, with the float operations of gguf-py's reference
    dequantizers (gguf/quants.py), for the caller to quantize again. */
 #include "internal.h"
@@ -11,8 +11,8 @@
 #include <stdbool.h>
 #include <string.h>
 
-enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13,
-       GGML_Q6_K = 14, QK = 32, QK_K = 256 };
+enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q2_K = 10, GGML_Q3_K = 11,
+       GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, QK = 32, QK_K = 256 };
 
 typedef struct {
   const uint8_t *src;
@@ -132,6 +132,32 @@ static void dequantize_block(int t, const uint8_t *b, float *y) {
     }
     break;
   }
+  case GGML_Q2_K: {                        /* 16 sub-blocks of 16: 4-bit scale and min each */
+    const uint8_t *sc = b, *qs = b + 16;
+    float d = f16_at(b + 80), dmin = f16_at(b + 82);
+    for (int L = 0; L < QK_K; L++) {
+      int h = L / 128, k = (L % 128) / 32, i = L % 32, j = L / 16;
+      int q = (qs[h * 32 + i] >> (2 * k)) & 3;
+      y[L] = (d * (float)(sc[j] & 0xF)) * (float)q - dmin * (float)(sc[j] >> 4);
+    }
+    break;
+  }
+  case GGML_Q3_K: {                        /* 16 sub-blocks of 16: 6-bit signed scales */
+    const uint8_t *hmask = b, *qs = b + 32, *s = b + 96;
+    float d = f16_at(b + 108);
+    float dl[16];
+    for (int i = 0; i < 16; i++) {
+      int lo = (s[i % 8] >> (4 * (i / 8))) & 0xF, hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+      dl[i] = d * (float)((int8_t)(lo | (hi << 4)) - 32);
+    }
+    for (int L = 0; L < QK_K; L++) {
+      int h = L / 128, k = (L % 128) / 32, i = L % 32;
+      int ql = (qs[h * 32 + i] >> (2 * k)) & 3;
+      int qh = ((hmask[i] >> (L / 32)) & 1) ^ 1;      /* (the offset applies when the bit is 0) */
+      y[L] = dl[L / 16] * (float)(ql - (qh << 2));
+    }
+    break;
+  }
   case GGML_Q6_K: {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *scales = (const int8_t *)(b + 192);
@@ -165,14 +191,15 @@ ml_status ml_dequantize_ggml(const void *src, size_t src_bytes, int ggml_type, i
                              ml_tensor **out) {
   static const struct { int type; const char *name; int values, bytes; } kinds[] = {
       {GGML_Q4_0, "Q4_0", QK, 18},   {GGML_Q4_1, "Q4_1", QK, 20},   {GGML_Q5_0, "Q5_0", QK, 22},
-      {GGML_Q5_1, "Q5_1", QK, 24},   {GGML_Q8_0, "Q8_0", QK, 34},   {GGML_Q4_K, "Q4_K", QK_K, 144},
+      {GGML_Q5_1, "Q5_1", QK, 24},   {GGML_Q8_0, "Q8_0", QK, 34},   {GGML_Q2_K, "Q2_K", QK_K, 84},
+      {GGML_Q3_K, "Q3_K", QK_K, 110}, {GGML_Q4_K, "Q4_K", QK_K, 144},
       {GGML_Q5_K, "Q5_K", QK_K, 176}, {GGML_Q6_K, "Q6_K", QK_K, 210},
   };
   int k = -1;
   for (int i = 0; i < (int)(sizeof kinds / sizeof kinds[0]); i++)
     if (kinds[i].type == ggml_type) k = i;
   if (k < 0)
-    return ml_fail(ML_EINVAL, "dequantize_ggml: ggml type %d is not one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K",
+    return ml_fail(ML_EINVAL, "dequantize_ggml: ggml type %d is not one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K",
                    ggml_type);
   if (rows < 0 || cols <= 0 || cols % kinds[k].values != 0)
     return ml_fail(ML_EINVAL, "dequantize_ggml: a %lld x %lld tensor is not in whole %s blocks of %d along its rows",

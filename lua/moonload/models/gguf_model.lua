@@ -10,7 +10,7 @@
 --    values, their float16 scales widened to float32 (cpu/ggml_blocks.c), so nothing is
 --    re-rounded; a Q8_0 or Q4_0 embedding becomes an nn.QuantizedEmbedding (rows widened as they
 --    are looked up), and a tied head reads the same int8 / int4 tensors;
---  * Q4_1, Q5_0, Q5_1 and the K-quants Q4_K, Q5_K, Q6_K (the Q4_K_M, Q5_K_M, Q6_K files) are
+--  * Q4_1, Q5_0, Q5_1 and the K-quants Q2_K to Q6_K (the Q4_K_M, Q5_K_M, Q6_K ... files) are
 --    widened to float32 and quantized again as requantize says: "int8" (the default: a scale per 32
 --    bounds each value's change by 1/254 of its block's largest, below these formats' own steps),
 --    "int4" (smaller, adds Q4_0's rounding) or "float" (kept in dtype);
@@ -19,8 +19,7 @@
 --  * Llama's q and k rows, which llama.cpp's converter permutes for its rotary pairs, are put back
 --    in Hugging Face's order; Llama 3's rope scaling (a rope_freqs tensor) divides the rotary
 --    frequencies as llama.cpp does.
--- Other ggml types (Q2_K, Q3_K, the I-quants, ...) and other architectures are errors that name
--- them. The file's tokenizer is not read: use the model's tokenizer.json (ml.tokenizers).
+-- Other ggml types (the I-quants, ...) and other architectures are errors that name them. The file's tokenizer is not read: use the model's tokenizer.json (ml.tokenizers).
 -- With device_map, the loaded model is placed as from_pretrained's (planned, offloaded, streamed).
 local gguf = require("moonload.gguf")
 
