@@ -139,6 +139,8 @@ describe("gguf files", function()
          assert.are.equal(8, int8.model.layers[1]:get_submodule(name).bits, name)
       end
       assert.are.equal(8, int8.lm_head.bits)
+      assert.are.equal("QuantizedEmbedding", int8.model.embed_tokens.__name)       -- (a Q6_K table)
+      assert.are.equal("Embedding", float.model.embed_tokens.__name)
       assert.is_true(rel(int8(ids)) < 0.02)
       local int4 = ml.models.from_gguf(DIR .. "llama_kquants.gguf", { requantize = "int4" })
       assert.are.equal(4, int4.model.layers[1].mlp.up_proj.bits)

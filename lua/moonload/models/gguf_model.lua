@@ -13,7 +13,8 @@
 --  * Q4_1, Q5_0, Q5_1 and the K-quants Q2_K to Q6_K (the Q4_K_M, Q5_K_M, Q6_K ... files) are
 --    widened to float32 and quantized again as requantize says: "int8" (the default: a scale per 32
 --    bounds each value's change by 1/254 of its block's largest, below these formats' own steps),
---    "int4" (smaller, adds Q4_0's rounding) or "float" (kept in dtype);
+--    "int4" (smaller, adds Q4_0's rounding) or "float" (kept in dtype); a widened embedding too
+--    (as a QuantizedEmbedding, its tied head sharing it);
 --  * F32, F16 and BF16 tensors are views of the mapped file (then converted to dtype, which is
 --    float32 unless given, as transformers' GGUF loading does);
 --  * Llama's q and k rows, which llama.cpp's converter permutes for its rotary pairs, are put back
@@ -22,6 +23,8 @@
 -- Other ggml types (the I-quants, ...) and other architectures are errors that name them. The file's tokenizer is not read: use the model's tokenizer.json (ml.tokenizers).
 -- With device_map, the loaded model is placed as from_pretrained's (planned, offloaded, streamed).
 local gguf = require("moonload.gguf")
+local QuantizedLinear = require("moonload.nn.quantized_linear")
+local QuantizedEmbedding = require("moonload.nn.quantized_embedding")
 
 local M = {}
 local WHO = "from_gguf"
@@ -106,6 +109,77 @@ local function unpermute(t, n_head)
    return t:index_select(1, require("moonload.tensor").tensor(idx, { dtype = "int64" })):contiguous()
 end
 
+-- The file's tensors by transformers' names, read as they are stored: sd, the quantized linear
+-- layers ({module = bits}), the linear layers whose blocks were widened to floats, the bits of a
+-- Q8_0 / Q4_0 embedding (nil otherwise) and whether the embedding was widened, and rope_freqs.
+local function read_tensors(f, cfg, arch)
+   local path = f.path
+   local r = { sd = {}, quantized = {}, widened = {} }
+   for _, t in ipairs(f.tensors) do
+      local name = M.hf_name(t.name)
+      if t.name == "rope_freqs.weight" then
+         r.rope_freqs = f:tensor(t.name):float()
+      elseif not name then
+         fail(path, 'tensor "%s" has no place in a %s model', t.name, CLASSES[arch].class)
+      else
+         local heads = name:find("self_attn%.q_proj") and cfg.num_attention_heads
+            or name:find("self_attn%.k_proj") and cfg.num_key_value_heads or nil
+         local permuted = CLASSES[arch].permute and heads and name:find("_proj%.") ~= nil
+         local embedding = name == "model.embed_tokens.weight"
+         local q, scales, bits = nil, nil, nil
+         if #t.shape == 2 then q, scales, bits = f:quantized(t.name) end
+         if q then
+            if permuted then q, scales = unpermute(q, heads), unpermute(scales, heads) end
+            local module = name:gsub("%.weight$", "")
+            if embedding then r.embed_bits = bits else r.quantized[module] = bits end
+            r.sd[module .. ".weight"], r.sd[module .. ".weight_scale"] = q, scales
+         else
+            local ok, v = pcall(f.tensor, f, t.name)
+            if not ok then fail(path, "%s", (tostring(v):gsub("^gguf: ", ""))) end
+            r.sd[name] = permuted and unpermute(v, heads) or v
+            if #t.shape == 2 and f:is_block_quantized(t.name) then
+               if embedding then r.embed_widened = true else r.widened[#r.widened + 1] = (name:gsub("%.weight$", "")) end
+            end
+         end
+      end
+   end
+   if r.embed_bits and cfg.tie_word_embeddings then
+      -- the head reads the embedding's int8 / int4 tensors (one copy, as llama.cpp reads them)
+      r.quantized["lm_head"] = r.embed_bits
+      r.sd["lm_head.weight"], r.sd["lm_head.weight_scale"] = r.sd["model.embed_tokens.weight"], r.sd["model.embed_tokens.weight_scale"]
+   end
+   return r
+end
+
+-- The model of cfg on meta, its stored-quantized layers built as such.
+local function skeleton(cfg, r)
+   local models = require("moonload.models")
+   return require("moonload.big_modeling").init_empty_weights(function()
+      local m = models.from_config(cfg)
+      if r.embed_bits then
+         local e = m.model.embed_tokens
+         m:set_submodule("model.embed_tokens", QuantizedEmbedding(e.num_embeddings, e.embedding_dim, { bits = r.embed_bits }))
+      end
+      for module, bits in pairs(r.quantized) do
+         local lin = m:get_submodule(module)
+         m:set_submodule(module, QuantizedLinear(lin.in_features, lin.out_features, { bias = lin.bias ~= nil, bits = bits }))
+      end
+      return m
+   end)
+end
+
+-- The widened block types quantized again (in memory, before any dispatch): linear layers, and a
+-- widened embedding with the head tied to it.
+local function requantize_widened(model, cfg, r, bits)
+   for _, module in ipairs(r.widened) do
+      model:set_submodule(module, QuantizedLinear.from_float(model:get_submodule(module), bits))
+   end
+   if r.embed_widened then
+      require("moonload.quantize").quantize(model, { dtype = bits == 8 and "int8" or "int4", embeddings = true,
+         skip = { "^model%.layers%." } })
+   end
+end
+
 function M.from_gguf(path, opts)
    opts = opts or {}
    if type(path) ~= "string" then error(WHO .. ": expected a .gguf file path, got " .. type(path), 2) end
@@ -121,88 +195,32 @@ function M.from_gguf(path, opts)
    end
    local models = require("moonload.models")
    local cfg = config_of(f, arch)
-   local QuantizedLinear = require("moonload.nn.quantized_linear")
-   local QuantizedEmbedding = require("moonload.nn.quantized_embedding")
-   local big = require("moonload.big_modeling")
-   -- the weights, by transformers' names, and which linear layers are stored quantized
-   local sd, quantized, rope_freqs = {}, {}, nil
-   local widened = {}                       -- linear layers whose blocks were widened to floats
-   local embed_bits                         -- a Q8_0 / Q4_0 embedding: 8 or 4
-   for _, t in ipairs(f.tensors) do
-      local name = M.hf_name(t.name)
-      if t.name == "rope_freqs.weight" then
-         rope_freqs = f:tensor(t.name):float()
-      elseif not name then
-         fail(path, 'tensor "%s" has no place in a %s model', t.name, CLASSES[arch].class)
-      else
-         local heads = name:find("self_attn%.q_proj") and cfg.num_attention_heads
-            or name:find("self_attn%.k_proj") and cfg.num_key_value_heads or nil
-         local permuted = CLASSES[arch].permute and heads and name:find("_proj%.") ~= nil
-         local q, scales, bits = nil, nil, nil
-         if #t.shape == 2 then q, scales, bits = f:quantized(t.name) end
-         if q and name == "model.embed_tokens.weight" then
-            embed_bits = bits
-            sd[name], sd["model.embed_tokens.weight_scale"] = q, scales
-         elseif q then
-            if permuted then q, scales = unpermute(q, heads), unpermute(scales, heads) end
-            local module = name:gsub("%.weight$", "")
-            quantized[module] = bits
-            sd[module .. ".weight"], sd[module .. ".weight_scale"] = q, scales
-         else
-            local ok, v = pcall(f.tensor, f, t.name)
-            if not ok then fail(path, "%s", (tostring(v):gsub("^gguf: ", ""))) end
-            sd[name] = permuted and unpermute(v, heads) or v
-            if #t.shape == 2 and name ~= "model.embed_tokens.weight" and f:is_block_quantized(t.name) then
-               widened[#widened + 1] = (name:gsub("%.weight$", ""))
-            end
-         end
-      end
-   end
-   if embed_bits and cfg.tie_word_embeddings then
-      -- the head reads the embedding's int8 / int4 tensors (one copy, as llama.cpp reads them)
-      quantized["lm_head"] = embed_bits
-      sd["lm_head.weight"], sd["lm_head.weight_scale"] = sd["model.embed_tokens.weight"], sd["model.embed_tokens.weight_scale"]
-   end
-   local model = big.init_empty_weights(function()
-      local m = models.from_config(cfg)
-      if embed_bits then
-         local e = m.model.embed_tokens
-         m:set_submodule("model.embed_tokens", QuantizedEmbedding(e.num_embeddings, e.embedding_dim, { bits = embed_bits }))
-      end
-      for module, bits in pairs(quantized) do
-         local lin = m:get_submodule(module)
-         m:set_submodule(module, QuantizedLinear(lin.in_features, lin.out_features, { bias = lin.bias ~= nil, bits = bits }))
-      end
-      return m
-   end)
-   models.load_into(model, sd, { strict = opts.strict, who = WHO })
-   if quantized["lm_head"] and embed_bits and cfg.tie_word_embeddings then       -- one copy, tied
+   local r = read_tensors(f, cfg, arch)
+   local model = skeleton(cfg, r)
+   models.load_into(model, r.sd, { strict = opts.strict, who = WHO })
+   if r.quantized["lm_head"] and r.embed_bits and cfg.tie_word_embeddings then       -- one copy, tied
       local e = model.model.embed_tokens
       model.lm_head.weight, model.lm_head.weight_scale = e.weight, e.weight_scale
    end
    local dtype = opts.dtype or "float32"
    model:to(dtype)
-   if rope_freqs then
+   if r.rope_freqs then
       -- llama.cpp divides each rotary frequency's angle by its factor (Llama 3's rope scaling)
       local rot = model.model.rotary_emb
-      if rope_freqs:numel() ~= rot.inv_freq:numel() then
-         fail(path, "rope_freqs has %d factors for %d rotary frequencies", rope_freqs:numel(), rot.inv_freq:numel())
+      if r.rope_freqs:numel() ~= rot.inv_freq:numel() then
+         fail(path, "rope_freqs has %d factors for %d rotary frequencies", r.rope_freqs:numel(), rot.inv_freq:numel())
       end
-      rot.inv_freq = rot.inv_freq / rope_freqs
+      rot.inv_freq = rot.inv_freq / r.rope_freqs
    end
-   if requantize ~= "float" then
-      -- the widened block types, quantized again (in memory, before any dispatch)
-      local bits = requantize == "int8" and 8 or 4
-      for _, module in ipairs(widened) do
-         model:set_submodule(module, QuantizedLinear.from_float(model:get_submodule(module), bits))
-      end
-   end
+   if requantize ~= "float" then requantize_widened(model, cfg, r, requantize == "int8" and 8 or 4) end
    rawset(model, "generation_config", require("moonload.models.generation_config").from_model_config(cfg))
    if opts.device_map ~= nil then
       local resolved = setmetatable({ dtype = dtype }, { __index = opts })
       return models._place_loaded(model, resolved, opts.no_split_module_classes or model.no_split_modules, WHO)
    end
-   if opts.quantize ~= nil then require("moonload.quantize").quantize(model, { dtype = opts.quantize, embeddings = opts.quantize_embeddings }) end
+   if opts.quantize ~= nil then
+      require("moonload.quantize").quantize(model, { dtype = opts.quantize, embeddings = opts.quantize_embeddings })
+   end
    return model
 end
 
