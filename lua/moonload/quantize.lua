@@ -3,9 +3,9 @@
 -- dtype = "int4"; a float32 scale per block of 32 along in_features; core/src/cpu/q8.c,
 -- core/src/cuda/q8.cu), in place. Decoding is bound by the weight bytes it reads, and these are a
 -- quarter of float32's with int8, an eighth with int4 (scales aside). With embeddings = true, the
--- nn.Embedding tables in memory become nn.QuantizedEmbedding too (rows widened as looked up), and
--- a head tied to one reads its quantized tensors (llama.cpp's way; off by default, as in
--- transformers' quantizers).
+-- nn.Embedding tables become nn.QuantizedEmbedding too (rows widened as looked up; wherever they
+-- are, as linear layers), and a head tied to one reads its quantized tensors (llama.cpp's way;
+-- off by default, as in transformers' quantizers).
 -- Where the weights are:
 --  * in memory (CPU or GPU): quantized there;
 --  * offloaded by the layer's own hook (dispatch_model, cpu_offload, disk_offload), for any
@@ -63,7 +63,8 @@ end
 -- tensors. Works on a meta skeleton: the planner sizes a quantized model with it.
 function M.candidates(model, skip, embeddings)
    skip = check_skip(skip, 3)
-   -- tensors held by more than one module (tied weights): left in floats
+   -- tensors held by more than one module (tied weights): left in floats, but for a head tied to
+   -- an embedding that is quantized too
    local owners = {}
    for _, e in ipairs(model:named_modules_list("", false)) do
       for pname, p in e[2]:named_parameters("", false) do
