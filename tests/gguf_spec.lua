@@ -164,6 +164,25 @@ describe("gguf files", function()
       assert.is_true(((bf(ids):float() - ml.tensor(exp.logits)):abs():max() / ml.tensor(exp.logits):abs():max()):item() < 0.05)
    end)
 
+   it("ends generation at the file's eos, end-of-turn and end-of-message ids", function()
+      local dir = H.tmpdir()
+      local path = dir .. "/eot.gguf"
+      local meta = { { "general.architecture", "str", "llama" }, { "llama.embedding_length", "u32", 32 },
+                     { "llama.block_count", "u32", 1 }, { "llama.feed_forward_length", "u32", 64 },
+                     { "llama.attention.head_count", "u32", 4 }, { "llama.vocab_size", "u32", 16 } }
+      local function eos_of(extra)
+         local kv = { unpack(meta) }
+         for _, e in ipairs(extra) do kv[#kv + 1] = e end
+         write_gguf(path, kv, {})
+         -- (only the config matters here: the weights the file lacks stay as built)
+         return ml.models.from_gguf(path, { strict = false }).generation_config.eos_token_id
+      end
+      assert.are.equal(2, eos_of({ { "tokenizer.ggml.eos_token_id", "u32", 2 } }))
+      assert.are.same({ 2, 7 }, eos_of({ { "tokenizer.ggml.eos_token_id", "u32", 2 }, { "tokenizer.ggml.eot_token_id", "u32", 7 } }))
+      assert.are.equal(7, eos_of({ { "tokenizer.ggml.eos_token_id", "u32", 7 }, { "tokenizer.ggml.eot_token_id", "u32", 7 } }))
+      H.rmdir(dir)
+   end)
+
    it("names what is malformed or not read", function()
       local dir = H.tmpdir()
       local path = dir .. "/x.gguf"

@@ -55,6 +55,22 @@ function M.hf_name(name)
    return nil
 end
 
+-- The ids that end generation, as llama.cpp's end-of-generation set: the file's eos, and its
+-- end-of-turn and end-of-message ids where it names them (Llama 3 instruct files record 128001 as
+-- eos and 128009, <|eot_id|>, as eot). One id, or a list of the distinct ones; nil for none.
+local function end_ids(md)
+   local ids, seen = {}, {}
+   for _, k in ipairs({ "eos", "eot", "eom" }) do
+      local id = md["tokenizer.ggml." .. k .. "_token_id"]
+      if type(id) == "number" and not seen[id] then
+         seen[id] = true
+         ids[#ids + 1] = id
+      end
+   end
+   if #ids <= 1 then return ids[1] end
+   return ids
+end
+
 -- The transformers config of the file's metadata.
 local function config_of(f, arch)
    local md = f.metadata
@@ -81,7 +97,7 @@ local function config_of(f, arch)
       head_dim = key("attention.key_length") or hidden / heads,
       hidden_act = "silu", tie_word_embeddings = f.by_name["output.weight"] == nil,
       attention_bias = f.by_name["blk.0.attn_q.bias"] ~= nil,
-      bos_token_id = md["tokenizer.ggml.bos_token_id"], eos_token_id = md["tokenizer.ggml.eos_token_id"],
+      bos_token_id = md["tokenizer.ggml.bos_token_id"], eos_token_id = end_ids(md),
       pad_token_id = md["tokenizer.ggml.padding_token_id"],
    }
    local scaling = key("rope.scaling.type")
