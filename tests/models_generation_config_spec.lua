@@ -90,6 +90,27 @@ describe("generation config", function()
       H.rmdir(dir)
    end)
 
+   it("min_new_tokens keeps the eos ids from being picked before that many new tokens", function()
+      local eos = free[#PROMPT + 3]                         -- the greedy 3rd new token
+      local model = ml.models.from_pretrained(FIXTURE)
+      -- a plain greedy loop over whole-sequence forwards, the eos logit at -inf for 5 steps
+      local seq = { unpack(PROMPT) }
+      for step = 1, 8 do
+         local last = model({ seq }):select(2, -1):select(1, 1)
+         if step <= 5 then last[eos + 1] = -math.huge end
+         local _, best = last:max(1)
+         seq[#seq + 1] = best:item()
+         if step > 5 and seq[#seq] == eos then break end
+      end
+      local got = model:generate(PROMPT, { max_new_tokens = 8, eos_token_id = eos, min_new_tokens = 5 })
+      assert.are.same(seq, got)
+      assert.are_not.equal(eos, got[#PROMPT + 3])
+      -- from generation_config.json too
+      local dir = folder_with({ eos_token_id = eos, min_new_tokens = 5 })
+      assert.are.same(seq, ml.models.from_pretrained(dir):generate(PROMPT, { max_new_tokens = 8 }))
+      H.rmdir(dir)
+   end)
+
    it("is saved by save_model and read back", function()
       local dir = folder_with({ eos_token_id = { 5, 7 }, do_sample = true, temperature = 0.6 })
       local out = H.tmpdir()

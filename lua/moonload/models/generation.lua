@@ -30,6 +30,7 @@ local function check_opts(opts)
       end
    end
    int_opt("max_new_tokens", 0)
+   int_opt("min_new_tokens", 0)
    int_opt("top_k", 1)
    int_opt("seed", 0)
    int_opt("pad_token_id", 0)
@@ -58,7 +59,7 @@ local function check_opts(opts)
    if penalty ~= nil and (type(penalty) ~= "number" or not (penalty > 0)) then
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
    end
-   local known = { max_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
+   local known = { max_new_tokens = true, min_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
@@ -80,7 +81,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)',
             WHO, tostring(k)), 3)
       end
    end
@@ -163,7 +164,7 @@ local function shape_output(seq, form)
    return rows
 end
 
---- model:generate(input_ids[, {max_new_tokens = 20, temperature = 0, top_k, top_p, seed, do_sample,
+--- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, seed, do_sample,
 -- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
 -- kv_cache_device, kv_cache_dtype}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
@@ -244,12 +245,24 @@ function M.generate(model, input_ids, opts)
       return o
    end
    local logits = model(ids, step_opts(L, L))                  -- (B, 1, vocab)
+   -- min_new_tokens: the eos ids cannot be picked before that many new tokens (transformers'
+   -- MinNewTokensLengthLogitsProcessor)
+   local min_new, eos_ban = opts.min_new_tokens or 0, nil
+   if eos and min_new > 0 then
+      local ban = {}
+      for v = 1, vocab do ban[v] = false end
+      for _, id in ipairs(type(eos) == "table" and eos or { eos }) do
+         if id < vocab then ban[id + 1] = true end
+      end
+      eos_ban = T.tensor({ ban }, { dtype = "bool" }):to(logits.device)        -- (1, vocab)
+   end
    local penalty = opts.repetition_penalty
    if penalty == 1 then penalty = nil end
    local seen, vocab_ids                                       -- on the logits' device, made once
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
+      if eos_ban and step <= min_new then last = last:masked_fill(eos_ban, -math.huge) end
       if penalty then
          if not seen then
             seen = seen_mask(ids, vocab):to(last.device)

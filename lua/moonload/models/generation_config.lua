@@ -44,7 +44,8 @@ function M.of(model)
 end
 
 --- defaults(model, opts) -> opts with what the call left out taken from the model's generation
--- config: eos_token_id (false: none), pad_token_id, max_new_tokens, repetition_penalty; and when
+-- config: eos_token_id (false: none), pad_token_id, max_new_tokens, min_new_tokens,
+-- repetition_penalty; and when
 -- sampling is on without a temperature (do_sample = true, from the call or else the config), the
 -- config's temperature, top_k and top_p (transformers' defaults 1.0, 50 and 1.0 for those it
 -- leaves out).
@@ -56,6 +57,7 @@ function M.defaults(model, opts)
    if out.eos_token_id == false then out.eos_token_id = nil end
    if out.pad_token_id == nil then out.pad_token_id = gc.pad_token_id end
    if out.max_new_tokens == nil then out.max_new_tokens = gc.max_new_tokens end
+   if out.min_new_tokens == nil then out.min_new_tokens = gc.min_new_tokens end
    if out.repetition_penalty == nil then out.repetition_penalty = gc.repetition_penalty end
    local sample = out.do_sample
    if sample == nil then sample = gc.do_sample end
