@@ -88,12 +88,9 @@ local function saved_name(loras, key)
    return key, nil
 end
 
--- W + (B A) * scaling for a LoRA layer's base weight (on the CPU, in W's dtype).
+-- A LoRA layer's base weight w (on the CPU) with its adapter merged in.
 local function merged(m, w)
-   local A, B = m.lora_A.weight:to("cpu"):to("float32"), m.lora_B.weight:to("cpu"):to("float32")
-   local delta = (B * m.scaling):matmul(A)
-   if m.base_layer.nf then delta = delta:t() end                      -- Conv1D stores (in, out)
-   return (w:to("float32") + delta):to(w.dtype)
+   return m.merged_weight(w, m.lora_A.weight, m.lora_B.weight, m.scaling, m.base_layer.nf ~= nil)
 end
 
 -- The config to write: the model's as read (model.config._raw), with its dtype and its int8 layers.

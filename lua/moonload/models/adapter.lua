@@ -136,14 +136,6 @@ local function unmergeable(m, owners)
    return nil
 end
 
--- W + (B A) * scaling, in W's dtype and place (a new tensor: W may be a view of a mapped file).
-local function merge_into(m, A, B, scaling)
-   local W = m.weight
-   local delta = (B:to(W.device):to("float32") * scaling):matmul(A:to(W.device):to("float32"))   -- (out, in)
-   if m.nf then delta = delta:t() end                                  -- Conv1D stores (in, out)
-   m.weight = (W:to("float32") + delta):to(W.dtype)
-end
-
 -- The module holding tensor name (a modules_to_save weight), its slot and the tensor there,
 -- checked against t's shape.
 local function tensor_slot(model, name, t)
@@ -260,7 +252,7 @@ function M.load_adapter(model, dir, opts)
    for _, p in ipairs(plan) do
       local why = opts.merge and unmergeable(p.m, owners) or nil
       if opts.merge and not why then
-         merge_into(p.m, p.A, p.B, p.scaling)
+         p.m.weight = LoraLinear.merged_weight(p.m.weight, p.A, p.B, p.scaling, p.m.nf ~= nil)
          report.merged[#report.merged + 1] = p.name
       else
          if opts.merge then report.kept[p.name] = why end

@@ -55,6 +55,15 @@ function LoraLinear:forward(x)
    return y + delta
 end
 
+--- LoraLinear.merged_weight(w, A, B, scaling, conv1d) -> w + (B A) * scaling in w's dtype and
+-- place (a new tensor: w may be a view of a mapped file); conv1d: w is stored (in, out), GPT-2's
+-- Conv1D. load_adapter's merge and save_model's merged checkpoint both go through it.
+function LoraLinear.merged_weight(w, A, B, scaling, conv1d)
+   local delta = (B:to(w.device):to("float32") * scaling):matmul(A:to(w.device):to("float32"))   -- (out, in)
+   if conv1d then delta = delta:t() end
+   return (w:to("float32") + delta):to(w.dtype)
+end
+
 function LoraLinear:extra_repr()
    return string.format("in_features=%d, out_features=%d, r=%d, scaling=%s", self.in_features, self.out_features,
       self.r, tostring(self.scaling))
