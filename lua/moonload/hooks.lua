@@ -763,6 +763,26 @@ local function has_state(module)
    return next(sd) ~= nil
 end
 
+--- offload_hook(module) -> module's own offloading AlignDevicesHook (offload = true, with a weights
+-- map), or nil: a layer offloaded with its block (preload_module_classes) has none.
+function M.offload_hook(module)
+   local hook = rawget(module, "_hf_hook")
+   if hook == nil or not require("moonload.class").is_a(hook, AlignDevicesHook) or not hook.offload
+      or hook.weights_map == nil then
+      return nil
+   end
+   return hook
+end
+
+--- offload_like(module, hook, weights_map): module offloaded as hook offloads (its execution
+-- device, io and skip settings) over weights_map instead, replacing any hook module had: how a
+-- layer swapped for a quantized one, or given new weights, keeps being streamed.
+function M.offload_like(module, hook, weights_map)
+   if rawget(module, "_hf_hook") ~= nil then M.remove_hook_from_module(module) end
+   M.add_hook_to_module(module, AlignDevicesHook({ execution_device = hook.execution_device, offload = true,
+      weights_map = weights_map, io_same_device = hook.io_same_device, skip_keys = hook.skip_keys }))
+end
+
 --- attach_execution_device_hook(module, execution_device, {skip_keys, preload_module_classes,
 -- tied_params_map}): an input-moving AlignDevicesHook on every module (recursively) that has no
 -- hook and a non-empty state dict; stops below preload classes.

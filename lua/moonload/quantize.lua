@@ -188,11 +188,8 @@ end
 -- offloaded_to); nil and the reason when it cannot be.
 local function quantize_offloaded(model, name, m, folder, bits)
    local hooks = require("moonload.hooks")
-   local hook = rawget(m, "_hf_hook")
-   if hook == nil or not require("moonload.class").is_a(hook, hooks.AlignDevicesHook) or not hook.offload
-      or hook.weights_map == nil then
-      return nil, "offloaded with its block (no offloading hook of its own)"
-   end
+   local hook = hooks.offload_hook(m)
+   if not hook then return nil, "offloaded with its block (no offloading hook of its own)" end
    local where = offloaded_to(model, name, folder)
    if where == "disk" and folder == nil then
       return nil, "offloaded to disk (give offload_folder to write its quantized weights there)"
@@ -216,8 +213,7 @@ local function quantize_offloaded(model, name, m, folder, bits)
    if m.__name == "Embedding" then ql.output_dtype = Tensor.zeros({ 0 }, { dtype = w.dtype }) end
    local wm = { weight = int8.weight, weight_scale = int8.weight_scale }
    if m.bias ~= nil then wm.bias = hooks.weights_map_get(hook.weights_map, "bias") end
-   hooks.add_hook_to_module(ql, hooks.AlignDevicesHook({ execution_device = hook.execution_device, offload = true,
-      weights_map = wm, io_same_device = hook.io_same_device, skip_keys = hook.skip_keys }))
+   hooks.offload_like(ql, hook, wm)
    return ql, nil, int8.weight:nbytes() + int8.weight_scale:nbytes(), w:nbytes(), reused
 end
 
@@ -241,15 +237,11 @@ local function tied_head(m, e, bits)
       if m.bias ~= nil then q.bias = m.bias end
       return q
    end
-   local hook = rawget(m, "_hf_hook")
-   if hook == nil or not require("moonload.class").is_a(hook, hooks.AlignDevicesHook) or not hook.offload
-      or hook.weights_map == nil then
-      return nil, "offloaded with its block (no offloading hook of its own)"
-   end
+   local hook = hooks.offload_hook(m)
+   if not hook then return nil, "offloaded with its block (no offloading hook of its own)" end
    local wm = { weight = wq, weight_scale = ws }
    if m.bias ~= nil then wm.bias = hooks.weights_map_get(hook.weights_map, "bias") end
-   hooks.add_hook_to_module(q, hooks.AlignDevicesHook({ execution_device = hook.execution_device, offload = true,
-      weights_map = wm, io_same_device = hook.io_same_device, skip_keys = hook.skip_keys }))
+   hooks.offload_like(q, hook, wm)
    return q
 end
 

@@ -161,10 +161,7 @@ local function tensor_slot(model, name, t)
          table.concat(old.shape, ", "))
    end
    if old:is_meta() then
-      local hooks = require("moonload.hooks")
-      local hook = rawget(owner, "_hf_hook")
-      if hook == nil or not require("moonload.class").is_a(hook, hooks.AlignDevicesHook) or not hook.offload
-         or hook.weights_map == nil then
+      if not require("moonload.hooks").offload_hook(owner) then
          fail('"%s" is offloaded with its block; load the adapter before dispatching the model', name)
       end
    end
@@ -191,9 +188,7 @@ local function replace_tensor(owner, leaf, old, t)
       if not tname:find(".", 1, true) then wm[tname] = hooks.weights_map_get(hook.weights_map, tname) end
    end
    wm[leaf] = value
-   hooks.remove_hook_from_module(owner)
-   hooks.add_hook_to_module(owner, hooks.AlignDevicesHook({ execution_device = hook.execution_device, offload = true,
-      weights_map = wm, io_same_device = hook.io_same_device, skip_keys = hook.skip_keys }))
+   hooks.offload_like(owner, hook, wm)
 end
 
 function M.load_adapter(model, dir, opts)
