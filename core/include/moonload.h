@@ -249,8 +249,9 @@ ML_API ml_status ml_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, m
    the CPU, scales widened from float16 to float32: the same values. cols a multiple of 32. */
 ML_API ml_status ml_unpack_ggml_blocks(const void *src, size_t src_bytes, int ggml_type, int64_t rows, int64_t cols,
                                        ml_tensor **q, ml_tensor **scales);
-/* The same blocks, and Q4_1 (3), Q5_0 (6), Q5_1 (7) and the K-quants Q2_K (10) to Q6_K (14), widened to a new float32 (rows, cols) tensor on the CPU as gguf-py's dequantizers do; cols
-   a multiple of the type's block (32, or 256 for the K-quants). */
+/* The block types moonload keeps only as floats, Q4_1 (3), Q5_0 (6), Q5_1 (7) and the K-quants
+   Q2_K (10) to Q6_K (14), widened to a new float32 (rows, cols) tensor on the CPU as gguf-py's
+   dequantizers do; cols a multiple of the type's block (32, or 256 for the K-quants). */
 ML_API ml_status ml_dequantize_ggml(const void *src, size_t src_bytes, int ggml_type, int64_t rows, int64_t cols,
                                     ml_tensor **out);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */

@@ -80,19 +80,6 @@ static void k_scale_min(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
 /* One block of type t at b into y (its values per block). */
 static void dequantize_block(int t, const uint8_t *b, float *y) {
   switch (t) {
-  case GGML_Q4_0: {
-    float d = f16_at(b);
-    for (int j = 0; j < 16; j++) {
-      y[j] = d * (float)((b[2 + j] & 15) - 8);
-      y[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
-    }
-    break;
-  }
-  case GGML_Q8_0: {
-    float d = f16_at(b);
-    for (int j = 0; j < 32; j++) y[j] = d * (float)(int8_t)b[2 + j];
-    break;
-  }
   case GGML_Q4_1: {
     float d = f16_at(b), m = f16_at(b + 2);
     for (int j = 0; j < 16; j++) {
@@ -190,8 +177,8 @@ static void widen_blocks(void *ctx, int64_t begin, int64_t end) {
 ml_status ml_dequantize_ggml(const void *src, size_t src_bytes, int ggml_type, int64_t rows, int64_t cols,
                              ml_tensor **out) {
   static const struct { int type; const char *name; int values, bytes; } kinds[] = {
-      {GGML_Q4_0, "Q4_0", QK, 18},   {GGML_Q4_1, "Q4_1", QK, 20},   {GGML_Q5_0, "Q5_0", QK, 22},
-      {GGML_Q5_1, "Q5_1", QK, 24},   {GGML_Q8_0, "Q8_0", QK, 34},   {GGML_Q2_K, "Q2_K", QK_K, 84},
+      {GGML_Q4_1, "Q4_1", QK, 20},   {GGML_Q5_0, "Q5_0", QK, 22},   {GGML_Q5_1, "Q5_1", QK, 24},
+      {GGML_Q2_K, "Q2_K", QK_K, 84},
       {GGML_Q3_K, "Q3_K", QK_K, 110}, {GGML_Q4_K, "Q4_K", QK_K, 144},
       {GGML_Q5_K, "Q5_K", QK_K, 176}, {GGML_Q6_K, "Q6_K", QK_K, 210},
   };
@@ -199,7 +186,8 @@ ml_status ml_dequantize_ggml(const void *src, size_t src_bytes, int ggml_type, i
   for (int i = 0; i < (int)(sizeof kinds / sizeof kinds[0]); i++)
     if (kinds[i].type == ggml_type) k = i;
   if (k < 0)
-    return ml_fail(ML_EINVAL, "dequantize_ggml: ggml type %d is not one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K",
+    return ml_fail(ML_EINVAL, "dequantize_ggml: ggml type %d is not one of Q4_1, Q5_0, Q5_1, Q2_K ... Q6_K (Q8_0 and Q4_0: "
+                   "ml_unpack_ggml_blocks)",
                    ggml_type);
   if (rows < 0 || cols <= 0 || cols % kinds[k].values != 0)
     return ml_fail(ML_EINVAL, "dequantize_ggml: a %lld x %lld tensor is not in whole %s blocks of %d along its rows",
