@@ -248,13 +248,8 @@ function M.generate(model, input_ids, opts)
    -- min_new_tokens: the eos ids cannot be picked before that many new tokens (transformers'
    -- MinNewTokensLengthLogitsProcessor)
    local min_new, eos_ban = opts.min_new_tokens or 0, nil
-   if eos and min_new > 0 then
-      local ban = {}
-      for v = 1, vocab do ban[v] = false end
-      for _, id in ipairs(type(eos) == "table" and eos or { eos }) do
-         if id < vocab then ban[id + 1] = true end
-      end
-      eos_ban = T.tensor({ ban }, { dtype = "bool" }):to(logits.device)        -- (1, vocab)
+   if eos and min_new > 0 then                                 -- (1, vocab): which ids end a row
+      eos_ban = is_eos(T.arange(vocab, { device = logits.device }):view(1, vocab), eos)
    end
    local penalty = opts.repetition_penalty
    if penalty == 1 then penalty = nil end
