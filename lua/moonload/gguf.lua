@@ -144,6 +144,13 @@ function M.open(path)
                          _mapping = mapping, _base = r.base }, File)
 end
 
+-- The rows of a tensor read as a matrix: every dim but the last (the blocks run along it).
+local function rows_of(t)
+   local rows = 1
+   for i = 1, #t.shape - 1 do rows = rows * t.shape[i] end
+   return rows
+end
+
 function File:_info(name, who)
    local t = self.by_name[name]
    if not t then error(string.format('%s: %s has no tensor "%s"', who, self.path, name), 3) end
@@ -174,10 +181,8 @@ function File:tensor(name)
       return #t.shape == 2 and w or w:view(t.shape)
    end
    if WIDENED[t.type] then
-      local rows = 1
-      for i = 1, #t.shape - 1 do rows = rows * t.shape[i] end
       local out = ffi.new("ml_tensor*[1]")
-      C.check(lib.ml_dequantize_ggml(self._base + t.offset, t.nbytes, t.type, rows, t.shape[#t.shape], out), 2)
+      C.check(lib.ml_dequantize_ggml(self._base + t.offset, t.nbytes, t.type, rows_of(t), t.shape[#t.shape], out), 2)
       local w = Tensor.wrap(out[0])
       return #t.shape == 2 and w or w:view(t.shape)
    end
@@ -194,10 +199,8 @@ end
 function File:quantized(name)
    local t = self:_info(name, "gguf")
    if not UNPACKED[t.type] then return nil end
-   local rows = 1
-   for i = 1, #t.shape - 1 do rows = rows * t.shape[i] end
    local q, s = ffi.new("ml_tensor*[1]"), ffi.new("ml_tensor*[1]")
-   C.check(lib.ml_unpack_ggml_blocks(self._base + t.offset, t.nbytes, t.type, rows, t.shape[#t.shape], q, s), 2)
+   C.check(lib.ml_unpack_ggml_blocks(self._base + t.offset, t.nbytes, t.type, rows_of(t), t.shape[#t.shape], q, s), 2)
    return Tensor.wrap(q[0]), Tensor.wrap(s[0]), UNPACKED[t.type] == "int8" and 8 or 4
 end
 
