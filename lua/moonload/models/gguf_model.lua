@@ -160,9 +160,9 @@ local function read_tensors(f, cfg, arch)
       end
    end
    if r.embed_bits and cfg.tie_word_embeddings then
-      -- the head reads the embedding's int8 / int4 tensors (one copy, as llama.cpp reads them)
+      -- the head reads the embedding's int8 / int4 tensors (one copy, as llama.cpp reads them;
+      -- loading fills them through the tie, scales included)
       r.quantized["lm_head"] = r.embed_bits
-      r.sd["lm_head.weight"], r.sd["lm_head.weight_scale"] = r.sd["model.embed_tokens.weight"], r.sd["model.embed_tokens.weight_scale"]
    end
    return r
 end
