@@ -8,7 +8,8 @@
 -- Environment: BENCH_THREADS (default: all cores), BENCH_REPEATS (3), BENCH_PROMPT (overrides
 -- both lengths), BENCH_DTYPE (float32 | bfloat16 | int8 | int4; default all four). int8 and int4:
 -- ml.quantize over the bfloat16 model (int8 or int4 weights, bfloat16 activations), both next to
--- PyTorch's dynamic int8 quantization of the float32 model (PyTorch has no int4 CPU path of its own).
+-- PyTorch's dynamic int8 quantization of the float32 model (PyTorch has no int4 CPU path of its own);
+-- their decode is timed again with int8 activations (ml.set_quantized_activations).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -47,6 +48,13 @@ local function run(dtype, prompt_len)
       bench = "llama_decode", threads = threads, dtype = dtype, prompt = prompt_len, new_tokens = NEW,
       prefill_s = prefill_s, generate_s = total_s, decode_tokens_per_s = (NEW - 1) / decode_s,
    }
+   -- int8, int4: decoding again with the activations rounded to int8 (ml.set_quantized_activations)
+   if dtype == "int8" or dtype == "int4" then
+      ml.set_quantized_activations("int8")
+      local rounded_s = B.best(repeats, function() return model:generate(prompt, { max_new_tokens = NEW, eos_token_id = false }) end)
+      ml.set_quantized_activations("float32")
+      result.decode_tokens_per_s_int8_activations = (NEW - 1) / math.max(rounded_s - prefill_s, 1e-9)
+   end
    if B.have_python() then
       local ok, peer = pcall(B.run_json, string.format(
          "%s bench/llama_decode.py --threads %d --repeats %d --prompt %d --new %d --dtype %s",
@@ -55,6 +63,9 @@ local function run(dtype, prompt_len)
          result.peer = peer
          result.prefill_ratio = prefill_s / peer.prefill_s                                -- < 1: moonload faster
          result.decode_speedup = result.decode_tokens_per_s / peer.decode_tokens_per_s    -- > 1: moonload faster
+         if result.decode_tokens_per_s_int8_activations then
+            result.decode_speedup_int8_activations = result.decode_tokens_per_s_int8_activations / peer.decode_tokens_per_s
+         end
       else
          result.peer_note = "peer failed: " .. tostring(peer)
       end

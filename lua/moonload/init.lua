@@ -31,6 +31,29 @@ end
 function ml.set_num_threads(n) lib.ml_set_num_threads(n) end
 function ml.get_num_threads() return lib.ml_get_num_threads() end
 
+--- set_quantized_activations("int8" | "float32") -> previous: how int8 and int4 linears meet up
+-- to 4 rows of activations (decoding) on the CPU. "int8" rounds each row to int8 in blocks of 32
+-- and multiplies integers, as llama.cpp does: faster, with a second rounding. "float32" (the
+-- default, or MOONLOAD_QUANTIZED_ACTIVATIONS=int8 at start) widens the weights instead.
+local activation_bits = { float32 = 0, int8 = 8 }
+function ml.set_quantized_activations(dtype)
+   local bits = activation_bits[dtype]
+   if not bits then
+      error("set_quantized_activations: expected \"int8\" or \"float32\", got " .. tostring(dtype), 2)
+   end
+   local previous = ml.get_quantized_activations()
+   C.check(lib.ml_set_quantized_activations(bits))
+   return previous
+end
+
+function ml.get_quantized_activations()
+   return lib.ml_get_quantized_activations() == 8 and "int8" or "float32"
+end
+
+if os.getenv("MOONLOAD_QUANTIZED_ACTIVATIONS") then
+   ml.set_quantized_activations(os.getenv("MOONLOAD_QUANTIZED_ACTIVATIONS"))
+end
+
 --- Bytes moonload holds on a device now and at most since the last reset: in_use, peak.
 function ml.memory_allocated(device)
    local d = Tensor.parse_device("memory_allocated", device or "cpu")

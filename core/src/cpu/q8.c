@@ -2,7 +2,8 @@
    in_features (the layout of llama.cpp's Q8_0, scales kept in float32). ml_quantize_q8 makes them
    from a float weight (scale = max |w| / 127 over the block, values rounded to nearest);
    ml_q8_linear multiplies. Decoding (at most 4 rows) reads each weight byte once and widens it in
-   registers: a quarter of float32's bytes, half of bfloat16's. More rows widen panels of output
+   registers: a quarter of float32's bytes, half of bfloat16's; with ml_set_quantized_activations(8)
+   the rows are rounded to int8 instead and meet the weights in integer dots (cpu/q8_dot.c). More rows widen panels of output
    columns into float32 (bfloat16 for a bfloat16 input on an AVX512-BF16 CPU) and go through the
    GEMM. ml_quantize_q8_into and ml_dequantize_q8 round rows of any tensor the same way, in blocks
    of any width along the last dim, into strided slots (the int8 key-value cache). int4 weights
@@ -10,6 +11,7 @@
    through the same column and panel code with 16 bytes a block instead of 32. Tensors on a GPU
    go to the CUDA backend (cuda/q8.cu), which keeps these layouts. */
 #include "cpu/gemm.h"
+#include "cpu/q8_dot.h"
 #include "cpu/rows.h"
 
 #include <math.h>
@@ -23,22 +25,9 @@
 #define ML_Q8_SIMD 1
 #endif
 
-enum { Q8_BLOCK = 32, Q8_MAX_ROWS = 4, Q8_COLS = 64, Q8_PANEL = 256 };
+enum { Q8_BLOCK = ML_Q8_DOT_BLOCK, Q8_MAX_ROWS = ML_Q8_DOT_MAX_ROWS, Q8_COLS = 64, Q8_PANEL = 256 };
 
 // --- quantize -------------------------------------------------------------------------------------
-
-/* One block of b values: its scale (max |x| / 127) and the values rounded to nearest; the GPU
-   kernels (cuda/q8.cu) do the same float operations, so both give the same bytes. */
-static inline float quantize_block(const float *x, int64_t b, int8_t *q, int64_t qs) {
-  float amax = 0;
-  for (int64_t i = 0; i < b; i++) amax = fmaxf(amax, fabsf(x[i]));
-  float inv = amax > 0 ? 127.0f / amax : 0.0f;
-  if (qs == 1)
-    for (int64_t i = 0; i < b; i++) q[i] = (int8_t)rintf(x[i] * inv);   /* (rintf: half to even, vectorized) */
-  else
-    for (int64_t i = 0; i < b; i++) q[i * qs] = (int8_t)rintf(x[i] * inv);
-  return amax / 127.0f;
-}
 
 ml_status ml_quantize_q8(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) {
   char sw[ML_SHAPE_BUF];
@@ -139,9 +128,21 @@ ml_status ml_quantize_q4(const ml_tensor *w, ml_tensor **q, ml_tensor **scales) 
 
 // --- few rows: weights widened in registers ------------------------------------------------------
 
+static int activation_bits = 0;   /* ml_set_quantized_activations */
+
+ml_status ml_set_quantized_activations(int bits) {
+  if (bits != 0 && bits != 8)
+    return ml_fail(ML_EINVAL, "set_quantized_activations: bits must be 0 (float32 activations) or 8 (int8), got %d", bits);
+  activation_bits = bits;
+  return ML_OK;
+}
+
+int ml_get_quantized_activations(void) { return activation_bits; }
+
 typedef struct {
   int64_t M, N, K;
   const float *a;              /* M x K float32, contiguous */
+  const ml_q8_rows *a8;        /* the same rows rounded to int8, or NULL (float activations) */
   const uint8_t *q;            /* N x K int8, or N x K/2 packed int4 (bits 4) */
   const float *scales;         /* N x K/32 */
   const float *bias;           /* N, or NULL */
@@ -217,9 +218,9 @@ static void q8_column_dots(const q8_job *j, int64_t n, float *out) {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 /* The same dots 16 lanes wide on AVX-512 CPUs: a block is two widenings and two FMAs a row. */
-__attribute__((target("avx512f")))
-static void q8_column_dots_512(const q8_job *j, int64_t n, float *out) {
-  int64_t K = j->K, M = j->M, nb = K / Q8_BLOCK, bb = Q8_BLOCK * j->bits / 8;
+__attribute__((target("avx512f"), always_inline))
+static inline void column_dots_512_rows(const q8_job *j, int64_t n, float *out, const int64_t M) {
+  int64_t K = j->K, nb = K / Q8_BLOCK, bb = Q8_BLOCK * j->bits / 8;
   const uint8_t *col = j->q + n * nb * bb;
   const float *sc = j->scales + n * nb;
   __m512 acc[Q8_MAX_ROWS];
@@ -246,6 +247,17 @@ static void q8_column_dots_512(const q8_job *j, int64_t n, float *out) {
   }
   for (int64_t m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
+
+/* With the row count a constant the accumulators stay in registers. */
+__attribute__((target("avx512f")))
+static void q8_column_dots_512(const q8_job *j, int64_t n, float *out) {
+  switch (j->M) {
+  case 1: column_dots_512_rows(j, n, out, 1); break;
+  case 2: column_dots_512_rows(j, n, out, 2); break;
+  case 3: column_dots_512_rows(j, n, out, 3); break;
+  default: column_dots_512_rows(j, n, out, Q8_MAX_ROWS);
+  }
+}
 #define ML_HAVE_Q8_512 1
 
 static bool have_avx512(void) {
@@ -261,7 +273,14 @@ static void q8_columns(void *ctx, int64_t begin, int64_t end) {
   size_t oe = ml_dtype_size(j->cdt);
   for (int64_t blk = begin; blk < end; blk++) {
     int64_t n0 = blk * Q8_COLS, w = j->N - n0 < Q8_COLS ? j->N - n0 : Q8_COLS;
-    for (int64_t i = 0; i < w; i++) {
+    if (j->a8) {                 /* int8 activations: the integer dots of cpu/q8_dot.c */
+      int64_t nb = j->K / Q8_BLOCK;
+      ml_q8_dot_columns(j->a8, j->q + n0 * nb * (Q8_BLOCK * j->bits / 8), j->scales + n0 * nb, j->bits, w, &acc[0][0],
+                        Q8_COLS);
+      for (int64_t m = 0; m < j->M; m++)
+        for (int64_t i = 0; i < w && j->bias; i++) acc[m][i] += j->bias[n0 + i];
+    }
+    for (int64_t i = 0; i < w && !j->a8; i++) {
 #if ML_HAVE_Q8_512
       if (have_avx512()) q8_column_dots_512(j, n0 + i, dots);
       else
@@ -353,7 +372,8 @@ static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, 
   const ml_tensor *xs;
   ml_status st = ml_fold_rows(x, &xs, &xc, &rows, &rs);
   if (st) { ml_tensor_release(o); return st; }
-  float *bias = NULL, *a = NULL;
+  float *bias = NULL, *a = NULL, *a8_scales = NULL;
+  int8_t *a8_values = NULL;
   void *panel = NULL;
   if (rows == 0) goto done;
   if (b) {
@@ -372,7 +392,17 @@ static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, 
     for (int64_t m = 0; m < rows; m++)
       ml_row_load(a + m * K, ML_FLOAT32, (const uint8_t *)ml_tensor_data(xs) + m * rs * (int64_t)xe, xs->dtype, K,
                   xs->strides[xs->ndim - 1]);
-    q8_job j = {rows, N, K, a, ml_tensor_data(q), ml_tensor_data(scales), bias, ml_tensor_data(o), cdt, N, bits};
+    ml_q8_rows a8 = {rows, K, NULL, NULL};
+    if (activation_bits == 8) {
+      if (!(a8.values = a8_values = malloc((size_t)(rows * K))) ||
+          !(a8.scales = a8_scales = malloc((size_t)(rows * K / Q8_BLOCK) * sizeof(float)))) {
+        st = ml_fail(ML_ENOMEM, "%s: out of memory for %lld rows of int8 activations", fn, (long long)rows);
+        goto done;
+      }
+      ml_q8_round_rows(a, rows, K, a8_values, a8_scales);
+    }
+    q8_job j = {rows, N, K, a, activation_bits == 8 ? &a8 : NULL, ml_tensor_data(q), ml_tensor_data(scales), bias,
+                ml_tensor_data(o), cdt, N, bits};
     ml_parallel_for((N + Q8_COLS - 1) / Q8_COLS, Q8_COLS * rows * K / 4 + 1, q8_columns, &j);
     goto done;
   }
@@ -398,6 +428,8 @@ static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, 
 done:
   free(bias);
   free(a);
+  free(a8_values);
+  free(a8_scales);
   ml_aligned_free(panel);
   ml_tensor_release(xc);
   if (st) { ml_tensor_release(o); return st; }
@@ -492,7 +524,7 @@ static void quantize_rows_of(void *ctx, int64_t begin, int64_t end) {
     for (int64_t k0 = 0; k0 < D; k0 += per) {
       int64_t n = D - k0 < per ? D - k0 : per;
       ml_row_load(row, ML_FLOAT32, xr + k0 * xs * (int64_t)xe, j->x->dtype, n, xs);
-      for (int64_t i = 0; i < n; i += b) sr[(k0 + i) / b * ss] = quantize_block(row + i, b, qr + (k0 + i) * qs, qs);
+      for (int64_t i = 0; i < n; i += b) sr[(k0 + i) / b * ss] = ml_q8_round_block(row + i, b, qr + (k0 + i) * qs, qs);
     }
   }
 }
