@@ -9,7 +9,7 @@
 -- both lengths), BENCH_DTYPE (float32 | bfloat16 | int8 | int4; default all four). int8 and int4:
 -- ml.quantize over the bfloat16 model (int8 or int4 weights, bfloat16 activations), both next to
 -- PyTorch's dynamic int8 quantization of the float32 model (PyTorch has no int4 CPU path of its own);
--- their decode is timed again with int8 activations (ml.set_quantized_activations).
+-- their prefill and decode are timed again with int8 activations (ml.set_quantized_activations).
 package.path = "lua/?.lua;lua/?/init.lua;bench/lib/?.lua;" .. package.path
 local ml = require("moonload")
 local C = require("moonload.C")
@@ -51,9 +51,11 @@ local function run(dtype, prompt_len)
    -- int8, int4: decoding again with the activations rounded to int8 (ml.set_quantized_activations)
    if dtype == "int8" or dtype == "int4" then
       ml.set_quantized_activations("int8")
+      local rounded_prefill_s = B.best(repeats, function() return model(input, { logits_to_keep = 1 }) end)
       local rounded_s = B.best(repeats, function() return model:generate(prompt, { max_new_tokens = NEW, eos_token_id = false }) end)
       ml.set_quantized_activations("float32")
-      result.decode_tokens_per_s_int8_activations = (NEW - 1) / math.max(rounded_s - prefill_s, 1e-9)
+      result.prefill_s_int8_activations = rounded_prefill_s
+      result.decode_tokens_per_s_int8_activations = (NEW - 1) / math.max(rounded_s - rounded_prefill_s, 1e-9)
    end
    if B.have_python() then
       local ok, peer = pcall(B.run_json, string.format(
@@ -65,6 +67,7 @@ local function run(dtype, prompt_len)
          result.decode_speedup = result.decode_tokens_per_s / peer.decode_tokens_per_s    -- > 1: moonload faster
          if result.decode_tokens_per_s_int8_activations then
             result.decode_speedup_int8_activations = result.decode_tokens_per_s_int8_activations / peer.decode_tokens_per_s
+            result.prefill_ratio_int8_activations = result.prefill_s_int8_activations / peer.prefill_s
          end
       else
          result.peer_note = "peer failed: " .. tostring(peer)

@@ -66,16 +66,40 @@ describe("int8 activations for quantized linears", function()
       end)
    end
 
-   it("keeps float activations for more than 4 rows (the GEMM path)", function()
-      ml.manual_seed(3)
-      local q, s = F.quantize_q8(ml.randn(40, 64))
-      local x = ml.randn(5, 64)
-      local floats = F.q8_linear(x, q, s)
-      ml.set_quantized_activations("int8")
-      assert.is_true(ml.equal(F.q8_linear(x, q, s), floats))
-   end)
+   for _, bits in ipairs({ 8, 4 }) do
+      it("multiplies int" .. bits .. " weights by many rounded rows (a prompt), as float products of the same values", function()
+         ml.manual_seed(50 + bits)
+         local quantize, linear = quantizers[bits][1], quantizers[bits][2]
+         ml.set_quantized_activations("int8")
+         -- rows past a multiple of the kernel's 4 and 64, columns past a multiple of 32, one block or seven
+         for _, case in ipairs({ { 5, 37, 224 }, { 70, 64, 32 }, { 133, 100, 96 } }) do
+            local M, N, K = case[1], case[2], case[3]
+            local w, b = ml.randn(N, K), ml.randn(N)
+            local q, s = quantize(w)
+            local x = ml.randn(M, K) * 2
+            local got = linear(x, q, s, b)
+            assert.are.same({ M, N }, got.shape)
+            assert.is_true(rel(got:to("float64"), reference(x, q, s, b, bits)) < 1e-6, table.concat(case, " x "))
+            ml.set_quantized_activations("float32")
+            local floats = linear(x, q, s, b)
+            ml.set_quantized_activations("int8")
+            assert.is_true(rel(got, floats) < 0.02, table.concat(case, " x "))
+         end
+         -- a strided input (a transposed view), bfloat16, batched, no bias
+         local w = ml.randn(48, 64)
+         local q, s = quantize(w)
+         local xt = ml.randn(64, 9):t()
+         assert.is_false(xt:is_contiguous())
+         assert.is_true(rel(linear(xt, q, s):to("float64"), reference(xt:contiguous(), q, s, nil, bits)) < 1e-6)
+         local xb = ml.randn(3, 6, 64):to("bfloat16")
+         local yb = linear(xb, q, s)
+         assert.are.equal("bfloat16", yb.dtype)
+         assert.are.same({ 3, 6, 48 }, yb.shape)
+         assert.is_true(rel(yb:to("float64"), reference(xb, q, s, nil, bits)) < 1e-2)
+      end)
+   end
 
-   it("gives the same sums on the AVX512-VNNI, AVX2 and plain C paths", function()
+   it("gives the same products on the AVX512-VNNI, AVX2 and plain C paths", function()
       -- each path in its own process (MOONLOAD_Q8_DOT picks a narrower one than the CPU's)
       local script = os.tmpname()
       local f = assert(io.open(script, "w"))
@@ -90,7 +114,7 @@ describe("int8 activations for quantized linears", function()
          q8[3][5] = -128
          local q4, s4 = F.quantize_q4(w)
          local out = {}
-         for M = 1, 4 do
+         for _, M in ipairs({ 1, 2, 3, 4, 5, 70 }) do       -- the dots, then the GEMM
             local x = ml.randn(M, 160) * 5
             out[#out + 1] = F.q8_linear(x, q8, s8):tolist()
             out[#out + 1] = F.q4_linear(x, q4, s4):tolist()
@@ -111,7 +135,7 @@ describe("int8 activations for quantized linears", function()
       os.remove(script)
       -- the two SIMD paths add the same integer lanes in the same order: equal to the bit
       assert.are.same(widest, avx2)
-      -- plain C adds the blocks one by one
+      -- plain C adds the blocks of a few rows' dots in another order
       for i = 1, #widest do
          assert.is_true(rel(ml.tensor(plain_c[i]), ml.tensor(widest[i])) < 1e-5, "product " .. i)
       end

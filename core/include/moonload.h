@@ -244,10 +244,10 @@ ML_API ml_status ml_quantize_q4(const ml_tensor *w, ml_tensor **q, ml_tensor **s
 ML_API ml_status ml_q4_linear(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                               ml_tensor **out);
 ML_API ml_status ml_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out);
-/* How ml_q8_linear and ml_q4_linear meet up to 4 rows of activations on the CPU: bits 0 widens
-   the weights to float32 (the default), bits 8 rounds the activations to int8 in blocks of 32
-   (as ml_quantize_q8 rounds weights) and multiplies integers, as llama.cpp does: faster on a few
-   cores, with a second rounding. Other bits: ML_EINVAL. The GPU kernels keep float activations. */
+/* How ml_q8_linear and ml_q4_linear meet their input on the CPU: bits 0 widens the weights to
+   float (the default), bits 8 rounds the input rows to int8 in blocks of 32 (as ml_quantize_q8
+   rounds weights) and multiplies integers, as llama.cpp and PyTorch's dynamic int8 do: faster,
+   with a second rounding. Other bits: ML_EINVAL. The GPU kernels keep float activations. */
 ML_API ml_status ml_set_quantized_activations(int bits);
 ML_API int ml_get_quantized_activations(void);
 /* llama.cpp's GGUF blocks (cpu/ggml_blocks.c): rows x cols values of ggml type 8 (Q8_0) or 2 (Q4_0)

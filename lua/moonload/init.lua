@@ -31,10 +31,10 @@ end
 function ml.set_num_threads(n) lib.ml_set_num_threads(n) end
 function ml.get_num_threads() return lib.ml_get_num_threads() end
 
---- set_quantized_activations("int8" | "float32") -> previous: how int8 and int4 linears meet up
--- to 4 rows of activations (decoding) on the CPU. "int8" rounds each row to int8 in blocks of 32
--- and multiplies integers, as llama.cpp does: faster, with a second rounding. "float32" (the
--- default, or MOONLOAD_QUANTIZED_ACTIVATIONS=int8 at start) widens the weights instead.
+--- set_quantized_activations("int8" | "float32") -> previous: how int8 and int4 linears meet
+-- their input on the CPU. "int8" (or MOONLOAD_QUANTIZED_ACTIVATIONS=int8 at start) rounds each
+-- row to int8 in blocks of 32 and multiplies integers, as llama.cpp and PyTorch's dynamic int8
+-- do: faster, with a second rounding. "float32", the default, widens the weights instead.
 local activation_bits = { float32 = 0, int8 = 8 }
 function ml.set_quantized_activations(dtype)
    local bits = activation_bits[dtype]

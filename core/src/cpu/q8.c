@@ -2,13 +2,14 @@
    in_features (the layout of llama.cpp's Q8_0, scales kept in float32). ml_quantize_q8 makes them
    from a float weight (scale = max |w| / 127 over the block, values rounded to nearest);
    ml_q8_linear multiplies. Decoding (at most 4 rows) reads each weight byte once and widens it in
-   registers: a quarter of float32's bytes, half of bfloat16's; with ml_set_quantized_activations(8)
-   the rows are rounded to int8 instead and meet the weights in integer dots (cpu/q8_dot.c). More rows widen panels of output
+   registers: a quarter of float32's bytes, half of bfloat16's. More rows widen panels of output
    columns into float32 (bfloat16 for a bfloat16 input on an AVX512-BF16 CPU) and go through the
    GEMM. ml_quantize_q8_into and ml_dequantize_q8 round rows of any tensor the same way, in blocks
    of any width along the last dim, into strided slots (the int8 key-value cache). int4 weights
    (ml_quantize_q4, ml_q4_linear, ml_dequantize_q4; llama.cpp's Q4_0 layout, see moonload.h) go
-   through the same column and panel code with 16 bytes a block instead of 32. Tensors on a GPU
+   through the same column and panel code with 16 bytes a block instead of 32. With
+   ml_set_quantized_activations(8) the input rows are rounded to int8 instead and meet the weights
+   in integer products: cpu/q8_dot.c for up to 4 rows, cpu/q8_gemm.c for more. Tensors on a GPU
    go to the CUDA backend (cuda/q8.cu), which keeps these layouts. */
 #include "cpu/gemm.h"
 #include "cpu/q8_dot.h"
@@ -408,8 +409,12 @@ static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, 
   }
   /* a bfloat16 input on a CPU that multiplies bfloat16 pairs: the panels are widened to bfloat16
      (a second rounding of each weight, below its int8 step) for that GEMM, as a bfloat16 layer's */
-  int64_t width = N < Q8_PANEL ? N : Q8_PANEL;
   ml_mref A = {ml_tensor_data(xs), xs->dtype, rs, xs->strides[xs->ndim - 1]};
+  if (activation_bits == 8) {     /* int8 activations: cpu/q8_gemm.c */
+    st = ml_q8_gemm(fn, bits, rows, N, K, A, ml_tensor_data(q), ml_tensor_data(scales), bias, ml_tensor_data(o), cdt, N);
+    goto done;
+  }
+  int64_t width = N < Q8_PANEL ? N : Q8_PANEL;
   bool bf16 = ml_bf16_gemm_applies(rows, K, ML_FLOAT32, A, (ml_mref){NULL, ML_BFLOAT16, 1, K});
   size_t pe = bf16 ? sizeof(uint16_t) : sizeof(float);
   if (!(panel = ml_aligned_alloc((size_t)(width * K) * pe))) {

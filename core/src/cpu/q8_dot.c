@@ -128,15 +128,20 @@ static void dot_columns_vnni(const ml_q8_rows *x, const uint8_t *columns, const 
   DOT_COLUMNS(dot_vnni)
 }
 
-/* The widest path this CPU has; MOONLOAD_Q8_DOT=avx2 or =c picks a narrower one (to compare). */
-static int dot_path(void) {
+#endif
+
+int ml_q8_dot_path(void) {
   static atomic_int path = -1;
   int p = atomic_load_explicit(&path, memory_order_relaxed);
   if (p < 0) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__GNUC__)
     const char *env = getenv("MOONLOAD_Q8_DOT");
-    p = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") ? 2 : 1;
-    if (env && !strcmp(env, "avx2")) p = 1;
-    if (env && !strcmp(env, "c")) p = 0;
+    p = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") ? ML_Q8_DOT_VNNI : ML_Q8_DOT_AVX2;
+    if (env && !strcmp(env, "avx2")) p = ML_Q8_DOT_AVX2;
+    if (env && !strcmp(env, "c")) p = ML_Q8_DOT_C;
+#else
+    p = ML_Q8_DOT_C;
+#endif
     atomic_store_explicit(&path, p, memory_order_relaxed);
   }
   return p;
@@ -144,15 +149,11 @@ static int dot_path(void) {
 
 void ml_q8_dot_columns(const ml_q8_rows *x, const uint8_t *columns, const float *scales, int bits, int64_t n,
                        float *out, int64_t ldo) {
-  switch (dot_path()) {
-  case 2: dot_columns_vnni(x, columns, scales, bits, n, out, ldo); break;
-  case 1: dot_columns_avx2(x, columns, scales, bits, n, out, ldo); break;
+  switch (ml_q8_dot_path()) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__GNUC__)
+  case ML_Q8_DOT_VNNI: dot_columns_vnni(x, columns, scales, bits, n, out, ldo); break;
+  case ML_Q8_DOT_AVX2: dot_columns_avx2(x, columns, scales, bits, n, out, ldo); break;
+#endif
   default: dot_columns_c(x, columns, scales, bits, n, out, ldo);
   }
 }
-#else
-void ml_q8_dot_columns(const ml_q8_rows *x, const uint8_t *columns, const float *scales, int bits, int64_t n,
-                       float *out, int64_t ldo) {
-  dot_columns_c(x, columns, scales, bits, n, out, ldo);
-}
-#endif
