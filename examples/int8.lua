@@ -2,7 +2,7 @@
 -- folder back (its int8 weights are views of the file: nothing to quantize), and generate with
 -- an int8 key-value cache. Prints the times, the bytes, and whether the reloaded model gives the
 -- same logits. Then the same model with int4 weights (half int8's bytes): its size, its speed, and
--- how often its top token agrees with the float model's.
+-- how often its top token agrees with the float model's; and both with int8 activations.
 --
 --    luajit examples/int8.lua [dir]     (default: the demo's GPT-2-small-shaped checkpoint,
 --                                        written by examples/demo.lua --write-only)
@@ -89,3 +89,14 @@ local t_gen, out = timed(function() return q4:generate(prompt, { max_new_tokens 
 print(string.format("from_pretrained with quantize = \"int4\": %.3f s; linear weights %s; top token as the float model's at %s of %d positions; generate %d tokens: %.3f s (%.1f tokens/s) -> %s",
    t_q4, mb(q4_bytes), table.concat(agree, ", "), #prompt, new, t_gen, new / t_gen,
    table.concat({ unpack(out, #prompt + 1) }, " ")))
+
+-- 6. int8 activations: the input rows rounded to int8 as well, integer products (faster on the CPU)
+for _, m in ipairs({ { "int8", model }, { "int4", q4 } }) do
+   local t_float = timed(function() return m[2]:generate(prompt, { max_new_tokens = new }) end)
+   ml.set_quantized_activations("int8")
+   local t_int8, rounded = timed(function() return m[2]:generate(prompt, { max_new_tokens = new }) end)
+   local top = m[2](ids):argmax(3):eq(float_top):sum():item()
+   ml.set_quantized_activations("float32")
+   print(string.format("%s weights with int8 activations: generate %d tokens %.3f s against %.3f s (%.2fx); top token as the float model's at %d of %d positions -> %s",
+      m[1], new, t_int8, t_float, t_float / t_int8, top, #prompt, table.concat({ unpack(rounded, #prompt + 1) }, " ")))
+end

@@ -203,6 +203,9 @@ describe("examples/int8.lua", function()
       assert.are.equal(3, #toks, out)                  -- the float cache, the int8 cache, int4 weights
       assert.are.equal(toks[1], toks[2])
       assert.truthy(out:find('quantize = "int4": [%d.]+ s; linear weights [%d.]+ MB; top token as the float model\'s at int8 %d+, int4 %d+ of 12 positions'), out)
+      for _, w in ipairs({ "int8", "int4" }) do
+         assert.truthy(out:find(w .. " weights with int8 activations: generate 16 tokens [%d.]+ s against [%d.]+ s %([%d.]+x%); top token as the float model's at %d+ of 12 positions %-> [%d ]+"), out)
+      end
    end)
 end)
 
