@@ -111,6 +111,49 @@ describe("generation config", function()
       H.rmdir(dir)
    end)
 
+   it("max_length and min_length count the prompt too, the new-token counts winning, as transformers", function()
+      local model = ml.models.from_pretrained(FIXTURE)
+      local nolimit = { eos_token_id = false }
+      local function with(extra)
+         local o = { eos_token_id = false }
+         for k, v in pairs(extra) do o[k] = v end
+         return model:generate(PROMPT, o)
+      end
+      assert.are.same({ unpack(free, 1, 10) }, with({ max_length = 10 }))
+      assert.are.same({ unpack(free, 1, #PROMPT + 3) }, with({ max_length = 10, max_new_tokens = 3 }))
+      local log = require("moonload.utils.log")
+      local warned = {}
+      local prev = log.set_warning_handler(function(msg) warned[#warned + 1] = msg end)
+      local ok, short = pcall(with, { max_length = 3 })
+      log.set_warning_handler(prev)
+      assert(ok, short)
+      assert.are.same(PROMPT, short)                                  -- not longer than the prompt: nothing new
+      assert.truthy(warned[1]:find("generate: max_length 3 is not more than the prompt's 4 tokens", 1, true), warned[1])
+      local gpt2 = ml.models.from_pretrained(H.FIX .. "/gpt2_tiny")
+      assert.has_error(function() gpt2:generate(PROMPT, { max_length = gpt2:max_length() + 1 }) end,
+         ("generate: prompt of 4 tokens + max_new_tokens %d exceeds the model's %d positions"):format(gpt2:max_length() - 3, gpt2:max_length()))
+      assert.has_error(function() with({ max_length = 0 }) end, "generate: max_length must be an integer >= 1, got 0")
+      assert.has_error(function() with({ min_length = -1 }) end, "generate: min_length must be an integer >= 0, got -1")
+      -- min_length: the eos id banned until the sequence holds that many tokens (here 5 new)
+      local eos = free[#PROMPT + 3]
+      local banned = model:generate(PROMPT, { max_new_tokens = 8, eos_token_id = eos, min_new_tokens = 5 })
+      assert.are.same(banned, model:generate(PROMPT, { max_new_tokens = 8, eos_token_id = eos, min_length = #PROMPT + 5 }))
+      assert.are.same({ unpack(free, 1, #PROMPT + 3) },
+         model:generate(PROMPT, { max_new_tokens = 8, eos_token_id = eos, min_length = #PROMPT + 5, min_new_tokens = 0 }))
+      -- from generation_config.json: its max_length (capped at the config's 64 positions) and min_length
+      local dir = folder_with({ max_length = 9 })
+      assert.are.same({ unpack(free, 1, 9) }, ml.models.from_pretrained(dir):generate(PROMPT, nolimit))
+      H.rmdir(dir)
+      dir = folder_with({ max_length = 32768 })
+      assert.are.equal(64, #ml.models.from_pretrained(dir):generate(PROMPT, nolimit))
+      H.rmdir(dir)
+      dir = folder_with({ max_length = 9, max_new_tokens = 2, eos_token_id = eos, min_length = #PROMPT + 5 })
+      local m2 = ml.models.from_pretrained(dir)
+      assert.are.same({ unpack(free, 1, #PROMPT + 2) }, m2:generate(PROMPT))
+      assert.are.same(banned, m2:generate(PROMPT, { max_new_tokens = 8 }))
+      H.rmdir(dir)
+   end)
+
    it("is saved by save_model and read back", function()
       local dir = folder_with({ eos_token_id = { 5, 7 }, do_sample = true, temperature = 0.6 })
       local out = H.tmpdir()

@@ -31,6 +31,8 @@ local function check_opts(opts)
    end
    int_opt("max_new_tokens", 0)
    int_opt("min_new_tokens", 0)
+   int_opt("max_length", 1)
+   int_opt("min_length", 0)
    int_opt("top_k", 1)
    int_opt("seed", 0)
    int_opt("pad_token_id", 0)
@@ -59,7 +61,7 @@ local function check_opts(opts)
    if penalty ~= nil and (type(penalty) ~= "number" or not (penalty > 0)) then
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
    end
-   local known = { max_new_tokens = true, min_new_tokens = true, temperature = true, top_k = true, top_p = true, seed = true,
+   local known = { max_new_tokens = true, min_new_tokens = true, max_length = true, min_length = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
@@ -81,7 +83,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype)',
             WHO, tostring(k)), 3)
       end
    end
@@ -192,8 +194,17 @@ function M.generate(model, input_ids, opts)
    local vocab = model.config.vocab_size
    common.check_vocab(ids, vocab, WHO)
    local B, L = ids:size(1), ids:size(2)
-   local max_new = opts.max_new_tokens or 20
+   -- max_new_tokens, else max_length (prompt included) as transformers counts it, else 20
    local limit = model:max_length()
+   local max_new = opts.max_new_tokens
+   if max_new == nil and opts.max_length then
+      max_new = math.max(opts.max_length - L, 0)
+      if max_new == 0 then
+         log.warn(string.format("%s: max_length %d is not more than the prompt's %d tokens: nothing is generated (max_new_tokens counts new tokens only)",
+            WHO, opts.max_length, L))
+      end
+   end
+   max_new = max_new or 20
    if limit and L + max_new > limit then
       error(string.format("%s: prompt of %d tokens + max_new_tokens %d exceeds the model's %d positions",
          WHO, L, max_new, limit), 2)
@@ -247,7 +258,7 @@ function M.generate(model, input_ids, opts)
    local logits = model(ids, step_opts(L, L))                  -- (B, 1, vocab)
    -- min_new_tokens: the eos ids cannot be picked before that many new tokens (transformers'
    -- MinNewTokensLengthLogitsProcessor)
-   local min_new, eos_ban = opts.min_new_tokens or 0, nil
+   local min_new, eos_ban = opts.min_new_tokens or math.max((opts.min_length or 0) - L, 0), nil
    if eos and min_new > 0 then                                 -- (1, vocab): which ids end a row
       eos_ban = is_eos(T.arange(vocab, { device = logits.device }):view(1, vocab), eos)
    end

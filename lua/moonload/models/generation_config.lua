@@ -44,8 +44,8 @@ function M.of(model)
 end
 
 --- defaults(model, opts) -> opts with what the call left out taken from the model's generation
--- config: eos_token_id (false: none), pad_token_id, max_new_tokens, min_new_tokens,
--- repetition_penalty; and when
+-- config: eos_token_id (false: none), pad_token_id, max_new_tokens or max_length, min_new_tokens
+-- or min_length, repetition_penalty; and when
 -- sampling is on without a temperature (do_sample = true, from the call or else the config), the
 -- config's temperature, top_k and top_p (transformers' defaults 1.0, 50 and 1.0 for those it
 -- leaves out).
@@ -56,8 +56,22 @@ function M.defaults(model, opts)
    if out.eos_token_id == nil then out.eos_token_id = gc.eos_token_id end
    if out.eos_token_id == false then out.eos_token_id = nil end
    if out.pad_token_id == nil then out.pad_token_id = gc.pad_token_id end
-   if out.max_new_tokens == nil then out.max_new_tokens = gc.max_new_tokens end
-   if out.min_new_tokens == nil then out.min_new_tokens = gc.min_new_tokens end
+   -- lengths: the call's new-token counts, else its total lengths, else the config's (its
+   -- max_new_tokens before its max_length, as transformers reads them)
+   if out.max_new_tokens == nil and out.max_length == nil then
+      out.max_new_tokens = gc.max_new_tokens
+      if out.max_new_tokens == nil and gc.max_length ~= nil then
+         -- (often the context the model was trained with, or transformers' 20: never more
+         -- positions than the model has, or than its config says it was trained for)
+         local cfg = type(model.config) == "table" and model.config or {}
+         local limit = model.max_length and model:max_length() or tonumber(cfg.max_position_embeddings)
+         out.max_length = limit and math.min(gc.max_length, limit) or gc.max_length
+      end
+   end
+   if out.min_new_tokens == nil and out.min_length == nil then
+      out.min_new_tokens = gc.min_new_tokens
+      if out.min_new_tokens == nil then out.min_length = gc.min_length end
+   end
    if out.repetition_penalty == nil then out.repetition_penalty = gc.repetition_penalty end
    local sample = out.do_sample
    if sample == nil then sample = gc.do_sample end
