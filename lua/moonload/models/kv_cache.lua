@@ -34,7 +34,7 @@ function Cache.new(n_layers, capacity, device, dtype)
    end
    -- start[i]: the position of the key in slot 1 of layer i's buffers; ks, vs: int8 scales
    return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, device = device, dtype = dtype,
-      k = {}, v = {}, ks = {}, vs = {}, start = {} }, Cache)
+      k = {}, v = {}, ks = {}, vs = {}, start = {}, window = {} }, Cache)
 end
 
 --- The values per scale of an int8 cache for head dim D: the largest width up to 32 dividing D.
@@ -112,6 +112,7 @@ function Cache:update(i, k, v, window, block)
       end
    end
    self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i] = bufs[1], bufs[2], bufs[3], bufs[4], start
+   self.window[i] = window
    local used = past - start
    local first = keep_from - start + 1
    local seen = {}
@@ -163,7 +164,7 @@ end
 
 --- Frees layer i's buffers (a forward's own cache, once the layer is done).
 function Cache:drop_layer(i)
-   self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i] = nil, nil, nil, nil, nil
+   self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i], self.window[i] = nil, nil, nil, nil, nil, nil
 end
 
 --- Bytes the cache's buffers hold now (keys, values and int8 scales, every layer).
@@ -173,6 +174,32 @@ function Cache:nbytes()
       for _, b in pairs(list) do n = n + b:nbytes() end
    end
    return n
+end
+
+--- can_crop(n) -> whether crop(n) can keep every key the tokens from n on may see: a
+-- sliding-window layer lets go of keys older than its window, so it can go back only to a
+-- length whose window it still holds.
+function Cache:can_crop(n)
+   if type(n) ~= "number" or n ~= math.floor(n) or n < 0 or n > self.length then return false end
+   for i, start in pairs(self.start) do
+      local window = self.window[i]
+      if start > 0 and window and start > math.max(0, n - window + 1) then return false, i end
+   end
+   return true
+end
+
+--- crop(n): forgets the tokens after the first n (assisted generation drops the draft tokens the
+-- model did not accept); the next forward writes over their slots.
+function Cache:crop(n)
+   if type(n) ~= "number" or n ~= math.floor(n) or n < 0 or n > self.length then
+      error(string.format("KVCache: crop to %s tokens, expected an integer in 0..%d (the length)", tostring(n), self.length), 2)
+   end
+   local ok, layer = self:can_crop(n)
+   if not ok then
+      error(string.format("KVCache: layer %d no longer holds the keys of its window before position %d: cannot crop it back to %d tokens",
+         layer, self.start[layer], n), 2)
+   end
+   self.length = n
 end
 
 --- Called by the model once all layers have seen a step of L tokens.

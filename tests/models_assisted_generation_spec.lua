@@ -1,0 +1,121 @@
+-- Assisted generation (models/assisted_generation.lua, generate's assistant_model): the output is
+-- the model's own greedy output, token for token, whatever the draft proposes; what changes is
+-- the number of the model's forwards. Also KVCache:crop, which it relies on.
+local ml = require("moonload")
+local H = require("models_helpers")
+
+local PROMPT = { 3, 17, 5, 9 }
+
+local function model(name, opts) return ml.models.from_pretrained(H.FIX .. "/" .. name, opts) end
+
+describe("assisted generation", function()
+   local main = model("llama_tiny_untied")
+   local plain = main:generate(PROMPT, { max_new_tokens = 40, eos_token_id = false })
+
+   it("gives the model's greedy tokens with any draft, in fewer forwards the more it accepts", function()
+      local drafts = {
+         { "itself", main, 40 },                              -- accepts everything
+         { "its int4 copy", model("llama_tiny_untied", { quantize = "int4" }), 40 },
+         { "another model", model("llama_tiny_tied"), 40 },  -- accepts (almost) nothing
+      }
+      local forwards = {}
+      for _, d in ipairs(drafts) do
+         local stats = {}
+         local got = main:generate(PROMPT, { max_new_tokens = 40, eos_token_id = false, assistant_model = d[2],
+            assistant_stats = stats })
+         assert.are.same(plain, got, d[1])
+         assert.is_true(stats.accepted <= stats.proposed, d[1])
+         forwards[#forwards + 1] = stats.forwards
+         -- every new token comes from an accepted proposal or from one of the model's forwards
+         assert.are.equal(40, stats.accepted + stats.forwards, d[1])
+      end
+      -- itself: the prompt's forward, then rounds of 5, 7, 9, 11 proposals (two more after each
+      -- full acceptance), each adding one of its own, and 2 for the last 3 tokens
+      assert.are.equal(6, forwards[1])
+      assert.is_true(forwards[1] < forwards[2] and forwards[2] < forwards[3], table.concat(forwards, ", "))
+   end)
+
+   it("takes the input forms, stops at eos, keeps min_new_tokens, streams with on_token", function()
+      local draft = model("llama_tiny_untied", { quantize = "int8" })
+      local eos = plain[#PROMPT + 7]
+      local want = main:generate(PROMPT, { max_new_tokens = 40, eos_token_id = eos })
+      assert.are.same(want, main:generate(PROMPT, { max_new_tokens = 40, eos_token_id = eos, assistant_model = draft }))
+      local banned = main:generate(PROMPT, { max_new_tokens = 20, eos_token_id = eos, min_new_tokens = 10 })
+      assert.are.same(banned, main:generate(PROMPT, { max_new_tokens = 20, eos_token_id = eos, min_new_tokens = 10,
+         assistant_model = draft }))
+      local seen = {}
+      local got = main:generate({ PROMPT }, { max_new_tokens = 12, eos_token_id = false, assistant_model = draft,
+         on_token = function(ids, step) seen[#seen + 1] = ids[1]; if step == 9 then return false end end })
+      assert.are.same({ { unpack(plain, 1, #PROMPT + 9) } }, got)
+      assert.are.same({ unpack(plain, #PROMPT + 1, #PROMPT + 9) }, seen)
+      local t = main:generate(ml.tensor({ PROMPT }, { dtype = "int64" }), { max_new_tokens = 3, eos_token_id = false,
+         assistant_model = draft })
+      assert.are.same({ 1, #PROMPT + 3 }, t.shape)
+      for _, n in ipairs({ 0, 1, 2 }) do
+         assert.are.same({ unpack(plain, 1, #PROMPT + n) },
+            main:generate(PROMPT, { max_new_tokens = n, eos_token_id = false, assistant_model = draft }))
+      end
+   end)
+
+   it("crops sliding-window caches and an int8 cache (Mistral, Qwen2 windows of 4 and 3)", function()
+      for _, name in ipairs({ "mistral_tiny", "qwen2_tiny" }) do
+         local m = model(name)
+         local want = m:generate(PROMPT, { max_new_tokens = 30, eos_token_id = false })
+         for _, draft in ipairs({ m, model(name, { quantize = "int4" }) }) do
+            assert.are.same(want, m:generate(PROMPT, { max_new_tokens = 30, eos_token_id = false, assistant_model = draft }), name)
+         end
+         local q8 = m:generate(PROMPT, { max_new_tokens = 30, eos_token_id = false, kv_cache_dtype = "int8" })
+         assert.are.same(q8, m:generate(PROMPT, { max_new_tokens = 30, eos_token_id = false, kv_cache_dtype = "int8",
+            assistant_model = m }), name)
+      end
+   end)
+
+   it("names what it cannot do", function()
+      local function err(opts)
+         opts.assistant_model = opts.assistant_model == nil and main or opts.assistant_model
+         local ok, e = pcall(main.generate, main, PROMPT, opts)
+         assert.is_false(ok)
+         return e
+      end
+      assert.truthy(err({ assistant_model = {} }):find("generate: assistant_model must be a causal language model", 1, true))
+      assert.truthy(err({ do_sample = true }):find("generate: assistant_model verifies greedy picks and does not sample", 1, true))
+      assert.truthy(err({ temperature = 0.7 }):find("does not sample", 1, true))
+      assert.truthy(err({ repetition_penalty = 1.2 }):find("generate: assistant_model does not support repetition_penalty", 1, true))
+      assert.truthy(err({ num_assistant_tokens = 0 }):find("generate: num_assistant_tokens must be an integer >= 1, got 0", 1, true))
+      local ok, e = pcall(main.generate, main, { PROMPT, PROMPT }, { assistant_model = main })
+      assert.is_false(ok)
+      assert.truthy(e:find("generate: assistant_model takes one prompt at a time, got a batch of 2", 1, true), e)
+      -- a config that samples: the call can turn it off
+      assert.are.same({ unpack(plain, 1, #PROMPT + 5) }, main:generate(PROMPT, { max_new_tokens = 5, eos_token_id = false,
+         assistant_model = main, do_sample = false, temperature = 0.7 }))
+   end)
+end)
+
+describe("KVCache:crop", function()
+   it("forgets the last tokens, so a forward after it sees only the first ones", function()
+      local m = model("llama_tiny_untied")
+      local ids = ml.tensor({ { 3, 17, 5, 9, 44, 61 } }, { dtype = "int64" })
+      local want = m(ids:narrow(2, 1, 5))
+      local cache = m:new_cache(16)
+      m(ids, { cache = cache })
+      assert.are.equal(6, cache.length)
+      cache:crop(4)
+      local got = m(ids:narrow(2, 5, 1), { cache = cache })
+      assert.is_true(ml.allclose(got:select(2, 1), want:select(2, 5), 1e-5, 1e-5))
+      assert.has_error(function() cache:crop(6) end, "KVCache: crop to 6 tokens, expected an integer in 0..5 (the length)")
+   end)
+
+   it("refuses to go back past what a sliding window kept", function()
+      local m = model("mistral_tiny")                         -- window 4
+      local cache = m:new_cache(8)
+      local ids = {}
+      for i = 1, 12 do ids[i] = (i * 7) % 100 end
+      m(ml.tensor({ { unpack(ids, 1, 8) } }, { dtype = "int64" }), { cache = cache })
+      for i = 9, 12 do m(ml.tensor({ { ids[i] } }, { dtype = "int64" }), { cache = cache }) end
+      assert.is_true(cache:can_crop(12))
+      assert.is_false(cache:can_crop(2))
+      local ok, e = pcall(cache.crop, cache, 2)
+      assert.is_false(ok)
+      assert.truthy(e:find("no longer holds the keys of its window", 1, true), e)
+   end)
+end)
