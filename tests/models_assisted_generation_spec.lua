@@ -119,3 +119,21 @@ describe("KVCache:crop", function()
       assert.truthy(e:find("no longer holds the keys of its window", 1, true), e)
    end)
 end)
+
+describe("assisted generation on cuda #cuda", function()
+   it("gives the model's greedy tokens with the model over cuda:0, cpu and disk and the draft on the CPU", function()
+      local dir = H.tmpdir()
+      local m = model("llama_tiny_untied", { offload_folder = dir, device_map = { ["model.embed_tokens"] = 0,
+         ["model.layers.0"] = 0, ["model.layers.1"] = "disk", ["model.norm"] = "cpu", ["model.rotary_emb"] = 0, lm_head = 0 } })
+      local want = m:generate(PROMPT, { max_new_tokens = 20, eos_token_id = false })
+      local stats = {}
+      local got = m:generate(PROMPT, { max_new_tokens = 20, eos_token_id = false, kv_cache_dtype = "int8",
+         assistant_model = model("llama_tiny_untied", { quantize = "int4" }), assistant_stats = stats })
+      assert.are.same(m:generate(PROMPT, { max_new_tokens = 20, eos_token_id = false, kv_cache_dtype = "int8" }), got)
+      assert.is_true(stats.forwards < 20)
+      -- and a draft on the GPU too
+      assert.are.same(want, m:generate(PROMPT, { max_new_tokens = 20, eos_token_id = false,
+         assistant_model = model("llama_tiny_untied", { device_map = { [""] = 0 } }) }))
+      H.rmdir(dir)
+   end)
+end)
