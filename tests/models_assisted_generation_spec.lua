@@ -85,7 +85,12 @@ describe("assisted generation", function()
       local ok, e = pcall(main.generate, main, { PROMPT, PROMPT }, { assistant_model = main })
       assert.is_false(ok)
       assert.truthy(e:find("generate: assistant_model takes one prompt at a time, got a batch of 2", 1, true), e)
-      -- a config that samples: the call can turn it off
+      local ok2, e2 = pcall(main.generate, main, PROMPT, { assistant_model = main, attention_mask = { { 0, 1, 1, 1 } } })
+      assert.is_false(ok2)
+      assert.truthy(e2:find("generate: assistant_model does not support a padding attention_mask", 1, true), e2)
+      -- a tokenizer's all-ones mask is fine; a config that samples: the call can turn it off
+      assert.are.same({ unpack(plain, 1, #PROMPT + 3) }, main:generate(PROMPT, { max_new_tokens = 3, eos_token_id = false,
+         assistant_model = main, attention_mask = { { 1, 1, 1, 1 } } }))
       assert.are.same({ unpack(plain, 1, #PROMPT + 5) }, main:generate(PROMPT, { max_new_tokens = 5, eos_token_id = false,
          assistant_model = main, do_sample = false, temperature = 0.7 }))
    end)

@@ -37,6 +37,19 @@ describe("int8 activations for quantized linears", function()
          'set_quantized_activations: expected "int8" or "float32", got nil')
    end)
 
+   it("reads MOONLOAD_QUANTIZED_ACTIVATIONS at start, naming a bad value", function()
+      local luajit = os.getenv("LUAJIT") or "luajit"
+      local function run(value)
+         local p = io.popen(("MOONLOAD_QUANTIZED_ACTIVATIONS=%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' %s -e "
+            .. "'io.write(require(\"moonload\").get_quantized_activations())' 2>&1"):format(value, luajit))
+         local out = p:read("*a")
+         p:close()
+         return out
+      end
+      assert.are.equal("int8", run("int8"))
+      assert.truthy(run("int16"):find('MOONLOAD_QUANTIZED_ACTIVATIONS must be "int8" or "float32", got int16', 1, true))
+   end)
+
    for _, bits in ipairs({ 8, 4 }) do
       it("multiplies int" .. bits .. " weights by 1 to 4 rounded rows, as float products of the same values", function()
          ml.manual_seed(40 + bits)

@@ -50,8 +50,12 @@ function ml.get_quantized_activations()
    return lib.ml_get_quantized_activations() == 8 and "int8" or "float32"
 end
 
-if os.getenv("MOONLOAD_QUANTIZED_ACTIVATIONS") then
-   ml.set_quantized_activations(os.getenv("MOONLOAD_QUANTIZED_ACTIVATIONS"))
+local activations_env = os.getenv("MOONLOAD_QUANTIZED_ACTIVATIONS")
+if activations_env and activations_env ~= "" then
+   if not activation_bits[activations_env] then
+      error('MOONLOAD_QUANTIZED_ACTIVATIONS must be "int8" or "float32", got ' .. activations_env, 2)
+   end
+   ml.set_quantized_activations(activations_env)
 end
 
 --- Bytes moonload holds on a device now and at most since the last reset: in_use, peak.

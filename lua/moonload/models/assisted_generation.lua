@@ -18,7 +18,6 @@ local WHO = "generate"
 -- Options assisted generation does not take, with why.
 local UNSUPPORTED = {
    repetition_penalty = "repetition_penalty",
-   attention_mask = "attention_mask (one prompt, no padding)",
    micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
 }
 
@@ -32,6 +31,14 @@ function M.check(model, draft, opts, B)
       local v = opts[k]
       if v ~= nil and v ~= false and not (k == "repetition_penalty" and v == 1) then
          error(string.format("%s: assistant_model does not support %s", WHO, what), 4)
+      end
+   end
+   -- (a tokenizer's mask of one unpadded prompt is all ones: nothing to mask)
+   local mask = opts.attention_mask
+   if mask ~= nil then
+      local t = type(mask) == "table" and mask.numel == nil and T.tensor(mask, { dtype = "int64" }) or mask
+      if t:eq(0):sum():item() > 0 then
+         error(WHO .. ": assistant_model does not support a padding attention_mask (one prompt, no padding)", 4)
       end
    end
    if opts.do_sample == true or (opts.temperature and opts.temperature > 0 and opts.do_sample ~= false) then
