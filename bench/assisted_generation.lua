@@ -2,8 +2,10 @@
 -- pages are evicted after each layer, as for a model larger than RAM), drafted by its own int4
 -- copy held in RAM. Greedy decode of NEW tokens after a 64-token prompt, plain and with
 -- assistant_model, in the same run: the same tokens, the model's forwards, the draft's
--- acceptance, and the tokens/s ratio. The Llama-shaped model (8 layers, d=1024, GQA 16/4, vocab
--- 32000, random weights, bfloat16: 500 MB) is written once to a folder (BENCH_DIR, default
+-- acceptance, and the tokens/s ratio; next to transformers' assisted generation over accelerate's
+-- disk offload with a dynamic-int8 draft (bench/assisted_generation_peer.py, BENCH_PYTHON) in the
+-- same run. The Llama-shaped model (8 layers, d=1024, GQA 16/4, vocab
+-- 32000, random weights, bfloat16: 300 MB) is written once to a folder (BENCH_DIR, default
 -- /tmp/moonload_bench_assist). Prints one JSON object.
 -- Environment: BENCH_NEW (default 48), BENCH_DRAFT (int4 | int8, default int4), BENCH_DROP_PAGES
 -- (the hooks' page-drop level, default 2: evicted after each layer; 0: the page cache keeps them),
@@ -54,11 +56,22 @@ local assisted = model:generate(prompt, { max_new_tokens = NEW, eos_token_id = f
 local assisted_s = B.now() - t0
 local same = table.concat(plain, " ") == table.concat(assisted, " ")
 
-print(require("cjson").encode({
+-- the peer: transformers' assisted generation over accelerate's disk offload, the same folder
+local peer, note = B.run_peer(string.format("bench/assisted_generation_peer.py decode --dir %s --new %d --threads %d --drop-pages %d",
+   dir, NEW, ml.get_num_threads(), DROP))
+local result = {
    bench = "assisted_generation", new_tokens = NEW, draft = DRAFT, draft_activations = ACTIVATIONS, drop_pages = DROP, threads = ml.get_num_threads(),
    plain_s = plain_s, plain_tokens_per_s = NEW / plain_s, plain_forwards = NEW,
    assisted_s = assisted_s, assisted_tokens_per_s = NEW / assisted_s, assisted_forwards = stats.forwards,
    draft_forwards = stats.draft_forwards, proposed = stats.proposed, accepted = stats.accepted,
    speedup = plain_s / assisted_s, same_tokens = same,
-}))
+}
+if peer then
+   result.peer = peer
+   result.plain_speedup_vs_peer = result.plain_tokens_per_s / peer.plain_tokens_per_s         -- > 1: moonload faster
+   result.assisted_speedup_vs_peer = result.assisted_tokens_per_s / peer.assisted_tokens_per_s
+else
+   result.peer_note = note
+end
+print(require("cjson").encode(result))
 assert(same, "assisted generation gave other tokens than plain greedy decoding")
