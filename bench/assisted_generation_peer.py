@@ -21,20 +21,7 @@ import time
 
 import torch
 
-
-def versions():
-    import accelerate
-    import transformers
-    return {"accelerate": accelerate.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def evict(paths):
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from big_model_peer import evict, versions  # (page-cache eviction, library versions)
 
 
 def decode(args):
