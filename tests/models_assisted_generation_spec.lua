@@ -70,9 +70,29 @@ describe("assisted generation", function()
       end
    end)
 
+   it("takes proposals from the sequence itself with prompt_lookup_num_tokens, the same tokens again", function()
+      for _, name in ipairs({ "llama_tiny_untied", "gpt2_tiny", "mistral_tiny" }) do
+         local m = model(name)
+         local want = m:generate(PROMPT, { max_new_tokens = 60, eos_token_id = false })
+         local stats = {}
+         assert.are.same(want, m:generate(PROMPT, { max_new_tokens = 60, eos_token_id = false, prompt_lookup_num_tokens = 10,
+            assistant_stats = stats }), name)
+         assert.are.equal(60, stats.accepted + stats.forwards, name)
+         assert.are.equal(0, stats.draft_forwards)
+         if name == "gpt2_tiny" then                          -- its greedy output repeats itself: lookups hit
+            assert.is_true(stats.accepted >= 10, name .. ": " .. stats.accepted .. " accepted")
+         end
+         for _, ngram in ipairs({ 1, 3 }) do
+            assert.are.same(want, m:generate(PROMPT, { max_new_tokens = 60, eos_token_id = false, prompt_lookup_num_tokens = 4,
+               max_matching_ngram_size = ngram }), name)
+         end
+      end
+   end)
+
    it("names what it cannot do", function()
       local function err(opts)
-         opts.assistant_model = opts.assistant_model == nil and main or opts.assistant_model
+         if opts.assistant_model == nil then opts.assistant_model = main end
+         if opts.assistant_model == "none" then opts.assistant_model = nil end
          local ok, e = pcall(main.generate, main, PROMPT, opts)
          assert.is_false(ok)
          return e
@@ -82,6 +102,10 @@ describe("assisted generation", function()
       assert.truthy(err({ temperature = 0.7 }):find("does not sample", 1, true))
       assert.truthy(err({ repetition_penalty = 1.2 }):find("generate: assistant_model does not support repetition_penalty", 1, true))
       assert.truthy(err({ num_assistant_tokens = 0 }):find("generate: num_assistant_tokens must be an integer >= 1, got 0", 1, true))
+      assert.truthy(err({ prompt_lookup_num_tokens = 3 }):find("generate: assistant_model and prompt_lookup_num_tokens are two ways of proposing tokens: pass one", 1, true))
+      assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 2.5 }):find("generate: prompt_lookup_num_tokens must be an integer >= 1, got 2.5", 1, true))
+      assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, max_matching_ngram_size = 0 }):find("generate: max_matching_ngram_size must be an integer >= 1, got 0", 1, true))
+      assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, do_sample = true }):find("generate: prompt_lookup_num_tokens verifies greedy picks", 1, true))
       local ok, e = pcall(main.generate, main, { PROMPT, PROMPT }, { assistant_model = main })
       assert.is_false(ok)
       assert.truthy(e:find("generate: assistant_model takes one prompt at a time, got a batch of 2", 1, true), e)

@@ -1,6 +1,7 @@
 --- Assisted generation (transformers' generate(assistant_model = ...), speculative decoding with
--- greedy verification): a small draft model proposes a few tokens one at a time, and the model
--- checks them all in one forward, keeping those it would have picked itself and adding its own
+-- greedy verification): a small draft model proposes a few tokens one at a time (or, with
+-- prompt_lookup_num_tokens, the sequence's own earlier continuation of its last n-gram), and
+-- the model checks them all in one forward, keeping those it would have picked itself and adding its own
 -- next one. The output is the model's own greedy output; what changes is how many forwards of
 -- the model it takes. That pays most where a forward costs about the same for one token as for
 -- a few: a model whose weights stream from the CPU or the disk (hooks.lua) reads them once per
@@ -21,16 +22,32 @@ local UNSUPPORTED = {
    micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
 }
 
---- check(model, draft, opts, B) -> errors naming what assisted generation cannot do here.
-function M.check(model, draft, opts, B)
-   if type(draft) ~= "table" or type(draft.new_cache) ~= "function" or type(draft.forward) ~= "function" then
+local function int_opt(opts, name)
+   local n = opts[name]
+   if n ~= nil and (type(n) ~= "number" or n ~= math.floor(n) or n < 1) then
+      error(string.format("%s: %s must be an integer >= 1, got %s", WHO, name, tostring(n)), 5)
+   end
+end
+
+--- check(model, opts, B) -> errors naming what assisted generation (opts.assistant_model or
+-- opts.prompt_lookup_num_tokens) cannot do here.
+function M.check(model, opts, B)
+   local draft = opts.assistant_model
+   local what = draft ~= nil and "assistant_model" or "prompt_lookup_num_tokens"
+   if draft ~= nil and opts.prompt_lookup_num_tokens ~= nil then
+      error(WHO .. ": assistant_model and prompt_lookup_num_tokens are two ways of proposing tokens: pass one", 4)
+   end
+   if draft ~= nil and (type(draft) ~= "table" or type(draft.new_cache) ~= "function" or type(draft.forward) ~= "function") then
       error(WHO .. ": assistant_model must be a causal language model (with a key-value cache), got " .. type(draft), 4)
    end
-   if B ~= 1 then error(string.format("%s: assistant_model takes one prompt at a time, got a batch of %d", WHO, B), 4) end
-   for k, what in pairs(UNSUPPORTED) do
+   int_opt(opts, "prompt_lookup_num_tokens")
+   int_opt(opts, "max_matching_ngram_size")
+   int_opt(opts, "num_assistant_tokens")
+   if B ~= 1 then error(string.format("%s: %s takes one prompt at a time, got a batch of %d", WHO, what, B), 4) end
+   for k, unsupported in pairs(UNSUPPORTED) do
       local v = opts[k]
       if v ~= nil and v ~= false and not (k == "repetition_penalty" and v == 1) then
-         error(string.format("%s: assistant_model does not support %s", WHO, what), 4)
+         error(string.format("%s: %s does not support %s", WHO, what, unsupported), 4)
       end
    end
    -- (a tokenizer's mask of one unpadded prompt is all ones: nothing to mask)
@@ -38,20 +55,16 @@ function M.check(model, draft, opts, B)
    if mask ~= nil then
       local t = type(mask) == "table" and mask.numel == nil and T.tensor(mask, { dtype = "int64" }) or mask
       if t:eq(0):sum():item() > 0 then
-         error(WHO .. ": assistant_model does not support a padding attention_mask (one prompt, no padding)", 4)
+         error(string.format("%s: %s does not support a padding attention_mask (one prompt, no padding)", WHO, what), 4)
       end
    end
    if opts.do_sample == true or (opts.temperature and opts.temperature > 0 and opts.do_sample ~= false) then
-      error(WHO .. ": assistant_model verifies greedy picks and does not sample (do_sample or a temperature > 0, "
-         .. "perhaps from the model's generation config: pass do_sample = false)", 4)
-   end
-   local n = opts.num_assistant_tokens
-   if n ~= nil and (type(n) ~= "number" or n ~= math.floor(n) or n < 1) then
-      error(string.format("%s: num_assistant_tokens must be an integer >= 1, got %s", WHO, tostring(n)), 4)
+      error(string.format("%s: %s verifies greedy picks and does not sample (do_sample or a temperature > 0, "
+         .. "perhaps from the model's generation config: pass do_sample = false)", WHO, what), 4)
    end
    for _, m in ipairs({ model, draft }) do
       if m.recompute_cache_at and m:recompute_cache_at() then
-         error(WHO .. ": assistant_model does not support LongRoPE models (their cache is rebuilt mid-generation)", 4)
+         error(string.format("%s: %s does not support LongRoPE models (their cache is rebuilt mid-generation)", WHO, what), 4)
       end
    end
 end
@@ -70,19 +83,77 @@ local function picks(logits, eos_ban, ban_first)
    return rows:argmax(2):tolist()
 end
 
---- run(model, draft, prompt, s) -> the generated ids (a list, prompt first). s: max_new, min_new,
--- eos (an id or a list, or nil), eos_ban ((1, vocab) bool or nil), on_token, kv_device,
--- kv_dtype, num_assistant_tokens, stats (a table that gets forwards and accepted counts).
-function M.run(model, draft, prompt, s)
+-- Proposal sources: propose(seq, k) -> up to k ids to follow seq; kept(n): the model kept the
+-- first n tokens of the sequence (the rest of what was proposed is gone); next_k(k, accepted,
+-- proposed): the next round's count.
+
+--- A draft model with its own cache (transformers' AssistedCandidateGenerator).
+local function draft_source(draft, capacity, stats)
+   local cache = draft:new_cache(capacity)
+   local src = {}
+   function src.propose(seq, k)
+      if cache.length > #seq - 1 then cache = draft:new_cache(capacity) end   -- (a window kept it from cropping)
+      local unseen, out = { unpack(seq, cache.length + 1) }, {}
+      for i = 1, k do                 -- the tokens it has not seen yet (at least the last one), then one at a time
+         local logits = draft(ids_tensor(unseen), { cache = cache, logits_to_keep = 1 })
+         stats.draft_forwards = stats.draft_forwards + 1
+         out[i] = logits:select(2, -1):argmax(2):item()
+         unseen = { out[i] }
+      end
+      return out
+   end
+   function src.kept(n)
+      if cache.length > n and cache:can_crop(n) then cache:crop(n) end
+   end
+   function src.next_k(k, accepted, proposed)                 -- transformers' "heuristic" schedule
+      return accepted == proposed and k + 2 or math.max(1, k - 1)
+   end
+   return src
+end
+
+--- The tokens that followed the earliest earlier occurrence of the sequence's last n-gram (n from
+-- max_ngram down to 1): transformers' prompt lookup decoding, which pays where the output
+-- repeats the input (summaries, edits of code, extraction).
+local function lookup_source(max_ngram)
+   local src = {}
+   function src.propose(seq, k)
+      local len = #seq
+      for n = math.min(max_ngram, len - 1), 1, -1 do
+         for start = 1, len - n do                             -- windows before the last n tokens
+            local hit = true
+            for i = 0, n - 1 do
+               if seq[start + i] ~= seq[len - n + 1 + i] then hit = false break end
+            end
+            if hit then return { unpack(seq, start + n, math.min(len, start + n + k - 1)) } end
+         end
+      end
+      return {}
+   end
+   function src.kept() end
+   function src.next_k(k) return k end
+   return src
+end
+
+--- run(model, prompt, s) -> the generated ids (a list, prompt first). s: max_new, min_new, eos (an
+-- id or a list, or nil), eos_ban ((1, vocab) bool or nil), on_token, kv_device, kv_dtype, and
+-- either draft (a model) with num_assistant_tokens, or prompt_lookup_num_tokens with
+-- max_matching_ngram_size; stats (a table that gets forwards, draft_forwards, proposed and
+-- accepted counts).
+function M.run(model, prompt, s)
    local L, max_new = #prompt, s.max_new
    local seq = { unpack(prompt) }
    local is_eos = {}
    for _, id in ipairs(type(s.eos) == "table" and s.eos or { s.eos }) do is_eos[id] = true end
-   -- (a round's forward ends with at most max_new - 1 new tokens cached)
-   local cache = model:new_cache(L + max_new, s.kv_device, s.kv_dtype)
-   local draft_cache = draft:new_cache(L + max_new)
    local stats = s.stats or {}
    stats.forwards, stats.draft_forwards, stats.proposed, stats.accepted = 0, 0, 0, 0
+   -- (a round's forward ends with at most max_new - 1 new tokens cached)
+   local cache = model:new_cache(L + max_new, s.kv_device, s.kv_dtype)
+   local source, k_next
+   if s.draft then
+      source, k_next = draft_source(s.draft, L + max_new, stats), s.num_assistant_tokens or 5
+   else
+      source, k_next = lookup_source(s.max_matching_ngram_size or 2), s.prompt_lookup_num_tokens
+   end
 
    local finished = false
    local function emit(tok)                                   -- false once generation ends
@@ -98,24 +169,10 @@ function M.run(model, draft, prompt, s)
    local first = picks(logits, s.eos_ban, s.min_new)[1]
    if max_new == 0 then return seq end
    emit(first)
-   local k_next = s.num_assistant_tokens or 5
    while not finished do
       local n_new = #seq - L
       local k = math.min(k_next, max_new - n_new - 1)
-      -- the draft: the tokens it has not seen yet (at least the last one), then k - 1 more
-      local proposal = {}
-      if k > 0 then
-         if draft_cache.length > #seq - 1 then                 -- (a sliding window kept it from cropping)
-            draft_cache = draft:new_cache(L + max_new)
-         end
-         local unseen = { unpack(seq, draft_cache.length + 1) }
-         for i = 1, k do
-            local dl = draft(ids_tensor(unseen), { cache = draft_cache, logits_to_keep = 1 })
-            stats.draft_forwards = stats.draft_forwards + 1
-            proposal[i] = dl:select(2, -1):argmax(2):item()
-            unseen = { proposal[i] }
-         end
-      end
+      local proposal = k > 0 and source.propose(seq, k) or {}
       -- the model: the last token and the proposal in one forward, a pick after each
       local before = cache.length                              -- = #seq - 1
       local feed = { seq[#seq], unpack(proposal) }
@@ -125,18 +182,14 @@ function M.run(model, draft, prompt, s)
       local accepted = 0
       while accepted < #proposal and mine[accepted + 1] == proposal[accepted + 1] do accepted = accepted + 1 end
       stats.proposed, stats.accepted = stats.proposed + #proposal, stats.accepted + accepted
-      -- keep the cache up to the last accepted token; the model's own next pick comes after it
+      -- keep the caches up to the last accepted token; the model's own next pick comes after it
       cache:crop(before + 1 + accepted)
-      if draft_cache.length > before + 1 + accepted and draft_cache:can_crop(before + 1 + accepted) then
-         draft_cache:crop(before + 1 + accepted)
-      end
+      source.kept(before + 1 + accepted)
       for i = 1, accepted do
          if not emit(proposal[i]) then break end
       end
       if not finished then emit(mine[accepted + 1]) end
-      if #proposal > 0 then
-         k_next = accepted == #proposal and k_next + 2 or math.max(1, k_next - 1)
-      end
+      if #proposal > 0 then k_next = source.next_k(k_next, accepted, #proposal) end
    end
    return seq
 end

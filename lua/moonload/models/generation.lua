@@ -62,7 +62,8 @@ local function check_opts(opts)
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
    end
    local known = { max_new_tokens = true, min_new_tokens = true, max_length = true, min_length = true,
-      assistant_model = true, num_assistant_tokens = true, assistant_stats = true, temperature = true, top_k = true, top_p = true, seed = true,
+      assistant_model = true, num_assistant_tokens = true, assistant_stats = true, prompt_lookup_num_tokens = true,
+      max_matching_ngram_size = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
@@ -84,7 +85,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size)',
             WHO, tostring(k)), 3)
       end
    end
@@ -169,7 +170,8 @@ end
 
 --- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, seed, do_sample,
 -- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
--- kv_cache_device, kv_cache_dtype, max_length, min_length, assistant_model, num_assistant_tokens, assistant_stats}])
+-- kv_cache_device, kv_cache_dtype, max_length, min_length, assistant_model, num_assistant_tokens, assistant_stats,
+-- prompt_lookup_num_tokens, max_matching_ngram_size}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
@@ -178,7 +180,8 @@ end
 -- called with each step's new id per row (a list); returning false ends generation there.
 -- max_length and min_length count the prompt too (transformers' lengths); max_new_tokens and
 -- min_new_tokens win over them. assistant_model (one prompt, greedy) drafts tokens the model
--- checks several at a time: models/assisted_generation.lua.
+-- checks several at a time, and prompt_lookup_num_tokens takes them from the sequence itself:
+-- models/assisted_generation.lua.
 -- eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced one is finished and
 -- continues with pad_token_id (else the first eos id); generation stops when every row is.
 -- Options left out come from the model's generation config (models/generation_config.lua:
@@ -213,16 +216,18 @@ function M.generate(model, input_ids, opts)
       error(string.format("%s: prompt of %d tokens + max_new_tokens %d exceeds the model's %d positions",
          WHO, L, max_new, limit), 2)
    end
-   if opts.assistant_model ~= nil then
+   if opts.assistant_model ~= nil or opts.prompt_lookup_num_tokens ~= nil then
       local assisted = require("moonload.models.assisted_generation")
-      assisted.check(model, opts.assistant_model, opts, B)
+      assisted.check(model, opts, B)
       local eos = opts.eos_token_id
       local min_new = opts.min_new_tokens or math.max((opts.min_length or 0) - L, 0)
       local eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil
-      local seq = assisted.run(model, opts.assistant_model, ids:tolist()[1], {
+      local seq = assisted.run(model, ids:tolist()[1], {
          max_new = max_new, min_new = min_new, eos = eos, eos_ban = eos_ban, on_token = opts.on_token,
          kv_device = hooks.norm_device(opts.kv_cache_device), kv_dtype = opts.kv_cache_dtype,
-         num_assistant_tokens = opts.num_assistant_tokens, stats = opts.assistant_stats })
+         draft = opts.assistant_model, num_assistant_tokens = opts.num_assistant_tokens,
+         prompt_lookup_num_tokens = opts.prompt_lookup_num_tokens, max_matching_ngram_size = opts.max_matching_ngram_size,
+         stats = opts.assistant_stats })
       return shape_output(T.tensor({ seq }, { dtype = "int64" }), form)
    end
    -- A device map planned with reserve_for budgeted this much cache and activation memory.
