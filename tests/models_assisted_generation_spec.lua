@@ -98,25 +98,100 @@ describe("assisted generation", function()
          return e
       end
       assert.truthy(err({ assistant_model = {} }):find("generate: assistant_model must be a causal language model", 1, true))
-      assert.truthy(err({ do_sample = true }):find("generate: assistant_model verifies greedy picks and does not sample", 1, true))
-      assert.truthy(err({ temperature = 0.7 }):find("does not sample", 1, true))
       assert.truthy(err({ repetition_penalty = 1.2 }):find("generate: assistant_model does not support repetition_penalty", 1, true))
       assert.truthy(err({ num_assistant_tokens = 0 }):find("generate: num_assistant_tokens must be an integer >= 1, got 0", 1, true))
       assert.truthy(err({ prompt_lookup_num_tokens = 3 }):find("generate: assistant_model and prompt_lookup_num_tokens are two ways of proposing tokens: pass one", 1, true))
       assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 2.5 }):find("generate: prompt_lookup_num_tokens must be an integer >= 1, got 2.5", 1, true))
       assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, max_matching_ngram_size = 0 }):find("generate: max_matching_ngram_size must be an integer >= 1, got 0", 1, true))
-      assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, do_sample = true }):find("generate: prompt_lookup_num_tokens verifies greedy picks", 1, true))
+      assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, repetition_penalty = 1.3 }):find("generate: prompt_lookup_num_tokens does not support repetition_penalty", 1, true))
       local ok, e = pcall(main.generate, main, { PROMPT, PROMPT }, { assistant_model = main })
       assert.is_false(ok)
       assert.truthy(e:find("generate: assistant_model takes one prompt at a time, got a batch of 2", 1, true), e)
       local ok2, e2 = pcall(main.generate, main, PROMPT, { assistant_model = main, attention_mask = { { 0, 1, 1, 1 } } })
       assert.is_false(ok2)
       assert.truthy(e2:find("generate: assistant_model does not support a padding attention_mask", 1, true), e2)
-      -- a tokenizer's all-ones mask is fine; a config that samples: the call can turn it off
+      -- a tokenizer's all-ones mask is fine; do_sample = false turns a temperature's sampling off
       assert.are.same({ unpack(plain, 1, #PROMPT + 3) }, main:generate(PROMPT, { max_new_tokens = 3, eos_token_id = false,
          assistant_model = main, attention_mask = { { 1, 1, 1, 1 } } }))
       assert.are.same({ unpack(plain, 1, #PROMPT + 5) }, main:generate(PROMPT, { max_new_tokens = 5, eos_token_id = false,
          assistant_model = main, do_sample = false, temperature = 0.7 }))
+   end)
+end)
+
+describe("speculative sampling", function()
+   local assisted = require("moonload.models.assisted_generation")
+
+   -- Frequencies of the token standing at a round's first position over n rounds: the proposal
+   -- drawn from q (or the fixed `certain`), kept or replaced by speculative_pick.
+   local function frequencies(p, q, certain, n)
+      local P, Q = ml.tensor({ p, p }), q and ml.tensor({ q }) or nil
+      local counts = {}
+      for i = 1, #p do counts[i] = 0 end
+      local function uniform() return ml.rand({ 1 }):item() end
+      for _ = 1, n do
+         local x = certain or Q:select(1, 1):view(1, #p):multinomial():item()
+         local kept, nxt = assisted.speculative_pick(P, Q, { x }, uniform)
+         local tok = kept == 1 and x or nxt
+         counts[tok + 1] = counts[tok + 1] + 1
+      end
+      for i = 1, #p do counts[i] = counts[i] / n end
+      return counts
+   end
+
+   it("stands a proposal or replaces it so that the tokens come out as the model's own distribution", function()
+      ml.manual_seed(5)
+      local p = { 0.5, 0.2, 0.15, 0.1, 0.05 }
+      local n = 10000                                         -- (a frequency's sd: at most 0.005)
+      for _, case in ipairs({ { q = { 0.1, 0.1, 0.3, 0.3, 0.2 } }, { q = { 0.05, 0.05, 0.05, 0.05, 0.8 } },
+                              { certain = 3 }, { certain = 0 } }) do
+         local f = frequencies(p, case.q, case.certain, n)
+         for i = 1, #p do
+            assert.is_true(math.abs(f[i] - p[i]) < 0.02, ("token %d: %.4f against %.4f"):format(i - 1, f[i], p[i]))
+         end
+      end
+      -- proposals drawn from the model's own distribution all stand
+      local P = ml.tensor({ p, p })
+      for _ = 1, 200 do
+         local x = P:select(1, 1):view(1, 5):multinomial():item()
+         assert.are.equal(1, (assisted.speculative_pick(P, ml.tensor({ p }), { x }, function() return ml.rand({ 1 }):item() end)))
+      end
+   end)
+
+   it("draws from the distribution generate's sampling draws from (temperature, top_k, top_p)", function()
+      local rows = ml.tensor({ { 1, 2, 3, 4, 5 } })
+      local function near(t, want)
+         for i, v in ipairs(t:tolist()[1]) do assert.is_true(math.abs(v - want[i]) < 1e-6, i .. ": " .. v) end
+      end
+      local e = {}
+      for i = 1, 5 do e[i] = math.exp(i / 2) end
+      local z = e[1] + e[2] + e[3] + e[4] + e[5]
+      near(assisted.distributions(rows, { temperature = 2 }), { e[1] / z, e[2] / z, e[3] / z, e[4] / z, e[5] / z })
+      local z3 = e[3] + e[4] + e[5]
+      near(assisted.distributions(rows, { temperature = 2, top_k = 3 }), { 0, 0, e[3] / z3, e[4] / z3, e[5] / z3 })
+      -- top_p 0.5: the largest (0.42 of the mass at temperature 2) is below 0.5, so the next stays too
+      near(assisted.distributions(rows, { temperature = 2, top_p = 0.5 }), { 0, 0, 0, e[4] / (e[4] + e[5]), e[5] / (e[4] + e[5]) })
+   end)
+
+   it("samples with a draft or a prompt lookup: reproducible with a seed, greedy's tokens at a near-zero temperature", function()
+      local main = model("llama_tiny_untied")
+      local draft = model("llama_tiny_untied", { quantize = "int4" })
+      local plain = main:generate(PROMPT, { max_new_tokens = 30, eos_token_id = false })
+      for _, extra in ipairs({ { assistant_model = draft }, { prompt_lookup_num_tokens = 5 } }) do
+         local function run(o)
+            for k, v in pairs(extra) do o[k] = v end
+            o.max_new_tokens, o.eos_token_id = 30, false
+            return main:generate(PROMPT, o)
+         end
+         local a = run({ do_sample = true, temperature = 0.9, top_k = 20, seed = 7 })
+         assert.are.same(a, run({ do_sample = true, temperature = 0.9, top_k = 20, seed = 7 }))
+         assert.are_not.same(a, run({ do_sample = true, temperature = 0.9, top_k = 20, seed = 8 }))
+         assert.are.same(plain, run({ do_sample = true, temperature = 1e-4 }))
+      end
+      -- the model as its own draft: every proposal stands
+      local stats = {}
+      main:generate(PROMPT, { max_new_tokens = 30, eos_token_id = false, do_sample = true, temperature = 1.0,
+         assistant_model = main, assistant_stats = stats })
+      assert.are.equal(stats.proposed, stats.accepted)
    end)
 end)
 

@@ -1,11 +1,12 @@
---- Assisted generation (transformers' generate(assistant_model = ...), speculative decoding with
--- greedy verification): a small draft model proposes a few tokens one at a time (or, with
--- prompt_lookup_num_tokens, the sequence's own earlier continuation of its last n-gram), and
--- the model checks them all in one forward, keeping those it would have picked itself and adding its own
--- next one. The output is the model's own greedy output; what changes is how many forwards of
--- the model it takes. That pays most where a forward costs about the same for one token as for
--- a few: a model whose weights stream from the CPU or the disk (hooks.lua) reads them once per
--- forward, whatever the number of tokens.
+--- Assisted generation (transformers' generate(assistant_model = ...), speculative decoding): a
+-- small draft model proposes a few tokens one at a time (or, with prompt_lookup_num_tokens, the
+-- sequence's own earlier continuation of its last n-gram), and the model checks them all in one
+-- forward, keeping those it would have picked itself and adding its own next one. Greedy, the
+-- output is the model's own greedy output; sampling, speculative sampling keeps the model's own
+-- distribution (speculative_pick). What changes is how many forwards of the model it takes.
+-- That pays most where a forward costs about the same for one token as for a few: a model whose
+-- weights stream from the CPU or the disk (hooks.lua) reads them once per forward, whatever the
+-- number of tokens.
 --
 -- Both models keep a key-value cache; the tokens the model did not accept are cropped from both
 -- (KVCache:crop). The number of draft tokens follows transformers' "heuristic" schedule: two
@@ -16,7 +17,7 @@ local M = {}
 
 local WHO = "generate"
 
--- Options assisted generation does not take, with why.
+-- Options assisted generation does not take, as they are named in its errors.
 local UNSUPPORTED = {
    repetition_penalty = "repetition_penalty",
    micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
@@ -58,10 +59,6 @@ function M.check(model, opts, B)
          error(string.format("%s: %s does not support a padding attention_mask (one prompt, no padding)", WHO, what), 4)
       end
    end
-   if opts.do_sample == true or (opts.temperature and opts.temperature > 0 and opts.do_sample ~= false) then
-      error(string.format("%s: %s verifies greedy picks and does not sample (do_sample or a temperature > 0, "
-         .. "perhaps from the model's generation config: pass do_sample = false)", WHO, what), 4)
-   end
    for _, m in ipairs({ model, draft }) do
       if m.recompute_cache_at and m:recompute_cache_at() then
          error(string.format("%s: %s does not support LongRoPE models (their cache is rebuilt mid-generation)", WHO, what), 4)
@@ -71,16 +68,63 @@ end
 
 local function ids_tensor(list) return T.tensor({ list }, { dtype = "int64" }) end
 
--- Greedy picks of logits (1, n, vocab) as a list of n ids, the eos ids masked in the first
--- ban_first rows (min_new_tokens).
-local function picks(logits, eos_ban, ban_first)
-   local rows = logits:select(1, 1)                            -- (n, vocab)
+-- The rows of logits (1, n, vocab) as (n, vocab), the eos ids at -inf in the first ban_first
+-- rows (min_new_tokens).
+local function banned_rows(logits, eos_ban, ban_first)
+   local rows = logits:select(1, 1)
    if eos_ban and ban_first > 0 then
       local n, N = math.min(ban_first, rows:size(1)), rows:size(1)
       local head = rows:narrow(1, 1, n):masked_fill(eos_ban:to(rows.device):expand(n, rows:size(2)), -math.huge)
       rows = n == N and head or T.cat({ head, rows:narrow(1, n + 1, N - n) }, 1)
    end
-   return rows:argmax(2):tolist()
+   return rows
+end
+
+--- distributions(rows, sampling) -> (n, vocab) float32 probabilities on the CPU: for each row of
+-- logits, softmax(row / temperature) over its top_k largest, then within the top_p nucleus, as
+-- generate's sampling draws (models/generation.lua; logits tied at the k-th value all stay).
+function M.distributions(rows, sampling)
+   local V, out = rows:size(2), {}
+   local top_k, top_p = sampling.top_k, sampling.top_p
+   for i = 1, rows:size(1) do
+      local scaled = rows:select(1, i):to("cpu"):to("float32") / sampling.temperature
+      if top_k and top_k < V then
+         local kth = scaled:topk(top_k, 1):min():item()
+         scaled = scaled:masked_fill(scaled:lt(kth), -math.huge)
+      end
+      local p = scaled:softmax(1)
+      if top_p and top_p < 1 then
+         local sorted = p:topk(V, 1)
+         local kept = (sorted:cumsum(1) - sorted):lt(top_p):sum():item()      -- (the top one always)
+         p = p:masked_fill(p:lt(sorted[kept]:item()), 0)
+         p = p / p:sum():item()
+      end
+      out[i] = p:view(1, V)
+   end
+   return T.cat(out, 1)
+end
+
+local function draw(probs) return probs:view(1, probs:size(1)):multinomial():item() end
+
+--- speculative_pick(p, q, proposal, uniform) -> how many proposed tokens stand, and the token
+-- after them: speculative sampling (Leviathan et al.; Chen et al.), whose tokens are distributed
+-- as sampling the model alone would draw them. p (k + 1, vocab): the model's distributions after
+-- the last token and after each proposed one; q (k, vocab): those the proposals were drawn from
+-- (nil: each was certain, as a prompt lookup's); uniform() draws from [0, 1). Proposal i stands
+-- with probability min(1, p(x) / q(x)); the first that does not is replaced by a draw from
+-- max(0, p - q), renormalized; when all stand, one more is drawn from p's last row.
+function M.speculative_pick(p, q, proposal, uniform)
+   for i, x in ipairs(proposal) do
+      local pi = p:select(1, i)
+      local px, qx = pi[x + 1]:item(), q and q:select(1, i)[x + 1]:item() or 1
+      if not (uniform() * qx < px) then
+         local residual = q and (pi - q:select(1, i)):clamp(0) or pi:clone()
+         if not q then residual[x + 1] = 0 end
+         if residual:sum():item() <= 0 then residual = pi end
+         return i - 1, draw(residual)
+      end
+   end
+   return #proposal, draw(p:select(1, #proposal + 1))
 end
 
 -- Proposal sources: propose(seq, k) -> up to k ids to follow seq; kept(n): the model kept the
@@ -88,19 +132,24 @@ end
 -- proposed): the next round's count.
 
 --- A draft model with its own cache (transformers' AssistedCandidateGenerator).
-local function draft_source(draft, capacity, stats)
+local function draft_source(draft, capacity, stats, sampling)
    local cache = draft:new_cache(capacity)
    local src = {}
-   function src.propose(seq, k)
+   function src.propose(seq, k)                                -- -> ids, and with sampling their distributions
       if cache.length > #seq - 1 then cache = draft:new_cache(capacity) end   -- (a window kept it from cropping)
-      local unseen, out = { unpack(seq, cache.length + 1) }, {}
+      local unseen, out, q = { unpack(seq, cache.length + 1) }, {}, {}
       for i = 1, k do                 -- the tokens it has not seen yet (at least the last one), then one at a time
          local logits = draft(ids_tensor(unseen), { cache = cache, logits_to_keep = 1 })
          stats.draft_forwards = stats.draft_forwards + 1
-         out[i] = logits:select(2, -1):argmax(2):item()
+         if sampling then
+            q[i] = M.distributions(logits:select(1, 1), sampling)
+            out[i] = draw(q[i]:select(1, 1))
+         else
+            out[i] = logits:select(2, -1):argmax(2):item()
+         end
          unseen = { out[i] }
       end
-      return out
+      return out, sampling and k > 0 and T.cat(q, 1) or nil
    end
    function src.kept(n)
       if cache.length > n and cache:can_crop(n) then cache:crop(n) end
@@ -137,8 +186,8 @@ end
 --- run(model, prompt, s) -> the generated ids (a list, prompt first). s: max_new, min_new, eos (an
 -- id or a list, or nil), eos_ban ((1, vocab) bool or nil), on_token, kv_device, kv_dtype, and
 -- either draft (a model) with num_assistant_tokens, or prompt_lookup_num_tokens with
--- max_matching_ngram_size; stats (a table that gets forwards, draft_forwards, proposed and
--- accepted counts).
+-- max_matching_ngram_size; sampling ({temperature, top_k, top_p}: speculative sampling; nil:
+-- greedy); stats (a table that gets forwards, draft_forwards, proposed and accepted counts).
 function M.run(model, prompt, s)
    local L, max_new = #prompt, s.max_new
    local seq = { unpack(prompt) }
@@ -149,8 +198,9 @@ function M.run(model, prompt, s)
    -- (a round's forward ends with at most max_new - 1 new tokens cached)
    local cache = model:new_cache(L + max_new, s.kv_device, s.kv_dtype)
    local source, k_next
+   local sampling = s.sampling                                 -- {temperature, top_k, top_p}, or nil: greedy
    if s.draft then
-      source, k_next = draft_source(s.draft, L + max_new, stats), s.num_assistant_tokens or 5
+      source, k_next = draft_source(s.draft, L + max_new, stats, sampling), s.num_assistant_tokens or 5
    else
       source, k_next = lookup_source(s.max_matching_ngram_size or 2), s.prompt_lookup_num_tokens
    end
@@ -164,23 +214,31 @@ function M.run(model, prompt, s)
       return not finished
    end
 
+   local function uniform() return T.rand({ 1 }):item() end
    local logits = model(ids_tensor(prompt), { cache = cache, logits_to_keep = 1 })
    stats.forwards = stats.forwards + 1
-   local first = picks(logits, s.eos_ban, s.min_new)[1]
    if max_new == 0 then return seq end
-   emit(first)
+   local rows = banned_rows(logits, s.eos_ban, s.min_new)
+   emit(sampling and draw(M.distributions(rows, sampling):select(1, 1)) or rows:argmax(2):item())
    while not finished do
       local n_new = #seq - L
       local k = math.min(k_next, max_new - n_new - 1)
-      local proposal = k > 0 and source.propose(seq, k) or {}
+      local proposal, q = {}, nil
+      if k > 0 then proposal, q = source.propose(seq, k) end
       -- the model: the last token and the proposal in one forward, a pick after each
       local before = cache.length                              -- = #seq - 1
       local feed = { seq[#seq], unpack(proposal) }
       logits = model(ids_tensor(feed), { cache = cache, logits_to_keep = #feed })
       stats.forwards = stats.forwards + 1
-      local mine = picks(logits, s.eos_ban, s.min_new - n_new)
-      local accepted = 0
-      while accepted < #proposal and mine[accepted + 1] == proposal[accepted + 1] do accepted = accepted + 1 end
+      rows = banned_rows(logits, s.eos_ban, s.min_new - n_new)
+      local accepted, after = 0, nil
+      if sampling then
+         accepted, after = M.speculative_pick(M.distributions(rows, sampling), q, proposal, uniform)
+      else
+         local mine = rows:argmax(2):tolist()
+         while accepted < #proposal and mine[accepted + 1] == proposal[accepted + 1] do accepted = accepted + 1 end
+         after = mine[accepted + 1]
+      end
       stats.proposed, stats.accepted = stats.proposed + #proposal, stats.accepted + accepted
       -- keep the caches up to the last accepted token; the model's own next pick comes after it
       cache:crop(before + 1 + accepted)
@@ -188,7 +246,7 @@ function M.run(model, prompt, s)
       for i = 1, accepted do
          if not emit(proposal[i]) then break end
       end
-      if not finished then emit(mine[accepted + 1]) end
+      if not finished then emit(after) end
       if #proposal > 0 then k_next = source.next_k(k_next, accepted, #proposal) end
    end
    return seq

@@ -222,7 +222,13 @@ function M.generate(model, input_ids, opts)
       local eos = opts.eos_token_id
       local min_new = opts.min_new_tokens or math.max((opts.min_length or 0) - L, 0)
       local eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil
+      if opts.seed ~= nil then C.lib.ml_manual_seed(opts.seed) end
+      local sampling
+      if opts.do_sample ~= false and (opts.temperature or 0) > 0 then
+         sampling = { temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p }
+      end
       local seq = assisted.run(model, ids:tolist()[1], {
+         sampling = sampling,
          max_new = max_new, min_new = min_new, eos = eos, eos_ban = eos_ban, on_token = opts.on_token,
          kv_device = hooks.norm_device(opts.kv_cache_device), kv_dtype = opts.kv_cache_dtype,
          draft = opts.assistant_model, num_assistant_tokens = opts.num_assistant_tokens,
