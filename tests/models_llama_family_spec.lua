@@ -436,6 +436,55 @@ describe("models.gpt_neox (tests/fixtures/models/gpt_neox_tiny: per-head q/k/v, 
    end)
 end)
 
+describe("models.opt (tests/fixtures/models/opt_tiny: learned positions from the mask, ReLU, tied head)", function()
+   local opt = require("moonload.models.opt")
+   local exp = H.expected("opt_tiny")
+   local model = models.from_pretrained(H.FIX .. "/opt_tiny")
+
+   it("builds OPTForCausalLM under the hub's names, the head tied to the token embedding", function()
+      assert.are.equal("OPTForCausalLM", model.__name)
+      local names = H.param_names(model)
+      assert.are.equal("model.decoder.embed_tokens.weight", names[1])
+      assert.are.equal("model.decoder.embed_positions.weight", names[2])
+      assert.are.same({ 66, 32 }, model.model.decoder.embed_positions.weight.shape)   -- 64 positions + 2
+      assert.are.equal(model.model.decoder.embed_tokens.weight, model.lm_head.weight)
+      assert.are.same({ "OPTDecoderLayer" }, model.no_split_modules)
+      assert.are.equal(64, model:max_length())
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2, LayerNorm before each block")
+
+   it("counts positions from a left-padded batch's mask, as transformers does", function()
+      local pad = H.read_json(H.FIX .. "/opt_tiny/padded.json")
+      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
+         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
+      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
+      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
+   end)
+
+   describe("with 350m's layout (LayerNorm after each block, narrower word embeddings)", function()
+      local post = models.from_pretrained(H.FIX .. "/opt_tiny_post_norm")
+      it("has project_in and project_out and no final LayerNorm", function()
+         assert.are.same({ 32, 16 }, post.model.decoder.project_in.weight.shape)
+         assert.are.same({ 16, 32 }, post.model.decoder.project_out.weight.shape)
+         assert.is_nil(post.model.decoder.final_layer_norm)
+      end)
+      it_matches_transformers(post, H.expected("opt_tiny_post_norm"), "one prompt")
+   end)
+
+   it("names a bad config and a sequence past its positions", function()
+      assert.has_error(function()
+         opt.OPTForCausalLM({ vocab_size = 50, hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 3 })
+      end, "models.opt: hidden_size 32 is not a multiple of num_attention_heads 3 in config table")
+      local ids = {}
+      for i = 1, 65 do ids[i] = i % 100 end
+      assert.has_error(function() model(ids) end,
+         "models.opt: sequence of 65 tokens (0 cached + 65 new) exceeds max_position_embeddings 64")
+   end)
+end)
+
 describe("models.qwen2_moe (tests/fixtures/models/qwen2_moe_tiny: 6 experts top 2 and a gated shared expert)", function()
    local exp = H.expected("qwen2_moe_tiny")
    local model = models.from_pretrained(H.FIX .. "/qwen2_moe_tiny")

@@ -243,7 +243,8 @@ end
 -- --- causal language-model heads -----------------------------------------------------------
 
 --- The forward method of a causal LM head (GPT2LMHeadModel, LlamaForCausalLM): base is the
--- field holding the base model, embed the base model's token-embedding field, head the output
+-- field holding the base model, embed the base model's token-embedding field (a dotted path
+-- for one further down: OPT's "decoder.embed_tokens"), head the output
 -- projection's (default lm_head; GPT-NeoX's is embed_out). The method:
 -- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep, micro_batch_size,
 -- prefill_chunk_size}]) -> logits (B, T, vocab), or (B, n, vocab) for the last n positions only
@@ -258,7 +259,9 @@ function M.causal_lm_forward(who, base, embed, head)
       -- check spares two device-to-host syncs per token on a GPU
       if not opts._ids_in_range then M.check_vocab(ids, self.config.vocab_size, who) end
       local model = self[base]
-      ids = M.to_weight_device(ids, model[embed].weight)
+      local embedding = model
+      for part in embed:gmatch("[^.]+") do embedding = embedding[part] end
+      ids = M.to_weight_device(ids, embedding.weight)
       local cache = opts.cache
       local pad, pos = M.causal_inputs(ids, opts, cache and cache.length or 0, who)
       local blocks

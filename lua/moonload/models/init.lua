@@ -32,6 +32,7 @@ local ARCH = {
    olmo2 = { module = "moonload.models.llama", class = "Olmo2ForCausalLM" },
    phi = { module = "moonload.models.phi", class = "PhiForCausalLM" },
    gpt_neox = { module = "moonload.models.gpt_neox", class = "GPTNeoXForCausalLM" },
+   opt = { module = "moonload.models.opt", class = "OPTForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -43,7 +44,7 @@ setmetatable(M, { __index = function(t, k)
       phi3 = "moonload.models.llama", gemma2 = "moonload.models.gemma", gemma = "moonload.models.gemma",
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
-      olmo2 = "moonload.models.llama", phi = "moonload.models.phi",
+      olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter",
