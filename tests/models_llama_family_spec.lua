@@ -485,6 +485,51 @@ describe("models.opt (tests/fixtures/models/opt_tiny: learned positions from the
    end)
 end)
 
+describe("models.bloom (tests/fixtures/models/bloom_tiny: ALiBi over 6 heads, positions from the mask)", function()
+   local bloom = require("moonload.models.bloom")
+   local exp = H.expected("bloom_tiny")
+   local model = models.from_pretrained(H.FIX .. "/bloom_tiny")
+
+   it("builds BloomForCausalLM under the hub's names, the head tied to the word embeddings", function()
+      assert.are.equal("BloomForCausalLM", model.__name)
+      local names = H.param_names(model)
+      assert.are.equal("transformer.word_embeddings.weight", names[1])
+      assert.are.equal("transformer.word_embeddings_layernorm.weight", names[2])
+      assert.are.equal(model.transformer.word_embeddings.weight, model.lm_head.weight)
+      assert.are.same({ "BloomBlock" }, model.no_split_modules)
+   end)
+
+   it("has ALiBi's slopes: powers of 2^-2 for the first 4 heads, of 2^-1 (odd ones) for the other 2", function()
+      assert.are.same({ 0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125 }, bloom.alibi_slopes(6))
+      local eight = bloom.alibi_slopes(8)
+      assert.are.equal(8, #eight)
+      assert.are.equal(2 ^ -1, eight[1])
+      assert.are.equal(2 ^ -8, eight[8])
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+
+   it("counts ALiBi's positions from a left-padded batch's mask, as transformers does", function()
+      local pad = H.read_json(H.FIX .. "/bloom_tiny/padded.json")
+      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
+         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
+      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
+      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
+   end)
+
+   it("reads num_hidden_layers and num_attention_heads too, and names a bad config", function()
+      local m = bloom.BloomForCausalLM({ vocab_size = 50, hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4 })
+      assert.are.equal(1, m.config.n_layer)
+      assert.are.equal(4, m.config.n_head)
+      assert.has_error(function() bloom.BloomForCausalLM({ vocab_size = 50, hidden_size = 32, n_layer = 1 }) end,
+         'models.bloom: config key "n_head" (or "num_attention_heads") must be a positive integer, got nil in config table')
+      assert.has_error(function() bloom.BloomForCausalLM({ vocab_size = 50, hidden_size = 32, n_layer = 1, n_head = 3 }) end,
+         "models.bloom: hidden_size 32 is not a multiple of n_head 3 in config table")
+   end)
+end)
+
 describe("models.qwen2_moe (tests/fixtures/models/qwen2_moe_tiny: 6 experts top 2 and a gated shared expert)", function()
    local exp = H.expected("qwen2_moe_tiny")
    local model = models.from_pretrained(H.FIX .. "/qwen2_moe_tiny")

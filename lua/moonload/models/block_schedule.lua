@@ -51,9 +51,19 @@ local function rotary_block(t, r, nr, tok, nt)
    return t:narrow(1, tok, nt)
 end
 
+-- A block's part of pad: rows r .. r + nr - 1 of the padding mask (B, past + L) up to key S; or
+-- of an additive score bias (B or 1, H, L, past + L) (BLOOM's ALiBi), queries tok .. tok + nt - 1
+-- over keys 1 .. S.
+local function score_bias_block(pad, r, nr, tok, nt, S)
+   if pad:dim() ~= 4 then return pad:narrow(1, r, nr):narrow(2, 1, S) end
+   local rows = pad:size(1) == 1 and pad or pad:narrow(1, r, nr)
+   return rows:narrow(3, tok, nt):narrow(4, 1, S)
+end
+
 --- call(schedule, i, layer, x, cache, pad[, cos, sin]) -> layer i's output (B, L, hidden): the
 -- layer called as layer(x, [cos, sin,] cache, pad) on x whole (schedule nil) or block by block.
--- pad (B, past + L) bool or nil; cos, sin (L, D) or (B, 1, L, D), or nil for a layer without them.
+-- pad (B, past + L) bool, an additive score bias (B or 1, H, L, past + L), or nil; cos, sin (L, D)
+-- or (B, 1, L, D), or nil for a layer without them.
 function M.call(s, i, layer, x, cache, pad, cos, sin)
    local rope = cos ~= nil
    if s == nil then
@@ -71,7 +81,7 @@ function M.call(s, i, layer, x, cache, pad, cos, sin)
             local nr = math.min(s.rows, B - r + 1)
             local xb = x:narrow(1, r, nr):narrow(2, tok, nt):contiguous()
             local cb = cache and cache:block(r, B, tok - 1)
-            local pb = pad and pad:narrow(1, r, nr):narrow(2, 1, past + tok - 1 + nt)
+            local pb = pad and score_bias_block(pad, r, nr, tok, nt, past + tok - 1 + nt)
             local y
             if rope then
                y = layer(xb, rotary_block(cos, r, nr, tok, nt), rotary_block(sin, r, nr, tok, nt), cb, pb)

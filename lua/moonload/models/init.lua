@@ -33,6 +33,7 @@ local ARCH = {
    phi = { module = "moonload.models.phi", class = "PhiForCausalLM" },
    gpt_neox = { module = "moonload.models.gpt_neox", class = "GPTNeoXForCausalLM" },
    opt = { module = "moonload.models.opt", class = "OPTForCausalLM" },
+   bloom = { module = "moonload.models.bloom", class = "BloomForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -45,6 +46,7 @@ setmetatable(M, { __index = function(t, k)
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
+      bloom = "moonload.models.bloom",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter",
