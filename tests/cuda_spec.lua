@@ -225,6 +225,15 @@ describe("cuda backend #cuda", function()
       local q, k, v = ml.randn(1, 4, 9, 16), ml.randn(1, 4, 12, 16), ml.randn(1, 4, 12, 16)
       assert_close(F.scaled_dot_product_attention(q:to(DEV), k:to(DEV), v:to(DEV), { is_causal = true }),
          F.scaled_dot_product_attention(q, k, v, { is_causal = true }), 1e-4, "sdpa causal")
+      -- the kernel's extension: a float bias of one row with the causal triangle (BLOOM's ALiBi)
+      local lib, T = require("moonload.C").lib, require("moonload.tensor")
+      local out = require("ffi").new("ml_tensor*[1]")
+      local qs, bias = ml.randn(1, 4, 12, 16), ml.randn(1, 4, 1, 12)
+      local function biased(qq, kk, vv, bb)
+         require("moonload.C").check(lib.ml_sdpa(qq._c, kk._c, vv._c, bb._c, true, 0, out))
+         return T.wrap(out[0])
+      end
+      assert_close(biased(qs:to(DEV), k:to(DEV), v:to(DEV), bias:to(DEV)), biased(qs, k, v, bias), 1e-4, "sdpa bias + causal")
    end)
 
    it("runs attention over blocks of query rows when the scores would pass the scratch cap", function()

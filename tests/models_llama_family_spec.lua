@@ -519,6 +519,20 @@ describe("models.bloom (tests/fixtures/models/bloom_tiny: ALiBi over 6 heads, po
          max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
    end)
 
+   it("biases a prompt's scores with one row per head under the kernel's causal triangle", function()
+      local t = model.transformer
+      local prompt = t:attention_bias(512, 0, nil, "cpu")
+      assert.are.same({ 1, 6, 1, 512 }, prompt.shape)            -- not (512, 512) per head
+      assert.is_true(rawget(prompt, "_causal"))
+      local padded = t:attention_bias(6, 0, ml.tensor({ { false, true, true, true, true, true } }), "cpu")
+      assert.are.same({ 1, 6, 1, 6 }, padded.shape)
+      assert.are.equal(-math.huge, padded[1][1][1][1]:item())
+      local step = t:attention_bias(3, 5, nil, "cpu")              -- after cached tokens: the full mask
+      assert.are.same({ 1, 6, 3, 8 }, step.shape)
+      assert.is_nil(rawget(step, "_causal"))
+      assert.are.equal(-math.huge, step[1][1][1][7]:item())       -- query 6 does not see key 7
+   end)
+
    it("reads num_hidden_layers and num_attention_heads too, and names a bad config", function()
       local m = bloom.BloomForCausalLM({ vocab_size = 50, hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4 })
       assert.are.equal(1, m.config.n_layer)

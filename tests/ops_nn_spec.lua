@@ -139,9 +139,19 @@ describe("scaled dot-product attention", function()
       assert.are.equal("sdpa: attn_mask of shape [3, 3] cannot be broadcast to the scores' shape [1, 3, 4]",
          errmsg(function() return sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(1, 4, 8),
             { attn_mask = ml.zeros(3, 3) }) end))
-      local q, k, m = ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(3, 4)   -- the kernel's own check
-      assert.are.equal(lib.ML_EINVAL, lib.ml_sdpa(q._c, k._c, k._c, m._c, true, 0, out1))
-      assert.are.equal("sdpa: attn_mask and is_causal cannot both be set", ffi.string(lib.ml_last_error()))
+      assert.has_error(function() sdpa(ml.zeros(1, 3, 8), ml.zeros(1, 4, 8), ml.zeros(1, 4, 8),
+         { attn_mask = ml.zeros(3, 4), is_causal = true }) end,
+         "scaled_dot_product_attention: give attn_mask or is_causal, not both")
+   end)
+
+   it("lets the kernel take a mask and the causal triangle together (a bias of one row, BLOOM's ALiBi)", function()
+      ml.manual_seed(12)
+      local q, k, v = ml.randn(2, 3, 5, 8), ml.randn(2, 3, 5, 8), ml.randn(2, 3, 5, 8)
+      local bias = ml.randn(1, 3, 1, 5)
+      local hidden = ml.zeros(5, 5):masked_fill(ml.ones(5, 5, { dtype = "bool" }):tril():logical_not(), -math.huge)
+      local want = sdpa(q, k, v, { attn_mask = bias + hidden:view(1, 1, 5, 5) })
+      assert.are.equal(lib.ML_OK, lib.ml_sdpa(q._c, k._c, v._c, bias._c, true, 0, out1))
+      assert.is_true(ml.allclose(require("moonload.tensor").wrap(out1[0]), want, 1e-5, 1e-6))
    end)
 
    it("rejects mixed dtypes and integer masks", function()

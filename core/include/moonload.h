@@ -266,7 +266,9 @@ ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_
 ML_API ml_status ml_layer_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps, ml_tensor **out);
 ML_API ml_status ml_rms_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, double eps, ml_tensor **out);
 /* q (..., L, E), k (..., S, E), v (..., S, Ev); mask bool (true = keep) or float (added), broadcast
-   to (..., L, S); scale <= 0 means 1/sqrt(E). is_causal uses the top-left aligned lower triangle. */
+   to (..., L, S); scale <= 0 means 1/sqrt(E). is_causal uses the top-left aligned lower triangle.
+   Both may be set (unlike PyTorch's function, whose rule F.scaled_dot_product_attention keeps):
+   the mask applies within the triangle, so a bias of shape (..., 1, S) needs no (L, S) copy. */
 ML_API ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
                          bool is_causal, double scale, ml_tensor **out);
 /* ml_sdpa over int8 keys and values (an int8 key-value cache): k (..., S, E) and v (..., S, Ev)

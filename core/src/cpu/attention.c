@@ -273,8 +273,6 @@ static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k
     return ml_fail(ML_EINVAL, "%s: key of shape %s and value of shape %s have different sequence lengths (%lld != %lld)", fn,
                    ml_shape_str(nk, k->shape, a, sizeof a), ml_shape_str(nv, v->shape, b, sizeof b),
                    (long long)j.S, (long long)v->shape[nv - 2]);
-  if (mask && is_causal)
-    return ml_fail(ML_EINVAL, "%s: attn_mask and is_causal cannot both be set", fn);
   if (mask && mask->dtype != ML_BOOL && !ml_dtype_is_floating(mask->dtype))
     return ml_fail(ML_EINVAL, "%s: attn_mask must be bool or floating point, got %s", fn, ml_dtype_name(mask->dtype));
 

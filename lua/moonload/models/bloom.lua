@@ -71,7 +71,7 @@ function BloomAttention:__init(cfg, layer_idx)
    rawset(self, "layer_idx", layer_idx)
 end
 
---- bias (B, H, L, S) float: ALiBi plus -inf where a key is hidden (see BloomModel:forward).
+--- bias: ALiBi plus -inf where a key is hidden, (B or 1, H, L or 1, S) (BloomModel:attention_bias).
 function BloomAttention:forward(x, cache, bias)
    local B, L = x:size(1), x:size(2)
    local H, D = self.n_head, self.head_dim
@@ -79,7 +79,8 @@ function BloomAttention:forward(x, cache, bias)
    local q, k, v = qkv:narrow(4, 1, D), qkv:narrow(4, D + 1, D), qkv:narrow(4, 2 * D + 1, D)
    if cache then k, v = cache:update(self.layer_idx, k, v:contiguous()) end
    local qa, ba, back = common.queries_to_keys(q, k, bias)
-   local y = common.attention(qa, k, v, ba:to(qa.dtype), false, 1 / math.sqrt(D))  -- (B, H, T, D)
+   local causal = rawget(bias, "_causal") == true
+   local y = common.attention(qa, k, v, ba:to(qa.dtype), causal, 1 / math.sqrt(D))  -- (B, H, T, D)
    if back then y = y:to(back) end
    return self.dense(y:transpose(2, 3):reshape(B, L, H * D))
 end
@@ -131,9 +132,12 @@ function BloomModel:__init(cfg)
 end
 
 --- The scores' bias for L queries after past cached tokens: slope_h * (key position) with
--- positions counted from the padding mask (pad (B, S) bool or nil), -inf where the key is
--- hidden (later than the query, or padding). (B or 1, H, L, S) float32.
-function BloomModel:attention_bias(L, past, pad, device)
+-- positions counted from the padding mask (pad (B, S) bool or nil), and -inf where a key is
+-- padding. A prompt's forward (past 0) gets it as one row per head, (B or 1, H, 1, S), flagged
+-- _causal: the kernel adds it under its causal triangle, and no (L, S) bias is made (512 MB for
+-- 2048 tokens of BLOOM-7B1's 32 heads). Otherwise (the cache holds earlier tokens, or a block
+-- schedule cuts the queries) the bias is (B or 1, H, L, S) with -inf on the later keys too.
+function BloomModel:attention_bias(L, past, pad, device, whole)
    local S, H = past + L, self.config.n_head
    local positions
    if pad then
@@ -143,7 +147,15 @@ function BloomModel:attention_bias(L, past, pad, device)
       positions = T.arange(0, S, { device = device }):to("float32"):view(1, 1, 1, S)
    end
    local slopes = T.tensor(self.slopes, { dtype = "float32" }):to(device):view(1, H, 1, 1)
-   local bias = slopes * positions                                              -- (B, H, 1, S)
+   local bias = slopes * positions                                              -- (B or 1, H, 1, S)
+   if past == 0 and L > 1 and not whole then
+      if pad then
+         bias = bias + T.zeros({ pad:size(1), 1, 1, S }, { dtype = "float32", device = device })
+            :masked_fill(pad:logical_not():view(pad:size(1), 1, 1, S), -math.huge)
+      end
+      rawset(bias, "_causal", true)
+      return bias
+   end
    local keep = common.attention_mask(L, S, pad, nil, device)                   -- (B, 1, L, S), (L, S) or nil
    if keep == nil then return bias end
    local hidden = T.zeros(keep.shape, { dtype = "float32", device = device }):masked_fill(keep:logical_not(), -math.huge)
@@ -155,8 +167,8 @@ function BloomModel:forward(input_ids, cache, pad, pos, blocks)
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    local x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
-   local bias = self:attention_bias(L, past, pad, x.device)
-   if L > 1 and bias:size(3) == 1 then bias = bias:expand(bias:size(1), bias:size(2), L, bias:size(4)) end
+   local bias = self:attention_bias(L, past, pad, x.device, blocks ~= nil)
+   if blocks and bias:size(3) == 1 and L > 1 then bias = bias:expand(bias:size(1), bias:size(2), L, bias:size(4)) end
    local n = self.config.n_layer
    local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
    for i = 1, n do x = block_schedule.call(schedule, i, self.h[i], x, cache, bias) end
