@@ -45,6 +45,20 @@ local function it_matches_transformers(model, exp, what)
    end)
 end
 
+-- A left-padded batch (the fixture's padded.json: the first row's first two ids are padding):
+-- transformers' logits at the real positions and its greedy ids.
+local function it_matches_padded(model, fixture, what)
+   it("counts " .. what .. " from a left-padded batch's mask, as transformers does", function()
+      local pad = H.read_json(H.FIX .. "/" .. fixture .. "/padded.json")
+      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
+         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
+      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
+      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
+   end)
+end
+
 describe("models.mistral (tests/fixtures/models/mistral_tiny: sliding window 4)", function()
    local exp = H.expected("mistral_tiny")
    local model = models.from_pretrained(H.FIX .. "/mistral_tiny")
@@ -454,15 +468,7 @@ describe("models.opt (tests/fixtures/models/opt_tiny: learned positions from the
 
    it_matches_transformers(model, exp, "batch of 2, LayerNorm before each block")
 
-   it("counts positions from a left-padded batch's mask, as transformers does", function()
-      local pad = H.read_json(H.FIX .. "/opt_tiny/padded.json")
-      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
-      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
-         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
-      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
-      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
-         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
-   end)
+   it_matches_padded(model, "opt_tiny", "positions")
 
    describe("with 350m's layout (LayerNorm after each block, narrower word embeddings)", function()
       local post = models.from_pretrained(H.FIX .. "/opt_tiny_post_norm")
@@ -509,15 +515,7 @@ describe("models.bloom (tests/fixtures/models/bloom_tiny: ALiBi over 6 heads, po
 
    it_matches_transformers(model, exp, "batch of 2")
 
-   it("counts ALiBi's positions from a left-padded batch's mask, as transformers does", function()
-      local pad = H.read_json(H.FIX .. "/bloom_tiny/padded.json")
-      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
-      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
-         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
-      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
-      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
-         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
-   end)
+   it_matches_padded(model, "bloom_tiny", "ALiBi's positions")
 
    it("biases a prompt's scores with one row per head under the kernel's causal triangle", function()
       local t = model.transformer
