@@ -542,6 +542,55 @@ describe("models.bloom (tests/fixtures/models/bloom_tiny: ALiBi over 6 heads, po
    end)
 end)
 
+describe("models.falcon (tests/fixtures/models/falcon_tiny*: the three layouts of query_key_value)", function()
+   local falcon = require("moonload.models.falcon")
+   local model = models.from_pretrained(H.FIX .. "/falcon_tiny")
+
+   it("builds FalconForCausalLM under the hub's names, one key/value head shared by 7b's layout", function()
+      assert.are.equal("FalconForCausalLM", model.__name)
+      local names = H.param_names(model)
+      assert.are.equal("transformer.word_embeddings.weight", names[1])
+      assert.are.equal(model.transformer.word_embeddings.weight, model.lm_head.weight)
+      assert.are.same({ 48, 32 }, model.transformer.h[1].self_attention.query_key_value.weight.shape)   -- 4 q + k + v heads of 8
+      assert.are.equal(1, model.config.kv_heads)
+      assert.is_nil(model.transformer.h[1].post_attention_layernorm)
+   end)
+
+   it_matches_transformers(model, H.expected("falcon_tiny"), "multi-query, attention and MLP in parallel")
+   it_matches_padded(model, "falcon_tiny", "rotary positions")
+
+   describe("the new decoder architecture (40b, 180b)", function()
+      local m = models.from_pretrained(H.FIX .. "/falcon_tiny_new_arch")
+      it("groups 2 query heads with each of 2 key/value heads, with ln_attn and ln_mlp", function()
+         assert.are.equal(2, m.config.kv_heads)
+         assert.are.same({ 64, 32 }, m.transformer.h[1].self_attention.query_key_value.weight.shape)
+         assert.is_not_nil(m.transformer.h[1].ln_mlp)
+      end)
+      it_matches_transformers(m, H.expected("falcon_tiny_new_arch"), "grouped-query attention")
+   end)
+
+   describe("per-head q/k/v with attention and MLP in turn", function()
+      it_matches_transformers(models.from_pretrained(H.FIX .. "/falcon_tiny_sequential"),
+         H.expected("falcon_tiny_sequential"), "biases, sequential")
+   end)
+
+   it("refuses falcon-rw's ALiBi and names bad head counts", function()
+      local base = { vocab_size = 50, hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4 }
+      local function with(extra)
+         local c = {}
+         for k, v in pairs(base) do c[k] = v end
+         for k, v in pairs(extra) do c[k] = v end
+         return function() falcon.FalconForCausalLM(c) end
+      end
+      assert.has_error(with({ alibi = true }),
+         "models.falcon: alibi = true (falcon-rw's ALiBi attention) is not supported in config table")
+      assert.has_error(with({ new_decoder_architecture = true, num_kv_heads = 3 }),
+         "models.falcon: num_attention_heads 4 is not a multiple of num_kv_heads 3 in config table")
+      assert.has_error(with({ num_attention_heads = 5 }),
+         "models.falcon: hidden_size 32 is not a multiple of num_attention_heads 5 in config table")
+   end)
+end)
+
 describe("models.qwen2_moe (tests/fixtures/models/qwen2_moe_tiny: 6 experts top 2 and a gated shared expert)", function()
    local exp = H.expected("qwen2_moe_tiny")
    local model = models.from_pretrained(H.FIX .. "/qwen2_moe_tiny")

@@ -34,6 +34,7 @@ local ARCH = {
    gpt_neox = { module = "moonload.models.gpt_neox", class = "GPTNeoXForCausalLM" },
    opt = { module = "moonload.models.opt", class = "OPTForCausalLM" },
    bloom = { module = "moonload.models.bloom", class = "BloomForCausalLM" },
+   falcon = { module = "moonload.models.falcon", class = "FalconForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -46,7 +47,7 @@ setmetatable(M, { __index = function(t, k)
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
-      bloom = "moonload.models.bloom",
+      bloom = "moonload.models.bloom", falcon = "moonload.models.falcon",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter",
