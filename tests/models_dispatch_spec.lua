@@ -14,7 +14,7 @@ describe("models.from_pretrained with device_map", function()
                            "gemma2_tiny", "gemma3_tiny", "qwen3_moe_tiny",
                            "mixtral_tiny", "gemma3_multimodal_tiny", "gpt_neox_tiny",
                            "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny",
-                           "phi_tiny", "opt_tiny", "bloom_tiny", "falcon_tiny_new_arch" }) do
+                           "phi_tiny", "opt_tiny", "bloom_tiny", "falcon_tiny_new_arch", "gptj_tiny" }) do
       it(name .. ": split over CPU and disk under a CPU budget, same logits and greedy ids", function()
          local exp = H.expected(name)
          local dir = H.tmpdir()

@@ -684,9 +684,37 @@ describe("sliding-window caches over generations many windows long", function()
    end
 end)
 
-describe("OPT, BLOOM and Falcon through save_model and int8", function()
+describe("models.gptj (tests/fixtures/models/gptj_tiny: 4 of 8 dims rotated in neighbour pairs)", function()
+   local gptj = require("moonload.models.gptj")
+   local model = models.from_pretrained(H.FIX .. "/gptj_tiny")
+
+   it("builds GPTJForCausalLM under the hub's names, with a biased head", function()
+      assert.are.equal("GPTJForCausalLM", model.__name)
+      local names = H.param_names(model)
+      assert.are.equal("transformer.wte.weight", names[1])
+      assert.are.equal("lm_head.bias", names[#names])
+      assert.are.equal(4, model.config.rotary_dim)
+   end)
+
+   it("turns neighbour pairs as Llama's halves once the rotary dims are ordered evens then odds", function()
+      assert.are.same({ 0, 2, 1, 3, 4, 5, 6, 7 }, gptj.pair_order(4, 8))
+      assert.are.same({ 0, 2, 4, 1, 3, 5 }, gptj.pair_order(6, 6))
+   end)
+
+   it_matches_transformers(model, H.expected("gptj_tiny"), "batch of 2, attention and MLP in parallel")
+   it_matches_padded(model, "gptj_tiny", "rotary positions")
+
+   it("names a bad config", function()
+      assert.has_error(function() gptj.GPTJForCausalLM({ vocab_size = 50, n_embd = 32, n_layer = 1, n_head = 4, rotary_dim = 10 }) end,
+         "models.gptj: rotary_dim 10 must be even and at most head_dim 8 in config table")
+      assert.has_error(function() gptj.GPTJForCausalLM({ vocab_size = 50, n_embd = 32, n_layer = 1, n_head = 4, rotary_dim = 3 }) end,
+         "models.gptj: rotary_dim 3 must be even and at most head_dim 8 in config table")
+   end)
+end)
+
+describe("OPT, BLOOM, Falcon and GPT-J through save_model and int8", function()
    for _, name in ipairs({ "opt_tiny", "opt_tiny_post_norm", "bloom_tiny", "falcon_tiny", "falcon_tiny_new_arch",
-                           "falcon_tiny_sequential" }) do
+                           "falcon_tiny_sequential", "gptj_tiny" }) do
       it(name .. ": saved and loaded back gives transformers' logits; int8 stays close", function()
          local exp = H.expected(name)
          local ids = ml.tensor(exp.input_ids, { dtype = "int64" })

@@ -35,6 +35,7 @@ local ARCH = {
    opt = { module = "moonload.models.opt", class = "OPTForCausalLM" },
    bloom = { module = "moonload.models.bloom", class = "BloomForCausalLM" },
    falcon = { module = "moonload.models.falcon", class = "FalconForCausalLM" },
+   gptj = { module = "moonload.models.gptj", class = "GPTJForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
 }
 
@@ -47,7 +48,7 @@ setmetatable(M, { __index = function(t, k)
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
-      bloom = "moonload.models.bloom", falcon = "moonload.models.falcon",
+      bloom = "moonload.models.bloom", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj",
       bert = "moonload.models.bert", config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter",

@@ -1,0 +1,189 @@
+--- GPT-J (transformers' GPTJForCausalLM: EleutherAI/gpt-j-6b, Accelerate's big-model example)
+-- with Hugging Face parameter names: transformer.{wte, h.N.{ln_1, attn.{q_proj, k_proj, v_proj,
+-- out_proj}, mlp.{fc_in, fc_out}}, ln_f}, lm_head (with a bias). Attention and MLP both read ln_1's
+-- output (parallel residual); the first rotary_dim dims of each head turn in pairs of neighbours
+-- (GPT-J's rotate-every-two). A score is a dot product, so giving q and k's rotary dims the same
+-- order (evens, then odds) changes nothing in it; in that order the pairs are Llama's halves, so
+-- Llama's rotary kernel turns them, and the weights stay as the checkpoint has them (save_model
+-- writes them back unchanged).
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local config = require("moonload.models.config")
+local common = require("moonload.models.common")
+local block_schedule = require("moonload.models.block_schedule")
+local generation = require("moonload.models.generation")
+local llama = require("moonload.models.llama")
+
+local M = {}
+local WHO = "models.gptj"
+
+M.schema = {
+   { "vocab_size", "int" },
+   { "n_embd", "int" },
+   { "n_layer", "int" },
+   { "n_head", "int" },
+   { "n_positions", "int", 2048 },
+   { "rotary_dim", "int0", 64 },
+   { "n_inner", "int", function(c) return 4 * c.n_embd end },
+   { "activation_function", "string", "gelu_new" },
+   { "layer_norm_epsilon", "posnum", 1e-5 },
+   { "tie_word_embeddings", "bool", false },
+}
+
+--- Reads and checks a GPT-J config (path, folder or table).
+function M.config(source)
+   local cfg = config.load(source, M.schema, WHO)
+   if cfg.n_embd % cfg.n_head ~= 0 then
+      config.fail(cfg, WHO, "n_embd %d is not a multiple of n_head %d", cfg.n_embd, cfg.n_head)
+   end
+   cfg.head_dim = cfg.n_embd / cfg.n_head
+   local rot = cfg.rotary_dim == 0 and cfg.head_dim or cfg.rotary_dim     -- (0, as null: the whole head)
+   if rot > cfg.head_dim or rot % 2 ~= 0 then
+      config.fail(cfg, WHO, "rotary_dim %d must be even and at most head_dim %d", rot, cfg.head_dim)
+   end
+   cfg.num_hidden_layers, cfg.hidden_size = cfg.n_layer, cfg.n_embd
+   cfg.rope = llama.rope_from(cfg, WHO, {}, 10000)
+   cfg.rope_theta = cfg.rope.rope_theta
+   llama.set_rotary_dim(cfg, WHO, rot / cfg.head_dim)
+   common.activation(cfg.activation_function, WHO, cfg._source)
+   return cfg
+end
+
+--- The head dims in the order that makes rotate-every-two rotate-half: the rotary dims' even
+-- ones, their odd ones, then the others (0-based, for index_select).
+function M.pair_order(rotary_dim, head_dim)
+   local order = {}
+   for i = 0, rotary_dim - 1, 2 do order[#order + 1] = i end
+   for i = 1, rotary_dim - 1, 2 do order[#order + 1] = i end
+   for i = rotary_dim, head_dim - 1 do order[#order + 1] = i end
+   return order
+end
+
+local GPTJAttention = nn.Module:extend("GPTJAttention")
+M.GPTJAttention = GPTJAttention
+
+--- Key/value heads and head size per cached token, and no score tensor (see LlamaAttention).
+function GPTJAttention:kv_cache_heads() return self.n_head, self.head_dim, self.n_head, false end
+
+function GPTJAttention:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local C = cfg.n_embd
+   self.k_proj = nn.Linear(C, C, { bias = false })
+   self.v_proj = nn.Linear(C, C, { bias = false })
+   self.q_proj = nn.Linear(C, C, { bias = false })
+   self.out_proj = nn.Linear(C, C, { bias = false })
+   rawset(self, "n_head", cfg.n_head)
+   rawset(self, "head_dim", cfg.head_dim)
+   rawset(self, "layer_idx", layer_idx)
+   rawset(self, "order", T.tensor(M.pair_order(cfg.rotary_dim, cfg.head_dim), { dtype = "int64" }))
+end
+
+function GPTJAttention:forward(x, cos, sin, cache, pad)
+   local B, L = x:size(1), x:size(2)
+   local H, D = self.n_head, self.head_dim
+   local order = self.order
+   if order.device ~= x.device then
+      order = order:to(x.device)
+      rawset(self, "order", order)
+   end
+   local function heads(t) return t:view(B, L, H, D):transpose(2, 3) end     -- (B, H, T, D)
+   local q = llama.apply_rotary(heads(self.q_proj(x)):index_select(4, order), cos, sin)
+   local k = llama.apply_rotary(heads(self.k_proj(x)):index_select(4, order), cos, sin)
+   local v = heads(self.v_proj(x))
+   local past = 0
+   if cache then
+      past = cache.length
+      k, v = cache:update(self.layer_idx, k, v:contiguous())
+   end
+   local qa, pa, back = common.queries_to_keys(q, k, pad)
+   local y = common.causal_attention(qa, k, v, past, 1 / math.sqrt(D), pa)       -- (B, H, T, D)
+   if back then y = y:to(back) end
+   return self.out_proj(y:transpose(2, 3):reshape(B, L, H * D))
+end
+
+local GPTJMLP = nn.Module:extend("GPTJMLP")
+M.GPTJMLP = GPTJMLP
+
+function GPTJMLP:__init(cfg)
+   nn.Module.__init(self)
+   self.fc_in = nn.Linear(cfg.n_embd, cfg.n_inner)
+   self.fc_out = nn.Linear(cfg.n_inner, cfg.n_embd)
+   self.act = common.activation_module(cfg.activation_function, WHO, cfg._source)
+end
+
+function GPTJMLP:forward(x) return self.fc_out(self.act(self.fc_in(x))) end
+
+local GPTJBlock = nn.Module:extend("GPTJBlock")
+M.GPTJBlock = GPTJBlock
+
+function GPTJBlock:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.ln_1 = nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon })
+   self.attn = GPTJAttention(cfg, layer_idx)
+   self.mlp = GPTJMLP(cfg)
+end
+
+function GPTJBlock:forward(x, cos, sin, cache, pad)
+   local h = self.ln_1(x)
+   return x + self.attn(h, cos, sin, cache, pad) + self.mlp(h)
+end
+
+local GPTJRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("GPTJRotaryEmbedding")
+M.GPTJRotaryEmbedding = GPTJRotaryEmbedding
+
+local GPTJModel = nn.Module:extend("GPTJModel")
+M.GPTJModel = GPTJModel
+
+function GPTJModel:__init(cfg)
+   nn.Module.__init(self)
+   self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+   local blocks = {}
+   for i = 1, cfg.n_layer do blocks[i] = GPTJBlock(cfg, i) end
+   self.h = nn.ModuleList(blocks)
+   self.ln_f = nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon })
+   self.rotary_emb = GPTJRotaryEmbedding(cfg)
+   rawset(self, "config", cfg)
+end
+
+--- Llama's forward (positions, rotary tables, cache) over these blocks.
+function GPTJModel:forward(input_ids, cache, pad, pos, blocks)
+   local L = input_ids:size(2)
+   local past = cache and cache.length or 0
+   local x = self.wte(input_ids)
+   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
+   cos, sin = llama.rotary_for(cos, sin, x)
+   local n = self.config.n_layer
+   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
+   for i = 1, n do x = block_schedule.call(schedule, i, self.h[i], x, cache, pad, cos, sin) end
+   if cache then cache:advance(L) end
+   return self.ln_f(x)
+end
+
+local GPTJForCausalLM = nn.Module:extend("GPTJForCausalLM")
+M.GPTJForCausalLM = GPTJForCausalLM
+GPTJForCausalLM.base_model_prefix = "transformer"
+GPTJForCausalLM.tied_weights = { ["lm_head.weight"] = "transformer.wte.weight" }
+GPTJForCausalLM.ignore_unexpected = { "%.attn%.bias$", "%.attn%.masked_bias$" }
+GPTJForCausalLM.no_split_modules = { "GPTJBlock" }
+
+function GPTJForCausalLM:__init(cfg)
+   nn.Module.__init(self)
+   cfg = M.config(cfg)
+   self.transformer = GPTJModel(cfg)
+   self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+   rawset(self, "config", cfg)
+   if cfg.tie_word_embeddings then self.lm_head.weight = self.transformer.wte.weight end
+end
+
+GPTJForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "transformer", "wte")
+
+function GPTJForCausalLM:new_cache(capacity, device, dtype)
+   return common.new_cache(self.config.n_layer, capacity, device, dtype)
+end
+
+function GPTJForCausalLM:max_length() return nil end      -- (rotary embeddings)
+GPTJForCausalLM.generate = generation.generate
+
+function M.from_config(cfg) return GPTJForCausalLM(cfg) end
+
+return M
