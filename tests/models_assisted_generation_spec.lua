@@ -70,6 +70,16 @@ describe("assisted generation", function()
       end
    end)
 
+   it("gives OPT's, BLOOM's, Falcon's and GPT-J's greedy tokens with their int4 copies drafting", function()
+      for _, name in ipairs({ "opt_tiny", "bloom_tiny", "falcon_tiny_new_arch", "gptj_tiny" }) do
+         local m = model(name)
+         local prompt = { 1, 7, 9, 33 }
+         local want = m:generate(prompt, { max_new_tokens = 20, eos_token_id = false })
+         assert.are.same(want, m:generate(prompt, { max_new_tokens = 20, eos_token_id = false,
+            assistant_model = model(name, { quantize = "int4" }) }), name)
+      end
+   end)
+
    it("takes proposals from the sequence itself with prompt_lookup_num_tokens, the same tokens again", function()
       for _, name in ipairs({ "llama_tiny_untied", "gpt2_tiny", "mistral_tiny" }) do
          local m = model(name)
