@@ -187,7 +187,7 @@ end
 -- id or a list, or nil), eos_ban ((1, vocab) bool or nil), on_token, kv_device, kv_dtype, and
 -- either draft (a model) with num_assistant_tokens, or prompt_lookup_num_tokens with
 -- max_matching_ngram_size; sampling ({temperature, top_k, top_p}: speculative sampling; nil:
--- greedy); stats (a table that gets forwards, draft_forwards, proposed and accepted counts).
+-- greedy); stops (models/stop_strings.lua, or nil); stats (a table that gets forwards, draft_forwards, proposed and accepted counts).
 function M.run(model, prompt, s)
    local L, max_new = #prompt, s.max_new
    local seq = { unpack(prompt) }
@@ -210,7 +210,7 @@ function M.run(model, prompt, s)
       seq[#seq + 1] = tok
       local n = #seq - L
       if s.on_token and s.on_token({ tok }, n) == false then finished = true end
-      if is_eos[tok] or n >= max_new then finished = true end
+      if is_eos[tok] or n >= max_new or (s.stops and s.stops:hit(1, tok)) then finished = true end
       return not finished
    end
 

@@ -63,7 +63,7 @@ local function check_opts(opts)
    end
    local known = { max_new_tokens = true, min_new_tokens = true, max_length = true, min_length = true,
       assistant_model = true, num_assistant_tokens = true, assistant_stats = true, prompt_lookup_num_tokens = true,
-      max_matching_ngram_size = true, temperature = true, top_k = true, top_p = true, seed = true,
+      max_matching_ngram_size = true, stop_strings = true, tokenizer = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
@@ -85,7 +85,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
             WHO, tostring(k)), 3)
       end
    end
@@ -171,7 +171,7 @@ end
 --- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, seed, do_sample,
 -- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
 -- kv_cache_device, kv_cache_dtype, max_length, min_length, assistant_model, num_assistant_tokens, assistant_stats,
--- prompt_lookup_num_tokens, max_matching_ngram_size}])
+-- prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
@@ -181,7 +181,8 @@ end
 -- max_length and min_length count the prompt too (transformers' lengths); max_new_tokens and
 -- min_new_tokens win over them. assistant_model (one prompt, greedy) drafts tokens the model
 -- checks several at a time, and prompt_lookup_num_tokens takes them from the sequence itself:
--- models/assisted_generation.lua.
+-- models/assisted_generation.lua. stop_strings (with tokenizer) ends a row with the token that
+-- completes one of them in its new text (models/stop_strings.lua).
 -- eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced one is finished and
 -- continues with pad_token_id (else the first eos id); generation stops when every row is.
 -- Options left out come from the model's generation config (models/generation_config.lua:
@@ -216,6 +217,8 @@ function M.generate(model, input_ids, opts)
       error(string.format("%s: prompt of %d tokens + max_new_tokens %d exceeds the model's %d positions",
          WHO, L, max_new, limit), 2)
    end
+   local stops = opts.stop_strings ~= nil and require("moonload.models.stop_strings").new(opts.stop_strings,
+      opts.tokenizer, B, WHO) or nil
    if opts.assistant_model ~= nil or opts.prompt_lookup_num_tokens ~= nil then
       local assisted = require("moonload.models.assisted_generation")
       assisted.check(model, opts, B)
@@ -233,7 +236,7 @@ function M.generate(model, input_ids, opts)
          kv_device = hooks.norm_device(opts.kv_cache_device), kv_dtype = opts.kv_cache_dtype,
          draft = opts.assistant_model, num_assistant_tokens = opts.num_assistant_tokens,
          prompt_lookup_num_tokens = opts.prompt_lookup_num_tokens, max_matching_ngram_size = opts.max_matching_ngram_size,
-         stats = opts.assistant_stats })
+         stops = stops, stats = opts.assistant_stats })
       return shape_output(T.tensor({ seq }, { dtype = "int64" }), form)
    end
    -- A device map planned with reserve_for budgeted this much cache and activation memory.
@@ -304,8 +307,8 @@ function M.generate(model, input_ids, opts)
          last = penalize(last, seen, penalty)
       end
       local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
-      if eos and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
-      if done then tok = T.where(done, opts.pad_token_id or (type(eos) == "table" and eos[1] or eos), tok) end
+      if (eos or stops) and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
+      if done then tok = T.where(done, opts.pad_token_id or (type(eos) == "table" and eos[1] or eos) or 0, tok) end
       out:narrow(2, L + step, 1):copy_(tok)
       n = step
       -- streaming: the new id of each row as it comes (a REPL prints them through a tokenizer);
@@ -313,7 +316,12 @@ function M.generate(model, input_ids, opts)
       if opts.on_token and opts.on_token(tok:view(B):tolist(), step) == false then break end
       if penalty then seen = seen:logical_or(vocab_ids:eq(tok:to(vocab_ids.device))) end
       if done then
-         done = done:logical_or(is_eos(tok, eos))
+         if eos then done = done:logical_or(is_eos(tok, eos)) end
+         if stops then                                          -- rows whose new text now holds a stop string
+            local ids, finished, hits = tok:view(B):tolist(), done:view(B):tolist(), {}
+            for b = 1, B do hits[b] = { not finished[b] and stops:hit(b, ids[b]) } end
+            done = done:logical_or(T.tensor(hits, { dtype = "bool" }):to(done.device))
+         end
          if done:sum():item() == B then break end
       end
       if step < max_new then
