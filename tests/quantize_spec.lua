@@ -33,7 +33,7 @@ describe("int8 linear layers", function()
 
    it("multiplies as float32 with the dequantized weight, decoding rows and GEMM rows alike", function()
       ml.manual_seed(2)
-      -- 1-4 rows widen in registers, more go through float32 panels of 256 columns
+      -- up to 16 rows widen in registers (8 at a time), more go through float32 panels of 256 columns
       for _, c in ipairs({ { 1, 32, 1 }, { 3, 96, 7 }, { 4, 64, 70 }, { 5, 64, 300 }, { 17, 96, 513 } }) do
          local M, K, N = c[1], c[2], c[3]
          local w, x, b = ml.randn(N, K), ml.randn(2, M, K), ml.randn(N)

@@ -1,15 +1,16 @@
 /* q8.c: int8 weights for linear layers, with a float32 scale per block of 32 values along
    in_features (the layout of llama.cpp's Q8_0, scales kept in float32). ml_quantize_q8 makes them
    from a float weight (scale = max |w| / 127 over the block, values rounded to nearest);
-   ml_q8_linear multiplies. Decoding (at most 4 rows) reads each weight byte once and widens it in
-   registers: a quarter of float32's bytes, half of bfloat16's. More rows widen panels of output
+   ml_q8_linear multiplies. Decoding and small batches (up to 16 rows, 8 at a time over columns
+   still in the cache) read each weight byte once and widen it in registers: a quarter of
+   float32's bytes, half of bfloat16's. More rows widen panels of output
    columns into float32 (bfloat16 for a bfloat16 input on an AVX512-BF16 CPU) and go through the
    GEMM. ml_quantize_q8_into and ml_dequantize_q8 round rows of any tensor the same way, in blocks
    of any width along the last dim, into strided slots (the int8 key-value cache). int4 weights
    (ml_quantize_q4, ml_q4_linear, ml_dequantize_q4; llama.cpp's Q4_0 layout, see moonload.h) go
    through the same column and panel code with 16 bytes a block instead of 32. With
    ml_set_quantized_activations(8) the input rows are rounded to int8 instead and meet the weights
-   in integer products: cpu/q8_dot.c for up to 4 rows, cpu/q8_gemm.c for more. Tensors on a GPU
+   in integer products: cpu/q8_dot.c for up to 8 rows, cpu/q8_gemm.c for more. Tensors on a GPU
    go to the CUDA backend (cuda/q8.cu), which keeps these layouts. */
 #include "cpu/gemm.h"
 #include "cpu/q8_dot.h"
@@ -27,6 +28,8 @@
 #endif
 
 enum { Q8_BLOCK = ML_Q8_DOT_BLOCK, Q8_MAX_ROWS = ML_Q8_DOT_MAX_ROWS, Q8_COLS = 64, Q8_PANEL = 256 };
+/* Rows up to which the column dots beat the panel GEMM (float activations) or the int8 GEMM. */
+enum { Q8_DOT_ROWS_FLOAT = 16, Q8_DOT_ROWS_INT8 = 8 };
 
 // --- quantize -------------------------------------------------------------------------------------
 
@@ -256,6 +259,10 @@ static void q8_column_dots_512(const q8_job *j, int64_t n, float *out) {
   case 1: column_dots_512_rows(j, n, out, 1); break;
   case 2: column_dots_512_rows(j, n, out, 2); break;
   case 3: column_dots_512_rows(j, n, out, 3); break;
+  case 4: column_dots_512_rows(j, n, out, 4); break;
+  case 5: column_dots_512_rows(j, n, out, 5); break;
+  case 6: column_dots_512_rows(j, n, out, 6); break;
+  case 7: column_dots_512_rows(j, n, out, 7); break;
   default: column_dots_512_rows(j, n, out, Q8_MAX_ROWS);
   }
 }
@@ -268,30 +275,50 @@ static bool have_avx512(void) {
 }
 #endif
 
+/* Columns [n0, n0 + w) for the job's rows (at most Q8_MAX_ROWS). */
+static void column_block(const q8_job *j, int64_t n0, int64_t w) {
+  float acc[Q8_MAX_ROWS][Q8_COLS], dots[Q8_MAX_ROWS];
+  size_t oe = ml_dtype_size(j->cdt);
+  if (j->a8) {                   /* int8 activations: the integer dots of cpu/q8_dot.c */
+    int64_t nb = j->K / Q8_BLOCK;
+    ml_q8_dot_columns(j->a8, j->q + n0 * nb * (Q8_BLOCK * j->bits / 8), j->scales + n0 * nb, j->bits, w, &acc[0][0],
+                      Q8_COLS);
+    for (int64_t m = 0; m < j->M; m++)
+      for (int64_t i = 0; i < w && j->bias; i++) acc[m][i] += j->bias[n0 + i];
+  }
+  for (int64_t i = 0; i < w && !j->a8; i++) {
+#if ML_HAVE_Q8_512
+    if (have_avx512()) q8_column_dots_512(j, n0 + i, dots);
+    else
+#endif
+    q8_column_dots(j, n0 + i, dots);
+    float add = j->bias ? j->bias[n0 + i] : 0.0f;
+    for (int64_t m = 0; m < j->M; m++) acc[m][i] = dots[m] + add;
+  }
+  for (int64_t m = 0; m < j->M; m++)
+    ml_convert_fast(acc[m], ML_FLOAT32, j->c + (m * j->ldc + n0) * (int64_t)oe, j->cdt, w);
+}
+
+/* Blocks of Q8_COLS columns; each block's columns meet the rows Q8_MAX_ROWS at a time while they
+   are still in the cache (a few dozen rows read the weights from memory once). */
 static void q8_columns(void *ctx, int64_t begin, int64_t end) {
   const q8_job *j = ctx;
-  float acc[Q8_MAX_ROWS][Q8_COLS], dots[Q8_MAX_ROWS];
+  int64_t nb = j->K / Q8_BLOCK;
   size_t oe = ml_dtype_size(j->cdt);
   for (int64_t blk = begin; blk < end; blk++) {
     int64_t n0 = blk * Q8_COLS, w = j->N - n0 < Q8_COLS ? j->N - n0 : Q8_COLS;
-    if (j->a8) {                 /* int8 activations: the integer dots of cpu/q8_dot.c */
-      int64_t nb = j->K / Q8_BLOCK;
-      ml_q8_dot_columns(j->a8, j->q + n0 * nb * (Q8_BLOCK * j->bits / 8), j->scales + n0 * nb, j->bits, w, &acc[0][0],
-                        Q8_COLS);
-      for (int64_t m = 0; m < j->M; m++)
-        for (int64_t i = 0; i < w && j->bias; i++) acc[m][i] += j->bias[n0 + i];
+    for (int64_t m0 = 0; m0 < j->M; m0 += Q8_MAX_ROWS) {
+      q8_job chunk = *j;
+      ml_q8_rows rows8;
+      chunk.M = j->M - m0 < Q8_MAX_ROWS ? j->M - m0 : Q8_MAX_ROWS;
+      chunk.a = j->a + m0 * j->K;
+      chunk.c = j->c + m0 * j->ldc * (int64_t)oe;
+      if (j->a8) {
+        rows8 = (ml_q8_rows){chunk.M, j->K, j->a8->values + m0 * j->K, j->a8->scales + m0 * nb};
+        chunk.a8 = &rows8;
+      }
+      column_block(&chunk, n0, w);
     }
-    for (int64_t i = 0; i < w && !j->a8; i++) {
-#if ML_HAVE_Q8_512
-      if (have_avx512()) q8_column_dots_512(j, n0 + i, dots);
-      else
-#endif
-      q8_column_dots(j, n0 + i, dots);
-      float add = j->bias ? j->bias[n0 + i] : 0.0f;
-      for (int64_t m = 0; m < j->M; m++) acc[m][i] = dots[m] + add;
-    }
-    for (int64_t m = 0; m < j->M; m++)
-      ml_convert_fast(acc[m], ML_FLOAT32, j->c + (m * j->ldc + n0) * (int64_t)oe, j->cdt, w);
   }
 }
 
@@ -385,7 +412,9 @@ static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, 
     ml_row_load(bias, ML_FLOAT32, ml_tensor_data(b), b->dtype, N, b->strides[0]);
   }
   size_t xe = ml_dtype_size(xs->dtype);
-  if (rows <= Q8_MAX_ROWS) {
+  /* a few dozen rows: the column dots, the weights read once (widening them into panels for a
+     GEMM costs more until the rows pay for it; measured on 11008 x 4096) */
+  if (rows <= (activation_bits == 8 ? Q8_DOT_ROWS_INT8 : Q8_DOT_ROWS_FLOAT)) {
     if (!(a = malloc((size_t)(rows * K) * sizeof(float)))) {
       st = ml_fail(ML_ENOMEM, "%s: out of memory for a %lld x %lld copy of the input", fn, (long long)rows, (long long)K);
       goto done;

@@ -98,13 +98,18 @@ static inline float sum_lanes(__m256 v) {
     }                                                                                           \
   }
 
-/* Four chains a row for one row, two for two, one for three or four. */
+/* Four chains a row for one row, two for two, one from three rows on (up to ML_Q8_DOT_MAX_ROWS,
+   8: each count its own body, so that no row past the input is read). */
 #define DOT_COLUMNS(BLOCK_DOT)                                                                  \
   int64_t nb = x->K / BLOCK, bb = BLOCK * bits / 8;                                             \
   switch (x->M) {                                                                               \
   case 1: DOT_COLUMNS_BODY(BLOCK_DOT, 1, 4) break;                                              \
   case 2: DOT_COLUMNS_BODY(BLOCK_DOT, 2, 2) break;                                              \
   case 3: DOT_COLUMNS_BODY(BLOCK_DOT, 3, 1) break;                                              \
+  case 4: DOT_COLUMNS_BODY(BLOCK_DOT, 4, 1) break;                                              \
+  case 5: DOT_COLUMNS_BODY(BLOCK_DOT, 5, 1) break;                                              \
+  case 6: DOT_COLUMNS_BODY(BLOCK_DOT, 6, 1) break;                                              \
+  case 7: DOT_COLUMNS_BODY(BLOCK_DOT, 7, 1) break;                                              \
   default: DOT_COLUMNS_BODY(BLOCK_DOT, ML_Q8_DOT_MAX_ROWS, 1) break;                            \
   }
 

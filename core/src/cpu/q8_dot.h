@@ -1,5 +1,5 @@
 /* q8_dot.h: integer products of int8 activations with int8 or int4 weights, the paths of
-   ml_q8_linear and ml_q4_linear when ml_set_quantized_activations(8) is on: dots of up to 4 rows
+   ml_q8_linear and ml_q4_linear when ml_set_quantized_activations(8) is on: dots of up to 8 rows
    with weight columns (cpu/q8_dot.c, decoding) and a GEMM for more rows (cpu/q8_gemm.c). */
 #ifndef ML_CPU_Q8_DOT_H
 #define ML_CPU_Q8_DOT_H
@@ -11,7 +11,7 @@
 #include <immintrin.h>
 #endif
 
-enum { ML_Q8_DOT_BLOCK = 32, ML_Q8_DOT_MAX_ROWS = 4 };
+enum { ML_Q8_DOT_BLOCK = 32, ML_Q8_DOT_MAX_ROWS = 8 };
 
 /* The instructions the dots use: the CPU's widest, or a narrower one named by MOONLOAD_Q8_DOT
    (avx2, c) to compare them. */
