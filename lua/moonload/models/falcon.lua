@@ -13,10 +13,8 @@
 local nn = require("moonload.nn")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
-local block_schedule = require("moonload.models.block_schedule")
 local generation = require("moonload.models.generation")
 local llama = require("moonload.models.llama")
-local T = require("moonload.tensor")
 
 local M = {}
 local WHO = "models.falcon"
@@ -164,7 +162,7 @@ end
 local FalconRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("FalconRotaryEmbedding")
 M.FalconRotaryEmbedding = FalconRotaryEmbedding
 
-local FalconModel = nn.Module:extend("FalconModel")
+local FalconModel = llama.LlamaModel:extend("FalconModel")
 M.FalconModel = FalconModel
 
 function FalconModel:__init(cfg)
@@ -178,19 +176,8 @@ function FalconModel:__init(cfg)
    rawset(self, "config", cfg)
 end
 
---- Llama's forward (positions, rotary tables, cache) over these layers.
-function FalconModel:forward(input_ids, cache, pad, pos, blocks)
-   local L = input_ids:size(2)
-   local past = cache and cache.length or 0
-   local x = self.word_embeddings(input_ids)
-   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
-   cos, sin = llama.rotary_for(cos, sin, x)
-   local n = self.config.num_hidden_layers
-   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
-   for i = 1, n do x = block_schedule.call(schedule, i, self.h[i], x, cache, pad, cos, sin) end
-   if cache then cache:advance(L) end
-   return self.ln_f(x)
-end
+-- Llama's forward (positions, rotary tables, cache, block schedule) over these layers
+FalconModel.embed_name, FalconModel.layers_name, FalconModel.norm_name = "word_embeddings", "h", "ln_f"
 
 local FalconForCausalLM = nn.Module:extend("FalconForCausalLM")
 M.FalconForCausalLM = FalconForCausalLM

@@ -6,10 +6,8 @@
 -- use_parallel_residual (the default) attention and MLP both read the layer's input:
 -- x + attn(ln1(x)) + mlp(ln2(x)).
 local nn = require("moonload.nn")
-local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
-local block_schedule = require("moonload.models.block_schedule")
 local generation = require("moonload.models.generation")
 local llama = require("moonload.models.llama")
 
@@ -118,7 +116,7 @@ end
 local GPTNeoXRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("GPTNeoXRotaryEmbedding")
 M.GPTNeoXRotaryEmbedding = GPTNeoXRotaryEmbedding
 
-local GPTNeoXModel = nn.Module:extend("GPTNeoXModel")
+local GPTNeoXModel = llama.LlamaModel:extend("GPTNeoXModel")
 M.GPTNeoXModel = GPTNeoXModel
 
 function GPTNeoXModel:__init(cfg)
@@ -132,19 +130,8 @@ function GPTNeoXModel:__init(cfg)
    rawset(self, "config", cfg)
 end
 
---- Llama's forward (positions, rotary tables, cache) over these layers.
-function GPTNeoXModel:forward(input_ids, cache, pad, pos, blocks)
-   local L = input_ids:size(2)
-   local past = cache and cache.length or 0
-   local x = self.embed_in(input_ids)
-   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
-   cos, sin = llama.rotary_for(cos, sin, x)
-   local n = self.config.num_hidden_layers
-   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
-   for i = 1, n do x = block_schedule.call(schedule, i, self.layers[i], x, cache, pad, cos, sin) end
-   if cache then cache:advance(L) end
-   return self.final_layer_norm(x)
-end
+-- Llama's forward (positions, rotary tables, cache, block schedule) over these layers
+GPTNeoXModel.embed_name, GPTNeoXModel.layers_name, GPTNeoXModel.norm_name = "embed_in", "layers", "final_layer_norm"
 
 local GPTNeoXForCausalLM = nn.Module:extend("GPTNeoXForCausalLM")
 M.GPTNeoXForCausalLM = GPTNeoXForCausalLM

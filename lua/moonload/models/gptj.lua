@@ -10,7 +10,6 @@ local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
-local block_schedule = require("moonload.models.block_schedule")
 local generation = require("moonload.models.generation")
 local llama = require("moonload.models.llama")
 
@@ -131,7 +130,7 @@ end
 local GPTJRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("GPTJRotaryEmbedding")
 M.GPTJRotaryEmbedding = GPTJRotaryEmbedding
 
-local GPTJModel = nn.Module:extend("GPTJModel")
+local GPTJModel = llama.LlamaModel:extend("GPTJModel")
 M.GPTJModel = GPTJModel
 
 function GPTJModel:__init(cfg)
@@ -145,19 +144,8 @@ function GPTJModel:__init(cfg)
    rawset(self, "config", cfg)
 end
 
---- Llama's forward (positions, rotary tables, cache) over these blocks.
-function GPTJModel:forward(input_ids, cache, pad, pos, blocks)
-   local L = input_ids:size(2)
-   local past = cache and cache.length or 0
-   local x = self.wte(input_ids)
-   local cos, sin = self.rotary_emb(pos or T.arange(past, past + L, { device = input_ids.device }))
-   cos, sin = llama.rotary_for(cos, sin, x)
-   local n = self.config.n_layer
-   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
-   for i = 1, n do x = block_schedule.call(schedule, i, self.h[i], x, cache, pad, cos, sin) end
-   if cache then cache:advance(L) end
-   return self.ln_f(x)
-end
+-- Llama's forward (positions, rotary tables, cache, block schedule) over these layers
+GPTJModel.embed_name, GPTJModel.layers_name, GPTJModel.norm_name = "wte", "h", "ln_f"
 
 local GPTJForCausalLM = nn.Module:extend("GPTJForCausalLM")
 M.GPTJForCausalLM = GPTJForCausalLM

@@ -510,6 +510,9 @@ M.LlamaModel = LlamaModel
 
 LlamaModel.family, LlamaModel.Layer, LlamaModel.Rotary = "llama", LlamaDecoderLayer, LlamaRotaryEmbedding
 LlamaModel.Norm, LlamaModel.norm_name = nn.RMSNorm, "norm"   -- the final norm (Phi: final_layernorm)
+-- the token embedding and the layer list, by name: models of rotary layers with other names
+-- (GPT-NeoX, Falcon, GPT-J) extend LlamaModel for its forward
+LlamaModel.embed_name, LlamaModel.layers_name = "embed_tokens", "layers"
 
 function LlamaModel:__init(cfg)
    nn.Module.__init(self)
@@ -530,14 +533,14 @@ function LlamaModel:forward(input_ids, cache, pad, pos, blocks)
    local cfg = self.config
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
-   local x = self.embed_tokens(input_ids)
+   local x = self[self.embed_name](input_ids)
    if self.embed_scale then x = x * self:embed_scale() end       -- Gemma: sqrt(hidden_size)
    local rope = self:layer_rotary(pos or T.arange(past, past + L, { device = input_ids.device }), x)
    local n = cfg.num_hidden_layers
    local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
    for i = 1, n do
       local r = rope[i] or rope[1]
-      x = block_schedule.call(schedule, i, self.layers[i], x, cache, pad, r[1], r[2])
+      x = block_schedule.call(schedule, i, self[self.layers_name][i], x, cache, pad, r[1], r[2])
    end
    if cache then cache:advance(L) end
    return self[self.norm_name](x)
