@@ -23,15 +23,8 @@ local UNSUPPORTED = {
    micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
 }
 
-local function int_opt(opts, name)
-   local n = opts[name]
-   if n ~= nil and (type(n) ~= "number" or n ~= math.floor(n) or n < 1) then
-      error(string.format("%s: %s must be an integer >= 1, got %s", WHO, name, tostring(n)), 5)
-   end
-end
-
 --- check(model, opts, B) -> errors naming what assisted generation (opts.assistant_model or
--- opts.prompt_lookup_num_tokens) cannot do here.
+-- opts.prompt_lookup_num_tokens) cannot do here (generate has checked the counts' types).
 function M.check(model, opts, B)
    local draft = opts.assistant_model
    local what = draft ~= nil and "assistant_model" or "prompt_lookup_num_tokens"
@@ -41,9 +34,6 @@ function M.check(model, opts, B)
    if draft ~= nil and (type(draft) ~= "table" or type(draft.new_cache) ~= "function" or type(draft.forward) ~= "function") then
       error(WHO .. ": assistant_model must be a causal language model (with a key-value cache), got " .. type(draft), 4)
    end
-   int_opt(opts, "prompt_lookup_num_tokens")
-   int_opt(opts, "max_matching_ngram_size")
-   int_opt(opts, "num_assistant_tokens")
    if B ~= 1 then error(string.format("%s: %s takes one prompt at a time, got a batch of %d", WHO, what, B), 4) end
    for k, unsupported in pairs(UNSUPPORTED) do
       local v = opts[k]
