@@ -80,7 +80,7 @@ function BloomAttention:forward(x, cache, bias)
    if cache then k, v = cache:update(self.layer_idx, k, v:contiguous()) end
    local qa, ba, back = common.queries_to_keys(q, k, bias)
    local causal = rawget(bias, "_causal") == true
-   local y = common.attention(qa, k, v, ba:to(qa.dtype), causal, 1 / math.sqrt(D))  -- (B, H, T, D)
+   local y = common.attention(qa, k, v, ba, causal, 1 / math.sqrt(D))             -- (B, H, T, D)
    if back then y = y:to(back) end
    return self.dense(y:transpose(2, 3):reshape(B, L, H * D))
 end
@@ -168,6 +168,11 @@ function BloomModel:forward(input_ids, cache, pad, pos, blocks)
    local past = cache and cache.length or 0
    local x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
    local bias = self:attention_bias(L, past, pad, x.device, blocks ~= nil)
+   if bias.dtype ~= x.dtype then                  -- (once here, not in every layer)
+      local causal = rawget(bias, "_causal")
+      bias = bias:to(x.dtype)
+      rawset(bias, "_causal", causal)
+   end
    if blocks and bias:size(3) == 1 and L > 1 then bias = bias:expand(bias:size(1), bias:size(2), L, bias:size(4)) end
    local n = self.config.n_layer
    local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
