@@ -54,39 +54,43 @@ describe("matmul", function()
       for _, i in ipairs({ 1, 16385, 40000 }) do assert.is_true(math.abs(gt[i] - want[i]) <= 1e-3 * math.abs(want[i]) + 1e-3) end
    end)
 
-   it("computes few-row products with a float16/bfloat16 weight in registers, as the float32 path", function()
-      -- M <= 4 rows against a weight stored K-contiguous (linear) take cpu/half_gemv.c; 5 rows the
-      -- panels. K = 37 and 100 leave tails past the 16-wide steps, N = 130 spans three column blocks.
+   it("computes few-row products with a float32/float16/bfloat16 weight in registers, as the float64 path", function()
+      -- 1 to 16 rows against a weight stored K-contiguous (linear) take cpu/few_rows_gemm.c (float32
+      -- from 2 rows, four rows and two columns at a time); 17 rows the panels. K = 37 and 100 leave
+      -- tails past the 8-wide steps, N = 131 spans three column blocks and ends on an odd column.
       ml.manual_seed(19)
-      for _, dt in ipairs({ "bfloat16", "float16" }) do
-         local ulp = dt == "bfloat16" and 2 ^ -8 or 2 ^ -11
+      for _, dt in ipairs({ "float32", "bfloat16", "float16" }) do
+         local ulp = ({ bfloat16 = 2 ^ -8, float16 = 2 ^ -11, float32 = 2 ^ -20 })[dt]
          for _, K in ipairs({ 37, 100 }) do
-            local w, b = ml.randn(130, K):to(dt), ml.randn(130):to(dt)
-            for M = 1, 5 do
+            local w, b = ml.randn(131, K):to(dt), ml.randn(131):to(dt)
+            for _, M in ipairs({ 1, 2, 3, 4, 5, 7, 8, 16, 17 }) do
                local x = ml.randn(K, M):to(dt):t()                       -- strided rows
-               local want = F.linear(x:float(), w:float(), b:float())
+               local want = F.linear(x:double(), w:double(), b:double())
                local got = F.linear(x, w, b)
                assert.are.equal(dt, got.dtype)
-               local err = (got:float() - want):abs() - want:abs() * ulp
+               local err = (got:double() - want):abs() - want:abs() * ulp
                assert.is_true(err:max():item() <= 1e-4, string.format("%s K=%d M=%d: %g", dt, K, M, err:max():item()))
             end
          end
+         if dt ~= "float32" then
          -- attention at decode: one query against the keys (scores = scale * q @ k^T)
          local q, k, v = ml.randn(1, 2, 1, 64):to(dt), ml.randn(1, 2, 9, 64):to(dt), ml.randn(1, 2, 9, 64):to(dt)
          local want = F.scaled_dot_product_attention(q:float(), k:float(), v:float())
          local got = F.scaled_dot_product_attention(q, k, v):float()
          assert.is_true(((got - want):abs() - want:abs() * 2 * ulp):max():item() <= 1e-3, dt .. " attention")
+         end
       end
    end)
 
    it("multiplies bfloat16 by bfloat16 as the float32 path does (AVX512-BF16 where the CPU has it)", function()
-      -- 5 to 13 rows cover the 6-row tiles and their tails, K = 37 an odd last element, N = 70
+      -- 17 to 23 rows cover the 6-row tiles and their tails (16 rows or fewer take
+      -- cpu/few_rows_gemm.c), K = 37 an odd last element, N = 70
       -- a panel of 32 columns cut short; a transposed input takes the widening path instead.
       ml.manual_seed(20)
       local ulp = 2 ^ -8
       for _, K in ipairs({ 37, 100 }) do
          local w, b = ml.randn(70, K):bfloat16(), ml.randn(70):bfloat16()
-         for _, M in ipairs({ 5, 6, 7, 12, 13, 200 }) do      -- 200: blocks of 96 rows, one cut short
+         for _, M in ipairs({ 6, 17, 18, 23, 200 }) do      -- 200: blocks of 96 rows, one cut short
             for _, x in ipairs({ ml.randn(M, K):bfloat16(), ml.randn(K, M):bfloat16():t() }) do
                local want = F.linear(x:float(), w:float(), b:float())
                local got = F.linear(x, w, b)

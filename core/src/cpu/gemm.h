@@ -41,10 +41,11 @@ typedef struct {
   int64_t rs, cs;
 } ml_mref;
 
-/* Few-row products with a float16/bfloat16 B that is contiguous along K (cpu/half_gemv.c):
+/* Products of up to 16 rows with a float32/float16/bfloat16 B that is contiguous along K
+   (cpu/few_rows_gemm.c):
    C (M x N, cdt, row stride ldc) = alpha * A @ B (+ bias, float32), computed in float32. */
-bool ml_half_gemv_applies(int64_t M, int64_t K, ml_dtype ct, ml_mref B);
-ml_status ml_half_gemv(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
+bool ml_few_rows_gemm_applies(int64_t M, int64_t K, ml_dtype ct, ml_mref B);
+ml_status ml_few_rows_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha, ml_mref A, ml_mref B,
                        const float *bias, void *C, ml_dtype cdt, int64_t ldc);
 
 /* bfloat16 x bfloat16 products on AVX512-BF16 CPUs (cpu/bf16_gemm.c), same contract; A must be

@@ -220,7 +220,7 @@ ml_status ml_gemm(const char *fn, int64_t M, int64_t N, int64_t K, double alpha,
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX || ldc > INT_MAX)
     return ml_fail(ML_EINVAL, "%s: a %lld x %lld x %lld product is too large for BLAS", fn, (long long)M,
                    (long long)N, (long long)K);
-  if (ml_half_gemv_applies(M, K, ct, B)) return ml_half_gemv(fn, M, N, K, alpha, A, B, bias, C, cdt, ldc);
+  if (ml_few_rows_gemm_applies(M, K, ct, B)) return ml_few_rows_gemm(fn, M, N, K, alpha, A, B, bias, C, cdt, ldc);
   if (ml_bf16_gemm_applies(M, K, ct, A, B)) return ml_bf16_gemm(fn, M, N, K, alpha, A, B, bias, C, cdt, ldc);
   size_t ce = ml_dtype_size(ct);
   uint8_t *abuf = NULL;
