@@ -38,6 +38,8 @@ local function check_opts(opts)
    int_opt("max_matching_ngram_size", 1)
    int_opt("top_k", 1)
    int_opt("seed", 0)
+   int_opt("num_beams", 1)
+   int_opt("num_return_sequences", 1)
    int_opt("pad_token_id", 0)
    local eos = opts.eos_token_id
    if eos == false then
@@ -64,10 +66,19 @@ local function check_opts(opts)
    if penalty ~= nil and (type(penalty) ~= "number" or not (penalty > 0)) then
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
    end
+   local lp = opts.length_penalty
+   if lp ~= nil and (type(lp) ~= "number" or lp ~= lp or math.abs(lp) == math.huge) then
+      error(string.format("%s: length_penalty must be a finite number, got %s", WHO, tostring(lp)), 3)
+   end
+   local early = opts.early_stopping
+   if early ~= nil and type(early) ~= "boolean" and early ~= "never" then
+      error(string.format('%s: early_stopping must be true, false or "never", got %s', WHO, tostring(early)), 3)
+   end
    local known = { max_new_tokens = true, min_new_tokens = true, max_length = true, min_length = true,
       assistant_model = true, num_assistant_tokens = true, assistant_stats = true, prompt_lookup_num_tokens = true,
       max_matching_ngram_size = true, stop_strings = true, tokenizer = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
+      num_beams = true, num_return_sequences = true, length_penalty = true, early_stopping = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
    if opts.kv_cache_dtype ~= nil and not require("moonload.models.kv_cache").DTYPES[opts.kv_cache_dtype] then
@@ -88,7 +99,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
             WHO, tostring(k)), 3)
       end
    end
@@ -167,14 +178,15 @@ end
 local function shape_output(seq, form)
    if form == "tensor" then return seq end
    local rows = seq:tolist()
-   if form == "flat" then return rows[1] end
+   if form == "flat" and #rows == 1 then return rows[1] end
    return rows
 end
 
 --- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, seed, do_sample,
 -- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
 -- kv_cache_device, kv_cache_dtype, max_length, min_length, assistant_model, num_assistant_tokens, assistant_stats,
--- prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer}])
+-- prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer, num_beams, num_return_sequences,
+-- length_penalty, early_stopping}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
@@ -186,6 +198,9 @@ end
 -- checks several at a time, and prompt_lookup_num_tokens takes them from the sequence itself:
 -- models/assisted_generation.lua. stop_strings (with tokenizer) ends a row with the token that
 -- completes one of them in its new text (models/stop_strings.lua).
+-- num_beams > 1 runs beam search (models/beam_search.lua; length_penalty, early_stopping) and
+-- returns each prompt's best num_return_sequences hypotheses, then their scores as a second
+-- result; without beams, num_return_sequences with sampling draws that many rows per prompt.
 -- eos_token_id is an id or a list of ids (Llama 3, Qwen): a row that produced one is finished and
 -- continues with pad_token_id (else the first eos id); generation stops when every row is.
 -- Options left out come from the model's generation config (models/generation_config.lua:
@@ -220,6 +235,26 @@ function M.generate(model, input_ids, opts)
       error(string.format("%s: prompt of %d tokens + max_new_tokens %d exceeds the model's %d positions",
          WHO, L, max_new, limit), 2)
    end
+   local num_beams, num_return = opts.num_beams or 1, opts.num_return_sequences or 1
+   local sampling = opts.do_sample ~= false and (opts.temperature or 0) > 0
+   if num_beams > 1 then
+      require("moonload.models.beam_search").check(opts)
+   elseif num_return > 1 then
+      -- sampling draws num_return_sequences continuations of each prompt: its rows repeated
+      if not sampling then
+         error(string.format("%s: num_return_sequences = %d needs sampling (do_sample with a temperature > 0) or num_beams >= %d: greedy decoding gives one sequence per prompt",
+            WHO, num_return, num_return), 2)
+      end
+      local rows = {}
+      for b = 0, B - 1 do for _ = 1, num_return do rows[#rows + 1] = b end end
+      local idx = T.tensor(rows, { dtype = "int64", device = ids.device })
+      if opts.attention_mask ~= nil then
+         opts.attention_mask = common.mask_tensor(opts.attention_mask, B, L, WHO):index_select(1, idx:to("cpu"))
+      end
+      ids = ids:index_select(1, idx)
+      B = B * num_return
+      if form == "flat" then form = "nested" end
+   end
    local stops = opts.stop_strings ~= nil and require("moonload.models.stop_strings").new(opts.stop_strings,
       opts.tokenizer, B, WHO) or nil
    if opts.assistant_model ~= nil or opts.prompt_lookup_num_tokens ~= nil then
@@ -244,9 +279,9 @@ function M.generate(model, input_ids, opts)
    end
    -- A device map planned with reserve_for budgeted this much cache and activation memory.
    local planned = rawget(model, "reserved_for")
-   if planned and (B > planned.batch_size or L + max_new > planned.max_length or L > planned.prompt_length) then
+   if planned and (B * num_beams > planned.batch_size or L + max_new > planned.max_length or L > planned.prompt_length) then
       log.warn(string.format("%s: batch %d, prompt %d + max_new_tokens %d is more than the device map reserved memory for (reserve_for = {batch_size = %d, max_length = %d, prompt_length = %d}); a device may run out of memory",
-         WHO, B, L, max_new, planned.batch_size, planned.max_length, planned.prompt_length))
+         WHO, B * num_beams, L, max_new, planned.batch_size, planned.max_length, planned.prompt_length))
    end
    -- the block schedule asked for, else the one the plan budgeted activations for
    -- (and the device the plan kept the key-value cache on)
@@ -262,6 +297,23 @@ function M.generate(model, input_ids, opts)
    if opts.do_sample == false then temperature = 0 end
    if opts.seed ~= nil then C.lib.ml_manual_seed(opts.seed) end
    if max_new == 0 then return shape_output(ids, form) end
+   local eos = opts.eos_token_id
+   -- min_new_tokens: the eos ids cannot be picked before that many new tokens (transformers'
+   -- MinNewTokensLengthLogitsProcessor)
+   local min_new = opts.min_new_tokens or math.max((opts.min_length or 0) - L, 0)
+   local penalty = opts.repetition_penalty
+   if penalty == 1 then penalty = nil end
+   if num_beams > 1 then
+      local seq, scores = require("moonload.models.beam_search").run(model, ids, {
+         num_beams = num_beams, num_return_sequences = num_return, length_penalty = opts.length_penalty,
+         early_stopping = opts.early_stopping, max_new = max_new, min_new = min_new, eos = eos,
+         pad = opts.pad_token_id, penalty = penalty,
+         eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil,
+         mask = opts.attention_mask ~= nil and common.mask_tensor(opts.attention_mask, B, L, WHO) or nil,
+         sampling = (temperature or 0) > 0 and { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p } or nil,
+         kv_device = kv_device, kv_dtype = kv_dtype, micro_batch = micro_batch, prefill_chunk = prefill_chunk })
+      return shape_output(seq, form), scores
+   end
 
    local cache = model:new_cache(L + max_new, kv_device, kv_dtype)
    -- sequence length at which the cache must be rebuilt (LongRoPE), when the model has one
@@ -269,7 +321,6 @@ function M.generate(model, input_ids, opts)
    local dev = ids.device
    local out = T.empty({ B, L + max_new }, { dtype = "int64", device = dev })
    out:narrow(2, 1, L):copy_(ids)
-   local eos = opts.eos_token_id
    local done
    -- A padding mask (left padding for prompts of different lengths): generated tokens are
    -- real; positions count the real tokens before each one, as transformers' generate does.
@@ -289,14 +340,10 @@ function M.generate(model, input_ids, opts)
       return o
    end
    local logits = model(ids, step_opts(L, L))                  -- (B, 1, vocab)
-   -- min_new_tokens: the eos ids cannot be picked before that many new tokens (transformers'
-   -- MinNewTokensLengthLogitsProcessor)
-   local min_new, eos_ban = opts.min_new_tokens or math.max((opts.min_length or 0) - L, 0), nil
+   local eos_ban
    if eos and min_new > 0 then                                 -- (1, vocab): which ids end a row
       eos_ban = is_eos(T.arange(vocab, { device = logits.device }):view(1, vocab), eos)
    end
-   local penalty = opts.repetition_penalty
-   if penalty == 1 then penalty = nil end
    local seen, vocab_ids                                       -- on the logits' device, made once
    local n = 0
    for step = 1, max_new do

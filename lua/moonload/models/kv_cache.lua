@@ -202,6 +202,35 @@ function Cache:crop(n)
    self.length = n
 end
 
+--- reorder(rows): row i of the cache becomes the old row rows[i] (a Lua list of 0-based rows,
+-- of any length: beam search first copies each prompt's row out to its beams, then has rows
+-- follow the beams they continue). Only the slots in use are copied when the row count stays.
+function Cache:reorder(rows)
+   if type(rows) ~= "table" or #rows == 0 then
+      error("KVCache: reorder expects a non-empty Lua list of 0-based rows", 2)
+   end
+   local identity = true
+   for i, r in ipairs(rows) do identity = identity and r == i - 1 end
+   local index = {}                                          -- per device
+   for _, list in ipairs({ self.k, self.v, self.ks, self.vs }) do
+      for i, b in pairs(list) do
+         if not (identity and #rows == b:size(1)) then
+            local idx = index[b.device]
+            if not idx then
+               idx = T.tensor(rows, { dtype = "int64" }):to(b.device)
+               index[b.device] = idx
+            end
+            local used = self.length - (self.start[i] or 0)
+            if #rows ~= b:size(1) then list[i] = b:index_select(1, idx)
+            elseif used > 0 then
+               local live = b:narrow(3, 1, used)
+               live:copy_(live:index_select(1, idx))
+            end
+         end
+      end
+   end
+end
+
 --- Called by the model once all layers have seen a step of L tokens.
 function Cache:advance(L)
    self.length = self.length + L
