@@ -1,0 +1,443 @@
+--- T5 (transformers' T5ForConditionalGeneration: t5-small .. t5-11b, T5 v1.1, FLAN-T5, T0) with
+-- Hugging Face parameter names: shared, {encoder,decoder}.{embed_tokens (tied to shared),
+-- block.N.layer.{0.{SelfAttention.{q,k,v,o,relative_attention_bias}, layer_norm},
+-- [decoder: 1.{EncDecAttention.{q,k,v,o}, layer_norm}], last.{DenseReluDense.{wi | wi_0, wi_1,
+-- wo}, layer_norm}}, final_layer_norm}, lm_head.
+--
+-- An encoder over the input, a decoder over the output so far that also attends to the
+-- encoder's states. No position embeddings: the first block of each stack learns a bias per head
+-- for each bucket of relative distance (exact up to half the buckets, then logarithmic up to
+-- relative_attention_max_distance; the encoder's buckets tell before from after), which every
+-- block adds to its scores. Scores are not scaled by 1/sqrt(d_kv); norms are RMS norms without
+-- bias; the MLP is ReLU (T5) or a gated GELU (v1.1, FLAN-T5: feed_forward_proj "gated-gelu").
+-- With the head tied to the shared embedding (T5), the decoder's output is scaled by
+-- d_model^-0.5 first; T5 v1.1 and FLAN-T5 (tie_word_embeddings = false) have a head of their own
+-- and no scaling.
+--
+--    local model = ml.models.from_pretrained(dir)                   -- a T5ForConditionalGeneration
+--    local out = model:generate(ids, {attention_mask = mask, max_new_tokens = 40, num_beams = 4})
+--    local logits = model(ids, {attention_mask = mask, decoder_input_ids = dec})   -- (B, T, vocab)
+--    local states = model:encode(ids, {attention_mask = mask})       -- (B, S, d_model)
+--
+-- generate runs the encoder once, then the shared generate loop (models/generation.lua, greedy,
+-- sampling, beam search) over the decoder, which starts from decoder_start_token_id and keeps
+-- its self-attention keys and values in a KVCache; the encoder's keys and values per layer are
+-- computed once per generate call.
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local config = require("moonload.models.config")
+local common = require("moonload.models.common")
+local generation = require("moonload.models.generation")
+
+local M = {}
+local WHO = "models.t5"
+
+M.schema = {
+   { "vocab_size", "int" },
+   { "d_model", "int" },
+   { "d_kv", "int" },
+   { "d_ff", "int" },
+   { "num_layers", "int" },
+   { "num_decoder_layers", "int", function(c) return c.num_layers end },
+   { "num_heads", "int" },
+   { "relative_attention_num_buckets", "int", 32 },
+   { "relative_attention_max_distance", "int", 128 },
+   { "layer_norm_epsilon", "posnum", 1e-6 },
+   { "feed_forward_proj", "string", "relu" },
+   { "tie_word_embeddings", "bool", true },
+   { "scale_decoder_outputs", "bool", function(c) return c.tie_word_embeddings end },
+   { "decoder_start_token_id", "int0", 0 },
+}
+
+--- Reads and checks a T5 config (path, folder or table): the MLP's activation and gating from
+-- feed_forward_proj as transformers reads it ("relu", "gated-gelu" = gated gelu_new, "gated-silu").
+function M.config(source)
+   local cfg = config.load(source, M.schema, WHO)
+   local gated, act = cfg.feed_forward_proj:match("^(gated)%-(.+)$")
+   act = act or cfg.feed_forward_proj
+   if act:find("-", 1, true) then
+      config.fail(cfg, WHO, 'feed_forward_proj "%s" is not "{ACT}" or "gated-{ACT}"', cfg.feed_forward_proj)
+   end
+   if cfg.feed_forward_proj == "gated-gelu" then act = "gelu_new" end
+   common.activation(act, WHO, cfg._source)
+   cfg.dense_act_fn, cfg.is_gated_act = act, gated ~= nil
+   -- As transformers 5 reads it: tie_word_embeddings = false (T5 v1.1, FLAN-T5) means an unscaled
+   -- decoder output and a head of its own; the embeddings are tied to shared either way, and a
+   -- checkpoint without lm_head.weight ties the head too.
+   cfg.tie_head, cfg.tie_word_embeddings = cfg.tie_word_embeddings, true
+   return cfg
+end
+
+--- The bucket of a key at relative distance rel = key position - query position (transformers'
+-- T5Attention._relative_position_bucket): bidirectional (the encoder) gives half the buckets to
+-- keys after the query; the decoder sees only earlier keys. Distances below half the buckets
+-- (of a side) have their own; longer ones share logarithmically wider buckets up to max_distance.
+function M.relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+   local bucket = 0
+   if bidirectional then
+      num_buckets = math.floor(num_buckets / 2)
+      if rel > 0 then bucket = num_buckets end
+      rel = math.abs(rel)
+   else
+      rel = -math.min(rel, 0)
+   end
+   local max_exact = math.floor(num_buckets / 2)
+   if rel < max_exact then return bucket + rel end
+   local large = max_exact + math.floor(math.log(rel / max_exact) / math.log(max_distance / max_exact)
+      * (num_buckets - max_exact))
+   return bucket + math.min(large, num_buckets - 1)
+end
+
+-- --- attention ------------------------------------------------------------------------------
+
+local T5Attention = nn.Module:extend("T5Attention")
+M.T5Attention = T5Attention
+
+function T5Attention:__init(cfg, has_relative_bias, bidirectional)
+   nn.Module.__init(self)
+   local inner = cfg.num_heads * cfg.d_kv
+   self.q = nn.Linear(cfg.d_model, inner, { bias = false })
+   self.k = nn.Linear(cfg.d_model, inner, { bias = false })
+   self.v = nn.Linear(cfg.d_model, inner, { bias = false })
+   self.o = nn.Linear(inner, cfg.d_model, { bias = false })
+   if has_relative_bias then
+      self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+   end
+   rawset(self, "n_head", cfg.num_heads)
+   rawset(self, "head_dim", cfg.d_kv)
+   rawset(self, "bidirectional", bidirectional)
+   rawset(self, "num_buckets", cfg.relative_attention_num_buckets)
+   rawset(self, "max_distance", cfg.relative_attention_max_distance)
+end
+
+--- Key/value heads and head size per cached token, and no score tensor (see LlamaAttention).
+function T5Attention:kv_cache_heads() return self.n_head, self.head_dim, self.n_head, false end
+
+--- The scores' additive bias (1, H, L, S) for L queries at positions past .. past + L - 1 over
+-- keys 0 .. S - 1, in dtype.
+function T5Attention:position_bias(L, S, past, dtype)
+   local by_rel, rows = {}, {}
+   for i = 1, L do
+      local row = {}
+      for j = 1, S do
+         local rel = (j - 1) - (past + i - 1)
+         local b = by_rel[rel]
+         if b == nil then
+            b = M.relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+            by_rel[rel] = b
+         end
+         row[j] = b
+      end
+      rows[i] = row
+   end
+   local buckets = common.to_weight_device(T.tensor(rows, { dtype = "int64" }), self.relative_attention_bias.weight)
+   return self.relative_attention_bias(buckets):permute(3, 1, 2):unsqueeze(1):to(dtype)
+end
+
+local function heads(x, B, L, H, D) return x:view(B, L, H, D):transpose(2, 3) end
+
+--- Self-attention over x (B, L, d_model) with the additive score mask (B or 1, H, L, S), the
+-- decoder's keys and values appended to cache (layer i).
+function T5Attention:forward(x, mask, cache, i)
+   local B, L = x:size(1), x:size(2)
+   local H, D = self.n_head, self.head_dim
+   local q, k, v = heads(self.q(x), B, L, H, D), heads(self.k(x), B, L, H, D), heads(self.v(x), B, L, H, D)
+   if cache then k, v = cache:update(i, k, v) end
+   local qa, ma, back = common.queries_to_keys(q, k, mask)
+   local y = common.attention(qa, k, v, ma, false, 1.0)
+   if back then y = y:to(back) end
+   return self.o(y:transpose(2, 3):reshape(B, L, H * D))
+end
+
+--- Attention of x (B, L, d_model) to the encoder's states (B, S, d_model), whose keys and values
+-- the memo keeps per layer (computed by the first call); enc_mask (B, 1, 1, S) bool or nil.
+function T5Attention:cross(x, enc, enc_mask, memo, i)
+   local B, L = x:size(1), x:size(2)
+   local H, D = self.n_head, self.head_dim
+   local q = heads(self.q(x), B, L, H, D)
+   local kv = memo and memo[i]
+   if not kv or kv.k.device ~= q.device then
+      local S = enc:size(2)
+      kv = { k = heads(self.k(enc), B, S, H, D), v = heads(self.v(enc), B, S, H, D) }
+      if memo then memo[i] = kv end
+   end
+   if enc_mask and enc_mask.device ~= q.device then enc_mask = enc_mask:to(q.device) end
+   local y = common.attention(q, kv.k, kv.v, enc_mask, false, 1.0)
+   return self.o(y:transpose(2, 3):reshape(B, L, H * D))
+end
+
+-- --- blocks ---------------------------------------------------------------------------------
+
+local function rms_norm(cfg) return nn.RMSNorm(cfg.d_model, { eps = cfg.layer_norm_epsilon }) end
+
+local T5LayerSelfAttention = nn.Module:extend("T5LayerSelfAttention")
+M.T5LayerSelfAttention = T5LayerSelfAttention
+
+function T5LayerSelfAttention:__init(cfg, has_relative_bias, bidirectional)
+   nn.Module.__init(self)
+   self.SelfAttention = T5Attention(cfg, has_relative_bias, bidirectional)
+   self.layer_norm = rms_norm(cfg)
+   self.dropout = nn.Dropout(0)
+end
+
+local T5LayerCrossAttention = nn.Module:extend("T5LayerCrossAttention")
+M.T5LayerCrossAttention = T5LayerCrossAttention
+
+function T5LayerCrossAttention:__init(cfg)
+   nn.Module.__init(self)
+   self.EncDecAttention = T5Attention(cfg, false, true)
+   self.layer_norm = rms_norm(cfg)
+   self.dropout = nn.Dropout(0)
+end
+
+local T5DenseActDense = nn.Module:extend("T5DenseActDense")
+M.T5DenseActDense = T5DenseActDense
+
+function T5DenseActDense:__init(cfg)
+   nn.Module.__init(self)
+   if cfg.is_gated_act then
+      self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, { bias = false })
+      self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, { bias = false })
+   else
+      self.wi = nn.Linear(cfg.d_model, cfg.d_ff, { bias = false })
+   end
+   self.wo = nn.Linear(cfg.d_ff, cfg.d_model, { bias = false })
+   self.dropout = nn.Dropout(0)
+   self.act = common.activation_module(cfg.dense_act_fn, WHO, cfg._source)
+end
+
+function T5DenseActDense:forward(x)
+   if self.wi_0 then return self.wo(self.act(self.wi_0(x)) * self.wi_1(x)) end
+   return self.wo(self.act(self.wi(x)))
+end
+
+local T5LayerFF = nn.Module:extend("T5LayerFF")
+M.T5LayerFF = T5LayerFF
+
+function T5LayerFF:__init(cfg)
+   nn.Module.__init(self)
+   self.DenseReluDense = T5DenseActDense(cfg)
+   self.layer_norm = rms_norm(cfg)
+   self.dropout = nn.Dropout(0)
+end
+
+function T5LayerFF:forward(x) return x + self.DenseReluDense(self.layer_norm(x)) end
+
+local T5Block = nn.Module:extend("T5Block")
+M.T5Block = T5Block
+
+function T5Block:__init(cfg, is_decoder, has_relative_bias)
+   nn.Module.__init(self)
+   local layers = { T5LayerSelfAttention(cfg, has_relative_bias, not is_decoder) }
+   if is_decoder then layers[2] = T5LayerCrossAttention(cfg) end
+   layers[#layers + 1] = T5LayerFF(cfg)
+   self.layer = nn.ModuleList(layers)
+end
+
+--- x (B, L, d_model). The first block computes the scores' additive mask (position bias, plus
+-- padding for the encoder, plus the causal triangle for the decoder) from pad (the encoder's
+-- (B, S) bool) and returns it for the others, as transformers passes position_bias along.
+-- The decoder's blocks take the encoder's states, mask and keys-values memo, and the cache.
+function T5Block:forward(x, mask, pad, enc, enc_mask, memo, cache, i)
+   local sa = self.layer[1]
+   if mask == nil then
+      local L = x:size(2)
+      local past = cache and cache.length or 0
+      local S = past + L
+      local attn = sa.SelfAttention
+      mask = attn:position_bias(L, S, past, x.dtype)
+      if pad then                                                   -- encoder: padded keys
+         mask = mask + T.zeros({ x:size(1), 1, 1, S }, { dtype = x.dtype, device = mask.device })
+            :masked_fill(pad:to(mask.device):logical_not():view(x:size(1), 1, 1, S), -math.huge)
+      end
+      if not attn.bidirectional and L > 1 then                     -- decoder: no later keys
+         local later = T.ones({ L, S }, { dtype = "bool", device = mask.device }):triu(past + 1)
+         mask = mask:masked_fill(later, -math.huge)
+      end
+   end
+   local h = x + sa.SelfAttention(sa.layer_norm(x), mask, cache, i)
+   if enc then
+      local ca = self.layer[2]
+      h = h + ca.EncDecAttention:cross(ca.layer_norm(h), enc, enc_mask, memo, i)
+   end
+   return self.layer[#self.layer](h), mask
+end
+
+local T5Stack = nn.Module:extend("T5Stack")
+M.T5Stack = T5Stack
+
+function T5Stack:__init(cfg, is_decoder)
+   nn.Module.__init(self)
+   self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+   local blocks = {}
+   for i = 1, is_decoder and cfg.num_decoder_layers or cfg.num_layers do
+      blocks[i] = T5Block(cfg, is_decoder, i == 1)
+   end
+   self.block = nn.ModuleList(blocks)
+   rawset(self, "n_blocks", #blocks)
+   self.final_layer_norm = rms_norm(cfg)
+   self.dropout = nn.Dropout(0)
+   rawset(self, "is_decoder", is_decoder)
+end
+
+--- Encoder: ids (B, S), pad (B, S) bool or nil -> states (B, S, d_model). Decoder: ids (B, L)
+-- after cache.length tokens, enc (B, S, d_model), enc_pad (B, S) bool or nil, memo (the
+-- encoder's keys and values per layer, or nil) -> states (B, L, d_model).
+function T5Stack:forward(ids, pad, enc, enc_pad, memo, cache)
+   ids = common.to_weight_device(ids, self.embed_tokens.weight)
+   local x = self.embed_tokens(ids)
+   local enc_mask = enc_pad and enc_pad:view(enc_pad:size(1), 1, 1, enc_pad:size(2)) or nil
+   local mask
+   for i = 1, self.n_blocks do
+      x, mask = self.block[i](x, mask, pad, enc, enc_mask, memo, cache, i)
+   end
+   if cache then cache:advance(ids:size(2)) end
+   return self.final_layer_norm(x)
+end
+
+-- --- the model ------------------------------------------------------------------------------
+
+local T5ForConditionalGeneration = nn.Module:extend("T5ForConditionalGeneration")
+M.T5ForConditionalGeneration = T5ForConditionalGeneration
+T5ForConditionalGeneration.tied_weights = { ["encoder.embed_tokens.weight"] = "shared.weight",
+   ["decoder.embed_tokens.weight"] = "shared.weight", ["lm_head.weight"] = "shared.weight" }
+T5ForConditionalGeneration.no_split_modules = { "T5Block" }
+
+function T5ForConditionalGeneration:__init(cfg)
+   nn.Module.__init(self)
+   cfg = M.config(cfg)
+   self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+   self.encoder = T5Stack(cfg, false)
+   self.decoder = T5Stack(cfg, true)
+   self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, { bias = false })
+   self.encoder.embed_tokens.weight = self.shared.weight
+   self.decoder.embed_tokens.weight = self.shared.weight
+   if cfg.tie_head then self.lm_head.weight = self.shared.weight end
+   rawset(self, "config", cfg)
+end
+
+local function encoder_inputs(self, input_ids, opts, who)
+   local ids = common.ids_tensor(input_ids, who)
+   if not opts._ids_in_range then common.check_vocab(ids, self.config.vocab_size, who) end
+   local pad
+   if opts.attention_mask ~= nil then pad = common.mask_tensor(opts.attention_mask, ids:size(1), ids:size(2), who) end
+   return ids, pad
+end
+
+--- encode(input_ids[, {attention_mask}]) -> the encoder's last hidden state (B, S, d_model).
+function T5ForConditionalGeneration:encode(input_ids, opts)
+   opts = opts or {}
+   local ids, pad = encoder_inputs(self, input_ids, opts, WHO .. ".encode")
+   return self.encoder(ids, pad)
+end
+
+-- The decoder's logits for ids (B, L) after cache.length tokens, over the encoder's states.
+local function decode(self, ids, enc, enc_pad, memo, cache, keep)
+   local h = self.decoder(ids, nil, enc, enc_pad, memo, cache)
+   if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
+   -- (T5's head reads the shared embedding, trained on states scaled down first)
+   if self.config.scale_decoder_outputs then h = h * (self.config.d_model ^ -0.5) end
+   return self.lm_head(h)
+end
+
+local UNSUPPORTED = { micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
+   assistant_model = "assistant_model", prompt_lookup_num_tokens = "prompt_lookup_num_tokens" }
+
+--- forward(input_ids[, {attention_mask, decoder_input_ids, encoder_outputs, logits_to_keep}]) ->
+-- logits (B, T, vocab) of the decoder over decoder_input_ids (default: the start token alone);
+-- encoder_outputs (B, S, d_model) from encode skips the encoder.
+function T5ForConditionalGeneration:forward(input_ids, opts)
+   opts = opts or {}
+   local who = WHO .. ".forward"
+   local ids, pad = encoder_inputs(self, input_ids, opts, who)
+   local enc = opts.encoder_outputs or self.encoder(ids, pad)
+   local dec = opts.decoder_input_ids
+   if dec == nil then
+      local rows = {}
+      for b = 1, ids:size(1) do rows[b] = { self.config.decoder_start_token_id } end
+      dec = rows
+   end
+   dec = common.ids_tensor(dec, who .. " (decoder_input_ids)")
+   common.check_vocab(dec, self.config.vocab_size, who)
+   if dec:size(1) ~= ids:size(1) then
+      error(string.format("%s: decoder_input_ids has %d rows, input_ids %d", who, dec:size(1), ids:size(1)), 2)
+   end
+   return decode(self, dec, enc, pad, nil, nil, opts.logits_to_keep)
+end
+
+-- What generate's loop calls: the decoder as a causal model over one generate call's encoder
+-- states. Its rows may be each prompt's repeated (beams, num_return_sequences): the states
+-- (and the encoder's keys and values) follow, prompt b's copies being consecutive rows.
+local Decoder = {}
+Decoder.__index = Decoder
+
+local function decoder_view(model, enc, pad)
+   local cfg = model.config
+   local gc = require("moonload.models.generation_config").of(model)
+   return setmetatable({ model = model, enc = { [enc:size(1)] = enc }, pad = pad and { [pad:size(1)] = pad } or {},
+      rows = enc:size(1), memos = setmetatable({}, { __mode = "k" }),
+      config = { vocab_size = cfg.vocab_size }, generation_config = gc }, Decoder)
+end
+
+function Decoder:new_cache(capacity, device, dtype)
+   return common.new_cache(self.model.config.num_decoder_layers, capacity, device, dtype)
+end
+
+function Decoder:max_length() return nil end
+
+local Memo = {}          -- (a class: hooks pass it through as it is)
+Memo.__index = Memo
+
+function Decoder:__call(ids, opts)
+   opts = opts or {}
+   local N = ids:size(1)
+   if not self.enc[N] then                        -- each prompt's states for its N / rows copies
+      local idx, copies = {}, N / self.rows
+      for b = 0, self.rows - 1 do for _ = 1, copies do idx[#idx + 1] = b end end
+      local e = self.enc[self.rows]
+      self.enc[N] = e:index_select(1, T.tensor(idx, { dtype = "int64", device = e.device }))
+      local p = self.pad[self.rows]
+      if p then self.pad[N] = p:index_select(1, T.tensor(idx, { dtype = "int64", device = p.device })) end
+   end
+   local cache = opts.cache
+   local memo
+   if cache then
+      local per = self.memos[cache] or {}
+      self.memos[cache] = per
+      per[N] = per[N] or setmetatable({}, Memo)
+      memo = per[N]
+   end
+   return decode(self.model, ids, self.enc[N], self.pad[N], memo, cache, opts.logits_to_keep)
+end
+
+--- generate(input_ids[, opts]) -> the decoder's ids (decoder_start_token_id, then the new ones),
+-- in the input's form, and with num_beams their scores; opts as the causal models' generate
+-- (attention_mask masks the input's padding), plus decoder_input_ids to start from.
+function T5ForConditionalGeneration:generate(input_ids, opts)
+   opts = opts or {}
+   local who = "generate"
+   if type(opts) ~= "table" then error(who .. ": options must be a table", 2) end
+   for k, what in pairs(UNSUPPORTED) do
+      if opts[k] ~= nil then error(string.format("%s: T5 does not support %s", who, what), 2) end
+   end
+   local ids, pad = encoder_inputs(self, input_ids, opts, who)
+   local _, form = common.ids_tensor(input_ids, who)
+   local B = ids:size(1)
+   local start = opts.decoder_input_ids
+   if start == nil then
+      local rows = {}
+      for b = 1, B do rows[b] = { self.config.decoder_start_token_id } end
+      start = form == "flat" and rows[1] or form == "tensor" and T.tensor(rows, { dtype = "int64", device = ids.device })
+         or rows
+   end
+   local enc = self.encoder(ids, pad)
+   local rest = {}
+   for k, v in pairs(opts) do
+      if k ~= "attention_mask" and k ~= "decoder_input_ids" then rest[k] = v end
+   end
+   return generation.generate(decoder_view(self, enc, pad), start, rest)
+end
+
+function M.from_config(cfg) return T5ForConditionalGeneration(cfg) end
+
+return M

@@ -1,0 +1,151 @@
+-- T5 (models/t5.lua) against transformers' T5ForConditionalGeneration on two fixtures
+-- (tests/fixtures/gen_models.py, t5()): t5_tiny as the original T5 (ReLU, tied and scaled head)
+-- and t5_tiny_gated as a FLAN-T5 folder (gated GELU, its own head, 3 encoder and 2 decoder
+-- blocks). A right-padded batch: encoder states, logits, greedy and beam generate; the relative
+-- position buckets; offloaded, quantized and sampled runs; bad input.
+local ml = require("moonload")
+local T = require("moonload.tensor")
+local H = require("models_helpers")
+local t5 = require("moonload.models.t5")
+
+local function load(name, opts) return ml.models.from_pretrained(H.FIX .. "/" .. name, opts) end
+
+describe("T5", function()
+   it("puts relative distances in transformers' buckets, both ways", function()
+      local b = H.expected("t5_tiny").buckets
+      for key, want in pairs(b) do
+         if key ~= "relative_position" then
+            local kind, nb, md = key:match("^(%a+)_(%d+)_(%d+)$")
+            for i, rel in ipairs(b.relative_position) do
+               local got = t5.relative_position_bucket(rel, kind == "bidirectional", tonumber(nb), tonumber(md))
+               assert.are.equal(want[i], got, string.format("%s at %d", key, rel))
+            end
+         end
+      end
+   end)
+
+   for _, name in ipairs({ "t5_tiny", "t5_tiny_gated" }) do
+      describe(name, function()
+         local model = load(name)
+         local e = H.expected(name)
+         local mask = e.attention_mask
+
+         it("reads the folder as transformers 5 does", function()
+            local cfg = model.config
+            if name == "t5_tiny" then
+               assert.is_true(cfg.scale_decoder_outputs)
+               assert.are.equal(model.shared.weight, model.lm_head.weight)
+               assert.are.same({ "relu", false }, { cfg.dense_act_fn, cfg.is_gated_act })
+            else
+               assert.is_false(cfg.scale_decoder_outputs)
+               assert.are_not.equal(model.shared.weight, model.lm_head.weight)
+               assert.are.same({ "gelu_new", true, 3, 2 }, { cfg.dense_act_fn, cfg.is_gated_act, cfg.num_layers,
+                  cfg.num_decoder_layers })
+            end
+            assert.are.equal(model.shared.weight, model.encoder.embed_tokens.weight)
+            assert.are.equal(model.shared.weight, model.decoder.embed_tokens.weight)
+         end)
+
+         it("gives transformers' encoder states and logits over a padded batch", function()
+            local enc = model:encode(e.input_ids, { attention_mask = mask })
+            assert.is_true(H.max_abs_diff(enc, e.encoder_last_hidden_state) < 1e-4)
+            local logits = model(e.input_ids, { attention_mask = mask, decoder_input_ids = e.decoder_input_ids })
+            assert.are.same({ 2, 4, 100 }, logits.shape)
+            assert.is_true(H.max_abs_diff(logits, e.logits) < 2e-4)
+            -- the encoder's states given: the same logits
+            local again = model(e.input_ids, { attention_mask = mask, decoder_input_ids = e.decoder_input_ids,
+               encoder_outputs = enc })
+            assert.is_true(again:equal(logits))
+         end)
+
+         it("saves a folder that reads back to the same logits (ml.save_model)", function()
+            local dir = H.tmpdir()
+            ml.save_model(model, dir)
+            local back = ml.models.from_pretrained(dir)
+            local o = { attention_mask = mask, decoder_input_ids = e.decoder_input_ids }
+            assert.is_true(back(e.input_ids, o):equal(model(e.input_ids, o)))
+            assert.are.equal(model.config.scale_decoder_outputs, back.config.scale_decoder_outputs)
+            assert.are.equal(name == "t5_tiny", back.lm_head.weight == back.shared.weight)
+            H.rmdir(dir)
+         end)
+
+         it("generates transformers' tokens, greedy and with beams", function()
+            assert.is_true(e.greedy_min_margin > 1e-3)
+            assert.are.same(e.greedy_ids, model:generate(e.input_ids, { attention_mask = mask,
+               max_new_tokens = e.max_new_tokens }))
+            local ids, scores = model:generate(e.input_ids, { attention_mask = mask, max_new_tokens = e.max_new_tokens,
+               num_beams = e.beam.num_beams, num_return_sequences = e.beam.num_return_sequences })
+            assert.are.same(e.beam.sequences, ids)
+            for i, s in ipairs(e.beam.sequences_scores) do assert.is_true(math.abs(s - scores[i]) < 1e-4) end
+            -- one prompt as a flat list: flat ids back
+            local one = model:generate({ unpack(e.input_ids[1]) }, { max_new_tokens = e.max_new_tokens })
+            assert.are.same(e.greedy_ids[1], one)
+         end)
+      end)
+   end
+
+   local e = H.expected("t5_tiny_gated")
+
+   it("gives the same tokens with blocks on the CPU and the disk, and planned under a budget", function()
+      local dir = H.tmpdir()
+      local m = load("t5_tiny_gated", { offload_folder = dir, device_map = { shared = "cpu", ["encoder.embed_tokens"] = "cpu",
+         ["decoder.embed_tokens"] = "cpu", ["encoder.block.0"] = "cpu",
+         ["encoder.block.1"] = "disk", ["encoder.block.2"] = "cpu", ["encoder.final_layer_norm"] = "disk",
+         ["decoder.block.0"] = "disk", ["decoder.block.1"] = "cpu", ["decoder.final_layer_norm"] = "cpu",
+         lm_head = "disk" } })
+      assert.are.same(e.greedy_ids, m:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10 }))
+      local ids = m:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10, num_beams = 3,
+         num_return_sequences = 2 })
+      assert.are.same(e.beam.sequences, ids)
+      H.rmdir(dir)
+      local dir2 = H.tmpdir()
+      local auto = load("t5_tiny_gated", { device_map = "auto", max_memory = { cpu = 60000 }, offload_folder = dir2 })
+      local placed = {}
+      for _, d in pairs(auto.hf_device_map) do placed[d] = true end
+      assert.is_true(placed.disk, "a 60 kB budget should send some blocks to the disk")
+      assert.are.same(e.greedy_ids, auto:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10 }))
+      H.rmdir(dir2)
+   end)
+
+   it("generates with int8 weights, an int8 cache, and samples reproducibly", function()
+      local q = load("t5_tiny_gated", { quantize = "int8" })
+      local ids = q:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10, kv_cache_dtype = "int8" })
+      assert.are.equal(2, #ids)
+      assert.are.same(e.greedy_ids[1], ids[1])             -- its largest margins survive rounding
+      local m = load("t5_tiny_gated")
+      local o = { attention_mask = e.attention_mask, max_new_tokens = 8, do_sample = true, temperature = 1.5, seed = 5,
+         num_return_sequences = 3 }
+      local a = m:generate(e.input_ids, o)
+      assert.are.equal(6, #a)
+      for _, row in ipairs(a) do assert.are.equal(0, row[1]) end
+      assert.are.same(a, m:generate(e.input_ids, o))
+   end)
+
+   it("names what it cannot take", function()
+      local m = load("t5_tiny")
+      assert.has_error(function() m:generate({ 5, 1 }, { prompt_lookup_num_tokens = 3 }) end,
+         "generate: T5 does not support prompt_lookup_num_tokens")
+      assert.has_error(function() m({ { 5, 1 } }, { decoder_input_ids = { { 0 }, { 0 } } }) end,
+         "models.t5.forward: decoder_input_ids has 2 rows, input_ids 1")
+      assert.has_error(function() m({ 5, 100 }) end, "models.t5.forward: token id 100 is out of range for vocab_size 100 (ids are 0-based)")
+      assert.has_error(function()
+         t5.T5ForConditionalGeneration({ model_type = "t5", vocab_size = 10, d_model = 8, d_kv = 2, d_ff = 16,
+            num_layers = 1, num_heads = 4, feed_forward_proj = "gated-gelu-new" })
+      end, 'models.t5: feed_forward_proj "gated-gelu-new" is not "{ACT}" or "gated-{ACT}" in config table')
+   end)
+end)
+
+describe("T5 on cuda #cuda", function()
+   it("gives transformers' tokens with blocks over cuda:0, cpu and disk", function()
+      local e = H.expected("t5_tiny_gated")
+      local dir = H.tmpdir()
+      local m = load("t5_tiny_gated", { offload_folder = dir, device_map = { shared = 0, ["encoder.embed_tokens"] = 0,
+         ["decoder.embed_tokens"] = 0, ["encoder.block.0"] = 0,
+         ["encoder.block.1"] = "disk", ["encoder.block.2"] = "cpu", ["encoder.final_layer_norm"] = 0,
+         ["decoder.block.0"] = 0, ["decoder.block.1"] = "disk", ["decoder.final_layer_norm"] = "cpu", lm_head = 0 } })
+      assert.are.same(e.greedy_ids, m:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10 }))
+      assert.are.same(e.beam.sequences, (m:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10,
+         num_beams = 3, num_return_sequences = 2 })))
+      H.rmdir(dir)
+   end)
+end)
