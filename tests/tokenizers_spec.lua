@@ -1,5 +1,6 @@
 -- ml.tokenizers against Hugging Face tokenizers (tests/fixtures/gen_tokenizers.py): small
--- tokenizers trained in the layouts of GPT-2, Llama 3, Qwen2, Llama 2 and BERT, and the real
+-- tokenizers trained in the layouts of GPT-2, Llama 3, Qwen2, Llama 2, BERT and T5 (SentencePiece
+-- Unigram behind its precompiled nmt_nfkc normalizer), and the real
 -- all-MiniLM-L6-v2 one; ids with and without special tokens, tokens, and decoding with and
 -- without the special tokens, for texts with contractions, digits, whitespace runs, newlines,
 -- accents, CJK, Hangul, emoji and special tokens inside the text.
@@ -8,7 +9,8 @@ local tokenizers = require("moonload.tokenizers")
 local N = require("nn_helpers")
 
 local FIX = "tests/fixtures/tokenizers"
-local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece" }
+local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece",
+   "t5_unigram" }
 
 local tmpfile = require("models_helpers").tmpfile
 
@@ -100,9 +102,21 @@ describe("tokenizers", function()
       it("names a missing file and components it does not support", function()
          assert.has_error(function() tokenizers.from_pretrained("/nonexistent") end,
             "tokenizers.from_pretrained: no tokenizer.json in /nonexistent (only tokenizer.json files are read, not tokenizer.model or vocab.txt)")
-         local p = tmpfile('{"model": {"type": "Unigram", "vocab": []}}')
+         local p = tmpfile('{"model": {"type": "WordLevel", "vocab": {}}}')
          assert.has_error(function() tokenizers.from_file(p) end,
-            'tokenizer ' .. p .. ': tokenizer model "Unigram" is not supported (supported: BPE, WordPiece)')
+            'tokenizer ' .. p .. ': tokenizer model "WordLevel" is not supported (supported: BPE, Unigram, WordPiece)')
+         os.remove(p)
+         p = tmpfile('{"model": {"type": "Unigram", "vocab": [["a", -1.0], ["b"]]}}')
+         assert.has_error(function() tokenizers.from_file(p) end,
+            'tokenizer ' .. p .. ': Unigram vocabulary entry 1 is not a [piece, score] pair')
+         os.remove(p)
+         p = tmpfile('{"model": {"type": "Unigram", "vocab": [["a", -1.0]], "unk_id": null}}')
+         assert.has_error(function() tokenizers.from_file(p):encode("ab") end,
+            'tokenizer ' .. p .. ': "b" has no piece and the Unigram model has no unk_id')
+         os.remove(p)
+         p = tmpfile('{"normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA!AAA"}, "model": {"type": "Unigram", "vocab": [["a", -1.0]]}}')
+         assert.has_error(function() tokenizers.from_file(p) end,
+            'tokenizer ' .. p .. ': the precompiled charsmap is not base64 (byte 5)')
          os.remove(p)
          p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": '
             .. '{"type": "Split", "pattern": {"Regex": "\\\\w+"}, "behavior": "Isolated", "invert": false}}')

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes lua/moonload/tokenizers/unicode_data.lua: the Unicode facts the tokenizers need, from
 Python's unicodedata (rerun when a newer Unicode matters):
-  letter, number, punctuation, mark_nonspacing, control: sorted [first, last] codepoint ranges of
+  letter, number, punctuation, mark_nonspacing, mark_other (Mc, Me), control: sorted [first, last] codepoint ranges of
     the general categories L*, N*, P*, Mn and Cc/Cf/Cn/Co (what the regexes' \\p{L} and \\p{N}
     and BERT's normalizer and pre-tokenizer test);
   lower: codepoint -> its lowercase (a string; Unicode's full mapping, as Rust's to_lowercase);
@@ -72,6 +72,7 @@ def main():
         f.write(lua_ranges("number", ranges(lambda cp: cat(cp).startswith("N"))))
         f.write(lua_ranges("punctuation", ranges(lambda cp: cat(cp).startswith("P"))))
         f.write(lua_ranges("mark_nonspacing", ranges(lambda cp: cat(cp) == "Mn")))
+        f.write(lua_ranges("mark_other", ranges(lambda cp: cat(cp) in ("Mc", "Me"))))
         f.write(lua_ranges("control", ranges(lambda cp: cat(cp) in ("Cc", "Cf", "Cn", "Co"))))
         f.write("M.lower = {" + ",".join(f"[{cp}]={lua_string(s)}" for cp, s in sorted(lower.items())) + "}\n")
         f.write("M.strip = {" + ",".join(f"[{cp}]={lua_string(s)}" for cp, s in sorted(strip.items())) + "}\n")

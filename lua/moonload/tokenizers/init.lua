@@ -6,9 +6,10 @@
 --    print(tok:decode(model:generate(ids, {max_new_tokens = 20})))
 --
 -- The pipeline is tokenizers': added (special) tokens are split out of the text first, the rest
--- goes through the normalizer, the pre-tokenizer and the model (BPE or WordPiece), and
+-- goes through the normalizer, the pre-tokenizer and the model (BPE, Unigram or WordPiece), and
 -- add_special_tokens applies the post-processor. Supported: byte-level BPE (GPT-2, Llama 3,
--- Qwen2/3), SentencePiece-style BPE with byte fallback (Llama 2, Mistral), WordPiece (BERT); a
+-- Qwen2/3), SentencePiece-style BPE with byte fallback (Llama 2, Mistral), SentencePiece Unigram
+-- with its precompiled normalizer (T5, ALBERT, XLM-R), WordPiece (BERT); a
 -- component outside these is an error that names it. Ids match tokenizers' own
 -- (tests/fixtures/gen_tokenizers.py).
 local cjson = require("cjson")
@@ -147,7 +148,7 @@ function Tokenizer:encode(text, opts)
    local ids = {}
    for _, t in ipairs(self:tokenize(text)) do
       local e = added[t]
-      local id = e and e.id or vocab[t]
+      local id = e and e.id or vocab[t] or self.model.unk_id
       if id == nil then error(string.format("encode: token %q is not in the vocabulary of %s", t, self.source or "the tokenizer"), 2) end
       ids[#ids + 1] = id
    end

@@ -1,7 +1,8 @@
 --- Tokenizer models of tokenizer.json: BPE (byte-level as in GPT-2, Llama 3 and Qwen, or
--- SentencePiece-style with byte fallback as in Llama 2 and Mistral) and WordPiece (BERT).
--- M.build returns {tokenize = function(piece) -> list of token strings, vocab = token -> id,
--- unk = the unknown token or nil}.
+-- SentencePiece-style with byte fallback as in Llama 2 and Mistral), WordPiece (BERT) and
+-- Unigram (T5, ALBERT, XLM-R). M.build returns {tokenize = function(piece) -> list of token
+-- strings, vocab = token -> id, unk = the unknown token or nil, unk_id = the id of token strings
+-- not in vocab (Unigram's unknown text) or nil}.
 local U = require("moonload.tokenizers.unicode")
 local components = require("moonload.tokenizers.components")
 
@@ -182,13 +183,109 @@ local function build_wordpiece(j, who)
    return { tokenize = tokenize, vocab = vocab, unk = unk }
 end
 
+-- --- Unigram ------------------------------------------------------------------------------------
+
+-- SentencePiece's Unigram (T5, mT5, ALBERT, XLM-R): the split of a word whose pieces' summed
+-- log-probabilities (the vocabulary's scores) are highest, found by Viterbi over every piece
+-- starting at every character. A character no piece covers alone becomes the unknown token, scored
+-- 10 below the lowest piece; consecutive unknown characters make one unknown token (fuse_unk),
+-- or with byte_fallback its <0xXX> byte tokens. Ties go to the split reached first in
+-- tokenizers' lattice order (earlier pieces, then shorter ones).
+local function build_unigram(j, who)
+   local list = j.vocab
+   if type(list) ~= "table" or #list == 0 then error(who .. ": the Unigram model has no vocabulary", 0) end
+   local vocab, scores, longest, lowest = {}, {}, 0, math.huge
+   for i, entry in ipairs(list) do
+      local piece, score = type(entry) == "table" and entry[1], type(entry) == "table" and entry[2]
+      if type(piece) ~= "string" or type(score) ~= "number" then
+         error(string.format("%s: Unigram vocabulary entry %d is not a [piece, score] pair", who, i - 1), 0)
+      end
+      vocab[piece] = i - 1
+      scores[i - 1] = score
+      if #piece > longest then longest = #piece end
+      if score < lowest then lowest = score end
+   end
+   local unk_id = type(j.unk_id) == "number" and j.unk_id or nil
+   if unk_id and (unk_id < 0 or unk_id >= #list) then
+      error(string.format("%s: the Unigram unk_id %d is outside the vocabulary (%d pieces)", who, unk_id, #list), 0)
+   end
+   local unk_score = lowest - 10
+   local byte_fallback = j.byte_fallback == true
+   local cached, remember = components.memo(10000)
+
+   local function tokenize(word)
+      local hit = cached(word)
+      if hit then return hit end
+      local len = #word
+      -- best[p]: the best score of a split of word[1 .. p - 1]; from[e], piece[e]: the last piece
+      -- of the best split ending before e (piece nil: an unknown character)
+      local best, from, piece = { [1] = 0 }, {}, {}
+      local p = 1
+      while p <= len do
+         local c = word:byte(p)
+         local width = c < 0x80 and 1 or c < 0xE0 and 2 or c < 0xF0 and 3 or 4
+         local base, single = best[p], false
+         for l = 1, math.min(longest, len - p + 1) do
+            local id = vocab[word:sub(p, p + l - 1)]
+            if id then
+               local e, s = p + l, base + scores[id]
+               if best[e] == nil or s > best[e] then best[e], from[e], piece[e] = s, p, id end
+               if l == width then single = true end
+            end
+         end
+         if not single then
+            local e, s = p + width, base + unk_score
+            if best[e] == nil or s > best[e] then best[e], from[e], piece[e] = s, p, false end
+         end
+         p = p + width
+      end
+      local rev, e = {}, len + 1
+      while e > 1 do
+         local b = from[e]
+         rev[#rev + 1] = { b, e - 1, piece[e] }
+         e = b
+      end
+      local out, unknown = {}, nil
+      local function flush()
+         if unknown == nil then return end
+         if unk_id == nil then
+            error(string.format("%s: %q has no piece and the Unigram model has no unk_id", who, unknown), 0)
+         end
+         local bytes = byte_fallback and {} or nil
+         for k = 1, bytes and #unknown or 0 do
+            bytes[k] = string.format("<0x%02X>", unknown:byte(k))
+            if vocab[bytes[k]] == nil then bytes = nil break end
+         end
+         if bytes then
+            for _, t in ipairs(bytes) do out[#out + 1] = t end
+         else
+            out[#out + 1] = unknown          -- (the text itself; encode gives it unk_id)
+         end
+         unknown = nil
+      end
+      for k = #rev, 1, -1 do
+         local b, last, id = rev[k][1], rev[k][2], rev[k][3]
+         if id == false then
+            unknown = (unknown or "") .. word:sub(b, last)
+         else
+            flush()
+            out[#out + 1] = list[id + 1][1]
+         end
+      end
+      flush()
+      return remember(word, out)
+   end
+   return { tokenize = tokenize, vocab = vocab, unk = unk_id and list[unk_id + 1][1] or nil, unk_id = unk_id }
+end
+
 --- The model of a tokenizer.json object.
 function M.build(j, who)
    if type(j) ~= "table" then error(who .. ": tokenizer.json has no model", 0) end
    local kind = j.type or (j.merges and "BPE") or nil
    if kind == "BPE" then return build_bpe(j, who) end
    if kind == "WordPiece" then return build_wordpiece(j, who) end
-   error(string.format("%s: tokenizer model %q is not supported (supported: BPE, WordPiece)", who, tostring(kind)), 0)
+   if kind == "Unigram" then return build_unigram(j, who) end
+   error(string.format("%s: tokenizer model %q is not supported (supported: BPE, Unigram, WordPiece)", who, tostring(kind)), 0)
 end
 
 return M

@@ -95,6 +95,9 @@ function BUILDERS.Strip(j)
    end
 end
 
+-- SentencePiece's nmt_nfkc and other rules compiled into a trie (tokenizers/precompiled.lua)
+function BUILDERS.Precompiled(j, who) return require("moonload.tokenizers.precompiled").new(j.precompiled_charsmap, who) end
+
 function BUILDERS.Sequence(j, who)
    local steps = {}
    for i, sub in ipairs(j.normalizers or {}) do steps[i] = M.build(sub, who) end

@@ -125,7 +125,10 @@ M.is_letter = range_test(data.letter)              -- \p{L}
 M.is_number = range_test(data.number)              -- \p{N}
 M.is_punctuation = range_test(data.punctuation)    -- \p{P}
 M.is_mark_nonspacing = range_test(data.mark_nonspacing)
+M.is_mark_other = range_test(data.mark_other)          -- Mc, Me
 local is_control_category = range_test(data.control)
+--- Categories Cc, Cf, Cn and Co, tab, newline and carriage return included.
+M.is_control_category = is_control_category
 
 -- White_Space: what Oniguruma's \s and Rust's char::is_whitespace match.
 local WHITE = { [9] = true, [10] = true, [11] = true, [12] = true, [13] = true, [32] = true, [0x85] = true,
