@@ -121,6 +121,38 @@ describe("T5", function()
       assert.are.same(a, m:generate(e.input_ids, o))
    end)
 
+   it("reads an encoder-only folder as T5EncoderModel, and a full one when asked", function()
+      local x = H.expected("t5_encoder_tiny")
+      local enc = load("t5_encoder_tiny")                            -- architectures: T5EncoderModel
+      assert.are.equal("T5EncoderModel", enc.__name)
+      local states = enc(x.input_ids, { attention_mask = x.attention_mask })
+      assert.is_true(H.max_abs_diff(states, x.last_hidden_state) < 1e-4)
+      -- the full model's folder, its decoder and head ignored
+      local from_full = load("t5_tiny_gated", { architecture = "T5EncoderModel" })
+      assert.is_nil(from_full.decoder)
+      assert.is_true(from_full:encode(x.input_ids, { attention_mask = x.attention_mask }):equal(states))
+      -- and offloaded block by block
+      local dir = H.tmpdir()
+      local off = load("t5_encoder_tiny", { device_map = "auto", max_memory = { cpu = 30000 }, offload_folder = dir })
+      assert.is_true(off(x.input_ids, { attention_mask = x.attention_mask }):allclose(states, 1e-5, 1e-6))
+      H.rmdir(dir)
+      assert.has_error(function() load("t5_tiny", { architecture = "BertModel" }) end,
+         'from_pretrained: architecture "BertModel" is not a class of model_type "t5" (expected T5EncoderModel or T5ForConditionalGeneration)')
+   end)
+
+   it("skips the cross-attention bias old T5 checkpoints carry", function()
+      local dir = H.tmpdir()
+      H.copy(H.FIX .. "/t5_tiny/config.json", dir .. "/config.json")
+      local st = require("moonload.safetensors")
+      local sd = st.load_file(H.FIX .. "/t5_tiny/model.safetensors")
+      sd["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = T.zeros({ 16, 4 })
+      st.save_file(sd, dir .. "/model.safetensors")
+      local e = H.expected("t5_tiny")
+      local o = { attention_mask = e.attention_mask, decoder_input_ids = e.decoder_input_ids }
+      assert.is_true(load("t5_tiny")(e.input_ids, o):equal(ml.models.from_pretrained(dir)(e.input_ids, o)))
+      H.rmdir(dir)
+   end)
+
    it("names what it cannot take", function()
       local m = load("t5_tiny")
       assert.has_error(function() m:generate({ 5, 1 }, { prompt_lookup_num_tokens = 3 }) end,

@@ -37,8 +37,11 @@ local ARCH = {
    falcon = { module = "moonload.models.falcon", class = "FalconForCausalLM" },
    gptj = { module = "moonload.models.gptj", class = "GPTJForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
-   t5 = { module = "moonload.models.t5", class = "T5ForConditionalGeneration" },
-   mt5 = { module = "moonload.models.t5", class = "T5ForConditionalGeneration" },
+   -- (others: the architectures names of the family's other classes, and the class each reads as)
+   t5 = { module = "moonload.models.t5", class = "T5ForConditionalGeneration",
+      others = { T5EncoderModel = "T5EncoderModel" } },
+   mt5 = { module = "moonload.models.t5", class = "T5ForConditionalGeneration",
+      others = { T5EncoderModel = "T5EncoderModel", MT5EncoderModel = "T5EncoderModel", MT5ForConditionalGeneration = "T5ForConditionalGeneration" } },
 }
 
 -- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation; .mistral, .qwen2,
@@ -98,8 +101,9 @@ end
 local read_json = require("moonload.utils.json").read
 
 --- The model class for a config's model_type ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2",
--- "gemma3_text", "bert").
-function M.class_for(model_type, src)
+-- "gemma3_text", "bert", "t5", ...). architecture (from_pretrained's option, else the config's
+-- architectures[1]) picks another class of the family where it has one (T5EncoderModel).
+function M.class_for(model_type, src, architecture, asked)
    local a = ARCH[model_type]
    if not a then
       local known = {}
@@ -108,7 +112,15 @@ function M.class_for(model_type, src)
       error(string.format('models: model_type "%s" in %s is not supported (supported: %s)',
          tostring(model_type), src, table.concat(known, ", ")), 3)
    end
-   return require(a.module)[a.class]
+   local other = architecture and a.others and a.others[architecture]
+   if asked and architecture ~= a.class and not other then
+      local names = { a.class }
+      for k in pairs(a.others or {}) do names[#names + 1] = k end
+      table.sort(names)
+      error(string.format('from_pretrained: architecture "%s" is not a class of model_type "%s" (expected %s)',
+         tostring(architecture), tostring(model_type), table.concat(names, " or ")), 3)
+   end
+   return require(a.module)[other or a.class]
 end
 
 --- Reads a sharded checkpoint's index: {kind = "sharded", index = path, weight_map = {name ->
@@ -371,7 +383,8 @@ end
 -- quantize = "int8" (or "int4") then turns the linear layers into int8 (int4) ones (ml.quantize;
 -- with a device map, load_checkpoint_and_dispatch plans and loads for it). adapter (a folder)
 -- puts a peft LoRA adapter on the loaded model (load_adapter; merged into float layers with
--- merge_adapter = true).
+-- merge_adapter = true). architecture picks another class of the model_type's family than its
+-- config's architectures[1] says (transformers' choice of class: "T5EncoderModel" for a T5).
 local load
 
 function M.from_pretrained(dir, opts)
@@ -419,7 +432,8 @@ function load(dir, opts)
    if raw.model_type == nil then
       error(string.format('from_pretrained: config key "model_type" is missing in %s', src), 2)
    end
-   local cls = M.class_for(raw.model_type, src)
+   local archs = type(raw.architectures) == "table" and raw.architectures or {}
+   local cls = M.class_for(raw.model_type, src, opts.architecture or archs[1], opts.architecture ~= nil)
    local ckpt = M.find_checkpoint(dir)
    if opts.dtype == nil or opts.dtype == "auto" then
       local resolved = {}

@@ -302,6 +302,8 @@ M.T5ForConditionalGeneration = T5ForConditionalGeneration
 T5ForConditionalGeneration.tied_weights = { ["encoder.embed_tokens.weight"] = "shared.weight",
    ["decoder.embed_tokens.weight"] = "shared.weight", ["lm_head.weight"] = "shared.weight" }
 T5ForConditionalGeneration.no_split_modules = { "T5Block" }
+-- (the original T5 checkpoints carry a cross-attention bias that no layer reads)
+T5ForConditionalGeneration.ignore_unexpected = { "^decoder%.block%.0%.layer%.1%.EncDecAttention%.relative_attention_bias%.weight$" }
 
 function T5ForConditionalGeneration:__init(cfg)
    nn.Module.__init(self)
@@ -437,6 +439,33 @@ function T5ForConditionalGeneration:generate(input_ids, opts)
    end
    return generation.generate(decoder_view(self, enc, pad), start, rest)
 end
+
+--- T5EncoderModel: the encoder alone (shared, encoder.*), for embeddings and as the text encoder
+-- of diffusion models (FLUX and SD3 read T5-v1.1-XXL's); a full checkpoint's decoder and head are
+-- ignored, as transformers does. forward(input_ids[, {attention_mask}]) -> last hidden state
+-- (B, S, d_model).
+local T5EncoderModel = nn.Module:extend("T5EncoderModel")
+M.T5EncoderModel = T5EncoderModel
+T5EncoderModel.tied_weights = { ["encoder.embed_tokens.weight"] = "shared.weight" }
+T5EncoderModel.no_split_modules = { "T5Block" }
+T5EncoderModel.ignore_unexpected = { "^decoder%.", "^lm_head%." }
+
+function T5EncoderModel:__init(cfg)
+   nn.Module.__init(self)
+   cfg = M.config(cfg)
+   self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+   self.encoder = T5Stack(cfg, false)
+   self.encoder.embed_tokens.weight = self.shared.weight
+   rawset(self, "config", cfg)
+end
+
+function T5EncoderModel:forward(input_ids, opts)
+   opts = opts or {}
+   local ids, pad = encoder_inputs(self, input_ids, opts, WHO .. ".T5EncoderModel")
+   return self.encoder(ids, pad)
+end
+
+T5EncoderModel.encode = T5EncoderModel.forward
 
 function M.from_config(cfg) return T5ForConditionalGeneration(cfg) end
 
