@@ -34,17 +34,6 @@ local beam_s = B.best(repeats, function()
 end)
 local result = { bench = "beam_search", threads = threads, prompt = PROMPT, new_tokens = NEW, num_beams = beams,
    greedy_s = greedy_s, beam_s = beam_s, beam_over_greedy = beam_s / greedy_s }
-if B.have_python() then
-   local ok, peer = pcall(B.run_json, string.format("%s bench/beam_search_peer.py --threads %d --repeats %d --prompt %d --new %d --beams %d",
-      B.python, threads, repeats, PROMPT, NEW, beams))
-   if ok and type(peer) == "table" then
-      result.peer = peer
-      result.greedy_ratio = greedy_s / peer.greedy_s
-      result.beam_ratio = beam_s / peer.beam_s
-   else
-      result.peer_note = "peer failed: " .. tostring(peer)
-   end
-else
-   result.peer_note = "no Python peer at " .. B.python .. " (set BENCH_PYTHON)"
-end
+B.compare_with_peer(result, string.format("bench/beam_search_peer.py --threads %d --repeats %d --prompt %d --new %d --beams %d",
+   threads, repeats, PROMPT, NEW, beams), { { "greedy_ratio", "greedy_s", "greedy_s" }, { "beam_ratio", "beam_s", "beam_s" } })
 print(require("cjson").encode(result))

@@ -12,21 +12,12 @@ Usage: python bench/llama_decode.py [--threads N] [--repeats R] [--prompt P] [--
 """
 import argparse
 import json
-import time
 
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def best(reps, fn):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from peerutil import best
 
 
 def main():

@@ -33,17 +33,6 @@ local beam_s = B.best(repeats, function()
 end)
 local result = { bench = "t5_generate", threads = threads, input = INPUT, new_tokens = NEW, num_beams = BEAMS,
    greedy_s = greedy_s, beam_s = beam_s }
-if B.have_python() then
-   local ok, peer = pcall(B.run_json, string.format("%s bench/t5_generate_peer.py --threads %d --repeats %d --input %d --new %d --beams %d",
-      B.python, threads, repeats, INPUT, NEW, BEAMS))
-   if ok and type(peer) == "table" then
-      result.peer = peer
-      result.greedy_ratio = greedy_s / peer.greedy_s
-      result.beam_ratio = beam_s / peer.beam_s
-   else
-      result.peer_note = "peer failed: " .. tostring(peer)
-   end
-else
-   result.peer_note = "no Python peer at " .. B.python .. " (set BENCH_PYTHON)"
-end
+B.compare_with_peer(result, string.format("bench/t5_generate_peer.py --threads %d --repeats %d --input %d --new %d --beams %d",
+   threads, repeats, INPUT, NEW, BEAMS), { { "greedy_ratio", "greedy_s", "greedy_s" }, { "beam_ratio", "beam_s", "beam_s" } })
 print(require("cjson").encode(result))

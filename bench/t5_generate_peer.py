@@ -8,21 +8,12 @@ Usage: python bench/t5_generate_peer.py [--threads N] [--repeats R] [--input P] 
 """
 import argparse
 import json
-import time
 
 import torch
 import transformers
 from transformers import T5Config, T5ForConditionalGeneration
 
-
-def best(reps, fn):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from peerutil import best
 
 
 def main():

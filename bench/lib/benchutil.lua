@@ -178,6 +178,22 @@ function M.run_peer(args)
    return M.run_json(M.python .. " " .. args)
 end
 
+--- Runs the peer (`$BENCH_PYTHON args`) into result.peer and sets result[name] =
+-- result[ours] / peer[theirs] for each {name, ours, theirs} of ratios; without a peer's JSON,
+-- result.peer_note says why. Returns result.
+function M.compare_with_peer(result, args, ratios)
+   local ok, peer, note = pcall(M.run_peer, args)
+   if ok and type(peer) == "table" then
+      result.peer = peer
+      for _, r in ipairs(ratios) do result[r[1]] = result[r[2]] / peer[r[3]] end
+   elseif ok then
+      result.peer_note = note and note:sub(1, 300) or "the peer printed no JSON"
+   else
+      result.peer_note = "peer failed: " .. tostring(peer)
+   end
+   return result
+end
+
 --- Makes sure the demo's GPT-2-small-shaped checkpoint exists (`examples/demo.lua --write-only`,
 -- run with $LUAJIT); returns its folder and the path of its model.safetensors.index.json.
 function M.demo_checkpoint()

@@ -168,17 +168,11 @@ function M.run(model, ids, o)
       end
       unsatisfied[b] = true
    end
+   local generation = require("moonload.models.generation")
    local seen, vocab_ids
    if o.penalty then
       vocab_ids = T.arange(V):view(1, V)
-      local rows = {}
-      for r, row in ipairs(prompts:tolist()) do
-         local s = {}
-         for v = 1, V do s[v] = false end
-         for _, id in ipairs(row) do s[id + 1] = true end
-         rows[r] = s
-      end
-      seen = T.tensor(rows, { dtype = "bool" })
+      seen = generation.seen_mask(prompts, V)
    end
 
    local cur = L
@@ -186,10 +180,7 @@ function M.run(model, ids, o)
       local step = cur - L + 1
       local lp = logits:select(2, -1):to("float32"):to("cpu"):log_softmax(2)       -- (N, V)
       if o.eos_ban and step <= o.min_new then lp = lp:masked_fill(o.eos_ban, -math.huge) end
-      if seen then
-         -- (log-probabilities are negative: the penalty multiplies those of seen tokens)
-         lp = T.where(seen, T.where(lp:lt(0), lp * o.penalty, lp / o.penalty), lp)
-      end
+      if seen then lp = generation.penalize(lp, seen, o.penalty) end   -- (on log-probabilities, as transformers)
       if o.sampling then lp = warp(lp, o.sampling) end
       local scores = {}
       for b = 1, B do for j = 1, nb do scores[#scores + 1] = run_score[b][j] end end

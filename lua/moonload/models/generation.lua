@@ -147,7 +147,7 @@ local function next_tokens(logits, temperature, top_k, top_p)
 end
 
 --- The tokens each row has seen, as a (B, vocab) bool mask, from the prompt ids (B, L).
-local function seen_mask(ids, vocab)
+function M.seen_mask(ids, vocab)
    local rows = {}
    for b, row in ipairs(ids:tolist()) do
       local r = {}
@@ -160,7 +160,7 @@ end
 
 --- transformers' RepetitionPenaltyLogitsProcessor: the logits of tokens already seen are divided
 -- by the penalty where positive and multiplied by it where negative.
-local function penalize(logits, seen, penalty)
+function M.penalize(logits, seen, penalty)
    local scaled = T.where(logits:lt(0), logits * penalty, logits / penalty)
    return T.where(seen, scaled, logits)
 end
@@ -351,10 +351,10 @@ function M.generate(model, input_ids, opts)
       if eos_ban and step <= min_new then last = last:masked_fill(eos_ban, -math.huge) end
       if penalty then
          if not seen then
-            seen = seen_mask(ids, vocab):to(last.device)
+            seen = M.seen_mask(ids, vocab):to(last.device)
             vocab_ids = T.arange(vocab, { device = last.device }):view(1, vocab)
          end
-         last = penalize(last, seen, penalty)
+         last = M.penalize(last, seen, penalty)
       end
       local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
       if (eos or stops) and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
