@@ -285,10 +285,12 @@ describe("models.gemma2 (tests/fixtures/models/gemma2_tiny: soft caps 3 and 8, w
       local whole_padded = model(pad.input_ids, { attention_mask = pad.attention_mask })
       local block = gemma.Gemma2Attention.query_block
       gemma.Gemma2Attention.query_block = 3                    -- 9 and 8 query rows: blocks of 3, 3, 3 / 3, 3, 2
+      -- (not to the bit: 2 heads x 3 rows go through the few-row kernel, 2 x 9 through the BLAS,
+      -- whose sums round differently; 9e-6 measured)
       local ok, err = pcall(function()
-         assert.is_true(H.max_abs_diff(model(exp.input_ids), whole:tolist()) < 1e-5)
+         assert.is_true(H.max_abs_diff(model(exp.input_ids), whole:tolist()) < 5e-5)
          local padded = model(pad.input_ids, { attention_mask = pad.attention_mask })
-         assert.is_true(H.max_abs_diff(padded:select(1, 2), whole_padded:select(1, 2):tolist()) < 1e-5)
+         assert.is_true(H.max_abs_diff(padded:select(1, 2), whole_padded:select(1, 2):tolist()) < 5e-5)
          assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
       end)
       gemma.Gemma2Attention.query_block = block
