@@ -241,6 +241,24 @@ describe("models.gpt2", function()
          assert.are_not.same(pen.cases[1].greedy_ids, model:generate(pen.input_ids, { max_new_tokens = pen.max_new_tokens }))
       end)
 
+      it("never repeats an n-gram with no_repeat_ngram_size, as transformers does (greedy and beams)", function()
+         local nr = H.read_json(H.FIX .. "/gpt2_tiny/no_repeat.json")
+         for _, c in ipairs(nr.cases) do
+            local eos = c.eos_token_id
+            if eos == nil or eos == require("cjson").null then eos = false end
+            assert.are.same(c.sequences, (model:generate(nr.input_ids, { max_new_tokens = c.max_new_tokens,
+               no_repeat_ngram_size = c.no_repeat_ngram_size, num_beams = c.num_beams,
+               num_return_sequences = c.num_return_sequences, eos_token_id = eos, pad_token_id = 0 })))
+         end
+         -- (0 turns it off, as in transformers)
+         assert.are.same(model:generate(nr.input_ids, { max_new_tokens = 6 }),
+            model:generate(nr.input_ids, { max_new_tokens = 6, no_repeat_ngram_size = 0 }))
+         assert.has_error(function() model:generate({ 1 }, { no_repeat_ngram_size = -1 }) end,
+            "generate: no_repeat_ngram_size must be an integer >= 0, got -1")
+         assert.has_error(function() model:generate({ 1 }, { no_repeat_ngram_size = 2, prompt_lookup_num_tokens = 3 }) end,
+            "generate: prompt_lookup_num_tokens does not support no_repeat_ngram_size")
+      end)
+
       it("streams each step's ids to on_token, and stops when it returns false", function()
          local full = model:generate(exp.input_ids, { max_new_tokens = 6 })
          local seen = {}
@@ -356,7 +374,7 @@ describe("models.gpt2", function()
          assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
             "generate: temperature must be a number >= 0, got -0.5")
          assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
-            'generate: unknown option "max_tokens" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)')
+            'generate: unknown option "max_tokens" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)')
          assert.has_error(function() model:generate({ 1 }, { repetition_penalty = 0 }) end,
             "generate: repetition_penalty must be a number > 0, got 0")
          assert.has_error(function() model:generate({ 1 }, { top_p = 0 }) end, "generate: top_p must be a number in (0, 1], got 0")

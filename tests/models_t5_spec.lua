@@ -107,6 +107,13 @@ describe("T5", function()
       H.rmdir(dir2)
    end)
 
+   it("blocks repeated n-grams of the decoder's ids as transformers does", function()
+      local nr = H.read_json(H.FIX .. "/t5_tiny/no_repeat.json")
+      local c = nr.cases[1]
+      assert.are.same(c.sequences, load("t5_tiny"):generate(nr.input_ids, { attention_mask = nr.attention_mask,
+         max_new_tokens = c.max_new_tokens, no_repeat_ngram_size = c.no_repeat_ngram_size }))
+   end)
+
    it("generates with int8 weights, an int8 cache, and samples reproducibly", function()
       local q = load("t5_tiny_gated", { quantize = "int8" })
       local ids = q:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10, kv_cache_dtype = "int8" })

@@ -19,7 +19,7 @@ local WHO = "generate"
 
 -- Options assisted generation does not take, as they are named in its errors.
 local UNSUPPORTED = {
-   repetition_penalty = "repetition_penalty",
+   repetition_penalty = "repetition_penalty", no_repeat_ngram_size = "no_repeat_ngram_size",
    micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
 }
 
@@ -37,7 +37,7 @@ function M.check(model, opts, B)
    if B ~= 1 then error(string.format("%s: %s takes one prompt at a time, got a batch of %d", WHO, what, B), 4) end
    for k, unsupported in pairs(UNSUPPORTED) do
       local v = opts[k]
-      if v ~= nil and v ~= false and not (k == "repetition_penalty" and v == 1) then
+      if v ~= nil and v ~= false and not (k == "repetition_penalty" and v == 1) and not (k == "no_repeat_ngram_size" and v == 0) then
          error(string.format("%s: %s does not support %s", WHO, what, unsupported), 4)
       end
    end

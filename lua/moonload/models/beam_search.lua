@@ -110,7 +110,8 @@ end
 --- run(model, ids, o) -> int64 (B * num_return_sequences, T): each prompt followed by its best
 -- hypotheses, best first; shorter ones padded. ids (B, L) int64. o: num_beams,
 -- num_return_sequences, length_penalty, early_stopping, max_new, min_new, eos (nil, an id or a
--- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, sampling
+-- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, no_repeat (the
+-- n-gram size, or nil), sampling
 -- ({temperature, top_k, top_p} or nil), kv_device, kv_dtype, micro_batch, prefill_chunk.
 function M.run(model, ids, o)
    local B, L = ids:size(1), ids:size(2)
@@ -169,6 +170,7 @@ function M.run(model, ids, o)
       unsatisfied[b] = true
    end
    local generation = require("moonload.models.generation")
+   local prompt_rows = o.no_repeat and prompts:tolist() or nil
    local seen, vocab_ids
    if o.penalty then
       vocab_ids = T.arange(V):view(1, V)
@@ -181,6 +183,18 @@ function M.run(model, ids, o)
       local lp = logits:select(2, -1):to("float32"):to("cpu"):log_softmax(2)       -- (N, V)
       if o.eos_ban and step <= o.min_new then lp = lp:masked_fill(o.eos_ban, -math.huge) end
       if seen then lp = generation.penalize(lp, seen, o.penalty) end   -- (on log-probabilities, as transformers)
+      if o.no_repeat then
+         local rows, pl = {}, prompt_rows
+         for b = 1, B do
+            for j = 1, nb do
+               local r = {}
+               for i, t in ipairs(pl[(b - 1) * nb + j]) do r[i] = t end
+               for _, t in ipairs(run_seq[b][j]) do r[#r + 1] = t end
+               rows[#rows + 1] = r
+            end
+         end
+         lp = generation.ban_repeated_ngrams(lp, rows, o.no_repeat)
+      end
       if o.sampling then lp = warp(lp, o.sampling) end
       local scores = {}
       for b = 1, B do for j = 1, nb do scores[#scores + 1] = run_score[b][j] end end

@@ -40,6 +40,7 @@ local function check_opts(opts)
    int_opt("seed", 0)
    int_opt("num_beams", 1)
    int_opt("num_return_sequences", 1)
+   int_opt("no_repeat_ngram_size", 0)
    int_opt("pad_token_id", 0)
    local eos = opts.eos_token_id
    if eos == false then
@@ -79,6 +80,7 @@ local function check_opts(opts)
       max_matching_ngram_size = true, stop_strings = true, tokenizer = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       num_beams = true, num_return_sequences = true, length_penalty = true, early_stopping = true,
+      no_repeat_ngram_size = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
    if opts.kv_cache_dtype ~= nil and not require("moonload.models.kv_cache").DTYPES[opts.kv_cache_dtype] then
@@ -99,7 +101,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
             WHO, tostring(k)), 3)
       end
    end
@@ -165,6 +167,34 @@ function M.penalize(logits, seen, penalty)
    return T.where(seen, scaled, logits)
 end
 
+--- transformers' NoRepeatNGramLogitsProcessor: the ids that would complete, after seq (a Lua list
+-- of ids, prompt included), an n-gram seq already holds (every id seq holds when n = 1).
+function M.banned_ngram_tokens(seq, n)
+   local len, banned = #seq, {}
+   if len + 1 < n then return banned end
+   local from = len - n + 1                         -- the last n - 1 ids start after it
+   for i = 1, len - n + 1 do
+      local match = true
+      for k = 1, n - 1 do
+         if seq[i + k - 1] ~= seq[from + k] then match = false break end
+      end
+      if match then banned[#banned + 1] = seq[i + n - 1] end
+   end
+   return banned
+end
+
+--- scores (B, vocab) with -inf at the ids each row may not repeat (rows: Lua lists of ids).
+function M.ban_repeated_ngrams(scores, rows, n)
+   local out
+   for b, seq in ipairs(rows) do
+      for _, id in ipairs(M.banned_ngram_tokens(seq, n)) do
+         out = out or scores:clone()
+         out:select(1, b):narrow(1, id + 1, 1):fill_(-math.huge)
+      end
+   end
+   return out or scores
+end
+
 --- Whether each token (B, 1) is an end of sequence: eos is an id or a list of ids.
 local function is_eos(tok, eos)
    if type(eos) ~= "table" then return tok:eq(eos) end
@@ -184,14 +214,15 @@ end
 
 --- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, seed, do_sample,
 -- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
--- kv_cache_device, kv_cache_dtype, max_length, min_length, assistant_model, num_assistant_tokens, assistant_stats,
+-- kv_cache_device, kv_cache_dtype, max_length, min_length, no_repeat_ngram_size, assistant_model, num_assistant_tokens, assistant_stats,
 -- prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer, num_beams, num_return_sequences,
 -- length_penalty, early_stopping}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
 -- tensor (B, T) / (T); prompts of different lengths are left-padded with attention_mask
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
 -- the input's form. repetition_penalty (as transformers: > 1 discourages tokens already in the
--- sequence, prompt included) applies before sampling or the greedy pick. on_token(ids, step) is
+-- sequence, prompt included) applies before sampling or the greedy pick, and so does
+-- no_repeat_ngram_size = n (no n-gram of the sequence, prompt included, twice). on_token(ids, step) is
 -- called with each step's new id per row (a list); returning false ends generation there.
 -- max_length and min_length count the prompt too (transformers' lengths); max_new_tokens and
 -- min_new_tokens win over them. assistant_model (one prompt, greedy) drafts tokens the model
@@ -303,11 +334,13 @@ function M.generate(model, input_ids, opts)
    local min_new = opts.min_new_tokens or math.max((opts.min_length or 0) - L, 0)
    local penalty = opts.repetition_penalty
    if penalty == 1 then penalty = nil end
+   local no_repeat = opts.no_repeat_ngram_size
+   if no_repeat == 0 then no_repeat = nil end
    if num_beams > 1 then
       local seq, scores = require("moonload.models.beam_search").run(model, ids, {
          num_beams = num_beams, num_return_sequences = num_return, length_penalty = opts.length_penalty,
          early_stopping = opts.early_stopping, max_new = max_new, min_new = min_new, eos = eos,
-         pad = opts.pad_token_id, penalty = penalty,
+         pad = opts.pad_token_id, penalty = penalty, no_repeat = no_repeat,
          eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil,
          mask = opts.attention_mask ~= nil and common.mask_tensor(opts.attention_mask, B, L, WHO) or nil,
          sampling = (temperature or 0) > 0 and { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p } or nil,
@@ -345,6 +378,7 @@ function M.generate(model, input_ids, opts)
       eos_ban = is_eos(T.arange(vocab, { device = logits.device }):view(1, vocab), eos)
    end
    local seen, vocab_ids                                       -- on the logits' device, made once
+   local history = no_repeat and ids:tolist() or nil           -- each row's ids, for no_repeat
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
@@ -356,6 +390,7 @@ function M.generate(model, input_ids, opts)
          end
          last = M.penalize(last, seen, penalty)
       end
+      if history then last = M.ban_repeated_ngrams(last, history, no_repeat) end
       local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
       if (eos or stops) and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
       if done then tok = T.where(done, opts.pad_token_id or (type(eos) == "table" and eos[1] or eos) or 0, tok) end
@@ -365,6 +400,9 @@ function M.generate(model, input_ids, opts)
       -- returning false stops here
       if opts.on_token and opts.on_token(tok:view(B):tolist(), step) == false then break end
       if penalty then seen = seen:logical_or(vocab_ids:eq(tok:to(vocab_ids.device))) end
+      if history then
+         for b, id in ipairs(tok:view(B):tolist()) do table.insert(history[b], id) end
+      end
       if done then
          if eos then done = done:logical_or(is_eos(tok, eos)) end
          if stops then                                          -- rows whose new text now holds a stop string

@@ -13,7 +13,8 @@ local TOKEN_KEYS = { "bos_token_id", "eos_token_id", "pad_token_id" }
 -- only the values that differ).
 local SAMPLING_DEFAULTS = { temperature = 1.0, top_k = 50, top_p = 1.0 }
 -- Keys the call's options take from the config as they are when the call leaves them out.
-local BEAM_KEYS = { "repetition_penalty", "num_beams", "num_return_sequences", "length_penalty", "early_stopping" }
+local PASSED_KEYS = { "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
+   "length_penalty", "early_stopping" }
 
 --- read(dir, who) -> the table in dir/generation_config.json, or nil when there is none. A file
 -- that is not a JSON object is an error naming it.
@@ -47,7 +48,7 @@ end
 
 --- defaults(model, opts) -> opts with what the call left out taken from the model's generation
 -- config: eos_token_id (false: none), pad_token_id, max_new_tokens or max_length, min_new_tokens
--- or min_length, repetition_penalty, num_beams, num_return_sequences, length_penalty,
+-- or min_length, repetition_penalty, no_repeat_ngram_size, num_beams, num_return_sequences, length_penalty,
 -- early_stopping; and when
 -- sampling is on without a temperature (do_sample = true, from the call or else the config), the
 -- config's temperature, top_k and top_p (transformers' defaults 1.0, 50 and 1.0 for those it
@@ -75,7 +76,7 @@ function M.defaults(model, opts)
       out.min_new_tokens = gc.min_new_tokens
       if out.min_new_tokens == nil then out.min_length = gc.min_length end
    end
-   for _, k in ipairs(BEAM_KEYS) do
+   for _, k in ipairs(PASSED_KEYS) do
       if out[k] == nil then out[k] = gc[k] end
    end
    local sample = out.do_sample
