@@ -160,6 +160,22 @@ describe("T5", function()
       H.rmdir(dir)
    end)
 
+   it("goes from text to text as transformers does (examples/t5.lua: tokenizer, beams, decode)", function()
+      local x = H.expected("t5_tiny_text")
+      local tok = ml.tokenizers.from_pretrained(H.FIX .. "/t5_tiny_text")
+      local ids, mask = tok:encode_batch(x.texts)
+      assert.are.same(x.input_ids, ids)
+      assert.are.same(x.attention_mask, mask)
+      assert.are.same(x.sequences, (load("t5_tiny_text"):generate(ids, { attention_mask = mask,
+         max_new_tokens = x.max_new_tokens, num_beams = x.num_beams, no_repeat_ngram_size = x.no_repeat_ngram_size })))
+      local p = assert(io.popen("luajit examples/t5.lua 2>&1"))
+      local out = p:read("*a")
+      p:close()
+      for i, text in ipairs(x.texts) do
+         assert.truthy(out:find(text .. "\n  -> " .. x.answers[i] .. "\n", 1, true), out)
+      end
+   end)
+
    it("names what it cannot take", function()
       local m = load("t5_tiny")
       assert.has_error(function() m:generate({ 5, 1 }, { prompt_lookup_num_tokens = 3 }) end,
