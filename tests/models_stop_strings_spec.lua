@@ -39,6 +39,24 @@ describe("generate's stop_strings", function()
          stop_strings = "no such text \1" }))
    end)
 
+   it("counts a string begun in the prompt, not one wholly inside it (as transformers)", function()
+      local prompt_text, first = tok:decode(prompt), tok:decode({ new[1] })
+      local both = tok:decode({ unpack(free, 1, #prompt + 1) })
+      assert.are.equal(prompt_text, both:sub(1, #prompt_text), "the prompt's text should be a prefix")
+      local added = both:sub(#prompt_text + 1)
+      assert.is_true(#added > 0 and #prompt_text > 2)
+      -- the prompt's last two bytes and the first new byte: completed by the first new token
+      local across = prompt_text:sub(-2) .. added:sub(1, 1)
+      local out = model:generate(prompt, { max_new_tokens = N, eos_token_id = false, stop_strings = across, tokenizer = tok })
+      assert.are.same({ new[1] }, { unpack(out, #prompt + 1) })
+      -- a string the prompt holds whole (and the new text never does) changes nothing
+      local inside = prompt_text:sub(-3)
+      if not tok:decode(new):find(inside, 1, true) and not (inside .. first):sub(2):find(inside, 1, true) then
+         assert.are.same(free, model:generate(prompt, { max_new_tokens = N, eos_token_id = false, stop_strings = inside,
+            tokenizer = tok }))
+      end
+   end)
+
    it("ends each row of a batch on its own, the finished ones padded", function()
       local other = { unpack(prompt) }
       other[#other] = (other[#other] + 7) % 100

@@ -287,7 +287,7 @@ function M.generate(model, input_ids, opts)
       if form == "flat" then form = "nested" end
    end
    local stops = opts.stop_strings ~= nil and require("moonload.models.stop_strings").new(opts.stop_strings,
-      opts.tokenizer, B, WHO) or nil
+      opts.tokenizer, B, WHO, ids:tolist()) or nil
    if opts.assistant_model ~= nil or opts.prompt_lookup_num_tokens ~= nil then
       local assisted = require("moonload.models.assisted_generation")
       assisted.check(model, opts, B)
