@@ -19,15 +19,15 @@
 --    local logits = model(ids, {attention_mask = mask, decoder_input_ids = dec})   -- (B, T, vocab)
 --    local states = model:encode(ids, {attention_mask = mask})       -- (B, S, d_model)
 --
--- generate runs the encoder once, then the shared generate loop (models/generation.lua, greedy,
--- sampling, beam search) over the decoder, which starts from decoder_start_token_id and keeps
--- its self-attention keys and values in a KVCache; the encoder's keys and values per layer are
--- computed once per generate call.
+-- generate runs the encoder once, then the shared generate loop over the decoder
+-- (models/seq2seq.lua), which starts from decoder_start_token_id and keeps its self-attention
+-- keys and values in a KVCache; the encoder's keys and values per layer are computed once per
+-- generate call.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
-local generation = require("moonload.models.generation")
+local seq2seq = require("moonload.models.seq2seq")
 
 local M = {}
 local WHO = "models.t5"
@@ -318,23 +318,18 @@ function T5ForConditionalGeneration:__init(cfg)
    rawset(self, "config", cfg)
 end
 
-local function encoder_inputs(self, input_ids, opts, who)
-   local ids = common.ids_tensor(input_ids, who)
-   if not opts._ids_in_range then common.check_vocab(ids, self.config.vocab_size, who) end
-   local pad
-   if opts.attention_mask ~= nil then pad = common.mask_tensor(opts.attention_mask, ids:size(1), ids:size(2), who) end
-   return ids, pad
-end
-
 --- encode(input_ids[, {attention_mask}]) -> the encoder's last hidden state (B, S, d_model).
 function T5ForConditionalGeneration:encode(input_ids, opts)
    opts = opts or {}
-   local ids, pad = encoder_inputs(self, input_ids, opts, WHO .. ".encode")
+   local ids, pad = seq2seq.encoder_inputs(self, input_ids, opts, WHO .. ".encode")
    return self.encoder(ids, pad)
 end
 
--- The decoder's logits for ids (B, L) after cache.length tokens, over the encoder's states.
-local function decode(self, ids, enc, enc_pad, memo, cache, keep)
+-- models/seq2seq.lua's hooks: the encoder's states; the decoder's logits for ids (B, L) after
+-- cache.length tokens, over the encoder's states; the decoder's depth.
+function T5ForConditionalGeneration:_encode(ids, pad) return self.encoder(ids, pad) end
+
+function T5ForConditionalGeneration:_decode(ids, enc, enc_pad, memo, cache, keep)
    local h = self.decoder(ids, nil, enc, enc_pad, memo, cache)
    if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
    -- (T5's head reads the shared embedding, trained on states scaled down first)
@@ -342,102 +337,20 @@ local function decode(self, ids, enc, enc_pad, memo, cache, keep)
    return self.lm_head(h)
 end
 
-local UNSUPPORTED = { micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
-   assistant_model = "assistant_model", prompt_lookup_num_tokens = "prompt_lookup_num_tokens" }
+function T5ForConditionalGeneration:_decoder_layers() return self.config.num_decoder_layers end
 
 --- forward(input_ids[, {attention_mask, decoder_input_ids, encoder_outputs, logits_to_keep}]) ->
 -- logits (B, T, vocab) of the decoder over decoder_input_ids (default: the start token alone);
 -- encoder_outputs (B, S, d_model) from encode skips the encoder.
 function T5ForConditionalGeneration:forward(input_ids, opts)
-   opts = opts or {}
-   local who = WHO .. ".forward"
-   local ids, pad = encoder_inputs(self, input_ids, opts, who)
-   local enc = opts.encoder_outputs or self.encoder(ids, pad)
-   local dec = opts.decoder_input_ids
-   if dec == nil then
-      local rows = {}
-      for b = 1, ids:size(1) do rows[b] = { self.config.decoder_start_token_id } end
-      dec = rows
-   end
-   dec = common.ids_tensor(dec, who .. " (decoder_input_ids)")
-   common.check_vocab(dec, self.config.vocab_size, who)
-   if dec:size(1) ~= ids:size(1) then
-      error(string.format("%s: decoder_input_ids has %d rows, input_ids %d", who, dec:size(1), ids:size(1)), 2)
-   end
-   return decode(self, dec, enc, pad, nil, nil, opts.logits_to_keep)
-end
-
--- What generate's loop calls: the decoder as a causal model over one generate call's encoder
--- states. Its rows may be each prompt's repeated (beams, num_return_sequences): the states
--- (and the encoder's keys and values) follow, prompt b's copies being consecutive rows.
-local Decoder = {}
-Decoder.__index = Decoder
-
-local function decoder_view(model, enc, pad)
-   local cfg = model.config
-   local gc = require("moonload.models.generation_config").of(model)
-   return setmetatable({ model = model, enc = { [enc:size(1)] = enc }, pad = pad and { [pad:size(1)] = pad } or {},
-      rows = enc:size(1), memos = setmetatable({}, { __mode = "k" }),
-      config = { vocab_size = cfg.vocab_size }, generation_config = gc }, Decoder)
-end
-
-function Decoder:new_cache(capacity, device, dtype)
-   return common.new_cache(self.model.config.num_decoder_layers, capacity, device, dtype)
-end
-
-function Decoder:max_length() return nil end
-
-local Memo = {}          -- (a class: hooks pass it through as it is)
-Memo.__index = Memo
-
-function Decoder:__call(ids, opts)
-   opts = opts or {}
-   local N = ids:size(1)
-   if not self.enc[N] then                        -- each prompt's states for its N / rows copies
-      local idx, copies = {}, N / self.rows
-      for b = 0, self.rows - 1 do for _ = 1, copies do idx[#idx + 1] = b end end
-      local e = self.enc[self.rows]
-      self.enc[N] = e:index_select(1, T.tensor(idx, { dtype = "int64", device = e.device }))
-      local p = self.pad[self.rows]
-      if p then self.pad[N] = p:index_select(1, T.tensor(idx, { dtype = "int64", device = p.device })) end
-   end
-   local cache = opts.cache
-   local memo
-   if cache then
-      local per = self.memos[cache] or {}
-      self.memos[cache] = per
-      per[N] = per[N] or setmetatable({}, Memo)
-      memo = per[N]
-   end
-   return decode(self.model, ids, self.enc[N], self.pad[N], memo, cache, opts.logits_to_keep)
+   return seq2seq.forward(self, input_ids, opts, WHO .. ".forward")
 end
 
 --- generate(input_ids[, opts]) -> the decoder's ids (decoder_start_token_id, then the new ones),
 -- in the input's form, and with num_beams their scores; opts as the causal models' generate
 -- (attention_mask masks the input's padding), plus decoder_input_ids to start from.
 function T5ForConditionalGeneration:generate(input_ids, opts)
-   opts = opts or {}
-   local who = "generate"
-   if type(opts) ~= "table" then error(who .. ": options must be a table", 2) end
-   for k, what in pairs(UNSUPPORTED) do
-      if opts[k] ~= nil then error(string.format("%s: T5 does not support %s", who, what), 2) end
-   end
-   local ids, pad = encoder_inputs(self, input_ids, opts, who)
-   local _, form = common.ids_tensor(input_ids, who)
-   local B = ids:size(1)
-   local start = opts.decoder_input_ids
-   if start == nil then
-      local rows = {}
-      for b = 1, B do rows[b] = { self.config.decoder_start_token_id } end
-      start = form == "flat" and rows[1] or form == "tensor" and T.tensor(rows, { dtype = "int64", device = ids.device })
-         or rows
-   end
-   local enc = self.encoder(ids, pad)
-   local rest = {}
-   for k, v in pairs(opts) do
-      if k ~= "attention_mask" and k ~= "decoder_input_ids" then rest[k] = v end
-   end
-   return generation.generate(decoder_view(self, enc, pad), start, rest)
+   return seq2seq.generate(self, input_ids, opts, "T5")
 end
 
 --- T5EncoderModel: the encoder alone (shared, encoder.*), for embeddings and as the text encoder
@@ -461,7 +374,7 @@ end
 
 function T5EncoderModel:forward(input_ids, opts)
    opts = opts or {}
-   local ids, pad = encoder_inputs(self, input_ids, opts, WHO .. ".T5EncoderModel")
+   local ids, pad = seq2seq.encoder_inputs(self, input_ids, opts, WHO .. ".T5EncoderModel")
    return self.encoder(ids, pad)
 end
 

@@ -1,0 +1,117 @@
+--- What encoder-decoder models (T5, BART) share: reading the input and the decoder's ids, the
+-- forward over both, and generate. generate runs the encoder once, then the shared generate
+-- loop (models/generation.lua: greedy, sampling, beams, penalties) over a view of the decoder as
+-- a causal model; the view's encoder states and per-layer cross-attention keys/values follow the
+-- loop's rows (beams, num_return_sequences) by copying each prompt's once.
+--
+-- A model plugs in with config (vocab_size, decoder_start_token_id), and methods
+-- _encode(ids, pad) -> states (B, S, d); _decode(ids, enc, enc_pad, memo, cache, logits_to_keep)
+-- -> logits (B, T or n, vocab), advancing the cache (memo: a table where the cross-attention
+-- keeps its keys and values per layer, or nil); _decoder_layers() -> the decoder's layer count;
+-- and optionally _decoder_positions() -> how many decoder positions it has.
+local T = require("moonload.tensor")
+local common = require("moonload.models.common")
+
+local M = {}
+
+-- generate options the decoder view cannot take, as the errors name them
+local UNSUPPORTED = { micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
+   assistant_model = "assistant_model", prompt_lookup_num_tokens = "prompt_lookup_num_tokens" }
+
+--- The input's ids (B, S) and padding mask (B, S bool, or nil) from opts.attention_mask.
+function M.encoder_inputs(model, input_ids, opts, who)
+   local ids = common.ids_tensor(input_ids, who)
+   if not opts._ids_in_range then common.check_vocab(ids, model.config.vocab_size, who) end
+   local pad
+   if opts.attention_mask ~= nil then pad = common.mask_tensor(opts.attention_mask, ids:size(1), ids:size(2), who) end
+   return ids, pad
+end
+
+--- The decoder's start: B rows of decoder_start_token_id, in the input's form ("flat", "nested",
+-- "tensor").
+local function start_ids(model, B, form, device)
+   local rows = {}
+   for b = 1, B do rows[b] = { model.config.decoder_start_token_id } end
+   if form == "flat" then return rows[1] end
+   if form == "tensor" then return T.tensor(rows, { dtype = "int64", device = device }) end
+   return rows
+end
+
+--- forward(model, input_ids, opts, who) -> the decoder's logits over opts.decoder_input_ids (default:
+-- the start token alone), after the encoder (skipped with opts.encoder_outputs).
+function M.forward(model, input_ids, opts, who)
+   opts = opts or {}
+   local ids, pad = M.encoder_inputs(model, input_ids, opts, who)
+   local enc = opts.encoder_outputs or model:_encode(ids, pad)
+   local dec = common.ids_tensor(opts.decoder_input_ids or start_ids(model, ids:size(1), "nested"),
+      who .. " (decoder_input_ids)")
+   common.check_vocab(dec, model.config.vocab_size, who)
+   if dec:size(1) ~= ids:size(1) then
+      error(string.format("%s: decoder_input_ids has %d rows, input_ids %d", who, dec:size(1), ids:size(1)), 3)
+   end
+   return model:_decode(dec, enc, pad, nil, nil, opts.logits_to_keep)
+end
+
+-- The decoder as generate's loop sees a causal model, over one call's encoder states.
+local Decoder = {}
+Decoder.__index = Decoder
+
+local Memo = {}          -- (a class: hooks pass it through as it is)
+Memo.__index = Memo
+
+function Decoder:new_cache(capacity, device, dtype)
+   return common.new_cache(self.model:_decoder_layers(), capacity, device, dtype)
+end
+
+function Decoder:max_length()
+   return self.model._decoder_positions and self.model:_decoder_positions() or nil
+end
+
+function Decoder:__call(ids, opts)
+   opts = opts or {}
+   local N = ids:size(1)
+   if not self.enc[N] then                        -- each prompt's states for its N / rows copies
+      local idx, copies = {}, N / self.rows
+      for b = 0, self.rows - 1 do for _ = 1, copies do idx[#idx + 1] = b end end
+      local e = self.enc[self.rows]
+      self.enc[N] = e:index_select(1, T.tensor(idx, { dtype = "int64", device = e.device }))
+      local p = self.pad[self.rows]
+      if p then self.pad[N] = p:index_select(1, T.tensor(idx, { dtype = "int64", device = p.device })) end
+   end
+   local cache = opts.cache
+   local memo
+   if cache then
+      local per = self.memos[cache] or {}
+      self.memos[cache] = per
+      per[N] = per[N] or setmetatable({}, Memo)
+      memo = per[N]
+   end
+   return self.model:_decode(ids, self.enc[N], self.pad[N], memo, cache, opts.logits_to_keep)
+end
+
+--- generate(model, input_ids, opts, name) -> the decoder's ids (its start token, then the new
+-- ones) in the input's form, and with num_beams their scores. opts as the causal models'
+-- generate (attention_mask masks the input's padding), plus decoder_input_ids to start from.
+function M.generate(model, input_ids, opts, name)
+   opts = opts or {}
+   local who = "generate"
+   if type(opts) ~= "table" then error(who .. ": options must be a table", 3) end
+   for k, what in pairs(UNSUPPORTED) do
+      if opts[k] ~= nil then error(string.format("%s: %s does not support %s", who, name, what), 3) end
+   end
+   local ids, pad = M.encoder_inputs(model, input_ids, opts, who)
+   local _, form = common.ids_tensor(input_ids, who)
+   local enc = model:_encode(ids, pad)
+   local B = ids:size(1)
+   local view = setmetatable({ model = model, enc = { [B] = enc }, pad = pad and { [B] = pad } or {}, rows = B,
+      memos = setmetatable({}, { __mode = "k" }), config = { vocab_size = model.config.vocab_size },
+      generation_config = require("moonload.models.generation_config").of(model) }, Decoder)
+   local rest = {}
+   for k, v in pairs(opts) do
+      if k ~= "attention_mask" and k ~= "decoder_input_ids" then rest[k] = v end
+   end
+   return require("moonload.models.generation").generate(view,
+      opts.decoder_input_ids or start_ids(model, B, form, ids.device), rest)
+end
+
+return M
