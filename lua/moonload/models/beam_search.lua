@@ -111,7 +111,7 @@ end
 -- hypotheses, best first; shorter ones padded. ids (B, L) int64. o: num_beams,
 -- num_return_sequences, length_penalty, early_stopping, max_new, min_new, eos (nil, an id or a
 -- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, no_repeat (the
--- n-gram size, or nil), sampling
+-- n-gram size, or nil), forced ({forced_bos_token_id, forced_eos_token_id}), sampling
 -- ({temperature, top_k, top_p} or nil), kv_device, kv_dtype, micro_batch, prefill_chunk.
 function M.run(model, ids, o)
    local B, L = ids:size(1), ids:size(2)
@@ -195,6 +195,8 @@ function M.run(model, ids, o)
          end
          lp = generation.ban_repeated_ngrams(lp, rows, o.no_repeat)
       end
+      local forced = o.forced and generation.forced_token(o.forced, cur, max_length)
+      if forced then lp = generation.force_token(lp, forced) end
       if o.sampling then lp = warp(lp, o.sampling) end
       local scores = {}
       for b = 1, B do for j = 1, nb do scores[#scores + 1] = run_score[b][j] end end

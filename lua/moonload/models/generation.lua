@@ -41,6 +41,8 @@ local function check_opts(opts)
    int_opt("num_beams", 1)
    int_opt("num_return_sequences", 1)
    int_opt("no_repeat_ngram_size", 0)
+   int_opt("forced_bos_token_id", 0)
+   int_opt("forced_eos_token_id", 0)
    int_opt("pad_token_id", 0)
    local eos = opts.eos_token_id
    if eos == false then
@@ -80,7 +82,7 @@ local function check_opts(opts)
       max_matching_ngram_size = true, stop_strings = true, tokenizer = true, temperature = true, top_k = true, top_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       num_beams = true, num_return_sequences = true, length_penalty = true, early_stopping = true,
-      no_repeat_ngram_size = true,
+      no_repeat_ngram_size = true, forced_bos_token_id = true, forced_eos_token_id = true,
       micro_batch_size = true, prefill_chunk_size = true, kv_cache_device = true, kv_cache_dtype = true }
    require("moonload.models.block_schedule").check(opts, WHO, 4)
    if opts.kv_cache_dtype ~= nil and not require("moonload.models.kv_cache").DTYPES[opts.kv_cache_dtype] then
@@ -101,7 +103,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
             WHO, tostring(k)), 3)
       end
    end
@@ -195,6 +197,21 @@ function M.ban_repeated_ngrams(scores, rows, n)
    return out or scores
 end
 
+--- scores (N, vocab) where only id may be picked (transformers' ForcedBOS/ForcedEOS processors:
+-- the others -inf, id 0).
+function M.force_token(scores, id)
+   local out = scores:clone():fill_(-math.huge)
+   out:narrow(2, id + 1, 1):fill_(0)
+   return out
+end
+
+--- The id generate must pick next after `len` tokens of `max_length`, or nil: forced_bos_token_id
+-- after the first token (an encoder-decoder's start), forced_eos_token_id as the last.
+function M.forced_token(opts, len, max_length)
+   if opts.forced_bos_token_id and len == 1 then return opts.forced_bos_token_id end
+   if opts.forced_eos_token_id and len == max_length - 1 then return opts.forced_eos_token_id end
+end
+
 --- Whether each token (B, 1) is an end of sequence: eos is an id or a list of ids.
 local function is_eos(tok, eos)
    if type(eos) ~= "table" then return tok:eq(eos) end
@@ -214,7 +231,8 @@ end
 
 --- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, seed, do_sample,
 -- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
--- kv_cache_device, kv_cache_dtype, max_length, min_length, no_repeat_ngram_size, assistant_model, num_assistant_tokens, assistant_stats,
+-- kv_cache_device, kv_cache_dtype, max_length, min_length, no_repeat_ngram_size, forced_bos_token_id,
+-- forced_eos_token_id, assistant_model, num_assistant_tokens, assistant_stats,
 -- prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer, num_beams, num_return_sequences,
 -- length_penalty, early_stopping}])
 -- input_ids: 0-based token ids as a Lua list, a list of equal-length lists (batch), or an int64
@@ -222,7 +240,9 @@ end
 -- (B, T) marking the real tokens with 1. Returns the prompt followed by the generated ids, in
 -- the input's form. repetition_penalty (as transformers: > 1 discourages tokens already in the
 -- sequence, prompt included) applies before sampling or the greedy pick, and so does
--- no_repeat_ngram_size = n (no n-gram of the sequence, prompt included, twice). on_token(ids, step) is
+-- no_repeat_ngram_size = n (no n-gram of the sequence, prompt included, twice);
+-- forced_bos_token_id is the token after the first (an encoder-decoder's start token) and
+-- forced_eos_token_id the last one when generation reaches its length (BART's). on_token(ids, step) is
 -- called with each step's new id per row (a list); returning false ends generation there.
 -- max_length and min_length count the prompt too (transformers' lengths); max_new_tokens and
 -- min_new_tokens win over them. assistant_model (one prompt, greedy) drafts tokens the model
@@ -341,6 +361,7 @@ function M.generate(model, input_ids, opts)
          num_beams = num_beams, num_return_sequences = num_return, length_penalty = opts.length_penalty,
          early_stopping = opts.early_stopping, max_new = max_new, min_new = min_new, eos = eos,
          pad = opts.pad_token_id, penalty = penalty, no_repeat = no_repeat,
+         forced = { forced_bos_token_id = opts.forced_bos_token_id, forced_eos_token_id = opts.forced_eos_token_id },
          eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil,
          mask = opts.attention_mask ~= nil and common.mask_tensor(opts.attention_mask, B, L, WHO) or nil,
          sampling = (temperature or 0) > 0 and { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p } or nil,
@@ -391,6 +412,8 @@ function M.generate(model, input_ids, opts)
          last = M.penalize(last, seen, penalty)
       end
       if history then last = M.ban_repeated_ngrams(last, history, no_repeat) end
+      local forced = M.forced_token(opts, L + step - 1, L + max_new)
+      if forced then last = M.force_token(last, forced) end
       local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
       if (eos or stops) and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
       if done then tok = T.where(done, opts.pad_token_id or (type(eos) == "table" and eos[1] or eos) or 0, tok) end

@@ -1,5 +1,5 @@
 --- ml.models: GPT-2, GPT-NeoX, Llama (and Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2
--- and 3), BERT and T5 with Hugging Face names, and
+-- and 3), BERT, T5 and BART with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -37,6 +37,8 @@ local ARCH = {
    falcon = { module = "moonload.models.falcon", class = "FalconForCausalLM" },
    gptj = { module = "moonload.models.gptj", class = "GPTJForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
+   bart = { module = "moonload.models.bart", class = "BartForConditionalGeneration" },
+   mbart = { module = "moonload.models.bart", class = "MBartForConditionalGeneration" },
    -- (others: the architectures names of the family's other classes, and the class each reads as)
    t5 = { module = "moonload.models.t5", class = "T5ForConditionalGeneration",
       others = { T5EncoderModel = "T5EncoderModel" } },
@@ -54,7 +56,8 @@ setmetatable(M, { __index = function(t, k)
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bloom = "moonload.models.bloom", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj",
-      bert = "moonload.models.bert", t5 = "moonload.models.t5", config = "moonload.models.config",
+      bert = "moonload.models.bert", t5 = "moonload.models.t5", bart = "moonload.models.bart",
+      config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter",
       common = "moonload.models.common" })[k]
