@@ -70,28 +70,12 @@ local function banned_rows(logits, eos_ban, ban_first)
    return rows
 end
 
---- distributions(rows, sampling) -> (n, vocab) float32 probabilities on the CPU: for each row of
--- logits, softmax(row / temperature) over its top_k largest, then within the top_p nucleus, as
--- generate's sampling draws (models/generation.lua; logits tied at the k-th value all stay).
+--- distributions(rows, sampling) -> (n, vocab) float32 probabilities on the CPU: each row of
+-- logits through generate's warpers (models/sampling.lua: temperature, top_k, top_p, min_p; logits
+-- tied at the k-th value all stay), then softmax.
 function M.distributions(rows, sampling)
-   local V, out = rows:size(2), {}
-   local top_k, top_p = sampling.top_k, sampling.top_p
-   for i = 1, rows:size(1) do
-      local scaled = rows:select(1, i):to("cpu"):to("float32") / sampling.temperature
-      if top_k and top_k < V then
-         local kth = scaled:topk(top_k, 1):min():item()
-         scaled = scaled:masked_fill(scaled:lt(kth), -math.huge)
-      end
-      local p = scaled:softmax(1)
-      if top_p and top_p < 1 then
-         local sorted = p:topk(V, 1)
-         local kept = (sorted:cumsum(1) - sorted):lt(top_p):sum():item()      -- (the top one always)
-         p = p:masked_fill(p:lt(sorted[kept]:item()), 0)
-         p = p / p:sum():item()
-      end
-      out[i] = p:view(1, V)
-   end
-   return T.cat(out, 1)
+   local scores = rows:to("cpu"):to("float32")
+   return require("moonload.models.sampling").warp(scores, sampling):softmax(2)
 end
 
 local function draw(probs) return probs:view(1, probs:size(1)):multinomial():item() end

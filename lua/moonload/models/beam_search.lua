@@ -12,7 +12,7 @@
 -- The prompt runs once (B rows); the key-value cache is then copied out to B * n rows and, after
 -- each step, its rows follow their beams (KVCache:reorder). With do_sample, the K continuations
 -- are drawn without replacement from softmax(summed log-probabilities) after the temperature,
--- top_k and top_p warpers (transformers' beam sampling), through Gumbel keys: the K largest of
+-- top_k, top_p and min_p warpers (transformers' beam sampling), through Gumbel keys: the K largest of
 -- score + Gumbel noise are such a draw.
 local T = require("moonload.tensor")
 local common = require("moonload.models.common")
@@ -40,27 +40,6 @@ function M.check(opts)
    if r > n then
       error(string.format("%s: num_return_sequences (%d) must not exceed num_beams (%d)", WHO, r, n), 4)
    end
-end
-
---- Each row of lp (N, V) log-probabilities after transformers' sampling warpers: divided by the
--- temperature, then only the top_k largest kept, then only the nucleus of probability top_p
--- (the tokens whose more likely tokens sum to less than top_p); the rest become -inf.
-local function warp(lp, s)
-   if s.temperature and s.temperature ~= 1 then lp = lp / s.temperature end
-   local V = lp:size(2)
-   if s.top_k and s.top_k < V then
-      local kth = lp:topk(s.top_k, 2):narrow(2, s.top_k, 1)        -- (N, 1)
-      lp = lp:masked_fill(lp:lt(kth), -math.huge)
-   end
-   if s.top_p and s.top_p < 1 then
-      local sorted = lp:topk(V, 2)                                  -- (N, V) descending
-      local probs = sorted:softmax(2)
-      local kept = (probs:cumsum(2) - probs):lt(s.top_p)            -- a prefix of each row
-      local count = kept:to("int64"):sum(2, true)                   -- (N, 1) >= 1
-      local last = sorted:gather(2, count - 1)                      -- the smallest kept value
-      lp = lp:masked_fill(lp:lt(last), -math.huge)
-   end
-   return lp
 end
 
 --- The K continuations of each prompt (B, n * V scores): values and 0-based flat indices as Lua
@@ -112,7 +91,7 @@ end
 -- num_return_sequences, length_penalty, early_stopping, max_new, min_new, eos (nil, an id or a
 -- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, no_repeat (the
 -- n-gram size, or nil), forced ({forced_bos_token_id, forced_eos_token_id}), sampling
--- ({temperature, top_k, top_p} or nil), kv_device, kv_dtype, micro_batch, prefill_chunk.
+-- ({temperature, top_k, top_p, min_p} or nil), kv_device, kv_dtype, micro_batch, prefill_chunk.
 function M.run(model, ids, o)
    local B, L = ids:size(1), ids:size(2)
    local nb, V = o.num_beams, model.config.vocab_size
@@ -197,7 +176,7 @@ function M.run(model, ids, o)
       end
       local forced = o.forced and generation.forced_token(o.forced, cur, max_length)
       if forced then lp = generation.force_token(lp, forced) end
-      if o.sampling then lp = warp(lp, o.sampling) end
+      if o.sampling then lp = require("moonload.models.sampling").warp(lp, o.sampling) end
       local scores = {}
       for b = 1, B do for j = 1, nb do scores[#scores + 1] = run_score[b][j] end end
       local acc = (lp + T.tensor(scores, { dtype = "float32" }):view(N, 1)):view(B, nb * V)

@@ -1,9 +1,8 @@
 --- The generate loop shared by causal language models (GPT-2, Llama).
 -- Incremental decoding with a key-value cache: the prompt runs once (prefill), then each step
 -- feeds only the newly chosen token. Greedy when temperature is 0 or absent; otherwise samples
--- from softmax(logits / temperature), restricted to the top_k most likely tokens when top_k is
--- set and then to the nucleus of probability top_p when top_p is set (transformers' order),
--- reproducibly for a given seed.
+-- from softmax(logits / temperature), restricted by top_k, top_p and min_p in transformers'
+-- order (models/sampling.lua), reproducibly for a given seed.
 --
 -- A model plugs in by being callable as model(ids, {cache = c, logits_to_keep = n}) -> logits
 -- (B, T or n, vocab) (advancing the cache), and by providing new_cache(capacity), max_length()
@@ -14,6 +13,7 @@ local C = require("moonload.C")
 local common = require("moonload.models.common")
 local log = require("moonload.utils.log")
 local hooks = require("moonload.hooks")
+local warpers = require("moonload.models.sampling")
 
 local M = {}
 local WHO = "generate"
@@ -65,6 +65,10 @@ local function check_opts(opts)
    if top_p ~= nil and (type(top_p) ~= "number" or not (top_p > 0 and top_p <= 1)) then
       error(string.format("%s: top_p must be a number in (0, 1], got %s", WHO, tostring(top_p)), 3)
    end
+   local min_p = opts.min_p
+   if min_p ~= nil and (type(min_p) ~= "number" or not (min_p >= 0 and min_p <= 1)) then
+      error(string.format("%s: min_p must be a number in [0, 1], got %s", WHO, tostring(min_p)), 3)
+   end
    local penalty = opts.repetition_penalty
    if penalty ~= nil and (type(penalty) ~= "number" or not (penalty > 0)) then
       error(string.format("%s: repetition_penalty must be a number > 0, got %s", WHO, tostring(penalty)), 3)
@@ -79,7 +83,7 @@ local function check_opts(opts)
    end
    local known = { max_new_tokens = true, min_new_tokens = true, max_length = true, min_length = true,
       assistant_model = true, num_assistant_tokens = true, assistant_stats = true, prompt_lookup_num_tokens = true,
-      max_matching_ngram_size = true, stop_strings = true, tokenizer = true, temperature = true, top_k = true, top_p = true, seed = true,
+      max_matching_ngram_size = true, stop_strings = true, tokenizer = true, temperature = true, top_k = true, top_p = true, min_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
       num_beams = true, num_return_sequences = true, length_penalty = true, early_stopping = true,
       no_repeat_ngram_size = true, forced_bos_token_id = true, forced_eos_token_id = true,
@@ -103,51 +107,11 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, min_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
             WHO, tostring(k)), 3)
       end
    end
    return opts
-end
-
---- Sorted probabilities (B, n) with the tokens outside the nucleus at 0: a token stays while the
--- probability of the tokens ranked above it is below top_p (so the top one always does), as
--- transformers' TopPLogitsWarper keeps the smallest set reaching top_p.
-local function nucleus(probs, top_p)
-   local above = probs:cumsum(2) - probs
-   return probs:masked_fill(above:ge(top_p), 0)
-end
-
---- Picks the next token of each row from the last-position logits (B, vocab) -> int64 (B, 1).
-local function next_tokens(logits, temperature, top_k, top_p)
-   if temperature == nil or temperature == 0 then
-      return logits:argmax(2, true)
-   end
-   local scaled = logits / temperature
-   local V = scaled:size(2)
-   if top_p and top_p >= 1 then top_p = nil end
-   if top_k and top_k < V then
-      local vals, idx = scaled:topk(top_k, 2)              -- (B, k) sorted, idx 0-based
-      local probs = vals:softmax(2)
-      if top_p then probs = nucleus(probs, top_p) end
-      local pick = probs:multinomial()                     -- (B) 0-based positions in the top k
-      return idx:gather(2, pick:unsqueeze(2))              -- (B, 1) token ids
-   end
-   if top_p then
-      -- The nucleus lies within the k most likely tokens once their probability reaches top_p:
-      -- k grows from 64 until it does, as sorting a whole vocabulary each token costs more than
-      -- the step itself.
-      local probs = scaled:softmax(2)
-      local k = math.min(64, V)
-      while true do
-         local p, idx = probs:topk(k, 2)
-         if k == V or p:sum(2):min():item() >= top_p then
-            return idx:gather(2, nucleus(p, top_p):multinomial():unsqueeze(2))
-         end
-         k = math.min(V, k * 4)
-      end
-   end
-   return scaled:softmax(2):multinomial():unsqueeze(2)
 end
 
 --- The tokens each row has seen, as a (B, vocab) bool mask, from the prompt ids (B, L).
@@ -229,7 +193,7 @@ local function shape_output(seq, form)
    return rows
 end
 
---- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, seed, do_sample,
+--- model:generate(input_ids[, {max_new_tokens = 20, min_new_tokens = 0, temperature = 0, top_k, top_p, min_p, seed, do_sample,
 -- eos_token_id, pad_token_id, attention_mask, repetition_penalty, on_token, micro_batch_size, prefill_chunk_size,
 -- kv_cache_device, kv_cache_dtype, max_length, min_length, no_repeat_ngram_size, forced_bos_token_id,
 -- forced_eos_token_id, assistant_model, num_assistant_tokens, assistant_stats,
@@ -287,12 +251,12 @@ function M.generate(model, input_ids, opts)
          WHO, L, max_new, limit), 2)
    end
    local num_beams, num_return = opts.num_beams or 1, opts.num_return_sequences or 1
-   local sampling = opts.do_sample ~= false and (opts.temperature or 0) > 0
+   local samples = opts.do_sample ~= false and (opts.temperature or 0) > 0
    if num_beams > 1 then
       require("moonload.models.beam_search").check(opts)
    elseif num_return > 1 then
       -- sampling draws num_return_sequences continuations of each prompt: its rows repeated
-      if not sampling then
+      if not samples then
          error(string.format("%s: num_return_sequences = %d needs sampling (do_sample with a temperature > 0) or num_beams >= %d: greedy decoding gives one sequence per prompt",
             WHO, num_return, num_return), 2)
       end
@@ -317,7 +281,7 @@ function M.generate(model, input_ids, opts)
       if opts.seed ~= nil then C.lib.ml_manual_seed(opts.seed) end
       local sampling
       if opts.do_sample ~= false and (opts.temperature or 0) > 0 then
-         sampling = { temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p }
+         sampling = { temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p, min_p = opts.min_p }
       end
       local seq = assisted.run(model, ids:tolist()[1], {
          sampling = sampling,
@@ -364,7 +328,8 @@ function M.generate(model, input_ids, opts)
          forced = { forced_bos_token_id = opts.forced_bos_token_id, forced_eos_token_id = opts.forced_eos_token_id },
          eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil,
          mask = opts.attention_mask ~= nil and common.mask_tensor(opts.attention_mask, B, L, WHO) or nil,
-         sampling = (temperature or 0) > 0 and { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p } or nil,
+         sampling = (temperature or 0) > 0 and { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p,
+            min_p = opts.min_p } or nil,
          kv_device = kv_device, kv_dtype = kv_dtype, micro_batch = micro_batch, prefill_chunk = prefill_chunk })
       return shape_output(seq, form), scores
    end
@@ -398,6 +363,7 @@ function M.generate(model, input_ids, opts)
    if eos and min_new > 0 then                                 -- (1, vocab): which ids end a row
       eos_ban = is_eos(T.arange(vocab, { device = logits.device }):view(1, vocab), eos)
    end
+   local draw = { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p, min_p = opts.min_p }
    local seen, vocab_ids                                       -- on the logits' device, made once
    local history = no_repeat and ids:tolist() or nil           -- each row's ids, for no_repeat
    local n = 0
@@ -414,7 +380,7 @@ function M.generate(model, input_ids, opts)
       if history then last = M.ban_repeated_ngrams(last, history, no_repeat) end
       local forced = M.forced_token(opts, L + step - 1, L + max_new)
       if forced then last = M.force_token(last, forced) end
-      local tok = next_tokens(last, temperature, opts.top_k, opts.top_p)  -- (B, 1) int64
+      local tok = warpers.pick(last, draw)                     -- (B, 1) int64
       if (eos or stops) and not done then done = T.zeros({ B, 1 }, { dtype = "bool", device = tok.device }) end
       if done then tok = T.where(done, opts.pad_token_id or (type(eos) == "table" and eos[1] or eos) or 0, tok) end
       out:narrow(2, L + step, 1):copy_(tok)

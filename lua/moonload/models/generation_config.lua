@@ -51,7 +51,7 @@ end
 -- or min_length, repetition_penalty, no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id, num_beams, num_return_sequences, length_penalty,
 -- early_stopping; and when
 -- sampling is on without a temperature (do_sample = true, from the call or else the config), the
--- config's temperature, top_k and top_p (transformers' defaults 1.0, 50 and 1.0 for those it
+-- config's temperature, top_k, top_p and min_p (transformers' defaults 1.0, 50, 1.0 and none for those it
 -- leaves out).
 function M.defaults(model, opts)
    local gc = M.of(model)
@@ -85,6 +85,7 @@ function M.defaults(model, opts)
       for k, v in pairs(SAMPLING_DEFAULTS) do
          if out[k] == nil then out[k] = gc[k] == nil and v or gc[k] end
       end
+      if out.min_p == nil then out.min_p = gc.min_p end
    end
    return out
 end
