@@ -175,3 +175,33 @@ describe("models.bert", function()
       end)
    end)
 end)
+
+describe("models.bert RobertaModel (tests/fixtures/models/xlm_roberta_tiny)", function()
+   local exp = H.expected("xlm_roberta_tiny")
+   local model = models.from_pretrained(H.FIX .. "/xlm_roberta_tiny")
+
+   it("counts positions from pad_token_id + 1 over the real tokens, as XLMRobertaModel does", function()
+      assert.are.equal("RobertaModel", model.__name)
+      local out = model(exp.input_ids, { attention_mask = exp.attention_mask })
+      assert.is_true(H.max_abs_diff(out.last_hidden_state, exp.last_hidden_state) < TOL)
+      assert.is_true(H.max_abs_diff(out.pooler_output, exp.pooler_output) < TOL)
+      assert.is_true(H.max_abs_diff(model:sentence_embedding(exp.input_ids, { attention_mask = exp.attention_mask }),
+         exp.sentence_embedding) < TOL)
+   end)
+
+   it("reads a checkpoint saved under roberta., and names the positions it has", function()
+      local st = require("moonload.safetensors")
+      local dir = H.tmpdir()
+      H.copy(H.FIX .. "/xlm_roberta_tiny/config.json", dir .. "/config.json")
+      local prefixed = {}
+      for k, v in pairs(st.load_file(H.FIX .. "/xlm_roberta_tiny/model.safetensors")) do prefixed["roberta." .. k] = v end
+      st.save_file(prefixed, dir .. "/model.safetensors")
+      local again = models.from_pretrained(dir)
+      local a = again(exp.input_ids, { attention_mask = exp.attention_mask }).last_hidden_state
+      assert.is_true(a:equal(model(exp.input_ids, { attention_mask = exp.attention_mask }).last_hidden_state))
+      H.rmdir(dir)
+      local long = {}
+      for i = 1, 19 do long[i] = 5 end
+      assert.has_error(function() model(long) end, "models.bert.forward: sequence of 19 tokens exceeds the model's 18 positions")
+   end)
+end)

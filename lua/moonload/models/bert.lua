@@ -1,4 +1,5 @@
---- BERT (transformers' BertModel) with Hugging Face parameter names:
+--- BERT (transformers' BertModel), and RoBERTa / XLM-RoBERTa (RobertaModel: the same layers, positions
+-- counted from pad_token_id + 1 over the real tokens), with Hugging Face parameter names:
 -- embeddings.{word_embeddings, position_embeddings, token_type_embeddings, LayerNorm},
 -- encoder.layer.N.{attention.{self.{query,key,value}, output.{dense, LayerNorm}},
 -- intermediate.dense, output.{dense, LayerNorm}}, pooler.dense (optional).
@@ -29,7 +30,12 @@ M.schema = {
    { "hidden_act", "string", "gelu" },
    { "position_embedding_type", "string", "absolute" },
    { "add_pooling_layer", "bool", true },
+   { "pad_token_id", "int0", 0 },
 }
+
+-- RoBERTa's layout (BERT's layers): positions counted from pad_token_id + 1 over the real tokens.
+local ROBERTA_TYPES = { roberta = true, ["xlm-roberta"] = true, camembert = true }
+M.ROBERTA_TYPES = ROBERTA_TYPES
 
 --- Reads and checks a BERT config (path, folder or table).
 function M.config(source)
@@ -43,6 +49,7 @@ function M.config(source)
          cfg.position_embedding_type)
    end
    common.activation(cfg.hidden_act, WHO, cfg._source)
+   cfg.roberta_positions = ROBERTA_TYPES[cfg._raw.model_type] == true
    return cfg
 end
 
@@ -58,12 +65,19 @@ function BertEmbeddings:__init(cfg)
    self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
    self.LayerNorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
    self.dropout = nn.Dropout(0)
+   rawset(self, "pad_id", cfg.roberta_positions and cfg.pad_token_id or nil)
 end
 
 --- ids (B, T), token_type_ids (B, T) -> (B, T, hidden)
 function BertEmbeddings:forward(ids, token_type_ids)
    local L = ids:size(2)
-   local pos = T.arange(0, L, { device = ids.device })
+   local pos
+   if self.pad_id then                      -- RoBERTa: pad_id + 1, 2, ... over the real tokens, pad_id at padding
+      local real = ids:ne(self.pad_id):to("int64")
+      pos = real:cumsum(2) * real + self.pad_id
+   else
+      pos = T.arange(0, L, { device = ids.device })
+   end
    local x = self.word_embeddings(ids) + self.token_type_embeddings(token_type_ids)
       + self.position_embeddings(pos)
    return self.LayerNorm(x)
@@ -225,9 +239,10 @@ function BertModel:forward(input_ids, opts)
    -- Lists become CPU tensors: they go where the weights are (a model moved with :to("cuda:0")).
    ids = common.to_weight_device(ids, self.embeddings.word_embeddings.weight)
    local B, L = ids:size(1), ids:size(2)
-   if L > self.config.max_position_embeddings then
-      error(string.format("%s: sequence of %d tokens exceeds max_position_embeddings %d",
-         who, L, self.config.max_position_embeddings), 2)
+   local positions = self.config.max_position_embeddings
+   if self.config.roberta_positions then positions = positions - self.config.pad_token_id - 1 end
+   if L > positions then
+      error(string.format("%s: sequence of %d tokens exceeds the model's %d positions", who, L, positions), 2)
    end
    local tt = opts.token_type_ids
    if tt == nil then
@@ -325,6 +340,13 @@ function M.read_sentence_transformers(model, dir)
    end
    if modules then rawset(model, "normalize_embeddings", normalize) end
 end
+
+--- RobertaModel (RoBERTa, XLM-RoBERTa, CamemBERT: multilingual E5, BGE-M3, paraphrase-multilingual
+-- sentence-transformers): BertModel with RoBERTa's positions and its checkpoints' "roberta." prefix.
+local RobertaModel = BertModel:extend("RobertaModel")
+M.RobertaModel = RobertaModel
+RobertaModel.base_model_prefix = "roberta"
+M.XLMRobertaModel = RobertaModel
 
 function M.from_config(cfg, opts) return BertModel(cfg, opts) end
 

@@ -1,5 +1,5 @@
 --- ml.models: GPT-2, GPT-NeoX, Llama (and Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2
--- and 3), BERT, T5 and BART with Hugging Face names, and
+-- and 3), BERT, RoBERTa/XLM-R, T5 and BART with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -37,6 +37,9 @@ local ARCH = {
    falcon = { module = "moonload.models.falcon", class = "FalconForCausalLM" },
    gptj = { module = "moonload.models.gptj", class = "GPTJForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
+   roberta = { module = "moonload.models.bert", class = "RobertaModel" },
+   ["xlm-roberta"] = { module = "moonload.models.bert", class = "RobertaModel" },
+   camembert = { module = "moonload.models.bert", class = "RobertaModel" },
    bart = { module = "moonload.models.bart", class = "BartForConditionalGeneration" },
    mbart = { module = "moonload.models.bart", class = "MBartForConditionalGeneration" },
    -- (others: the architectures names of the family's other classes, and the class each reads as)
@@ -447,7 +450,8 @@ function load(dir, opts)
 
    local names = M.checkpoint_names(ckpt)
    local build_opts
-   if raw.model_type == "bert" then
+   local bert_like = raw.model_type == "bert" or require("moonload.models.bert").ROBERTA_TYPES[raw.model_type]
+   if bert_like then
       -- sentence-transformers checkpoints may come without the pooler: build to match.
       local has_pooler = false
       for _, name in ipairs(names) do
@@ -457,7 +461,7 @@ function load(dir, opts)
    end
    local function build()
       local model = cls(cfg_path, build_opts)
-      if raw.model_type == "bert" then          -- sentence-transformers' pooling and normalization
+      if bert_like then                         -- sentence-transformers' pooling and normalization
          require("moonload.models.bert").read_sentence_transformers(model, dir)
       end
       -- generate's defaults, when the folder has them (else config.json's token ids)
