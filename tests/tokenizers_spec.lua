@@ -10,7 +10,7 @@ local N = require("nn_helpers")
 
 local FIX = "tests/fixtures/tokenizers"
 local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece",
-   "t5_unigram" }
+   "t5_unigram", "xlmr_unigram" }
 
 local tmpfile = require("models_helpers").tmpfile
 

@@ -75,12 +75,24 @@ function BUILDERS.Prepend(j)
    return function(text) return text == "" and text or p .. text end
 end
 
+-- The regexes Replace normalizers use in the hub's files, as Lua patterns (XLM-R's, ALBERT's:
+-- runs of two or more spaces).
+local REPLACE_REGEXES = { [" {2,}"] = "  +" }
+
 function BUILDERS.Replace(j, who)
    local pat = j.pattern or {}
-   if not pat.String then error(who .. ": only String patterns are supported in a Replace normalizer", 0) end
-   local from, to = pat.String, j.content or ""
-   local escaped = from:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")
+   local to = j.content or ""
    local repl = to:gsub("%%", "%%%%")
+   if pat.Regex then
+      local lua_pattern = REPLACE_REGEXES[pat.Regex]
+      if not lua_pattern then
+         error(string.format("%s: the Replace normalizer's regex %q is not supported (supported: %q)", who, pat.Regex,
+            " {2,}"), 0)
+      end
+      return function(text) return (text:gsub(lua_pattern, repl)) end
+   end
+   if not pat.String then error(who .. ": a Replace normalizer needs a String or Regex pattern", 0) end
+   local escaped = pat.String:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")
    return function(text) return (text:gsub(escaped, repl)) end
 end
 
