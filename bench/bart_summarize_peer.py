@@ -6,25 +6,17 @@ d_model 768, 12 heads, MLP 3072, vocab 50265), random weights, float32, CPU; gen
 
 Usage: python bench/bart_summarize_peer.py [--threads N] [--repeats R] [--input P] [--new N] [--beams K]
 """
-import argparse
 import json
 
 import torch
 import transformers
 from transformers import BartConfig, BartForConditionalGeneration
 
-from peerutil import best
+from peerutil import best, parse
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--input", type=int, default=256)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--beams", type=int, default=4)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = parse(input=256, new=32, beams=4)
     cfg = BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
                      max_position_embeddings=1024, decoder_start_token_id=2, pad_token_id=1, bos_token_id=0,

@@ -6,25 +6,17 @@ Prints one JSON object.
 
 Usage: python bench/beam_search_peer.py [--threads N] [--repeats R] [--prompt P] [--new N] [--beams K]
 """
-import argparse
 import json
 
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peerutil import best
+from peerutil import best, parse
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--beams", type=int, default=4)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = parse(prompt=64, new=32, beams=4)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)

@@ -1,5 +1,8 @@
 """Helpers shared by the Python peers of bench/*.lua (run by them through BENCH_PYTHON)."""
+import argparse
 import time
+
+import torch
 
 
 def best(reps, fn):
@@ -11,3 +14,16 @@ def best(reps, fn):
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def parse(**defaults):
+    """The peers' command line: --threads (torch's thread count, set here) and --repeats, and
+    --NAME for each NAME=default given (parsed with the default's type)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=3)
+    for name, value in defaults.items():
+        ap.add_argument("--" + name, type=type(value), default=value)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    return a

@@ -6,25 +6,17 @@ num_beams = K, best of R each. Prints one JSON object.
 
 Usage: python bench/t5_generate_peer.py [--threads N] [--repeats R] [--input P] [--new N] [--beams K]
 """
-import argparse
 import json
 
 import torch
 import transformers
 from transformers import T5Config, T5ForConditionalGeneration
 
-from peerutil import best
+from peerutil import best, parse
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--input", type=int, default=128)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--beams", type=int, default=4)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = parse(input=128, new=32, beams=4)
     cfg = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
                    eos_token_id=1, pad_token_id=0)

@@ -99,20 +99,10 @@ function BartAttention:forward(x, mask, cache, i)
 end
 
 --- x (B, L, d) attends to the encoder's states enc (B, S, d), their keys and values kept in memo
--- per layer (computed by the first call); enc_mask (B, 1, 1, S) bool or nil.
+-- per layer; enc_mask (B, 1, 1, S) bool or nil.
 function BartAttention:cross(x, enc, enc_mask, memo, i)
-   local B, L = x:size(1), x:size(2)
-   local H, D = self.n_head, self.head_dim
-   local q = heads(self.q_proj(x), B, L, H, D)
-   local kv = memo and memo[i]
-   if not kv or kv.k.device ~= q.device then
-      local S = enc:size(2)
-      kv = { k = heads(self.k_proj(enc), B, S, H, D), v = heads(self.v_proj(enc), B, S, H, D) }
-      if memo then memo[i] = kv end
-   end
-   if enc_mask and enc_mask.device ~= q.device then enc_mask = enc_mask:to(q.device) end
-   local y = common.attention(q, kv.k, kv.v, enc_mask, false, 1 / math.sqrt(D))
-   return self.out_proj(y:transpose(2, 3):reshape(B, L, H * D))
+   return seq2seq.cross_attention(x, enc, enc_mask, memo, i, self.q_proj, self.k_proj, self.v_proj, self.out_proj,
+      self.n_head, self.head_dim, 1 / math.sqrt(self.head_dim))
 end
 
 -- --- layers ---------------------------------------------------------------------------------

@@ -52,6 +52,23 @@ function M.forward(model, input_ids, opts, who)
    return model:_decode(dec, enc, pad, nil, nil, opts.logits_to_keep)
 end
 
+--- Cross-attention of x (B, L, d) to the encoder's states enc (B, S, d) through the projections
+-- q, k, v, o (H heads of D) with the given score scale; the keys and values are computed by the
+-- first call for layer i and kept in memo (nil: computed each time); enc_mask (B, 1, 1, S) bool.
+function M.cross_attention(x, enc, enc_mask, memo, i, q_proj, k_proj, v_proj, o_proj, H, D, scale)
+   local B, L = x:size(1), x:size(2)
+   local q = q_proj(x):view(B, L, H, D):transpose(2, 3)
+   local kv = memo and memo[i]
+   if not kv or kv.k.device ~= q.device then
+      local S = enc:size(2)
+      kv = { k = k_proj(enc):view(B, S, H, D):transpose(2, 3), v = v_proj(enc):view(B, S, H, D):transpose(2, 3) }
+      if memo then memo[i] = kv end
+   end
+   if enc_mask and enc_mask.device ~= q.device then enc_mask = enc_mask:to(q.device) end
+   local y = common.attention(q, kv.k, kv.v, enc_mask, false, scale)
+   return o_proj(y:transpose(2, 3):reshape(B, L, H * D))
+end
+
 -- The decoder as generate's loop sees a causal model, over one call's encoder states.
 local Decoder = {}
 Decoder.__index = Decoder

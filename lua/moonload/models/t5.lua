@@ -150,20 +150,10 @@ function T5Attention:forward(x, mask, cache, i)
 end
 
 --- Attention of x (B, L, d_model) to the encoder's states (B, S, d_model), whose keys and values
--- the memo keeps per layer (computed by the first call); enc_mask (B, 1, 1, S) bool or nil.
+-- the memo keeps per layer; enc_mask (B, 1, 1, S) bool or nil (unscaled scores, as T5's).
 function T5Attention:cross(x, enc, enc_mask, memo, i)
-   local B, L = x:size(1), x:size(2)
-   local H, D = self.n_head, self.head_dim
-   local q = heads(self.q(x), B, L, H, D)
-   local kv = memo and memo[i]
-   if not kv or kv.k.device ~= q.device then
-      local S = enc:size(2)
-      kv = { k = heads(self.k(enc), B, S, H, D), v = heads(self.v(enc), B, S, H, D) }
-      if memo then memo[i] = kv end
-   end
-   if enc_mask and enc_mask.device ~= q.device then enc_mask = enc_mask:to(q.device) end
-   local y = common.attention(q, kv.k, kv.v, enc_mask, false, 1.0)
-   return self.o(y:transpose(2, 3):reshape(B, L, H * D))
+   return seq2seq.cross_attention(x, enc, enc_mask, memo, i, self.q, self.k, self.v, self.o, self.n_head,
+      self.head_dim, 1.0)
 end
 
 -- --- blocks ---------------------------------------------------------------------------------
