@@ -204,28 +204,31 @@ end
 
 --- reorder(rows): row i of the cache becomes the old row rows[i] (a Lua list of 0-based rows,
 -- of any length: beam search first copies each prompt's row out to its beams, then has rows
--- follow the beams they continue). Only the slots in use are copied when the row count stays.
+-- follow the beams they continue). When the row count stays, only the rows that change are
+-- copied, and only the slots in use (their sources gathered first: a source may itself move).
 function Cache:reorder(rows)
    if type(rows) ~= "table" or #rows == 0 then
       error("KVCache: reorder expects a non-empty Lua list of 0-based rows", 2)
    end
-   local identity = true
-   for i, r in ipairs(rows) do identity = identity and r == i - 1 end
-   local index = {}                                          -- per device
+   local moved_to, moved_from = {}, {}
+   for i, r in ipairs(rows) do
+      if r ~= i - 1 then moved_to[#moved_to + 1], moved_from[#moved_from + 1] = i - 1, r end
+   end
+   local index = {}                                          -- per device: all rows, or the moved ones' sources
+   local function on(list, device)
+      local key = tostring(list) .. device
+      if not index[key] then index[key] = T.tensor(list, { dtype = "int64" }):to(device) end
+      return index[key]
+   end
    for _, list in ipairs({ self.k, self.v, self.ks, self.vs }) do
       for i, b in pairs(list) do
-         if not (identity and #rows == b:size(1)) then
-            local idx = index[b.device]
-            if not idx then
-               idx = T.tensor(rows, { dtype = "int64" }):to(b.device)
-               index[b.device] = idx
-            end
-            local used = self.length - (self.start[i] or 0)
-            if #rows ~= b:size(1) then list[i] = b:index_select(1, idx)
-            elseif used > 0 then
-               local live = b:narrow(3, 1, used)
-               live:copy_(live:index_select(1, idx))
-            end
+         local used = self.length - (self.start[i] or 0)
+         if #rows ~= b:size(1) then
+            list[i] = b:index_select(1, on(rows, b.device))
+         elseif #moved_to > 0 and used > 0 then
+            local live = b:narrow(3, 1, used)
+            local sources = live:index_select(1, on(moved_from, b.device))
+            for k, dst in ipairs(moved_to) do live:narrow(1, dst + 1, 1):copy_(sources:narrow(1, k, 1)) end
          end
       end
    end
