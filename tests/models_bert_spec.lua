@@ -83,7 +83,7 @@ describe("models.bert", function()
             end
          end
          assert.has_error(function() model:sentence_embedding({ 1 }, { pooling = "median" }) end,
-            'sentence_embedding: pooling must be "mean", "cls", "max" or "mean_sqrt_len", got median')
+            'sentence_embedding: pooling must be "mean", "cls", "max", "mean_sqrt_len", "weightedmean" or "lasttoken", got median')
       end)
 
       it("reads the pooling mode and normalization from a sentence-transformers folder", function()

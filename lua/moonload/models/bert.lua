@@ -282,6 +282,11 @@ end
 -- sentence-transformers' Pooling modes: "mean", "cls" (the first token), "max", "mean_sqrt_len"
 -- (the sum over the square root of the count).
 function M.pool(hidden, attention_mask, mode)
+   -- the other sentence-transformers modes, and several concatenated (a list)
+   local st = require("moonload.models.sentence_transformer")
+   if type(mode) == "table" or mode == "weightedmean" or mode == "lasttoken" or mode == "mean_sqrt_len_tokens" then
+      return st.pool(hidden, attention_mask, mode)
+   end
    if mode == "mean" then return M.mean_pooling(hidden, attention_mask) end
    if mode == "cls" then return hidden:select(2, 1) end
    local B, L = hidden:size(1), hidden:size(2)
@@ -293,7 +298,7 @@ function M.pool(hidden, attention_mask, mode)
    if mode == "mean_sqrt_len" then
       return (hidden * m):sum(2) / m:sum(2):clamp(1e-9):sqrt()
    end
-   error(string.format('sentence_embedding: pooling must be "mean", "cls", "max" or "mean_sqrt_len", got %s',
+   error(string.format('sentence_embedding: pooling must be "mean", "cls", "max", "mean_sqrt_len", "weightedmean" or "lasttoken", got %s',
       tostring(mode)), 3)
 end
 
@@ -333,10 +338,9 @@ function M.read_sentence_transformers(model, dir)
       end
    end
    local pc = read(dir .. "/" .. pooling_dir .. "/config.json")
-   if pc then
-      local mode = pc.pooling_mode_cls_token and "cls" or pc.pooling_mode_max_tokens and "max"
-         or pc.pooling_mode_mean_sqrt_len_tokens and "mean_sqrt_len" or "mean"
-      rawset(model, "pooling", mode)
+   if pc then                     -- (sentence-transformers 6's pooling_mode, or the older flags)
+      local modes = require("moonload.models.sentence_transformer").pooling_modes(pc, dir .. "/" .. pooling_dir)
+      rawset(model, "pooling", #modes == 1 and modes[1] or modes)
    end
    if modules then rawset(model, "normalize_embeddings", normalize) end
 end

@@ -62,7 +62,7 @@ setmetatable(M, { __index = function(t, k)
       bert = "moonload.models.bert", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
-      adapter = "moonload.models.adapter",
+      adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",
       common = "moonload.models.common" })[k]
    if path then
       local mod = require(path)

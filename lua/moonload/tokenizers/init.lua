@@ -318,6 +318,11 @@ local function read_tokenizer_config(tok, dir)
       if type(v) == "string" then specials[k] = v end
    end
    rawset(tok, "special_token_strings", specials)
+   -- encode_batch pads with the pad token the config names when tokenizer.json's padding does
+   -- not say (XLM-R's <pad> is 1, not 0)
+   local spec_padding = type(tok.spec.padding) == "table" and tok.spec.padding.pad_id
+   local pad_id = specials.pad_token and tok:token_to_id(specials.pad_token)
+   if type(spec_padding) ~= "number" and pad_id then tok.pad_id = pad_id end
 end
 
 --- A tokenizer from a model folder's tokenizer.json (and its tokenizer_config.json's chat template

@@ -1,0 +1,72 @@
+-- models/sentence_transformer.lua against sentence-transformers 6 (tests/fixtures/gen_models.py,
+-- sentence_t5()): a folder saved by SentenceTransformer.save (a T5 encoder over a SentencePiece
+-- tokenizer, mean pooling, Dense with tanh, Normalize): encode's embeddings, every pooling mode
+-- against sentence-transformers' Pooling, left padding by hand, and bad folders.
+local ml = require("moonload")
+local T = require("moonload.tensor")
+local H = require("models_helpers")
+local st_mod = require("moonload.models.sentence_transformer")
+
+local DIR = H.FIX .. "/sentence_t5_tiny"
+
+describe("sentence_transformer", function()
+   local e = H.expected("sentence_t5_tiny")
+   local st = st_mod.from_pretrained(DIR)
+
+   it("reads the folder's modules: the transformer, pooling, Dense and Normalize", function()
+      assert.are.equal("T5EncoderModel", st.model.__name)
+      assert.are.same({ "mean" }, st.modes)
+      assert.are.equal(1, #st.dense)
+      assert.is_true(st.normalize)
+      assert.are.equal(16, st.max_seq_length)                 -- (the tokenizer's model_max_length)
+   end)
+
+   it("encodes texts to sentence-transformers' embeddings (truncated to max_seq_length)", function()
+      local emb = st:encode(e.texts)
+      assert.are.same({ 3, 16 }, emb.shape)
+      assert.is_true(H.max_abs_diff(emb, e.embeddings) < 1e-5)
+      -- the same from ids and a mask, and one text alone
+      assert.is_true(st:encode(e.input_ids, { attention_mask = e.attention_mask }):allclose(emb, 1e-5, 1e-6))
+      assert.is_true(H.max_abs_diff(st:encode(e.texts[2]), { e.embeddings[2] }) < 1e-5)
+   end)
+
+   it("pools as sentence-transformers' Pooling in each mode, and several concatenated", function()
+      local tok = T.tensor(e.token_embeddings)
+      for mode, want in pairs(e.pooled) do
+         assert.is_true(H.max_abs_diff(st_mod.pool(tok, e.attention_mask, mode), want) < 1e-5, mode)
+      end
+      local both = st_mod.pool(tok, e.attention_mask, { "cls", "mean" })
+      assert.are.same({ 3, 64 }, both.shape)
+      assert.is_true(H.max_abs_diff(both:narrow(2, 33, 32), e.pooled.mean) < 1e-5)
+   end)
+
+   it("counts from the first real token under left padding (cls, weightedmean, lasttoken)", function()
+      local h = T.arange(1, 13):to("float32"):view(1, 6, 2)     -- positions 1..6 hold (1,2), (3,4), ...
+      local mask = { { 0, 0, 1, 1, 1, 0 } }
+      assert.are.same({ { 5, 6 } }, st_mod.pool(h, mask, "cls"):tolist())
+      assert.are.same({ { 9, 10 } }, st_mod.pool(h, mask, "lasttoken"):tolist())
+      -- weights 1, 2, 3 on positions 3, 4, 5
+      local w = st_mod.pool(h, mask, "weightedmean"):tolist()[1]
+      assert.is_true(math.abs(w[1] - (5 * 1 + 7 * 2 + 9 * 3) / 6) < 1e-6)
+      assert.are.same({ { 9, 10 } }, st_mod.pool(h, mask, "max"):tolist())
+   end)
+
+   it("gives the same embeddings with the transformer's blocks on the disk", function()
+      local dir = H.tmpdir()
+      local off = st_mod.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 60000 }, offload_folder = dir })
+      assert.is_true(off:encode(e.texts):allclose(st:encode(e.texts), 1e-5, 1e-6))
+      H.rmdir(dir)
+   end)
+
+   it("names what is wrong with a folder", function()
+      assert.has_error(function() st_mod.from_pretrained(H.FIX .. "/t5_tiny") end,
+         "sentence_transformer.from_pretrained: no modules.json in " .. H.FIX .. "/t5_tiny (not a sentence-transformers folder)")
+      local dir = H.tmpdir()
+      H.write(dir .. "/modules.json", '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.CNN"}]')
+      assert.has_error(function() st_mod.from_pretrained(dir) end,
+         "sentence_transformer.from_pretrained: module 1 of " .. dir .. "/modules.json is a sentence_transformers.models.CNN (supported: Transformer, Pooling, Dense, Normalize)")
+      assert.has_error(function() st_mod.pooling_modes({ pooling_mode = "median" }, "x/config.json") end,
+         'sentence_transformer: x/config.json asks for pooling mode "median" (supported: cls, max, mean, mean_sqrt_len_tokens, weightedmean, lasttoken)')
+      H.rmdir(dir)
+   end)
+end)
