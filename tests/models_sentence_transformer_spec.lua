@@ -1,7 +1,8 @@
 -- models/sentence_transformer.lua against sentence-transformers 6 (tests/fixtures/gen_models.py,
--- sentence_t5()): a folder saved by SentenceTransformer.save (a T5 encoder over a SentencePiece
--- tokenizer, mean pooling, Dense with tanh, Normalize): encode's embeddings, every pooling mode
--- against sentence-transformers' Pooling, left padding by hand, and bad folders.
+-- sentence_t5(), sentence_qwen3()): folders saved by SentenceTransformer.save (a T5 encoder over
+-- a SentencePiece tokenizer, mean pooling, Dense with tanh, Normalize; a Qwen3 decoder with
+-- last-token pooling and left padding): encode's embeddings, every pooling mode against
+-- sentence-transformers' Pooling, left padding by hand, and bad folders.
 local ml = require("moonload")
 local T = require("moonload.tensor")
 local H = require("models_helpers")
@@ -56,6 +57,17 @@ describe("sentence_transformer", function()
       local off = st_mod.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 60000 }, offload_folder = dir })
       assert.is_true(off:encode(e.texts):allclose(st:encode(e.texts), 1e-5, 1e-6))
       H.rmdir(dir)
+   end)
+
+   it("pools a decoder's last token under left padding (a Qwen3-Embedding-style folder)", function()
+      local q = H.expected("sentence_qwen3_tiny")
+      local dec = st_mod.from_pretrained(H.FIX .. "/sentence_qwen3_tiny")
+      assert.are.equal("Qwen3ForCausalLM", dec.model.__name)     -- (a Qwen3Model checkpoint, head tied)
+      assert.are.same({ "lasttoken" }, dec.modes)
+      local ids, mask = dec.tokenizer:encode_batch(q.texts)     -- left, as its tokenizer_config says
+      assert.are.same(q.input_ids, ids)
+      assert.are.same(q.attention_mask, mask)
+      assert.is_true(H.max_abs_diff(dec:encode(q.texts), q.embeddings) < 1e-5)
    end)
 
    it("names what is wrong with a folder", function()

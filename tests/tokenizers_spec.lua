@@ -106,6 +106,15 @@ describe("tokenizers", function()
          assert.has_error(function() tokenizers.from_file(p) end,
             'tokenizer ' .. p .. ': tokenizer model "WordLevel" is not supported (supported: BPE, Unigram, WordPiece)')
          os.remove(p)
+         -- (transformers 5 writes "" for no prefix: that is none)
+         p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]], '
+            .. '"continuing_subword_prefix": "", "end_of_word_suffix": ""}}')
+         assert.are.same({ 2 }, tokenizers.from_file(p):encode("ab"))
+         os.remove(p)
+         p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "continuing_subword_prefix": "##"}}')
+         assert.has_error(function() tokenizers.from_file(p) end,
+            'tokenizer ' .. p .. ': BPE with continuing_subword_prefix or end_of_word_suffix is not supported')
+         os.remove(p)
          p = tmpfile('{"model": {"type": "Unigram", "vocab": [["a", -1.0], ["b"]]}}')
          assert.has_error(function() tokenizers.from_file(p) end,
             'tokenizer ' .. p .. ': Unigram vocabulary entry 1 is not a [piece, score] pair')

@@ -247,8 +247,9 @@ end
 -- for one further down: OPT's "decoder.embed_tokens"), head the output
 -- projection's (default lm_head; GPT-NeoX's is embed_out). The method:
 -- forward(input_ids[, {cache, attention_mask, position_ids, logits_to_keep, micro_batch_size,
--- prefill_chunk_size}]) -> logits (B, T, vocab), or (B, n, vocab) for the last n positions only
--- when logits_to_keep = n. micro_batch_size and prefill_chunk_size run the layers in a block
+-- prefill_chunk_size, output_hidden_states}]) -> logits (B, T, vocab), or (B, n, vocab) for the
+-- last n positions only when logits_to_keep = n, or with output_hidden_states the base model's
+-- last hidden states (B, T, hidden) instead. micro_batch_size and prefill_chunk_size run the layers in a block
 -- schedule (models/block_schedule.lua).
 function M.causal_lm_forward(who, base, embed, head)
    head = head or "lm_head"
@@ -270,6 +271,7 @@ function M.causal_lm_forward(who, base, embed, head)
          blocks = { micro_batch_size = opts.micro_batch_size, prefill_chunk_size = opts.prefill_chunk_size }
       end
       local h = model(ids, cache, pad, pos, blocks)
+      if opts.output_hidden_states then return h end              -- (embedding models pool these)
       local keep = opts.logits_to_keep
       if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
       return self[head](h)

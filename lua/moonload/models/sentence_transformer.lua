@@ -1,6 +1,7 @@
 --- A sentence-transformers folder (modules.json) as one model, text in and embeddings out, as
 -- sentence-transformers' SentenceTransformer(dir).encode gives them: the transformer (any
--- encoder from_pretrained reads: BERT, RoBERTa / XLM-R, T5's encoder, BART's encoder), its
+-- encoder from_pretrained reads: BERT, RoBERTa / XLM-R, T5's encoder, BART's encoder; or a
+-- decoder's last hidden states, as Qwen3-Embedding's last-token pooling reads them), its
 -- Pooling, its Dense layers, Normalize. Both the folders sentence-transformers 6 writes
 -- ("pooling_mode", the tokenizer's model_max_length) and older ones ("pooling_mode_*_token"
 -- flags, sentence_bert_config.json's max_seq_length) are read.
@@ -185,6 +186,9 @@ end
 function ST:hidden_states(ids, mask)
    local model = self.model
    if type(model.encode) == "function" then return model:encode(ids, { attention_mask = mask }) end
+   if type(model.new_cache) == "function" then              -- a decoder (Qwen3-Embedding, E5-Mistral)
+      return model(ids, { attention_mask = mask, output_hidden_states = true })
+   end
    local out = model(ids, { attention_mask = mask })
    if type(out) == "table" and out.last_hidden_state then return out.last_hidden_state end
    error(string.format("%s: the transformer (%s) gives no hidden states to pool", WHO, tostring(model.__name)), 3)
@@ -192,7 +196,7 @@ end
 
 --- encode(texts or ids[, {attention_mask}]) -> (B, dim) float32 embeddings. texts: a string or
 -- a list of strings (the folder's tokenizer, truncated to its max_seq_length, padded on the
--- right); or ids as generate takes them, with their attention_mask.
+-- side its tokenizer_config.json says); or ids as generate takes them, with their attention_mask.
 function ST:encode(input, opts)
    opts = opts or {}
    local ids, mask = input, opts.attention_mask

@@ -165,13 +165,14 @@ function Tokenizer:encode(text, opts)
    return ids
 end
 
---- encode_batch(texts[, {add_special_tokens = true, padding_side = "right", pad_id}]) -> ids,
--- attention_mask: the texts encoded and padded to the longest (with the file's pad id, else 0),
--- as lists of lists; the mask has 1 for real tokens. padding_side "left" suits generation.
+--- encode_batch(texts[, {add_special_tokens = true, padding_side, pad_id}]) -> ids,
+-- attention_mask: the texts encoded and padded to the longest (with the file's pad id, else
+-- tokenizer_config.json's pad token, else 0), as lists of lists; the mask has 1 for real tokens.
+-- padding_side: "right", "left" (suits generation), or by default tokenizer_config.json's, else right.
 function Tokenizer:encode_batch(texts, opts)
    opts = opts or {}
    if type(texts) ~= "table" or #texts == 0 then error("encode_batch: texts must be a non-empty list of strings", 2) end
-   local side = opts.padding_side or "right"
+   local side = opts.padding_side or self.padding_side or "right"
    if side ~= "right" and side ~= "left" then
       error(string.format('encode_batch: padding_side must be "right" or "left", got %s', tostring(side)), 2)
    end
@@ -323,6 +324,7 @@ local function read_tokenizer_config(tok, dir)
    local spec_padding = type(tok.spec.padding) == "table" and tok.spec.padding.pad_id
    local pad_id = specials.pad_token and tok:token_to_id(specials.pad_token)
    if type(spec_padding) ~= "number" and pad_id then tok.pad_id = pad_id end
+   if cfg.padding_side == "left" or cfg.padding_side == "right" then rawset(tok, "padding_side", cfg.padding_side) end
 end
 
 --- A tokenizer from a model folder's tokenizer.json (and its tokenizer_config.json's chat template

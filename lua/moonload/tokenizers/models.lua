@@ -56,7 +56,9 @@ local function heap_pop(h)
 end
 
 local function build_bpe(j, who)
-   if j.continuing_subword_prefix or j.end_of_word_suffix then
+   -- (transformers 5 writes empty strings for "none")
+   local function set(v) return type(v) == "string" and v ~= "" end
+   if set(j.continuing_subword_prefix) or set(j.end_of_word_suffix) then
       error(who .. ": BPE with continuing_subword_prefix or end_of_word_suffix is not supported", 0)
    end
    local vocab = j.vocab or {}
