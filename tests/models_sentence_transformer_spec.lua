@@ -68,6 +68,21 @@ describe("sentence_transformer", function()
       assert.are.same(q.input_ids, ids)
       assert.are.same(q.attention_mask, mask)
       assert.is_true(H.max_abs_diff(dec:encode(q.texts), q.embeddings) < 1e-5)
+      -- the same base checkpoint under a config that unties the head (Qwen3-Embedding-4B's): the
+      -- head is tied to the embeddings all the same, as the checkpoint has none
+      local dir = H.tmpdir()
+      os.execute("mkdir -p " .. dir .. "/1_Pooling " .. dir .. "/2_Normalize")
+      for _, f in ipairs({ "model.safetensors", "tokenizer.json", "tokenizer_config.json", "modules.json",
+         "sentence_bert_config.json", "1_Pooling/config.json", "2_Normalize/config.json" }) do
+         H.copy(H.FIX .. "/sentence_qwen3_tiny/" .. f, dir .. "/" .. f)
+      end
+      local cfg = H.read_json(H.FIX .. "/sentence_qwen3_tiny/config.json")
+      cfg.tie_word_embeddings = false
+      H.write(dir .. "/config.json", require("cjson").encode(cfg))
+      local untied = st_mod.from_pretrained(dir)
+      assert.are.equal(untied.model.model.embed_tokens.weight, untied.model.lm_head.weight)
+      assert.is_true(H.max_abs_diff(untied:encode(q.texts), q.embeddings) < 1e-5)
+      H.rmdir(dir)
    end)
 
    it("names what is wrong with a folder", function()

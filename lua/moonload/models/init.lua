@@ -459,8 +459,22 @@ function load(dir, opts)
       end
       build_opts = { add_pooling_layer = has_pooler }
    end
+   -- A decoder's base model saved alone (Qwen3Model, as embedding models ship): no lm_head.weight.
+   -- It loads into the causal class with the head tied to the embeddings (its hidden states are
+   -- what such a folder is for; generate would read the embeddings back as the head).
+   local tie_missing_head = type(archs[1]) == "string" and archs[1]:match("Model$") and not archs[1]:find("For", 1, true)
+   if tie_missing_head then
+      for _, n in ipairs(names) do
+         if n == "lm_head.weight" then tie_missing_head = false break end
+      end
+   end
+   local head_src = tie_missing_head and cls.tied_weights and cls.tied_weights["lm_head.weight"]
    local function build()
       local model = cls(cfg_path, build_opts)
+      if head_src and rawget(model, "lm_head") == nil and model.lm_head then
+         model.lm_head.weight = model:get_parameter(head_src)
+         model.config.tie_word_embeddings = true
+      end
       if bert_like then                         -- sentence-transformers' pooling and normalization
          require("moonload.models.bert").read_sentence_transformers(model, dir)
       end
