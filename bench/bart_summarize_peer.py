@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers import BartConfig, BartForConditionalGeneration
 
-from peerutil import best, parse
+from peerutil import best, parse, prompt
 
 
 def main():
@@ -23,12 +23,7 @@ def main():
                      eos_token_id=2)
     torch.manual_seed(0)
     model = BartForConditionalGeneration(cfg).eval()
-    seed, ids = 12345, []
-    for _ in range(a.input):   # any ids: the timing does not depend on them
-        seed = (seed * 48271) % 2147483647
-        ids.append(seed % cfg.vocab_size)
-    x = torch.tensor([ids])
-    mask = torch.ones_like(x)
+    x, mask = prompt(a.input, cfg.vocab_size)
 
     def go():
         with torch.no_grad():

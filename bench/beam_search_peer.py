@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peerutil import best, parse
+from peerutil import best, parse, prompt
 
 
 def main():
@@ -22,12 +22,7 @@ def main():
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
-    seed, prompt = 12345, []
-    for _ in range(a.prompt):   # any ids: the timing does not depend on them
-        seed = (seed * 48271) % 2147483647
-        prompt.append(seed % cfg.vocab_size)
-    ids = torch.tensor([prompt])
-    mask = torch.ones_like(ids)
+    ids, mask = prompt(a.prompt, cfg.vocab_size)
 
     def greedy():
         with torch.no_grad():

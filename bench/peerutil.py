@@ -27,3 +27,14 @@ def parse(**defaults):
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     return a
+
+
+def prompt(length, vocab):
+    """One row of `length` token ids below `vocab` (a Lehmer sequence: any ids do, the timing does
+    not depend on them) and its all-ones attention mask, as tensors (1, length)."""
+    seed, ids = 12345, []
+    for _ in range(length):
+        seed = (seed * 48271) % 2147483647
+        ids.append(seed % vocab)
+    x = torch.tensor([ids])
+    return x, torch.ones_like(x)

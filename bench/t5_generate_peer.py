@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers import T5Config, T5ForConditionalGeneration
 
-from peerutil import best, parse
+from peerutil import best, parse, prompt
 
 
 def main():
@@ -22,12 +22,7 @@ def main():
                    eos_token_id=1, pad_token_id=0)
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(cfg).eval()
-    seed, ids = 12345, []
-    for _ in range(a.input):   # any ids: the timing does not depend on them
-        seed = (seed * 48271) % 2147483647
-        ids.append(seed % cfg.vocab_size)
-    x = torch.tensor([ids])
-    mask = torch.ones_like(x)
+    x, mask = prompt(a.input, cfg.vocab_size)
 
     def run(beams):
         def go():
