@@ -114,6 +114,25 @@ describe("T5", function()
          max_new_tokens = c.max_new_tokens, no_repeat_ngram_size = c.no_repeat_ngram_size }))
    end)
 
+   it("budgets the decoder's cache and the encoder's keys and values for reserve_for, nothing for the encoder", function()
+      local rm = require("moonload.utils.runtime_memory")
+      local m = load("t5_tiny_gated")
+      local sizes = rm.kv_cache_sizes(m, { batch_size = 2, max_length = 20, prompt_length = 6 })
+      local n = 0
+      for name, bytes in pairs(sizes) do
+         n = n + 1
+         assert.truthy(name:find("^decoder%."), name)
+         -- self: 2 (k, v) x 2 rows x 20 tokens x 4 heads x 8 x 4 bytes; cross: the 6 input tokens
+         assert.are.equal(name:find("EncDecAttention") and 2 * 2 * 6 * 32 * 4 or 2 * 2 * 20 * 32 * 4, bytes)
+      end
+      assert.are.equal(4, n)                                       -- 2 decoder blocks x (self, cross)
+      local bart = ml.models.from_pretrained(H.FIX .. "/bart_tiny")
+      local b = rm.kv_cache_sizes(bart, { batch_size = 1, max_length = 10, prompt_length = 7 })
+      assert.are.same({ 2 * 10 * 32 * 4, 2 * 7 * 32 * 4 },
+         { b["model.decoder.layers.1.self_attn"], b["model.decoder.layers.1.encoder_attn"] })
+      assert.is_nil(b["model.encoder.layers.0.self_attn"])
+   end)
+
    it("generates with int8 weights, an int8 cache, and samples reproducibly", function()
       local q = load("t5_tiny_gated", { quantize = "int8" })
       local ids = q:generate(e.input_ids, { attention_mask = e.attention_mask, max_new_tokens = 10, kv_cache_dtype = "int8" })

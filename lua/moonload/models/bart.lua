@@ -61,8 +61,9 @@ end
 local BartAttention = nn.Module:extend("BartAttention")
 M.BartAttention = BartAttention
 
-function BartAttention:__init(d, heads)
+function BartAttention:__init(d, heads, role)
    nn.Module.__init(self)
+   rawset(self, "cache_role", role)                      -- (what reserve_for budgets: utils/runtime_memory)
    self.k_proj = nn.Linear(d, d)
    self.v_proj = nn.Linear(d, d)
    self.q_proj = nn.Linear(d, d)
@@ -115,10 +116,10 @@ local function layer_class(name, is_decoder)
       nn.Module.__init(self)
       local side = is_decoder and "decoder" or "encoder"
       local d = cfg.d_model
-      self.self_attn = BartAttention(d, cfg[side .. "_attention_heads"])
+      self.self_attn = BartAttention(d, cfg[side .. "_attention_heads"], is_decoder and "self" or "none")
       self.self_attn_layer_norm = nn.LayerNorm(d)
       if is_decoder then
-         self.encoder_attn = BartAttention(d, cfg.decoder_attention_heads)
+         self.encoder_attn = BartAttention(d, cfg.decoder_attention_heads, "cross")
          self.encoder_attn_layer_norm = nn.LayerNorm(d)
       end
       self.fc1 = nn.Linear(d, cfg[side .. "_ffn_dim"])

@@ -93,7 +93,7 @@ end
 local T5Attention = nn.Module:extend("T5Attention")
 M.T5Attention = T5Attention
 
-function T5Attention:__init(cfg, has_relative_bias, bidirectional)
+function T5Attention:__init(cfg, has_relative_bias, bidirectional, role)
    nn.Module.__init(self)
    local inner = cfg.num_heads * cfg.d_kv
    self.q = nn.Linear(cfg.d_model, inner, { bias = false })
@@ -106,6 +106,7 @@ function T5Attention:__init(cfg, has_relative_bias, bidirectional)
    rawset(self, "n_head", cfg.num_heads)
    rawset(self, "head_dim", cfg.d_kv)
    rawset(self, "bidirectional", bidirectional)
+   rawset(self, "cache_role", role)                      -- (what reserve_for budgets: utils/runtime_memory)
    rawset(self, "num_buckets", cfg.relative_attention_num_buckets)
    rawset(self, "max_distance", cfg.relative_attention_max_distance)
 end
@@ -165,7 +166,7 @@ M.T5LayerSelfAttention = T5LayerSelfAttention
 
 function T5LayerSelfAttention:__init(cfg, has_relative_bias, bidirectional)
    nn.Module.__init(self)
-   self.SelfAttention = T5Attention(cfg, has_relative_bias, bidirectional)
+   self.SelfAttention = T5Attention(cfg, has_relative_bias, bidirectional, bidirectional and "none" or "self")
    self.layer_norm = rms_norm(cfg)
    self.dropout = nn.Dropout(0)
 end
@@ -175,7 +176,7 @@ M.T5LayerCrossAttention = T5LayerCrossAttention
 
 function T5LayerCrossAttention:__init(cfg)
    nn.Module.__init(self)
-   self.EncDecAttention = T5Attention(cfg, false, true)
+   self.EncDecAttention = T5Attention(cfg, false, true, "cross")
    self.layer_norm = rms_norm(cfg)
    self.dropout = nn.Dropout(0)
 end

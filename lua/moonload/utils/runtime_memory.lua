@@ -112,16 +112,25 @@ end
 --- kv_cache_sizes(model, reserve_for) -> {[attention module name] = bytes}: what generate's
 -- cache holds per layer for batch_size sequences of max_length tokens, prompt_length of them in
 -- the first forward (a sliding-window layer keeps at most that + 2 windows: models/kv_cache.lua).
+-- An encoder-decoder's attention says its cache_role: "self" (the default: a decoder's cache),
+-- "cross" (the keys and values of the encoder's prompt_length states, kept for the whole
+-- generation, in the computing dtype) or "none" (an encoder's: nothing kept).
 function M.kv_cache_sizes(model, reserve_for)
    local r = M.check_reserve_for(reserve_for)
    local capacity = require("moonload.models.kv_cache").layer_capacity
    local out = {}
    for _, e in ipairs(attention_layers(model)) do
-      local kv_heads, head_dim = e.attention:kv_cache_heads()
-      local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
-      el = require("moonload.models.kv_cache").value_bytes(r.kv_cache_dtype, head_dim, el)
-      local tokens = capacity(r.max_length, r.prompt_length, e.attention.window or nil)
-      out[e.name] = 2 * r.batch_size * tokens * kv_heads * head_dim * el
+      local role = e.attention.cache_role or "self"
+      if role ~= "none" then
+         local kv_heads, head_dim = e.attention:kv_cache_heads()
+         local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
+         local tokens = r.prompt_length
+         if role == "self" then
+            el = require("moonload.models.kv_cache").value_bytes(r.kv_cache_dtype, head_dim, el)
+            tokens = capacity(r.max_length, r.prompt_length, e.attention.window or nil)
+         end
+         out[e.name] = 2 * r.batch_size * tokens * kv_heads * head_dim * el
+      end
    end
    return out
 end
