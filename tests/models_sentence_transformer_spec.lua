@@ -85,6 +85,21 @@ describe("sentence_transformer", function()
       H.rmdir(dir)
    end)
 
+   it("runs examples/embed.lua on a folder: its embeddings' shape and each sentence's closest", function()
+      local p = assert(io.popen("luajit examples/embed.lua " .. DIR .. " 'the first' 'a second one' 'and third' 2>&1"))
+      local out = p:read("*a")
+      p:close()
+      assert.truthy(out:find(DIR .. ": T5EncoderModel, pooling mean, embeddings [3, 16]", 1, true), out)
+      local emb = st:encode({ "the first", "a second one", "and third" })
+      local sim = emb:matmul(emb:t()):tolist()
+      local names = { "the first", "a second one", "and third" }
+      for i = 1, 3 do
+         local best, bj = -2, nil
+         for j = 1, 3 do if j ~= i and sim[i][j] > best then best, bj = sim[i][j], j end end
+         assert.truthy(out:find(string.format("%q -> closest %q", names[i], names[bj]), 1, true), out)
+      end
+   end)
+
    it("names what is wrong with a folder", function()
       assert.has_error(function() st_mod.from_pretrained(H.FIX .. "/t5_tiny") end,
          "sentence_transformer.from_pretrained: no modules.json in " .. H.FIX .. "/t5_tiny (not a sentence-transformers folder)")
