@@ -99,6 +99,21 @@ describe("assisted generation", function()
       end
    end)
 
+   it("keeps the plain tokens under a repetition penalty and n-gram blocking (drafted and looked up)", function()
+      local draft = model("llama_tiny_untied", { quantize = "int4" })
+      for _, o in ipairs({ { repetition_penalty = 1.3 }, { no_repeat_ngram_size = 2 },
+         { repetition_penalty = 0.8, no_repeat_ngram_size = 3 } }) do
+         o.max_new_tokens, o.eos_token_id = 20, false
+         local want = main:generate(PROMPT, o)
+         local stats = {}
+         o.assistant_model, o.assistant_stats = draft, stats
+         assert.are.same(want, main:generate(PROMPT, o))
+         assert.is_true(stats.accepted > 0 and stats.forwards < 20)
+         o.assistant_model, o.assistant_stats, o.prompt_lookup_num_tokens = nil, nil, 3
+         assert.are.same(want, main:generate(PROMPT, o))
+      end
+   end)
+
    it("names what it cannot do", function()
       local function err(opts)
          if opts.assistant_model == nil then opts.assistant_model = main end
@@ -108,12 +123,12 @@ describe("assisted generation", function()
          return e
       end
       assert.truthy(err({ assistant_model = {} }):find("generate: assistant_model must be a causal language model", 1, true))
-      assert.truthy(err({ repetition_penalty = 1.2 }):find("generate: assistant_model does not support repetition_penalty", 1, true))
+      assert.truthy(err({ micro_batch_size = 2 }):find("generate: assistant_model does not support a block schedule", 1, true))
       assert.truthy(err({ num_assistant_tokens = 0 }):find("generate: num_assistant_tokens must be an integer >= 1, got 0", 1, true))
       assert.truthy(err({ prompt_lookup_num_tokens = 3 }):find("generate: assistant_model and prompt_lookup_num_tokens are two ways of proposing tokens: pass one", 1, true))
       assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 2.5 }):find("generate: prompt_lookup_num_tokens must be an integer >= 1, got 2.5", 1, true))
       assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, max_matching_ngram_size = 0 }):find("generate: max_matching_ngram_size must be an integer >= 1, got 0", 1, true))
-      assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, repetition_penalty = 1.3 }):find("generate: prompt_lookup_num_tokens does not support repetition_penalty", 1, true))
+      assert.truthy(err({ assistant_model = "none", prompt_lookup_num_tokens = 3, prefill_chunk_size = 4 }):find("generate: prompt_lookup_num_tokens does not support a block schedule", 1, true))
       local ok, e = pcall(main.generate, main, { PROMPT, PROMPT }, { assistant_model = main })
       assert.is_false(ok)
       assert.truthy(e:find("generate: assistant_model takes one prompt at a time, got a batch of 2", 1, true), e)

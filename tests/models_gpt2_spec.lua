@@ -255,8 +255,6 @@ describe("models.gpt2", function()
             model:generate(nr.input_ids, { max_new_tokens = 6, no_repeat_ngram_size = 0 }))
          assert.has_error(function() model:generate({ 1 }, { no_repeat_ngram_size = -1 }) end,
             "generate: no_repeat_ngram_size must be an integer >= 0, got -1")
-         assert.has_error(function() model:generate({ 1 }, { no_repeat_ngram_size = 2, prompt_lookup_num_tokens = 3 }) end,
-            "generate: prompt_lookup_num_tokens does not support no_repeat_ngram_size")
       end)
 
       it("streams each step's ids to on_token, and stops when it returns false", function()

@@ -19,7 +19,6 @@ local WHO = "generate"
 
 -- Options assisted generation does not take, as they are named in its errors.
 local UNSUPPORTED = {
-   repetition_penalty = "repetition_penalty", no_repeat_ngram_size = "no_repeat_ngram_size",
    micro_batch_size = "a block schedule", prefill_chunk_size = "a block schedule",
 }
 
@@ -37,7 +36,7 @@ function M.check(model, opts, B)
    if B ~= 1 then error(string.format("%s: %s takes one prompt at a time, got a batch of %d", WHO, what, B), 4) end
    for k, unsupported in pairs(UNSUPPORTED) do
       local v = opts[k]
-      if v ~= nil and v ~= false and not (k == "repetition_penalty" and v == 1) and not (k == "no_repeat_ngram_size" and v == 0) then
+      if v ~= nil and v ~= false then
          error(string.format("%s: %s does not support %s", WHO, what, unsupported), 4)
       end
    end
@@ -101,12 +100,29 @@ function M.speculative_pick(p, q, proposal, uniform)
    return #proposal, draw(p:select(1, #proposal + 1))
 end
 
+--- Rows of logits (n, vocab) through the repetition penalty and n-gram blocking, row i as it
+-- follows prefix .. extra[1 .. i - 1] (transformers applies its processors to each candidate
+-- position so); the rows unchanged when s asks for neither.
+local function processed(rows, s, prefix, extra)
+   if not (s.penalty or s.no_repeat) then return rows end
+   local generation = require("moonload.models.generation")
+   local seqs = {}
+   for i = 1, rows:size(1) do
+      local q = { unpack(prefix) }
+      for j = 1, i - 1 do q[#q + 1] = extra[j] end
+      seqs[i] = q
+   end
+   if s.penalty then rows = generation.penalize(rows, generation.seen_mask(seqs, rows:size(2)):to(rows.device), s.penalty) end
+   if s.no_repeat then rows = generation.ban_repeated_ngrams(rows, seqs, s.no_repeat) end
+   return rows
+end
+
 -- Proposal sources: propose(seq, k) -> up to k ids to follow seq; kept(n): the model kept the
 -- first n tokens of the sequence (the rest of what was proposed is gone); next_k(k, accepted,
 -- proposed): the next round's count.
 
 --- A draft model with its own cache (transformers' AssistedCandidateGenerator).
-local function draft_source(draft, capacity, stats, sampling)
+local function draft_source(draft, capacity, stats, sampling, s)
    local cache = draft:new_cache(capacity)
    local src = {}
    function src.propose(seq, k)                                -- -> ids, and with sampling their distributions
@@ -115,11 +131,18 @@ local function draft_source(draft, capacity, stats, sampling)
       for i = 1, k do                 -- the tokens it has not seen yet (at least the last one), then one at a time
          local logits = draft(ids_tensor(unseen), { cache = cache, logits_to_keep = 1 })
          stats.draft_forwards = stats.draft_forwards + 1
+         -- (the draft proposes under the model's processors, as transformers' assistant does)
+         local row = logits:select(1, 1)
+         if s.penalty or s.no_repeat then
+            local so_far = { unpack(seq) }
+            for _, t in ipairs(out) do so_far[#so_far + 1] = t end
+            row = processed(row, s, so_far, {})
+         end
          if sampling then
-            q[i] = M.distributions(logits:select(1, 1), sampling)
+            q[i] = M.distributions(row, sampling)
             out[i] = draw(q[i]:select(1, 1))
          else
-            out[i] = logits:select(2, -1):argmax(2):item()
+            out[i] = row:argmax(2):item()
          end
          unseen = { out[i] }
       end
@@ -160,8 +183,10 @@ end
 --- run(model, prompt, s) -> the generated ids (a list, prompt first). s: max_new, min_new, eos (an
 -- id or a list, or nil), eos_ban ((1, vocab) bool or nil), on_token, kv_device, kv_dtype, and
 -- either draft (a model) with num_assistant_tokens, or prompt_lookup_num_tokens with
--- max_matching_ngram_size; sampling ({temperature, top_k, top_p}: speculative sampling; nil:
--- greedy); stops (models/stop_strings.lua, or nil); stats (a table that gets forwards, draft_forwards, proposed and accepted counts).
+-- max_matching_ngram_size; sampling ({temperature, top_k, top_p, min_p}: speculative sampling; nil:
+-- greedy); penalty and no_repeat (repetition_penalty, no_repeat_ngram_size, or nil); stops
+-- (models/stop_strings.lua, or nil); stats (a table that gets forwards, draft_forwards, proposed
+-- and accepted counts).
 function M.run(model, prompt, s)
    local L, max_new = #prompt, s.max_new
    local seq = { unpack(prompt) }
@@ -174,7 +199,7 @@ function M.run(model, prompt, s)
    local source, k_next
    local sampling = s.sampling                                 -- {temperature, top_k, top_p}, or nil: greedy
    if s.draft then
-      source, k_next = draft_source(s.draft, L + max_new, stats, sampling), s.num_assistant_tokens or 5
+      source, k_next = draft_source(s.draft, L + max_new, stats, sampling, s), s.num_assistant_tokens or 5
    else
       source, k_next = lookup_source(s.max_matching_ngram_size or 2), s.prompt_lookup_num_tokens
    end
@@ -192,7 +217,7 @@ function M.run(model, prompt, s)
    local logits = model(ids_tensor(prompt), { cache = cache, logits_to_keep = 1 })
    stats.forwards = stats.forwards + 1
    if max_new == 0 then return seq end
-   local rows = banned_rows(logits, s.eos_ban, s.min_new)
+   local rows = processed(banned_rows(logits, s.eos_ban, s.min_new), s, seq, {})
    emit(sampling and draw(M.distributions(rows, sampling):select(1, 1)) or rows:argmax(2):item())
    while not finished do
       local n_new = #seq - L
@@ -204,7 +229,7 @@ function M.run(model, prompt, s)
       local feed = { seq[#seq], unpack(proposal) }
       logits = model(ids_tensor(feed), { cache = cache, logits_to_keep = #feed })
       stats.forwards = stats.forwards + 1
-      rows = banned_rows(logits, s.eos_ban, s.min_new - n_new)
+      rows = processed(banned_rows(logits, s.eos_ban, s.min_new - n_new), s, seq, proposal)
       local accepted, after = 0, nil
       if sampling then
          accepted, after = M.speculative_pick(M.distributions(rows, sampling), q, proposal, uniform)

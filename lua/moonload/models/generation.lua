@@ -114,10 +114,11 @@ local function check_opts(opts)
    return opts
 end
 
---- The tokens each row has seen, as a (B, vocab) bool mask, from the prompt ids (B, L).
+--- The tokens each row has seen, as a (B, vocab) bool mask, from the prompt ids (B, L): a tensor
+-- or Lua lists (rows of any lengths).
 function M.seen_mask(ids, vocab)
    local rows = {}
-   for b, row in ipairs(ids:tolist()) do
+   for b, row in ipairs(T.is_tensor(ids) and ids:tolist() or ids) do
       local r = {}
       for v = 1, vocab do r[v] = false end
       for _, id in ipairs(row) do r[id + 1] = true end
@@ -289,7 +290,9 @@ function M.generate(model, input_ids, opts)
          kv_device = hooks.norm_device(opts.kv_cache_device), kv_dtype = opts.kv_cache_dtype,
          draft = opts.assistant_model, num_assistant_tokens = opts.num_assistant_tokens,
          prompt_lookup_num_tokens = opts.prompt_lookup_num_tokens, max_matching_ngram_size = opts.max_matching_ngram_size,
-         stops = stops, stats = opts.assistant_stats })
+         stops = stops, stats = opts.assistant_stats,
+         penalty = opts.repetition_penalty ~= 1 and opts.repetition_penalty or nil,
+         no_repeat = opts.no_repeat_ngram_size ~= 0 and opts.no_repeat_ngram_size or nil })
       return shape_output(T.tensor({ seq }, { dtype = "int64" }), form)
    end
    -- A device map planned with reserve_for budgeted this much cache and activation memory.
