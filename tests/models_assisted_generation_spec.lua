@@ -101,8 +101,9 @@ describe("assisted generation", function()
 
    it("keeps the plain tokens under a repetition penalty and n-gram blocking (drafted and looked up)", function()
       local draft = model("llama_tiny_untied", { quantize = "int4" })
-      for _, o in ipairs({ { repetition_penalty = 1.3 }, { no_repeat_ngram_size = 2 },
-         { repetition_penalty = 0.8, no_repeat_ngram_size = 3 } }) do
+      -- (n = 1 and a penalty of 5 make each checked position depend on the proposals before it)
+      for _, o in ipairs({ { repetition_penalty = 1.3 }, { no_repeat_ngram_size = 2 }, { no_repeat_ngram_size = 1 },
+         { repetition_penalty = 5 }, { repetition_penalty = 0.8, no_repeat_ngram_size = 3 } }) do
          o.max_new_tokens, o.eos_token_id = 20, false
          local want = main:generate(PROMPT, o)
          local stats = {}
@@ -111,6 +112,16 @@ describe("assisted generation", function()
          assert.is_true(stats.accepted > 0 and stats.forwards < 20)
          o.assistant_model, o.assistant_stats, o.prompt_lookup_num_tokens = nil, nil, 3
          assert.are.same(want, main:generate(PROMPT, o))
+      end
+      -- gpt2_tiny repeats its last token when let (70 70, 65 65 65): a checked position must see
+      -- the proposals before it as part of the sequence
+      local gpt2 = model("gpt2_tiny")
+      for _, o in ipairs({ { no_repeat_ngram_size = 1 }, { repetition_penalty = 5 } }) do
+         o.max_new_tokens, o.eos_token_id = 16, false
+         local p = { 5, 17, 42, 3, 99, 0, 64, 8 }
+         local want = gpt2:generate(p, o)
+         o.assistant_model = gpt2
+         assert.are.same(want, gpt2:generate(p, o))
       end
    end)
 
