@@ -11,7 +11,6 @@ local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
 local block_schedule = require("moonload.models.block_schedule")
-local generation = require("moonload.models.generation")
 
 local M = {}
 local WHO = "models.bloom"
@@ -196,14 +195,7 @@ function BloomForCausalLM:__init(cfg)
    if cfg.tie_word_embeddings then self.lm_head.weight = self.transformer.word_embeddings.weight end
 end
 
-BloomForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "transformer", "word_embeddings")
-
-function BloomForCausalLM:new_cache(capacity, device, dtype)
-   return common.new_cache(self.config.n_layer, capacity, device, dtype)
-end
-
-function BloomForCausalLM:max_length() return nil end      -- (ALiBi has no table of positions)
-BloomForCausalLM.generate = generation.generate
+common.causal_lm_methods(BloomForCausalLM, WHO, "transformer", "word_embeddings", nil, "n_layer") -- (ALiBi: no max_length)
 
 function M.from_config(cfg) return BloomForCausalLM(cfg) end
 

@@ -278,6 +278,18 @@ function M.causal_lm_forward(who, base, embed, head)
    end
 end
 
+--- What a causal LM head class's methods are, set on cls: forward (causal_lm_forward over base,
+-- embed and head), new_cache over config[layers_key] layers, max_length (config[positions_key],
+-- nil without one: rotary and ALiBi models have no table of positions) and generate.
+function M.causal_lm_methods(cls, who, base, embed, head, layers_key, positions_key)
+   cls.forward = M.causal_lm_forward(who .. ".forward", base, embed, head)
+   function cls:new_cache(capacity, device, dtype)
+      return M.new_cache(self.config[layers_key], capacity, device, dtype)
+   end
+   function cls:max_length() return positions_key and self.config[positions_key] or nil end
+   function cls.generate(...) return require("moonload.models.generation").generate(...) end
+end
+
 -- --- key-value cache ------------------------------------------------------------------------
 
 --- A fresh key-value cache for n_layers layers, kept on device when given, stored as dtype

@@ -13,7 +13,6 @@
 local nn = require("moonload.nn")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
-local generation = require("moonload.models.generation")
 local llama = require("moonload.models.llama")
 
 local M = {}
@@ -165,19 +164,13 @@ M.FalconRotaryEmbedding = FalconRotaryEmbedding
 local FalconModel = llama.LlamaModel:extend("FalconModel")
 M.FalconModel = FalconModel
 
-function FalconModel:__init(cfg)
-   nn.Module.__init(self)
-   self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-   local layers = {}
-   for i = 1, cfg.num_hidden_layers do layers[i] = FalconDecoderLayer(cfg, i) end
-   self.h = nn.ModuleList(layers)
-   self.ln_f = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_epsilon })
-   self.rotary_emb = FalconRotaryEmbedding(cfg)
-   rawset(self, "config", cfg)
-end
-
 -- Llama's forward (positions, rotary tables, cache, block schedule) over these layers
 FalconModel.embed_name, FalconModel.layers_name, FalconModel.norm_name = "word_embeddings", "h", "ln_f"
+
+function FalconModel:__init(cfg)
+   self:build_parts(cfg, cfg.hidden_size, FalconDecoderLayer, cfg.num_hidden_layers,
+      nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_epsilon }), FalconRotaryEmbedding)
+end
 
 local FalconForCausalLM = nn.Module:extend("FalconForCausalLM")
 M.FalconForCausalLM = FalconForCausalLM
@@ -194,14 +187,7 @@ function FalconForCausalLM:__init(cfg)
    if cfg.tie_word_embeddings then self.lm_head.weight = self.transformer.word_embeddings.weight end
 end
 
-FalconForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "transformer", "word_embeddings")
-
-function FalconForCausalLM:new_cache(capacity, device, dtype)
-   return common.new_cache(self.config.num_hidden_layers, capacity, device, dtype)
-end
-
-function FalconForCausalLM:max_length() return nil end      -- (rotary embeddings)
-FalconForCausalLM.generate = generation.generate
+common.causal_lm_methods(FalconForCausalLM, WHO, "transformer", "word_embeddings", nil, "num_hidden_layers") -- (rotary embeddings: no max_length)
 
 function M.from_config(cfg) return FalconForCausalLM(cfg) end
 

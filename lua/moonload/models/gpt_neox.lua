@@ -8,7 +8,6 @@
 local nn = require("moonload.nn")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
-local generation = require("moonload.models.generation")
 local llama = require("moonload.models.llama")
 
 local M = {}
@@ -119,19 +118,13 @@ M.GPTNeoXRotaryEmbedding = GPTNeoXRotaryEmbedding
 local GPTNeoXModel = llama.LlamaModel:extend("GPTNeoXModel")
 M.GPTNeoXModel = GPTNeoXModel
 
-function GPTNeoXModel:__init(cfg)
-   nn.Module.__init(self)
-   self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-   local layers = {}
-   for i = 1, cfg.num_hidden_layers do layers[i] = GPTNeoXLayer(cfg, i) end
-   self.layers = nn.ModuleList(layers)
-   self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
-   self.rotary_emb = GPTNeoXRotaryEmbedding(cfg)
-   rawset(self, "config", cfg)
-end
-
 -- Llama's forward (positions, rotary tables, cache, block schedule) over these layers
 GPTNeoXModel.embed_name, GPTNeoXModel.layers_name, GPTNeoXModel.norm_name = "embed_in", "layers", "final_layer_norm"
+
+function GPTNeoXModel:__init(cfg)
+   self:build_parts(cfg, cfg.hidden_size, GPTNeoXLayer, cfg.num_hidden_layers,
+      nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps }), GPTNeoXRotaryEmbedding)
+end
 
 local GPTNeoXForCausalLM = nn.Module:extend("GPTNeoXForCausalLM")
 M.GPTNeoXForCausalLM = GPTNeoXForCausalLM
@@ -149,12 +142,6 @@ function GPTNeoXForCausalLM:__init(cfg)
    if cfg.tie_word_embeddings then self.embed_out.weight = self.gpt_neox.embed_in.weight end
 end
 
-GPTNeoXForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "gpt_neox", "embed_in", "embed_out")
-
-function GPTNeoXForCausalLM:new_cache(capacity, device, dtype)
-   return common.new_cache(self.config.num_hidden_layers, capacity, device, dtype)
-end
-function GPTNeoXForCausalLM:max_length() return nil end
-GPTNeoXForCausalLM.generate = generation.generate
+common.causal_lm_methods(GPTNeoXForCausalLM, WHO, "gpt_neox", "embed_in", "embed_out", "num_hidden_layers")
 
 return M

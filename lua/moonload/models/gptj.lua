@@ -10,7 +10,6 @@ local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
-local generation = require("moonload.models.generation")
 local llama = require("moonload.models.llama")
 
 local M = {}
@@ -133,19 +132,13 @@ M.GPTJRotaryEmbedding = GPTJRotaryEmbedding
 local GPTJModel = llama.LlamaModel:extend("GPTJModel")
 M.GPTJModel = GPTJModel
 
-function GPTJModel:__init(cfg)
-   nn.Module.__init(self)
-   self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-   local blocks = {}
-   for i = 1, cfg.n_layer do blocks[i] = GPTJBlock(cfg, i) end
-   self.h = nn.ModuleList(blocks)
-   self.ln_f = nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon })
-   self.rotary_emb = GPTJRotaryEmbedding(cfg)
-   rawset(self, "config", cfg)
-end
-
 -- Llama's forward (positions, rotary tables, cache, block schedule) over these layers
 GPTJModel.embed_name, GPTJModel.layers_name, GPTJModel.norm_name = "wte", "h", "ln_f"
+
+function GPTJModel:__init(cfg)
+   self:build_parts(cfg, cfg.n_embd, GPTJBlock, cfg.n_layer, nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon }),
+      GPTJRotaryEmbedding)
+end
 
 local GPTJForCausalLM = nn.Module:extend("GPTJForCausalLM")
 M.GPTJForCausalLM = GPTJForCausalLM
@@ -163,14 +156,7 @@ function GPTJForCausalLM:__init(cfg)
    if cfg.tie_word_embeddings then self.lm_head.weight = self.transformer.wte.weight end
 end
 
-GPTJForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "transformer", "wte")
-
-function GPTJForCausalLM:new_cache(capacity, device, dtype)
-   return common.new_cache(self.config.n_layer, capacity, device, dtype)
-end
-
-function GPTJForCausalLM:max_length() return nil end      -- (rotary embeddings)
-GPTJForCausalLM.generate = generation.generate
+common.causal_lm_methods(GPTJForCausalLM, WHO, "transformer", "wte", nil, "n_layer") -- (rotary embeddings: no max_length)
 
 function M.from_config(cfg) return GPTJForCausalLM(cfg) end
 

@@ -514,6 +514,20 @@ LlamaModel.Norm, LlamaModel.norm_name = nn.RMSNorm, "norm"   -- the final norm (
 -- (GPT-NeoX, Falcon, GPT-J) extend LlamaModel for its forward
 LlamaModel.embed_name, LlamaModel.layers_name = "embed_tokens", "layers"
 
+--- For the families that extend LlamaModel: the embedding (vocab x dim), n layers made by
+-- layer(cfg, i), the final norm and the rotary table, under this class's names (embed_name,
+-- layers_name, norm_name), in that order (their module order, as the checkpoints list them).
+function LlamaModel:build_parts(cfg, dim, layer, n, norm, Rotary)
+   nn.Module.__init(self)
+   self[self.embed_name] = nn.Embedding(cfg.vocab_size, dim)
+   local layers = {}
+   for i = 1, n do layers[i] = layer(cfg, i) end
+   self[self.layers_name] = nn.ModuleList(layers)
+   self[self.norm_name] = norm
+   self.rotary_emb = Rotary(cfg)
+   rawset(self, "config", cfg)
+end
+
 function LlamaModel:__init(cfg)
    nn.Module.__init(self)
    if type(cfg) ~= "table" or cfg._source == nil then cfg = M.config(cfg, self.family) end

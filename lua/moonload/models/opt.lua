@@ -11,7 +11,6 @@ local T = require("moonload.tensor")
 local config = require("moonload.models.config")
 local common = require("moonload.models.common")
 local block_schedule = require("moonload.models.block_schedule")
-local generation = require("moonload.models.generation")
 
 local M = {}
 local WHO = "models.opt"
@@ -179,14 +178,7 @@ function OPTForCausalLM:__init(cfg)
    if cfg.tie_word_embeddings then self.lm_head.weight = self.model.decoder.embed_tokens.weight end
 end
 
-OPTForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "decoder.embed_tokens")
-
-function OPTForCausalLM:new_cache(capacity, device, dtype)
-   return common.new_cache(self.config.num_hidden_layers, capacity, device, dtype)
-end
-
-function OPTForCausalLM:max_length() return self.config.max_position_embeddings end
-OPTForCausalLM.generate = generation.generate
+common.causal_lm_methods(OPTForCausalLM, WHO, "model", "decoder.embed_tokens", nil, "num_hidden_layers", "max_position_embeddings")
 
 function M.from_config(cfg) return OPTForCausalLM(cfg) end
 
