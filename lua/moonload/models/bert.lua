@@ -35,7 +35,6 @@ M.schema = {
 
 -- RoBERTa's layout (BERT's layers): positions counted from pad_token_id + 1 over the real tokens.
 local ROBERTA_TYPES = { roberta = true, ["xlm-roberta"] = true, camembert = true }
-M.ROBERTA_TYPES = ROBERTA_TYPES
 
 --- Reads and checks a BERT config (path, folder or table).
 function M.config(source)
@@ -351,6 +350,17 @@ local RobertaModel = BertModel:extend("RobertaModel")
 M.RobertaModel = RobertaModel
 RobertaModel.base_model_prefix = "roberta"
 M.XLMRobertaModel = RobertaModel
+
+-- from_pretrained's hooks: sentence-transformers checkpoints may come without the pooler (build
+-- to match), and their folder says the pooling and normalization.
+function BertModel.build_opts_for(names)
+   for _, name in ipairs(names) do
+      if name:find("^pooler%.") or name:find("%.pooler%.") then return { add_pooling_layer = true } end
+   end
+   return { add_pooling_layer = false }
+end
+
+function BertModel.read_folder(model, dir) M.read_sentence_transformers(model, dir) end
 
 function M.from_config(cfg, opts) return BertModel(cfg, opts) end
 

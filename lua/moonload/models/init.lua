@@ -449,16 +449,9 @@ function load(dir, opts)
    end
 
    local names = M.checkpoint_names(ckpt)
-   local build_opts
-   local bert_like = raw.model_type == "bert" or require("moonload.models.bert").ROBERTA_TYPES[raw.model_type]
-   if bert_like then
-      -- sentence-transformers checkpoints may come without the pooler: build to match.
-      local has_pooler = false
-      for _, name in ipairs(names) do
-         if name:find("^pooler%.") or name:find("%.pooler%.") then has_pooler = true break end
-      end
-      build_opts = { add_pooling_layer = has_pooler }
-   end
+   -- a class may build to match the checkpoint (BERT without its pooler) and read more of the
+   -- folder (sentence-transformers' pooling)
+   local build_opts = cls.build_opts_for and cls.build_opts_for(names) or nil
    -- A decoder's base model saved alone (Qwen3Model, as embedding models ship): no lm_head.weight.
    -- It loads into the causal class with the head tied to the embeddings (its hidden states are
    -- what such a folder is for; generate would read the embeddings back as the head).
@@ -475,9 +468,7 @@ function load(dir, opts)
          model.lm_head.weight = model:get_parameter(head_src)
          model.config.tie_word_embeddings = true
       end
-      if bert_like then                         -- sentence-transformers' pooling and normalization
-         require("moonload.models.bert").read_sentence_transformers(model, dir)
-      end
+      if cls.read_folder then cls.read_folder(model, dir) end
       -- generate's defaults, when the folder has them (else config.json's token ids)
       rawset(model, "generation_config", require("moonload.models.generation_config").read(dir, "from_pretrained"))
       -- an int8 or int4 checkpoint (ml.save_model): its linear layers are built as such
