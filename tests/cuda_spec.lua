@@ -461,8 +461,9 @@ describe("block schedule on cuda #cuda", function()
 end)
 
 describe("device_overrides on cuda #cuda", function()
-   it("runs a MoE model with its experts in RAM and the rest on cuda:0 (llama.cpp's -ot exps=CPU)", function()
-      local dir = "tests/fixtures/models/qwen3_moe_tiny"
+   for _, name in ipairs({ "qwen3_moe_tiny", "deepseek_v3_tiny" }) do
+   it(name .. " runs with its experts in RAM and the rest on cuda:0 (llama.cpp's -ot exps=CPU)", function()
+      local dir = "tests/fixtures/models/" .. name
       local plain = ml.models.from_pretrained(dir)
       local model = ml.models.from_pretrained(dir, { device_map = "auto", max_memory = { [0] = "200MB", cpu = "1GB" },
          device_overrides = { ["%.experts$"] = "cpu" } })
@@ -480,6 +481,7 @@ describe("device_overrides on cuda #cuda", function()
       assert.are.same(want, got)
       assert.is_true(hooks.runtime_stats().in_place_forwards > before)
    end)
+   end
 end)
 
 describe("key-value cache on the CPU #cuda", function()
@@ -536,7 +538,8 @@ describe("generation and encoders on cuda #cuda", function()
    for _, name in ipairs({ "gpt2_tiny", "llama_tiny_untied", "llama_tiny_tied", "mistral_tiny", "qwen2_tiny", "qwen3_tiny", "phi3_tiny_partial", "phi3_tiny_longrope",
                            "gemma2_tiny", "gemma3_tiny", "qwen3_moe_tiny",
                            "mixtral_tiny", "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny",
-                           "olmo2_tiny", "phi_tiny", "opt_tiny", "opt_tiny_post_norm", "bloom_tiny", "falcon_tiny", "falcon_tiny_new_arch", "gptj_tiny" }) do
+                           "olmo2_tiny", "phi_tiny", "opt_tiny", "opt_tiny_post_norm", "bloom_tiny", "falcon_tiny", "falcon_tiny_new_arch", "gptj_tiny",
+                           "deepseek_v3_tiny", "deepseek_v2_lite_tiny" }) do
       local dir = "tests/fixtures/models/" .. name
       it(name .. " generates the CPU's tokens with a KV cache, alone and as a padded batch", function()
          local cpu = ml.models.from_pretrained(dir)
@@ -556,9 +559,11 @@ describe("generation and encoders on cuda #cuda", function()
       it(name .. " generates the CPU's tokens from pinned weights (cpu_offload with pin_memory)", function()
          local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 5 })
          local model = ml.models.from_pretrained(dir)
-         local sd = model:state_dict()
+         local sd = {}
+         for pname, p in model:named_parameters() do sd[pname] = p end
          ml.cpu_offload(model, { execution_device = DEV, pin_memory = true })
-         -- the hook of a module holds a pinned copy, and tied weights share one copy
+         -- the hook of a module holds a pinned copy of each parameter, and tied weights share one
+         -- copy (buffers, such as DeepSeek-V3's router bias, go to cuda:0: offload_buffers is off)
          local seen = {}
          for _, m in model:named_modules() do
             local h = rawget(m, "_hf_hook")

@@ -31,6 +31,8 @@ local FAMILIES = {
    mixtral = { who = "models.mixtral", prefix = "Mixtral", defaults = { rope_theta = 1000000 } },  -- models/moe.lua
    qwen2_moe = { who = "models.qwen2_moe", prefix = "Qwen2Moe" },                                  -- models/moe.lua
    olmo2 = { who = "models.olmo2", prefix = "Olmo2" },
+   deepseek_v2 = { who = "models.deepseek_v2", prefix = "DeepseekV2" },                        -- models/deepseek.lua
+   deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
@@ -219,7 +221,7 @@ function M.config(source, family)
    end
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
-   if family == "llama" then
+   if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "olmo2" then

@@ -78,20 +78,36 @@ function SparseMoeBlock:routing(cfg)
    rawset(self, "norm_topk_prob", cfg.norm_topk_prob)
 end
 
+--- The experts each of flat's N rows goes to: top_w (N, k) float32 weights and top_i, a Lua list
+-- per row of k 0-based experts. Here: the top_k of a softmax over the router's scores
+-- (renormalized with norm_topk_prob); DeepSeek's blocks route otherwise (models/deepseek.lua).
+function SparseMoeBlock:route(flat)
+   local probs = self.gate(flat):float():softmax(-1)                        -- (N, E), float32
+   local top_w, top_i = probs:topk(self.top_k, 2)                           -- (N, k), 0-based experts
+   if self.norm_topk_prob then top_w = top_w / top_w:sum(2, true) end
+   return top_w, top_i:tolist()
+end
+
 --- x (B, T, hidden). The router picks each token's experts on the host (one small copy); each
 -- chosen expert runs once on the rows routed to it; the weighted outputs are gathered back per
 -- token and summed over its experts.
 function SparseMoeBlock:forward(x)
    local B, L, H = x:size(1), x:size(2), x:size(3)
-   local N, k = B * L, self.top_k
-   local flat = x:reshape(N, H)
-   local probs = self.gate(flat):float():softmax(-1)                        -- (N, E), float32
-   local top_w, top_i = probs:topk(k, 2)                                    -- (N, k), 0-based experts
-   if self.norm_topk_prob then top_w = top_w / top_w:sum(2, true) end
-   top_w = top_w:to(x.dtype):reshape(N * k)
-   -- tokens per expert, in (token, slot) order
+   local flat = x:reshape(B * L, H)
+   local top_w, top_i = self:route(flat)
+   return M.run_experts(self.experts, flat, top_w, top_i):view(B, L, H)
+end
+
+--- sum over each row's experts e of weight * experts[e + 1](row): flat (N, hidden), top_w (N, k),
+-- top_i a list per row of k 0-based experts. Each chosen expert runs once, on all its rows.
+function M.run_experts(experts, flat, top_w, top_i)
+   local N, H = flat:size(1), flat:size(2)
+   local k = top_w:size(2)
+   top_w = top_w:to(flat.dtype):reshape(N * k)
+   if top_w.device ~= flat.device then top_w = top_w:to(flat.device) end
+   -- rows per expert, in (token, slot) order
    local rows, slots = {}, {}
-   for n, row in ipairs(top_i:tolist()) do
+   for n, row in ipairs(top_i) do
       for s, e in ipairs(row) do
          rows[e] = rows[e] or {}
          slots[e] = slots[e] or {}
@@ -101,18 +117,18 @@ function SparseMoeBlock:forward(x)
    end
    local outputs, where = {}, {}
    local at = 0
-   for e = 0, self.gate.weight:size(1) - 1 do
+   for e = 0, #experts - 1 do
       if rows[e] then
-         local idx = T.tensor(rows[e], { dtype = "int64", device = x.device })
-         local w = top_w:index_select(1, T.tensor(slots[e], { dtype = "int64", device = x.device }))
-         outputs[#outputs + 1] = self.experts[e + 1](flat:index_select(1, idx)) * w:unsqueeze(2)
+         local idx = T.tensor(rows[e], { dtype = "int64", device = flat.device })
+         local w = top_w:index_select(1, T.tensor(slots[e], { dtype = "int64", device = flat.device }))
+         outputs[#outputs + 1] = experts[e + 1](flat:index_select(1, idx)) * w:unsqueeze(2)
          for j, slot in ipairs(slots[e]) do where[slot + 1] = at + j - 1 end
          at = at + #rows[e]
       end
    end
    local all = #outputs == 1 and outputs[1] or T.cat(outputs, 1)              -- (N * k, H) by expert
-   local order = T.tensor(where, { dtype = "int64", device = x.device })     -- (token, slot) -> row of all
-   return all:index_select(1, order):view(N, k, H):sum(2):view(B, L, H)
+   local order = T.tensor(where, { dtype = "int64", device = flat.device })  -- (token, slot) -> row of all
+   return all:index_select(1, order):view(N, k, H):sum(2)
 end
 
 local Qwen3MoeSparseMoeBlock = SparseMoeBlock:extend("Qwen3MoeSparseMoeBlock")

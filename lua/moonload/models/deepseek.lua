@@ -1,0 +1,407 @@
+--- DeepSeek-V2 and DeepSeek-V3 with Hugging Face parameter names (DeepseekV2ForCausalLM,
+-- DeepseekV3ForCausalLM; V3's layout is also Kimi K2's and Moonlight's). Two things set them apart
+-- from Llama:
+--
+-- Multi-head latent attention (MLA). Keys and values come from a kv_lora_rank latent per token
+-- (kv_a_proj_with_mqa, then kv_a_layernorm) through kv_b_proj, plus one rotary key of
+-- qk_rope_head_dim shared by all heads; queries are q_proj(x), or q_b_proj(norm(q_a_proj(x)))
+-- through a q_lora_rank bottleneck. The cache keeps only the latent and the rotary key:
+-- kv_lora_rank + qk_rope_head_dim values a token (576 for V3, where its 128 heads would cache
+-- 128 x 2 x 128 expanded). Attention runs in one of two ways, whichever costs fewer
+-- multiply-adds for this step:
+--   expanded: kv_b_proj turns every cached latent into per-head keys and values (as transformers
+--     does; the cheaper way for a long prompt);
+--   absorbed: kv_b_proj's key half is folded into the queries and its value half applied after
+--     attention (DeepSeek's own inference code), so a decoding step attends over the latents as
+--     one shared key/value head and never expands the cache.
+--
+-- Routed experts beside shared ones. V3 scores experts with a sigmoid, adds a per-expert
+-- e_score_correction_bias for the choice only, keeps the topk_group best of n_group groups (a
+-- group's score: its best two) and takes the top num_experts_per_tok there; the chosen sigmoid
+-- scores, renormalized with norm_topk_prob, are scaled by routed_scaling_factor. V2 scores with a
+-- softmax, picks greedily or within the topk_group groups of the highest single score
+-- (topk_method "group_limited_greedy"). Every MoE layer also runs n_shared_experts' worth of
+-- shared MLP (shared_experts) on every token. The first first_k_dense_replace layers are dense.
+-- Real V3 checkpoints carry num_nextn_predict_layers multi-token-prediction layers after the last
+-- decoder layer; generation does not use them, so loading leaves them out, as transformers does.
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local common = require("moonload.models.common")
+local config = require("moonload.models.config")
+local llama = require("moonload.models.llama")
+local moe = require("moonload.models.moe")
+
+local M = {}
+
+-- YaRN's softmax factor for mscale m (DeepSeek's yarn_get_mscale).
+local function yarn_mscale(factor, m)
+   if factor <= 1 then return 1 end
+   return 0.1 * m * math.log(factor) + 1
+end
+
+--- Reads and checks a DeepSeek config (path, folder or table); family "deepseek_v2" or
+-- "deepseek_v3".
+function M.config(source, family)
+   local WHO = "models." .. family
+   local cfg = llama.config(source, family)
+   local function int(name, min, default)
+      local v = cfg[name]
+      if v == nil then v = default end
+      if type(v) ~= "number" or v ~= math.floor(v) or v < min then
+         config.fail(cfg, WHO, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
+      end
+      cfg[name] = v
+      return v
+   end
+   int("kv_lora_rank", 1, 512)
+   int("qk_rope_head_dim", 2, 64)
+   int("qk_nope_head_dim", 0, 128)
+   int("v_head_dim", 1, 128)
+   if cfg.q_lora_rank ~= nil then int("q_lora_rank", 1) end       -- (JSON null: no query bottleneck)
+   if cfg.qk_rope_head_dim % 2 ~= 0 then
+      config.fail(cfg, WHO, "qk_rope_head_dim must be even, got %d", cfg.qk_rope_head_dim)
+   end
+   -- the rotary table turns the shared rotary key's dims (transformers sets head_dim to them)
+   cfg.head_dim, cfg.rotary_dim = cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
+   cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+   cfg.rope_interleave = family == "deepseek_v2" or cfg.rope_interleave ~= false
+   local scale = cfg.qk_head_dim ^ -0.5
+   local rope = cfg.rope
+   if rope.rope_type ~= "default" and rope.mscale_all_dim and rope.mscale_all_dim ~= 0 then
+      local m = yarn_mscale(rope.factor, rope.mscale_all_dim)
+      scale = scale * m * m
+   end
+   cfg.softmax_scale = scale
+   -- experts
+   cfg.n_routed_experts = cfg.n_routed_experts or cfg.num_local_experts or cfg.num_experts
+   int("n_routed_experts", 0, 0)
+   int("n_shared_experts", 0, 0)
+   int("moe_intermediate_size", 1, 1407)
+   int("first_k_dense_replace", 0, 0)
+   int("moe_layer_freq", 1, 1)
+   if cfg.n_routed_experts > 0 then
+      int("num_experts_per_tok", 1)
+      if cfg.num_experts_per_tok > cfg.n_routed_experts then
+         config.fail(cfg, WHO, "num_experts_per_tok %d is more than n_routed_experts %d", cfg.num_experts_per_tok,
+            cfg.n_routed_experts)
+      end
+   end
+   local rsf = cfg.routed_scaling_factor
+   if rsf == nil then rsf = family == "deepseek_v3" and 2.5 or 1 end
+   if type(rsf) ~= "number" or rsf <= 0 then
+      config.fail(cfg, WHO, 'config key "routed_scaling_factor" must be a positive number, got %s', tostring(rsf))
+   end
+   cfg.routed_scaling_factor = rsf
+   if cfg.norm_topk_prob == nil then cfg.norm_topk_prob = family == "deepseek_v3" end   -- transformers' defaults
+   cfg.norm_topk_prob = cfg.norm_topk_prob == true
+   local method = family == "deepseek_v3" and "noaux_tc" or cfg.topk_method or "greedy"
+   if family == "deepseek_v2" and method ~= "greedy" and method ~= "group_limited_greedy" then
+      config.fail(cfg, WHO, 'topk_method "%s" is not supported (supported: greedy, group_limited_greedy)', tostring(method))
+   end
+   cfg.topk_method = method
+   if method ~= "greedy" and cfg.n_routed_experts > 0 then
+      int("n_group", 1, family == "deepseek_v3" and 8 or nil)
+      int("topk_group", 1, family == "deepseek_v3" and 4 or nil)
+      local per = cfg.n_routed_experts / cfg.n_group
+      if per ~= math.floor(per) then
+         config.fail(cfg, WHO, "n_routed_experts %d is not a multiple of n_group %d", cfg.n_routed_experts, cfg.n_group)
+      end
+      if cfg.topk_group > cfg.n_group then
+         config.fail(cfg, WHO, "topk_group %d is more than n_group %d", cfg.topk_group, cfg.n_group)
+      end
+      if method == "noaux_tc" and per < 2 then      -- a group scores by its best two
+         config.fail(cfg, WHO, "n_group %d leaves fewer than 2 experts a group (n_routed_experts %d)", cfg.n_group,
+            cfg.n_routed_experts)
+      end
+      if cfg.topk_group * per < cfg.num_experts_per_tok then
+         config.fail(cfg, WHO, "topk_group %d groups of %d experts hold fewer than num_experts_per_tok %d",
+            cfg.topk_group, per, cfg.num_experts_per_tok)
+      end
+   end
+   cfg.sparse_layers = {}
+   for i = 1, cfg.num_hidden_layers do              -- transformers counts layers from 0
+      cfg.sparse_layers[i] = cfg.n_routed_experts > 0 and i - 1 >= cfg.first_k_dense_replace
+         and (i - 1) % cfg.moe_layer_freq == 0
+   end
+   local mtp = cfg.num_nextn_predict_layers
+   cfg.num_nextn_predict_layers = type(mtp) == "number" and mtp >= 0 and math.floor(mtp) or 0
+   return cfg
+end
+
+-- --- multi-head latent attention --------------------------------------------------------------
+
+local MLAttention = nn.Module:extend("MLAttention")
+M.MLAttention = MLAttention
+
+function MLAttention:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local H, hidden = cfg.num_attention_heads, cfg.hidden_size
+   local bias = cfg.attention_bias
+   if cfg.q_lora_rank then
+      self.q_a_proj = nn.Linear(hidden, cfg.q_lora_rank, { bias = bias })
+      self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, { eps = 1e-6 })   -- DeepSeek's default eps, not the config's
+      self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, { bias = false })
+   else
+      self.q_proj = nn.Linear(hidden, H * cfg.qk_head_dim, { bias = false })
+   end
+   self.kv_a_proj_with_mqa = nn.Linear(hidden, cfg.kv_lora_rank + cfg.qk_rope_head_dim, { bias = bias })
+   self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, { eps = 1e-6 })
+   self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), { bias = false })
+   self.o_proj = nn.Linear(H * cfg.v_head_dim, hidden, { bias = bias })
+   rawset(self, "n_head", H)
+   rawset(self, "rank", cfg.kv_lora_rank)
+   rawset(self, "nope", cfg.qk_nope_head_dim)
+   rawset(self, "rope", cfg.qk_rope_head_dim)
+   rawset(self, "v_dim", cfg.v_head_dim)
+   rawset(self, "scale", cfg.softmax_scale)
+   rawset(self, "interleaved", cfg.rope_interleave)
+   rawset(self, "layer_idx", layer_idx)
+end
+
+--- For memory planning (utils/runtime_memory.lua), which counts 2 x heads x head_dim values a
+-- cached token: one head whose two halves are the latent and the rotary key.
+function MLAttention:kv_cache_heads()
+   return 1, (self.rank + self.rope) / 2, self.n_head, false
+end
+
+-- DeepSeek's rotary pairs are adjacent dims (x0, x1), (x2, x3), ...; rotate_half pairs dim i with
+-- i + D/2. Gathering the even dims before the odd ones turns one layout into the other (the
+-- queries' and keys' dims move alike, so their products are unchanged).
+function MLAttention:deinterleave(x)
+   local perm = rawget(self, "_perm")
+   if perm == nil or perm.device ~= x.device then
+      local idx = {}
+      for i = 0, self.rope - 1, 2 do idx[#idx + 1] = i end
+      for i = 1, self.rope - 1, 2 do idx[#idx + 1] = i end
+      perm = T.tensor(idx, { dtype = "int64", device = x.device })
+      rawset(self, "_perm", perm)
+   end
+   return x:index_select(x:dim(), perm)
+end
+
+-- Multiply-adds of the two ways for L queries over S cached tokens (per batch row).
+function MLAttention:absorbs(L, S)
+   local H, r, n, p, v = self.n_head, self.rank, self.nope, self.rope, self.v_dim
+   local expanded = S * r * H * (n + v) + H * L * S * (n + p + v)
+   local absorbed = H * L * n * r + H * L * S * (2 * r + p) + H * L * r * v
+   if absorbed >= expanded then return false end
+   -- kv_b_proj's weight is read as a tensor here: a plain float Linear on this device only
+   local w = self.kv_b_proj.weight
+   return getmetatable(self.kv_b_proj) == nn.Linear and w.device ~= "meta"
+      and (w.dtype == "float32" or w.dtype == "bfloat16" or w.dtype == "float16")
+end
+
+--- x (B, T, hidden); cos, sin (T, rope) or (B, 1, T, rope); cache optional; pad (B, past + T) or nil.
+function MLAttention:forward(x, cos, sin, cache, pad)
+   local B, L = x:size(1), x:size(2)
+   local H, r, n, p, vd = self.n_head, self.rank, self.nope, self.rope, self.v_dim
+   local q = self.q_proj and self.q_proj(x) or self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+   q = q:view(B, L, H, n + p):transpose(2, 3)                                 -- (B, H, T, n + p)
+   local q_nope, q_rot = q:narrow(4, 1, n), q:narrow(4, n + 1, p)
+   local ckv = self.kv_a_proj_with_mqa(x)                                     -- (B, T, r + p)
+   local latent = self.kv_a_layernorm(ckv:narrow(3, 1, r)):unsqueeze(2)       -- (B, 1, T, r)
+   local k_rot = ckv:narrow(3, r + 1, p):unsqueeze(2)                         -- (B, 1, T, p)
+   if self.interleaved then q_rot, k_rot = self:deinterleave(q_rot), self:deinterleave(k_rot) end
+   q_rot, k_rot = llama.apply_rotary(q_rot, cos, sin), llama.apply_rotary(k_rot, cos, sin)
+   local past = 0
+   if cache then
+      past = cache.length
+      latent, k_rot = cache:update(self.layer_idx, latent, k_rot)
+   end
+   if rawget(latent, "_q8_scales") then                                      -- an int8 cache
+      local floats = require("moonload.models.kv_cache").floats
+      latent, k_rot = floats(latent, x.dtype), floats(k_rot, x.dtype)
+   end
+   local S = latent:size(3)
+   local y
+   if self:absorbs(L, S) then
+      local w = self.kv_b_proj.weight:view(H, n + vd, r)
+      local q_latent = q_nope:matmul(w:narrow(2, 1, n))                       -- (B, H, T, r)
+      local keys = T.cat({ latent, k_rot }, 4)                                -- (B, 1, S, r + p)
+      local qa, pa, back = common.queries_to_keys(T.cat({ q_latent, q_rot }, 4), keys, pad)
+      y = common.causal_attention(qa, keys, keys:narrow(4, 1, r), past, self.scale, pa)   -- (B, H, T, r)
+      if back then y = y:to(back) end
+      y = y:matmul(w:narrow(2, n + 1, vd):transpose(2, 3))                    -- (B, H, T, vd)
+   else
+      if latent.device ~= x.device then latent, k_rot = latent:to(x.device), k_rot:to(x.device) end
+      local kv = self.kv_b_proj(latent:squeeze(2)):view(B, S, H, n + vd):transpose(2, 3)   -- (B, H, S, n + vd)
+      local keys = T.cat({ kv:narrow(4, 1, n), k_rot:expand(B, H, S, p) }, 4)
+      y = common.causal_attention(T.cat({ q_nope, q_rot }, 4), keys, kv:narrow(4, n + 1, vd), past, self.scale, pad)
+   end
+   return self.o_proj(y:transpose(2, 3):reshape(B, L, H * vd))
+end
+
+-- --- routing ----------------------------------------------------------------------------------
+
+-- The router: a float32 (n_routed_experts, hidden) weight (kept float32 whatever the model's dtype,
+-- as transformers keeps it) and, for V3, the correction bias added to scores for the choice.
+local Router = nn.Module:extend("DeepseekTopkRouter")
+M.DeepseekTopkRouter = Router
+Router.keep_float32_buffers = { weight = true, e_score_correction_bias = true }
+
+function Router:__init(cfg)
+   nn.Module.__init(self)
+   self.weight = nn.Module.new_parameter({ cfg.n_routed_experts, cfg.hidden_size })
+   if cfg.topk_method == "noaux_tc" then
+      self:register_buffer("e_score_correction_bias", nn.Module.new_buffer({ cfg.n_routed_experts }, 0))
+   end
+end
+
+--- flat (N, hidden) -> the router's logits (N, E), float32.
+function Router:forward(flat)
+   return flat:float():matmul(self.weight:float():t())
+end
+
+-- The k largest of the values v[first..last] with allowed[e] (or all when allowed is nil): their
+-- 0-based indices, highest first.
+local function top_indices(v, k, E, allowed)
+   local picked, taken = {}, {}
+   for j = 1, k do
+      local best, bi = -math.huge, nil
+      for e = 1, E do
+         if not taken[e] and (allowed == nil or allowed[e]) and (bi == nil or v[e] > best) then best, bi = v[e], e end
+      end
+      taken[bi] = true
+      picked[j] = bi
+   end
+   return picked
+end
+
+-- The groups (1-based) a token may route to: the topk_group best by score(group values).
+local function allowed_experts(choice, E, groups, keep, group_score)
+   local per = E / groups
+   local gs = {}
+   for g = 1, groups do gs[g] = group_score(choice, (g - 1) * per + 1, g * per) end
+   local allowed = {}
+   for _, g in ipairs(top_indices(gs, keep, groups)) do
+      for e = (g - 1) * per + 1, g * per do allowed[e] = true end
+   end
+   return allowed
+end
+
+local function best_two_sum(v, a, b)
+   local m1, m2 = -math.huge, -math.huge
+   for e = a, b do
+      if v[e] > m1 then m1, m2 = v[e], m1 elseif v[e] > m2 then m2 = v[e] end
+   end
+   return m1 + m2
+end
+
+local function best_one(v, a, b)
+   local m = -math.huge
+   for e = a, b do if v[e] > m then m = v[e] end end
+   return m
+end
+
+local DeepseekMoE = nn.Module:extend("DeepseekMoE")
+M.DeepseekMoE = DeepseekMoE
+
+function DeepseekMoE:__init(cfg, Expert)
+   nn.Module.__init(self)
+   local experts = {}
+   for e = 1, cfg.n_routed_experts do experts[e] = Expert(cfg, cfg.moe_intermediate_size) end
+   self.experts = nn.ModuleList(experts)
+   self.gate = Router(cfg)
+   if cfg.n_shared_experts > 0 then
+      self.shared_experts = Expert(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
+   end
+   rawset(self, "top_k", cfg.num_experts_per_tok)
+   for _, k in ipairs({ "topk_method", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor" }) do
+      rawset(self, k, cfg[k])
+   end
+end
+
+--- The experts of each of flat's rows and their weights: top_w (N, k) float32, top_i a list per
+-- row of k 0-based experts (see the file's header for the two routings).
+function DeepseekMoE:route(flat)
+   local logits = self.gate(flat)
+   local sigmoid = self.topk_method == "noaux_tc"
+   local scores = (sigmoid and logits:sigmoid() or logits:softmax(-1)):tolist()
+   local bias = self.gate.e_score_correction_bias and self.gate.e_score_correction_bias:tolist()
+   local E, k = #scores[1], self.top_k
+   local top_w, top_i = {}, {}
+   for t, s in ipairs(scores) do
+      local choice = s
+      if bias then
+         choice = {}
+         for e = 1, E do choice[e] = s[e] + bias[e] end
+      end
+      local allowed
+      if self.topk_method ~= "greedy" then
+         allowed = allowed_experts(choice, E, self.n_group, self.topk_group, sigmoid and best_two_sum or best_one)
+      end
+      local picked = top_indices(choice, k, E, allowed)
+      local w, sum = {}, 0
+      for j, e in ipairs(picked) do
+         w[j] = s[e]
+         sum = sum + s[e]
+      end
+      local norm = self.norm_topk_prob and 1 / (sum + 1e-20) or 1
+      for j = 1, k do
+         w[j] = w[j] * norm * self.routed_scaling_factor
+         picked[j] = picked[j] - 1
+      end
+      top_w[t], top_i[t] = w, picked
+   end
+   return T.tensor(top_w, { dtype = "float32" }), top_i
+end
+
+--- x (B, T, hidden): the routed experts' weighted sum plus the shared experts'.
+function DeepseekMoE:forward(x)
+   local B, L, H = x:size(1), x:size(2), x:size(3)
+   local flat = x:reshape(B * L, H)
+   local top_w, top_i = self:route(flat)
+   local y = moe.run_experts(self.experts, flat, top_w, top_i):view(B, L, H)
+   if self.shared_experts then y = y + self.shared_experts(x) end
+   return y
+end
+
+-- --- layers and models ------------------------------------------------------------------------
+
+-- An expert, a shared expert or a dense layer's MLP: Llama's gate/up/down of the given width.
+local function mlp_class(prefix)
+   local MLP = llama.LlamaMLP:extend(prefix .. "MLP")
+   function MLP:__init(cfg, intermediate)
+      llama.LlamaMLP.__init(self, setmetatable({ intermediate_size = intermediate or cfg.intermediate_size },
+         { __index = cfg }))
+   end
+   return MLP
+end
+
+-- The classes of a DeepSeek generation, named as transformers names them.
+local function deepseek_family(family, prefix)
+   local MLP = mlp_class(prefix)
+   local Attention = MLAttention:extend(prefix .. "Attention")
+   local MoE = DeepseekMoE:extend(prefix .. (family == "deepseek_v2" and "Moe" or "MoE"))
+   function MoE:__init(cfg) DeepseekMoE.__init(self, cfg, MLP) end
+   local Layer = llama.LlamaDecoderLayer:extend(prefix .. "DecoderLayer")
+   Layer.Attention = Attention
+   function Layer.MLP(cfg, layer_idx)
+      return cfg.sparse_layers[layer_idx] and MoE(cfg) or MLP(cfg)
+   end
+   local Rotary = llama.LlamaRotaryEmbedding:extend(prefix .. "RotaryEmbedding")
+   local Model = llama.LlamaModel:extend(prefix .. "Model")
+   Model.family, Model.Layer, Model.Rotary = family, Layer, Rotary
+   local LM = llama.LlamaForCausalLM:extend(prefix .. "ForCausalLM")
+   LM.family, LM.Model = family, Model
+   LM.no_split_modules = { prefix .. "DecoderLayer" }
+   LM.forward = common.causal_lm_forward("models." .. family .. ".forward", "model", "embed_tokens")
+   function LM:read_config(source) return M.config(source, self.family) end
+   function LM:__init(cfg)
+      llama.LlamaForCausalLM.__init(self, cfg)
+      -- the multi-token-prediction layers stored after the last decoder layer
+      local skip = { "rotary_emb%.inv_freq$" }
+      for i = 0, self.config.num_nextn_predict_layers - 1 do
+         skip[#skip + 1] = "^model%.layers%." .. (self.config.num_hidden_layers + i) .. "%."
+      end
+      rawset(self, "ignore_unexpected", skip)
+   end
+   M[prefix .. "MLP"], M[prefix .. "Attention"], M[prefix .. "DecoderLayer"] = MLP, Attention, Layer
+   M[prefix .. "RotaryEmbedding"], M[prefix .. "Model"], M[prefix .. "ForCausalLM"] = Rotary, Model, LM
+   M[MoE.__name] = MoE
+end
+
+deepseek_family("deepseek_v2", "DeepseekV2")
+deepseek_family("deepseek_v3", "DeepseekV3")
+
+return M

@@ -1,0 +1,229 @@
+-- ml.models DeepSeek-V2 and V3 (multi-head latent attention, grouped expert routing, shared
+-- experts) against transformers (tests/fixtures/gen_models.py deepseek_v3 deepseek_v2
+-- deepseek_v2_lite): names, logits, greedy ids, the latent cache and its two ways of attending,
+-- routing, the multi-token-prediction layers real checkpoints carry, and bad configs.
+local ml = require("moonload")
+local models = require("moonload.models")
+local deepseek = require("moonload.models.deepseek")
+local H = require("models_helpers")
+
+local TOL = 1e-4
+
+local function tiny_v3(over)
+   local c = { model_type = "deepseek_v3", vocab_size = 50, hidden_size = 16, intermediate_size = 32,
+      moe_intermediate_size = 8, num_hidden_layers = 2, num_attention_heads = 2, n_routed_experts = 8,
+      n_shared_experts = 1, num_experts_per_tok = 2, n_group = 4, topk_group = 2, first_k_dense_replace = 1,
+      kv_lora_rank = 8, q_lora_rank = 12, qk_rope_head_dim = 4, qk_nope_head_dim = 8, v_head_dim = 6 }
+   for k, v in pairs(over or {}) do c[k] = v end
+   return c
+end
+
+-- Forces every latent attention of model to attend one way (true: absorbed, false: expanded)
+-- while fn runs.
+local function attending(way, fn)
+   local saved = deepseek.MLAttention.absorbs
+   deepseek.MLAttention.absorbs = function(self, L, S)
+      return way and saved(self, 0, math.huge) or false      -- (the weight checks still apply)
+   end
+   local ok, err = pcall(fn)
+   deepseek.MLAttention.absorbs = saved
+   if not ok then error(err, 0) end
+end
+
+local function decoded_logits(model, ids, n_first)
+   local cache = model:new_cache()
+   local prefix = {}
+   for i = 1, n_first do prefix[i] = ids[i] end
+   local out = { model(prefix, { cache = cache }) }
+   for i = n_first + 1, #ids do out[#out + 1] = model({ ids[i] }, { cache = cache }) end
+   return ml.cat(out, 2)
+end
+
+for _, case in ipairs({
+   { "deepseek_v3_tiny", "DeepseekV3ForCausalLM", "sigmoid scores, bias, groups, q bottleneck, YaRN" },
+   { "deepseek_v2_tiny", "DeepseekV2ForCausalLM", "softmax within groups, YaRN mscale ratio" },
+   { "deepseek_v2_lite_tiny", "DeepseekV2ForCausalLM", "greedy softmax, q_proj, plain rotary" },
+}) do
+   local name, class, what = case[1], case[2], case[3]
+   describe("models." .. name .. " (" .. what .. ")", function()
+      local exp = H.expected(name)
+      local model = models.from_pretrained(H.FIX .. "/" .. name)
+
+      it("builds " .. class .. " with every tensor of the checkpoint, under its names", function()
+         assert.are.equal(class, model.__name)
+         local want = {}
+         for k in pairs(ml.safetensors.load_file(H.FIX .. "/" .. name .. "/model.safetensors")) do want[#want + 1] = k end
+         local have = {}
+         for k in pairs(model:state_dict()) do have[#have + 1] = k end
+         table.sort(want)
+         table.sort(have)
+         assert.are.same(want, have)
+      end)
+
+      it("gives transformers' logits and greedy ids", function()
+         assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
+            eos_token_id = false }))
+      end)
+
+      it("attends absorbed and expanded alike, in a prefill and decoding from the latent cache", function()
+         local ids = exp.input_ids[2]
+         for _, way in ipairs({ true, false }) do
+            attending(way, function()
+               assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+               assert.is_true(H.max_abs_diff(decoded_logits(model, ids, 5), { exp.logits[2] }) < TOL)
+            end)
+         end
+      end)
+   end)
+end
+
+describe("models.deepseek_v3 latent attention", function()
+   local exp = H.expected("deepseek_v3_tiny")
+   local model = models.from_pretrained(H.FIX .. "/deepseek_v3_tiny")
+   local attn = model.model.layers[1].self_attn
+
+   it("caches the normed latent and the rotary key only: kv_lora_rank + qk_rope_head_dim a token", function()
+      local cache = model:new_cache()
+      model(exp.input_ids, { cache = cache })
+      assert.are.same({ 2, 1, 8, 16 }, cache.k[1]:narrow(3, 1, cache.length).shape)
+      assert.are.same({ 2, 1, 8, 8 }, cache.v[1]:narrow(3, 1, cache.length).shape)
+      local rm = require("moonload.utils.runtime_memory")
+      local sizes = rm.kv_cache_sizes(model, { batch_size = 2, max_length = 20, prompt_length = 8 })
+      assert.are.equal(2 * 20 * (16 + 8) * 4, sizes["model.layers.0.self_attn"])
+   end)
+
+   it("absorbs kv_b_proj when that costs less: decoding steps yes, a long prompt no", function()
+      assert.is_true(attn:absorbs(1, 9))
+      assert.is_true(attn:absorbs(1, 4096))
+      assert.is_false(attn:absorbs(64, 64))
+      assert.is_false(attn:absorbs(512, 512))
+   end)
+
+   it("counts positions from a left-padded batch's mask, as transformers does", function()
+      local pad = H.read_json(H.FIX .. "/deepseek_v3_tiny/padded.json")
+      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
+         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
+      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
+      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
+   end)
+
+   it("loads bfloat16 with the router's weight and correction bias kept float32", function()
+      local bf = models.from_pretrained(H.FIX .. "/deepseek_v3_tiny", { dtype = "bfloat16" })
+      local gate = bf.model.layers[2].mlp.gate
+      assert.are.equal("float32", gate.weight.dtype)
+      assert.are.equal("float32", gate.e_score_correction_bias.dtype)
+      assert.are.equal("bfloat16", bf.model.layers[2].self_attn.kv_b_proj.weight.dtype)
+      -- (the second prompt's 5th token goes to other experts in bfloat16, a near tie of two groups:
+      -- routing is not continuous, so only the first row is compared)
+      local logits = bf(ml.tensor(exp.input_ids, { dtype = "int64" })):float()
+      assert.is_true(H.max_abs_diff(logits:narrow(1, 1, 1), { exp.logits[1] }) < 0.2)
+   end)
+end)
+
+describe("models.deepseek routing", function()
+   -- a block whose router returns the given logits (one row per token)
+   local function block_with(cfg, logits, bias)
+      local m = deepseek.DeepseekV3ForCausalLM(cfg)
+      local mlp = m.model.layers[2].mlp
+      mlp.gate.forward = function() return ml.tensor(logits, { dtype = "float32" }) end
+      if bias then mlp.gate.e_score_correction_bias:copy_(ml.tensor(bias, { dtype = "float32" })) end
+      return mlp
+   end
+   local function logit(p) return math.log(p / (1 - p)) end     -- sigmoid(logit(p)) = p
+
+   it("V3: picks within the best groups by their top-two sums, chooses with the bias, weighs without it", function()
+      -- groups {0,1} {2,3} {4,5} {6,7}; expert 0 scores best alone, but its group's two sum to less
+      -- than those of {2,3} and {4,5}
+      local p = { 0.95, 0.01, 0.6, 0.55, 0.5, 0.48, 0.3, 0.3 }
+      local row = {}
+      for e, v in ipairs(p) do row[e] = logit(v) end
+      local mlp = block_with(tiny_v3({ routed_scaling_factor = 2 }), { row })
+      local w, idx = mlp:route(ml.zeros({ 1, 16 }))
+      assert.are.same({ { 2, 3 } }, idx)
+      assert.is_true(H.max_abs_diff(w, { { 2 * 0.6 / 1.15, 2 * 0.55 / 1.15 } }) < 1e-6)   -- renormalized (V3's default)
+      -- a bias of 0.5 on expert 5 makes it the first choice; its weight stays its own score
+      mlp = block_with(tiny_v3({ routed_scaling_factor = 2 }), { row }, { 0, 0, 0, 0, 0, 0.5, 0, 0 })
+      w, idx = mlp:route(ml.zeros({ 1, 16 }))
+      assert.are.same({ { 5, 2 } }, idx)
+      assert.is_true(H.max_abs_diff(w, { { 2 * 0.48 / 1.08, 2 * 0.6 / 1.08 } }) < 1e-6)
+      -- without renormalizing: the scores times the factor
+      mlp = block_with(tiny_v3({ routed_scaling_factor = 2, norm_topk_prob = false }), { row })
+      w = mlp:route(ml.zeros({ 1, 16 }))
+      assert.is_true(H.max_abs_diff(w, { { 2 * 0.6, 2 * 0.55 } }) < 1e-6)
+   end)
+
+   it("V2: group_limited_greedy ranks groups by their best softmax score; greedy ignores groups", function()
+      local row = { 3, -5, 2, 2.5, 1, 0, -1, -2 }
+      local cfg = tiny_v3({ model_type = "deepseek_v2", topk_method = "group_limited_greedy", n_group = 4, topk_group = 1 })
+      local m = deepseek.DeepseekV2ForCausalLM(cfg)
+      local mlp = m.model.layers[2].mlp
+      mlp.gate.forward = function() return ml.tensor({ row }, { dtype = "float32" }) end
+      local w, idx = mlp:route(ml.zeros({ 1, 16 }))
+      assert.are.same({ { 0, 1 } }, idx)                          -- group {0,1} holds the best; both its experts
+      local soft = ml.tensor({ row }):softmax(-1):tolist()[1]
+      assert.is_true(H.max_abs_diff(w, { { soft[1], soft[2] } }) < 1e-6)
+      cfg.topk_method = "greedy"
+      mlp = deepseek.DeepseekV2ForCausalLM(cfg).model.layers[2].mlp
+      mlp.gate.forward = function() return ml.tensor({ row }, { dtype = "float32" }) end
+      w, idx = mlp:route(ml.zeros({ 1, 16 }))
+      assert.are.same({ { 0, 3 } }, idx)
+   end)
+
+   it("runs only the experts the router picked", function()
+      local model = models.from_pretrained(H.FIX .. "/deepseek_v3_tiny")
+      local rows = 0
+      for l = 2, 3 do
+         for e = 1, 8 do
+            local ex = model.model.layers[l].mlp.experts[e]
+            local f = ex.forward
+            ex.forward = function(self, x) rows = rows + x:size(1); return f(self, x) end
+         end
+      end
+      model({ 1, 7, 9 })
+      assert.are.equal(3 * 3 * 2, rows)              -- 3 tokens, 3 experts each, 2 sparse layers
+   end)
+end)
+
+describe("models.deepseek checkpoints and configs", function()
+   it("leaves out the multi-token-prediction layers stored after the last layer, and nothing else", function()
+      local dir = H.tmpdir()
+      for _, f in ipairs({ "config.json", "generation_config.json" }) do
+         H.copy(H.FIX .. "/deepseek_v3_tiny/" .. f, dir .. "/" .. f)
+      end
+      local sd = ml.safetensors.load_file(H.FIX .. "/deepseek_v3_tiny/model.safetensors")
+      sd["model.layers.3.eh_proj.weight"] = ml.zeros({ 32, 64 })           -- num_nextn_predict_layers = 1
+      sd["model.layers.3.mlp.experts.0.up_proj.weight"] = ml.zeros({ 16, 32 })
+      ml.safetensors.save_file(sd, dir .. "/model.safetensors")
+      local exp = H.expected("deepseek_v3_tiny")
+      local model = models.from_pretrained(dir)
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      sd["model.layers.4.eh_proj.weight"] = ml.zeros({ 32, 64 })
+      ml.safetensors.save_file(sd, dir .. "/model.safetensors")
+      assert.has_error(function() models.from_pretrained(dir) end)
+      local ok, err = pcall(models.from_pretrained, dir)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("model.layers.4.eh_proj.weight", 1, true), err)
+      H.rmdir(dir)
+   end)
+
+   it("names what is wrong in a config", function()
+      local function fails(over, msg)
+         local ok, err = pcall(deepseek.DeepseekV3ForCausalLM, tiny_v3(over))
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(msg, 1, true), err)
+      end
+      fails({ topk_group = 5 }, "models.deepseek_v3: topk_group 5 is more than n_group 4 in config table")
+      fails({ n_group = 3 }, "models.deepseek_v3: n_routed_experts 8 is not a multiple of n_group 3 in config table")
+      fails({ n_group = 8, topk_group = 2 }, "n_group 8 leaves fewer than 2 experts a group (n_routed_experts 8)")
+      fails({ qk_rope_head_dim = 5 }, "qk_rope_head_dim must be even, got 5")
+      fails({ num_experts_per_tok = 9 }, "num_experts_per_tok 9 is more than n_routed_experts 8")
+      fails({ kv_lora_rank = 0 }, 'config key "kv_lora_rank" must be an integer >= 1, got 0')
+      fails({ topk_group = 1, num_experts_per_tok = 3 }, "topk_group 1 groups of 2 experts hold fewer than num_experts_per_tok 3")
+      local ok, err = pcall(deepseek.DeepseekV2ForCausalLM, tiny_v3({ model_type = "deepseek_v2", topk_method = "noaux_tc" }))
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('topk_method "noaux_tc" is not supported (supported: greedy, group_limited_greedy)', 1, true), err)
+   end)
+end)
