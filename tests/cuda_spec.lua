@@ -1042,3 +1042,52 @@ describe("weight uploads to cuda #cuda", function()
       assert.is_true(hooks.runtime_stats().bytes_streamed > before)
    end)
 end)
+
+describe("float8 weights on cuda #cuda", function()
+   it("converts float8 to and from float as the CPU does, all 256 bytes and rounding edges", function()
+      for _, name in ipairs({ "float8_e4m3fn", "float8_e5m2" }) do
+         local bytes = {}
+         for b = 0, 255 do bytes[b + 1] = b end
+         local t = ml.tensor(bytes, { dtype = "uint8" }):view_dtype(name)
+         local cpu, gpu = t:to("float32"):tolist(), t:to(DEV):to("float32"):cpu():tolist()
+         for i = 1, 256 do
+            assert.is_true(cpu[i] == gpu[i] or (cpu[i] ~= cpu[i] and gpu[i] ~= gpu[i]), name .. " byte " .. (i - 1))
+         end
+         ml.manual_seed(11)
+         local x = ml.cat({ ml.randn({ 512 }) * 300, ml.randn({ 256 }) * 1e-3, ml.tensor({ 1e30, -1e30, 464, 61440, 0 }) })
+         assert.are.same(x:to(name):view_dtype("uint8"):tolist(), x:to(DEV):to(name):cpu():view_dtype("uint8"):tolist())
+      end
+   end)
+
+   it("dequantizes block-scaled float8 weights as the CPU does", function()
+      ml.manual_seed(12)
+      local w = (ml.randn({ 40, 72 }) * 100):to("float8_e4m3fn")
+      local s = ml.rand({ 3, 5 }) + 0.01
+      local F = ml.nn.functional
+      for _, dtype in ipairs({ "float32", "bfloat16" }) do
+         local want = F.dequantize_fp8_blocks(w, s, { 16, 16 }, dtype)
+         local got = F.dequantize_fp8_blocks(w:to(DEV), s:to(DEV), { 16, 16 }, dtype)
+         assert.are.equal(DEV, got.device)
+         assert_close(got, want, 0, "dequantize_fp8_blocks " .. dtype)
+      end
+   end)
+
+   it("runs DeepSeek-V3's FP8 checkpoint on cuda:0, placed whole and streamed, with the CPU's tokens", function()
+      local dir = "tests/fixtures/models/deepseek_v3_fp8_tiny"
+      local prompt = { 5, 17, 42, 3 }
+      local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 6 })
+      local gpu = ml.models.from_pretrained(dir):to(DEV)
+      assert.are.equal("float8_e4m3fn", gpu.model.layers[2].self_attn.kv_b_proj.weight.dtype)
+      assert.are.same(want, gpu:generate(prompt, { max_new_tokens = 6 }))
+      local folder = os.tmpname()
+      os.remove(folder)
+      -- float8 layers in RAM and on disk streamed to cuda:0 as they are stored (one byte a value)
+      local split = ml.models.from_pretrained(dir, { offload_folder = folder, device_map = {
+         ["model.embed_tokens"] = 0, ["model.rotary_emb"] = 0, ["model.layers.0"] = "cpu", ["model.layers.1"] = "disk",
+         ["model.layers.2"] = 0, ["model.norm"] = 0, lm_head = "cpu" } })
+      local before = hooks.runtime_stats()
+      assert.are.same(want, split:generate(prompt, { max_new_tokens = 6 }))
+      assert.is_true(hooks.runtime_stats().bytes_streamed > before.bytes_streamed)
+      os.execute("rm -rf '" .. folder .. "'")
+   end)
+end)

@@ -227,3 +227,73 @@ describe("models.deepseek checkpoints and configs", function()
       assert.truthy(tostring(err):find('topk_method "noaux_tc" is not supported (supported: greedy, group_limited_greedy)', 1, true), err)
    end)
 end)
+
+describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_fp8_tiny: float8 weights, 16 x 16 scales)", function()
+   H.collect_warnings()                       -- (the disk offload note) kept quiet
+   local exp = H.expected("deepseek_v3_fp8_tiny")
+   local model = models.from_pretrained(H.FIX .. "/deepseek_v3_fp8_tiny")
+
+   it("keeps the projections float8 with their scales, the head, router and norms as stored", function()
+      local attn, mlp = model.model.layers[2].self_attn, model.model.layers[2].mlp
+      for _, m in ipairs({ attn.q_a_proj, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, mlp.experts[8].down_proj,
+                           mlp.shared_experts.gate_proj, model.model.layers[1].mlp.up_proj }) do
+         assert.are.equal("Fp8Linear", m.__name)
+         assert.are.equal("float8_e4m3fn", m.weight.dtype)
+      end
+      assert.are.same({ 2, 2 }, attn.kv_a_proj_with_mqa.weight_scale_inv.shape)   -- 24 rows: a partial tile
+      assert.are.equal("Linear", model.lm_head.__name)
+      assert.are.equal("float32", mlp.gate.weight.dtype)
+   end)
+
+   it("gives the logits and greedy ids of its dequantized weights (transformers' dequantize = True)", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      -- decoding absorbs the float8 kv_b_proj as it absorbs a float one
+      attending(true, function()
+         assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
+      end)
+   end)
+
+   it("runs over CPU and disk with its float8 weights offloaded as they are", function()
+      local dir = H.tmpdir()
+      local m = models.from_pretrained(H.FIX .. "/deepseek_v3_fp8_tiny",
+         { device_map = "auto", max_memory = { cpu = 60000 }, offload_folder = dir })
+      local places = {}
+      for _, d in pairs(m.hf_device_map) do places[tostring(d)] = true end
+      assert.is_true(places.cpu and places.disk)
+      assert.is_true(H.max_abs_diff(m(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids[1], m:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      H.rmdir(dir)
+   end)
+
+   it("saves back as an FP8 checkpoint that loads to the same model", function()
+      local dir = H.tmpdir()
+      ml.save_model(model, dir)
+      local cfg = H.read_json(dir .. "/config.json")
+      assert.are.equal("fp8", cfg.quantization_config.quant_method)
+      assert.are.same({ 16, 16 }, cfg.quantization_config.weight_block_size)
+      local again = models.from_pretrained(dir)
+      assert.are.equal("float8_e4m3fn", again.model.layers[3].mlp.experts[1].up_proj.weight.dtype)
+      assert.is_true(H.max_abs_diff(again(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+
+   it("names an FP8 quantization_config it cannot read", function()
+      local dir = H.tmpdir()
+      H.copy(H.FIX .. "/deepseek_v3_fp8_tiny/model.safetensors", dir .. "/model.safetensors")
+      local cfg = H.read_json(H.FIX .. "/deepseek_v3_fp8_tiny/config.json")
+      local function fails(qc, msg)
+         cfg.quantization_config = qc
+         H.write(dir .. "/config.json", require("cjson").encode(cfg))
+         local ok, err = pcall(models.from_pretrained, dir)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(msg, 1, true), err)
+      end
+      fails({ quant_method = "fp8", fmt = "e4m3" }, "quantization_config in " .. dir .. "/config.json must give weight_block_size as two positive integers")
+      fails({ quant_method = "fp8", weight_block_size = { 16, 16 }, activation_scheme = "static" },
+         'has activation_scheme "static"')
+      fails({ quant_method = "fp8", weight_block_size = { 16, 16 }, fmt = "e2m1" }, 'has fmt "e2m1" (expected "e4m3" or "e5m2")')
+      fails({ quant_method = "awq" }, 'has quant_method "awq"; moonload reads its own int8 and int4 checkpoints')
+      H.rmdir(dir)
+   end)
+end)

@@ -500,9 +500,9 @@ describe("nn.Module conversion and mode", function()
          'to: cannot move "0.weight" from meta to cpu: it has no data (load weights into the model first, e.g. with load_state_dict or load_checkpoint_and_dispatch)')
       assert.equal("cpu", m[1].running_mean.device)
       assert.has_error(function() m:to("float17") end, 
-         'to: "float17" is neither a device ("cpu", "meta", "cuda:N") nor a dtype (float32, float16, bfloat16, float64, int64, int32, int16, int8, uint8, bool)')
+         'to: "float17" is neither a device ("cpu", "meta", "cuda:N") nor a dtype (float32, float16, bfloat16, float64, int64, int32, int16, int8, uint8, bool, float8_e4m3fn, float8_e5m2)')
       assert.has_error(function() m:to("cpu", "float17") end,
-         "to: unknown dtype float17 (expected one of float32, float16, bfloat16, float64, int64, int32, int16, int8, uint8, bool)")
+         "to: unknown dtype float17 (expected one of float32, float16, bfloat16, float64, int64, int32, int16, int8, uint8, bool, float8_e4m3fn, float8_e5m2)")
    end)
 
    it("to meta drops the data", function()

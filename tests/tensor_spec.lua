@@ -67,7 +67,7 @@ describe("tensor construction", function()
    end)
 
    it("rejects unknown dtypes and devices naming them", function()
-      assert.are.equal("empty: unknown dtype float8 (expected one of float32, float16, bfloat16, float64, int64, int32, int16, int8, uint8, bool)",
+      assert.are.equal("empty: unknown dtype float8 (expected one of float32, float16, bfloat16, float64, int64, int32, int16, int8, uint8, bool, float8_e4m3fn, float8_e5m2)",
          errmsg(function() return ml.empty({ 2 }, { dtype = "float8" }) end))
       assert.are.equal('empty: unknown device "gpu0" (expected "cpu", "meta", "cuda" or "cuda:N")',
          errmsg(function() return ml.empty({ 2 }, { device = "gpu0" }) end))

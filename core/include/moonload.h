@@ -39,7 +39,8 @@ enum { ML_OK = 0, ML_EINVAL = 1, ML_ENOMEM = 2, ML_EIO = 3, ML_EUNSUPPORTED = 4,
 typedef enum {
   ML_FLOAT32 = 0, ML_FLOAT16 = 1, ML_BFLOAT16 = 2, ML_FLOAT64 = 3,
   ML_INT64 = 4, ML_INT32 = 5, ML_INT16 = 6, ML_INT8 = 7, ML_UINT8 = 8, ML_BOOL = 9,
-  ML_DTYPE_COUNT = 10
+  ML_FLOAT8_E4M3FN = 10, ML_FLOAT8_E5M2 = 11,
+  ML_DTYPE_COUNT = 12
 } ml_dtype;
 
 typedef enum { ML_DEVICE_CPU = 0, ML_DEVICE_META = 1, ML_DEVICE_CUDA = 2 } ml_device_type;
@@ -234,6 +235,11 @@ ML_API ml_status ml_q8_linear(const ml_tensor *x, const ml_tensor *q, const ml_t
    float16, bfloat16). */
 ML_API ml_status ml_quantize_q8_into(const ml_tensor *x, ml_tensor *q, ml_tensor *scales);
 ML_API ml_status ml_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out);
+/* FP8 checkpoints with block scales (DeepSeek-V3's, transformers' "fp8" quant_method): w (O, I)
+   float8_e4m3fn or float8_e5m2, scale_inv (ceil(O / block_o), ceil(I / block_i)) float32 -> a new
+   (O, I) tensor of dtype (float32, float16 or bfloat16): w[o][i] * scale_inv[o / block_o][i / block_i]. */
+ML_API ml_status ml_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
+                                          int64_t block_i, ml_dtype dtype, ml_tensor **out);
 /* int4 weights (cpu/q8.c, cuda/q8.cu), half of int8's bytes: w (out, in) floating -> q uint8
    (out, in / 2) and float32 scales (out, in / 32). llama.cpp's Q4_0 layout: in each block of 32,
    byte j holds value j in its low nibble and value j + 16 in its high one, each stored as

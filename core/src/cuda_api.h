@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 13
+#define ML_CUDA_API_VERSION 14
 #define ML_CUDA_Q8_ATTN_MAX_E 512
 
 typedef struct ml_cuda_api {
@@ -90,6 +90,9 @@ typedef struct ml_cuda_api {
   ml_status (*q4_linear)(const ml_tensor *x, const ml_tensor *q, const ml_tensor *scales, const ml_tensor *b,
                          ml_tensor *out);
   ml_status (*dequantize_q4)(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
+  /* out (O, I) = w (O, I) fp8 * scale_inv[o / block_o][i / block_i] (ml_dequantize_fp8_blocks) */
+  ml_status (*dequantize_fp8_blocks)(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
+                                     int64_t block_i, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

@@ -1,12 +1,66 @@
 /* dtype.c: dtype names, sizes, promotion and bulk conversion between any two dtypes. */
 #include "internal.h"
 
+#include <pthread.h>
+
 static const struct { const char *name; size_t size; } dtype_info[ML_DTYPE_COUNT] = {
   [ML_FLOAT32] = {"float32", 4}, [ML_FLOAT16] = {"float16", 2}, [ML_BFLOAT16] = {"bfloat16", 2},
   [ML_FLOAT64] = {"float64", 8}, [ML_INT64] = {"int64", 8},     [ML_INT32] = {"int32", 4},
   [ML_INT16] = {"int16", 2},     [ML_INT8] = {"int8", 1},       [ML_UINT8] = {"uint8", 1},
-  [ML_BOOL] = {"bool", 1},
+  [ML_BOOL] = {"bool", 1},       [ML_FLOAT8_E4M3FN] = {"float8_e4m3fn", 1},
+  [ML_FLOAT8_E5M2] = {"float8_e5m2", 1},
 };
+
+/* FP8 (OCP formats, as PyTorch's float8_e4m3fn and float8_e5m2). e4m3fn: bias 7, 3 mantissa bits,
+   no infinities, S.1111.111 is NaN, the largest finite 448. e5m2: float16's upper byte (bias 15,
+   2 mantissa bits, infinities and NaNs as IEEE). Decoding goes through a 256-entry table per
+   format, built once. */
+static float fp8_table[2][256];
+static pthread_once_t fp8_once = PTHREAD_ONCE_INIT;
+
+static float fp8_decode(uint8_t b, bool e5) {
+  int mbits = e5 ? 2 : 3, bias = e5 ? 15 : 7, emax = e5 ? 31 : 15;
+  int exp = (b & 0x7f) >> mbits, man = b & ((1 << mbits) - 1);
+  float v;
+  if (e5 && exp == emax) v = man ? NAN : INFINITY;
+  else if (!e5 && exp == emax && man == 7) v = NAN;
+  else if (exp == 0) v = ldexpf((float)man, 1 - bias - mbits);        /* subnormal */
+  else v = ldexpf(1.0f + (float)man / (1 << mbits), exp - bias);
+  return (b & 0x80) ? -v : v;
+}
+
+static void fp8_build(void) {
+  for (int b = 0; b < 256; b++) {
+    fp8_table[0][b] = fp8_decode((uint8_t)b, false);
+    fp8_table[1][b] = fp8_decode((uint8_t)b, true);
+  }
+}
+
+const float *ml_fp8_table(ml_dtype dt) {
+  pthread_once(&fp8_once, fp8_build);
+  return fp8_table[dt == ML_FLOAT8_E5M2];
+}
+
+/* Rounds to nearest even, straight from the float (no float16 step, which would round twice);
+   past the largest finite value (and from infinity) e4m3fn saturates at +-448 (it has no
+   infinity) and e5m2 gives infinity, as PyTorch's casts do. The CUDA backend's float_to_fp8 is
+   the same code. */
+static uint8_t f32_to_fp8(float f, bool e5) {
+  int mbits = e5 ? 2 : 3, bias = e5 ? 15 : 7;
+  uint8_t sign = signbit(f) ? 0x80 : 0, nan = 0x7f | sign;
+  uint8_t overflow = e5 ? (uint8_t)(0x7c | sign) : (uint8_t)(0x7e | sign);
+  float a = fabsf(f);
+  if (a != a) return nan;
+  if (isinf(a)) return overflow;
+  if (a < ldexpf(1.0f, 1 - bias))                                  /* subnormal steps */
+    return sign | (uint8_t)nearbyintf(ldexpf(a, bias - 1 + mbits));  /* (the top one is the smallest normal) */
+  int e;
+  float q = nearbyintf(ldexpf(frexpf(a, &e), mbits + 1));          /* 1.m with mbits bits, scaled */
+  if (q == (float)(2 << mbits)) { q = (float)(1 << mbits); e++; }
+  int biased = e - 1 + bias, man = (int)q - (1 << mbits);
+  if (e5 ? biased > 30 : (biased > 15 || (biased == 15 && man == 7))) return overflow;
+  return sign | (uint8_t)(biased << mbits) | (uint8_t)man;
+}
 
 size_t ml_dtype_size(ml_dtype dt) { return (unsigned)dt < ML_DTYPE_COUNT ? dtype_info[dt].size : 0; }
 
@@ -26,7 +80,7 @@ ml_status ml_dtype_parse(const char *name, ml_dtype *out) {
   for (size_t i = 0; i < sizeof aliases / sizeof aliases[0]; i++)
     if (strcmp(n, aliases[i].alias) == 0) { *out = aliases[i].dt; return ML_OK; }
   return ml_fail(ML_EINVAL, "unknown dtype \"%s\" (expected float32, float16, bfloat16, float64, "
-                 "int64, int32, int16, int8, uint8 or bool)", name);
+                 "int64, int32, int16, int8, uint8, bool, float8_e4m3fn or float8_e5m2)", name);
 }
 
 bool ml_dtype_is_floating(ml_dtype dt) {
@@ -65,6 +119,7 @@ double ml_load_f64(const void *p, ml_dtype dt, int64_t i) {
   case ML_INT8: return ((const int8_t *)p)[i];
   case ML_UINT8: return ((const uint8_t *)p)[i];
   case ML_BOOL: return ((const uint8_t *)p)[i] != 0;
+  case ML_FLOAT8_E4M3FN: case ML_FLOAT8_E5M2: return ml_fp8_table(dt)[((const uint8_t *)p)[i]];
   default: return 0;
   }
 }
@@ -89,6 +144,8 @@ void ml_store_f64(void *p, ml_dtype dt, int64_t i, double v) {
   case ML_INT8: ((int8_t *)p)[i] = (int8_t)to_i64(v); break;
   case ML_UINT8: ((uint8_t *)p)[i] = (uint8_t)to_i64(v); break;
   case ML_BOOL: ((uint8_t *)p)[i] = v != 0; break;
+  case ML_FLOAT8_E4M3FN: ((uint8_t *)p)[i] = f32_to_fp8((float)v, false); break;
+  case ML_FLOAT8_E5M2: ((uint8_t *)p)[i] = f32_to_fp8((float)v, true); break;
   default: break;
   }
 }
@@ -104,6 +161,14 @@ void ml_convert(const void *src, ml_dtype sdt, void *dst, ml_dtype ddt, int64_t 
   } else if (sdt == ML_BFLOAT16 && ddt == ML_FLOAT32) {
     const uint16_t *s = src; float *d = dst;
     for (int64_t i = 0; i < n; i++) d[i] = ml_bf16_to_f32(s[i]);
+  } else if ((sdt == ML_FLOAT8_E4M3FN || sdt == ML_FLOAT8_E5M2) && ddt == ML_FLOAT32) {
+    const uint8_t *s = src; float *d = dst;
+    const float *lut = ml_fp8_table(sdt);
+    for (int64_t i = 0; i < n; i++) d[i] = lut[s[i]];
+  } else if ((sdt == ML_FLOAT8_E4M3FN || sdt == ML_FLOAT8_E5M2) && ddt == ML_BFLOAT16) {
+    const uint8_t *s = src; uint16_t *d = dst;                 /* exact: fp8 values fit bfloat16 */
+    const float *lut = ml_fp8_table(sdt);
+    for (int64_t i = 0; i < n; i++) d[i] = ml_f32_to_bf16(lut[s[i]]);
   } else if (sdt == ML_FLOAT32 && ddt == ML_FLOAT16) {
     const float *s = src; uint16_t *d = dst;
     for (int64_t i = 0; i < n; i++) d[i] = ml_f32_to_f16(s[i]);

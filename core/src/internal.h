@@ -148,6 +148,8 @@ static inline uint16_t ml_f32_to_bf16(float f) {
 
 /* Element i of a typed buffer as double / store double into element i. */
 double ml_load_f64(const void *p, ml_dtype dt, int64_t i);
+/* The 256 values of a float8 dtype's bytes (ML_FLOAT8_E4M3FN or ML_FLOAT8_E5M2). */
+const float *ml_fp8_table(ml_dtype dt);
 void ml_store_f64(void *p, ml_dtype dt, int64_t i, double v);
 
 // --- strided iteration ----------------------------------------------------------------------

@@ -41,7 +41,7 @@
 typedef struct { const char *name; int bits; int ml; } st_dtype;
 static const st_dtype st_dtypes[] = {
   {"BOOL", 8, ML_BOOL},     {"F4", 4, -1},            {"F6_E2M3", 6, -1},      {"F6_E3M2", 6, -1},
-  {"U8", 8, ML_UINT8},      {"I8", 8, ML_INT8},       {"F8_E5M2", 8, -1},      {"F8_E4M3", 8, -1},
+  {"U8", 8, ML_UINT8},      {"I8", 8, ML_INT8},       {"F8_E5M2", 8, ML_FLOAT8_E5M2}, {"F8_E4M3", 8, ML_FLOAT8_E4M3FN},
   {"F8_E8M0", 8, -1},       {"I16", 16, ML_INT16},    {"U16", 16, -1},         {"F16", 16, ML_FLOAT16},
   {"BF16", 16, ML_BFLOAT16}, {"I32", 32, ML_INT32},   {"U32", 32, -1},         {"F32", 32, ML_FLOAT32},
   {"C64", 64, -1},          {"F64", 64, ML_FLOAT64},  {"I64", 64, ML_INT64},   {"U64", 64, -1},

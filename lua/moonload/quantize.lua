@@ -275,7 +275,13 @@ function M.config_for(model)
          count[widths[e[1]]] = count[widths[e[1]]] + 1
       end
    end
-   if #names == 0 then return nil end
+   if #names == 0 then
+      -- an FP8 checkpoint's layers: its own quantization_config, as read
+      for _, e in ipairs(model:named_modules_list()) do
+         if e[2].__name == "Fp8Linear" then return rawget(model, "fp8_config") end
+      end
+      return nil
+   end
    local bits = count[4] > count[8] and 4 or 8
    local others
    for _, name in ipairs(names) do
@@ -291,11 +297,12 @@ end
 --- apply_config(model, qc, src, who): a model built from a config with quantization_config qc gets
 -- its listed linear layers as QuantizedLinear ones (on meta inside init_empty_weights), so the
 -- checkpoint's int8 weights and scales load into them. Other quantization methods are an error.
-function M.apply_config(model, qc, src, who)
+function M.apply_config(model, qc, src, who, names)
    if qc == nil then return model end
    local method = type(qc) == "table" and qc.quant_method or nil
+   if method == "fp8" then return M.apply_fp8_config(model, qc, src, who, names) end
    if not METHOD_BITS[method] then
-      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4") and quantizes float ones itself (quantize = "int8" or "int4")',
+      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4") and FP8 ones with block scales ("fp8"), and quantizes float ones itself (quantize = "int8" or "int4")',
          who, src, tostring(method)), 0)
    end
    local per_module = qc.bits_per_module
@@ -322,6 +329,59 @@ function M.apply_config(model, qc, src, who)
             { bias = m.bias ~= nil, bits = bits }))
       end
    end
+   return model
+end
+
+-- --- FP8 checkpoints (DeepSeek-V3, transformers' quant_method "fp8") ----------------------------
+
+--- apply_fp8_config(model, qc, src, who[, names]): the linear layers an FP8 checkpoint stores as
+-- float8 with block scales become nn.Fp8Linear, so its weights load as they are (one byte each).
+-- Which layers: those whose "<name>.weight_scale_inv" the checkpoint holds (names: its tensor
+-- names); without names, every nn.Linear but the output head and modules_to_not_convert
+-- (matched as substrings, as transformers does). qc: {quant_method = "fp8", fmt = "e4m3",
+-- weight_block_size = {128, 128}, activation_scheme = "dynamic"}.
+function M.apply_fp8_config(model, qc, src, who, names)
+   local block = qc.weight_block_size
+   local ok = type(block) == "table" and #block == 2
+   for _, b in ipairs(ok and block or {}) do ok = ok and type(b) == "number" and b >= 1 and b == math.floor(b) end
+   if not ok then
+      error(string.format("%s: quantization_config in %s must give weight_block_size as two positive integers (moonload reads FP8 checkpoints with block scales), got %s",
+         who, src, require("moonload.utils.json").encode(block)), 0)
+   end
+   local fmt = qc.fmt or "e4m3"
+   if fmt ~= "e4m3" and fmt ~= "e5m2" then
+      error(string.format('%s: quantization_config in %s has fmt "%s" (expected "e4m3" or "e5m2")', who, src, tostring(fmt)), 0)
+   end
+   if qc.activation_scheme ~= nil and qc.activation_scheme ~= "dynamic" then
+      error(string.format('%s: quantization_config in %s has activation_scheme "%s"; moonload reads FP8 checkpoints with dynamic activations (it computes them in the model dtype)',
+         who, src, tostring(qc.activation_scheme)), 0)
+   end
+   local scaled
+   if names then
+      scaled = {}
+      for _, n in ipairs(names) do
+         local owner = n:match("^(.*)%.weight_scale_inv$")
+         if owner then scaled[owner] = true end
+      end
+   end
+   local skip = type(qc.modules_to_not_convert) == "table" and qc.modules_to_not_convert or {}
+   local function converts(name)
+      if scaled then return scaled[name] == true end
+      if name == "lm_head" then return false end
+      for _, k in ipairs(skip) do
+         if name:find(k, 1, true) then return false end
+      end
+      return true
+   end
+   local Fp8Linear = require("moonload.nn.fp8_linear")
+   for _, e in ipairs(model:named_modules_list()) do
+      local name, m = e[1], e[2]
+      if m.__name == "Linear" and converts(name) then
+         model:set_submodule(name, Fp8Linear(m.in_features, m.out_features,
+            { bias = m.bias ~= nil, block = block, fmt = fmt }))
+      end
+   end
+   rawset(model, "fp8_config", qc)
    return model
 end
 

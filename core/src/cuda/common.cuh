@@ -72,6 +72,38 @@ __device__ __forceinline__ int64_t desc_offset(const TensorDesc &d, int64_t i) {
   return off;
 }
 
+// FP8 (float8_e4m3fn and float8_e5m2) to and from float, as dtype.c does on the host: e4m3fn
+// (bias 7, 3 mantissa bits) has no infinity, S.1111.111 is NaN and past 448 saturates; e5m2
+// (bias 15, 2 mantissa bits) has IEEE infinities and NaNs.
+__device__ __forceinline__ float fp8_to_float(unsigned char b, int dtype) {
+  bool e5 = dtype == ML_FLOAT8_E5M2;
+  int mbits = e5 ? 2 : 3, bias = e5 ? 15 : 7, emax = e5 ? 31 : 15;
+  int exp = (b & 0x7f) >> mbits, man = b & ((1 << mbits) - 1);
+  float v;
+  if (e5 && exp == emax) v = man ? NAN : INFINITY;
+  else if (!e5 && exp == emax && man == 7) v = NAN;
+  else if (exp == 0) v = ldexpf((float)man, 1 - bias - mbits);
+  else v = ldexpf(1.0f + (float)man / (1 << mbits), exp - bias);
+  return (b & 0x80) ? -v : v;
+}
+
+__device__ __forceinline__ unsigned char float_to_fp8(float f, int dtype) {
+  bool e5 = dtype == ML_FLOAT8_E5M2;
+  int mbits = e5 ? 2 : 3, bias = e5 ? 15 : 7;
+  unsigned char sign = signbit(f) ? 0x80 : 0, nan = 0x7f | sign;
+  unsigned char overflow = e5 ? (unsigned char)(0x7c | sign) : (unsigned char)(0x7e | sign);
+  float a = fabsf(f);
+  if (a != a) return nan;
+  if (isinf(a)) return overflow;
+  if (a < ldexpf(1.0f, 1 - bias)) return sign | (unsigned char)rintf(ldexpf(a, bias - 1 + mbits));
+  int e;
+  float q = rintf(ldexpf(frexpf(a, &e), mbits + 1));
+  if (q == (float)(2 << mbits)) { q = (float)(1 << mbits); e++; }
+  int biased = e - 1 + bias, man = (int)q - (1 << mbits);
+  if (e5 ? biased > 30 : (biased > 15 || (biased == 15 && man == 7))) return overflow;
+  return sign | (unsigned char)(biased << mbits) | (unsigned char)man;
+}
+
 template <typename T>
 __device__ __forceinline__ T load_as(const void *p, int dtype, int64_t i) {
   switch (dtype) {
@@ -85,6 +117,7 @@ __device__ __forceinline__ T load_as(const void *p, int dtype, int64_t i) {
   case ML_INT8: return (T)((const signed char *)p)[i];
   case ML_UINT8: return (T)((const unsigned char *)p)[i];
   case ML_BOOL: return (T)(((const unsigned char *)p)[i] != 0);
+  case ML_FLOAT8_E4M3FN: case ML_FLOAT8_E5M2: return (T)fp8_to_float(((const unsigned char *)p)[i], dtype);
   default: return (T)0;
   }
 }
@@ -102,6 +135,7 @@ __device__ __forceinline__ void store_as(void *p, int dtype, int64_t i, T v) {
   case ML_INT8: ((signed char *)p)[i] = (v != v) ? 0 : (signed char)(long long)v; break;
   case ML_UINT8: ((unsigned char *)p)[i] = (v != v) ? 0 : (unsigned char)(long long)v; break;
   case ML_BOOL: ((unsigned char *)p)[i] = v != (T)0; break;
+  case ML_FLOAT8_E4M3FN: case ML_FLOAT8_E5M2: ((unsigned char *)p)[i] = float_to_fp8((float)v, dtype); break;
   default: break;
   }
 }
@@ -235,6 +269,8 @@ ml_status ml_cuda_q4_linear(const ml_tensor *x, const ml_tensor *q, const ml_ten
                             ml_tensor *out);
 ml_status ml_cuda_quantize_q4(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
 ml_status ml_cuda_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
+ml_status ml_cuda_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
+                                        int64_t block_i, ml_tensor *out);
 ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
                           const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
                           ml_tensor *out);

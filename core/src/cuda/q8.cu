@@ -269,6 +269,32 @@ ml_status ml_cuda_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, ml_
   return ML_OK;
 }
 
+// --- FP8 weights with block scales (ml_dequantize_fp8_blocks) --------------------------------------
+
+__global__ void dequantize_fp8_kernel(const unsigned char *w, int wdt, int64_t w_row, const float *s, int64_t s_row,
+                                      int64_t s_col, int64_t I, int64_t block_o, int64_t block_i, void *out, int odt,
+                                      int64_t n) {
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
+    int64_t o = k / I, i = k % I;
+    float v = fp8_to_float(w[o * w_row + i], wdt) * s[(o / block_o) * s_row + (i / block_i) * s_col];
+    store_as<float>(out, odt, k, v);
+  }
+}
+
+ml_status ml_cuda_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
+                                        int64_t block_i, ml_tensor *out) {
+  DeviceState *st;
+  ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
+  TensorDesc wd = ml_cuda_desc(w), sd = ml_cuda_desc(scale_inv);
+  int64_t n = ml_cuda_numel(wd);
+  if (n == 0) return ML_OK;
+  dequantize_fp8_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(
+      (const unsigned char *)wd.data, ml_tensor_dtype(w), wd.strides[0], (const float *)sd.data, sd.strides[0],
+      sd.strides[1], wd.shape[1], block_o, block_i, ml_tensor_data(out), ml_tensor_dtype(out), n);
+  LAUNCH_CHECK();
+  return ML_OK;
+}
+
 // --- attention over int8 keys and values (decoding with an int8 cache) ----------------------------
 
 // Where each batch-head (out's leading dims flattened) finds its rows: element offsets of q, k,

@@ -185,10 +185,10 @@ function MLAttention:absorbs(L, S)
    local expanded = S * r * H * (n + v) + H * L * S * (n + p + v)
    local absorbed = H * L * n * r + H * L * S * (2 * r + p) + H * L * r * v
    if absorbed >= expanded then return false end
-   -- kv_b_proj's weight is read as a tensor here: a plain float Linear on this device only
-   local w = self.kv_b_proj.weight
-   return getmetatable(self.kv_b_proj) == nn.Linear and w.device ~= "meta"
-      and (w.dtype == "float32" or w.dtype == "bfloat16" or w.dtype == "float16")
+   -- kv_b_proj's weight is read as a tensor: a float, int8 or fp8 layer whose weight is here (not
+   -- on meta under a hook of its own, nor under a LoRA adapter)
+   local proj = self.kv_b_proj
+   return type(proj.dense_weight) == "function" and proj.weight ~= nil and proj.weight.device ~= "meta"
 end
 
 --- x (B, T, hidden); cos, sin (T, rope) or (B, 1, T, rope); cache optional; pad (B, past + T) or nil.
@@ -215,7 +215,7 @@ function MLAttention:forward(x, cos, sin, cache, pad)
    local S = latent:size(3)
    local y
    if self:absorbs(L, S) then
-      local w = self.kv_b_proj.weight:view(H, n + vd, r)
+      local w = self.kv_b_proj:dense_weight(x.dtype):view(H, n + vd, r)
       local q_latent = q_nope:matmul(w:narrow(2, 1, n))                       -- (B, H, T, r)
       local keys = T.cat({ latent, k_rot }, 4)                                -- (B, 1, S, r + p)
       local qa, pa, back = common.queries_to_keys(T.cat({ q_latent, q_rot }, 4), keys, pad)

@@ -474,7 +474,7 @@ function load(dir, opts)
       -- generate's defaults, when the folder has them (else config.json's token ids)
       rawset(model, "generation_config", require("moonload.models.generation_config").read(dir, "from_pretrained"))
       -- an int8 or int4 checkpoint (ml.save_model): its linear layers are built as such
-      return require("moonload.quantize").apply_config(model, raw.quantization_config, src, "from_pretrained")
+      return require("moonload.quantize").apply_config(model, raw.quantization_config, src, "from_pretrained", names)
    end
 
    require("moonload.big_modeling")._check_reserve_for_map(opts, "from_pretrained", 3)

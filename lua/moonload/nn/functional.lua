@@ -6,6 +6,7 @@
 --    F.quantize_q8_into(x, q, scales)          int8 rows into views (the key-value cache)
 --    F.dequantize_q8(q, scales[, dtype])       q * scales, a new tensor
 --    F.quantize_q4(w), F.q4_linear(...), F.dequantize_q4(...)   int4 weights, two a byte
+--    F.dequantize_fp8_blocks(w, scale_inv, block[, dtype])    float8 weights with block scales
 --    F.embedding(ids, weight)                  ids hold 0-based rows
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
@@ -117,6 +118,20 @@ end
 
 --- dequantize_q4(q, scales[, dtype = "float32"]) -> the (out, in) weight quantize_q4's values
 -- stand for, as a new tensor of dtype (float32, float16, bfloat16).
+--- dequantize_fp8_blocks(w, scale_inv, {block_o, block_i}[, dtype = "float32"]) -> the float8
+-- weight w (O, I) times its float32 scale_inv (ceil(O / block_o), ceil(I / block_i)) tile by tile,
+-- as a new contiguous (O, I) tensor of dtype (float32, float16, bfloat16), on their device.
+function F.dequantize_fp8_blocks(w, scale_inv, block, dtype)
+   need_tensor("dequantize_fp8_blocks", "float8 weight", w)
+   need_tensor("dequantize_fp8_blocks", "scales", scale_inv)
+   if type(block) ~= "table" or type(block[1]) ~= "number" or type(block[2]) ~= "number" then
+      error("dequantize_fp8_blocks: block must be {block_o, block_i}, got " .. tostring(block), 2)
+   end
+   check(lib.ml_dequantize_fp8_blocks(w._c, scale_inv._c, block[1], block[2],
+      dtype_code("dequantize_fp8_blocks", dtype), out))
+   return wrap(out[0])
+end
+
 function F.dequantize_q4(q, scales, dtype)
    need_tensor("dequantize_q4", "int4 values", q)
    need_tensor("dequantize_q4", "scales", scales)

@@ -1,5 +1,5 @@
 --- ml.nn: modules and layers (API.md "Modules"). `local nn = require("moonload").nn`.
---    nn.Module, nn.Parameter, nn.Linear, nn.Conv1D, nn.QuantizedLinear, nn.LoraLinear, nn.Embedding,
+--    nn.Module, nn.Parameter, nn.Linear, nn.Conv1D, nn.QuantizedLinear, nn.Fp8Linear, nn.LoraLinear, nn.Embedding,
 --    nn.QuantizedEmbedding, nn.LayerNorm, nn.RMSNorm,
 --    nn.BatchNorm1d, nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
 --    nn.Softmax, nn.Sequential, nn.ModuleList, nn.functional (= nn.F), nn.init,
@@ -18,6 +18,7 @@ nn.OrderedDict = require("moonload.nn.ordered_dict")
 nn.Linear = require("moonload.nn.linear")
 nn.Conv1D = require("moonload.nn.conv1d")
 nn.QuantizedLinear = require("moonload.nn.quantized_linear")
+nn.Fp8Linear = require("moonload.nn.fp8_linear")
 nn.LoraLinear = require("moonload.nn.lora_linear")
 nn.QuantizedEmbedding = require("moonload.nn.quantized_embedding")
 nn.Embedding = require("moonload.nn.embedding")

@@ -30,6 +30,14 @@ function Linear:__init(in_features, out_features, opts)
    self:reset_parameters()
 end
 
+--- The weight (out, in) as dtype on its device (Fp8Linear and QuantizedLinear expand theirs):
+-- for code that reads a layer's weight as a tensor (DeepSeek's absorbed attention).
+function Linear:dense_weight(dtype)
+   local w = self.weight
+   if dtype ~= nil and w.dtype ~= dtype then w = w:to(dtype) end
+   return w
+end
+
 function Linear:reset_parameters()
    init.kaiming_uniform_(self.weight, { a = math.sqrt(5) })
    if self.bias ~= nil then

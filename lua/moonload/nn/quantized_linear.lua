@@ -74,6 +74,12 @@ function QuantizedLinear.quantize_weight(w, bits)
    return KERNELS[bits].quantize(w)
 end
 
+--- The weight (out, in) dequantized into dtype (default float32), on its device.
+function QuantizedLinear:dense_weight(dtype)
+   local dequantize = (self.bits or 8) == 8 and F.dequantize_q8 or F.dequantize_q4
+   return dequantize(self.weight, self.weight_scale, dtype or "float32")
+end
+
 function QuantizedLinear:forward(x)
    return KERNELS[self.bits or 8].linear(x, self.weight, self.weight_scale, self.bias)
 end

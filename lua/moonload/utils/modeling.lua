@@ -157,7 +157,9 @@ local function same_shape_t(a, b)
    return true
 end
 
-local INTEGER = { int64 = true, int32 = true, int16 = true, int8 = true, uint8 = true, bool = true }
+-- The dtypes a dtype argument never casts: integers, bools, and float8 (quantized storage).
+local NEVER_CAST = { int64 = true, int32 = true, int16 = true, int8 = true, uint8 = true, bool = true,
+                     float8_e4m3fn = true, float8_e5m2 = true }
 
 -- --- set_module_tensor_to_device ------------------------------------------------------------
 
@@ -183,7 +185,7 @@ local split_cache = {}
 --- set_module_tensor_to_device(module, tensor_name, device, {value, dtype, fp16_statistics,
 -- tied_params_map, non_blocking, clear_cache}). Puts the named parameter or buffer (dotted name)
 -- on device, optionally with a new value. A value keeps the old tensor's dtype unless dtype is
--- given (integers and bools never cast). tied_params_map[data_ptr][device] shares one copy of a
+-- given (integers, bools and float8 never cast). tied_params_map[data_ptr][device] shares one copy of a
 -- tied tensor per device (device keys are canonical strings: "cuda:0", "cpu").
 function M.set_module_tensor_to_device(module, tensor_name, device, opts)
    local fn = "set_module_tensor_to_device"
@@ -255,7 +257,7 @@ function M.set_module_tensor_to_device(module, tensor_name, device, opts)
       end
       if dtype == nil then
          if old ~= nil and value.dtype ~= old.dtype then value = value:to(old.dtype) end
-      elseif not INTEGER[value.dtype] and value.dtype ~= dtype then
+      elseif not NEVER_CAST[value.dtype] and value.dtype ~= dtype then
          value = value:to(dtype)
       end
    end
@@ -263,7 +265,7 @@ function M.set_module_tensor_to_device(module, tensor_name, device, opts)
    local new
    if value == nil then
       new = old:to(device)
-      if dtype ~= nil and device == "meta" and not INTEGER[old.dtype] and new.dtype ~= dtype then
+      if dtype ~= nil and device == "meta" and not NEVER_CAST[old.dtype] and new.dtype ~= dtype then
          new = new:to(dtype)
       end
    else
@@ -667,6 +669,14 @@ function M.load_checkpoint_in_model(model, checkpoint, opts)
    local expected, buffer_names = {}, {}
    for name, t in pairs(model:state_dict()) do expected[name] = t end
    for name in model:named_buffers("", true) do buffer_names[name] = true end
+   -- tensors their class keeps in float32 whatever dtype asks (int8 and fp8 layers' scales, a
+   -- router's weight: keep_float32_buffers)
+   local keep_float32 = {}
+   for _, e in ipairs(model:named_modules_list()) do
+      for key in pairs(rawget(getmetatable(e[2]) or {}, "keep_float32_buffers") or e[2].keep_float32_buffers or {}) do
+         keep_float32[e[1] == "" and key or (e[1] .. "." .. key)] = true
+      end
+   end
 
    -- Validate all shards first: nothing is changed when a checkpoint does not fit.
    local seen, unexpected, mismatched = {}, {}, {}
@@ -734,8 +744,10 @@ function M.load_checkpoint_in_model(model, checkpoint, opts)
       for ki, name in ipairs(keys) do
          if expected[name] ~= nil and not name:find("SCB", 1, true) then
             local info = h:tensor_info(name)
-            local is_float = not INTEGER[info.dtype]
+            -- (float8 weights are quantized storage, converted by their layer, not here)
+            local is_float = require("moonload.dtypes").floating[info.dtype] == true
             local new_dtype = dtype
+            if dtype ~= nil and keep_float32[name] then new_dtype = "float32" end
             if dtype ~= nil and is_float and keep_fp32 ~= nil and dtype == "float16" then
                for _, key in ipairs(keep_fp32) do
                   if (name:find(key, 1, true) and name:find(key .. ".", 1, true)) or key == name then
