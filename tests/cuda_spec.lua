@@ -1059,7 +1059,7 @@ describe("float8 weights on cuda #cuda", function()
       end
    end)
 
-   it("dequantizes block-scaled float8 weights as the CPU does", function()
+   it("dequantizes block-scaled float8 weights and multiplies by them as the CPU does", function()
       ml.manual_seed(12)
       local w = (ml.randn({ 40, 72 }) * 100):to("float8_e4m3fn")
       local s = ml.rand({ 3, 5 }) + 0.01
@@ -1070,6 +1070,12 @@ describe("float8 weights on cuda #cuda", function()
          assert.are.equal(DEV, got.device)
          assert_close(got, want, 0, "dequantize_fp8_blocks " .. dtype)
       end
+      -- fp8_linear: the CPU reads the bytes for 3 rows, the GPU expands and multiplies
+      local x, b = ml.randn({ 3, 72 }), ml.randn({ 40 })
+      local want = F.fp8_linear(x, w, s, { 16, 16 }, b)
+      local got = F.fp8_linear(x:to(DEV), w:to(DEV), s:to(DEV), { 16, 16 }, b:to(DEV))
+      assert.are.equal(DEV, got.device)
+      assert_close(got, want, 1e-4, "fp8_linear")
    end)
 
    it("runs DeepSeek-V3's FP8 checkpoint on cuda:0, placed whole and streamed, with the CPU's tokens", function()

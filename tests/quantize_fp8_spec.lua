@@ -130,6 +130,60 @@ describe("dequantize_fp8_blocks", function()
    end)
 end)
 
+describe("fp8_linear", function()
+   -- the same product through the expanded weight (float32)
+   local function expanded(x, w, s, block, b)
+      return F.linear(x:float(), F.dequantize_fp8_blocks(w, s, block), b and b:float())
+   end
+
+   it("multiplies a few rows straight from the float8 bytes as the expanded weight does", function()
+      ml.manual_seed(21)
+      for _, fmt in ipairs({ "float8_e4m3fn", "float8_e5m2" }) do
+         for _, case in ipairs({ { 1, 96, 300, 16, 128 }, { 3, 40, 72, 16, 16 }, { 16, 33, 50, 7, 9 }, { 5, 8, 20, 128, 128 } }) do
+            local M, O, K, bo, bi = case[1], case[2], case[3], case[4], case[5]
+            -- values spread over float8's range (e4m3's subnormals, below 2^-6, included)
+            local w = (ml.randn({ O, K }) * (ml.rand({ O, K }) * 8.3 - 4.2):exp()):to(fmt)
+            local s = ml.rand({ math.ceil(O / bo), math.ceil(K / bi) }) + 0.05
+            local x, b = ml.randn({ M, K }), ml.randn({ O })
+            local want = expanded(x, w, s, { bo, bi }, b)
+            local got = F.fp8_linear(x, w, s, { bo, bi }, b)
+            local scale = want:abs():max():item()
+            assert.is_true(N.max_abs_diff(got, want:tolist()) <= 1e-5 * scale, fmt .. " " .. table.concat(case, "x"))
+         end
+      end
+   end)
+
+   it("keeps the input's dtype and shape, and takes the GEMM past 16 rows", function()
+      ml.manual_seed(22)
+      local w = (ml.randn({ 24, 64 }) * 30):to("float8_e4m3fn")
+      local s = ml.rand({ 2, 4 }) + 0.1
+      for _, rows in ipairs({ 2, 40 }) do
+         local x = ml.randn({ 2, rows / 2, 64 })
+         local y = F.fp8_linear(x:to("bfloat16"), w, s, { 16, 16 })
+         assert.are.equal("bfloat16", y.dtype)
+         assert.are.same({ 2, rows / 2, 24 }, y.shape)
+         local want = expanded(x, w, s, { 16, 16 })
+         assert.is_true(N.max_abs_diff(y:float(), want:tolist()) <= 0.02 * want:abs():max():item())
+         -- a strided input (a transposed view) reads as its values
+         local xt = ml.randn({ 64, rows }):t()
+         assert.is_true(N.max_abs_diff(F.fp8_linear(xt, w, s, { 16, 16 }), expanded(xt, w, s, { 16, 16 }):tolist()) < 1e-3)
+      end
+   end)
+
+   it("names what does not fit", function()
+      local w = ml.zeros({ 24, 64 }):to("float8_e4m3fn")
+      local ok, err = pcall(F.fp8_linear, ml.zeros({ 1, 63 }), w, ml.ones({ 2, 4 }), { 16, 16 })
+      assert.is_false(ok)
+      assert.truthy(err:find("fp8_linear: input of shape [1, 63] does not match weight of shape [24, 64]", 1, true), err)
+      ok, err = pcall(F.fp8_linear, ml.zeros({ 1, 64 }), w, ml.ones({ 2, 2 }), { 16, 16 })
+      assert.is_false(ok)
+      assert.truthy(err:find("do not go together", 1, true), err)
+      ok, err = pcall(F.fp8_linear, ml.zeros({ 1, 64 }, { dtype = "int32" }), w, ml.ones({ 2, 4 }), { 16, 16 })
+      assert.is_false(ok)
+      assert.truthy(err:find("fp8_linear: the input must be float32, float16 or bfloat16, got int32", 1, true), err)
+   end)
+end)
+
 describe("nn.Fp8Linear", function()
    it("computes x W^T + b with W its float8 values times their tile's scale, in the input's dtype", function()
       ml.manual_seed(5)

@@ -240,6 +240,10 @@ ML_API ml_status ml_dequantize_q8(const ml_tensor *q, const ml_tensor *scales, m
    (O, I) tensor of dtype (float32, float16 or bfloat16): w[o][i] * scale_inv[o / block_o][i / block_i]. */
 ML_API ml_status ml_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
                                           int64_t block_i, ml_dtype dtype, ml_tensor **out);
+/* x W^T + b for such a weight, in x's dtype (float32, float16, bfloat16): a few rows on the CPU
+   read the float8 bytes directly; more rows, or a GPU, expand the weight and run the GEMM. */
+ML_API ml_status ml_fp8_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
+                               int64_t block_i, const ml_tensor *b, ml_tensor **out);
 /* int4 weights (cpu/q8.c, cuda/q8.cu), half of int8's bytes: w (out, in) floating -> q uint8
    (out, in / 2) and float32 scales (out, in / 32). llama.cpp's Q4_0 layout: in each block of 32,
    byte j holds value j in its low nibble and value j + 16 in its high one, each stored as

@@ -2,8 +2,9 @@
 -- as FP8 checkpoints hold it (DeepSeek-V3, Kimi K2; transformers' quant_method "fp8" with
 -- weight_block_size, usually 128 x 128): parameters weight (out, in) float8_e4m3fn (or
 -- float8_e5m2) and weight_scale_inv (ceil(out / block_o), ceil(in / block_i)) float32, under
--- those names. The weight stays one byte a value wherever it lies (RAM, disk, a GPU); each
--- forward expands it tile by tile into the input's dtype and multiplies (weight-only: the
+-- those names. The weight stays one byte a value wherever it lies (RAM, disk, a GPU). A few rows
+-- on the CPU (decoding) are multiplied straight from the float8 bytes; a prompt, or a GPU,
+-- expands the weight tile by tile into the input's dtype and runs the GEMM (weight-only: the
 -- activations stay as they are, as transformers' dequantize = True computes).
 local Module = require("moonload.nn.module")
 local F = require("moonload.nn.functional")
@@ -53,11 +54,10 @@ function Fp8Linear:dense_weight(dtype)
 end
 
 function Fp8Linear:forward(x)
-   local dtype = COMPUTE[x.dtype] and x.dtype or "float32"
-   if dtype ~= x.dtype then x = x:to(dtype) end
+   if not COMPUTE[x.dtype] then x = x:to("float32") end
    local b = self.bias
-   if b ~= nil and b.dtype ~= dtype then b = b:to(dtype) end
-   return F.linear(x, self:dense_weight(dtype), b)
+   if b ~= nil and b.dtype ~= x.dtype then b = b:to(x.dtype) end
+   return F.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, b)
 end
 
 function Fp8Linear:extra_repr()

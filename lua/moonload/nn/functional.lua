@@ -6,7 +6,8 @@
 --    F.quantize_q8_into(x, q, scales)          int8 rows into views (the key-value cache)
 --    F.dequantize_q8(q, scales[, dtype])       q * scales, a new tensor
 --    F.quantize_q4(w), F.q4_linear(...), F.dequantize_q4(...)   int4 weights, two a byte
---    F.dequantize_fp8_blocks(w, scale_inv, block[, dtype])    float8 weights with block scales
+--    F.dequantize_fp8_blocks(w, scale_inv, block[, dtype]), F.fp8_linear(x, w, scale_inv, block[, b])
+--                                              float8 weights with block scales
 --    F.embedding(ids, weight)                  ids hold 0-based rows
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
@@ -129,6 +130,20 @@ function F.dequantize_fp8_blocks(w, scale_inv, block, dtype)
    end
    check(lib.ml_dequantize_fp8_blocks(w._c, scale_inv._c, block[1], block[2],
       dtype_code("dequantize_fp8_blocks", dtype), out))
+   return wrap(out[0])
+end
+
+--- fp8_linear(x, w, scale_inv, {block_o, block_i}[, b]) -> x W^T + b in x's dtype (float32,
+-- float16, bfloat16), W the float8 weight times its tile scales (see dequantize_fp8_blocks); a
+-- few rows on the CPU read the float8 bytes as they are.
+function F.fp8_linear(x, w, scale_inv, block, b)
+   need_tensor("fp8_linear", "input", x)
+   need_tensor("fp8_linear", "float8 weight", w)
+   need_tensor("fp8_linear", "scales", scale_inv)
+   if type(block) ~= "table" or type(block[1]) ~= "number" or type(block[2]) ~= "number" then
+      error("fp8_linear: block must be {block_o, block_i}, got " .. tostring(block), 2)
+   end
+   check(lib.ml_fp8_linear(x._c, w._c, scale_inv._c, block[1], block[2], opt_tensor("fp8_linear", "bias", b), out))
    return wrap(out[0])
 end
 
