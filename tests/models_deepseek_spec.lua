@@ -100,15 +100,7 @@ describe("models.deepseek_v3 latent attention", function()
       assert.is_false(attn:absorbs(512, 512))
    end)
 
-   it("counts positions from a left-padded batch's mask, as transformers does", function()
-      local pad = H.read_json(H.FIX .. "/deepseek_v3_tiny/padded.json")
-      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
-      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
-         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
-      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
-      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
-         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
-   end)
+   H.it_matches_padded(model, "deepseek_v3_tiny", "positions")
 
    it("loads bfloat16 with the router's weight and correction bias kept float32", function()
       local bf = models.from_pretrained(H.FIX .. "/deepseek_v3_tiny", { dtype = "bfloat16" })

@@ -79,4 +79,21 @@ function H.collect_warnings()
    return list
 end
 
+-- A left-padded batch (the fixture's padded.json: the first row's first two ids are padding):
+-- transformers' logits at the real positions and its greedy ids.
+-- (called from a spec: busted's it and assert are that file's)
+function H.it_matches_padded(model, fixture, what)
+   local env = getfenv(2)
+   local it, assert = env.it, env.assert
+   it("counts " .. what .. " from a left-padded batch's mask, as transformers does", function()
+      local pad = H.read_json(H.FIX .. "/" .. fixture .. "/padded.json")
+      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
+      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
+         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < 1e-4)
+      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < 1e-4)
+      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
+   end)
+end
+
 return H

@@ -45,19 +45,7 @@ local function it_matches_transformers(model, exp, what)
    end)
 end
 
--- A left-padded batch (the fixture's padded.json: the first row's first two ids are padding):
--- transformers' logits at the real positions and its greedy ids.
-local function it_matches_padded(model, fixture, what)
-   it("counts " .. what .. " from a left-padded batch's mask, as transformers does", function()
-      local pad = H.read_json(H.FIX .. "/" .. fixture .. "/padded.json")
-      local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
-      assert.is_true(H.max_abs_diff(logits:select(1, 1):narrow(1, 3, 4),
-         { pad.logits[1][3], pad.logits[1][4], pad.logits[1][5], pad.logits[1][6] }) < TOL)
-      assert.is_true(H.max_abs_diff(logits:select(1, 2), pad.logits[2]) < TOL)
-      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
-         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
-   end)
-end
+local it_matches_padded = H.it_matches_padded
 
 describe("models.mistral (tests/fixtures/models/mistral_tiny: sliding window 4)", function()
    local exp = H.expected("mistral_tiny")

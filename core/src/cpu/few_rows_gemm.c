@@ -45,12 +45,6 @@ static inline __m256 load8(const uint8_t *col, int64_t k, ml_dtype dt) {
   return _mm256_cvtph_ps(h);
 }
 
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 static inline float b_at(const uint8_t *col, int64_t k, ml_dtype dt) {
@@ -79,7 +73,7 @@ static inline __attribute__((always_inline)) void column_dots_g(const few_job *j
     }
   }
   for (int c = 0; c < NC; c++)
-    for (int64_t m = 0; m < G; m++) out[c][m] = hsum(acc[m][c]);
+    for (int64_t m = 0; m < G; m++) out[c][m] = ml_hsum256(acc[m][c]);
 #else
   for (int c = 0; c < NC; c++)
     for (int64_t m = 0; m < G; m++) out[c][m] = 0;

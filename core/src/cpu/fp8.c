@@ -29,12 +29,6 @@ static inline void fp8x16(const uint8_t *p, bool e5, __m256 *lo, __m256 *hi) {
   *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 typedef struct {
@@ -159,7 +153,7 @@ static void fp8_row_dots(const fp8_linear_job *j, const float *x0, int64_t G, co
         acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + m * K + k + 8), hi, acc[m][1]);
       }
     }
-    for (int64_t m = 0; m < G; m++) part[m] = simd_scale * hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+    for (int64_t m = 0; m < G; m++) part[m] = simd_scale * ml_hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
 #endif
     for (; k < t1; k++) {
       float wv = j->lut[wr[k]];

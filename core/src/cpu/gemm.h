@@ -5,8 +5,18 @@
 #include "internal.h"
 #include "cpu/kernels.h"
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+#if defined(__AVX2__)
+/* The sum of a vector's 8 floats. */
+static inline float ml_hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 #endif
 
 /* ml_convert with the float16 <-> float32 legs on F16C when the build targets it (x86-64-v3):

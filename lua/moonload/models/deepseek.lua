@@ -371,22 +371,10 @@ end
 -- The classes of a DeepSeek generation, named as transformers names them.
 local function deepseek_family(family, prefix)
    local MLP = mlp_class(prefix)
-   local Attention = MLAttention:extend(prefix .. "Attention")
    local MoE = DeepseekMoE:extend(prefix .. (family == "deepseek_v2" and "Moe" or "MoE"))
    function MoE:__init(cfg) DeepseekMoE.__init(self, cfg, MLP) end
-   local Layer = llama.LlamaDecoderLayer:extend(prefix .. "DecoderLayer")
-   Layer.Attention = Attention
-   function Layer.MLP(cfg, layer_idx)
-      return cfg.sparse_layers[layer_idx] and MoE(cfg) or MLP(cfg)
-   end
-   local Rotary = llama.LlamaRotaryEmbedding:extend(prefix .. "RotaryEmbedding")
-   local Model = llama.LlamaModel:extend(prefix .. "Model")
-   Model.family, Model.Layer, Model.Rotary = family, Layer, Rotary
-   local LM = llama.LlamaForCausalLM:extend(prefix .. "ForCausalLM")
-   LM.family, LM.Model = family, Model
-   LM.no_split_modules = { prefix .. "DecoderLayer" }
-   LM.forward = common.causal_lm_forward("models." .. family .. ".forward", "model", "embed_tokens")
-   function LM:read_config(source) return M.config(source, self.family) end
+   local function mlp(cfg, layer_idx) return cfg.sparse_layers[layer_idx] and MoE(cfg) or MLP(cfg) end
+   local LM = moe.decoder_family(family, prefix, MLAttention, mlp, "mlp", M.config, M)
    function LM:__init(cfg)
       llama.LlamaForCausalLM.__init(self, cfg)
       -- the multi-token-prediction layers stored after the last decoder layer
@@ -396,9 +384,7 @@ local function deepseek_family(family, prefix)
       end
       rawset(self, "ignore_unexpected", skip)
    end
-   M[prefix .. "MLP"], M[prefix .. "Attention"], M[prefix .. "DecoderLayer"] = MLP, Attention, Layer
-   M[prefix .. "RotaryEmbedding"], M[prefix .. "Model"], M[prefix .. "ForCausalLM"] = Rotary, Model, LM
-   M[MoE.__name] = MoE
+   M[prefix .. "MLP"], M[MoE.__name] = MLP, MoE
 end
 
 deepseek_family("deepseek_v2", "DeepseekV2")

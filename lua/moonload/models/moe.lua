@@ -189,16 +189,16 @@ end
 
 -- --- layers and models ------------------------------------------------------------------------------
 
--- The classes of a MoE family, named as transformers names them (no_split_module_classes and the
--- printed tree use them): Llama's attention and layout, with the family's sparse block where
--- cfg.sparse_layers says so and its dense MLP elsewhere, under the attribute mlp_name.
-local function moe_family(family, prefix, Sparse, Dense, mlp_name)
-   local Attention = llama.LlamaAttention:extend(prefix .. "Attention")
+--- decoder_family(family, prefix, Attention, MLP, mlp_name, read_config, into): the classes of a
+-- decoder on Llama's layout, named as transformers names them (no_split_module_classes and the
+-- printed tree use them): prefix .. "Attention" extending Attention, a DecoderLayer whose
+-- mlp_name attribute is MLP(cfg, layer index) (a MoE family picks sparse or dense by the index),
+-- RotaryEmbedding, Model and ForCausalLM reading its config with read_config(source, family).
+-- Stored under those names in into; returns the ForCausalLM class.
+function M.decoder_family(family, prefix, Attention, MLP, mlp_name, read_config, into)
+   local Attn = Attention:extend(prefix .. "Attention")
    local Layer = llama.LlamaDecoderLayer:extend(prefix .. "DecoderLayer")
-   Layer.Attention, Layer.mlp_name = Attention, mlp_name or "mlp"
-   function Layer.MLP(cfg, layer_idx)
-      return cfg.sparse_layers[layer_idx] and Sparse(cfg) or Dense(cfg)
-   end
+   Layer.Attention, Layer.mlp_name, Layer.MLP = Attn, mlp_name or "mlp", MLP
    local Rotary = llama.LlamaRotaryEmbedding:extend(prefix .. "RotaryEmbedding")
    local Model = llama.LlamaModel:extend(prefix .. "Model")
    Model.family, Model.Layer, Model.Rotary = family, Layer, Rotary
@@ -206,9 +206,17 @@ local function moe_family(family, prefix, Sparse, Dense, mlp_name)
    LM.family, LM.Model = family, Model
    LM.no_split_modules = { prefix .. "DecoderLayer" }
    LM.forward = common.causal_lm_forward("models." .. family .. ".forward", "model", "embed_tokens")
-   function LM:read_config(source) return M.config(source, self.family) end
-   M[prefix .. "Attention"], M[prefix .. "DecoderLayer"], M[prefix .. "RotaryEmbedding"] = Attention, Layer, Rotary
-   M[prefix .. "Model"], M[prefix .. "ForCausalLM"] = Model, LM
+   function LM:read_config(source) return read_config(source, self.family) end
+   into[prefix .. "Attention"], into[prefix .. "DecoderLayer"], into[prefix .. "RotaryEmbedding"] = Attn, Layer, Rotary
+   into[prefix .. "Model"], into[prefix .. "ForCausalLM"] = Model, LM
+   return LM
+end
+
+-- A MoE family: Llama's attention, the family's sparse block where cfg.sparse_layers says so and
+-- its dense MLP elsewhere.
+local function moe_family(family, prefix, Sparse, Dense, mlp_name)
+   local function mlp(cfg, layer_idx) return cfg.sparse_layers[layer_idx] and Sparse(cfg) or Dense(cfg) end
+   M.decoder_family(family, prefix, llama.LlamaAttention, mlp, mlp_name, M.config, M)
 end
 
 moe_family("qwen3_moe", "Qwen3Moe", Qwen3MoeSparseMoeBlock, Qwen3MoeMLP)
