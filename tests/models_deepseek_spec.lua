@@ -289,3 +289,18 @@ describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_f
       H.rmdir(dir)
    end)
 end)
+
+describe("examples/deepseek.lua", function()
+   it("runs the FP8 test folder with its experts on disk and prints the model's greedy tokens", function()
+      local p = assert(io.popen("luajit examples/deepseek.lua 2>/dev/null"))
+      local text = p:read("*a")
+      p:close()
+      assert.truthy(text:find("DeepseekV3ForCausalLM, [%d.]+ MB of weights in RAM, [%d.]+ MB on disk %(the routed experts%); projections float8_e4m3fn"), text)
+      local want = models.from_pretrained(H.FIX .. "/deepseek_v3_fp8_tiny"):generate({ 0, 5, 17, 42, 3 },
+         { max_new_tokens = 16, eos_token_id = false })
+      local printed = {}
+      for id in text:match("\n([%d ]+)\n"):gmatch("%d+") do printed[#printed + 1] = tonumber(id) end
+      assert.are.same({ unpack(want, 6) }, printed)
+      assert.truthy(text:find("the latent cache holds 72 values a token (24 per layer), where per-head keys and values would be 432", 1, true))
+   end)
+end)
