@@ -102,6 +102,14 @@ describe("models.deepseek_v3 latent attention", function()
 
    H.it_matches_padded(model, "deepseek_v3_tiny", "positions")
 
+   it("decodes the same under a block schedule and with prompt-lookup drafts (blocks and crops of the latent cache)", function()
+      local want = model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false })
+      assert.are.same(want, model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false,
+         micro_batch_size = 1, prefill_chunk_size = 3 }))
+      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens,
+         eos_token_id = false, prompt_lookup_num_tokens = 3 }))
+   end)
+
    it("loads bfloat16 with the router's weight and correction bias kept float32", function()
       local bf = models.from_pretrained(H.FIX .. "/deepseek_v3_tiny", { dtype = "bfloat16" })
       local gate = bf.model.layers[2].mlp.gate
