@@ -559,26 +559,30 @@ describe("generation and encoders on cuda #cuda", function()
       it(name .. " generates the CPU's tokens from pinned weights (cpu_offload with pin_memory)", function()
          local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 5 })
          local model = ml.models.from_pretrained(dir)
-         local sd = {}
-         for pname, p in model:named_parameters() do sd[pname] = p end
+         local before = {}                  -- every tensor by full name, tied ones under each name
+         for tname, t in pairs(model:state_dict()) do before[tname] = t end
+         for pname, p in model:named_parameters("", true, false) do before[pname] = p end
+         local params = {}
+         for _, p in model:named_parameters() do params[#params + 1] = p:data_ptr() end
          ml.cpu_offload(model, { execution_device = DEV, pin_memory = true })
-         -- the hook of a module holds a pinned copy of each parameter, and tied weights share one
-         -- copy (buffers, such as DeepSeek-V3's router bias, go to cuda:0: offload_buffers is off)
-         local seen = {}
-         for _, m in model:named_modules() do
+         -- the hooks hold a pinned copy of every parameter (buffers may stay on cuda:0:
+         -- offload_buffers is off), one copy for each tensor however many names tie to it (the
+         -- state dict may give each name an object of its own: data pointers count)
+         local seen, held = {}, {}
+         for mname, m in model:named_modules() do
             local h = rawget(m, "_hf_hook")
             for _, s in ipairs(h and h.slots or {}) do
                local w = h.weights_map[s.name]
                assert.is_true(w:is_pinned(), s.name)
                seen[w:data_ptr()] = true
+               held[assert(before[mname == "" and s.name or (mname .. "." .. s.name)], s.name):data_ptr()] = true
             end
          end
-         local distinct = {}
-         for _, t in pairs(sd) do distinct[t] = true end
-         local n_seen, n_distinct = 0, 0
+         local n_seen, n_held = 0, 0
          for _ in pairs(seen) do n_seen = n_seen + 1 end
-         for _ in pairs(distinct) do n_distinct = n_distinct + 1 end
-         assert.are.equal(n_distinct, n_seen)
+         for _ in pairs(held) do n_held = n_held + 1 end
+         assert.are.equal(n_held, n_seen)
+         for _, ptr in ipairs(params) do assert.is_true(held[ptr] == true) end
          assert.are.same(want, model:generate(prompt, { max_new_tokens = 5 }))
       end)
 

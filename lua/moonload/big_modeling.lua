@@ -185,10 +185,14 @@ function M.cpu_offload(model, opts)
       for name, t in pairs(model:state_dict()) do state_dict[name] = t:to("cpu") end
    end
    if opts.pin_memory then
-      local pinned, sd = {}, {}                 -- one pinned copy per tensor object: ties stay tied
+      -- one pinned copy per tensor, so ties stay tied: the state dict may hold a tied tensor
+      -- under each name as an object of its own, so the key is where its data is and its layout
+      local pinned, sd = {}, {}
       for name, t in pairs(state_dict) do
-         if pinned[t] == nil then pinned[t] = t:pin_memory() end
-         sd[name] = pinned[t]
+         local key = string.format("%s %s %s %s", tostring(t:data_ptr()), t.dtype, table.concat(t.shape, "x"),
+            table.concat(t:stride(), "x"))
+         if pinned[key] == nil then pinned[key] = t:pin_memory() end
+         sd[name] = pinned[key]
       end
       state_dict = sd
    end
