@@ -270,21 +270,21 @@ describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_f
       local dir = H.tmpdir()
       local m = models.from_pretrained(H.FIX .. "/deepseek_v3_fp8_tiny",
          { dtype = "bfloat16", device_map = "auto", max_memory = { cpu = 40000 }, offload_folder = dir })
-      local attn, mlp = m.model.layers[1].self_attn, m.model.layers[2].mlp
-      m(ml.tensor(exp.input_ids, { dtype = "int64" }))
-      for _, layer in ipairs({ m.model.layers[1], m.model.layers[3] }) do      -- (in RAM or on disk)
-         local hook = rawget(layer, "_hf_hook")
-         local wm = hook and hook.weights_map
-         local function dtype_of(module, name)
-            local t = module[name]
-            if t:is_meta() and wm then t = wm[name] or t end
-            return t.dtype
+      -- the layers went to disk: their hooks read what the offload folder holds
+      local seen = 0
+      for name, mod in m:named_modules() do
+         local h = rawget(mod, "_hf_hook")
+         local wm = h and h.weights_map
+         if wm and mod.__name == "Fp8Linear" then
+            assert.are.equal("float8_e4m3fn", wm.weight.dtype, name)
+            assert.are.equal("float32", wm.weight_scale_inv.dtype, name)
+            seen = seen + 1
+         elseif wm and mod.__name == "DeepseekTopkRouter" then
+            assert.are.equal("float32", wm.weight.dtype, name)
+            seen = seen + 1
          end
-         assert.are.equal("float8_e4m3fn", dtype_of(layer.self_attn.kv_b_proj, "weight"))
       end
-      assert.are.equal("float32", mlp.gate.weight.dtype)
-      assert.are.equal("float32", mlp.gate.e_score_correction_bias.dtype)
-      assert.are.equal("float32", attn.kv_b_proj.weight_scale_inv.dtype)
+      assert.is_true(seen > 60, "float8 layers and routers read from disk: " .. seen)
       assert.are.equal("bfloat16", m.model.embed_tokens.weight.dtype)
       local logits = m(ml.tensor(exp.input_ids, { dtype = "int64" })):float()
       assert.is_true(H.max_abs_diff(logits:narrow(1, 1, 1), { exp.logits[1] }) < 0.3)

@@ -153,6 +153,32 @@ describe("fp8_linear", function()
       end
    end)
 
+   it("gives the same products on the AVX2 path as on AVX-512 (MOONLOAD_NO_AVX512=1, in a process of its own)", function()
+      local script = [[
+         package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+         local ml = require("moonload")
+         local F = ml.nn.functional
+         ml.manual_seed(23)
+         local worst = 0
+         for _, fmt in ipairs({ "float8_e4m3fn", "float8_e5m2" }) do
+            local w = (ml.randn({ 40, 300 }) * (ml.rand({ 40, 300 }) * 8.3 - 4.2):exp()):to(fmt)
+            local s = ml.rand({ 3, 3 }) + 0.05
+            local x = ml.randn({ 5, 300 })
+            local want = F.linear(x, F.dequantize_fp8_blocks(w, s, { 16, 128 }))
+            local got = F.fp8_linear(x, w, s, { 16, 128 })
+            worst = math.max(worst, ((got - want):abs():max() / want:abs():max()):item())
+         end
+         print(worst)
+      ]]
+      for _, env in ipairs({ "MOONLOAD_NO_AVX512=1", "MOONLOAD_NO_AVX512=0" }) do
+         local p = assert(io.popen(env .. " luajit -e '" .. script:gsub("'", "'\\''") .. "' 2>&1"))
+         local out = p:read("*a")
+         p:close()
+         local worst = tonumber(out:match("^%s*(%S+)"))
+         assert.is_true(worst ~= nil and worst < 1e-5, env .. ": " .. out)
+      end
+   end)
+
    it("keeps the input's dtype and shape, and takes the GEMM past 16 rows", function()
       ml.manual_seed(22)
       local w = (ml.randn({ 24, 64 }) * 30):to("float8_e4m3fn")
