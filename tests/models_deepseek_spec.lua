@@ -93,6 +93,19 @@ describe("models.deepseek_v3 latent attention", function()
       assert.are.equal(2 * 20 * (16 + 8) * 4, sizes["model.layers.0.self_attn"])
    end)
 
+   it("absorbs kv_b_proj under cpu_offload's per-layer hooks too, its weight brought for the step", function()
+      local offloaded = models.from_pretrained(H.FIX .. "/deepseek_v3_tiny")
+      ml.cpu_offload(offloaded, { execution_device = "cpu" })
+      local proj = offloaded.model.layers[1].self_attn.kv_b_proj
+      assert.is_true(proj.weight:is_meta() and rawget(proj, "_hf_hook") ~= nil)
+      local absorbed = 0
+      local dense = proj.dense_weight
+      proj.dense_weight = function(self, dtype) absorbed = absorbed + 1; return dense(self, dtype) end
+      assert.is_true(H.max_abs_diff(decoded_logits(offloaded, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
+      assert.are.equal(3, absorbed)                    -- the 3 decoding steps
+      assert.is_true(proj.weight:is_meta())            -- and put back
+   end)
+
    it("absorbs kv_b_proj when that costs less: decoding steps yes, a long prompt no", function()
       assert.is_true(attn:absorbs(1, 9))
       assert.is_true(attn:absorbs(1, 4096))

@@ -458,6 +458,20 @@ function M.hold(module, fn, ...)
    return unpack(res, 2, res.n)
 end
 
+--- with_weights(module, fn, ...) -> fn(...) while module's hook has its own weights where it puts
+-- them for a forward (as its pre_forward does; post_forward puts them back after fn): for code
+-- that reads a layer's weights as tensors instead of calling it (DeepSeek's absorbed attention
+-- under cpu_offload's per-layer hooks). A module without a hook just runs fn.
+function M.with_weights(module, fn, ...)
+   local h = rawget(module, "_hf_hook")
+   if h == nil then return fn(...) end
+   h:pre_forward(module)
+   local res = pack(pcall(fn, ...))
+   h:post_forward(module)
+   if not res[1] then error(res[2], 0) end
+   return unpack(res, 2, res.n)
+end
+
 --- Waits until the prefetch worker is idle.
 function M.wait_prefetch()
    C.check(lib.ml_hookrt_wait(M.runtime()))

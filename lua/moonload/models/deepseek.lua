@@ -30,6 +30,7 @@ local common = require("moonload.models.common")
 local config = require("moonload.models.config")
 local llama = require("moonload.models.llama")
 local moe = require("moonload.models.moe")
+local hooks = require("moonload.hooks")
 
 local M = {}
 
@@ -185,10 +186,11 @@ function MLAttention:absorbs(L, S)
    local expanded = S * r * H * (n + v) + H * L * S * (n + p + v)
    local absorbed = H * L * n * r + H * L * S * (2 * r + p) + H * L * r * v
    if absorbed >= expanded then return false end
-   -- kv_b_proj's weight is read as a tensor: a float, int8 or fp8 layer whose weight is here (not
-   -- on meta under a hook of its own, nor under a LoRA adapter)
+   -- kv_b_proj's weight is read as a tensor: a float, int8 or fp8 layer (not one under a LoRA
+   -- adapter) whose weight is here, or on meta under a hook of its own that brings it
    local proj = self.kv_b_proj
-   return type(proj.dense_weight) == "function" and proj.weight ~= nil and proj.weight.device ~= "meta"
+   return type(proj.dense_weight) == "function" and proj.weight ~= nil
+      and (proj.weight.device ~= "meta" or rawget(proj, "_hf_hook") ~= nil)
 end
 
 --- x (B, T, hidden); cos, sin (T, rope) or (B, 1, T, rope); cache optional; pad (B, past + T) or nil.
@@ -215,13 +217,17 @@ function MLAttention:forward(x, cos, sin, cache, pad)
    local S = latent:size(3)
    local y
    if self:absorbs(L, S) then
-      local w = self.kv_b_proj:dense_weight(x.dtype):view(H, n + vd, r)
-      local q_latent = q_nope:matmul(w:narrow(2, 1, n))                       -- (B, H, T, r)
-      local keys = T.cat({ latent, k_rot }, 4)                                -- (B, 1, S, r + p)
-      local qa, pa, back = common.queries_to_keys(T.cat({ q_latent, q_rot }, 4), keys, pad)
-      y = common.causal_attention(qa, keys, keys:narrow(4, 1, r), past, self.scale, pa)   -- (B, H, T, r)
-      if back then y = y:to(back) end
-      y = y:matmul(w:narrow(2, n + 1, vd):transpose(2, 3))                    -- (B, H, T, vd)
+      -- (under a hook of kv_b_proj's own, its weight is brought here for this block)
+      y = hooks.with_weights(self.kv_b_proj, function()
+         local w = self.kv_b_proj:dense_weight(x.dtype):view(H, n + vd, r)
+         if w.device ~= x.device then w = w:to(x.device) end
+         local q_latent = q_nope:matmul(w:narrow(2, 1, n))                    -- (B, H, T, r)
+         local keys = T.cat({ latent, k_rot }, 4)                             -- (B, 1, S, r + p)
+         local qa, pa, back = common.queries_to_keys(T.cat({ q_latent, q_rot }, 4), keys, pad)
+         local o = common.causal_attention(qa, keys, keys:narrow(4, 1, r), past, self.scale, pa)   -- (B, H, T, r)
+         if back then o = o:to(back) end
+         return o:matmul(w:narrow(2, n + 1, vd):transpose(2, 3))              -- (B, H, T, vd)
+      end)
    else
       if latent.device ~= x.device then latent, k_rot = latent:to(x.device), k_rot:to(x.device) end
       local kv = self.kv_b_proj(latent:squeeze(2)):view(B, S, H, n + vd):transpose(2, 3)   -- (B, H, S, n + vd)
