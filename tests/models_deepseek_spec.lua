@@ -350,3 +350,48 @@ describe("examples/deepseek.lua", function()
       assert.truthy(text:find("the latent cache holds 72 values a token (24 per layer), where per-head keys and values would be 432", 1, true))
    end)
 end)
+
+describe("models.deepseek hub configs (DeepSeek-V3's and V2-Lite's config.json, built empty)", function()
+   local fix = H.read_json(H.FIX .. "/deepseek_hub_configs.json")
+
+   for _, name in ipairs({ "deepseek_v3", "deepseek_v2_lite" }) do
+      it(name .. ": transformers' parameter count, names and shapes, softmax and rotary scales", function()
+         local c = fix[name].config
+         local cls = c.model_type == "deepseek_v3" and deepseek.DeepseekV3ForCausalLM or deepseek.DeepseekV2ForCausalLM
+         local m = ml.init_empty_weights(function() return cls(c) end)
+         local count, shapes = 0, {}
+         for pname, p in m:named_parameters() do
+            count = count + p:numel()
+            shapes[pname] = p.shape
+         end
+         assert.are.equal(fix[name].parameters, count)              -- 671,026,404,352 for V3
+         for pname, shape in pairs(fix[name].shapes) do
+            assert.are.same(shape, shapes[pname], pname)
+         end
+         assert.is_true(math.abs(m.config.softmax_scale - fix[name].softmax_scale) < 1e-12)
+         assert.are.equal(fix[name].rope_attention_scaling, rawget(m.model.rotary_emb, "attention_scaling") or 1)
+      end)
+   end
+
+   it("deepseek_v3: its FP8 layers, scales per 128 x 128 tile (partial ones included), the head and routers as they are", function()
+      local c = fix.deepseek_v3.config
+      local m = ml.init_empty_weights(function()
+         return require("moonload.quantize").apply_config(deepseek.DeepseekV3ForCausalLM(c), c.quantization_config,
+            "config table", "test")
+      end)
+      local attn, mlp = m.model.layers[4].self_attn, m.model.layers[4].mlp
+      assert.are.same({ 5, 56 }, attn.kv_a_proj_with_mqa.weight_scale_inv.shape)   -- 576 rows: 4.5 tiles
+      assert.are.same({ 192, 12 }, attn.q_b_proj.weight_scale_inv.shape)
+      assert.are.same({ 56, 16 }, mlp.experts[256].down_proj.weight_scale_inv.shape)
+      assert.are.equal("float8_e4m3fn", mlp.shared_experts.up_proj.weight.dtype)
+      assert.are.equal("Linear", m.lm_head.__name)
+      assert.are.equal("DeepseekTopkRouter", mlp.gate.__name)
+      local float8 = 0
+      local total = 0
+      for _, p in m:named_parameters() do
+         total = total + p:numel()
+         if p.dtype == "float8_e4m3fn" then float8 = float8 + p:numel() end
+      end
+      assert.is_true(float8 / total > 0.99, tostring(float8 / total))
+   end)
+end)
