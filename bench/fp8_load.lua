@@ -60,9 +60,11 @@ local function write_checkpoint()
       if name:find("e_score_correction_bias$") then sd[name] = ml.zeros(b.shape) end
    end
    ml.safetensors.save_file(sd, DIR .. "/model.safetensors")
-   local f = assert(io.open(DIR .. "/config.json", "w"))
+   -- config.json last, under a temporary name first: its presence says the folder is whole
+   local f = assert(io.open(DIR .. "/config.json.tmp", "w"))
    f:write(cjson.encode(CONFIG))
    f:close()
+   assert(os.rename(DIR .. "/config.json.tmp", DIR .. "/config.json"))
 end
 
 -- One load and generation in this process.
