@@ -395,3 +395,30 @@ describe("models.deepseek hub configs (DeepSeek-V3's and V2-Lite's config.json, 
       assert.is_true(float8 / total > 0.99, tostring(float8 / total))
    end)
 end)
+
+describe("models.glm4_moe (tests/fixtures/models/glm4_moe_tiny: GQA with biases and q/k norms, half-rotary heads, V3's routing)", function()
+   local exp = H.expected("glm4_moe_tiny")
+   local model = models.from_pretrained(H.FIX .. "/glm4_moe_tiny")
+
+   it("builds Glm4MoeForCausalLM with every tensor of the checkpoint, rotating half of each head", function()
+      assert.are.equal("Glm4MoeForCausalLM", model.__name)
+      local want, have = {}, {}
+      for k in pairs(ml.safetensors.load_file(H.FIX .. "/glm4_moe_tiny/model.safetensors")) do want[#want + 1] = k end
+      for k in pairs(model:state_dict()) do have[#have + 1] = k end
+      table.sort(want)
+      table.sort(have)
+      assert.are.same(want, have)
+      assert.are.equal(4, model.config.rotary_dim)                       -- of head_dim 8
+      assert.are.equal("Glm4MoeMoE", model.model.layers[2].mlp.__name)
+      assert.are.equal("Glm4MoeMLP", model.model.layers[1].mlp.__name)
+      assert.is_nil(model.model.layers[1].self_attn.o_proj.bias)
+   end)
+
+   it("gives transformers' logits and greedy ids, and decodes with the cache as a full forward", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
+   end)
+
+   H.it_matches_padded(model, "glm4_moe_tiny", "positions")
+end)

@@ -40,69 +40,51 @@ local function yarn_mscale(factor, m)
    return 0.1 * m * math.log(factor) + 1
 end
 
---- Reads and checks a DeepSeek config (path, folder or table); family "deepseek_v2" or
--- "deepseek_v3".
-function M.config(source, family)
-   local WHO = "models." .. family
-   local cfg = llama.config(source, family)
-   local function int(name, min, default)
-      local v = cfg[name]
-      if v == nil then v = default end
-      if type(v) ~= "number" or v ~= math.floor(v) or v < min then
-         config.fail(cfg, WHO, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
-      end
-      cfg[name] = v
-      return v
+-- An integer config key, checked (default when absent): the checker moe_config and config share.
+local function int_key(cfg, WHO, name, min, default)
+   local v = cfg[name]
+   if v == nil then v = default end
+   if type(v) ~= "number" or v ~= math.floor(v) or v < min then
+      config.fail(cfg, WHO, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
    end
-   int("kv_lora_rank", 1, 512)
-   int("qk_rope_head_dim", 2, 64)
-   int("qk_nope_head_dim", 0, 128)
-   int("v_head_dim", 1, 128)
-   if cfg.q_lora_rank ~= nil then int("q_lora_rank", 1) end       -- (JSON null: no query bottleneck)
-   if cfg.qk_rope_head_dim % 2 ~= 0 then
-      config.fail(cfg, WHO, "qk_rope_head_dim must be even, got %d", cfg.qk_rope_head_dim)
-   end
-   -- the rotary table turns the shared rotary key's dims (transformers sets head_dim to them)
-   cfg.head_dim, cfg.rotary_dim = cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
-   cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-   cfg.rope_interleave = family == "deepseek_v2" or cfg.rope_interleave ~= false
-   local scale = cfg.qk_head_dim ^ -0.5
-   local rope = cfg.rope
-   if rope.rope_type ~= "default" and rope.mscale_all_dim and rope.mscale_all_dim ~= 0 then
-      local m = yarn_mscale(rope.factor, rope.mscale_all_dim)
-      scale = scale * m * m
-   end
-   cfg.softmax_scale = scale
-   -- experts
+   cfg[name] = v
+   return v
+end
+
+--- The routed and shared experts of a config read by llama.config (DeepSeek's, and GLM-4.5's
+-- which routes as V3 does), checked into cfg: n_routed_experts, n_shared_experts,
+-- moe_intermediate_size, num_experts_per_tok, routed_scaling_factor, norm_topk_prob,
+-- topk_method ("noaux_tc" for V3's routing; V2's: "greedy" or "group_limited_greedy"), n_group,
+-- topk_group, sparse_layers (per layer) and num_nextn_predict_layers. defaults: values where the
+-- family's transformers config differs from V2's.
+function M.moe_config(cfg, WHO, method, defaults)
+   defaults = defaults or {}
+   local function int(name, min, default) return int_key(cfg, WHO, name, min, default) end
    cfg.n_routed_experts = cfg.n_routed_experts or cfg.num_local_experts or cfg.num_experts
    int("n_routed_experts", 0, 0)
    int("n_shared_experts", 0, 0)
    int("moe_intermediate_size", 1, 1407)
-   int("first_k_dense_replace", 0, 0)
+   int("first_k_dense_replace", 0, defaults.first_k_dense_replace or 0)
    int("moe_layer_freq", 1, 1)
    if cfg.n_routed_experts > 0 then
-      int("num_experts_per_tok", 1)
+      int("num_experts_per_tok", 1, defaults.num_experts_per_tok)
       if cfg.num_experts_per_tok > cfg.n_routed_experts then
          config.fail(cfg, WHO, "num_experts_per_tok %d is more than n_routed_experts %d", cfg.num_experts_per_tok,
             cfg.n_routed_experts)
       end
    end
    local rsf = cfg.routed_scaling_factor
-   if rsf == nil then rsf = family == "deepseek_v3" and 2.5 or 1 end
+   if rsf == nil then rsf = defaults.routed_scaling_factor or 1 end
    if type(rsf) ~= "number" or rsf <= 0 then
       config.fail(cfg, WHO, 'config key "routed_scaling_factor" must be a positive number, got %s', tostring(rsf))
    end
    cfg.routed_scaling_factor = rsf
-   if cfg.norm_topk_prob == nil then cfg.norm_topk_prob = family == "deepseek_v3" end   -- transformers' defaults
+   if cfg.norm_topk_prob == nil then cfg.norm_topk_prob = defaults.norm_topk_prob or false end   -- transformers' defaults
    cfg.norm_topk_prob = cfg.norm_topk_prob == true
-   local method = family == "deepseek_v3" and "noaux_tc" or cfg.topk_method or "greedy"
-   if family == "deepseek_v2" and method ~= "greedy" and method ~= "group_limited_greedy" then
-      config.fail(cfg, WHO, 'topk_method "%s" is not supported (supported: greedy, group_limited_greedy)', tostring(method))
-   end
    cfg.topk_method = method
    if method ~= "greedy" and cfg.n_routed_experts > 0 then
-      int("n_group", 1, family == "deepseek_v3" and 8 or nil)
-      int("topk_group", 1, family == "deepseek_v3" and 4 or nil)
+      int("n_group", 1, defaults.n_group)
+      int("topk_group", 1, defaults.topk_group)
       local per = cfg.n_routed_experts / cfg.n_group
       if per ~= math.floor(per) then
          config.fail(cfg, WHO, "n_routed_experts %d is not a multiple of n_group %d", cfg.n_routed_experts, cfg.n_group)
@@ -124,9 +106,43 @@ function M.config(source, family)
       cfg.sparse_layers[i] = cfg.n_routed_experts > 0 and i - 1 >= cfg.first_k_dense_replace
          and (i - 1) % cfg.moe_layer_freq == 0
    end
-   local mtp = cfg.num_nextn_predict_layers
+   local mtp = cfg.num_nextn_predict_layers or cfg.num_mtp_layers
    cfg.num_nextn_predict_layers = type(mtp) == "number" and mtp >= 0 and math.floor(mtp) or 0
    return cfg
+end
+
+--- Reads and checks a DeepSeek config (path, folder or table); family "deepseek_v2" or
+-- "deepseek_v3".
+function M.config(source, family)
+   local WHO = "models." .. family
+   local cfg = llama.config(source, family)
+   local function int(name, min, default) return int_key(cfg, WHO, name, min, default) end
+   int("kv_lora_rank", 1, 512)
+   int("qk_rope_head_dim", 2, 64)
+   int("qk_nope_head_dim", 0, 128)
+   int("v_head_dim", 1, 128)
+   if cfg.q_lora_rank ~= nil then int("q_lora_rank", 1) end       -- (JSON null: no query bottleneck)
+   if cfg.qk_rope_head_dim % 2 ~= 0 then
+      config.fail(cfg, WHO, "qk_rope_head_dim must be even, got %d", cfg.qk_rope_head_dim)
+   end
+   -- the rotary table turns the shared rotary key's dims (transformers sets head_dim to them)
+   cfg.head_dim, cfg.rotary_dim = cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
+   cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+   cfg.rope_interleave = family == "deepseek_v2" or cfg.rope_interleave ~= false
+   local scale = cfg.qk_head_dim ^ -0.5
+   local rope = cfg.rope
+   if rope.rope_type ~= "default" and rope.mscale_all_dim and rope.mscale_all_dim ~= 0 then
+      local m = yarn_mscale(rope.factor, rope.mscale_all_dim)
+      scale = scale * m * m
+   end
+   cfg.softmax_scale = scale
+   local method = family == "deepseek_v3" and "noaux_tc" or cfg.topk_method or "greedy"
+   if family == "deepseek_v2" and method ~= "greedy" and method ~= "group_limited_greedy" then
+      config.fail(cfg, WHO, 'topk_method "%s" is not supported (supported: greedy, group_limited_greedy)', tostring(method))
+   end
+   return M.moe_config(cfg, WHO, method, family == "deepseek_v3"
+      and { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 8, topk_group = 4, first_k_dense_replace = 3,
+            num_experts_per_tok = 8 } or {})
 end
 
 -- --- multi-head latent attention --------------------------------------------------------------
@@ -374,21 +390,34 @@ local function mlp_class(prefix)
    return MLP
 end
 
--- The classes of a DeepSeek generation, named as transformers names them.
-local function deepseek_family(family, prefix)
+--- The MLP classes of a family routed as DeepSeek routes, named prefix .. "MLP" (an expert, a
+-- shared expert, a dense layer's MLP) and prefix .. moe_name; returns them and the layer's MLP
+-- maker: the MoE block where cfg.sparse_layers says so, the dense MLP elsewhere.
+function M.moe_layer_classes(prefix, moe_name)
    local MLP = mlp_class(prefix)
-   local MoE = DeepseekMoE:extend(prefix .. (family == "deepseek_v2" and "Moe" or "MoE"))
+   local MoE = DeepseekMoE:extend(prefix .. moe_name)
    function MoE:__init(cfg) DeepseekMoE.__init(self, cfg, MLP) end
    local function mlp(cfg, layer_idx) return cfg.sparse_layers[layer_idx] and MoE(cfg) or MLP(cfg) end
+   return MLP, MoE, mlp
+end
+
+--- For a causal LM class of such a family: leaves out the multi-token-prediction layers stored
+-- after the last decoder layer when loading (num_nextn_predict_layers of them).
+function M.skip_mtp_layers(model)
+   local skip = { "rotary_emb%.inv_freq$" }
+   for i = 0, model.config.num_nextn_predict_layers - 1 do
+      skip[#skip + 1] = "^model%.layers%." .. (model.config.num_hidden_layers + i) .. "%."
+   end
+   rawset(model, "ignore_unexpected", skip)
+end
+
+-- The classes of a DeepSeek generation, named as transformers names them.
+local function deepseek_family(family, prefix)
+   local MLP, MoE, mlp = M.moe_layer_classes(prefix, family == "deepseek_v2" and "Moe" or "MoE")
    local LM = moe.decoder_family(family, prefix, MLAttention, mlp, "mlp", M.config, M)
    function LM:__init(cfg)
       llama.LlamaForCausalLM.__init(self, cfg)
-      -- the multi-token-prediction layers stored after the last decoder layer
-      local skip = { "rotary_emb%.inv_freq$" }
-      for i = 0, self.config.num_nextn_predict_layers - 1 do
-         skip[#skip + 1] = "^model%.layers%." .. (self.config.num_hidden_layers + i) .. "%."
-      end
-      rawset(self, "ignore_unexpected", skip)
+      M.skip_mtp_layers(self)
    end
    M[prefix .. "MLP"], M[MoE.__name] = MLP, MoE
 end

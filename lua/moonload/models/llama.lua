@@ -33,6 +33,7 @@ local FAMILIES = {
    olmo2 = { who = "models.olmo2", prefix = "Olmo2" },
    deepseek_v2 = { who = "models.deepseek_v2", prefix = "DeepseekV2" },                        -- models/deepseek.lua
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
+   glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
@@ -224,6 +225,10 @@ function M.config(source, family)
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "glm4_moe" then          -- biased q/k/v, an unbiased output, per-head q/k norms if asked
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      cfg.qk_norm = cfg.use_qk_norm == true
    elseif family == "olmo2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
