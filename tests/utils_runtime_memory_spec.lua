@@ -11,7 +11,8 @@ local H = require("models_helpers")
 
 local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny", "qwen3_tiny", "phi3_tiny",
                    "gemma2_tiny", "gemma3_tiny", "gemma3_multimodal_tiny", "qwen3_moe_tiny", "mixtral_tiny",
-                   "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny", "phi_tiny" }
+                   "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny", "phi_tiny",
+                   "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny" }
 
 local prompts = H.padded_prompts
 
@@ -82,7 +83,7 @@ describe("utils.runtime_memory", function()
       it("measures the block schedule for one family per decoder loop and attention kind", function()
          local n = 0
          for _, r in pairs(results) do if r.blocked then n = n + 1 end end
-         assert.are.equal(6, n)
+         assert.are.equal(7, n)
       end)
 
       for _, name in ipairs(FAMILIES) do

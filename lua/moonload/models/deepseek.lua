@@ -196,12 +196,31 @@ function MLAttention:deinterleave(x)
    return x:index_select(x:dim(), perm)
 end
 
--- Multiply-adds of the two ways for L queries over S cached tokens (per batch row).
-function MLAttention:absorbs(L, S)
+-- Whether absorbing costs fewer multiply-adds than expanding, for L queries over S cached tokens.
+function MLAttention:absorbing_is_cheaper(L, S)
    local H, r, n, p, v = self.n_head, self.rank, self.nope, self.rope, self.v_dim
    local expanded = S * r * H * (n + v) + H * L * S * (n + p + v)
    local absorbed = H * L * n * r + H * L * S * (2 * r + p) + H * L * r * v
-   if absorbed >= expanded then return false end
+   return absorbed < expanded
+end
+
+--- For memory planning (utils/runtime_memory.lua): the values one batch row's attention holds at
+-- once for L queries over S keys, the way it would run. Absorbed: the queries, their latent
+-- form, the keys concatenated from the cache, the latent output and the values; expanded: the
+-- queries, the keys and values expanded from every cached latent, the keys with the rotary
+-- part, and the output.
+function MLAttention:activation_values(L, S)
+   local H, r, n, p, v = self.n_head, self.rank, self.nope, self.rope, self.v_dim
+   local common_part = L * (H * (n + p) + (r + p)) + S * (r + p)    -- q, this step's latent, the cache's view
+   if self:absorbing_is_cheaper(L, S) then
+      return common_part + L * H * (r + (r + p) + r + v) + S * (r + p)
+   end
+   return common_part + S * H * ((n + v) + (n + p)) + L * H * ((n + p) + v)
+end
+
+-- Whether this step absorbs: cheaper, and kv_b_proj's weight can be read.
+function MLAttention:absorbs(L, S)
+   if not self:absorbing_is_cheaper(L, S) then return false end
    -- kv_b_proj's weight is read as a tensor: a float, int8 or fp8 layer (not one under a LoRA
    -- adapter) whose weight is here, or on meta under a hook of its own that brings it
    local proj = self.kv_b_proj

@@ -146,8 +146,11 @@ local function layer_bytes(e, B, L, S, dtype, kv_dtype)
       if i and i > H then H = i end
    end
    local attn = q_heads * head_dim + 2 * kv_heads * head_dim
-   local per_token = 4 * H + 2 * attn + 4 * mlp_width(e.layer, e.attention)
-   local bytes = B * L * per_token * el + 3 * B * L * S                      -- bool masks (B, 1, L, S)
+   local per_token = 4 * H + 4 * mlp_width(e.layer, e.attention)
+   -- an attention that forms more than q, k, v and its output says how much, per batch row
+   -- (DeepSeek's latent attention: expanded keys and values, or the latents it attends over)
+   local attn_values = e.attention.activation_values and e.attention:activation_values(L, S) or 2 * attn * L
+   local bytes = B * (L * per_token + attn_values) * el + 3 * B * L * S      -- bool masks (B, 1, L, S)
    if kv_dtype == "int8" and L > require("moonload.models.common").Q8_DIRECT_ROWS then
       bytes = bytes + 2 * B * S * kv_heads * head_dim * el          -- (dequantized for the GEMMs)
    end
