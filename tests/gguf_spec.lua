@@ -125,6 +125,31 @@ describe("gguf files", function()
       end)
    end
 
+   it("qwen3moe_mixed.gguf: splits each layer's stacked experts into the experts' layers, and gives transformers' logits and greedy ids", function()
+      local exp = expected["qwen3moe_mixed.gguf"]
+      local model = ml.models.from_gguf(DIR .. "qwen3moe_mixed.gguf")
+      assert.are.equal("Qwen3MoeForCausalLM", model.__name)
+      assert.are.same({ 6, 2, 32 }, { model.config.num_experts, model.config.num_experts_per_tok, model.config.moe_intermediate_size })
+      assert.is_true(model.config.norm_topk_prob)
+      -- layer 0's experts Q8_0, layer 1's Q4_0: rows of one unpacked matrix each; layer 2's F16 as floats
+      local first, second = model.model.layers[1].mlp.experts, model.model.layers[2].mlp.experts
+      assert.are.equal(8, first[1].gate_proj.bits)
+      assert.are.equal(4, second[6].down_proj.bits)
+      assert.are.same({ 32, 32 }, first[1].down_proj.weight.shape)
+      assert.are.equal(first[1].gate_proj.weight:data_ptr() + 32 * 32, first[2].gate_proj.weight:data_ptr())
+      assert.are.equal("Linear", model.model.layers[3].mlp.experts[3].up_proj.__name)
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
+      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = 8, eos_token_id = false }))
+      -- with its experts on disk and the rest in RAM
+      local dir = os.tmpname()
+      os.remove(dir)
+      local placed = ml.models.from_gguf(DIR .. "qwen3moe_mixed.gguf", { device_map = "auto", offload_folder = dir,
+         max_memory = { cpu = "200MB" }, device_overrides = { ["%.experts$"] = "disk" } })
+      assert.are.equal("disk", placed.hf_device_map["model.layers.1.mlp.experts"])
+      assert.are.same(exp.greedy_ids[1], placed:generate(exp.input_ids[1], { max_new_tokens = 8, eos_token_id = false }))
+      os.execute("rm -rf '" .. dir .. "'")
+   end)
+
    it("reads Q4_1, Q5_0, Q5_1 and the K-quants Q2_K to Q6_K as gguf-py widens them, quantized again to int8 by default", function()
       local exp = expected["llama_kquants.gguf"]
       local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
@@ -206,7 +231,7 @@ describe("gguf files", function()
          { function()
               write_gguf(path, { { "general.architecture", "str", "gpt2" } }, {})
               ml.models.from_gguf(path)
-           end, 'architecture "gpt2" is not read (llama, qwen2 and qwen3 are)' },
+           end, 'architecture "gpt2" is not read (llama, qwen2, qwen3 and qwen3moe are)' },
          { function()
               write_gguf(path, { arch }, {})
               ml.models.from_gguf(path)

@@ -1,8 +1,10 @@
 --- ml.models.from_gguf(path[, {dtype = "float32", requantize = "int8", device_map, max_memory,
 -- offload_folder, reserve_for, quantize, ...}]) -> a causal model from one of llama.cpp's GGUF files.
 --
--- The architectures "llama" (Llama, Mistral and the others llama.cpp converts as llama), "qwen2"
--- and "qwen3" become LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM, their config built
+-- The architectures "llama" (Llama, Mistral and the others llama.cpp converts as llama), "qwen2",
+-- "qwen3" and "qwen3moe" (Qwen3-30B-A3B, Qwen3-235B-A22B: each layer's experts stacked in
+-- ffn_{gate,up,down}_exps, split here into the experts' own layers without copying) become
+-- LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and Qwen3MoeForCausalLM, their config built
 -- from the file's metadata (llama.cpp's keys) and their tensors renamed from llama.cpp's
 -- (blk.N.attn_q.weight -> model.layers.N.self_attn.q_proj.weight, ...). Tensors are read as
 -- they are stored:
@@ -33,7 +35,9 @@ local CLASSES = {
    llama = { model_type = "llama", class = "LlamaForCausalLM", permute = true },
    qwen2 = { model_type = "qwen2", class = "Qwen2ForCausalLM" },
    qwen3 = { model_type = "qwen3", class = "Qwen3ForCausalLM" },
+   qwen3moe = { model_type = "qwen3_moe", class = "Qwen3MoeForCausalLM", experts = true },
 }
+local ARCHS = "llama, qwen2, qwen3 and qwen3moe"
 
 -- llama.cpp's tensor names -> transformers'
 local GLOBAL = { ["token_embd"] = "model.embed_tokens", ["output_norm"] = "model.norm", ["output"] = "lm_head" }
@@ -42,9 +46,13 @@ local BLOCK = {
    attn_v = "self_attn.v_proj", attn_output = "self_attn.o_proj", ffn_norm = "post_attention_layernorm",
    ffn_gate = "mlp.gate_proj", ffn_up = "mlp.up_proj", ffn_down = "mlp.down_proj",
    attn_q_norm = "self_attn.q_norm", attn_k_norm = "self_attn.k_norm",
+   ffn_gate_inp = "mlp.gate",                                    -- a MoE layer's router
 }
+-- a MoE layer's experts, stacked (experts, out, in) in one tensor each
+local EXPERTS = { ffn_gate_exps = "gate_proj", ffn_up_exps = "up_proj", ffn_down_exps = "down_proj" }
 
 local function fail(path, fmt, ...) error(string.format("%s: %s: " .. fmt, WHO, path, ...), 0) end
+local read_experts
 
 --- hf_name(name) -> the transformers name of a llama.cpp tensor name, or nil.
 function M.hf_name(name)
@@ -86,9 +94,11 @@ local function config_of(f, arch)
       local e = f.by_name["token_embd.weight"]
       vocab = e and e.shape[1]
    end
+   local experts = CLASSES[arch].experts
    local cfg = {
       model_type = CLASSES[arch].model_type, architectures = { CLASSES[arch].class },
-      vocab_size = vocab, hidden_size = hidden, intermediate_size = key("feed_forward_length", true),
+      vocab_size = vocab, hidden_size = hidden,
+      intermediate_size = key("feed_forward_length", not experts) or key("expert_feed_forward_length", true),
       num_hidden_layers = key("block_count", true), num_attention_heads = heads,
       num_key_value_heads = key("attention.head_count_kv") or heads,
       max_position_embeddings = key("context_length") or 2048,
@@ -108,6 +118,12 @@ local function config_of(f, arch)
    end
    local swa = key("attention.sliding_window")
    if swa then cfg.sliding_window = swa end
+   if experts then
+      -- llama.cpp's qwen3moe: every layer sparse, the chosen experts' weights renormalized
+      cfg.num_experts, cfg.num_experts_per_tok = key("expert_count", true), key("expert_used_count", true)
+      cfg.moe_intermediate_size = key("expert_feed_forward_length", true)
+      cfg.norm_topk_prob, cfg.decoder_sparse_step, cfg.mlp_only_layers = true, 1, {}
+   end
    return cfg
 end
 
@@ -125,6 +141,27 @@ local function unpermute(t, n_head)
    return t:index_select(1, require("moonload.tensor").tensor(idx, { dtype = "int64" })):contiguous()
 end
 
+-- One stacked experts tensor (experts, out, in) as each expert's <prefix>E.<proj> weight: rows of
+-- one int8 / int4 matrix for Q8_0 and Q4_0 (views, one unpacking for all), views of the mapped
+-- file for floats, widened for the other block types.
+function read_experts(f, t, prefix, proj, r)
+   if #t.shape ~= 3 then fail(f.path, "%s has shape [%s], expected (experts, out, in)", t.name, table.concat(t.shape, ", ")) end
+   local E, out = t.shape[1], t.shape[2]
+   local q, scales, bits = f:quantized(t.name)
+   local v = not q and f:tensor(t.name) or nil
+   for e = 0, E - 1 do
+      local module = prefix .. e .. "." .. proj
+      if q then
+         r.sd[module .. ".weight"] = q:narrow(1, e * out + 1, out)
+         r.sd[module .. ".weight_scale"] = scales:narrow(1, e * out + 1, out)
+         r.quantized[module] = bits
+      else
+         r.sd[module .. ".weight"] = v:select(1, e + 1)
+         if f:is_block_quantized(t.name) then r.widened[#r.widened + 1] = module end
+      end
+   end
+end
+
 -- The file's tensors by transformers' names, read as they are stored: sd, the quantized linear
 -- layers ({module = bits}), the linear layers whose blocks were widened to floats, the bits of a
 -- Q8_0 / Q4_0 embedding (nil otherwise) and whether the embedding was widened, and rope_freqs.
@@ -133,7 +170,10 @@ local function read_tensors(f, cfg, arch)
    local r = { sd = {}, quantized = {}, widened = {} }
    for _, t in ipairs(f.tensors) do
       local name = M.hf_name(t.name)
-      if t.name == "rope_freqs.weight" then
+      local layer, stacked = t.name:match("^blk%.(%d+)%.([%w_]+)%.weight$")
+      if CLASSES[arch].experts and EXPERTS[stacked] then
+         read_experts(f, t, string.format("model.layers.%s.mlp.experts.", layer), EXPERTS[stacked], r)
+      elseif t.name == "rope_freqs.weight" then
          r.rope_freqs = f:tensor(t.name):float()
       elseif not name then
          fail(path, 'tensor "%s" has no place in a %s model', t.name, CLASSES[arch].class)
@@ -207,7 +247,7 @@ function M.from_gguf(path, opts)
    local f = gguf.open(path)
    local arch = f.metadata["general.architecture"]
    if not CLASSES[arch] then
-      fail(path, 'architecture "%s" is not read (llama, qwen2 and qwen3 are)', tostring(arch))
+      fail(path, 'architecture "%s" is not read (%s are)', tostring(arch), ARCHS)
    end
    local models = require("moonload.models")
    local cfg = config_of(f, arch)
