@@ -169,18 +169,22 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
       kso += kv * j->kss[d];
       vso += kv * j->vss[d];
     }
+    /* causal: no query of this block sees a key past its last row, so both products stop at
+       S_seen keys (half the work of a whole prompt's attention) */
+    int64_t S_seen = j->S;
+    if (j->causal && !j->ksc && l0 + lw < j->S) S_seen = l0 + lw;
     if (j->ksc) sdpa_q8_rows(j, qo, ko, kso, l0, lw, (float *)scores, qrow);
     else {
-      /* scores (lw, S) = scale * q[l0:l0+lw] (lw, E) @ k^T (E, S) */
+      /* scores (lw, S_seen) = scale * q[l0:l0+lw] (lw, E) @ k^T (E, S_seen), rows S apart */
       ml_mref A = {(const uint8_t *)ml_tensor_data(q) + (qo + l0 * q->strides[nq - 2]) * (int64_t)ie, q->dtype,
                    q->strides[nq - 2], q->strides[nq - 1]};
       ml_mref B = {(const uint8_t *)ml_tensor_data(k) + ko * (int64_t)ie, k->dtype, k->strides[nk - 1],
                    k->strides[nk - 2]};
-      ml_status st = ml_gemm("sdpa", lw, j->S, j->E, j->scale, A, B, NULL, j->ct, scores, j->ct, j->S);
+      ml_status st = ml_gemm("sdpa", lw, S_seen, j->E, j->scale, A, B, NULL, j->ct, scores, j->ct, j->S);
       if (st) { atomic_store(&j->status, st); break; }
     }
     for (int64_t row = 0; row < lw; row++) {
-      int64_t l = l0 + row, n = j->S;
+      int64_t l = l0 + row, n = S_seen;
       uint8_t *y = scores + row * j->S * (int64_t)ce;
       if (j->causal && n > l + 1) {         /* keys after the query: probability 0 */
         memset(y + (l + 1) * (int64_t)ce, 0, (size_t)(n - l - 1) * ce);
@@ -199,11 +203,11 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
       sdpa_q8_out(j, vo, vso, bh, l0, lw, (const float *)scores, acc);
       continue;
     }
-    /* out[l0:l0+lw] (lw, Ev) = p (lw, S) @ v (S, Ev) */
+    /* out[l0:l0+lw] (lw, Ev) = p (lw, S_seen) @ v (S_seen, Ev) */
     ml_mref P = {scores, j->ct, j->S, 1};
     ml_mref V = {(const uint8_t *)ml_tensor_data(v) + vo * (int64_t)ie, v->dtype, v->strides[nv - 2],
                  v->strides[nv - 1]};
-    ml_status st = ml_gemm("sdpa", lw, j->Ev, j->S, 1.0, P, V, NULL, j->ct,
+    ml_status st = ml_gemm("sdpa", lw, j->Ev, S_seen, 1.0, P, V, NULL, j->ct,
                  j->out + ((bh * j->L + l0) * j->Ev) * (int64_t)oe, q->dtype, j->Ev);
     if (st) { atomic_store(&j->status, st); break; }
   }
