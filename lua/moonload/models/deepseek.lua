@@ -211,7 +211,8 @@ end
 -- part, and the output.
 function MLAttention:activation_values(L, S)
    local H, r, n, p, v = self.n_head, self.rank, self.nope, self.rope, self.v_dim
-   local common_part = L * (H * (n + p) + (r + p)) + S * (r + p)    -- q, this step's latent, the cache's view
+   -- q, this step's latent, and the cached latents (a copy when an int8 cache is dequantized)
+   local common_part = L * (H * (n + p) + (r + p)) + S * (r + p)
    if self:absorbing_is_cheaper(L, S) then
       return common_part + L * H * (r + (r + p) + r + v) + S * (r + p)
    end
@@ -293,8 +294,8 @@ function Router:forward(flat)
    return flat:float():matmul(self.weight:float():t())
 end
 
--- The k largest of the values v[first..last] with allowed[e] (or all when allowed is nil): their
--- 0-based indices, highest first.
+-- The k largest of v[1..E] whose allowed[e] is set (all when allowed is nil): their indices
+-- (1-based here), highest first.
 local function top_indices(v, k, E, allowed)
    local picked, taken = {}, {}
    for j = 1, k do
