@@ -351,14 +351,15 @@ describe("examples/deepseek.lua", function()
    end)
 end)
 
-describe("models.deepseek hub configs (DeepSeek-V3's and V2-Lite's config.json, built empty)", function()
+describe("hub configs (DeepSeek-V3's, V2-Lite's and GLM-4.5-Air's config.json, built empty)", function()
    local fix = H.read_json(H.FIX .. "/deepseek_hub_configs.json")
+   local CLASSES = { deepseek_v3 = deepseek.DeepseekV3ForCausalLM, deepseek_v2 = deepseek.DeepseekV2ForCausalLM,
+                     glm4_moe = require("moonload.models.glm4_moe").Glm4MoeForCausalLM }
 
-   for _, name in ipairs({ "deepseek_v3", "deepseek_v2_lite" }) do
+   for _, name in ipairs({ "deepseek_v3", "deepseek_v2_lite", "glm4_5_air" }) do
       it(name .. ": transformers' parameter count, names and shapes, softmax and rotary scales", function()
          local c = fix[name].config
-         local cls = c.model_type == "deepseek_v3" and deepseek.DeepseekV3ForCausalLM or deepseek.DeepseekV2ForCausalLM
-         local m = ml.init_empty_weights(function() return cls(c) end)
+         local m = ml.init_empty_weights(function() return CLASSES[c.model_type](c) end)
          local count, shapes = 0, {}
          for pname, p in m:named_parameters() do
             count = count + p:numel()
@@ -368,8 +369,10 @@ describe("models.deepseek hub configs (DeepSeek-V3's and V2-Lite's config.json, 
          for pname, shape in pairs(fix[name].shapes) do
             assert.are.same(shape, shapes[pname], pname)
          end
-         assert.is_true(math.abs(m.config.softmax_scale - fix[name].softmax_scale) < 1e-12)
+         local scale = m.config.softmax_scale or rawget(m.model.layers[1].self_attn, "scale")
+         assert.is_true(math.abs(scale - fix[name].softmax_scale) < 1e-12)
          assert.are.equal(fix[name].rope_attention_scaling, rawget(m.model.rotary_emb, "attention_scaling") or 1)
+         assert.are.equal(fix[name].rotary_dims, 2 * m.model.rotary_emb.inv_freq:numel())
       end)
    end
 
