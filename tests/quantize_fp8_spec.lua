@@ -237,3 +237,41 @@ describe("nn.Fp8Linear", function()
       assert.truthy(err:find('Fp8Linear: fmt must be "e4m3" or "e5m2", got e3m4', 1, true), err)
    end)
 end)
+
+describe("FP8 layers quantized again to int8 or int4", function()
+   local models = require("moonload.models")
+   local H = require("models_helpers")
+
+   it("turns an Fp8Linear into int8 within int8's rounding of its float8 values times their scales", function()
+      ml.manual_seed(31)
+      local lin = ml.nn.Fp8Linear(64, 24, { block = { 16, 16 }, bias = true })
+      lin.weight = (ml.randn({ 24, 64 }) * 40):to("float8_e4m3fn")
+      lin.weight_scale_inv = ml.rand({ 2, 4 }) + 0.1
+      lin.bias = ml.randn({ 24 })
+      local q = ml.nn.QuantizedLinear.from_float(lin, 8)
+      local x = ml.randn({ 3, 64 })
+      local want = lin(x)
+      assert.is_true(N.max_abs_diff(q(x), want:tolist()) < 0.02 * want:abs():max():item())
+   end)
+
+   it("from_pretrained(quantize = ...) requantizes an FP8 checkpoint's layers whose rows split into 32s", function()
+      for _, q in ipairs({ "int8", "int4" }) do
+         local m = models.from_pretrained(H.FIX .. "/deepseek_v3_fp8_tiny", { quantize = q })
+         local attn = m.model.layers[2].self_attn
+         assert.are.equal("QuantizedLinear", attn.q_a_proj.__name)               -- in_features 32
+         assert.are.equal(q == "int8" and 8 or 4, attn.q_a_proj.bits)
+         assert.are.equal("Fp8Linear", attn.kv_b_proj.__name)                    -- in_features 16: stays
+         local exp = H.expected("deepseek_v3_fp8_tiny")
+         local logits = m(ml.tensor(exp.input_ids, { dtype = "int64" }))
+         local s = logits:abs():sum():item()
+         assert.is_true(s == s and s < math.huge, "finite logits")
+      end
+      -- saving both kinds in one folder is refused, naming one of each
+      local m = models.from_pretrained(H.FIX .. "/deepseek_v3_fp8_tiny", { quantize = "int8" })
+      local dir = H.tmpdir()
+      local ok, err = pcall(ml.save_model, m, dir)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('save_model: one quantization_config cannot describe both FP8 layers ("model.layers.0.self_attn.q_b_proj") and int8/int4 ones ("model.layers.0.self_attn.q_a_proj")', 1, true), err)
+      H.rmdir(dir)
+   end)
+end)

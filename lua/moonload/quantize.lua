@@ -27,9 +27,10 @@ local Tensor = require("moonload.tensor")
 local M = {}
 local WHO = "quantize"
 
+-- nn.Linear, GPT-2's Conv1D, and FP8 checkpoints' nn.Fp8Linear (expanded, then quantized again)
 local function is_linear(m)
    local name = m.__name
-   return (name == "Linear" or name == "Conv1D") and m.weight ~= nil
+   return (name == "Linear" or name == "Conv1D" or name == "Fp8Linear") and m.weight ~= nil
 end
 
 -- The skip option: a pattern or a list of them (checked as they are matched: Lua reports a
@@ -268,12 +269,18 @@ local METHOD_BITS = { moonload_q8 = 8, moonload_q4 = 4 }
 -- others in bits_per_module = {name = bits}.
 function M.config_for(model)
    local names, widths, count = {}, {}, { [8] = 0, [4] = 0 }
+   local fp8
    for _, e in ipairs(model:named_modules_list()) do
+      if e[2].__name == "Fp8Linear" then fp8 = fp8 or e[1] end
       if e[2].__name == "QuantizedLinear" or e[2].__name == "QuantizedEmbedding" then
          names[#names + 1] = e[1]
          widths[e[1]] = e[2].bits or 8
          count[widths[e[1]]] = count[widths[e[1]]] + 1
       end
+   end
+   if #names > 0 and fp8 then
+      error(string.format('one quantization_config cannot describe both FP8 layers ("%s") and int8/int4 ones ("%s"): quantize the FP8 layers left (their in_features not a multiple of %d) or none',
+         fp8, names[1], QuantizedLinear.BLOCK), 0)
    end
    if #names == 0 then
       -- an FP8 checkpoint's layers: its own quantization_config, as read
@@ -425,6 +432,8 @@ function M.quantize(model, opts)
             q, reason = tied_head(m, e, bits)
             before, after = 0, 0
          end
+      elseif not reason and w:is_meta() and m.__name == "Fp8Linear" then
+         reason = "an FP8 layer offloaded by its hook (from_pretrained's quantize option requantizes FP8 layers before they are placed)"
       elseif not reason and w:is_meta() then
          q, reason, after, before, reused = quantize_offloaded(model, name, m, opts.offload_folder, bits)
       end
@@ -435,7 +444,7 @@ function M.quantize(model, opts)
          model:set_submodule(name, q)
          report.quantized[#report.quantized + 1] = name
          if reused then report.reused[#report.reused + 1] = name end
-         report.bytes_before = report.bytes_before + (before or w:nbytes())
+         report.bytes_before = report.bytes_before + (before or w:nbytes() + (m.weight_scale_inv and m.weight_scale_inv:nbytes() or 0))
          report.bytes_after = report.bytes_after + (after or (q.weight:nbytes() + q.weight_scale:nbytes()))
       end
    end

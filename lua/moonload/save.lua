@@ -104,7 +104,9 @@ local function config_of(model)
    for k, v in pairs(raw) do out[k] = v end
    local dtype = require("moonload.quantize").compute_dtype(model)
    if dtype then out.dtype, out.torch_dtype = dtype, dtype end
-   out.quantization_config = require("moonload.quantize").config_for(model)
+   local ok, qc = pcall(require("moonload.quantize").config_for, model)
+   if not ok then error(WHO .. ": " .. tostring(qc), 0) end
+   out.quantization_config = qc
    return out
 end
 

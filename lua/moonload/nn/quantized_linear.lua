@@ -52,7 +52,7 @@ function QuantizedLinear:__init(in_features, out_features, opts)
    end
 end
 
---- from_float(m[, bits = 8]) -> a QuantizedLinear computing what the Linear or Conv1D m
+--- from_float(m[, bits = 8]) -> a QuantizedLinear computing what the Linear, Conv1D or Fp8Linear m
 -- computes, up to the rounding of its weights (int8: at most half a scale each; int4: half a
 -- scale, a whole one for a value clamped at 7), on the device of m's weight.
 function QuantizedLinear.from_float(m, bits)
@@ -61,6 +61,7 @@ function QuantizedLinear.from_float(m, bits)
    local w = m.weight
    local out_features, in_features = m.out_features, m.in_features
    if m.nf then w, out_features, in_features = w:t(), m.nf, m.nx end             -- Conv1D: (nx, nf)
+   if m.__name == "Fp8Linear" then w = m:dense_weight("float32") end             -- float8 times its tile scales
    local q, scales = KERNELS[bits].quantize(w)
    local ql = QuantizedLinear(in_features, out_features, { bias = false, bits = bits })
    ql.weight, ql.weight_scale = q, scales
