@@ -52,7 +52,6 @@ local BLOCK = {
 local EXPERTS = { ffn_gate_exps = "gate_proj", ffn_up_exps = "up_proj", ffn_down_exps = "down_proj" }
 
 local function fail(path, fmt, ...) error(string.format("%s: %s: " .. fmt, WHO, path, ...), 0) end
-local read_experts
 
 --- hf_name(name) -> the transformers name of a llama.cpp tensor name, or nil.
 function M.hf_name(name)
@@ -144,7 +143,7 @@ end
 -- One stacked experts tensor (experts, out, in) as each expert's <prefix>E.<proj> weight: rows of
 -- one int8 / int4 matrix for Q8_0 and Q4_0 (views, one unpacking for all), views of the mapped
 -- file for floats, widened for the other block types.
-function read_experts(f, t, prefix, proj, r)
+local function read_experts(f, t, prefix, proj, r)
    if #t.shape ~= 3 then fail(f.path, "%s has shape [%s], expected (experts, out, in)", t.name, table.concat(t.shape, ", ")) end
    local E, out = t.shape[1], t.shape[2]
    local q, scales, bits = f:quantized(t.name)
