@@ -538,22 +538,32 @@ describe("big_modeling beyond accelerate", function()
       ml.safetensors.save_file(Stack():state_dict(), dir .. "/model.safetensors")
       local x = ml.randn(1, 256)
       local map = { ["layers.0"] = "cpu", ["layers.1"] = "cpu", ["layers.2"] = "disk", ["layers.3"] = "disk" }
+      local disk_bytes = 2 * (256 * 256 + 256) * 4
       local function dropped(max_memory)
          local m = ml.init_empty_weights(function() return Stack() end)
          quiet(function()
             ml.load_checkpoint_and_dispatch(m, dir .. "/model.safetensors", {
                device_map = map, max_memory = max_memory, offload_folder = tmpdir() })
          end)
-         collectgarbage()                 -- the models before this one and their hooks' groups
+         -- The threshold counts the mapped bytes of every hooked model alive. The models of
+         -- earlier tests go with the garbage, once no compiled trace holds them as a constant;
+         -- a hook registers its weights at its first forward.
+         jit.flush()
          collectgarbage()
+         collectgarbage()
+         assert.are.equal(0, hooks.runtime_stats().bytes_mapped)
          local before = hooks.runtime_stats().bytes_dropped
          m(x)
-         return hooks.runtime_stats().bytes_dropped - before
+         local stats = hooks.runtime_stats()
+         assert.are.equal(disk_bytes, stats.bytes_mapped)
+         hooks.remove_hook_from_submodules(m)    -- its groups go now, not at some later collection
+         assert.are.equal(0, hooks.runtime_stats().bytes_mapped)
+         return stats.bytes_dropped - before
       end
       local half_ram = tonumber(assert(io.open("/proc/meminfo")):read("*a"):match("MemTotal:%s*(%d+)")) * 512
       hooks.set_drop_pages("auto", half_ram)
       local kept = dropped(nil)                              -- 0.5 MB on disk: far under half the RAM
-      local cpu_bytes = 2 * (256 * 256 + 256) * 4
+      local cpu_bytes = disk_bytes                            -- two layers of each
       local roomy = dropped({ cpu = cpu_bytes + 2 ^ 20 })    -- the budget leaves 1 MiB: they fit
       local tight = dropped({ cpu = cpu_bytes + 2 ^ 16 })    -- it leaves 64 KiB: they do not
       hooks.set_drop_pages("auto", half_ram)

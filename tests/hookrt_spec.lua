@@ -39,7 +39,7 @@ local function stats(rt)
    lib.ml_hookrt_get_stats(rt, s)
    local r = {}
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
-      "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies" }) do
+      "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies", "bytes_mapped" }) do
       r[k] = tonumber(s[k])
    end
    return r
@@ -348,6 +348,7 @@ describe("hookrt", function()
          local view = mapped_floats(2 * 4096)
          local g = new_group(rt)
          add(rt, g, view(0, { 2 * 4096 }))     -- 32 KiB mapped in all
+         assert.are.equal(32 * 1024, stats(rt).bytes_mapped)
          C.check(lib.ml_hookrt_set_auto_drop(rt, 32 * 1024))
          materialize(rt, g, 1)
          C.check(lib.ml_hookrt_release_group(rt, g))
@@ -356,6 +357,8 @@ describe("hookrt", function()
          materialize(rt, g, 1)
          C.check(lib.ml_hookrt_release_group(rt, g))
          assert.are.equal(2 * 4096 * 4, stats(rt).bytes_dropped)
+         C.check(lib.ml_hookrt_group_free(rt, g))          -- a freed group's bytes leave the count
+         assert.are.equal(0, stats(rt).bytes_mapped)
       end)
 
       it("keeps pages with drop level 0", function()

@@ -396,6 +396,8 @@ typedef struct {
   int64_t streams_reclaimed; /* uploads made ahead, given back because the device ran out of memory */
   int64_t stream_window;     /* bytes streamed ahead now: the window, narrowed after running out of
                                 memory (-1: stopped; set_stream_window starts over) */
+  int64_t bytes_mapped;      /* mapped bytes of the groups registered now: what the auto drop
+                                level compares with its threshold */
 } ml_hookrt_stats;
 ML_API ml_status ml_hookrt_new(ml_hookrt **out);
 ML_API void ml_hookrt_release(ml_hookrt *rt);

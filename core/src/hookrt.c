@@ -824,4 +824,5 @@ void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out) {
   out->streams_pending = rt->nstages;
   out->streams_reclaimed = atomic_load(&rt->streams_reclaimed);
   out->stream_window = stream_window(rt);
+  out->bytes_mapped = (int64_t)rt->mapped_total;
 }

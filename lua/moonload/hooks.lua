@@ -424,15 +424,17 @@ end
 --- Runtime counters: materialize_calls, releases, bytes_viewed, bytes_copied, tied_hits,
 -- bytes_dropped, prefetch_jobs, prefetch_bytes, prefetch_pages, shared_copies, bytes_streamed,
 -- streams_dropped, streams_reclaimed (uploads given back because the device ran out of memory);
--- and the current groups (one per offloading hook alive), streams_pending and stream_window (the
--- bytes streamed ahead now: narrowed after running out of memory, -1 when stopped).
+-- and the current groups (one per offloading hook alive), bytes_mapped (the mapped bytes of their
+-- sources: what the "auto" drop level compares with its threshold), streams_pending and
+-- stream_window (the bytes streamed ahead now: narrowed after running out of memory, -1 when stopped).
 function M.runtime_stats()
    local s = ffi.new("ml_hookrt_stats")
    lib.ml_hookrt_get_stats(M.runtime(), s)
    local r = {}
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
       "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies",
-      "bytes_streamed", "streams_dropped", "groups", "streams_pending", "streams_reclaimed", "stream_window" }) do
+      "bytes_streamed", "streams_dropped", "groups", "bytes_mapped", "streams_pending", "streams_reclaimed",
+      "stream_window" }) do
       r[k] = tonumber(s[k])
    end
    r.in_place_forwards = in_place_forwards   -- modules run on the CPU by set_compute_in_place
