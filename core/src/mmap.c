@@ -1,5 +1,10 @@
-/* mmap.c: read-only whole-file mappings. Tensors borrow their bytes through storages that keep
-   the mapping alive, so a checkpoint's pages come in on first use and are never copied. */
+/* mmap.c: whole-file mappings. Tensors borrow their bytes through storages that keep the mapping
+   alive, so a checkpoint's pages come in on first use and are never copied. The mapping is
+   private and writable (copy on write, as a loaded PyTorch tensor is writable): an in-place op on
+   a loaded weight copies the pages it writes into the process and leaves the file as it is.
+   MAP_NORESERVE keeps a mapping larger than RAM from being charged as if it could all be written
+   (the kernel's heuristic overcommit would refuse it); where that is refused anyway (strict
+   overcommit), the mapping falls back to read-only. */
 #include "internal.h"
 
 #include <errno.h>
@@ -22,7 +27,8 @@ ml_status ml_mapping_open(const char *path, ml_mapping **out) {
   size_t size = (size_t)st.st_size;
   uint8_t *data = NULL;
   if (size > 0) {
-    data = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+    data = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+    if (data == MAP_FAILED) data = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
     if (data == MAP_FAILED) {
       int e = errno; close(fd);
       return ml_fail(ML_EIO, "cannot map %s (%zu bytes): %s", path, size, strerror(e));
