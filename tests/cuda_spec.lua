@@ -230,7 +230,7 @@ describe("cuda backend #cuda", function()
       local out = require("ffi").new("ml_tensor*[1]")
       local qs, bias = ml.randn(1, 4, 12, 16), ml.randn(1, 4, 1, 12)
       local function biased(qq, kk, vv, bb)
-         require("moonload.C").check(lib.ml_sdpa(qq._c, kk._c, vv._c, bb._c, true, 0, out))
+         require("moonload.C").check(lib.ml_sdpa(qq._c, kk._c, vv._c, bb._c, nil, true, 0, out))
          return T.wrap(out[0])
       end
       assert_close(biased(qs:to(DEV), k:to(DEV), v:to(DEV), bias:to(DEV)), biased(qs, k, v, bias), 1e-4, "sdpa bias + causal")
@@ -539,7 +539,7 @@ describe("generation and encoders on cuda #cuda", function()
                            "gemma2_tiny", "gemma3_tiny", "qwen3_moe_tiny",
                            "mixtral_tiny", "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny",
                            "olmo2_tiny", "phi_tiny", "opt_tiny", "opt_tiny_post_norm", "bloom_tiny", "falcon_tiny", "falcon_tiny_new_arch", "gptj_tiny",
-                           "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny" }) do
+                           "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "gpt_oss_tiny", "gpt_oss_mxfp4_tiny" }) do
       local dir = "tests/fixtures/models/" .. name
       it(name .. " generates the CPU's tokens with a KV cache, alone and as a padded batch", function()
          local cpu = ml.models.from_pretrained(dir)

@@ -208,7 +208,7 @@ describe("int8 key-value cache", function()
          local C = require("moonload.C")
          local k8 = q8_views(ml.randn(1, 1, 4, 32), 32)
          C.check(C.lib.ml_sdpa_q8(ml.randn(1, 1, 1, 32)._c, k8._c, ml.ones(1, 1, 4, 3)._c, k8._c,
-            rawget(k8, "_q8_scales")._c, nil, false, 0, C.ffi.new("ml_tensor*[1]")))
+            rawget(k8, "_q8_scales")._c, nil, nil, false, 0, C.ffi.new("ml_tensor*[1]")))
       end)
       assert.is_false(ok)
       assert.truthy(err:find("sdpa_q8: key int8 [1, 1, 4, 32] with scales float32 [1, 1, 4, 3]", 1, true), err)

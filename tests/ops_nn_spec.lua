@@ -113,10 +113,38 @@ describe("scaled dot-product attention", function()
       it("matches PyTorch: " .. case.name, function()
          local q, k, v = build(case.q), build(case.k), build(case.v)
          local mask = case.mask and build(case.mask) or nil
-         local got = sdpa(q, k, v, { attn_mask = mask, is_causal = case.is_causal, scale = case.scale })
+         local sinks = case.sinks and build(case.sinks) or nil
+         local got = sdpa(q, k, v, { attn_mask = mask, is_causal = case.is_causal, scale = case.scale, sinks = sinks })
          assert_matches(case.expected, got, case.name)
       end)
    end
+
+   it("with sinks, reads an int8 cache as it reads the dequantized keys and values", function()
+      ml.manual_seed(31)
+      local q, kf, vf, sinks = ml.randn(2, 4, 3, 32), ml.randn(2, 2, 9, 32), ml.randn(2, 2, 9, 32), ml.randn(4)
+      local function q8(x)
+         local q8v, scales = ml.empty(x.shape, { dtype = "int8" }), ml.empty(2, 2, 9, 1)
+         C.check(lib.ml_quantize_q8_into(x._c, q8v._c, scales._c))
+         return q8v, scales
+      end
+      local k8, ks = q8(kf)
+      local v8, vs = q8(vf)
+      C.check(lib.ml_sdpa_q8(q._c, k8._c, ks._c, v8._c, vs._c, nil, sinks._c, true, 0, out1))
+      local got = require("moonload.tensor").wrap(out1[0])
+      local function deq(x, sc) return x:float() * sc end
+      local want = sdpa(q, deq(k8, ks), deq(v8, vs), { is_causal = true, sinks = sinks })
+      assert.is_true(ml.allclose(got, want, 1e-4, 1e-5))
+   end)
+
+   it("names sinks that are not one logit per query head", function()
+      local q, k = ml.zeros(1, 4, 3, 8), ml.zeros(1, 2, 5, 8)
+      assert.are.equal("sdpa: sinks float32 of shape [2]: expected one floating-point logit per query head (4)",
+         errmsg(function() return sdpa(q, k, k, { sinks = ml.zeros(2) }) end))
+      assert.are.equal("sdpa: sinks int64 of shape [4]: expected one floating-point logit per query head (4)",
+         errmsg(function() return sdpa(q, k, k, { sinks = ml.zeros(4, { dtype = "int64" }) }) end))
+      assert.are.equal("sdpa: sinks float32 of shape [3]: expected one floating-point logit per query head (0)",
+         errmsg(function() return sdpa(ml.zeros(3, 8), ml.zeros(5, 8), ml.zeros(5, 8), { sinks = ml.zeros(3) }) end))
+   end)
 
    it("agrees with softmax(q k^T / sqrt(E)) v on a threaded, blocked problem", function()
       -- 1 batch-head x L = 300 queries: split in query blocks across threads.
@@ -150,7 +178,7 @@ describe("scaled dot-product attention", function()
       local bias = ml.randn(1, 3, 1, 5)
       local hidden = ml.zeros(5, 5):masked_fill(ml.ones(5, 5, { dtype = "bool" }):tril():logical_not(), -math.huge)
       local want = sdpa(q, k, v, { attn_mask = bias + hidden:view(1, 1, 5, 5) })
-      assert.are.equal(lib.ML_OK, lib.ml_sdpa(q._c, k._c, v._c, bias._c, true, 0, out1))
+      assert.are.equal(lib.ML_OK, lib.ml_sdpa(q._c, k._c, v._c, bias._c, nil, true, 0, out1))
       assert.is_true(ml.allclose(require("moonload.tensor").wrap(out1[0]), want, 1e-5, 1e-6))
    end)
 
@@ -191,9 +219,28 @@ describe("nn kernels on cuda #cuda", function()
    for _, case in ipairs(fx.sdpa) do
       it("sdpa matches PyTorch: " .. case.name, function()
          local mask = case.mask and build(case.mask, "cuda:0") or nil
+         local sinks = case.sinks and build(case.sinks, "cuda:0") or nil
          local got = sdpa(build(case.q, "cuda:0"), build(case.k, "cuda:0"), build(case.v, "cuda:0"),
-            { attn_mask = mask, is_causal = case.is_causal, scale = case.scale })
+            { attn_mask = mask, is_causal = case.is_causal, scale = case.scale, sinks = sinks })
          check(case.expected, got, case.name)
       end)
    end
+   it("sdpa with sinks over an int8 cache gives the CPU's result", function()
+      ml.manual_seed(32)
+      local q, kf, vf, sinks = ml.randn(2, 4, 3, 32), ml.randn(2, 2, 9, 32), ml.randn(2, 2, 9, 32), ml.randn(4)
+      local function q8(x)
+         local q8v, scales = ml.empty(x.shape, { dtype = "int8" }), ml.empty(2, 2, 9, 1)
+         C.check(lib.ml_quantize_q8_into(x._c, q8v._c, scales._c))
+         return q8v, scales
+      end
+      local k8, ks = q8(kf)
+      local v8, vs = q8(vf)
+      local function run(dev)
+         local a = { q, k8, ks, v8, vs, sinks }
+         for i, t in ipairs(a) do a[i] = t:to(dev) end
+         C.check(lib.ml_sdpa_q8(a[1]._c, a[2]._c, a[3]._c, a[4]._c, a[5]._c, nil, a[6]._c, true, 0, out1))
+         return require("moonload.tensor").wrap(out1[0]):to("cpu")
+      end
+      assert.is_true(ml.allclose(run("cuda:0"), run("cpu"), 1e-4, 1e-5))
+   end)
 end)

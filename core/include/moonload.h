@@ -244,6 +244,20 @@ ML_API ml_status ml_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *s
    read the float8 bytes directly; more rows, or a GPU, expand the weight and run the GEMM. */
 ML_API ml_status ml_fp8_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
                                int64_t block_i, const ml_tensor *b, ml_tensor **out);
+/* MXFP4 weights (gpt-oss's experts, transformers' "mxfp4" quant_method; cpu/mxfp4.c, cuda/mxfp4.cu):
+   blocks uint8 (..., O, G, 16) and scales uint8 (..., O, G). Group g of row o holds 32 values:
+   byte j's low nibble is value 2j, its high nibble value 2j + 1, each an e2m1 float (0, .5, 1,
+   1.5, 2, 3, 4, 6, then the same negated), times 2^(scale - 127) -> a new contiguous
+   (..., O, G * 32) tensor of dtype (float32, float16 or bfloat16), the (out, in) weight of x W^T
+   (transformers transposes it for x @ W). Each value is the exact product rounded once to dtype,
+   as transformers' (only scales near 255 overflow float32). */
+ML_API ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, ml_dtype dtype,
+                                     ml_tensor **out);
+/* x (..., G * 32) W^T + b for blocks (O, G, 16) and scales (O, G), b (O) or NULL, in x's dtype
+   (float32, float16, bfloat16): a few rows on the CPU read the packed bytes directly; more rows,
+   or a GPU, expand the weight into x's dtype and run the GEMM. */
+ML_API ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_tensor *scales,
+                                 const ml_tensor *b, ml_tensor **out);
 /* int4 weights (cpu/q8.c, cuda/q8.cu), half of int8's bytes: w (out, in) floating -> q uint8
    (out, in / 2) and float32 scales (out, in / 32). llama.cpp's Q4_0 layout: in each block of 32,
    byte j holds value j in its low nibble and value j + 16 in its high one, each stored as
@@ -278,17 +292,20 @@ ML_API ml_status ml_rms_norm(const ml_tensor *x, int nnorm, const ml_tensor *w, 
 /* q (..., L, E), k (..., S, E), v (..., S, Ev); mask bool (true = keep) or float (added), broadcast
    to (..., L, S); scale <= 0 means 1/sqrt(E). is_causal uses the top-left aligned lower triangle.
    Both may be set (unlike PyTorch's function, whose rule F.scaled_dot_product_attention keeps):
-   the mask applies within the triangle, so a bias of shape (..., 1, S) needs no (L, S) copy. */
+   the mask applies within the triangle, so a bias of shape (..., 1, S) needs no (L, S) copy.
+   sinks (may be NULL): one logit per query head (H,), H the size of dim -3 of the output, that
+   joins each row's softmax without a value (gpt-oss's attention sinks): the probabilities of the
+   keys sum to less than 1, and a row whose keys are all masked gives zeros. */
 ML_API ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
-                         bool is_causal, double scale, ml_tensor **out);
+                         const ml_tensor *sinks, bool is_causal, double scale, ml_tensor **out);
 /* ml_sdpa over int8 keys and values (an int8 key-value cache): k (..., S, E) and v (..., S, Ev)
    int8 with a contiguous last dim, their float32 scales (..., S, E / block) and (..., S, Ev /
    block); the same result as ml_sdpa over the dequantized k and v, reading the int8 bytes (on a
    GPU, a block per query row; a head dim over 512 is dequantized into scratch first). q float32,
    float16 or bfloat16. */
 ML_API ml_status ml_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
-                            const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
-                            ml_tensor **out);
+                            const ml_tensor *v_scales, const ml_tensor *mask, const ml_tensor *sinks, bool is_causal,
+                            double scale, ml_tensor **out);
 /* Rotary position embedding, rotate-half form (transformers' Llama): x * cos + rotate_half(x) * sin
    with rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]); cos and sin broadcast to x's shape. */
 ML_API ml_status ml_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor **out);

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 14
+#define ML_CUDA_API_VERSION 15
 #define ML_CUDA_Q8_ATTN_MAX_E 512
 
 typedef struct ml_cuda_api {
@@ -44,9 +44,10 @@ typedef struct ml_cuda_api {
   ml_status (*embedding)(const ml_tensor *ids, const ml_tensor *weight, ml_tensor *out);
   ml_status (*layer_norm)(const ml_tensor *x, int nnorm, const ml_tensor *w, const ml_tensor *b, double eps, ml_tensor *out);
   ml_status (*rms_norm)(const ml_tensor *x, int nnorm, const ml_tensor *w, double eps, ml_tensor *out);
-  /* k and v may have fewer heads (dim -3) than q, dividing them: grouped-query attention */
+  /* k and v may have fewer heads (dim -3) than q, dividing them: grouped-query attention;
+     sinks NULL or one logit per query head (ml_sdpa), checked */
   ml_status (*sdpa)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
-                    bool is_causal, double scale, ml_tensor *out);
+                    const ml_tensor *sinks, bool is_causal, double scale, ml_tensor *out);
   ml_status (*where)(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
   /* Streams for weight movement (upload.c): copies on the device's copy stream, events to order
      the two streams and to let the host reuse a pinned staging buffer. */
@@ -83,7 +84,8 @@ typedef struct ml_cuda_api {
   /* Attention over int8 keys and values (ml_sdpa_q8), checked as sdpa's, head dim E at most
      ML_CUDA_Q8_ATTN_MAX_E (the caller dequantizes beyond); out allocated. */
   ml_status (*sdpa_q8)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
-                       const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale, ml_tensor *out);
+                       const ml_tensor *v_scales, const ml_tensor *mask, const ml_tensor *sinks, bool is_causal,
+                       double scale, ml_tensor *out);
   /* int4 weights (cpu/q8.c's Q4_0 layout): q and scales allocated by the caller (contiguous,
      (out, in / 2) uint8 and (out, in / 32) float32); the CPU's bytes exactly. */
   ml_status (*quantize_q4)(const ml_tensor *w, ml_tensor *q, ml_tensor *scales);
@@ -93,6 +95,8 @@ typedef struct ml_cuda_api {
   /* out (O, I) = w (O, I) fp8 * scale_inv[o / block_o][i / block_i] (ml_dequantize_fp8_blocks) */
   ml_status (*dequantize_fp8_blocks)(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
                                      int64_t block_i, ml_tensor *out);
+  /* out (..., O, G * 32) = MXFP4 blocks (..., O, G, 16) uint8 times 2^(scales - 127) (ml_dequantize_mxfp4) */
+  ml_status (*dequantize_mxfp4)(const ml_tensor *blocks, const ml_tensor *scales, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

@@ -20,6 +20,7 @@ typedef struct {
   int64_t qs[ML_MAX_DIMS], ks[ML_MAX_DIMS], vs[ML_MAX_DIMS], ms[ML_MAX_DIMS + 2];
   int64_t group;                             /* query heads per key head (1: none) */
   const ml_tensor *q, *k, *v, *mask;
+  const ml_tensor *sinks;                    /* a logit per query head joining each softmax, or NULL */
   const ml_tensor *ksc, *vsc;                /* int8 keys and values (ml_sdpa_q8): their scales */
   int64_t kss[ML_MAX_DIMS], vss[ML_MAX_DIMS], kblock, vblock;
   int64_t L, S, E, Ev, Lb, nchunks;
@@ -29,6 +30,30 @@ typedef struct {
   uint8_t *out;
   atomic_int status;
 } sdpa_job;
+
+/* The softmax of a row of n scores with one more logit, the sink, that has no value: each
+   probability of the plain softmax p_i = exp(y_i - m) / Z shrinks to exp(y_i) / (sum exp(y_j) +
+   exp(sink)) = p_i / (1 + exp(sink - m) / Z), and 1 / Z is the probability of the row's largest
+   score, so the plain softmax runs and one factor follows. */
+static void softmax_row_sink_f32(float *y, int64_t n, double sink) {
+  int64_t top = 0;
+  for (int64_t i = 1; i < n; i++) if (y[i] > y[top]) top = i;
+  float m = n ? y[top] : -INFINITY;
+  ml_softmax_row_f32(y, y, n, false, true);
+  if (m == -INFINITY) return;                   /* every key masked: zeros (the sink takes all) */
+  float f = (float)(1.0 / (1.0 + exp(sink - (double)m) * (double)y[top]));
+  for (int64_t i = 0; i < n; i++) y[i] *= f;
+}
+
+static void softmax_row_sink_f64(double *y, int64_t n, double sink) {
+  int64_t top = 0;
+  for (int64_t i = 1; i < n; i++) if (y[i] > y[top]) top = i;
+  double m = n ? y[top] : -INFINITY;
+  ml_softmax_row_f64(y, y, n, false, true);
+  if (m == -INFINITY) return;
+  double f = 1.0 / (1.0 + exp(sink - m) * y[top]);
+  for (int64_t i = 0; i < n; i++) y[i] *= f;
+}
 
 /* Adds the mask row (bool: false -> -inf; float: added) to n scores. */
 static void apply_mask_row(float *y, int64_t n, const ml_tensor *mask, const uint8_t *mp, int64_t s) {
@@ -153,11 +178,12 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
     atomic_store(&j->status, ML_ENOMEM);
     return;
   }
-  const ml_tensor *q = j->q, *k = j->k, *v = j->v, *mask = j->mask;
+  const ml_tensor *q = j->q, *k = j->k, *v = j->v, *mask = j->mask, *sinks = j->sinks;
   int nq = q->ndim, nk = k->ndim, nv = v->ndim;
   for (int64_t it = begin; it < end; it++) {
     int64_t bh = it / j->nchunks, l0 = (it % j->nchunks) * j->Lb;
     int64_t lw = j->L - l0 < j->Lb ? j->L - l0 : j->Lb;
+    int64_t head = j->nbd ? bh % j->bshape[j->nbd - 1] : 0;
     int64_t qo = 0, ko = 0, vo = 0, mo = 0, kso = 0, vso = 0, r = bh;
     for (int d = j->nbd - 1; d >= 0; d--) {
       int64_t i = r % j->bshape[d], kv = d == j->nbd - 1 ? i / j->group : i;
@@ -196,7 +222,11 @@ static void sdpa_items(void *ctx, int64_t begin, int64_t end) {
         if (j->ct == ML_FLOAT64) apply_mask_row_f64((double *)y, n, mask, mp, j->ms[j->nbd + 1]);
         else apply_mask_row((float *)y, n, mask, mp, j->ms[j->nbd + 1]);
       }
-      if (j->ct == ML_FLOAT64) ml_softmax_row_f64((double *)y, (double *)y, n, false, true);
+      if (sinks) {
+        double sink = ml_load_f64(ml_tensor_data(sinks), sinks->dtype, head * sinks->strides[0]);
+        if (j->ct == ML_FLOAT64) softmax_row_sink_f64((double *)y, n, sink);
+        else softmax_row_sink_f32((float *)y, n, sink);
+      } else if (j->ct == ML_FLOAT64) ml_softmax_row_f64((double *)y, (double *)y, n, false, true);
       else ml_softmax_row_f32((float *)y, (float *)y, n, false, true);
     }
     if (j->ksc) {
@@ -243,12 +273,12 @@ static ml_status check_q8_kv(const char *fn, const ml_tensor *q, const ml_tensor
 
 /* ml_sdpa, and with ksc and vsc ml_sdpa_q8 (k and v int8 with those scales). */
 static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k, const ml_tensor *ksc,
-                          const ml_tensor *v, const ml_tensor *vsc, const ml_tensor *mask, bool is_causal, double scale,
-                          ml_tensor **out) {
+                          const ml_tensor *v, const ml_tensor *vsc, const ml_tensor *mask, const ml_tensor *sinks,
+                          bool is_causal, double scale, ml_tensor **out) {
   ml_blas_init();
   const ml_cuda_api *cu;
-  ML_TRY(ml_op_route(fn, 6, (const ml_tensor *[]){q, k, v, mask, ksc, vsc},
-                     (const char *[]){"query", "key", "value", "attn_mask", "key scales", "value scales"}, &cu));
+  ML_TRY(ml_op_route(fn, 7, (const ml_tensor *[]){q, k, v, mask, ksc, vsc, sinks},
+                     (const char *[]){"query", "key", "value", "attn_mask", "key scales", "value scales", "sinks"}, &cu));
   if (cu && !cu->sdpa) return ml_no_cuda_kernel(fn, q);
   char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF], c[ML_SHAPE_BUF];
   if (q->ndim < 2 || k->ndim < 2 || v->ndim < 2)
@@ -262,7 +292,8 @@ static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k
   if (!ml_dtype_is_floating(q->dtype))
     return ml_fail(ML_EINVAL, "%s: expected floating-point query, key and value, got %s", fn, ml_dtype_name(q->dtype));
   int nq = q->ndim, nk = k->ndim, nv = v->ndim;
-  sdpa_job j = {.q = q, .k = k, .v = v, .mask = mask, .causal = is_causal, .group = 1, .ksc = ksc, .vsc = vsc};
+  sdpa_job j = {.q = q, .k = k, .v = v, .mask = mask, .sinks = sinks, .causal = is_causal, .group = 1, .ksc = ksc,
+                .vsc = vsc};
   if (ksc) {
     j.kblock = k->shape[nk - 1] / ksc->shape[nk - 1];
     j.vblock = v->shape[nv - 1] / vsc->shape[nv - 1];
@@ -306,6 +337,11 @@ static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k
       j.vss[i] = j.vs[i] ? vsc->strides[iv] : 0;
     }
   }
+  if (sinks && (sinks->ndim != 1 || j.nbd == 0 || sinks->shape[0] != j.bshape[j.nbd - 1] ||
+                !ml_dtype_is_floating(sinks->dtype)))
+    return ml_fail(ML_EINVAL, "%s: sinks %s of shape %s: expected one floating-point logit per query head (%lld)", fn,
+                   ml_dtype_name(sinks->dtype), ml_shape_str(sinks->ndim, sinks->shape, a, sizeof a),
+                   (long long)(j.nbd ? j.bshape[j.nbd - 1] : 0));
   int64_t target[ML_MAX_DIMS + 2];
   memcpy(target, j.bshape, (size_t)j.nbd * sizeof *target);
   target[j.nbd] = j.L;
@@ -331,7 +367,7 @@ static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k
   ml_tensor *o;
   ML_TRY(ml_tensor_empty(q->dtype, j.nbd + 2, oshape, q->storage->device, &o));
   if (cu && ksc && cu->sdpa_q8 && j.E <= ML_CUDA_Q8_ATTN_MAX_E) {
-    ml_status st = cu->sdpa_q8(q, k, ksc, v, vsc, mask, is_causal, j.scale, o);
+    ml_status st = cu->sdpa_q8(q, k, ksc, v, vsc, mask, sinks, is_causal, j.scale, o);
     if (st) { ml_tensor_release(o); return st; }
     *out = o;
     return ML_OK;
@@ -344,7 +380,7 @@ static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k
       st = ml_dequantize_q8(k, ksc, q->dtype, &kf);
       if (!st) st = ml_dequantize_q8(v, vsc, q->dtype, &vf);
     }
-    if (!st) st = cu->sdpa(q, kf ? kf : k, vf ? vf : v, mask, is_causal, j.scale, o);   /* grouped heads included */
+    if (!st) st = cu->sdpa(q, kf ? kf : k, vf ? vf : v, mask, sinks, is_causal, j.scale, o);   /* grouped heads included */
     ml_tensor_release(kf);
     ml_tensor_release(vf);
     if (st) { ml_tensor_release(o); return st; }
@@ -387,12 +423,13 @@ static ml_status sdpa_run(const char *fn, const ml_tensor *q, const ml_tensor *k
 }
 
 ml_status ml_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
-                  bool is_causal, double scale, ml_tensor **out) {
-  return sdpa_run("sdpa", q, k, NULL, v, NULL, mask, is_causal, scale, out);
+                  const ml_tensor *sinks, bool is_causal, double scale, ml_tensor **out) {
+  return sdpa_run("sdpa", q, k, NULL, v, NULL, mask, sinks, is_causal, scale, out);
 }
 
 ml_status ml_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
-                     const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale, ml_tensor **out) {
+                     const ml_tensor *v_scales, const ml_tensor *mask, const ml_tensor *sinks, bool is_causal,
+                     double scale, ml_tensor **out) {
   if (!k_scales || !v_scales) return ml_fail(ML_EINVAL, "sdpa_q8: the key and value scales are required");
-  return sdpa_run("sdpa_q8", q, k, k_scales, v, v_scales, mask, is_causal, scale, out);
+  return sdpa_run("sdpa_q8", q, k, k_scales, v, v_scales, mask, sinks, is_causal, scale, out);
 }

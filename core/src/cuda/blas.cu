@@ -210,15 +210,18 @@ static int64_t attn_scratch_bytes(void) {
 // probabilities in place, in T (float; double for float64 inputs). Rows r0.. of the R query rows
 // of each batch: query position (r0 + row % lc) % L (R = G x L when G query heads share one
 // key/value head, stacked). The mask is broadcast over the full (batch, heads, L, S), whose
-// flattened row is batch x R + that row.
+// flattened row is batch x R + that row. With sinks (H > 0: one logit per query head, the heads
+// being the last batch dim), the row's head's sink joins the softmax without a value.
 template <typename T>
 __global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t lc, int64_t r0, int64_t R, int64_t L,
-                                    int64_t S_eff, int64_t S, TensorDesc mask, int mask_kind, bool causal) {
+                                    int64_t S_eff, int64_t S, TensorDesc mask, int mask_kind, bool causal,
+                                    TensorDesc sinks, int64_t H) {
   __shared__ T sh[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     T *r = scores + row * S_eff;
     int64_t stacked = r0 + row % lc, l = stacked % L, full_row = row / lc * R + stacked;
-    T m = -INFINITY;
+    T m = -INFINITY, sink = -INFINITY;
+    if (H > 0) sink = load_as<T>(sinks.data, sinks.dtype, desc_offset(sinks, full_row / L % H));
     for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) {
       T v = r[j];
       if (causal && j > l) v = -INFINITY;
@@ -232,9 +235,11 @@ __global__ void attn_softmax_kernel(T *scores, int64_t rows, int64_t lc, int64_t
       for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) r[j] = 0;
       continue;
     }
+    m = max_of(m, sink);
     T s = 0;
     for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) { T e = exp_of(r[j] - m); r[j] = e; s += e; }
     s = block_sum<T>(s, sh);
+    if (H > 0) s += exp_of(sink - m);
     for (int64_t j = threadIdx.x; j < S_eff; j += blockDim.x) r[j] /= s;
   }
 }
@@ -283,7 +288,7 @@ static ml_status stack_query_groups(const ml_tensor *q, int nbatch, const int64_
 }
 
 ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
-                       bool is_causal, double scale, ml_tensor *out) {
+                       const ml_tensor *sinks, bool is_causal, double scale, ml_tensor *out) {
   int dev = ml_cuda_device_of(out);
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(dev, &st));
@@ -330,6 +335,8 @@ ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *
     full[nbatch] = L; full[nbatch + 1] = S;
     md = mask ? ml_cuda_desc_broadcast(mask, nbatch + 2, full) : ml_cuda_desc(scores);
   }
+  TensorDesc sd = sinks ? ml_cuda_desc(sinks) : md;
+  int64_t H = sinks ? so[nbatch - 1] : 0;   // (checked by the caller: sinks (H,), nbatch >= 1)
   for (int64_t r0 = 0; !s && r0 < R; r0 += Lc) {
     int64_t lc = R - r0 < Lc ? R - r0 : Lc;
     // Causal: key j > l is masked for every row of the block, so keys past its last row are
@@ -344,10 +351,10 @@ ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *
     unsigned grid = (unsigned)(rows < 65535 * 16 ? rows : 65535 * 16);
     if (wide)
       attn_softmax_kernel<double><<<grid, 256, 0, st->compute>>>((double *)sc, rows, lc, r0, R, L, S_eff, S, md, kind,
-                                                                 is_causal);
+                                                                 is_causal, sd, H);
     else
       attn_softmax_kernel<float><<<grid, 256, 0, st->compute>>>((float *)sc, rows, lc, r0, R, L, S_eff, S, md, kind,
-                                                                is_causal);
+                                                                is_causal, sd, H);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) { s = ml_fail(ML_EIO, "scaled_dot_product_attention: %s", cudaGetErrorString(e)); break; }
     // out rows r0..r0+lc = P @ V[:S_eff], P converted to out's dtype first for float16/bfloat16.

@@ -253,7 +253,7 @@ ml_status ml_cuda_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_te
 ml_status ml_cuda_matmul(const ml_tensor *a, const ml_tensor *b, ml_tensor *out);
 ml_status ml_cuda_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *b, ml_tensor *out);
 ml_status ml_cuda_sdpa(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *mask,
-                       bool is_causal, double scale, ml_tensor *out);
+                       const ml_tensor *sinks, bool is_causal, double scale, ml_tensor *out);
 ml_status ml_cuda_triangle(const ml_tensor *x, int64_t k, bool upper, ml_tensor *out);
 ml_status ml_cuda_gather(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out, int64_t *bad_index);
 ml_status ml_cuda_index_select(const ml_tensor *x, int dim, const ml_tensor *index, ml_tensor *out,
@@ -271,8 +271,9 @@ ml_status ml_cuda_quantize_q4(const ml_tensor *w, ml_tensor *q, ml_tensor *scale
 ml_status ml_cuda_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_tensor *out);
 ml_status ml_cuda_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
                                         int64_t block_i, ml_tensor *out);
+ml_status ml_cuda_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, ml_tensor *out);
 ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
-                          const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
-                          ml_tensor *out);
+                          const ml_tensor *v_scales, const ml_tensor *mask, const ml_tensor *sinks, bool is_causal,
+                          double scale, ml_tensor *out);
 ml_status ml_cuda_random_fill(ml_tensor *t, bool normal, double a, double b, uint64_t seed, uint64_t base);
 

@@ -312,7 +312,8 @@ struct Q8Attn {
 // of the R = batch-heads x L rows.
 __global__ void sdpa_q8_kernel(Q8Attn a, const void *q, int qdt, const signed char *k, const float *ks,
                                const signed char *v, const float *vs, TensorDesc mask, int mask_kind, bool causal,
-                               float scale, float *scores, void *out, int odt, int64_t r0, int64_t rows) {
+                               TensorDesc sinks, bool has_sinks, float scale, float *scores, void *out, int odt,
+                               int64_t r0, int64_t rows) {
   __shared__ float qrow[ML_CUDA_Q8_ATTN_MAX_E];
   __shared__ float red[32];
   for (int64_t row = r0 + blockIdx.x; row < r0 + rows; row += gridDim.x) {
@@ -351,10 +352,15 @@ __global__ void sdpa_q8_kernel(Q8Attn a, const void *q, int qdt, const signed ch
     float m = -INFINITY;
     for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) m = fmaxf(m, y[s]);
     m = block_max<float>(m, red);
+    // a sink (one logit per query head, the last batch dim) joins the softmax without a value
+    float sink = has_sinks ? load_as<float>(sinks.data, sinks.dtype, desc_offset(sinks, bh % a.bshape[a.nbd - 1]))
+                           : -INFINITY;
+    float m_all = fmaxf(m, sink);
     float sum = 0.0f;
     if (m != -INFINITY)
-      for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) { float p = __expf(y[s] - m); y[s] = p; sum += p; }
+      for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) { float p = __expf(y[s] - m_all); y[s] = p; sum += p; }
     sum = block_sum<float>(sum, red);
+    if (has_sinks && m != -INFINITY) sum += __expf(sink - m_all);
     __syncthreads();                        // (every y[s] written before any thread reads them all)
     // every key masked: zeros, as PyTorch's scaled_dot_product_attention
     float inv = m == -INFINITY ? 0.0f : 1.0f / sum;
@@ -372,8 +378,8 @@ __global__ void sdpa_q8_kernel(Q8Attn a, const void *q, int qdt, const signed ch
 }
 
 ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
-                          const ml_tensor *v_scales, const ml_tensor *mask, bool is_causal, double scale,
-                          ml_tensor *out) {
+                          const ml_tensor *v_scales, const ml_tensor *mask, const ml_tensor *sinks, bool is_causal,
+                          double scale, ml_tensor *out) {
   int dev = ml_cuda_device_of(out);
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(dev, &st));
@@ -425,7 +431,8 @@ ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tenso
     sdpa_q8_kernel<<<grid, kThreads, 0, st->compute>>>(
         a, ml_tensor_data(q), ml_tensor_dtype(q), (const signed char *)ml_tensor_data(k),
         (const float *)ml_tensor_data(k_scales), (const signed char *)ml_tensor_data(v),
-        (const float *)ml_tensor_data(v_scales), md, kind, is_causal, (float)scale, (float *)scr, ml_tensor_data(out),
+        (const float *)ml_tensor_data(v_scales), md, kind, is_causal, sinks ? ml_cuda_desc(sinks) : md, sinks != NULL,
+        (float)scale, (float *)scr, ml_tensor_data(out),
         ml_tensor_dtype(out), r0, rows);
     e = cudaGetLastError();
   }

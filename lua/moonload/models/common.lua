@@ -62,11 +62,13 @@ M.Q8_DIRECT_ROWS = 32
 
 --- softmax(q k^T * scale [+ mask]) v through the C kernel. q (..., L, E), k (..., S, E),
 -- v (..., S, Ev) (or an int8 cache's views: models/kv_cache.lua); mask bool (true = attend)
--- broadcast to (..., L, S), or nil.
-function M.attention(q, k, v, mask, is_causal, scale)
+-- broadcast to (..., L, S), or nil; sinks (H) a logit per query head joining each softmax
+-- without a value (gpt-oss), or nil.
+function M.attention(q, k, v, mask, is_causal, scale, sinks)
    local ks = rawget(k, "_q8_scales")
+   local sc = sinks and sinks._c or nil
    if ks and q:size(-2) <= M.Q8_DIRECT_ROWS then
-      C.check(lib.ml_sdpa_q8(q._c, k._c, ks._c, v._c, rawget(v, "_q8_scales")._c, mask and mask._c or nil,
+      C.check(lib.ml_sdpa_q8(q._c, k._c, ks._c, v._c, rawget(v, "_q8_scales")._c, mask and mask._c or nil, sc,
          is_causal and true or false, scale or 0, out1), 2)
       return T.wrap(out1[0])
    end
@@ -74,7 +76,7 @@ function M.attention(q, k, v, mask, is_causal, scale)
       local floats = require("moonload.models.kv_cache").floats
       k, v = floats(k, q.dtype), floats(v, q.dtype)
    end
-   C.check(lib.ml_sdpa(q._c, k._c, v._c, mask and mask._c or nil, is_causal and true or false,
+   C.check(lib.ml_sdpa(q._c, k._c, v._c, mask and mask._c or nil, sc, is_causal and true or false,
       scale or 0, out1), 2)
    return T.wrap(out1[0])
 end
@@ -114,20 +116,20 @@ end
 --- Causal attention of L new queries at positions past..past+L-1 over S = past + L keys.
 -- Prefill (past 0) uses the kernel's causal flag; otherwise the mask above. pad (B, S) bool
 -- (optional) hides padding keys; window (optional, Mistral and Qwen2's sliding attention) hides
--- keys more than window - 1 positions before their query.
-function M.causal_attention(q, k, v, past, scale, pad, window)
+-- keys more than window - 1 positions before their query; sinks (optional): see attention.
+function M.causal_attention(q, k, v, past, scale, pad, window, sinks)
    local L, S = q:size(-2), k:size(-2)
    if past == 0 and L > 1 and not pad and not (window and S > window) then
-      return M.attention(q, k, v, nil, true, scale)
+      return M.attention(q, k, v, nil, true, scale, sinks)
    end
-   return M.attention(q, k, v, M.attention_mask(L, S, pad, window, q.device), false, scale)
+   return M.attention(q, k, v, M.attention_mask(L, S, pad, window, q.device), false, scale, sinks)
 end
 
 --- Grouped-query attention: q (B, H, L, D) against k, v (B, Hkv, S, D) with H = Hkv * n_rep.
 -- The kernel reads query head h from key/value head h / n_rep (PyTorch's enable_gqa), so the
 -- key/value heads are never repeated into copies.
-function M.gqa_attention(q, k, v, past, scale, pad, window)
-   return M.causal_attention(q, k, v, past, scale, pad, window)
+function M.gqa_attention(q, k, v, past, scale, pad, window, sinks)
+   return M.causal_attention(q, k, v, past, scale, pad, window, sinks)
 end
 
 -- --- token ids ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 --    F.quantize_q4(w), F.q4_linear(...), F.dequantize_q4(...)   int4 weights, two a byte
 --    F.dequantize_fp8_blocks(w, scale_inv, block[, dtype]), F.fp8_linear(x, w, scale_inv, block[, b])
 --                                              float8 weights with block scales
+--    F.dequantize_mxfp4(blocks, scales[, dtype]), F.mxfp4_linear(x, blocks, scales[, b])
+--                                              MXFP4 weights (gpt-oss's experts), two a byte
 --    F.embedding(ids, weight)                  ids hold 0-based rows
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
@@ -117,8 +119,6 @@ function F.q4_linear(x, q, scales, b)
    return wrap(out[0])
 end
 
---- dequantize_q4(q, scales[, dtype = "float32"]) -> the (out, in) weight quantize_q4's values
--- stand for, as a new tensor of dtype (float32, float16, bfloat16).
 --- dequantize_fp8_blocks(w, scale_inv, {block_o, block_i}[, dtype = "float32"]) -> the float8
 -- weight w (O, I) times its float32 scale_inv (ceil(O / block_o), ceil(I / block_i)) tile by tile,
 -- as a new contiguous (O, I) tensor of dtype (float32, float16, bfloat16), on their device.
@@ -147,6 +147,31 @@ function F.fp8_linear(x, w, scale_inv, block, b)
    return wrap(out[0])
 end
 
+--- dequantize_mxfp4(blocks, scales[, dtype = "float32"]) -> MXFP4 weights (gpt-oss's experts):
+-- uint8 blocks (..., O, G, 16), two e2m1 values a byte (value 2j in byte j's low nibble, 2j + 1
+-- in its high one), and uint8 scales (..., O, G), a power of two 2^(s - 127) a group of 32, as a
+-- new contiguous (..., O, G * 32) tensor of dtype (float32, float16, bfloat16), on their device:
+-- the (out, in) weight of F.linear (transformers transposes it to (..., I, O) for x @ W).
+function F.dequantize_mxfp4(blocks, scales, dtype)
+   need_tensor("dequantize_mxfp4", "blocks", blocks)
+   need_tensor("dequantize_mxfp4", "scales", scales)
+   check(lib.ml_dequantize_mxfp4(blocks._c, scales._c, dtype_code("dequantize_mxfp4", dtype), out))
+   return wrap(out[0])
+end
+
+--- mxfp4_linear(x, blocks, scales[, b]) -> x W^T + b in x's dtype (float32, float16, bfloat16),
+-- W (O, G * 32) the weight of blocks (O, G, 16) and scales (O, G) (see dequantize_mxfp4); a few
+-- rows on the CPU read the packed bytes as they are.
+function F.mxfp4_linear(x, blocks, scales, b)
+   need_tensor("mxfp4_linear", "input", x)
+   need_tensor("mxfp4_linear", "blocks", blocks)
+   need_tensor("mxfp4_linear", "scales", scales)
+   check(lib.ml_mxfp4_linear(x._c, blocks._c, scales._c, opt_tensor("mxfp4_linear", "bias", b), out))
+   return wrap(out[0])
+end
+
+--- dequantize_q4(q, scales[, dtype = "float32"]) -> the (out, in) weight quantize_q4's values
+-- stand for, as a new tensor of dtype (float32, float16, bfloat16).
 function F.dequantize_q4(q, scales, dtype)
    need_tensor("dequantize_q4", "int4 values", q)
    need_tensor("dequantize_q4", "scales", scales)
@@ -205,18 +230,20 @@ function F.rms_norm(x, normalized_shape, w, eps)
    return wrap(out[0])
 end
 
---- scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale}]); q (..., L, E),
+--- scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale, sinks}]); q (..., L, E),
 -- k (..., S, E), v (..., S, Ev). A bool mask keeps true positions; a float mask is added.
--- PyTorch's positional form (q, k, v, attn_mask, dropout_p, is_causal, scale) works too.
+-- sinks (beyond PyTorch): (H,) a logit per query head (dim -3) that joins each row's softmax
+-- without a value, as gpt-oss's attention sinks. PyTorch's positional form (q, k, v, attn_mask,
+-- dropout_p, is_causal, scale) works too.
 function F.scaled_dot_product_attention(q, k, v, opts, dropout_p, is_causal, scale)
    need_tensor("scaled_dot_product_attention", "query", q)
    need_tensor("scaled_dot_product_attention", "key", k)
    need_tensor("scaled_dot_product_attention", "value", v)
-   local mask
+   local mask, sinks
    if is_tensor(opts) or opts == nil or opts == false then
       mask = opts or nil
    elseif type(opts) == "table" then
-      mask, is_causal, scale, dropout_p = opts.attn_mask, opts.is_causal, opts.scale, opts.dropout_p
+      mask, is_causal, scale, dropout_p, sinks = opts.attn_mask, opts.is_causal, opts.scale, opts.dropout_p, opts.sinks
    else
       error("scaled_dot_product_attention: the fourth argument must be an options table or a mask tensor, got "
          .. type(opts), 2)
@@ -231,7 +258,7 @@ function F.scaled_dot_product_attention(q, k, v, opts, dropout_p, is_causal, sca
       error("scaled_dot_product_attention: give attn_mask or is_causal, not both", 2)
    end
    check(lib.ml_sdpa(q._c, k._c, v._c, opt_tensor("scaled_dot_product_attention", "attn_mask", mask),
-      is_causal and true or false, scale or 0, out))
+      opt_tensor("scaled_dot_product_attention", "sinks", sinks), is_causal and true or false, scale or 0, out))
    return wrap(out[0])
 end
 F.sdpa = F.scaled_dot_product_attention
