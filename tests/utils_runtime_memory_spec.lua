@@ -12,7 +12,8 @@ local H = require("models_helpers")
 local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny", "qwen3_tiny", "phi3_tiny",
                    "gemma2_tiny", "gemma3_tiny", "gemma3_multimodal_tiny", "qwen3_moe_tiny", "mixtral_tiny",
                    "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny", "phi_tiny",
-                   "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny" }
+                   "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "gpt_oss_tiny",
+                   "gpt_oss_mxfp4_tiny" }
 
 local prompts = H.padded_prompts
 
@@ -60,7 +61,8 @@ describe("utils.runtime_memory", function()
             end
             -- the sliding layers (windows of 3 to 5 tokens in the fixtures) keep 5 + 2 windows, not 40
             local windows = { mistral_tiny = 2, qwen2_tiny = 1, qwen3_tiny = 1, phi3_tiny = 2, gemma2_tiny = 2,
-                              gemma3_tiny = 2, gemma3_multimodal_tiny = 2, starcoder2_tiny = 2 }
+                              gemma3_tiny = 2, gemma3_multimodal_tiny = 2, starcoder2_tiny = 2,
+                              gpt_oss_tiny = 2, gpt_oss_mxfp4_tiny = 2 }
             assert.are.equal(windows[name] or 0, sliding)
          end)
       end

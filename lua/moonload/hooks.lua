@@ -397,6 +397,7 @@ end
 -- previous setting.
 local in_place_below = tonumber(os.getenv("MOONLOAD_COMPUTE_IN_PLACE_BELOW") or "") or 0
 local in_place_forwards = 0
+local in_place_owner = nil    -- the innermost hooked module running on the CPU in place now
 function M.set_compute_in_place(tokens)
    if type(tokens) ~= "number" or tokens < 0 or tokens ~= math.floor(tokens) then
       error("set_compute_in_place: tokens must be an integer >= 0, got " .. tostring(tokens), 2)
@@ -633,6 +634,7 @@ function AlignDevicesHook:pre_forward(module, ...)
    if self.io_same_device then
       -- the model's outermost hook: a forward starts, read its first offloaded weights ahead
       self.input_device = find_device({ ... })
+      in_place_owner = nil              -- (a forward that raised left its modules unfinished)
       C.check(lib.ml_hookrt_forward_begins(M.runtime()))
    end
    local in_place
@@ -675,7 +677,13 @@ function AlignDevicesHook:pre_forward(module, ...)
       end
    end
    self._in_place = in_place
-   if in_place then in_place_forwards = in_place_forwards + 1 end
+   if in_place then
+      in_place_forwards = in_place_forwards + 1
+      -- a module inside another one running in place (gpt-oss's attention holds its sinks and
+      -- its hooked projections): its outputs stay on the CPU for the enclosing forward
+      self._enclosing = in_place_owner or false
+      in_place_owner = self
+   end
    local dev = in_place and "cpu" or self.execution_device
    if dev == nil then return ... end
    local n = select("#", ...)
@@ -721,8 +729,14 @@ function AlignDevicesHook:post_forward(module, ...)
       self._in_place = false
    end
    if self.io_same_device and self.input_device ~= nil then return send_outputs(self.input_device, self.skip_keys, ...) end
-   -- ran on the CPU in place of the execution device: the output goes where it would have been
-   if in_place then return send_outputs(self.execution_device, self.skip_keys, ...) end
+   -- ran on the CPU in place of the execution device: the output goes where it would have been,
+   -- unless the enclosing module runs on the CPU too
+   if in_place then
+      local enclosing = self._enclosing
+      in_place_owner = enclosing or nil
+      if enclosing then return ... end
+      return send_outputs(self.execution_device, self.skip_keys, ...)
+   end
    return ...
 end
 

@@ -308,8 +308,9 @@ function M.apply_config(model, qc, src, who, names)
    if qc == nil then return model end
    local method = type(qc) == "table" and qc.quant_method or nil
    if method == "fp8" then return M.apply_fp8_config(model, qc, src, who, names) end
+   if method == "mxfp4" then return M.check_mxfp4_config(model, qc, src, who) end
    if not METHOD_BITS[method] then
-      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4") and FP8 ones with block scales ("fp8"), and quantizes float ones itself (quantize = "int8" or "int4")',
+      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4"), FP8 ones with block scales ("fp8") and gpt-oss\'s MXFP4 experts ("mxfp4"), and quantizes float ones itself (quantize = "int8" or "int4")',
          who, src, tostring(method)), 0)
    end
    local per_module = qc.bits_per_module
@@ -337,6 +338,22 @@ function M.apply_config(model, qc, src, who, names)
       end
    end
    return model
+end
+
+-- --- MXFP4 checkpoints (gpt-oss, transformers' quant_method "mxfp4") -----------------------------
+
+--- check_mxfp4_config(model, qc, src, who): MXFP4 is the format of gpt-oss's experts, which its
+-- model class builds as blocks and scales from the config itself (models/gpt_oss.lua); a model
+-- without such experts cannot read the checkpoint.
+function M.check_mxfp4_config(model, qc, src, who)
+   for _, e in ipairs(model:named_modules_list()) do
+      if rawget(e[2], "mxfp4") == true then
+         rawset(model, "mxfp4_config", qc)
+         return model
+      end
+   end
+   error(string.format('%s: quantization_config in %s has quant_method "mxfp4", which moonload reads for gpt-oss\'s experts (model_type "gpt_oss"); this %s has none',
+      who, src, tostring(model.__name)), 0)
 end
 
 -- --- FP8 checkpoints (DeepSeek-V3, transformers' quant_method "fp8") ----------------------------

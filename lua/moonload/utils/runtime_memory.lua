@@ -74,11 +74,13 @@ end
 
 -- Per-token width of what a block's MLP part holds at once: its widest projection (the
 -- intermediate, or a fused gate_up); for a sparse MoE block, top_k experts' widths, the router's
--- scores and any shared expert, since every token runs k experts.
+-- scores and any shared expert, since every token runs k experts. Experts stacked in one module
+-- (gpt-oss's) give their width as expert_width.
 local function mlp_width(m, skip)
    if m == skip then return 0 end
    if m.top_k and m.experts then
-      local w = m.top_k * mlp_width(m.experts[1])
+      local first = m.experts[1]
+      local w = m.top_k * (first and mlp_width(first) or m.experts.expert_width)
       for name, child in m:named_children() do
          if name ~= "experts" then w = w + mlp_width(child) end
       end
