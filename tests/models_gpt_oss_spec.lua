@@ -163,3 +163,42 @@ describe("models.gpt_oss config", function()
       end
    end)
 end)
+
+describe("hub configs (gpt-oss-20b's and -120b's config.json, built empty)", function()
+   local fix = H.read_json(H.FIX .. "/gpt_oss_hub_configs.json")
+   for _, name in ipairs({ "gpt_oss_20b", "gpt_oss_120b" }) do
+      it(name .. ": transformers' parameter count and shapes (experts as MXFP4), scales, YaRN frequencies", function()
+         local c = fix[name].config
+         local m = ml.init_empty_weights(function() return gpt_oss.GptOssForCausalLM(c) end)
+         -- MXFP4 blocks hold two weights a byte; their scales are not parameters of the dense model
+         local count, shapes, bytes = 0, {}, 0
+         for pname, p in m:named_parameters() do
+            shapes[pname] = p.shape
+            bytes = bytes + p:nbytes()
+            if pname:find("_blocks$") then count = count + 2 * p:numel()
+            elseif not pname:find("_scales$") then count = count + p:numel() end
+         end
+         assert.are.equal(fix[name].parameters, count)              -- 20,914,757,184 for 20b
+         for pname, shape in pairs(fix[name].shapes) do
+            local blocks = shapes[pname .. "_blocks"]
+            if blocks then        -- transformers' (E, in, out) stacked weight: (E, out, in / 32, 16) blocks
+               assert.are.same({ shape[1], shape[3], shape[2] / 32, 16 }, blocks, pname)
+               assert.are.same({ shape[1], shape[3], shape[2] / 32 }, shapes[pname .. "_scales"], pname)
+            else
+               assert.are.same(shape, shapes[pname], pname)
+            end
+         end
+         assert.is_true(math.abs(rawget(m.model.layers[1].self_attn, "scale") - fix[name].softmax_scale) < 1e-12)
+         assert.is_true(math.abs(rawget(m.model.rotary_emb, "attention_scaling") - fix[name].rope_attention_scaling) < 1e-12)
+         assert.is_true(H.max_abs_diff(m.model.rotary_emb.inv_freq, fix[name].inv_freq) < 1e-7)
+         assert.are.equal(128, m.model.layers[1].self_attn.window)
+         assert.is_nil(m.model.layers[2].self_attn.window)
+         -- what the weights weigh as the hub stores them (bfloat16 but the experts): 13.76 GB for
+         -- 20b, 65.25 GB for 120b, under a third of their bfloat16 size (41.8 and 233.7 GB)
+         m:to("bfloat16")
+         local stored = 0
+         for _, p in m:named_parameters() do stored = stored + p:nbytes() end
+         assert.is_true(stored < 2 * fix[name].parameters / 3, string.format("%.2f GB stored", stored / 1e9))
+      end)
+   end
+end)
