@@ -202,3 +202,18 @@ describe("hub configs (gpt-oss-20b's and -120b's config.json, built empty)", fun
       end)
    end
 end)
+
+describe("examples/gpt_oss.lua", function()
+   it("runs the MXFP4 test folder with its experts on disk and prints the model's greedy tokens", function()
+      local p = assert(io.popen("luajit examples/gpt_oss.lua 2>/dev/null"))
+      local text = p:read("*a")
+      p:close()
+      assert.truthy(text:find("GptOssForCausalLM, [%d.]+ MB of weights in RAM, [%d.]+ MB on disk; MXFP4 experts 0.07 MB %(0.28 MB as bfloat16%)"), text)
+      assert.truthy(text:find("attention windows by layer: 4 full 4", 1, true), text)
+      local want = models.from_pretrained(H.FIX .. "/gpt_oss_mxfp4_tiny", { dtype = "bfloat16" }):generate({ 1, 5, 17, 42, 3 },
+         { max_new_tokens = 16, eos_token_id = false })
+      local printed = {}
+      for id in text:match("\n([%d ]+)\n"):gmatch("%d+") do printed[#printed + 1] = tonumber(id) end
+      assert.are.same({ unpack(want, 6) }, printed)
+   end)
+end)
