@@ -269,9 +269,10 @@ local METHOD_BITS = { moonload_q8 = 8, moonload_q4 = 4 }
 -- others in bits_per_module = {name = bits}.
 function M.config_for(model)
    local names, widths, count = {}, {}, { [8] = 0, [4] = 0 }
-   local fp8
+   local fp8, mxfp4
    for _, e in ipairs(model:named_modules_list()) do
       if e[2].__name == "Fp8Linear" then fp8 = fp8 or e[1] end
+      if rawget(e[2], "mxfp4") == true then mxfp4 = mxfp4 or e[1] end
       if e[2].__name == "QuantizedLinear" or e[2].__name == "QuantizedEmbedding" then
          names[#names + 1] = e[1]
          widths[e[1]] = e[2].bits or 8
@@ -281,6 +282,13 @@ function M.config_for(model)
    if #names > 0 and fp8 then
       error(string.format('one quantization_config cannot describe both FP8 layers ("%s") and int8/int4 ones ("%s"): quantize the FP8 layers left (their in_features not a multiple of %d) or none',
          fp8, names[1], QuantizedLinear.BLOCK), 0)
+   end
+   if #names > 0 and mxfp4 then
+      error(string.format('one quantization_config cannot describe both MXFP4 experts ("%s") and int8/int4 layers ("%s")',
+         mxfp4, names[1]), 0)
+   end
+   if mxfp4 then            -- gpt-oss's experts as its checkpoints hold them: its own quantization_config
+      return rawget(model, "mxfp4_config") or { quant_method = "mxfp4" }
    end
    if #names == 0 then
       -- an FP8 checkpoint's layers: its own quantization_config, as read
