@@ -166,6 +166,11 @@ describe("models.gpt_oss config", function()
       local cfg = gpt_oss.config(with({ num_experts_per_tok = require("cjson").null, experts_per_token = 3 }))
       assert.are.equal(3, cfg.num_experts_per_tok)
       assert.are.equal(1.702, cfg.swiglu_alpha)
+      -- without layer_types, transformers' default: the first layer of each pair slides
+      cfg = gpt_oss.config(with({ layer_types = require("cjson").null, num_hidden_layers = 4 }))
+      assert.are.same({ 4, false, 4, false }, cfg.layer_windows)
+      cfg = gpt_oss.config(with({ sliding_window = require("cjson").null }))
+      assert.are.same({ false, false, false }, cfg.layer_windows)
       local cases = {
          { { num_experts_per_tok = 5 }, "num_experts_per_tok 5 is more than num_local_experts 4" },
          { { swiglu_limit = -1 }, 'config key "swiglu_limit" must be a positive number, got -1' },
