@@ -43,6 +43,19 @@ local function random_mxfp4(shape, lo, hi)
    return (ml.rand(shape) * 255):to("uint8"), (ml.rand(sshape) * (hi - lo) + lo):to("uint8")
 end
 
+-- transformers-order blocks (..., 16) repacked in llama.cpp's order: the same 32 values, value j
+-- in byte j's low nibble and j + 16 in its high one.
+local function to_ggml_order(blocks)
+   local flat = blocks:contiguous():view(-1, 16):tolist()
+   for r, row in ipairs(flat) do
+      local nib = {}
+      for k = 1, 16 do nib[2 * k - 1], nib[2 * k] = row[k] % 16, math.floor(row[k] / 16) end
+      for j = 1, 16 do row[j] = nib[j] + 16 * nib[j + 16] end
+      flat[r] = row
+   end
+   return ml.tensor(flat, { dtype = "uint8" }):view(blocks.shape)
+end
+
 local function fails(fn, msg)
    local ok, err = pcall(fn)
    assert.is_false(ok)
@@ -79,6 +92,23 @@ describe("dequantize_mxfp4", function()
          for i = 1, 32 do assert.are.equal(fp4[(i - 1) % 16 + 1] * p, got[o][i], o .. ", " .. i) end
       end
       assert.are.equal(-math.huge, 1 / got[1][9])                 -- nibble 8 is -0
+   end)
+
+   it("reads llama.cpp's nibble order (GGUF's MXFP4) as the same values, and names an unknown order", function()
+      ml.manual_seed(5)
+      local blocks, scales = random_mxfp4({ 2, 6, 3, 16 }, 115, 135)
+      local want = F.dequantize_mxfp4(blocks, scales)
+      local ggml = to_ggml_order(blocks)
+      assert.is_false(ml.equal(ggml, blocks))
+      assert.is_true(ml.equal(F.dequantize_mxfp4(ggml, scales, "float32", "ggml"), want))
+      local x = ml.randn(3, 96)
+      for _, rows in ipairs({ 1, 3 }) do           -- the direct product, and (3 > 1 row) both paths agree
+         local xr = x:narrow(1, 1, rows)
+         local got = F.mxfp4_linear(xr, ggml:select(1, 2), scales:select(1, 2), nil, "ggml")
+         assert.is_true(rel(got, F.linear(xr, want:select(1, 2))) < 1e-6)
+      end
+      fails(function() F.dequantize_mxfp4(ggml, scales, "float32", "llama") end,
+         'dequantize_mxfp4: order must be "transformers" or "ggml", got llama')
    end)
 
    it("reads views: an expert selected from a stacked tensor, strided groups and bytes", function()
@@ -263,6 +293,17 @@ describe("mxfp4 on cuda #cuda", function()
       local bt = bd:permute({ 4, 1, 2, 3 }):contiguous():permute({ 2, 3, 4, 1 })
       local st = sd:permute({ 3, 1, 2 }):contiguous():permute({ 2, 3, 1 })
       assert.are.same({}, mismatches(F.dequantize_mxfp4(bt, st, "bfloat16"):cpu(), FIX.stacked.bfloat16))
+   end)
+
+   it("expands llama.cpp's nibble order on the device to the CPU's values", function()
+      ml.manual_seed(6)
+      local blocks, scales = random_mxfp4({ 4, 2, 16 }, 118, 130)
+      local ggml = to_ggml_order(blocks)
+      local want = F.dequantize_mxfp4(blocks, scales)
+      assert.is_true(ml.equal(F.dequantize_mxfp4(ggml:to(DEV), scales:to(DEV), "float32", "ggml"):cpu(), want))
+      local x = ml.randn(2, 64)
+      local got = F.mxfp4_linear(x:to(DEV), ggml:to(DEV), scales:to(DEV), nil, "ggml"):cpu()
+      assert.is_true(rel(got, F.linear(x, want)) < 1e-5)
    end)
 
    it("multiplies on the device as the CPU does, decoding rows and prompt rows", function()

@@ -250,14 +250,15 @@ ML_API ml_status ml_fp8_linear(const ml_tensor *x, const ml_tensor *w, const ml_
    1.5, 2, 3, 4, 6, then the same negated), times 2^(scale - 127) -> a new contiguous
    (..., O, G * 32) tensor of dtype (float32, float16 or bfloat16), the (out, in) weight of x W^T
    (transformers transposes it for x @ W). Each value is the exact product rounded once to dtype,
-   as transformers' (only scales near 255 overflow float32). */
-ML_API ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, ml_dtype dtype,
+   as transformers' (only scales near 255 overflow float32). ggml_order: llama.cpp's order
+   instead (GGUF's MXFP4 type): byte j's low nibble is value j, its high nibble value j + 16. */
+ML_API ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, bool ggml_order, ml_dtype dtype,
                                      ml_tensor **out);
 /* x (..., G * 32) W^T + b for blocks (O, G, 16) and scales (O, G), b (O) or NULL, in x's dtype
    (float32, float16, bfloat16): a few rows on the CPU read the packed bytes directly; more rows,
    or a GPU, expand the weight into x's dtype and run the GEMM. */
 ML_API ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_tensor *scales,
-                                 const ml_tensor *b, ml_tensor **out);
+                                 bool ggml_order, const ml_tensor *b, ml_tensor **out);
 /* int4 weights (cpu/q8.c, cuda/q8.cu), half of int8's bytes: w (out, in) floating -> q uint8
    (out, in / 2) and float32 scales (out, in / 32). llama.cpp's Q4_0 layout: in each block of 32,
    byte j holds value j in its low nibble and value j + 16 in its high one, each stored as

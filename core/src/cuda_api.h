@@ -96,7 +96,7 @@ typedef struct ml_cuda_api {
   ml_status (*dequantize_fp8_blocks)(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
                                      int64_t block_i, ml_tensor *out);
   /* out (..., O, G * 32) = MXFP4 blocks (..., O, G, 16) uint8 times 2^(scales - 127) (ml_dequantize_mxfp4) */
-  ml_status (*dequantize_mxfp4)(const ml_tensor *blocks, const ml_tensor *scales, ml_tensor *out);
+  ml_status (*dequantize_mxfp4)(const ml_tensor *blocks, const ml_tensor *scales, bool ggml_order, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

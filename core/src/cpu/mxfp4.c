@@ -44,21 +44,22 @@ static const uint8_t fp4_twice_f16_high[16] = {0x00, 0x3c, 0x40, 0x42, 0x44, 0x4
 /* Twice the e2m1 values, as int8 (the scale takes the half back): one byte shuffle decodes 16. */
 static const int8_t fp4_twice[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-/* A group's 16 bytes -> its 32 nibbles in element order: lo holds values 0..15, hi 16..31. */
-static inline void fp4_nibbles(const uint8_t *p, __m128i *lo, __m128i *hi) {
+/* A group's 16 bytes -> its 32 nibbles in element order: lo holds values 0..15, hi 16..31
+   (llama.cpp's order has them so already: low nibbles first, then high ones). */
+static inline void fp4_nibbles(const uint8_t *p, bool ggml_order, __m128i *lo, __m128i *hi) {
   const __m128i m4 = _mm_set1_epi8(0x0f);
   __m128i b = _mm_loadu_si128((const __m128i *)p);
   __m128i even = _mm_and_si128(b, m4), odd = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-  *lo = _mm_unpacklo_epi8(even, odd);
-  *hi = _mm_unpackhi_epi8(even, odd);
+  *lo = ggml_order ? even : _mm_unpacklo_epi8(even, odd);
+  *hi = ggml_order ? odd : _mm_unpackhi_epi8(even, odd);
 }
 #endif
 
 /* 32 values of one group, twice the e2m1 values times half (half the scale), into dst. */
-static inline void fp4x32(const uint8_t *p, float half, float *dst) {
+static inline void fp4x32(const uint8_t *p, bool ggml_order, float half, float *dst) {
 #if ML_MXFP4_SIMD
   __m128i lo, hi;
-  fp4_nibbles(p, &lo, &hi);
+  fp4_nibbles(p, ggml_order, &lo, &hi);
   const __m128i lut = _mm_loadu_si128((const __m128i *)fp4_twice_f16_high), zero = _mm_setzero_si128();
   __m128i h0 = _mm_shuffle_epi8(lut, lo), h1 = _mm_shuffle_epi8(lut, hi);
   __m256 s = _mm256_set1_ps(half);
@@ -68,8 +69,8 @@ static inline void fp4x32(const uint8_t *p, float half, float *dst) {
   _mm256_storeu_ps(dst + 24, _mm256_mul_ps(_mm256_cvtph_ps(_mm_unpackhi_epi8(zero, h1)), s));
 #else
   for (int j = 0; j < 16; j++) {
-    dst[2 * j] = fp4_twice_f[p[j] & 15] * half;
-    dst[2 * j + 1] = fp4_twice_f[p[j] >> 4] * half;
+    dst[ggml_order ? j : 2 * j] = fp4_twice_f[p[j] & 15] * half;
+    dst[ggml_order ? j + 16 : 2 * j + 1] = fp4_twice_f[p[j] >> 4] * half;
   }
 #endif
 }
@@ -108,6 +109,7 @@ typedef struct {
   int64_t G, b_grp, s_grp;     /* groups a row and their strides */
   void *out;                   /* (rows, G * 32) of dtype, contiguous */
   ml_dtype dtype;
+  bool ggml_order;
 } mx_dequant_job;
 
 enum { MX_CHUNK = 8 };         /* groups converted a time into another dtype */
@@ -123,13 +125,15 @@ static void dequantize_rows(void *arg, int64_t r0, int64_t r1) {
     for (int64_t g0 = 0; g0 < j->G; g0 += MX_CHUNK) {
       int64_t n = j->G - g0 < MX_CHUNK ? j->G - g0 : MX_CHUNK;
       float *dst = j->dtype == ML_FLOAT32 ? (float *)o + g0 * 32 : buf;
-      for (int64_t g = 0; g < n; g++) fp4x32(b + (g0 + g) * j->b_grp, half_scale(s[(g0 + g) * j->s_grp]), dst + g * 32);
+      for (int64_t g = 0; g < n; g++)
+        fp4x32(b + (g0 + g) * j->b_grp, j->ggml_order, half_scale(s[(g0 + g) * j->s_grp]), dst + g * 32);
       if (j->dtype != ML_FLOAT32) ml_convert_fast(buf, ML_FLOAT32, o + g0 * 32 * (int64_t)oe, j->dtype, n * 32);
     }
   }
 }
 
-ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, ml_dtype dtype, ml_tensor **out) {
+ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, bool ggml_order, ml_dtype dtype,
+                              ml_tensor **out) {
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("dequantize_mxfp4", 2, (const ml_tensor *[]){blocks, scales},
                      (const char *[]){"the blocks", "the scales"}, &cu));
@@ -145,7 +149,7 @@ ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, 
   ml_tensor *o;
   ML_TRY(ml_tensor_empty(dtype, nd, oshape, blocks->storage->device, &o));
   ml_status st = ML_OK;
-  if (cu) st = cu->dequantize_mxfp4(blocks, scales, o);   /* (any strides) */
+  if (cu) st = cu->dequantize_mxfp4(blocks, scales, ggml_order, o);   /* (any strides) */
   else if (ml_tensor_numel(o) > 0) {
     ml_tensor *bc = NULL;                              /* 16 bytes a group in a row, else a copy */
     const ml_tensor *bt = blocks;
@@ -156,7 +160,7 @@ ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, 
     if (!st) {
       int64_t G = blocks->shape[nd - 1], rows = ml_tensor_numel(o) / (G * 32);
       mx_dequant_job j = {ml_tensor_data(bt), ml_tensor_data(scales), nd - 1, bt->shape, bt->strides, scales->strides,
-                          G, bt->strides[nd - 1], scales->strides[nd - 1], ml_tensor_data(o), dtype};
+                          G, bt->strides[nd - 1], scales->strides[nd - 1], ml_tensor_data(o), dtype, ggml_order};
       ml_parallel_for(rows, G * 64, dequantize_rows, &j);
     }
     if (bc) ml_tensor_release(bc);
@@ -187,6 +191,7 @@ typedef struct {
   const float *bias;           /* N float32, or NULL */
   uint8_t *out;                /* M x N of odt */
   ml_dtype odt;
+  bool ggml_order;
 } mx_linear_job;
 
 /* dots[m] = sum over k of x[m][k] * W[n][k] for R rows of x from x0, W's row n at br, sr. */
@@ -199,7 +204,7 @@ static void mx_row_dots(const mx_linear_job *j, const float *x0, int64_t R, cons
   for (int64_t m = 0; m < R; m++) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < j->G; g++) {
     __m128i lo, hi;
-    fp4_nibbles(br + g * j->b_grp, &lo, &hi);
+    fp4_nibbles(br + g * j->b_grp, j->ggml_order, &lo, &hi);
     lo = _mm_shuffle_epi8(lut, lo);
     hi = _mm_shuffle_epi8(lut, hi);
     __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
@@ -225,8 +230,10 @@ static void mx_row_dots(const mx_linear_job *j, const float *x0, int64_t R, cons
     for (int64_t m = 0; m < R; m++) {
       const float *xm = x0 + m * K + g * 32;
       float part = 0;
-      for (int q = 0; q < 16; q++)
-        part += xm[2 * q] * fp4_twice_f[p[q] & 15] + xm[2 * q + 1] * fp4_twice_f[p[q] >> 4];
+      for (int q = 0; q < 16; q++) {
+        int lo = j->ggml_order ? q : 2 * q, hi = j->ggml_order ? q + 16 : 2 * q + 1;
+        part += xm[lo] * fp4_twice_f[p[q] & 15] + xm[hi] * fp4_twice_f[p[q] >> 4];
+      }
       dots[m] += part * half;
     }
   }
@@ -255,9 +262,9 @@ static void mx_linear_columns(void *ctx, int64_t begin, int64_t end) {
 
 /* A prompt, or a GPU: the weight expanded into the input's dtype (the bias too), then the GEMM. */
 static ml_status mxfp4_linear_gemm(const ml_tensor *x, const ml_tensor *blocks, const ml_tensor *scales,
-                                   const ml_tensor *b, ml_tensor **out) {
+                                   bool ggml_order, const ml_tensor *b, ml_tensor **out) {
   ml_tensor *w, *bc = NULL;                          /* (O, G * 32) */
-  ML_TRY(ml_dequantize_mxfp4(blocks, scales, x->dtype, &w));
+  ML_TRY(ml_dequantize_mxfp4(blocks, scales, ggml_order, x->dtype, &w));
   ml_status st = ML_OK;
   if (b && b->dtype != x->dtype) st = ml_tensor_to(b, b->storage->device, x->dtype, &bc);
   if (!st) st = ml_linear(x, w, bc ? bc : b, out);
@@ -266,8 +273,8 @@ static ml_status mxfp4_linear_gemm(const ml_tensor *x, const ml_tensor *blocks, 
   return st;
 }
 
-ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_tensor *scales, const ml_tensor *b,
-                          ml_tensor **out) {
+ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_tensor *scales, bool ggml_order,
+                          const ml_tensor *b, ml_tensor **out) {
   char sx[ML_SHAPE_BUF], sw[ML_SHAPE_BUF];
   const ml_cuda_api *cu;
   ML_TRY(ml_op_route("mxfp4_linear", 4, (const ml_tensor *[]){x, blocks, scales, b},
@@ -288,7 +295,8 @@ ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_
     return ml_fail(ML_EINVAL, "mxfp4_linear: the bias must be floating (out_features = %lld), got %s %s", (long long)N,
                    ml_dtype_name(b->dtype), ml_shape_str(b->ndim, b->shape, sx, sizeof sx));
   int64_t M = K ? ml_tensor_numel(x) / K : 0;
-  if (cu || M < 1 || M > MX_MAX_ROWS || blocks->strides[2] != 1) return mxfp4_linear_gemm(x, blocks, scales, b, out);
+  if (cu || M < 1 || M > MX_MAX_ROWS || blocks->strides[2] != 1)
+    return mxfp4_linear_gemm(x, blocks, scales, ggml_order, b, out);
 
   int64_t oshape[ML_MAX_DIMS];
   memcpy(oshape, x->shape, sizeof oshape);
@@ -306,7 +314,8 @@ ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_
       for (int64_t n = 0; n < N; n++) bf[n] = (float)ml_load_f64(ml_tensor_data(b), b->dtype, n * b->strides[0]);
     }
     mx_linear_job j = {M, N, K, G, xf, ml_tensor_data(blocks), blocks->strides[0], blocks->strides[1],
-                       ml_tensor_data(scales), scales->strides[0], scales->strides[1], bf, ml_tensor_data(o), x->dtype};
+                       ml_tensor_data(scales), scales->strides[0], scales->strides[1], bf, ml_tensor_data(o), x->dtype,
+                       ggml_order};
     ml_parallel_for((N + MX_COLS - 1) / MX_COLS, MX_COLS * K * M, mx_linear_columns, &j);
   }
   free(xf);

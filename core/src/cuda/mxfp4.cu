@@ -27,19 +27,26 @@ __device__ __forceinline__ float half_scale(unsigned s) {
   return f;
 }
 
-// Byte i of the blocks (row-major over their shape) holds out elements 2i and 2i + 1; its group,
-// i / 16, is the scale's index. Contiguous operands skip the strided addressing.
-__global__ void dequantize_mxfp4_kernel(TensorDesc b, TensorDesc s, bool contiguous, void *out, int odt, int64_t n) {
+// Byte i of the blocks (row-major over their shape) holds out elements 2i and 2i + 1 (llama.cpp's
+// order: elements i and i + 16 of its group of 32); its group, i / 16, is the scale's index.
+// Contiguous operands skip the strided addressing.
+__global__ void dequantize_mxfp4_kernel(TensorDesc b, TensorDesc s, bool contiguous, bool ggml_order, void *out,
+                                        int odt, int64_t n) {
   const unsigned char *bd = (const unsigned char *)b.data, *sd = (const unsigned char *)s.data;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     unsigned byte = contiguous ? bd[i] : bd[desc_offset(b, i)];
     float half = half_scale(contiguous ? sd[i / 16] : sd[desc_offset(s, i / 16)]);
-    store_as<float>(out, odt, 2 * i, fp4_twice(byte & 15u) * half);
-    store_as<float>(out, odt, 2 * i + 1, fp4_twice(byte >> 4) * half);
+    int64_t lo = 2 * i, hi = 2 * i + 1;
+    if (ggml_order) {
+      lo = i / 16 * 32 + i % 16;
+      hi = lo + 16;
+    }
+    store_as<float>(out, odt, lo, fp4_twice(byte & 15u) * half);
+    store_as<float>(out, odt, hi, fp4_twice(byte >> 4) * half);
   }
 }
 
-ml_status ml_cuda_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, ml_tensor *out) {
+ml_status ml_cuda_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, bool ggml_order, ml_tensor *out) {
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
   TensorDesc bd = ml_cuda_desc(blocks), sd = ml_cuda_desc(scales);
@@ -47,7 +54,7 @@ ml_status ml_cuda_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *sca
   if (n == 0) return ML_OK;
   bool contiguous = ml_cuda_is_contiguous(bd) && ml_cuda_is_contiguous(sd);
   dequantize_mxfp4_kernel<<<ml_cuda_blocks(n, kThreads), kThreads, 0, st->compute>>>(
-      bd, sd, contiguous, ml_tensor_data(out), ml_tensor_dtype(out), n);
+      bd, sd, contiguous, ggml_order, ml_tensor_data(out), ml_tensor_dtype(out), n);
   LAUNCH_CHECK();
   return ML_OK;
 }

@@ -8,7 +8,7 @@
 --    F.quantize_q4(w), F.q4_linear(...), F.dequantize_q4(...)   int4 weights, two a byte
 --    F.dequantize_fp8_blocks(w, scale_inv, block[, dtype]), F.fp8_linear(x, w, scale_inv, block[, b])
 --                                              float8 weights with block scales
---    F.dequantize_mxfp4(blocks, scales[, dtype]), F.mxfp4_linear(x, blocks, scales[, b])
+--    F.dequantize_mxfp4(blocks, scales[, dtype, order]), F.mxfp4_linear(x, blocks, scales[, b, order])
 --                                              MXFP4 weights (gpt-oss's experts), two a byte
 --    F.embedding(ids, weight)                  ids hold 0-based rows
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
@@ -147,26 +147,37 @@ function F.fp8_linear(x, w, scale_inv, block, b)
    return wrap(out[0])
 end
 
---- dequantize_mxfp4(blocks, scales[, dtype = "float32"]) -> MXFP4 weights (gpt-oss's experts):
+-- An MXFP4 nibble order by name: true for llama.cpp's.
+local function mxfp4_order(who, order)
+   if order == nil or order == "transformers" then return false end
+   if order == "ggml" then return true end
+   error(string.format('%s: order must be "transformers" or "ggml", got %s', who, tostring(order)), 3)
+end
+
+--- dequantize_mxfp4(blocks, scales[, dtype = "float32"[, order]]) -> MXFP4 weights (gpt-oss's experts):
 -- uint8 blocks (..., O, G, 16), two e2m1 values a byte (value 2j in byte j's low nibble, 2j + 1
 -- in its high one), and uint8 scales (..., O, G), a power of two 2^(s - 127) a group of 32, as a
 -- new contiguous (..., O, G * 32) tensor of dtype (float32, float16, bfloat16), on their device:
 -- the (out, in) weight of F.linear (transformers transposes it to (..., I, O) for x @ W).
-function F.dequantize_mxfp4(blocks, scales, dtype)
+-- order "ggml": llama.cpp's nibble order (GGUF's MXFP4: value j in byte j's low nibble, j + 16
+-- in its high one) instead of transformers' ("transformers", the default).
+function F.dequantize_mxfp4(blocks, scales, dtype, order)
    need_tensor("dequantize_mxfp4", "blocks", blocks)
    need_tensor("dequantize_mxfp4", "scales", scales)
-   check(lib.ml_dequantize_mxfp4(blocks._c, scales._c, dtype_code("dequantize_mxfp4", dtype), out))
+   check(lib.ml_dequantize_mxfp4(blocks._c, scales._c, mxfp4_order("dequantize_mxfp4", order),
+      dtype_code("dequantize_mxfp4", dtype), out))
    return wrap(out[0])
 end
 
 --- mxfp4_linear(x, blocks, scales[, b]) -> x W^T + b in x's dtype (float32, float16, bfloat16),
 -- W (O, G * 32) the weight of blocks (O, G, 16) and scales (O, G) (see dequantize_mxfp4); a few
--- rows on the CPU read the packed bytes as they are.
-function F.mxfp4_linear(x, blocks, scales, b)
+-- rows on the CPU read the packed bytes as they are; order as dequantize_mxfp4's.
+function F.mxfp4_linear(x, blocks, scales, b, order)
    need_tensor("mxfp4_linear", "input", x)
    need_tensor("mxfp4_linear", "blocks", blocks)
    need_tensor("mxfp4_linear", "scales", scales)
-   check(lib.ml_mxfp4_linear(x._c, blocks._c, scales._c, opt_tensor("mxfp4_linear", "bias", b), out))
+   check(lib.ml_mxfp4_linear(x._c, blocks._c, scales._c, mxfp4_order("mxfp4_linear", order),
+      opt_tensor("mxfp4_linear", "bias", b), out))
    return wrap(out[0])
 end
 
