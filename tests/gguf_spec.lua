@@ -150,6 +150,45 @@ describe("gguf files", function()
       os.execute("rm -rf '" .. dir .. "'")
    end)
 
+   it("gpt_oss_mxfp4.gguf: keeps the MXFP4 experts as views of the file's blocks, and gives transformers' logits and greedy ids", function()
+      local exp = expected["gpt_oss_mxfp4.gguf"]
+      local model = ml.models.from_gguf(DIR .. "gpt_oss_mxfp4.gguf")
+      assert.are.equal("GptOssForCausalLM", model.__name)
+      local experts = model.model.layers[2].mlp.experts
+      assert.is_true(experts.mxfp4 and experts.split)
+      local blocks, scales = experts.up_proj_blocks, experts.up_proj_scales
+      assert.are.same({ 4, 64, 2, 16 }, blocks.shape)            -- (E, inter, hidden / 32, 16)
+      assert.are.same({ 64 * 2 * 17, 2 * 17, 17, 1 }, blocks:stride())
+      assert.are.equal(scales:data_ptr() + 1, blocks:data_ptr())  -- each 17-byte block: the scale, then 16 bytes
+      assert.is_true(require("moonload.C").lib.ml_storage_is_borrowed(require("moonload.C").lib.ml_tensor_storage(blocks._c)))
+      assert.are.same({ 4, false, 4 }, { model.model.layers[1].self_attn.window, model.model.layers[2].self_attn.window or false,
+         model.model.layers[3].self_attn.window })
+      assert.are.equal(8, model.model.layers[1].self_attn.q_proj.bits)      -- (Q8_0, as stored)
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
+      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = 10, eos_token_id = false }))
+      -- with its experts on disk (their offload index points into the .gguf's blocks)
+      local dir = os.tmpname()
+      os.remove(dir)
+      local placed = ml.models.from_gguf(DIR .. "gpt_oss_mxfp4.gguf", { device_map = "auto", offload_folder = dir,
+         max_memory = { cpu = "200MB" }, device_overrides = { ["%.experts$"] = "disk" } })
+      assert.are.equal("disk", placed.hf_device_map["model.layers.1.mlp.experts"])
+      assert.are.same(exp.greedy_ids[1], placed:generate(exp.input_ids[1], { max_new_tokens = 10, eos_token_id = false }))
+      os.execute("rm -rf '" .. dir .. "'")
+      local ok, err = pcall(ml.save_model, model, os.tmpname() .. ".d")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("llama.cpp's layout", 1, true), err)
+   end)
+
+   it("gpt_oss_f16.gguf: float experts (gate and up apart) as floats, transformers' logits and greedy ids", function()
+      local exp = expected["gpt_oss_f16.gguf"]
+      local model = ml.models.from_gguf(DIR .. "gpt_oss_f16.gguf")
+      local experts = model.model.layers[1].mlp.experts
+      assert.is_false(experts.mxfp4)
+      assert.are.same({ 4, 64, 64 }, experts.gate_proj.shape)
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
+      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = 10, eos_token_id = false }))
+   end)
+
    it("reads Q4_1, Q5_0, Q5_1 and the K-quants Q2_K to Q6_K as gguf-py widens them, quantized again to int8 by default", function()
       local exp = expected["llama_kquants.gguf"]
       local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
@@ -231,7 +270,7 @@ describe("gguf files", function()
          { function()
               write_gguf(path, { { "general.architecture", "str", "gpt2" } }, {})
               ml.models.from_gguf(path)
-           end, 'architecture "gpt2" is not read (llama, qwen2, qwen3 and qwen3moe are)' },
+           end, 'architecture "gpt2" is not read (llama, qwen2, qwen3, qwen3moe and gpt-oss are)' },
          { function()
               write_gguf(path, { arch }, {})
               ml.models.from_gguf(path)
@@ -239,7 +278,7 @@ describe("gguf files", function()
          { function()
               write_gguf(path, meta, { { "blk.0.attn_q.weight", { 256, 32 }, 16, string.rep("\0", 32 * 66) } })
               ml.models.from_gguf(path)
-           end, "blk.0.attn_q.weight in " .. path .. " is IQ2_XXS; moonload reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to Q6_K" },
+           end, "blk.0.attn_q.weight in " .. path .. " is IQ2_XXS; moonload reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K and MXFP4" },
          { function()
               write_gguf(path, meta, { { "blk.0.mystery.weight", { 32 }, 0, f32 } })
               ml.models.from_gguf(path)
@@ -358,5 +397,16 @@ describe("gguf files on cuda #cuda", function()
          ["model.layers.0"] = 0, ["model.layers.1"] = "cpu", ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = 0 } })
       assert.are.equal("cuda:0", model.model.layers[1].mlp.up_proj.weight.device)
       assert.is_true(H.max_abs_diff(model(ids:to("cuda:0")):to("cpu"), exp.logits) < 1e-4)
+   end)
+
+   it("runs gpt-oss's MXFP4 experts from a GGUF file on the GPU, placed whole and streamed from RAM", function()
+      local exp = expected["gpt_oss_mxfp4.gguf"]
+      local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+      local model = ml.models.from_gguf(DIR .. "gpt_oss_mxfp4.gguf"):to("cuda:0")
+      assert.are.equal("cuda:0", model.model.layers[2].mlp.experts.down_proj_blocks.device)
+      assert.is_true(H.max_abs_diff(model(ids:to("cuda:0")):to("cpu"), exp.logits) < 1e-4)
+      local streamed = ml.models.from_gguf(DIR .. "gpt_oss_mxfp4.gguf")
+      ml.cpu_offload(streamed, { execution_device = "cuda:0" })
+      assert.are.same(exp.greedy_ids[1], streamed:generate(exp.input_ids[1], { max_new_tokens = 10, eos_token_id = false }))
    end)
 end)

@@ -5,6 +5,7 @@
 --    for _, t in ipairs(f.tensors) do print(t.name, t.type_name, table.concat(t.shape, "x")) end
 --    local w = f:tensor("token_embd.weight")  -- F32 / F16 / BF16: a view of the mapped file
 --    local q, scales = f:quantized("blk.0.attn_q.weight")   -- Q8_0 / Q4_0: moonload's int8 / int4
+--    local blocks, scales = f:mxfp4("blk.0.ffn_up_exps.weight")   -- MXFP4: views of the file
 --
 -- Shapes are PyTorch's order (rows first): GGUF lists the fastest dim first, so a (out, in)
 -- weight is stored with dims {in, out}. Every offset and size is checked against the file, so a
@@ -32,7 +33,8 @@ local VIEWED = { [0] = "float32", [1] = "float16", [30] = "bfloat16", [24] = "in
 local UNPACKED = { [8] = "int8", [2] = "int4" }      -- Q8_0, Q4_0 -> cpu/ggml_blocks.c
 -- widened to float32 (cpu/ggml_blocks.c): Q4_1, Q5_0, Q5_1, Q2_K ... Q6_K
 local WIDENED = { [3] = true, [6] = true, [7] = true, [10] = true, [11] = true, [12] = true, [13] = true, [14] = true }
-M.READ = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to Q6_K"
+local MXFP4 = 39                                    -- gpt-oss's experts: read as they are
+M.READ = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K and MXFP4"
 
 -- A bounds-checked reader over the mapped bytes.
 local Reader = {}
@@ -180,6 +182,11 @@ function File:tensor(name)
       local w = UNPACKED[t.type] == "int8" and F.dequantize_q8(q, scales) or F.dequantize_q4(q, scales)
       return #t.shape == 2 and w or w:view(t.shape)
    end
+   if t.type == MXFP4 then
+      local blocks, scales = self:mxfp4(name)
+      local w = require("moonload.nn.functional").dequantize_mxfp4(blocks, scales, "float32", "ggml")
+      return w:view(t.shape)
+   end
    if WIDENED[t.type] then
       local out = ffi.new("ml_tensor*[1]")
       C.check(lib.ml_dequantize_ggml(self._base + t.offset, t.nbytes, t.type, rows_of(t), t.shape[#t.shape], out), 2)
@@ -194,6 +201,35 @@ end
 --- f:is_block_quantized(name): stored in blocks that f:tensor widens (Q4_1, Q5_x, K-quants).
 function File:is_block_quantized(name)
    return WIDENED[self:_info(name, "gguf").type] == true
+end
+
+--- f:mxfp4(name) -> blocks, scales: an MXFP4 tensor (..., rows, cols) as F.mxfp4_linear reads it
+-- (order "ggml"), views of the mapped file: ggml's 17-byte blocks are a scale byte then 16 bytes
+-- of values, so blocks (..., rows, cols / 32, 16) and scales (..., rows, cols / 32) are strided
+-- views 17 bytes a group apart. nil for other types.
+function File:mxfp4(name)
+   local t = self:_info(name, "gguf")
+   if t.type ~= MXFP4 then return nil end
+   local st = ffi.new("ml_storage*[1]")
+   C.check(lib.ml_storage_from_mapping(self._mapping, t.offset, t.nbytes, st), 2)
+   local storage = st[0]
+   local n = #t.shape
+   local groups = t.shape[n] / 32
+   local function view(offset, ndim, last)
+      local shape, strides = ffi.new("int64_t[?]", ndim), ffi.new("int64_t[?]", ndim)
+      local stride = groups * 17
+      for i = n - 1, 1, -1 do shape[i - 1], strides[i - 1] = t.shape[i], stride; stride = stride * t.shape[i] end
+      shape[n - 1], strides[n - 1] = groups, 17
+      if last then shape[n], strides[n] = 16, 1 end
+      local out = ffi.new("ml_tensor*[1]")
+      local status = lib.ml_tensor_from_storage(storage, offset, require("moonload.dtypes").by_name.uint8, ndim, shape,
+         strides, out)
+      if status ~= 0 then lib.ml_storage_release(storage); C.check(status, 3) end
+      return Tensor.wrap(out[0])
+   end
+   local blocks, scales = view(1, n + 1, true), view(0, n, false)
+   lib.ml_storage_release(storage)
+   return blocks, scales
 end
 
 function File:quantized(name)

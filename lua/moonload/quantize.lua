@@ -272,7 +272,12 @@ function M.config_for(model)
    local fp8, mxfp4
    for _, e in ipairs(model:named_modules_list()) do
       if e[2].__name == "Fp8Linear" then fp8 = fp8 or e[1] end
-      if rawget(e[2], "mxfp4") == true then mxfp4 = mxfp4 or e[1] end
+      if rawget(e[2], "mxfp4") == true then
+         mxfp4 = mxfp4 or e[1]
+         if rawget(e[2], "order") == "ggml" then
+            error(string.format('"%s" holds MXFP4 experts in llama.cpp\'s layout (read from a GGUF file: gate and up apart, its nibble order), which no Hugging Face checkpoint has', e[1]), 0)
+         end
+      end
       if e[2].__name == "QuantizedLinear" or e[2].__name == "QuantizedEmbedding" then
          names[#names + 1] = e[1]
          widths[e[1]] = e[2].bits or 8

@@ -22,6 +22,11 @@
 --  * Llama's q and k rows, which llama.cpp's converter permutes for its rotary pairs, are put back
 --    in Hugging Face's order; Llama 3's rope scaling (a rope_freqs tensor) divides the rotary
 --    frequencies as llama.cpp does.
+--  * "gpt-oss" (gpt-oss-20b, -120b) becomes GptOssForCausalLM: its MXFP4 experts (ffn_gate_exps,
+--    ffn_up_exps, ffn_down_exps, gate and up apart as llama.cpp stores them) stay packed, read as
+--    strided views of the file's 17-byte blocks in llama.cpp's nibble order (F.mxfp4_linear);
+--    the sinks, the router (ffn_gate_inp) and the biases are read as they are. Its YaRN rotary
+--    embedding is transformers' (no truncation of the correction range), as the model was trained.
 -- Other ggml types (the I-quants, ...) and other architectures are errors that name them. The file's tokenizer is not read: use the model's tokenizer.json (ml.tokenizers).
 -- With device_map, the loaded model is placed as from_pretrained's (planned, offloaded, streamed).
 local gguf = require("moonload.gguf")
@@ -36,8 +41,9 @@ local CLASSES = {
    qwen2 = { model_type = "qwen2", class = "Qwen2ForCausalLM" },
    qwen3 = { model_type = "qwen3", class = "Qwen3ForCausalLM" },
    qwen3moe = { model_type = "qwen3_moe", class = "Qwen3MoeForCausalLM", experts = true },
+   ["gpt-oss"] = { model_type = "gpt_oss", class = "GptOssForCausalLM", experts = true, stacked = true },
 }
-local ARCHS = "llama, qwen2, qwen3 and qwen3moe"
+local ARCHS = "llama, qwen2, qwen3, qwen3moe and gpt-oss"
 
 -- llama.cpp's tensor names -> transformers'
 local GLOBAL = { ["token_embd"] = "model.embed_tokens", ["output_norm"] = "model.norm", ["output"] = "lm_head" }
@@ -50,14 +56,22 @@ local BLOCK = {
 }
 -- a MoE layer's experts, stacked (experts, out, in) in one tensor each
 local EXPERTS = { ffn_gate_exps = "gate_proj", ffn_up_exps = "up_proj", ffn_down_exps = "down_proj" }
+-- gpt-oss's own names (llama.cpp's tensor list for the arch: a norm after attention, a router with
+-- a bias, sinks)
+local GPT_OSS = { post_attention_norm = "post_attention_layernorm", ffn_gate_inp = "mlp.router",
+                  attn_sinks = "self_attn.sinks" }
 
 local function fail(path, fmt, ...) error(string.format("%s: %s: " .. fmt, WHO, path, ...), 0) end
 
---- hf_name(name) -> the transformers name of a llama.cpp tensor name, or nil.
-function M.hf_name(name)
+--- hf_name(name[, arch]) -> the transformers name of a llama.cpp tensor name, or nil.
+function M.hf_name(name, arch)
    local base, kind = name:match("^([%w_]+)%.(%a+)$")
    if base and GLOBAL[base] then return GLOBAL[base] .. "." .. kind end
    local n, part, k = name:match("^blk%.(%d+)%.([%w_]+)%.(%a+)$")
+   if n and arch == "gpt-oss" and GPT_OSS[part] then
+      if part == "attn_sinks" then return string.format("model.layers.%s.self_attn.sinks", n) end   -- a parameter
+      return string.format("model.layers.%s.%s.%s", n, GPT_OSS[part], k)
+   end
    if n and BLOCK[part] then return string.format("model.layers.%s.%s.%s", n, BLOCK[part], k) end
    return nil
 end
@@ -112,12 +126,29 @@ local function config_of(f, arch)
    local scaling = key("rope.scaling.type")
    if scaling == "linear" then
       cfg.rope_scaling = { rope_type = "linear", factor = key("rope.scaling.factor", true) }
+   elseif scaling == "yarn" and arch == "gpt-oss" then
+      cfg.rope_scaling = { rope_type = "yarn", factor = key("rope.scaling.factor", true), beta_fast = 32.0,
+         beta_slow = 1.0, truncate = false,
+         original_max_position_embeddings = key("rope.scaling.original_context_length") or 4096 }
    elseif scaling ~= nil and scaling ~= "none" then
       fail(f.path, 'rope scaling "%s" is not read (linear, and Llama 3\'s rope_freqs, are)', tostring(scaling))
    end
    local swa = key("attention.sliding_window")
    if swa then cfg.sliding_window = swa end
-   if experts then
+   if arch == "gpt-oss" then
+      -- transformers' names for the experts; their tensors stacked, gate and up apart, MXFP4 in
+      -- llama.cpp's order when every expert tensor is (others are read as floats)
+      cfg.num_local_experts, cfg.num_experts_per_tok = key("expert_count", true), key("expert_used_count", true)
+      cfg.experts_split, cfg.mxfp4_order = true, "ggml"
+      local all = true
+      for i = 0, cfg.num_hidden_layers - 1 do
+         for _, p in ipairs({ "gate", "up", "down" }) do
+            local t = f.by_name[string.format("blk.%d.ffn_%s_exps.weight", i, p)]
+            all = all and t ~= nil and t.type_name == "MXFP4"
+         end
+      end
+      if all then cfg.quantization_config = { quant_method = "mxfp4" } end
+   elseif experts then
       -- llama.cpp's qwen3moe: every layer sparse, the chosen experts' weights renormalized
       cfg.num_experts, cfg.num_experts_per_tok = key("expert_count", true), key("expert_used_count", true)
       cfg.moe_intermediate_size = key("expert_feed_forward_length", true)
@@ -168,9 +199,21 @@ local function read_tensors(f, cfg, arch)
    local path = f.path
    local r = { sd = {}, quantized = {}, widened = {} }
    for _, t in ipairs(f.tensors) do
-      local name = M.hf_name(t.name)
-      local layer, stacked = t.name:match("^blk%.(%d+)%.([%w_]+)%.weight$")
-      if CLASSES[arch].experts and EXPERTS[stacked] then
+      local name = M.hf_name(t.name, arch)
+      local layer, stacked, kind = t.name:match("^blk%.(%d+)%.([%w_]+)%.(%a+)$")
+      if CLASSES[arch].stacked and EXPERTS[stacked] then
+         -- gpt-oss: the stacked tensors as they are (MXFP4 blocks and scales, or floats), biases too
+         local base = string.format("model.layers.%s.mlp.experts.%s", layer, EXPERTS[stacked])
+         if kind == "bias" then
+            r.sd[base .. "_bias"] = f:tensor(t.name)
+         elseif cfg.quantization_config then
+            r.sd[base .. "_blocks"], r.sd[base .. "_scales"] = f:mxfp4(t.name)
+         else
+            r.sd[base] = f:tensor(t.name)
+         end
+      elseif name and name:find("%.mlp%.router%.") then
+         r.sd[name] = f:tensor(t.name)               -- (not a linear layer: always read as floats)
+      elseif CLASSES[arch].experts and kind == "weight" and EXPERTS[stacked] then
          read_experts(f, t, string.format("model.layers.%s.mlp.experts.", layer), EXPERTS[stacked], r)
       elseif t.name == "rope_freqs.weight" then
          r.rope_freqs = f:tensor(t.name):float()

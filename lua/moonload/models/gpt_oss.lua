@@ -109,12 +109,26 @@ local GptOssExperts = nn.Module:extend("GptOssExperts")
 M.GptOssExperts = GptOssExperts
 
 --- GptOssExperts(cfg): the stacked experts, as MXFP4 blocks and scales when cfg.mxfp4 (a
--- quantization_config with quant_method "mxfp4"), else floating (zeros until loaded).
+-- quantization_config with quant_method "mxfp4"), else floating (zeros until loaded). With
+-- cfg.experts_split (llama.cpp's GGUF files), gate and up are apart: gate_proj, up_proj and
+-- down_proj (E, out, in) in a linear layer's layout, each as <name>_blocks and <name>_scales in
+-- llama.cpp's nibble order when cfg.mxfp4.
 function GptOssExperts:__init(cfg)
    nn.Module.__init(self)
    local E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
    local new = nn.Module.new_parameter
-   if cfg.mxfp4 then
+   if cfg.experts_split then
+      for _, p in ipairs({ { "gate_proj", I, H }, { "up_proj", I, H }, { "down_proj", H, I } }) do
+         local name, out, inp = p[1], p[2], p[3]
+         if cfg.mxfp4 then
+            self[name .. "_blocks"] = new({ E, out, inp / 32, 16 }, { dtype = "uint8" })
+            self[name .. "_scales"] = new({ E, out, inp / 32 }, { dtype = "uint8" })
+         else
+            self[name] = new({ E, out, inp })
+         end
+         self[name .. "_bias"] = new({ E, out })
+      end
+   elseif cfg.mxfp4 then
       local u8 = { dtype = "uint8" }
       self.gate_up_proj_blocks = new({ E, 2 * I, H / 32, 16 }, u8)
       self.gate_up_proj_scales = new({ E, 2 * I, H / 32 }, u8)
@@ -128,12 +142,15 @@ function GptOssExperts:__init(cfg)
       self.down_proj = new({ E, I, H })
       self.down_proj_bias = new({ E, H })
    end
-   for _, name in ipairs({ "gate_up_proj", "gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias",
-      "down_proj", "down_proj_blocks", "down_proj_scales", "down_proj_bias" }) do
-      local t = self[name]
-      if t ~= nil and not t:is_meta() then t:fill_(name:find("_scales$") and 127 or 0) end   -- (scale 127: 2^0)
+   for _, proj in ipairs({ "gate_up_proj", "gate_proj", "up_proj", "down_proj" }) do
+      for _, name in ipairs({ proj, proj .. "_blocks", proj .. "_scales", proj .. "_bias" }) do
+         local t = self[name]
+         if t ~= nil and not t:is_meta() then t:fill_(name:find("_scales$") and 127 or 0) end   -- (scale 127: 2^0)
+      end
    end
    rawset(self, "mxfp4", cfg.mxfp4 == true)
+   rawset(self, "split", cfg.experts_split == true)
+   rawset(self, "order", cfg.mxfp4_order)      -- "ggml": llama.cpp's nibble order
    rawset(self, "num_experts", E)
    rawset(self, "intermediate_size", I)
    rawset(self, "expert_width", 2 * I)   -- (planning: an expert's widest activation, utils/runtime_memory.lua)
@@ -141,24 +158,33 @@ function GptOssExperts:__init(cfg)
    rawset(self, "limit", cfg.swiglu_limit)
 end
 
--- x (n, in) times expert e's (0-based) projection name ("gate_up_proj" or "down_proj") plus its bias.
+-- x (n, in) times expert e's (0-based) projection name ("gate_up_proj", "gate_proj", "up_proj"
+-- or "down_proj") plus its bias.
 function GptOssExperts:project(name, e, x)
    local bias = self[name .. "_bias"]:select(1, e + 1)
    if self.mxfp4 then
-      return F.mxfp4_linear(x, self[name .. "_blocks"]:select(1, e + 1), self[name .. "_scales"]:select(1, e + 1), bias)
+      return F.mxfp4_linear(x, self[name .. "_blocks"]:select(1, e + 1), self[name .. "_scales"]:select(1, e + 1), bias,
+         self.order)
    end
    local w = self[name]:select(1, e + 1)
    if w.dtype ~= x.dtype then w = w:to(x.dtype) end
    if bias.dtype ~= x.dtype then bias = bias:to(x.dtype) end
-   return x:matmul(w) + bias
+   if self.split then return F.linear(x, w, bias) end          -- (out, in)
+   return x:matmul(w) + bias                                   -- transformers' (in, out)
 end
 
---- Expert e (0-based) on x (n, hidden): the clamped SwiGLU over interleaved gate and up columns.
+--- Expert e (0-based) on x (n, hidden): the clamped SwiGLU over the gate and up projections
+-- (transformers' one gate_up: interleaved columns).
 function GptOssExperts:expert(e, x)
-   local gate_up = self:project("gate_up_proj", e, x)
-   local pairs_ = gate_up:view(gate_up:size(1), self.intermediate_size, 2)
-   local gate = pairs_:select(3, 1):clamp(nil, self.limit)
-   local up = pairs_:select(3, 2):clamp(-self.limit, self.limit)
+   local gate, up
+   if self.split then
+      gate, up = self:project("gate_proj", e, x), self:project("up_proj", e, x)
+   else
+      local gate_up = self:project("gate_up_proj", e, x)
+      local pairs_ = gate_up:view(gate_up:size(1), self.intermediate_size, 2)
+      gate, up = pairs_:select(3, 1), pairs_:select(3, 2)
+   end
+   gate, up = gate:clamp(nil, self.limit), up:clamp(-self.limit, self.limit)
    return self:project("down_proj", e, (up + 1) * (gate * (gate * self.alpha):sigmoid()))
 end
 
