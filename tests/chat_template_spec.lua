@@ -1,8 +1,9 @@
 -- Chat templates (ml.tokenizers' Jinja subset) against transformers' own rendering
 -- (tests/fixtures/gen_chat_templates.py): Llama 3, ChatML, Mistral, Gemma and Phi-3 style
--- templates and one using every construct the interpreter has, over several conversations, with
--- and without the generation prompt, raise_exception included; and apply_chat_template on a
--- tokenizer folder with a tokenizer_config.json.
+-- templates, a Harmony-style one (gpt-oss) built of macros, and one using every construct the
+-- interpreter has, over several conversations, with and without the generation prompt,
+-- raise_exception included; and apply_chat_template on a tokenizer folder with a
+-- tokenizer_config.json.
 local jinja = require("moonload.tokenizers.jinja")
 local tokenizers = require("moonload.tokenizers")
 local N = require("nn_helpers")
@@ -29,8 +30,13 @@ describe("chat templates", function()
 
    it("names what it cannot parse or does not support", function()
       assert.has_error(function() jinja.compile("{% if x %}open") end, "chat template: {% if %} at line 1 is not closed")
-      assert.has_error(function() jinja.compile("{% macro m() %}{% endmacro %}") end,
-         "chat template: unsupported statement {% macro %} at line 1")
+      assert.has_error(function() jinja.compile("{% include 'other.jinja' %}") end,
+         "chat template: unsupported statement {% include %} at line 1")
+      assert.has_error(function() jinja.compile("{% macro m(a) %}{{ a }}") end, "chat template: {% macro %} at line 1 is not closed")
+      assert.has_error(function() jinja.compile("{% macro m(a) %}{{ a }}{% endmacro %}{{ m(1, 2) }}")({}) end,
+         "chat template: macro m takes 1 arguments, got 2")
+      assert.has_error(function() jinja.compile("{% macro m(a) %}{{ a }}{% endmacro %}{{ m(b=2) }}")({}) end,
+         'chat template: macro m has no argument "b"')
       assert.has_error(function() jinja.compile("{{ x | frobnicate }}")({ x = 1 }) end,
          'chat template: unsupported filter "frobnicate"')
       assert.has_error(function() jinja.compile("{{ 'a' ") end, "chat template: a tag opened at line 1 is not closed")

@@ -2,7 +2,8 @@
 -- (trim_blocks, lstrip_blocks, loop controls, raise_exception, namespace, a tojson that keeps
 -- non-ASCII text): text, {{ expressions }}, {% if / elif / else %}, {% for ... in ... [if ...] %}
 -- with loop.index/first/last/..., {% set %} (names and namespace attributes), {% break %},
--- {% continue %}, {% generation %}, comments, and the whitespace controls - and +.
+-- {% continue %}, {% generation %}, {% macro %} (defaults, keyword arguments, recursion; gpt-oss's
+-- template is built of them), comments, and the whitespace controls - and +.
 -- Expressions: literals, lists, dicts, names, attributes, subscripts and slices (0-based,
 -- negative from the end), calls, filters, tests (is [not] ...), not/and/or, comparisons, in,
 -- + - * / // % ~ and a if c else b.
@@ -27,6 +28,23 @@ local function fail(fmt, ...) error("chat template: " .. string.format(fmt, ...)
 -- Splits source into text and tags, applying the whitespace rules: "-" strips all whitespace on
 -- that side; lstrip_blocks removes the spaces and tabs before a block or comment tag that starts
 -- its line (unless "{%+"), trim_blocks one newline after it (unless "+%}").
+-- Where the tag whose inside starts at i closes: the first close string outside strings and
+-- brackets (Jinja's lexer balances them, so {{ {'a': {'b': 1}} }} ends at the last "}}").
+local function tag_end(src, i, close)
+   local depth, quote = 0, nil
+   while i <= #src do
+      local c = src:sub(i, i)
+      if quote then
+         if c == "\\" then i = i + 1 elseif c == quote then quote = nil end
+      elseif c == "'" or c == '"' then quote = c
+      elseif c == "(" or c == "[" or c == "{" then depth = depth + 1
+      elseif depth > 0 and (c == ")" or c == "]" or c == "}") then depth = depth - 1
+      elseif depth == 0 and src:sub(i, i + 1) == close then return i, i + 1
+      end
+      i = i + 1
+   end
+end
+
 local function lex(src)
    local parts, pos, line = {}, 1, 1
    while true do
@@ -37,7 +55,8 @@ local function lex(src)
       end
       parts[#parts + 1] = { type = "text", value = src:sub(pos, a - 1) }
       local close = kind == "{" and "}}" or kind == "%" and "%}" or "#}"
-      local c1, c2 = src:find(close, b + 1, true)
+      local c1, c2
+      if kind == "#" then c1, c2 = src:find(close, b + 1, true) else c1, c2 = tag_end(src, b + 1, close) end
       if not c1 then fail("a tag opened at line %d is not closed", line) end
       local inner = src:sub(b + 1, c1 - 1)
       local tag = { type = kind == "{" and "var" or kind == "%" and "block" or "comment", line = line }
@@ -626,6 +645,8 @@ local function eval_args(args, scope)
    return pos, kw
 end
 
+local call_macro
+
 local function getattr(obj, key)
    if type(obj) == "string" then
       local m = STRING_METHODS[key]
@@ -739,6 +760,7 @@ function eval(e, scope)
    if k == "call" then
       local f = eval(e[2], scope)
       local pos, kw = eval_args(e[3], scope)
+      if type(f) == "table" and f.__macro then return call_macro(f, pos, kw) end
       if type(f) ~= "function" then fail("%s is not callable", e[2][1] == "name" and e[2][2] or "a value") end
       if next(kw) then pos[#pos + 1] = kw end
       return f(unpack(pos, 1, #pos))
@@ -868,6 +890,22 @@ local function parse_body(parts, i, stop)
                body[#body + 1] = { "setblock", name, b }
                i = j + 1
             end
+         elseif word == "macro" then
+            -- {% macro name(a, b=default, ...) %}: its parameters, defaults as expressions
+            local ps = parser(rest, p.line)
+            local name = ps:expect("name").v
+            local params = {}
+            ps:expect("op", "(")
+            while not ps:accept("op", ")") do
+               local pn = ps:expect("name").v
+               params[#params + 1] = { pn, ps:accept("op", "=") and ps:expr() or nil }
+               if not ps:accept("op", ",") then ps:expect("op", ")") break end
+            end
+            ps:done()
+            local b, stopper, j = parse_body(parts, i + 1, { endmacro = true })
+            if not stopper then fail("{%% macro %%} at line %d is not closed", p.line) end
+            body[#body + 1] = { "macro", name, params, b }
+            i = j + 1
          elseif word == "break" then
             body[#body + 1] = { "break" }; i = i + 1
          elseif word == "continue" then
@@ -946,10 +984,36 @@ function exec(node, scope, out)
       local buf = {}
       exec_body(node[3], scope, buf)
       scope.vars[node[2]] = table.concat(buf)
+   elseif k == "macro" then
+      -- a callable value; its body sees its arguments over the scope it was defined in (the
+      -- template's variables and the other macros, itself included)
+      scope.vars[node[2]] = { __macro = node, scope = scope }
    elseif k == "block" then return exec_body(node[2], scope, out)
    elseif k == "break" then return BREAK
    elseif k == "continue" then return CONTINUE
    end
+end
+
+-- A macro called with positional and keyword arguments: the text its body renders. Missing
+-- arguments take their defaults (evaluated at the call), else are undefined.
+function call_macro(m, pos, kw)
+   local node = m.__macro
+   local s = { vars = {}, parent = m.scope }
+   for i, p in ipairs(node[3]) do
+      local v = pos[i]
+      if v == nil then v = kw[p[1]] end
+      if v == nil and p[2] then v = eval(p[2], s) end
+      s.vars[p[1]] = v == nil and UNDEF or v
+   end
+   if #pos > #node[3] then fail("macro %s takes %d arguments, got %d", node[2], #node[3], #pos) end
+   for k in pairs(kw) do
+      local known = false
+      for _, p in ipairs(node[3]) do known = known or p[1] == k end
+      if not known then fail("macro %s has no argument %q", node[2], k) end
+   end
+   local out = {}
+   exec_body(node[4], s, out)
+   return table.concat(out)
 end
 
 -- --- globals and the public API --------------------------------------------------------------------------
