@@ -7,40 +7,16 @@ and the ids. Prints one JSON object.
 
 Usage: python bench/fp8_load_peer.py --dir DIR [--prompt P] [--new N] [--threads N]
 """
-import json
-import time
-
-import torch
-import transformers
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
-from fit_context_peer import kib
-from peerutil import parse
+from peerutil import load_and_generate, parse
 
 
 def main():
     a = parse(dir="", prompt=32, new=16)
-    rss0 = kib("VmRSS")
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.dir, quantization_config=FineGrainedFP8Config(dequantize=True))
-    load_s = time.perf_counter() - t0
-    model.eval()
-    seed, ids = 1, []
-    for _ in range(a.prompt):
-        seed = seed * 48271 % 2147483647
-        ids.append(seed % model.config.vocab_size)
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)
-        rss = kib("VmRSS") - rss0
-        t0 = time.perf_counter()
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.new, min_new_tokens=a.new,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-        gen_s = time.perf_counter() - t0
-    print(json.dumps({"peer": "transformers", "torch": torch.__version__, "transformers": transformers.__version__,
-                      "weights": str(model.model.layers[1].self_attn.kv_b_proj.weight.dtype), "load_s": load_s,
-                      "rss_growth_mb": rss / 1024, "generate_s": gen_s, "generated": out[0, a.prompt:].tolist()}))
+    load_and_generate(a, lambda: AutoModelForCausalLM.from_pretrained(
+        a.dir, quantization_config=FineGrainedFP8Config(dequantize=True)),
+        weights=lambda m: str(m.model.layers[1].self_attn.kv_b_proj.weight.dtype))
 
 
 if __name__ == "__main__":

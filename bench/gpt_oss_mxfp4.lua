@@ -54,42 +54,11 @@ local function write_checkpoint()
    assert(os.rename(DIR .. "/config.json.tmp", DIR .. "/config.json"))
 end
 
--- One load and generation in this process.
-local function run()
-   require("moonload.C").lib.ml_set_num_threads(threads)
-   local rss0 = B.proc_field("/proc/self/status", "VmRSS")
-   local t0 = B.now()
-   local model = ml.models.from_pretrained(DIR)
-   local load_s = B.now() - t0
-   local prompt = B.minstd_prompts(1, PROMPT, model.config.vocab_size)[1]
-   model:generate(prompt, { max_new_tokens = 2, eos_token_id = false })
-   local rss = B.proc_field("/proc/self/status", "VmRSS") - rss0
-   t0 = B.now()
-   local out = model:generate(prompt, { max_new_tokens = NEW, eos_token_id = false })
-   print(cjson.encode({ load_s = load_s, rss_growth_mb = rss / 1024, generate_s = B.now() - t0,
-      generated = { unpack(out, PROMPT + 1) } }))
+if arg[1] == "--run" then
+   return B.load_and_generate(function() return ml.models.from_pretrained(DIR) end, PROMPT, NEW, threads)
 end
-
-if arg[1] == "--run" then return run() end
 
 write_checkpoint()
-local mine, merr = B.run_json(string.format("%s bench/gpt_oss_mxfp4.lua --run", os.getenv("LUAJIT") or "luajit"), true)
-if not mine then error("moonload run failed: " .. tostring(merr)) end
-local result = { bench = "gpt_oss_mxfp4", prompt = PROMPT, new_tokens = NEW, threads = threads, moonload = mine }
-local peer, perr = B.run_peer(string.format("bench/gpt_oss_mxfp4_peer.py --dir %s --prompt %d --new %d --threads %d",
-   DIR, PROMPT, NEW, threads))
-if peer then
-   result.peer = peer
-   result.same_prefix = 0
-   while mine.generated[result.same_prefix + 1] ~= nil and mine.generated[result.same_prefix + 1] == peer.generated[result.same_prefix + 1] do
-      result.same_prefix = result.same_prefix + 1
-   end
-   result.load_ratio = mine.load_s / peer.load_s
-   result.rss_ratio = mine.rss_growth_mb / peer.rss_growth_mb
-   result.generate_ratio = mine.generate_s / peer.generate_s
-   peer.generated = nil
-else
-   result.peer_note = "peer failed: " .. tostring(perr)
-end
-mine.generated = nil
-print(cjson.encode(result))
+B.load_generate_versus_peer("bench/gpt_oss_mxfp4.lua",
+   string.format("bench/gpt_oss_mxfp4_peer.py --dir %s --prompt %d --new %d --threads %d", DIR, PROMPT, NEW, threads),
+   { bench = "gpt_oss_mxfp4", prompt = PROMPT, new_tokens = NEW, threads = threads })

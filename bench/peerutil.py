@@ -38,3 +38,34 @@ def prompt(length, vocab):
         ids.append(seed % vocab)
     x = torch.tensor([ids])
     return x, torch.ones_like(x)
+
+
+def load_and_generate(a, load, **extra):
+    """The peer half of benchutil.lua's load_and_generate: load() timed, 2 greedy tokens to warm up,
+    the growth of resident memory over both, then a.new greedy tokens after a.prompt MINSTD ids
+    (the Lua side's prompt). Prints one JSON object with extra's fields."""
+    import json
+    import transformers
+    from fit_context_peer import kib
+    rss0 = kib("VmRSS")
+    t0 = time.perf_counter()
+    model = load()
+    load_s = time.perf_counter() - t0
+    model.eval()
+    seed, ids = 1, []
+    for _ in range(a.prompt):
+        seed = seed * 48271 % 2147483647
+        ids.append(seed % model.config.vocab_size)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
+        rss = kib("VmRSS") - rss0
+        t0 = time.perf_counter()
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.new, min_new_tokens=a.new,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        gen_s = time.perf_counter() - t0
+    res = {"peer": "transformers", "torch": torch.__version__, "transformers": transformers.__version__,
+           "load_s": load_s, "rss_growth_mb": rss / 1024, "generate_s": gen_s, "generated": out[0, a.prompt:].tolist()}
+    res.update({k: v(model) if callable(v) else v for k, v in extra.items()})
+    print(json.dumps(res))

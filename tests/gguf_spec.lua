@@ -46,6 +46,19 @@ end
 
 local function f_type(file, tensor) return ml.gguf.open(DIR .. file).by_name[tensor].type_name end
 
+
+-- The file's model with its experts on disk and the rest in RAM gives the greedy ids of exp
+-- (their offload index points into the file's own bytes).
+local function generates_with_experts_on_disk(file, exp, n)
+   local dir = os.tmpname()
+   os.remove(dir)
+   local placed = ml.models.from_gguf(DIR .. file, { device_map = "auto", offload_folder = dir,
+      max_memory = { cpu = "200MB" }, device_overrides = { ["%.experts$"] = "disk" } })
+   assert.are.equal("disk", placed.hf_device_map["model.layers.1.mlp.experts"])
+   assert.are.same(exp.greedy_ids[1], placed:generate(exp.input_ids[1], { max_new_tokens = n, eos_token_id = false }))
+   os.execute("rm -rf '" .. dir .. "'")
+end
+
 describe("gguf files", function()
    H.collect_warnings()         -- (dispatching with disk offload warns of weights on meta)
 
@@ -140,14 +153,7 @@ describe("gguf files", function()
       assert.are.equal("Linear", model.model.layers[3].mlp.experts[3].up_proj.__name)
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
       assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = 8, eos_token_id = false }))
-      -- with its experts on disk and the rest in RAM
-      local dir = os.tmpname()
-      os.remove(dir)
-      local placed = ml.models.from_gguf(DIR .. "qwen3moe_mixed.gguf", { device_map = "auto", offload_folder = dir,
-         max_memory = { cpu = "200MB" }, device_overrides = { ["%.experts$"] = "disk" } })
-      assert.are.equal("disk", placed.hf_device_map["model.layers.1.mlp.experts"])
-      assert.are.same(exp.greedy_ids[1], placed:generate(exp.input_ids[1], { max_new_tokens = 8, eos_token_id = false }))
-      os.execute("rm -rf '" .. dir .. "'")
+      generates_with_experts_on_disk("qwen3moe_mixed.gguf", exp, 8)
    end)
 
    it("gpt_oss_mxfp4.gguf: keeps the MXFP4 experts as views of the file's blocks, and gives transformers' logits and greedy ids", function()
@@ -166,14 +172,7 @@ describe("gguf files", function()
       assert.are.equal(8, model.model.layers[1].self_attn.q_proj.bits)      -- (Q8_0, as stored)
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < 1e-4)
       assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = 10, eos_token_id = false }))
-      -- with its experts on disk (their offload index points into the .gguf's blocks)
-      local dir = os.tmpname()
-      os.remove(dir)
-      local placed = ml.models.from_gguf(DIR .. "gpt_oss_mxfp4.gguf", { device_map = "auto", offload_folder = dir,
-         max_memory = { cpu = "200MB" }, device_overrides = { ["%.experts$"] = "disk" } })
-      assert.are.equal("disk", placed.hf_device_map["model.layers.1.mlp.experts"])
-      assert.are.same(exp.greedy_ids[1], placed:generate(exp.input_ids[1], { max_new_tokens = 10, eos_token_id = false }))
-      os.execute("rm -rf '" .. dir .. "'")
+      generates_with_experts_on_disk("gpt_oss_mxfp4.gguf", exp, 10)
       local ok, err = pcall(ml.save_model, model, os.tmpname() .. ".d")
       assert.is_false(ok)
       assert.truthy(tostring(err):find("llama.cpp's layout", 1, true), err)

@@ -35,6 +35,15 @@ local function embedding(ids, w) return F.embedding(ids, w) end
 
 local function sdpa(q, k, v, opts) return F.scaled_dot_product_attention(q, k, v, opts or {}) end
 
+-- x (..., S, 32) as int8 rows with one float32 scale each (an int8 cache's layout).
+local function q8(x)
+   local sshape = { unpack(x.shape) }
+   sshape[#sshape] = 1
+   local q8v, scales = ml.empty(x.shape, { dtype = "int8" }), ml.empty(sshape)
+   C.check(lib.ml_quantize_q8_into(x._c, q8v._c, scales._c))
+   return q8v, scales
+end
+
 describe("softmax", function()
    for _, case in ipairs(fx.softmax) do
       it("matches PyTorch: " .. case.name, function()
@@ -122,11 +131,6 @@ describe("scaled dot-product attention", function()
    it("with sinks, reads an int8 cache as it reads the dequantized keys and values", function()
       ml.manual_seed(31)
       local q, kf, vf, sinks = ml.randn(2, 4, 3, 32), ml.randn(2, 2, 9, 32), ml.randn(2, 2, 9, 32), ml.randn(4)
-      local function q8(x)
-         local q8v, scales = ml.empty(x.shape, { dtype = "int8" }), ml.empty(2, 2, 9, 1)
-         C.check(lib.ml_quantize_q8_into(x._c, q8v._c, scales._c))
-         return q8v, scales
-      end
       local k8, ks = q8(kf)
       local v8, vs = q8(vf)
       C.check(lib.ml_sdpa_q8(q._c, k8._c, ks._c, v8._c, vs._c, nil, sinks._c, true, 0, out1))
@@ -228,11 +232,6 @@ describe("nn kernels on cuda #cuda", function()
    it("sdpa with sinks over an int8 cache gives the CPU's result", function()
       ml.manual_seed(32)
       local q, kf, vf, sinks = ml.randn(2, 4, 3, 32), ml.randn(2, 2, 9, 32), ml.randn(2, 2, 9, 32), ml.randn(4)
-      local function q8(x)
-         local q8v, scales = ml.empty(x.shape, { dtype = "int8" }), ml.empty(2, 2, 9, 1)
-         C.check(lib.ml_quantize_q8_into(x._c, q8v._c, scales._c))
-         return q8v, scales
-      end
       local k8, ks = q8(kf)
       local v8, vs = q8(vf)
       local function run(dev)

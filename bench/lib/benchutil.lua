@@ -194,6 +194,56 @@ function M.compare_with_peer(result, args, ratios)
    return result
 end
 
+--- A checkpoint loaded and run in this process (a benchmark's --run half), printed as one JSON
+-- line: load() -> model timed as load_s, then 2 greedy tokens to warm up, the growth of resident
+-- memory over both (rss_growth_mb), and `new` greedy tokens after a `prompt`-token MINSTD prompt
+-- (generate_s, generated). threads: the core's thread count.
+function M.load_and_generate(load, prompt, new, threads)
+   require("moonload.C").lib.ml_set_num_threads(threads)
+   local rss0 = M.proc_field("/proc/self/status", "VmRSS")
+   local t0 = M.now()
+   local model = load()
+   local load_s = M.now() - t0
+   local ids = M.minstd_prompts(1, prompt, model.config.vocab_size)[1]
+   model:generate(ids, { max_new_tokens = 2, eos_token_id = false })
+   local rss = M.proc_field("/proc/self/status", "VmRSS") - rss0
+   t0 = M.now()
+   local out = model:generate(ids, { max_new_tokens = new, eos_token_id = false })
+   print(require("cjson").encode({ load_s = load_s, rss_growth_mb = rss / 1024, generate_s = M.now() - t0,
+      generated = { unpack(out, prompt + 1) } }))
+end
+
+--- The other half: `script --run` in a process of its own (load_and_generate's line) against the
+-- peer (`$BENCH_PYTHON peer_args`, printing load_s, rss_growth_mb, generate_s and generated):
+-- result = fields plus moonload, peer, the three ratios (ours / theirs) and same_prefix (how many
+-- generated ids agree before the first that differs). Prints result as one JSON line.
+function M.load_generate_versus_peer(script, peer_args, fields)
+   local cjson = require("cjson")
+   local mine, err = M.run_json(string.format("%s %s --run", os.getenv("LUAJIT") or "luajit", script), true)
+   if not mine then error("moonload run failed: " .. tostring(err)) end
+   local result = {}
+   for k, v in pairs(fields) do result[k] = v end
+   result.moonload = mine
+   local peer, perr = M.run_peer(peer_args)
+   if peer then
+      result.peer = peer
+      result.same_prefix = 0
+      while mine.generated[result.same_prefix + 1] ~= nil
+         and mine.generated[result.same_prefix + 1] == peer.generated[result.same_prefix + 1] do
+         result.same_prefix = result.same_prefix + 1
+      end
+      result.load_ratio = mine.load_s / peer.load_s
+      result.rss_ratio = mine.rss_growth_mb / peer.rss_growth_mb
+      result.generate_ratio = mine.generate_s / peer.generate_s
+      peer.generated = nil
+   else
+      result.peer_note = "peer failed: " .. tostring(perr)
+   end
+   mine.generated = nil
+   print(cjson.encode(result))
+   return result
+end
+
 --- Makes sure the demo's GPT-2-small-shaped checkpoint exists (`examples/demo.lua --write-only`,
 -- run with $LUAJIT); returns its folder and the path of its model.safetensors.index.json.
 function M.demo_checkpoint()

@@ -116,4 +116,12 @@ function M.fail(cfg, who, fmt, ...)
    error(string.format("%s: %s in %s", who, string.format(fmt, ...), cfg._source or "config"), 3)
 end
 
+--- v, the value of config key name (its default already applied), checked to be an integer >= min.
+function M.integer(cfg, who, name, v, min)
+   if type(v) ~= "number" or v ~= math.floor(v) or v < min then
+      M.fail(cfg, who, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
+   end
+   return v
+end
+
 return M

@@ -44,10 +44,7 @@ end
 local function int_key(cfg, WHO, name, min, default)
    local v = cfg[name]
    if v == nil then v = default end
-   if type(v) ~= "number" or v ~= math.floor(v) or v < min then
-      config.fail(cfg, WHO, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
-   end
-   cfg[name] = v
+   cfg[name] = config.integer(cfg, WHO, name, v, min)
    return v
 end
 

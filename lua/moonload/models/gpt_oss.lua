@@ -37,12 +37,7 @@ local WHO = "models.gpt_oss"
 -- num_local_experts, num_experts_per_tok (or experts_per_token), swiglu_alpha and swiglu_limit.
 function M.config(source)
    local cfg = llama.config(source, "gpt_oss")
-   local function int(name, v, min)
-      if type(v) ~= "number" or v ~= math.floor(v) or v < min then
-         config.fail(cfg, WHO, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
-      end
-      return v
-   end
+   local function int(name, v, min) return config.integer(cfg, WHO, name, v, min) end
    cfg.num_local_experts = int("num_local_experts", cfg.num_local_experts or cfg.num_experts or 128, 1)
    cfg.num_experts_per_tok = int("num_experts_per_tok", cfg.num_experts_per_tok or cfg.experts_per_token or 4, 1)
    if cfg.num_experts_per_tok > cfg.num_local_experts then

@@ -24,12 +24,7 @@ function M.config(source, family)
    local WHO = "models." .. family
    local cfg = llama.config(source, family)
    local experts = cfg.num_experts or cfg.num_local_experts            -- transformers 5 writes the latter
-   local function int(v, name, min)
-      if type(v) ~= "number" or v ~= math.floor(v) or v < min then
-         config.fail(cfg, WHO, 'config key "%s" must be an integer >= %d, got %s', name, min, tostring(v))
-      end
-      return v
-   end
+   local function int(v, name, min) return config.integer(cfg, WHO, name, v, min) end
    cfg.num_experts = int(experts, "num_experts", 0)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (family == "mixtral" and cfg.intermediate_size) or 768,
