@@ -237,6 +237,33 @@ static void fp8_linear_columns(void *ctx, int64_t begin, int64_t end) {
   }
 }
 
+ml_status ml_few_rows_operands(const char *fn, const ml_tensor *x, const ml_tensor *b, int64_t M, int64_t K, int64_t N,
+                               float **xf, float **bf, ml_tensor **out) {
+  int64_t oshape[ML_MAX_DIMS];
+  memcpy(oshape, x->shape, sizeof oshape);
+  oshape[x->ndim - 1] = N;
+  float *buf = malloc((size_t)(M * K + (b ? N : 0)) * sizeof(float));
+  if (!buf) return ml_fail(ML_ENOMEM, "%s: out of memory for %lld input values", fn, (long long)(M * K));
+  ml_tensor *xc = NULL, *o = NULL;
+  ml_status st = ml_tensor_contiguous(x, &xc);
+  if (!st) st = ml_tensor_empty(x->dtype, x->ndim, oshape, x->storage->device, &o);
+  if (st) {
+    free(buf);
+    if (xc) ml_tensor_release(xc);
+    return st;
+  }
+  ml_convert(ml_tensor_data(xc), x->dtype, buf, ML_FLOAT32, M * K);
+  ml_tensor_release(xc);
+  *bf = NULL;
+  if (b) {
+    *bf = buf + M * K;
+    for (int64_t n = 0; n < N; n++) (*bf)[n] = (float)ml_load_f64(ml_tensor_data(b), b->dtype, n * b->strides[0]);
+  }
+  *xf = buf;
+  *out = o;
+  return ML_OK;
+}
+
 ml_status ml_fp8_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
                         int64_t block_i, const ml_tensor *b, ml_tensor **out) {
   char sx[ML_SHAPE_BUF], sw[ML_SHAPE_BUF];
@@ -272,29 +299,14 @@ ml_status ml_fp8_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor 
   if (b && b->shape[0] != N)
     return ml_fail(ML_EINVAL, "fp8_linear: bias of shape %s does not match out_features %lld",
                    ml_shape_str(b->ndim, b->shape, sx, sizeof sx), (long long)N);
-  int64_t oshape[ML_MAX_DIMS];
-  memcpy(oshape, x->shape, sizeof oshape);
-  oshape[x->ndim - 1] = N;
-  ml_tensor *xc = NULL, *o = NULL;
-  float *xf = malloc((size_t)(M * K + (b ? N : 0)) * sizeof(float));
-  if (!xf) return ml_fail(ML_ENOMEM, "fp8_linear: out of memory for %lld input values", (long long)(M * K));
-  ml_status st = ml_tensor_contiguous(x, &xc);
-  if (!st) st = ml_tensor_empty(x->dtype, x->ndim, oshape, x->storage->device, &o);
-  if (!st) {
-    ml_convert(ml_tensor_data(xc), x->dtype, xf, ML_FLOAT32, M * K);
-    float *bf = NULL;
-    if (b) {
-      bf = xf + M * K;
-      for (int64_t n = 0; n < N; n++) bf[n] = (float)ml_load_f64(ml_tensor_data(b), b->dtype, n * b->strides[0]);
-    }
-    fp8_linear_job j = {M, N, K, block_o, block_i, xf, ml_tensor_data(w), w->strides[0], w->dtype,
-                        ml_tensor_data(scale_inv), scale_inv->strides[0], scale_inv->strides[1], bf,
-                        ml_tensor_data(o), x->dtype, ml_fp8_table(w->dtype)};
-    ml_parallel_for((N + FP8_COLS - 1) / FP8_COLS, FP8_COLS * K * M, fp8_linear_columns, &j);
-  }
+  float *xf, *bf;
+  ml_tensor *o;
+  ML_TRY(ml_few_rows_operands("fp8_linear", x, b, M, K, N, &xf, &bf, &o));
+  fp8_linear_job j = {M, N, K, block_o, block_i, xf, ml_tensor_data(w), w->strides[0], w->dtype,
+                      ml_tensor_data(scale_inv), scale_inv->strides[0], scale_inv->strides[1], bf,
+                      ml_tensor_data(o), x->dtype, ml_fp8_table(w->dtype)};
+  ml_parallel_for((N + FP8_COLS - 1) / FP8_COLS, FP8_COLS * K * M, fp8_linear_columns, &j);
   free(xf);
-  if (xc) ml_tensor_release(xc);
-  if (st) { if (o) ml_tensor_release(o); return st; }
   *out = o;
   return ML_OK;
 }

@@ -53,4 +53,10 @@ static inline uint8_t *ml_byte_at(const void *base, ml_dtype dt, int64_t off) {
   return (uint8_t *)base + off * (int64_t)ml_dtype_size(dt);
 }
 
+/* The operands of a direct product of a few rows by a packed weight (fp8_linear, mxfp4_linear):
+   x (..., K) as M x K float32 rows in *xf, then the bias (N values, when b) at *bf, in one buffer
+   to free(), and the output (..., N) of x's dtype in *out. fn names the op in the messages. */
+ml_status ml_few_rows_operands(const char *fn, const ml_tensor *x, const ml_tensor *b, int64_t M, int64_t K, int64_t N,
+                               float **xf, float **bf, ml_tensor **out);
+
 #endif /* ML_CPU_KERNELS_H */

@@ -298,29 +298,14 @@ ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_
   if (cu || M < 1 || M > MX_MAX_ROWS || blocks->strides[2] != 1)
     return mxfp4_linear_gemm(x, blocks, scales, ggml_order, b, out);
 
-  int64_t oshape[ML_MAX_DIMS];
-  memcpy(oshape, x->shape, sizeof oshape);
-  oshape[x->ndim - 1] = N;
-  ml_tensor *xc = NULL, *o = NULL;
-  float *xf = malloc((size_t)(M * K + (b ? N : 0)) * sizeof(float));
-  if (!xf) return ml_fail(ML_ENOMEM, "mxfp4_linear: out of memory for %lld input values", (long long)(M * K));
-  ml_status st = ml_tensor_contiguous(x, &xc);
-  if (!st) st = ml_tensor_empty(x->dtype, x->ndim, oshape, x->storage->device, &o);
-  if (!st) {
-    ml_convert(ml_tensor_data(xc), x->dtype, xf, ML_FLOAT32, M * K);
-    float *bf = NULL;
-    if (b) {
-      bf = xf + M * K;
-      for (int64_t n = 0; n < N; n++) bf[n] = (float)ml_load_f64(ml_tensor_data(b), b->dtype, n * b->strides[0]);
-    }
-    mx_linear_job j = {M, N, K, G, xf, ml_tensor_data(blocks), blocks->strides[0], blocks->strides[1],
-                       ml_tensor_data(scales), scales->strides[0], scales->strides[1], bf, ml_tensor_data(o), x->dtype,
-                       ggml_order};
-    ml_parallel_for((N + MX_COLS - 1) / MX_COLS, MX_COLS * K * M, mx_linear_columns, &j);
-  }
+  float *xf, *bf;
+  ml_tensor *o;
+  ML_TRY(ml_few_rows_operands("mxfp4_linear", x, b, M, K, N, &xf, &bf, &o));
+  mx_linear_job j = {M, N, K, G, xf, ml_tensor_data(blocks), blocks->strides[0], blocks->strides[1],
+                     ml_tensor_data(scales), scales->strides[0], scales->strides[1], bf, ml_tensor_data(o), x->dtype,
+                     ggml_order};
+  ml_parallel_for((N + MX_COLS - 1) / MX_COLS, MX_COLS * K * M, mx_linear_columns, &j);
   free(xf);
-  if (xc) ml_tensor_release(xc);
-  if (st) { if (o) ml_tensor_release(o); return st; }
   *out = o;
   return ML_OK;
 }
