@@ -9,7 +9,7 @@ local tokenizers = require("moonload.tokenizers")
 local N = require("nn_helpers")
 
 local FIX = "tests/fixtures/tokenizers"
-local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece",
+local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "o200k_bpe", "o200k_inverted_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece",
    "t5_unigram", "xlmr_unigram" }
 
 local tmpfile = require("models_helpers").tmpfile
@@ -130,7 +130,7 @@ describe("tokenizers", function()
          p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": '
             .. '{"type": "Split", "pattern": {"Regex": "\\\\w+"}, "behavior": "Isolated", "invert": false}}')
          assert.has_error(function() tokenizers.from_file(p) end,
-            'tokenizer ' .. p .. ': the Split pre-tokenizer\'s regex "\\\\w+" is not supported (supported: the GPT-2, Llama 3 and Qwen2 patterns)')
+            'tokenizer ' .. p .. ': the Split pre-tokenizer\'s regex "\\\\w+" is not supported (supported: the GPT-2, Llama 3, Qwen2 and o200k patterns)')
          os.remove(p)
          p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}')
          assert.has_error(function() tokenizers.from_file(p) end,

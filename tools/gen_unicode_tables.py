@@ -3,7 +3,8 @@
 Python's unicodedata (rerun when a newer Unicode matters):
   letter, number, punctuation, mark_nonspacing, mark_other (Mc, Me), control: sorted [first, last] codepoint ranges of
     the general categories L*, N*, P*, Mn and Cc/Cf/Cn/Co (what the regexes' \\p{L} and \\p{N}
-    and BERT's normalizer and pre-tokenizer test);
+    and BERT's normalizer and pre-tokenizer test); letter_upper (Lu, Lt, Lm, Lo) and letter_lower
+    (Ll, Lm, Lo), the letter classes of o200k's split regex;
   lower: codepoint -> its lowercase (a string; Unicode's full mapping, as Rust's to_lowercase);
   strip: codepoint -> its canonical decomposition without nonspacing marks (BERT strips accents);
   compose: "first second" codepoint pairs -> the composed codepoint (NFC of precomposed text).
@@ -71,6 +72,9 @@ def main():
         f.write(lua_ranges("letter", ranges(lambda cp: cat(cp).startswith("L"))))
         f.write(lua_ranges("number", ranges(lambda cp: cat(cp).startswith("N"))))
         f.write(lua_ranges("punctuation", ranges(lambda cp: cat(cp).startswith("P"))))
+        # o200k's split regex (gpt-oss, GPT-4o) tells word starts from word ends by these classes
+        f.write(lua_ranges("letter_upper", ranges(lambda cp: cat(cp) in ("Lu", "Lt", "Lm", "Lo"))))
+        f.write(lua_ranges("letter_lower", ranges(lambda cp: cat(cp) in ("Ll", "Lm", "Lo"))))
         f.write(lua_ranges("mark_nonspacing", ranges(lambda cp: cat(cp) == "Mn")))
         f.write(lua_ranges("mark_other", ranges(lambda cp: cat(cp) in ("Mc", "Me"))))
         f.write(lua_ranges("control", ranges(lambda cp: cat(cp) in ("Cc", "Cf", "Cn", "Co"))))

@@ -3,9 +3,9 @@
 -- pieces, pieces being a list of UTF-8 strings; ctx.first is true for the segment that starts
 -- the text (Metaspace's prepend_scheme "first").
 --
--- The split regexes of byte-level BPE tokenizers (GPT-2's, Llama 3's, Qwen2's) are matched by
--- hand-written scanners that follow Oniguruma's leftmost-alternative semantics for exactly those
--- patterns; another regex is an error naming it.
+-- The split regexes of byte-level BPE tokenizers (GPT-2's, Llama 3's, Qwen2's, o200k's: gpt-oss
+-- and GPT-4o) are matched by hand-written scanners that follow Oniguruma's leftmost-alternative
+-- semantics for exactly those patterns; another regex is an error naming it.
 local components = require("moonload.tokenizers.components")
 local U = require("moonload.tokenizers.unicode")
 
@@ -83,6 +83,66 @@ local function llama3_matcher(max_digits)
    end
 end
 
+-- o200k (gpt-oss, GPT-4o):
+-- [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|...)?
+-- |[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|...)?
+-- |\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+-- Its word alternatives overlap (Lm, Lo and marks are in both classes), so they run on a small
+-- backtracking matcher: each is a list of {class, min, max} runs, tried longest first.
+local is_mark = function(cp) return cp ~= nil and (U.is_mark_nonspacing(cp) or U.is_mark_other(cp)) end
+local function is_up(cp) return cp ~= nil and (U.is_letter_upper(cp) or is_mark(cp)) end
+local function is_low(cp) return cp ~= nil and (U.is_letter_lower(cp) or is_mark(cp)) end
+local function is_prefix(cp) return cp ~= nil and not is_newline(cp) and not is_L(cp) and not is_N(cp) end
+local CONTRACTION = {}          -- an optional (?i:'s|'t|'re|'ve|'m|'ll|'d)
+
+-- The end of seq[k..] matched at i (the first way found, longest runs first), or nil.
+local function match_seq(seq, k, cps, i, n)
+   local e = seq[k]
+   if e == nil then return i end
+   if e == CONTRACTION then
+      local c = contraction(cps, i, true)
+      return c and match_seq(seq, k + 1, cps, c, n) or match_seq(seq, k + 1, cps, i, n)
+   end
+   local pred, min, max = e[1], e[2], e[3]
+   local j = i
+   while j <= n and j - i < max and pred(cps[j]) do j = j + 1 end
+   for stop = j, i + min, -1 do
+      local r = match_seq(seq, k + 1, cps, stop, n)
+      if r then return r end
+   end
+   return nil
+end
+
+local O200K_WORDS = {
+   { { is_prefix, 0, 1 }, { is_up, 0, math.huge }, { is_low, 1, math.huge }, CONTRACTION },
+   { { is_prefix, 0, 1 }, { is_up, 1, math.huge }, { is_low, 0, math.huge }, CONTRACTION },
+}
+
+local function o200k_match(cps, i, n)
+   for _, seq in ipairs(O200K_WORDS) do
+      local e = match_seq(seq, 1, cps, i, n)
+      if e and e > i then return e end
+   end
+   local c = cps[i]
+   if is_N(c) then
+      local j = i
+      while j <= n and j - i < 3 and is_N(cps[j]) do j = j + 1 end
+      return j
+   end
+   local s = c == 32 and i + 1 or i
+   if s <= n and is_other(cps[s]) then                 -- ?[^\s\p{L}\p{N}]+[\r\n/]*
+      return run(cps, run(cps, s, n, is_other), n, function(cp) return is_newline(cp) or cp == 47 end)
+   end
+   if is_space(c) then
+      local j = run(cps, i, n, is_space)
+      for k = j - 1, i, -1 do                         -- \s*[\r\n]+: through the run's last newline
+         if is_newline(cps[k]) then return k + 1 end
+      end
+      return trailing_space(cps, i, n)
+   end
+   return i + 1
+end
+
 local GPT2 = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
 local LLAMA3_BODY = "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 local REGEXES = {
@@ -91,6 +151,9 @@ local REGEXES = {
       llama3_matcher(3),
    ["(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*" .. LLAMA3_BODY] =
       llama3_matcher(1),
+   ["[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+      .. "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+      .. "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*" .. LLAMA3_BODY] = o200k_match,
 }
 
 --- The match spans of a known regex over a piece: a list of {first, past_last} codepoint
@@ -228,7 +291,7 @@ function BUILDERS.Split(j, who)
       local match = REGEXES[pattern.Regex]
       if not match then
          error(string.format("%s: the Split pre-tokenizer's regex %q is not supported (supported: the GPT-2, "
-            .. "Llama 3 and Qwen2 patterns)", who, pattern.Regex), 0)
+            .. "Llama 3, Qwen2 and o200k patterns)", who, pattern.Regex), 0)
       end
       spans_of = function(cps, n) return regex_spans(match, cps, n) end
    elseif pattern.String then
@@ -238,7 +301,22 @@ function BUILDERS.Split(j, who)
       error(who .. ": a Split pre-tokenizer needs a String or Regex pattern", 0)
    end
    if invert then
-      error(who .. ": inverted Split pre-tokenizers are not supported", 0)
+      -- the pattern's matches are the pieces and the text between them the delimiters: removed,
+      -- each match is a piece of its own (tokenizers keeps matches apart even when adjacent);
+      -- isolated, every stretch is its own piece either way. (Transformers.js writes o200k's
+      -- split so: Removed, inverted.)
+      if behavior == "Removed" then
+         return function(pieces)
+            return each_piece(pieces, function(cps, n)
+               local out = {}
+               for _, sp in ipairs(spans_of(cps, n)) do out[#out + 1] = U.encode(cps, sp[1], sp[2] - 1) end
+               return out
+            end)
+         end
+      elseif behavior ~= "Isolated" then
+         error(string.format("%s: inverted Split pre-tokenizers with behavior %q are not supported (Removed and Isolated are)",
+            who, tostring(behavior)), 0)
+      end
    end
    return function(pieces)
       return each_piece(pieces, function(cps, n) return split_pieces(cps, n, spans_of(cps, n), behavior) end)

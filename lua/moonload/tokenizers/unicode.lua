@@ -126,6 +126,8 @@ M.is_number = range_test(data.number)              -- \p{N}
 M.is_punctuation = range_test(data.punctuation)    -- \p{P}
 M.is_mark_nonspacing = range_test(data.mark_nonspacing)
 M.is_mark_other = range_test(data.mark_other)          -- Mc, Me
+M.is_letter_upper = range_test(data.letter_upper)      -- Lu, Lt, Lm, Lo
+M.is_letter_lower = range_test(data.letter_lower)      -- Ll, Lm, Lo
 local is_control_category = range_test(data.control)
 --- Categories Cc, Cf, Cn and Co, tab, newline and carriage return included.
 M.is_control_category = is_control_category
