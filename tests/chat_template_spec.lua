@@ -77,6 +77,20 @@ describe("chat templates", function()
             .. "(tokenizer_config.json's chat_template); pass one as the chat_template option")
       end)
 
+      it("prefers the folder's chat_template.jinja (transformers' file for templates, gpt-oss's)", function()
+         local jf = assert(io.open(dir .. "/chat_template.jinja", "wb"))
+         jf:write(exp.templates.harmony_macros)
+         jf:close()
+         local again = tokenizers.from_pretrained(dir)
+         os.remove(dir .. "/chat_template.jinja")
+         for _, c in ipairs(exp.cases) do
+            if c.template == "harmony_macros" and c.conversation == "reasoning" then
+               assert.are.equal(c.output, again:apply_chat_template(exp.conversations.reasoning,
+                  { add_generation_prompt = c.add_generation_prompt, tokenize = false }))
+            end
+         end
+      end)
+
       teardown(function() os.execute("rm -rf " .. dir) end)
    end)
 end)

@@ -328,7 +328,7 @@ local function read_tokenizer_config(tok, dir)
 end
 
 --- A tokenizer from a model folder's tokenizer.json (and its tokenizer_config.json's chat template
--- and special token strings, when there is one).
+-- and special token strings, when there is one; chat_template.jinja's template when there is that).
 function M.from_pretrained(dir)
    if type(dir) ~= "string" then error("tokenizers.from_pretrained: expected a folder path, got " .. type(dir), 2) end
    if dir:lower():match("%.gguf$") then return M.from_gguf(dir) end       -- (the tokenizer a GGUF file carries)
@@ -341,6 +341,13 @@ function M.from_pretrained(dir)
    f:close()
    local tok = M.from_file(path)
    read_tokenizer_config(tok, dir:gsub("/+$", ""))
+   -- a chat_template.jinja beside them wins over tokenizer_config.json's, as in transformers (which
+   -- saves templates so; gpt-oss's folders ship theirs so)
+   local jf = io.open(dir:gsub("/+$", "") .. "/chat_template.jinja", "rb")
+   if jf then
+      rawset(tok, "chat_template", jf:read("*a"))
+      jf:close()
+   end
    return tok
 end
 
