@@ -297,7 +297,7 @@ describe("gguf files", function()
 end)
 
 describe("gguf tokenizers", function()
-   for _, name in ipairs({ "gpt2_bpe", "llama3_bpe", "qwen2_bpe" }) do
+   for _, name in ipairs({ "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "o200k_bpe" }) do
       it(name .. ": gives tokenizers' ids and text from the vocabulary a GGUF file carries", function()
          local exp = H.read_json("tests/fixtures/tokenizers/" .. name .. "/expected.json")
          local tok = ml.tokenizers.from_gguf(DIR .. "tok_" .. name .. ".gguf")
@@ -382,7 +382,7 @@ describe("gguf tokenizers", function()
       write_gguf(path, { { "tokenizer.ggml.model", "str", "gpt2" }, { "tokenizer.ggml.pre", "str", "falcon" } }, {})
       ok, err = pcall(ml.tokenizers.from_gguf, path)
       assert.is_false(ok)
-      assert.truthy(err:find('has tokenizer.ggml.pre "falcon"; moonload knows gpt-2, llama-bpe, llama3, qwen2', 1, true), err)
+      assert.truthy(err:find('has tokenizer.ggml.pre "falcon"; moonload knows gpt-2, gpt-4o, llama-bpe, llama3, qwen2', 1, true), err)
       H.rmdir(dir)
    end)
 end)

@@ -1,6 +1,6 @@
 --- ml.tokenizers.from_gguf(path or an ml.gguf file) -> the tokenizer a GGUF file carries: byte-level
 -- BPE vocabularies (tokenizer.ggml.model "gpt2": GPT-2, Llama 3, Qwen2/2.5/3, ...) and SentencePiece
--- ones ("llama": Llama 2, Mistral; see spm_spec).
+-- ones ("llama": Llama 2, Mistral; see spm_spec); o200k's (pre "gpt-4o": gpt-oss's files).
 --
 -- llama.cpp's converter stores the vocabulary by id, each token's type (3 control, 4 user
 -- defined: these are tokenizers' added tokens, split out of the text first), the merges, and
@@ -15,6 +15,9 @@ local WHO = "tokenizers.from_gguf"
 -- The split regexes of the tokenizer.json files these pre-tokenizers come from.
 local LLAMA3 = [[(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+]]
 local QWEN2 = [[(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+]]
+local O200K = [[[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?]]
+   .. [[|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?]]
+   .. [[|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+]]
 
 local function split_then_bytes(regex)
    return { type = "Sequence", pretokenizers = {
@@ -28,6 +31,7 @@ local PRE = {
    ["llama-bpe"] = { pre_tokenizer = split_then_bytes(LLAMA3), ignore_merges = true },
    ["llama3"] = { pre_tokenizer = split_then_bytes(LLAMA3), ignore_merges = true },
    ["qwen2"] = { normalizer = { type = "NFC" }, pre_tokenizer = split_then_bytes(QWEN2) },
+   ["gpt-4o"] = { pre_tokenizer = split_then_bytes(O200K), ignore_merges = true },   -- o200k: gpt-oss's files
 }
 
 local function names(t)
