@@ -201,15 +201,6 @@ static void fp8_row_dots_avx512(const fp8_linear_job *j, const float *x0, int64_
   }
 }
 
-static bool fp8_avx512(void) {
-  static atomic_int have = -1;
-  int h = atomic_load_explicit(&have, memory_order_relaxed);
-  if (h < 0) {
-    h = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-    atomic_store_explicit(&have, h, memory_order_relaxed);
-  }
-  return h;
-}
 #endif
 
 static void fp8_linear_columns(void *ctx, int64_t begin, int64_t end) {
@@ -225,7 +216,7 @@ static void fp8_linear_columns(void *ctx, int64_t begin, int64_t end) {
       for (int64_t m0 = 0; m0 < j->M; m0 += FP8_GROUP) {
         int64_t G = j->M - m0 < FP8_GROUP ? j->M - m0 : FP8_GROUP;
 #if ML_FP8_SIMD
-        if (fp8_avx512()) { fp8_row_dots_avx512(j, j->x + m0 * j->K, G, wr, srow, dots + m0); continue; }
+        if (ml_avx512()) { fp8_row_dots_avx512(j, j->x + m0 * j->K, G, wr, srow, dots + m0); continue; }
 #endif
         fp8_row_dots(j, j->x + m0 * j->K, G, wr, srow, dots + m0);
       }

@@ -23,6 +23,21 @@ __attribute__((constructor)) static void ml_pin_library(void) {
 /* Checks operands and picks the backend. With `what` (operand names), NULL operands are optional
    and messages name the operand ("linear: the weight is on the meta device ..."); without it,
    every operand is required and is named by position. */
+bool ml_avx512(void) {
+  static atomic_int have = -1;
+  int h = atomic_load_explicit(&have, memory_order_relaxed);
+  if (h < 0) {
+    const char *off = getenv("MOONLOAD_NO_AVX512");
+#if defined(__x86_64__) && defined(__GNUC__)
+    h = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && !(off && strcmp(off, "1") == 0);
+#else
+    h = 0;
+#endif
+    atomic_store_explicit(&have, h, memory_order_relaxed);
+  }
+  return h;
+}
+
 ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const char *const *what,
                       const ml_cuda_api **cu) {
   *cu = NULL;

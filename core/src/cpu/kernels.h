@@ -59,4 +59,9 @@ static inline uint8_t *ml_byte_at(const void *base, ml_dtype dt, int64_t off) {
 ml_status ml_few_rows_operands(const char *fn, const ml_tensor *x, const ml_tensor *b, int64_t M, int64_t K, int64_t N,
                                float **xf, float **bf, ml_tensor **out);
 
+/* Whether the AVX-512 variants of the direct few-row kernels run (fp8_linear, mxfp4_linear, int8
+   weights): the CPU has AVX-512F and BW, and MOONLOAD_NO_AVX512 is not 1 (which runs the AVX2
+   paths, to compare the two on one machine). Read once. */
+bool ml_avx512(void);
+
 #endif /* ML_CPU_KERNELS_H */

@@ -268,11 +268,6 @@ static void q8_column_dots_512(const q8_job *j, int64_t n, float *out) {
 }
 #define ML_HAVE_Q8_512 1
 
-static bool have_avx512(void) {
-  static int have = -1;        /* (racing first callers all store the same answer) */
-  if (have < 0) have = __builtin_cpu_supports("avx512f");
-  return have;
-}
 #endif
 
 /* Columns [n0, n0 + w) for the job's rows (at most Q8_MAX_ROWS). */
@@ -288,7 +283,7 @@ static void column_block(const q8_job *j, int64_t n0, int64_t w) {
   }
   for (int64_t i = 0; i < w && !j->a8; i++) {
 #if ML_HAVE_Q8_512
-    if (have_avx512()) q8_column_dots_512(j, n0 + i, dots);
+    if (ml_avx512()) q8_column_dots_512(j, n0 + i, dots);
     else
 #endif
     q8_column_dots(j, n0 + i, dots);
