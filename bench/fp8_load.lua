@@ -40,8 +40,6 @@ local function to_fp8(w)
 end
 
 local function write_checkpoint()
-   if io.open(DIR .. "/config.json") then return end
-   os.execute("mkdir -p " .. DIR)
    ml.manual_seed(0)
    local plain = {}
    for k, v in pairs(CONFIG) do if k ~= "quantization_config" then plain[k] = v end end
@@ -60,20 +58,9 @@ local function write_checkpoint()
       if name:find("e_score_correction_bias$") then sd[name] = ml.zeros(b.shape) end
    end
    ml.safetensors.save_file(sd, DIR .. "/model.safetensors")
-   -- config.json last, under a temporary name first: its presence says the folder is whole
-   local f = assert(io.open(DIR .. "/config.json.tmp", "w"))
-   f:write(cjson.encode(CONFIG))
-   f:close()
-   assert(os.rename(DIR .. "/config.json.tmp", DIR .. "/config.json"))
+   B.write_config_last(DIR, cjson.encode(CONFIG))
 end
 
-if arg[1] == "--run" then
-   return B.load_and_generate(function() return ml.models.from_pretrained(DIR) end, PROMPT, NEW, threads)
-end
-
-write_checkpoint()
 -- (both compute in bfloat16, rounding in other places: on random weights the top logits are
 -- close, so the ids may part after a few tokens; same_prefix counts those that agree first)
-B.load_generate_versus_peer("bench/fp8_load.lua",
-   string.format("bench/fp8_load_peer.py --dir %s --prompt %d --new %d --threads %d", DIR, PROMPT, NEW, threads),
-   { bench = "fp8_load", prompt = PROMPT, new_tokens = NEW, threads = threads })
+B.load_generate_main("fp8_load", DIR, PROMPT, NEW, threads, write_checkpoint)

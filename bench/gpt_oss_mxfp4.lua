@@ -29,8 +29,6 @@ local CONFIG = { architectures = { "GptOssForCausalLM" }, model_type = "gpt_oss"
       "model.layers.*.mlp.router", "model.embed_tokens", "lm_head" } } }
 
 local function write_checkpoint()
-   if io.open(DIR .. "/config.json") then return end
-   os.execute("mkdir -p " .. DIR)
    ml.manual_seed(0)
    local model = ml.init_empty_weights(function() return ml.models.gpt_oss.GptOssForCausalLM(CONFIG) end)
    local sd = {}
@@ -46,19 +44,8 @@ local function write_checkpoint()
       end
    end
    ml.safetensors.save_file(sd, DIR .. "/model.safetensors")
-   -- config.json last, under a temporary name first: its presence says the folder is whole
-   local f = assert(io.open(DIR .. "/config.json.tmp", "w"))
    -- (transformers' config checks want swiglu_limit a float; cjson writes 7.0 as 7)
-   f:write((cjson.encode(CONFIG):gsub('"swiglu_limit":7', '"swiglu_limit":7.0')))
-   f:close()
-   assert(os.rename(DIR .. "/config.json.tmp", DIR .. "/config.json"))
+   B.write_config_last(DIR, (cjson.encode(CONFIG):gsub('"swiglu_limit":7', '"swiglu_limit":7.0')))
 end
 
-if arg[1] == "--run" then
-   return B.load_and_generate(function() return ml.models.from_pretrained(DIR) end, PROMPT, NEW, threads)
-end
-
-write_checkpoint()
-B.load_generate_versus_peer("bench/gpt_oss_mxfp4.lua",
-   string.format("bench/gpt_oss_mxfp4_peer.py --dir %s --prompt %d --new %d --threads %d", DIR, PROMPT, NEW, threads),
-   { bench = "gpt_oss_mxfp4", prompt = PROMPT, new_tokens = NEW, threads = threads })
+B.load_generate_main("gpt_oss_mxfp4", DIR, PROMPT, NEW, threads, write_checkpoint)

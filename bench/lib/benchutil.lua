@@ -244,6 +244,32 @@ function M.load_generate_versus_peer(script, peer_args, fields)
    return result
 end
 
+--- A load-and-generate benchmark of the folder dir, both halves: run as `bench/<name>.lua --run`
+-- it is the moonload process; else it writes the folder (write(), when dir/config.json is not
+-- there yet) and compares that process with bench/<name>_peer.py.
+function M.load_generate_main(name, dir, prompt, new, threads, write)
+   if arg[1] == "--run" then
+      return M.load_and_generate(function() return require("moonload").models.from_pretrained(dir) end, prompt, new,
+         threads)
+   end
+   if not io.open(dir .. "/config.json") then
+      os.execute("mkdir -p " .. dir)
+      write()
+   end
+   return M.load_generate_versus_peer("bench/" .. name .. ".lua",
+      string.format("bench/%s_peer.py --dir %s --prompt %d --new %d --threads %d", name, dir, prompt, new, threads),
+      { bench = name, prompt = prompt, new_tokens = new, threads = threads })
+end
+
+--- Writes a benchmark folder's config.json last, through a temporary name: its presence says
+-- the folder is whole.
+function M.write_config_last(dir, text)
+   local f = assert(io.open(dir .. "/config.json.tmp", "w"))
+   f:write(text)
+   f:close()
+   assert(os.rename(dir .. "/config.json.tmp", dir .. "/config.json"))
+end
+
 --- Makes sure the demo's GPT-2-small-shaped checkpoint exists (`examples/demo.lua --write-only`,
 -- run with $LUAJIT); returns its folder and the path of its model.safetensors.index.json.
 function M.demo_checkpoint()

@@ -53,6 +53,30 @@ local function gpt2_match(cps, i, n)
    return i + 1
 end
 
+-- The alternatives Llama 3's, Qwen2's and o200k's patterns end with, at i (no word matched there):
+-- \p{N}{1,max_digits}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+. (o200k's
+-- [\r\n/]* after punctuation is the same: the run before it has taken every slash.)
+local function digits_punct_space(cps, i, n, max_digits)
+   local c = cps[i]
+   if is_N(c) then
+      local j = i
+      while j <= n and j - i < max_digits and is_N(cps[j]) do j = j + 1 end
+      return j
+   end
+   local s = c == 32 and i + 1 or i
+   if s <= n and is_other(cps[s]) then
+      return run(cps, run(cps, s, n, is_other), n, is_newline)
+   end
+   if is_space(c) then
+      local j = run(cps, i, n, is_space)
+      for k = j - 1, i, -1 do              -- \s*[\r\n]+: through the run's last newline
+         if is_newline(cps[k]) then return k + 1 end
+      end
+      return trailing_space(cps, i, n)
+   end
+   return i + 1
+end
+
 -- Llama 3 (max_digits 3) and Qwen2 (1):
 -- (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,k}| ?[^\s\p{L}\p{N}]+[\r\n]*
 -- |\s*[\r\n]+|\s+(?!\S)|\s+
@@ -63,23 +87,7 @@ local function llama3_matcher(max_digits)
       local c = cps[i]
       if is_L(c) then return run(cps, i, n, is_L) end
       if not is_newline(c) and not is_N(c) and i < n and is_L(cps[i + 1]) then return run(cps, i + 1, n, is_L) end
-      if is_N(c) then
-         local j = i
-         while j <= n and j - i < max_digits and is_N(cps[j]) do j = j + 1 end
-         return j
-      end
-      local s = c == 32 and i + 1 or i
-      if s <= n and is_other(cps[s]) then
-         return run(cps, run(cps, s, n, is_other), n, is_newline)
-      end
-      if is_space(c) then
-         local j = run(cps, i, n, is_space)
-         for k = j - 1, i, -1 do              -- \s*[\r\n]+: through the run's last newline
-            if is_newline(cps[k]) then return k + 1 end
-         end
-         return trailing_space(cps, i, n)
-      end
-      return i + 1
+      return digits_punct_space(cps, i, n, max_digits)
    end
 end
 
@@ -123,24 +131,7 @@ local function o200k_match(cps, i, n)
       local e = match_seq(seq, 1, cps, i, n)
       if e and e > i then return e end
    end
-   local c = cps[i]
-   if is_N(c) then
-      local j = i
-      while j <= n and j - i < 3 and is_N(cps[j]) do j = j + 1 end
-      return j
-   end
-   local s = c == 32 and i + 1 or i
-   if s <= n and is_other(cps[s]) then                 -- ?[^\s\p{L}\p{N}]+[\r\n/]*
-      return run(cps, run(cps, s, n, is_other), n, function(cp) return is_newline(cp) or cp == 47 end)
-   end
-   if is_space(c) then
-      local j = run(cps, i, n, is_space)
-      for k = j - 1, i, -1 do                         -- \s*[\r\n]+: through the run's last newline
-         if is_newline(cps[k]) then return k + 1 end
-      end
-      return trailing_space(cps, i, n)
-   end
-   return i + 1
+   return digits_punct_space(cps, i, n, 3)
 end
 
 local GPT2 = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
