@@ -114,9 +114,10 @@ ml_status ml_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *scale_in
    floats first writes and reads it again at 2-4 bytes a value, where the float8 bytes are one.
    Here each row of W goes through registers: 16 bytes become 16 floats (float8 -> float16 bits
    by shifts, then F16C), multiplied into up to FP8_GROUP input rows, a tile of block_i values at
-   a time, each tile's sum scaled once. Output columns are spread over the threads. More rows
-   than FP8_MAX_ROWS (a prompt) expand the weight and go through the GEMM. */
-enum { FP8_GROUP = 4, FP8_MAX_ROWS = 16, FP8_COLS = 32 };
+   a time, each tile's sum scaled once. Output columns are spread over the threads
+   (cpu/few_rows.c). More rows than FP8_MAX_ROWS (a prompt) expand the weight and go through the
+   GEMM. */
+enum { FP8_GROUP = 4, FP8_MAX_ROWS = ML_FEW_ROWS };
 
 typedef struct {
   int64_t M, N, K, block_o, block_i;
@@ -126,9 +127,6 @@ typedef struct {
   ml_dtype wdt;
   const float *scale;          /* tile (n / block_o, k / block_i) at scale + .. * s_row + .. * s_col */
   int64_t s_row, s_col;
-  const float *bias;           /* N float32, or NULL */
-  uint8_t *out;                /* M x N of odt */
-  ml_dtype odt;
   const float *lut;
 } fp8_linear_job;
 
@@ -203,56 +201,18 @@ static void fp8_row_dots_avx512(const fp8_linear_job *j, const float *x0, int64_
 
 #endif
 
-static void fp8_linear_columns(void *ctx, int64_t begin, int64_t end) {
+/* dots[m] for every row m of x against the weight's row n (ml_few_rows_run's callback). */
+static void fp8_column_dots(const void *ctx, int64_t n, float *dots) {
   const fp8_linear_job *j = ctx;
-  float acc[FP8_MAX_ROWS][FP8_COLS], dots[FP8_MAX_ROWS];
-  size_t oe = ml_dtype_size(j->odt);
-  for (int64_t blk = begin; blk < end; blk++) {
-    int64_t n0 = blk * FP8_COLS, w = j->N - n0 < FP8_COLS ? j->N - n0 : FP8_COLS;
-    for (int64_t i = 0; i < w; i++) {
-      int64_t n = n0 + i;
-      const uint8_t *wr = j->w + n * j->w_row;
-      const float *srow = j->scale + (n / j->block_o) * j->s_row;
-      for (int64_t m0 = 0; m0 < j->M; m0 += FP8_GROUP) {
-        int64_t G = j->M - m0 < FP8_GROUP ? j->M - m0 : FP8_GROUP;
+  const uint8_t *wr = j->w + n * j->w_row;
+  const float *srow = j->scale + (n / j->block_o) * j->s_row;
+  for (int64_t m0 = 0; m0 < j->M; m0 += FP8_GROUP) {
+    int64_t G = j->M - m0 < FP8_GROUP ? j->M - m0 : FP8_GROUP;
 #if ML_FP8_SIMD
-        if (ml_avx512()) { fp8_row_dots_avx512(j, j->x + m0 * j->K, G, wr, srow, dots + m0); continue; }
+    if (ml_avx512()) { fp8_row_dots_avx512(j, j->x + m0 * j->K, G, wr, srow, dots + m0); continue; }
 #endif
-        fp8_row_dots(j, j->x + m0 * j->K, G, wr, srow, dots + m0);
-      }
-      float add = j->bias ? j->bias[n] : 0.0f;
-      for (int64_t m = 0; m < j->M; m++) acc[m][i] = dots[m] + add;
-    }
-    for (int64_t m = 0; m < j->M; m++)
-      ml_convert(acc[m], ML_FLOAT32, j->out + (m * j->N + n0) * (int64_t)oe, j->odt, w);
+    fp8_row_dots(j, j->x + m0 * j->K, G, wr, srow, dots + m0);
   }
-}
-
-ml_status ml_few_rows_operands(const char *fn, const ml_tensor *x, const ml_tensor *b, int64_t M, int64_t K, int64_t N,
-                               float **xf, float **bf, ml_tensor **out) {
-  int64_t oshape[ML_MAX_DIMS];
-  memcpy(oshape, x->shape, sizeof oshape);
-  oshape[x->ndim - 1] = N;
-  float *buf = malloc((size_t)(M * K + (b ? N : 0)) * sizeof(float));
-  if (!buf) return ml_fail(ML_ENOMEM, "%s: out of memory for %lld input values", fn, (long long)(M * K));
-  ml_tensor *xc = NULL, *o = NULL;
-  ml_status st = ml_tensor_contiguous(x, &xc);
-  if (!st) st = ml_tensor_empty(x->dtype, x->ndim, oshape, x->storage->device, &o);
-  if (st) {
-    free(buf);
-    if (xc) ml_tensor_release(xc);
-    return st;
-  }
-  ml_convert(ml_tensor_data(xc), x->dtype, buf, ML_FLOAT32, M * K);
-  ml_tensor_release(xc);
-  *bf = NULL;
-  if (b) {
-    *bf = buf + M * K;
-    for (int64_t n = 0; n < N; n++) (*bf)[n] = (float)ml_load_f64(ml_tensor_data(b), b->dtype, n * b->strides[0]);
-  }
-  *xf = buf;
-  *out = o;
-  return ML_OK;
 }
 
 ml_status ml_fp8_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
@@ -294,9 +254,9 @@ ml_status ml_fp8_linear(const ml_tensor *x, const ml_tensor *w, const ml_tensor 
   ml_tensor *o;
   ML_TRY(ml_few_rows_operands("fp8_linear", x, b, M, K, N, &xf, &bf, &o));
   fp8_linear_job j = {M, N, K, block_o, block_i, xf, ml_tensor_data(w), w->strides[0], w->dtype,
-                      ml_tensor_data(scale_inv), scale_inv->strides[0], scale_inv->strides[1], bf,
-                      ml_tensor_data(o), x->dtype, ml_fp8_table(w->dtype)};
-  ml_parallel_for((N + FP8_COLS - 1) / FP8_COLS, FP8_COLS * K * M, fp8_linear_columns, &j);
+                      ml_tensor_data(scale_inv), scale_inv->strides[0], scale_inv->strides[1],
+                      ml_fp8_table(w->dtype)};
+  ml_few_rows_run(&(ml_few_rows_job){M, N, bf, ml_tensor_data(o), x->dtype, fp8_column_dots, &j}, K * M);
   free(xf);
   *out = o;
   return ML_OK;

@@ -53,11 +53,25 @@ static inline uint8_t *ml_byte_at(const void *base, ml_dtype dt, int64_t off) {
   return (uint8_t *)base + off * (int64_t)ml_dtype_size(dt);
 }
 
-/* The operands of a direct product of a few rows by a packed weight (fp8_linear, mxfp4_linear):
-   x (..., K) as M x K float32 rows in *xf, then the bias (N values, when b) at *bf, in one buffer
-   to free(), and the output (..., N) of x's dtype in *out. fn names the op in the messages. */
+/* Direct products of a few rows by a packed weight (cpu/few_rows.c; fp8_linear, mxfp4_linear):
+   at most ML_FEW_ROWS rows, read from the packed bytes; more rows expand the weight for a GEMM. */
+enum { ML_FEW_ROWS = 16 };
+/* The operands: x (..., K) as M x K float32 rows in *xf, then the bias (N values, when b) at *bf,
+   in one buffer to free(), and the output (..., N) of x's dtype in *out. fn names the op. */
 ml_status ml_few_rows_operands(const char *fn, const ml_tensor *x, const ml_tensor *b, int64_t M, int64_t K, int64_t N,
                                float **xf, float **bf, ml_tensor **out);
+/* out (M, N) of odt = dots + bias: column_dots(ctx, n, dots) fills dots[0..M) for the weight's row
+   n; columns go in blocks of 32 over the threads, each block converted to odt once. cost: the
+   work of one column. */
+typedef struct {
+  int64_t M, N;
+  const float *bias;           /* N float32, or NULL */
+  void *out;
+  ml_dtype odt;
+  void (*column_dots)(const void *ctx, int64_t n, float *dots);
+  const void *ctx;
+} ml_few_rows_job;
+void ml_few_rows_run(const ml_few_rows_job *j, int64_t cost);
 
 /* Whether the AVX-512 variants of the direct few-row kernels run (fp8_linear, mxfp4_linear, int8
    weights): the CPU has AVX-512F and BW, and MOONLOAD_NO_AVX512 is not 1 (which runs the AVX2

@@ -177,9 +177,9 @@ ml_status ml_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, 
    hold half of one. Each group's 16 bytes become 32 floats in registers (nibbles split and put
    in element order, then one byte shuffle through twice the e2m1 values as int8, widened to
    floats), multiplied into up to MX_GROUP input rows; each group's sum is scaled once, by
-   2^(scale - 128). Output columns are spread over the threads. More rows than MX_MAX_ROWS (a
-   prompt) expand the weight and go through the GEMM. */
-enum { MX_GROUP = 4, MX_MAX_ROWS = 16, MX_COLS = 32 };
+   2^(scale - 128). Output columns are spread over the threads (cpu/few_rows.c). More rows than
+   MX_MAX_ROWS (a prompt) expand the weight and go through the GEMM. */
+enum { MX_GROUP = 4, MX_MAX_ROWS = ML_FEW_ROWS };
 
 typedef struct {
   int64_t M, N, K, G;
@@ -188,9 +188,6 @@ typedef struct {
   int64_t b_row, b_grp;
   const uint8_t *s;            /* at s + n * s_row + g * s_grp */
   int64_t s_row, s_grp;
-  const float *bias;           /* N float32, or NULL */
-  uint8_t *out;                /* M x N of odt */
-  ml_dtype odt;
   bool ggml_order;
 } mx_linear_job;
 
@@ -240,23 +237,12 @@ static void mx_row_dots(const mx_linear_job *j, const float *x0, int64_t R, cons
 #endif
 }
 
-static void mx_linear_columns(void *ctx, int64_t begin, int64_t end) {
+/* dots[m] for every row m of x against the weight's row n (ml_few_rows_run's callback). */
+static void mx_column_dots(const void *ctx, int64_t n, float *dots) {
   const mx_linear_job *j = ctx;
-  float acc[MX_MAX_ROWS][MX_COLS], dots[MX_MAX_ROWS];
-  size_t oe = ml_dtype_size(j->odt);
-  for (int64_t blk = begin; blk < end; blk++) {
-    int64_t n0 = blk * MX_COLS, w = j->N - n0 < MX_COLS ? j->N - n0 : MX_COLS;
-    for (int64_t i = 0; i < w; i++) {
-      int64_t n = n0 + i;
-      for (int64_t m0 = 0; m0 < j->M; m0 += MX_GROUP) {
-        int64_t R = j->M - m0 < MX_GROUP ? j->M - m0 : MX_GROUP;
-        mx_row_dots(j, j->x + m0 * j->K, R, j->b + n * j->b_row, j->s + n * j->s_row, dots + m0);
-      }
-      float add = j->bias ? j->bias[n] : 0.0f;
-      for (int64_t m = 0; m < j->M; m++) acc[m][i] = dots[m] + add;
-    }
-    for (int64_t m = 0; m < j->M; m++)
-      ml_convert(acc[m], ML_FLOAT32, j->out + (m * j->N + n0) * (int64_t)oe, j->odt, w);
+  for (int64_t m0 = 0; m0 < j->M; m0 += MX_GROUP) {
+    int64_t R = j->M - m0 < MX_GROUP ? j->M - m0 : MX_GROUP;
+    mx_row_dots(j, j->x + m0 * j->K, R, j->b + n * j->b_row, j->s + n * j->s_row, dots + m0);
   }
 }
 
@@ -302,9 +288,8 @@ ml_status ml_mxfp4_linear(const ml_tensor *x, const ml_tensor *blocks, const ml_
   ml_tensor *o;
   ML_TRY(ml_few_rows_operands("mxfp4_linear", x, b, M, K, N, &xf, &bf, &o));
   mx_linear_job j = {M, N, K, G, xf, ml_tensor_data(blocks), blocks->strides[0], blocks->strides[1],
-                     ml_tensor_data(scales), scales->strides[0], scales->strides[1], bf, ml_tensor_data(o), x->dtype,
-                     ggml_order};
-  ml_parallel_for((N + MX_COLS - 1) / MX_COLS, MX_COLS * K * M, mx_linear_columns, &j);
+                     ml_tensor_data(scales), scales->strides[0], scales->strides[1], ggml_order};
+  ml_few_rows_run(&(ml_few_rows_job){M, N, bf, ml_tensor_data(o), x->dtype, mx_column_dots, &j}, K * M);
   free(xf);
   *out = o;
   return ML_OK;
