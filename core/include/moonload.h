@@ -310,6 +310,17 @@ ML_API ml_status ml_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_ten
 /* Rotary position embedding, rotate-half form (transformers' Llama): x * cos + rotate_half(x) * sin
    with rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]); cos and sin broadcast to x's shape. */
 ML_API ml_status ml_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, const ml_tensor *sin, ml_tensor **out);
+/* The gated delta rule (Qwen3-Next's linear attention; cpu/delta_rule.c, cuda/delta_rule.cu), as
+   transformers' torch_recurrent_gated_delta_rule with use_qk_l2norm_in_kernel. q, k (B, T, Hk, Dk),
+   v (B, T, Hv, Dv), g, beta (B, T, Hv), each float32, bfloat16 or float16; value head h reads key
+   head h / (Hv / Hk). state (B, Hv, Dk, Dv) float32 contiguous holds the initial state and is
+   overwritten with the final one; out (B, T, Hv, Dv), float32, bfloat16 or float16, is written.
+   Per token, in float32: q and k L2-normalized (x * rsqrt(sum x^2 + 1e-6)), q times Dk^-0.5;
+   S *= exp(g_t); delta = (v_t - k S) * beta_t; S += k^T delta; out_t = q S. Any strides but a
+   unit-stride last dim for q, k, v and out; g and beta any strides. Caller-allocated out (no
+   fresh output): the state is updated in place anyway. */
+ML_API ml_status ml_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *g,
+                                     const ml_tensor *beta, ml_tensor *state, ml_tensor *out);
 ML_API ml_status ml_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
 ML_API ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value, ml_tensor **out);
 /* Lower (upper=false) or upper triangle of the last two dims, diagonal offset k. */

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define ML_CUDA_API_VERSION 15
+#define ML_CUDA_API_VERSION 16
 #define ML_CUDA_Q8_ATTN_MAX_E 512
 
 typedef struct ml_cuda_api {
@@ -97,6 +97,10 @@ typedef struct ml_cuda_api {
                                      int64_t block_i, ml_tensor *out);
   /* out (..., O, G * 32) = MXFP4 blocks (..., O, G, 16) uint8 times 2^(scales - 127) (ml_dequantize_mxfp4) */
   ml_status (*dequantize_mxfp4)(const ml_tensor *blocks, const ml_tensor *scales, bool ggml_order, ml_tensor *out);
+  /* The gated delta rule (ml_gated_delta_rule), checked: state (B, Hv, Dk, Dv) float32 contiguous
+     updated in place; q, k, v and out with a unit-stride last dim, out written where it lies. */
+  ml_status (*gated_delta_rule)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *g,
+                                const ml_tensor *beta, ml_tensor *state, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

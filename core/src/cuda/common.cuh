@@ -272,6 +272,8 @@ ml_status ml_cuda_dequantize_q4(const ml_tensor *q, const ml_tensor *scales, ml_
 ml_status ml_cuda_dequantize_fp8_blocks(const ml_tensor *w, const ml_tensor *scale_inv, int64_t block_o,
                                         int64_t block_i, ml_tensor *out);
 ml_status ml_cuda_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *scales, bool ggml_order, ml_tensor *out);
+ml_status ml_cuda_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *g,
+                                   const ml_tensor *beta, ml_tensor *state, ml_tensor *out);
 ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
                           const ml_tensor *v_scales, const ml_tensor *mask, const ml_tensor *sinks, bool is_causal,
                           double scale, ml_tensor *out);

@@ -14,6 +14,7 @@
 --    F.layer_norm(x, normalized_shape[, w, b, eps = 1e-5])
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
 --    F.scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale}])
+--    F.gated_delta_rule(q, k, v, g, beta[, state]) -> out, state   Qwen3-Next's linear attention
 --    F.softmax(x, dim) F.log_softmax(x, dim) F.gelu(x[, approximate]) F.silu F.relu F.tanh
 --    F.sigmoid F.dropout(x[, p = 0.5[, training = false]]) F.normalize(x[, p = 2[, dim = 2[, eps]]])
 local C = require("moonload.C")
@@ -284,6 +285,41 @@ function F.rotary_embedding(x, cos, sin)
    need_tensor("rotary_embedding", "sin", sin)
    check(lib.ml_rotary_embedding(x._c, cos._c, sin._c, out))
    return wrap(out[0])
+end
+
+-- t itself when its last dim is unit-stride (or of size 1), else a contiguous copy.
+local function unit_last(t)
+   local n = t:dim()
+   if n == 0 or t:size(n) <= 1 or t:stride(n) == 1 then return t end
+   return t:contiguous()
+end
+
+--- gated_delta_rule(q, k, v, g, beta[, state]) -> out, state: the gated delta rule, the linear
+-- attention of Qwen3-Next (transformers' torch_recurrent_gated_delta_rule with
+-- use_qk_l2norm_in_kernel). q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), g (log decay) and beta
+-- (B, T, Hv), float32, bfloat16 or float16, computed in float32; value head h reads key head
+-- h / (Hv / Hk). state (B, Hv, Dk, Dv) float32 contiguous is the initial state and is updated in
+-- place to the final one (nil: zeros, a new tensor on q's device). out (B, T, Hv, Dv) is a new
+-- tensor of v's dtype. Views (q, k, v narrowed from one tensor) are read where they lie; a q, k
+-- or v whose last dim is not unit-stride is copied contiguous first.
+function F.gated_delta_rule(q, k, v, g, beta, state)
+   local fn = "gated_delta_rule"
+   need_tensor(fn, "q", q)
+   need_tensor(fn, "k", k)
+   need_tensor(fn, "v", v)
+   need_tensor(fn, "g", g)
+   need_tensor(fn, "beta", beta)
+   if state ~= nil then need_tensor(fn, "state", state) end
+   q, k, v = unit_last(q), unit_last(k), unit_last(v)     -- (g and beta are read at any strides)
+   -- badly shaped q or v: the C checks name them, over placeholders for what cannot be shaped
+   local shaped = q:dim() == 4 and v:dim() == 4
+   local qs, vs = q.shape, v.shape
+   if state == nil then
+      state = Tensor.zeros(shaped and { qs[1], vs[3], qs[4], vs[4] } or { 0 }, { device = q.device })
+   end
+   local o = Tensor.empty(shaped and vs or { 0 }, { dtype = v.dtype, device = q.device })
+   check(lib.ml_gated_delta_rule(q._c, k._c, v._c, g._c, beta._c, state._c, o._c))
+   return o, state
 end
 
 function F.softmax(x, dim) need_tensor("softmax", "input", x); return x:softmax(dim) end
