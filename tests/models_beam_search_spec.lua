@@ -27,7 +27,7 @@ local function assert_scores(want, got)
 end
 
 describe("generate with num_beams", function()
-   for _, name in ipairs({ "gpt2_tiny", "llama_tiny_untied", "phi3_tiny_longrope" }) do
+   for _, name in ipairs({ "gpt2_tiny", "llama_tiny_untied", "phi3_tiny_longrope", "qwen3_next_tiny" }) do
       it("gives transformers' sequences and scores (" .. name .. ")", function()
          local model = ml.models.from_pretrained(H.FIX .. "/" .. name)
          local fx = H.read_json(H.FIX .. "/" .. name .. "/beams.json")

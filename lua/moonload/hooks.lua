@@ -393,8 +393,9 @@ end
 -- streams (llama.cpp's policy). 0, the default, always streams, as Accelerate does. Only hooks
 -- on the module that holds the weights (not place_submodules ones) take this path. An embedding's
 -- token ids (batch, sequence) count batch rows, so a lookup, which reads only a few rows of its
--- table, runs in place for a prompt too. Also MOONLOAD_COMPUTE_IN_PLACE_BELOW. Returns the
--- previous setting.
+-- table, runs in place for a prompt too. A hooked module called inside one running in place
+-- runs in place too (its weights in host memory), whatever its rows. Also
+-- MOONLOAD_COMPUTE_IN_PLACE_BELOW. Returns the previous setting.
 local in_place_below = tonumber(os.getenv("MOONLOAD_COMPUTE_IN_PLACE_BELOW") or "") or 0
 local in_place_forwards = 0
 local in_place_owner = nil    -- the innermost hooked module running on the CPU in place now
@@ -607,8 +608,12 @@ function AlignDevicesHook:_runs_in_place(...)
    if in_place_below <= 0 or self.place_submodules or #self.slots == 0 then return false end
    local dev = self.execution_device
    if type(dev) ~= "string" or dev:sub(1, 5) ~= "cuda:" then return false end
+   -- (inside a module already running in place its hooked parts follow it, whatever their rows:
+   -- Qwen3-Next's conv sees a decoding step's token with the taps before it)
    local x = ...
-   if not Tensor.is_tensor(x) or x:dim() == 0 or x:numel() / x:size(-1) >= in_place_below then return false end
+   if in_place_owner == nil and (not Tensor.is_tensor(x) or x:dim() == 0 or x:numel() / x:size(-1) >= in_place_below) then
+      return false
+   end
    if self._host_resident == nil then
       local all = true
       for _, s in ipairs(self.slots) do

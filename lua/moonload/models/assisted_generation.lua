@@ -52,6 +52,10 @@ function M.check(model, opts, B)
       if m.recompute_cache_at and m:recompute_cache_at() then
          error(string.format("%s: %s does not support LongRoPE models (their cache is rebuilt mid-generation)", WHO, what), 4)
       end
+      if m.stateful then      -- (a recurrent state has no earlier length to crop back to)
+         error(string.format("%s: %s does not support %s: its linear-attention layers keep a recurrent state, which cannot drop the tokens the model rejects",
+            WHO, what, m.__name), 4)
+      end
    end
 end
 

@@ -16,6 +16,11 @@
 -- bytes a value where bfloat16 takes 2 and float32 4); update hands out int8 views carrying their
 -- scales, and attention reads the int8 bytes (ml_sdpa_q8) for a few query rows (decoding), or
 -- dequantizes one layer's keys and values into floats for a longer input (Cache.floats).
+--
+-- A layer without keys and values (Qwen3-Next's linear attention) keeps a state of fixed size
+-- instead (layer_state): named tensors, a row per sequence, that the layer updates in place
+-- each forward. Such a state cannot go back to an earlier length (can_crop says no), but
+-- reorders with the rows.
 local T = require("moonload.tensor")
 
 local Cache = {}
@@ -34,7 +39,7 @@ function Cache.new(n_layers, capacity, device, dtype)
    end
    -- start[i]: the position of the key in slot 1 of layer i's buffers; ks, vs: int8 scales
    return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, device = device, dtype = dtype,
-      k = {}, v = {}, ks = {}, vs = {}, start = {}, window = {} }, Cache)
+      k = {}, v = {}, ks = {}, vs = {}, start = {}, window = {}, states = {} }, Cache)
 end
 
 --- The values per scale of an int8 cache for head dim D: the largest width up to 32 dividing D.
@@ -146,6 +151,17 @@ function Cache.floats(t, dtype)
    return require("moonload.nn.functional").dequantize_q8(t, scales, dtype)
 end
 
+--- layer_state(i, rows, make) -> layer i's state: a table of tensors whose first dim is the row
+-- (sequence), made by make(rows) on the layer's first forward, which the layer updates in place.
+function Cache:layer_state(i, rows, make)
+   local st = self.states[i]
+   if st == nil then
+      st = make(rows)
+      self.states[i] = st
+   end
+   return st
+end
+
 -- A view of the cache for one block of a block schedule (models/block_schedule.lua): a layer's
 -- attention sees `length` (the tokens before the block) and update, as with the whole cache.
 local Block = {}
@@ -153,6 +169,14 @@ Block.__index = Block
 
 function Block:update(i, k, v, window)
    return self.cache:update(i, k, v, window, self)
+end
+
+--- The block's rows of layer i's state (the whole batch's is made on first use).
+function Block:layer_state(i, rows, make)
+   local st = self.cache:layer_state(i, self.batch, make)
+   local view = {}
+   for name, t in pairs(st) do view[name] = t:narrow(1, self.first_row, rows) end
+   return view
 end
 
 --- block(first_row, batch, offset) -> the cache as seen by rows first_row.. (1-based) of a batch
@@ -165,22 +189,30 @@ end
 --- Frees layer i's buffers (a forward's own cache, once the layer is done).
 function Cache:drop_layer(i)
    self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i], self.window[i] = nil, nil, nil, nil, nil, nil
+   self.states[i] = nil
 end
 
---- Bytes the cache's buffers hold now (keys, values and int8 scales, every layer).
+--- Bytes the cache's buffers hold now (keys, values and int8 scales, every layer; the layers'
+-- states).
 function Cache:nbytes()
    local n = 0
    for _, list in ipairs({ self.k, self.v, self.ks, self.vs }) do
       for _, b in pairs(list) do n = n + b:nbytes() end
+   end
+   for _, st in pairs(self.states) do
+      for _, t in pairs(st) do n = n + t:nbytes() end
    end
    return n
 end
 
 --- can_crop(n) -> whether crop(n) can keep every key the tokens from n on may see: a
 -- sliding-window layer lets go of keys older than its window, so it can go back only to a
--- length whose window it still holds.
+-- length whose window it still holds; a layer's state (linear attention) cannot go back at all.
 function Cache:can_crop(n)
    if type(n) ~= "number" or n ~= math.floor(n) or n < 0 or n > self.length then return false end
+   if n < self.length then
+      for i in pairs(self.states) do return false, i end
+   end
    for i, start in pairs(self.start) do
       local window = self.window[i]
       if start > 0 and window and start > math.max(0, n - window + 1) then return false, i end
@@ -195,6 +227,10 @@ function Cache:crop(n)
       error(string.format("KVCache: crop to %s tokens, expected an integer in 0..%d (the length)", tostring(n), self.length), 2)
    end
    local ok, layer = self:can_crop(n)
+   if not ok and self.states[layer] then
+      error(string.format("KVCache: layer %d keeps a recurrent state (linear attention) that has seen all %d tokens: cannot crop it back to %d",
+         layer, self.length, n), 2)
+   end
    if not ok then
       error(string.format("KVCache: layer %d no longer holds the keys of its window before position %d: cannot crop it back to %d tokens",
          layer, self.start[layer], n), 2)
@@ -230,6 +266,11 @@ function Cache:reorder(rows)
             local sources = live:index_select(1, on(moved_from, b.device))
             for k, dst in ipairs(moved_to) do live:narrow(1, dst + 1, 1):copy_(sources:narrow(1, k, 1)) end
          end
+      end
+   end
+   for _, st in pairs(self.states) do
+      for name, t in pairs(st) do
+         if #rows ~= t:size(1) or #moved_to > 0 then st[name] = t:index_select(1, on(rows, t.device)) end
       end
    end
 end

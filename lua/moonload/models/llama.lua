@@ -34,6 +34,7 @@ local FAMILIES = {
    deepseek_v2 = { who = "models.deepseek_v2", prefix = "DeepseekV2" },                        -- models/deepseek.lua
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
+   qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
    gpt_oss = { who = "models.gpt_oss", prefix = "GptOss",                                       -- models/gpt_oss.lua
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
@@ -231,6 +232,9 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.qk_norm = cfg.use_qk_norm == true
+   elseif family == "qwen3_next" then        -- its layer types (linear or full attention): models/qwen3_next.lua
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "gpt_oss" then           -- biased projections; sliding and full layers alternate
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       cfg.use_sliding_window = cfg.sliding_window ~= nil
@@ -450,7 +454,8 @@ end
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
 LlamaAttention.out_name = "o_proj"                 -- the output projection's attribute (Phi: dense)
 
---- q (B, T, H, D), k and v (B, T, Hkv, D) from x (B, T, hidden).
+--- q (B, T, H, D), k and v (B, T, Hkv, D) from x (B, T, hidden); a fourth result (B, T, H * D),
+-- when a family returns one, gates the attention's output through a sigmoid (Qwen3-Next).
 function LlamaAttention:project(x, B, L)
    local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
    return self.q_proj(x):view(B, L, H, D), self.k_proj(x):view(B, L, Hkv, D), self.v_proj(x):view(B, L, Hkv, D)
@@ -459,7 +464,7 @@ end
 function LlamaAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, D = self.n_head, self.head_dim
-   local q, k, v = self:project(x, B, L)
+   local q, k, v, gate = self:project(x, B, L)
    if self.q_norm and not self.qk_norm_in_project then q, k = self.q_norm(q), self.k_norm(k) end
    q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
    q = apply_rotary(q, cos, sin)
@@ -476,6 +481,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    local y = self:attend(qa, k, v, past, pa)                       -- (B, H, T, D)
    if back then y = y:to(back) end
    y = y:transpose(2, 3):reshape(B, L, H * D)
+   if gate then y = y * gate:sigmoid() end
    return self[self.out_name](y)
 end
 

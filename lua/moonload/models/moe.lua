@@ -30,7 +30,7 @@ function M.config(source, family)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (family == "mixtral" and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
-   if family == "qwen2_moe" then
+   if family == "qwen2_moe" or family == "qwen3_next" then
       cfg.shared_expert_intermediate_size = int(cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size", 1)
    end
    if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then
@@ -145,11 +145,13 @@ M.Qwen2MoeSparseMoeBlock = Qwen2MoeSparseMoeBlock
 function Qwen2MoeSparseMoeBlock:__init(cfg)
    nn.Module.__init(self)
    self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
-   self.experts = experts_of(cfg, Qwen2MoeMLP)
-   self.shared_expert = Qwen2MoeMLP(cfg, cfg.shared_expert_intermediate_size)
+   self.experts = experts_of(cfg, self.Expert)
+   self.shared_expert = self.Expert(cfg, cfg.shared_expert_intermediate_size)
    self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, { bias = false })
    self:routing(cfg)
 end
+
+Qwen2MoeSparseMoeBlock.Expert = Qwen2MoeMLP      -- (Qwen3-Next's block: its own class name)
 
 --- The routed experts' sum plus the shared expert, scaled per token by sigmoid(shared_expert_gate).
 function Qwen2MoeSparseMoeBlock:forward(x)

@@ -91,14 +91,15 @@ local function mlp_width(m, skip)
    return widest
 end
 
--- The decoder layers that cache keys and values: {name, layer, attention} in module order.
+-- The decoder layers that cache keys and values, or keep a state of fixed size instead (linear
+-- attention: a module with state_bytes): {name, layer, attention} in module order.
 local function attention_layers(model)
    local found, parent_of = {}, {}
    for name, m in model:named_modules() do
       for cname, child in m:named_children() do
          parent_of[child] = { name == "" and cname or (name .. "." .. cname), m, name }
       end
-      if type(m.kv_cache_heads) == "function" then
+      if type(m.kv_cache_heads) == "function" or type(m.state_bytes) == "function" then
          local p = parent_of[m]
          found[#found + 1] = { name = name, layer = p and p[2] or m, attention = m }
       end
@@ -116,14 +117,17 @@ end
 -- the first forward (a sliding-window layer keeps at most that + 2 windows: models/kv_cache.lua).
 -- An encoder-decoder's attention says its cache_role: "self" (the default: a decoder's cache),
 -- "cross" (the keys and values of the encoder's prompt_length states, kept for the whole
--- generation, in the computing dtype) or "none" (an encoder's: nothing kept).
+-- generation, in the computing dtype) or "none" (an encoder's: nothing kept). A linear
+-- attention's entry is its state_bytes(batch_size, element size): the same for any length.
 function M.kv_cache_sizes(model, reserve_for)
    local r = M.check_reserve_for(reserve_for)
    local capacity = require("moonload.models.kv_cache").layer_capacity
    local out = {}
    for _, e in ipairs(attention_layers(model)) do
       local role = e.attention.cache_role or "self"
-      if role ~= "none" then
+      if e.attention.state_bytes then
+         out[e.name] = e.attention:state_bytes(r.batch_size, sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention)))
+      elseif role ~= "none" then
          local kv_heads, head_dim = e.attention:kv_cache_heads()
          local el = sizes.dtype_byte_size(r.dtype or first_param_dtype(e.attention))
          local tokens = r.prompt_length
@@ -140,15 +144,17 @@ end
 -- Bytes a layer holds at once for L queries over S keys in a batch of B (see activation_size);
 -- an int8 cache adds the keys and values it dequantizes for a long input's attention.
 local function layer_bytes(e, B, L, S, dtype, kv_dtype)
-   local kv_heads, head_dim, q_heads, forms_scores = e.attention:kv_cache_heads()
    local el = sizes.dtype_byte_size(dtype or first_param_dtype(e.attention))
    local H = 0
    for _, m in e.attention:named_modules() do
       local _, i = out_in(m)
       if i and i > H then H = i end
    end
-   local attn = q_heads * head_dim + 2 * kv_heads * head_dim
    local per_token = 4 * H + 4 * mlp_width(e.layer, e.attention)
+   -- a linear attention says what it forms per token (no scores, no masks over the keys)
+   if e.attention.state_bytes then return B * L * (per_token + e.attention:token_values()) * el, H end
+   local kv_heads, head_dim, q_heads, forms_scores = e.attention:kv_cache_heads()
+   local attn = q_heads * head_dim + 2 * kv_heads * head_dim
    -- an attention that forms more than q, k, v and its output says how much, per batch row
    -- (DeepSeek's latent attention: expanded keys and values, or the latents it attends over)
    local attn_values = e.attention.activation_values and e.attention:activation_values(L, S) or 2 * attn * L

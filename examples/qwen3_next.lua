@@ -1,0 +1,55 @@
+--- Qwen3-Next under a RAM budget: its routed experts on disk (read per token only for the ones
+-- the router picks), the rest planned into memory. Three of every four layers are linear
+-- attention, whose cache is a state of fixed size rather than keys and values per token; the
+-- example prints each layer's kind, the tokens as they come, and what the cache holds at the end
+-- beside what full attention in every layer would have held.
+--
+--    luajit examples/qwen3_next.lua [path/to/model] [cpu budget, e.g. 40GB]
+--
+-- Any Qwen3-Next folder works (Qwen3-Next-80B-A3B-Instruct: 160 GB in bfloat16, of which the
+-- experts are 154 GB). Without one it runs the test folder tests/fixtures/models/qwen3_next_tiny:
+-- a tiny random-weight Qwen3-Next, so its tokens are noise, but every step is the real one (and
+-- equals transformers', see tests/models_qwen3_next_spec.lua).
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local ml = require("moonload")
+
+local dir = arg[1] or "tests/fixtures/models/qwen3_next_tiny"
+local budget = arg[2] or "200MB"
+local folder = os.tmpname()
+os.remove(folder)
+
+local model = ml.models.from_pretrained(dir, {
+   dtype = "bfloat16", device_map = "auto", max_memory = { cpu = budget }, offload_folder = folder,
+   device_overrides = { ["%.mlp%.experts%.%d+$"] = "disk" },
+   reserve_for = { batch_size = 1, max_length = 64, prompt_length = 16 } })
+
+local sizes = ml.utils.compute_module_sizes(model)
+local by_place = {}
+for prefix, dev in pairs(model.hf_device_map) do
+   by_place[tostring(dev)] = (by_place[tostring(dev)] or 0) + sizes[prefix]
+end
+print(string.format("%s: %s, %.2f MB of weights in RAM, %.2f MB on disk", dir, model.__name,
+   (by_place.cpu or 0) / 2 ^ 20, (by_place.disk or 0) / 2 ^ 20))
+local kinds = {}
+for i, layer in ipairs(model.model.layers) do kinds[i] = layer.linear_attn and "linear" or "full" end
+print("layers: " .. table.concat(kinds, " "))
+
+local tokenizer_ok, tokenizer = pcall(ml.tokenizers.from_pretrained, dir)
+local prompt = tokenizer_ok and tokenizer:encode("The capital of France is") or { 1, 5, 17, 42, 3 }
+local out = model:generate(prompt, { max_new_tokens = 16, eos_token_id = false,
+   on_token = function(ids) io.write(tokenizer_ok and tokenizer:decode({ ids[1] }) or (ids[1] .. " ")); io.flush() end })
+print()
+
+-- the cache of one more forward over the whole sequence: states for the linear layers
+local cfg = model.config
+local cache = model:new_cache(#out)
+model({ out }, { cache = cache, logits_to_keep = 1 })
+local states, kv = 0, 0
+for i = 1, cfg.num_hidden_layers do
+   for _, t in pairs(cache.states[i] or {}) do states = states + t:nbytes() end
+   if cache.k[i] then kv = kv + cache.k[i]:nbytes() + cache.v[i]:nbytes() end
+end
+local per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2      -- bfloat16 keys and values
+print(string.format("%d tokens; cache: %.1f KB of linear-attention state + %.1f KB of keys and values (%.1f KB if all %d layers cached keys and values)",
+   cache.length, states / 1024, kv / 1024, per_token * cache.length * cfg.num_hidden_layers / 1024, cfg.num_hidden_layers))
+os.execute("rm -rf '" .. folder .. "'")

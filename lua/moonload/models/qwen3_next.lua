@@ -1,0 +1,291 @@
+--- Qwen3-Next (Qwen3NextForCausalLM, model_type "qwen3_next": Qwen3-Next-80B-A3B) with Hugging
+-- Face parameter names. A hybrid: of every full_attention_interval layers (4 on the hub), the
+-- last has gated attention and the others linear attention (layer_types says which), each
+-- followed by Qwen2-MoE's sparse block (routed experts plus a sigmoid-gated shared expert; a
+-- dense MLP in mlp_only_layers). Every RMSNorm but the output one scales by (1 + weight).
+--
+-- Gated attention: Llama's grouped-query attention whose q_proj gives each head its queries and,
+-- beside them, a gate: the attention's output is multiplied by sigmoid(gate) before o_proj;
+-- per-head q/k norms; rotary embeddings over partial_rotary_factor (0.25) of each head.
+--
+-- Linear attention (Gated DeltaNet, linear_attn.*): in_proj_qkvz gives per key head its q, k and
+-- the v, z of the value heads it serves; in_proj_ba the per-value-head b and a. q, k, v go through
+-- a depthwise causal convolution (conv1d, linear_conv_kernel_dim taps) and SiLU; then each value
+-- head keeps a (key dim x value dim) state S, decayed by exp(g) each token (g = -exp(A_log) x
+-- softplus(a + dt_bias)) and corrected towards v by the delta rule with rate beta = sigmoid(b),
+-- read by the L2-normalized query (F.gated_delta_rule, a C kernel). Its output goes through an
+-- RMSNorm gated by silu(z), then out_proj.
+--
+-- A generation's cache holds, for these layers, the last conv inputs and S instead of keys and
+-- values (models/kv_cache.lua's layer_state): a fixed 2 MB per layer and sequence on the hub's
+-- model, whatever the length. Such a state cannot be cropped back, so assisted generation is
+-- refused (as transformers refuses it for stateful models). The hub's checkpoints also carry a
+-- multi-token-prediction head (mtp.*), which loading leaves out.
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local F = require("moonload.nn.functional")
+local config = require("moonload.models.config")
+local llama = require("moonload.models.llama")
+local moe = require("moonload.models.moe")
+local gemma = require("moonload.models.gemma")
+
+local M = {}
+local WHO = "models.qwen3_next"
+
+local LAYER_TYPES = { linear_attention = true, full_attention = true }
+
+--- Reads and checks a Qwen3-Next config (path, folder or table): Qwen3-MoE's keys, layer_types
+-- (or full_attention_interval), and the linear attention's heads, head sizes and conv taps.
+function M.config(source)
+   local cfg = moe.config(source, "qwen3_next")
+   local function int(name, default, min) return config.integer(cfg, WHO, name, cfg[name] or default, min) end
+   llama.set_rotary_dim(cfg, WHO, cfg.rope.partial_rotary_factor or cfg.partial_rotary_factor or 0.25)
+   cfg.linear_num_key_heads = int("linear_num_key_heads", 16, 1)
+   cfg.linear_num_value_heads = int("linear_num_value_heads", 32, 1)
+   cfg.linear_key_head_dim = int("linear_key_head_dim", 128, 1)
+   cfg.linear_value_head_dim = int("linear_value_head_dim", 128, 1)
+   cfg.linear_conv_kernel_dim = int("linear_conv_kernel_dim", 4, 1)
+   if cfg.linear_num_value_heads % cfg.linear_num_key_heads ~= 0 then
+      config.fail(cfg, WHO, "linear_num_value_heads %d is not a multiple of linear_num_key_heads %d",
+         cfg.linear_num_value_heads, cfg.linear_num_key_heads)
+   end
+   local types = cfg.layer_types
+   if types == nil then                     -- transformers' default: every interval-th layer is full
+      local every = int("full_attention_interval", 4, 1)
+      types = {}
+      for i = 1, cfg.num_hidden_layers do types[i] = i % every == 0 and "full_attention" or "linear_attention" end
+   elseif type(types) ~= "table" or #types ~= cfg.num_hidden_layers then
+      config.fail(cfg, WHO, 'config key "layer_types" must list %d layer types', cfg.num_hidden_layers)
+   end
+   for i, kind in ipairs(types) do
+      if not LAYER_TYPES[kind] then
+         config.fail(cfg, WHO, 'layer_types[%d] is "%s" (supported: linear_attention, full_attention)', i, tostring(kind))
+      end
+   end
+   cfg.layer_types = types
+   return cfg
+end
+
+-- --- norms --------------------------------------------------------------------------------------
+
+local Qwen3NextRMSNorm = gemma.Gemma2RMSNorm:extend("Qwen3NextRMSNorm")   -- (1 + weight), in float32
+M.Qwen3NextRMSNorm = Qwen3NextRMSNorm
+
+local Qwen3NextRMSNormGated = nn.Module:extend("Qwen3NextRMSNormGated")
+M.Qwen3NextRMSNormGated = Qwen3NextRMSNormGated
+
+--- x / rms(x) * weight * silu(gate), in float32 and cast back to x's dtype.
+function Qwen3NextRMSNormGated:__init(dim, eps)
+   nn.Module.__init(self)
+   self.weight = nn.Module.new_parameter({ dim })
+   if not self.weight:is_meta() then self.weight:fill_(1) end
+   rawset(self, "dim", dim)
+   rawset(self, "eps", eps)
+end
+
+function Qwen3NextRMSNormGated:forward(x, gate)
+   local y = F.rms_norm(x:float(), { self.dim }, self.weight:float(), self.eps) * gate:float():silu()
+   return y.dtype == x.dtype and y or y:to(x.dtype)
+end
+
+-- --- gated attention ----------------------------------------------------------------------------
+
+local Qwen3NextAttention = llama.LlamaAttention:extend("Qwen3NextAttention")
+M.Qwen3NextAttention = Qwen3NextAttention
+
+function Qwen3NextAttention:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local H, Hkv, D, bias = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias
+   self.q_proj = nn.Linear(cfg.hidden_size, H * D * 2, { bias = bias })   -- per head: queries, then the gate
+   self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
+   self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = bias })
+   self.o_proj = nn.Linear(H * D, cfg.hidden_size, { bias = bias })
+   self.q_norm = Qwen3NextRMSNorm(D, { eps = cfg.rms_norm_eps })
+   self.k_norm = Qwen3NextRMSNorm(D, { eps = cfg.rms_norm_eps })
+   llama.attention_geometry(self, cfg, layer_idx)
+end
+
+function Qwen3NextAttention:project(x, B, L)
+   local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+   local qg = self.q_proj(x):view(B, L, H, 2 * D)
+   return qg:narrow(4, 1, D), self.k_proj(x):view(B, L, Hkv, D), self.v_proj(x):view(B, L, Hkv, D),
+      qg:narrow(4, D + 1, D):reshape(B, L, H * D)
+end
+
+-- --- linear attention ---------------------------------------------------------------------------
+
+-- The depthwise convolution's weight (channels, 1, taps) under transformers' name; called on the
+-- inputs preceded by the taps - 1 before them, so each output sees its own and the earlier ones.
+local Conv1d = nn.Module:extend("Conv1d")
+M.Conv1d = Conv1d
+
+function Conv1d:__init(channels, taps)
+   nn.Module.__init(self)
+   self.weight = nn.Module.new_parameter({ channels, 1, taps })
+   if not self.weight:is_meta() then self.weight:fill_(0) end
+   rawset(self, "channels", channels)
+   rawset(self, "taps", taps)
+end
+
+--- x (B, taps - 1 + L, channels) -> silu of the causal depthwise convolution (B, L, channels).
+function Conv1d:forward(x)
+   local K = self.taps
+   local L = x:size(2) - K + 1
+   local w = self.weight:view(self.channels, K):t()                      -- (taps, channels)
+   if w.dtype ~= x.dtype then w = w:to(x.dtype) end
+   local y = x:narrow(2, 1, L) * w:select(1, 1)
+   for j = 2, K do y = y + x:narrow(2, j, L) * w:select(1, j) end
+   return y:silu()
+end
+
+function Conv1d:__tostring()
+   return string.format("Conv1d(%d, %d, kernel_size=(%d,), stride=(1,), padding=(%d,), groups=%d, bias=False)",
+      self.channels, self.channels, self.taps, self.taps - 1, self.channels)
+end
+
+local Qwen3NextGatedDeltaNet = nn.Module:extend("Qwen3NextGatedDeltaNet")
+M.Qwen3NextGatedDeltaNet = Qwen3NextGatedDeltaNet
+
+function Qwen3NextGatedDeltaNet:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local Hk, Hv, Dk, Dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+      cfg.linear_value_head_dim
+   local conv_dim = 2 * Hk * Dk + Hv * Dv
+   self.conv1d = Conv1d(conv_dim, cfg.linear_conv_kernel_dim)
+   self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * Hk * Dk + 2 * Hv * Dv, { bias = false })
+   self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * Hv, { bias = false })
+   self.dt_bias = nn.Module.new_parameter({ Hv })
+   self.A_log = nn.Module.new_parameter({ Hv })
+   if not self.dt_bias:is_meta() then
+      self.dt_bias:fill_(1)
+      self.A_log:fill_(0)
+   end
+   self.norm = Qwen3NextRMSNormGated(Dv, cfg.rms_norm_eps)
+   self.out_proj = nn.Linear(Hv * Dv, cfg.hidden_size, { bias = false })
+   rawset(self, "heads", { Hk = Hk, Hv = Hv, Dk = Dk, Dv = Dv, conv_dim = conv_dim, taps = cfg.linear_conv_kernel_dim })
+   rawset(self, "layer_idx", layer_idx)
+end
+
+--- Bytes a cache keeps for this layer per batch of B sequences (utils/runtime_memory.lua): the
+-- last taps - 1 conv inputs (el bytes each) and the float32 state, whatever the length.
+function Qwen3NextGatedDeltaNet:state_bytes(B, el)
+   local h = self.heads
+   return B * ((h.taps - 1) * h.conv_dim * el + h.Hv * h.Dk * h.Dv * 4)
+end
+
+--- Values a forward forms per token at once, beside the layer's input and MLP (for memory
+-- planning): q/k/v/z and b/a as projected and rearranged, the conv's window, products and
+-- output, the kernel's output and the gated norm's float32 copies.
+function Qwen3NextGatedDeltaNet:token_values()
+   local h = self.heads
+   local qkvz = 2 * h.Hk * h.Dk + 2 * h.Hv * h.Dv
+   return 2 * qkvz + 4 * h.Hv + 4 * h.conv_dim + 8 * h.Hv * h.Dv
+end
+
+-- softplus as torch computes it: log(1 + exp(x)), and x itself past 20.
+local function softplus(x)
+   return (x:clamp(nil, 20):exp() + 1):log() + (x - 20):clamp(0)
+end
+
+--- x (B, L, hidden); cache optional (the conv inputs and the state carry over); pad (B, past +
+-- L) bool or nil: padding tokens enter as zeros, so they leave the state as it was.
+function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
+   local h = self.heads
+   local Hk, Hv, Dk, Dv = h.Hk, h.Hv, h.Dk, h.Dv
+   local B, L = x:size(1), x:size(2)
+   if pad and L > 1 then x = x * pad:narrow(2, pad:size(2) - L + 1, L):to(x.dtype):unsqueeze(3) end
+   -- per key head: q, k, then the v and z of its Hv / Hk value heads
+   local r = Hv / Hk
+   local qkvz = self.in_proj_qkvz(x):view(B, L, Hk, 2 * Dk + 2 * r * Dv)
+   local ba = self.in_proj_ba(x):view(B, L, Hk, 2 * r)
+   local mixed = T.cat({ qkvz:narrow(4, 1, Dk):reshape(B, L, Hk * Dk), qkvz:narrow(4, Dk + 1, Dk):reshape(B, L, Hk * Dk),
+      qkvz:narrow(4, 2 * Dk + 1, r * Dv):reshape(B, L, Hv * Dv) }, 3)                  -- (B, L, conv_dim)
+   local z = qkvz:narrow(4, 2 * Dk + r * Dv + 1, r * Dv):reshape(B * L * Hv, Dv)
+   local b = ba:narrow(4, 1, r):reshape(B, L, Hv)
+   local a = ba:narrow(4, r + 1, r):reshape(B, L, Hv)
+
+   local state
+   if cache then
+      state = cache:layer_state(self.layer_idx, B, function(rows)
+         return { conv = T.zeros({ rows, h.taps - 1, h.conv_dim }, { dtype = x.dtype, device = x.device }),
+                  recurrent = T.zeros({ rows, Hv, Dk, Dv }, { dtype = "float32", device = x.device }) }
+      end)
+   end
+   -- (a state made where the prompt ran may meet a step run elsewhere: a decoding step in place
+   -- on the CPU under set_compute_in_place; it is read here and written back where it lives)
+   local before = state and state.conv or T.zeros({ B, h.taps - 1, h.conv_dim }, { dtype = x.dtype, device = x.device })
+   if before.dtype ~= x.dtype or before.device ~= x.device then before = before:to(x.device):to(x.dtype) end
+   local window = T.cat({ before, mixed }, 2)                                          -- (B, taps - 1 + L, conv_dim)
+   if state then state.conv:copy_(window:narrow(2, L + 1, h.taps - 1)) end
+   local conv = self.conv1d(window)                                                    -- (B, L, conv_dim)
+
+   local q = conv:narrow(3, 1, Hk * Dk):view(B, L, Hk, Dk)
+   local k = conv:narrow(3, Hk * Dk + 1, Hk * Dk):view(B, L, Hk, Dk)
+   local v = conv:narrow(3, 2 * Hk * Dk + 1, Hv * Dv):view(B, L, Hv, Dv)
+   local beta = b:sigmoid()
+   local A, dt_bias = self.A_log:float(), self.dt_bias:float()
+   if A.device ~= x.device then A, dt_bias = A:to(x.device), dt_bias:to(x.device) end
+   local g = -(A:exp()) * softplus(a:float() + dt_bias)                                -- (B, L, Hv) float32
+   local recurrent = state and state.recurrent
+   if recurrent and recurrent.device ~= x.device then recurrent = recurrent:to(x.device) end
+   local y = F.gated_delta_rule(q, k, v, g, beta, recurrent)                           -- (B, L, Hv, Dv)
+   if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
+   y = self.norm(y:reshape(B * L * Hv, Dv), z):view(B, L, Hv * Dv)
+   return self.out_proj(y)
+end
+
+-- --- layers and model ---------------------------------------------------------------------------
+
+local Qwen3NextMLP = moe.Qwen3MoeMLP:extend("Qwen3NextMLP")
+M.Qwen3NextMLP = Qwen3NextMLP
+
+local Qwen3NextSparseMoeBlock = moe.Qwen2MoeSparseMoeBlock:extend("Qwen3NextSparseMoeBlock")
+Qwen3NextSparseMoeBlock.Expert = Qwen3NextMLP
+M.Qwen3NextSparseMoeBlock = Qwen3NextSparseMoeBlock
+
+local Qwen3NextDecoderLayer = llama.LlamaDecoderLayer:extend("Qwen3NextDecoderLayer")
+M.Qwen3NextDecoderLayer = Qwen3NextDecoderLayer
+
+function Qwen3NextDecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   if cfg.layer_types[layer_idx] == "linear_attention" then
+      self.linear_attn = Qwen3NextGatedDeltaNet(cfg, layer_idx)
+   else
+      self.self_attn = Qwen3NextAttention(cfg, layer_idx)
+   end
+   self.mlp = cfg.sparse_layers[layer_idx] and Qwen3NextSparseMoeBlock(cfg) or Qwen3NextMLP(cfg)
+   self.input_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.post_attention_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function Qwen3NextDecoderLayer:forward(x, cos, sin, cache, pad)
+   local h = self.input_layernorm(x)
+   if self.linear_attn then
+      x = x + self.linear_attn(h, cache, pad)
+   else
+      x = x + self.self_attn(h, cos, sin, cache, pad)
+   end
+   return x + self.mlp(self.post_attention_layernorm(x))
+end
+
+local Qwen3NextRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Qwen3NextRotaryEmbedding")
+M.Qwen3NextRotaryEmbedding = Qwen3NextRotaryEmbedding
+
+local Qwen3NextModel = llama.LlamaModel:extend("Qwen3NextModel")
+Qwen3NextModel.family, Qwen3NextModel.Layer, Qwen3NextModel.Rotary = "qwen3_next", Qwen3NextDecoderLayer,
+   Qwen3NextRotaryEmbedding
+Qwen3NextModel.Norm = Qwen3NextRMSNorm
+M.Qwen3NextModel = Qwen3NextModel
+
+local Qwen3NextForCausalLM = llama.LlamaForCausalLM:extend("Qwen3NextForCausalLM")
+Qwen3NextForCausalLM.family, Qwen3NextForCausalLM.Model = "qwen3_next", Qwen3NextModel
+Qwen3NextForCausalLM.no_split_modules = { "Qwen3NextDecoderLayer" }
+Qwen3NextForCausalLM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^mtp%." }
+Qwen3NextForCausalLM.stateful = true            -- its cache cannot be cropped: no assisted generation
+Qwen3NextForCausalLM.forward = require("moonload.models.common").causal_lm_forward(WHO .. ".forward", "model",
+   "embed_tokens")
+M.Qwen3NextForCausalLM = Qwen3NextForCausalLM
+
+function Qwen3NextForCausalLM:read_config(source) return M.config(source) end
+
+return M
