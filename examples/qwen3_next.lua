@@ -7,7 +7,8 @@
 --    luajit examples/qwen3_next.lua [path/to/model] [cpu budget, e.g. 40GB]
 --
 -- Any Qwen3-Next folder works (Qwen3-Next-80B-A3B-Instruct: 160 GB in bfloat16, of which the
--- experts are 154 GB). Without one it runs the test folder tests/fixtures/models/qwen3_next_tiny:
+-- experts are 154 GB), and any Qwen3.5 one (its language model: Qwen3.5-35B-A3B's experts are
+-- stacked per projection, one tensor a layer, and go to disk the same way). Without one it runs the test folder tests/fixtures/models/qwen3_next_tiny:
 -- a tiny random-weight Qwen3-Next, so its tokens are noise, but every step is the real one (and
 -- equals transformers', see tests/models_qwen3_next_spec.lua).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
@@ -18,9 +19,14 @@ local budget = arg[2] or "200MB"
 local folder = os.tmpname()
 os.remove(folder)
 
+-- Qwen3-Next's experts are modules of their own, Qwen3.5-MoE's stacked in one per layer (dense
+-- Qwen3.5 has none)
+local model_type = require("moonload.utils.json").read(dir .. "/config.json").model_type
+local experts = model_type:find("^qwen3_5_moe") and "%.mlp%.experts$"
+   or model_type == "qwen3_next" and "%.mlp%.experts%.%d+$" or nil
 local model = ml.models.from_pretrained(dir, {
    dtype = "bfloat16", device_map = "auto", max_memory = { cpu = budget }, offload_folder = folder,
-   device_overrides = { ["%.mlp%.experts%.%d+$"] = "disk" },
+   device_overrides = experts and { [experts] = "disk" } or nil,
    reserve_for = { batch_size = 1, max_length = 64, prompt_length = 16 } })
 
 local sizes = ml.utils.compute_module_sizes(model)

@@ -1,5 +1,5 @@
 --- ml.models: GPT-2, GPT-NeoX, Llama (and Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2
--- and 3), BERT, RoBERTa/XLM-R, T5 and BART with Hugging Face names, and
+-- and 3), Qwen3-Next and Qwen3.5, BERT, RoBERTa/XLM-R, T5 and BART with Hugging Face names, and
 -- from_pretrained.
 --
 --    local models = require("moonload.models")
@@ -33,6 +33,10 @@ local ARCH = {
    glm4_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },
    gpt_oss = { module = "moonload.models.gpt_oss", class = "GptOssForCausalLM" },
    qwen3_next = { module = "moonload.models.qwen3_next", class = "Qwen3NextForCausalLM" },
+   qwen3_5_text = { module = "moonload.models.qwen3_5", class = "Qwen3_5ForCausalLM" },
+   qwen3_5 = { module = "moonload.models.qwen3_5", class = "Qwen3_5ForCausalLM" },          -- its language model
+   qwen3_5_moe_text = { module = "moonload.models.qwen3_5", class = "Qwen3_5MoeForCausalLM" },
+   qwen3_5_moe = { module = "moonload.models.qwen3_5", class = "Qwen3_5MoeForCausalLM" },  -- its language model
    starcoder2 = { module = "moonload.models.llama", class = "Starcoder2ForCausalLM" },
    olmo2 = { module = "moonload.models.llama", class = "Olmo2ForCausalLM" },
    phi = { module = "moonload.models.phi", class = "PhiForCausalLM" },
@@ -65,7 +69,7 @@ setmetatable(M, { __index = function(t, k)
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bloom = "moonload.models.bloom", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj",
       bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", glm4_moe = "moonload.models.glm4_moe",
-      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", t5 = "moonload.models.t5", bart = "moonload.models.bart",
+      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",

@@ -35,6 +35,8 @@ local FAMILIES = {
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
    qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
+   qwen3_5 = { who = "models.qwen3_5", prefix = "Qwen3_5", defaults = { head_dim = 256 } },          -- models/qwen3_5.lua
+   qwen3_5_moe = { who = "models.qwen3_5_moe", prefix = "Qwen3_5Moe", defaults = { head_dim = 256 } },
    gpt_oss = { who = "models.gpt_oss", prefix = "GptOss",                                       -- models/gpt_oss.lua
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
@@ -232,7 +234,7 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.qk_norm = cfg.use_qk_norm == true
-   elseif family == "qwen3_next" then        -- its layer types (linear or full attention): models/qwen3_next.lua
+   elseif family == "qwen3_next" or family == "qwen3_5" or family == "qwen3_5_moe" then   -- (layer types: models/qwen3_next.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "gpt_oss" then           -- biased projections; sliding and full layers alternate

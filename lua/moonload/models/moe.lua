@@ -30,7 +30,7 @@ function M.config(source, family)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (family == "mixtral" and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
-   if family == "qwen2_moe" or family == "qwen3_next" then
+   if family == "qwen2_moe" or family == "qwen3_next" or family == "qwen3_5_moe" then
       cfg.shared_expert_intermediate_size = int(cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size", 1)
    end
    if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then

@@ -30,14 +30,17 @@ local moe = require("moonload.models.moe")
 local gemma = require("moonload.models.gemma")
 
 local M = {}
-local WHO = "models.qwen3_next"
 
 local LAYER_TYPES = { linear_attention = true, full_attention = true }
 
 --- Reads and checks a Qwen3-Next config (path, folder or table): Qwen3-MoE's keys, layer_types
 -- (or full_attention_interval), and the linear attention's heads, head sizes and conv taps.
-function M.config(source)
-   local cfg = moe.config(source, "qwen3_next")
+-- family "qwen3_5" reads a dense Qwen3.5 text config, "qwen3_5_moe" a Qwen3.5-MoE one (every
+-- layer sparse, the top experts' weights always renormalized).
+function M.config(source, family)
+   family = family or "qwen3_next"
+   local WHO = "models." .. family
+   local cfg = family == "qwen3_5" and llama.config(source, family) or moe.config(source, family)
    local function int(name, default, min) return config.integer(cfg, WHO, name, cfg[name] or default, min) end
    llama.set_rotary_dim(cfg, WHO, cfg.rope.partial_rotary_factor or cfg.partial_rotary_factor or 0.25)
    cfg.linear_num_key_heads = int("linear_num_key_heads", 16, 1)
@@ -63,6 +66,11 @@ function M.config(source)
       end
    end
    cfg.layer_types = types
+   if family ~= "qwen3_next" then           -- Qwen3.5: one kind of MLP in every layer
+      cfg.sparse_layers = {}
+      for i = 1, cfg.num_hidden_layers do cfg.sparse_layers[i] = family == "qwen3_5_moe" end
+      cfg.norm_topk_prob = true
+   end
    return cfg
 end
 
@@ -145,6 +153,8 @@ end
 
 local Qwen3NextGatedDeltaNet = nn.Module:extend("Qwen3NextGatedDeltaNet")
 M.Qwen3NextGatedDeltaNet = Qwen3NextGatedDeltaNet
+-- q, k, v, z in one projection and b, a in another, grouped by key head (Qwen3.5's stand apart)
+Qwen3NextGatedDeltaNet.fused_in_proj = true
 
 function Qwen3NextGatedDeltaNet:__init(cfg, layer_idx)
    nn.Module.__init(self)
@@ -152,8 +162,10 @@ function Qwen3NextGatedDeltaNet:__init(cfg, layer_idx)
       cfg.linear_value_head_dim
    local conv_dim = 2 * Hk * Dk + Hv * Dv
    self.conv1d = Conv1d(conv_dim, cfg.linear_conv_kernel_dim)
-   self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * Hk * Dk + 2 * Hv * Dv, { bias = false })
-   self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * Hv, { bias = false })
+   if self.fused_in_proj then
+      self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * Hk * Dk + 2 * Hv * Dv, { bias = false })
+      self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * Hv, { bias = false })
+   end
    self.dt_bias = nn.Module.new_parameter({ Hv })
    self.A_log = nn.Module.new_parameter({ Hv })
    if not self.dt_bias:is_meta() then
@@ -162,6 +174,12 @@ function Qwen3NextGatedDeltaNet:__init(cfg, layer_idx)
    end
    self.norm = Qwen3NextRMSNormGated(Dv, cfg.rms_norm_eps)
    self.out_proj = nn.Linear(Hv * Dv, cfg.hidden_size, { bias = false })
+   if not self.fused_in_proj then        -- (Qwen3.5's: transformers swaps them in last)
+      self.in_proj_qkv = nn.Linear(cfg.hidden_size, conv_dim, { bias = false })
+      self.in_proj_z = nn.Linear(cfg.hidden_size, Hv * Dv, { bias = false })
+      self.in_proj_b = nn.Linear(cfg.hidden_size, Hv, { bias = false })
+      self.in_proj_a = nn.Linear(cfg.hidden_size, Hv, { bias = false })
+   end
    rawset(self, "heads", { Hk = Hk, Hv = Hv, Dk = Dk, Dv = Dv, conv_dim = conv_dim, taps = cfg.linear_conv_kernel_dim })
    rawset(self, "layer_idx", layer_idx)
 end
@@ -187,6 +205,23 @@ local function softplus(x)
    return (x:clamp(nil, 20):exp() + 1):log() + (x - 20):clamp(0)
 end
 
+--- The projections of x (B, L, hidden): the conv's input (B, L, conv_dim: all q heads, all k
+-- heads, all v heads), z (B * L * Hv, Dv), and b, a (B, L, Hv). Here from in_proj_qkvz, which
+-- holds per key head its q, k and the v and z of its Hv / Hk value heads, and in_proj_ba, per
+-- key head the b then the a of those value heads.
+function Qwen3NextGatedDeltaNet:project(x)
+   local h = self.heads
+   local Hk, Hv, Dk, Dv = h.Hk, h.Hv, h.Dk, h.Dv
+   local B, L = x:size(1), x:size(2)
+   local r = Hv / Hk
+   local qkvz = self.in_proj_qkvz(x):view(B, L, Hk, 2 * Dk + 2 * r * Dv)
+   local ba = self.in_proj_ba(x):view(B, L, Hk, 2 * r)
+   local mixed = T.cat({ qkvz:narrow(4, 1, Dk):reshape(B, L, Hk * Dk), qkvz:narrow(4, Dk + 1, Dk):reshape(B, L, Hk * Dk),
+      qkvz:narrow(4, 2 * Dk + 1, r * Dv):reshape(B, L, Hv * Dv) }, 3)
+   return mixed, qkvz:narrow(4, 2 * Dk + r * Dv + 1, r * Dv):reshape(B * L * Hv, Dv),
+      ba:narrow(4, 1, r):reshape(B, L, Hv), ba:narrow(4, r + 1, r):reshape(B, L, Hv)
+end
+
 --- x (B, L, hidden); cache optional (the conv inputs and the state carry over); pad (B, past +
 -- L) bool or nil: padding tokens enter as zeros, so they leave the state as it was.
 function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
@@ -194,15 +229,7 @@ function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
    local Hk, Hv, Dk, Dv = h.Hk, h.Hv, h.Dk, h.Dv
    local B, L = x:size(1), x:size(2)
    if pad and L > 1 then x = x * pad:narrow(2, pad:size(2) - L + 1, L):to(x.dtype):unsqueeze(3) end
-   -- per key head: q, k, then the v and z of its Hv / Hk value heads
-   local r = Hv / Hk
-   local qkvz = self.in_proj_qkvz(x):view(B, L, Hk, 2 * Dk + 2 * r * Dv)
-   local ba = self.in_proj_ba(x):view(B, L, Hk, 2 * r)
-   local mixed = T.cat({ qkvz:narrow(4, 1, Dk):reshape(B, L, Hk * Dk), qkvz:narrow(4, Dk + 1, Dk):reshape(B, L, Hk * Dk),
-      qkvz:narrow(4, 2 * Dk + 1, r * Dv):reshape(B, L, Hv * Dv) }, 3)                  -- (B, L, conv_dim)
-   local z = qkvz:narrow(4, 2 * Dk + r * Dv + 1, r * Dv):reshape(B * L * Hv, Dv)
-   local b = ba:narrow(4, 1, r):reshape(B, L, Hv)
-   local a = ba:narrow(4, r + 1, r):reshape(B, L, Hv)
+   local mixed, z, b, a = self:project(x)
 
    local state
    if cache then
@@ -249,13 +276,13 @@ M.Qwen3NextDecoderLayer = Qwen3NextDecoderLayer
 function Qwen3NextDecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
    if cfg.layer_types[layer_idx] == "linear_attention" then
-      self.linear_attn = Qwen3NextGatedDeltaNet(cfg, layer_idx)
+      self.linear_attn = self.LinearAttention(cfg, layer_idx)
    else
-      self.self_attn = Qwen3NextAttention(cfg, layer_idx)
+      self.self_attn = self.Attention(cfg, layer_idx)
    end
-   self.mlp = cfg.sparse_layers[layer_idx] and Qwen3NextSparseMoeBlock(cfg) or Qwen3NextMLP(cfg)
-   self.input_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
-   self.post_attention_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.mlp = self.MLP(cfg, layer_idx)
+   self.input_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.post_attention_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
 
 function Qwen3NextDecoderLayer:forward(x, cos, sin, cache, pad)
@@ -268,24 +295,32 @@ function Qwen3NextDecoderLayer:forward(x, cos, sin, cache, pad)
    return x + self.mlp(self.post_attention_layernorm(x))
 end
 
-local Qwen3NextRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Qwen3NextRotaryEmbedding")
-M.Qwen3NextRotaryEmbedding = Qwen3NextRotaryEmbedding
+--- hybrid_family(family, prefix, LinearAttention, Sparse, Dense, into): a decoder of linear and
+-- gated full attention layers, its classes named as transformers names them (prefix ..
+-- "Attention", "DecoderLayer", "RotaryEmbedding", "TextModel" or "Model", "ForCausalLM"), each
+-- layer's MLP Sparse(cfg) where cfg.sparse_layers says so and Dense(cfg) elsewhere, the config
+-- read by M.config(source, family). Stored under those names in into; returns the ForCausalLM.
+function M.hybrid_family(family, prefix, LinearAttention, Sparse, Dense, into)
+   local Attention = Qwen3NextAttention:extend(prefix .. "Attention")
+   local Layer = Qwen3NextDecoderLayer:extend(prefix .. "DecoderLayer")
+   Layer.LinearAttention, Layer.Attention, Layer.Norm = LinearAttention, Attention, Qwen3NextRMSNorm
+   function Layer.MLP(cfg, i) return cfg.sparse_layers[i] and Sparse(cfg) or Dense(cfg) end
+   local Rotary = llama.LlamaRotaryEmbedding:extend(prefix .. "RotaryEmbedding")
+   local Model = llama.LlamaModel:extend(prefix .. (family == "qwen3_next" and "Model" or "TextModel"))
+   Model.family, Model.Layer, Model.Rotary, Model.Norm = family, Layer, Rotary, Qwen3NextRMSNorm
+   local LM = llama.LlamaForCausalLM:extend(prefix .. "ForCausalLM")
+   LM.family, LM.Model = family, Model
+   LM.no_split_modules = { prefix .. "DecoderLayer" }
+   LM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^mtp%." }
+   LM.stateful = true            -- its cache cannot be cropped: no assisted generation
+   LM.forward = require("moonload.models.common").causal_lm_forward("models." .. family .. ".forward", "model",
+      "embed_tokens")
+   function LM:read_config(source) return M.config(source, self.family) end
+   into[prefix .. "Attention"], into[prefix .. "DecoderLayer"], into[prefix .. "RotaryEmbedding"] = Attention, Layer, Rotary
+   into[Model.__name], into[prefix .. "ForCausalLM"] = Model, LM
+   return LM
+end
 
-local Qwen3NextModel = llama.LlamaModel:extend("Qwen3NextModel")
-Qwen3NextModel.family, Qwen3NextModel.Layer, Qwen3NextModel.Rotary = "qwen3_next", Qwen3NextDecoderLayer,
-   Qwen3NextRotaryEmbedding
-Qwen3NextModel.Norm = Qwen3NextRMSNorm
-M.Qwen3NextModel = Qwen3NextModel
-
-local Qwen3NextForCausalLM = llama.LlamaForCausalLM:extend("Qwen3NextForCausalLM")
-Qwen3NextForCausalLM.family, Qwen3NextForCausalLM.Model = "qwen3_next", Qwen3NextModel
-Qwen3NextForCausalLM.no_split_modules = { "Qwen3NextDecoderLayer" }
-Qwen3NextForCausalLM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^mtp%." }
-Qwen3NextForCausalLM.stateful = true            -- its cache cannot be cropped: no assisted generation
-Qwen3NextForCausalLM.forward = require("moonload.models.common").causal_lm_forward(WHO .. ".forward", "model",
-   "embed_tokens")
-M.Qwen3NextForCausalLM = Qwen3NextForCausalLM
-
-function Qwen3NextForCausalLM:read_config(source) return M.config(source) end
+M.hybrid_family("qwen3_next", "Qwen3Next", Qwen3NextGatedDeltaNet, Qwen3NextSparseMoeBlock, Qwen3NextMLP, M)
 
 return M

@@ -1,0 +1,147 @@
+--- Qwen3.5 (Qwen3_5ForCausalLM, model_type "qwen3_5_text": Qwen3.5-27B's and the smaller ones'
+-- language model; Qwen3_5MoeForCausalLM, "qwen3_5_moe_text": Qwen3.5-35B-A3B, 122B-A10B and
+-- 397B-A17B) with Hugging Face parameter names. Qwen3-Next's hybrid of linear and gated full
+-- attention (models/qwen3_next.lua) with two changes:
+--
+-- The linear attention's projections stand apart: in_proj_qkv gives q of all key heads, then k,
+-- then v of all value heads (the conv's own order), in_proj_z, in_proj_b and in_proj_a the gate,
+-- the rates and the decay inputs.
+--
+-- Every layer has one kind of MLP: dense (Qwen3.5) or sparse (Qwen3.5-MoE: routed experts, their
+-- weights always renormalized, plus a sigmoid-gated shared expert), the hub's experts stacked per
+-- projection: mlp.experts.gate_up_proj (E, 2 x inter, hidden: gate rows, then up rows) and
+-- down_proj (E, hidden, inter). Under offload hooks those are views of the mapped file, so a
+-- token reads only its experts' pages.
+--
+-- The hub's checkpoints are multimodal (model_type "qwen3_5" and "qwen3_5_moe": the language
+-- model under model.language_model. beside a vision tower, model.visual.): this reads their
+-- text_config and loads the language model alone (text in, text out). Their rotary embedding is
+-- multimodal (mrope_section splits the frequencies among time, height and width positions); for
+-- text the three positions are the token's, which makes it the plain rotary embedding.
+local nn = require("moonload.nn")
+local F = require("moonload.nn.functional")
+local config = require("moonload.models.config")
+local moe = require("moonload.models.moe")
+local qwen3_next = require("moonload.models.qwen3_next")
+
+local M = {}
+
+-- --- linear attention ---------------------------------------------------------------------------
+
+local Qwen3_5GatedDeltaNet = qwen3_next.Qwen3NextGatedDeltaNet:extend("Qwen3_5GatedDeltaNet")
+M.Qwen3_5GatedDeltaNet = Qwen3_5GatedDeltaNet
+
+Qwen3_5GatedDeltaNet.fused_in_proj = false   -- in_proj_qkv, in_proj_z, in_proj_b, in_proj_a
+
+function Qwen3_5GatedDeltaNet:project(x)
+   local h = self.heads
+   local B, L = x:size(1), x:size(2)
+   return self.in_proj_qkv(x), self.in_proj_z(x):reshape(B * L * h.Hv, h.Dv), self.in_proj_b(x), self.in_proj_a(x)
+end
+
+-- --- experts stacked per projection -------------------------------------------------------------
+
+local Qwen3_5MoeExperts = nn.Module:extend("Qwen3_5MoeExperts")
+M.Qwen3_5MoeExperts = Qwen3_5MoeExperts
+
+function Qwen3_5MoeExperts:__init(cfg)
+   nn.Module.__init(self)
+   local E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+   self.gate_up_proj = nn.Module.new_parameter({ E, 2 * I, H })
+   self.down_proj = nn.Module.new_parameter({ E, H, I })
+   if not self.gate_up_proj:is_meta() then
+      self.gate_up_proj:fill_(0)
+      self.down_proj:fill_(0)
+   end
+   self.act_fn = require("moonload.models.common").activation_module(cfg.hidden_act, "models.qwen3_5_moe", cfg._source)
+   rawset(self, "num_experts", E)
+   rawset(self, "intermediate_size", I)
+   rawset(self, "expert_width", 2 * I)   -- (planning: an expert's widest activation, utils/runtime_memory.lua)
+end
+
+--- Expert e (0-based) on x (n, hidden): down(act(gate x) * up x), from views of the stacked weights.
+function Qwen3_5MoeExperts:expert(e, x)
+   local I = self.intermediate_size
+   local gate_up = self.gate_up_proj:select(1, e + 1)
+   local down = self.down_proj:select(1, e + 1)
+   if gate_up.dtype ~= x.dtype then gate_up, down = gate_up:to(x.dtype), down:to(x.dtype) end
+   local gu = F.linear(x, gate_up)
+   return F.linear(self.act_fn(gu:narrow(2, 1, I)) * gu:narrow(2, I + 1, I), down)
+end
+
+--- flat (N, hidden), top_w (N, k), top_i a list per row of k 0-based experts: the weighted sum of
+-- each row's experts (models/moe.lua's run_experts). Called as a module, so offload hooks put the
+-- stacked weights in place first.
+function Qwen3_5MoeExperts:forward(flat, top_w, top_i)
+   local experts = rawget(self, "_callables")        -- (made once: one per expert, as run_experts wants)
+   if not experts then
+      experts = {}
+      for e = 1, self.num_experts do experts[e] = function(x) return self:expert(e - 1, x) end end
+      rawset(self, "_callables", experts)
+   end
+   return moe.run_experts(experts, flat, top_w, top_i)
+end
+
+function Qwen3_5MoeExperts:extra_repr()
+   return string.format("num_experts=%d, intermediate_size=%d", self.num_experts, self.intermediate_size)
+end
+
+local Qwen3_5MoeMLP = qwen3_next.Qwen3NextMLP:extend("Qwen3_5MoeMLP")
+M.Qwen3_5MoeMLP = Qwen3_5MoeMLP
+
+local Qwen3_5MoeSparseMoeBlock = moe.SparseMoeBlock:extend("Qwen3_5MoeSparseMoeBlock")
+M.Qwen3_5MoeSparseMoeBlock = Qwen3_5MoeSparseMoeBlock
+
+function Qwen3_5MoeSparseMoeBlock:__init(cfg)
+   nn.Module.__init(self)
+   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   self.experts = Qwen3_5MoeExperts(cfg)
+   self.shared_expert = Qwen3_5MoeMLP(cfg, cfg.shared_expert_intermediate_size)
+   self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, { bias = false })
+   self:routing(cfg)
+end
+
+--- x (B, T, hidden): the routed experts' weighted sum plus the shared expert scaled per token by
+-- sigmoid(shared_expert_gate).
+function Qwen3_5MoeSparseMoeBlock:forward(x)
+   local B, L, H = x:size(1), x:size(2), x:size(3)
+   local flat = x:reshape(B * L, H)
+   local top_w, top_i = self:route(flat)
+   return self.experts(flat, top_w, top_i):view(B, L, H) + self.shared_expert_gate(x):sigmoid() * self.shared_expert(x)
+end
+
+-- --- models ---------------------------------------------------------------------------------------
+
+local Qwen3_5MLP = qwen3_next.Qwen3NextMLP:extend("Qwen3_5MLP")
+M.Qwen3_5MLP = Qwen3_5MLP
+
+local Qwen3_5MoeGatedDeltaNet = Qwen3_5GatedDeltaNet:extend("Qwen3_5MoeGatedDeltaNet")
+M.Qwen3_5MoeGatedDeltaNet = Qwen3_5MoeGatedDeltaNet
+
+local dense = qwen3_next.hybrid_family("qwen3_5", "Qwen3_5", Qwen3_5GatedDeltaNet, Qwen3_5MLP, Qwen3_5MLP, M)
+local sparse = qwen3_next.hybrid_family("qwen3_5_moe", "Qwen3_5Moe", Qwen3_5MoeGatedDeltaNet,
+   Qwen3_5MoeSparseMoeBlock, Qwen3_5MoeSparseMoeBlock, M)
+
+-- The multimodal checkpoints' language model: transformers' names, the vision tower left out.
+for _, LM in ipairs({ dense, sparse }) do
+   LM.checkpoint_renames = { { "^model%.language_model%.", "model." } }
+   LM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^mtp%.", "^model%.visual%." }
+   local multimodal = LM.family                        -- "qwen3_5" / "qwen3_5_moe": the multimodal model_type
+   --- A text config, or a multimodal one's text_config (the language model alone).
+   function LM:read_config(source)
+      local raw, src = config.read(source, "models." .. self.family)
+      if raw.model_type == multimodal then
+         if type(raw.text_config) ~= "table" then
+            error(string.format('models.%s: a %s config needs its "text_config", in %s', self.family, multimodal, src), 3)
+         end
+         local text = raw.text_config
+         if text.tie_word_embeddings == nil then text.tie_word_embeddings = raw.tie_word_embeddings end
+         local cfg = qwen3_next.config(text, self.family)
+         cfg._source = src .. " (text_config)"
+         return cfg
+      end
+      return qwen3_next.config(source, self.family)
+   end
+end
+
+return M
