@@ -3,8 +3,8 @@
 -- pieces, pieces being a list of UTF-8 strings; ctx.first is true for the segment that starts
 -- the text (Metaspace's prepend_scheme "first").
 --
--- The split regexes of byte-level BPE tokenizers (GPT-2's, Llama 3's, Qwen2's, o200k's: gpt-oss
--- and GPT-4o) are matched by hand-written scanners that follow Oniguruma's leftmost-alternative
+-- The split regexes of byte-level BPE tokenizers (GPT-2's, Llama 3's, Qwen2's, Qwen3.5's, o200k's:
+-- gpt-oss and GPT-4o) are matched by hand-written scanners that follow Oniguruma's leftmost-alternative
 -- semantics for exactly those patterns; another regex is an error naming it.
 local components = require("moonload.tokenizers.components")
 local U = require("moonload.tokenizers.unicode")
@@ -55,8 +55,10 @@ end
 
 -- The alternatives Llama 3's, Qwen2's and o200k's patterns end with, at i (no word matched there):
 -- \p{N}{1,max_digits}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+. (o200k's
--- [\r\n/]* after punctuation is the same: the run before it has taken every slash.)
-local function digits_punct_space(cps, i, n, max_digits)
+-- [\r\n/]* after punctuation is the same: the run before it has taken every slash.) other: the
+-- punctuation class, is_other unless given (Qwen3.5's also leaves out marks).
+local function digits_punct_space(cps, i, n, max_digits, other)
+   other = other or is_other
    local c = cps[i]
    if is_N(c) then
       local j = i
@@ -64,8 +66,8 @@ local function digits_punct_space(cps, i, n, max_digits)
       return j
    end
    local s = c == 32 and i + 1 or i
-   if s <= n and is_other(cps[s]) then
-      return run(cps, run(cps, s, n, is_other), n, is_newline)
+   if s <= n and other(cps[s]) then
+      return run(cps, run(cps, s, n, other), n, is_newline)
    end
    if is_space(c) then
       local j = run(cps, i, n, is_space)
@@ -89,6 +91,21 @@ local function llama3_matcher(max_digits)
       if not is_newline(c) and not is_N(c) and i < n and is_L(cps[i + 1]) then return run(cps, i + 1, n, is_L) end
       return digits_punct_space(cps, i, n, max_digits)
    end
+end
+
+-- Qwen3.5: Qwen2's with combining marks among the letters of a word and out of punctuation:
+-- (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*
+-- |\s*[\r\n]+|\s+(?!\S)|\s+
+-- (A mark may be the optional first character too; then the run from it is the same match.)
+local function is_LM(cp) return cp ~= nil and (is_L(cp) or U.is_mark_nonspacing(cp) or U.is_mark_other(cp)) end
+local function is_other_not_mark(cp) return is_other(cp) and not is_LM(cp) end
+local function qwen3_5_match(cps, i, n)
+   local e = contraction(cps, i, true)
+   if e then return e end
+   local c = cps[i]
+   if is_LM(c) then return run(cps, i, n, is_LM) end
+   if not is_newline(c) and not is_N(c) and i < n and is_LM(cps[i + 1]) then return run(cps, i + 1, n, is_LM) end
+   return digits_punct_space(cps, i, n, 1, is_other_not_mark)
 end
 
 -- o200k (gpt-oss, GPT-4o):
@@ -142,6 +159,8 @@ local REGEXES = {
       llama3_matcher(3),
    ["(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*" .. LLAMA3_BODY] =
       llama3_matcher(1),
+   ["(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}| ?[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*"
+      .. LLAMA3_BODY] = qwen3_5_match,
    ["[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
       .. "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
       .. "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*" .. LLAMA3_BODY] = o200k_match,
