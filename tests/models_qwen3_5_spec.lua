@@ -163,3 +163,34 @@ describe("examples/qwen3_next.lua on a Qwen3.5-MoE folder", function()
       assert.are.same({ unpack(want, 6) }, printed)
    end)
 end)
+
+describe("hub configs (transformers' defaults: Qwen3-Next-80B-A3B, Qwen3.5-35B-A3B, Qwen3.5-9B), built empty", function()
+   local fix = H.read_json(H.FIX .. "/qwen3_next_hub_configs.json")
+   local classes = { qwen3_next_80b_a3b = require("moonload.models.qwen3_next").Qwen3NextForCausalLM,
+                     qwen3_5_35b_a3b = qwen3_5.Qwen3_5MoeForCausalLM, qwen3_5_9b = qwen3_5.Qwen3_5ForCausalLM }
+   for _, name in ipairs({ "qwen3_next_80b_a3b", "qwen3_5_35b_a3b", "qwen3_5_9b" }) do
+      it(name .. ": transformers' parameter count and shapes", function()
+         local m = ml.init_empty_weights(function() return classes[name](fix[name].config) end)
+         local count, shapes = 0, {}
+         for pname, p in m:named_parameters() do
+            shapes[pname] = p.shape
+            count = count + p:numel()
+         end
+         assert.are.equal(fix[name].parameters, count)              -- 79,674,391,296 for Qwen3-Next
+         for pname, shape in pairs(fix[name].shapes) do
+            local per_expert = pname:match("^(.*%.mlp%.experts)%.gate_up_proj$")
+            if per_expert and not shapes[pname] then   -- Qwen3-Next's experts: modules of their own here
+               assert.are.same({ shape[2] / 2, shape[3] }, shapes[per_expert .. ".0.gate_proj.weight"], pname)
+               assert.are.same({ shape[2] / 2, shape[3] }, shapes[per_expert .. "." .. (shape[1] - 1) .. ".up_proj.weight"], pname)
+            elseif pname:find("%.mlp%.experts%.down_proj$") and not shapes[pname] then
+               local e = pname:gsub("%.down_proj$", "")
+               assert.are.same({ shape[2], shape[3] }, shapes[e .. ".0.down_proj.weight"], pname)
+            else
+               assert.are.same(shape, shapes[pname], pname)
+            end
+         end
+         assert.is_not_nil(m.model.layers[fix[name].full_layer + 1].self_attn)
+         assert.is_not_nil(m.model.layers[1].linear_attn)
+      end)
+   end
+end)

@@ -36,7 +36,8 @@ local FAMILIES = {
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
    qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
    qwen3_5 = { who = "models.qwen3_5", prefix = "Qwen3_5", defaults = { head_dim = 256 } },          -- models/qwen3_5.lua
-   qwen3_5_moe = { who = "models.qwen3_5_moe", prefix = "Qwen3_5Moe", defaults = { head_dim = 256 } },
+   qwen3_5_moe = { who = "models.qwen3_5_moe", prefix = "Qwen3_5Moe",      -- (no dense MLP: no intermediate_size)
+                   defaults = { head_dim = 256, intermediate_size = function(c) return c.moe_intermediate_size or 512 end } },
    gpt_oss = { who = "models.gpt_oss", prefix = "GptOss",                                       -- models/gpt_oss.lua
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
