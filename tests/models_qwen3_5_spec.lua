@@ -194,3 +194,35 @@ describe("hub configs (transformers' defaults: Qwen3-Next-80B-A3B, Qwen3.5-35B-A
       end)
    end
 end)
+
+describe("models.qwen3_5 MoE with its experts apart (as transformers saves them)", function()
+   H.collect_warnings()
+   it("builds one module per expert for such a folder and gives the same logits and tokens", function()
+      local exp = H.expected(SPARSE)
+      local dir = H.tmpdir()
+      H.copy(H.FIX .. "/" .. SPARSE .. "/config.json", dir .. "/config.json")
+      local tensors = {}
+      for k, t in pairs(ml.safetensors.load_file(H.FIX .. "/" .. SPARSE .. "/model.safetensors")) do
+         local prefix = k:match("^(.*%.mlp%.experts)%.gate_up_proj$")
+         if prefix then
+            local I = t:size(2) / 2
+            for e = 1, t:size(1) do
+               tensors[prefix .. "." .. (e - 1) .. ".gate_proj.weight"] = t:select(1, e):narrow(1, 1, I):contiguous()
+               tensors[prefix .. "." .. (e - 1) .. ".up_proj.weight"] = t:select(1, e):narrow(1, I + 1, I):contiguous()
+            end
+         elseif k:find("%.mlp%.experts%.down_proj$") then
+            local p = k:gsub("%.down_proj$", "")
+            for e = 1, t:size(1) do tensors[p .. "." .. (e - 1) .. ".down_proj.weight"] = t:select(1, e):contiguous() end
+         else
+            tensors[k] = t
+         end
+      end
+      ml.safetensors.save_file(tensors, dir .. "/model.safetensors")
+      local m = models.from_pretrained(dir)
+      assert.are.equal("ModuleList", m.model.layers[1].mlp.experts.__name)
+      assert.are.same({ 16, 32 }, m.model.layers[1].mlp.experts[6].up_proj.weight.shape)
+      assert.is_true(H.max_abs_diff(m(ids_tensor(exp.input_ids)), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, m:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      H.rmdir(dir)
+   end)
+end)

@@ -11,7 +11,8 @@
 -- weights always renormalized, plus a sigmoid-gated shared expert), the hub's experts stacked per
 -- projection: mlp.experts.gate_up_proj (E, 2 x inter, hidden: gate rows, then up rows) and
 -- down_proj (E, hidden, inter). Under offload hooks those are views of the mapped file, so a
--- token reads only its experts' pages.
+-- token reads only its experts' pages. A folder transformers saved holds them one by one
+-- (mlp.experts.E.gate_proj.weight, ...): from_pretrained builds that layout for it.
 --
 -- The hub's checkpoints are multimodal (model_type "qwen3_5" and "qwen3_5_moe": the language
 -- model under model.language_model. beside a vision tower, model.visual.): this reads their
@@ -92,10 +93,18 @@ M.Qwen3_5MoeMLP = Qwen3_5MoeMLP
 local Qwen3_5MoeSparseMoeBlock = moe.SparseMoeBlock:extend("Qwen3_5MoeSparseMoeBlock")
 M.Qwen3_5MoeSparseMoeBlock = Qwen3_5MoeSparseMoeBlock
 
+--- Qwen3_5MoeSparseMoeBlock(cfg): the experts stacked (the hub's files), or one module each when
+-- cfg.experts_apart (the files transformers writes: mlp.experts.E.{gate,up,down}_proj).
 function Qwen3_5MoeSparseMoeBlock:__init(cfg)
    nn.Module.__init(self)
    self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
-   self.experts = Qwen3_5MoeExperts(cfg)
+   if cfg.experts_apart then
+      local experts = {}
+      for e = 1, cfg.num_experts do experts[e] = Qwen3_5MoeMLP(cfg, cfg.moe_intermediate_size) end
+      self.experts = nn.ModuleList(experts)
+   else
+      self.experts = Qwen3_5MoeExperts(cfg)
+   end
    self.shared_expert = Qwen3_5MoeMLP(cfg, cfg.shared_expert_intermediate_size)
    self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, { bias = false })
    self:routing(cfg)
@@ -107,7 +116,9 @@ function Qwen3_5MoeSparseMoeBlock:forward(x)
    local B, L, H = x:size(1), x:size(2), x:size(3)
    local flat = x:reshape(B * L, H)
    local top_w, top_i = self:route(flat)
-   return self.experts(flat, top_w, top_i):view(B, L, H) + self.shared_expert_gate(x):sigmoid() * self.shared_expert(x)
+   local routed = self.experts.__name == "ModuleList" and moe.run_experts(self.experts, flat, top_w, top_i)
+      or self.experts(flat, top_w, top_i)
+   return routed:view(B, L, H) + self.shared_expert_gate(x):sigmoid() * self.shared_expert(x)
 end
 
 -- --- models ---------------------------------------------------------------------------------------
@@ -138,10 +149,27 @@ for _, LM in ipairs({ dense, sparse }) do
          if text.tie_word_embeddings == nil then text.tie_word_embeddings = raw.tie_word_embeddings end
          local cfg = qwen3_next.config(text, self.family)
          cfg._source = src .. " (text_config)"
+         cfg.experts_apart = rawget(self, "_experts_apart")
          return cfg
       end
-      return qwen3_next.config(source, self.family)
+      local cfg = qwen3_next.config(source, self.family)
+      cfg.experts_apart = rawget(self, "_experts_apart")
+      return cfg
    end
+end
+
+-- Qwen3.5-MoE folders come with the experts stacked (the hub's) or apart (transformers' save of a
+-- fine-tune): from_pretrained builds whichever the checkpoint holds.
+function sparse.build_opts_for(names)
+   for _, name in ipairs(names) do
+      if name:find("%.mlp%.experts%.0%.gate_proj%.weight$") then return { experts_apart = true } end
+   end
+   return nil
+end
+
+function sparse:__init(cfg, opts)
+   rawset(self, "_experts_apart", opts and opts.experts_apart or nil)
+   require("moonload.models.llama").LlamaForCausalLM.__init(self, cfg)
 end
 
 return M
