@@ -408,6 +408,32 @@ describe("models.gemma3 multimodal checkpoint (tests/fixtures/models/gemma3_mult
    end)
 end)
 
+-- Mistral 3 (llava's names: language_model.model.*, language_model.lm_head) and Qwen3-VL (the
+-- newer model.language_model.*, model.visual.*): the language model of each, on text
+for _, case in ipairs({ { "mistral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
+                        { "qwen3_vl_multimodal_tiny", "Qwen3ForCausalLM", "^model%.language_model%.", "^lm_head%." } }) do
+   local name, class, prefix, head = case[1], case[2], case[3], case[4]
+   describe("models: a multimodal checkpoint's language model (tests/fixtures/models/" .. name .. ")", function()
+      local exp = H.expected(name)
+      local model = models.from_pretrained(H.FIX .. "/" .. name)
+
+      it("builds " .. class .. " from text_config with every language-model tensor of the checkpoint", function()
+         assert.are.equal(class, model.__name)
+         assert.truthy(model.config._source:find("(text_config)", 1, true))
+         local want = {}
+         for k in pairs(ml.safetensors.load_file(H.FIX .. "/" .. name .. "/model.safetensors")) do
+            if k:find(prefix) or k:find(head) then want[#want + 1] = k end
+         end
+         local have = H.param_names(model)
+         assert.are.equal(#want, #have)
+         assert.are_not.equal(model.model.embed_tokens.weight, model.lm_head.weight)     -- a head of its own
+      end)
+
+      it_matches_transformers(model, exp, "batch of 2")
+      H.it_matches_padded(model, name, "positions")
+   end)
+end
+
 describe("models.gpt_neox (tests/fixtures/models/gpt_neox_tiny: per-head q/k/v, a quarter rotated)", function()
    local neox = require("moonload.models.gpt_neox")
    local exp = H.expected("gpt_neox_tiny")

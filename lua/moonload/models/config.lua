@@ -124,4 +124,26 @@ function M.integer(cfg, who, name, v, min)
    return v
 end
 
+--- The language model's config of a multimodal checkpoint (model_type one of `multimodal`, a set:
+-- Gemma 3, Mistral 3, Qwen3-VL, Qwen3.5): read(its text_config) with tie_word_embeddings from the
+-- top level when the text config has none, its source marked "(text_config)"; any other config
+-- is read(source) as it is.
+function M.read_text_config(source, who, multimodal, read)
+   local raw, src = M.read(source, who)
+   if not multimodal[raw.model_type] then return read(source) end
+   local text = raw.text_config
+   if type(text) ~= "table" then
+      error(string.format('%s: a %s config needs its "text_config", in %s', who, tostring(raw.model_type), src), 3)
+   end
+   if text.tie_word_embeddings == nil then text.tie_word_embeddings = raw.tie_word_embeddings end
+   local cfg = read(text)
+   cfg._source = src .. " (text_config)"
+   return cfg
+end
+
+-- A multimodal checkpoint's language-model tensors under transformers' names: the older llava
+-- layout (language_model.model., language_model.lm_head.) and the newer (model.language_model.).
+M.LANGUAGE_MODEL_RENAMES = { { "^language_model%.model%.", "model." }, { "^language_model%.lm_head%.", "lm_head." },
+   { "^model%.language_model%.", "model." } }
+
 return M

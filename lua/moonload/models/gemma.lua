@@ -220,25 +220,14 @@ Gemma3ForCausalLM.family, Gemma3ForCausalLM.Model = "gemma3_text", Gemma3TextMod
 Gemma3ForCausalLM.no_split_modules = { "Gemma3DecoderLayer" }
 -- The language model of a multimodal Gemma 3 checkpoint (model_type "gemma3": Gemma-3-4B and up)
 -- under the hub's names, or transformers' newer ones; its vision tower and projector are left out.
-Gemma3ForCausalLM.checkpoint_renames = { { "^language_model%.model%.", "model." }, { "^language_model%.lm_head%.", "lm_head." },
-   { "^model%.language_model%.", "model." } }
+Gemma3ForCausalLM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
 Gemma3ForCausalLM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^vision_tower%.", "^multi_modal_projector%.",
    "^model%.vision_tower%.", "^model%.multi_modal_projector%." }
 
 --- A gemma3_text config, or a multimodal gemma3 one's text_config (the language model alone).
 function Gemma3ForCausalLM:read_config(source)
-   local raw, src = config.read(source, "models.gemma3")
-   if raw.model_type == "gemma3" then
-      if type(raw.text_config) ~= "table" then
-         error(string.format('models.gemma3: a gemma3 config needs its "text_config", in %s', src), 3)
-      end
-      local text = raw.text_config
-      if text.tie_word_embeddings == nil then text.tie_word_embeddings = raw.tie_word_embeddings end
-      local cfg = M.config(text, self.family)
-      cfg._source = src .. " (text_config)"
-      return cfg
-   end
-   return M.config(source, self.family)
+   return config.read_text_config(source, "models.gemma3", { gemma3 = true },
+      function(src) return M.config(src, self.family) end)
 end
 
 return M

@@ -19,8 +19,10 @@ local ARCH = {
    gpt2 = { module = "moonload.models.gpt2", class = "GPT2LMHeadModel" },
    llama = { module = "moonload.models.llama", class = "LlamaForCausalLM" },
    mistral = { module = "moonload.models.llama", class = "MistralForCausalLM" },
+   mistral3 = { module = "moonload.models.llama", class = "MistralForCausalLM" },   -- its language model
    qwen2 = { module = "moonload.models.llama", class = "Qwen2ForCausalLM" },
    qwen3 = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },
+   qwen3_vl = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },       -- its language model
    phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },

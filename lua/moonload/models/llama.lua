@@ -686,6 +686,22 @@ family_classes("phi3")
 family_classes("starcoder2")
 family_classes("olmo2")
 
+-- Multimodal checkpoints whose language model is one of these families load it alone (text in,
+-- text out; the vision tower and projector left out): Mistral 3 (model_type mistral3: Mistral Small
+-- 3.1/3.2, Magistral, Devstral; a mistral text_config, llava's names) and Qwen3-VL (qwen3_vl:
+-- Qwen3's layers; its multimodal rotary embedding is the plain one for text).
+local function reads_multimodal(LM, multimodal, ignore)
+   LM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
+   LM.ignore_unexpected = { "rotary_emb%.inv_freq$", unpack(ignore) }
+   function LM:read_config(source)
+      return config.read_text_config(source, FAMILIES[self.family].who, { [multimodal] = true },
+         function(src) return M.config(src, self.family) end)
+   end
+end
+reads_multimodal(M.MistralForCausalLM, "mistral3", { "^vision_tower%.", "^multi_modal_projector%.",
+   "^model%.vision_tower%.", "^model%.multi_modal_projector%." })
+reads_multimodal(M.Qwen3ForCausalLM, "qwen3_vl", { "^model%.visual%." })
+
 -- OLMo 2: RMSNorms over the whole query and key projections (before the heads are split), and
 -- norms after attention and MLP instead of before.
 local Olmo2Attention, Olmo2DecoderLayer = M.Olmo2Attention, M.Olmo2DecoderLayer

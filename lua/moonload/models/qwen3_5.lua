@@ -135,24 +135,12 @@ local sparse = qwen3_next.hybrid_family("qwen3_5_moe", "Qwen3_5Moe", Qwen3_5MoeG
 
 -- The multimodal checkpoints' language model: transformers' names, the vision tower left out.
 for _, LM in ipairs({ dense, sparse }) do
-   LM.checkpoint_renames = { { "^model%.language_model%.", "model." } }
+   LM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
    LM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^mtp%.", "^model%.visual%." }
-   local multimodal = LM.family                        -- "qwen3_5" / "qwen3_5_moe": the multimodal model_type
    --- A text config, or a multimodal one's text_config (the language model alone).
    function LM:read_config(source)
-      local raw, src = config.read(source, "models." .. self.family)
-      if raw.model_type == multimodal then
-         if type(raw.text_config) ~= "table" then
-            error(string.format('models.%s: a %s config needs its "text_config", in %s', self.family, multimodal, src), 3)
-         end
-         local text = raw.text_config
-         if text.tie_word_embeddings == nil then text.tie_word_embeddings = raw.tie_word_embeddings end
-         local cfg = qwen3_next.config(text, self.family)
-         cfg._source = src .. " (text_config)"
-         cfg.experts_apart = rawget(self, "_experts_apart")
-         return cfg
-      end
-      local cfg = qwen3_next.config(source, self.family)
+      local cfg = config.read_text_config(source, "models." .. self.family, { [self.family] = true },
+         function(src) return qwen3_next.config(src, self.family) end)
       cfg.experts_apart = rawget(self, "_experts_apart")
       return cfg
    end
