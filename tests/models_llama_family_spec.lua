@@ -411,7 +411,8 @@ end)
 -- Mistral 3 (llava's names: language_model.model.*, language_model.lm_head) and Qwen3-VL (the
 -- newer model.language_model.*, model.visual.*): the language model of each, on text
 for _, case in ipairs({ { "mistral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
-                        { "qwen3_vl_multimodal_tiny", "Qwen3ForCausalLM", "^model%.language_model%.", "^lm_head%." } }) do
+                        { "qwen3_vl_multimodal_tiny", "Qwen3ForCausalLM", "^model%.language_model%.", "^lm_head%." },
+                        { "qwen3_vl_moe_multimodal_tiny", "Qwen3MoeForCausalLM", "^model%.language_model%.", "^lm_head%." } }) do
    local name, class, prefix, head = case[1], case[2], case[3], case[4]
    describe("models: a multimodal checkpoint's language model (tests/fixtures/models/" .. name .. ")", function()
       local exp = H.expected(name)
@@ -433,6 +434,50 @@ for _, case in ipairs({ { "mistral3_multimodal_tiny", "MistralForCausalLM", "^la
       H.it_matches_padded(model, name, "positions")
    end)
 end
+
+describe("models.qwen3_moe with stacked experts (Qwen3-VL-MoE: the hub's transposed layout, and transformers' own)", function()
+   local name = "qwen3_vl_moe_multimodal_tiny"
+   local exp = H.expected(name)
+
+   it("reads the hub's (E, hidden, 2 x inter) layout as views and runs only the chosen experts", function()
+      local model = models.from_pretrained(H.FIX .. "/" .. name)
+      local experts = model.model.layers[1].mlp.experts
+      assert.are.equal("StackedExperts", experts.__name)
+      assert.are.same({ 6, 32, 16 }, experts.gate_up_proj.shape)
+      assert.are.same({ 6, 8, 32 }, experts.down_proj.shape)
+      assert.is_true(model.config.norm_topk_prob)                 -- (Qwen3-VL-MoE's router always renormalizes)
+      local ran = {}
+      local expert = experts.expert
+      rawset(experts, "expert", function(self, e, x) ran[#ran + 1] = e; return expert(self, e, x) end)
+      model({ { 5 } })
+      assert.are.equal(2, #ran)
+   end)
+
+   it("reads the same experts as transformers writes them, (E, 2 x inter, hidden), to the same logits", function()
+      local dir = H.tmpdir()
+      H.copy(H.FIX .. "/" .. name .. "/config.json", dir .. "/config.json")
+      local tensors = {}
+      for k, t in pairs(ml.safetensors.load_file(H.FIX .. "/" .. name .. "/model.safetensors")) do
+         if k:find("%.mlp%.experts%.") then t = t:transpose(2, 3):contiguous() end
+         tensors[k] = t
+      end
+      ml.safetensors.save_file(tensors, dir .. "/model.safetensors")
+      local model = models.from_pretrained(dir)
+      assert.are.same({ 6, 16, 32 }, model.model.layers[1].mlp.experts.gate_up_proj.shape)
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+
+   it("tells the layouts apart by the down projection's shape", function()
+      local moe = require("moonload.models.moe")
+      local shapes = { ["a.mlp.experts.gate_up_proj"] = { 4, 32, 32 }, ["a.mlp.experts.down_proj"] = { 4, 32, 16 } }
+      local function shape_of(n) return shapes[n] end
+      assert.are.equal("out_in", moe.stacked_layout({ "a.mlp.experts.gate_up_proj" }, shape_of))
+      shapes["a.mlp.experts.down_proj"] = { 4, 16, 32 }
+      assert.are.equal("in_out", moe.stacked_layout({ "a.mlp.experts.gate_up_proj" }, shape_of))
+      assert.is_nil(moe.stacked_layout({ "a.mlp.experts.0.gate_proj.weight" }, shape_of))
+   end)
+end)
 
 describe("models.gpt_neox (tests/fixtures/models/gpt_neox_tiny: per-head q/k/v, a quarter rotated)", function()
    local neox = require("moonload.models.gpt_neox")

@@ -125,9 +125,10 @@ function M.integer(cfg, who, name, v, min)
 end
 
 --- The language model's config of a multimodal checkpoint (model_type one of `multimodal`, a set:
--- Gemma 3, Mistral 3, Qwen3-VL, Qwen3.5): read(its text_config) with tie_word_embeddings from the
--- top level when the text config has none, its source marked "(text_config)"; any other config
--- is read(source) as it is.
+-- Gemma 3, Mistral 3, Qwen3-VL, Qwen3.5): read(its text_config) with the top level's
+-- tie_word_embeddings when it has one (transformers ties the composite model by it: Qwen3-VL-MoE's
+-- text config class defaults to True under a False), its source marked "(text_config)"; any
+-- other config is read(source) as it is.
 function M.read_text_config(source, who, multimodal, read)
    local raw, src = M.read(source, who)
    if not multimodal[raw.model_type] then return read(source) end
@@ -135,7 +136,7 @@ function M.read_text_config(source, who, multimodal, read)
    if type(text) ~= "table" then
       error(string.format('%s: a %s config needs its "text_config", in %s', who, tostring(raw.model_type), src), 3)
    end
-   if text.tie_word_embeddings == nil then text.tie_word_embeddings = raw.tie_word_embeddings end
+   if raw.tie_word_embeddings ~= nil then text.tie_word_embeddings = raw.tie_word_embeddings end
    local cfg = read(text)
    cfg._source = src .. " (text_config)"
    return cfg

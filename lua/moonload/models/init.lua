@@ -28,6 +28,7 @@ local ARCH = {
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
    gemma3 = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },   -- its language model
    qwen3_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
+   qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },
@@ -214,6 +215,19 @@ function M.checkpoint_names(ckpt)
    end
    table.sort(names)
    return names
+end
+
+--- shape_reader(ckpt) -> shape_of(name): a checkpoint tensor's shape (nil when absent), read from
+-- its file's header when asked.
+function M.shape_reader(ckpt)
+   return function(name)
+      local path = ckpt.kind == "sharded" and ckpt.weight_map[name] or ckpt.path
+      if path == nil then return nil end
+      local f = require("moonload.safetensors").safe_open(path)
+      local ok, info = pcall(f.tensor_info, f, name)
+      f:close()
+      return ok and info.shape or nil
+   end
 end
 
 local function matches_any(name, patterns)
@@ -463,7 +477,7 @@ function load(dir, opts)
    local names = M.checkpoint_names(ckpt)
    -- a class may build to match the checkpoint (BERT without its pooler) and read more of the
    -- folder (sentence-transformers' pooling)
-   local build_opts = cls.build_opts_for and cls.build_opts_for(names) or nil
+   local build_opts = cls.build_opts_for and cls.build_opts_for(names, M.shape_reader(ckpt)) or nil
    -- A decoder's base model saved alone (Qwen3Model, as embedding models ship): no lm_head.weight.
    -- It loads into the causal class with the head tied to the embeddings (its hidden states are
    -- what such a folder is for; generate would read the embeddings back as the head).

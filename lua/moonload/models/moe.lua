@@ -12,6 +12,7 @@
 -- them.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
+local F = require("moonload.nn.functional")
 local common = require("moonload.models.common")
 local config = require("moonload.models.config")
 local llama = require("moonload.models.llama")
@@ -90,7 +91,15 @@ function SparseMoeBlock:forward(x)
    local B, L, H = x:size(1), x:size(2), x:size(3)
    local flat = x:reshape(B * L, H)
    local top_w, top_i = self:route(flat)
-   return M.run_experts(self.experts, flat, top_w, top_i):view(B, L, H)
+   return self:routed(flat, top_w, top_i):view(B, L, H)
+end
+
+--- The routed experts' weighted sum for flat's rows: experts one module each (run here), or one
+-- module that takes the routing itself (StackedExperts: called as a module, for its hooks).
+function SparseMoeBlock:routed(flat, top_w, top_i)
+   local experts = self.experts
+   if experts.takes_routing then return experts(flat, top_w, top_i) end
+   return M.run_experts(experts, flat, top_w, top_i)
 end
 
 --- sum over each row's experts e of weight * experts[e + 1](row): flat (N, hidden), top_w (N, k),
@@ -126,12 +135,95 @@ function M.run_experts(experts, flat, top_w, top_i)
    return all:index_select(1, order):view(N, k, H):sum(2)
 end
 
+-- Experts stacked per projection, SwiGLU each: gate_up_proj holds every expert's gate rows then
+-- up rows, down_proj its down projection, in a linear layer's (out, in) layout -- gate_up (E, 2 x
+-- inter, hidden), down (E, hidden, inter): Qwen3.5-MoE's hub files, transformers' own -- or, with
+-- layout "in_out", transposed as x @ W multiplies them -- (E, hidden, 2 x inter), (E, inter,
+-- hidden): Qwen3-VL-MoE's hub files. Each expert runs from views of its slices, so under offload
+-- hooks (the stacked tensors views of a mapped file) a token reads its experts' pages only.
+local StackedExperts = nn.Module:extend("StackedExperts")
+M.StackedExperts = StackedExperts
+StackedExperts.takes_routing = true
+
+--- StackedExperts(cfg, who[, layout]): cfg.num_experts experts of width cfg.moe_intermediate_size.
+function StackedExperts:__init(cfg, who, layout)
+   nn.Module.__init(self)
+   local E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+   local in_out = layout == "in_out"
+   self.gate_up_proj = nn.Module.new_parameter(in_out and { E, H, 2 * I } or { E, 2 * I, H })
+   self.down_proj = nn.Module.new_parameter(in_out and { E, I, H } or { E, H, I })
+   if not self.gate_up_proj:is_meta() then
+      self.gate_up_proj:fill_(0)
+      self.down_proj:fill_(0)
+   end
+   self.act_fn = common.activation_module(cfg.hidden_act, who, cfg._source)
+   rawset(self, "in_out", in_out)
+   rawset(self, "num_experts", E)
+   rawset(self, "intermediate_size", I)
+   rawset(self, "expert_width", 2 * I)   -- (planning: an expert's widest activation, utils/runtime_memory.lua)
+end
+
+--- x (n, in) times expert e's (0-based) slice of the stacked weight w.
+function StackedExperts:project(w, e, x)
+   w = w:select(1, e + 1)
+   if w.dtype ~= x.dtype then w = w:to(x.dtype) end
+   if self.in_out then return x:matmul(w) end
+   return F.linear(x, w)
+end
+
+--- Expert e (0-based) on x (n, hidden): down(act(gate x) * up x).
+function StackedExperts:expert(e, x)
+   local I = self.intermediate_size
+   local gu = self:project(self.gate_up_proj, e, x)
+   return self:project(self.down_proj, e, self.act_fn(gu:narrow(2, 1, I)) * gu:narrow(2, I + 1, I))
+end
+
+--- flat (N, hidden), top_w (N, k), top_i a list per row of k 0-based experts: the weighted sum of
+-- each row's experts (run_experts). Called as a module, so offload hooks put the stacked weights
+-- in place first.
+function StackedExperts:forward(flat, top_w, top_i)
+   local experts = rawget(self, "_callables")        -- (made once: one per expert, as run_experts wants)
+   if not experts then
+      experts = {}
+      for e = 1, self.num_experts do experts[e] = function(x) return self:expert(e - 1, x) end end
+      rawset(self, "_callables", experts)
+   end
+   return M.run_experts(experts, flat, top_w, top_i)
+end
+
+function StackedExperts:extra_repr()
+   return string.format("num_experts=%d, intermediate_size=%d", self.num_experts, self.intermediate_size)
+end
+
+--- The stacked layout a checkpoint holds, from its experts' shapes (shape_of(name) -> shape or
+-- nil): "out_in" or "in_out" (the down projection tells: (E, hidden, inter) or (E, inter,
+-- hidden), with gate_up's 2 x inter beside it), or nil when the experts are not stacked.
+function M.stacked_layout(names, shape_of)
+   for _, name in ipairs(names) do
+      local prefix = name:match("^(.*%.mlp%.experts)%.gate_up_proj$")
+      if prefix and shape_of then
+         local gu, down = shape_of(name), shape_of(prefix .. ".down_proj")
+         if gu and down and #gu == 3 and #down == 3 then
+            if 2 * down[3] == gu[2] then return "out_in" end
+            if 2 * down[2] == gu[3] then return "in_out" end
+         end
+      end
+   end
+   return nil
+end
+
 local Qwen3MoeSparseMoeBlock = SparseMoeBlock:extend("Qwen3MoeSparseMoeBlock")
 M.Qwen3MoeSparseMoeBlock = Qwen3MoeSparseMoeBlock
 
+--- Qwen3MoeSparseMoeBlock(cfg): experts one module each, or stacked per projection when
+-- cfg.experts_stacked says in which layout (Qwen3-VL-MoE's checkpoints).
 function Qwen3MoeSparseMoeBlock:__init(cfg)
    nn.Module.__init(self)
-   self.experts = experts_of(cfg, Qwen3MoeMLP)
+   if cfg.experts_stacked then
+      self.experts = StackedExperts(cfg, "models.qwen3_moe", cfg.experts_stacked)
+   else
+      self.experts = experts_of(cfg, Qwen3MoeMLP)
+   end
    self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
    self:routing(cfg)
 end
@@ -217,6 +309,31 @@ local function moe_family(family, prefix, Sparse, Dense, mlp_name)
 end
 
 moe_family("qwen3_moe", "Qwen3Moe", Qwen3MoeSparseMoeBlock, Qwen3MoeMLP)
+
+-- Qwen3-VL-MoE checkpoints (model_type qwen3_vl_moe: Qwen3-VL-30B-A3B, 235B-A22B) load their
+-- language model as Qwen3-MoE: its experts stacked per projection (transposed on the hub), each
+-- token's top-k weights always renormalized, the vision tower left out.
+local Qwen3MoeLM = M.Qwen3MoeForCausalLM
+Qwen3MoeLM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
+Qwen3MoeLM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^model%.visual%." }
+
+function Qwen3MoeLM.build_opts_for(names, shape_of)
+   local layout = M.stacked_layout(names, shape_of)
+   return layout and { experts_stacked = layout } or nil
+end
+
+function Qwen3MoeLM:__init(cfg, opts)
+   rawset(self, "_experts_stacked", opts and opts.experts_stacked or nil)
+   llama.LlamaForCausalLM.__init(self, cfg)
+end
+
+function Qwen3MoeLM:read_config(source)
+   local cfg = config.read_text_config(source, "models.qwen3_moe", { qwen3_vl_moe = true },
+      function(src) return M.config(src, self.family) end)
+   if cfg.model_type == "qwen3_vl_moe_text" then cfg.norm_topk_prob = true end   -- (its router always does)
+   cfg.experts_stacked = rawget(self, "_experts_stacked")
+   return cfg
+end
 moe_family("qwen2_moe", "Qwen2Moe", Qwen2MoeSparseMoeBlock, Qwen2MoeMLP)
 moe_family("mixtral", "Mixtral", MixtralSparseMoeBlock, MixtralSparseMoeBlock, "block_sparse_moe")   -- all sparse
 

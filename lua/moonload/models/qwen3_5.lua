@@ -20,7 +20,6 @@
 -- multimodal (mrope_section splits the frequencies among time, height and width positions); for
 -- text the three positions are the token's, which makes it the plain rotary embedding.
 local nn = require("moonload.nn")
-local F = require("moonload.nn.functional")
 local config = require("moonload.models.config")
 local moe = require("moonload.models.moe")
 local qwen3_next = require("moonload.models.qwen3_next")
@@ -42,50 +41,8 @@ end
 
 -- --- experts stacked per projection -------------------------------------------------------------
 
-local Qwen3_5MoeExperts = nn.Module:extend("Qwen3_5MoeExperts")
+local Qwen3_5MoeExperts = moe.StackedExperts:extend("Qwen3_5MoeExperts")
 M.Qwen3_5MoeExperts = Qwen3_5MoeExperts
-
-function Qwen3_5MoeExperts:__init(cfg)
-   nn.Module.__init(self)
-   local E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-   self.gate_up_proj = nn.Module.new_parameter({ E, 2 * I, H })
-   self.down_proj = nn.Module.new_parameter({ E, H, I })
-   if not self.gate_up_proj:is_meta() then
-      self.gate_up_proj:fill_(0)
-      self.down_proj:fill_(0)
-   end
-   self.act_fn = require("moonload.models.common").activation_module(cfg.hidden_act, "models.qwen3_5_moe", cfg._source)
-   rawset(self, "num_experts", E)
-   rawset(self, "intermediate_size", I)
-   rawset(self, "expert_width", 2 * I)   -- (planning: an expert's widest activation, utils/runtime_memory.lua)
-end
-
---- Expert e (0-based) on x (n, hidden): down(act(gate x) * up x), from views of the stacked weights.
-function Qwen3_5MoeExperts:expert(e, x)
-   local I = self.intermediate_size
-   local gate_up = self.gate_up_proj:select(1, e + 1)
-   local down = self.down_proj:select(1, e + 1)
-   if gate_up.dtype ~= x.dtype then gate_up, down = gate_up:to(x.dtype), down:to(x.dtype) end
-   local gu = F.linear(x, gate_up)
-   return F.linear(self.act_fn(gu:narrow(2, 1, I)) * gu:narrow(2, I + 1, I), down)
-end
-
---- flat (N, hidden), top_w (N, k), top_i a list per row of k 0-based experts: the weighted sum of
--- each row's experts (models/moe.lua's run_experts). Called as a module, so offload hooks put the
--- stacked weights in place first.
-function Qwen3_5MoeExperts:forward(flat, top_w, top_i)
-   local experts = rawget(self, "_callables")        -- (made once: one per expert, as run_experts wants)
-   if not experts then
-      experts = {}
-      for e = 1, self.num_experts do experts[e] = function(x) return self:expert(e - 1, x) end end
-      rawset(self, "_callables", experts)
-   end
-   return moe.run_experts(experts, flat, top_w, top_i)
-end
-
-function Qwen3_5MoeExperts:extra_repr()
-   return string.format("num_experts=%d, intermediate_size=%d", self.num_experts, self.intermediate_size)
-end
 
 local Qwen3_5MoeMLP = qwen3_next.Qwen3NextMLP:extend("Qwen3_5MoeMLP")
 M.Qwen3_5MoeMLP = Qwen3_5MoeMLP
@@ -103,7 +60,7 @@ function Qwen3_5MoeSparseMoeBlock:__init(cfg)
       for e = 1, cfg.num_experts do experts[e] = Qwen3_5MoeMLP(cfg, cfg.moe_intermediate_size) end
       self.experts = nn.ModuleList(experts)
    else
-      self.experts = Qwen3_5MoeExperts(cfg)
+      self.experts = Qwen3_5MoeExperts(cfg, "models.qwen3_5_moe")
    end
    self.shared_expert = Qwen3_5MoeMLP(cfg, cfg.shared_expert_intermediate_size)
    self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, { bias = false })
@@ -116,9 +73,7 @@ function Qwen3_5MoeSparseMoeBlock:forward(x)
    local B, L, H = x:size(1), x:size(2), x:size(3)
    local flat = x:reshape(B * L, H)
    local top_w, top_i = self:route(flat)
-   local routed = self.experts.__name == "ModuleList" and moe.run_experts(self.experts, flat, top_w, top_i)
-      or self.experts(flat, top_w, top_i)
-   return routed:view(B, L, H) + self.shared_expert_gate(x):sigmoid() * self.shared_expert(x)
+   return self:routed(flat, top_w, top_i):view(B, L, H) + self.shared_expert_gate(x):sigmoid() * self.shared_expert(x)
 end
 
 -- --- models ---------------------------------------------------------------------------------------
