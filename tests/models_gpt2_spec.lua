@@ -8,12 +8,7 @@ local H = require("models_helpers")
 local DIR = H.FIX .. "/gpt2_tiny"
 local TOL = 1e-4
 
-local function sorted_keys(t)
-   local out = {}
-   for k in pairs(t) do out[#out + 1] = k end
-   table.sort(out)
-   return out
-end
+local sorted_keys = H.sorted_keys
 
 describe("models.gpt2", function()
    local exp = H.expected("gpt2_tiny")

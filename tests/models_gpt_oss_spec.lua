@@ -62,14 +62,7 @@ describe("models.gpt_oss (tests/fixtures/models/gpt_oss_tiny: sinks, a 4-token w
 
    it("runs only the experts the router picked", function()
       local m = models.from_pretrained(H.FIX .. "/gpt_oss_tiny")
-      local experts = m.model.layers[2].mlp.experts
-      local ran = {}
-      local expert = experts.expert
-      rawset(experts, "expert", function(self, e, x)
-         ran[#ran + 1] = e
-         return expert(self, e, x)
-      end)
-      m({ { 5 } })
+      local ran = H.experts_run(m.model.layers[2].mlp.experts, function() m({ { 5 } }) end)
       table.sort(ran)
       assert.are.equal(2, #ran)                      -- top 2 of 4 for one token
       assert.are_not.equal(ran[1], ran[2])

@@ -19,6 +19,28 @@ function H.param_names(model)
    return names
 end
 
+--- The keys of a table, sorted (a state dict's names, a checkpoint's).
+function H.sorted_keys(t)
+   local out = {}
+   for k in pairs(t) do out[#out + 1] = k end
+   table.sort(out)
+   return out
+end
+
+--- The experts (0-based) a MoE block's experts module ran during fn(): its expert method wrapped
+-- for the call (gpt-oss's and the stacked experts' one method per expert).
+function H.experts_run(experts, fn)
+   local ran = {}
+   local expert = experts.expert
+   rawset(experts, "expert", function(self, e, x)
+      ran[#ran + 1] = e
+      return expert(self, e, x)
+   end)
+   fn()
+   rawset(experts, "expert", nil)
+   return ran
+end
+
 function H.tmpdir()
    local p = os.tmpname()
    os.remove(p)

@@ -13,12 +13,7 @@ local H = require("models_helpers")
 local TOL = 1e-3
 local DENSE, SPARSE = "qwen3_5_tiny", "qwen3_5_moe_multimodal_tiny"
 
-local function sorted_keys(t)
-   local out = {}
-   for k in pairs(t) do out[#out + 1] = k end
-   table.sort(out)
-   return out
-end
+local sorted_keys = H.sorted_keys
 
 local function ids_tensor(ids) return ml.tensor(ids, { dtype = "int64" }) end
 
@@ -101,14 +96,7 @@ describe("models.qwen3_5 MoE (tests/fixtures/models/qwen3_5_moe_multimodal_tiny:
 
    it("runs only the experts the router picked, from views of the stacked weights", function()
       local m = models.from_pretrained(H.FIX .. "/" .. SPARSE)
-      local experts = m.model.layers[1].mlp.experts
-      local ran = {}
-      local expert = experts.expert
-      rawset(experts, "expert", function(self, e, x)
-         ran[#ran + 1] = e
-         return expert(self, e, x)
-      end)
-      m({ { 5 } })
+      local ran = H.experts_run(m.model.layers[1].mlp.experts, function() m({ { 5 } }) end)
       assert.are.equal(2, #ran)                        -- top 2 of 6 for one token
       assert.are_not.equal(ran[1], ran[2])
    end)

@@ -17,12 +17,7 @@ local SPLIT_TOL = 1e-3
 local NAME = "qwen3_next_tiny"
 local DIR = H.FIX .. "/" .. NAME
 
-local function sorted_keys(t)
-   local out = {}
-   for k in pairs(t) do out[#out + 1] = k end
-   table.sort(out)
-   return out
-end
+local sorted_keys = H.sorted_keys
 
 describe("models.qwen3_next (tests/fixtures/models/qwen3_next_tiny: linear, full, linear, full; the third layer dense)", function()
    H.collect_warnings()

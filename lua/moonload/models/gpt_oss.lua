@@ -187,13 +187,7 @@ end
 -- the weighted sum of each row's experts (models/moe.lua's run_experts). Called as a module, so
 -- offload hooks put the stacked weights in place first.
 function GptOssExperts:forward(flat, top_w, top_i)
-   local experts = rawget(self, "_callables")        -- (made once: one per expert, as run_experts wants)
-   if not experts then
-      experts = {}
-      for e = 1, self.num_experts do experts[e] = function(x) return self:expert(e - 1, x) end end
-      rawset(self, "_callables", experts)
-   end
-   return moe.run_experts(experts, flat, top_w, top_i)
+   return moe.run_expert_method(self, flat, top_w, top_i)
 end
 
 function GptOssExperts:extra_repr()

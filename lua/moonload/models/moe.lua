@@ -182,11 +182,17 @@ end
 -- each row's experts (run_experts). Called as a module, so offload hooks put the stacked weights
 -- in place first.
 function StackedExperts:forward(flat, top_w, top_i)
-   local experts = rawget(self, "_callables")        -- (made once: one per expert, as run_experts wants)
+   return M.run_expert_method(self, flat, top_w, top_i)
+end
+
+--- run_experts over a module whose experts are its method expert(e, x) (e 0-based) rather than
+-- modules of their own (the stacked experts, gpt-oss's): one callable per expert, made once.
+function M.run_expert_method(module, flat, top_w, top_i)
+   local experts = rawget(module, "_callables")
    if not experts then
       experts = {}
-      for e = 1, self.num_experts do experts[e] = function(x) return self:expert(e - 1, x) end end
-      rawset(self, "_callables", experts)
+      for e = 1, module.num_experts do experts[e] = function(x) return module:expert(e - 1, x) end end
+      rawset(module, "_callables", experts)
    end
    return M.run_experts(experts, flat, top_w, top_i)
 end
