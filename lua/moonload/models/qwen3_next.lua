@@ -28,6 +28,7 @@ local config = require("moonload.models.config")
 local llama = require("moonload.models.llama")
 local moe = require("moonload.models.moe")
 local gemma = require("moonload.models.gemma")
+local causal_conv = require("moonload.models.causal_conv")
 
 local M = {}
 
@@ -122,35 +123,6 @@ end
 
 -- --- linear attention ---------------------------------------------------------------------------
 
--- The depthwise convolution's weight (channels, 1, taps) under transformers' name; called on the
--- inputs preceded by the taps - 1 before them, so each output sees its own and the earlier ones.
-local Conv1d = nn.Module:extend("Conv1d")
-M.Conv1d = Conv1d
-
-function Conv1d:__init(channels, taps)
-   nn.Module.__init(self)
-   self.weight = nn.Module.new_parameter({ channels, 1, taps })
-   if not self.weight:is_meta() then self.weight:fill_(0) end
-   rawset(self, "channels", channels)
-   rawset(self, "taps", taps)
-end
-
---- x (B, taps - 1 + L, channels) -> silu of the causal depthwise convolution (B, L, channels).
-function Conv1d:forward(x)
-   local K = self.taps
-   local L = x:size(2) - K + 1
-   local w = self.weight:view(self.channels, K):t()                      -- (taps, channels)
-   if w.dtype ~= x.dtype then w = w:to(x.dtype) end
-   local y = x:narrow(2, 1, L) * w:select(1, 1)
-   for j = 2, K do y = y + x:narrow(2, j, L) * w:select(1, j) end
-   return y:silu()
-end
-
-function Conv1d:__tostring()
-   return string.format("Conv1d(%d, %d, kernel_size=(%d,), stride=(1,), padding=(%d,), groups=%d, bias=False)",
-      self.channels, self.channels, self.taps, self.taps - 1, self.channels)
-end
-
 local Qwen3NextGatedDeltaNet = nn.Module:extend("Qwen3NextGatedDeltaNet")
 M.Qwen3NextGatedDeltaNet = Qwen3NextGatedDeltaNet
 -- q, k, v, z in one projection and b, a in another, grouped by key head (Qwen3.5's stand apart)
@@ -161,7 +133,7 @@ function Qwen3NextGatedDeltaNet:__init(cfg, layer_idx)
    local Hk, Hv, Dk, Dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
       cfg.linear_value_head_dim
    local conv_dim = 2 * Hk * Dk + Hv * Dv
-   self.conv1d = Conv1d(conv_dim, cfg.linear_conv_kernel_dim)
+   self.conv1d = causal_conv.Conv1d(conv_dim, cfg.linear_conv_kernel_dim)
    if self.fused_in_proj then
       self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * Hk * Dk + 2 * Hv * Dv, { bias = false })
       self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * Hv, { bias = false })
@@ -234,17 +206,11 @@ function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
    local state
    if cache then
       state = cache:layer_state(self.layer_idx, B, function(rows)
-         return { conv = T.zeros({ rows, h.taps - 1, h.conv_dim }, { dtype = x.dtype, device = x.device }),
+         return { conv = causal_conv.initial_state(self.conv1d, rows, x),
                   recurrent = T.zeros({ rows, Hv, Dk, Dv }, { dtype = "float32", device = x.device }) }
       end)
    end
-   -- (a state made where the prompt ran may meet a step run elsewhere: a decoding step in place
-   -- on the CPU under set_compute_in_place; it is read here and written back where it lives)
-   local before = state and state.conv or T.zeros({ B, h.taps - 1, h.conv_dim }, { dtype = x.dtype, device = x.device })
-   if before.dtype ~= x.dtype or before.device ~= x.device then before = before:to(x.device):to(x.dtype) end
-   local window = T.cat({ before, mixed }, 2)                                          -- (B, taps - 1 + L, conv_dim)
-   if state then state.conv:copy_(window:narrow(2, L + 1, h.taps - 1)) end
-   local conv = self.conv1d(window)                                                    -- (B, L, conv_dim)
+   local conv = causal_conv.run(self.conv1d, mixed, state and state.conv):silu()         -- (B, L, conv_dim)
 
    local q = conv:narrow(3, 1, Hk * Dk):view(B, L, Hk, Dk)
    local k = conv:narrow(3, Hk * Dk + 1, Hk * Dk):view(B, L, Hk, Dk)
@@ -253,7 +219,7 @@ function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
    local A, dt_bias = self.A_log:float(), self.dt_bias:float()
    if A.device ~= x.device then A, dt_bias = A:to(x.device), dt_bias:to(x.device) end
    local g = -(A:exp()) * softplus(a:float() + dt_bias)                                -- (B, L, Hv) float32
-   local recurrent = state and state.recurrent
+   local recurrent = state and state.recurrent     -- (read and written back where it lives, as the conv's)
    if recurrent and recurrent.device ~= x.device then recurrent = recurrent:to(x.device) end
    local y = F.gated_delta_rule(q, k, v, g, beta, recurrent)                           -- (B, L, Hv, Dv)
    if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
