@@ -40,6 +40,7 @@ local ARCH = {
    qwen3_5 = { module = "moonload.models.qwen3_5", class = "Qwen3_5ForCausalLM" },          -- its language model
    qwen3_5_moe_text = { module = "moonload.models.qwen3_5", class = "Qwen3_5MoeForCausalLM" },
    qwen3_5_moe = { module = "moonload.models.qwen3_5", class = "Qwen3_5MoeForCausalLM" },  -- its language model
+   lfm2 = { module = "moonload.models.lfm2", class = "Lfm2ForCausalLM" },
    starcoder2 = { module = "moonload.models.llama", class = "Starcoder2ForCausalLM" },
    olmo2 = { module = "moonload.models.llama", class = "Olmo2ForCausalLM" },
    phi = { module = "moonload.models.phi", class = "PhiForCausalLM" },
@@ -72,7 +73,7 @@ setmetatable(M, { __index = function(t, k)
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bloom = "moonload.models.bloom", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj",
       bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", glm4_moe = "moonload.models.glm4_moe",
-      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", t5 = "moonload.models.t5", bart = "moonload.models.bart",
+      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",

@@ -1,0 +1,194 @@
+--- LFM2 (Lfm2ForCausalLM, model_type "lfm2": Liquid's LFM2-350M to 2.6B) with Hugging Face
+-- parameter names. Most layers are short convolutions (conv.*): in_proj gives B, C and x, a
+-- depthwise causal convolution of conv_L_cache taps runs over B * x, and out_proj reads C times
+-- it; the others (full_attn_idxs, or layer_types "full_attention") are grouped-query attention
+-- with an RMSNorm over each query and key head (q_layernorm, k_layernorm) and out_proj. Each layer
+-- has an RMSNorm before its operator (operator_norm) and before its SwiGLU feed-forward (ffn_norm;
+-- feed_forward.{w1, w3, w2}, whose width block_auto_adjust_ff_dim scales by 2/3, then
+-- block_ffn_dim_multiplier, rounded up to block_multiple_of); embedding_norm ends the model; the
+-- head is tied.
+--
+-- A generation's cache keeps the short convolutions' last conv_L_cache - 1 inputs
+-- (KVCache:layer_state), which cannot be cropped back: assisted generation is refused.
+local nn = require("moonload.nn")
+local config = require("moonload.models.config")
+local common = require("moonload.models.common")
+local llama = require("moonload.models.llama")
+local causal_conv = require("moonload.models.causal_conv")
+
+local M = {}
+local WHO = "models.lfm2"
+
+local LAYER_TYPES = { conv = true, full_attention = true }
+
+--- Reads and checks an LFM2 config (path, folder or table): Llama's keys under LFM2's names
+-- (norm_eps, tie_embedding, block_ff_dim), layer_types or full_attn_idxs, the convolution's taps
+-- and bias, and the feed-forward's width (cfg.intermediate_size, adjusted as transformers does).
+function M.config(source)
+   local cfg = llama.config(source, "lfm2")
+   local function int(name, default, min) return config.integer(cfg, WHO, name, cfg[name] or default, min) end
+   cfg.conv_L_cache = int("conv_L_cache", 3, 1)
+   cfg.conv_bias = cfg.conv_bias == true
+   local types = cfg.layer_types
+   if types == nil then                  -- transformers' default: full_attn_idxs (0-based), else all
+      local full = {}
+      for _, i in ipairs(type(cfg.full_attn_idxs) == "table" and cfg.full_attn_idxs or {}) do full[i + 1] = true end
+      types = {}
+      for i = 1, cfg.num_hidden_layers do
+         types[i] = (cfg.full_attn_idxs == nil or full[i]) and "full_attention" or "conv"
+      end
+   elseif type(types) ~= "table" or #types ~= cfg.num_hidden_layers then
+      config.fail(cfg, WHO, 'config key "layer_types" must list %d layer types', cfg.num_hidden_layers)
+   end
+   for i, kind in ipairs(types) do
+      if not LAYER_TYPES[kind] then
+         config.fail(cfg, WHO, 'layer_types[%d] is "%s" (supported: conv, full_attention)', i, tostring(kind))
+      end
+   end
+   cfg.layer_types = types
+   if cfg.block_auto_adjust_ff_dim ~= false then
+      local width = math.floor(2 * cfg.intermediate_size / 3)
+      local multiplier = cfg.block_ffn_dim_multiplier
+      if multiplier == nil then multiplier = 1 end
+      if type(multiplier) ~= "number" or multiplier <= 0 then
+         config.fail(cfg, WHO, 'config key "block_ffn_dim_multiplier" must be a positive number, got %s', tostring(multiplier))
+      end
+      local multiple = int("block_multiple_of", 256, 1)
+      width = math.floor(multiplier * width)
+      cfg.intermediate_size = multiple * math.floor((width + multiple - 1) / multiple)
+   end
+   return cfg
+end
+
+-- --- layers ---------------------------------------------------------------------------------------
+
+local Lfm2ShortConv = nn.Module:extend("Lfm2ShortConv")
+M.Lfm2ShortConv = Lfm2ShortConv
+
+function Lfm2ShortConv:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local H = cfg.hidden_size
+   self.conv = causal_conv.Conv1d(H, cfg.conv_L_cache, { bias = cfg.conv_bias })
+   self.in_proj = nn.Linear(H, 3 * H, { bias = cfg.conv_bias })
+   self.out_proj = nn.Linear(H, H, { bias = cfg.conv_bias })
+   rawset(self, "layer_idx", layer_idx)
+end
+
+--- Bytes a cache keeps for this layer per batch of B sequences (utils/runtime_memory.lua): the
+-- last taps - 1 inputs of the convolution, el bytes each, whatever the length.
+function Lfm2ShortConv:state_bytes(B, el)
+   return B * (self.conv.taps - 1) * self.conv.channels * el
+end
+
+--- Values a forward forms per token at once beside the layer's input and MLP (for planning).
+function Lfm2ShortConv:token_values()
+   return 8 * self.conv.channels
+end
+
+--- x (B, L, hidden); cache optional (the convolution's last inputs carry over); pad (B, past + L)
+-- bool or nil: padding tokens enter as zeros.
+function Lfm2ShortConv:forward(x, cache, pad)
+   local B, L, H = x:size(1), x:size(2), x:size(3)
+   if pad and L > 1 then x = x * pad:narrow(2, pad:size(2) - L + 1, L):to(x.dtype):unsqueeze(3) end
+   local bcx = self.in_proj(x)
+   local b, c, v = bcx:narrow(3, 1, H), bcx:narrow(3, H + 1, H), bcx:narrow(3, 2 * H + 1, H)
+   local state = cache and cache:layer_state(self.layer_idx, B, function(rows)
+      return { conv = causal_conv.initial_state(self.conv, rows, x) }
+   end)
+   local y = causal_conv.run(self.conv, b * v, state and state.conv)
+   return self.out_proj(c * y)
+end
+
+local Lfm2Attention = llama.LlamaAttention:extend("Lfm2Attention")
+M.Lfm2Attention = Lfm2Attention
+Lfm2Attention.out_name = "out_proj"
+
+function Lfm2Attention:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+   self.q_proj = nn.Linear(cfg.hidden_size, H * D, { bias = false })
+   self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = false })
+   self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, { bias = false })
+   self.out_proj = nn.Linear(H * D, cfg.hidden_size, { bias = false })
+   self.q_layernorm = nn.RMSNorm(D, { eps = cfg.rms_norm_eps })
+   self.k_layernorm = nn.RMSNorm(D, { eps = cfg.rms_norm_eps })
+   llama.attention_geometry(self, cfg, layer_idx)
+end
+
+function Lfm2Attention:project(x, B, L)
+   local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+   return self.q_layernorm(self.q_proj(x):view(B, L, H, D)), self.k_layernorm(self.k_proj(x):view(B, L, Hkv, D)),
+      self.v_proj(x):view(B, L, Hkv, D)
+end
+
+local Lfm2MLP = nn.Module:extend("Lfm2MLP")
+M.Lfm2MLP = Lfm2MLP
+
+function Lfm2MLP:__init(cfg)
+   nn.Module.__init(self)
+   self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = false })
+   self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = false })
+   self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, { bias = false })
+end
+
+function Lfm2MLP:forward(x)
+   return self.w2(self.w1(x):silu() * self.w3(x))
+end
+
+local Lfm2DecoderLayer = nn.Module:extend("Lfm2DecoderLayer")
+M.Lfm2DecoderLayer = Lfm2DecoderLayer
+
+function Lfm2DecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   if cfg.layer_types[layer_idx] == "full_attention" then
+      self.self_attn = Lfm2Attention(cfg, layer_idx)
+   else
+      self.conv = Lfm2ShortConv(cfg, layer_idx)
+   end
+   self.feed_forward = Lfm2MLP(cfg)
+   self.operator_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.ffn_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function Lfm2DecoderLayer:forward(x, cos, sin, cache, pad)
+   local h = self.operator_norm(x)
+   if self.self_attn then
+      x = x + self.self_attn(h, cos, sin, cache, pad)
+   else
+      x = x + self.conv(h, cache, pad)
+   end
+   return x + self.feed_forward(self.ffn_norm(x))
+end
+
+-- --- model ----------------------------------------------------------------------------------------
+
+local Lfm2RotaryEmbedding = llama.LlamaRotaryEmbedding:extend("Lfm2RotaryEmbedding")
+M.Lfm2RotaryEmbedding = Lfm2RotaryEmbedding
+
+local Lfm2Model = llama.LlamaModel:extend("Lfm2Model")
+M.Lfm2Model = Lfm2Model
+Lfm2Model.family, Lfm2Model.Layer, Lfm2Model.Rotary = "lfm2", Lfm2DecoderLayer, Lfm2RotaryEmbedding
+Lfm2Model.norm_name = "embedding_norm"
+
+-- transformers' order: the embeddings, the layers, the rotary table, the final norm
+function Lfm2Model:__init(cfg)
+   local layers = {}
+   for i = 1, cfg.num_hidden_layers do layers[i] = Lfm2DecoderLayer(cfg, i) end
+   nn.Module.__init(self)
+   self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+   self.layers = nn.ModuleList(layers)
+   self.rotary_emb = Lfm2RotaryEmbedding(cfg)
+   self.embedding_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   rawset(self, "config", cfg)
+end
+
+local Lfm2ForCausalLM = llama.LlamaForCausalLM:extend("Lfm2ForCausalLM")
+M.Lfm2ForCausalLM = Lfm2ForCausalLM
+Lfm2ForCausalLM.family, Lfm2ForCausalLM.Model = "lfm2", Lfm2Model
+Lfm2ForCausalLM.no_split_modules = { "Lfm2DecoderLayer" }
+Lfm2ForCausalLM.stateful = true          -- its cache cannot be cropped: no assisted generation
+Lfm2ForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
+
+function Lfm2ForCausalLM:read_config(source) return M.config(source) end
+
+return M
