@@ -92,3 +92,47 @@ describe("models.lfm2 (tests/fixtures/models/lfm2_tiny: conv, attention, conv, a
       assert.are.equal(96, cfg.intermediate_size)
    end)
 end)
+
+describe("models.lfm2_moe (tests/fixtures/models/lfm2_moe_tiny: the first layer dense, then 6 experts, top 2)", function()
+   H.collect_warnings()
+   local name = "lfm2_moe_tiny"
+   local exp = H.expected(name)
+   local model = models.from_pretrained(H.FIX .. "/" .. name)
+
+   it("builds Lfm2MoeForCausalLM with every tensor of the checkpoint (the experts one by one, expert_bias)", function()
+      assert.are.equal("Lfm2MoeForCausalLM", model.__name)
+      local want = H.sorted_keys(ml.safetensors.load_file(H.FIX .. "/" .. name .. "/model.safetensors"))
+      want[#want + 1] = "lm_head.weight"
+      table.sort(want)
+      assert.are.same(want, H.sorted_keys((model:state_dict())))
+      assert.are.equal("Lfm2MLP", model.model.layers[1].feed_forward.__name)
+      assert.are.equal(48, model.model.layers[1].feed_forward.w1.out_features)         -- (not adjusted)
+      assert.are.equal("Lfm2MoeSparseMoeBlock", model.model.layers[2].feed_forward.__name)
+   end)
+
+   it("gives transformers' logits and greedy ids, alone and as a padded batch", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      local pad = H.read_json(H.FIX .. "/" .. name .. "/padded.json")
+      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
+   end)
+
+   it("chooses experts by score + expert_bias and weighs them by the scores alone", function()
+      local m = models.from_pretrained(H.FIX .. "/" .. name)
+      for i = 2, 4 do m.model.layers[i].feed_forward.expert_bias:fill_(0) end
+      assert.is_true(H.max_abs_diff(m(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) > 1e-3)
+      local block = model.model.layers[2].feed_forward
+      local w = block:route(ml.randn(3, 32))
+      assert.is_true(math.abs(w:sum(2):max():item() - 1.5) < 1e-5)            -- renormalized, times 1.5
+   end)
+
+   it("reads only the experts the router picked with them on disk", function()
+      local dir = H.tmpdir()
+      local m = models.from_pretrained(H.FIX .. "/" .. name, { device_map = "auto", max_memory = { cpu = 150000 },
+         offload_folder = dir, device_overrides = { ["%.feed_forward%.experts%.%d+$"] = "disk" } })
+      assert.are.equal("disk", m.hf_device_map["model.layers.1.feed_forward.experts.0"])
+      assert.are.same(exp.greedy_ids[1], m:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      H.rmdir(dir)
+   end)
+end)

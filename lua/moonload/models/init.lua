@@ -41,6 +41,7 @@ local ARCH = {
    qwen3_5_moe_text = { module = "moonload.models.qwen3_5", class = "Qwen3_5MoeForCausalLM" },
    qwen3_5_moe = { module = "moonload.models.qwen3_5", class = "Qwen3_5MoeForCausalLM" },  -- its language model
    lfm2 = { module = "moonload.models.lfm2", class = "Lfm2ForCausalLM" },
+   lfm2_moe = { module = "moonload.models.lfm2", class = "Lfm2MoeForCausalLM" },
    starcoder2 = { module = "moonload.models.llama", class = "Starcoder2ForCausalLM" },
    olmo2 = { module = "moonload.models.llama", class = "Olmo2ForCausalLM" },
    phi = { module = "moonload.models.phi", class = "PhiForCausalLM" },

@@ -1,4 +1,5 @@
---- LFM2 (Lfm2ForCausalLM, model_type "lfm2": Liquid's LFM2-350M to 2.6B) with Hugging Face
+--- LFM2 (Lfm2ForCausalLM, model_type "lfm2": Liquid's LFM2-350M to 2.6B; Lfm2MoeForCausalLM,
+-- "lfm2_moe": LFM2-8B-A1B, sparse after its first num_dense_layers) with Hugging Face
 -- parameter names. Most layers are short convolutions (conv.*): in_proj gives B, C and x, a
 -- depthwise causal convolution of conv_L_cache taps runs over B * x, and out_proj reads C times
 -- it; the others (full_attn_idxs, or layer_types "full_attention") are grouped-query attention
@@ -15,17 +16,21 @@ local config = require("moonload.models.config")
 local common = require("moonload.models.common")
 local llama = require("moonload.models.llama")
 local causal_conv = require("moonload.models.causal_conv")
+local moe = require("moonload.models.moe")
+local T = require("moonload.tensor")
 
 local M = {}
-local WHO = "models.lfm2"
 
 local LAYER_TYPES = { conv = true, full_attention = true }
 
 --- Reads and checks an LFM2 config (path, folder or table): Llama's keys under LFM2's names
 -- (norm_eps, tie_embedding, block_ff_dim), layer_types or full_attn_idxs, the convolution's taps
 -- and bias, and the feed-forward's width (cfg.intermediate_size, adjusted as transformers does).
-function M.config(source)
-   local cfg = llama.config(source, "lfm2")
+-- family "lfm2_moe" reads an LFM2-MoE one: its experts, router and num_dense_layers.
+function M.config(source, family)
+   family = family or "lfm2"
+   local WHO = "models." .. family
+   local cfg = llama.config(source, family)
    local function int(name, default, min) return config.integer(cfg, WHO, name, cfg[name] or default, min) end
    cfg.conv_L_cache = int("conv_L_cache", 3, 1)
    cfg.conv_bias = cfg.conv_bias == true
@@ -46,6 +51,7 @@ function M.config(source)
       end
    end
    cfg.layer_types = types
+   if family == "lfm2_moe" then return M.moe_config(cfg, WHO, int) end
    if cfg.block_auto_adjust_ff_dim ~= false then
       local width = math.floor(2 * cfg.intermediate_size / 3)
       local multiplier = cfg.block_ffn_dim_multiplier
@@ -57,6 +63,26 @@ function M.config(source)
       width = math.floor(multiplier * width)
       cfg.intermediate_size = multiple * math.floor((width + multiple - 1) / multiple)
    end
+   return cfg
+end
+
+-- LFM2-MoE's keys (its dense layers keep intermediate_size as it is).
+function M.moe_config(cfg, WHO, int)
+   cfg.num_experts = int("num_experts", 32, 1)
+   cfg.num_experts_per_tok = int("num_experts_per_tok", 4, 1)
+   cfg.moe_intermediate_size = int("moe_intermediate_size", 1792, 1)
+   cfg.num_dense_layers = int("num_dense_layers", 2, 0)
+   if cfg.num_experts_per_tok > cfg.num_experts then
+      config.fail(cfg, WHO, "num_experts_per_tok %d is more than num_experts %d", cfg.num_experts_per_tok, cfg.num_experts)
+   end
+   local scale = cfg.routed_scaling_factor
+   if scale == nil then scale = 1 end
+   if type(scale) ~= "number" or scale <= 0 then
+      config.fail(cfg, WHO, 'config key "routed_scaling_factor" must be a positive number, got %s', tostring(scale))
+   end
+   cfg.routed_scaling_factor = scale
+   cfg.use_expert_bias = cfg.use_expert_bias ~= false
+   cfg.norm_topk_prob = cfg.norm_topk_prob ~= false
    return cfg
 end
 
@@ -124,15 +150,50 @@ end
 local Lfm2MLP = nn.Module:extend("Lfm2MLP")
 M.Lfm2MLP = Lfm2MLP
 
-function Lfm2MLP:__init(cfg)
+--- Lfm2MLP(cfg[, width]): intermediate_size wide, or width (an LFM2-MoE expert).
+function Lfm2MLP:__init(cfg, width)
    nn.Module.__init(self)
-   self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = false })
-   self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = false })
-   self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, { bias = false })
+   width = width or cfg.intermediate_size
+   self.w1 = nn.Linear(cfg.hidden_size, width, { bias = false })
+   self.w3 = nn.Linear(cfg.hidden_size, width, { bias = false })
+   self.w2 = nn.Linear(width, cfg.hidden_size, { bias = false })
 end
 
 function Lfm2MLP:forward(x)
    return self.w2(self.w1(x):silu() * self.w3(x))
+end
+
+-- LFM2-MoE's sparse feed-forward: experts w1/w3/w2 one by one behind a sigmoid router, each
+-- token's top num_experts_per_tok chosen by score + expert_bias (a float32 buffer) but weighted by
+-- the scores alone, renormalized (norm_topk_prob) and scaled by routed_scaling_factor.
+local Lfm2MoeSparseMoeBlock = moe.SparseMoeBlock:extend("Lfm2MoeSparseMoeBlock")
+M.Lfm2MoeSparseMoeBlock = Lfm2MoeSparseMoeBlock
+
+function Lfm2MoeSparseMoeBlock:__init(cfg)
+   nn.Module.__init(self)
+   local experts = {}
+   for e = 1, cfg.num_experts do experts[e] = Lfm2MLP(cfg, cfg.moe_intermediate_size) end
+   self.experts = nn.ModuleList(experts)
+   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   if cfg.use_expert_bias then self:register_buffer("expert_bias", T.zeros({ cfg.num_experts })) end
+   self:routing(cfg)
+   rawset(self, "routed_scaling_factor", cfg.routed_scaling_factor)
+end
+Lfm2MoeSparseMoeBlock.keep_float32_buffers = { expert_bias = true }
+
+function Lfm2MoeSparseMoeBlock:route(flat)
+   local scores = self.gate(flat):float():sigmoid()                          -- (N, E)
+   local choice = scores
+   if self.expert_bias then
+      local bias = self.expert_bias
+      if bias.device ~= scores.device then bias = bias:to(scores.device) end
+      choice = scores + bias:float()
+   end
+   local _, top_i = choice:topk(self.top_k, 2)
+   local top_w = scores:gather(2, top_i)
+   if self.norm_topk_prob then top_w = top_w / (top_w:sum(2, true) + 1e-6) end
+   if self.routed_scaling_factor ~= 1 then top_w = top_w * self.routed_scaling_factor end
+   return top_w, top_i:tolist()
 end
 
 local Lfm2DecoderLayer = nn.Module:extend("Lfm2DecoderLayer")
@@ -145,7 +206,8 @@ function Lfm2DecoderLayer:__init(cfg, layer_idx)
    else
       self.conv = Lfm2ShortConv(cfg, layer_idx)
    end
-   self.feed_forward = Lfm2MLP(cfg)
+   local sparse = cfg.num_experts and layer_idx > cfg.num_dense_layers
+   self.feed_forward = sparse and Lfm2MoeSparseMoeBlock(cfg) or Lfm2MLP(cfg)
    self.operator_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    self.ffn_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
@@ -187,8 +249,19 @@ M.Lfm2ForCausalLM = Lfm2ForCausalLM
 Lfm2ForCausalLM.family, Lfm2ForCausalLM.Model = "lfm2", Lfm2Model
 Lfm2ForCausalLM.no_split_modules = { "Lfm2DecoderLayer" }
 Lfm2ForCausalLM.stateful = true          -- its cache cannot be cropped: no assisted generation
-Lfm2ForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
+Lfm2ForCausalLM.forward = common.causal_lm_forward("models.lfm2.forward", "model", "embed_tokens")
 
-function Lfm2ForCausalLM:read_config(source) return M.config(source) end
+function Lfm2ForCausalLM:read_config(source) return M.config(source, self.family) end
+
+-- LFM2-MoE (Lfm2MoeForCausalLM, model_type "lfm2_moe": LFM2-8B-A1B): the same layers with a sparse
+-- feed-forward after the first num_dense_layers.
+local Lfm2MoeModel = Lfm2Model:extend("Lfm2MoeModel")
+M.Lfm2MoeModel = Lfm2MoeModel
+Lfm2MoeModel.family = "lfm2_moe"
+
+local Lfm2MoeForCausalLM = Lfm2ForCausalLM:extend("Lfm2MoeForCausalLM")
+M.Lfm2MoeForCausalLM = Lfm2MoeForCausalLM
+Lfm2MoeForCausalLM.family, Lfm2MoeForCausalLM.Model = "lfm2_moe", Lfm2MoeModel
+Lfm2MoeForCausalLM.forward = common.causal_lm_forward("models.lfm2_moe.forward", "model", "embed_tokens")
 
 return M

@@ -41,6 +41,7 @@ local FAMILIES = {
    gpt_oss = { who = "models.gpt_oss", prefix = "GptOss",                                       -- models/gpt_oss.lua
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
+   lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
@@ -193,7 +194,7 @@ function M.config(source, family)
    if (family == "gemma2" or family == "gemma3_text") and raw.hidden_activation ~= nil then
       raw.hidden_act = raw.hidden_activation
    end
-   if family == "lfm2" then                                   -- LFM2's names for Llama's keys
+   if family == "lfm2" or family == "lfm2_moe" then           -- LFM2's names for Llama's keys
       if raw.norm_eps ~= nil and raw.rms_norm_eps == nil then raw.rms_norm_eps = raw.norm_eps end
       if raw.tie_embedding ~= nil and raw.tie_word_embeddings == nil then raw.tie_word_embeddings = raw.tie_embedding end
       if raw.block_ff_dim ~= nil and raw.intermediate_size == nil then raw.intermediate_size = raw.block_ff_dim end
@@ -241,7 +242,7 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.qk_norm = cfg.use_qk_norm == true
-   elseif family == "lfm2" then              -- (its layer types: models/lfm2.lua)
+   elseif family == "lfm2" or family == "lfm2_moe" then   -- (its layer types: models/lfm2.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "qwen3_next" or family == "qwen3_5" or family == "qwen3_5_moe" then   -- (layer types: models/qwen3_next.lua)
