@@ -30,6 +30,7 @@ local ARCH = {
    qwen3_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
+   minimax_m2 = { module = "moonload.models.moe", class = "MiniMaxM2ForCausalLM" },
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },
    deepseek_v3 = { module = "moonload.models.deepseek", class = "DeepseekV3ForCausalLM" },

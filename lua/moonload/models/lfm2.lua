@@ -182,18 +182,8 @@ end
 Lfm2MoeSparseMoeBlock.keep_float32_buffers = { expert_bias = true }
 
 function Lfm2MoeSparseMoeBlock:route(flat)
-   local scores = self.gate(flat):float():sigmoid()                          -- (N, E)
-   local choice = scores
-   if self.expert_bias then
-      local bias = self.expert_bias
-      if bias.device ~= scores.device then bias = bias:to(scores.device) end
-      choice = scores + bias:float()
-   end
-   local _, top_i = choice:topk(self.top_k, 2)
-   local top_w = scores:gather(2, top_i)
-   if self.norm_topk_prob then top_w = top_w / (top_w:sum(2, true) + 1e-6) end
-   if self.routed_scaling_factor ~= 1 then top_w = top_w * self.routed_scaling_factor end
-   return top_w, top_i:tolist()
+   return moe.biased_sigmoid_route(self.gate(flat), self.expert_bias, self.top_k, self.norm_topk_prob, 1e-6,
+      self.routed_scaling_factor)
 end
 
 local Lfm2DecoderLayer = nn.Module:extend("Lfm2DecoderLayer")

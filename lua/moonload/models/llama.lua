@@ -40,6 +40,7 @@ local FAMILIES = {
                    defaults = { head_dim = 256, intermediate_size = function(c) return c.moe_intermediate_size or 512 end } },
    gpt_oss = { who = "models.gpt_oss", prefix = "GptOss",                                       -- models/gpt_oss.lua
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
+   minimax_m2 = { who = "models.minimax_m2", prefix = "MiniMaxM2", defaults = { head_dim = 128, rope_theta = 5000000 } },   -- models/moe.lua
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
@@ -221,8 +222,10 @@ function M.config(source, family)
       config.fail(cfg, WHO, "num_attention_heads %d is not a multiple of num_key_value_heads %d",
          cfg.num_attention_heads, cfg.num_key_value_heads)
    end
-   -- partial_rotary_factor (Phi-3/4, in rope_parameters or at the top level)
-   M.set_rotary_dim(cfg, WHO, rope.partial_rotary_factor or cfg.partial_rotary_factor or 1)
+   -- partial_rotary_factor (Phi-3/4, in rope_parameters or at the top level; MiniMax-M2's hub files
+   -- say rotary_dim instead)
+   local legacy = family == "minimax_m2" and type(cfg.rotary_dim) == "number" and cfg.rotary_dim / cfg.head_dim or nil
+   M.set_rotary_dim(cfg, WHO, rope.partial_rotary_factor or cfg.partial_rotary_factor or legacy or 1)
    if rope.rope_type == "longrope" then
       for _, k in ipairs({ "short_factor", "long_factor" }) do
          local f = rope[k]
@@ -242,6 +245,9 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.qk_norm = cfg.use_qk_norm == true
+   elseif family == "minimax_m2" then
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "lfm2" or family == "lfm2_moe" then   -- (its layer types: models/lfm2.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end

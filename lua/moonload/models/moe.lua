@@ -28,7 +28,8 @@ function M.config(source, family)
    local function int(v, name, min) return config.integer(cfg, WHO, name, v, min) end
    cfg.num_experts = int(experts, "num_experts", 0)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
-   cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (family == "mixtral" and cfg.intermediate_size) or 768,
+   local experts_are_mlp = family == "mixtral" or family == "minimax_m2"     -- (their experts' width: intermediate_size)
+   cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (experts_are_mlp and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
    if family == "qwen2_moe" or family == "qwen3_next" or family == "qwen3_5_moe" then
@@ -37,7 +38,7 @@ function M.config(source, family)
    if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then
       config.fail(cfg, WHO, "num_experts_per_tok %d is more than num_experts %d", cfg.num_experts_per_tok, cfg.num_experts)
    end
-   cfg.norm_topk_prob = family == "mixtral" or cfg.norm_topk_prob == true
+   cfg.norm_topk_prob = experts_are_mlp or cfg.norm_topk_prob == true
    local dense = {}
    for _, i in ipairs(type(cfg.mlp_only_layers) == "table" and cfg.mlp_only_layers or {}) do dense[i] = true end
    cfg.sparse_layers = {}
@@ -218,6 +219,24 @@ function M.stacked_layout(names, shape_of)
    return nil
 end
 
+--- Sigmoid routing with a bias on the choice alone (DeepSeek-V3's correction bias, without its
+-- groups: LFM2-MoE's expert_bias, MiniMax-M2's e_score_correction_bias): each row's k experts of
+-- highest sigmoid(logit) + bias, weighted by their sigmoid(logit) alone, renormalized when norm
+-- (sum + eps) and times scale. logits (N, E); bias (E) or nil. -> top_w (N, k) float32, top_i.
+function M.biased_sigmoid_route(logits, bias, k, norm, eps, scale)
+   local scores = logits:float():sigmoid()
+   local choice = scores
+   if bias then
+      if bias.device ~= scores.device then bias = bias:to(scores.device) end
+      choice = scores + bias:float()
+   end
+   local _, top_i = choice:topk(k, 2)
+   local top_w = scores:gather(2, top_i)
+   if norm then top_w = top_w / (top_w:sum(2, true) + eps) end
+   if scale and scale ~= 1 then top_w = top_w * scale end
+   return top_w, top_i:tolist()
+end
+
 local Qwen3MoeSparseMoeBlock = SparseMoeBlock:extend("Qwen3MoeSparseMoeBlock")
 M.Qwen3MoeSparseMoeBlock = Qwen3MoeSparseMoeBlock
 
@@ -282,6 +301,22 @@ function MixtralSparseMoeBlock:__init(cfg)
    self:routing(cfg)
 end
 
+-- MiniMax-M2's block: Mixtral's (block_sparse_moe.experts.E.{w1, w2, w3}, gate) behind a sigmoid
+-- router choosing by score + e_score_correction_bias (a float32 buffer), weighing by the
+-- renormalized scores.
+local MiniMaxM2SparseMoeBlock = MixtralSparseMoeBlock:extend("MiniMaxM2SparseMoeBlock")
+M.MiniMaxM2SparseMoeBlock = MiniMaxM2SparseMoeBlock
+MiniMaxM2SparseMoeBlock.keep_float32_buffers = { e_score_correction_bias = true }
+
+function MiniMaxM2SparseMoeBlock:__init(cfg)
+   MixtralSparseMoeBlock.__init(self, cfg)
+   self:register_buffer("e_score_correction_bias", T.zeros({ cfg.num_experts }))
+end
+
+function MiniMaxM2SparseMoeBlock:route(flat)
+   return M.biased_sigmoid_route(self.gate(flat), self.e_score_correction_bias, self.top_k, true, 1e-20)
+end
+
 -- --- layers and models ------------------------------------------------------------------------------
 
 --- decoder_family(family, prefix, Attention, MLP, mlp_name, read_config, into): the classes of a
@@ -342,5 +377,11 @@ function Qwen3MoeLM:read_config(source)
 end
 moe_family("qwen2_moe", "Qwen2Moe", Qwen2MoeSparseMoeBlock, Qwen2MoeMLP)
 moe_family("mixtral", "Mixtral", MixtralSparseMoeBlock, MixtralSparseMoeBlock, "block_sparse_moe")   -- all sparse
+
+-- MiniMax-M2 (model_type minimax_m2: MiniMax-M2 230B-A10B): OLMo 2's attention (RMSNorms over the
+-- whole query and key projections, here without biases) rotating rotary_dim of each head, every
+-- layer sparse. The hub's FP8 files load as DeepSeek-V3's do (quantize.lua's "fp8").
+M.decoder_family("minimax_m2", "MiniMaxM2", llama.Olmo2Attention, MiniMaxM2SparseMoeBlock, "block_sparse_moe",
+   M.config, M)
 
 return M
