@@ -20,7 +20,7 @@ describe("models.from_pretrained with device_map", function()
                            "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "gpt_oss_tiny", "gpt_oss_mxfp4_tiny", "qwen3_next_tiny",
                            "qwen3_5_tiny", "qwen3_5_moe_multimodal_tiny",
                            "mistral3_multimodal_tiny", "qwen3_vl_multimodal_tiny",
-                           "qwen3_vl_moe_multimodal_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny" }) do
+                           "qwen3_vl_moe_multimodal_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny" }) do
       it(name .. ": split over CPU and disk under a CPU budget, same logits and greedy ids", function()
          local exp = H.expected(name)
          local dir = H.tmpdir()

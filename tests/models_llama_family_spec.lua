@@ -475,6 +475,24 @@ describe("models.qwen3_moe with stacked experts (Qwen3-VL-MoE: the hub's transpo
    end)
 end)
 
+describe("models.olmo3 (tests/fixtures/models/olmo3_tiny: OLMo 2's layers, a 4-token window on 3 of 4, YaRN on the full one)", function()
+   local exp = H.expected("olmo3_tiny")
+   local model = models.from_pretrained(H.FIX .. "/olmo3_tiny")
+
+   it("builds Olmo3ForCausalLM: windows by layer type, the sliding layers' rotary table unscaled", function()
+      assert.are.equal("Olmo3ForCausalLM", model.__name)
+      assert.are.same({ 4, 4, 4, false }, model.config.layer_windows)
+      assert.are.equal("yarn", model.config.rope.rope_type)
+      assert.are.equal("default", model.config.rope_local.rope_type)
+      assert.are.equal(1.2, rawget(model.model.rotary_emb, "attention_scaling"))
+      assert.are.equal(1, rawget(model.model.rotary_emb, "local_scaling"))
+      assert.is_nil(H.param_names(model)[3]:find("input_layernorm"))        -- (norms after, as OLMo 2)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2, past the window")
+   it_matches_padded(model, "olmo3_tiny", "positions")
+end)
+
 describe("models.gpt_neox (tests/fixtures/models/gpt_neox_tiny: per-head q/k/v, a quarter rotated)", function()
    local neox = require("moonload.models.gpt_neox")
    local exp = H.expected("gpt_neox_tiny")

@@ -196,8 +196,7 @@ M.Gemma3RotaryEmbedding = Gemma3RotaryEmbedding
 -- own (local_inv_freq, from rope_local_base_freq).
 function Gemma3RotaryEmbedding:__init(cfg)
    llama.LlamaRotaryEmbedding.__init(self, cfg)
-   local lcfg = setmetatable({ rope = cfg.rope_local, rope_theta = cfg.rope_local.rope_theta }, { __index = cfg })
-   self:register_buffer("local_inv_freq", llama.LlamaRotaryEmbedding(lcfg).inv_freq, false)
+   llama.add_local_rotary(self, cfg)
 end
 
 local Gemma3TextModel = Gemma2Model:extend("Gemma3TextModel")
@@ -205,14 +204,7 @@ M.Gemma3TextModel = Gemma3TextModel
 Gemma3TextModel.family, Gemma3TextModel.Layer, Gemma3TextModel.Rotary, Gemma3TextModel.Norm =
    "gemma3_text", Gemma3DecoderLayer, Gemma3RotaryEmbedding, Gemma3RMSNorm
 
-function Gemma3TextModel:layer_rotary(positions, x)
-   local cos, sin = self.rotary_emb(positions)
-   local lcos, lsin = self.rotary_emb(positions, self.rotary_emb.local_inv_freq)
-   local full, sliding = { llama.rotary_for(cos, sin, x) }, { llama.rotary_for(lcos, lsin, x) }
-   local per_layer = {}
-   for i, w in ipairs(self.config.layer_windows) do per_layer[i] = w and sliding or full end
-   return per_layer
-end
+Gemma3TextModel.layer_rotary = llama.layer_rotary_by_window
 
 local Gemma3ForCausalLM = Gemma2ForCausalLM:extend("Gemma3ForCausalLM")
 M.Gemma3ForCausalLM = Gemma3ForCausalLM

@@ -45,6 +45,7 @@ local ARCH = {
    lfm2_moe = { module = "moonload.models.lfm2", class = "Lfm2MoeForCausalLM" },
    starcoder2 = { module = "moonload.models.llama", class = "Starcoder2ForCausalLM" },
    olmo2 = { module = "moonload.models.llama", class = "Olmo2ForCausalLM" },
+   olmo3 = { module = "moonload.models.llama", class = "Olmo3ForCausalLM" },
    phi = { module = "moonload.models.phi", class = "PhiForCausalLM" },
    gpt_neox = { module = "moonload.models.gpt_neox", class = "GPTNeoXForCausalLM" },
    opt = { module = "moonload.models.opt", class = "OPTForCausalLM" },

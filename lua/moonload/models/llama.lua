@@ -31,6 +31,7 @@ local FAMILIES = {
    mixtral = { who = "models.mixtral", prefix = "Mixtral", defaults = { rope_theta = 1000000 } },  -- models/moe.lua
    qwen2_moe = { who = "models.qwen2_moe", prefix = "Qwen2Moe" },                                  -- models/moe.lua
    olmo2 = { who = "models.olmo2", prefix = "Olmo2" },
+   olmo3 = { who = "models.olmo3", prefix = "Olmo3", defaults = { rope_theta = 500000, rms_norm_eps = 1e-5 } },
    deepseek_v2 = { who = "models.deepseek_v2", prefix = "DeepseekV2" },                        -- models/deepseek.lua
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
@@ -208,6 +209,11 @@ function M.config(source, family)
    local rope = M.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
       { rp, "rope_parameters." }, { type(rp.full_attention) == "table" and rp.full_attention or {},
       "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000)
+   if family == "olmo3" then           -- its sliding layers rotate unscaled
+      cfg.rope_local = M.rope_from(cfg, WHO, { { { rope_theta = cfg.rope_theta }, "" },
+         { type(rp.sliding_attention) == "table" and rp.sliding_attention or {}, "rope_parameters.sliding_attention." } },
+         500000)
+   end
    if family == "gemma3_text" then     -- its sliding layers rotate with their own base
       cfg.rope_local = M.rope_from(cfg, WHO, { { { rope_theta = cfg.rope_local_base_freq }, "" },
          { type(rp.sliding_attention) == "table" and rp.sliding_attention or {}, "rope_parameters.sliding_attention." } },
@@ -265,6 +271,15 @@ function M.config(source, family)
    elseif family == "olmo2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "olmo3" then            -- OLMo 2's, sliding on three layers of every four
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      if cfg.sliding_window == nil then cfg.sliding_window = 4096 end
+      cfg.use_sliding_window = true
+      if cfg.layer_types == nil then
+         cfg.layer_types = {}
+         for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 4 == 0 and "full_attention" or "sliding_attention" end
+      end
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
    elseif family == "starcoder2" then
       local bias = cfg.use_bias ~= false
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
@@ -405,18 +420,38 @@ function LlamaRotaryEmbedding:__init(cfg)
    self:register_buffer("inv_freq", inv_freq, false)
 end
 
---- cos, sin (float32) for positions: (T) or (B, T) -> (T, D) or (B, T, D); inv_freq: other
--- frequencies than the buffer's (Gemma 3's sliding layers).
-function LlamaRotaryEmbedding:forward(positions, inv_freq)
+--- cos, sin (float32) for positions: (T) or (B, T) -> (T, D) or (B, T, D); inv_freq and
+-- scaling: other frequencies than the buffer's and their cos/sin scale (the sliding layers' of
+-- Gemma 3 and OLMo 3: local_inv_freq, local_scaling).
+function LlamaRotaryEmbedding:forward(positions, inv_freq, scaling)
+   scaling = inv_freq and (scaling or 1) or self.attention_scaling
    inv_freq = inv_freq or self.inv_freq
    if self.original_max and positions:max():item() + 1 > self.original_max then inv_freq = self.long_inv_freq end
    local pos = positions:float():unsqueeze(-1)                             -- (..., T, 1)
    local freqs = pos * inv_freq:float()                                     -- (..., T, D/2)
    local emb = T.cat({ freqs, freqs }, -1)                                  -- (..., T, D)
-   if self.attention_scaling and self.attention_scaling ~= 1 then
-      return emb:cos() * self.attention_scaling, emb:sin() * self.attention_scaling
-   end
+   if scaling and scaling ~= 1 then return emb:cos() * scaling, emb:sin() * scaling end
    return emb:cos(), emb:sin()
+end
+
+--- For a model whose sliding layers rotate otherwise than its full ones (cfg.rope_local: Gemma 3's
+-- own base, OLMo 3's unscaled): their frequencies as the buffer local_inv_freq, and their scale.
+function M.add_local_rotary(rotary, cfg)
+   local lcfg = setmetatable({ rope = cfg.rope_local, rope_theta = cfg.rope_local.rope_theta }, { __index = cfg })
+   local local_rotary = LlamaRotaryEmbedding(lcfg)
+   rotary:register_buffer("local_inv_freq", local_rotary.inv_freq, false)
+   rawset(rotary, "local_scaling", local_rotary.attention_scaling or 1)
+end
+
+--- layer_rotary for such a model: the sliding layers (cfg.layer_windows) get the local tables.
+function M.layer_rotary_by_window(model, positions, x)
+   local rotary = model.rotary_emb
+   local cos, sin = rotary(positions)
+   local lcos, lsin = rotary(positions, rotary.local_inv_freq, rawget(rotary, "local_scaling"))
+   local full, sliding = { M.rotary_for(cos, sin, x) }, { M.rotary_for(lcos, lsin, x) }
+   local per_layer = {}
+   for i, w in ipairs(model.config.layer_windows) do per_layer[i] = w and sliding or full end
+   return per_layer
 end
 
 -- x * cos + rotate_half(x) * sin, in one kernel; with fewer rotary dims than the head has
@@ -701,6 +736,7 @@ family_classes("qwen3")
 family_classes("phi3")
 family_classes("starcoder2")
 family_classes("olmo2")
+family_classes("olmo3")
 
 -- Multimodal checkpoints whose language model is one of these families load it alone (text in,
 -- text out; the vision tower and projector left out): Mistral 3 (model_type mistral3: Mistral Small
@@ -747,6 +783,18 @@ function Olmo2DecoderLayer:forward(x, cos, sin, cache, pad)
    x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, cache, pad))
    return x + self.post_feedforward_layernorm(self.mlp(x))
 end
+
+-- OLMo 3: OLMo 2's layers, sliding on three layers of every four, which rotate unscaled.
+local Olmo3Attention, Olmo3DecoderLayer = M.Olmo3Attention, M.Olmo3DecoderLayer
+Olmo3Attention.__init, Olmo3Attention.project = Olmo2Attention.__init, Olmo2Attention.project
+Olmo3DecoderLayer.__init, Olmo3DecoderLayer.forward = Olmo2DecoderLayer.__init, Olmo2DecoderLayer.forward
+
+function M.Olmo3RotaryEmbedding:__init(cfg)
+   LlamaRotaryEmbedding.__init(self, cfg)
+   M.add_local_rotary(self, cfg)
+end
+
+M.Olmo3Model.layer_rotary = M.layer_rotary_by_window
 
 -- StarCoder2: LayerNorms (with biases) in place of RMSNorms, and a c_fc / c_proj MLP.
 local Starcoder2MLP = M.Starcoder2MLP
