@@ -461,6 +461,12 @@ describe("models.qwen3_moe with stacked experts (Qwen3-VL-MoE: the hub's transpo
       local model = models.from_pretrained(dir)
       assert.are.same({ 6, 16, 32 }, model.model.layers[1].mlp.experts.gate_up_proj.shape)
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      -- quantized (unstacked into int8 linear layers), either layout gives the same int8 model
+      local hub = models.from_pretrained(H.FIX .. "/" .. name)
+      ml.quantize(hub, { dtype = "int8" })
+      ml.quantize(model, { dtype = "int8" })
+      local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+      assert.are.equal(0, H.max_abs_diff(hub(ids), model(ids):tolist()))
       H.rmdir(dir)
    end)
 

@@ -441,6 +441,19 @@ function M.quantize(model, opts)
       error(WHO .. ": offload_folder must be a folder path, got " .. type(opts.offload_folder), 2)
    end
    local report = { quantized = {}, skipped = {}, reused = {}, bytes_before = 0, bytes_after = 0 }
+   -- experts stacked in one tensor per projection (Qwen3.5-MoE, Qwen3-VL-MoE) become one module
+   -- each, viewing their slices, so that their projections quantize as linear layers below
+   for _, e in ipairs(model:named_modules_list()) do
+      local name, m = e[1], e[2]
+      if type(m.unstacked) == "function" and not skip_reason(name, check_skip(opts.skip, 2)) then
+         local experts = m:unstacked()
+         if experts then
+            model:set_submodule(name, experts)
+         else
+            report.skipped[name] = "stacked experts offloaded by their hook (from_pretrained's quantize option quantizes them before they are placed)"
+         end
+      end
+   end
    local quantized_embedding = {}               -- name -> the QuantizedEmbedding made here
    for _, c in ipairs(M.candidates(model, opts.skip, opts.embeddings)) do
       local name, m, reason, tied_to = c[1], c[2], c[3], c[4]

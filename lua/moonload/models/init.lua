@@ -23,12 +23,14 @@ local ARCH = {
    qwen2 = { module = "moonload.models.llama", class = "Qwen2ForCausalLM" },
    qwen3 = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },
    qwen3_vl = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },       -- its language model
+   qwen3_vl_text = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },  -- (as save_model writes it)
    phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
    gemma3 = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },   -- its language model
    qwen3_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
+   qwen3_vl_moe_text = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
    minimax_m2 = { module = "moonload.models.moe", class = "MiniMaxM2ForCausalLM" },
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },

@@ -158,6 +158,7 @@ function StackedExperts:__init(cfg, who, layout)
       self.down_proj:fill_(0)
    end
    self.act_fn = common.activation_module(cfg.hidden_act, who, cfg._source)
+   rawset(self, "hidden_act", cfg.hidden_act)
    rawset(self, "in_out", in_out)
    rawset(self, "num_experts", E)
    rawset(self, "intermediate_size", I)
@@ -196,6 +197,34 @@ function M.run_expert_method(module, flat, top_w, top_i)
       rawset(module, "_callables", experts)
    end
    return M.run_experts(experts, flat, top_w, top_i)
+end
+
+--- The same experts as one module each (Qwen3-MoE's layout: experts.E.{gate_proj, up_proj,
+-- down_proj}), their weights views of the stacked ones (copies, for the transposed layout): what
+-- quantize makes of them, so that their projections quantize as linear layers. nil when the
+-- stacked weights are not in memory (meta: offloaded by a hook).
+function StackedExperts:unstacked()
+   local gu, down = self.gate_up_proj, self.down_proj
+   if gu:is_meta() or down:is_meta() then return nil end
+   local I = self.intermediate_size
+   local H = self.in_out and gu:size(2) or gu:size(3)
+   local cfg = { hidden_size = H, intermediate_size = I, hidden_act = self.hidden_act, mlp_bias = false,
+      _source = "stacked experts" }
+   local experts = {}
+   for e = 1, self.num_experts do
+      local expert = require("moonload.big_modeling").init_empty_weights(function() return Qwen3MoeMLP(cfg, I) end)
+      local w, d = gu:select(1, e), down:select(1, e)
+      if self.in_out then            -- (E, hidden, 2 x inter): a linear layer's (out, in) is its transpose
+         expert.gate_proj.weight = w:narrow(2, 1, I):t():contiguous()
+         expert.up_proj.weight = w:narrow(2, I + 1, I):t():contiguous()
+         expert.down_proj.weight = d:t():contiguous()
+      else
+         expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight = w:narrow(1, 1, I),
+            w:narrow(1, I + 1, I), d
+      end
+      experts[e] = expert
+   end
+   return nn.ModuleList(experts)
 end
 
 function StackedExperts:extra_repr()
