@@ -129,6 +129,14 @@ describe("models.qwen3_5 MoE (tests/fixtures/models/qwen3_5_moe_multimodal_tiny:
       H.rmdir(dir)
    end)
 
+   it("plans the stacked experts' int8 sizes (the projections whose in-features allow it)", function()
+      local m = ml.init_empty_weights(function() return qwen3_5.Qwen3_5MoeForCausalLM(H.FIX .. "/" .. SPARSE) end)
+      local plan = {}
+      require("moonload.big_modeling")._plan_int8(m, plan, { quantize = "int8" })
+      assert.are.equal("q8", plan.special_dtypes["model.layers.0.mlp.experts.gate_up_proj"])   -- in: hidden 32
+      assert.is_nil(plan.special_dtypes["model.layers.0.mlp.experts.down_proj"])                -- in: 16
+   end)
+
    it("leaves stacked experts offloaded by their hook in floats, and says why", function()
       local m = models.from_pretrained(H.FIX .. "/" .. SPARSE)
       ml.cpu_offload(m, { execution_device = "cpu" })

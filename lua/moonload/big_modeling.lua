@@ -611,6 +611,13 @@ function M._plan_int8(model, plan, opts)
    for _, c in ipairs(quantize.candidates(model, nil, opts.quantize_embeddings)) do
       if not c[3] then special[c[1] .. ".weight"] = planned end
    end
+   -- experts stacked per projection quantize too, split into linear layers first (quantize.lua)
+   for _, e in ipairs(model:named_modules_list()) do
+      local name, m = e[1], e[2]
+      if type(m.quantized_projections) == "function" then
+         for _, p in ipairs(m:quantized_projections()) do special[name .. "." .. p] = planned end
+      end
+   end
    plan.special_dtypes = special
 end
 

@@ -227,6 +227,17 @@ function StackedExperts:unstacked()
    return nn.ModuleList(experts)
 end
 
+--- The stacked projections quantize would turn into int8 or int4 once split (their in-features a
+-- multiple of QuantizedLinear's block): for the planner's sizes.
+function StackedExperts:quantized_projections()
+   local block = require("moonload.nn.quantized_linear").BLOCK
+   local H = self.in_out and self.gate_up_proj:size(2) or self.gate_up_proj:size(3)
+   local out = {}
+   if H % block == 0 then out[#out + 1] = "gate_up_proj" end
+   if self.intermediate_size % block == 0 then out[#out + 1] = "down_proj" end
+   return out
+end
+
 function StackedExperts:extra_repr()
    return string.format("num_experts=%d, intermediate_size=%d", self.num_experts, self.intermediate_size)
 end
