@@ -124,6 +124,27 @@ function M.integer(cfg, who, name, v, min)
    return v
 end
 
+--- cfg.layer_types checked and returned: the file's list, one per layer, each one of `kinds` (a
+-- list, as the error names them), or when the file has none, default(i) for layer i (1-based).
+function M.layer_types(cfg, who, kinds, default)
+   local types = cfg.layer_types
+   if types == nil then
+      types = {}
+      for i = 1, cfg.num_hidden_layers do types[i] = default(i) end
+   elseif type(types) ~= "table" or #types ~= cfg.num_hidden_layers then
+      M.fail(cfg, who, 'config key "layer_types" must list %d layer types', cfg.num_hidden_layers)
+   end
+   local known = {}
+   for _, k in ipairs(kinds) do known[k] = true end
+   for i, kind in ipairs(types) do
+      if not known[kind] then
+         M.fail(cfg, who, 'layer_types[%d] is "%s" (supported: %s)', i, tostring(kind), table.concat(kinds, ", "))
+      end
+   end
+   cfg.layer_types = types
+   return types
+end
+
 --- The language model's config of a multimodal checkpoint (model_type one of `multimodal`, a set:
 -- Gemma 3, Mistral 3, Qwen3-VL, Qwen3.5): read(its text_config) with the top level's
 -- tie_word_embeddings when it has one (transformers ties the composite model by it: Qwen3-VL-MoE's

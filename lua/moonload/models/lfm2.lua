@@ -21,8 +21,6 @@ local T = require("moonload.tensor")
 
 local M = {}
 
-local LAYER_TYPES = { conv = true, full_attention = true }
-
 --- Reads and checks an LFM2 config (path, folder or table): Llama's keys under LFM2's names
 -- (norm_eps, tie_embedding, block_ff_dim), layer_types or full_attn_idxs, the convolution's taps
 -- and bias, and the feed-forward's width (cfg.intermediate_size, adjusted as transformers does).
@@ -34,23 +32,12 @@ function M.config(source, family)
    local function int(name, default, min) return config.integer(cfg, WHO, name, cfg[name] or default, min) end
    cfg.conv_L_cache = int("conv_L_cache", 3, 1)
    cfg.conv_bias = cfg.conv_bias == true
-   local types = cfg.layer_types
-   if types == nil then                  -- transformers' default: full_attn_idxs (0-based), else all
-      local full = {}
-      for _, i in ipairs(type(cfg.full_attn_idxs) == "table" and cfg.full_attn_idxs or {}) do full[i + 1] = true end
-      types = {}
-      for i = 1, cfg.num_hidden_layers do
-         types[i] = (cfg.full_attn_idxs == nil or full[i]) and "full_attention" or "conv"
-      end
-   elseif type(types) ~= "table" or #types ~= cfg.num_hidden_layers then
-      config.fail(cfg, WHO, 'config key "layer_types" must list %d layer types', cfg.num_hidden_layers)
-   end
-   for i, kind in ipairs(types) do
-      if not LAYER_TYPES[kind] then
-         config.fail(cfg, WHO, 'layer_types[%d] is "%s" (supported: conv, full_attention)', i, tostring(kind))
-      end
-   end
-   cfg.layer_types = types
+   -- transformers' default: the layers full_attn_idxs lists (0-based) attend, all of them without it
+   local full = {}
+   for _, i in ipairs(type(cfg.full_attn_idxs) == "table" and cfg.full_attn_idxs or {}) do full[i + 1] = true end
+   config.layer_types(cfg, WHO, { "conv", "full_attention" }, function(i)
+      return (cfg.full_attn_idxs == nil or full[i]) and "full_attention" or "conv"
+   end)
    if family == "lfm2_moe" then return M.moe_config(cfg, WHO, int) end
    if cfg.block_auto_adjust_ff_dim ~= false then
       local width = math.floor(2 * cfg.intermediate_size / 3)

@@ -32,8 +32,6 @@ local causal_conv = require("moonload.models.causal_conv")
 
 local M = {}
 
-local LAYER_TYPES = { linear_attention = true, full_attention = true }
-
 --- Reads and checks a Qwen3-Next config (path, folder or table): Qwen3-MoE's keys, layer_types
 -- (or full_attention_interval), and the linear attention's heads, head sizes and conv taps.
 -- family "qwen3_5" reads a dense Qwen3.5 text config, "qwen3_5_moe" a Qwen3.5-MoE one (every
@@ -53,20 +51,10 @@ function M.config(source, family)
       config.fail(cfg, WHO, "linear_num_value_heads %d is not a multiple of linear_num_key_heads %d",
          cfg.linear_num_value_heads, cfg.linear_num_key_heads)
    end
-   local types = cfg.layer_types
-   if types == nil then                     -- transformers' default: every interval-th layer is full
-      local every = int("full_attention_interval", 4, 1)
-      types = {}
-      for i = 1, cfg.num_hidden_layers do types[i] = i % every == 0 and "full_attention" or "linear_attention" end
-   elseif type(types) ~= "table" or #types ~= cfg.num_hidden_layers then
-      config.fail(cfg, WHO, 'config key "layer_types" must list %d layer types', cfg.num_hidden_layers)
-   end
-   for i, kind in ipairs(types) do
-      if not LAYER_TYPES[kind] then
-         config.fail(cfg, WHO, 'layer_types[%d] is "%s" (supported: linear_attention, full_attention)', i, tostring(kind))
-      end
-   end
-   cfg.layer_types = types
+   local every = int("full_attention_interval", 4, 1)    -- transformers' default: every interval-th layer is full
+   config.layer_types(cfg, WHO, { "linear_attention", "full_attention" }, function(i)
+      return i % every == 0 and "full_attention" or "linear_attention"
+   end)
    if family ~= "qwen3_next" then           -- Qwen3.5: one kind of MLP in every layer
       cfg.sparse_layers = {}
       for i = 1, cfg.num_hidden_layers do cfg.sparse_layers[i] = family == "qwen3_5_moe" end
