@@ -238,10 +238,11 @@ function MLAttention:forward(x, cos, sin, cache, pad)
    local k_rot = ckv:narrow(3, r + 1, p):unsqueeze(2)                         -- (B, 1, T, p)
    if self.interleaved then q_rot, k_rot = self:deinterleave(q_rot), self:deinterleave(k_rot) end
    q_rot, k_rot = llama.apply_rotary(q_rot, cos, sin), llama.apply_rotary(k_rot, cos, sin)
-   local past = 0
+   local past, joint = 0, nil          -- joint: [latent, k_rot] as the cache holds them side by side
    if cache then
       past = cache.length
-      latent, k_rot = cache:update(self.layer_idx, latent, k_rot)
+      cache:join(self.layer_idx)
+      latent, k_rot, joint = cache:update(self.layer_idx, latent, k_rot)
    end
    if rawget(latent, "_q8_scales") then                                      -- an int8 cache
       local floats = require("moonload.models.kv_cache").floats
@@ -255,7 +256,7 @@ function MLAttention:forward(x, cos, sin, cache, pad)
          local w = self.kv_b_proj:dense_weight(x.dtype):view(H, n + vd, r)
          if w.device ~= x.device then w = w:to(x.device) end
          local q_latent = q_nope:matmul(w:narrow(2, 1, n))                    -- (B, H, T, r)
-         local keys = T.cat({ latent, k_rot }, 4)                             -- (B, 1, S, r + p)
+         local keys = joint or T.cat({ latent, k_rot }, 4)                    -- (B, 1, S, r + p)
          local qa, pa, back = common.queries_to_keys(T.cat({ q_latent, q_rot }, 4), keys, pad)
          local o = common.causal_attention(qa, keys, keys:narrow(4, 1, r), past, self.scale, pa)   -- (B, H, T, r)
          if back then o = o:to(back) end

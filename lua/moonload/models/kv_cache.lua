@@ -39,7 +39,7 @@ function Cache.new(n_layers, capacity, device, dtype)
    end
    -- start[i]: the position of the key in slot 1 of layer i's buffers; ks, vs: int8 scales
    return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, device = device, dtype = dtype,
-      k = {}, v = {}, ks = {}, vs = {}, start = {}, window = {}, states = {} }, Cache)
+      k = {}, v = {}, ks = {}, vs = {}, start = {}, window = {}, states = {}, joint = {}, kv = {} }, Cache)
 end
 
 --- The values per scale of an int8 cache for head dim D: the largest width up to 32 dividing D.
@@ -75,11 +75,36 @@ function Cache.layer_capacity(max_length, first_tokens, window)
    return math.min(max_length, first_tokens + 2 * window)
 end
 
+--- join(i): layer i's keys and values (same heads and length, widths Dk and Dv) are kept side by
+-- side in one buffer (B, H, capacity, Dk + Dv), which update then also returns as a third view:
+-- DeepSeek's absorbed attention attends over [latent, rotary key] as one key without
+-- concatenating its cache each step. (An int8 cache, or rows reordered to another count, keep
+-- them apart; update then returns no third view.) Call before the layer's first update.
+function Cache:join(i)
+   if self.dtype ~= "int8" and self.k[i] == nil then self.joint[i] = true end
+end
+
+-- Layer i's key and value buffers as views of one joint buffer of capacity cap, the used slots of
+-- the old ones (if any) copied in.
+local function joint_buffers(self, i, k, v, rows, cap, used)
+   local s = k.shape
+   s[1], s[3], s[4] = rows, cap, k:size(4) + v:size(4)
+   local kv = T.empty(s, { dtype = k.dtype, device = k.device })
+   local kb, vb = kv:narrow(4, 1, k:size(4)), kv:narrow(4, k:size(4) + 1, v:size(4))
+   if used > 0 then
+      kb:narrow(3, 1, used):copy_(self.k[i]:narrow(3, 1, used))
+      vb:narrow(3, 1, used):copy_(self.v[i]:narrow(3, 1, used))
+   end
+   self.kv[i] = kv
+   return kb, vb
+end
+
 --- Appends this step's k, v (B, H, L, D) for layer i (1-based) after the `length` tokens cached
 -- and returns views of the keys and values its queries may see (B, H, S, D): all length + L,
--- or with a window, the last min(length + L, window - 1 + L). block (from Cache:block): k and v
--- are rows first_row .. of a batch of block.batch rows and come block.offset tokens after
--- `length`; the views returned are of those rows.
+-- or with a window, the last min(length + L, window - 1 + L); for a joined layer (join) a third
+-- view, of both side by side. block (from Cache:block): k and v are rows first_row .. of a batch
+-- of block.batch rows and come block.offset tokens after `length`; the views returned are of those
+-- rows.
 function Cache:update(i, k, v, window, block)
    local offset, row, rows = 0, 1, k:size(1)
    if block then offset, row, rows = block.offset, block.first_row, block.batch end
@@ -90,7 +115,9 @@ function Cache:update(i, k, v, window, block)
    -- the buffers: keys and values, and with int8 their scales
    local bufs = { self.k[i], self.v[i], self.ks[i], self.vs[i] }
    local start = self.start[i] or 0
-   if bufs[1] == nil then
+   if bufs[1] == nil and self.joint[i] then
+      bufs[1], bufs[2] = joint_buffers(self, i, k, v, rows, Cache.layer_capacity(math.max(self.capacity, need), need, window), 0)
+   elseif bufs[1] == nil then
       local cap = Cache.layer_capacity(math.max(self.capacity, need), need, window)
       for j, x in ipairs({ k, v }) do
          local s = x.shape
@@ -113,7 +140,11 @@ function Cache:update(i, k, v, window, block)
       if used + L > bufs[1]:size(3) then
          local cap = math.max(used + L, 2 * bufs[1]:size(3))
          if window then cap = used + L + 2 * window end
-         for j, b in ipairs(bufs) do bufs[j] = grow(b, used, cap) end
+         if self.kv[i] then
+            bufs[1], bufs[2] = joint_buffers(self, i, k, v, rows, cap, used)
+         else
+            for j, b in ipairs(bufs) do bufs[j] = grow(b, used, cap) end
+         end
       end
    end
    self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i] = bufs[1], bufs[2], bufs[3], bufs[4], start
@@ -129,6 +160,11 @@ function Cache:update(i, k, v, window, block)
    if self.dtype ~= "int8" then
       bufs[1]:narrow(3, used + 1, L):copy_(k)
       bufs[2]:narrow(3, used + 1, L):copy_(v)
+      local kv = self.kv[i]
+      if kv then
+         if block then kv = kv:narrow(1, row, k:size(1)) end
+         return seen[1], seen[2], kv:narrow(3, first, need - keep_from)
+      end
       return seen[1], seen[2]
    end
    local F = require("moonload.nn.functional")
@@ -171,6 +207,8 @@ function Block:update(i, k, v, window)
    return self.cache:update(i, k, v, window, self)
 end
 
+function Block:join(i) self.cache:join(i) end
+
 --- The block's rows of layer i's state (the whole batch's is made on first use).
 function Block:layer_state(i, rows, make)
    local st = self.cache:layer_state(i, self.batch, make)
@@ -189,7 +227,7 @@ end
 --- Frees layer i's buffers (a forward's own cache, once the layer is done).
 function Cache:drop_layer(i)
    self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i], self.window[i] = nil, nil, nil, nil, nil, nil
-   self.states[i] = nil
+   self.states[i], self.kv[i] = nil, nil
 end
 
 --- Bytes the cache's buffers hold now (keys, values and int8 scales, every layer; the layers'
@@ -261,6 +299,7 @@ function Cache:reorder(rows)
          local used = self.length - (self.start[i] or 0)
          if #rows ~= b:size(1) then
             list[i] = b:index_select(1, on(rows, b.device))
+            self.kv[i] = nil                                   -- (apart from here on)
          elseif #moved_to > 0 and used > 0 then
             local live = b:narrow(3, 1, used)
             local sources = live:index_select(1, on(moved_from, b.device))
