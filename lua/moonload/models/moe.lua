@@ -242,9 +242,47 @@ function StackedExperts:extra_repr()
    return string.format("num_experts=%d, intermediate_size=%d", self.num_experts, self.intermediate_size)
 end
 
---- The stacked layout a checkpoint holds, from its experts' shapes (shape_of(name) -> shape or
--- nil): "out_in" or "in_out" (the down projection tells: (E, hidden, inter) or (E, inter,
--- hidden), with gate_up's 2 x inter beside it), or nil when the experts are not stacked.
+--- The layout a checkpoint holds its experts in: "apart" (experts.E.*, a module each), or stacked
+-- "out_in" or "in_out" (the down projection's shape tells, shape_of(name) -> shape: (E, hidden,
+-- inter) or (E, inter, hidden), with gate_up's 2 x inter beside it); nil when it has no experts.
+function M.experts_layout(names, shape_of)
+   local stacked = M.stacked_layout(names, shape_of)
+   if stacked then return stacked end
+   for _, name in ipairs(names) do
+      if name:find("%.experts%.0%.") then return "apart" end
+   end
+   return nil
+end
+
+--- builds_experts_as_stored(LM): from_pretrained builds LM's experts in the layout its checkpoint
+-- holds (cfg.experts_layout, from build_opts_for); without a checkpoint each block keeps its
+-- family's own (experts_for's default).
+function M.builds_experts_as_stored(LM)
+   function LM.build_opts_for(names, shape_of)
+      local layout = M.experts_layout(names, shape_of)
+      return layout and { experts_layout = layout } or nil
+   end
+   function LM:__init(cfg, opts)
+      rawset(self, "_experts_layout", opts and opts.experts_layout or nil)
+      llama.LlamaForCausalLM.__init(self, cfg)
+   end
+   local read = LM.read_config
+   function LM:read_config(source)
+      local cfg = read(self, source)
+      cfg.experts_layout = rawget(self, "_experts_layout")
+      return cfg
+   end
+end
+
+--- A sparse block's experts in cfg.experts_layout, else default: "apart", one Expert(cfg,
+-- moe_intermediate_size) each, or stacked (Stacked, StackedExperts unless given, named `who` in errors).
+function M.experts_for(cfg, who, Expert, default, Stacked)
+   local layout = cfg.experts_layout or default
+   if layout == "apart" then return experts_of(cfg, Expert) end
+   return (Stacked or StackedExperts)(cfg, who, layout)
+end
+
+--- The stacked layout alone ("out_in", "in_out"), nil when the experts are not stacked.
 function M.stacked_layout(names, shape_of)
    for _, name in ipairs(names) do
       local prefix = name:match("^(.*%.mlp%.experts)%.gate_up_proj$")
@@ -280,15 +318,11 @@ end
 local Qwen3MoeSparseMoeBlock = SparseMoeBlock:extend("Qwen3MoeSparseMoeBlock")
 M.Qwen3MoeSparseMoeBlock = Qwen3MoeSparseMoeBlock
 
---- Qwen3MoeSparseMoeBlock(cfg): experts one module each, or stacked per projection when
--- cfg.experts_stacked says in which layout (Qwen3-VL-MoE's checkpoints).
+--- Qwen3MoeSparseMoeBlock(cfg): experts one module each, or stacked per projection when the
+-- checkpoint holds them so (cfg.experts_layout: Qwen3-VL-MoE's).
 function Qwen3MoeSparseMoeBlock:__init(cfg)
    nn.Module.__init(self)
-   if cfg.experts_stacked then
-      self.experts = StackedExperts(cfg, "models.qwen3_moe", cfg.experts_stacked)
-   else
-      self.experts = experts_of(cfg, Qwen3MoeMLP)
-   end
+   self.experts = M.experts_for(cfg, "models.qwen3_moe", Qwen3MoeMLP, "apart")
    self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
    self:routing(cfg)
 end
@@ -398,23 +432,13 @@ local Qwen3MoeLM = M.Qwen3MoeForCausalLM
 Qwen3MoeLM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
 Qwen3MoeLM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^model%.visual%." }
 
-function Qwen3MoeLM.build_opts_for(names, shape_of)
-   local layout = M.stacked_layout(names, shape_of)
-   return layout and { experts_stacked = layout } or nil
-end
-
-function Qwen3MoeLM:__init(cfg, opts)
-   rawset(self, "_experts_stacked", opts and opts.experts_stacked or nil)
-   llama.LlamaForCausalLM.__init(self, cfg)
-end
-
 function Qwen3MoeLM:read_config(source)
    local cfg = config.read_text_config(source, "models.qwen3_moe", { qwen3_vl_moe = true },
       function(src) return M.config(src, self.family) end)
    if cfg.model_type == "qwen3_vl_moe_text" then cfg.norm_topk_prob = true end   -- (its router always does)
-   cfg.experts_stacked = rawget(self, "_experts_stacked")
    return cfg
 end
+M.builds_experts_as_stored(Qwen3MoeLM)
 moe_family("qwen2_moe", "Qwen2Moe", Qwen2MoeSparseMoeBlock, Qwen2MoeMLP)
 moe_family("mixtral", "Mixtral", MixtralSparseMoeBlock, MixtralSparseMoeBlock, "block_sparse_moe")   -- all sparse
 

@@ -51,17 +51,12 @@ local Qwen3_5MoeSparseMoeBlock = moe.SparseMoeBlock:extend("Qwen3_5MoeSparseMoeB
 M.Qwen3_5MoeSparseMoeBlock = Qwen3_5MoeSparseMoeBlock
 
 --- Qwen3_5MoeSparseMoeBlock(cfg): the experts stacked (the hub's files), or one module each when
--- cfg.experts_apart (the files transformers writes: mlp.experts.E.{gate,up,down}_proj).
+-- the checkpoint holds them so (cfg.experts_layout "apart": transformers writes
+-- mlp.experts.E.{gate,up,down}_proj).
 function Qwen3_5MoeSparseMoeBlock:__init(cfg)
    nn.Module.__init(self)
    self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
-   if cfg.experts_apart then
-      local experts = {}
-      for e = 1, cfg.num_experts do experts[e] = Qwen3_5MoeMLP(cfg, cfg.moe_intermediate_size) end
-      self.experts = nn.ModuleList(experts)
-   else
-      self.experts = Qwen3_5MoeExperts(cfg, "models.qwen3_5_moe")
-   end
+   self.experts = moe.experts_for(cfg, "models.qwen3_5_moe", Qwen3_5MoeMLP, "out_in", Qwen3_5MoeExperts)
    self.shared_expert = Qwen3_5MoeMLP(cfg, cfg.shared_expert_intermediate_size)
    self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, { bias = false })
    self:routing(cfg)
@@ -94,25 +89,13 @@ for _, LM in ipairs({ dense, sparse }) do
    LM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^mtp%.", "^model%.visual%." }
    --- A text config, or a multimodal one's text_config (the language model alone).
    function LM:read_config(source)
-      local cfg = config.read_text_config(source, "models." .. self.family, { [self.family] = true },
+      return config.read_text_config(source, "models." .. self.family, { [self.family] = true },
          function(src) return qwen3_next.config(src, self.family) end)
-      cfg.experts_apart = rawget(self, "_experts_apart")
-      return cfg
    end
 end
 
 -- Qwen3.5-MoE folders come with the experts stacked (the hub's) or apart (transformers' save of a
 -- fine-tune): from_pretrained builds whichever the checkpoint holds.
-function sparse.build_opts_for(names)
-   for _, name in ipairs(names) do
-      if name:find("%.mlp%.experts%.0%.gate_proj%.weight$") then return { experts_apart = true } end
-   end
-   return nil
-end
-
-function sparse:__init(cfg, opts)
-   rawset(self, "_experts_apart", opts and opts.experts_apart or nil)
-   require("moonload.models.llama").LlamaForCausalLM.__init(self, cfg)
-end
+moe.builds_experts_as_stored(sparse)
 
 return M
