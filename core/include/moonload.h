@@ -285,6 +285,11 @@ ML_API ml_status ml_unpack_ggml_blocks(const void *src, size_t src_bytes, int gg
    dequantizers do; cols a multiple of the type's block (32, or 256 for the K-quants). */
 ML_API ml_status ml_dequantize_ggml(const void *src, size_t src_bytes, int ggml_type, int64_t rows, int64_t cols,
                                     ml_tensor **out);
+/* Integer weights packed into int32 words (cpu/int_words.c; compressed-tensors' "pack-quantized"
+   weight_packed): int32 (..., W) on the CPU, value i of a row at bits i * bits of its
+   little-endian words, stored + 2^(bits - 1) -> bits 4: uint8 (..., W * 4) in the int4 layout
+   above (W * 8 values a row, whole blocks of 32); bits 8: int8 (..., W * 4). The same integers. */
+ML_API ml_status ml_unpack_int_words(const ml_tensor *packed, int bits, ml_tensor **out);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */
 ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out);
 /* Normalises over the last nnorm dims; w and b may be NULL. */

@@ -236,6 +236,30 @@ function M.shape_reader(ckpt)
    end
 end
 
+--- info_reader(ckpt) -> info_of(name), close(): a checkpoint tensor's header entry ({dtype,
+-- shape, ...}; nil when absent), each file opened once until close.
+function M.info_reader(ckpt)
+   local open = {}
+   local function info_of(name)
+      local path = ckpt.kind == "sharded" and ckpt.weight_map[name] or ckpt.path
+      if path == nil then return nil end
+      local f = open[path]
+      if f == nil then
+         f = require("moonload.safetensors").safe_open(path)
+         open[path] = f
+      end
+      local ok, info = pcall(f.tensor_info, f, name)
+      return ok and info or nil
+   end
+   local function close()
+      for path, f in pairs(open) do
+         f:close()
+         open[path] = nil
+      end
+   end
+   return info_of, close
+end
+
 local function matches_any(name, patterns)
    for _, p in ipairs(patterns or {}) do
       if name:find(p) then return true end
@@ -297,6 +321,7 @@ end
 --- True when some checkpoint name has to be renamed or dropped to fit the model (a missing or
 -- extra base prefix, a legacy buffer); tied weights stored once need no remapping.
 function M.needs_remap(model, names)
+   if rawget(model, "compressed_tensors") then return true end     -- its tensors are rewritten on load
    local fake = {}
    for _, n in ipairs(names) do fake[n] = n end
    local mapped = M.remap_state_dict(model, fake)
@@ -318,6 +343,7 @@ function M.load_into(model, sd, opts)
    opts = opts or {}
    local who = opts.who or "load_checkpoint"
    local strict = opts.strict ~= false
+   sd = require("moonload.compressed_tensors").convert_state_dict(model, sd, who)
    sd = M.remap_state_dict(model, sd)
    local params, keys = model:state_dict({ keep_vars = true })
    local wrong = {}
@@ -504,7 +530,12 @@ function load(dir, opts)
       -- generate's defaults, when the folder has them (else config.json's token ids)
       rawset(model, "generation_config", require("moonload.models.generation_config").read(dir, "from_pretrained"))
       -- an int8 or int4 checkpoint (ml.save_model): its linear layers are built as such
-      return require("moonload.quantize").apply_config(model, raw.quantization_config, src, "from_pretrained", names)
+      local info_of, close = M.info_reader(ckpt)
+      local ok, built = pcall(require("moonload.quantize").apply_config, model, raw.quantization_config, src,
+         "from_pretrained", names, info_of)
+      close()
+      if not ok then error(built, 0) end
+      return built
    end
 
    require("moonload.big_modeling")._check_reserve_for_map(opts, "from_pretrained", 3)

@@ -120,6 +120,16 @@ function F.q4_linear(x, q, scales, b)
    return wrap(out[0])
 end
 
+--- unpack_int_words(packed, bits) -> q: integer weights packed into int32 words (compressed-tensors'
+-- "pack-quantized" weight_packed, (..., W) on the CPU) in moonload's layouts, the same integers:
+-- bits 4 -> uint8 (..., W * 4) as quantize_q4 lays out int4 (W * 8 a multiple of 32), bits 8 ->
+-- int8 (..., W * 4) as quantize_q8's.
+function F.unpack_int_words(packed, bits)
+   need_tensor("unpack_int_words", "packed words", packed)
+   check(lib.ml_unpack_int_words(packed._c, bits, out))
+   return wrap(out[0])
+end
+
 --- dequantize_fp8_blocks(w, scale_inv, {block_o, block_i}[, dtype = "float32"]) -> the float8
 -- weight w (O, I) times its float32 scale_inv (ceil(O / block_o), ceil(I / block_i)) tile by tile,
 -- as a new contiguous (O, I) tensor of dtype (float32, float16, bfloat16), on their device.

@@ -1,0 +1,216 @@
+-- compressed-tensors checkpoints (llm-compressor's int4 / int8 / FP8 models) read into moonload's
+-- quantized layers, against transformers reading the same folders (tests/fixtures/gen_models.py
+-- compressed_tensors): the unpacking of int32 words, the layers built, logits and greedy ids,
+-- placement over CPU and disk, saving back, scales in bfloat16, activation scales dropped, and the
+-- schemes moonload cannot compute exactly, named.
+local ml = require("moonload")
+local F = require("moonload.nn.functional")
+local models = require("moonload.models")
+local cjson = require("cjson")
+local H = require("models_helpers")
+
+local TOL = 1e-4
+
+-- A fresh folder holding a fixture's files, config.json edited by edit(cfg) and the tensors by
+-- edit_tensors(sd) when given.
+local function variant(fixture, edit, edit_tensors)
+   local dir = H.tmpdir()
+   local src = H.FIX .. "/" .. fixture
+   local cfg = H.read_json(src .. "/config.json")
+   if edit then edit(cfg) end
+   H.write(dir .. "/config.json", cjson.encode(cfg))
+   if edit_tensors then
+      local sd = ml.safetensors.load_file(src .. "/model.safetensors")
+      edit_tensors(sd)
+      ml.safetensors.save_file(sd, dir .. "/model.safetensors")
+   else
+      H.copy(src .. "/model.safetensors", dir .. "/model.safetensors")
+   end
+   return dir
+end
+
+local function logits_of(model, exp)
+   return model(ml.tensor(exp.input_ids, { dtype = "int64" }))
+end
+
+describe("F.unpack_int_words (compressed-tensors' pack-quantized words)", function()
+   it("puts 4-bit values 2j and 2j + 1 of a row into llama.cpp's Q4_0 order", function()
+      -- values 0..15, 0..15 (stored + 8: the nibbles themselves), little-endian in their words
+      local words = ml.tensor({ { 0x76543210, 0xfedcba98 - 2 ^ 32, 0x76543210, 0xfedcba98 - 2 ^ 32 } }, { dtype = "int32" })
+      local q = F.unpack_int_words(words, 4)
+      assert.are.equal("uint8", q.dtype)
+      assert.are.same({ 1, 16 }, q.shape)
+      local want = {}
+      for j = 0, 15 do want[j + 1] = j + 16 * j end   -- value j low, value j + 16 high
+      assert.are.same({ want }, q:to("int32"):tolist())
+      -- the same integers: dequantized with unit scales they are the values - 8
+      local w = F.dequantize_q4(q, ml.ones(1, 1)):tolist()[1]
+      for k = 1, 32 do assert.are.equal((k - 1) % 16 - 8, w[k]) end
+   end)
+
+   it("turns 8-bit values stored + 128 into int8, over leading dims", function()
+      local words = ml.tensor({ { { 0x807f0100 - 2 ^ 32 } }, { { 0x00ff8001 } } }, { dtype = "int32" })
+      local q = F.unpack_int_words(words, 8)
+      assert.are.equal("int8", q.dtype)
+      assert.are.same({ { { -128, -127, -1, 0 } }, { { -127, 0, 127, -128 } } }, q:to("int32"):tolist())
+   end)
+
+   it("names what it cannot unpack", function()
+      local function fails(fn, msg)
+         local ok, err = pcall(fn)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(msg, 1, true), err)
+      end
+      fails(function() F.unpack_int_words(ml.zeros({ 2, 4 }, { dtype = "int32" }), 3) end, "bits must be 4 or 8, got 3")
+      fails(function() F.unpack_int_words(ml.zeros(2, 4), 4) end, "expected int32 words (..., words) on the CPU")
+      fails(function() F.unpack_int_words(ml.zeros({ 2, 3 }, { dtype = "int32" }), 4) end,
+         "24 int4 values a row are not whole blocks of 32")
+      fails(function() F.unpack_int_words(ml.zeros({ 4, 2 }, { dtype = "int32" }):t(), 4) end, "contiguous rows")
+   end)
+end)
+
+describe("compressed-tensors int checkpoint (llama_ct_int_tiny: int4 groups of 32, int8 channels, packed and plain)", function()
+   H.collect_warnings()                       -- (the disk offload note) kept quiet
+   local exp = H.expected("llama_ct_int_tiny")
+   local model = models.from_pretrained(H.FIX .. "/llama_ct_int_tiny")
+
+   it("builds each quantized layer at its width, with its integers and a float32 scale per 32", function()
+      local layer = model.model.layers[2]
+      for _, m in ipairs({ layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj }) do
+         assert.are.equal("QuantizedLinear", m.__name)
+         assert.are.equal(4, m.bits)
+         assert.are.equal("uint8", m.weight.dtype)
+      end
+      assert.are.same({ 32, 32 }, layer.self_attn.k_proj.weight.shape)      -- 64 int4 values a row
+      assert.are.same({ 32, 2 }, layer.self_attn.k_proj.weight_scale.shape)
+      for _, m in ipairs({ layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj }) do
+         assert.are.equal("QuantizedLinear", m.__name)
+         assert.are.equal(8, m.bits)
+         assert.are.equal("int8", m.weight.dtype)
+      end
+      -- a channel's one scale, repeated over its blocks
+      local s = layer.mlp.down_proj.weight_scale:tolist()[5]
+      assert.are.same({ s[1], s[1], s[1], s[1] }, s)
+      assert.are.equal("Linear", model.lm_head.__name)                          -- ignored: float32
+   end)
+
+   it("gives transformers' logits and greedy ids", function()
+      assert.is_true(H.max_abs_diff(logits_of(model, exp), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+   end)
+
+   it("runs over CPU and disk with the rewritten layers offloaded", function()
+      local dir = H.tmpdir()
+      local m = models.from_pretrained(H.FIX .. "/llama_ct_int_tiny",
+         { device_map = "auto", max_memory = { cpu = 100000 }, offload_folder = dir })
+      assert.are.equal("cpu", m.hf_device_map["model.layers.0"])
+      assert.are.equal("disk", m.hf_device_map["model.layers.1"])
+      assert.is_true(H.max_abs_diff(logits_of(m, exp), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+
+   it("reads scales stored as bfloat16, as the hub's bfloat16 models store them", function()
+      -- (the fixture's scales are bfloat16 values: the same numbers)
+      local dir = variant("llama_ct_int_tiny", nil, function(sd)
+         for name, t in pairs(sd) do
+            if name:find("weight_scale$") then sd[name] = t:to("bfloat16") end
+         end
+      end)
+      local m = models.from_pretrained(dir)
+      assert.is_true(H.max_abs_diff(logits_of(m, exp), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+
+   it("computes weight-only where the checkpoint also quantizes activations (w8a8), dropping their scales", function()
+      local dir = variant("llama_ct_int_tiny", function(cfg)
+         cfg.quantization_config.config_groups.group_2.input_activations = { num_bits = 8, type = "int",
+            symmetric = true, strategy = "tensor", dynamic = false }
+      end, function(sd)
+         sd["model.layers.0.mlp.down_proj.input_scale"] = ml.tensor({ 0.05 })
+         sd["model.layers.1.mlp.down_proj.input_scale"] = ml.tensor({ 0.05 })
+      end)
+      local m = models.from_pretrained(dir)
+      assert.is_true(H.max_abs_diff(logits_of(m, exp), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+
+   it("saves back as moonload's own int4 / int8 checkpoint that loads to the same model", function()
+      local dir = H.tmpdir()
+      ml.save_model(model, dir)
+      local qc = H.read_json(dir .. "/config.json").quantization_config
+      assert.are.equal("moonload_q4", qc.quant_method)             -- 8 int4 layers to 6 int8 ones
+      assert.are.equal(8, qc.bits_per_module["model.layers.0.mlp.down_proj"])
+      local again = models.from_pretrained(dir)
+      assert.are.equal(4, again.model.layers[1].self_attn.v_proj.bits)
+      assert.is_true(H.max_abs_diff(logits_of(again, exp), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+end)
+
+describe("compressed-tensors FP8 checkpoint (qwen3_ct_fp8_tiny: float8 per channel and per tensor)", function()
+   local exp = H.expected("qwen3_ct_fp8_tiny")
+   local model = models.from_pretrained(H.FIX .. "/qwen3_ct_fp8_tiny")
+
+   it("keeps the weights float8, each scale spread over its tiles of 1 x 128", function()
+      local attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+      for _, m in ipairs({ attn.q_proj, attn.v_proj, mlp.gate_proj, mlp.down_proj }) do
+         assert.are.equal("Fp8Linear", m.__name)
+         assert.are.equal("float8_e4m3fn", m.weight.dtype)
+      end
+      assert.are.same({ 64, 1 }, attn.q_proj.weight_scale_inv.shape)
+      local per_tensor = mlp.down_proj.weight_scale_inv:tolist()               -- (64, 1): one value
+      for i = 2, 64 do assert.are.equal(per_tensor[1][1], per_tensor[i][1]) end
+   end)
+
+   it("gives transformers' logits and greedy ids, and saves back as an FP8 checkpoint", function()
+      assert.is_true(H.max_abs_diff(logits_of(model, exp), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      local dir = H.tmpdir()
+      ml.save_model(model, dir)
+      local qc = H.read_json(dir .. "/config.json").quantization_config
+      assert.are.equal("fp8", qc.quant_method)
+      assert.are.same({ 1, 128 }, qc.weight_block_size)
+      assert.is_true(H.max_abs_diff(logits_of(models.from_pretrained(dir), exp), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+end)
+
+describe("compressed-tensors checkpoints moonload cannot compute exactly", function()
+   local function fails(dir, msg)
+      local ok, err = pcall(models.from_pretrained, dir)
+      H.rmdir(dir)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find(msg, 1, true), err)
+   end
+   local function group(cfg, name) return cfg.quantization_config.config_groups[name] end
+
+   it("names the group whose scheme it does not read", function()
+      fails(variant("llama_ct_int_tiny", function(cfg) group(cfg, "group_0").weights.symmetric = false end),
+         'group "group_0" is asymmetric (zero points); moonload reads symmetric weights only')
+      fails(variant("llama_ct_int_tiny", function(cfg) group(cfg, "group_1").weights.num_bits = 2 end),
+         'group "group_1" quantizes weights as 2-bit int')
+      fails(variant("llama_ct_int_tiny", function(cfg) group(cfg, "group_0").format = "nvfp4-pack-quantized" end),
+         'group "group_0" has format "nvfp4-pack-quantized"')
+      fails(variant("llama_ct_int_tiny", function(cfg) cfg.quantization_config.quantization_status = "frozen" end),
+         'quantization_status is "frozen"')
+      fails(variant("llama_ct_int_tiny", function(cfg)
+         cfg.quantization_config.transform_config = { config_groups = { u = { type = "hadamard" } } }
+      end), "transform_config rotates the weights")
+   end)
+
+   it("names the layer whose tensors it does not read", function()
+      local q = "model.layers.1.self_attn.q_proj"
+      fails(variant("llama_ct_int_tiny", nil, function(sd)
+         sd[q .. ".weight_zero_point"] = ml.zeros({ 8, 2 }, { dtype = "int32" })
+      end), '"' .. q .. '": has weight_zero_point (asymmetric)')
+      fails(variant("llama_ct_int_tiny", nil, function(sd)
+         sd[q .. ".weight_scale"] = ml.ones(64, 3)
+      end), '"' .. q .. '": weight_scale [64, 3] does not give groups of a multiple of 32 values along in_features 64')
+      fails(variant("llama_ct_int_tiny", nil, function(sd)
+         sd[q .. ".weight_shape"] = ml.tensor({ 64, 96 }, { dtype = "int64" })
+      end), '"' .. q .. '.weight_shape" is [64, 96]; the model\'s layer is [64, 64]')
+      fails(variant("llama_ct_int_tiny", nil, function(sd)
+         sd["model.norm.weight_scale"] = ml.ones(1)
+      end), 'the checkpoint quantizes "model.norm", which is not a linear layer of this LlamaForCausalLM')
+   end)
+end)
