@@ -69,6 +69,21 @@ describe("F.unpack_int_words (compressed-tensors' pack-quantized words)", functi
    end)
 end)
 
+describe("ml_tensor_drop_mapped_pages (the words of a mapped checkpoint, once rewritten)", function()
+   local lib = require("moonload.C").lib
+
+   it("drops the whole pages under a mapped tensor and leaves its values readable from the file", function()
+      local dir = H.tmpdir()
+      local want = ml.arange(0, 4096):to("int32")              -- 16 KB: whole pages inside
+      ml.safetensors.save_file({ a = ml.ones(3), w = want }, dir .. "/t.safetensors")
+      local mapped = ml.safetensors.load_file(dir .. "/t.safetensors")
+      assert.is_true(tonumber(lib.ml_tensor_drop_mapped_pages(mapped.w._c)) >= 8192)
+      assert.are.same(want:tolist(), mapped.w:tolist())
+      assert.are.equal(0, tonumber(lib.ml_tensor_drop_mapped_pages(want._c)))     -- not in a mapping
+      H.rmdir(dir)
+   end)
+end)
+
 describe("compressed-tensors int checkpoint (llama_ct_int_tiny: int4 groups of 32, int8 channels, packed and plain)", function()
    H.collect_warnings()                       -- (the disk offload note) kept quiet
    local exp = H.expected("llama_ct_int_tiny")

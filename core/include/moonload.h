@@ -138,6 +138,10 @@ ML_API ml_status ml_tensor_file_source(const ml_tensor *t, const char **path, ui
 ML_API ml_status ml_mapping_check(const ml_mapping *m);
 /* Page-cache hints over a byte range: 0 = WILLNEED (prefetch), 1 = DONTNEED (drop resident pages). */
 ML_API ml_status ml_mapping_advise(const ml_mapping *m, size_t offset, size_t nbytes, int advice);
+/* A tensor read once and no longer needed in memory (a checkpoint's words rewritten into another
+   layout): the whole pages of a file mapping under its elements leave the process (MADV_DONTNEED;
+   the file's page cache keeps them). Returns the bytes dropped: 0 for a tensor not in a mapping. */
+ML_API int64_t ml_tensor_drop_mapped_pages(const ml_tensor *t);
 
 /* --- tensors: creation and fields --------------------------------------------------------- */
 ML_API ml_status ml_tensor_empty(ml_dtype dt, int ndim, const int64_t *shape, ml_device dev, ml_tensor **out);

@@ -102,3 +102,24 @@ ml_status ml_mapping_advise(const ml_mapping *m, size_t offset, size_t nbytes, i
   else posix_fadvise(m->fd, (off_t)start, (off_t)len, POSIX_FADV_WILLNEED);
   return ML_OK;
 }
+
+int64_t ml_tensor_drop_mapped_pages(const ml_tensor *t) {
+  const ml_mapping *m = t->storage ? t->storage->mapping : NULL;
+  if (!m) return 0;
+  /* the bytes from the first element to the last (any strides) */
+  int64_t lo = 0, hi = 0;
+  for (int d = 0; d < t->ndim; d++) {
+    if (t->shape[d] == 0) return 0;
+    int64_t span = (t->shape[d] - 1) * t->strides[d];
+    if (span < 0) lo += span; else hi += span;
+  }
+  size_t es = ml_dtype_size(t->dtype);
+  const uint8_t *first = (const uint8_t *)t->storage->data + (size_t)(t->offset + lo) * es;
+  size_t begin = (size_t)(first - m->data), end = begin + (size_t)(hi - lo + 1) * es;
+  /* only whole pages inside the tensor: a neighbour's partial page stays */
+  long ps = sysconf(_SC_PAGESIZE);
+  size_t start = (begin + (size_t)ps - 1) & ~((size_t)ps - 1), stop = end & ~((size_t)ps - 1);
+  if (stop <= start) return 0;
+  if (madvise(m->data + start, stop - start, MADV_DONTNEED) != 0) return 0;
+  return (int64_t)(stop - start);
+}

@@ -15,6 +15,7 @@
 -- with are the checkpoint's values times its scales, as compressed-tensors' decompression gives
 -- them. Activations stay in the model's dtype (weight-only: a "w8a8" checkpoint's activation
 -- quantization, and a kv_cache_scheme, are not applied; their scales are dropped).
+local lib = require("moonload.C").lib
 local F = require("moonload.nn.functional")
 local QuantizedLinear = require("moonload.nn.quantized_linear")
 
@@ -264,7 +265,15 @@ function M.convert_state_dict(model, sd, who)
                who, owner, table.concat(v, ", "), outf, inf, ct.source), 0)
          end
       end
-      local values = s.packed and F.unpack_int_words(need("weight_packed"), s.bits) or need("weight")
+      local values
+      if s.packed then
+         local words = need("weight_packed")
+         values = F.unpack_int_words(words, s.bits)
+         -- read once: the words' pages of a mapped file leave the process (the copy is what runs)
+         lib.ml_tensor_drop_mapped_pages(words._c)
+      else
+         values = need("weight")
+      end
       local scale = need("weight_scale")
       out[owner .. ".weight"] = values
       if s.tile then
