@@ -190,6 +190,28 @@ describe("compressed-tensors FP8 checkpoint (qwen3_ct_fp8_tiny: float8 per chann
    end)
 end)
 
+describe("compressed-tensors int4 experts (deepseek_v3_ct_int4_tiny: Kimi K2 Thinking's layout)", function()
+   local exp = H.expected("deepseek_v3_ct_int4_tiny")
+   local model = models.from_pretrained(H.FIX .. "/deepseek_v3_ct_int4_tiny")
+
+   it("builds the routed experts int4 and leaves attention, shared experts and the dense layer float", function()
+      local mlp = model.model.layers[3].mlp
+      for _, m in ipairs({ mlp.experts[1].gate_proj, mlp.experts[8].up_proj, mlp.experts[5].down_proj }) do
+         assert.are.equal("QuantizedLinear", m.__name)
+         assert.are.equal(4, m.bits)
+      end
+      for _, m in ipairs({ mlp.shared_experts.gate_proj, model.model.layers[1].mlp.up_proj,
+                           model.model.layers[2].self_attn.kv_b_proj, model.lm_head }) do
+         assert.are.equal("Linear", m.__name)
+      end
+   end)
+
+   it("gives the logits and greedy ids of the experts' integers times their scales", function()
+      assert.is_true(H.max_abs_diff(logits_of(model, exp), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+   end)
+end)
+
 describe("compressed-tensors checkpoints moonload cannot compute exactly", function()
    local function fails(dir, msg)
       local ok, err = pcall(models.from_pretrained, dir)

@@ -542,7 +542,8 @@ describe("generation and encoders on cuda #cuda", function()
                            "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "gpt_oss_tiny", "gpt_oss_mxfp4_tiny", "qwen3_next_tiny",
                            "qwen3_5_tiny", "qwen3_5_moe_multimodal_tiny",
                            "mistral3_multimodal_tiny", "qwen3_vl_multimodal_tiny",
-                           "qwen3_vl_moe_multimodal_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny" }) do
+                           "qwen3_vl_moe_multimodal_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny",
+                           "llama_ct_int_tiny", "qwen3_ct_fp8_tiny", "deepseek_v3_ct_int4_tiny" }) do
       local dir = "tests/fixtures/models/" .. name
       it(name .. " generates the CPU's tokens with a KV cache, alone and as a padded batch", function()
          local cpu = ml.models.from_pretrained(dir)
