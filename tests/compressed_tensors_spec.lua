@@ -55,6 +55,26 @@ describe("F.unpack_int_words (compressed-tensors' pack-quantized words)", functi
       assert.are.same({ { { -128, -127, -1, 0 } }, { { -127, 0, 127, -128 } } }, q:to("int32"):tolist())
    end)
 
+   it("gives raw values in order, or AutoAWQ's, and subtracts zero points into int4 or int8", function()
+      local words = ml.tensor({ { 0x76543210 } }, { dtype = "int32" })
+      assert.are.same({ { 0, 1, 2, 3, 4, 5, 6, 7 } }, F.int_words_values(words, 4):to("int32"):tolist())
+      assert.are.same({ { 0, 4, 1, 5, 2, 6, 3, 7 } }, F.int_words_values(words, 4, "awq"):to("int32"):tolist())
+      assert.are.same({ { 0x10, 0x32, 0x54, 0x76 } }, F.int_words_values(words, 8):to("int32"):tolist())
+      local values = ml.tensor({ { 0, 15, 3, 9 } }, { dtype = "uint8" }):expand(2, 4):reshape(1, 8)
+      values = values:expand(4, 8):reshape(1, 32):contiguous()             -- 0, 15, 3, 9, ... (32)
+      local zeros = ml.tensor({ { 3 } }, { dtype = "uint8" })
+      local q8 = F.int_values_to_q(values, zeros, 8):to("int32"):tolist()[1]
+      assert.are.same({ -3, 12, 0, 6 }, { q8[1], q8[2], q8[3], q8[4] })
+      local ok, err = pcall(F.int_values_to_q, values, zeros, 4)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("value 15 minus zero point 3 at [0, 1] is outside int4's range", 1, true), err)
+      local q4 = F.int_values_to_q(ml.full({ 1, 32 }, 5):to("uint8"), 8, 4)
+      assert.are.same({ ml.full({ 32 }, -3):tolist() }, F.dequantize_q4(q4, ml.ones(1, 1)):tolist())
+      ok, err = pcall(F.int_values_to_q, values, ml.tensor({ { 3, 3, 3 } }, { dtype = "uint8" }), 8)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("zero points uint8 [1, 3] do not go with values [1, 32]", 1, true), err)
+   end)
+
    it("names what it cannot unpack", function()
       local function fails(fn, msg)
          local ok, err = pcall(fn)
@@ -212,6 +232,67 @@ describe("compressed-tensors int4 experts (deepseek_v3_ct_int4_tiny: Kimi K2 Thi
    end)
 end)
 
+describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter output; qwen2_awq_tiny: AutoAWQ's own)", function()
+   local exp = H.expected("qwen2_awq_ct_tiny")
+
+   for _, name in ipairs({ "qwen2_awq_ct_tiny", "qwen2_awq_tiny" }) do
+      it(name .. ": int8 layers holding value - zero point, the biases float; the logits and greedy ids of the decompressed weights", function()
+         local model = models.from_pretrained(H.FIX .. "/" .. name)
+         local attn = model.model.layers[2].self_attn
+         for _, m in ipairs({ attn.q_proj, attn.o_proj, model.model.layers[1].mlp.down_proj }) do
+            assert.are.equal("QuantizedLinear", m.__name)
+            assert.are.equal(8, m.bits)
+         end
+         assert.are.equal("float32", attn.q_proj.bias.dtype)
+         assert.are.equal("Linear", model.lm_head.__name)
+         assert.is_true(H.max_abs_diff(logits_of(model, exp), exp.logits) < TOL)
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      end)
+   end
+
+   it("reads an AWQ checkpoint without zero points as int4 (q - 8) * scale", function()
+      local dir = variant("qwen2_awq_tiny", function(cfg) cfg.quantization_config.zero_point = false end, function(sd)
+         for name in pairs(sd) do
+            if name:find("%.qzeros$") then sd[name] = nil end
+         end
+      end)
+      local model = models.from_pretrained(dir)
+      local sd = ml.safetensors.load_file(dir .. "/model.safetensors")
+      local q = model.model.layers[1].mlp.up_proj
+      assert.are.equal(4, q.bits)
+      -- the values in AWQ's order, minus 8, times the (64 in / 32 =) 2 group scales of each output
+      local raw = F.int_words_values(sd["model.layers.0.mlp.up_proj.qweight"], 4, "awq"):to("float32")  -- (64, 128)
+      local scales = sd["model.layers.0.mlp.up_proj.scales"]:to("float32")                            -- (2, 128)
+      local want = ((raw - 8):view(2, 32, 128) * scales:view(2, 1, 128)):view(64, 128):t()
+      assert.is_true(H.max_abs_diff(q:dense_weight(), want:tolist()) == 0)
+      H.rmdir(dir)
+   end)
+
+   it("names an AWQ checkpoint it cannot read", function()
+      local function fails(dir, msg)
+         local ok, err = pcall(models.from_pretrained, dir)
+         H.rmdir(dir)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(msg, 1, true), err)
+      end
+      local dir = H.tmpdir()                       -- a float checkpoint under an AWQ config
+      H.copy(H.FIX .. "/qwen2_tiny/model.safetensors", dir .. "/model.safetensors")
+      local cfg = H.read_json(H.FIX .. "/qwen2_tiny/config.json")
+      cfg.quantization_config = { quant_method = "awq", bits = 4, group_size = 32, version = "gemm", zero_point = true }
+      H.write(dir .. "/config.json", cjson.encode(cfg))
+      fails(dir, "the checkpoint holds no qweight tensors")
+      fails(variant("qwen2_awq_tiny", function(cfg) cfg.quantization_config.version = "gemv" end),
+         'version "gemv" is not one moonload reads')
+      fails(variant("qwen2_awq_tiny", function(cfg) cfg.quantization_config.bits = 8 end),
+         "bits is 8; AutoAWQ's GEMM checkpoints hold 4")
+      fails(variant("qwen2_awq_tiny", nil, function(sd) sd["model.layers.0.self_attn.k_proj.qzeros"] = nil end),
+         '"model.layers.0.self_attn.k_proj": has qweight but no qzeros')
+      fails(variant("qwen2_awq_tiny", nil, function(sd)
+         sd["model.layers.0.self_attn.k_proj.scales"] = ml.ones(4, 32)
+      end), '"model.layers.0.self_attn.k_proj": scales give 4 groups of in_features 64, not groups of a multiple of 32')
+   end)
+end)
+
 describe("compressed-tensors checkpoints moonload cannot compute exactly", function()
    local function fails(dir, msg)
       local ok, err = pcall(models.from_pretrained, dir)
@@ -222,12 +303,14 @@ describe("compressed-tensors checkpoints moonload cannot compute exactly", funct
    local function group(cfg, name) return cfg.quantization_config.config_groups[name] end
 
    it("names the group whose scheme it does not read", function()
-      fails(variant("llama_ct_int_tiny", function(cfg) group(cfg, "group_0").weights.symmetric = false end),
-         'group "group_0" is asymmetric (zero points); moonload reads symmetric weights only')
+      fails(variant("llama_ct_int_tiny", function(cfg) group(cfg, "group_1").weights.symmetric = false end),
+         'group "group_1" is asymmetric (zero points) at 8 bits; moonload reads zero points of 4-bit weights only')
       fails(variant("llama_ct_int_tiny", function(cfg) group(cfg, "group_1").weights.num_bits = 2 end),
          'group "group_1" quantizes weights as 2-bit int')
       fails(variant("llama_ct_int_tiny", function(cfg) group(cfg, "group_0").format = "nvfp4-pack-quantized" end),
          'group "group_0" has format "nvfp4-pack-quantized"')
+      fails(variant("qwen2_awq_tiny", function(cfg) cfg.quantization_config = H.read_json(H.FIX .. "/llama_ct_int_tiny/config.json").quantization_config end),
+         "the checkpoint holds no weight_packed or weight_scale tensors")
       fails(variant("llama_ct_int_tiny", function(cfg) cfg.quantization_config.quantization_status = "frozen" end),
          'quantization_status is "frozen"')
       fails(variant("llama_ct_int_tiny", function(cfg)
@@ -238,8 +321,8 @@ describe("compressed-tensors checkpoints moonload cannot compute exactly", funct
    it("names the layer whose tensors it does not read", function()
       local q = "model.layers.1.self_attn.q_proj"
       fails(variant("llama_ct_int_tiny", nil, function(sd)
-         sd[q .. ".weight_zero_point"] = ml.zeros({ 8, 2 }, { dtype = "int32" })
-      end), '"' .. q .. '": has weight_zero_point (asymmetric)')
+         sd["model.layers.1.mlp.up_proj.weight_zero_point"] = ml.zeros({ 32, 1 }, { dtype = "int32" })
+      end), '"model.layers.1.mlp.up_proj": has weight_zero_point at 8 bits')
       fails(variant("llama_ct_int_tiny", nil, function(sd)
          sd[q .. ".weight_scale"] = ml.ones(64, 3)
       end), '"' .. q .. '": weight_scale [64, 3] does not give groups of a multiple of 32 values along in_features 64')

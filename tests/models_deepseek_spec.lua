@@ -331,7 +331,7 @@ describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_f
       fails({ quant_method = "fp8", weight_block_size = { 16, 16 }, activation_scheme = "static" },
          'has activation_scheme "static"')
       fails({ quant_method = "fp8", weight_block_size = { 16, 16 }, fmt = "e2m1" }, 'has fmt "e2m1" (expected "e4m3" or "e5m2")')
-      fails({ quant_method = "awq" }, 'has quant_method "awq"; moonload reads its own int8 and int4 checkpoints')
+      fails({ quant_method = "bitsandbytes" }, 'has quant_method "bitsandbytes"; moonload reads its own int8 and int4 checkpoints')
       H.rmdir(dir)
    end)
 end)

@@ -294,6 +294,16 @@ ML_API ml_status ml_dequantize_ggml(const void *src, size_t src_bytes, int ggml_
    little-endian words, stored + 2^(bits - 1) -> bits 4: uint8 (..., W * 4) in the int4 layout
    above (W * 8 values a row, whole blocks of 32); bits 8: int8 (..., W * 4). The same integers. */
 ML_API ml_status ml_unpack_int_words(const ml_tensor *packed, int bits, ml_tensor **out);
+/* The same words' raw values, unsigned, one a byte: int32 (rows, W) -> uint8 (rows, W * 32 / bits);
+   awq_order (4 bits only): AutoAWQ's GEMM packing, value t of each 8 in nibble {0, 4, 1, 5, 2, 6,
+   3, 7}[t] of its word. */
+ML_API ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order, ml_tensor **out);
+/* Raw values uint8 (out, in) minus their zero point -> the int4 (bits_out 4: uint8 (out, in / 2))
+   or int8 (bits_out 8) layout above. zeros: uint8 (out, groups), groups dividing in, the zero point
+   of each group of in / groups values; NULL: zero for all. A difference outside the output's range
+   is an error naming it. in a multiple of 32. */
+ML_API ml_status ml_int_values_to_q(const ml_tensor *values, const ml_tensor *zeros, int zero, int bits_out,
+                                    ml_tensor **out);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */
 ML_API ml_status ml_embedding(const ml_tensor *ids, const ml_tensor *weight, ml_tensor **out);
 /* Normalises over the last nnorm dims; w and b may be NULL. */

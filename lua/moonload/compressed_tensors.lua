@@ -5,6 +5,9 @@
 --   * int weights, symmetric, 4 or 8 bits, a scale per group (a multiple of 32 values), per
 --     output channel or for the whole tensor: "pack-quantized" (weight_packed, int32 words) or
 --     "int-quantized" / "naive-quantized" (weight, int8) -> nn.QuantizedLinear (4 or 8 bits);
+--   * 4-bit int weights with zero points (asymmetric, weight_zero_point: AutoAWQ's models as
+--     compressed-tensors converts them) -> nn.QuantizedLinear of 8 bits holding value - zero point
+--     (-15..15 does not fit 4 bits: twice int4's bytes, still a quarter of float32's);
 --   * float8_e4m3fn weights ("float-quantized" / "naive-quantized") with a scale per channel, for
 --     the tensor or per block -> nn.Fp8Linear.
 -- Which layers are quantized, and how, is read from the checkpoint's tensors (their names, shapes
@@ -88,8 +91,9 @@ local function check_config(qc, src, who)
          fail(who, src, 'group "%s" quantizes weights as %s-bit %s; moonload reads 4- and 8-bit int and 8-bit float (e4m3)',
             gname, tostring(w.num_bits), tostring(w.type))
       end
-      if w.symmetric == false then
-         fail(who, src, 'group "%s" is asymmetric (zero points); moonload reads symmetric weights only', gname)
+      if w.symmetric == false and w.num_bits ~= 4 then
+         fail(who, src, 'group "%s" is asymmetric (zero points) at %s bits; moonload reads zero points of 4-bit weights only',
+            gname, tostring(w.num_bits))
       end
       if not STRATEGIES[w.strategy] then
          fail(who, src, 'group "%s" has weight strategy "%s" (moonload reads tensor, channel, group and block)',
@@ -116,7 +120,6 @@ end
 local function layer_scheme(owner, m, fields, info_of, block, who, src)
    local outf, inf = m.out_features, m.in_features
    local function bad(fmt, ...) fail(who, src, '"%s": ' .. fmt, owner, ...) end
-   if fields.weight_zero_point then bad("has weight_zero_point (asymmetric); moonload reads symmetric weights only") end
    if fields.weight_g_idx then bad("has weight_g_idx (activation order); moonload reads weights in their own order") end
    if not fields.weight_scale then bad("has no weight_scale") end
    local scale = info_of(owner .. ".weight_scale")
@@ -135,9 +138,13 @@ local function layer_scheme(owner, m, fields, info_of, block, who, src)
          bad("weight_packed [%s] holds %s bits a value for in_features %d (moonload reads 4 and 8)",
             table.concat(values.shape, ", "), tostring(bits), inf)
       end
+      if fields.weight_zero_point and bits ~= 4 then
+         bad("has weight_zero_point at %d bits; moonload reads zero points of 4-bit weights only", bits)
+      end
    else
       values = info_of(owner .. ".weight")
       if values == nil then bad("has weight_scale but no weight or weight_packed") end
+      if fields.weight_zero_point then bad("has weight_zero_point next to a plain weight; moonload reads zero points of packed 4-bit weights only") end
       if values.dtype == "int8" then
          bits = 8
       elseif values.dtype ~= "float8_e4m3fn" then
@@ -157,13 +164,28 @@ local function layer_scheme(owner, m, fields, info_of, block, who, src)
    if inf % BLOCK ~= 0 then
       bad("in_features %d is not a multiple of %d (moonload's int blocks)", inf, BLOCK)
    end
-   if numel == 1 then return { bits = bits, groups = 1, per_tensor = true } end
+   -- value - zero point spans -15..15: an int8 layer
+   local zeros = fields.weight_zero_point == true
+   local layer_bits = zeros and 8 or bits
+   if numel == 1 then return { bits = bits, layer_bits = layer_bits, zeros = zeros, groups = 1, per_tensor = true } end
    local groups = #sshape == 2 and sshape[1] == outf and sshape[2] or nil
    if not groups or inf % groups ~= 0 or (inf / groups) % BLOCK ~= 0 then
       bad("weight_scale [%s] does not give groups of a multiple of %d values along in_features %d",
          table.concat(sshape, ", "), BLOCK, inf)
    end
-   return { bits = bits, groups = groups }
+   return { bits = bits, layer_bits = layer_bits, zeros = zeros, groups = groups }
+end
+
+--- linear_finder(model, fail) -> linear_for(owner) -> the model's name and nn.Linear for a
+-- checkpoint's layer name (mapped as its weights' names are); fail(owner) when there is none.
+function M.linear_finder(model, fail_for)
+   local map_name = require("moonload.models").name_mapper(model)
+   return function(owner)
+      local target = map_name(owner .. ".weight"):match("^(.*)%.weight$")
+      local ok, m = pcall(model.get_submodule, model, target)
+      if not ok or type(m) ~= "table" or m.__name ~= "Linear" then fail_for(owner) end
+      return target, m
+   end
 end
 
 --- apply(model, qc, src, who, names, info_of): the linear layers a compressed-tensors checkpoint
@@ -181,19 +203,16 @@ function M.apply(model, qc, src, who, names, info_of)
          fields[owner][field] = true
       end
    end
-   local map_name = require("moonload.models").name_mapper(model)
+   local linear_for = M.linear_finder(model, function(owner)
+      fail(who, src, 'the checkpoint quantizes "%s", which is not a linear layer of this %s', owner, tostring(model.__name))
+   end)
    local Fp8Linear = require("moonload.nn.fp8_linear")
    local schemes, tiles = {}, {}
    local owners = {}
    for owner in pairs(fields) do owners[#owners + 1] = owner end
    table.sort(owners)
    for _, owner in ipairs(owners) do
-      local target = map_name(owner .. ".weight"):match("^(.*)%.weight$")
-      local ok, m = pcall(model.get_submodule, model, target)
-      if not ok or type(m) ~= "table" or m.__name ~= "Linear" then
-         fail(who, src, 'the checkpoint quantizes "%s", which is not a linear layer of this %s', owner,
-            tostring(model.__name))
-      end
+      local target, m = linear_for(owner)
       local s = layer_scheme(owner, m, fields[owner], info_of, block, who, src)
       s.packed = fields[owner].weight_packed == true
       s.out_features, s.in_features = m.out_features, m.in_features
@@ -203,10 +222,11 @@ function M.apply(model, qc, src, who, names, info_of)
             { bias = m.bias ~= nil, block = s.tile, fmt = "e4m3" }))
       else
          model:set_submodule(target, QuantizedLinear(m.in_features, m.out_features,
-            { bias = m.bias ~= nil, bits = s.bits }))
+            { bias = m.bias ~= nil, bits = s.layer_bits }))
       end
       schemes[owner] = s
    end
+   if #owners == 0 then fail(who, src, "the checkpoint holds no weight_packed or weight_scale tensors") end
    if #tiles > 0 then
       -- one tile for every float8 layer: the quantization_config ml.save_model writes for them
       local same = true
@@ -216,14 +236,15 @@ function M.apply(model, qc, src, who, names, info_of)
             weight_block_size = { tiles[1][1], tiles[1][2] } })
       end
    end
-   rawset(model, "compressed_tensors", { schemes = schemes, source = src })
+   local ct = { schemes = schemes, source = src }
+   rawset(model, "rewrite_checkpoint", function(sd, load_who) return M.convert_state_dict(ct, sd, load_who) end)
    return model
 end
 
--- scale (out, groups) of any float dtype, or one value -> float32 (rows, cols), each scale
--- repeated over the cols / groups its group covers.
-local function repeat_scales(scale, rows, groups, cols)
-   local s = scale:to("float32")
+--- repeat_scales(scale, rows, groups, cols) -> float32 (rows, cols): scale (rows, groups) of any
+-- float dtype, or one value, each repeated over the cols / groups its group covers.
+function M.repeat_scales(scale, rows, groups, cols)
+   local s = scale:to("float32"):contiguous()
    if s:numel() == 1 then
       s = s:reshape(1, 1, 1):expand(rows, 1, cols)
    else
@@ -232,19 +253,31 @@ local function repeat_scales(scale, rows, groups, cols)
    return s:contiguous():reshape(rows, cols)
 end
 
---- convert_state_dict(model, sd, who) -> a state dict (checkpoint names) whose quantized layers'
+--- minus_zero_points(words, zero_words, out_features, groups) -> int8 (out, in): 4-bit values of
+-- weight_packed (out, in / 8) minus their group's zero point, weight_zero_point packed along the
+-- output dim (ceil(out / 8), groups), both stored + 8 (the difference needs no offset).
+function M.minus_zero_points(words, zero_words, outf, groups)
+   local zeros = F.int_words_values(zero_words:t():contiguous(), 4)        -- (groups, 8 * ceil(out / 8))
+   zeros = zeros:narrow(2, 1, outf):t():contiguous()                        -- (out, groups)
+   if zeros.shape[2] ~= groups then
+      error(string.format("weight_zero_point gives %d groups, the scales %d", zeros.shape[2], groups), 0)
+   end
+   local q = F.int_values_to_q(F.int_words_values(words, 4), zeros, 8)
+   lib.ml_tensor_drop_mapped_pages(words._c)
+   return q
+end
+
+--- convert_state_dict(ct, sd, who) -> a state dict (checkpoint names) whose quantized layers'
 -- tensors are those of the layers apply built: weight (moonload's int8 / int4 layout, or the
 -- float8 values) and weight_scale (float32 per block of 32) or weight_scale_inv (float32 per tile).
 -- Other tensors are passed through as they are; activation and cache scales are dropped.
-function M.convert_state_dict(model, sd, who)
-   local ct = rawget(model, "compressed_tensors")
-   if ct == nil then return sd end
+function M.convert_state_dict(ct, sd, who)
    local out = {}
    for name, t in pairs(sd) do
       local owner, field = split(name)
       local quantized = owner and ct.schemes[owner]
       if not (quantized and (field == "weight_packed" or field == "weight_scale" or field == "weight_shape"
-            or field == "weight")) and not (field and DROPPED[field]) then
+            or field == "weight" or field == "weight_zero_point")) and not (field and DROPPED[field]) then
          out[name] = t
       end
    end
@@ -266,7 +299,10 @@ function M.convert_state_dict(model, sd, who)
          end
       end
       local values
-      if s.packed then
+      if s.zeros then
+         values = M.minus_zero_points(need("weight_packed"), need("weight_zero_point"), outf,
+            s.per_tensor and 1 or s.groups)
+      elseif s.packed then
          local words = need("weight_packed")
          values = F.unpack_int_words(words, s.bits)
          -- read once: the words' pages of a mapped file leave the process (the copy is what runs)
@@ -278,10 +314,10 @@ function M.convert_state_dict(model, sd, who)
       out[owner .. ".weight"] = values
       if s.tile then
          out[owner .. ".weight_scale_inv"] = s.repeat_scales
-            and repeat_scales(scale, math.ceil(outf / s.tile[1]), 1, math.ceil(inf / s.tile[2]))
+            and M.repeat_scales(scale, math.ceil(outf / s.tile[1]), 1, math.ceil(inf / s.tile[2]))
             or scale:to("float32"):contiguous()
       else
-         out[owner .. ".weight_scale"] = repeat_scales(scale, outf, s.per_tensor and 1 or s.groups, inf / BLOCK)
+         out[owner .. ".weight_scale"] = M.repeat_scales(scale, outf, s.per_tensor and 1 or s.groups, inf / BLOCK)
       end
    end
    return out

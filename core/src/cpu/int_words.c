@@ -72,3 +72,125 @@ ml_status ml_unpack_int_words(const ml_tensor *packed, int bits, ml_tensor **out
   ml_parallel_for(rows, words * 4, unpack_word_rows, &j);
   return ML_OK;
 }
+
+/* --- raw values and zero points (asymmetric checkpoints, AutoAWQ's order) ------------------- */
+
+/* AutoAWQ's GEMM packing: value t of each 8 sits in nibble AWQ_NIBBLE[t] of its word. */
+static const int AWQ_NIBBLE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+typedef struct {
+  const uint8_t *src;
+  uint8_t *dst;
+  int64_t words, src_row_stride;          /* a row's words; bytes between source rows */
+  int bits;
+  bool awq;
+} word_values_job;
+
+static void word_value_rows(void *ctx, int64_t begin, int64_t end) {
+  const word_values_job *j = ctx;
+  int per = 32 / j->bits, mask = (1 << j->bits) - 1;
+  for (int64_t r = begin; r < end; r++) {
+    const uint8_t *s = j->src + r * j->src_row_stride;
+    uint8_t *d = j->dst + r * j->words * per;
+    for (int64_t w = 0; w < j->words; w++) {
+      uint32_t word = (uint32_t)s[4 * w] | (uint32_t)s[4 * w + 1] << 8 | (uint32_t)s[4 * w + 2] << 16 |
+                      (uint32_t)s[4 * w + 3] << 24;
+      for (int t = 0; t < per; t++) {
+        int slot = j->awq ? AWQ_NIBBLE[t] : t;
+        d[w * per + t] = (uint8_t)((word >> (slot * j->bits)) & (uint32_t)mask);
+      }
+    }
+  }
+}
+
+ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order, ml_tensor **out) {
+  char s[64];
+  if (bits != 4 && bits != 8) return ml_fail(ML_EINVAL, "int_words_values: bits must be 4 or 8, got %d", bits);
+  if (awq_order && bits != 4) return ml_fail(ML_EINVAL, "int_words_values: AutoAWQ's order packs 4-bit values, not %d", bits);
+  ml_device dev = ml_tensor_device(packed);
+  if (dev.type != ML_DEVICE_CPU || packed->dtype != ML_INT32 || packed->ndim != 2 || packed->strides[1] != 1)
+    return ml_fail(ML_EINVAL, "int_words_values: expected int32 words (rows, words) on the CPU with contiguous rows, "
+                   "got %s %s on %s", ml_dtype_name(packed->dtype), ml_shape_str(packed->ndim, packed->shape, s, sizeof s),
+                   ml_device_str(dev));
+  int64_t rows = packed->shape[0], words = packed->shape[1];
+  int64_t shape[2] = {rows, words * (32 / bits)};
+  ml_device cpu = {ML_DEVICE_CPU, 0};
+  ML_TRY(ml_tensor_empty(ML_UINT8, 2, shape, cpu, out));
+  word_values_job j = {ml_tensor_data(packed), ml_tensor_data(*out), words, packed->strides[0] * 4, bits, awq_order};
+  ml_parallel_for(rows, words * 4, word_value_rows, &j);
+  return ML_OK;
+}
+
+typedef struct {
+  const uint8_t *values, *zeros;
+  uint8_t *dst;
+  int64_t K, groups, group;
+  int zero, bits_out;
+  atomic_llong bad;                       /* first element out of range + 1 (0: none) */
+} values_to_q_job;
+
+static void values_to_q_rows(void *ctx, int64_t begin, int64_t end) {
+  values_to_q_job *j = ctx;
+  int lo = j->bits_out == 4 ? -8 : -128, hi = j->bits_out == 4 ? 7 : 127;
+  for (int64_t n = begin; n < end; n++) {
+    const uint8_t *v = j->values + n * j->K;
+    uint8_t *d = j->dst + n * (j->bits_out == 4 ? j->K / 2 : j->K);
+    for (int64_t b = 0; b < j->K; b += BLOCK) {
+      int8_t q[BLOCK];
+      for (int k = 0; k < BLOCK; k++) {
+        int64_t i = b + k;
+        int z = j->zeros ? j->zeros[n * j->groups + i / j->group] : j->zero;
+        int x = (int)v[i] - z;
+        if (x < lo || x > hi) {
+          long long none = 0;
+          atomic_compare_exchange_strong(&j->bad, &none, (long long)(n * j->K + i + 1));
+          x = x < lo ? lo : hi;
+        }
+        q[k] = (int8_t)x;
+      }
+      if (j->bits_out == 8) {
+        memcpy(d + b, q, BLOCK);
+      } else {
+        for (int k = 0; k < BLOCK / 2; k++)
+          d[b / 2 + k] = (uint8_t)((q[k] + 8) | ((q[k + BLOCK / 2] + 8) << 4));
+      }
+    }
+  }
+}
+
+ml_status ml_int_values_to_q(const ml_tensor *values, const ml_tensor *zeros, int zero, int bits_out, ml_tensor **out) {
+  char s[64], z[64];
+  if (bits_out != 4 && bits_out != 8)
+    return ml_fail(ML_EINVAL, "int_values_to_q: bits_out must be 4 or 8, got %d", bits_out);
+  if (ml_tensor_device(values).type != ML_DEVICE_CPU || values->dtype != ML_UINT8 || values->ndim != 2 ||
+      !ml_tensor_is_contiguous(values))
+    return ml_fail(ML_EINVAL, "int_values_to_q: expected contiguous uint8 values (out, in) on the CPU, got %s %s",
+                   ml_dtype_name(values->dtype), ml_shape_str(values->ndim, values->shape, s, sizeof s));
+  int64_t N = values->shape[0], K = values->shape[1], G = 1;
+  if (K % BLOCK != 0)
+    return ml_fail(ML_EINVAL, "int_values_to_q: in_features %lld is not a multiple of %d", (long long)K, BLOCK);
+  if (zeros) {
+    G = zeros->ndim == 2 ? zeros->shape[1] : 0;
+    if (ml_tensor_device(zeros).type != ML_DEVICE_CPU || zeros->dtype != ML_UINT8 || zeros->ndim != 2 ||
+        zeros->shape[0] != N || G <= 0 || K % G != 0 || !ml_tensor_is_contiguous(zeros))
+      return ml_fail(ML_EINVAL, "int_values_to_q: zero points %s %s do not go with values %s (contiguous uint8 "
+                     "(out, groups), groups dividing in)", ml_dtype_name(zeros->dtype),
+                     ml_shape_str(zeros->ndim, zeros->shape, z, sizeof z), ml_shape_str(2, values->shape, s, sizeof s));
+  }
+  int64_t shape[2] = {N, bits_out == 4 ? K / 2 : K};
+  ml_device cpu = {ML_DEVICE_CPU, 0};
+  ML_TRY(ml_tensor_empty(bits_out == 4 ? ML_UINT8 : ML_INT8, 2, shape, cpu, out));
+  values_to_q_job j = {ml_tensor_data(values), zeros ? ml_tensor_data(zeros) : NULL, ml_tensor_data(*out), K, G,
+                       K / G, zero, bits_out, 0};
+  ml_parallel_for(N, K, values_to_q_rows, &j);
+  long long bad = atomic_load(&j.bad);
+  if (bad) {
+    ml_tensor_release(*out);
+    *out = NULL;
+    int64_t i = bad - 1, n = i / K, k = i % K;
+    int zp = zeros ? ((const uint8_t *)ml_tensor_data(zeros))[n * G + k / (K / G)] : zero;
+    return ml_fail(ML_EFORMAT, "int_values_to_q: value %d minus zero point %d at [%lld, %lld] is outside int%d's range",
+                   ((const uint8_t *)ml_tensor_data(values))[i], zp, (long long)n, (long long)k, bits_out);
+  }
+  return ML_OK;
+}

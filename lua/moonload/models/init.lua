@@ -321,7 +321,7 @@ end
 --- True when some checkpoint name has to be renamed or dropped to fit the model (a missing or
 -- extra base prefix, a legacy buffer); tied weights stored once need no remapping.
 function M.needs_remap(model, names)
-   if rawget(model, "compressed_tensors") then return true end     -- its tensors are rewritten on load
+   if rawget(model, "rewrite_checkpoint") then return true end     -- its tensors are rewritten on load
    local fake = {}
    for _, n in ipairs(names) do fake[n] = n end
    local mapped = M.remap_state_dict(model, fake)
@@ -343,7 +343,10 @@ function M.load_into(model, sd, opts)
    opts = opts or {}
    local who = opts.who or "load_checkpoint"
    local strict = opts.strict ~= false
-   sd = require("moonload.compressed_tensors").convert_state_dict(model, sd, who)
+   -- a checkpoint stored in another quantizer's layout (compressed-tensors, AutoAWQ): its tensors
+   -- rewritten into those of the layers its reader built
+   local rewrite = rawget(model, "rewrite_checkpoint")
+   if rewrite then sd = rewrite(sd, who) end
    sd = M.remap_state_dict(model, sd)
    local params, keys = model:state_dict({ keep_vars = true })
    local wrong = {}

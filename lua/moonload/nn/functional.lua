@@ -130,6 +130,28 @@ function F.unpack_int_words(packed, bits)
    return wrap(out[0])
 end
 
+--- int_words_values(packed, bits[, order]) -> the raw unsigned values of int32 words (rows, W), one
+-- a byte: uint8 (rows, W * 32 / bits); order "awq": AutoAWQ's nibble order (4 bits).
+function F.int_words_values(packed, bits, order)
+   need_tensor("int_words_values", "packed words", packed)
+   if order ~= nil and order ~= "awq" then
+      error(string.format('int_words_values: order must be "awq" or nil, got %s', tostring(order)), 2)
+   end
+   check(lib.ml_int_words_values(packed._c, bits, order == "awq", out))
+   return wrap(out[0])
+end
+
+--- int_values_to_q(values, zeros_or_zero, bits_out) -> q: raw values uint8 (out, in) minus their
+-- group's zero point (zeros uint8 (out, groups), or one number for all) in moonload's int4
+-- (bits_out 4) or int8 (8) layout; a difference outside that range is an error.
+function F.int_values_to_q(values, zeros, bits_out)
+   need_tensor("int_values_to_q", "values", values)
+   local zt = type(zeros) ~= "number" and zeros or nil
+   if zt ~= nil then need_tensor("int_values_to_q", "zero points", zt) end
+   check(lib.ml_int_values_to_q(values._c, zt and zt._c or nil, zt and 0 or zeros, bits_out, out))
+   return wrap(out[0])
+end
+
 --- dequantize_fp8_blocks(w, scale_inv, {block_o, block_i}[, dtype = "float32"]) -> the float8
 -- weight w (O, I) times its float32 scale_inv (ceil(O / block_o), ceil(I / block_i)) tile by tile,
 -- as a new contiguous (O, I) tensor of dtype (float32, float16, bfloat16), on their device.
