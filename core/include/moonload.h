@@ -299,9 +299,10 @@ ML_API ml_status ml_unpack_int_words(const ml_tensor *packed, int bits, ml_tenso
    3, 7}[t] of its word. */
 ML_API ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order, ml_tensor **out);
 /* Raw values uint8 (out, in) minus their zero point -> the int4 (bits_out 4: uint8 (out, in / 2))
-   or int8 (bits_out 8) layout above. zeros: uint8 (out, groups), groups dividing in, the zero point
-   of each group of in / groups values; NULL: zero for all. A difference outside the output's range
-   is an error naming it. in a multiple of 32. */
+   or int8 (bits_out 8) layout above. The zero point of a group of in / groups values: zeros[o][g]
+   + zero, zeros uint8 (out, groups) with groups dividing in (GPTQ's files store it - 1: zero 1),
+   or zero alone when zeros is NULL. A difference outside the output's range is an error naming it.
+   in a multiple of 32. */
 ML_API ml_status ml_int_values_to_q(const ml_tensor *values, const ml_tensor *zeros, int zero, int bits_out,
                                     ml_tensor **out);
 /* ids: integer tensor of 0-based rows; weight (n, d). Out-of-range ids are an error. */

@@ -316,7 +316,7 @@ end
 
 --- apply_config(model, qc, src, who[, names, info_of]): a model built from a config with quantization_config qc gets
 -- its listed linear layers as QuantizedLinear ones (on meta inside init_empty_weights), so the
--- checkpoint's int8 weights and scales load into them; FP8, MXFP4, compressed-tensors and AWQ configs go
+-- checkpoint's int8 weights and scales load into them; FP8, MXFP4, compressed-tensors, AWQ and GPTQ configs go
 -- to their own readers (names: the checkpoint's tensor names; info_of(name) -> its dtype and
 -- shape). Other quantization methods are an error.
 function M.apply_config(model, qc, src, who, names, info_of)
@@ -326,10 +326,12 @@ function M.apply_config(model, qc, src, who, names, info_of)
    if method == "compressed-tensors" then
       return require("moonload.compressed_tensors").apply(model, qc, src, who, names, info_of)
    end
-   if method == "awq" then return require("moonload.awq").apply(model, qc, src, who, names, info_of) end
+   if method == "awq" or method == "gptq" then
+      return require("moonload.awq_gptq").apply(model, qc, src, who, names, info_of)
+   end
    if method == "mxfp4" then return M.check_mxfp4_config(model, qc, src, who) end
    if not METHOD_BITS[method] then
-      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4"), FP8 ones with block scales ("fp8"), gpt-oss\'s MXFP4 experts ("mxfp4"), llm-compressor\'s int4, int8 and FP8 ones ("compressed-tensors") and AutoAWQ\'s ("awq"), and quantizes float ones itself (quantize = "int8" or "int4")',
+      error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4"), FP8 ones with block scales ("fp8"), gpt-oss\'s MXFP4 experts ("mxfp4"), llm-compressor\'s int4, int8 and FP8 ones ("compressed-tensors"), AutoAWQ\'s ("awq") and GPTQ\'s ("gptq"), and quantizes float ones itself (quantize = "int8" or "int4")',
          who, src, tostring(method)), 0)
    end
    local per_module = qc.bits_per_module

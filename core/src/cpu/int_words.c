@@ -139,7 +139,7 @@ static void values_to_q_rows(void *ctx, int64_t begin, int64_t end) {
       int8_t q[BLOCK];
       for (int k = 0; k < BLOCK; k++) {
         int64_t i = b + k;
-        int z = j->zeros ? j->zeros[n * j->groups + i / j->group] : j->zero;
+        int z = (j->zeros ? j->zeros[n * j->groups + i / j->group] : 0) + j->zero;
         int x = (int)v[i] - z;
         if (x < lo || x > hi) {
           long long none = 0;
@@ -188,7 +188,7 @@ ml_status ml_int_values_to_q(const ml_tensor *values, const ml_tensor *zeros, in
     ml_tensor_release(*out);
     *out = NULL;
     int64_t i = bad - 1, n = i / K, k = i % K;
-    int zp = zeros ? ((const uint8_t *)ml_tensor_data(zeros))[n * G + k / (K / G)] : zero;
+    int zp = (zeros ? ((const uint8_t *)ml_tensor_data(zeros))[n * G + k / (K / G)] : 0) + zero;
     return ml_fail(ML_EFORMAT, "int_values_to_q: value %d minus zero point %d at [%lld, %lld] is outside int%d's range",
                    ((const uint8_t *)ml_tensor_data(values))[i], zp, (long long)n, (long long)k, bits_out);
   }

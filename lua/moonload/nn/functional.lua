@@ -141,14 +141,15 @@ function F.int_words_values(packed, bits, order)
    return wrap(out[0])
 end
 
---- int_values_to_q(values, zeros_or_zero, bits_out) -> q: raw values uint8 (out, in) minus their
--- group's zero point (zeros uint8 (out, groups), or one number for all) in moonload's int4
--- (bits_out 4) or int8 (8) layout; a difference outside that range is an error.
-function F.int_values_to_q(values, zeros, bits_out)
+--- int_values_to_q(values, zeros, bits_out[, zero_offset = 0]) -> q: raw values uint8 (out, in)
+-- minus their group's zero point (zeros uint8 (out, groups), plus zero_offset; or zeros one number
+-- for all) in moonload's int4 (bits_out 4) or int8 (8) layout; a difference outside that range is
+-- an error.
+function F.int_values_to_q(values, zeros, bits_out, zero_offset)
    need_tensor("int_values_to_q", "values", values)
    local zt = type(zeros) ~= "number" and zeros or nil
    if zt ~= nil then need_tensor("int_values_to_q", "zero points", zt) end
-   check(lib.ml_int_values_to_q(values._c, zt and zt._c or nil, zt and 0 or zeros, bits_out, out))
+   check(lib.ml_int_values_to_q(values._c, zt and zt._c or nil, zt and (zero_offset or 0) or zeros, bits_out, out))
    return wrap(out[0])
 end
 

@@ -1,8 +1,9 @@
--- compressed-tensors checkpoints (llm-compressor's int4 / int8 / FP8 models) read into moonload's
--- quantized layers, against transformers reading the same folders (tests/fixtures/gen_models.py
--- compressed_tensors): the unpacking of int32 words, the layers built, logits and greedy ids,
--- placement over CPU and disk, saving back, scales in bfloat16, activation scales dropped, and the
--- schemes moonload cannot compute exactly, named.
+-- Checkpoints other quantizers wrote, read into moonload's quantized layers: compressed-tensors
+-- (llm-compressor's int4 / int8 / FP8 models), AutoAWQ's and GPTQ's, against transformers or
+-- compressed-tensors reading the same folders (tests/fixtures/gen_models.py compressed_tensors,
+-- deepseek_v3_ct_int4, awq, gptq): the unpacking of int32 words and zero points, the layers built,
+-- logits and greedy ids, placement over CPU and disk, saving back, scales in bfloat16, activation
+-- scales dropped, and the schemes moonload cannot compute exactly, named.
 local ml = require("moonload")
 local F = require("moonload.nn.functional")
 local models = require("moonload.models")
@@ -290,6 +291,46 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
       fails(variant("qwen2_awq_tiny", nil, function(sd)
          sd["model.layers.0.self_attn.k_proj.scales"] = ml.ones(4, 32)
       end), '"model.layers.0.self_attn.k_proj": scales give 4 groups of in_features 64, not groups of a multiple of 32')
+   end)
+end)
+
+describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gptq_int8_tiny: v1, zero points stored - 1)", function()
+   for name, bits in pairs({ llama_gptq_int4_tiny = 4, qwen2_gptq_asym_tiny = 8, llama_gptq_int8_tiny = 8 }) do
+      it(name .. ": " .. bits .. "-bit layers; the logits and greedy ids of scales * (q - zero)", function()
+         local exp = H.expected(name)
+         local model = models.from_pretrained(H.FIX .. "/" .. name)
+         for _, m in ipairs({ model.model.layers[1].self_attn.k_proj, model.model.layers[2].mlp.down_proj }) do
+            assert.are.equal("QuantizedLinear", m.__name)
+            assert.are.equal(bits, m.bits)
+         end
+         assert.is_true(H.max_abs_diff(logits_of(model, exp), exp.logits) < TOL)
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      end)
+   end
+
+   it("names a GPTQ checkpoint it cannot read", function()
+      local function fails(dir, msg)
+         local ok, err = pcall(models.from_pretrained, dir)
+         H.rmdir(dir)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(msg, 1, true), err)
+      end
+      local k = "model.layers.0.self_attn.k_proj"
+      fails(variant("llama_gptq_int4_tiny", nil, function(sd)
+         local g = {}
+         for i = 1, 64 do g[i] = i <= 32 and 1 or 0 end               -- the groups swapped
+         sd[k .. ".g_idx"] = ml.tensor(g, { dtype = "int32" })
+      end), '"' .. k .. '": g_idx puts input 0 in group 1, not 0: activation order (desc_act)')
+      fails(variant("llama_gptq_int4_tiny", function(cfg) cfg.quantization_config.bits = 3 end),
+         "bits is 3; moonload reads 4- and 8-bit GPTQ weights")
+      fails(variant("llama_gptq_int4_tiny", function(cfg) cfg.quantization_config.checkpoint_format = "marlin" end),
+         'checkpoint_format "marlin" is not one moonload reads')
+      -- v2 reads the stored zero points (7) as they are: the symmetric values reach 15 - 7 = 8
+      fails(variant("llama_gptq_int4_tiny", function(cfg) cfg.quantization_config.checkpoint_format = "gptq_v2" end),
+         "minus zero point 7 at")
+      -- a file that claims sym but has zero points of its own
+      fails(variant("qwen2_gptq_asym_tiny", function(cfg) cfg.quantization_config.sym = true end),
+         "is outside int4's range")
    end)
 end)
 

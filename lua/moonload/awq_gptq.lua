@@ -1,0 +1,166 @@
+--- awq_gptq: AutoAWQ's and GPTQ's checkpoints (config.json's quantization_config with quant_method
+-- "awq", version "gemm", or "gptq": the hub's "-AWQ" and "-GPTQ-Int4/Int8" models) read into
+-- moonload's quantized layers with the same numbers. Each quantized linear layer stores qweight
+-- (int32 words of 4- or 8-bit values), qzeros (the zero points, packed the same way) and scales
+-- (groups, out), float16; its weight is (q - zero) * scale per group of in / groups inputs:
+--   * AutoAWQ: qweight (in, out / 8) and qzeros (groups, out / 8), 4 bits, each word's 8 values in
+--     AutoAWQ's nibble order; without zero_point the zero is 8 (as compressed-tensors'
+--     AutoAWQConverter reads it);
+--   * GPTQ: qweight (in / 8, out) packed along in, qzeros (groups, out / 8), 4 or 8 bits in order;
+--     checkpoint_format "gptq" (v1, the default) stores each zero point - 1, "gptq_v2" as it is;
+--     g_idx must give input k the group k / group_size (desc_act's reordered groups are an error).
+-- q - zero spans -15..15 for 4-bit weights with zero points of their own: those layers become
+-- int8 nn.QuantizedLinear (a byte a weight, half of bfloat16's); symmetric 4-bit ones (GPTQ's
+-- sym = true: every zero 8) become int4, 8-bit ones int8. The scales are repeated per block of 32
+-- in float32; biases stay float. The layers are the checkpoint's qweight owners.
+local ffi = require("ffi")
+local lib = require("moonload.C").lib
+local F = require("moonload.nn.functional")
+local QuantizedLinear = require("moonload.nn.quantized_linear")
+local ct = require("moonload.compressed_tensors")
+
+local M = {}
+
+local BLOCK = QuantizedLinear.BLOCK
+
+local NAMES = { awq = "AutoAWQ", gptq = "GPTQ" }
+
+local function fail(method, who, src, fmt, ...)
+   error(string.format("%s: %s (%s quantization_config in %s)", who, string.format(fmt, ...), NAMES[method], src), 0)
+end
+
+-- The config's format, checked: {bits, zero_point (false: all zeros 2^(bits - 1)), zero_offset,
+-- symmetric (GPTQ's sym: zeros expected 2^(bits - 1))}.
+local function read_config(method, qc, src, who)
+   local function bad(fmt, ...) fail(method, who, src, fmt, ...) end
+   local g = qc.group_size or qc.q_group_size
+   if g ~= nil and g ~= -1 and (type(g) ~= "number" or g <= 0 or g % BLOCK ~= 0) then
+      bad("group_size %s is not a multiple of %d (moonload's int blocks)", tostring(g), BLOCK)
+   end
+   if method == "awq" then
+      if qc.bits ~= nil and qc.bits ~= 4 then bad("bits is %s; AutoAWQ's GEMM checkpoints hold 4", tostring(qc.bits)) end
+      local version = type(qc.version) == "string" and qc.version:lower() or "gemm"
+      if version ~= "gemm" then
+         bad('version "%s" is not one moonload reads ("gemm": qweight (in, out / 8))', tostring(qc.version))
+      end
+      return { bits = 4, zero_point = qc.zero_point ~= false, zero_offset = 0, awq_order = true }
+   end
+   local bits = qc.bits
+   if bits ~= 4 and bits ~= 8 then bad("bits is %s; moonload reads 4- and 8-bit GPTQ weights", tostring(bits)) end
+   local fmt = qc.checkpoint_format or "gptq"
+   if fmt ~= "gptq" and fmt ~= "gptq_v2" then
+      bad('checkpoint_format "%s" is not one moonload reads ("gptq", "gptq_v2")', tostring(fmt))
+   end
+   return { bits = bits, zero_point = true, zero_offset = fmt == "gptq" and 1 or 0, symmetric = qc.sym ~= false }
+end
+
+-- GPTQ's g_idx: input k in group k / (in / groups), as without desc_act; else an error.
+local function check_g_idx(g_idx, groups, bad)
+   local t = g_idx:to("int32"):contiguous()
+   local n, per = t:numel(), t:numel() / groups
+   local p = ffi.cast("const int32_t *", lib.ml_tensor_data(t._c))
+   for k = 0, n - 1 do
+      if p[k] ~= math.floor(k / per) then
+         bad("g_idx puts input %d in group %d, not %d: activation order (desc_act), which moonload does not read",
+            k, p[k], math.floor(k / per))
+      end
+   end
+end
+
+--- apply(model, qc, src, who, names, info_of): the layers whose qweight the checkpoint holds become
+-- nn.QuantizedLinear, so that the rewritten tensors load into them. names: the checkpoint's
+-- tensor names; info_of(name) -> {dtype, shape} from its header.
+function M.apply(model, qc, src, who, names, info_of)
+   local method = qc.quant_method
+   local format = read_config(method, qc, src, who)
+   local per_word = 32 / format.bits
+   local linear_for = ct.linear_finder(model, function(owner)
+      fail(method, who, src, 'the checkpoint quantizes "%s", which is not a linear layer of this %s', owner,
+         tostring(model.__name))
+   end)
+   local schemes = {}
+   for _, name in ipairs(names) do
+      local owner = name:match("^(.*)%.qweight$")
+      if owner then
+         local target, m = linear_for(owner)
+         local outf, inf = m.out_features, m.in_features
+         local function bad(fmt, ...) fail(method, who, src, '"%s": ' .. fmt, owner, ...) end
+         local function shape_of(field, dtype, rows, cols)
+            local info = info_of(owner .. "." .. field)
+            if info == nil then bad("has qweight but no %s", field) end
+            local s = info.shape
+            if (dtype and info.dtype ~= dtype) or #s ~= 2 or (rows and s[1] ~= rows) or (cols and s[2] ~= cols) then
+               bad("%s is %s [%s]; expected %s [%s, %s]", field, tostring(info.dtype), table.concat(s, ", "),
+                  dtype or "float", rows and tostring(rows) or "groups", tostring(cols))
+            end
+            return s
+         end
+         if inf % BLOCK ~= 0 or outf % per_word ~= 0 then
+            bad("in_features %d and out_features %d must be multiples of %d and %d", inf, outf, BLOCK, per_word)
+         end
+         if method == "awq" then
+            shape_of("qweight", "int32", inf, outf / per_word)
+         else
+            shape_of("qweight", "int32", inf / per_word, outf)
+         end
+         local groups = shape_of("scales", nil, nil, outf)[1]
+         if inf % groups ~= 0 or (inf / groups) % BLOCK ~= 0 then
+            bad("scales give %d groups of in_features %d, not groups of a multiple of %d", groups, inf, BLOCK)
+         end
+         if format.zero_point then shape_of("qzeros", "int32", groups, outf / per_word) end
+         -- 4-bit values with zero points of their own: value - zero needs 5 bits
+         local bits = (format.bits == 4 and (format.symmetric or not format.zero_point)) and 4 or 8
+         model:set_submodule(target, QuantizedLinear(inf, outf, { bias = m.bias ~= nil, bits = bits }))
+         schemes[owner] = { bits = bits, groups = groups, out_features = outf, in_features = inf, bad = bad }
+      end
+   end
+   if next(schemes) == nil then fail(method, who, src, "the checkpoint holds no qweight tensors") end
+   rawset(model, "rewrite_checkpoint", function(sd, load_who)
+      return M.convert_state_dict(method, format, schemes, src, sd, load_who)
+   end)
+   return model
+end
+
+local FIELDS = { qweight = true, qzeros = true, scales = true, g_idx = true }
+
+--- convert_state_dict(method, format, schemes, src, sd, who) -> a state dict (checkpoint names)
+-- whose quantized layers hold weight (moonload's int8 or int4 layout, out x in) and weight_scale
+-- (float32 per block of 32) in place of qweight, qzeros, scales and g_idx.
+function M.convert_state_dict(method, format, schemes, src, sd, who)
+   local out = {}
+   for name, t in pairs(sd) do
+      local owner, field = name:match("^(.*)%.([%w_]+)$")
+      if not (owner and schemes[owner] and FIELDS[field]) then out[name] = t end
+   end
+   local order = format.awq_order and "awq" or nil
+   for owner, s in pairs(schemes) do
+      local function need(field)
+         local t = sd[owner .. "." .. field]
+         if t == nil then
+            error(string.format('%s: the checkpoint lacks "%s.%s" (%s, %s)', who, owner, field, NAMES[method], src), 0)
+         end
+         return t
+      end
+      -- raw values in (out, in), the layout the layer multiplies with
+      local values
+      if method == "awq" then
+         values = F.int_words_values(need("qweight"), format.bits, order):t():contiguous()
+      else
+         values = F.int_words_values(need("qweight"):t():contiguous(), format.bits)
+      end
+      if sd[owner .. ".g_idx"] ~= nil then check_g_idx(sd[owner .. ".g_idx"], s.groups, s.bad) end
+      local q
+      if format.zero_point then
+         local zeros = F.int_words_values(need("qzeros"), format.bits, order):t():contiguous()
+         q = F.int_values_to_q(values, zeros, s.bits, format.zero_offset)
+      else
+         q = F.int_values_to_q(values, 2 ^ (format.bits - 1), s.bits)
+      end
+      out[owner .. ".weight"] = q
+      out[owner .. ".weight_scale"] = ct.repeat_scales(need("scales"):t(), s.out_features, s.groups,
+         s.in_features / BLOCK)
+   end
+   return out
+end
+
+return M
