@@ -175,7 +175,7 @@ describe("ml.save_model", function()
       ml.save_model(model, out)
       local cfg = read_json(out .. "/config.json")
       for _, c in ipairs({
-         { { quant_method = "gptq", bits = 4 }, 'quantization_config in ' .. out .. '/config.json has quant_method "gptq"' },
+         { { quant_method = "bitsandbytes", load_in_4bit = true }, 'quantization_config in ' .. out .. '/config.json has quant_method "bitsandbytes"' },
          { { quant_method = "moonload_q8", bits = 8, block_size = 32, modules = { "model.norm" } },
            'lists "model.norm", which is not a linear layer or an embedding of the model' },
          { { quant_method = "moonload_q8", bits = 8, block_size = 64, modules = {} }, "must have bits 8, block_size 32" },
