@@ -295,6 +295,7 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
 end)
 
 describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gptq_int8_tiny: v1, zero points stored - 1)", function()
+   H.collect_warnings()                       -- (the disk offload note) kept quiet
    for name, bits in pairs({ llama_gptq_int4_tiny = 4, qwen2_gptq_asym_tiny = 8, llama_gptq_int8_tiny = 8 }) do
       it(name .. ": " .. bits .. "-bit layers; the logits and greedy ids of scales * (q - zero)", function()
          local exp = H.expected(name)
@@ -307,6 +308,36 @@ describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gp
          assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
       end)
    end
+
+   it("rewrites its layers into the offload folder a batch at a time and maps them back, under a device_map", function()
+      local exp = H.expected("llama_gptq_int4_tiny")
+      local dir = H.tmpdir()
+      local rewrite = require("moonload.checkpoint_rewrite")
+      local saved = rewrite.BATCH_BYTES
+      rewrite.BATCH_BYTES = 20000                        -- (batches of a few layers on this tiny model)
+      local ok, m = pcall(models.from_pretrained, H.FIX .. "/llama_gptq_int4_tiny",
+         { device_map = "auto", max_memory = { cpu = 85000 }, offload_folder = dir })
+      rewrite.BATCH_BYTES = saved
+      assert(ok, m)
+      local files = {}
+      for f in io.popen("ls " .. dir .. "/rewritten"):lines() do files[#files + 1] = f end
+      assert.is_true(#files > 2, table.concat(files, " "))
+      assert.are.equal("rewritten-00001.safetensors", files[1])
+      assert.are.equal("cpu", m.hf_device_map["model.layers.0"])
+      assert.are.equal("disk", m.hf_device_map["model.layers.1"])
+      -- a layer kept in RAM is a view of its rewritten file, not a copy
+      local lib = require("moonload.C").lib
+      local k
+      for name, mod in m:named_modules() do
+         if mod.__name == "QuantizedLinear" and not mod.weight:is_meta() then
+            k = mod
+            assert.is_true(lib.ml_storage_is_borrowed(lib.ml_tensor_storage(mod.weight._c)), name)
+         end
+      end
+      assert.is_not_nil(k, "a quantized layer in RAM")
+      assert.is_true(H.max_abs_diff(logits_of(m, exp), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
 
    it("names a GPTQ checkpoint it cannot read", function()
       local function fails(dir, msg)

@@ -67,6 +67,36 @@ local function check_g_idx(g_idx, groups, bad)
    end
 end
 
+-- One layer's weight (moonload's int8 or int4 layout, out x in) and weight_scale (float32 per
+-- block of 32) from its qweight, qzeros, scales and g_idx. (checkpoint_rewrite's convert_one)
+local function converter(method, format)
+   local order = format.awq_order and "awq" or nil
+   return function(owner, s, need, sd)
+      -- raw values in (out, in), the layout the layer multiplies with
+      local words = need("qweight")
+      local values
+      if method == "awq" then
+         values = F.int_words_values(words, format.bits, order):t():contiguous()
+      else
+         values = F.int_words_values(words:t():contiguous(), format.bits)
+      end
+      lib.ml_tensor_drop_mapped_pages(words._c)         -- read once: the copy is what runs
+      if sd[owner .. ".g_idx"] ~= nil then check_g_idx(sd[owner .. ".g_idx"], s.groups, s.bad) end
+      local q
+      if format.zero_point then
+         local zeros = F.int_words_values(need("qzeros"), format.bits, order):t():contiguous()
+         q = F.int_values_to_q(values, zeros, s.bits, format.zero_offset)
+      else
+         q = F.int_values_to_q(values, 2 ^ (format.bits - 1), s.bits)
+      end
+      return { [owner .. ".weight"] = q,
+         [owner .. ".weight_scale"] = ct.repeat_scales(need("scales"):t(), s.out_features, s.groups,
+            s.in_features / BLOCK) }
+   end
+end
+
+local FIELDS = { qweight = true, qzeros = true, scales = true, g_idx = true }
+
 --- apply(model, qc, src, who, names, info_of): the layers whose qweight the checkpoint holds become
 -- nn.QuantizedLinear, so that the rewritten tensors load into them. names: the checkpoint's
 -- tensor names; info_of(name) -> {dtype, shape} from its header.
@@ -115,52 +145,9 @@ function M.apply(model, qc, src, who, names, info_of)
       end
    end
    if next(schemes) == nil then fail(method, who, src, "the checkpoint holds no qweight tensors") end
-   rawset(model, "rewrite_checkpoint", function(sd, load_who)
-      return M.convert_state_dict(method, format, schemes, src, sd, load_who)
-   end)
+   rawset(model, "rewrite_checkpoint", require("moonload.checkpoint_rewrite").new(schemes, FIELDS,
+      converter(method, format), NAMES[method] .. ", " .. src))
    return model
-end
-
-local FIELDS = { qweight = true, qzeros = true, scales = true, g_idx = true }
-
---- convert_state_dict(method, format, schemes, src, sd, who) -> a state dict (checkpoint names)
--- whose quantized layers hold weight (moonload's int8 or int4 layout, out x in) and weight_scale
--- (float32 per block of 32) in place of qweight, qzeros, scales and g_idx.
-function M.convert_state_dict(method, format, schemes, src, sd, who)
-   local out = {}
-   for name, t in pairs(sd) do
-      local owner, field = name:match("^(.*)%.([%w_]+)$")
-      if not (owner and schemes[owner] and FIELDS[field]) then out[name] = t end
-   end
-   local order = format.awq_order and "awq" or nil
-   for owner, s in pairs(schemes) do
-      local function need(field)
-         local t = sd[owner .. "." .. field]
-         if t == nil then
-            error(string.format('%s: the checkpoint lacks "%s.%s" (%s, %s)', who, owner, field, NAMES[method], src), 0)
-         end
-         return t
-      end
-      -- raw values in (out, in), the layout the layer multiplies with
-      local values
-      if method == "awq" then
-         values = F.int_words_values(need("qweight"), format.bits, order):t():contiguous()
-      else
-         values = F.int_words_values(need("qweight"):t():contiguous(), format.bits)
-      end
-      if sd[owner .. ".g_idx"] ~= nil then check_g_idx(sd[owner .. ".g_idx"], s.groups, s.bad) end
-      local q
-      if format.zero_point then
-         local zeros = F.int_words_values(need("qzeros"), format.bits, order):t():contiguous()
-         q = F.int_values_to_q(values, zeros, s.bits, format.zero_offset)
-      else
-         q = F.int_values_to_q(values, 2 ^ (format.bits - 1), s.bits)
-      end
-      out[owner .. ".weight"] = q
-      out[owner .. ".weight_scale"] = ct.repeat_scales(need("scales"):t(), s.out_features, s.groups,
-         s.in_features / BLOCK)
-   end
-   return out
 end
 
 return M

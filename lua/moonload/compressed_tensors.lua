@@ -176,6 +176,71 @@ local function layer_scheme(owner, m, fields, info_of, block, who, src)
    return { bits = bits, layer_bits = layer_bits, zeros = zeros, groups = groups }
 end
 
+--- repeat_scales(scale, rows, groups, cols) -> float32 (rows, cols): scale (rows, groups) of any
+-- float dtype, or one value, each repeated over the cols / groups its group covers.
+function M.repeat_scales(scale, rows, groups, cols)
+   local s = scale:to("float32"):contiguous()
+   if s:numel() == 1 then
+      s = s:reshape(1, 1, 1):expand(rows, 1, cols)
+   else
+      s = s:reshape(rows, groups, 1):expand(rows, groups, cols / groups)
+   end
+   return s:contiguous():reshape(rows, cols)
+end
+
+--- minus_zero_points(words, zero_words, out_features, groups) -> int8 (out, in): 4-bit values of
+-- weight_packed (out, in / 8) minus their group's zero point, weight_zero_point packed along the
+-- output dim (ceil(out / 8), groups), both stored + 8 (the difference needs no offset).
+function M.minus_zero_points(words, zero_words, outf, groups)
+   local zeros = F.int_words_values(zero_words:t():contiguous(), 4)        -- (groups, 8 * ceil(out / 8))
+   zeros = zeros:narrow(2, 1, outf):t():contiguous()                        -- (out, groups)
+   if zeros.shape[2] ~= groups then
+      error(string.format("weight_zero_point gives %d groups, the scales %d", zeros.shape[2], groups), 0)
+   end
+   local q = F.int_values_to_q(F.int_words_values(words, 4), zeros, 8)
+   lib.ml_tensor_drop_mapped_pages(words._c)
+   return q
+end
+
+-- One layer's tensors in the layout apply built it with: weight (moonload's int8 / int4 layout, or
+-- the float8 values) and weight_scale (float32 per block of 32) or weight_scale_inv (float32 per
+-- tile). (checkpoint_rewrite's convert_one)
+local function convert_layer(owner, s, need, sd, who)
+   local outf, inf = s.out_features, s.in_features
+   local shape = sd[owner .. ".weight_shape"]
+   if shape ~= nil then
+      local v = shape:to("int64"):tolist()
+      if #v ~= 2 or v[1] ~= outf or v[2] ~= inf then
+         error(string.format('%s: "%s.weight_shape" is [%s]; the model\'s layer is [%d, %d]', who, owner,
+            table.concat(v, ", "), outf, inf), 0)
+      end
+   end
+   local values
+   if s.zeros then
+      values = M.minus_zero_points(need("weight_packed"), need("weight_zero_point"), outf, s.per_tensor and 1 or s.groups)
+   elseif s.packed then
+      local words = need("weight_packed")
+      values = F.unpack_int_words(words, s.bits)
+      -- read once: the words' pages of a mapped file leave the process (the copy is what runs)
+      lib.ml_tensor_drop_mapped_pages(words._c)
+   else
+      values = need("weight")
+   end
+   local scale = need("weight_scale")
+   local out = { [owner .. ".weight"] = values }
+   if s.tile then
+      out[owner .. ".weight_scale_inv"] = s.repeat_scales
+         and M.repeat_scales(scale, math.ceil(outf / s.tile[1]), 1, math.ceil(inf / s.tile[2]))
+         or scale:to("float32"):contiguous()
+   else
+      out[owner .. ".weight_scale"] = M.repeat_scales(scale, outf, s.per_tensor and 1 or s.groups, inf / BLOCK)
+   end
+   return out
+end
+
+local FIELDS = { weight_packed = true, weight_scale = true, weight_shape = true, weight = true,
+   weight_zero_point = true }
+
 --- linear_finder(model, fail) -> linear_for(owner) -> the model's name and nn.Linear for a
 -- checkpoint's layer name (mapped as its weights' names are); fail(owner) when there is none.
 function M.linear_finder(model, fail_for)
@@ -236,91 +301,9 @@ function M.apply(model, qc, src, who, names, info_of)
             weight_block_size = { tiles[1][1], tiles[1][2] } })
       end
    end
-   local ct = { schemes = schemes, source = src }
-   rawset(model, "rewrite_checkpoint", function(sd, load_who) return M.convert_state_dict(ct, sd, load_who) end)
+   rawset(model, "rewrite_checkpoint", require("moonload.checkpoint_rewrite").new(schemes, FIELDS, convert_layer,
+      "compressed-tensors, " .. src, DROPPED))
    return model
-end
-
---- repeat_scales(scale, rows, groups, cols) -> float32 (rows, cols): scale (rows, groups) of any
--- float dtype, or one value, each repeated over the cols / groups its group covers.
-function M.repeat_scales(scale, rows, groups, cols)
-   local s = scale:to("float32"):contiguous()
-   if s:numel() == 1 then
-      s = s:reshape(1, 1, 1):expand(rows, 1, cols)
-   else
-      s = s:reshape(rows, groups, 1):expand(rows, groups, cols / groups)
-   end
-   return s:contiguous():reshape(rows, cols)
-end
-
---- minus_zero_points(words, zero_words, out_features, groups) -> int8 (out, in): 4-bit values of
--- weight_packed (out, in / 8) minus their group's zero point, weight_zero_point packed along the
--- output dim (ceil(out / 8), groups), both stored + 8 (the difference needs no offset).
-function M.minus_zero_points(words, zero_words, outf, groups)
-   local zeros = F.int_words_values(zero_words:t():contiguous(), 4)        -- (groups, 8 * ceil(out / 8))
-   zeros = zeros:narrow(2, 1, outf):t():contiguous()                        -- (out, groups)
-   if zeros.shape[2] ~= groups then
-      error(string.format("weight_zero_point gives %d groups, the scales %d", zeros.shape[2], groups), 0)
-   end
-   local q = F.int_values_to_q(F.int_words_values(words, 4), zeros, 8)
-   lib.ml_tensor_drop_mapped_pages(words._c)
-   return q
-end
-
---- convert_state_dict(ct, sd, who) -> a state dict (checkpoint names) whose quantized layers'
--- tensors are those of the layers apply built: weight (moonload's int8 / int4 layout, or the
--- float8 values) and weight_scale (float32 per block of 32) or weight_scale_inv (float32 per tile).
--- Other tensors are passed through as they are; activation and cache scales are dropped.
-function M.convert_state_dict(ct, sd, who)
-   local out = {}
-   for name, t in pairs(sd) do
-      local owner, field = split(name)
-      local quantized = owner and ct.schemes[owner]
-      if not (quantized and (field == "weight_packed" or field == "weight_scale" or field == "weight_shape"
-            or field == "weight" or field == "weight_zero_point")) and not (field and DROPPED[field]) then
-         out[name] = t
-      end
-   end
-   for owner, s in pairs(ct.schemes) do
-      local function need(field)
-         local t = sd[owner .. "." .. field]
-         if t == nil then
-            error(string.format('%s: the checkpoint lacks "%s.%s" (compressed-tensors, %s)', who, owner, field, ct.source), 0)
-         end
-         return t
-      end
-      local outf, inf = s.out_features, s.in_features
-      local shape = sd[owner .. ".weight_shape"]
-      if shape ~= nil then
-         local v = shape:to("int64"):tolist()
-         if #v ~= 2 or v[1] ~= outf or v[2] ~= inf then
-            error(string.format('%s: "%s.weight_shape" is [%s]; the model\'s layer is [%d, %d] (compressed-tensors, %s)',
-               who, owner, table.concat(v, ", "), outf, inf, ct.source), 0)
-         end
-      end
-      local values
-      if s.zeros then
-         values = M.minus_zero_points(need("weight_packed"), need("weight_zero_point"), outf,
-            s.per_tensor and 1 or s.groups)
-      elseif s.packed then
-         local words = need("weight_packed")
-         values = F.unpack_int_words(words, s.bits)
-         -- read once: the words' pages of a mapped file leave the process (the copy is what runs)
-         lib.ml_tensor_drop_mapped_pages(words._c)
-      else
-         values = need("weight")
-      end
-      local scale = need("weight_scale")
-      out[owner .. ".weight"] = values
-      if s.tile then
-         out[owner .. ".weight_scale_inv"] = s.repeat_scales
-            and M.repeat_scales(scale, math.ceil(outf / s.tile[1]), 1, math.ceil(inf / s.tile[2]))
-            or scale:to("float32"):contiguous()
-      else
-         out[owner .. ".weight_scale"] = M.repeat_scales(scale, outf, s.per_tensor and 1 or s.groups, inf / BLOCK)
-      end
-   end
-   return out
 end
 
 return M

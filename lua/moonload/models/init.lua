@@ -346,7 +346,7 @@ function M.load_into(model, sd, opts)
    -- a checkpoint stored in another quantizer's layout (compressed-tensors, AutoAWQ): its tensors
    -- rewritten into those of the layers its reader built
    local rewrite = rawget(model, "rewrite_checkpoint")
-   if rewrite then sd = rewrite(sd, who) end
+   if rewrite then sd = require("moonload.checkpoint_rewrite").in_memory(rewrite, sd, who) end
    sd = M.remap_state_dict(model, sd)
    local params, keys = model:state_dict({ keep_vars = true })
    local wrong = {}
@@ -556,7 +556,15 @@ function load(dir, opts)
       end
       -- The checkpoint's names differ from the model's (no base prefix, legacy buffers):
       -- map them, load zero-copy views of the mapped files on the CPU, then place the model.
-      M.load_into(model, M.read_checkpoint(ckpt), { strict = opts.strict, who = "from_pretrained" })
+      local sd = M.read_checkpoint(ckpt)
+      local rewrite = rawget(model, "rewrite_checkpoint")
+      if rewrite and opts.offload_folder ~= nil then
+         -- another quantizer's layers, rewritten a batch at a time into the offload folder and
+         -- mapped back: the model is never whole in RAM, and its disk layers stay in those files
+         sd = require("moonload.checkpoint_rewrite").into_folder(rewrite, sd, opts.offload_folder, "from_pretrained")
+         rawset(model, "rewrite_checkpoint", nil)
+      end
+      M.load_into(model, sd, { strict = opts.strict, who = "from_pretrained" })
       model:to(opts.dtype)
       return M._place_loaded(model, opts, no_split, "from_pretrained")
    end

@@ -1,0 +1,100 @@
+--- checkpoint_rewrite: checkpoints stored in another quantizer's layout (compressed-tensors,
+-- AutoAWQ, GPTQ) whose layers' tensors are rewritten into moonload's as they load. A reader builds
+-- the model's layers and sets model.rewrite_checkpoint = rewrite.new(...); models.load_into then
+-- loads rewrite.in_memory's state dict (every rewritten tensor in RAM), and from_pretrained with a
+-- device_map and an offload_folder loads rewrite.into_folder's instead: the rewritten tensors
+-- written a batch at a time under <offload_folder>/rewritten/ and mapped back, so that a model
+-- bigger than RAM is never whole in it and its disk layers stay in those files.
+local M = {}
+
+local Rewrite = {}
+Rewrite.__index = Rewrite
+
+--- new(schemes, fields, convert_one, label[, dropped]) -> a rewrite: schemes {checkpoint layer
+-- name -> its scheme, with out_features and in_features}; fields {field = true}: the tensors of a
+-- layer it replaces ("<layer>.<field>"); convert_one(owner, scheme, need, sd, who) -> {name -> tensor},
+-- the layer's tensors in moonload's layout under checkpoint names, need(field) giving the layer's
+-- tensor (an error naming it, and label, when the checkpoint lacks it). dropped {field = true}:
+-- tensors of any layer it drops (activation scales).
+function M.new(schemes, fields, convert_one, label, dropped)
+   local owners = {}
+   for owner in pairs(schemes) do owners[#owners + 1] = owner end
+   table.sort(owners)
+   return setmetatable({ schemes = schemes, fields = fields, dropped = dropped or {}, owners = owners,
+      convert_one = convert_one, label = label }, Rewrite)
+end
+
+--- consumes(name) -> true for a checkpoint tensor the rewrite replaces or drops.
+function Rewrite:consumes(name)
+   local owner, field = name:match("^(.*)%.([%w_]+)$")
+   if not owner then return false end
+   return (self.schemes[owner] ~= nil and self.fields[field] == true) or self.dropped[field] == true
+end
+
+--- convert(sd, who[, only]) -> the rewritten tensors of every layer (or of the set only).
+function Rewrite:convert(sd, who, only)
+   local out = {}
+   for _, owner in ipairs(self.owners) do
+      if only == nil or only[owner] then
+         local function need(field)
+            local t = sd[owner .. "." .. field]
+            if t == nil then
+               error(string.format('%s: the checkpoint lacks "%s.%s" (%s)', who, owner, field, self.label), 0)
+            end
+            return t
+         end
+         for name, t in pairs(self.convert_one(owner, self.schemes[owner], need, sd, who)) do out[name] = t end
+      end
+   end
+   return out
+end
+
+-- The tensors the rewrite keeps as they are.
+local function kept(rw, sd)
+   local out = {}
+   for name, t in pairs(sd) do
+      if not rw:consumes(name) then out[name] = t end
+   end
+   return out
+end
+
+--- in_memory(rw, sd, who) -> sd with its rewritten layers in RAM.
+function M.in_memory(rw, sd, who)
+   local out = kept(rw, sd)
+   for name, t in pairs(rw:convert(sd, who)) do out[name] = t end
+   return out
+end
+
+-- Rewritten bytes gathered before a batch is written (the RAM a load needs beyond one layer).
+M.BATCH_BYTES = 256 * 1024 * 1024
+
+--- into_folder(rw, sd, folder, who) -> sd whose rewritten layers are views of files written under
+-- folder/rewritten/ (rewritten-00001.safetensors, ...; each written to a temporary name and renamed,
+-- replacing a previous load's), a batch of about BATCH_BYTES at a time.
+function M.into_folder(rw, sd, folder, who)
+   local st = require("moonload.safetensors")
+   local dir = folder .. "/rewritten"
+   require("moonload.utils.offload").mkdir_p(dir, who)
+   local out = kept(rw, sd)
+   local batch, bytes, n = {}, 0, 0
+   local function flush()
+      if next(batch) == nil then return end
+      n = n + 1
+      local path = string.format("%s/rewritten-%05d.safetensors", dir, n)
+      st.save_file(rw:convert(sd, who, batch), path)
+      for name, t in pairs(st.load_file(path)) do out[name] = t end
+      batch, bytes = {}, 0
+      collectgarbage()                  -- the batch's RAM goes back before the next one fills
+   end
+   for _, owner in ipairs(rw.owners) do
+      local s = rw.schemes[owner]
+      batch[owner] = true
+      bytes = bytes + s.out_features * s.in_features
+      if bytes >= M.BATCH_BYTES then flush() end
+   end
+   flush()
+   require("moonload.C").lib.ml_cpu_empty_cache()  -- (the batches' blocks: the allocator would keep them)
+   return out
+end
+
+return M
