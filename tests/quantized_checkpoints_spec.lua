@@ -406,3 +406,18 @@ describe("compressed-tensors checkpoints moonload cannot compute exactly", funct
       end), 'the checkpoint quantizes "model.norm", which is not a linear layer of this LlamaForCausalLM')
    end)
 end)
+
+describe("examples/quantized_checkpoint.lua", function()
+   it("runs the GPTQ test folder under a RAM budget and prints its layers, placement and greedy tokens", function()
+      local p = assert(io.popen("luajit examples/quantized_checkpoint.lua 2>/dev/null"))
+      local text = p:read("*a")
+      p:close()
+      assert.truthy(text:find("LlamaForCausalLM, quant_method gptq; linear layers: 14 int4 %([%d.]+ KB%), 1 float"), text)
+      assert.truthy(text:find("[%d.]+ KB of weights in RAM, [%d.]+ KB on disk"), text)
+      local want = models.from_pretrained(H.FIX .. "/llama_gptq_int4_tiny"):generate({ 1, 5, 17, 42, 3 },
+         { max_new_tokens = 16, eos_token_id = false })
+      local printed = {}
+      for id in text:match("\n([%d ]+)\n"):gmatch("%d+") do printed[#printed + 1] = tonumber(id) end
+      assert.are.same({ unpack(want, 6) }, printed)
+   end)
+end)
