@@ -7,6 +7,9 @@
 
 #include <pthread.h>
 #include <stdlib.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #define CACHE_MIN_BYTES ((size_t)256 << 10)
 #define CACHE_GRANULE ((size_t)64 << 10)
@@ -105,4 +108,8 @@ void ml_cpu_empty_cache(void) {
   cache_count = 0;
   cache_bytes = 0;
   pthread_mutex_unlock(&cache_mutex);
+#ifdef __GLIBC__
+  /* glibc keeps freed blocks below its (grown) mmap threshold in the heap: hand them back too */
+  malloc_trim(0);
+#endif
 }

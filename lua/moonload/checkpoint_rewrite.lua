@@ -2,9 +2,10 @@
 -- AutoAWQ, GPTQ) whose layers' tensors are rewritten into moonload's as they load. A reader builds
 -- the model's layers and sets model.rewrite_checkpoint = rewrite.new(...); models.load_into then
 -- loads rewrite.in_memory's state dict (every rewritten tensor in RAM), and from_pretrained with a
--- device_map and an offload_folder loads rewrite.into_folder's instead: the rewritten tensors
--- written a batch at a time under <offload_folder>/rewritten/ and mapped back, so that a model
--- bigger than RAM is never whole in it and its disk layers stay in those files.
+-- device_map and an offload_folder loads rewrite.into_folder's checkpoint instead: the rewritten
+-- tensors written a batch at a time under <offload_folder>/rewritten/ beside links to the files of
+-- the rest, so that a model bigger than RAM is never whole in it and its disk layers stay in those
+-- files (dispatched as a checkpoint of moonload's own layout is).
 local M = {}
 
 local Rewrite = {}
@@ -68,22 +69,44 @@ end
 -- Rewritten bytes gathered before a batch is written (the RAM a load needs beyond one layer).
 M.BATCH_BYTES = 256 * 1024 * 1024
 
---- into_folder(rw, sd, folder, who) -> sd whose rewritten layers are views of files written under
--- folder/rewritten/ (rewritten-00001.safetensors, ...; each written to a temporary name and renamed,
--- replacing a previous load's), a batch of about BATCH_BYTES at a time.
-function M.into_folder(rw, sd, folder, who)
+--- into_folder(rw, ckpt, folder, who) -> the path of a sharded checkpoint index under
+-- folder/rewritten/ holding the rewritten layers (rewritten-00001.safetensors, ...; each written to a
+-- temporary name and renamed, replacing a previous load's, about BATCH_BYTES of RAM at a time) and
+-- the tensors kept as they are, through links to ckpt's own files (source-<name>): loaded as any
+-- checkpoint, its disk layers stay in those files. ckpt: models.find_checkpoint's.
+function M.into_folder(rw, ckpt, folder, who)
+   local models = require("moonload.models")
    local st = require("moonload.safetensors")
+   local offload = require("moonload.utils.offload")
    local dir = folder .. "/rewritten"
-   require("moonload.utils.offload").mkdir_p(dir, who)
-   local out = kept(rw, sd)
+   offload.mkdir_p(dir, who)
+   local sd = models.read_checkpoint(ckpt)
+   local weight_map = {}
+   local function link(path)
+      local name = "source-" .. path:match("([^/]+)$")
+      local target = path:sub(1, 1) == "/" and path or (os.getenv("PWD") .. "/" .. path)
+      os.remove(dir .. "/" .. name)
+      local ok = os.execute(string.format("ln -s %s %s", offload.shell_quote(target), offload.shell_quote(dir .. "/" .. name)))
+      if ok ~= 0 and ok ~= true then error(string.format("%s: cannot link %s into %s", who, path, dir), 0) end
+      return name
+   end
+   local linked = {}
+   for name in pairs(sd) do
+      if not rw:consumes(name) then
+         local path = ckpt.kind == "sharded" and ckpt.weight_map[name] or ckpt.path
+         linked[path] = linked[path] or link(path)
+         weight_map[name] = linked[path]
+      end
+   end
    local batch, bytes, n = {}, 0, 0
    local function flush()
       if next(batch) == nil then return end
       n = n + 1
-      local path = string.format("%s/rewritten-%05d.safetensors", dir, n)
-      st.save_file(rw:convert(sd, who, batch), path)
-      for name, t in pairs(st.load_file(path)) do out[name] = t end
-      batch, bytes = {}, 0
+      local file = string.format("rewritten-%05d.safetensors", n)
+      local tensors = rw:convert(sd, who, batch)
+      st.save_file(tensors, dir .. "/" .. file)
+      for name in pairs(tensors) do weight_map[name] = file end
+      batch, bytes, tensors = {}, 0, nil
       collectgarbage()                  -- the batch's RAM goes back before the next one fills
    end
    for _, owner in ipairs(rw.owners) do
@@ -94,7 +117,11 @@ function M.into_folder(rw, sd, folder, who)
    end
    flush()
    require("moonload.C").lib.ml_cpu_empty_cache()  -- (the batches' blocks: the allocator would keep them)
-   return out
+   local index = dir .. "/model.safetensors.index.json"
+   offload.write_atomic(index, who, function(f)
+      f:write(require("cjson").encode({ metadata = {}, weight_map = weight_map }))
+   end)
+   return index
 end
 
 return M

@@ -547,6 +547,15 @@ function load(dir, opts)
       local big = require("moonload.big_modeling")
       local model = big.init_empty_weights(build):to(opts.dtype)      -- meta: only the dtype changes
       local no_split = opts.no_split_module_classes or cls.no_split_modules
+      local rewrite = rawget(model, "rewrite_checkpoint")
+      if rewrite and opts.offload_folder ~= nil then
+         -- another quantizer's layers, rewritten a batch at a time into the offload folder beside
+         -- links to the rest: loaded from there, the model is never whole in RAM
+         ckpt = parse_index(require("moonload.checkpoint_rewrite").into_folder(rewrite, ckpt, opts.offload_folder,
+            "from_pretrained"), "from_pretrained")
+         names = M.checkpoint_names(ckpt)
+         rawset(model, "rewrite_checkpoint", nil)
+      end
       if not M.needs_remap(model, names) then
          local dispatch_opts = {}
          for k, v in pairs(opts) do dispatch_opts[k] = v end
@@ -556,15 +565,7 @@ function load(dir, opts)
       end
       -- The checkpoint's names differ from the model's (no base prefix, legacy buffers):
       -- map them, load zero-copy views of the mapped files on the CPU, then place the model.
-      local sd = M.read_checkpoint(ckpt)
-      local rewrite = rawget(model, "rewrite_checkpoint")
-      if rewrite and opts.offload_folder ~= nil then
-         -- another quantizer's layers, rewritten a batch at a time into the offload folder and
-         -- mapped back: the model is never whole in RAM, and its disk layers stay in those files
-         sd = require("moonload.checkpoint_rewrite").into_folder(rewrite, sd, opts.offload_folder, "from_pretrained")
-         rawset(model, "rewrite_checkpoint", nil)
-      end
-      M.load_into(model, sd, { strict = opts.strict, who = "from_pretrained" })
+      M.load_into(model, M.read_checkpoint(ckpt), { strict = opts.strict, who = "from_pretrained" })
       model:to(opts.dtype)
       return M._place_loaded(model, opts, no_split, "from_pretrained")
    end

@@ -663,7 +663,13 @@ function M.load_checkpoint_in_model(model, checkpoint, opts)
       error(fn .. ": At least one of the model submodule will be offloaded to disk, please pass along an `offload_folder`.", 2)
    end
 
-   local shards = M.checkpoint_files(checkpoint, fn)
+   local shards, weight_map = M.checkpoint_files(checkpoint, fn)
+   -- a tensor the index places in another shard is that shard's (a rewritten checkpoint's shards
+   -- link the source files, which also hold the names its rewritten layers replace)
+   local function elsewhere(file, k)
+      local f = weight_map and weight_map[k]
+      return f ~= nil and file:sub(-#f - 1) ~= "/" .. f
+   end
 
    -- Everything the model expects, and where.
    local expected, buffer_names = {}, {}
@@ -686,7 +692,7 @@ function M.load_checkpoint_in_model(model, checkpoint, opts)
       end
       local h = safetensors().safe_open(file)
       for _, k in ipairs(h:keys()) do
-         if not k:find("SCB", 1, true) then
+         if not k:find("SCB", 1, true) and not elsewhere(file, k) then
             seen[k] = true
             local t = expected[k]
             if t == nil then
@@ -742,7 +748,7 @@ function M.load_checkpoint_in_model(model, checkpoint, opts)
       local keys = h:keys()
       local abs = abspath(file)
       for ki, name in ipairs(keys) do
-         if expected[name] ~= nil and not name:find("SCB", 1, true) then
+         if expected[name] ~= nil and not name:find("SCB", 1, true) and not elsewhere(file, name) then
             local info = h:tensor_info(name)
             -- (float8 weights are quantized storage, converted by their layer, not here)
             local is_float = require("moonload.dtypes").floating[info.dtype] == true
