@@ -41,6 +41,13 @@ function H.experts_run(experts, fn)
    return ran
 end
 
+--- The token ids an example printed as it generated (its one line of ids and spaces).
+function H.printed_ids(text)
+   local ids = {}
+   for id in assert(text:match("\n([%d ]+)\n"), text):gmatch("%d+") do ids[#ids + 1] = tonumber(id) end
+   return ids
+end
+
 function H.tmpdir()
    local p = os.tmpname()
    os.remove(p)

@@ -30,6 +30,14 @@ local function variant(fixture, edit, edit_tensors)
    return dir
 end
 
+-- from_pretrained(dir) fails with an error holding msg; dir is removed.
+local function fails(dir, msg)
+   local ok, err = pcall(models.from_pretrained, dir)
+   H.rmdir(dir)
+   assert.is_false(ok)
+   assert.truthy(tostring(err):find(msg, 1, true), err)
+end
+
 local function logits_of(model, exp)
    return model(ml.tensor(exp.input_ids, { dtype = "int64" }))
 end
@@ -270,12 +278,6 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
    end)
 
    it("names an AWQ checkpoint it cannot read", function()
-      local function fails(dir, msg)
-         local ok, err = pcall(models.from_pretrained, dir)
-         H.rmdir(dir)
-         assert.is_false(ok)
-         assert.truthy(tostring(err):find(msg, 1, true), err)
-      end
       local dir = H.tmpdir()                       -- a float checkpoint under an AWQ config
       H.copy(H.FIX .. "/qwen2_tiny/model.safetensors", dir .. "/model.safetensors")
       local cfg = H.read_json(H.FIX .. "/qwen2_tiny/config.json")
@@ -347,12 +349,6 @@ describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gp
    end)
 
    it("names a GPTQ checkpoint it cannot read", function()
-      local function fails(dir, msg)
-         local ok, err = pcall(models.from_pretrained, dir)
-         H.rmdir(dir)
-         assert.is_false(ok)
-         assert.truthy(tostring(err):find(msg, 1, true), err)
-      end
       local k = "model.layers.0.self_attn.k_proj"
       fails(variant("llama_gptq_int4_tiny", nil, function(sd)
          local g = {}
@@ -373,12 +369,6 @@ describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gp
 end)
 
 describe("compressed-tensors checkpoints moonload cannot compute exactly", function()
-   local function fails(dir, msg)
-      local ok, err = pcall(models.from_pretrained, dir)
-      H.rmdir(dir)
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find(msg, 1, true), err)
-   end
    local function group(cfg, name) return cfg.quantization_config.config_groups[name] end
 
    it("names the group whose scheme it does not read", function()
@@ -423,8 +413,6 @@ describe("examples/quantized_checkpoint.lua", function()
       assert.truthy(text:find("[%d.]+ KB of weights in RAM, [%d.]+ KB on disk"), text)
       local want = models.from_pretrained(H.FIX .. "/llama_gptq_int4_tiny"):generate({ 1, 5, 17, 42, 3 },
          { max_new_tokens = 16, eos_token_id = false })
-      local printed = {}
-      for id in text:match("\n([%d ]+)\n"):gmatch("%d+") do printed[#printed + 1] = tonumber(id) end
-      assert.are.same({ unpack(want, 6) }, printed)
+      assert.are.same({ unpack(want, 6) }, H.printed_ids(text))
    end)
 end)
