@@ -348,6 +348,27 @@ describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gp
       H.rmdir(dir)
    end)
 
+   it("uses a rewritten folder again while its source files are unchanged", function()
+      local src = variant("llama_gptq_int4_tiny")
+      local dir = H.tmpdir()
+      local function load()
+         return models.from_pretrained(src, { device_map = "auto", max_memory = { cpu = 85000 }, offload_folder = dir })
+      end
+      local function inode()
+         return io.popen("stat -c %i " .. dir .. "/rewritten/rewritten-00001.safetensors"):read("*l")
+      end
+      local exp = H.expected("llama_gptq_int4_tiny")
+      load()
+      local first = inode()
+      assert.is_true(H.max_abs_diff(logits_of(load(), exp), exp.logits) < TOL)
+      assert.are.equal(first, inode())                  -- not written again
+      os.execute("touch -d '2001-02-03 04:05:06' " .. src .. "/model.safetensors")
+      assert.is_true(H.max_abs_diff(logits_of(load(), exp), exp.logits) < TOL)
+      assert.are_not.equal(first, inode())              -- another modification time: rewritten
+      H.rmdir(dir)
+      H.rmdir(src)
+   end)
+
    it("names a GPTQ checkpoint it cannot read", function()
       local k = "model.layers.0.self_attn.k_proj"
       fails(variant("llama_gptq_int4_tiny", nil, function(sd)

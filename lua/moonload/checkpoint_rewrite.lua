@@ -69,17 +69,63 @@ end
 -- Rewritten bytes gathered before a batch is written (the RAM a load needs beyond one layer).
 M.BATCH_BYTES = 256 * 1024 * 1024
 
+-- What a rewritten folder was made from: the source files (path, size, modification time) and
+-- every layer's scheme, as one string; a folder whose index records the same one is reused.
+local function stamp(rw, ckpt, label)
+   local parts = { "moonload rewrite 1", label }
+   local files = ckpt.kind == "sharded" and ckpt.files or { ckpt.path }
+   for _, path in ipairs(files) do
+      local p = io.popen("stat -L -c '%s %Y' " .. require("moonload.utils.offload").shell_quote(path) .. " 2>/dev/null")
+      parts[#parts + 1] = path .. " " .. (p:read("*l") or "?")
+      p:close()
+   end
+   for _, owner in ipairs(rw.owners) do
+      local s, fields = rw.schemes[owner], {}
+      for k, v in pairs(s) do
+         if type(v) == "number" or type(v) == "string" or type(v) == "boolean" then
+            fields[#fields + 1] = k .. "=" .. tostring(v)
+         elseif type(v) == "table" then
+            fields[#fields + 1] = k .. "=" .. table.concat(v, "x")
+         end
+      end
+      table.sort(fields)
+      parts[#parts + 1] = owner .. " " .. table.concat(fields, ",")
+   end
+   return table.concat(parts, "\n")
+end
+
+-- The index of a previous rewrite of the same source, when its files are all there (else nil).
+local function reusable(index, want)
+   local f = io.open(index, "rb")
+   if not f then return nil end
+   local ok, t = pcall(require("cjson").decode, f:read("*a"))
+   f:close()
+   if not ok or type(t) ~= "table" or type(t.metadata) ~= "table" or t.metadata.moonload_rewrite ~= want then
+      return nil
+   end
+   local dir = index:match("^(.*)/[^/]*$")
+   for _, file in pairs(t.weight_map or {}) do
+      if not require("moonload.utils.offload").file_exists(dir .. "/" .. file) then return nil end
+   end
+   return index
+end
+
 --- into_folder(rw, ckpt, folder, who) -> the path of a sharded checkpoint index under
 -- folder/rewritten/ holding the rewritten layers (rewritten-00001.safetensors, ...; each written to a
--- temporary name and renamed, replacing a previous load's, about BATCH_BYTES of RAM at a time) and
--- the tensors kept as they are, through links to ckpt's own files (source-<name>): loaded as any
--- checkpoint, its disk layers stay in those files. ckpt: models.find_checkpoint's.
+-- temporary name and renamed, about BATCH_BYTES of RAM at a time) and the tensors kept as they are,
+-- through links to ckpt's own files (source-<name>): loaded as any checkpoint, its disk layers stay
+-- in those files. A folder rewritten from the same files (sizes and modification times) with the
+-- same schemes is used again as it is; another is replaced. ckpt: models.find_checkpoint's.
 function M.into_folder(rw, ckpt, folder, who)
    local models = require("moonload.models")
    local st = require("moonload.safetensors")
    local offload = require("moonload.utils.offload")
    local dir = folder .. "/rewritten"
+   local index = dir .. "/model.safetensors.index.json"
+   local made_from = stamp(rw, ckpt, rw.label)
+   if reusable(index, made_from) then return index end
    offload.mkdir_p(dir, who)
+   os.remove(index)                      -- (no index until every file it lists is whole)
    local sd = models.read_checkpoint(ckpt)
    local weight_map = {}
    local function link(path)
@@ -117,9 +163,8 @@ function M.into_folder(rw, ckpt, folder, who)
    end
    flush()
    require("moonload.C").lib.ml_cpu_empty_cache()  -- (the batches' blocks: the allocator would keep them)
-   local index = dir .. "/model.safetensors.index.json"
    offload.write_atomic(index, who, function(f)
-      f:write(require("cjson").encode({ metadata = {}, weight_map = weight_map }))
+      f:write(require("cjson").encode({ metadata = { moonload_rewrite = made_from }, weight_map = weight_map }))
    end)
    return index
 end
