@@ -245,12 +245,13 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
    local exp = H.expected("qwen2_awq_ct_tiny")
 
    for _, name in ipairs({ "qwen2_awq_ct_tiny", "qwen2_awq_tiny" }) do
-      it(name .. ": int8 layers holding value - zero point, the biases float; the logits and greedy ids of the decompressed weights", function()
+      it(name .. ": int4 layers with an offset per group, the biases float; the logits and greedy ids of the decompressed weights", function()
          local model = models.from_pretrained(H.FIX .. "/" .. name)
          local attn = model.model.layers[2].self_attn
          for _, m in ipairs({ attn.q_proj, attn.o_proj, model.model.layers[1].mlp.down_proj }) do
             assert.are.equal("QuantizedLinear", m.__name)
-            assert.are.equal(8, m.bits)
+            assert.are.equal(4, m.bits)
+            assert.are.same({ m.out_features, m.in_features / 32 }, m.weight_offset.shape)   -- groups of 32
          end
          assert.are.equal("float32", attn.q_proj.bias.dtype)
          assert.are.equal("Linear", model.lm_head.__name)
@@ -258,6 +259,24 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
          assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
       end)
    end
+
+   it("computes what its dense weights compute, and saves back as moonload's int4 with the offsets", function()
+      local exp = H.expected("qwen2_awq_tiny")
+      local model = models.from_pretrained(H.FIX .. "/qwen2_awq_tiny")
+      local up = model.model.layers[1].mlp.up_proj
+      local x = ml.randn(3, 64)
+      local dense = F.linear(x, up:dense_weight())
+      assert.is_true(H.max_abs_diff(up(x), dense:tolist()) < 1e-4)
+      local dir = H.tmpdir()
+      ml.save_model(model, dir)
+      local qc = H.read_json(dir .. "/config.json").quantization_config
+      assert.are.equal("moonload_q4", qc.quant_method)
+      assert.are.equal(2, qc.offset_groups["model.layers.0.mlp.up_proj"])
+      local again = models.from_pretrained(dir)
+      assert.are.same({ 128, 2 }, again.model.layers[1].mlp.up_proj.weight_offset.shape)
+      assert.is_true(H.max_abs_diff(logits_of(again, exp), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
 
    it("reads an AWQ checkpoint without zero points as int4 (q - 8) * scale", function()
       local dir = variant("qwen2_awq_tiny", function(cfg) cfg.quantization_config.zero_point = false end, function(sd)
@@ -298,13 +317,16 @@ end)
 
 describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gptq_int8_tiny: v1, zero points stored - 1)", function()
    H.collect_warnings()                       -- (the disk offload note) kept quiet
-   for name, bits in pairs({ llama_gptq_int4_tiny = 4, qwen2_gptq_asym_tiny = 8, llama_gptq_int8_tiny = 8 }) do
+   for name, bits in pairs({ llama_gptq_int4_tiny = 4, qwen2_gptq_asym_tiny = 4, llama_gptq_int8_tiny = 8 }) do
       it(name .. ": " .. bits .. "-bit layers; the logits and greedy ids of scales * (q - zero)", function()
          local exp = H.expected(name)
          local model = models.from_pretrained(H.FIX .. "/" .. name)
          for _, m in ipairs({ model.model.layers[1].self_attn.k_proj, model.model.layers[2].mlp.down_proj }) do
             assert.are.equal("QuantizedLinear", m.__name)
             assert.are.equal(bits, m.bits)
+            -- zero points of its own: an offset per group of 64 (symmetric ones: none)
+            assert.are.equal(name == "qwen2_gptq_asym_tiny" and m.in_features / 64 or nil,
+               m.weight_offset and m.weight_offset.shape[2])
          end
          assert.is_true(H.max_abs_diff(logits_of(model, exp), exp.logits) < TOL)
          assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))

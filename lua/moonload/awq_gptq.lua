@@ -9,10 +9,10 @@
 --   * GPTQ: qweight (in / 8, out) packed along in, qzeros (groups, out / 8), 4 or 8 bits in order;
 --     checkpoint_format "gptq" (v1, the default) stores each zero point - 1, "gptq_v2" as it is;
 --     g_idx must give input k the group k / group_size (desc_act's reordered groups are an error).
--- q - zero spans -15..15 for 4-bit weights with zero points of their own: those layers become
--- int8 nn.QuantizedLinear (a byte a weight, half of bfloat16's); symmetric 4-bit ones (GPTQ's
--- sym = true: every zero 8) become int4, 8-bit ones int8. The scales are repeated per block of 32
--- in float32; biases stay float. The layers are the checkpoint's qweight owners.
+-- The layers become nn.QuantizedLinear of the same width (4 or 8 bits) holding q - 2^(bits - 1),
+-- their scales repeated per block of 32 in float32; zero points of their own (AutoAWQ's, GPTQ's
+-- sym = false) add an offset per group, (2^(bits - 1) - zero) * scale (weight_offset), exactly.
+-- Biases stay float. The layers are the checkpoint's qweight owners.
 local ffi = require("ffi")
 local lib = require("moonload.C").lib
 local F = require("moonload.nn.functional")
@@ -82,16 +82,23 @@ local function converter(method, format)
       end
       lib.ml_tensor_drop_mapped_pages(words._c)         -- read once: the copy is what runs
       if sd[owner .. ".g_idx"] ~= nil then check_g_idx(sd[owner .. ".g_idx"], s.groups, s.bad) end
-      local q
-      if format.zero_point then
+      local mid = 2 ^ (format.bits - 1)
+      local scales = need("scales"):t()                                     -- (out, groups)
+      local out = { [owner .. ".weight_scale"] = ct.repeat_scales(scales, s.out_features, s.groups,
+         s.in_features / BLOCK) }
+      if not format.zero_point then
+         out[owner .. ".weight"] = F.int_values_to_q(values, mid, s.bits)
+      elseif not s.offsets then                    -- GPTQ's sym: every zero point the middle, checked
          local zeros = F.int_words_values(need("qzeros"), format.bits, order):t():contiguous()
-         q = F.int_values_to_q(values, zeros, s.bits, format.zero_offset)
+         out[owner .. ".weight"] = F.int_values_to_q(values, zeros, s.bits, format.zero_offset)
       else
-         q = F.int_values_to_q(values, 2 ^ (format.bits - 1), s.bits)
+         -- (q - zero) * scale = (q - mid) * scale + (mid - zero) * scale: the values as symmetric
+         -- ones, and each group's (mid - zero) * scale as its offset
+         local zeros = F.int_words_values(need("qzeros"), format.bits, order):t():contiguous()
+         out[owner .. ".weight"] = F.int_values_to_q(values, mid, s.bits)
+         out[owner .. ".weight_offset"] = ct.zero_offsets(zeros, format.zero_offset, mid, scales)
       end
-      return { [owner .. ".weight"] = q,
-         [owner .. ".weight_scale"] = ct.repeat_scales(need("scales"):t(), s.out_features, s.groups,
-            s.in_features / BLOCK) }
+      return out
    end
 end
 
@@ -138,10 +145,12 @@ function M.apply(model, qc, src, who, names, info_of)
             bad("scales give %d groups of in_features %d, not groups of a multiple of %d", groups, inf, BLOCK)
          end
          if format.zero_point then shape_of("qzeros", "int32", groups, outf / per_word) end
-         -- 4-bit values with zero points of their own: value - zero needs 5 bits
-         local bits = (format.bits == 4 and (format.symmetric or not format.zero_point)) and 4 or 8
-         model:set_submodule(target, QuantizedLinear(inf, outf, { bias = m.bias ~= nil, bits = bits }))
-         schemes[owner] = { bits = bits, groups = groups, out_features = outf, in_features = inf, bad = bad }
+         -- zero points of their own (not GPTQ's sym): an offset per group beside the values
+         local offsets = format.zero_point and not format.symmetric
+         model:set_submodule(target, QuantizedLinear(inf, outf, { bias = m.bias ~= nil, bits = format.bits,
+            offset_groups = offsets and groups or nil }))
+         schemes[owner] = { bits = format.bits, groups = groups, out_features = outf, in_features = inf, bad = bad,
+            offsets = offsets }
       end
    end
    if next(schemes) == nil then fail(method, who, src, "the checkpoint holds no qweight tensors") end

@@ -6,8 +6,8 @@
 --     output channel or for the whole tensor: "pack-quantized" (weight_packed, int32 words) or
 --     "int-quantized" / "naive-quantized" (weight, int8) -> nn.QuantizedLinear (4 or 8 bits);
 --   * 4-bit int weights with zero points (asymmetric, weight_zero_point: AutoAWQ's models as
---     compressed-tensors converts them) -> nn.QuantizedLinear of 8 bits holding value - zero point
---     (-15..15 does not fit 4 bits: twice int4's bytes, still a quarter of float32's);
+--     compressed-tensors converts them) -> the same int4 layer with an offset per group,
+--     -zero * scale (weight_offset);
 --   * float8_e4m3fn weights ("float-quantized" / "naive-quantized") with a scale per channel, for
 --     the tensor or per block -> nn.Fp8Linear.
 -- Which layers are quantized, and how, is read from the checkpoint's tensors (their names, shapes
@@ -164,16 +164,14 @@ local function layer_scheme(owner, m, fields, info_of, block, who, src)
    if inf % BLOCK ~= 0 then
       bad("in_features %d is not a multiple of %d (moonload's int blocks)", inf, BLOCK)
    end
-   -- value - zero point spans -15..15: an int8 layer
    local zeros = fields.weight_zero_point == true
-   local layer_bits = zeros and 8 or bits
-   if numel == 1 then return { bits = bits, layer_bits = layer_bits, zeros = zeros, groups = 1, per_tensor = true } end
+   if numel == 1 then return { bits = bits, zeros = zeros, groups = 1, per_tensor = true } end
    local groups = #sshape == 2 and sshape[1] == outf and sshape[2] or nil
    if not groups or inf % groups ~= 0 or (inf / groups) % BLOCK ~= 0 then
       bad("weight_scale [%s] does not give groups of a multiple of %d values along in_features %d",
          table.concat(sshape, ", "), BLOCK, inf)
    end
-   return { bits = bits, layer_bits = layer_bits, zeros = zeros, groups = groups }
+   return { bits = bits, zeros = zeros, groups = groups }
 end
 
 --- repeat_scales(scale, rows, groups, cols) -> float32 (rows, cols): scale (rows, groups) of any
@@ -188,18 +186,11 @@ function M.repeat_scales(scale, rows, groups, cols)
    return s:contiguous():reshape(rows, cols)
 end
 
---- minus_zero_points(words, zero_words, out_features, groups) -> int8 (out, in): 4-bit values of
--- weight_packed (out, in / 8) minus their group's zero point, weight_zero_point packed along the
--- output dim (ceil(out / 8), groups), both stored + 8 (the difference needs no offset).
-function M.minus_zero_points(words, zero_words, outf, groups)
-   local zeros = F.int_words_values(zero_words:t():contiguous(), 4)        -- (groups, 8 * ceil(out / 8))
-   zeros = zeros:narrow(2, 1, outf):t():contiguous()                        -- (out, groups)
-   if zeros.shape[2] ~= groups then
-      error(string.format("weight_zero_point gives %d groups, the scales %d", zeros.shape[2], groups), 0)
-   end
-   local q = F.int_values_to_q(F.int_words_values(words, 4), zeros, 8)
-   lib.ml_tensor_drop_mapped_pages(words._c)
-   return q
+--- zero_offsets(zeros, zero_offset, mid, scales) -> float32 (out, groups): each group's
+-- (mid - (zero + zero_offset)) * scale, the offset that turns values stored as q - mid back into
+-- (q - zero) * scale. zeros: raw zero points uint8 (out, groups); scales (out, groups), any float.
+function M.zero_offsets(zeros, zero_offset, mid, scales)
+   return ((zeros:to("float32") + zero_offset) * -1 + mid) * scales:to("float32")
 end
 
 -- One layer's tensors in the layout apply built it with: weight (moonload's int8 / int4 layout, or
@@ -216,9 +207,7 @@ local function convert_layer(owner, s, need, sd, who)
       end
    end
    local values
-   if s.zeros then
-      values = M.minus_zero_points(need("weight_packed"), need("weight_zero_point"), outf, s.per_tensor and 1 or s.groups)
-   elseif s.packed then
+   if s.packed then
       local words = need("weight_packed")
       values = F.unpack_int_words(words, s.bits)
       -- read once: the words' pages of a mapped file leave the process (the copy is what runs)
@@ -228,6 +217,19 @@ local function convert_layer(owner, s, need, sd, who)
    end
    local scale = need("weight_scale")
    local out = { [owner .. ".weight"] = values }
+   if s.zeros then
+      -- (q - zero) * scale = q * scale - zero * scale, q as the symmetric layout holds it: the
+      -- zero points (packed along out, stored + 8) become each group's offset
+      local groups = s.per_tensor and 1 or s.groups
+      local zeros = F.int_words_values(need("weight_zero_point"):t():contiguous(), 4)   -- (groups, 8 * ceil(out / 8))
+      zeros = zeros:narrow(2, 1, outf):t():contiguous()                                  -- (out, groups)
+      if zeros.shape[2] ~= groups then
+         error(string.format('%s: "%s.weight_zero_point" gives %d groups, the scales %d', who, owner,
+            zeros.shape[2], groups), 0)
+      end
+      out[owner .. ".weight_offset"] = M.zero_offsets(zeros, 0, 8,
+         s.per_tensor and scale:reshape(1, 1):expand(outf, 1) or scale)
+   end
    if s.tile then
       out[owner .. ".weight_scale_inv"] = s.repeat_scales
          and M.repeat_scales(scale, math.ceil(outf / s.tile[1]), 1, math.ceil(inf / s.tile[2]))
@@ -287,7 +289,7 @@ function M.apply(model, qc, src, who, names, info_of)
             { bias = m.bias ~= nil, block = s.tile, fmt = "e4m3" }))
       else
          model:set_submodule(target, QuantizedLinear(m.in_features, m.out_features,
-            { bias = m.bias ~= nil, bits = s.layer_bits }))
+            { bias = m.bias ~= nil, bits = s.bits, offset_groups = s.zeros and s.groups or nil }))
       end
       schemes[owner] = s
    end

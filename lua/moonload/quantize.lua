@@ -266,9 +266,10 @@ local METHOD_BITS = { moonload_q8 = 8, moonload_q4 = 4 }
 --- config_for(model) -> the quantization_config of a model with quantized layers (nil without):
 -- {quant_method = "moonload_q8" or "moonload_q4", bits = 8 or 4, block_size = 32, modules = {names,
 -- in module order}}; bits is the width of most layers, and a model that mixes widths lists the
--- others in bits_per_module = {name = bits}.
+-- others in bits_per_module = {name = bits}; layers with offsets per group (asymmetric checkpoints
+-- read as they are) are listed in offset_groups = {name = groups}.
 function M.config_for(model)
-   local names, widths, count = {}, {}, { [8] = 0, [4] = 0 }
+   local names, widths, count, offsets = {}, {}, { [8] = 0, [4] = 0 }, nil
    local fp8, mxfp4
    for _, e in ipairs(model:named_modules_list()) do
       if e[2].__name == "Fp8Linear" then fp8 = fp8 or e[1] end
@@ -281,6 +282,10 @@ function M.config_for(model)
       if e[2].__name == "QuantizedLinear" or e[2].__name == "QuantizedEmbedding" then
          names[#names + 1] = e[1]
          widths[e[1]] = e[2].bits or 8
+         if e[2].weight_offset ~= nil then
+            offsets = offsets or {}
+            offsets[e[1]] = e[2].weight_offset.shape[2]
+         end
          count[widths[e[1]]] = count[widths[e[1]]] + 1
       end
    end
@@ -311,7 +316,7 @@ function M.config_for(model)
       end
    end
    return { quant_method = METHOD[bits], bits = bits, block_size = QuantizedLinear.BLOCK, modules = names,
-            bits_per_module = others }
+            bits_per_module = others, offset_groups = offsets }
 end
 
 --- apply_config(model, qc, src, who[, names, info_of]): a model built from a config with quantization_config qc gets
@@ -334,9 +339,9 @@ function M.apply_config(model, qc, src, who, names, info_of)
       error(string.format('%s: quantization_config in %s has quant_method "%s"; moonload reads its own int8 and int4 checkpoints ("moonload_q8", "moonload_q4"), FP8 ones with block scales ("fp8"), gpt-oss\'s MXFP4 experts ("mxfp4"), llm-compressor\'s int4, int8 and FP8 ones ("compressed-tensors"), AutoAWQ\'s ("awq") and GPTQ\'s ("gptq"), and quantizes float ones itself (quantize = "int8" or "int4")',
          who, src, tostring(method)), 0)
    end
-   local per_module = qc.bits_per_module
+   local per_module, offset_groups = qc.bits_per_module, qc.offset_groups
    if qc.block_size ~= QuantizedLinear.BLOCK or qc.bits ~= METHOD_BITS[method] or type(qc.modules) ~= "table"
-      or (per_module ~= nil and type(per_module) ~= "table") then
+      or (per_module ~= nil and type(per_module) ~= "table") or (offset_groups ~= nil and type(offset_groups) ~= "table") then
       error(string.format("%s: quantization_config in %s must have bits %d, block_size %d and a list of modules",
          who, src, METHOD_BITS[method], QuantizedLinear.BLOCK), 0)
    end
@@ -354,8 +359,14 @@ function M.apply_config(model, qc, src, who, names, info_of)
       if m.__name == "Embedding" then
          model:set_submodule(name, QuantizedEmbedding(m.num_embeddings, m.embedding_dim, { bits = bits }))
       else
-         model:set_submodule(name, QuantizedLinear(m.in_features or m.nx, m.out_features or m.nf,
-            { bias = m.bias ~= nil, bits = bits }))
+         local groups = offset_groups and offset_groups[name]
+         local inf = m.in_features or m.nx
+         if groups ~= nil and (type(groups) ~= "number" or groups < 1 or inf % groups ~= 0) then
+            error(string.format('%s: quantization_config in %s gives "%s" %s offset groups (a divisor of its %d in_features)',
+               who, src, name, tostring(groups), inf), 0)
+         end
+         model:set_submodule(name, QuantizedLinear(inf, m.out_features or m.nf,
+            { bias = m.bias ~= nil, bits = bits, offset_groups = groups }))
       end
    end
    return model

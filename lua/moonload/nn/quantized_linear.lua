@@ -4,7 +4,9 @@
 -- Decoding reads a quarter (int8) or an eighth (int4) of float32's weight bytes. Parameters (so
 -- that device maps and offloading treat them as weights): weight (int8 (out, in), or uint8
 -- (out, in / 2) holding two int4 values a byte), weight_scale (float32, out x in / 32); the bias
--- stays as it was. Made from a float layer with from_float (nn.Linear, or GPT-2's Conv1D, whose
+-- stays as it was. With offset_groups G (asymmetric checkpoints: AutoAWQ's, GPTQ's zero points),
+-- also weight_offset (float32, out x G): w = q * scale + offset[group], in groups of in / G values,
+-- computed as the int4 product plus each group's input sum times its offset (a G-wide product). Made from a float layer with from_float (nn.Linear, or GPT-2's Conv1D, whose
 -- weight is stored transposed), or for a whole model by ml.quantize.
 local Module = require("moonload.nn.module")
 local F = require("moonload.nn.functional")
@@ -13,7 +15,7 @@ local QuantizedLinear = Module:extend("QuantizedLinear")
 
 QuantizedLinear.BLOCK = 32
 -- model:to("bfloat16") converts the activations' dtype, not the scales (the kernel reads float32)
-QuantizedLinear.keep_float32_buffers = { weight_scale = true }
+QuantizedLinear.keep_float32_buffers = { weight_scale = true, weight_offset = true }
 
 -- What each width of weights is made and multiplied with, and its storage.
 local KERNELS = {
@@ -27,7 +29,8 @@ local function check_bits(bits, level)
    end
 end
 
---- QuantizedLinear(in_features, out_features[, {bias = true, bits = 8}]): zero weights, unit scales.
+--- QuantizedLinear(in_features, out_features[, {bias = true, bits = 8, offset_groups}]): zero weights,
+-- unit scales (and zero offsets).
 function QuantizedLinear:__init(in_features, out_features, opts)
    opts = opts or {}
    if type(in_features) ~= "number" or in_features % QuantizedLinear.BLOCK ~= 0 or in_features <= 0 then
@@ -44,6 +47,15 @@ function QuantizedLinear:__init(in_features, out_features, opts)
    if not self.weight:is_meta() then
       self.weight:fill_(bits == 8 and 0 or 0x88)
       self.weight_scale:fill_(1)
+   end
+   local groups = opts.offset_groups
+   if groups ~= nil then
+      if type(groups) ~= "number" or groups < 1 or in_features % groups ~= 0 then
+         error(string.format("QuantizedLinear: offset_groups must divide in_features %d, got %s", in_features,
+            tostring(groups)), 3)
+      end
+      self.weight_offset = Module.new_parameter({ out_features, groups })
+      if not self.weight_offset:is_meta() then self.weight_offset:fill_(0) end
    end
    if opts.bias == nil or opts.bias then
       self.bias = Module.new_parameter({ out_features }, {})
@@ -78,16 +90,34 @@ end
 --- The weight (out, in) dequantized into dtype (default float32), on its device.
 function QuantizedLinear:dense_weight(dtype)
    local dequantize = (self.bits or 8) == 8 and F.dequantize_q8 or F.dequantize_q4
-   return dequantize(self.weight, self.weight_scale, dtype or "float32")
+   local offset = self.weight_offset
+   if offset == nil then return dequantize(self.weight, self.weight_scale, dtype or "float32") end
+   local w = dequantize(self.weight, self.weight_scale, "float32")
+   local N, K, G = self.out_features, self.in_features, offset.shape[2]
+   w = (w:view(N, G, K / G) + offset:view(N, G, 1)):view(N, K)
+   return (dtype or "float32") == "float32" and w or w:to(dtype)
 end
 
 function QuantizedLinear:forward(x)
-   return KERNELS[self.bits or 8].linear(x, self.weight, self.weight_scale, self.bias)
+   local y = KERNELS[self.bits or 8].linear(x, self.weight, self.weight_scale, self.bias)
+   local offset = self.weight_offset
+   if offset == nil then return y end
+   -- + each group's input sum times its offset, in float32
+   local G = offset.shape[2]
+   local shape = x.shape
+   local grouped = {}
+   for i = 1, #shape - 1 do grouped[i] = shape[i] end
+   grouped[#shape], grouped[#shape + 1] = G, shape[#shape] / G
+   local sums = x:reshape(grouped):float():sum(#shape + 1)
+   local extra = F.linear(sums, offset)
+   return y + (extra.dtype == y.dtype and extra or extra:to(y.dtype))
 end
 
 function QuantizedLinear:extra_repr()
-   return string.format("in_features=%d, out_features=%d, bias=%s, int%d in blocks of %d", self.in_features,
-      self.out_features, Module.py_repr(self.bias ~= nil), self.bits or 8, QuantizedLinear.BLOCK)
+   local offset = self.weight_offset
+   return string.format("in_features=%d, out_features=%d, bias=%s, int%d in blocks of %d%s", self.in_features,
+      self.out_features, Module.py_repr(self.bias ~= nil), self.bits or 8, QuantizedLinear.BLOCK,
+      offset and string.format(", offsets in %d groups", offset.shape[2]) or "")
 end
 
 return QuantizedLinear
