@@ -278,6 +278,17 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
       H.rmdir(dir)
    end)
 
+   it("keeps its offsets and scales float32 when the model computes in bfloat16", function()
+      local exp = H.expected("qwen2_awq_tiny")
+      local model = models.from_pretrained(H.FIX .. "/qwen2_awq_tiny", { dtype = "bfloat16" })
+      local q = model.model.layers[2].self_attn.q_proj
+      assert.are.equal("float32", q.weight_offset.dtype)
+      assert.are.equal("float32", q.weight_scale.dtype)
+      assert.are.equal("bfloat16", model.model.embed_tokens.weight.dtype)
+      local logits = logits_of(model, exp):float()
+      assert.is_true(H.max_abs_diff(logits:narrow(1, 1, 1), { exp.logits[1] }) < 0.3)
+   end)
+
    it("reads an AWQ checkpoint without zero points as int4 (q - 8) * scale", function()
       local dir = variant("qwen2_awq_tiny", function(cfg) cfg.quantization_config.zero_point = false end, function(sd)
          for name in pairs(sd) do
