@@ -60,4 +60,11 @@ end
 -- (moonload computes the int4 layers in float32 from the bfloat16 activations, transformers in
 -- bfloat16 from weights rounded to bfloat16: on random weights the top logits are close, so the
 -- ids may part after a few tokens; same_prefix counts those that agree first)
+if arg[1] == "--write-only" then              -- (bench/rewrite_offload.lua reads the same folder)
+   if not io.open(DIR .. "/config.json") then
+      os.execute("mkdir -p " .. DIR)
+      write_checkpoint()
+   end
+   return
+end
 B.load_generate_main("compressed_load", DIR, PROMPT, NEW, threads, write_checkpoint)

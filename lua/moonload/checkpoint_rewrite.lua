@@ -162,6 +162,8 @@ function M.into_folder(rw, ckpt, folder, who)
       if bytes >= M.BATCH_BYTES then flush() end
    end
    flush()
+   sd = nil
+   collectgarbage()
    require("moonload.C").lib.ml_cpu_empty_cache()  -- (the batches' blocks: the allocator would keep them)
    offload.write_atomic(index, who, function(f)
       f:write(require("cjson").encode({ metadata = { moonload_rewrite = made_from }, weight_map = weight_map }))
