@@ -67,8 +67,21 @@ describe("F.unpack_int_words (compressed-tensors' pack-quantized words)", functi
    it("gives raw values in order, or AutoAWQ's, and subtracts zero points into int4 or int8", function()
       local words = ml.tensor({ { 0x76543210 } }, { dtype = "int32" })
       assert.are.same({ { 0, 1, 2, 3, 4, 5, 6, 7 } }, F.int_words_values(words, 4):to("int32"):tolist())
-      assert.are.same({ { 0, 4, 1, 5, 2, 6, 3, 7 } }, F.int_words_values(words, 4, "awq"):to("int32"):tolist())
+      assert.are.same({ { 0, 4, 1, 5, 2, 6, 3, 7 } }, F.int_words_values(words, 4, { order = "awq" }):to("int32"):tolist())
       assert.are.same({ { 0x10, 0x32, 0x54, 0x76 } }, F.int_words_values(words, 8):to("int32"):tolist())
+      -- two words of 4 bytes, packed along the rows (GPTQ's qweight) or the columns, as they are or turned
+      local two = ml.tensor({ { 0x04030201, 0x08070605 } }, { dtype = "int32" })
+      assert.are.same({ { 1, 5 }, { 2, 6 }, { 3, 7 }, { 4, 8 } }, F.int_words_values(two, 8, { along = "rows" }):to("int32"):tolist())
+      assert.are.same({ { 1, 2, 3, 4 }, { 5, 6, 7, 8 } },
+         F.int_words_values(two, 8, { along = "rows", transpose = true }):to("int32"):tolist())
+      assert.are.same({ { 1 }, { 2 }, { 3 }, { 4 }, { 5 }, { 6 }, { 7 }, { 8 } },
+         F.int_words_values(two, 8, { transpose = true }):to("int32"):tolist())
+      -- (wider than a task's 16 words: the blocks of a transposed unpacking meet)
+      local wide = (ml.rand(3, 40) * 2 ^ 20):to("int32")
+      assert.are.same(F.int_words_values(wide, 4):t():contiguous():to("int32"):tolist(),
+         F.int_words_values(wide, 4, { transpose = true }):to("int32"):tolist())
+      assert.are.same(F.int_words_values(wide:t():contiguous(), 4):to("int32"):tolist(),
+         F.int_words_values(wide, 4, { along = "rows", transpose = true }):to("int32"):tolist())
       local values = ml.tensor({ { 0, 15, 3, 9 } }, { dtype = "uint8" }):expand(2, 4):reshape(1, 8)
       values = values:expand(4, 8):reshape(1, 32):contiguous()             -- 0, 15, 3, 9, ... (32)
       local zeros = ml.tensor({ { 3 } }, { dtype = "uint8" })
@@ -300,7 +313,7 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
       local q = model.model.layers[1].mlp.up_proj
       assert.are.equal(4, q.bits)
       -- the values in AWQ's order, minus 8, times the (64 in / 32 =) 2 group scales of each output
-      local raw = F.int_words_values(sd["model.layers.0.mlp.up_proj.qweight"], 4, "awq"):to("float32")  -- (64, 128)
+      local raw = F.int_words_values(sd["model.layers.0.mlp.up_proj.qweight"], 4, { order = "awq" }):to("float32")  -- (64, 128)
       local scales = sd["model.layers.0.mlp.up_proj.scales"]:to("float32")                            -- (2, 128)
       local want = ((raw - 8):view(2, 32, 128) * scales:view(2, 1, 128)):view(64, 128):t()
       assert.is_true(H.max_abs_diff(q:dense_weight(), want:tolist()) == 0)

@@ -294,10 +294,13 @@ ML_API ml_status ml_dequantize_ggml(const void *src, size_t src_bytes, int ggml_
    little-endian words, stored + 2^(bits - 1) -> bits 4: uint8 (..., W * 4) in the int4 layout
    above (W * 8 values a row, whole blocks of 32); bits 8: int8 (..., W * 4). The same integers. */
 ML_API ml_status ml_unpack_int_words(const ml_tensor *packed, int bits, ml_tensor **out);
-/* The same words' raw values, unsigned, one a byte: int32 (rows, W) -> uint8 (rows, W * 32 / bits);
-   awq_order (4 bits only): AutoAWQ's GEMM packing, value t of each 8 in nibble {0, 4, 1, 5, 2, 6,
-   3, 7}[t] of its word. */
-ML_API ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order, ml_tensor **out);
+/* The raw values of int32 words (R, C), unsigned, one a byte (per = 32 / bits a word): packed along
+   the columns, U (R, C * per) with U[r][c * per + t] value t of word (r, c); along_rows, U (R * per,
+   C) with U[r * per + t][c]. out: U, or U^T with transpose (what GPTQ's and AutoAWQ's (in, out)
+   layouts need as (out, in)), contiguous uint8. awq_order (4 bits only): AutoAWQ's GEMM packing,
+   value t of each 8 in nibble {0, 4, 1, 5, 2, 6, 3, 7}[t] of its word. */
+ML_API ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order, bool along_rows, bool transpose,
+                                     ml_tensor **out);
 /* Raw values uint8 (out, in) minus their zero point -> the int4 (bits_out 4: uint8 (out, in / 2))
    or int8 (bits_out 8) layout above. The zero point of a group of in / groups values: zeros[o][g]
    + zero, zeros uint8 (out, groups) with groups dividing in (GPTQ's files store it - 1: zero 1),

@@ -75,10 +75,10 @@ local function converter(method, format)
       -- raw values in (out, in), the layout the layer multiplies with
       local words = need("qweight")
       local values
-      if method == "awq" then
-         values = F.int_words_values(words, format.bits, order):t():contiguous()
-      else
-         values = F.int_words_values(words:t():contiguous(), format.bits)
+      if method == "awq" then                      -- (in, out / 8) -> (out, in)
+         values = F.int_words_values(words, format.bits, { order = order, transpose = true })
+      else                                          -- (in / 8, out), packed along in -> (out, in)
+         values = F.int_words_values(words, format.bits, { along = "rows", transpose = true })
       end
       lib.ml_tensor_drop_mapped_pages(words._c)         -- read once: the copy is what runs
       if sd[owner .. ".g_idx"] ~= nil then check_g_idx(sd[owner .. ".g_idx"], s.groups, s.bad) end
@@ -89,12 +89,12 @@ local function converter(method, format)
       if not format.zero_point then
          out[owner .. ".weight"] = F.int_values_to_q(values, mid, s.bits)
       elseif not s.offsets then                    -- GPTQ's sym: every zero point the middle, checked
-         local zeros = F.int_words_values(need("qzeros"), format.bits, order):t():contiguous()
+         local zeros = F.int_words_values(need("qzeros"), format.bits, { order = order, transpose = true })
          out[owner .. ".weight"] = F.int_values_to_q(values, zeros, s.bits, format.zero_offset)
       else
          -- (q - zero) * scale = (q - mid) * scale + (mid - zero) * scale: the values as symmetric
          -- ones, and each group's (mid - zero) * scale as its offset
-         local zeros = F.int_words_values(need("qzeros"), format.bits, order):t():contiguous()
+         local zeros = F.int_words_values(need("qzeros"), format.bits, { order = order, transpose = true })
          out[owner .. ".weight"] = F.int_values_to_q(values, mid, s.bits)
          out[owner .. ".weight_offset"] = ct.zero_offsets(zeros, format.zero_offset, mid, scales)
       end

@@ -221,8 +221,8 @@ local function convert_layer(owner, s, need, sd, who)
       -- (q - zero) * scale = q * scale - zero * scale, q as the symmetric layout holds it: the
       -- zero points (packed along out, stored + 8) become each group's offset
       local groups = s.per_tensor and 1 or s.groups
-      local zeros = F.int_words_values(need("weight_zero_point"):t():contiguous(), 4)   -- (groups, 8 * ceil(out / 8))
-      zeros = zeros:narrow(2, 1, outf):t():contiguous()                                  -- (out, groups)
+      local zeros = F.int_words_values(need("weight_zero_point"), 4, { along = "rows" })  -- (8 * ceil(out / 8), groups)
+      zeros = zeros:narrow(1, 1, outf)                                                     -- (out, groups)
       if zeros.shape[2] ~= groups then
          error(string.format('%s: "%s.weight_zero_point" gives %d groups, the scales %d', who, owner,
             zeros.shape[2], groups), 0)

@@ -81,29 +81,44 @@ static const int AWQ_NIBBLE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 typedef struct {
   const uint8_t *src;
   uint8_t *dst;
-  int64_t words, src_row_stride;          /* a row's words; bytes between source rows */
-  int bits;
-  bool awq;
+  int64_t R, C, src_row_stride;           /* words (R, C); bytes between rows of words */
+  int64_t UR, UC;                         /* the unpacked matrix U (UR, UC) */
+  int bits, per;
+  bool awq, along_rows, transpose;
 } word_values_job;
 
-static void word_value_rows(void *ctx, int64_t begin, int64_t end) {
+enum { WORD_BLOCK = 16 };                 /* words a task takes side by side (a cache line) */
+
+/* Value t of word (r, c) is U[r][c * per + t] (packed along columns) or U[r * per + t][c] (along
+   rows); it goes to U's place, or U^T's. Tasks split what they write: blocks of word rows, or (for
+   U^T) blocks of word columns, whose rows of words are read 16 words at a time. */
+static void word_value_blocks(void *ctx, int64_t begin, int64_t end) {
   const word_values_job *j = ctx;
-  int per = 32 / j->bits, mask = (1 << j->bits) - 1;
-  for (int64_t r = begin; r < end; r++) {
+  int mask = (1 << j->bits) - 1;
+  int64_t r0 = 0, r1 = j->R, c0 = 0, c1 = j->C;
+  if (j->transpose) {
+    c0 = begin * WORD_BLOCK;
+    c1 = end * WORD_BLOCK < j->C ? end * WORD_BLOCK : j->C;
+  } else {
+    r0 = begin;
+    r1 = end;
+  }
+  for (int64_t r = r0; r < r1; r++) {
     const uint8_t *s = j->src + r * j->src_row_stride;
-    uint8_t *d = j->dst + r * j->words * per;
-    for (int64_t w = 0; w < j->words; w++) {
-      uint32_t word = (uint32_t)s[4 * w] | (uint32_t)s[4 * w + 1] << 8 | (uint32_t)s[4 * w + 2] << 16 |
-                      (uint32_t)s[4 * w + 3] << 24;
-      for (int t = 0; t < per; t++) {
+    for (int64_t c = c0; c < c1; c++) {
+      uint32_t word = (uint32_t)s[4 * c] | (uint32_t)s[4 * c + 1] << 8 | (uint32_t)s[4 * c + 2] << 16 |
+                      (uint32_t)s[4 * c + 3] << 24;
+      for (int t = 0; t < j->per; t++) {
         int slot = j->awq ? AWQ_NIBBLE[t] : t;
-        d[w * per + t] = (uint8_t)((word >> (slot * j->bits)) & (uint32_t)mask);
+        int64_t ui = j->along_rows ? r * j->per + t : r, uj = j->along_rows ? c : c * j->per + t;
+        j->dst[j->transpose ? uj * j->UR + ui : ui * j->UC + uj] = (uint8_t)((word >> (slot * j->bits)) & (uint32_t)mask);
       }
     }
   }
 }
 
-ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order, ml_tensor **out) {
+ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order, bool along_rows, bool transpose,
+                              ml_tensor **out) {
   char s[64];
   if (bits != 4 && bits != 8) return ml_fail(ML_EINVAL, "int_words_values: bits must be 4 or 8, got %d", bits);
   if (awq_order && bits != 4) return ml_fail(ML_EINVAL, "int_words_values: AutoAWQ's order packs 4-bit values, not %d", bits);
@@ -112,12 +127,18 @@ ml_status ml_int_words_values(const ml_tensor *packed, int bits, bool awq_order,
     return ml_fail(ML_EINVAL, "int_words_values: expected int32 words (rows, words) on the CPU with contiguous rows, "
                    "got %s %s on %s", ml_dtype_name(packed->dtype), ml_shape_str(packed->ndim, packed->shape, s, sizeof s),
                    ml_device_str(dev));
-  int64_t rows = packed->shape[0], words = packed->shape[1];
-  int64_t shape[2] = {rows, words * (32 / bits)};
+  int per = 32 / bits;
+  int64_t R = packed->shape[0], C = packed->shape[1];
+  int64_t UR = along_rows ? R * per : R, UC = along_rows ? C : C * per;
+  int64_t shape[2] = {transpose ? UC : UR, transpose ? UR : UC};
   ml_device cpu = {ML_DEVICE_CPU, 0};
   ML_TRY(ml_tensor_empty(ML_UINT8, 2, shape, cpu, out));
-  word_values_job j = {ml_tensor_data(packed), ml_tensor_data(*out), words, packed->strides[0] * 4, bits, awq_order};
-  ml_parallel_for(rows, words * 4, word_value_rows, &j);
+  word_values_job j = {ml_tensor_data(packed), ml_tensor_data(*out), R, C, packed->strides[0] * 4, UR, UC, bits, per,
+                       awq_order, along_rows, transpose};
+  if (transpose)
+    ml_parallel_for((C + WORD_BLOCK - 1) / WORD_BLOCK, R * WORD_BLOCK * 4, word_value_blocks, &j);
+  else
+    ml_parallel_for(R, C * 4, word_value_blocks, &j);
   return ML_OK;
 }
 

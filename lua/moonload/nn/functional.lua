@@ -130,14 +130,18 @@ function F.unpack_int_words(packed, bits)
    return wrap(out[0])
 end
 
---- int_words_values(packed, bits[, order]) -> the raw unsigned values of int32 words (rows, W), one
--- a byte: uint8 (rows, W * 32 / bits); order "awq": AutoAWQ's nibble order (4 bits).
-function F.int_words_values(packed, bits, order)
+--- int_words_values(packed, bits[, {order = "awq", along = "rows", transpose = true}]) -> the raw
+-- unsigned values of int32 words (R, C), one a byte, as uint8: packed along the columns (the
+-- default) U (R, C * 32 / bits), along = "rows" U (R * 32 / bits, C); transpose gives U^T
+-- (contiguous). order "awq": AutoAWQ's nibble order (4 bits).
+function F.int_words_values(packed, bits, opts)
    need_tensor("int_words_values", "packed words", packed)
-   if order ~= nil and order ~= "awq" then
-      error(string.format('int_words_values: order must be "awq" or nil, got %s', tostring(order)), 2)
+   opts = opts or {}
+   if type(opts) ~= "table" or (opts.order ~= nil and opts.order ~= "awq")
+      or (opts.along ~= nil and opts.along ~= "rows" and opts.along ~= "columns") then
+      error('int_words_values: options are {order = "awq", along = "rows" or "columns", transpose = true}', 2)
    end
-   check(lib.ml_int_words_values(packed._c, bits, order == "awq", out))
+   check(lib.ml_int_words_values(packed._c, bits, opts.order == "awq", opts.along == "rows", opts.transpose == true, out))
    return wrap(out[0])
 end
 
