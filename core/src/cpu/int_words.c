@@ -92,6 +92,30 @@ enum { WORD_BLOCK = 16 };                 /* words a task takes side by side (a 
 /* Value t of word (r, c) is U[r][c * per + t] (packed along columns) or U[r * per + t][c] (along
    rows); it goes to U's place, or U^T's. Tasks split what they write: blocks of word rows, or (for
    U^T) blocks of word columns, whose rows of words are read 16 words at a time. */
+/* U^T of values packed along columns (AutoAWQ's qweight (in, out / 8) as (out, in)): a tile of 64
+   word rows x 16 word columns gathers first, so each of its out rows is written 64 bytes at a time. */
+enum { TILE_ROWS = 64 };
+
+static void word_value_tiles(const word_values_job *j, int64_t c0, int64_t c1) {
+  uint8_t tile[WORD_BLOCK * 8][TILE_ROWS];
+  int mask = (1 << j->bits) - 1;
+  for (int64_t r0 = 0; r0 < j->R; r0 += TILE_ROWS) {
+    int64_t nr = j->R - r0 < TILE_ROWS ? j->R - r0 : TILE_ROWS;
+    for (int64_t r = 0; r < nr; r++) {
+      const uint8_t *s = j->src + (r0 + r) * j->src_row_stride;
+      for (int64_t c = c0; c < c1; c++) {
+        uint32_t word = (uint32_t)s[4 * c] | (uint32_t)s[4 * c + 1] << 8 | (uint32_t)s[4 * c + 2] << 16 |
+                        (uint32_t)s[4 * c + 3] << 24;
+        for (int t = 0; t < j->per; t++) {
+          int slot = j->awq ? AWQ_NIBBLE[t] : t;
+          tile[(c - c0) * j->per + t][r] = (uint8_t)((word >> (slot * j->bits)) & (uint32_t)mask);
+        }
+      }
+    }
+    for (int64_t u = 0; u < (c1 - c0) * j->per; u++) memcpy(j->dst + (c0 * j->per + u) * j->UR + r0, tile[u], (size_t)nr);
+  }
+}
+
 static void word_value_blocks(void *ctx, int64_t begin, int64_t end) {
   const word_values_job *j = ctx;
   int mask = (1 << j->bits) - 1;
@@ -99,6 +123,10 @@ static void word_value_blocks(void *ctx, int64_t begin, int64_t end) {
   if (j->transpose) {
     c0 = begin * WORD_BLOCK;
     c1 = end * WORD_BLOCK < j->C ? end * WORD_BLOCK : j->C;
+    if (!j->along_rows) {
+      for (int64_t c = c0; c < c1; c += WORD_BLOCK) word_value_tiles(j, c, c + WORD_BLOCK < c1 ? c + WORD_BLOCK : c1);
+      return;
+    }
   } else {
     r0 = begin;
     r1 = end;
