@@ -22,7 +22,8 @@ describe("models.from_pretrained with device_map", function()
                            "mistral3_multimodal_tiny", "qwen3_vl_multimodal_tiny",
                            "qwen3_vl_moe_multimodal_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny",
                            "llama_ct_int_tiny", "qwen3_ct_fp8_tiny", "deepseek_v3_ct_int4_tiny", "qwen2_awq_tiny",
-                           "qwen2_awq_ct_tiny", "llama_gptq_int4_tiny", "qwen2_gptq_asym_tiny", "llama_gptq_int8_tiny" }) do
+                           "qwen2_awq_ct_tiny", "llama_gptq_int4_tiny", "qwen2_gptq_asym_tiny", "llama_gptq_int8_tiny",
+                           "llama_gptq_act_order_tiny" }) do
       it(name .. ": split over CPU and disk under a CPU budget, same logits and greedy ids", function()
          local exp = H.expected(name)
          local dir = H.tmpdir()

@@ -339,7 +339,7 @@ describe("zero points (qwen2_awq_ct_tiny: compressed-tensors' AutoAWQConverter o
    end)
 end)
 
-describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gptq_int8_tiny: v1, zero points stored - 1)", function()
+describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gptq_int8_tiny, llama_gptq_act_order_tiny: v1, zero points stored - 1)", function()
    H.collect_warnings()                       -- (the disk offload note) kept quiet
    for name, bits in pairs({ llama_gptq_int4_tiny = 4, qwen2_gptq_asym_tiny = 4, llama_gptq_int8_tiny = 8 }) do
       it(name .. ": " .. bits .. "-bit layers; the logits and greedy ids of scales * (q - zero)", function()
@@ -356,6 +356,33 @@ describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gp
          assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
       end)
    end
+
+   it("reads act-order (desc_act): each layer's columns in group order, its input gathered into that order", function()
+      local exp = H.expected("llama_gptq_act_order_tiny")
+      local model = models.from_pretrained(H.FIX .. "/llama_gptq_act_order_tiny")
+      local up = model.model.layers[1].mlp.up_proj
+      assert.are.equal(4, up.bits)
+      assert.are.same({ 64 }, up.input_order.shape)
+      local order = up.input_order:tolist()
+      local identity = true
+      for i, k in ipairs(order) do identity = identity and k == i - 1 end
+      assert.is_false(identity)
+      assert.is_true(H.max_abs_diff(logits_of(model, exp), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      -- its dense weight is in the inputs' own order
+      local x = ml.randn(3, 64)
+      assert.is_true(H.max_abs_diff(up(x), F.linear(x, up:dense_weight()):tolist()) < 1e-4)
+      -- and a save keeps the order
+      local dir = H.tmpdir()
+      ml.save_model(model, dir)
+      local qc = H.read_json(dir .. "/config.json").quantization_config
+      assert.are.equal(14, #qc.input_order)
+      assert.is_true(H.max_abs_diff(logits_of(models.from_pretrained(dir), exp), exp.logits) < TOL)
+      H.rmdir(dir)
+      fails(variant("llama_gptq_act_order_tiny", nil, function(sd)
+         sd["model.layers.0.self_attn.q_proj.g_idx"] = ml.zeros({ 64 }, { dtype = "int32" })
+      end), '"model.layers.0.self_attn.q_proj": g_idx puts input 32 in group 0: not 2 groups of 32 inputs')
+   end)
 
    it("rewrites its layers into the offload folder a batch at a time and loads from there, under a device_map", function()
       local exp = H.expected("llama_gptq_int4_tiny")
@@ -421,7 +448,7 @@ describe("GPTQ checkpoints (llama_gptq_int4_tiny, qwen2_gptq_asym_tiny, llama_gp
          local g = {}
          for i = 1, 64 do g[i] = i <= 32 and 1 or 0 end               -- the groups swapped
          sd[k .. ".g_idx"] = ml.tensor(g, { dtype = "int32" })
-      end), '"' .. k .. '": g_idx puts input 0 in group 1, not 0: activation order (desc_act)')
+      end), '"' .. k .. '": g_idx puts input 0 in group 1, not 0, and desc_act is not set in the config')
       fails(variant("llama_gptq_int4_tiny", function(cfg) cfg.quantization_config.bits = 3 end),
          "bits is 3; moonload reads 4- and 8-bit GPTQ weights")
       fails(variant("llama_gptq_int4_tiny", function(cfg) cfg.quantization_config.checkpoint_format = "marlin" end),

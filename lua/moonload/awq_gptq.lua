@@ -8,7 +8,8 @@
 --     AutoAWQConverter reads it);
 --   * GPTQ: qweight (in / 8, out) packed along in, qzeros (groups, out / 8), 4 or 8 bits in order;
 --     checkpoint_format "gptq" (v1, the default) stores each zero point - 1, "gptq_v2" as it is;
---     g_idx must give input k the group k / group_size (desc_act's reordered groups are an error).
+--     g_idx gives each input its group: k / group_size, or with desc_act any group (act-order), the
+--     layer then holding its columns in group order and gathering its input into that order.
 -- The layers become nn.QuantizedLinear of the same width (4 or 8 bits) holding q - 2^(bits - 1),
 -- their scales repeated per block of 32 in float32; zero points of their own (AutoAWQ's, GPTQ's
 -- sym = false) add an offset per group, (2^(bits - 1) - zero) * scale (weight_offset), exactly.
@@ -51,7 +52,8 @@ local function read_config(method, qc, src, who)
    if fmt ~= "gptq" and fmt ~= "gptq_v2" then
       bad('checkpoint_format "%s" is not one moonload reads ("gptq", "gptq_v2")', tostring(fmt))
    end
-   return { bits = bits, zero_point = true, zero_offset = fmt == "gptq" and 1 or 0, symmetric = qc.sym ~= false }
+   return { bits = bits, zero_point = true, zero_offset = fmt == "gptq" and 1 or 0, symmetric = qc.sym ~= false,
+      act_order = qc.desc_act == true }
 end
 
 -- GPTQ's g_idx: input k in group k / (in / groups), as without desc_act; else an error.
@@ -61,10 +63,32 @@ local function check_g_idx(g_idx, groups, bad)
    local p = ffi.cast("const int32_t *", lib.ml_tensor_data(t._c))
    for k = 0, n - 1 do
       if p[k] ~= math.floor(k / per) then
-         bad("g_idx puts input %d in group %d, not %d: activation order (desc_act), which moonload does not read",
-            k, p[k], math.floor(k / per))
+         bad("g_idx puts input %d in group %d, not %d, and desc_act is not set in the config", k, p[k],
+            math.floor(k / per))
       end
    end
+end
+
+-- desc_act's g_idx (each group gathering in / groups inputs from anywhere) -> the inputs in group
+-- order (int64, in; within a group, as they come): the columns' order of the layer.
+local function group_order(g_idx, groups, bad)
+   local t = g_idx:to("int32"):contiguous()
+   local n = t:numel()
+   local per = n / groups
+   local p = ffi.cast("const int32_t *", lib.ml_tensor_data(t._c))
+   local filled = {}
+   for g = 0, groups - 1 do filled[g] = 0 end
+   local order = require("moonload").zeros({ n }, { dtype = "int64" })
+   local o = ffi.cast("int64_t *", lib.ml_tensor_data(order._c))
+   for k = 0, n - 1 do
+      local g = p[k]
+      if g < 0 or g >= groups or filled[g] >= per then
+         bad("g_idx puts input %d in group %d: not %d groups of %d inputs", k, g, groups, per)
+      end
+      o[g * per + filled[g]] = k
+      filled[g] = filled[g] + 1
+   end
+   return order
 end
 
 -- One layer's weight (moonload's int8 or int4 layout, out x in) and weight_scale (float32 per
@@ -81,11 +105,17 @@ local function converter(method, format)
          values = F.int_words_values(words, format.bits, { along = "rows", transpose = true })
       end
       lib.ml_tensor_drop_mapped_pages(words._c)         -- read once: the copy is what runs
-      if sd[owner .. ".g_idx"] ~= nil then check_g_idx(sd[owner .. ".g_idx"], s.groups, s.bad) end
+      local columns
+      if format.act_order then
+         columns = group_order(need("g_idx"), s.groups, s.bad)
+         values = values:index_select(2, columns)           -- the columns in group order
+      elseif sd[owner .. ".g_idx"] ~= nil then
+         check_g_idx(sd[owner .. ".g_idx"], s.groups, s.bad)
+      end
       local mid = 2 ^ (format.bits - 1)
       local scales = need("scales"):t()                                     -- (out, groups)
       local out = { [owner .. ".weight_scale"] = ct.repeat_scales(scales, s.out_features, s.groups,
-         s.in_features / BLOCK) }
+         s.in_features / BLOCK), [owner .. ".input_order"] = columns }
       if not format.zero_point then
          out[owner .. ".weight"] = F.int_values_to_q(values, mid, s.bits)
       elseif not s.offsets then                    -- GPTQ's sym: every zero point the middle, checked
@@ -148,7 +178,7 @@ function M.apply(model, qc, src, who, names, info_of)
          -- zero points of their own (not GPTQ's sym): an offset per group beside the values
          local offsets = format.zero_point and not format.symmetric
          model:set_submodule(target, QuantizedLinear(inf, outf, { bias = m.bias ~= nil, bits = format.bits,
-            offset_groups = offsets and groups or nil }))
+            offset_groups = offsets and groups or nil, input_order = format.act_order }))
          schemes[owner] = { bits = format.bits, groups = groups, out_features = outf, in_features = inf, bad = bad,
             offsets = offsets }
       end

@@ -267,9 +267,10 @@ local METHOD_BITS = { moonload_q8 = 8, moonload_q4 = 4 }
 -- {quant_method = "moonload_q8" or "moonload_q4", bits = 8 or 4, block_size = 32, modules = {names,
 -- in module order}}; bits is the width of most layers, and a model that mixes widths lists the
 -- others in bits_per_module = {name = bits}; layers with offsets per group (asymmetric checkpoints
--- read as they are) are listed in offset_groups = {name = groups}.
+-- read as they are) are listed in offset_groups = {name = groups}, and layers whose columns are
+-- in another order (GPTQ's act-order) in input_order = {names}.
 function M.config_for(model)
-   local names, widths, count, offsets = {}, {}, { [8] = 0, [4] = 0 }, nil
+   local names, widths, count, offsets, ordered = {}, {}, { [8] = 0, [4] = 0 }, nil, nil
    local fp8, mxfp4
    for _, e in ipairs(model:named_modules_list()) do
       if e[2].__name == "Fp8Linear" then fp8 = fp8 or e[1] end
@@ -285,6 +286,10 @@ function M.config_for(model)
          if e[2].weight_offset ~= nil then
             offsets = offsets or {}
             offsets[e[1]] = e[2].weight_offset.shape[2]
+         end
+         if e[2].input_order ~= nil then
+            ordered = ordered or {}
+            ordered[#ordered + 1] = e[1]
          end
          count[widths[e[1]]] = count[widths[e[1]]] + 1
       end
@@ -316,7 +321,7 @@ function M.config_for(model)
       end
    end
    return { quant_method = METHOD[bits], bits = bits, block_size = QuantizedLinear.BLOCK, modules = names,
-            bits_per_module = others, offset_groups = offsets }
+            bits_per_module = others, offset_groups = offsets, input_order = ordered }
 end
 
 --- apply_config(model, qc, src, who[, names, info_of]): a model built from a config with quantization_config qc gets
@@ -340,6 +345,8 @@ function M.apply_config(model, qc, src, who, names, info_of)
          who, src, tostring(method)), 0)
    end
    local per_module, offset_groups = qc.bits_per_module, qc.offset_groups
+   local ordered = {}
+   for _, name in ipairs(type(qc.input_order) == "table" and qc.input_order or {}) do ordered[name] = true end
    if qc.block_size ~= QuantizedLinear.BLOCK or qc.bits ~= METHOD_BITS[method] or type(qc.modules) ~= "table"
       or (per_module ~= nil and type(per_module) ~= "table") or (offset_groups ~= nil and type(offset_groups) ~= "table") then
       error(string.format("%s: quantization_config in %s must have bits %d, block_size %d and a list of modules",
@@ -366,7 +373,7 @@ function M.apply_config(model, qc, src, who, names, info_of)
                who, src, name, tostring(groups), inf), 0)
          end
          model:set_submodule(name, QuantizedLinear(inf, m.out_features or m.nf,
-            { bias = m.bias ~= nil, bits = bits, offset_groups = groups }))
+            { bias = m.bias ~= nil, bits = bits, offset_groups = groups, input_order = ordered[name] }))
       end
    end
    return model

@@ -6,7 +6,10 @@
 -- (out, in / 2) holding two int4 values a byte), weight_scale (float32, out x in / 32); the bias
 -- stays as it was. With offset_groups G (asymmetric checkpoints: AutoAWQ's, GPTQ's zero points),
 -- also weight_offset (float32, out x G): w = q * scale + offset[group], in groups of in / G values,
--- computed as the int4 product plus each group's input sum times its offset (a G-wide product). Made from a float layer with from_float (nn.Linear, or GPT-2's Conv1D, whose
+-- computed as the int4 product plus each group's input sum times its offset (a G-wide product).
+-- With input_order (GPTQ's act-order checkpoints, whose groups gather inputs from anywhere), a
+-- buffer input_order (int64, in_features): the weight's columns are stored in that order, and the
+-- input is gathered into it before the product. Made from a float layer with from_float (nn.Linear, or GPT-2's Conv1D, whose
 -- weight is stored transposed), or for a whole model by ml.quantize.
 local Module = require("moonload.nn.module")
 local F = require("moonload.nn.functional")
@@ -29,8 +32,8 @@ local function check_bits(bits, level)
    end
 end
 
---- QuantizedLinear(in_features, out_features[, {bias = true, bits = 8, offset_groups}]): zero weights,
--- unit scales (and zero offsets).
+--- QuantizedLinear(in_features, out_features[, {bias = true, bits = 8, offset_groups, input_order}]):
+-- zero weights, unit scales (and zero offsets, the identity order).
 function QuantizedLinear:__init(in_features, out_features, opts)
    opts = opts or {}
    if type(in_features) ~= "number" or in_features % QuantizedLinear.BLOCK ~= 0 or in_features <= 0 then
@@ -56,6 +59,9 @@ function QuantizedLinear:__init(in_features, out_features, opts)
       end
       self.weight_offset = Module.new_parameter({ out_features, groups })
       if not self.weight_offset:is_meta() then self.weight_offset:fill_(0) end
+   end
+   if opts.input_order then
+      self:register_buffer("input_order", require("moonload").arange(0, in_features):to("int64"))
    end
    if opts.bias == nil or opts.bias then
       self.bias = Module.new_parameter({ out_features }, {})
@@ -90,15 +96,31 @@ end
 --- The weight (out, in) dequantized into dtype (default float32), on its device.
 function QuantizedLinear:dense_weight(dtype)
    local dequantize = (self.bits or 8) == 8 and F.dequantize_q8 or F.dequantize_q4
-   local offset = self.weight_offset
-   if offset == nil then return dequantize(self.weight, self.weight_scale, dtype or "float32") end
+   local offset, order = self.weight_offset, self.input_order
+   if offset == nil and order == nil then return dequantize(self.weight, self.weight_scale, dtype or "float32") end
    local w = dequantize(self.weight, self.weight_scale, "float32")
-   local N, K, G = self.out_features, self.in_features, offset.shape[2]
-   w = (w:view(N, G, K / G) + offset:view(N, G, 1)):view(N, K)
+   local N, K = self.out_features, self.in_features
+   if offset ~= nil then
+      local G = offset.shape[2]
+      w = (w:view(N, G, K / G) + offset:view(N, G, 1)):view(N, K)
+   end
+   if order ~= nil then
+      -- column j holds input order[j]: put each back in its own place
+      local o = order:to("int64"):contiguous():tolist()
+      local back = {}
+      for j, k in ipairs(o) do back[k + 1] = j - 1 end
+      w = w:index_select(2, require("moonload").tensor(back, { dtype = "int64" }):to(w.device))
+   end
    return (dtype or "float32") == "float32" and w or w:to(dtype)
 end
 
 function QuantizedLinear:forward(x)
+   local order = self.input_order
+   if order ~= nil then                                                    -- the columns' order
+      -- (a hook running this layer in place on the CPU leaves its buffers on the GPU: K indices)
+      if order.device ~= x.device then order = order:to(x.device) end
+      x = x:index_select(#x.shape, order)
+   end
    local y = KERNELS[self.bits or 8].linear(x, self.weight, self.weight_scale, self.bias)
    local offset = self.weight_offset
    if offset == nil then return y end
@@ -118,6 +140,7 @@ function QuantizedLinear:extra_repr()
    return string.format("in_features=%d, out_features=%d, bias=%s, int%d in blocks of %d%s", self.in_features,
       self.out_features, Module.py_repr(self.bias ~= nil), self.bits or 8, QuantizedLinear.BLOCK,
       offset and string.format(", offsets in %d groups", offset.shape[2]) or "")
+      .. (self.input_order ~= nil and ", inputs reordered" or "")
 end
 
 return QuantizedLinear
