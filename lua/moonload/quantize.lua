@@ -324,11 +324,11 @@ function M.config_for(model)
             bits_per_module = others, offset_groups = offsets, input_order = ordered }
 end
 
---- apply_config(model, qc, src, who[, names, info_of]): a model built from a config with quantization_config qc gets
--- its listed linear layers as QuantizedLinear ones (on meta inside init_empty_weights), so the
--- checkpoint's int8 weights and scales load into them; FP8, MXFP4, compressed-tensors, AWQ and GPTQ configs go
--- to their own readers (names: the checkpoint's tensor names; info_of(name) -> its dtype and
--- shape). Other quantization methods are an error.
+--- apply_config(model, qc, src, who[, names, info_of]): a model built from a config with
+-- quantization_config qc gets its listed linear layers as QuantizedLinear ones (on meta inside
+-- init_empty_weights), so the checkpoint's int8 weights and scales load into them; FP8, MXFP4,
+-- compressed-tensors, AWQ and GPTQ configs go to their own readers (names: the checkpoint's tensor
+-- names; info_of(name) -> its dtype and shape). Other quantization methods are an error.
 function M.apply_config(model, qc, src, who, names, info_of)
    if qc == nil then return model end
    local method = type(qc) == "table" and qc.quant_method or nil

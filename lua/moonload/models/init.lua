@@ -319,7 +319,8 @@ function M.remap_state_dict(model, sd)
 end
 
 --- True when some checkpoint name has to be renamed or dropped to fit the model (a missing or
--- extra base prefix, a legacy buffer); tied weights stored once need no remapping.
+-- extra base prefix, a legacy buffer, another quantizer's layout to rewrite); tied weights stored
+-- once need no remapping.
 function M.needs_remap(model, names)
    if rawget(model, "rewrite_checkpoint") then return true end     -- its tensors are rewritten on load
    local fake = {}
@@ -343,8 +344,8 @@ function M.load_into(model, sd, opts)
    opts = opts or {}
    local who = opts.who or "load_checkpoint"
    local strict = opts.strict ~= false
-   -- a checkpoint stored in another quantizer's layout (compressed-tensors, AutoAWQ): its tensors
-   -- rewritten into those of the layers its reader built
+   -- a checkpoint stored in another quantizer's layout (compressed-tensors, AutoAWQ, GPTQ): its
+   -- tensors rewritten into those of the layers its reader built
    local rewrite = rawget(model, "rewrite_checkpoint")
    if rewrite then sd = require("moonload.checkpoint_rewrite").in_memory(rewrite, sd, who) end
    sd = M.remap_state_dict(model, sd)
@@ -532,7 +533,8 @@ function load(dir, opts)
       if cls.read_folder then cls.read_folder(model, dir) end
       -- generate's defaults, when the folder has them (else config.json's token ids)
       rawset(model, "generation_config", require("moonload.models.generation_config").read(dir, "from_pretrained"))
-      -- an int8 or int4 checkpoint (ml.save_model): its linear layers are built as such
+      -- a quantized checkpoint (ml.save_model's int8 / int4, FP8, MXFP4, compressed-tensors, AWQ,
+      -- GPTQ): its layers built as it stores them, read from its config and its tensors' headers
       local info_of, close = M.info_reader(ckpt)
       local ok, built = pcall(require("moonload.quantize").apply_config, model, raw.quantization_config, src,
          "from_pretrained", names, info_of)
