@@ -130,7 +130,7 @@ function M.into_folder(rw, ckpt, folder, who)
    local weight_map = {}
    local function link(path)
       local name = "source-" .. path:match("([^/]+)$")
-      local target = path:sub(1, 1) == "/" and path or (os.getenv("PWD") .. "/" .. path)
+      local target = require("moonload.utils.modeling").abspath(path)
       os.remove(dir .. "/" .. name)
       local ok = os.execute(string.format("ln -s %s %s", offload.shell_quote(target), offload.shell_quote(dir .. "/" .. name)))
       if ok ~= 0 and ok ~= true then error(string.format("%s: cannot link %s into %s", who, path, dir), 0) end

@@ -75,6 +75,12 @@ ml_status ml_unpack_int_words(const ml_tensor *packed, int bits, ml_tensor **out
 
 /* --- raw values and zero points (asymmetric checkpoints, AutoAWQ's order) ------------------- */
 
+/* Word c of a row, little-endian, read byte by byte (a mapped file's words need no alignment). */
+static inline uint32_t word_at(const uint8_t *row, int64_t c) {
+  const uint8_t *b = row + 4 * c;
+  return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
 /* AutoAWQ's GEMM packing: value t of each 8 sits in nibble AWQ_NIBBLE[t] of its word. */
 static const int AWQ_NIBBLE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
@@ -104,8 +110,7 @@ static void word_value_tiles(const word_values_job *j, int64_t c0, int64_t c1) {
     for (int64_t r = 0; r < nr; r++) {
       const uint8_t *s = j->src + (r0 + r) * j->src_row_stride;
       for (int64_t c = c0; c < c1; c++) {
-        uint32_t word = (uint32_t)s[4 * c] | (uint32_t)s[4 * c + 1] << 8 | (uint32_t)s[4 * c + 2] << 16 |
-                        (uint32_t)s[4 * c + 3] << 24;
+        uint32_t word = word_at(s, c);
         for (int t = 0; t < j->per; t++) {
           int slot = j->awq ? AWQ_NIBBLE[t] : t;
           tile[(c - c0) * j->per + t][r] = (uint8_t)((word >> (slot * j->bits)) & (uint32_t)mask);
@@ -134,8 +139,7 @@ static void word_value_blocks(void *ctx, int64_t begin, int64_t end) {
   for (int64_t r = r0; r < r1; r++) {
     const uint8_t *s = j->src + r * j->src_row_stride;
     for (int64_t c = c0; c < c1; c++) {
-      uint32_t word = (uint32_t)s[4 * c] | (uint32_t)s[4 * c + 1] << 8 | (uint32_t)s[4 * c + 2] << 16 |
-                      (uint32_t)s[4 * c + 3] << 24;
+      uint32_t word = word_at(s, c);
       for (int t = 0; t < j->per; t++) {
         int slot = j->awq ? AWQ_NIBBLE[t] : t;
         int64_t ui = j->along_rows ? r * j->per + t : r, uj = j->along_rows ? c : c * j->per + t;

@@ -223,19 +223,6 @@ function M.checkpoint_names(ckpt)
    return names
 end
 
---- shape_reader(ckpt) -> shape_of(name): a checkpoint tensor's shape (nil when absent), read from
--- its file's header when asked.
-function M.shape_reader(ckpt)
-   return function(name)
-      local path = ckpt.kind == "sharded" and ckpt.weight_map[name] or ckpt.path
-      if path == nil then return nil end
-      local f = require("moonload.safetensors").safe_open(path)
-      local ok, info = pcall(f.tensor_info, f, name)
-      f:close()
-      return ok and info.shape or nil
-   end
-end
-
 --- info_reader(ckpt) -> info_of(name), close(): a checkpoint tensor's header entry ({dtype,
 -- shape, ...}; nil when absent), each file opened once until close.
 function M.info_reader(ckpt)
@@ -511,9 +498,15 @@ function load(dir, opts)
    end
 
    local names = M.checkpoint_names(ckpt)
+   -- the checkpoint's headers, read as the build asks (closed once the model is built)
+   local info_of, close_headers = M.info_reader(ckpt)
    -- a class may build to match the checkpoint (BERT without its pooler) and read more of the
    -- folder (sentence-transformers' pooling)
-   local build_opts = cls.build_opts_for and cls.build_opts_for(names, M.shape_reader(ckpt)) or nil
+   local function shape_of(name)
+      local info = info_of(name)
+      return info and info.shape
+   end
+   local build_opts = cls.build_opts_for and cls.build_opts_for(names, shape_of) or nil
    -- A decoder's base model saved alone (Qwen3Model, as embedding models ship): no lm_head.weight.
    -- It loads into the causal class with the head tied to the embeddings (its hidden states are
    -- what such a folder is for; generate would read the embeddings back as the head).
@@ -535,10 +528,9 @@ function load(dir, opts)
       rawset(model, "generation_config", require("moonload.models.generation_config").read(dir, "from_pretrained"))
       -- a quantized checkpoint (ml.save_model's int8 / int4, FP8, MXFP4, compressed-tensors, AWQ,
       -- GPTQ): its layers built as it stores them, read from its config and its tensors' headers
-      local info_of, close = M.info_reader(ckpt)
       local ok, built = pcall(require("moonload.quantize").apply_config, model, raw.quantization_config, src,
          "from_pretrained", names, info_of)
-      close()
+      close_headers()
       if not ok then error(built, 0) end
       return built
    end
