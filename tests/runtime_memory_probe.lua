@@ -19,6 +19,9 @@ end
 local prompts = require("models_helpers").padded_prompts
 
 local function peak_of(fn)
+   -- twice: what a finalizer freed in the first cycle may hold the last garbage (tensors that
+   -- died before fn and were freed inside it would lower the peak below the base)
+   collectgarbage()
    collectgarbage()
    ml.set_gc_cap("cpu", 1)
    local base = ml.memory_allocated("cpu")
