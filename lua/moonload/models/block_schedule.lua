@@ -26,17 +26,19 @@ function M.check(opts, who, level)
    end
 end
 
---- plan(opts, x, cache, n_layers, who) -> a schedule for the hidden states x (B, L, hidden), or
--- nil when one block covers them or L is 1. opts: {micro_batch_size, prefill_chunk_size} (either
--- may be nil: whole batch, whole sequence).
-function M.plan(opts, x, cache, n_layers, who)
+--- plan(opts, x, cache, n_layers, who[, needs_cache]) -> a schedule for the hidden states x (B, L,
+-- hidden), or nil when one block covers them or L is 1. opts: {micro_batch_size,
+-- prefill_chunk_size} (either may be nil: whole batch, whole sequence). needs_cache: the layers
+-- keep something per block in the cache (models/deepseek_sparse.lua), so a forward without one
+-- gets one of its own even when the prompt is not cut into chunks.
+function M.plan(opts, x, cache, n_layers, who, needs_cache)
    M.check(opts, who, 4)
    local rows, tokens = opts.micro_batch_size, opts.prefill_chunk_size
    local B, L = x:size(1), x:size(2)
    rows, tokens = math.min(rows or B, B), math.min(tokens or L, L)
    if L == 1 or (rows == B and tokens == L) then return nil end
    local own = false
-   if cache == nil and tokens < L then
+   if cache == nil and (tokens < L or needs_cache) then
       cache = require("moonload.models.kv_cache").new(n_layers, L)
       own = true
    end

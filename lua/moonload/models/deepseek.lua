@@ -24,6 +24,10 @@
 -- shared MLP (shared_experts) on every token. The first first_k_dense_replace layers are dense.
 -- Real V3 checkpoints carry num_nextn_predict_layers multi-token-prediction layers after the last
 -- decoder layer; generation does not use them, so loading leaves them out, as transformers does.
+--
+-- GLM-4.7-Flash (Glm4MoeLiteForCausalLM, model_type "glm4_moe_lite") is V3's layout with GLM's
+-- defaults (one group of experts, a dense first layer, mlp_layer_types saying which layers are
+-- sparse). DeepSeek-V3.2 and GLM-5 add sparse attention to it: models/deepseek_sparse.lua.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local common = require("moonload.models.common")
@@ -99,17 +103,44 @@ function M.moe_config(cfg, WHO, method, defaults)
       end
    end
    cfg.sparse_layers = {}
+   local types = cfg.mlp_layer_types                -- (newer configs: "dense" or "sparse" per layer)
+   if types ~= nil and (type(types) ~= "table" or #types ~= cfg.num_hidden_layers) then
+      config.fail(cfg, WHO, 'config key "mlp_layer_types" must list %d layer types', cfg.num_hidden_layers)
+   end
    for i = 1, cfg.num_hidden_layers do              -- transformers counts layers from 0
-      cfg.sparse_layers[i] = cfg.n_routed_experts > 0 and i - 1 >= cfg.first_k_dense_replace
-         and (i - 1) % cfg.moe_layer_freq == 0
+      if types then
+         if types[i] ~= "dense" and types[i] ~= "sparse" then
+            config.fail(cfg, WHO, 'mlp_layer_types[%d] must be "dense" or "sparse", got %s', i, tostring(types[i]))
+         end
+         cfg.sparse_layers[i] = types[i] == "sparse" and cfg.n_routed_experts > 0
+      else
+         cfg.sparse_layers[i] = cfg.n_routed_experts > 0 and i - 1 >= cfg.first_k_dense_replace
+            and (i - 1) % cfg.moe_layer_freq == 0
+      end
    end
    local mtp = cfg.num_nextn_predict_layers or cfg.num_mtp_layers
    cfg.num_nextn_predict_layers = type(mtp) == "number" and mtp >= 0 and math.floor(mtp) or 0
    return cfg
 end
 
---- Reads and checks a DeepSeek config (path, folder or table); family "deepseek_v2" or
--- "deepseek_v3".
+-- Per family: the routing (V2's from the file) and the values where its transformers config
+-- differs from V2's.
+local ROUTING = {
+   deepseek_v2 = {},
+   deepseek_v3 = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 8,
+      topk_group = 4, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
+   glm4_moe_lite = { method = "noaux_tc", defaults = { routed_scaling_factor = 1.8, norm_topk_prob = true, n_group = 1,
+      topk_group = 1, first_k_dense_replace = 1, num_experts_per_tok = 4 } },
+   -- (models/deepseek_sparse.lua)
+   deepseek_v32 = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 8,
+      topk_group = 4, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
+   glm_moe_dsa = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 1,
+      topk_group = 1, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
+}
+
+--- Reads and checks the config (path, folder or table) of a family with DeepSeek's latent
+-- attention: "deepseek_v2", "deepseek_v3", "glm4_moe_lite" (GLM-4.7-Flash), or the sparse
+-- attention ones of models/deepseek_sparse.lua.
 function M.config(source, family)
    local WHO = "models." .. family
    local cfg = llama.config(source, family)
@@ -133,13 +164,12 @@ function M.config(source, family)
       scale = scale * m * m
    end
    cfg.softmax_scale = scale
-   local method = family == "deepseek_v3" and "noaux_tc" or cfg.topk_method or "greedy"
+   local routing = ROUTING[family]
+   local method = routing.method or cfg.topk_method or "greedy"
    if family == "deepseek_v2" and method ~= "greedy" and method ~= "group_limited_greedy" then
       config.fail(cfg, WHO, 'topk_method "%s" is not supported (supported: greedy, group_limited_greedy)', tostring(method))
    end
-   return M.moe_config(cfg, WHO, method, family == "deepseek_v3"
-      and { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 8, topk_group = 4, first_k_dense_replace = 3,
-            num_experts_per_tok = 8 } or {})
+   return M.moe_config(cfg, WHO, method, routing.defaults)
 end
 
 -- --- multi-head latent attention --------------------------------------------------------------
@@ -226,11 +256,31 @@ function MLAttention:absorbs(L, S)
       and (proj.weight.device ~= "meta" or rawget(proj, "_hf_hook") ~= nil)
 end
 
+--- The keys each query may see beyond causality and padding, or nil for all of them: DeepSeek
+-- Sparse Attention's choice (models/deepseek_sparse.lua). Plain latent attention sees all.
+function MLAttention:key_mask()
+   return nil
+end
+
+-- Attention over S keys of which the last L are this step's queries': causal and not padding,
+-- within mask (B, 1, L, S) bool when there is one (models/common.lua).
+local function attend(q, k, v, past, scale, pad, mask)
+   if mask == nil then return common.causal_attention(q, k, v, past, scale, pad) end
+   if mask.device ~= k.device then mask = mask:to(k.device) end
+   return common.attention(q, k, v, mask, false, scale)
+end
+
 --- x (B, T, hidden); cos, sin (T, rope) or (B, 1, T, rope); cache optional; pad (B, past + T) or nil.
 function MLAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, r, n, p, vd = self.n_head, self.rank, self.nope, self.rope, self.v_dim
-   local q = self.q_proj and self.q_proj(x) or self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+   local q, q_latent
+   if self.q_proj then
+      q = self.q_proj(x)
+   else
+      q_latent = self.q_a_layernorm(self.q_a_proj(x))                        -- (B, T, q_lora_rank)
+      q = self.q_b_proj(q_latent)
+   end
    q = q:view(B, L, H, n + p):transpose(2, 3)                                 -- (B, H, T, n + p)
    local q_nope, q_rot = q:narrow(4, 1, n), q:narrow(4, n + 1, p)
    local ckv = self.kv_a_proj_with_mqa(x)                                     -- (B, T, r + p)
@@ -249,6 +299,7 @@ function MLAttention:forward(x, cos, sin, cache, pad)
       latent, k_rot = floats(latent, x.dtype), floats(k_rot, x.dtype)
    end
    local S = latent:size(3)
+   local mask = self:key_mask(x, q_latent, cos, sin, cache, pad, S)
    local y
    if self:absorbs(L, S) then
       -- (under a hook of kv_b_proj's own, its weight is brought here for this block)
@@ -258,7 +309,7 @@ function MLAttention:forward(x, cos, sin, cache, pad)
          local q_latent = q_nope:matmul(w:narrow(2, 1, n))                    -- (B, H, T, r)
          local keys = joint or T.cat({ latent, k_rot }, 4)                    -- (B, 1, S, r + p)
          local qa, pa, back = common.queries_to_keys(T.cat({ q_latent, q_rot }, 4), keys, pad)
-         local o = common.causal_attention(qa, keys, keys:narrow(4, 1, r), past, self.scale, pa)   -- (B, H, T, r)
+         local o = attend(qa, keys, keys:narrow(4, 1, r), past, self.scale, pa, mask)   -- (B, H, T, r)
          if back then o = o:to(back) end
          return o:matmul(w:narrow(2, n + 1, vd):transpose(2, 3))              -- (B, H, T, vd)
       end)
@@ -266,7 +317,7 @@ function MLAttention:forward(x, cos, sin, cache, pad)
       if latent.device ~= x.device then latent, k_rot = latent:to(x.device), k_rot:to(x.device) end
       local kv = self.kv_b_proj(latent:squeeze(2)):view(B, S, H, n + vd):transpose(2, 3)   -- (B, H, S, n + vd)
       local keys = T.cat({ kv:narrow(4, 1, n), k_rot:expand(B, H, S, p) }, 4)
-      y = common.causal_attention(T.cat({ q_nope, q_rot }, 4), keys, kv:narrow(4, n + 1, vd), past, self.scale, pad)
+      y = attend(T.cat({ q_nope, q_rot }, 4), keys, kv:narrow(4, n + 1, vd), past, self.scale, pad, mask)
    end
    return self.o_proj(y:transpose(2, 3):reshape(B, L, H * vd))
 end
@@ -429,18 +480,22 @@ function M.skip_mtp_layers(model)
    rawset(model, "ignore_unexpected", skip)
 end
 
--- The classes of a DeepSeek generation, named as transformers names them.
-local function deepseek_family(family, prefix)
+--- The classes of a family with latent attention (Attention: MLAttention or one extending it)
+-- and DeepSeek's experts, named as transformers names them, put into `into`; returns the causal
+-- LM class. read_config(source, family) reads the family's config (default M.config).
+function M.latent_family(family, prefix, Attention, into, read_config)
    local MLP, MoE, mlp = M.moe_layer_classes(prefix, family == "deepseek_v2" and "Moe" or "MoE")
-   local LM = moe.decoder_family(family, prefix, MLAttention, mlp, "mlp", M.config, M)
+   local LM = moe.decoder_family(family, prefix, Attention, mlp, "mlp", read_config or M.config, into)
    function LM:__init(cfg)
       llama.LlamaForCausalLM.__init(self, cfg)
       M.skip_mtp_layers(self)
    end
-   M[prefix .. "MLP"], M[MoE.__name] = MLP, MoE
+   into[prefix .. "MLP"], into[MoE.__name] = MLP, MoE
+   return LM
 end
 
-deepseek_family("deepseek_v2", "DeepseekV2")
-deepseek_family("deepseek_v3", "DeepseekV3")
+M.latent_family("deepseek_v2", "DeepseekV2", MLAttention, M)
+M.latent_family("deepseek_v3", "DeepseekV3", MLAttention, M)
+M.latent_family("glm4_moe_lite", "Glm4MoeLite", MLAttention, M)   -- GLM-4.7-Flash: V3's layout, GLM's defaults
 
 return M

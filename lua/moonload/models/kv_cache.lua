@@ -224,6 +224,16 @@ function Cache:block(first_row, batch, offset)
       length = self.length + offset }, Block)
 end
 
+--- What tells this block's rows and tokens apart from the other blocks of a forward: layers that
+-- pass something to later layers (GLM-5's choice of keys) keep it per block under this key.
+function Block:block_key()
+   return self.first_row .. ":" .. self.offset
+end
+
+function Cache:block_key()
+   return "whole"
+end
+
 --- Frees layer i's buffers (a forward's own cache, once the layer is done).
 function Cache:drop_layer(i)
    self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i], self.window[i] = nil, nil, nil, nil, nil, nil

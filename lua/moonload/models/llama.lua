@@ -34,6 +34,9 @@ local FAMILIES = {
    olmo3 = { who = "models.olmo3", prefix = "Olmo3", defaults = { rope_theta = 500000, rms_norm_eps = 1e-5 } },
    deepseek_v2 = { who = "models.deepseek_v2", prefix = "DeepseekV2" },                        -- models/deepseek.lua
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
+   glm4_moe_lite = { who = "models.glm4_moe_lite", prefix = "Glm4MoeLite", defaults = { rms_norm_eps = 1e-5 } },
+   deepseek_v32 = { who = "models.deepseek_v32", prefix = "DeepseekV32" },              -- models/deepseek_sparse.lua
+   glm_moe_dsa = { who = "models.glm_moe_dsa", prefix = "GlmMoeDsa", defaults = { rms_norm_eps = 1e-5 } },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
    qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
    qwen3_5 = { who = "models.qwen3_5", prefix = "Qwen3_5", defaults = { head_dim = 256 } },          -- models/qwen3_5.lua
@@ -244,7 +247,8 @@ function M.config(source, family)
    end
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
-   if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" then
+   if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
+      or family == "deepseek_v32" or family == "glm_moe_dsa" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "glm4_moe" then          -- biased q/k/v, an unbiased output, per-head q/k norms if asked
@@ -628,7 +632,7 @@ function LlamaModel:forward(input_ids, cache, pad, pos, blocks)
    if self.embed_scale then x = x * self:embed_scale() end       -- Gemma: sqrt(hidden_size)
    local rope = self:layer_rotary(pos or T.arange(past, past + L, { device = input_ids.device }), x)
    local n = cfg.num_hidden_layers
-   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
+   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO, self.blocks_need_cache)
    for i = 1, n do
       local r = rope[i] or rope[1]
       x = block_schedule.call(schedule, i, self[self.layers_name][i], x, cache, pad, r[1], r[2])

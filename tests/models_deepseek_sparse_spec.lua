@@ -1,0 +1,196 @@
+-- ml.models DeepSeek-V3.2 and GLM-5 (DeepSeek Sparse Attention: a lightning indexer chooses the
+-- keys each query sees) and GLM-4.7-Flash (V3's latent attention with GLM's defaults) against
+-- transformers (tests/fixtures/gen_models.py deepseek_v32 glm_moe_dsa glm4_moe_lite: indexers
+-- keeping 4 keys, so the fixtures' prompts and generations attend sparsely): names, logits,
+-- greedy ids, the indexer's cache, shared layers, and bad configs.
+local ml = require("moonload")
+local models = require("moonload.models")
+local deepseek = require("moonload.models.deepseek")
+local sparse = require("moonload.models.deepseek_sparse")
+local H = require("models_helpers")
+
+local TOL = 1e-4
+
+-- Forces every latent attention to attend one way (true: absorbed, false: expanded) while fn runs.
+local function attending(way, fn)
+   local saved = deepseek.MLAttention.absorbs
+   deepseek.MLAttention.absorbs = function(self, L, S)
+      return way and saved(self, 0, math.huge) or false
+   end
+   local ok, err = pcall(fn)
+   deepseek.MLAttention.absorbs = saved
+   if not ok then error(err, 0) end
+end
+
+-- The logits of ids given n_first at once, then one at a time through a cache.
+local function decoded_logits(model, ids, n_first, cache)
+   cache = cache or model:new_cache()
+   local prefix = {}
+   for i = 1, n_first do prefix[i] = ids[i] end
+   local out = { model(prefix, { cache = cache }) }
+   for i = n_first + 1, #ids do out[#out + 1] = model({ ids[i] }, { cache = cache }) end
+   return ml.cat(out, 2)
+end
+
+-- Counts calls of the indexers' scores while fn runs.
+local function scoring(fn)
+   local saved, calls = sparse.DsaIndexer.scores, 0
+   sparse.DsaIndexer.scores = function(...) calls = calls + 1; return saved(...) end
+   local ok, err = pcall(fn)
+   sparse.DsaIndexer.scores = saved
+   if not ok then error(err, 0) end
+   return calls
+end
+
+local function tiny_v32(over)
+   local c = { model_type = "deepseek_v32", vocab_size = 50, hidden_size = 16, intermediate_size = 32,
+      moe_intermediate_size = 8, num_hidden_layers = 3, num_attention_heads = 2, n_routed_experts = 4,
+      n_shared_experts = 1, num_experts_per_tok = 2, n_group = 2, topk_group = 1, first_k_dense_replace = 1,
+      kv_lora_rank = 8, q_lora_rank = 12, qk_rope_head_dim = 4, qk_nope_head_dim = 8, v_head_dim = 6,
+      index_topk = 3, index_head_dim = 8, index_n_heads = 2 }
+   for k, v in pairs(over or {}) do c[k] = v end
+   return c
+end
+
+for _, case in ipairs({
+   { "deepseek_v32_tiny", "DeepseekV32ForCausalLM", "every layer indexed, rotary halves" },
+   { "glm_moe_dsa_tiny", "GlmMoeDsaForCausalLM", "a shared layer, interleaved rotary pairs" },
+   { "glm4_moe_lite_tiny", "Glm4MoeLiteForCausalLM", "latent attention, mlp_layer_types" },
+}) do
+   local name, class, what = case[1], case[2], case[3]
+   describe("models." .. name .. " (" .. what .. ")", function()
+      local exp = H.expected(name)
+      local model = models.from_pretrained(H.FIX .. "/" .. name)
+
+      it("builds " .. class .. " with every tensor of the checkpoint, under its names", function()
+         assert.are.equal(class, model.__name)
+         local want = H.sorted_keys(ml.safetensors.load_file(H.FIX .. "/" .. name .. "/model.safetensors"))
+         assert.are.same(want, H.sorted_keys(model:state_dict()))
+      end)
+
+      it("gives transformers' logits and greedy ids", function()
+         assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
+            eos_token_id = false }))
+      end)
+
+      it("attends absorbed and expanded alike, in a prefill and decoding from the cache", function()
+         for _, way in ipairs({ true, false }) do
+            attending(way, function()
+               assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+               assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 2), { exp.logits[2] }) < TOL)
+            end)
+         end
+      end)
+
+      H.it_matches_padded(model, name, "positions and the chosen keys")
+
+      it("decodes the same under a block schedule and with prompt-lookup drafts (blocks and crops of the cache)", function()
+         local want = model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false })
+         assert.are.same(want, model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false,
+            micro_batch_size = 1, prefill_chunk_size = 3 }))
+         assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens,
+            eos_token_id = false, prompt_lookup_num_tokens = 3 }))
+      end)
+   end)
+end
+
+describe("models.deepseek_v32 sparse attention", function()
+   local exp = H.expected("deepseek_v32_tiny")
+   local model = models.from_pretrained(H.FIX .. "/deepseek_v32_tiny")
+
+   it("chooses keys: attending to all of them gives other logits", function()
+      local saved = sparse.DsaAttention.key_mask
+      sparse.DsaAttention.key_mask = function() return nil end
+      local ok, logits = pcall(model, ml.tensor(exp.input_ids, { dtype = "int64" }))
+      sparse.DsaAttention.key_mask = saved
+      assert.is_true(ok, logits)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) > 0.1)
+   end)
+
+   it("scores nothing while a sequence has at most index_topk tokens, and then equals dense attention", function()
+      local ids = { 1, 7, 9, 33 }                               -- index_topk is 4
+      local sparse_logits
+      assert.are.equal(0, scoring(function() sparse_logits = model(ids) end))
+      local saved = sparse.DsaAttention.key_mask
+      sparse.DsaAttention.key_mask = function() return nil end
+      local dense = model(ids)
+      sparse.DsaAttention.key_mask = saved
+      assert.is_true(H.max_abs_diff(sparse_logits, dense:tolist()) < 1e-6)
+      assert.are.equal(3, scoring(function() model({ 1, 7, 9, 33, 51 }) end))   -- one per layer from the 5th
+   end)
+
+   it("caches the indexer's key beside the latent: kv_lora_rank + qk_rope_head_dim + index_head_dim a token", function()
+      local cache = model:new_cache()
+      model(exp.input_ids, { cache = cache })
+      assert.are.same({ 2, 1, 8, 16 }, cache.kv["indexer:1"]:narrow(3, 1, cache.length).shape)   -- (halves joined)
+      local rm = require("moonload.utils.runtime_memory")
+      local sizes = rm.kv_cache_sizes(model, { batch_size = 2, max_length = 20, prompt_length = 8 })
+      assert.are.equal(2 * 20 * (16 + 8 + 16) * 4, sizes["model.layers.0.self_attn"])
+   end)
+
+   it("keeps the indexer's keys in an int8 cache and beam search's reordered rows", function()
+      local got = decoded_logits(model, exp.input_ids[2], 5, model:new_cache(16, nil, "int8"))
+      local r = ((got - ml.tensor({ exp.logits[2] })):abs():max() / got:abs():max()):item()
+      assert.is_true(r < 0.1, tostring(r))
+      local beams = model:generate(exp.input_ids[1], { max_new_tokens = 6, num_beams = 3, eos_token_id = false })
+      assert.are.equal(8 + 6, #beams)
+   end)
+
+   it("loads bfloat16 with weights_proj kept float32, and ml.quantize leaves it so", function()
+      local bf = models.from_pretrained(H.FIX .. "/deepseek_v32_tiny", { dtype = "bfloat16" })
+      local idx = bf.model.layers[1].self_attn.indexer
+      assert.are.equal("float32", idx.weights_proj.weight.dtype)
+      assert.are.equal("bfloat16", idx.wq_b.weight.dtype)
+      local q = ml.quantize(models.from_pretrained(H.FIX .. "/deepseek_v32_tiny"), { dtype = "int8" })
+      assert.are.equal("IndexerWeightsProjection", q.model.layers[1].self_attn.indexer.weights_proj.__name)
+   end)
+end)
+
+describe("models.glm_moe_dsa shared indexer layers", function()
+   local model = models.from_pretrained(H.FIX .. "/glm_moe_dsa_tiny")
+
+   it("runs no indexer of its own in a shared layer: it reuses the full layer's choice", function()
+      assert.is_nil(model.model.layers[2].self_attn.indexer)
+      assert.is_not_nil(model.model.layers[3].self_attn.indexer)
+      assert.are.equal(2, scoring(function() model({ 1, 7, 9, 33, 51, 2 }) end))
+   end)
+
+   it("derives indexer_types as transformers does: a pattern, or a frequency and an offset", function()
+      local function types(over)
+         return sparse.config(tiny_v32(over), "glm_moe_dsa").indexer_types
+      end
+      assert.are.same({ "full", "full", "full" }, types({ model_type = "glm_moe_dsa" }))
+      assert.are.same({ "full", "shared", "full" }, types({ model_type = "glm_moe_dsa", index_topk_pattern = "FSF" }))
+      assert.are.same({ "full", "shared", "full", "shared", "full" },
+         types({ model_type = "glm_moe_dsa", num_hidden_layers = 5, index_topk_freq = 2, index_skip_topk_offset = 1 }))
+      assert.are.same({ "full", "full", "shared", "full", "shared" },
+         types({ model_type = "glm_moe_dsa", num_hidden_layers = 5, index_topk_freq = 2, index_skip_topk_offset = 2 }))
+   end)
+end)
+
+describe("models.deepseek_sparse bad configs", function()
+   local function fails(over, family, msg)
+      local ok, err = pcall(sparse.config, tiny_v32(over), family or "deepseek_v32")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find(msg, 1, true), tostring(err))
+   end
+
+   it("names what is wrong", function()
+      local no_bottleneck = tiny_v32()
+      no_bottleneck.q_lora_rank = nil
+      local ok, err = pcall(sparse.config, no_bottleneck, "deepseek_v32")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("q_lora_rank is missing: the indexer's queries come from the query latent", 1, true))
+      fails({ index_head_dim = 2 }, nil, "index_head_dim 2 must be even and at least qk_rope_head_dim 4")
+      fails({ index_head_dim = 7 }, nil, "index_head_dim 7 must be even")
+      fails({ index_topk = 0 }, nil, "index_topk")
+      fails({ model_type = "glm_moe_dsa", indexer_types = { "shared", "full", "full" } }, "glm_moe_dsa",
+         'indexer_types[1] is "shared", but a shared layer reuses the keys an earlier full layer chose')
+      fails({ model_type = "glm_moe_dsa", indexer_types = { "full", "sparse", "full" } }, "glm_moe_dsa",
+         'indexer_types[2] must be "full" or "shared", got sparse')
+      fails({ model_type = "glm_moe_dsa", indexer_types = { "full" } }, "glm_moe_dsa",
+         'config key "indexer_types" must list 3 indexer types')
+      fails({ mlp_layer_types = { "dense", "moe", "sparse" } }, nil, 'mlp_layer_types[2] must be "dense" or "sparse", got moe')
+   end)
+end)
