@@ -7,7 +7,8 @@
 --    luajit examples/deepseek.lua [path/to/model] [cpu budget, e.g. 64GB]
 --
 -- Any DeepSeek-V2/V3 folder works (DeepSeek-V2-Lite, Moonlight, DeepSeek-V3 or Kimi K2 in FP8:
--- give a budget that holds the dense part). Without one it runs the test folder
+-- give a budget that holds the dense part), and so do their relatives: GLM-4.7-Flash, and the
+-- sparse-attention DeepSeek-V3.2 and GLM-5, whose indexers choose the keys each query sees. Without one it runs the test folder
 -- tests/fixtures/models/deepseek_v3_fp8_tiny: a tiny random-weight DeepSeek-V3 in FP8, so its tokens
 -- are noise, but every step is the real one (and equals transformers', see
 -- tests/models_deepseek_spec.lua).
@@ -43,10 +44,18 @@ local prompt = tokenizer_ok and tokenizer:encode("The capital of France is") or 
 local out = model:generate(prompt, { max_new_tokens = 16, eos_token_id = false,
    on_token = function(ids) io.write(tokenizer_ok and tokenizer:decode({ ids[1] }) or (ids[1] .. " ")); io.flush() end })
 print()
--- what the cache holds per token: the normed latent and the shared rotary key of each layer
+-- what the cache holds per token: the normed latent and the shared rotary key of each layer, and
+-- with sparse attention each indexer's key
 local cfg = model.config
-local per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
-print(string.format("%d tokens; the latent cache holds %d values a token (%d per layer), where per-head keys and values would be %d",
-   #out, per_token, per_token / cfg.num_hidden_layers,
+local indexers = 0
+for _, t in ipairs(cfg.indexer_types or {}) do indexers = indexers + (t == "full" and 1 or 0) end
+local per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers + indexers * (cfg.index_head_dim or 0)
+print(string.format("%d tokens; the latent cache holds %d values a token (%d per layer%s), where per-head keys and values would be %d",
+   #out, per_token, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+   indexers > 0 and string.format(", %d per indexer", cfg.index_head_dim) or "",
    cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)))
+if cfg.index_topk then
+   print(string.format("sparse attention: %d of %d layers run an indexer; each query attends to its best %d keys",
+      indexers, cfg.num_hidden_layers, cfg.index_topk))
+end
 os.execute("rm -rf '" .. folder .. "'")

@@ -95,15 +95,36 @@ for _, case in ipairs({
    end)
 end
 
+describe("models.deepseek_v32 from DeepSeek's FP8 files (tests/fixtures/models/deepseek_v32_fp8_tiny)", function()
+   local exp = H.expected("deepseek_v32_fp8_tiny")
+   local model = models.from_pretrained(H.FIX .. "/deepseek_v32_fp8_tiny")
+
+   it("keeps the float8 tiles of the projections and the indexer's wq_b and wk, its weights_proj not", function()
+      assert.are.same(H.sorted_keys(ml.safetensors.load_file(H.FIX .. "/deepseek_v32_fp8_tiny/model.safetensors")),
+         H.sorted_keys(model:state_dict()))
+      local attn = model.model.layers[2].self_attn
+      for _, m in ipairs({ attn.q_b_proj, attn.kv_b_proj, attn.indexer.wq_b, attn.indexer.wk }) do
+         assert.are.equal("float8_e4m3fn", m.weight.dtype)
+      end
+      assert.are.equal("float32", attn.indexer.weights_proj.weight.dtype)
+   end)
+
+   it("gives the logits and greedy ids of the weights the tiles stand for", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
+         eos_token_id = false }))
+   end)
+end)
+
 describe("models.deepseek_v32 sparse attention", function()
    local exp = H.expected("deepseek_v32_tiny")
    local model = models.from_pretrained(H.FIX .. "/deepseek_v32_tiny")
 
    it("chooses keys: attending to all of them gives other logits", function()
-      local saved = sparse.DsaAttention.key_mask
-      sparse.DsaAttention.key_mask = function() return nil end
+      local saved = sparse.DsaAttention.key_choice
+      sparse.DsaAttention.key_choice = function() return nil end
       local ok, logits = pcall(model, ml.tensor(exp.input_ids, { dtype = "int64" }))
-      sparse.DsaAttention.key_mask = saved
+      sparse.DsaAttention.key_choice = saved
       assert.is_true(ok, logits)
       assert.is_true(H.max_abs_diff(logits, exp.logits) > 0.1)
    end)
@@ -112,12 +133,32 @@ describe("models.deepseek_v32 sparse attention", function()
       local ids = { 1, 7, 9, 33 }                               -- index_topk is 4
       local sparse_logits
       assert.are.equal(0, scoring(function() sparse_logits = model(ids) end))
-      local saved = sparse.DsaAttention.key_mask
-      sparse.DsaAttention.key_mask = function() return nil end
+      local saved = sparse.DsaAttention.key_choice
+      sparse.DsaAttention.key_choice = function() return nil end
       local dense = model(ids)
-      sparse.DsaAttention.key_mask = saved
+      sparse.DsaAttention.key_choice = saved
       assert.is_true(H.max_abs_diff(sparse_logits, dense:tolist()) < 1e-6)
       assert.are.equal(3, scoring(function() model({ 1, 7, 9, 33, 51 }) end))   -- one per layer from the 5th
+   end)
+
+   it("decodes over the index_topk chosen latents alone, however long the context", function()
+      local common = require("moonload.models.common")
+      local saved, seen = common.attention, {}
+      common.attention = function(q, k, ...) seen[#seen + 1] = k:size(3); return saved(q, k, ...) end
+      local ok, logits = pcall(decoded_logits, model, exp.input_ids[2], 6)
+      common.attention = saved
+      assert.is_true(ok, logits)
+      assert.is_true(H.max_abs_diff(logits, { exp.logits[2] }) < TOL)
+      assert.are.same({ 4, 4, 4, 4, 4, 4 }, { unpack(seen, #seen - 5) })   -- the 2 steps' 3 layers
+   end)
+
+   it("scores a long input's queries a few at a time, with the same choice", function()
+      local saved = sparse.SCORE_BYTES
+      sparse.SCORE_BYTES = 1                                      -- one query at a time
+      local ok, logits = pcall(model, ml.tensor(exp.input_ids, { dtype = "int64" }))
+      sparse.SCORE_BYTES = saved
+      assert.is_true(ok, logits)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) < TOL)
    end)
 
    it("caches the indexer's key beside the latent: kv_lora_rank + qk_rope_head_dim + index_head_dim a token", function()

@@ -347,6 +347,18 @@ describe("examples/deepseek.lua", function()
       assert.are.same({ unpack(want, 6) }, H.printed_ids(text))
       assert.truthy(text:find("the latent cache holds 72 values a token (24 per layer), where per-head keys and values would be 432", 1, true))
    end)
+
+   it("runs a GLM-5 folder (sparse attention, a shared indexer layer) and counts the indexers' keys", function()
+      local p = assert(io.popen("luajit examples/deepseek.lua tests/fixtures/models/glm_moe_dsa_tiny 2>/dev/null"))
+      local text = p:read("*a")
+      p:close()
+      assert.truthy(text:find("GlmMoeDsaForCausalLM, [%d.]+ MB of weights in RAM, [%d.]+ MB on disk %(the routed experts%); projections float32"), text)
+      local want = models.from_pretrained(H.FIX .. "/glm_moe_dsa_tiny"):generate({ 0, 5, 17, 42, 3 },
+         { max_new_tokens = 16, eos_token_id = false })
+      assert.are.same({ unpack(want, 6) }, H.printed_ids(text))
+      assert.truthy(text:find("the latent cache holds 104 values a token (24 per layer, 16 per indexer), where per-head keys and values would be 432", 1, true), text)
+      assert.truthy(text:find("sparse attention: 2 of 3 layers run an indexer; each query attends to its best 4 keys", 1, true), text)
+   end)
 end)
 
 describe("hub configs (DeepSeek-V3's, V2-Lite's and GLM-4.5-Air's config.json, built empty)", function()

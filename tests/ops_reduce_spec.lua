@@ -59,7 +59,7 @@ describe("reductions", function()
          for _, n in ipairs({ 100, 1000, 50257 }) do
             local x = (ml.rand(3, n) * 8):to("int32"):float()        -- many ties
             x = ml.where(ml.rand(3, n):lt(0.01), 0 / 0, x)            -- and some NaNs
-            for _, k in ipairs({ 1, 5, 50 }) do
+            for _, k in ipairs({ 1, 5, 50, 65, math.floor(n / 4), n - 1 }) do   -- (from 65: partitioned)
                for _, largest in ipairs({ true, false }) do
                   local v, i = x:topk(k, -1, largest)
                   local fv, fi = x:topk(n, -1, largest)                -- k = n sorts the whole row
@@ -68,7 +68,13 @@ describe("reductions", function()
                end
             end
          end
-         local v, i = ml.tensor({ 1, 0 / 0, 3, 3, 2 }):topk(2)
+         -- sorted runs (a masked row: -inf keys in index order) keep the partition linear
+         local row = ml.arange(0, 20000):float():masked_fill(ml.arange(0, 20000):lt(19000), -math.huge)
+         local v, i = row:topk(2048)
+         local vl, il = v:tolist(), i:tolist()
+         assert.are.same({ 19999, 19000, -math.huge, -math.huge }, { vl[1], vl[1000], vl[1001], vl[2048] })
+         assert.are.same({ 19999, 19000, 0, 1047 }, { il[1], il[1000], il[1001], il[2048] })   -- ties: lower index first
+         v, i = ml.tensor({ 1, 0 / 0, 3, 3, 2 }):topk(2)
          assert.are.same({ 1, 2 }, i:tolist())
          assert.are.equal(3, v:tolist()[2])
       end)

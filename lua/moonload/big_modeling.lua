@@ -187,9 +187,11 @@ function M.cpu_offload(model, opts)
    if opts.pin_memory then
       -- one pinned copy per tensor, so ties stay tied: the state dict may hold a tied tensor
       -- under each name as an object of its own, so the key is where its data is and its layout
+      -- (the address printed whole: tostring keeps 14 digits, which made two 8-byte FP8 scales
+      -- side by side in a checkpoint one key)
       local pinned, sd = {}, {}
       for name, t in pairs(state_dict) do
-         local key = string.format("%s %s %s %s", tostring(t:data_ptr()), t.dtype, table.concat(t.shape, "x"),
+         local key = string.format("%.0f %s %s %s", t:data_ptr(), t.dtype, table.concat(t.shape, "x"),
             table.concat(t:stride(), "x"))
          if pinned[key] == nil then pinned[key] = t:pin_memory() end
          sd[name] = pinned[key]

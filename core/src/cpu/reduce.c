@@ -389,11 +389,39 @@ static int topk_cmp_asc(const void *pa, const void *pb) {
   return a->idx < b->idx ? -1 : a->idx > b->idx;
 }
 
+static void swap_items(topk_item *items, int64_t a, int64_t b) {
+  topk_item t = items[a]; items[a] = items[b]; items[b] = t;
+}
+
+/* Moves the k items that rank first under cmp (a total order: ties go by index) to items[0..k), in
+   no particular order: quickselect, O(n) on average, with a median-of-three pivot so that sorted
+   runs (keys masked to -inf come in index order) do not degrade it. */
+static void partition_top(topk_item *items, int64_t n, int64_t k, int (*cmp)(const void *, const void *)) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    int64_t mid = lo + (hi - lo) / 2;
+    if (cmp(&items[mid], &items[lo]) < 0) swap_items(items, mid, lo);
+    if (cmp(&items[hi], &items[lo]) < 0) swap_items(items, hi, lo);
+    if (cmp(&items[mid], &items[hi]) < 0) swap_items(items, mid, hi);   /* items[hi]: the median */
+    int64_t store = lo;
+    for (int64_t i = lo; i < hi; i++)
+      if (cmp(&items[i], &items[hi]) < 0) swap_items(items, i, store++);
+    swap_items(items, store, hi);                                        /* store: its final rank */
+    if (store == k - 1) return;
+    if (store < k - 1) lo = store + 1; else hi = store - 1;
+  }
+}
+
 /* Moves the k items that rank first under cmp to items[0..k), in rank order. Small k (the usual
-   top-k sampling over a vocabulary) keeps a heap of the k best seen so far: O(n log k). */
+   top-k sampling over a vocabulary) keeps a heap of the k best seen so far: O(n log k); larger k
+   (DeepSeek Sparse Attention keeps 2048 of a long context's keys) partitions, then sorts the k. */
 static void select_top(topk_item *items, int64_t n, int64_t k, int (*cmp)(const void *, const void *)) {
   if (k <= 0) return;
-  if (k * 8 >= n) { qsort(items, (size_t)n, sizeof *items, cmp); return; }
+  if (k * 8 >= n || k > 64) {
+    if (k < n) partition_top(items, n, k, cmp);
+    qsort(items, (size_t)k, sizeof *items, cmp);
+    return;
+  }
   /* max-heap under cmp (root = the worst of the kept k) over items[0..k) */
   for (int64_t i = 1; i < k; i++) {
     for (int64_t c = i; c > 0;) {

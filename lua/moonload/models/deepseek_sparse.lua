@@ -9,11 +9,19 @@
 --   interleaved pairs, as the latent attention's);
 --   score(query, key) = sum over heads of weights_proj(x)_h / sqrt(heads) * relu(q_h . k) / sqrt(dim)
 --
--- and the attention keeps, among the keys causality and padding allow, those whose score is at
--- least the index_topk-th best (keys tied with it are all kept). While a sequence has at most
--- index_topk tokens, every key is chosen: the indexer then only projects and caches its keys.
--- This is transformers' computation (the reference's Hadamard rotation before the scores leaves
--- dot products unchanged; its FP8 scoring is a precision shortcut).
+-- and the attention keeps, among the keys causality and padding allow, the index_topk best. While
+-- a sequence has at most index_topk tokens, every key is chosen: the indexer then only projects
+-- and caches its keys. This is transformers' computation (the reference's Hadamard rotation
+-- before the scores leaves dot products unchanged; its FP8 scoring is a precision shortcut).
+--
+-- How the choice reaches the attention:
+--   decoding (one query a row): the chosen keys' latents are gathered, and the step attends over
+--     index_topk of them however long the context (DSA's saving: a 128k-token context costs a
+--     step what a 2k one does, beside the indexer's scores);
+--   several queries: a mask (B, 1, L, S) of the keys each sees (those scoring at least the
+--     index_topk-th best, ties kept), the scores made a few queries at a time so that per-head
+--     scores never hold more than about SCORE_BYTES; the mask takes L x S bytes, which
+--     prefill_chunk_size bounds for long prompts.
 --
 -- GLM-5's layers may reuse the choice of the nearest full layer before them (indexer_types:
 -- "full" runs an indexer, "shared" has none), passed from layer to layer within a forward, one
@@ -27,6 +35,9 @@ local kv_cache = require("moonload.models.kv_cache")
 local llama = require("moonload.models.llama")
 
 local M = {}
+
+-- About the most bytes of per-head scores held at once while the indexer scores many queries.
+M.SCORE_BYTES = 64 * 1024 * 1024
 
 -- The indexer types of a GLM-5 config: indexer_types as given, or transformers' derivation from
 -- index_topk_pattern ("F"/"S" per layer) or index_topk_freq and index_skip_topk_offset.
@@ -141,22 +152,58 @@ end
 -- keys (B, 1, S, dim) -> (B, L, S) float32.
 function Indexer:scores(x, q_latent, cos, sin, keys)
    local B, L, H, D = x:size(1), x:size(2), self.n_head, self.dim
+   local S = keys:size(3)
    local q = self:rotate(self.wq_b(q_latent):view(B, L, H, D):transpose(2, 3), cos, sin)   -- (B, H, L, D)
-   local per_head = q:float():matmul(keys:float():transpose(3, 4)):relu()                 -- (B, H, L, S)
-   local w = self.weights_proj(x):mul((H * D) ^ -0.5)                                     -- (B, L, H)
-   return w:unsqueeze(3):matmul(per_head:permute(1, 3, 2, 4)):squeeze(3)                  -- (B, L, S)
+   q = q:transpose(2, 3):float():contiguous():view(B, 1, L * H, D)
+   -- one GEMM of the keys against every query head (the keys read in their layout: 4x faster
+   -- than a product per head of q and the keys transposed)
+   local per_head = keys:float():matmul(q:transpose(3, 4)):relu()                          -- (B, 1, S, L * H)
+   local w = self.weights_proj(x):mul((H * D) ^ -0.5):unsqueeze(4)                          -- (B, L, H, 1)
+   return per_head:view(B, S, L, H):permute(1, 3, 2, 4):matmul(w):squeeze(4)               -- (B, L, S)
 end
 
--- The keys kept for each query: scores (B, L, S) float32; allowed (L, S) or (B, 1, L, S) bool, or
--- nil for all. Returns (B, 1, L, S) bool: allowed, and at least the k-th best allowed score.
-local function choose(scores, allowed, k)
-   if allowed then
-      local a = allowed:dim() == 4 and allowed:squeeze(2) or allowed
-      scores = scores:masked_fill(a:logical_not(), -math.huge)
-   end
+-- scores (B, L, S) float32 with the keys allowed (L, S) or (B, 1, L, S) bool kept (nil: all), the
+-- others -inf.
+local function allowed_scores(scores, allowed)
+   if allowed == nil then return scores end
+   local a = allowed:dim() == 4 and allowed:squeeze(2) or allowed
+   return scores:masked_fill(a:logical_not(), -math.huge)
+end
+
+-- The keys kept for each query, as a mask: scores (B, L, S) float32; allowed as above. Returns
+-- (B, 1, L, S) bool: allowed, and at least the k-th best allowed score.
+local function chosen_mask(scores, allowed, k)
+   scores = allowed_scores(scores, allowed)
    local kth = scores:topk(k, 3):narrow(3, k, 1)                  -- (B, L, 1); -inf: fewer than k allowed
    local chosen = scores:ge(kth):unsqueeze(2)
    return allowed and chosen:logical_and(allowed) or chosen
+end
+
+-- The keys kept for one query a row, as positions: scores (B, 1, S). Returns {index (B, 1, k)
+-- int64, mask (B, 1, 1, k) bool or nil}: the mask hides the positions taken when fewer than k
+-- keys were allowed (padding).
+local function chosen_index(scores, allowed, k)
+   local best, index = allowed_scores(scores, allowed):topk(k, 3)
+   local mask = nil
+   if allowed then mask = best:gt(-math.huge):unsqueeze(2) end
+   return { index = index, mask = mask }
+end
+
+-- The mask of the keys kept for L queries over keys (B, 1, S, dim), scored a few queries at a time.
+function Indexer:choose_keys(x, q_latent, cos, sin, keys, allowed, k)
+   local B, L, S = x:size(1), x:size(2), keys:size(3)
+   local step = math.max(1, math.floor(M.SCORE_BYTES / (4 * B * self.n_head * S)))
+   if step >= L then return chosen_mask(self:scores(x, q_latent, cos, sin, keys), allowed, k) end
+   local parts = {}
+   for first = 1, L, step do
+      local n = math.min(step, L - first + 1)
+      local function rows(t) return t and t:dim() >= 2 and t:narrow(t:dim() - 1, first, n) or t end
+      local c, s = cos, sin
+      if c:dim() == 2 then c, s = c:narrow(1, first, n), s:narrow(1, first, n) else c, s = rows(c), rows(s) end
+      local a = allowed and rows(allowed)
+      parts[#parts + 1] = chosen_mask(self:scores(x:narrow(2, first, n), q_latent:narrow(2, first, n), c, s, keys), a, k)
+   end
+   return T.cat(parts, 3)
 end
 
 -- The indexer's keys of all S tokens: this step's k (B, 1, L, dim) appended to the cache's. They
@@ -190,17 +237,21 @@ function SparseAttention:kv_cache_heads()
    return 1, (self.rank + self.rope + self.index_dim) / 2, self.n_head, false
 end
 
---- For memory planning: the latent attention's values, plus the indexer's scores per head.
+--- For memory planning: the latent attention's values, plus the indexer's keys and, when it
+-- chooses, its queries, its per-head scores (a few queries at a time: at most SCORE_BYTES), the
+-- scores and the mask.
 function SparseAttention:activation_values(L, S)
-   local v = deepseek.MLAttention.activation_values(self, L, S)
-   if S <= self.index_topk or not self.indexer then return v + S * self.index_dim end
-   return v + S * self.index_dim + L * self.indexer.n_head * (self.index_dim + 2 * S)
+   local v = deepseek.MLAttention.activation_values(self, L, S) + S * self.index_dim
+   if S <= self.index_topk or not self.indexer then return v end
+   local H = self.indexer.n_head
+   return v + L * H * self.index_dim + math.min(L * H * S, M.SCORE_BYTES / 4) + 2 * L * S
 end
 
 --- The keys this layer's queries may see among the S of this step, or nil for all (see the
--- file's header): a full layer's indexer chooses (and caches its keys); a shared layer reuses
--- the choice of the full layer before it, for the same block.
-function SparseAttention:key_mask(x, q_latent, cos, sin, cache, pad, S)
+-- file's header): {index, mask} for one query a row, {mask} for more. A full layer's indexer
+-- chooses (and caches its keys); a shared layer reuses the choice of the full layer before it,
+-- for the same block.
+function SparseAttention:key_choice(x, q_latent, cos, sin, cache, pad, S)
    local key = cache and cache:block_key() or "whole"
    local choices = rawget(self, "choices")
    if not self.indexer then
@@ -209,19 +260,23 @@ function SparseAttention:key_mask(x, q_latent, cos, sin, cache, pad, S)
          error(string.format("%s (layer %d): a shared indexer layer ran before any full one in this forward",
             self.__name, self.layer_idx), 3)
       end
-      return made.mask
+      return made.choice
    end
    local keys = self.indexer:keys(x, cos, sin)
    if cache then keys = cached_keys(cache, self.layer_idx, keys) end
-   local mask = nil
-   if S > self.index_topk then
+   local choice, k = nil, self.index_topk
+   if S > k then
       if keys.device ~= x.device then keys = keys:to(x.device) end
       local L = x:size(2)
       local allowed = common.attention_mask(L, S, pad and pad:to(x.device), nil, x.device)
-      mask = choose(self.indexer:scores(x, q_latent, cos, sin, keys), allowed, self.index_topk)
+      if L == 1 then
+         choice = chosen_index(self.indexer:scores(x, q_latent, cos, sin, keys), allowed, k)
+      else
+         choice = { mask = self.indexer:choose_keys(x, q_latent, cos, sin, keys, allowed, k) }
+      end
    end
-   choices[key] = { mask = mask }
-   return mask
+   choices[key] = { choice = choice }
+   return choice
 end
 
 -- --- the families ---------------------------------------------------------------------------
