@@ -285,12 +285,12 @@ end
 function MLAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, r, n, p, vd = self.n_head, self.rank, self.nope, self.rope, self.v_dim
-   local q, q_latent
+   local q, q_bottleneck
    if self.q_proj then
       q = self.q_proj(x)
    else
-      q_latent = self.q_a_layernorm(self.q_a_proj(x))                        -- (B, T, q_lora_rank)
-      q = self.q_b_proj(q_latent)
+      q_bottleneck = self.q_a_layernorm(self.q_a_proj(x))                    -- (B, T, q_lora_rank)
+      q = self.q_b_proj(q_bottleneck)
    end
    q = q:view(B, L, H, n + p):transpose(2, 3)                                 -- (B, H, T, n + p)
    local q_nope, q_rot = q:narrow(4, 1, n), q:narrow(4, n + 1, p)
@@ -310,7 +310,7 @@ function MLAttention:forward(x, cos, sin, cache, pad)
       latent, k_rot = floats(latent, x.dtype), floats(k_rot, x.dtype)
    end
    local S = latent:size(3)
-   local choice = self:key_choice(x, q_latent, cos, sin, cache, pad, S)
+   local choice = self:key_choice(x, q_bottleneck, cos, sin, cache, pad, S)
    local mask = choice and choice.mask
    if choice and choice.index then         -- attend over the chosen keys alone
       local index = choice.index

@@ -66,7 +66,7 @@ local function glm_indexer_types(cfg, WHO)
       end
    end
    if types[1] ~= "full" then
-      config.fail(cfg, WHO, 'indexer_types[1] is "shared", but a shared layer reuses the keys an earlier full layer chose')
+      config.fail(cfg, WHO, 'indexer_types[1] is "shared": a shared layer reuses the keys an earlier full layer chose')
    end
    return types
 end
@@ -148,12 +148,12 @@ function Indexer:keys(x, cos, sin)
    return self:rotate(self.k_norm(self.wk(x)):unsqueeze(2), cos, sin)
 end
 
---- The index scores of L queries over S keys: x (B, L, hidden), q_latent (B, L, q_lora_rank),
+--- The index scores of L queries over S keys: x (B, L, hidden), q_bottleneck (B, L, q_lora_rank),
 -- keys (B, 1, S, dim) -> (B, L, S) float32.
-function Indexer:scores(x, q_latent, cos, sin, keys)
+function Indexer:scores(x, q_bottleneck, cos, sin, keys)
    local B, L, H, D = x:size(1), x:size(2), self.n_head, self.dim
    local S = keys:size(3)
-   local q = self:rotate(self.wq_b(q_latent):view(B, L, H, D):transpose(2, 3), cos, sin)   -- (B, H, L, D)
+   local q = self:rotate(self.wq_b(q_bottleneck):view(B, L, H, D):transpose(2, 3), cos, sin)   -- (B, H, L, D)
    q = q:transpose(2, 3):float():contiguous():view(B, 1, L * H, D)
    -- one GEMM of the keys against every query head (the keys read in their layout: 4x faster
    -- than a product per head of q and the keys transposed)
@@ -190,28 +190,27 @@ local function chosen_index(scores, allowed, k)
 end
 
 -- The mask of the keys kept for L queries over keys (B, 1, S, dim), scored a few queries at a time.
-function Indexer:choose_keys(x, q_latent, cos, sin, keys, allowed, k)
+function Indexer:choose_keys(x, q_bottleneck, cos, sin, keys, allowed, k)
    local B, L, S = x:size(1), x:size(2), keys:size(3)
    local step = math.max(1, math.floor(M.SCORE_BYTES / (4 * B * self.n_head * S)))
-   if step >= L then return chosen_mask(self:scores(x, q_latent, cos, sin, keys), allowed, k) end
+   if step >= L then return chosen_mask(self:scores(x, q_bottleneck, cos, sin, keys), allowed, k) end
    local parts = {}
    for first = 1, L, step do
       local n = math.min(step, L - first + 1)
-      local function rows(t) return t and t:dim() >= 2 and t:narrow(t:dim() - 1, first, n) or t end
-      local c, s = cos, sin
-      if c:dim() == 2 then c, s = c:narrow(1, first, n), s:narrow(1, first, n) else c, s = rows(c), rows(s) end
-      local a = allowed and rows(allowed)
-      parts[#parts + 1] = chosen_mask(self:scores(x:narrow(2, first, n), q_latent:narrow(2, first, n), c, s, keys), a, k)
+      -- this chunk's queries: the next-to-last dim of cos, sin ((L, D) or (B, 1, L, D)) and allowed
+      local function rows(t) return t and t:narrow(t:dim() - 1, first, n) end
+      local scores = self:scores(x:narrow(2, first, n), q_bottleneck:narrow(2, first, n), rows(cos), rows(sin), keys)
+      parts[#parts + 1] = chosen_mask(scores, rows(allowed), k)
    end
    return T.cat(parts, 3)
 end
 
 -- The indexer's keys of all S tokens: this step's k (B, 1, L, dim) appended to the cache's. They
--- are cached as a layer of their own ("indexer:<layer>"), k's two halves as its keys and values,
--- joined into one buffer, so that cropping, reordering, int8 storage and kv_cache_device apply
--- to them as to every layer.
+-- are cached as a companion of the layer (KVCache:companion), k's two halves as its keys and
+-- values, joined into one buffer, so that cropping, reordering, int8 storage and kv_cache_device
+-- apply to them as to every layer.
 local function cached_keys(cache, layer_idx, k)
-   local slot, half = "indexer:" .. layer_idx, k:size(4) / 2
+   local slot, half = cache:companion(layer_idx, "indexer"), k:size(4) / 2
    cache:join(slot)
    local a, b, joint = cache:update(slot, k:narrow(4, 1, half):contiguous(), k:narrow(4, half + 1, half):contiguous())
    if joint then return joint end
@@ -251,7 +250,7 @@ end
 -- file's header): {index, mask} for one query a row, {mask} for more. A full layer's indexer
 -- chooses (and caches its keys); a shared layer reuses the choice of the full layer before it,
 -- for the same block.
-function SparseAttention:key_choice(x, q_latent, cos, sin, cache, pad, S)
+function SparseAttention:key_choice(x, q_bottleneck, cos, sin, cache, pad, S)
    local key = cache and cache:block_key() or "whole"
    local choices = rawget(self, "choices")
    if not self.indexer then
@@ -270,9 +269,9 @@ function SparseAttention:key_choice(x, q_latent, cos, sin, cache, pad, S)
       local L = x:size(2)
       local allowed = common.attention_mask(L, S, pad and pad:to(x.device), nil, x.device)
       if L == 1 then
-         choice = chosen_index(self.indexer:scores(x, q_latent, cos, sin, keys), allowed, k)
+         choice = chosen_index(self.indexer:scores(x, q_bottleneck, cos, sin, keys), allowed, k)
       else
-         choice = { mask = self.indexer:choose_keys(x, q_latent, cos, sin, keys, allowed, k) }
+         choice = { mask = self.indexer:choose_keys(x, q_bottleneck, cos, sin, keys, allowed, k) }
       end
    end
    choices[key] = { choice = choice }

@@ -39,7 +39,8 @@ function Cache.new(n_layers, capacity, device, dtype)
    end
    -- start[i]: the position of the key in slot 1 of layer i's buffers; ks, vs: int8 scales
    return setmetatable({ n_layers = n_layers, length = 0, capacity = capacity or 0, device = device, dtype = dtype,
-      k = {}, v = {}, ks = {}, vs = {}, start = {}, window = {}, states = {}, joint = {}, kv = {} }, Cache)
+      k = {}, v = {}, ks = {}, vs = {}, start = {}, window = {}, states = {}, joint = {}, kv = {}, companions = {} },
+      Cache)
 end
 
 --- The values per scale of an int8 cache for head dim D: the largest width up to 32 dividing D.
@@ -234,8 +235,22 @@ function Cache:block_key()
    return "whole"
 end
 
---- Frees layer i's buffers (a forward's own cache, once the layer is done).
+--- companion(i, name) -> the key under which layer i keeps a second set of keys and values in
+-- this cache (DeepSeek Sparse Attention's indexer keys: update, join, crop, reorder apply to it
+-- as to a layer); drop_layer(i) drops it with the layer.
+function Cache:companion(i, name)
+   local key = name .. ":" .. i
+   self.companions[i] = self.companions[i] or {}
+   self.companions[i][key] = true
+   return key
+end
+
+function Block:companion(i, name) return self.cache:companion(i, name) end
+
+--- Frees layer i's buffers and its companions' (a forward's own cache, once the layer is done).
 function Cache:drop_layer(i)
+   for key in pairs(self.companions[i] or {}) do self:drop_layer(key) end
+   self.companions[i] = nil
    self.k[i], self.v[i], self.ks[i], self.vs[i], self.start[i], self.window[i] = nil, nil, nil, nil, nil, nil
    self.states[i], self.kv[i] = nil, nil
 end
