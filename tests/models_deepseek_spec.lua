@@ -361,12 +361,15 @@ describe("examples/deepseek.lua", function()
    end)
 end)
 
-describe("hub configs (DeepSeek-V3's, V2-Lite's and GLM-4.5-Air's config.json, built empty)", function()
+describe("hub configs (DeepSeek-V3's, V3.2's, V2-Lite's, GLM-4.5-Air's, GLM-4.7-Flash's and GLM-5's config.json, built empty)", function()
    local fix = H.read_json(H.FIX .. "/deepseek_hub_configs.json")
+   local sparse = require("moonload.models.deepseek_sparse")
    local CLASSES = { deepseek_v3 = deepseek.DeepseekV3ForCausalLM, deepseek_v2 = deepseek.DeepseekV2ForCausalLM,
-                     glm4_moe = require("moonload.models.glm4_moe").Glm4MoeForCausalLM }
+                     glm4_moe = require("moonload.models.glm4_moe").Glm4MoeForCausalLM,
+                     glm4_moe_lite = deepseek.Glm4MoeLiteForCausalLM, deepseek_v32 = sparse.DeepseekV32ForCausalLM,
+                     glm_moe_dsa = sparse.GlmMoeDsaForCausalLM }
 
-   for _, name in ipairs({ "deepseek_v3", "deepseek_v2_lite", "glm4_5_air" }) do
+   for _, name in ipairs({ "deepseek_v3", "deepseek_v2_lite", "glm4_5_air", "deepseek_v32", "glm_5", "glm_4_7_flash" }) do
       it(name .. ": transformers' parameter count, names and shapes, softmax and rotary scales", function()
          local c = fix[name].config
          local m = ml.init_empty_weights(function() return CLASSES[c.model_type](c) end)
