@@ -141,6 +141,15 @@ describe("models.deepseek_v32 sparse attention", function()
       assert.are.equal(3, scoring(function() model({ 1, 7, 9, 33, 51 }) end))   -- one per layer from the 5th
    end)
 
+   it("decodes a row with fewer real tokens than index_topk beside a longer one: padding never chosen", function()
+      -- the first row's 5 padding positions make its steps gather index_topk = 4 of 7+ keys when
+      -- only 2+ are real: the mask must hide the rest
+      local batch = model:generate({ { 0, 0, 0, 0, 0, 1, 7 }, { 1, 60, 61, 62, 63, 64, 65 } },
+         { attention_mask = { { 0, 0, 0, 0, 0, 1, 1 }, { 1, 1, 1, 1, 1, 1, 1 } }, max_new_tokens = 4, eos_token_id = false })
+      local alone = model:generate({ 1, 7 }, { max_new_tokens = 4, eos_token_id = false })
+      assert.are.same(alone, { unpack(batch[1], 6) })
+   end)
+
    it("decodes over the index_topk chosen latents alone, however long the context", function()
       local common = require("moonload.models.common")
       local saved, seen = common.attention, {}
@@ -199,6 +208,13 @@ describe("models.glm_moe_dsa shared indexer layers", function()
       assert.is_nil(model.model.layers[2].self_attn.indexer)
       assert.is_not_nil(model.model.layers[3].self_attn.indexer)
       assert.are.equal(2, scoring(function() model({ 1, 7, 9, 33, 51, 2 }) end))
+   end)
+
+   it("passes each block of a block schedule its own choice, with or without a cache", function()
+      local exp = H.expected("glm_moe_dsa_tiny")
+      local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+      assert.is_true(H.max_abs_diff(model(ids, { micro_batch_size = 1 }), exp.logits) < TOL)
+      assert.is_true(H.max_abs_diff(model(ids, { micro_batch_size = 1, prefill_chunk_size = 3 }), exp.logits) < TOL)
    end)
 
    it("derives indexer_types as transformers does: a pattern, or a frequency and an offset", function()
