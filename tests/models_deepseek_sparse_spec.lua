@@ -1,8 +1,10 @@
 -- ml.models DeepSeek-V3.2 and GLM-5 (DeepSeek Sparse Attention: a lightning indexer chooses the
 -- keys each query sees) and GLM-4.7-Flash (V3's latent attention with GLM's defaults) against
--- transformers (tests/fixtures/gen_models.py deepseek_v32 glm_moe_dsa glm4_moe_lite: indexers
--- keeping 4 keys, so the fixtures' prompts and generations attend sparsely): names, logits,
--- greedy ids, the indexer's cache, shared layers, and bad configs.
+-- transformers (tests/fixtures/gen_models.py deepseek_v32 glm_moe_dsa glm4_moe_lite
+-- deepseek_v32_fp8: indexers keeping 4 keys, so the fixtures' prompts and generations attend
+-- sparsely): padded batches, how the choice is made and reaches the attention,
+-- the indexer's cache, shared layers, FP8 files and bad configs. Names, logits, greedy ids, both ways
+-- of attending and block schedules: tests/models_deepseek_spec.lua.
 local ml = require("moonload")
 local models = require("moonload.models")
 local deepseek = require("moonload.models.deepseek")
@@ -10,27 +12,6 @@ local sparse = require("moonload.models.deepseek_sparse")
 local H = require("models_helpers")
 
 local TOL = 1e-4
-
--- Forces every latent attention to attend one way (true: absorbed, false: expanded) while fn runs.
-local function attending(way, fn)
-   local saved = deepseek.MLAttention.absorbs
-   deepseek.MLAttention.absorbs = function(self, L, S)
-      return way and saved(self, 0, math.huge) or false
-   end
-   local ok, err = pcall(fn)
-   deepseek.MLAttention.absorbs = saved
-   if not ok then error(err, 0) end
-end
-
--- The logits of ids given n_first at once, then one at a time through a cache.
-local function decoded_logits(model, ids, n_first, cache)
-   cache = cache or model:new_cache()
-   local prefix = {}
-   for i = 1, n_first do prefix[i] = ids[i] end
-   local out = { model(prefix, { cache = cache }) }
-   for i = n_first + 1, #ids do out[#out + 1] = model({ ids[i] }, { cache = cache }) end
-   return ml.cat(out, 2)
-end
 
 -- Counts calls of the indexers' scores while fn runs.
 local function scoring(fn)
@@ -53,55 +34,20 @@ local function tiny_v32(over)
 end
 
 for _, case in ipairs({
-   { "deepseek_v32_tiny", "DeepseekV32ForCausalLM", "every layer indexed, rotary halves" },
-   { "glm_moe_dsa_tiny", "GlmMoeDsaForCausalLM", "a shared layer, interleaved rotary pairs" },
-   { "glm4_moe_lite_tiny", "Glm4MoeLiteForCausalLM", "latent attention, mlp_layer_types" },
+   { "deepseek_v32_tiny", "every layer indexed, rotary halves" },
+   { "glm_moe_dsa_tiny", "a shared layer, interleaved rotary pairs" },
+   { "glm4_moe_lite_tiny", "latent attention, mlp_layer_types" },
 }) do
-   local name, class, what = case[1], case[2], case[3]
+   local name, what = case[1], case[2]
    describe("models." .. name .. " (" .. what .. ")", function()
-      local exp = H.expected(name)
-      local model = models.from_pretrained(H.FIX .. "/" .. name)
-
-      it("builds " .. class .. " with every tensor of the checkpoint, under its names", function()
-         assert.are.equal(class, model.__name)
-         local want = H.sorted_keys(ml.safetensors.load_file(H.FIX .. "/" .. name .. "/model.safetensors"))
-         assert.are.same(want, H.sorted_keys(model:state_dict()))
-      end)
-
-      it("gives transformers' logits and greedy ids", function()
-         assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
-            eos_token_id = false }))
-      end)
-
-      it("attends absorbed and expanded alike, in a prefill and decoding from the cache", function()
-         for _, way in ipairs({ true, false }) do
-            attending(way, function()
-               assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-               assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 2), { exp.logits[2] }) < TOL)
-            end)
-         end
-      end)
-
-      H.it_matches_padded(model, name, "positions and the chosen keys")
-
-      it("decodes the same under a block schedule and with prompt-lookup drafts (blocks and crops of the cache)", function()
-         local want = model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false })
-         assert.are.same(want, model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false,
-            micro_batch_size = 1, prefill_chunk_size = 3 }))
-         assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens,
-            eos_token_id = false, prompt_lookup_num_tokens = 3 }))
-      end)
+      H.it_matches_padded(models.from_pretrained(H.FIX .. "/" .. name), name, "positions and the chosen keys")
    end)
 end
 
 describe("models.deepseek_v32 from DeepSeek's FP8 files (tests/fixtures/models/deepseek_v32_fp8_tiny)", function()
-   local exp = H.expected("deepseek_v32_fp8_tiny")
    local model = models.from_pretrained(H.FIX .. "/deepseek_v32_fp8_tiny")
 
    it("keeps the float8 tiles of the projections and the indexer's wq_b and wk, its weights_proj not", function()
-      assert.are.same(H.sorted_keys(ml.safetensors.load_file(H.FIX .. "/deepseek_v32_fp8_tiny/model.safetensors")),
-         H.sorted_keys(model:state_dict()))
       local attn = model.model.layers[2].self_attn
       for _, m in ipairs({ attn.q_b_proj, attn.kv_b_proj, attn.indexer.wq_b, attn.indexer.wk }) do
          assert.are.equal("float8_e4m3fn", m.weight.dtype)
@@ -109,11 +55,6 @@ describe("models.deepseek_v32 from DeepSeek's FP8 files (tests/fixtures/models/d
       assert.are.equal("float32", attn.indexer.weights_proj.weight.dtype)
    end)
 
-   it("gives the logits and greedy ids of the weights the tiles stand for", function()
-      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
-         eos_token_id = false }))
-   end)
 end)
 
 describe("models.deepseek_v32 sparse attention", function()
@@ -154,7 +95,7 @@ describe("models.deepseek_v32 sparse attention", function()
       local common = require("moonload.models.common")
       local saved, seen = common.attention, {}
       common.attention = function(q, k, ...) seen[#seen + 1] = k:size(3); return saved(q, k, ...) end
-      local ok, logits = pcall(decoded_logits, model, exp.input_ids[2], 6)
+      local ok, logits = pcall(H.decoded_logits, model, exp.input_ids[2], 6)
       common.attention = saved
       assert.is_true(ok, logits)
       assert.is_true(H.max_abs_diff(logits, { exp.logits[2] }) < TOL)
@@ -184,7 +125,7 @@ describe("models.deepseek_v32 sparse attention", function()
    end)
 
    it("keeps the indexer's keys in an int8 cache and beam search's reordered rows", function()
-      local got = decoded_logits(model, exp.input_ids[2], 5, model:new_cache(16, nil, "int8"))
+      local got = H.decoded_logits(model, exp.input_ids[2], 5, model:new_cache(16, nil, "int8"))
       local r = ((got - ml.tensor({ exp.logits[2] })):abs():max() / got:abs():max()):item()
       assert.is_true(r < 0.1, tostring(r))
       local beams = model:generate(exp.input_ids[1], { max_new_tokens = 6, num_beams = 3, eos_token_id = false })

@@ -1,6 +1,7 @@
 -- ml.models DeepSeek-V2 and V3 (multi-head latent attention, grouped expert routing, shared
--- experts) against transformers (tests/fixtures/gen_models.py deepseek_v3 deepseek_v2
--- deepseek_v2_lite): names, logits, greedy ids, the latent cache and its two ways of attending,
+-- experts) and the families sharing their layout against transformers
+-- (tests/fixtures/gen_models.py deepseek_v3 deepseek_v2 deepseek_v2_lite, and glm4_moe_lite
+-- deepseek_v32 glm_moe_dsa deepseek_v32_fp8): names, logits, greedy ids, the latent cache and its two ways of attending,
 -- routing, the multi-token-prediction layers real checkpoints carry, and bad configs.
 local ml = require("moonload")
 local models = require("moonload.models")
@@ -18,31 +19,15 @@ local function tiny_v3(over)
    return c
 end
 
--- Forces every latent attention of model to attend one way (true: absorbed, false: expanded)
--- while fn runs.
-local function attending(way, fn)
-   local saved = deepseek.MLAttention.absorbs
-   deepseek.MLAttention.absorbs = function(self, L, S)
-      return way and saved(self, 0, math.huge) or false      -- (the weight checks still apply)
-   end
-   local ok, err = pcall(fn)
-   deepseek.MLAttention.absorbs = saved
-   if not ok then error(err, 0) end
-end
-
-local function decoded_logits(model, ids, n_first)
-   local cache = model:new_cache()
-   local prefix = {}
-   for i = 1, n_first do prefix[i] = ids[i] end
-   local out = { model(prefix, { cache = cache }) }
-   for i = n_first + 1, #ids do out[#out + 1] = model({ ids[i] }, { cache = cache }) end
-   return ml.cat(out, 2)
-end
-
 for _, case in ipairs({
    { "deepseek_v3_tiny", "DeepseekV3ForCausalLM", "sigmoid scores, bias, groups, q bottleneck, YaRN" },
    { "deepseek_v2_tiny", "DeepseekV2ForCausalLM", "softmax within groups, YaRN mscale ratio" },
    { "deepseek_v2_lite_tiny", "DeepseekV2ForCausalLM", "greedy softmax, q_proj, plain rotary" },
+   -- (their own specs: tests/models_deepseek_sparse_spec.lua)
+   { "glm4_moe_lite_tiny", "Glm4MoeLiteForCausalLM", "GLM-4.7-Flash: V3's layout, mlp_layer_types" },
+   { "deepseek_v32_tiny", "DeepseekV32ForCausalLM", "sparse attention, every layer indexed, rotary halves" },
+   { "glm_moe_dsa_tiny", "GlmMoeDsaForCausalLM", "sparse attention, a shared layer, interleaved rotary pairs" },
+   { "deepseek_v32_fp8_tiny", "DeepseekV32ForCausalLM", "sparse attention, DeepSeek's FP8 files" },
 }) do
    local name, class, what = case[1], case[2], case[3]
    describe("models." .. name .. " (" .. what .. ")", function()
@@ -69,11 +54,19 @@ for _, case in ipairs({
       it("attends absorbed and expanded alike, in a prefill and decoding from the latent cache", function()
          local ids = exp.input_ids[2]
          for _, way in ipairs({ true, false }) do
-            attending(way, function()
+            H.attending(way, function()
                assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-               assert.is_true(H.max_abs_diff(decoded_logits(model, ids, 5), { exp.logits[2] }) < TOL)
+               assert.is_true(H.max_abs_diff(H.decoded_logits(model, ids, 5), { exp.logits[2] }) < TOL)
             end)
          end
+      end)
+
+      it("decodes the same under a block schedule and with prompt-lookup drafts (blocks and crops of the cache)", function()
+         local want = model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false })
+         assert.are.same(want, model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false,
+            micro_batch_size = 1, prefill_chunk_size = 3 }))
+         assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens,
+            eos_token_id = false, prompt_lookup_num_tokens = 3 }))
       end)
    end)
 end
@@ -101,7 +94,7 @@ describe("models.deepseek_v3 latent attention", function()
       local absorbed = 0
       local dense = proj.dense_weight
       proj.dense_weight = function(self, dtype) absorbed = absorbed + 1; return dense(self, dtype) end
-      assert.is_true(H.max_abs_diff(decoded_logits(offloaded, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
+      assert.is_true(H.max_abs_diff(H.decoded_logits(offloaded, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
       assert.are.equal(3, absorbed)                    -- the 3 decoding steps
       assert.is_true(proj.weight:is_meta())            -- and put back
    end)
@@ -114,14 +107,6 @@ describe("models.deepseek_v3 latent attention", function()
    end)
 
    H.it_matches_padded(model, "deepseek_v3_tiny", "positions")
-
-   it("decodes the same under a block schedule and with prompt-lookup drafts (blocks and crops of the latent cache)", function()
-      local want = model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false })
-      assert.are.same(want, model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false,
-         micro_batch_size = 1, prefill_chunk_size = 3 }))
-      assert.are.same(exp.greedy_ids[1], model:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens,
-         eos_token_id = false, prompt_lookup_num_tokens = 3 }))
-   end)
 
    it("loads bfloat16 with the router's weight and correction bias kept float32", function()
       local bf = models.from_pretrained(H.FIX .. "/deepseek_v3_tiny", { dtype = "bfloat16" })
@@ -262,8 +247,8 @@ describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_f
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
       -- decoding absorbs the float8 kv_b_proj as it absorbs a float one
-      attending(true, function()
-         assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
+      H.attending(true, function()
+         assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
       end)
    end)
 
@@ -337,25 +322,26 @@ describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_f
 end)
 
 describe("examples/deepseek.lua", function()
-   it("runs the FP8 test folder with its experts on disk and prints the model's greedy tokens", function()
-      local p = assert(io.popen("luajit examples/deepseek.lua 2>/dev/null"))
+   -- the example's output for a folder (nil: its default) and the greedy tokens it should print
+   local function run(dir)
+      local p = assert(io.popen("luajit examples/deepseek.lua " .. (dir and H.FIX .. "/" .. dir or "") .. " 2>/dev/null"))
       local text = p:read("*a")
       p:close()
-      assert.truthy(text:find("DeepseekV3ForCausalLM, [%d.]+ MB of weights in RAM, [%d.]+ MB on disk %(the routed experts%); projections float8_e4m3fn"), text)
-      local want = models.from_pretrained(H.FIX .. "/deepseek_v3_fp8_tiny"):generate({ 0, 5, 17, 42, 3 },
+      local want = models.from_pretrained(H.FIX .. "/" .. (dir or "deepseek_v3_fp8_tiny")):generate({ 0, 5, 17, 42, 3 },
          { max_new_tokens = 16, eos_token_id = false })
       assert.are.same({ unpack(want, 6) }, H.printed_ids(text))
+      return text
+   end
+
+   it("runs the FP8 test folder with its experts on disk and prints the model's greedy tokens", function()
+      local text = run()
+      assert.truthy(text:find("DeepseekV3ForCausalLM, [%d.]+ MB of weights in RAM, [%d.]+ MB on disk %(the routed experts%); projections float8_e4m3fn"), text)
       assert.truthy(text:find("the latent cache holds 72 values a token (24 per layer), where per-head keys and values would be 432", 1, true))
    end)
 
    it("runs a GLM-5 folder (sparse attention, a shared indexer layer) and counts the indexers' keys", function()
-      local p = assert(io.popen("luajit examples/deepseek.lua tests/fixtures/models/glm_moe_dsa_tiny 2>/dev/null"))
-      local text = p:read("*a")
-      p:close()
+      local text = run("glm_moe_dsa_tiny")
       assert.truthy(text:find("GlmMoeDsaForCausalLM, [%d.]+ MB of weights in RAM, [%d.]+ MB on disk %(the routed experts%); projections float32"), text)
-      local want = models.from_pretrained(H.FIX .. "/glm_moe_dsa_tiny"):generate({ 0, 5, 17, 42, 3 },
-         { max_new_tokens = 16, eos_token_id = false })
-      assert.are.same({ unpack(want, 6) }, H.printed_ids(text))
       assert.truthy(text:find("the latent cache holds 104 values a token (24 per layer, 16 per indexer), where per-head keys and values would be 432", 1, true), text)
       assert.truthy(text:find("sparse attention: 2 of 3 layers run an indexer; each query attends to its best 4 keys", 1, true), text)
    end)
@@ -433,7 +419,7 @@ describe("models.glm4_moe (tests/fixtures/models/glm4_moe_tiny: GQA with biases 
    it("gives transformers' logits and greedy ids, and decodes with the cache as a full forward", function()
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
+      assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
    end)
 
    H.it_matches_padded(model, "glm4_moe_tiny", "positions")

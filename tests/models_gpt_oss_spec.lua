@@ -23,15 +23,6 @@ local function model_names(model)
    return have
 end
 
-local function decoded_logits(model, ids, n_first)
-   local cache = model:new_cache()
-   local prefix = {}
-   for i = 1, n_first do prefix[i] = ids[i] end
-   local out = { model(prefix, { cache = cache }) }
-   for i = n_first + 1, #ids do out[#out + 1] = model({ ids[i] }, { cache = cache }) end
-   return ml.cat(out, 2)
-end
-
 describe("models.gpt_oss (tests/fixtures/models/gpt_oss_tiny: sinks, a 4-token window on layers 1 and 3, float experts)", function()
    local exp = H.expected("gpt_oss_tiny")
    local model = models.from_pretrained(H.FIX .. "/gpt_oss_tiny")
@@ -49,7 +40,7 @@ describe("models.gpt_oss (tests/fixtures/models/gpt_oss_tiny: sinks, a 4-token w
    it("gives transformers' logits and greedy ids (12 tokens past the window), and decodes with the cache as a full forward", function()
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 3), { exp.logits[2] }) < TOL)
+      assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 3), { exp.logits[2] }) < TOL)
    end)
 
    H.it_matches_padded(model, "gpt_oss_tiny", "positions")
@@ -89,7 +80,7 @@ describe("models.gpt_oss MXFP4 checkpoint (tests/fixtures/models/gpt_oss_mxfp4_t
       assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
       -- decoding steps multiply straight from the blocks; the prompt expanded them
-      assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 3), { exp.logits[2] }) < TOL)
+      assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 3), { exp.logits[2] }) < TOL)
    end)
 
    H.it_matches_padded(model, "gpt_oss_mxfp4_tiny", "positions")

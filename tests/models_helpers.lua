@@ -8,6 +8,30 @@ H.FIX = "tests/fixtures/models"
 H.read_json = N.read_json
 H.max_abs_diff = N.max_abs_diff
 
+--- The logits of ids (a flat list) given n_first at once, then one at a time through a cache
+-- (cache: the model's new one by default), concatenated: (1, #ids, vocab).
+function H.decoded_logits(model, ids, n_first, cache)
+   cache = cache or model:new_cache()
+   local prefix = {}
+   for i = 1, n_first do prefix[i] = ids[i] end
+   local out = { model({ prefix }, { cache = cache }) }
+   for i = n_first + 1, #ids do out[#out + 1] = model({ { ids[i] } }, { cache = cache }) end
+   return require("moonload").cat(out, 2)
+end
+
+--- Forces every latent attention (models/deepseek.lua) to attend one way while fn runs: true
+-- absorbed (where kv_b_proj's weight can be read), false expanded.
+function H.attending(way, fn)
+   local MLA = require("moonload.models.deepseek").MLAttention
+   local saved = MLA.absorbs
+   MLA.absorbs = function(self, L, S)
+      return way and saved(self, 0, math.huge) or false
+   end
+   local ok, err = pcall(fn)
+   MLA.absorbs = saved
+   if not ok then error(err, 0) end
+end
+
 function H.expected(name)
    return H.read_json(H.FIX .. "/" .. name .. "/expected.json")
 end

@@ -17,15 +17,6 @@ local sorted_keys = H.sorted_keys
 
 local function ids_tensor(ids) return ml.tensor(ids, { dtype = "int64" }) end
 
-local function decoded_logits(model, ids, n_first)
-   local cache = model:new_cache()
-   local prefix = {}
-   for i = 1, n_first do prefix[i] = ids[i] end
-   local out = { model({ prefix }, { cache = cache }) }
-   for i = n_first + 1, #ids do out[#out + 1] = model({ { ids[i] } }, { cache = cache }) end
-   return ml.cat(out, 2)
-end
-
 local function matches_padded(model, name)
    local pad = H.read_json(H.FIX .. "/" .. name .. "/padded.json")
    local logits = model(pad.input_ids, { attention_mask = pad.attention_mask })
@@ -56,7 +47,7 @@ describe("models.qwen3_5 dense (tests/fixtures/models/qwen3_5_tiny: Qwen3_5ForCa
    it("gives transformers' logits and greedy ids, and decodes through the cache as one forward", function()
       assert.is_true(H.max_abs_diff(model(ids_tensor(exp.input_ids)), exp.logits) < TOL)
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[1], 4), { exp.logits[1] }) < TOL)
+      assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[1], 4), { exp.logits[1] }) < TOL)
    end)
 
    it("counts positions from a left-padded batch's mask and zeroes padding before the linear layers", function()
@@ -87,7 +78,7 @@ describe("models.qwen3_5 MoE (tests/fixtures/models/qwen3_5_moe_multimodal_tiny:
    it("gives transformers' logits and greedy ids, and decodes through the cache as one forward", function()
       assert.is_true(H.max_abs_diff(model(ids_tensor(exp.input_ids)), exp.logits) < TOL)
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      assert.is_true(H.max_abs_diff(decoded_logits(model, exp.input_ids[2], 3), { exp.logits[2] }) < TOL)
+      assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 3), { exp.logits[2] }) < TOL)
    end)
 
    it("counts positions from a left-padded batch's mask and zeroes padding before the linear layers", function()
