@@ -411,6 +411,7 @@ end)
 -- Mistral 3 (llava's names: language_model.model.*, language_model.lm_head) and Qwen3-VL (the
 -- newer model.language_model.*, model.visual.*): the language model of each, on text
 for _, case in ipairs({ { "mistral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
+                        { "ministral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
                         { "qwen3_vl_multimodal_tiny", "Qwen3ForCausalLM", "^model%.language_model%.", "^lm_head%." },
                         { "qwen3_vl_moe_multimodal_tiny", "Qwen3MoeForCausalLM", "^model%.language_model%.", "^lm_head%." } }) do
    local name, class, prefix, head = case[1], case[2], case[3], case[4]
@@ -478,6 +479,44 @@ describe("models.qwen3_moe with stacked experts (Qwen3-VL-MoE: the hub's transpo
       shapes["a.mlp.experts.down_proj"] = { 4, 16, 32 }
       assert.are.equal("in_out", moe.stacked_layout({ "a.mlp.experts.gate_up_proj" }, shape_of))
       assert.is_nil(moe.stacked_layout({ "a.mlp.experts.0.gate_proj.weight" }, shape_of))
+   end)
+end)
+
+describe("models.ministral3 (tests/fixtures/models/ministral3_tiny: queries scaled by position, Llama 4's way)", function()
+   local exp = H.expected("ministral3_tiny")
+   local model = models.from_pretrained(H.FIX .. "/ministral3_tiny")
+
+   it("builds Ministral3ForCausalLM, its rotary tables carrying each position's query scale", function()
+      assert.are.equal("Ministral3ForCausalLM", model.__name)
+      assert.are.same({ beta = 0.5, original = 4 }, model.config.query_scaling)
+      local cos, sin = model.model.rotary_emb(ml.tensor({ 0, 3, 4, 7, 8, 17 }, { dtype = "int64" }))
+      local _, _, scale = llama.split_query_scale(cos, sin)
+      local want = { 1, 1, 1 + 0.5 * math.log(2), 1 + 0.5 * math.log(2), 1 + 0.5 * math.log(3), 1 + 0.5 * math.log(5) }
+      assert.is_true(H.max_abs_diff(scale:view(6), want) < 1e-6)
+      assert.are.equal(9, sin:size(2))                           -- (head_dim 8: the rotary table, one column more)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2, past the original length")
+   it_matches_padded(model, "ministral3_tiny", "positions and query scales")
+
+   it("needs the scaling: without it, other logits", function()
+      local saved = rawget(model.model.rotary_emb, "query_scaling")
+      rawset(model.model.rotary_emb, "query_scaling", { beta = 0, original = 4 })
+      local ok, logits = pcall(model, ml.tensor(exp.input_ids, { dtype = "int64" }))
+      rawset(model.model.rotary_emb, "query_scaling", saved)
+      assert.is_true(ok, logits)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) > 0.05)
+   end)
+
+   it("names a bad beta or a missing original length", function()
+      local rope = { rope_type = "default", rope_theta = 10000, llama_4_scaling_beta = -1, original_max_position_embeddings = 4 }
+      local ok, err = pcall(llama.config, tiny({ model_type = "ministral3", rope_parameters = rope }), "ministral3")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('"rope_parameters.llama_4_scaling_beta" must be a number >= 0, got -1', 1, true), err)
+      rope.llama_4_scaling_beta, rope.original_max_position_embeddings = 0.1, nil
+      ok, err = pcall(llama.config, tiny({ model_type = "ministral3", rope_parameters = rope }), "ministral3")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("original_max_position_embeddings\" must be a number >= 1 with llama_4_scaling_beta, got nil", 1, true), err)
    end)
 end)
 

@@ -200,6 +200,7 @@ function MLAttention:__init(cfg, layer_idx)
    rawset(self, "scale", cfg.softmax_scale)
    rawset(self, "interleaved", cfg.rope_interleave)
    rawset(self, "layer_idx", layer_idx)
+   rawset(self, "query_scaled", cfg.query_scaling ~= nil)   -- Mistral Small 4 (models/llama.lua)
 end
 
 --- For memory planning (utils/runtime_memory.lua), which counts 2 x heads x head_dim values a
@@ -293,6 +294,11 @@ function MLAttention:forward(x, cos, sin, cache, pad)
       q = self.q_b_proj(q_bottleneck)
    end
    q = q:view(B, L, H, n + p):transpose(2, 3)                                 -- (B, H, T, n + p)
+   if self.query_scaled then
+      local query_scale
+      cos, sin, query_scale = llama.split_query_scale(cos, sin)
+      q = q * query_scale
+   end
    local q_nope, q_rot = q:narrow(4, 1, n), q:narrow(4, n + 1, p)
    local ckv = self.kv_a_proj_with_mqa(x)                                     -- (B, T, r + p)
    local latent = self.kv_a_layernorm(ckv:narrow(3, 1, r)):unsqueeze(2)       -- (B, 1, T, r)

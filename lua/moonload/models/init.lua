@@ -20,6 +20,7 @@ local ARCH = {
    llama = { module = "moonload.models.llama", class = "LlamaForCausalLM" },
    mistral = { module = "moonload.models.llama", class = "MistralForCausalLM" },
    mistral3 = { module = "moonload.models.llama", class = "MistralForCausalLM" },   -- its language model
+   ministral3 = { module = "moonload.models.llama", class = "Ministral3ForCausalLM" },
    qwen2 = { module = "moonload.models.llama", class = "Qwen2ForCausalLM" },
    qwen3 = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },
    qwen3_vl = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },       -- its language model

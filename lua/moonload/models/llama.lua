@@ -24,6 +24,8 @@ local WHO = "models.llama"
 local FAMILIES = {
    llama = { who = "models.llama", prefix = "Llama" },
    mistral = { who = "models.mistral", prefix = "Mistral" },
+   ministral3 = { who = "models.ministral3", prefix = "Ministral3",
+                  defaults = { rms_norm_eps = 1e-5, head_dim = 128, rope_theta = 1000000 } },
    qwen2 = { who = "models.qwen2", prefix = "Qwen2" },
    qwen3 = { who = "models.qwen3", prefix = "Qwen3", defaults = { head_dim = 128 } },
    phi3 = { who = "models.phi3", prefix = "Phi3" },
@@ -165,6 +167,24 @@ function M.rope_from(cfg, WHO, sources, default_theta)
    return rope
 end
 
+--- Llama 4's query scaling by position (rope_parameters.llama_4_scaling_beta: Ministral 3,
+-- Mistral Small 4): queries at position p are multiplied by 1 + beta * ln(1 + floor(p / n)), n the
+-- rope's original_max_position_embeddings, so attention sharpens past the pretraining length
+-- (1 before it). Returns {beta, n}, or nil when the config has no beta.
+function M.query_scaling(cfg, WHO, rope)
+   local beta = rope.llama_4_scaling_beta
+   if beta == nil then return nil end
+   local n = rope.original_max_position_embeddings
+   if type(beta) ~= "number" or beta < 0 then
+      config.fail(cfg, WHO, 'config key "rope_parameters.llama_4_scaling_beta" must be a number >= 0, got %s', tostring(beta))
+   end
+   if type(n) ~= "number" or n < 1 then
+      config.fail(cfg, WHO, 'config key "rope_parameters.original_max_position_embeddings" must be a number >= 1 '
+         .. "with llama_4_scaling_beta, got %s", tostring(n))
+   end
+   return { beta = beta, original = n }
+end
+
 --- cfg.rotary_dim from the fraction of each head the rotary embedding turns (the rest passes
 -- through, as in Phi and GPT-NeoX), checked: a number in (0, 1] that leaves an even count.
 function M.set_rotary_dim(cfg, WHO, factor)
@@ -226,6 +246,7 @@ function M.config(source, family)
       config.fail(cfg, WHO, "rope high_freq_factor and low_freq_factor must differ")
    end
    cfg.rope = rope
+   cfg.query_scaling = M.query_scaling(cfg, WHO, rope)
    cfg.rope_theta = rope.rope_theta
    if cfg.num_attention_heads % cfg.num_key_value_heads ~= 0 then
       config.fail(cfg, WHO, "num_attention_heads %d is not a multiple of num_key_value_heads %d",
@@ -289,7 +310,7 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
-   elseif family == "mistral" or family == "phi3" or family == "mixtral" then
+   elseif family == "mistral" or family == "ministral3" or family == "phi3" or family == "mixtral" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
@@ -422,20 +443,51 @@ function LlamaRotaryEmbedding:__init(cfg)
       rawset(self, "attention_scaling", scale)
    end
    self:register_buffer("inv_freq", inv_freq, false)
+   rawset(self, "query_scaling", cfg.query_scaling)
+end
+
+-- Each position's query scale (M.query_scaling) as a column (..., T, 1) float32.
+local function query_scale_column(positions, qs)
+   local function scale(p) return 1 + qs.beta * math.log(1 + math.floor(p / qs.original)) end
+   local list = positions:tolist()
+   for i, row in ipairs(list) do
+      if type(row) == "table" then
+         for j, p in ipairs(row) do row[j] = scale(p) end
+      else
+         list[i] = scale(row)
+      end
+   end
+   return T.tensor(list, { dtype = "float32", device = positions.device }):unsqueeze(-1)
 end
 
 --- cos, sin (float32) for positions: (T) or (B, T) -> (T, D) or (B, T, D); inv_freq and
 -- scaling: other frequencies than the buffer's and their cos/sin scale (the sliding layers' of
--- Gemma 3 and OLMo 3: local_inv_freq, local_scaling).
+-- Gemma 3 and OLMo 3: local_inv_freq, local_scaling). With Llama 4's query scaling, both tables
+-- carry each position's query scale as one more column (D + 1), which the attention takes off
+-- (M.split_query_scale): it then travels wherever the tables go (block schedules, devices).
 function LlamaRotaryEmbedding:forward(positions, inv_freq, scaling)
+   local local_freq = inv_freq ~= nil
    scaling = inv_freq and (scaling or 1) or self.attention_scaling
    inv_freq = inv_freq or self.inv_freq
    if self.original_max and positions:max():item() + 1 > self.original_max then inv_freq = self.long_inv_freq end
    local pos = positions:float():unsqueeze(-1)                             -- (..., T, 1)
    local freqs = pos * inv_freq:float()                                     -- (..., T, D/2)
    local emb = T.cat({ freqs, freqs }, -1)                                  -- (..., T, D)
-   if scaling and scaling ~= 1 then return emb:cos() * scaling, emb:sin() * scaling end
-   return emb:cos(), emb:sin()
+   local cos, sin = emb:cos(), emb:sin()
+   if scaling and scaling ~= 1 then cos, sin = cos * scaling, sin * scaling end
+   local qs = rawget(self, "query_scaling")
+   if qs and not local_freq then
+      local column = query_scale_column(positions, qs)
+      cos, sin = T.cat({ cos, column }, -1), T.cat({ sin, column }, -1)
+   end
+   return cos, sin
+end
+
+--- For an attention whose config has Llama 4's query scaling: cos, sin (..., T, D + 1) -> the
+-- tables (..., T, D) and the queries' scale (..., T, 1) (see LlamaRotaryEmbedding:forward).
+function M.split_query_scale(cos, sin)
+   local D = cos:size(-1) - 1
+   return cos:narrow(-1, 1, D), sin:narrow(-1, 1, D), cos:narrow(-1, D + 1, 1)
 end
 
 --- For a model whose sliding layers rotate otherwise than its full ones (cfg.rope_local: Gemma 3's
@@ -507,6 +559,7 @@ function M.attention_geometry(self, cfg, layer_idx)
    rawset(self, "scale", 1 / math.sqrt(D))
    rawset(self, "layer_idx", layer_idx)
    rawset(self, "window", cfg.layer_windows and cfg.layer_windows[layer_idx] or nil)   -- false: none
+   rawset(self, "query_scaled", cfg.query_scaling ~= nil)
 end
 
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
@@ -525,8 +578,11 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    local q, k, v, gate = self:project(x, B, L)
    if self.q_norm and not self.qk_norm_in_project then q, k = self.q_norm(q), self.k_norm(k) end
    q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
+   local query_scale
+   if self.query_scaled then cos, sin, query_scale = M.split_query_scale(cos, sin) end
    q = apply_rotary(q, cos, sin)
    k = apply_rotary(k, cos, sin)
+   if query_scale then q = q * query_scale end
    local past = 0
    if cache then
       past = cache.length
@@ -735,6 +791,7 @@ local function family_classes(family)
    M[p .. "RotaryEmbedding"], M[p .. "Model"], M[p .. "ForCausalLM"] = Rotary, Model, LM
 end
 family_classes("mistral")
+family_classes("ministral3")     -- Ministral 3: Mistral's layers with Llama 4's query scaling
 family_classes("qwen2")
 family_classes("qwen3")
 family_classes("phi3")
