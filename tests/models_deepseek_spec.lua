@@ -28,6 +28,7 @@ for _, case in ipairs({
    { "deepseek_v32_tiny", "DeepseekV32ForCausalLM", "sparse attention, every layer indexed, rotary halves" },
    { "glm_moe_dsa_tiny", "GlmMoeDsaForCausalLM", "sparse attention, a shared layer, interleaved rotary pairs" },
    { "deepseek_v32_fp8_tiny", "DeepseekV32ForCausalLM", "sparse attention, DeepSeek's FP8 files" },
+   { "mistral4_tiny", "Mistral4ForCausalLM", "Mistral Small 4: softmax routing, query scaling, stacked experts" },
 }) do
    local name, class, what = case[1], case[2], case[3]
    describe("models." .. name .. " (" .. what .. ")", function()
@@ -321,6 +322,58 @@ describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_f
    end)
 end)
 
+describe("models.mistral4 (tests/fixtures/models/mistral4_tiny: Mistral Small 4)", function()
+   local exp = H.expected("mistral4_tiny")
+   local model = models.from_pretrained(H.FIX .. "/mistral4_tiny")
+   local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+
+   H.it_matches_padded(model, "mistral4_tiny", "positions and query scales")
+
+   it("reads the experts stacked as transformers writes them, or one module each, to the same logits", function()
+      assert.are.equal("StackedExperts", model.model.layers[2].mlp.experts.__name)
+      local dir = H.tmpdir()
+      H.copy(H.FIX .. "/mistral4_tiny/config.json", dir .. "/config.json")
+      local tensors = {}
+      for name, t in pairs(ml.safetensors.load_file(H.FIX .. "/mistral4_tiny/model.safetensors")) do
+         local prefix, proj = name:match("^(.*%.mlp%.experts)%.([%w_]+)$")
+         if proj == "gate_up_proj" then
+            for e = 0, t:size(1) - 1 do
+               local w = t:select(1, e + 1)
+               tensors[prefix .. "." .. e .. ".gate_proj.weight"] = w:narrow(1, 1, 16):contiguous()
+               tensors[prefix .. "." .. e .. ".up_proj.weight"] = w:narrow(1, 17, 16):contiguous()
+            end
+         elseif proj == "down_proj" then
+            for e = 0, t:size(1) - 1 do tensors[prefix .. "." .. e .. ".down_proj.weight"] = t:select(1, e + 1):contiguous() end
+         else
+            tensors[name] = t
+         end
+      end
+      ml.safetensors.save_file(tensors, dir .. "/model.safetensors")
+      local apart = models.from_pretrained(dir)
+      assert.are.equal("ModuleList", apart.model.layers[2].mlp.experts.__name)
+      assert.is_true(H.max_abs_diff(apart(ids), exp.logits) < TOL)
+      H.rmdir(dir)
+   end)
+
+   it("routes by softmax scores within the groups whose best two score highest", function()
+      local method = deepseek.METHODS.softmax_best_two
+      deepseek.METHODS.softmax_best_two = { sigmoid = false }           -- a group scored by its best one
+      local ok, logits = pcall(model, ids)
+      deepseek.METHODS.softmax_best_two = method
+      assert.is_true(ok, logits)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) > 1e-3)
+   end)
+
+   it("scales its queries by position: without it, other logits", function()
+      local saved = rawget(model.model.rotary_emb, "query_scaling")
+      rawset(model.model.rotary_emb, "query_scaling", { beta = 0, original = 4 })
+      local ok, logits = pcall(model, ids)
+      rawset(model.model.rotary_emb, "query_scaling", saved)
+      assert.is_true(ok, logits)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) > 0.05)
+   end)
+end)
+
 describe("examples/deepseek.lua", function()
    -- the example's output for a folder (nil: its default) and the greedy tokens it should print
    local function run(dir)
@@ -347,18 +400,21 @@ describe("examples/deepseek.lua", function()
    end)
 end)
 
-describe("hub configs (DeepSeek-V3's, V3.2's, V2-Lite's, GLM-4.5-Air's, GLM-4.7-Flash's and GLM-5's config.json, built empty)", function()
+describe("hub configs (DeepSeek-V3's, V3.2's, V2-Lite's, GLM-4.5-Air's, GLM-4.7-Flash's, GLM-5's and Mistral Small 4's config.json, built empty)", function()
    local fix = H.read_json(H.FIX .. "/deepseek_hub_configs.json")
    local sparse = require("moonload.models.deepseek_sparse")
    local CLASSES = { deepseek_v3 = deepseek.DeepseekV3ForCausalLM, deepseek_v2 = deepseek.DeepseekV2ForCausalLM,
                      glm4_moe = require("moonload.models.glm4_moe").Glm4MoeForCausalLM,
                      glm4_moe_lite = deepseek.Glm4MoeLiteForCausalLM, deepseek_v32 = sparse.DeepseekV32ForCausalLM,
-                     glm_moe_dsa = sparse.GlmMoeDsaForCausalLM }
+                     glm_moe_dsa = sparse.GlmMoeDsaForCausalLM, mistral4 = deepseek.Mistral4ForCausalLM }
+   -- (transformers builds Mistral Small 4's experts stacked per projection)
+   local OPTS = { mistral_small_4 = { experts_layout = "out_in" } }
 
-   for _, name in ipairs({ "deepseek_v3", "deepseek_v2_lite", "glm4_5_air", "deepseek_v32", "glm_5", "glm_4_7_flash" }) do
+   for _, name in ipairs({ "deepseek_v3", "deepseek_v2_lite", "glm4_5_air", "deepseek_v32", "glm_5", "glm_4_7_flash",
+                           "mistral_small_4" }) do
       it(name .. ": transformers' parameter count, names and shapes, softmax and rotary scales", function()
          local c = fix[name].config
-         local m = ml.init_empty_weights(function() return CLASSES[c.model_type](c) end)
+         local m = ml.init_empty_weights(function() return CLASSES[c.model_type](c, OPTS[name]) end)
          local count, shapes = 0, {}
          for pname, p in m:named_parameters() do
             count = count + p:numel()

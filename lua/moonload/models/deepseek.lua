@@ -93,7 +93,7 @@ function M.moe_config(cfg, WHO, method, defaults)
       if cfg.topk_group > cfg.n_group then
          config.fail(cfg, WHO, "topk_group %d is more than n_group %d", cfg.topk_group, cfg.n_group)
       end
-      if method == "noaux_tc" and per < 2 then      -- a group scores by its best two
+      if M.METHODS[method].group_by_best_two and per < 2 then
          config.fail(cfg, WHO, "n_group %d leaves fewer than 2 experts a group (n_routed_experts %d)", cfg.n_group,
             cfg.n_routed_experts)
       end
@@ -123,6 +123,15 @@ function M.moe_config(cfg, WHO, method, defaults)
    return cfg
 end
 
+--- The routings by topk_method: sigmoid or softmax scores, and whether a group of experts scores
+-- by its best two (else its best one). Only V3's (noaux_tc) adds a correction bias for the choice.
+M.METHODS = {
+   greedy = { sigmoid = false },
+   group_limited_greedy = { sigmoid = false },
+   noaux_tc = { sigmoid = true, group_by_best_two = true },
+   softmax_best_two = { sigmoid = false, group_by_best_two = true },      -- Mistral Small 4's router
+}
+
 -- Per family: the routing (V2's from the file) and the values where its transformers config
 -- differs from V2's.
 local ROUTING = {
@@ -136,11 +145,13 @@ local ROUTING = {
       topk_group = 4, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
    glm_moe_dsa = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 1,
       topk_group = 1, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
+   mistral4 = { method = "softmax_best_two", defaults = { routed_scaling_factor = 1, norm_topk_prob = true, n_group = 1,
+      topk_group = 1, first_k_dense_replace = 0, num_experts_per_tok = 4 } },
 }
 
 --- Reads and checks the config (path, folder or table) of a family with DeepSeek's latent
--- attention: "deepseek_v2", "deepseek_v3", "glm4_moe_lite" (GLM-4.7-Flash), or the sparse
--- attention ones of models/deepseek_sparse.lua.
+-- attention: "deepseek_v2", "deepseek_v3", "glm4_moe_lite" (GLM-4.7-Flash), "mistral4" (Mistral
+-- Small 4), or the sparse attention ones of models/deepseek_sparse.lua.
 function M.config(source, family)
    local WHO = "models." .. family
    local cfg = llama.config(source, family)
@@ -418,9 +429,10 @@ M.DeepseekMoE = DeepseekMoE
 
 function DeepseekMoE:__init(cfg, Expert)
    nn.Module.__init(self)
-   local experts = {}
-   for e = 1, cfg.n_routed_experts do experts[e] = Expert(cfg, cfg.moe_intermediate_size) end
-   self.experts = nn.ModuleList(experts)
+   -- one module per expert, as the hub stores DeepSeek's, or stacked per projection as
+   -- transformers writes them (the checkpoint says which: moe.builds_experts_as_stored)
+   self.experts = moe.experts_for(setmetatable({ num_experts = cfg.n_routed_experts }, { __index = cfg }),
+      "models." .. tostring(cfg.model_type or "deepseek"), Expert, "apart")
    self.gate = Router(cfg)
    if cfg.n_shared_experts > 0 then
       self.shared_experts = Expert(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
@@ -435,7 +447,8 @@ end
 -- row of k 0-based experts (see the file's header for the two routings).
 function DeepseekMoE:route(flat)
    local logits = self.gate(flat)
-   local sigmoid = self.topk_method == "noaux_tc"
+   local method = M.METHODS[self.topk_method]
+   local sigmoid = method.sigmoid
    local scores = (sigmoid and logits:sigmoid() or logits:softmax(-1)):tolist()
    local bias = self.gate.e_score_correction_bias and self.gate.e_score_correction_bias:tolist()
    local E, k = #scores[1], self.top_k
@@ -448,7 +461,8 @@ function DeepseekMoE:route(flat)
       end
       local allowed
       if self.topk_method ~= "greedy" then
-         allowed = allowed_experts(choice, E, self.n_group, self.topk_group, sigmoid and best_two_sum or best_one)
+         allowed = allowed_experts(choice, E, self.n_group, self.topk_group,
+            method.group_by_best_two and best_two_sum or best_one)
       end
       local picked = top_indices(choice, k, E, allowed)
       local w, sum = {}, 0
@@ -471,7 +485,9 @@ function DeepseekMoE:forward(x)
    local B, L, H = x:size(1), x:size(2), x:size(3)
    local flat = x:reshape(B * L, H)
    local top_w, top_i = self:route(flat)
-   local y = moe.run_experts(self.experts, flat, top_w, top_i):view(B, L, H)
+   local experts = self.experts
+   local y = (experts.takes_routing and experts(flat, top_w, top_i) or moe.run_experts(experts, flat, top_w, top_i))
+      :view(B, L, H)
    if self.shared_experts then y = y + self.shared_experts(x) end
    return y
 end
@@ -515,8 +531,10 @@ end
 function M.latent_family(family, prefix, Attention, into, read_config)
    local MLP, MoE, mlp = M.moe_layer_classes(prefix, family == "deepseek_v2" and "Moe" or "MoE")
    local LM = moe.decoder_family(family, prefix, Attention, mlp, "mlp", read_config or M.config, into)
-   function LM:__init(cfg)
-      llama.LlamaForCausalLM.__init(self, cfg)
+   moe.builds_experts_as_stored(LM)
+   local init = LM.__init
+   function LM:__init(cfg, opts)
+      init(self, cfg, opts)
       M.skip_mtp_layers(self)
    end
    into[prefix .. "MLP"], into[MoE.__name] = MLP, MoE
@@ -526,5 +544,7 @@ end
 M.latent_family("deepseek_v2", "DeepseekV2", MLAttention, M)
 M.latent_family("deepseek_v3", "DeepseekV3", MLAttention, M)
 M.latent_family("glm4_moe_lite", "Glm4MoeLite", MLAttention, M)   -- GLM-4.7-Flash: V3's layout, GLM's defaults
+-- Mistral Small 4: V3's layout, softmax routing by groups' best two, Llama 4's query scaling
+M.latent_family("mistral4", "Mistral4", MLAttention, M)
 
 return M

@@ -38,6 +38,7 @@ local ARCH = {
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },
    deepseek_v3 = { module = "moonload.models.deepseek", class = "DeepseekV3ForCausalLM" },
    glm4_moe_lite = { module = "moonload.models.deepseek", class = "Glm4MoeLiteForCausalLM" },
+   mistral4 = { module = "moonload.models.deepseek", class = "Mistral4ForCausalLM" },
    deepseek_v32 = { module = "moonload.models.deepseek_sparse", class = "DeepseekV32ForCausalLM" },
    glm_moe_dsa = { module = "moonload.models.deepseek_sparse", class = "GlmMoeDsaForCausalLM" },
    glm4_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },

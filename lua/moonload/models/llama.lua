@@ -37,6 +37,7 @@ local FAMILIES = {
    deepseek_v2 = { who = "models.deepseek_v2", prefix = "DeepseekV2" },                        -- models/deepseek.lua
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    glm4_moe_lite = { who = "models.glm4_moe_lite", prefix = "Glm4MoeLite", defaults = { rms_norm_eps = 1e-5 } },
+   mistral4 = { who = "models.mistral4", prefix = "Mistral4" },
    deepseek_v32 = { who = "models.deepseek_v32", prefix = "DeepseekV32" },              -- models/deepseek_sparse.lua
    glm_moe_dsa = { who = "models.glm_moe_dsa", prefix = "GlmMoeDsa", defaults = { rms_norm_eps = 1e-5 } },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
@@ -269,7 +270,7 @@ function M.config(source, family)
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
-      or family == "deepseek_v32" or family == "glm_moe_dsa" then
+      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "glm4_moe" then          -- biased q/k/v, an unbiased output, per-head q/k norms if asked
