@@ -412,6 +412,7 @@ end)
 -- newer model.language_model.*, model.visual.*): the language model of each, on text
 for _, case in ipairs({ { "mistral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
                         { "ministral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
+                        { "mistral4_multimodal_tiny", "Mistral4ForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
                         { "qwen3_vl_multimodal_tiny", "Qwen3ForCausalLM", "^model%.language_model%.", "^lm_head%." },
                         { "qwen3_vl_moe_multimodal_tiny", "Qwen3MoeForCausalLM", "^model%.language_model%.", "^lm_head%." } }) do
    local name, class, prefix, head = case[1], case[2], case[3], case[4]

@@ -518,7 +518,7 @@ end
 --- For a causal LM class of such a family: leaves out the multi-token-prediction layers stored
 -- after the last decoder layer when loading (num_nextn_predict_layers of them).
 function M.skip_mtp_layers(model)
-   local skip = { "rotary_emb%.inv_freq$" }
+   local skip = { unpack(model.ignore_unexpected) }             -- (the class's own, first)
    for i = 0, model.config.num_nextn_predict_layers - 1 do
       skip[#skip + 1] = "^model%.layers%." .. (model.config.num_hidden_layers + i) .. "%."
    end
@@ -544,7 +544,14 @@ end
 M.latent_family("deepseek_v2", "DeepseekV2", MLAttention, M)
 M.latent_family("deepseek_v3", "DeepseekV3", MLAttention, M)
 M.latent_family("glm4_moe_lite", "Glm4MoeLite", MLAttention, M)   -- GLM-4.7-Flash: V3's layout, GLM's defaults
--- Mistral Small 4: V3's layout, softmax routing by groups' best two, Llama 4's query scaling
-M.latent_family("mistral4", "Mistral4", MLAttention, M)
+-- Mistral Small 4: V3's layout, softmax routing by groups' best two, Llama 4's query scaling;
+-- alone, or as a Mistral 3 folder's language model (text_config, language_model.*, the Pixtral
+-- tower left out: models/llama.lua's Mistral 3)
+local Mistral4LM = M.latent_family("mistral4", "Mistral4", MLAttention, M, function(source, family)
+   return config.read_text_config(source, "models.mistral4", { mistral3 = true },
+      function(src) return M.config(src, family) end)
+end)
+Mistral4LM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
+Mistral4LM.ignore_unexpected = { "rotary_emb%.inv_freq$", unpack(llama.MISTRAL3_VISION) }
 
 return M

@@ -19,7 +19,9 @@ local ARCH = {
    gpt2 = { module = "moonload.models.gpt2", class = "GPT2LMHeadModel" },
    llama = { module = "moonload.models.llama", class = "LlamaForCausalLM" },
    mistral = { module = "moonload.models.llama", class = "MistralForCausalLM" },
-   mistral3 = { module = "moonload.models.llama", class = "MistralForCausalLM" },   -- its language model
+   -- its language model; (by_text: the class for another text_config model_type than Mistral's)
+   mistral3 = { module = "moonload.models.llama", class = "MistralForCausalLM",
+      by_text = { mistral4 = { module = "moonload.models.deepseek", class = "Mistral4ForCausalLM" } } },
    ministral3 = { module = "moonload.models.llama", class = "Ministral3ForCausalLM" },
    qwen2 = { module = "moonload.models.llama", class = "Qwen2ForCausalLM" },
    qwen3 = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },
@@ -132,8 +134,10 @@ local read_json = require("moonload.utils.json").read
 
 --- The model class for a config's model_type ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2",
 -- "gemma3_text", "bert", "t5", ...). architecture (from_pretrained's option, else the config's
--- architectures[1]) picks another class of the family where it has one (T5EncoderModel).
-function M.class_for(model_type, src, architecture, asked)
+-- architectures[1]) picks another class of the family where it has one (T5EncoderModel);
+-- text_type (a multimodal config's text_config.model_type) picks the language model's class
+-- where the family's differs by it (a Mistral 3 folder holding Mistral Small 4).
+function M.class_for(model_type, src, architecture, asked, text_type)
    local a = ARCH[model_type]
    if not a then
       local known = {}
@@ -142,6 +146,8 @@ function M.class_for(model_type, src, architecture, asked)
       error(string.format('models: model_type "%s" in %s is not supported (supported: %s)',
          tostring(model_type), src, table.concat(known, ", ")), 3)
    end
+   local text = text_type and a.by_text and a.by_text[text_type]
+   if text then return require(text.module)[text.class] end
    local other = architecture and a.others and a.others[architecture]
    if asked and architecture ~= a.class and not other then
       local names = { a.class }
@@ -151,6 +157,11 @@ function M.class_for(model_type, src, architecture, asked)
          tostring(architecture), tostring(model_type), table.concat(names, " or ")), 3)
    end
    return require(a.module)[other or a.class]
+end
+
+--- A multimodal config's text_config.model_type, or nil.
+function M.text_type(raw)
+   return type(raw.text_config) == "table" and raw.text_config.model_type or nil
 end
 
 --- Reads a sharded checkpoint's index: {kind = "sharded", index = path, weight_map = {name ->
@@ -404,7 +415,7 @@ end
 --- Builds the model a config describes (random weights).
 function M.from_config(cfg, opts)
    local raw, src = config.read(cfg, "models")
-   local cls = M.class_for(raw.model_type, src)
+   local cls = M.class_for(raw.model_type, src, nil, nil, M.text_type(raw))
    return cls(cfg, opts)
 end
 
@@ -493,7 +504,7 @@ function load(dir, opts)
       error(string.format('from_pretrained: config key "model_type" is missing in %s', src), 2)
    end
    local archs = type(raw.architectures) == "table" and raw.architectures or {}
-   local cls = M.class_for(raw.model_type, src, opts.architecture or archs[1], opts.architecture ~= nil)
+   local cls = M.class_for(raw.model_type, src, opts.architecture or archs[1], opts.architecture ~= nil, M.text_type(raw))
    local ckpt = M.find_checkpoint(dir)
    if opts.dtype == nil or opts.dtype == "auto" then
       local resolved = {}

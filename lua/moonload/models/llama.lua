@@ -812,8 +812,10 @@ local function reads_multimodal(LM, multimodal, ignore)
          function(src) return M.config(src, self.family) end)
    end
 end
-reads_multimodal(M.MistralForCausalLM, "mistral3", { "^vision_tower%.", "^multi_modal_projector%.",
-   "^model%.vision_tower%.", "^model%.multi_modal_projector%." })
+--- A Mistral 3 folder's tensors outside its language model.
+M.MISTRAL3_VISION = { "^vision_tower%.", "^multi_modal_projector%.", "^model%.vision_tower%.",
+   "^model%.multi_modal_projector%." }
+reads_multimodal(M.MistralForCausalLM, "mistral3", M.MISTRAL3_VISION)
 reads_multimodal(M.Qwen3ForCausalLM, "qwen3_vl", { "^model%.visual%." })
 
 -- OLMo 2: RMSNorms over the whole query and key projections (before the heads are split), and
