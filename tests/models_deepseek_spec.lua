@@ -322,6 +322,24 @@ describe("models.deepseek_v3 FP8 checkpoint (tests/fixtures/models/deepseek_v3_f
    end)
 end)
 
+describe("models: Kimi K2.5's folder (tests/fixtures/models/kimi_k25_ct_int4_tiny: kimi_k25, int4 experts)", function()
+   local exp = H.expected("kimi_k25_ct_int4_tiny")
+   local model = models.from_pretrained(H.FIX .. "/kimi_k25_ct_int4_tiny")
+
+   it("builds its DeepSeek-V3 language model from text_config, the experts int4 as stored, the vision tower left out", function()
+      assert.are.equal("DeepseekV3ForCausalLM", model.__name)
+      assert.truthy(model.config._source:find("(text_config)", 1, true))
+      assert.are.equal("QuantizedLinear", model.model.layers[2].mlp.experts[1].gate_proj.__name)
+      for name in pairs(model:state_dict()) do assert.is_nil(name:find("vision") or name:find("mm_projector"), name) end
+   end)
+
+   it("gives the logits and greedy ids of the same language model in DeepSeek-V3's own folder", function()
+      assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
+         eos_token_id = false }))
+   end)
+end)
+
 describe("models.mistral4 (tests/fixtures/models/mistral4_tiny: Mistral Small 4)", function()
    local exp = H.expected("mistral4_tiny")
    local model = models.from_pretrained(H.FIX .. "/mistral4_tiny")

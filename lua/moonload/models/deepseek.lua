@@ -542,7 +542,15 @@ function M.latent_family(family, prefix, Attention, into, read_config)
 end
 
 M.latent_family("deepseek_v2", "DeepseekV2", MLAttention, M)
-M.latent_family("deepseek_v3", "DeepseekV3", MLAttention, M)
+-- (also Kimi K2.5's folders, model_type kimi_k25: the language model from text_config and
+-- language_model.*, the vision tower and projector left out)
+local V3 = M.latent_family("deepseek_v3", "DeepseekV3", MLAttention, M, function(source, family)
+   return config.read_text_config(source, "models.deepseek_v3", { kimi_k25 = true },
+      function(src) return M.config(src, family) end)
+end)
+V3.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
+V3.ignore_unexpected = { "rotary_emb%.inv_freq$", "^vision_tower%.", "^mm_projector%.", "^model%.vision_tower%.",
+   "^model%.mm_projector%." }
 M.latent_family("glm4_moe_lite", "Glm4MoeLite", MLAttention, M)   -- GLM-4.7-Flash: V3's layout, GLM's defaults
 -- Mistral Small 4: V3's layout, softmax routing by groups' best two, Llama 4's query scaling;
 -- alone, or as a Mistral 3 folder's language model (text_config, language_model.*, the Pixtral

@@ -39,6 +39,7 @@ local ARCH = {
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },
    deepseek_v3 = { module = "moonload.models.deepseek", class = "DeepseekV3ForCausalLM" },
+   kimi_k25 = { module = "moonload.models.deepseek", class = "DeepseekV3ForCausalLM" },   -- its language model
    glm4_moe_lite = { module = "moonload.models.deepseek", class = "Glm4MoeLiteForCausalLM" },
    mistral4 = { module = "moonload.models.deepseek", class = "Mistral4ForCausalLM" },
    deepseek_v32 = { module = "moonload.models.deepseek_sparse", class = "DeepseekV32ForCausalLM" },
