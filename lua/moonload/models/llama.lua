@@ -467,7 +467,6 @@ end
 -- carry each position's query scale as one more column (D + 1), which the attention takes off
 -- (M.split_query_scale): it then travels wherever the tables go (block schedules, devices).
 function LlamaRotaryEmbedding:forward(positions, inv_freq, scaling)
-   local local_freq = inv_freq ~= nil
    scaling = inv_freq and (scaling or 1) or self.attention_scaling
    inv_freq = inv_freq or self.inv_freq
    if self.original_max and positions:max():item() + 1 > self.original_max then inv_freq = self.long_inv_freq end
@@ -477,7 +476,7 @@ function LlamaRotaryEmbedding:forward(positions, inv_freq, scaling)
    local cos, sin = emb:cos(), emb:sin()
    if scaling and scaling ~= 1 then cos, sin = cos * scaling, sin * scaling end
    local qs = rawget(self, "query_scaling")
-   if qs and not local_freq then
+   if qs then
       local column = query_scale_column(positions, qs)
       cos, sin = T.cat({ cos, column }, -1), T.cat({ sin, column }, -1)
    end
