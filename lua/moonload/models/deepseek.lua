@@ -44,8 +44,9 @@ local function yarn_mscale(factor, m)
    return 0.1 * m * math.log(factor) + 1
 end
 
--- An integer config key, checked (default when absent): the checker moe_config and config share.
-local function int_key(cfg, WHO, name, min, default)
+--- An integer config key, checked (default when absent): the checker moe_config, config and
+-- models/deepseek_sparse.lua share.
+function M.int_key(cfg, WHO, name, min, default)
    local v = cfg[name]
    if v == nil then v = default end
    cfg[name] = config.integer(cfg, WHO, name, v, min)
@@ -60,7 +61,7 @@ end
 -- family's transformers config differs from V2's.
 function M.moe_config(cfg, WHO, method, defaults)
    defaults = defaults or {}
-   local function int(name, min, default) return int_key(cfg, WHO, name, min, default) end
+   local function int(name, min, default) return M.int_key(cfg, WHO, name, min, default) end
    cfg.n_routed_experts = cfg.n_routed_experts or cfg.num_local_experts or cfg.num_experts
    int("n_routed_experts", 0, 0)
    int("n_shared_experts", 0, 0)
@@ -155,7 +156,7 @@ local ROUTING = {
 function M.config(source, family)
    local WHO = "models." .. family
    local cfg = llama.config(source, family)
-   local function int(name, min, default) return int_key(cfg, WHO, name, min, default) end
+   local function int(name, min, default) return M.int_key(cfg, WHO, name, min, default) end
    int("kv_lora_rank", 1, 512)
    int("qk_rope_head_dim", 2, 64)
    int("qk_nope_head_dim", 0, 128)
@@ -525,6 +526,23 @@ function M.skip_mtp_layers(model)
    rawset(model, "ignore_unexpected", skip)
 end
 
+--- A family whose folders may also be a multimodal model's (model_types in multimodal): its
+-- config read from text_config there, its tensors under language_model.* renamed, and the
+-- other towers' tensors (ignore: patterns) left out. Returns the read_config to give
+-- latent_family, and mark(LM), which sets the class's renames and ignores.
+local function language_model_of(family, multimodal, ignore)
+   local read = function(source)
+      return config.read_text_config(source, "models." .. family, multimodal,
+         function(src) return M.config(src, family) end)
+   end
+   local function mark(LM)
+      LM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
+      LM.ignore_unexpected = { "rotary_emb%.inv_freq$", unpack(ignore) }
+      return LM
+   end
+   return read, mark
+end
+
 --- The classes of a family with latent attention (Attention: MLAttention or one extending it)
 -- and DeepSeek's experts, named as transformers names them, put into `into`; returns the causal
 -- LM class. read_config(source, family) reads the family's config (default M.config).
@@ -544,22 +562,14 @@ end
 M.latent_family("deepseek_v2", "DeepseekV2", MLAttention, M)
 -- (also Kimi K2.5's folders, model_type kimi_k25: the language model from text_config and
 -- language_model.*, the vision tower and projector left out)
-local V3 = M.latent_family("deepseek_v3", "DeepseekV3", MLAttention, M, function(source, family)
-   return config.read_text_config(source, "models.deepseek_v3", { kimi_k25 = true },
-      function(src) return M.config(src, family) end)
-end)
-V3.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
-V3.ignore_unexpected = { "rotary_emb%.inv_freq$", "^vision_tower%.", "^mm_projector%.", "^model%.vision_tower%.",
-   "^model%.mm_projector%." }
+local read_v3, mark_v3 = language_model_of("deepseek_v3", { kimi_k25 = true },
+   { "^vision_tower%.", "^mm_projector%.", "^model%.vision_tower%.", "^model%.mm_projector%." })
+mark_v3(M.latent_family("deepseek_v3", "DeepseekV3", MLAttention, M, read_v3))
 M.latent_family("glm4_moe_lite", "Glm4MoeLite", MLAttention, M)   -- GLM-4.7-Flash: V3's layout, GLM's defaults
 -- Mistral Small 4: V3's layout, softmax routing by groups' best two, Llama 4's query scaling;
 -- alone, or as a Mistral 3 folder's language model (text_config, language_model.*, the Pixtral
 -- tower left out: models/llama.lua's Mistral 3)
-local Mistral4LM = M.latent_family("mistral4", "Mistral4", MLAttention, M, function(source, family)
-   return config.read_text_config(source, "models.mistral4", { mistral3 = true },
-      function(src) return M.config(src, family) end)
-end)
-Mistral4LM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
-Mistral4LM.ignore_unexpected = { "rotary_emb%.inv_freq$", unpack(llama.MISTRAL3_VISION) }
+local read_m4, mark_m4 = language_model_of("mistral4", { mistral3 = true }, llama.MISTRAL3_VISION)
+mark_m4(M.latent_family("mistral4", "Mistral4", MLAttention, M, read_m4))
 
 return M

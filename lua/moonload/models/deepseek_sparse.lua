@@ -77,11 +77,7 @@ end
 function M.config(source, family)
    local WHO = "models." .. family
    local cfg = deepseek.config(source, family)
-   local function int(name, min, default)
-      local v = cfg[name]
-      if v == nil then v = default end
-      cfg[name] = config.integer(cfg, WHO, name, v, min)
-   end
+   local function int(name, min, default) deepseek.int_key(cfg, WHO, name, min, default) end
    int("index_topk", 1, 2048)
    int("index_head_dim", 2, 128)
    int("index_n_heads", 1, family == "glm_moe_dsa" and 32 or 64)
