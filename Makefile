@@ -96,17 +96,21 @@ bench-cuda: all
 	@for f in bench/cuda/*.lua; do LUA_PATH="lua/?.lua;lua/?/init.lua;bench/lib/?.lua;;" $(LUAJIT) $$f; done
 
 # Everything a lent GPU machine needs, prepared here (tests/cuda/device_check.sh runs there): the
-# CUDA build, the packed Lua runtime in .device/runtime, and the paths to carry, whose total (with
-# the tracked tree) must stay under the device tool's 64 MiB. build/ as a whole is too big (the
-# emulator and fuzz builds), so only the two libraries travel.
+# CUDA build, the packed Lua runtime as one gzip tarball (.device/runtime.tgz: OpenBLAS alone is
+# 36 MB unpacked, 13 MB packed), and the paths to carry, whose total (with the tracked tree) must
+# stay under the device tool's 64 MiB. build/ as a whole is too big (the emulator and fuzz
+# builds), so only the two libraries travel. The script unpacks the tarball there.
 DEVICE_CARRY = .device build/libmoonload.so build/libmoonload_cuda.so $(CDEF)
 PACK_RUNTIME ?= ../shared/tools/pack-lua-runtime.sh
 
 device-prep: deps
 	$(MAKE) CUDA=1 all
-	@test -x .device/runtime/bin/luajit || bash $(PACK_RUNTIME) .device/runtime
-	@# libmoonload.so's OpenMP runtime: the packed runtime has OpenBLAS's libraries, not this one
-	@cp -L "$$($(CC) -print-file-name=libgomp.so.1)" .device/runtime/lib/
+	@test -f .device/runtime.tgz || { rm -rf .device/pack && bash $(PACK_RUNTIME) .device/pack/runtime && \
+	  cp -L "$$($(CC) -print-file-name=libgomp.so.1)" .device/pack/runtime/lib/ && \
+	  tar -C .device/pack -czf .device/runtime.tgz.tmp runtime && mv .device/runtime.tgz.tmp .device/runtime.tgz && \
+	  rm -rf .device/pack; }
+	@# (libgomp above: libmoonload.so's OpenMP runtime; the packed runtime has OpenBLAS's libraries only)
+	@rm -rf .device/runtime
 	@total=$$(( $$(git ls-files -z | xargs -0 cat | wc -c) + $$(du -sb $(DEVICE_CARRY) | awk '{s+=$$1} END {print s}') )); \
 	  echo "carry: [$$(printf '"%s", ' $(DEVICE_CARRY) | sed 's/, $$//')]"; \
 	  echo "command: bash tests/cuda/device_check.sh   ($$((total >> 20)) MiB of 64 travel)"; \

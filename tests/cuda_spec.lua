@@ -988,11 +988,13 @@ describe("weight uploads to cuda #cuda", function()
       local u = ffi.gc(out[0], lib.ml_uploader_release)
       ml.manual_seed(15)
       local want, dsts, tickets = {}, {}, {}
-      local sizes = { 5003, 10003, 10 * 2 ^ 20 + 7, 15003 }     -- odd sizes; the third spans 3 staging chunks
-      for i = 1, 4 do
+      -- odd sizes: the third spans 3 staging chunks of 16 MiB; the last three are pageable, one
+      -- after another
+      local sizes = { 5003, 10003, 10 * 2 ^ 20 + 7, 15003, 2 ^ 18 + 5, 3 * 2 ^ 20 + 1, 777 }
+      for i = 1, #sizes do
          local src = ml.randn(sizes[i])
          want[i] = src
-         if i % 2 == 0 then src = src:pin_memory() end
+         if i == 2 or i == 4 then src = src:pin_memory() end
          dsts[i] = ml.empty(src.shape, { device = DEV })
          local ticket = ffi.new("int[1]")
          C.check(lib.ml_uploader_submit(u, dsts[i]._c, src._c, ticket))
@@ -1000,7 +1002,7 @@ describe("weight uploads to cuda #cuda", function()
          src = nil                                              -- the uploader holds what it needs
          collectgarbage()
       end
-      for i = 4, 1, -1 do
+      for i = #sizes, 1, -1 do
          C.check(lib.ml_uploader_wait(u, tickets[i]))
          assert.is_true(dsts[i]:cpu():equal(want[i]), "upload " .. i)
       end

@@ -334,7 +334,7 @@ describe("int4 weights on cuda #cuda", function()
       local b = ml.randn(300)
       assert.is_true(ml.equal(F.dequantize_q4(qg, sg):to("cpu"), F.dequantize_q4(q, s)))
       assert.is_true(ml.equal(F.dequantize_q4(qg, sg, "bfloat16"):to("cpu"), F.dequantize_q4(q, s, "bfloat16")))
-      -- up to 8 rows: a warp per column; more: widened for cuBLAS
+      -- up to 8 rows: a block per four columns; more: widened for cuBLAS
       for _, M in ipairs({ 1, 5, 8, 9, 33 }) do
          local x = ml.randn(M, 128)
          local want = F.q4_linear(x, q, s, b)
@@ -344,6 +344,12 @@ describe("int4 weights on cuda #cuda", function()
          assert.are.equal("bfloat16", gb.dtype)
          assert.is_true(rel(gb:to("cpu"):to("float32"), F.q4_linear(x, q, s)) < 0.03)
       end
+      -- K = 8224: past one step of the block's 8192 values
+      local wk = ml.randn(5, 8224)
+      local qk, sk = F.quantize_q4(wk)
+      local xk = ml.randn(3, 8224)
+      assert.is_true(rel(F.q4_linear(xk:to("cuda:0"), qk:to("cuda:0"), sk:to("cuda:0")):to("cpu"), F.q4_linear(xk, qk, sk))
+         < 1e-5)
       -- an unaligned weight view takes the byte loads
       local big = ml.zeros(301, 64, { dtype = "uint8" }):to("cuda:0")
       local view = big:narrow(1, 2, 300)

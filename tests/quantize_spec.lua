@@ -262,8 +262,10 @@ describe("int8 weights on cuda #cuda", function()
 
    it("multiplies on the device as the CPU does, decoding rows and GEMM rows alike", function()
       ml.manual_seed(5)
-      -- up to 8 rows read the int8 bytes in a warp per column; more widen the weight for cuBLAS
-      for _, c in ipairs({ { 1, 32, 1 }, { 3, 96, 7 }, { 2, 1056, 5 }, { 8, 160, 70 }, { 9, 64, 33 }, { 17, 96, 130 } }) do
+      -- up to 8 rows read the int8 bytes in a block per four columns (K = 4160: past one step of
+      -- the block's 4096 values); more widen the weight for cuBLAS
+      for _, c in ipairs({ { 1, 32, 1 }, { 3, 96, 7 }, { 2, 1056, 5 }, { 8, 160, 70 }, { 1, 4160, 6 }, { 9, 64, 33 },
+                           { 17, 96, 130 } }) do
          local M, K, N = c[1], c[2], c[3]
          local w, x, b = ml.randn(N, K), ml.randn(2, M, K), ml.randn(N)
          local q, s = F.quantize_q8(w)
@@ -278,7 +280,16 @@ describe("int8 weights on cuda #cuda", function()
          assert.is_true(rel(gb:cpu():to("float32"), want) < 0.03)
          local xt = ml.randn(K, M):t()
          assert.is_true(rel(F.q8_linear(xt:to(DEV), qd, sd):cpu(), F.q8_linear(xt, q, s)) < 1e-5)
+         local xh = x:to("float16")
+         assert.is_true(rel(F.q8_linear(xh:to(DEV), qd, sd, bd):cpu():to("float32"), F.q8_linear(xh, q, s, b)) < 2e-3)
       end
+      -- activations that start off a 16-byte boundary (one element into their storage) take the
+      -- element loads
+      local w2, x2 = ml.randn(6, 64), ml.randn(2 * 64 + 1)
+      local q2, s2 = F.quantize_q8(w2)
+      local xoff = x2:to(DEV):narrow(1, 2, 2 * 64):view(2, 64)
+      assert.is_true(rel(F.q8_linear(xoff, q2:to(DEV), s2:to(DEV)):cpu(), F.q8_linear(x2:narrow(1, 2, 128):view(2, 64), q2, s2))
+         < 1e-5)
       -- a weight whose bytes start off a 16-byte boundary (a view one byte into its storage)
       local w = ml.randn(5, 64)
       local q, s = F.quantize_q8(w)

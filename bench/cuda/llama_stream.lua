@@ -71,6 +71,14 @@ local function measure(model, quick)
       hooks.set_stream_window(m[3])
       forward()
       r[m[1]] = B.best(repeats, forward)
+      -- one more forward's counters: the share of the weight bytes that were streamed ahead
+      -- (the rest were copied when their module asked), uploads dropped, bytes the prefetch read
+      local s0 = hooks.runtime_stats()
+      forward()
+      local s1 = hooks.runtime_stats()
+      r[m[1] .. "_streamed_share"] = (s1.bytes_streamed - s0.bytes_streamed) / math.max(s1.bytes_copied - s0.bytes_copied, 1)
+      r[m[1] .. "_dropped"] = s1.streams_dropped - s0.streams_dropped
+      r[m[1] .. "_prefetch_bytes"] = s1.prefetch_bytes - s0.prefetch_bytes
    end
    hooks.set_prefetch(true)
    hooks.set_stream_window(64 * 2 ^ 20)
@@ -105,10 +113,15 @@ local times = measure(model)
 local forward_s = times.window
 local floor = weight_bytes / h2d
 B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
-         "forward_one_ahead_s", "ratio_to_floor" }, {
+         "forward_one_ahead_s", "ratio_to_floor", "window_streamed_share", "window_dropped", "window_prefetch_bytes",
+         "one_ahead_streamed_share", "one_ahead_dropped", "one_ahead_prefetch_bytes", "staging_threads" }, {
    bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
    h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = times.no_prefetch,
    forward_one_ahead_s = times.one_ahead, ratio_to_floor = forward_s / floor,
+   window_streamed_share = times.window_streamed_share, window_dropped = times.window_dropped,
+   window_prefetch_bytes = times.window_prefetch_bytes, one_ahead_streamed_share = times.one_ahead_streamed_share,
+   one_ahead_dropped = times.one_ahead_dropped, one_ahead_prefetch_bytes = times.one_ahead_prefetch_bytes,
+   staging_threads = os.getenv("MOONLOAD_UPLOAD_THREADS") or "default",
 })
 
 -- Decoding 8 tokens after a 16-token prompt: every weight streamed per token (Accelerate's way)
@@ -156,7 +169,8 @@ local python = os.getenv("BENCH_PYTHON") or "python3"
 local ok, res, raw = pcall(B.run_json, string.format("%s bench/cuda/llama_stream_peer.py %d %d %s", python, layers,
    repeats, shape), true)
 if ok and res then peer = res end
-local peer_error = not ok and tostring(res) or ((raw or ""):gsub("%s+$", "")):sub(-200)
+-- (its last line alone: the note is one cell of the device check's table)
+local peer_error = (not ok and tostring(res) or ((raw or ""):gsub("%s+$", ""))):match("([^\n]*)$"):sub(-200)
 B.emit({ "bench", "accelerate_s", "forward_s", "ratio_to_accelerate", "peer_device", "peer_note" }, {
    bench = "cuda_llama_stream_accelerate", accelerate_s = peer.forward_s, forward_s = forward_s,
    ratio_to_accelerate = peer.forward_s and forward_s / peer.forward_s or nil, peer_device = peer.device,

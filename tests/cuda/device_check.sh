@@ -2,9 +2,10 @@
 # The GPU check, for a lent GPU machine (see the device tool): sets up the carried Lua runtime,
 # makes sure libmoonload_cuda.so loads there (rebuilding it with that machine's nvcc if the one
 # built here does not), runs the #cuda specs and the GPU benchmarks, and prints a short table.
-# At most 8 minutes (its timeouts: specs 150 s, ceilings 60 s, Llama 270 s). Prepare on the
-# development machine with `make device-prep` (CUDA build, packed runtime in .device/runtime,
-# size check), then run with the carry it prints,
+# About 7 minutes at most (specs 100 s + one file's 60 s, ceilings 45 s, Llama 220 s; SPEC_S,
+# SPEC_FILE_S, CEILINGS_S, LLAMA_S).
+# Prepare on the development machine with `make device-prep` (CUDA build, packed runtime in
+# .device/runtime.tgz, size check), then run with the carry it prints,
 #   [".device", "build/libmoonload.so", "build/libmoonload_cuda.so", "lua/moonload/cdef.lua"]:
 #   bash tests/cuda/device_check.sh
 # (not all of build/: with the emulator and fuzz builds it takes the tree over the 64 MiB limit).
@@ -19,9 +20,12 @@ if [ "${CUDASIM:-0}" = 1 ]; then
   export MOONLOAD_CUDA_LIB=build/cudasim/libmoonload_cuda.so BENCH_SHAPE=tiny BENCH_LAYERS=2 BENCH_REPEATS=1
   echo "== DRY RUN on the CUDA emulator: the benchmark figures below mean nothing"
 else
+  [ -x "$RUNTIME/bin/luajit" ] || tar -C "$(dirname "$RUNTIME")" -xzf "$RUNTIME.tgz"
   # shellcheck disable=SC1091
   source "$RUNTIME/env.sh"
 fi
+# Line-buffered output where coreutils has stdbuf: a spec file cut off by its timeout keeps its lines.
+LINEBUF=$(command -v stdbuf >/dev/null && echo "stdbuf -oL" || true)
 
 # cuBLAS/cudart 13 from the CUDA toolkit or from the nvidia-* Python wheels, wherever they are.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13*/lib64 \
@@ -46,20 +50,36 @@ echo "== CUDA devices seen by moonload: ${count:-0}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 echo "== #cuda specs"
-timeout 150 busted --tags=cuda -o TAP > "$OUT/cuda_specs.tap" 2>&1
+# One busted per spec file, each under its own timeout, so that a crash or a hang in one file
+# costs that file alone; no new file starts once SPEC_S seconds have gone.
+: > "$OUT/cuda_specs.tap"
+# The files with #cuda specs: those that name the tag, and those that require a helper that does
+# (ops_helpers.lua's PyTorch-reference describes).
+cuda_helpers=$(grep -l "#cuda" tests/*.lua | grep -v '_spec\.lua$' | xargs -r -n1 basename | sed 's/\.lua$//' | paste -sd'|')
+spec_files=$(grep -lE "#cuda${cuda_helpers:+|require\(\"($cuda_helpers)\"\)}" tests/*_spec.lua)
+spec_start=$SECONDS
+for f in ${SPEC_FILES:-$spec_files}; do
+  if [ $((SECONDS - spec_start)) -ge "${SPEC_S:-100}" ]; then echo "# not run (time): $f" >> "$OUT/cuda_specs.tap"; continue; fi
+  t0=$SECONDS
+  timeout "${SPEC_FILE_S:-60}" $LINEBUF busted --tags=cuda -o TAP "$f" >> "$OUT/cuda_specs.tap" 2>&1
+  echo "# $f: rc $? in $((SECONDS - t0)) s" >> "$OUT/cuda_specs.tap"
+done
 passed=$(grep -c '^ok ' "$OUT/cuda_specs.tap"); failed=$(grep -c '^not ok ' "$OUT/cuda_specs.tap")
+listed=$(busted --tags=cuda --list ${SPEC_FILES:-$spec_files} 2>/dev/null | wc -l)
+echo "== $((passed + failed)) of the $listed #cuda specs listed ran"
+grep '^# .*: rc [^0]' "$OUT/cuda_specs.tap"; grep '^# not run' "$OUT/cuda_specs.tap"
 grep -A4 '^not ok ' "$OUT/cuda_specs.tap" | head -60
 
 echo "== GPU benchmarks"
 export LUA_PATH="lua/?.lua;lua/?/init.lua;bench/lib/?.lua;;"
-timeout 60 luajit bench/cuda/ceilings.lua > "$OUT/ceilings.jsonl" 2>"$OUT/ceilings.err"; cat "$OUT/ceilings.jsonl"
-BENCH_PYTHON=${BENCH_PYTHON:-python3} timeout 270 luajit bench/cuda/llama_stream.lua > "$OUT/llama.jsonl" 2>"$OUT/llama.err"
+timeout "${CEILINGS_S:-45}" luajit bench/cuda/ceilings.lua > "$OUT/ceilings.jsonl" 2>"$OUT/ceilings.err"; cat "$OUT/ceilings.jsonl"
+BENCH_PYTHON=${BENCH_PYTHON:-python3} timeout "${LLAMA_S:-220}" $LINEBUF luajit bench/cuda/llama_stream.lua > "$OUT/llama.jsonl" 2>"$OUT/llama.err"
 cat "$OUT/llama.jsonl"; tail -5 "$OUT/llama.err"
 
 echo
 echo "| check | result |"
 echo "|---|---|"
-echo "| cuda specs | $passed passed, $failed failed |"
+echo "| cuda specs | $passed passed, $failed failed (of $listed listed) |"
 OUT="$OUT" luajit -e '
 local cjson = require("cjson")
 local out = os.getenv("OUT")

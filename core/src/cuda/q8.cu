@@ -1,8 +1,8 @@
 // q8.cu: int8 weights and the int8 key-value cache on CUDA, in the layout of cpu/q8.c (int8
 // values, a float32 scale per block along the last dim). Quantizing (rows of any tensor, blocks of
 // any width) gives the CPU's bytes exactly: the same float operations, a warp a block.
-// q8_linear: up to kGemvRows rows (decoding) read each weight byte once, a warp per output column
-// in 16-byte loads, so a step moves a quarter of float32's bytes and half of bfloat16's; more rows
+// q8_linear: up to kGemvRows rows (decoding) read each weight byte once, a block per four output
+// columns in 16-byte loads, so a step moves a quarter of float32's bytes and half of bfloat16's; more rows
 // widen the weight to the output dtype once (scratch for the call) and go through cuBLAS, where
 // the GEMM and not the weight bytes bounds the time. sdpa_q8 attends over int8 keys and values.
 // int4 weights (Q4_0's layout, moonload.h) go through the same kernels: quantize_q4 gives the
@@ -15,82 +15,141 @@ static const int kBlock = 32;       // values per scale (QuantizedLinear.BLOCK)
 static const int kThreads = 256;    // 8 warps: 8 quantization blocks, or 8 output columns
 static const int kGemvRows = 8;
 
-// --- few rows: a warp per output column -----------------------------------------------------------
+// --- few rows: a block per four output columns -------------------------------------------------
 
-// Sixteen weight bytes from p (16-aligned when Aligned: one vector load) as floats: 16 int8
-// values, or 32 int4 ones (byte j holds value j low and value j + 16 high, stored + 8).
-template <int Bits, bool Aligned>
-__device__ __forceinline__ void load16(const unsigned char *p, float *w) {
-  unsigned char b[16];
-  if (Aligned) {
-    int4 v = *(const int4 *)p;
-    int words[4] = {v.x, v.y, v.z, v.w};
-    for (int j = 0; j < 4; j++)
-      for (int i = 0; i < 4; i++) b[4 * j + i] = (unsigned char)(words[j] >> (8 * i));
-  } else {
-    for (int i = 0; i < 16; i++) b[i] = p[i];
-  }
-  for (int i = 0; i < 16; i++) {
-    if (Bits == 8) {
-      w[i] = (float)(signed char)b[i];
-    } else {
-      w[i] = (float)((b[i] & 15) - 8);
-      w[i + 16] = (float)((b[i] >> 4) - 8);
+static const int kGemvCols = 4;     // output columns per block: each x value loaded serves four
+
+// Sixteen weight bytes from p (16-aligned when aligned: one vector load).
+__device__ __forceinline__ int4 load16(const unsigned char *p, bool aligned) {
+  if (aligned) return *(const int4 *)p;
+  int w[4];
+  for (int j = 0; j < 4; j++)
+    w[j] = (int)((unsigned)p[4 * j] | (unsigned)p[4 * j + 1] << 8 | (unsigned)p[4 * j + 2] << 16 |
+                 (unsigned)p[4 * j + 3] << 24);
+  return int4{w[0], w[1], w[2], w[3]};
+}
+
+// Value j of sixteen weight bytes: int8 value j, or for int4 (byte i holds value i low and value
+// i + 16 high, stored + 8) the j-th of 32.
+template <int Bits>
+__device__ __forceinline__ float weight_at(const int4 &v, int j) {
+  const int words[4] = {v.x, v.y, v.z, v.w};
+  if (Bits == 8) return (float)(signed char)(words[j >> 2] >> (8 * (j & 3)));
+  int b = j & 15;
+  unsigned byte = ((unsigned)words[b >> 2] >> (8 * (b & 3))) & 255u;
+  return (float)((int)(j < 16 ? byte & 15u : byte >> 4) - 8);
+}
+
+__device__ __forceinline__ float x_float(float v) { return v; }
+__device__ __forceinline__ float x_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float x_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// V activations from p as floats: 16-byte loads when p is 16-aligned, else one by one.
+template <typename XT, int V>
+__device__ __forceinline__ void load_x(const XT *p, bool aligned, float *xv) {
+  if (aligned) {
+    const int per = 16 / (int)sizeof(XT);
+#pragma unroll
+    for (int i = 0; i < V / per; i++) {
+      union { int4 v; XT e[16 / sizeof(XT)]; } u;
+      u.v = ((const int4 *)p)[i];
+#pragma unroll
+      for (int j = 0; j < per; j++) xv[i * per + j] = x_float(u.e[j]);
     }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; j++) xv[j] = x_float(p[j]);
   }
 }
 
 // out[m][n] = sum_k x[m][k] w[n][k] scales[n][k/32] + bias[n] for M <= kGemvRows rows of x
-// (contiguous, M x K). Each lane takes 16 consecutive bytes (half an int8 block, a whole int4
-// one) of a 512-byte stretch of the column: a warp has 512 bytes in flight per step, which the
-// memory bound needs.
-template <int Bits, bool Aligned>
-__global__ void q_gemv_kernel(const void *x, int xdt, const unsigned char *q, const float *scales, TensorDesc bias,
-                              bool has_bias, void *out, int odt, int M, int64_t N, int64_t K) {
-  const int V = 16 * 8 / Bits;          // values a lane's 16 bytes hold
-  int lane = threadIdx.x & 31;
-  int64_t n = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (n >= N) return;
-  const unsigned char *col = q + n * (K * Bits / 8);
-  const float *sc = scales + n * (K / kBlock);
-  float acc[kGemvRows];
+// (contiguous M x K, of dtype XT). A block takes kGemvCols columns and its threads split K: each
+// takes 16 bytes of every column (half an int8 block, a whole int4 one) per step, so a thread has
+// 64 bytes of weights in flight and each activation it loads serves all four columns. The block's
+// partial sums meet in shared memory.
+template <int Bits, typename XT>
+__global__ void __launch_bounds__(kThreads) q_gemv_kernel(const XT *x, bool x_aligned, const unsigned char *q,
+                                                          bool q_aligned, const float *scales, TensorDesc bias,
+                                                          bool has_bias, void *out, int odt, int M, int64_t N,
+                                                          int64_t K) {
+  const int V = 16 * 8 / Bits;          // values a thread's 16 bytes of a column hold
+  const int64_t n0 = blockIdx.x * (int64_t)kGemvCols;
+  const int ncols = N - n0 < kGemvCols ? (int)(N - n0) : kGemvCols;
+  const int64_t col_bytes = K * Bits / 8, col_scales = K / kBlock;
+  float acc[kGemvRows][kGemvCols];
 #pragma unroll
-  for (int m = 0; m < kGemvRows; m++) acc[m] = 0.0f;
-  for (int64_t k = V * lane; k < K; k += 32 * V) {      // (K is a multiple of 32: a chunk is in or out)
-    float w[V];
-    load16<Bits, Aligned>(col + k * Bits / 8, w);
-    float s = sc[k / kBlock];
+  for (int m = 0; m < kGemvRows; m++)
+#pragma unroll
+    for (int c = 0; c < kGemvCols; c++) acc[m][c] = 0.0f;
+  for (int64_t k = (int64_t)threadIdx.x * V; k < K; k += (int64_t)kThreads * V) {   // (K: a multiple of 32)
+    int4 w[kGemvCols];
+    float s[kGemvCols];
+#pragma unroll
+    for (int c = 0; c < kGemvCols; c++) {
+      if (c < ncols) {
+        w[c] = load16(q + (n0 + c) * col_bytes + k * Bits / 8, q_aligned);
+        s[c] = scales[(n0 + c) * col_scales + k / kBlock];
+      }
+    }
 #pragma unroll
     for (int m = 0; m < kGemvRows; m++) {
       if (m < M) {             // (a guard, not a break: unrolled, acc stays in registers)
-        int64_t i = m * K + k;
-        float d = 0.0f;
+        float xv[V];
+        load_x<XT, V>(x + m * K + k, x_aligned, xv);
 #pragma unroll
-        for (int j = 0; j < V; j++) d += load_as<float>(x, xdt, i + j) * w[j];
-        acc[m] += d * s;
+        for (int c = 0; c < kGemvCols; c++) {
+          if (c < ncols) {
+            float d = 0.0f;
+#pragma unroll
+            for (int j = 0; j < V; j++) d += xv[j] * weight_at<Bits>(w[c], j);
+            acc[m][c] += d * s[c];
+          }
+        }
       }
     }
   }
+  __shared__ float partial[kThreads / 32][kGemvRows * kGemvCols];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int m = 0; m < kGemvRows; m++) {
-    if (m < M) {
-      float v = acc[m];
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-      if (lane == 0) {
-        if (has_bias) v += load_as<float>(bias.data, bias.dtype, n * bias.strides[0]);
-        store_as<float>(out, odt, m * N + n, v);
+#pragma unroll
+    for (int c = 0; c < kGemvCols; c++) {
+      if (m < M) {
+        float v = acc[m][c];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0) partial[warp][m * kGemvCols + c] = v;
       }
     }
+  }
+  __syncthreads();
+  int t = threadIdx.x;
+  if (t < M * kGemvCols && t % kGemvCols < ncols) {
+    float v = 0.0f;
+    for (int wi = 0; wi < kThreads / 32; wi++) v += partial[wi][t];
+    int64_t n = n0 + t % kGemvCols;
+    if (has_bias) v += load_as<float>(bias.data, bias.dtype, n * bias.strides[0]);
+    store_as<float>(out, odt, (t / kGemvCols) * N + n, v);
   }
 }
 
+template <int Bits, typename XT>
+static void launch_gemv(unsigned grid, cudaStream_t s, const void *x, bool x_aligned, const unsigned char *q,
+                        bool q_aligned, const float *sd, TensorDesc bd, bool has_bias, void *out, int odt, int M,
+                        int64_t N, int64_t K) {
+  q_gemv_kernel<Bits, XT><<<grid, kThreads, 0, s>>>((const XT *)x, x_aligned, q, q_aligned, sd, bd, has_bias, out,
+                                                      odt, M, N, K);
+}
+
 template <int Bits>
-static void launch_gemv(bool aligned, unsigned grid, cudaStream_t s, const void *x, int xdt, const unsigned char *q,
-                        const float *sd, TensorDesc bd, bool has_bias, void *out, int odt, int M, int64_t N, int64_t K) {
-  if (aligned)
-    q_gemv_kernel<Bits, true><<<grid, kThreads, 0, s>>>(x, xdt, q, sd, bd, has_bias, out, odt, M, N, K);
+static void launch_gemv_for(int xdt, unsigned grid, cudaStream_t s, const void *x, bool x_aligned,
+                            const unsigned char *q, bool q_aligned, const float *sd, TensorDesc bd, bool has_bias,
+                            void *out, int odt, int M, int64_t N, int64_t K) {
+  if (xdt == ML_BFLOAT16)
+    launch_gemv<Bits, __nv_bfloat16>(grid, s, x, x_aligned, q, q_aligned, sd, bd, has_bias, out, odt, M, N, K);
+  else if (xdt == ML_FLOAT16)
+    launch_gemv<Bits, __half>(grid, s, x, x_aligned, q, q_aligned, sd, bd, has_bias, out, odt, M, N, K);
   else
-    q_gemv_kernel<Bits, false><<<grid, kThreads, 0, s>>>(x, xdt, q, sd, bd, has_bias, out, odt, M, N, K);
+    launch_gemv<Bits, float>(grid, s, x, x_aligned, q, q_aligned, sd, bd, has_bias, out, odt, M, N, K);
 }
 
 // q8_linear and q4_linear: the gemv above for few rows, else the weight widened once to the
@@ -116,26 +175,37 @@ static ml_status quantized_linear(const char *fn, int bits, const ml_tensor *x, 
     ml_tensor_release(w);      // (the caching allocator reuses it once the stream is past the GEMM)
     return s;
   }
-  // x as a contiguous (M, K) matrix: a view when it is one, else one scratch copy.
+  // x as a contiguous (M, K) matrix of float32, float16 or bfloat16: a view when it is one, else
+  // one scratch copy (widened to float32 for any other dtype).
   ml_tensor *xm;
   int64_t shape2[2] = {M, K};
   ML_TRY(ml_tensor_reshape(x, 2, shape2, &xm));
-  ml_tensor *xc = NULL;
+  int xdt = ml_tensor_dtype(xm);
+  if (xdt != ML_FLOAT32 && xdt != ML_FLOAT16 && xdt != ML_BFLOAT16) {
+    ml_tensor *xf;
+    ml_status s = ml_tensor_to(xm, ml_tensor_device(xm), ML_FLOAT32, &xf);
+    ml_tensor_release(xm);
+    ML_TRY(s);
+    xm = xf;
+    xdt = ML_FLOAT32;
+  }
   if (!ml_tensor_is_contiguous(xm)) {
+    ml_tensor *xc;
     ml_status s = ml_tensor_contiguous(xm, &xc);
     ml_tensor_release(xm);
     ML_TRY(s);
     xm = xc;
   }
   TensorDesc bd = ml_cuda_desc(b ? b : scales);   // (a real tensor even without a bias: has_bias says)
-  unsigned grid = (unsigned)((N + kThreads / 32 - 1) / (kThreads / 32));
-  bool aligned = ((uintptr_t)qd & 15) == 0;
+  unsigned grid = (unsigned)((N + kGemvCols - 1) / kGemvCols);
+  const void *xd = ml_tensor_data(xm);
+  bool x_aligned = ((uintptr_t)xd & 15) == 0, q_aligned = ((uintptr_t)qd & 15) == 0;
   if (bits == 8)
-    launch_gemv<8>(aligned, grid, st->compute, ml_tensor_data(xm), ml_tensor_dtype(xm), qd, sd, bd, b != NULL,
-                   ml_tensor_data(out), odt, (int)M, N, K);
+    launch_gemv_for<8>(xdt, grid, st->compute, xd, x_aligned, qd, q_aligned, sd, bd, b != NULL, ml_tensor_data(out),
+                       odt, (int)M, N, K);
   else
-    launch_gemv<4>(aligned, grid, st->compute, ml_tensor_data(xm), ml_tensor_dtype(xm), qd, sd, bd, b != NULL,
-                   ml_tensor_data(out), odt, (int)M, N, K);
+    launch_gemv_for<4>(xdt, grid, st->compute, xd, x_aligned, qd, q_aligned, sd, bd, b != NULL, ml_tensor_data(out),
+                       odt, (int)M, N, K);
   cudaError_t e = cudaGetLastError();
   ml_tensor_release(xm);
   if (e != cudaSuccess) return ml_fail(ML_EIO, "%s: CUDA error: %s", fn, cudaGetErrorString(e));
