@@ -45,14 +45,33 @@ local ffi, lib = C.ffi, C.lib
 local function build(pinned)
    ml.manual_seed(0)
    local model = ml.init_empty_weights(function() return ml.models.llama.LlamaForCausalLM(cfg) end)
-   local bytes = 0
+   local bytes, weights = 0, {}
    for name, p in model:named_parameters() do
       local w = ml.rand(p.shape, { dtype = "bfloat16" }) * 0.02 - 0.01
       utils.set_module_tensor_to_device(model, name, "cpu", { value = w, dtype = "bfloat16" })
       bytes = bytes + w:nbytes()
+      weights[#weights + 1] = w
    end
    ml.cpu_offload(model, { execution_device = "cuda:0", pin_memory = pinned })
-   return model, bytes
+   return model, bytes, weights
+end
+
+-- The same weights through one uploader back to back, in the model's order, with no hooks and no
+-- compute between them: what the staging pipeline itself takes for these bytes. A forward slower
+-- than this loses time between its uploads; one as slow loses it in the host's memory.
+local function upload_only_seconds(weights)
+   local up = ffi.new("ml_uploader*[1]")
+   C.check(lib.ml_uploader_new(up))
+   local uploader = ffi.gc(up[0], lib.ml_uploader_release)
+   local dsts = {}
+   for i, w in ipairs(weights) do dsts[i] = ml.empty(w.shape, { dtype = w.dtype, device = "cuda:0" }) end
+   local tickets = ffi.new("int[?]", #weights)
+   local t = B.best(3, function()
+      for i, w in ipairs(weights) do C.check(lib.ml_uploader_submit(uploader, dsts[i]._c, w._c, tickets + i - 1)) end
+      for i = 0, #weights - 1 do C.check(lib.ml_uploader_wait(uploader, tickets[i])) end
+      ml.cuda.synchronize(0)
+   end)
+   return t
 end
 
 -- Best time per forward (each after one forward that learns the order): streaming with the
@@ -107,21 +126,25 @@ end
 -- shapes, pinned weights.
 local h2d = h2d_bandwidth(false)
 local t_build = B.now()
-local model, weight_bytes = build(false)
+local model, weight_bytes, weights = build(false)
 t_build = B.now() - t_build
 local times = measure(model)
+local upload_only_s = upload_only_seconds(weights)
+weights = nil
+collectgarbage(); collectgarbage()
 local forward_s = times.window
 local floor = weight_bytes / h2d
 B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
          "forward_one_ahead_s", "ratio_to_floor", "window_streamed_share", "window_dropped", "window_prefetch_bytes",
-         "one_ahead_streamed_share", "one_ahead_dropped", "one_ahead_prefetch_bytes", "staging_threads" }, {
+         "one_ahead_streamed_share", "one_ahead_dropped", "one_ahead_prefetch_bytes", "staging_threads",
+         "upload_only_s" }, {
    bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
    h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = times.no_prefetch,
    forward_one_ahead_s = times.one_ahead, ratio_to_floor = forward_s / floor,
    window_streamed_share = times.window_streamed_share, window_dropped = times.window_dropped,
    window_prefetch_bytes = times.window_prefetch_bytes, one_ahead_streamed_share = times.one_ahead_streamed_share,
    one_ahead_dropped = times.one_ahead_dropped, one_ahead_prefetch_bytes = times.one_ahead_prefetch_bytes,
-   staging_threads = os.getenv("MOONLOAD_UPLOAD_THREADS") or "default",
+   staging_threads = os.getenv("MOONLOAD_UPLOAD_THREADS") or "default", upload_only_s = upload_only_s,
 })
 
 -- Decoding 8 tokens after a 16-token prompt: every weight streamed per token (Accelerate's way)
