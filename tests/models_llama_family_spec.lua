@@ -413,6 +413,7 @@ end)
 for _, case in ipairs({ { "mistral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
                         { "ministral3_multimodal_tiny", "MistralForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
                         { "mistral4_multimodal_tiny", "Mistral4ForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
+                        { "llama4_multimodal_tiny", "Llama4ForCausalLM", "^language_model%.", "^language_model%.lm_head%." },
                         { "qwen3_vl_multimodal_tiny", "Qwen3ForCausalLM", "^model%.language_model%.", "^lm_head%." },
                         { "qwen3_vl_moe_multimodal_tiny", "Qwen3MoeForCausalLM", "^model%.language_model%.", "^lm_head%." } }) do
    local name, class, prefix, head = case[1], case[2], case[3], case[4]

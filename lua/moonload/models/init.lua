@@ -35,6 +35,8 @@ local ARCH = {
    qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
    qwen3_vl_moe_text = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
+   llama4_text = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },
+   llama4 = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },              -- its language model
    minimax_m2 = { module = "moonload.models.moe", class = "MiniMaxM2ForCausalLM" },
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },

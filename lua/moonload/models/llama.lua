@@ -52,6 +52,8 @@ local FAMILIES = {
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
+   llama4_text = { who = "models.llama4", prefix = "Llama4Text",                                -- models/llama4.lua
+                   defaults = { head_dim = 128, rms_norm_eps = 1e-5, rope_theta = 500000 } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
@@ -270,7 +272,7 @@ function M.config(source, family)
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
-      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" then
+      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "llama4_text" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "glm4_moe" then          -- biased q/k/v, an unbiased output, per-head q/k norms if asked

@@ -104,8 +104,10 @@ function SparseMoeBlock:routed(flat, top_w, top_i)
 end
 
 --- sum over each row's experts e of weight * experts[e + 1](row): flat (N, hidden), top_w (N, k),
--- top_i a list per row of k 0-based experts. Each chosen expert runs once, on all its rows.
-function M.run_experts(experts, flat, top_w, top_i)
+-- top_i a list per row of k 0-based experts. Each chosen expert runs once, on all its rows. With
+-- weigh_inputs, experts[e + 1](weight * row) instead (Llama 4's experts take their router's
+-- weight on the way in).
+function M.run_experts(experts, flat, top_w, top_i, weigh_inputs)
    local N, H = flat:size(1), flat:size(2)
    local k = top_w:size(2)
    top_w = top_w:to(flat.dtype):reshape(N * k)
@@ -126,7 +128,12 @@ function M.run_experts(experts, flat, top_w, top_i)
       if rows[e] then
          local idx = T.tensor(rows[e], { dtype = "int64", device = flat.device })
          local w = top_w:index_select(1, T.tensor(slots[e], { dtype = "int64", device = flat.device }))
-         outputs[#outputs + 1] = experts[e + 1](flat:index_select(1, idx)) * w:unsqueeze(2)
+         local x = flat:index_select(1, idx)
+         if weigh_inputs then
+            outputs[#outputs + 1] = experts[e + 1](x * w:unsqueeze(2))
+         else
+            outputs[#outputs + 1] = experts[e + 1](x) * w:unsqueeze(2)
+         end
          for j, slot in ipairs(slots[e]) do where[slot + 1] = at + j - 1 end
          at = at + #rows[e]
       end
@@ -189,14 +196,14 @@ end
 
 --- run_experts over a module whose experts are its method expert(e, x) (e 0-based) rather than
 -- modules of their own (the stacked experts, gpt-oss's): one callable per expert, made once.
-function M.run_expert_method(module, flat, top_w, top_i)
+function M.run_expert_method(module, flat, top_w, top_i, weigh_inputs)
    local experts = rawget(module, "_callables")
    if not experts then
       experts = {}
       for e = 1, module.num_experts do experts[e] = function(x) return module:expert(e - 1, x) end end
       rawset(module, "_callables", experts)
    end
-   return M.run_experts(experts, flat, top_w, top_i)
+   return M.run_experts(experts, flat, top_w, top_i, weigh_inputs)
 end
 
 --- The same experts as one module each (Qwen3-MoE's layout: experts.E.{gate_proj, up_proj,
@@ -397,22 +404,22 @@ end
 -- decoder on Llama's layout, named as transformers names them (no_split_module_classes and the
 -- printed tree use them): prefix .. "Attention" extending Attention, a DecoderLayer whose
 -- mlp_name attribute is MLP(cfg, layer index) (a MoE family picks sparse or dense by the index),
--- RotaryEmbedding, Model and ForCausalLM reading its config with read_config(source, family).
--- Stored under those names in into; returns the ForCausalLM class.
-function M.decoder_family(family, prefix, Attention, MLP, mlp_name, read_config, into)
+-- RotaryEmbedding, Model and ForCausalLM (or lm_name) reading its config with read_config(source,
+-- family). Stored under those names in into; returns the ForCausalLM class.
+function M.decoder_family(family, prefix, Attention, MLP, mlp_name, read_config, into, lm_name)
    local Attn = Attention:extend(prefix .. "Attention")
    local Layer = llama.LlamaDecoderLayer:extend(prefix .. "DecoderLayer")
    Layer.Attention, Layer.mlp_name, Layer.MLP = Attn, mlp_name or "mlp", MLP
    local Rotary = llama.LlamaRotaryEmbedding:extend(prefix .. "RotaryEmbedding")
    local Model = llama.LlamaModel:extend(prefix .. "Model")
    Model.family, Model.Layer, Model.Rotary = family, Layer, Rotary
-   local LM = llama.LlamaForCausalLM:extend(prefix .. "ForCausalLM")
+   local LM = llama.LlamaForCausalLM:extend(lm_name or prefix .. "ForCausalLM")
    LM.family, LM.Model = family, Model
    LM.no_split_modules = { prefix .. "DecoderLayer" }
    LM.forward = common.causal_lm_forward("models." .. family .. ".forward", "model", "embed_tokens")
    function LM:read_config(source) return read_config(source, self.family) end
    into[prefix .. "Attention"], into[prefix .. "DecoderLayer"], into[prefix .. "RotaryEmbedding"] = Attn, Layer, Rotary
-   into[prefix .. "Model"], into[prefix .. "ForCausalLM"] = Model, LM
+   into[prefix .. "Model"], into[lm_name or prefix .. "ForCausalLM"] = Model, LM
    return LM
 end
 
