@@ -12,7 +12,7 @@
 #include <math.h>
 
 static const int kBlock = 32;       // values per scale (QuantizedLinear.BLOCK)
-static const int kThreads = 256;    // 8 warps: 8 quantization blocks, or 8 output columns
+static const int kThreads = 256;    // 8 warps: 8 quantization blocks, or a gemv block's split of K
 static const int kGemvRows = 8;
 
 // --- few rows: a block per four output columns -------------------------------------------------

@@ -300,6 +300,23 @@ function M.new_cache(n_layers, capacity, device, dtype)
    return require("moonload.models.kv_cache").new(n_layers, capacity, device, dtype)
 end
 
+--- x with the entries of its last dim reordered, the even ones first, then the odd ones: rotary
+-- pairs of neighbouring dims (x0, x1), (x2, x3), ... (DeepSeek's, GLM-5's indexer's, Llama 4's)
+-- become rotate_half's pairs (i, i + D/2). Applied alike to queries and keys, it leaves their
+-- products unchanged. The index is kept on owner (one per module, made again for another device).
+function M.deinterleave(owner, x)
+   local D = x:size(x:dim())
+   local perm = rawget(owner, "_deinterleave")
+   if perm == nil or perm.device ~= x.device or perm:numel() ~= D then
+      local idx = {}
+      for i = 0, D - 1, 2 do idx[#idx + 1] = i end
+      for i = 1, D - 1, 2 do idx[#idx + 1] = i end
+      perm = T.tensor(idx, { dtype = "int64", device = x.device })
+      rawset(owner, "_deinterleave", perm)
+   end
+   return x:index_select(x:dim(), perm)
+end
+
 --- Where the key-value cache lives on another device than the queries (kv_cache_device),
 -- attention runs there: returns q and pad moved to the keys' device and the device the result
 -- goes back to (nil when nothing moved).

@@ -221,21 +221,6 @@ function MLAttention:kv_cache_heads()
    return 1, (self.rank + self.rope) / 2, self.n_head, false
 end
 
--- DeepSeek's rotary pairs are adjacent dims (x0, x1), (x2, x3), ...; rotate_half pairs dim i with
--- i + D/2. Gathering the even dims before the odd ones turns one layout into the other (the
--- queries' and keys' dims move alike, so their products are unchanged).
-function MLAttention:deinterleave(x)
-   local perm = rawget(self, "_perm")
-   if perm == nil or perm.device ~= x.device then
-      local idx = {}
-      for i = 0, self.rope - 1, 2 do idx[#idx + 1] = i end
-      for i = 1, self.rope - 1, 2 do idx[#idx + 1] = i end
-      perm = T.tensor(idx, { dtype = "int64", device = x.device })
-      rawset(self, "_perm", perm)
-   end
-   return x:index_select(x:dim(), perm)
-end
-
 -- Whether absorbing costs fewer multiply-adds than expanding, for L queries over S cached tokens.
 function MLAttention:absorbing_is_cheaper(L, S)
    local H, r, n, p, v = self.n_head, self.rank, self.nope, self.rope, self.v_dim
@@ -315,7 +300,7 @@ function MLAttention:forward(x, cos, sin, cache, pad)
    local ckv = self.kv_a_proj_with_mqa(x)                                     -- (B, T, r + p)
    local latent = self.kv_a_layernorm(ckv:narrow(3, 1, r)):unsqueeze(2)       -- (B, 1, T, r)
    local k_rot = ckv:narrow(3, r + 1, p):unsqueeze(2)                         -- (B, 1, T, p)
-   if self.interleaved then q_rot, k_rot = self:deinterleave(q_rot), self:deinterleave(k_rot) end
+   if self.interleaved then q_rot, k_rot = common.deinterleave(self, q_rot), common.deinterleave(self, k_rot) end
    q_rot, k_rot = llama.apply_rotary(q_rot, cos, sin), llama.apply_rotary(k_rot, cos, sin)
    local past, joint = 0, nil          -- joint: [latent, k_rot] as the cache holds them side by side
    if cache then

@@ -133,7 +133,7 @@ end
 function Indexer:rotate(t, cos, sin)
    local p = self.rope
    local rot = t:narrow(4, 1, p)
-   if self.interleaved then rot = deepseek.MLAttention.deinterleave(self, rot) end
+   if self.interleaved then rot = common.deinterleave(self, rot) end
    rot = llama.apply_rotary(rot, cos, sin)
    if p == self.dim then return rot end
    return T.cat({ rot, t:narrow(4, p + 1, self.dim - p) }, 4)

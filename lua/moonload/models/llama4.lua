@@ -127,6 +127,8 @@ end
 local function setup_attention(Attention)
    local Base = llama.LlamaAttention
 
+   Attention.deinterleave = common.deinterleave
+
    function Attention:__init(cfg, layer_idx)
       Base.__init(self, cfg, layer_idx)
       local rope = cfg.layer_rope[layer_idx]
@@ -134,21 +136,6 @@ local function setup_attention(Attention)
       rawset(self, "chunk", cfg.layer_chunks[layer_idx] or nil)
       rawset(self, "qk_norm_eps", cfg.use_qk_norm and rope and cfg.rms_norm_eps or nil)
       rawset(self, "temperature", not rope and cfg.attn_temperature_tuning)
-   end
-
-   -- Meta's rotary pairs are neighbouring dims (x0, x1), (x2, x3), ...; gathering the even dims
-   -- before the odd ones turns them into rotate_half's pairs (i, i + D/2). Queries and keys move
-   -- alike, so their products are unchanged (as DeepSeek's latent attention does it).
-   function Attention:deinterleave(x)
-      local perm = rawget(self, "_perm")
-      if perm == nil or perm.device ~= x.device then
-         local idx = {}
-         for i = 0, self.head_dim - 1, 2 do idx[#idx + 1] = i end
-         for i = 1, self.head_dim - 1, 2 do idx[#idx + 1] = i end
-         perm = T.tensor(idx, { dtype = "int64", device = x.device })
-         rawset(self, "_perm", perm)
-      end
-      return x:index_select(x:dim(), perm)
    end
 
    --- x (B, T, hidden); on a rotary layer cos, sin (T, D) or (B, 1, T, D); on a NoPE layer cos
@@ -159,7 +146,7 @@ local function setup_attention(Attention)
       local H, D = self.n_head, self.head_dim
       local q, k, v = self:project(x, B, L)
       q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
-      if self.use_rope then
+      if self.use_rope then                   -- (Meta's pairs are neighbouring dims: common.deinterleave)
          q = llama.apply_rotary(self:deinterleave(q), cos, sin)
          k = llama.apply_rotary(self:deinterleave(k), cos, sin)
          local eps = self.qk_norm_eps
