@@ -35,6 +35,8 @@ local ARCH = {
    qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
    qwen3_vl_moe_text = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
+   ernie4_5 = { module = "moonload.models.ernie4_5", class = "Ernie4_5ForCausalLM" },
+   ernie4_5_moe = { module = "moonload.models.ernie4_5", class = "Ernie4_5_MoeForCausalLM" },
    llama4_text = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },
    llama4 = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },              -- its language model
    minimax_m2 = { module = "moonload.models.moe", class = "MiniMaxM2ForCausalLM" },

@@ -50,6 +50,10 @@ local FAMILIES = {
    minimax_m2 = { who = "models.minimax_m2", prefix = "MiniMaxM2", defaults = { head_dim = 128, rope_theta = 5000000 } },   -- models/moe.lua
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
+   ernie4_5 = { who = "models.ernie4_5", prefix = "Ernie4_5",                                    -- models/ernie4_5.lua
+                defaults = { head_dim = 128, tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
+   ernie4_5_moe = { who = "models.ernie4_5_moe", prefix = "Ernie4_5_Moe",
+                    defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    llama4_text = { who = "models.llama4", prefix = "Llama4Text",                                -- models/llama4.lua
@@ -279,6 +283,11 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.qk_norm = cfg.use_qk_norm == true
+   elseif family == "ernie4_5" or family == "ernie4_5_moe" then   -- use_bias on every projection
+      local bias = cfg.use_bias == true
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      cfg.rope_pairs_interleaved = true
    elseif family == "minimax_m2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -562,6 +571,7 @@ function M.attention_geometry(self, cfg, layer_idx)
    rawset(self, "layer_idx", layer_idx)
    rawset(self, "window", cfg.layer_windows and cfg.layer_windows[layer_idx] or nil)   -- false: none
    rawset(self, "query_scaled", cfg.query_scaling ~= nil)
+   rawset(self, "pairs_interleaved", cfg.rope_pairs_interleaved == true)   -- rotary pairs (x0, x1), (x2, x3), ...
 end
 
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
@@ -582,6 +592,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
    local query_scale
    if self.query_scaled then cos, sin, query_scale = M.split_query_scale(cos, sin) end
+   if self.pairs_interleaved then q, k = common.deinterleave(self, q), common.deinterleave(self, k) end   -- (ERNIE 4.5)
    q = apply_rotary(q, cos, sin)
    k = apply_rotary(k, cos, sin)
    if query_scale then q = q * query_scale end
