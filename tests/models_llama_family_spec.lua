@@ -849,3 +849,35 @@ describe("OPT, BLOOM, Falcon and GPT-J through save_model and int8", function()
       end)
    end
 end)
+
+describe("models.seed_oss (tests/fixtures/models/seed_oss_tiny: q/k/v, output and MLP biases)", function()
+   local dir = H.FIX .. "/seed_oss_tiny"
+   local exp = H.expected("seed_oss_tiny")
+   local model = models.from_pretrained(dir)
+
+   it("builds SeedOssForCausalLM with every tensor of the checkpoint, its output bias by attention_out_bias", function()
+      assert.are.equal("SeedOssForCausalLM", model.__name)
+      assert.are.same(H.sorted_keys(ml.safetensors.load_file(dir .. "/model.safetensors")), H.sorted_keys((model:state_dict())))
+      assert.are.same({ 32 }, model.model.layers[1].self_attn.o_proj.bias.shape)
+      local raw = H.read_json(dir .. "/config.json")
+      raw.attention_out_bias = nil                              -- (transformers' default: none)
+      local cfg = llama.config(raw, "seed_oss")
+      assert.is_true(cfg.qkv_bias)
+      assert.is_false(cfg.o_bias)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+   it_matches_padded(model, "seed_oss_tiny", "positions")
+
+   it("builds transformers' default config (28.92 B) with its parameter count and shapes", function()
+      local fix = H.read_json(dir .. "/hub_config.json")
+      local m = ml.init_empty_weights(function() return llama.SeedOssForCausalLM(fix.config) end)
+      local count, shapes = 0, {}
+      for name, p in m:named_parameters() do
+         count = count + p:numel()
+         shapes[name] = p.shape
+      end
+      assert.are.equal(fix.parameters, count)
+      for name, shape in pairs(fix.shapes) do assert.are.same(shape, shapes[name], name) end
+   end)
+end)

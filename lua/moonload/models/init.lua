@@ -35,6 +35,7 @@ local ARCH = {
    qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
    qwen3_vl_moe_text = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
+   seed_oss = { module = "moonload.models.llama", class = "SeedOssForCausalLM" },
    ernie4_5 = { module = "moonload.models.ernie4_5", class = "Ernie4_5ForCausalLM" },
    ernie4_5_moe = { module = "moonload.models.ernie4_5", class = "Ernie4_5_MoeForCausalLM" },
    llama4_text = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },

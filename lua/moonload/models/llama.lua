@@ -54,6 +54,8 @@ local FAMILIES = {
                 defaults = { head_dim = 128, tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
    ernie4_5_moe = { who = "models.ernie4_5_moe", prefix = "Ernie4_5_Moe",
                     defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
+   seed_oss = { who = "models.seed_oss", prefix = "SeedOss",
+                defaults = { head_dim = 128, attention_bias = true, rope_theta = 10000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    llama4_text = { who = "models.llama4", prefix = "Llama4Text",                                -- models/llama4.lua
@@ -288,6 +290,9 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.rope_pairs_interleaved = true
+   elseif family == "seed_oss" then          -- biased q/k/v by default; the output's own key
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_out_bias == true
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "minimax_m2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -809,6 +814,7 @@ family_classes("qwen2")
 family_classes("qwen3")
 family_classes("phi3")
 family_classes("starcoder2")
+family_classes("seed_oss")       -- Seed-OSS-36B: Llama's layers, q/k/v biased, attention_out_bias apart
 family_classes("olmo2")
 family_classes("olmo3")
 
