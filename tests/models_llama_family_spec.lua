@@ -881,3 +881,80 @@ describe("models.seed_oss (tests/fixtures/models/seed_oss_tiny: q/k/v, output an
       for name, shape in pairs(fix.shapes) do assert.are.same(shape, shapes[name], name) end
    end)
 end)
+
+-- A fixture's logits with fn(model) applied first (the model loaded afresh).
+local function logits_after(name, fn)
+   local m = models.from_pretrained(H.FIX .. "/" .. name)
+   fn(m)
+   return m(ml.tensor(H.expected(name).input_ids, { dtype = "int64" }))
+end
+
+describe("models.exaone4 (tests/fixtures/models/exaone4_tiny: norms after, a 4-token window on 3 layers, a NoPE 4th)", function()
+   local exp = H.expected("exaone4_tiny")
+   local model = models.from_pretrained(H.FIX .. "/exaone4_tiny")
+
+   it("builds Exaone4ForCausalLM: OLMo 2's norms after, per-head q/k norms, the full layer without rotary", function()
+      assert.are.equal("Exaone4ForCausalLM", model.__name)
+      assert.are.same(H.sorted_keys(ml.safetensors.load_file(H.FIX .. "/exaone4_tiny/model.safetensors")),
+         H.sorted_keys((model:state_dict())))
+      assert.are.same({ 4, 4, 4, false }, model.config.layer_windows)
+      assert.are.same({ false, false, false, true }, model.config.nope_layers)
+      assert.are.same({ 8 }, model.model.layers[1].self_attn.q_norm.weight.shape)
+      assert.truthy(model.model.layers[1].post_feedforward_layernorm)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2, past the window")
+   it_matches_padded(model, "exaone4_tiny", "positions and windows")
+
+   it("needs its NoPE layer: rotating it too gives other logits", function()
+      local logits = logits_after("exaone4_tiny", function(m) rawset(m.model.layers[4].self_attn, "nope", false) end)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) > 1e-3)
+   end)
+
+   it("reads the layer plan from sliding_window_pattern, and names a pattern it cannot read", function()
+      local cfg = llama.config(tiny({ model_type = "exaone4", num_hidden_layers = 4, sliding_window = 8,
+         sliding_window_pattern = 2 }), "exaone4")
+      assert.are.same({ 8, false, 8, false }, cfg.layer_windows)
+      assert.are.same({ false, true, false, true }, cfg.nope_layers)
+      cfg = llama.config(tiny({ model_type = "exaone4", num_hidden_layers = 2 }), "exaone4")   -- no window: all rotate
+      assert.are.same({ false, false }, cfg.nope_layers)
+      local ok, err = pcall(llama.config, tiny({ model_type = "exaone4", sliding_window = 8, sliding_window_pattern = "LLLG" }),
+         "exaone4")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('"sliding_window_pattern" must be a positive integer without "layer_types", got LLLG', 1, true), err)
+   end)
+end)
+
+describe("models.smollm3 (tests/fixtures/models/smollm3_tiny: every 2nd layer NoPE, a tied head)", function()
+   local exp = H.expected("smollm3_tiny")
+   local model = models.from_pretrained(H.FIX .. "/smollm3_tiny")
+
+   it("builds SmolLM3ForCausalLM, its NoPE layers from no_rope_layers", function()
+      assert.are.equal("SmolLM3ForCausalLM", model.__name)
+      assert.are.same({ false, true, false, true }, model.config.nope_layers)
+      assert.are.same({ false, false, false, false }, model.config.layer_windows)
+      assert.are.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+   it_matches_padded(model, "smollm3_tiny", "positions")
+
+   it("needs its NoPE layers: rotating them too gives other logits", function()
+      local logits = logits_after("smollm3_tiny", function(m)
+         for _, layer in ipairs(m.model.layers) do rawset(layer.self_attn, "nope", false) end
+      end)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) > 1e-3)
+   end)
+
+   it("slides its NoPE layers with use_sliding_window, and names a bad no_rope_layers", function()
+      local cfg = llama.config(tiny({ model_type = "smollm3", num_hidden_layers = 4, no_rope_layers = { 1, 0, 1, 0 },
+         use_sliding_window = true, sliding_window = 6 }), "smollm3")
+      assert.are.same({ false, 6, false, 6 }, cfg.layer_windows)
+      local ok, err = pcall(llama.config, tiny({ model_type = "smollm3", no_rope_layers = { 1, 2 } }), "smollm3")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("no_rope_layers[2] must be 0 or 1, got 2", 1, true), err)
+      ok, err = pcall(llama.config, tiny({ model_type = "smollm3", no_rope_layers = { 1 } }), "smollm3")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('config key "no_rope_layers" must list 2 layers', 1, true), err)
+   end)
+end)

@@ -35,6 +35,8 @@ local ARCH = {
    qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
    qwen3_vl_moe_text = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    mixtral = { module = "moonload.models.moe", class = "MixtralForCausalLM" },
+   exaone4 = { module = "moonload.models.llama", class = "Exaone4ForCausalLM" },
+   smollm3 = { module = "moonload.models.llama", class = "SmolLM3ForCausalLM" },
    seed_oss = { module = "moonload.models.llama", class = "SeedOssForCausalLM" },
    ernie4_5 = { module = "moonload.models.ernie4_5", class = "Ernie4_5ForCausalLM" },
    ernie4_5_moe = { module = "moonload.models.ernie4_5", class = "Ernie4_5_MoeForCausalLM" },

@@ -51,9 +51,12 @@ local FAMILIES = {
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
    ernie4_5 = { who = "models.ernie4_5", prefix = "Ernie4_5",                                    -- models/ernie4_5.lua
-                defaults = { head_dim = 128, tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
+                defaults = { head_dim = 128, tie_word_embeddings = true, rms_norm_eps = 1e-5, rope_theta = 500000 } },
    ernie4_5_moe = { who = "models.ernie4_5_moe", prefix = "Ernie4_5_Moe",
-                    defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
+                    defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5, rope_theta = 500000 } },
+   exaone4 = { who = "models.exaone4", prefix = "Exaone4", defaults = { rms_norm_eps = 1e-5 } },
+   smollm3 = { who = "models.smollm3", prefix = "SmolLM3",
+               defaults = { tie_word_embeddings = true, rope_theta = 2000000 } },
    seed_oss = { who = "models.seed_oss", prefix = "SeedOss",
                 defaults = { head_dim = 128, attention_bias = true, rope_theta = 10000 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
@@ -290,6 +293,46 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.rope_pairs_interleaved = true
+   elseif family == "exaone4" then           -- sliding layers rotate; with a window, the full ones are NoPE
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
+      cfg.qk_norm = true
+      local w = window_size(cfg, WHO)
+      cfg.use_sliding_window = w ~= nil
+      cfg.max_window_layers = 0
+      if cfg.layer_types == nil and w then
+         local every = cfg.sliding_window_pattern == nil and 4 or cfg.sliding_window_pattern
+         if type(every) ~= "number" or every ~= math.floor(every) or every < 1 then
+            config.fail(cfg, WHO, 'config key "sliding_window_pattern" must be a positive integer without "layer_types", got %s',
+               tostring(every))
+         end
+         cfg.layer_types = {}
+         for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % every ~= 0 and "sliding_attention" or "full_attention" end
+      end
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+      cfg.nope_layers = {}
+      for i = 1, cfg.num_hidden_layers do cfg.nope_layers[i] = w ~= nil and not cfg.layer_windows[i] end
+   elseif family == "smollm3" then           -- NoPE on every no_rope_layer_interval-th layer (no_rope_layers: 0)
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      local n = cfg.num_hidden_layers
+      local flags = cfg.no_rope_layers
+      if flags ~= nil and (type(flags) ~= "table" or #flags ~= n) then
+         config.fail(cfg, WHO, 'config key "no_rope_layers" must list %d layers', n)
+      end
+      local interval = config.integer(cfg, WHO, "no_rope_layer_interval", cfg.no_rope_layer_interval or 4, 1)
+      cfg.nope_layers = {}
+      for i = 1, n do
+         local rope = flags and flags[i] or (i % interval ~= 0 and 1 or 0)
+         if rope ~= 0 and rope ~= 1 then config.fail(cfg, WHO, "no_rope_layers[%d] must be 0 or 1, got %s", i, tostring(rope)) end
+         cfg.nope_layers[i] = rope == 0
+      end
+      -- (transformers' default layer types: the NoPE layers slide when use_sliding_window)
+      local w = cfg.use_sliding_window == true and window_size(cfg, WHO) or nil
+      if cfg.layer_types == nil then
+         cfg.layer_types = {}
+         for i = 1, n do cfg.layer_types[i] = w and cfg.nope_layers[i] and "sliding_attention" or "full_attention" end
+      end
+      cfg.max_window_layers = 0
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
    elseif family == "seed_oss" then          -- biased q/k/v by default; the output's own key
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_out_bias == true
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -577,6 +620,7 @@ function M.attention_geometry(self, cfg, layer_idx)
    rawset(self, "window", cfg.layer_windows and cfg.layer_windows[layer_idx] or nil)   -- false: none
    rawset(self, "query_scaled", cfg.query_scaling ~= nil)
    rawset(self, "pairs_interleaved", cfg.rope_pairs_interleaved == true)   -- rotary pairs (x0, x1), (x2, x3), ...
+   rawset(self, "nope", cfg.nope_layers ~= nil and cfg.nope_layers[layer_idx] == true)   -- no position embedding
 end
 
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
@@ -598,8 +642,10 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    local query_scale
    if self.query_scaled then cos, sin, query_scale = M.split_query_scale(cos, sin) end
    if self.pairs_interleaved then q, k = common.deinterleave(self, q), common.deinterleave(self, k) end   -- (ERNIE 4.5)
-   q = apply_rotary(q, cos, sin)
-   k = apply_rotary(k, cos, sin)
+   if not self.nope then
+      q = apply_rotary(q, cos, sin)
+      k = apply_rotary(k, cos, sin)
+   end
    if query_scale then q = q * query_scale end
    local past = 0
    if cache then
@@ -791,12 +837,12 @@ function M.from_config(cfg) return LlamaForCausalLM(cfg) end
 
 -- The family's classes: Llama's, renamed (no_split_module_classes and printed trees use the names
 -- transformers gives them) and reading the family's config.
-local function family_classes(family)
+local function family_classes(family, BaseLayer)
    local f = FAMILIES[family]
    local p = f.prefix
    local Attention = LlamaAttention:extend(p .. "Attention")
    local MLP = LlamaMLP:extend(p .. "MLP")
-   local Layer = LlamaDecoderLayer:extend(p .. "DecoderLayer")
+   local Layer = (BaseLayer or LlamaDecoderLayer):extend(p .. "DecoderLayer")
    Layer.Attention, Layer.MLP = Attention, MLP
    local Rotary = LlamaRotaryEmbedding:extend(p .. "RotaryEmbedding")
    local Model = LlamaModel:extend(p .. "Model")
@@ -815,6 +861,7 @@ family_classes("qwen3")
 family_classes("phi3")
 family_classes("starcoder2")
 family_classes("seed_oss")       -- Seed-OSS-36B: Llama's layers, q/k/v biased, attention_out_bias apart
+family_classes("smollm3")        -- SmolLM3: Llama's layers, NoPE on every 4th
 family_classes("olmo2")
 family_classes("olmo3")
 
@@ -865,6 +912,12 @@ function Olmo2DecoderLayer:forward(x, cos, sin, cache, pad)
    x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, cache, pad))
    return x + self.post_feedforward_layernorm(self.mlp(x))
 end
+
+-- EXAONE 4 (model_type exaone4: EXAONE-4.0-1.2B and -32B): OLMo 2's norms after attention and MLP,
+-- Qwen3's per-head q/k norms before the rotary embedding; with a sliding window, three layers of
+-- every sliding_window_pattern slide and rotate, and the others attend to everything without any
+-- position embedding (NoPE).
+family_classes("exaone4", Olmo2DecoderLayer)
 
 -- OLMo 3: OLMo 2's layers, sliding on three layers of every four, which rotate unscaled.
 local Olmo3Attention, Olmo3DecoderLayer = M.Olmo3Attention, M.Olmo3DecoderLayer
