@@ -1,6 +1,6 @@
---- ml.models: GPT-2, GPT-NeoX, Llama (and Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 2
--- and 3), Qwen3-Next and Qwen3.5, BERT, RoBERTa/XLM-R, T5 and BART with Hugging Face names, and
--- from_pretrained.
+--- ml.models: the decoder, encoder and encoder-decoder families of the ARCH table below (GPT-2 to
+-- DeepSeek-V3.2, Llama 4, ERNIE 4.5; BERT, T5, BART; the README's model table says what each one
+-- does) with Hugging Face names, and from_pretrained.
 --
 --    local models = require("moonload.models")
 --    local model = models.from_pretrained("path/to/dir")     -- config.json + safetensors
