@@ -213,8 +213,9 @@ end
 -- theirs (default "llama"). The rotary parameters come from rope_parameters (transformers >= 5)
 -- or from rope_theta + rope_scaling (older files), and end up in cfg.rope = {rope_type,
 -- rope_theta, factor, ...}; rope types: default, linear, llama3. The family's differences end up
--- in cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias and cfg.layer_windows (per layer: a sliding window
--- size, or false).
+-- in cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.layer_windows (per layer: a sliding window size,
+-- or false), cfg.nope_layers (per layer: true where there is no rotary embedding) and
+-- cfg.rope_pairs_interleaved (rotary pairs of neighbouring dims).
 function M.config(source, family)
    family = family or "llama"
    local fam = assert(FAMILIES[family], "unknown Llama family")
