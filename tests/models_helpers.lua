@@ -132,6 +132,22 @@ function H.collect_warnings()
    return list
 end
 
+--- Builds build() under init_empty_weights and checks it against transformers' skeleton of the
+-- same config (fix: {parameters = count, shapes = {name = shape}}, a subset of the names): the
+-- parameter count and those shapes. Returns the model. (Called from a spec: its assert.)
+function H.assert_matches_skeleton(build, fix)
+   local assert = getfenv(2).assert
+   local m = require("moonload").init_empty_weights(build)
+   local count, shapes = 0, {}
+   for name, p in m:named_parameters() do
+      count = count + p:numel()
+      shapes[name] = p.shape
+   end
+   assert.are.equal(fix.parameters, count)
+   for name, shape in pairs(fix.shapes) do assert.are.same(shape, shapes[name], name) end
+   return m
+end
+
 -- A left-padded batch (the fixture's padded.json: the first row's first two ids are padding):
 -- transformers' logits at the real positions and its greedy ids.
 -- (called from a spec: busted's it and assert are that file's)
