@@ -35,7 +35,7 @@ describe("models.llama4 (tests/fixtures/models/llama4_tiny: chunks of 4, a NoPE 
       assert.are.same(H.sorted_keys(ml.safetensors.load_file(DIR .. "/model.safetensors")), H.sorted_keys((model:state_dict())))
       assert.are.same({ "Llama4TextDecoderLayer" }, model.no_split_modules)
       local cfg = model.config
-      assert.are.same({ true, true, true, false }, cfg.layer_rope)            -- every 4th layer NoPE
+      assert.are.same({ false, false, false, true }, cfg.nope_layers)         -- every 4th layer NoPE
       assert.are.same({ 4, 4, 4, false }, cfg.layer_chunks)
       assert.are.same({ false, true, false, true }, cfg.sparse_layers)       -- interleave_moe_layer_step 2
       local ff = model.model.layers[2].feed_forward
@@ -112,7 +112,7 @@ describe("models.llama4 (tests/fixtures/models/llama4_tiny: chunks of 4, a NoPE 
       local raw = tiny({ no_rope_layers = {}, no_rope_layer_interval = 2, moe_layers = { 0 } })
       raw.layer_types = nil
       local cfg = llama4.config(raw)
-      assert.are.same({ true, false, true, false }, cfg.layer_rope)
+      assert.are.same({ false, true, false, true }, cfg.nope_layers)
       assert.are.same({ true, false, false, false }, cfg.sparse_layers)
       assert.are.same({ 4, false, 4, false }, cfg.layer_chunks)
       cfg = llama4.config(tiny({ layer_types = { "full_attention", "full_attention", "chunked_attention", "full_attention" } }))

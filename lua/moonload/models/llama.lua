@@ -642,7 +642,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
    local query_scale
    if self.query_scaled then cos, sin, query_scale = M.split_query_scale(cos, sin) end
-   if self.pairs_interleaved then q, k = common.deinterleave(self, q), common.deinterleave(self, k) end   -- (ERNIE 4.5)
+   if self.pairs_interleaved then q, k = self:deinterleave(q), self:deinterleave(k) end   -- (ERNIE 4.5)
    if not self.nope then
       q = apply_rotary(q, cos, sin)
       k = apply_rotary(k, cos, sin)
@@ -663,6 +663,9 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    if gate then y = y * gate:sigmoid() end
    return self[self.out_name](y)
 end
+
+-- Rotary pairs of neighbouring dims turned into rotate_half's (models/common.lua).
+LlamaAttention.deinterleave = common.deinterleave
 
 --- softmax(q k^T * scale + causal/window/padding mask) v; Gemma 2 caps the scores first.
 function LlamaAttention:attend(q, k, v, past, pad)

@@ -41,7 +41,8 @@ local function layer_flags(cfg, key, n)
 end
 
 --- Reads and checks a Llama 4 text config (path, folder or table; a "llama4" folder's
--- text_config). Per layer (1-based): cfg.layer_rope (rotary or NoPE), cfg.layer_chunks (chunk
+-- text_config). Per layer (1-based): cfg.nope_layers (true: no rotary, as models/llama.lua reads
+-- it), cfg.layer_chunks (chunk
 -- size or false) and cfg.sparse_layers.
 function M.config(source)
    local cfg = llama.config(source, "llama4_text")
@@ -57,11 +58,12 @@ function M.config(source)
       "intermediate_size_mlp", 1)
    -- NoPE layers: every no_rope_layer_interval-th unless no_rope_layers lists them (1 = rotary)
    local interval = int(cfg.no_rope_layer_interval or 4, "no_rope_layer_interval", 1)
-   cfg.layer_rope = layer_flags(cfg, "no_rope_layers", n)
-   if not cfg.layer_rope then
-      cfg.layer_rope = {}
-      for i = 1, n do cfg.layer_rope[i] = i % interval ~= 0 end
+   local rope = layer_flags(cfg, "no_rope_layers", n)
+   cfg.nope_layers = {}
+   for i = 1, n do
+      if rope then cfg.nope_layers[i] = not rope[i] else cfg.nope_layers[i] = i % interval == 0 end
    end
+   cfg.rope_pairs_interleaved = true               -- (Meta's pairs: neighbouring dims)
    -- sparse layers: moe_layers (0-based) or every interleave_moe_layer_step-th
    cfg.sparse_layers = {}
    if cfg.moe_layers ~= nil then
@@ -81,7 +83,7 @@ function M.config(source)
    -- null reads as absent: transformers' default 8192)
    local chunk = int(cfg.attention_chunk_size or 8192, "attention_chunk_size", 1)
    local types = config.layer_types(cfg, WHO, { "full_attention", "chunked_attention" },
-      function(i) return cfg.layer_rope[i] and "chunked_attention" or "full_attention" end)
+      function(i) return cfg.nope_layers[i] and "full_attention" or "chunked_attention" end)
    cfg.layer_chunks = {}
    for i = 1, n do cfg.layer_chunks[i] = types[i] == "chunked_attention" and chunk or false end
    cfg.use_qk_norm = cfg.use_qk_norm ~= false
@@ -127,12 +129,9 @@ end
 local function setup_attention(Attention)
    local Base = llama.LlamaAttention
 
-   Attention.deinterleave = common.deinterleave
-
    function Attention:__init(cfg, layer_idx)
       Base.__init(self, cfg, layer_idx)
-      local rope = cfg.layer_rope[layer_idx]
-      rawset(self, "use_rope", rope)
+      local rope = not self.nope                      -- (attention_geometry's flags: nope, pairs_interleaved)
       rawset(self, "chunk", cfg.layer_chunks[layer_idx] or nil)
       rawset(self, "qk_norm_eps", cfg.use_qk_norm and rope and cfg.rms_norm_eps or nil)
       rawset(self, "temperature", not rope and cfg.attn_temperature_tuning)
@@ -146,9 +145,9 @@ local function setup_attention(Attention)
       local H, D = self.n_head, self.head_dim
       local q, k, v = self:project(x, B, L)
       q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
-      if self.use_rope then                   -- (Meta's pairs are neighbouring dims: common.deinterleave)
-         q = llama.apply_rotary(self:deinterleave(q), cos, sin)
-         k = llama.apply_rotary(self:deinterleave(k), cos, sin)
+      if not self.nope then
+         if self.pairs_interleaved then q, k = self:deinterleave(q), self:deinterleave(k) end
+         q, k = llama.apply_rotary(q, cos, sin), llama.apply_rotary(k, cos, sin)
          local eps = self.qk_norm_eps
          if eps then q, k = F.rms_norm(q, { D }, nil, eps), F.rms_norm(k, { D }, nil, eps) end
       elseif self.temperature then
@@ -260,7 +259,7 @@ function Model:layer_rotary(positions, x)
    local nope
    local per_layer = {}
    for i = 1, cfg.num_hidden_layers do
-      if cfg.layer_rope[i] then
+      if not cfg.nope_layers[i] then
          per_layer[i] = rope
       else
          if not nope then
