@@ -39,7 +39,8 @@ local function stats(rt)
    lib.ml_hookrt_get_stats(rt, s)
    local r = {}
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
-      "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies", "bytes_mapped" }) do
+      "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies", "bytes_mapped",
+      "bytes_streamed", "streams_pending", "stream_waits", "stream_drains" }) do
       r[k] = tonumber(s[k])
    end
    return r
@@ -370,6 +371,63 @@ describe("hookrt", function()
          materialize(rt, g, 1)
          C.check(lib.ml_hookrt_release_group(rt, g))
          assert.are.equal(0, stats(rt).bytes_dropped)
+      end)
+   end)
+
+   -- Streaming ahead to a cuda execution device (the uploads of upload.c), one group ahead.
+   describe("streaming ahead to cuda:0 #cuda", function()
+      -- Groups of CPU-RAM weights executing on cuda:0, in this order: a big one, a norm-sized one,
+      -- then three big ones; two passes so the order is learned.
+      local function layer_groups(rt)
+         ml.manual_seed(3)
+         local sizes, gs, ws = { 65536, 16, 65536, 65536, 65536 }, {}, {}
+         for i, n in ipairs(sizes) do
+            gs[i] = new_group(rt, "cuda:0")
+            ws[i] = ml.rand({ n })
+            add(rt, gs[i], ws[i])
+         end
+         return gs, ws
+      end
+
+      it("takes the group after a far smaller one too, so a norm does not leave the copy engine idle", function()
+         local rt = new_rt()
+         C.check(lib.ml_hookrt_set_stream_window(rt, 0))
+         local gs, ws = layer_groups(rt)
+         for _ = 1, 2 do
+            for _, g in ipairs(gs) do materialize(rt, g, 1); C.check(lib.ml_hookrt_release_group(rt, g)) end
+         end
+         -- the pending uploads as each group is materialized: the norm and the big group after it,
+         -- then just that one, then one each
+         local pending = {}
+         for i, g in ipairs(gs) do
+            local got = materialize(rt, g, 1)
+            pending[i] = stats(rt).streams_pending
+            assert.are.same(ws[i]:tolist(), got[1]:to("cpu"):tolist())
+            C.check(lib.ml_hookrt_release_group(rt, g))
+         end
+         assert.are.same({ 2, 1, 1, 1, 1 }, pending)
+      end)
+
+      it("queues the next group's upload before it waits for this group's", function()
+         local rt = new_rt()
+         C.check(lib.ml_hookrt_set_stream_window(rt, 0))
+         local gs, ws = layer_groups(rt)
+         for _ = 1, 2 do
+            for _, g in ipairs(gs) do materialize(rt, g, 1); C.check(lib.ml_hookrt_release_group(rt, g)) end
+         end
+         local before = stats(rt)
+         for _ = 1, 3 do
+            for i, g in ipairs(gs) do
+               local got = materialize(rt, g, 1)
+               assert.are.same(ws[i]:tolist(), got[1]:to("cpu"):tolist())
+               C.check(lib.ml_hookrt_release_group(rt, g))
+            end
+         end
+         local after = stats(rt)
+         assert.is_true(after.bytes_streamed > before.bytes_streamed)
+         -- a wait with nothing queued behind it would be a drain; every group has one behind it
+         -- (the last one the first of the next pass)
+         assert.are.equal(before.stream_drains, after.stream_drains)
       end)
    end)
 end)

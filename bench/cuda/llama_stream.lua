@@ -98,6 +98,11 @@ local function measure(model, quick)
       r[m[1] .. "_streamed_share"] = (s1.bytes_streamed - s0.bytes_streamed) / math.max(s1.bytes_copied - s0.bytes_copied, 1)
       r[m[1] .. "_dropped"] = s1.streams_dropped - s0.streams_dropped
       r[m[1] .. "_prefetch_bytes"] = s1.prefetch_bytes - s0.prefetch_bytes
+      -- where that forward's time went: the upload worker copying, the host blocked on uploads
+      -- not yet queued, and how often such a wait had nothing queued behind it (a drain)
+      r[m[1] .. "_busy_s"] = s1.stream_busy_s - s0.stream_busy_s
+      r[m[1] .. "_host_wait_s"] = s1.stream_wait_s - s0.stream_wait_s
+      r[m[1] .. "_drains"] = s1.stream_drains - s0.stream_drains
    end
    hooks.set_prefetch(true)
    hooks.set_stream_window(64 * 2 ^ 20)
@@ -137,7 +142,8 @@ local floor = weight_bytes / h2d
 B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "forward_s", "forward_no_prefetch_s",
          "forward_one_ahead_s", "ratio_to_floor", "window_streamed_share", "window_dropped", "window_prefetch_bytes",
          "one_ahead_streamed_share", "one_ahead_dropped", "one_ahead_prefetch_bytes", "staging_threads",
-         "upload_only_s" }, {
+         "upload_only_s", "window_busy_s", "window_host_wait_s", "window_drains", "one_ahead_busy_s",
+         "one_ahead_drains" }, {
    bench = "cuda_llama_stream", layers = layers, weight_bytes = weight_bytes, build_s = t_build,
    h2d_gbps = h2d / 1e9, floor_s = floor, forward_s = forward_s, forward_no_prefetch_s = times.no_prefetch,
    forward_one_ahead_s = times.one_ahead, ratio_to_floor = forward_s / floor,
@@ -145,6 +151,9 @@ B.emit({ "bench", "layers", "weight_bytes", "build_s", "h2d_gbps", "floor_s", "f
    window_prefetch_bytes = times.window_prefetch_bytes, one_ahead_streamed_share = times.one_ahead_streamed_share,
    one_ahead_dropped = times.one_ahead_dropped, one_ahead_prefetch_bytes = times.one_ahead_prefetch_bytes,
    staging_threads = os.getenv("MOONLOAD_UPLOAD_THREADS") or "default", upload_only_s = upload_only_s,
+   window_busy_s = times.window_busy_s, window_host_wait_s = times.window_host_wait_s,
+   window_drains = times.window_drains, one_ahead_busy_s = times.one_ahead_busy_s,
+   one_ahead_drains = times.one_ahead_drains,
 })
 
 -- Decoding 8 tokens after a 16-token prompt: every weight streamed per token (Accelerate's way)

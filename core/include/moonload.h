@@ -374,6 +374,11 @@ ML_API ml_status ml_uploader_submit(ml_uploader *u, ml_tensor *dst, ml_tensor *s
    copies are queued. For a cpu destination: returns when the bytes are there. */
 ML_API ml_status ml_uploader_wait(ml_uploader *u, int ticket);
 ML_API void ml_uploader_stats(ml_uploader *u, int64_t *bytes, int64_t *jobs);
+/* Waits that blocked (the copies were not all queued yet), how many of those had no upload queued
+   behind the awaited one (the copy engine then idles until the host submits more: a pipeline
+   drain), the nanoseconds the host spent blocked, and the nanoseconds the worker spent on jobs
+   (a transfer-bound forward that took longer lost the difference with the copy engine idle). */
+ML_API void ml_uploader_timing(ml_uploader *u, int64_t *waits, int64_t *drains, int64_t *wait_ns, int64_t *busy_ns);
 /* ML_FFI_END */
 
 /* ML_FFI_BEGIN safetensors */
@@ -450,6 +455,10 @@ typedef struct {
                                 memory (-1: stopped; set_stream_window starts over) */
   int64_t bytes_mapped;      /* mapped bytes of the groups registered now: what the auto drop
                                 level compares with its threshold */
+  int64_t stream_waits;      /* materializations that blocked on an upload streamed ahead */
+  int64_t stream_drains;     /* of those, with no upload queued behind it (the copy engine ran dry) */
+  int64_t stream_wait_ns;    /* time the host spent blocked there */
+  int64_t stream_busy_ns;    /* time the upload worker spent copying (staging and queueing DMAs) */
 } ml_hookrt_stats;
 ML_API ml_status ml_hookrt_new(ml_hookrt **out);
 ML_API void ml_hookrt_release(ml_hookrt *rt);

@@ -20,11 +20,12 @@
  * looks at group state. C never calls Lua; the Lua side drives everything through these calls.
  *
  * On a cuda execution device the next group's host-resident weights are also streamed ahead:
- * right after group g is materialized, each weight of the group expected next gets a device
- * buffer and an upload (upload.c: pinned double-buffered staging on the copy stream). When that
- * group is materialized, the compute stream waits on the upload's event instead of the host
- * copying synchronously. Only one group is streamed ahead, so device memory holds the resident
- * weights plus about two modules; uploads for a group that did not come next are dropped.
+ * when group g is about to be materialized, before its own uploads are waited for, each weight of
+ * the group expected next gets a device buffer and an upload (upload.c: pinned double-buffered
+ * staging on the copy stream). When that group is materialized, the compute stream waits on the
+ * upload's event instead of the host copying synchronously. One group is streamed ahead (more
+ * with a stream window), so device memory holds the resident weights plus about two modules;
+ * uploads for a group that did not come next are dropped.
  */
 #include "internal.h"
 
@@ -617,12 +618,42 @@ static void group_unmaterialize(ml_hookrt *rt, hr_group *gr) {
 
 static void read_ahead(ml_hookrt *rt, int h, int stop, bool again);
 
+/* Streams ahead of group g (about to be materialized) along the learned order: the next group,
+   then on while the window holds; past a group far smaller than the one after it (a layer's norm
+   before its big matrix) always to that one too. Called before g's own uploads are waited for, so
+   the uploader has the next group queued while the host waits: its copy engine never runs dry at
+   a module boundary waiting for the host to wake up and ask for more. Uploads made for any other
+   group are dropped. */
+static void stage_ahead_of(ml_hookrt *rt, int g) {
+  hr_group *gr = &rt->groups[g];
+  enum { MAX_AHEAD = 64 };
+  int window[MAX_AHEAD + 1], nwindow = 0;
+  window[nwindow++] = g;                /* its own uploads are kept */
+  int64_t limit = stream_window(rt);
+  size_t ahead = 0;
+  for (int h = gr->next_unsure ? -1 : gr->next; rt->prefetch && limit >= 0 && h >= 0 && h != g && nwindow <= MAX_AHEAD;
+       h = rt->groups[h].next_unsure ? -1 : rt->groups[h].next) {
+    hr_group *o = &rt->groups[h];
+    if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
+    size_t b = o->host_bytes;
+    if (nwindow > 1 && ahead + b > (size_t)limit && ahead >= b / 8) break;
+    bool seen = false;                  /* a cycle in the learned order */
+    for (int k = 1; k < nwindow && !seen; k++) seen = window[k] == h;
+    if (seen) break;
+    window[nwindow++] = h;
+    ahead += b;
+  }
+  stage_drop_others(rt, window, nwindow);
+  for (int k = 1; k < nwindow; k++) stage_group(rt, window[k]);
+}
+
 ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
   ML_TRY(check_group("ml_hookrt_materialize", rt, g));
   hr_group *gr = &rt->groups[g];
   if (n != gr->nslots)
     return ml_fail(ML_EINVAL, "ml_hookrt_materialize: group %d has %d tensors, caller expects %d", g, gr->nslots, n);
   if (gr->active) group_unmaterialize(rt, gr);   /* materialized twice: the new call wins */
+  if (gr->dev.type == ML_DEVICE_CUDA && (rt->nstages > 0 || rt->prefetch)) stage_ahead_of(rt, g);
   for (int i = 0; i < n; i++) outs[i] = NULL;
   for (int i = 0; i < n; i++) {
     hr_slot *s = &gr->slots[i];
@@ -664,28 +695,6 @@ ml_status ml_hookrt_materialize(ml_hookrt *rt, int g, ml_tensor **outs, int n) {
     atomic_store(&rt->has_owner, true);
   }
   gr->queued = false;
-  if (gr->dev.type == ML_DEVICE_CUDA && (rt->nstages > 0 || rt->prefetch)) {
-    /* stream ahead along the learned order: the next group, then on while the window holds
-       (after a layer's small norm the next big matrix is already on its way) */
-    enum { MAX_AHEAD = 64 };
-    int window[MAX_AHEAD], nwindow = 0;
-    int64_t limit = stream_window(rt);
-    size_t ahead = 0;
-    for (int h = gr->next_unsure ? -1 : gr->next; rt->prefetch && limit >= 0 && h >= 0 && h != g && nwindow < MAX_AHEAD;
-         h = rt->groups[h].next_unsure ? -1 : rt->groups[h].next) {
-      hr_group *o = &rt->groups[h];
-      if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
-      size_t b = o->host_bytes;
-      if (nwindow > 0 && ahead + b > (size_t)limit) break;
-      bool seen = false;                  /* a cycle in the learned order */
-      for (int k = 0; k < nwindow && !seen; k++) seen = window[k] == h;
-      if (seen) break;
-      window[nwindow++] = h;
-      ahead += b;
-    }
-    stage_drop_others(rt, window, nwindow);
-    for (int k = 0; k < nwindow; k++) stage_group(rt, window[k]);
-  }
   if (rt->prefetch && !gr->next_unsure) read_ahead(rt, gr->next, g, false);
   return ML_OK;
 }
@@ -825,4 +834,6 @@ void ml_hookrt_get_stats(ml_hookrt *rt, ml_hookrt_stats *out) {
   out->streams_reclaimed = atomic_load(&rt->streams_reclaimed);
   out->stream_window = stream_window(rt);
   out->bytes_mapped = (int64_t)rt->mapped_total;
+  ml_uploader_timing(rt->uploader, &out->stream_waits, &out->stream_drains, &out->stream_wait_ns,
+                     &out->stream_busy_ns);
 }

@@ -63,9 +63,17 @@ struct ml_uploader {
   retired_source *retired;     /* the worker's alone (and release's, after the join) */
   int nretired, rcap;
   atomic_llong bytes, jobs;
+  int64_t waits, drains, wait_ns; /* under mu: see ml_uploader_timing */
+  atomic_llong busy_ns;        /* the worker's time running jobs */
 };
 
 // --- the worker ---------------------------------------------------------------------------
+
+static int64_t monotonic_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /* Threads that fill a staging buffer: one core's memcpy (~10-20 GB/s) is slower than a PCIe 5
    link, so the copy into pinned memory is split. MOONLOAD_UPLOAD_THREADS when the uploader is
@@ -203,7 +211,9 @@ static void *worker_main(void *arg) {
     reap_retired(u, false);
     long long nbytes = (long long)((size_t)ml_tensor_numel(j->src) * ml_dtype_size(j->src->dtype));
     void *ev = NULL, *src_ev = NULL;
+    int64_t t0 = monotonic_ns();
     ml_status st = run_job(u, j, &ev, &src_ev);
+    atomic_fetch_add(&u->busy_ns, monotonic_ns() - t0);
     if (src_ev) {
       if (retire_source(u, j->src, src_ev)) j->src = NULL;   /* the reference moved */
       else { ml_cuda()->event_sync(src_ev); ml_cuda()->event_free(src_ev); }
@@ -338,7 +348,15 @@ ml_status ml_uploader_wait(ml_uploader *u, int ticket) {
     pthread_mutex_unlock(&u->mu);
     return ml_fail(ML_EINVAL, "ml_uploader_wait: no pending upload %d", ticket);
   }
-  while (u->tickets[ticket].state == TICKET_QUEUED) pthread_cond_wait(&u->done, &u->mu);
+  if (u->tickets[ticket].state == TICKET_QUEUED) {
+    /* the host blocks until the copies are queued; with no job queued behind this one the worker
+       (and so the copy engine) runs dry until the host submits more */
+    u->waits++;
+    u->drains += !u->tail || u->tail->ticket == ticket;
+    int64_t t0 = monotonic_ns();
+    while (u->tickets[ticket].state == TICKET_QUEUED) pthread_cond_wait(&u->done, &u->mu);
+    u->wait_ns += monotonic_ns() - t0;
+  }
   upload_ticket t = u->tickets[ticket];
   u->tickets[ticket].state = TICKET_FREE;
   u->tickets[ticket].done_event = NULL;
@@ -355,4 +373,15 @@ ml_status ml_uploader_wait(ml_uploader *u, int ticket) {
 void ml_uploader_stats(ml_uploader *u, int64_t *bytes, int64_t *jobs) {
   *bytes = u ? atomic_load(&u->bytes) : 0;
   *jobs = u ? atomic_load(&u->jobs) : 0;
+}
+
+void ml_uploader_timing(ml_uploader *u, int64_t *waits, int64_t *drains, int64_t *wait_ns, int64_t *busy_ns) {
+  *waits = *drains = *wait_ns = *busy_ns = 0;
+  if (!u) return;
+  pthread_mutex_lock(&u->mu);
+  *waits = u->waits;
+  *drains = u->drains;
+  *wait_ns = u->wait_ns;
+  pthread_mutex_unlock(&u->mu);
+  *busy_ns = atomic_load(&u->busy_ns);
 }

@@ -428,7 +428,11 @@ end
 -- streams_dropped, streams_reclaimed (uploads given back because the device ran out of memory);
 -- and the current groups (one per offloading hook alive), bytes_mapped (the mapped bytes of their
 -- sources: what the "auto" drop level compares with its threshold), streams_pending and
--- stream_window (the bytes streamed ahead now: narrowed after running out of memory, -1 when stopped).
+-- stream_window (the bytes streamed ahead now: narrowed after running out of memory, -1 when stopped);
+-- stream_waits (materializations that blocked on an upload streamed ahead), stream_drains (of those,
+-- the ones with no upload queued behind: the copy engine ran dry until the host asked for more) and
+-- stream_wait_s (the seconds the host spent blocked there), stream_busy_s (the seconds the upload
+-- worker spent copying: a forward bound by its transfers that took longer lost the rest idle).
 function M.runtime_stats()
    local s = ffi.new("ml_hookrt_stats")
    lib.ml_hookrt_get_stats(M.runtime(), s)
@@ -436,9 +440,11 @@ function M.runtime_stats()
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
       "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies",
       "bytes_streamed", "streams_dropped", "groups", "bytes_mapped", "streams_pending", "streams_reclaimed",
-      "stream_window" }) do
+      "stream_window", "stream_waits", "stream_drains" }) do
       r[k] = tonumber(s[k])
    end
+   r.stream_wait_s = tonumber(s.stream_wait_ns) / 1e9
+   r.stream_busy_s = tonumber(s.stream_busy_ns) / 1e9
    r.in_place_forwards = in_place_forwards   -- modules run on the CPU by set_compute_in_place
    return r
 end
