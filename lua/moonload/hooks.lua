@@ -374,8 +374,10 @@ end
 
 --- set_stream_window(bytes): with a cuda execution device, weights in host memory are uploaded
 -- ahead along the learned order: the next module's, then on while the bytes in flight stay
--- within `bytes` (default 64 MiB, also MOONLOAD_STREAM_AHEAD; 0 = one module ahead). Device
--- memory then holds the resident weights, the running module and at most max(window, one module).
+-- within `bytes` (default 64 MiB, also MOONLOAD_STREAM_AHEAD; 0 = one module ahead), and always
+-- past a module far smaller than the one after it (a norm, to the next big matrix). Device memory
+-- then holds the resident weights, the running module and at most max(window, one module) (and
+-- the norm before it).
 -- Uploads ahead only take memory that is free at the time, and when the running module needs
 -- more than is left the device gives them back: the window then narrows to half of what was in
 -- flight, or stops when that was one module. Each forward that gives nothing back widens it
