@@ -667,6 +667,58 @@ describe("generation and encoders on cuda #cuda", function()
       assert(ok, err)
    end)
 
+   it("looks an offloaded embedding up on the CPU and sends only its rows to the device (set_lookup_in_place)", function()
+      ml.manual_seed(19)
+      local emb = ml.nn.Embedding(100, 16)
+      local w = emb.weight:clone()
+      hooks.add_hook_to_module(emb, hooks.AlignDevicesHook({ execution_device = DEV, offload = true,
+         weights_map = { weight = w } }))
+      local ids = ml.tensor({ { 3, 99, 0, 42, 3, 7 } }, { dtype = "int64" })
+      local prev = hooks.set_lookup_in_place(true)
+      local ok, err = pcall(function()
+         local before = hooks.runtime_stats()
+         local y = emb(ids:to(DEV))                      -- 6 rows gathered on the CPU
+         local mid = hooks.runtime_stats()
+         hooks.set_lookup_in_place(false)
+         local z = emb(ids:to(DEV))                      -- the whole table streamed, as Accelerate does
+         local after = hooks.runtime_stats()
+         assert.are.equal(DEV, y.device)
+         assert.are.equal(DEV, z.device)
+         local want = w:index_select(1, ids:view(-1)):view(1, 6, 16)
+         assert_close(y, want, 0, "looked up in place")
+         assert_close(z, want, 0, "streamed")
+         assert.are.equal(before.in_place_forwards + 1, mid.in_place_forwards)
+         assert.are.equal(before.bytes_copied, mid.bytes_copied)
+         assert.are.equal(mid.in_place_forwards, after.in_place_forwards)
+         assert.are.equal(100 * 16 * 4, after.bytes_copied - mid.bytes_copied)
+      end)
+      hooks.set_lookup_in_place(prev)
+      hooks.remove_hook_from_module(emb)
+      assert(ok, err)
+      assert.has_error(function() hooks.set_lookup_in_place(1) end, "set_lookup_in_place: expected true or false, got 1")
+   end)
+
+   it("a cpu_offload Llama streams every weight but its embedding, each ahead of its module across forwards", function()
+      local dir = "tests/fixtures/models/llama_tiny_untied"
+      local ids = ml.tensor({ { 5, 17, 42, 3, 8, 1 } }, { dtype = "int64" })
+      local want = ml.models.from_pretrained(dir)(ids)
+      local model = ml.models.from_pretrained(dir)
+      local total, table_bytes = 0, model.model.embed_tokens.weight:nbytes()
+      for _, p in model:named_parameters() do total = total + p:nbytes() end
+      ml.cpu_offload(model, { execution_device = DEV })
+      model(ids)
+      model(ids)                      -- the order is learned
+      local before = hooks.runtime_stats()
+      local got = model(ids)
+      local after = hooks.runtime_stats()
+      assert_close(got, want, 1e-4, dir)
+      assert.are.equal(total - table_bytes, after.bytes_copied - before.bytes_copied)
+      -- all of it streamed ahead: the first layer's during the last forward's head, past the
+      -- embedding looked up on the CPU in between
+      assert.are.equal(after.bytes_copied - before.bytes_copied, after.bytes_streamed - before.bytes_streamed)
+      assert.are.equal(before.in_place_forwards + 1, after.in_place_forwards)
+   end)
+
    it("the tiny BERT gives the CPU's hidden states with a padding mask and token types", function()
       local dir = "tests/fixtures/models/bert_tiny"
       local ids = ml.tensor({ { 2, 7, 9, 4, 0 }, { 3, 3, 8, 1, 6 } }, { dtype = "int64" })

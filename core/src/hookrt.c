@@ -620,7 +620,8 @@ static void read_ahead(ml_hookrt *rt, int h, int stop, bool again);
 
 /* Streams ahead of group g (about to be materialized) along the learned order: the next group,
    then on while the window holds; past a group far smaller than the one after it (a layer's norm
-   before its big matrix) always to that one too. Called before g's own uploads are waited for, so
+   before its big matrix) always to that one too. Groups that run on another device (an embedding
+   looked up on the CPU at the start of the next forward) are passed over. Called before g's own uploads are waited for, so
    the uploader has the next group queued while the host waits: its copy engine never runs dry at
    a module boundary waiting for the host to wake up and ask for more. Uploads made for any other
    group are dropped. */
@@ -631,10 +632,13 @@ static void stage_ahead_of(ml_hookrt *rt, int g) {
   window[nwindow++] = g;                /* its own uploads are kept */
   int64_t limit = stream_window(rt);
   size_t ahead = 0;
-  for (int h = gr->next_unsure ? -1 : gr->next; rt->prefetch && limit >= 0 && h >= 0 && h != g && nwindow <= MAX_AHEAD;
+  int steps = 0;
+  for (int h = gr->next_unsure ? -1 : gr->next;
+       rt->prefetch && limit >= 0 && h >= 0 && h != g && nwindow <= MAX_AHEAD && steps++ < rt->ngroups;
        h = rt->groups[h].next_unsure ? -1 : rt->groups[h].next) {
     hr_group *o = &rt->groups[h];
-    if (!o->used || o->active || !ml_device_equal(o->dev, gr->dev)) break;
+    if (!o->used || o->active) break;
+    if (!ml_device_equal(o->dev, gr->dev)) continue;   /* runs elsewhere (a lookup on the CPU): passed over */
     size_t b = o->host_bytes;
     if (nwindow > 1 && ahead + b > (size_t)limit && ahead >= b / 8) break;
     bool seen = false;                  /* a cycle in the learned order */

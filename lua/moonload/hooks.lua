@@ -410,6 +410,21 @@ function M.set_compute_in_place(tokens)
    return prev
 end
 
+--- set_lookup_in_place(on): with a cuda execution device, a hooked lookup table (nn.Embedding,
+-- nn.QuantizedEmbedding: a class with `lookup_table = true`) whose weights are all in host memory
+-- gathers its rows on the CPU and sends only those to the GPU, for any number of tokens, instead
+-- of streaming the whole table for a few rows of it (llama.cpp keeps its token embeddings on the
+-- CPU for the same reason): a forward of 512 tokens through Llama 3's 128256 x 4096 bfloat16
+-- table moves 4 MiB, not 1 GiB. On by default; off (or MOONLOAD_LOOKUP_IN_PLACE=0) streams the
+-- table as Accelerate does. Returns the previous setting.
+local lookup_in_place = env_flag("MOONLOAD_LOOKUP_IN_PLACE", true)
+function M.set_lookup_in_place(on)
+   if type(on) ~= "boolean" then error("set_lookup_in_place: expected true or false, got " .. tostring(on), 2) end
+   local prev = lookup_in_place
+   lookup_in_place = on
+   return prev
+end
+
 --- set_prefetch_window(min_bytes, lookahead_bytes): prefetch reads ahead along the learned
 -- order while the mapped bytes ahead stay within lookahead_bytes (default 32 MiB, also
 -- MOONLOAD_PREFETCH_LOOKAHEAD); groups smaller than min_bytes (64 KiB) are skipped. nil keeps one.
@@ -523,6 +538,7 @@ end
 
 function AlignDevicesHook:init_hook(module)
    if self.execution_device == "meta" then self.tied_params_map = nil end
+   self._lookup = module.lookup_table == true
    local u = utils()
    if not self.offload and self.execution_device ~= nil then
       for _, e in ipairs(list_tensors(module, true, self.place_submodules, false)) do
@@ -611,15 +627,18 @@ function AlignDevicesHook:_group(on_cpu)
    return g
 end
 
--- Whether this call runs on the CPU (set_compute_in_place): few rows, every weight in host memory.
+-- Whether this call runs on the CPU, every weight in host memory: a lookup table
+-- (set_lookup_in_place), or few rows (set_compute_in_place).
 function AlignDevicesHook:_runs_in_place(...)
-   if in_place_below <= 0 or self.place_submodules or #self.slots == 0 then return false end
+   local lookup = lookup_in_place and self._lookup
+   if (in_place_below <= 0 and not lookup) or self.place_submodules or #self.slots == 0 then return false end
    local dev = self.execution_device
    if type(dev) ~= "string" or dev:sub(1, 5) ~= "cuda:" then return false end
    -- (inside a module already running in place its hooked parts follow it, whatever their rows:
    -- Qwen3-Next's conv sees a decoding step's token with the taps before it)
    local x = ...
-   if in_place_owner == nil and (not Tensor.is_tensor(x) or x:dim() == 0 or x:numel() / x:size(-1) >= in_place_below) then
+   if not lookup and in_place_owner == nil
+      and (not Tensor.is_tensor(x) or x:dim() == 0 or x:numel() / x:size(-1) >= in_place_below) then
       return false
    end
    if self._host_resident == nil then

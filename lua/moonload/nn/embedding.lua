@@ -5,6 +5,9 @@ local F = require("moonload.nn.functional")
 local init = require("moonload.nn.weight_init")
 
 local Embedding = Module:extend("Embedding")
+-- A lookup reads a few rows of its table: an offloading hook runs it where its weights lie rather
+-- than streaming the table to the GPU (hooks.set_lookup_in_place).
+Embedding.lookup_table = true
 
 function Embedding:__init(num_embeddings, embedding_dim, opts)
    for _, a in ipairs({ { "num_embeddings", num_embeddings }, { "embedding_dim", embedding_dim } }) do

@@ -11,6 +11,7 @@ local T = require("moonload.tensor")
 
 local QuantizedEmbedding = Module:extend("QuantizedEmbedding")
 QuantizedEmbedding.keep_float32_buffers = { weight_scale = true }
+QuantizedEmbedding.lookup_table = true     -- as nn.Embedding: looked up where its weights lie
 
 local BLOCK = 32
 
