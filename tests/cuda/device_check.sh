@@ -90,9 +90,10 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
          local ok, r = pcall(cjson.decode, line)
          if ok then
             local v = r.tflops and string.format("%.1f TFLOP/s", r.tflops) or r.gbps and string.format("%.1f GB/s", r.gbps)
-               or r.ratio_to_floor and string.format("%.3f s per forward (one module ahead %.3f s, no prefetch %.3f s, the uploads alone %.3f s; uploader busy %.3f s, host blocked %.3f s, %d drains); floor %.3f s at %.1f GB/s: %.2fx",
+               or r.ratio_to_floor and string.format("%.3f s per forward (one module ahead %.3f s, no prefetch %.3f s, the uploads alone %.3f s; uploader busy %.3f s, host blocked %.3f s, %d drains); floor %.3f s at %.1f GB/s: %.2fx (%.2fx the floor of the %.2f GB moved)",
                   r.forward_s, r.forward_one_ahead_s, r.forward_no_prefetch_s, r.upload_only_s or 0 / 0, r.window_busy_s or 0 / 0,
-                  r.window_host_wait_s or 0 / 0, r.window_drains or -1, r.floor_s, r.h2d_gbps, r.ratio_to_floor)
+                  r.window_host_wait_s or 0 / 0, r.window_drains or -1, r.floor_s, r.h2d_gbps, r.ratio_to_floor,
+                  r.ratio_to_moved_floor or 0 / 0, (r.bytes_moved or 0 / 0) / 1e9)
                or r.ratio_to_accelerate and string.format("accelerate %.3f s per forward: moonload takes %.2fx its time",
                   r.accelerate_s, r.ratio_to_accelerate)
                or r.ratio_pinned_to_floor and string.format("pinned weights %.3f s per forward; floor %.3f s at %.1f GB/s: %.2fx",
