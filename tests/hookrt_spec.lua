@@ -376,26 +376,27 @@ describe("hookrt", function()
 
    -- Streaming ahead to a cuda execution device (the uploads of upload.c), one group ahead.
    describe("streaming ahead to cuda:0 #cuda", function()
-      -- Groups of CPU-RAM weights executing on cuda:0, in this order: a big one, a norm-sized one,
-      -- then three big ones; two passes so the order is learned.
-      local function layer_groups(rt)
+      -- A runtime streaming one group ahead, and groups of CPU-RAM weights executing on cuda:0 in
+      -- this order: a big one, a norm-sized one, then three big ones; after two passes (the order
+      -- is learned).
+      local function learned_layer_groups()
+         local rt = new_rt()
+         C.check(lib.ml_hookrt_set_stream_window(rt, 0))
          ml.manual_seed(3)
-         local sizes, gs, ws = { 65536, 16, 65536, 65536, 65536 }, {}, {}
-         for i, n in ipairs(sizes) do
+         local gs, ws = {}, {}
+         for i, n in ipairs({ 65536, 16, 65536, 65536, 65536 }) do
             gs[i] = new_group(rt, "cuda:0")
             ws[i] = ml.rand({ n })
             add(rt, gs[i], ws[i])
          end
-         return gs, ws
-      end
-
-      it("takes the group after a far smaller one too, so a norm does not leave the copy engine idle", function()
-         local rt = new_rt()
-         C.check(lib.ml_hookrt_set_stream_window(rt, 0))
-         local gs, ws = layer_groups(rt)
          for _ = 1, 2 do
             for _, g in ipairs(gs) do materialize(rt, g, 1); C.check(lib.ml_hookrt_release_group(rt, g)) end
          end
+         return rt, gs, ws
+      end
+
+      it("takes the group after a far smaller one too, so a norm does not leave the copy engine idle", function()
+         local rt, gs, ws = learned_layer_groups()
          -- the pending uploads as each group is materialized: the norm and the big group after it,
          -- then just that one, then one each
          local pending = {}
@@ -409,12 +410,7 @@ describe("hookrt", function()
       end)
 
       it("queues the next group's upload before it waits for this group's", function()
-         local rt = new_rt()
-         C.check(lib.ml_hookrt_set_stream_window(rt, 0))
-         local gs, ws = layer_groups(rt)
-         for _ = 1, 2 do
-            for _, g in ipairs(gs) do materialize(rt, g, 1); C.check(lib.ml_hookrt_release_group(rt, g)) end
-         end
+         local rt, gs, ws = learned_layer_groups()
          local before = stats(rt)
          for _ = 1, 3 do
             for i, g in ipairs(gs) do
