@@ -621,10 +621,10 @@ static void read_ahead(ml_hookrt *rt, int h, int stop, bool again);
 /* Streams ahead of group g (about to be materialized) along the learned order: the next group,
    then on while the window holds; past a group far smaller than the one after it (a layer's norm
    before its big matrix) always to that one too. Groups that run on another device (an embedding
-   looked up on the CPU at the start of the next forward) are passed over. Called before g's own uploads are waited for, so
-   the uploader has the next group queued while the host waits: its copy engine never runs dry at
-   a module boundary waiting for the host to wake up and ask for more. Uploads made for any other
-   group are dropped. */
+   looked up on the CPU at the start of the next forward) are passed over. Called before g's own
+   uploads are waited for, so the uploader has the next group queued while the host waits: the
+   copy engine never runs dry at a module boundary waiting for the host to wake up and ask for
+   more. Uploads made for any other group are dropped. */
 static void stage_ahead_of(ml_hookrt *rt, int g) {
   hr_group *gr = &rt->groups[g];
   enum { MAX_AHEAD = 64 };
