@@ -95,24 +95,9 @@ describe("models.ernie4_5_moe (tests/fixtures/models/ernie4_5_moe_tiny: a dense 
    end)
 
    it("reads transformers' own layout too (experts stacked, the bias under the router), and leaves mtp out", function()
-      local dir = H.tmpdir()
-      H.copy(MOE .. "/config.json", dir .. "/config.json")
-      local file = ml.safetensors.load_file(MOE .. "/model.safetensors")
-      local out = {}
-      for k, t in pairs(file) do
-         if not k:find("%.experts%.") then out[(k:gsub("%.mlp%.moe_statics%.", ".mlp.gate.moe_statics."))] = t end
-      end
-      for _, l in ipairs({ 1, 2 }) do
-         local p = "model.layers." .. l .. ".mlp.experts."
-         local gu, down = {}, {}
-         for e = 0, 5 do
-            gu[e + 1] = ml.cat({ file[p .. e .. ".gate_proj.weight"], file[p .. e .. ".up_proj.weight"] }, 1):unsqueeze(1)
-            down[e + 1] = file[p .. e .. ".down_proj.weight"]:unsqueeze(1)
-         end
-         out[p .. "gate_up_proj"], out[p .. "down_proj"] = ml.cat(gu, 1), ml.cat(down, 1)   -- (E, 2 x inter, hidden)
-      end
-      out["model.mtp_block.0.input_layernorm.weight"] = ml.ones(32)                    -- (the hub's MTP layers)
-      ml.safetensors.save_file(out, dir .. "/model.safetensors")
+      local dir = H.copy_with_stacked_experts(MOE, { "model.layers.1.mlp.experts", "model.layers.2.mlp.experts" }, 6,
+         function(k) return (k:gsub("%.mlp%.moe_statics%.", ".mlp.gate.moe_statics.")) end,
+         { ["model.mtp_block.0.input_layernorm.weight"] = ml.ones(32) })              -- (the hub's MTP layers)
       local m = models.from_pretrained(dir)
       assert.are.equal("StackedExperts", m.model.layers[2].mlp.experts.__name)
       assert.is_true(H.max_abs_diff(logits_of(m, exp), exp.logits) < TOL)

@@ -103,6 +103,35 @@ function H.rmdir(p)
    os.execute("rm -rf '" .. p .. "'")
 end
 
+--- A copy of the checkpoint folder src (config.json, model.safetensors) in a new temporary folder,
+-- its experts (one module each: <prefix>.E.{gate,up,down}_proj.weight, E from 0 to n - 1, for each
+-- prefix of `prefixes`) stacked per projection as transformers holds them in memory:
+-- <prefix>.gate_up_proj (n, 2 x inter, hidden), gate rows then up rows, and <prefix>.down_proj
+-- (n, hidden, inter). rename(key), when given, renames the other tensors; `extra` adds tensors.
+-- Returns the folder.
+function H.copy_with_stacked_experts(src, prefixes, n, rename, extra)
+   local ml = require("moonload")
+   local dir = H.tmpdir()
+   H.copy(src .. "/config.json", dir .. "/config.json")
+   local file = ml.safetensors.load_file(src .. "/model.safetensors")
+   local out = {}
+   for k, t in pairs(file) do
+      if not k:find("%.experts%.") then out[rename and rename(k) or k] = t end
+   end
+   for _, prefix in ipairs(prefixes) do
+      local gu, down = {}, {}
+      for e = 0, n - 1 do
+         local p = prefix .. "." .. e .. "."
+         gu[e + 1] = ml.cat({ file[p .. "gate_proj.weight"], file[p .. "up_proj.weight"] }, 1):unsqueeze(1)
+         down[e + 1] = file[p .. "down_proj.weight"]:unsqueeze(1)
+      end
+      out[prefix .. ".gate_up_proj"], out[prefix .. ".down_proj"] = ml.cat(gu, 1), ml.cat(down, 1)
+   end
+   for k, t in pairs(extra or {}) do out[k] = t end
+   ml.safetensors.save_file(out, dir .. "/model.safetensors")
+   return dir
+end
+
 --- B prompts of P token ids within model's vocabulary, row b left-padded by b - 1 positions:
 -- the ids and the 0/1 attention mask, as Lua lists.
 function H.padded_prompts(model, B, P)

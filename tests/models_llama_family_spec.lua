@@ -951,3 +951,54 @@ describe("models.smollm3 (tests/fixtures/models/smollm3_tiny: every 2nd layer No
       assert.truthy(tostring(err):find('config key "no_rope_layers" must list 2 layers', 1, true), err)
    end)
 end)
+
+describe("models.hunyuan_v1_dense (tests/fixtures/models/hunyuan_v1_dense_tiny: q/k norms after the rotary, NTK-alpha base)", function()
+   local dir = H.FIX .. "/hunyuan_v1_dense_tiny"
+   local exp = H.expected("hunyuan_v1_dense_tiny")
+   local model = models.from_pretrained(dir)
+
+   it("builds HunYuanDenseV1ForCausalLM with every tensor of the checkpoint and transformers' rotary frequencies", function()
+      assert.are.equal("HunYuanDenseV1ForCausalLM", model.__name)
+      local stored = ml.safetensors.load_file(dir .. "/model.safetensors")
+      stored["lm_head.weight"] = true                            -- (tied: stored once, as the embedding)
+      assert.are.same(H.sorted_keys(stored), H.sorted_keys((model:state_dict())))
+      assert.are.same({ 8 }, model.model.layers[1].self_attn.query_layernorm.weight.shape)
+      assert.are.equal(model.model.embed_tokens.weight, model.lm_head.weight)
+      -- "dynamic" with alpha 50: one stretched base, theta * alpha^(8 / 6)
+      assert.are.equal("ntk_alpha", model.config.rope.rope_type)
+      local inv_freq = model.model.rotary_emb.inv_freq:tolist()
+      for i, f in ipairs(exp.inv_freq) do assert.is_true(math.abs(inv_freq[i] / f - 1) < 1e-6, i) end
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+   it_matches_padded(model, "hunyuan_v1_dense_tiny", "positions")
+
+   it("needs the alpha: the plain base gives other logits", function()
+      local raw = H.read_json(dir .. "/config.json")
+      raw.rope_parameters = { rope_type = "default", rope_theta = 10000 }
+      local plain = llama.LlamaRotaryEmbedding(llama.config(raw, "hunyuan_v1_dense"))
+      local logits = logits_after("hunyuan_v1_dense_tiny", function(m)
+         m.model.rotary_emb:register_buffer("inv_freq", plain.inv_freq, false)
+      end)
+      assert.is_true(H.max_abs_diff(logits, exp.logits) > 1e-3)
+   end)
+
+   it("reads the hub's rope_scaling too, and names a rope or switch it cannot follow", function()
+      local cfg = llama.config(tiny({ model_type = "hunyuan_v1_dense", rope_theta = 10000,
+         rope_scaling = { type = "dynamic", alpha = 1000, factor = 1, beta_fast = 32 } }), "hunyuan_v1_dense")
+      assert.are.same({ "ntk_alpha", 1000, 10000 }, { cfg.rope.rope_type, cfg.rope.alpha, cfg.rope_theta })
+      local function fails(over, family, msg)
+         local ok, err = pcall(llama.config, tiny(over), family)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(msg, 1, true), err)
+      end
+      fails({ rope_scaling = { type = "dynamic", factor = 2 } }, "hunyuan_v1_dense",
+         'models.hunyuan_v1_dense: rope type "dynamic" needs "alpha"')
+      fails({ rope_scaling = { type = "dynamic", alpha = "big" } }, "hunyuan_v1_dense",
+         'config key "rope_scaling.alpha" in config table must be a positive number, got string "big"')
+      fails({ use_cla = true }, "hunyuan_v1_dense", 'config key "use_cla" is true')
+      fails({ use_qk_norm = false }, "hunyuan_v1_dense", 'config key "use_qk_norm" is false')
+      -- (Llama's "dynamic" grows with the length in transformers: not this fixed base)
+      fails({ rope_scaling = { type = "dynamic", alpha = 1000, factor = 2 } }, "llama", 'rope type "dynamic" is not supported')
+   end)
+end)

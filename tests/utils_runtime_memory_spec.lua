@@ -15,7 +15,8 @@ local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny
                    "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "gpt_oss_tiny",
                    "gpt_oss_mxfp4_tiny", "qwen3_next_tiny", "qwen3_5_tiny",
                    "qwen3_5_moe_multimodal_tiny", "lfm2_tiny",
-                   "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny", "llama4_tiny", "ernie4_5_tiny", "ernie4_5_moe_tiny", "exaone4_tiny" }
+                   "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny", "llama4_tiny", "ernie4_5_tiny", "ernie4_5_moe_tiny", "exaone4_tiny",
+                   "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny" }
 
 local prompts = H.padded_prompts
 

@@ -38,6 +38,8 @@ local ARCH = {
    exaone4 = { module = "moonload.models.llama", class = "Exaone4ForCausalLM" },
    smollm3 = { module = "moonload.models.llama", class = "SmolLM3ForCausalLM" },
    seed_oss = { module = "moonload.models.llama", class = "SeedOssForCausalLM" },
+   hunyuan_v1_dense = { module = "moonload.models.llama", class = "HunYuanDenseV1ForCausalLM" },
+   hunyuan_v1_moe = { module = "moonload.models.hunyuan", class = "HunYuanMoEV1ForCausalLM" },
    ernie4_5 = { module = "moonload.models.ernie4_5", class = "Ernie4_5ForCausalLM" },
    ernie4_5_moe = { module = "moonload.models.ernie4_5", class = "Ernie4_5_MoeForCausalLM" },
    llama4_text = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },

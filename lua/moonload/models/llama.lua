@@ -59,6 +59,11 @@ local FAMILIES = {
                defaults = { tie_word_embeddings = true, rope_theta = 2000000 } },
    seed_oss = { who = "models.seed_oss", prefix = "SeedOss",
                 defaults = { head_dim = 128, attention_bias = true, rope_theta = 10000 } },
+   -- (ntk_alpha: a "dynamic" rope with an alpha is a fixed stretch of the base, as transformers reads HunYuan's)
+   hunyuan_v1_dense = { who = "models.hunyuan_v1_dense", prefix = "HunYuanDenseV1", ntk_alpha = true,
+                        defaults = { rms_norm_eps = 1e-5 } },
+   hunyuan_v1_moe = { who = "models.hunyuan_v1_moe", prefix = "HunYuanMoEV1", ntk_alpha = true,   -- models/hunyuan.lua
+                      defaults = { rms_norm_eps = 1e-5 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    llama4_text = { who = "models.llama4", prefix = "Llama4Text",                                -- models/llama4.lua
@@ -93,6 +98,7 @@ local ROPE_KEYS = {
    llama3 = { "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings" },
    longrope = { "original_max_position_embeddings" },
    yarn = { "original_max_position_embeddings" },
+   ntk_alpha = { "alpha" },                -- base = rope_theta * alpha^(d / (d - 2)), d the head size
 }
 
 -- A sliding window size from the config: nil (none) or a positive integer.
@@ -133,8 +139,9 @@ end
 
 -- One rotary configuration from (table, where-prefix) sources, later ones winning (nested
 -- tables, Gemma 3's per-layer-type parameters, are not keys of it), with the keys its rope type
--- needs checked: {rope_type, rope_theta, factor, ...}.
-function M.rope_from(cfg, WHO, sources, default_theta)
+-- needs checked: {rope_type, rope_theta, factor, ...}. With ntk_alpha, "dynamic" with an alpha is
+-- rope type "ntk_alpha" (HunYuan's: a fixed base, where other families' "dynamic" grows with the length).
+function M.rope_from(cfg, WHO, sources, default_theta, ntk_alpha)
    local rope, where = {}, {}
    for _, src in ipairs(sources) do
       for k, v in pairs(src[1]) do
@@ -143,6 +150,13 @@ function M.rope_from(cfg, WHO, sources, default_theta)
    end
    rope.rope_type = rope.rope_type or rope.type or "default"
    if rope.rope_theta == nil then rope.rope_theta, where.rope_theta = default_theta, "rope_theta" end
+   if ntk_alpha and rope.rope_type == "dynamic" then
+      if rope.alpha == nil then
+         error(string.format('%s: rope type "dynamic" needs "alpha" (a fixed NTK-alpha base; scaling by the length is '
+            .. "not supported) in %s", WHO, cfg._source), 3)
+      end
+      rope.rope_type = "ntk_alpha"
+   end
    if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) then
       error(string.format('%s: rope type "%s" is not supported (supported: default, linear, llama3, longrope, yarn) in %s',
          WHO, tostring(rope.rope_type), cfg._source), 3)
@@ -244,7 +258,7 @@ function M.config(source, family)
    local rp = cfg.rope_parameters
    local rope = M.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
       { rp, "rope_parameters." }, { type(rp.full_attention) == "table" and rp.full_attention or {},
-      "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000)
+      "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000, fam.ntk_alpha)
    if family == "olmo3" then           -- its sliding layers rotate unscaled
       cfg.rope_local = M.rope_from(cfg, WHO, { { { rope_theta = cfg.rope_theta }, "" },
          { type(rp.sliding_attention) == "table" and rp.sliding_attention or {}, "rope_parameters.sliding_attention." } },
@@ -337,6 +351,16 @@ function M.config(source, family)
    elseif family == "seed_oss" then          -- biased q/k/v by default; the output's own key
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_out_bias == true
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "hunyuan_v1_dense" or family == "hunyuan_v1_moe" then   -- (transformers' MLPs: never biased)
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      -- the original code's switches for what transformers' classes have no other form of
+      if cfg.use_qk_norm == false then
+         config.fail(cfg, WHO, 'config key "use_qk_norm" is false: HunYuan without per-head q/k norms is not supported')
+      end
+      if cfg.use_cla == true then
+         config.fail(cfg, WHO, 'config key "use_cla" is true: cross-layer attention (shared keys and values) is not supported')
+      end
    elseif family == "minimax_m2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -480,8 +504,10 @@ function LlamaRotaryEmbedding:__init(cfg)
    local dim = cfg.rotary_dim or cfg.head_dim
    -- inv_freq[i] = 1 / theta^(2i/dim), computed in float32 as transformers does.
    local exps = T.arange(0, dim, 2, { dtype = "float32" }) / dim
-   local inv_freq = (T.full({ dim / 2 }, cfg.rope_theta, { dtype = "float32" }):pow(exps)):reciprocal()
    local rope = cfg.rope or { rope_type = "default" }
+   local base = cfg.rope_theta
+   if rope.rope_type == "ntk_alpha" then base = base * rope.alpha ^ (cfg.head_dim / (cfg.head_dim - 2)) end
+   local inv_freq = (T.full({ dim / 2 }, base, { dtype = "float32" }):pow(exps)):reciprocal()
    if rope.rope_type == "linear" then
       inv_freq = inv_freq / rope.factor
    elseif rope.rope_type == "llama3" then
@@ -647,6 +673,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
       q = apply_rotary(q, cos, sin)
       k = apply_rotary(k, cos, sin)
    end
+   if self.query_layernorm then q, k = self.query_layernorm(q), self.key_layernorm(k) end   -- (HunYuan's, after rotating)
    if query_scale then q = q * query_scale end
    local past = 0
    if cache then
@@ -866,6 +893,7 @@ family_classes("phi3")
 family_classes("starcoder2")
 family_classes("seed_oss")       -- Seed-OSS-36B: Llama's layers, q/k/v biased, attention_out_bias apart
 family_classes("smollm3")        -- SmolLM3: Llama's layers, NoPE on every 4th
+family_classes("hunyuan_v1_dense")   -- Hunyuan-7B: Llama's layers, per-head q/k norms after the rotary embedding
 family_classes("olmo2")
 family_classes("olmo3")
 
@@ -922,6 +950,14 @@ end
 -- every sliding_window_pattern slide and rotate, and the others attend to everything without any
 -- position embedding (NoPE).
 family_classes("exaone4", Olmo2DecoderLayer)
+
+-- HunYuan (Hunyuan-7B, and Hunyuan-A13B's attention: models/hunyuan.lua): RMSNorms over each query
+-- and key head, applied after the rotary embedding (LlamaAttention:forward), under its own names.
+function M.HunYuanDenseV1Attention:__init(cfg, layer_idx)
+   LlamaAttention.__init(self, cfg, layer_idx)
+   self.query_layernorm = nn.RMSNorm(cfg.head_dim, { eps = cfg.rms_norm_eps })
+   self.key_layernorm = nn.RMSNorm(cfg.head_dim, { eps = cfg.rms_norm_eps })
+end
 
 -- OLMo 3: OLMo 2's layers, sliding on three layers of every four, which rotate unscaled.
 local Olmo3Attention, Olmo3DecoderLayer = M.Olmo3Attention, M.Olmo3DecoderLayer
