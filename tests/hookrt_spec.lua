@@ -40,7 +40,7 @@ local function stats(rt)
    local r = {}
    for _, k in ipairs({ "materialize_calls", "releases", "bytes_viewed", "bytes_copied", "tied_hits",
       "bytes_dropped", "prefetch_jobs", "prefetch_bytes", "prefetch_pages", "shared_copies", "bytes_mapped",
-      "bytes_streamed", "streams_pending", "stream_waits", "stream_drains" }) do
+      "bytes_streamed", "streams_pending", "stream_waits", "stream_drains", "streams_dropped" }) do
       r[k] = tonumber(s[k])
    end
    return r
@@ -424,6 +424,32 @@ describe("hookrt", function()
          -- a wait with nothing queued behind it would be a drain; every group has one behind it
          -- (the last one the first of the next pass)
          assert.are.equal(before.stream_drains, after.stream_drains)
+      end)
+
+      it("streams each device's next group past the other device's, and neither drops the other's", function()
+         if ml.cuda_device_count() < 2 then pending("needs two CUDA devices (make test-cuda-sim emulates two)") return end
+         local rt = new_rt()
+         C.check(lib.ml_hookrt_set_stream_window(rt, 0))
+         ml.manual_seed(4)
+         local gs, ws = {}, {}
+         for i = 1, 4 do                   -- cuda:0, cuda:1, cuda:0, cuda:1
+            gs[i] = new_group(rt, i % 2 == 1 and "cuda:0" or "cuda:1")
+            ws[i] = ml.rand({ 4096 })
+            add(rt, gs[i], ws[i])
+         end
+         local function pass()
+            for i, g in ipairs(gs) do
+               local got = materialize(rt, g, 1)
+               assert.are.same(ws[i]:tolist(), got[1]:to("cpu"):tolist())
+               C.check(lib.ml_hookrt_release_group(rt, g))
+            end
+         end
+         pass(); pass()
+         local before = stats(rt)
+         pass(); pass()
+         local after = stats(rt)
+         assert.are.equal(before.streams_dropped, after.streams_dropped)
+         assert.are.equal(after.bytes_copied - before.bytes_copied, after.bytes_streamed - before.bytes_streamed)
       end)
    end)
 end)

@@ -233,7 +233,7 @@ static void enqueue_prefetch(ml_hookrt *rt, int g) {
 // --- lifetime -------------------------------------------------------------------------------
 
 static size_t hookrt_reclaim(void *ctx, int cuda_device);
-static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep);
+static void stage_drop_others(ml_hookrt *rt, const ml_device *dev, const int *keep, int nkeep);
 
 ml_status ml_hookrt_new(ml_hookrt **out) {
   ml_hookrt *rt = calloc(1, sizeof *rt);
@@ -269,7 +269,7 @@ void ml_hookrt_release(ml_hookrt *rt) {
   pthread_cond_broadcast(&rt->cv);
   pthread_mutex_unlock(&rt->mu);
   if (rt->worker_started) pthread_join(rt->worker, NULL);
-  stage_drop_others(rt, NULL, 0);
+  stage_drop_others(rt, NULL, NULL, 0);
   free(rt->stages);
   ml_uploader_release(rt->uploader);
   for (int g = 0; g < rt->ngroups; g++) if (rt->groups[g].used) group_clear(rt, &rt->groups[g]);
@@ -454,10 +454,11 @@ static void stage_drop(ml_hookrt *rt, int i) {
   atomic_fetch_add(&rt->streams_dropped, 1);
 }
 
-/* Drops uploads made for any group outside keep[0..nkeep) (the order changed, or a group was
-   skipped). */
-static void stage_drop_others(ml_hookrt *rt, const int *keep, int nkeep) {
+/* Drops uploads to dev (any device when NULL) made for any group outside keep[0..nkeep) (the order
+   changed, or a group was skipped). Uploads to other devices are their groups' to keep or drop. */
+static void stage_drop_others(ml_hookrt *rt, const ml_device *dev, const int *keep, int nkeep) {
   for (int i = rt->nstages - 1; i >= 0; i--) {
+    if (dev && !ml_device_equal(rt->stages[i].dev, *dev)) continue;
     bool kept = false;
     for (int k = 0; k < nkeep && !kept; k++) kept = rt->stages[i].group == keep[k];
     if (!kept) stage_drop(rt, i);
@@ -647,7 +648,7 @@ static void stage_ahead_of(ml_hookrt *rt, int g) {
     window[nwindow++] = h;
     ahead += b;
   }
-  stage_drop_others(rt, window, nwindow);
+  stage_drop_others(rt, &gr->dev, window, nwindow);
   for (int k = 1; k < nwindow; k++) stage_group(rt, window[k]);
 }
 
