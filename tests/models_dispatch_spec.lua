@@ -17,7 +17,7 @@ describe("models.from_pretrained with device_map", function()
                            "mixtral_tiny", "gemma3_multimodal_tiny", "gpt_neox_tiny",
                            "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny",
                            "phi_tiny", "opt_tiny", "bloom_tiny", "falcon_tiny_new_arch", "gptj_tiny",
-                           "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "deepseek_v32_tiny", "glm_moe_dsa_tiny", "glm4_moe_lite_tiny", "deepseek_v32_fp8_tiny", "mistral4_tiny", "mistral4_multimodal_tiny", "llama4_tiny", "llama4_multimodal_tiny", "ernie4_5_tiny", "ernie4_5_moe_tiny", "seed_oss_tiny", "exaone4_tiny", "smollm3_tiny", "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "gpt_oss_tiny", "gpt_oss_mxfp4_tiny", "qwen3_next_tiny",
+                           "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "deepseek_v32_tiny", "glm_moe_dsa_tiny", "glm4_moe_lite_tiny", "deepseek_v32_fp8_tiny", "mistral4_tiny", "mistral4_multimodal_tiny", "llama4_tiny", "llama4_multimodal_tiny", "ernie4_5_tiny", "ernie4_5_moe_tiny", "seed_oss_tiny", "exaone4_tiny", "smollm3_tiny", "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "gpt_oss_tiny", "gpt_oss_mxfp4_tiny", "qwen3_next_tiny",
                            "qwen3_5_tiny", "qwen3_5_moe_multimodal_tiny",
                            "mistral3_multimodal_tiny", "ministral3_tiny", "ministral3_multimodal_tiny", "qwen3_vl_multimodal_tiny",
                            "qwen3_vl_moe_multimodal_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny",

@@ -103,6 +103,15 @@ function H.rmdir(p)
    os.execute("rm -rf '" .. p .. "'")
 end
 
+--- Asserts model's state dict has exactly the tensors of dir's model.safetensors; with tied, the
+-- head's weight too (stored once, as the embedding).
+function H.assert_holds_checkpoint(model, dir, tied)
+   local assert = getfenv(2).assert
+   local stored = require("moonload").safetensors.load_file(dir .. "/model.safetensors")
+   if tied then stored["lm_head.weight"] = true end
+   assert.are.same(H.sorted_keys(stored), H.sorted_keys((model:state_dict())))
+end
+
 --- A copy of the checkpoint folder src (config.json, model.safetensors) in a new temporary folder,
 -- its experts (one module each: <prefix>.E.{gate,up,down}_proj.weight, E from 0 to n - 1, for each
 -- prefix of `prefixes`) stacked per projection as transformers holds them in memory:

@@ -959,9 +959,7 @@ describe("models.hunyuan_v1_dense (tests/fixtures/models/hunyuan_v1_dense_tiny: 
 
    it("builds HunYuanDenseV1ForCausalLM with every tensor of the checkpoint and transformers' rotary frequencies", function()
       assert.are.equal("HunYuanDenseV1ForCausalLM", model.__name)
-      local stored = ml.safetensors.load_file(dir .. "/model.safetensors")
-      stored["lm_head.weight"] = true                            -- (tied: stored once, as the embedding)
-      assert.are.same(H.sorted_keys(stored), H.sorted_keys((model:state_dict())))
+      H.assert_holds_checkpoint(model, dir, true)
       assert.are.same({ 8 }, model.model.layers[1].self_attn.query_layernorm.weight.shape)
       assert.are.equal(model.model.embed_tokens.weight, model.lm_head.weight)
       -- "dynamic" with alpha 50: one stretched base, theta * alpha^(8 / 6)
@@ -1000,5 +998,197 @@ describe("models.hunyuan_v1_dense (tests/fixtures/models/hunyuan_v1_dense_tiny: 
       fails({ use_qk_norm = false }, "hunyuan_v1_dense", 'config key "use_qk_norm" is false')
       -- (Llama's "dynamic" grows with the length in transformers: not this fixed base)
       fails({ rope_scaling = { type = "dynamic", alpha = 1000, factor = 2 } }, "llama", 'rope type "dynamic" is not supported')
+   end)
+end)
+
+-- llama.config of tiny(over) for family fails with an error holding msg.
+local function config_fails(over, family, msg)
+   local ok, err = pcall(llama.config, tiny(over), family)
+   assert.is_false(ok)
+   assert.truthy(tostring(err):find(msg, 1, true), err)
+end
+
+describe("models.cohere (tests/fixtures/models/cohere_tiny: parallel block, neighbouring rotary pairs, per-head q/k LayerNorms)", function()
+   local dir = H.FIX .. "/cohere_tiny"
+   local exp = H.expected("cohere_tiny")
+   local model = models.from_pretrained(dir)
+
+   it("builds CohereForCausalLM with every tensor of the checkpoint: one bias-free LayerNorm per layer, q/k norms per head", function()
+      assert.are.equal("CohereForCausalLM", model.__name)
+      assert.are.equal("CohereDecoderLayer", model.model.layers[1].__name)
+      H.assert_holds_checkpoint(model, dir, true)
+      local layer = model.model.layers[1]
+      assert.is_nil(layer.post_attention_layernorm)
+      assert.is_nil(layer.input_layernorm.bias)
+      assert.are.same({ 4, 8 }, layer.self_attn.q_norm.weight.shape)
+      assert.are.same({ 2, 8 }, layer.self_attn.k_norm.weight.shape)
+      assert.are.equal(0.25, model.config.logit_scale)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+   it_matches_padded(model, "cohere_tiny", "positions")
+
+   it("needs each of its differences: the logit scale, the parallel block, the rotary pairs, the q/k norms", function()
+      local scaled = model(ml.tensor(exp.input_ids, { dtype = "int64" }))
+      local unscaled = logits_after("cohere_tiny", function(m) m.config.logit_scale = 1 end)
+      assert.is_true(H.max_abs_diff(unscaled, (scaled / 0.25):tolist()) < 1e-4)
+      assert.is_true(H.max_abs_diff(unscaled, exp.logits) > 1e-3)
+      local sequential = logits_after("cohere_tiny", function(m)
+         for _, layer in ipairs(m.model.layers) do
+            rawset(layer, "forward", function(self, x, cos, sin, cache, pad)
+               x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pad)
+               return x + self.mlp(self.input_layernorm(x))
+            end)
+         end
+      end)
+      assert.is_true(H.max_abs_diff(sequential, exp.logits) > 1e-3)
+      local halves = logits_after("cohere_tiny", function(m)
+         for _, layer in ipairs(m.model.layers) do rawset(layer.self_attn, "pairs_interleaved", false) end
+      end)
+      assert.is_true(H.max_abs_diff(halves, exp.logits) > 1e-3)
+      local unnormed = logits_after("cohere_tiny", function(m)
+         for _, layer in ipairs(m.model.layers) do layer.self_attn.q_norm, layer.self_attn.k_norm = nil, nil end
+      end)
+      assert.is_true(H.max_abs_diff(unnormed, exp.logits) > 1e-3)
+   end)
+
+   it("reads the hub's keys (layer_norm_eps, rope_theta, no q/k norms by default) and names a bad one", function()
+      local cfg = llama.config(tiny({ model_type = "cohere", layer_norm_eps = 1e-6, rope_theta = 8000000 }), "cohere")
+      assert.are.same({ 1e-6, 8000000, 0.0625, true }, { cfg.rms_norm_eps, cfg.rope_theta, cfg.logit_scale,
+         cfg.tie_word_embeddings })
+      assert.is_nil(llama.CohereForCausalLM(cfg).model.layers[1].self_attn.q_norm)
+      local fails = config_fails
+      fails({ logit_scale = "0.0625" }, "cohere", 'models.cohere: config key "logit_scale" must be a positive number, got 0.0625')
+      fails({ logit_scale = 0 }, "cohere2", 'models.cohere2: config key "logit_scale" must be a positive number, got 0')
+      fails({ use_qk_norm = "yes" }, "cohere", 'config key "use_qk_norm" must be a boolean, got yes')
+   end)
+end)
+
+describe("models.cohere2 (tests/fixtures/models/cohere2_tiny: a 4-token window on 3 layers that rotate, a NoPE 4th)", function()
+   local dir = H.FIX .. "/cohere2_tiny"
+   local exp = H.expected("cohere2_tiny")
+   local model = models.from_pretrained(dir)
+
+   it("builds Cohere2ForCausalLM with every tensor of the checkpoint, its windows and NoPE layer", function()
+      assert.are.equal("Cohere2ForCausalLM", model.__name)
+      assert.are.equal("Cohere2DecoderLayer", model.model.layers[1].__name)
+      H.assert_holds_checkpoint(model, dir, true)
+      assert.are.same({ 4, 4, 4, false }, model.config.layer_windows)
+      assert.are.same({ false, false, false, true }, model.config.nope_layers)
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2, past the window")
+   it_matches_padded(model, "cohere2_tiny", "positions and windows")
+
+   it("needs the NoPE layer, the window and the logit scale", function()
+      local rotated = logits_after("cohere2_tiny", function(m) rawset(m.model.layers[4].self_attn, "nope", false) end)
+      assert.is_true(H.max_abs_diff(rotated, exp.logits) > 1e-3)
+      local unwindowed = logits_after("cohere2_tiny", function(m) rawset(m.model.layers[1].self_attn, "window", false) end)
+      assert.is_true(H.max_abs_diff(unwindowed, exp.logits) > 1e-3)
+      local unscaled = logits_after("cohere2_tiny", function(m) m.config.logit_scale = 1 end)
+      assert.is_true(H.max_abs_diff(unscaled, exp.logits) > 1e-3)
+   end)
+
+   it("derives the layers from sliding_window_pattern as transformers does, the head size from the widths", function()
+      local cfg = llama.config(tiny({ model_type = "cohere2", num_hidden_layers = 4, sliding_window = 8,
+         sliding_window_pattern = 2, head_dim = 128 }), "cohere2")
+      assert.are.same({ 8, false, 8, false }, cfg.layer_windows)
+      assert.are.same({ false, true, false, true }, cfg.nope_layers)
+      assert.are.equal(4, cfg.head_dim)                          -- hidden_size / num_attention_heads
+      cfg = llama.config(tiny({ model_type = "cohere2", num_hidden_layers = 4 }), "cohere2")
+      assert.are.same({ 4096, 4096, 4096, false }, cfg.layer_windows)   -- transformers' default window and pattern
+      config_fails({ layer_types = { "full_attention" } }, "cohere2",
+         'models.cohere2: config key "layer_types" must list 2 layer types')
+   end)
+end)
+
+describe("models.glm4 (tests/fixtures/models/glm4_tiny: norms after as well as before, neighbouring rotary pairs over half of each head)", function()
+   local dir = H.FIX .. "/glm4_tiny"
+   local exp = H.expected("glm4_tiny")
+   local model = models.from_pretrained(dir)
+
+   it("builds Glm4ForCausalLM with every tensor of the checkpoint: fused gate_up_proj, biased q/k/v only, four norms", function()
+      assert.are.equal("Glm4ForCausalLM", model.__name)
+      assert.are.equal("Glm4DecoderLayer", model.model.layers[1].__name)
+      assert.are.same(H.sorted_keys(ml.safetensors.load_file(dir .. "/model.safetensors")),
+         H.sorted_keys((model:state_dict())))
+      local attn = model.model.layers[1].self_attn
+      assert.are.same({ 32 }, attn.q_proj.bias.shape)
+      assert.is_nil(attn.o_proj.bias)
+      assert.are.same({ 128, 32 }, model.model.layers[1].mlp.gate_up_proj.weight.shape)
+      assert.are.equal(4, model.config.rotary_dim)              -- half of head_dim 8
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+   it_matches_padded(model, "glm4_tiny", "positions")
+
+   it("needs the norms after attention and MLP, and the pairs of neighbouring dims within the rotary half", function()
+      local unnormed = logits_after("glm4_tiny", function(m)
+         for _, layer in ipairs(m.model.layers) do
+            rawset(layer, "forward", function(self, x, cos, sin, cache, pad)
+               x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pad)
+               return x + self.mlp(self.post_attention_layernorm(x))
+            end)
+         end
+      end)
+      assert.is_true(H.max_abs_diff(unnormed, exp.logits) > 1e-3)
+      local halves = logits_after("glm4_tiny", function(m)
+         for _, layer in ipairs(m.model.layers) do rawset(layer.self_attn, "pairs_interleaved", false) end
+      end)
+      assert.is_true(H.max_abs_diff(halves, exp.logits) > 1e-3)
+      local whole_head = logits_after("glm4_tiny", function(m)        -- pairs reordered across the whole head
+         for _, layer in ipairs(m.model.layers) do
+            rawset(layer.self_attn, "deinterleave", function(self, x) return ml.models.common.deinterleave(self, x) end)
+         end
+      end)
+      assert.is_true(H.max_abs_diff(whole_head, exp.logits) > 1e-3)
+   end)
+
+   it("reads the hub's top-level partial_rotary_factor and rope_theta, half a head by default, and names a bad factor", function()
+      local cfg = llama.config(tiny({ model_type = "glm4", head_dim = 8, partial_rotary_factor = 0.25, rope_theta = 5000 }), "glm4")
+      assert.are.same({ 2, 5000, true }, { cfg.rotary_dim, cfg.rope_theta, cfg.attention_bias })
+      assert.are.equal(4, llama.config(tiny({ model_type = "glm4", head_dim = 8 }), "glm4").rotary_dim)
+      config_fails({ head_dim = 8, partial_rotary_factor = 2 }, "glm4",
+         "models.glm4: partial_rotary_factor must be a number in (0, 1], got 2")
+   end)
+end)
+
+describe("models.granite (tests/fixtures/models/granite_tiny: embedding, residual, attention and logits multipliers)", function()
+   local dir = H.FIX .. "/granite_tiny"
+   local exp = H.expected("granite_tiny")
+   local model = models.from_pretrained(dir)
+
+   it("builds GraniteForCausalLM with every tensor of the checkpoint and the config's multipliers", function()
+      assert.are.equal("GraniteForCausalLM", model.__name)
+      assert.are.equal("GraniteDecoderLayer", model.model.layers[1].__name)
+      H.assert_holds_checkpoint(model, dir, true)
+      assert.are.equal(0.25, model.model.layers[1].self_attn.scale)
+      assert.are.equal(0.5, model.model.layers[2].residual_multiplier)
+      assert.are.same({ 3, 2 }, { model.config.embedding_multiplier, model.config.logits_scaling })
+   end)
+
+   it_matches_transformers(model, exp, "batch of 2")
+   it_matches_padded(model, "granite_tiny", "positions")
+
+   it("needs each multiplier", function()
+      local undivided = logits_after("granite_tiny", function(m) m.config.logits_scaling = 1 end)
+      assert.is_true(H.max_abs_diff(undivided / 2, exp.logits) < 1e-4)
+      local changes = {
+         function(m) m.config.embedding_multiplier = 1 end,
+         function(m) for _, layer in ipairs(m.model.layers) do rawset(layer, "residual_multiplier", 1) end end,
+         function(m) for _, layer in ipairs(m.model.layers) do rawset(layer.self_attn, "scale", 1 / math.sqrt(8)) end end,
+      }
+      for i, change in ipairs(changes) do
+         assert.is_true(H.max_abs_diff(logits_after("granite_tiny", change), exp.logits) > 1e-3, i)
+      end
+   end)
+
+   it("defaults the multipliers to 1 and names a bad one", function()
+      local cfg = llama.config(tiny({ model_type = "granite" }), "granite")
+      assert.are.same({ 1, 1, 1, 1 }, { cfg.embedding_multiplier, cfg.residual_multiplier, cfg.attention_multiplier,
+         cfg.logits_scaling })
+      config_fails({ logits_scaling = "16" }, "granite", 'models.granite: config key "logits_scaling" must be a positive number, got 16')
+      config_fails({ attention_multiplier = 0 }, "granite",
+         'models.granite: config key "attention_multiplier" must be a positive number, got 0')
    end)
 end)

@@ -304,15 +304,18 @@ end
 -- pairs of neighbouring dims (x0, x1), (x2, x3), ... (DeepSeek's, GLM-5's indexer's, Llama 4's)
 -- become rotate_half's pairs (i, i + D/2). Applied alike to queries and keys, it leaves their
 -- products unchanged. The index is kept on owner (one per module, made again for another device).
-function M.deinterleave(owner, x)
+function M.deinterleave(owner, x, n)
    local D = x:size(x:dim())
+   n = n or D                  -- (the first n dims only, with partial rotary embeddings: GLM-4)
    local perm = rawget(owner, "_deinterleave")
-   if perm == nil or perm.device ~= x.device or perm:numel() ~= D then
+   if perm == nil or perm.device ~= x.device or perm:numel() ~= D or rawget(owner, "_deinterleave_n") ~= n then
       local idx = {}
-      for i = 0, D - 1, 2 do idx[#idx + 1] = i end
-      for i = 1, D - 1, 2 do idx[#idx + 1] = i end
+      for i = 0, n - 1, 2 do idx[#idx + 1] = i end
+      for i = 1, n - 1, 2 do idx[#idx + 1] = i end
+      for i = n, D - 1 do idx[#idx + 1] = i end
       perm = T.tensor(idx, { dtype = "int64", device = x.device })
       rawset(owner, "_deinterleave", perm)
+      rawset(owner, "_deinterleave_n", n)
    end
    return x:index_select(x:dim(), perm)
 end

@@ -40,6 +40,7 @@ local FAMILIES = {
    mistral4 = { who = "models.mistral4", prefix = "Mistral4" },
    deepseek_v32 = { who = "models.deepseek_v32", prefix = "DeepseekV32" },              -- models/deepseek_sparse.lua
    glm_moe_dsa = { who = "models.glm_moe_dsa", prefix = "GlmMoeDsa", defaults = { rms_norm_eps = 1e-5 } },
+   glm4 = { who = "models.glm4", prefix = "Glm4", defaults = { rms_norm_eps = 1.5625e-07, head_dim = 128, attention_bias = true } },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
    qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
    qwen3_5 = { who = "models.qwen3_5", prefix = "Qwen3_5", defaults = { head_dim = 256 } },          -- models/qwen3_5.lua
@@ -64,6 +65,12 @@ local FAMILIES = {
                         defaults = { rms_norm_eps = 1e-5 } },
    hunyuan_v1_moe = { who = "models.hunyuan_v1_moe", prefix = "HunYuanMoEV1", ntk_alpha = true,   -- models/hunyuan.lua
                       defaults = { rms_norm_eps = 1e-5 } },
+   -- (Cohere's LayerNorm eps is layer_norm_eps: read as rms_norm_eps)
+   cohere = { who = "models.cohere", prefix = "Cohere",
+              defaults = { tie_word_embeddings = true, rope_theta = 500000, rms_norm_eps = 1e-5 } },
+   cohere2 = { who = "models.cohere2", prefix = "Cohere2", defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
+   granite = { who = "models.granite", prefix = "Granite" },
+   granitemoe = { who = "models.granitemoe", prefix = "GraniteMoe" },                         -- models/moe.lua
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    llama4_text = { who = "models.llama4", prefix = "Llama4Text",                                -- models/llama4.lua
@@ -254,6 +261,10 @@ function M.config(source, family)
    if family == "starcoder2" and raw.norm_epsilon ~= nil and raw.rms_norm_eps == nil then
       raw.rms_norm_eps = raw.norm_epsilon                     -- its LayerNorms' eps, under Llama's key
    end
+   if (family == "cohere" or family == "cohere2") and raw.layer_norm_eps ~= nil and raw.rms_norm_eps == nil then
+      raw.rms_norm_eps = raw.layer_norm_eps
+   end
+   if family == "cohere2" then raw.head_dim = nil end         -- transformers derives it, whatever the file says
    local cfg = config.validate(raw, schema, src, WHO, 2)
    local rp = cfg.rope_parameters
    local rope = M.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
@@ -282,7 +293,8 @@ function M.config(source, family)
    -- partial_rotary_factor (Phi-3/4, in rope_parameters or at the top level; MiniMax-M2's hub files
    -- say rotary_dim instead)
    local legacy = family == "minimax_m2" and type(cfg.rotary_dim) == "number" and cfg.rotary_dim / cfg.head_dim or nil
-   M.set_rotary_dim(cfg, WHO, rope.partial_rotary_factor or cfg.partial_rotary_factor or legacy or 1)
+   local whole = family == "glm4" and 0.5 or 1     -- (transformers' default for GLM-4: half of each head)
+   M.set_rotary_dim(cfg, WHO, rope.partial_rotary_factor or cfg.partial_rotary_factor or legacy or whole)
    if rope.rope_type == "longrope" then
       for _, k in ipairs({ "short_factor", "long_factor" }) do
          local f = rope[k]
@@ -299,18 +311,25 @@ function M.config(source, family)
       or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "llama4_text" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-   elseif family == "glm4_moe" then          -- biased q/k/v, an unbiased output, per-head q/k norms if asked
+   elseif family == "glm4_moe" or family == "glm4" then   -- biased q/k/v, an unbiased output
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-      cfg.qk_norm = cfg.use_qk_norm == true
+      cfg.qk_norm = family == "glm4_moe" and cfg.use_qk_norm == true      -- (GLM-4.5's per-head q/k norms, if asked)
+      cfg.rope_pairs_interleaved = family == "glm4"                      -- (GLM-4's rotary pairs: neighbouring dims)
    elseif family == "ernie4_5" or family == "ernie4_5_moe" then   -- use_bias on every projection
       local bias = cfg.use_bias == true
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.rope_pairs_interleaved = true
-   elseif family == "exaone4" then           -- sliding layers rotate; with a window, the full ones are NoPE
-      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
-      cfg.qk_norm = true
+   elseif family == "exaone4" or family == "cohere2" then   -- sliding layers rotate; with a window, the full ones are NoPE
+      if family == "exaone4" then
+         cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
+         cfg.qk_norm = true
+      else                                    -- Cohere 2: Cohere's layers; without a window, transformers' 4096
+         cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+         cfg.rope_pairs_interleaved = true
+         if cfg.sliding_window == nil then cfg.sliding_window = 4096 end
+      end
       local w = window_size(cfg, WHO)
       cfg.use_sliding_window = w ~= nil
       cfg.max_window_layers = 0
@@ -348,6 +367,24 @@ function M.config(source, family)
       end
       cfg.max_window_layers = 0
       cfg.layer_windows = qwen2_windows(cfg, WHO)
+   elseif family == "cohere" then            -- rotary pairs of neighbouring dims; per-head q/k LayerNorms if asked
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      cfg.rope_pairs_interleaved = true
+      if cfg.use_qk_norm ~= nil and type(cfg.use_qk_norm) ~= "boolean" then
+         config.fail(cfg, WHO, 'config key "use_qk_norm" must be a boolean, got %s', tostring(cfg.use_qk_norm))
+      end
+   elseif family == "granite" or family == "granitemoe" then   -- Llama's biases; the multipliers below
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      if family == "granitemoe" then cfg.mlp_bias = false end
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      for _, key in ipairs({ "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling" }) do
+         local v = cfg[key] == nil and 1 or cfg[key]
+         if type(v) ~= "number" or v <= 0 then
+            config.fail(cfg, WHO, 'config key "%s" must be a positive number, got %s', key, tostring(v))
+         end
+         cfg[key] = v
+      end
    elseif family == "seed_oss" then          -- biased q/k/v by default; the output's own key
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_out_bias == true
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -423,6 +460,13 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       cfg.qk_norm = true
+   end
+   if family == "cohere" or family == "cohere2" then
+      local scale = cfg.logit_scale == nil and 0.0625 or cfg.logit_scale
+      if type(scale) ~= "number" or scale <= 0 then
+         config.fail(cfg, WHO, 'config key "logit_scale" must be a positive number, got %s', tostring(scale))
+      end
+      cfg.logit_scale = scale
    end
    cfg.family = family
    return cfg
@@ -668,8 +712,11 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
    local query_scale
    if self.query_scaled then cos, sin, query_scale = M.split_query_scale(cos, sin) end
-   if self.pairs_interleaved then q, k = self:deinterleave(q), self:deinterleave(k) end   -- (ERNIE 4.5)
    if not self.nope then
+      if self.pairs_interleaved then                       -- (ERNIE 4.5, Cohere; GLM-4 over its rotary dims only)
+         local rd = cos:size(-1)
+         q, k = self:deinterleave(q, rd), self:deinterleave(k, rd)
+      end
       q = apply_rotary(q, cos, sin)
       k = apply_rotary(k, cos, sin)
    end
@@ -959,6 +1006,92 @@ function M.HunYuanDenseV1Attention:__init(cfg, layer_idx)
    self.key_layernorm = nn.RMSNorm(cfg.head_dim, { eps = cfg.rms_norm_eps })
 end
 
+-- Cohere (Command R, R+) and Cohere 2 (Command R7B, Command A): LayerNorms without biases, one
+-- before a parallel block whose attention and MLP both read it and join the residual together;
+-- logits times logit_scale. Cohere 2's full layers have no position embedding (the config's nope_layers).
+local CohereLayerNorm = nn.LayerNorm:extend("CohereLayerNorm")
+M.CohereLayerNorm = CohereLayerNorm
+
+function CohereLayerNorm:__init(shape, opts)
+   nn.LayerNorm.__init(self, shape, { eps = opts and opts.eps, bias = false })
+end
+
+--- Over the last dim only: the q/k norms' weight is (heads, head_dim), a weight per head.
+function CohereLayerNorm:forward(x)
+   local shape = self.normalized_shape
+   if #shape == 1 then return nn.LayerNorm.forward(self, x) end
+   return nn.functional.layer_norm(x, { shape[#shape] }, nil, nil, self.eps) * self.weight
+end
+
+family_classes("cohere")
+local CohereDecoderLayer = M.CohereDecoderLayer
+CohereDecoderLayer.Norm, M.CohereModel.Norm = CohereLayerNorm, CohereLayerNorm
+
+function M.CohereAttention:__init(cfg, layer_idx)
+   LlamaAttention.__init(self, cfg, layer_idx)
+   if cfg.use_qk_norm then        -- (on (B, T, heads, head_dim), before the rotary embedding)
+      self.q_norm = CohereLayerNorm({ cfg.num_attention_heads, cfg.head_dim }, { eps = cfg.rms_norm_eps })
+      self.k_norm = CohereLayerNorm({ cfg.num_key_value_heads, cfg.head_dim }, { eps = cfg.rms_norm_eps })
+   end
+end
+
+function CohereDecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.self_attn = self.Attention(cfg, layer_idx)
+   self.mlp = self.MLP(cfg, layer_idx)
+   self.input_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function CohereDecoderLayer:forward(x, cos, sin, cache, pad)
+   local h = self.input_layernorm(x)
+   return x + self.self_attn(h, cos, sin, cache, pad) + self.mlp(h)
+end
+
+family_classes("cohere2", CohereDecoderLayer)
+M.Cohere2Model.Norm = CohereLayerNorm
+
+--- The LM's forward with the logits rescaled by scale(logits, config) (hidden states, when asked,
+-- as they are): Cohere's and Granite's.
+function M.scaled_logits_forward(who, scale)
+   local lm_forward = common.causal_lm_forward(who .. ".forward", "model", "embed_tokens")
+   return function(self, input_ids, opts)
+      local out = lm_forward(self, input_ids, opts)
+      if opts and opts.output_hidden_states then return out end
+      return scale(out, self.config)
+   end
+end
+local function times_logit_scale(logits, cfg) return logits * cfg.logit_scale end
+M.CohereForCausalLM.forward = M.scaled_logits_forward(FAMILIES.cohere.who, times_logit_scale)
+M.Cohere2ForCausalLM.forward = M.scaled_logits_forward(FAMILIES.cohere2.who, times_logit_scale)
+
+-- Granite (granite-3.x; GraniteMoE's attention and layer too: models/moe.lua): Llama's layers with
+-- the embeddings times embedding_multiplier, each block's output times residual_multiplier, the
+-- attention's scores times attention_multiplier (in place of 1/sqrt(head_dim)), and the logits
+-- divided by logits_scaling.
+family_classes("granite")
+
+function M.GraniteAttention:__init(cfg, layer_idx)
+   LlamaAttention.__init(self, cfg, layer_idx)
+   rawset(self, "scale", cfg.attention_multiplier)
+end
+
+function M.GraniteDecoderLayer:__init(cfg, layer_idx)
+   LlamaDecoderLayer.__init(self, cfg, layer_idx)
+   rawset(self, "residual_multiplier", cfg.residual_multiplier)
+end
+
+function M.GraniteDecoderLayer:forward(x, cos, sin, cache, pad)
+   local r = self.residual_multiplier
+   x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pad) * r
+   return x + self[self.mlp_name](self.post_attention_layernorm(x)) * r
+end
+
+function M.GraniteModel:embed_scale() return self.config.embedding_multiplier end
+
+--- Granite's logits: divided by logits_scaling.
+function M.granite_logits(logits, cfg) return logits / cfg.logits_scaling end
+M.GraniteForCausalLM.forward = M.scaled_logits_forward(FAMILIES.granite.who, M.granite_logits)
+
 -- OLMo 3: OLMo 2's layers, sliding on three layers of every four, which rotate unscaled.
 local Olmo3Attention, Olmo3DecoderLayer = M.Olmo3Attention, M.Olmo3DecoderLayer
 Olmo3Attention.__init, Olmo3Attention.project = Olmo2Attention.__init, Olmo2Attention.project
@@ -1015,6 +1148,23 @@ end
 function Phi3MLP:forward(x)
    local gate_up, I = self.gate_up_proj(x), self.intermediate
    return self.down_proj(self.act_fn(gate_up:narrow(-1, 1, I)) * gate_up:narrow(-1, I + 1, I))
+end
+
+-- GLM-4 (GLM-4-9B-0414, GLM-Z1): Phi-3's fused gate_up_proj MLP, and a norm after attention and
+-- after the MLP as well as before each.
+family_classes("glm4")
+local Glm4DecoderLayer = M.Glm4DecoderLayer
+M.Glm4MLP.__init, M.Glm4MLP.forward = M.Phi3MLP.__init, M.Phi3MLP.forward
+
+function Glm4DecoderLayer:__init(cfg, layer_idx)
+   LlamaDecoderLayer.__init(self, cfg, layer_idx)
+   self.post_self_attn_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.post_mlp_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function Glm4DecoderLayer:forward(x, cos, sin, cache, pad)
+   x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pad))
+   return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 end
 
 return M

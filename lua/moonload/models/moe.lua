@@ -28,7 +28,7 @@ function M.config(source, family)
    local function int(v, name, min) return config.integer(cfg, WHO, name, v, min) end
    cfg.num_experts = int(experts, "num_experts", 0)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
-   local experts_are_mlp = family == "mixtral" or family == "minimax_m2"     -- (their experts' width: intermediate_size)
+   local experts_are_mlp = family == "mixtral" or family == "minimax_m2" or family == "granitemoe"   -- (their experts' width: intermediate_size)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (experts_are_mlp and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
@@ -63,6 +63,7 @@ end
 -- transformers' order) and sets top_k and norm_topk_prob.
 local SparseMoeBlock = nn.Module:extend("SparseMoeBlock")
 M.SparseMoeBlock = SparseMoeBlock
+SparseMoeBlock.gate_name = "gate"          -- the router's attribute (GraniteMoE: router)
 
 local function experts_of(cfg, Expert)
    local experts = {}
@@ -79,7 +80,7 @@ end
 -- per row of k 0-based experts. Here: the top_k of a softmax over the router's scores
 -- (renormalized with norm_topk_prob); DeepSeek's blocks route otherwise (models/deepseek.lua).
 function SparseMoeBlock:route(flat)
-   local probs = self.gate(flat):float():softmax(-1)                        -- (N, E), float32
+   local probs = self[self.gate_name](flat):float():softmax(-1)             -- (N, E), float32
    local top_w, top_i = probs:topk(self.top_k, 2)                           -- (N, k), 0-based experts
    if self.norm_topk_prob then top_w = top_w / top_w:sum(2, true) end
    return top_w, top_i:tolist()
@@ -454,5 +455,32 @@ moe_family("mixtral", "Mixtral", MixtralSparseMoeBlock, MixtralSparseMoeBlock, "
 -- layer sparse. The hub's FP8 files load as DeepSeek-V3's do (quantize.lua's "fp8").
 M.decoder_family("minimax_m2", "MiniMaxM2", llama.Olmo2Attention, MiniMaxM2SparseMoeBlock, "block_sparse_moe",
    M.config, M)
+
+-- GraniteMoE (model_type granitemoe: granite-3.0-1b-a400m, 3b-a800m): Granite's multipliers and
+-- attention (models/llama.lua), every layer sparse: a softmax over each token's top
+-- num_experts_per_tok router logits (the same weights as Mixtral's renormalized ones) weighs its
+-- experts, stacked per projection. The hub's names (block_sparse_moe.input_linear: gate rows, then
+-- up rows; output_linear; router.layer) load as transformers renames them.
+local GraniteMoeMoE = SparseMoeBlock:extend("GraniteMoeMoE")
+M.GraniteMoeMoE = GraniteMoeMoE
+GraniteMoeMoE.gate_name = "router"
+
+function GraniteMoeMoE:__init(cfg)
+   nn.Module.__init(self)
+   self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   self.experts = StackedExperts(cfg, "models.granitemoe")
+   self:routing(cfg)
+end
+
+local GraniteMoeLM = M.decoder_family("granitemoe", "GraniteMoe", llama.GraniteAttention, GraniteMoeMoE,
+   "block_sparse_moe", M.config, M)
+M.GraniteMoeDecoderLayer.__init = llama.GraniteDecoderLayer.__init
+M.GraniteMoeDecoderLayer.forward = llama.GraniteDecoderLayer.forward
+M.GraniteMoeModel.embed_scale = llama.GraniteModel.embed_scale
+GraniteMoeLM.forward = llama.scaled_logits_forward("models.granitemoe", llama.granite_logits)
+GraniteMoeLM.checkpoint_renames = {
+   { "%.block_sparse_moe%.input_linear%.weight$", ".block_sparse_moe.experts.gate_up_proj" },
+   { "%.block_sparse_moe%.output_linear%.weight$", ".block_sparse_moe.experts.down_proj" },
+   { "%.block_sparse_moe%.router%.layer%.weight$", ".block_sparse_moe.router.weight" } }
 
 return M
