@@ -12,15 +12,7 @@ local NAME = "granitemoe_tiny"
 local DIR = H.FIX .. "/" .. NAME
 
 describe("models.granitemoe (tests/fixtures/models/granitemoe_tiny: 2 layers of 4 stacked experts, top 2)", function()
-   local exp = H.expected(NAME)
-   local model = models.from_pretrained(DIR)
-   local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
-
-   local function logits_after(fn)
-      local m = models.from_pretrained(DIR)
-      fn(m)
-      return m(ids)
-   end
+   local exp, model, ids, logits_after = H.fixture_model(NAME)
 
    it("builds GraniteMoeForCausalLM with every tensor of the checkpoint, the hub's names as transformers renames them", function()
       assert.are.equal("GraniteMoeForCausalLM", model.__name)

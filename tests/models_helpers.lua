@@ -103,6 +103,21 @@ function H.rmdir(p)
    os.execute("rm -rf '" .. p .. "'")
 end
 
+--- The fixture `name` (tests/fixtures/models/<name>): its expected values, its model, the input
+-- ids, and logits_after(fn): the logits of a fresh copy of the model after fn(model) changed it.
+function H.fixture_model(name)
+   local ml, models = require("moonload"), require("moonload.models")
+   local dir = H.FIX .. "/" .. name
+   local exp = H.expected(name)
+   local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
+   local function logits_after(fn)
+      local m = models.from_pretrained(dir)
+      fn(m)
+      return m(ids)
+   end
+   return exp, models.from_pretrained(dir), ids, logits_after
+end
+
 --- Asserts model's state dict has exactly the tensors of dir's model.safetensors; with tied, the
 -- head's weight too (stored once, as the embedding).
 function H.assert_holds_checkpoint(model, dir, tied)
@@ -201,6 +216,31 @@ function H.it_matches_padded(model, fixture, what)
       assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
          max_new_tokens = pad.max_new_tokens, eos_token_id = false }))
    end)
+end
+
+--- An it() checking model against its fixture's expected.json: the logits, the greedy ids, and the
+-- second prompt decoded through the cache (5 tokens at once, then one at a time) to the same logits.
+function H.it_matches_expected(model, fixture, what)
+   local env = getfenv(2)
+   local it, assert = env.it, env.assert
+   it("gives transformers' logits and greedy ids" .. (what or "") .. ", and decodes with the cache to a full forward's logits",
+      function()
+         local exp = H.expected(fixture)
+         assert.is_true(H.max_abs_diff(model(exp.input_ids), exp.logits) < 1e-4)
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+         assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < 1e-4)
+      end)
+end
+
+--- Asserts that read_config(raw) raises an error holding msg, raw being dir's config.json changed by
+-- change (a function of the table, or a table of keys to set).
+function H.assert_config_fails(read_config, dir, change, msg)
+   local assert = getfenv(2).assert
+   local raw = H.read_json(dir .. "/config.json")
+   if type(change) == "function" then change(raw) else for k, v in pairs(change) do raw[k] = v end end
+   local ok, err = pcall(read_config, raw)
+   assert.is_false(ok)
+   assert.truthy(tostring(err):find(msg, 1, true), err)
 end
 
 return H

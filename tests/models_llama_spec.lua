@@ -148,7 +148,7 @@ describe("models.llama", function()
          assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_size = false })) end,
             'models.llama: config key "hidden_size" in config table must be a positive integer, got boolean false')
          assert.has_error(function() llama.LlamaForCausalLM(tiny({ hidden_act = "swiglu" })) end,
-            'models.llama: activation "swiglu" in config table is not supported (supported: gelu, gelu_fast, gelu_new, gelu_pytorch_tanh, relu, silu, swish, tanh)')
+            'models.llama: activation "swiglu" in config table is not supported (supported: gelu, gelu_fast, gelu_new, gelu_pytorch_tanh, relu, relu2, silu, swish, tanh, xielu)')
       end)
 
       it("reads the older rope_scaling form and names missing rope keys", function()

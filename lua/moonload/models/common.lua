@@ -17,6 +17,12 @@ local ACT = {
    silu = function(x) return x:silu() end,
    swish = function(x) return x:silu() end,
    tanh = function(x) return x:tanh() end,
+   relu2 = function(x) return require("moonload.nn.functional").relu2(x) end,
+   -- (as a function: xIELU at transformers' initial parameters; as a module its own, learned)
+   xielu = function(x)
+      local raw = function(v) return math.log(math.exp(v) - 1) end
+      return require("moonload.nn.functional").xielu(x, raw(0.8), raw(0.3), 0.5, -1e-6)
+   end,
 }
 
 -- The same activations as parameterless modules, so models register them under Hugging Face's
@@ -31,6 +37,8 @@ local ACT_MODULE = {
    silu = function(nn) return nn.SiLU() end,
    swish = function(nn) return nn.SiLU() end,
    tanh = function(nn) return nn.Tanh() end,
+   relu2 = function(nn) return nn.ReLUSquaredActivation() end,
+   xielu = function(nn) return nn.XIELUActivation() end,
 }
 
 --- The activation as an nn module (validated like M.activation).

@@ -71,6 +71,14 @@ local FAMILIES = {
    cohere2 = { who = "models.cohere2", prefix = "Cohere2", defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
    granite = { who = "models.granite", prefix = "Granite" },
    granitemoe = { who = "models.granitemoe", prefix = "GraniteMoe" },                         -- models/moe.lua
+   -- (dynamic_ntk: the "dynamic" rope, its base growing past max_position_embeddings, as transformers' Llama does)
+   internlm3 = { who = "models.internlm3", prefix = "InternLM3", dynamic_ntk = true,
+                 defaults = { head_dim = 128, rms_norm_eps = 1e-5 } },
+   arcee = { who = "models.arcee", prefix = "Arcee", defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5 } },
+   apertus = { who = "models.apertus", prefix = "Apertus",
+               defaults = { hidden_act = "xielu", rms_norm_eps = 1e-5, rope_theta = 12000000 } },
+   olmoe = { who = "models.olmoe", prefix = "Olmoe", defaults = { rms_norm_eps = 1e-5 } },               -- models/moe.lua
+   phimoe = { who = "models.phimoe", prefix = "Phimoe", defaults = { rms_norm_eps = 1e-5, rope_theta = 1000000 } },   -- models/moe.lua
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    llama4_text = { who = "models.llama4", prefix = "Llama4Text",                                -- models/llama4.lua
@@ -106,6 +114,7 @@ local ROPE_KEYS = {
    longrope = { "original_max_position_embeddings" },
    yarn = { "original_max_position_embeddings" },
    ntk_alpha = { "alpha" },                -- base = rope_theta * alpha^(d / (d - 2)), d the head size
+   dynamic = { "factor" },                 -- (only where the family says dynamic_ntk)
 }
 
 -- A sliding window size from the config: nil (none) or a positive integer.
@@ -147,8 +156,9 @@ end
 -- One rotary configuration from (table, where-prefix) sources, later ones winning (nested
 -- tables, Gemma 3's per-layer-type parameters, are not keys of it), with the keys its rope type
 -- needs checked: {rope_type, rope_theta, factor, ...}. With ntk_alpha, "dynamic" with an alpha is
--- rope type "ntk_alpha" (HunYuan's: a fixed base, where other families' "dynamic" grows with the length).
-function M.rope_from(cfg, WHO, sources, default_theta, ntk_alpha)
+-- rope type "ntk_alpha" (HunYuan's: a fixed base, where other families' "dynamic" grows with the length);
+-- with dynamic_ntk, "dynamic" is that growing base (InternLM3RotaryEmbedding).
+function M.rope_from(cfg, WHO, sources, default_theta, ntk_alpha, dynamic_ntk)
    local rope, where = {}, {}
    for _, src in ipairs(sources) do
       for k, v in pairs(src[1]) do
@@ -164,9 +174,9 @@ function M.rope_from(cfg, WHO, sources, default_theta, ntk_alpha)
       end
       rope.rope_type = "ntk_alpha"
    end
-   if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) then
-      error(string.format('%s: rope type "%s" is not supported (supported: default, linear, llama3, longrope, yarn) in %s',
-         WHO, tostring(rope.rope_type), cfg._source), 3)
+   if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) or (rope.rope_type == "dynamic" and not dynamic_ntk) then
+      error(string.format('%s: rope type "%s" is not supported (supported: default, linear, llama3, longrope, yarn%s) in %s',
+         WHO, tostring(rope.rope_type), dynamic_ntk and ", dynamic" or "", cfg._source), 3)
    end
    if (rope.rope_type == "longrope" or rope.rope_type == "yarn") and rope.original_max_position_embeddings == nil then
       rope.original_max_position_embeddings = cfg.original_max_position_embeddings   -- Phi-3 keeps it at the top
@@ -265,11 +275,21 @@ function M.config(source, family)
       raw.rms_norm_eps = raw.layer_norm_eps
    end
    if family == "cohere2" then raw.head_dim = nil end         -- transformers derives it, whatever the file says
+   if family == "apertus" and raw.rope_parameters == nil and raw.rope_scaling == nil then
+      -- transformers' default for a config without any (a top-level rope_theta does not count)
+      raw.rope_parameters = { rope_type = "llama3", rope_theta = 12000000, factor = 8, original_max_position_embeddings = 8192,
+         low_freq_factor = 1, high_freq_factor = 4 }
+   end
+   if family == "internlm3" then                              -- the hub's names for Llama's biases
+      if raw.qkv_bias ~= nil and raw.attention_bias == nil then raw.attention_bias = raw.qkv_bias end
+      if raw.bias ~= nil and raw.mlp_bias == nil then raw.mlp_bias = raw.bias end
+   end
    local cfg = config.validate(raw, schema, src, WHO, 2)
    local rp = cfg.rope_parameters
    local rope = M.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
       { rp, "rope_parameters." }, { type(rp.full_attention) == "table" and rp.full_attention or {},
-      "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000, fam.ntk_alpha)
+      "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000, fam.ntk_alpha,
+      fam.dynamic_ntk)
    if family == "olmo3" then           -- its sliding layers rotate unscaled
       cfg.rope_local = M.rope_from(cfg, WHO, { { { rope_theta = cfg.rope_theta }, "" },
          { type(rp.sliding_attention) == "table" and rp.sliding_attention or {}, "rope_parameters.sliding_attention." } },
@@ -398,6 +418,41 @@ function M.config(source, family)
       if cfg.use_cla == true then
          config.fail(cfg, WHO, 'config key "use_cla" is true: cross-layer attention (shared keys and values) is not supported')
       end
+   elseif family == "arcee" or family == "apertus" then   -- Llama's biases; Apertus's MLP has none, its heads q/k norms
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      if family == "apertus" then cfg.mlp_bias, cfg.qk_norm = false, true end
+   elseif family == "internlm3" then        -- Llama's layers: one bias setting for q, k, v, o and the MLP
+      if cfg.attention_bias ~= cfg.mlp_bias then
+         config.fail(cfg, WHO, 'config keys "qkv_bias" (%s) and "bias" (%s) differ: InternLM3 runs as a Llama, '
+            .. "one bias setting for every projection", tostring(cfg.attention_bias), tostring(cfg.mlp_bias))
+      end
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "phimoe" then            -- biased attention (all four) and head when asked; Mixtral's window
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      local w = window_size(cfg, WHO)
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
+      if cfg.lm_head_bias ~= nil and type(cfg.lm_head_bias) ~= "boolean" then
+         config.fail(cfg, WHO, 'config key "lm_head_bias" must be a boolean, got %s', tostring(cfg.lm_head_bias))
+      end
+      local jitter = cfg.router_jitter_noise == nil and 0.01 or cfg.router_jitter_noise
+      if type(jitter) ~= "number" or jitter < 0 then
+         config.fail(cfg, WHO, 'config key "router_jitter_noise" must be a number >= 0, got %s', tostring(jitter))
+      end
+      cfg.router_jitter_noise = jitter
+      -- transformers' PhiMoE scales cos/sin by short_mscale or long_mscale in place of LongRoPE's own factor
+      if rope.rope_type ~= "default" and rope.rope_type ~= "longrope" then
+         config.fail(cfg, WHO, 'rope type "%s" is not supported (supported: default, longrope)', rope.rope_type)
+      end
+      if rope.rope_type == "longrope" then
+         for _, k in ipairs({ "short_mscale", "long_mscale" }) do
+            if type(rope[k]) ~= "number" or rope[k] <= 0 then
+               config.fail(cfg, WHO, 'config key "rope_parameters.%s" must be a positive number with rope type "longrope", got %s',
+                  k, tostring(rope[k]))
+            end
+         end
+      end
    elseif family == "minimax_m2" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -415,9 +470,13 @@ function M.config(source, family)
          for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 2 == 1 and "sliding_attention" or "full_attention" end
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-   elseif family == "olmo2" then
+   elseif family == "olmo2" or family == "olmoe" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      local clip = cfg.clip_qkv      -- (OLMoE's: q, k and v clipped to +-clip_qkv; null for none)
+      if family == "olmoe" and clip ~= nil and (type(clip) ~= "number" or clip <= 0) then
+         config.fail(cfg, WHO, 'config key "clip_qkv" must be a positive number or null, got %s', tostring(clip))
+      end
    elseif family == "olmo3" then            -- OLMo 2's, sliding on three layers of every four
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       if cfg.sliding_window == nil then cfg.sliding_window = 4096 end
@@ -941,6 +1000,9 @@ family_classes("starcoder2")
 family_classes("seed_oss")       -- Seed-OSS-36B: Llama's layers, q/k/v biased, attention_out_bias apart
 family_classes("smollm3")        -- SmolLM3: Llama's layers, NoPE on every 4th
 family_classes("hunyuan_v1_dense")   -- Hunyuan-7B: Llama's layers, per-head q/k norms after the rotary embedding
+family_classes("internlm3")      -- InternLM3: Llama's layers (transformers builds a LlamaForCausalLM), "dynamic" rope
+family_classes("arcee")          -- Arcee (AFM-4.5B): Llama's layers, an MLP without a gate (ReLU^2)
+family_classes("apertus")        -- Apertus: per-head q/k norms, its own norms' names, an MLP without a gate (xIELU)
 family_classes("olmo2")
 family_classes("olmo3")
 
@@ -1165,6 +1227,60 @@ end
 function Glm4DecoderLayer:forward(x, cos, sin, cache, pad)
    x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pad))
    return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+end
+
+-- InternLM3's "dynamic" rope (transformers' Llama's): up to max_position_embeddings the plain
+-- frequencies; past it, the base times (factor x length / max_position_embeddings - (factor - 1))
+-- ^ (d / (d - 2)), the length being the highest position + 1 of each forward. (transformers keeps
+-- the frequencies of the longest length seen until a forward falls back within the limit; here each
+-- forward's own length decides, which is the same while a generation grows.)
+local InternLM3RotaryEmbedding = M.InternLM3RotaryEmbedding
+
+function InternLM3RotaryEmbedding:__init(cfg)
+   LlamaRotaryEmbedding.__init(self, cfg)
+   if cfg.rope.rope_type == "dynamic" then
+      rawset(self, "dynamic", { theta = cfg.rope_theta, factor = cfg.rope.factor, dim = cfg.rotary_dim,
+         limit = cfg.max_position_embeddings })
+   end
+end
+
+function InternLM3RotaryEmbedding:forward(positions)
+   local d = rawget(self, "dynamic")
+   local length = d and positions:max():item() + 1
+   if not d or length <= d.limit then return LlamaRotaryEmbedding.forward(self, positions) end
+   local base = d.theta * ((d.factor * length / d.limit) - (d.factor - 1)) ^ (d.dim / (d.dim - 2))
+   local exps = T.arange(0, d.dim, 2, { dtype = "float32" }) / d.dim
+   local inv_freq = T.full({ d.dim / 2 }, base, { dtype = "float32" }):pow(exps):reciprocal()
+   if inv_freq.device ~= positions.device then inv_freq = inv_freq:to(positions.device) end
+   return LlamaRotaryEmbedding.forward(self, positions, inv_freq, 1)
+end
+
+-- Arcee and Apertus: an MLP without a gate (transformers' NemotronMLP): down(act(up x)), act ReLU^2
+-- (Arcee's relu2) or xIELU with its learned parameters (Apertus's xielu, mlp.act_fn.{alpha_p,
+-- alpha_n, beta, eps}).
+function M.ArceeMLP:__init(cfg)
+   nn.Module.__init(self)
+   self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, { bias = cfg.mlp_bias })
+   self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, { bias = cfg.mlp_bias })
+   self.act_fn = common.activation_module(cfg.hidden_act, FAMILIES[cfg.family].who, cfg._source)
+end
+
+function M.ArceeMLP:forward(x) return self.down_proj(self.act_fn(self.up_proj(x))) end
+
+M.ApertusMLP.__init, M.ApertusMLP.forward = M.ArceeMLP.__init, M.ArceeMLP.forward
+
+-- Apertus's layer: Llama's pre-norms under other names, attention_layernorm and feedforward_layernorm.
+function M.ApertusDecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.self_attn = self.Attention(cfg, layer_idx)
+   self.mlp = self.MLP(cfg, layer_idx)
+   self.attention_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.feedforward_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function M.ApertusDecoderLayer:forward(x, cos, sin, cache, pad)
+   x = x + self.self_attn(self.attention_layernorm(x), cos, sin, cache, pad)
+   return x + self.mlp(self.feedforward_layernorm(x))
 end
 
 return M

@@ -28,7 +28,8 @@ function M.config(source, family)
    local function int(v, name, min) return config.integer(cfg, WHO, name, v, min) end
    cfg.num_experts = int(experts, "num_experts", 0)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
-   local experts_are_mlp = family == "mixtral" or family == "minimax_m2" or family == "granitemoe"   -- (their experts' width: intermediate_size)
+   local always_renormalize = family == "mixtral" or family == "minimax_m2" or family == "granitemoe"
+   local experts_are_mlp = always_renormalize or family == "olmoe" or family == "phimoe"   -- (their experts' width: intermediate_size)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (experts_are_mlp and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
@@ -38,7 +39,14 @@ function M.config(source, family)
    if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then
       config.fail(cfg, WHO, "num_experts_per_tok %d is more than num_experts %d", cfg.num_experts_per_tok, cfg.num_experts)
    end
-   cfg.norm_topk_prob = experts_are_mlp or cfg.norm_topk_prob == true
+   if cfg.norm_topk_prob ~= nil and type(cfg.norm_topk_prob) ~= "boolean" then
+      config.fail(cfg, WHO, 'config key "norm_topk_prob" must be a boolean, got %s', tostring(cfg.norm_topk_prob))
+   end
+   if family == "phimoe" and cfg.num_experts_per_tok ~= 2 then    -- (sparsemixer picks two, whatever the config says)
+      config.fail(cfg, WHO, "num_experts_per_tok %d is not supported: PhiMoE's sparsemixer routes to 2 experts",
+         cfg.num_experts_per_tok)
+   end
+   cfg.norm_topk_prob = always_renormalize or cfg.norm_topk_prob == true
    local dense = {}
    for _, i in ipairs(type(cfg.mlp_only_layers) == "table" and cfg.mlp_only_layers or {}) do dense[i] = true end
    cfg.sparse_layers = {}
@@ -482,5 +490,107 @@ GraniteMoeLM.checkpoint_renames = {
    { "%.block_sparse_moe%.input_linear%.weight$", ".block_sparse_moe.experts.gate_up_proj" },
    { "%.block_sparse_moe%.output_linear%.weight$", ".block_sparse_moe.experts.down_proj" },
    { "%.block_sparse_moe%.router%.layer%.weight$", ".block_sparse_moe.router.weight" } }
+
+-- OLMoE (model_type olmoe: OLMoE-1B-7B): OLMo 2's attention (RMSNorms over the whole query and key
+-- projections) in Llama's pre-norm layers, q, k and v clipped to +-clip_qkv when the config says;
+-- every layer sparse, its experts as wide as intermediate_size, the top-k softmax weights kept as
+-- they are unless norm_topk_prob. The hub holds one module per expert; transformers' stacked
+-- layout loads too.
+local OlmoeSparseMoeBlock = SparseMoeBlock:extend("OlmoeSparseMoeBlock")
+M.OlmoeSparseMoeBlock = OlmoeSparseMoeBlock
+
+function OlmoeSparseMoeBlock:__init(cfg)
+   nn.Module.__init(self)
+   self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, { bias = false })
+   self.experts = M.experts_for(cfg, "models.olmoe", Qwen3MoeMLP, "apart")
+   self:routing(cfg)
+end
+
+local OlmoeLM = M.decoder_family("olmoe", "Olmoe", llama.Olmo2Attention, OlmoeSparseMoeBlock, "mlp", M.config, M)
+M.builds_experts_as_stored(OlmoeLM)
+local OlmoeAttention = M.OlmoeAttention
+
+function OlmoeAttention:__init(cfg, layer_idx)
+   llama.Olmo2Attention.__init(self, cfg, layer_idx)
+   rawset(self, "clip_qkv", cfg.clip_qkv)
+end
+
+function OlmoeAttention:project(x, B, L)
+   local q, k, v = llama.Olmo2Attention.project(self, x, B, L)
+   local c = self.clip_qkv
+   if c then q, k, v = q:clamp(-c, c), k:clamp(-c, c), v:clamp(-c, c) end
+   return q, k, v
+end
+
+-- PhiMoE (model_type phimoe: Phi-3.5-MoE): Llama's attention, biased when attention_bias, a
+-- sliding window; LayerNorms with biases; a biased head with lm_head_bias; every layer sparse
+-- (block_sparse_moe: Mixtral's experts, the hub's names) behind "sparsemixer" routing; LongRoPE
+-- as transformers computes it for PhiMoE (below).
+local PhimoeSparseMoeBlock = MixtralSparseMoeBlock:extend("PhimoeSparseMoeBlock")
+M.PhimoeSparseMoeBlock = PhimoeSparseMoeBlock
+
+function PhimoeSparseMoeBlock:__init(cfg)
+   MixtralSparseMoeBlock.__init(self, cfg)
+   rawset(self, "jitter_eps", cfg.router_jitter_noise)
+end
+
+local NEG_INF = -math.huge
+
+--- Sparsemixer at inference (transformers' sparsemixer, not training): the top expert, weighted
+-- by its softmax among the experts whose logits lie within a relative 2 x jitter_eps of it
+-- ((top - logit) / max(|logit|, top) <= 2 x jitter_eps; the others masked out), then the best
+-- of the rest, weighted the same way among the rest. In float32.
+function PhimoeSparseMoeBlock:route(flat)
+   local scores = self.gate(flat):float()                                  -- (N, E)
+   local E = scores:size(2)
+   local experts = T.arange(0, E, { dtype = "int64", device = scores.device })
+   local limit = 2 * self.jitter_eps
+   local function pick(candidates)          -- candidates: scores with the experts already taken at -inf
+      local top, idx = candidates:max(2, true)                              -- (N, 1)
+      local factor = scores:abs():maximum(top)
+      local far = ((top - scores) / factor):gt(limit)
+      return candidates:masked_fill(far, NEG_INF):softmax(-1):gather(2, idx), idx
+   end
+   local w1, i1 = pick(scores)
+   local w2, i2 = pick(scores:masked_fill(experts:eq(i1), NEG_INF))
+   return T.cat({ w1, w2 }, 2), T.cat({ i1, i2 }, 2):tolist()
+end
+
+local PhimoeLM = M.decoder_family("phimoe", "Phimoe", llama.LlamaAttention, PhimoeSparseMoeBlock,
+   "block_sparse_moe", M.config, M)
+M.PhimoeDecoderLayer.Norm, M.PhimoeModel.Norm = nn.LayerNorm, nn.LayerNorm
+
+function PhimoeLM:__init(cfg)
+   llama.LlamaForCausalLM.__init(self, cfg)
+   cfg = self.config
+   if cfg.lm_head_bias then
+      self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = true })
+      self:tie_weights()
+   end
+end
+
+-- transformers' PhiMoE rotary embedding: with LongRoPE, the short factors at every length (its
+-- long factors never used), cos/sin times short_mscale while the highest position is within
+-- original_max_position_embeddings and long_mscale past it (the cache then rebuilt, as
+-- recompute_cache_at says).
+local PhimoeRotaryEmbedding = M.PhimoeRotaryEmbedding
+
+function PhimoeRotaryEmbedding:__init(cfg)
+   llama.LlamaRotaryEmbedding.__init(self, cfg)
+   local rope = cfg.rope
+   if rope.rope_type == "longrope" then
+      self:register_buffer("long_inv_freq", nil, false)
+      rawset(self, "original_max", nil)
+      rawset(self, "mscales", { original = rope.original_max_position_embeddings, short = rope.short_mscale,
+         long = rope.long_mscale })
+   end
+end
+
+function PhimoeRotaryEmbedding:forward(positions)
+   local m = rawget(self, "mscales")
+   if not m then return llama.LlamaRotaryEmbedding.forward(self, positions) end
+   local long = positions:max():item() + 1 > m.original
+   return llama.LlamaRotaryEmbedding.forward(self, positions, self.inv_freq, long and m.long or m.short)
+end
 
 return M

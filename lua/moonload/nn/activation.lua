@@ -1,5 +1,6 @@
---- Parameter-free layers: nn.Identity, nn.ReLU, nn.GELU({approximate = "none" | "tanh"}),
--- nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softmax(dim).
+--- Activation layers: nn.Identity, nn.ReLU, nn.GELU({approximate = "none" | "tanh"}),
+-- nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softmax(dim), nn.ReLUSquaredActivation, and one with learned
+-- parameters, nn.XIELUActivation (transformers' names for the last two).
 local Module = require("moonload.nn.module")
 
 local M = {}
@@ -59,5 +60,41 @@ end
 function Softmax:forward(x) return x:softmax(self.dim) end
 function Softmax:extra_repr() return "dim=" .. self.dim end
 M.Softmax = Softmax
+
+--- relu(x)^2 (hidden_act "relu2").
+local ReLUSquaredActivation = Module:extend("ReLUSquaredActivation")
+function ReLUSquaredActivation:forward(x) return require("moonload.nn.functional").relu2(x) end
+M.ReLUSquaredActivation = ReLUSquaredActivation
+
+--- XIELUActivation([{alpha_p_init = 0.8, alpha_n_init = 0.8, beta = 0.5, eps = -1e-6, dtype}]):
+-- xIELU (F.xielu) with transformers' parameters: alpha_p = log(expm1(alpha_p_init)) and alpha_n =
+-- log(expm1(alpha_n_init - beta)), learned, of one value each; beta and eps 0-d buffers, saved
+-- with them.
+local XIELUActivation = Module:extend("XIELUActivation")
+-- (planning: intermediate-wide tensors its forward holds at once beyond a plain activation's,
+-- its two branches and their parts: utils/runtime_memory.lua)
+XIELUActivation.extra_widths = 4
+function XIELUActivation:__init(opts)
+   opts = opts or {}
+   local beta, eps = opts.beta or 0.5, opts.eps or -1e-6
+   local function raw(v) return math.log(math.exp(v) - 1) end
+   self.alpha_p = Module.new_parameter({ 1 }, opts)
+   self.alpha_n = Module.new_parameter({ 1 }, opts)
+   if not self.alpha_p:is_meta() then
+      self.alpha_p:fill_(raw(opts.alpha_p_init or 0.8))
+      self.alpha_n:fill_(raw((opts.alpha_n_init or 0.8) - beta))
+   end
+   self:register_buffer("beta", Module.new_buffer({}, beta, opts))
+   self:register_buffer("eps", Module.new_buffer({}, eps, opts))
+end
+function XIELUActivation:forward(x)
+   -- (on x's device: computing in place on the CPU, a hook may leave the buffers on the GPU)
+   local function like(t)
+      if t.device ~= x.device then t = t:to(x.device) end
+      return t.dtype == x.dtype and t or t:to(x.dtype)
+   end
+   return require("moonload.nn.functional").xielu(x, like(self.alpha_p), like(self.alpha_n), like(self.beta), like(self.eps))
+end
+M.XIELUActivation = XIELUActivation
 
 return M

@@ -16,6 +16,7 @@
 --    F.scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale}])
 --    F.gated_delta_rule(q, k, v, g, beta[, state]) -> out, state   Qwen3-Next's linear attention
 --    F.softmax(x, dim) F.log_softmax(x, dim) F.gelu(x[, approximate]) F.silu F.relu F.tanh
+--    F.relu2 F.xielu(x, alpha_p, alpha_n, beta, eps)
 --    F.sigmoid F.dropout(x[, p = 0.5[, training = false]]) F.normalize(x[, p = 2[, dim = 2[, eps]]])
 local C = require("moonload.C")
 local Tensor = require("moonload.tensor")
@@ -366,6 +367,32 @@ function F.log_softmax(x, dim) need_tensor("log_softmax", "input", x); return x:
 function F.gelu(x, approximate) need_tensor("gelu", "input", x); return x:gelu(approximate) end
 function F.silu(x) need_tensor("silu", "input", x); return x:silu() end
 function F.relu(x) need_tensor("relu", "input", x); return x:relu() end
+
+--- relu2(x): relu(x)^2 (transformers' "relu2", ReLUSquaredActivation: Arcee's MLP).
+function F.relu2(x)
+   need_tensor("relu2", "input", x)
+   local r = x:relu()
+   return r * r
+end
+
+--- xielu(x, alpha_p, alpha_n, beta, eps): xIELU (https://arxiv.org/abs/2411.13010, Apertus's MLP),
+-- as transformers' XIELUActivation computes it from its raw parameters: with a_p = softplus(alpha_p)
+-- and a_n = beta + softplus(alpha_n), a_p x^2 + beta x where x > 0, else
+-- (expm1(min(x, eps)) - x) a_n + beta x. alpha_p, alpha_n: tensors of one value (or numbers), beta
+-- and eps numbers or 0-d tensors. expm1 as 2t / (1 - t), t = tanh(y / 2), which keeps its precision
+-- near 0 where exp(y) - 1 would not.
+function F.xielu(x, alpha_p, alpha_n, beta, eps)
+   need_tensor("xielu", "input", x)
+   local function softplus(a)
+      if type(a) == "number" then return math.log(1 + math.exp(a)) end
+      return (a:exp() + 1):log()
+   end
+   local a_p, a_n = softplus(alpha_p), softplus(alpha_n) + beta
+   local t = (x:minimum(eps) * 0.5):tanh()
+   local expm1 = t * 2 / (1 - t)
+   local linear = x * beta
+   return Tensor.where(x:gt(0), x * x * a_p + linear, (expm1 - x) * a_n + linear)
+end
 function F.tanh(x) need_tensor("tanh", "input", x); return x:tanh() end
 function F.sigmoid(x) need_tensor("sigmoid", "input", x); return x:sigmoid() end
 

@@ -86,9 +86,14 @@ local function mlp_width(m, skip)
       end
       return w
    end
-   local widest = out_in(m) or 0
-   for _, child in m:named_children() do widest = math.max(widest, mlp_width(child, skip)) end
-   return widest
+   local widest, extra = out_in(m) or 0, 0
+   for _, child in m:named_children() do
+      widest = math.max(widest, mlp_width(child, skip))
+      extra = math.max(extra, child.extra_widths or 0)
+   end
+   -- (an activation holding more intermediate-wide temporaries than the four a layer's MLP is
+   -- counted for, as xIELU: extra_widths more)
+   return widest * (1 + extra / 4)
 end
 
 -- The decoder layers that cache keys and values, or keep a state of fixed size instead (linear
