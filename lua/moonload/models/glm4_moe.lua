@@ -6,9 +6,15 @@
 -- n_group groups, routed_scaling_factor) over n_routed_experts beside shared experts
 -- (models/deepseek.lua). Like V3's, the checkpoints carry multi-token-prediction layers after the
 -- last decoder layer, which loading leaves out.
+-- GLM-4.5V (Glm4vMoeForConditionalGeneration, model_type glm4v_moe) loads its language model alone
+-- (text_config, model.language_model.*; the vision tower left out): GLM-4.5's layers, q/k/v biased
+-- unless attention_bias says not, no q/k norms. Its multimodal rotary embedding (mrope_section)
+-- gives every section the same positions for text, so it is GLM-4.5's: the same inv_freq, halves
+-- rotated over partial_rotary_factor (0.5 by default) of each head.
 local llama = require("moonload.models.llama")
 local moe = require("moonload.models.moe")
 local deepseek = require("moonload.models.deepseek")
+local config = require("moonload.models.config")
 
 local M = {}
 local WHO = "models.glm4_moe"
@@ -25,6 +31,23 @@ end
 local MLP, MoE, mlp = deepseek.moe_layer_classes("Glm4Moe", "MoE")
 M.Glm4MoeMLP, M.Glm4MoeMoE = MLP, MoE
 local LM = moe.decoder_family("glm4_moe", "Glm4Moe", llama.LlamaAttention, mlp, "mlp", M.config, M)
+
+-- GLM-4.5V's text config (transformers' glm4v_moe_text): attention_bias True by default, and no
+-- use_qk_norm to ask for q/k norms
+local function read_config(source)
+   if type(source) ~= "table" or source.model_type ~= "glm4v_moe_text" then return M.config(source) end
+   local text = {}
+   for k, v in pairs(source) do text[k] = v end
+   if text.attention_bias == nil then text.attention_bias = true end
+   text.use_qk_norm = nil
+   return M.config(text)
+end
+
+LM.checkpoint_renames = config.LANGUAGE_MODEL_RENAMES
+LM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^model%.visual%." }
+function LM:read_config(source)
+   return config.read_text_config(source, WHO, { glm4v_moe = true }, read_config)
+end
 
 function LM:__init(cfg)
    llama.LlamaForCausalLM.__init(self, cfg)

@@ -64,6 +64,10 @@ local ARCH = {
    glm_moe_dsa = { module = "moonload.models.deepseek_sparse", class = "GlmMoeDsaForCausalLM" },
    glm4 = { module = "moonload.models.llama", class = "Glm4ForCausalLM" },
    glm4_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },
+   glm4v = { module = "moonload.models.llama", class = "Glm4vForCausalLM" },              -- its language model
+   glm4v_text = { module = "moonload.models.llama", class = "Glm4vForCausalLM" },
+   glm4v_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },     -- its language model
+   dots1 = { module = "moonload.models.dots1", class = "Dots1ForCausalLM" },
    gpt_oss = { module = "moonload.models.gpt_oss", class = "GptOssForCausalLM" },
    qwen3_next = { module = "moonload.models.qwen3_next", class = "Qwen3NextForCausalLM" },
    qwen3_5_text = { module = "moonload.models.qwen3_5", class = "Qwen3_5ForCausalLM" },
@@ -104,7 +108,7 @@ setmetatable(M, { __index = function(t, k)
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bloom = "moonload.models.bloom", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj",
-      bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", glm4_moe = "moonload.models.glm4_moe",
+      bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", glm4_moe = "moonload.models.glm4_moe", dots1 = "moonload.models.dots1",
       gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",

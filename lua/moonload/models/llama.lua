@@ -42,6 +42,8 @@ local FAMILIES = {
    glm_moe_dsa = { who = "models.glm_moe_dsa", prefix = "GlmMoeDsa", defaults = { rms_norm_eps = 1e-5 } },
    glm4 = { who = "models.glm4", prefix = "Glm4", defaults = { rms_norm_eps = 1.5625e-07, head_dim = 128, attention_bias = true } },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
+   glm4v = { who = "models.glm4v", prefix = "Glm4v", defaults = { rms_norm_eps = 1e-5 } },   -- GLM-4.1V's language model
+   dots1 = { who = "models.dots1", prefix = "Dots1" },                                       -- models/dots1.lua
    qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
    qwen3_5 = { who = "models.qwen3_5", prefix = "Qwen3_5", defaults = { head_dim = 256 } },          -- models/qwen3_5.lua
    qwen3_5_moe = { who = "models.qwen3_5_moe", prefix = "Qwen3_5Moe",      -- (no dense MLP: no intermediate_size)
@@ -331,11 +333,12 @@ function M.config(source, family)
       or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "llama4_text" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-   elseif family == "glm4_moe" or family == "glm4" then   -- biased q/k/v, an unbiased output
-      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
+   elseif family == "glm4_moe" or family == "glm4" or family == "glm4v" then   -- biased q/k/v, an unbiased output
+      -- (GLM-4.1V's q/k/v are biased whatever the config says: its text config has no attention_bias)
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = family == "glm4v" or cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.qk_norm = family == "glm4_moe" and cfg.use_qk_norm == true      -- (GLM-4.5's per-head q/k norms, if asked)
-      cfg.rope_pairs_interleaved = family == "glm4"                      -- (GLM-4's rotary pairs: neighbouring dims)
+      cfg.rope_pairs_interleaved = family ~= "glm4_moe"                  -- (GLM-4's rotary pairs: neighbouring dims)
    elseif family == "ernie4_5" or family == "ernie4_5_moe" then   -- use_bias on every projection
       local bias = cfg.use_bias == true
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
@@ -515,6 +518,14 @@ function M.config(source, family)
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       if family == "gemma3_text" then cfg.qk_norm = true end
+   elseif family == "dots1" then             -- Qwen3's attention; layers from max_window_layers (62) on slide
+      -- whenever sliding_window (4096) is set: transformers' Dots1Config has no use_sliding_window
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      if cfg.sliding_window == nil then cfg.sliding_window = 4096 end
+      if cfg.max_window_layers == nil then cfg.max_window_layers = 62 end
+      cfg.use_sliding_window = true
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+      cfg.qk_norm = true
    else                                        -- qwen3, qwen3_moe
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
@@ -1228,6 +1239,15 @@ function Glm4DecoderLayer:forward(x, cos, sin, cache, pad)
    x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pad))
    return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 end
+
+-- GLM-4.1V (model_type glm4v: GLM-4.1V-9B) loads its language model alone: GLM-4's layers with
+-- transformers' defaults for its text config (the whole head rotated unless partial_rotary_factor
+-- says otherwise, head_dim hidden_size / heads). Its multimodal rotary embedding (mrope_section)
+-- gives every section the same positions for text, so it is GLM-4's: the same inv_freq, each
+-- frequency repeated over a pair of neighbouring dims.
+family_classes("glm4v", Glm4DecoderLayer)
+M.Glm4vMLP.__init, M.Glm4vMLP.forward = M.Phi3MLP.__init, M.Phi3MLP.forward
+reads_multimodal(M.Glm4vForCausalLM, "glm4v", { "^model%.visual%." })
 
 -- InternLM3's "dynamic" rope (transformers' Llama's): up to max_position_embeddings the plain
 -- frequencies; past it, the base times (factor x length / max_position_embeddings - (factor - 1))
