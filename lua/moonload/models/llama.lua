@@ -62,10 +62,12 @@ local FAMILIES = {
                defaults = { tie_word_embeddings = true, rope_theta = 2000000 } },
    seed_oss = { who = "models.seed_oss", prefix = "SeedOss",
                 defaults = { head_dim = 128, attention_bias = true, rope_theta = 10000 } },
-   -- (ntk_alpha: a "dynamic" rope with an alpha is a fixed stretch of the base, as transformers reads HunYuan's)
-   hunyuan_v1_dense = { who = "models.hunyuan_v1_dense", prefix = "HunYuanDenseV1", ntk_alpha = true,
+   -- (dynamic_rope: what rope type "dynamic" means for the family: "ntk_alpha", a fixed stretch of the
+   -- base by an alpha, as transformers reads HunYuan's; "grows", the base growing past
+   -- max_position_embeddings, as transformers' Llama does; elsewhere it is refused)
+   hunyuan_v1_dense = { who = "models.hunyuan_v1_dense", prefix = "HunYuanDenseV1", dynamic_rope = "ntk_alpha",
                         defaults = { rms_norm_eps = 1e-5 } },
-   hunyuan_v1_moe = { who = "models.hunyuan_v1_moe", prefix = "HunYuanMoEV1", ntk_alpha = true,   -- models/hunyuan.lua
+   hunyuan_v1_moe = { who = "models.hunyuan_v1_moe", prefix = "HunYuanMoEV1", dynamic_rope = "ntk_alpha",   -- models/hunyuan.lua
                       defaults = { rms_norm_eps = 1e-5 } },
    -- (Cohere's LayerNorm eps is layer_norm_eps: read as rms_norm_eps)
    cohere = { who = "models.cohere", prefix = "Cohere",
@@ -73,8 +75,7 @@ local FAMILIES = {
    cohere2 = { who = "models.cohere2", prefix = "Cohere2", defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
    granite = { who = "models.granite", prefix = "Granite" },
    granitemoe = { who = "models.granitemoe", prefix = "GraniteMoe" },                         -- models/moe.lua
-   -- (dynamic_ntk: the "dynamic" rope, its base growing past max_position_embeddings, as transformers' Llama does)
-   internlm3 = { who = "models.internlm3", prefix = "InternLM3", dynamic_ntk = true,
+   internlm3 = { who = "models.internlm3", prefix = "InternLM3", dynamic_rope = "grows",
                  defaults = { head_dim = 128, rms_norm_eps = 1e-5 } },
    arcee = { who = "models.arcee", prefix = "Arcee", defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5 } },
    apertus = { who = "models.apertus", prefix = "Apertus",
@@ -116,7 +117,7 @@ local ROPE_KEYS = {
    longrope = { "original_max_position_embeddings" },
    yarn = { "original_max_position_embeddings" },
    ntk_alpha = { "alpha" },                -- base = rope_theta * alpha^(d / (d - 2)), d the head size
-   dynamic = { "factor" },                 -- (only where the family says dynamic_ntk)
+   dynamic = { "factor" },                 -- (only where the family's dynamic_rope is "grows")
 }
 
 -- A sliding window size from the config: nil (none) or a positive integer.
@@ -157,10 +158,10 @@ end
 
 -- One rotary configuration from (table, where-prefix) sources, later ones winning (nested
 -- tables, Gemma 3's per-layer-type parameters, are not keys of it), with the keys its rope type
--- needs checked: {rope_type, rope_theta, factor, ...}. With ntk_alpha, "dynamic" with an alpha is
--- rope type "ntk_alpha" (HunYuan's: a fixed base, where other families' "dynamic" grows with the length);
--- with dynamic_ntk, "dynamic" is that growing base (InternLM3RotaryEmbedding).
-function M.rope_from(cfg, WHO, sources, default_theta, ntk_alpha, dynamic_ntk)
+-- needs checked: {rope_type, rope_theta, factor, ...}. dynamic_rope (the family's, see FAMILIES) says
+-- what rope type "dynamic" is: "ntk_alpha" (with an alpha: a fixed base, HunYuan's), "grows" (the base
+-- growing with the length, InternLM3RotaryEmbedding), or nil (not supported).
+function M.rope_from(cfg, WHO, sources, default_theta, dynamic_rope)
    local rope, where = {}, {}
    for _, src in ipairs(sources) do
       for k, v in pairs(src[1]) do
@@ -169,16 +170,17 @@ function M.rope_from(cfg, WHO, sources, default_theta, ntk_alpha, dynamic_ntk)
    end
    rope.rope_type = rope.rope_type or rope.type or "default"
    if rope.rope_theta == nil then rope.rope_theta, where.rope_theta = default_theta, "rope_theta" end
-   if ntk_alpha and rope.rope_type == "dynamic" then
+   if dynamic_rope == "ntk_alpha" and rope.rope_type == "dynamic" then
       if rope.alpha == nil then
          error(string.format('%s: rope type "dynamic" needs "alpha" (a fixed NTK-alpha base; scaling by the length is '
             .. "not supported) in %s", WHO, cfg._source), 3)
       end
       rope.rope_type = "ntk_alpha"
    end
-   if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) or (rope.rope_type == "dynamic" and not dynamic_ntk) then
+   local grows = dynamic_rope == "grows"
+   if not (rope.rope_type == "default" or ROPE_KEYS[rope.rope_type]) or (rope.rope_type == "dynamic" and not grows) then
       error(string.format('%s: rope type "%s" is not supported (supported: default, linear, llama3, longrope, yarn%s) in %s',
-         WHO, tostring(rope.rope_type), dynamic_ntk and ", dynamic" or "", cfg._source), 3)
+         WHO, tostring(rope.rope_type), grows and ", dynamic" or "", cfg._source), 3)
    end
    if (rope.rope_type == "longrope" or rope.rope_type == "yarn") and rope.original_max_position_embeddings == nil then
       rope.original_max_position_embeddings = cfg.original_max_position_embeddings   -- Phi-3 keeps it at the top
@@ -290,8 +292,8 @@ function M.config(source, family)
    local rp = cfg.rope_parameters
    local rope = M.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." }, { { rope_theta = cfg.rope_theta }, "" },
       { rp, "rope_parameters." }, { type(rp.full_attention) == "table" and rp.full_attention or {},
-      "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000, fam.ntk_alpha,
-      fam.dynamic_ntk)
+      "rope_parameters.full_attention." } }, fam.defaults and fam.defaults.rope_theta or 10000,
+      fam.dynamic_rope)
    if family == "olmo3" then           -- its sliding layers rotate unscaled
       cfg.rope_local = M.rope_from(cfg, WHO, { { { rope_theta = cfg.rope_theta }, "" },
          { type(rp.sliding_attention) == "table" and rp.sliding_attention or {}, "rope_parameters.sliding_attention." } },
