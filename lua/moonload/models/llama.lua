@@ -1117,10 +1117,13 @@ function CohereDecoderLayer:__init(cfg, layer_idx)
    self.input_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
 
-function CohereDecoderLayer:forward(x, cos, sin, cache, pad)
+--- A parallel block (Cohere's, Phi's: models/phi.lua): attention and MLP both read the one input
+-- norm's output and join the residual together.
+function M.parallel_layer_forward(self, x, cos, sin, cache, pad)
    local h = self.input_layernorm(x)
    return x + self.self_attn(h, cos, sin, cache, pad) + self.mlp(h)
 end
+CohereDecoderLayer.forward = M.parallel_layer_forward
 
 family_classes("cohere2", CohereDecoderLayer)
 M.Cohere2Model.Norm = CohereLayerNorm

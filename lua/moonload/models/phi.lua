@@ -95,10 +95,7 @@ function PhiDecoderLayer:__init(cfg, layer_idx)
    self.input_layernorm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.layer_norm_eps })
 end
 
-function PhiDecoderLayer:forward(x, cos, sin, cache, pad)
-   local h = self.input_layernorm(x)
-   return x + self.self_attn(h, cos, sin, cache, pad) + self.mlp(h)
-end
+PhiDecoderLayer.forward = llama.parallel_layer_forward
 
 local PhiRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("PhiRotaryEmbedding")
 M.PhiRotaryEmbedding = PhiRotaryEmbedding
