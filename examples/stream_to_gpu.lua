@@ -22,10 +22,12 @@ local DEV = "cuda:0"
 local dir = arg[1] or "tests/fixtures/models/llama_tiny_untied"
 local cfg = ml.models.config.read(dir .. "/config.json", "stream_to_gpu")
 
--- Embeddings and the final norm resident on cuda:0; the head and even layers in CPU RAM, odd
+-- The final norm resident on cuda:0; the embedding, the head and even layers in CPU RAM, odd
 -- layers on disk. As in Accelerate, the GPU in the map is the main device: the cpu and disk
--- modules execute there, their weights streamed in for each forward.
-local device_map = { ["model.embed_tokens"] = 0, ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = "cpu" }
+-- modules execute there, their weights streamed in for each forward. The embedding is the
+-- exception (hooks.set_lookup_in_place, on by default): its rows are gathered on the CPU and only
+-- those go to the GPU.
+local device_map = { ["model.embed_tokens"] = "cpu", ["model.norm"] = 0, ["model.rotary_emb"] = 0, lm_head = "cpu" }
 for i = 0, cfg.num_hidden_layers - 1 do device_map["model.layers." .. i] = i % 2 == 0 and "cpu" or "disk" end
 local folder = os.tmpname()
 os.remove(folder)
@@ -52,6 +54,9 @@ print(string.format("device memory: %d bytes resident, a forward's peak %d bytes
 local s = hooks.runtime_stats()
 print(string.format("streamed ahead on the copy stream: %d bytes; uploads dropped: %d, given back for memory: %d " ..
    "(window now %d bytes)", s.bytes_streamed, s.streams_dropped, s.streams_reclaimed, s.stream_window))
+print(string.format("the embedding table (%d bytes) stayed on the CPU: %d module calls ran there; the host waited " ..
+   "%d times for an upload, %d of them with nothing queued behind it", model.model.embed_tokens.weight:nbytes(),
+   s.in_place_forwards, s.stream_waits, s.stream_drains))
 local streamed = model:generate(ids, { max_new_tokens = 8 })
 print("greedy continuation, every weight streamed per token: " .. table.concat(streamed, " "))
 -- llama.cpp's policy for decoding: a module whose weights are in host memory runs on the CPU
