@@ -101,6 +101,10 @@ typedef struct ml_cuda_api {
      updated in place; q, k, v and out with a unit-stride last dim, out written where it lies. */
   ml_status (*gated_delta_rule)(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *g,
                                 const ml_tensor *beta, ml_tensor *state, ml_tensor *out);
+  /* The Mamba-2 scan (ml_ssm_scan), checked: state (B, H, P, N) float32 contiguous updated in
+     place; x, B, C and out with a unit-stride last dim; D may be NULL. */
+  ml_status (*ssm_scan)(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *A, const ml_tensor *B,
+                        const ml_tensor *C, const ml_tensor *D, ml_tensor *state, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

@@ -114,28 +114,7 @@ static void delta_rule_items(void *ctx, int64_t begin, int64_t end) {
   free(buf);
 }
 
-// --- checks ---------------------------------------------------------------------------------------
-
-static bool is_float3(ml_dtype dt) { return dt == ML_FLOAT32 || dt == ML_BFLOAT16 || dt == ML_FLOAT16; }
-
-/* t has exactly the shape want (n dims), or an error naming it and the layout it should have. */
-static ml_status need_shape(const char *fn, const char *name, const ml_tensor *t, int n, const int64_t *want,
-                            const char *layout) {
-  bool ok = t->ndim == n;
-  for (int d = 0; ok && d < n; d++) ok = t->shape[d] == want[d];
-  if (ok) return ML_OK;
-  char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF];
-  return ml_fail(ML_EINVAL, "%s: %s must have shape %s %s, got %s", fn, name, ml_shape_str(n, want, a, sizeof a),
-                 layout, ml_shape_str(t->ndim, t->shape, b, sizeof b));
-}
-
-/* Rows are read and written as vectors: the last dim must be unit-stride (the binding makes its
-   inputs contiguous first). */
-static ml_status need_unit_last(const char *fn, const char *name, const ml_tensor *t) {
-  if (t->ndim == 0 || t->shape[t->ndim - 1] <= 1 || t->strides[t->ndim - 1] == 1) return ML_OK;
-  return ml_fail(ML_EINVAL, "%s: the last dim of %s must have stride 1, got %lld (make it contiguous)", fn, name,
-                 (long long)t->strides[t->ndim - 1]);
-}
+// --- the op ----------------------------------------------------------------------------------------
 
 ml_status ml_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *g,
                               const ml_tensor *beta, ml_tensor *state, ml_tensor *out) {
@@ -148,14 +127,14 @@ ml_status ml_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, const ml_t
     if (!ts[i]) return ml_fail(ML_EINVAL, "%s: %s is required (q, k, v, g, beta, state and out all are)", fn, names[i]);
   if (cu && !cu->gated_delta_rule) return ml_no_cuda_kernel(fn, q);
   for (int i = 0; i < 7; i++)
-    if (i == 5 ? state->dtype != ML_FLOAT32 : !is_float3(ts[i]->dtype))
+    if (i == 5 ? state->dtype != ML_FLOAT32 : !ml_is_float3(ts[i]->dtype))
       return ml_fail(ML_EINVAL, "%s: %s must be %s, got %s", fn, names[i],
                      i == 5 ? "float32" : "float32, bfloat16 or float16", ml_dtype_name(ts[i]->dtype));
   char a[ML_SHAPE_BUF];
   if (q->ndim != 4)
     return ml_fail(ML_EINVAL, "%s: q must be (B, T, Hk, Dk), got shape %s", fn, ml_shape_str(q->ndim, q->shape, a, sizeof a));
   int64_t B = q->shape[0], T = q->shape[1], Hk = q->shape[2], Dk = q->shape[3];
-  ML_TRY(need_shape(fn, "k", k, 4, q->shape, "(B, T, Hk, Dk), as q"));
+  ML_TRY(ml_need_shape(fn, "k", k, 4, q->shape, "(B, T, Hk, Dk), as q"));
   if (v->ndim != 4 || v->shape[0] != B || v->shape[1] != T)
     return ml_fail(ML_EINVAL, "%s: v must be (B, T, Hv, Dv) with q's B = %lld and T = %lld, got shape %s", fn,
                    (long long)B, (long long)T, ml_shape_str(v->ndim, v->shape, a, sizeof a));
@@ -163,15 +142,15 @@ ml_status ml_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, const ml_t
   if (Hk == 0 ? Hv != 0 : Hv % Hk != 0)
     return ml_fail(ML_EINVAL, "%s: the value heads of v (Hv = %lld) must be a multiple of the key heads of q and k "
                    "(Hk = %lld)", fn, (long long)Hv, (long long)Hk);
-  ML_TRY(need_shape(fn, "g", g, 3, (int64_t[]){B, T, Hv}, "(B, T, Hv)"));
-  ML_TRY(need_shape(fn, "beta", beta, 3, (int64_t[]){B, T, Hv}, "(B, T, Hv)"));
-  ML_TRY(need_shape(fn, "state", state, 4, (int64_t[]){B, Hv, Dk, Dv}, "(B, Hv, Dk, Dv)"));
+  ML_TRY(ml_need_shape(fn, "g", g, 3, (int64_t[]){B, T, Hv}, "(B, T, Hv)"));
+  ML_TRY(ml_need_shape(fn, "beta", beta, 3, (int64_t[]){B, T, Hv}, "(B, T, Hv)"));
+  ML_TRY(ml_need_shape(fn, "state", state, 4, (int64_t[]){B, Hv, Dk, Dv}, "(B, Hv, Dk, Dv)"));
   if (!ml_tensor_is_contiguous(state)) return ml_fail(ML_EINVAL, "%s: state must be contiguous", fn);
-  ML_TRY(need_shape(fn, "out", out, 4, v->shape, "(B, T, Hv, Dv), as v"));
-  ML_TRY(need_unit_last(fn, "q", q));
-  ML_TRY(need_unit_last(fn, "k", k));
-  ML_TRY(need_unit_last(fn, "v", v));
-  ML_TRY(need_unit_last(fn, "out", out));
+  ML_TRY(ml_need_shape(fn, "out", out, 4, v->shape, "(B, T, Hv, Dv), as v"));
+  ML_TRY(ml_need_unit_last(fn, "q", q));
+  ML_TRY(ml_need_unit_last(fn, "k", k));
+  ML_TRY(ml_need_unit_last(fn, "v", v));
+  ML_TRY(ml_need_unit_last(fn, "out", out));
   if (B == 0 || T == 0 || Hv == 0 || Dv == 0) return ML_OK;
   if (Dk == 0) return ml_tensor_fill_(out, 0);     /* an empty state reads as zeros */
   if (cu) return cu->gated_delta_rule(q, k, v, g, beta, state, out);

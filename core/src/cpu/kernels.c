@@ -80,6 +80,22 @@ ml_status ml_no_cuda_kernel(const char *fn, const ml_tensor *t) {
                  ml_device_str(t->storage->device));
 }
 
+ml_status ml_need_shape(const char *fn, const char *name, const ml_tensor *t, int n, const int64_t *want,
+                        const char *layout) {
+  bool ok = t->ndim == n;
+  for (int d = 0; ok && d < n; d++) ok = t->shape[d] == want[d];
+  if (ok) return ML_OK;
+  char a[ML_SHAPE_BUF], b[ML_SHAPE_BUF];
+  return ml_fail(ML_EINVAL, "%s: %s must have shape %s %s, got %s", fn, name, ml_shape_str(n, want, a, sizeof a),
+                 layout, ml_shape_str(t->ndim, t->shape, b, sizeof b));
+}
+
+ml_status ml_need_unit_last(const char *fn, const char *name, const ml_tensor *t) {
+  if (t->ndim == 0 || t->shape[t->ndim - 1] <= 1 || t->strides[t->ndim - 1] == 1) return ML_OK;
+  return ml_fail(ML_EINVAL, "%s: the last dim of %s must have stride 1, got %lld (make it contiguous)", fn, name,
+                 (long long)t->strides[t->ndim - 1]);
+}
+
 ml_status ml_cpu_gate(const char *fn, int n, const ml_tensor *const *ts) {
   const ml_cuda_api *cu;
   ML_TRY(ml_op_device(fn, n, ts, &cu));

@@ -29,6 +29,14 @@ ml_status ml_op_route(const char *fn, int n, const ml_tensor *const *ts, const c
 ml_status ml_cpu_gate(const char *fn, int n, const ml_tensor *const *ts);
 /* The error for an op on a device that has no kernel for it. */
 ml_status ml_no_cuda_kernel(const char *fn, const ml_tensor *t);
+/* Argument checks of the recurrent kernels (delta_rule.c, ssm_scan.c). */
+static inline bool ml_is_float3(ml_dtype dt) { return dt == ML_FLOAT32 || dt == ML_BFLOAT16 || dt == ML_FLOAT16; }
+/* t has exactly the shape want (n dims), or an error naming it and the layout it should have. */
+ml_status ml_need_shape(const char *fn, const char *name, const ml_tensor *t, int n, const int64_t *want,
+                        const char *layout);
+/* Rows are read and written as vectors: the last dim must be unit-stride (the Lua bindings make
+   their inputs so first). */
+ml_status ml_need_unit_last(const char *fn, const char *name, const ml_tensor *t);
 
 /* Positions a freshly initialised iterator so that its next ml_iter_next returns row `row`
    (0-based). Lets threads start in the middle of an iteration. */

@@ -381,6 +381,7 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.dequantize_fp8_blocks = ml_cuda_dequantize_fp8_blocks;
   g_api.dequantize_mxfp4 = ml_cuda_dequantize_mxfp4;
   g_api.gated_delta_rule = ml_cuda_gated_delta_rule;
+  g_api.ssm_scan = ml_cuda_ssm_scan;
   g_api.cached_bytes = cached_bytes;
   g_api.empty_cache = empty_cache;
   return &g_api;

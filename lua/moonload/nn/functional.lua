@@ -15,6 +15,7 @@
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
 --    F.scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale}])
 --    F.gated_delta_rule(q, k, v, g, beta[, state]) -> out, state   Qwen3-Next's linear attention
+--    F.ssm_scan(x, dt, A, B, C[, D[, state]]) -> out, state         Mamba-2's selective scan
 --    F.softmax(x, dim) F.log_softmax(x, dim) F.gelu(x[, approximate]) F.silu F.relu F.tanh
 --    F.relu2 F.xielu(x, alpha_p, alpha_n, beta, eps)
 --    F.sigmoid F.dropout(x[, p = 0.5[, training = false]]) F.normalize(x[, p = 2[, dim = 2[, eps]]])
@@ -357,6 +358,34 @@ function F.gated_delta_rule(q, k, v, g, beta, state)
    end
    local o = Tensor.empty(shaped and vs or { 0 }, { dtype = v.dtype, device = q.device })
    check(lib.ml_gated_delta_rule(q._c, k._c, v._c, g._c, beta._c, state._c, o._c))
+   return o, state
+end
+
+--- ssm_scan(x, dt, A, B, C[, D[, state]]) -> out, state: the selective state-space scan of
+-- Mamba-2 layers (transformers' mamba2_selective_state_update, token after token). x (B, T, H, P),
+-- dt (B, T, H: the step, already through softplus and its bias), A (H: the decay rate, -exp(A_log)),
+-- B and C (B, T, G, N), D (H, optional skip), float32, bfloat16 or float16, computed in float32;
+-- head h reads group h / (H / G). Per token S = exp(dt A) S + (dt x) B^T and out = S C + D x.
+-- state (B, H, P, N) float32 contiguous is the initial state and is updated in place to the final
+-- one (nil: zeros, a new tensor on x's device). out is a new float32 tensor (B, T, H, P). Views are
+-- read where they lie; an x, B or C whose last dim is not unit-stride is copied contiguous first.
+function F.ssm_scan(x, dt, A, B, C, D, state)
+   local fn = "ssm_scan"
+   need_tensor(fn, "x", x)
+   need_tensor(fn, "dt", dt)
+   need_tensor(fn, "A", A)
+   need_tensor(fn, "B", B)
+   need_tensor(fn, "C", C)
+   if D ~= nil then need_tensor(fn, "D", D) end
+   if state ~= nil then need_tensor(fn, "state", state) end
+   x, B, C = unit_last(x), unit_last(B), unit_last(C)     -- (dt, A and D are read at any strides)
+   local shaped = x:dim() == 4 and B:dim() == 4
+   local xs, bs = x.shape, B.shape
+   if state == nil then
+      state = Tensor.zeros(shaped and { xs[1], xs[3], xs[4], bs[4] } or { 0 }, { device = x.device })
+   end
+   local o = Tensor.empty(x:dim() == 4 and xs or { 0 }, { device = x.device })
+   check(lib.ml_ssm_scan(x._c, dt._c, A._c, B._c, C._c, D and D._c, state._c, o._c))
    return o, state
 end
 
