@@ -75,6 +75,10 @@ local FAMILIES = {
    cohere2 = { who = "models.cohere2", prefix = "Cohere2", defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
    granite = { who = "models.granite", prefix = "Granite" },
    granitemoe = { who = "models.granitemoe", prefix = "GraniteMoe" },                         -- models/moe.lua
+   -- hybrids of Mamba-2 mixers and attention (models/mamba2.lua's mixer)
+   granitemoehybrid = { who = "models.granitemoehybrid", prefix = "GraniteMoeHybrid" },            -- models/bamba.lua
+   bamba = { who = "models.bamba", prefix = "Bamba", defaults = { rms_norm_eps = 1e-5 } },          -- models/bamba.lua
+   nemotron_h = { who = "models.nemotron_h", prefix = "NemotronH" },                             -- models/nemotron_h.lua
    internlm3 = { who = "models.internlm3", prefix = "InternLM3", dynamic_rope = "grows",
                  defaults = { head_dim = 128, rms_norm_eps = 1e-5 } },
    arcee = { who = "models.arcee", prefix = "Arcee", defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5 } },
@@ -399,9 +403,9 @@ function M.config(source, family)
       if cfg.use_qk_norm ~= nil and type(cfg.use_qk_norm) ~= "boolean" then
          config.fail(cfg, WHO, 'config key "use_qk_norm" must be a boolean, got %s', tostring(cfg.use_qk_norm))
       end
-   elseif family == "granite" or family == "granitemoe" then   -- Llama's biases; the multipliers below
+   elseif family == "granite" or family == "granitemoe" or family == "granitemoehybrid" then   -- the multipliers below
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
-      if family == "granitemoe" then cfg.mlp_bias = false end
+      if family ~= "granite" then cfg.mlp_bias = false end
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       for _, key in ipairs({ "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling" }) do
          local v = cfg[key] == nil and 1 or cfg[key]
@@ -410,6 +414,9 @@ function M.config(source, family)
          end
          cfg[key] = v
       end
+   elseif family == "bamba" or family == "nemotron_h" then   -- (layer types: models/bamba.lua, models/nemotron_h.lua)
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "seed_oss" then          -- biased q/k/v by default; the output's own key
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_out_bias == true
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end

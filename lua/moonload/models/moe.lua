@@ -29,6 +29,7 @@ function M.config(source, family)
    cfg.num_experts = int(experts, "num_experts", 0)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
    local always_renormalize = family == "mixtral" or family == "minimax_m2" or family == "granitemoe"
+      or family == "granitemoehybrid"
    local experts_are_mlp = always_renormalize or family == "olmoe" or family == "phimoe"   -- (their experts' width: intermediate_size)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (experts_are_mlp and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)

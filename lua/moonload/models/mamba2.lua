@@ -1,0 +1,212 @@
+--- The Mamba-2 mixer (transformers' Mamba2Mixer, and its copies BambaMixer,
+-- GraniteMoeHybridMambaLayer and NemotronHMamba2Mixer) with Hugging Face parameter names: the
+-- sequence-mixing layer of Mamba-2 and of the hybrids that put it beside attention (Bamba,
+-- Granite 4.0's "-h" models, Nemotron-H).
+--
+-- in_proj gives, per token, a gate z (the mixer's width I = heads x head_dim), the convolution's
+-- input (x, then B and C: groups x state_size each) and a step dt per head. x, B and C go through a
+-- depthwise causal convolution (conv1d, conv_kernel taps) and SiLU. Then each head h keeps a float32
+-- state S (head_dim x state_size): per token S = exp(dt A_h) S + (dt x) B^T and y = S C + D_h x, with
+-- dt = softplus(dt + dt_bias) clamped to time_step_limit and A = -exp(A_log) (F.ssm_scan, a C
+-- kernel). y goes through an RMSNorm gated by silu(z), in groups of I / n_groups, then out_proj.
+--
+-- A generation's cache holds the last conv inputs and S instead of keys and values
+-- (models/kv_cache.lua's layer_state): a fixed size per layer and sequence whatever the length.
+-- Such a state cannot be cropped back, so a model with these layers is `stateful` (no assisted
+-- generation, as transformers refuses it for these models).
+local nn = require("moonload.nn")
+local T = require("moonload.tensor")
+local F = require("moonload.nn.functional")
+local config = require("moonload.models.config")
+local causal_conv = require("moonload.models.causal_conv")
+
+local M = {}
+
+-- A number a config holds, JSON having none for infinity: transformers writes {"__float__":
+-- "Infinity"}, Python's json module a bare Infinity (which cjson reads as a number).
+local SPECIAL_FLOATS = { Infinity = math.huge, ["-Infinity"] = -math.huge }
+local function config_number(v)
+   if type(v) == "table" and SPECIAL_FLOATS[v.__float__] then return SPECIAL_FLOATS[v.__float__] end
+   return v
+end
+
+--- read_config(cfg, WHO, names) -> cfg with cfg.mamba = {heads, head_dim, groups, state_size,
+-- taps, conv_bias, proj_bias, time_step_limit = {lo, hi}, eps}: the mixer's geometry from the
+-- config keys names gives (each family names them its own way): names.heads, head_dim, groups,
+-- state_size, conv_kernel, conv_bias, proj_bias, expand (optional: head_dim defaults to expand x
+-- hidden_size / heads), time_step_limit (optional) or time_step_min (Nemotron-H: {min, inf}),
+-- eps (defaults to rms_norm_eps); defaults gives each one's default.
+function M.read_config(cfg, WHO, names, defaults)
+   local function raw(key) local v = cfg[names[key]]; if v == nil then v = defaults[key] end; return v end
+   local function int(key, min)
+      local v = raw(key)
+      return config.integer(cfg, WHO, names[key], v, min)
+   end
+   local m = {}
+   m.heads = int("heads", 1)
+   local head_dim = raw("head_dim")
+   if head_dim == nil or head_dim == "auto" then
+      local expand = config.integer(cfg, WHO, names.expand or "expand", raw("expand"), 1)
+      if (expand * cfg.hidden_size) % m.heads ~= 0 then
+         config.fail(cfg, WHO, "the mixer's width %d (%s x hidden_size) is not a multiple of %s %d", expand * cfg.hidden_size,
+            names.expand, names.heads, m.heads)
+      end
+      head_dim = expand * cfg.hidden_size / m.heads
+   end
+   m.head_dim = config.integer(cfg, WHO, names.head_dim, head_dim, 1)
+   m.groups = int("groups", 1)
+   if m.heads % m.groups ~= 0 then
+      config.fail(cfg, WHO, "%s %d is not a multiple of %s %d", names.heads, m.heads, names.groups, m.groups)
+   end
+   m.state_size = int("state_size", 1)
+   m.taps = int("conv_kernel", 1)
+   for _, key in ipairs({ "conv_bias", "proj_bias" }) do
+      local v = raw(key)
+      if type(v) ~= "boolean" then
+         config.fail(cfg, WHO, 'config key "%s" must be a boolean, got %s', names[key], tostring(v))
+      end
+      m[key] = v
+   end
+   local limit
+   if names.time_step_min then
+      local lo = raw("time_step_min")
+      if type(lo) ~= "number" or lo < 0 then
+         config.fail(cfg, WHO, 'config key "%s" must be a number >= 0, got %s', names.time_step_min, tostring(lo))
+      end
+      limit = { lo, math.huge }
+   else
+      limit = raw("time_step_limit") or { 0, math.huge }
+      if type(limit) == "table" then limit = { config_number(limit[1]), config_number(limit[2]) } end
+      if type(limit) ~= "table" or type(limit[1]) ~= "number" or type(limit[2] or math.huge) ~= "number"
+         or limit[1] > (limit[2] or math.huge) then
+         config.fail(cfg, WHO, 'config key "time_step_limit" must be [min, max] with min <= max, got %s',
+            type(limit) == "table" and string.format("[%s, %s]", tostring(limit[1]), tostring(limit[2])) or tostring(limit))
+      end
+      limit = { limit[1], limit[2] or math.huge }   -- (JSON has no infinity: a null max is none)
+   end
+   m.time_step_limit = limit
+   m.eps = names.eps and raw("eps") or cfg.rms_norm_eps
+   if type(m.eps) ~= "number" or m.eps <= 0 then
+      config.fail(cfg, WHO, 'config key "%s" must be a positive number, got %s', names.eps or "rms_norm_eps", tostring(m.eps))
+   end
+   cfg.mamba = m
+   return cfg
+end
+
+-- --- the gated norm ---------------------------------------------------------------------------------
+
+local Mamba2RMSNormGated = nn.Module:extend("MambaRMSNormGated")
+M.Mamba2RMSNormGated = Mamba2RMSNormGated
+
+--- Mamba2RMSNormGated(width, groups, eps): x * silu(gate), RMS-normalized in groups of width /
+-- groups, times weight; in float32.
+function Mamba2RMSNormGated:__init(width, groups, eps)
+   nn.Module.__init(self)
+   self.weight = nn.Module.new_parameter({ width })
+   if not self.weight:is_meta() then self.weight:fill_(1) end
+   rawset(self, "width", width)
+   rawset(self, "group_size", width / groups)
+   rawset(self, "eps", eps)
+end
+
+--- x (..., width) float32, gate (..., width) -> (..., width) float32.
+function Mamba2RMSNormGated:forward(x, gate)
+   local shape = x.shape
+   local g = self.group_size
+   local y = x:float() * gate:float():silu()
+   y = F.rms_norm(y:reshape(-1, g), { g }, nil, self.eps):view(shape)
+   return y * self.weight:float()
+end
+
+-- --- the mixer --------------------------------------------------------------------------------------
+
+local Mamba2Mixer = nn.Module:extend("Mamba2Mixer")
+M.Mamba2Mixer = Mamba2Mixer
+
+--- Mamba2Mixer(cfg, layer_idx): cfg.mamba as read_config leaves it, cfg.hidden_size.
+function Mamba2Mixer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   local m = cfg.mamba
+   local width = m.heads * m.head_dim
+   local conv_dim = width + 2 * m.groups * m.state_size
+   self.conv1d = causal_conv.Conv1d(conv_dim, m.taps, { bias = m.conv_bias })
+   self.in_proj = nn.Linear(cfg.hidden_size, width + conv_dim + m.heads, { bias = m.proj_bias })
+   self.dt_bias = nn.Module.new_parameter({ m.heads })
+   self.A_log = nn.Module.new_parameter({ m.heads })
+   self.norm = Mamba2RMSNormGated(width, m.groups, m.eps)
+   self.D = nn.Module.new_parameter({ m.heads })
+   if not self.D:is_meta() then           -- transformers' initial values (A = -(1 .. heads))
+      self.dt_bias:fill_(1)
+      self.D:fill_(1)
+      self.A_log:copy_(T.arange(1, m.heads + 1):float():log())
+   end
+   self.out_proj = nn.Linear(width, cfg.hidden_size, { bias = m.proj_bias })
+   rawset(self, "geometry", { H = m.heads, P = m.head_dim, G = m.groups, N = m.state_size, width = width,
+      conv_dim = conv_dim, taps = m.taps, limit = m.time_step_limit })
+   rawset(self, "layer_idx", layer_idx)
+end
+
+--- Bytes a cache keeps for this layer per batch of B sequences (utils/runtime_memory.lua): the
+-- last taps - 1 conv inputs (el bytes each) and the float32 state, whatever the length.
+function Mamba2Mixer:state_bytes(B, el)
+   local g = self.geometry
+   return B * ((g.taps - 1) * g.conv_dim * el + g.H * g.P * g.N * 4)
+end
+
+--- Values a forward forms per token at once, beside the layer's input and MLP (for memory
+-- planning): the projection, the conv's window, products and output, dt, the scan's float32
+-- output and the gated norm's float32 copies.
+function Mamba2Mixer:token_values()
+   local g = self.geometry
+   return 2 * (g.width + g.conv_dim + g.H) + 4 * g.conv_dim + 4 * g.H + 8 * g.width
+end
+
+-- softplus as torch computes it: log(1 + exp(x)), and x itself past 20.
+local function softplus(x)
+   return (x:clamp(nil, 20):exp() + 1):log() + (x - 20):clamp(0)
+end
+
+-- A parameter as float32 on device.
+local function f32_on(p, device)
+   local t = p:float()
+   return t.device == device and t or t:to(device)
+end
+
+--- x (B, L, hidden); cache optional (the conv inputs and the state carry over); pad (B, past +
+-- L) bool or nil: padding tokens enter as zeros, so they leave the state as it was.
+function Mamba2Mixer:forward(x, cache, pad)
+   local g = self.geometry
+   local B, L = x:size(1), x:size(2)
+   local keep = pad and L > 1 and pad:narrow(2, pad:size(2) - L + 1, L):to(x.dtype):unsqueeze(3)
+   if keep then x = x * keep end
+   local proj = self.in_proj(x)                                   -- (B, L, width + conv_dim + H)
+   local z = proj:narrow(3, 1, g.width)
+   local xbc = proj:narrow(3, g.width + 1, g.conv_dim)
+   local dt = proj:narrow(3, g.width + g.conv_dim + 1, g.H)
+
+   local state
+   if cache then
+      state = cache:layer_state(self.layer_idx, B, function(rows)
+         return { conv = causal_conv.initial_state(self.conv1d, rows, x),
+                  recurrent = T.zeros({ rows, g.H, g.P, g.N }, { dtype = "float32", device = x.device }) }
+      end)
+   end
+   local conv = causal_conv.run(self.conv1d, xbc, state and state.conv):silu()   -- (B, L, conv_dim)
+   if keep then conv = conv * keep end
+   local xs = conv:narrow(3, 1, g.width):view(B, L, g.H, g.P)
+   local Bm = conv:narrow(3, g.width + 1, g.G * g.N):view(B, L, g.G, g.N)
+   local Cm = conv:narrow(3, g.width + g.G * g.N + 1, g.G * g.N):view(B, L, g.G, g.N)
+   local step = softplus(dt:float() + f32_on(self.dt_bias, x.device))
+   if g.limit[1] > 0 or g.limit[2] < math.huge then
+      step = step:clamp(g.limit[1], g.limit[2] < math.huge and g.limit[2] or nil)
+   end
+   local A = -f32_on(self.A_log, x.device):exp()
+   local recurrent = state and state.recurrent     -- (read and written back where it lives, as the conv's)
+   if recurrent and recurrent.device ~= x.device then recurrent = recurrent:to(x.device) end
+   local y = F.ssm_scan(xs, step, A, Bm, Cm, f32_on(self.D, x.device), recurrent)   -- (B, L, H, P) float32
+   if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
+   y = self.norm(y:view(B, L, g.width), z)
+   return self.out_proj(y.dtype == x.dtype and y or y:to(x.dtype))
+end
+
+return M
