@@ -197,7 +197,7 @@ ML_API ml_status ml_tensor_write_f64(ml_tensor *t, const double *src, int64_t n)
 typedef enum {
   ML_OP_NEG = 0, ML_OP_ABS, ML_OP_SQRT, ML_OP_RSQRT, ML_OP_EXP, ML_OP_LOG, ML_OP_TANH,
   ML_OP_SIGMOID, ML_OP_RELU, ML_OP_GELU, ML_OP_GELU_TANH, ML_OP_SILU, ML_OP_SIN, ML_OP_COS,
-  ML_OP_RECIPROCAL, ML_OP_LOGICAL_NOT, ML_OP_UNARY_COUNT
+  ML_OP_RECIPROCAL, ML_OP_LOGICAL_NOT, ML_OP_SOFTPLUS, ML_OP_UNARY_COUNT
 } ml_unary_op;
 
 typedef enum {

@@ -639,6 +639,18 @@ for name, op in pairs(U) do
    end
 end
 
+--- softplus([beta = 1[, threshold = 20]]): log(1 + exp(beta x)) / beta, x itself where beta x >
+-- threshold, as torch.nn.functional.softplus (the defaults in one kernel).
+function methods.softplus(t, beta, threshold)
+   beta, threshold = beta or 1, threshold or 20
+   if beta == 1 and threshold == 20 then
+      check(lib.ml_unary(lib.ML_OP_SOFTPLUS, t._c, out1))
+      return wrap(out1[0])
+   end
+   local bx = t * beta
+   return Tensor.where(bx:gt(threshold), t, (bx:minimum(threshold):exp() + 1):log() / beta)
+end
+
 --- gelu([approximate = "none" | "tanh"]) (also accepts {approximate = ...}).
 function methods.gelu(t, approximate)
    if type(approximate) == "table" then approximate = approximate.approximate end

@@ -120,6 +120,8 @@ static void unary_f32_run(ml_unary_op op, const float *x, float *y, int64_t n) {
   case ML_OP_COS: ML_SIMD for (int64_t i = 0; i < n; i++) y[i] = cosf(x[i]); break;
   case ML_OP_RECIPROCAL: for (int64_t i = 0; i < n; i++) y[i] = 1.0f / x[i]; break;
   case ML_OP_LOGICAL_NOT: for (int64_t i = 0; i < n; i++) y[i] = x[i] == 0; break;
+  /* torch's: the input itself past a threshold of 20, where log1p(exp(x)) equals it in float */
+  case ML_OP_SOFTPLUS: for (int64_t i = 0; i < n; i++) y[i] = x[i] > 20.0f ? x[i] : log1pf(expf(x[i])); break;
   default: break;
   }
 }
@@ -161,6 +163,7 @@ static void unary_f64(ml_unary_op op, const double *x, double *y, int64_t n) {
   case ML_OP_COS: for (int64_t i = 0; i < n; i++) y[i] = cos(x[i]); break;
   case ML_OP_RECIPROCAL: for (int64_t i = 0; i < n; i++) y[i] = 1.0 / x[i]; break;
   case ML_OP_LOGICAL_NOT: for (int64_t i = 0; i < n; i++) y[i] = x[i] == 0; break;
+  case ML_OP_SOFTPLUS: for (int64_t i = 0; i < n; i++) y[i] = x[i] > 20.0 ? x[i] : log1p(exp(x[i])); break;
   default: break;
   }
 }
@@ -411,7 +414,7 @@ static int64_t unary_cost(ml_unary_op op) {
 
 static const char *const unary_names[ML_OP_UNARY_COUNT] = {
   "neg", "abs", "sqrt", "rsqrt", "exp", "log", "tanh", "sigmoid", "relu", "gelu", "gelu_tanh", "silu",
-  "sin", "cos", "reciprocal", "logical_not",
+  "sin", "cos", "reciprocal", "logical_not", "softplus",
 };
 
 static const char *const binary_names[ML_OP_BINARY_COUNT] = {

@@ -43,6 +43,7 @@ __device__ __forceinline__ C apply_unary(int op, C x) {
     case ML_OP_COS: return cos(x);
     case ML_OP_RECIPROCAL: return (C)1 / x;
     case ML_OP_LOGICAL_NOT: return x == (C)0 ? (C)1 : (C)0;
+    case ML_OP_SOFTPLUS: return x > (C)20 ? x : log1p(exp(x));   // torch's threshold
     default: return x;
     }
   }

@@ -160,11 +160,6 @@ function Qwen3NextGatedDeltaNet:token_values()
    return 2 * qkvz + 4 * h.Hv + 4 * h.conv_dim + 8 * h.Hv * h.Dv
 end
 
--- softplus as torch computes it: log(1 + exp(x)), and x itself past 20.
-local function softplus(x)
-   return (x:clamp(nil, 20):exp() + 1):log() + (x - 20):clamp(0)
-end
-
 --- The projections of x (B, L, hidden): the conv's input (B, L, conv_dim: all q heads, all k
 -- heads, all v heads), z (B * L * Hv, Dv), and b, a (B, L, Hv). Here from in_proj_qkvz, which
 -- holds per key head its q, k and the v and z of its Hv / Hk value heads, and in_proj_ba, per
@@ -206,7 +201,7 @@ function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
    local beta = b:sigmoid()
    local A, dt_bias = self.A_log:float(), self.dt_bias:float()
    if A.device ~= x.device then A, dt_bias = A:to(x.device), dt_bias:to(x.device) end
-   local g = -(A:exp()) * softplus(a:float() + dt_bias)                                -- (B, L, Hv) float32
+   local g = -(A:exp()) * (a:float() + dt_bias):softplus()                             -- (B, L, Hv) float32
    local recurrent = state and state.recurrent     -- (read and written back where it lives, as the conv's)
    if recurrent and recurrent.device ~= x.device then recurrent = recurrent:to(x.device) end
    local y = F.gated_delta_rule(q, k, v, g, beta, recurrent)                           -- (B, L, Hv, Dv)

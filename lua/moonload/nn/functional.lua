@@ -413,8 +413,8 @@ end
 function F.xielu(x, alpha_p, alpha_n, beta, eps)
    need_tensor("xielu", "input", x)
    local function softplus(a)
-      if type(a) == "number" then return math.log(1 + math.exp(a)) end
-      return (a:exp() + 1):log()
+      if type(a) == "number" then return a > 20 and a or math.log(1 + math.exp(a)) end
+      return a:softplus()
    end
    local a_p, a_n = softplus(alpha_p), softplus(alpha_n) + beta
    local t = (x:minimum(eps) * 0.5):tanh()
@@ -423,6 +423,9 @@ function F.xielu(x, alpha_p, alpha_n, beta, eps)
    return Tensor.where(x:gt(0), x * x * a_p + linear, (expm1 - x) * a_n + linear)
 end
 function F.tanh(x) need_tensor("tanh", "input", x); return x:tanh() end
+--- softplus(x[, beta = 1[, threshold = 20]]): log(1 + exp(beta x)) / beta, x itself where
+-- beta x > threshold, as torch.nn.functional.softplus.
+function F.softplus(x, beta, threshold) need_tensor("softplus", "input", x); return x:softplus(beta, threshold) end
 function F.sigmoid(x) need_tensor("sigmoid", "input", x); return x:sigmoid() end
 
 --- dropout(x[, p = 0.5[, training = false]]): identity unless training (inference library, so
