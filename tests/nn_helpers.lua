@@ -1,5 +1,6 @@
 -- Shared helpers for the nn_*_spec files (and, through models_helpers, the models_*_spec files):
--- the PyTorch fixtures of tests/fixtures/gen_nn.py and float comparisons.
+-- the PyTorch fixtures of tests/fixtures/gen_nn.py, float comparisons, and the inputs the recurrent
+-- kernels' specs (ops_delta_rule_spec, ops_ssm_scan_spec) rebuild from closed formulas.
 local cjson = require("cjson")
 
 local M = {}
@@ -33,6 +34,41 @@ function M.max_abs_diff(t, ref)
    end
    walk(got, ref, "")
    return worst
+end
+
+--- The largest difference between tensor t and a flat list, relative to the list's largest magnitude.
+function M.rel_err(t, want)
+   local got = t:float():contiguous():view(-1):tolist()
+   assert(#want == #got, string.format("element count: %d, want %d", #got, #want))
+   local diff, top = 0, 0
+   for i = 1, #want do
+      diff = math.max(diff, math.abs(got[i] - want[i]))
+      top = math.max(top, math.abs(want[i]))
+   end
+   return diff / top
+end
+
+--- Raises unless rel_err(t, want) <= tol, naming what.
+function M.assert_rel_close(t, want, tol, what)
+   local e = M.rel_err(t, want)
+   assert(e <= tol, string.format("%s: relative error %.3g over %.3g", what, e, tol))
+end
+
+--- A float32 tensor of shape whose element n (row-major, from 0) is f(n), as
+-- tests/fixtures/recurrence_fixtures.py's formula makes it.
+function M.formula(shape, f)
+   local n = 1
+   for _, s in ipairs(shape) do n = n * s end
+   local list = {}
+   for i = 0, n - 1 do list[i + 1] = f(i) end
+   return require("moonload").tensor(list):view(shape)
+end
+
+--- Each argument moved to device dev (nil ones stay nil), as many results as arguments.
+function M.on_device(dev, ...)
+   local r = { ... }
+   for i = 1, select("#", ...) do r[i] = r[i] and r[i]:to(dev) end
+   return unpack(r, 1, select("#", ...))
 end
 
 return M

@@ -23,32 +23,9 @@ local function operands(c, dtype)
       c.state and t(c.state, ss, "float32") or nil
 end
 
--- The largest difference between t and a flat list, relative to the list's largest magnitude.
-local function rel_err(t, want)
-   local got = t:float():contiguous():view(-1):tolist()
-   assert.are.equal(#want, #got, "element count")
-   local diff, top = 0, 0
-   for i = 1, #want do
-      diff = math.max(diff, math.abs(got[i] - want[i]))
-      top = math.max(top, math.abs(want[i]))
-   end
-   return diff / top
-end
-
-local function assert_close(t, want, tol, what)
-   local e = rel_err(t, want)
-   assert(e <= tol, string.format("%s: relative error %.3g over %.3g", what, e, tol))
-end
+local rel_err, assert_close, formula = N.rel_err, N.assert_rel_close, N.formula
 
 -- The chunk case's inputs, from the closed formulas of gen_delta_rule.py.
-local function formula(shape, f)
-   local n = 1
-   for _, s in ipairs(shape) do n = n * s end
-   local list = {}
-   for i = 0, n - 1 do list[i + 1] = f(i) end
-   return ml.tensor(list):view(shape)
-end
-
 local function chunk_operands()
    local c = FIX.chunk
    local qk, vs, gs = shapes(c)
@@ -59,15 +36,12 @@ local function chunk_operands()
       formula(gs, function(n) return 0.2 + 0.35 * (1 + math.cos(0.77 * n)) end)
 end
 
--- softplus(x) = log(1 + exp(x)), as torch's for the small values here.
-local function softplus(x) return (x:exp() + 1):log() end
-
 -- Qwen3-Next's gates from its projections a and b: g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b).
 local function qwen3_next_gates(c)
    local gs = { c.B, c.T, c.Hv }
    local a, b = ml.tensor(c.a):view(gs), ml.tensor(c.b):view(gs)
    local A_log, dt_bias = ml.tensor(c.A_log), ml.tensor(c.dt_bias)
-   return -A_log:exp() * softplus(a + dt_bias), b:sigmoid()
+   return -A_log:exp() * (a + dt_bias):softplus(), b:sigmoid()
 end
 
 describe("gated_delta_rule", function()
@@ -256,11 +230,7 @@ end)
 describe("gated_delta_rule on cuda #cuda", function()
    local DEV = "cuda:0"
 
-   local function on(dev, ...)
-      local r = { ... }
-      for i = 1, select("#", ...) do r[i] = r[i] and r[i]:to(dev) end
-      return unpack(r, 1, select("#", ...))
-   end
+   local on = N.on_device
 
    -- out and the final state of the same call on the CPU and on cuda:0, compared.
    local function same_as_cpu(tol, what, q, k, v, g, beta, state)

@@ -24,32 +24,9 @@ local function operands(c, dtype)
       c.D and t(c.D, { c.H }) or nil, c.state and t(c.state, ss) or nil
 end
 
--- The largest difference between t and a flat list, relative to the list's largest magnitude.
-local function rel_err(x, want)
-   local got = x:float():contiguous():view(-1):tolist()
-   assert.are.equal(#want, #got, "element count")
-   local diff, top = 0, 0
-   for i = 1, #want do
-      diff = math.max(diff, math.abs(got[i] - want[i]))
-      top = math.max(top, math.abs(want[i]))
-   end
-   return diff / top
-end
-
-local function assert_close(x, want, tol, what)
-   local e = rel_err(x, want)
-   assert(e <= tol, string.format("%s: relative error %.3g over %.3g", what, e, tol))
-end
+local rel_err, assert_close, formula = N.rel_err, N.assert_rel_close, N.formula
 
 -- The chunk case's inputs, from the closed formulas of gen_ssm_scan.py.
-local function formula(shape, f)
-   local n = 1
-   for _, s in ipairs(shape) do n = n * s end
-   local list = {}
-   for i = 0, n - 1 do list[i + 1] = f(i) end
-   return ml.tensor(list):view(shape)
-end
-
 local function chunk_operands()
    local c = FIX.chunk
    local xs, ds, bs = shapes(c)
@@ -230,11 +207,7 @@ end)
 describe("ssm_scan on cuda #cuda", function()
    local DEV = "cuda:0"
 
-   local function on(dev, ...)
-      local r = { ... }
-      for i = 1, select("#", ...) do r[i] = r[i] and r[i]:to(dev) end
-      return unpack(r, 1, select("#", ...))
-   end
+   local on = N.on_device
 
    -- out and the final state of the same call on the CPU and on cuda:0, compared.
    local function same_as_cpu(tol, what, x, dt, A, B, Cm, D, state)
