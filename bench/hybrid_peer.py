@@ -1,11 +1,12 @@
 #!/opt/ref/bin/python
-"""transformers peer for bench/qwen3_next.lua: loads the Qwen3-Next-shaped folder the Lua side
-wrote (bfloat16; without flash-linear-attention and causal-conv1d installed, transformers runs its
-PyTorch fallbacks for the linear layers), then N greedy tokens after a P-token prompt. Reports
+"""transformers peer for bench/qwen3_next.lua and bench/granite_hybrid.lua: loads the hybrid
+model's folder the Lua side wrote (bfloat16; without flash-linear-attention, causal-conv1d and
+mamba-ssm installed, transformers runs its PyTorch fallbacks for the linear-attention and Mamba-2
+layers), then N greedy tokens after a P-token prompt. Reports
 seconds to load, the growth of resident memory over the load and a warm-up generation, seconds to
 generate and the ids. Prints one JSON object.
 
-Usage: python bench/qwen3_next_peer.py --dir DIR [--prompt P] [--new N] [--threads N]
+Usage: python bench/hybrid_peer.py --dir DIR [--prompt P] [--new N] [--threads N]
 """
 import torch
 from transformers import AutoModelForCausalLM

@@ -48,4 +48,4 @@ local function write_checkpoint()
    B.write_config_last(DIR, cjson.encode(CONFIG))
 end
 
-B.load_generate_main("qwen3_next", DIR, PROMPT, NEW, threads, write_checkpoint)
+B.load_generate_main("qwen3_next", DIR, PROMPT, NEW, threads, write_checkpoint, "hybrid_peer")

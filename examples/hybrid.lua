@@ -1,16 +1,18 @@
---- Qwen3-Next under a RAM budget: its routed experts on disk (read per token only for the ones
--- the router picks), the rest planned into memory. Three of every four layers are linear
--- attention, whose cache is a state of fixed size rather than keys and values per token; the
--- example prints each layer's kind, the tokens as they come, and what the cache holds at the end
--- beside what full attention in every layer would have held.
+--- A hybrid model under a RAM budget: its routed experts on disk (read per token only for the ones
+-- the router picks), the rest planned into memory. Most of its layers keep a state of fixed size
+-- in the cache rather than keys and values per token: Qwen3-Next's and Qwen3.5's linear attention,
+-- the Mamba-2 mixers of Granite 4.0-h, Bamba and Nemotron-H. The example prints each layer's kind,
+-- the tokens as they come, and what the cache holds at the end beside what attention in every
+-- layer would have held.
 --
---    luajit examples/qwen3_next.lua [path/to/model] [cpu budget, e.g. 40GB]
+--    luajit examples/hybrid.lua [path/to/model] [cpu budget, e.g. 40GB]
 --
--- Any Qwen3-Next folder works (Qwen3-Next-80B-A3B-Instruct: 160 GB in bfloat16, of which the
--- experts are 154 GB), and any Qwen3.5 one (its language model: Qwen3.5-35B-A3B's experts are
--- stacked per projection, one tensor a layer, and go to disk the same way). Without one it runs the test folder tests/fixtures/models/qwen3_next_tiny:
--- a tiny random-weight Qwen3-Next, so its tokens are noise, but every step is the real one (and
--- equals transformers', see tests/models_qwen3_next_spec.lua).
+-- Any folder of these families works (Qwen3-Next-80B-A3B-Instruct: 160 GB in bfloat16, of which
+-- the experts are 154 GB; Qwen3.5-35B-A3B's experts are stacked per projection, one tensor a
+-- layer, and go to disk the same way, as do granite-4.0-h-small's). Without one it runs the test
+-- folder tests/fixtures/models/qwen3_next_tiny: a tiny random-weight Qwen3-Next, so its tokens
+-- are noise, but every step is the real one (and equals transformers', see
+-- tests/models_qwen3_next_spec.lua).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ml = require("moonload")
 
@@ -19,11 +21,11 @@ local budget = arg[2] or "200MB"
 local folder = os.tmpname()
 os.remove(folder)
 
--- Qwen3-Next's experts are modules of their own, Qwen3.5-MoE's stacked in one per layer (dense
--- Qwen3.5 has none)
+-- Where each family keeps its experts: Qwen3-Next's are modules of their own, the others' stacked
+-- in one module per layer (dense Qwen3.5 and Bamba have none)
 local model_type = require("moonload.utils.json").read(dir .. "/config.json").model_type
 local experts = model_type:find("^qwen3_5_moe") and "%.mlp%.experts$"
-   or model_type == "qwen3_next" and "%.mlp%.experts%.%d+$" or nil
+   or ({ qwen3_next = "%.mlp%.experts%.%d+$", granitemoehybrid = "%.block_sparse_moe%.experts$" })[model_type]
 local model = ml.models.from_pretrained(dir, {
    dtype = "bfloat16", device_map = "auto", max_memory = { cpu = budget }, offload_folder = folder,
    device_overrides = experts and { [experts] = "disk" } or nil,
@@ -37,7 +39,9 @@ end
 print(string.format("%s: %s, %.2f MB of weights in RAM, %.2f MB on disk", dir, model.__name,
    (by_place.cpu or 0) / 2 ^ 20, (by_place.disk or 0) / 2 ^ 20))
 local kinds = {}
-for i, layer in ipairs(model.model.layers) do kinds[i] = layer.linear_attn and "linear" or "full" end
+for i, layer in ipairs(model.model.layers) do
+   kinds[i] = layer.linear_attn and "linear" or layer.mamba and "mamba" or "full"
+end
 print("layers: " .. table.concat(kinds, " "))
 
 local tokenizer_ok, tokenizer = pcall(ml.tokenizers.from_pretrained, dir)
@@ -46,7 +50,7 @@ local out = model:generate(prompt, { max_new_tokens = 16, eos_token_id = false,
    on_token = function(ids) io.write(tokenizer_ok and tokenizer:decode({ ids[1] }) or (ids[1] .. " ")); io.flush() end })
 print()
 
--- the cache of one more forward over the whole sequence: states for the linear layers
+-- the cache of one more forward over the whole sequence: states for the linear and mixer layers
 local cfg = model.config
 local cache = model:new_cache(#out)
 model({ out }, { cache = cache, logits_to_keep = 1 })
@@ -56,6 +60,6 @@ for i = 1, cfg.num_hidden_layers do
    if cache.k[i] then kv = kv + cache.k[i]:nbytes() + cache.v[i]:nbytes() end
 end
 local per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2      -- bfloat16 keys and values
-print(string.format("%d tokens; cache: %.1f KB of linear-attention state + %.1f KB of keys and values (%.1f KB if all %d layers cached keys and values)",
+print(string.format("%d tokens; cache: %.1f KB of fixed-size state + %.1f KB of keys and values (%.1f KB if all %d layers cached keys and values)",
    cache.length, states / 1024, kv / 1024, per_token * cache.length * cfg.num_hidden_layers / 1024, cfg.num_hidden_layers))
 os.execute("rm -rf '" .. folder .. "'")

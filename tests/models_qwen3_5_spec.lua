@@ -142,9 +142,9 @@ describe("models.qwen3_5 MoE (tests/fixtures/models/qwen3_5_moe_multimodal_tiny:
    end)
 end)
 
-describe("examples/qwen3_next.lua on a Qwen3.5-MoE folder", function()
+describe("examples/hybrid.lua on a Qwen3.5-MoE folder", function()
    it("puts the stacked experts on disk and prints the model's greedy tokens", function()
-      local p = assert(io.popen("luajit examples/qwen3_next.lua " .. H.FIX .. "/" .. SPARSE .. " 2>/dev/null"))
+      local p = assert(io.popen("luajit examples/hybrid.lua " .. H.FIX .. "/" .. SPARSE .. " 2>/dev/null"))
       local text = p:read("*a")
       p:close()
       local ram, disk = text:match("Qwen3_5MoeForCausalLM, ([%d.]+) MB of weights in RAM, ([%d.]+) MB on disk")

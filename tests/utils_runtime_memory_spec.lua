@@ -17,7 +17,8 @@ local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny
                    "qwen3_5_moe_multimodal_tiny", "lfm2_tiny",
                    "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny", "llama4_tiny", "ernie4_5_tiny", "ernie4_5_moe_tiny", "exaone4_tiny",
                    "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny",
-                   "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny" }
+                   "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny",
+                   "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny" }
 
 local prompts = H.padded_prompts
 

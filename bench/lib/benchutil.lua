@@ -246,8 +246,8 @@ end
 
 --- A load-and-generate benchmark of the folder dir, both halves: run as `bench/<name>.lua --run`
 -- it is the moonload process; else it writes the folder (write(), when dir/config.json is not
--- there yet) and compares that process with bench/<name>_peer.py.
-function M.load_generate_main(name, dir, prompt, new, threads, write)
+-- there yet) and compares that process with bench/<peer>.py (bench/<name>_peer.py by default).
+function M.load_generate_main(name, dir, prompt, new, threads, write, peer)
    if arg[1] == "--run" then
       return M.load_and_generate(function() return require("moonload").models.from_pretrained(dir) end, prompt, new,
          threads)
@@ -257,7 +257,8 @@ function M.load_generate_main(name, dir, prompt, new, threads, write)
       write()
    end
    return M.load_generate_versus_peer("bench/" .. name .. ".lua",
-      string.format("bench/%s_peer.py --dir %s --prompt %d --new %d --threads %d", name, dir, prompt, new, threads),
+      string.format("bench/%s.py --dir %s --prompt %d --new %d --threads %d", peer or name .. "_peer", dir, prompt, new,
+         threads),
       { bench = name, prompt = prompt, new_tokens = new, threads = threads })
 end
 
