@@ -86,6 +86,29 @@ describe("ssm_scan", function()
       assert_close(state, c.final_state, 1e-5, "state")
    end)
 
+   it("takes Mamba-1's steps per channel and decay rates per channel and state entry", function()
+      local c = FIX.mamba1
+      local x, dt = t(c.x, { c.B, c.T, 1, c.P }), t(c.dt, { c.B, c.T, 1, c.P })
+      local B, Cm = t(c.Bm, { c.B, c.T, 1, c.N }), t(c.Cm, { c.B, c.T, 1, c.N })
+      local A, D = t(c.A, { 1, c.P, c.N }), t(c.D, { 1, c.P })
+      local out, state = F.ssm_scan(x, dt, A, B, Cm, D)
+      assert_close(out, c.out, 1e-5, "out")
+      assert_close(state, c.final_state, 1e-5, "state")
+      -- a decoding step from there (mamba_selective_state_update)
+      local d = FIX.mamba1_decode
+      local step = F.ssm_scan(t(d.x, { d.B, 1, 1, d.P }), t(d.dt, { d.B, 1, 1, d.P }), A, t(d.Bm, { d.B, 1, 1, d.N }),
+         t(d.Cm, { d.B, 1, 1, d.N }), D, state)
+      assert_close(step, d.out, 1e-5, "decode out")
+      assert_close(state, d.final_state, 1e-5, "decode state")
+      -- a step per row equal across a head's rows is the per-head form, bit for bit
+      local g = FIX.groups
+      local xg, dtg, Ag, Bg, Cg, Dg = operands(g)
+      local rows = dtg:unsqueeze(4):expand(g.B, g.T, g.H, g.P)
+      local rates = Ag:view(g.H, 1, 1):expand(g.H, g.P, g.N)
+      assert.is_true(ml.equal(F.ssm_scan(xg, rows, rates, Bg, Cg, Dg:view(g.H, 1):expand(g.H, g.P)),
+         F.ssm_scan(xg, dtg, Ag, Bg, Cg, Dg)))
+   end)
+
    it("matches the chunked form transformers runs on prompts (70 tokens, two chunks of 64)", function()
       local c = FIX.chunk
       local out, state = F.ssm_scan(chunk_operands())
@@ -177,9 +200,13 @@ describe("ssm_scan", function()
          refuses("ssm_scan: B must be (B, T, G, N) with x's B = 2 and T = 3, got shape [2, 4, 2, 8]",
             { B = ml.zeros(2, 4, 2, 8) })
          refuses("ssm_scan: C must have shape [2, 3, 2, 8] (B, T, G, N), as B, got [2, 3, 2, 4]", { C = ml.zeros(2, 3, 2, 4) })
-         refuses("ssm_scan: dt must have shape [2, 3, 4] (B, T, H), got [2, 3, 1]", { dt = ml.zeros(2, 3, 1) })
-         refuses("ssm_scan: A must have shape [4] (H), got [2]", { A = ml.zeros(2) })
-         refuses("ssm_scan: D must have shape [4] (H), got [4, 1]", { D = ml.zeros(4, 1) })
+         refuses("ssm_scan: dt must have shape [2, 3, 4] (B, T, H) or [2, 3, 4, 4] (B, T, H, P), got [2, 3, 1]",
+            { dt = ml.zeros(2, 3, 1) })
+         refuses("ssm_scan: dt must have shape [2, 3, 4] (B, T, H) or [2, 3, 4, 4] (B, T, H, P), got [2, 3, 4, 8]",
+            { dt = ml.zeros(2, 3, 4, 8) })
+         refuses("ssm_scan: A must have shape [4] (H) or [4, 4, 8] (H, P, N), got [2]", { A = ml.zeros(2) })
+         refuses("ssm_scan: A must have shape [4] (H) or [4, 4, 8] (H, P, N), got [4, 4]", { A = ml.zeros(4, 4) })
+         refuses("ssm_scan: D must have shape [4] (H) or [4, 4] (H, P), got [4, 1]", { D = ml.zeros(4, 1) })
          refuses("ssm_scan: x must be (B, T, H, P), got shape [3, 8]", { x = ml.zeros(3, 8) })
       end)
 
@@ -239,6 +266,17 @@ describe("ssm_scan on cuda #cuda", function()
          local Bt, H, P, G, Ns = 2, 6, 13, 3, 200
          same_as_cpu(1e-5, "P 13, N 200, T " .. T, ml.randn(Bt, T, H, P), ml.rand(Bt, T, H) * 0.3, -ml.rand(H),
             ml.randn(Bt, T, G, Ns), ml.randn(Bt, T, G, Ns), ml.randn(H), ml.randn(Bt, H, P, Ns))
+      end
+   end)
+
+   it("takes Mamba-1's per-channel steps, decay rates and skips, prompt and decoding step", function()
+      ml.manual_seed(41)
+      for _, T in ipairs({ 1, 6 }) do
+         for _, Ns in ipairs({ 16, 48 }) do        -- (past 32, a lane holds two entries and their rates)
+            local Bt, P = 2, 40
+            same_as_cpu(1e-5, "Mamba-1, T " .. T .. ", N " .. Ns, ml.randn(Bt, T, 1, P), ml.rand(Bt, T, 1, P) * 0.3,
+               -ml.rand(1, P, Ns) * 4, ml.randn(Bt, T, 1, Ns), ml.randn(Bt, T, 1, Ns), ml.randn(1, P), ml.randn(Bt, 1, P, Ns))
+         end
       end
    end)
 

@@ -344,13 +344,15 @@ ML_API ml_status ml_rotary_embedding(const ml_tensor *x, const ml_tensor *cos, c
    fresh output): the state is updated in place anyway. */
 ML_API ml_status ml_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *g,
                                      const ml_tensor *beta, ml_tensor *state, ml_tensor *out);
-/* The selective state-space scan of Mamba-2 layers (cpu/ssm_scan.c, cuda/ssm_scan.cu), as
-   transformers' mamba2_selective_state_update token after token. x (B, T, H, P), dt (B, T, H: the
-   step, already discretized), A (H: the decay rate, negative), B and C (B, T, G, N) and D (H, or
-   NULL for none), each float32, bfloat16 or float16; head h reads group h / (H / G). state
-   (B, H, P, N) float32 contiguous holds the initial state and is overwritten with the final one;
-   out (B, T, H, P) is written. Per token, in float32: S = exp(dt A) S + (dt x) B^T; out = S C + D x.
-   Any strides but a unit-stride last dim for x, B, C and out; dt, A and D any strides. */
+/* The selective state-space scan of Mamba layers (cpu/ssm_scan.c, cuda/ssm_scan.cu), as
+   transformers' mamba2_selective_state_update (Mamba-2) or mamba_selective_scan (Mamba-1) token
+   after token. x (B, T, H, P); dt, the step already discretized, (B, T, H) per head or
+   (B, T, H, P) per row; A, the decay rate (negative), (H) or (H, P, N); B and C (B, T, G, N); D
+   (H) or (H, P), or NULL for none; each float32, bfloat16 or float16; head h reads group
+   h / (H / G). state (B, H, P, N) float32 contiguous holds the initial state and is overwritten
+   with the final one; out (B, T, H, P) is written. Per token, in float32:
+   S[p][n] = exp(dt[p] A[p][n]) S[p][n] + dt[p] x[p] B[n]; out[p] = S[p] . C + D[p] x[p]. Any
+   strides but a unit-stride last dim for x, B, C and out; dt, A and D any strides. */
 ML_API ml_status ml_ssm_scan(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *A, const ml_tensor *B,
                              const ml_tensor *C, const ml_tensor *D, ml_tensor *state, ml_tensor *out);
 ML_API ml_status ml_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor **out);

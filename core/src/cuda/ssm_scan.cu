@@ -1,8 +1,9 @@
-// ssm_scan.cu: the Mamba-2 selective scan on CUDA; see cpu/ssm_scan.c for the definition. A warp
-// per row p of a head's state (P, N): its lanes hold the row's N entries in registers (lane l the
-// entries l, l + 32, ...), update them each token and add their share of y_p = sum_n S[p][n] C[n]
-// with shuffles. Rows never mix, so the warps of a block (8 rows of one head) need no barriers;
-// the tokens go one after another, as each needs the state the last one left.
+// ssm_scan.cu: the selective scan of Mamba layers on CUDA; see cpu/ssm_scan.c for the definition. A
+// warp per row p of a head's state (P, N): its lanes hold the row's N entries in registers (lane l
+// the entries l, l + 32, ...), with their decay rates when those are per entry (Mamba-1), update
+// them each token and add their share of y_p = sum_n S[p][n] C[n] with shuffles. Rows never mix,
+// so the warps of a block (8 rows of one head) need no barriers; the tokens go one after another,
+// as each needs the state the last one left.
 #include "common.cuh"
 
 static const int kWarps = 8;                     // rows of S a block owns
@@ -16,6 +17,7 @@ __device__ __forceinline__ int64_t row_offset(const TensorDesc &d, int64_t b, in
 __global__ void __launch_bounds__(32 * kWarps)
 ssm_scan_kernel(TensorDesc x, TensorDesc dt, TensorDesc A, TensorDesc Bm, TensorDesc Cm, TensorDesc D, bool has_D,
                 float *state, TensorDesc out, int64_t group) {
+  bool dt_rows = dt.ndim == 4, A_rows = A.ndim == 3, D_rows = D.ndim == 2;   // per row (Mamba-1), else per head
   int64_t T = x.shape[1], H = x.shape[2], P = x.shape[3], N = Bm.shape[3];
   int64_t nrb = (P + kWarps - 1) / kWarps, bh = blockIdx.x / nrb;
   int64_t p = blockIdx.x % nrb * kWarps + threadIdx.x / 32;
@@ -26,19 +28,25 @@ ssm_scan_kernel(TensorDesc x, TensorDesc dt, TensorDesc A, TensorDesc Bm, Tensor
   float s[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; i++) s[i] = lane + 32 * i < N ? row[lane + 32 * i] : 0.0f;
-  float a = load_as<float>(A.data, A.dtype, h * A.strides[0]);
-  float d = has_D ? load_as<float>(D.data, D.dtype, h * D.strides[0]) : 0.0f;
+  float rate[kPerLane];                          // decay rates: the head's, or the row's entries'
+#pragma unroll
+  for (int i = 0; i < kPerLane; i++)
+    rate[i] = !A_rows ? load_as<float>(A.data, A.dtype, h * A.strides[0])
+              : lane + 32 * i < N ? load_as<float>(A.data, A.dtype, h * A.strides[0] + p * A.strides[1] +
+                                                                     (lane + 32 * i) * A.strides[2])
+                                  : 0.0f;
+  float d = has_D ? load_as<float>(D.data, D.dtype, h * D.strides[0] + (D_rows ? p * D.strides[1] : 0)) : 0.0f;
 
   for (int64_t t = 0; t < T; t++) {
-    float dtv = load_as<float>(dt.data, dt.dtype, row_offset(dt, b, t, h));
+    float dtv = load_as<float>(dt.data, dt.dtype, row_offset(dt, b, t, h) + (dt_rows ? p * dt.strides[3] : 0));
     float xv = load_as<float>(x.data, x.dtype, row_offset(x, b, t, h) + p);
-    float da = expf(dtv * a), dx = dtv * xv, y = 0;
+    float da = expf(dtv * rate[0]), dx = dtv * xv, y = 0;
     int64_t bo = row_offset(Bm, b, t, g), co = row_offset(Cm, b, t, g);
 #pragma unroll
     for (int i = 0; i < kPerLane; i++) {
       int64_t n = lane + 32 * i;
       if (n < N) {
-        s[i] = s[i] * da + dx * load_as<float>(Bm.data, Bm.dtype, bo + n);
+        s[i] = s[i] * (A_rows ? expf(dtv * rate[i]) : da) + dx * load_as<float>(Bm.data, Bm.dtype, bo + n);
         y += s[i] * load_as<float>(Cm.data, Cm.dtype, co + n);
       }
     }

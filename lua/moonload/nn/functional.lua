@@ -15,7 +15,7 @@
 --    F.rms_norm(x, normalized_shape[, w, eps]) eps defaults to the dtype's machine epsilon
 --    F.scaled_dot_product_attention(q, k, v[, {attn_mask, is_causal, scale}])
 --    F.gated_delta_rule(q, k, v, g, beta[, state]) -> out, state   Qwen3-Next's linear attention
---    F.ssm_scan(x, dt, A, B, C[, D[, state]]) -> out, state         Mamba-2's selective scan
+--    F.ssm_scan(x, dt, A, B, C[, D[, state]]) -> out, state         Mamba's selective scan
 --    F.softmax(x, dim) F.log_softmax(x, dim) F.gelu(x[, approximate]) F.silu F.relu F.tanh
 --    F.relu2 F.xielu(x, alpha_p, alpha_n, beta, eps)
 --    F.sigmoid F.dropout(x[, p = 0.5[, training = false]]) F.normalize(x[, p = 2[, dim = 2[, eps]]])
@@ -362,10 +362,12 @@ function F.gated_delta_rule(q, k, v, g, beta, state)
 end
 
 --- ssm_scan(x, dt, A, B, C[, D[, state]]) -> out, state: the selective state-space scan of
--- Mamba-2 layers (transformers' mamba2_selective_state_update, token after token). x (B, T, H, P),
--- dt (B, T, H: the step, already through softplus and its bias), A (H: the decay rate, -exp(A_log)),
--- B and C (B, T, G, N), D (H, optional skip), float32, bfloat16 or float16, computed in float32;
--- head h reads group h / (H / G). Per token S = exp(dt A) S + (dt x) B^T and out = S C + D x.
+-- Mamba layers (transformers' mamba2_selective_state_update or mamba_selective_scan, token after
+-- token). x (B, T, H, P); dt, the step already through softplus and its bias, (B, T, H) per head
+-- (Mamba-2) or (B, T, H, P) per row (Mamba-1: one head of P channels); A, the decay rate
+-- (-exp(A_log)), (H) or (H, P, N); B and C (B, T, G, N); D, an optional skip, (H) or (H, P);
+-- float32, bfloat16 or float16, computed in float32; head h reads group h / (H / G). Per token
+-- S[p][n] = exp(dt[p] A[p][n]) S[p][n] + dt[p] x[p] B[n] and out[p] = S[p] . C + D[p] x[p].
 -- state (B, H, P, N) float32 contiguous is the initial state and is updated in place to the final
 -- one (nil: zeros, a new tensor on x's device). out is a new float32 tensor (B, T, H, P). Views are
 -- read where they lie; an x, B or C whose last dim is not unit-stride is copied contiguous first.
