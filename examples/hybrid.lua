@@ -1,7 +1,8 @@
 --- A hybrid model under a RAM budget: its routed experts on disk (read per token only for the ones
 -- the router picks), the rest planned into memory. Most of its layers keep a state of fixed size
 -- in the cache rather than keys and values per token: Qwen3-Next's and Qwen3.5's linear attention,
--- the Mamba-2 mixers of Granite 4.0-h, Bamba and Nemotron-H. The example prints each layer's kind,
+-- the Mamba-2 mixers of Granite 4.0-h, Bamba and Nemotron-H (whose other layers are attention, an
+-- MLP or experts), and Mamba-2 itself, mixers alone. The example prints each layer's kind,
 -- the tokens as they come, and what the cache holds at the end beside what attention in every
 -- layer would have held.
 --
@@ -25,7 +26,8 @@ os.remove(folder)
 -- in one module per layer (dense Qwen3.5 and Bamba have none)
 local model_type = require("moonload.utils.json").read(dir .. "/config.json").model_type
 local experts = model_type:find("^qwen3_5_moe") and "%.mlp%.experts$"
-   or ({ qwen3_next = "%.mlp%.experts%.%d+$", granitemoehybrid = "%.block_sparse_moe%.experts$" })[model_type]
+   or ({ qwen3_next = "%.mlp%.experts%.%d+$", granitemoehybrid = "%.block_sparse_moe%.experts$",
+         nemotron_h = "%.mixer%.experts%.%d+$" })[model_type]
 local model = ml.models.from_pretrained(dir, {
    dtype = "bfloat16", device_map = "auto", max_memory = { cpu = budget }, offload_folder = folder,
    device_overrides = experts and { [experts] = "disk" } or nil,
@@ -39,9 +41,16 @@ end
 print(string.format("%s: %s, %.2f MB of weights in RAM, %.2f MB on disk", dir, model.__name,
    (by_place.cpu or 0) / 2 ^ 20, (by_place.disk or 0) / 2 ^ 20))
 local kinds = {}
-for i, layer in ipairs(model.model.layers) do
-   kinds[i] = layer.linear_attn and "linear" or layer.mamba and "mamba" or "full"
+-- a layer's kind: linear attention, a Mamba-2 mixer (Granite's and Bamba's mamba, Nemotron-H's and
+-- Mamba-2's mixer), attention, or Nemotron-H's MLP and expert layers (its block_type)
+local function kind(layer)
+   local mixer = layer.mamba or layer.mixer
+   if layer.linear_attn then return "linear" end
+   if mixer and mixer.geometry then return "mamba" end
+   if layer.self_attn or mixer and mixer.n_head then return "full" end
+   return layer.block_type
 end
+for i, layer in ipairs((model.model or model.backbone).layers) do kinds[i] = kind(layer) end
 print("layers: " .. table.concat(kinds, " "))
 
 local tokenizer_ok, tokenizer = pcall(ml.tokenizers.from_pretrained, dir)
@@ -59,7 +68,12 @@ for i = 1, cfg.num_hidden_layers do
    for _, t in pairs(cache.states[i] or {}) do states = states + t:nbytes() end
    if cache.k[i] then kv = kv + cache.k[i]:nbytes() + cache.v[i]:nbytes() end
 end
-local per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2      -- bfloat16 keys and values
-print(string.format("%d tokens; cache: %.1f KB of fixed-size state + %.1f KB of keys and values (%.1f KB if all %d layers cached keys and values)",
-   cache.length, states / 1024, kv / 1024, per_token * cache.length * cfg.num_hidden_layers / 1024, cfg.num_hidden_layers))
+local line = string.format("%d tokens; cache: %.1f KB of fixed-size state + %.1f KB of keys and values", cache.length,
+   states / 1024, kv / 1024)
+if cfg.num_key_value_heads then                  -- (a pure Mamba-2 model has no attention to compare with)
+   local per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2      -- bfloat16 keys and values
+   line = line .. string.format(" (%.1f KB if all %d layers cached keys and values)",
+      per_token * cache.length * cfg.num_hidden_layers / 1024, cfg.num_hidden_layers)
+end
+print(line)
 os.execute("rm -rf '" .. folder .. "'")

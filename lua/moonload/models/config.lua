@@ -35,8 +35,8 @@ end
 -- Returns the raw table (JSON nulls removed) and a description of where it came from.
 function M.read(source, who)
    who = who or "models"
-   if type(source) == "table" then
-      return strip_nulls(source), "config table"
+   if type(source) == "table" then     -- (a table made from a file may say which: _source)
+      return strip_nulls(source), type(source._source) == "string" and source._source or "config table"
    end
    if type(source) ~= "string" then
       error(string.format("%s: config must be a path to config.json or a table, got %s", who, type(source)), 3)

@@ -47,6 +47,7 @@ local ARCH = {
    granitemoehybrid = { module = "moonload.models.bamba", class = "GraniteMoeHybridForCausalLM" },
    bamba = { module = "moonload.models.bamba", class = "BambaForCausalLM" },
    nemotron_h = { module = "moonload.models.nemotron_h", class = "NemotronHForCausalLM" },
+   mamba2 = { module = "moonload.models.mamba2", class = "Mamba2ForCausalLM" },
    internlm3 = { module = "moonload.models.llama", class = "InternLM3ForCausalLM" },
    arcee = { module = "moonload.models.llama", class = "ArceeForCausalLM" },
    apertus = { module = "moonload.models.llama", class = "ApertusForCausalLM" },

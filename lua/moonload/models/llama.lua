@@ -414,9 +414,14 @@ function M.config(source, family)
          end
          cfg[key] = v
       end
-   elseif family == "bamba" or family == "nemotron_h" then   -- (layer types: models/bamba.lua, models/nemotron_h.lua)
+   elseif family == "bamba" then             -- (layer types: models/bamba.lua)
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+   elseif family == "nemotron_h" then        -- (layer types: models/nemotron_h.lua)
+      -- transformers' NemotronHAttention: never biased whatever attention_bias says, no position embedding
+      cfg.qkv_bias, cfg.o_bias = false, false
+      cfg.nope_layers = {}
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i], cfg.nope_layers[i] = false, true end
    elseif family == "seed_oss" then          -- biased q/k/v by default; the output's own key
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_out_bias == true
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end

@@ -19,6 +19,8 @@ local T = require("moonload.tensor")
 local F = require("moonload.nn.functional")
 local config = require("moonload.models.config")
 local causal_conv = require("moonload.models.causal_conv")
+local llama = require("moonload.models.llama")
+local common = require("moonload.models.common")
 
 local M = {}
 
@@ -161,11 +163,6 @@ function Mamba2Mixer:token_values()
    return 2 * (g.width + g.conv_dim + g.H) + 4 * g.conv_dim + 4 * g.H + 8 * g.width
 end
 
--- softplus as torch computes it: log(1 + exp(x)), and x itself past 20.
-local function softplus(x)
-   return (x:clamp(nil, 20):exp() + 1):log() + (x - 20):clamp(0)
-end
-
 -- A parameter as float32 on device.
 local function f32_on(p, device)
    local t = p:float()
@@ -196,7 +193,7 @@ function Mamba2Mixer:forward(x, cache, pad)
    local xs = conv:narrow(3, 1, g.width):view(B, L, g.H, g.P)
    local Bm = conv:narrow(3, g.width + 1, g.G * g.N):view(B, L, g.G, g.N)
    local Cm = conv:narrow(3, g.width + g.G * g.N + 1, g.G * g.N):view(B, L, g.G, g.N)
-   local step = softplus(dt:float() + f32_on(self.dt_bias, x.device))
+   local step = (dt:float() + f32_on(self.dt_bias, x.device)):softplus()
    if g.limit[1] > 0 or g.limit[2] < math.huge then
       step = step:clamp(g.limit[1], g.limit[2] < math.huge and g.limit[2] or nil)
    end
@@ -207,6 +204,138 @@ function Mamba2Mixer:forward(x, cache, pad)
    if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
    y = self.norm(y:view(B, L, g.width), z)
    return self.out_proj(y.dtype == x.dtype and y or y:to(x.dtype))
+end
+
+-- --- Mamba-2 language model -------------------------------------------------------------------------
+-- Mamba2ForCausalLM (model_type "mamba2": Mamba-Codestral-7B) with Hugging Face parameter names:
+-- backbone.{embeddings, layers.N.{norm, mixer.*}, norm_f}, lm_head. Every layer is an RMSNorm and a
+-- mixer with a residual around both; with residual_in_fp32 (transformers' default) the residual
+-- stream stays float32 whatever the weights' dtype, each norm reading it in the weights' dtype. No
+-- attention, no positions: the cache holds only the mixers' conv inputs and states.
+
+local WHO = "models.mamba2"
+
+-- Mamba2Config's keys (its defaults are Mamba-Codestral-7B's geometry).
+local SCHEMA = {
+   { "vocab_size", "int", 32768 },
+   { "hidden_size", "int", 4096 },
+   { "num_hidden_layers", "int", 64 },
+   { "num_heads", "int", 128 },
+   { "head_dim", "int", 64 },
+   { "state_size", "int", 128 },
+   { "expand", "int", 2 },
+   { "conv_kernel", "int", 4 },
+   { "n_groups", "int", 8 },
+   { "use_bias", "bool", false },
+   { "use_conv_bias", "bool", true },
+   { "hidden_act", "string", "silu" },
+   { "layer_norm_epsilon", "posnum", 1e-5 },
+   { "residual_in_fp32", "bool", true },
+   { "tie_word_embeddings", "bool", false },
+}
+
+-- Mamba2Config's names for the mixer's keys (read_config).
+local MAMBA2_KEYS = { heads = "num_heads", head_dim = "head_dim", groups = "n_groups", state_size = "state_size",
+   conv_kernel = "conv_kernel", conv_bias = "use_conv_bias", proj_bias = "use_bias", expand = "expand",
+   time_step_limit = "time_step_limit", eps = "layer_norm_epsilon" }
+
+--- Reads and checks a Mamba-2 config (path, folder or table): its keys (SCHEMA), the mixer's
+-- geometry (cfg.mamba) and the norms' eps (cfg.rms_norm_eps, from layer_norm_epsilon).
+function M.config(source)
+   local raw, src = config.read(source, WHO)
+   local cfg = config.validate(raw, SCHEMA, src, WHO, 2)
+   if cfg.hidden_act ~= "silu" then
+      config.fail(cfg, WHO, 'config key "hidden_act" is "%s" (supported: silu, the mixer\'s activation)', cfg.hidden_act)
+   end
+   M.read_config(cfg, WHO, MAMBA2_KEYS, {})
+   local m = cfg.mamba
+   if m.heads * m.head_dim ~= cfg.expand * cfg.hidden_size then
+      config.fail(cfg, WHO, "num_heads %d x head_dim %d must equal expand %d x hidden_size %d", m.heads, m.head_dim,
+         cfg.expand, cfg.hidden_size)
+   end
+   cfg.rms_norm_eps = cfg.layer_norm_epsilon
+   cfg.family = "mamba2"
+   return cfg
+end
+
+local Mamba2RMSNorm = nn.RMSNorm:extend("Mamba2RMSNorm")
+M.Mamba2RMSNorm = Mamba2RMSNorm
+
+--- An input of another dtype than the weight (norm_f after a float32 residual stream) is normalized
+-- as it is, then brought to the weight's dtype (where transformers' head brings it).
+function Mamba2RMSNorm:forward(x)
+   local w = self.weight
+   if x.dtype == w.dtype then return nn.RMSNorm.forward(self, x) end
+   return F.rms_norm(x, self.normalized_shape, w:to(x.dtype), self.eps):to(w.dtype)
+end
+
+local Mamba2Block = nn.Module:extend("Mamba2Block")
+M.Mamba2Block = Mamba2Block
+
+function Mamba2Block:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.norm = Mamba2RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.mixer = Mamba2Mixer(cfg, layer_idx)
+   rawset(self, "residual_in_fp32", cfg.residual_in_fp32)
+end
+
+--- x (B, T, hidden); cache optional; pad (B, past + T) or nil. With residual_in_fp32 the result is
+-- float32.
+function Mamba2Block:forward(x, cache, pad)
+   local dtype = self.norm.weight.dtype            -- (the norm reads the residual in its own dtype)
+   local h = self.mixer(self.norm(x.dtype == dtype and x or x:to(dtype)), cache, pad)
+   if self.residual_in_fp32 and x.dtype ~= "float32" then x = x:float() end
+   if h.dtype ~= x.dtype then h = h:to(x.dtype) end
+   return x + h
+end
+
+local Mamba2Model = llama.LlamaModel:extend("Mamba2Model")
+M.Mamba2Model = Mamba2Model
+Mamba2Model.family, Mamba2Model.Layer = "mamba2", Mamba2Block
+Mamba2Model.embed_name, Mamba2Model.norm_name = "embeddings", "norm_f"
+
+-- transformers' order: the embeddings, the layers, the final norm
+function Mamba2Model:__init(cfg)
+   nn.Module.__init(self)
+   self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+   local layers = {}
+   for i = 1, cfg.num_hidden_layers do layers[i] = Mamba2Block(cfg, i) end
+   self.layers = nn.ModuleList(layers)
+   self.norm_f = Mamba2RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   rawset(self, "config", cfg)
+end
+
+--- No positions: the layers (models/llama.lua's forward) are called without cos and sin.
+function Mamba2Model:layer_rotary()
+   return { {} }
+end
+
+local Mamba2ForCausalLM = llama.LlamaForCausalLM:extend("Mamba2ForCausalLM")
+M.Mamba2ForCausalLM = Mamba2ForCausalLM
+Mamba2ForCausalLM.family, Mamba2ForCausalLM.Model = "mamba2", Mamba2Model
+Mamba2ForCausalLM.base_model_prefix = "backbone"
+Mamba2ForCausalLM.tied_weights = { ["lm_head.weight"] = "backbone.embeddings.weight" }
+Mamba2ForCausalLM.ignore_unexpected = {}
+-- (older files' name for the embedding, which transformers' Mamba2Model renames on load)
+Mamba2ForCausalLM.checkpoint_renames = { { "^backbone%.embedding%.", "backbone.embeddings." } }
+Mamba2ForCausalLM.no_split_modules = { "Mamba2Block" }
+Mamba2ForCausalLM.stateful = true          -- its cache cannot be cropped: no assisted generation
+Mamba2ForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "backbone", "embeddings")
+
+--- Mamba2ForCausalLM(config): config is a config.json path, a folder holding one, or a table.
+function Mamba2ForCausalLM:__init(cfg)
+   nn.Module.__init(self)
+   cfg = self:read_config(cfg)
+   self.backbone = Mamba2Model(cfg)
+   self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
+   rawset(self, "config", cfg)
+   self:tie_weights()
+end
+
+function Mamba2ForCausalLM:read_config(source) return M.config(source) end
+
+function Mamba2ForCausalLM:tie_weights()
+   if self.config.tie_word_embeddings then self.lm_head.weight = self.backbone.embeddings.weight end
 end
 
 return M
