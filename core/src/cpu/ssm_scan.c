@@ -104,10 +104,12 @@ static void scan_items(void *ctx, int64_t begin, int64_t end) {
     for (int64_t r = 0; r < n; r++)
       for (int64_t s = 0; s < N; s++) St[s * ROWS + r] = S[r * N + s];
     float a = 0;
-    if (j->A_rows) {
-      for (int64_t r = 0; r < n; r++)
-        for (int64_t s = 0; s < N; s++)
-          At[s * ROWS + r] = load_at(A, h * A->strides[0] + (r0 + r) * A->strides[1] + s * A->strides[2]);
+    if (j->A_rows) {                 /* each row's rates as float32 (in bb, free until the tokens), transposed */
+      for (int64_t r = 0; r < n; r++) {
+        int64_t off = h * A->strides[0] + (r0 + r) * A->strides[1];
+        const float *row = ml_load_f32(ml_byte_at(ml_tensor_data(A), A->dtype, off), A->dtype, A->strides[2], N, bb);
+        for (int64_t s = 0; s < N; s++) At[s * ROWS + r] = row[s];
+      }
     } else {
       a = load_at(A, h * A->strides[0]);
     }
