@@ -79,6 +79,7 @@ local FAMILIES = {
    granitemoehybrid = { who = "models.granitemoehybrid", prefix = "GraniteMoeHybrid" },            -- models/bamba.lua
    bamba = { who = "models.bamba", prefix = "Bamba", defaults = { rms_norm_eps = 1e-5 } },          -- models/bamba.lua
    nemotron_h = { who = "models.nemotron_h", prefix = "NemotronH" },                             -- models/nemotron_h.lua
+   jamba = { who = "models.jamba", prefix = "Jamba" },                                           -- models/jamba.lua
    internlm3 = { who = "models.internlm3", prefix = "InternLM3", dynamic_rope = "grows",
                  defaults = { head_dim = 128, rms_norm_eps = 1e-5 } },
    arcee = { who = "models.arcee", prefix = "Arcee", defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5 } },
@@ -419,6 +420,10 @@ function M.config(source, family)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "nemotron_h" then        -- (layer types: models/nemotron_h.lua)
       -- transformers' NemotronHAttention: never biased whatever attention_bias says, no position embedding
+      cfg.qkv_bias, cfg.o_bias = false, false
+      cfg.nope_layers = {}
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i], cfg.nope_layers[i] = false, true end
+   elseif family == "jamba" then             -- (layer types: models/jamba.lua)
       cfg.qkv_bias, cfg.o_bias = false, false
       cfg.nope_layers = {}
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i], cfg.nope_layers[i] = false, true end

@@ -271,11 +271,12 @@ end
 
 local Mamba2Block = nn.Module:extend("Mamba2Block")
 M.Mamba2Block = Mamba2Block
+Mamba2Block.Mixer = Mamba2Mixer             -- (Mamba-1's blocks: models/mamba.lua)
 
 function Mamba2Block:__init(cfg, layer_idx)
    nn.Module.__init(self)
    self.norm = Mamba2RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
-   self.mixer = Mamba2Mixer(cfg, layer_idx)
+   self.mixer = self.Mixer(cfg, layer_idx)
    rawset(self, "residual_in_fp32", cfg.residual_in_fp32)
 end
 
@@ -299,7 +300,7 @@ function Mamba2Model:__init(cfg)
    nn.Module.__init(self)
    self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
    local layers = {}
-   for i = 1, cfg.num_hidden_layers do layers[i] = Mamba2Block(cfg, i) end
+   for i = 1, cfg.num_hidden_layers do layers[i] = self.Layer(cfg, i) end
    self.layers = nn.ModuleList(layers)
    self.norm_f = Mamba2RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    rawset(self, "config", cfg)
@@ -326,13 +327,13 @@ Mamba2ForCausalLM.forward = common.causal_lm_forward(WHO .. ".forward", "backbon
 function Mamba2ForCausalLM:__init(cfg)
    nn.Module.__init(self)
    cfg = self:read_config(cfg)
-   self.backbone = Mamba2Model(cfg)
+   self.backbone = self.Model(cfg)
    self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
    rawset(self, "config", cfg)
    self:tie_weights()
 end
 
-function Mamba2ForCausalLM:read_config(source) return M.config(source) end
+function Mamba2ForCausalLM:read_config(source) return M.config(source) end   -- (Mamba-1's: models/mamba.lua)
 
 function Mamba2ForCausalLM:tie_weights()
    if self.config.tie_word_embeddings then self.lm_head.weight = self.backbone.embeddings.weight end
