@@ -22,7 +22,7 @@ describe("models.from_pretrained with device_map", function()
                            "mistral3_multimodal_tiny", "ministral3_tiny", "ministral3_multimodal_tiny", "qwen3_vl_multimodal_tiny",
                            "qwen3_vl_moe_multimodal_tiny", "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny",
                            "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny", "nemotron_h_tiny",
-                           "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied",
+                           "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "mamba_tiny", "falcon_mamba_tiny",
                            "llama_ct_int_tiny", "qwen3_ct_fp8_tiny", "deepseek_v3_ct_int4_tiny", "kimi_k25_ct_int4_tiny", "qwen2_awq_tiny",
                            "qwen2_awq_ct_tiny", "llama_gptq_int4_tiny", "qwen2_gptq_asym_tiny", "llama_gptq_int8_tiny",
                            "llama_gptq_act_order_tiny" }) do

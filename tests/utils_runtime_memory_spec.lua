@@ -19,7 +19,7 @@ local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny
                    "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny",
                    "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny",
                    "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny",
-                   "nemotron_h_tiny", "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied" }
+                   "nemotron_h_tiny", "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "mamba_tiny", "falcon_mamba_tiny" }
 
 local prompts = H.padded_prompts
 
