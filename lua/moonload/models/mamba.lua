@@ -89,29 +89,18 @@ function MambaMixer:token_values()
    return 2 * 2 * g.I + 4 * g.I + 2 * (g.R + 2 * g.N) + 4 * g.I + 8 * g.I
 end
 
--- A parameter as float32 on device.
-local function f32_on(p, device)
-   local t = p:float()
-   return t.device == device and t or t:to(device)
-end
+local f32_on = mamba2.f32_on
 
 --- x (B, L, hidden); cache optional (the conv inputs and the state carry over); pad (B, past +
 -- L) bool or nil: padding tokens enter as zeros, so they leave the state as it was.
 function MambaMixer:forward(x, cache, pad)
    local g = self.geometry
    local B, L = x:size(1), x:size(2)
-   local keep = pad and L > 1 and pad:narrow(2, pad:size(2) - L + 1, L):to(x.dtype):unsqueeze(3)
+   local keep = mamba2.keep_mask(x, pad)
    if keep then x = x * keep end
    local proj = self.in_proj(x)                                   -- (B, L, 2I): x, then the gate
    local xs, z = proj:narrow(3, 1, g.I), proj:narrow(3, g.I + 1, g.I)
-
-   local state
-   if cache then
-      state = cache:layer_state(self.layer_idx, B, function(rows)
-         return { conv = causal_conv.initial_state(self.conv1d, rows, x),
-                  recurrent = T.zeros({ rows, 1, g.I, g.N }, { dtype = "float32", device = x.device }) }
-      end)
-   end
+   local state = mamba2.layer_state(self, cache, B, x, { 1, g.I, g.N })
    local conv = causal_conv.run(self.conv1d, xs, state and state.conv):silu()      -- (B, L, I)
    if keep then conv = conv * keep end
    local sel = self.x_proj(conv)                                  -- (B, L, R + 2N)
@@ -121,12 +110,9 @@ function MambaMixer:forward(x, cache, pad)
    end
    local dt = self.dt_proj(step):float():softplus()               -- (B, L, I)
    local A = -f32_on(self.A_log, x.device):exp()
-   local recurrent = state and state.recurrent     -- (read and written back where it lives, as the conv's)
-   if recurrent and recurrent.device ~= x.device then recurrent = recurrent:to(x.device) end
-   local y = F.ssm_scan(conv:view(B, L, 1, g.I), dt:view(B, L, 1, g.I), A:view(1, g.I, g.N),
-      Bm:contiguous():view(B, L, 1, g.N), Cm:contiguous():view(B, L, 1, g.N), f32_on(self.D, x.device):view(1, g.I),
-      recurrent)                                                  -- (B, L, 1, I) float32
-   if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
+   local y = mamba2.scan(state, conv:view(B, L, 1, g.I), dt:view(B, L, 1, g.I), A:view(1, g.I, g.N),
+      Bm:contiguous():view(B, L, 1, g.N), Cm:contiguous():view(B, L, 1, g.N),
+      f32_on(self.D, x.device):view(1, g.I))                      -- (B, L, 1, I) float32
    y = y:view(B, L, g.I) * z:float():silu()
    return self.out_proj(y.dtype == x.dtype and y or y:to(x.dtype))
 end

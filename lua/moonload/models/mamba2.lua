@@ -163,10 +163,56 @@ function Mamba2Mixer:token_values()
    return 2 * (g.width + g.conv_dim + g.H) + 4 * g.conv_dim + 4 * g.H + 8 * g.width
 end
 
--- A parameter as float32 on device.
-local function f32_on(p, device)
+-- --- what Mamba-1's and Mamba-2's mixers share (models/mamba.lua) ----------------------------------
+
+--- The mask keeping x's L tokens (B, L, 1) of x's dtype, or nil (no padding, or one token): padding
+-- tokens enter the mixer as zeros, so they leave its state as it was.
+function M.keep_mask(x, pad)
+   local L = x:size(2)
+   if not (pad and L > 1) then return nil end
+   return pad:narrow(2, pad:size(2) - L + 1, L):to(x.dtype):unsqueeze(3)
+end
+
+--- The mixer's cache state for B rows, {conv = the last taps - 1 conv inputs, recurrent = the
+-- float32 scan state of recurrent_shape (without its rows)}, made on first use; nil without a cache.
+function M.layer_state(mixer, cache, B, x, recurrent_shape)
+   if not cache then return nil end
+   return cache:layer_state(mixer.layer_idx, B, function(rows)
+      return { conv = causal_conv.initial_state(mixer.conv1d, rows, x),
+               recurrent = T.zeros({ rows, unpack(recurrent_shape) }, { dtype = "float32", device = x.device }) }
+   end)
+end
+
+--- F.ssm_scan(xs, dt, A, Bm, Cm, D) from state's recurrent state and back into it (read and written
+-- where it lives, as the conv's: a state made where the prompt ran may meet a step run elsewhere),
+-- or from zeros without a state.
+function M.scan(state, xs, dt, A, Bm, Cm, D)
+   local recurrent = state and state.recurrent
+   if recurrent and recurrent.device ~= xs.device then recurrent = recurrent:to(xs.device) end
+   local y = F.ssm_scan(xs, dt, A, Bm, Cm, D, recurrent)
+   if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
+   return y
+end
+
+--- A parameter as float32 on device.
+function M.f32_on(p, device)
    local t = p:float()
    return t.device == device and t or t:to(device)
+end
+local f32_on = M.f32_on
+
+--- The projection of x (B, L, hidden) into the gate z (B, L, width), the conv's input (B, L,
+-- conv_dim: x, B, C) and the raw step (B, L, H). (Falcon-H1's mixer scales them.)
+function Mamba2Mixer:project(x)
+   local g = self.geometry
+   local proj = self.in_proj(x)                                   -- (B, L, width + conv_dim + H)
+   return proj:narrow(3, 1, g.width), proj:narrow(3, g.width + 1, g.conv_dim), proj:narrow(3, g.width + g.conv_dim + 1, g.H)
+end
+
+--- The scan's output y (B, L, width) float32 through the gated norm, as x's dtype for out_proj.
+function Mamba2Mixer:gate_output(y, z, dtype)
+   y = self.norm(y, z)
+   return y.dtype == dtype and y or y:to(dtype)
 end
 
 --- x (B, L, hidden); cache optional (the conv inputs and the state carry over); pad (B, past +
@@ -174,20 +220,10 @@ end
 function Mamba2Mixer:forward(x, cache, pad)
    local g = self.geometry
    local B, L = x:size(1), x:size(2)
-   local keep = pad and L > 1 and pad:narrow(2, pad:size(2) - L + 1, L):to(x.dtype):unsqueeze(3)
+   local keep = M.keep_mask(x, pad)
    if keep then x = x * keep end
-   local proj = self.in_proj(x)                                   -- (B, L, width + conv_dim + H)
-   local z = proj:narrow(3, 1, g.width)
-   local xbc = proj:narrow(3, g.width + 1, g.conv_dim)
-   local dt = proj:narrow(3, g.width + g.conv_dim + 1, g.H)
-
-   local state
-   if cache then
-      state = cache:layer_state(self.layer_idx, B, function(rows)
-         return { conv = causal_conv.initial_state(self.conv1d, rows, x),
-                  recurrent = T.zeros({ rows, g.H, g.P, g.N }, { dtype = "float32", device = x.device }) }
-      end)
-   end
+   local z, xbc, dt = self:project(x)
+   local state = M.layer_state(self, cache, B, x, { g.H, g.P, g.N })
    local conv = causal_conv.run(self.conv1d, xbc, state and state.conv):silu()   -- (B, L, conv_dim)
    if keep then conv = conv * keep end
    local xs = conv:narrow(3, 1, g.width):view(B, L, g.H, g.P)
@@ -198,12 +234,8 @@ function Mamba2Mixer:forward(x, cache, pad)
       step = step:clamp(g.limit[1], g.limit[2] < math.huge and g.limit[2] or nil)
    end
    local A = -f32_on(self.A_log, x.device):exp()
-   local recurrent = state and state.recurrent     -- (read and written back where it lives, as the conv's)
-   if recurrent and recurrent.device ~= x.device then recurrent = recurrent:to(x.device) end
-   local y = F.ssm_scan(xs, step, A, Bm, Cm, f32_on(self.D, x.device), recurrent)   -- (B, L, H, P) float32
-   if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
-   y = self.norm(y:view(B, L, g.width), z)
-   return self.out_proj(y.dtype == x.dtype and y or y:to(x.dtype))
+   local y = M.scan(state, xs, step, A, Bm, Cm, f32_on(self.D, x.device))        -- (B, L, H, P) float32
+   return self.out_proj(self:gate_output(y:view(B, L, g.width), z, x.dtype))
 end
 
 -- --- Mamba-2 language model -------------------------------------------------------------------------
