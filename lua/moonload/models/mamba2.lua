@@ -14,6 +14,10 @@
 -- (models/kv_cache.lua's layer_state): a fixed size per layer and sequence whatever the length.
 -- Such a state cannot be cropped back, so a model with these layers is `stateful` (no assisted
 -- generation, as transformers refuses it for these models).
+--
+-- Below the mixer: what it shares with Mamba-1's (models/mamba.lua: the padding mask, the cache
+-- state, the scan over it), and the Mamba-2 language model (Mamba2ForCausalLM), whose blocks and
+-- model Mamba-1's reuse.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
 local F = require("moonload.nn.functional")
@@ -48,10 +52,11 @@ function M.read_config(cfg, WHO, names, defaults)
    m.heads = int("heads", 1)
    local head_dim = raw("head_dim")
    if head_dim == nil or head_dim == "auto" then
-      local expand = config.integer(cfg, WHO, names.expand or "expand", raw("expand"), 1)
+      local expand_key = names.expand or "expand"
+      local expand = config.integer(cfg, WHO, expand_key, raw("expand"), 1)
       if (expand * cfg.hidden_size) % m.heads ~= 0 then
          config.fail(cfg, WHO, "the mixer's width %d (%s x hidden_size) is not a multiple of %s %d", expand * cfg.hidden_size,
-            names.expand, names.heads, m.heads)
+            expand_key, names.heads, m.heads)
       end
       head_dim = expand * cfg.hidden_size / m.heads
    end
