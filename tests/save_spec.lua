@@ -54,6 +54,30 @@ describe("ml.save_model", function()
       H.rmdir(out)
    end)
 
+   it("writes the config's floats as floats, integral or not, as transformers' strict configs need them", function()
+      -- (transformers refuses a time_step_scale of 1 or a time_step_limit of [0, ...]: they are typed float)
+      for _, name in ipairs({ "mamba_tiny", "granitemoehybrid_tiny" }) do
+         local dir = "tests/fixtures/models/" .. name
+         local out = H.tmpdir()
+         local model = ml.models.from_pretrained(dir)
+         ml.save_model(model, out)
+         local text = assert(io.open(out .. "/config.json")):read("*a")
+         local want = H.read_json(dir .. "/config.json")
+         local got = H.read_json(out .. "/config.json")
+         for k, v in pairs(want) do assert.are.same(v, got[k], k) end
+         if name == "mamba_tiny" then
+            assert.truthy(text:find('"time_step_scale": 1.0,', 1, true), text)
+            assert.truthy(text:find('"layer_norm_epsilon": 1e-05,', 1, true), text)
+            assert.truthy(text:find('"hidden_size": 32,', 1, true), text)      -- (an integer stays one)
+         else
+            assert.truthy(text:find('"time_step_limit": %[%s*0%.0,'), text)
+            assert.truthy(text:find('"embedding_multiplier": 3.0,', 1, true), text)
+         end
+         assert.is_true(ml.equal(ml.models.from_pretrained(out)(ids), model(ids)))
+         H.rmdir(out)
+      end
+   end)
+
    it("shards at max_shard_size with an index, in the layout transformers writes", function()
       local model = ml.models.from_pretrained(fixture)
       local out = H.tmpdir()

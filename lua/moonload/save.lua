@@ -102,6 +102,8 @@ local function config_of(model)
    end
    local out = {}
    for k, v in pairs(raw) do out[k] = v end
+   local json = require("moonload.utils.json")
+   json.float_keys[out] = json.float_keys[raw]            -- (its floats written as floats)
    local dtype = require("moonload.quantize").compute_dtype(model)
    if dtype then out.dtype, out.torch_dtype = dtype, dtype end
    local ok, qc = pcall(require("moonload.quantize").config_for, model)

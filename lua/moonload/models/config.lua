@@ -35,8 +35,11 @@ end
 -- Returns the raw table (JSON nulls removed) and a description of where it came from.
 function M.read(source, who)
    who = who or "models"
+   local json = require("moonload.utils.json")
    if type(source) == "table" then     -- (a table made from a file may say which: _source)
-      return strip_nulls(source), type(source._source) == "string" and source._source or "config table"
+      local raw = strip_nulls(source)
+      json.float_keys[raw] = json.float_keys[source]
+      return raw, type(source._source) == "string" and source._source or "config table"
    end
    if type(source) ~= "string" then
       error(string.format("%s: config must be a path to config.json or a table, got %s", who, type(source)), 3)
@@ -54,7 +57,9 @@ function M.read(source, who)
    if type(t) ~= "table" then
       error(string.format("%s: %s does not hold a JSON object", who, path), 3)
    end
-   return strip_nulls(t), path
+   local raw = strip_nulls(t)
+   json.float_keys[raw] = json.float_key_names(text)       -- (ml.save_model writes 1.0 back as 1.0)
+   return raw, path
 end
 
 local KIND_NAMES = {

@@ -33,9 +33,35 @@ end
 -- An empty list that encodes as [] (an empty Lua table encodes as {}).
 M.EMPTY_LIST = setmetatable({}, { __newindex = function() error("json.EMPTY_LIST is read-only", 2) end })
 
-function M.encode(v, indent)
+--- Tables read from JSON text -> the set of key names whose numbers that text writes as floats
+-- (1.0, 1e-05, [0.0, ...]): JSON gives Lua no way to tell 1.0 read from 1, and transformers' strict
+-- configs refuse an integer where they type a float (a time_step_scale of 1, a time_step_limit of
+-- [0, ...]), so encode writes those keys' integral numbers back with a decimal point.
+M.float_keys = setmetatable({}, { __mode = "k" })
+
+--- The names of the keys whose value in text is a number written as a float, or a list holding one.
+function M.float_key_names(text)
+   local names = {}
+   for key, lexeme in text:gmatch('"([^"]+)"%s*:%s*(%-?%d[%d%.eE%+%-]*)') do
+      if lexeme:find("[%.eE]") then names[key] = true end
+   end
+   for key, items in text:gmatch('"([^"]+)"%s*:%s*%[([^%]]*)%]') do
+      if items:find("%d%.%d") or items:find("%d[eE][%+%-]?%d") then names[key] = true end
+   end
+   return names
+end
+
+local function float_text(x)
+   local s = cjson.encode(x)
+   return s:match("^%-?%d+$") and s .. ".0" or s
+end
+
+--- encode(v[, indent[, floats[, names]]]): floats writes v's numbers (a list's too) as floats;
+-- names, the keys to write so (M.float_keys of v or of a table holding it).
+function M.encode(v, indent, floats, names)
    if v == M.EMPTY_LIST then return "[]" end
-   if type(v) ~= "table" then return cjson.encode(v) end
+   if type(v) ~= "table" then return floats and type(v) == "number" and float_text(v) or cjson.encode(v) end
+   names = M.float_keys[v] or names
    indent = indent or ""
    local inner, parts = indent .. "  ", {}
    local n = #v
@@ -44,7 +70,7 @@ function M.encode(v, indent)
    if n > 0 and n == count then
       local flat = true
       for i = 1, n do
-         parts[i] = M.encode(v[i], inner)
+         parts[i] = M.encode(v[i], inner, floats, names)
          if type(v[i]) == "table" then flat = false end
       end
       if flat then return "[" .. table.concat(parts, ", ") .. "]" end
@@ -57,7 +83,7 @@ function M.encode(v, indent)
    for i, k in ipairs(keys) do
       local x = v[k]
       if x == nil then x = v[tonumber(k)] end
-      parts[i] = cjson.encode(k) .. ": " .. M.encode(x, inner)
+      parts[i] = cjson.encode(k) .. ": " .. M.encode(x, inner, names ~= nil and names[k] == true, names)
    end
    return "{\n" .. inner .. table.concat(parts, ",\n" .. inner) .. "\n" .. indent .. "}"
 end
