@@ -3,36 +3,6 @@ local cjson = require("cjson")
 
 local M = {}
 
---- read(path, who[, missing_ok]) -> the JSON object in path; nil when the file does not exist
--- and missing_ok. Errors name who, the path and what is wrong.
-function M.read(path, who, missing_ok)
-   local f, err = io.open(path, "rb")
-   if not f then
-      if missing_ok then return nil end
-      error(string.format("%s: cannot read %s (%s)", who, path, tostring(err)), 0)
-   end
-   local text = f:read("*a")
-   f:close()
-   local ok, t = pcall(cjson.decode, text)
-   if not ok or type(t) ~= "table" then
-      error(string.format("%s: %s is not a valid JSON object (%s)", who, path, tostring(t)), 0)
-   end
-   return t
-end
-
---- without_nulls(t) -> t with its top-level JSON nulls removed (absent, as Python's None reads).
-function M.without_nulls(t)
-   for k, v in pairs(t) do
-      if v == cjson.null then t[k] = nil end
-   end
-   return t
-end
-
---- encode(v) -> JSON text with sorted keys and two-space indents (as transformers writes
--- config.json): the same table gives the same bytes. Arrays of scalars stay on one line.
--- An empty list that encodes as [] (an empty Lua table encodes as {}).
-M.EMPTY_LIST = setmetatable({}, { __newindex = function() error("json.EMPTY_LIST is read-only", 2) end })
-
 --- Tables read from JSON text -> the set of key names whose numbers that text writes as floats
 -- (1.0, 1e-05, [0.0, ...]): JSON gives Lua no way to tell 1.0 read from 1, and transformers' strict
 -- configs refuse an integer where they type a float (a time_step_scale of 1, a time_step_limit of
@@ -50,6 +20,37 @@ function M.float_key_names(text)
    end
    return names
 end
+
+--- read(path, who[, missing_ok]) -> the JSON object in path; nil when the file does not exist
+-- and missing_ok. Errors name who, the path and what is wrong.
+function M.read(path, who, missing_ok)
+   local f, err = io.open(path, "rb")
+   if not f then
+      if missing_ok then return nil end
+      error(string.format("%s: cannot read %s (%s)", who, path, tostring(err)), 0)
+   end
+   local text = f:read("*a")
+   f:close()
+   local ok, t = pcall(cjson.decode, text)
+   if not ok or type(t) ~= "table" then
+      error(string.format("%s: %s is not a valid JSON object (%s)", who, path, tostring(t)), 0)
+   end
+   M.float_keys[t] = M.float_key_names(text)
+   return t
+end
+
+--- without_nulls(t) -> t with its top-level JSON nulls removed (absent, as Python's None reads).
+function M.without_nulls(t)
+   for k, v in pairs(t) do
+      if v == cjson.null then t[k] = nil end
+   end
+   return t
+end
+
+--- encode(v) -> JSON text with sorted keys and two-space indents (as transformers writes
+-- config.json): the same table gives the same bytes. Arrays of scalars stay on one line.
+-- An empty list that encodes as [] (an empty Lua table encodes as {}).
+M.EMPTY_LIST = setmetatable({}, { __newindex = function() error("json.EMPTY_LIST is read-only", 2) end })
 
 local function float_text(x)
    local s = cjson.encode(x)
