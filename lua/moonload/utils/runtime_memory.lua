@@ -155,9 +155,11 @@ local function layer_bytes(e, B, L, S, dtype, kv_dtype)
       local _, i = out_in(m)
       if i and i > H then H = i end
    end
-   local per_token = 4 * H + 4 * mlp_width(e.layer, e.attention)
-   -- a linear attention says what it forms per token (no scores, no masks over the keys)
-   if e.attention.state_bytes then return B * L * (per_token + e.attention:token_values()) * el, H end
+   local mlp = 4 * mlp_width(e.layer, e.attention)
+   local per_token = 4 * H + mlp
+   -- a linear attention or a mixer says what it forms per token (no scores, no masks over the keys);
+   -- those are gone before the layer's MLP runs, so the larger of the two counts
+   if e.attention.state_bytes then return B * L * (4 * H + math.max(mlp, e.attention:token_values())) * el, H end
    local kv_heads, head_dim, q_heads, forms_scores = e.attention:kv_cache_heads()
    local attn = q_heads * head_dim + 2 * kv_heads * head_dim
    -- an attention that forms more than q, k, v and its output says how much, per batch row
