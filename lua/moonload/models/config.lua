@@ -62,6 +62,19 @@ function M.read(source, who)
    return raw, path
 end
 
+--- read_with_defaults(source, who, defaults) -> raw (as read), src, and a copy of raw with
+-- defaults (key -> value) filled in where raw has none and its _source the file, for a family whose
+-- transformers config class defaults differently from Llama's to read through models/llama.lua's
+-- config (whose errors then name the file).
+function M.read_with_defaults(source, who, defaults)
+   local raw, src = M.read(source, who)
+   local fixed = {}
+   for k, v in pairs(raw) do fixed[k] = v end
+   for k, v in pairs(defaults) do if fixed[k] == nil then fixed[k] = v end end
+   fixed._source = src
+   return raw, src, fixed
+end
+
 local KIND_NAMES = {
    int = "a positive integer", int0 = "a non-negative integer", number = "a number",
    posnum = "a positive number", bool = "a boolean", string = "a string", table = "an object",

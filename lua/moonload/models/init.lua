@@ -51,6 +51,7 @@ local ARCH = {
    mamba = { module = "moonload.models.mamba", class = "MambaForCausalLM" },
    falcon_mamba = { module = "moonload.models.mamba", class = "FalconMambaForCausalLM" },
    jamba = { module = "moonload.models.jamba", class = "JambaForCausalLM" },
+   falcon_h1 = { module = "moonload.models.falcon_h1", class = "FalconH1ForCausalLM" },
    internlm3 = { module = "moonload.models.llama", class = "InternLM3ForCausalLM" },
    arcee = { module = "moonload.models.llama", class = "ArceeForCausalLM" },
    apertus = { module = "moonload.models.llama", class = "ApertusForCausalLM" },

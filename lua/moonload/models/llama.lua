@@ -80,6 +80,7 @@ local FAMILIES = {
    bamba = { who = "models.bamba", prefix = "Bamba", defaults = { rms_norm_eps = 1e-5 } },          -- models/bamba.lua
    nemotron_h = { who = "models.nemotron_h", prefix = "NemotronH" },                             -- models/nemotron_h.lua
    jamba = { who = "models.jamba", prefix = "Jamba" },                                           -- models/jamba.lua
+   falcon_h1 = { who = "models.falcon_h1", prefix = "FalconH1" },                                -- models/falcon_h1.lua
    internlm3 = { who = "models.internlm3", prefix = "InternLM3", dynamic_rope = "grows",
                  defaults = { head_dim = 128, rms_norm_eps = 1e-5 } },
    arcee = { who = "models.arcee", prefix = "Arcee", defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5 } },
@@ -423,8 +424,13 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias = false, false
       cfg.nope_layers = {}
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i], cfg.nope_layers[i] = false, true end
+   elseif family == "falcon_h1" then         -- (its multipliers: models/falcon_h1.lua)
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      cfg.rotary_dim = cfg.head_dim           -- (transformers' FalconH1 rotates whole heads, whatever partial_rotary_factor says)
    elseif family == "jamba" then             -- (layer types: models/jamba.lua)
-      cfg.qkv_bias, cfg.o_bias = false, false
+      -- transformers' Jamba: no biases in attention or MLPs, whatever the config says
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       cfg.nope_layers = {}
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i], cfg.nope_layers[i] = false, true end
    elseif family == "seed_oss" then          -- biased q/k/v by default; the output's own key

@@ -108,14 +108,11 @@ end
 function M.config(source, family)
    family = family or "nemotron_h"
    local WHO = "models." .. family
-   local raw, src = config.read(source, WHO)
+   local raw, src, fixed = config.read_with_defaults(source, WHO, DEFAULTS)
    local at = { _source = src }
-   local fixed = {}
-   for k, v in pairs(raw) do fixed[k] = v end
    for _, pair in ipairs(LEGACY_KEYS) do
       if raw[pair[1]] ~= nil then fixed[pair[2]] = raw[pair[1]] end
    end
-   for k, v in pairs(DEFAULTS) do if fixed[k] == nil then fixed[k] = v end end
    local types = layer_types(raw, WHO, at)
    fixed.num_hidden_layers = #types
    fixed.layer_types = types
@@ -132,7 +129,6 @@ function M.config(source, family)
          tostring(err):match("%(supported: (.-)%)") or "?")
    end
    fixed.tie_word_embeddings = false
-   fixed._source = src                           -- (llama.config's errors name the file)
    local cfg = llama.config(fixed, family)
    cfg._source, cfg._raw = src, raw
    local act = cfg.mamba_hidden_act
