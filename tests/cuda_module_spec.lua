@@ -28,6 +28,17 @@ describe("ml.cuda without a GPU", function()
       assert.truthy(tostring(err):find("pin_memory: CUDA is not available", 1, true), tostring(err))
    end)
 
+   it("refuses pinning in place with the reason, for a tensor and for cpu_offload", function()
+      if ml.cuda.is_available() then pending("a GPU (or the emulator) is present") return end
+      assert.has_error(function() ml.randn(2 ^ 18):pin_memory({ in_place = true }) end)
+      local ok, err = pcall(function() ml.randn(2 ^ 18):pin_memory({ in_place = true }) end)
+      assert.truthy(tostring(err):find("pin_memory in place: CUDA is not available", 1, true), tostring(err))
+      local m = ml.nn.Linear(3, 2)
+      ok, err = pcall(ml.cpu_offload, m, { execution_device = "cpu", pin_memory = "in_place" })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("pin_memory in place: CUDA is not available", 1, true), tostring(err))
+   end)
+
    it("wants a cuda device where it takes one", function()
       assert.has_error(function() ml.cuda.empty_cache("cpu") end, 'empty_cache: expected a cuda device, got "cpu"')
       assert.has_error(function() ml.cuda.memory_allocated("meta") end,

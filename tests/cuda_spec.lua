@@ -67,6 +67,43 @@ describe("cuda backend #cuda", function()
          "pin_memory: only cpu tensors can be pinned, this one is on cuda:0")
    end)
 
+   it("pins host memory in place: the same bytes page-locked, a checkpoint's mapping whole, unlocked when freed", function()
+      local big = ml.randn(2 ^ 18)                                   -- 1 MiB: a block of its own
+      local ptr = big:data_ptr()
+      assert.are.equal(big, big:pin_memory({ in_place = true }))
+      assert.is_true(big:is_pinned())
+      assert.are.equal(ptr, big:data_ptr())
+      assert.are.equal(big, big:pin_memory({ in_place = true }))    -- (once is enough)
+      assert.is_true(big:to(DEV, { non_blocking = true }):cpu():equal(big))
+      local small = ml.randn(10)                                     -- shares its pages: stays pageable
+      small:pin_memory({ in_place = true })
+      assert.is_false(small:is_pinned())
+      -- freed, the block is unlocked: the CPU cache hands the same block out again, which locks anew
+      big = nil
+      collectgarbage(); collectgarbage()
+      local again = ml.empty({ 2 ^ 18 })
+      assert.are.equal(ptr, again:data_ptr())
+      again:pin_memory({ in_place = true })
+      assert.is_true(again:is_pinned())
+      -- a tensor of a checkpoint's mapping locks the file whole: its neighbours are pinned too
+      local file = "tests/fixtures/models/mamba_tiny/model.safetensors"
+      local tensors = ml.safetensors.load_file(file)
+      local names = {}
+      for name in pairs(tensors) do names[#names + 1] = name end
+      table.sort(names)
+      assert.is_false(tensors[names[1]]:is_pinned())
+      tensors[names[1]]:pin_memory({ in_place = true })
+      for _, name in ipairs(names) do assert.is_true(tensors[name]:is_pinned(), name) end
+      tensors, names = nil, nil
+      collectgarbage(); collectgarbage()
+      local reread = ml.safetensors.load_file(file)                 -- (locks again: the first was unlocked)
+      local _, t = next(reread)
+      t:pin_memory({ in_place = true })
+      assert.is_true(t:is_pinned())
+      assert.has_error(function() t:to(DEV):pin_memory({ in_place = true }) end,
+         "pin_memory in place: only cpu tensors can be pinned, this one is on cuda:0")
+   end)
+
    it("shows the allocator as torch.cuda does: allocated, peak, reserved, empty_cache, mem_get_info", function()
       assert.is_true(ml.cuda.is_available())
       collectgarbage(); collectgarbage()
@@ -551,7 +588,7 @@ describe("generation and encoders on cuda #cuda", function()
                            "mistral3_multimodal_tiny", "ministral3_tiny", "ministral3_multimodal_tiny", "qwen3_vl_multimodal_tiny",
                            "qwen3_vl_moe_multimodal_tiny", "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny",
                            "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny", "nemotron_h_tiny",
-                           "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "mamba_tiny", "falcon_mamba_tiny",
+                           "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "jamba_tiny", "mamba_tiny", "falcon_mamba_tiny", "falcon_h1_tiny",
                            "llama_ct_int_tiny", "qwen3_ct_fp8_tiny", "deepseek_v3_ct_int4_tiny", "kimi_k25_ct_int4_tiny", "qwen2_awq_tiny",
                            "qwen2_awq_ct_tiny", "llama_gptq_int4_tiny", "qwen2_gptq_asym_tiny", "llama_gptq_int8_tiny",
                            "llama_gptq_act_order_tiny" }) do
@@ -570,6 +607,31 @@ describe("generation and encoders on cuda #cuda", function()
          ml.cpu_offload(model, { execution_device = DEV })
          assert.are.same(want, model:generate(prompt, { max_new_tokens = 5 }))
       end)
+
+      -- (pinning in place on a few kinds: tied heads, experts, mixers; the mapping is locked whole)
+      local pins_in_place = ({ gpt2_tiny = true, llama_tiny_untied = true, qwen3_moe_tiny = true,
+                               granitemoehybrid_tiny = true, mamba_tiny = true })[name]
+      if pins_in_place then
+         it(name .. " generates the CPU's tokens from weights pinned in place (cpu_offload with pin_memory \"in_place\")",
+            function()
+            local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 5 })
+            local model = ml.models.from_pretrained(dir)
+            local ptrs = {}
+            for pname, p in model:named_parameters() do ptrs[pname] = p:data_ptr() end
+            ml.cpu_offload(model, { execution_device = DEV, pin_memory = "in_place" })
+            -- the hooks hold the weights where they were (no copy); the big ones page-locked
+            for mname, m in model:named_modules() do
+               local h = rawget(m, "_hf_hook")
+               for _, slot in ipairs(h and h.slots or {}) do
+                  local w = h.weights_map[slot.name]
+                  local full = mname == "" and slot.name or mname .. "." .. slot.name
+                  if ptrs[full] then assert.are.equal(ptrs[full], w:data_ptr(), full) end
+                  if w:nbytes() >= 2 ^ 18 then assert.is_true(w:is_pinned(), full) end
+               end
+            end
+            assert.are.same(want, model:generate(prompt, { max_new_tokens = 5 }))
+         end)
+      end
 
       it(name .. " generates the CPU's tokens from pinned weights (cpu_offload with pin_memory)", function()
          local want = ml.models.from_pretrained(dir):generate(prompt, { max_new_tokens = 5 })

@@ -4,7 +4,8 @@
 -- cpu_offload on the same machine (bench/cuda/llama_stream_peer.py, same shapes, same run).
 -- Then decoding: weights streamed for each token, or the new tokens computed on the CPU in place
 -- (hooks.set_compute_in_place); and 8 prompts in a block schedule against one forward each. Twice: weights in ordinary (pageable) memory, staged through the uploader's pinned buffers, as
--- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly. Last,
+-- accelerate has them; and weights pinned (t:pin_memory()), which the DMA reads directly, copied
+-- into page-locked memory or locked where they lie (pin_memory = "in_place"). Last,
 -- int8 and int4: the model quantized in RAM and streamed, and the whole model resident on the GPU
 -- decoding in bfloat16, int8 and int4.
 -- Environment: BENCH_LAYERS (16), BENCH_PYTHON (python3), BENCH_REPEATS (3), BENCH_SHAPE=tiny (a
@@ -53,8 +54,9 @@ local function build(pinned)
       -- the forward's uploads: all but the embedding table, looked up on the CPU
       if name ~= "model.embed_tokens.weight" then weights[#weights + 1] = w end
    end
+   local t0 = B.now()
    ml.cpu_offload(model, { execution_device = "cuda:0", pin_memory = pinned })
-   return model, bytes, weights
+   return model, bytes, weights, B.now() - t0
 end
 
 -- The same weights through one uploader back to back, in the model's order, with no hooks and no
@@ -220,11 +222,23 @@ local pinned_s
 if pinned_ok then pinned_ok, pinned_s = pcall(function() return measure(build(true), true).window end) end
 collectgarbage(); collectgarbage()
 local floor_pinned = pinned_ok and weight_bytes / h2d_pinned or nil
-B.emit({ "bench", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "ratio_pinned_to_floor", "pinned_note" }, {
+-- The same weights page-locked where they lie (cpu_offload's pin_memory = "in_place": no copy, no
+-- second RAM), against the same floor; and the seconds the locking itself took.
+local in_place_ok, in_place_s, lock_s = pcall(function()
+   local m, _, _, seconds = build("in_place")
+   return measure(m, true).window, seconds
+end)
+collectgarbage(); collectgarbage()
+B.emit({ "bench", "h2d_pinned_gbps", "floor_pinned_s", "forward_pinned_s", "ratio_pinned_to_floor", "forward_in_place_s",
+         "ratio_in_place_to_floor", "pin_in_place_s", "pinned_note" }, {
    bench = "cuda_llama_stream_pinned", h2d_pinned_gbps = pinned_ok and h2d_pinned / 1e9 or nil,
    floor_pinned_s = floor_pinned, forward_pinned_s = pinned_ok and pinned_s or nil,
    ratio_pinned_to_floor = pinned_ok and pinned_s / floor_pinned or nil,
-   pinned_note = not pinned_ok and ("pinned run failed: " .. tostring(pinned_s or h2d_pinned)):sub(1, 300) or nil,
+   forward_in_place_s = in_place_ok and in_place_s or nil,
+   ratio_in_place_to_floor = in_place_ok and floor_pinned and in_place_s / floor_pinned or nil,
+   pin_in_place_s = in_place_ok and lock_s or nil,
+   pinned_note = (not pinned_ok and ("pinned run failed: " .. tostring(pinned_s or h2d_pinned)):sub(1, 300) or nil)
+      or (not in_place_ok and ("pinning in place failed: " .. tostring(in_place_s)):sub(1, 300) or nil),
 })
 
 -- The same model quantized in CPU RAM (ml.quantize: the hooks then stream the quantized weights

@@ -180,6 +180,15 @@ ML_API ml_status ml_tensor_view_dtype(const ml_tensor *t, ml_dtype dt, ml_tensor
 /* A copy of cpu tensor t in page-locked (pinned) host memory, which the GPU reads directly
    (t itself, retained, when already pinned); fails when CUDA is not available. */
 ML_API ml_status ml_tensor_pin_memory(const ml_tensor *t, ml_tensor **out);
+/* Page-locks cpu tensor t's bytes where they lie (CUDA's host registration): no copy and no second
+   RAM, and the GPU then reads them directly as it reads pinned memory. A tensor borrowed from a
+   checkpoint's mapping locks the whole file mapping (read-only: the pages stay the page cache's);
+   one in its own block of 256 KiB or more locks that block. A smaller block shares its pages with
+   other allocations and stays pageable: *pinned says which. Unlocked when the block or the mapping
+   is freed. Fails when CUDA is not available or the driver refuses. A locked mapping's tensors are
+   read-only to the GPU's eye: written afterwards, a page becomes the process's own copy, which the
+   DMA does not see. */
+ML_API ml_status ml_tensor_pin_memory_in_place(const ml_tensor *t, bool *pinned);
 ML_API bool ml_tensor_is_pinned(const ml_tensor *t);
 ML_API ml_status ml_tensor_contiguous(const ml_tensor *t, ml_tensor **out);  /* retains t when already contiguous */
 ML_API ml_status ml_tensor_clone(const ml_tensor *t, ml_tensor **out);

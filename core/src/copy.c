@@ -171,6 +171,14 @@ ml_status ml_tensor_pin_memory(const ml_tensor *t, ml_tensor **out) {
   return ML_OK;
 }
 
+ml_status ml_tensor_pin_memory_in_place(const ml_tensor *t, bool *pinned) {
+  if (!t || !pinned) return ml_fail(ML_EINVAL, "pin_memory in place: tensor is NULL");
+  if (t->storage->device.type != ML_DEVICE_CPU)
+    return ml_fail(ML_EINVAL, "pin_memory in place: only cpu tensors can be pinned, this one is on %s",
+                   ml_device_str(t->storage->device));
+  return ml_storage_pin_in_place(t->storage, pinned);
+}
+
 ml_status ml_tensor_contiguous(const ml_tensor *t, ml_tensor **out) {
   if (ml_tensor_is_contiguous(t)) { ml_tensor_retain((ml_tensor *)t); *out = (ml_tensor *)t; return ML_OK; }
   return ml_tensor_clone(t, out);

@@ -36,6 +36,13 @@ static size_t size_class(size_t nbytes) {
   return nbytes < CACHE_MIN_BYTES ? nbytes : (nbytes + CACHE_GRANULE - 1) & ~(CACHE_GRANULE - 1);
 }
 
+bool ml_cpu_block_pages(size_t nbytes, size_t *span) {
+  size_t size = size_class(nbytes);
+  if (size < CACHE_MIN_BYTES) return false;
+  *span = size;
+  return true;
+}
+
 void *ml_cpu_alloc(size_t nbytes) {
   size_t size = size_class(nbytes);
   if (size >= CACHE_MIN_BYTES) {

@@ -25,6 +25,10 @@ typedef struct ml_cuda_api {
   void (*free)(int device, void *p, size_t nbytes);
   ml_status (*alloc_pinned)(size_t nbytes, void **out);
   void (*free_pinned)(void *p);
+  /* Page-locks [p, p + nbytes) where it lies (cudaHostRegister; read_only for a file's read-only
+     pages) and undoes it (cudaHostUnregister, after the copies queued from it). */
+  ml_status (*host_register)(void *p, size_t nbytes, bool read_only);
+  void (*host_unregister)(void *p);
   /* kind: 0 host->device, 1 device->host, 2 device->device; ordered on the device's compute
      stream and complete on return */
   ml_status (*memcpy)(int device, void *dst, const void *src, size_t nbytes, int kind);

@@ -51,11 +51,15 @@ struct ml_storage {
   const ml_storage_backend *backend;
   ml_mapping *mapping;                 /* owned reference when borrowed from a file mapping */
   bool accounted;                      /* counted in the device's bytes in use */
+  bool registered;                     /* cpu bytes page-locked where they lie (unlocked on free) */
 };
 
 /* As ml_storage_new, but on a cuda device only from memory free now (alloc_if_free): for
    allocations that may fail quietly rather than stall the device. */
 ml_status ml_storage_new_if_free(ml_device dev, size_t nbytes, ml_storage **out);
+/* Page-locks s's bytes where they lie (ml_tensor_pin_memory_in_place); *pinned says whether it
+   could (a small block shares its pages and stays pageable). */
+ml_status ml_storage_pin_in_place(ml_storage *s, bool *pinned);
 
 struct ml_mapping {
   atomic_int refcount;
@@ -63,6 +67,8 @@ struct ml_mapping {
   uint8_t *data;                       /* owned: munmap on last release */
   size_t size;
   char *path;                          /* owned */
+  atomic_int registered;               /* 1: page-locked whole (read-only) for CUDA, unlocked on release;
+                                          2: being locked */
 };
 
 // --- tensors ------------------------------------------------------------------------------
@@ -183,9 +189,13 @@ void ml_parallel_for(int64_t n, int64_t cost_per_item, ml_parallel_fn fn, void *
 
 // --- allocation ---------------------------------------------------------------------------
 
-void *ml_aligned_alloc(size_t nbytes);    /* 64-byte aligned; NULL on failure; nbytes 0 ok */
+void *ml_aligned_alloc(size_t nbytes);    /* 64-byte aligned (page-aligned from 256 KiB); NULL on
+                                             failure; nbytes 0 ok */
 void ml_aligned_free(void *p);
 /* CPU storage bytes through the block cache (cpu_cache.c); free needs the size allocated. */
+/* Whether a block ml_cpu_alloc(nbytes) gives owns whole pages (page-aligned, a page multiple long:
+   blocks of 256 KiB and more), and then how long it is. */
+bool ml_cpu_block_pages(size_t nbytes, size_t *span);
 void *ml_cpu_alloc(size_t nbytes);
 void ml_cpu_free(void *p, size_t nbytes);
 

@@ -43,6 +43,7 @@ ml_status ml_mapping_open(const char *path, ml_mapping **out) {
     return ml_fail(ML_ENOMEM, "ml_mapping_open: out of memory");
   }
   atomic_init(&m->refcount, 1);
+  atomic_init(&m->registered, 0);
   m->fd = fd;
   m->data = data;
   m->size = size;
@@ -55,6 +56,10 @@ void ml_mapping_retain(ml_mapping *m) { if (m) atomic_fetch_add(&m->refcount, 1)
 
 void ml_mapping_release(ml_mapping *m) {
   if (!m || atomic_fetch_sub(&m->refcount, 1) != 1) return;
+  if (atomic_load(&m->registered) == 1) {            /* page-locked in place: unlock before unmapping */
+    const ml_cuda_api *cu = ml_cuda();
+    if (cu) cu->host_unregister(m->data);
+  }
   if (m->data) munmap(m->data, m->size);
   close(m->fd);
   free(m->path);

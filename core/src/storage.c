@@ -3,17 +3,25 @@
    mapping (the mapping's refcount), meta (nothing to free: there are no bytes). */
 #include "internal.h"
 
+#include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 
+/* Large blocks start on a page, so that one can be page-locked in place alone (ml_cpu_block_pages). */
 void *ml_aligned_alloc(size_t nbytes) {
   void *p = NULL;
-  if (posix_memalign(&p, 64, nbytes ? (nbytes + 63) & ~(size_t)63 : 64) != 0) return NULL;
+  size_t align = nbytes >= ((size_t)256 << 10) ? 4096 : 64;
+  if (posix_memalign(&p, align, nbytes ? (nbytes + 63) & ~(size_t)63 : 64) != 0) return NULL;
   return p;
 }
 
 void ml_aligned_free(void *p) { free(p); }
 
-static void free_cpu(ml_storage *s) { ml_cpu_free(s->data, s->nbytes); }
+static void free_cpu(ml_storage *s) {
+  const ml_cuda_api *cu = ml_cuda();
+  if (s->registered && cu) cu->host_unregister(s->data);   /* (before the block is reused or freed) */
+  ml_cpu_free(s->data, s->nbytes);
+}
 static void free_pinned(ml_storage *s) {
   const ml_cuda_api *cu = ml_cuda();
   if (cu) cu->free_pinned(s->data);
@@ -124,4 +132,50 @@ void *ml_storage_data(const ml_storage *s) { return s ? s->data : NULL; }
 size_t ml_storage_nbytes(const ml_storage *s) { return s ? s->nbytes : 0; }
 ml_device ml_storage_device(const ml_storage *s) { return s ? s->device : ml_meta(); }
 bool ml_storage_is_borrowed(const ml_storage *s) { return s && s->mapping != NULL; }
-bool ml_storage_is_pinned(const ml_storage *s) { return s && s->backend == &backend_pinned; }
+bool ml_storage_is_pinned(const ml_storage *s) {
+  return s && (s->backend == &backend_pinned || s->registered ||
+               (s->mapping && atomic_load(&s->mapping->registered) == 1));
+}
+
+/* Page-locks a whole file mapping once (read-only: its private pages stay shared with the page
+   cache); the mapping unlocks it on its last release. */
+static ml_status register_mapping(ml_mapping *m, const ml_cuda_api *cu) {
+  int expected = 0;
+  if (!atomic_compare_exchange_strong(&m->registered, &expected, 2)) {
+    while (atomic_load(&m->registered) == 2) sched_yield();      /* another thread is locking it */
+    if (atomic_load(&m->registered) == 1) return ML_OK;
+    return ml_fail(ML_EIO, "pin_memory in place: page-locking %s failed in another thread", m->path);
+  }
+  ml_status st = m->size ? cu->host_register(m->data, m->size, true) : ML_OK;
+  atomic_store(&m->registered, st == ML_OK ? 1 : 0);
+  if (st) {
+    char why[512];
+    snprintf(why, sizeof why, "%s", ml_last_error());
+    return ml_fail(st, "pin_memory in place: cannot page-lock %s (%zu bytes): %s", m->path, m->size, why);
+  }
+  return ML_OK;
+}
+
+ml_status ml_storage_pin_in_place(ml_storage *s, bool *pinned) {
+  *pinned = false;
+  if (!s || s->device.type != ML_DEVICE_CPU)
+    return ml_fail(ML_EINVAL, "pin_memory in place: only cpu storages can be pinned");
+  if (ml_storage_is_pinned(s)) { *pinned = true; return ML_OK; }
+  const ml_cuda_api *cu = ml_cuda();
+  if (!cu) {
+    char why[512];   /* the loader's message lives in the buffer ml_fail writes */
+    snprintf(why, sizeof why, "%s", ml_last_error());
+    return ml_fail(ML_EUNSUPPORTED, "pin_memory in place: %s", why);
+  }
+  if (s->mapping) {
+    ML_TRY(register_mapping(s->mapping, cu));
+    *pinned = true;
+    return ML_OK;
+  }
+  size_t span;
+  if (s->backend != &backend_cpu || !ml_cpu_block_pages(s->nbytes, &span)) return ML_OK;   /* shares its pages */
+  ML_TRY(cu->host_register(s->data, span, false));
+  s->registered = true;
+  *pinned = true;
+  return ML_OK;
+}

@@ -175,7 +175,9 @@ end
 -- only for the forward of the module that owns it. pin_memory = true (moonload's, as ZeRO-
 -- Inference does) first copies the state dict into page-locked memory, which the GPU's DMA reads
 -- directly: uploads skip the staging copy, at the cost of RAM that cannot be swapped (and of the
--- zero-copy mapping when the weights came from a checkpoint).
+-- zero-copy mapping when the weights came from a checkpoint). pin_memory = "in_place" page-locks
+-- the weights where they lie instead (t:pin_memory({in_place = true})): no copy and no second RAM;
+-- a checkpoint's mapping is locked whole, and tensors of small blocks stay pageable (staged).
 function M.cpu_offload(model, opts)
    opts = opts or {}
    local exec = hooks.norm_device(opts.execution_device) or first_param_device(model)
@@ -184,7 +186,9 @@ function M.cpu_offload(model, opts)
       state_dict = {}
       for name, t in pairs(model:state_dict()) do state_dict[name] = t:to("cpu") end
    end
-   if opts.pin_memory then
+   if opts.pin_memory == "in_place" then
+      for _, t in pairs(state_dict) do t:pin_memory({ in_place = true }) end
+   elseif opts.pin_memory then
       -- one pinned copy per tensor, so ties stay tied: the state dict may hold a tied tensor
       -- under each name as an object of its own, so the key is where its data is and its layout
       -- (the address printed whole: tostring keeps 14 digits, which made two 8-byte FP8 scales

@@ -367,8 +367,17 @@ function methods.to(t, a, b, opts)
    return r
 end
 
---- t:pin_memory(): a copy in page-locked host memory (t itself when already pinned); needs CUDA.
-function methods.pin_memory(t)
+--- t:pin_memory([{in_place = false}]) -> a copy in page-locked host memory (t itself when already
+-- pinned); needs CUDA. With in_place, t itself, its bytes page-locked where they lie (no copy, no
+-- second RAM): a tensor of a checkpoint's mapping locks the whole file, one in its own block of
+-- 256 KiB or more that block; a smaller one shares its pages and stays pageable (t:is_pinned()
+-- says which). The lock goes with the block or the mapping.
+function methods.pin_memory(t, opts)
+   if opts and opts.in_place then
+      local pinned = ffi.new("bool[1]")
+      check(lib.ml_tensor_pin_memory_in_place(t._c, pinned))
+      return t
+   end
    check(lib.ml_tensor_pin_memory(t._c, out1))
    return self_or_wrap(t, out1[0])
 end

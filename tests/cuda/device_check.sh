@@ -96,8 +96,9 @@ for _, f in ipairs({ out .. "/ceilings.jsonl", out .. "/llama.jsonl" }) do
                   r.ratio_to_moved_floor or 0 / 0, (r.bytes_moved or 0 / 0) / 1e9)
                or r.ratio_to_accelerate and string.format("accelerate %.3f s per forward: moonload takes %.2fx its time",
                   r.accelerate_s, r.ratio_to_accelerate)
-               or r.ratio_pinned_to_floor and string.format("pinned weights %.3f s per forward; floor %.3f s at %.1f GB/s: %.2fx",
-                  r.forward_pinned_s, r.floor_pinned_s, r.h2d_pinned_gbps, r.ratio_pinned_to_floor)
+               or r.ratio_pinned_to_floor and string.format("pinned weights %.3f s per forward; floor %.3f s at %.1f GB/s: %.2fx; pinned in place %.3f s per forward, %.2fx (locking took %.2f s)",
+                  r.forward_pinned_s, r.floor_pinned_s, r.h2d_pinned_gbps, r.ratio_pinned_to_floor,
+                  r.forward_in_place_s or 0 / 0, r.ratio_in_place_to_floor or 0 / 0, r.pin_in_place_s or 0 / 0)
                or r.in_place_tokens_per_s and string.format("decode %.2f tokens/s streamed, %.2f in place on the CPU (%.2fx)",
                   r.streamed_tokens_per_s, r.in_place_tokens_per_s, r.speedup)
                or r.blocked_s and string.format("8 prompts of 512: %.3f s one forward each, %.3f s in a block schedule (%.2fx), %.3f s as one batch",

@@ -68,7 +68,7 @@ int current_device() { return tls_device; }
 
 struct Allocation {
   size_t size;
-  int device;   // -1: pinned host memory
+  int device;   // -1: pinned host memory (cudaHostAlloc), -2: registered host memory
 };
 
 static std::mutex g_mem_mu;
@@ -302,6 +302,8 @@ const char *cudaGetErrorName(cudaError_t e) {
   case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
   case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
   case cudaErrorNotReady: return "cudaErrorNotReady";
+  case cudaErrorHostMemoryAlreadyRegistered: return "cudaErrorHostMemoryAlreadyRegistered";
+  case cudaErrorHostMemoryNotRegistered: return "cudaErrorHostMemoryNotRegistered";
   }
   return "cudaErrorUnknown";
 }
@@ -316,6 +318,8 @@ const char *cudaGetErrorString(cudaError_t e) {
   case cudaErrorInvalidDevice: return "invalid device ordinal";
   case cudaErrorInvalidResourceHandle: return "invalid resource handle";
   case cudaErrorNotReady: return "device not ready";
+  case cudaErrorHostMemoryAlreadyRegistered: return "part or all of the requested memory range is already mapped";
+  case cudaErrorHostMemoryNotRegistered: return "pointer does not correspond to a registered memory region";
   }
   return "unknown error";
 }
@@ -347,7 +351,8 @@ static cudaError_t release(void *p, bool pinned) {
   sync_all();   // like the real calls: no queued work may still use the block
   std::lock_guard<std::mutex> lock(g_mem_mu);
   auto it = g_allocs.find((uintptr_t)p);
-  if (it == g_allocs.end() || (it->second.device < 0) != pinned) return record_error(cudaErrorInvalidValue);
+  if (it == g_allocs.end() || it->second.device == -2 || (it->second.device < 0) != pinned)
+    return record_error(cudaErrorInvalidValue);
   if (!pinned) g_device_used[it->second.device] -= it->second.size;
   memset(p, 0xfe, it->second.size);
   g_allocs.erase(it);
@@ -357,6 +362,29 @@ static cudaError_t release(void *p, bool pinned) {
 
 cudaError_t cudaFree(void *p) { return release(p, false); }
 cudaError_t cudaFreeHost(void *p) { return release(p, true); }
+
+cudaError_t cudaHostRegister(void *p, size_t n, unsigned flags) {
+  if (!p || n == 0) return record_error(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> lock(g_mem_mu);
+  uintptr_t a = (uintptr_t)p;
+  auto it = g_allocs.lower_bound(a);                  // the first block at or after p ...
+  if (it != g_allocs.end() && it->first < a + n) return record_error(cudaErrorHostMemoryAlreadyRegistered);
+  if (it != g_allocs.begin()) {                       // ... and the last before it, which may reach p
+    --it;
+    if (it->first + it->second.size > a) return record_error(cudaErrorHostMemoryAlreadyRegistered);
+  }
+  g_allocs[a] = Allocation{n, -2};
+  return cudaSuccess;
+}
+
+cudaError_t cudaHostUnregister(void *p) {
+  sync_all();   // no queued copy may still read the range
+  std::lock_guard<std::mutex> lock(g_mem_mu);
+  auto it = g_allocs.find((uintptr_t)p);
+  if (it == g_allocs.end() || it->second.device != -2) return record_error(cudaErrorHostMemoryNotRegistered);
+  g_allocs.erase(it);
+  return cudaSuccess;
+}
 
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
   void *q = host_block(n);

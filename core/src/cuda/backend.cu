@@ -184,6 +184,13 @@ static ml_status alloc_pinned(size_t nbytes, void **out) {
 
 static void free_pinned(void *p) { if (p) cudaFreeHost(p); }
 
+static ml_status host_register(void *p, size_t nbytes, bool read_only) {
+  CUDA_TRY(cudaHostRegister(p, nbytes, cudaHostRegisterPortable | (read_only ? cudaHostRegisterReadOnly : 0)));
+  return ML_OK;
+}
+
+static void host_unregister(void *p) { if (p) cudaHostUnregister(p); }
+
 // --- copies --------------------------------------------------------------------------------
 
 static cudaMemcpyKind kind_of(int kind) {
@@ -340,6 +347,8 @@ extern "C" __attribute__((visibility("default"))) const ml_cuda_api *ml_cuda_bac
   g_api.free = pool_free;
   g_api.alloc_pinned = alloc_pinned;
   g_api.free_pinned = free_pinned;
+  g_api.host_register = host_register;
+  g_api.host_unregister = host_unregister;
   g_api.memcpy = copy_sync;
   g_api.mem_info = mem_info;
   g_api.properties = properties;
