@@ -1,7 +1,7 @@
 #!/opt/ref/bin/python
-"""transformers peer for bench/qwen3_next.lua and bench/granite_hybrid.lua: loads the hybrid
-model's folder the Lua side wrote (bfloat16; without flash-linear-attention, causal-conv1d and
-mamba-ssm installed, transformers runs its PyTorch fallbacks for the linear-attention and Mamba-2
+"""transformers peer for bench/qwen3_next.lua, bench/granite_hybrid.lua and bench/falcon_mamba.lua:
+loads the model's folder the Lua side wrote (bfloat16; without flash-linear-attention, causal-conv1d
+and mamba-ssm installed, transformers runs its PyTorch fallbacks for the linear-attention and Mamba
 layers), then N greedy tokens after a P-token prompt. Reports
 seconds to load, the growth of resident memory over the load and a warm-up generation, seconds to
 generate and the ids. Prints one JSON object.

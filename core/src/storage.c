@@ -18,8 +18,8 @@ void *ml_aligned_alloc(size_t nbytes) {
 void ml_aligned_free(void *p) { free(p); }
 
 static void free_cpu(ml_storage *s) {
-  const ml_cuda_api *cu = ml_cuda();
-  if (s->registered && cu) cu->host_unregister(s->data);   /* (before the block is reused or freed) */
+  /* (before the block is reused or freed; ml_cuda() only then: its first call loads the backend) */
+  if (s->registered) ml_cuda()->host_unregister(s->data);
   ml_cpu_free(s->data, s->nbytes);
 }
 static void free_pinned(ml_storage *s) {
