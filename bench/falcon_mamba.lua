@@ -26,20 +26,7 @@ local function write_checkpoint()
    local model = ml.init_empty_weights(function()
       return require("moonload.models.mamba").FalconMambaForCausalLM(CONFIG)
    end)
-   local sd = {}
-   for name, p in model:named_parameters() do
-      if name:find("A_log$") then
-         sd[name] = (ml.rand(p.shape) * 2):to("bfloat16")                  -- decay rates exp(0..2)
-      elseif name:find("norm") and p:dim() == 1 then
-         sd[name] = (1 + ml.randn(p.shape) * 0.02):to("bfloat16")
-      elseif name:find("dt_proj%.bias$") then
-         sd[name] = (ml.rand(p.shape) * 4 - 6):to("bfloat16")              -- steps softplus(-6..-2)
-      elseif p:dim() == 1 then
-         sd[name] = ml.ones(p.shape):to("bfloat16")                        -- D, conv bias
-      else
-         sd[name] = (ml.randn(p.shape) * 0.02):to("bfloat16")
-      end
-   end
+   local sd = B.random_ssm_weights(model)
    ml.safetensors.save_file(sd, DIR .. "/model.safetensors")
    B.write_config_last(DIR, cjson.encode(CONFIG))
 end

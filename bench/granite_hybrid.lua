@@ -32,18 +32,7 @@ local function write_checkpoint()
    local model = ml.init_empty_weights(function()
       return require("moonload.models.bamba").GraniteMoeHybridForCausalLM(CONFIG)
    end)
-   local sd = {}
-   for name, p in model:named_parameters() do
-      if name:find("A_log$") then
-         sd[name] = (ml.rand(p.shape) * 2):to("bfloat16")                  -- decay rates exp(0..2)
-      elseif name:find("norm") and p:dim() == 1 then
-         sd[name] = (1 + ml.randn(p.shape) * 0.02):to("bfloat16")
-      elseif p:dim() == 1 then
-         sd[name] = ml.ones(p.shape):to("bfloat16")                        -- dt_bias, D, conv bias
-      else
-         sd[name] = (ml.randn(p.shape) * 0.02):to("bfloat16")
-      end
-   end
+   local sd = B.random_ssm_weights(model)
    -- the hub's names for the experts and the router (transformers renames them as it loads)
    local hub_names = {}
    for name in pairs(sd) do

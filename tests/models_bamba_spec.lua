@@ -11,15 +11,9 @@ local H = require("models_helpers")
 
 local TOL = 1e-4
 
--- A split of name's layers alternately over CPU and disk (the rest on the CPU).
-local function alternating_map(n_layers, norm)
-   local map = { ["model.embed_tokens"] = "cpu", ["model.rotary_emb"] = "cpu", [norm] = "disk", lm_head = "cpu" }
-   for i = 0, n_layers - 1 do map["model.layers." .. i] = i % 2 == 0 and "disk" or "cpu" end
-   return map
-end
-
 -- The it()s every hybrid fixture gets: the checkpoint's tensors, transformers' logits and greedy
--- ids, decoding through the cache, a padded batch, a block schedule and a CPU/disk split.
+-- ids, decoding through the cache, a padded batch, a block schedule and a CPU/disk split, assisted
+-- generation refused.
 local function it_runs_like_transformers(name, n_layers, norm, tied)
    local dir = H.FIX .. "/" .. name
    local model = models.from_pretrained(dir)
@@ -64,21 +58,8 @@ local function it_runs_like_transformers(name, n_layers, norm, tied)
       H.it_matches_padded(model, name, "positions and zeroes padding before the mixers")
    end
 
-   it("runs the prompt in a block schedule and split over CPU and disk with the same tokens", function()
-      local exp = H.expected(name)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
-         eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
-      local off = H.tmpdir()
-      local split = models.from_pretrained(dir, { device_map = alternating_map(n_layers, norm), offload_folder = off })
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-   end)
-
-   it("refuses assisted generation (the mixers' states cannot be cropped back)", function()
-      local ok, err = pcall(model.generate, model, { 1, 7, 9 }, { max_new_tokens = 3, prompt_lookup_num_tokens = 2 })
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find("does not support " .. model.__name, 1, true), tostring(err))
-   end)
+   H.it_runs_stateful(model, name, H.alternating_layers("model", n_layers, { ["model.embed_tokens"] = "cpu",
+      ["model.rotary_emb"] = "cpu", [norm] = "disk", lm_head = "cpu" }))
    return model
 end
 

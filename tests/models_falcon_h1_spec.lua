@@ -13,9 +13,8 @@ local N_LAYERS = 3
 
 -- A split of the layers alternately over CPU and disk (the rest on the CPU, the final norm on disk).
 local function alternating_map()
-   local map = { ["model.embed_tokens"] = "cpu", ["model.rotary_emb"] = "cpu", ["model.final_layernorm"] = "disk", lm_head = "cpu" }
-   for i = 0, N_LAYERS - 1 do map["model.layers." .. i] = i % 2 == 0 and "disk" or "cpu" end
-   return map
+   return H.alternating_layers("model", N_LAYERS, { ["model.embed_tokens"] = "cpu", ["model.rotary_emb"] = "cpu",
+      ["model.final_layernorm"] = "disk", lm_head = "cpu" })
 end
 
 -- A copy of fixture dir in a new temporary folder, its config.json changed by change(raw) and its
@@ -76,25 +75,7 @@ local function it_runs_like_transformers(name, tied)
       H.it_matches_padded(model, name, "positions and zeroes padding before the mixers")
    end
 
-   it("runs the prompt in a block schedule and split over CPU and disk with the same tokens", function()
-      local exp = H.expected(name)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
-         eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
-      local off = H.tmpdir()
-      local split = models.from_pretrained(dir, { device_map = alternating_map(), offload_folder = off })
-      local places = {}
-      for _, dev in pairs(split.hf_device_map) do places[tostring(dev)] = true end
-      assert.is_true(places.cpu and places.disk)
-      assert.is_true(H.max_abs_diff(split(exp.input_ids), exp.logits) < 1e-4)
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-   end)
-
-   it("refuses assisted generation (the mixers' states cannot be cropped back)", function()
-      local ok, err = pcall(model.generate, model, { 1, 7, 9 }, { max_new_tokens = 3, prompt_lookup_num_tokens = 2 })
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find("does not support " .. model.__name, 1, true), tostring(err))
-   end)
+   H.it_runs_stateful(model, name, alternating_map())
    return model
 end
 

@@ -232,6 +232,42 @@ function H.it_matches_expected(model, fixture, what)
       end)
 end
 
+--- A device map for a model whose layers are prefix .. ".layers.i": layer 0 on disk, then cpu, disk,
+-- ... for n layers; others (module -> place) for the rest.
+function H.alternating_layers(prefix, n, others)
+   local map = {}
+   for k, v in pairs(others) do map[k] = v end
+   for i = 0, n - 1 do map[prefix .. ".layers." .. i] = i % 2 == 0 and "disk" or "cpu" end
+   return map
+end
+
+--- The it()s of a model whose cache keeps a state (a mixer's, a linear attention's): the fixture's
+-- greedy ids through a block schedule (one row, 3 prompt tokens at a time) and from a copy split
+-- over CPU and disk by device_map; and assisted generation refused, as the state cannot be cropped.
+function H.it_runs_stateful(model, fixture, device_map)
+   local env = getfenv(2)
+   local it, assert = env.it, env.assert
+   local dir = H.FIX .. "/" .. fixture
+   it("runs the prompt in a block schedule and split over CPU and disk with the same tokens", function()
+      local exp = H.expected(fixture)
+      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
+         eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
+      local off = H.tmpdir()
+      local split = require("moonload.models").from_pretrained(dir, { device_map = device_map, offload_folder = off })
+      local places = {}
+      for _, dev in pairs(split.hf_device_map) do places[tostring(dev)] = true end
+      assert.is_true(places.cpu and places.disk, "a CPU + disk split")
+      assert.is_true(H.max_abs_diff(split(exp.input_ids), exp.logits) < 1e-4)
+      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
+      H.rmdir(off)
+   end)
+   it("refuses assisted generation (its cache's state cannot be cropped back)", function()
+      local ok, err = pcall(model.generate, model, { 1, 7, 9 }, { max_new_tokens = 3, prompt_lookup_num_tokens = 2 })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("does not support " .. model.__name, 1, true), tostring(err))
+   end)
+end
+
 --- Asserts that read_config(raw) raises an error holding msg, raw being dir's config.json changed by
 -- change (a function of the table, or a table of keys to set).
 function H.assert_config_fails(read_config, dir, change, msg)

@@ -80,22 +80,8 @@ describe("models.jamba (tests/fixtures/models/jamba_tiny: mixer + MLP, attention
 
    H.it_matches_padded(model, NAME, "zeroes padding before the mixers and masks it in attention")
 
-   it("runs the prompt in a block schedule and split over CPU and disk with the same tokens", function()
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
-         eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
-      local off = H.tmpdir()
-      local split = models.from_pretrained(DIR, { device_map = { ["model.embed_tokens"] = "cpu",
-         ["model.layers.0"] = "disk", ["model.layers.1"] = "cpu", ["model.layers.2"] = "disk", ["model.layers.3"] = "disk",
-         ["model.final_layernorm"] = "disk", lm_head = "cpu" }, offload_folder = off })
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-   end)
-
-   it("refuses assisted generation (the mixers' states cannot be cropped back)", function()
-      local ok, err = pcall(model.generate, model, { 1, 7, 9 }, { max_new_tokens = 3, prompt_lookup_num_tokens = 2 })
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find("does not support JambaForCausalLM", 1, true), tostring(err))
-   end)
+   H.it_runs_stateful(model, NAME, H.alternating_layers("model", 4, { ["model.embed_tokens"] = "cpu",
+      ["model.final_layernorm"] = "disk", lm_head = "cpu" }))
 
    it("weighs each token's top 2 experts by their softmax probabilities as they are (not renormalized)", function()
       local block = model.model.layers[2].feed_forward

@@ -48,22 +48,8 @@ describe("models.mamba2 (tests/fixtures/models/mamba2_tiny: 3 mixer layers, an u
 
    H.it_matches_padded(model, NAME, "zeroes padding before the mixers")
 
-   it("runs the prompt in a block schedule and split over CPU and disk with the same tokens", function()
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
-         eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
-      local dir = H.tmpdir()
-      local split = models.from_pretrained(DIR, { device_map = { ["backbone.embeddings"] = "cpu",
-         ["backbone.layers.0"] = "disk", ["backbone.layers.1"] = "cpu", ["backbone.layers.2"] = "disk",
-         ["backbone.norm_f"] = "disk", lm_head = "cpu" }, offload_folder = dir })
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(dir)
-   end)
-
-   it("refuses assisted generation (the mixers' states cannot be cropped back)", function()
-      local ok, err = pcall(model.generate, model, { 1, 7, 9 }, { max_new_tokens = 3, prompt_lookup_num_tokens = 2 })
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find("does not support Mamba2ForCausalLM", 1, true), tostring(err))
-   end)
+   H.it_runs_stateful(model, NAME, H.alternating_layers("backbone", 3, { ["backbone.embeddings"] = "cpu",
+      ["backbone.norm_f"] = "disk", lm_head = "cpu" }))
 
    it("keeps the residual stream in float32 under bfloat16 weights (residual_in_fp32)", function()
       local m = models.from_pretrained(DIR, { dtype = "bfloat16" })

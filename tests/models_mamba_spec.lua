@@ -12,7 +12,7 @@ local TOL = 1e-4
 
 -- The it()s both fixtures get: the checkpoint's tensors (the head when tied), transformers' logits,
 -- greedy ids and cached decoding, the cache's states, a padded batch, a block schedule and a
--- CPU/disk split, assisted generation refused.
+-- CPU/disk split, assisted generation refused (H.it_runs_stateful).
 local function it_runs_like_transformers(name, class, tied)
    local dir = H.FIX .. "/" .. name
    local model = models.from_pretrained(dir)
@@ -35,24 +35,12 @@ local function it_runs_like_transformers(name, class, tied)
          assert.are.equal("float32", cache.states[i].recurrent.dtype)
       end
       assert.is_false(cache:can_crop(1))
-      local ok, err = pcall(model.generate, model, { 1, 7, 9 }, { max_new_tokens = 3, prompt_lookup_num_tokens = 2 })
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find("does not support " .. class, 1, true), tostring(err))
    end)
 
    H.it_matches_padded(model, name, "zeroes padding before the mixers")
 
-   it("runs the prompt in a block schedule and split over CPU and disk with the same tokens", function()
-      local exp = H.expected(name)
-      assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
-         eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
-      local off = H.tmpdir()
-      local split = models.from_pretrained(dir, { device_map = { ["backbone.embeddings"] = "cpu",
-         ["backbone.layers.0"] = "disk", ["backbone.layers.1"] = "cpu", ["backbone.layers.2"] = "disk",
-         ["backbone.norm_f"] = "disk", lm_head = "cpu" }, offload_folder = off })
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-   end)
+   H.it_runs_stateful(model, name, H.alternating_layers("backbone", 3, { ["backbone.embeddings"] = "cpu",
+      ["backbone.norm_f"] = "disk", lm_head = "cpu" }))
    return model
 end
 

@@ -61,22 +61,13 @@ describe("models.nemotron_h (tests/fixtures/models/nemotron_h_tiny: pattern M*-M
 
    H.it_matches_padded(model, NAME, "positions and zeroes padding before the mixers")
 
-   it("runs the prompt in a block schedule and split over CPU and disk with the same tokens", function()
+   H.it_runs_stateful(model, NAME, H.alternating_layers("backbone", 6, { ["backbone.embeddings"] = "cpu",
+      ["backbone.norm_f"] = "disk", lm_head = "cpu" }))
+
+   it("runs a padded batch's prompt in a block schedule to transformers' tokens", function()
       local pad = H.read_json(DIR .. "/padded.json")
       assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
          max_new_tokens = pad.max_new_tokens, eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
-      local dir = H.tmpdir()
-      local map = { ["backbone.embeddings"] = "cpu", ["backbone.norm_f"] = "disk", lm_head = "cpu" }
-      for i = 0, 5 do map["backbone.layers." .. i] = i % 2 == 0 and "disk" or "cpu" end
-      local split = models.from_pretrained(DIR, { device_map = map, offload_folder = dir })
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(dir)
-   end)
-
-   it("refuses assisted generation (the mixers' states cannot be cropped back)", function()
-      local ok, err = pcall(model.generate, model, { 1, 7, 9 }, { max_new_tokens = 3, prompt_lookup_num_tokens = 2 })
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find("does not support NemotronHForCausalLM", 1, true), tostring(err))
    end)
 
    it("routes by sigmoid score + e_score_correction_bias within the best group, weights renormalized x 2.5", function()

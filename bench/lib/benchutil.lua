@@ -262,6 +262,25 @@ function M.load_generate_main(name, dir, prompt, new, threads, write, peer)
       { bench = name, prompt = prompt, new_tokens = new, threads = threads })
 end
 
+--- random_ssm_weights(model) -> name -> bfloat16 tensor for every parameter of an empty model with
+-- Mamba mixers, in ranges that keep a forward finite and its state alive: decay rates exp(0..2)
+-- (A_log), norms near 1, the other vectors (dt_bias, D, conv biases) 1, steps' biases (dt_proj)
+-- softplus(-6..-2), matrices N(0, 0.02).
+function M.random_ssm_weights(model)
+   local ml = require("moonload")
+   local sd = {}
+   for name, p in model:named_parameters() do
+      local t
+      if name:find("A_log$") then t = ml.rand(p.shape) * 2
+      elseif name:find("norm") and p:dim() == 1 then t = 1 + ml.randn(p.shape) * 0.02
+      elseif name:find("dt_proj%.bias$") then t = ml.rand(p.shape) * 4 - 6
+      elseif p:dim() == 1 then t = ml.ones(p.shape)
+      else t = ml.randn(p.shape) * 0.02 end
+      sd[name] = t:to("bfloat16")
+   end
+   return sd
+end
+
 --- Writes a benchmark folder's config.json last, through a temporary name: its presence says
 -- the folder is whole.
 function M.write_config_last(dir, text)

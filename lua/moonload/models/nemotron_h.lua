@@ -267,26 +267,11 @@ function NemotronHBlock:forward(x, cache, pad)
    return x + h
 end
 
-local NemotronHModel = llama.LlamaModel:extend("NemotronHModel")
+-- Mamba-2's model (models/mamba2.lua): the embeddings, the layers and norm_f, in transformers' order,
+-- no rotary table
+local NemotronHModel = mamba2.Mamba2Model:extend("NemotronHModel")
 M.NemotronHModel = NemotronHModel
 NemotronHModel.family, NemotronHModel.Layer = "nemotron_h", NemotronHBlock
-NemotronHModel.embed_name, NemotronHModel.norm_name = "embeddings", "norm_f"
-
--- transformers' order: the embeddings, the layers, the final norm (no rotary table)
-function NemotronHModel:__init(cfg)
-   nn.Module.__init(self)
-   self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-   local layers = {}
-   for i = 1, cfg.num_hidden_layers do layers[i] = NemotronHBlock(cfg, i) end
-   self.layers = nn.ModuleList(layers)
-   self.norm_f = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
-   rawset(self, "config", cfg)
-end
-
---- No position embedding anywhere: the layers are called without cos and sin.
-function NemotronHModel:layer_rotary()
-   return { {} }
-end
 
 local NemotronHForCausalLM = llama.LlamaForCausalLM:extend("NemotronHForCausalLM")
 M.NemotronHForCausalLM = NemotronHForCausalLM
