@@ -423,6 +423,12 @@ function DeepseekMoE:__init(cfg, Expert)
    if cfg.n_shared_experts > 0 then
       self.shared_experts = Expert(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
    end
+   self:set_routing(cfg)
+end
+
+--- Keeps cfg's routing keys (num_experts_per_tok as top_k, topk_method, n_group, topk_group,
+-- norm_topk_prob, routed_scaling_factor) on the block, where route reads them.
+function DeepseekMoE:set_routing(cfg)
    rawset(self, "top_k", cfg.num_experts_per_tok)
    for _, k in ipairs({ "topk_method", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor" }) do
       rawset(self, k, cfg[k])

@@ -205,10 +205,7 @@ function NemotronHMoE:__init(cfg)
       self.fc1_latent_proj = nn.Linear(cfg.hidden_size, latent, { bias = cfg.mlp_bias })
       self.fc2_latent_proj = nn.Linear(latent, cfg.hidden_size, { bias = cfg.mlp_bias })
    end
-   rawset(self, "top_k", cfg.num_experts_per_tok)
-   for _, k in ipairs({ "topk_method", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor" }) do
-      rawset(self, k, cfg[k])
-   end
+   self:set_routing(cfg)
 end
 
 --- DeepseekMoE.route; with every group allowed (topk_group = n_group: Nemotron 3 Nano's one group)
