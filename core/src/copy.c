@@ -152,11 +152,7 @@ ml_status ml_tensor_pin_memory(const ml_tensor *t, ml_tensor **out) {
     return ML_OK;
   }
   const ml_cuda_api *cu = ml_cuda();
-  if (!cu) {
-    char why[512];   /* the loader's message lives in the buffer ml_fail writes */
-    snprintf(why, sizeof why, "%s", ml_last_error());
-    return ml_fail(ML_EUNSUPPORTED, "pin_memory: %s", why);
-  }
+  if (!cu) return ml_fail_context(ML_EUNSUPPORTED, "pin_memory");   /* (the loader's reason follows) */
   ml_storage *s;
   ML_TRY(ml_storage_new_pinned((size_t)ml_tensor_numel(t) * ml_dtype_size(t->dtype), &s));
   int64_t strides[ML_MAX_DIMS];

@@ -18,6 +18,20 @@ ml_status ml_fail(ml_status status, const char *fmt, ...) {
   return status;
 }
 
+ml_status ml_fail_context(ml_status status, const char *fmt, ...) {
+  char reason[sizeof last_error];
+  snprintf(reason, sizeof reason, "%s", last_error);
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(last_error, sizeof last_error, fmt, ap);
+  va_end(ap);
+  if (n >= 0 && (size_t)n + 3 < sizeof last_error) {              /* the reason, cut to what fits */
+    size_t room = sizeof last_error - (size_t)n;
+    snprintf(last_error + n, room, ": %.*s", (int)(room - 3), reason);
+  }
+  return status;
+}
+
 const char *ml_shape_str(int ndim, const int64_t *shape, char *buf, size_t n) {
   size_t used = 0;
   used += (size_t)snprintf(buf + used, n - used, "[");

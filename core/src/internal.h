@@ -14,6 +14,9 @@
 /* ml_fail(status, fmt, ...) (declared in cuda_api.h, exported for the CUDA library) formats the
    thread-local message and returns status, so callers write `return ml_fail(...)`. */
 #include "cuda_api.h"
+/* As ml_fail, the message formatted from fmt followed by ": " and the message already set (the
+   reason a call below gave). */
+ml_status ml_fail_context(ml_status status, const char *fmt, ...);
 /* Propagate a failed status unchanged (the message is already set). */
 #define ML_TRY(expr) do { ml_status ml_try_s_ = (expr); if (ml_try_s_ != ML_OK) return ml_try_s_; } while (0)
 

@@ -4,7 +4,6 @@
 #include "internal.h"
 
 #include <sched.h>
-#include <stdio.h>
 #include <stdlib.h>
 
 /* Large blocks start on a page, so that one can be page-locked in place alone (ml_cpu_block_pages). */
@@ -148,11 +147,7 @@ static ml_status register_mapping(ml_mapping *m, const ml_cuda_api *cu) {
   }
   ml_status st = m->size ? cu->host_register(m->data, m->size, true) : ML_OK;
   atomic_store(&m->registered, st == ML_OK ? 1 : 0);
-  if (st) {
-    char why[512];
-    snprintf(why, sizeof why, "%s", ml_last_error());
-    return ml_fail(st, "pin_memory in place: cannot page-lock %s (%zu bytes): %s", m->path, m->size, why);
-  }
+  if (st) return ml_fail_context(st, "pin_memory in place: cannot page-lock %s (%zu bytes)", m->path, m->size);
   return ML_OK;
 }
 
@@ -162,11 +157,7 @@ ml_status ml_storage_pin_in_place(ml_storage *s, bool *pinned) {
     return ml_fail(ML_EINVAL, "pin_memory in place: only cpu storages can be pinned");
   if (ml_storage_is_pinned(s)) { *pinned = true; return ML_OK; }
   const ml_cuda_api *cu = ml_cuda();
-  if (!cu) {
-    char why[512];   /* the loader's message lives in the buffer ml_fail writes */
-    snprintf(why, sizeof why, "%s", ml_last_error());
-    return ml_fail(ML_EUNSUPPORTED, "pin_memory in place: %s", why);
-  }
+  if (!cu) return ml_fail_context(ML_EUNSUPPORTED, "pin_memory in place");   /* (the loader's reason follows) */
   if (s->mapping) {
     ML_TRY(register_mapping(s->mapping, cu));
     *pinned = true;

@@ -14,7 +14,8 @@ local Tensor = require("moonload.tensor")
 local M = {}
 local WHO = "save_model"
 
-local encode_json = require("moonload.utils.json").encode
+local json = require("moonload.utils.json")
+local encode_json = json.encode
 
 local function tmp_name(path) return string.format("%s.tmp-%d", path, math.random(1, 2 ^ 30)) end
 
@@ -102,7 +103,6 @@ local function config_of(model)
    end
    local out = {}
    for k, v in pairs(raw) do out[k] = v end
-   local json = require("moonload.utils.json")
    json.float_keys[out] = json.float_keys[raw]            -- (its floats written as floats)
    local dtype = require("moonload.quantize").compute_dtype(model)
    if dtype then out.dtype, out.torch_dtype = dtype, dtype end

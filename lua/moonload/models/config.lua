@@ -3,6 +3,7 @@
 -- Each model declares a schema (key -> kind, default); a missing key or a value of the wrong
 -- kind is an error naming the key and the file ("config table" for a table).
 local cjson = require("cjson")
+local json = require("moonload.utils.json")
 
 local M = {}
 
@@ -35,7 +36,6 @@ end
 -- Returns the raw table (JSON nulls removed) and a description of where it came from.
 function M.read(source, who)
    who = who or "models"
-   local json = require("moonload.utils.json")
    if type(source) == "table" then     -- (a table made from a file may say which: _source)
       local raw = strip_nulls(source)
       json.float_keys[raw] = json.float_keys[source]

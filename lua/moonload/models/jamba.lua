@@ -186,11 +186,6 @@ function JambaModel:__init(cfg)
    rawset(self, "config", cfg)
 end
 
---- No position embedding anywhere: the layers are called without cos and sin.
-function JambaModel:layer_rotary()
-   return { {} }
-end
-
 local JambaForCausalLM = llama.LlamaForCausalLM:extend("JambaForCausalLM")
 M.JambaForCausalLM = JambaForCausalLM
 JambaForCausalLM.family, JambaForCausalLM.Model = "jamba", JambaModel

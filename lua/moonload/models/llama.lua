@@ -943,8 +943,10 @@ function M.rotary_for(cos, sin, x)
 end
 
 --- The rotary cos and sin each layer uses: {[1] = {cos, sin}} shared by all layers here;
--- Gemma 3 gives its sliding layers their own.
+-- Gemma 3 gives its sliding layers their own. A model without a rotary table (Mamba's, Jamba's,
+-- Nemotron-H's) gives {{}}: its layers are called without them.
 function LlamaModel:layer_rotary(positions, x)
+   if not self.rotary_emb then return { {} } end
    local cos, sin = self.rotary_emb(positions)
    cos, sin = M.rotary_for(cos, sin, x)
    return { { cos, sin } }

@@ -17,7 +17,6 @@
 -- cannot be cropped back, so assisted generation is refused.
 local nn = require("moonload.nn")
 local T = require("moonload.tensor")
-local F = require("moonload.nn.functional")
 local config = require("moonload.models.config")
 local causal_conv = require("moonload.models.causal_conv")
 local mamba2 = require("moonload.models.mamba2")
@@ -26,19 +25,13 @@ local M = {}
 
 -- --- the mixer --------------------------------------------------------------------------------------
 
--- The norms Falcon-Mamba puts on the step, B and C: x / rms(x) in float32, back to x's dtype.
-local WeightlessRMSNorm = nn.Module:extend("FalconMambaWeightlessRMSNorm")
+-- The norms Falcon-Mamba puts on the step, B and C: nn.RMSNorm without a weight (in float32, back
+-- to x's dtype).
+local WeightlessRMSNorm = nn.RMSNorm:extend("FalconMambaWeightlessRMSNorm")
 M.WeightlessRMSNorm = WeightlessRMSNorm
 
 function WeightlessRMSNorm:__init(dim, eps)
-   nn.Module.__init(self)
-   rawset(self, "dim", dim)
-   rawset(self, "eps", eps)
-end
-
-function WeightlessRMSNorm:forward(x)
-   local y = F.rms_norm(x:float(), { self.dim }, nil, self.eps)
-   return y.dtype == x.dtype and y or y:to(x.dtype)
+   nn.RMSNorm.__init(self, dim, { eps = eps, elementwise_affine = false })
 end
 
 local MambaMixer = nn.Module:extend("MambaMixer")

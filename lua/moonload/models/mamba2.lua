@@ -343,11 +343,6 @@ function Mamba2Model:__init(cfg)
    rawset(self, "config", cfg)
 end
 
---- No positions: the layers (models/llama.lua's forward) are called without cos and sin.
-function Mamba2Model:layer_rotary()
-   return { {} }
-end
-
 local Mamba2ForCausalLM = llama.LlamaForCausalLM:extend("Mamba2ForCausalLM")
 M.Mamba2ForCausalLM = Mamba2ForCausalLM
 Mamba2ForCausalLM.family, Mamba2ForCausalLM.Model = "mamba2", Mamba2Model
