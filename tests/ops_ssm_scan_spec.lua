@@ -109,6 +109,21 @@ describe("ssm_scan", function()
          F.ssm_scan(xg, dtg, Ag, Bg, Cg, Dg)))
    end)
 
+   it("takes the models' A_log for the rates, -exp(A_log), per head and per row", function()
+      local c = FIX.groups
+      local x, dt, A, B, Cm, D, state = operands(c)
+      local out = F.ssm_scan(x, dt, t(c.A_log, { c.H }), B, Cm, D, state, { A_log = true })
+      assert_close(out, c.out, 1e-5, "out")
+      assert_close(state, c.final_state, 1e-5, "state")
+      local m = FIX.mamba1
+      local xs, dts = t(m.x, { m.B, m.T, 1, m.P }), t(m.dt, { m.B, m.T, 1, m.P })
+      local Bs, Cs = t(m.Bm, { m.B, m.T, 1, m.N }), t(m.Cm, { m.B, m.T, 1, m.N })
+      local A_log = t(m.A, { 1, m.P, m.N }):neg():log()
+      assert_close(F.ssm_scan(xs, dts, A_log:bfloat16(), Bs, Cs, t(m.D, { 1, m.P }), nil, { A_log = true }),
+         F.ssm_scan(xs, dts, -A_log:bfloat16():float():exp(), Bs, Cs, t(m.D, { 1, m.P })):view(-1):tolist(), 1e-6,
+         "bfloat16 A_log against the rates taken in Lua")
+   end)
+
    it("matches the chunked form transformers runs on prompts (70 tokens, two chunks of 64)", function()
       local c = FIX.chunk
       local out, state = F.ssm_scan(chunk_operands())
@@ -222,7 +237,7 @@ describe("ssm_scan", function()
          local out = ml.zeros(x.shape)
          local xt = x:transpose(3, 4):contiguous():transpose(3, 4)
          assert.is_true(ml.equal(xt, x))
-         assert.are_not.equal(0, C.lib.ml_ssm_scan(xt._c, dt._c, A._c, B._c, Cm._c, nil, st2._c, out._c))
+         assert.are_not.equal(0, C.lib.ml_ssm_scan(xt._c, dt._c, A._c, B._c, Cm._c, nil, false, st2._c, out._c))
          assert.are.equal("ssm_scan: the last dim of x must have stride 1, got 4 (make it contiguous)",
             require("ffi").string(C.lib.ml_last_error()))
          assert.is_true(ml.equal(st2, ml.zeros(st2.shape)))
@@ -277,6 +292,20 @@ describe("ssm_scan on cuda #cuda", function()
             same_as_cpu(1e-5, "Mamba-1, T " .. T .. ", N " .. Ns, ml.randn(Bt, T, 1, P), ml.rand(Bt, T, 1, P) * 0.3,
                -ml.rand(1, P, Ns) * 4, ml.randn(Bt, T, 1, Ns), ml.randn(Bt, T, 1, Ns), ml.randn(1, P), ml.randn(Bt, 1, P, Ns))
          end
+      end
+   end)
+
+   it("takes the rates from A_log as the CPU does", function()
+      ml.manual_seed(43)
+      for _, rows in ipairs({ false, true }) do
+         local Bt, T, H, P, Ns = 2, 4, rows and 1 or 4, rows and 40 or 16, rows and 48 or 8
+         local x, B, Cm = ml.randn(Bt, T, H, P), ml.randn(Bt, T, 1, Ns), ml.randn(Bt, T, 1, Ns)
+         local dt = rows and ml.rand(Bt, T, H, P) * 0.3 or ml.rand(Bt, T, H) * 0.3
+         local A_log = rows and ml.randn(H, P, Ns) or ml.randn(H)
+         local oc, sc = F.ssm_scan(x, dt, A_log, B, Cm, nil, nil, { A_log = true })
+         local od, sd = F.ssm_scan(x:to(DEV), dt:to(DEV), A_log:to(DEV), B:to(DEV), Cm:to(DEV), nil, nil, { A_log = true })
+         assert_close(od:cpu(), oc:view(-1):tolist(), 1e-5, "out")
+         assert_close(sd:cpu(), sc:view(-1):tolist(), 1e-5, "state")
       end
    end)
 

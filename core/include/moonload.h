@@ -361,9 +361,11 @@ ML_API ml_status ml_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, con
    h / (H / G). state (B, H, P, N) float32 contiguous holds the initial state and is overwritten
    with the final one; out (B, T, H, P) is written. Per token, in float32:
    S[p][n] = exp(dt[p] A[p][n]) S[p][n] + dt[p] x[p] B[n]; out[p] = S[p] . C + D[p] x[p]. Any
-   strides but a unit-stride last dim for x, B, C and out; dt, A and D any strides. */
+   strides but a unit-stride last dim for x, B, C and out; dt, A and D any strides. With A_log, A
+   holds the models' A_log and the rates are -exp(A_log), taken as the kernel reads them (Mamba-1's
+   (1, P, N) rates are as many values as a token's state: a pass of their own each call). */
 ML_API ml_status ml_ssm_scan(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *A, const ml_tensor *B,
-                             const ml_tensor *C, const ml_tensor *D, ml_tensor *state, ml_tensor *out);
+                             const ml_tensor *C, const ml_tensor *D, bool A_log, ml_tensor *state, ml_tensor *out);
 ML_API ml_status ml_where(const ml_tensor *cond, const ml_tensor *a, const ml_tensor *b, ml_tensor **out);
 ML_API ml_status ml_masked_fill(const ml_tensor *x, const ml_tensor *mask, double value, ml_tensor **out);
 /* Lower (upper=false) or upper triangle of the last two dims, diagonal offset k. */

@@ -108,7 +108,7 @@ typedef struct ml_cuda_api {
   /* The Mamba-2 scan (ml_ssm_scan), checked: state (B, H, P, N) float32 contiguous updated in
      place; x, B, C and out with a unit-stride last dim; D may be NULL. */
   ml_status (*ssm_scan)(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *A, const ml_tensor *B,
-                        const ml_tensor *C, const ml_tensor *D, ml_tensor *state, ml_tensor *out);
+                        const ml_tensor *C, const ml_tensor *D, bool A_log, ml_tensor *state, ml_tensor *out);
 } ml_cuda_api;
 
 /* Memory the core can give back when cuda:device is out of memory: the CUDA allocator calls this

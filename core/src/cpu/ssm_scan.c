@@ -23,6 +23,7 @@ typedef struct {
   float *state;                /* (Bt, H, P, N), contiguous */
   int64_t T, H, P, N, group, nrb;   /* group = H / G heads per group; nrb row blocks a head */
   bool dt_rows, A_rows, D_rows;     /* per row (Mamba-1) rather than per head */
+  bool A_log;                       /* A holds log(-rate) */
   atomic_int status;
 } scan_job;
 
@@ -108,10 +109,12 @@ static void scan_items(void *ctx, int64_t begin, int64_t end) {
       for (int64_t r = 0; r < n; r++) {
         int64_t off = h * A->strides[0] + (r0 + r) * A->strides[1];
         const float *row = ml_load_f32(ml_byte_at(ml_tensor_data(A), A->dtype, off), A->dtype, A->strides[2], N, bb);
-        for (int64_t s = 0; s < N; s++) At[s * ROWS + r] = row[s];
+        if (j->A_log) for (int64_t s = 0; s < N; s++) At[s * ROWS + r] = -expf(row[s]);
+        else for (int64_t s = 0; s < N; s++) At[s * ROWS + r] = row[s];
       }
     } else {
       a = load_at(A, h * A->strides[0]);
+      if (j->A_log) a = -expf(a);
     }
     for (int64_t r = 0; r < n; r++) Dr[r] = 0;
     if (D && j->D_rows) load_rows(D, h * D->strides[0] + r0 * D->strides[1], n, Dr);
@@ -162,7 +165,7 @@ static ml_status need_head_or_rows(const char *fn, const char *name, const ml_te
 }
 
 ml_status ml_ssm_scan(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *A, const ml_tensor *B,
-                      const ml_tensor *C, const ml_tensor *D, ml_tensor *state, ml_tensor *out) {
+                      const ml_tensor *C, const ml_tensor *D, bool A_log, ml_tensor *state, ml_tensor *out) {
   const char *fn = "ssm_scan";
   const ml_tensor *ts[8] = {x, dt, A, B, C, D, state, out};
   const char *names[8] = {"x", "dt", "A", "B", "C", "D", "state", "out"};
@@ -203,10 +206,10 @@ ml_status ml_ssm_scan(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *
   ML_TRY(ml_need_unit_last(fn, "C", C));
   ML_TRY(ml_need_unit_last(fn, "out", out));
   if (Bt == 0 || T == 0 || H == 0 || P == 0) return ML_OK;
-  if (cu) return cu->ssm_scan(x, dt, A, B, C, D, state, out);
+  if (cu) return cu->ssm_scan(x, dt, A, B, C, D, A_log, state, out);
   scan_job j = {.x = x, .dt = dt, .A = A, .B = B, .C = C, .D = D, .out = out, .state = ml_tensor_data(state),
                 .T = T, .H = H, .P = P, .N = N, .group = H / G, .nrb = (P + ROWS - 1) / ROWS,
-                .dt_rows = dt_rows, .A_rows = A_rows, .D_rows = D_rows};
+                .dt_rows = dt_rows, .A_rows = A_rows, .D_rows = D_rows, .A_log = A_log};
   atomic_init(&j.status, ML_OK);
   ml_parallel_for(Bt * H * j.nrb, 4 * T * (N + 1) * (P < ROWS ? P : ROWS), scan_items, &j);
   ml_status st = atomic_load(&j.status);

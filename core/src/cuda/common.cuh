@@ -275,7 +275,7 @@ ml_status ml_cuda_dequantize_mxfp4(const ml_tensor *blocks, const ml_tensor *sca
 ml_status ml_cuda_gated_delta_rule(const ml_tensor *q, const ml_tensor *k, const ml_tensor *v, const ml_tensor *g,
                                    const ml_tensor *beta, ml_tensor *state, ml_tensor *out);
 ml_status ml_cuda_ssm_scan(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *A, const ml_tensor *B,
-                           const ml_tensor *C, const ml_tensor *D, ml_tensor *state, ml_tensor *out);
+                           const ml_tensor *C, const ml_tensor *D, bool A_log, ml_tensor *state, ml_tensor *out);
 ml_status ml_cuda_sdpa_q8(const ml_tensor *q, const ml_tensor *k, const ml_tensor *k_scales, const ml_tensor *v,
                           const ml_tensor *v_scales, const ml_tensor *mask, const ml_tensor *sinks, bool is_causal,
                           double scale, ml_tensor *out);

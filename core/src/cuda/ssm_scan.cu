@@ -16,7 +16,7 @@ __device__ __forceinline__ int64_t row_offset(const TensorDesc &d, int64_t b, in
 
 __global__ void __launch_bounds__(32 * kWarps)
 ssm_scan_kernel(TensorDesc x, TensorDesc dt, TensorDesc A, TensorDesc Bm, TensorDesc Cm, TensorDesc D, bool has_D,
-                float *state, TensorDesc out, int64_t group) {
+                bool A_log, float *state, TensorDesc out, int64_t group) {
   bool dt_rows = dt.ndim == 4, A_rows = A.ndim == 3, D_rows = D.ndim == 2;   // per row (Mamba-1), else per head
   int64_t T = x.shape[1], H = x.shape[2], P = x.shape[3], N = Bm.shape[3];
   int64_t nrb = (P + kWarps - 1) / kWarps, bh = blockIdx.x / nrb;
@@ -35,6 +35,9 @@ ssm_scan_kernel(TensorDesc x, TensorDesc dt, TensorDesc A, TensorDesc Bm, Tensor
               : lane + 32 * i < N ? load_as<float>(A.data, A.dtype, h * A.strides[0] + p * A.strides[1] +
                                                                      (lane + 32 * i) * A.strides[2])
                                   : 0.0f;
+  if (A_log)
+#pragma unroll
+    for (int i = 0; i < kPerLane; i++) rate[i] = -expf(rate[i]);
   float d = has_D ? load_as<float>(D.data, D.dtype, h * D.strides[0] + (D_rows ? p * D.strides[1] : 0)) : 0.0f;
 
   for (int64_t t = 0; t < T; t++) {
@@ -59,7 +62,7 @@ ssm_scan_kernel(TensorDesc x, TensorDesc dt, TensorDesc A, TensorDesc Bm, Tensor
 }
 
 ml_status ml_cuda_ssm_scan(const ml_tensor *x, const ml_tensor *dt, const ml_tensor *A, const ml_tensor *B,
-                           const ml_tensor *C, const ml_tensor *D, ml_tensor *state, ml_tensor *out) {
+                           const ml_tensor *C, const ml_tensor *D, bool A_log, ml_tensor *state, ml_tensor *out) {
   TensorDesc xd = ml_cuda_desc(x), dtd = ml_cuda_desc(dt), ad = ml_cuda_desc(A), bd = ml_cuda_desc(B);
   TensorDesc cd = ml_cuda_desc(C), od = ml_cuda_desc(out), dd = D ? ml_cuda_desc(D) : ad;
   int64_t Bt = xd.shape[0], H = xd.shape[2], P = xd.shape[3], G = bd.shape[2], N = bd.shape[3];
@@ -72,7 +75,7 @@ ml_status ml_cuda_ssm_scan(const ml_tensor *x, const ml_tensor *dt, const ml_ten
   DeviceState *st;
   ML_TRY(ml_cuda_device_state(ml_cuda_device_of(out), &st));
   ssm_scan_kernel<<<(unsigned)blocks, 32 * kWarps, 0, st->compute>>>(
-      xd, dtd, ad, bd, cd, dd, D != NULL, (float *)ml_tensor_data(state), od, H / G);
+      xd, dtd, ad, bd, cd, dd, D != NULL, A_log, (float *)ml_tensor_data(state), od, H / G);
   LAUNCH_CHECK();
   return ML_OK;
 }

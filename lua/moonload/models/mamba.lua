@@ -102,8 +102,7 @@ function MambaMixer:forward(x, cache, pad)
       step, Bm, Cm = self.dt_layernorm(step), self.b_layernorm(Bm), self.c_layernorm(Cm)
    end
    local dt = self.dt_proj(step):float():softplus()               -- (B, L, I)
-   local A = -f32_on(self.A_log, x.device):exp()
-   local y = mamba2.scan(state, conv:view(B, L, 1, g.I), dt:view(B, L, 1, g.I), A:view(1, g.I, g.N),
+   local y = mamba2.scan(state, conv:view(B, L, 1, g.I), dt:view(B, L, 1, g.I), self.A_log:view(1, g.I, g.N),
       Bm:contiguous():view(B, L, 1, g.N), Cm:contiguous():view(B, L, 1, g.N),
       f32_on(self.D, x.device):view(1, g.I))                      -- (B, L, 1, I) float32
    y = y:view(B, L, g.I) * z:float():silu()

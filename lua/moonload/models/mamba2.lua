@@ -188,13 +188,14 @@ function M.layer_state(mixer, cache, B, x, recurrent_shape)
    end)
 end
 
---- F.ssm_scan(xs, dt, A, Bm, Cm, D) from state's recurrent state and back into it (read and written
--- where it lives, as the conv's: a state made where the prompt ran may meet a step run elsewhere),
--- or from zeros without a state.
-function M.scan(state, xs, dt, A, Bm, Cm, D)
+--- F.ssm_scan(xs, dt, -exp(A_log), Bm, Cm, D) from state's recurrent state and back into it (read
+-- and written where it lives, as the conv's: a state made where the prompt ran may meet a step run
+-- elsewhere), or from zeros without a state. The kernel takes the rates from A_log as it reads them.
+function M.scan(state, xs, dt, A_log, Bm, Cm, D)
    local recurrent = state and state.recurrent
    if recurrent and recurrent.device ~= xs.device then recurrent = recurrent:to(xs.device) end
-   local y = F.ssm_scan(xs, dt, A, Bm, Cm, D, recurrent)
+   if A_log.device ~= xs.device then A_log = A_log:to(xs.device) end
+   local y = F.ssm_scan(xs, dt, A_log, Bm, Cm, D, recurrent, { A_log = true })
    if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
    return y
 end
@@ -238,8 +239,7 @@ function Mamba2Mixer:forward(x, cache, pad)
    if g.limit[1] > 0 or g.limit[2] < math.huge then
       step = step:clamp(g.limit[1], g.limit[2] < math.huge and g.limit[2] or nil)
    end
-   local A = -f32_on(self.A_log, x.device):exp()
-   local y = M.scan(state, xs, step, A, Bm, Cm, f32_on(self.D, x.device))        -- (B, L, H, P) float32
+   local y = M.scan(state, xs, step, self.A_log, Bm, Cm, f32_on(self.D, x.device))   -- (B, L, H, P) float32
    return self.out_proj(self:gate_output(y:view(B, L, g.width), z, x.dtype))
 end
 

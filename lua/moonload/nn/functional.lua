@@ -361,7 +361,7 @@ function F.gated_delta_rule(q, k, v, g, beta, state)
    return o, state
 end
 
---- ssm_scan(x, dt, A, B, C[, D[, state]]) -> out, state: the selective state-space scan of
+--- ssm_scan(x, dt, A, B, C[, D[, state[, {A_log = false}]]]) -> out, state: the selective state-space scan of
 -- Mamba layers (transformers' mamba2_selective_state_update or mamba_selective_scan, token after
 -- token). x (B, T, H, P); dt, the step already through softplus and its bias, (B, T, H) per head
 -- (Mamba-2) or (B, T, H, P) per row (Mamba-1: one head of P channels); A, the decay rate
@@ -371,7 +371,9 @@ end
 -- state (B, H, P, N) float32 contiguous is the initial state and is updated in place to the final
 -- one (nil: zeros, a new tensor on x's device). out is a new float32 tensor (B, T, H, P). Views are
 -- read where they lie; an x, B or C whose last dim is not unit-stride is copied contiguous first.
-function F.ssm_scan(x, dt, A, B, C, D, state)
+-- With A_log, A is the models' A_log and the kernel takes the rates -exp(A_log) as it reads them
+-- (no pass of their own: Mamba-1's are as many values as a token's state).
+function F.ssm_scan(x, dt, A, B, C, D, state, opts)
    local fn = "ssm_scan"
    need_tensor(fn, "x", x)
    need_tensor(fn, "dt", dt)
@@ -387,7 +389,7 @@ function F.ssm_scan(x, dt, A, B, C, D, state)
       state = Tensor.zeros(shaped and { xs[1], xs[3], xs[4], bs[4] } or { 0 }, { device = x.device })
    end
    local o = Tensor.empty(x:dim() == 4 and xs or { 0 }, { device = x.device })
-   check(lib.ml_ssm_scan(x._c, dt._c, A._c, B._c, C._c, D and D._c, state._c, o._c))
+   check(lib.ml_ssm_scan(x._c, dt._c, A._c, B._c, C._c, D and D._c, opts ~= nil and opts.A_log == true, state._c, o._c))
    return o, state
 end
 
