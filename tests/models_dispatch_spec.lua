@@ -11,7 +11,8 @@ describe("models.from_pretrained with device_map", function()
    -- few modules beside it; the MoE layers with shared experts (Qwen2-MoE, DeepSeek) need more.
    local budget = { qwen2_moe_tiny = 160000, ernie4_5_moe_tiny = 120000, hunyuan_v1_moe_tiny = 150000, bloom_tiny = 160000, deepseek_v3_tiny = 200000, deepseek_v32_tiny = 200000, mistral4_tiny = 150000, mistral4_multimodal_tiny = 90000, glm_moe_dsa_tiny = 200000, glm4_moe_lite_tiny = 200000, deepseek_v2_lite_tiny = 150000, glm4_moe_tiny = 200000, glm4v_moe_multimodal_tiny = 200000, glm4v_multimodal_tiny = 150000, dots1_tiny = 200000,
                     gpt_oss_tiny = 400000, gpt_oss_mxfp4_tiny = 150000, qwen3_next_tiny = 150000,
-                    qwen3_5_moe_multimodal_tiny = 150000, granitemoehybrid_tiny = 150000, falcon_h1_tiny = 150000, llama_ct_int_tiny = 100000, deepseek_v3_ct_int4_tiny = 150000, kimi_k25_ct_int4_tiny = 150000 }
+                    qwen3_5_moe_multimodal_tiny = 150000, granitemoehybrid_tiny = 150000, falcon_h1_tiny = 150000, llama_ct_int_tiny = 100000, deepseek_v3_ct_int4_tiny = 150000, kimi_k25_ct_int4_tiny = 150000,
+                    gemma4_tiny = 100000, gemma4_moe_tiny = 150000, gemma4_multimodal_tiny = 100000 }
    for _, name in ipairs({ "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny", "qwen3_tiny", "phi3_tiny",
                            "gemma2_tiny", "gemma3_tiny", "qwen3_moe_tiny",
                            "mixtral_tiny", "gemma3_multimodal_tiny", "gpt_neox_tiny",
@@ -23,6 +24,7 @@ describe("models.from_pretrained with device_map", function()
                            "qwen3_vl_moe_multimodal_tiny", "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny", "lfm2_tiny", "lfm2_moe_tiny", "minimax_m2_tiny", "olmo3_tiny",
                            "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny", "nemotron_h_tiny",
                            "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "jamba_tiny", "mamba_tiny", "falcon_mamba_tiny", "falcon_h1_tiny",
+                           "gemma4_tiny", "gemma4_moe_tiny", "gemma4_multimodal_tiny",
                            "llama_ct_int_tiny", "qwen3_ct_fp8_tiny", "deepseek_v3_ct_int4_tiny", "kimi_k25_ct_int4_tiny", "qwen2_awq_tiny",
                            "qwen2_awq_ct_tiny", "llama_gptq_int4_tiny", "qwen2_gptq_asym_tiny", "llama_gptq_int8_tiny",
                            "llama_gptq_act_order_tiny" }) do

@@ -19,7 +19,8 @@ local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny
                    "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny",
                    "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny",
                    "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny",
-                   "nemotron_h_tiny", "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "jamba_tiny", "mamba_tiny", "falcon_mamba_tiny", "falcon_h1_tiny" }
+                   "nemotron_h_tiny", "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "jamba_tiny", "mamba_tiny", "falcon_mamba_tiny", "falcon_h1_tiny",
+                   "gemma4_tiny", "gemma4_moe_tiny", "gemma4_multimodal_tiny" }
 
 local prompts = H.padded_prompts
 
@@ -85,7 +86,8 @@ describe("utils.runtime_memory", function()
             local windows = { mistral_tiny = 2, qwen2_tiny = 1, qwen3_tiny = 1, phi3_tiny = 2, gemma2_tiny = 2,
                               gemma3_tiny = 2, gemma3_multimodal_tiny = 2, starcoder2_tiny = 2,
                               gpt_oss_tiny = 2, gpt_oss_mxfp4_tiny = 2, olmo3_tiny = 3, exaone4_tiny = 3, cohere2_tiny = 3,
-                              phimoe_tiny = 2, dots1_tiny = 1 }
+                              phimoe_tiny = 2, dots1_tiny = 1,
+                              gemma4_tiny = 2, gemma4_moe_tiny = 5, gemma4_multimodal_tiny = 2 }
             assert.are.equal(windows[name] or 0, sliding)
          end)
       end

@@ -280,9 +280,10 @@ function M.causal_lm_forward(who, base, embed, head)
          require("moonload.models.block_schedule").check(opts, who)
          blocks = { micro_batch_size = opts.micro_batch_size, prefill_chunk_size = opts.prefill_chunk_size }
       end
-      local h = model(ids, cache, pad, pos, blocks)
-      if opts.output_hidden_states then return h end              -- (embedding models pool these)
       local keep = opts.logits_to_keep
+      -- (keep: a model may skip what the other positions need no more, Gemma 4's last layers)
+      local h = model(ids, cache, pad, pos, blocks, not opts.output_hidden_states and keep or nil)
+      if opts.output_hidden_states then return h end              -- (embedding models pool these)
       if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
       return self[head](h)
    end

@@ -159,12 +159,15 @@ end
 
 local lm_forward = common.causal_lm_forward(WHO .. ".forward", "model", "embed_tokens")
 
---- As LlamaForCausalLM's forward, with the logits soft-capped (final_logit_softcapping).
-function Gemma2ForCausalLM:forward(input_ids, opts)
-   local logits = lm_forward(self, input_ids, opts)
-   local cap = self.config.final_logit_softcapping
+--- cap * tanh(logits / cap), or the logits as they are without a cap.
+function M.soft_cap(logits, cap)
    if cap then logits = (logits / cap):tanh() * cap end
    return logits
+end
+
+--- As LlamaForCausalLM's forward, with the logits soft-capped (final_logit_softcapping).
+function Gemma2ForCausalLM:forward(input_ids, opts)
+   return M.soft_cap(lm_forward(self, input_ids, opts), self.config.final_logit_softcapping)
 end
 
 -- --- Gemma 3 text ---------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ local ARCH = {
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
    gemma3 = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },   -- its language model
+   gemma4_text = { module = "moonload.models.gemma4", class = "Gemma4ForCausalLM" },
+   gemma4 = { module = "moonload.models.gemma4", class = "Gemma4ForCausalLM" },  -- its language model
    qwen3_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
    qwen3_vl_moe = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },  -- its language model
    qwen3_vl_moe_text = { module = "moonload.models.moe", class = "Qwen3MoeForCausalLM" },
@@ -111,7 +113,7 @@ local ARCH = {
 setmetatable(M, { __index = function(t, k)
    local path = ({ gpt2 = "moonload.models.gpt2", llama = "moonload.models.llama",
       mistral = "moonload.models.llama", qwen2 = "moonload.models.llama", qwen3 = "moonload.models.llama",
-      phi3 = "moonload.models.llama", gemma2 = "moonload.models.gemma", gemma = "moonload.models.gemma",
+      phi3 = "moonload.models.llama", gemma2 = "moonload.models.gemma", gemma = "moonload.models.gemma", gemma4 = "moonload.models.gemma4",
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
