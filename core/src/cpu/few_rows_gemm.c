@@ -65,10 +65,11 @@ static inline __attribute__((always_inline)) void column_dots_g(const few_job *j
                                                                 const uint8_t *const *cols, float (*out)[FEW_MAX_ROWS]) {
   int64_t K = j->K, k = 0;
 #if ML_FEW_SIMD
-  __m256 acc[FEW_GROUP][2];
-  for (int64_t m = 0; m < G; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  __m256 acc[FEW_GROUP][4];
+  for (int64_t m = 0; m < G; m++)
+    for (int c = 0; c < NC; c++) acc[m][c] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
-    __m256 w[2];
+    __m256 w[4];
     for (int c = 0; c < NC; c++) w[c] = load8(cols[c], k, dt);
     for (int64_t m = 0; m < G; m++) {
       __m256 x = _mm256_loadu_ps(a + m * K + k);
@@ -99,6 +100,11 @@ static inline __attribute__((always_inline)) void column_dots_g(const few_job *j
 
 static void column_dots(const few_job *j, const float *a, int64_t G, int nc, const uint8_t *const *cols,
                         float (*out)[FEW_MAX_ROWS]) {
+  if (nc == 4) {                          /* (one or two rows only: the sums fill the AVX2 registers) */
+    if (j->bdt == ML_FLOAT32) FEW_DOTS_FOR(4, ML_FLOAT32)
+    if (j->bdt == ML_BFLOAT16) FEW_DOTS_FOR(4, ML_BFLOAT16)
+    FEW_DOTS_FOR(4, ML_FLOAT16)
+  }
   if (nc == 2) {
     if (j->bdt == ML_FLOAT32) FEW_DOTS_FOR(2, ML_FLOAT32)
     if (j->bdt == ML_BFLOAT16) FEW_DOTS_FOR(2, ML_BFLOAT16)
@@ -180,7 +186,7 @@ static void column_dots_bf16_x4(const few_job *j, const uint16_t *a, int64_t G, 
 
 static void few_columns(void *ctx, int64_t begin, int64_t end) {
   const few_job *j = ctx;
-  float acc[FEW_MAX_ROWS][FEW_COLS], dots[2][FEW_MAX_ROWS];
+  float acc[FEW_MAX_ROWS][FEW_COLS], dots[4][FEW_MAX_ROWS];
   size_t oe = ml_dtype_size(j->cdt), be = ml_dtype_size(j->bdt);
   for (int64_t blk = begin; blk < end; blk++) {
     int64_t n0 = blk * FEW_COLS, w = j->N - n0 < FEW_COLS ? j->N - n0 : FEW_COLS;
@@ -203,9 +209,11 @@ static void few_columns(void *ctx, int64_t begin, int64_t end) {
         }
       }
 #endif
-    for (; i < w; i += 2) {
-      int nc = w - i >= 2 ? 2 : 1;
-      const uint8_t *cols[2];
+    /* columns two at a time, four for one or two rows: independent sums enough to cover the
+       FMA's latency */
+    for (int nc; i < w; i += nc) {
+      nc = j->M <= 2 && w - i >= 4 ? 4 : w - i >= 2 ? 2 : 1;
+      const uint8_t *cols[4];
       for (int c = 0; c < nc; c++) cols[c] = j->b + (n0 + i + c) * j->bcs * (int64_t)be;
       for (int64_t m0 = 0; m0 < j->M; m0 += FEW_GROUP) {
         int64_t G = j->M - m0 < FEW_GROUP ? j->M - m0 : FEW_GROUP;
@@ -216,7 +224,7 @@ static void few_columns(void *ctx, int64_t begin, int64_t end) {
           continue;
         }
 #endif
-        float part[2][FEW_MAX_ROWS];
+        float part[4][FEW_MAX_ROWS];
         column_dots(j, j->a + m0 * j->K, G, nc, cols, part);
         for (int c = 0; c < nc; c++)
           for (int64_t m = 0; m < G; m++) dots[c][m0 + m] = part[c][m];
