@@ -548,8 +548,9 @@ describe("key-value cache on the CPU #cuda", function()
          model:generate(batch, { max_new_tokens = 6, attention_mask = mask, kv_cache_device = "cpu" }))
    end)
 
-   -- each attention implementation: GPT-2's, GPT-NeoX's, Gemma 2's soft-capped scores, a sliding window
-   for _, name in ipairs({ "gpt2_tiny", "gpt_neox_tiny", "gemma2_tiny", "mistral_tiny" }) do
+   -- each attention implementation: GPT-2's, GPT-NeoX's, Gemma 2's soft-capped scores, a sliding window,
+   -- Gemma 4's layers reading earlier layers' keys and values from the CPU
+   for _, name in ipairs({ "gpt2_tiny", "gpt_neox_tiny", "gemma2_tiny", "mistral_tiny", "gemma4_tiny" }) do
       it(name .. " generates the CPU's tokens on cuda:0 with the cache on the CPU", function()
          local fixture = "tests/fixtures/models/" .. name
          local batch, mask = { { 0, 0, 5, 17, 9, 4 }, { 7, 8, 9, 10, 11, 12 } }, { { 0, 0, 1, 1, 1, 1 }, { 1, 1, 1, 1, 1, 1 } }

@@ -262,15 +262,7 @@ function Gemma4TextAttention:forward(x, cos, sin, cache, pad, shared)
       end
       if self.kv_shared then shared[self.layer_idx] = { k = k, v = v, past = past, pad = pad, L = L } end
    end
-   local qa, pa, back = common.queries_to_keys(q, k, pad)
-   local y = self:attend(qa, k, v, past, pa)                       -- (B, H, T, D)
-   if back then y = y:to(back) end
-   return self.o_proj(y:transpose(2, 3):reshape(B, L, H * D))
-end
-
---- As Llama's, with the key/value heads this layer's cache holds (none when it reuses another's).
-function Gemma4TextAttention:kv_cache_heads()
-   return self.n_kv_head, self.head_dim, self.n_head, false
+   return self.o_proj(self:attend_heads(q, k, v, past, pad))
 end
 
 local Gemma4TextMLP = llama.LlamaMLP:extend("Gemma4TextMLP")

@@ -801,7 +801,6 @@ end
 
 function LlamaAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
-   local H, D = self.n_head, self.head_dim
    local q, k, v, gate = self:project(x, B, L)
    if self.q_norm and not self.qk_norm_in_project then q, k = self.q_norm(q), self.k_norm(k) end
    q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
@@ -825,12 +824,19 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
       local S = k:size(3)
       if pad and S < past + L then pad = pad:narrow(2, past + L - S + 1, S) end
    end
+   local y = self:attend_heads(q, k, v, past, pad)
+   if gate then y = y * gate:sigmoid() end
+   return self[self.out_name](y)
+end
+
+--- attend (q (B, H, T, D) over k, v), run where the keys are (a cache kept on another device),
+-- its output back on the queries' device with the heads side by side: (B, T, H * D).
+function LlamaAttention:attend_heads(q, k, v, past, pad)
    local qa, pa, back = common.queries_to_keys(q, k, pad)
    local y = self:attend(qa, k, v, past, pa)                       -- (B, H, T, D)
    if back then y = y:to(back) end
-   y = y:transpose(2, 3):reshape(B, L, H * D)
-   if gate then y = y * gate:sigmoid() end
-   return self[self.out_name](y)
+   local B, H, L, D = y:size(1), y:size(2), y:size(3), y:size(4)
+   return y:transpose(2, 3):reshape(B, L, H * D)
 end
 
 -- Rotary pairs of neighbouring dims turned into rotate_half's (models/common.lua).

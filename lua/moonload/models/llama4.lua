@@ -142,7 +142,7 @@ local function setup_attention(Attention)
    -- (B, past + T) or nil.
    function Attention:forward(x, cos, sin, cache, pad)
       local B, L = x:size(1), x:size(2)
-      local H, D = self.n_head, self.head_dim
+      local D = self.head_dim
       local q, k, v = self:project(x, B, L)
       q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3) -- (B, H, T, D), (B, Hkv, T, D)
       if not self.nope then
@@ -158,10 +158,7 @@ local function setup_attention(Attention)
          past = cache.length
          k, v = cache:update(self.layer_idx, k, v)
       end
-      local qa, pa, back = common.queries_to_keys(q, k, pad)
-      local y = self:attend(qa, k, v, past, pa)                       -- (B, H, T, D)
-      if back then y = y:to(back) end
-      return self.o_proj(y:transpose(2, 3):reshape(B, L, H * D))
+      return self.o_proj(self:attend_heads(q, k, v, past, pad))
    end
 
    --- Causal attention, inside chunks on the chunked layers. Without padding, the keys before
