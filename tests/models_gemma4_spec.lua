@@ -166,6 +166,13 @@ describe("models.gemma4 (tests/fixtures/models/gemma4_moe_tiny: 4 experts, top 2
 
    H.it_matches_expected(model, name)
 
+   it("quantizes to int8, the experts split into one module each, with logits close to transformers'", function()
+      local exp = H.expected(name)
+      local q = models.from_pretrained(dir, { quantize = "int8" })
+      assert.are.equal("QuantizedLinear", q.model.layers[1].experts[1].gate_proj.__name)
+      assert.is_true(H.max_abs_diff(q(exp.input_ids), exp.logits) < 0.5)
+   end)
+
    it("runs the prompt in a block schedule, and split over CPU and disk, with the same tokens", function()
       local exp = H.expected(name)
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,

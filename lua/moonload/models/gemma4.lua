@@ -338,7 +338,8 @@ function Gemma4TextDecoderLayer:forward(x, cos, sin, cache, pad, per_layer, shar
       local B, L, Hd = x:size(1), x:size(2), x:size(3)
       local flat = x:reshape(B * L, Hd)
       local top_w, top_i = self.router(flat)
-      local routed = self.experts(self.pre_feedforward_layernorm_2(flat), top_w, top_i):view(B, L, Hd)
+      -- (the stacked experts, or one module each once quantize has split them)
+      local routed = moe.SparseMoeBlock.routed(self, self.pre_feedforward_layernorm_2(flat), top_w, top_i):view(B, L, Hd)
       h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(routed)
    end
    x = x + self.post_feedforward_layernorm(h)
