@@ -91,10 +91,21 @@ describe("models.gemma4 (tests/fixtures/models/gemma4_tiny: per-layer inputs, th
       assert.is_true(d < 1.0, "bfloat16 logits off by " .. d)
    end)
 
-   it("refuses a block schedule, naming why", function()
-      local ok, err = pcall(model.generate, model, exp.input_ids, { max_new_tokens = 2, prefill_chunk_size = 3 })
-      assert.is_false(ok)
-      assert.truthy(tostring(err):find("per-layer inputs or layers sharing keys and values", 1, true), tostring(err))
+   it("runs in a block schedule (each block reading its own rows' and tokens' shared keys) with the same tokens", function()
+      for _, blocks in ipairs({ { micro_batch_size = 1 }, { prefill_chunk_size = 4 }, { micro_batch_size = 1, prefill_chunk_size = 2 } }) do
+         local opts = { max_new_tokens = exp.max_new_tokens, eos_token_id = false }
+         for k, v in pairs(blocks) do opts[k] = v end
+         assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, opts))
+         local logits = model(exp.input_ids, blocks)
+         assert.is_true(H.max_abs_diff(logits, exp.logits) < 1e-4)
+      end
+      local pad = H.read_json(DIR .. "/padded.json")
+      assert.are.same(pad.greedy_ids, model:generate(pad.input_ids, { attention_mask = pad.attention_mask,
+         max_new_tokens = pad.max_new_tokens, eos_token_id = false, micro_batch_size = 1, prefill_chunk_size = 3 }))
+      -- with an int8 cache, the sliding layer's copies keep their scales
+      local want = model:generate(exp.input_ids, { max_new_tokens = 4, eos_token_id = false, kv_cache_dtype = "int8" })
+      assert.are.same(want, model:generate(exp.input_ids, { max_new_tokens = 4, eos_token_id = false,
+         kv_cache_dtype = "int8", prefill_chunk_size = 2 }))
    end)
 
    it("reads the hub's global_head_dim and num_global_key_value_heads where transformers writes per_layer_config", function()

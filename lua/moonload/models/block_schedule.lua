@@ -62,14 +62,15 @@ local function score_bias_block(pad, r, nr, tok, nt, S)
    return rows:narrow(3, tok, nt):narrow(4, 1, S)
 end
 
---- call(schedule, i, layer, x, cache, pad[, cos, sin]) -> layer i's output (B, L, hidden): the
--- layer called as layer(x, [cos, sin,] cache, pad) on x whole (schedule nil) or block by block.
--- pad (B, past + L) bool, an additive score bias (B or 1, H, L, past + L), or nil; cos, sin (L, D)
--- or (B, 1, L, D), or nil for a layer without them.
-function M.call(s, i, layer, x, cache, pad, cos, sin)
+--- call(schedule, i, layer, x, cache, pad[, cos, sin[, per_token]]) -> layer i's output (B, L,
+-- hidden): the layer called as layer(x, [cos, sin,] cache, pad[, per_token]) on x whole (schedule
+-- nil) or block by block. pad (B, past + L) bool, an additive score bias (B or 1, H, L, past + L),
+-- or nil; cos, sin (L, D) or (B, 1, L, D), or nil for a layer without them; per_token (B, L, ...)
+-- an input of the layer's own cut into blocks as x is (Gemma 4's per-layer inputs), or nil.
+function M.call(s, i, layer, x, cache, pad, cos, sin, per_token)
    local rope = cos ~= nil
    if s == nil then
-      if rope then return layer(x, cos, sin, cache, pad) end
+      if rope then return layer(x, cos, sin, cache, pad, per_token) end
       return layer(x, cache, pad)
    end
    cache = s.cache
@@ -86,7 +87,8 @@ function M.call(s, i, layer, x, cache, pad, cos, sin)
             local pb = pad and score_bias_block(pad, r, nr, tok, nt, past + tok - 1 + nt)
             local y
             if rope then
-               y = layer(xb, rotary_block(cos, r, nr, tok, nt), rotary_block(sin, r, nr, tok, nt), cb, pb)
+               y = layer(xb, rotary_block(cos, r, nr, tok, nt), rotary_block(sin, r, nr, tok, nt), cb, pb,
+                  per_token and per_token:narrow(1, r, nr):narrow(2, tok, nt))
             else
                y = layer(xb, cb, pb)
             end

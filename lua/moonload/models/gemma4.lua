@@ -23,6 +23,7 @@ local config = require("moonload.models.config")
 local llama = require("moonload.models.llama")
 local gemma = require("moonload.models.gemma")
 local moe = require("moonload.models.moe")
+local block_schedule = require("moonload.models.block_schedule")
 
 local M = {}
 local WHO = "models.gemma4"
@@ -198,11 +199,13 @@ end
 
 -- --- shared keys and values ---------------------------------------------------------------------
 
--- One forward's keys and values of the layers others reuse: {k, v, past, pad} under the layer's
--- index. A class instance (not a plain table), so offload hooks pass it through as it is.
-local SharedKV = {}
-SharedKV.__index = SharedKV
-SharedKV.__name = "Gemma4SharedKV"
+-- t (keys or values update returned) copied, with an int8 cache's scales.
+local function kept(t)
+   local c = t:clone()
+   local scales = rawget(t, "_q8_scales")
+   if scales then rawset(c, "_q8_scales", scales:clone()) end
+   return c
+end
 
 -- --- layers --------------------------------------------------------------------------------------
 
@@ -233,17 +236,25 @@ function Gemma4TextAttention:__init(cfg, layer_idx)
    if reuses then rawset(self, "cache_role", "none") end
 end
 
---- x (B, T, hidden); cos, sin for this layer's kind; cache optional; pad (B, past + T) or nil;
--- shared: the forward's SharedKV (this layer's keys and values go there when later layers reuse
--- them, or come from there when it reuses another's).
-function Gemma4TextAttention:forward(x, cos, sin, cache, pad, shared)
+--- x (B, T, hidden); cos, sin for this layer's kind; cache optional; pad (B, past + T) or nil.
+-- The keys and values of a layer that later layers reuse go to the model's shared_kv table, under
+-- the block of the forward (a block schedule's rows and tokens, or "whole") and the layer's index,
+-- with where its queries start (past), its padding mask and its query count; a reusing layer
+-- reads them there.
+function Gemma4TextAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
    local q = self.q_norm(self.q_proj(x):view(B, L, H, D)):transpose(2, 3)
    q = llama.apply_rotary(q, cos, sin)
    local k, v, past
+   local key = cache and cache:block_key() or "whole"
+   local shared = rawget(self, "shared_kv")
    if self.kv_source then
-      local s = shared[self.kv_source]
+      local s = shared[key] and shared[key][self.kv_source]
+      if s == nil then
+         error(string.format("%s (layer %d): it reuses layer %d's keys and values, which this forward has not computed",
+            WHO, self.layer_idx - 1, self.kv_source - 1), 3)
+      end
       -- (past: where this layer's queries start among the keys; the last L of the producer's)
       k, v, past, pad = s.k, s.v, s.past + s.L - L, s.pad
       if k.device ~= q.device and (not cache or not cache.device) then k, v = k:to(q.device), v:to(q.device) end
@@ -260,7 +271,12 @@ function Gemma4TextAttention:forward(x, cos, sin, cache, pad, shared)
          local S = k:size(3)          -- (a sliding layer's cache gives the last keys only)
          if pad and S < past + L then pad = pad:narrow(2, past + L - S + 1, S) end
       end
-      if self.kv_shared then shared[self.layer_idx] = { k = k, v = v, past = past, pad = pad, L = L } end
+      if self.kv_shared then
+         -- (a sliding layer's next block may move its cached keys: a block keeps a copy of its own)
+         if self.window and key ~= "whole" then k, v = kept(k), kept(v) end
+         shared[key] = shared[key] or {}
+         shared[key][self.layer_idx] = { k = k, v = v, past = past, pad = pad, L = L }
+      end
    end
    return self.o_proj(self:attend_heads(q, k, v, past, pad))
 end
@@ -330,9 +346,9 @@ function Gemma4TextDecoderLayer:__init(cfg, layer_idx)
 end
 
 --- x (B, T, hidden), cos, sin, cache, pad as Llama's layer; per_layer (B, T, P) this layer's
--- per-layer input (nil without PLE); shared the forward's SharedKV.
-function Gemma4TextDecoderLayer:forward(x, cos, sin, cache, pad, per_layer, shared)
-   x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pad, shared))
+-- per-layer input (nil without PLE).
+function Gemma4TextDecoderLayer:forward(x, cos, sin, cache, pad, per_layer)
+   x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, pad))
    local h = self.mlp(self.pre_feedforward_layernorm(x))
    if self.router then                             -- the experts read the layer's input, not the MLP's output
       local B, L, Hd = x:size(1), x:size(2), x:size(3)
@@ -386,9 +402,13 @@ M.Gemma4TextModel = Gemma4TextModel
 Gemma4TextModel.family, Gemma4TextModel.Layer, Gemma4TextModel.Rotary = "gemma4_text", Gemma4TextDecoderLayer,
    Gemma4TextRotaryEmbedding
 Gemma4TextModel.layer_rotary = llama.layer_rotary_by_window
+Gemma4TextModel.blocks_need_cache = true       -- (the shared keys and values are kept per block)
 
 function Gemma4TextModel:__init(cfg)
    llama.LlamaModel.__init(self, cfg)
+   local shared = {}                           -- (one forward's: see Gemma4TextAttention:forward)
+   for i = 1, cfg.num_hidden_layers do rawset(self.layers[i].self_attn, "shared_kv", shared) end
+   rawset(self, "shared_kv", shared)
    local P, n = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
    if P > 0 then
       self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, n * P)
@@ -440,34 +460,30 @@ end
 --- As LlamaModel's forward, with keep (the positions whose outputs are wanted: generate asks
 -- for the last): from the first layer that reuses others' keys and values on, no layer adds to
 -- the cache, so those layers run on the last keep positions only, as transformers does (the E2B
--- model's last 20 of 35 layers, for a prompt). Block schedules are refused when layers reuse
--- others' keys and values (a reusing layer reads its source's keys whole, not block by block) or
--- take per-layer inputs.
+-- model's last 20 of 35 layers, for a prompt); in a block schedule they run on every block.
 function Gemma4TextModel:forward(input_ids, cache, pad, pos, blocks, keep)
    local cfg = self.config
-   if blocks and (cfg.num_kv_shared_layers > 0 or cfg.hidden_size_per_layer_input > 0) then
-      error(string.format("%s: micro_batch_size and prefill_chunk_size are not supported for a Gemma 4 with "
-         .. "per-layer inputs or layers sharing keys and values (num_kv_shared_layers %d, hidden_size_per_layer_input %d)",
-         WHO, cfg.num_kv_shared_layers, cfg.hidden_size_per_layer_input), 3)
-   end
-   if blocks then return llama.LlamaModel.forward(self, input_ids, cache, pad, pos, blocks) end
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    local x = self.embed_tokens(input_ids) * self:embed_scale()
    local per_layer = self.embed_tokens_per_layer and self:per_layer_inputs(input_ids, x)
    local rope = self:layer_rotary(pos or T.arange(past, past + L, { device = input_ids.device }), x)
-   local shared = setmetatable({}, SharedKV)
-   local first_reusing = cfg.num_hidden_layers - cfg.num_kv_shared_layers + 1
-   for i = 1, cfg.num_hidden_layers do
-      if i == first_reusing and keep and keep > 0 and keep < x:size(2) then
-         local n = x:size(2)
-         x = x:narrow(2, n - keep + 1, keep)
-         if per_layer then per_layer = per_layer:narrow(2, n - keep + 1, keep) end
+   local n = cfg.num_hidden_layers
+   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO, self.blocks_need_cache)
+   local shared = rawget(self, "shared_kv")
+   for k in pairs(shared) do shared[k] = nil end          -- (what a forward that raised left)
+   local first_reusing = n - cfg.num_kv_shared_layers + 1
+   for i = 1, n do
+      if i == first_reusing and not schedule and keep and keep > 0 and keep < x:size(2) then
+         local all = x:size(2)
+         x = x:narrow(2, all - keep + 1, keep)
+         if per_layer then per_layer = per_layer:narrow(2, all - keep + 1, keep) end
          rope = last_positions(rope, keep)
       end
       local r = rope[i]
-      x = self.layers[i](x, r[1], r[2], cache, pad, per_layer and per_layer:select(3, i), shared)
+      x = block_schedule.call(schedule, i, self.layers[i], x, cache, pad, r[1], r[2], per_layer and per_layer:select(3, i))
    end
+   for k in pairs(shared) do shared[k] = nil end
    if cache then cache:advance(L) end
    return self.norm(x)
 end
