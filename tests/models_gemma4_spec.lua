@@ -214,3 +214,22 @@ describe("models.gemma4 (tests/fixtures/models/gemma4_multimodal_tiny: the langu
       assert.are.same(exp.greedy_ids, model:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
    end)
 end)
+
+describe("examples/gemma4.lua on a multimodal Gemma 4 folder", function()
+   it("puts the per-layer embedding on disk, names each layer's kind and reuse, prints the greedy tokens and the cache", function()
+      local dir = H.FIX .. "/gemma4_multimodal_tiny"
+      local p = assert(io.popen("luajit examples/gemma4.lua " .. dir .. " 2>/dev/null"))
+      local text = p:read("*a")
+      p:close()
+      local disk = text:match("Gemma4ForCausalLM, [%d.]+ MB of weights in RAM, ([%d.]+) MB on disk")
+      assert.truthy(disk, text)
+      assert.is_true(tonumber(disk) > 0, text)
+      assert.truthy(text:find("layers: sliding8 full16 sliding8 sliding8<-2 full16<-1", 1, true), text)
+      local want = models.from_pretrained(dir, { dtype = "bfloat16" }):generate({ 2, 5, 17, 42, 3 },
+         { max_new_tokens = 16, eos_token_id = false })
+      assert.are.same({ unpack(want, 6) }, H.printed_ids(text))
+      -- 21 tokens (a first forward's buffers hold them all) of 2 heads x 8 dims in layers 0 and 2, of
+      -- 1 head x 16 in layer 1, keys and values in bfloat16: 3 x 1344 bytes; layers 3 and 4 nothing
+      assert.truthy(text:find("21 tokens; cache: 3.9 KB of keys and values in 3 of 5 layers (6.6 KB", 1, true), text)
+   end)
+end)
