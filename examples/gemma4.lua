@@ -1,6 +1,6 @@
 --- Gemma 4 with its per-layer embedding on disk. An E-model's second embedding (per-layer inputs:
--- hidden_size_per_layer_input values a token for every layer; 262144 x 35 x 256 in Gemma-4-E2B,
--- 4.7 GB of its 10 GB in bfloat16) is only looked up, a row per token, so it stays in the
+-- hidden_size_per_layer_input values a token for every layer; 262144 x 30 x 256 in transformers'
+-- default Gemma 4 config, 4 GB in bfloat16) is only looked up, a row per token, so it stays in the
 -- checkpoint's file and a token reads its row's pages alone; the rest is planned into RAM. The
 -- example prints each layer's kind (sliding or full, which ones reuse another's keys and values),
 -- the tokens as they come, and what the cache holds beside what it would without the reuse.
