@@ -1,4 +1,5 @@
---- Gemma 4 (Gemma-4-E2B's shape): a model of its widths shrunk to 8 layers (hidden 1536, 8 query
+--- Gemma 4, an E-model's layout (per-layer inputs, the last layers reusing keys and values; widths
+-- of a small one, no hub config at hand) in 8 layers (hidden 1536, 8 query
 -- heads over 1 key/value head of 256 on the sliding layers and 512 on the full ones, an MLP of 6144
 -- doubled on the last 4 layers, which reuse the keys and values of layers 2 and 3; per-layer
 -- inputs of 256 a layer; vocab 262144, a tied head soft-capped at 30; a window of 512), bfloat16,

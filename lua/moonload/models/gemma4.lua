@@ -9,7 +9,7 @@
 --    "proportional": a quarter of each head's frequency pairs turn, the rest stay at angle 0.
 --  * The last num_kv_shared_layers layers compute no keys or values: each reuses those of the last
 --    earlier layer of its kind (sliding or full), and their MLPs may be twice as wide.
---  * Per-layer inputs (PLE, the E2B and E4B models): a second embedding gives each token
+--  * Per-layer inputs (PLE, the E models: gemma-4-E2B): a second embedding gives each token
 --    hidden_size_per_layer_input values per layer, mixed with a projection of the first
 --    embedding; each layer adds gate(x) * its input, projected back and normed, to its output.
 --  * A mixture of experts beside the MLP (enable_moe_block, the 26B-A4B model): a router of its
@@ -459,8 +459,8 @@ end
 
 --- As LlamaModel's forward, with keep (the positions whose outputs are wanted: generate asks
 -- for the last): from the first layer that reuses others' keys and values on, no layer adds to
--- the cache, so those layers run on the last keep positions only, as transformers does (the E2B
--- model's last 20 of 35 layers, for a prompt); in a block schedule they run on every block.
+-- the cache, so those layers run on the last keep positions only, as transformers does; in a
+-- block schedule they run on every block.
 function Gemma4TextModel:forward(input_ids, cache, pad, pos, blocks, keep)
    local cfg = self.config
    local L = input_ids:size(2)
