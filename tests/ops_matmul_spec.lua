@@ -82,6 +82,39 @@ describe("matmul", function()
       end
    end)
 
+   it("widens halves on the AVX2 path as on AVX-512 (MOONLOAD_NO_AVX512=1, in a process of its own)", function()
+      -- float16 and bfloat16 weights against float32 or float16 rows: cpu/few_rows_gemm.c widens the
+      -- weights in registers, 8 (AVX2) or 16 (AVX-512) at a time, 2 or 4 columns a pass
+      local script = [[
+         package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+         local ml = require("moonload")
+         local F = ml.nn.functional
+         ml.manual_seed(24)
+         local worst = 0
+         for _, dt in ipairs({ "float16", "bfloat16" }) do
+            for _, K in ipairs({ 37, 100 }) do
+               local w = ml.randn(131, K):to(dt)
+               for _, M in ipairs({ 1, 2, 3, 4, 5, 16 }) do
+                  for _, xdt in ipairs({ "float32", dt == "float16" and "float16" or "float32" }) do
+                     local x = ml.randn(M, K):to(xdt)
+                     local want = F.linear(x:double(), w:double())
+                     local got = F.linear(x, w):double()
+                     worst = math.max(worst, ((got - want):abs():max() / want:abs():max()):item())
+                  end
+               end
+            end
+         end
+         print(worst)
+      ]]
+      for _, env in ipairs({ "MOONLOAD_NO_AVX512=1", "MOONLOAD_NO_AVX512=0" }) do
+         local p = assert(io.popen(env .. " luajit -e '" .. script:gsub("'", "'\\''") .. "' 2>&1"))
+         local out = p:read("*a")
+         p:close()
+         local worst = tonumber(out:match("^%s*(%S+)"))
+         assert.is_true(worst ~= nil and worst < 2e-3, env .. ": " .. out)
+      end
+   end)
+
    it("multiplies bfloat16 by bfloat16 as the float32 path does (AVX512-BF16 where the CPU has it)", function()
       -- 17 to 23 rows cover the 6-row tiles and their tails (16 rows or fewer take
       -- cpu/few_rows_gemm.c), K = 37 an odd last element, N = 70
