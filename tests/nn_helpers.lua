@@ -71,4 +71,19 @@ function M.on_device(dev, ...)
    return unpack(r, 1, select("#", ...))
 end
 
+--- The number a Lua script (run from the repository root with moonload on its path) prints,
+-- run in a process of its own under each of envs (e.g. "MOONLOAD_NO_AVX512=1": a CPU path chosen
+-- once per process): {[env] = number or nil, ...}, and each process's output.
+function M.printed_under(envs, script)
+   local values, outputs = {}, {}
+   script = 'package.path = "lua/?.lua;lua/?/init.lua;" .. package.path\n' .. script
+   for _, env in ipairs(envs) do
+      local p = assert(io.popen(env .. " luajit -e '" .. script:gsub("'", "'\\''") .. "' 2>&1"))
+      local out = p:read("*a")
+      p:close()
+      values[env], outputs[env] = tonumber(out:match("^%s*(%S+)")), out
+   end
+   return values, outputs
+end
+
 return M

@@ -86,7 +86,6 @@ describe("matmul", function()
       -- float16 and bfloat16 weights against float32 or float16 rows: cpu/few_rows_gemm.c widens the
       -- weights in registers, 8 (AVX2) or 16 (AVX-512) at a time, 2 or 4 columns a pass
       local script = [[
-         package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
          local ml = require("moonload")
          local F = ml.nn.functional
          ml.manual_seed(24)
@@ -106,13 +105,8 @@ describe("matmul", function()
          end
          print(worst)
       ]]
-      for _, env in ipairs({ "MOONLOAD_NO_AVX512=1", "MOONLOAD_NO_AVX512=0" }) do
-         local p = assert(io.popen(env .. " luajit -e '" .. script:gsub("'", "'\\''") .. "' 2>&1"))
-         local out = p:read("*a")
-         p:close()
-         local worst = tonumber(out:match("^%s*(%S+)"))
-         assert.is_true(worst ~= nil and worst < 2e-3, env .. ": " .. out)
-      end
+      local worst, out = require("nn_helpers").printed_under({ "MOONLOAD_NO_AVX512=1", "MOONLOAD_NO_AVX512=0" }, script)
+      for env, text in pairs(out) do assert.is_true(worst[env] ~= nil and worst[env] < 2e-3, env .. ": " .. text) end
    end)
 
    it("multiplies bfloat16 by bfloat16 as the float32 path does (AVX512-BF16 where the CPU has it)", function()
