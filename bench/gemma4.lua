@@ -41,3 +41,16 @@ local function write_checkpoint()
 end
 
 B.load_generate_main("gemma4", DIR, PROMPT, NEW, threads, write_checkpoint, "hybrid_peer")
+
+-- A 512-token prompt through the base model: every layer on every position, against the layers
+-- that reuse keys and values on the last position only (what generate asks for).
+if arg[1] ~= "--run" then
+   require("moonload.C").lib.ml_set_num_threads(threads)
+   local model = ml.models.from_pretrained(DIR)
+   local ids = ml.tensor(B.minstd_prompts(1, 512, CONFIG.vocab_size), { dtype = "int64" })
+   model.model(ids, nil, nil, nil, nil, 1)
+   local all = B.best(3, function() return model.model(ids) end)
+   local last = B.best(3, function() return model.model(ids, nil, nil, nil, nil, 1) end)
+   print(require("cjson").encode({ bench = "gemma4_prompt_reuse", prompt = 512, threads = threads, all_positions_s = all,
+      last_position_s = last, speedup = all / last }))
+end
