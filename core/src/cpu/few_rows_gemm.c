@@ -119,8 +119,8 @@ static void column_dots(const few_job *j, const float *a, int64_t G, int nc, con
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-/* column_dots_g on an AVX-512 CPU (ml_avx512): 16 weights widened a load, 32 registers for the
-   G x NC sums (2 or 4 columns) and the widened columns. */
+/* column_dots_g on an AVX-512 CPU (ml_avx512) for half weights: 16 widened a load, 32 registers
+   for the G x NC sums (2 or 4 columns) and the widened columns. */
 __attribute__((target("avx512f,avx512bw"), always_inline))
 static inline __m512 load16(const uint8_t *col, int64_t k, const ml_dtype dt) {
   if (dt == ML_FLOAT32) return _mm512_loadu_ps((const float *)col + k);
@@ -251,7 +251,9 @@ static void column_dots_bf16_x4(const few_job *j, const uint16_t *a, int64_t G, 
 static void few_columns(void *ctx, int64_t begin, int64_t end) {
   const few_job *j = ctx;
 #if ML_HAVE_FEW_512
-  const bool avx512 = ml_avx512();
+  /* (float32 weights need no widening and gain little: they keep the AVX2 sums, whose order the
+     cached decoding steps are checked against) */
+  const bool avx512 = j->bdt != ML_FLOAT32 && ml_avx512();
 #else
   const bool avx512 = false;
 #endif
