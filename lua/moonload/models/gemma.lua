@@ -140,12 +140,15 @@ M.Gemma2Model = Gemma2Model
 Gemma2Model.family, Gemma2Model.Layer, Gemma2Model.Rotary, Gemma2Model.Norm =
    "gemma2", Gemma2DecoderLayer, Gemma2RotaryEmbedding, Gemma2RMSNorm
 
+--- s rounded to dtype, as transformers multiplies by a scale cast to the embedding's dtype.
+function M.in_dtype(s, dtype)
+   if dtype == "float32" or dtype == "float64" or dtype == "meta" then return s end
+   return T.tensor({ s }):to(dtype):float():item()
+end
+
 --- sqrt(hidden_size) rounded to the embedding's dtype, as transformers multiplies by it.
 function Gemma2Model:embed_scale()
-   local w = self.embed_tokens.weight
-   local s = math.sqrt(self.config.hidden_size)
-   if w.dtype == "float32" or w.dtype == "float64" or w.dtype == "meta" then return s end
-   return T.tensor({ s }):to(w.dtype):float():item()
+   return M.in_dtype(math.sqrt(self.config.hidden_size), self.embed_tokens.weight.dtype)
 end
 
 local Gemma2ForCausalLM = llama.LlamaForCausalLM:extend("Gemma2ForCausalLM")

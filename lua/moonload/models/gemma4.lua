@@ -417,15 +417,8 @@ function Gemma4TextModel:__init(cfg)
    end
 end
 
--- s rounded to dtype, as transformers multiplies by a buffer cast to the embedding's dtype.
-local function in_dtype(s, dtype)
-   if dtype == "float32" or dtype == "float64" or dtype == "meta" then return s end
-   return T.tensor({ s }):to(dtype):float():item()
-end
-
-function Gemma4TextModel:embed_scale()
-   return in_dtype(math.sqrt(self.config.hidden_size), self.embed_tokens.weight.dtype)
-end
+local in_dtype = gemma.in_dtype
+Gemma4TextModel.embed_scale = gemma.Gemma2Model.embed_scale     -- sqrt(hidden) in the embedding's dtype
 
 --- Every layer's per-layer input (B, T, layers, P): (norm(projection of x / sqrt(hidden)) +
 -- the ids' second embedding * sqrt(P)) / sqrt(2).
