@@ -1,5 +1,5 @@
---- Gemma 2 and Gemma 3 text (transformers' Gemma2ForCausalLM, Gemma3ForCausalLM) with Hugging Face
--- parameter names. Llama's network (models/llama.lua reads the config: rotary embeddings,
+--- Gemma 1, Gemma 2 and Gemma 3 text (transformers' GemmaForCausalLM, Gemma2ForCausalLM,
+-- Gemma3ForCausalLM) with Hugging Face parameter names. Llama's network (models/llama.lua reads the config: rotary embeddings,
 -- grouped-query attention, windows) with Gemma's changes: RMSNorms that scale by (1 + weight) in
 -- float32, four of them per layer (before and after attention and MLP), token embeddings scaled
 -- by sqrt(hidden_size), attention scaled by query_pre_attn_scalar^-0.5 and its scores
@@ -27,12 +27,14 @@ local function optional_positive(cfg, key)
    return v
 end
 
---- Reads and checks a Gemma 2 config (path, folder or table); family "gemma3_text" a Gemma 3 one.
+--- Reads and checks a Gemma 2 config (path, folder or table); family "gemma3_text" a Gemma 3 one,
+-- "gemma" a Gemma 1 one (which has no soft caps and scales its scores by head_dim^-0.5).
 function M.config(source, family)
    local cfg = llama.config(source, family or "gemma2")
    if cfg.use_bidirectional_attention == true then
       error(string.format("%s: use_bidirectional_attention (EmbeddingGemma) is not supported, in %s", WHO, cfg._source), 2)
    end
+   if family == "gemma" then return cfg end
    cfg.query_pre_attn_scalar = optional_positive(cfg, "query_pre_attn_scalar") or 256
    cfg.attn_logit_softcapping = optional_positive(cfg, "attn_logit_softcapping")
    cfg.final_logit_softcapping = optional_positive(cfg, "final_logit_softcapping")
@@ -172,6 +174,37 @@ end
 function Gemma2ForCausalLM:forward(input_ids, opts)
    return M.soft_cap(lm_forward(self, input_ids, opts), self.config.final_logit_softcapping)
 end
+
+-- --- Gemma 1 --------------------------------------------------------------------------------------
+
+-- Gemma (gemma-2b, gemma-7b, CodeGemma, Gemma 1.1): Llama's pre-norm layers with Gemma's (1 + w)
+-- RMSNorms, a GELU-tanh MLP and embeddings scaled by sqrt(hidden_size); no soft caps, no windows,
+-- scores scaled by head_dim^-0.5 as Llama's.
+local GemmaRMSNorm = Gemma2RMSNorm:extend("GemmaRMSNorm")
+M.GemmaRMSNorm = GemmaRMSNorm
+local GemmaAttention = llama.LlamaAttention:extend("GemmaAttention")
+M.GemmaAttention = GemmaAttention
+local GemmaMLP = llama.LlamaMLP:extend("GemmaMLP")
+M.GemmaMLP = GemmaMLP
+
+local GemmaDecoderLayer = llama.LlamaDecoderLayer:extend("GemmaDecoderLayer")
+M.GemmaDecoderLayer = GemmaDecoderLayer
+GemmaDecoderLayer.Attention, GemmaDecoderLayer.MLP, GemmaDecoderLayer.Norm = GemmaAttention, GemmaMLP, GemmaRMSNorm
+
+local GemmaRotaryEmbedding = llama.LlamaRotaryEmbedding:extend("GemmaRotaryEmbedding")
+M.GemmaRotaryEmbedding = GemmaRotaryEmbedding
+
+local GemmaModel = Gemma2Model:extend("GemmaModel")        -- (Gemma 2's embed_scale)
+M.GemmaModel = GemmaModel
+GemmaModel.family, GemmaModel.Layer, GemmaModel.Rotary, GemmaModel.Norm =
+   "gemma", GemmaDecoderLayer, GemmaRotaryEmbedding, GemmaRMSNorm
+
+local GemmaForCausalLM = llama.LlamaForCausalLM:extend("GemmaForCausalLM")
+M.GemmaForCausalLM = GemmaForCausalLM
+GemmaForCausalLM.family, GemmaForCausalLM.Model = "gemma", GemmaModel
+GemmaForCausalLM.no_split_modules = { "GemmaDecoderLayer" }
+GemmaForCausalLM.read_config = Gemma2ForCausalLM.read_config
+GemmaForCausalLM.forward = common.causal_lm_forward("models.gemma.forward", "model", "embed_tokens")
 
 -- --- Gemma 3 text ---------------------------------------------------------------------------------
 

@@ -105,13 +105,14 @@ end
 
 local GPT2Block = nn.Module:extend("GPT2Block")
 M.GPT2Block = GPT2Block
+GPT2Block.Attention, GPT2Block.MLP = GPT2Attention, GPT2MLP    -- (GPTBigCode's own)
 
 function GPT2Block:__init(cfg, layer_idx)
    nn.Module.__init(self)
    self.ln_1 = nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon })
-   self.attn = GPT2Attention(cfg, layer_idx)
+   self.attn = self.Attention(cfg, layer_idx)
    self.ln_2 = nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon })
-   self.mlp = GPT2MLP(cfg)
+   self.mlp = self.MLP(cfg)
 end
 
 function GPT2Block:forward(x, cache, pad)
@@ -123,15 +124,18 @@ end
 
 local GPT2Model = nn.Module:extend("GPT2Model")
 M.GPT2Model = GPT2Model
+-- the block class, the name errors give and the config reader: a family built on GPT-2's own
+GPT2Model.Block, GPT2Model.who = GPT2Block, WHO
+function GPT2Model.read_config(source) return M.config(source) end
 
 function GPT2Model:__init(cfg)
    nn.Module.__init(self)
-   if type(cfg) ~= "table" or cfg._source == nil then cfg = M.config(cfg) end
+   if type(cfg) ~= "table" or cfg._source == nil then cfg = self.read_config(cfg) end
    self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
    self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
    self.drop = nn.Dropout(0)
    local blocks = {}
-   for i = 1, cfg.n_layer do blocks[i] = GPT2Block(cfg, i) end
+   for i = 1, cfg.n_layer do blocks[i] = self.Block(cfg, i) end
    self.h = nn.ModuleList(blocks)
    self.ln_f = nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon })
    rawset(self, "config", cfg)
@@ -146,7 +150,7 @@ function GPT2Model:forward(input_ids, cache, pad, pos, blocks)
    local past = cache and cache.length or 0
    if past + L > cfg.n_positions then
       error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds n_positions %d",
-         WHO, past + L, past, L, cfg.n_positions), 3)
+         self.who, past + L, past, L, cfg.n_positions), 3)
    end
    pos = pos or T.arange(past, past + L, { device = input_ids.device })
    local x = self.wte(input_ids) + self.wpe(pos)

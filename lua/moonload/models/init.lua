@@ -28,6 +28,7 @@ local ARCH = {
    qwen3_vl = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },       -- its language model
    qwen3_vl_text = { module = "moonload.models.llama", class = "Qwen3ForCausalLM" },  -- (as save_model writes it)
    phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
+   gemma = { module = "moonload.models.gemma", class = "GemmaForCausalLM" },
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
    gemma3 = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },   -- its language model
@@ -87,6 +88,11 @@ local ARCH = {
    lfm2 = { module = "moonload.models.lfm2", class = "Lfm2ForCausalLM" },
    lfm2_moe = { module = "moonload.models.lfm2", class = "Lfm2MoeForCausalLM" },
    starcoder2 = { module = "moonload.models.llama", class = "Starcoder2ForCausalLM" },
+   ministral = { module = "moonload.models.llama", class = "MinistralForCausalLM" },
+   helium = { module = "moonload.models.llama", class = "HeliumForCausalLM" },
+   glm = { module = "moonload.models.llama", class = "GlmForCausalLM" },
+   olmo = { module = "moonload.models.llama", class = "OlmoForCausalLM" },
+   nemotron = { module = "moonload.models.llama", class = "NemotronForCausalLM" },
    olmo2 = { module = "moonload.models.llama", class = "Olmo2ForCausalLM" },
    olmo3 = { module = "moonload.models.llama", class = "Olmo3ForCausalLM" },
    phi = { module = "moonload.models.phi", class = "PhiForCausalLM" },
@@ -95,6 +101,8 @@ local ARCH = {
    bloom = { module = "moonload.models.bloom", class = "BloomForCausalLM" },
    falcon = { module = "moonload.models.falcon", class = "FalconForCausalLM" },
    gptj = { module = "moonload.models.gptj", class = "GPTJForCausalLM" },
+   gpt_bigcode = { module = "moonload.models.gpt_bigcode", class = "GPTBigCodeForCausalLM" },
+   stablelm = { module = "moonload.models.stablelm", class = "StableLmForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
    roberta = { module = "moonload.models.bert", class = "RobertaModel" },
    ["xlm-roberta"] = { module = "moonload.models.bert", class = "RobertaModel" },
@@ -117,7 +125,7 @@ setmetatable(M, { __index = function(t, k)
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
-      bloom = "moonload.models.bloom", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj",
+      bloom = "moonload.models.bloom", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj", gpt_bigcode = "moonload.models.gpt_bigcode", stablelm = "moonload.models.stablelm",
       bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", glm4_moe = "moonload.models.glm4_moe", dots1 = "moonload.models.dots1",
       gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",

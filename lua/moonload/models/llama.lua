@@ -88,10 +88,23 @@ local FAMILIES = {
                defaults = { hidden_act = "xielu", rms_norm_eps = 1e-5, rope_theta = 12000000 } },
    olmoe = { who = "models.olmoe", prefix = "Olmoe", defaults = { rms_norm_eps = 1e-5 } },               -- models/moe.lua
    phimoe = { who = "models.phimoe", prefix = "Phimoe", defaults = { rms_norm_eps = 1e-5, rope_theta = 1000000 } },   -- models/moe.lua
+   ministral = { who = "models.ministral", prefix = "Ministral", defaults = { max_position_embeddings = 131072 } },
+   helium = { who = "models.helium", prefix = "Helium",
+              defaults = { head_dim = 128, rms_norm_eps = 1e-8, max_position_embeddings = 4096 } },
+   glm = { who = "models.glm", prefix = "Glm",
+           defaults = { rms_norm_eps = 1.5625e-07, head_dim = 128, attention_bias = true, max_position_embeddings = 131072 } },
+   olmo = { who = "models.olmo", prefix = "Olmo" },
+   -- (Nemotron's LayerNorm eps is norm_eps: read as rms_norm_eps)
+   nemotron = { who = "models.nemotron", prefix = "Nemotron",
+                defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5, max_position_embeddings = 4096 } },
    starcoder2 = { who = "models.starcoder2", prefix = "Starcoder2",
                   defaults = { tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    llama4_text = { who = "models.llama4", prefix = "Llama4Text",                                -- models/llama4.lua
                    defaults = { head_dim = 128, rms_norm_eps = 1e-5, rope_theta = 500000 } },
+   -- (Gemma 1's legacy hidden_act "gelu" reads as the tanh GELU, as transformers reads it)
+   gemma = { who = "models.gemma", prefix = "Gemma",           -- its classes: models/gemma.lua
+             defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh",
+                          max_position_embeddings = 8192 } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
    gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
@@ -160,6 +173,22 @@ local function qwen2_windows(cfg, who)
       windows[i] = kind == "sliding_attention" and w or false
    end
    return windows
+end
+
+--- OLMo's and OLMoE's clip_qkv (q, k and v clipped to +-clip_qkv; null for none), checked when the
+-- family reads it.
+function M.check_clip_qkv(cfg, reads, who)
+   local clip = cfg.clip_qkv
+   if reads and clip ~= nil and (type(clip) ~= "number" or clip <= 0) then
+      config.fail(cfg, who, 'config key "clip_qkv" must be a positive number or null, got %s', tostring(clip))
+   end
+end
+
+--- q, k and v clipped to +-clip_qkv (the attention's field; nil: as they are).
+function M.clip_projections(self, q, k, v)
+   local c = self.clip_qkv
+   if c then q, k, v = q:clamp(-c, c), k:clamp(-c, c), v:clamp(-c, c) end
+   return q, k, v
 end
 
 -- One rotary configuration from (table, where-prefix) sources, later ones winning (nested
@@ -278,6 +307,8 @@ function M.config(source, family)
       if raw.tie_embedding ~= nil and raw.tie_word_embeddings == nil then raw.tie_word_embeddings = raw.tie_embedding end
       if raw.block_ff_dim ~= nil and raw.intermediate_size == nil then raw.intermediate_size = raw.block_ff_dim end
    end
+   if family == "gemma" and raw.hidden_act == "gelu" then raw.hidden_act = "gelu_pytorch_tanh" end
+   if family == "nemotron" and raw.norm_eps ~= nil and raw.rms_norm_eps == nil then raw.rms_norm_eps = raw.norm_eps end
    if family == "starcoder2" and raw.norm_epsilon ~= nil and raw.rms_norm_eps == nil then
       raw.rms_norm_eps = raw.norm_epsilon                     -- its LayerNorms' eps, under Llama's key
    end
@@ -323,7 +354,8 @@ function M.config(source, family)
    -- partial_rotary_factor (Phi-3/4, in rope_parameters or at the top level; MiniMax-M2's hub files
    -- say rotary_dim instead)
    local legacy = family == "minimax_m2" and type(cfg.rotary_dim) == "number" and cfg.rotary_dim / cfg.head_dim or nil
-   local whole = family == "glm4" and 0.5 or 1     -- (transformers' default for GLM-4: half of each head)
+   -- (transformers' default for GLM and GLM-4, and for Nemotron: half of each head)
+   local whole = (family == "glm4" or family == "glm" or family == "nemotron") and 0.5 or 1
    M.set_rotary_dim(cfg, WHO, rope.partial_rotary_factor or cfg.partial_rotary_factor or legacy or whole)
    if rope.rope_type == "longrope" then
       for _, k in ipairs({ "short_factor", "long_factor" }) do
@@ -338,10 +370,22 @@ function M.config(source, family)
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
-      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "llama4_text" then
+      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "llama4_text"
+      or family == "gemma" or family == "olmo" or family == "nemotron" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      if family == "gemma" then cfg.mlp_bias = false end
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-   elseif family == "glm4_moe" or family == "glm4" or family == "glm4v" then   -- biased q/k/v, an unbiased output
+      M.check_clip_qkv(cfg, family == "olmo", WHO)
+   elseif family == "helium" then           -- biased q/k/v when asked, never the output; rotary pairs of neighbours
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, false
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      cfg.rope_pairs_interleaved = true
+   elseif family == "ministral" then         -- Mistral's layers; layer_types says which slide (all, by default)
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
+      cfg.use_sliding_window = window_size(cfg, WHO) ~= nil
+      cfg.max_window_layers = 0
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+   elseif family == "glm4_moe" or family == "glm4" or family == "glm4v" or family == "glm" then   -- biased q/k/v, an unbiased output
       -- (GLM-4.1V's q/k/v are biased whatever the config says: its text config has no attention_bias)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = family == "glm4v" or cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -501,10 +545,7 @@ function M.config(source, family)
    elseif family == "olmo2" or family == "olmoe" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-      local clip = cfg.clip_qkv      -- (OLMoE's: q, k and v clipped to +-clip_qkv; null for none)
-      if family == "olmoe" and clip ~= nil and (type(clip) ~= "number" or clip <= 0) then
-         config.fail(cfg, WHO, 'config key "clip_qkv" must be a positive number or null, got %s', tostring(clip))
-      end
+      M.check_clip_qkv(cfg, family == "olmoe", WHO)
    elseif family == "olmo3" then            -- OLMo 2's, sliding on three layers of every four
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       if cfg.sliding_window == nil then cfg.sliding_window = 4096 end
@@ -1338,5 +1379,52 @@ function M.ApertusDecoderLayer:forward(x, cos, sin, cache, pad)
    x = x + self.self_attn(self.attention_layernorm(x), cos, sin, cache, pad)
    return x + self.mlp(self.feedforward_layernorm(x))
 end
+
+
+-- Ministral (Ministral-8B-Instruct-2410): Mistral's layers, layer_types naming the ones that slide.
+family_classes("ministral")
+
+-- Helium (kyutai's Helium-1): Llama's layers with rotary pairs of neighbouring dims, the output
+-- projection never biased.
+family_classes("helium")
+
+-- GLM (THUDM's glm-4-9b-chat-hf and its siblings): GLM-4's attention (biased q/k/v, half of each
+-- head rotated in neighbouring pairs) and fused gate_up_proj MLP, in Llama's pre-norm layers.
+family_classes("glm")
+M.GlmMLP.__init, M.GlmMLP.forward = M.Phi3MLP.__init, M.Phi3MLP.forward
+
+-- OLMo (OLMo-1B-hf, OLMo-7B-hf, OLMo-1.7): Llama's layers with LayerNorms that have neither weight
+-- nor bias (eps 1e-5, whatever the config says), and q, k and v clipped to +-clip_qkv when set.
+family_classes("olmo")
+local OlmoLayerNorm = nn.LayerNorm:extend("OlmoLayerNorm")
+M.OlmoLayerNorm = OlmoLayerNorm
+
+function OlmoLayerNorm:__init(dim)
+   nn.LayerNorm.__init(self, dim, { eps = 1e-5, elementwise_affine = false })
+end
+
+M.OlmoDecoderLayer.Norm, M.OlmoModel.Norm = OlmoLayerNorm, OlmoLayerNorm
+
+function M.OlmoAttention:__init(cfg, layer_idx)
+   LlamaAttention.__init(self, cfg, layer_idx)
+   rawset(self, "clip_qkv", cfg.clip_qkv)
+end
+
+function M.OlmoAttention:project(x, B, L)
+   return M.clip_projections(self, LlamaAttention.project(self, x, B, L))
+end
+
+-- Nemotron (Nemotron-4, Minitron): LayerNorms whose weight is stored minus one ("1P"), half of each
+-- head rotated, an MLP without a gate through ReLU² (Arcee's), biases as the config says.
+family_classes("nemotron")
+local NemotronLayerNorm1P = nn.LayerNorm:extend("NemotronLayerNorm1P")
+M.NemotronLayerNorm1P = NemotronLayerNorm1P
+
+function NemotronLayerNorm1P:forward(x)
+   return nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+end
+
+M.NemotronDecoderLayer.Norm, M.NemotronModel.Norm = NemotronLayerNorm1P, NemotronLayerNorm1P
+M.NemotronMLP.__init, M.NemotronMLP.forward = M.ArceeMLP.__init, M.ArceeMLP.forward
 
 return M

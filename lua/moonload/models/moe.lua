@@ -517,10 +517,7 @@ function OlmoeAttention:__init(cfg, layer_idx)
 end
 
 function OlmoeAttention:project(x, B, L)
-   local q, k, v = llama.Olmo2Attention.project(self, x, B, L)
-   local c = self.clip_qkv
-   if c then q, k, v = q:clamp(-c, c), k:clamp(-c, c), v:clamp(-c, c) end
-   return q, k, v
+   return llama.clip_projections(self, llama.Olmo2Attention.project(self, x, B, L))
 end
 
 -- PhiMoE (model_type phimoe: Phi-3.5-MoE): Llama's attention, biased when attention_bias, a
