@@ -129,6 +129,18 @@ function M.load(source, schema, who)
    return M.validate(raw, schema, src, who, 3)
 end
 
+--- A schema made from another family's: base's entries in order, each key of `changes` replaced by
+-- its entry there (false drops it), then `extra`'s entries.
+function M.schema_from(base, changes, extra)
+   local out = {}
+   for _, entry in ipairs(base) do
+      local change = changes[entry[1]]
+      if change ~= false then out[#out + 1] = change or entry end
+   end
+   for _, entry in ipairs(extra or {}) do out[#out + 1] = entry end
+   return out
+end
+
 --- Raises an error about a config value that has the right kind but is not usable.
 function M.fail(cfg, who, fmt, ...)
    error(string.format("%s: %s in %s", who, string.format(fmt, ...), cfg._source or "config"), 3)

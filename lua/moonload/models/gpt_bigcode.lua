@@ -26,20 +26,15 @@ local WHO = "models.gpt_bigcode"
 -- attention_softmax_in_fp32 and scale_attention_softmax_in_fp32 are read for their kind only:
 -- transformers 5 no longer reads them (softmax runs in float32 anyway, as the kernel here does), and
 -- the older code's upcast only moved a factor between the scores and the softmax, the same product.
-M.schema = {}
-for _, entry in ipairs(gpt2.schema) do
-   local key = entry[1]
-   if key == "activation_function" then entry = { key, "string", "gelu_pytorch_tanh" } end
-   if key ~= "scale_attn_by_inverse_layer_idx" and key ~= "reorder_and_upcast_attn" then
-      M.schema[#M.schema + 1] = entry
-   end
-end
-for _, entry in ipairs({
+M.schema = config.schema_from(gpt2.schema, {
+   activation_function = { "activation_function", "string", "gelu_pytorch_tanh" },
+   scale_attn_by_inverse_layer_idx = false, reorder_and_upcast_attn = false,
+}, {
    { "multi_query", "bool", true },
    { "attention_softmax_in_fp32", "bool", true },
    { "scale_attention_softmax_in_fp32", "bool", true },
    { "add_cross_attention", "bool", false },
-}) do M.schema[#M.schema + 1] = entry end
+})
 
 --- Reads and checks a GPTBigCode config (path, folder or table); adds head_dim and kv_heads.
 function M.config(source)

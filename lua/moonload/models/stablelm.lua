@@ -16,23 +16,14 @@ local phi = require("moonload.models.phi")
 local M = {}
 local WHO = "models.stablelm"
 
-M.schema = {
-   { "vocab_size", "int" },
-   { "hidden_size", "int" },
-   { "intermediate_size", "int" },
-   { "num_hidden_layers", "int" },
-   { "num_attention_heads", "int" },
-   { "num_key_value_heads", "int", function(c) return c.num_attention_heads end },
-   { "max_position_embeddings", "int", 4096 },
-   { "layer_norm_eps", "posnum", 1e-5 },
-   { "hidden_act", "string", "silu" },
+-- Phi's keys, with StableLM's defaults and its own switches (Phi's q/k norm is StableLM's per head).
+M.schema = config.schema_from(phi.schema, {
+   max_position_embeddings = { "max_position_embeddings", "int", 4096 },
+   hidden_act = { "hidden_act", "string", "silu" },
+}, {
    { "use_qkv_bias", "bool", false },
-   { "qk_layernorm", "bool", false },
    { "use_parallel_residual", "bool", false },
-   { "tie_word_embeddings", "bool", false },
-   { "rope_parameters", "table", function() return {} end },
-   { "rope_scaling", "table", function() return {} end },
-}
+})
 
 -- (LongRoPE's per-frequency factors and the "dynamic" base growing with the length: not here)
 local ROPE_TYPES = { default = true, linear = true, llama3 = true, yarn = true }
