@@ -202,3 +202,61 @@ describe("models.nemotron (tests/fixtures/models/nemotron_tiny: LayerNorm1P, hal
          { norm_eps = -1 }, 'models.nemotron: config key "rms_norm_eps"')
    end)
 end)
+
+describe("models.exaone (tests/fixtures/models/exaone_tiny: EXAONE 3's hub names and keys, llama3 rope)", function()
+   local exp, model = H.fixture_model("exaone_tiny")
+
+   it("reads the hub's GPT-2-like names and config keys into Llama's layers", function()
+      assert.are.equal("ExaoneForCausalLM", model.__name)
+      assert.are.same({ "ExaoneDecoderLayer" }, model.no_split_modules)
+      local stored = ml.safetensors.load_file(dir("exaone_tiny") .. "/model.safetensors")
+      assert.is_not_nil(stored["transformer.h.0.attn.attention.out_proj.weight"])
+      assert.is_not_nil(stored["transformer.h.1.mlp.c_fc_1.weight"])
+      local n = 0
+      for _ in pairs(stored) do n = n + 1 end
+      local held = 0
+      for _ in pairs(model:state_dict()) do held = held + 1 end
+      assert.are.equal(n, held)
+      local cfg = model.config
+      assert.are.same({ 2, "silu", "llama3" }, { cfg.num_hidden_layers, cfg.hidden_act, cfg.rope.rope_type })
+   end)
+
+   H.it_matches_expected(model, "exaone_tiny")
+   H.it_matches_padded(model, "exaone_tiny", "positions")
+
+   it("saves under moonload's names and loads that folder back", function()
+      local out = H.tmpdir()
+      ml.save_model(model, out)
+      local back = models.from_pretrained(out)
+      assert.is_true(H.max_abs_diff(back(exp.input_ids), exp.logits) < 1e-4)
+      H.rmdir(out)
+   end)
+
+   it("names the layer count when the file has none", function()
+      H.assert_config_fails(function(r) return llama.config(r, "exaone") end, dir("exaone_tiny"),
+         function(r) r.num_layers = nil end, 'models.exaone: config key "num_hidden_layers"')
+   end)
+end)
+
+describe("models.vaultgemma (tests/fixtures/models/vaultgemma_tiny: Gemma 2 without its post norms)", function()
+   local exp, model, ids, logits_after = H.fixture_model("vaultgemma_tiny")
+
+   it("builds VaultGemmaForCausalLM: two norms a layer, Gemma 2's attention and caps", function()
+      assert.are.equal("VaultGemmaForCausalLM", model.__name)
+      H.assert_holds_checkpoint(model, dir("vaultgemma_tiny"), true)
+      local layer = model.model.layers[1]
+      assert.is_not_nil(layer.pre_feedforward_layernorm)
+      assert.is_nil(layer.post_attention_layernorm)
+      assert.are.same({ 3, false, 3 }, model.config.layer_windows)
+      assert.are.same({ 3, 8 }, { layer.self_attn.softcap, model.config.final_logit_softcapping })
+   end)
+
+   H.it_matches_expected(model, "vaultgemma_tiny", " past the window")
+   H.it_matches_padded(model, "vaultgemma_tiny", "positions")
+
+   it("needs the scores' soft cap", function()
+      assert.is_true(H.max_abs_diff(logits_after(function(m)
+         for _, l in ipairs(m.model.layers) do rawset(l.self_attn, "softcap", nil) end
+      end), exp.logits) > 1e-3)
+   end)
+end)

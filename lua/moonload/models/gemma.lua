@@ -206,6 +206,44 @@ GemmaForCausalLM.no_split_modules = { "GemmaDecoderLayer" }
 GemmaForCausalLM.read_config = Gemma2ForCausalLM.read_config
 GemmaForCausalLM.forward = common.causal_lm_forward("models.gemma.forward", "model", "embed_tokens")
 
+-- --- VaultGemma ---------------------------------------------------------------------------------
+
+-- VaultGemma (google/vaultgemma-1b, trained with differential privacy): Gemma 2's attention (soft
+-- caps, query_pre_attn_scalar, every other layer sliding), MLP and logits, with its two norms only
+-- before attention and MLP.
+local VaultGemmaDecoderLayer = nn.Module:extend("VaultGemmaDecoderLayer")
+M.VaultGemmaDecoderLayer = VaultGemmaDecoderLayer
+VaultGemmaDecoderLayer.Attention = Gemma2Attention:extend("VaultGemmaAttention")
+VaultGemmaDecoderLayer.MLP = Gemma2MLP:extend("VaultGemmaMLP")
+VaultGemmaDecoderLayer.Norm = Gemma2RMSNorm:extend("VaultGemmaRMSNorm")
+M.VaultGemmaAttention, M.VaultGemmaMLP, M.VaultGemmaRMSNorm =
+   VaultGemmaDecoderLayer.Attention, VaultGemmaDecoderLayer.MLP, VaultGemmaDecoderLayer.Norm
+
+function VaultGemmaDecoderLayer:__init(cfg, layer_idx)
+   nn.Module.__init(self)
+   self.self_attn = self.Attention(cfg, layer_idx)
+   self.mlp = self.MLP(cfg)
+   self.input_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   self.pre_feedforward_layernorm = self.Norm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function VaultGemmaDecoderLayer:forward(x, cos, sin, cache, pad)
+   x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pad)
+   return x + self.mlp(self.pre_feedforward_layernorm(x))
+end
+
+local VaultGemmaModel = Gemma2Model:extend("VaultGemmaModel")
+M.VaultGemmaModel = VaultGemmaModel
+VaultGemmaModel.family, VaultGemmaModel.Layer, VaultGemmaModel.Norm =
+   "vaultgemma", VaultGemmaDecoderLayer, VaultGemmaDecoderLayer.Norm
+VaultGemmaModel.Rotary = llama.LlamaRotaryEmbedding:extend("VaultGemmaRotaryEmbedding")
+M.VaultGemmaRotaryEmbedding = VaultGemmaModel.Rotary
+
+local VaultGemmaForCausalLM = Gemma2ForCausalLM:extend("VaultGemmaForCausalLM")
+M.VaultGemmaForCausalLM = VaultGemmaForCausalLM
+VaultGemmaForCausalLM.family, VaultGemmaForCausalLM.Model = "vaultgemma", VaultGemmaModel
+VaultGemmaForCausalLM.no_split_modules = { "VaultGemmaDecoderLayer" }
+
 -- --- Gemma 3 text ---------------------------------------------------------------------------------
 
 local Gemma3RMSNorm = Gemma2RMSNorm:extend("Gemma3RMSNorm")

@@ -30,6 +30,7 @@ local ARCH = {
    phi3 = { module = "moonload.models.llama", class = "Phi3ForCausalLM" },
    gemma = { module = "moonload.models.gemma", class = "GemmaForCausalLM" },
    gemma2 = { module = "moonload.models.gemma", class = "Gemma2ForCausalLM" },
+   vaultgemma = { module = "moonload.models.gemma", class = "VaultGemmaForCausalLM" },
    gemma3_text = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },
    gemma3 = { module = "moonload.models.gemma", class = "Gemma3ForCausalLM" },   -- its language model
    gemma4_text = { module = "moonload.models.gemma4", class = "Gemma4ForCausalLM" },
@@ -92,6 +93,7 @@ local ARCH = {
    helium = { module = "moonload.models.llama", class = "HeliumForCausalLM" },
    glm = { module = "moonload.models.llama", class = "GlmForCausalLM" },
    olmo = { module = "moonload.models.llama", class = "OlmoForCausalLM" },
+   exaone = { module = "moonload.models.llama", class = "ExaoneForCausalLM" },
    nemotron = { module = "moonload.models.llama", class = "NemotronForCausalLM" },
    olmo2 = { module = "moonload.models.llama", class = "Olmo2ForCausalLM" },
    olmo3 = { module = "moonload.models.llama", class = "Olmo3ForCausalLM" },

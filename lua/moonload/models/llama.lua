@@ -94,6 +94,9 @@ local FAMILIES = {
    glm = { who = "models.glm", prefix = "Glm",
            defaults = { rms_norm_eps = 1.5625e-07, head_dim = 128, attention_bias = true, max_position_embeddings = 131072 } },
    olmo = { who = "models.olmo", prefix = "Olmo" },
+   -- (EXAONE 3's hub files say num_layers, layer_norm_epsilon and activation_function: read as Llama's)
+   exaone = { who = "models.exaone", prefix = "Exaone",
+              defaults = { num_key_value_heads = 8, rope_theta = 500000, rms_norm_eps = 1e-5, max_position_embeddings = 4096 } },
    -- (Nemotron's LayerNorm eps is norm_eps: read as rms_norm_eps)
    nemotron = { who = "models.nemotron", prefix = "Nemotron",
                 defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5, max_position_embeddings = 4096 } },
@@ -107,6 +110,9 @@ local FAMILIES = {
                           max_position_embeddings = 8192 } },
    gemma2 = { who = "models.gemma2", prefix = "Gemma2",        -- its classes: models/gemma.lua
               defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh" } },
+   vaultgemma = { who = "models.vaultgemma", prefix = "VaultGemma",
+                  defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh",
+                               max_position_embeddings = 8192 } },
    gemma3_text = { who = "models.gemma3", prefix = "Gemma3",
                    defaults = { head_dim = 256, tie_word_embeddings = true, hidden_act = "gelu_pytorch_tanh",
                                 rope_theta = 1000000 } },
@@ -299,7 +305,13 @@ function M.config(source, family)
       end
    end
    local raw, src = config.read(source, WHO)
-   if (family == "gemma2" or family == "gemma3_text") and raw.hidden_activation ~= nil then
+   if family == "exaone" then
+      for hub, key in pairs({ num_layers = "num_hidden_layers", layer_norm_epsilon = "rms_norm_eps",
+                              activation_function = "hidden_act" }) do
+         if raw[hub] ~= nil and raw[key] == nil then raw[key] = raw[hub] end
+      end
+   end
+   if (family == "gemma2" or family == "gemma3_text" or family == "vaultgemma") and raw.hidden_activation ~= nil then
       raw.hidden_act = raw.hidden_activation
    end
    if family == "lfm2" or family == "lfm2_moe" then           -- LFM2's names for Llama's keys
@@ -371,7 +383,7 @@ function M.config(source, family)
    cfg.layer_windows = {}
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
       or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "llama4_text"
-      or family == "gemma" or family == "olmo" or family == "nemotron" then
+      or family == "gemma" or family == "olmo" or family == "nemotron" or family == "exaone" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       if family == "gemma" then cfg.mlp_bias = false end
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -567,7 +579,7 @@ function M.config(source, family)
    elseif family == "qwen2" or family == "qwen2_moe" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = true, false, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-   elseif family == "gemma2" or family == "gemma3_text" then
+   elseif family == "gemma2" or family == "gemma3_text" or family == "vaultgemma" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       -- Gemma 2: every other layer slides (the first does); Gemma 3: all but every
       -- sliding_window_pattern-th; layer_types, when the file has it, says which
@@ -575,10 +587,11 @@ function M.config(source, family)
       cfg.use_sliding_window = w ~= nil
       cfg.max_window_layers = 0
       if cfg.layer_types == nil then
-         local every = family == "gemma2" and 2 or cfg.sliding_window_pattern or 6
+         local alternate = family ~= "gemma3_text"
+         local every = alternate and 2 or cfg.sliding_window_pattern or 6
          cfg.layer_types = {}
          for i = 1, cfg.num_hidden_layers do
-            local slides = family == "gemma2" and i % 2 == 1 or family ~= "gemma2" and i % every ~= 0
+            local slides = alternate and i % 2 == 1 or not alternate and i % every ~= 0
             cfg.layer_types[i] = slides and "sliding_attention" or "full_attention"
          end
       end
@@ -1413,6 +1426,16 @@ end
 function M.OlmoAttention:project(x, B, L)
    return M.clip_projections(self, LlamaAttention.project(self, x, B, L))
 end
+
+-- EXAONE 3.0 and 3.5 (LGAI-EXAONE): Llama's layers (transformers builds a LlamaForCausalLM) under
+-- the hub's GPT-2-like names, renamed as transformers' conversion mapping renames them.
+family_classes("exaone")
+M.ExaoneForCausalLM.checkpoint_renames = { { "^transformer%.wte%.", "model.embed_tokens." },
+   { "^transformer%.h%.", "model.layers." }, { "^transformer%.ln_f%.", "model.norm." },
+   { "%.attn%.attention%.", ".self_attn." }, { "%.self_attn%.out_proj%.", ".self_attn.o_proj." },
+   { "%.ln_1%.", ".input_layernorm." }, { "%.ln_2%.", ".post_attention_layernorm." },
+   { "%.mlp%.c_fc_0%.", ".mlp.gate_proj." }, { "%.mlp%.c_fc_1%.", ".mlp.up_proj." },
+   { "%.mlp%.c_proj%.", ".mlp.down_proj." } }
 
 -- Nemotron (Nemotron-4, Minitron): LayerNorms whose weight is stored minus one ("1P"), half of each
 -- head rotated, an MLP without a gate through ReLU² (Arcee's), biases as the config says.
