@@ -65,23 +65,36 @@ function BloomAttention:__init(cfg, layer_idx)
    nn.Module.__init(self)
    self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
    self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+   M.attention_fields(self, cfg, layer_idx, 1 / math.sqrt(cfg.head_dim))
+end
+
+--- The plain fields an ALiBi attention reads in forward (BLOOM's, MPT's).
+function M.attention_fields(self, cfg, layer_idx, scale)
    rawset(self, "n_head", cfg.n_head)
    rawset(self, "head_dim", cfg.head_dim)
    rawset(self, "layer_idx", layer_idx)
+   rawset(self, "scale", scale)
+end
+
+BloomAttention.out_name = "dense"             -- the output projection's attribute (MPT: out_proj)
+
+--- q, k, v (B, H, T, D) from x (B, T, hidden): each head's q, k and v side by side.
+function BloomAttention:project(x, B, L)
+   local H, D = self.n_head, self.head_dim
+   local qkv = self.query_key_value(x):view(B, L, H, 3 * D):transpose(2, 3)      -- (B, H, T, 3D)
+   return qkv:narrow(4, 1, D), qkv:narrow(4, D + 1, D), qkv:narrow(4, 2 * D + 1, D)
 end
 
 --- bias: ALiBi plus -inf where a key is hidden, (B or 1, H, L or 1, S) (BloomModel:attention_bias).
 function BloomAttention:forward(x, cache, bias)
    local B, L = x:size(1), x:size(2)
-   local H, D = self.n_head, self.head_dim
-   local qkv = self.query_key_value(x):view(B, L, H, 3 * D):transpose(2, 3)      -- (B, H, T, 3D)
-   local q, k, v = qkv:narrow(4, 1, D), qkv:narrow(4, D + 1, D), qkv:narrow(4, 2 * D + 1, D)
+   local q, k, v = self:project(x, B, L)
    if cache then k, v = cache:update(self.layer_idx, k, v:contiguous()) end
    local qa, ba, back = common.queries_to_keys(q, k, bias)
    local causal = rawget(bias, "_causal") == true
-   local y = common.attention(qa, k, v, ba, causal, 1 / math.sqrt(D))             -- (B, H, T, D)
+   local y = common.attention(qa, k, v, ba, causal, self.scale)                   -- (B, H, T, D)
    if back then y = y:to(back) end
-   return self.dense(y:transpose(2, 3):reshape(B, L, H * D))
+   return self[self.out_name](y:transpose(2, 3):reshape(B, L, self.n_head * self.head_dim))
 end
 
 local BloomMLP = nn.Module:extend("BloomMLP")
@@ -162,10 +175,18 @@ function BloomModel:attention_bias(L, past, pad, device, whole)
    return bias + hidden
 end
 
+-- the block list and the final norm, by name (MPT: blocks, norm_f)
+BloomModel.blocks_name, BloomModel.norm_name = "h", "ln_f"
+
+--- The token embeddings: through a LayerNorm here (MPT's are not).
+function BloomModel:embed(input_ids)
+   return self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+end
+
 function BloomModel:forward(input_ids, cache, pad, pos, blocks)
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
-   local x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+   local x = self:embed(input_ids)
    local bias = self:attention_bias(L, past, pad, x.device, blocks ~= nil)
    if bias.dtype ~= x.dtype then                  -- (once here, not in every layer)
       local causal = rawget(bias, "_causal")
@@ -175,9 +196,9 @@ function BloomModel:forward(input_ids, cache, pad, pos, blocks)
    if blocks and bias:size(3) == 1 and L > 1 then bias = bias:expand(bias:size(1), bias:size(2), L, bias:size(4)) end
    local n = self.config.n_layer
    local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
-   for i = 1, n do x = block_schedule.call(schedule, i, self.h[i], x, cache, bias) end
+   for i = 1, n do x = block_schedule.call(schedule, i, self[self.blocks_name][i], x, cache, bias) end
    if cache then cache:advance(L) end
-   return self.ln_f(x)
+   return self[self.norm_name](x)
 end
 
 local BloomForCausalLM = nn.Module:extend("BloomForCausalLM")
