@@ -1,7 +1,7 @@
 -- ml.models DeepSeek-V2 and V3 (multi-head latent attention, grouped expert routing, shared
 -- experts) and the families sharing their layout against transformers
 -- (tests/fixtures/gen_models.py deepseek_v3 deepseek_v2 deepseek_v2_lite, and glm4_moe_lite
--- deepseek_v32 glm_moe_dsa deepseek_v32_fp8): names, logits, greedy ids, the latent cache and its two ways of attending,
+-- deepseek_v32 glm_moe_dsa deepseek_v32_fp8, glm4_moe solar_open): names, logits, greedy ids, the latent cache and its two ways of attending,
 -- routing, the multi-token-prediction layers real checkpoints carry, and bad configs.
 local ml = require("moonload")
 local models = require("moonload.models")
@@ -497,4 +497,41 @@ describe("models.glm4_moe (tests/fixtures/models/glm4_moe_tiny: GQA with biases 
    end)
 
    H.it_matches_padded(model, "glm4_moe_tiny", "positions")
+end)
+
+describe("models.solar_open (tests/fixtures/models/solar_open_tiny: GLM-4.5's routing in every layer, whole-head rotary)", function()
+   local exp, model, ids, logits_after = H.fixture_model("solar_open_tiny")
+
+   it("builds SolarOpenForCausalLM: every layer sparse, q/k/v biased, the output not, no q/k norms", function()
+      assert.are.equal("SolarOpenForCausalLM", model.__name)
+      assert.are.same({ "SolarOpenDecoderLayer" }, model.no_split_modules)
+      H.assert_holds_checkpoint(model, H.FIX .. "/solar_open_tiny")
+      for _, layer in ipairs(model.model.layers) do assert.are.equal("SolarOpenMoE", layer.mlp.__name) end
+      local attn = model.model.layers[1].self_attn
+      assert.is_not_nil(attn.q_proj.bias)
+      assert.is_nil(attn.o_proj.bias)
+      assert.is_nil(attn.q_norm)
+      assert.are.equal(8, model.config.rotary_dim)                       -- of head_dim 8
+   end)
+
+   H.it_matches_expected(model, "solar_open_tiny")
+   H.it_matches_padded(model, "solar_open_tiny", "positions")
+
+   it("needs the routing's correction bias", function()
+      assert.is_true(H.max_abs_diff(logits_after(function(m)
+         for _, layer in ipairs(m.model.layers) do layer.mlp.gate.e_score_correction_bias:zero_() end
+      end), exp.logits) > 1e-3)
+   end)
+
+   it("reads transformers' defaults (128 experts, one shared, 8 a token, every layer sparse)", function()
+      local raw = H.read_json(H.FIX .. "/solar_open_tiny/config.json")
+      for _, k in ipairs({ "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+                           "moe_intermediate_size", "head_dim", "norm_topk_prob" }) do raw[k] = nil end
+      local cfg = require("moonload.models.glm4_moe").solar_open_config(raw)
+      assert.are.same({ 128, 1, 8, 1280, 128, true }, { cfg.n_routed_experts, cfg.n_shared_experts,
+         cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.head_dim, cfg.norm_topk_prob })
+      assert.are.same({ true, true }, cfg.sparse_layers)
+      H.assert_config_fails(function(r) return require("moonload.models.glm4_moe").solar_open_config(r) end,
+         H.FIX .. "/solar_open_tiny", { num_experts_per_tok = 9 }, "models.solar_open: num_experts_per_tok 9 is more than n_routed_experts 8")
+   end)
 end)

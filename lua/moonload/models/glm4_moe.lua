@@ -11,6 +11,7 @@
 -- unless attention_bias says not, no q/k norms. Its multimodal rotary embedding (mrope_section)
 -- gives every section the same positions for text, so it is GLM-4.5's: the same inv_freq, halves
 -- rotated over partial_rotary_factor (0.5 by default) of each head.
+-- Solar Open (model_type solar_open): below.
 local llama = require("moonload.models.llama")
 local moe = require("moonload.models.moe")
 local deepseek = require("moonload.models.deepseek")
@@ -53,5 +54,26 @@ function LM:__init(cfg)
    llama.LlamaForCausalLM.__init(self, cfg)
    deepseek.skip_mtp_layers(self)
 end
+
+-- Solar Open (upstage/Solar-Open-100B, model_type solar_open): GLM-4.5's routed and shared experts
+-- in every layer (no dense layers, no multi-token-prediction layers), behind Llama's attention:
+-- the whole head rotated unless partial_rotary_factor says otherwise, no q/k norms, the output
+-- projection never biased. The hub holds one module per expert; transformers' stacked layout
+-- loads too.
+local SOLAR = "models.solar_open"
+
+--- Reads and checks a Solar Open config (path, folder or table), with transformers' defaults.
+function M.solar_open_config(source)
+   local cfg = llama.config(source, "solar_open")
+   if cfg.n_routed_experts == nil and cfg.num_local_experts == nil then cfg.n_routed_experts = 128 end
+   if cfg.n_shared_experts == nil then cfg.n_shared_experts = 1 end
+   if cfg.moe_intermediate_size == nil then cfg.moe_intermediate_size = 1280 end
+   return deepseek.moe_config(cfg, SOLAR, "noaux_tc",
+      { norm_topk_prob = true, n_group = 1, topk_group = 1, first_k_dense_replace = 0, num_experts_per_tok = 8 })
+end
+
+local SolarMLP, SolarMoE, solar_mlp = deepseek.moe_layer_classes("SolarOpen", "MoE")
+M.SolarOpenMLP, M.SolarOpenMoE = SolarMLP, SolarMoE
+moe.decoder_family("solar_open", "SolarOpen", llama.LlamaAttention, solar_mlp, "mlp", M.solar_open_config, M)
 
 return M

@@ -60,6 +60,7 @@ local ARCH = {
    arcee = { module = "moonload.models.llama", class = "ArceeForCausalLM" },
    apertus = { module = "moonload.models.llama", class = "ApertusForCausalLM" },
    olmoe = { module = "moonload.models.moe", class = "OlmoeForCausalLM" },
+   dbrx = { module = "moonload.models.dbrx", class = "DbrxForCausalLM" },
    phimoe = { module = "moonload.models.moe", class = "PhimoeForCausalLM" },
    ernie4_5 = { module = "moonload.models.ernie4_5", class = "Ernie4_5ForCausalLM" },
    ernie4_5_moe = { module = "moonload.models.ernie4_5", class = "Ernie4_5_MoeForCausalLM" },
@@ -76,6 +77,7 @@ local ARCH = {
    glm_moe_dsa = { module = "moonload.models.deepseek_sparse", class = "GlmMoeDsaForCausalLM" },
    glm4 = { module = "moonload.models.llama", class = "Glm4ForCausalLM" },
    glm4_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },
+   solar_open = { module = "moonload.models.glm4_moe", class = "SolarOpenForCausalLM" },
    glm4v = { module = "moonload.models.llama", class = "Glm4vForCausalLM" },              -- its language model
    glm4v_text = { module = "moonload.models.llama", class = "Glm4vForCausalLM" },
    glm4v_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },     -- its language model
@@ -130,7 +132,7 @@ setmetatable(M, { __index = function(t, k)
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bloom = "moonload.models.bloom", mpt = "moonload.models.mpt", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj", gpt_bigcode = "moonload.models.gpt_bigcode", stablelm = "moonload.models.stablelm",
       bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", glm4_moe = "moonload.models.glm4_moe", dots1 = "moonload.models.dots1",
-      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
+      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",

@@ -42,6 +42,9 @@ local FAMILIES = {
    glm_moe_dsa = { who = "models.glm_moe_dsa", prefix = "GlmMoeDsa", defaults = { rms_norm_eps = 1e-5 } },
    glm4 = { who = "models.glm4", prefix = "Glm4", defaults = { rms_norm_eps = 1.5625e-07, head_dim = 128, attention_bias = true } },
    glm4_moe = { who = "models.glm4_moe", prefix = "Glm4Moe", defaults = { rms_norm_eps = 1e-5 } },   -- models/glm4_moe.lua
+   solar_open = { who = "models.solar_open", prefix = "SolarOpen",      -- (no dense MLP: no intermediate_size)
+                  defaults = { head_dim = 128, rms_norm_eps = 1e-5, rope_theta = 1000000, max_position_embeddings = 131072,
+                               num_key_value_heads = 8, intermediate_size = function(c) return c.moe_intermediate_size or 1280 end } },
    glm4v = { who = "models.glm4v", prefix = "Glm4v", defaults = { rms_norm_eps = 1e-5 } },   -- GLM-4.1V's language model
    dots1 = { who = "models.dots1", prefix = "Dots1" },                                       -- models/dots1.lua
    qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
@@ -388,6 +391,9 @@ function M.config(source, family)
       if family == "gemma" then cfg.mlp_bias = false end
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       M.check_clip_qkv(cfg, family == "olmo", WHO)
+   elseif family == "solar_open" then        -- biased q/k/v when asked, never the output (models/glm4_moe.lua)
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "helium" then           -- biased q/k/v when asked, never the output; rotary pairs of neighbours
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end

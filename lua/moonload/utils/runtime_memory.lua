@@ -106,6 +106,8 @@ local function attention_layers(model)
       end
       if type(m.kv_cache_heads) == "function" or type(m.state_bytes) == "function" then
          local p = parent_of[m]
+         -- (a part of the layer holding the attention, as DBRX's norm_attn_norm, says so: part_of_layer)
+         if p and p[2].part_of_layer and parent_of[p[2]] then p = parent_of[p[2]] end
          found[#found + 1] = { name = name, layer = p and p[2] or m, attention = m }
       end
    end
