@@ -127,6 +127,8 @@ M.GPT2Model = GPT2Model
 -- the block class, the name errors give and the config reader: a family built on GPT-2's own
 GPT2Model.Block, GPT2Model.who = GPT2Block, WHO
 function GPT2Model.read_config(source) return M.config(source) end
+-- the config key of cfg.n_positions that errors name (GPT-Neo's is max_position_embeddings)
+GPT2Model.positions_key = "n_positions"
 
 function GPT2Model:__init(cfg)
    nn.Module.__init(self)
@@ -149,13 +151,13 @@ function GPT2Model:forward(input_ids, cache, pad, pos, blocks)
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
    if past + L > cfg.n_positions then
-      error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds n_positions %d",
-         self.who, past + L, past, L, cfg.n_positions), 3)
+      error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds %s %d",
+         self.who, past + L, past, L, self.positions_key, cfg.n_positions), 3)
    end
    pos = pos or T.arange(past, past + L, { device = input_ids.device })
    local x = self.wte(input_ids) + self.wpe(pos)
    local n = cfg.n_layer
-   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO)
+   local schedule = blocks and block_schedule.plan(blocks, x, cache, n, self.who)
    for i = 1, n do x = block_schedule.call(schedule, i, self.h[i], x, cache, pad) end
    if cache then cache:advance(L) end
    return self.ln_f(x)
@@ -168,12 +170,13 @@ GPT2LMHeadModel.base_model_prefix = "transformer"
 GPT2LMHeadModel.tied_weights = { ["lm_head.weight"] = "transformer.wte.weight" }
 GPT2LMHeadModel.ignore_unexpected = { "%.attn%.bias$", "%.attn%.masked_bias$" }
 GPT2LMHeadModel.no_split_modules = { "GPT2Block" }
+GPT2LMHeadModel.Model = GPT2Model             -- (its read_config reads the config: a family's own)
 
 --- GPT2LMHeadModel(config): config is a config.json path, a folder holding one, or a table.
 function GPT2LMHeadModel:__init(cfg)
    nn.Module.__init(self)
-   cfg = M.config(cfg)
-   self.transformer = GPT2Model(cfg)
+   cfg = self.Model.read_config(cfg)
+   self.transformer = self.Model(cfg)
    self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, { bias = false })
    rawset(self, "config", cfg)
    self:tie_weights()

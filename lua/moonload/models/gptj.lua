@@ -28,22 +28,24 @@ M.schema = {
    { "tie_word_embeddings", "bool", false },
 }
 
---- Reads and checks a GPT-J config (path, folder or table).
-function M.config(source)
-   local cfg = config.load(source, M.schema, WHO)
+--- Reads and checks a GPT-J config (path, folder or table); a family of GPT-J's layout (CodeGen)
+-- reads its own schema, its errors naming who.
+function M.config(source, schema, who)
+   who = who or WHO
+   local cfg = config.load(source, schema or M.schema, who)
    if cfg.n_embd % cfg.n_head ~= 0 then
-      config.fail(cfg, WHO, "n_embd %d is not a multiple of n_head %d", cfg.n_embd, cfg.n_head)
+      config.fail(cfg, who, "n_embd %d is not a multiple of n_head %d", cfg.n_embd, cfg.n_head)
    end
    cfg.head_dim = cfg.n_embd / cfg.n_head
    local rot = cfg.rotary_dim == 0 and cfg.head_dim or cfg.rotary_dim     -- (0, as null: the whole head)
    if rot > cfg.head_dim or rot % 2 ~= 0 then
-      config.fail(cfg, WHO, "rotary_dim %d must be even and at most head_dim %d", rot, cfg.head_dim)
+      config.fail(cfg, who, "rotary_dim %d must be even and at most head_dim %d", rot, cfg.head_dim)
    end
    cfg.num_hidden_layers, cfg.hidden_size = cfg.n_layer, cfg.n_embd
-   cfg.rope = llama.rope_from(cfg, WHO, {}, 10000)
+   cfg.rope = llama.rope_from(cfg, who, {}, 10000)
    cfg.rope_theta = cfg.rope.rope_theta
-   llama.set_rotary_dim(cfg, WHO, rot / cfg.head_dim)
-   common.activation(cfg.activation_function, WHO, cfg._source)
+   llama.set_rotary_dim(cfg, who, rot / cfg.head_dim)
+   common.activation(cfg.activation_function, who, cfg._source)
    return cfg
 end
 
@@ -70,10 +72,21 @@ function GPTJAttention:__init(cfg, layer_idx)
    self.v_proj = nn.Linear(C, C, { bias = false })
    self.q_proj = nn.Linear(C, C, { bias = false })
    self.out_proj = nn.Linear(C, C, { bias = false })
+   self:geometry(cfg, layer_idx)
+end
+
+--- The plain fields forward reads: heads, head size, cache slot, the head dims' rotary order.
+function GPTJAttention:geometry(cfg, layer_idx)
    rawset(self, "n_head", cfg.n_head)
    rawset(self, "head_dim", cfg.head_dim)
    rawset(self, "layer_idx", layer_idx)
    rawset(self, "order", T.tensor(M.pair_order(cfg.rotary_dim, cfg.head_dim), { dtype = "int64" }))
+end
+
+--- q, k, v (B, T, H, D) from x (B, T, C) (CodeGen's come from one fused projection).
+function GPTJAttention:project(x, B, L)
+   local H, D = self.n_head, self.head_dim
+   return self.q_proj(x):view(B, L, H, D), self.k_proj(x):view(B, L, H, D), self.v_proj(x):view(B, L, H, D)
 end
 
 function GPTJAttention:forward(x, cos, sin, cache, pad)
@@ -84,10 +97,10 @@ function GPTJAttention:forward(x, cos, sin, cache, pad)
       order = order:to(x.device)
       rawset(self, "order", order)
    end
-   local function heads(t) return t:view(B, L, H, D):transpose(2, 3) end     -- (B, H, T, D)
-   local q = llama.apply_rotary(heads(self.q_proj(x)):index_select(4, order), cos, sin)
-   local k = llama.apply_rotary(heads(self.k_proj(x)):index_select(4, order), cos, sin)
-   local v = heads(self.v_proj(x))
+   local q, k, v = self:project(x, B, L)
+   q = llama.apply_rotary(q:transpose(2, 3):index_select(4, order), cos, sin)      -- (B, H, T, D)
+   k = llama.apply_rotary(k:transpose(2, 3):index_select(4, order), cos, sin)
+   v = v:transpose(2, 3)
    local past = 0
    if cache then
       past = cache.length
@@ -113,12 +126,13 @@ function GPTJMLP:forward(x) return self.fc_out(self.act(self.fc_in(x))) end
 
 local GPTJBlock = nn.Module:extend("GPTJBlock")
 M.GPTJBlock = GPTJBlock
+GPTJBlock.Attention, GPTJBlock.MLP = GPTJAttention, GPTJMLP    -- (CodeGen's own)
 
 function GPTJBlock:__init(cfg, layer_idx)
    nn.Module.__init(self)
    self.ln_1 = nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon })
-   self.attn = GPTJAttention(cfg, layer_idx)
-   self.mlp = GPTJMLP(cfg)
+   self.attn = self.Attention(cfg, layer_idx)
+   self.mlp = self.MLP(cfg)
 end
 
 function GPTJBlock:forward(x, cos, sin, cache, pad)
@@ -134,10 +148,11 @@ M.GPTJModel = GPTJModel
 
 -- Llama's forward (positions, rotary tables, cache, block schedule) over these layers
 GPTJModel.embed_name, GPTJModel.layers_name, GPTJModel.norm_name = "wte", "h", "ln_f"
+GPTJModel.Block, GPTJModel.Rotary = GPTJBlock, GPTJRotaryEmbedding         -- (CodeGen's own)
 
 function GPTJModel:__init(cfg)
-   self:build_parts(cfg, cfg.n_embd, GPTJBlock, cfg.n_layer, nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon }),
-      GPTJRotaryEmbedding)
+   self:build_parts(cfg, cfg.n_embd, self.Block, cfg.n_layer, nn.LayerNorm(cfg.n_embd, { eps = cfg.layer_norm_epsilon }),
+      self.Rotary)
 end
 
 local GPTJForCausalLM = nn.Module:extend("GPTJForCausalLM")
@@ -146,11 +161,14 @@ GPTJForCausalLM.base_model_prefix = "transformer"
 GPTJForCausalLM.tied_weights = { ["lm_head.weight"] = "transformer.wte.weight" }
 GPTJForCausalLM.ignore_unexpected = { "%.attn%.bias$", "%.attn%.masked_bias$" }
 GPTJForCausalLM.no_split_modules = { "GPTJBlock" }
+-- the model class and the config reader (CodeGen's own)
+GPTJForCausalLM.Model = GPTJModel
+function GPTJForCausalLM.read_config(source) return M.config(source) end
 
 function GPTJForCausalLM:__init(cfg)
    nn.Module.__init(self)
-   cfg = M.config(cfg)
-   self.transformer = GPTJModel(cfg)
+   cfg = self.read_config(cfg)
+   self.transformer = self.Model(cfg)
    self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
    rawset(self, "config", cfg)
    if cfg.tie_word_embeddings then self.lm_head.weight = self.transformer.wte.weight end

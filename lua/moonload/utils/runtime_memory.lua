@@ -142,7 +142,8 @@ function M.kv_cache_sizes(model, reserve_for)
             el = require("moonload.models.kv_cache").value_bytes(r.kv_cache_dtype, head_dim, el)
             tokens = capacity(r.max_length, r.prompt_length, e.attention.window or nil)
          end
-         out[e.name] = 2 * r.batch_size * tokens * kv_heads * head_dim * el
+         -- (a row's bytes are whole: an int8 row's value_bytes are 1 + 4 / head_dim, a fraction)
+         out[e.name] = 2 * r.batch_size * tokens * kv_heads * math.floor(head_dim * el + 0.5)
       end
    end
    return out
