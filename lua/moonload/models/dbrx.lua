@@ -84,12 +84,7 @@ function M.config(source)
    cfg.clip_qkv = clip
    -- transformers 5's rotary embedding reads rope_parameters alone (its default base 10000 under the
    -- hub's attn_config.rope_theta); the hub's files have only the latter, which DBRX was trained with
-   local rp, rp_name = cfg.rope_parameters, "rope_parameters"
-   if next(cfg.rope_scaling) ~= nil then rp, rp_name = cfg.rope_scaling, "rope_scaling" end
-   local kind = rp.rope_type or rp.type or "default"
-   if not ROPE_TYPES[kind] then
-      config.fail(cfg, WHO, 'rope type "%s" is not supported (supported: default, linear, llama3, yarn)', tostring(kind))
-   end
+   local rp, rp_name = llama.rope_table(cfg, WHO, ROPE_TYPES)
    cfg.rope = llama.rope_from(cfg, WHO, { { { rope_theta = cfg.attn_config.rope_theta }, "attn_config." },
       { { rope_theta = cfg.rope_theta }, "" }, { rp, rp_name .. "." } }, 10000)
    cfg.rope_theta = cfg.rope.rope_theta

@@ -200,6 +200,21 @@ function M.clip_projections(self, q, k, v)
    return q, k, v
 end
 
+--- The rope table a family's rotary embedding reads (rope_scaling when the file has one, else
+-- rope_parameters) and its name, its type one of `supported` (a set), else an error naming it.
+function M.rope_table(cfg, who, supported)
+   local rp, name = cfg.rope_parameters, "rope_parameters"
+   if next(cfg.rope_scaling) ~= nil then rp, name = cfg.rope_scaling, "rope_scaling" end
+   local kind = rp.rope_type or rp.type or "default"
+   if not supported[kind] then
+      local names = {}
+      for k in pairs(supported) do names[#names + 1] = k end
+      table.sort(names)
+      config.fail(cfg, who, 'rope type "%s" is not supported (supported: %s)', tostring(kind), table.concat(names, ", "))
+   end
+   return rp, name
+end
+
 -- One rotary configuration from (table, where-prefix) sources, later ones winning (nested
 -- tables, Gemma 3's per-layer-type parameters, are not keys of it), with the keys its rope type
 -- needs checked: {rope_type, rope_theta, factor, ...}. dynamic_rope (the family's, see FAMILIES) says

@@ -46,12 +46,7 @@ function M.config(source)
    cfg.head_dim = cfg.hidden_size / H        -- (transformers derives it, whatever the file says)
    -- transformers: rope_scaling, when given, stands for rope_parameters; the top level's rope_theta
    -- and partial_rotary_factor fill what the table lacks
-   local rp, rp_name = cfg.rope_parameters, "rope_parameters"
-   if next(cfg.rope_scaling) ~= nil then rp, rp_name = cfg.rope_scaling, "rope_scaling" end
-   local kind = rp.rope_type or rp.type or "default"
-   if not ROPE_TYPES[kind] then
-      config.fail(cfg, WHO, 'rope type "%s" is not supported (supported: default, linear, llama3, yarn)', tostring(kind))
-   end
+   local rp, rp_name = llama.rope_table(cfg, WHO, ROPE_TYPES)
    cfg.rope = llama.rope_from(cfg, WHO, { { { rope_theta = cfg.rope_theta }, "" }, { rp, rp_name .. "." } }, 10000)
    cfg.rope_theta = cfg.rope.rope_theta
    local factor, key = rp.partial_rotary_factor, rp_name .. ".partial_rotary_factor"
