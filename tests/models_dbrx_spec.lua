@@ -75,6 +75,25 @@ describe("models.dbrx (tests/fixtures/models/dbrx_tiny: 2 blocks of 4 experts, t
       H.rmdir(off)
    end)
 
+   it("quantizes its fused experts as one module each, saves them so and loads them back", function()
+      local m = models.from_pretrained(DIR)
+      local _, report = ml.quantize(m, { dtype = "int8" })
+      local experts = m.transformer.blocks[1].ffn.experts
+      assert.are.equal("ModuleList", experts.__name)
+      assert.are.equal("QuantizedLinear", experts[4].gate_proj.__name)        -- (down_proj: 16 in-features, too few)
+      local quantized = {}
+      for _, name in ipairs(report.quantized) do quantized[name] = true end
+      assert.is_true(quantized["transformer.blocks.1.ffn.experts.3.gate_proj"])
+      local q = m(ids)
+      assert.is_true(H.max_abs_diff(q, exp.logits) < 0.3)                  -- (int8's rounding)
+      local out = H.tmpdir()
+      ml.save_model(m, out)
+      local back = models.from_pretrained(out)
+      assert.are.equal("ModuleList", back.transformer.blocks[2].ffn.experts.__name)
+      assert.are.equal(0, (back(ids) - q):abs():max():item())
+      H.rmdir(out)
+   end)
+
    it("reads the hub's config: attn_config.rope_theta without rope_parameters, p = 1 unless null", function()
       local raw = H.read_json(DIR .. "/config.json")
       raw.rope_parameters, raw.ffn_config.moe_normalize_expert_weights = nil, nil

@@ -192,6 +192,7 @@ function DbrxExpertGLU:__init(cfg)
    self.act_fn = common.activation_module(cfg.hidden_act, WHO, cfg._source)
    rawset(self, "num_experts", E)
    rawset(self, "intermediate_size", I)
+   rawset(self, "hidden_act", cfg.hidden_act)
 end
 
 -- Expert e's (0-based) I rows of a fused weight, in dtype.
@@ -225,6 +226,26 @@ end
 
 function DbrxExperts:forward(flat, top_w, top_i) return self.mlp(flat, top_w, top_i) end
 
+--- The experts one module each (models/moe.lua's Qwen3MoeMLP: gate_proj w1's rows, up_proj v1's,
+-- down_proj w2's transposed), viewing these weights, for quantize to turn into quantized linear
+-- layers; nil while the weights are offloaded (meta). ml.save_model then writes them apart
+-- (ffn.experts.E.*), which from_pretrained builds back as such (DbrxForCausalLM.build_opts_for).
+function DbrxExperts:unstacked()
+   local g = self.mlp
+   if g.w1:is_meta() or g.v1:is_meta() or g.w2:is_meta() then return nil end
+   local I = g.intermediate_size
+   local cfg = { hidden_size = g.w1:size(2), hidden_act = g.hidden_act, _source = "DBRX's fused experts" }
+   local experts = {}
+   for e = 0, g.num_experts - 1 do
+      local x = require("moonload.big_modeling").init_empty_weights(function() return moe.Qwen3MoeMLP(cfg, I) end)
+      x.gate_proj.weight = g.w1:narrow(1, e * I + 1, I)
+      x.up_proj.weight = g.v1:narrow(1, e * I + 1, I)
+      x.down_proj.weight = g.w2:narrow(1, e * I + 1, I):t():contiguous()
+      experts[e + 1] = x
+   end
+   return nn.ModuleList(experts)
+end
+
 -- The sparse block: models/moe.lua's, its router's top-k softmax weights divided by their p-norm.
 local DbrxFFN = moe.SparseMoeBlock:extend("DbrxFFN")
 M.DbrxFFN = DbrxFFN
@@ -233,7 +254,9 @@ DbrxFFN.gate_name = "router"
 function DbrxFFN:__init(cfg)
    nn.Module.__init(self)
    self.router = DbrxRouter(cfg)
-   self.experts = DbrxExperts(cfg)
+   -- (the hub's fused experts, or one module each as ml.save_model writes them after quantize)
+   self.experts = cfg.experts_layout == "apart" and moe.experts_for(cfg, WHO, moe.Qwen3MoeMLP, "apart")
+      or DbrxExperts(cfg)
    self:routing(cfg)
    rawset(self, "normalize_p", cfg.normalize_p)
 end
@@ -283,10 +306,17 @@ DbrxForCausalLM.tied_weights = {}
 DbrxForCausalLM.no_split_modules = { "DbrxBlock" }
 DbrxForCausalLM.family, DbrxForCausalLM.Model = "dbrx", DbrxModel
 
---- DbrxForCausalLM(config): config is a config.json path, a folder holding one, or a table.
-function DbrxForCausalLM:__init(cfg)
+--- from_pretrained's build options for a checkpoint's tensor names: its experts apart (a quantized
+-- model's, saved by ml.save_model) or, as the hub holds them, fused.
+function DbrxForCausalLM.build_opts_for(names, shape_of)
+   return moe.experts_layout(names, shape_of) == "apart" and { experts_layout = "apart" } or nil
+end
+
+--- DbrxForCausalLM(config[, build_opts]): config is a config.json path, a folder holding one, or a table.
+function DbrxForCausalLM:__init(cfg, opts)
    nn.Module.__init(self)
    cfg = self:read_config(cfg)
+   cfg.experts_layout = opts and opts.experts_layout or nil
    self.transformer = DbrxModel(cfg)
    self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, { bias = false })
    rawset(self, "config", cfg)
