@@ -1,7 +1,8 @@
 -- ml.models OLMoE (OLMo 2's RMSNorms over the whole query and key projections in Llama's pre-norm
 -- layers, q, k and v clipped to clip_qkv; every layer sparse, a float32 softmax router whose top-k
 -- weights stay unnormalized) against transformers (tests/fixtures/gen_models.py olmoe): names,
--- logits, greedy ids with and without the cache, a padded batch, both expert layouts, configs.
+-- logits, greedy ids with and without the cache, a padded batch, both expert layouts, configs; and
+-- FlexOlmo (its experts in OLMo 2's layers: tests/fixtures/gen_models.py flex_olmo).
 local ml = require("moonload")
 local models = require("moonload.models")
 local moe = require("moonload.models.moe")
@@ -61,5 +62,42 @@ describe("models.olmoe (tests/fixtures/models/olmoe_tiny: 2 layers of 6 experts,
       local cfg = moe.config(raw, "olmoe")
       assert.are.same({ 16, false }, { cfg.moe_intermediate_size, cfg.norm_topk_prob })
       assert.is_nil(cfg.clip_qkv)
+   end)
+end)
+
+describe("models.flex_olmo (tests/fixtures/models/flex_olmo_tiny: OLMoE's experts, 2 of 4, in OLMo 2's layers)", function()
+   local exp, model, ids, logits_after = H.fixture_model("flex_olmo_tiny")
+   local dir = H.FIX .. "/flex_olmo_tiny"
+
+   it("builds FlexOlmoForCausalLM: norms after attention and MLP only, one module per expert as the hub holds them", function()
+      assert.are.equal("FlexOlmoForCausalLM", model.__name)
+      assert.are.same({ "FlexOlmoDecoderLayer" }, model.no_split_modules)
+      H.assert_holds_checkpoint(model, dir)
+      local layer = model.model.layers[1]
+      assert.is_nil(layer.input_layernorm)
+      assert.is_not_nil(layer.post_feedforward_layernorm)
+      assert.are.equal(4, #layer.mlp.experts)
+      assert.is_nil(rawget(layer.self_attn, "clip_qkv"))
+   end)
+
+   H.it_matches_expected(model, "flex_olmo_tiny")
+   H.it_matches_padded(model, "flex_olmo_tiny", "positions")
+
+   -- (the router's top two weights here sum to nearly 1: renormalizing them would change little)
+   it("needs its q/k norms, its norms after attention and two experts a token", function()
+      local changes = {
+         function(m) for _, l in ipairs(m.model.layers) do l.self_attn.q_norm.weight:fill_(1) end end,
+         function(m) for _, l in ipairs(m.model.layers) do l.post_attention_layernorm.weight:fill_(1) end end,
+         function(m) for _, l in ipairs(m.model.layers) do rawset(l.mlp, "top_k", 1) end end,
+      }
+      for i, change in ipairs(changes) do assert.is_true(H.max_abs_diff(logits_after(change), exp.logits) > 1e-3, i) end
+   end)
+
+   it("reads transformers' in-memory layout too (experts stacked per projection)", function()
+      local stacked = H.copy_with_stacked_experts(dir, { "model.layers.0.mlp.experts", "model.layers.1.mlp.experts" }, 4)
+      local m = models.from_pretrained(stacked)
+      assert.are.equal("StackedExperts", m.model.layers[1].mlp.experts.__name)
+      assert.is_true(H.max_abs_diff(m(ids), exp.logits) < TOL)
+      H.rmdir(stacked)
    end)
 end)

@@ -60,6 +60,7 @@ local ARCH = {
    arcee = { module = "moonload.models.llama", class = "ArceeForCausalLM" },
    apertus = { module = "moonload.models.llama", class = "ApertusForCausalLM" },
    olmoe = { module = "moonload.models.moe", class = "OlmoeForCausalLM" },
+   flex_olmo = { module = "moonload.models.moe", class = "FlexOlmoForCausalLM" },
    dbrx = { module = "moonload.models.dbrx", class = "DbrxForCausalLM" },
    phimoe = { module = "moonload.models.moe", class = "PhimoeForCausalLM" },
    ernie4_5 = { module = "moonload.models.ernie4_5", class = "Ernie4_5ForCausalLM" },

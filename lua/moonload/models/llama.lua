@@ -90,6 +90,7 @@ local FAMILIES = {
    apertus = { who = "models.apertus", prefix = "Apertus",
                defaults = { hidden_act = "xielu", rms_norm_eps = 1e-5, rope_theta = 12000000 } },
    olmoe = { who = "models.olmoe", prefix = "Olmoe", defaults = { rms_norm_eps = 1e-5 } },               -- models/moe.lua
+   flex_olmo = { who = "models.flex_olmo", prefix = "FlexOlmo", defaults = { max_position_embeddings = 4096 } },   -- models/moe.lua
    phimoe = { who = "models.phimoe", prefix = "Phimoe", defaults = { rms_norm_eps = 1e-5, rope_theta = 1000000 } },   -- models/moe.lua
    ministral = { who = "models.ministral", prefix = "Ministral", defaults = { max_position_embeddings = 131072 } },
    helium = { who = "models.helium", prefix = "Helium",
@@ -575,7 +576,7 @@ function M.config(source, family)
          for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 2 == 1 and "sliding_attention" or "full_attention" end
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-   elseif family == "olmo2" or family == "olmoe" then
+   elseif family == "olmo2" or family == "olmoe" or family == "flex_olmo" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       M.check_clip_qkv(cfg, family == "olmoe", WHO)

@@ -30,7 +30,7 @@ function M.config(source, family)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
    local always_renormalize = family == "mixtral" or family == "minimax_m2" or family == "granitemoe"
       or family == "granitemoehybrid"
-   local experts_are_mlp = always_renormalize or family == "olmoe" or family == "phimoe"   -- (their experts' width: intermediate_size)
+   local experts_are_mlp = always_renormalize or family == "olmoe" or family == "phimoe" or family == "flex_olmo"   -- (their experts' width: intermediate_size)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (experts_are_mlp and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
@@ -519,6 +519,15 @@ end
 function OlmoeAttention:project(x, B, L)
    return llama.clip_projections(self, llama.Olmo2Attention.project(self, x, B, L))
 end
+
+-- FlexOlmo (model_type flex_olmo: FlexOlmo-7x7B-1T): OLMoE's sparse block in every layer (its
+-- router; experts as wide as intermediate_size, the top-k weights kept as they are unless
+-- norm_topk_prob) inside OLMo 2's layer: norms after attention and MLP, none before, RMSNorms over
+-- the whole query and key projections; no clip_qkv.
+local FlexOlmoLM = M.decoder_family("flex_olmo", "FlexOlmo", llama.Olmo2Attention,
+   OlmoeSparseMoeBlock:extend("FlexOlmoSparseMoeBlock"), "mlp", M.config, M)
+M.FlexOlmoDecoderLayer.__init, M.FlexOlmoDecoderLayer.forward = llama.Olmo2DecoderLayer.__init, llama.Olmo2DecoderLayer.forward
+M.builds_experts_as_stored(FlexOlmoLM)
 
 -- PhiMoE (model_type phimoe: Phi-3.5-MoE): Llama's attention, biased when attention_bias, a
 -- sliding window; LayerNorms with biases; a biased head with lm_head_bias; every layer sparse
