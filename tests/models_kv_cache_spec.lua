@@ -250,7 +250,7 @@ describe("int8 key-value cache", function()
    local families = { "llama_tiny_untied", "gpt2_tiny", "gpt_neox_tiny", "phi_tiny", "mistral_tiny", "gemma2_tiny",
                       "qwen3_moe_tiny", "opt_tiny", "bloom_tiny", "falcon_tiny", "gptj_tiny",
                       "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "deepseek_v32_tiny",
-                      "glm_moe_dsa_tiny", "glm4_moe_lite_tiny", "llama4_tiny", "ernie4_5_moe_tiny", "hunyuan_v1_moe_tiny", "cohere2_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny",
+                      "glm_moe_dsa_tiny", "glm4_moe_lite_tiny", "llama4_tiny", "ernie4_5_moe_tiny", "hunyuan_v1_moe_tiny", "cohere2_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny", "cohere2_moe_tiny", "cohere2_moe_sigmoid_tiny", "afmoe_tiny",
                       "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny" }
    for _, name in ipairs(families) do
       it(name .. " decodes with an int8 cache close to its float cache", function()

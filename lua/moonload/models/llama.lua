@@ -76,6 +76,7 @@ local FAMILIES = {
    cohere = { who = "models.cohere", prefix = "Cohere",
               defaults = { tie_word_embeddings = true, rope_theta = 500000, rms_norm_eps = 1e-5 } },
    cohere2 = { who = "models.cohere2", prefix = "Cohere2", defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
+   cohere2_moe = { who = "models.cohere2_moe", prefix = "Cohere2Moe" },                  -- models/cohere2_moe.lua
    granite = { who = "models.granite", prefix = "Granite" },
    granitemoe = { who = "models.granitemoe", prefix = "GraniteMoe" },                         -- models/moe.lua
    -- hybrids of Mamba-2 mixers and attention (models/mamba2.lua's mixer)
@@ -91,6 +92,8 @@ local FAMILIES = {
                defaults = { hidden_act = "xielu", rms_norm_eps = 1e-5, rope_theta = 12000000 } },
    olmoe = { who = "models.olmoe", prefix = "Olmoe", defaults = { rms_norm_eps = 1e-5 } },               -- models/moe.lua
    flex_olmo = { who = "models.flex_olmo", prefix = "FlexOlmo", defaults = { max_position_embeddings = 4096 } },   -- models/moe.lua
+   afmoe = { who = "models.afmoe", prefix = "Afmoe",                                                    -- models/afmoe.lua
+             defaults = { head_dim = 128, rms_norm_eps = 1e-5, max_position_embeddings = 16384 } },
    phimoe = { who = "models.phimoe", prefix = "Phimoe", defaults = { rms_norm_eps = 1e-5, rope_theta = 1000000 } },   -- models/moe.lua
    ministral = { who = "models.ministral", prefix = "Ministral", defaults = { max_position_embeddings = 131072 } },
    helium = { who = "models.helium", prefix = "Helium",
@@ -430,7 +433,7 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.rope_pairs_interleaved = true
-   elseif family == "exaone4" or family == "cohere2" then   -- sliding layers rotate; with a window, the full ones are NoPE
+   elseif family == "exaone4" or family == "cohere2" or family == "cohere2_moe" then   -- sliding layers rotate; with a window, the full ones are NoPE
       if family == "exaone4" then
          cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
          cfg.qk_norm = true
@@ -576,6 +579,13 @@ function M.config(source, family)
          for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 2 == 1 and "sliding_attention" or "full_attention" end
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
+   elseif family == "afmoe" then             -- per-head q/k norms; of layer_types (models/afmoe.lua fills it in),
+      -- the sliding layers rotate and the full ones have no position embedding
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.qk_norm = cfg.attention_bias, cfg.attention_bias, false, true
+      cfg.use_sliding_window, cfg.max_window_layers = true, 0
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+      cfg.nope_layers = {}
+      for i, w in ipairs(cfg.layer_windows) do cfg.nope_layers[i] = not w end
    elseif family == "olmo2" or family == "olmoe" or family == "flex_olmo" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -632,7 +642,7 @@ function M.config(source, family)
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       cfg.qk_norm = true
    end
-   if family == "cohere" or family == "cohere2" then
+   if family == "cohere" or family == "cohere2" or family == "cohere2_moe" then
       local scale = cfg.logit_scale == nil and 0.0625 or cfg.logit_scale
       if type(scale) ~= "number" or scale <= 0 then
          config.fail(cfg, WHO, 'config key "logit_scale" must be a positive number, got %s', tostring(scale))
