@@ -25,7 +25,7 @@ describe("models block schedule", function()
    -- than the chunks and longer than some
    local families = { "llama_tiny_untied", "gpt2_tiny", "gpt_neox_tiny", "mistral_tiny", "gemma2_tiny",
       "gemma3_tiny", "phi_tiny", "phi3_tiny", "qwen3_moe_tiny", "starcoder2_tiny", "opt_tiny", "bloom_tiny", "falcon_tiny_new_arch", "gptj_tiny",
-      "llama4_tiny", "ernie4_5_moe_tiny", "exaone4_tiny", "smollm3_tiny", "hunyuan_v1_moe_tiny", "cohere2_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny", "cohere2_moe_tiny", "cohere2_moe_sigmoid_tiny", "afmoe_tiny",
+      "llama4_tiny", "ernie4_5_moe_tiny", "exaone4_tiny", "smollm3_tiny", "hunyuan_v1_moe_tiny", "cohere2_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny", "cohere2_moe_tiny", "cohere2_moe_sigmoid_tiny", "afmoe_tiny", "hy_v3_tiny", "mimo_v2_flash_tiny",
       "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny", "gemma4_tiny", "gemma4_moe_tiny" }
    local blockings = {
       { micro_batch_size = 2 },

@@ -70,6 +70,7 @@ local ARCH = {
    llama4_text = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },
    llama4 = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },              -- its language model
    minimax_m2 = { module = "moonload.models.moe", class = "MiniMaxM2ForCausalLM" },
+   hy_v3 = { module = "moonload.models.hy_v3", class = "HYV3ForCausalLM" },
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },
    deepseek_v3 = { module = "moonload.models.deepseek", class = "DeepseekV3ForCausalLM" },
@@ -85,6 +86,7 @@ local ARCH = {
    glm4v_text = { module = "moonload.models.llama", class = "Glm4vForCausalLM" },
    glm4v_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },     -- its language model
    dots1 = { module = "moonload.models.dots1", class = "Dots1ForCausalLM" },
+   mimo_v2_flash = { module = "moonload.models.mimo_v2_flash", class = "MiMoV2FlashForCausalLM" },
    gpt_oss = { module = "moonload.models.gpt_oss", class = "GptOssForCausalLM" },
    qwen3_next = { module = "moonload.models.qwen3_next", class = "Qwen3NextForCausalLM" },
    qwen3_5_text = { module = "moonload.models.qwen3_5", class = "Qwen3_5ForCausalLM" },
@@ -137,7 +139,7 @@ setmetatable(M, { __index = function(t, k)
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bloom = "moonload.models.bloom", mpt = "moonload.models.mpt", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj", gpt_bigcode = "moonload.models.gpt_bigcode", gpt_neo = "moonload.models.gpt_neo", codegen = "moonload.models.codegen", stablelm = "moonload.models.stablelm",
       bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", glm4_moe = "moonload.models.glm4_moe", dots1 = "moonload.models.dots1",
-      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", cohere2_moe = "moonload.models.cohere2_moe", afmoe = "moonload.models.afmoe", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
+      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", mimo_v2_flash = "moonload.models.mimo_v2_flash", hy_v3 = "moonload.models.hy_v3", cohere2_moe = "moonload.models.cohere2_moe", afmoe = "moonload.models.afmoe", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",

@@ -47,6 +47,9 @@ local FAMILIES = {
                                num_key_value_heads = 8, intermediate_size = function(c) return c.moe_intermediate_size or 1280 end } },
    glm4v = { who = "models.glm4v", prefix = "Glm4v", defaults = { rms_norm_eps = 1e-5 } },   -- GLM-4.1V's language model
    dots1 = { who = "models.dots1", prefix = "Dots1" },                                       -- models/dots1.lua
+   mimo_v2_flash = { who = "models.mimo_v2_flash", prefix = "MiMoV2Flash",                      -- models/mimo_v2_flash.lua
+                     defaults = { head_dim = 192, num_key_value_heads = 4, rms_norm_eps = 1e-5,
+                                  max_position_embeddings = 131072 } },
    qwen3_next = { who = "models.qwen3_next", prefix = "Qwen3Next", defaults = { head_dim = 256 } },   -- models/qwen3_next.lua
    qwen3_5 = { who = "models.qwen3_5", prefix = "Qwen3_5", defaults = { head_dim = 256 } },          -- models/qwen3_5.lua
    qwen3_5_moe = { who = "models.qwen3_5_moe", prefix = "Qwen3_5Moe",      -- (no dense MLP: no intermediate_size)
@@ -54,6 +57,7 @@ local FAMILIES = {
    gpt_oss = { who = "models.gpt_oss", prefix = "GptOss",                                       -- models/gpt_oss.lua
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
    minimax_m2 = { who = "models.minimax_m2", prefix = "MiniMaxM2", defaults = { head_dim = 128, rope_theta = 5000000 } },   -- models/moe.lua
+   hy_v3 = { who = "models.hy_v3", prefix = "HYV3", defaults = { rope_theta = 11158840 } },                 -- models/hy_v3.lua
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
    ernie4_5 = { who = "models.ernie4_5", prefix = "Ernie4_5",                                    -- models/ernie4_5.lua
@@ -531,6 +535,9 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       if family == "apertus" then cfg.mlp_bias, cfg.qk_norm = false, true end
+   elseif family == "hy_v3" then            -- Apertus's per-head q/k norms; mlp_bias on the dense and shared MLPs
+      cfg.qkv_bias, cfg.o_bias, cfg.qk_norm = cfg.attention_bias, cfg.attention_bias, true
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "internlm3" then        -- Llama's layers: one bias setting for q, k, v, o and the MLP
       if cfg.attention_bias ~= cfg.mlp_bias then
          config.fail(cfg, WHO, 'config keys "qkv_bias" (%s) and "bias" (%s) differ: InternLM3 runs as a Llama, '
@@ -586,6 +593,11 @@ function M.config(source, family)
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       cfg.nope_layers = {}
       for i, w in ipairs(cfg.layer_windows) do cfg.nope_layers[i] = not w end
+   elseif family == "mimo_v2_flash" then     -- q/k/v biased when asked, never the output; of layer_types
+      -- (models/mimo_v2_flash.lua fills it in) the sliding layers attend over the window
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
+      cfg.use_sliding_window, cfg.max_window_layers = true, 0
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
    elseif family == "olmo2" or family == "olmoe" or family == "flex_olmo" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
