@@ -1,5 +1,6 @@
 #!/opt/ref/bin/python
-"""transformers peer for bench/qwen3_next.lua, bench/granite_hybrid.lua, bench/falcon_mamba.lua and bench/gemma4.lua:
+"""transformers peer for bench/qwen3_next.lua, bench/granite_hybrid.lua, bench/falcon_mamba.lua, bench/gemma4.lua
+and bench/gpt_bigcode.lua:
 loads the model's folder the Lua side wrote (bfloat16; without flash-linear-attention, causal-conv1d
 and mamba-ssm installed, transformers runs its PyTorch fallbacks for the linear-attention and Mamba
 layers), then N greedy tokens after a P-token prompt. Reports
