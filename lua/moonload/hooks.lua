@@ -488,12 +488,15 @@ end
 --- with_weights(module, fn, ...) -> fn(...) while module's hook has its own weights where it puts
 -- them for a forward (as its pre_forward does; post_forward puts them back after fn): for code
 -- that reads a layer's weights as tensors instead of calling it (DeepSeek's absorbed attention
--- under cpu_offload's per-layer hooks). A module without a hook just runs fn.
+-- under cpu_offload's per-layer hooks, LongCat's float32 router). The arguments go through the
+-- hook as a forward's would, and fn gets them as it gives them back: their rows decide, as for a
+-- forward, whether the module runs in place (set_compute_in_place). A module without a hook just
+-- runs fn.
 function M.with_weights(module, fn, ...)
    local h = rawget(module, "_hf_hook")
    if h == nil then return fn(...) end
-   h:pre_forward(module)
-   local res = pack(pcall(fn, ...))
+   local args = pack(h:pre_forward(module, ...))
+   local res = pack(pcall(fn, unpack(args, 1, args.n)))
    h:post_forward(module)
    if not res[1] then error(res[2], 0) end
    return unpack(res, 2, res.n)

@@ -148,6 +148,8 @@ local ROUTING = {
       topk_group = 1, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
    mistral4 = { method = "softmax_best_two", defaults = { routed_scaling_factor = 1, norm_topk_prob = true, n_group = 1,
       topk_group = 1, first_k_dense_replace = 0, num_experts_per_tok = 4 } },
+   -- (models/longcat_flash.lua: a softmax over the experts and its zero experts, routed there)
+   longcat_flash = { method = "greedy", defaults = { routed_scaling_factor = 6, num_experts_per_tok = 12 } },
 }
 
 --- Reads and checks the config (path, folder or table) of a family with DeepSeek's latent

@@ -175,16 +175,17 @@ end
 
 local Lfm2DecoderLayer = nn.Module:extend("Lfm2DecoderLayer")
 M.Lfm2DecoderLayer = Lfm2DecoderLayer
+Lfm2DecoderLayer.Attention, Lfm2DecoderLayer.Conv, Lfm2DecoderLayer.MLP = Lfm2Attention, Lfm2ShortConv, Lfm2MLP   -- (LFM3's own)
 
 function Lfm2DecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
-   if cfg.layer_types[layer_idx] == "full_attention" then
-      self.self_attn = Lfm2Attention(cfg, layer_idx)
+   if cfg.layer_types[layer_idx] ~= "conv" then         -- (LFM3's sliding layers attend too)
+      self.self_attn = self.Attention(cfg, layer_idx)
    else
-      self.conv = Lfm2ShortConv(cfg, layer_idx)
+      self.conv = self.Conv(cfg, layer_idx)
    end
    local sparse = cfg.num_experts and layer_idx > cfg.num_dense_layers
-   self.feed_forward = sparse and Lfm2MoeSparseMoeBlock(cfg) or Lfm2MLP(cfg)
+   self.feed_forward = sparse and Lfm2MoeSparseMoeBlock(cfg) or self.MLP(cfg)
    self.operator_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    self.ffn_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
 end
@@ -212,11 +213,11 @@ Lfm2Model.norm_name = "embedding_norm"
 -- transformers' order: the embeddings, the layers, the rotary table, the final norm
 function Lfm2Model:__init(cfg)
    local layers = {}
-   for i = 1, cfg.num_hidden_layers do layers[i] = Lfm2DecoderLayer(cfg, i) end
+   for i = 1, cfg.num_hidden_layers do layers[i] = self.Layer(cfg, i) end
    nn.Module.__init(self)
    self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
    self.layers = nn.ModuleList(layers)
-   self.rotary_emb = Lfm2RotaryEmbedding(cfg)
+   self.rotary_emb = self.Rotary(cfg)
    self.embedding_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
    rawset(self, "config", cfg)
 end

@@ -38,6 +38,8 @@ local FAMILIES = {
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    glm4_moe_lite = { who = "models.glm4_moe_lite", prefix = "Glm4MoeLite", defaults = { rms_norm_eps = 1e-5 } },
    mistral4 = { who = "models.mistral4", prefix = "Mistral4" },
+   longcat_flash = { who = "models.longcat_flash", prefix = "LongcatFlash",        -- models/longcat_flash.lua
+                     defaults = { rms_norm_eps = 1e-5, rope_theta = 10000000, max_position_embeddings = 131072 } },
    deepseek_v32 = { who = "models.deepseek_v32", prefix = "DeepseekV32" },              -- models/deepseek_sparse.lua
    glm_moe_dsa = { who = "models.glm_moe_dsa", prefix = "GlmMoeDsa", defaults = { rms_norm_eps = 1e-5 } },
    glm4 = { who = "models.glm4", prefix = "Glm4", defaults = { rms_norm_eps = 1.5625e-07, head_dim = 128, attention_bias = true } },
@@ -58,6 +60,7 @@ local FAMILIES = {
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
    minimax_m2 = { who = "models.minimax_m2", prefix = "MiniMaxM2", defaults = { head_dim = 128, rope_theta = 5000000 } },   -- models/moe.lua
    hy_v3 = { who = "models.hy_v3", prefix = "HYV3", defaults = { rope_theta = 11158840 } },                 -- models/hy_v3.lua
+   laguna = { who = "models.laguna", prefix = "Laguna" },                                        -- models/laguna.lua
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
    ernie4_5 = { who = "models.ernie4_5", prefix = "Ernie4_5",                                    -- models/ernie4_5.lua
@@ -586,13 +589,16 @@ function M.config(source, family)
          for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 2 == 1 and "sliding_attention" or "full_attention" end
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-   elseif family == "afmoe" then             -- per-head q/k norms; of layer_types (models/afmoe.lua fills it in),
-      -- the sliding layers rotate and the full ones have no position embedding
+   elseif family == "afmoe" or family == "laguna" then   -- per-head q/k norms; of layer_types (models/afmoe.lua,
+      -- models/laguna.lua fill it in) the sliding layers attend over the window; AFMoE's full ones have no
+      -- position embedding
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.qk_norm = cfg.attention_bias, cfg.attention_bias, false, true
       cfg.use_sliding_window, cfg.max_window_layers = true, 0
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-      cfg.nope_layers = {}
-      for i, w in ipairs(cfg.layer_windows) do cfg.nope_layers[i] = not w end
+      if family == "afmoe" then
+         cfg.nope_layers = {}
+         for i, w in ipairs(cfg.layer_windows) do cfg.nope_layers[i] = not w end
+      end
    elseif family == "mimo_v2_flash" then     -- q/k/v biased when asked, never the output; of layer_types
       -- (models/mimo_v2_flash.lua fills it in) the sliding layers attend over the window
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
@@ -649,6 +655,9 @@ function M.config(source, family)
       cfg.use_sliding_window = true
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       cfg.qk_norm = true
+   elseif family == "longcat_flash" then     -- DeepSeek's latent attention, twice a layer (models/longcat_flash.lua)
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    else                                        -- qwen3, qwen3_moe
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       cfg.layer_windows = qwen2_windows(cfg, WHO)
