@@ -13,10 +13,10 @@ local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny
                    "gemma2_tiny", "gemma3_tiny", "gemma3_multimodal_tiny", "qwen3_moe_tiny", "mixtral_tiny",
                    "gpt_neox_tiny", "qwen2_moe_tiny", "starcoder2_tiny", "olmo2_tiny", "phi_tiny",
                    "deepseek_v3_tiny", "deepseek_v2_lite_tiny", "glm4_moe_tiny", "gpt_oss_tiny",
-                   "gpt_oss_mxfp4_tiny", "qwen3_next_tiny", "qwen3_5_tiny",
+                   "gpt_oss_mxfp4_tiny", "qwen3_next_tiny", "olmo_hybrid_tiny", "qwen3_5_tiny",
                    "qwen3_5_moe_multimodal_tiny", "lfm2_tiny",
                    "lfm2_moe_tiny", "lfm3_tiny", "lfm3_plain_tiny", "minimax_m2_tiny", "olmo3_tiny", "llama4_tiny", "ernie4_5_tiny", "ernie4_5_moe_tiny", "exaone4_tiny",
-                   "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny", "cohere2_moe_tiny", "cohere2_moe_sigmoid_tiny", "afmoe_tiny", "hy_v3_tiny", "mimo_v2_flash_tiny", "longcat_flash_tiny", "laguna_tiny", "laguna_per_element_tiny",
+                   "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny", "cohere2_moe_tiny", "cohere2_moe_sigmoid_tiny", "afmoe_tiny", "hy_v3_tiny", "mimo_v2_flash_tiny", "longcat_flash_tiny", "laguna_tiny", "laguna_per_element_tiny", "exaone_moe_tiny",
                    "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny",
                    "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny",
                    "nemotron_h_tiny", "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "jamba_tiny", "mamba_tiny", "falcon_mamba_tiny", "falcon_h1_tiny",
@@ -86,7 +86,7 @@ describe("utils.runtime_memory", function()
             local windows = { mistral_tiny = 2, qwen2_tiny = 1, qwen3_tiny = 1, phi3_tiny = 2, gemma2_tiny = 2,
                               gemma3_tiny = 2, gemma3_multimodal_tiny = 2, starcoder2_tiny = 2,
                               gpt_oss_tiny = 2, gpt_oss_mxfp4_tiny = 2, olmo3_tiny = 3, exaone4_tiny = 3, cohere2_tiny = 3,
-                              phimoe_tiny = 2, dots1_tiny = 1, ministral_tiny = 2, vaultgemma_tiny = 2, gpt_neo_tiny = 2, cohere2_moe_tiny = 2, cohere2_moe_sigmoid_tiny = 2, afmoe_tiny = 2, mimo_v2_flash_tiny = 2, lfm3_tiny = 1, lfm3_plain_tiny = 1, laguna_tiny = 2,
+                              phimoe_tiny = 2, dots1_tiny = 1, ministral_tiny = 2, vaultgemma_tiny = 2, gpt_neo_tiny = 2, cohere2_moe_tiny = 2, cohere2_moe_sigmoid_tiny = 2, afmoe_tiny = 2, mimo_v2_flash_tiny = 2, lfm3_tiny = 1, lfm3_plain_tiny = 1, laguna_tiny = 2, exaone_moe_tiny = 2,
                               gemma4_tiny = 2, gemma4_moe_tiny = 5, gemma4_multimodal_tiny = 2 }
             assert.are.equal(windows[name] or 0, sliding)
          end)

@@ -34,6 +34,8 @@ local FAMILIES = {
    qwen2_moe = { who = "models.qwen2_moe", prefix = "Qwen2Moe" },                                  -- models/moe.lua
    olmo2 = { who = "models.olmo2", prefix = "Olmo2" },
    olmo3 = { who = "models.olmo3", prefix = "Olmo3", defaults = { rope_theta = 500000, rms_norm_eps = 1e-5 } },
+   olmo_hybrid = { who = "models.olmo_hybrid", prefix = "OlmoHybrid",                        -- models/olmo_hybrid.lua
+                   defaults = { max_position_embeddings = 65536 } },
    deepseek_v2 = { who = "models.deepseek_v2", prefix = "DeepseekV2" },                        -- models/deepseek.lua
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    glm4_moe_lite = { who = "models.glm4_moe_lite", prefix = "Glm4MoeLite", defaults = { rms_norm_eps = 1e-5 } },
@@ -68,6 +70,7 @@ local FAMILIES = {
    ernie4_5_moe = { who = "models.ernie4_5_moe", prefix = "Ernie4_5_Moe",
                     defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5, rope_theta = 500000 } },
    exaone4 = { who = "models.exaone4", prefix = "Exaone4", defaults = { rms_norm_eps = 1e-5 } },
+   exaone_moe = { who = "models.exaone_moe", prefix = "ExaoneMoe" },                      -- models/exaone_moe.lua
    smollm3 = { who = "models.smollm3", prefix = "SmolLM3",
                defaults = { tie_word_embeddings = true, rope_theta = 2000000 } },
    seed_oss = { who = "models.seed_oss", prefix = "SeedOss",
@@ -440,8 +443,8 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.rope_pairs_interleaved = true
-   elseif family == "exaone4" or family == "cohere2" or family == "cohere2_moe" then   -- sliding layers rotate; with a window, the full ones are NoPE
-      if family == "exaone4" then
+   elseif family == "exaone4" or family == "exaone_moe" or family == "cohere2" or family == "cohere2_moe" then   -- sliding layers rotate; with a window, the full ones are NoPE
+      if family == "exaone4" or family == "exaone_moe" then
          cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
          cfg.qk_norm = true
       else                                    -- Cohere 2: Cohere's layers; without a window, transformers' 4096
@@ -578,7 +581,8 @@ function M.config(source, family)
    elseif family == "lfm2" or family == "lfm2_moe" then   -- (its layer types: models/lfm2.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-   elseif family == "qwen3_next" or family == "qwen3_5" or family == "qwen3_5_moe" then   -- (layer types: models/qwen3_next.lua)
+   elseif family == "qwen3_next" or family == "qwen3_5" or family == "qwen3_5_moe" or family == "olmo_hybrid" then
+      -- (layer types: models/qwen3_next.lua, models/olmo_hybrid.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "gpt_oss" then           -- biased projections; sliding and full layers alternate

@@ -115,6 +115,8 @@ local Qwen3NextGatedDeltaNet = nn.Module:extend("Qwen3NextGatedDeltaNet")
 M.Qwen3NextGatedDeltaNet = Qwen3NextGatedDeltaNet
 -- q, k, v, z in one projection and b, a in another, grouped by key head (Qwen3.5's stand apart)
 Qwen3NextGatedDeltaNet.fused_in_proj = true
+-- the gated norm's and the output projection's attributes (OLMo Hybrid's: o_norm, o_proj)
+Qwen3NextGatedDeltaNet.norm_name, Qwen3NextGatedDeltaNet.out_name = "norm", "out_proj"
 
 function Qwen3NextGatedDeltaNet:__init(cfg, layer_idx)
    nn.Module.__init(self)
@@ -189,16 +191,17 @@ function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
    local state
    if cache then
       state = cache:layer_state(self.layer_idx, B, function(rows)
-         return { conv = causal_conv.initial_state(self.conv1d, rows, x),
+         return { conv = causal_conv.initial_state({ taps = h.taps, channels = h.conv_dim }, rows, x),
                   recurrent = T.zeros({ rows, Hv, Dk, Dv }, { dtype = "float32", device = x.device }) }
       end)
    end
-   local conv = causal_conv.run(self.conv1d, mixed, state and state.conv):silu()         -- (B, L, conv_dim)
+   local conv = self:convolve(mixed, state and state.conv)                             -- (B, L, conv_dim)
 
    local q = conv:narrow(3, 1, Hk * Dk):view(B, L, Hk, Dk)
    local k = conv:narrow(3, Hk * Dk + 1, Hk * Dk):view(B, L, Hk, Dk)
    local v = conv:narrow(3, 2 * Hk * Dk + 1, Hv * Dv):view(B, L, Hv, Dv)
    local beta = b:sigmoid()
+   if self.neg_eigval then beta = beta * 2 end      -- (OLMo Hybrid's rates in (0, 2): S may flip sign)
    local A, dt_bias = self.A_log:float(), self.dt_bias:float()
    if A.device ~= x.device then A, dt_bias = A:to(x.device), dt_bias:to(x.device) end
    local g = -(A:exp()) * (a:float() + dt_bias):softplus()                             -- (B, L, Hv) float32
@@ -206,8 +209,14 @@ function Qwen3NextGatedDeltaNet:forward(x, cache, pad)
    if recurrent and recurrent.device ~= x.device then recurrent = recurrent:to(x.device) end
    local y = F.gated_delta_rule(q, k, v, g, beta, recurrent)                           -- (B, L, Hv, Dv)
    if recurrent and recurrent ~= state.recurrent then state.recurrent:copy_(recurrent) end
-   y = self.norm(y:reshape(B * L * Hv, Dv), z):view(B, L, Hv * Dv)
-   return self.out_proj(y)
+   y = self[self.norm_name](y:reshape(B * L * Hv, Dv), z):view(B, L, Hv * Dv)
+   return self[self.out_name](y)
+end
+
+--- The depthwise causal conv of the projections (B, L, conv_dim) after the inputs state holds
+-- (nil: none; it then holds the last ones), through SiLU (OLMo Hybrid's: three convs, hidden_act).
+function Qwen3NextGatedDeltaNet:convolve(mixed, state)
+   return causal_conv.run(self.conv1d, mixed, state):silu()
 end
 
 -- --- layers and model ---------------------------------------------------------------------------
