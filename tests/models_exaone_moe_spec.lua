@@ -157,21 +157,8 @@ describe("models.exaone_moe (tests/fixtures/models/exaone_moe_tiny: a dense laye
       H.rmdir(dir)
    end)
 
-   it("gives transformers' logits and tokens split over CPU and disk by device_map auto, with its experts on disk too", function()
-      -- (a CPU budget of 150000 bytes leaves some layers to the disk)
-      for _, overrides in ipairs({ false, { ["%.mlp%.experts%.%d+$"] = "disk" } }) do
-         local off = H.tmpdir()
-         local m = models.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 150000 }, offload_folder = off,
-            device_overrides = overrides or nil })
-         local on = {}
-         for _, dev in pairs(m.hf_device_map) do on[tostring(dev)] = true end
-         assert.is_true(on.cpu and on.disk, "a CPU + disk split")
-         if overrides then assert.are.equal("disk", m.hf_device_map["model.layers.1.mlp.experts.5"]) end
-         assert.is_true(H.max_abs_diff(m(ids), exp.logits) < TOL)
-         assert.are.same(exp.greedy_ids, m:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-         H.rmdir(off)
-      end
-   end)
+   -- (a CPU budget of 150000 bytes leaves some layers to the disk)
+   H.it_splits_over_cpu_and_disk(NAME, { budget = 150000, places = { ["model.layers.1.mlp.experts.5"] = "disk" } })
 
    describe("config", function()
       it("reads ExaoneMoeConfig's defaults: a 4096-token window on 3 layers of every 4, the first layer dense", function()

@@ -268,6 +268,36 @@ function H.it_runs_stateful(model, fixture, device_map)
    end)
 end
 
+--- An it() loading the fixture split over CPU and disk by device_map "auto" under a CPU budget
+-- (opts.budget), then again with opts.overrides (default: every expert to the disk) under
+-- opts.overrides_budget (default: the same), each time with transformers' logits and greedy ids;
+-- opts.places: module name -> the place it must get the second time.
+function H.it_splits_over_cpu_and_disk(fixture, opts)
+   local env = getfenv(2)
+   local it, assert = env.it, env.assert
+   it("gives transformers' logits and tokens split over CPU and disk by device_map auto, with its experts on disk too",
+      function()
+         local models = require("moonload.models")
+         local exp = H.expected(fixture)
+         local overrides = opts.overrides or { ["%.mlp%.experts%.%d+$"] = "disk" }
+         for _, pass in ipairs({ { opts.budget }, { opts.overrides_budget or opts.budget, overrides } }) do
+            local off = H.tmpdir()
+            local m = models.from_pretrained(H.FIX .. "/" .. fixture, { device_map = "auto", max_memory = { cpu = pass[1] },
+               offload_folder = off, device_overrides = pass[2] })
+            local on = {}
+            for _, dev in pairs(m.hf_device_map) do on[tostring(dev)] = true end
+            assert.is_true(on.disk and (on.cpu or pass[2] ~= nil), "a CPU + disk split")
+            for name, place in pairs(pass[2] and opts.places or {}) do
+               assert.are.equal(place, tostring(m.hf_device_map[name]), name)
+            end
+            assert.is_true(H.max_abs_diff(m(exp.input_ids), exp.logits) < 1e-4)
+            assert.are.same(exp.greedy_ids, m:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens,
+               eos_token_id = false }))
+            H.rmdir(off)
+         end
+      end)
+end
+
 --- Asserts that read_config(raw) raises an error holding msg, raw being dir's config.json changed by
 -- change (a function of the table, or a table of keys to set).
 function H.assert_config_fails(read_config, dir, change, msg)

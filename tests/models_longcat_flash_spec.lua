@@ -174,25 +174,10 @@ describe("models.longcat_flash (tests/fixtures/models/longcat_flash_tiny: 2 laye
       assert.is_true(ran < 2 * 16 * 2, "fewer rows than 2 experts x 16 tokens x 2 layers: some went to zero experts")
    end)
 
-   it("gives the same tokens split over CPU and disk by device_map auto, and with its experts on disk", function()
-      local off = H.tmpdir()
-      -- (a CPU budget of 200000 bytes keeps the embedding and leaves the layers, 145 kB each, to the disk)
-      local split = models.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 200000 }, offload_folder = off })
-      local places = {}
-      for _, dev in pairs(split.hf_device_map) do places[tostring(dev)] = true end
-      assert.is_true(places.cpu and places.disk, "a CPU + disk split")
-      assert.is_true(H.max_abs_diff(split(exp.input_ids), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-      off = H.tmpdir()
-      local m = models.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 400000 }, offload_folder = off,
-         device_overrides = { ["%.mlp%.experts%.%d+$"] = "disk", ["%.mlp%.router$"] = "disk" } })
-      assert.are.equal("disk", m.hf_device_map["model.layers.1.mlp.experts.5"])
-      assert.are.equal("disk", m.hf_device_map["model.layers.0.mlp.router"])
-      assert.is_true(H.max_abs_diff(m(exp.input_ids), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids[1], m:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-   end)
+   -- (a CPU budget of 200000 bytes keeps the embedding and leaves the layers, 145 kB each, to the disk)
+   H.it_splits_over_cpu_and_disk(NAME, { budget = 200000, overrides_budget = 400000,
+      overrides = { ["%.mlp%.experts%.%d+$"] = "disk", ["%.mlp%.router$"] = "disk" },
+      places = { ["model.layers.1.mlp.experts.5"] = "disk", ["model.layers.0.mlp.router"] = "disk" } })
 
    it("loads transformers' save_pretrained folder (gate/up rows for the zero experts) and leaves out the hub's MTP layers", function()
       local dir = H.tmpdir()

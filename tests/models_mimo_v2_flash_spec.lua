@@ -167,22 +167,8 @@ describe("models.mimo_v2_flash (tests/fixtures/models/mimo_v2_flash_tiny: sinks 
       H.rmdir(dir)
    end)
 
-   it("gives the same tokens split over CPU and disk by device_map auto, and with its experts on disk", function()
-      local off = H.tmpdir()
-      local split = models.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 150000 }, offload_folder = off })
-      local places = {}
-      for _, dev in pairs(split.hf_device_map) do places[tostring(dev)] = true end
-      assert.is_true(places.cpu and places.disk, "a CPU + disk split")
-      assert.is_true(H.max_abs_diff(split(exp.input_ids), exp.logits) < TOL)
-      assert.are.same(exp.greedy_ids, split:generate(exp.input_ids, { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-      off = H.tmpdir()
-      local m = models.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 400000 }, offload_folder = off,
-         device_overrides = { ["%.mlp%.experts%.%d+$"] = "disk" } })
-      assert.are.equal("disk", m.hf_device_map["model.layers.1.mlp.experts.0"])
-      assert.are.same(exp.greedy_ids[1], m:generate(exp.input_ids[1], { max_new_tokens = exp.max_new_tokens, eos_token_id = false }))
-      H.rmdir(off)
-   end)
+   H.it_splits_over_cpu_and_disk(NAME, { budget = 150000, overrides_budget = 400000,
+      places = { ["model.layers.1.mlp.experts.0"] = "disk" } })
 
    it("loads bfloat16 with the router's weight and correction bias kept float32", function()
       local bf = models.from_pretrained(DIR, { dtype = "bfloat16" })
