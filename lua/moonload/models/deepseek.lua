@@ -150,6 +150,7 @@ local ROUTING = {
       topk_group = 1, first_k_dense_replace = 0, num_experts_per_tok = 4 } },
    -- (models/longcat_flash.lua: a softmax over the experts and its zero experts, routed there)
    longcat_flash = { method = "greedy", defaults = { routed_scaling_factor = 6, num_experts_per_tok = 12 } },
+   minicpm3 = {},                -- (models/minicpm3.lua: dense layers only, no experts)
 }
 
 --- Reads and checks the config (path, folder or table) of a family with DeepSeek's latent

@@ -71,11 +71,13 @@ local ARCH = {
    llama4_text = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },
    llama4 = { module = "moonload.models.llama4", class = "Llama4ForCausalLM" },              -- its language model
    minimax_m2 = { module = "moonload.models.moe", class = "MiniMaxM2ForCausalLM" },
+   minimax = { module = "moonload.models.minimax", class = "MiniMaxForCausalLM" },
    hy_v3 = { module = "moonload.models.hy_v3", class = "HYV3ForCausalLM" },
    laguna = { module = "moonload.models.laguna", class = "LagunaForCausalLM" },
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },
    deepseek_v3 = { module = "moonload.models.deepseek", class = "DeepseekV3ForCausalLM" },
+   minicpm3 = { module = "moonload.models.minicpm3", class = "MiniCPM3ForCausalLM" },
    longcat_flash = { module = "moonload.models.longcat_flash", class = "LongcatFlashForCausalLM" },
    kimi_k25 = { module = "moonload.models.deepseek", class = "DeepseekV3ForCausalLM" },   -- its language model
    glm4_moe_lite = { module = "moonload.models.deepseek", class = "Glm4MoeLiteForCausalLM" },
@@ -144,7 +146,7 @@ setmetatable(M, { __index = function(t, k)
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
       bloom = "moonload.models.bloom", mpt = "moonload.models.mpt", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj", gpt_bigcode = "moonload.models.gpt_bigcode", gpt_neo = "moonload.models.gpt_neo", codegen = "moonload.models.codegen", stablelm = "moonload.models.stablelm",
       bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", glm4_moe = "moonload.models.glm4_moe", dots1 = "moonload.models.dots1",
-      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", olmo_hybrid = "moonload.models.olmo_hybrid", exaone_moe = "moonload.models.exaone_moe", longcat_flash = "moonload.models.longcat_flash", laguna = "moonload.models.laguna", lfm3 = "moonload.models.lfm3", mimo_v2_flash = "moonload.models.mimo_v2_flash", hy_v3 = "moonload.models.hy_v3", cohere2_moe = "moonload.models.cohere2_moe", afmoe = "moonload.models.afmoe", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
+      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", minimax = "moonload.models.minimax", minicpm3 = "moonload.models.minicpm3", olmo_hybrid = "moonload.models.olmo_hybrid", exaone_moe = "moonload.models.exaone_moe", longcat_flash = "moonload.models.longcat_flash", laguna = "moonload.models.laguna", lfm3 = "moonload.models.lfm3", mimo_v2_flash = "moonload.models.mimo_v2_flash", hy_v3 = "moonload.models.hy_v3", cohere2_moe = "moonload.models.cohere2_moe", afmoe = "moonload.models.afmoe", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",

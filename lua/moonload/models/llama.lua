@@ -40,6 +40,7 @@ local FAMILIES = {
    deepseek_v3 = { who = "models.deepseek_v3", prefix = "DeepseekV3" },
    glm4_moe_lite = { who = "models.glm4_moe_lite", prefix = "Glm4MoeLite", defaults = { rms_norm_eps = 1e-5 } },
    mistral4 = { who = "models.mistral4", prefix = "Mistral4" },
+   minicpm3 = { who = "models.minicpm3", prefix = "MiniCPM3" },                              -- models/minicpm3.lua
    longcat_flash = { who = "models.longcat_flash", prefix = "LongcatFlash",        -- models/longcat_flash.lua
                      defaults = { rms_norm_eps = 1e-5, rope_theta = 10000000, max_position_embeddings = 131072 } },
    deepseek_v32 = { who = "models.deepseek_v32", prefix = "DeepseekV32" },              -- models/deepseek_sparse.lua
@@ -61,6 +62,8 @@ local FAMILIES = {
    gpt_oss = { who = "models.gpt_oss", prefix = "GptOss",                                       -- models/gpt_oss.lua
                defaults = { rms_norm_eps = 1e-5, attention_bias = true, head_dim = 64, rope_theta = 150000 } },
    minimax_m2 = { who = "models.minimax_m2", prefix = "MiniMaxM2", defaults = { head_dim = 128, rope_theta = 5000000 } },   -- models/moe.lua
+   minimax = { who = "models.minimax", prefix = "MiniMax",                                          -- models/minimax.lua
+               defaults = { rms_norm_eps = 1e-5, rope_theta = 1000000, max_position_embeddings = 131072, num_key_value_heads = 8 } },
    hy_v3 = { who = "models.hy_v3", prefix = "HYV3", defaults = { rope_theta = 11158840 } },                 -- models/hy_v3.lua
    laguna = { who = "models.laguna", prefix = "Laguna" },                                        -- models/laguna.lua
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
@@ -414,7 +417,8 @@ function M.config(source, family)
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
-      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "llama4_text"
+      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "minicpm3"
+      or family == "llama4_text"
       or family == "gemma" or family == "olmo" or family == "nemotron" or family == "exaone" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       if family == "gemma" then cfg.mlp_bias = false end
@@ -626,7 +630,7 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
-   elseif family == "mistral" or family == "ministral3" or family == "phi3" or family == "mixtral" then
+   elseif family == "mistral" or family == "ministral3" or family == "phi3" or family == "mixtral" or family == "minimax" then
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       local w = window_size(cfg, WHO)
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = w or false end
