@@ -52,15 +52,7 @@ for _, case in ipairs({
             eos_token_id = false }))
       end)
 
-      it("attends absorbed and expanded alike, in a prefill and decoding from the latent cache", function()
-         local ids = exp.input_ids[2]
-         for _, way in ipairs({ true, false }) do
-            H.attending(way, function()
-               assert.is_true(H.max_abs_diff(model(ml.tensor(exp.input_ids, { dtype = "int64" })), exp.logits) < TOL)
-               assert.is_true(H.max_abs_diff(H.decoded_logits(model, ids, 5), { exp.logits[2] }) < TOL)
-            end)
-         end
-      end)
+      H.it_attends_both_ways(model, name)
 
       it("decodes the same under a block schedule and with prompt-lookup drafts (blocks and crops of the cache)", function()
          local want = model:generate(exp.input_ids, { max_new_tokens = 6, eos_token_id = false })

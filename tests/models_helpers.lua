@@ -268,6 +268,23 @@ function H.it_runs_stateful(model, fixture, device_map)
    end)
 end
 
+--- An it() checking a latent-attention model (models/deepseek.lua's MLAttention) both ways it attends,
+-- absorbed and expanded: the fixture's logits in a prefill, and its second prompt decoded through
+-- the latent cache (5 tokens at once, then one at a time).
+function H.it_attends_both_ways(model, fixture)
+   local env = getfenv(2)
+   local it, assert = env.it, env.assert
+   it("attends absorbed and expanded alike, in a prefill and decoding from the latent cache", function()
+      local exp = H.expected(fixture)
+      for _, way in ipairs({ true, false }) do
+         H.attending(way, function()
+            assert.is_true(H.max_abs_diff(model(exp.input_ids), exp.logits) < 1e-4)
+            assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < 1e-4)
+         end)
+      end
+   end)
+end
+
 --- An it() loading the fixture split over CPU and disk by device_map "auto" under a CPU budget
 -- (opts.budget), then again with opts.overrides (default: every expert to the disk) under
 -- opts.overrides_budget (default: the same), each time with transformers' logits and greedy ids;

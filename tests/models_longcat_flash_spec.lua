@@ -52,14 +52,7 @@ describe("models.longcat_flash (tests/fixtures/models/longcat_flash_tiny: 2 laye
    H.it_matches_expected(model, NAME)
    H.it_matches_padded(model, NAME, "positions")
 
-   it("attends absorbed and expanded alike, in a prefill and decoding from the latent cache", function()
-      for _, way in ipairs({ true, false }) do
-         H.attending(way, function()
-            assert.is_true(H.max_abs_diff(model(ids), exp.logits) < TOL)
-            assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
-         end)
-      end
-   end)
+   H.it_attends_both_ways(model, NAME)
 
    it("caches each sub-block's scaled latent and rotary key in a slot of its own: 4 slots of 16 + 8 values a token", function()
       local cache = model:new_cache()

@@ -38,14 +38,7 @@ describe("models.minicpm3 (tests/fixtures/models/minicpm3_tiny: 3 layers, latent
    H.it_matches_expected(model, NAME, " (past LongRoPE's original length of 16)")
    H.it_matches_padded(model, NAME, "positions")
 
-   it("attends absorbed and expanded alike, in a prefill and decoding from the latent cache", function()
-      for _, way in ipairs({ true, false }) do
-         H.attending(way, function()
-            assert.is_true(H.max_abs_diff(model(ids), exp.logits) < TOL)
-            assert.is_true(H.max_abs_diff(H.decoded_logits(model, exp.input_ids[2], 5), { exp.logits[2] }) < TOL)
-         end)
-      end
-   end)
+   H.it_attends_both_ways(model, NAME)
 
    it("caches the normed latent and the rotary key only: kv_lora_rank + qk_rope_head_dim a token", function()
       local cache = model:new_cache()
