@@ -289,6 +289,15 @@ function M.causal_lm_forward(who, base, embed, head)
    end
 end
 
+--- Raises "<who>: sequence of N tokens (past cached + L new) exceeds <key> <limit>" when past + L
+-- positions do not fit a model's table of limit positions (config key `key`); level: error's.
+function M.check_positions(who, past, L, limit, key, level)
+   if past + L > limit then
+      error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds %s %d", who, past + L, past, L,
+         key, limit), (level or 1) + 1)
+   end
+end
+
 --- What a causal LM head class's methods are, set on cls: forward (causal_lm_forward over base,
 -- embed and head), new_cache over config[layers_key] layers, max_length (config[positions_key],
 -- nil without one: rotary and ALiBi models have no table of positions) and generate.

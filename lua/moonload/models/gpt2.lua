@@ -150,10 +150,7 @@ function GPT2Model:forward(input_ids, cache, pad, pos, blocks)
    local cfg = self.config
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
-   if past + L > cfg.n_positions then
-      error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds %s %d",
-         self.who, past + L, past, L, self.positions_key, cfg.n_positions), 3)
-   end
+   common.check_positions(self.who, past, L, cfg.n_positions, self.positions_key, 3)
    pos = pos or T.arange(past, past + L, { device = input_ids.device })
    local x = self.wte(input_ids) + self.wpe(pos)
    local n = cfg.n_layer

@@ -153,11 +153,7 @@ function MptModel:embed(input_ids) return self.wte(input_ids) end
 
 --- BLOOM's forward, within max_seq_len positions (transformers' ALiBi table has no more).
 function MptModel:forward(input_ids, cache, pad, pos, blocks)
-   local past, L, n = cache and cache.length or 0, input_ids:size(2), self.config.max_seq_len
-   if past + L > n then
-      error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds max_seq_len %d",
-         WHO, past + L, past, L, n), 3)
-   end
+   common.check_positions(WHO, cache and cache.length or 0, input_ids:size(2), self.config.max_seq_len, "max_seq_len", 3)
    return bloom.BloomModel.forward(self, input_ids, cache, pad, pos, blocks)
 end
 

@@ -131,10 +131,7 @@ function OPTDecoder:forward(input_ids, cache, pad, pos, blocks)
    local cfg = self.config
    local L = input_ids:size(2)
    local past = cache and cache.length or 0
-   if past + L > cfg.max_position_embeddings then
-      error(string.format("%s: sequence of %d tokens (%d cached + %d new) exceeds max_position_embeddings %d",
-         WHO, past + L, past, L, cfg.max_position_embeddings), 3)
-   end
+   common.check_positions(WHO, past, L, cfg.max_position_embeddings, "max_position_embeddings", 3)
    if pos == nil and pad ~= nil then
       local m = pad:to("int64")
       pos = (m:cumsum(2) * m - 1):narrow(2, past + 1, L)
