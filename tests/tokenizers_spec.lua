@@ -101,7 +101,8 @@ describe("tokenizers", function()
 
       it("names a missing file and components it does not support", function()
          assert.has_error(function() tokenizers.from_pretrained("/nonexistent") end,
-            "tokenizers.from_pretrained: no tokenizer.json in /nonexistent (only tokenizer.json files are read, not tokenizer.model or vocab.txt)")
+            "tokenizers.from_pretrained: no tokenizer.json in /nonexistent (tokenizer.json files and Marian's source.spm + "
+            .. "vocab.json are read; for a bare SentencePiece model use tokenizers.from_sentencepiece)")
          local p = tmpfile('{"model": {"type": "WordLevel", "vocab": {}}}')
          assert.has_error(function() tokenizers.from_file(p) end,
             'tokenizer ' .. p .. ': tokenizer model "WordLevel" is not supported (supported: BPE, Unigram, WordPiece)')
@@ -130,7 +131,7 @@ describe("tokenizers", function()
          p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": '
             .. '{"type": "Split", "pattern": {"Regex": "\\\\w+"}, "behavior": "Isolated", "invert": false}}')
          assert.has_error(function() tokenizers.from_file(p) end,
-            'tokenizer ' .. p .. ': the Split pre-tokenizer\'s regex "\\\\w+" is not supported (supported: the GPT-2, Llama 3, Qwen2 and o200k patterns)')
+            'tokenizer ' .. p .. ': the Split pre-tokenizer\'s regex "\\\\w+" is not supported (supported: the GPT-2, Llama 3, Qwen2 and o200k patterns, and alternations of literals)')
          os.remove(p)
          p = tmpfile('{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}')
          assert.has_error(function() tokenizers.from_file(p) end,

@@ -335,8 +335,12 @@ function M.from_pretrained(dir)
    local path = dir:gsub("/+$", "") .. "/tokenizer.json"
    local f = io.open(path, "rb")
    if not f then
-      error(string.format("tokenizers.from_pretrained: no tokenizer.json in %s (only tokenizer.json files are read, "
-         .. "not tokenizer.model or vocab.txt)", dir), 2)
+      -- Marian's folders (opus-mt) have source.spm and vocab.json instead
+      local ok, marian = pcall(function() return require("moonload.tokenizers.marian").from_folder(dir:gsub("/+$", "")) end)
+      if not ok then error(marian, 2) end
+      if marian then return marian end
+      error(string.format("tokenizers.from_pretrained: no tokenizer.json in %s (tokenizer.json files and Marian's "
+         .. "source.spm + vocab.json are read; for a bare SentencePiece model use tokenizers.from_sentencepiece)", dir), 2)
    end
    f:close()
    local tok = M.from_file(path)
@@ -349,6 +353,13 @@ function M.from_pretrained(dir)
       jf:close()
    end
    return tok
+end
+
+--- from_sentencepiece(path): a SentencePiece model file (tokenizer.model, spiece.model, *.spm)
+-- read without the sentencepiece library; it encodes and decodes as SentencePieceProcessor does,
+-- ids being the file's piece ids and no special tokens added (tokenizers/sentencepiece.lua).
+function M.from_sentencepiece(path)
+   return require("moonload.tokenizers.sentencepiece").from_file(path)
 end
 
 --- from_gguf(path or ml.gguf file): the byte-level BPE tokenizer a GGUF file carries

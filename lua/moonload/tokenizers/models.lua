@@ -211,6 +211,10 @@ local function build_unigram(j, who)
    if unk_id and (unk_id < 0 or unk_id >= #list) then
       error(string.format("%s: the Unigram unk_id %d is outside the vocabulary (%d pieces)", who, unk_id, #list), 0)
    end
+   -- (unmatched: moonload's own key, the ids a SentencePiece model's control, unknown and unused
+   -- pieces have: they keep their ids but text never matches them, as in sentencepiece)
+   local unmatched = {}
+   for _, id in ipairs(type(j.unmatched) == "table" and j.unmatched or {}) do unmatched[id] = true end
    local unk_score = lowest - 10
    local byte_fallback = j.byte_fallback == true
    local cached, remember = components.memo(10000)
@@ -229,7 +233,7 @@ local function build_unigram(j, who)
          local base, single = best[p], false
          for l = 1, math.min(longest, len - p + 1) do
             local id = vocab[word:sub(p, p + l - 1)]
-            if id then
+            if id and not unmatched[id] then
                local e, s = p + l, base + scores[id]
                if best[e] == nil or s > best[e] then best[e], from[e], piece[e] = s, p, id end
                if l == width then single = true end

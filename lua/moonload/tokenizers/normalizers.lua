@@ -75,21 +75,29 @@ function BUILDERS.Prepend(j)
    return function(text) return text == "" and text or p .. text end
 end
 
--- The regexes Replace normalizers use in the hub's files, as Lua patterns (XLM-R's, ALBERT's:
--- runs of two or more spaces).
-local REPLACE_REGEXES = { [" {2,}"] = "  +" }
+-- The regexes Replace normalizers use in the hub's files and in the pipelines built from
+-- SentencePiece models (tokenizers/sentencepiece.lua), as functions(text, replacement): runs of two
+-- or more spaces (XLM-R's, ALBERT's), spaces at either end, a U+2581 at the start.
+local REPLACE_REGEXES = {
+   [" {2,}"] = function(text, repl) return (text:gsub("  +", repl)) end,
+   ["\\A +| +\\z"] = function(text, repl) return (text:gsub("^ +", repl):gsub(" +$", repl)) end,
+   ["\\A\226\150\129"] = function(text, repl) return (text:gsub("^\226\150\129", repl)) end,
+}
 
 function BUILDERS.Replace(j, who)
    local pat = j.pattern or {}
    local to = j.content or ""
    local repl = to:gsub("%%", "%%%%")
    if pat.Regex then
-      local lua_pattern = REPLACE_REGEXES[pat.Regex]
-      if not lua_pattern then
-         error(string.format("%s: the Replace normalizer's regex %q is not supported (supported: %q)", who, pat.Regex,
-            " {2,}"), 0)
+      local replace = REPLACE_REGEXES[pat.Regex]
+      if not replace then
+         local known = {}
+         for k in pairs(REPLACE_REGEXES) do known[#known + 1] = string.format("%q", k) end
+         table.sort(known)
+         error(string.format("%s: the Replace normalizer's regex %q is not supported (supported: %s)", who, pat.Regex,
+            table.concat(known, ", ")), 0)
       end
-      return function(text) return (text:gsub(lua_pattern, repl)) end
+      return function(text) return replace(text, repl) end
    end
    if not pat.String then error(who .. ": a Replace normalizer needs a String or Regex pattern", 0) end
    local escaped = pat.String:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")
@@ -108,7 +116,8 @@ function BUILDERS.Strip(j)
 end
 
 -- SentencePiece's nmt_nfkc and other rules compiled into a trie (tokenizers/precompiled.lua)
-function BUILDERS.Precompiled(j, who) return require("moonload.tokenizers.precompiled").new(j.precompiled_charsmap, who) end
+-- (walk: moonload's own key, "sentencepiece" in pipelines built from a SentencePiece model file)
+function BUILDERS.Precompiled(j, who) return require("moonload.tokenizers.precompiled").new(j.precompiled_charsmap, who, j.walk) end
 
 function BUILDERS.Sequence(j, who)
    local steps = {}

@@ -222,6 +222,47 @@ local function literal_spans(cps, n, pat)
    return spans
 end
 
+-- Occurrences of any of the literals (lists of codepoints) in cps, left to right without overlap;
+-- at a position the first literal that matches wins, as in a regex alternation.
+local function alternation_spans(cps, n, literals)
+   local spans, i = {}, 1
+   while i <= n do
+      local width
+      for _, pat in ipairs(literals) do
+         local m, hit = #pat, i + #pat - 1 <= n
+         for k = 1, hit and m or 0 do if cps[i + k - 1] ~= pat[k] then hit = false break end end
+         if hit and m > 0 then width = m break end
+      end
+      if width then spans[#spans + 1] = { i, i + width }; i = i + width else i = i + 1 end
+   end
+   return spans
+end
+
+-- A regex that is only escaped literals joined by "|" (transformers isolates SentencePiece's
+-- user-defined pieces with one) as its literals' codepoint lists, or nil.
+local function literal_alternation(regex)
+   local literals, cur, i = {}, {}, 1
+   while i <= #regex do
+      local c = regex:sub(i, i)
+      if c == "\\" then
+         local nxt = regex:sub(i + 1, i + 1)
+         if nxt == "" or nxt:match("[%w]") then return nil end       -- (\s, \d, ...: a class, not a literal)
+         cur[#cur + 1] = nxt
+         i = i + 2
+      elseif c == "|" then
+         literals[#literals + 1] = U.codepoints(table.concat(cur))
+         cur, i = {}, i + 1
+      elseif c:match("[%^%$%(%)%.%[%]%*%+%?%{%}]") then
+         return nil
+      else
+         cur[#cur + 1] = c
+         i = i + 1
+      end
+   end
+   literals[#literals + 1] = U.codepoints(table.concat(cur))
+   return literals
+end
+
 -- Spans of maximal runs (or single characters) satisfying pred.
 local function class_spans(cps, n, pred, single)
    local spans, i = {}, 1
@@ -299,11 +340,15 @@ function BUILDERS.Split(j, who)
    local spans_of
    if pattern.Regex then
       local match = REGEXES[pattern.Regex]
-      if not match then
+      local literals = not match and literal_alternation(pattern.Regex)
+      if literals then
+         spans_of = function(cps, n) return alternation_spans(cps, n, literals) end
+      elseif not match then
          error(string.format("%s: the Split pre-tokenizer's regex %q is not supported (supported: the GPT-2, "
-            .. "Llama 3, Qwen2 and o200k patterns)", who, pattern.Regex), 0)
+            .. "Llama 3, Qwen2 and o200k patterns, and alternations of literals)", who, pattern.Regex), 0)
+      else
+         spans_of = function(cps, n) return regex_spans(match, cps, n) end
       end
-      spans_of = function(cps, n) return regex_spans(match, cps, n) end
    elseif pattern.String then
       local pat = U.codepoints(pattern.String)
       spans_of = function(cps, n) return literal_spans(cps, n, pat) end

@@ -45,6 +45,24 @@ function M.base64_decode(s, who)
    return table.concat(out)
 end
 
+--- The base64 of bytes s (padded), as tokenizer.json stores a charsmap.
+function M.base64_encode(s)
+   local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+   local out = {}
+   for i = 1, #s, 3 do
+      local a, b, c = byte(s, i, i + 2)
+      local n = lshift(a, 16) + lshift(b or 0, 8) + (c or 0)
+      local k = #out
+      for j = 1, 4 do
+         local v = band(rshift(n, 24 - 6 * j), 63) + 1
+         out[k + j] = sub(alphabet, v, v)
+      end
+      if c == nil then out[k + 4] = "=" end
+      if b == nil then out[k + 3] = "=" end
+   end
+   return table.concat(out)
+end
+
 -- --- the double-array trie ------------------------------------------------------------------
 
 local function has_leaf(unit) return band(rshift(unit, 8), 1) == 1 end
@@ -72,6 +90,55 @@ local function transform(self, s, i, j)
       end
    end
    return nil
+end
+
+--- The longest prefix of s[i..] in the trie: its replacement and byte length, or nil.
+local function longest_prefix(self, s, i)
+   local units, n = self.units, self.n_units
+   local pos = offset(units[0])
+   local best, best_len
+   for k = i, #s do
+      local c = byte(s, k)
+      if c == 0 then break end
+      pos = bxor(pos, c)
+      if pos < 0 or pos >= n then break end
+      local unit = units[pos]
+      if label(unit) ~= c then break end
+      pos = bxor(pos, offset(unit))
+      if pos < 0 or pos >= n then break end
+      if has_leaf(unit) then
+         local start = value(units[pos]) + 1
+         local stop = self.normalized:find("\0", start, true)
+         best, best_len = sub(self.normalized, start, (stop or #self.normalized + 1) - 1), k - i + 1
+      end
+   end
+   return best, best_len
+end
+
+-- SentencePiece's own walk (normalizer.cc, NormalizePrefix): at each position the longest trie
+-- entry is replaced, else one character is kept (a byte that starts no valid UTF-8 character
+-- becomes U+FFFD).
+local function sentencepiece_walk(self, text)
+   local out, i, len = {}, 1, #text
+   while i <= len do
+      local rep, n = longest_prefix(self, text, i)
+      if rep then
+         out[#out + 1] = rep
+         i = i + n
+      else
+         local c = byte(text, i)
+         local w = c < 0x80 and 1 or c >= 0xF0 and 4 or c >= 0xE0 and 3 or c >= 0xC0 and 2 or 0
+         local ch = w > 0 and sub(text, i, i + w - 1)
+         if ch and #ch == w and pcall(U.codepoints, ch) then
+            out[#out + 1] = ch
+            i = i + w
+         else
+            out[#out + 1] = "\239\191\189"
+            i = i + 1
+         end
+      end
+   end
+   return table.concat(out)
 end
 
 -- --- grapheme clusters ----------------------------------------------------------------------
@@ -135,8 +202,10 @@ end
 
 -- --- the normalizer -------------------------------------------------------------------------
 
---- new(charsmap_base64, who) -> function(text) -> text.
-function M.new(charsmap, who)
+--- new(charsmap_base64, who[, walk]) -> function(text) -> text. walk "sentencepiece": the
+-- sentencepiece library's longest-match walk instead of tokenizers' per-cluster one (the two
+-- differ where a rule spans a cluster of 6 bytes or more, as halfwidth kana with voicing marks).
+function M.new(charsmap, who, walk)
    if type(charsmap) ~= "string" then
       error(who .. ': the Precompiled normalizer has no "precompiled_charsmap" string', 0)
    end
@@ -151,6 +220,7 @@ function M.new(charsmap, who)
    local units = ffi.new("uint32_t[?]", n)
    ffi.copy(units, sub(blob, 5, 4 + trie_size), trie_size)     -- (little-endian, as x86 and ARM are)
    local self = { units = units, n_units = n, normalized = sub(blob, 5 + trie_size), keep = units }
+   if walk == "sentencepiece" then return function(text) return sentencepiece_walk(self, text) end end
    return function(text)
       local cps, count = U.codepoints(text)
       local out, i = {}, 1
