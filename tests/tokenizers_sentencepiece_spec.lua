@@ -149,6 +149,24 @@ describe("tokenizers.from_pretrained (a Marian folder: source.spm, target.spm, v
       H.rmdir(out)
    end)
 
+   it("decodes through target_vocab.json and target.spm when the folder has separate vocabularies", function()
+      local sep = tokenizers.from_pretrained(FIX .. "/marian_spm_separate")
+      local e = H.read_json(FIX .. "/marian_spm_separate/expected.json")
+      assert.are.equal(e.vocab_size, sep:get_vocab_size())
+      for _, c in ipairs(e.cases) do
+         if c.text then assert.are.same(c.ids, sep:encode(c.text), c.text) end
+         if c.decoded then
+            assert.are.equal(c.decoded, sep:decode(c.ids))
+            -- transformers skips special ids by their source-vocabulary ids, so it keeps the target's
+            -- <pad> (a decoder's first id); this drops it
+            assert.are.equal((c.decoded_skip_special:gsub("^<pad> ", "")), sep:decode(c.ids, { skip_special_tokens = true }))
+         end
+      end
+      local pieces = #sentencepiece.read(FIX .. "/marian_spm_separate/target.spm").pieces
+      assert.has_error(function() sep:decode({ 5, 100000 }) end, string.format(
+         "decode: id 100000 at position 2 is in neither the vocabulary (size %d) nor target.spm (%d pieces)", e.vocab_size, pieces))
+   end)
+
    it("names a folder whose vocabulary is missing or lacks a special token", function()
       local bad = H.tmpdir()
       H.copy(dir .. "/source.spm", bad .. "/source.spm")

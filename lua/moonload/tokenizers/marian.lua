@@ -118,7 +118,9 @@ end
 
 --- decode(ids[, {skip_special_tokens = false}]) -> text, as MarianTokenizer.decode: special tokens
 -- kept (each followed by a space) or dropped, the pieces between them joined by SentencePiece, an
--- id missing from the vocabulary read as that SentencePiece piece, the ends stripped.
+-- id missing from the vocabulary read as that SentencePiece piece, the ends stripped. (With
+-- separate vocabularies transformers skips special ids by their source ids and so keeps the
+-- target's <pad>; this skips the target's special tokens.)
 function MarianTokenizer:decode(ids, opts)
    opts = opts or {}
    if type(ids) == "table" and ids.tolist then ids = ids:tolist() end
@@ -130,7 +132,11 @@ function MarianTokenizer:decode(ids, opts)
       if type(id) ~= "number" or id < 0 or id % 1 ~= 0 then
          error(string.format("decode: id %s at position %d is not a token id", tostring(id), i), 2)
       end
-      local t = self.to_token[id] or (spm_pieces[id + 1] and spm_pieces[id + 1][1]) or self.special_token_strings.unk_token
+      local t = self.to_token[id] or (spm_pieces[id + 1] and spm_pieces[id + 1][1])
+      if t == nil then
+         error(string.format("decode: id %d at position %d is in neither the vocabulary (size %d) nor %s (%d pieces)", id, i,
+            self.vocab_size, self.separate_vocabs and "target.spm" or "source.spm", #spm_pieces), 2)
+      end
       local e = self.added[t]
       if e and e.special then
          if not opts.skip_special_tokens then
