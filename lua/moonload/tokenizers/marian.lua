@@ -10,8 +10,8 @@
 --    local ids = tok:encode("Hello world")                         -- ... 0 (</s>)
 --    print(tok:decode(model:generate({ids})[1], {skip_special_tokens = true}))
 --
--- Transformers runs sacremoses' punctuation normalizer first when that package is installed;
--- this does not (the same ids as transformers without sacremoses, which it warns about).
+-- (Transformers 5.24 sets up sacremoses' punctuation normalizer when that package is installed
+-- but never calls it while encoding, so the ids do not depend on it.)
 local cjson = require("cjson")
 local Tokenizer = require("moonload.tokenizers").Tokenizer
 local sentencepiece = require("moonload.tokenizers.sentencepiece")
