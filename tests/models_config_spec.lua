@@ -94,3 +94,32 @@ describe("models.config", function()
       end)
    end)
 end)
+
+describe("the README's model table", function()
+   it("names classes that ml.models reaches, for model_types from_pretrained reads", function()
+      local ml = require("moonload")
+      local f = assert(io.open("README.md", "rb"))
+      local text = f:read("*a")
+      f:close()
+      local section = text:match("\n### Models\n(.-)\n### ")
+      local rows = 0
+      for line in section:gmatch("[^\n]+") do
+         local types, classes = line:match("^| (`[^|]-`) | (`[^|]-`) |")
+         if types and not types:find("model_type", 1, true) then
+            rows = rows + 1
+            local mod
+            -- `ml.models.M.C`, `...M.C` (M.C under ml.models), `...C` or `C` (in the module before)
+            for item in classes:gmatch("`([^`]+)`") do
+               local m, c = item:match("^ml%.models%.([%w_]+)%.([%w_]+)$")
+               if not m then m, c = item:match("^%.%.%.([%w_]+)%.([%w_]+)$") end
+               if not m then m, c = mod, item:match("^%.*([%w_]+)$") end
+               mod = m
+               assert.is_table(ml.models[m], line)
+               assert.is_not_nil(ml.models[m][c], "ml.models." .. tostring(m) .. "." .. tostring(c))
+            end
+            for t in types:gmatch("`([^`]+)`") do assert.is_not_nil(ml.models.class_for(t, "README.md"), t) end
+         end
+      end
+      assert.is_true(rows > 100, rows)
+   end)
+end)

@@ -252,6 +252,32 @@ describe("models.gpt2", function()
             "generate: no_repeat_ngram_size must be an integer >= 0, got -1")
       end)
 
+      it("keeps bad_words_ids out of the output as transformers does (greedy, beams, prompt lookup)", function()
+         local bw = H.read_json(H.FIX .. "/gpt2_tiny/bad_words.json")
+         local function opts(c)
+            return { max_new_tokens = 12, bad_words_ids = c.bad_words_ids, num_beams = c.num_beams,
+               num_return_sequences = c.num_return_sequences, no_repeat_ngram_size = c.no_repeat_ngram_size,
+               eos_token_id = c.eos_token_id or false, pad_token_id = 0 }
+         end
+         for _, c in ipairs(bw.cases) do
+            assert.are.same(c.sequences, (model:generate(bw.input_ids, opts(c))))
+         end
+         -- each ban bites: without it the output is the unbanned one
+         local free = model:generate(bw.input_ids, { max_new_tokens = 12, eos_token_id = false, pad_token_id = 0 })
+         for b = 1, 2 do assert.are.same(bw.unbanned[b], { unpack(free[b], 9) }) end
+         local lk = bw.lookup
+         assert.are.same(lk.sequences, { model:generate(lk.input_ids[1], { max_new_tokens = 12, eos_token_id = false,
+            pad_token_id = 0, prompt_lookup_num_tokens = 3, bad_words_ids = lk.bad_words_ids }) })
+         assert.has_error(function() model:generate({ 1 }, { bad_words_ids = { 3 } }) end,
+            "generate: bad_words_ids[1] must be a non-empty list of token ids, got 3")
+         assert.has_error(function() model:generate({ 1 }, { bad_words_ids = { { 3, -1 } } }) end,
+            "generate: bad_words_ids[1][2] must be an integer >= 0, got -1")
+         assert.has_error(function() model:generate({ 1 }, { bad_words_ids = {} }) end,
+            "generate: bad_words_ids must be a non-empty list of lists of token ids, got an empty list")
+         assert.has_error(function() model:generate({ 1 }, { bad_words_ids = { { 7 }, { 3, 100 } } }) end,
+            "generate: bad_words_ids[2] holds id 100, outside the vocabulary (100 ids)")
+      end)
+
       it("streams each step's ids to on_token, and stops when it returns false", function()
          local full = model:generate(exp.input_ids, { max_new_tokens = 6 })
          local seen = {}
@@ -367,7 +393,7 @@ describe("models.gpt2", function()
          assert.has_error(function() model:generate({ 1 }, { temperature = -0.5 }) end,
             "generate: temperature must be a number >= 0, got -0.5")
          assert.has_error(function() model:generate({ 1 }, { max_tokens = 3 }) end,
-            'generate: unknown option "max_tokens" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, min_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)')
+            'generate: unknown option "max_tokens" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, min_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, bad_words_ids, forced_bos_token_id, forced_eos_token_id, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)')
          assert.has_error(function() model:generate({ 1 }, { repetition_penalty = 0 }) end,
             "generate: repetition_penalty must be a number > 0, got 0")
          assert.has_error(function() model:generate({ 1 }, { top_p = 0 }) end, "generate: top_p must be a number in (0, 1], got 0")

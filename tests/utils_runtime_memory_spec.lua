@@ -16,7 +16,7 @@ local FAMILIES = { "gpt2_tiny", "llama_tiny_untied", "mistral_tiny", "qwen2_tiny
                    "gpt_oss_mxfp4_tiny", "qwen3_next_tiny", "olmo_hybrid_tiny", "minimax_tiny", "qwen3_5_tiny",
                    "qwen3_5_moe_multimodal_tiny", "lfm2_tiny",
                    "lfm2_moe_tiny", "lfm3_tiny", "lfm3_plain_tiny", "minimax_m2_tiny", "olmo3_tiny", "llama4_tiny", "ernie4_5_tiny", "ernie4_5_moe_tiny", "exaone4_tiny",
-                   "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny", "cohere2_moe_tiny", "cohere2_moe_sigmoid_tiny", "afmoe_tiny", "hy_v3_tiny", "mimo_v2_flash_tiny", "longcat_flash_tiny", "laguna_tiny", "laguna_per_element_tiny", "exaone_moe_tiny", "minicpm3_tiny",
+                   "hunyuan_v1_dense_tiny", "hunyuan_v1_moe_tiny", "cohere_tiny", "cohere2_tiny", "glm4_tiny", "granite_tiny", "granitemoe_tiny", "olmoe_tiny", "phimoe_tiny", "internlm3_tiny", "arcee_tiny", "apertus_tiny", "gemma_tiny", "ministral_tiny", "helium_tiny", "glm_tiny", "olmo_tiny", "nemotron_tiny", "stablelm_tiny", "stablelm_12b_tiny", "gpt_bigcode_tiny", "gpt_bigcode_mha_tiny", "exaone_tiny", "vaultgemma_tiny", "mpt_tiny", "solar_open_tiny", "dbrx_tiny", "gpt_neo_tiny", "codegen_tiny", "flex_olmo_tiny", "cohere2_moe_tiny", "cohere2_moe_sigmoid_tiny", "afmoe_tiny", "hy_v3_tiny", "mimo_v2_flash_tiny", "longcat_flash_tiny", "laguna_tiny", "laguna_per_element_tiny", "exaone_moe_tiny", "minicpm3_tiny", "jetmoe_tiny", "sarvam_moe_tiny", "sarvam_mla_tiny", "kolibri1_tiny", "flint_tiny", "axk1_tiny", "mellum_tiny", "persimmon_tiny", "xglm_tiny", "biogpt_tiny", "openai_gpt_tiny", "ctrl_tiny", "gpt_sw3_tiny", "iquestcoder_tiny", "cwm_tiny", "jais2_tiny", "bitnet_tiny", "nanochat_tiny", "granitemoeshared_tiny", "granite_swa_tiny", "granitemoe_swa_tiny", "hyperclovax_tiny",
                    "glm4v_multimodal_tiny", "glm4v_moe_multimodal_tiny", "dots1_tiny",
                    "bamba_tiny", "granitemoehybrid_tiny", "granitemoehybrid_dense_tiny",
                    "nemotron_h_tiny", "nemotron_h_latent_tiny", "mamba2_tiny", "mamba2_tiny_tied", "jamba_tiny", "mamba_tiny", "falcon_mamba_tiny", "falcon_h1_tiny",
@@ -87,7 +87,8 @@ describe("utils.runtime_memory", function()
                               gemma3_tiny = 2, gemma3_multimodal_tiny = 2, starcoder2_tiny = 2,
                               gpt_oss_tiny = 2, gpt_oss_mxfp4_tiny = 2, olmo3_tiny = 3, exaone4_tiny = 3, cohere2_tiny = 3,
                               phimoe_tiny = 2, dots1_tiny = 1, ministral_tiny = 2, vaultgemma_tiny = 2, gpt_neo_tiny = 2, cohere2_moe_tiny = 2, cohere2_moe_sigmoid_tiny = 2, afmoe_tiny = 2, mimo_v2_flash_tiny = 2, lfm3_tiny = 1, lfm3_plain_tiny = 1, laguna_tiny = 2, exaone_moe_tiny = 2,
-                              gemma4_tiny = 2, gemma4_moe_tiny = 5, gemma4_multimodal_tiny = 2 }
+                              gemma4_tiny = 2, gemma4_moe_tiny = 5, gemma4_multimodal_tiny = 2,
+                              granite_swa_tiny = 3, granitemoe_swa_tiny = 2, cwm_tiny = 2, kolibri1_tiny = 2, flint_tiny = 2, mellum_tiny = 2 }
             assert.are.equal(windows[name] or 0, sliding)
          end)
       end

@@ -161,24 +161,9 @@ M.GraniteMoeHybridAttention = GraniteMoeHybridAttention
 local GraniteMoeHybridMoE = moe.GraniteMoeMoE:extend("GraniteMoeHybridMoE")
 M.GraniteMoeHybridMoE = GraniteMoeHybridMoE
 
--- The shared feed-forward: input_linear gives the gate's rows, then the up projection's.
-local GraniteMoeHybridMLP = nn.Module:extend("GraniteMoeHybridMLP")
+-- The shared feed-forward (GraniteMoeShared's): input_linear gives the gate's rows, then the up projection's.
+local GraniteMoeHybridMLP = moe.GraniteMoeSharedMLP:extend("GraniteMoeHybridMLP")
 M.GraniteMoeHybridMLP = GraniteMoeHybridMLP
-
-function GraniteMoeHybridMLP:__init(cfg)
-   nn.Module.__init(self)
-   local I = cfg.shared_intermediate_size
-   self.input_linear = nn.Linear(cfg.hidden_size, 2 * I, { bias = false })
-   self.output_linear = nn.Linear(I, cfg.hidden_size, { bias = false })
-   self.act_fn = common.activation_module(cfg.hidden_act, "models.granitemoehybrid", cfg._source)
-   rawset(self, "width", I)
-end
-
-function GraniteMoeHybridMLP:forward(x)
-   local h = self.input_linear(x)
-   local I = self.width
-   return self.output_linear(self.act_fn(h:narrow(-1, 1, I)) * h:narrow(-1, I + 1, I))
-end
 
 local GraniteMoeHybridDecoderLayer = nn.Module:extend("GraniteMoeHybridDecoderLayer")
 M.GraniteMoeHybridDecoderLayer = GraniteMoeHybridDecoderLayer

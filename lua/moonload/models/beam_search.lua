@@ -89,7 +89,8 @@ end
 --- run(model, ids, o) -> int64 (B * num_return_sequences, T): each prompt followed by its best
 -- hypotheses, best first; shorter ones padded. ids (B, L) int64. o: num_beams,
 -- num_return_sequences, length_penalty, early_stopping, max_new, min_new, eos (nil, an id or a
--- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, no_repeat (the
+-- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, bad_words
+-- (generation.bad_words), no_repeat (the
 -- n-gram size, or nil), forced ({forced_bos_token_id, forced_eos_token_id}), sampling
 -- ({temperature, top_k, top_p, min_p} or nil), kv_device, kv_dtype, micro_batch, prefill_chunk.
 function M.run(model, ids, o)
@@ -149,7 +150,7 @@ function M.run(model, ids, o)
       unsatisfied[b] = true
    end
    local generation = require("moonload.models.generation")
-   local prompt_rows = o.no_repeat and prompts:tolist() or nil
+   local prompt_rows = (o.no_repeat or o.bad_words or model.ban_tokens) and prompts:tolist() or nil   -- (generate's ban_tokens)
    local seen, vocab_ids
    if o.penalty then
       vocab_ids = T.arange(V):view(1, V)
@@ -162,7 +163,7 @@ function M.run(model, ids, o)
       local lp = logits:select(2, -1):to("float32"):to("cpu"):log_softmax(2)       -- (N, V)
       if o.eos_ban and step <= o.min_new then lp = lp:masked_fill(o.eos_ban, -math.huge) end
       if seen then lp = generation.penalize(lp, seen, o.penalty) end   -- (on log-probabilities, as transformers)
-      if o.no_repeat then
+      if prompt_rows then
          local rows, pl = {}, prompt_rows
          for b = 1, B do
             for j = 1, nb do
@@ -172,7 +173,9 @@ function M.run(model, ids, o)
                rows[#rows + 1] = r
             end
          end
-         lp = generation.ban_repeated_ngrams(lp, rows, o.no_repeat)
+         if o.no_repeat then lp = generation.ban_repeated_ngrams(lp, rows, o.no_repeat) end
+         if model.ban_tokens then lp = model:ban_tokens(lp, rows) end
+         if o.bad_words then lp = generation.ban_bad_words(lp, rows, o.bad_words) end
       end
       local forced = o.forced and generation.forced_token(o.forced, cur, max_length)
       if forced then lp = generation.force_token(lp, forced) end

@@ -346,4 +346,32 @@ function M.queries_to_keys(q, k, pad)
    return q:to(k.device), pad and pad:to(k.device), q.device
 end
 
+--- For a model whose checkpoint fuses each layer's q, k and v projections in one (the query heads'
+-- rows, then the keys', then the values') where its attention keeps them apart, as transformers'
+-- conversion mapping splits them: string.format(layer, i) .. "." .. fused .. ".weight" (and .bias)
+-- split into q_proj, k_proj and v_proj beside it as the checkpoint loads (views of it, no copy;
+-- checkpoint_rewrite.lua, so that a disk offload writes the split tensors once to the offload folder).
+function M.split_fused_qkv(model, layer, fused)
+   local cfg = model.config
+   local q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+   local schemes = {}
+   for i = 0, cfg.num_hidden_layers - 1 do
+      schemes[string.format(layer, i) .. "." .. fused] = { out_features = q + 2 * kv, in_features = cfg.hidden_size }
+   end
+   local function split(owner, _, need, sd)
+      local base, out = owner:sub(1, #owner - #fused - 1), {}
+      for _, field in ipairs({ "weight", "bias" }) do
+         local t = field == "weight" and need(field) or sd[owner .. "." .. field]
+         if t then
+            out[base .. ".q_proj." .. field] = t:narrow(1, 1, q)
+            out[base .. ".k_proj." .. field] = t:narrow(1, q + 1, kv)
+            out[base .. ".v_proj." .. field] = t:narrow(1, q + kv + 1, kv)
+         end
+      end
+      return out
+   end
+   rawset(model, "rewrite_checkpoint", require("moonload.checkpoint_rewrite").new(schemes, { weight = true, bias = true },
+      split, "q, k and v fused in " .. fused))
+end
+
 return M

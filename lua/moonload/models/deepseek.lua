@@ -141,6 +141,10 @@ local ROUTING = {
       topk_group = 4, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
    glm4_moe_lite = { method = "noaux_tc", defaults = { routed_scaling_factor = 1.8, norm_topk_prob = true, n_group = 1,
       topk_group = 1, first_k_dense_replace = 1, num_experts_per_tok = 4 } },
+   sarvam_mla = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 1,
+      topk_group = 1, first_k_dense_replace = 1, num_experts_per_tok = 8 } },
+   axk1 = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 8,
+      topk_group = 4, first_k_dense_replace = 1, num_experts_per_tok = 8 } },
    -- (models/deepseek_sparse.lua)
    deepseek_v32 = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 8,
       topk_group = 4, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
@@ -565,5 +569,93 @@ M.latent_family("glm4_moe_lite", "Glm4MoeLite", MLAttention, M)   -- GLM-4.7-Fla
 -- tower left out: models/llama.lua's Mistral 3)
 local read_m4, mark_m4 = language_model_of("mistral4", { mistral3 = true }, llama.MISTRAL3_VISION)
 mark_m4(M.latent_family("mistral4", "Mistral4", MLAttention, M, read_m4))
+
+-- Sarvam MLA (model_type sarvam_mla: sarvamai/sarvam-105b; transformers builds a
+-- DeepseekV3ForCausalLM): V3's layout with SarvamMLAConfig's defaults (no query bottleneck, one group
+-- of experts, a dense first layer). Its hub config is written for the original remote code, and is
+-- read as transformers translates it: rope_scaling of type "deepseek_yarn" is YaRN, head_dim and
+-- q_head_dim are derived (whatever the file says), num_experts and num_shared_experts are
+-- n_routed_experts and n_shared_experts.
+local SARVAM_MLA_DEFAULTS = { vocab_size = 262144, hidden_size = 4096, intermediate_size = 16384, num_hidden_layers = 32,
+   num_attention_heads = 64, n_routed_experts = 128, n_shared_experts = 1, moe_intermediate_size = 2048 }
+local SARVAM_MLA_ALIASES = { num_experts = "n_routed_experts", num_local_experts = "n_routed_experts",
+   num_shared_experts = "n_shared_experts", num_mtp_layers = "num_nextn_predict_layers" }
+
+--- Reads and checks a Sarvam MLA config (path, folder or table), the hub's format or transformers'.
+function M.sarvam_mla_config(source)
+   local raw, src, fixed = config.read_with_defaults(source, "models.sarvam_mla", SARVAM_MLA_DEFAULTS)
+   for alias, key in pairs(SARVAM_MLA_ALIASES) do
+      if raw[key] == nil and raw[alias] ~= nil then fixed[key] = raw[alias] end
+   end
+   fixed.head_dim, fixed.q_head_dim = nil, nil
+   local scaling = raw.rope_scaling
+   if type(scaling) == "table" and (scaling.type == "deepseek_yarn" or scaling.rope_type == "deepseek_yarn") then
+      local rope = {}
+      for k, v in pairs(scaling) do if k ~= "type" then rope[k] = v end end
+      rope.rope_type, fixed.rope_scaling, fixed.rope_parameters = "yarn", nil, rope
+   end
+   local cfg = M.config(fixed, "sarvam_mla")
+   cfg._source, cfg._raw = src, raw
+   return cfg
+end
+
+M.latent_family("sarvam_mla", "SarvamMLA", MLAttention, M, M.sarvam_mla_config)
+
+-- A.X-K1 (AXK1ForCausalLM, model_type axk1: skt/A.X-K1): V3's layout, its queries always through the
+-- q_lora_rank bottleneck, and an RMSNorm over each sparse block's output (mlp.post_mlp_layernorm).
+-- The released checkpoints store that norm at the layer level (post_mlp_layernorm, renamed as
+-- transformers' conversion mapping renames it), the dense layers' too (unused, left out), and have
+-- no e_score_correction_bias: their routers then choose without one, as transformers' zeros do.
+local AXK1_DEFAULTS = { vocab_size = 163840, hidden_size = 7168, intermediate_size = 18432, moe_intermediate_size = 2048,
+   num_hidden_layers = 61, num_attention_heads = 64, n_shared_experts = 1, n_routed_experts = 192, q_lora_rank = 1536,
+   max_position_embeddings = 32768 }
+
+--- Reads and checks an A.X-K1 config (path, folder or table) with AXK1Config's defaults.
+function M.axk1_config(source)
+   local raw, src, fixed = config.read_with_defaults(source, "models.axk1", AXK1_DEFAULTS)
+   local cfg = M.config(fixed, "axk1")
+   cfg._source, cfg._raw = src, raw
+   return cfg
+end
+
+local AXK1LM = M.latent_family("axk1", "AXK1", MLAttention, M, M.axk1_config)
+AXK1LM.checkpoint_renames = { { "%.post_mlp_layernorm%.", ".mlp.post_mlp_layernorm." } }
+AXK1LM.ignore_unexpected = { "rotary_emb%.inv_freq$", "%.mlp%.post_mlp_layernorm%." }
+
+local AXK1MoE = M.AXK1MoE
+
+function AXK1MoE:__init(cfg)
+   DeepseekMoE.__init(self, cfg, M.AXK1MLP)
+   if cfg.no_correction_bias then self.gate:register_buffer("e_score_correction_bias", nil) end
+   self.post_mlp_layernorm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+--- x (B, T, hidden): V3's routed and shared experts' sum, normed.
+function AXK1MoE:forward(x)
+   return self.post_mlp_layernorm(DeepseekMoE.forward(self, x))
+end
+
+-- (whether the checkpoint has correction biases, beside the experts' layout)
+local axk1_opts, axk1_init, axk1_read = AXK1LM.build_opts_for, AXK1LM.__init, AXK1LM.read_config
+
+function AXK1LM.build_opts_for(names, shape_of)
+   local opts = axk1_opts(names, shape_of) or {}
+   opts.no_correction_bias = true
+   for _, name in ipairs(names) do
+      if name:find("%.e_score_correction_bias$") then opts.no_correction_bias = nil break end
+   end
+   return opts
+end
+
+function AXK1LM:__init(cfg, opts)
+   rawset(self, "_no_correction_bias", opts and opts.no_correction_bias)
+   axk1_init(self, cfg, opts)
+end
+
+function AXK1LM:read_config(source)
+   local cfg = axk1_read(self, source)
+   cfg.no_correction_bias = rawget(self, "_no_correction_bias")
+   return cfg
+end
 
 return M

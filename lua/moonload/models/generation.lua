@@ -81,7 +81,24 @@ local function check_opts(opts)
    if early ~= nil and type(early) ~= "boolean" and early ~= "never" then
       error(string.format('%s: early_stopping must be true, false or "never", got %s', WHO, tostring(early)), 3)
    end
-   local known = { max_new_tokens = true, min_new_tokens = true, max_length = true, min_length = true,
+   local bad = opts.bad_words_ids
+   if bad ~= nil then
+      if type(bad) ~= "table" or #bad == 0 then
+         error(string.format("%s: bad_words_ids must be a non-empty list of lists of token ids, got %s", WHO,
+            type(bad) == "table" and "an empty list" or tostring(bad)), 3)
+      end
+      for i, seq in ipairs(bad) do
+         if type(seq) ~= "table" or #seq == 0 then
+            error(string.format("%s: bad_words_ids[%d] must be a non-empty list of token ids, got %s", WHO, i, tostring(seq)), 3)
+         end
+         for j, id in ipairs(seq) do
+            if type(id) ~= "number" or id ~= math.floor(id) or id < 0 then
+               error(string.format("%s: bad_words_ids[%d][%d] must be an integer >= 0, got %s", WHO, i, j, tostring(id)), 3)
+            end
+         end
+      end
+   end
+   local known = { max_new_tokens = true, min_new_tokens = true, max_length = true, min_length = true, bad_words_ids = true,
       assistant_model = true, num_assistant_tokens = true, assistant_stats = true, prompt_lookup_num_tokens = true,
       max_matching_ngram_size = true, stop_strings = true, tokenizer = true, temperature = true, top_k = true, top_p = true, min_p = true, seed = true,
       eos_token_id = true, pad_token_id = true, do_sample = true, attention_mask = true, repetition_penalty = true, on_token = true,
@@ -107,7 +124,7 @@ local function check_opts(opts)
    end
    for k in pairs(opts) do
       if not known[k] then
-         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, min_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
+         error(string.format('%s: unknown option "%s" (expected max_new_tokens, min_new_tokens, max_length, min_length, temperature, top_k, top_p, min_p, seed, do_sample, eos_token_id, pad_token_id, attention_mask, repetition_penalty, no_repeat_ngram_size, bad_words_ids, forced_bos_token_id, forced_eos_token_id, on_token, num_beams, num_return_sequences, length_penalty, early_stopping, micro_batch_size, prefill_chunk_size, kv_cache_device, kv_cache_dtype, assistant_model, num_assistant_tokens, assistant_stats, prompt_lookup_num_tokens, max_matching_ngram_size, stop_strings, tokenizer)',
             WHO, tostring(k)), 3)
       end
    end
@@ -160,6 +177,62 @@ function M.ban_repeated_ngrams(scores, rows, n)
       end
    end
    return out or scores
+end
+
+--- bad_words_ids (lists of ids no output may end with: transformers' NoBadWordsLogitsProcessor) as
+-- {single = {ids banned everywhere}, sequences = {{prefix..., last}}}, or nil when none is left
+-- once the lone end-of-sequence ids are dropped (transformers drops them, so a row can still end).
+function M.bad_words(list, eos, vocab)
+   if list == nil then return nil end
+   local is_eos_id = {}
+   for _, e in ipairs(type(eos) == "table" and eos or { eos }) do is_eos_id[e] = true end
+   local single, sequences = {}, {}
+   for i, seq in ipairs(list) do
+      for _, id in ipairs(seq) do
+         if id >= vocab then
+            error(string.format("%s: bad_words_ids[%d] holds id %d, outside the vocabulary (%d ids)", WHO, i, id, vocab), 3)
+         end
+      end
+      if #seq == 1 then
+         if not is_eos_id[seq[1]] then single[#single + 1] = seq[1] end
+      else
+         sequences[#sequences + 1] = seq
+      end
+   end
+   if #single == 0 and #sequences == 0 then return nil end
+   return { single = single, sequences = sequences, masks = {} }
+end
+
+--- scores (N, vocab) with -inf at the ids each row may not take next under bad (M.bad_words):
+-- the single ids always, a sequence's last id where the row ends with the rest of it.
+function M.ban_bad_words(scores, rows, bad)
+   if #bad.single > 0 then
+      local dev = tostring(scores.device)
+      local mask = bad.masks[dev]
+      if not mask then
+         local flags = {}
+         for v = 1, scores:size(2) do flags[v] = false end
+         for _, id in ipairs(bad.single) do flags[id + 1] = true end
+         mask = T.tensor({ flags }, { dtype = "bool" }):to(scores.device)
+         bad.masks[dev] = mask
+      end
+      scores = scores:masked_fill(mask, -math.huge)
+   end
+   local copied = false
+   for b, row in ipairs(rows) do
+      for _, seq in ipairs(bad.sequences) do
+         local n, len, match = #seq - 1, #row, true
+         if n > len then match = false end
+         for k = 1, match and n or 0 do
+            if row[len - n + k] ~= seq[k] then match = false break end
+         end
+         if match then
+            if not copied then scores, copied = scores:clone(), true end
+            scores:select(1, b):narrow(1, seq[#seq] + 1, 1):fill_(-math.huge)
+         end
+      end
+   end
+   return scores
 end
 
 --- scores (N, vocab) where only id may be picked (transformers' ForcedBOS/ForcedEOS processors:
@@ -230,6 +303,11 @@ end
 -- runs attention there (llama.cpp's -nkvo: a context longer than the GPU holds).
 -- kv_cache_dtype = "int8" stores the cache as int8 with a scale per block of the head dim
 -- (models/kv_cache.lua): 1.125 bytes a value, for contexts that do not fit in floats.
+-- bad_words_ids = {{id}, {id, id, ...}, ...}: no output ends with one of these (a single id is
+-- never picked; the hub's Marian folders ban their pad token so); default: the generation config's.
+-- A model with a method ban_tokens(scores (N, vocab), rows (each row's ids, Lua lists)) -> scores
+-- bans more ids there, after no_repeat_ngram_size (an encoder-decoder's encoder n-grams:
+-- models/seq2seq.lua).
 function M.generate(model, input_ids, opts)
    opts = check_opts(require("moonload.models.generation_config").defaults(model, check_opts(opts)))
    local ids, form = common.ids_tensor(input_ids, WHO)
@@ -292,7 +370,8 @@ function M.generate(model, input_ids, opts)
          prompt_lookup_num_tokens = opts.prompt_lookup_num_tokens, max_matching_ngram_size = opts.max_matching_ngram_size,
          stops = stops, stats = opts.assistant_stats,
          penalty = opts.repetition_penalty ~= 1 and opts.repetition_penalty or nil,
-         no_repeat = opts.no_repeat_ngram_size ~= 0 and opts.no_repeat_ngram_size or nil })
+         no_repeat = opts.no_repeat_ngram_size ~= 0 and opts.no_repeat_ngram_size or nil,
+         bad_words = M.bad_words(opts.bad_words_ids, eos, vocab) })
       return shape_output(T.tensor({ seq }, { dtype = "int64" }), form)
    end
    -- A device map planned with reserve_for budgeted this much cache and activation memory.
@@ -323,11 +402,12 @@ function M.generate(model, input_ids, opts)
    if penalty == 1 then penalty = nil end
    local no_repeat = opts.no_repeat_ngram_size
    if no_repeat == 0 then no_repeat = nil end
+   local bad_words = M.bad_words(opts.bad_words_ids, eos, vocab)
    if num_beams > 1 then
       local seq, scores = require("moonload.models.beam_search").run(model, ids, {
          num_beams = num_beams, num_return_sequences = num_return, length_penalty = opts.length_penalty,
          early_stopping = opts.early_stopping, max_new = max_new, min_new = min_new, eos = eos,
-         pad = opts.pad_token_id, penalty = penalty, no_repeat = no_repeat,
+         pad = opts.pad_token_id, penalty = penalty, no_repeat = no_repeat, bad_words = bad_words,
          forced = { forced_bos_token_id = opts.forced_bos_token_id, forced_eos_token_id = opts.forced_eos_token_id },
          eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil,
          mask = opts.attention_mask ~= nil and common.mask_tensor(opts.attention_mask, B, L, WHO) or nil,
@@ -368,7 +448,7 @@ function M.generate(model, input_ids, opts)
    end
    local draw = { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p, min_p = opts.min_p }
    local seen, vocab_ids                                       -- on the logits' device, made once
-   local history = no_repeat and ids:tolist() or nil           -- each row's ids, for no_repeat
+   local history = (no_repeat or bad_words or model.ban_tokens) and ids:tolist() or nil   -- each row's ids, for the bans
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
@@ -380,7 +460,9 @@ function M.generate(model, input_ids, opts)
          end
          last = M.penalize(last, seen, penalty)
       end
-      if history then last = M.ban_repeated_ngrams(last, history, no_repeat) end
+      if no_repeat then last = M.ban_repeated_ngrams(last, history, no_repeat) end
+      if model.ban_tokens then last = model:ban_tokens(last, history) end
+      if bad_words then last = M.ban_bad_words(last, history, bad_words) end
       local forced = M.forced_token(opts, L + step - 1, L + max_new)
       if forced then last = M.force_token(last, forced) end
       local tok = warpers.pick(last, draw)                     -- (B, 1) int64

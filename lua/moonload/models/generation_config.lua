@@ -13,7 +13,7 @@ local TOKEN_KEYS = { "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos
 -- only the values that differ).
 local SAMPLING_DEFAULTS = { temperature = 1.0, top_k = 50, top_p = 1.0 }
 -- Keys the call's options take from the config as they are when the call leaves them out.
-local PASSED_KEYS = { "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
+local PASSED_KEYS = { "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "num_beams", "num_return_sequences",
    "length_penalty", "early_stopping", "forced_bos_token_id", "forced_eos_token_id" }
 
 --- read(dir, who) -> the table in dir/generation_config.json, or nil when there is none. A file
@@ -48,7 +48,7 @@ end
 
 --- defaults(model, opts) -> opts with what the call left out taken from the model's generation
 -- config: eos_token_id (false: none), pad_token_id, max_new_tokens or max_length, min_new_tokens
--- or min_length, repetition_penalty, no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id, num_beams, num_return_sequences, length_penalty,
+-- or min_length, repetition_penalty, no_repeat_ngram_size, bad_words_ids, forced_bos_token_id, forced_eos_token_id, num_beams, num_return_sequences, length_penalty,
 -- early_stopping; and when
 -- sampling is on without a temperature (do_sample = true, from the call or else the config), the
 -- config's temperature, top_k, top_p and min_p (transformers' defaults 1.0, 50, 1.0 and none for those it

@@ -17,6 +17,7 @@ local M = {}
 
 local ARCH = {
    gpt2 = { module = "moonload.models.gpt2", class = "GPT2LMHeadModel" },
+   ["gpt-sw3"] = { module = "moonload.models.gpt2", class = "GPT2LMHeadModel" },   -- (transformers' auto classes: GPT-2's)
    llama = { module = "moonload.models.llama", class = "LlamaForCausalLM" },
    mistral = { module = "moonload.models.llama", class = "MistralForCausalLM" },
    -- its language model; (by_text: the class for another text_config model_type than Mistral's)
@@ -50,6 +51,10 @@ local ARCH = {
    cohere2_moe = { module = "moonload.models.cohere2_moe", class = "Cohere2MoeForCausalLM" },
    granite = { module = "moonload.models.llama", class = "GraniteForCausalLM" },
    granitemoe = { module = "moonload.models.moe", class = "GraniteMoeForCausalLM" },
+   granitemoeshared = { module = "moonload.models.moe", class = "GraniteMoeSharedForCausalLM" },
+   granite_swa = { module = "moonload.models.granite_swa", class = "GraniteSWAForCausalLM" },
+   granitemoe_swa = { module = "moonload.models.granite_swa", class = "GraniteMoeSWAForCausalLM" },
+   hyperclovax = { module = "moonload.models.llama", class = "HyperCLOVAXForCausalLM" },
    granitemoehybrid = { module = "moonload.models.bamba", class = "GraniteMoeHybridForCausalLM" },
    bamba = { module = "moonload.models.bamba", class = "BambaForCausalLM" },
    nemotron_h = { module = "moonload.models.nemotron_h", class = "NemotronHForCausalLM" },
@@ -61,6 +66,11 @@ local ARCH = {
    internlm3 = { module = "moonload.models.llama", class = "InternLM3ForCausalLM" },
    arcee = { module = "moonload.models.llama", class = "ArceeForCausalLM" },
    apertus = { module = "moonload.models.llama", class = "ApertusForCausalLM" },
+   iquestcoder = { module = "moonload.models.llama", class = "IQuestCoderForCausalLM" },
+   cwm = { module = "moonload.models.llama", class = "CwmForCausalLM" },
+   jais2 = { module = "moonload.models.llama", class = "Jais2ForCausalLM" },
+   bitnet = { module = "moonload.models.llama", class = "BitNetForCausalLM" },
+   nanochat = { module = "moonload.models.nanochat", class = "NanoChatForCausalLM" },
    olmoe = { module = "moonload.models.moe", class = "OlmoeForCausalLM" },
    flex_olmo = { module = "moonload.models.moe", class = "FlexOlmoForCausalLM" },
    afmoe = { module = "moonload.models.afmoe", class = "AfmoeForCausalLM" },
@@ -73,6 +83,10 @@ local ARCH = {
    minimax_m2 = { module = "moonload.models.moe", class = "MiniMaxM2ForCausalLM" },
    minimax = { module = "moonload.models.minimax", class = "MiniMaxForCausalLM" },
    hy_v3 = { module = "moonload.models.hy_v3", class = "HYV3ForCausalLM" },
+   jetmoe = { module = "moonload.models.jetmoe", class = "JetMoeForCausalLM" },
+   kolibri1 = { module = "moonload.models.kolibri1", class = "Kolibri1ForCausalLM" },
+   flint = { module = "moonload.models.flint", class = "FlintForCausalLM" },
+   mellum = { module = "moonload.models.laguna", class = "MellumForCausalLM" },
    laguna = { module = "moonload.models.laguna", class = "LagunaForCausalLM" },
    qwen2_moe = { module = "moonload.models.moe", class = "Qwen2MoeForCausalLM" },
    deepseek_v2 = { module = "moonload.models.deepseek", class = "DeepseekV2ForCausalLM" },
@@ -87,6 +101,9 @@ local ARCH = {
    glm4 = { module = "moonload.models.llama", class = "Glm4ForCausalLM" },
    glm4_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },
    solar_open = { module = "moonload.models.glm4_moe", class = "SolarOpenForCausalLM" },
+   sarvam_moe = { module = "moonload.models.glm4_moe", class = "SarvamMoEForCausalLM" },
+   sarvam_mla = { module = "moonload.models.deepseek", class = "SarvamMLAForCausalLM" },
+   axk1 = { module = "moonload.models.deepseek", class = "AXK1ForCausalLM" },
    glm4v = { module = "moonload.models.llama", class = "Glm4vForCausalLM" },              -- its language model
    glm4v_text = { module = "moonload.models.llama", class = "Glm4vForCausalLM" },
    glm4v_moe = { module = "moonload.models.glm4_moe", class = "Glm4MoeForCausalLM" },     -- its language model
@@ -121,6 +138,11 @@ local ARCH = {
    gpt_bigcode = { module = "moonload.models.gpt_bigcode", class = "GPTBigCodeForCausalLM" },
    gpt_neo = { module = "moonload.models.gpt_neo", class = "GPTNeoForCausalLM" },
    codegen = { module = "moonload.models.codegen", class = "CodeGenForCausalLM" },
+   persimmon = { module = "moonload.models.persimmon", class = "PersimmonForCausalLM" },
+   xglm = { module = "moonload.models.xglm", class = "XGLMForCausalLM" },
+   biogpt = { module = "moonload.models.biogpt", class = "BioGptForCausalLM" },
+   ["openai-gpt"] = { module = "moonload.models.openai", class = "OpenAIGPTLMHeadModel" },
+   ctrl = { module = "moonload.models.ctrl", class = "CTRLLMHeadModel" },
    stablelm = { module = "moonload.models.stablelm", class = "StableLmForCausalLM" },
    bert = { module = "moonload.models.bert", class = "BertModel" },
    roberta = { module = "moonload.models.bert", class = "RobertaModel" },
@@ -128,11 +150,20 @@ local ARCH = {
    camembert = { module = "moonload.models.bert", class = "RobertaModel" },
    bart = { module = "moonload.models.bart", class = "BartForConditionalGeneration" },
    mbart = { module = "moonload.models.bart", class = "MBartForConditionalGeneration" },
+   blenderbot = { module = "moonload.models.bart", class = "BlenderbotForConditionalGeneration" },
+   ["blenderbot-small"] = { module = "moonload.models.bart", class = "BlenderbotSmallForConditionalGeneration" },
+   plbart = { module = "moonload.models.bart", class = "PLBartForConditionalGeneration" },
+   mvp = { module = "moonload.models.bart", class = "MvpForConditionalGeneration" },
+   marian = { module = "moonload.models.bart", class = "MarianMTModel" },
+   pegasus = { module = "moonload.models.bart", class = "PegasusForConditionalGeneration" },
+   m2m_100 = { module = "moonload.models.bart", class = "M2M100ForConditionalGeneration" },
    -- (others: the architectures names of the family's other classes, and the class each reads as)
    t5 = { module = "moonload.models.t5", class = "T5ForConditionalGeneration",
       others = { T5EncoderModel = "T5EncoderModel" } },
    mt5 = { module = "moonload.models.t5", class = "T5ForConditionalGeneration",
       others = { T5EncoderModel = "T5EncoderModel", MT5EncoderModel = "T5EncoderModel", MT5ForConditionalGeneration = "T5ForConditionalGeneration" } },
+   umt5 = { module = "moonload.models.t5", class = "UMT5ForConditionalGeneration",
+      others = { UMT5EncoderModel = "UMT5EncoderModel" } },
 }
 
 -- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation; .mistral, .qwen2,
@@ -144,13 +175,19 @@ setmetatable(M, { __index = function(t, k)
       qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
       gpt_neox = "moonload.models.gpt_neox", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
       olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
-      bloom = "moonload.models.bloom", mpt = "moonload.models.mpt", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj", gpt_bigcode = "moonload.models.gpt_bigcode", gpt_neo = "moonload.models.gpt_neo", codegen = "moonload.models.codegen", stablelm = "moonload.models.stablelm",
+      bloom = "moonload.models.bloom", mpt = "moonload.models.mpt", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj", gpt_bigcode = "moonload.models.gpt_bigcode", gpt_neo = "moonload.models.gpt_neo", codegen = "moonload.models.codegen", persimmon = "moonload.models.persimmon", xglm = "moonload.models.xglm", biogpt = "moonload.models.biogpt", openai = "moonload.models.openai", ctrl = "moonload.models.ctrl", stablelm = "moonload.models.stablelm",
       bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", glm4_moe = "moonload.models.glm4_moe", dots1 = "moonload.models.dots1",
-      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", minimax = "moonload.models.minimax", minicpm3 = "moonload.models.minicpm3", olmo_hybrid = "moonload.models.olmo_hybrid", exaone_moe = "moonload.models.exaone_moe", longcat_flash = "moonload.models.longcat_flash", laguna = "moonload.models.laguna", lfm3 = "moonload.models.lfm3", mimo_v2_flash = "moonload.models.mimo_v2_flash", hy_v3 = "moonload.models.hy_v3", cohere2_moe = "moonload.models.cohere2_moe", afmoe = "moonload.models.afmoe", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart",
+      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", minimax = "moonload.models.minimax", minicpm3 = "moonload.models.minicpm3", olmo_hybrid = "moonload.models.olmo_hybrid", exaone_moe = "moonload.models.exaone_moe", longcat_flash = "moonload.models.longcat_flash", laguna = "moonload.models.laguna", lfm3 = "moonload.models.lfm3", mimo_v2_flash = "moonload.models.mimo_v2_flash", hy_v3 = "moonload.models.hy_v3", jetmoe = "moonload.models.jetmoe", kolibri1 = "moonload.models.kolibri1", flint = "moonload.models.flint", cohere2_moe = "moonload.models.cohere2_moe", afmoe = "moonload.models.afmoe", granite_swa = "moonload.models.granite_swa", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", t5 = "moonload.models.t5", bart = "moonload.models.bart", nanochat = "moonload.models.nanochat",
       config = "moonload.models.config",
       generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
       adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",
       common = "moonload.models.common" })[k]
+   -- (and every module the ARCH table names, as ml.models.<its file name>)
+   if path == nil and type(k) == "string" then
+      for _, a in pairs(ARCH) do
+         if a.module == "moonload.models." .. k then path = a.module break end
+      end
+   end
    if path then
       local mod = require(path)
       rawset(t, k, mod)
@@ -587,7 +624,9 @@ function load(dir, opts)
    -- A decoder's base model saved alone (Qwen3Model, as embedding models ship): no lm_head.weight.
    -- It loads into the causal class with the head tied to the embeddings (its hidden states are
    -- what such a folder is for; generate would read the embeddings back as the head).
+   -- (MarianMTModel is a head class whose name ends so)
    local tie_missing_head = type(archs[1]) == "string" and archs[1]:match("Model$") and not archs[1]:find("For", 1, true)
+      and archs[1] ~= cls.__name
    if tie_missing_head then
       for _, n in ipairs(names) do
          if n == "lm_head.weight" then tie_missing_head = false break end

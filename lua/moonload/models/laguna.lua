@@ -48,28 +48,29 @@ end
 local ROPE_NEEDS = { default = { "rope_theta" }, yarn = { "rope_theta", "factor", "original_max_position_embeddings" } }
 
 -- The rope_parameters entry of each layer type in use, checked: an object of a supported rope type
--- holding the keys that type needs (transformers reads them from the entry alone).
-local function check_rope(fixed, where)
+-- holding the keys that type needs (transformers reads them from the entry alone). who: the family's
+-- name in errors.
+local function check_rope(fixed, where, who)
    local used = {}
    for _, kind in ipairs(fixed.layer_types) do used[kind] = true end
    local rp = fixed.rope_parameters
    if type(rp) ~= "table" then
-      config.fail(where, WHO, 'config key "rope_parameters" must be an object, got %s', tostring(rp))
+      config.fail(where, who, 'config key "rope_parameters" must be an object, got %s', tostring(rp))
    end
    for _, kind in ipairs({ "full_attention", "sliding_attention" }) do
       local p, key = rp[kind], "rope_parameters." .. kind
       if used[kind] then
          if type(p) ~= "table" then
-            config.fail(where, WHO, 'config key "%s" must be an object (each layer type rotates by its own), got %s', key,
+            config.fail(where, who, 'config key "%s" must be an object (each layer type rotates by its own), got %s', key,
                tostring(p))
          end
          local rope_type = p.rope_type or p.type or "default"
          if not ROPE_NEEDS[rope_type] then
-            config.fail(where, WHO, 'rope type "%s" of %s is not supported (supported: default, yarn)', tostring(rope_type),
+            config.fail(where, who, 'rope type "%s" of %s is not supported (supported: default, yarn)', tostring(rope_type),
                key)
          end
          for _, k in ipairs(ROPE_NEEDS[rope_type]) do
-            if p[k] == nil then config.fail(where, WHO, 'config key "%s.%s" is missing (needed by rope type "%s")', key, k,
+            if p[k] == nil then config.fail(where, who, 'config key "%s.%s" is missing (needed by rope type "%s")', key, k,
                rope_type) end
          end
       end
@@ -121,22 +122,15 @@ local function heads_per_layer(cfg)
    end
 end
 
---- Reads and checks a Laguna config (path, folder or table): Llama's keys with LagunaConfig's
--- defaults, layer_types (cfg.layer_windows), the per-layer-type rotary tables (cfg.rope and
--- cfg.rotary_dim for the full layers, cfg.rope_local and cfg.local_rotary_dim for the sliding ones),
--- the query heads per layer (cfg.heads_per_layer), the gate's granularity (cfg.gate_per_head), and
--- the experts: num_experts, num_experts_per_tok, moe_intermediate_size,
--- shared_expert_intermediate_size, moe_routed_scaling_factor, moe_router_logit_softcapping and
--- cfg.sparse_layers (from mlp_layer_types).
-function M.config(source)
-   local raw, src, fixed = config.read_with_defaults(source, WHO, DEFAULTS)
-   local where = { _source = src }
-   default_layer_kinds(fixed, fixed.num_hidden_layers)
-   if fixed.rope_parameters == nil then fixed.rope_parameters = default_rope() end
-   if type(fixed.layer_types) == "table" then check_rope(fixed, where) end
+--- The layer plan and rotary tables of a Laguna or Mellum config (fixed: raw with the family's
+-- defaults, layer_types and rope_parameters filled in; who: the family's name in errors): llama.config's
+-- cfg with layer_types' windows (cfg.layer_windows), the full layers' rotary table (cfg.rope,
+-- cfg.rotary_dim) and the sliding layers' (cfg.rope_local, cfg.local_rotary_dim).
+function M.layer_type_config(fixed, src, raw, family, who)
+   if type(fixed.layer_types) == "table" then check_rope(fixed, { _source = src }, who) end
    -- transformers reads the rotary parameters from rope_parameters' per-type entries alone
    fixed.rope_theta, fixed.rope_scaling, fixed.partial_rotary_factor = nil, nil, nil
-   local cfg = llama.config(fixed, "laguna")
+   local cfg = llama.config(fixed, family)
    cfg._source, cfg._raw = src, raw
    local rp = cfg.rope_parameters
    -- (YaRN's truncate is read from rope_parameters' top level, not from the entry: transformers')
@@ -146,11 +140,41 @@ function M.config(source)
    if slides then                        -- the sliding layers' own rope type, base and rotary dims
       local sliding = rp.sliding_attention
       local lcfg = setmetatable({}, { __index = cfg })
-      llama.set_rotary_dim(lcfg, WHO, sliding.partial_rotary_factor or 1)
+      llama.set_rotary_dim(lcfg, who, sliding.partial_rotary_factor or 1)
       cfg.local_rotary_dim = lcfg.rotary_dim
-      cfg.rope_local = llama.rope_from(cfg, WHO, { { sliding, "rope_parameters.sliding_attention." } }, 10000)
+      cfg.rope_local = llama.rope_from(cfg, who, { { sliding, "rope_parameters.sliding_attention." } }, 10000)
       cfg.rope_local.truncate = rp.truncate
    end
+   return cfg
+end
+
+--- cfg.sparse_layers from cfg.mlp_layer_types ("dense" or "sparse" per layer), checked.
+function M.read_mlp_layer_types(cfg, who)
+   local kinds = cfg.mlp_layer_types
+   if type(kinds) ~= "table" or #kinds ~= cfg.num_hidden_layers then
+      config.fail(cfg, who, 'config key "mlp_layer_types" must list %d layer types', cfg.num_hidden_layers)
+   end
+   cfg.sparse_layers = {}
+   for i = 1, cfg.num_hidden_layers do
+      if kinds[i] ~= "dense" and kinds[i] ~= "sparse" then
+         config.fail(cfg, who, 'mlp_layer_types[%d] is "%s" (supported: dense, sparse)', i, tostring(kinds[i]))
+      end
+      cfg.sparse_layers[i] = kinds[i] == "sparse"
+   end
+end
+
+--- Reads and checks a Laguna config (path, folder or table): Llama's keys with LagunaConfig's
+-- defaults, layer_types (cfg.layer_windows), the per-layer-type rotary tables (cfg.rope and
+-- cfg.rotary_dim for the full layers, cfg.rope_local and cfg.local_rotary_dim for the sliding ones),
+-- the query heads per layer (cfg.heads_per_layer), the gate's granularity (cfg.gate_per_head), and
+-- the experts: num_experts, num_experts_per_tok, moe_intermediate_size,
+-- shared_expert_intermediate_size, moe_routed_scaling_factor, moe_router_logit_softcapping and
+-- cfg.sparse_layers (from mlp_layer_types).
+function M.config(source)
+   local raw, src, fixed = config.read_with_defaults(source, WHO, DEFAULTS)
+   default_layer_kinds(fixed, fixed.num_hidden_layers)
+   if fixed.rope_parameters == nil then fixed.rope_parameters = default_rope() end
+   local cfg = M.layer_type_config(fixed, src, raw, "laguna", WHO)
    heads_per_layer(cfg)
    local gating = cfg.gating
    if gating == nil then gating = true end
@@ -175,17 +199,7 @@ function M.config(source)
       config.fail(cfg, WHO, 'config key "moe_apply_router_weight_on_input" is %s: routing weights applied to the '
          .. "experts' input are not supported (transformers refuses them too)", tostring(cfg.moe_apply_router_weight_on_input))
    end
-   local kinds = cfg.mlp_layer_types
-   if type(kinds) ~= "table" or #kinds ~= cfg.num_hidden_layers then
-      config.fail(cfg, WHO, 'config key "mlp_layer_types" must list %d layer types', cfg.num_hidden_layers)
-   end
-   cfg.sparse_layers = {}
-   for i = 1, cfg.num_hidden_layers do
-      if kinds[i] ~= "dense" and kinds[i] ~= "sparse" then
-         config.fail(cfg, WHO, 'mlp_layer_types[%d] is "%s" (supported: dense, sparse)', i, tostring(kinds[i]))
-      end
-      cfg.sparse_layers[i] = kinds[i] == "sparse"
-   end
+   M.read_mlp_layer_types(cfg, WHO)
    return cfg
 end
 
@@ -311,5 +325,84 @@ function M.LagunaModel:layer_rotary(positions, x)
    if not self.config.rope_local then return llama.LlamaModel.layer_rotary(self, positions, x) end
    return llama.layer_rotary_by_window(self, positions, x)
 end
+
+-- --- Mellum -----------------------------------------------------------------------------------------
+
+-- Mellum 2 (MellumForCausalLM, model_type "mellum": JetBrains/Mellum2-12B-A2.5B-Base): Laguna's
+-- layer plan and per-layer-type rotary tables (by default every layer full; full layers at base
+-- 500,000, sliding ones at 10,000) with Qwen3-MoE's attention (per-head q/k norms, biased when
+-- attention_bias) and sparse block (the top num_experts_per_tok of a softmax over the router's logits,
+-- renormalized when norm_topk_prob); mlp_layer_types (by default all sparse) picks it or a dense MLP.
+-- No gates, shared experts or per-layer head counts. transformers rotates whole heads only here
+-- (a partial_rotary_factor breaks its attention), so one is refused. The hub's multi-token-prediction
+-- layer (mtp.*) is left out, as transformers does.
+local MELLUM = "models.mellum"
+
+-- MellumConfig's defaults (Qwen3-MoE's where it has none) for the keys the readers require or default otherwise.
+local MELLUM_DEFAULTS = { vocab_size = 98304, hidden_size = 2304, intermediate_size = 7168, num_hidden_layers = 28,
+   num_attention_heads = 32, num_key_value_heads = 4, head_dim = 128, max_position_embeddings = 131072,
+   sliding_window = 1024, num_local_experts = 64, num_experts_per_tok = 8, moe_intermediate_size = 896,
+   norm_topk_prob = true }
+
+--- Reads and checks a Mellum config (path, folder or table) with MellumConfig's defaults: the layer
+-- plan and rotary tables (M.layer_type_config), then the experts: num_experts (num_local_experts,
+-- or num_experts), num_experts_per_tok, moe_intermediate_size, norm_topk_prob and cfg.sparse_layers.
+function M.mellum_config(source)
+   local raw, src, fixed = config.read_with_defaults(source, MELLUM, MELLUM_DEFAULTS)
+   if raw.num_local_experts == nil and raw.num_experts ~= nil then fixed.num_local_experts = raw.num_experts end
+   local n = fixed.num_hidden_layers
+   if type(n) == "number" and n >= 1 and n == math.floor(n) then   -- (llama.config names a bad count)
+      local function every_layer(kind)
+         local t = {}
+         for i = 1, n do t[i] = kind end
+         return t
+      end
+      fixed.layer_types = fixed.layer_types or every_layer("full_attention")
+      fixed.mlp_layer_types = fixed.mlp_layer_types or every_layer("sparse")
+   end
+   if fixed.rope_parameters == nil then
+      fixed.rope_parameters = { full_attention = { rope_type = "default", rope_theta = 500000 },
+         sliding_attention = { rope_type = "default", rope_theta = 10000 } }
+   end
+   for _, kind in ipairs({ "full_attention", "sliding_attention" }) do
+      local p = type(fixed.rope_parameters) == "table" and fixed.rope_parameters[kind]
+      local f = type(p) == "table" and p.partial_rotary_factor
+      if f and f ~= 1 then
+         config.fail({ _source = src }, MELLUM, 'config key "rope_parameters.%s.partial_rotary_factor" is %s: transformers\' '
+            .. "Mellum rotates whole heads only", kind, tostring(f))
+      end
+   end
+   local cfg = M.layer_type_config(fixed, src, raw, "mellum", MELLUM)
+   local function int(key, min) cfg[key] = config.integer(cfg, MELLUM, key, cfg[key], min) return cfg[key] end
+   cfg.num_experts = int("num_local_experts", 1)
+   int("num_experts_per_tok", 1)
+   int("moe_intermediate_size", 1)
+   if cfg.num_experts_per_tok > cfg.num_experts then
+      config.fail(cfg, MELLUM, "num_experts_per_tok %d is more than num_local_experts %d", cfg.num_experts_per_tok,
+         cfg.num_experts)
+   end
+   if type(cfg.norm_topk_prob) ~= "boolean" then
+      config.fail(cfg, MELLUM, 'config key "norm_topk_prob" must be a boolean, got %s', tostring(cfg.norm_topk_prob))
+   end
+   M.read_mlp_layer_types(cfg, MELLUM)
+   return cfg
+end
+
+local MellumMLP = moe.Qwen3MoeMLP:extend("MellumMLP")
+M.MellumMLP = MellumMLP
+
+local MellumSparseMoeBlock = moe.Qwen3MoeSparseMoeBlock:extend("MellumSparseMoeBlock")
+M.MellumSparseMoeBlock = MellumSparseMoeBlock
+
+local function mellum_mlp(cfg, layer_idx)
+   return cfg.sparse_layers[layer_idx] and MellumSparseMoeBlock(cfg) or MellumMLP(cfg)
+end
+
+-- (q_norm and k_norm come with cfg.qk_norm: LlamaAttention applies them before rotating)
+local MellumLM = moe.decoder_family("mellum", "Mellum", llama.LlamaAttention, mellum_mlp, "mlp", M.mellum_config, M)
+moe.builds_experts_as_stored(MellumLM)
+MellumLM.ignore_unexpected = { "rotary_emb%.inv_freq$", "^mtp%." }
+M.MellumRotaryEmbedding.__init = M.LagunaRotaryEmbedding.__init
+M.MellumModel.layer_rotary = M.LagunaModel.layer_rotary
 
 return M

@@ -66,6 +66,14 @@ local FAMILIES = {
                defaults = { rms_norm_eps = 1e-5, rope_theta = 1000000, max_position_embeddings = 131072, num_key_value_heads = 8 } },
    hy_v3 = { who = "models.hy_v3", prefix = "HYV3", defaults = { rope_theta = 11158840 } },                 -- models/hy_v3.lua
    laguna = { who = "models.laguna", prefix = "Laguna" },                                        -- models/laguna.lua
+   jetmoe = { who = "models.jetmoe", prefix = "JetMoe" },                                        -- models/jetmoe.lua
+   sarvam_moe = { who = "models.sarvam_moe", prefix = "SarvamMoE", defaults = { head_dim = 64, rope_theta = 8000000,   -- models/glm4_moe.lua
+                  max_position_embeddings = 131072, num_key_value_heads = 4 } },
+   sarvam_mla = { who = "models.sarvam_mla", prefix = "SarvamMLA" },                             -- models/deepseek.lua
+   kolibri1 = { who = "models.kolibri1", prefix = "Kolibri1" },                                  -- models/kolibri1.lua
+   flint = { who = "models.flint", prefix = "Flint" },                                           -- models/flint.lua
+   axk1 = { who = "models.axk1", prefix = "AXK1" },                                              -- models/deepseek.lua
+   mellum = { who = "models.mellum", prefix = "Mellum" },                                        -- models/laguna.lua
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
    ernie4_5 = { who = "models.ernie4_5", prefix = "Ernie4_5",                                    -- models/ernie4_5.lua
@@ -92,6 +100,12 @@ local FAMILIES = {
    cohere2_moe = { who = "models.cohere2_moe", prefix = "Cohere2Moe" },                  -- models/cohere2_moe.lua
    granite = { who = "models.granite", prefix = "Granite" },
    granitemoe = { who = "models.granitemoe", prefix = "GraniteMoe" },                         -- models/moe.lua
+   granitemoeshared = { who = "models.granitemoeshared", prefix = "GraniteMoeShared" },       -- models/moe.lua
+   granite_swa = { who = "models.granite_swa", prefix = "GraniteSWA",                          -- models/granite_swa.lua
+                   defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5, max_position_embeddings = 8192,
+                                num_key_value_heads = 4 } },
+   granitemoe_swa = { who = "models.granitemoe_swa", prefix = "GraniteMoeSWA" },               -- models/granite_swa.lua
+   hyperclovax = { who = "models.hyperclovax", prefix = "HyperCLOVAX" },
    -- hybrids of Mamba-2 mixers and attention (models/mamba2.lua's mixer)
    granitemoehybrid = { who = "models.granitemoehybrid", prefix = "GraniteMoeHybrid" },            -- models/bamba.lua
    bamba = { who = "models.bamba", prefix = "Bamba", defaults = { rms_norm_eps = 1e-5 } },          -- models/bamba.lua
@@ -103,6 +117,18 @@ local FAMILIES = {
    arcee = { who = "models.arcee", prefix = "Arcee", defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5 } },
    apertus = { who = "models.apertus", prefix = "Apertus",
                defaults = { hidden_act = "xielu", rms_norm_eps = 1e-5, rope_theta = 12000000 } },
+   iquestcoder = { who = "models.iquestcoder", prefix = "IQuestCoder",
+                   defaults = { head_dim = 128, rms_norm_eps = 1e-5, max_position_embeddings = 131072 } },
+   cwm = { who = "models.cwm", prefix = "Cwm",
+           defaults = { head_dim = 128, num_key_value_heads = 8, rms_norm_eps = 1e-5, max_position_embeddings = 131072,
+                        rope_theta = 1000000 } },
+   -- (Jais-2's LayerNorm eps is layer_norm_eps: read as rms_norm_eps)
+   jais2 = { who = "models.jais2", prefix = "Jais2",
+             defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5, max_position_embeddings = 8192, attention_bias = true,
+                          mlp_bias = true } },
+   bitnet = { who = "models.bitnet", prefix = "BitNet",
+              defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5, rope_theta = 500000, num_key_value_heads = 5 } },
+   nanochat = { who = "models.nanochat", prefix = "NanoChat", defaults = { hidden_act = "relu2" } },   -- models/nanochat.lua
    olmoe = { who = "models.olmoe", prefix = "Olmoe", defaults = { rms_norm_eps = 1e-5 } },               -- models/moe.lua
    flex_olmo = { who = "models.flex_olmo", prefix = "FlexOlmo", defaults = { max_position_embeddings = 4096 } },   -- models/moe.lua
    afmoe = { who = "models.afmoe", prefix = "Afmoe",                                                    -- models/afmoe.lua
@@ -362,10 +388,15 @@ function M.config(source, family)
    if (family == "cohere" or family == "cohere2") and raw.layer_norm_eps ~= nil and raw.rms_norm_eps == nil then
       raw.rms_norm_eps = raw.layer_norm_eps
    end
+   if family == "jais2" then raw.rms_norm_eps = raw.layer_norm_eps end   -- (its config has no rms_norm_eps)
    if family == "cohere2" then raw.head_dim = nil end         -- transformers derives it, whatever the file says
    if family == "apertus" and raw.rope_parameters == nil and raw.rope_scaling == nil then
       -- transformers' default for a config without any (a top-level rope_theta does not count)
       raw.rope_parameters = { rope_type = "llama3", rope_theta = 12000000, factor = 8, original_max_position_embeddings = 8192,
+         low_freq_factor = 1, high_freq_factor = 4 }
+   end
+   if family == "cwm" and raw.rope_parameters == nil and raw.rope_scaling == nil then   -- (likewise)
+      raw.rope_parameters = { rope_type = "llama3", rope_theta = 1000000, factor = 16, original_max_position_embeddings = 8192,
          low_freq_factor = 1, high_freq_factor = 4 }
    end
    if family == "internlm3" then                              -- the hub's names for Llama's biases
@@ -417,13 +448,26 @@ function M.config(source, family)
    common.activation(cfg.hidden_act, WHO, cfg._source)
    cfg.layer_windows = {}
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
-      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "minicpm3"
+      or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "minicpm3" or family == "sarvam_mla"
+      or family == "axk1" or family == "jetmoe"
       or family == "llama4_text"
-      or family == "gemma" or family == "olmo" or family == "nemotron" or family == "exaone" then
+      or family == "gemma" or family == "olmo" or family == "nemotron" or family == "exaone" or family == "iquestcoder"
+      or family == "jais2" or family == "bitnet" or family == "nanochat" then
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
-      if family == "gemma" then cfg.mlp_bias = false end
+      if family == "gemma" or family == "bitnet" or family == "nanochat" then cfg.mlp_bias = false end
+      if family == "bitnet" and cfg.num_attention_heads * cfg.head_dim ~= cfg.hidden_size then   -- (attn_sub_norm's size)
+         config.fail(cfg, WHO, "num_attention_heads %d x head_dim %d must equal hidden_size %d", cfg.num_attention_heads,
+            cfg.head_dim, cfg.hidden_size)
+      end
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       M.check_clip_qkv(cfg, family == "olmo", WHO)
+      if family == "iquestcoder" then   -- the original code's options no released checkpoint sets (transformers refuses them)
+         for _, key in ipairs({ "clip_qkv", "use_sliding_window" }) do
+            if cfg[key] ~= nil and cfg[key] ~= false then
+               config.fail(cfg, WHO, 'config key "%s" is not supported (IQuest-Coder runs as a Llama), got %s', key, tostring(cfg[key]))
+            end
+         end
+      end
    elseif family == "solar_open" then        -- biased q/k/v when asked, never the output (models/glm4_moe.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -431,24 +475,37 @@ function M.config(source, family)
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.rope_pairs_interleaved = true
+   elseif family == "cwm" then               -- Qwen2's attention unbiased; layer_types says which slide (all but
+      -- every 4th by default) over sliding_window (8192 by default)
+      cfg.qkv_bias, cfg.o_bias = false, false
+      if cfg.sliding_window == nil then cfg.sliding_window = 8192 end
+      cfg.use_sliding_window, cfg.max_window_layers = true, 0
+      if cfg.layer_types == nil then
+         cfg.layer_types = {}
+         for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 4 == 1 and "full_attention" or "sliding_attention" end
+      end
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
    elseif family == "ministral" then         -- Mistral's layers; layer_types says which slide (all, by default)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       cfg.use_sliding_window = window_size(cfg, WHO) ~= nil
       cfg.max_window_layers = 0
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-   elseif family == "glm4_moe" or family == "glm4" or family == "glm4v" or family == "glm" then   -- biased q/k/v, an unbiased output
-      -- (GLM-4.1V's q/k/v are biased whatever the config says: its text config has no attention_bias)
+   elseif family == "glm4_moe" or family == "glm4" or family == "glm4v" or family == "glm" or family == "sarvam_moe" then
+      -- biased q/k/v, an unbiased output (GLM-4.1V's q/k/v are biased whatever the config says: its
+      -- text config has no attention_bias); Sarvam MoE is GLM-4.5's
+      local glm45 = family == "glm4_moe" or family == "sarvam_moe"
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = family == "glm4v" or cfg.attention_bias, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-      cfg.qk_norm = family == "glm4_moe" and cfg.use_qk_norm == true      -- (GLM-4.5's per-head q/k norms, if asked)
-      cfg.rope_pairs_interleaved = family ~= "glm4_moe"                  -- (GLM-4's rotary pairs: neighbouring dims)
+      cfg.qk_norm = glm45 and cfg.use_qk_norm == true      -- (GLM-4.5's per-head q/k norms, if asked)
+      cfg.rope_pairs_interleaved = not glm45               -- (GLM-4's rotary pairs: neighbouring dims)
    elseif family == "ernie4_5" or family == "ernie4_5_moe" then   -- use_bias on every projection
       local bias = cfg.use_bias == true
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = bias, bias, bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
       cfg.rope_pairs_interleaved = true
-   elseif family == "exaone4" or family == "exaone_moe" or family == "cohere2" or family == "cohere2_moe" then   -- sliding layers rotate; with a window, the full ones are NoPE
-      if family == "exaone4" or family == "exaone_moe" then
+   elseif family == "exaone4" or family == "exaone_moe" or family == "cohere2" or family == "cohere2_moe"
+      or family == "kolibri1" then   -- sliding layers rotate; with a window, the full ones are NoPE
+      if family == "exaone4" or family == "exaone_moe" or family == "kolibri1" then   -- (Kolibri-1: EXAONE 4's attention)
          cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
          cfg.qk_norm = true
       else                                    -- Cohere 2: Cohere's layers; without a window, transformers' 4096
@@ -500,10 +557,34 @@ function M.config(source, family)
       if cfg.use_qk_norm ~= nil and type(cfg.use_qk_norm) ~= "boolean" then
          config.fail(cfg, WHO, 'config key "use_qk_norm" must be a boolean, got %s', tostring(cfg.use_qk_norm))
       end
-   elseif family == "granite" or family == "granitemoe" or family == "granitemoehybrid" then   -- the multipliers below
+   elseif family == "granite" or family == "granitemoe" or family == "granitemoehybrid" or family == "granitemoeshared"
+      or family == "granite_swa" or family == "granitemoe_swa" or family == "hyperclovax" then
+      -- (the multipliers below; the MoE families' MLPs are never biased)
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
-      if family ~= "granite" then cfg.mlp_bias = false end
-      for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      if family ~= "granite" and family ~= "granite_swa" and family ~= "hyperclovax" then cfg.mlp_bias = false end
+      if family == "granite_swa" or family == "granitemoe_swa" then   -- (per-layer rope bases: models/granite_swa.lua)
+         -- layer_types' sliding layers attend over the window; by default the first of every four attends to all
+         if cfg.sliding_window == nil then cfg.sliding_window = 128 end
+         if cfg.layer_types == nil then
+            cfg.layer_types = {}
+            for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 4 == 1 and "full_attention" or "sliding_attention" end
+         end
+         cfg.use_sliding_window, cfg.max_window_layers = true, 0
+         cfg.layer_windows = qwen2_windows(cfg, WHO)
+      else
+         for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
+      end
+      if family == "hyperclovax" then        -- (its default scale: 1/sqrt(head_dim), as Llama's)
+         if cfg.hidden_size % cfg.num_attention_heads ~= 0 then
+            config.fail(cfg, WHO, "hidden_size %d is not a multiple of num_attention_heads %d", cfg.hidden_size,
+               cfg.num_attention_heads)
+         end
+         if cfg.attention_multiplier == nil then cfg.attention_multiplier = 1 / math.sqrt(cfg.head_dim) end
+         if cfg.use_post_norm == nil then cfg.use_post_norm = true end
+         if type(cfg.use_post_norm) ~= "boolean" then
+            config.fail(cfg, WHO, 'config key "use_post_norm" must be a boolean, got %s', tostring(cfg.use_post_norm))
+         end
+      end
       for _, key in ipairs({ "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling" }) do
          local v = cfg[key] == nil and 1 or cfg[key]
          if type(v) ~= "number" or v <= 0 then
@@ -597,13 +678,13 @@ function M.config(source, family)
          for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = i % 2 == 1 and "sliding_attention" or "full_attention" end
       end
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-   elseif family == "afmoe" or family == "laguna" then   -- per-head q/k norms; of layer_types (models/afmoe.lua,
-      -- models/laguna.lua fill it in) the sliding layers attend over the window; AFMoE's full ones have no
-      -- position embedding
+   elseif family == "afmoe" or family == "laguna" or family == "flint" or family == "mellum" then   -- per-head q/k norms;
+      -- of layer_types (models/afmoe.lua, models/laguna.lua, models/flint.lua fill it in) the sliding layers
+      -- attend over the window; AFMoE's and Flint's full ones have no position embedding
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.qk_norm = cfg.attention_bias, cfg.attention_bias, false, true
       cfg.use_sliding_window, cfg.max_window_layers = true, 0
       cfg.layer_windows = qwen2_windows(cfg, WHO)
-      if family == "afmoe" then
+      if family == "afmoe" or family == "flint" then
          cfg.nope_layers = {}
          for i, w in ipairs(cfg.layer_windows) do cfg.nope_layers[i] = not w end
       end
@@ -1044,6 +1125,7 @@ function LlamaModel:forward(input_ids, cache, pad, pos, blocks)
    local past = cache and cache.length or 0
    local x = self[self.embed_name](input_ids)
    if self.embed_scale then x = x * self:embed_scale() end       -- Gemma: sqrt(hidden_size)
+   if self.norms_embeddings then x = self[self.norm_name](x) end  -- NanoChat: its final norm on the embeddings too
    local rope = self:layer_rotary(pos or T.arange(past, past + L, { device = input_ids.device }), x)
    local n = cfg.num_hidden_layers
    local schedule = blocks and block_schedule.plan(blocks, x, cache, n, WHO, self.blocks_need_cache)
@@ -1162,6 +1244,8 @@ family_classes("hunyuan_v1_dense")   -- Hunyuan-7B: Llama's layers, per-head q/k
 family_classes("internlm3")      -- InternLM3: Llama's layers (transformers builds a LlamaForCausalLM), "dynamic" rope
 family_classes("arcee")          -- Arcee (AFM-4.5B): Llama's layers, an MLP without a gate (ReLU^2)
 family_classes("apertus")        -- Apertus: per-head q/k norms, its own norms' names, an MLP without a gate (xIELU)
+family_classes("iquestcoder")    -- IQuest-Coder-V1: Llama's layers (transformers builds a LlamaForCausalLM)
+family_classes("cwm")            -- CWM: Llama's layers, Qwen2's sliding attention without biases
 family_classes("olmo2")
 family_classes("olmo3")
 
@@ -1315,6 +1399,35 @@ function M.GraniteModel:embed_scale() return self.config.embedding_multiplier en
 --- Granite's logits: divided by logits_scaling.
 function M.granite_logits(logits, cfg) return logits / cfg.logits_scaling end
 M.GraniteForCausalLM.forward = M.scaled_logits_forward(FAMILIES.granite.who, M.granite_logits)
+
+-- HyperCLOVA X (model_type hyperclovax: HyperCLOVAX-SEED-Think-14B): Granite's layers with an RMSNorm
+-- after the attention and after the MLP as well, before the residual multiplier (post_norm1,
+-- post_norm2: Peri-LN, when use_post_norm), and the logits multiplied by logits_scaling where
+-- Granite divides.
+family_classes("hyperclovax", M.GraniteDecoderLayer)
+M.HyperCLOVAXAttention.__init = M.GraniteAttention.__init
+M.HyperCLOVAXModel.embed_scale = M.GraniteModel.embed_scale
+
+function M.HyperCLOVAXDecoderLayer:__init(cfg, layer_idx)
+   M.GraniteDecoderLayer.__init(self, cfg, layer_idx)
+   if cfg.use_post_norm then
+      self.post_norm1 = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+      self.post_norm2 = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+   end
+end
+
+function M.HyperCLOVAXDecoderLayer:forward(x, cos, sin, cache, pad)
+   local r = self.residual_multiplier
+   local h = self.self_attn(self.input_layernorm(x), cos, sin, cache, pad)
+   if self.post_norm1 then h = self.post_norm1(h) end
+   x = x + h * r
+   h = self.mlp(self.post_attention_layernorm(x))
+   if self.post_norm2 then h = self.post_norm2(h) end
+   return x + h * r
+end
+
+M.HyperCLOVAXForCausalLM.forward = M.scaled_logits_forward(FAMILIES.hyperclovax.who,
+   function(logits, cfg) return logits * cfg.logits_scaling end)
 
 -- OLMo 3: OLMo 2's layers, sliding on three layers of every four, which rotate unscaled.
 local Olmo3Attention, Olmo3DecoderLayer = M.Olmo3Attention, M.Olmo3DecoderLayer
@@ -1510,5 +1623,35 @@ end
 
 M.NemotronDecoderLayer.Norm, M.NemotronModel.Norm = NemotronLayerNorm1P, NemotronLayerNorm1P
 M.NemotronMLP.__init, M.NemotronMLP.forward = M.ArceeMLP.__init, M.ArceeMLP.forward
+
+-- Jais-2 (Jais-2-8B-Chat): Llama's layers with LayerNorms (biased) in place of RMSNorms, biases on
+-- attention and MLP, and Nemotron's MLP without a gate (ReLU²).
+family_classes("jais2")
+M.Jais2DecoderLayer.Norm, M.Jais2Model.Norm = nn.LayerNorm, nn.LayerNorm
+M.Jais2MLP.__init, M.Jais2MLP.forward = M.ArceeMLP.__init, M.ArceeMLP.forward
+
+-- BitNet b1.58 (bitnet-b1.58-2B-4T-bf16): Llama's layers with an RMSNorm over the attention's heads
+-- before o_proj (attn_sub_norm) and one over the gated MLP's product before down_proj (ffn_sub_norm),
+-- ReLU² as the gate's activation. (The packed ternary checkpoint, quantization_config quant_method
+-- "bitnet", is refused by quantize.apply_config: its layers quantize their inputs to int8 as well.)
+family_classes("bitnet")
+
+function M.BitNetAttention:__init(cfg, layer_idx)
+   LlamaAttention.__init(self, cfg, layer_idx)
+   self.attn_sub_norm = nn.RMSNorm(cfg.hidden_size, { eps = cfg.rms_norm_eps })
+end
+
+function M.BitNetAttention:attend_heads(q, k, v, past, pad)
+   return self.attn_sub_norm(LlamaAttention.attend_heads(self, q, k, v, past, pad))
+end
+
+function M.BitNetMLP:__init(cfg)
+   LlamaMLP.__init(self, cfg)
+   self.ffn_sub_norm = nn.RMSNorm(cfg.intermediate_size, { eps = cfg.rms_norm_eps })
+end
+
+function M.BitNetMLP:forward(x)
+   return self.down_proj(self.ffn_sub_norm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+end
 
 return M

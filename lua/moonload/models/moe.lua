@@ -29,13 +29,16 @@ function M.config(source, family)
    cfg.num_experts = int(experts, "num_experts", 0)
    cfg.num_experts_per_tok = int(cfg.num_experts_per_tok or 8, "num_experts_per_tok", 1)
    local always_renormalize = family == "mixtral" or family == "minimax_m2" or family == "granitemoe"
-      or family == "granitemoehybrid"
+      or family == "granitemoehybrid" or family == "granitemoeshared" or family == "granitemoe_swa"
    local experts_are_mlp = always_renormalize or family == "olmoe" or family == "phimoe" or family == "flex_olmo"   -- (their experts' width: intermediate_size)
    cfg.moe_intermediate_size = int(cfg.moe_intermediate_size or (experts_are_mlp and cfg.intermediate_size) or 768,
       "moe_intermediate_size", 1)
    cfg.decoder_sparse_step = int(cfg.decoder_sparse_step or 1, "decoder_sparse_step", 1)
    if family == "qwen2_moe" or family == "qwen3_next" or family == "qwen3_5_moe" then
       cfg.shared_expert_intermediate_size = int(cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size", 1)
+   end
+   if family == "granitemoeshared" or family == "granitemoe_swa" then   -- (0, transformers' default: no shared MLP)
+      cfg.shared_intermediate_size = int(cfg.shared_intermediate_size or 0, "shared_intermediate_size", 0)
    end
    if cfg.num_experts > 0 and cfg.num_experts_per_tok > cfg.num_experts then
       config.fail(cfg, WHO, "num_experts_per_tok %d is more than num_experts %d", cfg.num_experts_per_tok, cfg.num_experts)
@@ -122,7 +125,18 @@ function M.run_experts(experts, flat, top_w, top_i, weigh_inputs)
    local k = top_w:size(2)
    top_w = top_w:to(flat.dtype):reshape(N * k)
    if top_w.device ~= flat.device then top_w = top_w:to(flat.device) end
-   -- rows per expert, in (token, slot) order
+   return M.by_expert(top_i, k, #experts, flat.device, function(e, rows, slots)
+      local x, w = flat:index_select(1, rows), top_w:index_select(1, slots):unsqueeze(2)
+      if weigh_inputs then return experts[e + 1](x * w) end
+      return experts[e + 1](x) * w
+   end):view(N, k, H):sum(2)
+end
+
+--- fn(e, rows, slots) once for each of the E experts (e 0-based) some row chose, rows the 0-based
+-- rows that chose it and slots their 0-based (row, slot) indices n * k + s (int64 on device), fn
+-- returning its (#rows, out) outputs; top_i a list per row of k 0-based experts. -> all outputs
+-- in (row, slot) order: (N * k, out). (JetMoE's attention experts take a different input per slot.)
+function M.by_expert(top_i, k, E, device, fn)
    local rows, slots = {}, {}
    for n, row in ipairs(top_i) do
       for s, e in ipairs(row) do
@@ -134,23 +148,16 @@ function M.run_experts(experts, flat, top_w, top_i, weigh_inputs)
    end
    local outputs, where = {}, {}
    local at = 0
-   for e = 0, #experts - 1 do
+   for e = 0, E - 1 do
       if rows[e] then
-         local idx = T.tensor(rows[e], { dtype = "int64", device = flat.device })
-         local w = top_w:index_select(1, T.tensor(slots[e], { dtype = "int64", device = flat.device }))
-         local x = flat:index_select(1, idx)
-         if weigh_inputs then
-            outputs[#outputs + 1] = experts[e + 1](x * w:unsqueeze(2))
-         else
-            outputs[#outputs + 1] = experts[e + 1](x) * w:unsqueeze(2)
-         end
+         outputs[#outputs + 1] = fn(e, T.tensor(rows[e], { dtype = "int64", device = device }),
+            T.tensor(slots[e], { dtype = "int64", device = device }))
          for j, slot in ipairs(slots[e]) do where[slot + 1] = at + j - 1 end
          at = at + #rows[e]
       end
    end
-   local all = #outputs == 1 and outputs[1] or T.cat(outputs, 1)              -- (N * k, H) by expert
-   local order = T.tensor(where, { dtype = "int64", device = flat.device })  -- (token, slot) -> row of all
-   return all:index_select(1, order):view(N, k, H):sum(2)
+   local all = #outputs == 1 and outputs[1] or T.cat(outputs, 1)              -- (N * k, out) by expert
+   return all:index_select(1, T.tensor(where, { dtype = "int64", device = device }))   -- (row, slot) -> row of all
 end
 
 -- Experts stacked per projection, SwiGLU each: gate_up_proj holds every expert's gate rows then
@@ -491,6 +498,51 @@ GraniteMoeLM.checkpoint_renames = {
    { "%.block_sparse_moe%.input_linear%.weight$", ".block_sparse_moe.experts.gate_up_proj" },
    { "%.block_sparse_moe%.output_linear%.weight$", ".block_sparse_moe.experts.down_proj" },
    { "%.block_sparse_moe%.router%.layer%.weight$", ".block_sparse_moe.router.weight" } }
+
+-- GraniteMoeShared (model_type granitemoeshared: Granite Speech 3.x's language model, granite-3.x
+-- MoE checkpoints with a shared expert): GraniteMoE's layers plus a shared feed-forward every token
+-- goes through (shared_mlp.input_linear: gate rows, then up rows; output_linear), added to the
+-- experts' output before the residual multiplier; none when shared_intermediate_size is 0
+-- (transformers' default). Granite 4.0's shared MLP is this one (models/bamba.lua).
+local GraniteMoeSharedMLP = nn.Module:extend("GraniteMoeSharedMLP")
+M.GraniteMoeSharedMLP = GraniteMoeSharedMLP
+
+function GraniteMoeSharedMLP:__init(cfg)
+   nn.Module.__init(self)
+   local I = cfg.shared_intermediate_size
+   self.input_linear = nn.Linear(cfg.hidden_size, 2 * I, { bias = false })
+   self.output_linear = nn.Linear(I, cfg.hidden_size, { bias = false })
+   self.act_fn = common.activation_module(cfg.hidden_act, "models." .. cfg.family, cfg._source)
+   rawset(self, "width", I)
+end
+
+function GraniteMoeSharedMLP:forward(x)
+   local h = self.input_linear(x)
+   local I = self.width
+   return self.output_linear(self.act_fn(h:narrow(-1, 1, I)) * h:narrow(-1, I + 1, I))
+end
+
+local GraniteMoeSharedLM = M.decoder_family("granitemoeshared", "GraniteMoeShared", llama.GraniteAttention, GraniteMoeMoE,
+   "block_sparse_moe", M.config, M)
+local GraniteMoeSharedDecoderLayer = M.GraniteMoeSharedDecoderLayer
+
+function GraniteMoeSharedDecoderLayer:__init(cfg, layer_idx)
+   llama.GraniteDecoderLayer.__init(self, cfg, layer_idx)
+   if cfg.shared_intermediate_size > 0 then self.shared_mlp = GraniteMoeSharedMLP(cfg) end
+end
+
+function GraniteMoeSharedDecoderLayer:forward(x, cos, sin, cache, pad)
+   local r = self.residual_multiplier
+   x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pad) * r
+   local h = self.post_attention_layernorm(x)
+   local y = self.block_sparse_moe(h)
+   if self.shared_mlp then y = y + self.shared_mlp(h) end
+   return x + y * r
+end
+
+M.GraniteMoeSharedModel.embed_scale = llama.GraniteModel.embed_scale
+GraniteMoeSharedLM.forward = llama.scaled_logits_forward("models.granitemoeshared", llama.granite_logits)
+GraniteMoeSharedLM.checkpoint_renames = GraniteMoeLM.checkpoint_renames
 
 -- OLMoE (model_type olmoe: OLMoE-1B-7B): OLMo 2's attention (RMSNorms over the whole query and key
 -- projections) in Llama's pre-norm layers, q, k and v clipped to +-clip_qkv when the config says;

@@ -86,10 +86,11 @@ end
 
 local OPTDecoderLayer = nn.Module:extend("OPTDecoderLayer")
 M.OPTDecoderLayer = OPTDecoderLayer
+OPTDecoderLayer.Attention = OPTAttention              -- (XGLM's and BioGPT's own)
 
 function OPTDecoderLayer:__init(cfg, layer_idx)
    nn.Module.__init(self)
-   self.self_attn = OPTAttention(cfg, layer_idx)
+   self.self_attn = self.Attention(cfg, layer_idx)
    self.self_attn_layer_norm = layer_norm(cfg)
    self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, { bias = cfg.enable_bias })
    self.fc2 = nn.Linear(cfg.ffn_dim, cfg.hidden_size, { bias = cfg.enable_bias })

@@ -27,6 +27,9 @@ function M.encoder_inputs(model, input_ids, opts, who)
    return ids, pad
 end
 
+--- The decoder's vocabulary size: config.decoder_vocab_size where the decoder has its own (Marian).
+function M.decoder_vocab_size(model) return model.config.decoder_vocab_size or model.config.vocab_size end
+
 --- The decoder's start: B rows of decoder_start_token_id, in the input's form ("flat", "nested",
 -- "tensor").
 local function start_ids(model, B, form, device)
@@ -45,26 +48,44 @@ function M.forward(model, input_ids, opts, who)
    local enc = opts.encoder_outputs or model:_encode(ids, pad)
    local dec = common.ids_tensor(opts.decoder_input_ids or start_ids(model, ids:size(1), "nested"),
       who .. " (decoder_input_ids)")
-   common.check_vocab(dec, model.config.vocab_size, who)
+   common.check_vocab(dec, M.decoder_vocab_size(model), who)
    if dec:size(1) ~= ids:size(1) then
       error(string.format("%s: decoder_input_ids has %d rows, input_ids %d", who, dec:size(1), ids:size(1)), 3)
    end
    return model:_decode(dec, enc, pad, nil, nil, opts.logits_to_keep)
 end
 
+--- k, v (B, H, S, D) with prefix's keys and values (1, H, P, D) before them (MVP's prompts; nil:
+-- none), and P.
+function M.with_prefix(k, v, prefix)
+   if not prefix then return k, v, 0 end
+   local B, H, P, D = k:size(1), k:size(2), prefix[1]:size(3), k:size(4)
+   local function before(p, x) return T.cat({ p:to(x.device):to(x.dtype):expand(B, H, P, D), x }, 3) end
+   return before(prefix[1], k), before(prefix[2], v), P
+end
+
+--- A padding mask (B, 1, 1, S) bool with P keys that every query sees before it.
+function M.mask_with_prefix(mask, P)
+   local B = mask:size(1)
+   return T.cat({ T.ones({ B, 1, 1, P }, { dtype = "bool", device = mask.device }), mask }, 4)
+end
+
 --- Cross-attention of x (B, L, d) to the encoder's states enc (B, S, d) through the projections
 -- q, k, v, o (H heads of D) with the given score scale; the keys and values are computed by the
--- first call for layer i and kept in memo (nil: computed each time); enc_mask (B, 1, 1, S) bool.
-function M.cross_attention(x, enc, enc_mask, memo, i, q_proj, k_proj, v_proj, o_proj, H, D, scale)
+-- first call for layer i and kept in memo (nil: computed each time); enc_mask (B, 1, 1, S) bool;
+-- prefix: keys and values set before the encoder's (with_prefix), or nil.
+function M.cross_attention(x, enc, enc_mask, memo, i, q_proj, k_proj, v_proj, o_proj, H, D, scale, prefix)
    local B, L = x:size(1), x:size(2)
    local q = q_proj(x):view(B, L, H, D):transpose(2, 3)
    local kv = memo and memo[i]
    if not kv or kv.k.device ~= q.device then
       local S = enc:size(2)
       kv = { k = k_proj(enc):view(B, S, H, D):transpose(2, 3), v = v_proj(enc):view(B, S, H, D):transpose(2, 3) }
+      kv.k, kv.v = M.with_prefix(kv.k, kv.v, prefix)
       if memo then memo[i] = kv end
    end
    if enc_mask and enc_mask.device ~= q.device then enc_mask = enc_mask:to(q.device) end
+   if enc_mask and prefix then enc_mask = M.mask_with_prefix(enc_mask, prefix[1]:size(3)) end
    local y = common.attention(q, kv.k, kv.v, enc_mask, false, scale)
    return o_proj(y:transpose(2, 3):reshape(B, L, H * D))
 end
@@ -106,9 +127,45 @@ function Decoder:__call(ids, opts)
    return self.model:_decode(ids, self.enc[N], self.pad[N], memo, cache, opts.logits_to_keep)
 end
 
+--- The n-grams of each prompt's input ids (rows: Lua lists, padding included, as transformers
+-- takes them): for each, the ids that followed its first n - 1 (keyed "a,b").
+local function ngrams(rows, n)
+   local out = {}
+   for b, seq in ipairs(rows) do
+      local follow = {}
+      for i = 1, #seq - n + 1 do
+         local key = table.concat(seq, ",", i, i + n - 2)
+         follow[key] = follow[key] or {}
+         table.insert(follow[key], seq[i + n - 1])
+      end
+      out[b] = follow
+   end
+   return out
+end
+
+--- The view's ban_tokens (generate's hook) with encoder_no_repeat_ngram_size (transformers'
+-- EncoderNoRepeatNGramLogitsProcessor, Blenderbot's 3): scores (N, vocab) with -inf at the ids
+-- that would make a row's last n - 1 ids and it an n-gram of its prompt's input.
+function Decoder:ban_encoder_ngrams(scores, rows)
+   local n, out = self.encoder_ngram_size, nil
+   local per = #rows / self.rows
+   for r, seq in ipairs(rows) do
+      if #seq >= n - 1 then
+         local banned = self.encoder_ngrams[math.floor((r - 1) / per) + 1][table.concat(seq, ",", #seq - n + 2, #seq)]
+         for _, id in ipairs(banned or {}) do
+            out = out or scores:clone()
+            out:select(1, r):narrow(1, id + 1, 1):fill_(-math.huge)
+         end
+      end
+   end
+   return out or scores
+end
+
 --- generate(model, input_ids, opts, name) -> the decoder's ids (its start token, then the new
 -- ones) in the input's form, and with num_beams their scores. opts as the causal models'
--- generate (attention_mask masks the input's padding), plus decoder_input_ids to start from.
+-- generate (attention_mask masks the input's padding), plus decoder_input_ids to start from, and
+-- encoder_no_repeat_ngram_size (default: the generation config's) = n: no n-gram of the input
+-- in the output.
 function M.generate(model, input_ids, opts, name)
    opts = opts or {}
    local who = "generate"
@@ -121,11 +178,20 @@ function M.generate(model, input_ids, opts, name)
    local enc = model:_encode(ids, pad)
    local B = ids:size(1)
    local view = setmetatable({ model = model, enc = { [B] = enc }, pad = pad and { [B] = pad } or {}, rows = B,
-      memos = setmetatable({}, { __mode = "k" }), config = { vocab_size = model.config.vocab_size },
+      memos = setmetatable({}, { __mode = "k" }), config = { vocab_size = M.decoder_vocab_size(model) },
       generation_config = require("moonload.models.generation_config").of(model) }, Decoder)
+   local n = opts.encoder_no_repeat_ngram_size
+   if n == nil then n = view.generation_config.encoder_no_repeat_ngram_size or 0 end
+   if type(n) ~= "number" or n < 0 or n ~= math.floor(n) then
+      error(string.format("%s: encoder_no_repeat_ngram_size must be an integer >= 0, got %s", who, tostring(n)), 3)
+   end
+   if n > 0 then
+      view.encoder_ngram_size, view.encoder_ngrams = n, ngrams(ids:tolist(), n)
+      view.ban_tokens = Decoder.ban_encoder_ngrams
+   end
    local rest = {}
    for k, v in pairs(opts) do
-      if k ~= "attention_mask" and k ~= "decoder_input_ids" then rest[k] = v end
+      if k ~= "attention_mask" and k ~= "decoder_input_ids" and k ~= "encoder_no_repeat_ngram_size" then rest[k] = v end
    end
    return require("moonload.models.generation").generate(view,
       opts.decoder_input_ids or start_ids(model, B, form, ids.device), rest)

@@ -19,6 +19,9 @@
 --    local logits = model(ids, {attention_mask = mask, decoder_input_ids = dec})   -- (B, T, vocab)
 --    local states = model:encode(ids, {attention_mask = mask})       -- (B, S, d_model)
 --
+-- UMT5 (UMT5ForConditionalGeneration: google/umt5-small .. -xxl, model_type "umt5") is T5 v1.1 whose
+-- every self-attention layer learns its own relative position bias, not only each stack's first.
+--
 -- generate runs the encoder once, then the shared generate loop over the decoder
 -- (models/seq2seq.lua), which starts from decoder_start_token_id and keeps its self-attention
 -- keys and values in a KVCache; the encoder's keys and values per layer are computed once per
@@ -43,7 +46,7 @@ M.schema = {
    { "relative_attention_num_buckets", "int", 32 },
    { "relative_attention_max_distance", "int", 128 },
    { "layer_norm_epsilon", "posnum", 1e-6 },
-   { "feed_forward_proj", "string", "relu" },
+   { "feed_forward_proj", "string", function(c) return c.model_type == "umt5" and "gated-gelu" or "relu" end },
    { "tie_word_embeddings", "bool", true },
    { "scale_decoder_outputs", "bool", function(c) return c.tie_word_embeddings end },
    { "decoder_start_token_id", "int0", 0 },
@@ -65,6 +68,7 @@ function M.config(source)
    -- decoder output and a head of its own; the embeddings are tied to shared either way, and a
    -- checkpoint without lm_head.weight ties the head too.
    cfg.tie_head, cfg.tie_word_embeddings = cfg.tie_word_embeddings, true
+   cfg.bias_in_every_layer = cfg._raw.model_type == "umt5"
    return cfg
 end
 
@@ -225,13 +229,14 @@ function T5Block:__init(cfg, is_decoder, has_relative_bias)
    self.layer = nn.ModuleList(layers)
 end
 
---- x (B, L, d_model). The first block computes the scores' additive mask (position bias, plus
--- padding for the encoder, plus the causal triangle for the decoder) from pad (the encoder's
--- (B, S) bool) and returns it for the others, as transformers passes position_bias along.
+--- x (B, L, d_model). A block with a relative position bias (T5: the first; UMT5: each) computes
+-- the scores' additive mask (its position bias, plus padding for the encoder, plus the causal
+-- triangle for the decoder) from pad (the encoder's (B, S) bool); the mask goes on to the blocks
+-- without one, as transformers passes position_bias along.
 -- The decoder's blocks take the encoder's states, mask and keys-values memo, and the cache.
 function T5Block:forward(x, mask, pad, enc, enc_mask, memo, cache, i)
    local sa = self.layer[1]
-   if mask == nil then
+   if sa.SelfAttention.relative_attention_bias then
       local L = x:size(2)
       local past = cache and cache.length or 0
       local S = past + L
@@ -262,7 +267,7 @@ function T5Stack:__init(cfg, is_decoder)
    self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
    local blocks = {}
    for i = 1, is_decoder and cfg.num_decoder_layers or cfg.num_layers do
-      blocks[i] = T5Block(cfg, is_decoder, i == 1)
+      blocks[i] = T5Block(cfg, is_decoder, i == 1 or cfg.bias_in_every_layer)
    end
    self.block = nn.ModuleList(blocks)
    rawset(self, "n_blocks", #blocks)
@@ -370,6 +375,9 @@ function T5EncoderModel:forward(input_ids, opts)
 end
 
 T5EncoderModel.encode = T5EncoderModel.forward
+
+-- UMT5: the same classes (a bias in every layer comes from its config's model_type).
+M.UMT5ForConditionalGeneration, M.UMT5EncoderModel = T5ForConditionalGeneration, T5EncoderModel
 
 function M.from_config(cfg) return T5ForConditionalGeneration(cfg) end
 

@@ -78,9 +78,9 @@ end
 -- (gpt-oss's) give their width as expert_width.
 local function mlp_width(m, skip)
    if m == skip then return 0 end
-   if m.top_k and m.experts then
-      local first = m.experts[1]
-      local w = m.top_k * (first and mlp_width(first) or m.experts.expert_width)
+   if m.top_k and (m.experts or m.expert_width) then          -- (JetMoE's block holds its experts itself)
+      local first = m.experts and m.experts[1]
+      local w = m.top_k * (first and mlp_width(first) or m.expert_width or m.experts.expert_width)
       for name, child in m:named_children() do
          if name ~= "experts" then w = w + mlp_width(child) end
       end
