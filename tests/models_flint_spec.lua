@@ -80,15 +80,8 @@ describe("models.flint (tests/fixtures/models/flint_tiny: full, sliding, sliding
       assert.is_true(H.max_abs_diff(m(ids):float(), exp.logits) < 0.5)
    end)
 
-   it("reads transformers' stacked layout too (gate_up_proj, down_proj per layer), running 2 experts a token", function()
-      local dir = H.copy_with_stacked_experts(DIR, SPARSE, 8, transformers_name)
-      local stacked = models.from_pretrained(dir)
-      assert.is_true(H.max_abs_diff(stacked(ids), exp.logits) < TOL)
-      local experts = stacked.model.layers[3].mlp.experts
-      assert.are.equal("StackedExperts", experts.__name)
-      assert.are.equal(2, #H.experts_run(experts, function() stacked({ { 7 } }) end))
-      H.rmdir(dir)
-   end)
+   H.it_reads_stacked_experts({ dir = DIR, prefixes = SPARSE, experts = 8, rename = transformers_name, layer = 3, ids = ids,
+      logits = exp.logits, tol = TOL })
 
    -- (a CPU budget of 150000 bytes leaves some layers to the disk)
    H.it_splits_over_cpu_and_disk(NAME, { budget = 150000, places = { ["model.layers.1.mlp.experts.5"] = "disk" } })
@@ -130,15 +123,7 @@ describe("models.flint (tests/fixtures/models/flint_tiny: full, sliding, sliding
       end)
 
       it("names the file a bad config.json came from", function()
-         local dir = H.tmpdir()
-         local raw = H.read_json(DIR .. "/config.json")
-         raw.shared_expert_intermediate_size = 0
-         H.write(dir .. "/config.json", require("cjson").encode(raw))
-         local ok, err = pcall(flint.config, dir)
-         assert.is_false(ok)
-         assert.truthy(tostring(err):find('"shared_expert_intermediate_size" must be an integer >= 1, got 0 in ' .. dir
-            .. "/config.json", 1, true), err)
-         H.rmdir(dir)
+         H.assert_config_file_fails(flint.config, DIR, { shared_expert_intermediate_size = 0 }, '"shared_expert_intermediate_size" must be an integer >= 1, got 0')
       end)
    end)
 end)

@@ -326,4 +326,34 @@ function H.assert_config_fails(read_config, dir, change, msg)
    assert.truthy(tostring(err):find(msg, 1, true), err)
 end
 
+--- Like assert_config_fails, with the changed config.json written to a folder read_config reads
+-- from: the error must name that file after msg ("<msg> in <dir>/config.json").
+function H.assert_config_file_fails(read_config, dir, change, msg)
+   local assert = getfenv(2).assert
+   local tmp = H.tmpdir()
+   local raw = H.read_json(dir .. "/config.json")
+   if type(change) == "function" then change(raw) else for k, v in pairs(change) do raw[k] = v end end
+   H.write(tmp .. "/config.json", require("cjson").encode(raw))
+   local ok, err = pcall(read_config, tmp)
+   H.rmdir(tmp)
+   assert.is_false(ok)
+   assert.truthy(tostring(err):find(msg .. " in " .. tmp .. "/config.json", 1, true), err)
+end
+
+--- it(...): a copy of the fixture with its experts stacked as transformers saves them
+-- (H.copy_with_stacked_experts: o.prefixes, o.experts, o.rename) gives the same logits for o.ids
+-- (within o.tol of o.logits), and layer o.layer's StackedExperts runs 2 experts for one token.
+function H.it_reads_stacked_experts(o)
+   local it, assert = getfenv(2).it, getfenv(2).assert
+   it("reads transformers' stacked layout too (gate_up_proj, down_proj per layer), running 2 experts a token", function()
+      local dir = H.copy_with_stacked_experts(o.dir, o.prefixes, o.experts, o.rename)
+      local stacked = require("moonload").models.from_pretrained(dir)
+      assert.is_true(H.max_abs_diff(stacked(o.ids), o.logits) < o.tol)
+      local experts = stacked.model.layers[o.layer].mlp.experts
+      assert.are.equal("StackedExperts", experts.__name)
+      assert.are.equal(2, #H.experts_run(experts, function() stacked({ { 7 } }) end))
+      H.rmdir(dir)
+   end)
+end
+
 return H

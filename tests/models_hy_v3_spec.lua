@@ -258,15 +258,7 @@ describe("models.hy_v3 (tests/fixtures/models/hy_v3_tiny: a dense layer, then 2 
       end)
 
       it("names the file a bad config.json came from", function()
-         local dir = H.tmpdir()
-         local raw = H.read_json(DIR .. "/config.json")
-         raw.router_scaling_factor = -2
-         H.write(dir .. "/config.json", require("cjson").encode(raw))
-         local ok, err = pcall(hy_v3.config, dir)
-         assert.is_false(ok)
-         assert.truthy(tostring(err):find('"router_scaling_factor" must be a positive number, got -2 in ' .. dir .. "/config.json",
-            1, true), err)
-         H.rmdir(dir)
+         H.assert_config_file_fails(hy_v3.config, DIR, { router_scaling_factor = -2 }, '"router_scaling_factor" must be a positive number, got -2')
       end)
    end)
 end)

@@ -170,15 +170,7 @@ describe("models.jetmoe (tests/fixtures/models/jetmoe_tiny: 2 of 4 experts a tok
       end)
 
       it("names the file a bad config.json came from", function()
-         local dir = H.tmpdir()
-         local raw = H.read_json(DIR .. "/config.json")
-         raw.num_experts_per_tok = 0
-         H.write(dir .. "/config.json", require("cjson").encode(raw))
-         local ok, err = pcall(jetmoe.config, dir)
-         assert.is_false(ok)
-         assert.truthy(tostring(err):find('"num_experts_per_tok" must be an integer >= 1, got 0 in ' .. dir .. "/config.json",
-            1, true), err)
-         H.rmdir(dir)
+         H.assert_config_file_fails(jetmoe.config, DIR, { num_experts_per_tok = 0 }, '"num_experts_per_tok" must be an integer >= 1, got 0')
       end)
    end)
 end)

@@ -57,15 +57,8 @@ describe("models.mellum (tests/fixtures/models/mellum_tiny: sliding, full, slidi
       for i, change in ipairs(changes) do assert.is_true(H.max_abs_diff(logits_after(change), exp.logits) > 1e-3, i) end
    end)
 
-   it("reads transformers' stacked layout too (gate_up_proj, down_proj per layer), running 2 experts a token", function()
-      local dir = H.copy_with_stacked_experts(DIR, { "model.layers.1.mlp.experts", "model.layers.2.mlp.experts" }, 8, nil)
-      local stacked = models.from_pretrained(dir)
-      assert.is_true(H.max_abs_diff(stacked(ids), exp.logits) < TOL)
-      local experts = stacked.model.layers[3].mlp.experts
-      assert.are.equal("StackedExperts", experts.__name)
-      assert.are.equal(2, #H.experts_run(experts, function() stacked({ { 7 } }) end))
-      H.rmdir(dir)
-   end)
+   H.it_reads_stacked_experts({ dir = DIR, prefixes = { "model.layers.1.mlp.experts", "model.layers.2.mlp.experts" }, experts = 8, rename = nil, layer = 3, ids = ids,
+      logits = exp.logits, tol = TOL })
 
    -- (a CPU budget of 150000 bytes leaves some layers to the disk)
    H.it_splits_over_cpu_and_disk(NAME, { budget = 150000, places = { ["model.layers.1.mlp.experts.5"] = "disk" } })
@@ -120,15 +113,7 @@ describe("models.mellum (tests/fixtures/models/mellum_tiny: sliding, full, slidi
       end)
 
       it("names the file a bad config.json came from", function()
-         local dir = H.tmpdir()
-         local raw = H.read_json(DIR .. "/config.json")
-         raw.num_experts_per_tok = 0
-         H.write(dir .. "/config.json", require("cjson").encode(raw))
-         local ok, err = pcall(laguna.mellum_config, dir)
-         assert.is_false(ok)
-         assert.truthy(tostring(err):find('"num_experts_per_tok" must be an integer >= 1, got 0 in ' .. dir .. "/config.json",
-            1, true), err)
-         H.rmdir(dir)
+         H.assert_config_file_fails(laguna.mellum_config, DIR, { num_experts_per_tok = 0 }, '"num_experts_per_tok" must be an integer >= 1, got 0')
       end)
    end)
 end)

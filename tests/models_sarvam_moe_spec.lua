@@ -147,15 +147,7 @@ describe("models.sarvam_moe (tests/fixtures/models/sarvam_moe_tiny: a dense laye
       end)
 
       it("names the file a bad config.json came from", function()
-         local dir = H.tmpdir()
-         local raw = H.read_json(DIR .. "/config.json")
-         raw.routed_scaling_factor = -2
-         H.write(dir .. "/config.json", require("cjson").encode(raw))
-         local ok, err = pcall(glm4_moe.sarvam_moe_config, dir)
-         assert.is_false(ok)
-         assert.truthy(tostring(err):find('"routed_scaling_factor" must be a positive number, got -2 in ' .. dir .. "/config.json",
-            1, true), err)
-         H.rmdir(dir)
+         H.assert_config_file_fails(glm4_moe.sarvam_moe_config, DIR, { routed_scaling_factor = -2 }, '"routed_scaling_factor" must be a positive number, got -2')
       end)
    end)
 end)

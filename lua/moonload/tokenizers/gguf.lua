@@ -9,6 +9,8 @@
 -- ignore_merges, Qwen2's NFC), so the ids are tokenizers' own. add_bos_token adds the BOS id in
 -- front; the chat template (tokenizer.chat_template) is kept for apply_chat_template.
 -- Other models and pre-tokenizers not listed here are errors that name them.
+local U = require("moonload.tokenizers.unicode")
+
 local M = {}
 local WHO = "tokenizers.from_gguf"
 
@@ -43,17 +45,6 @@ end
 
 local SPACE = "\226\150\129"            -- U+2581, SentencePiece's space
 
--- UTF-8 character boundaries of s: the byte offsets where each character starts, and #s + 1.
-local function char_starts(s)
-   local out = {}
-   for i = 1, #s do
-      local b = s:byte(i)
-      if b < 0x80 or b >= 0xC0 then out[#out + 1] = i end
-   end
-   out[#out + 1] = #s + 1
-   return out
-end
-
 -- tokenizers' SentencePieceExtractor: the merges a SentencePiece vocabulary implies. Every way a
 -- token splits into two tokens is a merge, ranked by the merged token's score (higher first),
 -- ties in vocabulary order, and within a token by the ids of its two halves.
@@ -61,7 +52,7 @@ local function merges_from_scores(tokens, scores, ids)
    local all = {}
    for i, tok in ipairs(tokens) do
       local local_merges = {}
-      local starts = char_starts(tok)
+      local starts = U.char_starts(tok)
       for c = 2, #starts - 1 do
          local l, r = tok:sub(1, starts[c] - 1), tok:sub(starts[c])
          if ids[l] and ids[r] then local_merges[#local_merges + 1] = { l, r } end

@@ -12,6 +12,8 @@
 -- whose model type is WORD or CHAR, is an error that names it.
 local ffi = require("ffi")
 
+local U = require("moonload.tokenizers.unicode")
+
 local M = {}
 
 local SPACE = "\226\150\129"            -- U+2581, SentencePiece's space
@@ -128,17 +130,6 @@ function M.read(path)
    return M.decode(s, "tokenizers.from_sentencepiece: " .. path)
 end
 
--- UTF-8 character boundaries of s: the byte offsets where each character starts, and #s + 1.
-local function char_starts(s)
-   local out = {}
-   for i = 1, #s do
-      local b = s:byte(i)
-      if b < 0x80 or b >= 0xC0 then out[#out + 1] = i end
-   end
-   out[#out + 1] = #s + 1
-   return out
-end
-
 -- The merges of a BPE model: every split of a normal piece into two normal pieces, the merged
 -- piece's score first (higher first), then its id, then the split point (transformers ranks so).
 local function bpe_merges(pieces)
@@ -147,7 +138,7 @@ local function bpe_merges(pieces)
    local ranked = {}
    for i, p in ipairs(pieces) do
       if p[3] == NORMAL then
-         local starts = char_starts(p[1])
+         local starts = U.char_starts(p[1])
          for c = 2, #starts - 1 do
             local l, r = p[1]:sub(1, starts[c] - 1), p[1]:sub(starts[c])
             if normal[l] and normal[r] then ranked[#ranked + 1] = { p[2], i, c, l, r } end

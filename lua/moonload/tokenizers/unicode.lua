@@ -192,4 +192,15 @@ function M.compose(cps, n)
    return out, m
 end
 
+--- The byte offsets where each UTF-8 character of s starts, and #s + 1 (no validation).
+function M.char_starts(s)
+   local out = {}
+   for i = 1, #s do
+      local b = s:byte(i)
+      if b < 0x80 or b >= 0xC0 then out[#out + 1] = i end
+   end
+   out[#out + 1] = #s + 1
+   return out
+end
+
 return M
