@@ -18,11 +18,12 @@ function M.build(builders, what, j, who, default)
 end
 
 --- A memo of at most `limit` entries (word -> tokens), so a long text with a huge vocabulary of
--- words does not keep growing it.
+-- words does not keep growing it. Words over 256 bytes are not kept: a pipeline that does not
+-- split its text (SentencePiece's) hands the model whole texts, which would fill it with documents.
 function M.memo(limit)
    local store, n = {}, 0
    return function(key) return store[key] end, function(key, value)
-      if n < limit then store[key] = value; n = n + 1 end
+      if n < limit and #key <= 256 then store[key] = value; n = n + 1 end
       return value
    end
 end

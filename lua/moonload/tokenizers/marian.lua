@@ -78,8 +78,9 @@ function MarianTokenizer:__init(dir, config)
    self.model = { tokenize = source.model.tokenize, vocab = vocab, unk_id = vocab[unk] }
    local eos_id = vocab[eos]
    self.post_process = function(ids)
-      local out = { unpack(ids) }
-      out[#out + 1] = eos_id
+      local out = {}
+      for i = 1, #ids do out[i] = ids[i] end
+      out[#ids + 1] = eos_id
       return out
    end
    local added, by_first = {}, {}
