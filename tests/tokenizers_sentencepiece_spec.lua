@@ -124,6 +124,13 @@ describe("tokenizers.from_pretrained (a Marian folder: source.spm, target.spm, v
       end
    end)
 
+   it("encodes a long text (tens of thousands of ids) as the pieces of its parts", function()
+      local one = tok:encode("Hello world.", { add_special_tokens = false })
+      local ids = tok:encode(("Hello world. "):rep(20000))
+      assert.are.equal(20000 * #one + 1, #ids)
+      assert.are.same(one, { unpack(ids, 1, #one) })
+   end)
+
    it("takes its ids from vocab.json, not from the SentencePiece model", function()
       local vocab = H.read_json(dir .. "/vocab.json")
       local spm = tokenizers.from_sentencepiece(dir .. "/source.spm")
