@@ -5,14 +5,13 @@
 -- penalty 2, min_length, early stopping; mbart_tiny: 2 beams, forced EOS).
 local ml = require("moonload")
 local H = require("models_helpers")
+local S = require("seq2seq_helpers")
 
 local function load(name, opts) return ml.models.from_pretrained(H.FIX .. "/" .. name, opts) end
 
 for _, name in ipairs({ "bart_tiny", "mbart_tiny" }) do
    describe("models.bart (" .. name .. ")", function()
       local model = load(name)
-      local e = H.expected(name)
-      local mask = e.attention_mask
 
       it("builds the stacks under transformers' names, with the norms where the family has them", function()
          assert.are.equal(model.model.shared.weight, model.lm_head.weight)
@@ -22,39 +21,7 @@ for _, name in ipairs({ "bart_tiny", "mbart_tiny" }) do
          assert.are.equal(name == "mbart_tiny", model.model.decoder.layer_norm ~= nil)
       end)
 
-      it("gives transformers' encoder states and logits", function()
-         local enc = model:encode(e.input_ids, { attention_mask = mask })
-         assert.is_true(H.max_abs_diff(enc, e.encoder_last_hidden_state) < 1e-4)
-         local logits = model(e.input_ids, { attention_mask = mask, decoder_input_ids = e.decoder_input_ids })
-         assert.are.same({ 2, 5, 100 }, logits.shape)
-         assert.is_true(H.max_abs_diff(logits, e.logits) < 1e-4)
-      end)
-
-      it("generates transformers' tokens, greedy and as its generation config says", function()
-         assert.is_true(e.greedy_min_margin > 1e-3)
-         assert.are.same(e.greedy_ids, model:generate(e.input_ids, { attention_mask = mask, max_new_tokens = e.max_new_tokens,
-            num_beams = 1, no_repeat_ngram_size = 0, min_length = 0 }))
-         local ids, scores = model:generate(e.input_ids, { attention_mask = mask })
-         assert.are.same(e.configured_ids, ids)
-         for i, s in ipairs(e.configured_scores or {}) do assert.is_true(math.abs(s - scores[i]) < 1e-4) end
-      end)
-
-      it("keeps its tokens with layers on the CPU and the disk, and through save_model", function()
-         local dir = H.tmpdir()
-         local off = load(name, { device_map = "auto", max_memory = { cpu = 90000 }, offload_folder = dir })
-         local placed = {}
-         for _, d in pairs(off.hf_device_map) do placed[d] = true end
-         assert.is_true(placed.disk, "a 90 kB budget should send some layers to the disk")
-         assert.are.same(e.configured_ids, (off:generate(e.input_ids, { attention_mask = mask })))
-         H.rmdir(dir)
-         local saved = H.tmpdir()
-         ml.save_model(model, saved)
-         local back = ml.models.from_pretrained(saved)
-         local o = { attention_mask = mask, decoder_input_ids = e.decoder_input_ids }
-         assert.is_true(back(e.input_ids, o):equal(model(e.input_ids, o)))
-         assert.are.same(e.configured_ids, (back:generate(e.input_ids, { attention_mask = mask })))
-         H.rmdir(saved)
-      end)
+      S.it_matches_transformers(name, 90000)
    end)
 end
 

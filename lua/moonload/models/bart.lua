@@ -94,6 +94,7 @@ local FAMILIES = {
       extra = { { "use_prompt", "bool", false }, { "prompt_length", "int", 100 }, { "prompt_mid_dim", "int", 800 } } },
 }
 for _, f in pairs(FAMILIES) do f.schema = config.schema_from(M.schema, f.defaults or {}, f.extra) end
+M.FAMILIES = FAMILIES            -- (a variant's module adds its own entry: models/nllb_moe.lua)
 
 --- Reads and checks a config of one of FAMILIES' model types (path, folder or table; model_type
 -- when the config names none): its keys, and the family's switches (pre_norm, positions, ...).
@@ -109,6 +110,7 @@ function M.config(source, model_type)
       end
    end
    common.activation(cfg.activation_function, who, cfg._source)
+   if family.check then family.check(cfg) end                  -- (the family's own keys)
    for _, k in ipairs({ "pre_norm", "positions", "layernorm_embedding", "logits_bias", "decoder_norms_tokens" }) do
       cfg[k] = family[k]
    end
@@ -372,7 +374,7 @@ local function stack_class(name, Layer, is_decoder)
          self.embed_positions = M2M100SinusoidalPositionalEmbedding(P, d, cfg.pad_token_id)
       end
       local layers = {}
-      for i = 1, cfg[(is_decoder and "decoder" or "encoder") .. "_layers"] do layers[i] = Layer(cfg) end
+      for i = 1, cfg[(is_decoder and "decoder" or "encoder") .. "_layers"] do layers[i] = Layer(cfg, i) end
       self.layers = nn.ModuleList(layers)
       if cfg.layernorm_embedding then self.layernorm_embedding = nn.LayerNorm(d) end
       if cfg.pre_norm then self.layer_norm = nn.LayerNorm(d) end
@@ -439,6 +441,7 @@ end
 local BartEncoder = stack_class("BartEncoder", BartEncoderLayer, false)
 local BartDecoder = stack_class("BartDecoder", BartDecoderLayer, true)
 M.BartEncoder, M.BartDecoder = BartEncoder, BartDecoder
+M.stack_class = stack_class      -- (stacks of a variant's layers: models/nllb_moe.lua)
 
 local BartModel = nn.Module:extend("BartModel")
 M.BartModel = BartModel

@@ -95,7 +95,7 @@ end
 -- ({temperature, top_k, top_p, min_p} or nil), kv_device, kv_dtype, micro_batch, prefill_chunk.
 function M.run(model, ids, o)
    local B, L = ids:size(1), ids:size(2)
-   local nb, V = o.num_beams, model.config.vocab_size
+   local nb, V = o.num_beams, model.config.output_vocab_size or model.config.vocab_size   -- (a pruned head's scores)
    local max_length = L + o.max_new
    local lp_exp = o.length_penalty or 1.0
    local early = o.early_stopping

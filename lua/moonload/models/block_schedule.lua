@@ -71,7 +71,7 @@ function M.call(s, i, layer, x, cache, pad, cos, sin, per_token)
    local rope = cos ~= nil
    if s == nil then
       if rope then return layer(x, cos, sin, cache, pad, per_token) end
-      return layer(x, cache, pad)
+      return layer(x, cache, pad, per_token)
    end
    cache = s.cache
    local B, L = x:size(1), x:size(2)
@@ -90,7 +90,7 @@ function M.call(s, i, layer, x, cache, pad, cos, sin, per_token)
                y = layer(xb, rotary_block(cos, r, nr, tok, nt), rotary_block(sin, r, nr, tok, nt), cb, pb,
                   per_token and per_token:narrow(1, r, nr):narrow(2, tok, nt))
             else
-               y = layer(xb, cb, pb)
+               y = layer(xb, cb, pb, per_token and per_token:narrow(1, r, nr):narrow(2, tok, nt))
             end
             -- (the layer's device: a hook may have moved the block)
             out = out or T.empty({ B, L, y:size(3) }, { dtype = y.dtype, device = y.device })

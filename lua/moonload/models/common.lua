@@ -260,8 +260,10 @@ end
 -- prefill_chunk_size, output_hidden_states}]) -> logits (B, T, vocab), or (B, n, vocab) for the
 -- last n positions only when logits_to_keep = n, or with output_hidden_states the base model's
 -- last hidden states (B, T, hidden) instead. micro_batch_size and prefill_chunk_size run the layers in a block
--- schedule (models/block_schedule.lua).
-function M.causal_lm_forward(who, base, embed, head)
+-- schedule (models/block_schedule.lua). With embeds_first the base model is given the token
+-- embeddings (B, T, hidden) instead of the ids: ZAYA's, which holds weights of its own, so that
+-- its offload hook counts batch x sequence rows (hooks.set_compute_in_place), not the ids' batch.
+function M.causal_lm_forward(who, base, embed, head, embeds_first)
    head = head or "lm_head"
    return function(self, input_ids, opts)
       opts = opts or {}
@@ -282,7 +284,8 @@ function M.causal_lm_forward(who, base, embed, head)
       end
       local keep = opts.logits_to_keep
       -- (keep: a model may skip what the other positions need no more, Gemma 4's last layers)
-      local h = model(ids, cache, pad, pos, blocks, not opts.output_hidden_states and keep or nil)
+      local h = model(embeds_first and embedding(ids) or ids, cache, pad, pos, blocks,
+         not opts.output_hidden_states and keep or nil)
       if opts.output_hidden_states then return h end              -- (embedding models pool these)
       if keep and keep > 0 and keep < h:size(2) then h = h:narrow(2, h:size(2) - keep + 1, keep) end
       return self[head](h)

@@ -150,11 +150,15 @@ local ROUTING = {
       topk_group = 4, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
    glm_moe_dsa = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 1,
       topk_group = 1, first_k_dense_replace = 3, num_experts_per_tok = 8 } },
+   -- (models/axk2.lua: no groups, A.X-K2-Light's default, read as one group)
+   axk2 = { method = "noaux_tc", defaults = { routed_scaling_factor = 2.5, norm_topk_prob = true, n_group = 1,
+      topk_group = 1, first_k_dense_replace = 1, num_experts_per_tok = 8 } },
    mistral4 = { method = "softmax_best_two", defaults = { routed_scaling_factor = 1, norm_topk_prob = true, n_group = 1,
       topk_group = 1, first_k_dense_replace = 0, num_experts_per_tok = 4 } },
    -- (models/longcat_flash.lua: a softmax over the experts and its zero experts, routed there)
    longcat_flash = { method = "greedy", defaults = { routed_scaling_factor = 6, num_experts_per_tok = 12 } },
    minicpm3 = {},                -- (models/minicpm3.lua: dense layers only, no experts)
+   youtu = {},                   -- (models/youtu.lua: likewise)
 }
 
 --- Reads and checks the config (path, folder or table) of a family with DeepSeek's latent
@@ -286,17 +290,20 @@ local function attend(q, k, v, past, scale, pad, mask)
    return common.attention(q, k, v, mask, false, scale)
 end
 
+--- x (B, T, hidden) -> the queries (B, T, H * (n + p)), the query latent (B, T, q_lora_rank; nil
+-- without a bottleneck) and a gate (B, T, H * v_dim) through a sigmoid onto the heads' output, or
+-- nil (A.X-K2's: models/axk2.lua).
+function MLAttention:queries(x)
+   if self.q_proj then return self.q_proj(x) end
+   local q_bottleneck = self.q_a_layernorm(self.q_a_proj(x))
+   return self.q_b_proj(q_bottleneck), q_bottleneck
+end
+
 --- x (B, T, hidden); cos, sin (T, rope) or (B, 1, T, rope); cache optional; pad (B, past + T) or nil.
 function MLAttention:forward(x, cos, sin, cache, pad)
    local B, L = x:size(1), x:size(2)
    local H, r, n, p, vd = self.n_head, self.rank, self.nope, self.rope, self.v_dim
-   local q, q_bottleneck
-   if self.q_proj then
-      q = self.q_proj(x)
-   else
-      q_bottleneck = self.q_a_layernorm(self.q_a_proj(x))                    -- (B, T, q_lora_rank)
-      q = self.q_b_proj(q_bottleneck)
-   end
+   local q, q_bottleneck, gate = self:queries(x)
    q = q:view(B, L, H, n + p):transpose(2, 3)                                 -- (B, H, T, n + p)
    if self.query_scaled then
       local query_scale
@@ -352,7 +359,9 @@ function MLAttention:forward(x, cos, sin, cache, pad)
       local keys = T.cat({ kv:narrow(4, 1, n), k_rot:expand(B, H, S, p) }, 4)
       y = attend(T.cat({ q_nope, q_rot }, 4), keys, kv:narrow(4, n + 1, vd), past, self.scale, pad, mask)
    end
-   return self.o_proj(y:transpose(2, 3):reshape(B, L, H * vd))
+   y = y:transpose(2, 3):reshape(B, L, H * vd)
+   if gate then y = y * gate:sigmoid() end
+   return self.o_proj(y)
 end
 
 -- --- routing ----------------------------------------------------------------------------------

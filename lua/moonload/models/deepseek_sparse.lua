@@ -276,11 +276,15 @@ end
 
 -- --- the families ---------------------------------------------------------------------------
 
-local function sparse_family(family, prefix)
+--- The classes of a family with DeepSeek Sparse Attention, named as transformers names them, put
+-- into `into` (default this module); returns the causal LM class. Attention: SparseAttention or
+-- one extending it; read_config(source, family) reads the config (default M.config).
+function M.sparse_family(family, prefix, Attention, into, read_config)
+   into = into or M
    local Idx = Indexer:extend(prefix .. "Indexer")
-   local LM = deepseek.latent_family(family, prefix, SparseAttention, M, M.config)
-   M[prefix .. "Attention"].Indexer, M[prefix .. "Indexer"] = Idx, Idx
-   local Model = M[prefix .. "Model"]
+   local LM = deepseek.latent_family(family, prefix, Attention or SparseAttention, into, read_config or M.config)
+   into[prefix .. "Attention"].Indexer, into[prefix .. "Indexer"] = Idx, Idx
+   local Model = into[prefix .. "Model"]
    Model.blocks_need_cache = true               -- (a block's choice is kept under its key)
    function Model:__init(cfg)
       llama.LlamaModel.__init(self, cfg)
@@ -296,7 +300,7 @@ local function sparse_family(family, prefix)
    return LM
 end
 
-sparse_family("deepseek_v32", "DeepseekV32")
-sparse_family("glm_moe_dsa", "GlmMoeDsa")
+M.sparse_family("deepseek_v32", "DeepseekV32")
+M.sparse_family("glm_moe_dsa", "GlmMoeDsa")
 
 return M

@@ -72,6 +72,12 @@ end
 -- B x heads x query_block x keys scores, not the whole square.
 Gemma2Attention.query_block = 256
 
+--- The capped scores' mask (true = attend): causal, windowed, padding; T5Gemma's encoder
+-- (models/t5gemma.lua) attends both ways.
+function Gemma2Attention:scores_mask(L, S, pad, device)
+   return common.attention_mask(L, S, pad, self.window or nil, device)
+end
+
 --- With a soft cap the scores are formed explicitly (the fused kernel has no cap): q k^T * scale,
 -- cap * tanh(. / cap), the causal/window/padding mask, softmax in float32, then v. The query
 -- heads that share a key/value head are stacked as rows of one product, so keys and values are
@@ -84,7 +90,7 @@ function Gemma2Attention:attend(q, k, v, past, pad)
    local B, H, L, D = q:size(1), q:size(2), q:size(3), q:size(4)
    local Hkv, S = k:size(2), k:size(3)
    local rep = H / Hkv
-   local mask = common.attention_mask(L, S, pad, self.window or nil, q.device)  -- (L, S), (B, 1, L, S) or nil
+   local mask = self:scores_mask(L, S, pad, q.device)                         -- (L, S), (B, 1, L, S) or nil
    local kt = k:transpose(3, 4)                                               -- (B, Hkv, D, S)
    local outs = {}
    for first = 1, L, self.query_block do

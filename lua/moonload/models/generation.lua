@@ -132,13 +132,14 @@ local function check_opts(opts)
 end
 
 --- The tokens each row has seen, as a (B, vocab) bool mask, from the prompt ids (B, L): a tensor
--- or Lua lists (rows of any lengths).
+-- or Lua lists (rows of any lengths). Ids past vocab (input-only ids a pruned head cannot score)
+-- are left out.
 function M.seen_mask(ids, vocab)
    local rows = {}
    for b, row in ipairs(T.is_tensor(ids) and ids:tolist() or ids) do
       local r = {}
       for v = 1, vocab do r[v] = false end
-      for _, id in ipairs(row) do r[id + 1] = true end
+      for _, id in ipairs(row) do if id < vocab then r[id + 1] = true end end
       rows[b] = r
    end
    return T.tensor(rows, { dtype = "bool" })
@@ -311,8 +312,9 @@ end
 function M.generate(model, input_ids, opts)
    opts = check_opts(require("moonload.models.generation_config").defaults(model, check_opts(opts)))
    local ids, form = common.ids_tensor(input_ids, WHO)
-   local vocab = model.config.vocab_size
-   common.check_vocab(ids, vocab, WHO)
+   common.check_vocab(ids, model.config.vocab_size, WHO)
+   -- the scores' width: the vocabulary, or the first ids of it a pruned head keeps (Apertus 1.5)
+   local vocab = model.config.output_vocab_size or model.config.vocab_size
    local B, L = ids:size(1), ids:size(2)
    -- max_new_tokens, else max_length (prompt included) as transformers counts it, else 20
    local limit = model:max_length()

@@ -30,21 +30,24 @@ M.schema = {
 }
 
 --- Reads and checks a GPT-NeoX config (path, folder or table). The rotary fraction and base come
--- from rope_parameters (transformers 5) or rotary_pct and rotary_emb_base (older files).
-function M.config(source)
-   local cfg = config.load(source, M.schema, WHO)
+-- from rope_parameters (transformers 5) or rotary_pct and rotary_emb_base (older files). family: a
+-- family on these layers with its own {schema, who, rotary_pct (the default)} (models/gpt_neox_japanese.lua).
+function M.config(source, family)
+   family = family or { schema = M.schema, who = WHO, rotary_pct = 0.25 }
+   local who = family.who
+   local cfg = config.load(source, family.schema, who)
    if cfg.hidden_size % cfg.num_attention_heads ~= 0 then
-      config.fail(cfg, WHO, "hidden_size %d is not a multiple of num_attention_heads %d", cfg.hidden_size,
+      config.fail(cfg, who, "hidden_size %d is not a multiple of num_attention_heads %d", cfg.hidden_size,
          cfg.num_attention_heads)
    end
    cfg.head_dim = cfg.hidden_size / cfg.num_attention_heads
    cfg.num_key_value_heads = cfg.num_attention_heads
    local rp = cfg.rope_parameters
-   cfg.rope = llama.rope_from(cfg, WHO, { { cfg.rope_scaling, "rope_scaling." },
+   cfg.rope = llama.rope_from(cfg, who, { { cfg.rope_scaling, "rope_scaling." },
       { { rope_theta = cfg.rotary_emb_base }, "" }, { rp, "rope_parameters." } }, 10000)
    cfg.rope_theta = cfg.rope.rope_theta
-   llama.set_rotary_dim(cfg, WHO, rp.partial_rotary_factor or cfg.rotary_pct or 0.25)
-   common.activation(cfg.hidden_act, WHO, cfg._source)
+   llama.set_rotary_dim(cfg, who, rp.partial_rotary_factor or cfg.rotary_pct or family.rotary_pct)
+   common.activation(cfg.hidden_act, who, cfg._source)
    return cfg
 end
 

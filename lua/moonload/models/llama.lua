@@ -41,6 +41,11 @@ local FAMILIES = {
    glm4_moe_lite = { who = "models.glm4_moe_lite", prefix = "Glm4MoeLite", defaults = { rms_norm_eps = 1e-5 } },
    mistral4 = { who = "models.mistral4", prefix = "Mistral4" },
    minicpm3 = { who = "models.minicpm3", prefix = "MiniCPM3" },                              -- models/minicpm3.lua
+   youtu = { who = "models.youtu", prefix = "Youtu" },                                       -- models/youtu.lua
+   diffllama = { who = "models.diffllama", prefix = "DiffLlama" },                           -- models/diffllama.lua
+   doge = { who = "models.doge", prefix = "Doge" },                                          -- models/doge.lua
+   lara_mini = { who = "models.lara_mini", prefix = "LaraMini",      -- (no dense MLP: no intermediate_size)
+                 defaults = { intermediate_size = function(c) return c.moe_intermediate_size or 512 end } },   -- models/lara_mini.lua
    longcat_flash = { who = "models.longcat_flash", prefix = "LongcatFlash",        -- models/longcat_flash.lua
                      defaults = { rms_norm_eps = 1e-5, rope_theta = 10000000, max_position_embeddings = 131072 } },
    deepseek_v32 = { who = "models.deepseek_v32", prefix = "DeepseekV32" },              -- models/deepseek_sparse.lua
@@ -73,6 +78,10 @@ local FAMILIES = {
    kolibri1 = { who = "models.kolibri1", prefix = "Kolibri1" },                                  -- models/kolibri1.lua
    flint = { who = "models.flint", prefix = "Flint" },                                           -- models/flint.lua
    axk1 = { who = "models.axk1", prefix = "AXK1" },                                              -- models/deepseek.lua
+   axk2 = { who = "models.axk2", prefix = "AXK2" },                                              -- models/axk2.lua
+   dory = { who = "models.dory", prefix = "Dory",                                                -- models/dory.lua
+            defaults = { head_dim = 256, num_key_value_heads = 4, max_position_embeddings = 8192, rope_theta = 10000000 } },
+   zaya = { who = "models.zaya", prefix = "Zaya", defaults = { rope_theta = 5000000 } },         -- models/zaya.lua
    mellum = { who = "models.mellum", prefix = "Mellum" },                                        -- models/laguna.lua
    lfm2 = { who = "models.lfm2", prefix = "Lfm2", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },   -- models/lfm2.lua
    lfm2_moe = { who = "models.lfm2_moe", prefix = "Lfm2Moe", defaults = { tie_word_embeddings = true, rope_theta = 1000000 } },
@@ -98,6 +107,8 @@ local FAMILIES = {
               defaults = { tie_word_embeddings = true, rope_theta = 500000, rms_norm_eps = 1e-5 } },
    cohere2 = { who = "models.cohere2", prefix = "Cohere2", defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5 } },
    cohere2_moe = { who = "models.cohere2_moe", prefix = "Cohere2Moe" },                  -- models/cohere2_moe.lua
+   cohere_compass_text = { who = "models.cohere_compass", prefix = "CohereCompass",
+                           defaults = { tie_word_embeddings = true, rms_norm_eps = 1e-5, max_position_embeddings = 8192 } },
    granite = { who = "models.granite", prefix = "Granite" },
    granitemoe = { who = "models.granitemoe", prefix = "GraniteMoe" },                         -- models/moe.lua
    granitemoeshared = { who = "models.granitemoeshared", prefix = "GraniteMoeShared" },       -- models/moe.lua
@@ -117,6 +128,8 @@ local FAMILIES = {
    arcee = { who = "models.arcee", prefix = "Arcee", defaults = { hidden_act = "relu2", rms_norm_eps = 1e-5 } },
    apertus = { who = "models.apertus", prefix = "Apertus",
                defaults = { hidden_act = "xielu", rms_norm_eps = 1e-5, rope_theta = 12000000 } },
+   apertus1p5_text = { who = "models.apertus1p5", prefix = "Apertus1p5Text",            -- (Apertus 1.5's language model)
+                       defaults = { hidden_act = "xielu", rms_norm_eps = 1e-5, rope_theta = 12000000 } },
    iquestcoder = { who = "models.iquestcoder", prefix = "IQuestCoder",
                    defaults = { head_dim = 128, rms_norm_eps = 1e-5, max_position_embeddings = 131072 } },
    cwm = { who = "models.cwm", prefix = "Cwm",
@@ -236,6 +249,21 @@ function M.check_clip_qkv(cfg, reads, who)
    end
 end
 
+--- Apertus 1.5's output_vocab_size: the head's rows, the first ids of the vocabulary (its released
+-- checkpoints prune the visual and audio codes off the head; null or vocab_size: the whole), in
+-- cfg.output_vocab_size (nil when whole). A pruned head cannot be the embedding's.
+function M.check_output_vocab_size(cfg, who)
+   local n = cfg.output_vocab_size
+   if n == nil or n == cfg.vocab_size then cfg.output_vocab_size = nil return end
+   config.integer(cfg, who, "output_vocab_size", n, 1)
+   if n > cfg.vocab_size then
+      config.fail(cfg, who, 'config key "output_vocab_size" (%d) must not exceed vocab_size (%d)', n, cfg.vocab_size)
+   end
+   if cfg.tie_word_embeddings then
+      config.fail(cfg, who, 'config key "output_vocab_size" (%d) prunes the head: "tie_word_embeddings" must be false', n)
+   end
+end
+
 --- q, k and v clipped to +-clip_qkv (the attention's field; nil: as they are).
 function M.clip_projections(self, q, k, v)
    local c = self.clip_qkv
@@ -346,6 +374,31 @@ function M.set_rotary_dim(cfg, WHO, factor)
    end
 end
 
+-- Cohere Compass's rope_parameters, an entry per layer type (its hub files keep a stray rope_theta and
+-- rope_type beside them, which transformers drops): cfg.rope (the full layers', else the sliding ones'),
+-- cfg.rope_local (the sliding layers', where both types rotate) and cfg.nope_layers (the layers whose
+-- type has no entry, or null: no position embedding).
+local function ropes_by_layer_type(cfg, who)
+   local rp, ropes = cfg.rope_parameters, {}
+   for _, kind in ipairs({ "full_attention", "sliding_attention" }) do
+      if rp[kind] ~= nil then
+         if type(rp[kind]) ~= "table" then
+            config.fail(cfg, who, 'config key "rope_parameters.%s" must be a table or null, got %s', kind, tostring(rp[kind]))
+         end
+         ropes[kind] = M.rope_from(cfg, who, { { rp[kind], "rope_parameters." .. kind .. "." } }, 10000)
+      end
+   end
+   if not ropes.full_attention and not ropes.sliding_attention and (rp.rope_type ~= nil or rp.rope_theta ~= nil) then
+      config.fail(cfg, who, 'config key "rope_parameters" must hold an entry per layer type (full_attention, '
+         .. "sliding_attention), not one rope for all")
+   end
+   cfg.nope_layers = {}
+   for i, w in ipairs(cfg.layer_windows) do cfg.nope_layers[i] = not ropes[w and "sliding_attention" or "full_attention"] end
+   cfg.rope = ropes.full_attention or ropes.sliding_attention or cfg.rope
+   cfg.rope_theta = cfg.rope.rope_theta
+   if ropes.full_attention and ropes.sliding_attention then cfg.rope_local = ropes.sliding_attention end
+end
+
 --- Reads and checks a Llama config (path, folder or table); family "mistral" or "qwen2" reads
 -- theirs (default "llama"). The rotary parameters come from rope_parameters (transformers >= 5)
 -- or from rope_theta + rope_scaling (older files), and end up in cfg.rope = {rope_type,
@@ -385,12 +438,13 @@ function M.config(source, family)
    if family == "starcoder2" and raw.norm_epsilon ~= nil and raw.rms_norm_eps == nil then
       raw.rms_norm_eps = raw.norm_epsilon                     -- its LayerNorms' eps, under Llama's key
    end
-   if (family == "cohere" or family == "cohere2") and raw.layer_norm_eps ~= nil and raw.rms_norm_eps == nil then
+   if (family == "cohere" or family == "cohere2" or family == "cohere_compass_text") and raw.layer_norm_eps ~= nil
+      and raw.rms_norm_eps == nil then
       raw.rms_norm_eps = raw.layer_norm_eps
    end
    if family == "jais2" then raw.rms_norm_eps = raw.layer_norm_eps end   -- (its config has no rms_norm_eps)
    if family == "cohere2" then raw.head_dim = nil end         -- transformers derives it, whatever the file says
-   if family == "apertus" and raw.rope_parameters == nil and raw.rope_scaling == nil then
+   if (family == "apertus" or family == "apertus1p5_text") and raw.rope_parameters == nil and raw.rope_scaling == nil then
       -- transformers' default for a config without any (a top-level rope_theta does not count)
       raw.rope_parameters = { rope_type = "llama3", rope_theta = 12000000, factor = 8, original_max_position_embeddings = 8192,
          low_freq_factor = 1, high_freq_factor = 4 }
@@ -449,7 +503,8 @@ function M.config(source, family)
    cfg.layer_windows = {}
    if family == "llama" or family == "deepseek_v2" or family == "deepseek_v3" or family == "glm4_moe_lite"
       or family == "deepseek_v32" or family == "glm_moe_dsa" or family == "mistral4" or family == "minicpm3" or family == "sarvam_mla"
-      or family == "axk1" or family == "jetmoe"
+      or family == "axk1" or family == "axk2" or family == "jetmoe" or family == "youtu" or family == "diffllama"
+      or family == "doge"
       or family == "llama4_text"
       or family == "gemma" or family == "olmo" or family == "nemotron" or family == "exaone" or family == "iquestcoder"
       or family == "jais2" or family == "bitnet" or family == "nanochat" then
@@ -550,6 +605,17 @@ function M.config(source, family)
       end
       cfg.max_window_layers = 0
       cfg.layer_windows = qwen2_windows(cfg, WHO)
+   elseif family == "cohere_compass_text" then   -- Cohere 2's layers, rotary halves; layer_types (all full by default)
+      -- says which slide over sliding_window (4096), and each type rotates by its own rope_parameters entry
+      cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
+      if cfg.sliding_window == nil then cfg.sliding_window = 4096 end
+      cfg.use_sliding_window, cfg.max_window_layers = true, 0
+      if cfg.layer_types == nil then
+         cfg.layer_types = {}
+         for i = 1, cfg.num_hidden_layers do cfg.layer_types[i] = "full_attention" end
+      end
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
+      ropes_by_layer_type(cfg, WHO)
    elseif family == "cohere" then            -- rotary pairs of neighbouring dims; per-head q/k LayerNorms if asked
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -622,10 +688,12 @@ function M.config(source, family)
       if cfg.use_cla == true then
          config.fail(cfg, WHO, 'config key "use_cla" is true: cross-layer attention (shared keys and values) is not supported')
       end
-   elseif family == "arcee" or family == "apertus" then   -- Llama's biases; Apertus's MLP has none, its heads q/k norms
+   elseif family == "arcee" or family == "apertus" or family == "apertus1p5_text" then   -- Llama's biases; Apertus's
+      -- MLP has none, its heads q/k norms
       cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-      if family == "apertus" then cfg.mlp_bias, cfg.qk_norm = false, true end
+      if family ~= "arcee" then cfg.mlp_bias, cfg.qk_norm = false, true end
+      if family == "apertus1p5_text" then M.check_output_vocab_size(cfg, WHO) end
    elseif family == "hy_v3" then            -- Apertus's per-head q/k norms; mlp_bias on the dense and shared MLPs
       cfg.qkv_bias, cfg.o_bias, cfg.qk_norm = cfg.attention_bias, cfg.attention_bias, true
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
@@ -666,8 +734,9 @@ function M.config(source, family)
    elseif family == "lfm2" or family == "lfm2_moe" then   -- (its layer types: models/lfm2.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = false, false, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
-   elseif family == "qwen3_next" or family == "qwen3_5" or family == "qwen3_5_moe" or family == "olmo_hybrid" then
-      -- (layer types: models/qwen3_next.lua, models/olmo_hybrid.lua)
+   elseif family == "qwen3_next" or family == "qwen3_5" or family == "qwen3_5_moe" or family == "olmo_hybrid"
+      or family == "lara_mini" then
+      -- (layer types: models/qwen3_next.lua, models/olmo_hybrid.lua, models/lara_mini.lua)
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, cfg.attention_bias, false
       for i = 1, cfg.num_hidden_layers do cfg.layer_windows[i] = false end
    elseif family == "gpt_oss" then           -- biased projections; sliding and full layers alternate
@@ -688,6 +757,11 @@ function M.config(source, family)
          cfg.nope_layers = {}
          for i, w in ipairs(cfg.layer_windows) do cfg.nope_layers[i] = not w end
       end
+   elseif family == "dory" or family == "zaya" then   -- of layer_types (models/dory.lua, models/zaya.lua fill
+      -- it in) the sliding layers attend over the window, every layer rotating (with its own bases)
+      cfg.qkv_bias, cfg.o_bias = cfg.attention_bias, cfg.attention_bias
+      cfg.use_sliding_window, cfg.max_window_layers = true, 0
+      cfg.layer_windows = qwen2_windows(cfg, WHO)
    elseif family == "mimo_v2_flash" then     -- q/k/v biased when asked, never the output; of layer_types
       -- (models/mimo_v2_flash.lua fills it in) the sliding layers attend over the window
       cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias = cfg.attention_bias, false, false
@@ -752,8 +826,8 @@ function M.config(source, family)
       cfg.layer_windows = qwen2_windows(cfg, WHO)
       cfg.qk_norm = true
    end
-   if family == "cohere" or family == "cohere2" or family == "cohere2_moe" then
-      local scale = cfg.logit_scale == nil and 0.0625 or cfg.logit_scale
+   if family == "cohere" or family == "cohere2" or family == "cohere2_moe" or family == "cohere_compass_text" then
+      local scale = cfg.logit_scale == nil and (family == "cohere_compass_text" and 1 or 0.0625) or cfg.logit_scale
       if type(scale) ~= "number" or scale <= 0 then
          config.fail(cfg, WHO, 'config key "logit_scale" must be a positive number, got %s', tostring(scale))
       end
@@ -987,6 +1061,7 @@ end
 
 --- x (B, T, hidden); cos, sin (T, D) or (B, 1, T, D); cache optional; pad (B, past + T) or nil.
 LlamaAttention.out_name = "o_proj"                 -- the output projection's attribute (Phi: dense)
+LlamaAttention.gated_norm_name = nil               -- a norm between the gated heads and it (Dory: attn_sub_norm)
 
 --- q (B, T, H, D), k and v (B, T, Hkv, D) from x (B, T, hidden); a fourth result (B, T, H * D),
 -- when a family returns one, gates the attention's output through a sigmoid (Qwen3-Next).
@@ -1022,6 +1097,7 @@ function LlamaAttention:forward(x, cos, sin, cache, pad)
    end
    local y = self:attend_heads(q, k, v, past, pad)
    if gate then y = y * gate:sigmoid() end
+   if self.gated_norm_name then y = self[self.gated_norm_name](y) end   -- (Dory's, after the gate)
    return self[self.out_name](y)
 end
 
@@ -1372,6 +1448,27 @@ local function times_logit_scale(logits, cfg) return logits * cfg.logit_scale en
 M.CohereForCausalLM.forward = M.scaled_logits_forward(FAMILIES.cohere.who, times_logit_scale)
 M.Cohere2ForCausalLM.forward = M.scaled_logits_forward(FAMILIES.cohere2.who, times_logit_scale)
 
+-- Cohere Compass (model_type cohere_compass_text; cohere_compass: CohereLabs/North-Micro-Vision-Instruct,
+-- its language model alone, the Qwen3-VL vision tower left out): Cohere 2's parallel block rotating
+-- halves of each head, each layer type by a rope of its own or not at all; its multimodal rope
+-- (mrope_section) is the plain one for text; logits times logit_scale (1 without one).
+family_classes("cohere_compass_text", CohereDecoderLayer)
+M.CohereCompassModel.Norm = CohereLayerNorm
+
+function M.CohereCompassRotaryEmbedding:__init(cfg)
+   LlamaRotaryEmbedding.__init(self, cfg)
+   if cfg.rope_local then M.add_local_rotary(self, cfg) end
+end
+
+--- The sliding layers' tables apart where the two types rotate otherwise (M.layer_rotary_by_window).
+function M.CohereCompassModel:layer_rotary(positions, x)
+   if not self.config.rope_local then return LlamaModel.layer_rotary(self, positions, x) end
+   return M.layer_rotary_by_window(self, positions, x)
+end
+
+M.CohereCompassForCausalLM.forward = M.scaled_logits_forward(FAMILIES.cohere_compass_text.who, times_logit_scale)
+reads_multimodal(M.CohereCompassForCausalLM, "cohere_compass", { "^model%.visual%." })
+
 -- Granite (granite-3.x; GraniteMoE's attention and layer too: models/moe.lua): Llama's layers with
 -- the embeddings times embedding_multiplier, each block's output times residual_multiplier, the
 -- attention's scores times attention_multiplier (in place of 1/sqrt(head_dim)), and the logits
@@ -1566,6 +1663,23 @@ function M.ApertusDecoderLayer:forward(x, cos, sin, cache, pad)
    x = x + self.self_attn(self.attention_layernorm(x), cos, sin, cache, pad)
    return x + self.mlp(self.feedforward_layernorm(x))
 end
+
+-- Apertus 1.5 (model_type apertus1p5_text; apertus1p5: swiss-ai/Apertus-v1.5-8B, its language model
+-- alone, the image and audio tokenizers left out): Apertus's layers over a vocabulary that holds the
+-- visual and audio codes, the head pruned to the first output_vocab_size ids.
+family_classes("apertus1p5_text", M.ApertusDecoderLayer)
+M.Apertus1p5TextMLP.__init, M.Apertus1p5TextMLP.forward = M.ArceeMLP.__init, M.ArceeMLP.forward
+
+function M.Apertus1p5TextForCausalLM:__init(cfg)
+   nn.Module.__init(self)
+   cfg = self:read_config(cfg)
+   self.model = self.Model(cfg)
+   self.lm_head = nn.Linear(cfg.hidden_size, cfg.output_vocab_size or cfg.vocab_size, { bias = false })
+   rawset(self, "config", cfg)
+   self:tie_weights()
+end
+
+reads_multimodal(M.Apertus1p5TextForCausalLM, "apertus1p5", { "^model%.vision_tokenizer%.", "^model%.audio_tokenizer%." })
 
 
 -- Ministral (Ministral-8B-Instruct-2410): Mistral's layers, layer_types naming the ones that slide.

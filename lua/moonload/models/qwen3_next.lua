@@ -32,6 +32,21 @@ local causal_conv = require("moonload.models.causal_conv")
 
 local M = {}
 
+--- The linear attention's keys of cfg (a config read so far; transformers' Qwen3-Next defaults where
+-- absent), checked: heads, head sizes and conv taps (also models/lara_mini.lua's).
+function M.linear_attention_config(cfg, WHO)
+   local function int(name, default, min) return config.integer(cfg, WHO, name, cfg[name] or default, min) end
+   cfg.linear_num_key_heads = int("linear_num_key_heads", 16, 1)
+   cfg.linear_num_value_heads = int("linear_num_value_heads", 32, 1)
+   cfg.linear_key_head_dim = int("linear_key_head_dim", 128, 1)
+   cfg.linear_value_head_dim = int("linear_value_head_dim", 128, 1)
+   cfg.linear_conv_kernel_dim = int("linear_conv_kernel_dim", 4, 1)
+   if cfg.linear_num_value_heads % cfg.linear_num_key_heads ~= 0 then
+      config.fail(cfg, WHO, "linear_num_value_heads %d is not a multiple of linear_num_key_heads %d",
+         cfg.linear_num_value_heads, cfg.linear_num_key_heads)
+   end
+end
+
 --- Reads and checks a Qwen3-Next config (path, folder or table): Qwen3-MoE's keys, layer_types
 -- (or full_attention_interval), and the linear attention's heads, head sizes and conv taps.
 -- family "qwen3_5" reads a dense Qwen3.5 text config, "qwen3_5_moe" a Qwen3.5-MoE one (every
@@ -42,15 +57,7 @@ function M.config(source, family)
    local cfg = family == "qwen3_5" and llama.config(source, family) or moe.config(source, family)
    local function int(name, default, min) return config.integer(cfg, WHO, name, cfg[name] or default, min) end
    llama.set_rotary_dim(cfg, WHO, cfg.rope.partial_rotary_factor or cfg.partial_rotary_factor or 0.25)
-   cfg.linear_num_key_heads = int("linear_num_key_heads", 16, 1)
-   cfg.linear_num_value_heads = int("linear_num_value_heads", 32, 1)
-   cfg.linear_key_head_dim = int("linear_key_head_dim", 128, 1)
-   cfg.linear_value_head_dim = int("linear_value_head_dim", 128, 1)
-   cfg.linear_conv_kernel_dim = int("linear_conv_kernel_dim", 4, 1)
-   if cfg.linear_num_value_heads % cfg.linear_num_key_heads ~= 0 then
-      config.fail(cfg, WHO, "linear_num_value_heads %d is not a multiple of linear_num_key_heads %d",
-         cfg.linear_num_value_heads, cfg.linear_num_key_heads)
-   end
+   M.linear_attention_config(cfg, WHO)
    local every = int("full_attention_interval", 4, 1)    -- transformers' default: every interval-th layer is full
    config.layer_types(cfg, WHO, { "linear_attention", "full_attention" }, function(i)
       return i % every == 0 and "full_attention" or "linear_attention"

@@ -54,15 +54,17 @@ M.schema = {
 
 --- Reads and checks a T5 config (path, folder or table): the MLP's activation and gating from
 -- feed_forward_proj as transformers reads it ("relu", "gated-gelu" = gated gelu_new, "gated-silu").
-function M.config(source)
-   local cfg = config.load(source, M.schema, WHO)
+-- (A variant passes its own schema and its name for the errors: models/longt5.lua.)
+function M.config(source, schema, who)
+   who = who or WHO
+   local cfg = config.load(source, schema or M.schema, who)
    local gated, act = cfg.feed_forward_proj:match("^(gated)%-(.+)$")
    act = act or cfg.feed_forward_proj
    if act:find("-", 1, true) then
-      config.fail(cfg, WHO, 'feed_forward_proj "%s" is not "{ACT}" or "gated-{ACT}"', cfg.feed_forward_proj)
+      config.fail(cfg, who, 'feed_forward_proj "%s" is not "{ACT}" or "gated-{ACT}"', cfg.feed_forward_proj)
    end
    if cfg.feed_forward_proj == "gated-gelu" then act = "gelu_new" end
-   common.activation(act, WHO, cfg._source)
+   common.activation(act, who, cfg._source)
    cfg.dense_act_fn, cfg.is_gated_act = act, gated ~= nil
    -- As transformers 5 reads it: tie_word_embeddings = false (T5 v1.1, FLAN-T5) means an unscaled
    -- decoder output and a head of its own; the embeddings are tied to shared either way, and a
@@ -262,12 +264,12 @@ end
 local T5Stack = nn.Module:extend("T5Stack")
 M.T5Stack = T5Stack
 
-function T5Stack:__init(cfg, is_decoder)
+function T5Stack:__init(cfg, is_decoder, Block)
    nn.Module.__init(self)
    self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
    local blocks = {}
    for i = 1, is_decoder and cfg.num_decoder_layers or cfg.num_layers do
-      blocks[i] = T5Block(cfg, is_decoder, i == 1 or cfg.bias_in_every_layer)
+      blocks[i] = (Block or T5Block)(cfg, is_decoder, i == 1 or cfg.bias_in_every_layer, i)   -- (i: Switch's sparse blocks)
    end
    self.block = nn.ModuleList(blocks)
    rawset(self, "n_blocks", #blocks)
@@ -301,12 +303,15 @@ T5ForConditionalGeneration.no_split_modules = { "T5Block" }
 -- (the original T5 checkpoints carry a cross-attention bias that no layer reads)
 T5ForConditionalGeneration.ignore_unexpected = { "^decoder%.block%.0%.layer%.1%.EncDecAttention%.relative_attention_bias%.weight$" }
 
+-- (a variant's class sets its own config reader and block class: models/longt5.lua)
+T5ForConditionalGeneration.read_config, T5ForConditionalGeneration.Block = M.config, T5Block
+
 function T5ForConditionalGeneration:__init(cfg)
    nn.Module.__init(self)
-   cfg = M.config(cfg)
+   cfg = self.read_config(cfg)
    self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
-   self.encoder = T5Stack(cfg, false)
-   self.decoder = T5Stack(cfg, true)
+   self.encoder = T5Stack(cfg, false, self.Block)
+   self.decoder = T5Stack(cfg, true, self.Block)
    self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, { bias = false })
    self.encoder.embed_tokens.weight = self.shared.weight
    self.decoder.embed_tokens.weight = self.shared.weight
