@@ -86,6 +86,26 @@ describe("tokenizers.from_sentencepiece", function()
       assert.are.equal("  a  b ", raw:decode(raw:encode("  a  b ")))
    end)
 
+   it("tokenizes a long text part by part only where no token spans a U+2581", function()
+      local S = "\226\150\129"
+      local function unigram(pieces)
+         local vocab = { { "<unk>", 0 } }
+         for _, p in ipairs(pieces) do vocab[#vocab + 1] = { p[1], p[2] } end
+         return tokenizers.Tokenizer({ model = { type = "Unigram", vocab = vocab, unk_id = 0 },
+            pre_tokenizer = { type = "Metaspace", replacement = S, prepend_scheme = "always", split = false } }, "t")
+      end
+      local text = ("a b "):rep(100):sub(1, -2)
+      -- "a▁b" holds U+2581 inside: the text is not cut, and the long piece wins
+      local spanning = unigram({ { S, -5 }, { S .. "a", -2 }, { "a", -3 }, { "b", -3 }, { "a" .. S .. "b", -1 } })
+      local tokens = spanning:tokenize(text)
+      assert.are.equal("a" .. S .. "b", tokens[2])
+      -- without it, cutting gives what the whole text gives: ▁a ▁b pairs
+      local plain = unigram({ { S, -5 }, { S .. "a", -2 }, { S .. "b", -2 }, { "a", -3 }, { "b", -3 } })
+      tokens = plain:tokenize(text)
+      assert.are.equal(200, #tokens)
+      assert.are.same({ S .. "a", S .. "b" }, { tokens[199], tokens[200] })
+   end)
+
    it("names a file that is not a SentencePiece model, a truncated one and model types it does not read", function()
       assert.has_error(function() tokenizers.from_sentencepiece("/nonexistent.model") end,
          "tokenizers.from_sentencepiece: cannot read /nonexistent.model (/nonexistent.model: No such file or directory)")

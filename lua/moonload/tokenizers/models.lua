@@ -284,13 +284,43 @@ local function build_unigram(j, who)
    return { tokenize = tokenize, vocab = vocab, unk = unk_id and list[unk_id + 1][1] or nil, unk_id = unk_id }
 end
 
+local SPACE = "\226\150\129"            -- U+2581, SentencePiece's space
+
+--- model, its tokenize cutting a long text before each U+2581 and tokenizing the parts one by one
+-- (each then memoized), when that gives the same tokens: no token holds U+2581 past its first
+-- character (so no merge or piece spans a cut) and U+2581 alone is a token (so no unknown run
+-- does). SentencePiece pipelines (Llama 2's tokenizer.json, tokenizers.from_sentencepiece) hand the
+-- model whole texts; cut, their cost grows with the text, not with its longest word.
+local function cut_at_spaces(model)
+   if model.vocab[SPACE] == nil then return model end
+   for token in pairs(model.vocab) do
+      if token:find(SPACE, 2, true) then return model end
+   end
+   local whole = model.tokenize
+   model.tokenize = function(text)
+      if #text <= 256 or not text:find(SPACE, 2, true) then return whole(text) end
+      local out, start = {}, 1
+      repeat
+         local cut = text:find(SPACE, start + 1, true)
+         for _, t in ipairs(whole(text:sub(start, (cut or #text + 1) - 1))) do out[#out + 1] = t end
+         start = cut
+      until not cut
+      return out
+   end
+   return model
+end
+
 --- The model of a tokenizer.json object.
 function M.build(j, who)
    if type(j) ~= "table" then error(who .. ": tokenizer.json has no model", 0) end
    local kind = j.type or (j.merges and "BPE") or nil
-   if kind == "BPE" then return build_bpe(j, who) end
+   -- (ignore_merges keeps a word that is a token whole: cutting it would change what is whole)
+   if kind == "BPE" then
+      local bpe = build_bpe(j, who)
+      return j.ignore_merges == true and bpe or cut_at_spaces(bpe)
+   end
    if kind == "WordPiece" then return build_wordpiece(j, who) end
-   if kind == "Unigram" then return build_unigram(j, who) end
+   if kind == "Unigram" then return cut_at_spaces(build_unigram(j, who)) end
    error(string.format("%s: tokenizer model %q is not supported (supported: BPE, Unigram, WordPiece)", who, tostring(kind)), 0)
 end
 

@@ -116,28 +116,36 @@ local function longest_prefix(self, s, i)
 end
 
 -- SentencePiece's own walk (normalizer.cc, NormalizePrefix): at each position the longest trie
--- entry is replaced, else one character is kept (a byte that starts no valid UTF-8 character
--- becomes U+FFFD).
+-- entry is replaced, else one character is kept (a byte that starts no UTF-8 character becomes
+-- U+FFFD; encode has checked the text is UTF-8 by then). Kept characters are copied in runs.
 local function sentencepiece_walk(self, text)
-   local out, i, len = {}, 1, #text
+   local out, n, i, len = {}, 0, 1, #text
+   local run                                       -- the first byte of the run being kept, or nil
    while i <= len do
-      local rep, n = longest_prefix(self, text, i)
+      local rep, m = longest_prefix(self, text, i)
       if rep then
-         out[#out + 1] = rep
-         i = i + n
+         if run then n = n + 1; out[n] = sub(text, run, i - 1); run = nil end
+         n = n + 1; out[n] = rep
+         i = i + m
       else
          local c = byte(text, i)
-         local w = c < 0x80 and 1 or c >= 0xF0 and 4 or c >= 0xE0 and 3 or c >= 0xC0 and 2 or 0
-         local ch = w > 0 and sub(text, i, i + w - 1)
-         if ch and #ch == w and pcall(U.codepoints, ch) then
-            out[#out + 1] = ch
+         local w = c < 0x80 and 1 or c >= 0xF0 and c < 0xF8 and 4 or c >= 0xE0 and c < 0xF0 and 3 or c >= 0xC2 and c < 0xE0 and 2 or 0
+         local ok = w > 0 and i + w - 1 <= len
+         for k = 1, ok and w - 1 or 0 do
+            local b = byte(text, i + k)
+            if b < 0x80 or b > 0xBF then ok = false break end
+         end
+         if ok then
+            run = run or i
             i = i + w
          else
-            out[#out + 1] = "\239\191\189"
+            if run then n = n + 1; out[n] = sub(text, run, i - 1); run = nil end
+            n = n + 1; out[n] = "\239\191\189"
             i = i + 1
          end
       end
    end
+   if run then n = n + 1; out[n] = sub(text, run, len) end
    return table.concat(out)
 end
 
