@@ -186,29 +186,15 @@ local ARCH = {
    ["nllb-moe"] = { module = "moonload.models.nllb_moe", class = "NllbMoeForConditionalGeneration" },
 }
 
--- Lazy submodules: ml.models.gpt2 / .llama / .bert / .config / .generation; .mistral, .qwen2,
--- .qwen3 and .phi3 are .llama (MistralForCausalLM, Qwen2ForCausalLM, ... live there).
+-- Lazy submodules: ml.models.<file> is moonload/models/<file>.lua (ml.models.gpt2, .llama, .bart,
+-- .config, .generation, ...), loaded on first use; a few names are the module their classes live
+-- in (ml.models.mistral, .qwen2, .qwen3, .phi3 are .llama: MistralForCausalLM, ... live there).
+local ALIASES = { mistral = "llama", qwen2 = "llama", qwen3 = "llama", phi3 = "llama", starcoder2 = "llama",
+   olmo2 = "llama", gemma2 = "gemma", qwen3_moe = "moe", qwen2_moe = "moe", mixtral = "moe", zamba2 = "zamba" }
 setmetatable(M, { __index = function(t, k)
-   local path = ({ gpt2 = "moonload.models.gpt2", llama = "moonload.models.llama",
-      mistral = "moonload.models.llama", qwen2 = "moonload.models.llama", qwen3 = "moonload.models.llama",
-      phi3 = "moonload.models.llama", gemma2 = "moonload.models.gemma", gemma = "moonload.models.gemma", gemma4 = "moonload.models.gemma4",
-      qwen3_moe = "moonload.models.moe", moe = "moonload.models.moe", mixtral = "moonload.models.moe",
-      gpt_neox = "moonload.models.gpt_neox", gpt_neox_japanese = "moonload.models.gpt_neox_japanese", qwen2_moe = "moonload.models.moe", starcoder2 = "moonload.models.llama",
-      olmo2 = "moonload.models.llama", phi = "moonload.models.phi", opt = "moonload.models.opt",
-      bloom = "moonload.models.bloom", mpt = "moonload.models.mpt", falcon = "moonload.models.falcon", gptj = "moonload.models.gptj", gpt_bigcode = "moonload.models.gpt_bigcode", gpt_neo = "moonload.models.gpt_neo", codegen = "moonload.models.codegen", persimmon = "moonload.models.persimmon", xglm = "moonload.models.xglm", biogpt = "moonload.models.biogpt", openai = "moonload.models.openai", ctrl = "moonload.models.ctrl", stablelm = "moonload.models.stablelm",
-      bert = "moonload.models.bert", deepseek = "moonload.models.deepseek", deepseek_sparse = "moonload.models.deepseek_sparse", axk2 = "moonload.models.axk2", dory = "moonload.models.dory", zaya = "moonload.models.zaya", glm4_moe = "moonload.models.glm4_moe", dots1 = "moonload.models.dots1",
-      gpt_oss = "moonload.models.gpt_oss", qwen3_next = "moonload.models.qwen3_next", qwen3_5 = "moonload.models.qwen3_5", lfm2 = "moonload.models.lfm2", bamba = "moonload.models.bamba", dbrx = "moonload.models.dbrx", minimax = "moonload.models.minimax", minicpm3 = "moonload.models.minicpm3", youtu = "moonload.models.youtu", diffllama = "moonload.models.diffllama", doge = "moonload.models.doge", lara_mini = "moonload.models.lara_mini", olmo_hybrid = "moonload.models.olmo_hybrid", exaone_moe = "moonload.models.exaone_moe", longcat_flash = "moonload.models.longcat_flash", laguna = "moonload.models.laguna", lfm3 = "moonload.models.lfm3", mimo_v2_flash = "moonload.models.mimo_v2_flash", hy_v3 = "moonload.models.hy_v3", jetmoe = "moonload.models.jetmoe", kolibri1 = "moonload.models.kolibri1", flint = "moonload.models.flint", cohere2_moe = "moonload.models.cohere2_moe", afmoe = "moonload.models.afmoe", granite_swa = "moonload.models.granite_swa", nemotron_h = "moonload.models.nemotron_h", mamba2 = "moonload.models.mamba2", mamba = "moonload.models.mamba", switch_transformers = "moonload.models.switch_transformers", nllb_moe = "moonload.models.nllb_moe", t5 = "moonload.models.t5", longt5 = "moonload.models.longt5", t5gemma = "moonload.models.t5gemma", pegasus_x = "moonload.models.pegasus_x", bart = "moonload.models.bart", nanochat = "moonload.models.nanochat",
-      zamba = "moonload.models.zamba", zamba2 = "moonload.models.zamba", recurrent_gemma = "moonload.models.recurrent_gemma",
-      config = "moonload.models.config",
-      generation = "moonload.models.generation", generation_config = "moonload.models.generation_config",
-      adapter = "moonload.models.adapter", sentence_transformer = "moonload.models.sentence_transformer",
-      common = "moonload.models.common" })[k]
-   -- (and every module the ARCH table names, as ml.models.<its file name>)
-   if path == nil and type(k) == "string" then
-      for _, a in pairs(ARCH) do
-         if a.module == "moonload.models." .. k then path = a.module break end
-      end
-   end
+   if type(k) ~= "string" or not k:match("^[%w_]+$") or k == "init" then return nil end
+   local path = "moonload.models." .. (ALIASES[k] or k)
+   if not package.searchpath(path, package.path) then path = nil end
    if path then
       local mod = require(path)
       rawset(t, k, mod)
