@@ -4,6 +4,24 @@ local ml = require("moonload")
 local models = require("moonload.models")
 local H = require("models_helpers")
 
+-- Zamba's block is stored under its first hybrid layer (the 3rd) and tied into the 5th; layers
+-- 0-3 go to places[1], the rest to places[2]. Whichever side holds its weights, the other finds
+-- the block: in the holding module's tensor, or read from the disk under the stored name.
+local function shared_block_split(placings)
+   for name, layers in pairs({ zamba_tiny = 6, zamba2_tiny = 5 }) do
+      local exp = H.expected(name)
+      for _, places in ipairs(placings) do
+         local off = H.tmpdir()
+         local map = { ["model.embed_tokens"] = "cpu", ["model.final_layernorm"] = "cpu", ["model.rotary_emb"] = "cpu", lm_head = "cpu" }
+         for i = 0, layers - 1 do map["model.layers." .. i] = i < 4 and places[1] or places[2] end
+         local model = models.from_pretrained(H.FIX .. "/" .. name, { offload_folder = off, device_map = map })
+         local logits = model(ml.tensor(exp.input_ids, { dtype = "int64" })):to("cpu")
+         assert.is_true(H.max_abs_diff(logits, exp.logits) < 1e-4, name .. ": " .. table.concat(places, " + "))
+         H.rmdir(off)
+      end
+   end
+end
+
 describe("models.from_pretrained with device_map", function()
    H.collect_warnings()                       -- kept quiet
 
@@ -73,10 +91,21 @@ describe("models.from_pretrained with device_map", function()
       end
    end)
 
+   it("dispatches a shared block stored under one layer and used by a layer on the other side of a custom map", function()
+      shared_block_split({ { "cpu", "disk" }, { "disk", "cpu" } })
+   end)
+
    it("reads a sharded checkpoint through its index", function()
       local exp = H.expected("gpt2_tiny")
       local model = models.from_pretrained(H.FIX .. "/gpt2_tiny_sharded", { device_map = "auto" })
       assert.are.equal("cpu", model.hf_device_map[""])
       assert.is_true(H.max_abs_diff(model(exp.input_ids), exp.logits) < 1e-4)
+   end)
+end)
+
+describe("models.from_pretrained with device_map on cuda #cuda", function()
+   H.collect_warnings()
+   it("dispatches a shared block split between cuda:0 and the disk or the CPU, every way round", function()
+      shared_block_split({ { "cuda:0", "disk" }, { "disk", "cuda:0" }, { "cuda:0", "cpu" }, { "cpu", "cuda:0" } })
    end)
 end)

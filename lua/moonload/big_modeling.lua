@@ -17,7 +17,7 @@ local init_context = require("moonload.nn.init_context")
 local log = require("moonload.utils.log")
 
 local M = {}
-local dispatch_weights, hold_tied_in_memory
+local dispatch_weights, hold_tied_in_memory, module_key
 
 -- A tied tensor is written once: the other names of its group are removed from sd (the hooks'
 -- weights map reads them under the kept name).
@@ -249,7 +249,8 @@ end
 
 -- The weights map dispatch_model hands to its hooks, over an OffloadedWeightsLoader:
 --  * a tied name missing from the loader is read under another name of its group (checkpoints
---    and offload folders hold a tied tensor once);
+--    and offload folders hold a tied tensor once), or else is the tensor a module of its group
+--    holds (a shared block stored under a CPU layer, used again by a layer on disk);
 --  * an index entry pointing into a safetensors file is read raw (a zero-copy view, no dtype
 --    cast): the hook runtime converts to the module's dtype at each forward and lets the copy go
 --    after, where the loader would cast once and keep a converted copy of every disk weight;
@@ -275,7 +276,9 @@ local function raw_lookup(self, key)
          return h:get_tensor(info.weight_name or key)
       end
    end
-   return inner[key]
+   local v = inner[key]
+   if v ~= nil then return v end
+   return self.held[key]
 end
 
 function DispatchWeights.getitem(self, key)
@@ -312,7 +315,8 @@ DispatchWeights.__index = function(self, key)
 end
 DispatchWeights.__tostring = function(self) return "DispatchWeights(" .. tostring(self.inner) .. ")" end
 
-dispatch_weights = function(inner, tied_params)
+-- held: {name = tensor} for the tied names whose module keeps its weights.
+dispatch_weights = function(inner, tied_params, held)
    local aliases = {}
    for _, group in ipairs(tied_params) do
       for _, name in ipairs(group) do
@@ -321,7 +325,7 @@ dispatch_weights = function(inner, tied_params)
          aliases[name] = others
       end
    end
-   return setmetatable({ inner = inner, aliases = aliases, memo = {}, handles = {} }, DispatchWeights)
+   return setmetatable({ inner = inner, aliases = aliases, memo = {}, handles = {}, held = held or {} }, DispatchWeights)
 end
 
 local function install_move_guard(model)
@@ -354,22 +358,24 @@ local function install_move_guard(model)
    model._ml_move_guard = true
 end
 
+-- The device map's key for a tensor's name: its longest mapped prefix.
+function module_key(keys, name)
+   local best
+   for _, k in ipairs(keys) do
+      if (k == "" or name == k or name:sub(1, #k + 1) == k .. ".") and (not best or #k > #best) then best = k end
+   end
+   return best
+end
+
 -- A tied group split between an offloaded module and one that holds its weights (a custom map
 -- putting the embedding on disk and the head on the CPU): the tensor is on meta, having gone with
 -- the offloaded side, so each holding module gets its own copy, read from the dispatch's weights
 -- map (which finds a tied name under any name of its group). Without this, its hook had no value
--- to place. Modules are looked up by the longest mapped prefix of the tensor's name.
+-- to place. 
 function hold_tied_in_memory(model, tied_params, keys, dmap, offload, weights_map)
-   local function module_key(name)
-      local best
-      for _, k in ipairs(keys) do
-         if (k == "" or name == k or name:sub(1, #k + 1) == k .. ".") and (not best or #k > #best) then best = k end
-      end
-      return best
-   end
    for _, group in ipairs(tied_params) do
       for _, name in ipairs(group) do
-         local k = module_key(name)
+         local k = module_key(keys, name)
          local ok, p = pcall(model.get_parameter, model, name)
          if k and not offload[k] and dmap[k] ~= "disk" and ok and p ~= nil and p:is_meta() and weights_map ~= nil then
             local v = hooks.weights_map_get(weights_map, name)
@@ -463,13 +469,18 @@ function M.dispatch_model(model, device_map, opts)
       end
       local tied_params = u.find_tied_parameters(model)
       local tied_params_map = { [hooks.TIED_META] = {} }
+      local held = {}
       for _, group in ipairs(tied_params) do
          for _, name in ipairs(group) do
             local ok, p = pcall(model.get_parameter, model, name)
-            if ok and p ~= nil and not p:is_meta() then tied_params_map[p:data_ptr()] = {} end
+            if ok and p ~= nil and not p:is_meta() then
+               tied_params_map[p:data_ptr()] = {}
+               local k = module_key(keys, name)
+               if k and not offload[k] then held[name] = p end
+            end
          end
       end
-      if weights_map ~= nil then weights_map = dispatch_weights(weights_map, tied_params) end
+      if weights_map ~= nil then weights_map = dispatch_weights(weights_map, tied_params, held) end
       hold_tied_in_memory(model, tied_params, keys, dmap, offload, weights_map)
       hooks.attach_align_device_hook_on_blocks(model, {
          execution_device = execution_device, offload = offload, offload_buffers = opts.offload_buffers,
