@@ -243,3 +243,51 @@ describe("matmul and linear on cuda #cuda", function()
       end)
    end
 end)
+
+-- Decoding's shapes: a few rows of float16 / bfloat16 through cuBLAS, with N and K that are not
+-- multiples of anything, a bias, a batch, an input one element off alignment, a transposed
+-- weight. Each case against float64 on the CPU, the output rounded once to the dtype.
+describe("linear for few rows on cuda #cuda", function()
+   local function rel_err(got, want)
+      local diff = (got:double() - want):abs():max():item()
+      return diff / math.max(want:abs():max():item(), 1e-30)
+   end
+   for _, dtype in ipairs({ "bfloat16", "float16" }) do
+      local tol = dtype == "bfloat16" and 1e-2 or 2e-3
+      it(dtype .. ": 1 to 9 rows, any N, K a multiple of 8 or not, with and without bias", function()
+         ml.manual_seed(7)
+         for _, M in ipairs({ 1, 2, 5, 8, 9 }) do
+            for _, NK in ipairs({ { 1, 8 }, { 3, 24 }, { 4, 2056 }, { 7, 4096 }, { 64, 12 }, { 130, 520 } }) do
+               local N, K = NK[1], NK[2]
+               local x = (ml.rand({ M, K }) - 0.5):to(dtype)
+               local w = (ml.rand({ N, K }) - 0.5):to(dtype)
+               local b = (ml.rand({ N }) - 0.5):to(dtype)
+               for _, bias in ipairs({ false, true }) do
+                  local want = F.linear(x:double(), w:double(), bias and b:double() or nil)
+                  local got = F.linear(x:to("cuda:0"), w:to("cuda:0"), bias and b:to("cuda:0") or nil)
+                  assert.are.equal(dtype, got.dtype)
+                  local e = rel_err(got:to("cpu"), want)
+                  assert.is_true(e < tol, string.format("M %d N %d K %d bias %s: %.3g", M, N, K, tostring(bias), e))
+               end
+            end
+         end
+      end)
+      it(dtype .. ": a batch of sequences, an input one element off alignment, a transposed weight", function()
+         ml.manual_seed(8)
+         local x = (ml.rand({ 2, 3, 64 }) - 0.5):to(dtype)
+         local w = (ml.rand({ 40, 64 }) - 0.5):to(dtype)
+         local want = F.linear(x:double(), w:double())
+         local e = rel_err(F.linear(x:to("cuda:0"), w:to("cuda:0")):to("cpu"), want)
+         assert.is_true(e < tol, "batch: " .. e)
+         -- a view starting one element into its storage: 2-byte aligned only
+         local big = (ml.rand({ 1, 65 }) - 0.5):to(dtype)
+         local xv = big:to("cuda:0"):narrow(2, 2, 64)
+         e = rel_err(F.linear(xv, w:to("cuda:0")):to("cpu"), F.linear(big:narrow(2, 2, 64):double(), w:double()))
+         assert.is_true(e < tol, "offset: " .. e)
+         local wt = (ml.rand({ 64, 40 }) - 0.5):to(dtype)
+         local x1 = x:narrow(1, 1, 1):reshape(3, 64)
+         e = rel_err(F.linear(x1:to("cuda:0"), wt:to("cuda:0"):t()):to("cpu"), F.linear(x1:double(), wt:double():t()))
+         assert.is_true(e < tol, "transposed weight: " .. e)
+      end)
+   end
+end)

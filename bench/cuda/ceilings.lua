@@ -1,6 +1,6 @@
 --- This GPU's ceilings, measured through moonload (run on a machine with a GPU; see
 -- tests/cuda/device_check.sh): cuBLAS bf16 GEMM 8192^3 in TFLOP/s, a device-to-device copy,
--- and host-to-device copies: pageable (t:to("cuda:0")), pinned (t:pin_memory():to("cuda:0")) and
+-- one row through bf16 linear layers (decoding's weight reads), and host-to-device copies: pageable (t:to("cuda:0")), pinned (t:pin_memory():to("cuda:0")) and
 -- through the weight uploader's pinned double-buffered staging (default and 1, 2, 4, ... staging
 -- threads). One JSON line per figure. BENCH_SHAPE=tiny shrinks every size (a dry run on the CUDA
 -- emulator: the figures then mean nothing).
@@ -40,6 +40,30 @@ t = timed(5, function() y:copy_(x) end)
 B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_copy_d2d", bytes = 8 * elems, seconds = t, gbps = 8 * elems / t / 1e9 })
 x, y = nil, nil
 collectgarbage()
+
+-- One row through bf16 linear layers of a Llama-3-8B's shapes (decoding: cuBLAS's GEMM with M = 1)
+-- as weight bytes read per second, against the copy above. (A gemv kernel of our own, four
+-- columns a block in 16-byte loads, read 2.7 TB/s on the H200 where cuBLAS read 3.1-3.2: dropped.)
+do
+   local shapes = tiny and { { 256, 64 }, { 64, 256 } } or { { 14336, 4096 }, { 4096, 14336 }, { 4096, 4096 }, { 1024, 4096 } }
+   local ws, wbytes = {}, 0
+   for i, s in ipairs(shapes) do
+      ws[i] = (ml.rand(s, { dtype = "bfloat16", device = DEV }) - 0.5)
+      wbytes = wbytes + ws[i]:nbytes()
+   end
+   local x1 = ml.rand({ 1, shapes[1][2] }, { dtype = "bfloat16", device = DEV })
+   local x2 = ml.rand({ 1, shapes[2][2] }, { dtype = "bfloat16", device = DEV })
+   local reps = 20
+   t = timed(3, function()
+      for _ = 1, reps do
+         for i, w in ipairs(ws) do ml.nn.functional.linear(w.shape[2] == shapes[1][2] and x1 or x2, w) end
+      end
+   end)
+   B.emit({ "bench", "bytes", "seconds", "gbps" }, { bench = "cuda_linear_bf16_one_row", bytes = wbytes * reps,
+      seconds = t / reps / #ws, gbps = wbytes * reps / t / 1e9 })
+   ws, x1, x2 = nil, nil, nil
+   collectgarbage()
+end
 
 -- host-to-device: pageable through the synchronous path, and through the uploader
 local host = ml.rand({ tiny and 4 * 1024 * 1024 or 256 * 1024 * 1024 })   -- 1 GiB
