@@ -104,11 +104,11 @@ function M.speculative_pick(p, q, proposal, uniform)
    return #proposal, draw(p:select(1, #proposal + 1))
 end
 
---- Rows of logits (n, vocab) through the repetition penalty and n-gram blocking, row i as it
+--- Rows of logits (n, vocab) through the repetition penalty and the bans, row i as it
 -- follows prefix .. extra[1 .. i - 1] (transformers applies its processors to each candidate
 -- position so); the rows unchanged when s asks for neither.
 local function processed(rows, s, prefix, extra)
-   if not (s.penalty or s.no_repeat or s.bad_words) then return rows end
+   if not (s.penalty or s.ban) then return rows end
    local generation = require("moonload.models.generation")
    local seqs = {}
    for i = 1, rows:size(1) do
@@ -117,8 +117,7 @@ local function processed(rows, s, prefix, extra)
       seqs[i] = q
    end
    if s.penalty then rows = generation.penalize(rows, generation.seen_mask(seqs, rows:size(2)):to(rows.device), s.penalty) end
-   if s.no_repeat then rows = generation.ban_repeated_ngrams(rows, seqs, s.no_repeat) end
-   if s.bad_words then rows = generation.ban_bad_words(rows, seqs, s.bad_words) end
+   if s.ban then rows = s.ban(rows, seqs) end
    return rows
 end
 
@@ -138,7 +137,7 @@ local function draft_source(draft, capacity, stats, sampling, s)
          stats.draft_forwards = stats.draft_forwards + 1
          -- (the draft proposes under the model's processors, as transformers' assistant does)
          local row = logits:select(1, 1)
-         if s.penalty or s.no_repeat or s.bad_words then
+         if s.penalty or s.ban then
             local so_far = { unpack(seq) }
             for _, t in ipairs(out) do so_far[#so_far + 1] = t end
             row = processed(row, s, so_far, {})
@@ -189,8 +188,7 @@ end
 -- id or a list, or nil), eos_ban ((1, vocab) bool or nil), on_token, kv_device, kv_dtype, and
 -- either draft (a model) with num_assistant_tokens, or prompt_lookup_num_tokens with
 -- max_matching_ngram_size; sampling ({temperature, top_k, top_p, min_p}: speculative sampling; nil:
--- greedy); penalty, no_repeat and bad_words (repetition_penalty, no_repeat_ngram_size,
--- generation.bad_words, or nil); stops
+-- greedy); penalty (repetition_penalty, or nil) and ban (generation.bans, or nil); stops
 -- (models/stop_strings.lua, or nil); stats (a table that gets forwards, draft_forwards, proposed
 -- and accepted counts).
 function M.run(model, prompt, s)

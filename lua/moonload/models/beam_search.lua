@@ -89,9 +89,8 @@ end
 --- run(model, ids, o) -> int64 (B * num_return_sequences, T): each prompt followed by its best
 -- hypotheses, best first; shorter ones padded. ids (B, L) int64. o: num_beams,
 -- num_return_sequences, length_penalty, early_stopping, max_new, min_new, eos (nil, an id or a
--- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, bad_words
--- (generation.bad_words), no_repeat (the
--- n-gram size, or nil), forced ({forced_bos_token_id, forced_eos_token_id}), sampling
+-- list), pad, eos_ban ((1, V) bool or nil), mask ((B, L) bool or nil), penalty, ban
+-- (generation.bans, or nil), forced ({forced_bos_token_id, forced_eos_token_id}), sampling
 -- ({temperature, top_k, top_p, min_p} or nil), kv_device, kv_dtype, micro_batch, prefill_chunk.
 function M.run(model, ids, o)
    local B, L = ids:size(1), ids:size(2)
@@ -150,7 +149,7 @@ function M.run(model, ids, o)
       unsatisfied[b] = true
    end
    local generation = require("moonload.models.generation")
-   local prompt_rows = (o.no_repeat or o.bad_words or model.ban_tokens) and prompts:tolist() or nil   -- (generate's ban_tokens)
+   local prompt_rows = o.ban and prompts:tolist() or nil
    local seen, vocab_ids
    if o.penalty then
       vocab_ids = T.arange(V):view(1, V)
@@ -173,9 +172,7 @@ function M.run(model, ids, o)
                rows[#rows + 1] = r
             end
          end
-         if o.no_repeat then lp = generation.ban_repeated_ngrams(lp, rows, o.no_repeat) end
-         if model.ban_tokens then lp = model:ban_tokens(lp, rows) end
-         if o.bad_words then lp = generation.ban_bad_words(lp, rows, o.bad_words) end
+         lp = o.ban(lp, rows)
       end
       local forced = o.forced and generation.forced_token(o.forced, cur, max_length)
       if forced then lp = generation.force_token(lp, forced) end

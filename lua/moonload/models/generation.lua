@@ -236,6 +236,21 @@ function M.ban_bad_words(scores, rows, bad)
    return scores
 end
 
+--- generate's bans as one function ban(scores (N, vocab), rows (each row's ids, Lua lists)) ->
+-- scores, in transformers' order: no_repeat_ngram_size (no_repeat: the n-gram size or nil), the
+-- model's own ban_tokens hook (an encoder-decoder's encoder n-grams), bad_words_ids (bad_words:
+-- M.bad_words or nil). nil when none applies, so callers skip gathering the rows.
+function M.bans(model, no_repeat, bad_words)
+   local hook = model.ban_tokens
+   if not (no_repeat or hook or bad_words) then return nil end
+   return function(scores, rows)
+      if no_repeat then scores = M.ban_repeated_ngrams(scores, rows, no_repeat) end
+      if hook then scores = hook(model, scores, rows) end
+      if bad_words then scores = M.ban_bad_words(scores, rows, bad_words) end
+      return scores
+   end
+end
+
 --- scores (N, vocab) where only id may be picked (transformers' ForcedBOS/ForcedEOS processors:
 -- the others -inf, id 0).
 function M.force_token(scores, id)
@@ -372,8 +387,8 @@ function M.generate(model, input_ids, opts)
          prompt_lookup_num_tokens = opts.prompt_lookup_num_tokens, max_matching_ngram_size = opts.max_matching_ngram_size,
          stops = stops, stats = opts.assistant_stats,
          penalty = opts.repetition_penalty ~= 1 and opts.repetition_penalty or nil,
-         no_repeat = opts.no_repeat_ngram_size ~= 0 and opts.no_repeat_ngram_size or nil,
-         bad_words = M.bad_words(opts.bad_words_ids, eos, vocab) })
+         ban = M.bans(model, opts.no_repeat_ngram_size ~= 0 and opts.no_repeat_ngram_size or nil,
+            M.bad_words(opts.bad_words_ids, eos, vocab)) })
       return shape_output(T.tensor({ seq }, { dtype = "int64" }), form)
    end
    -- A device map planned with reserve_for budgeted this much cache and activation memory.
@@ -402,14 +417,13 @@ function M.generate(model, input_ids, opts)
    local min_new = opts.min_new_tokens or math.max((opts.min_length or 0) - L, 0)
    local penalty = opts.repetition_penalty
    if penalty == 1 then penalty = nil end
-   local no_repeat = opts.no_repeat_ngram_size
-   if no_repeat == 0 then no_repeat = nil end
-   local bad_words = M.bad_words(opts.bad_words_ids, eos, vocab)
+   local ban = M.bans(model, opts.no_repeat_ngram_size ~= 0 and opts.no_repeat_ngram_size or nil,
+      M.bad_words(opts.bad_words_ids, eos, vocab))
    if num_beams > 1 then
       local seq, scores = require("moonload.models.beam_search").run(model, ids, {
          num_beams = num_beams, num_return_sequences = num_return, length_penalty = opts.length_penalty,
          early_stopping = opts.early_stopping, max_new = max_new, min_new = min_new, eos = eos,
-         pad = opts.pad_token_id, penalty = penalty, no_repeat = no_repeat, bad_words = bad_words,
+         pad = opts.pad_token_id, penalty = penalty, ban = ban,
          forced = { forced_bos_token_id = opts.forced_bos_token_id, forced_eos_token_id = opts.forced_eos_token_id },
          eos_ban = eos and min_new > 0 and is_eos(T.arange(vocab):view(1, vocab), eos) or nil,
          mask = opts.attention_mask ~= nil and common.mask_tensor(opts.attention_mask, B, L, WHO) or nil,
@@ -450,7 +464,7 @@ function M.generate(model, input_ids, opts)
    end
    local draw = { temperature = temperature, top_k = opts.top_k, top_p = opts.top_p, min_p = opts.min_p }
    local seen, vocab_ids                                       -- on the logits' device, made once
-   local history = (no_repeat or bad_words or model.ban_tokens) and ids:tolist() or nil   -- each row's ids, for the bans
+   local history = ban and ids:tolist() or nil                -- each row's ids, for the bans
    local n = 0
    for step = 1, max_new do
       local last = logits:select(2, -1)                       -- (B, vocab)
@@ -462,9 +476,7 @@ function M.generate(model, input_ids, opts)
          end
          last = M.penalize(last, seen, penalty)
       end
-      if no_repeat then last = M.ban_repeated_ngrams(last, history, no_repeat) end
-      if model.ban_tokens then last = model:ban_tokens(last, history) end
-      if bad_words then last = M.ban_bad_words(last, history, bad_words) end
+      if ban then last = ban(last, history) end
       local forced = M.forced_token(opts, L + step - 1, L + max_new)
       if forced then last = M.force_token(last, forced) end
       local tok = warpers.pick(last, draw)                     -- (B, 1) int64
