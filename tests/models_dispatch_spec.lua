@@ -91,7 +91,7 @@ describe("models.from_pretrained with device_map", function()
       end
    end)
 
-   it("dispatches a shared block stored under one layer and used by a layer on the other side of a custom map", function()
+   it("zamba_tiny, zamba2_tiny: a shared block stored under one layer, used by a layer on the other side of a custom map", function()
       shared_block_split({ { "cpu", "disk" }, { "disk", "cpu" } })
    end)
 
@@ -105,7 +105,7 @@ end)
 
 describe("models.from_pretrained with device_map on cuda #cuda", function()
    H.collect_warnings()
-   it("dispatches a shared block split between cuda:0 and the disk or the CPU, every way round", function()
+   it("zamba_tiny, zamba2_tiny: a shared block split between cuda:0 and the disk or the CPU, every way round", function()
       shared_block_split({ { "cuda:0", "disk" }, { "disk", "cuda:0" }, { "cuda:0", "cpu" }, { "cpu", "cuda:0" } })
    end)
 end)

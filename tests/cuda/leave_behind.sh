@@ -4,7 +4,8 @@
 # build/left-behind/, what the GPU check can do without until the tree fits: first the tokenizer
 # and chat-template fixtures (no #cuda spec reads them), then the largest model fixtures that only
 # the per-family lists use. It writes their names to .device/left_behind.txt, from which
-# device_check.sh filters those families' specs out. `leave_behind.sh back` puts everything back
+# device_check.sh filters out every #cuda spec whose description names one: so a #cuda spec that
+# reads a model fixture names it in its description. `leave_behind.sh back` puts everything back
 # (`git checkout -- tests/fixtures` would too: they are all tracked).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
