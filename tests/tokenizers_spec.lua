@@ -9,7 +9,7 @@ local tokenizers = require("moonload.tokenizers")
 local N = require("nn_helpers")
 
 local FIX = "tests/fixtures/tokenizers"
-local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "qwen3_5_bpe", "o200k_bpe", "o200k_inverted_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece",
+local NAMES = { "gpt2_bpe", "llama3_bpe", "qwen2_bpe", "qwen3_5_bpe", "o200k_bpe", "o200k_inverted_bpe", "llama2_spm", "mistral_spm", "bert_wordpiece", "minilm_wordpiece", "mpnet_wordpiece",
    "t5_unigram", "xlmr_unigram" }
 
 local tmpfile = require("models_helpers").tmpfile

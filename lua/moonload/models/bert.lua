@@ -265,7 +265,7 @@ end
 function M.mean_pooling(hidden, attention_mask)
    local B, L = hidden:size(1), hidden:size(2)
    if attention_mask == nil then return hidden:mean(2) end
-   local m = common.mask_tensor(attention_mask, B, L, "mean_pooling"):to(hidden.dtype):unsqueeze(3)
+   local m = common.mask_tensor(attention_mask, B, L, "mean_pooling"):to(hidden.device):to(hidden.dtype):unsqueeze(3)
    local summed = (hidden * m):sum(2)                       -- (B, H)
    local counts = m:sum(2):clamp(1e-9)                       -- (B, 1)
    return summed / counts
@@ -289,7 +289,7 @@ function M.pool(hidden, attention_mask, mode)
    if mode == "mean" then return M.mean_pooling(hidden, attention_mask) end
    if mode == "cls" then return hidden:select(2, 1) end
    local B, L = hidden:size(1), hidden:size(2)
-   local m = attention_mask and common.mask_tensor(attention_mask, B, L, "pool"):to(hidden.dtype):unsqueeze(3)
+   local m = attention_mask and common.mask_tensor(attention_mask, B, L, "pool"):to(hidden.device):to(hidden.dtype):unsqueeze(3)
       or T.ones({ B, L, 1 }, { dtype = hidden.dtype, device = hidden.device })
    if mode == "max" then
       return hidden:masked_fill(m:eq(0), -math.huge):max(2)

@@ -163,6 +163,7 @@ local ARCH = {
    roberta = { module = "moonload.models.bert", class = "RobertaModel" },
    ["xlm-roberta"] = { module = "moonload.models.bert", class = "RobertaModel" },
    camembert = { module = "moonload.models.bert", class = "RobertaModel" },
+   mpnet = { module = "moonload.models.mpnet", class = "MPNetModel" },
    bart = { module = "moonload.models.bart", class = "BartForConditionalGeneration" },
    mbart = { module = "moonload.models.bart", class = "MBartForConditionalGeneration" },
    blenderbot = { module = "moonload.models.bart", class = "BlenderbotForConditionalGeneration" },

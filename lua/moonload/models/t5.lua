@@ -120,9 +120,9 @@ end
 --- Key/value heads and head size per cached token, and no score tensor (see LlamaAttention).
 function T5Attention:kv_cache_heads() return self.n_head, self.head_dim, self.n_head, false end
 
---- The scores' additive bias (1, H, L, S) for L queries at positions past .. past + L - 1 over
--- keys 0 .. S - 1, in dtype.
-function T5Attention:position_bias(L, S, past, dtype)
+--- The additive score bias (1, H, L, S) that table (an nn.Embedding of buckets x heads) gives L
+-- queries at positions past .. past + L - 1 over keys 0 .. S - 1, in dtype (also MPNet's).
+function M.relative_bias(table, L, S, past, bidirectional, num_buckets, max_distance, dtype)
    local by_rel, rows = {}, {}
    for i = 1, L do
       local row = {}
@@ -130,15 +130,22 @@ function T5Attention:position_bias(L, S, past, dtype)
          local rel = (j - 1) - (past + i - 1)
          local b = by_rel[rel]
          if b == nil then
-            b = M.relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+            b = M.relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
             by_rel[rel] = b
          end
          row[j] = b
       end
       rows[i] = row
    end
-   local buckets = common.to_weight_device(T.tensor(rows, { dtype = "int64" }), self.relative_attention_bias.weight)
-   return self.relative_attention_bias(buckets):permute(3, 1, 2):unsqueeze(1):to(dtype)
+   local buckets = common.to_weight_device(T.tensor(rows, { dtype = "int64" }), table.weight)
+   return table(buckets):permute(3, 1, 2):unsqueeze(1):to(dtype)
+end
+
+--- The scores' additive bias (1, H, L, S) for L queries at positions past .. past + L - 1 over
+-- keys 0 .. S - 1, in dtype.
+function T5Attention:position_bias(L, S, past, dtype)
+   return M.relative_bias(self.relative_attention_bias, L, S, past, self.bidirectional, self.num_buckets,
+      self.max_distance, dtype)
 end
 
 local function heads(x, B, L, H, D) return x:view(B, L, H, D):transpose(2, 3) end
