@@ -164,6 +164,7 @@ local ARCH = {
    ["xlm-roberta"] = { module = "moonload.models.bert", class = "RobertaModel" },
    camembert = { module = "moonload.models.bert", class = "RobertaModel" },
    mpnet = { module = "moonload.models.mpnet", class = "MPNetModel" },
+   distilbert = { module = "moonload.models.distilbert", class = "DistilBertModel" },
    bart = { module = "moonload.models.bart", class = "BartForConditionalGeneration" },
    mbart = { module = "moonload.models.bart", class = "MBartForConditionalGeneration" },
    blenderbot = { module = "moonload.models.bart", class = "BlenderbotForConditionalGeneration" },
