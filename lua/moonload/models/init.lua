@@ -165,6 +165,7 @@ local ARCH = {
    camembert = { module = "moonload.models.bert", class = "RobertaModel" },
    mpnet = { module = "moonload.models.mpnet", class = "MPNetModel" },
    distilbert = { module = "moonload.models.distilbert", class = "DistilBertModel" },
+   modernbert = { module = "moonload.models.modernbert", class = "ModernBertModel" },
    bart = { module = "moonload.models.bart", class = "BartForConditionalGeneration" },
    mbart = { module = "moonload.models.bart", class = "MBartForConditionalGeneration" },
    blenderbot = { module = "moonload.models.bart", class = "BlenderbotForConditionalGeneration" },
