@@ -134,24 +134,36 @@ function Tokenizer:tokenize(text)
    return tokens
 end
 
+-- opts.max_length when opts.truncation asks for it (nil otherwise), checked.
+local function max_length_of(opts, who)
+   local max_length = opts.truncation and opts.max_length
+   if max_length ~= nil and max_length ~= false and (type(max_length) ~= "number" or max_length < 0 or max_length % 1 ~= 0) then
+      error(who .. ": max_length must be a non-negative integer, got " .. tostring(max_length), 3)
+   end
+   return max_length or nil
+end
+
+-- The ids of text's tokens, no special tokens added.
+local function token_ids(self, text, who)
+   local vocab, added = self.model.vocab, self.added
+   local ids = {}
+   for _, t in ipairs(self:tokenize(text)) do
+      local e = added[t]
+      local id = e and e.id or vocab[t] or self.model.unk_id
+      if id == nil then error(string.format("%s: token %q is not in the vocabulary of %s", who, t, self.source or "the tokenizer"), 3) end
+      ids[#ids + 1] = id
+   end
+   return ids
+end
+
 --- encode(text[, {add_special_tokens = true, truncation = false, max_length}]) -> list of 0-based
 -- token ids. With truncation, the text's tokens are cut on the right so that the whole, special
 -- tokens included, fits max_length (transformers' default truncation).
 function Tokenizer:encode(text, opts)
    check_text(text, "encode")
    opts = opts or {}
-   local max_length = opts.truncation and opts.max_length
-   if max_length ~= nil and max_length ~= false and (type(max_length) ~= "number" or max_length < 0 or max_length % 1 ~= 0) then
-      error("encode: max_length must be a non-negative integer, got " .. tostring(max_length), 2)
-   end
-   local vocab, added = self.model.vocab, self.added
-   local ids = {}
-   for _, t in ipairs(self:tokenize(text)) do
-      local e = added[t]
-      local id = e and e.id or vocab[t] or self.model.unk_id
-      if id == nil then error(string.format("encode: token %q is not in the vocabulary of %s", t, self.source or "the tokenizer"), 2) end
-      ids[#ids + 1] = id
-   end
+   local max_length = max_length_of(opts, "encode")
+   local ids = token_ids(self, text, "encode")
    local special = opts.add_special_tokens ~= false
    if max_length then
       local room = max_length - (special and #self.post_process({}) or 0)
@@ -165,33 +177,93 @@ function Tokenizer:encode(text, opts)
    return ids
 end
 
---- encode_batch(texts[, {add_special_tokens = true, padding_side, pad_id}]) -> ids,
--- attention_mask: the texts encoded and padded to the longest (with the file's pad id, else
--- tokenizer_config.json's pad token, else 0), as lists of lists; the mask has 1 for real tokens.
--- padding_side: "right", "left" (suits generation), or by default tokenizer_config.json's, else right.
+--- encode_pair(a, b[, {add_special_tokens = true, truncation = false, max_length}]) -> ids,
+-- token_type_ids: two texts as one input (a cross-encoder's query and passage), joined as the
+-- file's post-processor joins a pair ([CLS] a [SEP] b [SEP], b's part of type 1, for BERT). With
+-- truncation both are cut on the right to fit max_length as the tokenizers library's
+-- "longest_first" cuts them: the longer one alone while the shorter fills at most half the room,
+-- else half each.
+function Tokenizer:encode_pair(a, b, opts)
+   check_text(a, "encode_pair")
+   check_text(b, "encode_pair")
+   opts = opts or {}
+   local max_length = max_length_of(opts, "encode_pair")
+   local ia, ib = token_ids(self, a, "encode_pair"), token_ids(self, b, "encode_pair")
+   local special = opts.add_special_tokens ~= false
+   local join = processors.build_pair(nil)                -- (the texts one after the other)
+   if special then
+      join = rawget(self, "post_process_pair")
+      if not join then
+         join = processors.build_pair(self.spec.post_processor, "tokenizer " .. (self.source or "(table)"))
+         rawset(self, "post_process_pair", join)
+      end
+   end
+   if max_length then
+      local room = max_length - #join({}, {})
+      if room < 0 then
+         error(string.format("encode_pair: max_length %d leaves no room beside the %d special tokens", max_length, #join({}, {})), 2)
+      end
+      local na, nb = #ia, #ib
+      if na + nb > room then
+         -- the shorter text keeps its tokens if they fill at most half the room; otherwise each
+         -- gets half, the longer one the odd token (tokenizers' truncate_encodings)
+         local short, long = math.min(na, nb), math.max(na, nb)
+         if short <= room - short then
+            long = room - short
+         else
+            short = math.floor(room / 2)
+            long = short + room % 2
+         end
+         if na > nb then na, nb = long, short else na, nb = short, long end
+      end
+      for i = #ia, na + 1, -1 do ia[i] = nil end
+      for i = #ib, nb + 1, -1 do ib[i] = nil end
+   end
+   return join(ia, ib)
+end
+
+--- encode_batch(texts[, {add_special_tokens = true, padding_side, pad_id, truncation, max_length}])
+-- -> ids, attention_mask: the texts encoded and padded to the longest (with the file's pad id,
+-- else tokenizer_config.json's pad token, else 0), as lists of lists; the mask has 1 for real
+-- tokens. padding_side: "right", "left" (suits generation), or by default tokenizer_config.json's,
+-- else right. texts may be pairs {a, b} (encode_pair): then token_type_ids (padded with 0) is
+-- returned third.
 function Tokenizer:encode_batch(texts, opts)
    opts = opts or {}
-   if type(texts) ~= "table" or #texts == 0 then error("encode_batch: texts must be a non-empty list of strings", 2) end
+   if type(texts) ~= "table" or #texts == 0 then
+      error("encode_batch: texts must be a non-empty list of strings or of {a, b} pairs", 2)
+   end
    local side = opts.padding_side or self.padding_side or "right"
    if side ~= "right" and side ~= "left" then
       error(string.format('encode_batch: padding_side must be "right" or "left", got %s', tostring(side)), 2)
    end
    local pad = opts.pad_id or self.pad_id
-   local rows, longest = {}, 0
+   local pairs_given = type(texts[1]) == "table"
+   local rows, type_rows, longest = {}, {}, 0
    for i, t in ipairs(texts) do
-      rows[i] = self:encode(t, opts)
+      if pairs_given then
+         if type(t) ~= "table" or type(t[1]) ~= "string" or type(t[2]) ~= "string" then
+            error(string.format("encode_batch: texts[%d] must be a pair {a, b} of strings like texts[1]", i), 2)
+         end
+         rows[i], type_rows[i] = self:encode_pair(t[1], t[2], opts)
+      else
+         rows[i] = self:encode(t, opts)
+      end
       longest = math.max(longest, #rows[i])
    end
-   local ids, mask = {}, {}
+   local ids, mask, types = {}, {}, {}
    for i, r in ipairs(rows) do
-      local row, m, fill = {}, {}, longest - #r
+      local row, m, tt, fill = {}, {}, {}, longest - #r
       for k = 1, longest do
          local real = side == "right" and k <= #r or side == "left" and k > fill
-         row[k] = real and r[side == "right" and k or k - fill] or pad
+         local at = side == "right" and k or k - fill
+         row[k] = real and r[at] or pad
          m[k] = real and 1 or 0
+         tt[k] = real and type_rows[i] and type_rows[i][at] or 0
       end
-      ids[i], mask[i] = row, m
+      ids[i], mask[i], types[i] = row, m, tt
    end
+   if pairs_given then return ids, mask, types end
    return ids, mask
 end
 
