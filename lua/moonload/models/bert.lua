@@ -362,6 +362,76 @@ end
 
 function BertModel.read_folder(model, dir) M.read_sentence_transformers(model, dir) end
 
+-- --- sequence classification (cross-encoders, rerankers) ---------------------------------------
+
+--- The number of labels a classifier config gives: num_labels, else its id2label's entries, else 2
+-- (transformers' default).
+function M.num_labels(cfg, who)
+   local raw = cfg._raw or cfg
+   local n = raw.num_labels
+   if n == nil and type(raw.id2label) == "table" then
+      n = 0
+      for _ in pairs(raw.id2label) do n = n + 1 end
+   end
+   n = n or 2
+   if type(n) ~= "number" or n < 1 or n % 1 ~= 0 then
+      config.fail(cfg, who, "num_labels must be an integer >= 1, got %s", tostring(n))
+   end
+   return n
+end
+
+--- Logits (B, num_labels) of a classifier over input_ids: forward(input_ids[, {attention_mask,
+-- token_type_ids}]) -> {logits}, as BertForSequenceClassification and its kin give them.
+local function classifier_class(name, base_key, Base, pool, head)
+   local cls = nn.Module:extend(name)
+   cls.base_model_prefix = base_key
+   cls.tied_weights = {}
+   cls.ignore_unexpected = { "^" .. base_key .. "%.embeddings%.position_ids$",
+      "^" .. base_key .. "%.embeddings%.token_type_ids$" }
+   cls.no_split_modules = Base.no_split_modules
+   function cls:__init(cfg)
+      nn.Module.__init(self)
+      self[base_key] = Base(cfg, { add_pooling_layer = pool })
+      local c = self[base_key].config
+      rawset(self, "config", c)
+      rawset(self, "num_labels", M.num_labels(c, WHO))
+      head(self, c)
+   end
+   function cls:forward(input_ids, opts)
+      local out = self[base_key](input_ids, opts)
+      return { logits = self:classify(out) }
+   end
+   return cls
+end
+
+-- BERT's: the pooler's output (the first token through dense + tanh) through one linear layer.
+local BertForSequenceClassification = classifier_class("BertForSequenceClassification", "bert", BertModel, true,
+   function(self, cfg)
+      self.dropout = nn.Dropout(0)
+      self.classifier = nn.Linear(cfg.hidden_size, self.num_labels)
+   end)
+M.BertForSequenceClassification = BertForSequenceClassification
+function BertForSequenceClassification:classify(out) return self.classifier(out.pooler_output) end
+
+-- RoBERTa's (bge-reranker's): no pooler; the first token through classifier.dense, tanh, out_proj.
+local RobertaClassificationHead = nn.Module:extend("RobertaClassificationHead")
+M.RobertaClassificationHead = RobertaClassificationHead
+function RobertaClassificationHead:__init(cfg, num_labels)
+   nn.Module.__init(self)
+   self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+   self.dropout = nn.Dropout(0)
+   self.out_proj = nn.Linear(cfg.hidden_size, num_labels)
+end
+function RobertaClassificationHead:forward(h)
+   return self.out_proj(self.dense(h:select(2, 1)):tanh())
+end
+
+local RobertaForSequenceClassification = classifier_class("RobertaForSequenceClassification", "roberta", RobertaModel,
+   false, function(self, cfg) self.classifier = RobertaClassificationHead(cfg, self.num_labels) end)
+M.RobertaForSequenceClassification = RobertaForSequenceClassification
+M.XLMRobertaForSequenceClassification = RobertaForSequenceClassification
+function RobertaForSequenceClassification:classify(out) return self.classifier(out.last_hidden_state) end
+
 function M.from_config(cfg, opts) return BertModel(cfg, opts) end
 
 return M
