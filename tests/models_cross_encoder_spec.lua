@@ -75,6 +75,23 @@ describe("models.cross_encoder", function()
    end)
 end)
 
+describe("examples/rerank.lua", function()
+   it("ranks the test reranker's passages as rank does", function()
+      local e = H.expected("cross_encoder_bert_tiny")
+      local args = { "tests/fixtures/models/cross_encoder_bert_tiny", e.query }
+      for _, d in ipairs(e.documents) do args[#args + 1] = d end
+      local quoted = {}
+      for i, a in ipairs(args) do quoted[i] = "'" .. a:gsub("'", "'\\''") .. "'" end
+      local p = assert(io.popen("luajit examples/rerank.lua " .. table.concat(quoted, " ") .. " 2>&1"))
+      local out = p:read("*a")
+      assert.is_true(p:close(), out)
+      for i, want in ipairs(e.rank) do
+         local line = string.format("%d. %.4f  %s", i, want.score, e.documents[want.corpus_id + 1])
+         assert.truthy(out:find(line, 1, true), out)
+      end
+   end)
+end)
+
 describe("models.cross_encoder on cuda #cuda", function()
    H.collect_warnings()
    it("cross_encoder_bert_tiny, cross_encoder_xlmr_tiny: the same scores on cuda:0", function()
