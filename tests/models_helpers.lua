@@ -315,6 +315,53 @@ function H.it_splits_over_cpu_and_disk(fixture, opts)
       end)
 end
 
+-- --- encoders (sentence embeddings: BERT's kin) -------------------------------------------------
+
+--- An encoder fixture's last hidden states for its right-padded batch (expected.json's input_ids
+-- and attention_mask) through model.
+function H.encoder_states(model, exp)
+   local T = require("moonload.tensor")
+   return model(T.tensor(exp.input_ids, { dtype = "int64" }), { attention_mask = exp.attention_mask }).last_hidden_state
+end
+
+--- An it() loading an encoder fixture split over the CPU and the disk by device_map "auto" under
+-- a CPU budget: transformers' last hidden states all the same.
+function H.it_splits_encoder(fixture, budget)
+   local env = getfenv(2)
+   env.it("splits over the CPU and the disk under a RAM budget, same states", function()
+      local off = H.tmpdir()
+      local m = require("moonload.models").from_pretrained(H.FIX .. "/" .. fixture, { device_map = "auto",
+         max_memory = { cpu = budget }, offload_folder = off })
+      local on = {}
+      for _, dev in pairs(m.hf_device_map) do on[tostring(dev)] = true end
+      env.assert.is_true(on.cpu and on.disk, "expected a CPU + disk split")
+      local exp = H.expected(fixture)
+      env.assert.is_true(H.max_abs_diff(H.encoder_states(m, exp), exp.last_hidden_state) < 1e-4)
+      H.rmdir(off)
+   end)
+end
+
+--- A #cuda describe for an encoder fixture: transformers' last hidden states on cuda:0, and its
+-- sentence embedding with the layers placed by device_map (cuda:0, cpu and disk).
+function H.describe_encoder_on_cuda(fixture, device_map)
+   local env = getfenv(2)
+   env.describe("models." .. fixture .. " on cuda #cuda", setfenv(function()
+      H.collect_warnings()
+      env.it(fixture .. ": the same states on cuda:0, and the same embedding over cuda:0, the CPU and the disk", function()
+         local models = require("moonload.models")
+         local exp = H.expected(fixture)
+         local dir = H.FIX .. "/" .. fixture
+         local on_gpu = H.encoder_states(models.from_pretrained(dir):to("cuda:0"), exp)
+         env.assert.is_true(H.max_abs_diff(on_gpu:to("cpu"), exp.last_hidden_state) < 1e-4)
+         local off = H.tmpdir()
+         local split = models.from_pretrained(dir, { offload_folder = off, device_map = device_map })
+         local emb = split:sentence_embedding(exp.input_ids, { attention_mask = exp.attention_mask })
+         env.assert.is_true(H.max_abs_diff(emb:to("cpu"), exp.sentence_embedding) < 1e-4)
+         H.rmdir(off)
+      end)
+   end, env))                                        -- (collect_warnings finds busted's hooks there)
+end
+
 --- Asserts that read_config(raw) raises an error holding msg, raw being dir's config.json changed by
 -- change (a function of the table, or a table of keys to set).
 function H.assert_config_fails(read_config, dir, change, msg)

@@ -57,15 +57,7 @@ describe("models.modernbert", function()
       assert.is_true(H.max_abs_diff(states(older), exp.last_hidden_state) < TOL)
    end)
 
-   it("splits over the CPU and the disk under a RAM budget, same states", function()
-      local dir = H.tmpdir()
-      local m = models.from_pretrained(DIR, { device_map = "auto", max_memory = { cpu = 60000 }, offload_folder = dir })
-      local places = {}
-      for _, dev in pairs(m.hf_device_map) do places[tostring(dev)] = true end
-      assert.is_true(places.cpu and places.disk, "expected a CPU + disk split")
-      assert.is_true(H.max_abs_diff(states(m), exp.last_hidden_state) < TOL)
-      H.rmdir(dir)
-   end)
+   H.it_splits_encoder("modernbert_tiny", 60000)
 
    it("refuses token types, naming them", function()
       assert.has_error(function() model({ 1, 5, 2 }, { token_type_ids = { 0, 0, 0 } }) end,
@@ -86,18 +78,5 @@ describe("models.modernbert", function()
    end)
 end)
 
-describe("models.modernbert on cuda #cuda", function()
-   H.collect_warnings()
-   it("modernbert_tiny: the same states on cuda:0, and over cuda:0 and the disk", function()
-      local exp = H.expected("modernbert_tiny")
-      local m = models.from_pretrained(DIR):to("cuda:0")
-      local out = m(ml.tensor(exp.input_ids, { dtype = "int64" }):to("cuda:0"), { attention_mask = exp.attention_mask })
-      assert.is_true(H.max_abs_diff(out.last_hidden_state:to("cpu"), exp.last_hidden_state) < TOL)
-      local dir = H.tmpdir()
-      local split = models.from_pretrained(DIR, { offload_folder = dir, device_map = { embeddings = 0,
-         ["layers.0"] = 0, ["layers.1"] = "disk", ["layers.2"] = "cpu", ["layers.3"] = 0, final_norm = 0, rotary_emb = 0 } })
-      local emb = split:sentence_embedding(exp.input_ids, { attention_mask = exp.attention_mask })
-      assert.is_true(H.max_abs_diff(emb:to("cpu"), exp.sentence_embedding) < TOL)
-      H.rmdir(dir)
-   end)
-end)
+H.describe_encoder_on_cuda("modernbert_tiny", { embeddings = 0, ["layers.0"] = 0, ["layers.1"] = "disk",
+   ["layers.2"] = "cpu", ["layers.3"] = 0, final_norm = 0, rotary_emb = 0 })

@@ -98,15 +98,19 @@ function BertSelfAttention:__init(cfg)
    rawset(self, "head_dim", Hd / cfg.num_attention_heads)
 end
 
+--- Scaled dot-product self-attention of x (B, T, hidden) through three projections (BERT's query,
+-- key and value; MPNet's q, k, v; DistilBERT's q_lin, k_lin, v_lin) over H heads of D; mask: bool
+-- (true: attend) or additive, broadcast to (B, H, T, T), or nil -> context (B, T, hidden).
+function M.self_attention(q_proj, k_proj, v_proj, x, mask, H, D)
+   local B, L, Hd = x:size(1), x:size(2), x:size(3)
+   local function heads(proj) return proj(x):view(B, L, H, D):transpose(2, 3) end
+   local y = common.attention(heads(q_proj), heads(k_proj), heads(v_proj), mask, false, 1 / math.sqrt(D))
+   return y:transpose(2, 3):reshape(B, L, Hd)
+end
+
 --- x (B, T, hidden); mask bool (B, 1, 1, T) or nil -> context (B, T, hidden)
 function BertSelfAttention:forward(x, mask)
-   local B, L, Hd = x:size(1), x:size(2), x:size(3)
-   local H, D = self.n_head, self.head_dim
-   local q = self.query(x):view(B, L, H, D):transpose(2, 3)
-   local k = self.key(x):view(B, L, H, D):transpose(2, 3)
-   local v = self.value(x):view(B, L, H, D):transpose(2, 3)
-   local y = common.attention(q, k, v, mask, false, 1 / math.sqrt(D))
-   return y:transpose(2, 3):reshape(B, L, Hd)
+   return M.self_attention(self.query, self.key, self.value, x, mask, self.n_head, self.head_dim)
 end
 
 -- BertSelfOutput and BertOutput (two classes in transformers too): dense from the config's
@@ -259,6 +263,26 @@ function BertModel:forward(input_ids, opts)
    local h = self.encoder(self.embeddings(ids, tt), mask)
    local pooled = self.pooler and self.pooler(h) or nil
    return { last_hidden_state = h, pooler_output = pooled }
+end
+
+--- The inputs of an encoder without token types (MPNet, DistilBERT, ModernBERT): ids (B, T) on
+-- weight's device, checked against vocab_size and max_positions (nil: no limit), and the attention
+-- mask as bool (B, T) on that device (true: a real token), or nil. Errors name who and the caller's
+-- call (level 3: the forward's caller).
+function M.untyped_inputs(input_ids, opts, who, family, vocab_size, weight, max_positions)
+   if opts.token_type_ids ~= nil then
+      error(string.format("%s: %s has no token types (token_type_ids given)", who, family), 3)
+   end
+   local ids = common.ids_tensor(input_ids, who)
+   common.check_vocab(ids, vocab_size, who)
+   ids = common.to_weight_device(ids, weight)     -- (lists become CPU tensors: they go where the weights are)
+   local B, L = ids:size(1), ids:size(2)
+   if max_positions and L > max_positions then
+      error(string.format("%s: sequence of %d tokens exceeds the model's %d positions", who, L, max_positions), 3)
+   end
+   local real
+   if opts.attention_mask ~= nil then real = common.mask_tensor(opts.attention_mask, B, L, who):to(ids.device):ne(0) end
+   return ids, real
 end
 
 --- Mean of the hidden states over the positions where the mask is 1: (B, T, H), (B, T) -> (B, H).

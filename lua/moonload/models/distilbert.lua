@@ -70,13 +70,7 @@ end
 
 --- x (B, T, dim); mask bool (B, 1, 1, T) or nil.
 function DistilBertSelfAttention:forward(x, mask)
-   local B, L, Hd = x:size(1), x:size(2), x:size(3)
-   local H, D = self.n_head, self.head_dim
-   local q = self.q_lin(x):view(B, L, H, D):transpose(2, 3)
-   local k = self.k_lin(x):view(B, L, H, D):transpose(2, 3)
-   local v = self.v_lin(x):view(B, L, H, D):transpose(2, 3)
-   local y = common.attention(q, k, v, mask, false, 1 / math.sqrt(D))
-   return self.out_lin(y:transpose(2, 3):reshape(B, L, Hd))
+   return self.out_lin(bert.self_attention(self.q_lin, self.k_lin, self.v_lin, x, mask, self.n_head, self.head_dim))
 end
 
 local FFN = nn.Module:extend("DistilBertFFN")
@@ -145,24 +139,9 @@ end
 --- forward(input_ids[, {attention_mask}]) -> {last_hidden_state = (B, T, dim)}. input_ids and the
 -- mask: int64 tensors (B, T) or Lua lists; ids are 0-based.
 function DistilBertModel:forward(input_ids, opts)
-   opts = opts or {}
-   local who = WHO .. ".forward"
-   if opts.token_type_ids ~= nil then
-      error(who .. ": DistilBERT has no token types (token_type_ids given)", 2)
-   end
-   local ids = common.ids_tensor(input_ids, who)
-   common.check_vocab(ids, self.config.vocab_size, who)
-   ids = common.to_weight_device(ids, self.embeddings.word_embeddings.weight)
-   local B, L = ids:size(1), ids:size(2)
-   if L > self.config.max_position_embeddings then
-      error(string.format("%s: sequence of %d tokens exceeds the model's %d positions", who, L,
-         self.config.max_position_embeddings), 2)
-   end
-   local mask
-   if opts.attention_mask ~= nil then
-      mask = common.mask_tensor(opts.attention_mask, B, L, who):view(B, 1, 1, L)
-      if mask.device ~= ids.device then mask = mask:to(ids.device) end
-   end
+   local ids, real = bert.untyped_inputs(input_ids, opts or {}, WHO .. ".forward", "DistilBERT", self.config.vocab_size,
+      self.embeddings.word_embeddings.weight, self.config.max_position_embeddings)
+   local mask = real and real:view(ids:size(1), 1, 1, ids:size(2))
    return { last_hidden_state = self.transformer(self.embeddings(ids), mask) }
 end
 

@@ -186,21 +186,12 @@ end
 --- forward(input_ids[, {attention_mask}]) -> {last_hidden_state = (B, T, hidden)}. input_ids and
 -- the mask: int64 tensors (B, T) or Lua lists; ids are 0-based.
 function ModernBertModel:forward(input_ids, opts)
-   opts = opts or {}
-   local who = WHO .. ".forward"
-   if opts.token_type_ids ~= nil then
-      error(who .. ": ModernBERT has no token types (token_type_ids given)", 2)
-   end
-   local ids = common.ids_tensor(input_ids, who)
-   common.check_vocab(ids, self.config.vocab_size, who)
-   ids = common.to_weight_device(ids, self.embeddings.tok_embeddings.weight)
+   local ids, real = bert.untyped_inputs(input_ids, opts or {}, WHO .. ".forward", "ModernBERT", self.config.vocab_size,
+      self.embeddings.tok_embeddings.weight)
    local B, L = ids:size(1), ids:size(2)
    local x = self.embeddings(ids)
    local dev = x.device
-   local pad
-   if opts.attention_mask ~= nil then
-      pad = common.mask_tensor(opts.attention_mask, B, L, who):to(dev):ne(0):view(B, 1, 1, L)
-   end
+   local pad = real and real:view(B, 1, 1, L)
    local positions = T.arange(0, L, { device = dev })
    local masks, tables = {}, {}
    for _, kind in ipairs(KINDS) do

@@ -93,13 +93,7 @@ end
 
 --- x (B, T, hidden); bias: the additive scores (B or 1, H, T, T), position bias plus padding.
 function MPNetSelfAttention:forward(x, bias)
-   local B, L, Hd = x:size(1), x:size(2), x:size(3)
-   local H, D = self.n_head, self.head_dim
-   local q = self.q(x):view(B, L, H, D):transpose(2, 3)
-   local k = self.k(x):view(B, L, H, D):transpose(2, 3)
-   local v = self.v(x):view(B, L, H, D):transpose(2, 3)
-   local y = common.attention(q, k, v, bias, false, 1 / math.sqrt(D))
-   return self.o(y:transpose(2, 3):reshape(B, L, Hd))
+   return self.o(bert.self_attention(self.q, self.k, self.v, x, bias, self.n_head, self.head_dim))
 end
 
 local MPNetAttention = nn.Module:extend("MPNetAttention")
@@ -180,24 +174,9 @@ end
 --- forward(input_ids[, {attention_mask}]) -> {last_hidden_state = (B, T, hidden), pooler_output =
 -- (B, hidden) or nil}. input_ids and the mask: int64 tensors (B, T) or Lua lists; ids are 0-based.
 function MPNetModel:forward(input_ids, opts)
-   opts = opts or {}
-   local who = WHO .. ".forward"
-   if opts.token_type_ids ~= nil then
-      error(who .. ": MPNet has no token types (token_type_ids given)", 2)
-   end
-   local ids = common.ids_tensor(input_ids, who)
-   common.check_vocab(ids, self.config.vocab_size, who)
-   ids = common.to_weight_device(ids, self.embeddings.word_embeddings.weight)
-   local B, L = ids:size(1), ids:size(2)
-   local positions = self.config.max_position_embeddings - PAD - 1
-   if L > positions then
-      error(string.format("%s: sequence of %d tokens exceeds the model's %d positions", who, L, positions), 2)
-   end
-   local pad
-   if opts.attention_mask ~= nil then
-      pad = common.mask_tensor(opts.attention_mask, B, L, who):to(ids.device):ne(0)
-   end
-   local h = self.encoder(self.embeddings(ids), pad)
+   local ids, real = bert.untyped_inputs(input_ids, opts or {}, WHO .. ".forward", "MPNet", self.config.vocab_size,
+      self.embeddings.word_embeddings.weight, self.config.max_position_embeddings - PAD - 1)
+   local h = self.encoder(self.embeddings(ids), real)
    return { last_hidden_state = h, pooler_output = self.pooler and self.pooler(h) or nil }
 end
 
