@@ -315,6 +315,17 @@ function H.it_splits_over_cpu_and_disk(fixture, opts)
       end)
 end
 
+--- A temporary copy of fixture name's weights beside its config.json changed by change(raw): the
+-- folder (the caller removes it).
+function H.fixture_with_config(name, change)
+   local dir = H.tmpdir()
+   H.copy(H.FIX .. "/" .. name .. "/model.safetensors", dir .. "/model.safetensors")
+   local raw = H.read_json(H.FIX .. "/" .. name .. "/config.json")
+   change(raw)
+   H.write(dir .. "/config.json", require("cjson").encode(raw))
+   return dir
+end
+
 -- --- encoders (sentence embeddings: BERT's kin) -------------------------------------------------
 
 --- An encoder fixture's last hidden states for its right-padded batch (expected.json's input_ids

@@ -17,11 +17,7 @@ describe("models.modernbert", function()
    local ids = ml.tensor(exp.input_ids, { dtype = "int64" })
    local function states(m) return m(ids, { attention_mask = exp.attention_mask }).last_hidden_state end
    local function with_config(change)
-      local dir = H.tmpdir()
-      H.copy(DIR .. "/model.safetensors", dir .. "/model.safetensors")
-      local raw = H.read_json(DIR .. "/config.json")
-      change(raw)
-      H.write(dir .. "/config.json", require("cjson").encode(raw))
+      local dir = H.fixture_with_config("modernbert_tiny", change)
       local m = models.from_pretrained(dir)
       H.rmdir(dir)
       return m

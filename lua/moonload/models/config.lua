@@ -146,6 +146,11 @@ function M.fail(cfg, who, fmt, ...)
    error(string.format("%s: %s in %s", who, string.format(fmt, ...), cfg._source or "config"), 3)
 end
 
+--- cfg[key] checked to be a multiple of cfg[of] (hidden_size of num_attention_heads, ...).
+function M.multiple(cfg, who, key, of)
+   if cfg[key] % cfg[of] ~= 0 then M.fail(cfg, who, "%s %d is not a multiple of %s %d", key, cfg[key], of, cfg[of]) end
+end
+
 --- v, the value of config key name (its default already applied), checked to be an integer >= min.
 function M.integer(cfg, who, name, v, min)
    if type(v) ~= "number" or v ~= math.floor(v) or v < min then

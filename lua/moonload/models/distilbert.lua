@@ -31,9 +31,7 @@ M.schema = {
 --- Reads and checks a DistilBERT config (path, folder or table).
 function M.config(source)
    local cfg = config.load(source, M.schema, WHO)
-   if cfg.dim % cfg.n_heads ~= 0 then
-      config.fail(cfg, WHO, "dim %d is not a multiple of n_heads %d", cfg.dim, cfg.n_heads)
-   end
+   config.multiple(cfg, WHO, "dim", "n_heads")
    common.activation(cfg.activation, WHO, cfg._source)
    return cfg
 end

@@ -63,10 +63,7 @@ end
 --- Reads and checks a ModernBERT config (path, folder or table).
 function M.config(source)
    local cfg = config.load(source, M.schema, WHO)
-   if cfg.hidden_size % cfg.num_attention_heads ~= 0 then
-      config.fail(cfg, WHO, "hidden_size %d is not a multiple of num_attention_heads %d",
-         cfg.hidden_size, cfg.num_attention_heads)
-   end
+   config.multiple(cfg, WHO, "hidden_size", "num_attention_heads")
    cfg.head_dim = cfg.hidden_size / cfg.num_attention_heads
    if cfg.head_dim % 2 ~= 0 then config.fail(cfg, WHO, "the head size %d is odd (rotary pairs)", cfg.head_dim) end
    cfg.theta = { full_attention = rope_theta(cfg, "full_attention", "global_rope_theta"),

@@ -38,10 +38,7 @@ M.schema = {
 --- Reads and checks an MPNet config (path, folder or table).
 function M.config(source)
    local cfg = config.load(source, M.schema, WHO)
-   if cfg.hidden_size % cfg.num_attention_heads ~= 0 then
-      config.fail(cfg, WHO, "hidden_size %d is not a multiple of num_attention_heads %d",
-         cfg.hidden_size, cfg.num_attention_heads)
-   end
+   config.multiple(cfg, WHO, "hidden_size", "num_attention_heads")
    if cfg.relative_attention_num_buckets < BUCKETS then
       config.fail(cfg, WHO, "relative_attention_num_buckets %d is below the %d buckets the bias looks up",
          cfg.relative_attention_num_buckets, BUCKETS)
