@@ -371,7 +371,7 @@ end
 -- putting the embedding on disk and the head on the CPU): the tensor is on meta, having gone with
 -- the offloaded side, so each holding module gets its own copy, read from the dispatch's weights
 -- map (which finds a tied name under any name of its group). Without this, its hook had no value
--- to place. 
+-- to place.
 function hold_tied_in_memory(model, tied_params, keys, dmap, offload, weights_map)
    for _, group in ipairs(tied_params) do
       for _, name in ipairs(group) do
