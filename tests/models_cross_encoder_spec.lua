@@ -1,6 +1,7 @@
 -- ml.models.cross_encoder against sentence-transformers' CrossEncoder (gen_models.py
--- cross_encoders): a BERT reranker (ms-marco-MiniLM's layout) and an XLM-R one (bge-reranker's),
--- saved by sentence-transformers 6: the pairs' tokens, the logits, predict's scores and rank's order.
+-- cross_encoders): a BERT reranker (ms-marco-MiniLM's layout), an XLM-R one (bge-reranker's) and a
+-- ModernBERT one pooling the mean (gte-reranker-modernbert's), saved by sentence-transformers 6: the
+-- pairs' tokens, the logits, predict's scores and rank's order.
 local ml = require("moonload")
 local ce_mod = require("moonload.models.cross_encoder")
 local H = require("models_helpers")
@@ -13,7 +14,7 @@ end
 
 describe("models.cross_encoder", function()
    H.collect_warnings()
-   for _, name in ipairs({ "cross_encoder_bert_tiny", "cross_encoder_xlmr_tiny" }) do
+   for _, name in ipairs({ "cross_encoder_bert_tiny", "cross_encoder_xlmr_tiny", "cross_encoder_modernbert_tiny" }) do
       local dir = H.FIX .. "/" .. name
       local e = H.expected(name)
 
@@ -24,7 +25,7 @@ describe("models.cross_encoder", function()
          local ids, mask, types = ce.tokenizer:encode_batch(pairs_of(e), { truncation = true, max_length = 24 })
          assert.are.same(e.input_ids, ids)
          assert.are.same(e.attention_mask, mask)
-         local typed = type(e.token_type_ids) == "table"           -- (JSON null for XLM-R's tokenizer)
+         local typed = type(e.token_type_ids) == "table"           -- (JSON null: the model takes none)
          if typed then assert.are.same(e.token_type_ids, types) end
          local logits = ce.model(ml.tensor(ids, { dtype = "int64" }), { attention_mask = mask,
             token_type_ids = typed and types or nil }).logits
@@ -94,8 +95,8 @@ end)
 
 describe("models.cross_encoder on cuda #cuda", function()
    H.collect_warnings()
-   it("cross_encoder_bert_tiny, cross_encoder_xlmr_tiny: the same scores on cuda:0", function()
-      for _, name in ipairs({ "cross_encoder_bert_tiny", "cross_encoder_xlmr_tiny" }) do
+   it("cross_encoder_bert_tiny, cross_encoder_xlmr_tiny, cross_encoder_modernbert_tiny: the same scores on cuda:0", function()
+      for _, name in ipairs({ "cross_encoder_bert_tiny", "cross_encoder_xlmr_tiny", "cross_encoder_modernbert_tiny" }) do
          local e = H.expected(name)
          local ce = ce_mod.from_pretrained(H.FIX .. "/" .. name)
          ce.model = ce.model:to("cuda:0")

@@ -71,6 +71,8 @@ describe("models.modernbert", function()
       H.assert_config_file_fails(modernbert.config, DIR,
          function(c) c.rope_parameters.full_attention.rope_type = "yarn" end,
          'models.modernbert: rope_parameters.full_attention: rope type "yarn" is not supported (only "default")')
+      H.assert_config_file_fails(modernbert.config, DIR, { classifier_pooling = "max" },
+         'models.modernbert: classifier_pooling "max" is not supported ("cls" or "mean")')
    end)
 end)
 

@@ -404,9 +404,11 @@ function M.num_labels(cfg, who)
    return n
 end
 
---- Logits (B, num_labels) of a classifier over input_ids: forward(input_ids[, {attention_mask,
--- token_type_ids}]) -> {logits}, as BertForSequenceClassification and its kin give them.
-local function classifier_class(name, base_key, Base, pool, head)
+--- A sequence classifier class: Base (built with add_pooling_layer = pool) under base_key, and
+-- head(self, cfg) adding its layers; the class's classify(out, opts) turns the base model's output
+-- into logits. forward(input_ids[, {attention_mask, token_type_ids}]) -> {logits = (B,
+-- num_labels)}, as BertForSequenceClassification and its kin give them.
+function M.classifier_class(name, base_key, Base, pool, head)
    local cls = nn.Module:extend(name)
    cls.base_model_prefix = base_key
    cls.tied_weights = {}
@@ -423,13 +425,13 @@ local function classifier_class(name, base_key, Base, pool, head)
    end
    function cls:forward(input_ids, opts)
       local out = self[base_key](input_ids, opts)
-      return { logits = self:classify(out) }
+      return { logits = self:classify(out, opts or {}) }
    end
    return cls
 end
 
 -- BERT's: the pooler's output (the first token through dense + tanh) through one linear layer.
-local BertForSequenceClassification = classifier_class("BertForSequenceClassification", "bert", BertModel, true,
+local BertForSequenceClassification = M.classifier_class("BertForSequenceClassification", "bert", BertModel, true,
    function(self, cfg)
       self.dropout = nn.Dropout(0)
       self.classifier = nn.Linear(cfg.hidden_size, self.num_labels)
@@ -450,7 +452,7 @@ function RobertaClassificationHead:forward(h)
    return self.out_proj(self.dense(h:select(2, 1)):tanh())
 end
 
-local RobertaForSequenceClassification = classifier_class("RobertaForSequenceClassification", "roberta", RobertaModel,
+local RobertaForSequenceClassification = M.classifier_class("RobertaForSequenceClassification", "roberta", RobertaModel,
    false, function(self, cfg) self.classifier = RobertaClassificationHead(cfg, self.num_labels) end)
 M.RobertaForSequenceClassification = RobertaForSequenceClassification
 M.XLMRobertaForSequenceClassification = RobertaForSequenceClassification

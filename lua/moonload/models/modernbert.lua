@@ -38,6 +38,9 @@ M.schema = {
    { "global_rope_theta", "posnum", 160000.0 },
    { "local_rope_theta", "posnum", 10000.0 },
    { "rope_parameters", "table", function() return {} end },
+   { "classifier_pooling", "string", "cls" },
+   { "classifier_activation", "string", "gelu" },
+   { "classifier_bias", "bool", false },
 }
 
 local KINDS = { "full_attention", "sliding_attention" }
@@ -73,6 +76,10 @@ function M.config(source)
       return (i - 1) % cfg.global_attn_every_n_layers == 0 and "full_attention" or "sliding_attention"
    end)
    common.activation(cfg.hidden_activation, WHO, cfg._source)
+   common.activation(cfg.classifier_activation, WHO, cfg._source)
+   if cfg.classifier_pooling ~= "cls" and cfg.classifier_pooling ~= "mean" then
+      config.fail(cfg, WHO, 'classifier_pooling "%s" is not supported ("cls" or "mean")', cfg.classifier_pooling)
+   end
    return cfg
 end
 
@@ -211,6 +218,37 @@ end
 
 -- No pooler to build or leave out (BertModel's hook decides that from the checkpoint).
 function ModernBertModel.build_opts_for() return nil end
+
+-- --- sequence classification (gte-reranker-modernbert) ------------------------------------------
+
+-- dense, its activation, a LayerNorm: what the classifier reads the pooled state through
+local ModernBertPredictionHead = nn.Module:extend("ModernBertPredictionHead")
+M.ModernBertPredictionHead = ModernBertPredictionHead
+
+function ModernBertPredictionHead:__init(cfg)
+   nn.Module.__init(self)
+   self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, { bias = cfg.classifier_bias })
+   self.act = common.activation_module(cfg.classifier_activation, WHO, cfg._source)
+   self.norm = nn.LayerNorm(cfg.hidden_size, { eps = cfg.norm_eps, bias = cfg.norm_bias })
+end
+
+function ModernBertPredictionHead:forward(x) return self.norm(self.act(self.dense(x))) end
+
+--- ModernBertForSequenceClassification: the first token's state (classifier_pooling "cls") or the
+-- mean over the real tokens ("mean") through the head, then classifier.
+local ModernBertForSequenceClassification = bert.classifier_class("ModernBertForSequenceClassification", "model",
+   ModernBertModel, false, function(self, cfg)
+      self.head = ModernBertPredictionHead(cfg)
+      self.drop = nn.Dropout(0)
+      self.classifier = nn.Linear(cfg.hidden_size, self.num_labels)
+   end)
+M.ModernBertForSequenceClassification = ModernBertForSequenceClassification
+
+function ModernBertForSequenceClassification:classify(out, opts)
+   local h = out.last_hidden_state
+   local pooled = self.config.classifier_pooling == "cls" and h:select(2, 1) or bert.mean_pooling(h, opts.attention_mask)
+   return self.classifier(self.head(pooled))
+end
 
 function M.from_config(cfg) return ModernBertModel(cfg) end
 
