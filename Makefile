@@ -51,10 +51,15 @@ $(CDEF): core/include/moonload.h
 deps:
 	@sh tools/deps.sh
 
+# The suites need every fixture: after `make device-prep` (which moves some aside), say so.
+FIXTURES_HERE = @test ! -d build/left-behind || { echo "$@: fixtures were moved aside for a device run (make device-prep); make device-restore puts them back"; exit 1; }
+
 test: deps all
+	$(FIXTURES_HERE)
 	$(BUSTED) $(BUSTED_ARGS) --exclude-tags=cuda,slow
 
 test-cuda: all
+	$(FIXTURES_HERE)
 	$(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
 # The #cuda specs on the CPU emulator of CUDA (tests/cudasim): stream work is delayed at random
@@ -67,6 +72,7 @@ CUDASIM_ENV = MOONLOAD_CUDASIM_THREAD_ORDER=$${MOONLOAD_CUDASIM_THREAD_ORDER:-ra
   MOONLOAD_CUDASIM_MEM_MB=$${MOONLOAD_CUDASIM_MEM_MB:-1024} MOONLOAD_CUDASIM_DEVICES=$${MOONLOAD_CUDASIM_DEVICES:-2}
 
 test-cuda-sim: deps $(LIB) $(CDEF) $(SIM_DIR)/libmoonload_cuda.so $(SIM_DIR)/test/selftest
+	$(FIXTURES_HERE)
 	$(SIM_DIR)/test/selftest
 	$(CUDASIM_ENV) MOONLOAD_CUDA_LIB=$(SIM_DIR)/libmoonload_cuda.so $(BUSTED) $(BUSTED_ARGS) --tags=cuda
 
@@ -80,6 +86,7 @@ ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-fil
   MOONLOAD_LIB=build-asan/libmoonload.so
 
 test-asan: deps
+	$(FIXTURES_HERE)
 	$(MAKE) BUILD=build-asan CUDA=0 CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer" \
 	  LDFLAGS="-fsanitize=address,undefined" SIM_SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer" \
 	  build-asan/libmoonload.so build-asan/cudasim/libmoonload_cuda.so $(CDEF)
