@@ -117,9 +117,9 @@ function CE:rank(query, documents, opts)
    if self.num_labels ~= 1 then
       error(string.format("%s.rank: ranking needs a model with one label (this one has %d)", WHO, self.num_labels), 2)
    end
-   local pairs = {}
-   for i, d in ipairs(documents) do pairs[i] = { query, d } end
-   local scores = self:predict(pairs, opts):tolist()
+   local list = {}
+   for i, d in ipairs(documents) do list[i] = { query, d } end
+   local scores = self:predict(list, opts):tolist()
    local hits = {}
    for i, s in ipairs(scores) do
       hits[i] = { corpus_id = i, score = s, text = opts.return_documents and documents[i] or nil }
