@@ -69,6 +69,12 @@ describe("sentence_transformer", function()
       assert.are.same(q.input_ids, ids)
       assert.are.same(q.attention_mask, mask)
       assert.is_true(H.max_abs_diff(mp:encode(q.texts), q.embeddings) < 1e-5)
+      -- in batches, longest first (the first text is the longest: batches {1, 2}, {3}), each row back in place
+      assert.is_true(H.max_abs_diff(mp:encode(q.texts, { batch_size = 2 }), q.embeddings) < 1e-5)
+      assert.is_true(H.max_abs_diff(mp:encode({ q.texts[3], q.texts[1] }, { batch_size = 1 }),
+         { q.embeddings[3], q.embeddings[1] }) < 1e-5)
+      assert.has_error(function() mp:encode(q.texts, { batch_size = 0 }) end,
+         "sentence_transformer: batch_size must be an integer >= 1, got 0")
    end)
 
    it("pools a decoder's last token under left padding (a Qwen3-Embedding-style folder)", function()

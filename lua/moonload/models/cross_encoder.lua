@@ -73,8 +73,8 @@ function M.from_pretrained(dir, opts)
 end
 
 --- predict(pairs[, {batch_size = 32, activation}]) -> scores: (N) float32 for one label, else
--- (N, num_labels). pairs: a list of {query, passage}. activation: "sigmoid", "identity",
--- "softmax" or "tanh" (default: the folder's, see above).
+-- (N, num_labels). pairs: a list of {query, passage}, run in batches of batch_size, longest
+-- first. activation: "sigmoid", "identity", "softmax" or "tanh" (default: the folder's, see above).
 function CE:predict(pairs, opts)
    opts = opts or {}
    if type(pairs) ~= "table" or #pairs == 0 then error(WHO .. ".predict: pairs must be a non-empty list of {a, b} pairs", 2) end
@@ -87,20 +87,20 @@ function CE:predict(pairs, opts)
    if not NAMES[act] then
       error(string.format('%s.predict: activation must be "sigmoid", "identity", "softmax" or "tanh", got %s', WHO, tostring(act)), 2)
    end
-   local batch = opts.batch_size or 32
-   if type(batch) ~= "number" or batch < 1 or batch % 1 ~= 0 then
-      error(WHO .. ".predict: batch_size must be an integer >= 1, got " .. tostring(batch), 2)
-   end
-   local parts = {}
-   for first = 1, #pairs, batch do
-      local chunk = { unpack(pairs, first, math.min(first + batch - 1, #pairs)) }
-      local ids, mask, types = self.tokenizer:encode_batch(chunk, { truncation = self.max_length ~= nil,
+   local rows, type_rows = {}, {}
+   for i, p in ipairs(pairs) do
+      rows[i], type_rows[i] = self.tokenizer:encode_pair(p[1], p[2], { truncation = self.max_length ~= nil,
          max_length = self.max_length })
+   end
+   -- in batches, longest first, as sentence-transformers runs them (less padding)
+   local scores = require("moonload.models.sentence_transformer").length_sorted(rows, opts.batch_size or 32, function(batch)
+      local picked, picked_types = {}, {}
+      for k, i in ipairs(batch) do picked[k], picked_types[k] = rows[i], type_rows[i] end
+      local ids, mask, types = self.tokenizer:pad(picked, nil, picked_types)
       local logits = self.model(T.tensor(ids, { dtype = "int64" }), { attention_mask = mask,
          token_type_ids = self.token_types and types or nil }).logits
-      parts[#parts + 1] = logits:to("cpu"):to("float32")
-   end
-   local scores = #parts == 1 and parts[1] or T.cat(parts, 1)
+      return logits:to("float32")
+   end)
    if act == "sigmoid" then scores = scores:sigmoid()
    elseif act == "tanh" then scores = scores:tanh()
    elseif act == "softmax" then scores = scores:softmax(2) end

@@ -194,17 +194,54 @@ function ST:hidden_states(ids, mask)
    error(string.format("%s: the transformer (%s) gives no hidden states to pool", WHO, tostring(model.__name)), 3)
 end
 
---- encode(texts or ids[, {attention_mask}]) -> (B, dim) float32 embeddings. texts: a string or
--- a list of strings (the folder's tokenizer, truncated to its max_seq_length, padded on the
--- side its tokenizer_config.json says); or ids as generate takes them, with their attention_mask.
+--- Runs rows (encoded texts: lists of ids) through fn(batch indices) in batches of at most
+-- batch_size, longest rows first, as sentence-transformers orders them (each batch then pads only
+-- to its own longest); fn returns (n, ...) float32 rows. Returns them all in the rows' own order.
+function M.length_sorted(rows, batch_size, fn)
+   if type(batch_size) ~= "number" or batch_size < 1 or batch_size % 1 ~= 0 then
+      error(WHO .. ": batch_size must be an integer >= 1, got " .. tostring(batch_size), 3)
+   end
+   local order = {}
+   for i = 1, #rows do order[i] = i end
+   table.sort(order, function(a, b)
+      if #rows[a] ~= #rows[b] then return #rows[a] > #rows[b] end
+      return a < b
+   end)
+   local parts = {}
+   for first = 1, #order, batch_size do
+      parts[#parts + 1] = fn({ unpack(order, first, math.min(first + batch_size - 1, #order)) }):to("cpu")
+   end
+   local sorted = #parts == 1 and parts[1] or T.cat(parts, 1)
+   local back = {}                                      -- (0-based) where each row went
+   for pos, i in ipairs(order) do back[i] = pos - 1 end
+   return sorted:index_select(1, T.tensor(back, { dtype = "int64" }))
+end
+
+--- encode(texts or ids[, {attention_mask, batch_size = 32}]) -> (B, dim) float32 embeddings.
+-- texts: a string or a list of strings (the folder's tokenizer, truncated to its max_seq_length,
+-- padded on the side its tokenizer_config.json says), run in batches of batch_size, longest
+-- first; or ids as generate takes them, with their attention_mask, run as one batch.
 function ST:encode(input, opts)
    opts = opts or {}
-   local ids, mask = input, opts.attention_mask
    if type(input) == "string" then input = { input } end
    if type(input) == "table" and type(input[1]) == "string" then
-      ids, mask = self.tokenizer:encode_batch(input, { truncation = self.max_seq_length ~= nil,
-         max_length = self.max_seq_length })
+      local rows = {}
+      for i, text in ipairs(input) do
+         rows[i] = self.tokenizer:encode(text, { truncation = self.max_seq_length ~= nil, max_length = self.max_seq_length })
+      end
+      return M.length_sorted(rows, opts.batch_size or 32, function(batch)
+         local picked = {}
+         for k, i in ipairs(batch) do picked[k] = rows[i] end
+         local ids, mask = self.tokenizer:pad(picked)
+         return self:embed(ids, mask)
+      end)
    end
+   return self:embed(input, opts.attention_mask)
+end
+
+--- The embeddings (B, dim) of ids (B, T) and their mask: the transformer, pooling, Dense
+-- layers and Normalize.
+function ST:embed(ids, mask)
    local x = M.pool(self:hidden_states(ids, mask), mask, self.modes)
    for _, d in ipairs(self.dense) do
       local w = d.weight:to(x.device):to("float32")

@@ -237,9 +237,8 @@ function Tokenizer:encode_batch(texts, opts)
    if side ~= "right" and side ~= "left" then
       error(string.format('encode_batch: padding_side must be "right" or "left", got %s', tostring(side)), 2)
    end
-   local pad = opts.pad_id or self.pad_id
    local pairs_given = type(texts[1]) == "table"
-   local rows, type_rows, longest = {}, {}, 0
+   local rows, type_rows = {}, {}
    for i, t in ipairs(texts) do
       if pairs_given then
          if type(t) ~= "table" or type(t[1]) ~= "string" or type(t[2]) ~= "string" then
@@ -249,21 +248,33 @@ function Tokenizer:encode_batch(texts, opts)
       else
          rows[i] = self:encode(t, opts)
       end
-      longest = math.max(longest, #rows[i])
    end
+   return self:pad(rows, { padding_side = side, pad_id = opts.pad_id }, pairs_given and type_rows or nil)
+end
+
+--- pad(rows[, {padding_side, pad_id}[, type_rows]]) -> ids, attention_mask[, token_type_ids]:
+-- encoded rows (lists of ids) padded to the longest as encode_batch pads them; with type_rows
+-- (each row's token types), those padded with 0 too.
+function Tokenizer:pad(rows, opts, type_rows)
+   opts = opts or {}
+   local side = opts.padding_side or self.padding_side or "right"
+   local pad = opts.pad_id or self.pad_id
+   local longest = 0
+   for _, r in ipairs(rows) do longest = math.max(longest, #r) end
    local ids, mask, types = {}, {}, {}
    for i, r in ipairs(rows) do
       local row, m, tt, fill = {}, {}, {}, longest - #r
+      local tr = type_rows and type_rows[i]
       for k = 1, longest do
          local real = side == "right" and k <= #r or side == "left" and k > fill
          local at = side == "right" and k or k - fill
          row[k] = real and r[at] or pad
          m[k] = real and 1 or 0
-         tt[k] = real and type_rows[i] and type_rows[i][at] or 0
+         tt[k] = real and tr and tr[at] or 0
       end
       ids[i], mask[i], types[i] = row, m, tt
    end
-   if pairs_given then return ids, mask, types end
+   if type_rows then return ids, mask, types end
    return ids, mask
 end
 
