@@ -123,22 +123,17 @@ function T5Attention:kv_cache_heads() return self.n_head, self.head_dim, self.n_
 --- The additive score bias (1, H, L, S) that table (an nn.Embedding of buckets x heads) gives L
 -- queries at positions past .. past + L - 1 over keys 0 .. S - 1, in dtype (also MPNet's).
 function M.relative_bias(table, L, S, past, bidirectional, num_buckets, max_distance, dtype)
-   local by_rel, rows = {}, {}
-   for i = 1, L do
-      local row = {}
-      for j = 1, S do
-         local rel = (j - 1) - (past + i - 1)
-         local b = by_rel[rel]
-         if b == nil then
-            b = M.relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
-            by_rel[rel] = b
-         end
-         row[j] = b
-      end
-      rows[i] = row
+   -- one bucket per relative distance (L + S - 1 of them, from -(past + L - 1) up), then the
+   -- (L, S) matrix indexes them by key - query + L - 1: Lua work in L + S, not L x S
+   local offset = past + L - 1
+   local buckets = {}
+   for k = 1, L + S - 1 do
+      buckets[k] = M.relative_position_bucket(k - 1 - offset, bidirectional, num_buckets, max_distance)
    end
-   local buckets = common.to_weight_device(T.tensor(rows, { dtype = "int64" }), table.weight)
-   return table(buckets):permute(3, 1, 2):unsqueeze(1):to(dtype)
+   local at = T.arange(0, S, { dtype = "int64" }):view(1, S) - T.arange(0, L, { dtype = "int64" }):view(L, 1) + (L - 1)
+   local matrix = T.tensor(buckets, { dtype = "int64" }):index_select(1, at:reshape(L * S)):view(L, S)
+   matrix = common.to_weight_device(matrix, table.weight)
+   return table(matrix):permute(3, 1, 2):unsqueeze(1):to(dtype)
 end
 
 --- The scores' additive bias (1, H, L, S) for L queries at positions past .. past + L - 1 over
